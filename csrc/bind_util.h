@@ -1,0 +1,87 @@
+/* bind_util.h: shared argument validation for the binding layer (bind_*.c, module.c).
+ *
+ * Every entry point validates dtype, ndim, shape, contiguity and ranges and raises a Python
+ * exception naming the argument and what it expected; nothing reaches the C core unchecked.
+ */
+#ifndef OFFQ_BIND_UTIL_H
+#define OFFQ_BIND_UTIL_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define PY_ARRAY_UNIQUE_SYMBOL offq_ARRAY_API
+#ifndef OFFQ_MODULE_MAIN
+#define NO_IMPORT_ARRAY
+#endif
+#include <numpy/arrayobject.h>
+
+#include <stdint.h>
+
+/* Return `obj` as a borrowed PyArrayObject* if it is a C-contiguous ndarray of dtype `typenum`
+ * with min_ndim <= ndim <= max_ndim (max_ndim < 0: no upper bound); else set TypeError/ValueError
+ * naming `name` and return NULL. No copies are ever made silently. */
+static inline PyArrayObject *offq_check_array(PyObject *obj, const char *name, int typenum,
+                                              int min_ndim, int max_ndim)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (PyArray_TYPE(arr) != typenum) {
+        PyArray_Descr *want = PyArray_DescrFromType(typenum);
+        PyErr_Format(PyExc_TypeError, "%s: expected dtype %S, got %S", name, (PyObject *)want,
+                     (PyObject *)PyArray_DESCR(arr));
+        Py_XDECREF(want);
+        return NULL;
+    }
+    int nd = PyArray_NDIM(arr);
+    if (nd < min_ndim || (max_ndim >= 0 && nd > max_ndim)) {
+        if (max_ndim < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: expected at least %d dimensions, got %d", name,
+                         min_ndim, nd);
+        } else if (min_ndim == max_ndim) {
+            PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions, got %d", name, min_ndim, nd);
+        } else {
+            PyErr_Format(PyExc_ValueError, "%s: expected %d to %d dimensions, got %d", name,
+                         min_ndim, max_ndim, nd);
+        }
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr)) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected a C-contiguous array (use numpy.ascontiguousarray)", name);
+        return NULL;
+    }
+    if (!PyArray_ISALIGNED(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected an aligned array", name);
+        return NULL;
+    }
+    return arr;
+}
+
+/* Same as offq_check_array, and the array must be writeable. */
+static inline PyArrayObject *offq_check_writeable(PyObject *obj, const char *name, int typenum,
+                                                  int min_ndim, int max_ndim)
+{
+    PyArrayObject *arr = offq_check_array(obj, name, typenum, min_ndim, max_ndim);
+    if (arr != NULL && !PyArray_ISWRITEABLE(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a writeable array", name);
+        return NULL;
+    }
+    return arr;
+}
+
+/* Product of all dimensions but the last (the number of rows of a [..., n] array). */
+static inline int64_t offq_leading_rows(PyArrayObject *arr)
+{
+    int64_t rows = 1;
+    int nd = PyArray_NDIM(arr);
+    for (int i = 0; i < nd - 1; i++) {
+        rows *= (int64_t)PyArray_DIM(arr, i);
+    }
+    return rows;
+}
+
+#endif
