@@ -1,0 +1,262 @@
+"""QuantConfig: every setting of a quantization run, with the documented defaults.
+
+Each **(choice)** of METHODS.md is a field here (and a CLI flag of ``offq quantize``), so that the
+ablation tables are produced by changing one field. The defaults are the OffQ W4A4KV4 recipe:
+
+- weights: 4-bit, symmetric, per output channel (``w_group_size=-1``), MSE clip search, GPTQ;
+- activations: 4-bit, asymmetric, per token, per group of 128 consecutive channels (the largest
+  power of two dividing the dimension when 128 does not: 64 for SmolLM2's d = 576), clip 1.0;
+- KV cache: 4-bit, asymmetric, per token and head (group = head_dim);
+- rotations: R1 = U1 P H1 (top-1 PCA basis, uncentred, pooled over layers and both sites;
+  sorted grouping; block Hadamard aligned with the activation groups), R2 = per-head Hadamard,
+  R3 (online Hadamard on Q/K after RoPE) and R4 (online Hadamard on the down_proj input) on;
+- calibration: 128 sequences x 2048 tokens, seed 0;
+- GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128;
+- OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.1,
+  mu1 1e-2, mu2 1.0 (both relative, see offq/quantizers/osaq.py).
+
+Bits equal to 16 switch a quantizer off (``a_bits=16`` is W4A16). ``method`` picks the rotation:
+``offq`` (PCA + block Hadamard R1), ``quarot`` (random-sign full Hadamard R1), ``gptq``/``rtn`` (no
+rotation at all: the in-house baselines) and ``fp`` (no rotation, no quantization).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("offq", "quarot", "gptq", "rtn", "fp")
+WEIGHT_QUANTIZERS = ("gptq", "rtn", "osaq+gptq", "osaq+rtn")
+PCA_MODES = ("top1", "standard", "none")
+OUTLIER_INDEX = ("ones", "other")
+R2_MODES = ("hadamard", "pca_hadamard", "none")
+QUANT_BITS = (2, 3, 4, 8)
+OFF = 16
+
+CONFIG_VERSION = 1
+
+
+def _default_weight_quantizer(method: str) -> str:
+    return "rtn" if method == "rtn" else "gptq"
+
+
+def largest_pow2_divisor_at_most(d: int, g: int) -> int:
+    """The largest power of two that divides ``d`` and is at most ``g``."""
+    p = 1
+    while p * 2 <= g and d % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+@dataclass
+class QuantConfig:
+    """All settings of one quantization run (see the module docstring for the defaults)."""
+
+    method: str = "offq"
+    # --- bits (16 = that quantizer is off) ---
+    w_bits: int = 4
+    a_bits: int = 4
+    kv_bits: int = 4
+    # --- weights ---
+    w_quantizer: str | None = None  # None: "rtn" for method rtn, else "gptq"
+    w_group_size: int = -1  # -1 = one group per output channel
+    w_symmetric: bool = True
+    w_clip_search: bool = True  # MSE search over the clip ratio per group
+    # --- activations (every linear input) ---
+    a_group_size: int = 128  # -1 = per token; shrunk to a power of two dividing d when needed
+    a_symmetric: bool = False
+    a_clip: float = 1.0
+    # --- KV cache ---
+    kv_group_size: int = -1  # -1 = head_dim (per token, per head)
+    kv_symmetric: bool = False
+    # --- R1 (OffQ) ---
+    pca: str = "top1"  # top1 | standard | none
+    pca_centred: bool = False
+    pca_pooled: bool = True
+    sorted_grouping: bool = True
+    outlier_index: str = "ones"  # ones (all-ones Hadamard row, OffQ) | other (ablation)
+    # --- R2, R3, R4 ---
+    r2: str = "hadamard"  # hadamard | pca_hadamard | none
+    r3: bool = True
+    r4: bool = True
+    # --- calibration ---
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
+    seed: int = 0
+    # --- GPTQ ---
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    gptq_block_size: int = 128
+    gptq_static_groups: bool = False  # forced on with act-order and groups (storage layout)
+    # --- OSAQ ---
+    osaq_gamma: float = 1e-4
+    osaq_tau_rel: float = 0.1
+    osaq_mu1: float = 1e-2
+    osaq_mu2: float = 1.0
+    # --- provenance (filled by the pipeline) ---
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.w_quantizer is None:
+            self.w_quantizer = _default_weight_quantizer(self.method)
+        if self.method == "fp":
+            self.w_bits = self.a_bits = self.kv_bits = OFF
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value is not allowed."""
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+        def bits(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value not in QUANT_BITS + (OFF,):
+                raise ValueError(f"{name}: expected one of 2, 3, 4, 8 or 16 (off), got {value!r}")
+
+        def group(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or (value != -1 and value < 1):
+                raise ValueError(f"{name}: expected -1 or a positive integer, got {value!r}")
+
+        def positive(name: str, *, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value >= 0 if allow_zero else value > 0)
+            if not ok:
+                kind = "a non-negative" if allow_zero else "a positive"
+                raise ValueError(f"{name}: expected {kind} number, got {value!r}")
+
+        def flag(name: str) -> None:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+
+        choice("method", METHODS)
+        choice("w_quantizer", WEIGHT_QUANTIZERS)
+        choice("pca", PCA_MODES)
+        choice("outlier_index", OUTLIER_INDEX)
+        choice("r2", R2_MODES)
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            bits(name)
+        for name in ("w_group_size", "a_group_size", "kv_group_size"):
+            group(name)
+        for name in ("w_symmetric", "w_clip_search", "a_symmetric", "kv_symmetric", "pca_centred",
+                     "pca_pooled", "sorted_grouping", "r3", "r4", "gptq_act_order",
+                     "gptq_static_groups"):
+            flag(name)
+        if not (isinstance(self.a_clip, (int, float)) and 0 < self.a_clip <= 1):
+            raise ValueError(f"a_clip: expected a ratio in (0, 1], got {self.a_clip!r}")
+        for name in ("calib_samples", "calib_seqlen", "gptq_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        positive("gptq_damp", allow_zero=True)
+        positive("osaq_gamma")
+        positive("osaq_tau_rel")
+        positive("osaq_mu1", allow_zero=True)
+        positive("osaq_mu2", allow_zero=True)
+        if not (self.osaq_gamma < 1):
+            raise ValueError(f"osaq_gamma: expected a fraction in (0, 1), got {self.osaq_gamma!r}")
+        if not self.pca_pooled:
+            raise ValueError(
+                "pca_pooled: per-layer R1 is not supported: the residual stream has one basis, so "
+                "a per-layer basis would need an online d x d rotation before every layer; "
+                "use pca_pooled=True")
+        if self.method == "fp" and (self.w_bits, self.a_bits, self.kv_bits) != (OFF, OFF, OFF):
+            raise ValueError("method: 'fp' quantizes nothing; w_bits/a_bits/kv_bits must be 16")
+
+    # ------------------------------------------------------------------ derived settings
+    @property
+    def rotates(self) -> bool:
+        """Whether R1..R4 are used at all (offq and quarot; the baselines run unrotated)."""
+        return self.method in ("offq", "quarot")
+
+    @property
+    def uses_osaq(self) -> bool:
+        return self.w_quantizer.startswith("osaq+")
+
+    @property
+    def weight_rounding(self) -> str:
+        """'gptq' or 'rtn': the rounding step after the optional OSAQ absorption."""
+        return self.w_quantizer.split("+")[-1]
+
+    def activation_group(self, d: int) -> int:
+        """Activation group size for a linear input of dimension ``d``: ``a_group_size`` when it
+        divides d, else the largest power of two (at most a_group_size) that does; d itself for
+        per-token (-1)."""
+        g = self.a_group_size
+        if g == -1 or g >= d:
+            return d
+        if d % g == 0:
+            return g
+        shrunk = largest_pow2_divisor_at_most(d, g)
+        logger.info("activation group %d does not divide %d: using %d", g, d, shrunk)
+        return shrunk
+
+    def weight_group(self, k: int) -> int:
+        """Weight group size over an input dimension ``k`` (k itself when per channel)."""
+        g = self.w_group_size
+        if g == -1 or g >= k:
+            return k
+        if k % g:
+            raise ValueError(f"w_group_size: {g} does not divide the input dimension {k}")
+        return g
+
+    def kv_group(self, head_dim: int) -> int:
+        g = self.kv_group_size
+        if g == -1 or g >= head_dim:
+            return head_dim
+        if head_dim % g:
+            raise ValueError(f"kv_group_size: {g} does not divide head_dim {head_dim}")
+        return g
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (the ``offq`` block of a checkpoint's config.json)."""
+        out = dataclasses.asdict(self)
+        out["config_version"] = CONFIG_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantConfig":
+        """Inverse of :meth:`to_dict`; unknown keys or a newer version raise ValueError."""
+        if not isinstance(data, dict):
+            raise ValueError(f"offq config: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        version = data.pop("config_version", CONFIG_VERSION)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ValueError(f"offq config: config_version {version!r} is newer than this offq "
+                             f"supports ({CONFIG_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"offq config: unknown field(s) {', '.join(unknown)}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        """One-line protocol string printed with every number."""
+        if self.method == "fp":
+            return "fp (no quantization)"
+        parts = [self.method, f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"]
+        if self.w_bits != OFF:
+            g = "ch" if self.w_group_size == -1 else f"g{self.w_group_size}"
+            parts.append(f"w:{self.w_quantizer},{'sym' if self.w_symmetric else 'asym'},{g}"
+                         f"{',mse' if self.w_clip_search else ''}")
+        if self.a_bits != OFF:
+            g = "tok" if self.a_group_size == -1 else f"g{self.a_group_size}"
+            parts.append(f"a:{'sym' if self.a_symmetric else 'asym'},{g},clip{self.a_clip:g}")
+        if self.method == "offq":
+            parts.append(f"r1:{self.pca}{',centred' if self.pca_centred else ''}"
+                         f"{',sorted' if self.sorted_grouping else ',unsorted'},{self.outlier_index}")
+        if self.rotates:
+            parts.append(f"r2:{self.r2},r3:{int(self.r3)},r4:{int(self.r4)}")
+        parts.append(f"calib:{self.calib_samples}x{self.calib_seqlen},seed{self.seed}")
+        return " ".join(parts)

@@ -1,0 +1,131 @@
+"""GPTQ: weight quantization that corrects each rounding error with the remaining columns.
+
+METHODS.md section 2. For a linear layer with weight ``W`` [N, K] and calibration inputs ``X``
+(rows = tokens, taken after the already-quantized earlier layers):
+
+1. ``H = 2 X^T X / n`` accumulated in float64 while streaming (:class:`HessianAccumulator`);
+2. dead inputs (``diag H == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``;
+3. optional act-order: columns visited by descending ``diag H``;
+4. damping ``H += damp * mean(diag H) * I``;
+5. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``);
+6. columns in lazy blocks of ``block_size``: quantize column ``i``, error ``e = (w_i - q_i) / U_ii``,
+   update the rest of the block with ``e U_i,i:`` and, once per block, the columns after it with
+   the rank-``block_size`` product.
+
+Group parameters: per channel (group -1) they come from the whole row before any update (with the
+MSE clip search when asked); with groups, each group's grid is fixed when its first column is
+reached, from the updated weights ("dynamic"), or from the original weights ("static"). Act-order
+with groups always uses static groups, so that the groups stay contiguous in the original column
+order (the storage format of offq.kernels.QTensor).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .grid import check_bits, dequantize_codes, group_params, quantize_codes
+from .rtn import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+
+class HessianAccumulator:
+    """Streams ``H = 2 X^T X / n`` in float64 over batches of layer inputs ``x[..., K]``."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.sum = np.zeros((k, k), dtype=np.float64)
+        self.n = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.shape[-1] != self.k:
+            raise ValueError(f"x: expected last axis {self.k}, got shape {x.shape}")
+        rows = x.reshape(-1, self.k).astype(np.float64)
+        self.sum += rows.T @ rows
+        self.n += rows.shape[0]
+
+    @property
+    def hessian(self) -> np.ndarray:
+        if self.n == 0:
+            raise ValueError("HessianAccumulator: no inputs were added")
+        return self.sum * (2.0 / self.n)
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray, *, bits: int = 4, group_size: int = -1,
+                  symmetric: bool = True, clip_search: bool = True, damp: float = 0.01,
+                  act_order: bool = True, block_size: int = 128,
+                  static_groups: bool = False) -> QuantizedWeight:
+    """Quantize ``w`` [N, K] with GPTQ given the Hessian ``2 X^T X / n`` [K, K] of its inputs."""
+    check_bits(bits)
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"w: expected a 2-D weight [out, in], got shape {w.shape}")
+    n_out, k = w.shape
+    h = np.array(hessian, dtype=np.float64)  # copy: modified below
+    if h.shape != (k, k):
+        raise ValueError(f"hessian: expected shape ({k}, {k}) for w of shape {w.shape}, got {h.shape}")
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(h))):
+        raise ValueError("w/hessian: contain NaN or Inf")
+    if block_size < 1:
+        raise ValueError(f"block_size: expected a positive integer, got {block_size}")
+    g = k if group_size in (-1, k) else group_size
+    if g <= 0 or k % g:
+        raise ValueError(f"group_size: expected -1 or a divisor of {k}, got {group_size}")
+    per_channel = g == k
+    if act_order and not per_channel:
+        static_groups = True
+
+    W = w.astype(np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    # Grids fixed up front: per channel, or static groups (original, dead-zeroed weights).
+    scale = np.zeros((n_out, k // g), dtype=np.float32)
+    zero = np.zeros((n_out, k // g), dtype=np.float32)
+    if per_channel or static_groups:
+        scale[:], zero[:] = group_params(W.astype(np.float32), bits, g, symmetric, clip_search)
+
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    W = W[:, perm]
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    hinv = np.linalg.inv(h)
+    hinv = (hinv + hinv.T) / 2
+    u = np.linalg.cholesky(hinv).T  # upper: hinv = u.T @ u
+
+    codes = np.zeros((n_out, k), dtype=np.uint8)
+    deq = np.zeros((n_out, k), dtype=np.float32)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        err = np.zeros((n_out, i2 - i1), dtype=np.float64)
+        for i in range(i1, i2):
+            col = perm[i]
+            grp = col // g
+            if not (per_channel or static_groups) and col % g == 0:
+                # dynamic group: current weights of columns col..col+g (perm is identity here);
+                # columns past this block still lack this block's pending lazy update.
+                cols = W[:, col:col + g].copy()
+                past = max(0, i2 - col)
+                if past < g:
+                    cols[:, past:] -= err[:, :i - i1] @ u[i1:i, i2:col + g]
+                s, z = group_params(cols.astype(np.float32), bits, g, symmetric, clip_search)
+                scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
+            x = W[:, i].astype(np.float32)
+            q = quantize_codes(x, scale[:, grp], zero[:, grp], bits)
+            qx = dequantize_codes(q, scale[:, grp], zero[:, grp])
+            codes[:, col], deq[:, col] = q, qx
+            e = (W[:, i] - qx) / u[i, i]
+            W[:, i:i2] -= np.outer(e, u[i, i:i2])
+            err[:, i - i1] = e
+        W[:, i2:] -= err @ u[i1:i2, i2:]
+    return QuantizedWeight(codes, scale, zero, bits, g, symmetric, deq)
+
+
+def layer_output_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
+    """Relative layer-output error ``||X W^T - X W_hat^T||_F / ||X W^T||_F`` (float64)."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1, w.shape[1])
+    ref = x @ np.asarray(w, dtype=np.float64).T
+    return float(np.linalg.norm(ref - x @ np.asarray(w_hat, dtype=np.float64).T) / np.linalg.norm(ref))

@@ -1,0 +1,168 @@
+"""GPTQ and RTN on the shared grid: codes match the NOTES.md formulas, GPTQ beats RTN on the
+layer-output error with correlated inputs, options (bits, groups, act-order, static groups)."""
+import numpy as np
+import pytest
+
+from offq.quantizers.gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from offq.quantizers.grid import grid_params, mse_clip_search, quantize_codes
+from offq.quantizers.rtn import rtn_quantize
+
+
+def reference_quantize(x, bits, group, symmetric):
+    """Plain NumPy restatement of the NOTES.md grid (float32, round half to even)."""
+    x = np.asarray(x, np.float32)
+    n, k = x.shape
+    g = k if group == -1 else group
+    out = np.empty_like(x)
+    for r in range(n):
+        for s in range(0, k, g):
+            v = x[r, s:s + g]
+            if symmetric:
+                scale = np.float32(np.abs(v).max() / np.float32(2 ** (bits - 1) - 1))
+                scale = np.float32(1) if scale == 0 else scale
+                zero = np.float32(2 ** (bits - 1))
+            else:
+                lo, hi = v.min(), v.max()
+                scale = np.float32((hi - lo) / np.float32(2 ** bits - 1))
+                if scale == 0:
+                    scale = np.float32(abs(hi)) if hi != 0 else np.float32(1)
+                zero = np.float32(np.rint(-lo / scale))
+            q = np.clip(np.rint(v / scale) + zero, 0, 2 ** bits - 1)
+            out[r, s:s + g] = scale * (q - zero)
+    return out
+
+
+def correlated_inputs(rng, n, k):
+    """Tokens with a strongly non-isotropic covariance and a few large channels (LLM-like)."""
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    scales = np.exp(rng.uniform(-2, 1.5, size=k))
+    x = (rng.standard_normal((n, k)) * scales) @ mix + 0.3 * rng.standard_normal((n, k))
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def layer():
+    rng = np.random.default_rng(0)
+    k, n_out = 96, 48
+    x = correlated_inputs(rng, 2048, k)
+    w = rng.standard_normal((n_out, k)).astype(np.float32) * 0.05
+    acc = HessianAccumulator(k)
+    for chunk in np.split(x, 4):
+        acc.update(chunk)
+    return x, w, acc.hessian
+
+
+def test_hessian_accumulator_matches_formula(layer):
+    x, _, h = layer
+    ref = 2 * x.astype(np.float64).T @ x.astype(np.float64) / x.shape[0]
+    np.testing.assert_allclose(h, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [-1, 32])
+def test_rtn_matches_reference_grid(bits, symmetric, group):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((7, 64)).astype(np.float32)
+    w[0] = 3.0  # constant row
+    w[1] = 0.0  # all-zero row
+    w[2] += 40.0  # all offset: zero-point outside the code range
+    qw = rtn_quantize(w, bits=bits, group_size=group, symmetric=symmetric, clip_search=False)
+    np.testing.assert_array_equal(qw.dequantized, reference_quantize(w, bits, group, symmetric))
+    assert qw.codes.dtype == np.uint8 and qw.codes.max() <= 2 ** bits - 1
+    if not symmetric:
+        np.testing.assert_array_equal(qw.dequantized[:2], w[:2])  # constant groups exact
+    assert np.all(qw.zero == np.rint(qw.zero))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_clip_search_never_worse(symmetric):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 64)).astype(np.float32)
+    x[:, 0] *= 8  # an outlier per row makes clipping worthwhile
+    for search in (False, True):
+        if search:
+            s, z = mse_clip_search(x, 4, symmetric)
+        else:
+            s, z = grid_params(x, 4, symmetric)
+        q = quantize_codes(x, s[:, None], z[:, None], 4)
+        err = ((s[:, None] * (q.astype(np.float32) - z[:, None]) - x) ** 2).sum(1)
+        if search:
+            assert np.all(err <= base + 1e-6) and err.sum() < 0.95 * base.sum()
+        else:
+            base = err
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [-1, 32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_layer_output(layer, bits, group, act_order):
+    x, w, h = layer
+    for symmetric in (True, False):
+        rtn = rtn_quantize(w, bits=bits, group_size=group, symmetric=symmetric)
+        gq = gptq_quantize(w, h, bits=bits, group_size=group, symmetric=symmetric,
+                           act_order=act_order)
+        e_rtn = layer_output_error(x, w, rtn.dequantized)
+        e_gptq = layer_output_error(x, w, gq.dequantized)
+        assert e_gptq < 0.8 * e_rtn, (bits, group, act_order, symmetric, e_gptq, e_rtn)
+
+
+def test_gptq_output_is_on_the_grid(layer):
+    """The returned dequantized weight is exactly scale * (codes - zero), groups contiguous in
+    the original column order, even with act-order (static groups)."""
+    _, w, h = layer
+    for group, act_order, static in [(-1, True, False), (32, True, False), (32, False, False),
+                                     (32, False, True), (48, False, False)]:
+        gq = gptq_quantize(w, h, bits=4, group_size=group, symmetric=False, act_order=act_order,
+                           static_groups=static, block_size=40)
+        g = gq.group_size
+        s = np.repeat(gq.scale, g, axis=1)
+        z = np.repeat(gq.zero, g, axis=1)
+        np.testing.assert_array_equal(gq.dequantized, s * (gq.codes.astype(np.float32) - z))
+        assert gq.codes.max() <= 15 and gq.scale.shape == (w.shape[0], w.shape[1] // g)
+
+
+def test_gptq_8bit_nearly_exact(layer):
+    x, w, h = layer
+    gq = gptq_quantize(w, h, bits=8, group_size=-1, symmetric=True)
+    assert layer_output_error(x, w, gq.dequantized) < 5e-3
+    assert np.abs(gq.dequantized - w).max() < 2 * np.abs(w).max() / 127
+
+
+def test_gptq_dead_columns_and_identity_hessian():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 32)).astype(np.float32)
+    x = rng.standard_normal((500, 32)).astype(np.float32)
+    x[:, 5] = 0  # dead input
+    acc = HessianAccumulator(32)
+    acc.update(x)
+    gq = gptq_quantize(w, acc.hessian, bits=4, symmetric=False, clip_search=False)
+    assert np.all(np.isfinite(gq.dequantized))
+    # an identity Hessian decouples the columns: GPTQ reduces to RTN on the same grid
+    gi = gptq_quantize(w, np.eye(32), bits=4, symmetric=False, clip_search=False, damp=0.0,
+                       act_order=False)
+    np.testing.assert_array_equal(gi.dequantized,
+                                  rtn_quantize(w, bits=4, symmetric=False, clip_search=False).dequantized)
+
+
+def test_gptq_validation():
+    w = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match="hessian"):
+        gptq_quantize(w, np.eye(7))
+    with pytest.raises(ValueError, match="bits"):
+        gptq_quantize(w, np.eye(8), bits=5)
+    with pytest.raises(ValueError, match="group_size"):
+        gptq_quantize(w, np.eye(8), group_size=3)
+    with pytest.raises(ValueError, match="NaN"):
+        gptq_quantize(np.full((4, 8), np.nan, np.float32), np.eye(8))
+
+
+def test_to_qtensor_round_trip(layer):
+    kernels = pytest.importorskip("offq.kernels")
+    if not hasattr(kernels, "QTensor"):
+        pytest.skip("offq.kernels.QTensor not available yet")
+    _, w, h = layer
+    for bits in (4, 3):
+        gq = gptq_quantize(w, h, bits=bits, group_size=32, symmetric=False)
+        qt = gq.to_qtensor()
+        np.testing.assert_array_equal(kernels.dequantize(qt), gq.dequantized)
