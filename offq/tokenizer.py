@@ -1,0 +1,187 @@
+"""The model's tokenizer: a thin wrapper over a ``tokenizers.Tokenizer``.
+
+Two sources:
+
+* `Tokenizer.from_hf_dir(path)`: ``tokenizer.json`` (+ ``tokenizer_config.json`` / ``config.json``
+  for the BOS / EOS tokens) of a HuggingFace checkpoint directory.
+* `Tokenizer.from_gguf(reader_or_path)`: rebuilt from the GGUF metadata
+  (``tokenizer.ggml.*``) by ``offq.formats.gguf.build_gguf_tokenizer``.
+
+`encode` never adds special tokens by itself; ``add_bos=True`` prepends ``bos_id``. Whether a model
+*wants* a BOS (what its own tokenizer does when asked for special tokens) is `adds_bos`, which the
+loaders copy into ``ModelConfig.add_bos``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import tokenizers
+
+logger = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    """Text <-> token ids for one model.
+
+    Args:
+        backend: the ``tokenizers.Tokenizer`` doing the work (no post-processor needed).
+        bos_id, eos_id: special token ids (``None`` when the model has none).
+        adds_bos: whether the model's reference tokenizer prepends BOS when encoding.
+        name: where it came from (for messages).
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None, eos_id: int | None,
+                 adds_bos: bool = False, name: str = "") -> None:
+        self.backend = backend
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.adds_bos = bool(adds_bos)
+        self.name = name
+        n = self.vocab_size
+        for label, value in (("bos_id", bos_id), ("eos_id", eos_id)):
+            if value is not None and not (0 <= value < n):
+                raise ValueError(f"{name}: {label}={value} outside the vocabulary [0, {n})")
+
+    # ------------------------------------------------------------------ core API
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids (base vocabulary + added tokens)."""
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        """Token ids of ``text``, without special tokens except BOS when ``add_bos``.
+
+        Special-token strings occurring in the text (e.g. ``<|im_start|>``) map to their ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected str, got {type(text).__name__}")
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError(f"{self.name}: add_bos=True but this tokenizer has no BOS token")
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (special tokens kept unless ``skip_special_tokens``)."""
+        ids = [int(i) for i in ids]
+        n = self.vocab_size
+        bad = [i for i in ids if not (0 <= i < n)]
+        if bad:
+            raise ValueError(f"ids: {bad[:5]} outside the vocabulary [0, {n})")
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False) -> list[list[int]]:
+        """`encode` over many texts (parallel inside ``tokenizers``)."""
+        encs = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        prefix = [self.bos_id] if add_bos else []
+        if add_bos and self.bos_id is None:
+            raise ValueError(f"{self.name}: add_bos=True but this tokenizer has no BOS token")
+        return [prefix + e.ids for e in encs]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(int(i))
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+                f"eos_id={self.eos_id}, adds_bos={self.adds_bos})")
+
+    # ------------------------------------------------------------------ files
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``tokenizer.json`` + ``tokenizer_config.json`` (HF layout) into ``directory``.
+
+        Written atomically (temp file + ``os.replace``) so an offq checkpoint directory is usable
+        by both offq and transformers.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
+        cfg: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.id_to_token(self.bos_id) if self.bos_id is not None else None,
+            "eos_token": self.id_to_token(self.eos_id) if self.eos_id is not None else None,
+            "add_bos_token": self.adds_bos,
+            "clean_up_tokenization_spaces": False,
+        }
+        _atomic_write_text(directory / "tokenizer_config.json", json.dumps(cfg, indent=2))
+
+    @classmethod
+    def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load ``tokenizer.json`` of a HF checkpoint directory.
+
+        BOS/EOS come from ``tokenizer_config.json`` (``bos_token``/``eos_token``), else from
+        ``config.json`` (``bos_token_id``/``eos_token_id``). `adds_bos` is measured: whether the
+        tokenizer (with its post-processor) puts BOS first when encoding with special tokens, or
+        ``add_bos_token`` in tokenizer_config.json when that is set.
+        """
+        path = Path(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json (offq reads the fast-tokenizer "
+                                    "file; convert a sentencepiece model with transformers first)")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises its own Exception type on malformed JSON
+            raise ValueError(f"{tok_file}: not a valid tokenizers file: {e}") from e
+        tcfg = _read_json_if_exists(path / "tokenizer_config.json")
+        mcfg = _read_json_if_exists(path / "config.json")
+
+        def special(key: str) -> int | None:
+            tok = tcfg.get(key)
+            if isinstance(tok, dict):
+                tok = tok.get("content")
+            if isinstance(tok, str):
+                tid = backend.token_to_id(tok)
+                if tid is not None:
+                    return int(tid)
+            value = mcfg.get(key + "_id")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            return int(value) if value is not None else None
+
+        bos, eos = special("bos_token"), special("eos_token")
+        if "add_bos_token" in tcfg and tcfg["add_bos_token"] is not None:
+            adds_bos = bool(tcfg["add_bos_token"]) and bos is not None
+        else:
+            probe = backend.encode("a", add_special_tokens=True).ids
+            adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+        return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(path))
+
+    @classmethod
+    def from_gguf(cls, reader_or_path: Any) -> "Tokenizer":
+        """Rebuild the tokenizer stored in a GGUF file's metadata (a path or a ``gguf.GGUFReader``)."""
+        from .formats.gguf import build_gguf_tokenizer
+        return build_gguf_tokenizer(reader_or_path)
+
+
+def _read_json_if_exists(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
