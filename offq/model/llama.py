@@ -1,0 +1,544 @@
+"""Float32 NumPy forward pass of Llama-family decoders (Llama 2/3/3.x, SmolLM, Mistral, Qwen2).
+
+The computation, for token ids ``x[B, T]`` (row-vector convention, ``y = x @ W.T``)::
+
+    h = E[x]                                             embeddings            [B, T, d]
+    for each layer:
+        a = rmsnorm(h) * w_in                            "attn_in" capture site
+        q, k, v = a Wq^T (+bq), a Wk^T (+bk), a Wv^T (+bv)
+        q, k = rope(q), rope(k)                          HF rotate_half convention
+        q, k = qk_transform(q, k)                        online R3 hook (identity by default)
+        k, v = cache.append(kv_codec(k), kv_codec(v))    KV quantization hook
+        o = softmax(q k^T / sqrt(hd) + causal) v         GQA: head j reads kv head j // (H / Hkv)
+        h = h + o Wo^T                                   "o_in" capture site (o before Wo)
+        m = rmsnorm(h) * w_post                          "mlp_in" capture site
+        u = silu(m Wg^T) * (m Wu^T)
+        u = down_input_transform(u)                      online R4 hook; "down_in" capture site
+        h = h + u Wd^T
+    logits = (rmsnorm(h) * w_final) W_lm^T               W_lm = E when embeddings are tied
+
+Every linear is a callable in ``layer.linears`` (see :mod:`offq.model.linear`), so quantization
+swaps implementations without touching this file.
+
+Memory. In *streaming* mode only one decoder layer's weights are resident: a layer is read from
+the tensor store (memory-mapped; dequantized on access) when the forward pass enters it and
+dropped when it leaves; a batch of sequences goes through each layer before the next is loaded.
+The embeddings, the final norm and the LM head stay resident. *Resident* mode keeps every layer
+(small models, generation). Attention runs per (sequence, KV head) over blocks of queries, so
+the largest attention temporary is ``block * (H / Hkv) * T`` floats, and only keys up to the end
+of each query block are touched (the causal upper triangle is skipped). Logits are computed in
+row chunks when only the NLL is needed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .kv_cache import KVCache, KVCodec, LayerKVCache
+from .linear import LINEAR_NAMES, DenseLinear, Linear
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import ModelConfig
+
+__all__ = [
+    "CAPTURE_SITES", "CaptureFn", "DecoderLayer", "Model", "rope_inv_freq", "rope_cos_sin",
+    "apply_rope", "rms_norm", "layer_tensor_names",
+]
+
+log = logging.getLogger(__name__)
+
+#: Capture sites, in execution order, and the linears that read each one.
+CAPTURE_SITES: dict[str, tuple[str, ...]] = {
+    "attn_in": ("q_proj", "k_proj", "v_proj"),
+    "o_in": ("o_proj",),
+    "mlp_in": ("gate_proj", "up_proj"),
+    "down_in": ("down_proj",),
+}
+
+#: ``capture(site, layer_index, x)``: x is the float32 ``[B, T, in_features]`` input of the
+#: linears of ``CAPTURE_SITES[site]``. It is a live buffer: copy it to keep it.
+CaptureFn = Callable[[str, int, np.ndarray], None]
+#: ``qk_transform(q, k) -> (q, k)`` on ``q[B, H, T, hd]``, ``k[B, Hkv, T, hd]`` after RoPE.
+QKTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: ``down_input_transform(u) -> u`` on ``u[B, T, intermediate]`` before down_proj.
+ArrayTransform = Callable[[np.ndarray], np.ndarray]
+
+_ATTN_BLOCK = 256  # query rows per attention block (per KV head group)
+_NLL_CHUNK = 512  # rows of logits materialised at once when computing the NLL
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, float32 (weight None: ones)."""
+    var = np.einsum("...i,...i->...", x, x, dtype=np.float32)[..., None]
+    var /= np.float32(x.shape[-1])
+    var += np.float32(eps)
+    np.sqrt(var, out=var)
+    y = x / var
+    if weight is not None:
+        y *= weight
+    return y
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None) -> np.ndarray:
+    """Inverse frequencies ``theta^(-2i/hd)``, ``i < hd/2`` (float32), with llama3 scaling.
+
+    ``scaling`` is the HF ``rope_scaling`` dict (``rope_type``/``type``); "default", "linear"
+    (frequencies divided by ``factor``) and "llama3" are supported (anything else raises
+    ValueError). llama3 keeps high frequencies, divides low ones by ``factor`` and interpolates
+    smoothly in between (Llama 3.1 recipe).
+    """
+    inv = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    inv = inv.astype(np.float32).astype(np.float64)  # HF computes inv_freq in float32
+    kind = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv.astype(np.float32)
+    if kind == "linear":  # position interpolation: positions / factor
+        return (inv / float(scaling["factor"])).astype(np.float32)
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling: type {kind!r} is not supported "
+                         "(supported: default, linear, llama3)")
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    orig = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = orig / low, orig / high
+    wavelen = 2.0 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled
+    mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(mid, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq: np.ndarray, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of ``position * inv_freq`` for positions ``start .. start+length-1``: ``[T, hd/2]``.
+
+    The angle is formed in float32 as HF does (so long positions round the same way); cos/sin
+    are evaluated in float64 and rounded.
+    """
+    pos = np.arange(start, start + length, dtype=np.float32)
+    ang = (pos[:, None] * inv_freq[None, :]).astype(np.float64)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate ``x[..., T, hd]`` (HF rotate_half: pairs are (i, i + hd/2)); returns a new array."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = np.empty(x.shape, dtype=np.float32)
+    np.multiply(x1, cos, out=out[..., :half])
+    out[..., :half] -= x2 * sin
+    np.multiply(x2, cos, out=out[..., half:])
+    out[..., half:] += x1 * sin
+    return out
+
+
+def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``silu(gate) * up`` computed in place in ``gate`` (float32)."""
+    t = np.negative(gate)
+    with np.errstate(over="ignore"):
+        np.exp(t, out=t)  # exp(-g) -> inf for very negative g: g / inf = -0, the right limit
+    t += 1.0
+    gate /= t
+    gate *= up
+    return gate
+
+
+def layer_tensor_names(i: int, attention_bias: bool = False) -> dict[str, str]:
+    """HF tensor names of decoder layer ``i`` (keys: linear names, ``input_norm``, ``post_norm``)."""
+    p = f"model.layers.{i}."
+    names = {n: p + ("self_attn." if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.")
+             + n + ".weight" for n in LINEAR_NAMES}
+    names["input_norm"] = p + "input_layernorm.weight"
+    names["post_norm"] = p + "post_attention_layernorm.weight"
+    return names
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoder layer
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class DecoderLayer:
+    """One decoder layer: norms, swappable linears and the quantization hooks.
+
+    Attributes:
+        index: layer number.
+        input_norm / post_attention_norm: RMSNorm weights ``[d]``; ``None`` means all ones
+            (after norm fusion).
+        linears: ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj`` -> Linear.
+        qk_transform: applied to ``q[B,H,T,hd], k[B,Hkv,T,hd]`` after RoPE (online R3).
+        kv_codec: storage codec of K and V (KV quantization); attention reads ``decode(encode)``.
+        down_input_transform: applied to the down_proj input (online R4).
+    """
+
+    index: int
+    input_norm: np.ndarray | None
+    post_attention_norm: np.ndarray | None
+    linears: dict[str, Linear]
+    qk_transform: QKTransform | None = None
+    kv_codec: KVCodec | None = None
+    down_input_transform: ArrayTransform | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [n for n in LINEAR_NAMES if n not in self.linears]
+        if missing:
+            raise ValueError(f"linears: layer {self.index} lacks {missing}")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the layer's parameters (linears exposing ``nbytes`` + norms)."""
+        n = sum(int(getattr(lin, "nbytes", 0)) for lin in self.linears.values())
+        for w in (self.input_norm, self.post_attention_norm):
+            n += 0 if w is None else w.nbytes
+        return n
+
+
+def _f32(a: Any) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def load_decoder_layer(tensors: Mapping[str, Any], config: ModelConfig, i: int) -> DecoderLayer:
+    """Read decoder layer ``i`` (float32 dense linears) from a mapping of HF tensor names.
+
+    Biases are taken wherever a ``<linear>.bias`` tensor exists (Qwen2's q/k/v; Llama with
+    ``attention_bias``/``mlp_bias``). Shapes are checked against the config.
+    """
+    names = layer_tensor_names(i)
+    d, hd = config.hidden_size, _head_dim(config)
+    H, Hkv, f = config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    expect = {"q_proj": (H * hd, d), "k_proj": (Hkv * hd, d), "v_proj": (Hkv * hd, d),
+              "o_proj": (d, H * hd), "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+    linears: dict[str, Linear] = {}
+    for n in LINEAR_NAMES:
+        key = names[n]
+        if key not in tensors:
+            raise ValueError(f"missing tensor {key!r} (layer {i} {n})")
+        w = _f32(tensors[key])
+        if w.shape != expect[n]:
+            raise ValueError(f"tensor {key!r}: expected shape {expect[n]}, got {w.shape}")
+        bkey = key[: -len("weight")] + "bias"
+        b = _f32(tensors[bkey]) if bkey in tensors else None
+        if b is None and n in ("q_proj", "k_proj", "v_proj") and getattr(config, "attention_bias", False):
+            raise ValueError(f"missing tensor {bkey!r}: the config says attention_bias")
+        linears[n] = DenseLinear(w, b)
+    norms = []
+    for key in (names["input_norm"], names["post_norm"]):
+        if key not in tensors:
+            raise ValueError(f"missing tensor {key!r}")
+        w = _f32(tensors[key])
+        if w.shape != (d,):
+            raise ValueError(f"tensor {key!r}: expected shape ({d},), got {w.shape}")
+        norms.append(w)
+    return DecoderLayer(index=i, input_norm=norms[0], post_attention_norm=norms[1], linears=linears)
+
+
+def _head_dim(config: ModelConfig) -> int:
+    hd = getattr(config, "head_dim", None)
+    return int(hd) if hd else config.hidden_size // config.num_attention_heads
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+class Model:
+    """A Llama/Qwen2 decoder in float32 NumPy with swappable linears and quantization hooks.
+
+    Build it with :meth:`from_checkpoint` (an ``offq.formats`` Checkpoint) or :meth:`from_tensors`
+    (any mapping of HF tensor names to arrays plus a ModelConfig). Run it with :meth:`forward`
+    (logits), :meth:`nll` (per-token negative log-likelihood, logits chunked) or step by step
+    with :meth:`embed` / :meth:`load_layer` / :meth:`layer_forward` / :meth:`logits` (what a
+    layer-by-layer calibration loop needs).
+
+    Args:
+        config: the ModelConfig.
+        embed_tokens: float32 ``[vocab, d]``.
+        final_norm: float32 ``[d]`` or None (ones).
+        lm_head: a Linear ``d -> vocab``.
+        layer_loader: ``i -> DecoderLayer``; called on entry to layer ``i`` in streaming mode,
+            once per layer in resident mode.
+        resident: keep every layer in memory (True) or stream them (False).
+        name: model name reported by eval.
+        layer_hook: optional ``DecoderLayer -> DecoderLayer`` applied to every freshly loaded
+            layer (e.g. to install fake-quant linears or hooks in streaming mode).
+    """
+
+    def __init__(self, config: ModelConfig, *, embed_tokens: np.ndarray,
+                 final_norm: np.ndarray | None, lm_head: Linear,
+                 layer_loader: Callable[[int], DecoderLayer], resident: bool = True,
+                 name: str = "", layer_hook: Callable[[DecoderLayer], DecoderLayer] | None = None
+                 ) -> None:
+        self.config = config
+        self.name = name
+        self.head_dim = _head_dim(config)
+        self.num_layers = int(config.num_hidden_layers)
+        H, Hkv = config.num_attention_heads, config.num_key_value_heads
+        if H % Hkv:
+            raise ValueError(f"config: num_attention_heads {H} is not a multiple of "
+                             f"num_key_value_heads {Hkv}")
+        self.embed_tokens = _f32(embed_tokens)
+        if self.embed_tokens.shape != (config.vocab_size, config.hidden_size):
+            raise ValueError(f"embed_tokens: expected shape {(config.vocab_size, config.hidden_size)},"
+                             f" got {self.embed_tokens.shape}")
+        self.final_norm = None if final_norm is None else _f32(final_norm)
+        self.lm_head = lm_head
+        self.layer_loader = layer_loader
+        self.layer_hook = layer_hook
+        self.resident = bool(resident)
+        self.inv_freq = rope_inv_freq(self.head_dim, float(config.rope_theta),
+                                      getattr(config, "rope_scaling", None))
+        self._layers: list[DecoderLayer | None] = [None] * self.num_layers
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, Any], *,
+                     resident: bool | None = None, name: str = "",
+                     layer_hook: Callable[[DecoderLayer], DecoderLayer] | None = None,
+                     max_resident_bytes: int = 2 << 30) -> Model:
+        """Model over a mapping of HF tensor names (a TensorStore or a dict of arrays).
+
+        ``resident=None`` keeps all layers when their float32 size is at most
+        ``max_resident_bytes`` (2 GiB) and streams them otherwise.
+        """
+        if "model.embed_tokens.weight" not in tensors:
+            raise ValueError("missing tensor 'model.embed_tokens.weight'")
+        embed = _f32(tensors["model.embed_tokens.weight"])
+        final_norm = _f32(tensors["model.norm.weight"]) if "model.norm.weight" in tensors else None
+        if final_norm is None:
+            raise ValueError("missing tensor 'model.norm.weight'")
+        if getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in tensors:
+            if not getattr(config, "tie_word_embeddings", False):
+                raise ValueError("missing tensor 'lm_head.weight' (embeddings are not tied)")
+            lm_head: Linear = DenseLinear(embed)
+        else:
+            lm_head = DenseLinear(_f32(tensors["lm_head.weight"]))
+        if resident is None:
+            resident = _layers_nbytes(config) <= max_resident_bytes
+        return cls(config, embed_tokens=embed, final_norm=final_norm, lm_head=lm_head,
+                   layer_loader=lambda i: load_decoder_layer(tensors, config, i),
+                   resident=resident, name=name, layer_hook=layer_hook)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Any, *, resident: bool | None = None,
+                        layer_hook: Callable[[DecoderLayer], DecoderLayer] | None = None,
+                        max_resident_bytes: int = 2 << 30) -> Model:
+        """Model over an ``offq.formats`` Checkpoint (``.config``, ``.tensors``, ``.name``)."""
+        return cls.from_tensors(ckpt.config, ckpt.tensors, resident=resident,
+                                name=getattr(ckpt, "name", ""), layer_hook=layer_hook,
+                                max_resident_bytes=max_resident_bytes)
+
+    # -- layers -------------------------------------------------------------------------------
+    def load_layer(self, i: int) -> DecoderLayer:
+        """Decoder layer ``i``: the resident copy, or a freshly loaded one in streaming mode."""
+        if not 0 <= i < self.num_layers:
+            raise IndexError(f"layer index {i} out of range [0, {self.num_layers})")
+        layer = self._layers[i]
+        if layer is None:
+            layer = self.layer_loader(i)
+            if self.layer_hook is not None:
+                layer = self.layer_hook(layer)
+            if self.resident:
+                self._layers[i] = layer
+        return layer
+
+    def set_layer(self, i: int, layer: DecoderLayer) -> None:
+        """Install ``layer`` as layer ``i`` (kept resident even in streaming mode)."""
+        self._layers[i] = layer
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        """All layers (loads them; meant for resident mode)."""
+        return [self.load_layer(i) for i in range(self.num_layers)]
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.num_layers)
+
+    # -- forward pieces -----------------------------------------------------------------------
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Embeddings ``[B, T, d]`` of int ids ``[B, T]`` (range-checked)."""
+        ids = _check_ids(ids, self.config.vocab_size)
+        return self.embed_tokens[ids]
+
+    def layer_forward(self, layer: DecoderLayer, h: np.ndarray, *, start: int = 0,
+                      cache: LayerKVCache | None = None,
+                      capture: CaptureFn | None = None) -> np.ndarray:
+        """Run one decoder layer on hidden states ``h[B, T, d]`` at positions ``start..``.
+
+        ``h`` is updated in place and returned. With ``cache``, the new keys/values are appended
+        to it and attention reads everything cached (``start`` must equal ``cache.length``).
+        """
+        cfg = self.config
+        eps = float(cfg.rms_norm_eps)
+        B, T, _ = h.shape
+        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, self.head_dim
+        L = layer.linears
+        # attention
+        a = rms_norm(h, layer.input_norm, eps)
+        if capture is not None:
+            capture("attn_in", layer.index, a)
+        q = L["q_proj"](a).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+        k = L["k_proj"](a).reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
+        v = np.ascontiguousarray(L["v_proj"](a).reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3))
+        del a
+        cos, sin = rope_cos_sin(self.inv_freq, start, T)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer.qk_transform is not None:
+            q, k = layer.qk_transform(q, k)
+        if cache is not None:
+            if cache.length != start:
+                raise ValueError(f"start: {start} but the cache holds {cache.length} positions")
+            k, v = cache.append(k, v, layer.kv_codec)
+        elif layer.kv_codec is not None:
+            k = layer.kv_codec.decode(layer.kv_codec.encode(k, kind="k"), kind="k")
+            v = layer.kv_codec.decode(layer.kv_codec.encode(v, kind="v"), kind="v")
+        o = _causal_attention(q, k, v, start)
+        del q, k, v
+        if capture is not None:
+            capture("o_in", layer.index, o)
+        h += L["o_proj"](o)
+        del o
+        # MLP
+        m = rms_norm(h, layer.post_attention_norm, eps)
+        if capture is not None:
+            capture("mlp_in", layer.index, m)
+        u = _silu_mul(L["gate_proj"](m), L["up_proj"](m))
+        del m
+        if layer.down_input_transform is not None:
+            u = layer.down_input_transform(u)
+        if capture is not None:
+            capture("down_in", layer.index, u)
+        h += L["down_proj"](u)
+        return h
+
+    def hidden_states(self, ids: np.ndarray, *, cache: KVCache | None = None,
+                      capture: CaptureFn | None = None) -> np.ndarray:
+        """Residual stream after the last layer (before the final norm): ``[B, T, d]``."""
+        start = 0 if cache is None else cache.length
+        limit = int(getattr(self.config, "max_position_embeddings", 0) or 0)
+        if limit and start + np.shape(ids)[-1] > limit:
+            raise ValueError(f"ids: positions up to {start + np.shape(ids)[-1]} exceed the model's "
+                             f"max_position_embeddings {limit}")
+        h = self.embed(ids).astype(np.float32, copy=True)
+        for i in range(self.num_layers):
+            layer = self.load_layer(i)
+            h = self.layer_forward(layer, h, start=start,
+                                   cache=None if cache is None else cache[i], capture=capture)
+            del layer  # streaming mode: the layer's weights are freed here
+        return h
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        """Final norm + LM head on hidden states ``[..., d]`` -> float32 ``[..., vocab]``."""
+        return self.lm_head(rms_norm(h, self.final_norm, float(self.config.rms_norm_eps)))
+
+    def forward(self, ids: np.ndarray, *, cache: KVCache | None = None,
+                capture: CaptureFn | None = None) -> np.ndarray:
+        """Logits ``[B, T, vocab]`` for ids ``[B, T]`` (or ``[T]``, giving ``[T, vocab]``).
+
+        With ``cache`` the ids continue the cached sequences (incremental decoding).
+        """
+        ids = np.asarray(ids)
+        squeeze = ids.ndim == 1
+        h = self.hidden_states(ids[None] if squeeze else ids, cache=cache, capture=capture)
+        out = self.logits(h)
+        return out[0] if squeeze else out
+
+    __call__ = forward
+
+    def nll(self, ids: np.ndarray, *, capture: CaptureFn | None = None,
+            chunk: int = _NLL_CHUNK) -> np.ndarray:
+        """Per-position NLL ``-log p(ids[:, t+1] | ids[:, :t+1])``: float64 ``[B, T-1]``.
+
+        Logits are materialised ``chunk`` rows at a time (log-sum-exp with the max subtracted).
+        """
+        ids = _check_ids(np.asarray(ids), self.config.vocab_size)
+        if ids.ndim != 2 or ids.shape[1] < 2:
+            raise ValueError(f"ids: expected [batch, tokens >= 2], got shape {ids.shape}")
+        h = self.hidden_states(ids, capture=capture)
+        B, T, d = h.shape
+        hs = rms_norm(h[:, :-1], self.final_norm, float(self.config.rms_norm_eps)).reshape(-1, d)
+        targets = ids[:, 1:].reshape(-1)
+        out = np.empty(targets.shape[0], dtype=np.float64)
+        for s in range(0, hs.shape[0], chunk):
+            lg = self.lm_head(hs[s:s + chunk])
+            out[s:s + chunk] = _token_nll(lg, targets[s:s + chunk])
+        return out.reshape(B, T - 1)
+
+
+def _token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``logsumexp(logits) - logits[target]`` per row, float64 result, float32 work."""
+    mx = logits.max(axis=-1, keepdims=True)
+    tgt = np.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    logits -= mx
+    np.exp(logits, out=logits)
+    lse = np.log(logits.sum(axis=-1, dtype=np.float64)) + mx[:, 0].astype(np.float64)
+    return lse - tgt.astype(np.float64)
+
+
+def _check_ids(ids: Any, vocab: int) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids: expected an integer array, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"ids: token ids must lie in [0, {vocab}), got range "
+                         f"[{ids.min()}, {ids.max()}]")
+    return ids.astype(np.int64, copy=False)
+
+
+def _layers_nbytes(config: ModelConfig) -> int:
+    d, f = config.hidden_size, config.intermediate_size
+    hd = _head_dim(config)
+    H, Hkv = config.num_attention_heads, config.num_key_value_heads
+    per = d * hd * (2 * H + 2 * Hkv) + 3 * d * f
+    return 4 * per * int(config.num_hidden_layers)
+
+
+def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
+    """Causal GQA attention. ``q[B,H,T,hd]`` at positions ``start..start+T-1``; ``k, v[B,Hkv,S,hd]``
+    cover positions ``0..S-1`` with ``S = start + T``. Returns ``[B, T, H*hd]`` float32.
+
+    Per (sequence, KV head) the ``rep = H/Hkv`` query heads that share it are processed together
+    as one ``[block*rep, hd] x [hd, keys]`` product over blocks of query positions; keys past the
+    block's last position are never touched. Softmax subtracts the row max before ``exp`` and
+    divides after the product with V.
+    """
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if S != start + T:
+        raise ValueError(f"k: expected {start + T} positions, got {S}")
+    rep = H // Hkv
+    scale = np.float32(1.0 / math.sqrt(hd))
+    out = np.empty((B, T, H, hd), dtype=np.float32)
+    # queries grouped by KV head, token-major inside a group: [B, Hkv, T, rep, hd]
+    qg = q.reshape(B, Hkv, rep, T, hd).transpose(0, 1, 3, 2, 4)
+    blk = _ATTN_BLOCK
+    # additive causal mask of a diagonal block: -inf above the diagonal
+    tri = np.triu(np.full((blk, blk), -np.inf, dtype=np.float32), 1)
+    for b in range(B):
+        for g in range(Hkv):
+            kk, vv = k[b, g], v[b, g]
+            for t0 in range(0, T, blk):
+                t1 = min(T, t0 + blk)
+                n = t1 - t0
+                end = start + t1  # keys 0..end-1 are visible to some query of this block
+                qb = np.multiply(qg[b, g, t0:t1], scale).reshape(n * rep, hd)
+                s = np.matmul(qb, kk[:end].T).reshape(n, rep, end)
+                # mask key j > start + t for query t, inside the block's last n columns
+                s[:, :, end - n:] += tri[:n, None, :n]
+                mx = s.max(axis=-1, keepdims=True)
+                s -= mx
+                np.exp(s, out=s)
+                den = s.sum(axis=-1, keepdims=True)
+                ob = np.matmul(s.reshape(n * rep, end), vv[:end]).reshape(n, rep, hd)
+                ob /= den
+                out[b, t0:t1, g * rep:(g + 1) * rep] = ob
+    return out.reshape(B, T, H * hd)
