@@ -1,0 +1,280 @@
+"""Norm fusion and the rotations R1..R4 (OffQ, QuaRot-style), fused into HF-named weights.
+
+Conventions (METHODS.md): a Linear stores ``W`` [out, in]; activations are row vectors,
+``y = x @ W.T``; a rotation ``R`` [d, d] (orthogonal) acts as ``x -> x @ R``.
+
+Everything here edits a ``dict[str, np.ndarray]`` of HF-named float32 tensors in place
+(``model.layers.{i}.self_attn.q_proj.weight`` ...), so the pipeline can pass one decoder layer at
+a time. The recipe, which leaves the float model's logits unchanged:
+
+1. :func:`untie_embeddings`, :func:`fuse_layer_norms` (RMSNorm weights folded into q/k/v and
+   gate/up, the norm weight set to ones), :func:`fuse_final_norm` (into lm_head). RMSNorm without a
+   weight commutes with any orthogonal R: ``rmsnorm(x R) = rmsnorm(x) R``.
+2. R1 on the residual stream: ``E <- E R1``; q/k/v/gate/up ``W <- W R1``; o/down ``W <- R1^T W``;
+   lm_head ``W <- W R1`` (:func:`rotate_embeddings`, :func:`rotate_layer`, :func:`rotate_head`).
+   q/k/v biases sit on the output side and are unaffected by R1.
+3. R2 per head, fused into v_proj's output side (``W_v[h] <- R2_h^T W_v[h]``, ``b_v[h] <- b_v[h]
+   R2_h``) and o_proj's input side (``W_o[:, j] <- W_o[:, j] R2_{kv(j)}``; GQA heads share their
+   kv head's R2).
+4. R4: ``W_down <- W_down H`` with ``H = hadamard_matrix(intermediate)``, and at run time the online
+   ``fwht`` on the down_proj input (``x -> x H``) restores the product.
+5. R3 has no weights: the online ``fwht`` over head_dim on Q and K after RoPE cancels in ``Q K^T``
+   (:func:`r3_qk_transform`).
+
+R1 constructions: :func:`offq_r1` (``U1 P H1``: PCA basis, sorted grouping, block Hadamard aligned
+with the activation groups, no sign flips) and :func:`quarot_r1` (random signs times a full
+Hadamard). Hadamard matrices come from ``offq.kernels.hadamard_matrix`` (fwht(x) == x @ H).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, MutableMapping
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+Weights = MutableMapping[str, np.ndarray]
+
+ATTN_IN = ("q_proj", "k_proj", "v_proj")
+MLP_IN = ("gate_proj", "up_proj")
+EMBED = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+FINAL_NORM = "model.norm.weight"
+
+
+def _hadamard(n: int) -> np.ndarray:
+    from offq.kernels import hadamard_matrix
+
+    return np.asarray(hadamard_matrix(n, normalize=True, dtype=np.float64), dtype=np.float64)
+
+
+def linear_name(i: int, proj: str, kind: str = "weight") -> str:
+    """HF name of a projection's weight or bias in layer ``i``."""
+    block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"model.layers.{i}.{block}.{proj}.{kind}"
+
+
+def norm_name(i: int, which: str) -> str:
+    return f"model.layers.{i}.{which}.weight"
+
+
+def _rows(w: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """``W @ R`` for W [out, in] (input side), computed in float64, returned float32."""
+    return (w.astype(np.float64) @ r).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------- norm fusion
+def untie_embeddings(weights: Weights) -> None:
+    """Give lm_head its own copy of the embedding matrix when the model ties them."""
+    if LM_HEAD not in weights:
+        weights[LM_HEAD] = np.array(weights[EMBED], dtype=np.float32, copy=True)
+
+
+def fuse_layer_norms(weights: Weights, i: int) -> None:
+    """Fold layer ``i``'s two RMSNorm weights into the linears that read them; norms become 1."""
+    for norm, projs in (("input_layernorm", ATTN_IN), ("post_attention_layernorm", MLP_IN)):
+        g = weights[norm_name(i, norm)].astype(np.float64)
+        for p in projs:
+            name = linear_name(i, p)
+            weights[name] = (weights[name].astype(np.float64) * g[None, :]).astype(np.float32)
+        weights[norm_name(i, norm)] = np.ones_like(weights[norm_name(i, norm)], dtype=np.float32)
+
+
+def fuse_final_norm(weights: Weights) -> None:
+    """Fold the final RMSNorm into lm_head (call :func:`untie_embeddings` first)."""
+    if LM_HEAD not in weights:
+        raise ValueError("fuse_final_norm: lm_head.weight missing; untie the embeddings first")
+    g = weights[FINAL_NORM].astype(np.float64)
+    weights[LM_HEAD] = (weights[LM_HEAD].astype(np.float64) * g[None, :]).astype(np.float32)
+    weights[FINAL_NORM] = np.ones_like(weights[FINAL_NORM], dtype=np.float32)
+
+
+def fuse_norms(weights: Weights, num_layers: int) -> None:
+    """All of the above on a full weight dict."""
+    untie_embeddings(weights)
+    for i in range(num_layers):
+        fuse_layer_norms(weights, i)
+    fuse_final_norm(weights)
+
+
+# ---------------------------------------------------------------------------------- R1 pieces
+def pca_basis(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending) and the full orthonormal eigenbasis (columns) of a symmetric
+    second-moment matrix; column 0 is the dominant (outlier) direction. Signs are fixed so that
+    each column's largest-magnitude entry is positive (deterministic across LAPACK builds)."""
+    c = np.asarray(cov, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise ValueError(f"cov: expected a square matrix, got shape {c.shape}")
+    if not np.all(np.isfinite(c)):
+        raise ValueError("cov: contains NaN or Inf")
+    vals, vecs = np.linalg.eigh((c + c.T) / 2)
+    order = np.argsort(-vals, kind="stable")
+    vals, vecs = vals[order], vecs[:, order]
+    pivot = np.abs(vecs).argmax(axis=0)
+    vecs *= np.sign(vecs[pivot, np.arange(vecs.shape[1])])[None, :]
+    return vals, vecs
+
+
+def all_ones_index(h: np.ndarray) -> int:
+    """Index of a row of the Hadamard matrix ``h`` whose entries all share one sign (the row that
+    turns a single input coordinate into a constant over the block). ValueError if none."""
+    same_sign = np.all(h > 0, axis=1) | np.all(h < 0, axis=1)
+    idx = np.flatnonzero(same_sign)
+    if idx.size == 0:
+        raise ValueError(f"hadamard matrix of order {h.shape[0]} has no constant-sign row")
+    return int(idx[0])
+
+
+def sorted_grouping(d: int, group: int) -> np.ndarray:
+    """Slot -> eigen-rank order ``P``: rank ``b`` in slot 0 of group ``b`` for ``b < G``, remaining
+    ranks dealt round-robin (reshape the sorted index [g, G], transpose, flatten)."""
+    if d % group:
+        raise ValueError(f"group: {group} does not divide the dimension {d}")
+    return np.arange(d).reshape(group, d // group).T.reshape(-1)
+
+
+def place_outliers(order: np.ndarray, group: int, target: int) -> np.ndarray:
+    """Within each group, swap slot 0 (where the grouping put the group's lead rank) with slot
+    ``target`` (the Hadamard's constant-sign row, or another row for the ablation)."""
+    order = order.copy().reshape(-1, group)
+    order[:, [0, target]] = order[:, [target, 0]]
+    return order.reshape(-1)
+
+
+def block_hadamard(d: int, group: int) -> np.ndarray:
+    """blockdiag of ``d / group`` normalised Hadamards of order ``group`` ([d, d], float64)."""
+    if d % group:
+        raise ValueError(f"group: {group} does not divide the dimension {d}")
+    h = _hadamard(group)
+    out = np.zeros((d, d), dtype=np.float64)
+    for s in range(0, d, group):
+        out[s:s + group, s:s + group] = h
+    return out
+
+
+def offq_r1(cov: np.ndarray | None, d: int, group: int, *, pca: str = "top1",
+            sorted_groups: bool = True, outlier_index: str = "ones") -> np.ndarray:
+    """``R1 = U1 P H1`` [d, d] float64.
+
+    cov: the accumulated second moment (top-1 tokens for ``pca='top1'``, all tokens for
+    ``'standard'``; ignored for ``'none'``, where U1 = I). P: :func:`sorted_grouping` when
+    ``sorted_groups`` else the eigen order, then each group's lead rank moved onto the block
+    Hadamard's constant-sign row (``outlier_index='ones'``) or onto the next row (``'other'``,
+    the ablation). H1: :func:`block_hadamard` with blocks = the activation groups; no sign flips.
+    """
+    if pca not in ("top1", "standard", "none"):
+        raise ValueError(f"pca: expected top1, standard or none, got {pca!r}")
+    if outlier_index not in ("ones", "other"):
+        raise ValueError(f"outlier_index: expected ones or other, got {outlier_index!r}")
+    if pca == "none":
+        u1 = np.eye(d)
+    else:
+        if cov is None or np.shape(cov) != (d, d):
+            raise ValueError(f"cov: expected a [{d}, {d}] matrix for pca={pca!r}")
+        _, u1 = pca_basis(cov)
+    h1 = block_hadamard(d, group)
+    ones = all_ones_index(h1[:group, :group])
+    target = ones if outlier_index == "ones" else (ones + 1) % group
+    order = sorted_grouping(d, group) if sorted_groups else np.arange(d)
+    order = place_outliers(order, group, target)
+    return u1[:, order] @ h1
+
+
+def quarot_r1(d: int, seed: int = 0) -> np.ndarray:
+    """QuaRot-style R1 = diag(random signs) @ H_d, a full normalised Hadamard of order d."""
+    signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=d)
+    return signs[:, None] * _hadamard(d)
+
+
+def r2_matrices(head_dim: int, num_kv_heads: int, covs: np.ndarray | None = None) -> np.ndarray:
+    """Per-kv-head R2 [num_kv_heads, head_dim, head_dim]: the normalised Hadamard of head_dim, or
+    with ``covs`` ([num_kv_heads, hd, hd] second moments of the value vectors) each head's PCA
+    basis with the top direction on the Hadamard's constant-sign row, then the Hadamard."""
+    h = _hadamard(head_dim)
+    if covs is None:
+        return np.broadcast_to(h, (num_kv_heads, head_dim, head_dim)).copy()
+    covs = np.asarray(covs, dtype=np.float64)
+    if covs.shape != (num_kv_heads, head_dim, head_dim):
+        raise ValueError(f"covs: expected shape {(num_kv_heads, head_dim, head_dim)}, got {covs.shape}")
+    order = place_outliers(np.arange(head_dim), head_dim, all_ones_index(h))
+    return np.stack([pca_basis(c)[1][:, order] @ h for c in covs])
+
+
+# ---------------------------------------------------------------------------------- fusing
+def rotate_embeddings(weights: Weights, r1: np.ndarray) -> None:
+    weights[EMBED] = _rows(weights[EMBED], r1)
+
+
+def rotate_head(weights: Weights, r1: np.ndarray) -> None:
+    weights[LM_HEAD] = _rows(weights[LM_HEAD], r1)
+
+
+def rotate_layer(weights: Weights, i: int, cfg: Any, *, r1: np.ndarray | None = None,
+                 r2: np.ndarray | None = None, r4: bool = False) -> None:
+    """Fuse R1 (input side of q/k/v/gate/up, output side of o/down), R2 ([n_kv, hd, hd]) and the
+    weight half of R4 into layer ``i``. ``cfg`` needs num_attention_heads, num_key_value_heads,
+    head_dim, intermediate_size (a ModelConfig)."""
+    if r1 is not None:
+        for p in ATTN_IN + MLP_IN:
+            weights[linear_name(i, p)] = _rows(weights[linear_name(i, p)], r1)
+        for p in ("o_proj", "down_proj"):
+            name = linear_name(i, p)
+            weights[name] = (r1.T @ weights[name].astype(np.float64)).astype(np.float32)
+    if r2 is not None:
+        hd, n_kv, n_h = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
+        if r2.shape != (n_kv, hd, hd):
+            raise ValueError(f"r2: expected shape {(n_kv, hd, hd)}, got {r2.shape}")
+        wv = weights[linear_name(i, "v_proj")].astype(np.float64).reshape(n_kv, hd, -1)
+        weights[linear_name(i, "v_proj")] = np.einsum(
+            "hji,hjk->hik", r2, wv).reshape(n_kv * hd, -1).astype(np.float32)
+        bias = linear_name(i, "v_proj", "bias")
+        if bias in weights:
+            b = weights[bias].astype(np.float64).reshape(n_kv, hd)
+            weights[bias] = np.einsum("hj,hjk->hk", b, r2).reshape(-1).astype(np.float32)
+        wo = weights[linear_name(i, "o_proj")].astype(np.float64).reshape(-1, n_h, hd)
+        per_head = np.repeat(r2, n_h // n_kv, axis=0)  # q head j uses kv head j // rep
+        weights[linear_name(i, "o_proj")] = np.einsum(
+            "ohj,hjk->ohk", wo, per_head).reshape(-1, n_h * hd).astype(np.float32)
+    if r4:
+        name = linear_name(i, "down_proj")
+        weights[name] = _rows(weights[name], _hadamard(weights[name].shape[1]))
+
+
+def rotate_model(weights: Weights, cfg: Any, *, r1: np.ndarray | None, r2: np.ndarray | None,
+                 r4: bool) -> None:
+    """Fuse R1/R2/R4 into every tensor of a full (norm-fused, untied) weight dict."""
+    if r1 is not None:
+        rotate_embeddings(weights, r1)
+        rotate_head(weights, r1)
+    for i in range(cfg.num_hidden_layers):
+        rotate_layer(weights, i, cfg, r1=r1, r2=r2, r4=r4)
+
+
+# ---------------------------------------------------------------------------------- online parts
+def r3_qk_transform(head_dim: int) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """R3: ``qk_transform(q, k)`` applying the normalised Hadamard over head_dim to both (after
+    RoPE); ``(q H)(k H)^T = q k^T``, and the K cache is stored in the rotated basis."""
+    from offq.kernels import fwht
+
+    def transform(q: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if q.shape[-1] != head_dim or k.shape[-1] != head_dim:
+            raise ValueError(f"qk_transform: expected last axis {head_dim}, got {q.shape}, {k.shape}")
+        return (fwht(np.ascontiguousarray(q, dtype=np.float32)),
+                fwht(np.ascontiguousarray(k, dtype=np.float32)))
+
+    return transform
+
+
+def r4_input_transform(intermediate_size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """R4's online half: ``x -> x H`` (full Hadamard of the intermediate size) on the down_proj
+    input, the inverse of the ``W_down <- W_down H`` fused by :func:`rotate_layer`."""
+    from offq.kernels import fwht
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        if x.shape[-1] != intermediate_size:
+            raise ValueError(f"down_input_transform: expected last axis {intermediate_size}, "
+                             f"got {x.shape}")
+        return fwht(np.ascontiguousarray(x, dtype=np.float32))
+
+    return transform

@@ -1,0 +1,252 @@
+"""Rotations: norm fusion + R1/R2/R3/R4 leave the float model's logits unchanged; the OffQ R1 maps
+the outlier direction onto a constant over one activation group."""
+import sys
+import types
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from offq import rotations as rot
+
+
+# ------------------------------------------------------------------ reference Hadamard (numpy)
+def sylvester(n):
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    if h.shape[0] != n:
+        raise ValueError(f"reference Hadamard: {n} is not a power of two")
+    return h
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """offq.kernels when it has landed; otherwise a NumPy stand-in (powers of two only) so the
+    rotation algebra is testable before the C kernels exist."""
+    try:
+        import offq.kernels as k  # noqa: F401
+        if hasattr(k, "hadamard_matrix") and hasattr(k, "fwht"):
+            yield k
+            return
+    except ImportError:
+        pass
+    stand_in = types.ModuleType("offq.kernels")
+    stand_in.hadamard_matrix = lambda n, normalize=True, dtype=np.float64: (
+        sylvester(n) / (np.sqrt(n) if normalize else 1)).astype(dtype)
+    stand_in.fwht = lambda x: (x @ stand_in.hadamard_matrix(x.shape[-1])).astype(x.dtype)
+    mp = pytest.MonkeyPatch()
+    mp.setitem(sys.modules, "offq.kernels", stand_in)
+    import offq
+    mp.setattr(offq, "kernels", stand_in, raising=False)
+    yield stand_in
+    mp.undo()
+
+
+# ------------------------------------------------------------------ minimal numpy Llama forward
+def rms(x, g, eps):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+
+def rope(x, theta):
+    t, hd = x.shape[-2], x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(t)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    half = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+    return x * cos + half * sin
+
+
+def forward(w, cfg, ids, *, qk_transform=None, down_input_transform=None):
+    """Plain Llama/Qwen2 forward in float64 -> logits [T, V]."""
+    x = w["model.embed_tokens.weight"][ids].astype(np.float64)
+    t, hd, nh, nkv = len(ids), cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    mask = np.triu(np.full((t, t), -np.inf), 1)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = rms(x, w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+
+        def lin(name, v):
+            y = v @ w[p + name + ".weight"].T
+            return y + w[p + name + ".bias"] if p + name + ".bias" in w else y
+        q = lin("self_attn.q_proj", h).reshape(t, nh, hd).transpose(1, 0, 2)
+        k = lin("self_attn.k_proj", h).reshape(t, nkv, hd).transpose(1, 0, 2)
+        v = lin("self_attn.v_proj", h).reshape(t, nkv, hd).transpose(1, 0, 2)
+        q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
+        if qk_transform is not None:
+            q, k = qk_transform(q, k)
+        k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        o = (a @ v).transpose(1, 0, 2).reshape(t, nh * hd)
+        x = x + lin("self_attn.o_proj", o)
+        h = rms(x, w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        g, u = lin("mlp.gate_proj", h), lin("mlp.up_proj", h)
+        m = g / (1 + np.exp(-g)) * u
+        if down_input_transform is not None:
+            m = down_input_transform(m)
+        x = x + lin("mlp.down_proj", m)
+    x = rms(x, w["model.norm.weight"], cfg.rms_norm_eps)
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return x @ head.T
+
+
+def tiny_model(seed, *, bias=False, tie=True, d=64, hd=16, nh=4, nkv=2, f=128, layers=2, v=97):
+    rng = np.random.default_rng(seed)
+    cfg = SimpleNamespace(hidden_size=d, head_dim=hd, num_attention_heads=nh,
+                          num_key_value_heads=nkv, intermediate_size=f, num_hidden_layers=layers,
+                          rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=v,
+                          tie_word_embeddings=tie, attention_bias=bias)
+    f32 = lambda *s, scale=0.2: (rng.standard_normal(s) * scale).astype(np.float32)  # noqa: E731
+    w = {"model.embed_tokens.weight": f32(v, d, scale=1.0),
+         "model.norm.weight": (1 + f32(d)).astype(np.float32)}
+    if not tie:
+        w["lm_head.weight"] = f32(v, d)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = (1 + f32(d)).astype(np.float32)
+        w[p + "post_attention_layernorm.weight"] = (1 + f32(d)).astype(np.float32)
+        for name, shape in [("self_attn.q_proj", (nh * hd, d)), ("self_attn.k_proj", (nkv * hd, d)),
+                            ("self_attn.v_proj", (nkv * hd, d)), ("self_attn.o_proj", (d, nh * hd)),
+                            ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
+                            ("mlp.down_proj", (d, f))]:
+            w[p + name + ".weight"] = f32(*shape)
+        if bias:
+            for name, n in [("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)]:
+                w[p + f"self_attn.{name}.bias"] = f32(n)
+    return w, cfg
+
+
+def rel(a, b):
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def outlier_cov(d, rng):
+    """Second moment with one dominant direction (all channels positive, like massive acts)."""
+    u = np.abs(rng.standard_normal(d))
+    u /= np.linalg.norm(u)
+    x = rng.standard_normal((200, d))
+    return x.T @ x + 1e4 * np.outer(u, u), u
+
+
+# ------------------------------------------------------------------ tests
+def test_norm_fusion_keeps_logits():
+    for bias, tie in [(False, True), (True, False)]:
+        w, cfg = tiny_model(0, bias=bias, tie=tie)
+        ids = np.arange(11) % cfg.vocab_size
+        ref = forward(w, cfg, ids)
+        fused = dict(w)
+        rot.fuse_norms(fused, cfg.num_hidden_layers)
+        assert "lm_head.weight" in fused
+        assert all(np.all(fused[k] == 1) for k in fused if k.endswith("norm.weight"))
+        assert rel(forward(fused, cfg, ids), ref) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["offq", "offq-standard-unsorted-other", "offq-none", "quarot"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_full_rotation_invariance(kernels, variant, bias):
+    """Fuse norms, R1, R2 (Hadamard or per-head PCA) and R4; run with online R3/R4: logits equal
+    the original model's (float32 weights, <= 1e-4 relative)."""
+    w, cfg = tiny_model(1, bias=bias, tie=not bias)
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 13)
+    ref = forward(w, cfg, ids)
+    rng = np.random.default_rng(3)
+    cov, _ = outlier_cov(cfg.hidden_size, rng)
+    if variant == "quarot":
+        r1 = rot.quarot_r1(cfg.hidden_size, seed=0)
+    elif variant == "offq":
+        r1 = rot.offq_r1(cov, cfg.hidden_size, 16)
+    elif variant == "offq-none":
+        r1 = rot.offq_r1(None, cfg.hidden_size, 16, pca="none")
+    else:
+        r1 = rot.offq_r1(cov, cfg.hidden_size, 32, pca="standard", sorted_groups=False,
+                         outlier_index="other")
+    np.testing.assert_allclose(r1 @ r1.T, np.eye(cfg.hidden_size), atol=1e-12)
+    if variant == "offq":
+        covs = np.stack([outlier_cov(cfg.head_dim, rng)[0] for _ in range(cfg.num_key_value_heads)])
+        r2 = rot.r2_matrices(cfg.head_dim, cfg.num_key_value_heads, covs)
+    else:
+        r2 = rot.r2_matrices(cfg.head_dim, cfg.num_key_value_heads)
+    out = dict(w)
+    rot.fuse_norms(out, cfg.num_hidden_layers)
+    rot.rotate_model(out, cfg, r1=r1, r2=r2, r4=True)
+    assert all(v.dtype == np.float32 for v in out.values())
+    qk = rot.r3_qk_transform(cfg.head_dim)
+    down = rot.r4_input_transform(cfg.intermediate_size)
+    got = forward(out, cfg, ids,
+                  qk_transform=lambda q, k: tuple(a.astype(np.float64) for a in qk(q, k)),
+                  down_input_transform=lambda m: down(m).astype(np.float64))
+    assert rel(got, ref) < 1e-4, rel(got, ref)
+    # R3 and R4 are both needed: dropping the online R4 breaks the product
+    broken = forward(out, cfg, ids)
+    assert rel(broken, ref) > 1e-2
+
+
+def test_offq_r1_maps_outliers_to_group_constants():
+    """The top direction lands on the all-ones Hadamard row of group 0 (a constant over the
+    group), the next ranks lead groups 1.. (sorted grouping); with outlier_index='other' it is
+    no longer constant."""
+    rng = np.random.default_rng(4)
+    d, g = 64, 16
+    x = rng.standard_normal((500, d))
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    spectrum = np.array([1000.0, 300.0, 100.0, 30.0] + [1.0] * (d - 4))
+    cov = basis @ np.diag(spectrum) @ basis.T + 1e-3 * (x.T @ x)
+    vals, u1 = rot.pca_basis(cov)
+    assert np.all(np.diff(vals) <= 0)
+    r1 = rot.offq_r1(cov, d, g)
+    for b in range(d // g):
+        y = u1[:, b] @ r1
+        np.testing.assert_allclose(np.abs(y[b * g:(b + 1) * g]), 1 / np.sqrt(g), atol=1e-9)
+        assert np.ptp(y[b * g:(b + 1) * g]) < 1e-9  # one constant over the group
+        assert np.abs(np.delete(y, np.s_[b * g:(b + 1) * g])).max() < 1e-9
+    other = rot.offq_r1(cov, d, g, outlier_index="other")
+    assert np.ptp((u1[:, 0] @ other)[:g]) > 1.9 / np.sqrt(g)  # +-1/sqrt(g) pattern
+    unsorted = rot.offq_r1(cov, d, g, sorted_groups=False)
+    assert np.abs((u1[:, 1] @ unsorted)[g:]).max() < 1e-9  # rank 1 stays in group 0
+
+
+def test_sorted_grouping_permutation():
+    order = rot.sorted_grouping(12, 4)  # G = 3
+    assert list(order) == [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]
+    with pytest.raises(ValueError, match="divide"):
+        rot.sorted_grouping(12, 5)
+
+
+def test_quarot_r1_orthogonal_and_seeded():
+    a, b = rot.quarot_r1(32, seed=1), rot.quarot_r1(32, seed=1)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a @ a.T, np.eye(32), atol=1e-12)
+    assert not np.array_equal(a, rot.quarot_r1(32, seed=2))
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="pca"):
+        rot.offq_r1(np.eye(8), 8, 4, pca="robust")
+    with pytest.raises(ValueError, match="cov"):
+        rot.offq_r1(np.eye(4), 8, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        rot.pca_basis(np.full((4, 4), np.nan))
+    w, cfg = tiny_model(0)
+    with pytest.raises(ValueError, match="r2"):
+        rot.rotate_layer(dict(w), 0, cfg, r2=np.zeros((3, 16, 16)))
+
+
+def test_non_power_of_two_sizes(kernels):
+    """d = 48 = 12 x 4 (QuaRot full Hadamard) and blocks of 12: needs the real kernels."""
+    try:
+        kernels.hadamard_matrix(12)
+    except ValueError:
+        pytest.skip("m * 2^k Hadamard sizes not available in the stand-in")
+    w, cfg = tiny_model(5, d=48, hd=12, nh=4, nkv=2, f=96)
+    ids = np.arange(9)
+    ref = forward(w, cfg, ids)
+    for r1 in (rot.quarot_r1(48, seed=0), rot.offq_r1(outlier_cov(48, np.random.default_rng(0))[0], 48, 12)):
+        out = dict(w)
+        rot.fuse_norms(out, cfg.num_hidden_layers)
+        rot.rotate_model(out, cfg, r1=r1, r2=rot.r2_matrices(12, 2), r4=True)
+        qk, down = rot.r3_qk_transform(12), rot.r4_input_transform(96)
+        got = forward(out, cfg, ids, qk_transform=lambda q, k: tuple(a.astype(np.float64) for a in qk(q, k)),
+                      down_input_transform=lambda m: down(m).astype(np.float64))
+        assert rel(got, ref) < 1e-4
