@@ -250,3 +250,32 @@ def test_non_power_of_two_sizes(kernels):
         got = forward(out, cfg, ids, qk_transform=lambda q, k: tuple(a.astype(np.float64) for a in qk(q, k)),
                       down_input_transform=lambda m: down(m).astype(np.float64))
         assert rel(got, ref) < 1e-4
+
+
+def test_invariance_through_offq_forward(kernels):
+    """Same invariance through offq's own float32 forward (offq.model.Model) with its R3/R4 hooks."""
+    from offq.model import Model
+    from offq.model.config import ModelConfig
+
+    w, ns = tiny_model(6, bias=True, tie=True)
+    cfg = ModelConfig(architecture="qwen2", vocab_size=ns.vocab_size, hidden_size=ns.hidden_size,
+                      intermediate_size=ns.intermediate_size, num_hidden_layers=ns.num_hidden_layers,
+                      num_attention_heads=ns.num_attention_heads,
+                      num_key_value_heads=ns.num_key_value_heads, head_dim=ns.head_dim,
+                      rms_norm_eps=ns.rms_norm_eps, rope_theta=ns.rope_theta,
+                      tie_word_embeddings=True, attention_bias=True)
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 12))
+    ref = Model.from_tensors(cfg, w).forward(ids)
+    out = dict(w)
+    rot.fuse_norms(out, cfg.num_hidden_layers)
+    cov, _ = outlier_cov(cfg.hidden_size, np.random.default_rng(8))
+    rot.rotate_model(out, cfg, r1=rot.offq_r1(cov, cfg.hidden_size, 16),
+                     r2=rot.r2_matrices(cfg.head_dim, cfg.num_key_value_heads), r4=True)
+    qk, down = rot.r3_qk_transform(cfg.head_dim), rot.r4_input_transform(cfg.intermediate_size)
+
+    def hook(layer):
+        layer.qk_transform, layer.down_input_transform = qk, down
+        return layer
+
+    got = Model.from_tensors(cfg.replace(tie_word_embeddings=False), out, layer_hook=hook).forward(ids)
+    assert rel(got, ref) < 1e-4, rel(got, ref)
