@@ -1,7 +1,423 @@
-/* bind_quant.c: Python bindings of the quant kernels (placeholder). */
+/* bind_quant.c: Python bindings of the quant kernels (quant.h): parse, validate, release the GIL,
+ * call the C core. Every argument error names the argument and what was expected.
+ *
+ *   quantize(x, bits, group_size, symmetric, clip) -> (codes, scale, zero, code_sums)
+ *   dequantize(codes, scale, zero, bits, group_size, k) -> float32 [..., k]
+ *   pack_codes(codes, bits, group_size) -> (packed, code_sums)
+ *   unpack_codes(packed, bits, k) -> uint8 [..., k]
+ *   matmul_w4a4(a_codes, a_scale, a_zero, a_group, w_codes, w_scale, w_zero, w_group, k,
+ *               out=None, kernel="auto") -> float32 [M, N]   kernel: auto|generic|avx2|vnni
+ */
 #include "bind_util.h"
 #include "offq.h"
 
+#include <string.h>
+
+static int check_bits(int bits, const char *name)
+{
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
+        PyErr_Format(PyExc_ValueError, "%s: expected one of 2, 3, 4, 8, got %d", name, bits);
+        return -1;
+    }
+    return 0;
+}
+
+/* Resolve group_size (-1 = whole row) against k; must be positive and divide k. */
+static int resolve_group(int64_t k, long long group, const char *name, int64_t *out)
+{
+    if (group == -1) {
+        group = k;
+    }
+    if (group <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a positive group size or -1, got %lld", name,
+                     group);
+        return -1;
+    }
+    if (k % group != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: the group size %lld must divide the last axis length %lld", name, group,
+                     (long long)k);
+        return -1;
+    }
+    *out = (int64_t)group;
+    return 0;
+}
+
+/* New uint8/float32/int32 array with shape lead[0..nd-1) + (last,). */
+static PyArrayObject *new_array(PyArrayObject *like, int nd, npy_intp last, int typenum)
+{
+    npy_intp dims[NPY_MAXDIMS];
+    for (int i = 0; i < nd - 1; i++) {
+        dims[i] = PyArray_DIM(like, i);
+    }
+    dims[nd - 1] = last;
+    return (PyArrayObject *)PyArray_SimpleNew(nd, dims, typenum);
+}
+
+/* `arr` must have the leading dims of `ref` and last dim `last`. */
+static int check_shape(PyArrayObject *arr, const char *name, PyArrayObject *ref,
+                       const char *ref_name, npy_intp last)
+{
+    int nd = PyArray_NDIM(ref);
+    int ok = PyArray_NDIM(arr) == nd;
+    for (int i = 0; ok && i < nd - 1; i++) {
+        ok = PyArray_DIM(arr, i) == PyArray_DIM(ref, i);
+    }
+    ok = ok && PyArray_DIM(arr, nd - 1) == last;
+    if (!ok) {
+        PyObject *got = PyObject_GetAttrString((PyObject *)arr, "shape");
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected the leading shape of %s and last axis %lld, got shape %S", name,
+                     ref_name, (long long)last, got);
+        Py_XDECREF(got);
+        return -1;
+    }
+    return 0;
+}
+
+static int raise_status(int status, const char *name)
+{
+    switch (status) {
+    case OFFQ_OK:
+        return 0;
+    case OFFQ_ERR_NONFINITE:
+        PyErr_Format(PyExc_ValueError,
+                     "%s: contains NaN or Inf (quantization needs finite values)", name);
+        break;
+    case OFFQ_ERR_OVERFLOW:
+        PyErr_Format(PyExc_ValueError,
+                     "%s: a group's range max - min overflows float32 (|values| near 3.4e38)",
+                     name);
+        break;
+    case OFFQ_ERR_CODE:
+        PyErr_Format(PyExc_ValueError, "%s: contains a code >= 2^bits", name);
+        break;
+    default:
+        PyErr_NoMemory();
+        break;
+    }
+    return -1;
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"x", "bits", "group_size", "symmetric", "clip", NULL};
+    PyObject *xo;
+    int bits = 4, symmetric = 0;
+    long long group = 128;
+    double clip = 1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iLpd:quantize", kwlist, &xo, &bits, &group,
+                                     &symmetric, &clip)) {
+        return NULL;
+    }
+    PyArrayObject *x = offq_check_array(xo, "x", NPY_FLOAT32, 1, -1);
+    if (x == NULL || check_bits(bits, "bits") < 0) {
+        return NULL;
+    }
+    if (!(clip > 0.0 && clip <= 1.0)) {
+        PyObject *got = PyFloat_FromDouble(clip);
+        PyErr_Format(PyExc_ValueError, "clip: expected a ratio in (0, 1], got %R", got);
+        Py_XDECREF(got);
+        return NULL;
+    }
+    int nd = PyArray_NDIM(x);
+    int64_t k = PyArray_DIM(x, nd - 1);
+    if (k == 0) {
+        PyErr_SetString(PyExc_ValueError, "x: the last axis must not be empty");
+        return NULL;
+    }
+    int64_t g;
+    if (resolve_group(k, group, "group_size", &g) < 0) {
+        return NULL;
+    }
+    int64_t rows = offq_leading_rows(x), ng = k / g;
+    PyArrayObject *codes = new_array(x, nd, (npy_intp)offq_code_row_bytes(k, bits), NPY_UINT8);
+    PyArrayObject *scale = new_array(x, nd, (npy_intp)ng, NPY_FLOAT32);
+    PyArrayObject *zero = new_array(x, nd, (npy_intp)ng, NPY_FLOAT32);
+    PyArrayObject *sums = new_array(x, nd, (npy_intp)ng, NPY_INT32);
+    if (codes == NULL || scale == NULL || zero == NULL || sums == NULL) {
+        goto fail;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS;
+    status = offq_quantize_f32((const float *)PyArray_DATA(x), rows, k, bits, g, symmetric,
+                               (float)clip, (uint8_t *)PyArray_DATA(codes),
+                               (float *)PyArray_DATA(scale), (float *)PyArray_DATA(zero),
+                               (int32_t *)PyArray_DATA(sums));
+    Py_END_ALLOW_THREADS;
+    if (raise_status(status, "x") < 0) {
+        goto fail;
+    }
+    return Py_BuildValue("(NNNN)", codes, scale, zero, sums);
+fail:
+    Py_XDECREF(codes);
+    Py_XDECREF(scale);
+    Py_XDECREF(zero);
+    Py_XDECREF(sums);
+    return NULL;
+}
+
+/* Validate stored codes [..., row_bytes(k)] against k and bits. */
+static int check_codes(PyArrayObject *codes, const char *name, int64_t k, int bits)
+{
+    int nd = PyArray_NDIM(codes);
+    int64_t want = offq_code_row_bytes(k, bits);
+    if (PyArray_DIM(codes, nd - 1) != want) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: expected last axis %lld for k=%lld at %d bits (%s), got %lld", name,
+                     (long long)want, (long long)k, bits,
+                     bits == 4 ? "two codes per byte" : "one code per byte",
+                     (long long)PyArray_DIM(codes, nd - 1));
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"codes", "scale", "zero", "bits", "group_size", "k", NULL};
+    PyObject *co, *so, *zo;
+    int bits;
+    long long group, kk;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiLL:dequantize", kwlist, &co, &so, &zo,
+                                     &bits, &group, &kk)) {
+        return NULL;
+    }
+    PyArrayObject *codes = offq_check_array(co, "codes", NPY_UINT8, 1, -1);
+    if (codes == NULL || check_bits(bits, "bits") < 0) {
+        return NULL;
+    }
+    PyArrayObject *scale = offq_check_array(so, "scale", NPY_FLOAT32, 1, -1);
+    PyArrayObject *zero = scale ? offq_check_array(zo, "zero", NPY_FLOAT32, 1, -1) : NULL;
+    if (zero == NULL) {
+        return NULL;
+    }
+    if (kk <= 0) {
+        PyErr_Format(PyExc_ValueError, "k: expected a positive row length, got %lld", kk);
+        return NULL;
+    }
+    int64_t k = (int64_t)kk, g;
+    if (resolve_group(k, group, "group_size", &g) < 0 || check_codes(codes, "codes", k, bits) < 0 ||
+        check_shape(scale, "scale", codes, "codes", (npy_intp)(k / g)) < 0 ||
+        check_shape(zero, "zero", codes, "codes", (npy_intp)(k / g)) < 0) {
+        return NULL;
+    }
+    PyArrayObject *out = new_array(codes, PyArray_NDIM(codes), (npy_intp)k, NPY_FLOAT32);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    offq_dequantize_f32((const uint8_t *)PyArray_DATA(codes), offq_leading_rows(codes), k, bits,
+                        g, (const float *)PyArray_DATA(scale), (const float *)PyArray_DATA(zero),
+                        (float *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS;
+    return (PyObject *)out;
+}
+
+static PyObject *py_pack_codes(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"codes", "bits", "group_size", NULL};
+    PyObject *co;
+    int bits;
+    long long group;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiL:pack_codes", kwlist, &co, &bits, &group)) {
+        return NULL;
+    }
+    PyArrayObject *codes = offq_check_array(co, "codes", NPY_UINT8, 1, -1);
+    if (codes == NULL || check_bits(bits, "bits") < 0) {
+        return NULL;
+    }
+    int nd = PyArray_NDIM(codes);
+    int64_t k = PyArray_DIM(codes, nd - 1), g;
+    if (k == 0) {
+        PyErr_SetString(PyExc_ValueError, "codes: the last axis must not be empty");
+        return NULL;
+    }
+    if (resolve_group(k, group, "group_size", &g) < 0) {
+        return NULL;
+    }
+    PyArrayObject *packed = new_array(codes, nd, (npy_intp)offq_code_row_bytes(k, bits), NPY_UINT8);
+    PyArrayObject *sums = new_array(codes, nd, (npy_intp)(k / g), NPY_INT32);
+    if (packed == NULL || sums == NULL) {
+        Py_XDECREF(packed);
+        Py_XDECREF(sums);
+        return NULL;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS;
+    status = offq_pack_codes((const uint8_t *)PyArray_DATA(codes), offq_leading_rows(codes), k,
+                             bits, g, (uint8_t *)PyArray_DATA(packed),
+                             (int32_t *)PyArray_DATA(sums));
+    Py_END_ALLOW_THREADS;
+    if (status != OFFQ_OK) {
+        Py_DECREF(packed);
+        Py_DECREF(sums);
+        if (status == OFFQ_ERR_CODE) {
+            PyErr_Format(PyExc_ValueError, "codes: expected values in [0, %d] for %d bits",
+                         (1 << bits) - 1, bits);
+            return NULL;
+        }
+        raise_status(status, "codes");
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", packed, sums);
+}
+
+static PyObject *py_unpack_codes(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"packed", "bits", "k", NULL};
+    PyObject *po;
+    int bits;
+    long long kk;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiL:unpack_codes", kwlist, &po, &bits, &kk)) {
+        return NULL;
+    }
+    PyArrayObject *packed = offq_check_array(po, "packed", NPY_UINT8, 1, -1);
+    if (packed == NULL || check_bits(bits, "bits") < 0) {
+        return NULL;
+    }
+    if (kk <= 0) {
+        PyErr_Format(PyExc_ValueError, "k: expected a positive row length, got %lld", kk);
+        return NULL;
+    }
+    if (check_codes(packed, "packed", (int64_t)kk, bits) < 0) {
+        return NULL;
+    }
+    PyArrayObject *out = new_array(packed, PyArray_NDIM(packed), (npy_intp)kk, NPY_UINT8);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    offq_unpack_codes((const uint8_t *)PyArray_DATA(packed), offq_leading_rows(packed),
+                      (int64_t)kk, bits, (uint8_t *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS;
+    return (PyObject *)out;
+}
+
+/* Validate one 2-D operand of matmul_w4a4; prefix is "a" or "w". */
+static int check_operand(PyObject *co, PyObject *so, PyObject *zo, long long group, int64_t k,
+                         const char *prefix, offq_q4_operand *op)
+{
+    char n_codes[32], n_scale[32], n_zero[32], n_group[32];
+    snprintf(n_codes, sizeof n_codes, "%s_codes", prefix);
+    snprintf(n_scale, sizeof n_scale, "%s_scale", prefix);
+    snprintf(n_zero, sizeof n_zero, "%s_zero", prefix);
+    snprintf(n_group, sizeof n_group, "%s_group", prefix);
+    PyArrayObject *codes = offq_check_array(co, n_codes, NPY_UINT8, 2, 2);
+    if (codes == NULL) {
+        return -1;
+    }
+    PyArrayObject *scale = offq_check_array(so, n_scale, NPY_FLOAT32, 2, 2);
+    PyArrayObject *zero = scale ? offq_check_array(zo, n_zero, NPY_FLOAT32, 2, 2) : NULL;
+    if (zero == NULL) {
+        return -1;
+    }
+    int64_t g;
+    if (resolve_group(k, group, n_group, &g) < 0 || check_codes(codes, n_codes, k, 4) < 0 ||
+        check_shape(scale, n_scale, codes, n_codes, (npy_intp)(k / g)) < 0 ||
+        check_shape(zero, n_zero, codes, n_codes, (npy_intp)(k / g)) < 0) {
+        return -1;
+    }
+    op->codes = (const uint8_t *)PyArray_DATA(codes);
+    op->scale = (const float *)PyArray_DATA(scale);
+    op->zero = (const float *)PyArray_DATA(zero);
+    op->rows = PyArray_DIM(codes, 0);
+    op->group = g;
+    return 0;
+}
+
+static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"a_codes", "a_scale", "a_zero", "a_group", "w_codes", "w_scale",
+                             "w_zero", "w_group", "k", "out", "kernel", NULL};
+    PyObject *aco, *aso, *azo, *wco, *wso, *wzo, *outo = Py_None;
+    long long ag, wg, kk;
+    const char *kname = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOLOOOLL|Os:matmul_w4a4", kwlist, &aco, &aso,
+                                     &azo, &ag, &wco, &wso, &wzo, &wg, &kk, &outo, &kname)) {
+        return NULL;
+    }
+    int kernel;
+    if (strcmp(kname, "auto") == 0) {
+        kernel = OFFQ_KERNEL_AUTO;
+    } else if (strcmp(kname, "generic") == 0) {
+        kernel = OFFQ_KERNEL_GENERIC;
+    } else if (strcmp(kname, "avx2") == 0) {
+        kernel = OFFQ_KERNEL_AVX2;
+    } else if (strcmp(kname, "vnni") == 0) {
+        kernel = OFFQ_KERNEL_VNNI;
+    } else {
+        PyErr_Format(PyExc_ValueError,
+                     "kernel: expected 'auto', 'generic', 'avx2' or 'vnni', got '%s'", kname);
+        return NULL;
+    }
+    if (kk <= 0) {
+        PyErr_Format(PyExc_ValueError, "k: expected a positive reduction length, got %lld", kk);
+        return NULL;
+    }
+    int64_t k = (int64_t)kk;
+    offq_q4_operand a, w;
+    if (check_operand(aco, aso, azo, ag, k, "a", &a) < 0 ||
+        check_operand(wco, wso, wzo, wg, k, "w", &w) < 0) {
+        return NULL;
+    }
+    if (a.group % w.group != 0 && w.group % a.group != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "w_group: the group sizes of a (%lld) and w (%lld) must divide one another",
+                     (long long)a.group, (long long)w.group);
+        return NULL;
+    }
+    PyArrayObject *out;
+    if (outo == Py_None) {
+        npy_intp dims[2] = {(npy_intp)a.rows, (npy_intp)w.rows};
+        out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+        if (out == NULL) {
+            return NULL;
+        }
+    } else {
+        out = offq_check_writeable(outo, "out", NPY_FLOAT32, 2, 2);
+        if (out == NULL) {
+            return NULL;
+        }
+        if (PyArray_DIM(out, 0) != a.rows || PyArray_DIM(out, 1) != w.rows) {
+            PyErr_Format(PyExc_ValueError, "out: expected shape (%lld, %lld), got (%lld, %lld)",
+                         (long long)a.rows, (long long)w.rows, (long long)PyArray_DIM(out, 0),
+                         (long long)PyArray_DIM(out, 1));
+            return NULL;
+        }
+        Py_INCREF(out);
+    }
+    int status;
+    float *po = (float *)PyArray_DATA(out);
+    Py_BEGIN_ALLOW_THREADS;
+    status = offq_matmul_w4a4_kernel(&a, &w, k, po, kernel);
+    Py_END_ALLOW_THREADS;
+    if (status == OFFQ_ERR_UNSUPPORTED) {
+        Py_DECREF(out);
+        PyErr_Format(PyExc_ValueError,
+                     "kernel: '%s' is not available on this CPU (or OFFQ_DISABLE_SIMD is set)",
+                     kname);
+        return NULL;
+    }
+    if (raise_status(status, "a") < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return (PyObject *)out;
+}
+
 PyMethodDef offq_quant_methods[] = {
+    {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_VARARGS | METH_KEYWORDS,
+     "quantize(x, bits=4, group_size=128, symmetric=False, clip=1.0) -> (codes, scale, zero, "
+     "code_sums)\n\nGroup-wise quantization of float32 x [..., K] in offq's format (quant.h)."},
+    {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS,
+     "dequantize(codes, scale, zero, bits, group_size, k) -> float32 [..., k]"},
+    {"pack_codes", (PyCFunction)(void (*)(void))py_pack_codes, METH_VARARGS | METH_KEYWORDS,
+     "pack_codes(codes, bits, group_size) -> (packed, code_sums); codes one per byte."},
+    {"unpack_codes", (PyCFunction)(void (*)(void))py_unpack_codes, METH_VARARGS | METH_KEYWORDS,
+     "unpack_codes(packed, bits, k) -> uint8 [..., k], one code per byte."},
+    {"matmul_w4a4", (PyCFunction)(void (*)(void))py_matmul_w4a4, METH_VARARGS | METH_KEYWORDS,
+     "matmul_w4a4(a_codes, a_scale, a_zero, a_group, w_codes, w_scale, w_zero, w_group, k, "
+     "out=None, kernel='auto') -> float32 [M, N] = dequantize(a) @ dequantize(w).T (4-bit a, w)."},
     {NULL, NULL, 0, NULL},
 };
