@@ -1,7 +1,223 @@
-/* bind_cov.c: Python bindings of the cov kernels (placeholder). */
+/* bind_cov.c: Python bindings of the covariance kernels (validate, release the GIL, call). */
 #include "bind_util.h"
 #include "offq.h"
 
+#include <math.h>
+#include <stdlib.h>
+
+/* cov_update(acc, x, top1) -> acc, in place: acc += x^T x (rows of x; with top1, one row per
+ * sequence of x[batch, tokens, d]: the token of largest L-infinity norm). */
+static PyObject *py_cov_update(PyObject *self, PyObject *args)
+{
+    PyObject *acc_obj, *x_obj;
+    int top1;
+    if (!PyArg_ParseTuple(args, "OOp:cov_update", &acc_obj, &x_obj, &top1)) {
+        return NULL;
+    }
+    if (!PyArray_Check(acc_obj)) {
+        PyErr_Format(PyExc_TypeError, "acc: expected a numpy.ndarray, got %s",
+                     Py_TYPE(acc_obj)->tp_name);
+        return NULL;
+    }
+    const int acc_type = PyArray_TYPE((PyArrayObject *)acc_obj);
+    if (acc_type != NPY_FLOAT32 && acc_type != NPY_FLOAT64) {
+        PyErr_Format(PyExc_TypeError, "acc: expected dtype float64 or float32, got %S",
+                     (PyObject *)PyArray_DESCR((PyArrayObject *)acc_obj));
+        return NULL;
+    }
+    PyArrayObject *acc = offq_check_writeable(acc_obj, "acc", acc_type, 2, 2);
+    if (acc == NULL) {
+        return NULL;
+    }
+    const int64_t d = (int64_t)PyArray_DIM(acc, 0);
+    if (PyArray_DIM(acc, 1) != d || d < 1) {
+        PyErr_Format(PyExc_ValueError, "acc: expected a square [d, d] array with d >= 1, got [%lld, %lld]",
+                     (long long)PyArray_DIM(acc, 0), (long long)PyArray_DIM(acc, 1));
+        return NULL;
+    }
+    if (d > 2000000000LL) {
+        PyErr_SetString(PyExc_ValueError, "acc: d too large for OpenBLAS (32-bit sizes)");
+        return NULL;
+    }
+    if (!PyArray_Check(x_obj)) {
+        PyErr_Format(PyExc_TypeError, "x: expected a numpy.ndarray, got %s", Py_TYPE(x_obj)->tp_name);
+        return NULL;
+    }
+    const int x_type = PyArray_TYPE((PyArrayObject *)x_obj);
+    if (x_type != NPY_FLOAT32 && !(x_type == NPY_FLOAT64 && acc_type == NPY_FLOAT64)) {
+        PyErr_Format(PyExc_TypeError, "x: expected dtype float32%s, got %S",
+                     acc_type == NPY_FLOAT64 ? " or float64" : " (acc is float32)",
+                     (PyObject *)PyArray_DESCR((PyArrayObject *)x_obj));
+        return NULL;
+    }
+    PyArrayObject *x = offq_check_array(x_obj, "x", x_type, top1 ? 3 : 1, top1 ? 3 : -1);
+    if (x == NULL) {
+        if (top1 && PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "x: top1=True expects [batch, tokens, d], got %d dimensions",
+                         PyArray_NDIM((PyArrayObject *)x_obj));
+        }
+        return NULL;
+    }
+    const int nd = PyArray_NDIM(x);
+    if ((int64_t)PyArray_DIM(x, nd - 1) != d) {
+        PyErr_Format(PyExc_ValueError, "x: expected a last axis of length d=%lld (acc is [d, d]), got %lld",
+                     (long long)d, (long long)PyArray_DIM(x, nd - 1));
+        return NULL;
+    }
+    if (PyArray_BYTES(x) < PyArray_BYTES(acc) + PyArray_NBYTES(acc) &&
+        PyArray_BYTES(acc) < PyArray_BYTES(x) + PyArray_NBYTES(x)) {
+        PyErr_SetString(PyExc_ValueError, "x: must not share memory with acc");
+        return NULL;
+    }
+    int64_t rows = (int64_t)(PyArray_SIZE(x) / d);
+    int64_t batch = 0, tokens = 0;
+    if (top1) {
+        batch = (int64_t)PyArray_DIM(x, 0);
+        tokens = (int64_t)PyArray_DIM(x, 1);
+        if (batch > 0 && tokens < 1) {
+            PyErr_SetString(PyExc_ValueError, "x: top1=True needs at least one token per sequence");
+            return NULL;
+        }
+        rows = batch;
+    }
+    if (rows == 0) {
+        Py_INCREF(acc);
+        return (PyObject *)acc;
+    }
+    const size_t esize = x_type == NPY_FLOAT32 ? sizeof(float) : sizeof(double);
+    void *sel = NULL;
+    const void *src = PyArray_DATA(x);
+    if (top1) {
+        sel = malloc((size_t)(batch * d) * esize);
+        if (sel == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (top1) {
+        if (x_type == NPY_FLOAT32) {
+            offq_top1_rows_f32((const float *)src, batch, tokens, d, (float *)sel);
+        } else {
+            offq_top1_rows_f64((const double *)src, batch, tokens, d, (double *)sel);
+        }
+        src = sel;
+    }
+    if (acc_type == NPY_FLOAT32) {
+        rc = offq_cov_update_f32((float *)PyArray_DATA(acc), (const float *)src, rows, d);
+    } else if (x_type == NPY_FLOAT64) {
+        rc = offq_cov_update_f64((double *)PyArray_DATA(acc), (const double *)src, rows, d);
+    } else {
+        rc = offq_cov_update_f64_x32((double *)PyArray_DATA(acc), (const float *)src, rows, d);
+    }
+    Py_END_ALLOW_THREADS
+    free(sel);
+    if (rc != 0) {
+        return PyErr_NoMemory();
+    }
+    Py_INCREF(acc);
+    return (PyObject *)acc;
+}
+
+/* top_eigenpairs(cov, k, tol, seed) -> (values float64 [k], vectors float64 [d, k]). */
+static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
+{
+    PyObject *cov_obj;
+    long long k;
+    double tol;
+    unsigned long long seed;
+    if (!PyArg_ParseTuple(args, "OLdK:top_eigenpairs", &cov_obj, &k, &tol, &seed)) {
+        return NULL;
+    }
+    if (!PyArray_Check(cov_obj)) {
+        PyErr_Format(PyExc_TypeError, "cov: expected a numpy.ndarray, got %s", Py_TYPE(cov_obj)->tp_name);
+        return NULL;
+    }
+    const int typenum = PyArray_TYPE((PyArrayObject *)cov_obj);
+    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
+        PyErr_Format(PyExc_TypeError, "cov: expected dtype float64 or float32, got %S",
+                     (PyObject *)PyArray_DESCR((PyArrayObject *)cov_obj));
+        return NULL;
+    }
+    PyArrayObject *cov = offq_check_array(cov_obj, "cov", typenum, 2, 2);
+    if (cov == NULL) {
+        return NULL;
+    }
+    const int64_t d = (int64_t)PyArray_DIM(cov, 0);
+    if (PyArray_DIM(cov, 1) != d || d < 1) {
+        PyErr_Format(PyExc_ValueError, "cov: expected a square [d, d] array with d >= 1, got [%lld, %lld]",
+                     (long long)PyArray_DIM(cov, 0), (long long)PyArray_DIM(cov, 1));
+        return NULL;
+    }
+    if (d > 46000) {
+        PyErr_SetString(PyExc_ValueError, "cov: d too large for OpenBLAS (32-bit sizes)");
+        return NULL;
+    }
+    if (k < 1 || k > d) {
+        PyErr_Format(PyExc_ValueError, "k: expected 1 <= k <= d=%lld, got %lld", (long long)d, k);
+        return NULL;
+    }
+    if (!(tol > 0.0) || !(tol < 1.0)) {
+        PyErr_Format(PyExc_ValueError, "tol: expected 0 < tol < 1, got %g", tol);
+        return NULL;
+    }
+    npy_intp vdims[1] = {(npy_intp)k};
+    npy_intp wdims[2] = {(npy_intp)d, (npy_intp)k};
+    PyArrayObject *values = (PyArrayObject *)PyArray_SimpleNew(1, vdims, NPY_FLOAT64);
+    PyArrayObject *vectors = (PyArrayObject *)PyArray_SimpleNew(2, wdims, NPY_FLOAT64);
+    double *a = malloc((size_t)(d * d) * sizeof(double));
+    if (values == NULL || vectors == NULL || a == NULL) {
+        Py_XDECREF(values);
+        Py_XDECREF(vectors);
+        free(a);
+        return PyErr_NoMemory();
+    }
+    int finite = 1;
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const int64_t total = d * d;
+    if (typenum == NPY_FLOAT32) {
+        const float *src = (const float *)PyArray_DATA(cov);
+        for (int64_t i = 0; i < total; i++) {
+            a[i] = (double)src[i];
+        }
+    } else {
+        memcpy(a, PyArray_DATA(cov), (size_t)total * sizeof(double));
+    }
+    for (int64_t i = 0; i < d && finite; i++) {
+        for (int64_t j = i; j < d; j++) {
+            if (!isfinite(a[i * d + j])) {
+                finite = 0;
+                break;
+            }
+        }
+    }
+    if (finite) {
+        rc = offq_top_eigenpairs(a, d, (int64_t)k, tol, (uint64_t)seed,
+                                 (double *)PyArray_DATA(values), (double *)PyArray_DATA(vectors));
+    }
+    Py_END_ALLOW_THREADS
+    free(a);
+    if (!finite || rc != 0) {
+        Py_DECREF(values);
+        Py_DECREF(vectors);
+        if (!finite) {
+            PyErr_SetString(PyExc_ValueError, "cov: contains NaN or Inf");
+        } else if (rc == -1) {
+            PyErr_NoMemory();
+        } else {
+            PyErr_SetString(PyExc_RuntimeError, "top_eigenpairs: the tridiagonal eigensolver did not converge");
+        }
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", (PyObject *)values, (PyObject *)vectors);
+}
+
 PyMethodDef offq_cov_methods[] = {
+    {"cov_update", py_cov_update, METH_VARARGS,
+     "cov_update(acc, x, top1) -> acc: acc += x^T x in place (see offq.kernels.cov_update)."},
+    {"top_eigenpairs", py_top_eigenpairs, METH_VARARGS,
+     "top_eigenpairs(cov, k, tol, seed) -> (values [k] desc, vectors [d, k]), float64."},
     {NULL, NULL, 0, NULL},
 };

@@ -1,7 +1,168 @@
-/* bind_hadamard.c: Python bindings of the hadamard kernels (placeholder). */
+/* bind_hadamard.c: Python bindings of the Hadamard kernels (validate, release the GIL, call). */
 #include "bind_util.h"
 #include "offq.h"
 
+#include <string.h>
+
+/* Set a ValueError for an unsupported transform length n, naming `name`. */
+static void unsupported_length(const char *name, int64_t n)
+{
+    const int64_t b = offq_hadamard_pow2_block(n);
+    PyErr_Format(PyExc_ValueError,
+                 "%s: no Hadamard construction is available for length %lld (= %lld x %lld); "
+                 "supported lengths are 2^k and m * 2^k for the tabulated orders m (see "
+                 "offq.kernels.hadamard.SUPPORTED_ORDERS); use block=%lld, the largest power-of-two "
+                 "block that divides %lld",
+                 name, (long long)n, (long long)(n / b), (long long)b, (long long)b, (long long)n);
+}
+
+/* fwht(x, block, normalize, out) -> out. block = 0: the whole last axis; out = None: a new array. */
+static PyObject *py_fwht(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *out_obj;
+    long long block;
+    int normalize;
+    if (!PyArg_ParseTuple(args, "OLpO:fwht", &x_obj, &block, &normalize, &out_obj)) {
+        return NULL;
+    }
+    if (!PyArray_Check(x_obj)) {
+        PyErr_Format(PyExc_TypeError, "x: expected a numpy.ndarray, got %s", Py_TYPE(x_obj)->tp_name);
+        return NULL;
+    }
+    const int typenum = PyArray_TYPE((PyArrayObject *)x_obj);
+    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
+        PyErr_Format(PyExc_TypeError, "x: expected dtype float32 or float64, got %S",
+                     (PyObject *)PyArray_DESCR((PyArrayObject *)x_obj));
+        return NULL;
+    }
+    PyArrayObject *x = offq_check_array(x_obj, "x", typenum, 1, -1);
+    if (x == NULL) {
+        return NULL;
+    }
+    const int nd = PyArray_NDIM(x);
+    const int64_t n = (int64_t)PyArray_DIM(x, nd - 1);
+    if (n < 1) {
+        PyErr_SetString(PyExc_ValueError, "x: the last axis must have length >= 1, got 0");
+        return NULL;
+    }
+    int64_t len = n;
+    if (block != 0) {
+        if (block < 1 || n % block != 0) {
+            PyErr_Format(PyExc_ValueError,
+                         "block: expected a positive divisor of the last axis length %lld, got %lld",
+                         (long long)n, block);
+            return NULL;
+        }
+        len = (int64_t)block;
+    }
+    if (offq_hadamard_factor(len) == 0) {
+        unsupported_length(block != 0 ? "block" : "x", len);
+        return NULL;
+    }
+
+    PyArrayObject *out;
+    if (out_obj == Py_None) {
+        out = (PyArrayObject *)PyArray_NewLikeArray(x, NPY_CORDER, NULL, 0);
+        if (out == NULL) {
+            return NULL;
+        }
+    } else {
+        out = offq_check_writeable(out_obj, "out", typenum, nd, nd);
+        if (out == NULL) {
+            return NULL;
+        }
+        if (!PyArray_CompareLists(PyArray_DIMS(out), PyArray_DIMS(x), nd)) {
+            PyErr_SetString(PyExc_ValueError, "out: expected the shape of x");
+            return NULL;
+        }
+        Py_INCREF(out);
+    }
+    const size_t nbytes = (size_t)PyArray_NBYTES(x);
+    const char *xs = PyArray_BYTES(x);
+    char *os = PyArray_BYTES(out);
+    if (os != xs && nbytes > 0 && os < xs + nbytes && xs < os + nbytes) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_ValueError, "out: overlaps x partially (pass out=x for in place)");
+        return NULL;
+    }
+    const int64_t rows = (int64_t)(PyArray_SIZE(x) / len);
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (os != xs) {
+        memcpy(os, xs, nbytes);
+    }
+    if (rows > 0) {
+        rc = typenum == NPY_FLOAT32 ? offq_fwht_f32((float *)os, rows, len, normalize)
+                                    : offq_fwht_f64((double *)os, rows, len, normalize);
+    }
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        Py_DECREF(out);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)out;
+}
+
+/* hadamard_factor(n) -> m (1 for powers of two, 0 when unsupported). */
+static PyObject *py_hadamard_factor(PyObject *self, PyObject *arg)
+{
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)offq_hadamard_factor((int64_t)n));
+}
+
+/* hadamard_base(m) -> float64 [m, m], the tabulated +-1 matrix H_m. */
+static PyObject *py_hadamard_base(PyObject *self, PyObject *arg)
+{
+    long long m = PyLong_AsLongLong(arg);
+    if (m == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (m < 2 || m > 4096) {
+        PyErr_Format(PyExc_ValueError, "m: expected a tabulated Hadamard order, got %lld", m);
+        return NULL;
+    }
+    npy_intp dims[2] = {(npy_intp)m, (npy_intp)m};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    if (out == NULL) {
+        return NULL;
+    }
+    if (offq_hadamard_base((int64_t)m, (double *)PyArray_DATA(out)) != 0) {
+        Py_DECREF(out);
+        PyErr_Format(PyExc_ValueError, "m: no Hadamard table of order %lld", m);
+        return NULL;
+    }
+    return (PyObject *)out;
+}
+
+/* hadamard_orders() -> tuple of the tabulated orders m. */
+static PyObject *py_hadamard_orders(PyObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *t = PyTuple_New(OFFQ_HAD_NUM_TABLES_PUBLIC);
+    if (t == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < OFFQ_HAD_NUM_TABLES_PUBLIC; i++) {
+        PyObject *v = PyLong_FromLongLong((long long)offq_hadamard_order(i));
+        if (v == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, v);
+    }
+    return t;
+}
+
 PyMethodDef offq_hadamard_methods[] = {
+    {"fwht", py_fwht, METH_VARARGS,
+     "fwht(x, block, normalize, out) -> out: x @ H along the last axis (see offq.kernels.fwht)."},
+    {"hadamard_factor", py_hadamard_factor, METH_O,
+     "hadamard_factor(n) -> m with n = m * 2^k (1: power of two; 0: unsupported)."},
+    {"hadamard_base", py_hadamard_base, METH_O,
+     "hadamard_base(m) -> float64 [m, m], the tabulated +-1 Hadamard matrix of order m."},
+    {"hadamard_orders", py_hadamard_orders, METH_NOARGS,
+     "hadamard_orders() -> tuple of the tabulated orders m."},
     {NULL, NULL, 0, NULL},
 };

@@ -1,0 +1,364 @@
+/* cov.c: second-moment accumulation through OpenBLAS syrk, top-1 token selection, and the
+ * leading eigenpairs of a symmetric matrix by Lanczos iteration.
+ *
+ * Lanczos (full reorthogonalisation): from a unit start vector v_0, w = A v_j - alpha_j v_j -
+ * beta_{j-1} v_{j-1}, orthogonalised twice against all previous v (classical Gram-Schmidt through
+ * gemv), beta_j = ||w||, v_{j+1} = w / beta_j. V_m^T A V_m = T_m is tridiagonal; its eigenpairs
+ * (theta, s) give Ritz pairs (theta, V_m s) with residual |beta_{m-1} s[m-1]|. On breakdown
+ * (beta ~ 0: an invariant subspace was found) a fresh random vector orthogonal to V continues the
+ * basis with a zero coupling, so repeated eigenvalues are found too. The basis is extended until
+ * the k largest Ritz pairs have converged (at most d steps: then T is exact).
+ */
+#include "cov.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cblas.h>
+
+/* OpenBLAS (scipy-openblas32) takes 32-bit sizes: longer inputs are processed in chunks. */
+#define BLAS_MAX_ROWS ((int64_t)1 << 30)
+/* Tile of the upper -> lower mirror. */
+#define MIRROR_TILE 64
+
+/* Copy the upper triangle of a[d, d] into the lower one (tiled transpose, rows in parallel). */
+#define DEFINE_MIRROR(T, NAME)                                                                    \
+    static void NAME(T *a, int64_t d)                                                             \
+    {                                                                                             \
+        _Pragma("omp parallel for schedule(dynamic, 1) if (d >= 256)")                            \
+        for (int64_t ib = 0; ib < d; ib += MIRROR_TILE) {                                          \
+            const int64_t ie = ib + MIRROR_TILE < d ? ib + MIRROR_TILE : d;                        \
+            for (int64_t jb = 0; jb <= ib; jb += MIRROR_TILE) {                                    \
+                const int64_t je = jb + MIRROR_TILE < d ? jb + MIRROR_TILE : d;                    \
+                for (int64_t i = ib; i < ie; i++) {                                               \
+                    for (int64_t j = jb; j < je && j < i; j++) {                                  \
+                        a[i * d + j] = a[j * d + i];                                              \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+DEFINE_MIRROR(float, mirror_f32)
+DEFINE_MIRROR(double, mirror_f64)
+
+int offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d)
+{
+    for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
+        const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
+        scipy_cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, 1.0f,
+                          x + r * d, (blasint)d, 1.0f, acc, (blasint)d);
+    }
+    mirror_f32(acc, d);
+    return 0;
+}
+
+int offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d)
+{
+    for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
+        const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
+        scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, 1.0,
+                          x + r * d, (blasint)d, 1.0, acc, (blasint)d);
+    }
+    mirror_f64(acc, d);
+    return 0;
+}
+
+int offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d)
+{
+    float *s = calloc((size_t)(d * d), sizeof(float));
+    if (s == NULL) {
+        return -1;
+    }
+    for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
+        const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
+        scipy_cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, 1.0f,
+                          x + r * d, (blasint)d, 1.0f, s, (blasint)d);
+    }
+#pragma omp parallel for schedule(dynamic, 16) if (d >= 256)
+    for (int64_t i = 0; i < d; i++) {
+        double *restrict ai = acc + i * d;
+        const float *restrict si = s + i * d;
+        for (int64_t j = i; j < d; j++) {
+            ai[j] += (double)si[j];
+        }
+    }
+    free(s);
+    mirror_f64(acc, d);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Top-1 token per sequence.
+ * ------------------------------------------------------------------------------------------- */
+#define DEFINE_TOP1(T, NAME)                                                                      \
+    void NAME(const T *x, int64_t batch, int64_t tokens, int64_t d, T *sel)                       \
+    {                                                                                             \
+        _Pragma("omp parallel for schedule(static) if (batch * tokens * d >= (1 << 16))")          \
+        for (int64_t b = 0; b < batch; b++) {                                                     \
+            const T *seq = x + b * tokens * d;                                                    \
+            int64_t best = 0;                                                                     \
+            double best_norm = -1.0;                                                              \
+            for (int64_t t = 0; t < tokens; t++) {                                                \
+                const T *row = seq + t * d;                                                       \
+                double norm = 0.0;                                                                \
+                for (int64_t j = 0; j < d; j++) {                                                 \
+                    const double v = fabs((double)row[j]);                                        \
+                    if (!(v <= norm)) { /* also true for NaN: it wins */                          \
+                        norm = isnan(v) ? INFINITY : v;                                           \
+                    }                                                                             \
+                }                                                                                 \
+                if (norm > best_norm) {                                                           \
+                    best_norm = norm;                                                             \
+                    best = t;                                                                     \
+                }                                                                                 \
+            }                                                                                     \
+            memcpy(sel + b * d, seq + best * d, (size_t)d * sizeof(T));                           \
+        }                                                                                         \
+    }
+
+DEFINE_TOP1(float, offq_top1_rows_f32)
+DEFINE_TOP1(double, offq_top1_rows_f64)
+
+/* ---------------------------------------------------------------------------------------------
+ * Eigenpairs.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Eigen-decomposition of the symmetric tridiagonal matrix with diagonal dg[0..n-1] and
+ * off-diagonal e[0..n-2] (e[i] couples i and i+1; e has room for n entries), by implicit QL
+ * sweeps with Wilkinson shifts. On return dg holds the eigenvalues (unsorted) and column c of
+ * z[n, n] (initialised here) the eigenvector of dg[c]. Returns 0, or -1 without convergence. */
+static int tridiag_eigen(double *dg, double *e, int64_t n, double *z)
+{
+    memset(z, 0, (size_t)(n * n) * sizeof(double));
+    for (int64_t i = 0; i < n; i++) {
+        z[i * n + i] = 1.0;
+    }
+    if (n > 0) {
+        e[n - 1] = 0.0;
+    }
+    for (int64_t l = 0; l < n; l++) {
+        int iter = 0;
+        for (;;) {
+            int64_t m = l; /* first negligible coupling at or after l */
+            while (m < n - 1 && fabs(e[m]) > DBL_EPSILON * (fabs(dg[m]) + fabs(dg[m + 1]))) {
+                m++;
+            }
+            if (m == l) {
+                break;
+            }
+            if (++iter > 100) {
+                return -1;
+            }
+            /* Wilkinson shift from the leading 2 x 2 block, chased up from m to l */
+            double g = (dg[l + 1] - dg[l]) / (2.0 * e[l]);
+            double r = hypot(g, 1.0);
+            g = dg[m] - dg[l] + e[l] / (g + copysign(r, g));
+            double s = 1.0, c = 1.0, p = 0.0;
+            int64_t i;
+            int deflated = 0;
+            for (i = m - 1; i >= l; i--) {
+                const double f = s * e[i];
+                const double b = c * e[i];
+                r = hypot(f, g);
+                e[i + 1] = r;
+                if (r == 0.0) { /* underflow: split the problem here and restart */
+                    dg[i + 1] -= p;
+                    e[m] = 0.0;
+                    deflated = 1;
+                    break;
+                }
+                s = f / r;
+                c = g / r;
+                g = dg[i + 1] - p;
+                r = (dg[i] - g) * s + 2.0 * c * b;
+                p = s * r;
+                dg[i + 1] = g + p;
+                g = c * r - b;
+                for (int64_t row = 0; row < n; row++) { /* accumulate the plane rotation */
+                    double *zr = z + row * n;
+                    const double t = zr[i + 1];
+                    zr[i + 1] = s * zr[i] + c * t;
+                    zr[i] = c * zr[i] - s * t;
+                }
+            }
+            if (deflated) {
+                continue;
+            }
+            dg[l] -= p;
+            e[l] = g;
+            e[m] = 0.0;
+        }
+    }
+    return 0;
+}
+
+/* splitmix64: a small deterministic generator for start vectors. */
+static double uniform_pm1(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+
+/* w <- w - V[0:j]^T (V[0:j] w), twice (classical Gram-Schmidt with reorthogonalisation).
+ * V holds j orthonormal rows of length d; c is scratch of length j. */
+static void orthogonalize(const double *V, int64_t j, int64_t d, double *w, double *c)
+{
+    if (j == 0) {
+        return;
+    }
+    for (int pass = 0; pass < 2; pass++) {
+        scipy_cblas_dgemv(CblasRowMajor, CblasNoTrans, (blasint)j, (blasint)d, 1.0, V, (blasint)d,
+                          w, 1, 0.0, c, 1);
+        scipy_cblas_dgemv(CblasRowMajor, CblasTrans, (blasint)j, (blasint)d, -1.0, V, (blasint)d,
+                          c, 1, 1.0, w, 1);
+    }
+}
+
+/* A unit vector orthogonal to V[0:j] (random start; retried if it falls into span V). */
+static int fresh_vector(const double *V, int64_t j, int64_t d, uint64_t *state, double *w, double *c)
+{
+    for (int attempt = 0; attempt < 8; attempt++) {
+        for (int64_t i = 0; i < d; i++) {
+            w[i] = uniform_pm1(state);
+        }
+        orthogonalize(V, j, d, w, c);
+        const double nrm = scipy_cblas_dnrm2((blasint)d, w, 1);
+        if (nrm > 1e-8 * sqrt((double)d)) {
+            scipy_cblas_dscal((blasint)d, 1.0 / nrm, w, 1);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+int offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double tol, uint64_t seed,
+                        double *values, double *vectors)
+{
+    if (k <= 0 || d <= 0) {
+        return 0;
+    }
+    const int64_t mmax = d;
+    double *V = malloc((size_t)(mmax * d) * sizeof(double));    /* Lanczos basis, rows */
+    double *alpha = malloc((size_t)mmax * sizeof(double));
+    double *beta = malloc((size_t)mmax * sizeof(double));       /* beta[j] couples j and j+1 */
+    double *w = malloc((size_t)d * sizeof(double));
+    double *c = malloc((size_t)mmax * sizeof(double));
+    double *dg = malloc((size_t)mmax * sizeof(double));
+    double *e = malloc((size_t)mmax * sizeof(double));
+    double *z = NULL;
+    int64_t *order = malloc((size_t)mmax * sizeof(int64_t));
+    int rc = -1;
+    if (!V || !alpha || !beta || !w || !c || !dg || !e || !order) {
+        goto done;
+    }
+    uint64_t state = seed;
+    if (fresh_vector(NULL, 0, d, &state, w, c) != 0) {
+        goto done;
+    }
+    memcpy(V, w, (size_t)d * sizeof(double));
+    int64_t next_check = k + 16 < mmax ? k + 16 : mmax;
+    double anorm = 0.0; /* running estimate of ||A|| (largest |Ritz value| or |alpha|+|beta|) */
+    for (int64_t j = 0; j < mmax; j++) {
+        const double *vj = V + j * d;
+        scipy_cblas_dsymv(CblasRowMajor, CblasUpper, (blasint)d, 1.0, a, (blasint)d, vj, 1, 0.0, w, 1);
+        alpha[j] = scipy_cblas_ddot((blasint)d, w, 1, vj, 1);
+        orthogonalize(V, j + 1, d, w, c);
+        beta[j] = scipy_cblas_dnrm2((blasint)d, w, 1);
+        const double local = fabs(alpha[j]) + beta[j] + (j > 0 ? beta[j - 1] : 0.0);
+        anorm = local > anorm ? local : anorm;
+        const int64_t m = j + 1; /* steps done: T_m is m x m */
+        if (m < mmax) {
+            if (beta[j] <= 1e-12 * (anorm > 0 ? anorm : 1.0)) {
+                beta[j] = 0.0; /* invariant subspace: continue from a fresh orthogonal vector */
+                if (fresh_vector(V, m, d, &state, w, c) != 0) {
+                    goto done;
+                }
+                memcpy(V + m * d, w, (size_t)d * sizeof(double));
+            } else {
+                memcpy(V + m * d, w, (size_t)d * sizeof(double));
+                scipy_cblas_dscal((blasint)d, 1.0 / beta[j], V + m * d, 1);
+            }
+        }
+        if (m < next_check && m < mmax) {
+            continue;
+        }
+        /* Ritz pairs of T_m */
+        free(z);
+        z = malloc((size_t)(m * m) * sizeof(double));
+        if (z == NULL) {
+            goto done;
+        }
+        memcpy(dg, alpha, (size_t)m * sizeof(double));
+        memcpy(e, beta, (size_t)m * sizeof(double));
+        if (tridiag_eigen(dg, e, m, z) != 0) {
+            rc = -2;
+            goto done;
+        }
+        for (int64_t i = 0; i < m; i++) {
+            order[i] = i;
+        }
+        for (int64_t i = 1; i < m; i++) { /* insertion sort, descending */
+            const int64_t oi = order[i];
+            int64_t q = i;
+            while (q > 0 && dg[order[q - 1]] < dg[oi]) {
+                order[q] = order[q - 1];
+                q--;
+            }
+            order[q] = oi;
+        }
+        const int64_t kk = k < m ? k : m;
+        double scale = 0.0;
+        for (int64_t i = 0; i < m; i++) {
+            scale = fabs(dg[i]) > scale ? fabs(dg[i]) : scale;
+        }
+        scale = scale > 0 ? scale : 1.0;
+        const double bm = (m < mmax) ? beta[j] : 0.0;
+        int converged = (kk == k);
+        for (int64_t i = 0; i < kk && converged; i++) {
+            const double res = fabs(bm * z[(m - 1) * m + order[i]]);
+            converged = res <= tol * scale;
+        }
+        if (converged || m == mmax) {
+            for (int64_t i = 0; i < k; i++) {
+                const int64_t col = order[i];
+                values[i] = dg[col];
+                /* y = V_m^T s */
+                for (int64_t q = 0; q < m; q++) {
+                    c[q] = z[q * m + col];
+                }
+                scipy_cblas_dgemv(CblasRowMajor, CblasTrans, (blasint)m, (blasint)d, 1.0, V,
+                                  (blasint)d, c, 1, 0.0, w, 1);
+                const double nrm = scipy_cblas_dnrm2((blasint)d, w, 1);
+                int64_t imax = 0;
+                for (int64_t q = 1; q < d; q++) {
+                    imax = fabs(w[q]) > fabs(w[imax]) ? q : imax;
+                }
+                const double sgn = (w[imax] < 0 ? -1.0 : 1.0) / (nrm > 0 ? nrm : 1.0);
+                for (int64_t q = 0; q < d; q++) {
+                    vectors[q * k + i] = sgn * w[q];
+                }
+            }
+            rc = 0;
+            goto done;
+        }
+        next_check = m + (m / 4 > 8 ? m / 4 : 8);
+        next_check = next_check < mmax ? next_check : mmax;
+    }
+done:
+    free(V);
+    free(alpha);
+    free(beta);
+    free(w);
+    free(c);
+    free(dg);
+    free(e);
+    free(z);
+    free(order);
+    return rc;
+}

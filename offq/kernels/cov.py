@@ -1,0 +1,70 @@
+"""Streaming second moments and leading eigenpairs (C kernels in ``csrc/cov.c``).
+
+``cov_update`` is OpenBLAS ``syrk`` (the scipy-openblas32 library offq links): it adds ``x.T @ x``
+to the upper triangle of the accumulator and mirrors it into the lower one, so the accumulator is
+always a full symmetric matrix. Precision: a float32 accumulator with float32 ``x`` uses ``ssyrk``
+in place; a float64 accumulator with float64 ``x`` uses ``dsyrk``; a float64 accumulator with
+float32 ``x`` forms each call's ``x.T @ x`` with ``ssyrk`` (float32 sums over that call's rows)
+and adds it in float64, so long streams of calls do not lose precision. NaN/Inf propagate.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _C
+
+__all__ = ["cov_update", "top_eigenpairs"]
+
+
+def cov_update(acc: np.ndarray, x: np.ndarray, *, top1: bool = False) -> np.ndarray:
+    """Accumulate the (uncentred) second moment in place: ``acc += x.T @ x``.
+
+    Args:
+        acc: ``[d, d]`` float64 or float32, C-contiguous, writeable, symmetric on entry (start
+            from zeros); updated in place (both triangles).
+        x: float32 (or float64 when ``acc`` is float64), C-contiguous. Without ``top1``,
+            ``[..., d]``: every row (token) enters. With ``top1=True``, ``[batch, tokens, d]``:
+            only each sequence's token of largest L-infinity norm enters (the first one on ties;
+            a token containing NaN counts as the largest, so the NaN propagates).
+        top1: select one token per sequence (the OffQ top-1 PCA statistic).
+
+    Returns:
+        ``acc`` (the same object).
+
+    Raises:
+        TypeError: wrong types/dtypes. ValueError: shapes (``acc`` not square, last axis of ``x``
+        not ``d``, ``top1`` with ``x.ndim != 3``), non-contiguous or read-only arrays, overlap.
+    """
+    return _C.cov_update(acc, x, bool(top1))
+
+
+def top_eigenpairs(
+    cov: np.ndarray, k: int, *, tol: float = 1e-10, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest eigenvalues of the symmetric ``cov`` and their eigenvectors.
+
+    Lanczos iteration with full reorthogonalisation (C, float64), extended until every wanted Ritz
+    pair has residual ``||cov v - lambda v|| <= tol * ||cov||`` (at most ``d`` steps, which is
+    exact). Only the upper triangle of ``cov`` is read. The start vector is pseudo-random from
+    ``seed`` (deterministic).
+
+    Args:
+        cov: ``[d, d]`` float64 or float32, C-contiguous, finite.
+        k: number of eigenpairs, ``1 <= k <= d``.
+        tol: relative residual tolerance, ``0 < tol < 1``.
+        seed: seed of the start vector.
+
+    Returns:
+        ``(values, vectors)``: float64 ``[k]`` in descending order and float64 ``[d, k]`` whose
+        column ``i`` is the unit eigenvector of ``values[i]``, signed so that its largest-magnitude
+        component is positive. Within a repeated eigenvalue the vectors are an orthonormal basis of
+        the eigenspace (not unique).
+
+    Raises:
+        TypeError / ValueError naming ``cov``, ``k`` or ``tol``; ValueError if ``cov`` has NaN/Inf.
+    """
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise TypeError(f"seed: expected a non-negative int, got {seed!r}")
+    return _C.top_eigenpairs(cov, int(k), float(tol), int(seed) & 0xFFFFFFFFFFFFFFFF)

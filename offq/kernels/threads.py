@@ -1,0 +1,52 @@
+"""One thread setting for everything offq runs: its OpenMP kernels, the OpenBLAS it links
+(scipy-openblas32) and NumPy's own BLAS (through threadpoolctl).
+
+    from offq.kernels import threads, set_num_threads
+    set_num_threads(2)          # process-wide
+    with threads(1):            # temporarily, restored on exit
+        ...
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from threadpoolctl import threadpool_limits
+
+from .. import _C
+
+__all__ = ["set_num_threads", "get_num_threads", "threads"]
+
+
+def _check(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
+        raise TypeError(f"n: expected an int thread count, got {type(n).__name__}")
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n: expected a thread count >= 1, got {n}")
+    return n
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads in offq's kernels, its OpenBLAS, and NumPy's BLAS (process-wide)."""
+    n = _check(n)
+    _C.set_num_threads(n)
+    threadpool_limits(limits=n)  # every BLAS and OpenMP runtime loaded in the process
+
+
+def get_num_threads() -> int:
+    """The number of threads offq's OpenMP kernels use."""
+    return int(_C.get_num_threads())
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """Context manager: ``n`` threads for offq and NumPy's BLAS inside the block, restored after."""
+    n = _check(n)
+    previous = get_num_threads()
+    with threadpool_limits(limits=n):
+        _C.set_num_threads(n)
+        try:
+            yield
+        finally:
+            _C.set_num_threads(previous)
