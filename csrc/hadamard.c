@@ -26,7 +26,7 @@
 
 /* Rows are spread over threads only when there is enough work to pay for the fork. */
 #define PARALLEL_MIN_ELEMS ((int64_t)1 << 15)
-/* Column chunk of the mix step (step 2): m * MIX_W values are staged per thread. */
+/* The mix step (step 2) stages m * MIX_W values (AVX2) or a whole row (generic) per thread. */
 #define MIX_W 16
 
 static int is_pow2(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }
@@ -123,50 +123,77 @@ DEFINE_POW2_GENERIC(float, pow2_f32_generic)
 DEFINE_POW2_GENERIC(double, pow2_f64_generic)
 
 /* Step 2 on one row x = [m, p]: x[c, :] <- sum_a ht[c * m + a] * x[a, :], where ht is the transposed
- * H_m already multiplied by the normalisation. Columns go in chunks of w (<= MIX_W) staged in tmp. */
-#define DEFINE_MIX(T, NAME, ATTR)                                                                 \
-    ATTR static void NAME(T *restrict x, int64_t m, int64_t p, const T *restrict ht,              \
-                          T *restrict tmp)                                                        \
+ * H_m already multiplied by the normalisation. Generic: accumulate into tmp (n values), axpy by axpy. */
+#define DEFINE_MIX_GENERIC(T, NAME)                                                               \
+    static void NAME(T *restrict x, int64_t m, int64_t p, const T *restrict ht, T *restrict tmp)  \
     {                                                                                             \
-        if (p >= MIX_W) {                                                                         \
-            for (int64_t j0 = 0; j0 < p; j0 += MIX_W) {                                           \
-                for (int64_t a = 0; a < m; a++) {                                                 \
-                    memcpy(tmp + a * MIX_W, x + a * p + j0, MIX_W * sizeof(T));                   \
-                }                                                                                 \
-                for (int64_t c = 0; c < m; c++) {                                                 \
-                    T acc[MIX_W] = {0};                                                           \
-                    const T *hc = ht + c * m;                                                     \
-                    for (int64_t a = 0; a < m; a++) {                                             \
-                        const T s = hc[a];                                                        \
-                        const T *t = tmp + a * MIX_W;                                             \
-                        for (int jj = 0; jj < MIX_W; jj++) {                                      \
-                            acc[jj] += s * t[jj];                                                 \
-                        }                                                                         \
-                    }                                                                             \
-                    memcpy(x + c * p + j0, acc, MIX_W * sizeof(T));                               \
+        memset(tmp, 0, (size_t)(m * p) * sizeof(T));                                              \
+        for (int64_t c = 0; c < m; c++) {                                                         \
+            T *restrict y = tmp + c * p;                                                          \
+            for (int64_t a = 0; a < m; a++) {                                                     \
+                const T s = ht[c * m + a];                                                        \
+                const T *restrict xa = x + a * p;                                                 \
+                for (int64_t j = 0; j < p; j++) {                                                 \
+                    y[j] += s * xa[j];                                                            \
                 }                                                                                 \
             }                                                                                     \
-        } else {                                                                                  \
-            memcpy(tmp, x, (size_t)(m * p) * sizeof(T));                                          \
-            for (int64_t c = 0; c < m; c++) {                                                     \
-                T acc[MIX_W] = {0};                                                               \
-                const T *hc = ht + c * m;                                                         \
+        }                                                                                         \
+        memcpy(x, tmp, (size_t)(m * p) * sizeof(T));                                             \
+    }
+
+DEFINE_MIX_GENERIC(float, mix_f32_generic)
+DEFINE_MIX_GENERIC(double, mix_f64_generic)
+
+#ifdef OFFQ_HAVE_X86
+/* AVX2 mix: columns in chunks of 2 vectors staged in tmp (m x 2 vectors), 4 output sub-rows at a
+ * time (m is a multiple of 4) so that 8 independent FMA chains share each staged load. */
+#define DEFINE_MIX_AVX2(T, NAME, GENERIC, VEC, LANES, LOAD, STORE, SET1, FMA, ZERO)              \
+    OFFQ_AVX2 static void NAME(T *restrict x, int64_t m, int64_t p, const T *restrict ht,        \
+                               T *restrict tmp)                                                   \
+    {                                                                                             \
+        if (p < 2 * LANES) {                                                                      \
+            GENERIC(x, m, p, ht, tmp);                                                            \
+            return;                                                                               \
+        }                                                                                         \
+        for (int64_t j0 = 0; j0 < p; j0 += 2 * LANES) {                                           \
+            for (int64_t a = 0; a < m; a++) {                                                     \
+                STORE(tmp + a * 2 * LANES, LOAD(x + a * p + j0));                                 \
+                STORE(tmp + a * 2 * LANES + LANES, LOAD(x + a * p + j0 + LANES));                 \
+            }                                                                                     \
+            for (int64_t c = 0; c < m; c += 4) {                                                  \
+                VEC y00 = ZERO(), y01 = ZERO(), y10 = ZERO(), y11 = ZERO();                       \
+                VEC y20 = ZERO(), y21 = ZERO(), y30 = ZERO(), y31 = ZERO();                       \
+                const T *h0 = ht + c * m, *h1 = h0 + m, *h2 = h1 + m, *h3 = h2 + m;               \
                 for (int64_t a = 0; a < m; a++) {                                                 \
-                    for (int64_t jj = 0; jj < p; jj++) {                                          \
-                        acc[jj] += hc[a] * tmp[a * p + jj];                                       \
-                    }                                                                             \
+                    const VEC t0 = LOAD(tmp + a * 2 * LANES);                                     \
+                    const VEC t1 = LOAD(tmp + a * 2 * LANES + LANES);                             \
+                    const VEC s0 = SET1(h0[a]), s1 = SET1(h1[a]);                                 \
+                    const VEC s2 = SET1(h2[a]), s3 = SET1(h3[a]);                                 \
+                    y00 = FMA(s0, t0, y00);                                                       \
+                    y01 = FMA(s0, t1, y01);                                                       \
+                    y10 = FMA(s1, t0, y10);                                                       \
+                    y11 = FMA(s1, t1, y11);                                                       \
+                    y20 = FMA(s2, t0, y20);                                                       \
+                    y21 = FMA(s2, t1, y21);                                                       \
+                    y30 = FMA(s3, t0, y30);                                                       \
+                    y31 = FMA(s3, t1, y31);                                                       \
                 }                                                                                 \
-                memcpy(x + c * p, acc, (size_t)p * sizeof(T));                                    \
+                STORE(x + c * p + j0, y00);                                                       \
+                STORE(x + c * p + j0 + LANES, y01);                                               \
+                STORE(x + (c + 1) * p + j0, y10);                                                 \
+                STORE(x + (c + 1) * p + j0 + LANES, y11);                                         \
+                STORE(x + (c + 2) * p + j0, y20);                                                 \
+                STORE(x + (c + 2) * p + j0 + LANES, y21);                                         \
+                STORE(x + (c + 3) * p + j0, y30);                                                 \
+                STORE(x + (c + 3) * p + j0 + LANES, y31);                                         \
             }                                                                                     \
         }                                                                                         \
     }
 
-DEFINE_MIX(float, mix_f32_generic, )
-DEFINE_MIX(double, mix_f64_generic, )
-
-#ifdef OFFQ_HAVE_X86
-DEFINE_MIX(float, mix_f32_avx2, OFFQ_AVX2)
-DEFINE_MIX(double, mix_f64_avx2, OFFQ_AVX2)
+DEFINE_MIX_AVX2(float, mix_f32_avx2, mix_f32_generic, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps,
+                _mm256_set1_ps, _mm256_fmadd_ps, _mm256_setzero_ps)
+DEFINE_MIX_AVX2(double, mix_f64_avx2, mix_f64_generic, __m256d, 4, _mm256_loadu_pd,
+                _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_setzero_pd)
 
 /* ---------------------------------------------------------------------------------------------
  * AVX2 + FMA butterflies.
@@ -423,7 +450,7 @@ OFFQ_AVX2 static void pow2_f64_avx2(double *restrict x, int64_t n, int normalize
         {                                                                                         \
             T *tmp = NULL;                                                                        \
             if (m > 1) {                                                                          \
-                tmp = malloc((size_t)(m * (p < MIX_W ? p : MIX_W)) * sizeof(T));                   \
+                tmp = malloc((size_t)(n > m * MIX_W ? n : m * MIX_W) * sizeof(T));                 \
                 failed |= (tmp == NULL);                                                          \
             }                                                                                     \
             _Pragma("omp for schedule(static)")                                                   \

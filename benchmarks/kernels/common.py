@@ -1,0 +1,45 @@
+"""Timing helpers shared by the kernel benchmarks (benchmarks/kernels/*.py).
+
+Protocol: every case is timed as the best of `repeats` runs, each run looping the call until at
+least `min_time` seconds have passed (so one run is never a single short call); warm-up first.
+Baselines are timed the same way in the same process, on the same arrays, with the same thread
+setting, and reported as ratios `baseline_seconds / offq_seconds` (> 1: offq is faster).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def timeit(fn: Callable[[], object], *, quick: bool) -> float:
+    """Seconds per call of fn (best of several runs)."""
+    min_time, repeats = (0.02, 3) if quick else (0.2, 5)
+    fn()  # warm-up (page faults, lazy init, caches)
+    best = float("inf")
+    for _ in range(repeats):
+        calls = 0
+        start = time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        best = min(best, elapsed / calls)
+    return best
+
+
+def result(bench: str, case: str, threads: int, seconds: float, *, flops: float, nbytes: float,
+           baselines: dict[str, float | None], note: str = "") -> dict:
+    """One benchmark row: absolute rates plus ratios against each baseline (None: not measured)."""
+    return {
+        "bench": bench,
+        "case": case,
+        "threads": threads,
+        "seconds": seconds,
+        "gflops": flops / seconds / 1e9,
+        "gbps": nbytes / seconds / 1e9,
+        "baseline_seconds": baselines,
+        "speedup_vs": {k: (v / seconds if v is not None else None) for k, v in baselines.items()},
+        "note": note,
+    }
