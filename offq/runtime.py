@@ -1,0 +1,278 @@
+"""Running a quantized model: fake-quant (simulated) and real (packed 4-bit kernels) linears,
+KV codecs, online rotations, and :func:`build_model` over the stored tensors of an offq model.
+
+Two execution paths that compute the same thing:
+
+* ``mode="fake"``: weights dequantized to float32 once; each linear input is quantized and
+  dequantized per token and group (``offq.kernels.quantize`` / ``dequantize``) and multiplied in
+  float32 (sgemm); K and V are round-tripped through the KV quantizer before entering the cache.
+* ``mode="real"``: weights stay packed (``QTensor``); each linear input is quantized on the fly and
+  ``offq.kernels.matmul_w4a4`` multiplies the codes with the zero-point correction (W4A4); the KV
+  cache stores packed ``QTensor`` chunks. Other bit widths (e.g. W4A8) dequantize the weight and
+  use sgemm on the fake-quantized activations, so both paths stay defined for every row of the
+  results table.
+
+Both quantize activations with the same kernel and the same grid, so they differ only by float32
+accumulation order.
+
+Stored tensor names (HF names; see offq/checkpoint.py): a quantized linear ``X.weight`` is stored as
+``X.qweight`` (uint8 codes, two 4-bit codes per byte with element 2i in the low nibble, else one
+per byte), ``X.scales`` and ``X.zeros`` (float32 [out, groups]); biases, norms, embeddings and
+lm_head stay float32 under their own names (lm_head is not quantized).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from .config import OFF, QuantConfig
+from .model.kv_cache import FakeQuantKVCodec
+from .model.linear import LINEAR_NAMES, DenseLinear
+from .model.llama import DecoderLayer, Model, layer_tensor_names
+from .quantizers.grid import dequantize_codes
+from .rotations import r3_qk_transform, r4_input_transform
+
+logger = logging.getLogger(__name__)
+
+MODES = ("fake", "real")
+
+
+# ---------------------------------------------------------------------------------- codes
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Storage layout of unpacked uint8 codes [..., K]: 4-bit -> [..., ceil(K/2)] (element 2i in
+    the low nibble, 2i+1 in the high nibble); other widths unchanged."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if bits != 4:
+        return codes
+    k = codes.shape[-1]
+    if k % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes` -> uint8 [..., k]."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if bits != 4:
+        return np.ascontiguousarray(packed[..., :k])
+    out = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return np.ascontiguousarray(out[..., :k])
+
+
+@dataclass(frozen=True)
+class StoredLinear:
+    """A quantized linear as stored: unpacked codes [N, K], scale/zero [N, G], optional bias."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    bits: int
+    group_size: int
+    symmetric: bool
+    bias: np.ndarray | None = None
+
+    def dequantized(self) -> np.ndarray:
+        g = self.group_size
+        return dequantize_codes(self.codes, np.repeat(self.scale, g, axis=1),
+                                np.repeat(self.zero, g, axis=1))
+
+    def qtensor(self):
+        from .kernels import QTensor
+
+        return QTensor.from_codes(self.codes, self.scale, self.zero, bits=self.bits,
+                                  group_size=self.group_size, symmetric=self.symmetric)
+
+
+# ---------------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class ActQuant:
+    """Dynamic per-token, per-group activation quantizer (min/max, optional clip)."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    clip: float = 1.0
+
+    def quantize(self, x2d: np.ndarray):
+        from .kernels import quantize
+
+        return quantize(x2d, bits=self.bits, group_size=self.group_size,
+                        symmetric=self.symmetric, clip=self.clip)
+
+    def fake(self, x: np.ndarray) -> np.ndarray:
+        """Round trip of ``x[..., K]`` (float32, same shape)."""
+        from .kernels import dequantize
+
+        k = x.shape[-1]
+        x2d = np.ascontiguousarray(x.reshape(-1, k), dtype=np.float32)
+        return dequantize(self.quantize(x2d)).reshape(x.shape)
+
+
+def activation_quantizer(cfg: QuantConfig, k: int) -> ActQuant | None:
+    if cfg.a_bits == OFF:
+        return None
+    return ActQuant(cfg.a_bits, cfg.activation_group(k), cfg.a_symmetric, float(cfg.a_clip))
+
+
+# ---------------------------------------------------------------------------------- linears
+class FakeQuantLinear:
+    """``y = fq(x) @ W_hat.T + b`` in float32 (W_hat: the dequantized stored weight)."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, act: ActQuant | None) -> None:
+        self.dense = DenseLinear(weight, bias)
+        self.act = act
+
+    in_features = property(lambda self: self.dense.in_features)
+    out_features = property(lambda self: self.dense.out_features)
+    nbytes = property(lambda self: self.dense.nbytes)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.dense(x if self.act is None else self.act.fake(x))
+
+
+class W4A4Linear:
+    """Real low-bit linear: packed weight QTensor; activations quantized on the fly; integer
+    matmul with offset correction (``matmul_w4a4``) when weights and activations are both 4-bit,
+    else sgemm on dequantized operands."""
+
+    def __init__(self, stored: StoredLinear, act: ActQuant | None) -> None:
+        self.w = stored.qtensor()
+        self.bias = None if stored.bias is None else np.ascontiguousarray(stored.bias, np.float32)
+        self.act = act
+        self.out_features, self.in_features = stored.codes.shape
+        self._integer = act is not None and act.bits == 4 and stored.bits == 4
+        self._dense = None if self._integer else DenseLinear(stored.dequantized(), self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.w.nbytes) + (0 if self.bias is None else self.bias.nbytes)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last axis {self.in_features}, got shape {x.shape}")
+        if not self._integer:
+            return self._dense(x if self.act is None else self.act.fake(x))
+        from .kernels import matmul_w4a4
+
+        lead = x.shape[:-1]
+        x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
+        y = matmul_w4a4(self.act.quantize(x2d), self.w)
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+# ---------------------------------------------------------------------------------- KV cache
+@dataclass(frozen=True)
+class PackedKVCodec:
+    """Stores K/V chunks ``[B, Hkv, T, hd]`` as packed QTensors (per token, per head groups)."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    def encode(self, x: np.ndarray, *, kind: str):
+        from .kernels import quantize
+
+        return quantize(np.ascontiguousarray(x, dtype=np.float32), bits=self.bits,
+                        group_size=self.group_size, symmetric=self.symmetric)
+
+    def decode(self, enc: Any, *, kind: str) -> np.ndarray:
+        from .kernels import dequantize
+
+        return dequantize(enc)
+
+
+def kv_codec(cfg: QuantConfig, head_dim: int, mode: str):
+    if cfg.kv_bits == OFF:
+        return None
+    packed = PackedKVCodec(cfg.kv_bits, cfg.kv_group(head_dim), cfg.kv_symmetric)
+    if mode == "real":
+        return packed
+    return FakeQuantKVCodec(lambda x, kind: packed.decode(packed.encode(x, kind=kind), kind=kind))
+
+
+# ---------------------------------------------------------------------------------- model
+def stored_linear(tensors: Mapping[str, np.ndarray], weight_name: str, cfg: QuantConfig,
+                  in_features: int) -> StoredLinear | None:
+    """Read a quantized linear's stored tensors (None when it is stored in float)."""
+    base = weight_name[: -len(".weight")]
+    if base + ".qweight" not in tensors:
+        return None
+    g = cfg.weight_group(in_features)
+    packed = np.asarray(tensors[base + ".qweight"])
+    scale = np.asarray(tensors[base + ".scales"], dtype=np.float32)
+    zero = np.asarray(tensors[base + ".zeros"], dtype=np.float32)
+    n = packed.shape[0]
+    expect_cols = (in_features + 1) // 2 if cfg.w_bits == 4 else in_features
+    if packed.dtype != np.uint8 or packed.shape != (n, expect_cols):
+        raise ValueError(f"{base}.qweight: expected uint8 [{n}, {expect_cols}] for {cfg.w_bits}-bit "
+                         f"codes of {in_features} inputs, got {packed.dtype} {list(packed.shape)}")
+    if scale.shape != (n, in_features // g) or zero.shape != scale.shape:
+        raise ValueError(f"{base}.scales/zeros: expected [{n}, {in_features // g}] (group {g}), got "
+                         f"{list(scale.shape)} / {list(zero.shape)}")
+    codes = unpack_codes(packed, cfg.w_bits, in_features)
+    if codes.max(initial=0) > 2 ** cfg.w_bits - 1:
+        raise ValueError(f"{base}.qweight: codes exceed {cfg.w_bits} bits")
+    bias = tensors[base + ".bias"] if base + ".bias" in tensors else None
+    return StoredLinear(codes, scale, zero, cfg.w_bits, g, cfg.w_symmetric,
+                        None if bias is None else np.asarray(bias, dtype=np.float32))
+
+
+def build_layer(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: QuantConfig, i: int,
+                mode: str) -> DecoderLayer:
+    """Decoder layer ``i`` with quantized linears and the online transforms of ``cfg``."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    names = layer_tensor_names(i)
+    linears = {}
+    for lin in LINEAR_NAMES:
+        name = names[lin]
+        shape_in = (model_config.intermediate_size if lin == "down_proj"
+                    else model_config.num_attention_heads * model_config.head_dim if lin == "o_proj"
+                    else model_config.hidden_size)
+        act = activation_quantizer(cfg, shape_in)
+        stored = stored_linear(tensors, name, cfg, shape_in)
+        if stored is None:
+            bias_name = name[: -len("weight")] + "bias"
+            w = np.asarray(tensors[name], dtype=np.float32)
+            b = np.asarray(tensors[bias_name], dtype=np.float32) if bias_name in tensors else None
+            linears[lin] = FakeQuantLinear(w, b, act)
+        elif mode == "fake":
+            linears[lin] = FakeQuantLinear(stored.dequantized(), stored.bias, act)
+        else:
+            linears[lin] = W4A4Linear(stored, act)
+    layer = DecoderLayer(index=i, input_norm=np.asarray(tensors[names["input_norm"]], np.float32),
+                         post_attention_norm=np.asarray(tensors[names["post_norm"]], np.float32),
+                         linears=linears)
+    return install_online(layer, model_config, cfg, mode)
+
+
+def install_online(layer: DecoderLayer, model_config: Any, cfg: QuantConfig,
+                   mode: str) -> DecoderLayer:
+    """Attach R3 (qk_transform), R4 (down_input_transform) and the KV codec to a layer."""
+    if cfg.rotates and cfg.r3:
+        layer.qk_transform = r3_qk_transform(model_config.head_dim)
+    if cfg.rotates and cfg.r4:
+        layer.down_input_transform = r4_input_transform(model_config.intermediate_size)
+    layer.kv_codec = kv_codec(cfg, model_config.head_dim, mode)
+    return layer
+
+
+def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.ndarray], *,
+                mode: str = "real", resident: bool = True, name: str = "") -> Model:
+    """A runnable :class:`offq.model.Model` over the stored tensors of a quantized model."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    embed = np.asarray(tensors["model.embed_tokens.weight"], dtype=np.float32)
+    head = tensors["lm_head.weight"] if "lm_head.weight" in tensors else embed
+    return Model(model_config, embed_tokens=embed,
+                 final_norm=np.asarray(tensors["model.norm.weight"], np.float32),
+                 lm_head=DenseLinear(np.asarray(head, np.float32)),
+                 layer_loader=lambda i: build_layer(tensors, model_config, cfg, i, mode),
+                 resident=resident, name=name)
