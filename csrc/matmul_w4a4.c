@@ -38,7 +38,7 @@
 #define OFFQ_X86 1
 #endif
 
-#define MR 6          /* rows per micro-kernel */
+#define MR 8          /* rows per strip (VNNI micro-kernel; AVX2 runs two of 4 rows) */
 #define NRP 16        /* columns per weight panel */
 #define CHUNK 256     /* k per 16-bit accumulation chunk (AVX2) */
 #define TILE_BYTES ((int64_t)256 * 1024) /* target size of a packed weight tile */
@@ -141,78 +141,89 @@ static void ukernel_generic(const uk_args *u, int panel, float *restrict ct)
 }
 
 #ifdef OFFQ_X86
-/* AVX2: one panel, MR x 16, 16-bit accumulation within chunks of 256 k. */
-__attribute__((target("avx2,fma"))) static void ukernel_avx2(const uk_args *u, int panel,
+/* AVX2: one panel, rows r0..r0+3 (MR_AVX2) x 16 columns, 16-bit accumulation within chunks of
+ * 256 k: 8 accumulators + 2 weight vectors + 1 broadcast fit the 16 ymm registers. */
+#define MR_AVX2 4
+__attribute__((target("avx2,fma"))) static void ukernel_avx2(const uk_args *u, int panel, int r0,
                                                              float *restrict ct)
 {
     const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *restrict wp = u->wp[panel];
     const int64_t lda = u->lda;
+    const uint8_t *a0 = u->a + r0 * lda;
     for (int64_t b = 0; b < u->nb; b++) {
-        __m256i d[MR][2];
-        for (int r = 0; r < MR; r++) {
-            d[r][0] = d[r][1] = _mm256_setzero_si256();
-        }
-        const uint8_t *ab = u->a + b * u->bp;
+        __m256i d00 = _mm256_setzero_si256(), d01 = d00, d10 = d00, d11 = d00, d20 = d00,
+                d21 = d00, d30 = d00, d31 = d00;
+        const uint8_t *ab = a0 + b * u->bp;
         const uint8_t *wb = wp + b * u->bp * NRP;
         for (int64_t c0 = 0; c0 < u->bp; c0 += CHUNK) {
             const int64_t steps = (u->bp - c0 < CHUNK ? u->bp - c0 : CHUNK) / 4;
             __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00, s20 = s00,
-                    s21 = s00, s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;
+                    s21 = s00, s30 = s00, s31 = s00;
             const uint8_t *wc = wb + c0 * NRP;
             const uint8_t *ac = ab + c0;
             for (int64_t t = 0; t < steps; t++) {
                 const __m256i w0 = _mm256_load_si256((const __m256i *)(wc + t * 64));
                 const __m256i w1 = _mm256_load_si256((const __m256i *)(wc + t * 64 + 32));
                 __m256i av;
+                __m256i p0, p1;
+/* s += maddubs(w, a) in place; inline asm keeps GCC from copying/spilling accumulators */
 #define OFFQ_ROW(r)                                                                              \
     av = _mm256_set1_epi32((int)load_u32(ac + (r) * lda + 4 * t));                               \
-    s##r##0 = _mm256_add_epi16(s##r##0, _mm256_maddubs_epi16(w0, av));                          \
-    s##r##1 = _mm256_add_epi16(s##r##1, _mm256_maddubs_epi16(w1, av));
+    __asm__("vpmaddubsw %[a], %[w0], %[p0]\n\t"                                                 \
+            "vpmaddubsw %[a], %[w1], %[p1]\n\t"                                                 \
+            "vpaddw %[p0], %[s0], %[s0]\n\t"                                                    \
+            "vpaddw %[p1], %[s1], %[s1]"                                                         \
+            : [s0] "+x"(s##r##0), [s1] "+x"(s##r##1), [p0] "=&x"(p0), [p1] "=&x"(p1)            \
+            : [w0] "x"(w0), [w1] "x"(w1), [a] "x"(av));
                 OFFQ_ROW(0)
                 OFFQ_ROW(1)
                 OFFQ_ROW(2)
                 OFFQ_ROW(3)
-                OFFQ_ROW(4)
-                OFFQ_ROW(5)
 #undef OFFQ_ROW
             }
-#define OFFQ_WIDEN(r, h)                                                                         \
-    {                                                                                            \
-        __m256i x = _mm256_madd_epi16(s##r##h, ones);                                            \
-        d[r][h] = _mm256_add_epi32(d[r][h], x);                                                  \
-    }
-            OFFQ_WIDEN(0, 0) OFFQ_WIDEN(0, 1) OFFQ_WIDEN(1, 0) OFFQ_WIDEN(1, 1)
-            OFFQ_WIDEN(2, 0) OFFQ_WIDEN(2, 1) OFFQ_WIDEN(3, 0) OFFQ_WIDEN(3, 1)
-            OFFQ_WIDEN(4, 0) OFFQ_WIDEN(4, 1) OFFQ_WIDEN(5, 0) OFFQ_WIDEN(5, 1)
-#undef OFFQ_WIDEN
+            /* vpmaddubsw summed the pairs (k0,k1),(k2,k3) of a column into adjacent 16-bit
+             * lanes; vpmaddwd with ones adds them: lane j of d_r,h is column 8h + j. */
+            d00 = _mm256_add_epi32(d00, _mm256_madd_epi16(s00, ones));
+            d01 = _mm256_add_epi32(d01, _mm256_madd_epi16(s01, ones));
+            d10 = _mm256_add_epi32(d10, _mm256_madd_epi16(s10, ones));
+            d11 = _mm256_add_epi32(d11, _mm256_madd_epi16(s11, ones));
+            d20 = _mm256_add_epi32(d20, _mm256_madd_epi16(s20, ones));
+            d21 = _mm256_add_epi32(d21, _mm256_madd_epi16(s21, ones));
+            d30 = _mm256_add_epi32(d30, _mm256_madd_epi16(s30, ones));
+            d31 = _mm256_add_epi32(d31, _mm256_madd_epi16(s31, ones));
         }
-        /* vpmaddubsw pairs (k0,k1),(k2,k3) of a column into adjacent 16-bit lanes, and vpmaddwd
-         * with ones adds the pair: lane j of d[r][h] is column 8h + j. */
         const __m256 wz0 = _mm256_loadu_ps(u->wz[panel] + b * NRP);
         const __m256 wz1 = _mm256_loadu_ps(u->wz[panel] + b * NRP + 8);
         const __m256 wt0 = _mm256_loadu_ps(u->wT[panel] + b * NRP);
         const __m256 wt1 = _mm256_loadu_ps(u->wT[panel] + b * NRP + 8);
         const __m256 ws0 = _mm256_loadu_ps(u->ws[panel] + b * NRP);
         const __m256 ws1 = _mm256_loadu_ps(u->ws[panel] + b * NRP + 8);
-        for (int r = 0; r < MR; r++) {
-            const __m256 sa = _mm256_set1_ps(u->asum[r * u->ldp + b]);
-            const __m256 za = _mm256_set1_ps(u->azero[r * u->ldp + b]);
-            const __m256 xa = _mm256_set1_ps(u->ascale[r * u->ldp + b]);
-            float *c = ct + r * 32 + panel * NRP;
-            __m256 e0 = _mm256_cvtepi32_ps(d[r][0]), e1 = _mm256_cvtepi32_ps(d[r][1]);
-            e0 = _mm256_fnmadd_ps(sa, wz0, e0);
-            e1 = _mm256_fnmadd_ps(sa, wz1, e1);
-            e0 = _mm256_fnmadd_ps(za, wt0, e0);
-            e1 = _mm256_fnmadd_ps(za, wt1, e1);
-            _mm256_storeu_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws0), e0, _mm256_loadu_ps(c)));
-            _mm256_storeu_ps(c + 8,
-                             _mm256_fmadd_ps(_mm256_mul_ps(xa, ws1), e1, _mm256_loadu_ps(c + 8)));
-        }
+#define OFFQ_EPI(r)                                                                              \
+    {                                                                                            \
+        const int64_t pi = (r0 + (r)) * u->ldp + b;                                              \
+        const __m256 sa = _mm256_set1_ps(u->asum[pi]);                                           \
+        const __m256 za = _mm256_set1_ps(u->azero[pi]);                                          \
+        const __m256 xa = _mm256_set1_ps(u->ascale[pi]);                                         \
+        float *c = ct + (r0 + (r)) * 32 + panel * NRP;                                           \
+        __m256 e0 = _mm256_cvtepi32_ps(d##r##0), e1 = _mm256_cvtepi32_ps(d##r##1);               \
+        e0 = _mm256_fnmadd_ps(sa, wz0, e0);                                                      \
+        e1 = _mm256_fnmadd_ps(sa, wz1, e1);                                                      \
+        e0 = _mm256_fnmadd_ps(za, wt0, e0);                                                      \
+        e1 = _mm256_fnmadd_ps(za, wt1, e1);                                                      \
+        _mm256_store_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws0), e0, _mm256_load_ps(c)));      \
+        _mm256_store_ps(c + 8, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws1), e1, _mm256_load_ps(c + 8))); \
+    }
+        OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
+#undef OFFQ_EPI
     }
 }
 
-/* AVX-512 VNNI: two panels, MR x 32, 32-bit accumulation (vpdpbusd). */
+/* acc += dot4(u8 w, s8 a) per 32-bit lane, in place (inline asm keeps GCC from shuffling the
+ * accumulators between registers every iteration). */
+#define OFFQ_DPBUSD(acc, w, a) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(a))
+
+/* AVX-512 VNNI: two panels, MR (8) rows x 32 columns, 32-bit accumulation (vpdpbusd). */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) static void
 ukernel_vnni(const uk_args *u, float *restrict ct)
 {
@@ -221,7 +232,8 @@ ukernel_vnni(const uk_args *u, float *restrict ct)
     const int64_t lda = u->lda;
     for (int64_t b = 0; b < u->nb; b++) {
         __m512i s00 = _mm512_setzero_si512(), s01 = s00, s10 = s00, s11 = s00, s20 = s00,
-                s21 = s00, s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;
+                s21 = s00, s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00,
+                s60 = s00, s61 = s00, s70 = s00, s71 = s00;
         const uint8_t *ab = u->a + b * u->bp;
         const uint8_t *w0p = wp0 + b * u->bp * NRP;
         const uint8_t *w1p = wp1 + b * u->bp * NRP;
@@ -232,14 +244,16 @@ ukernel_vnni(const uk_args *u, float *restrict ct)
             __m512i av;
 #define OFFQ_ROW(r)                                                                              \
     av = _mm512_set1_epi32((int)load_u32(ab + (r) * lda + 4 * t));                               \
-    s##r##0 = _mm512_dpbusd_epi32(s##r##0, w0, av);                                              \
-    s##r##1 = _mm512_dpbusd_epi32(s##r##1, w1, av);
+    OFFQ_DPBUSD(s##r##0, w0, av);                                                                \
+    OFFQ_DPBUSD(s##r##1, w1, av);
             OFFQ_ROW(0)
             OFFQ_ROW(1)
             OFFQ_ROW(2)
             OFFQ_ROW(3)
             OFFQ_ROW(4)
             OFFQ_ROW(5)
+            OFFQ_ROW(6)
+            OFFQ_ROW(7)
 #undef OFFQ_ROW
         }
         const __m512 wz0 = _mm512_loadu_ps(u->wz[0] + b * NRP);
@@ -259,11 +273,11 @@ ukernel_vnni(const uk_args *u, float *restrict ct)
         e1 = _mm512_fnmadd_ps(sa, wz1, e1);                                                      \
         e0 = _mm512_fnmadd_ps(za, wt0, e0);                                                      \
         e1 = _mm512_fnmadd_ps(za, wt1, e1);                                                      \
-        _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws0), e0, _mm512_loadu_ps(c)));    \
-        _mm512_storeu_ps(c + 16,                                                                 \
-                         _mm512_fmadd_ps(_mm512_mul_ps(xa, ws1), e1, _mm512_loadu_ps(c + 16)));  \
+        _mm512_store_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws0), e0, _mm512_load_ps(c)));      \
+        _mm512_store_ps(c + 16, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws1), e1, _mm512_load_ps(c + 16))); \
     }
-        OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3) OFFQ_EPI(4) OFFQ_EPI(5)
+        OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
+        OFFQ_EPI(4) OFFQ_EPI(5) OFFQ_EPI(6) OFFQ_EPI(7)
 #undef OFFQ_EPI
     }
 }
@@ -278,12 +292,106 @@ typedef struct {
     float *par;      /* per panel: wz [nb][16], wT [nb][16], ws [nb][16] */
     uint8_t *rows;   /* [16][kp] unpacked rows of one panel */
     uint8_t *tmp;    /* k bytes */
-    float *sums;     /* [nb] */
+    float *psums;    /* [16][nb] block sums of the rows of one panel */
 } workspace;
+
+#ifdef OFFQ_X86
+/* One panel (16 weight rows starting at n, rows past N read as row N - 1; their scales are zeroed
+ * by the caller) straight from packed nibbles: each 32-element chunk of a row is unpacked to one
+ * ymm (8 groups of 4 k), eight rows are transposed as an 8 x 8 dword matrix, and block sums are
+ * taken with vpsadbw. sums[j * nb + b] = sum of the codes of row j in block b. Needs
+ * blk % 32 == 0 (then blk == bp and no block padding exists). */
+__attribute__((target("avx2,fma"))) static void pack_panel_avx2(const plan_t *pl,
+                                                                const offq_q4_operand *w,
+                                                                int64_t n, uint8_t *panel,
+                                                                float *sums)
+{
+    const int64_t rb = (pl->k + 1) / 2, cpb = pl->blk / 32;
+    const __m128i m15 = _mm_set1_epi8(15);
+    const uint8_t *src[NRP];
+    for (int j = 0; j < NRP; j++) {
+        src[j] = w->codes + (n + j < pl->n ? n + j : pl->n - 1) * rb;
+    }
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i acc[NRP];
+        for (int j = 0; j < NRP; j++) {
+            acc[j] = _mm256_setzero_si256();
+        }
+        for (int64_t c = b * cpb; c < (b + 1) * cpb; c++) {
+            for (int h = 0; h < 2; h++) {
+                __m256i r[8];
+                for (int j = 0; j < 8; j++) {
+                    const __m128i v = _mm_loadu_si128((const __m128i *)(src[8 * h + j] + 16 * c));
+                    const __m128i lo = _mm_and_si128(v, m15);
+                    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
+                    r[j] = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+                    acc[8 * h + j] = _mm256_add_epi64(acc[8 * h + j],
+                                                      _mm256_sad_epu8(r[j], _mm256_setzero_si256()));
+                }
+                const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+                const __m256i t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+                const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+                const __m256i t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+                const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+                const __m256i t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+                const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+                const __m256i t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+                const __m256i u0 = _mm256_unpacklo_epi64(t0, t2);
+                const __m256i u1 = _mm256_unpackhi_epi64(t0, t2);
+                const __m256i u2 = _mm256_unpacklo_epi64(t1, t3);
+                const __m256i u3 = _mm256_unpackhi_epi64(t1, t3);
+                const __m256i u4 = _mm256_unpacklo_epi64(t4, t6);
+                const __m256i u5 = _mm256_unpackhi_epi64(t4, t6);
+                const __m256i u6 = _mm256_unpacklo_epi64(t5, t7);
+                const __m256i u7 = _mm256_unpackhi_epi64(t5, t7);
+                uint8_t *d = panel + c * 8 * 64 + 32 * h; /* group t = 8c + i at d + 64 i */
+                _mm256_store_si256((__m256i *)(d + 0 * 64), _mm256_permute2x128_si256(u0, u4, 0x20));
+                _mm256_store_si256((__m256i *)(d + 1 * 64), _mm256_permute2x128_si256(u1, u5, 0x20));
+                _mm256_store_si256((__m256i *)(d + 2 * 64), _mm256_permute2x128_si256(u2, u6, 0x20));
+                _mm256_store_si256((__m256i *)(d + 3 * 64), _mm256_permute2x128_si256(u3, u7, 0x20));
+                _mm256_store_si256((__m256i *)(d + 4 * 64), _mm256_permute2x128_si256(u0, u4, 0x31));
+                _mm256_store_si256((__m256i *)(d + 5 * 64), _mm256_permute2x128_si256(u1, u5, 0x31));
+                _mm256_store_si256((__m256i *)(d + 6 * 64), _mm256_permute2x128_si256(u2, u6, 0x31));
+                _mm256_store_si256((__m256i *)(d + 7 * 64), _mm256_permute2x128_si256(u3, u7, 0x31));
+            }
+        }
+        for (int j = 0; j < NRP; j++) {
+            const __m128i q = _mm_add_epi64(_mm256_castsi256_si128(acc[j]),
+                                            _mm256_extracti128_si256(acc[j], 1));
+            sums[j * pl->nb + b] = (float)(_mm_cvtsi128_si64(q) + _mm_extract_epi64(q, 1));
+        }
+    }
+}
+#endif
+
+#ifdef OFFQ_X86
+/* unpack_blocks for blk % 32 == 0 (no padding): 16 packed bytes -> 32 codes per step. */
+__attribute__((target("avx2,fma"))) static void unpack_blocks_avx2(const plan_t *pl,
+                                                                   const uint8_t *packed,
+                                                                   uint8_t *restrict dst,
+                                                                   float *sums)
+{
+    const int64_t cpb = pl->blk / 32;
+    const __m128i m15 = _mm_set1_epi8(15);
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t c = b * cpb; c < (b + 1) * cpb; c++) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(packed + 16 * c));
+            const __m128i lo = _mm_and_si128(v, m15);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
+            const __m256i r = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+            _mm256_storeu_si256((__m256i *)(dst + 32 * c), r);
+            acc = _mm256_add_epi64(acc, _mm256_sad_epu8(r, _mm256_setzero_si256()));
+        }
+        const __m128i q = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        sums[b] = (float)(_mm_cvtsi128_si64(q) + _mm_extract_epi64(q, 1));
+    }
+}
+#endif
 
 /* Unpack and lay out columns [n0, n0 + nc) of w into the workspace (zero codes/scales past N). */
 static void pack_tile(const plan_t *pl, const offq_q4_operand *w, int64_t n0, int64_t nc,
-                      workspace *ws)
+                      workspace *ws, int kind)
 {
     const int64_t rb = (pl->k + 1) / 2, gw = w->group, ngw = pl->k / gw;
     const int64_t kq = pl->kp / 4;
@@ -291,11 +399,20 @@ static void pack_tile(const plan_t *pl, const offq_q4_operand *w, int64_t n0, in
         uint8_t *panel = ws->panels + p * pl->kp * NRP;
         float *wz = ws->par + p * 3 * pl->nb * NRP, *wT = wz + pl->nb * NRP,
               *wsc = wT + pl->nb * NRP;
+        int done = 0;
+#ifdef OFFQ_X86
+        if (kind != KIND_GENERIC && pl->blk % 32 == 0) {
+            pack_panel_avx2(pl, w, n0 + p * NRP, panel, ws->psums);
+            done = 1;
+        }
+#endif
         for (int j = 0; j < NRP; j++) {
             const int64_t n = n0 + p * NRP + j;
-            uint8_t *row = ws->rows + j * pl->kp;
+            float *sums = ws->psums + j * pl->nb;
             if (n >= pl->n) {
-                memset(row, 0, (size_t)pl->kp);
+                if (!done) {
+                    memset(ws->rows + j * pl->kp, 0, (size_t)pl->kp);
+                }
                 for (int64_t b = 0; b < pl->nb; b++) {
                     wz[b * NRP + j] = 0.0f;
                     wT[b * NRP + j] = 0.0f;
@@ -303,14 +420,19 @@ static void pack_tile(const plan_t *pl, const offq_q4_operand *w, int64_t n0, in
                 }
                 continue;
             }
-            unpack_blocks(pl, w->codes + n * rb, row, ws->tmp, ws->sums, 1);
+            if (!done) {
+                unpack_blocks(pl, w->codes + n * rb, ws->rows + j * pl->kp, ws->tmp, sums, 1);
+            }
             for (int64_t b = 0; b < pl->nb; b++) {
                 const int64_t g = b * pl->blk / gw;
                 const float z = w->zero[n * ngw + g];
                 wz[b * NRP + j] = z;
-                wT[b * NRP + j] = ws->sums[b] - (float)pl->blk * z;
+                wT[b * NRP + j] = sums[b] - (float)pl->blk * z;
                 wsc[b * NRP + j] = w->scale[n * ngw + g];
             }
+        }
+        if (done) {
+            continue;
         }
         /* transpose 4-byte groups: panel[t][j] = rows[j][t] */
         uint32_t *dst = (uint32_t *)panel;
@@ -328,6 +450,188 @@ static void *aligned_buf(size_t bytes)
     return aligned_alloc(64, rounded ? rounded : 64);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Small M (decode, M <= MS) on AVX2: no weight repacking. A weight row is read as packed bytes,
+ * 32 bytes = 64 elements per step; the low nibbles are the even elements and the high nibbles the
+ * odd ones, so the activations of each 64-element chunk are laid out as [32 even | 32 odd] bytes
+ * (ap) and multiplied with vpmaddubsw against the masked nibbles. Weight block sums come from the
+ * same nibbles (byte adds, then vpsadbw). Eight weight rows are reduced together (a transposing
+ * horizontal add), so the float epilogue runs on 8 columns at once and matches the generic
+ * reference bit for bit. Needs block % 64 == 0. */
+#define MS 8
+
+#ifdef OFFQ_X86
+/* Lane i of the result = sum of the 8 int32 lanes of v[i]. */
+__attribute__((target("avx2,fma"))) static inline __m256i hsum8x8(const __m256i *v)
+{
+    __m256i a = _mm256_hadd_epi32(v[0], v[1]);
+    __m256i b = _mm256_hadd_epi32(v[2], v[3]);
+    __m256i c = _mm256_hadd_epi32(v[4], v[5]);
+    __m256i d = _mm256_hadd_epi32(v[6], v[7]);
+    __m256i ab = _mm256_hadd_epi32(a, b);
+    __m256i cd = _mm256_hadd_epi32(c, d);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20),
+                            _mm256_permute2x128_si256(ab, cd, 0x31));
+}
+
+typedef struct {
+    const plan_t *pl;
+    const offq_q4_operand *w;
+    const uint8_t *ap; /* [mrows][k], chunks of 64 as [even 32 | odd 32] */
+    const float *asum, *azero, *ascale; /* [mrows][nb] */
+    float *out;
+} gemv_args;
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+gemv_group_avx2(const gemv_args *g, int64_t n0, const int mrows)
+{
+    const plan_t *pl = g->pl;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t cpb = pl->blk / 64;
+    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256 blkf = _mm256_set1_ps((float)pl->blk);
+    const uint8_t *wr[8];
+    int64_t nidx[8];
+    for (int j = 0; j < 8; j++) {
+        int64_t n = n0 + j < pl->n ? n0 + j : pl->n - 1;
+        nidx[j] = n;
+        wr[j] = g->w->codes + n * rb;
+    }
+    __m256 acc[MS];
+    for (int m = 0; m < mrows; m++) {
+        acc[m] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i vd[MS][8], vs[8];
+        for (int j = 0; j < 8; j++) {
+            __m256i d32[MS];
+            for (int m = 0; m < mrows; m++) {
+                d32[m] = _mm256_setzero_si256();
+            }
+            __m256i s64 = _mm256_setzero_si256();
+            const uint8_t *wb = wr[j] + b * pl->blk / 2;
+            const uint8_t *ab = g->ap + b * pl->blk;
+            /* sub-chunks of 8 steps: byte sums <= 8 * 30, 16-bit lanes <= 8 * 900 */
+            for (int64_t c0 = 0; c0 < cpb; c0 += 8) {
+                const int64_t c1 = c0 + 8 < cpb ? c0 + 8 : cpb;
+                __m256i s16[MS];
+                for (int m = 0; m < mrows; m++) {
+                    s16[m] = _mm256_setzero_si256();
+                }
+                __m256i su8 = _mm256_setzero_si256();
+                for (int64_t c = c0; c < c1; c++) {
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
+                    const __m256i lo = _mm256_and_si256(wv, m15);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m15);
+                    su8 = _mm256_add_epi8(su8, _mm256_add_epi8(lo, hi));
+                    for (int m = 0; m < mrows; m++) {
+                        const uint8_t *am = ab + m * pl->k + 64 * c;
+                        const __m256i pe = _mm256_maddubs_epi16(
+                            lo, _mm256_loadu_si256((const __m256i *)am));
+                        const __m256i po = _mm256_maddubs_epi16(
+                            hi, _mm256_loadu_si256((const __m256i *)(am + 32)));
+                        s16[m] = _mm256_add_epi16(s16[m], _mm256_add_epi16(pe, po));
+                    }
+                }
+                for (int m = 0; m < mrows; m++) {
+                    d32[m] = _mm256_add_epi32(d32[m], _mm256_madd_epi16(s16[m], ones));
+                }
+                s64 = _mm256_add_epi64(s64, _mm256_sad_epu8(su8, _mm256_setzero_si256()));
+            }
+            for (int m = 0; m < mrows; m++) {
+                vd[m][j] = d32[m];
+            }
+            vs[j] = s64; /* 4 x u64 small sums: as int32 lanes, the odd lanes are 0 */
+        }
+        const int64_t gi = b * pl->blk / gw;
+        const __m256 zw = _mm256_setr_ps(
+            g->w->zero[nidx[0] * ngw + gi], g->w->zero[nidx[1] * ngw + gi],
+            g->w->zero[nidx[2] * ngw + gi], g->w->zero[nidx[3] * ngw + gi],
+            g->w->zero[nidx[4] * ngw + gi], g->w->zero[nidx[5] * ngw + gi],
+            g->w->zero[nidx[6] * ngw + gi], g->w->zero[nidx[7] * ngw + gi]);
+        const __m256 sw = _mm256_setr_ps(
+            g->w->scale[nidx[0] * ngw + gi], g->w->scale[nidx[1] * ngw + gi],
+            g->w->scale[nidx[2] * ngw + gi], g->w->scale[nidx[3] * ngw + gi],
+            g->w->scale[nidx[4] * ngw + gi], g->w->scale[nidx[5] * ngw + gi],
+            g->w->scale[nidx[6] * ngw + gi], g->w->scale[nidx[7] * ngw + gi]);
+        const __m256 wT = _mm256_sub_ps(_mm256_cvtepi32_ps(hsum8x8(vs)), _mm256_mul_ps(blkf, zw));
+        for (int m = 0; m < mrows; m++) {
+            __m256 e = _mm256_cvtepi32_ps(hsum8x8(vd[m]));
+            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
+            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
+            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
+            acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
+        }
+    }
+    const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
+    for (int m = 0; m < mrows; m++) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, acc[m]);
+        memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void gemv_avx2(const gemv_args *g, int mrows) /* 1 <= mrows <= MS == 8 */
+{
+    const int64_t groups = (g->pl->n + 7) / 8;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < groups; i++) {
+        switch (mrows) {
+        case 1: gemv_group_avx2(g, i * 8, 1); break;
+        case 2: gemv_group_avx2(g, i * 8, 2); break;
+        case 3: gemv_group_avx2(g, i * 8, 3); break;
+        case 4: gemv_group_avx2(g, i * 8, 4); break;
+        case 5: gemv_group_avx2(g, i * 8, 5); break;
+        case 6: gemv_group_avx2(g, i * 8, 6); break;
+        case 7: gemv_group_avx2(g, i * 8, 7); break;
+        default: gemv_group_avx2(g, i * 8, 8); break;
+        }
+    }
+}
+
+/* The small-M path: activations to [even | odd] chunk layout, then gemv_avx2 per M <= MS rows. */
+static int small_m(const plan_t *pl, const offq_q4_operand *a, const offq_q4_operand *w,
+                   float *out)
+{
+    const int64_t k = pl->k, rb = (k + 1) / 2, nga = k / a->group;
+    uint8_t *ap = aligned_buf((size_t)(MS * k));
+    float *par = malloc(sizeof(float) * (size_t)(3 * MS * pl->nb));
+    if (ap == NULL || par == NULL) {
+        free(ap);
+        free(par);
+        return OFFQ_ERR_NOMEM;
+    }
+    for (int64_t m0 = 0; m0 < pl->m; m0 += MS) {
+        const int mrows = (int)(pl->m - m0 < MS ? pl->m - m0 : MS);
+        for (int m = 0; m < mrows; m++) {
+            const uint8_t *p = a->codes + (m0 + m) * rb;
+            uint8_t *d = ap + m * k;
+            for (int64_t c = 0; c < k / 64; c++) {
+                for (int j = 0; j < 32; j++) {
+                    d[64 * c + j] = p[32 * c + j] & 15;
+                    d[64 * c + 32 + j] = p[32 * c + j] >> 4;
+                }
+            }
+            for (int64_t b = 0; b < pl->nb; b++) {
+                int32_t acc = 0;
+                for (int64_t i = 0; i < pl->blk; i++) {
+                    acc += d[b * pl->blk + i];
+                }
+                const int64_t gi = b * pl->blk / a->group;
+                par[m * pl->nb + b] = (float)acc;
+                par[(MS + m) * pl->nb + b] = a->zero[(m0 + m) * nga + gi];
+                par[(2 * MS + m) * pl->nb + b] = a->scale[(m0 + m) * nga + gi];
+            }
+        }
+        gemv_args g = {pl, w, ap, par, par + MS * pl->nb, par + 2 * MS * pl->nb, out + m0 * pl->n};
+        gemv_avx2(&g, mrows);
+    }
+    free(ap);
+    free(par);
+    return OFFQ_OK;
+}
+#endif
+
 static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k, float *out,
                        int kind)
 {
@@ -343,6 +647,11 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
     if (pl.m == 0 || pl.n == 0) {
         return OFFQ_OK;
     }
+#ifdef OFFQ_X86
+    if (kind != KIND_GENERIC && pl.m <= MS && pl.blk % 64 == 0) {
+        return small_m(&pl, a, w, out);
+    }
+#endif
     const int64_t rb = (k + 1) / 2;
     const int64_t nga = k / a->group;
 
@@ -375,7 +684,14 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
                 }
                 continue;
             }
-            unpack_blocks(&pl, a->codes + m * rb, acodes + m * pl.kp, tmp, s, 1);
+#ifdef OFFQ_X86
+            if (kind != KIND_GENERIC && pl.blk % 32 == 0) {
+                unpack_blocks_avx2(&pl, a->codes + m * rb, acodes + m * pl.kp, s);
+            } else
+#endif
+            {
+                unpack_blocks(&pl, a->codes + m * rb, acodes + m * pl.kp, tmp, s, 1);
+            }
             for (int64_t b = 0; b < pl.nb; b++) {
                 const int64_t g = b * pl.blk / a->group;
                 z[b] = a->zero[m * nga + g];
@@ -413,8 +729,8 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
         ws.par = malloc(sizeof(float) * (size_t)(3 * pl.nb * nc));
         ws.rows = malloc((size_t)(NRP * pl.kp));
         ws.tmp = malloc((size_t)k);
-        ws.sums = malloc(sizeof(float) * (size_t)pl.nb);
-        int ok = ws.panels && ws.par && ws.rows && ws.tmp && ws.sums;
+        ws.psums = malloc(sizeof(float) * (size_t)(NRP * pl.nb));
+        int ok = ws.panels && ws.par && ws.rows && ws.tmp && ws.psums;
         if (!ok) {
             err = OFFQ_ERR_NOMEM;
         }
@@ -428,7 +744,7 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
             const int64_t tile = task / mchunks, chunk = task % mchunks;
             const int64_t n0 = tile * nc;
             if (tile != packed_tile) {
-                pack_tile(&pl, w, n0, nc, &ws);
+                pack_tile(&pl, w, n0, nc, &ws, kind);
                 packed_tile = tile;
             }
             const int64_t s_begin = chunk * strips_per_chunk;
@@ -462,9 +778,11 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
                     if (kind == KIND_VNNI) {
                         ukernel_vnni(&u, ct);
                     } else if (kind == KIND_AVX2) {
-                        ukernel_avx2(&u, 0, ct);
-                        if (second) {
-                            ukernel_avx2(&u, 1, ct);
+                        for (int r0 = 0; r0 < MR; r0 += MR_AVX2) {
+                            ukernel_avx2(&u, 0, r0, ct);
+                            if (second) {
+                                ukernel_avx2(&u, 1, r0, ct);
+                            }
                         }
                     } else
 #endif
@@ -487,7 +805,7 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
         free(ws.par);
         free(ws.rows);
         free(ws.tmp);
-        free(ws.sums);
+        free(ws.psums);
     }
     free(acodes);
     free(apar);
