@@ -77,16 +77,25 @@ int offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d)
         scipy_cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, 1.0f,
                           x + r * d, (blasint)d, 1.0f, s, (blasint)d);
     }
-#pragma omp parallel for schedule(dynamic, 16) if (d >= 256)
-    for (int64_t i = 0; i < d; i++) {
-        double *restrict ai = acc + i * d;
-        const float *restrict si = s + i * d;
-        for (int64_t j = i; j < d; j++) {
-            ai[j] += (double)si[j];
+    /* acc += s on the upper triangle and its mirror, one tile pair at a time (a single pass) */
+#pragma omp parallel for schedule(dynamic, 1) if (d >= 256)
+    for (int64_t ib = 0; ib < d; ib += MIRROR_TILE) {
+        const int64_t ie = ib + MIRROR_TILE < d ? ib + MIRROR_TILE : d;
+        for (int64_t jb = ib; jb < d; jb += MIRROR_TILE) {
+            const int64_t je = jb + MIRROR_TILE < d ? jb + MIRROR_TILE : d;
+            for (int64_t i = ib; i < ie; i++) {
+                for (int64_t j = (jb > i ? jb : i); j < je; j++) {
+                    acc[i * d + j] += (double)s[i * d + j];
+                }
+            }
+            for (int64_t j = jb; j < je; j++) {
+                for (int64_t i = ib; i < ie && i < j; i++) {
+                    acc[j * d + i] = acc[i * d + j];
+                }
+            }
         }
     }
     free(s);
-    mirror_f64(acc, d);
     return 0;
 }
 
