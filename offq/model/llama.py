@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -132,25 +134,37 @@ def rope_cos_sin(inv_freq: np.ndarray, start: int, length: int) -> tuple[np.ndar
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate ``x[..., T, hd]`` (HF rotate_half: pairs are (i, i + hd/2)); returns a new array."""
+    """Rotate ``x[..., T, hd]`` (HF rotate_half: pairs are (i, i + hd/2)); returns a new
+    C-contiguous array. ``cos, sin``: ``[T, hd/2]``."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
     out = np.empty(x.shape, dtype=np.float32)
-    np.multiply(x1, cos, out=out[..., :half])
-    out[..., :half] -= x2 * sin
-    np.multiply(x2, cos, out=out[..., half:])
-    out[..., half:] += x1 * sin
+    x3, o3 = x.reshape(-1, *x.shape[-2:]), out.reshape(-1, *x.shape[-2:])
+
+    def rows(sl: slice) -> None:
+        x1, x2 = x3[sl, :, :half], x3[sl, :, half:]
+        np.multiply(x1, cos, out=o3[sl, :, :half])
+        o3[sl, :, :half] -= x2 * sin
+        np.multiply(x2, cos, out=o3[sl, :, half:])
+        o3[sl, :, half:] += x1 * sin
+
+    _run_tasks(rows, _row_chunks(x3.shape[0], 1) if x3.shape[1] >= 64 else [slice(None)])
     return out
 
 
 def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """``silu(gate) * up`` computed in place in ``gate`` (float32)."""
-    t = np.negative(gate)
-    with np.errstate(over="ignore"):
-        np.exp(t, out=t)  # exp(-g) -> inf for very negative g: g / inf = -0, the right limit
-    t += 1.0
-    gate /= t
-    gate *= up
+    g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+
+    def rows(sl: slice) -> None:
+        g = g2[sl]
+        t = np.negative(g)
+        with np.errstate(over="ignore"):
+            np.exp(t, out=t)  # exp(-g) -> inf for very negative g: g / inf = -0, the right limit
+        t += 1.0
+        g /= t
+        g *= u2[sl]
+
+    _run_tasks(rows, _row_chunks(g2.shape[0]))
     return gate
 
 
@@ -294,6 +308,10 @@ class Model:
         self.lm_head = lm_head
         self.layer_loader = layer_loader
         self.layer_hook = layer_hook
+        #: the model's Tokenizer when built from a checkpoint (None otherwise)
+        self.tokenizer: Any = None
+        #: what eval reports as the method ("fp32" for the float reference)
+        self.method = "fp32"
         self.resident = bool(resident)
         self.inv_freq = rope_inv_freq(self.head_dim, float(config.rope_theta),
                                       getattr(config, "rope_scaling", None))
@@ -332,10 +350,13 @@ class Model:
     def from_checkpoint(cls, ckpt: Any, *, resident: bool | None = None,
                         layer_hook: Callable[[DecoderLayer], DecoderLayer] | None = None,
                         max_resident_bytes: int = 2 << 30) -> Model:
-        """Model over an ``offq.formats`` Checkpoint (``.config``, ``.tensors``, ``.name``)."""
-        return cls.from_tensors(ckpt.config, ckpt.tensors, resident=resident,
-                                name=getattr(ckpt, "name", ""), layer_hook=layer_hook,
-                                max_resident_bytes=max_resident_bytes)
+        """Model over an ``offq.formats`` Checkpoint (``.config``, ``.tensors``, ``.name``,
+        ``.tokenizer``)."""
+        model = cls.from_tensors(ckpt.config, ckpt.tensors, resident=resident,
+                                 name=getattr(ckpt, "name", ""), layer_hook=layer_hook,
+                                 max_resident_bytes=max_resident_bytes)
+        model.tokenizer = getattr(ckpt, "tokenizer", None)
+        return model
 
     # -- layers -------------------------------------------------------------------------------
     def load_layer(self, i: int) -> DecoderLayer:
@@ -509,7 +530,8 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -
     Per (sequence, KV head) the ``rep = H/Hkv`` query heads that share it are processed together
     as one ``[block*rep, hd] x [hd, keys]`` product over blocks of query positions; keys past the
     block's last position are never touched. Softmax subtracts the row max before ``exp`` and
-    divides after the product with V.
+    divides after the product with V. The (sequence, KV head, block) tasks are independent: they
+    run on offq's thread count with single-threaded BLAS inside each task.
     """
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -523,22 +545,72 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -
     blk = _ATTN_BLOCK
     # additive causal mask of a diagonal block: -inf above the diagonal
     tri = np.triu(np.full((blk, blk), -np.inf, dtype=np.float32), 1)
-    for b in range(B):
-        for g in range(Hkv):
-            kk, vv = k[b, g], v[b, g]
-            for t0 in range(0, T, blk):
-                t1 = min(T, t0 + blk)
-                n = t1 - t0
-                end = start + t1  # keys 0..end-1 are visible to some query of this block
-                qb = np.multiply(qg[b, g, t0:t1], scale).reshape(n * rep, hd)
-                s = np.matmul(qb, kk[:end].T).reshape(n, rep, end)
-                # mask key j > start + t for query t, inside the block's last n columns
-                s[:, :, end - n:] += tri[:n, None, :n]
-                mx = s.max(axis=-1, keepdims=True)
-                s -= mx
-                np.exp(s, out=s)
-                den = s.sum(axis=-1, keepdims=True)
-                ob = np.matmul(s.reshape(n * rep, end), vv[:end]).reshape(n, rep, hd)
-                ob /= den
-                out[b, t0:t1, g * rep:(g + 1) * rep] = ob
+
+    def block(task: tuple[int, int, int]) -> None:
+        b, g, t0 = task
+        t1 = min(T, t0 + blk)
+        n = t1 - t0
+        end = start + t1  # keys 0..end-1 are visible to some query of this block
+        qb = np.multiply(qg[b, g, t0:t1], scale).reshape(n * rep, hd)
+        s = np.matmul(qb, k[b, g, :end].T).reshape(n, rep, end)
+        s[:, :, end - n:] += tri[:n, None, :n]  # key j > start + t is masked for query t
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        den = s.sum(axis=-1, keepdims=True)
+        ob = np.matmul(s.reshape(n * rep, end), v[b, g, :end]).reshape(n, rep, hd)
+        ob /= den
+        out[b, t0:t1, g * rep:(g + 1) * rep] = ob
+
+    # largest blocks (most keys) first, for load balance
+    tasks = [(b, g, t0) for t0 in reversed(range(0, T, blk)) for b in range(B) for g in range(Hkv)]
+    _run_tasks(block, tasks, single_threaded_blas=True)
     return out.reshape(B, T, H * hd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Threading: NumPy's elementwise ufuncs run on one core and release the GIL on large arrays, so
+# independent pieces of work run on a small thread pool sized by offq's one thread setting.
+# ------------------------------------------------------------------------------------------------
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_BLAS_CONTROLLER: Any = None
+
+
+def _num_threads() -> int:
+    try:
+        from ..kernels.threads import get_num_threads
+        return max(1, int(get_num_threads()))
+    except Exception:  # pragma: no cover - kernels not importable: fall back to the CPU count
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else (os.cpu_count() or 1))
+
+
+def _run_tasks(fn: Callable[[Any], None], tasks: list[Any], *,
+               single_threaded_blas: bool = False) -> None:
+    """Run ``fn(task)`` for every task, on ``_num_threads()`` threads when there is more than one
+    task (with BLAS limited to one thread inside when the tasks call BLAS themselves)."""
+    global _POOL, _POOL_SIZE, _BLAS_CONTROLLER
+    n = min(_num_threads(), len(tasks))
+    if n <= 1:
+        for t in tasks:
+            fn(t)
+        return
+    if _POOL is None or _POOL_SIZE < n:
+        if _POOL is not None:
+            _POOL.shutdown(wait=True)
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(n, thread_name_prefix="offq-model"), n
+    if single_threaded_blas:
+        if _BLAS_CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+            _BLAS_CONTROLLER = ThreadpoolController()
+        with _BLAS_CONTROLLER.limit(limits=1, user_api="blas"):
+            list(_POOL.map(fn, tasks))
+    else:
+        list(_POOL.map(fn, tasks))
+
+
+def _row_chunks(n_rows: int, min_rows: int = 64) -> list[slice]:
+    """Split ``range(n_rows)`` into about one contiguous slice per thread."""
+    parts = max(1, min(_num_threads(), n_rows // min_rows))
+    bounds = np.linspace(0, n_rows, parts + 1).astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]

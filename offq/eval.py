@@ -1,0 +1,206 @@
+"""Perplexity of a model on a text (METHODS.md section 4).
+
+Protocol, stated with every number offq prints:
+
+1. The eval text is read as UTF-8 and tokenized **once** as a whole, without special tokens.
+2. The token stream is cut into non-overlapping windows; the remainder that does not fill a
+   window is dropped. Every window is one model input of exactly ``seqlen`` tokens:
+   * models that use a BOS (``ModelConfig.add_bos``, i.e. the model's own tokenizer prepends
+     one): ``[BOS] + seqlen - 1`` text tokens, and all ``seqlen - 1`` text tokens are predicted;
+   * models without one (SmolLM2: its GGUF says ``tokenizer.ggml.add_bos_token = false`` and
+     its HF tokenizer adds no BOS): ``seqlen`` text tokens, the last ``seqlen - 1`` predicted.
+   Either way a window contributes ``seqlen - 1`` predicted positions.
+3. ``nll`` is the mean negative log-likelihood (natural log) over all predicted positions of all
+   windows, ``ppl = exp(nll)``. ``max_windows=N`` evaluates only the first N windows.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .model.llama import Model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalWindows", "make_windows", "perplexity", "load_model", "resolve_dataset",
+           "DATASETS"]
+
+#: Named eval sets -> path of the raw text relative to a data root (see `resolve_dataset`).
+DATASETS: dict[str, str] = {"wikitext2": "wikitext-2-raw/wiki.test.raw"}
+
+
+@dataclass(frozen=True)
+class EvalWindows:
+    """Token windows of the protocol: ``ids[windows, seqlen]`` int64 and the BOS flag."""
+
+    ids: np.ndarray
+    seqlen: int
+    add_bos: bool
+    stream_tokens: int  # tokens in the whole tokenized text
+
+    @property
+    def predicted_per_window(self) -> int:
+        return self.seqlen - 1
+
+
+def make_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: int | None = None,
+                 max_windows: int | None = None) -> EvalWindows:
+    """Cut a token stream into non-overlapping windows of ``seqlen`` model inputs.
+
+    With ``bos_id`` each window is ``[bos_id] + seqlen - 1`` stream tokens, otherwise ``seqlen``
+    stream tokens. The remainder is dropped; ``max_windows`` keeps the first N windows.
+    """
+    if isinstance(seqlen, bool) or not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
+        raise ValueError(f"seqlen: expected an integer >= 2, got {seqlen!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or int(max_windows) < 1):
+        raise ValueError(f"max_windows: expected a positive integer or None, got {max_windows!r}")
+    stream = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    per = seqlen - 1 if bos_id is not None else seqlen
+    n = stream.size // per
+    if max_windows is not None:
+        n = min(n, int(max_windows))
+    if n == 0:
+        raise ValueError(f"text: {stream.size} tokens do not fill one window of {per} tokens "
+                         f"(seqlen {seqlen})")
+    body = stream[: n * per].reshape(n, per)
+    if bos_id is not None:
+        body = np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), body], axis=1)
+    return EvalWindows(ids=np.ascontiguousarray(body), seqlen=int(seqlen),
+                       add_bos=bos_id is not None, stream_tokens=int(stream.size))
+
+
+def resolve_dataset(name_or_path: str) -> Path:
+    """Path of an eval text: an existing file, or a name of `DATASETS` looked up under
+    ``$OFFQ_DATA_DIR``, ``./data``, ``../shared/data`` (cwd and the source tree's parent)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p
+    rel = DATASETS.get(str(name_or_path).lower())
+    if rel is None:
+        raise ValueError(f"dataset: {name_or_path!r} is neither a file nor a known dataset "
+                         f"(known: {sorted(DATASETS)})")
+    repo = Path(__file__).resolve().parent.parent
+    roots = [os.environ.get("OFFQ_DATA_DIR"), "data", "../shared/data", repo / "data",
+             repo.parent / "shared" / "data"]
+    tried = []
+    for root in roots:
+        if not root:
+            continue
+        cand = Path(root).expanduser() / rel
+        tried.append(str(cand))
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"dataset {name_or_path!r}: {rel} not found (tried {tried}); set "
+                            "OFFQ_DATA_DIR to the folder holding it or pass the file path")
+
+
+def load_model(model: Any, **kwargs: Any) -> tuple[Model, Any]:
+    """``(Model, tokenizer)`` from a Model (tokenizer None), a Checkpoint, or a path/name that
+    ``offq.formats.open_checkpoint`` opens. ``kwargs`` go to ``Model.from_checkpoint``."""
+    if isinstance(model, Model):
+        return model, model.tokenizer
+    if isinstance(model, (str, os.PathLike)):
+        from .formats import open_checkpoint
+        model = open_checkpoint(model)
+    m = Model.from_checkpoint(model, **kwargs)
+    return m, m.tokenizer
+
+
+def _progress(total: int, quiet: bool | None, desc: str):
+    from tqdm.auto import tqdm
+    disable = bool(quiet) if quiet is not None else not sys.stderr.isatty()
+    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=disable,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | None = None, *,
+               seqlen: int = 2048, max_windows: int | None = None,
+               batch_size: int | None = None, add_bos: bool | None = None,
+               quiet: bool | None = None, dataset: str = "", name: str | None = None
+               ) -> dict[str, Any]:
+    """Perplexity of ``model`` on ``text`` with the protocol of the module docstring.
+
+    Args:
+        model: an ``offq.model.Model``, a Checkpoint, or a path / registered name.
+        tokenizer: encodes the text (default: the checkpoint's).
+        text: the eval text, or an already tokenized stream (list of ids).
+        seqlen: model input length per window.
+        max_windows: evaluate only the first N windows.
+        batch_size: windows per forward pass (default 1 for resident models, 4 when layers are
+            streamed, so each layer is read once per 4 windows).
+        add_bos: BOS per window; default ``model.config.add_bos``.
+        quiet: hide the progress bar (default: shown only when stderr is a TTY).
+        dataset: label recorded in the result.
+        name: model label (default the model's name).
+
+    Returns:
+        dict with ``ppl``, ``nll`` (mean, nats), ``tokens`` (predicted positions), ``windows``,
+        ``seqlen``, ``model``, ``method``, ``add_bos``, ``dataset``, ``stream_tokens``,
+        ``seconds`` and ``tokens_per_s`` (model input tokens per second).
+    """
+    m, tok = load_model(model)
+    tokenizer = tokenizer if tokenizer is not None else tok
+    if text is None:
+        raise ValueError("text: the eval text (or token ids) is required")
+    if add_bos is None:
+        add_bos = bool(getattr(m.config, "add_bos", False))
+    bos_id = None
+    if add_bos:
+        bos_id = getattr(m.config, "bos_token_id", None)
+        if bos_id is None and tokenizer is not None:
+            bos_id = getattr(tokenizer, "bos_id", None)
+        if bos_id is None:
+            raise ValueError("add_bos: the model has no BOS token id")
+    if isinstance(text, str):
+        if tokenizer is None:
+            raise ValueError("tokenizer: needed to encode the text")
+        t0 = time.perf_counter()
+        stream = tokenizer.encode(text, add_bos=False)
+        log.info("tokenized %d characters -> %d tokens in %.1fs", len(text), len(stream),
+                 time.perf_counter() - t0)
+    else:
+        stream = text
+    win = make_windows(stream, seqlen, bos_id=bos_id, max_windows=max_windows)
+    n = win.ids.shape[0]
+    if batch_size is None:
+        batch_size = 1 if m.resident else 4
+    if isinstance(batch_size, bool) or int(batch_size) < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
+    label = name if name is not None else (m.name or "model")
+    total_nll = 0.0
+    count = 0
+    t0 = time.perf_counter()
+    with _progress(n * seqlen, quiet, f"ppl {label}") as bar:
+        for s in range(0, n, batch_size):
+            ids = win.ids[s:s + batch_size]
+            nll = m.nll(ids)
+            total_nll += float(nll.sum())
+            count += nll.size
+            bar.update(ids.size)
+            bar.set_postfix(ppl=f"{math.exp(total_nll / count):.3f}", refresh=False)
+    seconds = time.perf_counter() - t0
+    mean = total_nll / count
+    return {
+        "model": label,
+        "method": getattr(m, "method", "fp32"),
+        "dataset": dataset,
+        "seqlen": int(seqlen),
+        "windows": int(n),
+        "tokens": int(count),
+        "add_bos": bool(add_bos),
+        "stream_tokens": win.stream_tokens,
+        "nll": mean,
+        "ppl": math.exp(mean),
+        "seconds": seconds,
+        "tokens_per_s": n * seqlen / seconds if seconds > 0 else float("nan"),
+    }

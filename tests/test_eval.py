@@ -1,0 +1,143 @@
+"""Perplexity protocol (windows, BOS, NLL) and the eval / generate command line.
+
+Fast: a tiny random model for the arithmetic, then a couple of short windows of the embedded
+default model (SmolLM2-135M-Instruct, dequantized Q4_1) on WikiText-2.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from offq.cli import main
+from offq.eval import make_windows, perplexity, resolve_dataset
+from offq.model import DenseLinear, Model
+from offq.model.config import ModelConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# windows
+# ------------------------------------------------------------------------------------------------
+def test_windows_without_bos_drop_the_remainder() -> None:
+    w = make_windows(list(range(23)), 5)
+    assert w.ids.shape == (4, 5) and not w.add_bos and w.stream_tokens == 23
+    np.testing.assert_array_equal(w.ids.reshape(-1), np.arange(20))
+
+
+def test_windows_with_bos_keep_the_input_length() -> None:
+    w = make_windows(np.arange(100, 123), 5, bos_id=1, max_windows=3)
+    assert w.ids.shape == (3, 5)
+    np.testing.assert_array_equal(w.ids[:, 0], [1, 1, 1])
+    np.testing.assert_array_equal(w.ids[:, 1:].reshape(-1), np.arange(100, 112))
+
+
+@pytest.mark.parametrize("kwargs", [dict(seqlen=1), dict(seqlen=50), dict(seqlen=4, max_windows=0)])
+def test_windows_reject_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        make_windows(list(range(20)), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# perplexity arithmetic on a tiny random model
+# ------------------------------------------------------------------------------------------------
+def tiny_model(add_bos: bool = False) -> Model:
+    cfg = ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, bos_token_id=1, eos_token_id=2, add_bos=add_bos,
+                      max_position_embeddings=64)
+    rng = np.random.default_rng(0)
+    t = {"model.embed_tokens.weight": rng.standard_normal((50, 32)),
+         "model.norm.weight": 1 + 0.1 * rng.standard_normal(32),
+         "lm_head.weight": rng.standard_normal((50, 32)) / 4}
+    shapes = cfg.tensor_shapes()
+    for name, shape in shapes.items():
+        if name not in t:
+            t[name] = (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
+                       else rng.standard_normal(shape) / math.sqrt(shape[1]))
+    return Model.from_tensors(cfg, {k: v.astype(np.float32) for k, v in t.items()}, name="tiny")
+
+
+def direct_nll(model: Model, windows: np.ndarray) -> float:
+    logits = model.forward(windows).astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    return float(-np.take_along_axis(logp[:, :-1], windows[:, 1:, None], -1).mean())
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_perplexity_is_exp_of_mean_nll(add_bos: bool) -> None:
+    model = tiny_model(add_bos)
+    stream = np.random.default_rng(1).integers(3, 50, size=70)
+    res = perplexity(model, None, stream, seqlen=16, quiet=True)
+    bos = 1 if add_bos else None
+    win = make_windows(stream, 16, bos_id=bos)
+    assert res["windows"] == win.ids.shape[0] == (70 // 15 if add_bos else 70 // 16)
+    assert res["tokens"] == res["windows"] * 15
+    assert res["add_bos"] is add_bos and res["seqlen"] == 16
+    assert res["nll"] == pytest.approx(direct_nll(model, win.ids), rel=1e-5)
+    assert res["ppl"] == pytest.approx(math.exp(res["nll"]))
+    # batching windows does not change the result
+    res4 = perplexity(model, None, stream, seqlen=16, batch_size=3, quiet=True)
+    assert res4["nll"] == pytest.approx(res["nll"], rel=1e-6)
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size() -> None:
+    model = tiny_model()
+    model.lm_head = DenseLinear(np.zeros((50, 32), np.float32))
+    res = perplexity(model, None, list(range(3, 43)), seqlen=8, quiet=True)
+    assert res["ppl"] == pytest.approx(50.0, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# the default model on WikiText-2
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wikitext() -> str:
+    try:
+        return resolve_dataset("wikitext2").read_bytes().decode("utf-8")
+    except FileNotFoundError as e:
+        pytest.skip(f"WikiText-2 test text not found: {e}")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from offq.eval import load_model
+    try:
+        return load_model("smollm2-135m")
+    except FileNotFoundError as e:
+        pytest.skip(f"default model not installed: {e}")
+
+
+def test_default_model_perplexity_is_sane(smollm, wikitext: str) -> None:
+    model, tok = smollm
+    res = perplexity(model, tok, wikitext[:20000], seqlen=128, max_windows=2, quiet=True)
+    assert res["windows"] == 2 and res["tokens"] == 2 * 127 and res["add_bos"] is False
+    assert math.isfinite(res["ppl"]) and 3.0 < res["ppl"] < 200.0, res
+
+
+def test_default_model_generates_greedily(smollm) -> None:
+    from offq.generate import GenerationConfig, generate
+    model, tok = smollm
+    out = generate(model, tok, "The capital of France is", GenerationConfig(max_new_tokens=4))
+    assert "Paris" in out
+
+
+def test_cli_eval_json(capsys: pytest.CaptureFixture, wikitext: str, tmp_path) -> None:
+    text = tmp_path / "sample.txt"
+    text.write_text(wikitext[:5000], encoding="utf-8")
+    rc = main(["eval", "smollm2-135m", "--dataset", str(text), "--seqlen", "64",
+               "--max-windows", "2", "--json", "--quiet", "--threads", "2"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("ppl", "nll", "tokens", "windows", "seqlen", "model"):
+        assert key in res
+    assert res["windows"] == 2 and res["seqlen"] == 64 and res["model"] == "smollm2-135m"
+    assert math.isfinite(res["ppl"])
+
+
+def test_cli_reports_bad_arguments(capsys: pytest.CaptureFixture) -> None:
+    rc = main(["eval", "smollm2-135m", "--dataset", "no-such-dataset", "--quiet"])
+    assert rc == 2
+    assert "dataset" in capsys.readouterr().err
