@@ -574,7 +574,8 @@ gemv_group_avx2(const gemv_args *g, int64_t n0, const int mrows)
 __attribute__((target("avx2,fma"))) static void gemv_avx2(const gemv_args *g, int mrows) /* 1 <= mrows <= MS == 8 */
 {
     const int64_t groups = (g->pl->n + 7) / 8;
-#pragma omp parallel for schedule(static)
+    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 20);
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t i = 0; i < groups; i++) {
         switch (mrows) {
         case 1: gemv_group_avx2(g, i * 8, 1); break;
@@ -722,7 +723,8 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
     const int64_t strips_per_chunk = (strips + mchunks - 1) / mchunks;
     const int64_t ntasks = ntiles * mchunks;
 
-#pragma omp parallel reduction(max : err)
+    const int parallel = ntasks > 1 && pl.m * pl.n * pl.k >= ((int64_t)1 << 21);
+#pragma omp parallel if (parallel) reduction(max : err)
     {
         workspace ws;
         ws.panels = aligned_buf((size_t)(nc * pl.kp));

@@ -1,0 +1,216 @@
+"""matmul_w4a4 against NumPy: the integer part exactly, the float result within float32
+accumulation error of dequantize(a) @ dequantize(w).T, every SIMD variant equal to the generic C
+reference bit for bit, adversarial shapes and zero-points, and argument validation. The whole
+file (and test_quant.py) runs again in a subprocess with OFFQ_DISABLE_SIMD=1 so the generic
+dispatch path is always exercised.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from offq import _C
+from offq.kernels.quant import QTensor, matmul_w4a4, quantize
+
+SIMD = _C.simd_info()
+KERNELS = ["auto", "generic"] + [k for k, flag in (("avx2", "avx2"), ("vnni", "avx512_vnni"))
+                                  if SIMD[flag]]
+EPS = np.finfo(np.float32).eps
+
+
+def from_int_codes(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: int) -> QTensor:
+    return QTensor.from_codes(q.astype(np.uint8), scale.astype(np.float32),
+                              zero.astype(np.float32), bits=4, group_size=group, symmetric=False)
+
+
+def reference(a: QTensor, w: QTensor) -> tuple[np.ndarray, np.ndarray]:
+    """float64 product of the dequantized operands and the bound sum |a_hat| |w_hat|."""
+    ad = a.dequantize().reshape(-1, a.shape[-1]).astype(np.float64)
+    wd = w.dequantize().astype(np.float64)
+    return ad @ wd.T, np.abs(ad) @ np.abs(wd).T
+
+
+def assert_close(out: np.ndarray, a: QTensor, w: QTensor) -> None:
+    ref, mag = reference(a, w)
+    out = out.reshape(ref.shape)
+    blocks = a.shape[-1] // min(a.group_size, w.group_size)
+    # float32 error of per-block scaling + summation over blocks, plus the rounding of the
+    # dequantized operands themselves (the reference rounds them to float32 once each)
+    tol = (4 * blocks + 8) * EPS * mag + 1e-30
+    bad = np.abs(out - ref) > tol
+    assert not bad.any(), f"max excess {np.max(np.abs(out - ref) - tol)} at {np.argwhere(bad)[:3]}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m,k,n,ga,gw", [
+    (1, 256, 40, 128, 128), (3, 512, 24, 128, -1), (8, 256, 16, 64, 64), (9, 384, 70, 128, 64),
+    (17, 256, 33, 32, 128), (5, 7, 5, 7, -1), (4, 30, 9, 10, -1), (2, 6, 3, 2, 6),
+    (13, 1024, 48, -1, -1), (40, 640, 100, 128, -1), (1, 4096, 8, 128, -1)])
+def test_integer_part_exact(kernel, m, k, n, ga, gw):
+    """scale 1 and integer zero-points: the result is an integer matrix, computed exactly."""
+    rng = np.random.default_rng(m * 1000 + k + n)
+    qa = rng.integers(0, 16, (m, k))
+    qw = rng.integers(0, 16, (n, k))
+    ga_, gw_ = (k if ga == -1 else ga), (k if gw == -1 else gw)
+    a = from_int_codes(qa, np.ones((m, k // ga_)), np.zeros((m, k // ga_)), ga)
+    w = from_int_codes(qw, np.ones((n, k // gw_)), np.zeros((n, k // gw_)), gw)
+    out = matmul_w4a4(a, w, kernel=kernel)
+    np.testing.assert_array_equal(out, (qa @ qw.T).astype(np.float32))
+    # integer zero-points, still unit scales: (qa - za) @ (qw - zw)^T exactly
+    za = rng.integers(-3, 19, (m, k // ga_))
+    zw = rng.integers(0, 16, (n, k // gw_))
+    a = from_int_codes(qa, np.ones((m, k // ga_)), za, ga)
+    w = from_int_codes(qw, np.ones((n, k // gw_)), zw, gw)
+    expect = (qa - np.repeat(za, ga_, 1)) @ (qw - np.repeat(zw, gw_, 1)).T
+    np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel), expect.astype(np.float32))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("m,k,n,ga,gw,wsym", [
+    (1, 512, 64, 128, -1, True), (2, 256, 31, 128, 128, False), (7, 256, 40, 64, 128, True),
+    (8, 1024, 17, 128, 64, False), (12, 128, 24, 128, 128, True), (33, 768, 50, 128, -1, True),
+    (6, 45, 10, 15, 45, False), (1, 4, 3, 4, 4, False)])
+def test_matches_dequantized_reference(kernel, m, k, n, ga, gw, wsym):
+    rng = np.random.default_rng(m + 7 * k + 13 * n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0] += 40.0  # a massive-activation row: zero-points far outside [0, 15]
+    if m > 2:
+        x[1, : min(k, ga if ga > 0 else k)] = 2.5  # a constant group
+        x[2] = 0.0  # an all-zero row
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    a = quantize(x, bits=4, group_size=ga)
+    wq = quantize(w, bits=4, group_size=gw, symmetric=wsym)
+    out = matmul_w4a4(a, wq, kernel=kernel)
+    assert out.shape == (m, n) and out.dtype == np.float32
+    assert_close(out, a, wq)
+    if m > 2:
+        np.testing.assert_array_equal(out[2], 0.0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 23])
+def test_simd_variants_equal_generic(m):
+    """Every variant forms the same integers and the same float operations in the same order."""
+    rng = np.random.default_rng(m)
+    for k, ga, gw in ((512, 128, -1), (384, 64, 128), (256, 256, 32), (96, 24, 48)):
+        x = (rng.standard_normal((m, k)) + rng.uniform(-30, 30, (m, 1))).astype(np.float32)
+        w = rng.standard_normal((37, k)).astype(np.float32)
+        a, wq = quantize(x, group_size=ga), quantize(w, group_size=gw, symmetric=bool(m % 2))
+        ref = matmul_w4a4(a, wq, kernel="generic")
+        for kernel in KERNELS:
+            np.testing.assert_array_equal(matmul_w4a4(a, wq, kernel=kernel), ref, err_msg=kernel)
+
+
+def test_huge_magnitudes_and_offsets():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((6, 256)) * 1e30).astype(np.float32)
+    w = (rng.standard_normal((20, 256)) * 1e-6).astype(np.float32)
+    a, wq = quantize(x), quantize(w, group_size=-1)
+    for kernel in KERNELS:
+        out = matmul_w4a4(a, wq, kernel=kernel)
+        assert np.all(np.isfinite(out))
+        assert_close(out, a, wq)
+    # rows that are all offset: 1e4 + small noise, zero-points ~ -1e5
+    x = (1e4 + rng.standard_normal((5, 256))).astype(np.float32)
+    a = quantize(x)
+    assert np.all(a.zero < -1e4)
+    for kernel in KERNELS:
+        assert_close(matmul_w4a4(a, wq, kernel=kernel), a, wq)
+
+
+def test_leading_dims_and_out():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 256)).astype(np.float32)
+    w = rng.standard_normal((10, 256)).astype(np.float32)
+    a, wq = quantize(x), quantize(w, group_size=-1, symmetric=True)
+    out = matmul_w4a4(a, wq)
+    assert out.shape == (2, 3, 10)
+    assert_close(out, a, wq)
+    a2 = a.reshape_rows()
+    buf = np.full((6, 10), np.nan, np.float32)
+    res = matmul_w4a4(a2, wq, out=buf)
+    assert res is buf
+    np.testing.assert_array_equal(buf, out.reshape(6, 10))
+
+
+def test_validation_names_arguments():
+    rng = np.random.default_rng(7)
+    a = quantize(rng.standard_normal((4, 192)).astype(np.float32), group_size=48)
+    w = quantize(rng.standard_normal((8, 192)).astype(np.float32), group_size=64)
+    with pytest.raises(ValueError, match="w_group: the group sizes of a .48. and w .64."):
+        matmul_w4a4(a, w)
+    w = quantize(rng.standard_normal((8, 192)).astype(np.float32), group_size=-1)
+    with pytest.raises(ValueError, match="a: expected a 4-bit"):
+        matmul_w4a4(quantize(rng.standard_normal((4, 192)).astype(np.float32), bits=8,
+                             group_size=48), w)
+    with pytest.raises(ValueError, match="w: K mismatch"):
+        matmul_w4a4(a, quantize(rng.standard_normal((8, 96)).astype(np.float32), group_size=-1))
+    with pytest.raises(ValueError, match="w: expected a 2-D"):
+        matmul_w4a4(a, quantize(rng.standard_normal((2, 4, 192)).astype(np.float32),
+                                group_size=-1))
+    with pytest.raises(TypeError, match="w: expected a QTensor"):
+        matmul_w4a4(a, np.ones((8, 192), np.float32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(4, 8\)"):
+        matmul_w4a4(a, w, out=np.empty((4, 9), np.float32))
+    with pytest.raises(TypeError, match="out: expected dtype"):
+        matmul_w4a4(a, w, out=np.empty((4, 8), np.float64))
+    with pytest.raises(ValueError, match="out: expected a C-contiguous"):
+        matmul_w4a4(a, w, out=np.empty((8, 4), np.float32).T)
+    with pytest.raises(ValueError, match="out: expected a writeable"):
+        ro = np.empty((4, 8), np.float32)
+        ro.flags.writeable = False
+        matmul_w4a4(a, w, out=ro)
+    with pytest.raises(ValueError, match="kernel: expected 'auto'"):
+        matmul_w4a4(a, w, kernel="sse9")
+    # the raw binding validates every array itself
+    args = [a.codes, a.scale, a.zero, 48, w.codes, w.scale, w.zero, 192, 192]
+    bad = list(args)
+    bad[0] = a.codes.astype(np.int8)
+    with pytest.raises(TypeError, match="a_codes: expected dtype"):
+        _C.matmul_w4a4(*bad)
+    bad = list(args)
+    bad[5] = np.ones((8, 2), np.float32)
+    with pytest.raises(ValueError, match="w_scale: expected the leading shape"):
+        _C.matmul_w4a4(*bad)
+    bad = list(args)
+    bad[4] = np.ascontiguousarray(np.zeros((96, 8), np.uint8).T)[:, :95]
+    with pytest.raises(ValueError, match="w_codes"):
+        _C.matmul_w4a4(*bad)
+    bad = list(args)
+    bad[3] = 50
+    with pytest.raises(ValueError, match="a_group: the group size 50 must divide"):
+        _C.matmul_w4a4(*bad)
+    bad = list(args)
+    bad[3] = -1
+    bad[8] = 190
+    with pytest.raises(ValueError, match="a_codes: expected last axis 95"):
+        _C.matmul_w4a4(*bad)
+
+
+def test_unavailable_kernel_is_an_error_not_a_crash():
+    if SIMD["disabled_by_env"]:
+        a = quantize(np.ones((1, 128), np.float32))
+        for kernel in ("avx2", "vnni"):
+            with pytest.raises(ValueError, match=f"kernel: '{kernel}' is not available"):
+                matmul_w4a4(a, a, kernel=kernel)
+
+
+@pytest.mark.skipif(os.environ.get("OFFQ_DISABLE_SIMD") == "1",
+                    reason="already running the generic path")
+def test_generic_dispatch_path_in_subprocess():
+    """Re-run the quant and matmul tests with SIMD dispatch forced off (OFFQ_DISABLE_SIMD=1)."""
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, OFFQ_DISABLE_SIMD="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(here / "test_quant.py"), str(here / "test_matmul_w4a4.py")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=here.parent)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    check = subprocess.run(
+        [sys.executable, "-c", "from offq import _C; print(_C.simd_info()['disabled_by_env'])"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=here.parent)
+    assert check.stdout.strip() == "True", check.stderr

@@ -1,0 +1,236 @@
+"""quantize / dequantize / QTensor against a plain NumPy reference of offq's format.
+
+The reference evaluates the format's formulas (offq/kernels/quant.py docstring) in float32 with
+np.rint, so codes, scales and zero-points must match bit for bit; random and adversarial inputs
+(odd shapes, one group per row, constant and all-zero groups, 1e30 magnitudes, NaN/Inf) and
+argument validation (errors name the argument).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from offq import _C
+from offq.kernels.quant import QTensor, dequantize, quantize
+
+
+def ref_quantize(x: np.ndarray, bits: int, group: int, symmetric: bool, clip: float = 1.0):
+    """Codes (one per byte, shape of x), scale, zero exactly as the format states (float32)."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[-1]
+    g = k if group == -1 else group
+    xg = x.reshape(-1, k // g, g)
+    f = np.float32
+    maxq = f(2**bits - 1)
+    c = f(clip)
+    if symmetric:
+        scale = (c * np.abs(xg).max(-1)) / f(2 ** (bits - 1) - 1)
+        scale = np.where(scale == 0, f(1), scale).astype(f)
+        zero = np.full_like(scale, f(2 ** (bits - 1)))
+    else:
+        lo = c * xg.min(-1)
+        hi = c * xg.max(-1)
+        scale = (hi - lo) / maxq
+        scale = np.where(scale == 0, np.where(hi != 0, np.abs(hi), f(1)), scale).astype(f)
+        zero = np.rint(-lo / scale).astype(f)
+    q = np.rint(xg / scale[..., None]).astype(f) + zero[..., None]
+    q = np.clip(q, f(0), maxq).astype(np.uint8)
+    lead = x.shape[:-1]
+    return q.reshape(x.shape), scale.reshape(lead + (k // g,)), zero.reshape(lead + (k // g,))
+
+
+def ref_pack4(q: np.ndarray) -> np.ndarray:
+    k = q.shape[-1]
+    qq = np.zeros(q.shape[:-1] + (k + (k & 1),), np.uint8)
+    qq[..., :k] = q
+    return (qq[..., 0::2] | (qq[..., 1::2] << 4)).astype(np.uint8)
+
+
+def check_against_reference(x, bits, group, symmetric, clip=1.0):
+    qt = quantize(x, bits=bits, group_size=group, symmetric=symmetric, clip=clip)
+    q, scale, zero = ref_quantize(x, bits, group, symmetric, clip)
+    np.testing.assert_array_equal(qt.scale, scale)
+    np.testing.assert_array_equal(qt.zero, zero)
+    np.testing.assert_array_equal(qt.unpacked_codes(), q)
+    g = x.shape[-1] if group == -1 else group
+    sums = q.reshape(q.shape[:-1] + (-1, g)).astype(np.int64).sum(-1)
+    np.testing.assert_array_equal(qt.code_sums, sums)
+    if bits == 4:
+        np.testing.assert_array_equal(qt.codes, ref_pack4(q))
+    else:
+        np.testing.assert_array_equal(qt.codes, q)
+    deq = (scale.repeat(g, -1) * (q.astype(np.float32) - zero.repeat(g, -1))).astype(np.float32)
+    np.testing.assert_array_equal(qt.dequantize(), deq)
+    assert qt.shape == x.shape and qt.group_size == g and qt.bits == bits
+    return qt
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape,group", [((5, 256), 128), ((3, 256), -1), ((1, 128), 128),
+                                         ((7, 96), 32), ((2, 3, 64), 16), ((4, 7), 7),
+                                         ((3, 9), 3), ((6, 33), 11), ((130,), 65)])
+def test_matches_reference(bits, symmetric, shape, group):
+    rng = np.random.default_rng(hash((bits, symmetric, shape, group)) % 2**32)
+    x = (rng.standard_normal(shape) * rng.uniform(0.01, 10)
+         + rng.uniform(-5, 5)).astype(np.float32)
+    check_against_reference(x, bits, group, symmetric)
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.9, 1.0])
+def test_clip(clip):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 128)).astype(np.float32)
+    for sym in (False, True):
+        check_against_reference(x, 4, 64, sym, clip)
+
+
+def test_rounding_half_to_even():
+    # x / scale lands exactly on .5: ties go to the even integer
+    x = np.array([[0.0, 0.5, 1.5, 2.5, 3.5, 15.0]], np.float32)  # scale = 1, zero = 0
+    qt = quantize(x, bits=4, group_size=-1)
+    assert qt.scale[0, 0] == 1.0 and qt.zero[0, 0] == 0.0
+    np.testing.assert_array_equal(qt.unpacked_codes()[0], [0, 0, 2, 2, 4, 15])
+
+
+def test_nibble_order_and_odd_k():
+    codes = np.array([[1, 2, 3, 4, 5]], np.uint8)
+    qt = QTensor.from_codes(codes, np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32),
+                            bits=4, group_size=-1, symmetric=False)
+    np.testing.assert_array_equal(qt.codes, [[0x21, 0x43, 0x05]])
+    np.testing.assert_array_equal(qt.unpacked_codes(), codes)
+    np.testing.assert_array_equal(qt.code_sums, [[15]])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_constant_and_zero_groups_exact(symmetric):
+    x = np.zeros((4, 64), np.float32)
+    x[1, :32] = 3.25
+    x[1, 32:] = -0.125
+    x[2, :32] = -7.0
+    x[3, 32:] = 1e-20
+    qt = quantize(x, bits=4, group_size=32, symmetric=symmetric)
+    y = qt.dequantize()
+    assert np.all(np.isfinite(y))
+    if not symmetric:
+        np.testing.assert_array_equal(y, x)
+    else:  # all-zero groups are exact on the symmetric grid too
+        np.testing.assert_array_equal(y[0], 0.0)
+        np.testing.assert_array_equal(y[2, 32:], 0.0)
+    check_against_reference(x, 4, 32, symmetric)
+
+
+def test_huge_and_tiny_magnitudes():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((4, 128)).astype(np.float32)
+    for mag in (1e30, 1e-30):
+        x = (base * np.float32(mag)).astype(np.float32)
+        for sym in (False, True):
+            qt = check_against_reference(x, 4, 64, sym)
+            y = qt.dequantize()
+            assert np.all(np.isfinite(y))
+            err = np.abs(y - x).max() / np.abs(x).max()
+            assert err < 0.15
+    # an outlier group: large common offset, small spread -> zero-point far outside [0, 15]
+    x = (1000.0 + rng.standard_normal((2, 128))).astype(np.float32)
+    qt = check_against_reference(x, 4, 128, False)
+    assert np.all(qt.zero < -1000)
+    spread = x.max(-1) - x.min(-1)
+    assert np.all(np.abs(qt.dequantize() - x) <= (spread / 15 * 0.5 + 1e-3)[:, None])
+
+
+def test_error_bound_asymmetric():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((16, 256)).astype(np.float32)
+    qt = quantize(x, bits=4, group_size=128)
+    err = np.abs(qt.dequantize() - x).reshape(16, 2, 128)
+    assert np.all(err <= qt.scale[..., None] * 0.5001)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_raises(bad):
+    x = np.ones((3, 64), np.float32)
+    x[2, 17] = bad
+    for sym in (False, True):
+        with pytest.raises(ValueError, match="x: contains NaN or Inf"):
+            quantize(x, group_size=32, symmetric=sym)
+
+
+def test_range_overflow_raises():
+    x = np.array([[-3e38, 3e38, 0.0, 1.0]], np.float32)
+    with pytest.raises(ValueError, match="x: .*overflows"):
+        quantize(x, group_size=-1)
+
+
+def test_validation_names_arguments():
+    x = np.ones((4, 64), np.float32)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        quantize(x.astype(np.float64))
+    with pytest.raises(TypeError, match="x: expected a numpy.ndarray"):
+        quantize([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="x: expected a C-contiguous"):
+        quantize(np.ones((64, 4), np.float32).T, group_size=-1)
+    with pytest.raises(ValueError, match="x: expected at least 1"):
+        quantize(np.array(1.0, np.float32))
+    with pytest.raises(ValueError, match="x: the last axis must not be empty"):
+        quantize(np.ones((3, 0), np.float32), group_size=-1)
+    with pytest.raises(ValueError, match="group_size: the group size 48 must divide"):
+        quantize(x, group_size=48)
+    with pytest.raises(ValueError, match="group_size: expected a positive"):
+        quantize(x, group_size=0)
+    for bits in (1, 5, 16):
+        with pytest.raises(ValueError, match="bits: expected one of"):
+            quantize(x, bits=bits, group_size=32)
+    for clip in (0.0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="clip: expected a ratio in"):
+            quantize(x, group_size=32, clip=clip)
+
+
+def test_from_codes_round_trip_and_validation():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 128)).astype(np.float32)
+    for bits in (2, 3, 4, 8):
+        qt = quantize(x, bits=bits, group_size=32)
+        qt2 = QTensor.from_codes(qt.unpacked_codes(), qt.scale, qt.zero, bits=bits, group_size=32,
+                                 symmetric=False)
+        np.testing.assert_array_equal(qt2.codes, qt.codes)
+        np.testing.assert_array_equal(qt2.code_sums, qt.code_sums)
+        np.testing.assert_array_equal(dequantize(qt2), dequantize(qt))
+        assert qt2.shape == (2, 3, 128) and qt.dequantize().shape == (2, 3, 128)
+    codes = np.full((2, 8), 16, np.uint8)
+    one = np.ones((2, 1), np.float32)
+    with pytest.raises(ValueError, match=r"codes: expected values in \[0, 15\]"):
+        QTensor.from_codes(codes, one, one, bits=4, group_size=-1, symmetric=False)
+    with pytest.raises(TypeError, match="codes: expected dtype"):
+        QTensor.from_codes(codes.astype(np.int32), one, one, bits=4, group_size=-1,
+                           symmetric=False)
+    with pytest.raises(ValueError, match="scale: expected shape"):
+        QTensor.from_codes(codes % 4, np.ones((2, 2), np.float32), one, bits=2, group_size=-1,
+                           symmetric=False)
+    with pytest.raises(TypeError, match="zero: expected dtype"):
+        QTensor.from_codes(codes % 4, one, one.astype(np.float64), bits=2, group_size=-1,
+                           symmetric=False)
+
+
+def test_qtensor_nbytes_and_frozen():
+    x = np.ones((4, 256), np.float32)
+    qt = quantize(x, bits=4, group_size=128)
+    assert qt.nbytes == 4 * 128 + 3 * 4 * 2 * 4
+    assert qt.groups == 2
+    with pytest.raises(AttributeError):
+        qt.bits = 8  # type: ignore[misc]
+
+
+def test_binding_validation():
+    codes = np.zeros((2, 32), np.uint8)
+    s = np.ones((2, 2), np.float32)
+    with pytest.raises(ValueError, match="codes: expected last axis 32"):
+        _C.dequantize(np.zeros((2, 31), np.uint8), s, s, 4, 32, 64)
+    with pytest.raises(ValueError, match="scale: expected the leading shape"):
+        _C.dequantize(codes, np.ones((2, 3), np.float32), s, 4, 32, 64)
+    with pytest.raises(TypeError, match="zero: expected dtype"):
+        _C.dequantize(codes, s, s.astype(np.float64), 4, 32, 64)
+    with pytest.raises(ValueError, match="k: expected a positive"):
+        _C.unpack_codes(codes, 4, 0)
+    with pytest.raises(ValueError, match="bits: expected one of"):
+        _C.unpack_codes(codes, 6, 64)
