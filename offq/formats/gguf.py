@@ -264,14 +264,17 @@ def _rope_scaling(reader, arch: str, tensors: dict, head_dim: int) -> dict | Non
     freqs = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64).reshape(-1)
     theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
     orig = _field(reader, f"{arch}.rope.scaling.original_context_length", 8192) or 8192
-    factor = float(freqs.max())
-    for low, high in ((1.0, 4.0),):
-        cand = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                "high_freq_factor": high, "original_max_position_embeddings": int(orig)}
-        if np.allclose(_llama3_divisors(cand, theta, head_dim), freqs, rtol=1e-5, atol=1e-6):
-            return cand
+    # The largest divisor is the factor when some wavelength exceeds the original context;
+    # otherwise try the factors Llama 3.1 (8) and 3.2 (32) use.
+    for factor in dict.fromkeys((float(freqs.max()), 8.0, 32.0, 16.0, 4.0)):
+        for low, high in ((1.0, 4.0),):
+            cand = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                    "high_freq_factor": high, "original_max_position_embeddings": int(orig)}
+            if (len(freqs) == head_dim // 2 and
+                    np.allclose(_llama3_divisors(cand, theta, head_dim), freqs, rtol=1e-5, atol=1e-6)):
+                return cand
     raise ValueError(f"{path}: tensor 'rope_freqs.weight' does not match the llama3 RoPE recipe "
-                     f"(factor {factor}); this RoPE variant is not supported")
+                     f"(max divisor {float(freqs.max())}); this RoPE variant is not supported")
 
 
 def _llama3_divisors(scaling: dict, theta: float, head_dim: int) -> np.ndarray:

