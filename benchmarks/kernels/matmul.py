@@ -1,0 +1,108 @@
+"""matmul_w4a4 benchmark: W4A4 product vs NumPy float32 matmul (OpenBLAS) on the same shapes.
+
+Protocol: A [M, K] and W [N, K] are N(0, 1) float32 (seed 0). W is quantized once (4-bit,
+symmetric, per output channel: the OffQ default), A 4-bit asymmetric with groups of 128 (the
+OffQ runtime setting). Rows per shape (M, K, N):
+  - `w4a4 [kernel]`: matmul_w4a4 on pre-quantized A (the kernel alone),
+  - `w4a4+quantA [kernel]`: quantize(A) then matmul_w4a4 (what a linear layer pays at run time),
+each against `numpy sgemm` = `A @ W.T` in float32 (NumPy's OpenBLAS; for M = 1 the vector form
+`a @ W.T`, i.e. sgemv), timed in the same process with the same thread setting. `kernel` is
+the SIMD variant offq dispatches to (auto); on CPUs with AVX-512 VNNI the AVX2 variant (what Zen3
+and other AVX2-only machines run) is reported as well. GFLOP/s counts 2*M*N*K operations (integer
+MACs for offq); GB/s counts the packed operands read and the float32 output written.
+
+    python benchmarks/kernels/matmul.py [--quick] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from offq import _C
+from offq.kernels import threads as thread_limit
+from offq.kernels.quant import matmul_w4a4, quantize
+
+try:
+    from .common import result, timeit
+except ImportError:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from kernels.common import result, timeit
+
+SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (128, 4096, 4096), (512, 4096, 4096),
+          (2048, 4096, 4096), (512, 4096, 11008)]
+QUICK_SHAPES = [(1, 1024, 1024), (8, 1024, 1024), (128, 1024, 1024), (512, 1024, 2752)]
+A_GROUP = 128
+
+
+def kernels_to_report() -> list[str]:
+    simd = _C.simd_info()
+    out = ["auto"]
+    if simd["avx512_vnni"] and simd["avx2"]:
+        out.append("avx2")  # auto = vnni here; also report the AVX2-only machines' kernel
+    return out
+
+
+def kernel_name(kernel: str) -> str:
+    if kernel != "auto":
+        return kernel
+    simd = _C.simd_info()
+    return "vnni" if simd["avx512_vnni"] else "avx2" if simd["avx2"] else "generic"
+
+
+def run(threads: int, quick: bool) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, k, n in QUICK_SHAPES if quick else SHAPES:
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        qw = quantize(w, bits=4, group_size=-1, symmetric=True)
+        qa = quantize(a, bits=4, group_size=A_GROUP)
+        if m == 1:
+            a1, wt = a[0], w.T
+            t_blas = timeit(lambda: a1 @ wt, quick=quick)
+            blas = "numpy sgemv"
+        else:
+            c = np.empty((m, n), np.float32)
+            t_blas = timeit(lambda: np.matmul(a, w.T, out=c), quick=quick)
+            blas = "numpy sgemm"
+        out = np.empty((m, n), np.float32)
+        flops = 2.0 * m * n * k
+        nbytes = qw.nbytes + qa.nbytes + out.nbytes
+        for kernel in kernels_to_report():
+            name = kernel_name(kernel)
+            t = timeit(lambda: matmul_w4a4(qa, qw, out=out, kernel=kernel), quick=quick)
+            rows.append(result(
+                "matmul_w4a4", f"w4a4 [{name}] {m}x{k}x{n}", threads, t, flops=flops,
+                nbytes=nbytes, baselines={blas: t_blas},
+                note=f"A asym g{A_GROUP} pre-quantized, W sym per-channel, 4-bit"))
+            t_q = timeit(lambda: matmul_w4a4(quantize(a, bits=4, group_size=A_GROUP), qw, out=out,
+                                             kernel=kernel), quick=quick)
+            rows.append(result(
+                "matmul_w4a4", f"w4a4+quantA [{name}] {m}x{k}x{n}", threads, t_q, flops=flops,
+                nbytes=nbytes + a.nbytes, baselines={blas: t_blas},
+                note=f"includes quantize(A) asym g{A_GROUP}; W sym per-channel, 4-bit"))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes, short timings")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2])
+    args = ap.parse_args()
+    print(f"# simd {_C.simd_info()}; ratio = numpy time / offq time (> 1: offq faster)")
+    for t in args.threads:
+        with thread_limit(t):
+            for r in run(t, args.quick):
+                (blas, tb), = r["baseline_seconds"].items()
+                print(f"{r['case']:<36} th={t} {r['seconds'] * 1e3:9.3f} ms {r['gflops']:8.1f} "
+                      f"GOP/s  {blas} {tb * 1e3:9.3f} ms  x{r['speedup_vs'][blas]:.2f}",
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
