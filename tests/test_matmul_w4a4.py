@@ -202,15 +202,17 @@ def test_unavailable_kernel_is_an_error_not_a_crash():
 @pytest.mark.skipif(os.environ.get("OFFQ_DISABLE_SIMD") == "1",
                     reason="already running the generic path")
 def test_generic_dispatch_path_in_subprocess():
-    """Re-run the quant and matmul tests with SIMD dispatch forced off (OFFQ_DISABLE_SIMD=1)."""
+    """Re-run the quant and matmul tests with SIMD dispatch forced off (OFFQ_DISABLE_SIMD=1).
+
+    Same interpreter, environment and working directory, so it imports the same offq build."""
     here = Path(__file__).resolve().parent
     env = dict(os.environ, OFFQ_DISABLE_SIMD="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          str(here / "test_quant.py"), str(here / "test_matmul_w4a4.py")],
-        env=env, capture_output=True, text=True, timeout=600, cwd=here.parent)
+        env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     check = subprocess.run(
         [sys.executable, "-c", "from offq import _C; print(_C.simd_info()['disabled_by_env'])"],
-        env=env, capture_output=True, text=True, timeout=120, cwd=here.parent)
+        env=env, capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "True", check.stderr
