@@ -1,9 +1,11 @@
 """The ``offq`` command line.
 
+    offq quantize MODEL --out DIR [options]          (offq.quantize_cli)
     offq eval MODEL [--dataset wikitext2] [--seqlen 2048] [--max-windows N] [--json]
     offq generate MODEL --prompt TEXT [--max-new-tokens 64] [--temperature 0] [--seed 0]
 
-MODEL is a registered name (``smollm2-135m``), a HF checkpoint directory or a .gguf file.
+MODEL is a registered name (``smollm2-135m``), a HF checkpoint directory, a .gguf file, or an
+offq checkpoint directory written by ``offq quantize`` (run on the real 4-bit kernels).
 Each subcommand is one ``cmd_<name>(args)`` function that unpacks the parsed arguments into plain
 values before calling library code; new subcommands register through ``add_<name>_parser``.
 """
@@ -24,9 +26,12 @@ log = logging.getLogger("offq")
 # shared
 # ------------------------------------------------------------------------------------------------
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="registered name (smollm2-135m), HF checkpoint dir or .gguf file")
+    p.add_argument("model", help="registered name (smollm2-135m), HF checkpoint dir, .gguf file "
+                                 "or offq (quantized) checkpoint dir")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for offq's kernels and BLAS (default: all cores)")
+    p.add_argument("--mode", choices=("real", "fake"), default="real",
+                   help="offq checkpoints: real 4-bit kernels (default) or float32 simulation")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log messages")
 
 
@@ -61,12 +66,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval import load_model, perplexity, resolve_dataset
+    from .eval import load_dataset, load_model, perplexity
 
     _set_threads(args.threads)
-    path = resolve_dataset(args.dataset)
-    text = path.read_bytes().decode("utf-8")
-    model, tokenizer = load_model(args.model)
+    text = load_dataset(args.dataset)
+    model, tokenizer = load_model(args.model, mode=args.mode)
     res = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows,
                      batch_size=args.batch_size, quiet=True if args.quiet else None,
                      dataset=args.dataset)
@@ -101,7 +105,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, seed=args.seed)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, mode=args.mode)
+    if tokenizer is None:
+        raise ValueError(f"{args.model}: no tokenizer found (tokenizer.json) to encode the prompt")
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
 
@@ -117,7 +123,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_eval_parser, add_generate_parser]
+def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    from .quantize_cli import add_quantize_parser as add
+    add(sub)
+
+
+SUBCOMMANDS = [add_quantize_parser, add_eval_parser, add_generate_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,10 +32,10 @@ from .model.llama import Model
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalWindows", "make_windows", "perplexity", "load_model", "resolve_dataset",
-           "DATASETS"]
+           "load_dataset", "DATASETS"]
 
-#: Named eval sets -> path of the raw text relative to a data root (see `resolve_dataset`).
-DATASETS: dict[str, str] = {"wikitext2": "wikitext-2-raw/wiki.test.raw"}
+#: Named eval sets -> description (paths are found by `resolve_dataset`).
+DATASETS: dict[str, str] = {"wikitext2": "WikiText-2 (raw) test split, wiki.test.raw"}
 
 
 @dataclass(frozen=True)
@@ -78,37 +78,50 @@ def make_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: int
                        add_bos=bos_id is not None, stream_tokens=int(stream.size))
 
 
-def resolve_dataset(name_or_path: str) -> Path:
-    """Path of an eval text: an existing file, or a name of `DATASETS` looked up under
-    ``$OFFQ_DATA_DIR``, ``./data``, ``../shared/data`` (cwd and the source tree's parent)."""
+def resolve_dataset(name_or_path: str | os.PathLike) -> Path:
+    """Path of an eval text: an existing file, or a name of `DATASETS` (``wikitext2``: the
+    WikiText-2 raw test split, found by ``offq.data.find_data_dir``: ``$OFFQ_DATA_DIR`` or a
+    ``shared/data`` / ``data`` folder above the working directory or the package)."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
-    rel = DATASETS.get(str(name_or_path).lower())
-    if rel is None:
-        raise ValueError(f"dataset: {name_or_path!r} is neither a file nor a known dataset "
+    key = str(name_or_path).lower()
+    if key not in DATASETS:
+        raise ValueError(f"dataset: {str(name_or_path)!r} is neither a file nor a known dataset "
                          f"(known: {sorted(DATASETS)})")
-    repo = Path(__file__).resolve().parent.parent
-    roots = [os.environ.get("OFFQ_DATA_DIR"), "data", "../shared/data", repo / "data",
-             repo.parent / "shared" / "data"]
-    tried = []
-    for root in roots:
-        if not root:
-            continue
-        cand = Path(root).expanduser() / rel
-        tried.append(str(cand))
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"dataset {name_or_path!r}: {rel} not found (tried {tried}); set "
-                            "OFFQ_DATA_DIR to the folder holding it or pass the file path")
+    from .data import wikitext2_test_path
+    return wikitext2_test_path()
 
 
-def load_model(model: Any, **kwargs: Any) -> tuple[Model, Any]:
-    """``(Model, tokenizer)`` from a Model (tokenizer None), a Checkpoint, or a path/name that
-    ``offq.formats.open_checkpoint`` opens. ``kwargs`` go to ``Model.from_checkpoint``."""
+def load_dataset(name_or_path: str | os.PathLike) -> str:
+    """The eval text as one string (UTF-8; WikiText-2 is checked against its SHA-256)."""
+    path = resolve_dataset(name_or_path)
+    if str(name_or_path).lower() == "wikitext2":
+        from .data import load_wikitext2_test
+        return load_wikitext2_test(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8: {e}") from e
+
+
+def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model, Any]:
+    """``(Model, tokenizer)`` from a Model, a Checkpoint, or a path / registered name.
+
+    A path to an offq checkpoint directory (quantized) is run by ``offq.checkpoint`` with the
+    real W4A4 kernels (``mode="real"``) or simulated in float32 (``mode="fake"``); anything else
+    is opened by ``offq.formats.open_checkpoint`` and runs in float32. ``kwargs`` go to
+    ``Model.from_checkpoint``.
+    """
     if isinstance(model, Model):
         return model, model.tokenizer
     if isinstance(model, (str, os.PathLike)):
+        from .checkpoint import is_offq_checkpoint, load_quantized
+        if is_offq_checkpoint(model):
+            m, tok, qcfg = load_quantized(model, mode=mode)
+            m.tokenizer = tok
+            m.method = f"{qcfg.describe()} ({mode})"
+            return m, tok
         from .formats import open_checkpoint
         model = open_checkpoint(model)
     m = Model.from_checkpoint(model, **kwargs)

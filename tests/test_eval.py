@@ -117,6 +117,18 @@ def test_default_model_perplexity_is_sane(smollm, wikitext: str) -> None:
     assert math.isfinite(res["ppl"]) and 3.0 < res["ppl"] < 200.0, res
 
 
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_windows_agree_with_offq_data(smollm, wikitext: str, add_bos: bool) -> None:
+    """offq.eval's windows are offq.data's eval windows (one protocol, two entry points)."""
+    from offq.data import eval_windows
+    _, tok = smollm
+    text = wikitext[:30000]
+    want = eval_windows(tok, text, seqlen=256, max_windows=5, add_bos=add_bos)
+    got = make_windows(tok.encode(text), 256, bos_id=tok.bos_id if add_bos else None,
+                       max_windows=5)
+    np.testing.assert_array_equal(got.ids, want)
+
+
 def test_default_model_generates_greedily(smollm) -> None:
     from offq.generate import GenerationConfig, generate
     model, tok = smollm
