@@ -4,5 +4,7 @@ The entry point is `open_checkpoint`; see `offq.formats.registry` for the `Check
 `TensorStore` contract.
 """
 from .registry import MODEL_NAMES, Checkpoint, TensorStore, check_tensors, open_checkpoint
+from .safetensors import SafetensorsFile, SafetensorsWriter, load_safetensors, write_safetensors
 
-__all__ = ["open_checkpoint", "Checkpoint", "TensorStore", "check_tensors", "MODEL_NAMES"]
+__all__ = ["open_checkpoint", "Checkpoint", "TensorStore", "check_tensors", "MODEL_NAMES",
+           "SafetensorsFile", "SafetensorsWriter", "load_safetensors", "write_safetensors"]

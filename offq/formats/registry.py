@@ -49,7 +49,8 @@ class TensorStore(abc.ABC):
 
     @abc.abstractmethod
     def _read(self, name: str) -> np.ndarray:
-        """Read one known tensor as float32 (may share memory with the source; copied by the caller)."""
+        """Read one known tensor as float32. May return a view of the source file: `__getitem__`
+        copies anything that is not a writeable float32 array owning its memory."""
 
     def dtype(self, name: str) -> str:
         """Storage type of tensor ``name`` in the source file (e.g. ``"F32"``, ``"BF16"``, ``"Q4_1"``)."""
@@ -67,8 +68,9 @@ class TensorStore(abc.ABC):
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self:
             raise KeyError(f"tensor {name!r} not in checkpoint ({len(self)} tensors)")
-        arr = self._read(name)
-        out = np.array(arr, dtype=np.float32, order="C", copy=True)
+        out = self._read(name)
+        if not _owned_float32(out):   # views of a memory map (or odd layouts) are copied once
+            out = np.array(out, dtype=np.float32, order="C", copy=True)
         expected = self.shape(name)
         if out.shape != tuple(expected):
             raise ValueError(f"tensor {name!r}: read shape {out.shape} != declared {tuple(expected)}")
@@ -80,6 +82,19 @@ class TensorStore(abc.ABC):
 
     def close(self) -> None:
         """Release file handles / memory maps (further reads are an error)."""
+
+
+def _owned_float32(arr: np.ndarray) -> bool:
+    """A C-contiguous, writeable float32 array that owns its buffer (or views a whole owned one)."""
+    if not (isinstance(arr, np.ndarray) and type(arr) is np.ndarray and arr.dtype == np.float32
+            and arr.flags.c_contiguous and arr.flags.writeable):
+        return False
+    base = arr
+    while not base.flags.owndata:
+        base = base.base
+        if type(base) is not np.ndarray:       # a memmap, mmap or foreign buffer
+            return False
+    return base.nbytes == arr.nbytes
 
 
 def check_tensors(store: TensorStore, config: "ModelConfig", source: str) -> None:
