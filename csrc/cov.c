@@ -20,6 +20,9 @@
 
 /* OpenBLAS (scipy-openblas32) takes 32-bit sizes: longer inputs are processed in chunks. */
 #define BLAS_MAX_ROWS ((int64_t)1 << 30)
+/* Updates of at most this many float32 rows into a float64 accumulator go through dsyrk on the
+ * widened rows (no d x d scratch: its page faults and extra pass cost more than the flops saved). */
+#define SMALL_UPDATE_ROWS 256
 /* Tile of the upper -> lower mirror. */
 #define MIRROR_TILE 64
 
@@ -68,6 +71,18 @@ int offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d)
 
 int offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d)
 {
+    if (n <= SMALL_UPDATE_ROWS) { /* few rows (e.g. top-1 tokens): widen them, dsyrk into acc */
+        double *x64 = malloc((size_t)(n * d) * sizeof(double));
+        if (x64 == NULL) {
+            return -1;
+        }
+        for (int64_t i = 0; i < n * d; i++) {
+            x64[i] = (double)x[i];
+        }
+        offq_cov_update_f64(acc, x64, n, d);
+        free(x64);
+        return 0;
+    }
     float *s = calloc((size_t)(d * d), sizeof(float));
     if (s == NULL) {
         return -1;

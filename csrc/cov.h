@@ -13,7 +13,8 @@
 int offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d);
 int offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d);
 /* float64 acc, float32 x: x^T x is formed by ssyrk in a float32 scratch (one call's tokens summed
- * in float32, as OpenBLAS does) and added to acc in float64. Returns -1 when out of memory. */
+ * in float32, as OpenBLAS does) and added to acc in float64; calls of at most 256 rows widen the
+ * rows to float64 and use dsyrk instead. Returns -1 when out of memory. */
 int offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d);
 
 /* For each of `batch` sequences x[b, :, :] of `tokens` rows of length d, copy the row with the

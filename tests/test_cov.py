@@ -25,7 +25,7 @@ def test_cov_update_matches_numpy(acc_dtype, x_dtype):
     d = 67  # odd size
     acc = np.zeros((d, d), acc_dtype)
     ref = np.zeros((d, d))
-    for rows in [1, 130, 33]:
+    for rows in [1, 130, 33, 300]:  # 300 > 256: the float32-scratch path of a float64 acc
         x = (rng.standard_normal((rows, d)) * 3 + 1).astype(x_dtype)
         assert cov_update(acc, x) is acc
         ref += x.astype(np.float64).T @ x.astype(np.float64)
