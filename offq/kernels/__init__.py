@@ -6,13 +6,8 @@ accumulation and top eigenpairs (:mod:`.cov`), group-wise quantization and the W
 """
 from .cov import cov_update, top_eigenpairs
 from .hadamard import SUPPORTED_ORDERS, fwht, hadamard_factor, hadamard_matrix, is_supported
+from .quant import QTensor, dequantize, matmul_w4a4, quantize
 from .threads import get_num_threads, set_num_threads, threads
-
-try:
-    from .quant import QTensor, dequantize, matmul_w4a4, quantize
-except ModuleNotFoundError as exc:  # TODO(lead): drop this guard once offq/kernels/quant.py lands
-    if exc.name != f"{__name__}.quant":
-        raise
 
 __all__ = [
     "fwht",
