@@ -12,6 +12,7 @@
 #include "hadamard.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,7 +26,7 @@
 #endif
 
 /* Rows are spread over threads only when there is enough work to pay for the fork. */
-#define PARALLEL_MIN_ELEMS ((int64_t)1 << 15)
+#define PARALLEL_MIN_ELEMS ((int64_t)1 << 17)
 /* The mix step (step 2) stages m * MIX_W values (AVX2) or a whole row (generic) per thread. */
 #define MIX_W 16
 
@@ -94,6 +95,39 @@ int offq_hadamard_base(int64_t m, double *out)
     return 0;
 }
 
+/* The transposed +-1 tables, ht[c * m + a] = H_m[a][c], expanded once per order and element type
+ * on first use (lock-free: a racing duplicate is freed) and kept for the life of the process. */
+#define DEFINE_UNIT_TABLE(T, NAME)                                                                \
+    static _Atomic(T *) NAME##_cache[OFFQ_HAD_NUM_TABLES];                                       \
+    static const T *NAME(const offq_had_table *t)                                                 \
+    {                                                                                             \
+        _Atomic(T *) *slot = &NAME##_cache[t - offq_had_tables];                                  \
+        T *ht = atomic_load_explicit(slot, memory_order_acquire);                                 \
+        if (ht != NULL) {                                                                         \
+            return ht;                                                                            \
+        }                                                                                         \
+        const int64_t m = t->order;                                                               \
+        ht = malloc((size_t)(m * m) * sizeof(T));                                                 \
+        if (ht == NULL) {                                                                         \
+            return NULL;                                                                          \
+        }                                                                                         \
+        for (int64_t c = 0; c < m; c++) {                                                         \
+            for (int64_t a = 0; a < m; a++) {                                                     \
+                ht[c * m + a] = (T)table_sign(t, a, c);                                           \
+            }                                                                                     \
+        }                                                                                         \
+        T *expected = NULL;                                                                       \
+        if (!atomic_compare_exchange_strong_explicit(slot, &expected, ht, memory_order_acq_rel,   \
+                                                     memory_order_acquire)) {                     \
+            free(ht);                                                                             \
+            return expected;                                                                      \
+        }                                                                                         \
+        return ht;                                                                                \
+    }
+
+DEFINE_UNIT_TABLE(float, unit_table_f32)
+DEFINE_UNIT_TABLE(double, unit_table_f64)
+
 /* ---------------------------------------------------------------------------------------------
  * Generic C (the reference): radix-2 butterflies, stage by stage.
  * The kernels and the mix are written once as macros over the element type T, because float32 and
@@ -122,10 +156,11 @@ int offq_hadamard_base(int64_t m, double *out)
 DEFINE_POW2_GENERIC(float, pow2_f32_generic)
 DEFINE_POW2_GENERIC(double, pow2_f64_generic)
 
-/* Step 2 on one row x = [m, p]: x[c, :] <- sum_a ht[c * m + a] * x[a, :], where ht is the transposed
- * H_m already multiplied by the normalisation. Generic: accumulate into tmp (n values), axpy by axpy. */
+/* Step 2 on one row x = [m, p]: x[c, :] <- scale * sum_a ht[c * m + a] * x[a, :], with ht the
+ * transposed H_m. Generic: accumulate into tmp (n values), axpy by axpy. */
 #define DEFINE_MIX_GENERIC(T, NAME)                                                               \
-    static void NAME(T *restrict x, int64_t m, int64_t p, const T *restrict ht, T *restrict tmp)  \
+    static void NAME(T *restrict x, int64_t m, int64_t p, const T *restrict ht, T scale,          \
+                     T *restrict tmp)                                                             \
     {                                                                                             \
         memset(tmp, 0, (size_t)(m * p) * sizeof(T));                                              \
         for (int64_t c = 0; c < m; c++) {                                                         \
@@ -138,7 +173,9 @@ DEFINE_POW2_GENERIC(double, pow2_f64_generic)
                 }                                                                                 \
             }                                                                                     \
         }                                                                                         \
-        memcpy(x, tmp, (size_t)(m * p) * sizeof(T));                                             \
+        for (int64_t i = 0; i < m * p; i++) {                                                     \
+            x[i] = tmp[i] * scale;                                                                \
+        }                                                                                         \
     }
 
 DEFINE_MIX_GENERIC(float, mix_f32_generic)
@@ -147,14 +184,15 @@ DEFINE_MIX_GENERIC(double, mix_f64_generic)
 #ifdef OFFQ_HAVE_X86
 /* AVX2 mix: columns in chunks of 2 vectors staged in tmp (m x 2 vectors), 4 output sub-rows at a
  * time (m is a multiple of 4) so that 8 independent FMA chains share each staged load. */
-#define DEFINE_MIX_AVX2(T, NAME, GENERIC, VEC, LANES, LOAD, STORE, SET1, FMA, ZERO)              \
+#define DEFINE_MIX_AVX2(T, NAME, GENERIC, VEC, LANES, LOAD, STORE, SET1, FMA, ZERO, MUL)         \
     OFFQ_AVX2 static void NAME(T *restrict x, int64_t m, int64_t p, const T *restrict ht,        \
-                               T *restrict tmp)                                                   \
+                               T scale, T *restrict tmp)                                          \
     {                                                                                             \
         if (p < 2 * LANES) {                                                                      \
-            GENERIC(x, m, p, ht, tmp);                                                            \
+            GENERIC(x, m, p, ht, scale, tmp);                                                     \
             return;                                                                               \
         }                                                                                         \
+        const VEC vs = SET1(scale);                                                               \
         for (int64_t j0 = 0; j0 < p; j0 += 2 * LANES) {                                           \
             for (int64_t a = 0; a < m; a++) {                                                     \
                 STORE(tmp + a * 2 * LANES, LOAD(x + a * p + j0));                                 \
@@ -178,22 +216,22 @@ DEFINE_MIX_GENERIC(double, mix_f64_generic)
                     y30 = FMA(s3, t0, y30);                                                       \
                     y31 = FMA(s3, t1, y31);                                                       \
                 }                                                                                 \
-                STORE(x + c * p + j0, y00);                                                       \
-                STORE(x + c * p + j0 + LANES, y01);                                               \
-                STORE(x + (c + 1) * p + j0, y10);                                                 \
-                STORE(x + (c + 1) * p + j0 + LANES, y11);                                         \
-                STORE(x + (c + 2) * p + j0, y20);                                                 \
-                STORE(x + (c + 2) * p + j0 + LANES, y21);                                         \
-                STORE(x + (c + 3) * p + j0, y30);                                                 \
-                STORE(x + (c + 3) * p + j0 + LANES, y31);                                         \
+                STORE(x + c * p + j0, MUL(y00, vs));                                               \
+                STORE(x + c * p + j0 + LANES, MUL(y01, vs));                                       \
+                STORE(x + (c + 1) * p + j0, MUL(y10, vs));                                         \
+                STORE(x + (c + 1) * p + j0 + LANES, MUL(y11, vs));                                 \
+                STORE(x + (c + 2) * p + j0, MUL(y20, vs));                                         \
+                STORE(x + (c + 2) * p + j0 + LANES, MUL(y21, vs));                                 \
+                STORE(x + (c + 3) * p + j0, MUL(y30, vs));                                         \
+                STORE(x + (c + 3) * p + j0 + LANES, MUL(y31, vs));                                 \
             }                                                                                     \
         }                                                                                         \
     }
 
 DEFINE_MIX_AVX2(float, mix_f32_avx2, mix_f32_generic, __m256, 8, _mm256_loadu_ps, _mm256_storeu_ps,
-                _mm256_set1_ps, _mm256_fmadd_ps, _mm256_setzero_ps)
+                _mm256_set1_ps, _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_mul_ps)
 DEFINE_MIX_AVX2(double, mix_f64_avx2, mix_f64_generic, __m256d, 4, _mm256_loadu_pd,
-                _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_setzero_pd)
+                _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_setzero_pd, _mm256_mul_pd)
 
 /* ---------------------------------------------------------------------------------------------
  * AVX2 + FMA butterflies.
@@ -417,7 +455,21 @@ OFFQ_AVX2 static void pow2_f64_avx2(double *restrict x, int64_t n, int normalize
 /* ---------------------------------------------------------------------------------------------
  * Row driver: dispatch once, then rows in parallel.
  * ------------------------------------------------------------------------------------------- */
-#define DEFINE_FWHT_ROWS(T, NAME, POW2_GENERIC, POW2_SIMD, MIX_GENERIC, MIX_SIMD)                  \
+/* One row r of x: the sub-row butterflies, then the mix (uses pow2, mix, ht, tmp of the caller). */
+#define ROW_BODY(T)                                                                               \
+    do {                                                                                          \
+        T *row = x + r * n;                                                                       \
+        if (m == 1) {                                                                             \
+            pow2(row, n, normalize, scale);                                                       \
+        } else {                                                                                  \
+            for (int64_t a = 0; a < m; a++) {                                                     \
+                pow2(row + a * p, p, 0, (T)1);                                                    \
+            }                                                                                     \
+            mix(row, m, p, ht, scale, tmp);                                                       \
+        }                                                                                         \
+    } while (0)
+
+#define DEFINE_FWHT_ROWS(T, NAME, POW2_GENERIC, POW2_SIMD, MIX_GENERIC, MIX_SIMD, UNIT_TABLE)      \
     int NAME(T *x, int64_t rows, int64_t n, int normalize)                                        \
     {                                                                                             \
         const int64_t m = offq_hadamard_factor(n);                                                \
@@ -426,58 +478,54 @@ OFFQ_AVX2 static void pow2_f64_avx2(double *restrict x, int64_t n, int normalize
         }                                                                                         \
         const int64_t p = n / m;                                                                  \
         void (*pow2)(T *restrict, int64_t, int, T) = POW2_GENERIC;                                \
-        void (*mix)(T *restrict, int64_t, int64_t, const T *restrict, T *restrict) = MIX_GENERIC; \
+        void (*mix)(T *restrict, int64_t, int64_t, const T *restrict, T, T *restrict) = MIX_GENERIC; \
         if (offq_cpu_has_avx2()) {                                                                \
             pow2 = POW2_SIMD;                                                                     \
             mix = MIX_SIMD;                                                                       \
         }                                                                                         \
         const T scale = normalize ? (T)(1.0 / sqrt((double)n)) : (T)1;                            \
-        T *ht = NULL;                                                                             \
-        if (m > 1) {                                                                              \
-            const offq_had_table *t = find_table(m);                                              \
-            ht = malloc((size_t)(m * m) * sizeof(T));                                             \
-            if (ht == NULL) {                                                                     \
-                return -1;                                                                        \
-            }                                                                                     \
-            for (int64_t c = 0; c < m; c++) {                                                     \
-                for (int64_t a = 0; a < m; a++) {                                                 \
-                    ht[c * m + a] = (T)table_sign(t, a, c) * scale;                               \
-                }                                                                                 \
-            }                                                                                     \
+        const T *ht = NULL;                                                                       \
+        if (m > 1 && (ht = UNIT_TABLE(find_table(m))) == NULL) {                                  \
+            return -1;                                                                            \
         }                                                                                         \
         int failed = 0;                                                                           \
-        _Pragma("omp parallel if (rows > 1 && rows * n >= PARALLEL_MIN_ELEMS) reduction(| : failed)") \
-        {                                                                                         \
+        if (rows == 1 || rows * n < PARALLEL_MIN_ELEMS) { /* small: no thread team at all */      \
             T *tmp = NULL;                                                                        \
-            if (m > 1) {                                                                          \
-                tmp = malloc((size_t)(n > m * MIX_W ? n : m * MIX_W) * sizeof(T));                 \
-                failed |= (tmp == NULL);                                                          \
+            if (m > 1 && (tmp = malloc((size_t)(n > m * MIX_W ? n : m * MIX_W) * sizeof(T))) == NULL) { \
+                return -1;                                                                        \
             }                                                                                     \
-            _Pragma("omp for schedule(static)")                                                   \
             for (int64_t r = 0; r < rows; r++) {                                                  \
-                T *row = x + r * n;                                                               \
-                if (m == 1) {                                                                     \
-                    pow2(row, n, normalize, scale);                                               \
-                } else if (tmp != NULL) {                                                         \
-                    for (int64_t a = 0; a < m; a++) {                                             \
-                        pow2(row + a * p, p, 0, (T)1);                                            \
-                    }                                                                             \
-                    mix(row, m, p, ht, tmp);                                                      \
-                }                                                                                 \
+                ROW_BODY(T);                                                                      \
             }                                                                                     \
             free(tmp);                                                                            \
+        } else {                                                                                  \
+            _Pragma("omp parallel reduction(| : failed)")                                         \
+            {                                                                                     \
+                T *tmp = NULL;                                                                    \
+                if (m > 1) {                                                                      \
+                    tmp = malloc((size_t)(n > m * MIX_W ? n : m * MIX_W) * sizeof(T));            \
+                    failed |= (tmp == NULL);                                                      \
+                }                                                                                 \
+                _Pragma("omp for schedule(static)")                                               \
+                for (int64_t r = 0; r < rows; r++) {                                              \
+                    if (m == 1 || tmp != NULL) {                                                  \
+                        ROW_BODY(T);                                                              \
+                    }                                                                             \
+                }                                                                                 \
+                free(tmp);                                                                        \
+            }                                                                                     \
         }                                                                                         \
-        free(ht);                                                                                 \
         return failed ? -1 : 0;                                                                   \
     }
 
 #ifdef OFFQ_HAVE_X86
-DEFINE_FWHT_ROWS(float, offq_fwht_f32, pow2_f32_generic, pow2_f32_avx2, mix_f32_generic, mix_f32_avx2)
+DEFINE_FWHT_ROWS(float, offq_fwht_f32, pow2_f32_generic, pow2_f32_avx2, mix_f32_generic, mix_f32_avx2,
+                 unit_table_f32)
 DEFINE_FWHT_ROWS(double, offq_fwht_f64, pow2_f64_generic, pow2_f64_avx2, mix_f64_generic,
-                 mix_f64_avx2)
+                 mix_f64_avx2, unit_table_f64)
 #else
 DEFINE_FWHT_ROWS(float, offq_fwht_f32, pow2_f32_generic, pow2_f32_generic, mix_f32_generic,
-                 mix_f32_generic)
+                 mix_f32_generic, unit_table_f32)
 DEFINE_FWHT_ROWS(double, offq_fwht_f64, pow2_f64_generic, pow2_f64_generic, mix_f64_generic,
-                 mix_f64_generic)
+                 mix_f64_generic, unit_table_f64)
 #endif
