@@ -233,9 +233,12 @@ def test_unsupported_sizes_name_a_block():
             hadamard_matrix(n)
 
 
-def test_many_rows_parallel_path():
-    x = np.random.default_rng(4).standard_normal((257, 576)).astype(np.float32)
-    assert_close(fwht(x), reference(x, 576), np.float32, 576)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_many_rows_parallel_path(dtype):
+    rng = np.random.default_rng(4)
+    for rows, n in [(257, 576), (65, 4096)]:  # above the kernel's threshold for a thread team
+        x = rng.standard_normal((rows, n)).astype(dtype)
+        assert_close(fwht(x), reference(x, n), dtype, n)
 
 
 def test_generic_path_matches(tmp_path):
