@@ -3,7 +3,10 @@
 Rows of n = 128, 576, 1536, 4096, 11008 (block 256: no Hadamard of order 172 here), 14336, float32,
 normalised. `GFLOP/s` counts the algorithm's additions (m * p * log2 p for the butterflies plus
 2 * m * m * p for the H_m mix when n = m * p); `GB/s` counts one read and one write of the rows.
-The n=4096 "1 row" case repeats one in-cache vector (the FFHT protocol: 1.87 us on one Zen3 core).
+The n=4096 "1 row" case repeats one in-cache vector (the FFHT protocol: 1.87 us on one Zen3 core);
+it includes the Python call (~1 us), the batched n=4096 row is the kernel's own per-vector time.
+Batches above 128K elements run on a thread team: 2-thread figures need an otherwise idle machine
+(on an oversubscribed one each fork/join waits for a descheduled thread).
 """
 from __future__ import annotations
 
