@@ -118,3 +118,96 @@ def test_hf_dir_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{ not json")
     with pytest.raises(ValueError, match="tokenizer.json"):
         Tokenizer.from_hf_dir(tmp_path)
+
+
+# ---------------------------------------------------------------------- vs transformers' GGUF reader
+_TEXT = ("The quick brown fox jumps over the lazy dog. In 1999 the river flooded the town, and "
+         "12345 people moved to the hills where they built new houses of stone. Don't you think "
+         "it's nice?\n  Indented  line\twith tab.\n") * 30
+_PROBES = ["Hello world", " leading space", "The river flooded 1999 times!", "日本語 émigré",
+           "a  b   c\n\n d", "<s>The fox</s> jumps", "Don't 12345 you'll", "", _TEXT[:500]]
+
+
+def _write_tokenizer_gguf(path: Path, arch: str, model: str, tokens, types, *, merges=None,
+                          scores=None, pre=None) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tokenizer_model(model)
+    if pre:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if merges is not None:
+        w.add_token_merges(merges)
+    if scores is not None:
+        w.add_token_scores(scores)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    if model == "llama":
+        w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _sentencepiece_vocab():
+    """Pieces of a small SentencePiece-style BPE ("▁" for spaces, <0xXX> byte fallback)."""
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers, trainers
+
+    tok = HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.train_from_iterator([_TEXT], trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    for rank, piece in enumerate(sorted(vocab, key=vocab.get)):
+        tokens.append(piece)
+        types.append(1)
+        scores.append(-float(rank))
+    return tokens, types, scores
+
+
+def _byte_level_vocab(pattern: str):
+    from tokenizers import Regex, Tokenizer as HF, models, pre_tokenizers, trainers
+
+    tok = HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_TEXT], trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, [3 if t.startswith("<|") else 1 for t in tokens], merges
+
+
+@pytest.mark.slow
+def test_gguf_tokenizers_match_transformers(tmp_path):
+    """SentencePiece ('llama'), Llama 3 ('llama-bpe') and Qwen2 vocabularies written to GGUF:
+    offq's rebuilt tokenizer == transformers' own GGUF tokenizer. (The SmolLM2 file agrees too,
+    but reading its 49k tokens twice is slow; `test_known_ids` pins it to reference ids.)"""
+    transformers = pytest.importorskip("transformers")
+    from offq.formats.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
+
+    tokens, types, scores = _sentencepiece_vocab()
+    _write_tokenizer_gguf(tmp_path / "spm.gguf", "llama", "llama", tokens, types, scores=scores)
+    for pre, pattern, arch in (("llama-bpe", _LLAMA3_SPLIT, "llama"), ("qwen2", _QWEN2_SPLIT, "qwen2")):
+        t, ty, m = _byte_level_vocab(pattern)
+        _write_tokenizer_gguf(tmp_path / f"{pre}.gguf", arch, "gpt2", t, ty, merges=m, pre=pre)
+    cases = [(tmp_path, "spm.gguf", True), (tmp_path, "llama-bpe.gguf", False),
+             (tmp_path, "qwen2.gguf", False)]
+    for directory, name, adds_bos in cases:
+        ours = Tokenizer.from_gguf(directory / name)
+        ref = transformers.AutoTokenizer.from_pretrained(str(directory), gguf_file=name)
+        assert ours.adds_bos == adds_bos, name
+        for text in _PROBES:
+            ids = ours.encode(text)
+            assert ids == ref(text, add_special_tokens=False)["input_ids"], (name, text)
+            assert ours.decode(ids) == ref.decode(ids), (name, text)

@@ -372,7 +372,7 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva")
 _GPT2 = ("gpt-2", "gpt2", "default", "phi-2", "jais", "poro-chat", "olmo", "stablelm2", "mpt")
-_LLAMA3 = ("llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral", "tekken", "smaug-bpe")
+_LLAMA3 = ("llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral", "smaug-bpe", "dbrx")
 _QWEN2 = ("qwen2", "deepseek-r1-qwen")
 
 
@@ -395,56 +395,61 @@ def _pre_tokenizer(pre: str, path: Path):
 
 
 def build_gguf_tokenizer(reader_or_path: Any):
-    """Rebuild a GGUF file's byte-level BPE tokenizer as an offq `Tokenizer`.
+    """Rebuild the tokenizer stored in a GGUF file's metadata as an offq `Tokenizer`.
 
-    Uses ``tokenizer.ggml.tokens`` (id order), ``.merges`` (priority order), ``.token_type``
-    (CONTROL -> special added token, USER_DEFINED -> added token), ``.pre`` (pre-tokenizer family),
-    ``.bos_token_id`` / ``.eos_token_id`` / ``.add_bos_token``. Only ``tokenizer.ggml.model ==
-    "gpt2"`` (byte-level BPE, the format of SmolLM, Llama 3, Qwen2) is supported.
+    Two vocabulary kinds (``tokenizer.ggml.model``):
+
+    * ``"gpt2"``: byte-level BPE (SmolLM, Llama 3, Qwen2). ``tokens`` (id order), ``merges``
+      (priority order) and ``pre`` (the pre-tokenizer family: its split regex) define it.
+    * ``"llama"``: SentencePiece BPE with byte fallback (Llama 2, Mistral). GGUF stores pieces and
+      scores but no merges. SentencePiece merges the adjacent pair whose concatenation is the
+      highest-scoring piece; the equivalent ``tokenizers`` BPE therefore gets, as merges, every
+      split ``(left, right)`` of every normal piece into two vocabulary pieces, ordered by the
+      score of the merged piece (ties: lower ids first). Spaces become ``"▁"``, one is prepended to
+      the text when ``tokenizer.ggml.add_space_prefix`` (default true), unknown characters fall
+      back to ``<0xXX>`` byte pieces.
+
+    Both: ``token_type`` CONTROL/UNKNOWN -> special tokens (matched whole, never split),
+    USER_DEFINED -> added tokens; ``bos_token_id`` / ``eos_token_id``; ``add_bos_token`` (llama.cpp's
+    default when absent: true for SentencePiece, false for byte-level BPE).
     """
     import gguf
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
+    from tokenizers import AddedToken
 
     from ..tokenizer import Tokenizer
 
     reader = reader_or_path if hasattr(reader_or_path, "fields") else open_reader(reader_or_path)
     path = Path(_reader_path(reader))
     model = _field(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"{path}: tokenizer.ggml.model={model!r} is not supported (offq rebuilds "
-                         "byte-level BPE 'gpt2' tokenizers from GGUF; for SentencePiece models use the "
-                         "HF checkpoint directory with tokenizer.json)")
     tokens = _field(reader, "tokenizer.ggml.tokens")
-    merges = _field(reader, "tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise ValueError(f"{path}: GGUF tokenizer lacks tokenizer.ggml.tokens or .merges")
+    if not tokens:
+        raise ValueError(f"{path}: GGUF file has no tokenizer (tokenizer.ggml.tokens missing)")
     types = _field(reader, "tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+    types = [int(t) for t in types]
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
         if tok in vocab:
             raise ValueError(f"{path}: token {tok!r} appears twice (ids {vocab[tok]} and {i})")
         vocab[tok] = i
-    merge_pairs = []
-    for m in merges:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise ValueError(f"{path}: malformed merge {m!r} (expected 'left right')")
-        merge_pairs.append((parts[0], parts[1]))
 
-    pre_name = _field(reader, "tokenizer.ggml.pre", "default")
-    pre_tok, ignore_merges = _pre_tokenizer(pre_name, path)
-    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, ignore_merges=ignore_merges,
-                                     fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = pre_tok
-    backend.decoder = decoders.ByteLevel()
-    control = int(gguf.TokenType.CONTROL)
-    user = int(gguf.TokenType.USER_DEFINED)
+    if model == "gpt2":
+        backend = _byte_level_bpe(reader, path, vocab)
+        adds_bos_default = False
+    elif model == "llama":
+        backend = _sentencepiece_bpe(reader, path, tokens, vocab, types)
+        adds_bos_default = True
+    else:
+        raise ValueError(f"{path}: tokenizer.ggml.model={model!r} is not supported (offq rebuilds "
+                         "'gpt2' byte-level BPE and 'llama' SentencePiece BPE vocabularies; for "
+                         "others use the HF checkpoint directory with tokenizer.json)")
+
+    special_types = (int(gguf.TokenType.CONTROL), int(gguf.TokenType.UNKNOWN))
     specials = [AddedToken(tokens[i], special=True, normalized=False)
-                for i, t in enumerate(types) if int(t) == control]
+                for i, t in enumerate(types) if t in special_types]
     users = [AddedToken(tokens[i], special=False, normalized=False)
-             for i, t in enumerate(types) if int(t) == user]
+             for i, t in enumerate(types) if t == int(gguf.TokenType.USER_DEFINED)]
     if specials:
         backend.add_special_tokens(specials)
     if users:
@@ -455,8 +460,65 @@ def build_gguf_tokenizer(reader_or_path: Any):
 
     bos = _opt_int(_field(reader, "tokenizer.ggml.bos_token_id"))
     eos = _opt_int(_field(reader, "tokenizer.ggml.eos_token_id"))
-    adds_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
-    return Tokenizer(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(path))
+    adds_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", adds_bos_default))
+    return Tokenizer(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos and bos is not None,
+                     name=str(path))
+
+
+def _byte_level_bpe(reader, path: Path, vocab: dict[str, int]):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models
+
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if merges is None:
+        raise ValueError(f"{path}: byte-level BPE tokenizer without tokenizer.ggml.merges")
+    merge_pairs = []
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{path}: malformed merge {m!r} (expected 'left right')")
+        merge_pairs.append((parts[0], parts[1]))
+    pre_name = _field(reader, "tokenizer.ggml.pre", "default")
+    pre_tok, ignore_merges = _pre_tokenizer(pre_name, path)
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merge_pairs, ignore_merges=ignore_merges,
+                                     fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tok
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, int],
+                       types: list[int]):
+    import gguf
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    scores = _field(reader, "tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise ValueError(f"{path}: SentencePiece tokenizer needs one tokenizer.ggml.scores entry "
+                         "per token")
+    normal = int(gguf.TokenType.NORMAL)
+    ranked = []
+    for piece, pid in vocab.items():
+        if types[pid] != normal or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            lid, rid = vocab.get(left), vocab.get(right)
+            if lid is not None and rid is not None:
+                ranked.append((-float(scores[pid]), pid, lid, rid, left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    unk_id = _field(reader, "tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                                     byte_fallback=True))
+    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    return backend
 
 
 # ---------------------------------------------------------------------- checkpoint
