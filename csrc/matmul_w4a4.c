@@ -321,6 +321,9 @@ __attribute__((target("avx2,fma"))) static void pack_panel_avx2(const plan_t *pl
             for (int h = 0; h < 2; h++) {
                 __m256i r[8];
                 for (int j = 0; j < 8; j++) {
+                    if ((c & 3) == 0) { /* one prefetch per 64-byte line, 8 lines ahead */
+                        _mm_prefetch((const char *)(src[8 * h + j] + 16 * c + 512), _MM_HINT_T0);
+                    }
                     const __m128i v = _mm_loadu_si128((const __m128i *)(src[8 * h + j] + 16 * c));
                     const __m128i lo = _mm_and_si128(v, m15);
                     const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
@@ -459,6 +462,9 @@ static void *aligned_buf(size_t bytes)
  * horizontal add), so the float epilogue runs on 8 columns at once and matches the generic
  * reference bit for bit. Needs block % 64 == 0. */
 #define MS 8
+#ifndef SMALL_M_MAX
+#define SMALL_M_MAX 4 /* larger M: the GEMM path is faster (16 accumulators would spill) */
+#endif
 
 #ifdef OFFQ_X86
 /* Lane i of the result = sum of the 8 int32 lanes of v[i]. */
@@ -483,7 +489,7 @@ typedef struct {
 } gemv_args;
 
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
-gemv_group_avx2(const gemv_args *g, int64_t n0, const int mrows)
+gemv_group_avx2(const gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
     const plan_t *pl = g->pl;
     const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
@@ -498,24 +504,28 @@ gemv_group_avx2(const gemv_args *g, int64_t n0, const int mrows)
         wr[j] = g->w->codes + n * rb;
     }
     __m256 acc[MS];
-    for (int m = 0; m < mrows; m++) {
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
         acc[m] = _mm256_setzero_ps();
     }
+    int64_t last_gi = -1;
+    __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
     for (int64_t b = 0; b < pl->nb; b++) {
         __m256i vd[MS][8], vs[8];
-        for (int j = 0; j < 8; j++) {
+        _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
             __m256i d32[MS];
-            for (int m = 0; m < mrows; m++) {
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
                 d32[m] = _mm256_setzero_si256();
             }
             __m256i s64 = _mm256_setzero_si256();
             const uint8_t *wb = wr[j] + b * pl->blk / 2;
             const uint8_t *ab = g->ap + b * pl->blk;
-            /* sub-chunks of 8 steps: byte sums <= 8 * 30, 16-bit lanes <= 8 * 900 */
-            for (int64_t c0 = 0; c0 < cpb; c0 += 8) {
-                const int64_t c1 = c0 + 8 < cpb ? c0 + 8 : cpb;
+            /* sub-chunks of 8 steps: byte sums <= 8 * 30, 16-bit lanes <= 8 * 900; folded: 4 steps
+             * of |lane| <= 2 * 2 * 15 * 127 = 7620 */
+            const int64_t sub = folded ? 4 : 8;
+            for (int64_t c0 = 0; c0 < cpb; c0 += sub) {
+                const int64_t c1 = c0 + sub < cpb ? c0 + sub : cpb;
                 __m256i s16[MS];
-                for (int m = 0; m < mrows; m++) {
+                _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
                     s16[m] = _mm256_setzero_si256();
                 }
                 __m256i su8 = _mm256_setzero_si256();
@@ -523,8 +533,10 @@ gemv_group_avx2(const gemv_args *g, int64_t n0, const int mrows)
                     const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
                     const __m256i lo = _mm256_and_si256(wv, m15);
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m15);
-                    su8 = _mm256_add_epi8(su8, _mm256_add_epi8(lo, hi));
-                    for (int m = 0; m < mrows; m++) {
+                    if (!folded) {
+                        su8 = _mm256_add_epi8(su8, _mm256_add_epi8(lo, hi));
+                    }
+                    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
                         const uint8_t *am = ab + m * pl->k + 64 * c;
                         const __m256i pe = _mm256_maddubs_epi16(
                             lo, _mm256_loadu_si256((const __m256i *)am));
@@ -533,60 +545,78 @@ gemv_group_avx2(const gemv_args *g, int64_t n0, const int mrows)
                         s16[m] = _mm256_add_epi16(s16[m], _mm256_add_epi16(pe, po));
                     }
                 }
-                for (int m = 0; m < mrows; m++) {
+                _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
                     d32[m] = _mm256_add_epi32(d32[m], _mm256_madd_epi16(s16[m], ones));
                 }
-                s64 = _mm256_add_epi64(s64, _mm256_sad_epu8(su8, _mm256_setzero_si256()));
+                if (!folded) {
+                    s64 = _mm256_add_epi64(s64, _mm256_sad_epu8(su8, _mm256_setzero_si256()));
+                }
             }
-            for (int m = 0; m < mrows; m++) {
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
                 vd[m][j] = d32[m];
             }
             vs[j] = s64; /* 4 x u64 small sums: as int32 lanes, the odd lanes are 0 */
         }
         const int64_t gi = b * pl->blk / gw;
-        const __m256 zw = _mm256_setr_ps(
-            g->w->zero[nidx[0] * ngw + gi], g->w->zero[nidx[1] * ngw + gi],
-            g->w->zero[nidx[2] * ngw + gi], g->w->zero[nidx[3] * ngw + gi],
-            g->w->zero[nidx[4] * ngw + gi], g->w->zero[nidx[5] * ngw + gi],
-            g->w->zero[nidx[6] * ngw + gi], g->w->zero[nidx[7] * ngw + gi]);
-        const __m256 sw = _mm256_setr_ps(
-            g->w->scale[nidx[0] * ngw + gi], g->w->scale[nidx[1] * ngw + gi],
-            g->w->scale[nidx[2] * ngw + gi], g->w->scale[nidx[3] * ngw + gi],
-            g->w->scale[nidx[4] * ngw + gi], g->w->scale[nidx[5] * ngw + gi],
-            g->w->scale[nidx[6] * ngw + gi], g->w->scale[nidx[7] * ngw + gi]);
-        const __m256 wT = _mm256_sub_ps(_mm256_cvtepi32_ps(hsum8x8(vs)), _mm256_mul_ps(blkf, zw));
-        for (int m = 0; m < mrows; m++) {
+        if (gi != last_gi) { /* weight group changed (every block unless per-channel weights) */
+            last_gi = gi;
+            float zb[8], sb[8];
+            for (int j = 0; j < 8; j++) {
+                zb[j] = g->w->zero[nidx[j] * ngw + gi];
+                sb[j] = g->w->scale[nidx[j] * ngw + gi];
+            }
+            zw = _mm256_loadu_ps(zb);
+            sw = _mm256_loadu_ps(sb);
+            bzw = _mm256_mul_ps(blkf, zw);
+        }
+        const __m256 wT =
+            folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(hsum8x8(vs)), bzw);
+        _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
             __m256 e = _mm256_cvtepi32_ps(hsum8x8(vd[m]));
+            /* folded: D' = sum qw (qa - za), asum = sum (qa - za): E = D' - zw * asum */
             e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
-            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
+            if (!folded) {
+                e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
+            }
             const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
             acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
         }
     }
     const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
-    for (int m = 0; m < mrows; m++) {
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
         float tmp[8];
         _mm256_storeu_ps(tmp, acc[m]);
         memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
     }
 }
 
-__attribute__((target("avx2,fma"))) static void gemv_avx2(const gemv_args *g, int mrows) /* 1 <= mrows <= MS == 8 */
+__attribute__((target("avx2,fma"))) static void gemv_avx2(const gemv_args *g, int mrows,
+                                                          int folded) /* 1 <= mrows <= MS = 8 */
 {
     const int64_t groups = (g->pl->n + 7) / 8;
     const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 20);
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t i = 0; i < groups; i++) {
+#define OFFQ_CASE(r)                                                                             \
+    case r:                                                                                      \
+        if (folded) {                                                                            \
+            gemv_group_avx2(g, i * 8, r, 1);                                                     \
+        } else {                                                                                 \
+            gemv_group_avx2(g, i * 8, r, 0);                                                     \
+        }                                                                                        \
+        break;
         switch (mrows) {
-        case 1: gemv_group_avx2(g, i * 8, 1); break;
-        case 2: gemv_group_avx2(g, i * 8, 2); break;
-        case 3: gemv_group_avx2(g, i * 8, 3); break;
-        case 4: gemv_group_avx2(g, i * 8, 4); break;
-        case 5: gemv_group_avx2(g, i * 8, 5); break;
-        case 6: gemv_group_avx2(g, i * 8, 6); break;
-        case 7: gemv_group_avx2(g, i * 8, 7); break;
-        default: gemv_group_avx2(g, i * 8, 8); break;
+            OFFQ_CASE(1)
+            OFFQ_CASE(2)
+            OFFQ_CASE(3)
+            OFFQ_CASE(4)
+            OFFQ_CASE(5)
+            OFFQ_CASE(6)
+            OFFQ_CASE(7)
+        default:
+            OFFQ_CASE(8)
         }
+#undef OFFQ_CASE
     }
 }
 
@@ -604,28 +634,39 @@ static int small_m(const plan_t *pl, const offq_q4_operand *a, const offq_q4_ope
     }
     for (int64_t m0 = 0; m0 < pl->m; m0 += MS) {
         const int mrows = (int)(pl->m - m0 < MS ? pl->m - m0 : MS);
+        /* Fold the activation zero-points into the codes (qa - za as int8) when every za of these
+         * rows is an integer in [-112, 127]: then E = sum qw (qa - za) - zw sum (qa - za) needs
+         * no weight block sums (ordinary tokens; massive-outlier rows take the general path). */
+        int folded = 1;
+        for (int m = 0; m < mrows; m++) {
+            for (int64_t gi = 0; gi < nga; gi++) {
+                const float z = a->zero[(m0 + m) * nga + gi];
+                folded &= z >= -112.0f && z <= 127.0f && z == (float)(int)z;
+            }
+        }
         for (int m = 0; m < mrows; m++) {
             const uint8_t *p = a->codes + (m0 + m) * rb;
             uint8_t *d = ap + m * k;
-            for (int64_t c = 0; c < k / 64; c++) {
-                for (int j = 0; j < 32; j++) {
-                    d[64 * c + j] = p[32 * c + j] & 15;
-                    d[64 * c + 32 + j] = p[32 * c + j] >> 4;
-                }
-            }
             for (int64_t b = 0; b < pl->nb; b++) {
-                int32_t acc = 0;
-                for (int64_t i = 0; i < pl->blk; i++) {
-                    acc += d[b * pl->blk + i];
-                }
                 const int64_t gi = b * pl->blk / a->group;
+                const float zf = a->zero[(m0 + m) * nga + gi];
+                const int z = folded ? (int)zf : 0;
+                int32_t acc = 0;
+                for (int64_t c = b * pl->blk / 64; c < (b + 1) * pl->blk / 64; c++) {
+                    for (int j = 0; j < 32; j++) {
+                        const int lo = (p[32 * c + j] & 15) - z, hi = (p[32 * c + j] >> 4) - z;
+                        d[64 * c + j] = (uint8_t)(int8_t)lo;
+                        d[64 * c + 32 + j] = (uint8_t)(int8_t)hi;
+                        acc += lo + hi;
+                    }
+                }
                 par[m * pl->nb + b] = (float)acc;
-                par[(MS + m) * pl->nb + b] = a->zero[(m0 + m) * nga + gi];
+                par[(MS + m) * pl->nb + b] = zf;
                 par[(2 * MS + m) * pl->nb + b] = a->scale[(m0 + m) * nga + gi];
             }
         }
         gemv_args g = {pl, w, ap, par, par + MS * pl->nb, par + 2 * MS * pl->nb, out + m0 * pl->n};
-        gemv_avx2(&g, mrows);
+        gemv_avx2(&g, mrows, folded);
     }
     free(ap);
     free(par);
@@ -649,7 +690,7 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
         return OFFQ_OK;
     }
 #ifdef OFFQ_X86
-    if (kind != KIND_GENERIC && pl.m <= MS && pl.blk % 64 == 0) {
+    if (kind != KIND_GENERIC && pl.m <= SMALL_M_MAX && pl.blk % 64 == 0) {
         return small_m(&pl, a, w, out);
     }
 #endif
