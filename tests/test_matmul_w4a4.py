@@ -105,6 +105,24 @@ def test_simd_variants_equal_generic(m):
             np.testing.assert_array_equal(matmul_w4a4(a, wq, kernel=kernel), ref, err_msg=kernel)
 
 
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("za", [0, 15, -112, 127, -113, 128, 7.5, -1e5])
+def test_small_m_zero_point_paths(m, za):
+    """Decode-size M: activation zero-points that fit int8 next to the codes are folded into them,
+    others (outlier tokens, non-integer zero-points from from_codes) take the general path; both
+    must give the generic result exactly."""
+    rng = np.random.default_rng(m)
+    k, n = 512, 24
+    qa = rng.integers(0, 16, (m, k))
+    zeros = np.full((m, k // 128), za, np.float32)
+    a = from_int_codes(qa, rng.uniform(0.5, 2, (m, k // 128)), zeros, 128)
+    w = quantize(rng.standard_normal((n, k)).astype(np.float32), group_size=-1, symmetric=True)
+    ref = matmul_w4a4(a, w, kernel="generic")
+    for kernel in KERNELS:
+        np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel), ref, err_msg=kernel)
+    assert_close(ref, a, w)
+
+
 def test_huge_magnitudes_and_offsets():
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((6, 256)) * 1e30).astype(np.float32)
