@@ -22,8 +22,17 @@
  * chunks of 256 k and widened to 32 bits.
  *
  * Parallelism: OpenMP over tasks = (column tile, row chunk); a thread packs a weight tile once and
- * reuses it for every row strip of its task. Three variants of the micro-kernel compute identical
- * results: generic C (the reference), AVX2 and AVX-512 VNNI, selected at run time.
+ * reuses it for every 8-row strip of its task. Three variants of the micro-kernel compute
+ * identical results: generic C (the reference), AVX2 (2 x 4 rows x 16 columns) and AVX-512 VNNI
+ * (8 rows x 32 columns), selected at run time (offq_cpu_has_avx512_vnni / offq_cpu_has_avx2).
+ *
+ * Small M (decode, M <= SMALL_M_MAX, block % 64 == 0; any SIMD machine): repacking the weights
+ * would cost more than the product, so an AVX2 kernel reads the packed nibbles directly (see
+ * gemv_group_avx2), parallel over groups of 8 output columns. When every activation zero-point of
+ * the rows is an integer in [-112, 127] (ordinary tokens) it is folded into the codes as int8
+ * (qa - za), so E_b = sum qw (qa - za) - zw sum (qa - za) needs no weight block sums; otherwise
+ * (massive-outlier tokens) the block sums of the weights are formed from the same nibbles. Both
+ * give the generic result exactly while the integer terms stay below 2^24.
  */
 #include <math.h>
 #include <omp.h>
