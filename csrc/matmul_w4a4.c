@@ -221,7 +221,8 @@ __attribute__((target("avx2,fma"))) static void ukernel_avx2(const uk_args *u, i
         e0 = _mm256_fnmadd_ps(za, wt0, e0);                                                      \
         e1 = _mm256_fnmadd_ps(za, wt1, e1);                                                      \
         _mm256_store_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws0), e0, _mm256_load_ps(c)));      \
-        _mm256_store_ps(c + 8, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws1), e1, _mm256_load_ps(c + 8))); \
+        _mm256_store_ps(c + 8,                                                                   \
+                        _mm256_fmadd_ps(_mm256_mul_ps(xa, ws1), e1, _mm256_load_ps(c + 8)));     \
     }
         OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
 #undef OFFQ_EPI
@@ -283,7 +284,8 @@ ukernel_vnni(const uk_args *u, float *restrict ct)
         e0 = _mm512_fnmadd_ps(za, wt0, e0);                                                      \
         e1 = _mm512_fnmadd_ps(za, wt1, e1);                                                      \
         _mm512_store_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws0), e0, _mm512_load_ps(c)));      \
-        _mm512_store_ps(c + 16, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws1), e1, _mm512_load_ps(c + 16))); \
+        _mm512_store_ps(c + 16,                                                                  \
+                        _mm512_fmadd_ps(_mm512_mul_ps(xa, ws1), e1, _mm512_load_ps(c + 16)));    \
     }
         OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
         OFFQ_EPI(4) OFFQ_EPI(5) OFFQ_EPI(6) OFFQ_EPI(7)
@@ -337,8 +339,8 @@ __attribute__((target("avx2,fma"))) static void pack_panel_avx2(const plan_t *pl
                     const __m128i lo = _mm_and_si128(v, m15);
                     const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
                     r[j] = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
-                    acc[8 * h + j] = _mm256_add_epi64(acc[8 * h + j],
-                                                      _mm256_sad_epu8(r[j], _mm256_setzero_si256()));
+                    acc[8 * h + j] = _mm256_add_epi64(
+                        acc[8 * h + j], _mm256_sad_epu8(r[j], _mm256_setzero_si256()));
                 }
                 const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]);
                 const __m256i t1 = _mm256_unpackhi_epi32(r[0], r[1]);
@@ -357,14 +359,22 @@ __attribute__((target("avx2,fma"))) static void pack_panel_avx2(const plan_t *pl
                 const __m256i u6 = _mm256_unpacklo_epi64(t5, t7);
                 const __m256i u7 = _mm256_unpackhi_epi64(t5, t7);
                 uint8_t *d = panel + c * 8 * 64 + 32 * h; /* group t = 8c + i at d + 64 i */
-                _mm256_store_si256((__m256i *)(d + 0 * 64), _mm256_permute2x128_si256(u0, u4, 0x20));
-                _mm256_store_si256((__m256i *)(d + 1 * 64), _mm256_permute2x128_si256(u1, u5, 0x20));
-                _mm256_store_si256((__m256i *)(d + 2 * 64), _mm256_permute2x128_si256(u2, u6, 0x20));
-                _mm256_store_si256((__m256i *)(d + 3 * 64), _mm256_permute2x128_si256(u3, u7, 0x20));
-                _mm256_store_si256((__m256i *)(d + 4 * 64), _mm256_permute2x128_si256(u0, u4, 0x31));
-                _mm256_store_si256((__m256i *)(d + 5 * 64), _mm256_permute2x128_si256(u1, u5, 0x31));
-                _mm256_store_si256((__m256i *)(d + 6 * 64), _mm256_permute2x128_si256(u2, u6, 0x31));
-                _mm256_store_si256((__m256i *)(d + 7 * 64), _mm256_permute2x128_si256(u3, u7, 0x31));
+                _mm256_store_si256((__m256i *)(d + 0 * 64),
+                                   _mm256_permute2x128_si256(u0, u4, 0x20));
+                _mm256_store_si256((__m256i *)(d + 1 * 64),
+                                   _mm256_permute2x128_si256(u1, u5, 0x20));
+                _mm256_store_si256((__m256i *)(d + 2 * 64),
+                                   _mm256_permute2x128_si256(u2, u6, 0x20));
+                _mm256_store_si256((__m256i *)(d + 3 * 64),
+                                   _mm256_permute2x128_si256(u3, u7, 0x20));
+                _mm256_store_si256((__m256i *)(d + 4 * 64),
+                                   _mm256_permute2x128_si256(u0, u4, 0x31));
+                _mm256_store_si256((__m256i *)(d + 5 * 64),
+                                   _mm256_permute2x128_si256(u1, u5, 0x31));
+                _mm256_store_si256((__m256i *)(d + 6 * 64),
+                                   _mm256_permute2x128_si256(u2, u6, 0x31));
+                _mm256_store_si256((__m256i *)(d + 7 * 64),
+                                   _mm256_permute2x128_si256(u3, u7, 0x31));
             }
         }
         for (int j = 0; j < NRP; j++) {
@@ -391,11 +401,13 @@ __attribute__((target("avx2,fma"))) static void unpack_blocks_avx2(const plan_t 
             const __m128i v = _mm_loadu_si128((const __m128i *)(packed + 16 * c));
             const __m128i lo = _mm_and_si128(v, m15);
             const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
-            const __m256i r = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+            const __m256i r =
+                _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
             _mm256_storeu_si256((__m256i *)(dst + 32 * c), r);
             acc = _mm256_add_epi64(acc, _mm256_sad_epu8(r, _mm256_setzero_si256()));
         }
-        const __m128i q = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        const __m128i q =
+            _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
         sums[b] = (float)(_mm_cvtsi128_si64(q) + _mm_extract_epi64(q, 1));
     }
 }
@@ -760,7 +772,8 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
     /* 2. tiles of columns (multiple of 32 = two panels), split rows when there are few tiles. */
     const int nthreads = omp_get_max_threads();
     int64_t nc = 32;
-    while (nc < 256 && 2 * nc * pl.kp <= TILE_BYTES && (pl.n + 2 * nc - 1) / (2 * nc) >= 4 * nthreads) {
+    while (nc < 256 && 2 * nc * pl.kp <= TILE_BYTES &&
+           (pl.n + 2 * nc - 1) / (2 * nc) >= 4 * nthreads) {
         nc *= 2;
     }
     const int64_t ntiles = (pl.n + nc - 1) / nc;

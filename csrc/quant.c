@@ -188,7 +188,8 @@ __attribute__((target("avx2,fma"))) static int quant_group_avx2(const float *res
         v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vz), vlo), vhi);
         const __m256i c = _mm256_cvttps_epi32(v);
         acc = _mm256_add_epi32(acc, c);
-        const __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        const __m128i c16 =
+            _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
         _mm_storel_epi64((__m128i *)(q + i), _mm_packus_epi16(c16, c16));
     }
     int32_t buf[8];
@@ -339,8 +340,9 @@ void offq_dequantize_f32(const uint8_t *codes, int64_t rows, int64_t k, int bits
             for (int64_t gi = 0; gi < ng; gi++) {
                 const float s = scale[r * ng + gi], z = zero[r * ng + gi];
                 for (int64_t i = gi * group; i < (gi + 1) * group; i++) {
-                    uint8_t q = (bits == 4 && tmp == NULL) ? (uint8_t)((c[i >> 1] >> ((i & 1) * 4)) & 15)
-                                                           : c[i];
+                    const uint8_t q = (bits == 4 && tmp == NULL)
+                                          ? (uint8_t)((c[i >> 1] >> ((i & 1) * 4)) & 15)
+                                          : c[i];
                     o[i] = s * ((float)q - z);
                 }
             }

@@ -76,7 +76,8 @@ class QTensor:
             raise ValueError(f"bits: expected one of {SUPPORTED_BITS}, got {self.bits}")
         k = shape[-1]
         if self.group_size < 1 or k % self.group_size:
-            raise ValueError(f"group_size: expected a positive divisor of K={k}, got {self.group_size}")
+            raise ValueError(
+                f"group_size: expected a positive divisor of K={k}, got {self.group_size}")
         lead = shape[:-1]
         g = k // self.group_size
         expect = {
@@ -155,7 +156,8 @@ def quantize(x: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: 
     """
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
         raise TypeError(f"bits: expected an int, got {type(bits).__name__}")
-    codes, scale, zero, sums = _C.quantize(x, int(bits), int(group_size), bool(symmetric), float(clip))
+    codes, scale, zero, sums = _C.quantize(x, int(bits), int(group_size), bool(symmetric),
+                                           float(clip))
     k = x.shape[-1]
     gs = k if group_size == -1 else int(group_size)
     return QTensor(codes, scale, zero, sums, x.shape, int(bits), gs, bool(symmetric))
