@@ -346,22 +346,25 @@ def test_truncated_and_garbage_files(tmp_path):
         open_checkpoint(tmp_path / "junk.gguf")
 
 
-def test_random_header_corruption_never_crashes(tmp_path):
+def test_random_corruption_never_crashes(tmp_path):
+    """Random byte changes anywhere (metadata, tokenizer arrays, tensor infos, data): opening and
+    reading either works or raises ValueError, never another exception or a crash."""
     cfg = _tiny_config("llama", layers=1)
     _write_tiny_gguf(tmp_path / "c.gguf", cfg)
     data = bytearray((tmp_path / "c.gguf").read_bytes())
     rng = np.random.default_rng(0)
-    for i in range(40):
+    for i in range(120):
         bad = bytearray(data)
-        for _ in range(4):
-            bad[int(rng.integers(4, 600))] = int(rng.integers(0, 256))
-        p = tmp_path / f"r{i}.gguf"
+        for _ in range(int(rng.integers(1, 6))):
+            bad[int(rng.integers(4, len(data)))] = int(rng.integers(0, 256))
+        p = tmp_path / "r.gguf"
         p.write_bytes(bytes(bad))
         try:
             with open_checkpoint(p) as ck:
                 for k in ck.tensors.keys():
                     ck.tensors[k]
-        except (ValueError, FileNotFoundError):
+                ck.tokenizer.decode(ck.tokenizer.encode("the lazy dog 1999"))
+        except ValueError:
             pass
 
 

@@ -24,6 +24,7 @@ shapes) is a ValueError that names the file and, where relevant, the tensor or k
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -127,6 +128,23 @@ def open_reader(path: str | os.PathLike):
         raise ValueError(f"{path}: malformed or truncated GGUF file: {type(e).__name__}: {e}") from e
 
 
+def _malformed_as_value_error(fn):
+    """Turn anything but ValueError/FileNotFoundError raised while interpreting a (possibly hostile)
+    file's metadata -- TypeError from a wrongly typed key, the tokenizers library's plain Exception
+    for an inconsistent vocabulary, ... -- into a ValueError naming the file."""
+    @functools.wraps(fn)
+    def wrapper(reader_or_path, *args, **kwargs):
+        try:
+            return fn(reader_or_path, *args, **kwargs)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised as ValueError with the cause attached
+            where = (_reader_path(reader_or_path) if hasattr(reader_or_path, "fields")
+                     else reader_or_path)
+            raise ValueError(f"{where}: malformed GGUF metadata ({type(e).__name__}: {e})") from e
+    return wrapper
+
+
 def _reader_path(reader) -> Path:
     """The file behind a GGUFReader (its memory map's file name)."""
     return Path(getattr(reader.data, "filename", None) or "<gguf>")
@@ -155,6 +173,7 @@ def metadata(reader) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- config
+@_malformed_as_value_error
 def config_from_gguf(reader) -> ModelConfig:
     """`ModelConfig` from GGUF metadata (``general.architecture`` + ``{arch}.*`` keys).
 
@@ -394,6 +413,7 @@ def _pre_tokenizer(pre: str, path: Path):
                      f"{sorted(_DIGITS_THEN_GPT2 + _GPT2 + _LLAMA3 + _QWEN2)}")
 
 
+@_malformed_as_value_error
 def build_gguf_tokenizer(reader_or_path: Any):
     """Rebuild the tokenizer stored in a GGUF file's metadata as an offq `Tokenizer`.
 
