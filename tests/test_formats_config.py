@@ -109,6 +109,13 @@ def test_unsupported_architectures_named_with_supported_list(cfg, match):
     ({"num_key_value_heads": 4}, "multiple"),
     ({"hidden_size": None}, "hidden_size"),
     ({"bos_token_id": 10**6}, "bos_token_id"),
+    ({"hidden_size": 576.5}, "hidden_size"),
+    ({"num_hidden_layers": True}, "num_hidden_layers"),
+    ({"vocab_size": "49152"}, "vocab_size"),
+    ({"num_attention_heads": [9]}, "num_attention_heads"),
+    ({"rms_norm_eps": {"a": 1}}, "wrong type"),
+    ({"model_type": ["llama"]}, "wrong type|unsupported"),
+    ({"rope_scaling": "llama3"}, "rope_scaling"),
 ])
 def test_invalid_configs(change, match):
     with pytest.raises(ValueError, match=match):
@@ -135,3 +142,15 @@ def test_transformers_reads_to_hf_and_we_read_transformers(cfg):
               "rope_theta", "rope_scaling", "tie_word_embeddings", "attention_bias",
               "bos_token_id", "eos_token_id"):
         assert getattr(again, f) == getattr(c, f), f
+
+
+def test_wrongly_typed_values_only_raise_value_error():
+    """Every key of a real config replaced by values of other JSON types: ValueError or success."""
+    junk = [None, True, -3, 0, 2.5, "x", [], [1, 2], {}, {"rope_type": "llama3"}, 10**30]
+    for base in (SMOLLM2_135M, LLAMA31_8B, QWEN25_05B, MISTRAL_7B_V01):
+        for key in base:
+            for value in junk:
+                try:
+                    ModelConfig.from_hf({**base, key: value})
+                except ValueError:
+                    pass

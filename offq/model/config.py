@@ -162,6 +162,9 @@ class ModelConfig:
     def from_hf(cls, cfg: Mapping[str, Any], *, add_bos: bool | None = None) -> "ModelConfig":
         """Build from a HuggingFace ``config.json`` dict.
 
+        A config.json is untrusted input: a value of the wrong type (a list where a size belongs,
+        a string for a flag, ...) is reported as a ValueError naming the problem, never a TypeError.
+
         Args:
             cfg: the parsed config.json.
             add_bos: whether eval windows start with BOS. ``None`` -> ``cfg["offq_add_bos"]`` when
@@ -174,6 +177,13 @@ class ModelConfig:
         """
         if not isinstance(cfg, Mapping):
             raise ValueError(f"config: expected a dict (parsed config.json), got {type(cfg).__name__}")
+        try:
+            return cls._from_hf(cfg, add_bos)
+        except (TypeError, AttributeError, ArithmeticError) as e:
+            raise ValueError(f"config.json: a value has the wrong type ({type(e).__name__}: {e})") from e
+
+    @classmethod
+    def _from_hf(cls, cfg: Mapping[str, Any], add_bos: bool | None) -> "ModelConfig":
         model_type = cfg.get("model_type")
         classes = cfg.get("architectures") or []
         if model_type is None and classes:
@@ -203,12 +213,14 @@ class ModelConfig:
             logger.info("pretraining_tp=%s ignored (it only changes torch's summation order)",
                         cfg.get("pretraining_tp"))
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        hidden = _as_int("hidden_size", need("hidden_size"))
+        heads = _as_int("num_attention_heads", need("num_attention_heads"))
+        kv_heads = _as_int("num_key_value_heads", cfg.get("num_key_value_heads") or heads)
+        if heads <= 0:
+            raise ValueError(f"num_attention_heads: expected a positive integer, got {heads}")
         head_dim = cfg.get("head_dim")
-        head_dim = int(head_dim) if head_dim else hidden // heads
-        max_pos = int(cfg.get("max_position_embeddings") or 2048)
+        head_dim = _as_int("head_dim", head_dim) if head_dim else hidden // heads
+        max_pos = _as_int("max_position_embeddings", cfg.get("max_position_embeddings") or 2048)
 
         rope_theta, rope_scaling = _read_rope(cfg)
 
@@ -229,10 +241,10 @@ class ModelConfig:
 
         return cls(
             architecture=arch,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=_as_int("vocab_size", need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
+            intermediate_size=_as_int("intermediate_size", need("intermediate_size")),
+            num_hidden_layers=_as_int("num_hidden_layers", need("num_hidden_layers")),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
@@ -290,6 +302,13 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------- helpers
+def _as_int(name: str, value: Any) -> int:
+    """An integer-valued size from JSON (``576`` or ``576.0``; not ``true``, ``"576"`` or ``576.5``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
 def _first_id(value: Any) -> int | None:
     """Token id fields may be an int, a list of ints (Llama 3.1 eos) or null."""
     if value is None:
