@@ -144,7 +144,11 @@ class Tokenizer:
             value = mcfg.get(key + "_id")
             if isinstance(value, list):
                 value = value[0] if value else None
-            return int(value) if value is not None else None
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{path / 'config.json'}: {key}_id must be an integer, got {value!r}")
+            return value
 
         bos, eos = special("bos_token"), special("eos_token")
         if "add_bos_token" in tcfg and tcfg["add_bos_token"] is not None:

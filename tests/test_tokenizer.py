@@ -211,3 +211,13 @@ def test_gguf_tokenizers_match_transformers(tmp_path):
             ids = ours.encode(text)
             assert ids == ref(text, add_special_tokens=False)["input_ids"], (name, text)
             assert ours.decode(ids) == ref.decode(ids), (name, text)
+
+
+def test_hf_dir_bad_special_ids(tmp_path):
+    from tokenizers import Tokenizer as HF, models
+
+    HF(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
+    for bad in ({"bos_token_id": "one"}, {"bos_token_id": {"x": 1}}, {"eos_token_id": 99}):
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError):
+            Tokenizer.from_hf_dir(tmp_path)
