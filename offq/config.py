@@ -198,7 +198,7 @@ class QuantConfig:
         if d % g == 0:
             return g
         shrunk = largest_pow2_divisor_at_most(d, g)
-        logger.info("activation group %d does not divide %d: using %d", g, d, shrunk)
+        logger.debug("activation group %d does not divide %d: using %d", g, d, shrunk)
         return shrunk
 
     def weight_group(self, k: int) -> int:
@@ -241,8 +241,9 @@ class QuantConfig:
             raise ValueError(f"offq config: unknown field(s) {', '.join(unknown)}")
         return cls(**data)
 
-    def describe(self) -> str:
-        """One-line protocol string printed with every number."""
+    def describe(self, hidden_size: int | None = None) -> str:
+        """One-line protocol string printed with every number (with ``hidden_size``, the
+        activation group actually used on the residual stream is shown when it was shrunk)."""
         if self.method == "fp":
             return "fp (no quantization)"
         parts = [self.method, f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"]
@@ -252,6 +253,9 @@ class QuantConfig:
                          f"{',mse' if self.w_clip_search else ''}")
         if self.a_bits != OFF:
             g = "tok" if self.a_group_size == -1 else f"g{self.a_group_size}"
+            if hidden_size and self.a_group_size != -1:
+                used = self.activation_group(hidden_size)
+                g += f"(d{hidden_size}:g{used})" if used != self.a_group_size else ""
             parts.append(f"a:{'sym' if self.a_symmetric else 'asym'},{g},clip{self.a_clip:g}")
         if self.method == "offq":
             parts.append(f"r1:{self.pca}{',centred' if self.pca_centred else ''}"

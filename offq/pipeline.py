@@ -38,7 +38,7 @@ from .checkpoint import (CONFIG_FILE, MODEL_FILE, PARTIAL_DIR, atomic_write_json
 from .config import OFF, QuantConfig
 from .model.linear import DenseLinear, LINEAR_NAMES
 from .model.llama import CAPTURE_SITES, Model, layer_tensor_names, load_decoder_layer
-from .quantizers.gptq import HessianAccumulator, gptq_quantize
+from .quantizers.gptq import HessianAccumulator, factor_hessian, gptq_quantize
 from .quantizers.osaq import osaq_absorb
 from .quantizers.rtn import rtn_quantize
 from .runtime import build_layer, install_online, pack_codes
@@ -258,13 +258,13 @@ def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumula
     if cfg.w_bits == OFF:
         out.update({names[lin]: w[names[lin]] for lin in LINEAR_NAMES})
         return out, reports
-    cache: dict[str, np.ndarray] = {}
+    factors: dict[str, Any] = {}  # one GPTQ factorization per input site (q/k/v, gate/up share)
     for lin in LINEAR_NAMES:
         name = names[lin]
         weight = w[name]
         k = weight.shape[1]
-        hess = cache.setdefault(SITE_OF[lin], hessians[SITE_OF[lin]].hessian) \
-            if SITE_OF[lin] in hessians else None
+        site = SITE_OF[lin]
+        hess = hessians[site].hessian if site in hessians else None
         if cfg.uses_osaq:
             weight, rep = osaq_absorb(weight, hess, gamma=cfg.osaq_gamma, tau_rel=cfg.osaq_tau_rel,
                                       mu1=cfg.osaq_mu1, mu2=cfg.osaq_mu2)
@@ -272,9 +272,11 @@ def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumula
         common = dict(bits=cfg.w_bits, group_size=cfg.weight_group(k), symmetric=cfg.w_symmetric,
                       clip_search=cfg.w_clip_search)
         if cfg.weight_rounding == "gptq":
-            q = gptq_quantize(weight, hess, damp=cfg.gptq_damp, act_order=cfg.gptq_act_order,
-                              block_size=cfg.gptq_block_size, static_groups=cfg.gptq_static_groups,
-                              **common)
+            if site not in factors:
+                factors[site] = factor_hessian(hess, damp=cfg.gptq_damp,
+                                               act_order=cfg.gptq_act_order)
+            q = gptq_quantize(weight, factor=factors[site], block_size=cfg.gptq_block_size,
+                              static_groups=cfg.gptq_static_groups, **common)
         else:
             q = rtn_quantize(weight, **common)
         base = name[: -len(".weight")]
@@ -327,6 +329,13 @@ class _SecondMoment:
         self.centred = centred
 
     def add(self, x: np.ndarray, *, top1: bool) -> None:
+        if not self.centred:  # the streaming covariance kernel (syrk; top-1 selection in C)
+            from .kernels import cov_update
+
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            cov_update(self.acc, x if top1 else x.reshape(-1, x.shape[-1]), top1=top1)
+            self.n += x.shape[0] if top1 else x.size // x.shape[-1]
+            return
         if top1:
             idx = np.abs(x).max(axis=-1).argmax(axis=1)
             rows = x[np.arange(x.shape[0]), idx]

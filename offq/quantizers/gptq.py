@@ -21,6 +21,7 @@ order (the storage format of offq.kernels.QTensor).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,11 +40,15 @@ class HessianAccumulator:
         self.n = 0
 
     def update(self, x: np.ndarray) -> None:
+        """Add the rows of ``x[..., K]``: ``offq.kernels.cov_update`` (OpenBLAS syrk; float32
+        sums within one call, float64 across calls)."""
+        from offq.kernels import cov_update
+
         x = np.asarray(x)
         if x.shape[-1] != self.k:
             raise ValueError(f"x: expected last axis {self.k}, got shape {x.shape}")
-        rows = x.reshape(-1, self.k).astype(np.float64)
-        self.sum += rows.T @ rows
+        rows = np.ascontiguousarray(x.reshape(-1, self.k), dtype=np.float32)
+        cov_update(self.sum, rows)
         self.n += rows.shape[0]
 
     @property
@@ -53,21 +58,60 @@ class HessianAccumulator:
         return self.sum * (2.0 / self.n)
 
 
-def gptq_quantize(w: np.ndarray, hessian: np.ndarray, *, bits: int = 4, group_size: int = -1,
-                  symmetric: bool = True, clip_search: bool = True, damp: float = 0.01,
-                  act_order: bool = True, block_size: int = 128,
-                  static_groups: bool = False) -> QuantizedWeight:
-    """Quantize ``w`` [N, K] with GPTQ given the Hessian ``2 X^T X / n`` [K, K] of its inputs."""
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs from a Hessian, shared by the linears that read the same input:
+    the dead inputs, the column order (act-order or identity) and the upper Cholesky factor
+    ``u`` of the damped, permuted ``H^-1``."""
+
+    dead: np.ndarray
+    perm: np.ndarray
+    u: np.ndarray
+
+
+def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01,
+                   act_order: bool = True) -> HessianFactor:
+    """Steps 2-5 of the module docstring on ``H = 2 X^T X / n`` [K, K]."""
+    h = np.array(hessian, dtype=np.float64)  # copy: modified below
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"hessian: expected a square matrix, got shape {h.shape}")
+    if not np.all(np.isfinite(h)):
+        raise ValueError("hessian: contains NaN or Inf")
+    k = h.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    h = h[np.ix_(perm, perm)]
+    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    hinv = np.linalg.inv(h)
+    hinv = (hinv + hinv.T) / 2
+    return HessianFactor(dead, perm, np.linalg.cholesky(hinv).T)  # upper: hinv = u.T @ u
+
+
+def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int = 4,
+                  group_size: int = -1, symmetric: bool = True, clip_search: bool = True,
+                  damp: float = 0.01, act_order: bool = True, block_size: int = 128,
+                  static_groups: bool = False,
+                  factor: HessianFactor | None = None) -> QuantizedWeight:
+    """Quantize ``w`` [N, K] with GPTQ given the Hessian ``2 X^T X / n`` [K, K] of its inputs
+    (or its precomputed :func:`factor_hessian`, which then fixes ``damp`` and ``act_order``)."""
     check_bits(bits)
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"w: expected a 2-D weight [out, in], got shape {w.shape}")
     n_out, k = w.shape
-    h = np.array(hessian, dtype=np.float64)  # copy: modified below
-    if h.shape != (k, k):
-        raise ValueError(f"hessian: expected shape ({k}, {k}) for w of shape {w.shape}, got {h.shape}")
-    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(h))):
-        raise ValueError("w/hessian: contain NaN or Inf")
+    if factor is None:
+        if hessian is None:
+            raise ValueError("hessian: required when no factor is given")
+        if np.shape(hessian) != (k, k):
+            raise ValueError(f"hessian: expected shape ({k}, {k}) for w of shape {w.shape}, "
+                             f"got {np.shape(hessian)}")
+        factor = factor_hessian(hessian, damp=damp, act_order=act_order)
+    if factor.u.shape != (k, k):
+        raise ValueError(f"factor: built for {factor.u.shape[0]} inputs, w has {k}")
+    act_order = not np.array_equal(factor.perm, np.arange(k))
+    if not np.all(np.isfinite(w)):
+        raise ValueError("w: contains NaN or Inf")
     if block_size < 1:
         raise ValueError(f"block_size: expected a positive integer, got {block_size}")
     g = k if group_size in (-1, k) else group_size
@@ -78,9 +122,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, *, bits: int = 4, group_si
         static_groups = True
 
     W = w.astype(np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[:, factor.dead] = 0.0
 
     # Grids fixed up front: per channel, or static groups (original, dead-zeroed weights).
     scale = np.zeros((n_out, k // g), dtype=np.float32)
@@ -88,13 +130,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, *, bits: int = 4, group_si
     if per_channel or static_groups:
         scale[:], zero[:] = group_params(W.astype(np.float32), bits, g, symmetric, clip_search)
 
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    perm, u = factor.perm, factor.u
     W = W[:, perm]
-    h = h[np.ix_(perm, perm)]
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.inv(h)
-    hinv = (hinv + hinv.T) / 2
-    u = np.linalg.cholesky(hinv).T  # upper: hinv = u.T @ u
 
     codes = np.zeros((n_out, k), dtype=np.uint8)
     deq = np.zeros((n_out, k), dtype=np.float32)

@@ -77,27 +77,47 @@ def mse_clip_search(x: np.ndarray, bits: int, symmetric: bool, *, grid: int = CL
                     max_shrink: float = MAX_SHRINK) -> tuple[np.ndarray, np.ndarray]:
     """Per-row grid with the clip ratio minimising ``sum((x_hat - x)^2)`` over the row.
 
-    ``x`` is [..., g]; returns (scale, zero) of shape [...]. The ratio 1.0 (plain min/max) is
-    always a candidate, so the result is never worse than no clipping.
+    ``x`` is [..., g]; returns (scale, zero) of shape [...]. Candidate ratios are
+    ``1 - i / grid`` for ``i = 0 .. max_shrink * grid``, searched coarse to fine: every 5th
+    candidate first, then the 8 neighbours of each row's best coarse ratio (25 evaluations instead
+    of 81 for the defaults). The ratio 1.0 (plain min/max) is always a candidate, so the result is
+    never worse than no clipping.
     """
     x = np.asarray(x, dtype=np.float32)
-    best_scale, best_zero = grid_params(x, bits, symmetric, 1.0)
-    best_err = _row_error(x, best_scale, best_zero, bits)
-    for i in range(1, int(max_shrink * grid) + 1):
-        ratio = 1.0 - i / grid
-        scale, zero = grid_params(x, bits, symmetric, ratio)
-        err = _row_error(x, scale, zero, bits)
+    top = int(max_shrink * grid)
+    lead = x.shape[:-1]
+    best_i = np.zeros(lead, dtype=np.int64)
+    best_err = np.full(lead, np.inf)
+
+    def consider(i: np.ndarray) -> None:
+        nonlocal best_i, best_err
+        i = np.broadcast_to(np.clip(i, 0, top), lead)
+        err = _row_error(x, 1.0 - i / grid, bits, symmetric)
         better = err < best_err
-        if np.any(better):
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-            best_zero = np.where(better, zero, best_zero)
-    return best_scale.astype(np.float32), best_zero.astype(np.float32)
+        best_err = np.where(better, err, best_err)
+        best_i = np.where(better, i, best_i)
+
+    step = 5
+    for i in range(0, top + 1, step):
+        consider(np.asarray(i))
+    coarse = best_i.copy()
+    for delta in range(-step + 1, step):
+        if delta:
+            consider(coarse + delta)
+    return grid_params(x, bits, symmetric, (1.0 - best_i / grid).astype(np.float32))
 
 
-def _row_error(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    d = fake_quantize(x, scale[..., None], zero[..., None], bits) - x
-    return np.einsum("...i,...i->...", d, d, dtype=np.float64)
+def _row_error(x: np.ndarray, ratio: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """Squared round-trip error of each row for clip ratio(s) ``ratio`` (same grid formulas)."""
+    scale, zero = grid_params(x, bits, symmetric, np.asarray(ratio, dtype=np.float32))
+    s, z = scale[..., None], zero[..., None]
+    q = np.rint(x / s)
+    q += z
+    np.clip(q, 0, 2 ** bits - 1, out=q)
+    q -= z
+    q *= s
+    q -= x
+    return np.einsum("...i,...i->...", q, q, dtype=np.float64)
 
 
 def group_params(w: np.ndarray, bits: int, group_size: int, symmetric: bool,
