@@ -136,17 +136,54 @@ def test_default_model_generates_greedily(smollm) -> None:
     assert "Paris" in out
 
 
-def test_cli_eval_json(capsys: pytest.CaptureFixture, wikitext: str, tmp_path) -> None:
+def write_tiny_hf_dir(directory, model: Model) -> None:
+    """A HF checkpoint directory (config.json, model.safetensors, word-level tokenizer.json)."""
+    import tokenizers
+
+    from offq.formats.safetensors import SafetensorsWriter
+    from offq.model.llama import layer_tensor_names
+
+    cfg = model.config
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg.to_hf()))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, cfg.vocab_size)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
+    with SafetensorsWriter(directory / "model.safetensors") as w:
+        w.add("model.embed_tokens.weight", model.embed_tokens)
+        w.add("model.norm.weight", model.final_norm)
+        w.add("lm_head.weight", model.lm_head.weight)
+        for layer in model.layers:
+            names = layer_tensor_names(layer.index)
+            for n, lin in layer.linears.items():
+                w.add(names[n], lin.weight)
+            w.add(names["input_norm"], layer.input_norm)
+            w.add(names["post_norm"], layer.post_attention_norm)
+
+
+def test_cli_eval_json_on_a_hf_directory(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    model = tiny_model()
+    write_tiny_hf_dir(tmp_path / "tiny", model)
+    stream = np.random.default_rng(2).integers(3, 50, size=100)
     text = tmp_path / "sample.txt"
-    text.write_text(wikitext[:5000], encoding="utf-8")
-    rc = main(["eval", "smollm2-135m", "--dataset", str(text), "--seqlen", "64",
-               "--max-windows", "2", "--json", "--quiet", "--threads", "2"])
+    text.write_text(" ".join(f"w{i}" for i in stream), encoding="utf-8")
+    rc = main(["eval", str(tmp_path / "tiny"), "--dataset", str(text), "--seqlen", "16",
+               "--max-windows", "3", "--json", "--quiet", "--threads", "2"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     for key in ("ppl", "nll", "tokens", "windows", "seqlen", "model"):
         assert key in res
-    assert res["windows"] == 2 and res["seqlen"] == 64 and res["model"] == "smollm2-135m"
-    assert math.isfinite(res["ppl"])
+    assert res["windows"] == 3 and res["seqlen"] == 16 and res["model"] == "tiny"
+    want = perplexity(model, None, stream, seqlen=16, max_windows=3, quiet=True)
+    assert res["nll"] == pytest.approx(want["nll"], rel=1e-6)
+    # plain-text output and generation from the same directory
+    assert main(["eval", str(tmp_path / "tiny"), "--dataset", str(text), "--seqlen", "16",
+                 "--max-windows", "1", "--quiet"]) == 0
+    assert "ppl=" in capsys.readouterr().out
+    assert main(["generate", str(tmp_path / "tiny"), "--prompt", "w3 w4 w5",
+                 "--max-new-tokens", "3", "--temperature", "0.7", "--seed", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("w3 w4 w5")
 
 
 def test_cli_reports_bad_arguments(capsys: pytest.CaptureFixture) -> None:

@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .parallel import num_threads, row_chunks, run_tasks
+
 __all__ = ["Linear", "DenseLinear", "LINEAR_NAMES", "ATTN_LINEARS", "MLP_LINEARS"]
 
 #: Every linear of a Llama/Qwen2 decoder layer, in execution order.
@@ -72,7 +74,36 @@ class DenseLinear:
             raise ValueError(
                 f"x: expected last axis {self.in_features}, got shape {x.shape}")
         lead = x.shape[:-1]
-        y = np.matmul(x.reshape(-1, self.in_features), self.weight.T)
-        if self.bias is not None:
-            y += self.bias
-        return y.reshape(*lead, self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        return self.matmul(x2).reshape(*lead, self.out_features)
+
+    def matmul(self, x2: np.ndarray) -> np.ndarray:
+        """``x2[M, in] @ W.T + b`` split across offq's threads (single-threaded BLAS per piece):
+        by row blocks when M is large, by output columns otherwise (decode)."""
+        w, b = self.weight, self.bias
+        M, K = x2.shape
+        N = w.shape[0]
+        out = np.empty((M, N), dtype=np.float32)
+        threads = num_threads()
+        if threads == 1 or M * N * K < _PARALLEL_MIN_MACS:
+            pieces: list[tuple[slice, slice]] = [(slice(None), slice(None))]
+        elif M >= 32 * threads:
+            pieces = [(r, slice(None)) for r in row_chunks(M, 32)]
+        else:
+            pieces = [(slice(None), c) for c in row_chunks(N, 256)]
+
+        def piece(p: tuple[slice, slice]) -> None:
+            r, c = p
+            if c == slice(None):
+                np.matmul(x2[r], w.T, out=out[r])
+            else:
+                out[r, c] = np.matmul(x2[r], w[c].T)
+            if b is not None:
+                out[r, c] += b[c]
+
+        run_tasks(piece, pieces)
+        return out
+
+
+#: products smaller than this many multiply-adds run as one single-threaded BLAS call
+_PARALLEL_MIN_MACS = 1 << 22

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +41,7 @@ import numpy as np
 
 from .kv_cache import KVCache, KVCodec, LayerKVCache
 from .linear import LINEAR_NAMES, DenseLinear, Linear
+from .parallel import blas_single_threaded, row_chunks, run_tasks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ModelConfig
@@ -147,7 +146,7 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         np.multiply(x2, cos, out=o3[sl, :, half:])
         o3[sl, :, half:] += x1 * sin
 
-    _run_tasks(rows, _row_chunks(x3.shape[0], 1) if x3.shape[1] >= 64 else [slice(None)])
+    run_tasks(rows, row_chunks(x3.shape[0], 1) if x3.shape[1] >= 64 else [slice(None)])
     return out
 
 
@@ -164,7 +163,7 @@ def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         g /= t
         g *= u2[sl]
 
-    _run_tasks(rows, _row_chunks(g2.shape[0]))
+    run_tasks(rows, row_chunks(g2.shape[0]))
     return gate
 
 
@@ -216,6 +215,18 @@ class DecoderLayer:
         for w in (self.input_norm, self.post_attention_norm):
             n += 0 if w is None else w.nbytes
         return n
+
+
+def _single_threaded_blas(method: Callable) -> Callable:
+    """Run a forward entry point with BLAS single-threaded (offq parallelises it itself, see
+    :mod:`offq.model.parallel`)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with blas_single_threaded():
+            return method(*args, **kwargs)
+    return wrapper
 
 
 def _f32(a: Any) -> np.ndarray:
@@ -390,6 +401,7 @@ class Model:
         ids = _check_ids(ids, self.config.vocab_size)
         return self.embed_tokens[ids]
 
+    @_single_threaded_blas
     def layer_forward(self, layer: DecoderLayer, h: np.ndarray, *, start: int = 0,
                       cache: LayerKVCache | None = None,
                       capture: CaptureFn | None = None) -> np.ndarray:
@@ -441,6 +453,7 @@ class Model:
         h += L["down_proj"](u)
         return h
 
+    @_single_threaded_blas
     def hidden_states(self, ids: np.ndarray, *, cache: KVCache | None = None,
                       capture: CaptureFn | None = None) -> np.ndarray:
         """Residual stream after the last layer (before the final norm): ``[B, T, d]``."""
@@ -457,6 +470,7 @@ class Model:
             del layer  # streaming mode: the layer's weights are freed here
         return h
 
+    @_single_threaded_blas
     def logits(self, h: np.ndarray) -> np.ndarray:
         """Final norm + LM head on hidden states ``[..., d]`` -> float32 ``[..., vocab]``."""
         return self.lm_head(rms_norm(h, self.final_norm, float(self.config.rms_norm_eps)))
@@ -475,6 +489,7 @@ class Model:
 
     __call__ = forward
 
+    @_single_threaded_blas
     def nll(self, ids: np.ndarray, *, capture: CaptureFn | None = None,
             chunk: int = _NLL_CHUNK) -> np.ndarray:
         """Per-position NLL ``-log p(ids[:, t+1] | ids[:, :t+1])``: float64 ``[B, T-1]``.
@@ -563,54 +578,5 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -
 
     # largest blocks (most keys) first, for load balance
     tasks = [(b, g, t0) for t0 in reversed(range(0, T, blk)) for b in range(B) for g in range(Hkv)]
-    _run_tasks(block, tasks, single_threaded_blas=True)
+    run_tasks(block, tasks)
     return out.reshape(B, T, H * hd)
-
-
-# ------------------------------------------------------------------------------------------------
-# Threading: NumPy's elementwise ufuncs run on one core and release the GIL on large arrays, so
-# independent pieces of work run on a small thread pool sized by offq's one thread setting.
-# ------------------------------------------------------------------------------------------------
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_BLAS_CONTROLLER: Any = None
-
-
-def _num_threads() -> int:
-    try:
-        from ..kernels.threads import get_num_threads
-        return max(1, int(get_num_threads()))
-    except Exception:  # pragma: no cover - kernels not importable: fall back to the CPU count
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else (os.cpu_count() or 1))
-
-
-def _run_tasks(fn: Callable[[Any], None], tasks: list[Any], *,
-               single_threaded_blas: bool = False) -> None:
-    """Run ``fn(task)`` for every task, on ``_num_threads()`` threads when there is more than one
-    task (with BLAS limited to one thread inside when the tasks call BLAS themselves)."""
-    global _POOL, _POOL_SIZE, _BLAS_CONTROLLER
-    n = min(_num_threads(), len(tasks))
-    if n <= 1:
-        for t in tasks:
-            fn(t)
-        return
-    if _POOL is None or _POOL_SIZE < n:
-        if _POOL is not None:
-            _POOL.shutdown(wait=True)
-        _POOL, _POOL_SIZE = ThreadPoolExecutor(n, thread_name_prefix="offq-model"), n
-    if single_threaded_blas:
-        if _BLAS_CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
-            _BLAS_CONTROLLER = ThreadpoolController()
-        with _BLAS_CONTROLLER.limit(limits=1, user_api="blas"):
-            list(_POOL.map(fn, tasks))
-    else:
-        list(_POOL.map(fn, tasks))
-
-
-def _row_chunks(n_rows: int, min_rows: int = 64) -> list[slice]:
-    """Split ``range(n_rows)`` into about one contiguous slice per thread."""
-    parts = max(1, min(_num_threads(), n_rows // min_rows))
-    bounds = np.linspace(0, n_rows, parts + 1).astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
