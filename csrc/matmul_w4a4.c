@@ -26,9 +26,9 @@
  * identical results: generic C (the reference), AVX2 (2 x 4 rows x 16 columns) and AVX-512 VNNI
  * (8 rows x 32 columns), selected at run time (offq_cpu_has_avx512_vnni / offq_cpu_has_avx2).
  *
- * Small M (decode, M <= SMALL_M_MAX, block % 64 == 0; any SIMD machine): repacking the weights
- * would cost more than the product, so an AVX2 kernel reads the packed nibbles directly (see
- * gemv_group_avx2), parallel over groups of 8 output columns. When every activation zero-point of
+ * Small M (decode: M <= 4 and block % 64 == 0 on AVX2, M <= 8 and block % 128 == 0 on VNNI):
+ * repacking the weights would cost more than the product, so the kernel reads the packed nibbles
+ * directly (gemv_group_avx2 / gemv_group_vnni), parallel over groups of 8 output columns. When every activation zero-point of
  * the rows is an integer in [-112, 127] (ordinary tokens) it is folded into the codes as int8
  * (qa - za), so E_b = sum qw (qa - za) - zw sum (qa - za) needs no weight block sums; otherwise
  * (massive-outlier tokens) the block sums of the weights are formed from the same nibbles. Both
@@ -486,6 +486,9 @@ static void *aligned_buf(size_t bytes)
 #ifndef SMALL_M_MAX
 #define SMALL_M_MAX 4 /* larger M: the GEMM path is faster (16 accumulators would spill) */
 #endif
+#ifndef SMALL_M_MAX_VNNI
+#define SMALL_M_MAX_VNNI 8 /* with 32 zmm registers the VNNI kernel holds 8 rows */
+#endif
 
 #ifdef OFFQ_X86
 /* Lane i of the result = sum of the 8 int32 lanes of v[i]. */
@@ -504,7 +507,7 @@ __attribute__((target("avx2,fma"))) static inline __m256i hsum8x8(const __m256i 
 typedef struct {
     const plan_t *pl;
     const offq_q4_operand *w;
-    const uint8_t *ap; /* [mrows][k], chunks of 64 as [even 32 | odd 32] */
+    const uint8_t *ap; /* [mrows][k], chunks of 64 (AVX2) or 128 (VNNI) as [even | odd] */
     const float *asum, *azero, *ascale; /* [mrows][nb] */
     float *out;
 } gemv_args;
@@ -611,6 +614,125 @@ gemv_group_avx2(const gemv_args *g, int64_t n0, const int mrows, const int folde
     }
 }
 
+/* The same with AVX-512 VNNI: 64 packed bytes = 128 elements per step (activations laid out in
+ * chunks of 128 as [64 even | 64 odd]), vpdpbusd sums four u8 x s8 products into 32-bit lanes, so
+ * there is no 16-bit stage; weight block sums (general path) are vpdpbusd of lo + hi with ones.
+ * Needs block % 128 == 0. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline
+    __attribute__((always_inline)) void
+    gemv_group_vnni(const gemv_args *g, int64_t n0, const int mrows, const int folded)
+{
+    const plan_t *pl = g->pl;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t cpb = pl->blk / 128;
+    const __m512i m15 = _mm512_set1_epi8(15), ones8 = _mm512_set1_epi8(1);
+    const __m256 blkf = _mm256_set1_ps((float)pl->blk);
+    const uint8_t *wr[8];
+    int64_t nidx[8];
+    for (int j = 0; j < 8; j++) {
+        int64_t n = n0 + j < pl->n ? n0 + j : pl->n - 1;
+        nidx[j] = n;
+        wr[j] = g->w->codes + n * rb;
+    }
+    __m256 acc[MS];
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+        acc[m] = _mm256_setzero_ps();
+    }
+    int64_t last_gi = -1;
+    __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i vd[MS][8], vs[8];
+        _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+            __m512i d[MS];
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                d[m] = _mm512_setzero_si512();
+            }
+            __m512i sacc = _mm512_setzero_si512();
+            const uint8_t *wb = wr[j] + b * pl->blk / 2;
+            const uint8_t *ab = g->ap + b * pl->blk;
+            for (int64_t c = 0; c < cpb; c++) {
+                const __m512i wv = _mm512_loadu_si512((const void *)(wb + 64 * c));
+                const __m512i lo = _mm512_and_si512(wv, m15);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m15);
+                if (!folded) {
+                    sacc = _mm512_dpbusd_epi32(sacc, _mm512_add_epi8(lo, hi), ones8);
+                }
+                _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                    const uint8_t *am = ab + m * pl->k + 128 * c;
+                    d[m] = _mm512_dpbusd_epi32(d[m], lo, _mm512_loadu_si512((const void *)am));
+                    d[m] = _mm512_dpbusd_epi32(d[m], hi,
+                                               _mm512_loadu_si512((const void *)(am + 64)));
+                }
+            }
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                vd[m][j] = _mm256_add_epi32(_mm512_castsi512_si256(d[m]),
+                                            _mm512_extracti64x4_epi64(d[m], 1));
+            }
+            vs[j] = _mm256_add_epi32(_mm512_castsi512_si256(sacc),
+                                     _mm512_extracti64x4_epi64(sacc, 1));
+        }
+        const int64_t gi = b * pl->blk / gw;
+        if (gi != last_gi) {
+            last_gi = gi;
+            float zb[8], sb[8];
+            for (int j = 0; j < 8; j++) {
+                zb[j] = g->w->zero[nidx[j] * ngw + gi];
+                sb[j] = g->w->scale[nidx[j] * ngw + gi];
+            }
+            zw = _mm256_loadu_ps(zb);
+            sw = _mm256_loadu_ps(sb);
+            bzw = _mm256_mul_ps(blkf, zw);
+        }
+        const __m256 wT =
+            folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(hsum8x8(vs)), bzw);
+        _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+            __m256 e = _mm256_cvtepi32_ps(hsum8x8(vd[m]));
+            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
+            if (!folded) {
+                e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
+            }
+            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
+            acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
+        }
+    }
+    const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, acc[m]);
+        memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static void
+gemv_vnni(const gemv_args *g, int mrows, int folded) /* 1 <= mrows <= MS = 8 */
+{
+    const int64_t groups = (g->pl->n + 7) / 8;
+    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 20);
+#pragma omp parallel for schedule(static) if (parallel)
+    for (int64_t i = 0; i < groups; i++) {
+#define OFFQ_CASE(r)                                                                             \
+    case r:                                                                                      \
+        if (folded) {                                                                            \
+            gemv_group_vnni(g, i * 8, r, 1);                                                     \
+        } else {                                                                                 \
+            gemv_group_vnni(g, i * 8, r, 0);                                                     \
+        }                                                                                        \
+        break;
+        switch (mrows) {
+            OFFQ_CASE(1)
+            OFFQ_CASE(2)
+            OFFQ_CASE(3)
+            OFFQ_CASE(4)
+            OFFQ_CASE(5)
+            OFFQ_CASE(6)
+            OFFQ_CASE(7)
+        default:
+            OFFQ_CASE(8)
+        }
+#undef OFFQ_CASE
+    }
+}
+
 __attribute__((target("avx2,fma"))) static void gemv_avx2(const gemv_args *g, int mrows,
                                                           int folded) /* 1 <= mrows <= MS = 8 */
 {
@@ -643,8 +765,11 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const gemv_args *g, in
 
 /* The small-M path: activations to [even | odd] chunk layout, then gemv_avx2 per M <= MS rows. */
 static int small_m(const plan_t *pl, const offq_q4_operand *a, const offq_q4_operand *w,
-                   float *out)
+                   float *out, int kind)
 {
+    /* VNNI steps over 128 elements (activation chunks [64 even | 64 odd]), AVX2 over 64 */
+    const int vnni = kind == KIND_VNNI && pl->blk % 128 == 0;
+    const int64_t ch = vnni ? 128 : 64;
     const int64_t k = pl->k, rb = (k + 1) / 2, nga = k / a->group;
     uint8_t *ap = aligned_buf((size_t)(MS * k));
     float *par = malloc(sizeof(float) * (size_t)(3 * MS * pl->nb));
@@ -673,11 +798,12 @@ static int small_m(const plan_t *pl, const offq_q4_operand *a, const offq_q4_ope
                 const float zf = a->zero[(m0 + m) * nga + gi];
                 const int z = folded ? (int)zf : 0;
                 int32_t acc = 0;
-                for (int64_t c = b * pl->blk / 64; c < (b + 1) * pl->blk / 64; c++) {
-                    for (int j = 0; j < 32; j++) {
-                        const int lo = (p[32 * c + j] & 15) - z, hi = (p[32 * c + j] >> 4) - z;
-                        d[64 * c + j] = (uint8_t)(int8_t)lo;
-                        d[64 * c + 32 + j] = (uint8_t)(int8_t)hi;
+                for (int64_t c = b * pl->blk / ch; c < (b + 1) * pl->blk / ch; c++) {
+                    const uint8_t *pc = p + c * ch / 2;
+                    for (int64_t j = 0; j < ch / 2; j++) {
+                        const int lo = (pc[j] & 15) - z, hi = (pc[j] >> 4) - z;
+                        d[c * ch + j] = (uint8_t)(int8_t)lo;
+                        d[c * ch + ch / 2 + j] = (uint8_t)(int8_t)hi;
                         acc += lo + hi;
                     }
                 }
@@ -687,7 +813,11 @@ static int small_m(const plan_t *pl, const offq_q4_operand *a, const offq_q4_ope
             }
         }
         gemv_args g = {pl, w, ap, par, par + MS * pl->nb, par + 2 * MS * pl->nb, out + m0 * pl->n};
-        gemv_avx2(&g, mrows, folded);
+        if (vnni) {
+            gemv_vnni(&g, mrows, folded);
+        } else {
+            gemv_avx2(&g, mrows, folded);
+        }
     }
     free(ap);
     free(par);
@@ -711,8 +841,9 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
         return OFFQ_OK;
     }
 #ifdef OFFQ_X86
-    if (kind != KIND_GENERIC && pl.m <= SMALL_M_MAX && pl.blk % 64 == 0) {
-        return small_m(&pl, a, w, out);
+    const int small_vnni = kind == KIND_VNNI && pl.m <= SMALL_M_MAX_VNNI && pl.blk % 128 == 0;
+    if (kind != KIND_GENERIC && pl.blk % 64 == 0 && (pl.m <= SMALL_M_MAX || small_vnni)) {
+        return small_m(&pl, a, w, out, kind);
     }
 #endif
     const int64_t rb = (k + 1) / 2;

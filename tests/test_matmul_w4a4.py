@@ -105,7 +105,7 @@ def test_simd_variants_equal_generic(m):
             np.testing.assert_array_equal(matmul_w4a4(a, wq, kernel=kernel), ref, err_msg=kernel)
 
 
-@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("m", [1, 2, 4, 7])
 @pytest.mark.parametrize("za", [0, 15, -112, 127, -113, 128, 7.5, -1e5])
 def test_small_m_zero_point_paths(m, za):
     """Decode-size M: activation zero-points that fit int8 next to the codes are folded into them,
