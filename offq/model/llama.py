@@ -133,20 +133,21 @@ def rope_cos_sin(inv_freq: np.ndarray, start: int, length: int) -> tuple[np.ndar
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate ``x[..., T, hd]`` (HF rotate_half: pairs are (i, i + hd/2)); returns a new
-    C-contiguous array. ``cos, sin``: ``[T, hd/2]``."""
+    """Rotate ``x[B, H, T, hd]`` (HF rotate_half: pairs are (i, i + hd/2)); returns a new
+    C-contiguous array. ``cos, sin``: ``[T, hd/2]``. Heads are split across threads."""
     half = x.shape[-1] // 2
     out = np.empty(x.shape, dtype=np.float32)
-    x3, o3 = x.reshape(-1, *x.shape[-2:]), out.reshape(-1, *x.shape[-2:])
 
-    def rows(sl: slice) -> None:
-        x1, x2 = x3[sl, :, :half], x3[sl, :, half:]
-        np.multiply(x1, cos, out=o3[sl, :, :half])
-        o3[sl, :, :half] -= x2 * sin
-        np.multiply(x2, cos, out=o3[sl, :, half:])
-        o3[sl, :, half:] += x1 * sin
+    def heads(sl: slice) -> None:
+        x1, x2 = x[:, sl, :, :half], x[:, sl, :, half:]
+        o1, o2 = out[:, sl, :, :half], out[:, sl, :, half:]
+        np.multiply(x1, cos, out=o1)
+        o1 -= x2 * sin
+        np.multiply(x2, cos, out=o2)
+        o2 += x1 * sin
 
-    run_tasks(rows, row_chunks(x3.shape[0], 1) if x3.shape[1] >= 64 else [slice(None)])
+    big = x.size >= (1 << 16)
+    run_tasks(heads, row_chunks(x.shape[1], 1) if big else [slice(None)])
     return out
 
 
