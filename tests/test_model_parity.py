@@ -215,3 +215,19 @@ def test_default_model_matches_transformers() -> None:
     steps += [model.forward(ids[:, t:t + 1], cache=cache) for t in range(ids.shape[1] - 3,
                                                                           ids.shape[1])]
     assert rel_err(np.concatenate(steps, axis=1), want) < RTOL
+
+
+def test_blas_threads_inside_forward_and_in_captures() -> None:
+    """Inside the forward BLAS is single-threaded (offq splits the work itself); capture
+    callbacks see the user's setting again, and the setting is restored afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"}
+
+    _, model = build(CASES["llama-gqa-untied"])
+    inside: list[set[int]] = []
+    with threadpool_limits(limits=2, user_api="blas"):
+        model.forward(np.array([[3, 4, 5]]), capture=lambda *a: inside.append(blas_threads()))
+        assert blas_threads() == {2}
+    assert inside and all(s == {2} for s in inside)

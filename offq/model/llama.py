@@ -41,7 +41,7 @@ import numpy as np
 
 from .kv_cache import KVCache, KVCodec, LayerKVCache
 from .linear import LINEAR_NAMES, DenseLinear, Linear
-from .parallel import blas_single_threaded, row_chunks, run_tasks
+from .parallel import blas_single_threaded, blas_unrestricted, row_chunks, run_tasks
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ModelConfig
@@ -228,6 +228,12 @@ def _single_threaded_blas(method: Callable) -> Callable:
         with blas_single_threaded():
             return method(*args, **kwargs)
     return wrapper
+
+
+def _capture(fn: CaptureFn, site: str, index: int, x: np.ndarray) -> None:
+    """Call a capture callback with the user's BLAS threading (it may run big products)."""
+    with blas_unrestricted():
+        fn(site, index, x)
 
 
 def _f32(a: Any) -> np.ndarray:
@@ -419,7 +425,7 @@ class Model:
         # attention
         a = rms_norm(h, layer.input_norm, eps)
         if capture is not None:
-            capture("attn_in", layer.index, a)
+            _capture(capture, "attn_in", layer.index, a)
         q = L["q_proj"](a).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
         k = L["k_proj"](a).reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
         v = np.ascontiguousarray(L["v_proj"](a).reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3))
@@ -438,19 +444,19 @@ class Model:
         o = _causal_attention(q, k, v, start)
         del q, k, v
         if capture is not None:
-            capture("o_in", layer.index, o)
+            _capture(capture, "o_in", layer.index, o)
         h += L["o_proj"](o)
         del o
         # MLP
         m = rms_norm(h, layer.post_attention_norm, eps)
         if capture is not None:
-            capture("mlp_in", layer.index, m)
+            _capture(capture, "mlp_in", layer.index, m)
         u = _silu_mul(L["gate_proj"](m), L["up_proj"](m))
         del m
         if layer.down_input_transform is not None:
             u = layer.down_input_transform(u)
         if capture is not None:
-            capture("down_in", layer.index, u)
+            _capture(capture, "down_in", layer.index, u)
         h += L["down_proj"](u)
         return h
 

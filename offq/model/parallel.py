@@ -8,6 +8,8 @@ forward pass BLAS runs single-threaded, and offq splits the work itself into ind
 (row blocks of a product, attention blocks, row chunks of elementwise work) that run on a small
 thread pool. NumPy releases the GIL inside BLAS calls and large ufuncs, so the pieces really run
 in parallel. The pool size is offq's one thread setting (``offq.kernels.get_num_threads``).
+User callbacks invoked from inside the forward (calibration captures) run with BLAS threading
+restored (`blas_unrestricted`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["num_threads", "blas_single_threaded", "run_tasks", "row_chunks"]
+__all__ = ["num_threads", "blas_single_threaded", "blas_unrestricted", "run_tasks", "row_chunks"]
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
@@ -60,6 +62,24 @@ def blas_single_threaded() -> Iterator[None]:
             if _DEPTH == 0 and _LIMITER is not None:
                 _LIMITER.restore_original_limits()
                 _LIMITER = None
+
+
+@contextlib.contextmanager
+def blas_unrestricted() -> Iterator[None]:
+    """Lift `blas_single_threaded` inside the block (for user callbacks such as calibration
+    captures, which may run large BLAS products of their own); re-applied on exit."""
+    global _LIMITER
+    with _LOCK:
+        lifted = _LIMITER is not None
+        if lifted:
+            _LIMITER.restore_original_limits()
+            _LIMITER = None
+    try:
+        yield
+    finally:
+        with _LOCK:
+            if lifted and _DEPTH > 0 and _LIMITER is None:
+                _LIMITER = _CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def _in_worker() -> bool:
