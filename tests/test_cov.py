@@ -113,6 +113,10 @@ def test_cov_update_validation():
         cov_update(acc, np.zeros((2, 0, 8), np.float32), top1=True)
     with pytest.raises(TypeError, match="x: expected a numpy.ndarray"):
         cov_update(acc, [[0.0] * 8])
+    with pytest.raises(TypeError, match="x: expected native byte order"):
+        cov_update(acc, x.astype(">f4"))
+    with pytest.raises(TypeError, match="acc: expected native byte order"):
+        cov_update(acc.astype(">f8"), x)
     buf = np.zeros(8 * 8 + 16)
     with pytest.raises(ValueError, match="x: must not share memory with acc"):
         cov_update(buf[:64].reshape(8, 8), buf[48:].reshape(4, 8))
@@ -192,6 +196,8 @@ def test_top_eigenpairs_validation():
     bad[1, 2] = np.nan
     with pytest.raises(ValueError, match="cov: contains NaN or Inf"):
         top_eigenpairs(bad, 1)
+    with pytest.raises(TypeError, match="cov: expected native byte order"):
+        top_eigenpairs(c.astype(">f8"), 1)
     with pytest.raises(ValueError, match="tol: expected 0 < tol < 1"):
         top_eigenpairs(c, 1, tol=0.0)
 

@@ -212,6 +212,10 @@ def test_validation_errors():
     buf = np.zeros(40, np.float32)
     with pytest.raises(ValueError, match="out: overlaps x"):
         fwht(buf[:32].reshape(2, 16), out=buf[8:40].reshape(2, 16))
+    with pytest.raises(TypeError, match="x: expected native byte order"):
+        fwht(good.astype(">f4"))
+    with pytest.raises(TypeError, match="out: expected native byte order"):
+        fwht(good, out=np.zeros((2, 16), ">f4"))
     with pytest.raises(ValueError, match="n: expected a length >= 1"):
         hadamard_matrix(0)
     with pytest.raises(TypeError, match="dtype: expected float32 or float64"):
