@@ -708,7 +708,7 @@ gemv_vnni(const gemv_args *g, int mrows, int folded) /* 1 <= mrows <= MS = 8 */
 {
     const int64_t groups = (g->pl->n + 7) / 8;
     const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 20);
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
     for (int64_t i = 0; i < groups; i++) {
 #define OFFQ_CASE(r)                                                                             \
     case r:                                                                                      \
@@ -738,7 +738,7 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const gemv_args *g, in
 {
     const int64_t groups = (g->pl->n + 7) / 8;
     const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 20);
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
     for (int64_t i = 0; i < groups; i++) {
 #define OFFQ_CASE(r)                                                                             \
     case r:                                                                                      \
@@ -932,7 +932,7 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
         }
         int64_t packed_tile = -1;
         float ct[MR * 32] __attribute__((aligned(64)));
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntasks; task++) {
             if (!ok) {
                 continue;
