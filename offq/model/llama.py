@@ -70,7 +70,7 @@ QKTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 ArrayTransform = Callable[[np.ndarray], np.ndarray]
 
 _ATTN_BLOCK = 256  # query rows per attention block (per KV head group)
-_NLL_CHUNK = 512  # rows of logits materialised at once when computing the NLL
+_NLL_CHUNK = 256  # rows of logits materialised at once (per thread) when computing the NLL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -501,7 +501,8 @@ class Model:
             chunk: int = _NLL_CHUNK) -> np.ndarray:
         """Per-position NLL ``-log p(ids[:, t+1] | ids[:, :t+1])``: float64 ``[B, T-1]``.
 
-        Logits are materialised ``chunk`` rows at a time (log-sum-exp with the max subtracted).
+        Logits are materialised ``chunk`` rows at a time per thread (log-sum-exp with the max
+        subtracted).
         """
         ids = _check_ids(np.asarray(ids), self.config.vocab_size)
         if ids.ndim != 2 or ids.shape[1] < 2:
@@ -511,9 +512,12 @@ class Model:
         hs = rms_norm(h[:, :-1], self.final_norm, float(self.config.rms_norm_eps)).reshape(-1, d)
         targets = ids[:, 1:].reshape(-1)
         out = np.empty(targets.shape[0], dtype=np.float64)
-        for s in range(0, hs.shape[0], chunk):
+
+        def rows(s: int) -> None:  # chunks run on offq's threads, one logits block each
             lg = self.lm_head(hs[s:s + chunk])
             out[s:s + chunk] = _token_nll(lg, targets[s:s + chunk])
+
+        run_tasks(rows, list(range(0, hs.shape[0], chunk)))
         return out.reshape(B, T - 1)
 
 
