@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -168,7 +168,7 @@ def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return gate
 
 
-def layer_tensor_names(i: int, attention_bias: bool = False) -> dict[str, str]:
+def layer_tensor_names(i: int) -> dict[str, str]:
     """HF tensor names of decoder layer ``i`` (keys: linear names, ``input_norm``, ``post_norm``)."""
     p = f"model.layers.{i}."
     names = {n: p + ("self_attn." if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp.")
@@ -202,7 +202,6 @@ class DecoderLayer:
     qk_transform: QKTransform | None = None
     kv_codec: KVCodec | None = None
     down_input_transform: ArrayTransform | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [n for n in LINEAR_NAMES if n not in self.linears]
