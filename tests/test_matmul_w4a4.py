@@ -140,6 +140,18 @@ def test_huge_magnitudes_and_offsets():
         assert_close(matmul_w4a4(a, wq, kernel=kernel), a, wq)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 20])
+def test_offset_weights(m):
+    """Asymmetric weight groups that are all offset (zero-points far outside [0, 15])."""
+    rng = np.random.default_rng(10 + m)
+    x = rng.standard_normal((m, 512)).astype(np.float32)
+    w = (rng.standard_normal((24, 512)) * 0.01 + rng.uniform(-3, 3, (24, 1))).astype(np.float32)
+    a, wq = quantize(x), quantize(w, group_size=128)
+    assert np.abs(wq.zero).max() > 100
+    for kernel in KERNELS:
+        assert_close(matmul_w4a4(a, wq, kernel=kernel), a, wq)
+
+
 def test_leading_dims_and_out():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((2, 3, 256)).astype(np.float32)
