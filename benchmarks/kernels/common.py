@@ -2,6 +2,7 @@
 
 Protocol: every case is timed as the best of `repeats` runs, each run looping the call until at
 least `min_time` seconds have passed (so one run is never a single short call); warm-up first.
+`timeit_interleaved` alternates the runs of offq and its baselines round by round.
 Baselines are timed the same way in the same process, on the same arrays, with the same thread
 setting, and reported as ratios `baseline_seconds / offq_seconds` (> 1: offq is faster).
 """
@@ -26,6 +27,27 @@ def timeit(fn: Callable[[], object], *, quick: bool) -> float:
             if elapsed >= min_time:
                 break
         best = min(best, elapsed / calls)
+    return best
+
+
+def timeit_interleaved(fns: dict[str, Callable[[], object]], *, quick: bool) -> dict[str, float]:
+    """Seconds per call of each fn, with the runs of all fns interleaved round by round (offq,
+    baseline, offq, baseline, ...) so that load drifting on a shared machine hits all alike."""
+    min_time, repeats = (0.02, 3) if quick else (0.2, 5)
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            calls = 0
+            start = time.perf_counter()
+            while True:
+                fn()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            best[name] = min(best[name], elapsed / calls)
     return best
 
 

@@ -14,7 +14,7 @@ import scipy_openblas32
 
 from offq.kernels import cov_update
 
-from .common import result, timeit
+from .common import result, timeit, timeit_interleaved
 
 ROW_MAJOR, UPPER, TRANS = 101, 121, 112  # CBLAS enums
 
@@ -43,19 +43,24 @@ def run(threads: int, quick: bool) -> list[dict]:
         lib.scipy_cblas_ssyrk(ROW_MAJOR, UPPER, TRANS, d, tokens, 1.0, x.ctypes.data, d, 1.0,
                               c.ctypes.data, d)
 
-    t_syrk = timeit(ssyrk, quick=quick)
     g = np.empty((d, d), np.float32)
-    t_gemm = timeit(lambda: np.matmul(x.T, x, out=g), quick=quick)
+    acc32 = np.zeros((d, d), np.float32)
+    acc64 = np.zeros((d, d), np.float64)
+    times = timeit_interleaved({
+        "openblas ssyrk": ssyrk,
+        "numpy X.T@X (sgemm)": lambda: np.matmul(x.T, x, out=g),
+        "float32": lambda: cov_update(acc32, x),
+        "float64": lambda: cov_update(acc64, x),
+    }, quick=quick)
     flops = float(tokens) * d * (d + 1)
     out = []
-    for acc_dtype in (np.float32, np.float64):
-        acc = np.zeros((d, d), acc_dtype)
-        t = timeit(lambda: cov_update(acc, x), quick=quick)
+    for acc in (acc32, acc64):
+        t = times[acc.dtype.name]
         nbytes = x.nbytes + 2.0 * acc.nbytes
         out.append(result(
-            "cov_update", f"X {tokens}x{d} f32, acc {np.dtype(acc_dtype).name}", threads, t,
+            "cov_update", f"X {tokens}x{d} f32, acc {acc.dtype.name}", threads, t,
             flops=flops, nbytes=nbytes,
-            baselines={"openblas ssyrk": t_syrk, "numpy X.T@X (sgemm)": t_gemm}))
+            baselines={k: times[k] for k in ("openblas ssyrk", "numpy X.T@X (sgemm)")}))
     xb = x.reshape(16, tokens // 16, d)
     acc = np.zeros((d, d))
     t = timeit(lambda: cov_update(acc, xb, top1=True), quick=quick)

@@ -16,7 +16,7 @@ import numpy as np
 
 from offq.kernels import fwht, hadamard_factor, hadamard_matrix
 
-from .common import result, timeit
+from .common import result, timeit_interleaved
 
 SIZES = [128, 576, 1536, 4096, 11008, 14336]
 DENSE_MAX = 4096  # x @ H with a dense H beyond this is hundreds of MB
@@ -56,22 +56,19 @@ def run(threads: int, quick: bool) -> list[dict]:
         x = rng.standard_normal((rows, n)).astype(np.float32)
         out = np.empty_like(x)
         length = block or n
-        t = timeit(lambda: fwht(x, block=block, out=out), quick=quick)
-        base: dict[str, float | None] = {}
+        fns = {"offq": lambda: fwht(x, block=block, out=out)}
         m = hadamard_factor(length)
+        xb = x.reshape(-1, length)
+        ob = np.empty_like(xb)
         if m == 1:  # the butterfly baseline exists for powers of two (and blocks of them)
-            xb = x.reshape(-1, length)
-            ob = np.empty_like(xb)
-            base["numpy butterfly"] = timeit(lambda: numpy_butterfly(xb, ob), quick=quick)
-        else:
-            base["numpy butterfly"] = None
+            fns["numpy butterfly"] = lambda: numpy_butterfly(xb, ob)
         if length <= DENSE_MAX:
             h = hadamard_matrix(length, dtype=np.float32)
-            xb = x.reshape(-1, length)
-            ob = np.empty_like(xb)
-            base["numpy x@H (sgemm)"] = timeit(lambda: np.matmul(xb, h, out=ob), quick=quick)
-        else:
-            base["numpy x@H (sgemm)"] = None
+            fns["numpy x@H (sgemm)"] = lambda: np.matmul(xb, h, out=ob)
+        times = timeit_interleaved(fns, quick=quick)
+        t = times.pop("offq")
+        base: dict[str, float | None] = {
+            k: times.get(k) for k in ("numpy butterfly", "numpy x@H (sgemm)")}
         case = f"n={n}" + (f" block={block}" if block else "") + f" rows={rows}"
         rows_out.append(result(
             "fwht f32", case, threads, t / rows,
