@@ -94,6 +94,11 @@ class QTensor:
             if arr.shape != want:
                 raise ValueError(f"{name}: expected shape {want}, got {arr.shape}")
 
+    def __repr__(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (f"QTensor(shape={self.shape}, bits={self.bits}, group_size={self.group_size}, "
+                f"{kind}, {self.nbytes} bytes)")
+
     @property
     def groups(self) -> int:
         """Groups per row, G = K / group_size."""
@@ -139,6 +144,16 @@ class QTensor:
         return cls(packed, scale, zero, sums, codes.shape, int(bits), gs, bool(symmetric))
 
 
+def _trusted(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, sums: np.ndarray,
+             shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool) -> QTensor:
+    """A QTensor from arrays the C core just produced (already consistent): skips the
+    validation of ``__post_init__``, which would dominate a decode-size call."""
+    qt = object.__new__(QTensor)
+    qt.__dict__.update(codes=codes, scale=scale, zero=zero, code_sums=sums, shape=tuple(shape),
+                       bits=bits, group_size=group_size, symmetric=symmetric)
+    return qt
+
+
 def quantize(x: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
              clip: float = 1.0) -> QTensor:
     """Quantize float32 ``x [..., K]`` group-wise along the last axis (format: module docstring).
@@ -160,7 +175,7 @@ def quantize(x: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: 
                                            float(clip))
     k = x.shape[-1]
     gs = k if group_size == -1 else int(group_size)
-    return QTensor(codes, scale, zero, sums, x.shape, int(bits), gs, bool(symmetric))
+    return _trusted(codes, scale, zero, sums, x.shape, int(bits), gs, bool(symmetric))
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
