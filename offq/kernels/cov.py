@@ -6,7 +6,8 @@ always a full symmetric matrix. Precision: a float32 accumulator with float32 ``
 in place; a float64 accumulator with float64 ``x`` uses ``dsyrk``; a float64 accumulator with
 float32 ``x`` forms each call's ``x.T @ x`` with ``ssyrk`` (float32 sums over that call's rows)
 and adds it in float64, so long streams of calls do not lose precision; calls of at most 256 rows
-(e.g. top-1 tokens) widen the rows and use ``dsyrk``. NaN/Inf propagate.
+(e.g. top-1 tokens) widen the rows and use ``dsyrk``. That float32 ``d x d`` scratch is kept for
+the next call when it is at most 256 MB (d <= 8192). NaN/Inf propagate.
 """
 from __future__ import annotations
 
