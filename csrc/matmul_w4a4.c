@@ -707,7 +707,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
 gemv_vnni(const gemv_args *g, int mrows, int folded) /* 1 <= mrows <= MS = 8 */
 {
     const int64_t groups = (g->pl->n + 7) / 8;
-    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 20);
+    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 21);
 #pragma omp parallel for schedule(dynamic, 4) if (parallel)
     for (int64_t i = 0; i < groups; i++) {
 #define OFFQ_CASE(r)                                                                             \
@@ -737,7 +737,7 @@ __attribute__((target("avx2,fma"))) static void gemv_avx2(const gemv_args *g, in
                                                           int folded) /* 1 <= mrows <= MS = 8 */
 {
     const int64_t groups = (g->pl->n + 7) / 8;
-    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 20);
+    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 21);
 #pragma omp parallel for schedule(dynamic, 4) if (parallel)
     for (int64_t i = 0; i < groups; i++) {
 #define OFFQ_CASE(r)                                                                             \
@@ -917,7 +917,7 @@ static int matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64
     const int64_t strips_per_chunk = (strips + mchunks - 1) / mchunks;
     const int64_t ntasks = ntiles * mchunks;
 
-    const int parallel = ntasks > 1 && pl.m * pl.n * pl.k >= ((int64_t)1 << 21);
+    const int parallel = ntasks > 1 && pl.m * pl.n * pl.k >= ((int64_t)1 << 22);
 #pragma omp parallel if (parallel) reduction(max : err)
     {
         workspace ws;
