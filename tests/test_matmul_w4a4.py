@@ -16,6 +16,7 @@ import pytest
 
 from offq import _C
 from offq.kernels.quant import QTensor, matmul_w4a4, quantize
+from offq.kernels.threads import threads
 
 SIMD = _C.simd_info()
 KERNELS = ["auto", "generic"] + [k for k, flag in (("avx2", "avx2"), ("vnni", "avx512_vnni"))
@@ -121,6 +122,22 @@ def test_small_m_zero_point_paths(m, za):
     for kernel in KERNELS:
         np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel), ref, err_msg=kernel)
     assert_close(ref, a, w)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 2048, 1032), (5, 1024, 520), (64, 1024, 264),
+                                   (300, 256, 40)])
+def test_parallel_paths(m, k, n):
+    """Sizes large enough for a thread team: column groups (small M), column tiles, and row
+    chunks when there are few tiles (n = 40); every variant equals the generic result."""
+    rng = np.random.default_rng(m + n)
+    x = (rng.standard_normal((m, k)) + rng.uniform(-2, 2, (m, 1))).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    a, wq = quantize(x), quantize(w, group_size=-1, symmetric=True)
+    with threads(2):
+        ref = matmul_w4a4(a, wq, kernel="generic")
+        for kernel in KERNELS:
+            np.testing.assert_array_equal(matmul_w4a4(a, wq, kernel=kernel), ref, err_msg=kernel)
+    assert_close(ref, a, wq)
 
 
 def test_huge_magnitudes_and_offsets():

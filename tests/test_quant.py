@@ -234,3 +234,20 @@ def test_binding_validation():
         _C.unpack_codes(codes, 4, 0)
     with pytest.raises(ValueError, match="bits: expected one of"):
         _C.unpack_codes(codes, 6, 64)
+
+
+def test_parallel_rows_match_reference_and_raise():
+    """Enough rows for a thread team: same codes, and a NaN in one thread's share still raises."""
+    from offq.kernels.threads import threads
+
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((257, 256)) * 3 + 1).astype(np.float32)
+    with threads(2):
+        for bits in (3, 4):
+            qt = check_against_reference(x, bits, 64, False)
+            qt2 = QTensor.from_codes(qt.unpacked_codes(), qt.scale, qt.zero, bits=bits,
+                                     group_size=64, symmetric=False)
+            np.testing.assert_array_equal(qt2.codes, qt.codes)
+        x[200, 5] = np.nan
+        with pytest.raises(ValueError, match="x: contains NaN or Inf"):
+            quantize(x, group_size=64)
