@@ -69,7 +69,7 @@ QKTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: ``down_input_transform(u) -> u`` on ``u[B, T, intermediate]`` before down_proj.
 ArrayTransform = Callable[[np.ndarray], np.ndarray]
 
-_ATTN_BLOCK = 256  # query rows per attention block (per KV head group)
+_ATTN_BLOCK = 128  # query positions per attention block (per KV head group)
 _NLL_CHUNK = 256  # rows of logits materialised at once (per thread) when computing the NLL
 
 
@@ -570,6 +570,7 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -
     blk = _ATTN_BLOCK
     # additive causal mask of a diagonal block: -inf above the diagonal
     tri = np.triu(np.full((blk, blk), -np.inf, dtype=np.float32), 1)
+    ones = np.ones(S, dtype=np.float32)
 
     def block(task: tuple[int, int, int]) -> None:
         b, g, t0 = task
@@ -581,10 +582,11 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -
         s[:, :, end - n:] += tri[:n, None, :n]  # key j > start + t is masked for query t
         s -= s.max(axis=-1, keepdims=True)
         np.exp(s, out=s)
-        den = s.sum(axis=-1, keepdims=True)
-        ob = np.matmul(s.reshape(n * rep, end), v[b, g, :end]).reshape(n, rep, hd)
+        p = s.reshape(n * rep, end)
+        den = np.matmul(p, ones[:end])[:, None]  # row sums (gemv: faster than a float32 sum)
+        ob = np.matmul(p, v[b, g, :end])
         ob /= den
-        out[b, t0:t1, g * rep:(g + 1) * rep] = ob
+        out[b, t0:t1, g * rep:(g + 1) * rep] = ob.reshape(n, rep, hd)
 
     # largest blocks (most keys) first, for load balance
     tasks = [(b, g, t0) for t0 in reversed(range(0, T, blk)) for b in range(B) for g in range(Hkv)]
