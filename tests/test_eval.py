@@ -190,3 +190,31 @@ def test_cli_reports_bad_arguments(capsys: pytest.CaptureFixture) -> None:
     rc = main(["eval", "smollm2-135m", "--dataset", "no-such-dataset", "--quiet"])
     assert rc == 2
     assert "dataset" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# generation
+# ------------------------------------------------------------------------------------------------
+def test_generation_greedy_sampling_and_seeds() -> None:
+    from offq.generate import GenerationConfig, generate_ids
+    model = tiny_model()
+    prompt = [3, 4, 5, 6]
+    greedy = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=6, stop_at_eos=False)))
+    # greedy == argmax of a full forward pass over the growing sequence
+    seq = list(prompt)
+    for _ in range(6):
+        seq.append(int(np.argmax(model.forward(np.array([seq]))[0, -1])))
+    assert greedy == seq[len(prompt):]
+    # top_k = 1 sampling is greedy; the same seed gives the same sample
+    top1 = GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=1, stop_at_eos=False)
+    assert list(generate_ids(model, prompt, top1)) == greedy
+    hot = GenerationConfig(max_new_tokens=6, temperature=2.0, seed=7, stop_at_eos=False)
+    assert list(generate_ids(model, prompt, hot)) == list(generate_ids(model, prompt, hot))
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=-1), dict(temperature=-0.5),
+                                    dict(temperature=float("nan")), dict(top_k=0)])
+def test_generation_config_rejects_bad_values(kwargs: dict) -> None:
+    from offq.generate import GenerationConfig
+    with pytest.raises(ValueError):
+        GenerationConfig(**kwargs)
