@@ -31,6 +31,7 @@ row chunks when only the NLL is needed.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -220,8 +221,6 @@ class DecoderLayer:
 def _single_threaded_blas(method: Callable) -> Callable:
     """Run a forward entry point with BLAS single-threaded (offq parallelises it itself, see
     :mod:`offq.model.parallel`)."""
-    import functools
-
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with blas_single_threaded():
@@ -468,7 +467,7 @@ class Model:
         if limit and start + np.shape(ids)[-1] > limit:
             raise ValueError(f"ids: positions up to {start + np.shape(ids)[-1]} exceed the model's "
                              f"max_position_embeddings {limit}")
-        h = self.embed(ids).astype(np.float32, copy=True)
+        h = self.embed(ids)  # fancy indexing: a fresh float32 array, updated in place below
         for i in range(self.num_layers):
             layer = self.load_layer(i)
             h = self.layer_forward(layer, h, start=start,
@@ -548,6 +547,14 @@ def _layers_nbytes(config: ModelConfig) -> int:
     return 4 * per * int(config.num_hidden_layers)
 
 
+@functools.lru_cache(maxsize=4)
+def _causal_mask(n: int) -> np.ndarray:
+    """Additive causal mask of a diagonal block: -inf above the diagonal, 0 elsewhere."""
+    m = np.triu(np.full((n, n), -np.inf, dtype=np.float32), 1)
+    m.flags.writeable = False
+    return m
+
+
 def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -> np.ndarray:
     """Causal GQA attention. ``q[B,H,T,hd]`` at positions ``start..start+T-1``; ``k, v[B,Hkv,S,hd]``
     cover positions ``0..S-1`` with ``S = start + T``. Returns ``[B, T, H*hd]`` float32.
@@ -568,8 +575,7 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -
     # queries grouped by KV head, token-major inside a group: [B, Hkv, T, rep, hd]
     qg = q.reshape(B, Hkv, rep, T, hd).transpose(0, 1, 3, 2, 4)
     blk = _ATTN_BLOCK
-    # additive causal mask of a diagonal block: -inf above the diagonal
-    tri = np.triu(np.full((blk, blk), -np.inf, dtype=np.float32), 1)
+    tri = _causal_mask(blk)
     ones = np.ones(S, dtype=np.float32)
 
     def block(task: tuple[int, int, int]) -> None:
