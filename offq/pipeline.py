@@ -45,7 +45,6 @@ from .runtime import build_layer, install_online, pack_codes
 
 logger = logging.getLogger(__name__)
 
-SITE_OF = {lin: site for site, lins in CAPTURE_SITES.items() for lin in lins}
 
 
 @dataclass
@@ -258,31 +257,37 @@ def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumula
     if cfg.w_bits == OFF:
         out.update({names[lin]: w[names[lin]] for lin in LINEAR_NAMES})
         return out, reports
-    factors: dict[str, Any] = {}  # one GPTQ factorization per input site (q/k/v, gate/up share)
-    for lin in LINEAR_NAMES:
-        name = names[lin]
-        weight = w[name]
-        k = weight.shape[1]
-        site = SITE_OF[lin]
+    # GPTQ and RTN treat output rows independently, so the linears that read the same input
+    # (q/k/v; gate/up) are quantized as one stacked matrix with one Hessian factorization.
+    for site, lins in CAPTURE_SITES.items():
         hess = hessians[site].hessian if site in hessians else None
-        if cfg.uses_osaq:
-            weight, rep = osaq_absorb(weight, hess, gamma=cfg.osaq_gamma, tau_rel=cfg.osaq_tau_rel,
-                                      mu1=cfg.osaq_mu1, mu2=cfg.osaq_mu2)
-            reports[name] = dataclasses.asdict(rep)
+        weights = []
+        for lin in lins:
+            weight = w[names[lin]]
+            if cfg.uses_osaq:
+                weight, rep = osaq_absorb(weight, hess, gamma=cfg.osaq_gamma,
+                                          tau_rel=cfg.osaq_tau_rel, mu1=cfg.osaq_mu1,
+                                          mu2=cfg.osaq_mu2)
+                reports[names[lin]] = dataclasses.asdict(rep)
+            weights.append(weight)
+        stacked = np.concatenate(weights, axis=0)
+        k = stacked.shape[1]
         common = dict(bits=cfg.w_bits, group_size=cfg.weight_group(k), symmetric=cfg.w_symmetric,
                       clip_search=cfg.w_clip_search)
         if cfg.weight_rounding == "gptq":
-            if site not in factors:
-                factors[site] = factor_hessian(hess, damp=cfg.gptq_damp,
-                                               act_order=cfg.gptq_act_order)
-            q = gptq_quantize(weight, factor=factors[site], block_size=cfg.gptq_block_size,
+            factor = factor_hessian(hess, damp=cfg.gptq_damp, act_order=cfg.gptq_act_order)
+            q = gptq_quantize(stacked, factor=factor, block_size=cfg.gptq_block_size,
                               static_groups=cfg.gptq_static_groups, **common)
         else:
-            q = rtn_quantize(weight, **common)
-        base = name[: -len(".weight")]
-        out[base + ".qweight"] = pack_codes(q.codes, cfg.w_bits)
-        out[base + ".scales"] = q.scale
-        out[base + ".zeros"] = q.zero
+            q = rtn_quantize(stacked, **common)
+        row = 0
+        for lin, weight in zip(lins, weights):
+            rows = slice(row, row + weight.shape[0])
+            row += weight.shape[0]
+            base = names[lin][: -len(".weight")]
+            out[base + ".qweight"] = pack_codes(q.codes[rows], cfg.w_bits)
+            out[base + ".scales"] = np.ascontiguousarray(q.scale[rows])
+            out[base + ".zeros"] = np.ascontiguousarray(q.zero[rows])
     return out, reports
 
 

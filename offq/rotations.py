@@ -31,6 +31,7 @@ import logging
 from typing import Any, Callable, MutableMapping
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def pca_basis(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"cov: expected a square matrix, got shape {c.shape}")
     if not np.all(np.isfinite(c)):
         raise ValueError("cov: contains NaN or Inf")
-    vals, vecs = np.linalg.eigh((c + c.T) / 2)
+    with threadpool_limits(limits=1, user_api="blas"):  # see offq/quantizers/gptq.py
+        vals, vecs = np.linalg.eigh((c + c.T) / 2)
     order = np.argsort(-vals, kind="stable")
     vals, vecs = vals[order], vecs[:, order]
     pivot = np.abs(vecs).argmax(axis=0)

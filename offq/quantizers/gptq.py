@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .grid import check_bits, dequantize_codes, group_params, quantize_codes
 from .rtn import QuantizedWeight
@@ -83,9 +84,13 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01,
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     h = h[np.ix_(perm, perm)]
     h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.inv(h)
-    hinv = (hinv + hinv.T) / 2
-    return HessianFactor(dead, perm, np.linalg.cholesky(hinv).T)  # upper: hinv = u.T @ u
+    # LAPACK single-threaded: OpenBLAS threads spin-wait badly on a shared machine, and these
+    # [K, K] factorizations are a small part of the work on an idle one
+    with threadpool_limits(limits=1, user_api="blas"):
+        hinv = np.linalg.inv(h)
+        hinv = (hinv + hinv.T) / 2
+        u = np.linalg.cholesky(hinv).T  # upper: hinv = u.T @ u
+    return HessianFactor(dead, perm, u)
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int = 4,
