@@ -28,6 +28,9 @@ The embeddings, the final norm and the LM head stay resident. *Resident* mode ke
 the largest attention temporary is ``block * (H / Hkv) * T`` floats, and only keys up to the end
 of each query block are touched (the causal upper triangle is skipped). Logits are computed in
 row chunks when only the NLL is needed.
+
+Threads: inside the forward BLAS is single-threaded and offq splits products, attention blocks
+and elementwise work across its own small pool (see :mod:`offq.model.parallel` for why).
 """
 from __future__ import annotations
 
