@@ -36,6 +36,12 @@ static inline PyArrayObject *offq_check_array(PyObject *obj, const char *name, i
         Py_XDECREF(want);
         return NULL;
     }
+    if (PyArray_ISBYTESWAPPED(arr)) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: expected native byte order, got %S (use x.astype(x.dtype.newbyteorder('='))",
+                     name, (PyObject *)PyArray_DESCR(arr));
+        return NULL;
+    }
     int nd = PyArray_NDIM(arr);
     if (nd < min_ndim || (max_ndim >= 0 && nd > max_ndim)) {
         if (max_ndim < 0) {

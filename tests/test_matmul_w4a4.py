@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import offq
 from offq import _C
 from offq.kernels.quant import QTensor, matmul_w4a4, quantize
 from offq.kernels.threads import threads
@@ -248,18 +249,21 @@ def test_unavailable_kernel_is_an_error_not_a_crash():
 
 @pytest.mark.skipif(os.environ.get("OFFQ_DISABLE_SIMD") == "1",
                     reason="already running the generic path")
-def test_generic_dispatch_path_in_subprocess():
+def test_generic_dispatch_path_in_subprocess(tmp_path):
     """Re-run the quant and matmul tests with SIMD dispatch forced off (OFFQ_DISABLE_SIMD=1).
 
-    Same interpreter, environment and working directory, so it imports the same offq build."""
+    The child imports the same offq build as this process (installed, in-place or CI's ASan copy):
+    its directory goes first on PYTHONPATH and the child runs outside the source tree."""
     here = Path(__file__).resolve().parent
-    env = dict(os.environ, OFFQ_DISABLE_SIMD="1")
+    offq_root = str(Path(offq.__file__).resolve().parents[1])
+    env = dict(os.environ, OFFQ_DISABLE_SIMD="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [offq_root, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          str(here / "test_quant.py"), str(here / "test_matmul_w4a4.py")],
-        env=env, capture_output=True, text=True, timeout=600)
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     check = subprocess.run(
         [sys.executable, "-c", "from offq import _C; print(_C.simd_info()['disabled_by_env'])"],
-        env=env, capture_output=True, text=True, timeout=120)
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "True", check.stderr
