@@ -58,37 +58,67 @@ def perplexity(model, windows: np.ndarray, batch: int = 1) -> tuple[float, int]:
     return float(np.exp(total / count)), count
 
 
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Minimal PNG writer (8-bit RGB, zlib from the standard library; no plotting package)."""
+    import struct
+    import zlib
+
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].astype(np.uint8).tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    path.write_bytes(png)
+
+
+def bar_panels(panels: list[np.ndarray], height: int = 220, gap: int = 20) -> np.ndarray:
+    """Side-by-side bar charts (one bar per channel, shared linear y axis, white background,
+    light grid lines every 10% of the shared maximum)."""
+    top = max(float(p.max()) for p in panels)
+    width = sum(len(p) for p in panels) + gap * (len(panels) + 1)
+    img = np.full((height + 2 * gap, width, 3), 255, dtype=np.uint8)
+    x0 = gap
+    for p in panels:
+        region = img[gap:gap + height, x0:x0 + len(p)]
+        for frac in np.arange(0.1, 1.0001, 0.1):
+            region[height - 1 - int(frac * (height - 1))] = (225, 225, 225)
+        bars = np.round(p / top * (height - 1)).astype(int)
+        for c, b in enumerate(bars):
+            region[height - 1 - b:, c] = (31, 119, 180)
+        img[gap + height, x0:x0 + len(p)] = 0  # x axis
+        img[gap:gap + height, x0 - 1] = 0  # y axis
+        x0 += len(p) + gap
+    return img
+
+
 def activation_plot(ckpt, calib: np.ndarray, cfg: QuantConfig, layer: int, path: Path) -> None:
-    """Per-channel max |x| of the attention input at ``layer`` before and after OffQ's R1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Per-channel max |x| of the attention input at ``layer`` (norm-fused) over calibration
+    tokens, before (left) and after (right) OffQ's R1, same y scale; also writes the numbers as
+    CSV beside the PNG."""
     from offq import pipeline
     from offq import rotations as rot
     from offq.model import Model
 
     mc = ckpt.config.replace(tie_word_embeddings=False)
     r1, _, _ = pipeline.compute_rotations(ckpt, mc, cfg, calib, 2, False)
-    caps = []
     w = {n: ckpt.tensors[n] for n in ckpt.tensors.keys()
          if not n.startswith("model.layers.") or int(n.split(".")[2]) <= layer}
     rot.fuse_norms(w, layer + 1)
-    small = mc.replace(num_hidden_layers=layer + 1)
-    model = Model.from_tensors(small, w)
-    model.hidden_states(calib[:2, :512], capture=lambda s, i, x: caps.append(x.reshape(-1, x.shape[-1]).copy())
-                        if s == "attn_in" and i == layer else None)
-    x = caps[0]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3), dpi=80)
-    for ax, data, title in ((axes[0], x, "before (norm-fused input)"), (axes[1], x @ r1, "after OffQ R1")):
-        ax.bar(np.arange(x.shape[1]), np.abs(data).max(axis=0), width=1.0)
-        ax.set_title(f"layer {layer} attention input, {title}")
-        ax.set_xlabel("channel")
-    axes[0].set_ylabel("max |x| over tokens")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    model = Model.from_tensors(mc.replace(num_hidden_layers=layer + 1), w)
+    caps: list[np.ndarray] = []
+    model.hidden_states(calib[:4], capture=lambda s, i, x: caps.append(
+        x.reshape(-1, x.shape[-1]).copy()) if s == "attn_in" and i == layer else None)
+    x = caps[0].astype(np.float64)
+    before, after = np.abs(x).max(axis=0), np.abs(x @ r1).max(axis=0)
+    write_png(path, bar_panels([before, after]))
+    np.savetxt(path.with_suffix(".csv"), np.stack([before, after], 1), delimiter=",",
+               header="max_abs_before,max_abs_after_offq_r1", fmt="%.5g")
+    print(f"wrote {path} (layer {layer} attention input, {x.shape[0]} tokens: max |x| per channel "
+          f"{before.max():.1f} before, {after.max():.1f} after OffQ R1; left/right panels)")
 
 
 def main() -> int:
@@ -105,6 +135,7 @@ def main() -> int:
                    help="8 x 512 calibration, 2 windows of 512 (a smoke run, not the protocol)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
     p.add_argument("--plot", type=Path, default=None, help="also write the activation plot (PNG)")
+    p.add_argument("--plot-layer", type=int, default=3)
     args = p.parse_args()
     if args.quick:
         args.seqlen, args.max_windows, args.calib_samples, args.calib_seqlen = 512, 2, 8, 512
@@ -152,7 +183,7 @@ def main() -> int:
             lines.append(line)
             del model
         if args.plot:
-            activation_plot(ckpt, calib, QuantConfig(method="offq"), 3, args.plot)
+            activation_plot(ckpt, calib, QuantConfig(method="offq"), args.plot_layer, args.plot)
     text = f"{protocol}\n\n{header}\n" + "\n".join(lines) + "\n"
     args.out.write_text(text)
     print(f"wrote {args.out}")
