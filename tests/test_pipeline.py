@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+import offq
 from offq import pipeline
 from offq.checkpoint import load_quantized, load_safetensors, save_safetensors
 from offq.config import QuantConfig
@@ -192,7 +193,9 @@ RUN = textwrap.dedent("""
 
 def test_resume_after_kill_is_byte_identical(tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(RUN.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    # The child imports the offq build under test (installed or in-place), not a bare source tree.
+    offq_root = Path(offq.__file__).resolve().parents[1]
+    script.write_text(RUN.format(root=str(offq_root), tests=str(ROOT / "tests")))
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     subprocess.run([sys.executable, str(script), str(whole)], check=True, env=env, timeout=300)
