@@ -5,18 +5,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-/* Arrays must be in the machine's byte order (a byte-swapped float32 reads as garbage). */
-static int offq_native_order(PyArrayObject *arr, const char *name)
-{
-    if (PyArray_ISBYTESWAPPED(arr)) {
-        PyErr_Format(PyExc_TypeError,
-                     "%s: expected native byte order (use .astype(%s.dtype.newbyteorder('=')))",
-                     name, name);
-        return 0;
-    }
-    return 1;
-}
-
 /* cov_update(acc, x, top1) -> acc, in place: acc += x^T x (rows of x; with top1, one row per
  * sequence of x[batch, tokens, d]: the token of largest L-infinity norm). */
 static PyObject *py_cov_update(PyObject *self, PyObject *args)
@@ -39,9 +27,6 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
     }
     PyArrayObject *acc = offq_check_writeable(acc_obj, "acc", acc_type, 2, 2);
     if (acc == NULL) {
-        return NULL;
-    }
-    if (!offq_native_order(acc, "acc")) {
         return NULL;
     }
     const int64_t d = (int64_t)PyArray_DIM(acc, 0);
@@ -72,9 +57,6 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
             PyErr_Format(PyExc_ValueError, "x: top1=True expects [batch, tokens, d], got %d dimensions",
                          PyArray_NDIM((PyArrayObject *)x_obj));
         }
-        return NULL;
-    }
-    if (!offq_native_order(x, "x")) {
         return NULL;
     }
     const int nd = PyArray_NDIM(x);
@@ -160,9 +142,6 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
     }
     PyArrayObject *cov = offq_check_array(cov_obj, "cov", typenum, 2, 2);
     if (cov == NULL) {
-        return NULL;
-    }
-    if (!offq_native_order(cov, "cov")) {
         return NULL;
     }
     const int64_t d = (int64_t)PyArray_DIM(cov, 0);
