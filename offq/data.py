@@ -3,7 +3,8 @@
 Evaluation (METHODS.md section 4)
     `load_wikitext2_test` reads ``wikitext-2-raw/wiki.test.raw`` as bytes and decodes UTF-8 (no
     newline normalisation). `eval_windows` tokenizes the whole text once without special tokens
-    and cuts it into consecutive, non-overlapping windows, dropping the remainder. With
+    and `token_windows` cuts the stream into consecutive, non-overlapping windows, dropping the
+    remainder (``offq.eval`` uses the same function). With
     ``add_bos=True`` every window is ``[BOS] + the next seqlen - 1 tokens`` (so rows are still
     ``seqlen`` long and BOS is never a prediction target); without it, ``seqlen`` text tokens.
 
@@ -139,9 +140,42 @@ def _window_rows(tokens: np.ndarray, seqlen: int, n: int | None, bos: int | None
     return out
 
 
+def token_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: int | None = None,
+                  max_windows: int | None = None) -> np.ndarray:
+    """Cut an already tokenized stream into evaluation windows ``int64 [n, seqlen]``.
+
+    The one implementation of the window protocol (module docstring): consecutive,
+    non-overlapping windows, the remainder dropped; with ``bos_id`` each row is
+    ``[bos_id] + seqlen - 1`` stream tokens, otherwise ``seqlen`` stream tokens. Either way a
+    window has ``seqlen - 1`` predicted positions, so ``seqlen`` must be at least 2.
+
+    Args:
+        tokens: the token ids of the whole text (any integer sequence; flattened).
+        seqlen: model input length per window, BOS included.
+        bos_id: the BOS id to put first in every window (``None``: no BOS).
+        max_windows: keep only the first N windows (``None`` = all).
+
+    Raises:
+        ValueError: ``seqlen`` < 2, ``max_windows`` < 1, or the stream does not fill one window.
+    """
+    if isinstance(seqlen, bool) or not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
+        raise ValueError(f"seqlen: expected an integer >= 2 (a window predicts seqlen - 1 "
+                         f"tokens), got {seqlen!r}")
+    if max_windows is not None:
+        _check_positive("max_windows", max_windows)
+    stream = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    out = _window_rows(stream, int(seqlen), max_windows, bos_id, "eval")
+    if len(out) == 0:
+        per = seqlen - (1 if bos_id is not None else 0)
+        raise ValueError(f"text has {stream.size} tokens, fewer than one window of {seqlen} "
+                         f"({per} text tokens{' after BOS' if bos_id is not None else ''})")
+    return out
+
+
 def eval_windows(tokenizer: Tokenizer, text: str, seqlen: int = 2048,
                  max_windows: int | None = None, add_bos: bool = False) -> np.ndarray:
-    """Non-overlapping evaluation windows ``int64 [n, seqlen]`` (protocol in the module docstring).
+    """Non-overlapping evaluation windows ``int64 [n, seqlen]`` of a text (`token_windows` of
+    the text tokenized once, without special tokens).
 
     Args:
         tokenizer: the model's tokenizer.
@@ -150,15 +184,9 @@ def eval_windows(tokenizer: Tokenizer, text: str, seqlen: int = 2048,
         max_windows: keep only the first N windows (``None`` = all).
         add_bos: start each window with ``tokenizer.bos_id``.
     """
-    _check_positive("seqlen", seqlen)
-    if max_windows is not None:
-        _check_positive("max_windows", max_windows)
     bos = _bos_of(tokenizer, add_bos)
-    tokens = tokenize_text(tokenizer, text)
-    out = _window_rows(tokens, seqlen, max_windows, bos, "eval")
-    if len(out) == 0:
-        raise ValueError(f"text has {len(tokens)} tokens, fewer than one window of {seqlen}")
-    return out
+    return token_windows(tokenize_text(tokenizer, text), seqlen, bos_id=bos,
+                         max_windows=max_windows)
 
 
 # ---------------------------------------------------------------------- calibration text

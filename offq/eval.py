@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .data import token_windows
 from .model.llama import Model
 
 log = logging.getLogger(__name__)
@@ -54,28 +55,15 @@ class EvalWindows:
 
 def make_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: int | None = None,
                  max_windows: int | None = None) -> EvalWindows:
-    """Cut a token stream into non-overlapping windows of ``seqlen`` model inputs.
+    """The windows of protocol step 2 (``offq.data.token_windows``), with the stream length.
 
     With ``bos_id`` each window is ``[bos_id] + seqlen - 1`` stream tokens, otherwise ``seqlen``
     stream tokens. The remainder is dropped; ``max_windows`` keeps the first N windows.
     """
-    if isinstance(seqlen, bool) or not isinstance(seqlen, (int, np.integer)) or seqlen < 2:
-        raise ValueError(f"seqlen: expected an integer >= 2, got {seqlen!r}")
-    if max_windows is not None and (isinstance(max_windows, bool) or int(max_windows) < 1):
-        raise ValueError(f"max_windows: expected a positive integer or None, got {max_windows!r}")
     stream = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    per = seqlen - 1 if bos_id is not None else seqlen
-    n = stream.size // per
-    if max_windows is not None:
-        n = min(n, int(max_windows))
-    if n == 0:
-        raise ValueError(f"text: {stream.size} tokens do not fill one window of {per} tokens "
-                         f"(seqlen {seqlen})")
-    body = stream[: n * per].reshape(n, per)
-    if bos_id is not None:
-        body = np.concatenate([np.full((n, 1), bos_id, dtype=np.int64), body], axis=1)
-    return EvalWindows(ids=np.ascontiguousarray(body), seqlen=int(seqlen),
-                       add_bos=bos_id is not None, stream_tokens=int(stream.size))
+    ids = token_windows(stream, seqlen, bos_id=bos_id, max_windows=max_windows)
+    return EvalWindows(ids=ids, seqlen=int(seqlen), add_bos=bos_id is not None,
+                       stream_tokens=int(stream.size))
 
 
 def resolve_dataset(name_or_path: str | os.PathLike) -> Path:

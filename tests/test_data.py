@@ -85,6 +85,17 @@ def test_eval_windows_errors(tok):
         data.eval_windows(no_bos, "some text here", seqlen=2, add_bos=True)
 
 
+def test_token_windows_on_a_stream():
+    w = data.token_windows(range(10, 33), 5)
+    assert w.dtype == np.int64 and np.array_equal(w.reshape(-1), np.arange(10, 30))
+    b = data.token_windows(np.arange(10, 33), 5, bos_id=7, max_windows=2)
+    assert np.array_equal(b, [[7, 10, 11, 12, 13], [7, 14, 15, 16, 17]])
+    with pytest.raises(ValueError, match="seqlen"):
+        data.token_windows(range(10), 1)          # nothing left to predict
+    with pytest.raises(ValueError, match="fewer than one window of 5 .4 text tokens after BOS"):
+        data.token_windows(range(3), 5, bos_id=7)
+
+
 # ---------------------------------------------------------------------- calibration
 def _docs(n: int) -> list[str]:
     rng = np.random.default_rng(5)

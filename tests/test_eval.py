@@ -118,15 +118,19 @@ def test_default_model_perplexity_is_sane(smollm, wikitext: str) -> None:
 
 
 @pytest.mark.parametrize("add_bos", [False, True])
-def test_windows_agree_with_offq_data(smollm, wikitext: str, add_bos: bool) -> None:
-    """offq.eval's windows are offq.data's eval windows (one protocol, two entry points)."""
+def test_text_perplexity_is_the_mean_nll_of_the_data_windows(smollm, wikitext: str,
+                                                              add_bos: bool) -> None:
+    """Given a text, perplexity() tokenizes it once and scores exactly offq.data's eval windows
+    (every window's seqlen - 1 predicted positions, BOS never a target)."""
     from offq.data import eval_windows
-    _, tok = smollm
-    text = wikitext[:30000]
-    want = eval_windows(tok, text, seqlen=256, max_windows=5, add_bos=add_bos)
-    got = make_windows(tok.encode(text), 256, bos_id=tok.bos_id if add_bos else None,
-                       max_windows=5)
-    np.testing.assert_array_equal(got.ids, want)
+    model, tok = smollm
+    text = wikitext[:20000]
+    windows = eval_windows(tok, text, seqlen=64, max_windows=2, add_bos=add_bos)
+    res = perplexity(model, tok, text, seqlen=64, max_windows=2, add_bos=add_bos, quiet=True)
+    direct = np.concatenate([model.nll(w[None]).reshape(-1) for w in windows])
+    assert direct.size == res["tokens"] == 2 * 63 and res["windows"] == 2
+    assert res["stream_tokens"] == len(tok.encode(text)) and res["add_bos"] is add_bos
+    assert res["nll"] == pytest.approx(float(direct.mean()), rel=1e-6)
 
 
 def test_default_model_generates_greedily(smollm) -> None:
