@@ -14,21 +14,23 @@ While quantizing, finished layers go to ``DIR/.offq-partial/`` (``layer_0000.saf
 assembled from the same bytes, so an interrupted-then-resumed run writes the same checkpoint as an
 uninterrupted one. Every file is written to a temporary name and renamed (``os.replace``).
 
-The safetensors reader here is small and strict (offsets bounds-checked, dtypes F32/F64/U8/I32
-only) because the quantized tensors are not float32 and must be read raw.
+The ``.safetensors`` files are read and written by ``offq.formats.safetensors`` (the project's one
+reader: the header is validated before any tensor byte is touched, see its docstring); the
+quantized tensors are read raw, in their stored dtype (U8 codes, F32 scales, F64 rotations).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from .config import QuantConfig
+from .formats import safetensors as _st
+from .formats.safetensors import DTYPES, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +38,6 @@ FORMAT_VERSION = 1
 PARTIAL_DIR = ".offq-partial"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-_DTYPES = {"F32": np.dtype("<f4"), "F64": np.dtype("<f8"), "U8": np.dtype("u1"),
-           "I32": np.dtype("<i4")}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 << 20
 
 
 # ---------------------------------------------------------------------------------- files
@@ -62,76 +59,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` (names sorted, little-endian, 8-byte aligned header) atomically."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    arrays = []
-    offset = 0
-    for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
-        dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
-        if dt not in _NAMES:
-            raise ValueError(f"{name}: dtype {a.dtype} cannot be stored (F32, F64, U8, I32)")
-        a = a.astype(dt, copy=False)
-        header[name] = {"dtype": _NAMES[dt], "shape": list(a.shape),
-                        "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    raw += b" " * (-len(raw) % 8)
-    atomic_write_bytes(path, [struct.pack("<Q", len(raw)), raw] + [a.tobytes() for a in arrays])
+    """Write one checkpoint file atomically (``offq.formats.safetensors.write_safetensors``:
+    aligned, gap-free, laid out by item size then name, so equal tensors give equal bytes)."""
+    write_safetensors(path, tensors, metadata)
 
 
 def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file (memory-mapped, read-only) -> (tensors, metadata).
-
-    Raises ValueError naming the file and the problem for anything malformed: short file, header
-    size out of range, bad JSON, unknown dtype, offsets outside the data or overlapping, or a
-    shape that does not match the byte count.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    if size < 8:
-        raise ValueError(f"{path}: too short for a safetensors file ({size} bytes)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > min(_MAX_HEADER, size - 8):
-            raise ValueError(f"{path}: header length {n} exceeds the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", {}) or {}
-    data_size = size - 8 - n
-    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_size,)) \
-        if data_size else np.zeros(0, np.uint8)
-    out: dict[str, np.ndarray] = {}
-    spans = []
-    for name, info in header.items():
-        try:
-            dt = _DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: tensor {name!r} has a malformed or unsupported entry "
-                             f"{info!r} (dtypes: {', '.join(_DTYPES)})") from None
-        if any(s < 0 for s in shape) or not 0 <= begin <= end <= data_size:
-            raise ValueError(f"{path}: tensor {name!r} offsets [{begin}, {end}) outside the data "
-                             f"({data_size} bytes)")
-        count = int(np.prod(shape, dtype=np.int64))
-        if count * dt.itemsize != end - begin:
-            raise ValueError(f"{path}: tensor {name!r} shape {list(shape)} needs "
-                             f"{count * dt.itemsize} bytes, offsets give {end - begin}")
-        spans.append((begin, end, name))
-        out[name] = buf[begin:end].view(dt).reshape(shape)
-    spans.sort()
-    for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise ValueError(f"{path}: tensors {n0!r} and {n1!r} overlap")
-    return out, {str(k): str(v) for k, v in metadata.items()}
+    """(tensors, metadata) of one checkpoint file: read-only views into the memory-mapped file,
+    in their stored dtype. Raises ValueError naming the file and the problem for anything
+    malformed (``offq.formats.safetensors.read_header``)."""
+    return _st.load_safetensors(path, mmap=True)
 
 
 # ---------------------------------------------------------------------------------- config
@@ -206,7 +143,7 @@ def check_checkpoint_tensors(tensors: Mapping[str, np.ndarray], model_config: An
         if name not in tensors:
             raise ValueError(f"{source}: missing tensor {name!r} ({cfg.w_bits}-bit weights)")
         a = tensors[name]
-        if tuple(a.shape) != shape or a.dtype != _DTYPES[dt]:
+        if tuple(a.shape) != shape or a.dtype != DTYPES[dt]:
             raise ValueError(f"{source}: tensor {name!r} is {a.dtype} {list(a.shape)}, expected "
                              f"{dt} {list(shape)}")
 

@@ -225,9 +225,18 @@ class SafetensorsFile:
         self.close()
 
 
-def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read every tensor of a file into memory, in its stored dtype (BF16 as uint16 bits)."""
-    with SafetensorsFile(path) as f:
+def load_safetensors(path: str | os.PathLike, *, mmap: bool = False
+                     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor of a file in its stored dtype (BF16 as uint16 bits), and the metadata.
+
+    ``mmap=False``: fresh, writable in-memory copies. ``mmap=True``: read-only views into the
+    memory-mapped file (a byte is read when it is touched; the map lives as long as any view).
+    Either way the header is validated first (`read_header`).
+    """
+    f = SafetensorsFile(path)
+    if mmap:
+        return {n: f.raw(n) for n in f.keys()}, dict(f.metadata)
+    with f:
         return {n: np.array(f.raw(n)) for n in f.keys()}, dict(f.metadata)
 
 
@@ -407,8 +416,9 @@ class SafetensorsWriter:
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{id(self)}")
         try:
             # Final layout: larger item sizes first, so every tensor is aligned to its item size
-            # with no gaps between tensors (the reference reader requires a gap-free data region).
-            order = sorted(self._entries, key=lambda n: -self._entries[n]["itemsize"])
+            # with no gaps between tensors (the reference reader requires a gap-free data region);
+            # names break ties, so the bytes do not depend on the order tensors were added in.
+            order = sorted(self._entries, key=lambda n: (-self._entries[n]["itemsize"], n))
             header: dict[str, Any] = {}
             if self.metadata:
                 header["__metadata__"] = self.metadata

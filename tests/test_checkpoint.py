@@ -1,0 +1,84 @@
+"""offq checkpoint files: the dtypes a checkpoint stores round-trip through offq.formats.safetensors,
+the bytes do not depend on insertion order, hostile files and wrong tensors fail with errors that
+name the file and the tensor."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from offq.checkpoint import (check_checkpoint_tensors, expected_tensors, load_safetensors,
+                             save_safetensors)
+from offq.config import QuantConfig
+from offq.formats.safetensors import DTYPES
+from offq.model.config import ModelConfig
+
+RNG = np.random.default_rng(0)
+
+
+def _checkpoint_like() -> dict[str, np.ndarray]:
+    """One tensor of each dtype an offq checkpoint / partial run stores."""
+    return {"layer.qweight": RNG.integers(0, 256, (6, 5), dtype=np.uint8),
+            "layer.scales": RNG.random((6, 1), dtype=np.float32),
+            "r1": RNG.standard_normal((4, 4)),
+            "sums": RNG.integers(-9, 9, (6, 1), dtype=np.int32),
+            "empty": np.zeros((0, 3), np.float32)}
+
+
+def test_round_trip_keeps_dtypes_and_maps_the_file_read_only(tmp_path):
+    t = _checkpoint_like()
+    save_safetensors(tmp_path / "m.safetensors", t, {"format": "offq"})
+    back, meta = load_safetensors(tmp_path / "m.safetensors")
+    assert meta == {"format": "offq"} and set(back) == set(t)
+    for k, v in t.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v)
+        assert not back[k].flags.writeable, k  # views into the memory map, not copies
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_bytes_do_not_depend_on_insertion_order(tmp_path):
+    t = _checkpoint_like()
+    save_safetensors(tmp_path / "a.safetensors", t)
+    save_safetensors(tmp_path / "b.safetensors", dict(reversed(list(t.items()))))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_big_endian_input_is_stored_little_endian(tmp_path):
+    x = np.arange(6, dtype=">f4").reshape(2, 3)
+    save_safetensors(tmp_path / "m.safetensors", {"x": x})
+    back, _ = load_safetensors(tmp_path / "m.safetensors")
+    assert back["x"].dtype == np.dtype("<f4") and np.array_equal(back["x"], x)
+
+
+@pytest.mark.parametrize("entry,data,match", [
+    ({"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}, b"\0" * 3, "outside the data"),
+    ({"dtype": "U4", "shape": [4], "data_offsets": [0, 2]}, b"\0" * 2, "unsupported dtype"),
+    ({"dtype": "F64", "shape": [2], "data_offsets": [0, 8]}, b"\0" * 8, "needs 16 bytes"),
+])
+def test_hostile_file_names_the_file_and_tensor(tmp_path, entry, data, match):
+    blob = json.dumps({"q.qweight": entry}).encode()
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    with pytest.raises(ValueError, match=match) as info:
+        load_safetensors(p)
+    assert "model.safetensors" in str(info.value) and "q.qweight" in str(info.value)
+
+
+def test_tensor_checks_name_the_tensor_and_what_was_expected():
+    mc = ModelConfig(architecture="llama", vocab_size=11, hidden_size=8, intermediate_size=16,
+                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    cfg = QuantConfig(method="rtn")
+    want = expected_tensors(mc, cfg)
+    tensors = {n: np.zeros(shape, DTYPES[dt]) for n, (shape, dt) in want.items()}
+    check_checkpoint_tensors(tensors, mc, cfg, "ckpt")
+    name = "model.layers.0.mlp.up_proj.qweight"
+    assert want[name] == ((16, 4), "U8")  # two 4-bit codes per byte
+    bad = dict(tensors, **{name: tensors[name].astype(np.float32)})
+    with pytest.raises(ValueError, match=r"ckpt: tensor 'model.layers.0.mlp.up_proj.qweight' is "
+                                         r"float32 \[16, 4\], expected U8 \[16, 4\]"):
+        check_checkpoint_tensors(bad, mc, cfg, "ckpt")
+    del tensors["model.norm.weight"]
+    with pytest.raises(ValueError, match="missing tensor 'model.norm.weight'"):
+        check_checkpoint_tensors(tensors, mc, cfg, "ckpt")
