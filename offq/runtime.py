@@ -5,15 +5,22 @@ Two execution paths that compute the same thing:
 
 * ``mode="fake"``: weights dequantized to float32 once; each linear input is quantized and
   dequantized per token and group (``offq.kernels.quantize`` / ``dequantize``) and multiplied in
-  float32 (sgemm); K and V are round-tripped through the KV quantizer before entering the cache.
+  float32; K and V are round-tripped through the KV quantizer before entering the cache. When
+  weights and activations are both 4-bit the product is formed by :class:`GroupProduct`, the
+  arithmetic of the W4A4 kernel written in NumPy (exact integer products per group, then the
+  kernel's float32 steps in its order), not by sgemm.
 * ``mode="real"``: weights stay packed (``QTensor``); each linear input is quantized on the fly and
   ``offq.kernels.matmul_w4a4`` multiplies the codes with the zero-point correction (W4A4); the KV
-  cache stores packed ``QTensor`` chunks. Other bit widths (e.g. W4A8) dequantize the weight and
-  use sgemm on the fake-quantized activations, so both paths stay defined for every row of the
-  results table.
+  cache stores packed codes. Other bit widths (e.g. W4A8) dequantize the weight and use sgemm on
+  the fake-quantized activations, so both paths stay defined for every row of the results table.
 
-Both quantize activations with the same kernel and the same grid, so they differ only by float32
-accumulation order.
+The two paths compute the same float32 numbers (bit for bit; see :class:`GroupProduct` for the one
+~2^-29-probability exception). Why not just sgemm on the dequantized operands: a 4-bit activation
+quantizer turns a one-ulp difference in its input into a one-step difference (a rounding flip)
+once in a while, and 30 layers amplify those flips chaotically. On SmolLM2-135M W4A4KV4 (OffQ,
+512-token windows) a sgemm-based fake path and the real kernel differed by ~3% in perplexity over
+4 windows, and so did two sgemm fake paths that merely summed in different orders; the difference
+averages out only slowly with more windows.
 
 Stored tensor names (HF names; see offq/checkpoint.py): a quantized linear ``X.weight`` is stored as
 ``X.qweight`` (uint8 codes, two 4-bit codes per byte with element 2i in the low nibble, else one
@@ -120,19 +127,137 @@ def activation_quantizer(cfg: QuantConfig, k: int) -> ActQuant | None:
 
 
 # ---------------------------------------------------------------------------------- linears
-class FakeQuantLinear:
-    """``y = fq(x) @ W_hat.T + b`` in float32 (W_hat: the dequantized stored weight)."""
+_EXACT = float(1 << 24)  # float32 represents every integer of magnitude up to 2^24 exactly
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, act: ActQuant | None) -> None:
-        self.dense = DenseLinear(weight, bias)
+
+class GroupProduct:
+    """``dequantize(a) @ W_hat.T`` for 4-bit ``a`` and 4-bit stored weights, in NumPy, with the
+    arithmetic of ``offq.kernels.matmul_w4a4`` (so the fake and the real path agree bit for bit).
+
+    Per block ``b`` of ``blk = min(a.group_size, w.group_size)`` inputs the kernel forms the
+    integer dot product ``D = sum qa qw``, the code sums ``Sa`` (activations) and ``Sw``
+    (weights), and in float32 ::
+
+        wT = Sw - blk * zw                     (float32 product, then float32 difference)
+        E  = fma(-za, wT, fma(-Sa, zw, D))     (= sum (qa - za)(qw - zw), each step rounded once)
+        y  = fma(sa * sw, E, y)                (blocks in order, y starting at 0)
+
+    While ``blk * (15 + max|za|) * (15 + max|zw|) < 2^24`` every intermediate is an integer
+    below 2^24, so ``E`` is exact and is computed here as one float32 product of the
+    integer-valued ``(qa - za)`` and ``(qw - zw)`` (exact in any summation order); otherwise
+    (massive-outlier groups with huge zero-points) each fused step is reproduced in float64 and
+    rounded to float32 once. The last fused multiply-add is computed in float64 (``sa*sw*E`` is
+    exact there) and rounded to float32: this equals the fused result except when the float64
+    sum falls exactly on a float32 rounding midpoint (double rounding, probability ~2^-29).
+    """
+
+    def __init__(self, stored: "StoredLinear", a_group: int) -> None:
+        if stored.bits != 4:
+            raise ValueError(f"stored: expected 4-bit weights, got bits={stored.bits}")
+        n, k = stored.codes.shape
+        gw = stored.group_size
+        blk = min(a_group, gw)
+        if max(a_group, gw) % blk or k % blk:
+            raise ValueError(f"a_group: {a_group} and the weight group {gw} must divide each "
+                             f"other and K={k}")
+        self.in_features, self.out_features = k, n
+        self.blk, self.nb, self.a_group = blk, k // blk, a_group
+        gidx = np.arange(self.nb) * blk // gw  # weight group of each block
+        self.zw = np.ascontiguousarray(stored.zero[:, gidx].T)  # [nb, N]
+        self.sw = np.ascontiguousarray(stored.scale[:, gidx].T)
+        sums = stored.codes.reshape(n, self.nb, blk).sum(axis=-1, dtype=np.int64)
+        self.wT = (sums.T.astype(np.float32) - np.float32(blk) * self.zw).astype(np.float32)
+        self.zw_max = float(np.abs(stored.zero).max(initial=0.0))
+        self.wq = stored.codes.astype(np.float32)  # codes, for the exact slow path
+        # integer-valued (qw - zw), exact while |zw| < 2^24 - 15
+        self.wc = (self.wq - np.repeat(stored.zero, gw, axis=1)).astype(np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.wc.nbytes + self.wq.nbytes + 3 * self.zw.nbytes)
+
+    def __call__(self, aq: Any) -> np.ndarray:
+        """float32 ``[M, N]`` for a 4-bit QTensor ``aq`` ``[M, K]`` (group ``a_group``)."""
+        from .model.parallel import row_chunks, run_tasks
+
+        if aq.bits != 4 or aq.group_size != self.a_group or aq.shape[-1] != self.in_features:
+            raise ValueError(f"aq: expected a 4-bit QTensor [M, {self.in_features}] with group "
+                             f"{self.a_group}, got {aq!r}")
+        qa = aq.unpacked_codes()
+        m = qa.shape[0]
+        out = np.empty((m, self.out_features), dtype=np.float32)
+        za_max = float(np.abs(aq.zero).max(initial=0.0))
+        fast = self.blk * (15.0 + za_max) * (15.0 + self.zw_max) < _EXACT
+        ratio = self.a_group // self.blk  # blocks per activation group
+
+        def rows(sl: slice) -> None:
+            q = qa[sl].astype(np.float32)
+            za, sa = aq.zero[sl], aq.scale[sl]
+            if fast:
+                q -= np.repeat(za, self.a_group, axis=1)  # integer-valued (qa - za), exact
+            else:
+                asum = q.reshape(q.shape[0], self.nb, self.blk).sum(axis=-1, dtype=np.float64)
+            y = np.zeros((q.shape[0], self.out_features), dtype=np.float32)
+            for b in range(self.nb):
+                ks = slice(b * self.blk, (b + 1) * self.blk)
+                g = b // ratio
+                if fast:
+                    e = np.matmul(q[:, ks], self.wc[:, ks].T)  # exact integers
+                else:
+                    d = np.matmul(q[:, ks], self.wq[:, ks].T).astype(np.float64)  # exact
+                    d -= asum[:, b, None] * self.zw[b].astype(np.float64)
+                    e = d.astype(np.float32).astype(np.float64)
+                    e -= za[:, g, None].astype(np.float64) * self.wT[b].astype(np.float64)
+                    e = e.astype(np.float32)
+                t = (sa[:, g, None] * self.sw[b]).astype(np.float64)  # float32 product
+                t *= e
+                t += y
+                y = t.astype(np.float32)
+            out[sl] = y
+
+        run_tasks(rows, row_chunks(m, 64))
+        return out
+
+
+class FakeQuantLinear:
+    """``y = fq(x) @ W_hat.T + b`` in float32 (W_hat: the dequantized stored weight).
+
+    With ``product`` (4-bit weights and 4-bit activations) the product is formed by
+    :class:`GroupProduct`, the kernel's arithmetic on dequantized operands, instead of sgemm.
+    """
+
+    def __init__(self, weight: np.ndarray | None, bias: np.ndarray | None, act: ActQuant | None,
+                 product: GroupProduct | None = None) -> None:
+        self.product = product
+        self.dense = None if product is not None else DenseLinear(weight, bias)
+        self.bias = None if bias is None else np.ascontiguousarray(bias, np.float32)
         self.act = act
 
-    in_features = property(lambda self: self.dense.in_features)
-    out_features = property(lambda self: self.dense.out_features)
-    nbytes = property(lambda self: self.dense.nbytes)
+    @property
+    def in_features(self) -> int:
+        return self.dense.in_features if self.dense is not None else self.product.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.dense.out_features if self.dense is not None else self.product.out_features
+
+    @property
+    def nbytes(self) -> int:
+        if self.dense is not None:
+            return self.dense.nbytes
+        return self.product.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.dense(x if self.act is None else self.act.fake(x))
+        if self.product is None:
+            return self.dense(x if self.act is None else self.act.fake(x))
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last axis {self.in_features}, got shape {x.shape}")
+        lead = x.shape[:-1]
+        x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
+        y = self.product(self.act.quantize(x2d))
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features)
 
 
 class W4A4Linear:
@@ -145,7 +270,7 @@ class W4A4Linear:
         self.bias = None if stored.bias is None else np.ascontiguousarray(stored.bias, np.float32)
         self.act = act
         self.out_features, self.in_features = stored.codes.shape
-        self._integer = act is not None and act.bits == 4 and stored.bits == 4
+        self._integer = integer_product(stored, act)
         self._dense = None if self._integer else DenseLinear(stored.dequantized(), self.bias)
 
     @property
@@ -165,6 +290,12 @@ class W4A4Linear:
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features)
+
+
+def integer_product(stored: StoredLinear, act: ActQuant | None) -> bool:
+    """Whether a linear runs the 4-bit x 4-bit integer product (``matmul_w4a4`` on the real
+    path, :class:`GroupProduct` on the fake path)."""
+    return act is not None and act.bits == 4 and stored.bits == 4
 
 
 # ---------------------------------------------------------------------------------- KV cache
@@ -243,6 +374,9 @@ def build_layer(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: Quant
             w = np.asarray(tensors[name], dtype=np.float32)
             b = np.asarray(tensors[bias_name], dtype=np.float32) if bias_name in tensors else None
             linears[lin] = FakeQuantLinear(w, b, act)
+        elif mode == "fake" and integer_product(stored, act):
+            linears[lin] = FakeQuantLinear(None, stored.bias, act,
+                                           GroupProduct(stored, act.group_size))
         elif mode == "fake":
             linears[lin] = FakeQuantLinear(stored.dequantized(), stored.bias, act)
         else:
