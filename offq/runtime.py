@@ -299,9 +299,16 @@ def integer_product(stored: StoredLinear, act: ActQuant | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------- KV cache
+#: Elements per dequantize call when reading a packed cache: the kernels start an OpenMP team at
+#: 2^15 elements, and for a few microseconds of work a team start can cost milliseconds on a busy
+#: machine, so reads are cut into calls below that size.
+_KV_READ_ELEMS = (1 << 15) - 1
+
+
 @dataclass(frozen=True)
 class PackedKVCodec:
-    """Stores K/V chunks ``[B, Hkv, T, hd]`` as packed QTensors (per token, per head groups)."""
+    """K/V quantizer ``[B, Hkv, T, hd]`` -> QTensor (per token and head, groups along head_dim);
+    its :meth:`new_store` keeps the cache packed (:class:`PackedKVStore`)."""
 
     bits: int
     group_size: int
@@ -317,6 +324,65 @@ class PackedKVCodec:
         from .kernels import dequantize
 
         return dequantize(enc)
+
+    def new_store(self, kind: str) -> "PackedKVStore":
+        """An empty packed store for K (``kind="k"``) or V."""
+        return PackedKVStore(self, kind)
+
+
+class PackedKVStore:
+    """One layer's K or V as packed codes, scales and zero-points in token-major buffers
+    (``[capacity, B, Hkv, ...]``, grown geometrically). ``read`` dequantizes the ``length``
+    cached tokens (a contiguous prefix) into float32 and returns a ``[B, Hkv, length, hd]`` view;
+    the values are exactly ``codec.decode(codec.encode(x))`` of what was appended."""
+
+    def __init__(self, codec: PackedKVCodec, kind: str) -> None:
+        self.codec, self.kind = codec, kind
+        self.length = 0
+        self._codes = self._scale = self._zero = None
+        self._hd = 0
+
+    def append(self, x: np.ndarray) -> None:
+        from .model.kv_cache import grow_token_major
+
+        B, H, t, hd = x.shape
+        if self._codes is not None and (self._codes.shape[1:3] != (B, H) or hd != self._hd):
+            raise ValueError(f"{self.kind}: shape {x.shape} does not match the cache "
+                             f"[{self._codes.shape[1]}, {self._codes.shape[2]}, *, {self._hd}]")
+        self._hd = hd
+        enc = self.codec.encode(np.ascontiguousarray(x.transpose(2, 0, 1, 3)), kind=self.kind)
+        end = self.length + t
+        self._codes = grow_token_major(self._codes, self.length, end, enc.codes.shape[1:],
+                                       np.uint8)
+        self._scale = grow_token_major(self._scale, self.length, end, enc.scale.shape[1:],
+                                       np.float32)
+        self._zero = grow_token_major(self._zero, self.length, end, enc.zero.shape[1:],
+                                      np.float32)
+        self._codes[self.length:end] = enc.codes
+        self._scale[self.length:end] = enc.scale
+        self._zero[self.length:end] = enc.zero
+        self.length = end
+
+    def read(self) -> np.ndarray:
+        from . import _C
+
+        c = self.codec
+        out = np.empty((self.length,) + self._codes.shape[1:3] + (self._hd,), dtype=np.float32)
+        per_token = int(np.prod(out.shape[1:]))
+        step = max(1, _KV_READ_ELEMS // per_token)
+        for s in range(0, self.length, step):
+            e = min(self.length, s + step)
+            out[s:e] = _C.dequantize(self._codes[s:e], self._scale[s:e], self._zero[s:e],
+                                     c.bits, c.group_size, self._hd)
+        return out.transpose(1, 2, 0, 3)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached tokens' codes, scales and zero-points."""
+        if self._codes is None:
+            return 0
+        n = self.length
+        return int(self._codes[:n].nbytes + self._scale[:n].nbytes + self._zero[:n].nbytes)
 
 
 def kv_codec(cfg: QuantConfig, head_dim: int, mode: str):

@@ -8,22 +8,35 @@ A :class:`KVCodec` decides what is stored: ``encode`` turns a float32 block into
 (packed 4-bit codes + scales, say) and ``decode`` turns it back into float32 of the same shape.
 Per-token codecs (quantization groups inside one token's head vector) give the same result
 whether tokens arrive all at once (prefill) or one by one (decode), which is what makes
-incremental decoding equal to a full prefill. Without a codec the cache keeps float32 buffers
-that grow geometrically.
+incremental decoding equal to a full prefill.
+
+Storage. Each of K and V lives in one :class:`KVStore`: contiguous buffers that grow
+geometrically along the token axis, so appending a token costs O(1) work and reading the cache is
+one pass over it (no per-chunk Python calls). Buffers are *token-major* (``[capacity, batch,
+kv_heads, ...]``): the first ``length`` tokens are then a contiguous prefix, which a packed store
+decodes with one kernel call; reads return a strided ``[batch, kv_heads, length, head_dim]``
+view. Without a codec (or with a codec that has no store of its own) the store keeps float32
+values, ``decode(encode(x))`` for a codec. A codec with a compact format provides its own store
+through ``new_store(kind)`` (``offq.runtime.PackedKVCodec`` keeps 4-bit codes, scales and
+zero-points and dequantizes on read).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["KVCodec", "FakeQuantKVCodec", "LayerKVCache", "KVCache"]
+__all__ = ["KVCodec", "KVStore", "FakeQuantKVCodec", "FloatKVStore", "LayerKVCache", "KVCache",
+           "grow_token_major"]
 
 
 @runtime_checkable
 class KVCodec(Protocol):
-    """Storage format of K and V. ``decode(encode(x))`` is what attention reads."""
+    """Storage format of K and V. ``decode(encode(x))`` is what attention reads.
+
+    A codec may also define ``new_store(kind) -> KVStore`` to keep its encoded form in the cache.
+    """
 
     def encode(self, x: np.ndarray, *, kind: str) -> Any:
         """Encode float32 ``x[batch, kv_heads, tokens, head_dim]``; ``kind`` is "k" or "v"."""
@@ -31,6 +44,26 @@ class KVCodec(Protocol):
 
     def decode(self, enc: Any, *, kind: str) -> np.ndarray:
         """Return float32 ``[batch, kv_heads, tokens, head_dim]``."""
+        ...
+
+
+@runtime_checkable
+class KVStore(Protocol):
+    """The cached K (or V) of one layer."""
+
+    length: int
+
+    def append(self, x: np.ndarray) -> None:
+        """Store float32 ``x[batch, kv_heads, t, head_dim]`` after the ``length`` cached tokens."""
+        ...
+
+    def read(self) -> np.ndarray:
+        """All cached tokens as float32 ``[batch, kv_heads, length, head_dim]`` (may be a view)."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
         ...
 
 
@@ -50,63 +83,82 @@ class FakeQuantKVCodec:
         return enc
 
 
-def _grow(buf: np.ndarray | None, used: int, need: int, like: np.ndarray) -> np.ndarray:
-    """Return a float32 buffer with room for ``need`` tokens on axis 2, keeping ``used`` ones."""
-    if buf is not None and buf.shape[2] >= need:
+def grow_token_major(buf: np.ndarray | None, used: int, need: int, row_shape: tuple[int, ...],
+                     dtype: Any) -> np.ndarray:
+    """A ``[capacity, *row_shape]`` buffer with room for ``need`` tokens, keeping the first
+    ``used`` (capacity at least doubles, so appends are amortised O(1))."""
+    if buf is not None and buf.shape[0] >= need:
         return buf
-    cap = max(need, 2 * (0 if buf is None else buf.shape[2]), 16)
-    new = np.empty(like.shape[:2] + (cap,) + like.shape[3:], dtype=np.float32)
+    cap = max(need, 2 * (0 if buf is None else buf.shape[0]), 16)
+    new = np.empty((cap,) + tuple(row_shape), dtype=dtype)
     if buf is not None and used:
-        new[:, :, :used] = buf[:, :, :used]
+        new[:used] = buf[:used]
     return new
 
 
-@dataclass
-class LayerKVCache:
-    """The cache of one decoder layer."""
+class FloatKVStore:
+    """float32 store (token-major), optionally holding ``codec.decode(codec.encode(x))``."""
 
-    codec: KVCodec | None = None
-    length: int = 0
-    _k: np.ndarray | None = None
-    _v: np.ndarray | None = None
-    _chunks: list[tuple[Any, Any]] = field(default_factory=list)
+    def __init__(self, codec: KVCodec | None = None, kind: str = "k") -> None:
+        self.codec, self.kind = codec, kind
+        self.length = 0
+        self._buf: np.ndarray | None = None
+
+    def append(self, x: np.ndarray) -> None:
+        if self.codec is not None:
+            x = self.codec.decode(self.codec.encode(x, kind=self.kind), kind=self.kind)
+        B, H, t, d = x.shape
+        if self._buf is not None and self._buf.shape[1:] != (B, H, d):
+            raise ValueError(f"{self.kind}: shape {x.shape} does not match the cache "
+                             f"[{B}, {H}, *, {d}] expected {list(self._buf.shape[1:])}")
+        self._buf = grow_token_major(self._buf, self.length, self.length + t, (B, H, d),
+                                     np.float32)
+        self._buf[self.length:self.length + t] = x.transpose(2, 0, 1, 3)
+        self.length += t
+
+    def read(self) -> np.ndarray:
+        return self._buf[:self.length].transpose(1, 2, 0, 3)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buf is None else self._buf[:self.length].nbytes
+
+
+class LayerKVCache:
+    """The cache of one decoder layer: a K store and a V store of the same length."""
+
+    def __init__(self) -> None:
+        self.codec: KVCodec | None = None
+        self.length = 0
+        self.k: KVStore | None = None
+        self.v: KVStore | None = None
 
     def append(self, k: np.ndarray, v: np.ndarray,
                codec: KVCodec | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Store new ``k, v`` ``[B, Hkv, t, hd]``; return all keys and values so far (float32).
+        """Store new ``k, v`` ``[B, Hkv, t, hd]``; return all keys and values so far (float32
+        ``[B, Hkv, length, hd]``, possibly strided views valid until the next append).
 
         ``codec`` is the layer's codec; it is fixed by the first call (a cache cannot change format
         half way).
         """
         if self.length == 0:
             self.codec = codec
+            make = getattr(codec, "new_store", None)
+            self.k, self.v = ((make("k"), make("v")) if make is not None
+                              else (FloatKVStore(codec, "k"), FloatKVStore(codec, "v")))
         elif codec is not self.codec:
             raise ValueError("codec: the layer's kv_codec changed while its cache was in use")
-        if self._k is not None and (k.shape[:2] != self._k.shape[:2]
-                                    or k.shape[3:] != self._k.shape[3:]):
-            raise ValueError(f"k: shape {k.shape} does not match the cache {self._k.shape}")
-        t = k.shape[2]
-        if self.codec is None:
-            self._k = _grow(self._k, self.length, self.length + t, k)
-            self._v = _grow(self._v, self.length, self.length + t, v)
-            self._k[:, :, self.length:self.length + t] = k
-            self._v[:, :, self.length:self.length + t] = v
-            self.length += t
-            return self._k[:, :, :self.length], self._v[:, :, :self.length]
-        self._chunks.append((self.codec.encode(k, kind="k"), self.codec.encode(v, kind="v")))
-        self.length += t
-        ks = [self.codec.decode(ek, kind="k") for ek, _ in self._chunks]
-        vs = [self.codec.decode(ev, kind="v") for _, ev in self._chunks]
-        if len(ks) == 1:
-            return ks[0], vs[0]
-        return np.concatenate(ks, axis=2), np.concatenate(vs, axis=2)
+        if k.shape != v.shape:
+            raise ValueError(f"k, v: shapes differ ({k.shape} vs {v.shape})")
+        self.k.append(k)
+        self.v.append(v)
+        self.length += k.shape[2]
+        return self.k.read(), self.v.read()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (float buffers, or the encoded chunks where they expose ``nbytes``)."""
-        if self.codec is None:
-            return sum(a.nbytes for a in (self._k, self._v) if a is not None)
-        return sum(int(getattr(e, "nbytes", 0)) for pair in self._chunks for e in pair)
+        """Bytes held by the K and V stores."""
+        return sum(int(s.nbytes) for s in (self.k, self.v) if s is not None)
 
 
 class KVCache:
@@ -118,6 +170,11 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every layer's cache."""
+        return sum(layer.nbytes for layer in self.layers)
 
     def __getitem__(self, i: int) -> LayerKVCache:
         return self.layers[i]

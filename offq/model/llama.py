@@ -74,6 +74,7 @@ QKTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 ArrayTransform = Callable[[np.ndarray], np.ndarray]
 
 _ATTN_BLOCK = 128  # query positions per attention block (per KV head group)
+_SMALL_T = 8  # up to this many queries (decode steps) attention runs as one batched product
 _NLL_CHUNK = 256  # rows of logits materialised at once (per thread) when computing the NLL
 
 
@@ -574,6 +575,8 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -
         raise ValueError(f"k: expected {start + T} positions, got {S}")
     rep = H // Hkv
     scale = np.float32(1.0 / math.sqrt(hd))
+    if T <= _SMALL_T:
+        return _small_attention(q, k, v, start, scale)
     out = np.empty((B, T, H, hd), dtype=np.float32)
     # queries grouped by KV head, token-major inside a group: [B, Hkv, T, rep, hd]
     qg = q.reshape(B, Hkv, rep, T, hd).transpose(0, 1, 3, 2, 4)
@@ -601,3 +604,25 @@ def _causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int) -
     tasks = [(b, g, t0) for t0 in reversed(range(0, T, blk)) for b in range(B) for g in range(Hkv)]
     run_tasks(block, tasks)
     return out.reshape(B, T, H * hd)
+
+
+def _small_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int,
+                     scale: np.float32) -> np.ndarray:
+    """:func:`_causal_attention` for a few queries (decoding): every (sequence, KV head) pair in
+    one batched product on the calling thread (a thread pool's dispatch would cost more than the
+    work). Same arithmetic per row as the blocked path: scaled queries, max-subtracted ``exp``,
+    row sums by a product with ones, division after the product with V."""
+    B, H, T, hd = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    rep = H // Hkv
+    qg = np.multiply(q.reshape(B, Hkv, rep, T, hd).transpose(0, 1, 3, 2, 4), scale)
+    s = np.matmul(qg.reshape(B, Hkv, T * rep, hd), k.transpose(0, 1, 3, 2))
+    if T > 1:  # query t (position start + t) sees keys up to start + t
+        s.reshape(B, Hkv, T, rep, S)[..., start:] += _causal_mask(T)[:, None, :]
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    den = np.matmul(s, np.ones(S, dtype=np.float32))[..., None]
+    o = np.matmul(s, v)
+    o /= den
+    return np.ascontiguousarray(o.reshape(B, Hkv, T, rep, hd).transpose(0, 2, 1, 3, 4)
+                                ).reshape(B, T, H * hd)
