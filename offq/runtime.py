@@ -37,7 +37,7 @@ import numpy as np
 
 from .config import OFF, QuantConfig
 from .model.kv_cache import FakeQuantKVCodec
-from .model.linear import LINEAR_NAMES, DenseLinear
+from .model.linear import FUSED_LINEARS, LINEAR_NAMES, DenseLinear, SlicedLinear
 from .model.llama import DecoderLayer, Model, layer_tensor_names
 from .quantizers.grid import dequantize_codes
 from .rotations import r3_qk_transform, r4_input_transform
@@ -168,13 +168,12 @@ class GroupProduct:
         sums = stored.codes.reshape(n, self.nb, blk).sum(axis=-1, dtype=np.int64)
         self.wT = (sums.T.astype(np.float32) - np.float32(blk) * self.zw).astype(np.float32)
         self.zw_max = float(np.abs(stored.zero).max(initial=0.0))
-        self.wq = stored.codes.astype(np.float32)  # codes, for the exact slow path
         # integer-valued (qw - zw), exact while |zw| < 2^24 - 15
-        self.wc = (self.wq - np.repeat(stored.zero, gw, axis=1)).astype(np.float32)
+        self.wc = (stored.codes.astype(np.float32) - np.repeat(stored.zero, gw, axis=1))
 
     @property
     def nbytes(self) -> int:
-        return int(self.wc.nbytes + self.wq.nbytes + 3 * self.zw.nbytes)
+        return int(self.wc.nbytes + 3 * self.zw.nbytes)
 
     def __call__(self, aq: Any) -> np.ndarray:
         """float32 ``[M, N]`` for a 4-bit QTensor ``aq`` ``[M, K]`` (group ``a_group``)."""
@@ -204,7 +203,8 @@ class GroupProduct:
                 if fast:
                     e = np.matmul(q[:, ks], self.wc[:, ks].T)  # exact integers
                 else:
-                    d = np.matmul(q[:, ks], self.wq[:, ks].T).astype(np.float64)  # exact
+                    wq = self.wc[:, ks] + self.zw[b][:, None]  # the codes again (exact)
+                    d = np.matmul(q[:, ks], wq.T).astype(np.float64)  # exact
                     d -= asum[:, b, None] * self.zw[b].astype(np.float64)
                     e = d.astype(np.float32).astype(np.float64)
                     e -= za[:, g, None].astype(np.float64) * self.wT[b].astype(np.float64)
@@ -427,14 +427,34 @@ def build_layer(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: Quant
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     names = layer_tensor_names(i)
-    linears = {}
+    linears: dict[str, Any] = {}
+    fused: dict[str, Any] = {}
+    stored_all, acts = {}, {}
     for lin in LINEAR_NAMES:
-        name = names[lin]
         shape_in = (model_config.intermediate_size if lin == "down_proj"
                     else model_config.num_attention_heads * model_config.head_dim if lin == "o_proj"
                     else model_config.hidden_size)
-        act = activation_quantizer(cfg, shape_in)
-        stored = stored_linear(tensors, name, cfg, shape_in)
+        acts[lin] = activation_quantizer(cfg, shape_in)
+        stored_all[lin] = stored_linear(tensors, names[lin], cfg, shape_in)
+    for key, members in FUSED_LINEARS.items():
+        parts = [stored_all[n] for n in members]
+        if not all(p is not None and integer_product(p, acts[n]) for p, n in zip(parts, members)):
+            continue
+        # one activation quantization and one product for the input site; each output column
+        # is computed exactly as in the separate product (the integer path is column-wise)
+        whole = concat_stored(parts)
+        act = acts[members[0]]
+        fused[key] = (W4A4Linear(whole, act) if mode == "real" else
+                      FakeQuantLinear(None, whole.bias, act, GroupProduct(whole, act.group_size)))
+        start = 0
+        for n, p in zip(members, parts):
+            linears[n] = SlicedLinear(fused[key], start, start + p.codes.shape[0])
+            start += p.codes.shape[0]
+    for lin in LINEAR_NAMES:
+        if lin in linears:
+            continue
+        name = names[lin]
+        act, stored = acts[lin], stored_all[lin]
         if stored is None:
             bias_name = name[: -len("weight")] + "bias"
             w = np.asarray(tensors[name], dtype=np.float32)
@@ -449,8 +469,26 @@ def build_layer(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: Quant
             linears[lin] = W4A4Linear(stored, act)
     layer = DecoderLayer(index=i, input_norm=np.asarray(tensors[names["input_norm"]], np.float32),
                          post_attention_norm=np.asarray(tensors[names["post_norm"]], np.float32),
-                         linears=linears)
+                         linears=linears, fused=fused)
     return install_online(layer, model_config, cfg, mode)
+
+
+def concat_stored(parts: list[StoredLinear]) -> StoredLinear:
+    """The linears ``parts`` (same inputs and grid) as one, output features concatenated in
+    order; a missing bias is zeros when another part has one."""
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.bits, p.group_size, p.symmetric) != (first.bits, first.group_size, first.symmetric) \
+                or p.codes.shape[1] != first.codes.shape[1]:
+            raise ValueError("parts: linears of different input size or grid cannot be fused")
+    bias = None
+    if any(p.bias is not None for p in parts):
+        bias = np.concatenate([p.bias if p.bias is not None
+                               else np.zeros(p.codes.shape[0], np.float32) for p in parts])
+    return StoredLinear(np.concatenate([p.codes for p in parts]),
+                        np.concatenate([p.scale for p in parts]),
+                        np.concatenate([p.zero for p in parts]),
+                        first.bits, first.group_size, first.symmetric, bias)
 
 
 def install_online(layer: DecoderLayer, model_config: Any, cfg: QuantConfig,

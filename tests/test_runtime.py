@@ -99,9 +99,9 @@ def test_fake_and_real_paths_are_identical(quantized):
     np.testing.assert_array_equal(fake.nll(ids), real.nll(ids))
     # the equality is not vacuous: the float32 sgemm of the same dequantized operands (the old
     # fake path) differs from the kernel in the last bits
-    lin = fake.load_layer(0).linears["gate_proj"]
+    lin = fake.load_layer(0).linears["down_proj"]
     x = np.random.default_rng(0).standard_normal((16, lin.in_features)).astype(np.float32)
-    sgemm = FakeQuantLinear(real.load_layer(0).linears["gate_proj"].w.dequantize(), None, lin.act)
+    sgemm = FakeQuantLinear(real.load_layer(0).linears["down_proj"].w.dequantize(), None, lin.act)
     assert not np.array_equal(sgemm(x), lin(x))
     np.testing.assert_allclose(sgemm(x), lin(x), rtol=0, atol=1e-5 * np.abs(lin(x)).max())
 
@@ -123,3 +123,29 @@ def test_incremental_decoding_equals_full_forward(quantized):
     # attention over a different number of queries sums in another order: close, not identical
     full = real.forward(ids)
     assert np.abs(steps - full).max() <= 1e-4 * np.abs(full).max()
+
+
+@pytest.mark.parametrize("mode", ["fake", "real"])
+def test_fused_projections_equal_separate_ones(quantized, mode):
+    """q/k/v and gate/up run as one product (one activation quantization); every output column
+    equals the separate linear's bit for bit."""
+    from offq.model.linear import FUSED_LINEARS
+    from offq.runtime import W4A4Linear, activation_quantizer, stored_linear
+
+    model = quantized.model(mode)
+    layer = model.load_layer(1)
+    assert set(layer.fused) == {"qkv", "gate_up"}
+    mc, cfg = quantized.model_config, quantized.quant_config
+    x = np.random.default_rng(3).standard_normal((5, 7, mc.hidden_size)).astype(np.float32)
+    x[:, 0] += 30.0  # large activation zero-points too
+    for key, names in FUSED_LINEARS.items():
+        outs = []
+        for n in names:
+            st = stored_linear(quantized.tensors, f"model.layers.1.{'self_attn' if key == 'qkv' else 'mlp'}.{n}.weight",
+                               cfg, mc.hidden_size)
+            act = activation_quantizer(cfg, mc.hidden_size)
+            sep = W4A4Linear(st, act) if mode == "real" else FakeQuantLinear(
+                None, st.bias, act, GroupProduct(st, act.group_size))
+            outs.append(sep(x))
+            np.testing.assert_array_equal(layer.linears[n](x), outs[-1])
+        np.testing.assert_array_equal(layer.fused[key](x), np.concatenate(outs, axis=-1))

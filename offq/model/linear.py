@@ -16,12 +16,16 @@ import numpy as np
 
 from .parallel import num_threads, row_chunks, run_tasks
 
-__all__ = ["Linear", "DenseLinear", "LINEAR_NAMES", "ATTN_LINEARS", "MLP_LINEARS"]
+__all__ = ["Linear", "DenseLinear", "SlicedLinear", "LINEAR_NAMES", "ATTN_LINEARS", "MLP_LINEARS",
+           "FUSED_LINEARS"]
 
 #: Every linear of a Llama/Qwen2 decoder layer, in execution order.
 ATTN_LINEARS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 LINEAR_NAMES: tuple[str, ...] = ATTN_LINEARS + MLP_LINEARS
+#: Linears that read the same input and may run as one product (outputs concatenated in order).
+FUSED_LINEARS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"),
+                                             "gate_up": ("gate_proj", "up_proj")}
 
 
 @runtime_checkable
@@ -103,6 +107,27 @@ class DenseLinear:
 
         run_tasks(piece, pieces)
         return out
+
+
+class SlicedLinear:
+    """Output features ``[start, stop)`` of a fused linear (see ``FUSED_LINEARS``).
+
+    Calling it runs the whole fused product and keeps its slice: it exists so that a layer whose
+    forward uses the fused linear still offers every named linear. Its parameters belong to the
+    parent (``nbytes`` is 0).
+    """
+
+    def __init__(self, parent: Linear, start: int, stop: int) -> None:
+        if not 0 <= start < stop <= parent.out_features:
+            raise ValueError(f"start, stop: expected 0 <= start < stop <= "
+                             f"{parent.out_features}, got {start}, {stop}")
+        self.parent, self.start, self.stop = parent, start, stop
+        self.in_features = parent.in_features
+        self.out_features = stop - start
+        self.nbytes = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.parent(x)[..., self.start:self.stop])
 
 
 #: products smaller than this many multiply-adds run as one single-threaded BLAS call

@@ -38,13 +38,13 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .kv_cache import KVCache, KVCodec, LayerKVCache
-from .linear import LINEAR_NAMES, DenseLinear, Linear
+from .linear import FUSED_LINEARS, LINEAR_NAMES, DenseLinear, Linear
 from .parallel import blas_single_threaded, blas_unrestricted, row_chunks, run_tasks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -74,6 +74,7 @@ QKTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 ArrayTransform = Callable[[np.ndarray], np.ndarray]
 
 _ATTN_BLOCK = 128  # query positions per attention block (per KV head group)
+_SMALL_ELEMS = 1 << 16  # elementwise work below this many elements stays on the calling thread
 _SMALL_T = 8  # up to this many queries (decode steps) attention runs as one batched product
 _NLL_CHUNK = 256  # rows of logits materialised at once (per thread) when computing the NLL
 
@@ -151,8 +152,10 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         np.multiply(x2, cos, out=o2)
         o2 += x1 * sin
 
-    big = x.size >= (1 << 16)
-    run_tasks(heads, row_chunks(x.shape[1], 1) if big else [slice(None)])
+    if x.size >= _SMALL_ELEMS:
+        run_tasks(heads, row_chunks(x.shape[1], 1))
+    else:
+        heads(slice(None))
     return out
 
 
@@ -169,8 +172,12 @@ def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         g /= t
         g *= u2[sl]
 
-    run_tasks(rows, row_chunks(g2.shape[0]))
-    return gate
+    n = g2.shape[0]
+    if n * g2.shape[1] < _SMALL_ELEMS:
+        rows(slice(None))
+    else:
+        run_tasks(rows, row_chunks(n))
+    return g2.reshape(gate.shape)  # g2 is a view of gate unless gate could not be reshaped
 
 
 def layer_tensor_names(i: int) -> dict[str, str]:
@@ -198,6 +205,9 @@ class DecoderLayer:
         qk_transform: applied to ``q[B,H,T,hd], k[B,Hkv,T,hd]`` after RoPE (online R3).
         kv_codec: storage codec of K and V (KV quantization); attention reads ``decode(encode)``.
         down_input_transform: applied to the down_proj input (online R4).
+        fused: optional ``"qkv"`` / ``"gate_up"`` linears (``FUSED_LINEARS``) whose outputs are
+            the named linears' outputs concatenated; the forward calls them instead of the
+            separate ones (one activation quantization and one product per input site).
     """
 
     index: int
@@ -207,16 +217,24 @@ class DecoderLayer:
     qk_transform: QKTransform | None = None
     kv_codec: KVCodec | None = None
     down_input_transform: ArrayTransform | None = None
+    fused: dict[str, Linear] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         missing = [n for n in LINEAR_NAMES if n not in self.linears]
         if missing:
             raise ValueError(f"linears: layer {self.index} lacks {missing}")
+        for key, lin in self.fused.items():
+            if key not in FUSED_LINEARS:
+                raise ValueError(f"fused: unknown key {key!r} (expected {list(FUSED_LINEARS)})")
+            want = sum(self.linears[n].out_features for n in FUSED_LINEARS[key])
+            if lin.out_features != want:
+                raise ValueError(f"fused: {key!r} has {lin.out_features} outputs, expected {want}")
 
     @property
     def nbytes(self) -> int:
         """Bytes of the layer's parameters (linears exposing ``nbytes`` + norms)."""
-        n = sum(int(getattr(lin, "nbytes", 0)) for lin in self.linears.values())
+        n = sum(int(getattr(lin, "nbytes", 0))
+                for lin in list(self.linears.values()) + list(self.fused.values()))
         for w in (self.input_norm, self.post_attention_norm):
             n += 0 if w is None else w.nbytes
         return n
@@ -336,6 +354,7 @@ class Model:
         self.inv_freq = rope_inv_freq(self.head_dim, float(config.rope_theta),
                                       getattr(config, "rope_scaling", None))
         self._layers: list[DecoderLayer | None] = [None] * self.num_layers
+        self._rope_cached: tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -402,7 +421,15 @@ class Model:
         return [self.load_layer(i) for i in range(self.num_layers)]
 
     def new_cache(self) -> KVCache:
+        """An empty KV cache for incremental decoding with :meth:`forward`."""
         return KVCache(self.num_layers)
+
+    def _rope(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`rope_cos_sin` for these positions, remembered for the next layer."""
+        key = (start, length)
+        if self._rope_cached is None or self._rope_cached[0] != key:
+            self._rope_cached = (key, rope_cos_sin(self.inv_freq, start, length))
+        return self._rope_cached[1]
 
     # -- forward pieces -----------------------------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -428,11 +455,17 @@ class Model:
         a = rms_norm(h, layer.input_norm, eps)
         if capture is not None:
             _capture(capture, "attn_in", layer.index, a)
-        q = L["q_proj"](a).reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-        k = L["k_proj"](a).reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
-        v = np.ascontiguousarray(L["v_proj"](a).reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3))
+        if "qkv" in layer.fused:
+            qkv = layer.fused["qkv"](a)
+            q, k, v = (qkv[..., :H * hd], qkv[..., H * hd:(H + Hkv) * hd],
+                       qkv[..., (H + Hkv) * hd:])
+        else:
+            q, k, v = L["q_proj"](a), L["k_proj"](a), L["v_proj"](a)
+        q = q.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+        k = k.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
+        v = np.ascontiguousarray(v.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3))
         del a
-        cos, sin = rope_cos_sin(self.inv_freq, start, T)
+        cos, sin = self._rope(start, T)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer.qk_transform is not None:
             q, k = layer.qk_transform(q, k)
@@ -453,7 +486,12 @@ class Model:
         m = rms_norm(h, layer.post_attention_norm, eps)
         if capture is not None:
             _capture(capture, "mlp_in", layer.index, m)
-        u = _silu_mul(L["gate_proj"](m), L["up_proj"](m))
+        if "gate_up" in layer.fused:
+            gu = layer.fused["gate_up"](m)
+            f = gu.shape[-1] // 2
+            u = _silu_mul(gu[..., :f], gu[..., f:])
+        else:
+            u = _silu_mul(L["gate_proj"](m), L["up_proj"](m))
         del m
         if layer.down_input_transform is not None:
             u = layer.down_input_transform(u)

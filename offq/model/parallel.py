@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 
 __all__ = ["num_threads", "blas_single_threaded", "blas_unrestricted", "run_tasks", "row_chunks"]
 
@@ -33,14 +32,21 @@ _LIMITER: Any = None
 _DEPTH = 0
 
 
+_GET_THREADS: Callable[[], int] | None = None
+
+
 def num_threads() -> int:
     """offq's thread setting (the OpenMP thread count of its kernels)."""
-    try:
-        from ..kernels.threads import get_num_threads
-        return max(1, int(get_num_threads()))
-    except Exception:  # pragma: no cover - kernels not importable: fall back to the CPU count
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else (os.cpu_count() or 1))
+    global _GET_THREADS
+    if _GET_THREADS is None:
+        try:
+            from ..kernels.threads import get_num_threads
+            _GET_THREADS = get_num_threads
+        except Exception:  # pragma: no cover - kernels not importable: use the CPU count
+            n = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else (os.cpu_count() or 1))
+            _GET_THREADS = lambda: n  # noqa: E731
+    return max(1, int(_GET_THREADS()))
 
 
 @contextlib.contextmanager
@@ -108,5 +114,5 @@ def run_tasks(fn: Callable[[Any], None], tasks: list[Any]) -> None:
 def row_chunks(n_rows: int, min_rows: int = 64) -> list[slice]:
     """Split ``range(n_rows)`` into about one contiguous slice per thread (each >= min_rows)."""
     parts = max(1, min(num_threads(), n_rows // max(1, min_rows)))
-    bounds = np.linspace(0, n_rows, parts + 1).astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    bounds = [n_rows * i // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
