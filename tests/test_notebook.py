@@ -20,7 +20,7 @@ import pytest
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 
 #: Overrides of the parameters cell for the normal test run (every name must exist there).
-QUICK = {"SEQLEN": 128, "WINDOWS": 1, "CALIB_N": 4, "CALIB_SEQLEN": 128, "W_QUANTIZER": "rtn",
+QUICK = {"SEQLEN": 128, "WINDOWS": 1, "CALIB_N": 2, "CALIB_SEQLEN": 128, "W_QUANTIZER": "rtn",
          "GEN_TOKENS": 4}
 
 
