@@ -35,10 +35,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from . import _C
 from .config import OFF, QuantConfig
-from .model.kv_cache import FakeQuantKVCodec
+from .kernels import QTensor, dequantize, matmul_w4a4, quantize
+from .model.kv_cache import FakeQuantKVCodec, grow_token_major
 from .model.linear import FUSED_LINEARS, LINEAR_NAMES, DenseLinear, SlicedLinear
 from .model.llama import DecoderLayer, Model, layer_tensor_names
+from .model.parallel import num_threads, row_chunks, run_tasks
 from .quantizers.grid import dequantize_codes
 from .rotations import r3_qk_transform, r4_input_transform
 
@@ -89,8 +92,6 @@ class StoredLinear:
                                 np.repeat(self.zero, g, axis=1))
 
     def qtensor(self):
-        from .kernels import QTensor
-
         return QTensor.from_codes(self.codes, self.scale, self.zero, bits=self.bits,
                                   group_size=self.group_size, symmetric=self.symmetric)
 
@@ -106,15 +107,11 @@ class ActQuant:
     clip: float = 1.0
 
     def quantize(self, x2d: np.ndarray):
-        from .kernels import quantize
-
         return quantize(x2d, bits=self.bits, group_size=self.group_size,
                         symmetric=self.symmetric, clip=self.clip)
 
     def fake(self, x: np.ndarray) -> np.ndarray:
         """Round trip of ``x[..., K]`` (float32, same shape)."""
-        from .kernels import dequantize
-
         k = x.shape[-1]
         x2d = np.ascontiguousarray(x.reshape(-1, k), dtype=np.float32)
         return dequantize(self.quantize(x2d)).reshape(x.shape)
@@ -177,8 +174,6 @@ class GroupProduct:
 
     def __call__(self, aq: Any) -> np.ndarray:
         """float32 ``[M, N]`` for a 4-bit QTensor ``aq`` ``[M, K]`` (group ``a_group``)."""
-        from .model.parallel import row_chunks, run_tasks
-
         if aq.bits != 4 or aq.group_size != self.a_group or aq.shape[-1] != self.in_features:
             raise ValueError(f"aq: expected a 4-bit QTensor [M, {self.in_features}] with group "
                              f"{self.a_group}, got {aq!r}")
@@ -282,8 +277,6 @@ class W4A4Linear:
             raise ValueError(f"x: expected last axis {self.in_features}, got shape {x.shape}")
         if not self._integer:
             return self._dense(x if self.act is None else self.act.fake(x))
-        from .kernels import matmul_w4a4
-
         lead = x.shape[:-1]
         x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
         y = matmul_w4a4(self.act.quantize(x2d), self.w)
@@ -315,66 +308,66 @@ class PackedKVCodec:
     symmetric: bool
 
     def encode(self, x: np.ndarray, *, kind: str):
-        from .kernels import quantize
-
         return quantize(np.ascontiguousarray(x, dtype=np.float32), bits=self.bits,
                         group_size=self.group_size, symmetric=self.symmetric)
 
     def decode(self, enc: Any, *, kind: str) -> np.ndarray:
-        from .kernels import dequantize
-
         return dequantize(enc)
 
-    def new_store(self, kind: str) -> "PackedKVStore":
-        """An empty packed store for K (``kind="k"``) or V."""
-        return PackedKVStore(self, kind)
+    def new_store(self) -> "PackedKVStore":
+        """An empty packed store for a layer's keys and values."""
+        return PackedKVStore(self)
 
 
 class PackedKVStore:
-    """One layer's K or V as packed codes, scales and zero-points in token-major buffers
-    (``[capacity, B, Hkv, ...]``, grown geometrically). ``read`` dequantizes the ``length``
-    cached tokens (a contiguous prefix) into float32 and returns a ``[B, Hkv, length, hd]`` view;
-    the values are exactly ``codec.decode(codec.encode(x))`` of what was appended."""
+    """One layer's K and V as packed codes, scales and zero-points in token-major buffers
+    (``[capacity, 2, B, Hkv, ...]``, K then V, grown geometrically). ``append`` quantizes the new
+    keys and values with one call; ``read`` dequantizes the ``length`` cached tokens (a
+    contiguous prefix) and returns ``[B, Hkv, length, hd]`` views. The values are exactly
+    ``codec.decode(codec.encode(x))`` of what was appended (groups lie inside one token's head
+    vector, so encoding K and V together changes nothing)."""
 
-    def __init__(self, codec: PackedKVCodec, kind: str) -> None:
-        self.codec, self.kind = codec, kind
+    def __init__(self, codec: PackedKVCodec) -> None:
+        self.codec = codec
         self.length = 0
         self._codes = self._scale = self._zero = None
         self._hd = 0
 
-    def append(self, x: np.ndarray) -> None:
-        from .model.kv_cache import grow_token_major
-
-        B, H, t, hd = x.shape
-        if self._codes is not None and (self._codes.shape[1:3] != (B, H) or hd != self._hd):
-            raise ValueError(f"{self.kind}: shape {x.shape} does not match the cache "
-                             f"[{self._codes.shape[1]}, {self._codes.shape[2]}, *, {self._hd}]")
+    def append(self, k: np.ndarray, v: np.ndarray) -> None:
+        B, H, t, hd = k.shape
+        if self._codes is not None and (self._codes.shape[2:4] != (B, H) or hd != self._hd):
+            raise ValueError(f"k: shape {k.shape} does not match the cache "
+                             f"[{self._codes.shape[2]}, {self._codes.shape[3]}, *, {self._hd}]")
         self._hd = hd
-        enc = self.codec.encode(np.ascontiguousarray(x.transpose(2, 0, 1, 3)), kind=self.kind)
+        x = np.empty((t, 2, B, H, hd), dtype=np.float32)
+        x[:, 0] = k.transpose(2, 0, 1, 3)
+        x[:, 1] = v.transpose(2, 0, 1, 3)
+        c = self.codec
+        codes, scale, zero, _ = _C.quantize(x, c.bits, c.group_size, c.symmetric, 1.0)
         end = self.length + t
-        self._codes = grow_token_major(self._codes, self.length, end, enc.codes.shape[1:],
-                                       np.uint8)
-        self._scale = grow_token_major(self._scale, self.length, end, enc.scale.shape[1:],
+        self._codes = grow_token_major(self._codes, self.length, end, codes.shape[1:], np.uint8)
+        self._scale = grow_token_major(self._scale, self.length, end, scale.shape[1:],
                                        np.float32)
-        self._zero = grow_token_major(self._zero, self.length, end, enc.zero.shape[1:],
-                                      np.float32)
-        self._codes[self.length:end] = enc.codes
-        self._scale[self.length:end] = enc.scale
-        self._zero[self.length:end] = enc.zero
+        self._zero = grow_token_major(self._zero, self.length, end, zero.shape[1:], np.float32)
+        self._codes[self.length:end] = codes
+        self._scale[self.length:end] = scale
+        self._zero[self.length:end] = zero
         self.length = end
 
-    def read(self) -> np.ndarray:
-        from . import _C
-
-        c = self.codec
-        out = np.empty((self.length,) + self._codes.shape[1:3] + (self._hd,), dtype=np.float32)
-        per_token = int(np.prod(out.shape[1:]))
-        step = max(1, _KV_READ_ELEMS // per_token)
-        for s in range(0, self.length, step):
-            e = min(self.length, s + step)
-            out[s:e] = _C.dequantize(self._codes[s:e], self._scale[s:e], self._zero[s:e],
-                                     c.bits, c.group_size, self._hd)
-        return out.transpose(1, 2, 0, 3)
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        c, n = self.codec, self.length
+        per_token = int(np.prod(self._codes.shape[1:4])) * self._hd
+        step = n if num_threads() == 1 else max(1, _KV_READ_ELEMS // per_token)
+        if step >= n:
+            kv = _C.dequantize(self._codes[:n], self._scale[:n], self._zero[:n], c.bits,
+                               c.group_size, self._hd)
+        else:
+            kv = np.empty((n,) + self._codes.shape[1:4] + (self._hd,), dtype=np.float32)
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                kv[s:e] = _C.dequantize(self._codes[s:e], self._scale[s:e], self._zero[s:e],
+                                        c.bits, c.group_size, self._hd)
+        return kv[:, 0].transpose(1, 2, 0, 3), kv[:, 1].transpose(1, 2, 0, 3)
 
     @property
     def nbytes(self) -> int:

@@ -27,18 +27,25 @@ def test_appends_in_pieces_equal_one_round_trip(codec):
     np.testing.assert_array_equal(k, want)
     want_v = 2 * full if codec is None else codec.decode(codec.encode(2 * full, kind="v"), kind="v")
     np.testing.assert_array_equal(v, want_v)
-    assert isinstance(cache.k, PackedKVStore if isinstance(codec, PackedKVCodec) else FloatKVStore)
+    assert isinstance(cache.store,
+                      PackedKVStore if isinstance(codec, PackedKVCodec) else FloatKVStore)
 
 
-def test_packed_store_is_compact_and_reads_large_caches_in_pieces():
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_packed_store_is_compact_and_reads_large_caches(nthreads):
+    from offq.kernels import threads
+
     rng = np.random.default_rng(1)
     codec = PackedKVCodec(4, 64, False)
-    store = codec.new_store("k")
-    x = kv(rng, 700, b=1)  # 700 * 3 * 64 elements: several dequantize calls per read
-    store.append(x)
-    np.testing.assert_array_equal(store.read(), codec.decode(codec.encode(x, kind="k"), kind="k"))
-    assert store.nbytes == 700 * 3 * (32 + 4 + 4)  # codes + one scale and zero per head
-    assert store.nbytes * 6 < x.nbytes
+    store = codec.new_store()
+    x = kv(rng, 700, b=1)  # 2 * 700 * 3 * 64 elements: several dequantize calls with 2 threads
+    store.append(x, -x)
+    with threads(nthreads):
+        k, v = store.read()
+    np.testing.assert_array_equal(k, codec.decode(codec.encode(x, kind="k"), kind="k"))
+    np.testing.assert_array_equal(v, codec.decode(codec.encode(-x, kind="v"), kind="v"))
+    assert store.nbytes == 2 * 700 * 3 * (32 + 4 + 4)  # codes + one scale and zero per head
+    assert store.nbytes * 6 < 2 * x.nbytes
 
 
 def test_cache_rejects_format_or_shape_changes():

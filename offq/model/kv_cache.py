@@ -10,15 +10,16 @@ Per-token codecs (quantization groups inside one token's head vector) give the s
 whether tokens arrive all at once (prefill) or one by one (decode), which is what makes
 incremental decoding equal to a full prefill.
 
-Storage. Each of K and V lives in one :class:`KVStore`: contiguous buffers that grow
+Storage. K and V live in one :class:`KVStore`: contiguous buffers that grow
 geometrically along the token axis, so appending a token costs O(1) work and reading the cache is
 one pass over it (no per-chunk Python calls). Buffers are *token-major* (``[capacity, batch,
 kv_heads, ...]``): the first ``length`` tokens are then a contiguous prefix, which a packed store
 decodes with one kernel call; reads return a strided ``[batch, kv_heads, length, head_dim]``
 view. Without a codec (or with a codec that has no store of its own) the store keeps float32
 values, ``decode(encode(x))`` for a codec. A codec with a compact format provides its own store
-through ``new_store(kind)`` (``offq.runtime.PackedKVCodec`` keeps 4-bit codes, scales and
-zero-points and dequantizes on read).
+through ``new_store()`` (``offq.runtime.PackedKVCodec`` keeps 4-bit codes, scales and
+zero-points and dequantizes on read). K and V share one store, so a decode step appends and reads
+them with one call each.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ __all__ = ["KVCodec", "KVStore", "FakeQuantKVCodec", "FloatKVStore", "LayerKVCac
 class KVCodec(Protocol):
     """Storage format of K and V. ``decode(encode(x))`` is what attention reads.
 
-    A codec may also define ``new_store(kind) -> KVStore`` to keep its encoded form in the cache.
+    A codec may also define ``new_store() -> KVStore`` to keep its encoded form in the cache.
     """
 
     def encode(self, x: np.ndarray, *, kind: str) -> Any:
@@ -49,16 +50,17 @@ class KVCodec(Protocol):
 
 @runtime_checkable
 class KVStore(Protocol):
-    """The cached K (or V) of one layer."""
+    """The cached keys and values of one layer."""
 
     length: int
 
-    def append(self, x: np.ndarray) -> None:
-        """Store float32 ``x[batch, kv_heads, t, head_dim]`` after the ``length`` cached tokens."""
+    def append(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Store float32 ``k, v[batch, kv_heads, t, head_dim]`` after the cached tokens."""
         ...
 
-    def read(self) -> np.ndarray:
-        """All cached tokens as float32 ``[batch, kv_heads, length, head_dim]`` (may be a view)."""
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """All cached keys and values, float32 ``[batch, kv_heads, length, head_dim]`` each
+        (possibly strided views, valid until the next append)."""
         ...
 
     @property
@@ -97,27 +99,32 @@ def grow_token_major(buf: np.ndarray | None, used: int, need: int, row_shape: tu
 
 
 class FloatKVStore:
-    """float32 store (token-major), optionally holding ``codec.decode(codec.encode(x))``."""
+    """float32 store of K and V in one token-major buffer ``[capacity, 2, B, Hkv, hd]``,
+    holding ``codec.decode(codec.encode(x))`` when a codec is given."""
 
-    def __init__(self, codec: KVCodec | None = None, kind: str = "k") -> None:
-        self.codec, self.kind = codec, kind
+    def __init__(self, codec: KVCodec | None = None) -> None:
+        self.codec = codec
         self.length = 0
         self._buf: np.ndarray | None = None
 
-    def append(self, x: np.ndarray) -> None:
+    def append(self, k: np.ndarray, v: np.ndarray) -> None:
         if self.codec is not None:
-            x = self.codec.decode(self.codec.encode(x, kind=self.kind), kind=self.kind)
-        B, H, t, d = x.shape
-        if self._buf is not None and self._buf.shape[1:] != (B, H, d):
-            raise ValueError(f"{self.kind}: shape {x.shape} does not match the cache "
-                             f"[{B}, {H}, *, {d}] expected {list(self._buf.shape[1:])}")
-        self._buf = grow_token_major(self._buf, self.length, self.length + t, (B, H, d),
+            k = self.codec.decode(self.codec.encode(k, kind="k"), kind="k")
+            v = self.codec.decode(self.codec.encode(v, kind="v"), kind="v")
+        B, H, t, d = k.shape
+        if self._buf is not None and self._buf.shape[2:] != (B, H, d):
+            raise ValueError(f"k: shape {k.shape} does not match the cache "
+                             f"[{B}, {H}, *, {d}] expected {list(self._buf.shape[2:])}")
+        self._buf = grow_token_major(self._buf, self.length, self.length + t, (2, B, H, d),
                                      np.float32)
-        self._buf[self.length:self.length + t] = x.transpose(2, 0, 1, 3)
+        new = self._buf[self.length:self.length + t]
+        new[:, 0] = k.transpose(2, 0, 1, 3)
+        new[:, 1] = v.transpose(2, 0, 1, 3)
         self.length += t
 
-    def read(self) -> np.ndarray:
-        return self._buf[:self.length].transpose(1, 2, 0, 3)
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        kv = self._buf[:self.length]
+        return kv[:, 0].transpose(1, 2, 0, 3), kv[:, 1].transpose(1, 2, 0, 3)
 
     @property
     def nbytes(self) -> int:
@@ -125,13 +132,12 @@ class FloatKVStore:
 
 
 class LayerKVCache:
-    """The cache of one decoder layer: a K store and a V store of the same length."""
+    """The cache of one decoder layer: one :class:`KVStore` holding its keys and values."""
 
     def __init__(self) -> None:
         self.codec: KVCodec | None = None
         self.length = 0
-        self.k: KVStore | None = None
-        self.v: KVStore | None = None
+        self.store: KVStore | None = None
 
     def append(self, k: np.ndarray, v: np.ndarray,
                codec: KVCodec | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -139,26 +145,24 @@ class LayerKVCache:
         ``[B, Hkv, length, hd]``, possibly strided views valid until the next append).
 
         ``codec`` is the layer's codec; it is fixed by the first call (a cache cannot change format
-        half way).
+        half way). A codec with ``new_store()`` provides the store, else a float32 one is used.
         """
         if self.length == 0:
             self.codec = codec
             make = getattr(codec, "new_store", None)
-            self.k, self.v = ((make("k"), make("v")) if make is not None
-                              else (FloatKVStore(codec, "k"), FloatKVStore(codec, "v")))
+            self.store = make() if make is not None else FloatKVStore(codec)
         elif codec is not self.codec:
             raise ValueError("codec: the layer's kv_codec changed while its cache was in use")
         if k.shape != v.shape:
             raise ValueError(f"k, v: shapes differ ({k.shape} vs {v.shape})")
-        self.k.append(k)
-        self.v.append(v)
+        self.store.append(k, v)
         self.length += k.shape[2]
-        return self.k.read(), self.v.read()
+        return self.store.read()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the K and V stores."""
-        return sum(int(s.nbytes) for s in (self.k, self.v) if s is not None)
+        """Bytes held by the store."""
+        return 0 if self.store is None else int(self.store.nbytes)
 
 
 class KVCache:
