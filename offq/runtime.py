@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _C
 from .config import OFF, QuantConfig
-from .kernels import QTensor, dequantize, matmul_w4a4, quantize
+from .kernels import QTensor, dequantize, quantize
 from .model.kv_cache import FakeQuantKVCodec, grow_token_major
 from .model.linear import FUSED_LINEARS, LINEAR_NAMES, DenseLinear, SlicedLinear
 from .model.llama import DecoderLayer, Model, layer_tensor_names
@@ -279,7 +279,12 @@ class W4A4Linear:
             return self._dense(x if self.act is None else self.act.fake(x))
         lead = x.shape[:-1]
         x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
-        y = matmul_w4a4(self.act.quantize(x2d), self.w)
+        # the C core directly (it validates its arguments): the Python wrappers' checks cost more
+        # than a decode-size product
+        w, act = self.w, self.act
+        codes, scale, zero, _ = _C.quantize(x2d, 4, act.group_size, act.symmetric, act.clip)
+        y = _C.matmul_w4a4(codes, scale, zero, act.group_size, w.codes, w.scale, w.zero,
+                           w.group_size, self.in_features, None, "auto")
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features)

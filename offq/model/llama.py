@@ -159,6 +159,21 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+def _rope_token_major(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """:func:`apply_rope` (same arithmetic) on ``x[B, T, heads, hd]``, on the calling thread;
+    returns a new C-contiguous array."""
+    half = x.shape[-1] // 2
+    out = np.empty(x.shape, dtype=np.float32)
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    o1, o2 = out[..., :half], out[..., half:]
+    np.multiply(x1, c, out=o1)
+    o1 -= x2 * s
+    np.multiply(x2, c, out=o2)
+    o2 += x1 * s
+    return out
+
+
 def _silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """``silu(gate) * up`` computed in place in ``gate`` (float32)."""
     g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
@@ -455,18 +470,25 @@ class Model:
         a = rms_norm(h, layer.input_norm, eps)
         if capture is not None:
             _capture(capture, "attn_in", layer.index, a)
-        if "qkv" in layer.fused:
-            qkv = layer.fused["qkv"](a)
-            q, k, v = (qkv[..., :H * hd], qkv[..., H * hd:(H + Hkv) * hd],
-                       qkv[..., (H + Hkv) * hd:])
-        else:
-            q, k, v = L["q_proj"](a), L["k_proj"](a), L["v_proj"](a)
-        q = q.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
-        k = k.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
-        v = np.ascontiguousarray(v.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3))
-        del a
         cos, sin = self._rope(start, T)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if "qkv" in layer.fused and T <= _SMALL_T:
+            # decoding: rotate q and k together in the projection's token-major layout
+            qkv = layer.fused["qkv"](a).reshape(B, T, H + 2 * Hkv, hd)
+            qk = _rope_token_major(qkv[:, :, :H + Hkv], cos, sin)
+            q, k = qk[:, :, :H].transpose(0, 2, 1, 3), qk[:, :, H:].transpose(0, 2, 1, 3)
+            v = qkv[:, :, H + Hkv:].transpose(0, 2, 1, 3)
+        else:
+            if "qkv" in layer.fused:
+                qkv = layer.fused["qkv"](a)
+                q, k, v = (qkv[..., :H * hd], qkv[..., H * hd:(H + Hkv) * hd],
+                           qkv[..., (H + Hkv) * hd:])
+            else:
+                q, k, v = L["q_proj"](a), L["k_proj"](a), L["v_proj"](a)
+            q = q.reshape(B, T, H, hd).transpose(0, 2, 1, 3)
+            k = k.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
+            v = np.ascontiguousarray(v.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        del a
         if layer.qk_transform is not None:
             q, k = layer.qk_transform(q, k)
         if cache is not None:
@@ -589,6 +611,18 @@ def _layers_nbytes(config: ModelConfig) -> int:
     return 4 * per * int(config.num_hidden_layers)
 
 
+def _ones(n: int) -> np.ndarray:
+    """A read-only float32 vector of ``n`` ones (shared, grown on demand)."""
+    global _ONES
+    if _ONES.shape[0] < n:
+        _ONES = np.ones(max(n, 2 * _ONES.shape[0]), dtype=np.float32)
+        _ONES.flags.writeable = False
+    return _ONES[:n]
+
+
+_ONES = np.ones(0, dtype=np.float32)
+
+
 @functools.lru_cache(maxsize=4)
 def _causal_mask(n: int) -> np.ndarray:
     """Additive causal mask of a diagonal block: -inf above the diagonal, 0 elsewhere."""
@@ -659,7 +693,7 @@ def _small_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int,
         s.reshape(B, Hkv, T, rep, S)[..., start:] += _causal_mask(T)[:, None, :]
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
-    den = np.matmul(s, np.ones(S, dtype=np.float32))[..., None]
+    den = np.matmul(s, _ones(S))[..., None]
     o = np.matmul(s, v)
     o /= den
     return np.ascontiguousarray(o.reshape(B, Hkv, T, rep, hd).transpose(0, 2, 1, 3, 4)
