@@ -41,7 +41,7 @@ from .kernels import QTensor, dequantize, quantize
 from .model.kv_cache import FakeQuantKVCodec, grow_token_major
 from .model.linear import FUSED_LINEARS, LINEAR_NAMES, DenseLinear, SlicedLinear
 from .model.llama import DecoderLayer, Model, layer_tensor_names
-from .model.parallel import num_threads, row_chunks, run_tasks
+from .model.parallel import num_threads, run_tasks
 from .quantizers.grid import dequantize_codes
 from .rotations import r3_qk_transform, r4_input_transform
 
@@ -165,12 +165,13 @@ class GroupProduct:
         sums = stored.codes.reshape(n, self.nb, blk).sum(axis=-1, dtype=np.int64)
         self.wT = (sums.T.astype(np.float32) - np.float32(blk) * self.zw).astype(np.float32)
         self.zw_max = float(np.abs(stored.zero).max(initial=0.0))
-        # integer-valued (qw - zw), exact while |zw| < 2^24 - 15
-        self.wc = (stored.codes.astype(np.float32) - np.repeat(stored.zero, gw, axis=1))
+        # integer-valued (qw - zw), exact while |zw| < 2^24 - 15; per block, transposed [blk, N]
+        wc = stored.codes.astype(np.float32) - np.repeat(stored.zero, gw, axis=1)
+        self.wcT = np.ascontiguousarray(wc.reshape(n, self.nb, blk).transpose(1, 2, 0))
 
     @property
     def nbytes(self) -> int:
-        return int(self.wc.nbytes + 3 * self.zw.nbytes)
+        return int(self.wcT.nbytes + 3 * self.zw.nbytes)
 
     def __call__(self, aq: Any) -> np.ndarray:
         """float32 ``[M, N]`` for a 4-bit QTensor ``aq`` ``[M, K]`` (group ``a_group``)."""
@@ -187,30 +188,35 @@ class GroupProduct:
         def rows(sl: slice) -> None:
             q = qa[sl].astype(np.float32)
             za, sa = aq.zero[sl], aq.scale[sl]
+            r = q.shape[0]
             if fast:
                 q -= np.repeat(za, self.a_group, axis=1)  # integer-valued (qa - za), exact
             else:
-                asum = q.reshape(q.shape[0], self.nb, self.blk).sum(axis=-1, dtype=np.float64)
-            y = np.zeros((q.shape[0], self.out_features), dtype=np.float32)
+                asum = q.reshape(r, self.nb, self.blk).sum(axis=-1, dtype=np.float64)
+            y = out[sl]
+            e = np.empty((r, self.out_features), dtype=np.float32)
+            sc = np.empty_like(e)
+            t = np.empty((r, self.out_features), dtype=np.float64)
             for b in range(self.nb):
                 ks = slice(b * self.blk, (b + 1) * self.blk)
                 g = b // ratio
                 if fast:
-                    e = np.matmul(q[:, ks], self.wc[:, ks].T)  # exact integers
+                    np.matmul(q[:, ks], self.wcT[b], out=e)  # exact integers
                 else:
-                    wq = self.wc[:, ks] + self.zw[b][:, None]  # the codes again (exact)
-                    d = np.matmul(q[:, ks], wq.T).astype(np.float64)  # exact
+                    wq = self.wcT[b] + self.zw[b]  # the codes again (exact)
+                    d = np.matmul(q[:, ks], wq).astype(np.float64)  # exact
                     d -= asum[:, b, None] * self.zw[b].astype(np.float64)
-                    e = d.astype(np.float32).astype(np.float64)
-                    e -= za[:, g, None].astype(np.float64) * self.wT[b].astype(np.float64)
-                    e = e.astype(np.float32)
-                t = (sa[:, g, None] * self.sw[b]).astype(np.float64)  # float32 product
-                t *= e
-                t += y
-                y = t.astype(np.float32)
-            out[sl] = y
+                    d = d.astype(np.float32).astype(np.float64)
+                    d -= za[:, g, None].astype(np.float64) * self.wT[b].astype(np.float64)
+                    e[...] = d
+                np.multiply(sa[:, g, None], self.sw[b], out=sc)  # float32 sa * sw
+                np.multiply(sc, e, out=t, dtype=np.float64)  # exact
+                if b:
+                    t += y
+                y[...] = t  # one rounding to float32
 
-        run_tasks(rows, row_chunks(m, 64))
+        # 32-row pieces: the float64 temporaries of a piece stay in L2
+        run_tasks(rows, [slice(i, min(m, i + 32)) for i in range(0, m, 32)])
         return out
 
 
