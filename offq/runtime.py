@@ -87,11 +87,13 @@ class StoredLinear:
     bias: np.ndarray | None = None
 
     def dequantized(self) -> np.ndarray:
+        """float32 ``[N, K]`` weight ``scale * (codes - zero)``."""
         g = self.group_size
         return dequantize_codes(self.codes, np.repeat(self.scale, g, axis=1),
                                 np.repeat(self.zero, g, axis=1))
 
     def qtensor(self):
+        """The packed :class:`offq.kernels.QTensor` of the codes."""
         return QTensor.from_codes(self.codes, self.scale, self.zero, bits=self.bits,
                                   group_size=self.group_size, symmetric=self.symmetric)
 
@@ -107,6 +109,7 @@ class ActQuant:
     clip: float = 1.0
 
     def quantize(self, x2d: np.ndarray):
+        """QTensor of float32 ``x2d[M, K]`` (C-contiguous)."""
         return quantize(x2d, bits=self.bits, group_size=self.group_size,
                         symmetric=self.symmetric, clip=self.clip)
 
@@ -118,6 +121,8 @@ class ActQuant:
 
 
 def activation_quantizer(cfg: QuantConfig, k: int) -> ActQuant | None:
+    """The run-time quantizer of a linear input of dimension ``k`` (None when activations stay
+    in float)."""
     if cfg.a_bits == OFF:
         return None
     return ActQuant(cfg.a_bits, cfg.activation_group(k), cfg.a_symmetric, float(cfg.a_clip))
@@ -171,6 +176,7 @@ class GroupProduct:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the weight operand and per-block parameters."""
         return int(self.wcT.nbytes + 3 * self.zw.nbytes)
 
     def __call__(self, aq: Any) -> np.ndarray:
@@ -236,14 +242,17 @@ class FakeQuantLinear:
 
     @property
     def in_features(self) -> int:
+        """Input dimension K."""
         return self.dense.in_features if self.dense is not None else self.product.in_features
 
     @property
     def out_features(self) -> int:
+        """Output dimension N."""
         return self.dense.out_features if self.dense is not None else self.product.out_features
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the weight (and bias)."""
         if self.dense is not None:
             return self.dense.nbytes
         return self.product.nbytes + (0 if self.bias is None else self.bias.nbytes)
@@ -276,6 +285,7 @@ class W4A4Linear:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the packed weight (and bias)."""
         return int(self.w.nbytes) + (0 if self.bias is None else self.bias.nbytes)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -319,10 +329,12 @@ class PackedKVCodec:
     symmetric: bool
 
     def encode(self, x: np.ndarray, *, kind: str):
+        """QTensor of ``x[..., head_dim]``."""
         return quantize(np.ascontiguousarray(x, dtype=np.float32), bits=self.bits,
                         group_size=self.group_size, symmetric=self.symmetric)
 
     def decode(self, enc: Any, *, kind: str) -> np.ndarray:
+        """float32 values of an encoded block."""
         return dequantize(enc)
 
     def new_store(self) -> "PackedKVStore":
@@ -345,6 +357,7 @@ class PackedKVStore:
         self._hd = 0
 
     def append(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Quantize and store ``k, v[B, Hkv, t, hd]`` after the cached tokens."""
         B, H, t, hd = k.shape
         if self._codes is not None and (self._codes.shape[2:4] != (B, H) or hd != self._hd):
             raise ValueError(f"k: shape {k.shape} does not match the cache "
@@ -366,6 +379,7 @@ class PackedKVStore:
         self.length = end
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """Dequantized keys and values ``[B, Hkv, length, hd]`` (views of one fresh array)."""
         c, n = self.codec, self.length
         per_token = int(np.prod(self._codes.shape[1:4])) * self._hd
         step = n if num_threads() == 1 else max(1, _KV_READ_ELEMS // per_token)
@@ -390,6 +404,8 @@ class PackedKVStore:
 
 
 def kv_codec(cfg: QuantConfig, head_dim: int, mode: str):
+    """The layer's KV codec: packed (:class:`PackedKVCodec`, a packed cache) on the real path, a
+    float round trip through the same quantizer on the fake path, None without KV quantization."""
     if cfg.kv_bits == OFF:
         return None
     packed = PackedKVCodec(cfg.kv_bits, cfg.kv_group(head_dim), cfg.kv_symmetric)

@@ -79,9 +79,11 @@ class FakeQuantKVCodec:
     fn: Any
 
     def encode(self, x: np.ndarray, *, kind: str) -> np.ndarray:
+        """The round-tripped float32 array."""
         return np.ascontiguousarray(self.fn(x, kind), dtype=np.float32)
 
     def decode(self, enc: np.ndarray, *, kind: str) -> np.ndarray:
+        """``enc`` itself (already float32 values)."""
         return enc
 
 
@@ -108,6 +110,7 @@ class FloatKVStore:
         self._buf: np.ndarray | None = None
 
     def append(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Store ``k, v[B, Hkv, t, hd]`` (round-tripped through the codec) after the cache."""
         if self.codec is not None:
             k = self.codec.decode(self.codec.encode(k, kind="k"), kind="k")
             v = self.codec.decode(self.codec.encode(v, kind="v"), kind="v")
@@ -123,11 +126,13 @@ class FloatKVStore:
         self.length += t
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """Views ``[B, Hkv, length, hd]`` of the cached keys and values."""
         kv = self._buf[:self.length]
         return kv[:, 0].transpose(1, 2, 0, 3), kv[:, 1].transpose(1, 2, 0, 3)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the cached tokens."""
         return 0 if self._buf is None else self._buf[:self.length].nbytes
 
 
@@ -173,6 +178,7 @@ class KVCache:
 
     @property
     def length(self) -> int:
+        """Positions cached so far."""
         return self.layers[0].length if self.layers else 0
 
     @property

@@ -127,6 +127,7 @@ class SlicedLinear:
         self.nbytes = 0
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The slice ``[..., start:stop]`` of the parent's output (C-contiguous)."""
         return np.ascontiguousarray(self.parent(x)[..., self.start:self.stop])
 
 
