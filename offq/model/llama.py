@@ -84,6 +84,14 @@ _NLL_CHUNK = 256  # rows of logits materialised at once (per thread) when comput
 # ------------------------------------------------------------------------------------------------
 def rms_norm(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
     """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, float32 (weight None: ones)."""
+    d = x.shape[-1]
+    if x.size == d:  # one position (decoding): scalar arithmetic, same float32 steps
+        flat = x.reshape(d)
+        r = np.sqrt(np.float32(np.dot(flat, flat)) / np.float32(d) + np.float32(eps))
+        y = x / r
+        if weight is not None:
+            y *= weight
+        return y
     var = np.einsum("...i,...i->...", x, x, dtype=np.float32)[..., None]
     var /= np.float32(x.shape[-1])
     var += np.float32(eps)
