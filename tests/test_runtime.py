@@ -149,3 +149,25 @@ def test_fused_projections_equal_separate_ones(quantized, mode):
             outs.append(sep(x))
             np.testing.assert_array_equal(layer.linears[n](x), outs[-1])
         np.testing.assert_array_equal(layer.fused[key](x), np.concatenate(outs, axis=-1))
+
+
+def test_swapping_a_fused_linear_takes_effect(quantized):
+    """The named linears stay swappable: replacing q_proj of a fused layer changes the output."""
+    model = quantized.model("real")
+    ids = token_ids(101, 1, 12, 8)
+    before = model.forward(ids)
+    layer = model.load_layer(0)
+    assert layer.fused_linear("qkv") is not None
+    q = layer.linears["q_proj"]
+
+    class Scaled:
+        in_features, out_features = q.in_features, q.out_features
+
+        def __call__(self, x):
+            return 1.5 * q(x)
+
+    layer.linears["q_proj"] = Scaled()
+    assert layer.fused_linear("qkv") is None
+    assert not np.array_equal(model.forward(ids), before)
+    layer.linears["q_proj"] = q
+    np.testing.assert_array_equal(model.forward(ids), before)

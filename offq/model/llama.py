@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .kv_cache import KVCache, KVCodec, LayerKVCache
-from .linear import FUSED_LINEARS, LINEAR_NAMES, DenseLinear, Linear
+from .linear import FUSED_LINEARS, LINEAR_NAMES, DenseLinear, Linear, SlicedLinear
 from .parallel import blas_single_threaded, blas_unrestricted, row_chunks, run_tasks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -229,8 +229,10 @@ class DecoderLayer:
         kv_codec: storage codec of K and V (KV quantization); attention reads ``decode(encode)``.
         down_input_transform: applied to the down_proj input (online R4).
         fused: optional ``"qkv"`` / ``"gate_up"`` linears (``FUSED_LINEARS``) whose outputs are
-            the named linears' outputs concatenated; the forward calls them instead of the
-            separate ones (one activation quantization and one product per input site).
+            the named linears' outputs concatenated, the named linears being
+            :class:`~offq.model.linear.SlicedLinear` parts of them; the forward calls them instead
+            of the separate ones (one activation quantization and one product per input site)
+            unless a named linear has been swapped since (see :meth:`fused_linear`).
     """
 
     index: int
@@ -252,6 +254,19 @@ class DecoderLayer:
             want = sum(self.linears[n].out_features for n in FUSED_LINEARS[key])
             if lin.out_features != want:
                 raise ValueError(f"fused: {key!r} has {lin.out_features} outputs, expected {want}")
+
+    def fused_linear(self, key: str) -> Linear | None:
+        """``fused[key]`` while the named linears it stands for are still its slices (a linear
+        swapped in ``linears`` since then takes precedence: the forward falls back to the
+        separate linears)."""
+        lin = self.fused.get(key)
+        if lin is None:
+            return None
+        for n in FUSED_LINEARS[key]:
+            part = self.linears[n]
+            if not isinstance(part, SlicedLinear) or part.parent is not lin:
+                return None
+        return lin
 
     @property
     def nbytes(self) -> int:
@@ -479,15 +494,16 @@ class Model:
         if capture is not None:
             _capture(capture, "attn_in", layer.index, a)
         cos, sin = self._rope(start, T)
-        if "qkv" in layer.fused and T <= _SMALL_T:
+        fused_qkv = layer.fused_linear("qkv") if layer.fused else None
+        if fused_qkv is not None and T <= _SMALL_T:
             # decoding: rotate q and k together in the projection's token-major layout
-            qkv = layer.fused["qkv"](a).reshape(B, T, H + 2 * Hkv, hd)
+            qkv = fused_qkv(a).reshape(B, T, H + 2 * Hkv, hd)
             qk = _rope_token_major(qkv[:, :, :H + Hkv], cos, sin)
             q, k = qk[:, :, :H].transpose(0, 2, 1, 3), qk[:, :, H:].transpose(0, 2, 1, 3)
             v = qkv[:, :, H + Hkv:].transpose(0, 2, 1, 3)
         else:
-            if "qkv" in layer.fused:
-                qkv = layer.fused["qkv"](a)
+            if fused_qkv is not None:
+                qkv = fused_qkv(a)
                 q, k, v = (qkv[..., :H * hd], qkv[..., H * hd:(H + Hkv) * hd],
                            qkv[..., (H + Hkv) * hd:])
             else:
@@ -516,8 +532,9 @@ class Model:
         m = rms_norm(h, layer.post_attention_norm, eps)
         if capture is not None:
             _capture(capture, "mlp_in", layer.index, m)
-        if "gate_up" in layer.fused:
-            gu = layer.fused["gate_up"](m)
+        fused_gate_up = layer.fused_linear("gate_up") if layer.fused else None
+        if fused_gate_up is not None:
+            gu = fused_gate_up(m)
             f = gu.shape[-1] // 2
             u = _silu_mul(gu[..., :f], gu[..., f:])
         else:
