@@ -4,8 +4,9 @@ Protocol (printed with every row): WikiText-2 test (``../shared/data/wikitext-2-
 once, non-overlapping windows of ``--seqlen`` tokens (BOS per window when the model uses one),
 mean token NLL, ppl = exp(mean); ``--max-windows`` takes the first N windows. Calibration:
 ``--calib-samples`` x ``--calib-seqlen`` tokens from offq.data's default calibration corpus (never
-the eval text), seed 0. Each row quantizes in memory (offq.quantize) and evaluates the fake-quant
-path (``--mode real`` for the packed kernels; the two agree, see tests/test_pipeline.py).
+the eval text), seed 0. Each row quantizes in memory (offq.quantize) and evaluates the real path
+(packed 4-bit kernels; ``--mode fake`` for the float32 simulation, which gives bit-identical
+numbers, see tests/test_runtime.py, and runs slower).
 
     python benchmarks/bench_results.py --quick              # small calibration + 2 windows
     python benchmarks/bench_results.py                      # the full protocol (long)
@@ -144,7 +145,7 @@ def main() -> int:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
-    p.add_argument("--mode", choices=("fake", "real"), default="fake")
+    p.add_argument("--mode", choices=("fake", "real"), default="real")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true",
                    help="8 x 512 calibration, 2 windows of 512 (a smoke run, not the protocol)")
