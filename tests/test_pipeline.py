@@ -9,7 +9,6 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,44 +18,9 @@ from offq import pipeline
 from offq.checkpoint import load_quantized, load_safetensors, save_safetensors
 from offq.config import QuantConfig
 from offq.model import Model
-from offq.model.config import ModelConfig
+from tiny_models import calibration, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_checkpoint(seed=0, *, arch="llama", layers=2, d=64, hd=16, nh=4, nkv=2, f=128, v=101):
-    """A random Llama/Qwen2 with LLM-like massive activations: one residual direction carries a
-    large offset on the first token (planted through the embedding of token 0)."""
-    rng = np.random.default_rng(seed)
-    cfg = ModelConfig(architecture=arch, vocab_size=v, hidden_size=d, intermediate_size=f,
-                      num_hidden_layers=layers, num_attention_heads=nh, num_key_value_heads=nkv,
-                      head_dim=hd, rms_norm_eps=1e-5, tie_word_embeddings=(arch == "llama"),
-                      attention_bias=(arch == "qwen2"), max_position_embeddings=512)
-    f32 = lambda *s, scale=0.1: (rng.standard_normal(s) * scale).astype(np.float32)  # noqa: E731
-    w = {"model.embed_tokens.weight": f32(v, d, scale=1.0), "model.norm.weight": 1 + f32(d)}
-    u = np.abs(rng.standard_normal(d)).astype(np.float32)
-    w["model.embed_tokens.weight"][0] += 40 * u / np.linalg.norm(u)  # massive-activation token
-    if arch != "llama":
-        w["lm_head.weight"] = f32(v, d)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = 1 + f32(d)
-        w[p + "post_attention_layernorm.weight"] = 1 + f32(d)
-        for name, shape in [("self_attn.q_proj", (nh * hd, d)), ("self_attn.k_proj", (nkv * hd, d)),
-                            ("self_attn.v_proj", (nkv * hd, d)), ("self_attn.o_proj", (d, nh * hd)),
-                            ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
-                            ("mlp.down_proj", (d, f))]:
-            w[p + name + ".weight"] = f32(*shape)
-        if arch == "qwen2":
-            for name, n in [("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)]:
-                w[p + f"self_attn.{name}.bias"] = f32(n)
-    return SimpleNamespace(name=f"tiny-{arch}", config=cfg, tensors=w, tokenizer=None)
-
-
-def calibration(ckpt, n=8, t=48, seed=1):
-    ids = np.random.default_rng(seed).integers(1, ckpt.config.vocab_size, (n, t))
-    ids[:, 0] = 0  # every sequence opens with the massive-activation token
-    return ids
 
 
 def rel(a, b):
@@ -181,7 +145,7 @@ def test_config_validation_errors():
 RUN = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}, {tests!r}]
-    from test_pipeline import tiny_checkpoint, calibration
+    from tiny_models import tiny_checkpoint, calibration
     from offq import pipeline
     from offq.config import QuantConfig
     ckpt = tiny_checkpoint(4, layers=8, d=128, hd=32, f=384)

@@ -1,7 +1,6 @@
 """Runtime (offq.runtime): the fake path reproduces the real W4A4 kernel's arithmetic bit for bit,
 so fake-quant and real-kernel models give identical logits; fused projections equal separate ones;
 the packed KV cache equals the full forward."""
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,8 +8,8 @@ import pytest
 from offq import _C, pipeline
 from offq.config import QuantConfig
 from offq.kernels import dequantize, matmul_w4a4, quantize
-from offq.model.config import ModelConfig
 from offq.runtime import FakeQuantLinear, GroupProduct, StoredLinear
+from tiny_models import calibration, tiny_checkpoint, token_ids
 
 SIMD = _C.simd_info()
 KERNELS = ["auto", "generic"] + [k for k, flag in (("avx2", "avx2"), ("vnni", "avx512_vnni"))
@@ -53,43 +52,11 @@ def test_group_product_rejects_mismatched_groups():
         gp(quantize(np.ones((2, 96), np.float32), bits=4, group_size=48))
 
 
-def tiny_checkpoint(seed=0, *, layers=2, d=64, hd=16, nh=4, nkv=2, f=128, v=101):
-    """A random Qwen2-style model (q/k/v biases) whose token 0 carries a massive activation."""
-    rng = np.random.default_rng(seed)
-    cfg = ModelConfig(architecture="qwen2", vocab_size=v, hidden_size=d, intermediate_size=f,
-                      num_hidden_layers=layers, num_attention_heads=nh, num_key_value_heads=nkv,
-                      head_dim=hd, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      attention_bias=True, max_position_embeddings=512)
-    f32 = lambda *s, scale=0.1: (rng.standard_normal(s) * scale).astype(np.float32)  # noqa: E731
-    w = {"model.embed_tokens.weight": f32(v, d, scale=1.0), "model.norm.weight": 1 + f32(d),
-         "lm_head.weight": f32(v, d)}
-    u = np.abs(rng.standard_normal(d)).astype(np.float32)
-    w["model.embed_tokens.weight"][0] += 40 * u / np.linalg.norm(u)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = 1 + f32(d)
-        w[p + "post_attention_layernorm.weight"] = 1 + f32(d)
-        for name, shape in [("self_attn.q_proj", (nh * hd, d)), ("self_attn.k_proj", (nkv * hd, d)),
-                            ("self_attn.v_proj", (nkv * hd, d)), ("self_attn.o_proj", (d, nh * hd)),
-                            ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
-                            ("mlp.down_proj", (d, f))]:
-            w[p + name + ".weight"] = f32(*shape)
-        for name, n in [("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)]:
-            w[p + f"self_attn.{name}.bias"] = f32(n)
-    return SimpleNamespace(name="tiny-qwen2", config=cfg, tensors=w, tokenizer=None)
-
-
-def token_ids(vocab, n, t, seed):
-    ids = np.random.default_rng(seed).integers(1, vocab, (n, t))
-    ids[:, 0] = 0  # the massive-activation token opens every sequence
-    return ids
-
-
 @pytest.fixture(scope="module")
 def quantized():
-    ckpt = tiny_checkpoint(1)
+    ckpt = tiny_checkpoint(1, arch="qwen2")
     cfg = QuantConfig(method="offq", a_group_size=32)
-    return pipeline.quantize(ckpt, cfg, token_ids(ckpt.config.vocab_size, 8, 48, 1))
+    return pipeline.quantize(ckpt, cfg, calibration(ckpt, 8, 48, 1))
 
 
 def test_fake_and_real_paths_are_identical(quantized):
