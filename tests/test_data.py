@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,10 +30,7 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def wikitext() -> str:
-    try:
-        return data.load_wikitext2_test()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    return data.load_wikitext2_test()
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -42,22 +40,17 @@ def test_wikitext_is_the_expected_file(wikitext):
     assert wikitext == raw.decode("utf-8") and "\r\n" in wikitext   # line endings untouched
 
 
-def test_data_dir_env(tmp_path, monkeypatch, wikitext):
-    (tmp_path / "wikitext-2-raw").mkdir()
-    (tmp_path / "wikitext-2-raw" / "wiki.test.raw").write_bytes("tiny = text\n".encode())
-    monkeypatch.setenv("OFFQ_DATA_DIR", str(tmp_path))
-    assert data.load_wikitext2_test() == "tiny = text\n"
-    monkeypatch.setenv("OFFQ_DATA_DIR", str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="OFFQ_DATA_DIR"):
-        data.load_wikitext2_test()
+def test_wikitext_ships_inside_the_package():
+    p = data.wikitext2_test_path()
+    assert p.is_relative_to(Path(data.__file__).resolve().parent)
+    assert "shared" not in p.parts
 
 
-def test_missing_data_dir_message(tmp_path, monkeypatch):
-    monkeypatch.delenv("OFFQ_DATA_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "__file__", str(tmp_path / "offq" / "data.py"))
-    with pytest.raises(FileNotFoundError, match="OFFQ_DATA_DIR"):
-        data.find_data_dir()
+def test_explicit_eval_text_path(tmp_path):
+    (tmp_path / "t.raw").write_bytes("tiny = text\n".encode())
+    assert data.load_wikitext2_test(tmp_path / "t.raw") == "tiny = text\n"
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load_wikitext2_test(tmp_path / "nope.raw")
 
 
 def test_eval_windows_cut_the_stream(tok, wikitext):

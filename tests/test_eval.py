@@ -95,10 +95,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size() -> None:
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def wikitext() -> str:
-    try:
-        return resolve_dataset("wikitext2").read_bytes().decode("utf-8")
-    except FileNotFoundError as e:
-        pytest.skip(f"WikiText-2 test text not found: {e}")
+    return resolve_dataset("wikitext2").read_bytes().decode("utf-8")
 
 
 @pytest.fixture(scope="module")

