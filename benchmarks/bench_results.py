@@ -114,10 +114,10 @@ def activation_plot(ckpt, calib: np.ndarray, cfg: QuantConfig, layer: int, path:
     """Per-channel max |x| of the attention input at ``layer`` (norm-fused) over calibration
     tokens, before (left) and after (right) OffQ's R1, same y scale; also writes the numbers as
     CSV beside the PNG."""
-    from offq import pipeline
-    from offq import rotations as rot
+    from offq.recipe import pipeline
+    from offq.recipe import rotations as rot
     from offq.model import Model
-    from offq.runtime import build_model
+    from offq.quant.assemble import build_model
 
     mc = ckpt.config.replace(tie_word_embeddings=False)
     r1, _, _ = pipeline.compute_rotations(ckpt, mc, cfg, calib, 2, False)
@@ -156,12 +156,12 @@ def main() -> int:
     if args.quick:
         args.seqlen, args.max_windows, args.calib_samples, args.calib_seqlen = 512, 2, 8, 512
 
-    from offq import pipeline
+    from offq.recipe import pipeline
     from offq.data import DEFAULT_CALIBRATION, eval_windows, load_wikitext2_test, sample_calibration
     from offq.formats import open_checkpoint
     from offq.kernels import get_num_threads, threads
     from offq.model import Model
-    from offq.runtime import build_model
+    from offq.quant.assemble import build_model
 
     nthreads = args.threads or get_num_threads()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]

@@ -86,8 +86,8 @@ def main() -> int:
         args.seqlen, args.windows, args.prompt = 256, 1, 128
         args.decode_tokens, args.rounds = 8, 2
 
-    from offq import pipeline
-    from offq.checkpoint import load_quantized
+    from offq.recipe import pipeline
+    from offq.quant.assemble import load_quantized
     from offq.config import QuantConfig
     from offq.data import eval_windows, load_wikitext2_test
     from offq.formats import open_checkpoint

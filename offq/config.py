@@ -15,6 +15,8 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
 - OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.1,
   mu1 1e-2, mu2 1.0 (both relative, see offq/quantizers/osaq.py).
 
+docs/METHODS.md lists every field with its flag and the reasoning behind each default.
+
 Bits equal to 16 switch a quantizer off (``a_bits=16`` is W4A16). ``method`` picks the rotation:
 ``offq`` (PCA + block Hadamard R1), ``quarot`` (random-sign full Hadamard R1), ``gptq``/``rtn`` (no
 rotation at all: the in-house baselines) and ``fp`` (no rotation, no quantization).
@@ -23,18 +25,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .quant.grid import SUPPORTED_BITS, resolve_group
+from .quantizers.registry import parse_weight_quantizer
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("offq", "quarot", "gptq", "rtn", "fp")
-WEIGHT_QUANTIZERS = ("gptq", "rtn", "osaq+gptq", "osaq+rtn")
+WEIGHT_QUANTIZERS = ("gptq", "rtn", "osaq+gptq", "osaq+rtn")  # see offq.quantizers.registry
 PCA_MODES = ("top1", "standard", "none")
 OUTLIER_INDEX = ("ones", "other")
 R2_MODES = ("hadamard", "pca_hadamard", "none")
-QUANT_BITS = (2, 3, 4, 8)
-OFF = 16
+OFF = 16  # a bit width of 16 switches that quantizer off
 
 CONFIG_VERSION = 1
 
@@ -96,8 +100,6 @@ class QuantConfig:
     osaq_tau_rel: float = 0.1
     osaq_mu1: float = 1e-2
     osaq_mu2: float = 1.0
-    # --- provenance (filled by the pipeline) ---
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.w_quantizer is None:
@@ -117,7 +119,7 @@ class QuantConfig:
 
         def bits(name: str) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value not in QUANT_BITS + (OFF,):
+            if not isinstance(value, int) or isinstance(value, bool) or value not in SUPPORTED_BITS + (OFF,):
                 raise ValueError(f"{name}: expected one of 2, 3, 4, 8 or 16 (off), got {value!r}")
 
         def group(name: str) -> None:
@@ -138,7 +140,7 @@ class QuantConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
 
         choice("method", METHODS)
-        choice("w_quantizer", WEIGHT_QUANTIZERS)
+        parse_weight_quantizer(self.w_quantizer)
         choice("pca", PCA_MODES)
         choice("outlier_index", OUTLIER_INDEX)
         choice("r2", R2_MODES)
@@ -181,12 +183,12 @@ class QuantConfig:
 
     @property
     def uses_osaq(self) -> bool:
-        return self.w_quantizer.startswith("osaq+")
+        return "osaq" in parse_weight_quantizer(self.w_quantizer)[0]
 
     @property
     def weight_rounding(self) -> str:
-        """'gptq' or 'rtn': the rounding step after the optional OSAQ absorption."""
-        return self.w_quantizer.split("+")[-1]
+        """'gptq' or 'rtn': the rounding step after the optional pre-steps (OSAQ)."""
+        return parse_weight_quantizer(self.w_quantizer)[1]
 
     def activation_group(self, d: int) -> int:
         """Activation group size for a linear input of dimension ``d``: ``a_group_size`` when it
@@ -203,20 +205,11 @@ class QuantConfig:
 
     def weight_group(self, k: int) -> int:
         """Weight group size over an input dimension ``k`` (k itself when per channel)."""
-        g = self.w_group_size
-        if g == -1 or g >= k:
-            return k
-        if k % g:
-            raise ValueError(f"w_group_size: {g} does not divide the input dimension {k}")
-        return g
+        return resolve_group(self.w_group_size, k, "w_group_size")
 
     def kv_group(self, head_dim: int) -> int:
-        g = self.kv_group_size
-        if g == -1 or g >= head_dim:
-            return head_dim
-        if head_dim % g:
-            raise ValueError(f"kv_group_size: {g} does not divide head_dim {head_dim}")
-        return g
+        """KV group size over head_dim (head_dim itself for -1)."""
+        return resolve_group(self.kv_group_size, head_dim, "kv_group_size")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -231,6 +224,8 @@ class QuantConfig:
         if not isinstance(data, dict):
             raise ValueError(f"offq config: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
+        if data.get("extra") == {}:  # an always-empty field of offq 0.1.0 checkpoints
+            del data["extra"]
         version = data.pop("config_version", CONFIG_VERSION)
         if not isinstance(version, int) or version > CONFIG_VERSION:
             raise ValueError(f"offq config: config_version {version!r} is newer than this offq "

@@ -42,7 +42,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .tokenizer import Tokenizer
+from .formats.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

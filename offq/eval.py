@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .data import token_windows
-from .model.llama import Model
+from .model.decoder import Model
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def load_dataset(name_or_path: str | os.PathLike) -> str:
 def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model, Any]:
     """``(Model, tokenizer)`` from a Model, a Checkpoint, or a path / registered name.
 
-    A path to an offq checkpoint directory (quantized) is run by ``offq.checkpoint`` with the
+    A path to an offq checkpoint directory (quantized) is run by ``offq.quant.assemble.load_quantized`` with the
     real W4A4 kernels (``mode="real"``) or simulated in float32 (``mode="fake"``); anything else
     is opened by ``offq.formats.open_checkpoint`` and runs in float32. ``kwargs`` go to
     ``Model.from_checkpoint``.
@@ -103,7 +103,8 @@ def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model,
     if isinstance(model, Model):
         return model, model.tokenizer
     if isinstance(model, (str, os.PathLike)):
-        from .checkpoint import is_offq_checkpoint, load_quantized
+        from .formats.checkpoint import is_offq_checkpoint
+        from .quant.assemble import load_quantized
         if is_offq_checkpoint(model):
             m, tok, qcfg = load_quantized(model, mode=mode)
             m.tokenizer = tok

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model.llama import Model
+from .model.decoder import Model
 
 __all__ = ["GenerationConfig", "generate_ids", "generate"]
 

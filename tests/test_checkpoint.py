@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from offq.checkpoint import (check_checkpoint_tensors, expected_tensors, load_safetensors,
+from offq.formats.checkpoint import (check_checkpoint_tensors, expected_tensors, load_safetensors,
                              save_safetensors)
 from offq.config import QuantConfig
 from offq.formats.safetensors import DTYPES

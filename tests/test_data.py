@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from offq import data
-from offq.tokenizer import Tokenizer
+from offq.formats.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def write_tiny_hf_dir(directory, model: Model) -> None:
     import tokenizers
 
     from offq.formats.safetensors import SafetensorsWriter
-    from offq.model.llama import layer_tensor_names
+    from offq.model.arch import architecture_of
 
     cfg = model.config
     directory.mkdir(parents=True, exist_ok=True)
@@ -155,12 +155,12 @@ def write_tiny_hf_dir(directory, model: Model) -> None:
         w.add("model.embed_tokens.weight", model.embed_tokens)
         w.add("model.norm.weight", model.final_norm)
         w.add("lm_head.weight", model.lm_head.weight)
+        arch = architecture_of(cfg)
         for layer in model.layers:
-            names = layer_tensor_names(layer.index)
             for n, lin in layer.linears.items():
-                w.add(names[n], lin.weight)
-            w.add(names["input_norm"], layer.input_norm)
-            w.add(names["post_norm"], layer.post_attention_norm)
+                w.add(arch.weight(layer.index, n), lin.weight)
+            w.add(arch.norm(layer.index, "input_norm"), layer.input_norm)
+            w.add(arch.norm(layer.index, "post_norm"), layer.post_attention_norm)
 
 
 def test_cli_eval_json_on_a_hf_directory(capsys: pytest.CaptureFixture, tmp_path) -> None:

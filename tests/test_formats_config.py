@@ -103,7 +103,6 @@ def test_unsupported_architectures_named_with_supported_list(cfg, match):
 
 @pytest.mark.parametrize("change,match", [
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ({"num_key_value_heads": 4}, "multiple"),
@@ -154,3 +153,15 @@ def test_wrongly_typed_values_only_raise_value_error():
                     ModelConfig.from_hf({**base, key: value})
                 except ValueError:
                     pass
+
+
+def test_llama_optional_biases_are_read_and_written():
+    """HF Llama's attention_bias (q/k/v/o) and mlp_bias (gate/up/down) travel through the config,
+    and the architecture lists the bias tensors they imply."""
+    cfg = ModelConfig.from_hf({**SMOLLM2_135M, "attention_bias": True, "mlp_bias": True})
+    assert cfg.attention_bias and cfg.mlp_bias
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+    shapes = cfg.tensor_shapes()
+    for lin in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"):
+        assert f"model.layers.0.{lin}.bias" in shapes
+    assert "model.layers.0.self_attn.o_proj.bias" not in ModelConfig.from_hf(SMOLLM2_135M).tensor_shapes()

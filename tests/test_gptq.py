@@ -1,15 +1,15 @@
-"""GPTQ and RTN on the shared grid: codes match the NOTES.md formulas, GPTQ beats RTN on the
+"""GPTQ and RTN on the shared grid: codes match the docs/METHODS.md formulas, GPTQ beats RTN on the
 layer-output error with correlated inputs, options (bits, groups, act-order, static groups)."""
 import numpy as np
 import pytest
 
 from offq.quantizers.gptq import HessianAccumulator, gptq_quantize, layer_output_error
-from offq.quantizers.grid import grid_params, mse_clip_search, quantize_codes
+from offq.quant.grid import grid_params, mse_clip_search, quantize_codes
 from offq.quantizers.rtn import rtn_quantize
 
 
 def reference_quantize(x, bits, group, symmetric):
-    """Plain NumPy restatement of the NOTES.md grid (float32, round half to even)."""
+    """Plain NumPy restatement of the docs/METHODS.md grid (float32, round half to even)."""
     x = np.asarray(x, np.float32)
     n, k = x.shape
     g = k if group == -1 else group
@@ -159,7 +159,7 @@ def test_shared_factor_equals_direct(layer):
 def reference_gptq(w, h, *, bits, group, symmetric, act_order, static, damp=0.01):
     """Unblocked GPTQ (every column updates all later columns at once), float64, as METHODS.md
     section 2 states it; group grids from the current weights unless static."""
-    from offq.quantizers.grid import dequantize_codes, group_params
+    from offq.quant.grid import dequantize_codes, group_params
 
     n, k = w.shape
     g = k if group == -1 else group
@@ -228,5 +228,5 @@ def test_to_qtensor_round_trip(layer):
     _, w, h = layer
     for bits in (4, 3):
         gq = gptq_quantize(w, h, bits=bits, group_size=32, symmetric=False)
-        qt = gq.to_qtensor()
+        qt = gq.qtensor()
         np.testing.assert_array_equal(kernels.dequantize(qt), gq.dequantized)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from offq.model import FakeQuantKVCodec, KVCache, LayerKVCache
-from offq.model import llama
+from offq.model import ops
 from offq.model.kv_cache import FloatKVStore
-from offq.runtime import PackedKVCodec, PackedKVStore
+from offq.quant.kv_codec import PackedKVCodec, PackedKVStore
 
 
 def kv(rng, t, b=2, h=3, hd=64):
@@ -70,10 +70,10 @@ def test_small_query_attention_equals_blocked_path(monkeypatch, t, start):
     q = rng.standard_normal((2, 6, t, 16)).astype(np.float32)
     k = rng.standard_normal((2, 2, start + t, 16)).astype(np.float32)
     v = rng.standard_normal((2, 2, start + t, 16)).astype(np.float32)
-    small = llama._causal_attention(q, k.transpose(2, 0, 1, 3).copy().transpose(1, 2, 0, 3),
-                                    v, start)  # strided keys, as a token-major cache returns them
-    monkeypatch.setattr(llama, "_SMALL_T", 0)
-    blocked = llama._causal_attention(q, k, v, start)
+    small = ops.causal_attention(q, k.transpose(2, 0, 1, 3).copy().transpose(1, 2, 0, 3),
+                                  v, start)  # strided keys, as a token-major cache returns them
+    monkeypatch.setattr(ops, "SMALL_T", 0)
+    blocked = ops.causal_attention(q, k, v, start)
     np.testing.assert_allclose(small, blocked, rtol=1e-5, atol=1e-6)
     # float64 reference
     rep = 3

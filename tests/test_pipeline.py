@@ -1,6 +1,7 @@
 """End to end on tiny random models: fused+rotated FP model keeps its logits, fake-quant and
 real-kernel paths agree, the offq checkpoint round-trips and validates, and an interrupted run
 resumed with --resume writes a byte-identical checkpoint."""
+import dataclasses
 import json
 import os
 import signal
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 
 import offq
-from offq import pipeline
-from offq.checkpoint import load_quantized, load_safetensors, save_safetensors
+from offq.recipe import pipeline
+from offq.formats.checkpoint import load_safetensors, save_safetensors
+from offq.quant.assemble import load_quantized
 from offq.config import QuantConfig
 from offq.model import Model
 from tiny_models import calibration, tiny_checkpoint
@@ -27,12 +29,17 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch,biases", [("llama", {}), ("qwen2", {}),
+                                          ("llama", {"attention_bias": True, "tie": False}),
+                                          ("llama", {"attention_bias": True, "mlp_bias": True})])
 @pytest.mark.parametrize("method,extra", [("offq", {}), ("quarot", {}),
                                           ("offq", {"r2": "pca_hadamard", "pca": "standard",
                                                     "pca_centred": True, "a_group_size": 32})])
-def test_rotated_fp_model_keeps_logits(arch, method, extra):
-    ckpt = tiny_checkpoint(0, arch=arch)
+def test_rotated_fp_model_keeps_logits(arch, biases, method, extra):
+    """Every quantizer off: the fused and rotated model (R1..R4, biases rotated where they sit in
+    the residual basis) computes the source model's logits, tied and untied, with and without
+    Llama's optional attention and MLP biases."""
+    ckpt = tiny_checkpoint(0, arch=arch, **biases)
     ids = calibration(ckpt, 2, 24, seed=5)
     ref = Model.from_tensors(ckpt.config, ckpt.tensors).forward(ids)
     cfg = QuantConfig(method=method, w_bits=16, a_bits=16, kv_bits=16, **extra)
@@ -70,7 +77,7 @@ def test_offq_r1_from_top1_statistics_absorbs_massive_activations():
     carries a massive component along one dense direction; R1 from the top-1 second moment makes
     that component a per-group constant, so 4-bit asymmetric group quantization of the massive
     tokens is as accurate as of normal ones (unrotated and random-Hadamard R1 are not)."""
-    from offq import rotations as rot
+    from offq.recipe import rotations as rot
     from offq.kernels import dequantize, quantize
 
     rng = np.random.default_rng(0)
@@ -79,7 +86,9 @@ def test_offq_r1_from_top1_statistics_absorbs_massive_activations():
     u /= np.linalg.norm(u)
     x = rng.standard_normal((b, t, d))
     x[:, 0] += rng.uniform(200, 300, size=(b, 1)) * u  # massive first tokens
-    stats = pipeline._SecondMoment(d, centred=False)
+    from offq.recipe.statistics import SecondMoment
+
+    stats = SecondMoment(d, centred=False)
     stats.add(x.astype(np.float32), top1=True)
     assert stats.n == b
     err = {}
@@ -107,7 +116,11 @@ def test_checkpoint_round_trip_and_validation(tmp_path):
     assert q.dtype == np.uint8 and q.shape == (64, 32)  # two 4-bit codes per byte
     ids = calibration(ckpt, 2, 16, seed=8)
     model, tok, qcfg = load_quantized(out)
-    assert qcfg == cfg and tok is None
+    assert tok is None
+    # config.json records the calibration actually used (8 x 48 tokens here), not the defaults
+    assert qcfg == dataclasses.replace(cfg, calib_samples=8, calib_seqlen=48)
+    calib = block["calibration"]
+    assert (calib["samples"], calib["seqlen"]) == (8, 48) and len(calib["tokens_sha256"]) == 64
     np.testing.assert_array_equal(model.forward(ids), mem.model("real").forward(ids))
 
     # corrupted checkpoints fail with clear errors
@@ -146,7 +159,7 @@ RUN = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}, {tests!r}]
     from tiny_models import tiny_checkpoint, calibration
-    from offq import pipeline
+    from offq.recipe import pipeline
     from offq.config import QuantConfig
     ckpt = tiny_checkpoint(4, layers=8, d=128, hd=32, f=384)
     cfg = QuantConfig(method="offq", a_group_size=32, calib_samples=16, calib_seqlen=96)

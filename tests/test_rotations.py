@@ -1,46 +1,12 @@
 """Rotations: norm fusion + R1/R2/R3/R4 leave the float model's logits unchanged; the OffQ R1 maps
 the outlier direction onto a constant over one activation group."""
-import sys
-import types
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
-from offq import rotations as rot
-
-
-# ------------------------------------------------------------------ reference Hadamard (numpy)
-def sylvester(n):
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    if h.shape[0] != n:
-        raise ValueError(f"reference Hadamard: {n} is not a power of two")
-    return h
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    """offq.kernels when it has landed; otherwise a NumPy stand-in (powers of two only) so the
-    rotation algebra is testable before the C kernels exist."""
-    try:
-        import offq.kernels as k  # noqa: F401
-        if hasattr(k, "hadamard_matrix") and hasattr(k, "fwht"):
-            yield k
-            return
-    except ImportError:
-        pass
-    stand_in = types.ModuleType("offq.kernels")
-    stand_in.hadamard_matrix = lambda n, normalize=True, dtype=np.float64: (
-        sylvester(n) / (np.sqrt(n) if normalize else 1)).astype(dtype)
-    stand_in.fwht = lambda x: (x @ stand_in.hadamard_matrix(x.shape[-1])).astype(x.dtype)
-    mp = pytest.MonkeyPatch()
-    mp.setitem(sys.modules, "offq.kernels", stand_in)
-    import offq
-    mp.setattr(offq, "kernels", stand_in, raising=False)
-    yield stand_in
-    mp.undo()
+from offq import kernels
+from offq.model.arch import architecture_of
+from offq.model.config import ModelConfig
+from offq.recipe import rotations as rot
 
 
 # ------------------------------------------------------------------ minimal numpy Llama forward
@@ -92,29 +58,34 @@ def forward(w, cfg, ids, *, qk_transform=None, down_input_transform=None):
     return x @ head.T
 
 
-def tiny_model(seed, *, bias=False, tie=True, d=64, hd=16, nh=4, nkv=2, f=128, layers=2, v=97):
+#: (architecture, attention_bias, mlp_bias): Llama without biases, with HF's attention_bias
+#: (q/k/v/o biases), with mlp_bias (gate/up/down biases), both; Qwen2 (q/k/v biases)
+BIAS_VARIANTS = [("llama", False, False), ("llama", True, False), ("llama", False, True),
+                 ("llama", True, True), ("qwen2", True, False)]
+
+
+def tiny_model(seed, *, bias=False, tie=True, d=64, hd=16, nh=4, nkv=2, f=128, layers=2, v=97,
+               arch="qwen2", mlp_bias=False):
+    """Random float32 weights of a tiny model (HF names) and its ModelConfig; ``bias`` is the
+    config's attention_bias (always on for qwen2)."""
+    if arch == "qwen2" and not bias:
+        arch = "llama"  # a model without q/k/v biases is a Llama
     rng = np.random.default_rng(seed)
-    cfg = SimpleNamespace(hidden_size=d, head_dim=hd, num_attention_heads=nh,
-                          num_key_value_heads=nkv, intermediate_size=f, num_hidden_layers=layers,
-                          rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=v,
-                          tie_word_embeddings=tie, attention_bias=bias)
+    cfg = ModelConfig(architecture=arch, vocab_size=v, hidden_size=d, intermediate_size=f,
+                      num_hidden_layers=layers, num_attention_heads=nh, num_key_value_heads=nkv,
+                      head_dim=hd, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      tie_word_embeddings=tie, attention_bias=bias or arch == "qwen2",
+                      mlp_bias=mlp_bias)
     f32 = lambda *s, scale=0.2: (rng.standard_normal(s) * scale).astype(np.float32)  # noqa: E731
-    w = {"model.embed_tokens.weight": f32(v, d, scale=1.0),
-         "model.norm.weight": (1 + f32(d)).astype(np.float32)}
-    if not tie:
-        w["lm_head.weight"] = f32(v, d)
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = (1 + f32(d)).astype(np.float32)
-        w[p + "post_attention_layernorm.weight"] = (1 + f32(d)).astype(np.float32)
-        for name, shape in [("self_attn.q_proj", (nh * hd, d)), ("self_attn.k_proj", (nkv * hd, d)),
-                            ("self_attn.v_proj", (nkv * hd, d)), ("self_attn.o_proj", (d, nh * hd)),
-                            ("mlp.gate_proj", (f, d)), ("mlp.up_proj", (f, d)),
-                            ("mlp.down_proj", (d, f))]:
-            w[p + name + ".weight"] = f32(*shape)
-        if bias:
-            for name, n in [("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)]:
-                w[p + f"self_attn.{name}.bias"] = f32(n)
+    shapes = cfg.tensor_shapes()
+    w = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            w[name] = (1 + f32(*shape)).astype(np.float32)
+        elif name.endswith("embed_tokens.weight"):
+            w[name] = f32(*shape, scale=1.0)
+        else:
+            w[name] = f32(*shape)
     return w, cfg
 
 
@@ -137,18 +108,20 @@ def test_norm_fusion_keeps_logits():
         ids = np.arange(11) % cfg.vocab_size
         ref = forward(w, cfg, ids)
         fused = dict(w)
-        rot.fuse_norms(fused, cfg.num_hidden_layers)
+        rot.fuse_norms(fused, cfg.num_hidden_layers, architecture_of(cfg))
         assert "lm_head.weight" in fused
         assert all(np.all(fused[k] == 1) for k in fused if k.endswith("norm.weight"))
         assert rel(forward(fused, cfg, ids), ref) < 1e-5
 
 
 @pytest.mark.parametrize("variant", ["offq", "offq-standard-unsorted-other", "offq-none", "quarot"])
-@pytest.mark.parametrize("bias", [False, True])
-def test_full_rotation_invariance(kernels, variant, bias):
+@pytest.mark.parametrize("arch,bias,mlp_bias", BIAS_VARIANTS)
+@pytest.mark.parametrize("tie", [True, False])
+def test_full_rotation_invariance(variant, arch, bias, mlp_bias, tie):
     """Fuse norms, R1, R2 (Hadamard or per-head PCA) and R4; run with online R3/R4: logits equal
-    the original model's (float32 weights, <= 1e-4 relative)."""
-    w, cfg = tiny_model(1, bias=bias, tie=not bias)
+    the original model's (float32 weights, <= 1e-4 relative), with every bias placement of the
+    supported architectures (o_proj and down_proj biases live in the residual basis)."""
+    w, cfg = tiny_model(1, bias=bias, tie=tie, arch=arch, mlp_bias=mlp_bias)
     ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 13)
     ref = forward(w, cfg, ids)
     rng = np.random.default_rng(3)
@@ -169,7 +142,7 @@ def test_full_rotation_invariance(kernels, variant, bias):
     else:
         r2 = rot.r2_matrices(cfg.head_dim, cfg.num_key_value_heads)
     out = dict(w)
-    rot.fuse_norms(out, cfg.num_hidden_layers)
+    rot.fuse_norms(out, cfg.num_hidden_layers, architecture_of(cfg))
     rot.rotate_model(out, cfg, r1=r1, r2=r2, r4=True)
     assert all(v.dtype == np.float32 for v in out.values())
     qk = rot.r3_qk_transform(cfg.head_dim)
@@ -233,18 +206,14 @@ def test_validation():
         rot.rotate_layer(dict(w), 0, cfg, r2=np.zeros((3, 16, 16)))
 
 
-def test_non_power_of_two_sizes(kernels):
+def test_non_power_of_two_sizes():
     """d = 48 = 12 x 4 (QuaRot full Hadamard) and blocks of 12: needs the real kernels."""
-    try:
-        kernels.hadamard_matrix(12)
-    except ValueError:
-        pytest.skip("m * 2^k Hadamard sizes not available in the stand-in")
     w, cfg = tiny_model(5, d=48, hd=12, nh=4, nkv=2, f=96)
     ids = np.arange(9)
     ref = forward(w, cfg, ids)
     for r1 in (rot.quarot_r1(48, seed=0), rot.offq_r1(outlier_cov(48, np.random.default_rng(0))[0], 48, 12)):
         out = dict(w)
-        rot.fuse_norms(out, cfg.num_hidden_layers)
+        rot.fuse_norms(out, cfg.num_hidden_layers, architecture_of(cfg))
         rot.rotate_model(out, cfg, r1=r1, r2=rot.r2_matrices(12, 2), r4=True)
         qk, down = rot.r3_qk_transform(12), rot.r4_input_transform(96)
         got = forward(out, cfg, ids, qk_transform=lambda q, k: tuple(a.astype(np.float64) for a in qk(q, k)),
@@ -252,22 +221,16 @@ def test_non_power_of_two_sizes(kernels):
         assert rel(got, ref) < 1e-4
 
 
-def test_invariance_through_offq_forward(kernels):
+@pytest.mark.parametrize("arch,bias,mlp_bias", BIAS_VARIANTS)
+def test_invariance_through_offq_forward(arch, bias, mlp_bias):
     """Same invariance through offq's own float32 forward (offq.model.Model) with its R3/R4 hooks."""
     from offq.model import Model
-    from offq.model.config import ModelConfig
 
-    w, ns = tiny_model(6, bias=True, tie=True)
-    cfg = ModelConfig(architecture="qwen2", vocab_size=ns.vocab_size, hidden_size=ns.hidden_size,
-                      intermediate_size=ns.intermediate_size, num_hidden_layers=ns.num_hidden_layers,
-                      num_attention_heads=ns.num_attention_heads,
-                      num_key_value_heads=ns.num_key_value_heads, head_dim=ns.head_dim,
-                      rms_norm_eps=ns.rms_norm_eps, rope_theta=ns.rope_theta,
-                      tie_word_embeddings=True, attention_bias=True)
+    w, cfg = tiny_model(6, bias=bias, tie=True, arch=arch, mlp_bias=mlp_bias)
     ids = np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 12))
     ref = Model.from_tensors(cfg, w).forward(ids)
     out = dict(w)
-    rot.fuse_norms(out, cfg.num_hidden_layers)
+    rot.fuse_norms(out, cfg.num_hidden_layers, architecture_of(cfg))
     cov, _ = outlier_cov(cfg.hidden_size, np.random.default_rng(8))
     rot.rotate_model(out, cfg, r1=rot.offq_r1(cov, cfg.hidden_size, 16),
                      r2=rot.r2_matrices(cfg.head_dim, cfg.num_key_value_heads), r4=True)

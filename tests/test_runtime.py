@@ -1,14 +1,16 @@
-"""Runtime (offq.runtime): the fake path reproduces the real W4A4 kernel's arithmetic bit for bit,
+"""Quantized linears and assembly (offq.quant): the fake path reproduces the real W4A4 kernel's arithmetic bit for bit,
 so fake-quant and real-kernel models give identical logits; fused projections equal separate ones;
 the packed KV cache equals the full forward."""
 
 import numpy as np
 import pytest
 
-from offq import _C, pipeline
+from offq import _C
 from offq.config import QuantConfig
 from offq.kernels import dequantize, matmul_w4a4, quantize
-from offq.runtime import FakeQuantLinear, GroupProduct, StoredLinear
+from offq.quant.linears import FakeQuantLinear, GroupProduct
+from offq.quant.weight import QuantizedWeight
+from offq.recipe import pipeline
 from tiny_models import calibration, tiny_checkpoint, token_ids
 
 SIMD = _C.simd_info()
@@ -16,9 +18,9 @@ KERNELS = ["auto", "generic"] + [k for k, flag in (("avx2", "avx2"), ("vnni", "a
                                   if SIMD[flag]]
 
 
-def stored(w: np.ndarray, group: int, symmetric: bool) -> tuple[StoredLinear, object]:
+def stored(w: np.ndarray, group: int, symmetric: bool) -> tuple[QuantizedWeight, object]:
     wq = quantize(w, bits=4, group_size=group, symmetric=symmetric)
-    return StoredLinear(wq.unpacked_codes(), wq.scale, wq.zero, 4, wq.group_size, symmetric), wq
+    return QuantizedWeight(wq.unpacked_codes(), wq.scale, wq.zero, 4, wq.group_size, symmetric), wq
 
 
 @pytest.mark.parametrize("m,k,n,ga,gw,sym,offset", [
@@ -96,8 +98,10 @@ def test_incremental_decoding_equals_full_forward(quantized):
 def test_fused_projections_equal_separate_ones(quantized, mode):
     """q/k/v and gate/up run as one product (one activation quantization); every output column
     equals the separate linear's bit for bit."""
-    from offq.model.linear import FUSED_LINEARS
-    from offq.runtime import W4A4Linear, activation_quantizer, stored_linear
+    from offq.model.arch import FUSED_LINEARS
+    from offq.quant.activation import activation_quantizer
+    from offq.quant.assemble import stored_layer
+    from offq.quant.linears import W4A4Linear
 
     model = quantized.model(mode)
     layer = model.load_layer(1)
@@ -105,11 +109,11 @@ def test_fused_projections_equal_separate_ones(quantized, mode):
     mc, cfg = quantized.model_config, quantized.quant_config
     x = np.random.default_rng(3).standard_normal((5, 7, mc.hidden_size)).astype(np.float32)
     x[:, 0] += 30.0  # large activation zero-points too
+    stored_linears = stored_layer(quantized.tensors, mc, cfg, 1)
     for key, names in FUSED_LINEARS.items():
         outs = []
         for n in names:
-            st = stored_linear(quantized.tensors, f"model.layers.1.{'self_attn' if key == 'qkv' else 'mlp'}.{n}.weight",
-                               cfg, mc.hidden_size)
+            st = stored_linears[n]
             act = activation_quantizer(cfg, mc.hidden_size)
             sep = W4A4Linear(st, act) if mode == "real" else FakeQuantLinear(
                 None, st.bias, act, GroupProduct(st, act.group_size))

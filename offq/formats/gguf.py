@@ -3,7 +3,7 @@
 Reading goes through the ``gguf`` package's `GGUFReader` (a memory map; tensors stay on disk until
 asked for). What this module adds:
 
-* **Names.** llama.cpp names map to HF names (`HF_NAME_OF`): ``token_embd`` -> ``model.embed_tokens``,
+* **Names.** llama.cpp names map to HF names (``offq.model.arch``): ``token_embd`` -> ``model.embed_tokens``,
   ``blk.N.attn_q`` -> ``model.layers.N.self_attn.q_proj``, ``output_norm`` -> ``model.norm``,
   ``output`` -> ``lm_head`` (absent when embeddings are tied), etc.
 * **Dequantization.** Every tensor type that ``gguf.quants.dequantize`` implements (F32, F16, BF16,
@@ -33,57 +33,23 @@ from typing import Any
 
 import numpy as np
 
+from ..model.arch import ARCHITECTURES, LLAMA, Architecture, architecture_of
 from ..model.config import ModelConfig
 from .registry import Checkpoint, TensorStore
 
 logger = logging.getLogger(__name__)
 
 #: GGUF ``general.architecture`` values offq reads -> ModelConfig.architecture.
-SUPPORTED_GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+SUPPORTED_GGUF_ARCHS = {a.gguf_arch: a.name for a in ARCHITECTURES.values()}
 
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
-
-
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: Architecture = LLAMA) -> str | None:
     """HF name of a llama.cpp tensor name, or None for tensors offq does not use (rope_freqs)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    m = _BLK.match(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
-    return None
+    return arch.hf_name(gguf_name)
 
 
-def gguf_name(hf: str) -> str | None:
+def gguf_name(hf: str, arch: Architecture = LLAMA) -> str | None:
     """Inverse of `hf_name` (used when writing GGUF files, e.g. in tests)."""
-    for g, h in _GLOBAL_NAMES.items():
-        if h == hf:
-            return g
-    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf)
-    if m:
-        for g, h in _LAYER_NAMES.items():
-            if h == m.group(2):
-                return f"blk.{int(m.group(1))}.{g}"
-    return None
+    return arch.gguf_name(hf)
 
 
 # ---------------------------------------------------------------------- q/k permutation
@@ -186,6 +152,7 @@ def config_from_gguf(reader) -> ModelConfig:
         raise ValueError(f"{path}: unsupported architecture {arch!r}; offq reads GGUF architectures "
                          f"{sorted(SUPPORTED_GGUF_ARCHS)} (Llama 2/3/3.1/3.2, SmolLM, Mistral without "
                          "sliding window, Qwen2/Qwen2.5)")
+    desc = architecture_of(SUPPORTED_GGUF_ARCHS[arch])
 
     def need(key: str) -> Any:
         value = _field(reader, f"{arch}.{key}")
@@ -217,16 +184,15 @@ def config_from_gguf(reader) -> ModelConfig:
         toks = reader.fields.get("tokenizer.ggml.tokens")
         if toks is not None:
             vocab = len(toks.data)
-        elif "token_embd.weight" in tensors:
-            vocab = int(tensors["token_embd.weight"].shape[-1])
+        elif desc.embed[1] in tensors:
+            vocab = int(tensors[desc.embed[1]].shape[-1])
         else:
             raise ValueError(f"{path}: cannot determine the vocabulary size")
 
     rope_scaling = _rope_scaling(reader, arch, tensors, head_dim)
-    if arch == "qwen2":
-        attention_bias = True
-    else:
-        attention_bias = "blk.0.attn_q.bias" in tensors
+    # Llama's optional biases: present in the file <=> the HF config flag was set
+    attention_bias = desc.name == "qwen2" or desc.gguf_name(desc.bias(0, "q_proj")) in tensors
+    mlp_bias = desc.name != "qwen2" and desc.gguf_name(desc.bias(0, "gate_proj")) in tensors
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not
         add_bos = _field(reader, "tokenizer.ggml.model") == "llama"
@@ -245,8 +211,9 @@ def config_from_gguf(reader) -> ModelConfig:
         rope_theta=_f32_value(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensors,
+        tie_word_embeddings=desc.lm_head[1] not in tensors,
         attention_bias=attention_bias,
+        mlp_bias=mlp_bias,
         bos_token_id=_opt_int(_field(reader, "tokenizer.ggml.bos_token_id")),
         eos_token_id=_opt_int(_field(reader, "tokenizer.ggml.eos_token_id")),
         add_bos=bool(add_bos),
@@ -317,6 +284,7 @@ class GGUFTensorStore(TensorStore):
         self._reader = reader
         self._path = Path(_reader_path(reader))
         self._config = config
+        self._arch = architecture_of(config)
         self._tensors: dict[str, Any] = {}
         size = self._path.stat().st_size
         spans = []
@@ -326,7 +294,7 @@ class GGUFTensorStore(TensorStore):
                 raise ValueError(f"{self._path}: tensor {t.name!r} data [{start}, {end}) lies outside "
                                  f"the file ({size} bytes): truncated file?")
             spans.append((start, end, t.name))
-            name = hf_name(t.name)
+            name = self._arch.hf_name(t.name)
             if name is None:
                 if t.name != "rope_freqs.weight":
                     logger.info("%s: ignoring tensor %r (not used by the architecture)", self._path, t.name)
@@ -368,11 +336,10 @@ class GGUFTensorStore(TensorStore):
         except Exception as e:
             raise ValueError(f"{self._path}: tensor {t.name!r} ({name}) could not be read: {e}") from e
         arr = np.asarray(arr, dtype=np.float32).reshape(self.shape(name))
-        if self._config.architecture == "llama":
-            if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-                arr = unpermute_qk_rows(arr, self._config.num_attention_heads)
-            elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-                arr = unpermute_qk_rows(arr, self._config.num_key_value_heads)
+        linear = self._arch.linear_of(name)
+        if linear is not None and linear[0] in self._arch.gguf_permuted:
+            heads = getattr(self._config, self._arch.gguf_permuted[linear[0]])
+            arr = unpermute_qk_rows(arr, heads)
         return arr
 
     def close(self) -> None:
@@ -436,7 +403,7 @@ def build_gguf_tokenizer(reader_or_path: Any):
     import gguf
     from tokenizers import AddedToken
 
-    from ..tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
     reader = reader_or_path if hasattr(reader_or_path, "fields") else open_reader(reader_or_path)
     path = Path(_reader_path(reader))

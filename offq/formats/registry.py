@@ -16,6 +16,7 @@ the model one decoder layer at a time only holds that layer in memory.
 from __future__ import annotations
 
 import abc
+import hashlib
 import importlib.util
 import logging
 import os
@@ -27,7 +28,7 @@ import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..model.config import ModelConfig
-    from ..tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,21 @@ class Checkpoint:
 
     def close(self) -> None:
         self.tensors.close()
+
+    def source_id(self) -> str:
+        """A SHA-256 over the source files' names, sizes and first MiB (their headers: tensor
+        names, types and offsets): changes when the weights on disk are replaced, costs
+        milliseconds. (The in-memory Checkpoints of tests have no files: their tensor names and
+        shapes identify them.)"""
+        h = hashlib.sha256()
+        files = [self.path] if self.path.is_file() else sorted(
+            p for p in self.path.iterdir() if p.suffix in (".safetensors", ".json", ".gguf")) \
+            if self.path.is_dir() else []
+        for p in files:
+            h.update(f"{p.name}:{p.stat().st_size};".encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+        return h.hexdigest()
 
     def describe(self) -> dict:
         """Facts about the checkpoint (for logs, ``offq info``-style output and reports)."""

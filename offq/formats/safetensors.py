@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from .files import fsync_dir
 from .registry import Checkpoint, TensorStore
 
 logger = logging.getLogger(__name__)
@@ -333,7 +334,7 @@ class HFTensorStore(TensorStore):
 def open_hf_dir(directory: str | os.PathLike, *, name: str | None = None) -> Checkpoint:
     """Open a HuggingFace checkpoint directory (config.json, safetensors, tokenizer.json)."""
     from ..model.config import ModelConfig
-    from ..tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
     directory = Path(directory)
     cfg_path = directory / "config.json"
@@ -450,6 +451,7 @@ class SafetensorsWriter:
             for p in (tmp, self._spill_path):
                 if p.exists():
                     p.unlink()
+        fsync_dir(self.path.parent)
         return self.path
 
     def abort(self) -> None:

@@ -1,10 +1,12 @@
-"""Model side of offq: config, float32 NumPy forward pass, KV cache, swappable linears."""
+"""Model side of offq: architectures as data (`arch`), config, the float32 NumPy operations
+(`ops`) and decoder (`decoder`), KV cache, swappable linears, and the thread pool they share."""
+from .arch import ARCHITECTURES, CAPTURE_SITES, FUSED_LINEARS, LINEAR_NAMES, Architecture, architecture_of
+from .decoder import DecoderLayer, Model, load_decoder_layer
 from .kv_cache import FakeQuantKVCodec, KVCache, KVCodec, LayerKVCache
-from .linear import ATTN_LINEARS, LINEAR_NAMES, MLP_LINEARS, DenseLinear, Linear
-from .llama import CAPTURE_SITES, DecoderLayer, Model, load_decoder_layer
+from .linear import DenseLinear, Linear, SlicedLinear
 
 __all__ = [
-    "ATTN_LINEARS", "CAPTURE_SITES", "DecoderLayer", "DenseLinear", "FakeQuantKVCodec", "KVCache",
-    "KVCodec", "LINEAR_NAMES", "LayerKVCache", "Linear", "MLP_LINEARS", "Model",
-    "load_decoder_layer",
+    "ARCHITECTURES", "Architecture", "CAPTURE_SITES", "DecoderLayer", "DenseLinear",
+    "FUSED_LINEARS", "FakeQuantKVCodec", "KVCache", "KVCodec", "LINEAR_NAMES", "LayerKVCache",
+    "Linear", "Model", "SlicedLinear", "architecture_of", "load_decoder_layer",
 ]

@@ -31,10 +31,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .arch import ARCHITECTURES, architecture_of
+
 logger = logging.getLogger(__name__)
 
-#: HF ``model_type`` -> offq architecture.
-SUPPORTED_MODEL_TYPES: dict[str, str] = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+#: HF ``model_type`` -> offq architecture (from the descriptions in offq.model.arch).
+SUPPORTED_MODEL_TYPES: dict[str, str] = {t: a.name for a in ARCHITECTURES.values()
+                                         for t in a.hf_model_types}
 #: HF ``architectures`` class names accepted (the causal-LM heads of the supported model types).
 SUPPORTED_HF_CLASSES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -64,7 +67,9 @@ class ModelConfig:
         rope_scaling: ``None`` or a dict with ``"rope_type"`` (``"llama3"``/``"linear"``) + params.
         max_position_embeddings: longest supported sequence (capped at a sliding window, if any).
         tie_word_embeddings: ``lm_head`` shares ``model.embed_tokens.weight`` (no lm_head tensor).
-        attention_bias: q/k/v projections carry biases (True for qwen2). o_proj never has one.
+        attention_bias: Llama's HF ``attention_bias`` (q/k/v/o biases); always True for qwen2
+            (q/k/v biases). Which linears carry a bias is ``Architecture.biased_linears``.
+        mlp_bias: Llama's HF ``mlp_bias`` (gate/up/down biases).
         bos_token_id, eos_token_id: special token ids (``None`` when the model has none).
         add_bos: whether evaluation windows start with a BOS token (mirrors what the model's own
             tokenizer does when encoding with special tokens).
@@ -85,14 +90,16 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     add_bos: bool = False
     raw: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.architecture not in ("llama", "qwen2"):
-            raise ValueError(f"architecture: expected 'llama' or 'qwen2', got {self.architecture!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture: expected one of {sorted(ARCHITECTURES)}, "
+                             f"got {self.architecture!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim",
                      "max_position_embeddings"):
@@ -127,31 +134,9 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor the architecture implies (HF names) with its shape ``[out, in]``.
-
-        Loaders use this to check that a checkpoint is complete and consistent.
-        """
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, d),
-                                              "model.norm.weight": (d,)}
-        if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (v, d)
-        for i in range(self.num_hidden_layers):
-            p = f"model.layers.{i}."
-            shapes[p + "input_layernorm.weight"] = (d,)
-            shapes[p + "post_attention_layernorm.weight"] = (d,)
-            shapes[p + "self_attn.q_proj.weight"] = (self.q_dim, d)
-            shapes[p + "self_attn.k_proj.weight"] = (self.kv_dim, d)
-            shapes[p + "self_attn.v_proj.weight"] = (self.kv_dim, d)
-            shapes[p + "self_attn.o_proj.weight"] = (d, self.q_dim)
-            if self.attention_bias:
-                shapes[p + "self_attn.q_proj.bias"] = (self.q_dim,)
-                shapes[p + "self_attn.k_proj.bias"] = (self.kv_dim,)
-                shapes[p + "self_attn.v_proj.bias"] = (self.kv_dim,)
-            shapes[p + "mlp.gate_proj.weight"] = (f, d)
-            shapes[p + "mlp.up_proj.weight"] = (f, d)
-            shapes[p + "mlp.down_proj.weight"] = (d, f)
-        return shapes
+        """Every tensor the architecture implies (HF names) with its shape ``[out, in]``
+        (``Architecture.tensor_shapes``). Loaders use it to check that a checkpoint is complete."""
+        return architecture_of(self).tensor_shapes(self)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
@@ -207,8 +192,6 @@ class ModelConfig:
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if act != "silu":
             raise ValueError(f"hidden_act: offq implements SwiGLU with 'silu', got {act!r}")
-        if cfg.get("mlp_bias"):
-            raise ValueError("mlp_bias: MLP projections with biases are not supported")
         if int(cfg.get("pretraining_tp", 1) or 1) != 1:
             logger.info("pretraining_tp=%s ignored (it only changes torch's summation order)",
                         cfg.get("pretraining_tp"))
@@ -254,6 +237,7 @@ class ModelConfig:
             max_position_embeddings=max_pos,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)) if arch == "llama" else False,
             bos_token_id=_first_id(cfg.get("bos_token_id")),
             eos_token_id=_first_id(cfg.get("eos_token_id")),
             add_bos=bool(add_bos),
@@ -267,10 +251,8 @@ class ModelConfig:
         Mistral sources are written as ``llama`` (identical block without the sliding window).
         The eval BOS choice travels as ``offq_add_bos``.
         """
-        if self.architecture == "qwen2":
-            model_type, cls_name = "qwen2", "Qwen2ForCausalLM"
-        else:
-            model_type, cls_name = "llama", "LlamaForCausalLM"
+        arch = architecture_of(self)
+        model_type, cls_name = arch.hf_model_types[0], arch.hf_class
         out: dict[str, Any] = {
             "architectures": [cls_name],
             "model_type": model_type,
@@ -294,7 +276,7 @@ class ModelConfig:
         }
         if model_type == "llama":
             out["attention_bias"] = self.attention_bias
-            out["mlp_bias"] = False
+            out["mlp_bias"] = self.mlp_bias
         else:
             out["use_sliding_window"] = False
             out["sliding_window"] = None

@@ -17,7 +17,7 @@ kv_heads, ...]``): the first ``length`` tokens are then a contiguous prefix, whi
 decodes with one kernel call; reads return a strided ``[batch, kv_heads, length, head_dim]``
 view. Without a codec (or with a codec that has no store of its own) the store keeps float32
 values, ``decode(encode(x))`` for a codec. A codec with a compact format provides its own store
-through ``new_store()`` (``offq.runtime.PackedKVCodec`` keeps 4-bit codes, scales and
+through ``new_store()`` (``offq.quant.kv_codec.PackedKVCodec`` keeps 4-bit codes, scales and
 zero-points and dequantizes on read). K and V share one store, so a decode step appends and reads
 them with one call each.
 """

@@ -1,7 +1,8 @@
 """Linear layers as swappable callables.
 
 A decoder layer does not own matrices; it owns a dict of *Linear callables*
-``x[..., in] -> y[..., out]`` keyed by the HF module name (``q_proj`` ... ``down_proj``).
+``x[..., in] -> y[..., out]`` keyed by the linear's short name (``q_proj`` ... ``down_proj``,
+see :mod:`offq.model.arch`).
 The float32 reference is :class:`DenseLinear`; quantization replaces entries of that dict with
 fake-quant or real W4A4 implementations without touching the forward pass.
 
@@ -16,16 +17,7 @@ import numpy as np
 
 from .parallel import num_threads, row_chunks, run_tasks
 
-__all__ = ["Linear", "DenseLinear", "SlicedLinear", "LINEAR_NAMES", "ATTN_LINEARS", "MLP_LINEARS",
-           "FUSED_LINEARS"]
-
-#: Every linear of a Llama/Qwen2 decoder layer, in execution order.
-ATTN_LINEARS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_LINEARS: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-LINEAR_NAMES: tuple[str, ...] = ATTN_LINEARS + MLP_LINEARS
-#: Linears that read the same input and may run as one product (outputs concatenated in order).
-FUSED_LINEARS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"),
-                                             "gate_up": ("gate_proj", "up_proj")}
+__all__ = ["Linear", "DenseLinear", "SlicedLinear"]
 
 
 @runtime_checkable
@@ -110,7 +102,7 @@ class DenseLinear:
 
 
 class SlicedLinear:
-    """Output features ``[start, stop)`` of a fused linear (see ``FUSED_LINEARS``).
+    """Output features ``[start, stop)`` of a fused linear (``Architecture.fused``).
 
     Calling it runs the whole fused product and keeps its slice: it exists so that a layer whose
     forward uses the fused linear still offers every named linear. Its parameters belong to the

@@ -14,101 +14,118 @@ restored (`blas_unrestricted`).
 from __future__ import annotations
 
 import contextlib
-import os
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 
-__all__ = ["num_threads", "blas_single_threaded", "blas_unrestricted", "run_tasks", "row_chunks"]
+__all__ = ["ThreadRuntime", "thread_runtime", "num_threads", "blas_single_threaded",
+           "blas_unrestricted", "run_tasks", "row_chunks"]
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
 _POOL_PREFIX = "offq-model"
-_LOCK = threading.Lock()
-_CONTROLLER: Any = None
-_LIMITER: Any = None
-_DEPTH = 0
 
 
-_GET_THREADS: Callable[[], int] | None = None
+class ThreadRuntime:
+    """offq's thread settings and the state they need, in one object: the thread count (the C
+    core's OpenMP setting, read from it), the task pool of the forward pass, and the BLAS limiter
+    that keeps BLAS single-threaded inside it (re-entrant). One instance per process
+    (:func:`thread_runtime`), since OpenMP and BLAS thread counts are process-wide."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._controller: Any = None
+        self._limiter: Any = None
+        self._depth = 0
+
+    @staticmethod
+    def num_threads() -> int:
+        """offq's thread setting (the OpenMP thread count of its kernels)."""
+        from ..kernels.threads import get_num_threads
+
+        return max(1, int(get_num_threads()))
+
+    @contextlib.contextmanager
+    def blas_single_threaded(self) -> Iterator[None]:
+        """Limit every loaded BLAS to one thread inside the block (re-entrant)."""
+        with self._lock:
+            if self._depth == 0:
+                if self._controller is None:
+                    from threadpoolctl import ThreadpoolController
+                    self._controller = ThreadpoolController()
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0 and self._limiter is not None:
+                    self._limiter.restore_original_limits()
+                    self._limiter = None
+
+    @contextlib.contextmanager
+    def blas_unrestricted(self) -> Iterator[None]:
+        """Lift :meth:`blas_single_threaded` inside the block (user callbacks such as calibration
+        captures, which may run large BLAS products of their own); re-applied on exit."""
+        with self._lock:
+            lifted = self._limiter is not None
+            if lifted:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+        try:
+            yield
+        finally:
+            with self._lock:
+                if lifted and self._depth > 0 and self._limiter is None:
+                    self._limiter = self._controller.limit(limits=1, user_api="blas")
+
+    def run_tasks(self, fn: Callable[[Any], None], tasks: list[Any]) -> None:
+        """Run ``fn(task)`` for every task on the pool (serially when one thread, one task, or
+        when called from a pool worker), with BLAS single-threaded inside."""
+        n = min(self.num_threads(), len(tasks))
+        with self.blas_single_threaded():
+            if n <= 1 or threading.current_thread().name.startswith(_POOL_PREFIX):
+                for t in tasks:
+                    fn(t)
+                return
+            with self._lock:
+                if self._pool is None or self._pool_size < n:
+                    if self._pool is not None:
+                        self._pool.shutdown(wait=True)
+                    self._pool = ThreadPoolExecutor(n, thread_name_prefix=_POOL_PREFIX)
+                    self._pool_size = n
+                pool = self._pool
+            list(pool.map(fn, tasks))
+
+
+@functools.lru_cache(maxsize=1)
+def thread_runtime() -> ThreadRuntime:
+    """The process's :class:`ThreadRuntime` (created on first use)."""
+    return ThreadRuntime()
 
 
 def num_threads() -> int:
     """offq's thread setting (the OpenMP thread count of its kernels)."""
-    global _GET_THREADS
-    if _GET_THREADS is None:
-        try:
-            from ..kernels.threads import get_num_threads
-            _GET_THREADS = get_num_threads
-        except Exception:  # pragma: no cover - kernels not importable: use the CPU count
-            n = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else (os.cpu_count() or 1))
-            _GET_THREADS = lambda: n  # noqa: E731
-    return max(1, int(_GET_THREADS()))
+    return thread_runtime().num_threads()
 
 
-@contextlib.contextmanager
-def blas_single_threaded() -> Iterator[None]:
-    """Limit every loaded BLAS to one thread inside the block (re-entrant; restored on exit)."""
-    global _CONTROLLER, _LIMITER, _DEPTH
-    with _LOCK:
-        if _DEPTH == 0:
-            if _CONTROLLER is None:
-                from threadpoolctl import ThreadpoolController
-                _CONTROLLER = ThreadpoolController()
-            _LIMITER = _CONTROLLER.limit(limits=1, user_api="blas")
-        _DEPTH += 1
-    try:
-        yield
-    finally:
-        with _LOCK:
-            _DEPTH -= 1
-            if _DEPTH == 0 and _LIMITER is not None:
-                _LIMITER.restore_original_limits()
-                _LIMITER = None
+def blas_single_threaded():
+    """:meth:`ThreadRuntime.blas_single_threaded` of the process runtime."""
+    return thread_runtime().blas_single_threaded()
 
 
-@contextlib.contextmanager
-def blas_unrestricted() -> Iterator[None]:
-    """Lift `blas_single_threaded` inside the block (for user callbacks such as calibration
-    captures, which may run large BLAS products of their own); re-applied on exit."""
-    global _LIMITER
-    with _LOCK:
-        lifted = _LIMITER is not None
-        if lifted:
-            _LIMITER.restore_original_limits()
-            _LIMITER = None
-    try:
-        yield
-    finally:
-        with _LOCK:
-            if lifted and _DEPTH > 0 and _LIMITER is None:
-                _LIMITER = _CONTROLLER.limit(limits=1, user_api="blas")
-
-
-def _in_worker() -> bool:
-    return threading.current_thread().name.startswith(_POOL_PREFIX)
+def blas_unrestricted():
+    """:meth:`ThreadRuntime.blas_unrestricted` of the process runtime."""
+    return thread_runtime().blas_unrestricted()
 
 
 def run_tasks(fn: Callable[[Any], None], tasks: list[Any]) -> None:
-    """Run ``fn(task)`` for every task on the pool (serially when one thread, one task, or when
-    called from a pool worker), with BLAS single-threaded inside. Exceptions propagate."""
-    global _POOL, _POOL_SIZE
-    n = min(num_threads(), len(tasks))
-    with blas_single_threaded():
-        if n <= 1 or _in_worker():
-            for t in tasks:
-                fn(t)
-            return
-        with _LOCK:
-            if _POOL is None or _POOL_SIZE < n:
-                if _POOL is not None:
-                    _POOL.shutdown(wait=True)
-                _POOL, _POOL_SIZE = ThreadPoolExecutor(n, thread_name_prefix=_POOL_PREFIX), n
-            pool = _POOL
-        list(pool.map(fn, tasks))
+    """:meth:`ThreadRuntime.run_tasks` of the process runtime."""
+    thread_runtime().run_tasks(fn, tasks)
 
 
 def row_chunks(n_rows: int, min_rows: int = 64) -> list[slice]:

@@ -1,9 +1,12 @@
-"""Weight quantizers on the shared grid: RTN, GPTQ, and OSAQ's null-space outlier absorption."""
-from .gptq import HessianAccumulator, HessianFactor, factor_hessian, gptq_quantize, layer_output_error
-from .grid import dequantize_codes, grid_params, group_params, mse_clip_search, quantize_codes
-from .osaq import OsaqReport, osaq_absorb
-from .rtn import QuantizedWeight, rtn_quantize
+"""Weight quantizers behind one interface (`base`): RTN, GPTQ, and OSAQ's null-space outlier
+absorption as a pre-step, built by name from a QuantConfig (`registry`)."""
+from .base import PreStep, WeightQuantizer
+from .gptq import GPTQ, HessianAccumulator, HessianFactor, factor_hessian, gptq_quantize, layer_output_error
+from .osaq import OSAQ, OsaqReport, hessian_tail, osaq_absorb
+from .registry import PRE_STEPS, QUANTIZERS, build_weight_quantizer, parse_weight_quantizer
+from .rtn import RTN, rtn_quantize
 
-__all__ = ["HessianAccumulator", "HessianFactor", "factor_hessian", "gptq_quantize", "layer_output_error", "dequantize_codes",
-           "grid_params", "group_params", "mse_clip_search", "quantize_codes", "OsaqReport",
-           "osaq_absorb", "QuantizedWeight", "rtn_quantize"]
+__all__ = ["GPTQ", "HessianAccumulator", "HessianFactor", "OSAQ", "OsaqReport", "PRE_STEPS",
+           "PreStep", "QUANTIZERS", "RTN", "WeightQuantizer", "build_weight_quantizer",
+           "factor_hessian", "gptq_quantize", "hessian_tail", "layer_output_error",
+           "osaq_absorb", "parse_weight_quantizer", "rtn_quantize"]

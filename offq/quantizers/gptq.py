@@ -1,13 +1,15 @@
 """GPTQ: weight quantization that corrects each rounding error with the remaining columns.
 
-METHODS.md section 2. For a linear layer with weight ``W`` [N, K] and calibration inputs ``X``
+docs/METHODS.md, "GPTQ". For a linear layer with weight ``W`` [N, K] and calibration inputs ``X``
 (rows = tokens, taken after the already-quantized earlier layers):
 
 1. ``H = 2 X^T X / n`` accumulated in float64 while streaming (:class:`HessianAccumulator`);
 2. dead inputs (``diag H == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``;
 3. optional act-order: columns visited by descending ``diag H``;
 4. damping ``H += damp * mean(diag H) * I``;
-5. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``);
+5. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``); when the damped Hessian is too
+   ill-conditioned for that (a rank-deficient H with ``damp = 0``, say), the damping grows tenfold
+   per retry (at most `MAX_DAMP_RETRIES` times) and a warning names the layer and site;
 6. columns in lazy blocks of ``block_size``: quantize column ``i``, error ``e = (w_i - q_i) / U_ii``,
    update the rest of the block with ``e U_i,i:`` and, once per block, the columns after it with
    the rank-``block_size`` product. (Inside a block the same updates are applied in sub-blocks of
@@ -24,16 +26,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from .grid import check_bits, dequantize_codes, group_params, quantize_codes
-from .rtn import QuantizedWeight
+from ..quant.grid import check_bits, dequantize_codes, group_params, quantize_codes, resolve_group
+from ..quant.weight import QuantizedWeight
+from .base import WeightQuantizer
 
 logger = logging.getLogger(__name__)
 
 _SUB = 16  # columns per inner sub-block of the lazy updates (speed only; same arithmetic)
+MAX_DAMP_RETRIES = 6  # damping x10 per retry when the Cholesky factorization fails
+_MIN_RETRY_DAMP = 1e-6  # first retry's relative damping when damp was 0
 
 
 class HessianAccumulator:
@@ -74,27 +80,50 @@ class HessianFactor:
     u: np.ndarray
 
 
-def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01,
-                   act_order: bool = True) -> HessianFactor:
-    """Steps 2-5 of the module docstring on ``H = 2 X^T X / n`` [K, K]."""
+def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True,
+                   where: str = "") -> HessianFactor:
+    """Steps 2-5 of the module docstring on ``H = 2 X^T X / n`` [K, K] (``where`` names the
+    layer and site in the warning a damping retry logs)."""
     h = np.array(hessian, dtype=np.float64)  # copy: modified below
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian: expected a square matrix, got shape {h.shape}")
     if not np.all(np.isfinite(h)):
-        raise ValueError("hessian: contains NaN or Inf")
+        raise ValueError(f"hessian{' of ' + where if where else ''}: contains NaN or Inf")
     k = h.shape[0]
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
     h = h[np.ix_(perm, perm)]
-    h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
+    mean_diag = np.mean(np.diag(h))
+    tried = damp
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        u = _upper_cholesky_of_inverse(h, tried * mean_diag)
+        if u is not None:
+            if attempt:
+                logger.warning("GPTQ %s: the Hessian was not positive definite with damping %g; "
+                               "used %g (x mean diag)", where or "(unnamed site)", damp, tried)
+            return HessianFactor(dead, perm, u)
+        tried = max(tried, _MIN_RETRY_DAMP) * 10.0
+    raise ValueError(f"GPTQ {where or '(unnamed site)'}: the Hessian stays singular up to damping "
+                     f"{tried / 10:g} (x mean diag); are the calibration inputs degenerate?")
+
+
+def _upper_cholesky_of_inverse(h: np.ndarray, add: float) -> np.ndarray | None:
+    """Upper ``u`` with ``(h + add I)^-1 = u.T @ u``, or None when that is not computable."""
+    hd = h.copy()
+    hd[np.diag_indices(hd.shape[0])] += add
     # LAPACK single-threaded: OpenBLAS threads spin-wait badly on a shared machine, and these
     # [K, K] factorizations are a small part of the work on an idle one
-    with threadpool_limits(limits=1, user_api="blas"):
-        hinv = np.linalg.inv(h)
-        hinv = (hinv + hinv.T) / 2
-        u = np.linalg.cholesky(hinv).T  # upper: hinv = u.T @ u
-    return HessianFactor(dead, perm, u)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"), np.errstate(all="ignore"):
+            hinv = np.linalg.inv(hd)
+            hinv = (hinv + hinv.T) / 2
+            if not np.all(np.isfinite(hinv)):
+                return None
+            u = np.linalg.cholesky(hinv).T  # upper: hinv = u.T @ u
+    except np.linalg.LinAlgError:
+        return None
+    return u if np.all(np.isfinite(u)) and np.all(np.diag(u) > 0) else None
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int = 4,
@@ -123,9 +152,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
         raise ValueError("w: contains NaN or Inf")
     if block_size < 1:
         raise ValueError(f"block_size: expected a positive integer, got {block_size}")
-    g = k if group_size in (-1, k) else group_size
-    if g <= 0 or k % g:
-        raise ValueError(f"group_size: expected -1 or a divisor of {k}, got {group_size}")
+    g = resolve_group(group_size, k)
     per_channel = g == k
     if act_order and not per_channel:
         static_groups = True
@@ -144,7 +171,6 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     # and writes contiguous memory.
     wt = np.ascontiguousarray(W[:, perm].T)
     codes_t = np.zeros((k, n_out), dtype=np.uint8)
-    deq_t = np.zeros((k, n_out), dtype=np.float32)
     # Two levels of lazy updates (same arithmetic as one, fewer bytes moved per column): inside a
     # sub-block of _SUB columns each column updates only the rest of its sub-block; a finished
     # sub-block updates the rest of its block with one product; a finished block updates all
@@ -167,7 +193,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
                 x = wt[i].astype(np.float32)
                 q = quantize_codes(x, scale[:, grp], zero[:, grp], bits)
                 qx = dequantize_codes(q, scale[:, grp], zero[:, grp])
-                codes_t[i], deq_t[i] = q, qx
+                codes_t[i] = q
                 e = (wt[i] - qx) / u[i, i]
                 err[i - i1] = e
                 if i + 1 < j2:
@@ -178,8 +204,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
             wt[i2:] -= u[i1:i2, i2:].T @ err
     inv = np.argsort(perm)
     codes = np.ascontiguousarray(codes_t[inv].T)
-    deq = np.ascontiguousarray(deq_t[inv].T)
-    return QuantizedWeight(codes, scale, zero, bits, g, symmetric, deq)
+    return QuantizedWeight(codes, scale, zero, bits, g, symmetric)
 
 
 def _pending_view(wt: np.ndarray, err: np.ndarray, u: np.ndarray, i: int, i1: int, i2: int,
@@ -195,6 +220,31 @@ def _pending_view(wt: np.ndarray, err: np.ndarray, u: np.ndarray, i: int, i1: in
     if lo < end:  # past the block: pending from every quantized column of the block
         cur[lo - i:] -= u[i1:i, lo:end].T @ err[:i - i1]
     return cur
+
+
+@dataclass(frozen=True)
+class GPTQ(WeightQuantizer):
+    """GPTQ behind the quantizer interface: ``prepare`` factors the site's Hessian once."""
+
+    bits: int = 4
+    group_size: int = -1
+    symmetric: bool = True
+    clip_search: bool = True
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+    static_groups: bool = False
+    needs_hessian = True
+
+    def prepare(self, hessian: np.ndarray | None, where: str) -> HessianFactor:
+        if hessian is None:
+            raise ValueError(f"GPTQ {where}: needs the site's Hessian (calibration inputs)")
+        return factor_hessian(hessian, damp=self.damp, act_order=self.act_order, where=where)
+
+    def quantize(self, w: np.ndarray, prepared: Any) -> QuantizedWeight:
+        return gptq_quantize(w, factor=prepared, bits=self.bits, group_size=self.group_size,
+                             symmetric=self.symmetric, clip_search=self.clip_search,
+                             block_size=self.block_size, static_groups=self.static_groups)
 
 
 def layer_output_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:

@@ -1,12 +1,12 @@
 """OSAQ: absorb weight outliers into the near-null space of the layer's input Hessian.
 
-METHODS.md section 3 (a reconstruction; the **(choice)** points are keyword arguments).
+docs/METHODS.md, "OSAQ" (a reconstruction; the **(choice)** points are keyword arguments).
 For a linear layer ``W`` [N, K] with inputs ``X``:
 
 1. ``H = 2 X^T X`` (undamped). Eigendecompose, sort by |eigenvalue| ascending. ``N`` [m, K] = the
    eigenvectors of the m smallest, where m is the largest count whose eigenvalues sum to at most
-   ``gamma`` of the total (so the energy ``dW = B N`` can move is bounded by gamma; reading
-   METHODS.md's "smallest k reaching gamma" literally can admit one large eigenvalue).
+   ``gamma`` of the total (so the energy ``dW = B N`` can move is bounded by gamma; reading the
+   method's "smallest k reaching gamma" literally can admit one large eigenvalue).
 2. Per row ``i``: ``s_i = softmax(|W_i| / (tau_rel * max|W_i|))`` (max-subtracted), fixed.
 3. Ridge solve ``A_i b_i = -rho_i`` with ``A_i = N diag(s_i) N^T + mu1 I + mu2 v v^T``,
    ``rho_i = N (s_i * W_i)``, ``v = N 1``; this minimises
@@ -20,9 +20,13 @@ Layers sharing an input (q/k/v, gate/up) share the decomposition: compute it onc
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from .base import PreStep
 
 
 @dataclass(frozen=True)
@@ -94,3 +98,24 @@ def osaq_absorb(w: np.ndarray, hessian: np.ndarray, *, gamma: float = 1e-4, tau_
     report = OsaqReport(m, rel, float(np.abs(w).max(axis=1).mean()),
                         float(np.abs(new).max(axis=1).mean()), float(np.abs(dw.sum(axis=1)).max()))
     return new, report
+
+
+@dataclass(frozen=True)
+class OSAQ(PreStep):
+    """OSAQ behind the pre-step interface: ``prepare`` computes the site's Hessian tail once."""
+
+    gamma: float = 1e-4
+    tau_rel: float = 0.1
+    mu1: float = 1e-2
+    mu2: float = 1.0
+
+    def prepare(self, hessian: np.ndarray | None, where: str) -> tuple[np.ndarray, np.ndarray]:
+        if hessian is None:
+            raise ValueError(f"OSAQ {where}: needs the site's Hessian (calibration inputs)")
+        return hessian, hessian_tail(hessian, self.gamma)
+
+    def apply(self, w: np.ndarray, prepared: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        hessian, tail = prepared
+        new, report = osaq_absorb(w, hessian, gamma=self.gamma, tau_rel=self.tau_rel,
+                                  mu1=self.mu1, mu2=self.mu2, tail=tail)
+        return new, dataclasses.asdict(report)

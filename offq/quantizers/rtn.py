@@ -2,33 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from .grid import check_bits, dequantize_codes, group_params, quantize_codes
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """A weight matrix on the grid: ``w_hat = scale * (codes - zero)`` per group of the in axis.
-
-    codes: uint8 [N, K] (unpacked); scale, zero: float32 [N, G]; dequantized: float32 [N, K].
-    """
-
-    codes: np.ndarray
-    scale: np.ndarray
-    zero: np.ndarray
-    bits: int
-    group_size: int
-    symmetric: bool
-    dequantized: np.ndarray
-
-    def to_qtensor(self):
-        """Pack into the kernels' QTensor (``QTensor.from_codes``)."""
-        from offq.kernels import QTensor
-
-        return QTensor.from_codes(self.codes, self.scale, self.zero, bits=self.bits,
-                                  group_size=self.group_size, symmetric=self.symmetric)
+from ..quant.grid import check_bits, group_params, quantize_codes, resolve_group
+from ..quant.weight import QuantizedWeight
+from .base import WeightQuantizer
 
 
 def expand_groups(p: np.ndarray, group_size: int) -> np.ndarray:
@@ -45,9 +25,22 @@ def rtn_quantize(w: np.ndarray, *, bits: int = 4, group_size: int = -1, symmetri
         raise ValueError(f"w: expected a 2-D weight [out, in], got shape {w.shape}")
     if not np.all(np.isfinite(w)):
         raise ValueError("w: contains NaN or Inf")
-    k = w.shape[1]
-    g = k if group_size in (-1, k) else group_size
+    g = resolve_group(group_size, w.shape[1])
     scale, zero = group_params(w, bits, g, symmetric, clip_search)
-    s, z = expand_groups(scale, g), expand_groups(zero, g)
-    codes = quantize_codes(w, s, z, bits)
-    return QuantizedWeight(codes, scale, zero, bits, g, symmetric, dequantize_codes(codes, s, z))
+    codes = quantize_codes(w, expand_groups(scale, g), expand_groups(zero, g), bits)
+    return QuantizedWeight(codes, scale, zero, bits, g, symmetric)
+
+
+@dataclass(frozen=True)
+class RTN(WeightQuantizer):
+    """Round to nearest: needs no calibration inputs."""
+
+    bits: int = 4
+    group_size: int = -1
+    symmetric: bool = True
+    clip_search: bool = True
+    needs_hessian = False
+
+    def quantize(self, w: np.ndarray, prepared: Any = None) -> QuantizedWeight:
+        return rtn_quantize(w, bits=self.bits, group_size=self.group_size,
+                            symmetric=self.symmetric, clip_search=self.clip_search)

@@ -4,8 +4,8 @@ Two sources:
 
 * `Tokenizer.from_hf_dir(path)`: ``tokenizer.json`` (+ ``tokenizer_config.json`` / ``config.json``
   for the BOS / EOS tokens) of a HuggingFace checkpoint directory.
-* `Tokenizer.from_gguf(reader_or_path)`: rebuilt from the GGUF metadata
-  (``tokenizer.ggml.*``) by ``offq.formats.gguf.build_gguf_tokenizer``.
+* ``offq.formats.gguf.build_gguf_tokenizer(reader_or_path)``: rebuilt from the GGUF metadata
+  (``tokenizer.ggml.*``).
 
 `encode` never adds special tokens by itself; ``add_bos=True`` prepends ``bos_id``. Whether a model
 *wants* a BOS (what its own tokenizer does when asked for special tokens) is `adds_bos`, which the
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import tokenizers
+
+from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,7 @@ class Tokenizer:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
+        atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
         cfg: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.id_to_token(self.bos_id) if self.bos_id is not None else None,
@@ -110,7 +112,7 @@ class Tokenizer:
             "add_bos_token": self.adds_bos,
             "clean_up_tokenization_spaces": False,
         }
-        _atomic_write_text(directory / "tokenizer_config.json", json.dumps(cfg, indent=2))
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(cfg, indent=2))
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -158,12 +160,6 @@ class Tokenizer:
             adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
         return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(path))
 
-    @classmethod
-    def from_gguf(cls, reader_or_path: Any) -> "Tokenizer":
-        """Rebuild the tokenizer stored in a GGUF file's metadata (a path or a ``gguf.GGUFReader``)."""
-        from .formats.gguf import build_gguf_tokenizer
-        return build_gguf_tokenizer(reader_or_path)
-
 
 def _read_json_if_exists(path: Path) -> dict:
     if not path.is_file():
@@ -176,16 +172,3 @@ def _read_json_if_exists(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

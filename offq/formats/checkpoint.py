@@ -1,4 +1,4 @@
-"""The offq checkpoint directory: writing (atomic, per layer, resumable) and loading.
+"""The offq checkpoint directory format: its files, its config block and its tensor list.
 
 Layout of ``DIR/``::
 
@@ -9,10 +9,10 @@ Layout of ``DIR/``::
                          biases, norms, rotated embeddings and lm_head (float32)
     tokenizer.json ...   the tokenizer (``Tokenizer.save``)
 
-While quantizing, finished layers go to ``DIR/.offq-partial/`` (``layer_0000.safetensors`` ...,
-``rotations.npz``, ``state.json``); ``--resume`` continues from there, and the final files are
-assembled from the same bytes, so an interrupted-then-resumed run writes the same checkpoint as an
-uninterrupted one. Every file is written to a temporary name and renamed (``os.replace``).
+``config.json`` is written last: a directory with one is complete. While quantizing, finished
+layers go to ``DIR/.offq-partial/`` (see ``offq.recipe.store``). Every file is written atomically
+(``offq.formats.files``). Loading (and building the runnable model) is
+``offq.quant.assemble.load_quantized``.
 
 The ``.safetensors`` files are read and written by ``offq.formats.safetensors`` (the project's one
 reader: the header is validated before any tensor byte is touched, see its docstring); the
@@ -28,9 +28,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .config import QuantConfig
-from .formats import safetensors as _st
-from .formats.safetensors import DTYPES, write_safetensors
+from ..config import QuantConfig
+from ..model.arch import architecture_of
+from . import safetensors as _st
+from .files import atomic_write_bytes, atomic_write_json
+from .safetensors import DTYPES, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +43,6 @@ CONFIG_FILE = "config.json"
 
 
 # ---------------------------------------------------------------------------------- files
-def atomic_write_bytes(path: str | os.PathLike, chunks: list[bytes] | bytes) -> None:
-    """Write to ``path.tmp-<pid>`` then ``os.replace`` it onto ``path`` (fsync'd)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        for chunk in ([chunks] if isinstance(chunks, bytes) else chunks):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-
-
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                      metadata: Mapping[str, str] | None = None) -> None:
     """Write one checkpoint file atomically (``offq.formats.safetensors.write_safetensors``:
@@ -72,12 +58,18 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
 
 
 # ---------------------------------------------------------------------------------- config
-def offq_block(cfg: QuantConfig, model_config: Any, rotations: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``offq`` block of config.json."""
-    from . import __version__
+def offq_block(cfg: QuantConfig, model_config: Any, rotations: Mapping[str, Any],
+               calibration: Mapping[str, Any] | None = None,
+               reports: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``offq`` block of config.json: versions, the QuantConfig, the rotations, the
+    calibration actually used (shape, source, seed, token hash; None when the method needs none),
+    per-linear reports (OSAQ) and the online transforms the runtime must apply."""
+    from .. import __version__
 
     return {"format_version": FORMAT_VERSION, "offq_version": __version__,
             "quant_config": cfg.to_dict(), "rotations": dict(rotations),
+            "calibration": None if calibration is None else dict(calibration),
+            "reports": dict(reports or {}),
             "online": {"r3_head_dim": model_config.head_dim if cfg.rotates and cfg.r3 else None,
                        "r4_size": model_config.intermediate_size if cfg.rotates and cfg.r4 else None},
             "norms_fused": True}
@@ -85,7 +77,7 @@ def offq_block(cfg: QuantConfig, model_config: Any, rotations: Mapping[str, Any]
 
 def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, Any]]:
     """(ModelConfig, QuantConfig, offq block) of an offq checkpoint directory, validated."""
-    from .model.config import ModelConfig
+    from ..model.config import ModelConfig
 
     path = Path(path)
     cfg_path = path / CONFIG_FILE
@@ -121,50 +113,41 @@ def is_offq_checkpoint(path: str | os.PathLike) -> bool:
 
 def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor an offq checkpoint of this model/config holds: name -> (shape, dtype)."""
+    arch = architecture_of(model_config)
+    linear_weights = {arch.weight(i, lin) for i in range(model_config.num_hidden_layers)
+                      for lin in arch.linear_names}
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for name, shape in model_config.tensor_shapes().items():
-        is_linear = name.endswith("_proj.weight")
-        if is_linear and cfg.w_bits != 16:
-            base = name[: -len(".weight")]
+        if name in linear_weights and cfg.w_bits != 16:
             n, k = shape
             g = cfg.weight_group(k)
-            out[base + ".qweight"] = ((n, (k + 1) // 2 if cfg.w_bits == 4 else k), "U8")
-            out[base + ".scales"] = ((n, k // g), "F32")
-            out[base + ".zeros"] = ((n, k // g), "F32")
+            codes, scales, zeros = arch.quantized_names(name)
+            out[codes] = ((n, (k + 1) // 2 if cfg.w_bits == 4 else k), "U8")
+            out[scales] = ((n, k // g), "F32")
+            out[zeros] = ((n, k // g), "F32")
         else:
             out[name] = (tuple(shape), "F32")
-    out.setdefault("lm_head.weight", ((model_config.vocab_size, model_config.hidden_size), "F32"))
+    out.setdefault(arch.lm_head[0], ((model_config.vocab_size, model_config.hidden_size), "F32"))
     return out
 
 
 def check_checkpoint_tensors(tensors: Mapping[str, np.ndarray], model_config: Any,
                              cfg: QuantConfig, source: str) -> None:
-    for name, (shape, dt) in expected_tensors(model_config, cfg).items():
+    """Every expected tensor present with its dtype and shape, no other tensor, and every
+    quantization scale and zero-point finite (ValueError naming the tensor otherwise)."""
+    expected = expected_tensors(model_config, cfg)
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+        raise ValueError(f"{source}: unexpected tensor(s) {', '.join(map(repr, unknown[:3]))}{more}: "
+                         f"not part of a {model_config.architecture} model with "
+                         f"{cfg.w_bits}-bit weights")
+    for name, (shape, dt) in expected.items():
         if name not in tensors:
             raise ValueError(f"{source}: missing tensor {name!r} ({cfg.w_bits}-bit weights)")
         a = tensors[name]
         if tuple(a.shape) != shape or a.dtype != DTYPES[dt]:
             raise ValueError(f"{source}: tensor {name!r} is {a.dtype} {list(a.shape)}, expected "
                              f"{dt} {list(shape)}")
-
-
-def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: bool = True):
-    """Open an offq checkpoint directory -> (Model, Tokenizer or None, QuantConfig).
-
-    Validates the format version, the QuantConfig, and every tensor's presence, dtype and shape
-    against the model config before building the runtime model (offq.runtime.build_model).
-    """
-    from .runtime import build_model
-
-    path = Path(path)
-    model_config, qcfg, _ = read_config(path)
-    model_config = model_config.replace(tie_word_embeddings=False)
-    tensors, _ = load_safetensors(path / MODEL_FILE)
-    check_checkpoint_tensors(tensors, model_config, qcfg, str(path / MODEL_FILE))
-    tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        from .tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_hf_dir(path)
-    model = build_model(model_config, qcfg, tensors, mode=mode, resident=resident, name=path.name)
-    return model, tokenizer, qcfg
+        if name.endswith((".scales", ".zeros")) and not np.all(np.isfinite(a)):
+            raise ValueError(f"{source}: tensor {name!r} contains NaN or Inf")

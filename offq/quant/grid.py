@@ -9,12 +9,19 @@ All arithmetic is float32 with round-half-to-even (``np.rint``), exactly as
 ``offq.kernels.quantize`` computes it, so codes produced here and by the C kernel agree bit for bit
 (for the same clip ratio):
 
-    asymmetric: lo = clip * min(g), hi = clip * max(g); scale = (hi - lo) / (2^b - 1)
+    asymmetric: mid = (min(g) + max(g)) / 2, half = clip * (max(g) - min(g)) / 2,
+                lo = mid - half, hi = mid + half (clip 1: lo = min(g), hi = max(g) exactly);
+                scale = (hi - lo) / (2^b - 1)
                 (scale == 0: |hi| if hi != 0 else 1); zero = round(-lo / scale)
     symmetric:  scale = clip * max|g| / (2^(b-1) - 1) (0: 1); zero = 2^(b-1)
     both:       q = clamp(round(x / scale) + zero, 0, 2^b - 1)
 
 The zero-point may lie outside the code range: a group that is all offset keeps its resolution.
+A clip ratio below 1 shrinks the range about its midpoint (docs/METHODS.md, "Quantization
+grid"), never towards zero, so the offset groups OffQ creates are not clamped.
+
+Storage: :func:`pack_codes` / :func:`unpack_codes` (through the C core) put two 4-bit codes in a
+byte, element ``2i`` in the low nibble; other widths keep one code per byte.
 :func:`mse_clip_search` picks, per group, the clip ratio (1.0 down to ``1 - max_shrink``) that
 minimises the squared error of the round trip (GPTQ's grid search, with the L2 norm).
 """
@@ -26,9 +33,42 @@ CLIP_GRID = 100  # candidate ratios are 1 - i / CLIP_GRID
 MAX_SHRINK = 0.8  # smallest ratio tried: 1 - MAX_SHRINK
 
 
+#: The bit widths of the grid (16 in a QuantConfig means "not quantized").
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
 def check_bits(bits: int) -> None:
-    if bits not in (2, 3, 4, 8):
+    """ValueError naming ``bits`` unless it is one of `SUPPORTED_BITS` (the one such check)."""
+    if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits: expected one of 2, 3, 4, 8, got {bits!r}")
+
+
+def resolve_group(group_size: int, k: int, what: str = "group_size") -> int:
+    """The actual group size over an axis of ``k``: ``k`` for -1 (one group per row) or for a
+    size >= k, else ``group_size``, which must divide ``k`` (the one place -1 -> K happens)."""
+    g = int(group_size)
+    if g == -1 or g >= k:
+        return k
+    if g < 1 or k % g:
+        raise ValueError(f"{what}: expected -1 or a divisor of {k}, got {group_size}")
+    return g
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Storage layout of one-per-byte uint8 codes ``[..., K]`` (C core): 4-bit codes two per
+    byte (element 2i in the low nibble) -> ``[..., ceil(K/2)]``; other widths unchanged."""
+    from .. import _C
+
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    packed, _ = _C.pack_codes(codes, int(bits), int(codes.shape[-1]))
+    return packed
+
+
+def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes` -> uint8 ``[..., k]`` (C core)."""
+    from .. import _C
+
+    return _C.unpack_codes(np.ascontiguousarray(packed, dtype=np.uint8), int(bits), int(k))
 
 
 def grid_params(x: np.ndarray, bits: int, symmetric: bool,
@@ -46,8 +86,12 @@ def grid_params(x: np.ndarray, bits: int, symmetric: bool,
         scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
         zero = np.full(scale.shape, 2 ** (bits - 1), dtype=np.float32)
         return scale, zero
-    lo = (clip * x.min(axis=-1)).astype(np.float32)
-    hi = (clip * x.max(axis=-1)).astype(np.float32)
+    mn, mx = x.min(axis=-1), x.max(axis=-1)
+    mid = ((mn + mx) * np.float32(0.5)).astype(np.float32)
+    half = (clip * ((mx - mn) * np.float32(0.5))).astype(np.float32)
+    # clip 1 keeps min and max exactly (mid -/+ half may round away from them)
+    lo = np.where(clip == 1, mn, mid - half).astype(np.float32)
+    hi = np.where(clip == 1, mx, mid + half).astype(np.float32)
     scale = ((hi - lo) / np.float32(2 ** bits - 1)).astype(np.float32)
     fallback = np.where(hi != 0, np.abs(hi), np.float32(1)).astype(np.float32)
     scale = np.where(scale == 0, fallback, scale).astype(np.float32)
@@ -66,11 +110,6 @@ def dequantize_codes(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> 
     """``scale * (codes - zero)`` in float32 (the single dequantization formula)."""
     return (scale.astype(np.float32) * (codes.astype(np.float32) - zero.astype(np.float32))
             ).astype(np.float32)
-
-
-def fake_quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
-    """Round trip through the grid (quantize then dequantize), float32."""
-    return dequantize_codes(quantize_codes(x, scale, zero, bits), scale, zero)
 
 
 def mse_clip_search(x: np.ndarray, bits: int, symmetric: bool, *, grid: int = CLIP_GRID,
@@ -127,9 +166,7 @@ def group_params(w: np.ndarray, bits: int, group_size: int, symmetric: bool,
     ``group_size`` -1 (or K) means one group per row; otherwise it must divide K.
     """
     n, k = w.shape
-    g = k if group_size in (-1, k) else group_size
-    if g <= 0 or k % g:
-        raise ValueError(f"group_size: expected -1 or a divisor of {k}, got {group_size}")
+    g = resolve_group(group_size, k)
     groups = np.ascontiguousarray(w, dtype=np.float32).reshape(n, k // g, g)
     if clip_search:
         return mse_clip_search(groups, bits, symmetric)

@@ -1,18 +1,19 @@
 """Norm fusion and the rotations R1..R4 (OffQ, QuaRot-style), fused into HF-named weights.
 
-Conventions (METHODS.md): a Linear stores ``W`` [out, in]; activations are row vectors,
+Conventions (docs/METHODS.md): a Linear stores ``W`` [out, in]; activations are row vectors,
 ``y = x @ W.T``; a rotation ``R`` [d, d] (orthogonal) acts as ``x -> x @ R``.
 
-Everything here edits a ``dict[str, np.ndarray]`` of HF-named float32 tensors in place
-(``model.layers.{i}.self_attn.q_proj.weight`` ...), so the pipeline can pass one decoder layer at
-a time. The recipe, which leaves the float model's logits unchanged:
+Everything here edits a ``dict[str, np.ndarray]`` of HF-named float32 tensors in place (names
+from the model's :class:`~offq.model.arch.Architecture`), so the pipeline can pass one decoder
+layer at a time. The recipe, which leaves the float model's logits unchanged:
 
 1. :func:`untie_embeddings`, :func:`fuse_layer_norms` (RMSNorm weights folded into q/k/v and
    gate/up, the norm weight set to ones), :func:`fuse_final_norm` (into lm_head). RMSNorm without a
    weight commutes with any orthogonal R: ``rmsnorm(x R) = rmsnorm(x) R``.
-2. R1 on the residual stream: ``E <- E R1``; q/k/v/gate/up ``W <- W R1``; o/down ``W <- R1^T W``;
-   lm_head ``W <- W R1`` (:func:`rotate_embeddings`, :func:`rotate_layer`, :func:`rotate_head`).
-   q/k/v biases sit on the output side and are unaffected by R1.
+2. R1 on the residual stream: ``E <- E R1``; q/k/v/gate/up ``W <- W R1``; o/down ``W <- R1^T W``
+   and their biases ``b <- b R1`` (they are added to the residual stream); lm_head ``W <- W R1``
+   (:func:`rotate_embeddings`, :func:`rotate_layer`, :func:`rotate_head`). The biases of the
+   linears that read the residual (q/k/v, gate/up) sit on their output side: R1 leaves them.
 3. R2 per head, fused into v_proj's output side (``W_v[h] <- R2_h^T W_v[h]``, ``b_v[h] <- b_v[h]
    R2_h``) and o_proj's input side (``W_o[:, j] <- W_o[:, j] R2_{kv(j)}``; GQA heads share their
    kv head's R2).
@@ -33,31 +34,19 @@ from typing import Any, Callable, MutableMapping
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..model.arch import Architecture, architecture_of
+
 logger = logging.getLogger(__name__)
 
 Weights = MutableMapping[str, np.ndarray]
 
-ATTN_IN = ("q_proj", "k_proj", "v_proj")
-MLP_IN = ("gate_proj", "up_proj")
-EMBED = "model.embed_tokens.weight"
-LM_HEAD = "lm_head.weight"
-FINAL_NORM = "model.norm.weight"
+Weights = MutableMapping[str, np.ndarray]
 
 
 def _hadamard(n: int) -> np.ndarray:
     from offq.kernels import hadamard_matrix
 
     return np.asarray(hadamard_matrix(n, normalize=True, dtype=np.float64), dtype=np.float64)
-
-
-def linear_name(i: int, proj: str, kind: str = "weight") -> str:
-    """HF name of a projection's weight or bias in layer ``i``."""
-    block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"model.layers.{i}.{block}.{proj}.{kind}"
-
-
-def norm_name(i: int, which: str) -> str:
-    return f"model.layers.{i}.{which}.weight"
 
 
 def _rows(w: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -68,37 +57,41 @@ def _rows(w: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- norm fusion
-def untie_embeddings(weights: Weights) -> None:
+def untie_embeddings(weights: Weights, arch: Architecture) -> None:
     """Give lm_head its own copy of the embedding matrix when the model ties them."""
-    if LM_HEAD not in weights:
-        weights[LM_HEAD] = np.array(weights[EMBED], dtype=np.float32, copy=True)
+    if arch.lm_head[0] not in weights:
+        weights[arch.lm_head[0]] = np.array(weights[arch.embed[0]], dtype=np.float32, copy=True)
 
 
-def fuse_layer_norms(weights: Weights, i: int) -> None:
-    """Fold layer ``i``'s two RMSNorm weights into the linears that read them; norms become 1."""
-    for norm, projs in (("input_layernorm", ATTN_IN), ("post_attention_layernorm", MLP_IN)):
-        g = weights[norm_name(i, norm)].astype(np.float64)
-        for p in projs:
-            name = linear_name(i, p)
-            weights[name] = (weights[name].astype(np.float64) * g[None, :]).astype(np.float32)
-        weights[norm_name(i, norm)] = np.ones_like(weights[norm_name(i, norm)], dtype=np.float32)
+def fuse_layer_norms(weights: Weights, i: int, arch: Architecture) -> None:
+    """Fold layer ``i``'s RMSNorm weights into the linears of the sites that read them (q/k/v,
+    gate/up: ``W[:, j] *= g_j``); the norms become ones."""
+    sites = arch.sites
+    for site, norm in arch.site_norm.items():
+        name = arch.norm(i, norm)
+        g = weights[name].astype(np.float64)
+        for lin in sites[site]:
+            w = arch.weight(i, lin)
+            weights[w] = (weights[w].astype(np.float64) * g[None, :]).astype(np.float32)
+        weights[name] = np.ones_like(weights[name], dtype=np.float32)
 
 
-def fuse_final_norm(weights: Weights) -> None:
+def fuse_final_norm(weights: Weights, arch: Architecture) -> None:
     """Fold the final RMSNorm into lm_head (call :func:`untie_embeddings` first)."""
-    if LM_HEAD not in weights:
-        raise ValueError("fuse_final_norm: lm_head.weight missing; untie the embeddings first")
-    g = weights[FINAL_NORM].astype(np.float64)
-    weights[LM_HEAD] = (weights[LM_HEAD].astype(np.float64) * g[None, :]).astype(np.float32)
-    weights[FINAL_NORM] = np.ones_like(weights[FINAL_NORM], dtype=np.float32)
+    head, norm = arch.lm_head[0], arch.final_norm[0]
+    if head not in weights:
+        raise ValueError(f"fuse_final_norm: {head} missing; untie the embeddings first")
+    g = weights[norm].astype(np.float64)
+    weights[head] = (weights[head].astype(np.float64) * g[None, :]).astype(np.float32)
+    weights[norm] = np.ones_like(weights[norm], dtype=np.float32)
 
 
-def fuse_norms(weights: Weights, num_layers: int) -> None:
+def fuse_norms(weights: Weights, num_layers: int, arch: Architecture) -> None:
     """All of the above on a full weight dict."""
-    untie_embeddings(weights)
+    untie_embeddings(weights, arch)
     for i in range(num_layers):
-        fuse_layer_norms(weights, i)
-    fuse_final_norm(weights)
+        fuse_layer_norms(weights, i, arch)
+    fuse_final_norm(weights, arch)
 
 
 # ---------------------------------------------------------------------------------- R1 pieces
@@ -206,52 +199,59 @@ def r2_matrices(head_dim: int, num_kv_heads: int, covs: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------- fusing
-def rotate_embeddings(weights: Weights, r1: np.ndarray) -> None:
-    weights[EMBED] = _rows(weights[EMBED], r1)
+def rotate_embeddings(weights: Weights, r1: np.ndarray, arch: Architecture) -> None:
+    weights[arch.embed[0]] = _rows(weights[arch.embed[0]], r1)
 
 
-def rotate_head(weights: Weights, r1: np.ndarray) -> None:
-    weights[LM_HEAD] = _rows(weights[LM_HEAD], r1)
+def rotate_head(weights: Weights, r1: np.ndarray, arch: Architecture) -> None:
+    weights[arch.lm_head[0]] = _rows(weights[arch.lm_head[0]], r1)
 
 
 def rotate_layer(weights: Weights, i: int, cfg: Any, *, r1: np.ndarray | None = None,
                  r2: np.ndarray | None = None, r4: bool = False) -> None:
-    """Fuse R1 (input side of q/k/v/gate/up, output side of o/down), R2 ([n_kv, hd, hd]) and the
-    weight half of R4 into layer ``i``. ``cfg`` needs num_attention_heads, num_key_value_heads,
-    head_dim, intermediate_size (a ModelConfig)."""
+    """Fuse R1 (input side of the linears reading the residual stream, output side -- weight and
+    bias -- of those writing it), R2 ([n_kv, hd, hd]) and the weight half of R4 into layer ``i``.
+    ``cfg`` is the ModelConfig (sizes and architecture)."""
+    arch = architecture_of(cfg)
     if r1 is not None:
-        for p in ATTN_IN + MLP_IN:
-            weights[linear_name(i, p)] = _rows(weights[linear_name(i, p)], r1)
-        for p in ("o_proj", "down_proj"):
-            name = linear_name(i, p)
-            weights[name] = np.matmul(np.ascontiguousarray(r1.T, dtype=np.float32),
-                                      np.asarray(weights[name], dtype=np.float32))
+        r1_32 = np.ascontiguousarray(r1, dtype=np.float32)
+        for spec in arch.linears:
+            name = arch.weight(i, spec.name)
+            if spec.writes_residual:
+                weights[name] = np.matmul(np.ascontiguousarray(r1_32.T),
+                                          np.asarray(weights[name], dtype=np.float32))
+                bias = arch.bias(i, spec.name)
+                if bias in weights:  # y + b lives in the residual basis too: b <- b R1
+                    weights[bias] = (weights[bias].astype(np.float64) @ r1).astype(np.float32)
+            elif spec.in_dim == "hidden":
+                weights[name] = _rows(weights[name], r1)
     if r2 is not None:
         hd, n_kv, n_h = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads
         if r2.shape != (n_kv, hd, hd):
             raise ValueError(f"r2: expected shape {(n_kv, hd, hd)}, got {r2.shape}")
-        wv = weights[linear_name(i, "v_proj")].astype(np.float64).reshape(n_kv, hd, -1)
-        weights[linear_name(i, "v_proj")] = np.einsum(
-            "hji,hjk->hik", r2, wv).reshape(n_kv * hd, -1).astype(np.float32)
-        bias = linear_name(i, "v_proj", "bias")
+        v_name, o_name = arch.weight(i, "v_proj"), arch.weight(i, "o_proj")
+        wv = weights[v_name].astype(np.float64).reshape(n_kv, hd, -1)
+        weights[v_name] = np.einsum("hji,hjk->hik", r2, wv).reshape(n_kv * hd, -1).astype(np.float32)
+        bias = arch.bias(i, "v_proj")
         if bias in weights:
             b = weights[bias].astype(np.float64).reshape(n_kv, hd)
             weights[bias] = np.einsum("hj,hjk->hk", b, r2).reshape(-1).astype(np.float32)
-        wo = weights[linear_name(i, "o_proj")].astype(np.float64).reshape(-1, n_h, hd)
+        wo = weights[o_name].astype(np.float64).reshape(-1, n_h, hd)
         per_head = np.repeat(r2, n_h // n_kv, axis=0)  # q head j uses kv head j // rep
-        weights[linear_name(i, "o_proj")] = np.einsum(
+        weights[o_name] = np.einsum(
             "ohj,hjk->ohk", wo, per_head).reshape(-1, n_h * hd).astype(np.float32)
     if r4:
-        name = linear_name(i, "down_proj")
+        name = arch.weight(i, "down_proj")
         weights[name] = _rows(weights[name], _hadamard(weights[name].shape[1]))
 
 
 def rotate_model(weights: Weights, cfg: Any, *, r1: np.ndarray | None, r2: np.ndarray | None,
                  r4: bool) -> None:
     """Fuse R1/R2/R4 into every tensor of a full (norm-fused, untied) weight dict."""
+    arch = architecture_of(cfg)
     if r1 is not None:
-        rotate_embeddings(weights, r1)
-        rotate_head(weights, r1)
+        rotate_embeddings(weights, r1, arch)
+        rotate_head(weights, r1, arch)
     for i in range(cfg.num_hidden_layers):
         rotate_layer(weights, i, cfg, r1=r1, r2=r2, r4=r4)
 

@@ -1,0 +1,155 @@
+"""Model assembly: a runnable decoder from quantized layers, in memory or from an offq checkpoint.
+
+:func:`build_layer` turns one layer's :class:`~offq.quant.weight.QuantizedWeight` linears (or
+float ones, when weights stay in float) into a :class:`~offq.model.decoder.DecoderLayer` with the
+fake or real linears, the online R3/R4 transforms and the KV codec of the QuantConfig. The quantize
+loop calls it on the layer it has just quantized (to propagate the calibration batch), and
+:func:`build_model` / :func:`load_quantized` call it on the stored tensors of a checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..config import QuantConfig
+from ..model.arch import architecture_of, dims_of
+from ..model.decoder import DecoderLayer, Model
+from ..model.linear import DenseLinear, SlicedLinear
+from ..recipe.rotations import r3_qk_transform, r4_input_transform
+from .activation import activation_quantizer
+from .kv_codec import kv_codec
+from .linears import FakeQuantLinear, GroupProduct, W4A4Linear, integer_product
+from .weight import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODES", "stored_layer", "build_layer", "layer_from_tensors", "install_online",
+           "build_model", "load_quantized"]
+
+MODES = ("fake", "real")
+
+def stored_layer(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: QuantConfig,
+                 i: int) -> dict[str, Any]:
+    """Layer ``i``'s linears as a checkpoint stores them: a :class:`QuantizedWeight` for each
+    quantized linear, a float :class:`DenseLinear` for the others (weights kept in float)."""
+    arch = architecture_of(model_config)
+    dims = dims_of(model_config)
+    out: dict[str, Any] = {}
+    for spec in arch.linears:
+        name = arch.weight(i, spec.name)
+        bias_name = arch.bias(i, spec.name)
+        bias = np.asarray(tensors[bias_name], np.float32) if bias_name in tensors else None
+        codes_name, scales_name, zeros_name = arch.quantized_names(name)
+        if codes_name not in tensors:
+            out[spec.name] = DenseLinear(np.asarray(tensors[name], np.float32), bias)
+            continue
+        k = dims[spec.in_dim]
+        qw = QuantizedWeight.from_stored(
+            tensors[codes_name], tensors[scales_name], tensors[zeros_name], bits=cfg.w_bits,
+            group_size=cfg.weight_group(k), symmetric=cfg.w_symmetric, in_features=k, bias=bias)
+        out[spec.name] = qw
+    return out
+
+
+def _linear(weight: Any, act: Any, mode: str) -> Any:
+    """The runtime linear of one stored weight."""
+    if isinstance(weight, DenseLinear):
+        return weight if act is None else FakeQuantLinear(weight.weight, weight.bias, act)
+    if mode == "real":
+        return W4A4Linear(weight, act)
+    if integer_product(weight, act):
+        return FakeQuantLinear(None, weight.bias, act, GroupProduct(weight, act.group_size))
+    return FakeQuantLinear(weight.dequantized, weight.bias, act)
+
+
+def build_layer(linears: Mapping[str, Any], input_norm: np.ndarray, post_norm: np.ndarray,
+                model_config: Any, cfg: QuantConfig, i: int, mode: str) -> DecoderLayer:
+    """Decoder layer ``i`` from its stored linears (``QuantizedWeight`` or float
+    ``DenseLinear``, by short name), its norms, and the run-time quantizers and online transforms
+    of ``cfg`` (``mode`` "real": packed kernels; "fake": simulated in float32)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    arch = architecture_of(model_config)
+    dims = dims_of(model_config)
+    acts = {s.name: activation_quantizer(cfg, dims[s.in_dim]) for s in arch.linears}
+    layer_linears: dict[str, Any] = {}
+    fused: dict[str, Any] = {}
+    for key, members in arch.fused.items():
+        parts = [linears[n] for n in members]
+        if not all(isinstance(p, QuantizedWeight) and integer_product(p, acts[n])
+                   for p, n in zip(parts, members)):
+            continue
+        # one activation quantization and one product for the input site; each output column
+        # is computed exactly as in the separate product (the integer path is column-wise)
+        fused[key] = _linear(QuantizedWeight.concat(parts), acts[members[0]], mode)
+        start = 0
+        for n, p in zip(members, parts):
+            layer_linears[n] = SlicedLinear(fused[key], start, start + p.codes.shape[0])
+            start += p.codes.shape[0]
+    for name in arch.linear_names:
+        if name not in layer_linears:
+            layer_linears[name] = _linear(linears[name], acts[name], mode)
+    layer = DecoderLayer(index=i, input_norm=np.asarray(input_norm, np.float32),
+                         post_attention_norm=np.asarray(post_norm, np.float32),
+                         linears=layer_linears, fused=fused)
+    return install_online(layer, model_config, cfg, mode)
+
+
+def layer_from_tensors(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: QuantConfig,
+                       i: int, mode: str) -> DecoderLayer:
+    """:func:`build_layer` over the stored tensors of a checkpoint."""
+    arch = architecture_of(model_config)
+    return build_layer(stored_layer(tensors, model_config, cfg, i),
+                       tensors[arch.norm(i, "input_norm")], tensors[arch.norm(i, "post_norm")],
+                       model_config, cfg, i, mode)
+
+
+def install_online(layer: DecoderLayer, model_config: Any, cfg: QuantConfig,
+                   mode: str) -> DecoderLayer:
+    """Attach R3 (qk_transform), R4 (down_input_transform) and the KV codec to a layer."""
+    if cfg.rotates and cfg.r3:
+        layer.qk_transform = r3_qk_transform(model_config.head_dim)
+    if cfg.rotates and cfg.r4:
+        layer.down_input_transform = r4_input_transform(model_config.intermediate_size)
+    layer.kv_codec = kv_codec(cfg, model_config.head_dim, mode)
+    return layer
+
+
+def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.ndarray], *,
+                mode: str = "real", resident: bool = True, name: str = "") -> Model:
+    """A runnable :class:`offq.model.Model` over the stored tensors of a quantized model."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    arch = architecture_of(model_config)
+    embed = np.asarray(tensors[arch.embed[0]], dtype=np.float32)
+    head = tensors[arch.lm_head[0]] if arch.lm_head[0] in tensors else embed
+    return Model(model_config, embed_tokens=embed,
+                 final_norm=np.asarray(tensors[arch.final_norm[0]], np.float32),
+                 lm_head=DenseLinear(np.asarray(head, np.float32)),
+                 layer_loader=lambda i: layer_from_tensors(tensors, model_config, cfg, i, mode),
+                 resident=resident, name=name)
+
+
+def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: bool = True):
+    """Open an offq checkpoint directory -> (Model, Tokenizer or None, QuantConfig).
+
+    Validates the format version, the QuantConfig, and every tensor's presence, dtype, shape and
+    (for scales and zero-points) finiteness against the model config before building the model;
+    a tensor the model does not use is an error too.
+    """
+    from ..formats.checkpoint import (MODEL_FILE, check_checkpoint_tensors, load_safetensors,
+                                      read_config)
+    from ..formats.tokenizer import Tokenizer
+
+    path = Path(path)
+    model_config, qcfg, _ = read_config(path)
+    model_config = model_config.replace(tie_word_embeddings=False)
+    tensors, _ = load_safetensors(path / MODEL_FILE)
+    check_checkpoint_tensors(tensors, model_config, qcfg, str(path / MODEL_FILE))
+    tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
+    model = build_model(model_config, qcfg, tensors, mode=mode, resident=resident, name=path.name)
+    return model, tokenizer, qcfg

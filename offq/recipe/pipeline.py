@@ -1,0 +1,339 @@
+"""``offq.quantize``: the whole method as one short linear recipe (docs/METHODS.md).
+
+    fuse norms       final norm -> lm_head (embeddings untied); each layer's norms -> its linears
+    statistics       one float pass collecting the top-1 PCA second moment (only when R1/R2 need it)
+    rotations        R1 (OffQ: U1 P H1; QuaRot: random-sign Hadamard), R2 per head, R3/R4 online
+    per layer        fuse + rotate its weights -> capture its site inputs (after the already-
+                     quantized earlier layers) -> quantize each site's linears (pre-steps such as
+                     OSAQ, then RTN or GPTQ) -> write the layer -> propagate the calibration batch
+                     through the layer just quantized
+    save             the offq checkpoint directory (config.json last)
+
+The loop never knows which weight method runs: it asks :mod:`offq.quantizers.registry` for the
+pre-steps and the rounding quantizer of the QuantConfig, and both follow one interface
+(:mod:`offq.quantizers.base`). Only one decoder layer's weights are resident at a time, plus the
+calibration hidden states ``[samples, seqlen, d]`` (float32). Linear inputs are captured after the
+online transforms (R3 on Q/K, R4 before down_proj), so GPTQ sees what the runtime multiplies.
+During calibration activations and KV stay in float (earlier layers weight-quantized, as QuaRot
+calibrates GPTQ); the runtime adds the activation and KV quantizers.
+
+Method table (``QuantConfig.method``): ``offq`` R1 = U1 P H1 from the pooled top-1 second moment of
+the attention and MLP inputs; ``quarot`` R1 = random-sign Hadamard (seeded); both use R2/R3/R4;
+``gptq`` / ``rtn`` no rotation; ``fp`` nothing quantized (norms still fused).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..config import OFF, QuantConfig
+from ..model.arch import architecture_of
+from ..model.decoder import LayerRunner, load_decoder_layer
+from ..model.linear import DenseLinear
+from ..quant.assemble import build_layer, install_online, layer_from_tensors
+from ..quant.weight import QuantizedWeight
+from ..quantizers.gptq import HessianAccumulator
+from ..quantizers.registry import build_weight_quantizer
+from . import rotations as rot
+from .statistics import collect_statistics, fused_layer
+from .store import CheckpointStore, fingerprint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QuantizeResult", "quantize", "check_hadamard_sizes"]
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` produced: the stored tensors (in memory when no ``out_dir``), the
+    wall time of each stage in seconds, and per-linear reports (OSAQ)."""
+
+    model_config: Any
+    quant_config: QuantConfig
+    out_dir: Path | None
+    tensors: dict[str, np.ndarray] | None
+    timings: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, Any] = field(default_factory=dict)
+
+    def model(self, mode: str = "real"):
+        """The runnable quantized model (``mode`` "real" or "fake")."""
+        from ..quant.assemble import build_model, load_quantized
+
+        if self.tensors is not None:
+            return build_model(self.model_config, self.quant_config, self.tensors, mode=mode)
+        return load_quantized(self.out_dir, mode=mode)[0]
+
+
+# ---------------------------------------------------------------------------------- the recipe
+def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = None, *,
+             out_dir: str | Path | None = None, resume: bool = False, batch_size: int = 4,
+             progress: bool | None = None, calibration_source: str | None = None,
+             calibration_seed: int | None = None) -> QuantizeResult:
+    """Quantize a checkpoint (``offq.formats.open_checkpoint`` result) with ``config``.
+
+    Args:
+        ckpt: has ``.config`` (ModelConfig), ``.tensors`` (HF names -> float32), ``.name`` and
+            optionally ``.tokenizer`` (saved with the checkpoint).
+        config: the QuantConfig.
+        calibration: int token ids ``[samples, seqlen]`` (needed by GPTQ, OSAQ and PCA).
+        out_dir: write the offq checkpoint there (layers as they finish); None keeps the result
+            in memory (tests, quick experiments).
+        resume: continue an interrupted run in ``out_dir`` (same model, config, calibration,
+            batch size and offq version).
+        batch_size: calibration sequences per layer forward.
+        progress: tqdm bar (default: only on a TTY).
+        calibration_source, calibration_seed: where the calibration tokens came from, recorded
+            in config.json with their shape and hash.
+    """
+    mc = ckpt.config.replace(tie_word_embeddings=False)
+    arch = architecture_of(mc)
+    calib = _check_calibration(calibration, config, mc.vocab_size)
+    if calib is not None:  # record what was used, not the defaults
+        config = dataclasses.replace(config, calib_samples=int(calib.shape[0]),
+                                     calib_seqlen=int(calib.shape[1]))
+    check_hadamard_sizes(mc, config)
+    store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib, batch_size))
+    timings: dict[str, float] = {}
+    reports: dict[str, Any] = {}
+    show = sys.stderr.isatty() if progress is None else progress
+    pre_steps, quantizer = build_weight_quantizer(config)
+
+    # 1. fused global tensors (final norm -> lm_head, embeddings untied)
+    glob = {arch.embed[0]: ckpt.tensors[arch.embed[0]],
+            arch.final_norm[0]: ckpt.tensors[arch.final_norm[0]]}
+    glob[arch.lm_head[0]] = ckpt.tensors[arch.lm_head[0] if arch.lm_head[0] in ckpt.tensors
+                                         else arch.embed[0]]
+    for name, a in glob.items():
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"weight {name!r} contains NaN or Inf")
+    rot.fuse_final_norm(glob, arch)
+
+    # 2. rotations (statistics pass when the method needs one)
+    t0 = time.perf_counter()
+    r1, r2, rot_meta = store.load_rotations() if store.has_rotations() else (None, None, None)
+    if rot_meta is None:
+        r1, r2, rot_meta = compute_rotations(ckpt, mc, config, calib, batch_size, show)
+        store.save_rotations(r1, r2, rot_meta)
+    if r1 is not None:
+        rot.rotate_embeddings(glob, r1, arch)
+        rot.rotate_head(glob, r1, arch)
+    timings["rotations"] = time.perf_counter() - t0
+
+    # 3. layer by layer: fuse + rotate, capture, quantize, write, propagate
+    weights_only = dataclasses.replace(config, a_bits=OFF, kv_bits=OFF)
+    runner = LayerRunner(mc)
+    needs_inputs = config.w_bits != OFF and (
+        quantizer.needs_hessian or any(p.needs_hessian for p in pre_steps))
+    h = np.asarray(glob[arch.embed[0]], np.float32)[calib] if needs_inputs else None
+    t_capture = t_quant = t_prop = 0.0
+    for i in tqdm(range(mc.num_hidden_layers), desc="quantize layers", disable=not show):
+        stored = store.load_layer(i)
+        w = None
+        if stored is None:
+            w = fused_layer(ckpt, mc, i)
+            if config.rotates:
+                rot.rotate_layer(w, i, mc, r1=r1, r2=None if r2 is None else r2[i], r4=config.r4)
+            t = time.perf_counter()
+            hessians = capture_hessians(runner, w, mc, weights_only, h, i, batch_size) \
+                if h is not None else {}
+            t_capture += time.perf_counter() - t
+            t = time.perf_counter()
+            linears, rep = quantize_layer(w, hessians, mc, config, i, pre_steps, quantizer)
+            reports.update(rep)
+            t_quant += time.perf_counter() - t
+            stored = layer_tensors(w, linears, mc, i)
+            store.save_layer(i, stored)
+        if h is not None and i + 1 < mc.num_hidden_layers:
+            t = time.perf_counter()
+            if w is None:  # resumed: the layer comes back from its stored tensors
+                layer = layer_from_tensors(stored, mc, weights_only, i, "fake")
+            else:  # straight from the in-memory quantized linears
+                layer = build_layer(linears, w[arch.norm(i, "input_norm")],
+                                    w[arch.norm(i, "post_norm")], mc, weights_only, i, "fake")
+            for s in range(0, h.shape[0], batch_size):
+                runner.forward(layer, h[s:s + batch_size])
+            t_prop += time.perf_counter() - t
+        del stored, w
+    timings.update(capture=t_capture, quantize=t_quant, propagate=t_prop)
+
+    # 4. save
+    t = time.perf_counter()
+    calib_record = None if calib is None else {
+        "samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
+        "source": calibration_source,
+        "seed": None if calibration_seed is None else int(calibration_seed),
+        "tokens_sha256": hashlib.sha256(np.ascontiguousarray(calib).tobytes()).hexdigest()}
+    tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
+                           calibration=calib_record, reports=reports)
+    timings["write"] = time.perf_counter() - t
+    logger.info("quantized %s (%s) in %s", getattr(ckpt, "name", "?"), config.describe(),
+                ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    return QuantizeResult(mc, config, None if out_dir is None else Path(out_dir), tensors,
+                          timings, reports)
+
+
+# ---------------------------------------------------------------------------------- stages
+def needs_statistics(cfg: QuantConfig) -> bool:
+    return (cfg.method == "offq" and cfg.pca != "none") or (cfg.rotates and cfg.r2 == "pca_hadamard")
+
+
+def needs_calibration(cfg: QuantConfig) -> bool:
+    """Whether ``cfg`` needs calibration tokens (a Hessian for a weight step, or statistics)."""
+    if needs_statistics(cfg):
+        return True
+    if cfg.w_bits == OFF:
+        return False
+    pre, quantizer = build_weight_quantizer(cfg)
+    return quantizer.needs_hessian or any(p.needs_hessian for p in pre)
+
+
+def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
+    """Fail before any pass when a Hadamard size this run needs has no construction (R1's block
+    or QuaRot's full size, R2/R3 over head_dim, R4 over the intermediate size)."""
+    if not cfg.rotates:
+        return
+    from ..kernels import is_supported
+
+    need = {"R2/R3 (head_dim)": mc.head_dim}
+    if cfg.method == "quarot":
+        need["R1 (hidden size)"] = mc.hidden_size
+    else:
+        need["R1 block (activation group)"] = cfg.activation_group(mc.hidden_size)
+    if cfg.r4:
+        need["R4 (intermediate size)"] = mc.intermediate_size
+    for what, n in need.items():
+        if not is_supported(n):
+            p2 = n & -n
+            raise ValueError(f"{what}: no Hadamard matrix of order {n} is available (offq builds "
+                             f"m * 2^k for the orders in offq.kernels.SUPPORTED_ORDERS); the largest "
+                             f"power-of-two block dividing it is {p2}"
+                             + (": use --no-r4 to turn R4 off" if "R4" in what else ""))
+
+
+def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | None,
+                      batch_size: int, show: bool):
+    """R1 [d, d] (or None), R2 [layers, n_kv, hd, hd] (or None), and their description."""
+    d, hd, n_kv = mc.hidden_size, mc.head_dim, mc.num_key_value_heads
+    if not cfg.rotates:
+        return None, None, {"r1": None, "r2": None}
+    group = cfg.activation_group(d)
+    cov = vcovs = None
+    if needs_statistics(cfg):
+        cov, vcovs = collect_statistics(ckpt, mc, cfg, calib, batch_size, show)
+    if cfg.method == "quarot":
+        r1 = rot.quarot_r1(d, cfg.seed)
+        meta = {"r1": f"quarot random-sign Hadamard {d} (seed {cfg.seed})"}
+    else:
+        r1 = rot.offq_r1(cov, d, group, pca=cfg.pca, sorted_groups=cfg.sorted_grouping,
+                         outlier_index=cfg.outlier_index)
+        meta = {"r1": f"offq U1 P H1: pca {cfg.pca}{' centred' if cfg.pca_centred else ''}, "
+                      f"{'sorted' if cfg.sorted_grouping else 'eigen-order'} grouping, outlier at "
+                      f"{cfg.outlier_index} index, block Hadamard {group}"}
+    if cfg.r2 == "none":
+        r2 = None
+    elif cfg.r2 == "hadamard":
+        one = rot.r2_matrices(hd, n_kv)
+        r2 = np.broadcast_to(one, (mc.num_hidden_layers,) + one.shape)
+    else:
+        r2 = np.stack([rot.r2_matrices(hd, n_kv, c) for c in vcovs])
+    meta["r2"] = None if r2 is None else f"per head {cfg.r2} ({hd})"
+    meta["r1_group"] = group
+    return r1, r2, meta
+
+
+def capture_hessians(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any,
+                     weights_only: QuantConfig, h: np.ndarray, i: int,
+                     batch_size: int) -> dict[str, HessianAccumulator]:
+    """``2 X^T X / n`` of every capture site of layer ``i`` (float layer, online transforms on),
+    on copies of the calibration hidden states ``h`` (which are left unchanged)."""
+    layer = install_online(load_decoder_layer(w, mc, i), mc, weights_only, "fake")
+    acc: dict[str, HessianAccumulator] = {}
+
+    def capture(site: str, _i: int, x: np.ndarray) -> None:
+        if site not in acc:
+            acc[site] = HessianAccumulator(x.shape[-1])
+        acc[site].update(x)
+
+    for s in range(0, h.shape[0], batch_size):
+        runner.forward(layer, h[s:s + batch_size].copy(), capture=capture)
+    for site, a in acc.items():  # one NaN anywhere in the site's inputs reaches the sum
+        if not np.all(np.isfinite(a.sum)):
+            raise ValueError(f"layer {i} site {site}: the calibration activations contain NaN or "
+                             f"Inf (a broken checkpoint or an overflow in an earlier layer)")
+    return acc
+
+
+def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumulator], mc: Any,
+                   cfg: QuantConfig, i: int, pre_steps: list, quantizer: Any
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Layer ``i``'s linears by short name (``QuantizedWeight``, or float ``DenseLinear`` when
+    weights stay in float) and the pre-steps' per-linear reports."""
+    arch = architecture_of(mc)
+    reports: dict[str, Any] = {}
+    bias = {n: w.get(arch.bias(i, n)) for n in arch.linear_names}
+    if cfg.w_bits == OFF:
+        return {n: DenseLinear(w[arch.weight(i, n)], bias[n]) for n in arch.linear_names}, reports
+    out: dict[str, Any] = {}
+    # Every quantizer treats output rows independently, so the linears that read one input
+    # (q/k/v; gate/up) are quantized as one stacked matrix with one per-site preparation.
+    for site, lins in arch.sites.items():
+        where = f"layer {i} {site}"
+        hess = hessians[site].hessian if site in hessians else None
+        for step in pre_steps:
+            state = step.prepare(hess, where)
+            for lin in lins:
+                name = arch.weight(i, lin)
+                w[name], reports[name] = step.apply(w[name], state)
+        weights = [w[arch.weight(i, lin)] for lin in lins]
+        q: QuantizedWeight = quantizer.quantize(np.concatenate(weights, axis=0),
+                                                quantizer.prepare(hess, where))
+        row = 0
+        for lin, weight in zip(lins, weights):
+            out[lin] = q.rows(row, row + weight.shape[0]).with_bias(bias[lin])
+            row += weight.shape[0]
+    return out, reports
+
+
+def layer_tensors(w: dict[str, np.ndarray], linears: dict[str, Any], mc: Any,
+                  i: int) -> dict[str, np.ndarray]:
+    """The stored tensors of layer ``i``: norms and biases as they are, each quantized linear as
+    packed codes, scales and zero-points, float linears as their weight."""
+    arch = architecture_of(mc)
+    out = {arch.norm(i, k): w[arch.norm(i, k)] for k in arch.norms}
+    for lin, value in linears.items():
+        name = arch.weight(i, lin)
+        if arch.bias(i, lin) in w:
+            out[arch.bias(i, lin)] = w[arch.bias(i, lin)]
+        if isinstance(value, QuantizedWeight):
+            codes, scales, zeros = arch.quantized_names(name)
+            out[codes] = value.packed_codes()
+            out[scales] = np.ascontiguousarray(value.scale)
+            out[zeros] = np.ascontiguousarray(value.zero)
+        else:
+            out[name] = w[name]
+    return out
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _check_calibration(calib: np.ndarray | None, cfg: QuantConfig, vocab: int) -> np.ndarray | None:
+    if not needs_calibration(cfg):
+        return None
+    if calib is None:
+        raise ValueError("calibration: this configuration needs calibration token ids "
+                         f"[samples, seqlen] ({cfg.describe()})")
+    calib = np.asarray(calib)
+    if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2 or calib.dtype.kind not in "iu":
+        raise ValueError(f"calibration: expected int token ids [samples, seqlen >= 2], got "
+                         f"{calib.dtype} {list(calib.shape)}")
+    if calib.min() < 0 or calib.max() >= vocab:
+        raise ValueError(f"calibration: token ids outside [0, {vocab})")
+    return calib.astype(np.int64)

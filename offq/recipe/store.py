@@ -1,0 +1,169 @@
+"""Where the quantize loop puts finished pieces: memory, or an offq checkpoint directory.
+
+With a directory, finished layers go to ``DIR/.offq-partial/`` as they complete
+(``layer_0000.safetensors`` ..., ``rotations.safetensors`` + ``rotations.json``, ``state.json``);
+``--resume`` continues from there when the run's fingerprint matches (the source model's weights
+by header hash and sizes, the QuantConfig, the calibration tokens, the batch size and offq's
+version). The final directory is assembled from the same bytes, so an interrupted-then-resumed run
+writes the same checkpoint as an uninterrupted one.
+
+Finishing writes ``model.safetensors`` and the tokenizer first and ``config.json`` last: a
+directory with a ``config.json`` is complete. Every file is written atomically (temporary name,
+fsync, rename, directory fsync), and files a previous run left in the directory that this one
+does not write (an old tokenizer, a stale spill file) are removed first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import QuantConfig
+from ..formats.checkpoint import (CONFIG_FILE, MODEL_FILE, PARTIAL_DIR, load_safetensors,
+                                  offq_block, save_safetensors)
+from ..formats.files import atomic_write_json, fsync_dir
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointStore", "fingerprint"]
+
+#: Files a checkpoint directory may hold besides the partial directory (tokenizer files included).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def fingerprint(ckpt: Any, cfg: QuantConfig, calib: np.ndarray | None,
+                batch_size: int) -> dict[str, Any]:
+    """What must match for ``--resume`` to continue a run: source weights (names, shapes,
+    dtypes and, where the store offers it, a hash of the file headers), config, calibration
+    tokens, batch size and offq's version."""
+    from .. import __version__
+
+    h = hashlib.sha256()
+    if calib is not None:
+        c = np.ascontiguousarray(np.asarray(calib, dtype=np.int64))
+        h.update(str(c.shape).encode())
+        h.update(c.tobytes())
+    src = hashlib.sha256()
+    store = ckpt.tensors
+    for name in sorted(store.keys()):
+        shape = store.shape(name) if hasattr(store, "shape") else np.shape(store[name])
+        dtype = store.dtype(name) if hasattr(store, "dtype") else str(np.asarray(store[name]).dtype)
+        src.update(f"{name}:{tuple(shape)}:{dtype};".encode())
+    source_id = getattr(ckpt, "source_id", None)
+    if callable(source_id):
+        src.update(str(source_id()).encode())
+    return {"model": getattr(ckpt, "name", ""), "quant_config": cfg.to_dict(),
+            "model_config": ckpt.config.to_hf() if hasattr(ckpt.config, "to_hf") else None,
+            "source_sha256": src.hexdigest(), "calibration_sha256": h.hexdigest(),
+            "batch_size": int(batch_size), "offq_version": __version__}
+
+
+class CheckpointStore:
+    """Finished rotations and layers, in memory (``out_dir=None``) or on disk (module docstring)."""
+
+    def __init__(self, out_dir: str | Path | None, resume: bool, run_fingerprint: dict[str, Any]):
+        self.mem: dict[Any, Any] = {}
+        self.dir = None if out_dir is None else Path(out_dir)
+        if self.dir is None:
+            if resume:
+                raise ValueError("resume: needs an output directory")
+            return
+        self.partial = self.dir / PARTIAL_DIR
+        state = self.partial / "state.json"
+        fp = json.loads(json.dumps(run_fingerprint))  # normalised as stored
+        if resume and state.is_file():
+            old = json.loads(state.read_text())
+            if old != fp:
+                diff = sorted(k for k in set(fp) | set(old) if old.get(k) != fp.get(k))
+                raise ValueError(f"resume: {self.partial} was started with a different "
+                                 f"{', '.join(diff)}; rerun without --resume to start over")
+            logger.info("resuming from %s", self.partial)
+        else:
+            if self.partial.exists():
+                logger.warning("discarding the unfinished run in %s", self.partial)
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+            fsync_dir(self.dir)
+            atomic_write_json(state, fp)
+
+    # ------------------------------------------------------------------ rotations
+    def has_rotations(self) -> bool:
+        if self.dir is None:
+            return "rot" in self.mem
+        return (self.partial / "rotations.json").is_file()
+
+    def save_rotations(self, r1: np.ndarray | None, r2: np.ndarray | None,
+                       meta: dict[str, Any]) -> None:
+        if self.dir is None:
+            self.mem["rot"] = (r1, r2, meta)
+            return
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float64)
+                  for k, v in (("r1", r1), ("r2", r2)) if v is not None}
+        save_safetensors(self.partial / "rotations.safetensors", arrays)
+        atomic_write_json(self.partial / "rotations.json", meta)  # last: marks them complete
+
+    def load_rotations(self) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
+        if self.dir is None:
+            return self.mem["rot"]
+        meta = json.loads((self.partial / "rotations.json").read_text())
+        arrays, _ = load_safetensors(self.partial / "rotations.safetensors")
+        return (np.array(arrays["r1"]) if "r1" in arrays else None,
+                np.array(arrays["r2"]) if "r2" in arrays else None, meta)
+
+    # ------------------------------------------------------------------ layers
+    def _layer_path(self, i: int) -> Path:
+        return self.partial / f"layer_{i:04d}.safetensors"
+
+    def save_layer(self, i: int, tensors: dict[str, np.ndarray]) -> None:
+        if self.dir is None:
+            self.mem[i] = tensors
+        else:
+            save_safetensors(self._layer_path(i), tensors)
+
+    def load_layer(self, i: int) -> dict[str, np.ndarray] | None:
+        if self.dir is None:
+            return self.mem.get(i)
+        path = self._layer_path(i)
+        return load_safetensors(path)[0] if path.is_file() else None
+
+    # ------------------------------------------------------------------ the checkpoint
+    def finish(self, glob: dict[str, np.ndarray], mc: Any, cfg: QuantConfig,
+               meta: dict[str, Any], tokenizer: Any, *, calibration: dict[str, Any] | None = None,
+               reports: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+        """All tensors (in memory) or the checkpoint directory: model.safetensors, tokenizer,
+        then config.json last; the partial directory is removed."""
+        tensors = dict(glob)
+        for i in range(mc.num_hidden_layers):
+            tensors.update(self.load_layer(i))
+        if self.dir is None:
+            return tensors
+        self._remove_stale(keep_tokenizer=tokenizer is not None)
+        save_safetensors(self.dir / MODEL_FILE, tensors, {"format": "offq"})
+        if tokenizer is not None:
+            tokenizer.save(self.dir)
+        hf = mc.to_hf()
+        hf["offq"] = offq_block(cfg, mc, meta, calibration, reports)
+        atomic_write_json(self.dir / CONFIG_FILE, hf)
+        shutil.rmtree(self.partial)
+        fsync_dir(self.dir)
+        return None
+
+    def _remove_stale(self, *, keep_tokenizer: bool) -> None:
+        """Drop what an earlier run left that this one will not overwrite: the old config.json
+        first (the directory is then marked incomplete), spill and temporary files, and the
+        tokenizer files when this run has no tokenizer."""
+        stale = [self.dir / CONFIG_FILE]
+        stale += [p for p in self.dir.iterdir()
+                  if p.is_file() and p.name.startswith(".") and (".tmp-" in p.name
+                                                                  or ".data-" in p.name)]
+        if not keep_tokenizer:
+            stale += [self.dir / n for n in _TOKENIZER_FILES]
+        for p in stale:
+            if p.exists():
+                p.unlink()
+        fsync_dir(self.dir)
