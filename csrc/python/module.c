@@ -1,12 +1,84 @@
 /* module.c: the extension module offq._C.
  *
- * Module init and the thread / dispatch controls. The kernels' bindings live beside their
- * concern (bind_hadamard.c, bind_quant.c, bind_cov.c), each exporting a method table that is
- * added here. Every binding parses, validates, releases the GIL and calls the C core.
+ * Module init (fills the dispatch table once), the thread / dispatch controls, and the shared
+ * argument converters and status -> exception mapping of bind_util.h. The kernels' bindings live in
+ * bind_hadamard.c, bind_quant.c, bind_cov.c, each exporting a method table added here. Every
+ * binding parses, validates, releases the GIL and calls the C core.
  */
 #define OFFQ_MODULE_MAIN
 #include "bind_util.h"
-#include "offq.h"
+
+int offq_py_status(offq_status status, offq_errctx ctx)
+{
+    const char *arg = ctx.arg != NULL ? ctx.arg : "argument";
+    switch (status) {
+    case OFFQ_OK:
+        return 0;
+    case OFFQ_ERR_NONFINITE:
+        PyErr_Format(PyExc_ValueError, "%s: contains NaN or Inf (needs finite values)", arg);
+        break;
+    case OFFQ_ERR_OVERFLOW:
+        PyErr_Format(PyExc_ValueError,
+                     "%s: a group's range max - min overflows float32 (|values| near 3.4e38)", arg);
+        break;
+    case OFFQ_ERR_CODE:
+        PyErr_Format(PyExc_ValueError, "%s: expected values in [0, %d] for %d bits", arg,
+                     (1 << ctx.bits) - 1, ctx.bits);
+        break;
+    case OFFQ_ERR_UNSUPPORTED:
+        if (ctx.kernel != NULL) {
+            PyErr_Format(PyExc_ValueError,
+                         "kernel: '%s' is not available on this CPU (or OFFQ_DISABLE_SIMD is set)",
+                         ctx.kernel);
+        } else {
+            PyErr_Format(PyExc_ValueError, "%s: not supported", arg);
+        }
+        break;
+    case OFFQ_ERR_NOCONVERGE:
+        PyErr_Format(PyExc_RuntimeError, "%s: the iterative solver did not converge", arg);
+        break;
+    case OFFQ_ERR_NOMEM:
+    default:
+        PyErr_NoMemory();
+        break;
+    }
+    return -1;
+}
+
+int offq_py_int(PyObject *obj, const char *name, long long *out)
+{
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *idx = PyNumber_Index(obj);
+    if (idx == NULL) {
+        return -1;
+    }
+    int overflow = 0;
+    *out = PyLong_AsLongLongAndOverflow(idx, &overflow);
+    Py_DECREF(idx);
+    if (overflow != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: %S is out of range", name, obj);
+        return -1;
+    }
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+int offq_py_float(PyObject *obj, const char *name, double *out)
+{
+    if (!PyFloat_Check(obj) && !PyIndex_Check(obj) && !PyNumber_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a number, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    *out = PyFloat_AsDouble(obj);
+    if (*out == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a number, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    return 0;
+}
 
 extern PyMethodDef offq_hadamard_methods[];
 extern PyMethodDef offq_quant_methods[];
@@ -14,12 +86,12 @@ extern PyMethodDef offq_cov_methods[];
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
 {
-    long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) {
+    long long n;
+    if (offq_py_int(arg, "n", &n) < 0) {
         return NULL;
     }
     if (n < 1 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "n: expected a thread count in [1, 4096], got %ld", n);
+        PyErr_Format(PyExc_ValueError, "n: expected a thread count in [1, 4096], got %lld", n);
         return NULL;
     }
     offq_set_num_threads((int)n);

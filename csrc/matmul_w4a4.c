@@ -1,0 +1,419 @@
+/* matmul_w4a4.c: out = dequantize(a) @ dequantize(w)^T with 4-bit codes on both sides: the driver,
+ * the operand layout and the generic micro-kernel (the reference).
+ *
+ * Math. With block = min(a.group, w.group) (one divides the other) and, per block b of a row pair
+ * (m, n), the integer sums D = sum qa*qw, Sa = sum qa, Sw = sum qw over the block's k,
+ *
+ *   out[m, n] = sum_b sa*sw * E_b,   E_b = sum (qa - za)(qw - zw) = D - zw*Sa - za*(Sw - block*zw)
+ *
+ * D is an exact integer dot product; E_b is formed in float32 with two FMAs (exact while the
+ * integers stay below 2^24, i.e. for any zero-points of ordinary size), then scaled and summed over
+ * blocks in float32, so the result equals the dequantized float product up to float32
+ * accumulation order.
+ *
+ * Layout. Activations are unpacked once into bytes [Mp][Kp] (rows padded to MR, every block padded
+ * with zero codes to a multiple of 4 so that 4-byte groups never straddle a block). Weights are
+ * unpacked per tile of columns into panels of 16 columns: panel[k/4][16][4] bytes, i.e. the four
+ * consecutive k of a column side by side, which is the operand layout of vpmaddubsw (AVX2: pairs
+ * of u8*s8 products summed into 16-bit lanes) and vpdpbusd (AVX-512 VNNI: quads into 32-bit
+ * lanes). A micro-kernel broadcasts 4 activation bytes of a row and multiplies them against a
+ * panel vector, accumulating an MR x 16 (AVX2) or MR x 32 (VNNI) tile of integer sums over one
+ * block; the block's float epilogue then adds sa*sw*E_b into a float tile. AVX2's 16-bit lanes
+ * hold at most 64 steps of 2 * 15 * 15 = 450 (28800 < 32767), so longer blocks are summed in
+ * chunks of 256 k and widened to 32 bits.
+ *
+ * Parallelism: OpenMP over tasks = (column tile, row chunk); a thread packs a weight tile once and
+ * reuses it for every 8-row strip of its task. Three variants compute identical results: generic
+ * C (here), x86/matmul_w4a4_avx2.c (2 x 4 rows x 16 columns) and x86/matmul_w4a4_avx512vnni.c
+ * (8 rows x 32 columns); the driver takes the pieces of one variant (offq_mm_ops) from
+ * offq_dispatch, or the variant forced by the caller.
+ *
+ * Small M (decode: M <= 4 and block % 64 == 0 on AVX2, M <= 8 and block % 128 == 0 on VNNI):
+ * repacking the weights would cost more than the product, so the kernel reads the packed nibbles
+ * directly (offq_mm_gemv_*), parallel over groups of 8 output columns. When every activation
+ * zero-point of the rows is an integer in [-112, 127] (ordinary tokens) it is folded into the codes as int8
+ * (qa - za), so E_b = sum qw (qa - za) - zw sum (qa - za) needs no weight block sums; otherwise
+ * (massive-outlier tokens) the block sums of the weights are formed from the same nibbles. Both
+ * give the generic result exactly while the integer terms stay below 2^24.
+ */
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define MR OFFQ_MM_MR
+#define NRP OFFQ_MM_NRP
+#define MS OFFQ_MM_MS
+#define TILE_BYTES ((int64_t)256 * 1024) /* target size of a packed weight tile */
+
+/* Unpack one packed row into the block-padded layout dst[nb * bp] and write the block sums to
+ * sums[b]. tmp: k bytes of scratch (used only when blk != bp). */
+static void unpack_blocks(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *restrict dst,
+                          uint8_t *restrict tmp, float *sums)
+{
+    if (pl->blk == pl->bp) {
+        offq_unpack_row4(packed, pl->k, dst);
+    } else {
+        offq_unpack_row4(packed, pl->k, tmp);
+        for (int64_t b = 0; b < pl->nb; b++) {
+            memcpy(dst + b * pl->bp, tmp + b * pl->blk, (size_t)pl->blk);
+            memset(dst + b * pl->bp + pl->blk, 0, (size_t)(pl->bp - pl->blk));
+        }
+    }
+    for (int64_t b = 0; b < pl->nb; b++) {
+        const uint8_t *s = dst + b * pl->bp;
+        int32_t acc = 0;
+        for (int64_t i = 0; i < pl->blk; i++) {
+            acc += s[i];
+        }
+        sums[b] = (float)acc;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Micro-kernels. Common arguments:
+ *   a      activation bytes of MR rows, row stride lda (= kp)
+ *   asum, azero, ascale: per row and block, [MR][ldp] (ldp = nb)
+ *   wp     panel(s) [kp/4][16][4]; wz, wT, ws: per panel [nb][16]: zw, Sw - blk*zw, sw
+ *   ct     float tile [MR][32] accumulated in place
+ */
+
+/* Generic reference: one panel (16 columns). */
+static void panel_generic(const offq_mm_tile_args *u, int panel, float *restrict ct)
+{
+    const uint8_t *restrict wp = u->wp[panel];
+    for (int64_t b = 0; b < u->nb; b++) {
+        for (int r = 0; r < MR; r++) {
+            const uint8_t *restrict ar = u->a + r * u->lda + b * u->bp;
+            int32_t d[NRP] = {0};
+            for (int64_t t = 0; t < u->bp / 4; t++) {
+                const uint8_t *restrict wv = wp + (b * u->bp / 4 + t) * 64;
+                for (int j = 0; j < NRP; j++) {
+                    d[j] += wv[4 * j] * ar[4 * t] + wv[4 * j + 1] * ar[4 * t + 1] +
+                            wv[4 * j + 2] * ar[4 * t + 2] + wv[4 * j + 3] * ar[4 * t + 3];
+                }
+            }
+            const float sa = u->asum[r * u->ldp + b], za = u->azero[r * u->ldp + b],
+                        xa = u->ascale[r * u->ldp + b];
+            for (int j = 0; j < NRP; j++) {
+                float e = (float)d[j];
+                e = fmaf(-sa, u->wz[panel][b * NRP + j], e);
+                e = fmaf(-za, u->wT[panel][b * NRP + j], e);
+                float sc = xa * u->ws[panel][b * NRP + j];
+                ct[r * 32 + panel * NRP + j] = fmaf(sc, e, ct[r * 32 + panel * NRP + j]);
+            }
+        }
+    }
+}
+
+void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct)
+{
+    panel_generic(u, 0, ct);
+    if (second) {
+        panel_generic(u, 1, ct);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Driver. */
+
+/* Per-thread workspace: a packed weight tile of nc columns and its per-block parameters. */
+typedef struct {
+    uint8_t *panels; /* [nc/16][kp/4][16][4] */
+    float *par;      /* per panel: wz [nb][16], wT [nb][16], ws [nb][16] */
+    uint8_t *rows;   /* [16][kp] unpacked rows of one panel */
+    uint8_t *tmp;    /* k bytes */
+    float *psums;    /* [16][nb] block sums of the rows of one panel */
+} workspace;
+
+/* Unpack and lay out columns [n0, n0 + nc) of w into the workspace (zero codes/scales past N). */
+static void pack_tile(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n0, int64_t nc,
+                      workspace *ws, const offq_mm_ops *ops)
+{
+    const int64_t rb = (pl->k + 1) / 2, gw = w->group, ngw = pl->k / gw;
+    const int64_t kq = pl->kp / 4;
+    for (int64_t p = 0; p < nc / NRP; p++) {
+        uint8_t *panel = ws->panels + p * pl->kp * NRP;
+        float *wz = ws->par + p * 3 * pl->nb * NRP, *wT = wz + pl->nb * NRP,
+              *wsc = wT + pl->nb * NRP;
+        int done = 0;
+        if (ops->pack_panel != NULL && pl->blk % 32 == 0) {
+            ops->pack_panel(pl, w, n0 + p * NRP, panel, ws->psums);
+            done = 1;
+        }
+        for (int j = 0; j < NRP; j++) {
+            const int64_t n = n0 + p * NRP + j;
+            float *sums = ws->psums + j * pl->nb;
+            if (n >= pl->n) {
+                if (!done) {
+                    memset(ws->rows + j * pl->kp, 0, (size_t)pl->kp);
+                }
+                for (int64_t b = 0; b < pl->nb; b++) {
+                    wz[b * NRP + j] = 0.0f;
+                    wT[b * NRP + j] = 0.0f;
+                    wsc[b * NRP + j] = 0.0f;
+                }
+                continue;
+            }
+            if (!done) {
+                unpack_blocks(pl, w->codes + n * rb, ws->rows + j * pl->kp, ws->tmp, sums);
+            }
+            for (int64_t b = 0; b < pl->nb; b++) {
+                const int64_t g = b * pl->blk / gw;
+                const float z = w->zero[n * ngw + g];
+                wz[b * NRP + j] = z;
+                wT[b * NRP + j] = sums[b] - (float)pl->blk * z;
+                wsc[b * NRP + j] = w->scale[n * ngw + g];
+            }
+        }
+        if (done) {
+            continue;
+        }
+        /* transpose 4-byte groups: panel[t][j] = rows[j][t] */
+        uint32_t *dst = (uint32_t *)panel;
+        for (int64_t t = 0; t < kq; t++) {
+            for (int j = 0; j < NRP; j++) {
+                dst[t * NRP + j] = offq_load_u32(ws->rows + j * pl->kp + 4 * t);
+            }
+        }
+    }
+}
+
+static void *aligned_buf(size_t bytes)
+{
+    size_t rounded = (bytes + 63) / 64 * 64;
+    return aligned_alloc(64, rounded ? rounded : 64);
+}
+
+/* The small-M path: activations to the [even | odd] chunk layout of the gemv (chunks of
+ * gv->chunk elements: 64 for AVX2, 128 for VNNI), then gv->fn per MS rows. */
+static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
+                           const offq_q4_operand *w, float *out, const offq_mm_gemv *gv)
+{
+    const int64_t ch = gv->chunk;
+    const int64_t k = pl->k, rb = (k + 1) / 2, nga = k / a->group;
+    uint8_t *ap = aligned_buf((size_t)(MS * k));
+    float *par = malloc(sizeof(float) * (size_t)(3 * MS * pl->nb));
+    if (ap == NULL || par == NULL) {
+        free(ap);
+        free(par);
+        return OFFQ_ERR_NOMEM;
+    }
+    for (int64_t m0 = 0; m0 < pl->m; m0 += MS) {
+        const int mrows = (int)(pl->m - m0 < MS ? pl->m - m0 : MS);
+        /* Fold the activation zero-points into the codes (qa - za as int8) when every za of these
+         * rows is an integer in [-112, 127]: then E = sum qw (qa - za) - zw sum (qa - za) needs
+         * no weight block sums (ordinary tokens; massive-outlier rows take the general path). */
+        int folded = 1;
+        for (int m = 0; m < mrows; m++) {
+            for (int64_t gi = 0; gi < nga; gi++) {
+                const float z = a->zero[(m0 + m) * nga + gi];
+                folded &= z >= -112.0f && z <= 127.0f && z == (float)(int)z;
+            }
+        }
+        for (int m = 0; m < mrows; m++) {
+            const uint8_t *p = a->codes + (m0 + m) * rb;
+            uint8_t *d = ap + m * k;
+            for (int64_t b = 0; b < pl->nb; b++) {
+                const int64_t gi = b * pl->blk / a->group;
+                const float zf = a->zero[(m0 + m) * nga + gi];
+                const int z = folded ? (int)zf : 0;
+                int32_t acc = 0;
+                for (int64_t c = b * pl->blk / ch; c < (b + 1) * pl->blk / ch; c++) {
+                    const uint8_t *pc = p + c * ch / 2;
+                    for (int64_t j = 0; j < ch / 2; j++) {
+                        const int lo = (pc[j] & 15) - z, hi = (pc[j] >> 4) - z;
+                        d[c * ch + j] = (uint8_t)(int8_t)lo;
+                        d[c * ch + ch / 2 + j] = (uint8_t)(int8_t)hi;
+                        acc += lo + hi;
+                    }
+                }
+                par[m * pl->nb + b] = (float)acc;
+                par[(MS + m) * pl->nb + b] = zf;
+                par[(2 * MS + m) * pl->nb + b] = a->scale[(m0 + m) * nga + gi];
+            }
+        }
+        const offq_mm_gemv_args g = {pl,  w, ap, par, par + MS * pl->nb, par + 2 * MS * pl->nb,
+                                     out + m0 * pl->n};
+        gv->fn(&g, mrows, folded);
+    }
+    free(ap);
+    free(par);
+    return OFFQ_OK;
+}
+
+static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
+                               float *out, const offq_mm_ops *ops)
+{
+    offq_mm_plan pl;
+    pl.m = a->rows;
+    pl.n = w->rows;
+    pl.k = k;
+    pl.blk = a->group < w->group ? a->group : w->group;
+    pl.bp = (pl.blk + 3) / 4 * 4;
+    pl.nb = k / pl.blk;
+    pl.kp = pl.nb * pl.bp;
+    pl.mp = (pl.m + MR - 1) / MR * MR;
+    if (pl.m == 0 || pl.n == 0) {
+        return OFFQ_OK;
+    }
+    for (int i = 0; i < 2 && ops->small[i].fn != NULL; i++) {
+        const offq_mm_gemv *gv = &ops->small[i];
+        if (pl.m <= gv->max_m && pl.blk % gv->chunk == 0) {
+            return small_m(&pl, a, w, out, gv);
+        }
+    }
+    const int64_t rb = (k + 1) / 2;
+    const int64_t nga = k / a->group;
+
+    /* 1. activations: unpack once, per-block sums, zero-points and scales per row. */
+    uint8_t *acodes = aligned_buf((size_t)(pl.mp * pl.kp));
+    float *apar = malloc(sizeof(float) * (size_t)(3 * pl.mp * pl.nb));
+    if (acodes == NULL || apar == NULL) {
+        free(acodes);
+        free(apar);
+        return OFFQ_ERR_NOMEM;
+    }
+    float *asum = apar, *azero = apar + pl.mp * pl.nb, *ascale = apar + 2 * pl.mp * pl.nb;
+    int err = OFFQ_OK;
+#pragma omp parallel if (pl.m * k >= 65536) reduction(max : err)
+    {
+        uint8_t *tmp = malloc((size_t)k);
+        if (tmp == NULL) {
+            err = OFFQ_ERR_NOMEM;
+        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < pl.mp; m++) {
+            if (tmp == NULL) {
+                continue;
+            }
+            float *s = asum + m * pl.nb, *z = azero + m * pl.nb, *x = ascale + m * pl.nb;
+            if (m >= pl.m) {
+                memset(acodes + m * pl.kp, 0, (size_t)pl.kp);
+                for (int64_t b = 0; b < pl.nb; b++) {
+                    s[b] = z[b] = x[b] = 0.0f;
+                }
+                continue;
+            }
+            if (ops->unpack_blocks != NULL && pl.blk % 32 == 0) {
+                ops->unpack_blocks(&pl, a->codes + m * rb, acodes + m * pl.kp, s);
+            } else {
+                unpack_blocks(&pl, a->codes + m * rb, acodes + m * pl.kp, tmp, s);
+            }
+            for (int64_t b = 0; b < pl.nb; b++) {
+                const int64_t g = b * pl.blk / a->group;
+                z[b] = a->zero[m * nga + g];
+                x[b] = a->scale[m * nga + g];
+            }
+        }
+        free(tmp);
+    }
+    if (err != OFFQ_OK) {
+        free(acodes);
+        free(apar);
+        return err;
+    }
+
+    /* 2. tiles of columns (multiple of 32 = two panels), split rows when there are few tiles. */
+    const int nthreads = omp_get_max_threads();
+    int64_t nc = 32;
+    while (nc < 256 && 2 * nc * pl.kp <= TILE_BYTES &&
+           (pl.n + 2 * nc - 1) / (2 * nc) >= 4 * nthreads) {
+        nc *= 2;
+    }
+    const int64_t ntiles = (pl.n + nc - 1) / nc;
+    const int64_t strips = pl.mp / MR;
+    int64_t mchunks = 1;
+    if (ntiles < 4 * nthreads) {
+        mchunks = (4 * nthreads + ntiles - 1) / ntiles;
+        mchunks = mchunks > strips ? strips : mchunks;
+    }
+    const int64_t strips_per_chunk = (strips + mchunks - 1) / mchunks;
+    const int64_t ntasks = ntiles * mchunks;
+
+    const int parallel = ntasks > 1 && pl.m * pl.n * pl.k >= ((int64_t)1 << 22);
+#pragma omp parallel if (parallel) reduction(max : err)
+    {
+        workspace ws;
+        ws.panels = aligned_buf((size_t)(nc * pl.kp));
+        ws.par = malloc(sizeof(float) * (size_t)(3 * pl.nb * nc));
+        ws.rows = malloc((size_t)(NRP * pl.kp));
+        ws.tmp = malloc((size_t)k);
+        ws.psums = malloc(sizeof(float) * (size_t)(NRP * pl.nb));
+        int ok = ws.panels && ws.par && ws.rows && ws.tmp && ws.psums;
+        if (!ok) {
+            err = OFFQ_ERR_NOMEM;
+        }
+        int64_t packed_tile = -1;
+        float ct[MR * 32] __attribute__((aligned(64)));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < ntasks; task++) {
+            if (!ok) {
+                continue;
+            }
+            const int64_t tile = task / mchunks, chunk = task % mchunks;
+            const int64_t n0 = tile * nc;
+            if (tile != packed_tile) {
+                pack_tile(&pl, w, n0, nc, &ws, ops);
+                packed_tile = tile;
+            }
+            const int64_t s_begin = chunk * strips_per_chunk;
+            const int64_t s_end = s_begin + strips_per_chunk < strips ? s_begin + strips_per_chunk
+                                                                      : strips;
+            for (int64_t st = s_begin; st < s_end; st++) {
+                const int64_t m0 = st * MR;
+                offq_mm_tile_args u;
+                u.a = acodes + m0 * pl.kp;
+                u.lda = pl.kp;
+                u.asum = asum + m0 * pl.nb;
+                u.azero = azero + m0 * pl.nb;
+                u.ascale = ascale + m0 * pl.nb;
+                u.ldp = pl.nb;
+                u.nb = pl.nb;
+                u.bp = pl.bp;
+                for (int64_t p = 0; p < nc / NRP; p += 2) {
+                    const int64_t c0 = n0 + p * NRP;
+                    if (c0 >= pl.n) {
+                        break;
+                    }
+                    for (int h = 0; h < 2; h++) {
+                        u.wp[h] = ws.panels + (p + h) * pl.kp * NRP;
+                        u.wz[h] = ws.par + (p + h) * 3 * pl.nb * NRP;
+                        u.wT[h] = u.wz[h] + pl.nb * NRP;
+                        u.ws[h] = u.wT[h] + pl.nb * NRP;
+                    }
+                    memset(ct, 0, sizeof ct);
+                    const int second = c0 + NRP < pl.n;
+                    ops->tile(&u, second, ct);
+                    const int64_t rows = pl.m - m0 < MR ? pl.m - m0 : MR;
+                    const int64_t cols = pl.n - c0 < 32 ? pl.n - c0 : 32;
+                    for (int64_t r = 0; r < rows; r++) {
+                        memcpy(out + (m0 + r) * pl.n + c0, ct + r * 32,
+                               sizeof(float) * (size_t)cols);
+                    }
+                }
+            }
+        }
+        free(ws.panels);
+        free(ws.par);
+        free(ws.rows);
+        free(ws.tmp);
+        free(ws.psums);
+    }
+    free(acodes);
+    free(apar);
+    return err;
+}
+
+offq_status offq_matmul_w4a4(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
+                             float *out, offq_kernel kernel)
+{
+    if (kernel == OFFQ_KERNEL_AUTO) {
+        kernel = offq_dispatch.matmul_best;
+    }
+    if ((int)kernel < 0 || kernel >= OFFQ_KERNEL_COUNT || offq_dispatch.matmul[kernel] == NULL) {
+        return OFFQ_ERR_UNSUPPORTED;
+    }
+    return matmul_impl(a, w, k, out, offq_dispatch.matmul[kernel]);
+}
