@@ -27,8 +27,8 @@ else:
 
 ext = Extension(
     "offq._C",
-    sources=sorted(glob("csrc/*.c")),
-    depends=sorted(glob("csrc/*.h")),
+    sources=sorted(glob("csrc/*.c") + glob("csrc/x86/*.c") + glob("csrc/python/*.c")),
+    depends=sorted(glob("csrc/*.h") + glob("csrc/x86/*.h") + glob("csrc/python/*.h")),
     include_dirs=["csrc", numpy.get_include(), scipy_openblas32.get_include_dir()],
     library_dirs=[scipy_openblas32.get_lib_dir()],
     libraries=[scipy_openblas32.get_library()],

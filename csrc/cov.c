@@ -9,7 +9,7 @@
  * basis with a zero coupling, so repeated eigenvalues are found too. The basis is extended until
  * the k largest Ritz pairs have converged (at most d steps: then T is exact).
  */
-#include "cov.h"
+#include "offq.h"
 
 #include <float.h>
 #include <math.h>
@@ -48,7 +48,7 @@
 DEFINE_MIRROR(float, mirror_f32)
 DEFINE_MIRROR(double, mirror_f64)
 
-int offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d)
+offq_status offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d)
 {
     for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
         const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
@@ -56,10 +56,10 @@ int offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d)
                           x + r * d, (blasint)d, 1.0f, acc, (blasint)d);
     }
     mirror_f32(acc, d);
-    return 0;
+    return OFFQ_OK;
 }
 
-int offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d)
+offq_status offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d)
 {
     for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
         const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
@@ -67,7 +67,7 @@ int offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d)
                           x + r * d, (blasint)d, 1.0, acc, (blasint)d);
     }
     mirror_f64(acc, d);
-    return 0;
+    return OFFQ_OK;
 }
 
 /* One d x d float32 scratch is kept between calls (up to SCRATCH_KEEP_BYTES), because a fresh
@@ -107,23 +107,23 @@ static void scratch_give(float *s)
     free(atomic_exchange(&g_scratch, blk));
 }
 
-int offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d)
+offq_status offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d)
 {
     if (n <= SMALL_UPDATE_ROWS) { /* few rows (e.g. top-1 tokens): widen them, dsyrk into acc */
         double *x64 = malloc((size_t)(n * d) * sizeof(double));
         if (x64 == NULL) {
-            return -1;
+            return OFFQ_ERR_NOMEM;
         }
         for (int64_t i = 0; i < n * d; i++) {
             x64[i] = (double)x[i];
         }
         offq_cov_update_f64(acc, x64, n, d);
         free(x64);
-        return 0;
+        return OFFQ_OK;
     }
     float *s = scratch_take(d * d);
     if (s == NULL) {
-        return -1;
+        return OFFQ_ERR_NOMEM;
     }
     for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
         const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
@@ -149,7 +149,7 @@ int offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d)
         }
     }
     scratch_give(s);
-    return 0;
+    return OFFQ_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -299,11 +299,18 @@ static int fresh_vector(const double *V, int64_t j, int64_t d, uint64_t *state, 
     return -1;
 }
 
-int offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double tol, uint64_t seed,
-                        double *values, double *vectors)
+offq_status offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double tol,
+                                uint64_t seed, double *values, double *vectors)
 {
     if (k <= 0 || d <= 0) {
-        return 0;
+        return OFFQ_OK;
+    }
+    for (int64_t i = 0; i < d; i++) { /* only the upper triangle is read */
+        for (int64_t j = i; j < d; j++) {
+            if (!isfinite(a[i * d + j])) {
+                return OFFQ_ERR_NONFINITE;
+            }
+        }
     }
     const int64_t mmax = d;
     double *V = malloc((size_t)(mmax * d) * sizeof(double));    /* Lanczos basis, rows */
@@ -315,10 +322,11 @@ int offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double tol, uint6
     double *e = malloc((size_t)mmax * sizeof(double));
     double *z = NULL;
     int64_t *order = malloc((size_t)mmax * sizeof(int64_t));
-    int rc = -1;
+    offq_status rc = OFFQ_ERR_NOMEM;
     if (!V || !alpha || !beta || !w || !c || !dg || !e || !order) {
         goto done;
     }
+    rc = OFFQ_ERR_NOCONVERGE; /* until the Ritz pairs converge */
     uint64_t state = seed;
     if (fresh_vector(NULL, 0, d, &state, w, c) != 0) {
         goto done;
@@ -354,12 +362,13 @@ int offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double tol, uint6
         free(z);
         z = malloc((size_t)(m * m) * sizeof(double));
         if (z == NULL) {
+            rc = OFFQ_ERR_NOMEM;
             goto done;
         }
         memcpy(dg, alpha, (size_t)m * sizeof(double));
         memcpy(e, beta, (size_t)m * sizeof(double));
         if (tridiag_eigen(dg, e, m, z) != 0) {
-            rc = -2;
+            rc = OFFQ_ERR_NOCONVERGE;
             goto done;
         }
         for (int64_t i = 0; i < m; i++) {
@@ -406,7 +415,7 @@ int offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double tol, uint6
                     vectors[q * k + i] = sgn * w[q];
                 }
             }
-            rc = 0;
+            rc = OFFQ_OK;
             goto done;
         }
         next_check = m + (m / 4 > 8 ? m / 4 : 8);

@@ -1,11 +1,48 @@
-/* cpu.c: feature detection (once) and the single thread setting shared by OpenMP and OpenBLAS. */
-#include "cpu.h"
-
+/* cpu.c: CPU features read once, the dispatch table filled once, and the one thread setting shared
+ * by OpenMP and OpenBLAS.
+ *
+ * This is the only place that knows which functions make up each SIMD variant; drivers call
+ * through offq_dispatch and never test CPU features themselves.
+ */
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <cblas.h>
+
+#include "kernels.h"
+
+static const offq_mm_ops mm_generic = {
+    .tile = offq_mm_tile_generic,
+};
+
+#ifdef OFFQ_X86
+static const offq_mm_ops mm_avx2 = {
+    .tile = offq_mm_tile_avx2,
+    .pack_panel = offq_mm_pack_panel_avx2,
+    .unpack_blocks = offq_mm_unpack_blocks_avx2,
+    /* above 4 rows the GEMM path wins (16 accumulators would spill) */
+    .small = {{offq_mm_gemv_avx2, 4, 64}},
+};
+
+static const offq_mm_ops mm_avx512vnni = {
+    .tile = offq_mm_tile_avx512vnni,
+    .pack_panel = offq_mm_pack_panel_avx2,
+    .unpack_blocks = offq_mm_unpack_blocks_avx2,
+    /* 32 zmm registers hold 8 rows; blocks not a multiple of 128 take the AVX2 gemv */
+    .small = {{offq_mm_gemv_avx512vnni, 8, 128}, {offq_mm_gemv_avx2, 4, 64}},
+};
+#endif
+
+offq_dispatch_table offq_dispatch = {
+    .quant_row = offq_quant_row_generic,
+    .pow2_f32 = offq_pow2_f32_generic,
+    .pow2_f64 = offq_pow2_f64_generic,
+    .mix_f32 = offq_mix_f32_generic,
+    .mix_f64 = offq_mix_f64_generic,
+    .matmul = {[OFFQ_KERNEL_GENERIC] = &mm_generic},
+    .matmul_best = OFFQ_KERNEL_GENERIC,
+};
 
 static int g_avx2 = 0;
 static int g_avx512_vnni = 0;
@@ -15,17 +52,34 @@ void offq_cpu_init(void)
 {
     const char *env = getenv("OFFQ_DISABLE_SIMD");
     g_disabled = (env != NULL && env[0] != '\0' && strcmp(env, "0") != 0);
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    g_avx512_vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+#ifdef OFFQ_X86
+    if (!g_disabled) {
+        __builtin_cpu_init();
+        g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        g_avx512_vnni = g_avx2 && __builtin_cpu_supports("avx512f") &&
+                        __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512vnni");
+    }
+    if (g_avx2) {
+        offq_dispatch.quant_row = offq_quant_row_avx2;
+        offq_dispatch.pow2_f32 = offq_pow2_f32_avx2;
+        offq_dispatch.pow2_f64 = offq_pow2_f64_avx2;
+        offq_dispatch.mix_f32 = offq_mix_f32_avx2;
+        offq_dispatch.mix_f64 = offq_mix_f64_avx2;
+        offq_dispatch.matmul[OFFQ_KERNEL_AVX2] = &mm_avx2;
+        offq_dispatch.matmul_best = OFFQ_KERNEL_AVX2;
+    }
+    if (g_avx512_vnni) {
+        offq_dispatch.matmul[OFFQ_KERNEL_VNNI] = &mm_avx512vnni;
+        offq_dispatch.matmul_best = OFFQ_KERNEL_VNNI;
+    }
 #endif
 }
 
 int offq_cpu_simd_disabled(void) { return g_disabled; }
-int offq_cpu_has_avx2(void) { return g_avx2 && !g_disabled; }
-int offq_cpu_has_avx512_vnni(void) { return g_avx512_vnni && !g_disabled; }
+int offq_cpu_has_avx2(void) { return g_avx2; }
+int offq_cpu_has_avx512_vnni(void) { return g_avx512_vnni; }
 
 void offq_set_num_threads(int n)
 {

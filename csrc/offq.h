@@ -1,18 +1,137 @@
 /* offq.h: the C API of the offq core.
  *
- * Plain C types only (pointers, int64_t sizes and strides); no Python objects below the binding
- * layer (bind_*.c). Each concern has its own header, included here:
- *   cpu.h       run-time SIMD dispatch and thread control
- *   hadamard.h  fast Walsh-Hadamard transforms (powers of two, m * 2^k, block mode)
- *   quant.h     group-wise quantize / dequantize, int4 packing, the W4A4 matmul
- *   cov.h       streaming covariance (syrk), top-1 token selection, top eigenpairs
+ * Plain C types only (pointers, int64_t sizes); no Python objects below csrc/python/. Every core
+ * function that can fail returns an offq_status. Arguments are validated once, by the caller (the
+ * bindings in csrc/python/); the core trusts them. Arrays are contiguous and row-major; kernels
+ * run in parallel over rows (OpenMP) and pick their SIMD variant from the dispatch table that
+ * offq_cpu_init() fills once (cpu.c).
  */
 #ifndef OFFQ_H
 #define OFFQ_H
 
-#include "cpu.h"
-#include "hadamard.h"
-#include "quant.h"
-#include "cov.h"
+#include <stdint.h>
+
+/* The one status enum of the core. Kernels that reduce statuses over threads keep the largest, so
+ * the order is also a priority. */
+typedef enum {
+    OFFQ_OK = 0,
+    OFFQ_ERR_NONFINITE = 1,   /* the input contains NaN or Inf */
+    OFFQ_ERR_OVERFLOW = 2,    /* a group's range (max - min) overflows float32 */
+    OFFQ_ERR_CODE = 3,        /* a code is >= 2^bits */
+    OFFQ_ERR_NOMEM = 4,       /* temporary memory could not be allocated */
+    OFFQ_ERR_UNSUPPORTED = 5, /* SIMD variant not usable here, or a length with no construction */
+    OFFQ_ERR_NOCONVERGE = 6,  /* an iterative solver did not converge */
+} offq_status;
+
+/* ---- CPU features, dispatch and threads (cpu.c) ------------------------------------------- */
+
+/* Read the CPU features and OFFQ_DISABLE_SIMD=1 once and fill the dispatch table (call once at
+ * module import; before it, every kernel runs its generic variant). */
+void offq_cpu_init(void);
+int offq_cpu_has_avx2(void);        /* AVX2 + FMA usable */
+int offq_cpu_has_avx512_vnni(void); /* AVX-512 F/BW/VL + VNNI usable */
+int offq_cpu_simd_disabled(void);   /* OFFQ_DISABLE_SIMD=1 was set at init */
+
+/* One setting for offq's OpenMP regions and for OpenBLAS. */
+void offq_set_num_threads(int n);
+int offq_get_num_threads(void);
+
+/* ---- Walsh-Hadamard transforms (hadamard.c) ---------------------------------------------------
+ * y = x H_n (times 1/sqrt(n) when normalised) for each row:
+ *   n = 2^k      Sylvester H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]] (order of scipy.linalg.hadamard)
+ *   n = m * 2^k  H_n = H_m (x) H_{2^k} (element i = a * 2^k + b), H_m from hadamard_tables.h with m
+ *                the smallest tabulated order that fits. Row 0 and column 0 are all ones. */
+
+/* m of n = m * 2^k (1 for powers of two), or 0 when no construction is available. */
+int64_t offq_hadamard_factor(int64_t n);
+/* The largest power of two dividing n (n >= 1). */
+int64_t offq_hadamard_pow2_block(int64_t n);
+/* The number of tabulated orders, and the i-th (ascending). */
+int offq_hadamard_num_orders(void);
+int64_t offq_hadamard_order(int i);
+/* The tabulated +-1 matrix H_m (row-major m * m); OFFQ_ERR_UNSUPPORTED when m has no table. */
+offq_status offq_hadamard_base(int64_t m, double *out);
+/* x[r, :] <- x[r, :] H_n in place for r < rows. OFFQ_ERR_UNSUPPORTED for a length without a
+ * construction, OFFQ_ERR_NOMEM. */
+offq_status offq_fwht_f32(float *x, int64_t rows, int64_t n, int normalize);
+offq_status offq_fwht_f64(double *x, int64_t rows, int64_t n, int normalize);
+
+/* ---- Group-wise quantization (quant.c) --------------------------------------------------------
+ * The one format of offq: x_hat = scale * (q - zero), q an unsigned code in [0, 2^bits - 1], per
+ * group of `group` consecutive elements of a row (group divides k). zero is integer-valued, stored
+ * as float32, and may lie outside [0, 2^bits - 1]. float32 arithmetic, round half to even:
+ *   asymmetric: d = (0.5 * (1 - clip)) * (max - min); lo = min + d, hi = max - d
+ *               (the range shrunk by clip about its midpoint; clip = 1: lo = min, hi = max)
+ *               scale = (hi - lo) / (2^bits - 1); if 0: |hi| if hi != 0 else 1
+ *               zero = rint(-lo / scale)
+ *   symmetric:  scale = clip * max|g| / (2^(bits-1) - 1) (if 0: 1), zero = 2^(bits-1)
+ *   both:       q = clamp(rint(x / scale) + zero, 0, 2^bits - 1)
+ * Storage: 4 bits -> two codes per byte (element 2i low nibble, 2i + 1 high), ceil(k / 2) bytes a
+ * row; 2, 3, 8 bits -> one code per byte. code sums (int32): sum of the codes of each group. */
+
+/* Bytes per row of stored codes. */
+int64_t offq_code_row_bytes(int64_t k, int bits);
+/* x[rows][k] -> codes, scale, zero, sums [rows][k / group]. bits in {2,3,4,8}, 0 < clip <= 1.
+ * OFFQ_ERR_NONFINITE, OFFQ_ERR_OVERFLOW, OFFQ_ERR_NOMEM (outputs then unspecified). */
+offq_status offq_quantize_f32(const float *x, int64_t rows, int64_t k, int bits, int64_t group,
+                              int symmetric, float clip, uint8_t *codes, float *scale,
+                              float *zero, int32_t *sums);
+/* out[rows][k] = scale * (q - zero). */
+void offq_dequantize_f32(const uint8_t *codes, int64_t rows, int64_t k, int bits, int64_t group,
+                         const float *scale, const float *zero, float *out);
+/* One-code-per-byte codes[rows][k] -> stored format + group sums; OFFQ_ERR_CODE if a code >= 2^bits. */
+offq_status offq_pack_codes(const uint8_t *codes, int64_t rows, int64_t k, int bits,
+                            int64_t group, uint8_t *packed, int32_t *sums);
+/* Stored format -> one code per byte, out[rows][k]. */
+void offq_unpack_codes(const uint8_t *packed, int64_t rows, int64_t k, int bits, uint8_t *out);
+
+/* ---- W4A4 matmul (matmul_w4a4.c) --------------------------------------------------------------- */
+
+/* One 4-bit operand: rows x k codes in the stored format, scale and zero [rows][k / group]. */
+typedef struct {
+    const uint8_t *codes;
+    const float *scale;
+    const float *zero;
+    int64_t rows;
+    int64_t group;
+} offq_q4_operand;
+
+/* Variants of the matmul (identical results). */
+typedef enum {
+    OFFQ_KERNEL_AUTO = -1, /* the best usable one */
+    OFFQ_KERNEL_GENERIC = 0,
+    OFFQ_KERNEL_AVX2 = 1,
+    OFFQ_KERNEL_VNNI = 2,
+    OFFQ_KERNEL_COUNT = 3,
+} offq_kernel;
+
+/* out[M][N] = dequantize(a) @ dequantize(w)^T (a: M x k, w: N x k; one group size divides the
+ * other): exact integer dot products per block of min(group sizes) plus the zero-point correction
+ *     sa * sw * (sum qa qw - zw sum qa - za sum qw + block * za * zw),
+ * summed over blocks in float32. OFFQ_ERR_UNSUPPORTED when `kernel` is not usable here,
+ * OFFQ_ERR_NOMEM. */
+offq_status offq_matmul_w4a4(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
+                             float *out, offq_kernel kernel);
+
+/* ---- Second moments and eigenpairs (cov.c) ----------------------------------------------------
+ * Accumulators are full symmetric d x d matrices: syrk adds x^T x to the upper triangle, which is
+ * then mirrored, so acc must be symmetric on entry. */
+
+/* acc[d, d] += x^T x for x[n, d] (ssyrk / dsyrk in place). */
+offq_status offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d);
+offq_status offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d);
+/* float64 acc, float32 x: x^T x by ssyrk in a float32 scratch, added in float64 (calls of at most
+ * 256 rows widen the rows and use dsyrk). */
+offq_status offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d);
+/* sel[b, :] = the row of x[b, :, :] with the largest L-inf norm (first on ties; NaN counts as
+ * infinite). */
+void offq_top1_rows_f32(const float *x, int64_t batch, int64_t tokens, int64_t d, float *sel);
+void offq_top1_rows_f64(const double *x, int64_t batch, int64_t tokens, int64_t d, double *sel);
+/* The k largest eigenpairs of the symmetric a[d, d] (only the upper triangle is read) by Lanczos with full reorthogonalisation until every
+ * residual <= tol * ||a||. values[k] descending, vectors[d, k] (largest-magnitude component
+ * positive). OFFQ_ERR_NONFINITE (NaN/Inf in the upper triangle), OFFQ_ERR_NOMEM,
+ * OFFQ_ERR_NOCONVERGE. */
+offq_status offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double tol, uint64_t seed,
+                                double *values, double *vectors);
 
 #endif

@@ -28,8 +28,11 @@ def ref_quantize(x: np.ndarray, bits: int, group: int, symmetric: bool, clip: fl
         scale = np.where(scale == 0, f(1), scale).astype(f)
         zero = np.full_like(scale, f(2 ** (bits - 1)))
     else:
-        lo = c * xg.min(-1)
-        hi = c * xg.max(-1)
+        # clip shrinks [min, max] about its midpoint (clip = 1: lo = min, hi = max exactly)
+        mn, mx = xg.min(-1), xg.max(-1)
+        d = (f(0.5) * (f(1) - c)) * (mx - mn)
+        lo = mn + d
+        hi = mx - d
         scale = (hi - lo) / maxq
         scale = np.where(scale == 0, np.where(hi != 0, np.abs(hi), f(1)), scale).astype(f)
         zero = np.rint(-lo / scale).astype(f)
@@ -83,6 +86,34 @@ def test_clip(clip):
     x = rng.standard_normal((8, 128)).astype(np.float32)
     for sym in (False, True):
         check_against_reference(x, 4, 64, sym, clip)
+
+
+@pytest.mark.parametrize("clip", [0.5, 0.9])
+def test_clip_shrinks_about_the_midpoint(clip):
+    """A group of a large offset plus small noise (an OffQ outlier group) keeps its offset under
+    clip < 1: the error stays at the noise scale (shrinking towards zero would clamp every value
+    to about clip * 100, an error of ~10)."""
+    rng = np.random.default_rng(11)
+    x = (100.0 + 0.01 * rng.standard_normal((4, 128))).astype(np.float32)
+    x[1] -= 200.0  # a negative offset too
+    qt = check_against_reference(x, 4, 64, False, clip)
+    spread = (x.reshape(4, 2, 64).max(-1) - x.reshape(4, 2, 64).min(-1)).max()
+    err = np.abs(qt.dequantize() - x).max()
+    assert err <= spread, (err, spread)
+    # the clipped range is [mid - clip * half, mid + clip * half] of each group
+    xg = x.reshape(4, 2, 64)
+    mid = (xg.max(-1) + xg.min(-1)) / 2
+    half = (xg.max(-1) - xg.min(-1)) / 2 * clip
+    y = qt.dequantize().reshape(4, 2, 64)
+    tol = qt.scale[..., None]
+    assert np.all(y >= (mid - half)[..., None] - tol) and np.all(y <= (mid + half)[..., None] + tol)
+    # constant and all-zero groups still round-trip exactly, without NaN
+    c = np.zeros((3, 64), np.float32)
+    c[1] = 3.25
+    c[2] = -7.0
+    y = check_against_reference(c, 4, 32, False, clip).dequantize()
+    assert np.all(np.isfinite(y))
+    np.testing.assert_array_equal(y, c)
 
 
 def test_rounding_half_to_even():

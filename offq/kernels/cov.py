@@ -65,8 +65,4 @@ def top_eigenpairs(
     Raises:
         TypeError / ValueError naming ``cov``, ``k`` or ``tol``; ValueError if ``cov`` has NaN/Inf.
     """
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise TypeError(f"seed: expected a non-negative int, got {seed!r}")
-    return _C.top_eigenpairs(cov, int(k), float(tol), int(seed) & 0xFFFFFFFFFFFFFFFF)
+    return _C.top_eigenpairs(cov, k, tol, seed)

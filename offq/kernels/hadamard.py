@@ -29,7 +29,7 @@ SUPPORTED_ORDERS: tuple[int, ...] = tuple(_C.hadamard_orders())
 
 def hadamard_factor(n: int) -> int:
     """The factor ``m`` of ``n = m * 2^k`` used by :func:`fwht` (1 for powers of two, 0 if none)."""
-    return int(_C.hadamard_factor(int(n)))
+    return _C.hadamard_factor(n)
 
 
 def is_supported(n: int) -> bool:
@@ -64,17 +64,10 @@ def fwht(
         ValueError: non-contiguous ``x``/``out``, zero-length last axis, a bad ``block``, or a
             length with no Hadamard construction (the message offers a power-of-two block).
 
-    The C kernel releases the GIL and runs rows in parallel (OpenMP, see :mod:`.threads`).
+    Arguments are validated by the C binding (the one check). The kernel releases the GIL and
+    runs rows in parallel (OpenMP, see :mod:`.threads`).
     """
-    if block is None:
-        b = 0
-    elif isinstance(block, (bool, np.bool_)) or not isinstance(block, (int, np.integer)):
-        raise TypeError(f"block: expected an int or None, got {type(block).__name__}")
-    else:
-        b = int(block)
-        if b < 1:
-            raise ValueError(f"block: expected a positive divisor of the last axis length, got {b}")
-    return _C.fwht(x, b, bool(normalize), out)
+    return _C.fwht(x, block, bool(normalize), out)
 
 
 def hadamard_matrix(n: int, *, normalize: bool = True, dtype: np.dtype | type = np.float64) -> np.ndarray:
@@ -82,17 +75,6 @@ def hadamard_matrix(n: int, *, normalize: bool = True, dtype: np.dtype | type = 
 
     Built by transforming the identity (row ``i`` of ``H`` is ``fwht(e_i)``), so it is exactly the
     matrix :func:`fwht` applies. ``dtype`` is float32 or float64. Memory is ``n * n`` elements.
+    Raises TypeError/ValueError naming ``n`` or ``dtype`` (an unsupported ``n`` names a block).
     """
-    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"n: expected an int, got {type(n).__name__}")
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n: expected a length >= 1, got {n}")
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(f"dtype: expected float32 or float64, got {dt}")
-    if not is_supported(n):
-        # let the kernel phrase the error (it names the power-of-two block to use instead)
-        _C.fwht(np.zeros((1, n), dtype=dt), 0, True, None)
-    h = np.eye(n, dtype=dt)
-    return _C.fwht(h, 0, bool(normalize), h)
+    return _C.hadamard_matrix(n, bool(normalize), dtype)

@@ -9,11 +9,17 @@ per row). ``zero`` is an *integer-valued* zero-point stored as float32; it may l
 ``[0, 2**bits - 1]``, which is how a group that is entirely offset (an outlier token after the
 OffQ rotation) keeps its full resolution. All arithmetic is float32, round half to even::
 
-    asymmetric:  lo = clip * min(g),  hi = clip * max(g),  scale = (hi - lo) / (2**bits - 1)
+    asymmetric:  d = (0.5 * (1 - clip)) * (max(g) - min(g)),  lo = min(g) + d,  hi = max(g) - d
+                 scale = (hi - lo) / (2**bits - 1)
                  if scale == 0: scale = |hi| if hi != 0 else 1   (constant groups round-trip)
                  zero = rint(-lo / scale)
     symmetric:   scale = clip * max|g| / (2**(bits-1) - 1)  (if 0: 1),   zero = 2**(bits-1)
     both:        q = clip_to_range(rint(x / scale) + zero, 0, 2**bits - 1)
+
+``clip < 1`` shrinks a group's range ``[min, max]`` by the factor ``clip`` about its midpoint
+(``lo, hi = mid -/+ clip * (max - min) / 2``; ``clip = 1`` keeps ``min`` and ``max`` exactly), so a
+group of a large common offset plus small noise (an OffQ outlier group) keeps its offset; the
+symmetric grid scales ``max|g|``, i.e. shrinks about 0.
 
 Storage: ``bits == 4`` packs two codes per byte, ``codes`` has last axis ``ceil(K / 2)``, element
 ``2i`` in the LOW nibble and ``2i + 1`` in the HIGH nibble; bits 2, 3 and 8 store one code per
@@ -21,9 +27,10 @@ byte. ``scale`` and ``zero`` are float32 ``[..., G]`` and ``code_sums`` int32 ``
 sum of the codes of each group, used by the zero-point correction of the matmul), ``G = K /
 group_size``.
 
-NaN/Inf policy: :func:`quantize` raises ``ValueError`` for non-finite input. Every function
-validates its arrays (dtype, shape, contiguity) and raises ``TypeError``/``ValueError`` naming the
-argument; nothing is copied or converted silently.
+NaN/Inf policy: :func:`quantize` raises ``ValueError`` for non-finite input. Arguments are
+validated once, by the C binding (dtype, shape, contiguity, byte order, ranges), or by the
+:class:`QTensor` constructor for its fields; errors are ``TypeError``/``ValueError`` naming the
+argument, and nothing is copied or converted silently.
 """
 from __future__ import annotations
 
@@ -66,6 +73,19 @@ class QTensor:
     bits: int
     group_size: int
     symmetric: bool
+
+    @classmethod
+    def _from_kernel(cls, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray,
+                     code_sums: np.ndarray, shape: tuple[int, ...], bits: int, group_size: int,
+                     symmetric: bool) -> "QTensor":
+        """Private: a QTensor from arrays a kernel of ``offq._C`` just produced from validated
+        arguments (consistent by construction). Skips ``__post_init__``, whose checks would
+        dominate a decode-size call; never use it for user-supplied arrays."""
+        qt = object.__new__(cls)
+        qt.__dict__.update(codes=codes, scale=scale, zero=zero, code_sums=code_sums,
+                           shape=tuple(shape), bits=bits, group_size=group_size,
+                           symmetric=symmetric)
+        return qt
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.shape)
@@ -121,7 +141,7 @@ class QTensor:
         """The same tensor viewed as a matrix ``[rows, K]`` (leading axes flattened)."""
         k = self.shape[-1]
         rows = int(np.prod(self.shape[:-1], dtype=np.int64))
-        return QTensor(
+        return QTensor._from_kernel(  # views of fields this QTensor already validated
             self.codes.reshape(rows, -1), self.scale.reshape(rows, -1), self.zero.reshape(rows, -1),
             self.code_sums.reshape(rows, -1), (rows, k), self.bits, self.group_size, self.symmetric)
 
@@ -134,24 +154,10 @@ class QTensor:
         ``zero`` (float32 ``[..., K / group_size]``) are taken as given; ``zero`` should be
         integer-valued. ``group_size=-1`` means one group per row. Used by GPTQ.
         """
-        if not isinstance(codes, np.ndarray):
-            raise TypeError(f"codes: expected a numpy.ndarray, got {type(codes).__name__}")
-        if codes.ndim < 1:
-            raise ValueError("codes: expected at least 1 dimension")
-        k = codes.shape[-1]
-        gs = k if group_size == -1 else int(group_size)
-        packed, sums = _C.pack_codes(codes, int(bits), int(gs))
+        packed, sums = _C.pack_codes(codes, bits, group_size)  # validates codes, bits, group_size
+        gs = codes.shape[-1] // sums.shape[-1]
+        # the constructor validates scale and zero against the packed codes
         return cls(packed, scale, zero, sums, codes.shape, int(bits), gs, bool(symmetric))
-
-
-def _trusted(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, sums: np.ndarray,
-             shape: tuple[int, ...], bits: int, group_size: int, symmetric: bool) -> QTensor:
-    """A QTensor from arrays the C core just produced (already consistent): skips the
-    validation of ``__post_init__``, which would dominate a decode-size call."""
-    qt = object.__new__(QTensor)
-    qt.__dict__.update(codes=codes, scale=scale, zero=zero, code_sums=sums, shape=tuple(shape),
-                       bits=bits, group_size=group_size, symmetric=symmetric)
-    return qt
 
 
 def quantize(x: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,
@@ -163,19 +169,16 @@ def quantize(x: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: 
         bits: 2, 3, 4 or 8.
         group_size: elements per group; must divide K; -1 = one group per row.
         symmetric: symmetric grid (zero = 2**(bits-1)) instead of min/max asymmetric.
-        clip: ratio in (0, 1] applied to min/max (asymmetric) or max|x| (symmetric).
+        clip: ratio in (0, 1]: shrinks each group's [min, max] about its midpoint (asymmetric) or
+            max|x| (symmetric).
 
     Raises:
         TypeError/ValueError naming the argument for a wrong dtype, layout, group size, bits or
         clip; ValueError("x: contains NaN or Inf ...") for non-finite input.
     """
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"bits: expected an int, got {type(bits).__name__}")
-    codes, scale, zero, sums = _C.quantize(x, int(bits), int(group_size), bool(symmetric),
-                                           float(clip))
-    k = x.shape[-1]
-    gs = k if group_size == -1 else int(group_size)
-    return _trusted(codes, scale, zero, sums, x.shape, int(bits), gs, bool(symmetric))
+    codes, scale, zero, sums = _C.quantize(x, bits, group_size, symmetric, clip)
+    return QTensor._from_kernel(codes, scale, zero, sums, x.shape, int(bits),
+                                x.shape[-1] // scale.shape[-1], bool(symmetric))
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
@@ -196,6 +199,9 @@ def matmul_w4a4(a: QTensor, w: QTensor, *, out: np.ndarray | None = None,
     blocks are summed in float32, so the result equals the float product up to float32
     accumulation order. ``out``: optional C-contiguous float32 ``[M, N]`` to write into.
     ``kernel``: "auto" (best SIMD variant), or "generic" / "avx2" / "vnni" to force one.
+
+    The binding validates the arrays, group sizes, ``out`` and ``kernel``; the checks here are on
+    what it does not see: that ``a`` and ``w`` are 4-bit QTensors with matching logical shapes.
     """
     for name, q in (("a", a), ("w", w)):
         if not isinstance(q, QTensor):

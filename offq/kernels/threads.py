@@ -18,20 +18,10 @@ from .. import _C
 __all__ = ["set_num_threads", "get_num_threads", "threads"]
 
 
-def _check(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
-        raise TypeError(f"n: expected an int thread count, got {type(n).__name__}")
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n: expected a thread count >= 1, got {n}")
-    return n
-
-
 def set_num_threads(n: int) -> None:
     """Use ``n`` threads in offq's kernels, its OpenBLAS, and NumPy's BLAS (process-wide)."""
-    n = _check(n)
-    _C.set_num_threads(n)
-    threadpool_limits(limits=n)  # every BLAS and OpenMP runtime loaded in the process
+    _C.set_num_threads(n)  # validates n (TypeError / ValueError naming it)
+    threadpool_limits(limits=int(n))  # every BLAS and OpenMP runtime loaded in the process
 
 
 def get_num_threads() -> int:
@@ -42,11 +32,10 @@ def get_num_threads() -> int:
 @contextlib.contextmanager
 def threads(n: int) -> Iterator[None]:
     """Context manager: ``n`` threads for offq and NumPy's BLAS inside the block, restored after."""
-    n = _check(n)
     previous = get_num_threads()
-    with threadpool_limits(limits=n):
-        _C.set_num_threads(n)
-        try:
+    _C.set_num_threads(n)  # validates n before anything else changes
+    try:
+        with threadpool_limits(limits=int(n)):
             yield
-        finally:
-            _C.set_num_threads(previous)
+    finally:
+        _C.set_num_threads(previous)

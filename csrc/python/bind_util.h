@@ -1,7 +1,9 @@
-/* bind_util.h: shared argument validation for the binding layer (bind_*.c, module.c).
+/* bind_util.h: shared argument validation for the binding layer (csrc/python/).
  *
- * Every entry point validates dtype, ndim, shape, contiguity and ranges and raises a Python
- * exception naming the argument and what it expected; nothing reaches the C core unchecked.
+ * The bindings are the one place where arguments are validated: every entry point checks types,
+ * dtype, ndim, shape, contiguity, byte order and ranges and raises TypeError/ValueError naming the
+ * argument; the C core below trusts what it gets. Core statuses become Python exceptions in one
+ * place, offq_py_status (module.c).
  */
 #ifndef OFFQ_BIND_UTIL_H
 #define OFFQ_BIND_UTIL_H
@@ -16,6 +18,23 @@
 #include <numpy/arrayobject.h>
 
 #include <stdint.h>
+
+#include "offq.h"
+
+/* What an error message may need besides the status. */
+typedef struct {
+    const char *arg;    /* the argument the error is about */
+    int bits;           /* OFFQ_ERR_CODE: the code width */
+    const char *kernel; /* OFFQ_ERR_UNSUPPORTED from the matmul: the variant asked for */
+} offq_errctx;
+
+/* 0 for OFFQ_OK; otherwise set the Python exception for `status` and return -1. */
+int offq_py_status(offq_status status, offq_errctx ctx);
+
+/* A Python int (or an object with __index__, not a bool) -> *out; else TypeError naming `name`. */
+int offq_py_int(PyObject *obj, const char *name, long long *out);
+/* A real number -> *out; else TypeError naming `name`. */
+int offq_py_float(PyObject *obj, const char *name, double *out);
 
 /* Return `obj` as a borrowed PyArrayObject* if it is a C-contiguous ndarray of dtype `typenum`
  * with min_ndim <= ndim <= max_ndim (max_ndim < 0: no upper bound); else set TypeError/ValueError

@@ -9,21 +9,26 @@
  *               out=None, kernel="auto") -> float32 [M, N]   kernel: auto|generic|avx2|vnni
  */
 #include "bind_util.h"
-#include "offq.h"
 
 #include <string.h>
 
-static int check_bits(int bits, const char *name)
+/* bits: an int in {2, 3, 4, 8}. */
+static int parse_bits(PyObject *obj, int *bits)
 {
-    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
-        PyErr_Format(PyExc_ValueError, "%s: expected one of 2, 3, 4, 8, got %d", name, bits);
+    long long b;
+    if (offq_py_int(obj, "bits", &b) < 0) {
         return -1;
     }
+    if (b != 2 && b != 3 && b != 4 && b != 8) {
+        PyErr_Format(PyExc_ValueError, "bits: expected one of 2, 3, 4, 8, got %lld", b);
+        return -1;
+    }
+    *bits = (int)b;
     return 0;
 }
 
-/* Resolve group_size (-1 = whole row) against k; must be positive and divide k. */
-static int resolve_group(int64_t k, long long group, const char *name, int64_t *out)
+/* Resolve a group size (-1 = whole row) against k; must be positive and divide k. */
+static int check_group(int64_t k, long long group, const char *name, int64_t *out)
 {
     if (group == -1) {
         group = k;
@@ -41,6 +46,16 @@ static int resolve_group(int64_t k, long long group, const char *name, int64_t *
     }
     *out = (int64_t)group;
     return 0;
+}
+
+/* The same for a Python object that must be an int. */
+static int resolve_group(int64_t k, PyObject *obj, const char *name, int64_t *out)
+{
+    long long group;
+    if (offq_py_int(obj, name, &group) < 0) {
+        return -1;
+    }
+    return check_group(k, group, name, out);
 }
 
 /* New uint8/float32/int32 array with shape lead[0..nd-1) + (last,). */
@@ -75,43 +90,19 @@ static int check_shape(PyArrayObject *arr, const char *name, PyArrayObject *ref,
     return 0;
 }
 
-static int raise_status(int status, const char *name)
-{
-    switch (status) {
-    case OFFQ_OK:
-        return 0;
-    case OFFQ_ERR_NONFINITE:
-        PyErr_Format(PyExc_ValueError,
-                     "%s: contains NaN or Inf (quantization needs finite values)", name);
-        break;
-    case OFFQ_ERR_OVERFLOW:
-        PyErr_Format(PyExc_ValueError,
-                     "%s: a group's range max - min overflows float32 (|values| near 3.4e38)",
-                     name);
-        break;
-    case OFFQ_ERR_CODE:
-        PyErr_Format(PyExc_ValueError, "%s: contains a code >= 2^bits", name);
-        break;
-    default:
-        PyErr_NoMemory();
-        break;
-    }
-    return -1;
-}
-
 static PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"x", "bits", "group_size", "symmetric", "clip", NULL};
-    PyObject *xo;
+    PyObject *xo, *bits_o = NULL, *group_o = NULL, *clip_o = NULL;
     int bits = 4, symmetric = 0;
-    long long group = 128;
     double clip = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|iLpd:quantize", kwlist, &xo, &bits, &group,
-                                     &symmetric, &clip)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOpO:quantize", kwlist, &xo, &bits_o,
+                                     &group_o, &symmetric, &clip_o)) {
         return NULL;
     }
     PyArrayObject *x = offq_check_array(xo, "x", NPY_FLOAT32, 1, -1);
-    if (x == NULL || check_bits(bits, "bits") < 0) {
+    if (x == NULL || (bits_o != NULL && parse_bits(bits_o, &bits) < 0) ||
+        (clip_o != NULL && offq_py_float(clip_o, "clip", &clip) < 0)) {
         return NULL;
     }
     if (!(clip > 0.0 && clip <= 1.0)) {
@@ -126,8 +117,10 @@ static PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "x: the last axis must not be empty");
         return NULL;
     }
+    long long group = 128;
     int64_t g;
-    if (resolve_group(k, group, "group_size", &g) < 0) {
+    if ((group_o != NULL && offq_py_int(group_o, "group_size", &group) < 0) ||
+        check_group(k, group, "group_size", &g) < 0) {
         return NULL;
     }
     int64_t rows = offq_leading_rows(x), ng = k / g;
@@ -138,14 +131,14 @@ static PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds)
     if (codes == NULL || scale == NULL || zero == NULL || sums == NULL) {
         goto fail;
     }
-    int status;
+    offq_status status;
     Py_BEGIN_ALLOW_THREADS;
     status = offq_quantize_f32((const float *)PyArray_DATA(x), rows, k, bits, g, symmetric,
                                (float)clip, (uint8_t *)PyArray_DATA(codes),
                                (float *)PyArray_DATA(scale), (float *)PyArray_DATA(zero),
                                (int32_t *)PyArray_DATA(sums));
     Py_END_ALLOW_THREADS;
-    if (raise_status(status, "x") < 0) {
+    if (offq_py_status(status, (offq_errctx){.arg = "x"}) < 0) {
         goto fail;
     }
     return Py_BuildValue("(NNNN)", codes, scale, zero, sums);
@@ -176,20 +169,20 @@ static int check_codes(PyArrayObject *codes, const char *name, int64_t k, int bi
 static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"codes", "scale", "zero", "bits", "group_size", "k", NULL};
-    PyObject *co, *so, *zo;
+    PyObject *co, *so, *zo, *bits_o, *group_o, *k_o;
     int bits;
-    long long group, kk;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOiLL:dequantize", kwlist, &co, &so, &zo,
-                                     &bits, &group, &kk)) {
+    long long kk;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO:dequantize", kwlist, &co, &so, &zo,
+                                     &bits_o, &group_o, &k_o)) {
         return NULL;
     }
     PyArrayObject *codes = offq_check_array(co, "codes", NPY_UINT8, 1, -1);
-    if (codes == NULL || check_bits(bits, "bits") < 0) {
+    if (codes == NULL || parse_bits(bits_o, &bits) < 0) {
         return NULL;
     }
     PyArrayObject *scale = offq_check_array(so, "scale", NPY_FLOAT32, 1, -1);
     PyArrayObject *zero = scale ? offq_check_array(zo, "zero", NPY_FLOAT32, 1, -1) : NULL;
-    if (zero == NULL) {
+    if (zero == NULL || offq_py_int(k_o, "k", &kk) < 0) {
         return NULL;
     }
     if (kk <= 0) {
@@ -197,7 +190,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     int64_t k = (int64_t)kk, g;
-    if (resolve_group(k, group, "group_size", &g) < 0 || check_codes(codes, "codes", k, bits) < 0 ||
+    if (resolve_group(k, group_o, "group_size", &g) < 0 || check_codes(codes, "codes", k, bits) < 0 ||
         check_shape(scale, "scale", codes, "codes", (npy_intp)(k / g)) < 0 ||
         check_shape(zero, "zero", codes, "codes", (npy_intp)(k / g)) < 0) {
         return NULL;
@@ -217,14 +210,14 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
 static PyObject *py_pack_codes(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"codes", "bits", "group_size", NULL};
-    PyObject *co;
+    PyObject *co, *bits_o, *group_o;
     int bits;
-    long long group;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiL:pack_codes", kwlist, &co, &bits, &group)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:pack_codes", kwlist, &co, &bits_o,
+                                     &group_o)) {
         return NULL;
     }
     PyArrayObject *codes = offq_check_array(co, "codes", NPY_UINT8, 1, -1);
-    if (codes == NULL || check_bits(bits, "bits") < 0) {
+    if (codes == NULL || parse_bits(bits_o, &bits) < 0) {
         return NULL;
     }
     int nd = PyArray_NDIM(codes);
@@ -233,7 +226,7 @@ static PyObject *py_pack_codes(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "codes: the last axis must not be empty");
         return NULL;
     }
-    if (resolve_group(k, group, "group_size", &g) < 0) {
+    if (resolve_group(k, group_o, "group_size", &g) < 0) {
         return NULL;
     }
     PyArrayObject *packed = new_array(codes, nd, (npy_intp)offq_code_row_bytes(k, bits), NPY_UINT8);
@@ -243,21 +236,15 @@ static PyObject *py_pack_codes(PyObject *self, PyObject *args, PyObject *kwds)
         Py_XDECREF(sums);
         return NULL;
     }
-    int status;
+    offq_status status;
     Py_BEGIN_ALLOW_THREADS;
     status = offq_pack_codes((const uint8_t *)PyArray_DATA(codes), offq_leading_rows(codes), k,
                              bits, g, (uint8_t *)PyArray_DATA(packed),
                              (int32_t *)PyArray_DATA(sums));
     Py_END_ALLOW_THREADS;
-    if (status != OFFQ_OK) {
+    if (offq_py_status(status, (offq_errctx){.arg = "codes", .bits = bits}) < 0) {
         Py_DECREF(packed);
         Py_DECREF(sums);
-        if (status == OFFQ_ERR_CODE) {
-            PyErr_Format(PyExc_ValueError, "codes: expected values in [0, %d] for %d bits",
-                         (1 << bits) - 1, bits);
-            return NULL;
-        }
-        raise_status(status, "codes");
         return NULL;
     }
     return Py_BuildValue("(NN)", packed, sums);
@@ -266,14 +253,14 @@ static PyObject *py_pack_codes(PyObject *self, PyObject *args, PyObject *kwds)
 static PyObject *py_unpack_codes(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"packed", "bits", "k", NULL};
-    PyObject *po;
+    PyObject *po, *bits_o, *k_o;
     int bits;
     long long kk;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OiL:unpack_codes", kwlist, &po, &bits, &kk)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:unpack_codes", kwlist, &po, &bits_o, &k_o)) {
         return NULL;
     }
     PyArrayObject *packed = offq_check_array(po, "packed", NPY_UINT8, 1, -1);
-    if (packed == NULL || check_bits(bits, "bits") < 0) {
+    if (packed == NULL || parse_bits(bits_o, &bits) < 0 || offq_py_int(k_o, "k", &kk) < 0) {
         return NULL;
     }
     if (kk <= 0) {
@@ -295,7 +282,7 @@ static PyObject *py_unpack_codes(PyObject *self, PyObject *args, PyObject *kwds)
 }
 
 /* Validate one 2-D operand of matmul_w4a4; prefix is "a" or "w". */
-static int check_operand(PyObject *co, PyObject *so, PyObject *zo, long long group, int64_t k,
+static int check_operand(PyObject *co, PyObject *so, PyObject *zo, PyObject *group, int64_t k,
                          const char *prefix, offq_q4_operand *op)
 {
     char n_codes[32], n_scale[32], n_zero[32], n_group[32];
@@ -330,14 +317,14 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"a_codes", "a_scale", "a_zero", "a_group", "w_codes", "w_scale",
                              "w_zero", "w_group", "k", "out", "kernel", NULL};
-    PyObject *aco, *aso, *azo, *wco, *wso, *wzo, *outo = Py_None;
-    long long ag, wg, kk;
+    PyObject *aco, *aso, *azo, *ag, *wco, *wso, *wzo, *wg, *k_o, *outo = Py_None;
+    long long kk;
     const char *kname = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOLOOOLL|Os:matmul_w4a4", kwlist, &aco, &aso,
-                                     &azo, &ag, &wco, &wso, &wzo, &wg, &kk, &outo, &kname)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|Os:matmul_w4a4", kwlist, &aco, &aso,
+                                     &azo, &ag, &wco, &wso, &wzo, &wg, &k_o, &outo, &kname)) {
         return NULL;
     }
-    int kernel;
+    offq_kernel kernel;
     if (strcmp(kname, "auto") == 0) {
         kernel = OFFQ_KERNEL_AUTO;
     } else if (strcmp(kname, "generic") == 0) {
@@ -349,6 +336,9 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
     } else {
         PyErr_Format(PyExc_ValueError,
                      "kernel: expected 'auto', 'generic', 'avx2' or 'vnni', got '%s'", kname);
+        return NULL;
+    }
+    if (offq_py_int(k_o, "k", &kk) < 0) {
         return NULL;
     }
     if (kk <= 0) {
@@ -387,19 +377,12 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
         }
         Py_INCREF(out);
     }
-    int status;
+    offq_status status;
     float *po = (float *)PyArray_DATA(out);
     Py_BEGIN_ALLOW_THREADS;
-    status = offq_matmul_w4a4_kernel(&a, &w, k, po, kernel);
+    status = offq_matmul_w4a4(&a, &w, k, po, kernel);
     Py_END_ALLOW_THREADS;
-    if (status == OFFQ_ERR_UNSUPPORTED) {
-        Py_DECREF(out);
-        PyErr_Format(PyExc_ValueError,
-                     "kernel: '%s' is not available on this CPU (or OFFQ_DISABLE_SIMD is set)",
-                     kname);
-        return NULL;
-    }
-    if (raise_status(status, "a") < 0) {
+    if (offq_py_status(status, (offq_errctx){.arg = "a", .kernel = kname}) < 0) {
         Py_DECREF(out);
         return NULL;
     }

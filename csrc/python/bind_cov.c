@@ -1,9 +1,8 @@
 /* bind_cov.c: Python bindings of the covariance kernels (validate, release the GIL, call). */
 #include "bind_util.h"
-#include "offq.h"
 
-#include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* cov_update(acc, x, top1) -> acc, in place: acc += x^T x (rows of x; with top1, one row per
  * sequence of x[batch, tokens, d]: the token of largest L-infinity norm). */
@@ -94,7 +93,7 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
             return PyErr_NoMemory();
         }
     }
-    int rc = 0;
+    offq_status rc;
     Py_BEGIN_ALLOW_THREADS
     if (top1) {
         if (x_type == NPY_FLOAT32) {
@@ -113,8 +112,8 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
     }
     Py_END_ALLOW_THREADS
     free(sel);
-    if (rc != 0) {
-        return PyErr_NoMemory();
+    if (offq_py_status(rc, (offq_errctx){.arg = "acc"}) < 0) {
+        return NULL;
     }
     Py_INCREF(acc);
     return (PyObject *)acc;
@@ -123,13 +122,28 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
 /* top_eigenpairs(cov, k, tol, seed) -> (values float64 [k], vectors float64 [d, k]). */
 static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
 {
-    PyObject *cov_obj;
+    PyObject *cov_obj, *k_obj, *tol_obj, *seed_obj;
     long long k;
     double tol;
-    unsigned long long seed;
-    if (!PyArg_ParseTuple(args, "OLdK:top_eigenpairs", &cov_obj, &k, &tol, &seed)) {
+    if (!PyArg_ParseTuple(args, "OOOO:top_eigenpairs", &cov_obj, &k_obj, &tol_obj, &seed_obj) ||
+        offq_py_int(k_obj, "k", &k) < 0 || offq_py_float(tol_obj, "tol", &tol) < 0) {
         return NULL;
     }
+    /* seed: any non-negative int, used modulo 2^64 */
+    PyObject *seed_int = PyBool_Check(seed_obj) || !PyIndex_Check(seed_obj)
+                             ? NULL
+                             : PyNumber_Index(seed_obj);
+    int overflow = 0;
+    const long long seed_ll = seed_int ? PyLong_AsLongLongAndOverflow(seed_int, &overflow) : -1;
+    if (seed_int == NULL || overflow < 0 || (overflow == 0 && seed_ll < 0)) {
+        Py_XDECREF(seed_int);
+        if (!PyErr_Occurred()) {
+            PyErr_Format(PyExc_TypeError, "seed: expected a non-negative int, got %R", seed_obj);
+        }
+        return NULL;
+    }
+    const unsigned long long seed = PyLong_AsUnsignedLongLongMask(seed_int);
+    Py_DECREF(seed_int);
     if (!PyArray_Check(cov_obj)) {
         PyErr_Format(PyExc_TypeError, "cov: expected a numpy.ndarray, got %s", Py_TYPE(cov_obj)->tp_name);
         return NULL;
@@ -173,8 +187,7 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
         free(a);
         return PyErr_NoMemory();
     }
-    int finite = 1;
-    int rc = 0;
+    offq_status rc;
     Py_BEGIN_ALLOW_THREADS
     const int64_t total = d * d;
     if (typenum == NPY_FLOAT32) {
@@ -185,30 +198,13 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
     } else {
         memcpy(a, PyArray_DATA(cov), (size_t)total * sizeof(double));
     }
-    for (int64_t i = 0; i < d && finite; i++) {
-        for (int64_t j = i; j < d; j++) {
-            if (!isfinite(a[i * d + j])) {
-                finite = 0;
-                break;
-            }
-        }
-    }
-    if (finite) {
-        rc = offq_top_eigenpairs(a, d, (int64_t)k, tol, (uint64_t)seed,
-                                 (double *)PyArray_DATA(values), (double *)PyArray_DATA(vectors));
-    }
+    rc = offq_top_eigenpairs(a, d, (int64_t)k, tol, (uint64_t)seed,
+                             (double *)PyArray_DATA(values), (double *)PyArray_DATA(vectors));
     Py_END_ALLOW_THREADS
     free(a);
-    if (!finite || rc != 0) {
+    if (offq_py_status(rc, (offq_errctx){.arg = "cov"}) < 0) {
         Py_DECREF(values);
         Py_DECREF(vectors);
-        if (!finite) {
-            PyErr_SetString(PyExc_ValueError, "cov: contains NaN or Inf");
-        } else if (rc == -1) {
-            PyErr_NoMemory();
-        } else {
-            PyErr_SetString(PyExc_RuntimeError, "top_eigenpairs: the tridiagonal eigensolver did not converge");
-        }
         return NULL;
     }
     return Py_BuildValue("(NN)", (PyObject *)values, (PyObject *)vectors);

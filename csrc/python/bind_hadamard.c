@@ -1,6 +1,5 @@
 /* bind_hadamard.c: Python bindings of the Hadamard kernels (validate, release the GIL, call). */
 #include "bind_util.h"
-#include "offq.h"
 
 #include <string.h>
 
@@ -16,13 +15,22 @@ static void unsupported_length(const char *name, int64_t n)
                  name, (long long)n, (long long)(n / b), (long long)b, (long long)b, (long long)n);
 }
 
-/* fwht(x, block, normalize, out) -> out. block = 0: the whole last axis; out = None: a new array. */
+/* fwht(x, block, normalize, out) -> out. block = None: the whole last axis; out = None: a
+ * new array. */
 static PyObject *py_fwht(PyObject *self, PyObject *args)
 {
-    PyObject *x_obj, *out_obj;
-    long long block;
+    PyObject *x_obj, *block_obj, *out_obj;
+    long long block = 0;
     int normalize;
-    if (!PyArg_ParseTuple(args, "OLpO:fwht", &x_obj, &block, &normalize, &out_obj)) {
+    int has_block;
+    if (!PyArg_ParseTuple(args, "OOpO:fwht", &x_obj, &block_obj, &normalize, &out_obj)) {
+        return NULL;
+    }
+    has_block = block_obj != Py_None;
+    if (has_block && offq_py_int(block_obj, "block", &block) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "block: expected an int or None, got %s",
+                     Py_TYPE(block_obj)->tp_name);
         return NULL;
     }
     if (!PyArray_Check(x_obj)) {
@@ -46,7 +54,7 @@ static PyObject *py_fwht(PyObject *self, PyObject *args)
         return NULL;
     }
     int64_t len = n;
-    if (block != 0) {
+    if (has_block) {
         if (block < 1 || n % block != 0) {
             PyErr_Format(PyExc_ValueError,
                          "block: expected a positive divisor of the last axis length %lld, got %lld",
@@ -56,7 +64,7 @@ static PyObject *py_fwht(PyObject *self, PyObject *args)
         len = (int64_t)block;
     }
     if (offq_hadamard_factor(len) == 0) {
-        unsupported_length(block != 0 ? "block" : "x", len);
+        unsupported_length(has_block ? "block" : "x", len);
         return NULL;
     }
 
@@ -86,7 +94,7 @@ static PyObject *py_fwht(PyObject *self, PyObject *args)
         return NULL;
     }
     const int64_t rows = (int64_t)(PyArray_SIZE(x) / len);
-    int rc = 0;
+    offq_status rc = OFFQ_OK;
     Py_BEGIN_ALLOW_THREADS
     if (os != xs) {
         memcpy(os, xs, nbytes);
@@ -96,9 +104,9 @@ static PyObject *py_fwht(PyObject *self, PyObject *args)
                                     : offq_fwht_f64((double *)os, rows, len, normalize);
     }
     Py_END_ALLOW_THREADS
-    if (rc != 0) {
+    if (offq_py_status(rc, (offq_errctx){.arg = "x"}) < 0) {
         Py_DECREF(out);
-        return PyErr_NoMemory();
+        return NULL;
     }
     return (PyObject *)out;
 }
@@ -106,8 +114,8 @@ static PyObject *py_fwht(PyObject *self, PyObject *args)
 /* hadamard_factor(n) -> m (1 for powers of two, 0 when unsupported). */
 static PyObject *py_hadamard_factor(PyObject *self, PyObject *arg)
 {
-    long long n = PyLong_AsLongLong(arg);
-    if (n == -1 && PyErr_Occurred()) {
+    long long n;
+    if (offq_py_int(arg, "n", &n) < 0) {
         return NULL;
     }
     return PyLong_FromLongLong((long long)offq_hadamard_factor((int64_t)n));
@@ -116,8 +124,8 @@ static PyObject *py_hadamard_factor(PyObject *self, PyObject *arg)
 /* hadamard_base(m) -> float64 [m, m], the tabulated +-1 matrix H_m. */
 static PyObject *py_hadamard_base(PyObject *self, PyObject *arg)
 {
-    long long m = PyLong_AsLongLong(arg);
-    if (m == -1 && PyErr_Occurred()) {
+    long long m;
+    if (offq_py_int(arg, "m", &m) < 0) {
         return NULL;
     }
     if (m < 2 || m > 4096) {
@@ -129,7 +137,7 @@ static PyObject *py_hadamard_base(PyObject *self, PyObject *arg)
     if (out == NULL) {
         return NULL;
     }
-    if (offq_hadamard_base((int64_t)m, (double *)PyArray_DATA(out)) != 0) {
+    if (offq_hadamard_base((int64_t)m, (double *)PyArray_DATA(out)) != OFFQ_OK) {
         Py_DECREF(out);
         PyErr_Format(PyExc_ValueError, "m: no Hadamard table of order %lld", m);
         return NULL;
@@ -140,11 +148,12 @@ static PyObject *py_hadamard_base(PyObject *self, PyObject *arg)
 /* hadamard_orders() -> tuple of the tabulated orders m. */
 static PyObject *py_hadamard_orders(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *t = PyTuple_New(OFFQ_HAD_NUM_TABLES_PUBLIC);
+    const int count = offq_hadamard_num_orders();
+    PyObject *t = PyTuple_New(count);
     if (t == NULL) {
         return NULL;
     }
-    for (int i = 0; i < OFFQ_HAD_NUM_TABLES_PUBLIC; i++) {
+    for (int i = 0; i < count; i++) {
         PyObject *v = PyLong_FromLongLong((long long)offq_hadamard_order(i));
         if (v == NULL) {
             Py_DECREF(t);
@@ -155,7 +164,68 @@ static PyObject *py_hadamard_orders(PyObject *self, PyObject *Py_UNUSED(ignored)
     return t;
 }
 
+/* hadamard_matrix(n, normalize, dtype) -> [n, n] H with fwht(x) == x @ H: the identity, transformed. */
+static PyObject *py_hadamard_matrix(PyObject *self, PyObject *args)
+{
+    PyObject *n_obj, *dtype_obj;
+    int normalize;
+    long long n;
+    if (!PyArg_ParseTuple(args, "OpO:hadamard_matrix", &n_obj, &normalize, &dtype_obj) ||
+        offq_py_int(n_obj, "n", &n) < 0) {
+        return NULL;
+    }
+    if (n < 1) {
+        PyErr_Format(PyExc_ValueError, "n: expected a length >= 1, got %lld", n);
+        return NULL;
+    }
+    PyArray_Descr *descr = NULL;
+    if (!PyArray_DescrConverter(dtype_obj, &descr)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "dtype: expected float32 or float64, got %R", dtype_obj);
+        return NULL;
+    }
+    const int typenum = descr->type_num;
+    const int native = PyArray_ISNBO(descr->byteorder);
+    Py_DECREF(descr);
+    if ((typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) || !native) {
+        PyErr_Format(PyExc_TypeError, "dtype: expected float32 or float64, got %R", dtype_obj);
+        return NULL;
+    }
+    if (offq_hadamard_factor((int64_t)n) == 0) {
+        unsupported_length("n", (int64_t)n);
+        return NULL;
+    }
+    npy_intp dims[2] = {(npy_intp)n, (npy_intp)n};
+    PyArrayObject *h = (PyArrayObject *)PyArray_ZEROS(2, dims, typenum, 0);
+    if (h == NULL) {
+        return NULL;
+    }
+    offq_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    if (typenum == NPY_FLOAT32) {
+        float *p = (float *)PyArray_DATA(h);
+        for (long long i = 0; i < n; i++) {
+            p[i * n + i] = 1.0f;
+        }
+        rc = offq_fwht_f32(p, (int64_t)n, (int64_t)n, normalize);
+    } else {
+        double *p = (double *)PyArray_DATA(h);
+        for (long long i = 0; i < n; i++) {
+            p[i * n + i] = 1.0;
+        }
+        rc = offq_fwht_f64(p, (int64_t)n, (int64_t)n, normalize);
+    }
+    Py_END_ALLOW_THREADS
+    if (offq_py_status(rc, (offq_errctx){.arg = "n"}) < 0) {
+        Py_DECREF(h);
+        return NULL;
+    }
+    return (PyObject *)h;
+}
+
 PyMethodDef offq_hadamard_methods[] = {
+    {"hadamard_matrix", py_hadamard_matrix, METH_VARARGS,
+     "hadamard_matrix(n, normalize, dtype) -> [n, n] H with fwht(x) == x @ H."},
     {"fwht", py_fwht, METH_VARARGS,
      "fwht(x, block, normalize, out) -> out: x @ H along the last axis (see offq.kernels.fwht)."},
     {"hadamard_factor", py_hadamard_factor, METH_O,

@@ -1,0 +1,209 @@
+/* kernels.h: internal to the C core (not part of the API in offq.h).
+ *
+ * Every kernel has a generic C reference (csrc/<concern>.c, suffix _generic) and optional SIMD
+ * variants of the same name with an ISA suffix (csrc/x86/<concern>_<isa>.c, target attributes per
+ * function, never -march=native). The drivers call them only through offq_dispatch, the table that
+ * cpu.c fills once at import from the CPU features and OFFQ_DISABLE_SIMD. Helpers a generic kernel
+ * shares with its variants (so that they compute identical results) live here as inline functions.
+ */
+#ifndef OFFQ_KERNELS_H
+#define OFFQ_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "offq.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define OFFQ_X86 1
+#endif
+
+/* ---- quant --------------------------------------------------------------------------------- */
+
+/* rintf() in the default rounding mode, written so that it vectorises without SSE4.1: for
+ * |v| < 2^23, |v| + 2^23 rounds to an integer (ties to even); larger |v| already are integers. */
+static inline float offq_round_half_even(float v)
+{
+    const float two23 = 8388608.0f;
+    const float t = fabsf(v);
+    const float r = (t < two23) ? (t + two23) - two23 : t;
+    return copysignf(r, v);
+}
+
+static inline int offq_is_nonfinite(float v)
+{
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    return (u & 0x7f800000u) == 0x7f800000u;
+}
+
+/* scale and zero of an asymmetric group from its min and max (formula: offq.h). */
+static inline offq_status offq_quant_params_asym(float mn, float mx, int bits, float clip,
+                                                 float *scale, float *zero)
+{
+    const float range = mx - mn;
+    if (offq_is_nonfinite(range)) {
+        return OFFQ_ERR_OVERFLOW;
+    }
+    /* shrink about the midpoint: a group of offset + noise keeps its offset */
+    const float d = (0.5f * (1.0f - clip)) * range;
+    const float lo = mn + d, hi = mx - d;
+    float s = (hi - lo) / (float)((1 << bits) - 1);
+    if (s == 0.0f) {
+        s = hi != 0.0f ? fabsf(hi) : 1.0f; /* constant groups round-trip exactly */
+    }
+    *scale = s;
+    *zero = offq_round_half_even(-lo / s) + 0.0f; /* + 0: no negative zero */
+    return OFFQ_OK;
+}
+
+static inline void offq_quant_params_sym(float amax, int bits, float clip, float *scale,
+                                         float *zero)
+{
+    const float s = (clip * amax) / (float)((1 << (bits - 1)) - 1);
+    *scale = s == 0.0f ? 1.0f : s;
+    *zero = (float)(1 << (bits - 1));
+}
+
+/* k codes (one per byte) <-> nibbles: element 2i low, 2i + 1 high. */
+static inline void offq_pack_row4(const uint8_t *restrict c, int64_t k, uint8_t *restrict p)
+{
+    const int64_t half = k / 2;
+    for (int64_t i = 0; i < half; i++) {
+        p[i] = (uint8_t)(c[2 * i] | (c[2 * i + 1] << 4));
+    }
+    if (k & 1) {
+        p[half] = c[k - 1];
+    }
+}
+
+static inline void offq_unpack_row4(const uint8_t *restrict p, int64_t k, uint8_t *restrict c)
+{
+    const int64_t half = k / 2;
+    for (int64_t i = 0; i < half; i++) {
+        c[2 * i] = p[i] & 15;
+        c[2 * i + 1] = p[i] >> 4;
+    }
+    if (k & 1) {
+        c[k - 1] = p[half] & 15;
+    }
+}
+
+/* Quantize one row of k (groups of `group`) into codes (packed when bits == 4, through tmp[k]). */
+typedef offq_status (*offq_quant_row_fn)(const float *x, int64_t k, int bits, int64_t group,
+                                         int symmetric, float clip, uint8_t *codes, float *scale,
+                                         float *zero, int32_t *sums, uint8_t *tmp);
+offq_status offq_quant_row_generic(const float *x, int64_t k, int bits, int64_t group,
+                                   int symmetric, float clip, uint8_t *codes, float *scale,
+                                   float *zero, int32_t *sums, uint8_t *tmp);
+offq_status offq_quant_row_avx2(const float *x, int64_t k, int bits, int64_t group, int symmetric,
+                                float clip, uint8_t *codes, float *scale, float *zero,
+                                int32_t *sums, uint8_t *tmp);
+
+/* ---- hadamard -------------------------------------------------------------------------------
+ * pow2: the Sylvester transform of x[n] (n = 2^k) in place, times `scale` when normalize.
+ * mix:  x = [m, p] rows: x[c, :] <- scale * sum_a ht[c * m + a] x[a, :] (ht: transposed H_m),
+ *       tmp holds max(m * p, m * OFFQ_MIX_W) values. */
+#define OFFQ_MIX_W 16
+typedef void (*offq_pow2_f32_fn)(float *restrict x, int64_t n, int normalize, float scale);
+typedef void (*offq_pow2_f64_fn)(double *restrict x, int64_t n, int normalize, double scale);
+typedef void (*offq_mix_f32_fn)(float *restrict x, int64_t m, int64_t p, const float *restrict ht,
+                                float scale, float *restrict tmp);
+typedef void (*offq_mix_f64_fn)(double *restrict x, int64_t m, int64_t p,
+                                const double *restrict ht, double scale, double *restrict tmp);
+void offq_pow2_f32_generic(float *restrict x, int64_t n, int normalize, float scale);
+void offq_pow2_f64_generic(double *restrict x, int64_t n, int normalize, double scale);
+void offq_mix_f32_generic(float *restrict x, int64_t m, int64_t p, const float *restrict ht,
+                          float scale, float *restrict tmp);
+void offq_mix_f64_generic(double *restrict x, int64_t m, int64_t p, const double *restrict ht,
+                          double scale, double *restrict tmp);
+void offq_pow2_f32_avx2(float *restrict x, int64_t n, int normalize, float scale);
+void offq_pow2_f64_avx2(double *restrict x, int64_t n, int normalize, double scale);
+void offq_mix_f32_avx2(float *restrict x, int64_t m, int64_t p, const float *restrict ht,
+                       float scale, float *restrict tmp);
+void offq_mix_f64_avx2(double *restrict x, int64_t m, int64_t p, const double *restrict ht,
+                       double scale, double *restrict tmp);
+
+/* ---- W4A4 matmul (layout and math: matmul_w4a4.c) -------------------------------------------- */
+#define OFFQ_MM_MR 8   /* rows per strip */
+#define OFFQ_MM_NRP 16 /* columns per weight panel; a tile is two panels (32 columns) */
+#define OFFQ_MM_MS 8   /* rows per small-M (gemv) call */
+
+typedef struct {
+    int64_t m, n, k;
+    int64_t blk, bp, nb, kp, mp; /* block, padded block, blocks per row, padded k, padded rows */
+} offq_mm_plan;
+
+/* One MR x 32 tile: activation bytes a [MR][lda]; per row and block [MR][ldp]: asum, azero,
+ * ascale; per panel h: wp[h] [kp/4][16][4] bytes and wz, wT, ws [nb][16] (zw, Sw - blk*zw, sw). */
+typedef struct {
+    const uint8_t *a;
+    int64_t lda;
+    const float *asum, *azero, *ascale;
+    int64_t ldp;
+    const uint8_t *wp[2];
+    const float *wz[2], *wT[2], *ws[2];
+    int64_t nb, bp;
+} offq_mm_tile_args;
+
+/* Small M: activations in chunks of `chunk` as [even | odd] bytes, per row and block params. */
+typedef struct {
+    const offq_mm_plan *pl;
+    const offq_q4_operand *w;
+    const uint8_t *ap;                  /* [mrows][k] */
+    const float *asum, *azero, *ascale; /* [mrows][nb] */
+    float *out;
+} offq_mm_gemv_args;
+
+typedef struct {
+    void (*fn)(const offq_mm_gemv_args *g, int mrows, int folded); /* NULL: no small-M path */
+    int max_m;                                                     /* rows eligible */
+    int chunk;                                                     /* block % chunk == 0 */
+} offq_mm_gemv;
+
+/* One variant of the matmul: its pieces. NULL pack/unpack: the generic layout code. */
+typedef struct {
+    /* ct[MR][32] += the tile; `second`: panel 1 holds real columns */
+    void (*tile)(const offq_mm_tile_args *u, int second, float *ct);
+    /* panel of 16 weight rows from packed nibbles + block sums [16][nb]; needs blk % 32 == 0 */
+    void (*pack_panel)(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n,
+                       uint8_t *panel, float *sums);
+    /* one packed activation row -> bytes + block sums; needs blk % 32 == 0 */
+    void (*unpack_blocks)(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,
+                          float *sums);
+    offq_mm_gemv small[2]; /* small-M paths, tried in order */
+} offq_mm_ops;
+
+void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct);
+void offq_mm_tile_avx2(const offq_mm_tile_args *u, int second, float *ct);
+void offq_mm_pack_panel_avx2(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n,
+                             uint8_t *panel, float *sums);
+void offq_mm_unpack_blocks_avx2(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,
+                                float *sums);
+void offq_mm_gemv_avx2(const offq_mm_gemv_args *g, int mrows, int folded);
+void offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct);
+void offq_mm_gemv_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded);
+
+static inline uint32_t offq_load_u32(const uint8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* ---- the dispatch table (cpu.c) -------------------------------------------------------------- */
+typedef struct {
+    offq_quant_row_fn quant_row;
+    offq_pow2_f32_fn pow2_f32;
+    offq_pow2_f64_fn pow2_f64;
+    offq_mix_f32_fn mix_f32;
+    offq_mix_f64_fn mix_f64;
+    const offq_mm_ops *matmul[OFFQ_KERNEL_COUNT]; /* per variant; NULL: not usable here */
+    offq_kernel matmul_best;
+} offq_dispatch_table;
+
+/* Generic entries until offq_cpu_init() runs; written once there, read-only after. */
+extern offq_dispatch_table offq_dispatch;
+
+#endif

@@ -1,0 +1,352 @@
+/* x86/matmul_w4a4_avx2.c: the AVX2 pieces of the W4A4 matmul (driver, layout and math:
+ * matmul_w4a4.c): the 8 x 32 tile micro-kernel, weight panels and activation rows straight from
+ * packed nibbles, and the small-M (decode) gemv. The AVX-512 VNNI variant reuses the packing and,
+ * for blocks that are not a multiple of 128, this gemv.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#ifdef OFFQ_X86
+#include <immintrin.h>
+
+#include "x86/hsum.h"
+
+#define MR OFFQ_MM_MR
+#define NRP OFFQ_MM_NRP
+#define MS OFFQ_MM_MS
+#define CHUNK 256 /* k per 16-bit accumulation chunk */
+
+/* AVX2: one panel, rows r0..r0+3 (MR_AVX2) x 16 columns, 16-bit accumulation within chunks of
+ * 256 k: 8 accumulators + 2 weight vectors + 1 broadcast fit the 16 ymm registers. */
+#define MR_AVX2 4
+__attribute__((target("avx2,fma"))) static void panel_avx2(const offq_mm_tile_args *u, int panel,
+                                                           int r0, float *restrict ct)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t *restrict wp = u->wp[panel];
+    const int64_t lda = u->lda;
+    const uint8_t *a0 = u->a + r0 * lda;
+    for (int64_t b = 0; b < u->nb; b++) {
+        __m256i d00 = _mm256_setzero_si256(), d01 = d00, d10 = d00, d11 = d00, d20 = d00,
+                d21 = d00, d30 = d00, d31 = d00;
+        const uint8_t *ab = a0 + b * u->bp;
+        const uint8_t *wb = wp + b * u->bp * NRP;
+        for (int64_t c0 = 0; c0 < u->bp; c0 += CHUNK) {
+            const int64_t steps = (u->bp - c0 < CHUNK ? u->bp - c0 : CHUNK) / 4;
+            __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00, s20 = s00,
+                    s21 = s00, s30 = s00, s31 = s00;
+            const uint8_t *wc = wb + c0 * NRP;
+            const uint8_t *ac = ab + c0;
+            for (int64_t t = 0; t < steps; t++) {
+                const __m256i w0 = _mm256_load_si256((const __m256i *)(wc + t * 64));
+                const __m256i w1 = _mm256_load_si256((const __m256i *)(wc + t * 64 + 32));
+                __m256i av;
+                __m256i p0, p1;
+/* s += maddubs(w, a) in place; inline asm keeps GCC from copying/spilling accumulators */
+#define OFFQ_ROW(r)                                                                              \
+    av = _mm256_set1_epi32((int)offq_load_u32(ac + (r) * lda + 4 * t));                               \
+    __asm__("vpmaddubsw %[a], %[w0], %[p0]\n\t"                                                 \
+            "vpmaddubsw %[a], %[w1], %[p1]\n\t"                                                 \
+            "vpaddw %[p0], %[s0], %[s0]\n\t"                                                    \
+            "vpaddw %[p1], %[s1], %[s1]"                                                         \
+            : [s0] "+x"(s##r##0), [s1] "+x"(s##r##1), [p0] "=&x"(p0), [p1] "=&x"(p1)            \
+            : [w0] "x"(w0), [w1] "x"(w1), [a] "x"(av));
+                OFFQ_ROW(0)
+                OFFQ_ROW(1)
+                OFFQ_ROW(2)
+                OFFQ_ROW(3)
+#undef OFFQ_ROW
+            }
+            /* vpmaddubsw summed the pairs (k0,k1),(k2,k3) of a column into adjacent 16-bit
+             * lanes; vpmaddwd with ones adds them: lane j of d_r,h is column 8h + j. */
+            d00 = _mm256_add_epi32(d00, _mm256_madd_epi16(s00, ones));
+            d01 = _mm256_add_epi32(d01, _mm256_madd_epi16(s01, ones));
+            d10 = _mm256_add_epi32(d10, _mm256_madd_epi16(s10, ones));
+            d11 = _mm256_add_epi32(d11, _mm256_madd_epi16(s11, ones));
+            d20 = _mm256_add_epi32(d20, _mm256_madd_epi16(s20, ones));
+            d21 = _mm256_add_epi32(d21, _mm256_madd_epi16(s21, ones));
+            d30 = _mm256_add_epi32(d30, _mm256_madd_epi16(s30, ones));
+            d31 = _mm256_add_epi32(d31, _mm256_madd_epi16(s31, ones));
+        }
+        const __m256 wz0 = _mm256_loadu_ps(u->wz[panel] + b * NRP);
+        const __m256 wz1 = _mm256_loadu_ps(u->wz[panel] + b * NRP + 8);
+        const __m256 wt0 = _mm256_loadu_ps(u->wT[panel] + b * NRP);
+        const __m256 wt1 = _mm256_loadu_ps(u->wT[panel] + b * NRP + 8);
+        const __m256 ws0 = _mm256_loadu_ps(u->ws[panel] + b * NRP);
+        const __m256 ws1 = _mm256_loadu_ps(u->ws[panel] + b * NRP + 8);
+#define OFFQ_EPI(r)                                                                              \
+    {                                                                                            \
+        const int64_t pi = (r0 + (r)) * u->ldp + b;                                              \
+        const __m256 sa = _mm256_set1_ps(u->asum[pi]);                                           \
+        const __m256 za = _mm256_set1_ps(u->azero[pi]);                                          \
+        const __m256 xa = _mm256_set1_ps(u->ascale[pi]);                                         \
+        float *c = ct + (r0 + (r)) * 32 + panel * NRP;                                           \
+        __m256 e0 = _mm256_cvtepi32_ps(d##r##0), e1 = _mm256_cvtepi32_ps(d##r##1);               \
+        e0 = _mm256_fnmadd_ps(sa, wz0, e0);                                                      \
+        e1 = _mm256_fnmadd_ps(sa, wz1, e1);                                                      \
+        e0 = _mm256_fnmadd_ps(za, wt0, e0);                                                      \
+        e1 = _mm256_fnmadd_ps(za, wt1, e1);                                                      \
+        _mm256_store_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws0), e0, _mm256_load_ps(c)));      \
+        _mm256_store_ps(c + 8,                                                                   \
+                        _mm256_fmadd_ps(_mm256_mul_ps(xa, ws1), e1, _mm256_load_ps(c + 8)));     \
+    }
+        OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
+#undef OFFQ_EPI
+    }
+}
+
+__attribute__((target("avx2,fma"))) void offq_mm_tile_avx2(const offq_mm_tile_args *u, int second,
+                                                          float *ct)
+{
+    for (int r0 = 0; r0 < MR; r0 += MR_AVX2) {
+        panel_avx2(u, 0, r0, ct);
+        if (second) {
+            panel_avx2(u, 1, r0, ct);
+        }
+    }
+}
+
+/* One panel (16 weight rows starting at n, rows past N read as row N - 1; their scales are zeroed
+ * by the caller) straight from packed nibbles: each 32-element chunk of a row is unpacked to one
+ * ymm (8 groups of 4 k), eight rows are transposed as an 8 x 8 dword matrix, and block sums are
+ * taken with vpsadbw. sums[j * nb + b] = sum of the codes of row j in block b. Needs
+ * blk % 32 == 0 (then blk == bp and no block padding exists). */
+__attribute__((target("avx2,fma"))) void offq_mm_pack_panel_avx2(const offq_mm_plan *pl,
+                                                                const offq_q4_operand *w,
+                                                                int64_t n, uint8_t *panel,
+                                                                float *sums)
+{
+    const int64_t rb = (pl->k + 1) / 2, cpb = pl->blk / 32;
+    const __m128i m15 = _mm_set1_epi8(15);
+    const uint8_t *src[NRP];
+    for (int j = 0; j < NRP; j++) {
+        src[j] = w->codes + (n + j < pl->n ? n + j : pl->n - 1) * rb;
+    }
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i acc[NRP];
+        for (int j = 0; j < NRP; j++) {
+            acc[j] = _mm256_setzero_si256();
+        }
+        for (int64_t c = b * cpb; c < (b + 1) * cpb; c++) {
+            for (int h = 0; h < 2; h++) {
+                __m256i r[8];
+                for (int j = 0; j < 8; j++) {
+                    if ((c & 3) == 0) { /* one prefetch per 64-byte line, 8 lines ahead */
+                        _mm_prefetch((const char *)(src[8 * h + j] + 16 * c + 512), _MM_HINT_T0);
+                    }
+                    const __m128i v = _mm_loadu_si128((const __m128i *)(src[8 * h + j] + 16 * c));
+                    const __m128i lo = _mm_and_si128(v, m15);
+                    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
+                    r[j] = _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+                    acc[8 * h + j] = _mm256_add_epi64(
+                        acc[8 * h + j], _mm256_sad_epu8(r[j], _mm256_setzero_si256()));
+                }
+                const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+                const __m256i t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+                const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+                const __m256i t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+                const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+                const __m256i t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+                const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+                const __m256i t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+                const __m256i u0 = _mm256_unpacklo_epi64(t0, t2);
+                const __m256i u1 = _mm256_unpackhi_epi64(t0, t2);
+                const __m256i u2 = _mm256_unpacklo_epi64(t1, t3);
+                const __m256i u3 = _mm256_unpackhi_epi64(t1, t3);
+                const __m256i u4 = _mm256_unpacklo_epi64(t4, t6);
+                const __m256i u5 = _mm256_unpackhi_epi64(t4, t6);
+                const __m256i u6 = _mm256_unpacklo_epi64(t5, t7);
+                const __m256i u7 = _mm256_unpackhi_epi64(t5, t7);
+                uint8_t *d = panel + c * 8 * 64 + 32 * h; /* group t = 8c + i at d + 64 i */
+                _mm256_store_si256((__m256i *)(d + 0 * 64),
+                                   _mm256_permute2x128_si256(u0, u4, 0x20));
+                _mm256_store_si256((__m256i *)(d + 1 * 64),
+                                   _mm256_permute2x128_si256(u1, u5, 0x20));
+                _mm256_store_si256((__m256i *)(d + 2 * 64),
+                                   _mm256_permute2x128_si256(u2, u6, 0x20));
+                _mm256_store_si256((__m256i *)(d + 3 * 64),
+                                   _mm256_permute2x128_si256(u3, u7, 0x20));
+                _mm256_store_si256((__m256i *)(d + 4 * 64),
+                                   _mm256_permute2x128_si256(u0, u4, 0x31));
+                _mm256_store_si256((__m256i *)(d + 5 * 64),
+                                   _mm256_permute2x128_si256(u1, u5, 0x31));
+                _mm256_store_si256((__m256i *)(d + 6 * 64),
+                                   _mm256_permute2x128_si256(u2, u6, 0x31));
+                _mm256_store_si256((__m256i *)(d + 7 * 64),
+                                   _mm256_permute2x128_si256(u3, u7, 0x31));
+            }
+        }
+        for (int j = 0; j < NRP; j++) {
+            const __m128i q = _mm_add_epi64(_mm256_castsi256_si128(acc[j]),
+                                            _mm256_extracti128_si256(acc[j], 1));
+            sums[j * pl->nb + b] = (float)(_mm_cvtsi128_si64(q) + _mm_extract_epi64(q, 1));
+        }
+    }
+}
+
+/* unpack_blocks for blk % 32 == 0 (no padding): 16 packed bytes -> 32 codes per step. */
+__attribute__((target("avx2,fma"))) void offq_mm_unpack_blocks_avx2(const offq_mm_plan *pl,
+                                                                   const uint8_t *packed,
+                                                                   uint8_t *dst, float *sums)
+{
+    const int64_t cpb = pl->blk / 32;
+    const __m128i m15 = _mm_set1_epi8(15);
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t c = b * cpb; c < (b + 1) * cpb; c++) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(packed + 16 * c));
+            const __m128i lo = _mm_and_si128(v, m15);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m15);
+            const __m256i r =
+                _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi));
+            _mm256_storeu_si256((__m256i *)(dst + 32 * c), r);
+            acc = _mm256_add_epi64(acc, _mm256_sad_epu8(r, _mm256_setzero_si256()));
+        }
+        const __m128i q =
+            _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        sums[b] = (float)(_mm_cvtsi128_si64(q) + _mm_extract_epi64(q, 1));
+    }
+}
+
+/* Small M (decode, M <= 4) without weight repacking. A weight row is read as packed bytes,
+ * 32 bytes = 64 elements per step; the low nibbles are the even elements and the high nibbles the
+ * odd ones, so the activations of each 64-element chunk are laid out as [32 even | 32 odd] bytes
+ * (ap) and multiplied with vpmaddubsw against the masked nibbles. Weight block sums come from the
+ * same nibbles (byte adds, then vpsadbw). Eight weight rows are reduced together (a transposing
+ * horizontal add), so the float epilogue runs on 8 columns at once and matches the generic
+ * reference bit for bit. Needs block % 64 == 0. */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+gemv_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
+{
+    const offq_mm_plan *pl = g->pl;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t cpb = pl->blk / 64;
+    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256 blkf = _mm256_set1_ps((float)pl->blk);
+    const uint8_t *wr[8];
+    int64_t nidx[8];
+    for (int j = 0; j < 8; j++) {
+        int64_t n = n0 + j < pl->n ? n0 + j : pl->n - 1;
+        nidx[j] = n;
+        wr[j] = g->w->codes + n * rb;
+    }
+    __m256 acc[MS];
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+        acc[m] = _mm256_setzero_ps();
+    }
+    int64_t last_gi = -1;
+    __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i vd[MS][8], vs[8];
+        _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+            __m256i d32[MS];
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                d32[m] = _mm256_setzero_si256();
+            }
+            __m256i s64 = _mm256_setzero_si256();
+            const uint8_t *wb = wr[j] + b * pl->blk / 2;
+            const uint8_t *ab = g->ap + b * pl->blk;
+            /* sub-chunks of 8 steps: byte sums <= 8 * 30, 16-bit lanes <= 8 * 900; folded: 4 steps
+             * of |lane| <= 2 * 2 * 15 * 127 = 7620 */
+            const int64_t sub = folded ? 4 : 8;
+            for (int64_t c0 = 0; c0 < cpb; c0 += sub) {
+                const int64_t c1 = c0 + sub < cpb ? c0 + sub : cpb;
+                __m256i s16[MS];
+                _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                    s16[m] = _mm256_setzero_si256();
+                }
+                __m256i su8 = _mm256_setzero_si256();
+                for (int64_t c = c0; c < c1; c++) {
+                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
+                    const __m256i lo = _mm256_and_si256(wv, m15);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m15);
+                    if (!folded) {
+                        su8 = _mm256_add_epi8(su8, _mm256_add_epi8(lo, hi));
+                    }
+                    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                        const uint8_t *am = ab + m * pl->k + 64 * c;
+                        const __m256i pe = _mm256_maddubs_epi16(
+                            lo, _mm256_loadu_si256((const __m256i *)am));
+                        const __m256i po = _mm256_maddubs_epi16(
+                            hi, _mm256_loadu_si256((const __m256i *)(am + 32)));
+                        s16[m] = _mm256_add_epi16(s16[m], _mm256_add_epi16(pe, po));
+                    }
+                }
+                _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                    d32[m] = _mm256_add_epi32(d32[m], _mm256_madd_epi16(s16[m], ones));
+                }
+                if (!folded) {
+                    s64 = _mm256_add_epi64(s64, _mm256_sad_epu8(su8, _mm256_setzero_si256()));
+                }
+            }
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                vd[m][j] = d32[m];
+            }
+            vs[j] = s64; /* 4 x u64 small sums: as int32 lanes, the odd lanes are 0 */
+        }
+        const int64_t gi = b * pl->blk / gw;
+        if (gi != last_gi) { /* weight group changed (every block unless per-channel weights) */
+            last_gi = gi;
+            float zb[8], sb[8];
+            for (int j = 0; j < 8; j++) {
+                zb[j] = g->w->zero[nidx[j] * ngw + gi];
+                sb[j] = g->w->scale[nidx[j] * ngw + gi];
+            }
+            zw = _mm256_loadu_ps(zb);
+            sw = _mm256_loadu_ps(sb);
+            bzw = _mm256_mul_ps(blkf, zw);
+        }
+        const __m256 wT =
+            folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
+        _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+            __m256 e = _mm256_cvtepi32_ps(offq_hsum8x8(vd[m]));
+            /* folded: D' = sum qw (qa - za), asum = sum (qa - za): E = D' - zw * asum */
+            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
+            if (!folded) {
+                e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
+            }
+            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
+            acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
+        }
+    }
+    const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, acc[m]);
+        memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
+    }
+}
+
+/* 1 <= mrows <= MS = 8 */
+__attribute__((target("avx2,fma"))) void offq_mm_gemv_avx2(const offq_mm_gemv_args *g, int mrows,
+                                                          int folded)
+{
+    const int64_t groups = (g->pl->n + 7) / 8;
+    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 21);
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+    for (int64_t i = 0; i < groups; i++) {
+#define OFFQ_CASE(r)                                                                             \
+    case r:                                                                                      \
+        if (folded) {                                                                            \
+            gemv_group_avx2(g, i * 8, r, 1);                                                     \
+        } else {                                                                                 \
+            gemv_group_avx2(g, i * 8, r, 0);                                                     \
+        }                                                                                        \
+        break;
+        switch (mrows) {
+            OFFQ_CASE(1)
+            OFFQ_CASE(2)
+            OFFQ_CASE(3)
+            OFFQ_CASE(4)
+            OFFQ_CASE(5)
+            OFFQ_CASE(6)
+            OFFQ_CASE(7)
+        default:
+            OFFQ_CASE(8)
+        }
+#undef OFFQ_CASE
+    }
+}
+#endif

@@ -1,0 +1,203 @@
+/* x86/matmul_w4a4_avx512vnni.c: the AVX-512 VNNI pieces of the W4A4 matmul (driver, layout and
+ * math: matmul_w4a4.c): the 8 x 32 tile micro-kernel (vpdpbusd, 32-bit accumulation, no 16-bit
+ * stage) and the small-M gemv over 128-element steps.
+ */
+#include <string.h>
+
+#include "kernels.h"
+
+#ifdef OFFQ_X86
+#include <immintrin.h>
+
+#include "x86/hsum.h"
+
+#define MR OFFQ_MM_MR
+#define NRP OFFQ_MM_NRP
+#define MS OFFQ_MM_MS
+
+
+/* acc += dot4(u8 w, s8 a) per 32-bit lane, in place (inline asm keeps GCC from shuffling the
+ * accumulators between registers every iteration). */
+#define OFFQ_DPBUSD(acc, w, a) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(a))
+
+/* AVX-512 VNNI: two panels, MR (8) rows x 32 columns, 32-bit accumulation (vpdpbusd). */
+/* Both panels are always computed: a panel past N has zero scales and adds zeros. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void
+offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct)
+{
+    const uint8_t *restrict wp0 = u->wp[0];
+    const uint8_t *restrict wp1 = u->wp[1];
+    const int64_t lda = u->lda;
+    for (int64_t b = 0; b < u->nb; b++) {
+        __m512i s00 = _mm512_setzero_si512(), s01 = s00, s10 = s00, s11 = s00, s20 = s00,
+                s21 = s00, s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00,
+                s60 = s00, s61 = s00, s70 = s00, s71 = s00;
+        const uint8_t *ab = u->a + b * u->bp;
+        const uint8_t *w0p = wp0 + b * u->bp * NRP;
+        const uint8_t *w1p = wp1 + b * u->bp * NRP;
+        const int64_t steps = u->bp / 4;
+        for (int64_t t = 0; t < steps; t++) {
+            const __m512i w0 = _mm512_load_si512((const void *)(w0p + t * 64));
+            const __m512i w1 = _mm512_load_si512((const void *)(w1p + t * 64));
+            __m512i av;
+#define OFFQ_ROW(r)                                                                              \
+    av = _mm512_set1_epi32((int)offq_load_u32(ab + (r) * lda + 4 * t));                               \
+    OFFQ_DPBUSD(s##r##0, w0, av);                                                                \
+    OFFQ_DPBUSD(s##r##1, w1, av);
+            OFFQ_ROW(0)
+            OFFQ_ROW(1)
+            OFFQ_ROW(2)
+            OFFQ_ROW(3)
+            OFFQ_ROW(4)
+            OFFQ_ROW(5)
+            OFFQ_ROW(6)
+            OFFQ_ROW(7)
+#undef OFFQ_ROW
+        }
+        const __m512 wz0 = _mm512_loadu_ps(u->wz[0] + b * NRP);
+        const __m512 wz1 = _mm512_loadu_ps(u->wz[1] + b * NRP);
+        const __m512 wt0 = _mm512_loadu_ps(u->wT[0] + b * NRP);
+        const __m512 wt1 = _mm512_loadu_ps(u->wT[1] + b * NRP);
+        const __m512 ws0 = _mm512_loadu_ps(u->ws[0] + b * NRP);
+        const __m512 ws1 = _mm512_loadu_ps(u->ws[1] + b * NRP);
+#define OFFQ_EPI(r)                                                                              \
+    {                                                                                            \
+        const __m512 sa = _mm512_set1_ps(u->asum[(r) * u->ldp + b]);                             \
+        const __m512 za = _mm512_set1_ps(u->azero[(r) * u->ldp + b]);                            \
+        const __m512 xa = _mm512_set1_ps(u->ascale[(r) * u->ldp + b]);                           \
+        float *c = ct + (r) * 32;                                                                \
+        __m512 e0 = _mm512_cvtepi32_ps(s##r##0), e1 = _mm512_cvtepi32_ps(s##r##1);               \
+        e0 = _mm512_fnmadd_ps(sa, wz0, e0);                                                      \
+        e1 = _mm512_fnmadd_ps(sa, wz1, e1);                                                      \
+        e0 = _mm512_fnmadd_ps(za, wt0, e0);                                                      \
+        e1 = _mm512_fnmadd_ps(za, wt1, e1);                                                      \
+        _mm512_store_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws0), e0, _mm512_load_ps(c)));      \
+        _mm512_store_ps(c + 16,                                                                  \
+                        _mm512_fmadd_ps(_mm512_mul_ps(xa, ws1), e1, _mm512_load_ps(c + 16)));    \
+    }
+        OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
+        OFFQ_EPI(4) OFFQ_EPI(5) OFFQ_EPI(6) OFFQ_EPI(7)
+#undef OFFQ_EPI
+    }
+}
+
+/* Small M: 64 packed bytes = 128 elements per step (activations laid out in
+ * chunks of 128 as [64 even | 64 odd]), vpdpbusd sums four u8 x s8 products into 32-bit lanes, so
+ * there is no 16-bit stage; weight block sums (general path) are vpdpbusd of lo + hi with ones.
+ * Needs block % 128 == 0. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline
+    __attribute__((always_inline)) void
+    gemv_group_vnni(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
+{
+    const offq_mm_plan *pl = g->pl;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t cpb = pl->blk / 128;
+    const __m512i m15 = _mm512_set1_epi8(15), ones8 = _mm512_set1_epi8(1);
+    const __m256 blkf = _mm256_set1_ps((float)pl->blk);
+    const uint8_t *wr[8];
+    int64_t nidx[8];
+    for (int j = 0; j < 8; j++) {
+        int64_t n = n0 + j < pl->n ? n0 + j : pl->n - 1;
+        nidx[j] = n;
+        wr[j] = g->w->codes + n * rb;
+    }
+    __m256 acc[MS];
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+        acc[m] = _mm256_setzero_ps();
+    }
+    int64_t last_gi = -1;
+    __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i vd[MS][8], vs[8];
+        _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+            __m512i d[MS];
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                d[m] = _mm512_setzero_si512();
+            }
+            __m512i sacc = _mm512_setzero_si512();
+            const uint8_t *wb = wr[j] + b * pl->blk / 2;
+            const uint8_t *ab = g->ap + b * pl->blk;
+            for (int64_t c = 0; c < cpb; c++) {
+                const __m512i wv = _mm512_loadu_si512((const void *)(wb + 64 * c));
+                const __m512i lo = _mm512_and_si512(wv, m15);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), m15);
+                if (!folded) {
+                    sacc = _mm512_dpbusd_epi32(sacc, _mm512_add_epi8(lo, hi), ones8);
+                }
+                _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                    const uint8_t *am = ab + m * pl->k + 128 * c;
+                    d[m] = _mm512_dpbusd_epi32(d[m], lo, _mm512_loadu_si512((const void *)am));
+                    d[m] = _mm512_dpbusd_epi32(d[m], hi,
+                                               _mm512_loadu_si512((const void *)(am + 64)));
+                }
+            }
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                vd[m][j] = _mm256_add_epi32(_mm512_castsi512_si256(d[m]),
+                                            _mm512_extracti64x4_epi64(d[m], 1));
+            }
+            vs[j] = _mm256_add_epi32(_mm512_castsi512_si256(sacc),
+                                     _mm512_extracti64x4_epi64(sacc, 1));
+        }
+        const int64_t gi = b * pl->blk / gw;
+        if (gi != last_gi) {
+            last_gi = gi;
+            float zb[8], sb[8];
+            for (int j = 0; j < 8; j++) {
+                zb[j] = g->w->zero[nidx[j] * ngw + gi];
+                sb[j] = g->w->scale[nidx[j] * ngw + gi];
+            }
+            zw = _mm256_loadu_ps(zb);
+            sw = _mm256_loadu_ps(sb);
+            bzw = _mm256_mul_ps(blkf, zw);
+        }
+        const __m256 wT =
+            folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
+        _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+            __m256 e = _mm256_cvtepi32_ps(offq_hsum8x8(vd[m]));
+            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
+            if (!folded) {
+                e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
+            }
+            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
+            acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
+        }
+    }
+    const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, acc[m]);
+        memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
+    }
+}
+
+/* 1 <= mrows <= MS = 8 */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
+offq_mm_gemv_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded)
+{
+    const int64_t groups = (g->pl->n + 7) / 8;
+    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 21);
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+    for (int64_t i = 0; i < groups; i++) {
+#define OFFQ_CASE(r)                                                                             \
+    case r:                                                                                      \
+        if (folded) {                                                                            \
+            gemv_group_vnni(g, i * 8, r, 1);                                                     \
+        } else {                                                                                 \
+            gemv_group_vnni(g, i * 8, r, 0);                                                     \
+        }                                                                                        \
+        break;
+        switch (mrows) {
+            OFFQ_CASE(1)
+            OFFQ_CASE(2)
+            OFFQ_CASE(3)
+            OFFQ_CASE(4)
+            OFFQ_CASE(5)
+            OFFQ_CASE(6)
+            OFFQ_CASE(7)
+        default:
+            OFFQ_CASE(8)
+        }
+#undef OFFQ_CASE
+    }
+}
+#endif
