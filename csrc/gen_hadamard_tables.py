@@ -2,7 +2,7 @@
 """Generate csrc/hadamard_tables.h: Hadamard matrices of the orders m = 4 * odd that offq supports.
 
 A Hadamard matrix of order n = m * 2^k is built as H_m (x) H_{2^k} (Kronecker product, see
-hadamard.h); this script writes the small factors H_m as packed bit tables. They come from the two
+offq.h); this script writes the small factors H_m as packed bit tables. They come from the two
 classical constructions of R. E. A. C. Paley (1933), over a finite field GF(q) with quadratic
 character chi (chi(0) = 0, chi(x) = 1 for nonzero squares, -1 otherwise) and the Jacobsthal matrix
 Q[a, b] = chi(a - b):

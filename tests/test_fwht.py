@@ -199,8 +199,8 @@ def test_validation_errors():
         fwht(good, block=0)
     with pytest.raises(TypeError, match="block: expected an int"):
         fwht(good, block=2.0)
-    with pytest.raises(ValueError, match="block: no Hadamard construction .* length 92 .*block=4"):
-        fwht(np.zeros((1, 184), np.float32), block=92)
+    with pytest.raises(ValueError, match="block: no Hadamard construction .* length 188 .*block=4"):
+        fwht(np.zeros((1, 376), np.float32), block=188)
     with pytest.raises(TypeError, match="out: expected dtype float32"):
         fwht(good, out=np.zeros((2, 16), np.float64))
     with pytest.raises(ValueError, match="out: expected the shape of x"):
@@ -224,13 +224,13 @@ def test_validation_errors():
 
 def test_unsupported_sizes_name_a_block():
     with pytest.raises(ValueError) as e:
-        fwht(np.zeros((1, 11008), np.float32))  # 172 * 64: no construction here
+        fwht(np.zeros((1, 12032), np.float32))  # 188 * 64: no construction here
     msg = str(e.value)
-    assert "11008" in msg and "no Hadamard construction" in msg and "block=256" in msg
-    assert not is_supported(11008)
+    assert "12032" in msg and "no Hadamard construction" in msg and "block=256" in msg
+    assert not is_supported(12032) and is_supported(11008)  # 11008 = 172 * 64 (Williamson)
     np.testing.assert_allclose(
-        fwht(np.ones((1, 11008), np.float32), block=256)[0, ::256], np.full(43, 16.0))
-    for n, b in [(3, 1), (92 * 4, 16), (156, 4), (7 * 3, 1)]:
+        fwht(np.ones((1, 12032), np.float32), block=256)[0, ::256], np.full(47, 16.0))
+    for n, b in [(3, 1), (188 * 4, 16), (188, 4), (7 * 3, 1)]:
         with pytest.raises(ValueError, match=f"block={b}"):
             fwht(np.zeros((1, n)))
         with pytest.raises(ValueError, match="no Hadamard construction"):

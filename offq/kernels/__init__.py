@@ -6,7 +6,7 @@ accumulation and top eigenpairs (:mod:`.cov`), group-wise quantization and the W
 """
 from .cov import cov_update, top_eigenpairs
 from .hadamard import SUPPORTED_ORDERS, fwht, hadamard_factor, hadamard_matrix, is_supported
-from .quant import QTensor, dequantize, matmul_w4a4, quantize
+from .quant import SUPPORTED_BITS, QTensor, dequantize, matmul_w4a4, pack_codes, quantize, unpack_codes
 from .threads import get_num_threads, set_num_threads, threads
 
 __all__ = [

@@ -6,13 +6,13 @@ Matrices (row vectors: ``fwht(x) == x @ hadamard_matrix(n)``):
   in the order of ``scipy.linalg.hadamard``.
 * ``n = m * 2^k`` for a tabulated order ``m`` (:data:`SUPPORTED_ORDERS`; the smallest that fits is
   used): ``H_n = H_m (x) H_{2^k}`` (Kronecker product, element index ``i = a * 2^k + b``). ``H_m``
-  comes from Paley's constructions (``csrc/gen_hadamard_tables.py``), sign-normalised so that row 0
+  comes from Paley's constructions, or Williamson's for 92, 116, 156 and 172
+  (``csrc/gen_hadamard_tables.py``), sign-normalised so that row 0
   and column 0 are all ones, a property every ``H_n`` here shares. ``H_n`` is orthogonal after the
   ``1/sqrt(n)`` normalisation, but symmetric only for powers of two.
 
-Lengths ``4 * odd`` with no Paley construction (92, 116, 156, 172, 188, ...) are not supported:
-the error names the largest power-of-two block that divides the length (e.g. ``block=256`` for
-11008 = 43 x 256). NaN and Inf propagate (IEEE arithmetic); nothing is checked for them.
+Lengths ``4 * odd`` with no construction here (188, ...) are not supported: the error names the
+largest power-of-two block that divides the length (e.g. ``block=256`` for 12032 = 47 x 256). NaN and Inf propagate (IEEE arithmetic); nothing is checked for them.
 """
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ import numpy as np
 
 from .. import _C
 
-__all__ = ["QTensor", "quantize", "dequantize", "matmul_w4a4", "SUPPORTED_BITS"]
+__all__ = ["QTensor", "quantize", "dequantize", "matmul_w4a4", "pack_codes", "unpack_codes",
+           "SUPPORTED_BITS"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -158,6 +159,18 @@ class QTensor:
         gs = codes.shape[-1] // sums.shape[-1]
         # the constructor validates scale and zero against the packed codes
         return cls(packed, scale, zero, sums, codes.shape, int(bits), gs, bool(symmetric))
+
+
+def pack_codes(codes: np.ndarray, *, bits: int, group_size: int = -1
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(packed codes, int32 code sums per group) of one-code-per-byte uint8 ``codes [..., K]``:
+    4-bit codes two per byte, element 2i in the low nibble; other widths one per byte."""
+    return _C.pack_codes(codes, bits, group_size)
+
+
+def unpack_codes(packed: np.ndarray, *, bits: int, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: uint8 ``[..., k]``, one code per byte."""
+    return _C.unpack_codes(packed, bits, k)
 
 
 def quantize(x: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,

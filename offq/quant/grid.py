@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
+
 CLIP_GRID = 100  # candidate ratios are 1 - i / CLIP_GRID
 MAX_SHRINK = 0.8  # smallest ratio tried: 1 - MAX_SHRINK
 
 
-#: The bit widths of the grid (16 in a QuantConfig means "not quantized").
-SUPPORTED_BITS = (2, 3, 4, 8)
+#: The bit widths of the grid (16 in a QuantConfig means "not quantized"); the kernels' list.
+SUPPORTED_BITS = kernels.SUPPORTED_BITS
 
 
 def check_bits(bits: int) -> None:
@@ -55,20 +57,16 @@ def resolve_group(group_size: int, k: int, what: str = "group_size") -> int:
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Storage layout of one-per-byte uint8 codes ``[..., K]`` (C core): 4-bit codes two per
-    byte (element 2i in the low nibble) -> ``[..., ceil(K/2)]``; other widths unchanged."""
-    from .. import _C
-
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    packed, _ = _C.pack_codes(codes, int(bits), int(codes.shape[-1]))
-    return packed
+    """Storage layout of one-per-byte uint8 codes ``[..., K]`` (``offq.kernels.pack_codes``):
+    4-bit codes two per byte (element 2i in the low nibble) -> ``[..., ceil(K/2)]``; other
+    widths unchanged."""
+    return kernels.pack_codes(np.ascontiguousarray(codes, dtype=np.uint8), bits=int(bits))[0]
 
 
 def unpack_codes(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes` -> uint8 ``[..., k]`` (C core)."""
-    from .. import _C
-
-    return _C.unpack_codes(np.ascontiguousarray(packed, dtype=np.uint8), int(bits), int(k))
+    """Inverse of :func:`pack_codes` -> uint8 ``[..., k]``."""
+    return kernels.unpack_codes(np.ascontiguousarray(packed, dtype=np.uint8), bits=int(bits),
+                                k=int(k))
 
 
 def grid_params(x: np.ndarray, bits: int, symmetric: bool,

@@ -7,9 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _C
 from ..config import OFF, QuantConfig
-from ..kernels import dequantize, quantize
+from ..kernels import QTensor, dequantize, quantize
 from ..model.kv_cache import FakeQuantKVCodec, grow_token_major
 from ..model.parallel import num_threads
 
@@ -56,7 +55,7 @@ class PackedKVStore:
     def __init__(self, codec: PackedKVCodec) -> None:
         self.codec = codec
         self.length = 0
-        self._codes = self._scale = self._zero = None
+        self._codes = self._scale = self._zero = self._sums = None
         self._hd = 0
 
     def append(self, k: np.ndarray, v: np.ndarray) -> None:
@@ -70,12 +69,15 @@ class PackedKVStore:
         x[:, 0] = k.transpose(2, 0, 1, 3)
         x[:, 1] = v.transpose(2, 0, 1, 3)
         c = self.codec
-        codes, scale, zero, _ = _C.quantize(x, c.bits, c.group_size, c.symmetric, 1.0)
+        q = quantize(x, bits=c.bits, group_size=c.group_size, symmetric=c.symmetric)
+        codes, scale, zero, sums = q.codes, q.scale, q.zero, q.code_sums
         end = self.length + t
         self._codes = grow_token_major(self._codes, self.length, end, codes.shape[1:], np.uint8)
         self._scale = grow_token_major(self._scale, self.length, end, scale.shape[1:],
                                        np.float32)
         self._zero = grow_token_major(self._zero, self.length, end, zero.shape[1:], np.float32)
+        self._sums = grow_token_major(self._sums, self.length, end, sums.shape[1:], np.int32)
+        self._sums[self.length:end] = sums
         self._codes[self.length:end] = codes
         self._scale[self.length:end] = scale
         self._zero[self.length:end] = zero
@@ -87,15 +89,20 @@ class PackedKVStore:
         per_token = int(np.prod(self._codes.shape[1:4])) * self._hd
         step = n if num_threads() == 1 else max(1, _KV_READ_ELEMS // per_token)
         if step >= n:
-            kv = _C.dequantize(self._codes[:n], self._scale[:n], self._zero[:n], c.bits,
-                               c.group_size, self._hd)
+            kv = dequantize(self._tokens(0, n))
         else:
             kv = np.empty((n,) + self._codes.shape[1:4] + (self._hd,), dtype=np.float32)
             for s in range(0, n, step):
                 e = min(n, s + step)
-                kv[s:e] = _C.dequantize(self._codes[s:e], self._scale[s:e], self._zero[s:e],
-                                        c.bits, c.group_size, self._hd)
+                kv[s:e] = dequantize(self._tokens(s, e))
         return kv[:, 0].transpose(1, 2, 0, 3), kv[:, 1].transpose(1, 2, 0, 3)
+
+    def _tokens(self, s: int, e: int) -> QTensor:
+        """Cached tokens ``s..e-1`` as a QTensor (views of the store)."""
+        c = self.codec
+        return QTensor(self._codes[s:e], self._scale[s:e], self._zero[s:e], self._sums[s:e],
+                       (e - s,) + self._codes.shape[1:4] + (self._hd,), c.bits, c.group_size,
+                       c.symmetric)
 
     @property
     def nbytes(self) -> int:
