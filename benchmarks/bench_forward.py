@@ -1,7 +1,7 @@
 """FP32 forward throughput: offq's NumPy/OpenBLAS forward vs transformers (torch CPU).
 
 Protocol: the same model weights (the checkpoint dequantized to float32, loaded into both),
-the same WikiText-2 test windows (first N windows of SEQLEN tokens, METHODS.md section 4
+the same WikiText-2 test windows (first N windows of SEQLEN tokens, docs/METHODS.md section 7
 windowing), the same thread count for both (offq: its one thread setting, which also limits
 NumPy's OpenBLAS; torch: ``torch.set_num_threads``). Each timed call computes the per-token NLL
 of one window (offq: ``Model.nll``; transformers: ``model(ids, labels=ids).loss`` with

@@ -1,6 +1,6 @@
 """The results table of issue 4: perplexity of every method and ablation on one model.
 
-Protocol (printed with every row): WikiText-2 test (``../shared/data/wikitext-2-raw``), tokenized
+Protocol (printed with every row): WikiText-2 test (shipped in the package), tokenized
 once, non-overlapping windows of ``--seqlen`` tokens (BOS per window when the model uses one),
 mean token NLL, ppl = exp(mean); ``--max-windows`` takes the first N windows. Calibration:
 ``--calib-samples`` x ``--calib-seqlen`` tokens from offq.data's default calibration corpus (never
@@ -48,6 +48,9 @@ ROWS: dict[str, dict] = {
     "abl-per-token-act": dict(method="offq", a_group_size=-1),
     "abl-centred": dict(method="offq", pca_centred=True),
     "abl-group192": dict(method="offq", a_group_size=192),
+    # activation clip c < 1 shrinks each group's range about its midpoint (docs/METHODS.md)
+    "abl-a-clip-0.95": dict(method="offq", a_clip=0.95),
+    "abl-a-clip-0.9": dict(method="offq", a_clip=0.9),
 }
 
 #: QuantConfig fields used only at run time (activation and KV quantizers): the calibration runs
@@ -119,11 +122,14 @@ def activation_plot(ckpt, calib: np.ndarray, cfg: QuantConfig, layer: int, path:
     from offq.model import Model
     from offq.quant.assemble import build_model
 
+    from offq.model.arch import architecture_of
+
     mc = ckpt.config.replace(tie_word_embeddings=False)
+    arch = architecture_of(mc)
     r1, _, _ = pipeline.compute_rotations(ckpt, mc, cfg, calib, 2, False)
     w = {n: ckpt.tensors[n] for n in ckpt.tensors.keys()
-         if not n.startswith("model.layers.") or int(n.split(".")[2]) <= layer}
-    rot.fuse_norms(w, layer + 1)
+         if arch.layer_of(n) is None or arch.layer_of(n) <= layer}
+    rot.fuse_norms(w, layer + 1, arch)
     model = Model.from_tensors(mc.replace(num_hidden_layers=layer + 1), w)
     caps: list[np.ndarray] = []
     model.hidden_states(calib[:4], capture=lambda s, i, x: caps.append(

@@ -48,27 +48,21 @@
 DEFINE_MIRROR(float, mirror_f32)
 DEFINE_MIRROR(double, mirror_f64)
 
-offq_status offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d)
-{
-    for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
-        const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
-        scipy_cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, 1.0f,
-                          x + r * d, (blasint)d, 1.0f, acc, (blasint)d);
+/* acc += x^T x by BLAS syrk on the upper triangle, in row blocks BLAS can index, then mirrored. */
+#define DEFINE_COV_UPDATE(T, NAME, SYRK, ONE, MIRROR)                                               \
+    offq_status NAME(T *acc, const T *x, int64_t n, int64_t d)                                    \
+    {                                                                                              \
+        for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {                                           \
+            const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;                       \
+            SYRK(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, ONE, x + r * d,    \
+                 (blasint)d, ONE, acc, (blasint)d);                                                \
+        }                                                                                          \
+        MIRROR(acc, d);                                                                            \
+        return OFFQ_OK;                                                                            \
     }
-    mirror_f32(acc, d);
-    return OFFQ_OK;
-}
 
-offq_status offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d)
-{
-    for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
-        const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
-        scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, 1.0,
-                          x + r * d, (blasint)d, 1.0, acc, (blasint)d);
-    }
-    mirror_f64(acc, d);
-    return OFFQ_OK;
-}
+DEFINE_COV_UPDATE(float, offq_cov_update_f32, scipy_cblas_ssyrk, 1.0f, mirror_f32)
+DEFINE_COV_UPDATE(double, offq_cov_update_f64, scipy_cblas_dsyrk, 1.0, mirror_f64)
 
 /* One d x d float32 scratch is kept between calls (up to SCRATCH_KEEP_BYTES), because a fresh
  * 64 MB block costs ~16k page faults per call. Lock-free: a call takes it by atomic exchange (a

@@ -1,6 +1,6 @@
 """QuantConfig: every setting of a quantization run, with the documented defaults.
 
-Each **(choice)** of METHODS.md is a field here (and a CLI flag of ``offq quantize``), so that the
+Each **(choice)** of docs/METHODS.md is a field here (and a CLI flag of ``offq quantize``), so that the
 ablation tables are produced by changing one field. The defaults are the OffQ W4A4KV4 recipe:
 
 - weights: 4-bit, symmetric, per output channel (``w_group_size=-1``), MSE clip search, GPTQ;

@@ -1,6 +1,6 @@
 """Evaluation text (WikiText-2 test) and calibration corpora, cut into token windows.
 
-Evaluation (METHODS.md section 4)
+Evaluation (docs/METHODS.md section 7, the perplexity protocol)
     `load_wikitext2_test` reads the WikiText-2 test text shipped in the package as bytes and decodes UTF-8 (no
     newline normalisation). `eval_windows` tokenizes the whole text once without special tokens
     and `token_windows` cuts the stream into consecutive, non-overlapping windows, dropping the

@@ -1,4 +1,4 @@
-"""Perplexity of a model on a text (METHODS.md section 4).
+"""Perplexity of a model on a text (docs/METHODS.md section 7, the perplexity protocol).
 
 Protocol, stated with every number offq prints:
 

@@ -1,4 +1,4 @@
-"""Evaluation windows (METHODS.md section 4) and calibration sampling."""
+"""Evaluation windows (docs/METHODS.md section 7) and calibration sampling."""
 from __future__ import annotations
 
 import hashlib

@@ -157,7 +157,7 @@ def test_shared_factor_equals_direct(layer):
 
 
 def reference_gptq(w, h, *, bits, group, symmetric, act_order, static, damp=0.01):
-    """Unblocked GPTQ (every column updates all later columns at once), float64, as METHODS.md
+    """Unblocked GPTQ (every column updates all later columns at once), float64, as docs/METHODS.md
     section 2 states it; group grids from the current weights unless static."""
     from offq.quant.grid import dequantize_codes, group_params
 

@@ -1,4 +1,4 @@
-"""The OffQ mechanism check (METHODS.md section 1) on offq's real quantizer.
+"""The OffQ mechanism check (docs/METHODS.md section 1) on offq's real quantizer.
 
 A 128-vector of N(0, 1) noise plus one outlier of magnitude 60, transformed by the normalised
 Sylvester Hadamard H (x -> x @ H), then 4-bit min/max asymmetric quantization of the whole vector:

@@ -14,20 +14,7 @@ from collections.abc import Callable
 
 def timeit(fn: Callable[[], object], *, quick: bool) -> float:
     """Seconds per call of fn (best of several runs)."""
-    min_time, repeats = (0.02, 3) if quick else (0.2, 5)
-    fn()  # warm-up (page faults, lazy init, caches)
-    best = float("inf")
-    for _ in range(repeats):
-        calls = 0
-        start = time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        best = min(best, elapsed / calls)
-    return best
+    return timeit_interleaved({"fn": fn}, quick=quick)["fn"]
 
 
 def timeit_interleaved(fns: dict[str, Callable[[], object]], *, quick: bool) -> dict[str, float]:

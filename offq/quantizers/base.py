@@ -15,6 +15,7 @@ so the site's linears are quantized as one stacked matrix.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,8 +25,15 @@ from ..quant.weight import QuantizedWeight
 __all__ = ["WeightQuantizer", "PreStep"]
 
 
+@dataclass(frozen=True)
 class WeightQuantizer(ABC):
-    """Turns a float weight ``[N, K]`` into a :class:`QuantizedWeight`."""
+    """Turns a float weight ``[N, K]`` into a :class:`QuantizedWeight` on the grid these fields
+    describe (``group_size`` -1: one group per output row; ``clip_search``: MSE clip ratio)."""
+
+    bits: int = 4
+    group_size: int = -1
+    symmetric: bool = True
+    clip_search: bool = True
 
     #: whether :meth:`prepare` needs the site's Hessian (False: it is called with None)
     needs_hessian: ClassVar[bool] = False

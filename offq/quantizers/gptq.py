@@ -226,10 +226,6 @@ def _pending_view(wt: np.ndarray, err: np.ndarray, u: np.ndarray, i: int, i1: in
 class GPTQ(WeightQuantizer):
     """GPTQ behind the quantizer interface: ``prepare`` factors the site's Hessian once."""
 
-    bits: int = 4
-    group_size: int = -1
-    symmetric: bool = True
-    clip_search: bool = True
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128

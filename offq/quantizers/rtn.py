@@ -35,10 +35,6 @@ def rtn_quantize(w: np.ndarray, *, bits: int = 4, group_size: int = -1, symmetri
 class RTN(WeightQuantizer):
     """Round to nearest: needs no calibration inputs."""
 
-    bits: int = 4
-    group_size: int = -1
-    symmetric: bool = True
-    clip_search: bool = True
     needs_hessian = False
 
     def quantize(self, w: np.ndarray, prepared: Any = None) -> QuantizedWeight:
