@@ -120,8 +120,6 @@ def activation_plot(ckpt, calib: np.ndarray, cfg: QuantConfig, layer: int, path:
     from offq.recipe import pipeline
     from offq.recipe import rotations as rot
     from offq.model import Model
-    from offq.quant.assemble import build_model
-
     from offq.model.arch import architecture_of
 
     mc = ckpt.config.replace(tie_word_embeddings=False)

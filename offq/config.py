@@ -181,15 +181,6 @@ class QuantConfig:
         """Whether R1..R4 are used at all (offq and quarot; the baselines run unrotated)."""
         return self.method in ("offq", "quarot")
 
-    @property
-    def uses_osaq(self) -> bool:
-        return "osaq" in parse_weight_quantizer(self.w_quantizer)[0]
-
-    @property
-    def weight_rounding(self) -> str:
-        """'gptq' or 'rtn': the rounding step after the optional pre-steps (OSAQ)."""
-        return parse_weight_quantizer(self.w_quantizer)[1]
-
     def activation_group(self, d: int) -> int:
         """Activation group size for a linear input of dimension ``d``: ``a_group_size`` when it
         divides d, else the largest power of two (at most a_group_size) that does; d itself for

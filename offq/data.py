@@ -38,7 +38,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -315,10 +315,3 @@ def _bos_of(tokenizer: Tokenizer, add_bos: bool) -> int | None:
     if tokenizer.bos_id is None:
         raise ValueError("add_bos=True but the tokenizer has no BOS token")
     return int(tokenizer.bos_id)
-
-
-def iter_windows(windows: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
-    """Row batches of a window array (views), for feeding a model batch by batch."""
-    _check_positive("batch_size", batch_size)
-    for i in range(0, len(windows), batch_size):
-        yield windows[i:i + batch_size]

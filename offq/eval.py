@@ -48,10 +48,6 @@ class EvalWindows:
     add_bos: bool
     stream_tokens: int  # tokens in the whole tokenized text
 
-    @property
-    def predicted_per_window(self) -> int:
-        return self.seqlen - 1
-
 
 def make_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: int | None = None,
                  max_windows: int | None = None) -> EvalWindows:

@@ -3,7 +3,6 @@ the outlier direction onto a constant over one activation group."""
 import numpy as np
 import pytest
 
-from offq import kernels
 from offq.model.arch import architecture_of
 from offq.model.config import ModelConfig
 from offq.recipe import rotations as rot

@@ -31,7 +31,6 @@ import numpy as np
 from ..config import QuantConfig
 from ..model.arch import architecture_of
 from . import safetensors as _st
-from .files import atomic_write_bytes, atomic_write_json
 from .safetensors import DTYPES, write_safetensors
 
 logger = logging.getLogger(__name__)

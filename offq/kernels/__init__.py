@@ -24,4 +24,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "matmul_w4a4",
+    "pack_codes",
+    "unpack_codes",
+    "SUPPORTED_BITS",
 ]

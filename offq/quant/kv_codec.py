@@ -85,7 +85,7 @@ class PackedKVStore:
 
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """Dequantized keys and values ``[B, Hkv, length, hd]`` (views of one fresh array)."""
-        c, n = self.codec, self.length
+        n = self.length
         per_token = int(np.prod(self._codes.shape[1:4])) * self._hd
         step = n if num_threads() == 1 else max(1, _KV_READ_ELEMS // per_token)
         if step >= n:
