@@ -9,8 +9,8 @@ All arithmetic is float32 with round-half-to-even (``np.rint``), exactly as
 ``offq.kernels.quantize`` computes it, so codes produced here and by the C kernel agree bit for bit
 (for the same clip ratio):
 
-    asymmetric: mid = (min(g) + max(g)) / 2, half = clip * (max(g) - min(g)) / 2,
-                lo = mid - half, hi = mid + half (clip 1: lo = min(g), hi = max(g) exactly);
+    asymmetric: d = (0.5 (1 - clip)) (max(g) - min(g)), lo = min(g) + d, hi = max(g) - d
+                (the range shrunk about its midpoint; clip 1: min and max exactly);
                 scale = (hi - lo) / (2^b - 1)
                 (scale == 0: |hi| if hi != 0 else 1); zero = round(-lo / scale)
     symmetric:  scale = clip * max|g| / (2^(b-1) - 1) (0: 1); zero = 2^(b-1)
@@ -85,11 +85,11 @@ def grid_params(x: np.ndarray, bits: int, symmetric: bool,
         zero = np.full(scale.shape, 2 ** (bits - 1), dtype=np.float32)
         return scale, zero
     mn, mx = x.min(axis=-1), x.max(axis=-1)
-    mid = ((mn + mx) * np.float32(0.5)).astype(np.float32)
-    half = (clip * ((mx - mn) * np.float32(0.5))).astype(np.float32)
-    # clip 1 keeps min and max exactly (mid -/+ half may round away from them)
-    lo = np.where(clip == 1, mn, mid - half).astype(np.float32)
-    hi = np.where(clip == 1, mx, mid + half).astype(np.float32)
+    # about the midpoint, in the kernel's float32 steps: d = (0.5 (1 - clip)) (max - min),
+    # [min + d, max - d] (clip 1: d = 0, min and max exactly)
+    d = ((np.float32(0.5) * (np.float32(1) - clip)).astype(np.float32) * (mx - mn)).astype(np.float32)
+    lo = (mn + d).astype(np.float32)
+    hi = (mx - d).astype(np.float32)
     scale = ((hi - lo) / np.float32(2 ** bits - 1)).astype(np.float32)
     fallback = np.where(hi != 0, np.abs(hi), np.float32(1)).astype(np.float32)
     scale = np.where(scale == 0, fallback, scale).astype(np.float32)

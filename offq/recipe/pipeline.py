@@ -269,6 +269,9 @@ def capture_hessians(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any,
         if not np.all(np.isfinite(a.sum)):
             raise ValueError(f"layer {i} site {site}: the calibration activations contain NaN or "
                              f"Inf (a broken checkpoint or an overflow in an earlier layer)")
+        if not np.any(np.diag(a.sum)):  # every input dead: GPTQ would zero the whole weight
+            raise ValueError(f"layer {i} site {site}: every calibration activation is zero (an "
+                             f"overflow in an earlier layer's RMSNorm?)")
     return acc
 
 
