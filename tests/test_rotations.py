@@ -5,6 +5,7 @@ import pytest
 
 from offq.model.arch import architecture_of
 from offq.model.config import ModelConfig
+from offq.quant.online import r3_qk_transform, r4_input_transform
 from offq.recipe import rotations as rot
 
 
@@ -144,8 +145,8 @@ def test_full_rotation_invariance(variant, arch, bias, mlp_bias, tie):
     rot.fuse_norms(out, cfg.num_hidden_layers, architecture_of(cfg))
     rot.rotate_model(out, cfg, r1=r1, r2=r2, r4=True)
     assert all(v.dtype == np.float32 for v in out.values())
-    qk = rot.r3_qk_transform(cfg.head_dim)
-    down = rot.r4_input_transform(cfg.intermediate_size)
+    qk = r3_qk_transform(cfg.head_dim)
+    down = r4_input_transform(cfg.intermediate_size)
     got = forward(out, cfg, ids,
                   qk_transform=lambda q, k: tuple(a.astype(np.float64) for a in qk(q, k)),
                   down_input_transform=lambda m: down(m).astype(np.float64))
@@ -214,7 +215,7 @@ def test_non_power_of_two_sizes():
         out = dict(w)
         rot.fuse_norms(out, cfg.num_hidden_layers, architecture_of(cfg))
         rot.rotate_model(out, cfg, r1=r1, r2=rot.r2_matrices(12, 2), r4=True)
-        qk, down = rot.r3_qk_transform(12), rot.r4_input_transform(96)
+        qk, down = r3_qk_transform(12), r4_input_transform(96)
         got = forward(out, cfg, ids, qk_transform=lambda q, k: tuple(a.astype(np.float64) for a in qk(q, k)),
                       down_input_transform=lambda m: down(m).astype(np.float64))
         assert rel(got, ref) < 1e-4
@@ -233,7 +234,7 @@ def test_invariance_through_offq_forward(arch, bias, mlp_bias):
     cov, _ = outlier_cov(cfg.hidden_size, np.random.default_rng(8))
     rot.rotate_model(out, cfg, r1=rot.offq_r1(cov, cfg.hidden_size, 16),
                      r2=rot.r2_matrices(cfg.head_dim, cfg.num_key_value_heads), r4=True)
-    qk, down = rot.r3_qk_transform(cfg.head_dim), rot.r4_input_transform(cfg.intermediate_size)
+    qk, down = r3_qk_transform(cfg.head_dim), r4_input_transform(cfg.intermediate_size)
 
     def hook(layer):
         layer.qk_transform, layer.down_input_transform = qk, down

@@ -19,10 +19,10 @@ from ..config import QuantConfig
 from ..model.arch import architecture_of, dims_of
 from ..model.decoder import DecoderLayer, Model
 from ..model.linear import DenseLinear, SlicedLinear
-from ..recipe.rotations import r3_qk_transform, r4_input_transform
 from .activation import activation_quantizer
 from .kv_codec import kv_codec
 from .linears import FakeQuantLinear, GroupProduct, W4A4Linear, integer_product
+from .online import r3_qk_transform, r4_input_transform
 from .weight import QuantizedWeight
 
 logger = logging.getLogger(__name__)

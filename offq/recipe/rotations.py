@@ -20,7 +20,7 @@ layer at a time. The recipe, which leaves the float model's logits unchanged:
 4. R4: ``W_down <- W_down H`` with ``H = hadamard_matrix(intermediate)``, and at run time the online
    ``fwht`` on the down_proj input (``x -> x H``) restores the product.
 5. R3 has no weights: the online ``fwht`` over head_dim on Q and K after RoPE cancels in ``Q K^T``
-   (:func:`r3_qk_transform`).
+   (the online halves of R3 and R4 live in :mod:`offq.quant.online`).
 
 R1 constructions: :func:`offq_r1` (``U1 P H1``: PCA basis, sorted grouping, block Hadamard aligned
 with the activation groups, no sign flips) and :func:`quarot_r1` (random signs times a full
@@ -29,7 +29,7 @@ Hadamard). Hadamard matrices come from ``offq.kernels.hadamard_matrix`` (fwht(x)
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, MutableMapping
+from typing import Any, MutableMapping
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -254,32 +254,3 @@ def rotate_model(weights: Weights, cfg: Any, *, r1: np.ndarray | None, r2: np.nd
         rotate_head(weights, r1, arch)
     for i in range(cfg.num_hidden_layers):
         rotate_layer(weights, i, cfg, r1=r1, r2=r2, r4=r4)
-
-
-# ---------------------------------------------------------------------------------- online parts
-def r3_qk_transform(head_dim: int) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """R3: ``qk_transform(q, k)`` applying the normalised Hadamard over head_dim to both (after
-    RoPE); ``(q H)(k H)^T = q k^T``, and the K cache is stored in the rotated basis."""
-    from offq.kernels import fwht
-
-    def transform(q: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if q.shape[-1] != head_dim or k.shape[-1] != head_dim:
-            raise ValueError(f"qk_transform: expected last axis {head_dim}, got {q.shape}, {k.shape}")
-        return (fwht(np.ascontiguousarray(q, dtype=np.float32)),
-                fwht(np.ascontiguousarray(k, dtype=np.float32)))
-
-    return transform
-
-
-def r4_input_transform(intermediate_size: int) -> Callable[[np.ndarray], np.ndarray]:
-    """R4's online half: ``x -> x H`` (full Hadamard of the intermediate size) on the down_proj
-    input, the inverse of the ``W_down <- W_down H`` fused by :func:`rotate_layer`."""
-    from offq.kernels import fwht
-
-    def transform(x: np.ndarray) -> np.ndarray:
-        if x.shape[-1] != intermediate_size:
-            raise ValueError(f"down_input_transform: expected last axis {intermediate_size}, "
-                             f"got {x.shape}")
-        return fwht(np.ascontiguousarray(x, dtype=np.float32))
-
-    return transform
