@@ -23,6 +23,16 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb
 QUICK = {"SEQLEN": 128, "WINDOWS": 1, "CALIB_N": 2, "CALIB_SEQLEN": 128, "W_QUANTIZER": "rtn",
          "GEN_TOKENS": 4}
 
+#: What a run must reproduce, from measured runs on this machine (2 cores): the FP32 perplexity
+#: range (same windows every run, so only the model and the eval protocol move it) and the
+#: largest OffQ / FP32 perplexity ratio. The run is deterministic, so the ratio bound sits close
+#: (15-20 %) above the measured value: a zero-point clamped into the code range gives 4.42 x in
+#: the quick run (fails), a missing R1 on one linear ~10^6 x.
+#: quick: FP32 24.04, OffQ (RTN weights, 2 x 128 calibration) 80.04 = 3.33 x.
+#: full (as committed): FP32 28.48, OffQ (GPTQ, 8 x 256 calibration) 45.06 = 1.58 x.
+EXPECTED = {"quick": {"fp32": (20.0, 29.0), "max_ratio": 3.9},
+            "full": {"fp32": (24.0, 33.0), "max_ratio": 1.9}}
+
 
 def run_notebook(nb: dict[str, Any], namespace: dict[str, Any],
                  parameters: dict[str, Any] | None = None) -> None:
@@ -101,6 +111,10 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch) -> None:
     run_notebook(_load(), ns, None if full else QUICK)
     ppl = ns["ppl"]
     assert set(ppl) == {"fp32", "offq fake", "offq real"}
-    assert all(1.0 < v < 1e4 for v in ppl.values()), ppl
-    assert ppl["fp32"] < ppl["offq fake"] and ppl["fp32"] < ppl["offq real"], ppl
+    expected = EXPECTED["full" if full else "quick"]
+    lo, hi = expected["fp32"]
+    assert lo < ppl["fp32"] < hi, ppl
+    # the fake and real paths compute the same numbers (the notebook says so)
+    assert ppl["offq real"] == pytest.approx(ppl["offq fake"], rel=1e-4), ppl
+    assert ppl["fp32"] < ppl["offq real"] < expected["max_ratio"] * ppl["fp32"], ppl
     assert not ns["work"].exists()  # the last cell cleaned up
