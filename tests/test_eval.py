@@ -99,12 +99,11 @@ def wikitext() -> str:
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    from offq.eval import load_model
-    try:
-        return load_model("smollm2-135m")
-    except FileNotFoundError as e:
-        pytest.skip(f"default model not installed: {e}")
+def smollm(smollm2_checkpoint, smollm2_tensors):
+    ckpt = smollm2_checkpoint
+    model = Model.from_tensors(ckpt.config, smollm2_tensors, name=ckpt.name)
+    model.tokenizer = ckpt.tokenizer
+    return model, ckpt.tokenizer
 
 
 def test_default_model_perplexity_is_sane(smollm, wikitext: str) -> None:

