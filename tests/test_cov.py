@@ -87,7 +87,7 @@ def test_huge_magnitudes_and_nan_propagation():
 def test_cov_update_validation():
     acc = np.zeros((8, 8))
     x = np.zeros((3, 8), np.float32)
-    with pytest.raises(TypeError, match="acc: expected dtype float64 or float32"):
+    with pytest.raises(TypeError, match="acc: expected dtype float32 or float64"):
         cov_update(acc.astype(np.int64), x)
     with pytest.raises(ValueError, match="acc: expected a square"):
         cov_update(np.zeros((8, 7)), x)

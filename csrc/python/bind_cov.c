@@ -13,15 +13,8 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOp:cov_update", &acc_obj, &x_obj, &top1)) {
         return NULL;
     }
-    if (!PyArray_Check(acc_obj)) {
-        PyErr_Format(PyExc_TypeError, "acc: expected a numpy.ndarray, got %s",
-                     Py_TYPE(acc_obj)->tp_name);
-        return NULL;
-    }
-    const int acc_type = PyArray_TYPE((PyArrayObject *)acc_obj);
-    if (acc_type != NPY_FLOAT32 && acc_type != NPY_FLOAT64) {
-        PyErr_Format(PyExc_TypeError, "acc: expected dtype float64 or float32, got %S",
-                     (PyObject *)PyArray_DESCR((PyArrayObject *)acc_obj));
+    const int acc_type = offq_float_typenum(acc_obj, "acc");
+    if (acc_type < 0) {
         return NULL;
     }
     PyArrayObject *acc = offq_check_writeable(acc_obj, "acc", acc_type, 2, 2);
@@ -144,14 +137,8 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
     }
     const unsigned long long seed = PyLong_AsUnsignedLongLongMask(seed_int);
     Py_DECREF(seed_int);
-    if (!PyArray_Check(cov_obj)) {
-        PyErr_Format(PyExc_TypeError, "cov: expected a numpy.ndarray, got %s", Py_TYPE(cov_obj)->tp_name);
-        return NULL;
-    }
-    const int typenum = PyArray_TYPE((PyArrayObject *)cov_obj);
-    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
-        PyErr_Format(PyExc_TypeError, "cov: expected dtype float64 or float32, got %S",
-                     (PyObject *)PyArray_DESCR((PyArrayObject *)cov_obj));
+    const int typenum = offq_float_typenum(cov_obj, "cov");
+    if (typenum < 0) {
         return NULL;
     }
     PyArrayObject *cov = offq_check_array(cov_obj, "cov", typenum, 2, 2);

@@ -33,14 +33,8 @@ static PyObject *py_fwht(PyObject *self, PyObject *args)
                      Py_TYPE(block_obj)->tp_name);
         return NULL;
     }
-    if (!PyArray_Check(x_obj)) {
-        PyErr_Format(PyExc_TypeError, "x: expected a numpy.ndarray, got %s", Py_TYPE(x_obj)->tp_name);
-        return NULL;
-    }
-    const int typenum = PyArray_TYPE((PyArrayObject *)x_obj);
-    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
-        PyErr_Format(PyExc_TypeError, "x: expected dtype float32 or float64, got %S",
-                     (PyObject *)PyArray_DESCR((PyArrayObject *)x_obj));
+    const int typenum = offq_float_typenum(x_obj, "x");
+    if (typenum < 0) {
         return NULL;
     }
     PyArrayObject *x = offq_check_array(x_obj, "x", typenum, 1, -1);

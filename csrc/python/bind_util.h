@@ -36,6 +36,24 @@ int offq_py_int(PyObject *obj, const char *name, long long *out);
 /* A real number -> *out; else TypeError naming `name`. */
 int offq_py_float(PyObject *obj, const char *name, double *out);
 
+/* The dtype (NPY_FLOAT32 or NPY_FLOAT64) of an ndarray argument that may be either, or -1 with a
+ * TypeError naming `name` (the array's layout is checked after, by offq_check_array). */
+static inline int offq_float_typenum(PyObject *obj, const char *name)
+{
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const int typenum = PyArray_TYPE((PyArrayObject *)obj);
+    if (typenum != NPY_FLOAT32 && typenum != NPY_FLOAT64) {
+        PyErr_Format(PyExc_TypeError, "%s: expected dtype float32 or float64, got %S", name,
+                     (PyObject *)PyArray_DESCR((PyArrayObject *)obj));
+        return -1;
+    }
+    return typenum;
+}
+
 /* Return `obj` as a borrowed PyArrayObject* if it is a C-contiguous ndarray of dtype `typenum`
  * with min_ndim <= ndim <= max_ndim (max_ndim < 0: no upper bound); else set TypeError/ValueError
  * naming `name` and return NULL. No copies are ever made silently. */
