@@ -35,7 +35,7 @@ static const offq_mm_ops mm_avx512vnni = {
 #endif
 
 offq_dispatch_table offq_dispatch = {
-    .quant_row = offq_quant_row_generic,
+    .quant_group = offq_quant_group_generic,
     .pow2_f32 = offq_pow2_f32_generic,
     .pow2_f64 = offq_pow2_f64_generic,
     .mix_f32 = offq_mix_f32_generic,
@@ -62,7 +62,7 @@ void offq_cpu_init(void)
                         __builtin_cpu_supports("avx512vnni");
     }
     if (g_avx2) {
-        offq_dispatch.quant_row = offq_quant_row_avx2;
+        offq_dispatch.quant_group = offq_quant_group_avx2;
         offq_dispatch.pow2_f32 = offq_pow2_f32_avx2;
         offq_dispatch.pow2_f64 = offq_pow2_f64_avx2;
         offq_dispatch.mix_f32 = offq_mix_f32_avx2;

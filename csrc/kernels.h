@@ -90,16 +90,16 @@ static inline void offq_unpack_row4(const uint8_t *restrict p, int64_t k, uint8_
     }
 }
 
-/* Quantize one row of k (groups of `group`) into codes (packed when bits == 4, through tmp[k]). */
-typedef offq_status (*offq_quant_row_fn)(const float *x, int64_t k, int bits, int64_t group,
-                                         int symmetric, float clip, uint8_t *codes, float *scale,
-                                         float *zero, int32_t *sums, uint8_t *tmp);
-offq_status offq_quant_row_generic(const float *x, int64_t k, int bits, int64_t group,
-                                   int symmetric, float clip, uint8_t *codes, float *scale,
-                                   float *zero, int32_t *sums, uint8_t *tmp);
-offq_status offq_quant_row_avx2(const float *x, int64_t k, int bits, int64_t group, int symmetric,
-                                float clip, uint8_t *codes, float *scale, float *zero,
-                                int32_t *sums, uint8_t *tmp);
+/* Quantize one group g[0..n) to codes q[0..n) (one per byte), its scale, zero and code sum. */
+typedef offq_status (*offq_quant_group_fn)(const float *restrict g, int64_t n, int bits,
+                                           int symmetric, float clip, uint8_t *restrict q,
+                                           float *scale, float *zero, int32_t *sum);
+offq_status offq_quant_group_generic(const float *restrict g, int64_t n, int bits, int symmetric,
+                                     float clip, uint8_t *restrict q, float *scale, float *zero,
+                                     int32_t *sum);
+offq_status offq_quant_group_avx2(const float *restrict g, int64_t n, int bits, int symmetric,
+                                  float clip, uint8_t *restrict q, float *scale, float *zero,
+                                  int32_t *sum);
 
 /* ---- hadamard -------------------------------------------------------------------------------
  * pow2: the Sylvester transform of x[n] (n = 2^k) in place, times `scale` when normalize.
@@ -194,7 +194,7 @@ static inline uint32_t offq_load_u32(const uint8_t *p)
 
 /* ---- the dispatch table (cpu.c) -------------------------------------------------------------- */
 typedef struct {
-    offq_quant_row_fn quant_row;
+    offq_quant_group_fn quant_group;
     offq_pow2_f32_fn pow2_f32;
     offq_pow2_f64_fn pow2_f64;
     offq_mix_f32_fn mix_f32;

@@ -15,10 +15,10 @@
 
 int64_t offq_code_row_bytes(int64_t k, int bits) { return bits == 4 ? (k + 1) / 2 : k; }
 
-/* Quantize one group g[0..n) to codes q[0..n) (one per byte). */
-static offq_status quant_group(const float *restrict g, int64_t n, int bits, int symmetric,
-                               float clip, uint8_t *restrict q, float *scale_out,
-                               float *zero_out, int32_t *sum)
+/* Quantize one group g[0..n) to codes q[0..n) (one per byte): the reference variant. */
+offq_status offq_quant_group_generic(const float *restrict g, int64_t n, int bits, int symmetric,
+                                     float clip, uint8_t *restrict q, float *scale_out,
+                                     float *zero_out, int32_t *sum)
 {
     const float maxq = (float)((1 << bits) - 1);
     int bad = 0;
@@ -66,16 +66,17 @@ static offq_status quant_group(const float *restrict g, int64_t n, int bits, int
 }
 
 
-/* One row: quantize all groups into `tmp` (4 bits, then packed) or directly into `codes`. */
-offq_status offq_quant_row_generic(const float *x, int64_t k, int bits, int64_t group,
-                                   int symmetric, float clip, uint8_t *codes, float *scale,
-                                   float *zero, int32_t *sums, uint8_t *tmp)
+/* One row: quantize all groups (through the dispatched group variant) into `tmp` (4 bits, then
+ * packed) or directly into `codes`. */
+static offq_status quant_row(offq_quant_group_fn group_fn, const float *x, int64_t k, int bits,
+                             int64_t group, int symmetric, float clip, uint8_t *codes,
+                             float *scale, float *zero, int32_t *sums, uint8_t *tmp)
 {
     uint8_t *dst = bits == 4 ? tmp : codes;
     const int64_t ng = k / group;
     for (int64_t gi = 0; gi < ng; gi++) {
-        const offq_status st = quant_group(x + gi * group, group, bits, symmetric, clip,
-                                           dst + gi * group, scale + gi, zero + gi, sums + gi);
+        const offq_status st = group_fn(x + gi * group, group, bits, symmetric, clip,
+                                        dst + gi * group, scale + gi, zero + gi, sums + gi);
         if (st != OFFQ_OK) {
             return st;
         }
@@ -90,7 +91,7 @@ offq_status offq_quantize_f32(const float *x, int64_t rows, int64_t k, int bits,
                               int symmetric, float clip, uint8_t *codes, float *scale,
                               float *zero, int32_t *sums)
 {
-    const offq_quant_row_fn row_fn = offq_dispatch.quant_row;
+    const offq_quant_group_fn group_fn = offq_dispatch.quant_group;
     const int64_t rb = offq_code_row_bytes(k, bits);
     const int64_t ng = k / group;
     int err = OFFQ_OK;
@@ -102,8 +103,9 @@ offq_status offq_quantize_f32(const float *x, int64_t rows, int64_t k, int bits,
         } else {
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
-                const int e = (int)row_fn(x + r * k, k, bits, group, symmetric, clip, codes + r * rb,
-                               scale + r * ng, zero + r * ng, sums + r * ng, tmp);
+                const int e = (int)quant_row(group_fn, x + r * k, k, bits, group, symmetric, clip,
+                                             codes + r * rb, scale + r * ng, zero + r * ng,
+                                             sums + r * ng, tmp);
                 err = e > err ? e : err;
             }
         }

@@ -197,8 +197,10 @@ def test_validation_errors():
         fwht(good, block=3)
     with pytest.raises(ValueError, match="block: expected a positive divisor"):
         fwht(good, block=0)
-    with pytest.raises(TypeError, match="block: expected an int"):
+    with pytest.raises(TypeError, match="block: expected an int or None"):
         fwht(good, block=2.0)
+    with pytest.raises(ValueError, match="block: .* is out of range"):
+        fwht(good, block=10**30)
     with pytest.raises(ValueError, match="block: no Hadamard construction .* length 188 .*block=4"):
         fwht(np.zeros((1, 376), np.float32), block=188)
     with pytest.raises(TypeError, match="out: expected dtype float32"):

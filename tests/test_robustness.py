@@ -339,8 +339,8 @@ def test_unsupported_r4_size_fails_before_any_pass(f, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(pipeline, "collect_statistics", no_pass)
-        with pytest.raises(ValueError, match=rf"R4 \(intermediate size\): no Hadamard matrix of "
-                                             rf"order {f}.*--no-r4"):
+        with pytest.raises(ValueError, match=rf"R4 \(intermediate size\): no Hadamard construction "
+                                             rf"is available for length {f}.*--no-r4"):
             pipeline.quantize(ckpt, QuantConfig(method="offq"), calib)
     # R4 off: the same model quantizes
     res = pipeline.quantize(ckpt, QuantConfig(method="offq", r4=False), calib)

@@ -31,14 +31,12 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "acc: d too large for OpenBLAS (32-bit sizes)");
         return NULL;
     }
-    if (!PyArray_Check(x_obj)) {
-        PyErr_Format(PyExc_TypeError, "x: expected a numpy.ndarray, got %s", Py_TYPE(x_obj)->tp_name);
+    const int x_type = offq_float_typenum(x_obj, "x");
+    if (x_type < 0) {
         return NULL;
     }
-    const int x_type = PyArray_TYPE((PyArrayObject *)x_obj);
-    if (x_type != NPY_FLOAT32 && !(x_type == NPY_FLOAT64 && acc_type == NPY_FLOAT64)) {
-        PyErr_Format(PyExc_TypeError, "x: expected dtype float32%s, got %S",
-                     acc_type == NPY_FLOAT64 ? " or float64" : " (acc is float32)",
+    if (x_type == NPY_FLOAT64 && acc_type == NPY_FLOAT32) {
+        PyErr_Format(PyExc_TypeError, "x: expected dtype float32 (acc is float32), got %S",
                      (PyObject *)PyArray_DESCR((PyArrayObject *)x_obj));
         return NULL;
     }

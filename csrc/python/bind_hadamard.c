@@ -28,9 +28,11 @@ static PyObject *py_fwht(PyObject *self, PyObject *args)
     }
     has_block = block_obj != Py_None;
     if (has_block && offq_py_int(block_obj, "block", &block) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "block: expected an int or None, got %s",
-                     Py_TYPE(block_obj)->tp_name);
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) { /* say that None is allowed too */
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "block: expected an int or None, got %s",
+                         Py_TYPE(block_obj)->tp_name);
+        }
         return NULL;
     }
     const int typenum = offq_float_typenum(x_obj, "x");

@@ -1,4 +1,4 @@
-/* bind_quant.c: Python bindings of the quant kernels (quant.h): parse, validate, release the GIL,
+/* bind_quant.c: Python bindings of the quant kernels (offq.h): parse, validate, release the GIL,
  * call the C core. Every argument error names the argument and what was expected.
  *
  *   quantize(x, bits, group_size, symmetric, clip) -> (codes, scale, zero, code_sums)
@@ -105,7 +105,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds)
         (clip_o != NULL && offq_py_float(clip_o, "clip", &clip) < 0)) {
         return NULL;
     }
-    if (!(clip > 0.0 && clip <= 1.0)) {
+    if (!((float)clip > 0.0f && clip <= 1.0)) { /* the kernel gets it as a float */
         PyObject *got = PyFloat_FromDouble(clip);
         PyErr_Format(PyExc_ValueError, "clip: expected a ratio in (0, 1], got %R", got);
         Py_XDECREF(got);
@@ -392,7 +392,7 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
 PyMethodDef offq_quant_methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_VARARGS | METH_KEYWORDS,
      "quantize(x, bits=4, group_size=128, symmetric=False, clip=1.0) -> (codes, scale, zero, "
-     "code_sums)\n\nGroup-wise quantization of float32 x [..., K] in offq's format (quant.h)."},
+     "code_sums)\n\nGroup-wise quantization of float32 x [..., K] in offq's format (offq.h)."},
     {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS,
      "dequantize(codes, scale, zero, bits, group_size, k) -> float32 [..., k]"},
     {"pack_codes", (PyCFunction)(void (*)(void))py_pack_codes, METH_VARARGS | METH_KEYWORDS,

@@ -1,4 +1,4 @@
-/* x86/quant_avx2.c: the quantize row kernel with explicit AVX2 (reference: quant.c).
+/* x86/quant_avx2.c: the quantize group kernel with explicit AVX2 (reference: quant.c).
  *
  * Same formulas, same float32 operations (vdivps is the IEEE division, vroundps with
  * round-to-nearest-even is rint, the group parameters come from the shared scalar formula), so the
@@ -9,7 +9,7 @@
 #ifdef OFFQ_X86
 #include <immintrin.h>
 
-__attribute__((target("avx2,fma"))) static offq_status quant_group_avx2(
+__attribute__((target("avx2,fma"))) offq_status offq_quant_group_avx2(
     const float *restrict g, int64_t n, int bits, int symmetric, float clip, uint8_t *restrict q,
     float *scale_out, float *zero_out, int32_t *sum)
 {
@@ -100,25 +100,6 @@ __attribute__((target("avx2,fma"))) static offq_status quant_group_avx2(
     *scale_out = scale;
     *zero_out = zero;
     *sum = s;
-    return OFFQ_OK;
-}
-
-__attribute__((target("avx2,fma"))) offq_status offq_quant_row_avx2(
-    const float *x, int64_t k, int bits, int64_t group, int symmetric, float clip, uint8_t *codes,
-    float *scale, float *zero, int32_t *sums, uint8_t *tmp)
-{
-    uint8_t *dst = bits == 4 ? tmp : codes;
-    const int64_t ng = k / group;
-    for (int64_t gi = 0; gi < ng; gi++) {
-        const offq_status st = quant_group_avx2(x + gi * group, group, bits, symmetric, clip,
-                                                dst + gi * group, scale + gi, zero + gi, sums + gi);
-        if (st != OFFQ_OK) {
-            return st;
-        }
-    }
-    if (bits == 4) {
-        offq_pack_row4(tmp, k, codes);
-    }
     return OFFQ_OK;
 }
 #endif

@@ -15,6 +15,7 @@ keys (`LinearSpec.in_dim` / `out_dim`): ``hidden`` = d, ``q`` = heads * head_dim
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,7 @@ class Architecture:
         return base + ".qweight", base + ".scales", base + ".zeros"
 
     # ------------------------------------------------------------------ GGUF names
+    @functools.cached_property
     def gguf_to_hf(self) -> dict[str, str]:
         """GGUF name pattern -> HF name pattern (``{i}`` for the layer) of every tensor."""
         out = {self.embed[1]: self.embed[0], self.final_norm[1]: self.final_norm[0],
@@ -176,7 +178,7 @@ class Architecture:
 
     def hf_name(self, gguf_name: str) -> str | None:
         """HF name of a llama.cpp tensor name (None for tensors offq does not use)."""
-        table = self.gguf_to_hf()
+        table = self.gguf_to_hf
         if gguf_name in table:
             return table[gguf_name]
         m = re.match(r"^blk\.(\d+)\.(.+)$", gguf_name)
@@ -188,7 +190,7 @@ class Architecture:
 
     def gguf_name(self, hf_name: str) -> str | None:
         """Inverse of :meth:`hf_name`."""
-        for gg, hf in self.gguf_to_hf().items():
+        for gg, hf in self.gguf_to_hf.items():
             if "{i}" not in hf:
                 if hf == hf_name:
                     return gg
@@ -219,9 +221,8 @@ class Architecture:
 
 def dims_of(config: Any) -> dict[str, int]:
     """Dimension key -> size for a ModelConfig."""
-    hd = config.head_dim
-    return {"hidden": config.hidden_size, "q": config.num_attention_heads * hd,
-            "kv": config.num_key_value_heads * hd, "ffn": config.intermediate_size}
+    return {"hidden": config.hidden_size, "q": config.q_dim, "kv": config.kv_dim,
+            "ffn": config.intermediate_size}
 
 
 def config_flags(config: Any) -> dict[str, Any]:

@@ -40,10 +40,6 @@ class QuantizedWeight:
     symmetric: bool
     bias: np.ndarray | None = None
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
     @functools.cached_property
     def dequantized(self) -> np.ndarray:
         """float32 ``[N, K]`` weight ``scale * (codes - zero)`` (computed once)."""

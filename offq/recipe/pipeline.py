@@ -24,7 +24,6 @@ the attention and MLP inputs; ``quarot`` R1 = random-sign Hadamard (seeded); bot
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import sys
 import time
@@ -45,7 +44,7 @@ from ..quantizers.gptq import HessianAccumulator
 from ..quantizers.registry import build_weight_quantizer
 from . import rotations as rot
 from .statistics import collect_statistics, fused_layer
-from .store import CheckpointStore, fingerprint
+from .store import CheckpointStore, calibration_record, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +100,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         config = dataclasses.replace(config, calib_samples=int(calib.shape[0]),
                                      calib_seqlen=int(calib.shape[1]))
     check_hadamard_sizes(mc, config)
-    store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib, batch_size))
+    calib_record = calibration_record(calib, calibration_source, calibration_seed)
+    store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib_record, batch_size))
     timings: dict[str, float] = {}
     reports: dict[str, Any] = {}
     show = sys.stderr.isatty() if progress is None else progress
@@ -131,9 +131,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     # 3. layer by layer: fuse + rotate, capture, quantize, write, propagate
     weights_only = dataclasses.replace(config, a_bits=OFF, kv_bits=OFF)
     runner = LayerRunner(mc)
-    needs_inputs = config.w_bits != OFF and (
-        quantizer.needs_hessian or any(p.needs_hessian for p in pre_steps))
-    h = np.asarray(glob[arch.embed[0]], np.float32)[calib] if needs_inputs else None
+    h = np.asarray(glob[arch.embed[0]], np.float32)[calib] if needs_hessians(config) else None
     t_capture = t_quant = t_prop = 0.0
     for i in tqdm(range(mc.num_hidden_layers), desc="quantize layers", disable=not show):
         stored = store.load_layer(i)
@@ -167,11 +165,6 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
 
     # 4. save
     t = time.perf_counter()
-    calib_record = None if calib is None else {
-        "samples": int(calib.shape[0]), "seqlen": int(calib.shape[1]),
-        "source": calibration_source,
-        "seed": None if calibration_seed is None else int(calibration_seed),
-        "tokens_sha256": hashlib.sha256(np.ascontiguousarray(calib).tobytes()).hexdigest()}
     tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
                            calibration=calib_record, reports=reports)
     timings["write"] = time.perf_counter() - t
@@ -186,14 +179,17 @@ def needs_statistics(cfg: QuantConfig) -> bool:
     return (cfg.method == "offq" and cfg.pca != "none") or (cfg.rotates and cfg.r2 == "pca_hadamard")
 
 
-def needs_calibration(cfg: QuantConfig) -> bool:
-    """Whether ``cfg`` needs calibration tokens (a Hessian for a weight step, or statistics)."""
-    if needs_statistics(cfg):
-        return True
+def needs_hessians(cfg: QuantConfig) -> bool:
+    """Whether a weight step of ``cfg`` (GPTQ, OSAQ) needs its input sites' Hessians."""
     if cfg.w_bits == OFF:
         return False
     pre, quantizer = build_weight_quantizer(cfg)
     return quantizer.needs_hessian or any(p.needs_hessian for p in pre)
+
+
+def needs_calibration(cfg: QuantConfig) -> bool:
+    """Whether ``cfg`` needs calibration tokens (Hessians for a weight step, or statistics)."""
+    return needs_statistics(cfg) or needs_hessians(cfg)
 
 
 def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
@@ -201,7 +197,7 @@ def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
     or QuaRot's full size, R2/R3 over head_dim, R4 over the intermediate size)."""
     if not cfg.rotates:
         return
-    from ..kernels import is_supported
+    from ..kernels import fwht, is_supported
 
     need = {"R2/R3 (head_dim)": mc.head_dim}
     if cfg.method == "quarot":
@@ -212,11 +208,12 @@ def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
         need["R4 (intermediate size)"] = mc.intermediate_size
     for what, n in need.items():
         if not is_supported(n):
-            p2 = n & -n
-            raise ValueError(f"{what}: no Hadamard matrix of order {n} is available (offq builds "
-                             f"m * 2^k for the orders in offq.kernels.SUPPORTED_ORDERS); the largest "
-                             f"power-of-two block dividing it is {p2}"
-                             + (": use --no-r4 to turn R4 off" if "R4" in what else ""))
+            try:  # the kernel's own message (names the largest power-of-two block)
+                fwht(np.zeros((1, n), np.float32))
+            except ValueError as e:
+                msg = str(e).removeprefix("x: ")
+                raise ValueError(f"{what}: {msg}" + ("; --no-r4 turns R4 off" if "R4" in what
+                                                     else "")) from None
 
 
 def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | None,

@@ -30,24 +30,31 @@ from ..formats.files import atomic_write_json, fsync_dir
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointStore", "fingerprint"]
+__all__ = ["CheckpointStore", "calibration_record", "fingerprint"]
 
 #: Files a checkpoint directory may hold besides the partial directory (tokenizer files included).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def fingerprint(ckpt: Any, cfg: QuantConfig, calib: np.ndarray | None,
+def calibration_record(calib: np.ndarray | None, source: str | None,
+                       seed: int | None) -> dict[str, Any] | None:
+    """What config.json says of the calibration used (None when the run needed none): its shape,
+    source, seed and the SHA-256 of its int64 token ids."""
+    if calib is None:
+        return None
+    tokens = np.ascontiguousarray(calib, dtype=np.int64)
+    return {"samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]), "source": source,
+            "seed": None if seed is None else int(seed),
+            "tokens_sha256": hashlib.sha256(tokens.tobytes()).hexdigest()}
+
+
+def fingerprint(ckpt: Any, cfg: QuantConfig, calibration: dict[str, Any] | None,
                 batch_size: int) -> dict[str, Any]:
     """What must match for ``--resume`` to continue a run: source weights (names, shapes,
-    dtypes and, where the store offers it, a hash of the file headers), config, calibration
-    tokens, batch size and offq's version."""
+    dtypes and, where the checkpoint offers it, a hash of its files' headers), config,
+    calibration (:func:`calibration_record`), batch size and offq's version."""
     from .. import __version__
 
-    h = hashlib.sha256()
-    if calib is not None:
-        c = np.ascontiguousarray(np.asarray(calib, dtype=np.int64))
-        h.update(str(c.shape).encode())
-        h.update(c.tobytes())
     src = hashlib.sha256()
     store = ckpt.tensors
     for name in sorted(store.keys()):
@@ -59,7 +66,7 @@ def fingerprint(ckpt: Any, cfg: QuantConfig, calib: np.ndarray | None,
         src.update(str(source_id()).encode())
     return {"model": getattr(ckpt, "name", ""), "quant_config": cfg.to_dict(),
             "model_config": ckpt.config.to_hf() if hasattr(ckpt.config, "to_hf") else None,
-            "source_sha256": src.hexdigest(), "calibration_sha256": h.hexdigest(),
+            "source_sha256": src.hexdigest(), "calibration": calibration,
             "batch_size": int(batch_size), "offq_version": __version__}
 
 
