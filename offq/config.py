@@ -34,7 +34,6 @@ from .quantizers.registry import parse_weight_quantizer
 logger = logging.getLogger(__name__)
 
 METHODS = ("offq", "quarot", "gptq", "rtn", "fp")
-WEIGHT_QUANTIZERS = ("gptq", "rtn", "osaq+gptq", "osaq+rtn")  # see offq.quantizers.registry
 PCA_MODES = ("top1", "standard", "none")
 OUTLIER_INDEX = ("ones", "other")
 R2_MODES = ("hadamard", "pca_hadamard", "none")
