@@ -58,6 +58,23 @@ static inline offq_status offq_quant_params_asym(float mn, float mx, int bits, f
     return OFFQ_OK;
 }
 
+/* Codes q[i] = clamp(rint(g[i] / scale) + zero, 0, maxq) for i in [from, n); returns their sum
+ * (the scalar reference, and the SIMD kernels' tail). */
+static inline int32_t offq_quant_codes(const float *restrict g, int64_t from, int64_t n,
+                                       float scale, float zero, float maxq, uint8_t *restrict q)
+{
+    int32_t s = 0;
+    for (int64_t i = from; i < n; i++) {
+        float v = offq_round_half_even(g[i] / scale) + zero;
+        v = v < 0.0f ? 0.0f : v;
+        v = v > maxq ? maxq : v;
+        const uint8_t c = (uint8_t)(int32_t)v;
+        q[i] = c;
+        s += c;
+    }
+    return s;
+}
+
 static inline void offq_quant_params_sym(float amax, int bits, float clip, float *scale,
                                          float *zero)
 {

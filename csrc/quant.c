@@ -50,15 +50,7 @@ offq_status offq_quant_group_generic(const float *restrict g, int64_t n, int bit
             return st;
         }
     }
-    int32_t s = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float v = offq_round_half_even(g[i] / scale) + zero;
-        v = v < 0.0f ? 0.0f : v;
-        v = v > maxq ? maxq : v;
-        const uint8_t c = (uint8_t)(int32_t)v;
-        q[i] = c;
-        s += c;
-    }
+    const int32_t s = offq_quant_codes(g, 0, n, scale, zero, maxq, q);
     *scale_out = scale;
     *zero_out = zero;
     *sum = s;

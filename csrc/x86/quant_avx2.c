@@ -88,15 +88,8 @@ __attribute__((target("avx2,fma"))) offq_status offq_quant_group_avx2(
     }
     int32_t buf[8];
     _mm256_storeu_si256((__m256i *)buf, acc);
-    int32_t s = buf[0] + buf[1] + buf[2] + buf[3] + buf[4] + buf[5] + buf[6] + buf[7];
-    for (int64_t i = n8; i < n; i++) {
-        float v = offq_round_half_even(g[i] / scale) + zero;
-        v = v < 0.0f ? 0.0f : v;
-        v = v > maxq ? maxq : v;
-        const uint8_t c = (uint8_t)(int32_t)v;
-        q[i] = c;
-        s += c;
-    }
+    const int32_t s = buf[0] + buf[1] + buf[2] + buf[3] + buf[4] + buf[5] + buf[6] + buf[7] +
+                      offq_quant_codes(g, n8, n, scale, zero, maxq, q);
     *scale_out = scale;
     *zero_out = zero;
     *sum = s;
