@@ -236,9 +236,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a weight-only offq checkpoint in another format",
+                       description="Export DIR (an offq checkpoint) as --format into --out "
+                                   "(gptq: the layout HF-side GPTQ loaders read; "
+                                   "offq/formats/gptq_export.py).")
+    p.add_argument("model", help="offq checkpoint directory")
+    p.add_argument("--format", choices=("gptq",), required=True, help="output format")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
+                   help="gptq: stored zero = zero-point - 1 (every GPTQ loader); gptq_v2: the "
+                        "zero-point itself (GPTQModel)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .formats.gptq_export import export_gptq
+
+    out = export_gptq(args.model, args.out, checkpoint_format=args.checkpoint_format)
+    print(f"wrote {out} (format {args.format})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_quantize_parser, add_eval_parser, add_generate_parser]
+SUBCOMMANDS = [add_quantize_parser, add_eval_parser, add_generate_parser, add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
