@@ -116,6 +116,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
             group.add_argument(flag, type=float, default=default, help=help_text)
         else:
             group.add_argument(flag, type=str, default=default, help=help_text)
+    group.add_argument("--osaq", action="store_true",
+                       help="OSAQ before rounding (--w-quantizer osaq+gptq, osaq+rtn for --method "
+                            "rtn); settings --osaq-gamma/-tau-rel/-mu1/-mu2")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -126,6 +129,9 @@ def config_from_args(args: argparse.Namespace):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)}
     if values["method"] == "fp":
         values.update(w_bits=16, a_bits=16, kv_bits=16)
+    if getattr(args, "osaq", False):
+        base = values["w_quantizer"] or ("rtn" if values["method"] == "rtn" else "gptq")
+        values["w_quantizer"] = base if base.startswith("osaq+") else "osaq+" + base
     try:
         return QuantConfig(**values)
     except ValueError as exc:
