@@ -107,7 +107,9 @@ def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model,
             load = load_quantized if is_offq_checkpoint(model) else load_gptq_export
             m, tok, qcfg = load(model, mode=mode)
             m.tokenizer = tok
-            m.method = f"{qcfg.describe()} ({mode})"
+            m.method = (f"{qcfg.describe()} ({mode})" if load is load_quantized else
+                        f"gptq-format export W{qcfg.w_bits} group {qcfg.w_group_size} "
+                        f"{'sym' if qcfg.w_symmetric else 'asym'} ({mode})")
             return m, tok
         from .formats import open_checkpoint
         model = open_checkpoint(model)
