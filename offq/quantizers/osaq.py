@@ -9,10 +9,11 @@ For a linear layer ``W`` [N, K] with inputs ``X`` and ``H = 2 X^T X / n`` (undam
    ``iters`` rounds of the ridge solve ``(N diag(s) N^T + mu1' I + mu2' v v^T) b = -N (s * w)``,
    ``v = N 1`` (mu1', mu2' = mu1, mu2 times ``trace(N diag(s) N^T) / m``), updating the weights
    between rounds as Lawson's algorithm for the minimax fit does: ``s <- s |w + b N|``,
-   normalised. That is what makes the solve lower the row max: a single solve with ``s`` fixed
-   from ``w`` puts almost no weight on the entries that are not already outliers, so it zeroes
-   the few largest entries by moving all others arbitrarily far (on SmolLM2 that made the row
-   max 3-4x larger and moved ``W X`` by 25-90%).
+   normalised (**choice**; it aims the direction at the row max, but on the synthetic test layer
+   one round did as well, see docs/METHODS.md). A solve with ``s`` fixed from ``w`` and nothing
+   else puts almost no weight on the entries that are not already outliers, so it zeroes the few
+   largest entries by moving all others arbitrarily far (on SmolLM2 that made the row max 2-5x
+   larger and moved ``W X`` by 25-90% on held-out tokens): step 3 is what prevents that.
 3. Safeguard (the bound the method promises): along the direction ``d = b N`` the step ``t`` in
    [0, 1] is the one of a small grid that minimises ``max_j |w_j + t d_j|`` subject to
    ``t^2 d H d^T <= gamma * w H w^T`` (the row's output change on the calibration data stays
