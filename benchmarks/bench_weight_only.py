@@ -38,8 +38,8 @@ TABLE = ["fp"] + [f"{m}-w{b}-{g}-asym" for b, g in (
     (2, "g128")) for m in ("rtn", "gptq", "osaq")]
 
 #: the OSAQ grid (each point at W3 per channel and W2 g64, asymmetric)
-GRID = dict(osaq_gamma=(1e-4, 1e-3, 1e-2), osaq_tau_rel=(0.05, 0.2), osaq_mu1=(1e-2, 1.0),
-            osaq_mu2=(1.0,))
+GRID = dict(osaq_gamma=(1e-4, 1e-5, 1e-6), osaq_tau_rel=(0.1,), osaq_mu1=(1e-2,),
+            osaq_mu2=(100.0,), osaq_iters=(8, 1))
 
 
 def row_config(row: str, calib: tuple[int, int], osaq: dict) -> QuantConfig:
@@ -96,7 +96,8 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.max_windows, args.calib_samples, args.calib_seqlen = 2, 8, 512
-    osaq = {k: float(v) for k, v in (kv.split("=") for kv in args.osaq.split(",") if kv)}
+    osaq = {k: (int(v) if k == "osaq_iters" else float(v))
+            for k, v in (kv.split("=") for kv in args.osaq.split(",") if kv)}
 
     from offq.data import DEFAULT_CALIBRATION, eval_windows, load_wikitext2_test, sample_calibration
     from offq.formats import open_checkpoint

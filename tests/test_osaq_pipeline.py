@@ -40,3 +40,9 @@ def test_reports_in_checkpoint_and_within_bound(tmp_path, monkeypatch):
         assert set(rep) >= {"tail_dim", "rel_change_wx", "row_max_before", "row_max_after"}
         assert rep["rel_change_wx"] <= np.sqrt(gamma) * 1.01, name
         assert rep["row_max_after"] <= rep["row_max_before"] + 1e-6, name
+
+
+def test_osaq_iters_is_a_validated_field():
+    with pytest.raises(ValueError, match="osaq_iters"):
+        QuantConfig(osaq_iters=0)
+    assert QuantConfig.from_dict(QuantConfig(osaq_iters=1).to_dict()).osaq_iters == 1

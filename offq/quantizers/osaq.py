@@ -118,7 +118,7 @@ def _row_chunk(n_rows: int, m: int, k: int, max_bytes: int) -> int:
 
 
 def osaq_absorb(w: np.ndarray, hessian: np.ndarray, *, gamma: float = 1e-4, tau_rel: float = 0.1,
-                mu1: float = 1e-2, mu2: float = 100.0, iters: int = 8,
+                mu1: float = 1e-2, mu2: float = 100.0, iters: int = 1,
                 tail: np.ndarray | HessianTail | None = None,
                 max_bytes: int = MAX_BYTES) -> tuple[np.ndarray, OsaqReport]:
     """Return ``W + B N`` (float32) and a report. ``hessian`` = undamped ``2 X^T X / n`` of the
@@ -210,7 +210,7 @@ class OSAQ(PreStep):
     tau_rel: float = 0.1
     mu1: float = 1e-2
     mu2: float = 100.0
-    iters: int = 8
+    iters: int = 1
 
     def prepare(self, hessian: np.ndarray | None, where: str) -> HessianTail:
         if hessian is None:
