@@ -182,8 +182,10 @@ class Checkpoint:
             "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
             "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
             "parameters": params, "tensors": len(st), "tensor_types": types, "file_bytes": size,
-            "bos": None if tok.bos_id is None else [tok.bos_id, tok.id_to_token(tok.bos_id)],
-            "eos": None if tok.eos_id is None else [tok.eos_id, tok.id_to_token(tok.eos_id)],
+            "bos": None if tok is None or tok.bos_id is None
+            else [tok.bos_id, tok.id_to_token(tok.bos_id)],
+            "eos": None if tok is None or tok.eos_id is None
+            else [tok.eos_id, tok.id_to_token(tok.eos_id)],
             "add_bos": c.add_bos,
         }
 

@@ -43,7 +43,7 @@ from ..quantizers.gptq import HessianAccumulator
 from ..quantizers.registry import build_weight_quantizer
 from . import rotations as rot
 from .statistics import collect_statistics, fused_layer
-from .store import CheckpointStore, calibration_record, fingerprint
+from .store import CheckpointStore, calibration_record, fingerprint, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,20 @@ class QuantizeResult:
     tensors: dict[str, np.ndarray] | None
     timings: dict[str, float] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)
+    rotations: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    tokenizer: Any = None
+    name: str = ""
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the in-memory result as an offq checkpoint directory (what ``out_dir=`` of
+        :func:`quantize` writes); ``offq.load_quantized`` reads it back."""
+        if self.tensors is None:
+            raise ValueError(f"save: this result is already on disk in {self.out_dir}")
+        write_checkpoint(out_dir, self.tensors, self.model_config, self.quant_config,
+                         self.rotations, self.tokenizer, calibration=self.calibration,
+                         reports=self.reports)
+        return Path(out_dir)
 
     def model(self, mode: str = "real"):
         """The runnable quantized model (``mode`` "real" or "fake")."""
@@ -171,7 +185,9 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     logger.info("quantized %s (%s) in %s", getattr(ckpt, "name", "?"), config.describe(),
                 ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return QuantizeResult(mc, config, None if out_dir is None else Path(out_dir), tensors,
-                          timings, reports)
+                          timings, reports, rotations=rot_meta, calibration=calib_record,
+                          tokenizer=getattr(ckpt, "tokenizer", None),
+                          name=str(getattr(ckpt, "name", "")))
 
 
 # ---------------------------------------------------------------------------------- stages
