@@ -81,12 +81,11 @@ def activation_plot(ckpt, calib: np.ndarray, cfg: QuantConfig, layer: int, path:
     """Per-channel max |x| of the attention input at ``layer`` (norm-fused) over calibration
     tokens, before and after OffQ's R1 (offq.outliers, drawn by offq.plots); the numbers go to a
     CSV beside the PNG."""
-    from offq.outliers import activation_outliers
+    from offq.outliers import activation_outliers, offq_r1
     from offq.plots import plot_activation_channels
-    from offq.recipe import pipeline
 
-    mc = ckpt.config.replace(tie_word_embeddings=False)
-    r1, _, _ = pipeline.compute_rotations(ckpt, mc, cfg, calib, 2, False)
+    mc = ckpt.config
+    r1 = offq_r1(ckpt, calib, cfg, show=False)
     x = calib[:4]
     _, ch = activation_outliers(ckpt, x, rotation=r1, layers=[layer], keep_channels=layer,
                                 show=False)

@@ -302,7 +302,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _inspect_activations(ckpt, args: argparse.Namespace) -> dict:
     from .config import QuantConfig
     from .data import DEFAULT_CALIBRATION, sample_calibration
-    from .outliers import activation_outliers
+    from .outliers import activation_outliers, offq_r1
 
     if args.plot and args.plot_layer not in (args.layers or [args.plot_layer]):
         raise UsageError(f"--plot-layer {args.plot_layer} is not among --layers {args.layers}")
@@ -315,10 +315,7 @@ def _inspect_activations(ckpt, args: argparse.Namespace) -> dict:
     qcfg = QuantConfig(method="offq", calib_samples=args.calib_samples,
                        calib_seqlen=args.calib_seqlen)
     if args.r1 or args.plot:
-        from .recipe.pipeline import check_hadamard_sizes, compute_rotations
-        mc = ckpt.config.replace(tie_word_embeddings=False)
-        check_hadamard_sizes(mc, qcfg)
-        r1, _, _ = compute_rotations(ckpt, mc, qcfg, calib, 2, show)
+        r1 = offq_r1(ckpt, calib, qcfg, show=show)
     rows, channels = activation_outliers(ckpt, calib, rotation=r1, layers=args.layers,
                                          keep_channels=args.plot_layer if args.plot else None,
                                          show=show)

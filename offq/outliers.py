@@ -28,7 +28,8 @@ from .model.arch import architecture_of
 from .model.decoder import LayerRunner, load_decoder_layer
 from .progress import track
 
-__all__ = ["SiteOutliers", "site_outliers", "activation_outliers", "channel_max_abs"]
+__all__ = ["SiteOutliers", "site_outliers", "activation_outliers", "channel_max_abs", "offq_r1",
+           "summarize"]
 
 POWER_ITERATIONS = 60
 
@@ -86,6 +87,22 @@ def site_outliers(x: np.ndarray, layer: int, site: str, *, rotated: bool = False
         max_abs=float(per_channel[channel]), channel=channel,
         max_over_median=float(per_channel[channel] / median) if median > 0 else float("inf"),
         top1_energy=_top1_energy(x2, np.random.default_rng(seed)))
+
+
+def offq_r1(ckpt: Any, calib: np.ndarray, config: Any = None, *,
+            show: bool | None = None) -> np.ndarray:
+    """OffQ's R1 ``[d, d]`` for ``ckpt`` from ``calib`` (the recipe's statistics pass and
+    rotation; ``config`` defaults to ``QuantConfig(method="offq")``)."""
+    from .config import QuantConfig
+    from .recipe.pipeline import check_hadamard_sizes, compute_rotations
+
+    config = QuantConfig(method="offq") if config is None else config
+    if config.method != "offq":
+        raise ValueError(f"config: OffQ's R1 needs method='offq', got {config.method!r}")
+    mc = ckpt.config.replace(tie_word_embeddings=False)
+    check_hadamard_sizes(mc, config)
+    r1, _, _ = compute_rotations(ckpt, mc, config, np.asarray(calib), 2, show)
+    return r1
 
 
 def activation_outliers(ckpt: Any, calib: np.ndarray, *, rotation: np.ndarray | None = None,

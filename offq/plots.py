@@ -6,7 +6,9 @@ its protocol in a caption, so it can be read on its own.
 - :func:`plot_kernel_speedups`: each kernel's speed-up over its OpenBLAS/NumPy baseline;
 - :func:`plot_e2e`: end-to-end tokens/s by engine.
 
-Files are written atomically (a temporary name, then rename).
+Each returns its matplotlib Figure (built without pyplot, so no backend is chosen: a notebook
+displays it inline) and, given a path, also writes it as a PNG, atomically (temporary name, then
+rename).
 """
 from __future__ import annotations
 
@@ -24,18 +26,19 @@ __all__ = ["plot_activation_channels", "plot_perplexity_bars", "plot_kernel_spee
 CAPTION_WIDTH = 110
 
 
-def _pyplot():
+def _figure(width: float, height: float) -> Any:
+    """A matplotlib Figure outside pyplot: no backend is chosen or changed (a notebook keeps its
+    inline display; a headless run needs no display)."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'offq[plot]'") from None
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    return plt
+    return Figure(figsize=(width, height))
 
 
-def _save(fig: Any, path: str | os.PathLike, caption: str) -> Path:
-    """Lay the figure out above its caption, then write the PNG atomically."""
+def _save(fig: Any, path: str | os.PathLike | None, caption: str) -> Any:
+    """Lay the figure out above its caption, then write the PNG atomically (when ``path``);
+    returns the Figure (a notebook displays it)."""
     import io
 
     from .formats.files import atomic_write_bytes
@@ -45,23 +48,23 @@ def _save(fig: Any, path: str | os.PathLike, caption: str) -> Path:
     caption_height = (lines * 7 * 1.35 + 10) / 72 / fig.get_figheight()  # 7 pt text
     fig.tight_layout(rect=(0, caption_height + 0.04, 1, 1))
     fig.text(0.01, 0.01, text, fontsize=7, va="bottom", ha="left", color="#333333")
+    if path is None:
+        return fig
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _pyplot().close(fig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())
-    return path
+    return fig
 
 
 def plot_activation_channels(before: np.ndarray, after: np.ndarray | None,
-                             path: str | os.PathLike, *, title: str, caption: str,
-                             after_label: str = "after OffQ R1") -> Path:
+                             path: str | os.PathLike | None, *, title: str, caption: str,
+                             after_label: str = "after OffQ R1") -> Any:
     """Bars of per-channel ``max |x|`` before (and after) a rotation, on one shared y axis."""
-    plt = _pyplot()
     panels = [("before rotation", before)] + ([(after_label, after)] if after is not None else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), sharey=True,
-                             squeeze=False)
+    fig = _figure(5.2 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)
     for ax, (label, values) in zip(axes[0], panels):
         ax.bar(np.arange(len(values)), values, width=1.0, color="#1f77b4")
         ax.set_title(f"{label}: max {values.max():.1f}, median {np.median(values):.2f}",
@@ -73,15 +76,15 @@ def plot_activation_channels(before: np.ndarray, after: np.ndarray | None,
     return _save(fig, path, caption)
 
 
-def plot_perplexity_bars(rows: Sequence[tuple[str, float]], path: str | os.PathLike, *,
+def plot_perplexity_bars(rows: Sequence[tuple[str, float]], path: str | os.PathLike | None, *,
                          title: str, caption: str, reference: tuple[str, float] | None = None
-                         ) -> Path:
+                         ) -> Any:
     """Horizontal bars of perplexity per method (log scale when they span > 10x); ``reference``
     (e.g. ``("FP32", 18.9)``) is drawn as a dashed line."""
-    plt = _pyplot()
     names = [n for n, _ in rows]
     values = np.array([v for _, v in rows], dtype=float)
-    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(rows) + 1.9))
+    fig = _figure(7.5, 0.42 * len(rows) + 1.9)
+    ax = fig.subplots()
     ax.barh(np.arange(len(rows)), values, color="#1f77b4")
     ax.set_yticks(np.arange(len(rows)), names, fontsize=8)
     ax.invert_yaxis()
@@ -102,18 +105,18 @@ def plot_perplexity_bars(rows: Sequence[tuple[str, float]], path: str | os.PathL
     return _save(fig, path, caption)
 
 
-def plot_kernel_speedups(rows: Sequence[dict[str, Any]], path: str | os.PathLike, *,
+def plot_kernel_speedups(rows: Sequence[dict[str, Any]], path: str | os.PathLike | None, *,
                          caption: str, title: str = "offq kernels: speed-up over the baseline "
-                                                      "in the same run") -> Path:
+                                                      "in the same run") -> Any:
     """One bar per (case, threads): baseline seconds / offq seconds against the first measured
     baseline of each row; the 1x line marks parity."""
-    plt = _pyplot()
     items = []
     for r in rows:
         base = next(((k, v) for k, v in r["speedup_vs"].items() if v is not None), None)
         if base is not None:
             items.append((f"{r['case']} [{r['threads']} th] vs {base[0]}", base[1]))
-    fig, ax = plt.subplots(figsize=(8.5, 0.3 * len(items) + 1.9))
+    fig = _figure(8.5, 0.3 * len(items) + 1.9)
+    ax = fig.subplots()
     ax.barh(np.arange(len(items)), [v for _, v in items], color="#2ca02c")
     ax.set_yticks(np.arange(len(items)), [n for n, _ in items], fontsize=6.5)
     ax.invert_yaxis()
@@ -127,14 +130,14 @@ def plot_kernel_speedups(rows: Sequence[dict[str, Any]], path: str | os.PathLike
     return _save(fig, path, caption)
 
 
-def plot_e2e(result: dict[str, Any], path: str | os.PathLike, *, caption: str) -> Path:
+def plot_e2e(result: dict[str, Any], path: str | os.PathLike | None, *, caption: str) -> Any:
     """Grouped bars of tokens/s per test, one bar per engine and thread count."""
-    plt = _pyplot()
     tests = result["protocol"]["tests"]
     series: dict[str, dict[str, float]] = {}
     for r in result["rows"]:
         series.setdefault(f"{r['engine']} ({r['threads']} th)", {})[r["test"]] = r["tokens_per_s"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
     width = 0.8 / max(1, len(series))
     for k, (name, vals) in enumerate(series.items()):
         ax.bar(np.arange(len(tests)) + k * width, [vals.get(t, 0.0) for t in tests], width,
