@@ -91,6 +91,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                "  offq quantize smollm2-135m --method offq --out runs/offq\n"
                "  offq quantize smollm2-135m --method quarot --out runs/quarot --calib-samples 32\n"
                "  offq quantize smollm2-135m --method offq --pca standard --out runs/abl-pca\n"
+               "  offq quantize smollm2-135m --out runs/offq --calib-samples 16 --calib-seqlen 512 "
+               "--eval-windows 4\n"
                "  offq quantize ... --resume    # continue an interrupted run in the same --out")
     _add_model_and_threads(p)
     p.add_argument("--out", required=True, help="output directory (the offq checkpoint)")
@@ -101,6 +103,10 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                         "text)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="calibration sequences per layer forward (memory vs speed)")
+    p.add_argument("--eval-windows", type=int, default=0, metavar="N",
+                   help="then measure WikiText-2 perplexity before (FP32) and after (real 4-bit "
+                        "kernels) on the first N windows and print the table (default 0: no)")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per eval window (2048)")
     defaults = QuantConfig()
     group = p.add_argument_group("quantization (QuantConfig fields; docs/METHODS.md)")
     for f in dataclasses.fields(QuantConfig):
@@ -138,6 +144,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .recipe.pipeline import needs_calibration, quantize
 
     cfg = config_from_args(args)
+    if args.eval_windows < 0 or args.eval_seqlen < 2:
+        raise UsageError("--eval-windows must be >= 0 and --eval-seqlen >= 2")
     _set_threads(args.threads)
     source = args.calib_source or DEFAULT_CALIBRATION
     with open_checkpoint(args.model) as ckpt:
@@ -161,7 +169,38 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .kernels import get_num_threads
     print("  time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
           + f"; total {sum(stages.values()):.1f} (threads {get_num_threads()})")
+    if args.eval_windows:
+        _before_after(args, cfg)
     return 0
+
+
+def _before_after(args: argparse.Namespace, cfg) -> None:
+    """The perplexity table of ``--eval-windows``: FP32 (the source model) vs the checkpoint
+    just written, on the real 4-bit kernels, same windows."""
+    from .data import load_wikitext2_test
+    from .eval import load_model, perplexity
+
+    show = False if args.quiet else None
+    rows = []
+    stream = None  # tokenized once (the checkpoint carries the source model's tokenizer)
+    for label, source in (("FP32", args.model), (f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
+                                                 f"KV{cfg.kv_bits}", args.out)):
+        model, tok = load_model(source, mode="real")
+        if stream is None:
+            stream = tok.encode(load_wikitext2_test(), add_bos=False)
+        rows.append((label, perplexity(model, tok, stream, seqlen=args.eval_seqlen,
+                                       max_windows=args.eval_windows,
+                                       quiet=None if show is None else True,
+                                       dataset="wikitext2")))
+        del model
+    fp, q = rows[0][1], rows[1][1]
+    print(f"\nperplexity: WikiText-2 test, first {fp['windows']} windows x {fp['seqlen']} "
+          f"tokens ({fp['tokens']} predicted), BOS {fp['add_bos']}; quantized model on the real "
+          "4-bit kernels")
+    print(f"  {'model':<22}{'ppl':>10}{'tokens/s':>10}")
+    for label, r in rows:
+        print(f"  {label:<22}{r['ppl']:>10.2f}{r['tokens_per_s']:>10.0f}")
+    print(f"  {'quantized / FP32':<22}{q['ppl'] / fp['ppl']:>9.3f}x")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,15 +43,20 @@ def test_progress_is_silent_when_quiet(caplog: pytest.LogCaptureFixture, monkeyp
 
 def test_quantize_logs_progress_off_a_terminal(tmp_path) -> None:
     """``offq quantize`` with stderr going to a file: a log line per stage as work happens, not
-    only at the end (a process, as a pipeline runs it)."""
+    only at the end (a process, as a pipeline runs it); ``--eval-windows`` prints the
+    before/after perplexity table."""
     out = tmp_path / "q"
     proc = subprocess.run(
         [sys.executable, "-m", "offq", "quantize", "smollm2-135m", "--method", "rtn",
-         "--out", str(out), "--threads", "1"],
+         "--out", str(out), "--threads", "1", "--eval-windows", "1", "--eval-seqlen", "64"],
         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     assert "quantize layers: 30/30 (100%)" in proc.stderr, proc.stderr
     assert "\r" not in proc.stderr  # no bar redraws in a log
+    table = proc.stdout[proc.stdout.index("perplexity: WikiText-2 test, first 1 windows x 64"):]
+    fp, q = (float(line.split()[-2]) for line in table.splitlines()
+             if line.strip().startswith(("FP32", "rtn W4A4KV4")))
+    assert 10 < fp < q < 1e5  # RTN W4A4KV4 without rotation is far worse than FP32
 
 
 # ------------------------------------------------------------------------------------------------

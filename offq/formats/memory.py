@@ -151,7 +151,7 @@ def from_state_dict(config: Any, state_dict: Mapping[str, Any], *, tokenizer: An
     Args:
         config: the model's HF config (``model.config.to_dict()``).
         state_dict: HF tensor names -> arrays (``model.state_dict()``); tied models may carry
-            ``lm_head.weight`` too (ignored when the config ties it).
+            their LM head tensor too (ignored when the config ties it).
         tokenizer: optional; a path, a ``tokenizers.Tokenizer`` or a fast transformers
             tokenizer (needed for text evaluation and calibration from text).
         name: the model's display name.

