@@ -207,8 +207,16 @@ def _before_after(args: argparse.Namespace, cfg) -> None:
 # eval
 # ------------------------------------------------------------------------------------------------
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity on an eval text (docs/METHODS.md, protocol)",
-                       description="Perplexity over non-overlapping windows of SEQLEN tokens.")
+    p = sub.add_parser(
+        "eval", help="perplexity on an eval text (docs/METHODS.md, protocol)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Perplexity over non-overlapping windows of SEQLEN tokens (WikiText-2 test, "
+                    "shipped with offq, unless --dataset names a file).",
+        epilog="examples:\n"
+               "  offq eval smollm2-135m --max-windows 4            # FP32\n"
+               "  offq eval runs/smollm2-offq --max-windows 4       # real 4-bit kernels\n"
+               "  offq eval runs/smollm2-offq --mode fake --json    # float32 simulation\n"
+               "  offq eval model.gguf --dataset my_text.txt --seqlen 1024")
     _add_common(p)
     p.add_argument("--dataset", default="wikitext2",
                    help="wikitext2 (WikiText-2 raw test set) or a path to a UTF-8 text file")
@@ -242,7 +250,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # generate
 # ------------------------------------------------------------------------------------------------
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt (greedy by default)")
+    p = sub.add_parser(
+        "generate", help="continue a prompt (greedy by default)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continue a prompt token by token with the KV cache (an offq checkpoint "
+                    "runs on the real 4-bit kernels, its cache stored in 4 bits).",
+        epilog="examples:\n"
+               "  offq generate runs/smollm2-offq --prompt 'The capital of France is'\n"
+               "  offq generate smollm2-135m --prompt 'Once upon a time' --temperature 0.8 "
+               "--top-k 40 --seed 1")
     _add_common(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
