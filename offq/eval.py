@@ -178,8 +178,8 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
             nll = m.nll(ids)
             total_nll += float(nll.sum())
             count += nll.size
-            bar.update(ids.size)
             bar.set_postfix(f"ppl {math.exp(total_nll / count):.3f}")
+            bar.update(ids.size)
     seconds = time.perf_counter() - t0
     mean = total_nll / count
     return {
