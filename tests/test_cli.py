@@ -49,7 +49,8 @@ def test_quantize_logs_progress_off_a_terminal(tmp_path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "offq", "quantize", "smollm2-135m", "--method", "rtn",
          "--out", str(out), "--threads", "1", "--eval-windows", "1", "--eval-seqlen", "64"],
-        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        cwd=tmp_path)  # not the checkout: `-m` puts the cwd first on sys.path
     assert proc.returncode == 0, proc.stderr
     assert "quantize layers: 30/30 (100%)" in proc.stderr, proc.stderr
     assert "\r" not in proc.stderr  # no bar redraws in a log
