@@ -11,7 +11,8 @@ numbers, see tests/test_runtime.py, and runs slower).
     python benchmarks/bench_results.py --quick              # small calibration + 2 windows
     python benchmarks/bench_results.py                      # the full protocol (long)
     python benchmarks/bench_results.py --rows fp,offq-gptq --max-windows 8
-    python benchmarks/bench_results.py --plot benchmarks/activations.png
+    python benchmarks/bench_results.py --plot benchmarks/activations_offq.png --rows fp
+    python benchmarks/bench_results.py --redraw benchmarks/results.md --chart benchmarks/perplexity.png
 
 Writes a Markdown table (``--out``, default benchmarks/results.md) and prints each row as it
 finishes.
@@ -77,69 +78,57 @@ def perplexity(model, windows: np.ndarray, batch: int = 1) -> tuple[float, int]:
     return float(np.exp(total / count)), count
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """Minimal PNG writer (8-bit RGB, zlib from the standard library; no plotting package)."""
-    import struct
-    import zlib
-
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[y].astype(np.uint8).tobytes() for y in range(h))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + tag + data
-                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path.write_bytes(png)
-
-
-def bar_panels(panels: list[np.ndarray], height: int = 220, gap: int = 20) -> np.ndarray:
-    """Side-by-side bar charts (one bar per channel, shared linear y axis, white background,
-    light grid lines every 10% of the shared maximum)."""
-    top = max(float(p.max()) for p in panels)
-    width = sum(len(p) for p in panels) + gap * (len(panels) + 1)
-    img = np.full((height + 2 * gap, width, 3), 255, dtype=np.uint8)
-    x0 = gap
-    for p in panels:
-        region = img[gap:gap + height, x0:x0 + len(p)]
-        for frac in np.arange(0.1, 1.0001, 0.1):
-            region[height - 1 - int(frac * (height - 1))] = (225, 225, 225)
-        bars = np.round(p / top * (height - 1)).astype(int)
-        for c, b in enumerate(bars):
-            region[height - 1 - b:, c] = (31, 119, 180)
-        img[gap + height, x0:x0 + len(p)] = 0  # x axis
-        img[gap:gap + height, x0 - 1] = 0  # y axis
-        x0 += len(p) + gap
-    return img
-
-
 def activation_plot(ckpt, calib: np.ndarray, cfg: QuantConfig, layer: int, path: Path) -> None:
     """Per-channel max |x| of the attention input at ``layer`` (norm-fused) over calibration
-    tokens, before (left) and after (right) OffQ's R1, same y scale; also writes the numbers as
+    tokens, before and after OffQ's R1 (offq.outliers, drawn by offq.plots); the numbers go to a
     CSV beside the PNG."""
-    from offq.recipe import pipeline
-    from offq.recipe import rotations as rot
-    from offq.model import Model
-    from offq.model.arch import architecture_of
+    from offq.outliers import activation_outliers, offq_r1
+    from offq.plots import plot_activation_channels
 
-    mc = ckpt.config.replace(tie_word_embeddings=False)
-    arch = architecture_of(mc)
-    r1, _, _ = pipeline.compute_rotations(ckpt, mc, cfg, calib, 2, False)
-    w = {n: ckpt.tensors[n] for n in ckpt.tensors.keys()
-         if arch.layer_of(n) is None or arch.layer_of(n) <= layer}
-    rot.fuse_norms(w, layer + 1, arch)
-    model = Model.from_tensors(mc.replace(num_hidden_layers=layer + 1), w)
-    caps: list[np.ndarray] = []
-    model.hidden_states(calib[:4], capture=lambda s, i, x: caps.append(
-        x.reshape(-1, x.shape[-1]).copy()) if s == "attn_in" and i == layer else None)
-    x = caps[0].astype(np.float64)
-    before, after = np.abs(x).max(axis=0), np.abs(x @ r1).max(axis=0)
-    write_png(path, bar_panels([before, after]))
-    np.savetxt(path.with_suffix(".csv"), np.stack([before, after], 1), delimiter=",",
+    mc = ckpt.config
+    r1 = offq_r1(ckpt, calib, cfg, show=False)
+    x = calib[:4]
+    _, ch = activation_outliers(ckpt, x, rotation=r1, layers=[layer], keep_channels=layer,
+                                show=False)
+    protocol = (f"{ckpt.name}, layer {layer} attention input (q/k/v_proj input of the norm-fused "
+                f"float model), {x.shape[0]} x {x.shape[1]} calibration tokens (wiki-vital, seed "
+                f"0); R1 from {calib.shape[0]} x {calib.shape[1]} tokens: top-1 PCA, channels "
+                f"sorted into groups of {cfg.activation_group(mc.hidden_size)}, block Hadamard")
+    plot_activation_channels(ch["before"], ch["after"], path,
+                             title=f"{ckpt.name}: per-channel max |x| before and after OffQ's R1",
+                             caption=f"Protocol: {protocol}. Shared linear y axis.")
+    np.savetxt(path.with_suffix(".csv"), np.stack([ch["before"], ch["after"]], 1), delimiter=",",
                header="max_abs_before,max_abs_after_offq_r1", fmt="%.5g")
-    print(f"wrote {path} (layer {layer} attention input, {x.shape[0]} tokens: max |x| per channel "
-          f"{before.max():.1f} before, {after.max():.1f} after OffQ R1; left/right panels)")
+    print(f"wrote {path} (max |x| per channel {ch['before'].max():.1f} before, "
+          f"{ch['after'].max():.1f} after OffQ R1)")
+
+
+def table_rows(markdown: str) -> tuple[str, list[tuple[str, float]]]:
+    """(protocol line, [(row, ppl)]) of a results table written by this script."""
+    protocol = next((ln for ln in markdown.splitlines() if ln.startswith("model ")), "")
+    rows = []
+    for ln in markdown.splitlines():
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] not in ("row", "---"):
+            try:
+                rows.append((cells[0], float(cells[2])))
+            except ValueError:
+                continue
+    return protocol, rows
+
+
+def perplexity_chart(markdown: str, path: Path) -> None:
+    """Bar chart of the table's perplexities (FP as the dashed reference line)."""
+    from offq.plots import plot_perplexity_bars
+
+    protocol, rows = table_rows(markdown)
+    fp = next((v for n, v in rows if n == "fp"), None)
+    plot_perplexity_bars([(n, v) for n, v in rows if n != "fp"], path,
+                         title="Perplexity by method (W4A4KV4 unless the row says otherwise)",
+                         caption=f"Protocol: {protocol}. Row names: benchmarks/bench_results.py "
+                                 "ROWS; configs in benchmarks/results.md.",
+                         reference=("FP32", fp) if fp is not None else None)
+    print(f"wrote {path}")
 
 
 def main() -> int:
@@ -157,7 +146,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results.md"))
     p.add_argument("--plot", type=Path, default=None, help="also write the activation plot (PNG)")
     p.add_argument("--plot-layer", type=int, default=3)
+    p.add_argument("--chart", type=Path, default=None,
+                   help="also draw the perplexity bar chart of the table (PNG)")
+    p.add_argument("--redraw", type=Path, default=None, metavar="RESULTS_MD",
+                   help="only redraw --chart from a table this script wrote (no runs)")
     args = p.parse_args()
+    if args.redraw:
+        perplexity_chart(args.redraw.read_text(), args.chart or Path("perplexity.png"))
+        return 0
     if args.quick:
         args.seqlen, args.max_windows, args.calib_samples, args.calib_seqlen = 512, 2, 8, 512
 
@@ -216,6 +212,8 @@ def main() -> int:
     text = f"{protocol}\n\n{header}\n" + "\n".join(lines) + "\n"
     args.out.write_text(text)
     print(f"wrote {args.out}")
+    if args.chart:
+        perplexity_chart(text, args.chart)
     return 0
 
 

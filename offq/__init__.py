@@ -1,24 +1,36 @@
 """offq: W4A4KV4 quantization of open LLMs (OffQ, GPTQ, OSAQ) with real 4-bit CPU kernels.
 
-The method as one recipe (``offq.quantize``, docs/METHODS.md)::
+OffQ rotates the residual stream with a top-1 PCA basis and a block Hadamard so that the massive
+activation outliers of LLMs become a per-group constant that the asymmetric zero-point absorbs;
+weights, activations and the KV cache then fit 4-bit uniform grids. offq quantizes models read
+from disk or handed over in memory (Llama family, SmolLM2, Mistral, Qwen2/2.5) and runs them on
+CPUs with integer 4-bit kernels (``offq._C``: C, OpenMP, OpenBLAS).
+
+The API (docs/METHODS.md has every choice and default)::
 
     import offq
-    with offq.open_checkpoint("smollm2-135m") as ckpt:       # HF dir, .gguf file or a name
-        calib = offq.data.sample_calibration(ckpt.tokenizer, "wiki-vital", n=16, seqlen=512)
-        result = offq.quantize(ckpt, offq.QuantConfig(method="offq"), calib, out_dir="runs/q")
-    model, tokenizer, config = offq.load_quantized("runs/q")  # packed 4-bit kernels
+    ckpt = offq.load("smollm2-135m")                       # name, HF directory or .gguf
+    # or, from a transformers script: offq.load(model.config.to_dict(), model.state_dict(),
+    #                                           tokenizer=tokenizer)
+    result = offq.quantize(ckpt, offq.QuantConfig(method="offq"))   # calibrates itself
+    print(offq.perplexity(result, max_windows=4))          # WikiText-2, real 4-bit kernels
+    offq.save(result, "runs/offq")
+    model, tokenizer, config = offq.load_quantized("runs/offq")
 
-Where things live (one concern per module):
+- ``load``: a float model (``Checkpoint``) from a name, a path, or a config + state dict;
+- ``QuantConfig``: every setting (method, bits, groups, rotations, calibration);
+- ``quantize``: the recipe (fuse, calibrate, rotate, quantize, save) -> ``QuantizeResult``;
+- ``perplexity``: offq's evaluation protocol on WikiText-2 (shipped) or any text;
+- ``save`` / ``load_quantized``: the offq checkpoint directory;
+- ``open_checkpoint``: the lower-level opener behind ``load``.
 
-- ``offq.kernels``: the C core's kernels on NumPy arrays (Hadamard, covariance, quantize,
-  W4A4 matmul, threads);
-- ``offq.model``: architectures as data (``arch``), the float32 decoder (``ops``, ``decoder``);
-- ``offq.quant``: the grid, ``QuantizedWeight``, the activation quantizer, the KV codec, fake and
-  real linears, model assembly;
-- ``offq.quantizers``: RTN, GPTQ and OSAQ behind one interface and a registry;
-- ``offq.recipe``: the pipeline, the statistics pass, the rotations, the checkpoint store;
-- ``offq.formats``: safetensors, GGUF, tokenizers, the offq checkpoint format;
-- ``offq.data`` / ``offq.eval`` / ``offq.generate`` / ``offq.cli``.
+Where things live (one concern per module): ``offq.kernels`` (the C kernels on NumPy arrays),
+``offq.model`` (architectures as data, the float32 decoder), ``offq.quant`` (grids, quantized
+weights, fake and real linears), ``offq.quantizers`` (RTN, GPTQ, OSAQ), ``offq.recipe`` (the
+pipeline, statistics, rotations, checkpoint store), ``offq.formats`` (safetensors, GGUF,
+tokenizers, in-memory models), ``offq.data``, ``offq.eval``, ``offq.generate``, ``offq.outliers``
+(activation statistics), ``offq.bench`` (benchmarks), ``offq.plots`` (figures, optional
+matplotlib), ``offq.cli`` (the ``offq`` command).
 
 Importing offq loads OpenBLAS from the scipy-openblas32 wheel (the C core links against it)
 before the extension module ``offq._C``. OpenMP threads that finish a kernel sleep instead of
@@ -36,7 +48,8 @@ from . import _C  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "QuantConfig", "quantize", "load_quantized", "open_checkpoint"]
+__all__ = ["__version__", "load", "QuantConfig", "quantize", "perplexity", "save",
+           "load_quantized", "open_checkpoint"]
 
 
 def __getattr__(name: str):
@@ -44,9 +57,9 @@ def __getattr__(name: str):
     if name == "QuantConfig":
         from .config import QuantConfig
         return QuantConfig
-    if name == "quantize":
-        from .recipe.pipeline import quantize
-        return quantize
+    if name in ("load", "quantize", "perplexity", "save"):
+        from . import api
+        return getattr(api, name)
     if name == "load_quantized":
         from .quant.assemble import load_quantized
         return load_quantized
@@ -60,4 +73,8 @@ def __getattr__(name: str):
 
 
 _SUBMODULES = ("data", "eval", "generate", "kernels", "model", "quant", "quantizers", "recipe",
-               "formats", "config", "cli")
+               "formats", "config", "cli", "api", "bench", "outliers", "plots", "progress")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

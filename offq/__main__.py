@@ -1,4 +1,6 @@
-"""`python -m offq ...` is the same as the `offq` command."""
+"""``python -m offq``: the ``offq`` command (:mod:`offq.cli`)."""
+import sys
+
 from .cli import main
 
-raise SystemExit(main())
+sys.exit(main())

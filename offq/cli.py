@@ -91,6 +91,8 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                "  offq quantize smollm2-135m --method offq --out runs/offq\n"
                "  offq quantize smollm2-135m --method quarot --out runs/quarot --calib-samples 32\n"
                "  offq quantize smollm2-135m --method offq --pca standard --out runs/abl-pca\n"
+               "  offq quantize smollm2-135m --out runs/offq --calib-samples 16 --calib-seqlen 512 "
+               "--eval-windows 4\n"
                "  offq quantize ... --resume    # continue an interrupted run in the same --out")
     _add_model_and_threads(p)
     p.add_argument("--out", required=True, help="output directory (the offq checkpoint)")
@@ -101,6 +103,10 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                         "text)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="calibration sequences per layer forward (memory vs speed)")
+    p.add_argument("--eval-windows", type=int, default=0, metavar="N",
+                   help="then measure WikiText-2 perplexity before (FP32) and after (real 4-bit "
+                        "kernels) on the first N windows and print the table (default 0: no)")
+    p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per eval window (2048)")
     defaults = QuantConfig()
     group = p.add_argument_group("quantization (QuantConfig fields; docs/METHODS.md)")
     for f in dataclasses.fields(QuantConfig):
@@ -144,6 +150,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .recipe.pipeline import needs_calibration, quantize
 
     cfg = config_from_args(args)
+    if args.eval_windows < 0 or args.eval_seqlen < 2:
+        raise UsageError("--eval-windows must be >= 0 and --eval-seqlen >= 2")
     _set_threads(args.threads)
     source = args.calib_source or DEFAULT_CALIBRATION
     with open_checkpoint(args.model) as ckpt:
@@ -167,15 +175,54 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .kernels import get_num_threads
     print("  time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
           + f"; total {sum(stages.values()):.1f} (threads {get_num_threads()})")
+    if args.eval_windows:
+        _before_after(args, cfg)
     return 0
+
+
+def _before_after(args: argparse.Namespace, cfg) -> None:
+    """The perplexity table of ``--eval-windows``: FP32 (the source model) vs the checkpoint
+    just written, on the real 4-bit kernels, same windows."""
+    from .data import load_wikitext2_test
+    from .eval import load_model, perplexity
+
+    show = False if args.quiet else None
+    rows = []
+    stream = None  # tokenized once (the checkpoint carries the source model's tokenizer)
+    for label, source in (("FP32", args.model), (f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
+                                                 f"KV{cfg.kv_bits}", args.out)):
+        model, tok = load_model(source, mode="real")
+        if stream is None:
+            stream = tok.encode(load_wikitext2_test(), add_bos=False)
+        rows.append((label, perplexity(model, tok, stream, seqlen=args.eval_seqlen,
+                                       max_windows=args.eval_windows,
+                                       quiet=None if show is None else True,
+                                       dataset="wikitext2")))
+        del model
+    fp, q = rows[0][1], rows[1][1]
+    print(f"\nperplexity: WikiText-2 test, first {fp['windows']} windows x {fp['seqlen']} "
+          f"tokens ({fp['tokens']} predicted), BOS {fp['add_bos']}; quantized model on the real "
+          "4-bit kernels")
+    print(f"  {'model':<22}{'ppl':>10}{'tokens/s':>10}")
+    for label, r in rows:
+        print(f"  {label:<22}{r['ppl']:>10.2f}{r['tokens_per_s']:>10.0f}")
+    print(f"  {'quantized / FP32':<22}{q['ppl'] / fp['ppl']:>9.3f}x")
 
 
 # ------------------------------------------------------------------------------------------------
 # eval
 # ------------------------------------------------------------------------------------------------
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity on an eval text (docs/METHODS.md, protocol)",
-                       description="Perplexity over non-overlapping windows of SEQLEN tokens.")
+    p = sub.add_parser(
+        "eval", help="perplexity on an eval text (docs/METHODS.md, protocol)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Perplexity over non-overlapping windows of SEQLEN tokens (WikiText-2 test, "
+                    "shipped with offq, unless --dataset names a file).",
+        epilog="examples:\n"
+               "  offq eval smollm2-135m --max-windows 4            # FP32\n"
+               "  offq eval runs/smollm2-offq --max-windows 4       # real 4-bit kernels\n"
+               "  offq eval runs/smollm2-offq --mode fake --json    # float32 simulation\n"
+               "  offq eval model.gguf --dataset my_text.txt --seqlen 1024")
     _add_common(p)
     p.add_argument("--dataset", default="wikitext2",
                    help="wikitext2 (WikiText-2 raw test set) or a path to a UTF-8 text file")
@@ -209,7 +256,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # generate
 # ------------------------------------------------------------------------------------------------
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue a prompt (greedy by default)")
+    p = sub.add_parser(
+        "generate", help="continue a prompt (greedy by default)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Continue a prompt token by token with the KV cache (an offq checkpoint "
+                    "runs on the real 4-bit kernels, its cache stored in 4 bits).",
+        epilog="examples:\n"
+               "  offq generate runs/smollm2-offq --prompt 'The capital of France is'\n"
+               "  offq generate smollm2-135m --prompt 'Once upon a time' --temperature 0.8 "
+               "--top-k 40 --seed 1")
     _add_common(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -242,6 +297,202 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# inspect
+# ------------------------------------------------------------------------------------------------
+def add_inspect_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect", help="architecture, sizes, tensor types and activation outlier statistics",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Describe MODEL; for a float model also measure, per layer and input site, "
+                    "the activation outliers on a few calibration sequences (max |x|, its "
+                    "channel, max/median of the per-channel max, energy along the top-1 "
+                    "direction), before and after OffQ's R1 with --r1 or --plot.",
+        epilog="examples:\n"
+               "  offq inspect smollm2-135m\n"
+               "  offq inspect smollm2-135m --layers 0 3 29 --r1 --json\n"
+               "  offq inspect smollm2-135m --plot outliers.png --plot-layer 3\n"
+               "  offq inspect runs/smollm2-offq            # an offq checkpoint: its config")
+    _add_model_and_threads(p)
+    p.add_argument("--no-activations", action="store_true",
+                   help="only the architecture and tensors (no forward pass)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layers to measure (default: all)")
+    p.add_argument("--calib-samples", type=int, default=4, help="calibration sequences (4)")
+    p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per sequence (512)")
+    p.add_argument("--calib-source", default=None,
+                   help="calibration corpus (default: offq.data's default corpus) or a file")
+    p.add_argument("--r1", action="store_true",
+                   help="also measure the residual sites after OffQ's R1 (computed on the same "
+                        "sequences: one more float pass)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw per-channel max |x| at --plot-layer's attention input before and "
+                        "after R1 (implies --r1; needs matplotlib: pip install 'offq[plot]')")
+    p.add_argument("--plot-layer", type=int, default=3, help="layer drawn by --plot (3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .formats.checkpoint import is_offq_checkpoint
+
+    _set_threads(args.threads)
+    if is_offq_checkpoint(args.model):
+        report = _inspect_offq_checkpoint(args.model)
+        print(json.dumps(report) if args.json else _format_facts(report))
+        return 0
+    from .formats import open_checkpoint
+
+    with open_checkpoint(args.model) as ckpt:
+        report: dict = {"model": ckpt.describe()}
+        if not args.no_activations:
+            report["activations"] = _inspect_activations(ckpt, args)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(_format_facts(report["model"]))
+    if "activations" in report:
+        from .outliers import SiteOutliers, summarize
+        act = report["activations"]
+        print(f"\nactivation outliers: {act['protocol']}")
+        print(summarize([SiteOutliers(**r) for r in act["sites"]]))
+        if act.get("plot"):
+            print(f"wrote {act['plot']}")
+    return 0
+
+
+def _inspect_activations(ckpt, args: argparse.Namespace) -> dict:
+    from .config import QuantConfig
+    from .data import DEFAULT_CALIBRATION, sample_calibration
+    from .outliers import activation_outliers, offq_r1
+
+    if args.plot and args.plot_layer not in (args.layers or [args.plot_layer]):
+        raise UsageError(f"--plot-layer {args.plot_layer} is not among --layers {args.layers}")
+    source = args.calib_source or DEFAULT_CALIBRATION
+    calib = sample_calibration(ckpt.tokenizer, source, n=args.calib_samples,
+                               seqlen=args.calib_seqlen, seed=0,
+                               add_bos=bool(ckpt.config.add_bos))
+    show = False if args.quiet else None
+    r1 = None
+    qcfg = QuantConfig(method="offq", calib_samples=args.calib_samples,
+                       calib_seqlen=args.calib_seqlen)
+    if args.r1 or args.plot:
+        r1 = offq_r1(ckpt, calib, qcfg, show=show)
+    rows, channels = activation_outliers(ckpt, calib, rotation=r1, layers=args.layers,
+                                         keep_channels=args.plot_layer if args.plot else None,
+                                         show=show)
+    protocol = (f"{ckpt.name}, norm-fused float32, {args.calib_samples} x {args.calib_seqlen} "
+                f"tokens of {source} (seed 0)"
+                + ("; R1 = OffQ's (top-1 PCA, sorted groups, block Hadamard of "
+                   f"{qcfg.activation_group(ckpt.config.hidden_size)}) computed on the same tokens"
+                   if r1 is not None else ""))
+    out = {"protocol": protocol, "sites": [r.to_dict() for r in rows]}
+    if args.plot:
+        from .plots import plot_activation_channels
+        plot_activation_channels(
+            channels["before"], channels.get("after"), args.plot,
+            title=f"{ckpt.name}: layer {args.plot_layer} attention input, per-channel max |x|",
+            caption=f"Protocol: {protocol}. Left: the input of q/k/v_proj in the norm-fused float "
+                    "model; right: the same tokens after x -> x R1 (OffQ's top-1 PCA basis, "
+                    "channels sorted into groups, block Hadamard). Shared linear y axis.")
+        out["plot"] = str(args.plot)
+    return out
+
+
+def _inspect_offq_checkpoint(path: str) -> dict:
+    from .formats.checkpoint import MODEL_FILE, load_safetensors, read_config
+
+    model_config, qcfg, block = read_config(path)
+    tensors, _ = load_safetensors(f"{path}/{MODEL_FILE}")
+    types: dict[str, int] = {}
+    for a in tensors.values():
+        types[str(a.dtype)] = types.get(str(a.dtype), 0) + 1
+    return {"path": str(path), "format": "offq checkpoint",
+            "architecture": model_config.architecture, "layers": model_config.num_hidden_layers,
+            "hidden_size": model_config.hidden_size,
+            "intermediate_size": model_config.intermediate_size,
+            "quantization": qcfg.describe(model_config.hidden_size),
+            "rotations": block.get("rotations"), "calibration": block.get("calibration"),
+            "tensors": len(tensors), "tensor_dtypes": types,
+            "bytes": sum(int(a.nbytes) for a in tensors.values())}
+
+
+def _format_facts(facts: dict) -> str:
+    return "\n".join(f"{k:>24}: {v}" for k, v in facts.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# bench
+# ------------------------------------------------------------------------------------------------
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="kernel speed-ups over OpenBLAS and end-to-end tokens/s (FP32 vs W4A4KV4)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measure offq's kernels against OpenBLAS/NumPy and a model's prompt "
+                    "processing (ppN) and generation (tgN) tokens/s, FP32 vs W4A4KV4 on the real "
+                    "4-bit kernels, every figure against a baseline measured in the same run.",
+        epilog="examples:\n"
+               "  offq bench                                # kernels + smollm2-135m e2e\n"
+               "  offq bench --quick --json\n"
+               "  offq bench --no-kernels --ckpt runs/smollm2-offq --threads 2\n"
+               "  offq bench --no-kernels --llama-bench ./llama-bench --llama-model q4_0.gguf")
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="model for the end-to-end figures (default smollm2-135m)")
+    p.add_argument("--ckpt", default=None,
+                   help="offq checkpoint timed as the W4A4KV4 model (default: QuaRot-style + "
+                        "RTN quantized in process; same run-time work as OffQ)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (1 2)")
+    p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="the kernel table")
+    p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
+                   help="the end-to-end table")
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true",
+                   help="small kernel shapes, pp128 + tg16, 1 repeat (a smoke run)")
+    p.add_argument("--llama-bench", default=None, help="a llama-bench binary (llama.cpp column)")
+    p.add_argument("--llama-model", default=None, help="the GGUF llama-bench runs (e.g. Q4_0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress, warnings only")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import E2EConfig, describe_machine, format_e2e, format_rows, machine_info
+    from .bench import run_e2e, run_kernels
+
+    if any(t < 1 for t in args.threads):
+        raise UsageError(f"--threads: expected positive integers, got {args.threads}")
+    if not (args.kernels or args.e2e):
+        raise UsageError("--no-kernels and --no-e2e leave nothing to measure")
+    if args.quick:
+        args.prompt_lengths, args.gen_tokens, args.repeats = [128], 16, 1
+    show = False if args.quiet or args.json else None
+    report: dict = {"machine": machine_info()}
+    if not args.json:
+        print(f"# offq bench: {describe_machine(report['machine'])}")
+    if args.kernels:
+        report["kernels"] = run_kernels(args.threads, quick=args.quick, show=show)
+        if not args.json:
+            print("\nkernels (ratio = baseline time / offq time in the same run; > 1: offq "
+                  "faster)\n" + format_rows(report["kernels"]))
+    if args.e2e:
+        cfg = E2EConfig(model=args.model, ckpt=args.ckpt, threads=tuple(args.threads),
+                        prompt_lengths=tuple(args.prompt_lengths), gen_tokens=args.gen_tokens,
+                        repeats=args.repeats, llama_bench=args.llama_bench,
+                        llama_model=args.llama_model)
+        report["e2e"] = run_e2e(cfg, show=show)
+        if not args.json:
+            proto = report["e2e"]["protocol"]
+            print(f"\nend to end: {proto['model']} FP32 vs {proto['quantized']}, real kernels; "
+                  f"ppN = N prompt tokens (logits of the last), tgN = N single-token steps; "
+                  f"best of {proto['repeats']}\n" + format_e2e(report["e2e"]))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # export
 # ------------------------------------------------------------------------------------------------
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -269,7 +520,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
-SUBCOMMANDS = [add_quantize_parser, add_eval_parser, add_generate_parser, add_export_parser]
+SUBCOMMANDS = [add_quantize_parser, add_eval_parser, add_generate_parser, add_inspect_parser,
+               add_bench_parser, add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

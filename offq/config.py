@@ -248,5 +248,7 @@ class QuantConfig:
                          f"{',sorted' if self.sorted_grouping else ',unsorted'},{self.outlier_index}")
         if self.rotates:
             parts.append(f"r2:{self.r2},r3:{int(self.r3)},r4:{int(self.r4)}")
-        parts.append(f"calib:{self.calib_samples}x{self.calib_seqlen},seed{self.seed}")
+        from .recipe.pipeline import needs_calibration  # the recipe decides what it reads
+        parts.append(f"calib:{self.calib_samples}x{self.calib_seqlen},seed{self.seed}"
+                     if needs_calibration(self) else "calib:none")
         return " ".join(parts)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import numpy as np
 
 from .data import token_windows
 from .model.decoder import Model
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,6 @@ def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model,
     return m, m.tokenizer
 
 
-def _progress(total: int, quiet: bool | None, desc: str):
-    from tqdm.auto import tqdm
-    disable = bool(quiet) if quiet is not None else not sys.stderr.isatty()
-    return tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=disable,
-                dynamic_ncols=True, smoothing=0.1)
-
-
 def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | None = None, *,
                seqlen: int = 2048, max_windows: int | None = None,
                batch_size: int | None = None, add_bos: bool | None = None,
@@ -140,7 +133,8 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
         batch_size: windows per forward pass (default 1 for resident models, 4 when layers are
             streamed, so each layer is read once per 4 windows).
         add_bos: BOS per window; default ``model.config.add_bos``.
-        quiet: hide the progress bar (default: shown only when stderr is a TTY).
+        quiet: True hides the progress; None (default) shows a bar on a terminal and a log line
+            every few seconds otherwise (``offq.progress``).
         dataset: label recorded in the result.
         name: model label (default the model's name).
 
@@ -182,14 +176,15 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
     total_nll = 0.0
     count = 0
     t0 = time.perf_counter()
-    with _progress(n * seqlen, quiet, f"ppl {label}") as bar:
+    with Progress(n * seqlen, f"ppl {label}", unit="tok",
+                  show=None if quiet is None else not quiet) as bar:
         for s in range(0, n, batch_size):
             ids = win.ids[s:s + batch_size]
             nll = m.nll(ids)
             total_nll += float(nll.sum())
             count += nll.size
+            bar.set_postfix(f"ppl {math.exp(total_nll / count):.3f}")
             bar.update(ids.size)
-            bar.set_postfix(ppl=f"{math.exp(total_nll / count):.3f}", refresh=False)
     seconds = time.perf_counter() - t0
     mean = total_nll / count
     return {

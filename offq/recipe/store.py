@@ -150,12 +150,8 @@ class CheckpointStore:
         if self.dir is None:
             return tensors
         self._remove_stale(keep_tokenizer=tokenizer is not None)
-        save_safetensors(self.dir / MODEL_FILE, tensors, {"format": "offq"})
-        if tokenizer is not None:
-            tokenizer.save(self.dir)
-        hf = mc.to_hf()
-        hf["offq"] = offq_block(cfg, mc, meta, calibration, reports)
-        atomic_write_json(self.dir / CONFIG_FILE, hf)
+        write_checkpoint(self.dir, tensors, mc, cfg, meta, tokenizer, calibration=calibration,
+                         reports=reports)
         shutil.rmtree(self.partial)
         fsync_dir(self.dir)
         return None
@@ -174,3 +170,26 @@ class CheckpointStore:
             if p.exists():
                 p.unlink()
         fsync_dir(self.dir)
+
+
+def write_checkpoint(directory: str | Path, tensors: dict[str, np.ndarray], mc: Any,
+                     cfg: QuantConfig, meta: dict[str, Any], tokenizer: Any, *,
+                     calibration: dict[str, Any] | None = None,
+                     reports: dict[str, Any] | None = None) -> None:
+    """Write an offq checkpoint directory: model.safetensors, the tokenizer, config.json last
+    (its ``offq`` block marks the directory complete); every file atomically. An earlier
+    config.json is removed first, so a crash in between leaves a directory that does not claim
+    to be a checkpoint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    old = directory / CONFIG_FILE
+    if old.exists():
+        old.unlink()
+        fsync_dir(directory)
+    save_safetensors(directory / MODEL_FILE, tensors, {"format": "offq"})
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    hf = mc.to_hf()
+    hf["offq"] = offq_block(cfg, mc, meta, calibration, reports)
+    atomic_write_json(directory / CONFIG_FILE, hf)
+    fsync_dir(directory)

@@ -12,9 +12,9 @@ import os
 import numpy as np
 import scipy_openblas32
 
-from offq.kernels import cov_update
+from ..kernels import cov_update
 
-from .common import result, timeit, timeit_interleaved
+from .timing import result, timeit, timeit_interleaved
 
 ROW_MAJOR, UPPER, TRANS = 101, 121, 112  # CBLAS enums
 

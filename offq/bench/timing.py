@@ -1,4 +1,4 @@
-"""Timing helpers shared by the kernel benchmarks (benchmarks/kernels/*.py).
+"""Timing helpers shared by the kernel benchmarks (offq/bench/{fwht,cov,matmul}.py).
 
 Protocol: every case is timed as the best of `repeats` runs, each run looping the call until at
 least `min_time` seconds have passed (so one run is never a single short call); warm-up first.

@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from offq.kernels import fwht, hadamard_factor, hadamard_matrix
+from ..kernels import fwht, hadamard_factor, hadamard_matrix
 
-from .common import result, timeit_interleaved
+from .timing import result, timeit_interleaved
 
 SIZES = [128, 576, 1536, 4096, 11008, 14336]
 DENSE_MAX = 4096  # x @ H with a dense H beyond this is hundreds of MB

@@ -10,26 +10,15 @@ each against `numpy sgemm` = `A @ W.T` in float32 (NumPy's OpenBLAS; for M = 1 t
 the SIMD variant offq dispatches to (auto); on CPUs with AVX-512 VNNI the AVX2 variant (what Zen3
 and other AVX2-only machines run) is reported as well. GFLOP/s counts 2*M*N*K operations (integer
 MACs for offq); GB/s counts the packed operands read and the float32 output written.
-
-    python benchmarks/kernels/matmul.py [--quick] [--threads 2]
 """
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import numpy as np
 
-from offq import _C
-from offq.kernels import threads as thread_limit
-from offq.kernels.quant import matmul_w4a4, quantize
+from .. import _C
+from ..kernels.quant import matmul_w4a4, quantize
 
-try:
-    from .common import result, timeit
-except ImportError:  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from kernels.common import result, timeit
+from .timing import result, timeit
 
 SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (128, 4096, 4096), (512, 4096, 4096),
           (2048, 4096, 4096), (512, 4096, 11008)]
@@ -85,24 +74,3 @@ def run(threads: int, quick: bool) -> list[dict]:
                 nbytes=nbytes + a.nbytes, baselines={blas: t_blas},
                 note=f"includes quantize(A) asym g{A_GROUP}; W sym per-channel, 4-bit"))
     return rows
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes, short timings")
-    ap.add_argument("--threads", type=int, nargs="+", default=[2])
-    args = ap.parse_args()
-    print(f"# simd {_C.simd_info()}; ratio = numpy time / offq time (> 1: offq faster)")
-    for t in args.threads:
-        with thread_limit(t):
-            for r in run(t, args.quick):
-                (blas, tb), = r["baseline_seconds"].items()
-                print(f"{r['case']:<36} th={t} {r['seconds'] * 1e3:9.3f} ms {r['gflops']:8.1f} "
-                      f"GOP/s  {blas} {tb * 1e3:9.3f} ms  x{r['speedup_vs'][blas]:.2f}",
-                      flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

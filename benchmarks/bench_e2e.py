@@ -1,0 +1,67 @@
+"""End-to-end tokens/s: prompt processing (ppN) and generation (tgN), FP32 vs W4A4KV4, and
+llama.cpp when a llama-bench binary is given (benchmarks/README.md says how to build one).
+
+The same code as `offq bench --no-kernels` (offq/bench/e2e.py, whose docstring states the
+protocol); this script adds the JSON record and the chart.
+
+    python benchmarks/bench_e2e.py                                   # smollm2-135m, 1 and 2 threads
+    python benchmarks/bench_e2e.py --ckpt runs/smollm2-offq          # time an offq checkpoint
+    python benchmarks/bench_e2e.py --llama-bench ~/llama.cpp/build/bin/llama-bench \
+        --llama-model /tmp/smollm2-q4_0.gguf
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from offq.bench import E2EConfig, describe_machine, format_e2e, run_e2e  # noqa: E402
+from offq.formats.files import atomic_write_json  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ckpt", default=None, help="offq checkpoint timed as the W4A4KV4 model")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--prompt-lengths", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--llama-bench", default=None)
+    ap.add_argument("--llama-model", default=None)
+    ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
+    ap.add_argument("--plot", default=None, help="also draw the table to this PNG")
+    args = ap.parse_args()
+
+    cfg = E2EConfig(model=args.model, ckpt=args.ckpt, threads=tuple(args.threads),
+                    prompt_lengths=tuple(args.prompt_lengths), gen_tokens=args.gen_tokens,
+                    repeats=args.repeats, llama_bench=args.llama_bench,
+                    llama_model=args.llama_model)
+    print(f"# offq e2e: {describe_machine()}")
+    result = run_e2e(cfg)
+    proto = result["protocol"]
+    print(f"{proto['model']}: FP32 vs {proto['quantized']}, real kernels, best of "
+          f"{proto['repeats']}" + (f"; llama.cpp on {proto['llama_model']}"
+                                   if proto["llama_model"] else ""))
+    print(format_e2e(result))
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+    if args.plot:
+        from offq.plots import plot_e2e
+        plot_e2e(result, args.plot, caption=f"Protocol: {proto['model']}, FP32 vs "
+                 f"{proto['quantized']}; ppN = N prompt tokens, logits of the last; tgN = N "
+                 f"single-token steps; best of {proto['repeats']}. "
+                 f"Machine: {describe_machine(proto['machine'])}.")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""End-to-end speed: prompt processing and generation tokens/s, FP32 vs W4A4KV4 (and llama.cpp).
+
+The tests follow llama-bench's, so the columns compare like with like:
+
+* ``ppN``: a fresh KV cache, one forward over ``N`` prompt tokens (WikiText-2 text), logits of the
+  last position only (what generation needs); tokens/s = N / seconds.
+* ``tgN``: a fresh KV cache, then ``N`` single-token steps from a one-token context, each with
+  its logits and a greedy pick; tokens/s = N / seconds.
+
+Each (model, test, threads) is timed ``repeats`` times, the models alternating within a round so
+that load drifting on a shared machine hits them alike; the best round counts. The W4A4KV4 model
+is an offq checkpoint (``ckpt``) on the real path (packed 4-bit weights, ``matmul_w4a4``, 4-bit
+KV cache), or, without one, the model quantized in process with QuaRot-style + RTN: it needs no
+calibration and OffQ's run-time work is exactly the same (same kernels, same online transforms).
+
+A ``llama-bench`` binary (``llama_bench``, with a GGUF ``llama_model``, e.g. the model requantized
+to Q4_0) adds llama.cpp's figures for the same tests and threads, run as a subprocess; it is
+never a dependency (benchmarks/README.md says how to build one).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..progress import Progress
+
+__all__ = ["E2EConfig", "run_e2e", "format_e2e", "llama_bench_rows"]
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """What ``run_e2e`` measures.
+
+    Attributes:
+        model: FP32 model (registered name, HF directory or .gguf).
+        ckpt: offq checkpoint directory to time as the quantized model (default: QuaRot-style +
+            RTN W4A4KV4 quantized in process).
+        threads: thread counts, each a separate column set.
+        prompt_lengths: the ``ppN`` tests.
+        gen_tokens: the ``tgN`` test (0 skips it).
+        repeats: timed rounds per test (best counts).
+        llama_bench: path to a ``llama-bench`` binary (optional).
+        llama_model: the GGUF llama-bench runs (required with ``llama_bench``).
+    """
+
+    model: str = "smollm2-135m"
+    ckpt: str | None = None
+    threads: tuple[int, ...] = (1, 2)
+    prompt_lengths: tuple[int, ...] = (512, 2048)
+    gen_tokens: int = 128
+    repeats: int = 3
+    llama_bench: str | None = None
+    llama_model: str | None = None
+    tests: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.threads or any(int(t) < 1 for t in self.threads):
+            raise ValueError(f"threads: expected positive integers, got {self.threads}")
+        if any(int(n) < 1 for n in self.prompt_lengths) or self.gen_tokens < 0:
+            raise ValueError("prompt_lengths / gen_tokens: expected positive token counts")
+        if self.repeats < 1:
+            raise ValueError(f"repeats: expected a positive integer, got {self.repeats}")
+        if (self.llama_bench is None) != (self.llama_model is None):
+            raise ValueError("llama_bench and llama_model go together (the binary and its GGUF)")
+        tests = [f"pp{n}" for n in self.prompt_lengths]
+        if self.gen_tokens:
+            tests.append(f"tg{self.gen_tokens}")
+        object.__setattr__(self, "tests", tuple(tests))
+
+
+def _prefill_seconds(model: Any, ids: np.ndarray) -> float:
+    cache = model.new_cache()
+    t = time.perf_counter()
+    h = model.hidden_states(ids[None], cache=cache)
+    model.logits(h[:, -1:])
+    return time.perf_counter() - t
+
+
+def _generate_seconds(model: Any, first: int, steps: int) -> float:
+    cache = model.new_cache()
+    token = np.array([[first]], dtype=np.int64)
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits = model.forward(token, cache=cache)
+        token = logits[:, -1:].argmax(-1)
+    return time.perf_counter() - t
+
+
+def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str, np.ndarray]:
+    """{"fp32": Model, "w4a4kv4": Model}, the quantized model's description, prompt tokens."""
+    from ..config import QuantConfig
+    from ..data import eval_windows, load_wikitext2_test
+    from ..formats import open_checkpoint
+    from ..model import Model
+    from ..quant.assemble import load_quantized
+    from ..recipe.pipeline import quantize
+
+    with open_checkpoint(cfg.model) as ckpt:
+        fp = Model.from_checkpoint(ckpt, resident=True)
+        fp.layers  # read every layer now: the checkpoint closes below
+        if cfg.ckpt:
+            q, _, qcfg = load_quantized(cfg.ckpt, mode="real")
+            label = f"{qcfg.describe(ckpt.config.hidden_size)} ({cfg.ckpt})"
+        else:
+            qcfg = QuantConfig(method="quarot", w_quantizer="rtn")
+            q = quantize(ckpt, qcfg, None, progress=show).model("real")
+            label = f"{qcfg.describe(ckpt.config.hidden_size)} (quantized in process)"
+        need = max(cfg.prompt_lengths, default=1)
+        ids = eval_windows(ckpt.tokenizer, load_wikitext2_test(), need, 1,
+                           bool(ckpt.config.add_bos))[0]
+    return {"fp32": fp, "w4a4kv4": q}, label, ids
+
+
+def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
+            on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure ``cfg``; returns ``{"protocol": ..., "rows": [...]}``.
+
+    A row: ``engine`` ("offq fp32", "offq w4a4kv4", "llama.cpp"), ``test`` ("pp512", "tg128"),
+    ``threads``, ``tokens_per_s``, ``seconds`` (best round).
+    """
+    from ..kernels import threads as thread_limit
+
+    models, label, ids = _load_models(cfg, show)
+    rows: list[dict[str, Any]] = []
+    steps = len(cfg.threads) * len(cfg.tests)
+    with Progress(steps, "e2e benchmark", unit="test", show=show) as bar:
+        for t in cfg.threads:
+            with thread_limit(t):
+                for m in models.values():  # warm-up: loads and touches every layer
+                    _prefill_seconds(m, ids[:16])
+                for test in cfg.tests:
+                    n = int(test[2:])
+                    best = {name: float("inf") for name in models}
+                    for _ in range(cfg.repeats):
+                        for name, m in models.items():
+                            sec = (_prefill_seconds(m, ids[:n]) if test.startswith("pp")
+                                   else _generate_seconds(m, int(ids[0]), n))
+                            best[name] = min(best[name], sec)
+                    for name, sec in best.items():
+                        row = {"engine": f"offq {name}", "test": test, "threads": t,
+                               "tokens_per_s": n / sec, "seconds": sec}
+                        rows.append(row)
+                        if on_row is not None:
+                            on_row(row)
+                    bar.update()
+    if cfg.llama_bench:
+        rows.extend(llama_bench_rows(cfg))
+    from .machine import machine_info
+    return {"protocol": {"model": cfg.model, "quantized": label, "tests": list(cfg.tests),
+                         "threads": list(cfg.threads), "repeats": cfg.repeats,
+                         "prompt": "WikiText-2 test text (first tokens)",
+                         "llama_model": cfg.llama_model, "machine": machine_info()},
+            "rows": rows}
+
+
+def llama_bench_rows(cfg: E2EConfig) -> list[dict[str, Any]]:
+    """llama.cpp's figures for ``cfg``'s tests: ``llama-bench -o json`` per thread count."""
+    prompts = ",".join(str(n) for n in cfg.prompt_lengths) or "0"
+    rows = []
+    for t in cfg.threads:
+        cmd = [str(cfg.llama_bench), "-m", str(cfg.llama_model), "-t", str(t), "-p", prompts,
+               "-n", str(cfg.gen_tokens), "-r", str(cfg.repeats), "-o", "json"]
+        try:
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", "") or str(e)
+            raise OSError(f"llama-bench failed ({' '.join(cmd)}): {detail.strip()[-500:]}") from e
+        for rec in json.loads(out):
+            n_prompt, n_gen = int(rec.get("n_prompt", 0)), int(rec.get("n_gen", 0))
+            test = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
+            tps = float(rec["avg_ts"])
+            rows.append({"engine": "llama.cpp", "test": test, "threads": t, "tokens_per_s": tps,
+                         "seconds": (n_prompt or n_gen) / tps if tps > 0 else float("nan")})
+    return rows
+
+
+def format_e2e(result: dict[str, Any]) -> str:
+    """A table: one row per engine and thread count, one column per test, then the ratios
+    W4A4KV4 / FP32 and W4A4KV4 / llama.cpp (> 1: offq's 4-bit model is faster)."""
+    rows = result["rows"]
+    tests = result["protocol"]["tests"]
+    table: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        table.setdefault((r["engine"], r["threads"]), {})[r["test"]] = r["tokens_per_s"]
+    head = f"{'tokens/s':<26}{'threads':>8}" + "".join(f"{t:>10}" for t in tests)
+    lines = [head, "-" * len(head)]
+    for (engine, t), vals in table.items():
+        lines.append(f"{engine:<26}{t:>8}" + "".join(
+            f"{vals[x]:>10.1f}" if x in vals else f"{'-':>10}" for x in tests))
+    for base in ("offq fp32", "llama.cpp"):
+        for t in result["protocol"]["threads"]:
+            q, b = table.get(("offq w4a4kv4", t)), table.get((base, t))
+            if q and b:
+                lines.append(f"{'w4a4kv4 / ' + base:<26}{t:>8}" + "".join(
+                    f"{q[x] / b[x]:>9.2f}x" if x in q and x in b else f"{'-':>10}"
+                    for x in tests))
+    return "\n".join(lines)
