@@ -38,6 +38,7 @@ ROWS: dict[str, dict] = {
     "quarot-gptq": dict(method="quarot"),
     "offq-rtn": dict(method="offq", w_quantizer="rtn"),
     "offq-gptq": dict(method="offq"),
+    "offq-osaq": dict(method="offq", w_quantizer="osaq+gptq"),  # OSAQ on the rotated weights
     # rows that change only run-time quantizers reuse the offq-gptq weights (see weight_key)
     "abl-sym-act": dict(method="offq", a_symmetric=True),
     "offq-w4a8kv8": dict(method="offq", a_bits=8, kv_bits=8),

@@ -122,6 +122,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
             group.add_argument(flag, type=float, default=default, help=help_text)
         else:
             group.add_argument(flag, type=str, default=default, help=help_text)
+    group.add_argument("--osaq", action="store_true",
+                       help="OSAQ before rounding (--w-quantizer osaq+gptq, osaq+rtn for --method "
+                            "rtn); settings --osaq-gamma/-tau-rel/-mu1/-mu2")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -132,6 +135,9 @@ def config_from_args(args: argparse.Namespace):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)}
     if values["method"] == "fp":
         values.update(w_bits=16, a_bits=16, kv_bits=16)
+    if getattr(args, "osaq", False):
+        base = values["w_quantizer"] or ("rtn" if values["method"] == "rtn" else "gptq")
+        values["w_quantizer"] = base if base.startswith("osaq+") else "osaq+" + base
     try:
         return QuantConfig(**values)
     except ValueError as exc:
@@ -487,10 +493,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------------
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a weight-only offq checkpoint in another format",
+                       description="Export DIR (an offq checkpoint) as --format into --out "
+                                   "(gptq: the layout HF-side GPTQ loaders read; "
+                                   "offq/formats/gptq_export.py).")
+    p.add_argument("model", help="offq checkpoint directory")
+    p.add_argument("--format", choices=("gptq",), required=True, help="output format")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
+                   help="gptq: stored zero = zero-point - 1 (every GPTQ loader); gptq_v2: the "
+                        "zero-point itself (GPTQModel)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .formats.gptq_export import export_gptq
+
+    out = export_gptq(args.model, args.out, checkpoint_format=args.checkpoint_format)
+    print(f"wrote {out} (format {args.format})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # entry point
 # ------------------------------------------------------------------------------------------------
 SUBCOMMANDS = [add_quantize_parser, add_eval_parser, add_generate_parser, add_inspect_parser,
-               add_bench_parser]
+               add_bench_parser, add_export_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
 - calibration: 128 sequences x 2048 tokens, seed 0;
 - GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128;
 - OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.1,
-  mu1 1e-2, mu2 1.0 (both relative, see offq/quantizers/osaq.py).
+  mu1 1e-2, mu2 100 (both relative), one solve round (see offq/quantizers/osaq.py).
 
 docs/METHODS.md lists every field with its flag and the reasoning behind each default.
 
@@ -98,7 +98,8 @@ class QuantConfig:
     osaq_gamma: float = 1e-4
     osaq_tau_rel: float = 0.1
     osaq_mu1: float = 1e-2
-    osaq_mu2: float = 1.0
+    osaq_mu2: float = 100.0
+    osaq_iters: int = 1  # solve rounds (Lawson reweighting between them)
 
     def __post_init__(self) -> None:
         if self.w_quantizer is None:
@@ -153,7 +154,7 @@ class QuantConfig:
             flag(name)
         if not (isinstance(self.a_clip, (int, float)) and 0 < self.a_clip <= 1):
             raise ValueError(f"a_clip: expected a ratio in (0, 1], got {self.a_clip!r}")
-        for name in ("calib_samples", "calib_seqlen", "gptq_block_size"):
+        for name in ("calib_samples", "calib_seqlen", "gptq_block_size", "osaq_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")

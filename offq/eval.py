@@ -91,7 +91,8 @@ def load_dataset(name_or_path: str | os.PathLike) -> str:
 def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model, Any]:
     """``(Model, tokenizer)`` from a Model, a Checkpoint, or a path / registered name.
 
-    A path to an offq checkpoint directory (quantized) is run by ``offq.quant.assemble.load_quantized`` with the
+    A path to an offq checkpoint directory (quantized), or to a GPTQ-layout directory
+    (``offq.formats.gptq_export``), is run by ``offq.quant.assemble.load_quantized`` with the
     real W4A4 kernels (``mode="real"``) or simulated in float32 (``mode="fake"``); anything else
     is opened by ``offq.formats.open_checkpoint`` and runs in float32. ``kwargs`` go to
     ``Model.from_checkpoint``.
@@ -101,10 +102,14 @@ def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model,
     if isinstance(model, (str, os.PathLike)):
         from .formats.checkpoint import is_offq_checkpoint
         from .quant.assemble import load_quantized
-        if is_offq_checkpoint(model):
-            m, tok, qcfg = load_quantized(model, mode=mode)
+        from .formats.gptq_export import is_gptq_export, load_gptq_export
+        if is_offq_checkpoint(model) or is_gptq_export(model):
+            load = load_quantized if is_offq_checkpoint(model) else load_gptq_export
+            m, tok, qcfg = load(model, mode=mode)
             m.tokenizer = tok
-            m.method = f"{qcfg.describe()} ({mode})"
+            m.method = (f"{qcfg.describe()} ({mode})" if load is load_quantized else
+                        f"gptq-format export W{qcfg.w_bits} group {qcfg.w_group_size} "
+                        f"{'sym' if qcfg.w_symmetric else 'asym'} ({mode})")
             return m, tok
         from .formats import open_checkpoint
         model = open_checkpoint(model)

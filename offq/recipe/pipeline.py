@@ -309,6 +309,7 @@ def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumula
             for lin in lins:
                 name = arch.weight(i, lin)
                 w[name], reports[name] = step.apply(w[name], state)
+                logger.info("%s %s: %s", type(step).__name__, name, reports[name])
         weights = [w[arch.weight(i, lin)] for lin in lins]
         q: QuantizedWeight = quantizer.quantize(np.concatenate(weights, axis=0),
                                                 quantizer.prepare(hess, where))

@@ -1,0 +1,131 @@
+"""GPTQ-format export: an independent reader, written from the format's description (bit
+streams of little-endian 32-bit words, stored zero = zero-point - 1, float16 scales per group),
+recovers offq's dequantized weights exactly; what the format cannot express is refused; offq
+evaluates the export like the checkpoint it came from."""
+import json
+
+import numpy as np
+import pytest
+
+from offq.config import QuantConfig
+from offq.formats.checkpoint import load_safetensors
+from offq.formats.gptq_export import (GptqExportError, export_gptq, pack_stream, unpack_stream)
+from offq.quant.assemble import load_quantized
+from offq.recipe import pipeline
+
+from tiny_models import calibration, tiny_checkpoint
+
+
+def read_packed(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The format read bit by bit: each int32 column is the little-endian bytes of its words,
+    bit i of the stream is bit (i % 8) of byte i // 8; value j is bits j*bits .. j*bits+bits-1,
+    least significant first. -> int64 [count, columns]."""
+    raw = np.ascontiguousarray(words.astype("<i4").T).view(np.uint8)  # [columns, bytes]
+    stream = np.unpackbits(raw, axis=1, bitorder="little")[:, :count * bits]
+    digits = stream.reshape(stream.shape[0], count, bits).astype(np.int64)
+    return (digits << np.arange(bits)).sum(axis=2).T
+
+
+def independent_dequant(tensors: dict, prefix: str, qc: dict) -> np.ndarray:
+    """``W [N, K]`` from the GPTQ tensors of one linear (stored zero + 1 in the v1 format)."""
+    bits = qc["bits"]
+    scales = np.asarray(tensors[prefix + ".scales"])
+    assert scales.dtype == np.float16
+    g_idx = np.asarray(tensors[prefix + ".g_idx"])
+    k = g_idx.size
+    q = read_packed(np.asarray(tensors[prefix + ".qweight"]), bits, k)  # [K, N]
+    z = read_packed(np.asarray(tensors[prefix + ".qzeros"]).T, bits, scales.shape[1]).T + (qc["checkpoint_format"] == "gptq")
+    w = scales.astype(np.float32)[g_idx] * (q - z[g_idx]).astype(np.float32)
+    return w.T
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ckpt = tiny_checkpoint(5)
+    return ckpt, calibration(ckpt)
+
+
+def quantized_dir(tiny, tmp_path, **over):
+    ckpt, calib = tiny
+    cfg = QuantConfig(**{**dict(method="gptq", a_bits=16, kv_bits=16), **over})
+    out = tmp_path / "ckpt"
+    pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("bits,group,sym,fmt", [
+    (4, -1, True, "gptq"), (4, 16, False, "gptq"), (3, -1, False, "gptq"), (3, 32, True, "gptq"),
+    (2, 16, True, "gptq"), (2, 16, False, "gptq_v2"), (8, 32, False, "gptq")])
+def test_independent_reader_matches_offq(tiny, tmp_path, bits, group, sym, fmt):
+    src = quantized_dir(tiny, tmp_path, w_bits=bits, w_group_size=group, w_symmetric=sym)
+    out = export_gptq(src, tmp_path / "gptq", checkpoint_format=fmt)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {**qc, "quant_method": "gptq", "bits": bits, "group_size": group,
+                  "desc_act": False, "sym": sym, "checkpoint_format": fmt}
+    tensors, _ = load_safetensors(out / "model.safetensors")
+    model, _, _ = load_quantized(src, mode="fake")
+    for i in range(2):
+        layer = model.load_layer(i)
+        for lin in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            mod = "self_attn" if lin in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"model.layers.{i}.{mod}.{lin}"
+            got = independent_dequant(tensors, prefix, qc)
+            qw = _offq_weight(src, prefix)
+            g = qw.group_size
+            ref16 = (np.repeat(qw.scale.astype(np.float16).astype(np.float32), g, 1)
+                     * (qw.codes.astype(np.float32) - np.repeat(qw.zero, g, 1)))
+            np.testing.assert_array_equal(got, ref16)  # exact, with the format's float16 scales
+            np.testing.assert_allclose(got, qw.dequantized, rtol=2 ** -11, atol=0)
+        del layer
+
+
+def _offq_weight(src, prefix):
+    from offq.formats.checkpoint import read_config
+    from offq.quant.assemble import stored_layer
+
+    mc, qcfg, _ = read_config(src)
+    tensors, _ = load_safetensors(src / "model.safetensors")
+    i = int(prefix.split(".")[2])
+    return stored_layer(tensors, mc.replace(tie_word_embeddings=False), qcfg, i)[prefix.split(".")[-1]]
+
+
+def test_known_words():
+    """Values 0..7 in one column at 4 bits make the word 0x76543210; a symmetric 4-bit model's
+    zeros (8, stored as 7) make 0x77777777, the familiar qzeros of symmetric GPTQ checkpoints."""
+    assert pack_stream(np.arange(8).reshape(8, 1), 4)[0, 0] == 0x76543210
+    assert pack_stream(np.full((8, 1), 7), 4).view(np.uint32)[0, 0] == 0x77777777
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 4, 8):
+        v = rng.integers(0, 2 ** bits, (96, 5))
+        packed = pack_stream(v, bits)
+        assert packed.shape == (96 * bits // 32, 5) and packed.dtype == np.int32
+        np.testing.assert_array_equal(unpack_stream(packed, bits, 96), v)
+        np.testing.assert_array_equal(read_packed(packed, bits, 96), v)
+
+
+def test_refuses_what_the_format_cannot_express(tiny, tmp_path):
+    w4a4 = quantized_dir(tiny, tmp_path, a_bits=4, kv_bits=4)
+    with pytest.raises(GptqExportError, match="weight-only"):
+        export_gptq(w4a4, tmp_path / "x")
+    rotated = tmp_path / "rot"
+    ckpt, calib = tiny
+    pipeline.quantize(ckpt, QuantConfig(method="offq", a_bits=16, kv_bits=16), calib,
+                      out_dir=rotated, progress=False)
+    with pytest.raises(GptqExportError, match="online rotations"):
+        export_gptq(rotated, tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    w2 = quantized_dir(tiny, tmp_path, w_bits=2, w_group_size=16, w_symmetric=False)
+    with pytest.raises(GptqExportError, match="zero-point outside.*gptq_v2"):
+        export_gptq(w2, tmp_path / "z")  # zero-point 0 in some groups: v1 stores zero - 1
+
+
+def test_offq_eval_runs_the_export(tiny, tmp_path):
+    from offq.eval import load_model
+
+    src = quantized_dir(tiny, tmp_path, w_bits=4, w_group_size=16, w_symmetric=False)
+    out = export_gptq(src, tmp_path / "gptq")
+    ids = calibration(tiny[0], n=2, t=32, seed=7)
+    a, _ = load_model(str(src), mode="fake")
+    b, _ = load_model(str(out), mode="fake")
+    na, nb = a.nll(ids), b.nll(ids)
+    np.testing.assert_allclose(nb.mean(), na.mean(), rtol=2e-3)  # float16 scales/embeddings
