@@ -142,6 +142,16 @@ void offq_mix_f32_avx2(float *restrict x, int64_t m, int64_t p, const float *res
 void offq_mix_f64_avx2(double *restrict x, int64_t m, int64_t p, const double *restrict ht,
                        double scale, double *restrict tmp);
 
+/* One normalised float32 row transform, planned once (table and scale), for callers inside their
+ * own thread team; same arithmetic as offq_fwht_f32 on one row. tmp holds tmp_len floats. */
+typedef struct {
+    int64_t n, m, p, tmp_len;
+    const float *ht;
+    float scale;
+} offq_fwht_row_plan;
+offq_status offq_fwht_row_plan_f32(int64_t n, offq_fwht_row_plan *pl);
+void offq_fwht_row_f32(float *row, const offq_fwht_row_plan *pl, float *tmp);
+
 /* ---- W4A4 matmul (layout and math: matmul_w4a4.c) -------------------------------------------- */
 #define OFFQ_MM_MR 8   /* rows per strip */
 #define OFFQ_MM_NRP 16 /* columns per weight panel; a tile is two panels (32 columns) */
@@ -173,10 +183,15 @@ typedef struct {
     float *out;
 } offq_mm_gemv_args;
 
+/* Columns [8 * i0, 8 * i1) of the small-M product (groups of 8 output columns), on the calling
+ * thread: the small-M driver and the decoder share it (they split the groups over their team). */
+typedef void (*offq_mm_gemv_range_fn)(const offq_mm_gemv_args *g, int mrows, int folded,
+                                      int64_t i0, int64_t i1);
+
 typedef struct {
-    void (*fn)(const offq_mm_gemv_args *g, int mrows, int folded); /* NULL: no small-M path */
-    int max_m;                                                     /* rows eligible */
-    int chunk;                                                     /* block % chunk == 0 */
+    offq_mm_gemv_range_fn range; /* NULL: no small-M path */
+    int max_m;                   /* rows eligible */
+    int chunk;                   /* block % chunk == 0 */
 } offq_mm_gemv;
 
 /* One variant of the matmul: its pieces. NULL pack/unpack: the generic layout code. */
@@ -198,9 +213,15 @@ void offq_mm_pack_panel_avx2(const offq_mm_plan *pl, const offq_q4_operand *w, i
                              uint8_t *panel, float *sums);
 void offq_mm_unpack_blocks_avx2(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,
                                 float *sums);
-void offq_mm_gemv_avx2(const offq_mm_gemv_args *g, int mrows, int folded);
+void offq_mm_gemv_range_avx2(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                             int64_t i1);
 void offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct);
-void offq_mm_gemv_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded);
+void offq_mm_gemv_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                   int64_t i1);
+/* The generic reference of the small-M product on plain activation codes (ap [mrows][k], one
+ * code per byte, never folded): the decoder's product when a variant has no small-M path. */
+void offq_mm_gemv_range_generic(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                int64_t i1);
 
 static inline uint32_t offq_load_u32(const uint8_t *p)
 {
@@ -209,6 +230,20 @@ static inline uint32_t offq_load_u32(const uint8_t *p)
     return v;
 }
 
+/* ---- attention over the packed KV cache (attention.c) ---------------------------------------
+ * One query head (q scaled by 1/sqrt(hd)) over positions 0..n-1 of its KV head: K / V codes of
+ * position j at kc / vc + j * cstride (hd / 2 packed bytes), scales and zero-points at
+ * ks, kz / vs, vz + j * pstride (hd / group each). scores: n floats of scratch; out[hd]. */
+typedef struct {
+    const uint8_t *kc, *vc;
+    const float *ks, *kz, *vs, *vz;
+    int64_t cstride, pstride, n, hd, group;
+} offq_attn_args;
+typedef void (*offq_attend_fn)(const offq_attn_args *a, const float *q, float *scores,
+                               float *out);
+void offq_attend_generic(const offq_attn_args *a, const float *q, float *scores, float *out);
+void offq_attend_avx2(const offq_attn_args *a, const float *q, float *scores, float *out);
+
 /* ---- the dispatch table (cpu.c) -------------------------------------------------------------- */
 typedef struct {
     offq_quant_group_fn quant_group;
@@ -216,6 +251,7 @@ typedef struct {
     offq_pow2_f64_fn pow2_f64;
     offq_mix_f32_fn mix_f32;
     offq_mix_f64_fn mix_f64;
+    offq_attend_fn attend;
     const offq_mm_ops *matmul[OFFQ_KERNEL_COUNT]; /* per variant; NULL: not usable here */
     offq_kernel matmul_best;
 } offq_dispatch_table;

@@ -115,6 +115,40 @@ void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct)
     }
 }
 
+/* Small-M reference on plain codes: per output column and block, the integer sums D and Sw, then
+ * the float steps of panel_generic in the same order (so every variant agrees bit for bit). */
+void offq_mm_gemv_range_generic(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                int64_t i1)
+{
+    (void)folded; /* plain codes are never folded */
+    const offq_mm_plan *pl = g->pl;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t n1 = 8 * i1 < pl->n ? 8 * i1 : pl->n;
+    for (int64_t n = 8 * i0; n < n1; n++) {
+        const uint8_t *restrict wr = g->w->codes + n * rb;
+        for (int m = 0; m < mrows; m++) {
+            const uint8_t *restrict ar = g->ap + m * pl->k;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < pl->nb; b++) {
+                int32_t d = 0, sw = 0;
+                for (int64_t i = b * pl->blk; i < (b + 1) * pl->blk; i++) {
+                    const int q = (wr[i >> 1] >> ((i & 1) * 4)) & 15;
+                    d += q * ar[i];
+                    sw += q;
+                }
+                const int64_t gi = b * pl->blk / gw;
+                const float zw = g->w->zero[n * ngw + gi], scw = g->w->scale[n * ngw + gi];
+                const float wT = (float)sw - (float)pl->blk * zw;
+                float e = (float)d;
+                e = fmaf(-g->asum[m * pl->nb + b], zw, e);
+                e = fmaf(-g->azero[m * pl->nb + b], wT, e);
+                acc = fmaf(g->ascale[m * pl->nb + b] * scw, e, acc);
+            }
+            g->out[m * pl->n + n] = acc;
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Driver. */
 
@@ -187,7 +221,8 @@ static void *aligned_buf(size_t bytes)
 }
 
 /* The small-M path: activations to the [even | odd] chunk layout of the gemv (chunks of
- * gv->chunk elements: 64 for AVX2, 128 for VNNI), then gv->fn per MS rows. */
+ * gv->chunk elements: 64 for AVX2, 128 for VNNI), then gv->range per MS rows, groups of 8 columns
+ * split over the team. */
 static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
                            const offq_q4_operand *w, float *out, const offq_mm_gemv *gv)
 {
@@ -236,7 +271,12 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
         }
         const offq_mm_gemv_args g = {pl,  w, ap, par, par + MS * pl->nb, par + 2 * MS * pl->nb,
                                      out + m0 * pl->n};
-        gv->fn(&g, mrows, folded);
+        const int64_t groups = (pl->n + 7) / 8;
+        const int parallel = groups > 1 && mrows * pl->n * pl->k >= ((int64_t)1 << 21);
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+        for (int64_t i = 0; i < groups; i++) {
+            gv->range(&g, mrows, folded, i, i + 1);
+        }
     }
     free(ap);
     free(par);
@@ -258,7 +298,7 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
     if (pl.m == 0 || pl.n == 0) {
         return OFFQ_OK;
     }
-    for (int i = 0; i < 2 && ops->small[i].fn != NULL; i++) {
+    for (int i = 0; i < 2 && ops->small[i].range != NULL; i++) {
         const offq_mm_gemv *gv = &ops->small[i];
         if (pl.m <= gv->max_m && pl.blk % gv->chunk == 0) {
             return small_m(&pl, a, w, out, gv);
