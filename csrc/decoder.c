@@ -10,8 +10,9 @@
  *   1. residual + RMSNorm + activation quantization of the q/k/v input, by chunks of rows
  *   2. fused q/k/v product (+ bias): groups of 8 output columns split over the team
  *   3. per head vector: RoPE + R3 on q and k, KV4 quantization of k and v into the cache
- *   4. attention, one (row, query head) per task: scores over the packed cache, softmax, V sum
- *      (attention.c; the query heads of a KV head each decode its keys: cheap next to a team wait)
+ *   4. attention: scores over the packed cache, softmax, V sum (attention.c); one item per query
+ *      head when decoding, per KV head and 8 positions in prefill (a score row per query, never a
+ *      [rows, positions] matrix)
  *   5. quantization of the attention output            6. o_proj product (+ bias)
  *   7. residual + RMSNorm + quantization                8. fused gate/up product (+ bias)
  *   9. SwiGLU + R4 + quantization                      10. down_proj product (+ bias)
@@ -98,16 +99,23 @@ static void phase_end(team_work *w, int64_t *base, int64_t n)
 /* One linear as the step runs it: its small-M kernel and the activation layout it reads. */
 typedef struct {
     const offq_dec_linear *lin;
+    const offq_mm_ops *ops;
     offq_mm_plan pl;
     offq_mm_gemv_range_fn range;
-    int64_t rows_per_chunk; /* rows per kernel call */
-    int64_t chunk;          /* 0: plain codes (generic kernel); else [even | odd] chunks */
+    int gemm;               /* more rows than the small-M path takes: the tile GEMM */
+    int64_t rows_per_chunk; /* rows per kernel call (gemv) or per quantization item (GEMM) */
+    int64_t chunk;          /* 0: plain codes (GEMM, generic gemv); else [even | odd] chunks */
+    float *asum, *azero, *ascale; /* [mp][nb] each, in the shared apar buffer */
 } product;
 
+/* The kernel choice of offq_matmul_w4a4 for this many rows: its small-M path when the rows fit,
+ * else the tile GEMM (blocks of a multiple of 4, so the plain codes need no block padding);
+ * the generic gemv otherwise. Every choice computes the same numbers. */
 static void plan_product(const offq_dec_linear *lin, const offq_mm_ops *ops, int64_t rows,
-                         product *p)
+                         float *apar, product *p)
 {
     p->lin = lin;
+    p->ops = ops;
     p->pl.m = rows;
     p->pl.n = lin->w.rows;
     p->pl.k = lin->k;
@@ -115,37 +123,49 @@ static void plan_product(const offq_dec_linear *lin, const offq_mm_ops *ops, int
     p->pl.bp = p->pl.blk;
     p->pl.nb = lin->k / p->pl.blk;
     p->pl.kp = lin->k;
-    p->pl.mp = rows;
+    p->pl.mp = (rows + OFFQ_MM_MR - 1) / OFFQ_MM_MR * OFFQ_MM_MR;
     p->range = offq_mm_gemv_range_generic;
+    p->gemm = 0;
     p->rows_per_chunk = MS;
     p->chunk = 0;
+    int small = 0;
     for (int i = 0; i < 2 && ops->small[i].range != NULL; i++) {
-        if (p->pl.blk % ops->small[i].chunk == 0) {
+        if (rows <= ops->small[i].max_m && p->pl.blk % ops->small[i].chunk == 0) {
             p->range = ops->small[i].range;
             p->rows_per_chunk = ops->small[i].max_m;
             p->chunk = ops->small[i].chunk;
+            small = 1;
             break;
         }
     }
+    if (!small && rows > MS && p->pl.blk % 4 == 0) {
+        p->gemm = 1;
+        p->rows_per_chunk = OFFQ_MM_MR;
+    }
+    p->asum = apar;
+    p->azero = apar + p->pl.mp * p->pl.nb;
+    p->ascale = apar + 2 * p->pl.mp * p->pl.nb;
 }
 
 /* Shared buffers of the step (carved from the caller's scratch). */
 typedef struct {
     float *x;        /* [rows][max_k] float input of the next product */
     float *y;        /* [rows][max_n] output of the last product */
-    uint8_t *ap;     /* [rows][max_k] activation codes in the product's layout */
-    float *asum;     /* [rows][max_nb] per row and block: code sums, zero-points, scales */
-    float *azero;
-    float *ascale;
-    int32_t *folded; /* [rows] per chunk of rows: zero-points folded into the codes */
+    uint8_t *ap;     /* [mp][max_k] activation codes in the product's layout */
+    float *apar;     /* 3 x [mp][max_nb]: per row and block code sums, zero-points, scales */
+    int32_t *folded; /* [mp] per chunk of rows: zero-points folded into the codes */
 } shared_bufs;
 
 /* Per-thread buffers. */
 typedef struct {
     uint8_t *codes; /* [MS][max_k] one code per byte */
-    float *scores;  /* [positions] */
+    float *scores;  /* [ATT_ROWS * rep][positions + 1] */
     float *tmp;     /* fwht scratch */
-    float *vec;     /* [3][head_dim] scaled query, dequantized key / value row */
+    float *q;       /* [ATT_ROWS * rep][head_dim] scaled queries */
+    float *row;     /* [head_dim] a decoded cache row */
+    int64_t *n;     /* [ATT_ROWS * rep] positions each query sees */
+    float **out;    /* [ATT_ROWS * rep] where each query's output goes */
+    offq_mm_workspace ws; /* a packed weight tile (GEMM) */
 } thread_bufs;
 
 /* Quantize rows [r0, r1) of x (stride ld; one chunk of p's rows, at most MS) into p's input
@@ -160,7 +180,7 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
     int folded = p->chunk != 0;
     for (int64_t r = r0; r < r1; r++) {
         const float *xr = x + r * ld;
-        float *za = sb->azero + r * nb, *sa = sb->ascale + r * nb;
+        float *za = p->azero + r * nb, *sa = p->ascale + r * nb;
         uint8_t *dst = sb->ap + r * k;
         uint8_t *c = p->chunk == 0 ? dst : codes + (r - r0) * k; /* a chunk's rows side by side */
         for (int64_t gi = 0; gi < ng; gi++) {
@@ -189,11 +209,17 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
                 for (int64_t i = b * pl->blk; i < (b + 1) * pl->blk; i++) {
                     acc += dst[i];
                 }
-                sb->asum[r * nb + b] = (float)acc;
+                p->asum[r * nb + b] = (float)acc;
             }
         }
     }
     sb->folded[chunk_index] = folded;
+    if (p->gemm && r1 == pl->m) { /* the GEMM reads whole strips: zero codes and parameters */
+        memset(sb->ap + pl->m * k, 0, (size_t)((pl->mp - pl->m) * k));
+        for (int64_t i = pl->m * nb; i < pl->mp * nb; i++) {
+            p->asum[i] = p->azero[i] = p->ascale[i] = 0.0f;
+        }
+    }
     if (p->chunk == 0) {
         return err;
     }
@@ -201,7 +227,7 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
      * layout and sums small_m builds from packed codes) */
     const int64_t ch = p->chunk;
     for (int64_t r = r0; r < r1; r++) {
-        const float *za = sb->azero + r * nb;
+        const float *za = p->azero + r * nb;
         const uint8_t *cr = codes + (r - r0) * k;
         uint8_t *dst = sb->ap + r * k;
         for (int64_t b = 0; b < nb; b++) {
@@ -217,13 +243,16 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
                     acc += lo + hi;
                 }
             }
-            sb->asum[r * nb + b] = (float)acc;
+            p->asum[r * nb + b] = (float)acc;
         }
     }
     return err;
 }
 
-/* Items of p's product: blocks of `product_step` groups of 8 output columns. */
+#define GEMM_COLUMNS 64 /* output columns per GEMM item (a multiple of 32) */
+
+/* Items of p's product: GEMM tiles of GEMM_COLUMNS columns, or blocks of `product_step` groups of
+ * 8 output columns for the gemv. */
 static int64_t product_step(const product *p, int64_t rows)
 {
     return rows > p->rows_per_chunk ? PRODUCT_GROUP_BLOCK : 4;
@@ -231,43 +260,62 @@ static int64_t product_step(const product *p, int64_t rows)
 
 static int64_t product_items(const product *p, int64_t rows)
 {
+    if (p->gemm) {
+        return (p->pl.n + GEMM_COLUMNS - 1) / GEMM_COLUMNS;
+    }
     const int64_t groups = (p->pl.n + 7) / 8, step = product_step(p, rows);
     return (groups + step - 1) / step;
 }
 
-/* y[rows][n] = product of the quantized input (+ bias): claimed blocks of output columns; a
- * block's weights stay cached across the chunks of rows. */
+static void add_bias(const product *p, int64_t rows, int64_t n0, int64_t n1, float *y)
+{
+    const float *bias = p->lin->bias;
+    if (bias == NULL) {
+        return;
+    }
+    n1 = n1 < p->pl.n ? n1 : p->pl.n;
+    for (int64_t r = 0; r < rows; r++) {
+        float *yr = y + r * p->pl.n;
+        for (int64_t n = n0; n < n1; n++) {
+            yr[n] = yr[n] + bias[n];
+        }
+    }
+}
+
+/* y[rows][n] = product of the quantized input (+ bias), by claimed items: a GEMM tile packed once
+ * and run over every strip of rows, or a block of gemv columns whose weights stay cached across
+ * the chunks of rows. */
 static void run_product(const product *p, int64_t rows, team_work *w, int64_t base,
-                        const shared_bufs *sb)
+                        const shared_bufs *sb, offq_mm_workspace *ws)
 {
     const offq_mm_plan *pl = &p->pl;
     const int64_t groups = (pl->n + 7) / 8, R = p->rows_per_chunk, chunks = (rows + R - 1) / R;
     const int64_t step = product_step(p, rows), items = product_items(p, rows);
     int64_t i0, i1;
     while (claim(w, base, items, 1, &i0, &i1)) {
+        if (p->gemm) {
+            const int64_t n0 = i0 * GEMM_COLUMNS;
+            offq_mm_pack_tile(pl, &p->lin->w, n0, GEMM_COLUMNS, ws, p->ops);
+            offq_mm_strips(pl, p->ops, sb->ap, p->asum, n0, GEMM_COLUMNS, 0, pl->mp / OFFQ_MM_MR,
+                           ws, sb->y);
+            add_bias(p, rows, n0, n0 + GEMM_COLUMNS, sb->y);
+            finish(w, 1);
+            continue;
+        }
         const int64_t gb = i0 * step, ge = gb + step < groups ? gb + step : groups;
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t r0 = c * R, mrows = rows - r0 < R ? rows - r0 : R;
             const offq_mm_gemv_args g = {pl,
                                          &p->lin->w,
                                          sb->ap + r0 * pl->k,
-                                         sb->asum + r0 * pl->nb,
-                                         sb->azero + r0 * pl->nb,
-                                         sb->ascale + r0 * pl->nb,
+                                         p->asum + r0 * pl->nb,
+                                         p->azero + r0 * pl->nb,
+                                         p->ascale + r0 * pl->nb,
                                          sb->y + r0 * pl->n};
             p->range(&g, (int)mrows, sb->folded[c], gb, ge);
         }
-        const float *bias = p->lin->bias;
-        if (bias != NULL) {
-            const int64_t n0 = 8 * gb, n1 = 8 * ge < pl->n ? 8 * ge : pl->n;
-            for (int64_t r = 0; r < rows; r++) {
-                float *yr = sb->y + r * pl->n;
-                for (int64_t n = n0; n < n1; n++) {
-                    yr[n] = yr[n] + bias[n];
-                }
-            }
-        }
-        finish(w, i1 - i0);
+        add_bias(p, rows, 8 * gb, 8 * ge, sb->y);
+        finish(w, 1);
     }
 }
 
@@ -328,19 +376,32 @@ static offq_status kv_store(const offq_dec_model *md, const offq_dec_cache *cach
     return err;
 }
 
-/* Causal attention of one query head vector q at position pos over cached positions 0..pos of
- * its KV head (the dispatched kernel, attention.c), with the query scaled by 1/sqrt(hd) first. */
+#define ATT_ROWS 8 /* query positions per attention item in prefill */
+
+/* Causal attention of query heads [h0, h1) (all of KV head h0 / rep) at rows [r0, r1) (positions
+ * start + r) over the packed cache: the dispatched kernel (attention.c) on the queries scaled by
+ * 1/sqrt(hd); outputs into x [rows][H * hd]. */
 static void attend(const offq_dec_model *md, const offq_dec_cache *cache, int64_t layer,
-                   int64_t pos, int64_t kv_head, const float *q, float *out,
-                   const thread_bufs *tb, offq_attend_fn kernel)
+                   int64_t start, int64_t r0, int64_t r1, int64_t h0, int64_t h1,
+                   const float *qkv, int64_t qkv_n, float *x, const thread_bufs *tb,
+                   offq_attend_fn kernel)
 {
-    const int64_t hd = md->head_dim, Hkv = md->kv_heads, ng = hd / md->kv_group;
+    const int64_t hd = md->head_dim, H = md->heads, Hkv = md->kv_heads, ng = hd / md->kv_group;
+    const int64_t g = h0 / (H / Hkv);
     const float scale = (float)(1.0 / sqrt((double)hd));
-    float *restrict qs = tb->vec;
-    for (int64_t i = 0; i < hd; i++) {
-        qs[i] = q[i] * scale;
+    int64_t nq = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t h = h0; h < h1; h++, nq++) {
+            const float *q = qkv + r * qkv_n + h * hd;
+            float *qs = tb->q + nq * hd;
+            for (int64_t i = 0; i < hd; i++) {
+                qs[i] = q[i] * scale;
+            }
+            tb->n[nq] = start + r + 1;
+            tb->out[nq] = x + r * H * hd + h * hd;
+        }
     }
-    const int64_t k0 = (layer * cache->cap * 2) * Hkv + kv_head, v0 = k0 + Hkv;
+    const int64_t k0 = (layer * cache->cap * 2) * Hkv + g, v0 = k0 + Hkv;
     const offq_attn_args a = {.kc = cache->codes + k0 * (hd / 2),
                               .vc = cache->codes + v0 * (hd / 2),
                               .ks = cache->scale + k0 * ng,
@@ -349,10 +410,9 @@ static void attend(const offq_dec_model *md, const offq_dec_cache *cache, int64_
                               .vz = cache->zero + v0 * ng,
                               .cstride = 2 * Hkv * (hd / 2),
                               .pstride = 2 * Hkv * ng,
-                              .n = pos + 1,
                               .hd = hd,
                               .group = md->kv_group};
-    kernel(&a, qs, tb->scores, out);
+    kernel(&a, nq, tb->q, tb->n, tb->scores, tb->out, tb->row);
 }
 
 /* ---- scratch -------------------------------------------------------------------------------- */
@@ -393,16 +453,28 @@ static step_dims dims_of(const offq_dec_model *m)
 
 static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
+static int64_t padded_rows(int64_t rows) { return (rows + OFFQ_MM_MR - 1) / OFFQ_MM_MR * OFFQ_MM_MR; }
+
 static int64_t shared_bytes(const step_dims *s, int64_t rows)
 {
-    return align64(rows * s->max_k * 4) + align64(rows * s->max_n * 4) +
-           align64(rows * s->max_k) + 3 * align64(rows * s->max_nb * 4) + align64(rows * 4);
+    const int64_t mp = padded_rows(rows);
+    return align64(rows * s->max_k * 4) + align64(mp * s->max_n * 4) + align64(mp * s->max_k) +
+           align64(3 * mp * s->max_nb * 4) + align64(mp * 4);
+}
+
+/* The GEMM workspace of one thread: a tile of GEMM_COLUMNS columns of the largest k. */
+static int64_t workspace_bytes(const step_dims *s)
+{
+    return align64(GEMM_COLUMNS * s->max_k) + align64(3 * s->max_nb * GEMM_COLUMNS * 4) +
+           align64(16 * s->max_k) + align64(s->max_k) + align64(16 * s->max_nb * 4);
 }
 
 static int64_t thread_bytes(const offq_dec_model *m, const step_dims *s, int64_t positions)
 {
-    return align64(MS * s->max_k) + align64(positions * 4) + align64(s->tmp_len * 4) +
-           align64(3 * m->head_dim * 4);
+    const int64_t nq = ATT_ROWS * (m->heads / m->kv_heads);
+    return align64(MS * s->max_k) + align64(nq * (positions + 1) * 4) + align64(s->tmp_len * 4) +
+           align64(nq * m->head_dim * 4) + align64(m->head_dim * 4) + align64(nq * 8) +
+           align64(nq * (int64_t)sizeof(float *)) + workspace_bytes(s);
 }
 
 int64_t offq_dec_scratch_bytes(const offq_dec_model *m, int64_t rows, int64_t positions,
@@ -454,18 +526,15 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
     shared_bufs sb;
     sb.x = (float *)base;
     base += align64(rows * sd.max_k * 4);
+    const int64_t mp = padded_rows(rows);
     sb.y = (float *)base;
-    base += align64(rows * sd.max_n * 4);
+    base += align64(mp * sd.max_n * 4);
     sb.ap = base;
-    base += align64(rows * sd.max_k);
-    sb.asum = (float *)base;
-    base += align64(rows * sd.max_nb * 4);
-    sb.azero = (float *)base;
-    base += align64(rows * sd.max_nb * 4);
-    sb.ascale = (float *)base;
-    base += align64(rows * sd.max_nb * 4);
+    base += align64(mp * sd.max_k);
+    sb.apar = (float *)base;
+    base += align64(3 * mp * sd.max_nb * 4);
     sb.folded = (int32_t *)base;
-    base += align64(rows * 4);
+    base += align64(mp * 4);
     uint8_t *thread_base = base;
     const int64_t per_thread = thread_bytes(md, &sd, positions);
 
@@ -484,10 +553,26 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
         tb.codes = mine;
         mine += align64(MS * sd.max_k);
         tb.scores = (float *)mine;
-        mine += align64(positions * 4);
+        mine += align64(ATT_ROWS * rep * (positions + 1) * 4);
         tb.tmp = (float *)mine;
         mine += align64(sd.tmp_len * 4);
-        tb.vec = (float *)mine;
+        tb.q = (float *)mine;
+        mine += align64(ATT_ROWS * rep * hd * 4);
+        tb.row = (float *)mine;
+        mine += align64(hd * 4);
+        tb.n = (int64_t *)mine;
+        mine += align64(ATT_ROWS * rep * 8);
+        tb.out = (float **)mine;
+        mine += align64(ATT_ROWS * rep * (int64_t)sizeof(float *));
+        tb.ws.panels = mine;
+        mine += align64(GEMM_COLUMNS * sd.max_k);
+        tb.ws.par = (float *)mine;
+        mine += align64(3 * sd.max_nb * GEMM_COLUMNS * 4);
+        tb.ws.rows = mine;
+        mine += align64(16 * sd.max_k);
+        tb.ws.tmp = mine;
+        mine += align64(sd.max_k);
+        tb.ws.psums = (float *)mine;
         offq_status e = OFFQ_OK, s1;
         int64_t base = 0, n, lo, hi;
 #define KEEP(expr) ((s1 = (expr)) > e ? (e = s1) : e)
@@ -495,10 +580,10 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
         for (int64_t li = 0; li < md->layers; li++) {
             const offq_dec_layer *L = &md->layer[li];
             product pq, po, pg, pd;
-            plan_product(&L->qkv, ops, rows, &pq);
-            plan_product(&L->o, ops, rows, &po);
-            plan_product(&L->gate_up, ops, rows, &pg);
-            plan_product(&L->down, ops, rows, &pd);
+            plan_product(&L->qkv, ops, rows, sb.apar, &pq);
+            plan_product(&L->o, ops, rows, sb.apar, &po);
+            plan_product(&L->gate_up, ops, rows, sb.apar, &pg);
+            plan_product(&L->down, ops, rows, sb.apar, &pd);
 
             /* 1. residual (+ the previous layer's down_proj), RMSNorm, quantize: chunks of pq */
             n = (rows + pq.rows_per_chunk - 1) / pq.rows_per_chunk;
@@ -518,7 +603,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
             }
             phase_end(&work, &base, n);
             /* 2. q/k/v */
-            run_product(&pq, rows, &work, base, &sb);
+            run_product(&pq, rows, &work, base, &sb, &tb.ws);
             phase_end(&work, &base, product_items(&pq, rows));
             /* 3. head vectors: RoPE + R3 on q and k; k and v into the cache */
             n = rows * (H + 2 * Hkv);
@@ -539,12 +624,19 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                 finish(&work, 1);
             }
             phase_end(&work, &base, n);
-            /* 4. attention -> x [rows][H * hd] */
-            n = rows * H;
+            /* 4. attention -> x [rows][H * hd]: per query head when decoding, per KV head and
+             * ATT_ROWS positions in prefill (each cached row decoded once for the block) */
+            const int per_head = rows <= OFFQ_MM_MR / 2;
+            n = per_head ? rows * H : (rows + ATT_ROWS - 1) / ATT_ROWS * Hkv;
             while (claim(&work, base, n, 1, &lo, &hi)) {
-                const int64_t r = lo / H, qh = lo % H;
-                attend(md, cache, li, start + r, qh / rep, sb.y + r * qkv_n + qh * hd,
-                       sb.x + r * H * hd + qh * hd, &tb, attend_fn);
+                if (per_head) {
+                    attend(md, cache, li, start, lo / H, lo / H + 1, lo % H, lo % H + 1, sb.y,
+                           qkv_n, sb.x, &tb, attend_fn);
+                } else {
+                    const int64_t r0 = lo / Hkv * ATT_ROWS, g = lo % Hkv;
+                    attend(md, cache, li, start, r0, r0 + ATT_ROWS < rows ? r0 + ATT_ROWS : rows,
+                           g * rep, (g + 1) * rep, sb.y, qkv_n, sb.x, &tb, attend_fn);
+                }
                 finish(&work, 1);
             }
             phase_end(&work, &base, n);
@@ -558,7 +650,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
             }
             phase_end(&work, &base, n);
             /* 6. o_proj */
-            run_product(&po, rows, &work, base, &sb);
+            run_product(&po, rows, &work, base, &sb, &tb.ws);
             phase_end(&work, &base, product_items(&po, rows));
             /* 7. residual, RMSNorm, quantize: chunks of pg */
             n = (rows + pg.rows_per_chunk - 1) / pg.rows_per_chunk;
@@ -576,7 +668,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
             }
             phase_end(&work, &base, n);
             /* 8. gate/up */
-            run_product(&pg, rows, &work, base, &sb);
+            run_product(&pg, rows, &work, base, &sb, &tb.ws);
             phase_end(&work, &base, product_items(&pg, rows));
             /* 9. SwiGLU, R4, quantize: chunks of pd */
             n = (rows + pd.rows_per_chunk - 1) / pd.rows_per_chunk;
@@ -602,7 +694,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
             }
             phase_end(&work, &base, n);
             /* 10. down_proj */
-            run_product(&pd, rows, &work, base, &sb);
+            run_product(&pd, rows, &work, base, &sb, &tb.ws);
             phase_end(&work, &base, product_items(&pd, rows));
         }
         /* the last residual */

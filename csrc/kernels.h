@@ -162,6 +162,8 @@ typedef struct {
     int64_t blk, bp, nb, kp, mp; /* block, padded block, blocks per row, padded k, padded rows */
 } offq_mm_plan;
 
+typedef struct offq_mm_ops offq_mm_ops;
+
 /* One MR x 32 tile: activation bytes a [MR][lda]; per row and block [MR][ldp]: asum, azero,
  * ascale; per panel h: wp[h] [kp/4][16][4] bytes and wz, wT, ws [nb][16] (zw, Sw - blk*zw, sw). */
 typedef struct {
@@ -195,7 +197,7 @@ typedef struct {
 } offq_mm_gemv;
 
 /* One variant of the matmul: its pieces. NULL pack/unpack: the generic layout code. */
-typedef struct {
+struct offq_mm_ops {
     /* ct[MR][32] += the tile; `second`: panel 1 holds real columns */
     void (*tile)(const offq_mm_tile_args *u, int second, float *ct);
     /* panel of 16 weight rows from packed nibbles + block sums [16][nb]; needs blk % 32 == 0 */
@@ -205,9 +207,26 @@ typedef struct {
     void (*unpack_blocks)(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,
                           float *sums);
     offq_mm_gemv small[2]; /* small-M paths, tried in order */
-} offq_mm_ops;
+};
 
 void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct);
+
+/* The GEMM (M > the small-M limit) by pieces, for callers that run their own team (the driver in
+ * matmul_w4a4.c and the decoder): a thread packs a tile of nc columns (multiple of 32) into its
+ * workspace, then runs 8-row strips of activations against it. Activations: bytes [mp][kp]
+ * (rows padded to OFFQ_MM_MR with zero codes), apar = asum, azero, ascale, each [mp][nb]. */
+typedef struct {
+    uint8_t *panels; /* [nc/16][kp/4][16][4], 32-byte aligned */
+    float *par;      /* per panel: wz [nb][16], wT [nb][16], ws [nb][16] */
+    uint8_t *rows;   /* [16][kp] unpacked rows of one panel */
+    uint8_t *tmp;    /* k bytes */
+    float *psums;    /* [16][nb] block sums of the rows of one panel */
+} offq_mm_workspace;
+void offq_mm_pack_tile(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n0, int64_t nc,
+                       offq_mm_workspace *ws, const offq_mm_ops *ops);
+void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_t *acodes,
+                    const float *apar, int64_t n0, int64_t nc, int64_t s_begin, int64_t s_end,
+                    const offq_mm_workspace *ws, float *out);
 void offq_mm_tile_avx2(const offq_mm_tile_args *u, int second, float *ct);
 void offq_mm_pack_panel_avx2(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n,
                              uint8_t *panel, float *sums);
@@ -231,18 +250,21 @@ static inline uint32_t offq_load_u32(const uint8_t *p)
 }
 
 /* ---- attention over the packed KV cache (attention.c) ---------------------------------------
- * One query head (q scaled by 1/sqrt(hd)) over positions 0..n-1 of its KV head: K / V codes of
- * position j at kc / vc + j * cstride (hd / 2 packed bytes), scales and zero-points at
- * ks, kz / vs, vz + j * pstride (hd / group each). scores: n floats of scratch; out[hd]. */
+ * nq queries q [nq][hd] (scaled by 1/sqrt(hd)) of one KV head; query t sees positions
+ * 0..n[t]-1. K / V codes of position j at kc / vc + j * cstride (hd / 2 packed bytes), scales and
+ * zero-points at ks, kz / vs, vz + j * pstride (hd / group each). Scratch: scores
+ * nq * (max n + 1) floats, row hd floats. out[t] points to query t's hd outputs. */
 typedef struct {
     const uint8_t *kc, *vc;
     const float *ks, *kz, *vs, *vz;
-    int64_t cstride, pstride, n, hd, group;
+    int64_t cstride, pstride, hd, group;
 } offq_attn_args;
-typedef void (*offq_attend_fn)(const offq_attn_args *a, const float *q, float *scores,
-                               float *out);
-void offq_attend_generic(const offq_attn_args *a, const float *q, float *scores, float *out);
-void offq_attend_avx2(const offq_attn_args *a, const float *q, float *scores, float *out);
+typedef void (*offq_attend_fn)(const offq_attn_args *a, int64_t nq, const float *q,
+                               const int64_t *n, float *scores, float *const *out, float *row);
+void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                         float *scores, float *const *out, float *row);
+void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                      float *scores, float *const *out, float *row);
 
 /* ---- the dispatch table (cpu.c) -------------------------------------------------------------- */
 typedef struct {
