@@ -266,6 +266,18 @@ void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, co
 void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                       float *scores, float *const *out, float *row);
 
+/* ---- int8 x float32 matmul (matmul_i8.c): outputs [n0, n1) of out[m][ldo] = x @ w_hat^T for a
+ * few rows of x (m <= OFFQ_I8_SMALL_M) */
+#define OFFQ_I8_SMALL_M 8
+typedef void (*offq_i8_rows_fn)(const float *x, int64_t m, int64_t k, const int8_t *w,
+                                const float *scale, int64_t group, int64_t n0, int64_t n1,
+                                int64_t ldo, float *out);
+void offq_i8_rows_generic(const float *x, int64_t m, int64_t k, const int8_t *w,
+                          const float *scale, int64_t group, int64_t n0, int64_t n1, int64_t ldo,
+                          float *out);
+void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
+                       int64_t group, int64_t n0, int64_t n1, int64_t ldo, float *out);
+
 /* ---- the dispatch table (cpu.c) -------------------------------------------------------------- */
 typedef struct {
     offq_quant_group_fn quant_group;
@@ -274,6 +286,7 @@ typedef struct {
     offq_mix_f32_fn mix_f32;
     offq_mix_f64_fn mix_f64;
     offq_attend_fn attend;
+    offq_i8_rows_fn i8_rows;
     const offq_mm_ops *matmul[OFFQ_KERNEL_COUNT]; /* per variant; NULL: not usable here */
     offq_kernel matmul_best;
 } offq_dispatch_table;

@@ -113,6 +113,14 @@ typedef enum {
 offq_status offq_matmul_w4a4(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
                              float *out, offq_kernel kernel);
 
+/* ---- int8-weight matmul (matmul_i8.c) ---------------------------------------------------------
+ * out[m][n] = x[m][k] @ w_hat^T with w_hat[j][i] = scale[j][i / group] * w[j][i] (int8 weights,
+ * float32 scales per group of `group` inputs; group divides k): the 8-bit LM head. Few rows read
+ * the int8 weights directly (OpenMP over columns; `generic` forces the reference kernel); many
+ * rows dequantize blocks of weight rows and use sgemm. OFFQ_ERR_NOMEM. */
+offq_status offq_matmul_i8(const float *x, int64_t m, int64_t k, const int8_t *w,
+                           const float *scale, int64_t n, int64_t group, float *out, int generic);
+
 /* ---- W4A4KV4 decoder step (decoder.c) ---------------------------------------------------------
  * All decoder layers of a Llama-family model for `rows` consecutive tokens of one sequence at
  * positions start..start+rows-1, in one OpenMP team: per layer RMSNorm, 4-bit activation

@@ -84,6 +84,7 @@ extern PyMethodDef offq_hadamard_methods[];
 extern PyMethodDef offq_quant_methods[];
 extern PyMethodDef offq_cov_methods[];
 extern PyMethodDef offq_decoder_methods[];
+extern PyMethodDef offq_matmul_i8_methods[];
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
 {
@@ -129,7 +130,8 @@ static int module_exec(PyObject *m)
     if (PyModule_AddFunctions(m, offq_hadamard_methods) < 0 ||
         PyModule_AddFunctions(m, offq_quant_methods) < 0 ||
         PyModule_AddFunctions(m, offq_cov_methods) < 0 ||
-        PyModule_AddFunctions(m, offq_decoder_methods) < 0) {
+        PyModule_AddFunctions(m, offq_decoder_methods) < 0 ||
+        PyModule_AddFunctions(m, offq_matmul_i8_methods) < 0) {
         return -1;
     }
     return 0;

@@ -129,10 +129,17 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     arch = architecture_of(model_config)
     embed = np.asarray(tensors[arch.embed[0]], dtype=np.float32)
-    head = tensors[arch.lm_head[0]] if arch.lm_head[0] in tensors else embed
+    from .lm_head import Int8Linear, lm_head_names
+
+    qname, sname = lm_head_names(arch.lm_head[0])
+    if qname in tensors:  # lm_head_bits = 8
+        lm_head: Any = Int8Linear(tensors[qname], tensors[sname])
+    else:
+        head = tensors[arch.lm_head[0]] if arch.lm_head[0] in tensors else embed
+        lm_head = DenseLinear(np.asarray(head, np.float32))
     model = Model(model_config, embed_tokens=embed,
                   final_norm=np.asarray(tensors[arch.final_norm[0]], np.float32),
-                  lm_head=DenseLinear(np.asarray(head, np.float32)),
+                  lm_head=lm_head,
                   layer_loader=lambda i: layer_from_tensors(tensors, model_config, cfg, i, mode),
                   resident=resident or mode == "fused", name=name)
     if mode == "fused":
