@@ -162,7 +162,7 @@ typedef struct {
     float *scores;  /* [ATT_ROWS * rep][positions + 1] */
     float *tmp;     /* fwht scratch */
     float *q;       /* [ATT_ROWS * rep][head_dim] scaled queries */
-    float *row;     /* [head_dim] a decoded cache row */
+    float *row;     /* [OFFQ_ATTN_ROW_FLOATS(head_dim)] decoded cache rows */
     int64_t *n;     /* [ATT_ROWS * rep] positions each query sees */
     float **out;    /* [ATT_ROWS * rep] where each query's output goes */
     offq_mm_workspace ws; /* a packed weight tile (GEMM) */
@@ -473,7 +473,8 @@ static int64_t thread_bytes(const offq_dec_model *m, const step_dims *s, int64_t
 {
     const int64_t nq = ATT_ROWS * (m->heads / m->kv_heads);
     return align64(MS * s->max_k) + align64(nq * (positions + 1) * 4) + align64(s->tmp_len * 4) +
-           align64(nq * m->head_dim * 4) + align64(m->head_dim * 4) + align64(nq * 8) +
+           align64(nq * m->head_dim * 4) + align64(OFFQ_ATTN_ROW_FLOATS(m->head_dim) * 4) +
+           align64(nq * 8) +
            align64(nq * (int64_t)sizeof(float *)) + workspace_bytes(s);
 }
 
@@ -559,7 +560,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
         tb.q = (float *)mine;
         mine += align64(ATT_ROWS * rep * hd * 4);
         tb.row = (float *)mine;
-        mine += align64(hd * 4);
+        mine += align64(OFFQ_ATTN_ROW_FLOATS(hd) * 4);
         tb.n = (int64_t *)mine;
         mine += align64(ATT_ROWS * rep * 8);
         tb.out = (float **)mine;

@@ -253,7 +253,8 @@ static inline uint32_t offq_load_u32(const uint8_t *p)
  * nq queries q [nq][hd] (scaled by 1/sqrt(hd)) of one KV head; query t sees positions
  * 0..n[t]-1. K / V codes of position j at kc / vc + j * cstride (hd / 2 packed bytes), scales and
  * zero-points at ks, kz / vs, vz + j * pstride (hd / group each). Scratch: scores
- * nq * (max n + 1) floats, row hd floats. out[t] points to query t's hd outputs. */
+ * nq * (max n + 1) floats, row OFFQ_ATTN_ROW_FLOATS(hd) floats. out[t]: query t's hd outputs. */
+#define OFFQ_ATTN_ROW_FLOATS(hd) ((hd) * 32) /* a tile of 32 decoded rows (x86/attention_avx2.c) */
 typedef struct {
     const uint8_t *kc, *vc;
     const float *ks, *kz, *vs, *vz;

@@ -26,13 +26,16 @@ SIMD = _C.simd_info()
 KERNELS = ["generic"] + (["avx2"] if SIMD["avx2"] else []) + (["vnni"] if SIMD["avx512_vnni"] else [])
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama-biases"])
+@pytest.fixture(scope="module", params=["qwen2", "llama-biases", "llama-hd64"])
 def quantized(request):
-    """A tiny W4A4KV4 model (OffQ, GPTQ): Qwen2 (q/k/v biases) or Llama with every bias."""
+    """A tiny W4A4KV4 model (OffQ, GPTQ): Qwen2 (q/k/v biases), Llama with every bias, or Llama
+    with head_dim 64 (the attention kernel's register-tiled path)."""
     if request.param == "qwen2":
         ckpt = tiny_checkpoint(1, arch="qwen2")
-    else:
+    elif request.param == "llama-biases":
         ckpt = tiny_checkpoint(2, arch="llama", attention_bias=True, mlp_bias=True)
+    else:
+        ckpt = tiny_checkpoint(3, arch="llama", d=128, hd=64, nh=4, nkv=2, f=256)
     return pipeline.quantize(ckpt, QuantConfig(method="offq"), calibration(ckpt, 8, 48, 1),
                              progress=False)
 
@@ -144,8 +147,9 @@ def plan_args(quantized):
 def test_forward_validates_every_argument(plan_args, name, value, exc, match):
     _, kwargs = plan_args
     kwargs = dict(kwargs)
-    if name in ("cos", "sin") and kwargs["cos"].shape[1] != 8:
-        pytest.skip("head_dim differs")
+    if name in ("cos", "sin", "kv_codes", "kv_scale", "kv_zero", "h") and \
+            kwargs["cos"].shape[1] != 8:
+        pytest.skip("the shapes above are for head_dim 16")
     kwargs[name] = value
     with pytest.raises(exc, match=match):
         decoder_forward(**kwargs)
