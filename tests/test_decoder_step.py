@@ -51,7 +51,7 @@ def test_prefill_and_decode_match_the_numpy_path(quantized, kernel):
     real = quantized.model("real")
     ids = token_ids(real.config.vocab_size, 1, 40, 3)
     ref = real.hidden_states(ids)[0]
-    fd = FusedDecoder(real, kernel=kernel)
+    fd = FusedDecoder(real, kernel=kernel, prefill="c")
     h = real.embed(ids)[0]
     fd.run(h, fd.new_cache(4))  # the cache grows from 4 positions
     close(h, ref)
@@ -66,13 +66,36 @@ def test_prefill_and_decode_match_the_numpy_path(quantized, kernel):
     assert cache.length == 40
 
 
+def test_numpy_prefill_then_c_decode(quantized):
+    """prefill="numpy" (the default): a prompt is the real path's, bit for bit, and its packed K/V
+    feed the C decode steps that follow (close to the real path's own decode)."""
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 30, 8)
+    fd = FusedDecoder(real)
+    cache = fd.new_cache()
+    h = fd.run(real.embed(ids[:, :20])[0], cache)
+    np.testing.assert_array_equal(h, real.hidden_states(ids[:, :20])[0])
+    ref_cache = real.new_cache()
+    real.hidden_states(ids[:, :20], cache=ref_cache)
+    for t in range(20, 30):
+        got = fd.run(real.embed(ids[:, t:t + 1])[0], cache)
+        close(got, real.hidden_states(ids[:, t:t + 1], cache=ref_cache)[0])
+    # a C prefill fills the cache with the same format (codes equal wherever no code flipped)
+    c_cache = FusedDecoder(real, prefill="c").new_cache()
+    FusedDecoder(real, prefill="c").run(real.embed(ids[:, :20])[0], c_cache)
+    same = (c_cache.codes[:, :20] == cache.codes[:, :20]).mean()
+    assert same > 0.99
+    with pytest.raises(ValueError, match="prefill"):
+        FusedDecoder(real, prefill="python")
+
+
 def test_simd_variants_agree(quantized):
     """Products are bit-identical across variants; only the attention sums may differ."""
     real = quantized.model("real")
     ids = token_ids(real.config.vocab_size, 1, 24, 4)
     outs = {}
     for kernel in KERNELS:
-        fd = FusedDecoder(real, kernel=kernel)
+        fd = FusedDecoder(real, kernel=kernel, prefill="c")
         h = real.embed(ids)[0]
         outs[kernel] = fd.run(h, fd.new_cache())
     for kernel in KERNELS[1:]:
@@ -82,7 +105,7 @@ def test_simd_variants_agree(quantized):
 def test_thread_count_does_not_change_results(quantized):
     real = quantized.model("real")
     ids = token_ids(real.config.vocab_size, 1, 20, 5)
-    fd = FusedDecoder(real)
+    fd = FusedDecoder(real, prefill="c")
     res = []
     for n in (1, 2, 3):
         with threads(n):
@@ -93,13 +116,14 @@ def test_thread_count_does_not_change_results(quantized):
 
 
 def test_fused_mode_model_end_to_end(quantized):
-    """mode='fused': logits and NLL close to the real path; generation's last-position logits."""
+    """mode='fused': prompts (NumPy prefill) give the real path's logits and NLL bit for bit;
+    generation's last-position logits."""
     real = quantized.model("real")
     fused = quantized.model("fused")
     assert fused.fused_runner is not None
     ids = token_ids(real.config.vocab_size, 2, 24, 6)
-    close(fused.forward(ids), real.forward(ids))
-    np.testing.assert_allclose(fused.nll(ids), real.nll(ids), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(fused.forward(ids), real.forward(ids))
+    np.testing.assert_array_equal(fused.nll(ids), real.nll(ids))
     cache = fused.new_cache()
     last = fused.forward(ids[:1, :10], cache=cache, last_only=True)
     assert last.shape == (1, 1, real.config.vocab_size)

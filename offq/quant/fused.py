@@ -8,10 +8,17 @@ KV codec (what ``load_quantized(..., mode="real")`` builds for a W4A4KV4 checkpo
 their packed weights (no copy) and Python then only embeds tokens and applies the LM head. A
 model that does not qualify raises ValueError naming what is missing.
 
-Numerics: the quantizers, products, RoPE, Hadamard transforms and KV codes are the same float32
-operations as the NumPy path; the RMSNorm sum of squares, the attention sums and exp differ by
-float32 rounding (see ``csrc/decoder.c``), so results agree with the NumPy real path to float32
-rounding plus the occasional activation code flip it can cause.
+Prompts. A prompt (more than ``NUMPY_PREFILL_MIN_ROWS`` tokens into an empty cache) runs by
+default through the NumPy real path (``prefill="numpy"``: offq.model's layers, sgemm attention),
+whose packed K/V are then copied into this cache, and the C step takes over for the tokens after
+it. Perplexity (a prompt per window) is then bit-identical to ``--mode real``, and prompts run at
+the real path's speed; ``prefill="c"`` runs prompts through the C step too (its attention is a
+score row per query over the packed cache: slower than sgemm for long prompts).
+
+Numerics of the C step: the quantizers, products, RoPE, Hadamard transforms and KV codes are the
+same float32 operations as the NumPy path; the RMSNorm sum of squares, the attention sums and exp
+differ by float32 rounding (see ``csrc/decoder.c``), so results agree with the NumPy real path to
+float32 rounding plus the occasional activation code flip it can cause.
 """
 from __future__ import annotations
 
@@ -25,7 +32,11 @@ from .kv_codec import PackedKVCodec
 from .linears import W4A4Linear
 from .online import r3_qk_transform, r4_input_transform
 
-__all__ = ["FusedDecoder", "FusedKVCache"]
+__all__ = ["FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "PREFILL_MODES"]
+
+#: prompts longer than this many tokens take the NumPy prefill (``prefill="numpy"``)
+NUMPY_PREFILL_MIN_ROWS = 8
+PREFILL_MODES = ("numpy", "c")
 
 
 class FusedKVCache:
@@ -84,12 +95,17 @@ class FusedDecoder:
     Args:
         model: a resident real-path Model (``load_quantized(..., mode="real")``).
         kernel: the products' variant: "auto", "generic", "avx2" or "vnni".
+        prefill: "numpy" (prompts into an empty cache through the NumPy real path, see the module
+            docstring) or "c" (every step in C).
     """
 
-    def __init__(self, model: Any, *, kernel: str = "auto") -> None:
+    def __init__(self, model: Any, *, kernel: str = "auto", prefill: str = "numpy") -> None:
+        if prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill: expected one of {PREFILL_MODES}, got {prefill!r}")
         cfg = model.config
         self.model = model
         self.kernel = kernel
+        self.prefill = prefill
         self.head_dim = int(model.head_dim)
         self.hidden_size = int(cfg.hidden_size)
         layers = []
@@ -149,6 +165,8 @@ class FusedDecoder:
         T = h.shape[0]
         start = cache.length
         cache.reserve(start + T)
+        if self.prefill == "numpy" and start == 0 and T > NUMPY_PREFILL_MIN_ROWS:
+            return self._numpy_prefill(h, cache)
         need = decoder_scratch_bytes(self.plan, T, start + T)
         if self._scratch.size < need:
             self._scratch = np.empty(max(need, 2 * self._scratch.size), np.uint8)
@@ -156,4 +174,20 @@ class FusedDecoder:
         decoder_forward(self.plan, h, start, cos, sin, cache.codes, cache.scale, cache.zero,
                         self._scratch, kernel=self.kernel)
         cache.length = start + T
+        return h
+
+    def _numpy_prefill(self, h: np.ndarray, cache: FusedKVCache) -> np.ndarray:
+        """A prompt through the NumPy real path (offq.model's layers), its packed K/V copied into
+        ``cache`` (same codes, scales and zero-points, batch 1)."""
+        from ..model.kv_cache import KVCache
+
+        T = h.shape[0]
+        kv = KVCache(self.model.num_layers)
+        for i, layer in enumerate(self.model.layers):
+            self.model.runner.forward(layer, h[None], start=0, cache=kv[i])
+            codes, scale, zero = kv[i].store.packed()
+            cache.codes[i, :T] = codes[:, :, 0]
+            cache.scale[i, :T] = scale[:, :, 0]
+            cache.zero[i, :T] = zero[:, :, 0]
+        cache.length = T
         return h
