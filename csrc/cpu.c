@@ -29,8 +29,11 @@ static const offq_mm_ops mm_avx512vnni = {
     .tile = offq_mm_tile_avx512vnni,
     .pack_panel = offq_mm_pack_panel_avx2,
     .unpack_blocks = offq_mm_unpack_blocks_avx2,
-    /* 32 zmm registers hold 8 rows; blocks not a multiple of 128 take the AVX2 gemv */
-    .small = {{offq_mm_gemv_range_avx512vnni, 8, 128}, {offq_mm_gemv_range_avx2, 4, 64}},
+    /* 32 zmm registers hold 8 rows; blocks of a multiple of 64 take the 256-bit VNNI gemv, the
+     * rest of the AVX2 rows the AVX2 gemv */
+    .small = {{offq_mm_gemv_range_avx512vnni, 8, 128},
+              {offq_mm_gemv64_range_avx512vnni, 4, 64},
+              {offq_mm_gemv_range_avx2, 4, 64}},
 };
 #endif
 

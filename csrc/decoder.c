@@ -129,7 +129,7 @@ static void plan_product(const offq_dec_linear *lin, const offq_mm_ops *ops, int
     p->rows_per_chunk = MS;
     p->chunk = 0;
     int small = 0;
-    for (int i = 0; i < 2 && ops->small[i].range != NULL; i++) {
+    for (int i = 0; i < OFFQ_MM_SMALL_PATHS && ops->small[i].range != NULL; i++) {
         if (rows <= ops->small[i].max_m && p->pl.blk % ops->small[i].chunk == 0) {
             p->range = ops->small[i].range;
             p->rows_per_chunk = ops->small[i].max_m;

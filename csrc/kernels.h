@@ -156,6 +156,7 @@ void offq_fwht_row_f32(float *row, const offq_fwht_row_plan *pl, float *tmp);
 #define OFFQ_MM_MR 8   /* rows per strip */
 #define OFFQ_MM_NRP 16 /* columns per weight panel; a tile is two panels (32 columns) */
 #define OFFQ_MM_MS 8   /* rows per small-M (gemv) call */
+#define OFFQ_MM_SMALL_PATHS 3 /* small-M paths a variant may list */
 
 typedef struct {
     int64_t m, n, k;
@@ -206,7 +207,7 @@ struct offq_mm_ops {
     /* one packed activation row -> bytes + block sums; needs blk % 32 == 0 */
     void (*unpack_blocks)(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,
                           float *sums);
-    offq_mm_gemv small[2]; /* small-M paths, tried in order */
+    offq_mm_gemv small[OFFQ_MM_SMALL_PATHS]; /* small-M paths, tried in order */
 };
 
 void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct);
@@ -237,6 +238,8 @@ void offq_mm_gemv_range_avx2(const offq_mm_gemv_args *g, int mrows, int folded, 
 void offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct);
 void offq_mm_gemv_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
                                    int64_t i1);
+void offq_mm_gemv64_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                     int64_t i1);
 /* The generic reference of the small-M product on plain activation codes (ap [mrows][k], one
  * code per byte, never folded): the decoder's product when a variant has no small-M path. */
 void offq_mm_gemv_range_generic(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,

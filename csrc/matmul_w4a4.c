@@ -331,7 +331,7 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
     if (pl.m == 0 || pl.n == 0) {
         return OFFQ_OK;
     }
-    for (int i = 0; i < 2 && ops->small[i].range != NULL; i++) {
+    for (int i = 0; i < OFFQ_MM_SMALL_PATHS && ops->small[i].range != NULL; i++) {
         const offq_mm_gemv *gv = &ops->small[i];
         if (pl.m <= gv->max_m && pl.blk % gv->chunk == 0) {
             return small_m(&pl, a, w, out, gv);
