@@ -225,10 +225,17 @@ def test_plan_validates_layers(quantized):
 
 
 @pytest.mark.skipif(os.environ.get("OFFQ_DISABLE_SIMD") == "1", reason="already generic")
-def test_generic_dispatch_in_subprocess():
-    """The file again with every SIMD path disabled at dispatch (the generic attention too)."""
-    env = dict(os.environ, OFFQ_DISABLE_SIMD="1")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", __file__, "-k",
-                        "match_the_numpy_path and generic"], env=env, capture_output=True,
-                       text=True, cwd=os.path.dirname(__file__))
+def test_generic_dispatch_in_subprocess(tmp_path):
+    """The file again with every SIMD path disabled at dispatch (the generic attention too). The
+    child imports the offq this process imported (its directory first on PYTHONPATH) and runs
+    outside the source tree."""
+    import offq
+
+    offq_root = os.path.dirname(os.path.dirname(os.path.abspath(offq.__file__)))
+    env = dict(os.environ, OFFQ_DISABLE_SIMD="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [offq_root, os.path.dirname(__file__),
+                                                        os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        __file__, "-k", "match_the_numpy_path and generic"], env=env,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
