@@ -22,15 +22,18 @@ static const offq_mm_ops mm_avx2 = {
     .pack_panel = offq_mm_pack_panel_avx2,
     .unpack_blocks = offq_mm_unpack_blocks_avx2,
     /* above 4 rows the GEMM path wins (16 accumulators would spill) */
-    .small = {{offq_mm_gemv_avx2, 4, 64}},
+    .small = {{offq_mm_gemv_range_avx2, 4, 64}},
 };
 
 static const offq_mm_ops mm_avx512vnni = {
     .tile = offq_mm_tile_avx512vnni,
     .pack_panel = offq_mm_pack_panel_avx2,
     .unpack_blocks = offq_mm_unpack_blocks_avx2,
-    /* 32 zmm registers hold 8 rows; blocks not a multiple of 128 take the AVX2 gemv */
-    .small = {{offq_mm_gemv_avx512vnni, 8, 128}, {offq_mm_gemv_avx2, 4, 64}},
+    /* 32 zmm registers hold 8 rows; blocks of a multiple of 64 take the 256-bit VNNI gemv, the
+     * rest of the AVX2 rows the AVX2 gemv */
+    .small = {{offq_mm_gemv_range_avx512vnni, 8, 128},
+              {offq_mm_gemv64_range_avx512vnni, 4, 64},
+              {offq_mm_gemv_range_avx2, 4, 64}},
 };
 #endif
 
@@ -40,6 +43,8 @@ offq_dispatch_table offq_dispatch = {
     .pow2_f64 = offq_pow2_f64_generic,
     .mix_f32 = offq_mix_f32_generic,
     .mix_f64 = offq_mix_f64_generic,
+    .attend = offq_attend_generic,
+    .i8_rows = offq_i8_rows_generic,
     .matmul = {[OFFQ_KERNEL_GENERIC] = &mm_generic},
     .matmul_best = OFFQ_KERNEL_GENERIC,
 };
@@ -67,6 +72,8 @@ void offq_cpu_init(void)
         offq_dispatch.pow2_f64 = offq_pow2_f64_avx2;
         offq_dispatch.mix_f32 = offq_mix_f32_avx2;
         offq_dispatch.mix_f64 = offq_mix_f64_avx2;
+        offq_dispatch.attend = offq_attend_avx2;
+        offq_dispatch.i8_rows = offq_i8_rows_avx2;
         offq_dispatch.matmul[OFFQ_KERNEL_AVX2] = &mm_avx2;
         offq_dispatch.matmul_best = OFFQ_KERNEL_AVX2;
     }

@@ -236,3 +236,37 @@ DEFINE_MIX_GENERIC(double, offq_mix_f64_generic)
 
 DEFINE_FWHT_ROWS(float, offq_fwht_f32, pow2_f32, mix_f32, unit_table_f32)
 DEFINE_FWHT_ROWS(double, offq_fwht_f64, pow2_f64, mix_f64, unit_table_f64)
+
+/* ---------------------------------------------------------------------------------------------
+ * One normalised float32 row at a time, for callers that run inside their own thread team (the
+ * decoder): exactly the arithmetic of offq_fwht_f32(x, 1, n, 1).
+ * ------------------------------------------------------------------------------------------- */
+offq_status offq_fwht_row_plan_f32(int64_t n, offq_fwht_row_plan *pl)
+{
+    pl->n = n;
+    pl->m = offq_hadamard_factor(n);
+    if (pl->m == 0) {
+        return OFFQ_ERR_UNSUPPORTED;
+    }
+    pl->p = n / pl->m;
+    pl->scale = (float)(1.0 / sqrt((double)n));
+    pl->ht = NULL;
+    if (pl->m > 1 && (pl->ht = unit_table_f32(find_table(pl->m))) == NULL) {
+        return OFFQ_ERR_NOMEM;
+    }
+    pl->tmp_len = n > pl->m * OFFQ_MIX_W ? n : pl->m * OFFQ_MIX_W;
+    return OFFQ_OK;
+}
+
+void offq_fwht_row_f32(float *row, const offq_fwht_row_plan *pl, float *tmp)
+{
+    const offq_pow2_f32_fn pow2 = offq_dispatch.pow2_f32;
+    if (pl->m == 1) {
+        pow2(row, pl->n, 1, pl->scale);
+        return;
+    }
+    for (int64_t a = 0; a < pl->m; a++) {
+        pow2(row + a * pl->p, pl->p, 0, 1.0f);
+    }
+    offq_dispatch.mix_f32(row, pl->m, pl->p, pl->ht, pl->scale, tmp);
+}

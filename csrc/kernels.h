@@ -142,15 +142,28 @@ void offq_mix_f32_avx2(float *restrict x, int64_t m, int64_t p, const float *res
 void offq_mix_f64_avx2(double *restrict x, int64_t m, int64_t p, const double *restrict ht,
                        double scale, double *restrict tmp);
 
+/* One normalised float32 row transform, planned once (table and scale), for callers inside their
+ * own thread team; same arithmetic as offq_fwht_f32 on one row. tmp holds tmp_len floats. */
+typedef struct {
+    int64_t n, m, p, tmp_len;
+    const float *ht;
+    float scale;
+} offq_fwht_row_plan;
+offq_status offq_fwht_row_plan_f32(int64_t n, offq_fwht_row_plan *pl);
+void offq_fwht_row_f32(float *row, const offq_fwht_row_plan *pl, float *tmp);
+
 /* ---- W4A4 matmul (layout and math: matmul_w4a4.c) -------------------------------------------- */
 #define OFFQ_MM_MR 8   /* rows per strip */
 #define OFFQ_MM_NRP 16 /* columns per weight panel; a tile is two panels (32 columns) */
 #define OFFQ_MM_MS 8   /* rows per small-M (gemv) call */
+#define OFFQ_MM_SMALL_PATHS 3 /* small-M paths a variant may list */
 
 typedef struct {
     int64_t m, n, k;
     int64_t blk, bp, nb, kp, mp; /* block, padded block, blocks per row, padded k, padded rows */
 } offq_mm_plan;
+
+typedef struct offq_mm_ops offq_mm_ops;
 
 /* One MR x 32 tile: activation bytes a [MR][lda]; per row and block [MR][ldp]: asum, azero,
  * ascale; per panel h: wp[h] [kp/4][16][4] bytes and wz, wT, ws [nb][16] (zw, Sw - blk*zw, sw). */
@@ -173,14 +186,19 @@ typedef struct {
     float *out;
 } offq_mm_gemv_args;
 
+/* Columns [8 * i0, 8 * i1) of the small-M product (groups of 8 output columns), on the calling
+ * thread: the small-M driver and the decoder share it (they split the groups over their team). */
+typedef void (*offq_mm_gemv_range_fn)(const offq_mm_gemv_args *g, int mrows, int folded,
+                                      int64_t i0, int64_t i1);
+
 typedef struct {
-    void (*fn)(const offq_mm_gemv_args *g, int mrows, int folded); /* NULL: no small-M path */
-    int max_m;                                                     /* rows eligible */
-    int chunk;                                                     /* block % chunk == 0 */
+    offq_mm_gemv_range_fn range; /* NULL: no small-M path */
+    int max_m;                   /* rows eligible */
+    int chunk;                   /* block % chunk == 0 */
 } offq_mm_gemv;
 
 /* One variant of the matmul: its pieces. NULL pack/unpack: the generic layout code. */
-typedef struct {
+struct offq_mm_ops {
     /* ct[MR][32] += the tile; `second`: panel 1 holds real columns */
     void (*tile)(const offq_mm_tile_args *u, int second, float *ct);
     /* panel of 16 weight rows from packed nibbles + block sums [16][nb]; needs blk % 32 == 0 */
@@ -189,18 +207,43 @@ typedef struct {
     /* one packed activation row -> bytes + block sums; needs blk % 32 == 0 */
     void (*unpack_blocks)(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,
                           float *sums);
-    offq_mm_gemv small[2]; /* small-M paths, tried in order */
-} offq_mm_ops;
+    offq_mm_gemv small[OFFQ_MM_SMALL_PATHS]; /* small-M paths, tried in order */
+};
 
 void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct);
+
+/* The GEMM (M > the small-M limit) by pieces, for callers that run their own team (the driver in
+ * matmul_w4a4.c and the decoder): a thread packs a tile of nc columns (multiple of 32) into its
+ * workspace, then runs 8-row strips of activations against it. Activations: bytes [mp][kp]
+ * (rows padded to OFFQ_MM_MR with zero codes), apar = asum, azero, ascale, each [mp][nb]. */
+typedef struct {
+    uint8_t *panels; /* [nc/16][kp/4][16][4], 32-byte aligned */
+    float *par;      /* per panel: wz [nb][16], wT [nb][16], ws [nb][16] */
+    uint8_t *rows;   /* [16][kp] unpacked rows of one panel */
+    uint8_t *tmp;    /* k bytes */
+    float *psums;    /* [16][nb] block sums of the rows of one panel */
+} offq_mm_workspace;
+void offq_mm_pack_tile(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n0, int64_t nc,
+                       offq_mm_workspace *ws, const offq_mm_ops *ops);
+void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_t *acodes,
+                    const float *apar, int64_t n0, int64_t nc, int64_t s_begin, int64_t s_end,
+                    const offq_mm_workspace *ws, float *out);
 void offq_mm_tile_avx2(const offq_mm_tile_args *u, int second, float *ct);
 void offq_mm_pack_panel_avx2(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n,
                              uint8_t *panel, float *sums);
 void offq_mm_unpack_blocks_avx2(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,
                                 float *sums);
-void offq_mm_gemv_avx2(const offq_mm_gemv_args *g, int mrows, int folded);
+void offq_mm_gemv_range_avx2(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                             int64_t i1);
 void offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct);
-void offq_mm_gemv_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded);
+void offq_mm_gemv_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                   int64_t i1);
+void offq_mm_gemv64_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                     int64_t i1);
+/* The generic reference of the small-M product on plain activation codes (ap [mrows][k], one
+ * code per byte, never folded): the decoder's product when a variant has no small-M path. */
+void offq_mm_gemv_range_generic(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                int64_t i1);
 
 static inline uint32_t offq_load_u32(const uint8_t *p)
 {
@@ -209,6 +252,36 @@ static inline uint32_t offq_load_u32(const uint8_t *p)
     return v;
 }
 
+/* ---- attention over the packed KV cache (attention.c) ---------------------------------------
+ * nq queries q [nq][hd] (scaled by 1/sqrt(hd)) of one KV head; query t sees positions
+ * 0..n[t]-1. K / V codes of position j at kc / vc + j * cstride (hd / 2 packed bytes), scales and
+ * zero-points at ks, kz / vs, vz + j * pstride (hd / group each). Scratch: scores
+ * nq * (max n + 1) floats, row OFFQ_ATTN_ROW_FLOATS(hd) floats. out[t]: query t's hd outputs. */
+#define OFFQ_ATTN_ROW_FLOATS(hd) ((hd) * 32) /* a tile of 32 decoded rows (x86/attention_avx2.c) */
+typedef struct {
+    const uint8_t *kc, *vc;
+    const float *ks, *kz, *vs, *vz;
+    int64_t cstride, pstride, hd, group;
+} offq_attn_args;
+typedef void (*offq_attend_fn)(const offq_attn_args *a, int64_t nq, const float *q,
+                               const int64_t *n, float *scores, float *const *out, float *row);
+void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                         float *scores, float *const *out, float *row);
+void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                      float *scores, float *const *out, float *row);
+
+/* ---- int8 x float32 matmul (matmul_i8.c): outputs [n0, n1) of out[m][ldo] = x @ w_hat^T for a
+ * few rows of x (m <= OFFQ_I8_SMALL_M) */
+#define OFFQ_I8_SMALL_M 8
+typedef void (*offq_i8_rows_fn)(const float *x, int64_t m, int64_t k, const int8_t *w,
+                                const float *scale, int64_t group, int64_t n0, int64_t n1,
+                                int64_t ldo, float *out);
+void offq_i8_rows_generic(const float *x, int64_t m, int64_t k, const int8_t *w,
+                          const float *scale, int64_t group, int64_t n0, int64_t n1, int64_t ldo,
+                          float *out);
+void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
+                       int64_t group, int64_t n0, int64_t n1, int64_t ldo, float *out);
+
 /* ---- the dispatch table (cpu.c) -------------------------------------------------------------- */
 typedef struct {
     offq_quant_group_fn quant_group;
@@ -216,6 +289,8 @@ typedef struct {
     offq_pow2_f64_fn pow2_f64;
     offq_mix_f32_fn mix_f32;
     offq_mix_f64_fn mix_f64;
+    offq_attend_fn attend;
+    offq_i8_rows_fn i8_rows;
     const offq_mm_ops *matmul[OFFQ_KERNEL_COUNT]; /* per variant; NULL: not usable here */
     offq_kernel matmul_best;
 } offq_dispatch_table;

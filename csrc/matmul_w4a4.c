@@ -115,21 +115,48 @@ void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct)
     }
 }
 
+/* Small-M reference on plain codes: per output column and block, the integer sums D and Sw, then
+ * the float steps of panel_generic in the same order (so every variant agrees bit for bit). */
+void offq_mm_gemv_range_generic(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                int64_t i1)
+{
+    (void)folded; /* plain codes are never folded */
+    const offq_mm_plan *pl = g->pl;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t n1 = 8 * i1 < pl->n ? 8 * i1 : pl->n;
+    for (int64_t n = 8 * i0; n < n1; n++) {
+        const uint8_t *restrict wr = g->w->codes + n * rb;
+        for (int m = 0; m < mrows; m++) {
+            const uint8_t *restrict ar = g->ap + m * pl->k;
+            float acc = 0.0f;
+            for (int64_t b = 0; b < pl->nb; b++) {
+                int32_t d = 0, sw = 0;
+                for (int64_t i = b * pl->blk; i < (b + 1) * pl->blk; i++) {
+                    const int q = (wr[i >> 1] >> ((i & 1) * 4)) & 15;
+                    d += q * ar[i];
+                    sw += q;
+                }
+                const int64_t gi = b * pl->blk / gw;
+                const float zw = g->w->zero[n * ngw + gi], scw = g->w->scale[n * ngw + gi];
+                const float wT = (float)sw - (float)pl->blk * zw;
+                float e = (float)d;
+                e = fmaf(-g->asum[m * pl->nb + b], zw, e);
+                e = fmaf(-g->azero[m * pl->nb + b], wT, e);
+                acc = fmaf(g->ascale[m * pl->nb + b] * scw, e, acc);
+            }
+            g->out[m * pl->n + n] = acc;
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Driver. */
 
-/* Per-thread workspace: a packed weight tile of nc columns and its per-block parameters. */
-typedef struct {
-    uint8_t *panels; /* [nc/16][kp/4][16][4] */
-    float *par;      /* per panel: wz [nb][16], wT [nb][16], ws [nb][16] */
-    uint8_t *rows;   /* [16][kp] unpacked rows of one panel */
-    uint8_t *tmp;    /* k bytes */
-    float *psums;    /* [16][nb] block sums of the rows of one panel */
-} workspace;
+typedef offq_mm_workspace workspace;
 
 /* Unpack and lay out columns [n0, n0 + nc) of w into the workspace (zero codes/scales past N). */
-static void pack_tile(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n0, int64_t nc,
-                      workspace *ws, const offq_mm_ops *ops)
+void offq_mm_pack_tile(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n0, int64_t nc,
+                       offq_mm_workspace *ws, const offq_mm_ops *ops)
 {
     const int64_t rb = (pl->k + 1) / 2, gw = w->group, ngw = pl->k / gw;
     const int64_t kq = pl->kp / 4;
@@ -187,7 +214,8 @@ static void *aligned_buf(size_t bytes)
 }
 
 /* The small-M path: activations to the [even | odd] chunk layout of the gemv (chunks of
- * gv->chunk elements: 64 for AVX2, 128 for VNNI), then gv->fn per MS rows. */
+ * gv->chunk elements: 64 for AVX2, 128 for VNNI), then gv->range per MS rows, groups of 8 columns
+ * split over the team. */
 static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
                            const offq_q4_operand *w, float *out, const offq_mm_gemv *gv)
 {
@@ -236,11 +264,56 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
         }
         const offq_mm_gemv_args g = {pl,  w, ap, par, par + MS * pl->nb, par + 2 * MS * pl->nb,
                                      out + m0 * pl->n};
-        gv->fn(&g, mrows, folded);
+        const int64_t groups = (pl->n + 7) / 8;
+        const int parallel = groups > 1 && mrows * pl->n * pl->k >= ((int64_t)1 << 21);
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+        for (int64_t i = 0; i < groups; i++) {
+            gv->range(&g, mrows, folded, i, i + 1);
+        }
     }
     free(ap);
     free(par);
     return OFFQ_OK;
+}
+
+void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_t *acodes,
+                    const float *apar, int64_t n0, int64_t nc, int64_t s_begin, int64_t s_end,
+                    const offq_mm_workspace *ws, float *out)
+{
+    const float *asum = apar, *azero = apar + pl->mp * pl->nb, *ascale = apar + 2 * pl->mp * pl->nb;
+    float ct[MR * 32] __attribute__((aligned(64)));
+    for (int64_t st = s_begin; st < s_end; st++) {
+        const int64_t m0 = st * MR;
+        offq_mm_tile_args u;
+        u.a = acodes + m0 * pl->kp;
+        u.lda = pl->kp;
+        u.asum = asum + m0 * pl->nb;
+        u.azero = azero + m0 * pl->nb;
+        u.ascale = ascale + m0 * pl->nb;
+        u.ldp = pl->nb;
+        u.nb = pl->nb;
+        u.bp = pl->bp;
+        for (int64_t p = 0; p < nc / NRP; p += 2) {
+            const int64_t c0 = n0 + p * NRP;
+            if (c0 >= pl->n) {
+                break;
+            }
+            for (int h = 0; h < 2; h++) {
+                u.wp[h] = ws->panels + (p + h) * pl->kp * NRP;
+                u.wz[h] = ws->par + (p + h) * 3 * pl->nb * NRP;
+                u.wT[h] = u.wz[h] + pl->nb * NRP;
+                u.ws[h] = u.wT[h] + pl->nb * NRP;
+            }
+            memset(ct, 0, sizeof ct);
+            const int second = c0 + NRP < pl->n;
+            ops->tile(&u, second, ct);
+            const int64_t rows = pl->m - m0 < MR ? pl->m - m0 : MR;
+            const int64_t cols = pl->n - c0 < 32 ? pl->n - c0 : 32;
+            for (int64_t r = 0; r < rows; r++) {
+                memcpy(out + (m0 + r) * pl->n + c0, ct + r * 32, sizeof(float) * (size_t)cols);
+            }
+        }
+    }
 }
 
 static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
@@ -258,7 +331,7 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
     if (pl.m == 0 || pl.n == 0) {
         return OFFQ_OK;
     }
-    for (int i = 0; i < 2 && ops->small[i].fn != NULL; i++) {
+    for (int i = 0; i < OFFQ_MM_SMALL_PATHS && ops->small[i].range != NULL; i++) {
         const offq_mm_gemv *gv = &ops->small[i];
         if (pl.m <= gv->max_m && pl.blk % gv->chunk == 0) {
             return small_m(&pl, a, w, out, gv);
@@ -346,7 +419,6 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
             err = OFFQ_ERR_NOMEM;
         }
         int64_t packed_tile = -1;
-        float ct[MR * 32] __attribute__((aligned(64)));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < ntasks; task++) {
             if (!ok) {
@@ -355,45 +427,13 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
             const int64_t tile = task / mchunks, chunk = task % mchunks;
             const int64_t n0 = tile * nc;
             if (tile != packed_tile) {
-                pack_tile(&pl, w, n0, nc, &ws, ops);
+                offq_mm_pack_tile(&pl, w, n0, nc, &ws, ops);
                 packed_tile = tile;
             }
             const int64_t s_begin = chunk * strips_per_chunk;
             const int64_t s_end = s_begin + strips_per_chunk < strips ? s_begin + strips_per_chunk
                                                                       : strips;
-            for (int64_t st = s_begin; st < s_end; st++) {
-                const int64_t m0 = st * MR;
-                offq_mm_tile_args u;
-                u.a = acodes + m0 * pl.kp;
-                u.lda = pl.kp;
-                u.asum = asum + m0 * pl.nb;
-                u.azero = azero + m0 * pl.nb;
-                u.ascale = ascale + m0 * pl.nb;
-                u.ldp = pl.nb;
-                u.nb = pl.nb;
-                u.bp = pl.bp;
-                for (int64_t p = 0; p < nc / NRP; p += 2) {
-                    const int64_t c0 = n0 + p * NRP;
-                    if (c0 >= pl.n) {
-                        break;
-                    }
-                    for (int h = 0; h < 2; h++) {
-                        u.wp[h] = ws.panels + (p + h) * pl.kp * NRP;
-                        u.wz[h] = ws.par + (p + h) * 3 * pl.nb * NRP;
-                        u.wT[h] = u.wz[h] + pl.nb * NRP;
-                        u.ws[h] = u.wT[h] + pl.nb * NRP;
-                    }
-                    memset(ct, 0, sizeof ct);
-                    const int second = c0 + NRP < pl.n;
-                    ops->tile(&u, second, ct);
-                    const int64_t rows = pl.m - m0 < MR ? pl.m - m0 : MR;
-                    const int64_t cols = pl.n - c0 < 32 ? pl.n - c0 : 32;
-                    for (int64_t r = 0; r < rows; r++) {
-                        memcpy(out + (m0 + r) * pl.n + c0, ct + r * 32,
-                               sizeof(float) * (size_t)cols);
-                    }
-                }
-            }
+            offq_mm_strips(&pl, ops, acodes, apar, n0, nc, s_begin, s_end, &ws, out);
         }
         free(ws.panels);
         free(ws.par);

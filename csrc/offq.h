@@ -113,6 +113,68 @@ typedef enum {
 offq_status offq_matmul_w4a4(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
                              float *out, offq_kernel kernel);
 
+/* ---- int8-weight matmul (matmul_i8.c) ---------------------------------------------------------
+ * out[m][n] = x[m][k] @ w_hat^T with w_hat[j][i] = scale[j][i / group] * w[j][i] (int8 weights,
+ * float32 scales per group of `group` inputs; group divides k): the 8-bit LM head. Few rows read
+ * the int8 weights directly (OpenMP over columns; `generic` forces the reference kernel); many
+ * rows dequantize blocks of weight rows and use sgemm. OFFQ_ERR_NOMEM. */
+offq_status offq_matmul_i8(const float *x, int64_t m, int64_t k, const int8_t *w,
+                           const float *scale, int64_t n, int64_t group, float *out, int generic);
+
+/* ---- W4A4KV4 decoder step (decoder.c) ---------------------------------------------------------
+ * All decoder layers of a Llama-family model for `rows` consecutive tokens of one sequence at
+ * positions start..start+rows-1, in one OpenMP team: per layer RMSNorm, 4-bit activation
+ * quantization straight into the product's input layout, the fused q/k/v product (+ bias), RoPE,
+ * R3 (normalised Hadamard of head_dim on q and k), the KV4 append, causal attention over the packed
+ * cache (a score row per query, no [rows, positions] matrix), o_proj + residual, RMSNorm, the
+ * fused gate/up product, SwiGLU, R4 (Hadamard of the intermediate size), down_proj + residual.
+ * The products are the small-M paths of offq_matmul_w4a4 (identical results); the float steps
+ * follow offq/model/ops.py in float32. */
+typedef struct {
+    offq_q4_operand w; /* [n][k] 4-bit weight (w.rows = n) */
+    const float *bias; /* [n] or NULL */
+    int64_t k;
+    int64_t a_group; /* activation group of the input (divides k, and w.group divides it or it w.group) */
+} offq_dec_linear;
+
+typedef struct {
+    const float *input_norm, *post_norm; /* [d] or NULL (ones) */
+    offq_dec_linear qkv, o, gate_up, down; /* out: (H + 2 Hkv) hd, d, 2 f, d */
+} offq_dec_layer;
+
+typedef struct {
+    int64_t layers, d, ffn, heads, kv_heads, head_dim;
+    float eps;
+    int a_symmetric;
+    float a_clip;
+    int kv_symmetric;
+    int64_t kv_group;
+    int r3, r4;
+    const offq_dec_layer *layer; /* [layers] */
+} offq_dec_model;
+
+/* The packed KV cache of all layers: K then V per position, codes 4-bit (head_dim / 2 bytes a head),
+ * scale and zero per kv_group: codes [layers][cap][2][kv_heads][head_dim / 2],
+ * scale/zero [layers][cap][2][kv_heads][head_dim / kv_group]. Positions < start are filled. */
+typedef struct {
+    uint8_t *codes;
+    float *scale, *zero;
+    int64_t cap;
+} offq_dec_cache;
+
+/* Bytes of scratch offq_dec_forward needs for `rows` tokens, caches up to `positions` and a team of
+ * `threads`. */
+int64_t offq_dec_scratch_bytes(const offq_dec_model *m, int64_t rows, int64_t positions,
+                               int threads);
+/* h[rows][d] (the embeddings in, the residual stream after the last layer out); cos/sin
+ * [rows][head_dim / 2] of the positions. The cache gains positions start..start+rows-1
+ * (start + rows <= cache->cap). OFFQ_ERR_NONFINITE / OFFQ_ERR_OVERFLOW from a quantizer (h is then
+ * unspecified), OFFQ_ERR_UNSUPPORTED (a length without Hadamard, or a forced kernel not usable
+ * here), OFFQ_ERR_NOMEM (scratch too small). */
+offq_status offq_dec_forward(const offq_dec_model *m, float *h, int64_t rows, int64_t start,
+                             const float *cos, const float *sin, const offq_dec_cache *cache,
+                             void *scratch, int64_t scratch_bytes, offq_kernel kernel);
+
 /* ---- Second moments and eigenpairs (cov.c) ----------------------------------------------------
  * Accumulators are full symmetric d x d matrices: syrk adds x^T x to the upper triangle, which is
  * then mirrored, so acc must be symmetric on entry. */

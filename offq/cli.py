@@ -46,8 +46,9 @@ def _add_model_and_threads(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     _add_model_and_threads(p)
-    p.add_argument("--mode", choices=("real", "fake"), default="real",
-                   help="offq checkpoints: real 4-bit kernels (default) or float32 simulation")
+    p.add_argument("--mode", choices=("real", "fake", "fused"), default="real",
+                   help="offq checkpoints: real 4-bit kernels sequenced by NumPy (default), fused (every "
+                        "layer of a step in one C call; W4A4KV4 only) or float32 simulation")
 
 
 def _set_threads(n: int | None) -> None:

@@ -63,6 +63,7 @@ class QuantConfig:
     w_bits: int = 4
     a_bits: int = 4
     kv_bits: int = 4
+    lm_head_bits: int = 16  # 8: the LM head stored int8 with group scales (offq.quant.lm_head)
     # --- weights ---
     w_quantizer: str | None = None  # None: "rtn" for method rtn, else "gptq"
     w_group_size: int = -1  # -1 = one group per output channel
@@ -152,6 +153,8 @@ class QuantConfig:
                      "pca_pooled", "sorted_grouping", "r3", "r4", "gptq_act_order",
                      "gptq_static_groups"):
             flag(name)
+        if self.lm_head_bits not in (8, OFF) or isinstance(self.lm_head_bits, bool):
+            raise ValueError(f"lm_head_bits: expected 8 or 16 (float32), got {self.lm_head_bits!r}")
         if not (isinstance(self.a_clip, (int, float)) and 0 < self.a_clip <= 1):
             raise ValueError(f"a_clip: expected a ratio in (0, 1], got {self.a_clip!r}")
         for name in ("calib_samples", "calib_seqlen", "gptq_block_size", "osaq_iters"):
@@ -172,8 +175,10 @@ class QuantConfig:
                 "pca_pooled: per-layer R1 is not supported: the residual stream has one basis, so "
                 "a per-layer basis would need an online d x d rotation before every layer; "
                 "use pca_pooled=True")
-        if self.method == "fp" and (self.w_bits, self.a_bits, self.kv_bits) != (OFF, OFF, OFF):
-            raise ValueError("method: 'fp' quantizes nothing; w_bits/a_bits/kv_bits must be 16")
+        if self.method == "fp" and (self.w_bits, self.a_bits, self.kv_bits,
+                                    self.lm_head_bits) != (OFF, OFF, OFF, OFF):
+            raise ValueError("method: 'fp' quantizes nothing; w_bits/a_bits/kv_bits/lm_head_bits "
+                             "must be 16")
 
     # ------------------------------------------------------------------ derived settings
     @property
@@ -248,6 +253,8 @@ class QuantConfig:
                          f"{',sorted' if self.sorted_grouping else ',unsorted'},{self.outlier_index}")
         if self.rotates:
             parts.append(f"r2:{self.r2},r3:{int(self.r3)},r4:{int(self.r4)}")
+        if self.lm_head_bits != OFF:
+            parts.append(f"head:int{self.lm_head_bits}")
         from .recipe.pipeline import needs_calibration  # the recipe decides what it reads
         parts.append(f"calib:{self.calib_samples}x{self.calib_seqlen},seed{self.seed}"
                      if needs_calibration(self) else "calib:none")

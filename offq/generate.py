@@ -63,13 +63,15 @@ def generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig = Ge
     rng = np.random.default_rng(cfg.seed)
     eos = getattr(model.config, "eos_token_id", None)
     cache = model.new_cache()
-    logits = model.forward(np.asarray([prompt_ids], dtype=np.int64), cache=cache)[0, -1]
+    logits = model.forward(np.asarray([prompt_ids], dtype=np.int64), cache=cache,
+                           last_only=True)[0, -1]
     for _ in range(cfg.max_new_tokens):
         nxt = _pick(logits, cfg, rng)
         if cfg.stop_at_eos and eos is not None and nxt == eos:
             return
         yield nxt
-        logits = model.forward(np.asarray([[nxt]], dtype=np.int64), cache=cache)[0, -1]
+        logits = model.forward(np.asarray([[nxt]], dtype=np.int64), cache=cache,
+                               last_only=True)[0, -1]
 
 
 def generate(model: Model, tokenizer, prompt: str, cfg: GenerationConfig = GenerationConfig(), *,

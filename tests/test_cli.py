@@ -139,7 +139,8 @@ def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.Ca
     e2e = rep["e2e"]
     assert e2e["protocol"]["tests"] == ["pp128", "tg16"]
     engines = {(r["engine"], r["test"]) for r in e2e["rows"]}
-    assert engines == {(e, t) for e in ("offq fp32", "offq w4a4kv4") for t in ("pp128", "tg16")}
+    assert engines == {(e, t) for e in ("offq fp32", "offq w4a4kv4", "offq w4a4kv4 fused")
+                       for t in ("pp128", "tg16")}
     assert all(r["tokens_per_s"] > 0 for r in e2e["rows"])
 
 

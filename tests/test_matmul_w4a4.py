@@ -267,3 +267,22 @@ def test_generic_dispatch_path_in_subprocess(tmp_path):
         [sys.executable, "-c", "from offq import _C; print(_C.simd_info()['disabled_by_env'])"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "True", check.stderr
+
+
+@pytest.mark.parametrize("k, a_group, w_group", [(576, 64, 576), (576, 64, 64), (1536, 64, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_small_m_blocks_of_64_equal_generic(k, a_group, w_group, m):
+    """Blocks of 64 (activation groups of 64, d = 576) on every small-M path the CPU offers
+    (AVX2 gemv; 256-bit VNNI gemv), folded (ordinary rows) and general (a massive-outlier row)."""
+    rng = np.random.default_rng(k + m)
+    w = quantize(rng.standard_normal((200, k)).astype(np.float32), bits=4, group_size=w_group,
+                 symmetric=True)
+    for massive in (False, True):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        if massive:
+            x[0, :64] += 300.0  # zero-points far outside [-112, 127]: the general path
+        a = quantize(x, bits=4, group_size=a_group)
+        ref = matmul_w4a4(a, w, kernel="generic")
+        for kernel in [kk for kk, ok in (("avx2", SIMD["avx2"]), ("vnni", SIMD["avx512_vnni"]))
+                       if ok]:
+            np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel), ref, err_msg=kernel)

@@ -83,6 +83,8 @@ int offq_py_float(PyObject *obj, const char *name, double *out)
 extern PyMethodDef offq_hadamard_methods[];
 extern PyMethodDef offq_quant_methods[];
 extern PyMethodDef offq_cov_methods[];
+extern PyMethodDef offq_decoder_methods[];
+extern PyMethodDef offq_matmul_i8_methods[];
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
 {
@@ -127,7 +129,9 @@ static int module_exec(PyObject *m)
     offq_cpu_init();
     if (PyModule_AddFunctions(m, offq_hadamard_methods) < 0 ||
         PyModule_AddFunctions(m, offq_quant_methods) < 0 ||
-        PyModule_AddFunctions(m, offq_cov_methods) < 0) {
+        PyModule_AddFunctions(m, offq_cov_methods) < 0 ||
+        PyModule_AddFunctions(m, offq_decoder_methods) < 0 ||
+        PyModule_AddFunctions(m, offq_matmul_i8_methods) < 0) {
         return -1;
     }
     return 0;
@@ -141,7 +145,7 @@ static PyModuleDef_Slot module_slots[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "offq._C",
-    .m_doc = "offq C core: Hadamard transforms, group-wise quantization, W4A4 matmul, covariance.",
+    .m_doc = "offq C core: Hadamard transforms, group-wise quantization, W4A4 matmul, covariance, the W4A4KV4 decoder step.",
     .m_size = 0,
     .m_methods = module_methods,
     .m_slots = module_slots,

@@ -319,14 +319,12 @@ gemv_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const i
     }
 }
 
-/* 1 <= mrows <= MS = 8 */
-__attribute__((target("avx2,fma"))) void offq_mm_gemv_avx2(const offq_mm_gemv_args *g, int mrows,
-                                                          int folded)
+/* Groups [i0, i1) of 8 columns, 1 <= mrows <= MS = 8 (the caller splits groups over threads). */
+__attribute__((target("avx2,fma"))) void offq_mm_gemv_range_avx2(const offq_mm_gemv_args *g,
+                                                              int mrows, int folded, int64_t i0,
+                                                              int64_t i1)
 {
-    const int64_t groups = (g->pl->n + 7) / 8;
-    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 21);
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
-    for (int64_t i = 0; i < groups; i++) {
+    for (int64_t i = i0; i < i1; i++) {
 #define OFFQ_CASE(r)                                                                             \
     case r:                                                                                      \
         if (folded) {                                                                            \

@@ -170,14 +170,123 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     }
 }
 
-/* 1 <= mrows <= MS = 8 */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
-offq_mm_gemv_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded)
+/* Small M with blocks of a multiple of 64 (activation groups of 64, e.g. d = 576): the AVX2
+ * gemv's layout (chunks of 64 as [32 even | 32 odd], 32 packed bytes per step) with 256-bit
+ * vpdpbusd (AVX-512 VL + VNNI) summing four u8 x s8 products into 32-bit lanes: no 16-bit stage,
+ * no sub-chunks. Exact integer sums, the same float epilogue: results equal the other variants. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline
+    __attribute__((always_inline)) void
+    gemv64_group_vnni(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
-    const int64_t groups = (g->pl->n + 7) / 8;
-    const int parallel = groups > 1 && mrows * g->pl->n * g->pl->k >= ((int64_t)1 << 21);
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
-    for (int64_t i = 0; i < groups; i++) {
+    const offq_mm_plan *pl = g->pl;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t cpb = pl->blk / 64;
+    const __m256i m15 = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1);
+    const __m256 blkf = _mm256_set1_ps((float)pl->blk);
+    const uint8_t *wr[8];
+    int64_t nidx[8];
+    for (int j = 0; j < 8; j++) {
+        int64_t n = n0 + j < pl->n ? n0 + j : pl->n - 1;
+        nidx[j] = n;
+        wr[j] = g->w->codes + n * rb;
+    }
+    __m256 acc[MS];
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+        acc[m] = _mm256_setzero_ps();
+    }
+    int64_t last_gi = -1;
+    __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i vd[MS][8], vs[8];
+        _Pragma("GCC unroll 8") for (int j = 0; j < 8; j++) {
+            __m256i d[MS];
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                d[m] = _mm256_setzero_si256();
+            }
+            __m256i sacc = _mm256_setzero_si256();
+            const uint8_t *wb = wr[j] + b * pl->blk / 2;
+            const uint8_t *ab = g->ap + b * pl->blk;
+            for (int64_t c = 0; c < cpb; c++) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
+                const __m256i lo = _mm256_and_si256(wv, m15);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m15);
+                if (!folded) {
+                    sacc = _mm256_dpbusd_epi32(sacc, _mm256_add_epi8(lo, hi), ones8);
+                }
+                _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                    const uint8_t *am = ab + m * pl->k + 64 * c;
+                    d[m] = _mm256_dpbusd_epi32(d[m], lo, _mm256_loadu_si256((const __m256i *)am));
+                    d[m] = _mm256_dpbusd_epi32(d[m], hi,
+                                               _mm256_loadu_si256((const __m256i *)(am + 32)));
+                }
+            }
+            _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+                vd[m][j] = d[m];
+            }
+            vs[j] = sacc;
+        }
+        const int64_t gi = b * pl->blk / gw;
+        if (gi != last_gi) {
+            last_gi = gi;
+            float zb[8], sb[8];
+            for (int j = 0; j < 8; j++) {
+                zb[j] = g->w->zero[nidx[j] * ngw + gi];
+                sb[j] = g->w->scale[nidx[j] * ngw + gi];
+            }
+            zw = _mm256_loadu_ps(zb);
+            sw = _mm256_loadu_ps(sb);
+            bzw = _mm256_mul_ps(blkf, zw);
+        }
+        const __m256 wT =
+            folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
+        _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+            __m256 e = _mm256_cvtepi32_ps(offq_hsum8x8(vd[m]));
+            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
+            if (!folded) {
+                e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
+            }
+            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
+            acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
+        }
+    }
+    const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
+    _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, acc[m]);
+        memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
+offq_mm_gemv64_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                int64_t i1)
+{
+    for (int64_t i = i0; i < i1; i++) {
+#define OFFQ_CASE(r)                                                                             \
+    case r:                                                                                      \
+        if (folded) {                                                                            \
+            gemv64_group_vnni(g, i * 8, r, 1);                                                   \
+        } else {                                                                                 \
+            gemv64_group_vnni(g, i * 8, r, 0);                                                   \
+        }                                                                                        \
+        break;
+        switch (mrows) {
+            OFFQ_CASE(1)
+            OFFQ_CASE(2)
+            OFFQ_CASE(3)
+        default:
+            OFFQ_CASE(4)
+        }
+#undef OFFQ_CASE
+    }
+}
+
+/* Groups [i0, i1) of 8 columns, 1 <= mrows <= MS = 8 (the caller splits groups over threads). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void offq_mm_gemv_range_avx512vnni(const offq_mm_gemv_args *g,
+                                                              int mrows, int folded, int64_t i0,
+                                                              int64_t i1)
+{
+    for (int64_t i = i0; i < i1; i++) {
 #define OFFQ_CASE(r)                                                                             \
     case r:                                                                                      \
         if (folded) {                                                                            \

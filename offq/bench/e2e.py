@@ -12,6 +12,9 @@ that load drifting on a shared machine hits them alike; the best round counts. T
 is an offq checkpoint (``ckpt``) on the real path (packed 4-bit weights, ``matmul_w4a4``, 4-bit
 KV cache), or, without one, the model quantized in process with QuaRot-style + RTN: it needs no
 calibration and OffQ's run-time work is exactly the same (same kernels, same online transforms).
+It runs twice: "w4a4kv4" sequenced by NumPy (``mode="real"``) and "w4a4kv4 fused" with every
+layer of a step in one C call (``mode="fused"``, :mod:`offq.quant.fused`); both compute the LM
+head in float32 with NumPy/OpenBLAS.
 
 A ``llama-bench`` binary (``llama_bench``, with a GGUF ``llama_model``, e.g. the model requantized
 to Q4_0) adds llama.cpp's figures for the same tests and threads, run as a subprocess; it is
@@ -93,7 +96,8 @@ def _generate_seconds(model: Any, first: int, steps: int) -> float:
 
 
 def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str, np.ndarray]:
-    """{"fp32": Model, "w4a4kv4": Model}, the quantized model's description, prompt tokens."""
+    """{"fp32": Model, "w4a4kv4": Model, "w4a4kv4 fused": Model}, the quantized model's
+    description, prompt tokens."""
     from ..config import QuantConfig
     from ..data import eval_windows, load_wikitext2_test
     from ..formats import open_checkpoint
@@ -106,22 +110,25 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
         fp.layers  # read every layer now: the checkpoint closes below
         if cfg.ckpt:
             q, _, qcfg = load_quantized(cfg.ckpt, mode="real")
+            fused = load_quantized(cfg.ckpt, mode="fused")[0]
             label = f"{qcfg.describe(ckpt.config.hidden_size)} ({cfg.ckpt})"
         else:
             qcfg = QuantConfig(method="quarot", w_quantizer="rtn")
-            q = quantize(ckpt, qcfg, None, progress=show).model("real")
+            result = quantize(ckpt, qcfg, None, progress=show)
+            q, fused = result.model("real"), result.model("fused")
             label = f"{qcfg.describe(ckpt.config.hidden_size)} (quantized in process)"
         need = max(cfg.prompt_lengths, default=1)
         ids = eval_windows(ckpt.tokenizer, load_wikitext2_test(), need, 1,
                            bool(ckpt.config.add_bos))[0]
-    return {"fp32": fp, "w4a4kv4": q}, label, ids
+    return {"fp32": fp, "w4a4kv4": q, "w4a4kv4 fused": fused}, label, ids
 
 
 def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
             on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure ``cfg``; returns ``{"protocol": ..., "rows": [...]}``.
 
-    A row: ``engine`` ("offq fp32", "offq w4a4kv4", "llama.cpp"), ``test`` ("pp512", "tg128"),
+    A row: ``engine`` ("offq fp32", "offq w4a4kv4", "offq w4a4kv4 fused", "llama.cpp"), ``test``
+    ("pp512", "tg128"),
     ``threads``, ``tokens_per_s``, ``seconds`` (best round).
     """
     from ..kernels import threads as thread_limit
@@ -193,11 +200,13 @@ def format_e2e(result: dict[str, Any]) -> str:
     for (engine, t), vals in table.items():
         lines.append(f"{engine:<26}{t:>8}" + "".join(
             f"{vals[x]:>10.1f}" if x in vals else f"{'-':>10}" for x in tests))
-    for base in ("offq fp32", "llama.cpp"):
-        for t in result["protocol"]["threads"]:
-            q, b = table.get(("offq w4a4kv4", t)), table.get((base, t))
-            if q and b:
-                lines.append(f"{'w4a4kv4 / ' + base:<26}{t:>8}" + "".join(
-                    f"{q[x] / b[x]:>9.2f}x" if x in q and x in b else f"{'-':>10}"
-                    for x in tests))
+    for engine in ("offq w4a4kv4", "offq w4a4kv4 fused"):
+        for base in ("offq fp32", "llama.cpp"):
+            for t in result["protocol"]["threads"]:
+                q, b = table.get((engine, t)), table.get((base, t))
+                if q and b:
+                    name = f"{engine[5:]} / {base[5:] if base.startswith('offq') else base}"
+                    lines.append(f"{name:<26}{t:>8}" + "".join(
+                        f"{q[x] / b[x]:>9.2f}x" if x in q and x in b else f"{'-':>10}"
+                        for x in tests))
     return "\n".join(lines)

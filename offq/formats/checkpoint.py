@@ -126,7 +126,16 @@ def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tup
             out[zeros] = ((n, k // g), "F32")
         else:
             out[name] = (tuple(shape), "F32")
-    out.setdefault(arch.lm_head[0], ((model_config.vocab_size, model_config.hidden_size), "F32"))
+    v, d = model_config.vocab_size, model_config.hidden_size
+    if cfg.lm_head_bits == 8:  # offq.quant.lm_head: int8 codes + one scale per group
+        from ..quant.lm_head import lm_head_group, lm_head_names
+
+        out.pop(arch.lm_head[0], None)
+        qname, sname = lm_head_names(arch.lm_head[0])
+        out[qname] = ((v, d), "I8")
+        out[sname] = ((v, d // lm_head_group(d)), "F32")
+    else:
+        out.setdefault(arch.lm_head[0], ((v, d), "F32"))
     return out
 
 

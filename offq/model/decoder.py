@@ -337,6 +337,10 @@ class Model:
         self.runner = LayerRunner(config)
         self.inv_freq = self.runner.inv_freq
         self._layers: list[DecoderLayer | None] = [None] * self.num_layers
+        #: optional C runtime of every layer (``offq.quant.fused.FusedDecoder``): when set,
+        #: :meth:`new_cache` returns its packed cache and :meth:`hidden_states` runs it (one call
+        #: per sequence and step) unless a capture callback is given
+        self.fused_runner: Any = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -399,8 +403,11 @@ class Model:
         """All layers (loads them; meant for resident mode)."""
         return [self.load_layer(i) for i in range(self.num_layers)]
 
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for incremental decoding with :meth:`forward`."""
+    def new_cache(self) -> Any:
+        """An empty KV cache for incremental decoding with :meth:`forward` (the fused runtime's
+        packed cache when one is set; it holds one sequence)."""
+        if self.fused_runner is not None:
+            return self.fused_runner.new_cache()
         return KVCache(self.num_layers)
 
     # -- forward pieces -----------------------------------------------------------------------
@@ -417,7 +424,7 @@ class Model:
         return self.runner.forward(layer, h, start=start, cache=cache, capture=capture)
 
     @_single_threaded_blas
-    def hidden_states(self, ids: np.ndarray, *, cache: KVCache | None = None,
+    def hidden_states(self, ids: np.ndarray, *, cache: Any = None,
                       capture: CaptureFn | None = None) -> np.ndarray:
         """Residual stream after the last layer (before the final norm): ``[B, T, d]``."""
         start = 0 if cache is None else cache.length
@@ -426,6 +433,14 @@ class Model:
             raise ValueError(f"ids: positions up to {start + np.shape(ids)[-1]} exceed the model's "
                              f"max_position_embeddings {limit}")
         h = self.embed(ids)  # fancy indexing: a fresh float32 array, updated in place below
+        if self.fused_runner is not None and capture is None:
+            if cache is not None and h.shape[0] != 1:
+                raise ValueError(f"ids: the fused runtime's cache holds one sequence, got "
+                                 f"batch {h.shape[0]}")
+            for b in range(h.shape[0]):
+                c = cache if cache is not None else self.fused_runner.new_cache(h.shape[1])
+                self.fused_runner.run(h[b], c)
+            return h
         for i in range(self.num_layers):
             layer = self.load_layer(i)
             h = self.layer_forward(layer, h, start=start,
@@ -438,16 +453,17 @@ class Model:
         """Final norm + LM head on hidden states ``[..., d]`` -> float32 ``[..., vocab]``."""
         return self.lm_head(rms_norm(h, self.final_norm, float(self.config.rms_norm_eps)))
 
-    def forward(self, ids: np.ndarray, *, cache: KVCache | None = None,
-                capture: CaptureFn | None = None) -> np.ndarray:
+    def forward(self, ids: np.ndarray, *, cache: Any = None,
+                capture: CaptureFn | None = None, last_only: bool = False) -> np.ndarray:
         """Logits ``[B, T, vocab]`` for ids ``[B, T]`` (or ``[T]``, giving ``[T, vocab]``).
 
         With ``cache`` the ids continue the cached sequences (incremental decoding).
+        ``last_only``: logits of the last position only (``T`` becomes 1), what generation needs.
         """
         ids = np.asarray(ids)
         squeeze = ids.ndim == 1
         h = self.hidden_states(ids[None] if squeeze else ids, cache=cache, capture=capture)
-        out = self.logits(h)
+        out = self.logits(h[:, -1:] if last_only else h)
         return out[0] if squeeze else out
 
     __call__ = forward

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["MODES", "stored_layer", "build_layer", "layer_from_tensors", "install_online",
            "build_model", "load_quantized"]
 
-MODES = ("fake", "real")
+#: "fake": simulated in float32; "real": packed weights and the C kernels, sequenced by NumPy;
+#: "fused": the real path with every layer of a step in one C call (:mod:`offq.quant.fused`)
+MODES = ("fake", "real", "fused")
 
 def stored_layer(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: QuantConfig,
                  i: int) -> dict[str, Any]:
@@ -73,6 +75,7 @@ def build_layer(linears: Mapping[str, Any], input_norm: np.ndarray, post_norm: n
     of ``cfg`` (``mode`` "real": packed kernels; "fake": simulated in float32)."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    mode = "fake" if mode == "fake" else "real"  # a fused model's layers are real layers
     arch = architecture_of(model_config)
     dims = dims_of(model_config)
     acts = {s.name: activation_quantizer(cfg, dims[s.in_dim]) for s in arch.linears}
@@ -126,12 +129,24 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     arch = architecture_of(model_config)
     embed = np.asarray(tensors[arch.embed[0]], dtype=np.float32)
-    head = tensors[arch.lm_head[0]] if arch.lm_head[0] in tensors else embed
-    return Model(model_config, embed_tokens=embed,
-                 final_norm=np.asarray(tensors[arch.final_norm[0]], np.float32),
-                 lm_head=DenseLinear(np.asarray(head, np.float32)),
-                 layer_loader=lambda i: layer_from_tensors(tensors, model_config, cfg, i, mode),
-                 resident=resident, name=name)
+    from .lm_head import Int8Linear, lm_head_names
+
+    qname, sname = lm_head_names(arch.lm_head[0])
+    if qname in tensors:  # lm_head_bits = 8
+        lm_head: Any = Int8Linear(tensors[qname], tensors[sname])
+    else:
+        head = tensors[arch.lm_head[0]] if arch.lm_head[0] in tensors else embed
+        lm_head = DenseLinear(np.asarray(head, np.float32))
+    model = Model(model_config, embed_tokens=embed,
+                  final_norm=np.asarray(tensors[arch.final_norm[0]], np.float32),
+                  lm_head=lm_head,
+                  layer_loader=lambda i: layer_from_tensors(tensors, model_config, cfg, i, mode),
+                  resident=resident or mode == "fused", name=name)
+    if mode == "fused":
+        from .fused import FusedDecoder
+
+        model.fused_runner = FusedDecoder(model)
+    return model
 
 
 def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: bool = True):

@@ -97,6 +97,12 @@ class PackedKVStore:
                 kv[s:e] = dequantize(self._tokens(s, e))
         return kv[:, 0].transpose(1, 2, 0, 3), kv[:, 1].transpose(1, 2, 0, 3)
 
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Views of the cached tokens' codes ``[length, 2, B, Hkv, ceil(hd/2)]``, scales and
+        zero-points ``[length, 2, B, Hkv, hd / group]`` (K then V)."""
+        n = self.length
+        return self._codes[:n], self._scale[:n], self._zero[:n]
+
     def _tokens(self, s: int, e: int) -> QTensor:
         """Cached tokens ``s..e-1`` as a QTensor (views of the store)."""
         c = self.codec

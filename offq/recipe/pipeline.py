@@ -177,8 +177,12 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         del stored, w
     timings.update(capture=t_capture, quantize=t_quant, propagate=t_prop)
 
-    # 4. save
+    # 4. save (the LM head in 8 bits when asked: after R1 and the final norm are fused into it)
     t = time.perf_counter()
+    if config.lm_head_bits == 8:
+        from ..quant.lm_head import store_lm_head
+
+        store_lm_head(glob, arch.lm_head[0])
     tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
                            calibration=calib_record, reports=reports)
     timings["write"] = time.perf_counter() - t

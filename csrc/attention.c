@@ -1,0 +1,88 @@
+/* attention.c: query heads over the packed 4-bit KV cache of their KV head (the generic reference;
+ * x86/attention_avx2.c computes the same steps with wider vectors).
+ *
+ * For each query q (already scaled by 1/sqrt(hd)) that sees positions 0..n_q-1
+ * (offq/model/ops.py's attention on dequantized K and V, float32):
+ *   s_j = sum_g ks_jg * sum_{i in g} q_i (c_ji - kz_jg)
+ *   e_j = exp(s_j - max s);  den = sum e_j
+ *   out_i = sum_j (e_j * vs_jg) (c_ji - vz_jg) / den
+ * (c - z) is exact in float32 (small integers). A block of queries (the query heads of a KV head
+ * over a few positions: prefill) decodes each cached row once; every query's sums run in the same
+ * order whatever the block, so a token gets the same numbers in prefill and in decode.
+ */
+#include <math.h>
+
+#include "kernels.h"
+
+/* Row j of the cache as floats (c - z) per group: the K or V row the sums read. */
+static void decode_row(const uint8_t *c, const float *z, int64_t hd, int64_t g, float *out)
+{
+    for (int64_t i = 0; i < hd; i += 2) {
+        const float zi = z[i / g];
+        out[i] = (float)(c[i >> 1] & 15) - zi;
+        out[i + 1] = (float)(c[i >> 1] >> 4) - zi;
+    }
+}
+
+void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                         float *s, float *const *out, float *row)
+{
+    const int64_t hd = a->hd, g = a->group, ng = hd / g;
+    int64_t nmax = 0;
+    for (int64_t t = 0; t < nq; t++) {
+        nmax = n[t] > nmax ? n[t] : nmax;
+    }
+    const int64_t ld = nmax + 1; /* a query's weights, then their sum */
+    for (int64_t j = 0; j < nmax; j++) {
+        decode_row(a->kc + j * a->cstride, a->kz + j * a->pstride, hd, g, row);
+        for (int64_t t = 0; t < nq; t++) {
+            if (j >= n[t]) {
+                continue;
+            }
+            const float *qt = q + t * hd;
+            float sj = 0.0f;
+            for (int64_t gi = 0; gi < ng; gi++) {
+                float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                for (int64_t i = gi * g; i < (gi + 1) * g; i++) {
+                    acc[i & 3] += qt[i] * row[i];
+                }
+                sj += a->ks[j * a->pstride + gi] * ((acc[0] + acc[1]) + (acc[2] + acc[3]));
+            }
+            s[t * ld + j] = sj;
+        }
+    }
+    for (int64_t t = 0; t < nq; t++) {
+        float *st = s + t * ld, mx = -INFINITY, den = 0.0f;
+        for (int64_t j = 0; j < n[t]; j++) {
+            mx = st[j] > mx ? st[j] : mx;
+        }
+        for (int64_t j = 0; j < n[t]; j++) {
+            st[j] = expf(st[j] - mx);
+            den += st[j];
+        }
+        st[nmax] = den;
+        for (int64_t i = 0; i < hd; i++) {
+            out[t][i] = 0.0f;
+        }
+    }
+    for (int64_t j = 0; j < nmax; j++) {
+        decode_row(a->vc + j * a->cstride, a->vz + j * a->pstride, hd, g, row);
+        for (int64_t t = 0; t < nq; t++) {
+            if (j >= n[t]) {
+                continue;
+            }
+            for (int64_t gi = 0; gi < ng; gi++) {
+                const float w = s[t * ld + j] * a->vs[j * a->pstride + gi];
+                for (int64_t i = gi * g; i < (gi + 1) * g; i++) {
+                    out[t][i] += w * row[i];
+                }
+            }
+        }
+    }
+    for (int64_t t = 0; t < nq; t++) {
+        const float den = s[t * ld + nmax];
+        for (int64_t i = 0; i < hd; i++) {
+            out[t][i] = out[t][i] / den;
+        }
+    }
+}

@@ -1,0 +1,410 @@
+/* bind_decoder.c: Python bindings of the W4A4KV4 decoder step (offq.h, decoder.c).
+ *
+ *   decoder_plan(layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, eps,
+ *                a_symmetric, a_clip, kv_symmetric, kv_group, r3, r4) -> plan (a capsule)
+ *       layers: a tuple of per-layer tuples (input_norm, post_norm, qkv, o, gate_up, down); a norm
+ *       is a float32 [d] array or None; a linear is a tuple (codes uint8 [n, k/2], scale float32
+ *       [n, k/wg], zero float32 [n, k/wg], w_group, bias float32 [n] or None, a_group).
+ *       Everything is validated here, once; the plan keeps the tuple (so the arrays) alive.
+ *   decoder_scratch_bytes(plan, rows, positions) -> int (for the current thread setting)
+ *   decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch,
+ *                   kernel="auto") -> None; h [rows, d] updated in place, the cache gains rows.
+ */
+#include "bind_util.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PLAN_NAME "offq.decoder_plan"
+
+typedef struct {
+    offq_dec_model model;
+    offq_dec_layer *layers;
+    PyObject *keep; /* the validated layers tuple */
+} dec_plan;
+
+static void plan_free(PyObject *capsule)
+{
+    dec_plan *p = PyCapsule_GetPointer(capsule, PLAN_NAME);
+    if (p != NULL) {
+        free(p->layers);
+        Py_XDECREF(p->keep);
+        free(p);
+    }
+}
+
+/* A float32 [n] array or None (-> NULL). */
+static int parse_vector(PyObject *obj, const char *name, int64_t n, int allow_none,
+                        const float **out)
+{
+    if (obj == Py_None && allow_none) {
+        *out = NULL;
+        return 0;
+    }
+    PyArrayObject *a = offq_check_array(obj, name, NPY_FLOAT32, 1, 1);
+    if (a == NULL) {
+        return -1;
+    }
+    if (PyArray_DIM(a, 0) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld,), got (%lld,)", name,
+                     (long long)n, (long long)PyArray_DIM(a, 0));
+        return -1;
+    }
+    *out = (const float *)PyArray_DATA(a);
+    return 0;
+}
+
+/* A positive group size that divides k. */
+static int parse_group(PyObject *obj, const char *name, int64_t k, int64_t *out)
+{
+    long long g;
+    if (offq_py_int(obj, name, &g) < 0) {
+        return -1;
+    }
+    if (g <= 0 || k % g != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a positive group size dividing %lld, got %lld",
+                     name, (long long)k, g);
+        return -1;
+    }
+    *out = (int64_t)g;
+    return 0;
+}
+
+/* One linear tuple (codes, scale, zero, w_group, bias, a_group) of shape [n, k]. */
+static int parse_linear(PyObject *obj, const char *name, int64_t n, int64_t k,
+                        offq_dec_linear *lin)
+{
+    char arg[96];
+    if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 6) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: expected a tuple (codes, scale, zero, w_group, bias, a_group), got %s",
+                     name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (k % 2 != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: the input size %lld must be even", name, (long long)k);
+        return -1;
+    }
+    int64_t wg, ag;
+    snprintf(arg, sizeof arg, "%s.w_group", name);
+    if (parse_group(PyTuple_GET_ITEM(obj, 3), arg, k, &wg) < 0) {
+        return -1;
+    }
+    snprintf(arg, sizeof arg, "%s.a_group", name);
+    if (parse_group(PyTuple_GET_ITEM(obj, 5), arg, k, &ag) < 0) {
+        return -1;
+    }
+    if (wg % ag != 0 && ag % wg != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: one of w_group %lld and a_group %lld must divide the other",
+                     name, (long long)wg, (long long)ag);
+        return -1;
+    }
+    const npy_intp want[3][2] = {{n, k / 2}, {n, k / wg}, {n, k / wg}};
+    const char *parts[3] = {"codes", "scale", "zero"};
+    const int types[3] = {NPY_UINT8, NPY_FLOAT32, NPY_FLOAT32};
+    void *data[3];
+    for (int i = 0; i < 3; i++) {
+        snprintf(arg, sizeof arg, "%s.%s", name, parts[i]);
+        PyArrayObject *a = offq_check_array(PyTuple_GET_ITEM(obj, i), arg, types[i], 2, 2);
+        if (a == NULL) {
+            return -1;
+        }
+        if (PyArray_DIM(a, 0) != want[i][0] || PyArray_DIM(a, 1) != want[i][1]) {
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld), got (%lld, %lld)", arg,
+                         (long long)want[i][0], (long long)want[i][1],
+                         (long long)PyArray_DIM(a, 0), (long long)PyArray_DIM(a, 1));
+            return -1;
+        }
+        data[i] = PyArray_DATA(a);
+    }
+    snprintf(arg, sizeof arg, "%s.bias", name);
+    if (parse_vector(PyTuple_GET_ITEM(obj, 4), arg, n, 1, &lin->bias) < 0) {
+        return -1;
+    }
+    lin->w.codes = data[0];
+    lin->w.scale = data[1];
+    lin->w.zero = data[2];
+    lin->w.rows = n;
+    lin->w.group = wg;
+    lin->k = k;
+    lin->a_group = ag;
+    return 0;
+}
+
+static int positive(long long v, const char *name)
+{
+    if (v <= 0 || v > ((long long)1 << 40)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a positive size, got %lld", name, v);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"layers", "hidden_size", "intermediate_size", "num_heads",
+                             "num_kv_heads", "head_dim", "eps", "a_symmetric", "a_clip",
+                             "kv_symmetric", "kv_group", "r3", "r4", NULL};
+    PyObject *layers_o, *dims_o[5], *eps_o, *clip_o, *kvg_o;
+    int a_sym, kv_sym, r3, r4;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOpOpOpp:decoder_plan", kwlist, &layers_o,
+                                     &dims_o[0], &dims_o[1], &dims_o[2], &dims_o[3], &dims_o[4],
+                                     &eps_o, &a_sym, &clip_o, &kv_sym, &kvg_o, &r3, &r4)) {
+        return NULL;
+    }
+    const char *dim_names[5] = {"hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                                "head_dim"};
+    long long dims[5];
+    for (int i = 0; i < 5; i++) {
+        if (offq_py_int(dims_o[i], dim_names[i], &dims[i]) < 0 || positive(dims[i], dim_names[i]) < 0) {
+            return NULL;
+        }
+    }
+    double eps, clip;
+    long long kvg;
+    if (offq_py_float(eps_o, "eps", &eps) < 0 || offq_py_float(clip_o, "a_clip", &clip) < 0 ||
+        offq_py_int(kvg_o, "kv_group", &kvg) < 0) {
+        return NULL;
+    }
+    if (!(eps >= 0.0 && isfinite((float)eps))) {
+        PyErr_Format(PyExc_ValueError, "eps: expected a finite value >= 0, got %g", eps);
+        return NULL;
+    }
+    if (!((float)clip > 0.0f && clip <= 1.0)) {
+        PyErr_Format(PyExc_ValueError, "a_clip: expected a ratio in (0, 1], got %g", clip);
+        return NULL;
+    }
+    const int64_t d = dims[0], f = dims[1], H = dims[2], Hkv = dims[3], hd = dims[4];
+    if (H % Hkv != 0) {
+        PyErr_Format(PyExc_ValueError, "num_heads: %lld is not a multiple of num_kv_heads %lld",
+                     (long long)H, (long long)Hkv);
+        return NULL;
+    }
+    if (hd % 2 != 0) {
+        PyErr_Format(PyExc_ValueError, "head_dim: expected an even size, got %lld", (long long)hd);
+        return NULL;
+    }
+    if (kvg <= 0 || kvg % 2 != 0 || hd % kvg != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "kv_group: expected an even group size dividing head_dim %lld, got %lld",
+                     (long long)hd, kvg);
+        return NULL;
+    }
+    if ((r3 && offq_hadamard_factor(hd) == 0) || (r4 && offq_hadamard_factor(f) == 0)) {
+        PyErr_Format(PyExc_ValueError, "%s: no Hadamard matrix of order %lld is available",
+                     (r3 && offq_hadamard_factor(hd) == 0) ? "r3" : "r4",
+                     (long long)((r3 && offq_hadamard_factor(hd) == 0) ? hd : f));
+        return NULL;
+    }
+    if (!PyTuple_Check(layers_o) || PyTuple_GET_SIZE(layers_o) == 0) {
+        PyErr_SetString(PyExc_TypeError, "layers: expected a non-empty tuple of layer tuples");
+        return NULL;
+    }
+    const Py_ssize_t nl = PyTuple_GET_SIZE(layers_o);
+    dec_plan *p = calloc(1, sizeof *p);
+    if (p == NULL || (p->layers = calloc((size_t)nl, sizeof *p->layers)) == NULL) {
+        free(p);
+        return PyErr_NoMemory();
+    }
+    const int64_t shapes[4][2] = {{(H + 2 * Hkv) * hd, d}, {d, H * hd}, {2 * f, d}, {d, f}};
+    const char *lin_names[4] = {"qkv", "o", "gate_up", "down"};
+    for (Py_ssize_t i = 0; i < nl; i++) {
+        PyObject *L = PyTuple_GET_ITEM(layers_o, i);
+        char arg[64];
+        if (!PyTuple_Check(L) || PyTuple_GET_SIZE(L) != 6) {
+            PyErr_Format(PyExc_TypeError,
+                         "layers[%zd]: expected a tuple (input_norm, post_norm, qkv, o, gate_up, "
+                         "down)", i);
+            goto fail;
+        }
+        offq_dec_layer *dl = &p->layers[i];
+        snprintf(arg, sizeof arg, "layers[%zd].input_norm", i);
+        if (parse_vector(PyTuple_GET_ITEM(L, 0), arg, d, 1, &dl->input_norm) < 0) {
+            goto fail;
+        }
+        snprintf(arg, sizeof arg, "layers[%zd].post_norm", i);
+        if (parse_vector(PyTuple_GET_ITEM(L, 1), arg, d, 1, &dl->post_norm) < 0) {
+            goto fail;
+        }
+        offq_dec_linear *lins[4] = {&dl->qkv, &dl->o, &dl->gate_up, &dl->down};
+        for (int j = 0; j < 4; j++) {
+            snprintf(arg, sizeof arg, "layers[%zd].%s", i, lin_names[j]);
+            if (parse_linear(PyTuple_GET_ITEM(L, 2 + j), arg, shapes[j][0], shapes[j][1],
+                             lins[j]) < 0) {
+                goto fail;
+            }
+        }
+    }
+    p->model = (offq_dec_model){.layers = nl,
+                                .d = d,
+                                .ffn = f,
+                                .heads = H,
+                                .kv_heads = Hkv,
+                                .head_dim = hd,
+                                .eps = (float)eps,
+                                .a_symmetric = a_sym,
+                                .a_clip = (float)clip,
+                                .kv_symmetric = kv_sym,
+                                .kv_group = kvg,
+                                .r3 = r3,
+                                .r4 = r4,
+                                .layer = p->layers};
+    Py_INCREF(layers_o);
+    p->keep = layers_o;
+    PyObject *cap = PyCapsule_New(p, PLAN_NAME, plan_free);
+    if (cap == NULL) {
+        Py_DECREF(layers_o);
+        goto fail;
+    }
+    return cap;
+fail:
+    free(p->layers);
+    free(p);
+    return NULL;
+}
+
+static dec_plan *get_plan(PyObject *obj)
+{
+    if (!PyCapsule_IsValid(obj, PLAN_NAME)) {
+        PyErr_Format(PyExc_TypeError, "plan: expected a decoder_plan capsule, got %s",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    return PyCapsule_GetPointer(obj, PLAN_NAME);
+}
+
+static PyObject *py_decoder_scratch_bytes(PyObject *self, PyObject *args)
+{
+    PyObject *plan_o, *rows_o, *pos_o;
+    if (!PyArg_ParseTuple(args, "OOO:decoder_scratch_bytes", &plan_o, &rows_o, &pos_o)) {
+        return NULL;
+    }
+    dec_plan *p = get_plan(plan_o);
+    long long rows, pos;
+    if (p == NULL || offq_py_int(rows_o, "rows", &rows) < 0 || positive(rows, "rows") < 0 ||
+        offq_py_int(pos_o, "positions", &pos) < 0 || positive(pos, "positions") < 0) {
+        return NULL;
+    }
+    return PyLong_FromLongLong(
+        (long long)offq_dec_scratch_bytes(&p->model, rows, pos, offq_get_num_threads()));
+}
+
+/* A writeable C-contiguous array of dtype `typenum` and exactly this shape. */
+static PyArrayObject *check_exact(PyObject *obj, const char *name, int typenum, int nd,
+                                  const npy_intp *shape, int writeable)
+{
+    PyArrayObject *a = writeable ? offq_check_writeable(obj, name, typenum, nd, nd)
+                                 : offq_check_array(obj, name, typenum, nd, nd);
+    if (a == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < nd; i++) {
+        if (shape[i] >= 0 && PyArray_DIM(a, i) != shape[i]) {
+            PyObject *got = PyObject_GetAttrString(obj, "shape");
+            PyErr_Format(PyExc_ValueError, "%s: axis %d must have length %lld, got shape %S", name,
+                         i, (long long)shape[i], got);
+            Py_XDECREF(got);
+            return NULL;
+        }
+    }
+    return a;
+}
+
+static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"plan", "h", "start", "cos", "sin", "kv_codes", "kv_scale",
+                             "kv_zero", "scratch", "kernel", NULL};
+    PyObject *plan_o, *h_o, *start_o, *cos_o, *sin_o, *kc_o, *ks_o, *kz_o, *scr_o;
+    const char *kname = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|s:decoder_forward", kwlist, &plan_o,
+                                     &h_o, &start_o, &cos_o, &sin_o, &kc_o, &ks_o, &kz_o, &scr_o,
+                                     &kname)) {
+        return NULL;
+    }
+    offq_kernel kernel;
+    if (strcmp(kname, "auto") == 0) {
+        kernel = OFFQ_KERNEL_AUTO;
+    } else if (strcmp(kname, "generic") == 0) {
+        kernel = OFFQ_KERNEL_GENERIC;
+    } else if (strcmp(kname, "avx2") == 0) {
+        kernel = OFFQ_KERNEL_AVX2;
+    } else if (strcmp(kname, "vnni") == 0) {
+        kernel = OFFQ_KERNEL_VNNI;
+    } else {
+        PyErr_Format(PyExc_ValueError,
+                     "kernel: expected 'auto', 'generic', 'avx2' or 'vnni', got '%s'", kname);
+        return NULL;
+    }
+    dec_plan *p = get_plan(plan_o);
+    if (p == NULL) {
+        return NULL;
+    }
+    const offq_dec_model *m = &p->model;
+    const npy_intp h_shape[2] = {-1, m->d};
+    PyArrayObject *h = check_exact(h_o, "h", NPY_FLOAT32, 2, h_shape, 1);
+    long long start;
+    if (h == NULL || offq_py_int(start_o, "start", &start) < 0) {
+        return NULL;
+    }
+    const int64_t rows = PyArray_DIM(h, 0);
+    if (rows == 0) {
+        PyErr_SetString(PyExc_ValueError, "h: expected at least one row");
+        return NULL;
+    }
+    const npy_intp rope_shape[2] = {rows, m->head_dim / 2};
+    const npy_intp kc_shape[5] = {m->layers, -1, 2, m->kv_heads, m->head_dim / 2};
+    const npy_intp kp_shape[5] = {m->layers, -1, 2, m->kv_heads, m->head_dim / m->kv_group};
+    PyArrayObject *cs = check_exact(cos_o, "cos", NPY_FLOAT32, 2, rope_shape, 0);
+    PyArrayObject *sn = cs ? check_exact(sin_o, "sin", NPY_FLOAT32, 2, rope_shape, 0) : NULL;
+    PyArrayObject *kc = sn ? check_exact(kc_o, "kv_codes", NPY_UINT8, 5, kc_shape, 1) : NULL;
+    if (kc == NULL) {
+        return NULL;
+    }
+    const int64_t cap = PyArray_DIM(kc, 1);
+    const npy_intp kp_cap[5] = {kp_shape[0], cap, kp_shape[2], kp_shape[3], kp_shape[4]};
+    PyArrayObject *ks = check_exact(ks_o, "kv_scale", NPY_FLOAT32, 5, kp_cap, 1);
+    PyArrayObject *kz = ks ? check_exact(kz_o, "kv_zero", NPY_FLOAT32, 5, kp_cap, 1) : NULL;
+    PyArrayObject *scr = kz ? offq_check_writeable(scr_o, "scratch", NPY_UINT8, 1, 1) : NULL;
+    if (scr == NULL) {
+        return NULL;
+    }
+    if (start < 0 || start + rows > cap) {
+        PyErr_Format(PyExc_ValueError,
+                     "start: positions %lld..%lld do not fit the cache capacity %lld", start,
+                     start + (long long)rows - 1, (long long)cap);
+        return NULL;
+    }
+    const int64_t need = offq_dec_scratch_bytes(m, rows, start + rows, offq_get_num_threads());
+    if (PyArray_DIM(scr, 0) < need) {
+        PyErr_Format(PyExc_ValueError, "scratch: expected at least %lld bytes, got %lld",
+                     (long long)need, (long long)PyArray_DIM(scr, 0));
+        return NULL;
+    }
+    const offq_dec_cache cache = {(uint8_t *)PyArray_DATA(kc), (float *)PyArray_DATA(ks),
+                                  (float *)PyArray_DATA(kz), cap};
+    offq_status status;
+    Py_BEGIN_ALLOW_THREADS;
+    status = offq_dec_forward(m, (float *)PyArray_DATA(h), rows, (int64_t)start,
+                              (const float *)PyArray_DATA(cs), (const float *)PyArray_DATA(sn),
+                              &cache, PyArray_DATA(scr), (int64_t)PyArray_DIM(scr, 0), kernel);
+    Py_END_ALLOW_THREADS;
+    if (offq_py_status(status, (offq_errctx){.arg = "h", .kernel = kname}) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyMethodDef offq_decoder_methods[] = {
+    {"decoder_plan", (PyCFunction)(void (*)(void))py_decoder_plan, METH_VARARGS | METH_KEYWORDS,
+     "decoder_plan(layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, "
+     "eps, a_symmetric, a_clip, kv_symmetric, kv_group, r3, r4) -> a validated W4A4KV4 decoder "
+     "plan."},
+    {"decoder_scratch_bytes", py_decoder_scratch_bytes, METH_VARARGS,
+     "decoder_scratch_bytes(plan, rows, positions) -> bytes of scratch decoder_forward needs."},
+    {"decoder_forward", (PyCFunction)(void (*)(void))py_decoder_forward,
+     METH_VARARGS | METH_KEYWORDS,
+     "decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch, "
+     "kernel='auto'): every decoder layer on h [rows, d] in place; the cache gains the rows."},
+    {NULL, NULL, 0, NULL},
+};

@@ -1,0 +1,39 @@
+"""The int8-weight matmul (C kernel ``offq._C.matmul_i8``): float32 activations times int8 weights
+with one float32 scale per group of inputs, what an 8-bit LM head multiplies.
+
+``w_hat[n, i] = scale[n, i // group] * w[n, i]``; ``matmul_i8(x, w, scale, group) == x @ w_hat.T``
+up to float32 summation order. A few rows (decoding) read the int8 weights directly (AVX2 where
+the CPU has it); many rows dequantize blocks of weight rows and use sgemm.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _C
+
+__all__ = ["matmul_i8", "quantize_i8"]
+
+
+def quantize_i8(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of ``w[N, K]`` per group of ``group`` inputs:
+    ``scale = max|w_group| / 127`` (1 for an all-zero group), ``q = rint(w / scale)`` in
+    [-127, 127]. Returns ``(q int8 [N, K], scale float32 [N, K / group])``."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    n, k = w.shape
+    if group <= 0 or k % group:
+        raise ValueError(f"group: expected a positive group size dividing {k}, got {group}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("w: contains NaN or Inf")
+    g = w.reshape(n, k // group, group)
+    amax = np.abs(g).max(axis=-1)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(n, k), scale
+
+
+def matmul_i8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, group: int, *,
+              out: np.ndarray | None = None, kernel: str = "auto") -> np.ndarray:
+    """``x @ (scale * w).T`` for float32 ``x[M, K]``, int8 ``w[N, K]`` and float32
+    ``scale[N, K / group]`` -> float32 ``[M, N]``. ``kernel``: "auto" or "generic" (the C
+    reference). The binding validates every argument (TypeError/ValueError naming it)."""
+    return _C.matmul_i8(x, w, scale, group, out, kernel)

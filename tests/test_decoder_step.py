@@ -1,0 +1,241 @@
+"""The C decoder step (``offq._C.decoder_*``, ``offq.quant.fused``) against the NumPy real path.
+
+The reference is offq's NumPy forward of the same real-path model (``offq/model/decoder.py``:
+NumPy RMSNorm, RoPE, attention over the dequantized cache, SwiGLU, and the same quantizers and
+``matmul_w4a4``). The C step does the same float32 operations except three sums and exp (see
+``csrc/decoder.c``), so hidden states agree to float32 rounding on these tiny models. Every SIMD
+variant the CPU offers is run (``kernel=``), and this file runs again with OFFQ_DISABLE_SIMD=1
+(``test_generic_dispatch_in_subprocess``).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from offq import _C
+from offq.config import QuantConfig
+from offq.kernels import threads
+from offq.kernels.decoder import decoder_forward, decoder_plan, decoder_scratch_bytes
+from offq.quant.fused import FusedDecoder
+from offq.recipe import pipeline
+from tiny_models import calibration, tiny_checkpoint, token_ids
+
+SIMD = _C.simd_info()
+KERNELS = ["generic"] + (["avx2"] if SIMD["avx2"] else []) + (["vnni"] if SIMD["avx512_vnni"] else [])
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama-biases", "llama-hd64"])
+def quantized(request):
+    """A tiny W4A4KV4 model (OffQ, GPTQ): Qwen2 (q/k/v biases), Llama with every bias, or Llama
+    with head_dim 64 (the attention kernel's register-tiled path)."""
+    if request.param == "qwen2":
+        ckpt = tiny_checkpoint(1, arch="qwen2")
+    elif request.param == "llama-biases":
+        ckpt = tiny_checkpoint(2, arch="llama", attention_bias=True, mlp_bias=True)
+    else:
+        ckpt = tiny_checkpoint(3, arch="llama", d=128, hd=64, nh=4, nkv=2, f=256)
+    return pipeline.quantize(ckpt, QuantConfig(method="offq"), calibration(ckpt, 8, 48, 1),
+                             progress=False)
+
+
+def close(got, ref):
+    """Float32 rounding of the reordered sums, relative to the largest value."""
+    scale = float(np.abs(ref).max())
+    np.testing.assert_allclose(got, ref, rtol=0, atol=4e-6 * scale)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_prefill_and_decode_match_the_numpy_path(quantized, kernel):
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 40, 3)
+    ref = real.hidden_states(ids)[0]
+    fd = FusedDecoder(real, kernel=kernel, prefill="c")
+    h = real.embed(ids)[0]
+    fd.run(h, fd.new_cache(4))  # the cache grows from 4 positions
+    close(h, ref)
+    # token by token, then a chunk of 5 rows after 30 cached positions
+    cache = fd.new_cache(1)
+    steps = []
+    for t in range(30):
+        x = real.embed(ids[:, t:t + 1])[0]
+        steps.append(fd.run(x, cache)[0])
+    rest = fd.run(real.embed(ids[:, 30:])[0], cache)
+    close(np.concatenate([np.stack(steps), rest]), ref)
+    assert cache.length == 40
+
+
+def test_numpy_prefill_then_c_decode(quantized):
+    """prefill="numpy" (the default): a prompt is the real path's, bit for bit, and its packed K/V
+    feed the C decode steps that follow (close to the real path's own decode)."""
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 30, 8)
+    fd = FusedDecoder(real)
+    cache = fd.new_cache()
+    h = fd.run(real.embed(ids[:, :20])[0], cache)
+    np.testing.assert_array_equal(h, real.hidden_states(ids[:, :20])[0])
+    ref_cache = real.new_cache()
+    real.hidden_states(ids[:, :20], cache=ref_cache)
+    for t in range(20, 30):
+        got = fd.run(real.embed(ids[:, t:t + 1])[0], cache)
+        close(got, real.hidden_states(ids[:, t:t + 1], cache=ref_cache)[0])
+    # a C prefill fills the cache with the same format (codes equal wherever no code flipped)
+    c_cache = FusedDecoder(real, prefill="c").new_cache()
+    FusedDecoder(real, prefill="c").run(real.embed(ids[:, :20])[0], c_cache)
+    same = (c_cache.codes[:, :20] == cache.codes[:, :20]).mean()
+    assert same > 0.99
+    with pytest.raises(ValueError, match="prefill"):
+        FusedDecoder(real, prefill="python")
+
+
+def test_simd_variants_agree(quantized):
+    """Products are bit-identical across variants; only the attention sums may differ."""
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 24, 4)
+    outs = {}
+    for kernel in KERNELS:
+        fd = FusedDecoder(real, kernel=kernel, prefill="c")
+        h = real.embed(ids)[0]
+        outs[kernel] = fd.run(h, fd.new_cache())
+    for kernel in KERNELS[1:]:
+        close(outs[kernel], outs["generic"])
+
+
+def test_thread_count_does_not_change_results(quantized):
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 20, 5)
+    fd = FusedDecoder(real, prefill="c")
+    res = []
+    for n in (1, 2, 3):
+        with threads(n):
+            h = real.embed(ids)[0]
+            res.append(fd.run(h, fd.new_cache()))
+    np.testing.assert_array_equal(res[0], res[1])
+    np.testing.assert_array_equal(res[0], res[2])
+
+
+def test_fused_mode_model_end_to_end(quantized):
+    """mode='fused': prompts (NumPy prefill) give the real path's logits and NLL bit for bit;
+    generation's last-position logits."""
+    real = quantized.model("real")
+    fused = quantized.model("fused")
+    assert fused.fused_runner is not None
+    ids = token_ids(real.config.vocab_size, 2, 24, 6)
+    np.testing.assert_array_equal(fused.forward(ids), real.forward(ids))
+    np.testing.assert_array_equal(fused.nll(ids), real.nll(ids))
+    cache = fused.new_cache()
+    last = fused.forward(ids[:1, :10], cache=cache, last_only=True)
+    assert last.shape == (1, 1, real.config.vocab_size)
+    close(last[0, 0], real.forward(ids[:1, :10])[0, -1])
+    with pytest.raises(ValueError, match="one sequence"):
+        fused.forward(ids, cache=fused.new_cache())
+
+
+def test_non_w4a4kv4_models_are_refused():
+    ckpt = tiny_checkpoint(1, arch="qwen2")
+    q = pipeline.quantize(ckpt, QuantConfig(method="offq", kv_bits=16), calibration(ckpt, 4, 32, 1),
+                          progress=False)
+    with pytest.raises(ValueError, match="KV codec"):
+        FusedDecoder(q.model("real"))
+
+
+@pytest.fixture(scope="module")
+def plan_args(quantized):
+    real = quantized.model("real")
+    fd = FusedDecoder(real)
+    cache = fd.new_cache(8)
+    cfg = real.config
+    h = real.embed(token_ids(cfg.vocab_size, 1, 2, 0))[0]
+    cos = np.ones((2, fd.head_dim // 2), np.float32)
+    scratch = np.empty(decoder_scratch_bytes(fd.plan, 2, 2), np.uint8)
+    return fd, dict(plan=fd.plan, h=h, start=0, cos=cos, sin=cos.copy(), kv_codes=cache.codes,
+                    kv_scale=cache.scale, kv_zero=cache.zero, scratch=scratch)
+
+
+@pytest.mark.parametrize("name, value, exc, match", [
+    ("plan", object(), TypeError, "plan"),
+    ("h", np.zeros((2, 3), np.float32), ValueError, "h: axis 1"),
+    ("h", np.zeros((2, 64), np.float64), TypeError, "h: expected dtype"),
+    ("h", np.zeros((0, 64), np.float32), ValueError, "h: expected at least one row"),
+    ("start", 7, ValueError, "start"),
+    ("start", -1, ValueError, "start"),
+    ("start", 1.5, TypeError, "start"),
+    ("cos", np.ones((3, 8), np.float32), ValueError, "cos"),
+    ("sin", np.ones((2, 8), np.float64), TypeError, "sin"),
+    ("kv_codes", np.zeros((2, 8, 2, 2, 7), np.uint8), ValueError, "kv_codes"),
+    ("kv_scale", np.zeros((2, 9, 2, 2, 1), np.float32), ValueError, "kv_scale"),
+    ("kv_zero", np.zeros((2, 8, 2, 2, 1), np.float32)[:, ::-1], ValueError, "kv_zero"),
+    ("scratch", np.empty(16, np.uint8), ValueError, "scratch"),
+])
+def test_forward_validates_every_argument(plan_args, name, value, exc, match):
+    _, kwargs = plan_args
+    kwargs = dict(kwargs)
+    if name in ("cos", "sin", "kv_codes", "kv_scale", "kv_zero", "h") and \
+            kwargs["cos"].shape[1] != 8:
+        pytest.skip("the shapes above are for head_dim 16")
+    kwargs[name] = value
+    with pytest.raises(exc, match=match):
+        decoder_forward(**kwargs)
+
+
+def test_forward_rejects_read_only_cache_and_unknown_kernel(plan_args):
+    _, kwargs = plan_args
+    ro = kwargs["kv_codes"].copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="kv_codes: expected a writeable"):
+        decoder_forward(**{**kwargs, "kv_codes": ro})
+    with pytest.raises(ValueError, match="kernel"):
+        decoder_forward(**kwargs, kernel="sse9")
+
+
+def test_forward_reports_non_finite_input(plan_args):
+    _, kwargs = plan_args
+    h = kwargs["h"].copy()
+    h[0, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        decoder_forward(**{**kwargs, "h": h})
+
+
+def test_plan_validates_layers(quantized):
+    fd = FusedDecoder(quantized.model("real"))
+    cfg = quantized.model_config
+    good = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+                head_dim=fd.head_dim, eps=1e-5, a_symmetric=False, a_clip=1.0,
+                kv_symmetric=False, kv_group=fd.head_dim, r3=True, r4=True)
+    layer = tuple(fd.plan_layers[0])
+    with pytest.raises(TypeError, match="layers"):
+        decoder_plan([layer], **good)
+    qkv = layer[2]
+    bad = (qkv[0][:, :-1],) + qkv[1:]
+    with pytest.raises(ValueError, match=r"layers\[0\].qkv.codes"):
+        decoder_plan(((layer[0], layer[1], bad) + layer[3:],), **good)
+    with pytest.raises(ValueError, match=r"layers\[0\].o.a_group"):
+        decoder_plan((layer[:3] + (layer[3][:5] + (7,),) + layer[4:],), **good)
+    with pytest.raises(ValueError, match=r"layers\[0\].input_norm"):
+        decoder_plan(((np.ones(3, np.float32),) + layer[1:],), **good)
+    with pytest.raises(ValueError, match="kv_group"):
+        decoder_plan((layer,), **{**good, "kv_group": 3})
+    with pytest.raises(ValueError, match="a_clip"):
+        decoder_plan((layer,), **{**good, "a_clip": 0.0})
+    with pytest.raises(ValueError, match="num_heads"):
+        decoder_plan((layer,), **{**good, "num_kv_heads": 3})
+    decoder_plan((layer,), **good)  # the untouched layer is accepted
+
+
+@pytest.mark.skipif(os.environ.get("OFFQ_DISABLE_SIMD") == "1", reason="already generic")
+def test_generic_dispatch_in_subprocess(tmp_path):
+    """The file again with every SIMD path disabled at dispatch (the generic attention too). The
+    child imports the offq this process imported (its directory first on PYTHONPATH) and runs
+    outside the source tree."""
+    import offq
+
+    offq_root = os.path.dirname(os.path.dirname(os.path.abspath(offq.__file__)))
+    env = dict(os.environ, OFFQ_DISABLE_SIMD="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [offq_root, os.path.dirname(__file__),
+                                                        os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        __file__, "-k", "match_the_numpy_path and generic"], env=env,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,0 +1,94 @@
+"""The int8-weight matmul (``offq.kernels.matmul_i8``) against NumPy, and the 8-bit LM head
+(``QuantConfig.lm_head_bits = 8``) through a checkpoint."""
+import numpy as np
+import pytest
+
+from offq.config import QuantConfig
+from offq.kernels.matmul_i8 import matmul_i8, quantize_i8
+from offq.quant.assemble import load_quantized
+from offq.quant.lm_head import Int8Linear, lm_head_group
+from offq.recipe import pipeline
+from tiny_models import calibration, tiny_checkpoint, token_ids
+
+
+def reference(x, q, s, group):
+    """float64 x @ (scale * w).T."""
+    n, k = q.shape
+    w = (q.reshape(n, k // group, group).astype(np.float64) * s[..., None]).reshape(n, k)
+    return x.astype(np.float64) @ w.T
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("group, k", [(16, 48), (64, 576), (4, 12), (32, 32)])
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+def test_matches_numpy(m, group, k, kernel):
+    rng = np.random.default_rng(m * 1000 + k)
+    n = 77  # not a multiple of the column blocks
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    q[0] = 127  # adversarial: extreme codes, a zero row, huge and tiny scales
+    q[1] = -127
+    q[2] = 0
+    s = rng.uniform(0.5, 2.0, (n, k // group)).astype(np.float32)
+    s[3] = 1e30
+    s[4] = 1e-30
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    ref = reference(x, q, s, group)
+    out = matmul_i8(x, q, s, group, kernel=kernel)
+    assert out.dtype == np.float32 and out.shape == (m, n)
+    tol = 1e-6 * np.abs(x).sum(1)[:, None] * (127 * np.abs(s).max(1))[None, :]
+    assert np.all(np.abs(out - ref) <= tol + 1e-37)
+
+
+def test_quantize_i8_round_trip():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 64)).astype(np.float32)
+    w[1] = 0.0
+    q, s = quantize_i8(w, 16)
+    assert q.dtype == np.int8 and s.shape == (5, 4)
+    assert np.abs(q).max() == 127 and np.all(s[1] == 1.0) and np.all(q[1] == 0)
+    back = (q.reshape(5, 4, 16) * s[..., None]).reshape(5, 64)
+    assert np.all(np.abs(back - w) <= 0.5 * np.repeat(s, 16, axis=1) * (1 + 1e-6))
+    with pytest.raises(ValueError, match="group"):
+        quantize_i8(w, 24)
+    w[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_i8(w, 16)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(x=np.ones((2, 8), np.float64)), TypeError, "x: expected dtype"),
+    (dict(w=np.ones((3, 8), np.uint8)), TypeError, "w: expected dtype"),
+    (dict(w=np.ones((3, 9), np.int8)), ValueError, "w: expected 8 columns"),
+    (dict(scale=np.ones((3, 3), np.float32)), ValueError, "scale: expected shape"),
+    (dict(group=3), ValueError, "group"),
+    (dict(group=0), ValueError, "group"),
+    (dict(out=np.ones((2, 4), np.float32)), ValueError, "out: expected shape"),
+    (dict(kernel="vnni"), ValueError, "kernel"),
+    (dict(x=np.ones((8, 2), np.float32).T), ValueError, "x: expected a C-contiguous"),
+])
+def test_validates_arguments(kwargs, exc, match):
+    args = dict(x=np.ones((2, 8), np.float32), w=np.ones((3, 8), np.int8),
+                scale=np.ones((3, 2), np.float32), group=4)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        matmul_i8(**args)
+
+
+def test_int8_lm_head_checkpoint(tmp_path):
+    """--lm-head-bits 8: stored int8 + scales, loaded as Int8Linear; logits close to the float
+    head's (the quantization error of 8-bit symmetric groups), decoder layers unchanged."""
+    ckpt = tiny_checkpoint(1, arch="llama")  # tied embeddings: the head gets its own copy
+    calib = calibration(ckpt, 4, 32, 1)
+    fp_head = pipeline.quantize(ckpt, QuantConfig(method="offq"), calib, progress=False)
+    pipeline.quantize(ckpt, QuantConfig(method="offq", lm_head_bits=8), calib,
+                      out_dir=tmp_path, progress=False)
+    model, _, cfg = load_quantized(tmp_path, mode="real")
+    assert cfg.lm_head_bits == 8 and "head:int8" in cfg.describe()
+    assert isinstance(model.lm_head, Int8Linear) and model.lm_head.group == lm_head_group(64)
+    ref = fp_head.model("real")
+    ids = token_ids(ckpt.config.vocab_size, 1, 20, 3)
+    np.testing.assert_array_equal(model.hidden_states(ids), ref.hidden_states(ids))
+    a, b = model.forward(ids), ref.forward(ids)
+    assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
+    with pytest.raises(ValueError, match="lm_head_bits"):
+        QuantConfig(lm_head_bits=4)
