@@ -140,6 +140,23 @@ def test_non_w4a4kv4_models_are_refused():
         FusedDecoder(q.model("real"))
 
 
+def test_foreign_online_transforms_are_refused(quantized):
+    """The C step applies offq's R3/R4 Hadamards itself: any other hook on a layer (which the
+    NumPy path would run) must stop the fused runtime instead of being silently replaced."""
+    model = quantized.model("real")
+    layer = model.layers[1]
+    for attr in ("qk_transform", "down_input_transform"):
+        saved = getattr(layer, attr)
+        if saved is None:
+            continue
+        setattr(layer, attr, lambda *a: a[0] if len(a) == 1 else a)
+        try:
+            with pytest.raises(ValueError, match=f"layer 1 {attr} is not offq's R3/R4"):
+                FusedDecoder(model)
+        finally:
+            setattr(layer, attr, saved)
+
+
 @pytest.fixture(scope="module")
 def plan_args(quantized):
     real = quantized.model("real")

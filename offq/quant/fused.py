@@ -30,7 +30,7 @@ from ..kernels.decoder import decoder_forward, decoder_plan, decoder_scratch_byt
 from ..model.ops import rope_cos_sin
 from .kv_codec import PackedKVCodec
 from .linears import W4A4Linear
-from .online import r3_qk_transform, r4_input_transform
+from .online import HadamardInput, HadamardQK
 
 __all__ = ["FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "PREFILL_MODES"]
 
@@ -79,7 +79,7 @@ class FusedKVCache:
 
 
 def _linear_spec(lin: Any, name: str) -> tuple:
-    if not isinstance(lin, W4A4Linear) or not lin._integer:
+    if not isinstance(lin, W4A4Linear) or not lin.integer:
         raise ValueError(f"{name}: expected a real 4-bit x 4-bit linear (W4A4Linear), got "
                          f"{type(lin).__name__}")
     act = lin.act
@@ -133,10 +133,10 @@ class FusedDecoder:
             if r3 is not None and (has_r3, has_r4) != (r3, r4):
                 raise ValueError(f"model: layer {i} has different online transforms")
             r3, r4 = has_r3, has_r4
-            for hook, what in ((layer.qk_transform, "qk_transform"),
-                               (layer.down_input_transform, "down_input_transform")):
-                if hook is not None and getattr(hook, "__qualname__", "").split(".")[0] not in (
-                        r3_qk_transform.__name__, r4_input_transform.__name__):
+            for hook, what, kind in ((layer.qk_transform, "qk_transform", HadamardQK),
+                                     (layer.down_input_transform, "down_input_transform",
+                                      HadamardInput)):
+                if hook is not None and not isinstance(hook, kind):
                     raise ValueError(f"model: layer {i} {what} is not offq's R3/R4 Hadamard")
             layers.append((layer.input_norm, layer.post_attention_norm, *specs))
         a0 = acts[0]

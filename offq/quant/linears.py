@@ -190,6 +190,11 @@ class W4A4Linear:
         self._dense = None if self._integer else DenseLinear(stored.dequantized, self.bias)
 
     @property
+    def integer(self) -> bool:
+        """Whether this linear runs the 4-bit x 4-bit integer product (``matmul_w4a4``)."""
+        return self._integer
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the packed weight (and bias)."""
         return int(self.w.nbytes) + (0 if self.bias is None else self.bias.nbytes)
