@@ -497,10 +497,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # export
 # ------------------------------------------------------------------------------------------------
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a weight-only offq checkpoint in another format",
-                       description="Export DIR (an offq checkpoint) as --format into --out "
-                                   "(gptq: the layout HF-side GPTQ loaders read; "
-                                   "offq/formats/gptq_export.py).")
+    p = sub.add_parser(
+        "export", help="write a weight-only offq checkpoint in another format",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export DIR (an offq checkpoint) as --format into --out (gptq: the layout "
+                    "HF-side GPTQ loaders read; offq/formats/gptq_export.py). Only what the "
+                    "format can express: weight-only, no online rotation.",
+        epilog="examples:\n"
+               "  offq quantize smollm2-135m --method gptq --a-bits 16 --kv-bits 16 "
+               "--w-group-size 64 --out runs/w4g64\n"
+               "  offq export runs/w4g64 --format gptq --out runs/w4g64-gptq\n"
+               "  offq export runs/w4g64 --format gptq --checkpoint-format gptq_v2 --out OUT\n"
+               "  offq eval runs/w4g64-gptq --max-windows 4")
     p.add_argument("model", help="offq checkpoint directory")
     p.add_argument("--format", choices=("gptq",), required=True, help="output format")
     p.add_argument("--out", required=True, help="output directory")
