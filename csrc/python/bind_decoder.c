@@ -323,17 +323,7 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
         return NULL;
     }
     offq_kernel kernel;
-    if (strcmp(kname, "auto") == 0) {
-        kernel = OFFQ_KERNEL_AUTO;
-    } else if (strcmp(kname, "generic") == 0) {
-        kernel = OFFQ_KERNEL_GENERIC;
-    } else if (strcmp(kname, "avx2") == 0) {
-        kernel = OFFQ_KERNEL_AVX2;
-    } else if (strcmp(kname, "vnni") == 0) {
-        kernel = OFFQ_KERNEL_VNNI;
-    } else {
-        PyErr_Format(PyExc_ValueError,
-                     "kernel: expected 'auto', 'generic', 'avx2' or 'vnni', got '%s'", kname);
+    if (offq_parse_kernel(kname, &kernel) < 0) {
         return NULL;
     }
     dec_plan *p = get_plan(plan_o);

@@ -325,17 +325,7 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     offq_kernel kernel;
-    if (strcmp(kname, "auto") == 0) {
-        kernel = OFFQ_KERNEL_AUTO;
-    } else if (strcmp(kname, "generic") == 0) {
-        kernel = OFFQ_KERNEL_GENERIC;
-    } else if (strcmp(kname, "avx2") == 0) {
-        kernel = OFFQ_KERNEL_AVX2;
-    } else if (strcmp(kname, "vnni") == 0) {
-        kernel = OFFQ_KERNEL_VNNI;
-    } else {
-        PyErr_Format(PyExc_ValueError,
-                     "kernel: expected 'auto', 'generic', 'avx2' or 'vnni', got '%s'", kname);
+    if (offq_parse_kernel(kname, &kernel) < 0) {
         return NULL;
     }
     if (offq_py_int(k_o, "k", &kk) < 0) {

@@ -18,6 +18,7 @@
 #include <numpy/arrayobject.h>
 
 #include <stdint.h>
+#include <string.h>
 
 #include "offq.h"
 
@@ -35,6 +36,24 @@ int offq_py_status(offq_status status, offq_errctx ctx);
 int offq_py_int(PyObject *obj, const char *name, long long *out);
 /* A real number -> *out; else TypeError naming `name`. */
 int offq_py_float(PyObject *obj, const char *name, double *out);
+
+/* The `kernel=` argument of matmul_w4a4 and decoder_forward ("auto", "generic", "avx2",
+ * "vnni") -> *out; else ValueError naming the argument and the accepted names, and -1. */
+static inline int offq_parse_kernel(const char *name, offq_kernel *out)
+{
+    static const struct { const char *name; offq_kernel kernel; } names[] = {
+        {"auto", OFFQ_KERNEL_AUTO}, {"generic", OFFQ_KERNEL_GENERIC},
+        {"avx2", OFFQ_KERNEL_AVX2}, {"vnni", OFFQ_KERNEL_VNNI}};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (strcmp(name, names[i].name) == 0) {
+            *out = names[i].kernel;
+            return 0;
+        }
+    }
+    PyErr_Format(PyExc_ValueError,
+                 "kernel: expected 'auto', 'generic', 'avx2' or 'vnni', got '%s'", name);
+    return -1;
+}
 
 /* The dtype (NPY_FLOAT32 or NPY_FLOAT64) of an ndarray argument that may be either, or -1 with a
  * TypeError naming `name` (the array's layout is checked after, by offq_check_array). */
