@@ -9,7 +9,8 @@
  * Phases of a layer (each waits for the items of the one before):
  *   1. residual + RMSNorm + activation quantization of the q/k/v input, by chunks of rows
  *   2. fused q/k/v product (+ bias): groups of 8 output columns split over the team
- *   3. per head vector: RoPE + R3 on q and k, KV4 quantization of k and v into the cache
+ *   3. per head vector: RoPE + R3 on q and k, the key offset off k, KV4 quantization of k and v
+ *      into the cache
  *   4. attention: scores over the packed cache, softmax, V sum (attention.c); one item per query
  *      head when decoding, per KV head and 8 positions in prefill (a score row per query, never a
  *      [rows, positions] matrix)
@@ -615,6 +616,12 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                     rope_row(x, hd, cos + r * half, sin + r * half);
                     if (md->r3) {
                         offq_fwht_row_f32(x, &r3, tb.tmp);
+                    }
+                    if (v >= H && L->k_offset != NULL) { /* softmax ignores a common shift */
+                        const float *mu = L->k_offset + (v - H) * hd;
+                        for (int64_t j = 0; j < hd; j++) {
+                            x[j] -= mu[j];
+                        }
                     }
                 }
                 if (v >= H) {

@@ -125,7 +125,7 @@ offq_status offq_matmul_i8(const float *x, int64_t m, int64_t k, const int8_t *w
  * All decoder layers of a Llama-family model for `rows` consecutive tokens of one sequence at
  * positions start..start+rows-1, in one OpenMP team: per layer RMSNorm, 4-bit activation
  * quantization straight into the product's input layout, the fused q/k/v product (+ bias), RoPE,
- * R3 (normalised Hadamard of head_dim on q and k), the KV4 append, causal attention over the packed
+ * R3 (normalised Hadamard of head_dim on q and k), the key offset, the KV4 append, causal attention over the packed
  * cache (a score row per query, no [rows, positions] matrix), o_proj + residual, RMSNorm, the
  * fused gate/up product, SwiGLU, R4 (Hadamard of the intermediate size), down_proj + residual.
  * The products are the small-M paths of offq_matmul_w4a4 (identical results); the float steps
@@ -140,6 +140,7 @@ typedef struct {
 typedef struct {
     const float *input_norm, *post_norm; /* [d] or NULL (ones) */
     offq_dec_linear qkv, o, gate_up, down; /* out: (H + 2 Hkv) hd, d, 2 f, d */
+    const float *k_offset; /* [kv_heads][head_dim] subtracted from k after RoPE + R3, or NULL */
 } offq_dec_layer;
 
 typedef struct {

@@ -71,6 +71,8 @@ _HELP = {
     "w_group_size": "-1 = per output channel",
     "a_group_size": "-1 = per token; shrunk to the largest power of two dividing d when needed",
     "kv_group_size": "-1 = head_dim",
+    "kv_centre_keys": "subtract each KV head's calibrated mean key before the K cache is "
+                      "quantized (exact in float: softmax ignores it)",
     "pca": "top1 (OffQ), standard (all tokens), none (identity basis)",
     "outlier_index": "ones (all-ones Hadamard row, OffQ) or other (ablation)",
     "r2": "hadamard, pca_hadamard, none",

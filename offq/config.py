@@ -6,7 +6,8 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
 - weights: 4-bit, symmetric, per output channel (``w_group_size=-1``), MSE clip search, GPTQ;
 - activations: 4-bit, asymmetric, per token, per group of 128 consecutive channels (the largest
   power of two dividing the dimension when 128 does not: 64 for SmolLM2's d = 576), clip 1.0;
-- KV cache: 4-bit, asymmetric, per token and head (group = head_dim);
+- KV cache: 4-bit, asymmetric, per token and head (group = head_dim), keys centred (each KV head's
+  calibrated mean key subtracted before quantization; softmax is invariant to it);
 - rotations: R1 = U1 P H1 (top-1 PCA basis, uncentred, pooled over layers and both sites;
   sorted grouping; block Hadamard aligned with the activation groups), R2 = per-head Hadamard,
   R3 (online Hadamard on Q/K after RoPE) and R4 (online Hadamard on the down_proj input) on;
@@ -76,6 +77,9 @@ class QuantConfig:
     # --- KV cache ---
     kv_group_size: int = -1  # -1 = head_dim (per token, per head)
     kv_symmetric: bool = False
+    # the key offset: each KV head's mean key (in the cache's basis, from the calibration pass)
+    # subtracted before K is quantized; softmax ignores it (docs/METHODS.md, "KV cache")
+    kv_centre_keys: bool = True
     # --- R1 (OffQ) ---
     pca: str = "top1"  # top1 | standard | none
     pca_centred: bool = False
@@ -149,7 +153,8 @@ class QuantConfig:
             bits(name)
         for name in ("w_group_size", "a_group_size", "kv_group_size"):
             group(name)
-        for name in ("w_symmetric", "w_clip_search", "a_symmetric", "kv_symmetric", "pca_centred",
+        for name in ("w_symmetric", "w_clip_search", "a_symmetric", "kv_symmetric", "kv_centre_keys",
+                     "pca_centred",
                      "pca_pooled", "sorted_grouping", "r3", "r4", "gptq_act_order",
                      "gptq_static_groups"):
             flag(name)
@@ -185,6 +190,11 @@ class QuantConfig:
     def rotates(self) -> bool:
         """Whether R1..R4 are used at all (offq and quarot; the baselines run unrotated)."""
         return self.method in ("offq", "quarot")
+
+    @property
+    def centres_keys(self) -> bool:
+        """Whether the K cache is quantized and stores keys minus each head's offset."""
+        return self.kv_centre_keys and self.kv_bits != OFF
 
     def activation_group(self, d: int) -> int:
         """Activation group size for a linear input of dimension ``d``: ``a_group_size`` when it
@@ -226,6 +236,8 @@ class QuantConfig:
         if not isinstance(version, int) or version > CONFIG_VERSION:
             raise ValueError(f"offq config: config_version {version!r} is newer than this offq "
                              f"supports ({CONFIG_VERSION})")
+        # checkpoints written before the key offset existed hold none (their keys are not centred)
+        data.setdefault("kv_centre_keys", False)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -248,6 +260,10 @@ class QuantConfig:
                 used = self.activation_group(hidden_size)
                 g += f"(d{hidden_size}:g{used})" if used != self.a_group_size else ""
             parts.append(f"a:{'sym' if self.a_symmetric else 'asym'},{g},clip{self.a_clip:g}")
+        if self.kv_bits != OFF:
+            g = "hd" if self.kv_group_size == -1 else f"g{self.kv_group_size}"
+            parts.append(f"kv:{'sym' if self.kv_symmetric else 'asym'},{g}"
+                         f"{',centred' if self.kv_centre_keys else ''}")
         if self.method == "offq":
             parts.append(f"r1:{self.pca}{',centred' if self.pca_centred else ''}"
                          f"{',sorted' if self.sorted_grouping else ',unsorted'},{self.outlier_index}")

@@ -232,6 +232,10 @@ def test_plan_validates_layers(quantized):
         decoder_plan((layer[:3] + (layer[3][:5] + (7,),) + layer[4:],), **good)
     with pytest.raises(ValueError, match=r"layers\[0\].input_norm"):
         decoder_plan(((np.ones(3, np.float32),) + layer[1:],), **good)
+    with pytest.raises(ValueError, match=r"layers\[0\].k_offset"):
+        decoder_plan((layer[:6] + (np.zeros(5, np.float32),),), **good)
+    with pytest.raises(TypeError, match="layers"):
+        decoder_plan((layer[:6],), **good)
     with pytest.raises(ValueError, match="kv_group"):
         decoder_plan((layer,), **{**good, "kv_group": 3})
     with pytest.raises(ValueError, match="a_clip"):

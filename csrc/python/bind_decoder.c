@@ -2,8 +2,9 @@
  *
  *   decoder_plan(layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim, eps,
  *                a_symmetric, a_clip, kv_symmetric, kv_group, r3, r4) -> plan (a capsule)
- *       layers: a tuple of per-layer tuples (input_norm, post_norm, qkv, o, gate_up, down); a norm
- *       is a float32 [d] array or None; a linear is a tuple (codes uint8 [n, k/2], scale float32
+ *       layers: a tuple of per-layer tuples (input_norm, post_norm, qkv, o, gate_up, down,
+ *       k_offset); a norm is a float32 [d] array or None, k_offset a float32 [num_kv_heads *
+ *       head_dim] array or None; a linear is a tuple (codes uint8 [n, k/2], scale float32
  *       [n, k/wg], zero float32 [n, k/wg], w_group, bias float32 [n] or None, a_group).
  *       Everything is validated here, once; the plan keeps the tuple (so the arrays) alive.
  *   decoder_scratch_bytes(plan, rows, positions) -> int (for the current thread setting)
@@ -212,10 +213,10 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
     for (Py_ssize_t i = 0; i < nl; i++) {
         PyObject *L = PyTuple_GET_ITEM(layers_o, i);
         char arg[64];
-        if (!PyTuple_Check(L) || PyTuple_GET_SIZE(L) != 6) {
+        if (!PyTuple_Check(L) || PyTuple_GET_SIZE(L) != 7) {
             PyErr_Format(PyExc_TypeError,
                          "layers[%zd]: expected a tuple (input_norm, post_norm, qkv, o, gate_up, "
-                         "down)", i);
+                         "down, k_offset)", i);
             goto fail;
         }
         offq_dec_layer *dl = &p->layers[i];
@@ -234,6 +235,10 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
                              lins[j]) < 0) {
                 goto fail;
             }
+        }
+        snprintf(arg, sizeof arg, "layers[%zd].k_offset", i);
+        if (parse_vector(PyTuple_GET_ITEM(L, 6), arg, Hkv * hd, 1, &dl->k_offset) < 0) {
+            goto fail;
         }
     }
     p->model = (offq_dec_model){.layers = nl,

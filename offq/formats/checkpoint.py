@@ -126,6 +126,10 @@ def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tup
             out[zeros] = ((n, k // g), "F32")
         else:
             out[name] = (tuple(shape), "F32")
+    if cfg.centres_keys:
+        shape = (model_config.num_key_value_heads, model_config.head_dim)
+        for i in range(model_config.num_hidden_layers):
+            out[arch.key_offset(i)] = (shape, "F32")
     v, d = model_config.vocab_size, model_config.hidden_size
     if cfg.lm_head_bits == 8:  # offq.quant.lm_head: int8 codes + one scale per group
         from ..quant.lm_head import lm_head_group, lm_head_names
@@ -157,5 +161,5 @@ def check_checkpoint_tensors(tensors: Mapping[str, np.ndarray], model_config: An
         if tuple(a.shape) != shape or a.dtype != DTYPES[dt]:
             raise ValueError(f"{source}: tensor {name!r} is {a.dtype} {list(a.shape)}, expected "
                              f"{dt} {list(shape)}")
-        if name.endswith((".scales", ".zeros")) and not np.all(np.isfinite(a)):
+        if name.endswith((".scales", ".zeros", ".k_cache_offset")) and not np.all(np.isfinite(a)):
             raise ValueError(f"{source}: tensor {name!r} contains NaN or Inf")

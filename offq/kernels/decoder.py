@@ -25,8 +25,9 @@ __all__ = ["LinearSpec", "LayerSpec", "decoder_plan", "decoder_scratch_bytes", "
 #: ``(codes uint8 [n, k/2], scale float32 [n, k/wg], zero float32 [n, k/wg], w_group,
 #: bias float32 [n] or None, a_group)``
 LinearSpec = tuple[np.ndarray, np.ndarray, np.ndarray, int, "np.ndarray | None", int]
-#: ``(input_norm or None, post_norm or None, qkv, o, gate_up, down)``
-LayerSpec = tuple[Any, Any, LinearSpec, LinearSpec, LinearSpec, LinearSpec]
+#: ``(input_norm or None, post_norm or None, qkv, o, gate_up, down, k_offset or None)``; the key
+#: offset (float32 ``[num_kv_heads * head_dim]``) is subtracted from k after RoPE and R3
+LayerSpec = tuple[Any, Any, LinearSpec, LinearSpec, LinearSpec, LinearSpec, Any]
 
 
 def decoder_plan(layers: tuple[LayerSpec, ...], *, hidden_size: int, intermediate_size: int,

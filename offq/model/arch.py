@@ -145,6 +145,11 @@ class Architecture:
     def norm(self, i: int, which: str) -> str:
         return f"{self.layer_prefix(i)}{self.norms[which][0]}.weight"
 
+    def key_offset(self, i: int) -> str:
+        """Stored name of layer ``i``'s key offset ``[kv_heads, head_dim]`` (an offq tensor: the
+        mean key subtracted before the K cache is quantized, ``QuantConfig.kv_centre_keys``)."""
+        return f"{self.layer_prefix(i)}self_attn.k_cache_offset"
+
     def layer_of(self, name: str) -> int | None:
         """The layer index of an HF tensor name (None for global tensors)."""
         m = re.match(r"^model\.layers\.(\d+)\.", name)

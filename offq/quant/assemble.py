@@ -22,7 +22,7 @@ from ..model.linear import DenseLinear, SlicedLinear
 from .activation import activation_quantizer
 from .kv_codec import kv_codec
 from .linears import FakeQuantLinear, GroupProduct, W4A4Linear, integer_product
-from .online import r3_qk_transform, r4_input_transform
+from .online import qk_transform, r4_input_transform
 from .weight import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,12 @@ def _linear(weight: Any, act: Any, mode: str) -> Any:
 
 
 def build_layer(linears: Mapping[str, Any], input_norm: np.ndarray, post_norm: np.ndarray,
-                model_config: Any, cfg: QuantConfig, i: int, mode: str) -> DecoderLayer:
+                model_config: Any, cfg: QuantConfig, i: int, mode: str,
+                k_offset: np.ndarray | None = None) -> DecoderLayer:
     """Decoder layer ``i`` from its stored linears (``QuantizedWeight`` or float
-    ``DenseLinear``, by short name), its norms, and the run-time quantizers and online transforms
-    of ``cfg`` (``mode`` "real": packed kernels; "fake": simulated in float32)."""
+    ``DenseLinear``, by short name), its norms, its key offset (``[kv_heads, head_dim]``, when
+    ``cfg.centres_keys``), and the run-time quantizers and online transforms of ``cfg``
+    (``mode`` "real": packed kernels; "fake": simulated in float32)."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     mode = "fake" if mode == "fake" else "real"  # a fused model's layers are real layers
@@ -99,23 +101,28 @@ def build_layer(linears: Mapping[str, Any], input_norm: np.ndarray, post_norm: n
     layer = DecoderLayer(index=i, input_norm=np.asarray(input_norm, np.float32),
                          post_attention_norm=np.asarray(post_norm, np.float32),
                          linears=layer_linears, fused=fused)
-    return install_online(layer, model_config, cfg, mode)
+    return install_online(layer, model_config, cfg, mode, k_offset)
 
 
 def layer_from_tensors(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: QuantConfig,
                        i: int, mode: str) -> DecoderLayer:
     """:func:`build_layer` over the stored tensors of a checkpoint."""
     arch = architecture_of(model_config)
+    k_offset = tensors[arch.key_offset(i)] if cfg.centres_keys else None
     return build_layer(stored_layer(tensors, model_config, cfg, i),
                        tensors[arch.norm(i, "input_norm")], tensors[arch.norm(i, "post_norm")],
-                       model_config, cfg, i, mode)
+                       model_config, cfg, i, mode, k_offset)
 
 
 def install_online(layer: DecoderLayer, model_config: Any, cfg: QuantConfig,
-                   mode: str) -> DecoderLayer:
-    """Attach R3 (qk_transform), R4 (down_input_transform) and the KV codec to a layer."""
-    if cfg.rotates and cfg.r3:
-        layer.qk_transform = r3_qk_transform(model_config.head_dim)
+                   mode: str, k_offset: np.ndarray | None = None) -> DecoderLayer:
+    """Attach R3 and the key offset (qk_transform), R4 (down_input_transform) and the KV codec
+    to a layer (the key offset only when ``cfg.centres_keys``: it centres what K4 quantizes)."""
+    if cfg.centres_keys and k_offset is None:
+        raise ValueError(f"k_offset: layer {layer.index} needs its key offset "
+                         f"(kv_centre_keys with a {cfg.kv_bits}-bit K cache)")
+    layer.qk_transform = qk_transform(model_config.head_dim, cfg.rotates and cfg.r3,
+                                      k_offset if cfg.centres_keys else None)
     if cfg.rotates and cfg.r4:
         layer.down_input_transform = r4_input_transform(model_config.intermediate_size)
     layer.kv_codec = kv_codec(cfg, model_config.head_dim, mode)

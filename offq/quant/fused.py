@@ -129,16 +129,20 @@ class FusedDecoder:
             if kv is not None and codec != kv:
                 raise ValueError(f"model: layer {i} has a different KV codec")
             kv = codec
-            has_r3, has_r4 = layer.qk_transform is not None, layer.down_input_transform is not None
-            if r3 is not None and (has_r3, has_r4) != (r3, r4):
-                raise ValueError(f"model: layer {i} has different online transforms")
-            r3, r4 = has_r3, has_r4
-            for hook, what, kind in ((layer.qk_transform, "qk_transform", HadamardQK),
+            qk = layer.qk_transform
+            for hook, what, kind in ((qk, "qk_transform", HadamardQK),
                                      (layer.down_input_transform, "down_input_transform",
                                       HadamardInput)):
                 if hook is not None and not isinstance(hook, kind):
                     raise ValueError(f"model: layer {i} {what} is not offq's R3/R4 Hadamard")
-            layers.append((layer.input_norm, layer.post_attention_norm, *specs))
+            has_r3 = qk is not None and qk.hadamard
+            has_r4 = layer.down_input_transform is not None
+            if r3 is not None and (has_r3, has_r4) != (r3, r4):
+                raise ValueError(f"model: layer {i} has different online transforms")
+            r3, r4 = has_r3, has_r4
+            k_offset = getattr(qk, "k_offset", None)
+            layers.append((layer.input_norm, layer.post_attention_norm, *specs,
+                           None if k_offset is None else k_offset.reshape(-1)))
         a0 = acts[0]
         if any((a.symmetric, a.clip) != (a0.symmetric, a0.clip) for a in acts):
             raise ValueError("model: the activation quantizers differ in grid or clip")

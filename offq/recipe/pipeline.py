@@ -3,10 +3,10 @@
     fuse norms       final norm -> lm_head (embeddings untied); each layer's norms -> its linears
     statistics       one float pass collecting the top-1 PCA second moment (only when R1/R2 need it)
     rotations        R1 (OffQ: U1 P H1; QuaRot: random-sign Hadamard), R2 per head, R3/R4 online
-    per layer        fuse + rotate its weights -> capture its site inputs (after the already-
-                     quantized earlier layers) -> quantize each site's linears (pre-steps such as
-                     OSAQ, then RTN or GPTQ) -> write the layer -> propagate the calibration batch
-                     through the layer just quantized
+    per layer        fuse + rotate its weights -> capture its site inputs and mean key (after the
+                     already-quantized earlier layers) -> quantize each site's linears (pre-steps
+                     such as OSAQ, then RTN or GPTQ) -> write the layer (with its key offset) ->
+                     propagate the calibration batch through the layer just quantized
     save             the offq checkpoint directory (config.json last)
 
 The loop never knows which weight method runs: it asks :mod:`offq.quantizers.registry` for the
@@ -42,6 +42,7 @@ from ..quant.weight import QuantizedWeight
 from ..quantizers.gptq import HessianAccumulator
 from ..quantizers.registry import build_weight_quantizer
 from . import rotations as rot
+from .key_offset import KeyMean, key_offset_from_bias
 from .statistics import collect_statistics, fused_layer
 from .store import CheckpointStore, calibration_record, fingerprint, write_checkpoint
 
@@ -145,7 +146,9 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     # 3. layer by layer: fuse + rotate, capture, quantize, write, propagate
     weights_only = dataclasses.replace(config, a_bits=OFF, kv_bits=OFF)
     runner = LayerRunner(mc)
-    h = np.asarray(glob[arch.embed[0]], np.float32)[calib] if needs_hessians(config) else None
+    hessians_needed = needs_hessians(config)
+    propagate = calib is not None and (hessians_needed or config.centres_keys)
+    h = np.asarray(glob[arch.embed[0]], np.float32)[calib] if propagate else None
     t_capture = t_quant = t_prop = 0.0
     for i in track(range(mc.num_hidden_layers), "quantize layers", unit="layer", show=show):
         stored = store.load_layer(i)
@@ -155,14 +158,18 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
             if config.rotates:
                 rot.rotate_layer(w, i, mc, r1=r1, r2=None if r2 is None else r2[i], r4=config.r4)
             t = time.perf_counter()
-            hessians = capture_hessians(runner, w, mc, weights_only, h, i, batch_size) \
-                if h is not None else {}
+            hessians, key_mean = capture_layer(runner, w, mc, weights_only, h, i, batch_size,
+                                               hessians_needed) if h is not None else ({}, None)
             t_capture += time.perf_counter() - t
             t = time.perf_counter()
             linears, rep = quantize_layer(w, hessians, mc, config, i, pre_steps, quantizer)
             reports.update(rep)
             t_quant += time.perf_counter() - t
             stored = layer_tensors(w, linears, mc, i)
+            if config.centres_keys:
+                stored[arch.key_offset(i)] = key_mean if key_mean is not None else \
+                    key_offset_from_bias(w.get(arch.bias(i, "k_proj")), mc, config.calib_seqlen,
+                                         config.rotates and config.r3)
             store.save_layer(i, stored)
         if h is not None and i + 1 < mc.num_hidden_layers:
             t = time.perf_counter()
@@ -267,12 +274,15 @@ def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | 
     return r1, r2, meta
 
 
-def capture_hessians(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any,
-                     weights_only: QuantConfig, h: np.ndarray, i: int,
-                     batch_size: int) -> dict[str, HessianAccumulator]:
-    """``2 X^T X / n`` of every capture site of layer ``i`` (float layer, online transforms on),
-    on copies of the calibration hidden states ``h`` (which are left unchanged)."""
+def capture_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any,
+                  weights_only: QuantConfig, h: np.ndarray, i: int, batch_size: int,
+                  hessians: bool = True) -> tuple[dict[str, HessianAccumulator], np.ndarray]:
+    """One float pass of layer ``i`` (online transforms on) over copies of the calibration
+    hidden states ``h`` (left unchanged): ``2 X^T X / n`` of every capture site (when
+    ``hessians``) and the mean key of each KV head in the cache's basis ``[Hkv, hd]``."""
     layer = install_online(load_decoder_layer(w, mc, i), mc, weights_only, "fake")
+    keys = KeyMean(layer.qk_transform)
+    layer.qk_transform = keys
     acc: dict[str, HessianAccumulator] = {}
 
     def capture(site: str, _i: int, x: np.ndarray) -> None:
@@ -281,7 +291,8 @@ def capture_hessians(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any,
         acc[site].update(x)
 
     for s in range(0, h.shape[0], batch_size):
-        runner.forward(layer, h[s:s + batch_size].copy(), capture=capture)
+        runner.forward(layer, h[s:s + batch_size].copy(),
+                       capture=capture if hessians else None)
     for site, a in acc.items():  # one NaN anywhere in the site's inputs reaches the sum
         if not np.all(np.isfinite(a.sum)):
             raise ValueError(f"layer {i} site {site}: the calibration activations contain NaN or "
@@ -289,7 +300,7 @@ def capture_hessians(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any,
         if not np.any(np.diag(a.sum)):  # every input dead: GPTQ would zero the whole weight
             raise ValueError(f"layer {i} site {site}: every calibration activation is zero (an "
                              f"overflow in an earlier layer's RMSNorm?)")
-    return acc
+    return acc, keys.mean()
 
 
 def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumulator], mc: Any,
