@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -87,44 +86,23 @@ def write_checkpoint(directory: Path, cfg: dict, seed: int = 0) -> int:
 # ------------------------------------------------------------------------------------------------
 # child: evaluate and measure
 # ------------------------------------------------------------------------------------------------
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def child(directory: str, seqlen: int, windows: int, batch: int, threads: int) -> None:
+    from offq.bench.memory import PeakMemory
     from offq.eval import perplexity
     from offq.formats import open_checkpoint
     from offq.kernels import set_num_threads
     from offq.model import Model
 
     set_num_threads(threads)
-    peak = {"anon": _status_kb("RssAnon")}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak["anon"] = max(peak["anon"], _status_kb("RssAnon"))
-            time.sleep(0.005)
-
-    base_anon = _status_kb("RssAnon")
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
     t0 = time.perf_counter()
-    with open_checkpoint(directory) as ckpt:
-        model = Model.from_checkpoint(ckpt, resident=False)
-        ids = np.random.default_rng(1).integers(3, 256, size=seqlen * windows).tolist()
-        res = perplexity(model, None, ids, seqlen=seqlen, batch_size=batch, quiet=True)
-    stop.set()
-    th.join()
-    peak["anon"] = max(peak["anon"], _status_kb("RssAnon"))
+    with PeakMemory() as pm:
+        with open_checkpoint(directory) as ckpt:
+            model = Model.from_checkpoint(ckpt, resident=False)
+            ids = np.random.default_rng(1).integers(3, 256, size=seqlen * windows).tolist()
+            res = perplexity(model, None, ids, seqlen=seqlen, batch_size=batch, quiet=True)
     print(json.dumps({"ppl": res["ppl"], "windows": res["windows"], "seconds":
-                      time.perf_counter() - t0, "peak_anon_bytes": peak["anon"] * 1024,
-                      "base_anon_bytes": base_anon * 1024,
-                      "vm_hwm_bytes": _status_kb("VmHWM") * 1024}))
+                      time.perf_counter() - t0, "peak_anon_bytes": pm.peak_anon,
+                      "base_anon_bytes": pm.base_anon, "vm_hwm_bytes": pm.vm_hwm}))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Quantization time and memory against one FP32 forward pass (issue 10, "quantization that
+scales").
+
+Two child processes on the same calibration tokens (``--calib-samples`` x ``--calib-seqlen`` of
+offq's default corpus, seed 0), one after the other:
+
+1. ``forward``: one FP32 forward of the decoder layers over the calibration tokens, in batches of
+   ``--batch-size`` sequences, layers streamed from the checkpoint as the recipe streams them
+   (the LM head is not applied: the recipe never computes logits);
+2. ``quantize``: the whole ``offq.quantize`` of ``--method`` (writing the checkpoint to a
+   temporary directory), with its time per stage.
+
+Printed: both wall times and their ratio (the issue's target: quantize <= 2.0x the forward), each
+child's peak anonymous RSS (sampled) and VmHWM, and the memory budget the issue states: float32
+embeddings + LM head + one decoder layer + the calibration hidden states + the Hessians of one
+layer's input sites (float64).
+
+    python benchmarks/bench_quantize_scaling.py                                   # SmolLM2-135M
+    python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --calib-samples 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GB = 1e9
+
+
+def calibration_ids(ckpt, samples: int, seqlen: int) -> np.ndarray:
+    from offq.data import DEFAULT_CALIBRATION, sample_calibration
+
+    return sample_calibration(ckpt.tokenizer, DEFAULT_CALIBRATION, n=samples, seqlen=seqlen,
+                              seed=0, add_bos=bool(ckpt.config.add_bos))
+
+
+def child(args: argparse.Namespace) -> None:
+    """One stage in this process; prints one JSON line."""
+    import offq
+    from offq.bench.memory import PeakMemory
+    from offq.config import QuantConfig
+    from offq.kernels import set_num_threads
+    from offq.model import Model
+
+    set_num_threads(args.threads)
+    with PeakMemory() as pm:
+        ckpt = offq.load(args.model)
+        calib = calibration_ids(ckpt, args.calib_samples, args.calib_seqlen)
+        t0 = time.perf_counter()
+        out: dict = {}
+        if args.stage == "forward":
+            model = Model.from_checkpoint(ckpt, resident=False)
+            for s in range(0, calib.shape[0], args.batch_size):
+                model.hidden_states(calib[s:s + args.batch_size])
+        else:
+            cfg = QuantConfig(method=args.method, calib_samples=args.calib_samples,
+                              calib_seqlen=args.calib_seqlen)
+            with tempfile.TemporaryDirectory() as tmp:
+                res = offq.quantize(ckpt, cfg, calib, out_dir=Path(tmp) / "q",
+                                    batch_size=args.batch_size, progress=False)
+            out["stages"] = res.timings
+            out["config"] = cfg.describe(ckpt.config.hidden_size)
+        out["seconds"] = time.perf_counter() - t0
+    out.update(peak_anon=pm.peak_anon, base_anon=pm.base_anon, vm_hwm=pm.vm_hwm)
+    print(json.dumps(out))
+
+
+def budget(model: str, samples: int, seqlen: int) -> dict[str, float]:
+    """The issue's memory budget, in bytes, from the model's shapes."""
+    import offq
+    from offq.model.arch import architecture_of
+
+    ckpt = offq.load(model)
+    mc = ckpt.config
+    arch = architecture_of(mc)
+    shapes = mc.tensor_shapes()
+    layer = sum(int(np.prod(s)) * 4 for n, s in shapes.items() if arch.layer_of(n) == 0)
+    d, f = mc.hidden_size, mc.intermediate_size
+    hessians = 8.0 * (2 * d * d + (mc.num_attention_heads * mc.head_dim) ** 2 + f * f)
+    return {"embeddings + LM head": 2 * mc.vocab_size * d * 4.0, "one layer": float(layer),
+            "calibration hidden states": samples * seqlen * d * 4.0,
+            "Hessians of one layer": hessians}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--method", default="offq")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stage", choices=("forward", "quantize"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.stage:
+        child(args)
+        return 0
+    from offq.bench.machine import describe_machine
+
+    print(f"# {args.model}, {args.method}, calibration {args.calib_samples} x "
+          f"{args.calib_seqlen} (batch {args.batch_size}); {describe_machine()}, "
+          f"{args.threads} threads", flush=True)
+    res = {}
+    for stage in ("forward", "quantize"):
+        cmd = [sys.executable, __file__, "--stage", stage] + sys.argv[1:]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        res[stage] = json.loads(out.strip().splitlines()[-1])
+        r = res[stage]
+        print(f"{stage:9s} {r['seconds']:8.1f} s   peak anon RSS {r['peak_anon'] / GB:6.2f} GB   "
+              f"VmHWM {r['vm_hwm'] / GB:6.2f} GB", flush=True)
+    q, fwd = res["quantize"], res["forward"]
+    print(f"config: {q['config']}")
+    print("quantize stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in q["stages"].items()))
+    print(f"quantize / FP32 forward = {q['seconds'] / fwd['seconds']:.2f} (target <= 2.0)")
+    b = budget(args.model, args.calib_samples, args.calib_seqlen)
+    print("budget: " + " + ".join(f"{k} {v / GB:.2f}" for k, v in b.items())
+          + f" = {sum(b.values()) / GB:.2f} GB (quantize peak anon RSS "
+          f"{q['peak_anon'] / GB:.2f} GB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
