@@ -21,6 +21,7 @@ typedef enum {
     OFFQ_ERR_NOMEM = 4,       /* temporary memory could not be allocated */
     OFFQ_ERR_UNSUPPORTED = 5, /* SIMD variant not usable here, or a length with no construction */
     OFFQ_ERR_NOCONVERGE = 6,  /* an iterative solver did not converge */
+    OFFQ_ERR_NOTPD = 7,       /* a matrix is not (numerically) positive definite */
 } offq_status;
 
 /* ---- CPU features, dispatch and threads (cpu.c) ------------------------------------------- */
@@ -196,5 +197,16 @@ void offq_top1_rows_f64(const double *x, int64_t batch, int64_t tokens, int64_t 
  * OFFQ_ERR_NOCONVERGE. */
 offq_status offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double tol, uint64_t seed,
                                 double *values, double *vectors);
+
+/* ---- Dense factorizations (linalg.c) ---------------------------------------------------------- */
+
+/* u[k, k] (row-major, upper triangular, positive diagonal, strictly lower part zero) with
+ * (h + add I)^-1 = u^T u, for the symmetric h[k, k] (only its upper triangle is read), add >= 0,
+ * 1 <= k <= 46000 (LAPACK's 32-bit sizes). The reversal J (x_i -> x_{k-1-i}): lower Cholesky
+ * J (h + add I) J = L L^T (LAPACK potrf), then u = J L^-1 J (trtri); O(k^2) memory besides u.
+ * OFFQ_ERR_NONFINITE (NaN/Inf in h's upper triangle), OFFQ_ERR_NOTPD (potrf fails: h + add I is
+ * not numerically positive definite; or u has a non-finite entry or a diagonal entry <= 0),
+ * OFFQ_ERR_NOMEM. u is unspecified after an error. Threads: OpenBLAS's setting. */
+offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add, double *u);
 
 #endif

@@ -2,8 +2,8 @@
  *
  * Module init (fills the dispatch table once), the thread / dispatch controls, and the shared
  * argument converters and status -> exception mapping of bind_util.h. The kernels' bindings live in
- * bind_hadamard.c, bind_quant.c, bind_cov.c, each exporting a method table added here. Every
- * binding parses, validates, releases the GIL and calls the C core.
+ * bind_hadamard.c, bind_quant.c, bind_cov.c, bind_linalg.c, ..., each exporting a method table
+ * added here. Every binding parses, validates, releases the GIL and calls the C core.
  */
 #define OFFQ_MODULE_MAIN
 #include "bind_util.h"
@@ -36,6 +36,9 @@ int offq_py_status(offq_status status, offq_errctx ctx)
         break;
     case OFFQ_ERR_NOCONVERGE:
         PyErr_Format(PyExc_RuntimeError, "%s: the iterative solver did not converge", arg);
+        break;
+    case OFFQ_ERR_NOTPD:
+        PyErr_Format(PyExc_ValueError, "%s: not positive definite (numerically)", arg);
         break;
     case OFFQ_ERR_NOMEM:
     default:
@@ -85,6 +88,7 @@ extern PyMethodDef offq_quant_methods[];
 extern PyMethodDef offq_cov_methods[];
 extern PyMethodDef offq_decoder_methods[];
 extern PyMethodDef offq_matmul_i8_methods[];
+extern PyMethodDef offq_linalg_methods[];
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
 {
@@ -131,7 +135,8 @@ static int module_exec(PyObject *m)
         PyModule_AddFunctions(m, offq_quant_methods) < 0 ||
         PyModule_AddFunctions(m, offq_cov_methods) < 0 ||
         PyModule_AddFunctions(m, offq_decoder_methods) < 0 ||
-        PyModule_AddFunctions(m, offq_matmul_i8_methods) < 0) {
+        PyModule_AddFunctions(m, offq_matmul_i8_methods) < 0 ||
+        PyModule_AddFunctions(m, offq_linalg_methods) < 0) {
         return -1;
     }
     return 0;

@@ -1,11 +1,13 @@
 """offq.kernels: typed wrappers of the C core (offq._C).
 
 Everything a method or the runtime needs: Walsh-Hadamard transforms (:mod:`.hadamard`), covariance
-accumulation and top eigenpairs (:mod:`.cov`), group-wise quantization and the W4A4 matmul
-(:mod:`.quant`), and the single thread setting (:mod:`.threads`).
+accumulation and top eigenpairs (:mod:`.cov`), the upper Cholesky factor of an inverse for GPTQ
+(:mod:`.linalg`), group-wise quantization and the W4A4 matmul (:mod:`.quant`), and the single
+thread setting (:mod:`.threads`).
 """
 from .cov import cov_update, top_eigenpairs
 from .hadamard import SUPPORTED_ORDERS, fwht, hadamard_factor, hadamard_matrix, is_supported
+from .linalg import upper_cholesky_of_inverse
 from .quant import SUPPORTED_BITS, QTensor, dequantize, matmul_w4a4, pack_codes, quantize, unpack_codes
 from .threads import get_num_threads, set_num_threads, threads
 
@@ -17,6 +19,7 @@ __all__ = [
     "SUPPORTED_ORDERS",
     "cov_update",
     "top_eigenpairs",
+    "upper_cholesky_of_inverse",
     "set_num_threads",
     "get_num_threads",
     "threads",

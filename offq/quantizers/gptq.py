@@ -7,9 +7,11 @@ docs/METHODS.md, "GPTQ". For a linear layer with weight ``W`` [N, K] and calibra
 2. dead inputs (``diag H == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``;
 3. optional act-order: columns visited by descending ``diag H``;
 4. damping ``H += damp * mean(diag H) * I``;
-5. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``); when the damped Hessian is too
-   ill-conditioned for that (a rank-deficient H with ``damp = 0``, say), the damping grows tenfold
-   per retry (at most `MAX_DAMP_RETRIES` times) and a warning names the layer and site;
+5. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), computed without the inverse
+   (:func:`offq.kernels.upper_cholesky_of_inverse`: Cholesky of the reversed ``H``, then a
+   triangular inverse); when the damped Hessian is too ill-conditioned for that (a rank-deficient
+   H with ``damp = 0``, say), the damping grows tenfold per retry (at most `MAX_DAMP_RETRIES`
+   times) and a warning names the layer and site;
 6. columns in lazy blocks of ``block_size``: quantize column ``i``, error ``e = (w_i - q_i) / U_ii``,
    update the rest of the block with ``e U_i,i:`` and, once per block, the columns after it with
    the rank-``block_size`` product. (Inside a block the same updates are applied in sub-blocks of
@@ -84,6 +86,8 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
                    where: str = "") -> HessianFactor:
     """Steps 2-5 of the module docstring on ``H = 2 X^T X / n`` [K, K] (``where`` names the
     layer and site in the warning a damping retry logs)."""
+    if not (np.isfinite(damp) and damp >= 0):
+        raise ValueError(f"damp: expected a finite number >= 0, got {damp}")
     h = np.array(hessian, dtype=np.float64)  # copy: modified below
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian: expected a square matrix, got shape {h.shape}")
@@ -109,21 +113,17 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray, add: float) -> np.ndarray | None:
-    """Upper ``u`` with ``(h + add I)^-1 = u.T @ u``, or None when that is not computable."""
-    hd = h.copy()
-    hd[np.diag_indices(hd.shape[0])] += add
-    # LAPACK single-threaded: OpenBLAS threads spin-wait badly on a shared machine, and these
-    # [K, K] factorizations are a small part of the work on an idle one
-    try:
-        with threadpool_limits(limits=1, user_api="blas"), np.errstate(all="ignore"):
-            hinv = np.linalg.inv(hd)
-            hinv = (hinv + hinv.T) / 2
-            if not np.all(np.isfinite(hinv)):
-                return None
-            u = np.linalg.cholesky(hinv).T  # upper: hinv = u.T @ u
-    except np.linalg.LinAlgError:
-        return None
-    return u if np.all(np.isfinite(u)) and np.all(np.diag(u) > 0) else None
+    """Upper ``u`` with ``(h + add I)^-1 = u.T @ u``, or None when that is not computable.
+
+    :func:`offq.kernels.upper_cholesky_of_inverse` (C, LAPACK potrf + trtri of the reversed
+    matrix, no inverse formed; only the upper triangle of ``h`` is read)."""
+    from offq.kernels import upper_cholesky_of_inverse
+
+    # LAPACK single-threaded: OpenBLAS threads spin-wait badly on a shared machine (measured on
+    # 2 busy cores: 2 threads were slower than 1), and these [K, K] factorizations are a small
+    # part of the work on an idle one
+    with threadpool_limits(limits=1, user_api="blas"):
+        return upper_cholesky_of_inverse(np.ascontiguousarray(h, dtype=np.float64), float(add))
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int = 4,

@@ -1,0 +1,111 @@
+/* linalg.c: dense factorizations through OpenBLAS's LAPACKE (scipy-openblas32, prefixed names).
+ *
+ * Upper Cholesky factor of an inverse (what GPTQ needs): U upper with (H + add I)^-1 = U^T U.
+ * With J the reversal permutation (J = J^T = J^-1) and M = J (H + add I) J = L L^T (lower
+ * Cholesky), R = J L J is upper and H + add I = R R^T, so (H + add I)^-1 = R^-T R^-1 and
+ * U = R^-1 = J L^-1 J. Cost: potrf + trtri (K^3 / 3 each) instead of an inverse (~2 K^3) followed
+ * by a Cholesky of it.
+ *
+ * Storage: for a row-major K x K array, J A J is the same K * K numbers in reverse order, so the
+ * reversals are flat reversals. A row-major lower triangle is a column-major upper one, so LAPACK
+ * runs column-major with uplo 'U' on the buffer in place (LAPACKE's row-major layout would
+ * transpose into and out of a K x K copy): column-major potrf 'U' gives M = Uc^T Uc, i.e. L = Uc^T
+ * in the row-major view, and trtri 'U' turns Uc into Uc^-1, i.e. L^-1 in the row-major view.
+ */
+#include "offq.h"
+
+#include <math.h>
+#include <stdint.h>
+
+#include <lapacke.h>
+
+/* out = the flat reversal of h (out = J h J), plus `add` on the diagonal; only the upper triangle
+ * of h is read (it lands in the row-major lower triangle of out, the part LAPACK reads; the other
+ * triangle of out is zeroed). Returns
+ * OFFQ_ERR_NONFINITE if that triangle has a NaN or Inf. */
+static offq_status reverse_damped(const double *h, int64_t k, double add, double *out)
+{
+    int bad = 0;
+#pragma omp parallel for schedule(static) reduction(| : bad) if (k >= 512)
+    for (int64_t i = 0; i < k; i++) {
+        const double *src = h + (k - 1 - i) * k; /* row k-1-i of h, read right to left */
+        double *dst = out + i * k;
+        for (int64_t j = 0; j <= i; j++) { /* dst[j] = h[k-1-i][k-1-j], j <= i: upper of h */
+            const double v = src[k - 1 - j];
+            bad |= !isfinite(v);
+            dst[j] = v;
+        }
+        dst[i] += add;
+        for (int64_t j = i + 1; j < k; j++) { /* LAPACK leaves this triangle alone: keep it 0 */
+            dst[j] = 0.0;
+        }
+    }
+    return bad ? OFFQ_ERR_NONFINITE : OFFQ_OK;
+}
+
+/* u <- J u J (flat reversal in place), keeping only what was the lower triangle (now the upper
+ * one) and zeroing the rest; OFFQ_ERR_NOTPD unless every kept entry is finite and the diagonal
+ * positive. */
+static offq_status reverse_lower_to_upper(double *u, int64_t k)
+{
+    int bad = 0;
+    /* row i of the result is row k-1-i of the input reversed: rows i and k-1-i swap, reversed */
+#pragma omp parallel for schedule(static) reduction(| : bad) if (k >= 512)
+    for (int64_t i = 0; i < (k + 1) / 2; i++) {
+        double *a = u + i * k;           /* input row i: lower part a[0..i] */
+        double *b = u + (k - 1 - i) * k; /* input row k-1-i: lower part b[0..k-1-i] */
+        if (a == b) {                    /* the middle row of an odd k */
+            for (int64_t j = 0; j < k - 1 - j; j++) {
+                const double t = a[j];
+                a[j] = a[k - 1 - j];
+                a[k - 1 - j] = t;
+            }
+        } else {
+            for (int64_t j = 0; j < k; j++) {
+                const double t = a[j];
+                a[j] = b[k - 1 - j];
+                b[k - 1 - j] = t;
+            }
+        }
+        /* now rows i and k-1-i hold the result: upper parts from column i (resp. k-1-i) */
+        for (int64_t j = 0; j < i; j++) {
+            a[j] = 0.0;
+        }
+        for (int64_t j = 0; j < k - 1 - i; j++) {
+            b[j] = 0.0;
+        }
+        for (int64_t j = i; j < k; j++) {
+            bad |= !isfinite(a[j]);
+        }
+        for (int64_t j = k - 1 - i; j < k; j++) {
+            bad |= !isfinite(b[j]);
+        }
+        bad |= !(a[i] > 0.0) || !(b[k - 1 - i] > 0.0);
+    }
+    return bad ? OFFQ_ERR_NOTPD : OFFQ_OK;
+}
+
+offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add, double *u)
+{
+    offq_status rc = reverse_damped(h, k, add, u);
+    if (rc != OFFQ_OK) {
+        return rc;
+    }
+    lapack_int info = scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', (lapack_int)k, u, (lapack_int)k);
+    if (info > 0) { /* leading minor of order info not positive */
+        return OFFQ_ERR_NOTPD;
+    }
+    if (info == 0) {
+        info = scipy_LAPACKE_dtrtri(LAPACK_COL_MAJOR, 'U', 'N', (lapack_int)k, u, (lapack_int)k);
+        if (info > 0) { /* an exactly zero diagonal entry */
+            return OFFQ_ERR_NOTPD;
+        }
+    }
+    if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR) {
+        return OFFQ_ERR_NOMEM;
+    }
+    if (info < 0) { /* an argument LAPACKE rejected: the binding's checks should make it unreachable */
+        return OFFQ_ERR_UNSUPPORTED;
+    }
+    return reverse_lower_to_upper(u, k);
+}
