@@ -145,6 +145,34 @@ def test_gptq_dead_columns_and_identity_hessian():
                                   rtn_quantize(w, bits=4, symmetric=False, clip_search=False).dequantized)
 
 
+def test_hessian_finish_is_in_place_and_final():
+    """finish() scales the running sum in place (no K x K copy) to what .hessian returns, and
+    ends the accumulation; the dead input gets a unit diagonal in the factor, as before."""
+    from offq.quantizers.gptq import factor_hessian
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((300, 24)).astype(np.float32)
+    x[:, 3] = 0
+    acc = HessianAccumulator(24)
+    acc.update(x[:100])
+    acc.update(x[100:])
+    want = acc.hessian
+    got = acc.finish()
+    assert got is acc.sum
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(acc.finish(), want)  # idempotent
+    np.testing.assert_array_equal(acc.hessian, want)
+    with pytest.raises(ValueError, match="finish"):
+        acc.update(x)
+    f = factor_hessian(got, damp=0.01)
+    assert f.dead[3] and not f.dead[[0, 1, 2, 4]].any()
+    np.testing.assert_array_equal(got, want)  # the factor left the Hessian untouched
+    hp = want[np.ix_(f.perm, f.perm)].copy()
+    hp[np.diag_indices(24)] = np.where(f.dead[f.perm], 1.0, np.diag(hp))
+    hp[np.diag_indices(24)] += 0.01 * np.mean(np.diag(hp))
+    np.testing.assert_allclose(f.u.T @ f.u, np.linalg.inv(hp), rtol=1e-9, atol=1e-12)
+
+
 def test_shared_factor_equals_direct(layer):
     from offq.quantizers.gptq import factor_hessian
 

@@ -51,12 +51,15 @@ class HessianAccumulator:
         self.k = k
         self.sum = np.zeros((k, k), dtype=np.float64)
         self.n = 0
+        self.finished = False
 
     def update(self, x: np.ndarray) -> None:
         """Add the rows of ``x[..., K]``: ``offq.kernels.cov_update`` (OpenBLAS syrk; float32
         sums within one call, float64 across calls)."""
         from offq.kernels import cov_update
 
+        if self.finished:
+            raise ValueError("HessianAccumulator: finish() was called; no more inputs")
         x = np.asarray(x)
         if x.shape[-1] != self.k:
             raise ValueError(f"x: expected last axis {self.k}, got shape {x.shape}")
@@ -66,9 +69,22 @@ class HessianAccumulator:
 
     @property
     def hessian(self) -> np.ndarray:
+        """``2 X^T X / n`` (a new array; :meth:`finish` avoids the copy)."""
+        if self.finished:
+            return self.sum.copy()
         if self.n == 0:
             raise ValueError("HessianAccumulator: no inputs were added")
         return self.sum * (2.0 / self.n)
+
+    def finish(self) -> np.ndarray:
+        """``2 X^T X / n`` computed in place in the running sum (no K x K copy: 640 MB at
+        K = 8960), which ends the accumulation (a later :meth:`update` raises)."""
+        if not self.finished:
+            if self.n == 0:
+                raise ValueError("HessianAccumulator: no inputs were added")
+            self.sum *= 2.0 / self.n
+            self.finished = True
+        return self.sum
 
 
 @dataclass(frozen=True)
@@ -88,16 +104,19 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
     layer and site in the warning a damping retry logs)."""
     if not (np.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp: expected a finite number >= 0, got {damp}")
-    h = np.array(hessian, dtype=np.float64)  # copy: modified below
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise ValueError(f"hessian: expected a square matrix, got shape {h.shape}")
-    if not np.all(np.isfinite(h)):
+    hessian = np.asarray(hessian)
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian: expected a square matrix, got shape {hessian.shape}")
+    if not np.all(np.isfinite(hessian)):
         raise ValueError(f"hessian{' of ' + where if where else ''}: contains NaN or Inf")
-    k = h.shape[0]
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    h = h[np.ix_(perm, perm)]
+    k = hessian.shape[0]
+    diag = np.diag(hessian).astype(np.float64)
+    dead = diag == 0
+    diag[dead] = 1.0
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
+    # the one K x K copy made here (at K = 8960 each copy is 640 MB): permuted, float64
+    h = np.asarray(hessian[np.ix_(perm, perm)], dtype=np.float64)
+    h[np.diag_indices(k)] = diag[perm]
     mean_diag = np.mean(np.diag(h))
     tried = damp
     for attempt in range(MAX_DAMP_RETRIES + 1):

@@ -122,15 +122,10 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     show = progress
     pre_steps, quantizer = build_weight_quantizer(config)
 
-    # 1. fused global tensors (final norm -> lm_head, embeddings untied)
-    glob = {arch.embed[0]: ckpt.tensors[arch.embed[0]],
-            arch.final_norm[0]: ckpt.tensors[arch.final_norm[0]]}
-    glob[arch.lm_head[0]] = ckpt.tensors[arch.lm_head[0] if arch.lm_head[0] in ckpt.tensors
-                                         else arch.embed[0]]
-    for name, a in glob.items():
-        if not np.all(np.isfinite(a)):
+    # 1. the global tensors must be finite (checked now, not after an hour of layers)
+    for name in {arch.embed[0], arch.final_norm[0], _head_source(ckpt, arch)}:
+        if not np.all(np.isfinite(ckpt.tensors[name])):
             raise ValueError(f"weight {name!r} contains NaN or Inf")
-    rot.fuse_final_norm(glob, arch)
 
     # 2. rotations (statistics pass when the method needs one)
     t0 = time.perf_counter()
@@ -138,9 +133,6 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     if rot_meta is None:
         r1, r2, rot_meta = compute_rotations(ckpt, mc, config, calib, batch_size, show)
         store.save_rotations(r1, r2, rot_meta)
-    if r1 is not None:
-        rot.rotate_embeddings(glob, r1, arch)
-        rot.rotate_head(glob, r1, arch)
     timings["rotations"] = time.perf_counter() - t0
 
     # 3. layer by layer: fuse + rotate, capture, quantize, write, propagate
@@ -148,7 +140,9 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     runner = LayerRunner(mc)
     hessians_needed = needs_hessians(config)
     propagate = calib is not None and (hessians_needed or config.centres_keys)
-    h = np.asarray(glob[arch.embed[0]], np.float32)[calib] if propagate else None
+    # the calibration hidden states: rows of the rotated embeddings (rotated again, identically,
+    # when they are saved: neither they nor the LM head stay resident during the layer loop)
+    h = global_tensors(ckpt, arch, r1, head=False)[arch.embed[0]][calib] if propagate else None
     t_capture = t_quant = t_prop = 0.0
     for i in track(range(mc.num_hidden_layers), "quantize layers", unit="layer", show=show):
         stored = store.load_layer(i)
@@ -184,8 +178,11 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         del stored, w
     timings.update(capture=t_capture, quantize=t_quant, propagate=t_prop)
 
-    # 4. save (the LM head in 8 bits when asked: after R1 and the final norm are fused into it)
+    # 4. save: the fused, rotated global tensors (the LM head in 8 bits when asked: after R1
+    # and the final norm are fused into it)
+    del h
     t = time.perf_counter()
+    glob = global_tensors(ckpt, arch, r1)
     if config.lm_head_bits == 8:
         from ..quant.lm_head import store_lm_head
 
@@ -202,6 +199,27 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
 
 
 # ---------------------------------------------------------------------------------- stages
+def _head_source(ckpt: Any, arch: Any) -> str:
+    """The tensor the LM head is read from (the embeddings when the model ties them)."""
+    return arch.lm_head[0] if arch.lm_head[0] in ckpt.tensors else arch.embed[0]
+
+
+def global_tensors(ckpt: Any, arch: Any, r1: np.ndarray | None, *,
+                   head: bool = True) -> dict[str, np.ndarray]:
+    """The embeddings, final norm and (with ``head``) LM head as stored: the final norm fused
+    into the LM head (embeddings untied), R1 fused into both (float32 products)."""
+    glob = {arch.embed[0]: ckpt.tensors[arch.embed[0]],
+            arch.final_norm[0]: ckpt.tensors[arch.final_norm[0]]}
+    if head:
+        glob[arch.lm_head[0]] = ckpt.tensors[_head_source(ckpt, arch)]
+        rot.fuse_final_norm(glob, arch)
+    if r1 is not None:
+        rot.rotate_embeddings(glob, r1, arch)
+        if head:
+            rot.rotate_head(glob, r1, arch)
+    return glob
+
+
 def needs_statistics(cfg: QuantConfig) -> bool:
     return (cfg.method == "offq" and cfg.pca != "none") or (cfg.rotates and cfg.r2 == "pca_hadamard")
 
@@ -318,7 +336,7 @@ def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumula
     # (q/k/v; gate/up) are quantized as one stacked matrix with one per-site preparation.
     for site, lins in arch.sites.items():
         where = f"layer {i} {site}"
-        hess = hessians[site].hessian if site in hessians else None
+        hess = hessians[site].finish() if site in hessians else None
         for step in pre_steps:
             state = step.prepare(hess, where)
             for lin in lins:
