@@ -21,7 +21,8 @@ from ..model.decoder import DecoderLayer, Model
 from ..model.linear import DenseLinear, SlicedLinear
 from .activation import activation_quantizer
 from .kv_codec import kv_codec
-from .linears import FakeQuantLinear, GroupProduct, W4A4Linear, integer_product
+from .linears import (FakeQuantLinear, GroupProduct, PackedWeightLinear, W4A4Linear,
+                      integer_product, packed_weight_only)
 from .online import r3_qk_transform, r4_input_transform
 from .weight import QuantizedWeight
 
@@ -62,6 +63,8 @@ def _linear(weight: Any, act: Any, mode: str) -> Any:
     if isinstance(weight, DenseLinear):
         return weight if act is None else FakeQuantLinear(weight.weight, weight.bias, act)
     if mode == "real":
+        if packed_weight_only(weight, act):  # float activations: packed 2/3/4-bit weights
+            return PackedWeightLinear(weight)
         return W4A4Linear(weight, act)
     if integer_product(weight, act):
         return FakeQuantLinear(None, weight.bias, act, GroupProduct(weight, act.group_size))
