@@ -149,7 +149,7 @@ void offq_unpack_wq(const uint8_t *packed, int64_t rows, int64_t k, int bits, ui
  * inputs). Many rows: panels of weight rows dequantized to float32 (exactly the values of
  * w_hat) and multiplied by sgemm. kernel: OFFQ_KERNEL_AUTO, _GENERIC or _AVX2; OFFQ_ERR_UNSUPPORTED
  * when it is not usable here, OFFQ_ERR_NOMEM. */
-#define OFFQ_WQ_SMALL_M 16
+#define OFFQ_WQ_SMALL_M 32
 offq_status offq_matmul_wq(const float *x, int64_t m, const offq_wq_operand *w, float *out,
                            offq_kernel kernel);
 

@@ -50,7 +50,7 @@ def operands(rng, m, k, n, bits, group, symmetric):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("bits", WQ_BITS)
-@pytest.mark.parametrize("m", [1, 7, 16, 17, 64])
+@pytest.mark.parametrize("m", [1, 7, 32, 33, 64])
 @pytest.mark.parametrize("k, group", [(512, 32), (512, 64), (384, 128), (576, 576),
                                       (100, 25), (37, 37), (96, 96)])
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -5,14 +5,15 @@
  * lanes, lane l holding codes 4l .. 4l+3 in its fields j = 0..3 at bits [bits*j, bits*(j+1)):
  *   4 bits: 16 bytes zero-extended 16 -> 32 bits (vpmovzxwd);
  *   2 bits:  8 bytes zero-extended  8 -> 32 bits (vpmovzxbd);
- *   3 bits: 12 bytes, each lane's 12 bits gathered by a byte shuffle and shifted right by 0 or 4.
+ *   3 bits: 12 bytes (16 loaded where the array goes on), each lane's 12 bits gathered by a byte
+ *           shuffle and shifted right by 0 or 4.
  * Field j is masked in place, (lane & (mask << bits*j)) = q * 2^(bits*j), and converted to float
  * (exact: at most 24 significant bits). The 2^(bits*j) is undone in the activations instead: prep
  * reorders each 32-column chunk of x as xp[8j + l] = x[4l + j] * 2^-(bits*j) (exact unless the
  * product underflows, |x| < 2^-114), so xp[8j + l] * float(field j of lane l) = x * q exactly as
  * the generic kernel forms it. Per group: four accumulators a row (one per field), then
  * tot = fma(scale, sum, tot); the zero-point term sum_g scale*zero*xsum is subtracted at the end.
- * A block of up to 4 rows of x shares each decoded chunk.
+ * A block of up to 4 rows of x shares each decoded chunk (two accumulators a row then).
  *
  * Dequantization (the panels of the many-rows path): the field q = (lane & mask_j) * 2^-(bits*j),
  * then scale * (q - zero) (the reference's float32 operations), stored in the same reordered
@@ -26,7 +27,10 @@
 #define AVX2 __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 
-INLINE __m256i chunk_lanes(const uint8_t *p, const int bits)
+/* The lanes of the chunk at p. 3 bits: 12 bytes; `edge` (the last chunk of the array) reads
+ * exactly them, other chunks load 16 bytes (the next 4 belong to the array) straight into both
+ * 128-bit halves. */
+INLINE __m256i chunk_lanes(const uint8_t *p, const int bits, int edge)
 {
     if (bits == 4) {
         return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -34,10 +38,14 @@ INLINE __m256i chunk_lanes(const uint8_t *p, const int bits)
     if (bits == 2) {
         return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
     }
-    /* 3 bits: 12 bytes, never read past them (the last chunk of the last row ends the array) */
-    __m128i v = _mm_loadl_epi64((const __m128i *)p);
-    v = _mm_insert_epi32(v, (int)offq_load_u32(p + 8), 2);
-    const __m256i b = _mm256_broadcastsi128_si256(v);
+    __m256i b;
+    if (edge) {
+        __m128i v = _mm_loadl_epi64((const __m128i *)p);
+        v = _mm_insert_epi32(v, (int)offq_load_u32(p + 8), 2);
+        b = _mm256_broadcastsi128_si256(v);
+    } else {
+        b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    }
     const __m256i ctrl = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
                                           6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
     const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
@@ -70,11 +78,14 @@ void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int 
     }
 }
 
-/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R, for one packed row. */
+/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R, for one packed row; `edge`: the
+ * row ends the array. Accumulators: one per field for R <= 2, two (even, odd fields) for more
+ * rows, so that the 16 ymm registers hold them, the running totals and two decoded fields. */
 INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
-                     int64_t group, const int bits, const int R, float *res)
+                     int64_t group, const int bits, const int R, int edge, float *res)
 {
-    const int64_t ng = k / group, cpg = group / 32, cb = 4 * bits;
+    const int A = R <= 2 ? 4 : 2;
+    const int64_t ng = k / group, cpg = group / 32, cb = 4 * bits, last = k / 32 - 1;
     const int mask = (1 << bits) - 1;
     const __m256i m0 = _mm256_set1_epi32(mask), m1 = _mm256_set1_epi32(mask << bits),
                   m2 = _mm256_set1_epi32(mask << (2 * bits)),
@@ -86,28 +97,32 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
     for (int64_t g = 0; g < ng; g++) {
         __m256 d[4][4];
         for (int r = 0; r < R; r++) {
-            for (int j = 0; j < 4; j++) {
+            for (int j = 0; j < A; j++) {
                 d[r][j] = _mm256_setzero_ps();
             }
         }
         for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
-            const __m256i v = chunk_lanes(row + c * cb, bits);
-            const __m256 f0 = _mm256_cvtepi32_ps(_mm256_and_si256(v, m0));
-            const __m256 f1 = _mm256_cvtepi32_ps(_mm256_and_si256(v, m1));
-            const __m256 f2 = _mm256_cvtepi32_ps(_mm256_and_si256(v, m2));
-            const __m256 f3 = _mm256_cvtepi32_ps(_mm256_and_si256(v, m3));
+            const __m256i v = chunk_lanes(row + c * cb, bits, edge && c == last);
+            const float *x0 = xp + c * 32;
+            __m256 fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m0));
+            __m256 fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m1));
             for (int r = 0; r < R; r++) {
-                const float *xr = xp + r * k + c * 32;
-                d[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), f0, d[r][0]);
-                d[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), f1, d[r][1]);
-                d[r][2] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), f2, d[r][2]);
-                d[r][3] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), f3, d[r][3]);
+                d[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k), fa, d[r][0]);
+                d[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 8), fb, d[r][1]);
+            }
+            fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m2));
+            fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m3));
+            for (int r = 0; r < R; r++) {
+                d[r][2 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 16), fa, d[r][2 % A]);
+                d[r][3 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 24), fb, d[r][3 % A]);
             }
         }
         const __m256 s = _mm256_set1_ps(sc[g]);
         for (int r = 0; r < R; r++) {
-            const __m256 e = _mm256_add_ps(_mm256_add_ps(d[r][0], d[r][1]),
-                                           _mm256_add_ps(d[r][2], d[r][3]));
+            __m256 e = _mm256_add_ps(d[r][0], d[r][1]);
+            if (A == 4) {
+                e = _mm256_add_ps(e, _mm256_add_ps(d[r][2], d[r][3]));
+            }
             tot[r] = _mm256_fmadd_ps(s, e, tot[r]);
         }
     }
@@ -139,22 +154,23 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w->packed + n * rb;
         const float *sc = w->scale + n * ng, *zr = w->zero + n * ng;
+        const int edge = n == w->n - 1;
         for (int64_t r0 = 0; r0 < m; r0 += 4) {
             const int64_t left = m - r0;
             const float *xb = xp + r0 * k;
             float res[4];
             switch (left >= 4 ? 4 : left) {
             case 1:
-                dot_rows(row, sc, xb, k, group, bits, 1, res);
+                dot_rows(row, sc, xb, k, group, bits, 1, edge, res);
                 break;
             case 2:
-                dot_rows(row, sc, xb, k, group, bits, 2, res);
+                dot_rows(row, sc, xb, k, group, bits, 2, edge, res);
                 break;
             case 3:
-                dot_rows(row, sc, xb, k, group, bits, 3, res);
+                dot_rows(row, sc, xb, k, group, bits, 3, edge, res);
                 break;
             default:
-                dot_rows(row, sc, xb, k, group, bits, 4, res);
+                dot_rows(row, sc, xb, k, group, bits, 4, edge, res);
                 break;
             }
             const int rr = left >= 4 ? 4 : (int)left;
@@ -200,7 +216,7 @@ INLINE void dequant_bits(const offq_wq_operand *w, int64_t n0, int64_t n1, float
             const __m256 s = _mm256_set1_ps(w->scale[n * ng + g]);
             const __m256 z = _mm256_set1_ps(w->zero[n * ng + g]);
             for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
-                const __m256i v = chunk_lanes(row + c * cb, bits);
+                const __m256i v = chunk_lanes(row + c * cb, bits, n == w->n - 1 && c == k / 32 - 1);
                 for (int j = 0; j < 4; j++) {
                     const __m256 q =
                         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m[j])), inv[j]);
