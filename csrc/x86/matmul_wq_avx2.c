@@ -5,17 +5,17 @@
  * lanes, lane l holding codes 4l .. 4l+3 in its fields j = 0..3 at bits [bits*j, bits*(j+1)):
  *   4 bits: 16 bytes zero-extended 16 -> 32 bits (vpmovzxwd);
  *   2 bits:  8 bytes zero-extended  8 -> 32 bits (vpmovzxbd);
- *   3 bits: 12 bytes (16 loaded where the array goes on), each lane's 12 bits gathered by a byte
- *           shuffle and shifted right by 0 or 4.
- * Field j is masked in place, (lane & (mask << bits*j)) = q * 2^(bits*j), and converted to float
- * (exact: at most 24 significant bits). The 2^(bits*j) is undone in the activations instead: prep
- * reorders each 32-column chunk of x as xp[8j + l] = x[4l + j] * 2^-(bits*j) (exact unless the
- * product underflows, |x| < 2^-114), so xp[8j + l] * float(field j of lane l) = x * q exactly as
- * the generic kernel forms it. Per group: four accumulators a row (one per field), then
+ *   3 bits: 12 bytes (16 loaded where the array goes on), each lane's two bytes gathered by one
+ *           byte shuffle; odd lanes' 12 bits then start at bit 4 (shift e(l) = 4), even lanes' at 0.
+ * Field j of lane l sits at bit t = bits*j + e(l) (e = 0 for 2 and 4 bits); it is masked in place,
+ * (lane & (mask << t)) = q * 2^t, and converted to float (exact: at most 24 significant bits).
+ * The 2^t is undone in the activations instead: prep reorders each 32-column chunk of x as
+ * xp[8j + l] = x[4l + j] * 2^-t (exact unless that underflows, |x| < 2^-113), so
+ * xp[8j + l] * float(field j of lane l) = x * q exactly as the generic kernel forms it. Per group: four accumulators a row (one per field), then
  * tot = fma(scale, sum, tot); the zero-point term sum_g scale*zero*xsum is subtracted at the end.
  * A block of up to 4 rows of x shares each decoded chunk (two accumulators a row then).
  *
- * Dequantization (the panels of the many-rows path): the field q = (lane & mask_j) * 2^-(bits*j),
+ * Dequantization (the panels of the many-rows path): the field q = (lane & mask_jl) * 2^-t,
  * then scale * (q - zero) (the reference's float32 operations), stored in the same reordered
  * column order, which prep(scaled = 0) applies to x.
  */
@@ -26,6 +26,29 @@
 
 #define AVX2 __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+
+/* Bit offset of field j in lane l. */
+INLINE int field_shift(int bits, int j, int l) { return bits * j + (bits == 3 && (l & 1) ? 4 : 0); }
+
+/* The masks of field j in each lane. */
+INLINE __m256i field_mask(const int bits, const int j)
+{
+    const int q = (1 << bits) - 1;
+    return _mm256_setr_epi32(q << field_shift(bits, j, 0), q << field_shift(bits, j, 1),
+                             q << field_shift(bits, j, 2), q << field_shift(bits, j, 3),
+                             q << field_shift(bits, j, 4), q << field_shift(bits, j, 5),
+                             q << field_shift(bits, j, 6), q << field_shift(bits, j, 7));
+}
+
+/* 2^-t for field j in each lane. */
+INLINE __m256 field_unscale(const int bits, const int j)
+{
+    float f[8];
+    for (int l = 0; l < 8; l++) {
+        f[l] = 1.0f / (float)(1 << field_shift(bits, j, l));
+    }
+    return _mm256_loadu_ps(f);
+}
 
 /* The lanes of the chunk at p. 3 bits: 12 bytes; `edge` (the last chunk of the array) reads
  * exactly them, other chunks load 16 bytes (the next 4 belong to the array) straight into both
@@ -46,10 +69,10 @@ INLINE __m256i chunk_lanes(const uint8_t *p, const int bits, int edge)
     } else {
         b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
     }
+    /* lane l <- bytes floor(3l/2), floor(3l/2) + 1 (lanes 4..7 from the upper copy) */
     const __m256i ctrl = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
                                           6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
-    const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
-    return _mm256_srlv_epi32(_mm256_shuffle_epi8(b, ctrl), shifts);
+    return _mm256_shuffle_epi8(b, ctrl);
 }
 
 INLINE float hsum8(__m256 v)
@@ -62,34 +85,56 @@ INLINE float hsum8(__m256 v)
 
 void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp)
 {
-    const float f[4] = {1.0f, scaled ? 1.0f / (float)(1 << bits) : 1.0f,
-                        scaled ? 1.0f / (float)(1 << (2 * bits)) : 1.0f,
-                        scaled ? 1.0f / (float)(1 << (3 * bits)) : 1.0f};
+    float f[4][8];
+    for (int j = 0; j < 4; j++) {
+        for (int l = 0; l < 8; l++) {
+            f[j][l] = scaled ? 1.0f / (float)(1 << field_shift(bits, j, l)) : 1.0f;
+        }
+    }
     for (int64_t r = 0; r < m; r++) {
         for (int64_t c = 0; c < k; c += 32) {
             const float *s = x + r * k + c;
             float *d = xp + r * k + c;
             for (int j = 0; j < 4; j++) {
                 for (int l = 0; l < 8; l++) {
-                    d[8 * j + l] = s[4 * l + j] * f[j];
+                    d[8 * j + l] = s[4 * l + j] * f[j][l];
                 }
             }
         }
     }
 }
 
+/* One chunk c into the accumulators: field j of row r goes to d[r][j % A]. */
+INLINE void chunk_fma(const uint8_t *row, const float *xp, int64_t k, int64_t c, const int bits,
+                      const int R, const int A, int edge, const __m256i *m, __m256 (*d)[4])
+{
+    const __m256i v = chunk_lanes(row + c * 4 * bits, bits, edge);
+    const float *x0 = xp + c * 32;
+    __m256 fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[0]));
+    __m256 fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[1]));
+    for (int r = 0; r < R; r++) {
+        d[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k), fa, d[r][0]);
+        d[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 8), fb, d[r][1]);
+    }
+    fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[2]));
+    fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[3]));
+    for (int r = 0; r < R; r++) {
+        d[r][2 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 16), fa, d[r][2 % A]);
+        d[r][3 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 24), fb, d[r][3 % A]);
+    }
+}
+
 /* res[r] = sum_g scale_g * (sum of x * q over group g), r < R, for one packed row; `edge`: the
- * row ends the array. Accumulators: one per field for R <= 2, two (even, odd fields) for more
- * rows, so that the 16 ymm registers hold them, the running totals and two decoded fields. */
+ * row ends the array. Accumulators: one per field for R <= 2, two a row (even, odd fields) for
+ * 3-4 rows, so that the 16 ymm registers hold them, the running totals and two decoded fields
+ * (8 accumulators for one row, two chunks in flight, measured slower). */
 INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
                      int64_t group, const int bits, const int R, int edge, float *res)
 {
     const int A = R <= 2 ? 4 : 2;
-    const int64_t ng = k / group, cpg = group / 32, cb = 4 * bits, last = k / 32 - 1;
-    const int mask = (1 << bits) - 1;
-    const __m256i m0 = _mm256_set1_epi32(mask), m1 = _mm256_set1_epi32(mask << bits),
-                  m2 = _mm256_set1_epi32(mask << (2 * bits)),
-                  m3 = _mm256_set1_epi32(mask << (3 * bits));
+    const int64_t ng = k / group, cpg = group / 32, last = k / 32 - 1;
+    const __m256i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
+                          field_mask(bits, 3)};
     __m256 tot[4];
     for (int r = 0; r < R; r++) {
         tot[r] = _mm256_setzero_ps();
@@ -102,20 +147,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
             }
         }
         for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
-            const __m256i v = chunk_lanes(row + c * cb, bits, edge && c == last);
-            const float *x0 = xp + c * 32;
-            __m256 fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m0));
-            __m256 fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m1));
-            for (int r = 0; r < R; r++) {
-                d[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k), fa, d[r][0]);
-                d[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 8), fb, d[r][1]);
-            }
-            fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m2));
-            fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m3));
-            for (int r = 0; r < R; r++) {
-                d[r][2 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 16), fa, d[r][2 % A]);
-                d[r][3 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 24), fb, d[r][3 % A]);
-            }
+            chunk_fma(row, xp, k, c, bits, R, A, edge && c == last, m, d);
         }
         const __m256 s = _mm256_set1_ps(sc[g]);
         for (int r = 0; r < R; r++) {
@@ -202,13 +234,10 @@ INLINE void dequant_bits(const offq_wq_operand *w, int64_t n0, int64_t n1, float
 {
     const int64_t k = w->k, group = w->group, ng = k / group, cpg = group / 32;
     const int64_t rb = offq_wq_row_bytes(k, bits), cb = 4 * bits;
-    const int mask = (1 << bits) - 1;
-    const __m256i m[4] = {_mm256_set1_epi32(mask), _mm256_set1_epi32(mask << bits),
-                          _mm256_set1_epi32(mask << (2 * bits)),
-                          _mm256_set1_epi32(mask << (3 * bits))};
-    const __m256 inv[4] = {_mm256_set1_ps(1.0f), _mm256_set1_ps(1.0f / (float)(1 << bits)),
-                           _mm256_set1_ps(1.0f / (float)(1 << (2 * bits))),
-                           _mm256_set1_ps(1.0f / (float)(1 << (3 * bits)))};
+    const __m256i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
+                          field_mask(bits, 3)};
+    const __m256 inv[4] = {field_unscale(bits, 0), field_unscale(bits, 1), field_unscale(bits, 2),
+                           field_unscale(bits, 3)};
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w->packed + n * rb;
         float *o = buf + (n - n0) * k;
