@@ -211,7 +211,8 @@ def test_packed_weight_linear(bits):
 @pytest.mark.parametrize("w_bits", [3, 4])
 def test_weight_only_checkpoint_runs_packed(tmp_path, w_bits):
     """A weight-only checkpoint's real path uses PackedWeightLinear for every quantized linear
-    and matches the float32 simulation (the dequantized weights, the former real path)."""
+    (q/k/v and gate/up fused) and matches the float32 simulation (the dequantized weights, the
+    former real path)."""
     ckpt = tiny_checkpoint(2, arch="qwen2")  # q/k/v biases
     calib = calibration(ckpt, 4, 32, 1)
     cfg = QuantConfig(method="gptq", a_bits=16, kv_bits=16, w_bits=w_bits, w_group_size=32,
@@ -219,8 +220,10 @@ def test_weight_only_checkpoint_runs_packed(tmp_path, w_bits):
     pipeline.quantize(ckpt, cfg, calib, out_dir=tmp_path, progress=False)
     real, _, _ = load_quantized(tmp_path, mode="real")
     fake, _, _ = load_quantized(tmp_path, mode="fake")
-    for layer in real.layers:
-        assert {type(lin).__name__ for lin in layer.linears.values()} == {"PackedWeightLinear"}
+    for layer in real.layers:  # q/k/v and gate/up as one packed product per input
+        assert set(layer.fused) == {"qkv", "gate_up"}
+        for lin in list(layer.fused.values()) + list(layer.linears.values()):
+            assert isinstance(getattr(lin, "parent", lin), PackedWeightLinear)
     ids = token_ids(ckpt.config.vocab_size, 2, 17, 3)
     a, b = real.forward(ids), fake.forward(ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()

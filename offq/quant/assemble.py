@@ -86,11 +86,15 @@ def build_layer(linears: Mapping[str, Any], input_norm: np.ndarray, post_norm: n
     fused: dict[str, Any] = {}
     for key, members in arch.fused.items():
         parts = [linears[n] for n in members]
-        if not all(isinstance(p, QuantizedWeight) and integer_product(p, acts[n])
-                   for p, n in zip(parts, members)):
+        if not all(isinstance(p, QuantizedWeight) for p in parts):
+            continue
+        pairs = list(zip(parts, members))
+        if not (all(integer_product(p, acts[n]) for p, n in pairs)
+                or (mode == "real" and all(packed_weight_only(p, acts[n]) for p, n in pairs))):
             continue
         # one activation quantization and one product for the input site; each output column
-        # is computed exactly as in the separate product (the integer path is column-wise)
+        # is computed exactly as in the separate product (the integer path and matmul_wq's
+        # few-rows path are column-wise)
         fused[key] = _linear(QuantizedWeight.concat(parts), acts[members[0]], mode)
         start = 0
         for n, p in zip(members, parts):
