@@ -24,7 +24,7 @@
 
 #define WQ_BLOCK_N 16                    /* output columns per task of the small-M path */
 #define WQ_PAR_MIN ((int64_t)1 << 18)    /* fewer multiply-adds than this: one thread */
-#define WQ_PANEL_FLOATS ((int64_t)1 << 21) /* 8 MiB of dequantized weights per panel */
+#define WQ_PANEL_FLOATS ((int64_t)1 << 20) /* about 4 MiB of dequantized weights per panel */
 
 int64_t offq_wq_row_bytes(int64_t k, int bits) { return (k * bits + 7) / 8; }
 
