@@ -1,6 +1,6 @@
 """Kernel benchmarks: every figure as a ratio against OpenBLAS/NumPy measured in the same run.
 
-Runs offq.bench's kernel modules (fwht, cov, matmul; `offq bench --kernels` runs the same code)
+Runs offq.bench's kernel modules (fwht, cov, matmul, matmul_wq; `offq bench --kernels` runs the same code)
 at 1 and 2 threads (one setting for offq's OpenMP, its OpenBLAS and NumPy's BLAS), prints a table
 and writes JSON; `--plot PNG` draws the speed-ups (matplotlib, the `plot` extra).
 
@@ -60,7 +60,8 @@ def main() -> int:
                     "(quick: 3 x 0.02 s), baseline timed in the same process on the same arrays "
                     "with the same threads; fwht per row, float32; cov_update acc += X^T X; "
                     "matmul_w4a4: A 4-bit asymmetric g128 pre-quantized, W 4-bit symmetric per "
-                    "channel, [kernel] = SIMD variant. Machine: "
+                    "channel, [kernel] = SIMD variant; matmul_wq: float32 x, W 2/3/4-bit "
+                    "asymmetric g128 packed. Machine: "
                     f"{describe_machine(doc['machine'])}. All rows: {out}.")
         print(f"wrote {args.plot}")
     return 0

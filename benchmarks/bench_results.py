@@ -193,7 +193,9 @@ def main() -> int:
                 model = Model.from_checkpoint(ckpt)
             else:
                 key = weight_key(cfg)
-                if cache is None or cache[0] != key:
+                # the key offsets are stored only when the K cache was quantized
+                if cache is None or cache[0] != key or (
+                        cfg.centres_keys and not cache[1].quant_config.centres_keys):
                     cache = None  # free the previous weights first
                     cache = (key, pipeline.quantize(ckpt, cfg, calib, progress=False))
                     tq = time.perf_counter() - t0

@@ -16,7 +16,20 @@ static const offq_mm_ops mm_generic = {
     .tile = offq_mm_tile_generic,
 };
 
+static const offq_wq_ops wq_generic = {
+    .align = 1,
+    .rows = offq_wq_rows_generic,
+    .dequant = offq_wq_dequant_generic,
+};
+
 #ifdef OFFQ_X86
+static const offq_wq_ops wq_avx2 = {
+    .align = 32, /* whole 32-code chunks per group */
+    .prep = offq_wq_prep_avx2,
+    .rows = offq_wq_rows_avx2,
+    .dequant = offq_wq_dequant_avx2,
+};
+
 static const offq_mm_ops mm_avx2 = {
     .tile = offq_mm_tile_avx2,
     .pack_panel = offq_mm_pack_panel_avx2,
@@ -47,6 +60,8 @@ offq_dispatch_table offq_dispatch = {
     .i8_rows = offq_i8_rows_generic,
     .matmul = {[OFFQ_KERNEL_GENERIC] = &mm_generic},
     .matmul_best = OFFQ_KERNEL_GENERIC,
+    .wq = {[OFFQ_KERNEL_GENERIC] = &wq_generic},
+    .wq_best = OFFQ_KERNEL_GENERIC,
 };
 
 static int g_avx2 = 0;
@@ -76,6 +91,8 @@ void offq_cpu_init(void)
         offq_dispatch.i8_rows = offq_i8_rows_avx2;
         offq_dispatch.matmul[OFFQ_KERNEL_AVX2] = &mm_avx2;
         offq_dispatch.matmul_best = OFFQ_KERNEL_AVX2;
+        offq_dispatch.wq[OFFQ_KERNEL_AVX2] = &wq_avx2;
+        offq_dispatch.wq_best = OFFQ_KERNEL_AVX2;
     }
     if (g_avx512_vnni) {
         offq_dispatch.matmul[OFFQ_KERNEL_VNNI] = &mm_avx512vnni;

@@ -282,6 +282,39 @@ void offq_i8_rows_generic(const float *x, int64_t m, int64_t k, const int8_t *w,
 void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
                        int64_t group, int64_t n0, int64_t n1, int64_t ldo, float *out);
 
+/* ---- weight-only matmul (matmul_wq.c; format: offq.h) ---------------------------------------
+ * A variant is three pieces. prep: x[m][k] -> xp[m][k], the layout its row kernel (scaled = 1) or
+ * its dequantized panels (scaled = 0) expect (NULL: x as is). rows: outputs [n0, n1) of
+ * out[m][ldo] for m <= OFFQ_WQ_SMALL_M rows of xp, xsum [m][k / group] the sums of each group of
+ * x. dequant: w_hat rows [n0, n1) into buf[n1 - n0][k] (the panel order prep(scaled = 0) matches).
+ * A variant runs only when group % align == 0; otherwise the generic one does. */
+typedef struct {
+    int align;
+    void (*prep)(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp);
+    void (*rows)(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
+                 int64_t n0, int64_t n1, int64_t ldo, float *out);
+    void (*dequant)(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf);
+} offq_wq_ops;
+
+void offq_wq_rows_generic(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
+                          int64_t n0, int64_t n1, int64_t ldo, float *out);
+void offq_wq_dequant_generic(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf);
+void offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp);
+void offq_wq_rows_avx2(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
+                       int64_t n0, int64_t n1, int64_t ldo, float *out);
+void offq_wq_dequant_avx2(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf);
+
+/* Code i of a packed row of rb bytes (the bit stream of offq.h). */
+static inline uint32_t offq_wq_code(const uint8_t *row, int64_t rb, int64_t i, int bits)
+{
+    const int64_t bit = i * bits, byte = bit >> 3;
+    uint32_t v = row[byte];
+    if (byte + 1 < rb) {
+        v |= (uint32_t)row[byte + 1] << 8;
+    }
+    return (v >> (bit & 7)) & ((1u << bits) - 1u);
+}
+
 /* ---- the dispatch table (cpu.c) -------------------------------------------------------------- */
 typedef struct {
     offq_quant_group_fn quant_group;
@@ -293,6 +326,8 @@ typedef struct {
     offq_i8_rows_fn i8_rows;
     const offq_mm_ops *matmul[OFFQ_KERNEL_COUNT]; /* per variant; NULL: not usable here */
     offq_kernel matmul_best;
+    const offq_wq_ops *wq[OFFQ_KERNEL_COUNT]; /* per variant (no VNNI one); NULL: not usable */
+    offq_kernel wq_best;
 } offq_dispatch_table;
 
 /* Generic entries until offq_cpu_init() runs; written once there, read-only after. */

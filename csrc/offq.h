@@ -122,6 +122,38 @@ offq_status offq_matmul_w4a4(const offq_q4_operand *a, const offq_q4_operand *w,
 offq_status offq_matmul_i8(const float *x, int64_t m, int64_t k, const int8_t *w,
                            const float *scale, int64_t n, int64_t group, float *out, int generic);
 
+/* ---- weight-only matmul (matmul_wq.c) ----------------------------------------------------------
+ * out[m][n] = x[m][k] @ w_hat^T for float32 activations and 2-, 3- or 4-bit weights,
+ * w_hat[j][i] = scale[j][g] * (q[j][i] - zero[j][g]), g = i / group (group divides k; group = k:
+ * one group per row, "per channel"). Storage of q: each row is a little-endian bit stream, code i
+ * at bits [bits * i, bits * (i + 1)), ceil(k * bits / 8) bytes a row (unused high bits zero). For
+ * 4 bits this is offq's nibble layout (element 2i low nibble, 2i + 1 high); 2 bits: four codes a
+ * byte, element 4i + j at bits 2j; 3 bits: eight codes in three bytes. */
+typedef struct {
+    const uint8_t *packed; /* [n][offq_wq_row_bytes(k, bits)] */
+    const float *scale;    /* [n][k / group] */
+    const float *zero;     /* [n][k / group] */
+    int64_t n, k, group;
+    int bits; /* 2, 3 or 4 */
+} offq_wq_operand;
+
+/* Bytes of one packed row. */
+int64_t offq_wq_row_bytes(int64_t k, int bits);
+/* One-code-per-byte codes[rows][k] -> packed[rows][row bytes]; OFFQ_ERR_CODE if a code >= 2^bits
+ * (packed is then unspecified). */
+offq_status offq_pack_wq(const uint8_t *codes, int64_t rows, int64_t k, int bits, uint8_t *packed);
+/* Inverse of offq_pack_wq. */
+void offq_unpack_wq(const uint8_t *packed, int64_t rows, int64_t k, int bits, uint8_t *codes);
+/* The product, dequantizing on the fly. Few rows (m <= OFFQ_WQ_SMALL_M, decode): each thread owns
+ * blocks of output columns and reads their packed weights once, per group the float32 dot of the
+ * inputs and the codes, out = sum_g scale * dot_g - sum_g scale * zero * (sum of the group's
+ * inputs). Many rows: panels of weight rows dequantized to float32 (exactly the values of
+ * w_hat) and multiplied by sgemm. kernel: OFFQ_KERNEL_AUTO, _GENERIC or _AVX2; OFFQ_ERR_UNSUPPORTED
+ * when it is not usable here, OFFQ_ERR_NOMEM. */
+#define OFFQ_WQ_SMALL_M 32
+offq_status offq_matmul_wq(const float *x, int64_t m, const offq_wq_operand *w, float *out,
+                           offq_kernel kernel);
+
 /* ---- W4A4KV4 decoder step (decoder.c) ---------------------------------------------------------
  * All decoder layers of a Llama-family model for `rows` consecutive tokens of one sequence at
  * positions start..start+rows-1, in one OpenMP team: per layer RMSNorm, 4-bit activation

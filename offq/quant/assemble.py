@@ -21,7 +21,8 @@ from ..model.decoder import DecoderLayer, Model
 from ..model.linear import DenseLinear, SlicedLinear
 from .activation import activation_quantizer
 from .kv_codec import kv_codec
-from .linears import FakeQuantLinear, GroupProduct, W4A4Linear, integer_product
+from .linears import (FakeQuantLinear, GroupProduct, PackedWeightLinear, W4A4Linear,
+                      integer_product, packed_weight_only)
 from .online import qk_transform, r4_input_transform
 from .weight import QuantizedWeight
 
@@ -62,6 +63,8 @@ def _linear(weight: Any, act: Any, mode: str) -> Any:
     if isinstance(weight, DenseLinear):
         return weight if act is None else FakeQuantLinear(weight.weight, weight.bias, act)
     if mode == "real":
+        if packed_weight_only(weight, act):  # float activations: packed 2/3/4-bit weights
+            return PackedWeightLinear(weight)
         return W4A4Linear(weight, act)
     if integer_product(weight, act):
         return FakeQuantLinear(None, weight.bias, act, GroupProduct(weight, act.group_size))
@@ -85,11 +88,15 @@ def build_layer(linears: Mapping[str, Any], input_norm: np.ndarray, post_norm: n
     fused: dict[str, Any] = {}
     for key, members in arch.fused.items():
         parts = [linears[n] for n in members]
-        if not all(isinstance(p, QuantizedWeight) and integer_product(p, acts[n])
-                   for p, n in zip(parts, members)):
+        if not all(isinstance(p, QuantizedWeight) for p in parts):
+            continue
+        pairs = list(zip(parts, members))
+        if not (all(integer_product(p, acts[n]) for p, n in pairs)
+                or (mode == "real" and all(packed_weight_only(p, acts[n]) for p, n in pairs))):
             continue
         # one activation quantization and one product for the input site; each output column
-        # is computed exactly as in the separate product (the integer path is column-wise)
+        # is computed exactly as in the separate product (the integer path and matmul_wq's
+        # few-rows path are column-wise)
         fused[key] = _linear(QuantizedWeight.concat(parts), acts[members[0]], mode)
         start = 0
         for n, p in zip(members, parts):

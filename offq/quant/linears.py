@@ -12,6 +12,11 @@ Two execution paths that compute the same thing:
   fly and ``offq.kernels.matmul_w4a4`` multiplies the codes with the zero-point correction. Other
   bit widths (e.g. W4A8) dequantize the weight and use sgemm on the fake-quantized activations,
   so both paths stay defined for every row of the results table.
+* real weight-only (:class:`PackedWeightLinear`, float activations, 2/3/4-bit weights): the codes
+  stay packed (``bits`` bits a weight plus float32 scale and zero per group) and
+  ``offq.kernels.matmul_wq.matmul_wq`` dequantizes them on the fly. It equals the fake path's
+  float32 product with the dequantized weight up to float32 summation order (not bit for bit:
+  with float activations there is no rounding step that would amplify the difference).
 
 The two paths compute the same float32 numbers (bit for bit; see :class:`GroupProduct` for the one
 ~2^-29-probability exception). Why not just sgemm on the dequantized operands: a 4-bit activation
@@ -27,12 +32,14 @@ from typing import Any
 import numpy as np
 
 from ..kernels import matmul_w4a4
+from ..kernels.matmul_wq import WQ_BITS, matmul_wq, pack_wq
 from ..model.linear import DenseLinear
 from ..model.parallel import run_tasks
 from .activation import ActQuant
 from .weight import QuantizedWeight
 
-__all__ = ["GroupProduct", "FakeQuantLinear", "W4A4Linear", "integer_product"]
+__all__ = ["GroupProduct", "FakeQuantLinear", "W4A4Linear", "PackedWeightLinear",
+           "integer_product", "packed_weight_only"]
 
 
 _EXACT = float(1 << 24)  # float32 represents every integer of magnitude up to 2^24 exactly
@@ -216,3 +223,46 @@ def integer_product(stored: QuantizedWeight, act: ActQuant | None) -> bool:
     """Whether a linear runs the 4-bit x 4-bit integer product (``matmul_w4a4`` on the real
     path, :class:`GroupProduct` on the fake path)."""
     return act is not None and act.bits == 4 and stored.bits == 4
+
+
+class PackedWeightLinear:
+    """Real weight-only linear ``y = x @ W_hat.T + b``: float32 activations, the weight kept
+    packed at 2, 3 or 4 bits (:func:`offq.kernels.matmul_wq.pack_wq`) with float32 scale and
+    zero-point per (row, group), dequantized on the fly by ``matmul_wq``.
+
+    Memory: ``bits / 8`` bytes a weight plus 8 bytes a group (a 4-bit g128 linear is ~1/7.1 of
+    its float32 size); the one-code-per-byte ``stored.codes`` and ``stored.dequantized`` are not
+    kept.
+    """
+
+    def __init__(self, stored: QuantizedWeight) -> None:
+        if stored.bits not in WQ_BITS:
+            raise ValueError(f"stored: expected a {WQ_BITS}-bit weight, got bits={stored.bits}")
+        self.out_features, self.in_features = (int(d) for d in stored.codes.shape)
+        self.bits, self.group = int(stored.bits), int(stored.group_size)
+        self.packed = pack_wq(np.ascontiguousarray(stored.codes, dtype=np.uint8), self.bits)
+        self.scale = np.ascontiguousarray(stored.scale, dtype=np.float32)
+        self.zero = np.ascontiguousarray(stored.zero, dtype=np.float32)
+        self.bias = None if stored.bias is None else np.ascontiguousarray(stored.bias, np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed codes, scales, zero-points (and bias)."""
+        return int(self.packed.nbytes + self.scale.nbytes + self.zero.nbytes
+                   + (0 if self.bias is None else self.bias.nbytes))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last axis {self.in_features}, got shape {x.shape}")
+        lead = x.shape[:-1]
+        x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
+        y = matmul_wq(x2d, self.packed, self.scale, self.zero, self.bits, self.group)
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features)
+
+
+def packed_weight_only(stored: QuantizedWeight, act: ActQuant | None) -> bool:
+    """Whether a linear runs weight-only on packed codes (:class:`PackedWeightLinear` on the real
+    path): float activations and a 2-, 3- or 4-bit weight (8-bit weights are dequantized)."""
+    return act is None and stored.bits in WQ_BITS

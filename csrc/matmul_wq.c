@@ -1,0 +1,189 @@
+/* matmul_wq.c: out = x @ w_hat^T for float32 activations and packed 2-, 3- or 4-bit weights
+ * (format: offq.h), dequantized on the fly: what a weight-only model (float activations) runs.
+ *
+ * Few rows (decode, m <= OFFQ_WQ_SMALL_M): OpenMP over blocks of output columns; each thread reads
+ * the packed weights of its columns once and, per group, forms the float32 dot product of the
+ * inputs and the integer codes, then
+ *     out[r][n] = sum_g scale_g * dot_g  -  sum_g (scale_g * zero_g) * xsum[r][g]
+ * (xsum: the group's input sum, computed once per call in float64 and rounded). This equals
+ * x @ w_hat^T up to float32 summation order (the zero-point term is an exact rewrite of
+ * sum_i x_i * scale * (q_i - zero)). Many rows (prefill, perplexity): panels of weight rows are
+ * dequantized to float32 (bit for bit the values scale * (q - zero) of the reference) and
+ * multiplied by OpenBLAS sgemm, the dequantization in parallel, sgemm with its own threads.
+ *
+ * The variant (generic here, AVX2 in x86/matmul_wq_avx2.c) comes from offq_dispatch.wq; a
+ * variant's prep step may permute (and scale by powers of two) the columns of x to match the
+ * order in which its row kernel decodes the codes, see kernels.h.
+ */
+#include <omp.h>
+#include <stdlib.h>
+
+#include <cblas.h>
+
+#include "kernels.h"
+
+#define WQ_BLOCK_N 16                    /* output columns per task of the small-M path */
+#define WQ_PAR_MIN ((int64_t)1 << 18)    /* fewer multiply-adds than this: one thread */
+#define WQ_PANEL_FLOATS ((int64_t)1 << 20) /* about 4 MiB of dequantized weights per panel */
+
+int64_t offq_wq_row_bytes(int64_t k, int bits) { return (k * bits + 7) / 8; }
+
+offq_status offq_pack_wq(const uint8_t *codes, int64_t rows, int64_t k, int bits, uint8_t *packed)
+{
+    const int64_t rb = offq_wq_row_bytes(k, bits);
+    const uint32_t lim = 1u << bits;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *c = codes + r * k;
+        uint8_t *p = packed + r * rb;
+        memset(p, 0, (size_t)rb);
+        for (int64_t i = 0; i < k; i++) {
+            const uint32_t q = c[i];
+            if (q >= lim) {
+                return OFFQ_ERR_CODE;
+            }
+            const int64_t bit = i * bits, byte = bit >> 3;
+            const uint32_t v = q << (bit & 7);
+            p[byte] |= (uint8_t)(v & 0xffu);
+            if (v > 0xffu) { /* a 3-bit code crossing into the next byte */
+                p[byte + 1] |= (uint8_t)(v >> 8);
+            }
+        }
+    }
+    return OFFQ_OK;
+}
+
+void offq_unpack_wq(const uint8_t *packed, int64_t rows, int64_t k, int bits, uint8_t *codes)
+{
+    const int64_t rb = offq_wq_row_bytes(k, bits);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < k; i++) {
+            codes[r * k + i] = (uint8_t)offq_wq_code(packed + r * rb, rb, i, bits);
+        }
+    }
+}
+
+void offq_wq_rows_generic(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
+                          int64_t n0, int64_t n1, int64_t ldo, float *out)
+{
+    const int64_t k = w->k, group = w->group, ng = k / group;
+    const int bits = w->bits;
+    const int64_t rb = offq_wq_row_bytes(k, bits);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w->packed + n * rb;
+        const float *sc = w->scale + n * ng, *zr = w->zero + n * ng;
+        for (int64_t r = 0; r < m; r++) {
+            const float *xr = xp + r * k;
+            float acc = 0.0f, corr = 0.0f;
+            for (int64_t g = 0; g < ng; g++) {
+                float d[8] = {0};
+                for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                    d[i & 7] += xr[i] * (float)offq_wq_code(row, rb, i, bits);
+                }
+                const float dot = ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
+                acc += sc[g] * dot;
+                corr += (sc[g] * zr[g]) * xsum[r * ng + g];
+            }
+            out[r * ldo + n] = acc - corr;
+        }
+    }
+}
+
+void offq_wq_dequant_generic(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf)
+{
+    const int64_t k = w->k, group = w->group, ng = k / group;
+    const int64_t rb = offq_wq_row_bytes(k, w->bits);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w->packed + n * rb;
+        float *o = buf + (n - n0) * k;
+        for (int64_t g = 0; g < ng; g++) {
+            const float s = w->scale[n * ng + g], z = w->zero[n * ng + g];
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                o[i] = s * ((float)offq_wq_code(row, rb, i, w->bits) - z);
+            }
+        }
+    }
+}
+
+static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, float *out,
+                           const offq_wq_ops *ops)
+{
+    const int64_t n = w->n, k = w->k, group = w->group, ng = k / group;
+    float *xsum = malloc(sizeof(float) * (size_t)(m * ng));
+    float *xp = ops->prep != NULL ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
+    if (xsum == NULL || (ops->prep != NULL && xp == NULL)) {
+        free(xsum);
+        free(xp);
+        return OFFQ_ERR_NOMEM;
+    }
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t g = 0; g < ng; g++) {
+            double s = 0.0;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) {
+                s += (double)x[r * k + i];
+            }
+            xsum[r * ng + g] = (float)s;
+        }
+    }
+    if (xp != NULL) {
+        ops->prep(x, m, k, w->bits, 1, xp);
+    }
+    const float *xin = xp != NULL ? xp : x;
+    const int64_t blocks = (n + WQ_BLOCK_N - 1) / WQ_BLOCK_N;
+#pragma omp parallel for schedule(dynamic, 4) if (blocks > 1 && m * n * k >= WQ_PAR_MIN)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n1 = (b + 1) * WQ_BLOCK_N < n ? (b + 1) * WQ_BLOCK_N : n;
+        ops->rows(w, xin, xsum, m, b * WQ_BLOCK_N, n1, n, out);
+    }
+    free(xsum);
+    free(xp);
+    return OFFQ_OK;
+}
+
+static offq_status panels(const float *x, int64_t m, const offq_wq_operand *w, float *out,
+                          const offq_wq_ops *ops)
+{
+    const int64_t n = w->n, k = w->k;
+    int64_t p = (WQ_PANEL_FLOATS / k) / 16 * 16;
+    p = p < 16 ? 16 : p;
+    p = p > n ? n : p;
+    float *buf = malloc(sizeof(float) * (size_t)(p * k));
+    float *xp = ops->prep != NULL ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
+    if (buf == NULL || (ops->prep != NULL && xp == NULL)) {
+        free(buf);
+        free(xp);
+        return OFFQ_ERR_NOMEM;
+    }
+    if (xp != NULL) {
+        ops->prep(x, m, k, w->bits, 0, xp);
+    }
+    const float *xin = xp != NULL ? xp : x;
+    for (int64_t n0 = 0; n0 < n; n0 += p) {
+        const int64_t nn = n0 + p < n ? p : n - n0;
+#pragma omp parallel for schedule(static) if (nn * k >= ((int64_t)1 << 15))
+        for (int64_t j = 0; j < nn; j++) {
+            ops->dequant(w, n0 + j, n0 + j + 1, buf + j * k);
+        }
+        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)nn, (int)k, 1.0f,
+                          xin, (int)k, buf, (int)k, 0.0f, out + n0, (int)n);
+    }
+    free(buf);
+    free(xp);
+    return OFFQ_OK;
+}
+
+offq_status offq_matmul_wq(const float *x, int64_t m, const offq_wq_operand *w, float *out,
+                           offq_kernel kernel)
+{
+    const offq_kernel kv = kernel == OFFQ_KERNEL_AUTO ? offq_dispatch.wq_best : kernel;
+    if (kv < 0 || kv >= OFFQ_KERNEL_COUNT || offq_dispatch.wq[kv] == NULL) {
+        return OFFQ_ERR_UNSUPPORTED;
+    }
+    const offq_wq_ops *ops = offq_dispatch.wq[kv];
+    if (w->group % ops->align != 0) {
+        ops = offq_dispatch.wq[OFFQ_KERNEL_GENERIC];
+    }
+    if (m == 0 || w->n == 0) {
+        return OFFQ_OK;
+    }
+    return m <= OFFQ_WQ_SMALL_M ? small_m(x, m, w, out, ops) : panels(x, m, w, out, ops);
+}

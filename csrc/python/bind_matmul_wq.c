@@ -1,0 +1,209 @@
+/* bind_matmul_wq.c: Python bindings of the weight-only matmul and its packing (offq.h,
+ * matmul_wq.c).
+ *
+ *   pack_wq(codes, bits) -> uint8 [N, ceil(K * bits / 8)]     codes uint8 [N, K], bits 2|3|4
+ *   unpack_wq(packed, bits, k) -> uint8 [N, k]
+ *   matmul_wq(x, packed, scale, zero, bits, group, out=None, kernel="auto") -> float32 [M, N]
+ *       x float32 [M, K], packed uint8 [N, row bytes], scale/zero float32 [N, K / group];
+ *       kernel: auto|generic|avx2
+ */
+#include "bind_util.h"
+
+static int parse_bits(PyObject *obj, int *bits)
+{
+    long long b;
+    if (offq_py_int(obj, "bits", &b) < 0) {
+        return -1;
+    }
+    if (b != 2 && b != 3 && b != 4) {
+        PyErr_Format(PyExc_ValueError, "bits: expected 2, 3 or 4, got %lld", b);
+        return -1;
+    }
+    *bits = (int)b;
+    return 0;
+}
+
+static PyObject *py_pack_wq(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"codes", "bits", NULL};
+    PyObject *co, *bo;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:pack_wq", kwlist, &co, &bo)) {
+        return NULL;
+    }
+    PyArrayObject *c = offq_check_array(co, "codes", NPY_UINT8, 2, 2);
+    int bits;
+    if (c == NULL || parse_bits(bo, &bits) < 0) {
+        return NULL;
+    }
+    const int64_t n = PyArray_DIM(c, 0), k = PyArray_DIM(c, 1);
+    if (k < 1) {
+        PyErr_SetString(PyExc_ValueError, "codes: expected at least one column");
+        return NULL;
+    }
+    npy_intp dims[2] = {n, offq_wq_row_bytes(k, bits)};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_UINT8);
+    if (out == NULL) {
+        return NULL;
+    }
+    offq_status st;
+    Py_BEGIN_ALLOW_THREADS;
+    st = offq_pack_wq((const uint8_t *)PyArray_DATA(c), n, k, bits, (uint8_t *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS;
+    if (offq_py_status(st, (offq_errctx){.arg = "codes", .bits = bits}) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *py_unpack_wq(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"packed", "bits", "k", NULL};
+    PyObject *po, *bo, *ko;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:unpack_wq", kwlist, &po, &bo, &ko)) {
+        return NULL;
+    }
+    PyArrayObject *p = offq_check_array(po, "packed", NPY_UINT8, 2, 2);
+    int bits;
+    long long k;
+    if (p == NULL || parse_bits(bo, &bits) < 0 || offq_py_int(ko, "k", &k) < 0) {
+        return NULL;
+    }
+    if (k < 1 || k > ((long long)1 << 40)) {
+        PyErr_Format(PyExc_ValueError, "k: expected a positive column count, got %lld", k);
+        return NULL;
+    }
+    if (PyArray_DIM(p, 1) != offq_wq_row_bytes(k, bits)) {
+        PyErr_Format(PyExc_ValueError, "packed: expected %lld bytes a row for k=%lld at %d bits, "
+                     "got %lld", (long long)offq_wq_row_bytes(k, bits), k, bits,
+                     (long long)PyArray_DIM(p, 1));
+        return NULL;
+    }
+    const int64_t n = PyArray_DIM(p, 0);
+    npy_intp dims[2] = {n, k};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_UINT8);
+    if (out == NULL) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    offq_unpack_wq((const uint8_t *)PyArray_DATA(p), n, k, bits, (uint8_t *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS;
+    return (PyObject *)out;
+}
+
+static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"x", "packed", "scale", "zero", "bits", "group", "out", "kernel",
+                             NULL};
+    PyObject *xo, *po, *so, *zo, *bo, *go, *oo = Py_None;
+    const char *kname = "auto";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|Os:matmul_wq", kwlist, &xo, &po, &so,
+                                     &zo, &bo, &go, &oo, &kname)) {
+        return NULL;
+    }
+    offq_kernel kernel;
+    if (offq_parse_kernel(kname, &kernel) < 0) {
+        return NULL;
+    }
+    if (kernel == OFFQ_KERNEL_VNNI) {
+        PyErr_SetString(PyExc_ValueError, "kernel: matmul_wq has no 'vnni' variant (expected "
+                                          "'auto', 'generic' or 'avx2')");
+        return NULL;
+    }
+    PyArrayObject *x = offq_check_array(xo, "x", NPY_FLOAT32, 2, 2);
+    PyArrayObject *p = x ? offq_check_array(po, "packed", NPY_UINT8, 2, 2) : NULL;
+    PyArrayObject *sc = p ? offq_check_array(so, "scale", NPY_FLOAT32, 2, 2) : NULL;
+    PyArrayObject *zr = sc ? offq_check_array(zo, "zero", NPY_FLOAT32, 2, 2) : NULL;
+    int bits;
+    long long group;
+    if (zr == NULL || parse_bits(bo, &bits) < 0 || offq_py_int(go, "group", &group) < 0) {
+        return NULL;
+    }
+    const int64_t m = PyArray_DIM(x, 0), k = PyArray_DIM(x, 1), n = PyArray_DIM(p, 0);
+    if (k < 1) {
+        PyErr_SetString(PyExc_ValueError, "x: expected at least one column (K >= 1)");
+        return NULL;
+    }
+    if (k > INT32_MAX || n > INT32_MAX || m > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "x: dimensions above 2^31 - 1 are not supported");
+        return NULL;
+    }
+    if (PyArray_DIM(p, 1) != offq_wq_row_bytes(k, bits)) {
+        PyErr_Format(PyExc_ValueError, "packed: expected %lld bytes a row (K=%lld at %d bits), "
+                     "got %lld", (long long)offq_wq_row_bytes(k, bits), (long long)k, bits,
+                     (long long)PyArray_DIM(p, 1));
+        return NULL;
+    }
+    if (group <= 0 || k % group != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "group: expected a positive group size dividing K=%lld, got %lld",
+                     (long long)k, group);
+        return NULL;
+    }
+    const int64_t ng = k / group;
+    PyArrayObject *pz[2] = {sc, zr};
+    const char *pn[2] = {"scale", "zero"};
+    for (int i = 0; i < 2; i++) {
+        if (PyArray_DIM(pz[i], 0) != n || PyArray_DIM(pz[i], 1) != ng) {
+            PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld), got (%lld, %lld)",
+                         pn[i], (long long)n, (long long)ng, (long long)PyArray_DIM(pz[i], 0),
+                         (long long)PyArray_DIM(pz[i], 1));
+            return NULL;
+        }
+    }
+    PyArrayObject *out;
+    if (oo == Py_None) {
+        npy_intp dims[2] = {m, n};
+        out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+        if (out == NULL) {
+            return NULL;
+        }
+    } else {
+        out = offq_check_writeable(oo, "out", NPY_FLOAT32, 2, 2);
+        if (out == NULL) {
+            return NULL;
+        }
+        if (PyArray_DIM(out, 0) != m || PyArray_DIM(out, 1) != n) {
+            PyErr_Format(PyExc_ValueError, "out: expected shape (%lld, %lld), got (%lld, %lld)",
+                         (long long)m, (long long)n, (long long)PyArray_DIM(out, 0),
+                         (long long)PyArray_DIM(out, 1));
+            return NULL;
+        }
+        if (out == x || PyArray_DATA(out) == PyArray_DATA(x)) {
+            PyErr_SetString(PyExc_ValueError, "out: must not share memory with x");
+            return NULL;
+        }
+        Py_INCREF(out);
+    }
+    const offq_wq_operand w = {
+        .packed = (const uint8_t *)PyArray_DATA(p),
+        .scale = (const float *)PyArray_DATA(sc),
+        .zero = (const float *)PyArray_DATA(zr),
+        .n = n,
+        .k = k,
+        .group = (int64_t)group,
+        .bits = bits,
+    };
+    offq_status st;
+    Py_BEGIN_ALLOW_THREADS;
+    st = offq_matmul_wq((const float *)PyArray_DATA(x), m, &w, (float *)PyArray_DATA(out), kernel);
+    Py_END_ALLOW_THREADS;
+    if (offq_py_status(st, (offq_errctx){.arg = "x", .kernel = kname}) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return (PyObject *)out;
+}
+
+PyMethodDef offq_matmul_wq_methods[] = {
+    {"pack_wq", (PyCFunction)(void (*)(void))py_pack_wq, METH_VARARGS | METH_KEYWORDS,
+     "pack_wq(codes, bits) -> uint8 [N, ceil(K * bits / 8)]: one-code-per-byte codes [N, K] as "
+     "the bit stream matmul_wq reads (code i at bits [bits*i, bits*(i+1)) of its row)."},
+    {"unpack_wq", (PyCFunction)(void (*)(void))py_unpack_wq, METH_VARARGS | METH_KEYWORDS,
+     "unpack_wq(packed, bits, k) -> uint8 [N, k]: inverse of pack_wq."},
+    {"matmul_wq", (PyCFunction)(void (*)(void))py_matmul_wq, METH_VARARGS | METH_KEYWORDS,
+     "matmul_wq(x, packed, scale, zero, bits, group, out=None, kernel='auto') -> float32 [M, N] "
+     "= x @ w_hat.T, w_hat = scale * (codes - zero) per group of inputs, codes packed by "
+     "pack_wq at 2, 3 or 4 bits."},
+    {NULL, NULL, 0, NULL},
+};

@@ -1,0 +1,273 @@
+/* x86/matmul_wq_avx2.c: the weight-only matmul (matmul_wq.c) with AVX2 + FMA, for groups that are
+ * a multiple of 32.
+ *
+ * Decoding: a chunk of 32 codes (4 * bits bytes of the packed row) becomes one vector of 8 int32
+ * lanes, lane l holding codes 4l .. 4l+3 in its fields j = 0..3 at bits [bits*j, bits*(j+1)):
+ *   4 bits: 16 bytes zero-extended 16 -> 32 bits (vpmovzxwd);
+ *   2 bits:  8 bytes zero-extended  8 -> 32 bits (vpmovzxbd);
+ *   3 bits: 12 bytes (16 loaded where the array goes on), each lane's two bytes gathered by one
+ *           byte shuffle; odd lanes' 12 bits then start at bit 4 (shift e(l) = 4), even lanes' at 0.
+ * Field j of lane l sits at bit t = bits*j + e(l) (e = 0 for 2 and 4 bits); it is masked in place,
+ * (lane & (mask << t)) = q * 2^t, and converted to float (exact: at most 24 significant bits).
+ * The 2^t is undone in the activations instead: prep reorders each 32-column chunk of x as
+ * xp[8j + l] = x[4l + j] * 2^-t (exact unless that underflows, |x| < 2^-113), so
+ * xp[8j + l] * float(field j of lane l) = x * q exactly as the generic kernel forms it. Per group: four accumulators a row (one per field), then
+ * tot = fma(scale, sum, tot); the zero-point term sum_g scale*zero*xsum is subtracted at the end.
+ * A block of up to 4 rows of x shares each decoded chunk (two accumulators a row then).
+ *
+ * Dequantization (the panels of the many-rows path): the field q = (lane & mask_jl) * 2^-t,
+ * then scale * (q - zero) (the reference's float32 operations), stored in the same reordered
+ * column order, which prep(scaled = 0) applies to x.
+ */
+#include "kernels.h"
+
+#ifdef OFFQ_X86
+#include <immintrin.h>
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+
+/* Bit offset of field j in lane l. */
+INLINE int field_shift(int bits, int j, int l) { return bits * j + (bits == 3 && (l & 1) ? 4 : 0); }
+
+/* The masks of field j in each lane. */
+INLINE __m256i field_mask(const int bits, const int j)
+{
+    const int q = (1 << bits) - 1;
+    return _mm256_setr_epi32(q << field_shift(bits, j, 0), q << field_shift(bits, j, 1),
+                             q << field_shift(bits, j, 2), q << field_shift(bits, j, 3),
+                             q << field_shift(bits, j, 4), q << field_shift(bits, j, 5),
+                             q << field_shift(bits, j, 6), q << field_shift(bits, j, 7));
+}
+
+/* 2^-t for field j in each lane. */
+INLINE __m256 field_unscale(const int bits, const int j)
+{
+    float f[8];
+    for (int l = 0; l < 8; l++) {
+        f[l] = 1.0f / (float)(1 << field_shift(bits, j, l));
+    }
+    return _mm256_loadu_ps(f);
+}
+
+/* The lanes of the chunk at p. 3 bits: 12 bytes; `edge` (the last chunk of the array) reads
+ * exactly them, other chunks load 16 bytes (the next 4 belong to the array) straight into both
+ * 128-bit halves. */
+INLINE __m256i chunk_lanes(const uint8_t *p, const int bits, int edge)
+{
+    if (bits == 4) {
+        return _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    }
+    if (bits == 2) {
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    }
+    __m256i b;
+    if (edge) {
+        __m128i v = _mm_loadl_epi64((const __m128i *)p);
+        v = _mm_insert_epi32(v, (int)offq_load_u32(p + 8), 2);
+        b = _mm256_broadcastsi128_si256(v);
+    } else {
+        b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    }
+    /* lane l <- bytes floor(3l/2), floor(3l/2) + 1 (lanes 4..7 from the upper copy) */
+    const __m256i ctrl = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
+                                          6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
+    return _mm256_shuffle_epi8(b, ctrl);
+}
+
+INLINE float hsum8(__m256 v)
+{
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp)
+{
+    float f[4][8];
+    for (int j = 0; j < 4; j++) {
+        for (int l = 0; l < 8; l++) {
+            f[j][l] = scaled ? 1.0f / (float)(1 << field_shift(bits, j, l)) : 1.0f;
+        }
+    }
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t c = 0; c < k; c += 32) {
+            const float *s = x + r * k + c;
+            float *d = xp + r * k + c;
+            for (int j = 0; j < 4; j++) {
+                for (int l = 0; l < 8; l++) {
+                    d[8 * j + l] = s[4 * l + j] * f[j][l];
+                }
+            }
+        }
+    }
+}
+
+/* One chunk c into the accumulators: field j of row r goes to d[r][j % A]. */
+INLINE void chunk_fma(const uint8_t *row, const float *xp, int64_t k, int64_t c, const int bits,
+                      const int R, const int A, int edge, const __m256i *m, __m256 (*d)[4])
+{
+    const __m256i v = chunk_lanes(row + c * 4 * bits, bits, edge);
+    const float *x0 = xp + c * 32;
+    __m256 fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[0]));
+    __m256 fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[1]));
+    for (int r = 0; r < R; r++) {
+        d[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k), fa, d[r][0]);
+        d[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 8), fb, d[r][1]);
+    }
+    fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[2]));
+    fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[3]));
+    for (int r = 0; r < R; r++) {
+        d[r][2 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 16), fa, d[r][2 % A]);
+        d[r][3 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 24), fb, d[r][3 % A]);
+    }
+}
+
+/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R, for one packed row; `edge`: the
+ * row ends the array. Accumulators: one per field for R <= 2, two a row (even, odd fields) for
+ * 3-4 rows, so that the 16 ymm registers hold them, the running totals and two decoded fields
+ * (8 accumulators for one row, two chunks in flight, measured slower). */
+INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
+                     int64_t group, const int bits, const int R, int edge, float *res)
+{
+    const int A = R <= 2 ? 4 : 2;
+    const int64_t ng = k / group, cpg = group / 32, last = k / 32 - 1;
+    const __m256i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
+                          field_mask(bits, 3)};
+    __m256 tot[4];
+    for (int r = 0; r < R; r++) {
+        tot[r] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 d[4][4];
+        for (int r = 0; r < R; r++) {
+            for (int j = 0; j < A; j++) {
+                d[r][j] = _mm256_setzero_ps();
+            }
+        }
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+            chunk_fma(row, xp, k, c, bits, R, A, edge && c == last, m, d);
+        }
+        const __m256 s = _mm256_set1_ps(sc[g]);
+        for (int r = 0; r < R; r++) {
+            __m256 e = _mm256_add_ps(d[r][0], d[r][1]);
+            if (A == 4) {
+                e = _mm256_add_ps(e, _mm256_add_ps(d[r][2], d[r][3]));
+            }
+            tot[r] = _mm256_fmadd_ps(s, e, tot[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        res[r] = hsum8(tot[r]);
+    }
+}
+
+/* sum_g (scale_g * zero_g) * xs[g] */
+INLINE float zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
+{
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8) {
+        const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(zr + g));
+        acc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xs + g), acc);
+    }
+    float t = hsum8(acc);
+    for (; g < ng; g++) {
+        t += (sc[g] * zr[g]) * xs[g];
+    }
+    return t;
+}
+
+INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
+                      int64_t n0, int64_t n1, int64_t ldo, float *out, const int bits)
+{
+    const int64_t k = w->k, group = w->group, ng = k / group, rb = offq_wq_row_bytes(k, bits);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w->packed + n * rb;
+        const float *sc = w->scale + n * ng, *zr = w->zero + n * ng;
+        const int edge = n == w->n - 1;
+        for (int64_t r0 = 0; r0 < m; r0 += 4) {
+            const int64_t left = m - r0;
+            const float *xb = xp + r0 * k;
+            float res[4];
+            switch (left >= 4 ? 4 : left) {
+            case 1:
+                dot_rows(row, sc, xb, k, group, bits, 1, edge, res);
+                break;
+            case 2:
+                dot_rows(row, sc, xb, k, group, bits, 2, edge, res);
+                break;
+            case 3:
+                dot_rows(row, sc, xb, k, group, bits, 3, edge, res);
+                break;
+            default:
+                dot_rows(row, sc, xb, k, group, bits, 4, edge, res);
+                break;
+            }
+            const int rr = left >= 4 ? 4 : (int)left;
+            for (int r = 0; r < rr; r++) {
+                out[(r0 + r) * ldo + n] = res[r] - zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
+            }
+        }
+    }
+}
+
+void AVX2 offq_wq_rows_avx2(const offq_wq_operand *w, const float *xp, const float *xsum,
+                            int64_t m, int64_t n0, int64_t n1, int64_t ldo, float *out)
+{
+    switch (w->bits) {
+    case 2:
+        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 2);
+        break;
+    case 3:
+        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 3);
+        break;
+    default:
+        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 4);
+        break;
+    }
+}
+
+INLINE void dequant_bits(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf,
+                         const int bits)
+{
+    const int64_t k = w->k, group = w->group, ng = k / group, cpg = group / 32;
+    const int64_t rb = offq_wq_row_bytes(k, bits), cb = 4 * bits;
+    const __m256i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
+                          field_mask(bits, 3)};
+    const __m256 inv[4] = {field_unscale(bits, 0), field_unscale(bits, 1), field_unscale(bits, 2),
+                           field_unscale(bits, 3)};
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w->packed + n * rb;
+        float *o = buf + (n - n0) * k;
+        for (int64_t g = 0; g < ng; g++) {
+            const __m256 s = _mm256_set1_ps(w->scale[n * ng + g]);
+            const __m256 z = _mm256_set1_ps(w->zero[n * ng + g]);
+            for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+                const __m256i v = chunk_lanes(row + c * cb, bits, n == w->n - 1 && c == k / 32 - 1);
+                for (int j = 0; j < 4; j++) {
+                    const __m256 q =
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m[j])), inv[j]);
+                    _mm256_storeu_ps(o + c * 32 + 8 * j, _mm256_mul_ps(s, _mm256_sub_ps(q, z)));
+                }
+            }
+        }
+    }
+}
+
+void AVX2 offq_wq_dequant_avx2(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf)
+{
+    switch (w->bits) {
+    case 2:
+        dequant_bits(w, n0, n1, buf, 2);
+        break;
+    case 3:
+        dequant_bits(w, n0, n1, buf, 3);
+        break;
+    default:
+        dequant_bits(w, n0, n1, buf, 4);
+        break;
+    }
+}
+#endif

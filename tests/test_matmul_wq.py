@@ -1,0 +1,231 @@
+"""The weight-only matmul (``offq.kernels.matmul_wq``: float32 x packed 2/3/4-bit weights) against a
+plain NumPy reference (dequantize, then multiply in float64), on every kernel variant the CPU
+offers; its packing; its argument checks; and ``PackedWeightLinear`` on the real path of a
+weight-only checkpoint."""
+import zlib
+
+import numpy as np
+import pytest
+
+from offq import _C
+from offq.config import QuantConfig
+from offq.kernels import pack_codes
+from offq.kernels.matmul_wq import WQ_BITS, matmul_wq, pack_wq, unpack_wq, wq_row_bytes
+from offq.quant.assemble import load_quantized
+from offq.quant.linears import FakeQuantLinear, PackedWeightLinear
+from offq.quant.weight import QuantizedWeight
+from offq.recipe import pipeline
+from tiny_models import calibration, tiny_checkpoint, token_ids
+
+KERNELS = ["auto", "generic"] + (["avx2"] if _C.simd_info()["avx2"] else [])
+RTOL = 1e-5  # relative to sum_i |x_i| |w_hat_i| (float32 summation order only)
+
+
+def dequant(q, s, z, group):
+    """float32 w_hat = scale * (q - zero), the formula of offq.quant.grid.dequantize_codes."""
+    return (np.repeat(s, group, axis=1) * (q.astype(np.float32) - np.repeat(z, group, axis=1))
+            ).astype(np.float32)
+
+
+def check(x, q, s, z, bits, group, kernel):
+    w = dequant(q, s, z, group)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    bound = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T
+    out = matmul_wq(x, pack_wq(q, bits), s, z, bits, group, kernel=kernel)
+    assert out.dtype == np.float32 and out.shape == (x.shape[0], q.shape[0])
+    err = np.abs(out - ref)
+    assert np.all(err <= RTOL * bound + 1e-30), f"max rel err {np.max(err / (bound + 1e-30)):.3g}"
+    return out
+
+
+def operands(rng, m, k, n, bits, group, symmetric):
+    q = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+    g = k // group
+    s = rng.uniform(0.01, 2.0, (n, g)).astype(np.float32)
+    if symmetric:
+        z = np.full((n, g), 1 << (bits - 1), np.float32)
+    else:  # zero-points inside and outside the code range (OffQ's offset groups)
+        z = rng.integers(-40, (1 << bits) + 40, (n, g)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    return x, q, s, z
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bits", WQ_BITS)
+@pytest.mark.parametrize("m", [1, 7, 32, 33, 64])
+@pytest.mark.parametrize("k, group", [(512, 32), (512, 64), (384, 128), (576, 576),
+                                      (100, 25), (37, 37), (96, 96)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_matches_numpy(kernel, bits, m, k, group, symmetric):
+    rng = np.random.default_rng(zlib.crc32(repr((kernel, bits, m, k, group, symmetric)).encode()))
+    n = 45  # not a multiple of the column blocks
+    x, q, s, z = operands(rng, m, k, n, bits, group, symmetric)
+    check(x, q, s, z, bits, group, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bits", WQ_BITS)
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_adversarial(kernel, bits, m):
+    """Extreme codes, all-zero rows of x and of codes, huge and tiny scales, huge zero-points,
+    large-magnitude activations."""
+    rng = np.random.default_rng(bits * 100 + m)
+    k, group, n = 256, 64, 24
+    x, q, s, z = operands(rng, m, k, n, bits, group, False)
+    q[0] = (1 << bits) - 1
+    q[1] = 0
+    z[1] = 0.0  # an all-zero weight row
+    s[2] = 1e15
+    s[3] = 1e-20
+    z[4] = 3e5  # a zero-point far outside the codes
+    z[5] = -(1 << bits) * 1000
+    s[6] = 0.0
+    x[0] = 0.0
+    if m > 1:
+        x[1] *= np.float32(1e15)
+        x[-1] = np.float32(3e-20) * x[-1]
+    out = check(x, q, s, z, bits, group, kernel)
+    assert np.all(out[0] == 0.0) and np.all(out[:, 1] == 0.0) and np.all(out[:, 6] == 0.0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_decode_shape_and_out(kernel):
+    """A decode-size product of a model-like shape, written into a given ``out``."""
+    rng = np.random.default_rng(7)
+    x, q, s, z = operands(rng, 1, 1536, 576, 4, 128, False)
+    out = np.full((1, 576), np.nan, np.float32)
+    res = matmul_wq(x, pack_wq(q, 4), s, z, 4, 128, out=out, kernel=kernel)
+    assert res is out
+    np.testing.assert_allclose(out, check(x, q, s, z, 4, 128, kernel), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", WQ_BITS)
+@pytest.mark.parametrize("k", [1, 3, 8, 31, 32, 37, 96, 1000])
+def test_pack_round_trip(bits, k):
+    rng = np.random.default_rng(k * 10 + bits)
+    q = rng.integers(0, 1 << bits, (5, k)).astype(np.uint8)
+    p = pack_wq(q, bits)
+    assert p.dtype == np.uint8 and p.shape == (5, wq_row_bytes(k, bits)) == (5, -(-k * bits // 8))
+    np.testing.assert_array_equal(unpack_wq(p, bits, k), q)
+    # the bit stream: code i at bits [bits*i, bits*(i+1)) of the row, little-endian
+    row = int.from_bytes(p[2].tobytes(), "little")
+    assert [(row >> (bits * i)) & ((1 << bits) - 1) for i in range(k)] == q[2].tolist()
+    if bits == 4:  # offq's nibble layout (QTensor.codes)
+        np.testing.assert_array_equal(p, pack_codes(q, bits=4)[0])
+
+
+@pytest.mark.parametrize("bits", WQ_BITS)
+def test_pack_rejects_large_codes(bits):
+    q = np.zeros((2, 8), np.uint8)
+    q[1, 3] = 1 << bits
+    with pytest.raises(ValueError, match=rf"codes: expected values in \[0, {(1 << bits) - 1}\]"):
+        pack_wq(q, bits)
+
+
+def _args(**over):
+    args = dict(x=np.ones((2, 64), np.float32), packed=np.zeros((3, 32), np.uint8),
+                scale=np.ones((3, 2), np.float32), zero=np.zeros((3, 2), np.float32), bits=4,
+                group=32)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("over, exc, match", [
+    (dict(x=np.ones((2, 64), np.float64)), TypeError, "x: expected dtype float32"),
+    (dict(x=[[1.0] * 64]), TypeError, "x: expected a numpy.ndarray"),
+    (dict(x=np.ones((64, 2), np.float32).T), ValueError, "x: expected a C-contiguous"),
+    (dict(x=np.ones((2, 2, 64), np.float32)), ValueError, "x: expected 2 dimensions"),
+    (dict(x=np.ones((2, 0), np.float32)), ValueError, "x: expected at least one column"),
+    (dict(packed=np.zeros((3, 32), np.int8)), TypeError, "packed: expected dtype uint8"),
+    (dict(packed=np.zeros((3, 33), np.uint8)), ValueError, "packed: expected 32 bytes a row"),
+    (dict(packed=np.zeros((3, 64), np.uint8)[:, ::2]), ValueError,
+     "packed: expected a C-contiguous"),
+    (dict(scale=np.ones((3, 2), np.float64)), TypeError, "scale: expected dtype float32"),
+    (dict(scale=np.ones((3, 4), np.float32)), ValueError, "scale: expected shape"),
+    (dict(scale=np.ones((4, 2), np.float32)), ValueError, "scale: expected shape"),
+    (dict(zero=np.ones((3, 1), np.float32)), ValueError, "zero: expected shape"),
+    (dict(zero=np.ones((2, 3), np.float32).T), ValueError, "zero: expected a C-contiguous"),
+    (dict(bits=8), ValueError, "bits: expected 2, 3 or 4"),
+    (dict(bits=4.0), TypeError, "bits: expected an int"),
+    (dict(group=0), ValueError, "group: expected a positive group size"),
+    (dict(group=24), ValueError, "group: expected a positive group size dividing K=64"),
+    (dict(group=-1), ValueError, "group"),
+    (dict(kernel="vnni"), ValueError, "kernel: matmul_wq has no 'vnni'"),
+    (dict(kernel="fast"), ValueError, "kernel: expected"),
+    (dict(out=np.ones((2, 4), np.float32)), ValueError, "out: expected shape"),
+    (dict(out=np.ones((2, 3), np.float64)), TypeError, "out: expected dtype float32"),
+])
+def test_validates_arguments(over, exc, match):
+    with pytest.raises(exc, match=match):
+        matmul_wq(**_args(**over))
+
+
+def test_validates_out_writeable_and_pack_args():
+    out = np.ones((2, 3), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out: expected a writeable"):
+        matmul_wq(**_args(out=out))
+    with pytest.raises(TypeError, match="codes: expected dtype uint8"):
+        pack_wq(np.zeros((2, 8), np.int32), 4)
+    with pytest.raises(ValueError, match="bits: expected 2, 3 or 4"):
+        pack_wq(np.zeros((2, 8), np.uint8), 1)
+    with pytest.raises(ValueError, match="packed: expected 3 bytes a row"):
+        unpack_wq(np.zeros((2, 4), np.uint8), 3, 8)
+
+
+@pytest.mark.skipif(_C.simd_info()["avx2"], reason="the CPU has AVX2")
+def test_avx2_unavailable_is_an_error():
+    with pytest.raises(ValueError, match="kernel: 'avx2' is not available"):
+        matmul_wq(**_args(kernel="avx2"))
+
+
+def test_empty_products():
+    assert matmul_wq(**_args(x=np.ones((0, 64), np.float32))).shape == (0, 3)
+    args = _args(packed=np.zeros((0, 32), np.uint8), scale=np.ones((0, 2), np.float32),
+                 zero=np.ones((0, 2), np.float32))
+    assert matmul_wq(**args).shape == (2, 0)
+
+
+@pytest.mark.parametrize("bits", WQ_BITS)
+def test_packed_weight_linear(bits):
+    """PackedWeightLinear == the dequantized float linear (the fake path) to float32 rounding, at
+    ~bits/32 of its memory (plus 8 bytes a group)."""
+    rng = np.random.default_rng(bits)
+    n, k, group = 96, 256, 64
+    _, q, s, z = operands(rng, 1, k, n, bits, group, False)
+    bias = rng.standard_normal(n).astype(np.float32)
+    stored = QuantizedWeight(q, s, z, bits, group, False, bias)
+    lin = PackedWeightLinear(stored)
+    dense = FakeQuantLinear(stored.dequantized, bias, None)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    y, ref = lin(x), dense(x)
+    assert y.shape == (2, 3, n) and y.dtype == np.float32
+    bound = np.abs(x) @ np.abs(stored.dequantized).T + np.abs(bias)
+    assert np.all(np.abs(y - ref) <= RTOL * bound)
+    assert lin.nbytes == n * (k * bits // 8) + 2 * s.nbytes + bias.nbytes
+    assert lin.nbytes < dense.nbytes * (bits + 1.5) / 32
+    with pytest.raises(ValueError, match="x: expected last axis 256"):
+        lin(np.ones((2, 5), np.float32))
+    with pytest.raises(ValueError, match="stored: expected"):
+        PackedWeightLinear(QuantizedWeight(q, s, z, 8, group, False))
+
+
+@pytest.mark.parametrize("w_bits", [3, 4])
+def test_weight_only_checkpoint_runs_packed(tmp_path, w_bits):
+    """A weight-only checkpoint's real path uses PackedWeightLinear for every quantized linear
+    (q/k/v and gate/up fused) and matches the float32 simulation (the dequantized weights, the
+    former real path)."""
+    ckpt = tiny_checkpoint(2, arch="qwen2")  # q/k/v biases
+    calib = calibration(ckpt, 4, 32, 1)
+    cfg = QuantConfig(method="gptq", a_bits=16, kv_bits=16, w_bits=w_bits, w_group_size=32,
+                      w_symmetric=False)
+    pipeline.quantize(ckpt, cfg, calib, out_dir=tmp_path, progress=False)
+    real, _, _ = load_quantized(tmp_path, mode="real")
+    fake, _, _ = load_quantized(tmp_path, mode="fake")
+    for layer in real.layers:  # q/k/v and gate/up as one packed product per input
+        assert set(layer.fused) == {"qkv", "gate_up"}
+        for lin in list(layer.fused.values()) + list(layer.linears.values()):
+            assert isinstance(getattr(lin, "parent", lin), PackedWeightLinear)
+    ids = token_ids(ckpt.config.vocab_size, 2, 17, 3)
+    a, b = real.forward(ids), fake.forward(ids)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
