@@ -74,6 +74,12 @@ def test_validates_arguments(kwargs, exc, match):
         matmul_i8(**args)
 
 
+def test_out_must_not_alias_x():
+    x = np.ones((2, 8), np.float32)
+    with pytest.raises(ValueError, match="out: must not share memory with x"):
+        matmul_i8(x, np.ones((8, 8), np.int8), np.ones((8, 2), np.float32), 4, out=x)
+
+
 def test_int8_lm_head_checkpoint(tmp_path):
     """--lm-head-bits 8: stored int8 + scales, loaded as Int8Linear; logits close to the float
     head's (the quantization error of 8-bit symmetric groups), decoder layers unchanged."""

@@ -49,24 +49,9 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args, PyObject *kwds)
                      (long long)PyArray_DIM(sc, 1));
         return NULL;
     }
-    PyArrayObject *out;
-    if (oo == Py_None) {
-        npy_intp dims[2] = {m, n};
-        out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-        if (out == NULL) {
-            return NULL;
-        }
-    } else {
-        out = offq_check_writeable(oo, "out", NPY_FLOAT32, 2, 2);
-        if (out == NULL) {
-            return NULL;
-        }
-        if (PyArray_DIM(out, 0) != m || PyArray_DIM(out, 1) != n) {
-            PyErr_Format(PyExc_ValueError, "out: expected shape (%lld, %lld)", (long long)m,
-                         (long long)n);
-            return NULL;
-        }
-        Py_INCREF(out);
+    PyArrayObject *out = offq_output_f32_2d(oo, m, n, x);
+    if (out == NULL) {
+        return NULL;
     }
     offq_status st;
     Py_BEGIN_ALLOW_THREADS;

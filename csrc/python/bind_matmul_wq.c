@@ -151,29 +151,9 @@ static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
             return NULL;
         }
     }
-    PyArrayObject *out;
-    if (oo == Py_None) {
-        npy_intp dims[2] = {m, n};
-        out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
-        if (out == NULL) {
-            return NULL;
-        }
-    } else {
-        out = offq_check_writeable(oo, "out", NPY_FLOAT32, 2, 2);
-        if (out == NULL) {
-            return NULL;
-        }
-        if (PyArray_DIM(out, 0) != m || PyArray_DIM(out, 1) != n) {
-            PyErr_Format(PyExc_ValueError, "out: expected shape (%lld, %lld), got (%lld, %lld)",
-                         (long long)m, (long long)n, (long long)PyArray_DIM(out, 0),
-                         (long long)PyArray_DIM(out, 1));
-            return NULL;
-        }
-        if (out == x || PyArray_DATA(out) == PyArray_DATA(x)) {
-            PyErr_SetString(PyExc_ValueError, "out: must not share memory with x");
-            return NULL;
-        }
-        Py_INCREF(out);
+    PyArrayObject *out = offq_output_f32_2d(oo, m, n, x);
+    if (out == NULL) {
+        return NULL;
     }
     const offq_wq_operand w = {
         .packed = (const uint8_t *)PyArray_DATA(p),

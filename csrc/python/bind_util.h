@@ -135,6 +135,34 @@ static inline PyArrayObject *offq_check_writeable(PyObject *obj, const char *nam
     return arr;
 }
 
+/* The float32 [m, n] output of a product: a new array when `obj` is None, else `obj` checked
+ * (float32, 2-D, C-contiguous, writeable, shape (m, n), not sharing memory with `input`). Returns
+ * a new reference, or NULL with the exception set (naming "out"). */
+static inline PyArrayObject *offq_output_f32_2d(PyObject *obj, npy_intp m, npy_intp n,
+                                                PyArrayObject *input)
+{
+    if (obj == Py_None) {
+        npy_intp dims[2] = {m, n};
+        return (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    }
+    PyArrayObject *out = offq_check_writeable(obj, "out", NPY_FLOAT32, 2, 2);
+    if (out == NULL) {
+        return NULL;
+    }
+    if (PyArray_DIM(out, 0) != m || PyArray_DIM(out, 1) != n) {
+        PyErr_Format(PyExc_ValueError, "out: expected shape (%lld, %lld), got (%lld, %lld)",
+                     (long long)m, (long long)n, (long long)PyArray_DIM(out, 0),
+                     (long long)PyArray_DIM(out, 1));
+        return NULL;
+    }
+    if (input != NULL && (out == input || PyArray_DATA(out) == PyArray_DATA(input))) {
+        PyErr_SetString(PyExc_ValueError, "out: must not share memory with x");
+        return NULL;
+    }
+    Py_INCREF(out);
+    return out;
+}
+
 /* Product of all dimensions but the last (the number of rows of a [..., n] array). */
 static inline int64_t offq_leading_rows(PyArrayObject *arr)
 {
