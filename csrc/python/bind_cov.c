@@ -143,14 +143,8 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
     if (cov == NULL) {
         return NULL;
     }
-    const int64_t d = (int64_t)PyArray_DIM(cov, 0);
-    if (PyArray_DIM(cov, 1) != d || d < 1) {
-        PyErr_Format(PyExc_ValueError, "cov: expected a square [d, d] array with d >= 1, got [%lld, %lld]",
-                     (long long)PyArray_DIM(cov, 0), (long long)PyArray_DIM(cov, 1));
-        return NULL;
-    }
-    if (d > 46000) {
-        PyErr_SetString(PyExc_ValueError, "cov: d too large for OpenBLAS (32-bit sizes)");
+    const int64_t d = offq_square_order(cov, "cov");
+    if (d < 0) {
         return NULL;
     }
     if (k < 1 || k > d) {

@@ -21,14 +21,8 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args)
     if (h == NULL) {
         return NULL;
     }
-    const int64_t k = (int64_t)PyArray_DIM(h, 0);
-    if (PyArray_DIM(h, 1) != k || k < 1) {
-        PyErr_Format(PyExc_ValueError, "h: expected a square [k, k] array with k >= 1, got [%lld, %lld]",
-                     (long long)PyArray_DIM(h, 0), (long long)PyArray_DIM(h, 1));
-        return NULL;
-    }
-    if (k > 46000) {
-        PyErr_SetString(PyExc_ValueError, "h: k too large for LAPACK (32-bit sizes)");
+    const int64_t k = offq_square_order(h, "h");
+    if (k < 0) {
         return NULL;
     }
     npy_intp dims[2] = {(npy_intp)k, (npy_intp)k};

@@ -135,6 +135,24 @@ static inline PyArrayObject *offq_check_writeable(PyObject *obj, const char *nam
     return arr;
 }
 
+/* The order of a square 2-D array, 1 <= order <= 46000 (OpenBLAS/LAPACK take 32-bit sizes), or -1
+ * with a ValueError naming `name`. */
+static inline int64_t offq_square_order(PyArrayObject *arr, const char *name)
+{
+    const int64_t k = (int64_t)PyArray_DIM(arr, 0);
+    if (PyArray_DIM(arr, 1) != k || k < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a square array of order >= 1, got [%lld, %lld]",
+                     name, (long long)PyArray_DIM(arr, 0), (long long)PyArray_DIM(arr, 1));
+        return -1;
+    }
+    if (k > 46000) {
+        PyErr_Format(PyExc_ValueError, "%s: order %lld too large for OpenBLAS (32-bit sizes)", name,
+                     (long long)k);
+        return -1;
+    }
+    return k;
+}
+
 /* The float32 [m, n] output of a product: a new array when `obj` is None, else `obj` checked
  * (float32, 2-D, C-contiguous, writeable, shape (m, n), not sharing memory with `input`). Returns
  * a new reference, or NULL with the exception set (naming "out"). */
