@@ -51,20 +51,7 @@ void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, co
             s[t * ld + j] = sj;
         }
     }
-    for (int64_t t = 0; t < nq; t++) {
-        float *st = s + t * ld, mx = -INFINITY, den = 0.0f;
-        for (int64_t j = 0; j < n[t]; j++) {
-            mx = st[j] > mx ? st[j] : mx;
-        }
-        for (int64_t j = 0; j < n[t]; j++) {
-            st[j] = expf(st[j] - mx);
-            den += st[j];
-        }
-        st[nmax] = den;
-        for (int64_t i = 0; i < hd; i++) {
-            out[t][i] = 0.0f;
-        }
-    }
+    offq_attn_softmax(s, ld, nq, n, nmax, out, hd);
     for (int64_t j = 0; j < nmax; j++) {
         decode_row(a->vc + j * a->cstride, a->vz + j * a->pstride, hd, g, row);
         for (int64_t t = 0; t < nq; t++) {

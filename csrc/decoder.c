@@ -377,6 +377,21 @@ static offq_status kv_store(const offq_dec_model *md, const offq_dec_cache *cach
     return err;
 }
 
+/* Rows [r0, r1) of the residual stream h [rows][d]: h += y when `add` (the previous product's
+ * output), then RMSNorm(h) into x. */
+static void residual_norm_rows(float *h, const float *y, int add, const float *norm, int64_t d,
+                               float eps, int64_t r0, int64_t r1, float *x)
+{
+    for (int64_t r = r0; r < r1; r++) {
+        if (add) {
+            for (int64_t i = 0; i < d; i++) {
+                h[r * d + i] = h[r * d + i] + y[r * d + i];
+            }
+        }
+        rms_norm_row(h + r * d, norm, d, eps, x + r * d);
+    }
+}
+
 #define ATT_ROWS 8 /* query positions per attention item in prefill */
 
 /* Causal attention of query heads [h0, h1) (all of KV head h0 / rep) at rows [r0, r1) (positions
@@ -592,14 +607,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
             while (claim(&work, base, n, 1, &lo, &hi)) {
                 const int64_t r0 = lo * pq.rows_per_chunk;
                 const int64_t r1 = r0 + pq.rows_per_chunk < rows ? r0 + pq.rows_per_chunk : rows;
-                for (int64_t r = r0; r < r1; r++) {
-                    if (li > 0) {
-                        for (int64_t i = 0; i < d; i++) {
-                            h[r * d + i] = h[r * d + i] + sb.y[r * d + i];
-                        }
-                    }
-                    rms_norm_row(h + r * d, L->input_norm, d, md->eps, sb.x + r * d);
-                }
+                residual_norm_rows(h, sb.y, li > 0, L->input_norm, d, md->eps, r0, r1, sb.x);
                 KEEP(quantize_chunk(md, &pq, sb.x, d, r0, r1, lo, &sb, tb.codes));
                 finish(&work, 1);
             }
@@ -665,12 +673,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
             while (claim(&work, base, n, 1, &lo, &hi)) {
                 const int64_t r0 = lo * pg.rows_per_chunk;
                 const int64_t r1 = r0 + pg.rows_per_chunk < rows ? r0 + pg.rows_per_chunk : rows;
-                for (int64_t r = r0; r < r1; r++) {
-                    for (int64_t i = 0; i < d; i++) {
-                        h[r * d + i] = h[r * d + i] + sb.y[r * d + i];
-                    }
-                    rms_norm_row(h + r * d, L->post_norm, d, md->eps, sb.x + r * d);
-                }
+                residual_norm_rows(h, sb.y, 1, L->post_norm, d, md->eps, r0, r1, sb.x);
                 KEEP(quantize_chunk(md, &pg, sb.x, d, r0, r1, lo, &sb, tb.codes));
                 finish(&work, 1);
             }

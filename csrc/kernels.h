@@ -267,6 +267,27 @@ typedef void (*offq_attend_fn)(const offq_attn_args *a, int64_t nq, const float 
                                const int64_t *n, float *scores, float *const *out, float *row);
 void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                          float *scores, float *const *out, float *row);
+/* The step every attention variant shares, in one order of operations (identical results): each
+ * query's scores s[t * ld + 0..n[t]-1] become exp(score - max) in place, their sum goes to
+ * s[t * ld + nmax], and out[t][0..hd) is zeroed for the weighted sum of values. */
+static inline void offq_attn_softmax(float *s, int64_t ld, int64_t nq, const int64_t *n,
+                                     int64_t nmax, float *const *out, int64_t hd)
+{
+    for (int64_t t = 0; t < nq; t++) {
+        float *st = s + t * ld, mx = -INFINITY, den = 0.0f;
+        for (int64_t j = 0; j < n[t]; j++) {
+            mx = st[j] > mx ? st[j] : mx;
+        }
+        for (int64_t j = 0; j < n[t]; j++) {
+            st[j] = expf(st[j] - mx);
+            den += st[j];
+        }
+        st[nmax] = den;
+        for (int64_t i = 0; i < hd; i++) {
+            out[t][i] = 0.0f;
+        }
+    }
+}
 void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                       float *scores, float *const *out, float *row);
 

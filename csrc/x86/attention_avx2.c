@@ -76,20 +76,7 @@ __attribute__((target("avx2,fma"))) static void attend_hd64(const offq_attn_args
             }
         }
     }
-    for (int64_t t = 0; t < nq; t++) {
-        float *st = s + t * ld, mx = -INFINITY, den = 0.0f;
-        for (int64_t j = 0; j < n[t]; j++) {
-            mx = st[j] > mx ? st[j] : mx;
-        }
-        for (int64_t j = 0; j < n[t]; j++) {
-            st[j] = expf(st[j] - mx);
-            den += st[j];
-        }
-        st[nmax] = den;
-        for (int64_t i = 0; i < 64; i++) {
-            out[t][i] = 0.0f;
-        }
-    }
+    offq_attn_softmax(s, ld, nq, n, nmax, out, 64);
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
         for (int64_t jj = 0; jj < jn; jj++) {
@@ -169,20 +156,7 @@ __attribute__((target("avx2,fma"))) void offq_attend_avx2(const offq_attn_args *
             s[t * ld + j] = sj;
         }
     }
-    for (int64_t t = 0; t < nq; t++) {
-        float *st = s + t * ld, mx = -INFINITY, den = 0.0f;
-        for (int64_t j = 0; j < n[t]; j++) {
-            mx = st[j] > mx ? st[j] : mx;
-        }
-        for (int64_t j = 0; j < n[t]; j++) {
-            st[j] = expf(st[j] - mx);
-            den += st[j];
-        }
-        st[nmax] = den;
-        for (int64_t i = 0; i < hd; i++) {
-            out[t][i] = 0.0f;
-        }
-    }
+    offq_attn_softmax(s, ld, nq, n, nmax, out, hd);
     for (int64_t j = 0; j < nmax; j++) {
         decode_row(a->vc + j * a->cstride, a->vz + j * a->pstride, hd, g, row);
         for (int64_t t = 0; t < nq; t++) {
