@@ -34,8 +34,9 @@ static const offq_mm_ops mm_avx2 = {
     .tile = offq_mm_tile_avx2,
     .pack_panel = offq_mm_pack_panel_avx2,
     .unpack_blocks = offq_mm_unpack_blocks_avx2,
-    /* above 4 rows the GEMM path wins (16 accumulators would spill) */
-    .small = {{offq_mm_gemv_range_avx2, 4, 64}},
+    /* above 4 rows the GEMM path wins (16 accumulators would spill); the decode layout first
+     * when the weight has it */
+    .small = {{offq_mm_gemv_dec_range_avx2, 4, 8, 1}, {offq_mm_gemv_range_avx2, 4, 64, 0}},
 };
 
 static const offq_mm_ops mm_avx512vnni = {
@@ -44,9 +45,10 @@ static const offq_mm_ops mm_avx512vnni = {
     .unpack_blocks = offq_mm_unpack_blocks_avx2,
     /* 32 zmm registers hold 8 rows; blocks of a multiple of 64 take the 256-bit VNNI gemv, the
      * rest of the AVX2 rows the AVX2 gemv */
-    .small = {{offq_mm_gemv_range_avx512vnni, 8, 128},
-              {offq_mm_gemv64_range_avx512vnni, 4, 64},
-              {offq_mm_gemv_range_avx2, 4, 64}},
+    .small = {{offq_mm_gemv_dec_range_avx512vnni, 4, 8, 1},
+              {offq_mm_gemv_range_avx512vnni, 8, 128, 0},
+              {offq_mm_gemv64_range_avx512vnni, 4, 64, 0},
+              {offq_mm_gemv_range_avx2, 4, 64, 0}},
 };
 #endif
 

@@ -106,6 +106,7 @@ typedef struct {
     int gemm;               /* more rows than the small-M path takes: the tile GEMM */
     int64_t rows_per_chunk; /* rows per kernel call (gemv) or per quantization item (GEMM) */
     int64_t chunk;          /* 0: plain codes (GEMM, generic gemv); else [even | odd] chunks */
+    int decode_layout;      /* the gemv reads w.dec: plain order, folded like the chunks */
     float *asum, *azero, *ascale; /* [mp][nb] each, in the shared apar buffer */
 } product;
 
@@ -129,12 +130,16 @@ static void plan_product(const offq_dec_linear *lin, const offq_mm_ops *ops, int
     p->gemm = 0;
     p->rows_per_chunk = MS;
     p->chunk = 0;
+    p->decode_layout = 0;
     int small = 0;
     for (int i = 0; i < OFFQ_MM_SMALL_PATHS && ops->small[i].range != NULL; i++) {
-        if (rows <= ops->small[i].max_m && p->pl.blk % ops->small[i].chunk == 0) {
-            p->range = ops->small[i].range;
-            p->rows_per_chunk = ops->small[i].max_m;
-            p->chunk = ops->small[i].chunk;
+        const offq_mm_gemv *gv = &ops->small[i];
+        if (rows <= gv->max_m && p->pl.blk % gv->chunk == 0 &&
+            (!gv->decode_layout || lin->w.dec != NULL)) {
+            p->range = gv->range;
+            p->rows_per_chunk = gv->max_m;
+            p->chunk = gv->chunk;
+            p->decode_layout = gv->decode_layout;
             small = 1;
             break;
         }
@@ -224,8 +229,8 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
     if (p->chunk == 0) {
         return err;
     }
-    /* [even | odd] bytes per chunk of `ch` elements, minus the zero-point when folded (the
-     * layout and sums small_m builds from packed codes) */
+    /* [even | odd] bytes per chunk of `ch` elements (plain order for the decode layout), minus
+     * the zero-point when folded (the layout and sums small_m builds from packed codes) */
     const int64_t ch = p->chunk;
     for (int64_t r = r0; r < r1; r++) {
         const float *za = p->azero + r * nb;
@@ -234,7 +239,13 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
         for (int64_t b = 0; b < nb; b++) {
             const int z = folded ? (int)za[b] : 0;
             int32_t acc = 0;
-            for (int64_t cc = b * pl->blk / ch; cc < (b + 1) * pl->blk / ch; cc++) {
+            for (int64_t i = b * pl->blk; p->decode_layout && i < (b + 1) * pl->blk; i++) {
+                const int v = cr[i] - z;
+                dst[i] = (uint8_t)(int8_t)v;
+                acc += v;
+            }
+            for (int64_t cc = b * pl->blk / ch; !p->decode_layout && cc < (b + 1) * pl->blk / ch;
+                 cc++) {
                 const uint8_t *src = cr + cc * ch;
                 uint8_t *dd = dst + cc * ch;
                 for (int64_t j = 0; j < ch / 2; j++) {

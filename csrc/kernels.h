@@ -156,7 +156,7 @@ void offq_fwht_row_f32(float *row, const offq_fwht_row_plan *pl, float *tmp);
 #define OFFQ_MM_MR 8   /* rows per strip */
 #define OFFQ_MM_NRP 16 /* columns per weight panel; a tile is two panels (32 columns) */
 #define OFFQ_MM_MS 8   /* rows per small-M (gemv) call */
-#define OFFQ_MM_SMALL_PATHS 3 /* small-M paths a variant may list */
+#define OFFQ_MM_SMALL_PATHS 4 /* small-M paths a variant may list */
 
 typedef struct {
     int64_t m, n, k;
@@ -177,7 +177,8 @@ typedef struct {
     int64_t nb, bp;
 } offq_mm_tile_args;
 
-/* Small M: activations in chunks of `chunk` as [even | odd] bytes, per row and block params. */
+/* Small M: activations in chunks of `chunk` as [even | odd] bytes (or in plain order for the
+ * decode layout), per row and block params. */
 typedef struct {
     const offq_mm_plan *pl;
     const offq_q4_operand *w;
@@ -195,6 +196,9 @@ typedef struct {
     offq_mm_gemv_range_fn range; /* NULL: no small-M path */
     int max_m;                   /* rows eligible */
     int chunk;                   /* block % chunk == 0 */
+    /* 1: reads w->dec (the decode layout, offq.h; the path needs it) and activations in plain
+     * order, folded like the [even | odd] ones; 0: packed weight rows, [even | odd] chunks */
+    int decode_layout;
 } offq_mm_gemv;
 
 /* One variant of the matmul: its pieces. NULL pack/unpack: the generic layout code. */
@@ -235,6 +239,10 @@ void offq_mm_unpack_blocks_avx2(const offq_mm_plan *pl, const uint8_t *packed, u
                                 float *sums);
 void offq_mm_gemv_range_avx2(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
                              int64_t i1);
+void offq_mm_gemv_dec_range_avx2(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                 int64_t i1);
+void offq_mm_gemv_dec_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded,
+                                       int64_t i0, int64_t i1);
 void offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct);
 void offq_mm_gemv_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
                                    int64_t i1);

@@ -95,7 +95,19 @@ typedef struct {
     const float *zero;
     int64_t rows;
     int64_t group;
+    const uint8_t *dec; /* the same codes in the decode layout (below), or NULL */
 } offq_q4_operand;
+
+/* The decode layout of a 4-bit weight [n][k] (k % 8 == 0): what the small-M products read when
+ * it is given (offq_q4_operand.dec). Rows in groups of 8 (the last padded with zero codes), k in
+ * chunks of 8; per (group, chunk) 32 bytes, 4 per row j of the group: byte i of row j holds
+ * element 8c + i in its low nibble and element 8c + 4 + i in its high nibble. A 32-byte load then
+ * gives, after masking, 4 consecutive k of 8 output columns side by side (the operand layout of
+ * vpmaddubsw / vpdpbusd against 4 broadcast activation bytes), so 8 columns are summed at once
+ * with no horizontal reduction, and a group's weights are one contiguous stream of 4 k bytes. */
+int64_t offq_w4_decode_bytes(int64_t n, int64_t k);
+/* codes [n][k/2] (the stored format) -> dst [offq_w4_decode_bytes(n, k)]. */
+void offq_w4_decode_pack(const uint8_t *codes, int64_t n, int64_t k, uint8_t *dst);
 
 /* Variants of the matmul (identical results). */
 typedef enum {

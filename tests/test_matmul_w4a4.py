@@ -16,7 +16,7 @@ import pytest
 
 import offq
 from offq import _C
-from offq.kernels.quant import QTensor, matmul_w4a4, quantize
+from offq.kernels.quant import QTensor, matmul_w4a4, pack_w4_decode, quantize
 from offq.kernels.threads import threads
 
 SIMD = _C.simd_info()
@@ -286,3 +286,100 @@ def test_small_m_blocks_of_64_equal_generic(k, a_group, w_group, m):
         for kernel in [kk for kk, ok in (("avx2", SIMD["avx2"]), ("vnni", SIMD["avx512_vnni"]))
                        if ok]:
             np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel), ref, err_msg=kernel)
+
+
+# ---- the decode layout (offq.h; pack_w4_decode) and the small-M kernels that read it ----------
+
+SIMD_KERNELS = [kk for kk, ok in (("avx2", SIMD["avx2"]), ("vnni", SIMD["avx512_vnni"])) if ok]
+
+
+def decode_layout_reference(codes: np.ndarray, n: int, k: int) -> np.ndarray:
+    """The decode layout written from its definition in offq.h, in NumPy: rows in groups of 8
+    (zero-padded), k in chunks of 8, byte i of row j = element 8c + i | element 8c + 4 + i << 4."""
+    q = np.empty((n, k), np.uint8)
+    q[:, 0::2], q[:, 1::2] = codes & 15, codes >> 4  # stored format: even element in the low nibble
+    rows = (n + 7) // 8 * 8
+    q = np.concatenate([q, np.zeros((rows - n, k), np.uint8)])
+    q = q.reshape(rows // 8, 8, k // 8, 2, 4)  # group, row j, chunk c, half, i
+    packed = q[:, :, :, 0, :] | (q[:, :, :, 1, :] << 4)  # [group, j, c, i]
+    return np.ascontiguousarray(packed.transpose(0, 2, 1, 3)).reshape(rows // 8, k // 8, 32)
+
+
+@pytest.mark.parametrize("n,k", [(1, 8), (8, 64), (13, 576), (200, 40), (960, 576)])
+def test_decode_layout_matches_its_definition(n, k):
+    rng = np.random.default_rng(n * k)
+    w = quantize(rng.standard_normal((n, k)).astype(np.float32), group_size=-1)
+    np.testing.assert_array_equal(pack_w4_decode(w), decode_layout_reference(w.codes, n, k))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n,k,ga,gw", [(24, 64, 64, -1), (13, 576, 64, -1), (200, 40, 8, 8),
+                                       (37, 40, 8, 40), (64, 1536, 128, 128), (9, 256, 32, 64),
+                                       (960, 576, 64, 64)])
+def test_decode_layout_kernels_equal_generic(m, n, k, ga, gw):
+    """Every SIMD small-M kernel on the decode layout gives the generic result bit for bit: folded
+    rows, massive-outlier rows (the general path), symmetric and asymmetric weights, grouped and
+    per-channel weights, N not a multiple of 8, blocks of 8 to 128 (5 rows: the GEMM, unchanged)."""
+    rng = np.random.default_rng(m * n + k)
+    for wsym in (True, False):
+        w = quantize(rng.standard_normal((n, k)).astype(np.float32), group_size=gw, symmetric=wsym)
+        dec = pack_w4_decode(w)
+        for massive in (False, True):
+            x = (rng.standard_normal((m, k)) + rng.uniform(-3, 3, (m, 1))).astype(np.float32)
+            if massive:
+                x[-1, :8] += 400.0  # a zero-point far outside [-112, 127]: not folded
+            a = quantize(x, group_size=ga)
+            ref = matmul_w4a4(a, w, kernel="generic")
+            for kernel in SIMD_KERNELS + ["generic"]:
+                got = matmul_w4a4(a, w, kernel=kernel, w_decode=dec)
+                np.testing.assert_array_equal(got, ref, err_msg=f"{kernel} massive={massive}")
+
+
+@pytest.mark.parametrize("za", [0, 15, -112, 127, -113, 128, 7.5, -1e5])
+def test_decode_layout_zero_point_paths(za):
+    """The folding condition of the decode-layout kernels is the one of the other small-M paths."""
+    rng = np.random.default_rng(3)
+    m, k, n = 2, 512, 24
+    a = from_int_codes(rng.integers(0, 16, (m, k)), rng.uniform(0.5, 2, (m, k // 128)),
+                       np.full((m, k // 128), za, np.float32), 128)
+    w = quantize(rng.standard_normal((n, k)).astype(np.float32), group_size=-1, symmetric=True)
+    ref = matmul_w4a4(a, w, kernel="generic")
+    for kernel in SIMD_KERNELS:
+        np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel, w_decode=pack_w4_decode(w)),
+                                      ref, err_msg=kernel)
+
+
+def test_decode_layout_extreme_codes():
+    """All-15 weights against folded activations at both ends of int8 (|qa - za| = 127): the
+    16-bit sums of the AVX2 kernel reach 4 x 7620 = 30480 and must not saturate."""
+    k, n = 1024, 16
+    w = from_int_codes(np.full((n, k), 15), np.ones((n, 1)), np.zeros((n, 1)), k)
+    for qa, za in ((15, -112), (0, 127)):
+        a = from_int_codes(np.full((1, k), qa), np.ones((1, k // 128)),
+                           np.full((1, k // 128), za, np.float32), 128)
+        ref = matmul_w4a4(a, w, kernel="generic")
+        np.testing.assert_array_equal(ref, np.full((1, n), 15.0 * (qa - za) * k, np.float32))
+        for kernel in SIMD_KERNELS:
+            np.testing.assert_array_equal(
+                matmul_w4a4(a, w, kernel=kernel, w_decode=pack_w4_decode(w)), ref, err_msg=kernel)
+
+
+def test_decode_layout_validation():
+    rng = np.random.default_rng(0)
+    w = quantize(rng.standard_normal((10, 64)).astype(np.float32), group_size=-1)
+    a = quantize(rng.standard_normal((1, 64)).astype(np.float32), group_size=64)
+    dec = pack_w4_decode(w)
+    assert dec.shape == (2, 8, 32) and dec.dtype == np.uint8
+    with pytest.raises(ValueError, match="w_decode: expected shape"):
+        matmul_w4a4(a, w, w_decode=dec[:1].copy())
+    with pytest.raises(TypeError, match="w_decode"):
+        matmul_w4a4(a, w, w_decode=dec.astype(np.int16))
+    with pytest.raises(ValueError, match="w_decode"):
+        matmul_w4a4(a, w, w_decode=np.asfortranarray(dec.reshape(16, 32)).reshape(2, 8, 32)[:, ::-1])
+    w40 = quantize(rng.standard_normal((3, 36)).astype(np.float32), group_size=-1)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _C.pack_w4_decode(w40.codes, 36)
+    with pytest.raises(ValueError, match="codes"):
+        _C.pack_w4_decode(w.codes[:, :5].copy(), 64)
+    with pytest.raises(TypeError, match="QTensor"):
+        pack_w4_decode(np.zeros((8, 32), np.uint8))

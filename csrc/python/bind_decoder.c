@@ -6,7 +6,8 @@
  *       k_offset); a norm is a float32 [d] array or None, k_offset a float32 [num_kv_heads *
  *       head_dim] array or None; a linear is a tuple (codes uint8 [n, k/2], scale float32
  *       [n, k/wg], zero float32 [n, k/wg], w_group, bias float32 [n] or None, a_group).
- *       Everything is validated here, once; the plan keeps the tuple (so the arrays) alive.
+ *       Everything is validated here, once; the plan keeps the tuple (so the arrays) alive and,
+ *       where the CPU's small-M kernels read it, a copy of the weights in the decode layout.
  *   decoder_scratch_bytes(plan, rows, positions) -> int (for the current thread setting)
  *   decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch,
  *                   kernel="auto") -> None; h [rows, d] updated in place, the cache gains rows.
@@ -23,6 +24,7 @@ typedef struct {
     offq_dec_model model;
     offq_dec_layer *layers;
     PyObject *keep; /* the validated layers tuple */
+    uint8_t *dec;   /* every linear's weight in the decode layout (offq.h), or NULL */
 } dec_plan;
 
 static void plan_free(PyObject *capsule)
@@ -30,9 +32,51 @@ static void plan_free(PyObject *capsule)
     dec_plan *p = PyCapsule_GetPointer(capsule, PLAN_NAME);
     if (p != NULL) {
         free(p->layers);
+        free(p->dec);
         Py_XDECREF(p->keep);
         free(p);
     }
+}
+
+/* On CPUs whose small-M kernels read the decode layout (AVX2 and up): a copy of every weight in
+ * it, owned by the plan (+ 4 bits per weight; decode steps read only this copy). Returns 0, or -1
+ * with MemoryError set. Weights whose k is not a multiple of 8 keep the row-major path. */
+static int build_decode_layouts(dec_plan *p)
+{
+    if (!offq_cpu_has_avx2()) {
+        return 0;
+    }
+    int64_t total = 0;
+    for (int64_t i = 0; i < p->model.layers; i++) {
+        offq_dec_linear *lins[4] = {&p->layers[i].qkv, &p->layers[i].o, &p->layers[i].gate_up,
+                                    &p->layers[i].down};
+        for (int j = 0; j < 4; j++) {
+            total += lins[j]->k % 8 == 0 ? offq_w4_decode_bytes(lins[j]->w.rows, lins[j]->k) : 0;
+        }
+    }
+    if (total == 0 || (p->dec = aligned_alloc(64, (size_t)(total + 63) / 64 * 64)) == NULL) {
+        if (total > 0) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        return 0;
+    }
+    uint8_t *at = p->dec;
+    for (int64_t i = 0; i < p->model.layers; i++) {
+        offq_dec_linear *lins[4] = {&p->layers[i].qkv, &p->layers[i].o, &p->layers[i].gate_up,
+                                    &p->layers[i].down};
+        for (int j = 0; j < 4; j++) {
+            if (lins[j]->k % 8 != 0) {
+                continue;
+            }
+            Py_BEGIN_ALLOW_THREADS;
+            offq_w4_decode_pack(lins[j]->w.codes, lins[j]->w.rows, lins[j]->k, at);
+            Py_END_ALLOW_THREADS;
+            lins[j]->w.dec = at;
+            at += offq_w4_decode_bytes(lins[j]->w.rows, lins[j]->k);
+        }
+    }
+    return 0;
 }
 
 /* A float32 [n] array or None (-> NULL). */
@@ -255,6 +299,9 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
                                 .r3 = r3,
                                 .r4 = r4,
                                 .layer = p->layers};
+    if (build_decode_layouts(p) < 0) {
+        goto fail;
+    }
     Py_INCREF(layers_o);
     p->keep = layers_o;
     PyObject *cap = PyCapsule_New(p, PLAN_NAME, plan_free);
@@ -265,6 +312,7 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
     return cap;
 fail:
     free(p->layers);
+    free(p->dec);
     free(p);
     return NULL;
 }

@@ -6,7 +6,10 @@
  *   pack_codes(codes, bits, group_size) -> (packed, code_sums)
  *   unpack_codes(packed, bits, k) -> uint8 [..., k]
  *   matmul_w4a4(a_codes, a_scale, a_zero, a_group, w_codes, w_scale, w_zero, w_group, k,
- *               out=None, kernel="auto") -> float32 [M, N]   kernel: auto|generic|avx2|vnni
+ *               out=None, kernel="auto", w_decode=None) -> float32 [M, N]
+ *       kernel: auto|generic|avx2|vnni; w_decode: the weight in the decode layout (below)
+ *   pack_w4_decode(codes, k) -> uint8 [ceil(N / 8), k / 8, 32]: 4-bit codes [N, k / 2] in the
+ *       decode layout of offq.h
  */
 #include "bind_util.h"
 
@@ -310,18 +313,66 @@ static int check_operand(PyObject *co, PyObject *so, PyObject *zo, PyObject *gro
     op->zero = (const float *)PyArray_DATA(zero);
     op->rows = PyArray_DIM(codes, 0);
     op->group = g;
+    op->dec = NULL;
     return 0;
+}
+
+/* Shape of the decode layout of an [n, k] 4-bit weight: (ceil(n / 8), k / 8, 32). */
+static void decode_shape(int64_t n, int64_t k, npy_intp *shape)
+{
+    shape[0] = (npy_intp)((n + 7) / 8);
+    shape[1] = (npy_intp)(k / 8);
+    shape[2] = 32;
+}
+
+static PyObject *py_pack_w4_decode(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"codes", "k", NULL};
+    PyObject *co, *k_o;
+    long long kk;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:pack_w4_decode", kwlist, &co, &k_o) ||
+        offq_py_int(k_o, "k", &kk) < 0) {
+        return NULL;
+    }
+    if (kk <= 0 || kk % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "k: the decode layout needs a positive multiple of 8, got %lld",
+                     kk);
+        return NULL;
+    }
+    PyArrayObject *codes = offq_check_array(co, "codes", NPY_UINT8, 2, 2);
+    if (codes == NULL || check_codes(codes, "codes", (int64_t)kk, 4) < 0) {
+        return NULL;
+    }
+    const int64_t n = PyArray_DIM(codes, 0), k = (int64_t)kk;
+    if (n == 0) {
+        PyErr_SetString(PyExc_ValueError, "codes: expected at least one row");
+        return NULL;
+    }
+    npy_intp shape[3];
+    decode_shape(n, k, shape);
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(3, shape, NPY_UINT8);
+    if (out == NULL) {
+        return NULL;
+    }
+    const uint8_t *src = (const uint8_t *)PyArray_DATA(codes);
+    uint8_t *dst = (uint8_t *)PyArray_DATA(out);
+    Py_BEGIN_ALLOW_THREADS;
+    offq_w4_decode_pack(src, n, k, dst);
+    Py_END_ALLOW_THREADS;
+    return (PyObject *)out;
 }
 
 static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"a_codes", "a_scale", "a_zero", "a_group", "w_codes", "w_scale",
-                             "w_zero", "w_group", "k", "out", "kernel", NULL};
-    PyObject *aco, *aso, *azo, *ag, *wco, *wso, *wzo, *wg, *k_o, *outo = Py_None;
+                             "w_zero", "w_group", "k", "out", "kernel", "w_decode", NULL};
+    PyObject *aco, *aso, *azo, *ag, *wco, *wso, *wzo, *wg, *k_o, *outo = Py_None,
+                                                                 *deco = Py_None;
     long long kk;
     const char *kname = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|Os:matmul_w4a4", kwlist, &aco, &aso,
-                                     &azo, &ag, &wco, &wso, &wzo, &wg, &k_o, &outo, &kname)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|OsO:matmul_w4a4", kwlist, &aco, &aso,
+                                     &azo, &ag, &wco, &wso, &wzo, &wg, &k_o, &outo, &kname,
+                                     &deco)) {
         return NULL;
     }
     offq_kernel kernel;
@@ -346,6 +397,30 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
                      "w_group: the group sizes of a (%lld) and w (%lld) must divide one another",
                      (long long)a.group, (long long)w.group);
         return NULL;
+    }
+    if (deco != Py_None) {
+        if (k % 8 != 0) {
+            PyErr_Format(PyExc_ValueError, "w_decode: the decode layout needs k %% 8 == 0, got k=%lld",
+                         (long long)k);
+            return NULL;
+        }
+        PyArrayObject *dec = offq_check_array(deco, "w_decode", NPY_UINT8, 3, 3);
+        if (dec == NULL) {
+            return NULL;
+        }
+        npy_intp want[3];
+        decode_shape(w.rows, k, want);
+        if (PyArray_DIM(dec, 0) != want[0] || PyArray_DIM(dec, 1) != want[1] ||
+            PyArray_DIM(dec, 2) != want[2]) {
+            PyErr_Format(PyExc_ValueError,
+                         "w_decode: expected shape (%lld, %lld, 32) for a [%lld, %lld] weight, got "
+                         "(%lld, %lld, %lld)",
+                         (long long)want[0], (long long)want[1], (long long)w.rows, (long long)k,
+                         (long long)PyArray_DIM(dec, 0), (long long)PyArray_DIM(dec, 1),
+                         (long long)PyArray_DIM(dec, 2));
+            return NULL;
+        }
+        w.dec = (const uint8_t *)PyArray_DATA(dec);
     }
     PyArrayObject *out;
     if (outo == Py_None) {
@@ -391,6 +466,10 @@ PyMethodDef offq_quant_methods[] = {
      "unpack_codes(packed, bits, k) -> uint8 [..., k], one code per byte."},
     {"matmul_w4a4", (PyCFunction)(void (*)(void))py_matmul_w4a4, METH_VARARGS | METH_KEYWORDS,
      "matmul_w4a4(a_codes, a_scale, a_zero, a_group, w_codes, w_scale, w_zero, w_group, k, "
-     "out=None, kernel='auto') -> float32 [M, N] = dequantize(a) @ dequantize(w).T (4-bit a, w)."},
+     "out=None, kernel='auto', w_decode=None) -> float32 [M, N] = dequantize(a) @ dequantize(w).T "
+     "(4-bit a, w)."},
+    {"pack_w4_decode", (PyCFunction)(void (*)(void))py_pack_w4_decode, METH_VARARGS | METH_KEYWORDS,
+     "pack_w4_decode(codes, k) -> uint8 [ceil(N / 8), k / 8, 32]: the decode layout of 4-bit "
+     "codes [N, k / 2] (offq.h)."},
     {NULL, NULL, 0, NULL},
 };

@@ -11,7 +11,7 @@
 #ifdef OFFQ_X86
 #include <immintrin.h>
 
-#include "x86/hsum.h"
+#include "x86/gemv_common.h"
 
 #define MR OFFQ_MM_MR
 #define NRP OFFQ_MM_NRP
@@ -221,10 +221,9 @@ __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline))
 gemv_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
     const offq_mm_plan *pl = g->pl;
-    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group;
     const int64_t cpb = pl->blk / 64;
     const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const __m256 blkf = _mm256_set1_ps((float)pl->blk);
     const uint8_t *wr[8];
     int64_t nidx[8];
     for (int j = 0; j < 8; j++) {
@@ -289,33 +288,16 @@ gemv_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const i
         const int64_t gi = b * pl->blk / gw;
         if (gi != last_gi) { /* weight group changed (every block unless per-channel weights) */
             last_gi = gi;
-            float zb[8], sb[8];
-            for (int j = 0; j < 8; j++) {
-                zb[j] = g->w->zero[nidx[j] * ngw + gi];
-                sb[j] = g->w->scale[nidx[j] * ngw + gi];
-            }
-            zw = _mm256_loadu_ps(zb);
-            sw = _mm256_loadu_ps(sb);
-            bzw = _mm256_mul_ps(blkf, zw);
+            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
         }
         const __m256 wT =
             folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
         _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
-            __m256 e = _mm256_cvtepi32_ps(offq_hsum8x8(vd[m]));
-            /* folded: D' = sum qw (qa - za), asum = sum (qa - za): E = D' - zw * asum */
-            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
-            if (!folded) {
-                e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
-            }
-            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
-            acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
+            acc[m] = offq_gemv_epilogue(g, m, b, folded, offq_hsum8x8(vd[m]), zw, sw, wT, acc[m]);
         }
     }
-    const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
     _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
-        float tmp[8];
-        _mm256_storeu_ps(tmp, acc[m]);
-        memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
+        offq_gemv_store(g, m, n0, acc[m]);
     }
 }
 
@@ -343,6 +325,102 @@ __attribute__((target("avx2,fma"))) void offq_mm_gemv_range_avx2(const offq_mm_g
             OFFQ_CASE(7)
         default:
             OFFQ_CASE(8)
+        }
+#undef OFFQ_CASE
+    }
+}
+/* Small M on the decode layout (offq.h): one contiguous stream of 32-byte vectors per group of 8
+ * columns; each vector is 4 consecutive k of the 8 columns (low nibbles) and the next 4 (high
+ * nibbles), multiplied with vpmaddubsw against those 4 activation bytes broadcast, so the 16-bit
+ * pair sums of the 8 columns stay side by side and one vpmaddwd per 4 vectors widens them: no
+ * horizontal reduction. Activations in plain order, folded (qa - za as int8) when `folded`, else
+ * plain codes with the weight block sums formed from the same nibbles. 16-bit lanes: a vector adds
+ * at most 2 * 2 * 15 * 127 = 7620, so 4 vectors (30480) are summed before widening. The float
+ * epilogue is the one of gemv_group_avx2 (same operations, same order: identical results). */
+#define DEC_SUB 4 /* vectors per 16-bit accumulation */
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+dec_group_avx2(const offq_mm_gemv_args *g, int64_t grp, const int mrows, const int folded)
+{
+    const offq_mm_plan *pl = g->pl;
+    const int64_t k = pl->k, gw = g->w->group, vpb = pl->blk / 8;
+    const __m256i m15 = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
+    const __m256i ones8 = _mm256_set1_epi8(1);
+    const uint8_t *wg = g->w->dec + grp * 4 * k; /* k / 8 vectors of 32 bytes */
+    int64_t nidx[8];
+    for (int j = 0; j < 8; j++) {
+        nidx[j] = 8 * grp + j < pl->n ? 8 * grp + j : pl->n - 1;
+    }
+    __m256 acc[4];
+    _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { acc[m] = _mm256_setzero_ps(); }
+    int64_t last_gi = -1;
+    __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i d[4], wsum = _mm256_setzero_si256();
+        _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { d[m] = _mm256_setzero_si256(); }
+        for (int64_t c0 = b * vpb; c0 < (b + 1) * vpb; c0 += DEC_SUB) {
+            const int64_t c1 = c0 + DEC_SUB < (b + 1) * vpb ? c0 + DEC_SUB : (b + 1) * vpb;
+            __m256i s16[4], su8 = _mm256_setzero_si256();
+            _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+                s16[m] = _mm256_setzero_si256();
+            }
+            for (int64_t c = c0; c < c1; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * c));
+                const __m256i lo = _mm256_and_si256(v, m15);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+                if (!folded) {
+                    su8 = _mm256_add_epi8(su8, _mm256_add_epi8(lo, hi));
+                }
+                _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+                    const uint8_t *am = g->ap + m * k + 8 * c;
+                    const __m256i a0 = _mm256_set1_epi32((int)offq_load_u32(am));
+                    const __m256i a1 = _mm256_set1_epi32((int)offq_load_u32(am + 4));
+                    s16[m] = _mm256_add_epi16(s16[m], _mm256_add_epi16(_mm256_maddubs_epi16(lo, a0),
+                                                                       _mm256_maddubs_epi16(hi, a1)));
+                }
+            }
+            _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+                d[m] = _mm256_add_epi32(d[m], _mm256_madd_epi16(s16[m], ones16));
+            }
+            if (!folded) { /* byte sums <= 4 * 30: pairs, then quads of each column */
+                wsum = _mm256_add_epi32(
+                    wsum, _mm256_madd_epi16(_mm256_maddubs_epi16(su8, ones8), ones16));
+            }
+        }
+        const int64_t gi = b * pl->blk / gw;
+        if (gi != last_gi) { /* weight group changed (every block unless per-channel weights) */
+            last_gi = gi;
+            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
+        }
+        const __m256 wT = folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(wsum), bzw);
+        _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+            acc[m] = offq_gemv_epilogue(g, m, b, folded, d[m], zw, sw, wT, acc[m]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+        offq_gemv_store(g, m, 8 * grp, acc[m]);
+    }
+}
+
+/* Groups [i0, i1) of 8 columns on the decode layout, 1 <= mrows <= 4. */
+__attribute__((target("avx2,fma"))) void offq_mm_gemv_dec_range_avx2(const offq_mm_gemv_args *g,
+                                                                  int mrows, int folded,
+                                                                  int64_t i0, int64_t i1)
+{
+    for (int64_t i = i0; i < i1; i++) {
+#define OFFQ_CASE(r)                                                                             \
+    case r:                                                                                      \
+        if (folded) {                                                                            \
+            dec_group_avx2(g, i, r, 1);                                                          \
+        } else {                                                                                 \
+            dec_group_avx2(g, i, r, 0);                                                          \
+        }                                                                                        \
+        break;
+        switch (mrows) {
+            OFFQ_CASE(1)
+            OFFQ_CASE(2)
+            OFFQ_CASE(3)
+        default:
+            OFFQ_CASE(4)
         }
 #undef OFFQ_CASE
     }

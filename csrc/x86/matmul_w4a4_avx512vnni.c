@@ -9,7 +9,7 @@
 #ifdef OFFQ_X86
 #include <immintrin.h>
 
-#include "x86/hsum.h"
+#include "x86/gemv_common.h"
 
 #define MR OFFQ_MM_MR
 #define NRP OFFQ_MM_NRP
@@ -90,10 +90,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     gemv_group_vnni(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
     const offq_mm_plan *pl = g->pl;
-    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group;
     const int64_t cpb = pl->blk / 128;
     const __m512i m15 = _mm512_set1_epi8(15), ones8 = _mm512_set1_epi8(1);
-    const __m256 blkf = _mm256_set1_ps((float)pl->blk);
     const uint8_t *wr[8];
     int64_t nidx[8];
     for (int j = 0; j < 8; j++) {
@@ -141,32 +140,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
         const int64_t gi = b * pl->blk / gw;
         if (gi != last_gi) {
             last_gi = gi;
-            float zb[8], sb[8];
-            for (int j = 0; j < 8; j++) {
-                zb[j] = g->w->zero[nidx[j] * ngw + gi];
-                sb[j] = g->w->scale[nidx[j] * ngw + gi];
-            }
-            zw = _mm256_loadu_ps(zb);
-            sw = _mm256_loadu_ps(sb);
-            bzw = _mm256_mul_ps(blkf, zw);
+            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
         }
         const __m256 wT =
             folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
         _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
-            __m256 e = _mm256_cvtepi32_ps(offq_hsum8x8(vd[m]));
-            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
-            if (!folded) {
-                e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
-            }
-            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
-            acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
+            acc[m] = offq_gemv_epilogue(g, m, b, folded, offq_hsum8x8(vd[m]), zw, sw, wT, acc[m]);
         }
     }
-    const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
     _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
-        float tmp[8];
-        _mm256_storeu_ps(tmp, acc[m]);
-        memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
+        offq_gemv_store(g, m, n0, acc[m]);
     }
 }
 
@@ -179,10 +162,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     gemv64_group_vnni(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
     const offq_mm_plan *pl = g->pl;
-    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group, ngw = pl->k / gw;
+    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group;
     const int64_t cpb = pl->blk / 64;
     const __m256i m15 = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1);
-    const __m256 blkf = _mm256_set1_ps((float)pl->blk);
     const uint8_t *wr[8];
     int64_t nidx[8];
     for (int j = 0; j < 8; j++) {
@@ -228,32 +210,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
         const int64_t gi = b * pl->blk / gw;
         if (gi != last_gi) {
             last_gi = gi;
-            float zb[8], sb[8];
-            for (int j = 0; j < 8; j++) {
-                zb[j] = g->w->zero[nidx[j] * ngw + gi];
-                sb[j] = g->w->scale[nidx[j] * ngw + gi];
-            }
-            zw = _mm256_loadu_ps(zb);
-            sw = _mm256_loadu_ps(sb);
-            bzw = _mm256_mul_ps(blkf, zw);
+            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
         }
         const __m256 wT =
             folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
         _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
-            __m256 e = _mm256_cvtepi32_ps(offq_hsum8x8(vd[m]));
-            e = _mm256_fnmadd_ps(_mm256_set1_ps(g->asum[m * pl->nb + b]), zw, e);
-            if (!folded) {
-                e = _mm256_fnmadd_ps(_mm256_set1_ps(g->azero[m * pl->nb + b]), wT, e);
-            }
-            const __m256 sc = _mm256_mul_ps(_mm256_set1_ps(g->ascale[m * pl->nb + b]), sw);
-            acc[m] = _mm256_fmadd_ps(sc, e, acc[m]);
+            acc[m] = offq_gemv_epilogue(g, m, b, folded, offq_hsum8x8(vd[m]), zw, sw, wT, acc[m]);
         }
     }
-    const int64_t cols = pl->n - n0 < 8 ? pl->n - n0 : 8;
     _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
-        float tmp[8];
-        _mm256_storeu_ps(tmp, acc[m]);
-        memcpy(g->out + m * pl->n + n0, tmp, sizeof(float) * (size_t)cols);
+        offq_gemv_store(g, m, n0, acc[m]);
     }
 }
 
@@ -305,6 +271,81 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void of
             OFFQ_CASE(7)
         default:
             OFFQ_CASE(8)
+        }
+#undef OFFQ_CASE
+    }
+}
+/* Small M on the decode layout (offq.h; the AVX2 kernel's comment): 256-bit vpdpbusd sums the four
+ * u8 x s8 products of each column straight into 32-bit lanes, so no 16-bit stage and no widening.
+ * Same integer sums and float epilogue as the other variants. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline
+    __attribute__((always_inline)) void
+    dec_group_vnni(const offq_mm_gemv_args *g, int64_t grp, const int mrows, const int folded)
+{
+    const offq_mm_plan *pl = g->pl;
+    const int64_t k = pl->k, vpb = pl->blk / 8;
+    const __m256i m15 = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1);
+    const uint8_t *wg = g->w->dec + grp * 4 * k;
+    int64_t nidx[8];
+    for (int j = 0; j < 8; j++) {
+        nidx[j] = 8 * grp + j < pl->n ? 8 * grp + j : pl->n - 1;
+    }
+    __m256 acc[4];
+    _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { acc[m] = _mm256_setzero_ps(); }
+    int64_t last_gi = -1;
+    __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
+    for (int64_t b = 0; b < pl->nb; b++) {
+        __m256i d[4], wsum = _mm256_setzero_si256();
+        _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { d[m] = _mm256_setzero_si256(); }
+        for (int64_t c = b * vpb; c < (b + 1) * vpb; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * c));
+            const __m256i lo = _mm256_and_si256(v, m15);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+            if (!folded) {
+                wsum = _mm256_dpbusd_epi32(wsum, _mm256_add_epi8(lo, hi), ones8);
+            }
+            _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+                const uint8_t *am = g->ap + m * k + 8 * c;
+                d[m] = _mm256_dpbusd_epi32(d[m], lo, _mm256_set1_epi32((int)offq_load_u32(am)));
+                d[m] = _mm256_dpbusd_epi32(d[m], hi,
+                                           _mm256_set1_epi32((int)offq_load_u32(am + 4)));
+            }
+        }
+        const int64_t gi = b * pl->blk / g->w->group;
+        if (gi != last_gi) {
+            last_gi = gi;
+            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
+        }
+        const __m256 wT = folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(wsum), bzw);
+        _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+            acc[m] = offq_gemv_epilogue(g, m, b, folded, d[m], zw, sw, wT, acc[m]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+        offq_gemv_store(g, m, 8 * grp, acc[m]);
+    }
+}
+
+/* Groups [i0, i1) of 8 columns on the decode layout, 1 <= mrows <= 4. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
+offq_mm_gemv_dec_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
+                                  int64_t i1)
+{
+    for (int64_t i = i0; i < i1; i++) {
+#define OFFQ_CASE(r)                                                                             \
+    case r:                                                                                      \
+        if (folded) {                                                                            \
+            dec_group_vnni(g, i, r, 1);                                                          \
+        } else {                                                                                 \
+            dec_group_vnni(g, i, r, 0);                                                          \
+        }                                                                                        \
+        break;
+        switch (mrows) {
+            OFFQ_CASE(1)
+            OFFQ_CASE(2)
+            OFFQ_CASE(3)
+        default:
+            OFFQ_CASE(4)
         }
 #undef OFFQ_CASE
     }

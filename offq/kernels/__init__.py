@@ -10,7 +10,8 @@ thread setting (:mod:`.threads`). Imported from their modules: the int8-weight m
 from .cov import cov_update, top_eigenpairs
 from .hadamard import SUPPORTED_ORDERS, fwht, hadamard_factor, hadamard_matrix, is_supported
 from .linalg import upper_cholesky_of_inverse
-from .quant import SUPPORTED_BITS, QTensor, dequantize, matmul_w4a4, pack_codes, quantize, unpack_codes
+from .quant import (SUPPORTED_BITS, QTensor, dequantize, matmul_w4a4, pack_codes, pack_w4_decode,
+                    quantize, unpack_codes)
 from .threads import get_num_threads, set_num_threads, threads
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "matmul_w4a4",
+    "pack_w4_decode",
     "pack_codes",
     "unpack_codes",
     "SUPPORTED_BITS",

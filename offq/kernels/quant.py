@@ -40,8 +40,8 @@ import numpy as np
 
 from .. import _C
 
-__all__ = ["QTensor", "quantize", "dequantize", "matmul_w4a4", "pack_codes", "unpack_codes",
-           "SUPPORTED_BITS"]
+__all__ = ["QTensor", "quantize", "dequantize", "matmul_w4a4", "pack_w4_decode", "pack_codes",
+           "unpack_codes", "SUPPORTED_BITS"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -202,7 +202,7 @@ def dequantize(qt: QTensor) -> np.ndarray:
 
 
 def matmul_w4a4(a: QTensor, w: QTensor, *, out: np.ndarray | None = None,
-                kernel: str = "auto") -> np.ndarray:
+                kernel: str = "auto", w_decode: np.ndarray | None = None) -> np.ndarray:
     """``dequantize(a) @ dequantize(w).T`` from 4-bit codes, float32 ``[..., N]``.
 
     ``a`` is ``[..., K]`` (leading axes flattened to M rows; M = 1 is the decode case) and ``w``
@@ -212,6 +212,9 @@ def matmul_w4a4(a: QTensor, w: QTensor, *, out: np.ndarray | None = None,
     blocks are summed in float32, so the result equals the float product up to float32
     accumulation order. ``out``: optional C-contiguous float32 ``[M, N]`` to write into.
     ``kernel``: "auto" (best SIMD variant), or "generic" / "avx2" / "vnni" to force one.
+    ``w_decode``: ``w`` also in the decode layout (:func:`pack_w4_decode`); up to 4 rows of ``a``
+    then take the faster small-M kernel that reads it (same result bit for bit; the generic
+    variant ignores it).
 
     The binding validates the arrays, group sizes, ``out`` and ``kernel``; the checks here are on
     what it does not see: that ``a`` and ``w`` are 4-bit QTensors with matching logical shapes.
@@ -228,5 +231,19 @@ def matmul_w4a4(a: QTensor, w: QTensor, *, out: np.ndarray | None = None,
     lead = a.shape[:-1]
     a2 = a.reshape_rows() if a.codes.ndim != 2 else a
     res = _C.matmul_w4a4(a2.codes, a2.scale, a2.zero, a2.group_size, w.codes, w.scale, w.zero,
-                         w.group_size, a.shape[-1], out, kernel)
+                         w.group_size, a.shape[-1], out, kernel, w_decode)
     return res.reshape(lead + (w.shape[0],)) if a.codes.ndim != 2 else res
+
+
+def pack_w4_decode(w: QTensor) -> np.ndarray:
+    """The 4-bit weight ``w [N, K]`` in the decode layout, uint8 ``[ceil(N / 8), K / 8, 32]``.
+
+    Rows in groups of 8 (the last one padded with zero codes), K in chunks of 8: the 32 bytes of
+    (group, chunk) hold 4 bytes per row, byte ``i`` of row ``j`` carrying element ``8c + i`` in
+    its low nibble and ``8c + 4 + i`` in its high nibble. One 32-byte load thus gives 4
+    consecutive inputs of 8 output columns side by side, the operand layout of the x86 small-M
+    kernels (``csrc/offq.h``); K must be a multiple of 8.
+    """
+    if not isinstance(w, QTensor) or w.bits != 4 or w.codes.ndim != 2:
+        raise TypeError("w: expected a 2-D 4-bit QTensor [N, K]")
+    return _C.pack_w4_decode(w.codes, w.shape[-1])
