@@ -264,10 +264,17 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
 #define GEMM_COLUMNS 64 /* output columns per GEMM item (a multiple of 32) */
 
 /* Items of p's product: GEMM tiles of GEMM_COLUMNS columns, or blocks of `product_step` groups of
- * 8 output columns for the gemv. */
+ * 8 output columns for the gemv. A decode-size product (one chunk of rows) is cut into one
+ * contiguous block per thread: each thread then streams its weights front to back, which the
+ * hardware prefetchers follow; small interleaved blocks break every thread's stream at each block
+ * and cost more than the product (SmolLM2 decode at 2 threads: 224 -> 418 tokens/s). */
 static int64_t product_step(const product *p, int64_t rows)
 {
-    return rows > p->rows_per_chunk ? PRODUCT_GROUP_BLOCK : 4;
+    if (rows > p->rows_per_chunk) {
+        return PRODUCT_GROUP_BLOCK;
+    }
+    const int64_t groups = (p->pl.n + 7) / 8, team = omp_get_num_threads();
+    return (groups + team - 1) / team;
 }
 
 static int64_t product_items(const product *p, int64_t rows)

@@ -9,6 +9,11 @@
 
 #include "kernels.h"
 
+/* Software prefetch distance of the decode-layout kernels (bytes ahead in a group's stream). */
+#ifndef DEC_PREFETCH
+#define DEC_PREFETCH 4096
+#endif
+
 /* Lane i of the result = sum of the 8 int32 lanes of v[i]. */
 __attribute__((target("avx2,fma"))) static inline __m256i offq_hsum8x8(const __m256i *v)
 {

@@ -364,6 +364,9 @@ dec_group_avx2(const offq_mm_gemv_args *g, int64_t grp, const int mrows, const i
                 s16[m] = _mm256_setzero_si256();
             }
             for (int64_t c = c0; c < c1; c++) {
+                if ((c & 1) == 0) { /* one line per 2 vectors, DEC_PREFETCH bytes ahead */
+                    _mm_prefetch((const char *)(wg + 32 * c + DEC_PREFETCH), _MM_HINT_T0);
+                }
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * c));
                 const __m256i lo = _mm256_and_si256(v, m15);
                 const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);

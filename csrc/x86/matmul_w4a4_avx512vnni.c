@@ -298,6 +298,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
         __m256i d[4], wsum = _mm256_setzero_si256();
         _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { d[m] = _mm256_setzero_si256(); }
         for (int64_t c = b * vpb; c < (b + 1) * vpb; c++) {
+            if ((c & 1) == 0) { /* one line per 2 vectors, DEC_PREFETCH bytes ahead */
+                _mm_prefetch((const char *)(wg + 32 * c + DEC_PREFETCH), _MM_HINT_T0);
+            }
             const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * c));
             const __m256i lo = _mm256_and_si256(v, m15);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
