@@ -40,6 +40,9 @@ short kernels from Python, and spinning waiters steal the cores the next call ne
 """
 import os
 
+#: OMP_WAIT_POLICY as the environment had it before offq's default (None: unset); programs offq
+#: starts that are not offq (llama-bench in ``offq bench``) get it back
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import scipy_openblas32 as _openblas  # noqa: E402,F401  (loads libscipy_openblas with RTLD_GLOBAL)

@@ -54,3 +54,22 @@ def test_validation(bad, exc):
     with pytest.raises(exc, match="n: expected"):
         with threads(bad):
             pass
+
+
+@pytest.mark.parametrize("user_policy", [None, "ACTIVE"])
+def test_peer_programs_get_the_users_omp_wait_policy(user_policy):
+    """offq defaults OMP_WAIT_POLICY to PASSIVE for itself; a peer it runs (llama-bench in `offq
+    bench`) must see the environment as the user set it (PASSIVE made llama.cpp's token generation
+    ~4x slower in the e2e table)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if user_policy:
+        env["OMP_WAIT_POLICY"] = user_policy
+    code = ("import os, offq; from offq.bench.e2e import peer_environment; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), peer_environment().get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ([user_policy, user_policy] if user_policy else ["PASSIVE", "None"])

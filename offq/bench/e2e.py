@@ -23,6 +23,7 @@ never a dependency (benchmarks/README.md says how to build one).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import numpy as np
 
 from ..progress import Progress
 
-__all__ = ["E2EConfig", "run_e2e", "format_e2e", "llama_bench_rows"]
+__all__ = ["E2EConfig", "run_e2e", "format_e2e", "llama_bench_rows", "peer_environment"]
 
 
 @dataclass(frozen=True)
@@ -166,15 +167,31 @@ def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
             "rows": rows}
 
 
+def peer_environment() -> dict[str, str]:
+    """The environment for a peer program: this one without offq's ``OMP_WAIT_POLICY=PASSIVE``
+    default (sleeping OpenMP waiters cut llama.cpp's token generation ~4x; the user's own setting
+    is kept)."""
+    import offq
+
+    env = dict(os.environ)
+    if offq.USER_OMP_WAIT_POLICY is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = offq.USER_OMP_WAIT_POLICY
+    return env
+
+
 def llama_bench_rows(cfg: E2EConfig) -> list[dict[str, Any]]:
-    """llama.cpp's figures for ``cfg``'s tests: ``llama-bench -o json`` per thread count."""
+    """llama.cpp's figures for ``cfg``'s tests: ``llama-bench -o json`` per thread count, in the
+    user's environment (:func:`peer_environment`)."""
     prompts = ",".join(str(n) for n in cfg.prompt_lengths) or "0"
     rows = []
     for t in cfg.threads:
         cmd = [str(cfg.llama_bench), "-m", str(cfg.llama_model), "-t", str(t), "-p", prompts,
                "-n", str(cfg.gen_tokens), "-r", str(cfg.repeats), "-o", "json"]
         try:
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                 env=peer_environment()).stdout
         except (OSError, subprocess.CalledProcessError) as e:
             detail = getattr(e, "stderr", "") or str(e)
             raise OSError(f"llama-bench failed ({' '.join(cmd)}): {detail.strip()[-500:]}") from e
