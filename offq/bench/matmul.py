@@ -5,6 +5,8 @@ symmetric, per output channel: the OffQ default), A 4-bit asymmetric with groups
 OffQ runtime setting). Rows per shape (M, K, N):
   - `w4a4 [kernel]`: matmul_w4a4 on pre-quantized A (the kernel alone),
   - `w4a4+quantA [kernel]`: quantize(A) then matmul_w4a4 (what a linear layer pays at run time),
+  - `w4a4 dec [kernel]` (M <= 4): W also in the decode layout (pack_w4_decode, what the C decoder
+    reads), pre-quantized A,
 each against `numpy sgemm` = `A @ W.T` in float32 (NumPy's OpenBLAS; for M = 1 the vector form
 `a @ W.T`, i.e. sgemv), timed in the same process with the same thread setting. `kernel` is
 the SIMD variant offq dispatches to (auto); on CPUs with AVX-512 VNNI the AVX2 variant (what Zen3
@@ -16,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _C
-from ..kernels.quant import matmul_w4a4, quantize
+from ..kernels.quant import matmul_w4a4, pack_w4_decode, quantize
 
 from .timing import result, timeit
 
@@ -60,8 +62,16 @@ def run(threads: int, quick: bool) -> list[dict]:
         out = np.empty((m, n), np.float32)
         flops = 2.0 * m * n * k
         nbytes = qw.nbytes + qa.nbytes + out.nbytes
+        dec = pack_w4_decode(qw) if m <= 4 else None
         for kernel in kernels_to_report():
             name = kernel_name(kernel)
+            if dec is not None:
+                t_dec = timeit(lambda: matmul_w4a4(qa, qw, out=out, kernel=kernel, w_decode=dec),
+                               quick=quick)
+                rows.append(result(
+                    "matmul_w4a4", f"w4a4 dec [{name}] {m}x{k}x{n}", threads, t_dec, flops=flops,
+                    nbytes=nbytes, baselines={blas: t_blas},
+                    note=f"W in the decode layout; A asym g{A_GROUP} pre-quantized, 4-bit"))
             t = timeit(lambda: matmul_w4a4(qa, qw, out=out, kernel=kernel), quick=quick)
             rows.append(result(
                 "matmul_w4a4", f"w4a4 [{name}] {m}x{k}x{n}", threads, t, flops=flops,
