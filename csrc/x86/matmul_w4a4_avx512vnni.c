@@ -295,23 +295,35 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     int64_t last_gi = -1;
     __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
     for (int64_t b = 0; b < pl->nb; b++) {
-        __m256i d[4], wsum = _mm256_setzero_si256();
-        _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { d[m] = _mm256_setzero_si256(); }
-        for (int64_t c = b * vpb; c < (b + 1) * vpb; c++) {
-            if ((c & 1) == 0) { /* one line per 2 vectors, DEC_PREFETCH bytes ahead */
-                _mm_prefetch((const char *)(wg + 32 * c + DEC_PREFETCH), _MM_HINT_T0);
+        /* four independent vpdpbusd chains per row (low / high nibbles of even / odd vectors):
+         * one chain would wait out the instruction's latency at every step */
+        __m256i d[4][4], wsum = _mm256_setzero_si256();
+        _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+            for (int u = 0; u < 4; u++) {
+                d[m][u] = _mm256_setzero_si256();
             }
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * c));
-            const __m256i lo = _mm256_and_si256(v, m15);
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
-            if (!folded) {
-                wsum = _mm256_dpbusd_epi32(wsum, _mm256_add_epi8(lo, hi), ones8);
-            }
-            _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
-                const uint8_t *am = g->ap + m * k + 8 * c;
-                d[m] = _mm256_dpbusd_epi32(d[m], lo, _mm256_set1_epi32((int)offq_load_u32(am)));
-                d[m] = _mm256_dpbusd_epi32(d[m], hi,
-                                           _mm256_set1_epi32((int)offq_load_u32(am + 4)));
+        }
+        const int64_t c_end = (b + 1) * vpb;
+        for (int64_t c = b * vpb; c < c_end; c += 2) {
+            _mm_prefetch((const char *)(wg + 32 * c + DEC_PREFETCH), _MM_HINT_T0);
+            const int two = c + 1 < c_end;
+            _Pragma("GCC unroll 2") for (int h = 0; h < 2; h++) {
+                if (h == 1 && !two) {
+                    break;
+                }
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * (c + h)));
+                const __m256i lo = _mm256_and_si256(v, m15);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+                if (!folded) {
+                    wsum = _mm256_dpbusd_epi32(wsum, _mm256_add_epi8(lo, hi), ones8);
+                }
+                _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
+                    const uint8_t *am = g->ap + m * k + 8 * (c + h);
+                    d[m][2 * h] = _mm256_dpbusd_epi32(d[m][2 * h], lo,
+                                                      _mm256_set1_epi32((int)offq_load_u32(am)));
+                    d[m][2 * h + 1] = _mm256_dpbusd_epi32(
+                        d[m][2 * h + 1], hi, _mm256_set1_epi32((int)offq_load_u32(am + 4)));
+                }
             }
         }
         const int64_t gi = b * pl->blk / g->w->group;
@@ -321,7 +333,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
         }
         const __m256 wT = folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(wsum), bzw);
         _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
-            acc[m] = offq_gemv_epilogue(g, m, b, folded, d[m], zw, sw, wT, acc[m]);
+            const __m256i dm = _mm256_add_epi32(_mm256_add_epi32(d[m][0], d[m][1]),
+                                                _mm256_add_epi32(d[m][2], d[m][3]));
+            acc[m] = offq_gemv_epilogue(g, m, b, folded, dm, zw, sw, wT, acc[m]);
         }
     }
     _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
