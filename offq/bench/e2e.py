@@ -51,6 +51,8 @@ class E2EConfig:
         repeats: timed rounds per test (best counts).
         llama_bench: path to a ``llama-bench`` binary (optional).
         llama_model: the GGUF llama-bench runs (required with ``llama_bench``).
+        fused_kernel: the product variant of the fused C decoder ("auto", "avx2", "vnni",
+            "generic"): "avx2" on an AVX-512 machine times what AVX2-only CPUs run.
     """
 
     model: str = "smollm2-135m"
@@ -61,6 +63,7 @@ class E2EConfig:
     repeats: int = 3
     llama_bench: str | None = None
     llama_model: str | None = None
+    fused_kernel: str = "auto"
     tests: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,6 +73,9 @@ class E2EConfig:
             raise ValueError("prompt_lengths / gen_tokens: expected positive token counts")
         if self.repeats < 1:
             raise ValueError(f"repeats: expected a positive integer, got {self.repeats}")
+        if self.fused_kernel not in ("auto", "generic", "avx2", "vnni"):
+            raise ValueError(f"fused_kernel: expected auto, generic, avx2 or vnni, got "
+                             f"{self.fused_kernel!r}")
         if (self.llama_bench is None) != (self.llama_model is None):
             raise ValueError("llama_bench and llama_model go together (the binary and its GGUF)")
         tests = [f"pp{n}" for n in self.prompt_lengths]
@@ -118,6 +124,7 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
             result = quantize(ckpt, qcfg, None, progress=show)
             q, fused = result.model("real"), result.model("fused")
             label = f"{qcfg.describe(ckpt.config.hidden_size)} (quantized in process)"
+        fused.fused_runner.kernel = cfg.fused_kernel
         need = max(cfg.prompt_lengths, default=1)
         ids = eval_windows(ckpt.tokenizer, load_wikitext2_test(), need, 1,
                            bool(ckpt.config.add_bos))[0]
@@ -162,6 +169,7 @@ def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
     from .machine import machine_info
     return {"protocol": {"model": cfg.model, "quantized": label, "tests": list(cfg.tests),
                          "threads": list(cfg.threads), "repeats": cfg.repeats,
+                         "fused_kernel": cfg.fused_kernel,
                          "prompt": "WikiText-2 test text (first tokens)",
                          "llama_model": cfg.llama_model, "machine": machine_info()},
             "rows": rows}
