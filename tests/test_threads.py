@@ -64,12 +64,20 @@ def test_peer_programs_get_the_users_omp_wait_policy(user_policy):
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
+    import offq
+
+    # the child imports this process's offq build (installed, in place or CI's ASan copy)
+    root = str(Path(offq.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     if user_policy:
         env["OMP_WAIT_POLICY"] = user_policy
     code = ("import os, offq; from offq.bench.e2e import peer_environment; "
             "print(os.environ.get('OMP_WAIT_POLICY'), peer_environment().get('OMP_WAIT_POLICY'))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120, check=True).stdout.split()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.split()
     assert out == ([user_policy, user_policy] if user_policy else ["PASSIVE", "None"])
