@@ -403,7 +403,8 @@ class SafetensorsWriter:
         st = _st_dtype(arr, name)
         data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1
                                     else arr.dtype)
-        self._spill.write(data.tobytes() if data.size else b"")
+        if data.size:  # the array's own bytes (a uint8 view, no copy: tensors reach ~1 GB)
+            self._spill.write(data.reshape(-1).view(np.uint8))
         self._entries[name] = {"dtype": st, "shape": [int(d) for d in arr.shape],
                                "spill": (self._offset, data.nbytes), "itemsize": data.dtype.itemsize}
         self._offset += data.nbytes
