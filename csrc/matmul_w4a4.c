@@ -309,7 +309,9 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
                                      out + m0 * pl->n};
         const int64_t groups = (pl->n + 7) / 8;
         const int parallel = groups > 1 && mrows * pl->n * pl->k >= ((int64_t)1 << 21);
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+        /* one contiguous run of groups per thread: each thread streams its weights front to back
+         * (interleaved chunks break every thread's stream for the hardware prefetchers) */
+#pragma omp parallel for schedule(static) if (parallel)
         for (int64_t i = 0; i < groups; i++) {
             gv->range(&g, mrows, folded, i, i + 1);
         }
