@@ -57,7 +57,7 @@ def test_validation(bad, exc):
 
 
 @pytest.mark.parametrize("user_policy", [None, "ACTIVE"])
-def test_peer_programs_get_the_users_omp_wait_policy(user_policy):
+def test_peer_programs_get_the_users_omp_wait_policy(user_policy, tmp_path):
     """offq defaults OMP_WAIT_POLICY to PASSIVE for itself; a peer it runs (llama-bench in `offq
     bench`) must see the environment as the user set it (PASSIVE made llama.cpp's token generation
     ~4x slower in the e2e table)."""
@@ -68,7 +68,8 @@ def test_peer_programs_get_the_users_omp_wait_policy(user_policy):
 
     import offq
 
-    # the child imports this process's offq build (installed, in place or CI's ASan copy)
+    # the child imports this process's offq build (installed, in place or CI's ASan copy), from
+    # outside the source tree (whose offq/ has no compiled extension when offq is installed)
     root = str(Path(offq.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
@@ -76,8 +77,8 @@ def test_peer_programs_get_the_users_omp_wait_policy(user_policy):
         env["OMP_WAIT_POLICY"] = user_policy
     code = ("import os, offq; from offq.bench.e2e import peer_environment; "
             "print(os.environ.get('OMP_WAIT_POLICY'), peer_environment().get('OMP_WAIT_POLICY'))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout.split()
     assert out == ([user_policy, user_policy] if user_policy else ["PASSIVE", "None"])
