@@ -65,11 +65,14 @@ def test_fake_and_real_paths_agree(method, extra):
     # float32 accumulation order can move an activation across a rounding boundary now and
     # then: almost every token agrees to ~1e-6, none by more than a few percent
     assert np.median(np.abs(fake - real)) < 1e-4 and np.abs(fake - real).max() < 0.05
-    # decoding token by token with the packed KV cache equals the full forward
+    # decoding token by token with the packed KV cache equals the full forward. W4A4 products
+    # are the same integers at any M; other widths use sgemm on fake-quantized inputs, whose
+    # one-row (sgemv) and many-row sums round differently and can flip an 8-bit activation code
+    # (seen once in CI at 2.7e-3; a broken cache is off by far more)
     model = res.model("real")
     cache = model.new_cache()
     steps = np.concatenate([model.forward(ids[:1, t:t + 1], cache=cache) for t in range(8)], axis=1)
-    assert rel(steps, model.forward(ids[:1, :8])) < 1e-4
+    assert rel(steps, model.forward(ids[:1, :8])) < (1e-4 if cfg.a_bits == 4 else 1e-2)
 
 
 def test_offq_r1_from_top1_statistics_absorbs_massive_activations():
