@@ -39,6 +39,8 @@ def machine_info() -> dict[str, Any]:
         "simd": {k: bool(v) for k, v in simd.items()},
         "threads": get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        # a forced OpenBLAS kernel changes every BLAS baseline (Haswell: AVX2 sgemm on any CPU)
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "offq": offq.__version__,
@@ -53,6 +55,8 @@ def describe_machine(info: dict[str, Any] | None = None) -> str:
     if info["simd"].get("disabled_by_env"):
         feats += " (SIMD disabled by the environment: generic C)"
     load = info.get("load_average_1min")
+    core = info.get("openblas_coretype")
     return (f"{info['cpu']}, {info['cores_usable']} cores usable, SIMD {feats}, offq "
             f"{info['offq']}, numpy {info['numpy']}"
+            + (f", OPENBLAS_CORETYPE={core}" if core else "")
             + (f", load average {load:.1f}" if load is not None else ""))
