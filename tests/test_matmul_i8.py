@@ -98,3 +98,18 @@ def test_int8_lm_head_checkpoint(tmp_path):
     assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
     with pytest.raises(ValueError, match="lm_head_bits"):
         QuantConfig(lm_head_bits=4)
+
+
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_rows_do_not_depend_on_their_neighbours(m):
+    """The AVX2 kernel runs four weight rows at a time and the rest one by one; a row's sums must
+    come out the same either way (same operations in the same order), so a token's logits do not
+    depend on the vocabulary size or on where the threads split it."""
+    rng = np.random.default_rng(m)
+    n, k, group = 23, 576, 64
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    s = rng.uniform(0.5, 2.0, (n, k // group)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    whole = matmul_i8(x, q, s, group)
+    for j in range(n):
+        np.testing.assert_array_equal(matmul_i8(x, q[j:j + 1], s[j:j + 1], group)[:, 0], whole[:, j])
