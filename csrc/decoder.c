@@ -239,21 +239,13 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
         for (int64_t b = 0; b < nb; b++) {
             const int z = folded ? (int)za[b] : 0;
             int32_t acc = 0;
-            for (int64_t i = b * pl->blk; p->decode_layout && i < (b + 1) * pl->blk; i++) {
+            /* element i to position i (decode layout) or to its chunk's even / odd half */
+            for (int64_t i = b * pl->blk; i < (b + 1) * pl->blk; i++) {
                 const int v = cr[i] - z;
-                dst[i] = (uint8_t)(int8_t)v;
+                const int64_t at =
+                    p->decode_layout ? i : i / ch * ch + i % ch / 2 + i % 2 * (ch / 2);
+                dst[at] = (uint8_t)(int8_t)v;
                 acc += v;
-            }
-            for (int64_t cc = b * pl->blk / ch; !p->decode_layout && cc < (b + 1) * pl->blk / ch;
-                 cc++) {
-                const uint8_t *src = cr + cc * ch;
-                uint8_t *dd = dst + cc * ch;
-                for (int64_t j = 0; j < ch / 2; j++) {
-                    const int lo = src[2 * j] - z, hi = src[2 * j + 1] - z;
-                    dd[j] = (uint8_t)(int8_t)lo;
-                    dd[ch / 2 + j] = (uint8_t)(int8_t)hi;
-                    acc += lo + hi;
-                }
             }
             p->asum[r * nb + b] = (float)acc;
         }

@@ -282,23 +282,13 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
                 const float zf = a->zero[(m0 + m) * nga + gi];
                 const int z = folded ? (int)zf : 0;
                 int32_t acc = 0;
-                if (gv->decode_layout) {
-                    for (int64_t i = b * pl->blk; i < (b + 1) * pl->blk; i += 2) {
-                        const int lo = (p[i / 2] & 15) - z, hi = (p[i / 2] >> 4) - z;
-                        d[i] = (uint8_t)(int8_t)lo;
-                        d[i + 1] = (uint8_t)(int8_t)hi;
-                        acc += lo + hi;
-                    }
-                }
-                for (int64_t c = b * pl->blk / ch; !gv->decode_layout && c < (b + 1) * pl->blk / ch;
-                     c++) {
-                    const uint8_t *pc = p + c * ch / 2;
-                    for (int64_t j = 0; j < ch / 2; j++) {
-                        const int lo = (pc[j] & 15) - z, hi = (pc[j] >> 4) - z;
-                        d[c * ch + j] = (uint8_t)(int8_t)lo;
-                        d[c * ch + ch / 2 + j] = (uint8_t)(int8_t)hi;
-                        acc += lo + hi;
-                    }
+                /* element i goes to position i (decode layout) or to its chunk's even / odd half */
+                for (int64_t i = b * pl->blk; i < (b + 1) * pl->blk; i += 2) {
+                    const int lo = (p[i / 2] & 15) - z, hi = (p[i / 2] >> 4) - z;
+                    const int64_t at = gv->decode_layout ? i : i / ch * ch + i % ch / 2;
+                    d[at] = (uint8_t)(int8_t)lo;
+                    d[gv->decode_layout ? i + 1 : at + ch / 2] = (uint8_t)(int8_t)hi;
+                    acc += lo + hi;
                 }
                 par[m * pl->nb + b] = (float)acc;
                 par[(MS + m) * pl->nb + b] = zf;

@@ -69,4 +69,49 @@ offq_gemv_store(const offq_mm_gemv_args *g, int m, int64_t n0, __m256 acc)
     memcpy(g->out + m * g->pl->n + n0, tmp, sizeof(float) * (size_t)cols);
 }
 
+/* The body of a small-M range function: groups [i0, i1) of 8 columns, each by
+ * kernel(g, first column, rows, folded) with the rows (up to 4 or 8) and `folded` as constants,
+ * so that the always-inline kernel is compiled once per combination. */
+#define OFFQ_GEMV_CASE(kernel, r)                                                                \
+    case r:                                                                                      \
+        if (folded) {                                                                            \
+            kernel(g, 8 * i, r, 1);                                                              \
+        } else {                                                                                 \
+            kernel(g, 8 * i, r, 0);                                                              \
+        }                                                                                        \
+        break;
+#define OFFQ_GEMV_RANGE4(kernel)                                                                 \
+    for (int64_t i = i0; i < i1; i++) {                                                          \
+        switch (mrows) {                                                                         \
+            OFFQ_GEMV_CASE(kernel, 1)                                                            \
+            OFFQ_GEMV_CASE(kernel, 2)                                                            \
+            OFFQ_GEMV_CASE(kernel, 3)                                                            \
+        default:                                                                                 \
+            OFFQ_GEMV_CASE(kernel, 4)                                                            \
+        }                                                                                        \
+    }
+#define OFFQ_GEMV_RANGE8(kernel)                                                                 \
+    for (int64_t i = i0; i < i1; i++) {                                                          \
+        switch (mrows) {                                                                         \
+            OFFQ_GEMV_CASE(kernel, 1)                                                            \
+            OFFQ_GEMV_CASE(kernel, 2)                                                            \
+            OFFQ_GEMV_CASE(kernel, 3)                                                            \
+            OFFQ_GEMV_CASE(kernel, 4)                                                            \
+            OFFQ_GEMV_CASE(kernel, 5)                                                            \
+            OFFQ_GEMV_CASE(kernel, 6)                                                            \
+            OFFQ_GEMV_CASE(kernel, 7)                                                            \
+        default:                                                                                 \
+            OFFQ_GEMV_CASE(kernel, 8)                                                            \
+        }                                                                                        \
+    }
+
+/* The 4-bit weights of one packed 32-byte vector: low nibbles and high nibbles, one per byte. */
+__attribute__((target("avx2,fma"))) static inline void offq_nibbles(__m256i v, __m256i *lo,
+                                                                   __m256i *hi)
+{
+    const __m256i m15 = _mm256_set1_epi8(15);
+    *lo = _mm256_and_si256(v, m15);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+}
+
 #endif

@@ -223,7 +223,7 @@ gemv_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const i
     const offq_mm_plan *pl = g->pl;
     const int64_t rb = (pl->k + 1) / 2, gw = g->w->group;
     const int64_t cpb = pl->blk / 64;
-    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *wr[8];
     int64_t nidx[8];
     for (int j = 0; j < 8; j++) {
@@ -259,8 +259,8 @@ gemv_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const i
                 __m256i su8 = _mm256_setzero_si256();
                 for (int64_t c = c0; c < c1; c++) {
                     const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
-                    const __m256i lo = _mm256_and_si256(wv, m15);
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m15);
+                    __m256i lo, hi;
+                    offq_nibbles(wv, &lo, &hi);
                     if (!folded) {
                         su8 = _mm256_add_epi8(su8, _mm256_add_epi8(lo, hi));
                     }
@@ -306,28 +306,7 @@ __attribute__((target("avx2,fma"))) void offq_mm_gemv_range_avx2(const offq_mm_g
                                                               int mrows, int folded, int64_t i0,
                                                               int64_t i1)
 {
-    for (int64_t i = i0; i < i1; i++) {
-#define OFFQ_CASE(r)                                                                             \
-    case r:                                                                                      \
-        if (folded) {                                                                            \
-            gemv_group_avx2(g, i * 8, r, 1);                                                     \
-        } else {                                                                                 \
-            gemv_group_avx2(g, i * 8, r, 0);                                                     \
-        }                                                                                        \
-        break;
-        switch (mrows) {
-            OFFQ_CASE(1)
-            OFFQ_CASE(2)
-            OFFQ_CASE(3)
-            OFFQ_CASE(4)
-            OFFQ_CASE(5)
-            OFFQ_CASE(6)
-            OFFQ_CASE(7)
-        default:
-            OFFQ_CASE(8)
-        }
-#undef OFFQ_CASE
-    }
+    OFFQ_GEMV_RANGE8(gemv_group_avx2)
 }
 /* Small M on the decode layout (offq.h): one contiguous stream of 32-byte vectors per group of 8
  * columns; each vector is 4 consecutive k of the 8 columns (low nibbles) and the next 4 (high
@@ -339,16 +318,16 @@ __attribute__((target("avx2,fma"))) void offq_mm_gemv_range_avx2(const offq_mm_g
  * epilogue is the one of gemv_group_avx2 (same operations, same order: identical results). */
 #define DEC_SUB 4 /* vectors per 16-bit accumulation */
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
-dec_group_avx2(const offq_mm_gemv_args *g, int64_t grp, const int mrows, const int folded)
+dec_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
     const offq_mm_plan *pl = g->pl;
     const int64_t k = pl->k, gw = g->w->group, vpb = pl->blk / 8;
-    const __m256i m15 = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
+    const __m256i ones16 = _mm256_set1_epi16(1);
     const __m256i ones8 = _mm256_set1_epi8(1);
-    const uint8_t *wg = g->w->dec + grp * 4 * k; /* k / 8 vectors of 32 bytes */
+    const uint8_t *wg = g->w->dec + n0 * (k / 2); /* group n0 / 8: 4 k bytes */ /* k / 8 vectors of 32 bytes */
     int64_t nidx[8];
     for (int j = 0; j < 8; j++) {
-        nidx[j] = 8 * grp + j < pl->n ? 8 * grp + j : pl->n - 1;
+        nidx[j] = n0 + j < pl->n ? n0 + j : pl->n - 1;
     }
     __m256 acc[4];
     _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { acc[m] = _mm256_setzero_ps(); }
@@ -368,8 +347,8 @@ dec_group_avx2(const offq_mm_gemv_args *g, int64_t grp, const int mrows, const i
                     _mm_prefetch((const char *)(wg + 32 * c + DEC_PREFETCH), _MM_HINT_T0);
                 }
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * c));
-                const __m256i lo = _mm256_and_si256(v, m15);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+                __m256i lo, hi;
+                offq_nibbles(v, &lo, &hi);
                 if (!folded) {
                     su8 = _mm256_add_epi8(su8, _mm256_add_epi8(lo, hi));
                 }
@@ -400,7 +379,7 @@ dec_group_avx2(const offq_mm_gemv_args *g, int64_t grp, const int mrows, const i
         }
     }
     _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
-        offq_gemv_store(g, m, 8 * grp, acc[m]);
+        offq_gemv_store(g, m, n0, acc[m]);
     }
 }
 
@@ -409,23 +388,6 @@ __attribute__((target("avx2,fma"))) void offq_mm_gemv_dec_range_avx2(const offq_
                                                                   int mrows, int folded,
                                                                   int64_t i0, int64_t i1)
 {
-    for (int64_t i = i0; i < i1; i++) {
-#define OFFQ_CASE(r)                                                                             \
-    case r:                                                                                      \
-        if (folded) {                                                                            \
-            dec_group_avx2(g, i, r, 1);                                                          \
-        } else {                                                                                 \
-            dec_group_avx2(g, i, r, 0);                                                          \
-        }                                                                                        \
-        break;
-        switch (mrows) {
-            OFFQ_CASE(1)
-            OFFQ_CASE(2)
-            OFFQ_CASE(3)
-        default:
-            OFFQ_CASE(4)
-        }
-#undef OFFQ_CASE
-    }
+    OFFQ_GEMV_RANGE4(dec_group_avx2)
 }
 #endif

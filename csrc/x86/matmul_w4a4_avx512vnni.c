@@ -164,7 +164,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     const offq_mm_plan *pl = g->pl;
     const int64_t rb = (pl->k + 1) / 2, gw = g->w->group;
     const int64_t cpb = pl->blk / 64;
-    const __m256i m15 = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1);
+    const __m256i ones8 = _mm256_set1_epi8(1);
     const uint8_t *wr[8];
     int64_t nidx[8];
     for (int j = 0; j < 8; j++) {
@@ -190,8 +190,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
             const uint8_t *ab = g->ap + b * pl->blk;
             for (int64_t c = 0; c < cpb; c++) {
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(wb + 32 * c));
-                const __m256i lo = _mm256_and_si256(wv, m15);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), m15);
+                __m256i lo, hi;
+                offq_nibbles(wv, &lo, &hi);
                 if (!folded) {
                     sacc = _mm256_dpbusd_epi32(sacc, _mm256_add_epi8(lo, hi), ones8);
                 }
@@ -227,24 +227,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
 offq_mm_gemv64_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
                                 int64_t i1)
 {
-    for (int64_t i = i0; i < i1; i++) {
-#define OFFQ_CASE(r)                                                                             \
-    case r:                                                                                      \
-        if (folded) {                                                                            \
-            gemv64_group_vnni(g, i * 8, r, 1);                                                   \
-        } else {                                                                                 \
-            gemv64_group_vnni(g, i * 8, r, 0);                                                   \
-        }                                                                                        \
-        break;
-        switch (mrows) {
-            OFFQ_CASE(1)
-            OFFQ_CASE(2)
-            OFFQ_CASE(3)
-        default:
-            OFFQ_CASE(4)
-        }
-#undef OFFQ_CASE
-    }
+    OFFQ_GEMV_RANGE4(gemv64_group_vnni)
 }
 
 /* Groups [i0, i1) of 8 columns, 1 <= mrows <= MS = 8 (the caller splits groups over threads). */
@@ -252,43 +235,22 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void of
                                                               int mrows, int folded, int64_t i0,
                                                               int64_t i1)
 {
-    for (int64_t i = i0; i < i1; i++) {
-#define OFFQ_CASE(r)                                                                             \
-    case r:                                                                                      \
-        if (folded) {                                                                            \
-            gemv_group_vnni(g, i * 8, r, 1);                                                     \
-        } else {                                                                                 \
-            gemv_group_vnni(g, i * 8, r, 0);                                                     \
-        }                                                                                        \
-        break;
-        switch (mrows) {
-            OFFQ_CASE(1)
-            OFFQ_CASE(2)
-            OFFQ_CASE(3)
-            OFFQ_CASE(4)
-            OFFQ_CASE(5)
-            OFFQ_CASE(6)
-            OFFQ_CASE(7)
-        default:
-            OFFQ_CASE(8)
-        }
-#undef OFFQ_CASE
-    }
+    OFFQ_GEMV_RANGE8(gemv_group_vnni)
 }
 /* Small M on the decode layout (offq.h; the AVX2 kernel's comment): 256-bit vpdpbusd sums the four
  * u8 x s8 products of each column straight into 32-bit lanes, so no 16-bit stage and no widening.
  * Same integer sums and float epilogue as the other variants. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static inline
     __attribute__((always_inline)) void
-    dec_group_vnni(const offq_mm_gemv_args *g, int64_t grp, const int mrows, const int folded)
+    dec_group_vnni(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
     const offq_mm_plan *pl = g->pl;
     const int64_t k = pl->k, vpb = pl->blk / 8;
-    const __m256i m15 = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1);
-    const uint8_t *wg = g->w->dec + grp * 4 * k;
+    const __m256i ones8 = _mm256_set1_epi8(1);
+    const uint8_t *wg = g->w->dec + n0 * (k / 2); /* group n0 / 8: 4 k bytes */
     int64_t nidx[8];
     for (int j = 0; j < 8; j++) {
-        nidx[j] = 8 * grp + j < pl->n ? 8 * grp + j : pl->n - 1;
+        nidx[j] = n0 + j < pl->n ? n0 + j : pl->n - 1;
     }
     __m256 acc[4];
     _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { acc[m] = _mm256_setzero_ps(); }
@@ -312,8 +274,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
                     break;
                 }
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * (c + h)));
-                const __m256i lo = _mm256_and_si256(v, m15);
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+                __m256i lo, hi;
+                offq_nibbles(v, &lo, &hi);
                 if (!folded) {
                     wsum = _mm256_dpbusd_epi32(wsum, _mm256_add_epi8(lo, hi), ones8);
                 }
@@ -339,7 +301,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
         }
     }
     _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
-        offq_gemv_store(g, m, 8 * grp, acc[m]);
+        offq_gemv_store(g, m, n0, acc[m]);
     }
 }
 
@@ -348,23 +310,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
 offq_mm_gemv_dec_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
                                   int64_t i1)
 {
-    for (int64_t i = i0; i < i1; i++) {
-#define OFFQ_CASE(r)                                                                             \
-    case r:                                                                                      \
-        if (folded) {                                                                            \
-            dec_group_vnni(g, i, r, 1);                                                          \
-        } else {                                                                                 \
-            dec_group_vnni(g, i, r, 0);                                                          \
-        }                                                                                        \
-        break;
-        switch (mrows) {
-            OFFQ_CASE(1)
-            OFFQ_CASE(2)
-            OFFQ_CASE(3)
-        default:
-            OFFQ_CASE(4)
-        }
-#undef OFFQ_CASE
-    }
+    OFFQ_GEMV_RANGE4(dec_group_vnni)
 }
 #endif
