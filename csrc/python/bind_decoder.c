@@ -38,6 +38,15 @@ static void plan_free(PyObject *capsule)
     }
 }
 
+/* The four linears of a layer, in the order of its tuple. */
+static void layer_linears(offq_dec_layer *l, offq_dec_linear *lins[4])
+{
+    lins[0] = &l->qkv;
+    lins[1] = &l->o;
+    lins[2] = &l->gate_up;
+    lins[3] = &l->down;
+}
+
 /* On CPUs whose small-M kernels read the decode layout (AVX2 and up): a copy of every weight in
  * it, owned by the plan (+ 4 bits per weight; decode steps read only this copy). Returns 0, or -1
  * with MemoryError set. Weights whose k is not a multiple of 8 keep the row-major path. */
@@ -48,8 +57,8 @@ static int build_decode_layouts(dec_plan *p)
     }
     int64_t total = 0;
     for (int64_t i = 0; i < p->model.layers; i++) {
-        offq_dec_linear *lins[4] = {&p->layers[i].qkv, &p->layers[i].o, &p->layers[i].gate_up,
-                                    &p->layers[i].down};
+        offq_dec_linear *lins[4];
+        layer_linears(&p->layers[i], lins);
         for (int j = 0; j < 4; j++) {
             total += lins[j]->k % 8 == 0 ? offq_w4_decode_bytes(lins[j]->w.rows, lins[j]->k) : 0;
         }
@@ -63,8 +72,8 @@ static int build_decode_layouts(dec_plan *p)
     }
     uint8_t *at = p->dec;
     for (int64_t i = 0; i < p->model.layers; i++) {
-        offq_dec_linear *lins[4] = {&p->layers[i].qkv, &p->layers[i].o, &p->layers[i].gate_up,
-                                    &p->layers[i].down};
+        offq_dec_linear *lins[4];
+        layer_linears(&p->layers[i], lins);
         for (int j = 0; j < 4; j++) {
             if (lins[j]->k % 8 != 0) {
                 continue;
@@ -272,7 +281,8 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
         if (parse_vector(PyTuple_GET_ITEM(L, 1), arg, d, 1, &dl->post_norm) < 0) {
             goto fail;
         }
-        offq_dec_linear *lins[4] = {&dl->qkv, &dl->o, &dl->gate_up, &dl->down};
+        offq_dec_linear *lins[4];
+        layer_linears(dl, lins);
         for (int j = 0; j < 4; j++) {
             snprintf(arg, sizeof arg, "layers[%zd].%s", i, lin_names[j]);
             if (parse_linear(PyTuple_GET_ITEM(L, 2 + j), arg, shapes[j][0], shapes[j][1],
