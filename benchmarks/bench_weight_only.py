@@ -13,8 +13,8 @@ SmolLM2's d = 576) are skipped with the reason.
     python benchmarks/bench_weight_only.py --rows fp,gptq-w4-g64-asym --max-windows 8
     python benchmarks/bench_weight_only.py --grid                        # the OSAQ grid (see GRID)
 
-Rows are named ``{rtn|gptq|osaq}-w{bits}-{ch|g64|g128}-{sym|asym}`` (``osaq`` = OSAQ + GPTQ) or
-``fp``; ``--osaq k=v,...`` overrides OSAQ settings. Each finished row is appended as one JSON
+Rows are named ``{rtn|gptq|osaq}-w{bits}-{ch|g64|g128}-{sym|asym}[-cdN]`` (``osaq`` = OSAQ +
+GPTQ; ``-cdN``: N coordinate-descent sweeps after GPTQ, OSAQ's +CD variant) or ``fp``; ``--osaq k=v,...`` overrides OSAQ settings. Each finished row is appended as one JSON
 line to ``--jsonl`` (default benchmarks/results/weight_only.jsonl).
 """
 from __future__ import annotations
@@ -47,17 +47,21 @@ def row_config(row: str, calib: tuple[int, int], osaq: dict) -> QuantConfig:
     if row == "fp":
         return QuantConfig(method="fp")
     try:
-        method, bits, group, sym = row.split("-")
+        method, bits, group, sym, *cd = row.split("-")
+        cd_sweeps = int(cd[0].removeprefix("cd")) if cd else 0
+        if len(cd) > 1 or (cd and not cd[0].startswith("cd")) or method == "rtn" and cd_sweeps:
+            raise ValueError
         w_bits = int(bits.removeprefix("w"))
         w_group = -1 if group == "ch" else int(group.removeprefix("g"))
         quantizer = {"rtn": "rtn", "gptq": "gptq", "osaq": "osaq+gptq"}[method]
         symmetric = {"sym": True, "asym": False}[sym]
     except (ValueError, KeyError):
         raise ValueError(f"row {row!r}: expected fp or {{rtn|gptq|osaq}}-w{{bits}}-"
-                         f"{{ch|gNN}}-{{sym|asym}}") from None
+                         f"{{ch|gNN}}-{{sym|asym}}[-cdN]") from None
     return QuantConfig(method="gptq", w_bits=w_bits, a_bits=16, kv_bits=16, w_quantizer=quantizer,
                        w_group_size=w_group, w_symmetric=symmetric, calib_samples=calib[0],
-                       calib_seqlen=calib[1], **(osaq if method == "osaq" else {}))
+                       calib_seqlen=calib[1], gptq_cd_sweeps=cd_sweeps,
+                       **(osaq if method == "osaq" else {}))
 
 
 def perplexity(model, windows: np.ndarray) -> tuple[float, int]:

@@ -76,6 +76,8 @@ _HELP = {
     "pca": "top1 (OffQ), standard (all tokens), none (identity basis)",
     "outlier_index": "ones (all-ones Hadamard row, OffQ) or other (ablation)",
     "r2": "hadamard, pca_hadamard, none",
+    "gptq_cd_sweeps": "coordinate-descent re-quantization sweeps after GPTQ on its objective, "
+                      "grid fixed (OSAQ's +CD variant; 0 = off)",
     "calib_samples": "calibration sequences",
     "calib_seqlen": "tokens per calibration sequence",
 }

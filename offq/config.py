@@ -12,7 +12,8 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
   sorted grouping; block Hadamard aligned with the activation groups), R2 = per-head Hadamard,
   R3 (online Hadamard on Q/K after RoPE) and R4 (online Hadamard on the down_proj input) on;
 - calibration: 128 sequences x 2048 tokens, seed 0;
-- GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128;
+- GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128, no coordinate-descent
+  sweeps after it (``gptq_cd_sweeps``, OSAQ's ``+CD`` variant: offq/quantizers/cd.py);
 - OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.1,
   mu1 1e-2, mu2 100 (both relative), one solve round (see offq/quantizers/osaq.py).
 
@@ -99,6 +100,7 @@ class QuantConfig:
     gptq_act_order: bool = True
     gptq_block_size: int = 128
     gptq_static_groups: bool = False  # forced on with act-order and groups (storage layout)
+    gptq_cd_sweeps: int = 0  # coordinate-descent re-quantization sweeps after GPTQ (+CD)
     # --- OSAQ ---
     osaq_gamma: float = 1e-4
     osaq_tau_rel: float = 0.1
@@ -166,8 +168,13 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ValueError(f"seed: expected a non-negative integer, got {self.seed!r}")
+        for name in ("seed", "gptq_cd_sweeps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
+        if self.gptq_cd_sweeps and not self.w_quantizer.endswith("gptq"):
+            raise ValueError(f"gptq_cd_sweeps: the sweeps follow GPTQ; w_quantizer is "
+                             f"{self.w_quantizer!r}")
         positive("gptq_damp", allow_zero=True)
         positive("osaq_gamma")
         positive("osaq_tau_rel")
@@ -252,7 +259,8 @@ class QuantConfig:
         parts = [self.method, f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}"]
         if self.w_bits != OFF:
             g = "ch" if self.w_group_size == -1 else f"g{self.w_group_size}"
-            parts.append(f"w:{self.w_quantizer},{'sym' if self.w_symmetric else 'asym'},{g}"
+            cd = f"+cd{self.gptq_cd_sweeps}" if self.gptq_cd_sweeps else ""
+            parts.append(f"w:{self.w_quantizer}{cd},{'sym' if self.w_symmetric else 'asym'},{g}"
                          f"{',mse' if self.w_clip_search else ''}")
         if self.a_bits != OFF:
             g = "tok" if self.a_group_size == -1 else f"g{self.a_group_size}"

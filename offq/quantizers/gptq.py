@@ -27,7 +27,7 @@ order (the storage format of offq.kernels.QTensor).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from threadpoolctl import threadpool_limits
 from ..quant.grid import check_bits, dequantize_codes, group_params, quantize_codes, resolve_group
 from ..quant.weight import QuantizedWeight
 from .base import WeightQuantizer
+from .cd import coordinate_descent
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class HessianFactor:
     dead: np.ndarray
     perm: np.ndarray
     u: np.ndarray
+    #: the Hessian itself, kept (not copied) only when coordinate-descent sweeps follow GPTQ
+    hessian: np.ndarray | None = None
 
 
 def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True,
@@ -249,17 +252,27 @@ class GPTQ(WeightQuantizer):
     act_order: bool = True
     block_size: int = 128
     static_groups: bool = False
+    #: coordinate-descent re-quantization sweeps after GPTQ (offq/quantizers/cd.py; 0: none)
+    cd_sweeps: int = 0
     needs_hessian = True
 
     def prepare(self, hessian: np.ndarray | None, where: str) -> HessianFactor:
         if hessian is None:
             raise ValueError(f"GPTQ {where}: needs the site's Hessian (calibration inputs)")
-        return factor_hessian(hessian, damp=self.damp, act_order=self.act_order, where=where)
+        factor = factor_hessian(hessian, damp=self.damp, act_order=self.act_order, where=where)
+        if self.cd_sweeps:
+            factor = replace(factor, hessian=hessian)
+        return factor
 
     def quantize(self, w: np.ndarray, prepared: Any) -> QuantizedWeight:
-        return gptq_quantize(w, factor=prepared, bits=self.bits, group_size=self.group_size,
-                             symmetric=self.symmetric, clip_search=self.clip_search,
-                             block_size=self.block_size, static_groups=self.static_groups)
+        q = gptq_quantize(w, factor=prepared, bits=self.bits, group_size=self.group_size,
+                          symmetric=self.symmetric, clip_search=self.clip_search,
+                          block_size=self.block_size, static_groups=self.static_groups)
+        if self.cd_sweeps and prepared.hessian is not None:
+            q, report = coordinate_descent(w, q, prepared.hessian, damp=self.damp,
+                                           sweeps=self.cd_sweeps)
+            logger.info("GPTQ + CD %s: %s", w.shape, report)
+        return q
 
 
 def layer_output_error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
