@@ -10,8 +10,8 @@ For column ``j``, with the residual ``r = w - w_hat`` and ``g = H r``, the best 
 ``w_hat_j + g_j / H_jj``; f is a parabola in ``w_hat_j``, so the nearest grid point to it (clamped
 to the code range) is the best code. Each step therefore never increases f, and a sweep that
 changes no code is a fixed point. ``g`` is kept up to date lazily: inside a block of columns
-only the block's entries are updated after each step; a finished block updates the rest with one
-matrix product (the same arithmetic as updating everything after every step).
+only the block's later entries are updated after each step; a finished block updates all of
+``g`` with one matrix product (the same arithmetic as updating everything after every step).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def objective(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
 
 
 def coordinate_descent(w: np.ndarray, q: QuantizedWeight, hessian: np.ndarray, *,
-                       damp: float = 0.01, sweeps: int = 1, block: int = 128
+                       damp: float = 0.01, sweeps: int = 1, block: int = 32
                        ) -> tuple[QuantizedWeight, dict[str, Any]]:
     """Re-quantize the codes of ``q`` (the grid of ``w [N, K]``) by up to ``sweeps`` coordinate
     descent sweeps on ``H = 2 X^T X / n [K, K]`` (damped like GPTQ's). Returns the new weight
@@ -61,12 +61,13 @@ def coordinate_descent(w: np.ndarray, q: QuantizedWeight, hessian: np.ndarray, *
     w = w.copy()
     w[:, dead] = 0.0  # as GPTQ: a dead input's weight is zero, whatever its code
     g_size = q.group_size
-    scale = np.repeat(q.scale, g_size, axis=1)
-    zero = np.repeat(q.zero, g_size, axis=1)
-    codes = q.codes.copy()
-    w_hat = dequantize_codes(codes, scale, zero).astype(np.float64)
-    grad = (w - w_hat) @ h  # g = H r per row (h symmetric)
-    before = float(np.sum(grad * (w - w_hat)))
+    # transposed (row j = input j), so each column step reads and writes contiguous memory
+    scale_t = np.ascontiguousarray(np.repeat(q.scale, g_size, axis=1).T)
+    zero_t = np.ascontiguousarray(np.repeat(q.zero, g_size, axis=1).T)
+    codes_t = np.ascontiguousarray(q.codes.T)
+    hat_t = dequantize_codes(codes_t, scale_t, zero_t).astype(np.float64)
+    grad_t = h @ (w.T - hat_t)  # g = H r per row of w, as columns (h symmetric)
+    before = float(np.sum(grad_t * (w.T - hat_t)))
     diag = np.diag(h)
     changed_total = 0
     done = 0
@@ -74,26 +75,31 @@ def coordinate_descent(w: np.ndarray, q: QuantizedWeight, hessian: np.ndarray, *
         changed = 0
         for j1 in range(0, k, block):
             j2 = min(j1 + block, k)
-            gb = grad[:, j1:j2].copy()  # the block's entries of g, kept current
-            delta = np.zeros((n_out, j2 - j1))
+            gb = grad_t[j1:j2].copy()  # the block's entries of g, kept current
+            delta = np.zeros((j2 - j1, n_out))
+            block_changed = False
             for j in range(j1, j2):
-                target = w_hat[:, j] + gb[:, j - j1] / diag[j]
-                new = quantize_codes(target.astype(np.float32), scale[:, j], zero[:, j], q.bits)
-                moved = new != codes[:, j]
+                target = hat_t[j] + gb[j - j1] / diag[j]
+                new = quantize_codes(target.astype(np.float32), scale_t[j], zero_t[j], q.bits)
+                moved = new != codes_t[j]
                 if not np.any(moved):
                     continue
-                changed += int(moved.sum())
-                new_hat = dequantize_codes(new, scale[:, j], zero[:, j]).astype(np.float64)
-                d = new_hat - w_hat[:, j]  # w_hat_j grows by d: r_j shrinks, g -= d H_j
-                codes[:, j], w_hat[:, j] = new, new_hat
-                delta[:, j - j1] = d
-                gb -= d[:, None] * h[j, j1:j2][None, :]
-            if np.any(delta):
-                grad -= delta @ h[j1:j2]
+                changed += int(np.count_nonzero(moved))
+                block_changed = True
+                new_hat = dequantize_codes(new, scale_t[j], zero_t[j]).astype(np.float64)
+                d = new_hat - hat_t[j]  # w_hat_j grows by d: r_j shrinks, g -= H_j d
+                codes_t[j], hat_t[j] = new, new_hat
+                delta[j - j1] = d
+                if j + 1 < j2:  # only the block's later columns are read again this pass
+                    gb[j - j1 + 1:] -= h[j + 1:j2, j, None] * d[None, :]
+            if block_changed:
+                grad_t -= h[:, j1:j2] @ delta
         changed_total += changed
         done += 1
         if changed == 0:
             break
+    w_hat = hat_t.T
+    codes = np.ascontiguousarray(codes_t.T)
     after = objective(w, w_hat, h)
     report = {"objective_before": before, "objective_after": after,
               "relative_drop": (before - after) / before if before > 0 else 0.0,
