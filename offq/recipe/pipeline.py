@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..config import OFF, QuantConfig
+from ..heap import trim_heap
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner, load_decoder_layer
 from ..model.linear import DenseLinear
@@ -176,11 +177,13 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
                 runner.forward(layer, h[s:s + batch_size])
             t_prop += time.perf_counter() - t
         del stored, w
+        trim_heap()  # the layer's Hessians and weights: freed, and not kept by the allocator
     timings.update(capture=t_capture, quantize=t_quant, propagate=t_prop)
 
     # 4. save: the fused, rotated global tensors (the LM head in 8 bits when asked: after R1
     # and the final norm are fused into it)
     del h
+    trim_heap()
     t = time.perf_counter()
     glob = global_tensors(ckpt, arch, r1)
     if config.lm_head_bits == 8:
