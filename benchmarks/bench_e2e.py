@@ -35,6 +35,9 @@ def main() -> int:
     ap.add_argument("--llama-model", default=None)
     ap.add_argument("--fused-kernel", default="auto", choices=("auto", "generic", "avx2", "vnni"),
                     help="product variant of the fused C decoder (avx2: what AVX2-only CPUs run)")
+    ap.add_argument("--fused-prefill", default="c", choices=("c", "numpy"),
+                    help="prompts of the fused engine through the C step (default) or the NumPy "
+                         "real path")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
     ap.add_argument("--plot", default=None, help="also draw the table to this PNG")
     args = ap.parse_args()
@@ -42,12 +45,13 @@ def main() -> int:
     cfg = E2EConfig(model=args.model, ckpt=args.ckpt, threads=tuple(args.threads),
                     prompt_lengths=tuple(args.prompt_lengths), gen_tokens=args.gen_tokens,
                     repeats=args.repeats, llama_bench=args.llama_bench,
-                    llama_model=args.llama_model, fused_kernel=args.fused_kernel)
+                    llama_model=args.llama_model, fused_kernel=args.fused_kernel,
+                    fused_prefill=args.fused_prefill)
     print(f"# offq e2e: {describe_machine()}")
     result = run_e2e(cfg)
     proto = result["protocol"]
     print(f"{proto['model']}: FP32 vs {proto['quantized']}, real kernels, fused decoder kernel "
-          f"{proto['fused_kernel']}, best of {proto['repeats']}" + (f"; llama.cpp on {proto['llama_model']}"
+          f"{proto['fused_kernel']}, fused prefill {proto['fused_prefill']}, best of {proto['repeats']}" + (f"; llama.cpp on {proto['llama_model']}"
                                    if proto["llama_model"] else ""))
     print(format_e2e(result))
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

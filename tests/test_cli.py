@@ -138,6 +138,7 @@ def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.Ca
     assert all(v is not None and v > 0 for r in matmul for v in r["speedup_vs"].values())
     e2e = rep["e2e"]
     assert e2e["protocol"]["tests"] == ["pp128", "tg16"]
+    assert e2e["protocol"]["fused_prefill"] == "c"  # prompts of the fused engine: the C step
     engines = {(r["engine"], r["test"]) for r in e2e["rows"]}
     assert engines == {(e, t) for e in ("offq fp32", "offq w4a4kv4", "offq w4a4kv4 fused")
                        for t in ("pp128", "tg16")}
@@ -150,3 +151,6 @@ def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--threads", "0"]) == 2
     assert main(["bench", "--no-kernels", "--llama-bench", "/bin/true"]) == 2
     assert "go together" in capsys.readouterr().err
+    from offq.bench.e2e import E2EConfig
+    with pytest.raises(ValueError, match="fused_prefill"):
+        E2EConfig(fused_prefill="python")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..progress import Progress
+from ..quant.fused import PREFILL_MODES
 
 __all__ = ["E2EConfig", "run_e2e", "format_e2e", "llama_bench_rows", "peer_environment"]
 
@@ -53,6 +54,9 @@ class E2EConfig:
         llama_model: the GGUF llama-bench runs (required with ``llama_bench``).
         fused_kernel: the product variant of the fused C decoder ("auto", "avx2", "vnni",
             "generic"): "avx2" on an AVX-512 machine times what AVX2-only CPUs run.
+        fused_prefill: how the fused engine runs a prompt: "c" (the C step over the whole prompt,
+            attention over the packed cache; what generation wants) or "numpy" (the NumPy real
+            path, as ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``).
     """
 
     model: str = "smollm2-135m"
@@ -64,6 +68,7 @@ class E2EConfig:
     llama_bench: str | None = None
     llama_model: str | None = None
     fused_kernel: str = "auto"
+    fused_prefill: str = "c"
     tests: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +81,9 @@ class E2EConfig:
         if self.fused_kernel not in ("auto", "generic", "avx2", "vnni"):
             raise ValueError(f"fused_kernel: expected auto, generic, avx2 or vnni, got "
                              f"{self.fused_kernel!r}")
+        if self.fused_prefill not in PREFILL_MODES:
+            raise ValueError(f"fused_prefill: expected one of {PREFILL_MODES}, got "
+                             f"{self.fused_prefill!r}")
         if (self.llama_bench is None) != (self.llama_model is None):
             raise ValueError("llama_bench and llama_model go together (the binary and its GGUF)")
         tests = [f"pp{n}" for n in self.prompt_lengths]
@@ -125,6 +133,7 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
             q, fused = result.model("real"), result.model("fused")
             label = f"{qcfg.describe(ckpt.config.hidden_size)} (quantized in process)"
         fused.fused_runner.kernel = cfg.fused_kernel
+        fused.fused_runner.prefill = cfg.fused_prefill
         need = max(cfg.prompt_lengths, default=1)
         ids = eval_windows(ckpt.tokenizer, load_wikitext2_test(), need, 1,
                            bool(ckpt.config.add_bos))[0]
@@ -169,7 +178,7 @@ def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
     from .machine import machine_info
     return {"protocol": {"model": cfg.model, "quantized": label, "tests": list(cfg.tests),
                          "threads": list(cfg.threads), "repeats": cfg.repeats,
-                         "fused_kernel": cfg.fused_kernel,
+                         "fused_kernel": cfg.fused_kernel, "fused_prefill": cfg.fused_prefill,
                          "prompt": "WikiText-2 test text (first tokens)",
                          "llama_model": cfg.llama_model, "machine": machine_info()},
             "rows": rows}
