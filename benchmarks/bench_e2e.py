@@ -35,9 +35,9 @@ def main() -> int:
     ap.add_argument("--llama-model", default=None)
     ap.add_argument("--fused-kernel", default="auto", choices=("auto", "generic", "avx2", "vnni"),
                     help="product variant of the fused C decoder (avx2: what AVX2-only CPUs run)")
-    ap.add_argument("--fused-prefill", default="c", choices=("c", "numpy"),
-                    help="prompts of the fused engine through the C step (default) or the NumPy "
-                         "real path")
+    ap.add_argument("--fused-prefill", default="auto", choices=("auto", "c", "numpy"),
+                    help="prompts of the fused engine: the C step, the NumPy real path, or auto "
+                         "(C below 1024 tokens, NumPy from there; default)")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
     ap.add_argument("--plot", default=None, help="also draw the table to this PNG")
     args = ap.parse_args()

@@ -138,7 +138,7 @@ def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.Ca
     assert all(v is not None and v > 0 for r in matmul for v in r["speedup_vs"].values())
     e2e = rep["e2e"]
     assert e2e["protocol"]["tests"] == ["pp128", "tg16"]
-    assert e2e["protocol"]["fused_prefill"] == "c"  # prompts of the fused engine: the C step
+    assert e2e["protocol"]["fused_prefill"] == "auto"  # pp128 of the fused engine: the C step
     engines = {(r["engine"], r["test"]) for r in e2e["rows"]}
     assert engines == {(e, t) for e in ("offq fp32", "offq w4a4kv4", "offq w4a4kv4 fused")
                        for t in ("pp128", "tg16")}

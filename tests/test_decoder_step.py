@@ -110,6 +110,21 @@ def test_numpy_prefill_then_c_decode(quantized):
         FusedDecoder(real, prefill="python")
 
 
+def test_auto_prefill_picks_c_for_short_prompts_and_numpy_for_long(quantized, monkeypatch):
+    """prefill="auto": the C step below AUTO_NUMPY_PREFILL_ROWS prompt tokens (bit-identical to
+    prefill="c"), the NumPy real path from there (bit-identical to the real path)."""
+    import offq.quant.fused as fused
+
+    monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS", 16)
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 24, 12)
+    auto, c = FusedDecoder(real, prefill="auto"), FusedDecoder(real, prefill="c")
+    short = auto.run(real.embed(ids[:, :15])[0], auto.new_cache())
+    np.testing.assert_array_equal(short, c.run(real.embed(ids[:, :15])[0], c.new_cache()))
+    long = auto.run(real.embed(ids)[0], auto.new_cache())
+    np.testing.assert_array_equal(long, real.hidden_states(ids)[0])
+
+
 def test_simd_variants_agree(quantized):
     """Products are bit-identical across variants; only the attention sums may differ."""
     real = quantized.model("real")

@@ -55,8 +55,9 @@ class E2EConfig:
         fused_kernel: the product variant of the fused C decoder ("auto", "avx2", "vnni",
             "generic"): "avx2" on an AVX-512 machine times what AVX2-only CPUs run.
         fused_prefill: how the fused engine runs a prompt: "c" (the C step over the whole prompt,
-            attention over the packed cache; what generation wants) or "numpy" (the NumPy real
-            path, as ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``).
+            attention over the packed cache), "numpy" (the NumPy real path, as
+            ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``) or "auto"
+            (C below ``AUTO_NUMPY_PREFILL_ROWS`` tokens, NumPy from there).
     """
 
     model: str = "smollm2-135m"
@@ -68,7 +69,7 @@ class E2EConfig:
     llama_bench: str | None = None
     llama_model: str | None = None
     fused_kernel: str = "auto"
-    fused_prefill: str = "c"
+    fused_prefill: str = "auto"
     tests: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:

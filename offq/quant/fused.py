@@ -12,8 +12,10 @@ Prompts. A prompt (more than ``NUMPY_PREFILL_MIN_ROWS`` tokens into an empty cac
 default through the NumPy real path (``prefill="numpy"``: offq.model's layers, sgemm attention),
 whose packed K/V are then copied into this cache, and the C step takes over for the tokens after
 it. Perplexity (a prompt per window) is then bit-identical to ``--mode real``, and prompts run at
-the real path's speed; ``prefill="c"`` runs prompts through the C step too (its attention is a
-score row per query over the packed cache: slower than sgemm for long prompts).
+the real path's speed. ``prefill="c"`` runs prompts through the C step too: one OpenMP team for
+the whole prompt and attention over the packed cache (8 keys per vector), faster than the NumPy
+path for prompts of a few hundred tokens on 2 threads, slower at 2048 (attention is quadratic
+and sgemm outruns it; README "Speed"), and a token gets the same numbers as when decoded alone.
 
 Numerics of the C step: the quantizers, products, RoPE, Hadamard transforms and KV codes are the
 same float32 operations as the NumPy path; the RMSNorm sum of squares, the attention sums and exp
@@ -32,11 +34,15 @@ from .kv_codec import PackedKVCodec
 from .linears import W4A4Linear
 from .online import HadamardInput, HadamardQK
 
-__all__ = ["FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "PREFILL_MODES"]
+__all__ = ["FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "AUTO_NUMPY_PREFILL_ROWS",
+           "PREFILL_MODES"]
 
 #: prompts longer than this many tokens take the NumPy prefill (``prefill="numpy"``)
 NUMPY_PREFILL_MIN_ROWS = 8
-PREFILL_MODES = ("numpy", "c")
+#: prefill="auto": prompts of at least this many tokens take the NumPy path, shorter ones the C
+#: step (SmolLM2-135M, 2 cores, 2026-11-29: C 1.25x faster at 512 tokens, NumPy 1.28x at 2048)
+AUTO_NUMPY_PREFILL_ROWS = 1024
+PREFILL_MODES = ("numpy", "c", "auto")
 
 
 class FusedKVCache:
@@ -96,7 +102,8 @@ class FusedDecoder:
         model: a resident real-path Model (``load_quantized(..., mode="real")``).
         kernel: the products' variant: "auto", "generic", "avx2" or "vnni".
         prefill: "numpy" (prompts into an empty cache through the NumPy real path, see the module
-            docstring) or "c" (every step in C).
+            docstring), "c" (every step in C) or "auto" (C below `AUTO_NUMPY_PREFILL_ROWS`
+            prompt tokens, NumPy from there: the faster of the two on the machine measured).
     """
 
     def __init__(self, model: Any, *, kernel: str = "auto", prefill: str = "numpy") -> None:
@@ -169,7 +176,8 @@ class FusedDecoder:
         T = h.shape[0]
         start = cache.length
         cache.reserve(start + T)
-        if self.prefill == "numpy" and start == 0 and T > NUMPY_PREFILL_MIN_ROWS:
+        numpy_from = {"numpy": NUMPY_PREFILL_MIN_ROWS + 1, "auto": AUTO_NUMPY_PREFILL_ROWS}
+        if start == 0 and T >= numpy_from.get(self.prefill, T + 1):
             return self._numpy_prefill(h, cache)
         need = decoder_scratch_bytes(self.plan, T, start + T)
         if self._scratch.size < need:
