@@ -23,8 +23,9 @@
  * and residual adds, RoPE, the Hadamard transforms and the KV codes are the same float32
  * operations in the same order, so they are bit-identical for the same inputs. Three steps sum in
  * a different order or call a different exp: the RMSNorm sum of squares (float64 here, BLAS sdot or
- * einsum there), the attention dot products and sums (BLAS there) and exp (libm here, NumPy's SIMD
- * exp there); these differ by float32 rounding and can flip an activation code now and then.
+ * einsum there), the attention dot products and sums (BLAS there) and exp (libm for SiLU and the
+ * generic attention, an 8-lane polynomial in x86/attention_avx2.c; NumPy's SIMD exp there); these
+ * differ by float32 rounding and can flip an activation code now and then.
  */
 #include <math.h>
 #include <omp.h>
