@@ -95,8 +95,9 @@ __attribute__((target("avx2,fma"))) static inline __m256 scores8(const float *qt
     return s;
 }
 
-/* Softmax of query t's scores st[0..n) in place (exp(s - max), 8 at a time, zero-padded to a
- * multiple of 8 in `pad`); returns their sum (8 lane sums, then the reduce8 tree of lane 0). */
+/* Softmax of query t's scores st[0..n) in place (exp(s - max), 8 at a time; the last partial 8
+ * through a copy padded with -inf, whose exp is 0); returns their sum (8 lane sums, then the
+ * reduce8 tree of lane 0). */
 __attribute__((target("avx2,fma"))) static float softmax_row(float *st, int64_t n)
 {
     __m256 mv = _mm256_set1_ps(-INFINITY);
