@@ -23,9 +23,9 @@
  * and residual adds, RoPE, the Hadamard transforms and the KV codes are the same float32
  * operations in the same order, so they are bit-identical for the same inputs. Three steps sum in
  * a different order or call a different exp: the RMSNorm sum of squares (float64 here, BLAS sdot or
- * einsum there), the attention dot products and sums (BLAS there) and exp (libm for SiLU and the
- * generic attention, an 8-lane polynomial in x86/attention_avx2.c; NumPy's SIMD exp there); these
- * differ by float32 rounding and can flip an activation code now and then.
+ * einsum there), the attention dot products and sums (BLAS there) and exp (libm in the generic
+ * kernels, the 8-lane polynomial of x86/exp_avx2.h in the AVX2 attention and SwiGLU; NumPy's SIMD
+ * exp there); these differ by float32 rounding and can flip an activation code now and then.
  */
 #include <math.h>
 #include <omp.h>
@@ -531,6 +531,8 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
     /* a forced generic variant runs the generic attention too (the reference end to end) */
     const offq_attend_fn attend_fn =
         kernel == OFFQ_KERNEL_GENERIC ? offq_attend_generic : offq_dispatch.attend;
+    const offq_swiglu_fn swiglu_fn =
+        kernel == OFFQ_KERNEL_GENERIC ? offq_swiglu_generic : offq_dispatch.swiglu;
     offq_fwht_row_plan r3, r4;
     memset(&r3, 0, sizeof r3);
     memset(&r4, 0, sizeof r4);
@@ -705,13 +707,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                 for (int64_t r = r0; r < r1; r++) {
                     const float *gr = sb.y + r * 2 * f, *ur = gr + f;
                     float *xr = sb.x + r * f;
-                    for (int64_t i = 0; i < f; i++) {
-                        const float g = gr[i];
-                        float t = expf(-g); /* exp(-g) -> inf: g / inf = -0, the limit */
-                        t = t + 1.0f;
-                        const float sg = g / t;
-                        xr[i] = sg * ur[i];
-                    }
+                    swiglu_fn(gr, ur, xr, f);
                     if (md->r4) {
                         offq_fwht_row_f32(xr, &r4, tb.tmp);
                     }

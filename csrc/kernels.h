@@ -300,6 +300,11 @@ static inline void offq_attn_softmax(float *s, int64_t ld, int64_t nq, const int
 void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                       float *scores, float *const *out, float *row);
 
+/* ---- SwiGLU (swiglu.c): x[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n ---------------------- */
+typedef void (*offq_swiglu_fn)(const float *g, const float *u, float *x, int64_t n);
+void offq_swiglu_generic(const float *g, const float *u, float *x, int64_t n);
+void offq_swiglu_avx2(const float *g, const float *u, float *x, int64_t n);
+
 /* ---- int8 x float32 matmul (matmul_i8.c): outputs [n0, n1) of out[m][ldo] = x @ w_hat^T for a
  * few rows of x (m <= OFFQ_I8_SMALL_M) */
 #define OFFQ_I8_SMALL_M 8
@@ -353,6 +358,7 @@ typedef struct {
     offq_mix_f32_fn mix_f32;
     offq_mix_f64_fn mix_f64;
     offq_attend_fn attend;
+    offq_swiglu_fn swiglu;
     offq_i8_rows_fn i8_rows;
     const offq_mm_ops *matmul[OFFQ_KERNEL_COUNT]; /* per variant; NULL: not usable here */
     offq_kernel matmul_best;

@@ -4,7 +4,7 @@
  * 8 keys at a time: one accumulator per key (8 lanes of partial sums over the group's dims, one
  * fma chain each), then one transposing reduction turns the 8 accumulators into a vector holding
  * the 8 keys' dot products, so no horizontal sum is paid per key. exp runs 8 scores at a time
- * (a polynomial, offq_exp8 below). Every key's sums run in one fixed order (its lane's chain, then
+ * (a polynomial, offq_exp8 of exp_avx2.h). Every key's sums run in one fixed order (its lane's chain, then
  * the same reduction tree) whatever the block, so a token gets the same numbers in prefill and in
  * decode. Needs hd % 16 == 0 and group % 16 == 0; other shapes take the generic kernel. */
 #include <math.h>
@@ -14,6 +14,8 @@
 
 #ifdef OFFQ_X86
 #include <immintrin.h>
+
+#include "x86/exp_avx2.h"
 
 #define KT 32 /* cached rows per tile (OFFQ_ATTN_ROW_FLOATS sizes the scratch for it) */
 
@@ -35,31 +37,6 @@ __attribute__((target("avx2,fma"))) static inline void decode_row(const uint8_t 
                                            _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))),
                                        zv));
     }
-}
-
-/* exp(x) for x <= 0 (scores minus their max), 8 lanes: x = n ln2 + r with |r| <= ln2 / 2, a
- * degree-6 polynomial for e^r (the classic single-precision minimax coefficients, ~1 ulp), then
- * 2^n through the exponent bits. Below -87 the result is flushed to 0 (e^-87 ~ 1.6e-38 against
- * a softmax denominator >= 1). */
-__attribute__((target("avx2,fma"))) static inline __m256 offq_exp8(__m256 x)
-{
-    const __m256 lo = _mm256_set1_ps(-87.0f);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                         _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
 
 /* lanes k = sum of the 8 lanes of a[k], by one fixed tree: ((a0 + a1) + (a2 + a3)) +
