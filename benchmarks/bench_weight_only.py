@@ -14,8 +14,9 @@ SmolLM2's d = 576) are skipped with the reason.
     python benchmarks/bench_weight_only.py --grid                        # the OSAQ grid (see GRID)
 
 Rows are named ``{rtn|gptq|osaq}-w{bits}-{ch|g64|g128}-{sym|asym}[-cdN]`` (``osaq`` = OSAQ +
-GPTQ; ``-cdN``: N coordinate-descent sweeps after GPTQ, OSAQ's +CD variant) or ``fp``; ``--osaq k=v,...`` overrides OSAQ settings. Each finished row is appended as one JSON
-line to ``--jsonl`` (default benchmarks/results/weight_only.jsonl).
+GPTQ; ``-cdN``: N coordinate-descent sweeps after GPTQ, OSAQ's +CD variant) or ``fp``;
+``--osaq k=v,...`` overrides OSAQ settings. Each finished row is appended as one JSON line to
+``--jsonl`` (default benchmarks/results/weight_only.jsonl).
 """
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ def row_config(row: str, calib: tuple[int, int], osaq: dict) -> QuantConfig:
         return QuantConfig(method="fp")
     try:
         method, bits, group, sym, *cd = row.split("-")
-        cd_sweeps = int(cd[0].removeprefix("cd")) if cd else 0
-        if len(cd) > 1 or (cd and not cd[0].startswith("cd")) or method == "rtn" and cd_sweeps:
+        if len(cd) > 1 or cd and (method == "rtn" or not cd[0].startswith("cd")):
             raise ValueError
+        cd_sweeps = int(cd[0][2:]) if cd else 0
         w_bits = int(bits.removeprefix("w"))
         w_group = -1 if group == "ch" else int(group.removeprefix("g"))
         quantizer = {"rtn": "rtn", "gptq": "gptq", "osaq": "osaq+gptq"}[method]

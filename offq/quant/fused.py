@@ -176,8 +176,9 @@ class FusedDecoder:
         T = h.shape[0]
         start = cache.length
         cache.reserve(start + T)
-        numpy_from = {"numpy": NUMPY_PREFILL_MIN_ROWS + 1, "auto": AUTO_NUMPY_PREFILL_ROWS}
-        if start == 0 and T >= numpy_from.get(self.prefill, T + 1):
+        numpy_prompt = (self.prefill == "numpy" and T > NUMPY_PREFILL_MIN_ROWS
+                        or self.prefill == "auto" and T >= AUTO_NUMPY_PREFILL_ROWS)
+        if start == 0 and numpy_prompt:
             return self._numpy_prefill(h, cache)
         need = decoder_scratch_bytes(self.plan, T, start + T)
         if self._scratch.size < need:

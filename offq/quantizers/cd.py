@@ -27,11 +27,12 @@ __all__ = ["coordinate_descent", "objective"]
 
 
 def damped_hessian(hessian: np.ndarray, damp: float) -> np.ndarray:
-    """``H`` as GPTQ minimises it: dead inputs (``H_jj = 0``) get ``H_jj = 1``, then
-    ``+ damp * mean(diag) I`` (a new float64 array)."""
+    """``H`` as GPTQ minimises it (a new float64 array): its diagonal
+    (:func:`~offq.quantizers.gptq.gptq_diagonal`) plus ``damp * mean(diag)``."""
+    from .gptq import gptq_diagonal  # gptq imports this module
+
     h = np.array(hessian, dtype=np.float64)
-    diag = np.diag(h).copy()
-    diag[diag == 0] = 1.0
+    diag, _ = gptq_diagonal(h)
     h[np.diag_indices_from(h)] = diag + damp * float(np.mean(diag))
     return h
 
@@ -46,9 +47,10 @@ def coordinate_descent(w: np.ndarray, q: QuantizedWeight, hessian: np.ndarray, *
                        damp: float = 0.01, sweeps: int = 1, block: int = 32
                        ) -> tuple[QuantizedWeight, dict[str, Any]]:
     """Re-quantize the codes of ``q`` (the grid of ``w [N, K]``) by up to ``sweeps`` coordinate
-    descent sweeps on ``H = 2 X^T X / n [K, K]`` (damped like GPTQ's). Returns the new weight
+    descent sweeps on ``H = 2 X^T X / n [K, K]`` damped like GPTQ's (``damp``: the relative
+    damping GPTQ's factor used, ``HessianFactor.damp``). Returns the new weight
     (same scales and zero-points) and a report: objective before and after, codes changed."""
-    w = np.asarray(w, dtype=np.float64)
+    w = np.array(w, dtype=np.float64)  # a copy: dead inputs are zeroed below
     n_out, k = w.shape
     if q.codes.shape != (n_out, k):
         raise ValueError(f"q: codes of shape {q.codes.shape} do not match w {w.shape}")
@@ -58,7 +60,6 @@ def coordinate_descent(w: np.ndarray, q: QuantizedWeight, hessian: np.ndarray, *
         raise ValueError(f"sweeps >= 0 and block >= 1 expected, got {sweeps}, {block}")
     h = damped_hessian(hessian, damp)
     dead = np.diag(np.asarray(hessian)) == 0
-    w = w.copy()
     w[:, dead] = 0.0  # as GPTQ: a dead input's weight is zero, whatever its code
     g_size = q.group_size
     # transposed (row j = input j), so each column step reads and writes contiguous memory
@@ -98,9 +99,8 @@ def coordinate_descent(w: np.ndarray, q: QuantizedWeight, hessian: np.ndarray, *
         done += 1
         if changed == 0:
             break
-    w_hat = hat_t.T
     codes = np.ascontiguousarray(codes_t.T)
-    after = objective(w, w_hat, h)
+    after = float(np.sum(grad_t * (w.T - hat_t)))  # g is current after every block's update
     report = {"objective_before": before, "objective_after": after,
               "relative_drop": (before - after) / before if before > 0 else 0.0,
               "codes_changed": changed_total, "sweeps": done}

@@ -97,8 +97,19 @@ class HessianFactor:
     dead: np.ndarray
     perm: np.ndarray
     u: np.ndarray
+    #: the damping actually added (x mean diag): ``damp``, or larger after a retry
+    damp: float = 0.0
     #: the Hessian itself, kept (not copied) only when coordinate-descent sweeps follow GPTQ
     hessian: np.ndarray | None = None
+
+
+def gptq_diagonal(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The diagonal GPTQ works with (float64, step 2: a dead input's ``H_jj = 0`` becomes 1) and
+    the dead inputs' mask."""
+    diag = np.diag(hessian).astype(np.float64)
+    dead = diag == 0
+    diag[dead] = 1.0
+    return diag, dead
 
 
 def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True,
@@ -113,9 +124,7 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
     if not np.all(np.isfinite(hessian)):
         raise ValueError(f"hessian{' of ' + where if where else ''}: contains NaN or Inf")
     k = hessian.shape[0]
-    diag = np.diag(hessian).astype(np.float64)
-    dead = diag == 0
-    diag[dead] = 1.0
+    diag, dead = gptq_diagonal(hessian)
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
     # the one K x K copy made here (at K = 8960 each copy is 640 MB): permuted, float64
     h = np.asarray(hessian[np.ix_(perm, perm)], dtype=np.float64)
@@ -128,7 +137,7 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
             if attempt:
                 logger.warning("GPTQ %s: the Hessian was not positive definite with damping %g; "
                                "used %g (x mean diag)", where or "(unnamed site)", damp, tried)
-            return HessianFactor(dead, perm, u)
+            return HessianFactor(dead, perm, u, damp=tried)
         tried = max(tried, _MIN_RETRY_DAMP) * 10.0
     raise ValueError(f"GPTQ {where or '(unnamed site)'}: the Hessian stays singular up to damping "
                      f"{tried / 10:g} (x mean diag); are the calibration inputs degenerate?")
@@ -269,7 +278,7 @@ class GPTQ(WeightQuantizer):
                           symmetric=self.symmetric, clip_search=self.clip_search,
                           block_size=self.block_size, static_groups=self.static_groups)
         if self.cd_sweeps and prepared.hessian is not None:
-            q, report = coordinate_descent(w, q, prepared.hessian, damp=self.damp,
+            q, report = coordinate_descent(w, q, prepared.hessian, damp=prepared.damp,
                                            sweeps=self.cd_sweeps)
             logger.info("GPTQ + CD %s: %s", w.shape, report)
         return q

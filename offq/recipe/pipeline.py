@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 
 from ..config import OFF, QuantConfig
-from ..heap import trim_heap
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner, load_decoder_layer
 from ..model.linear import DenseLinear
@@ -180,13 +179,11 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         # quantized linears (with their cached dequantized weights) now: alive, they coexist
         # with the next layer's and, after the last layer, with the final write
         stored = w = hessians = linears = layer = None
-        trim_heap()  # and the allocator hands the freed pages back
     timings.update(capture=t_capture, quantize=t_quant, propagate=t_prop)
 
     # 4. save: the fused, rotated global tensors (the LM head in 8 bits when asked: after R1
     # and the final norm are fused into it)
     del h
-    trim_heap()
     t = time.perf_counter()
     glob = global_tensors(ckpt, arch, r1)
     if config.lm_head_bits == 8:
