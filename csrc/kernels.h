@@ -265,8 +265,9 @@ static inline uint32_t offq_load_u32(const uint8_t *p)
  * 0..n[t]-1. K / V codes of position j at kc / vc + j * cstride (hd / 2 packed bytes), scales and
  * zero-points at ks, kz / vs, vz + j * pstride (hd / group each). Scratch: scores
  * nq * (max n + 1) floats, row OFFQ_ATTN_ROW_FLOATS(hd) floats. out[t]: query t's hd outputs. */
-/* a tile of 32 decoded rows and their key scales (x86/attention_avx2.c; hd / group <= hd / 16) */
-#define OFFQ_ATTN_ROW_FLOATS(hd) ((hd) * 34)
+/* a tile of 32 decoded rows, their key scales and 8 rows before their transpose
+ * (x86/attention_avx2.c; hd / group <= hd / 16) */
+#define OFFQ_ATTN_ROW_FLOATS(hd) ((hd) * 42)
 typedef struct {
     const uint8_t *kc, *vc;
     const float *ks, *kz, *vs, *vz;

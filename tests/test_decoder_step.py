@@ -29,14 +29,15 @@ KERNELS = ["generic"] + (["avx2"] if SIMD["avx2"] else []) + (["vnni"] if SIMD["
 @pytest.fixture(scope="module", params=["qwen2", "llama-biases", "llama-hd64", "qwen2-hd128"])
 def quantized(request):
     """A tiny W4A4KV4 model (OffQ, GPTQ): Qwen2 (q/k/v biases), Llama with every bias, Llama
-    with head_dim 64 (the attention kernel's 64-wide value blocks) or Qwen2 with head_dim 128
+    with head_dim 64 and 3 query heads per KV head (odd query counts: the attention kernel pairs
+    queries) or Qwen2 with head_dim 128
     (two of them; Qwen2.5's head size)."""
     if request.param == "qwen2":
         ckpt = tiny_checkpoint(1, arch="qwen2")
     elif request.param == "llama-biases":
         ckpt = tiny_checkpoint(2, arch="llama", attention_bias=True, mlp_bias=True)
     elif request.param == "llama-hd64":
-        ckpt = tiny_checkpoint(3, arch="llama", d=128, hd=64, nh=4, nkv=2, f=256)
+        ckpt = tiny_checkpoint(3, arch="llama", d=192, hd=64, nh=3, nkv=1, f=256)
     else:
         ckpt = tiny_checkpoint(4, arch="qwen2", d=256, hd=128, nh=2, nkv=1, f=256)
     return pipeline.quantize(ckpt, QuantConfig(method="offq"), calibration(ckpt, 8, 48, 1),
@@ -277,7 +278,7 @@ def test_plan_validates_layers(quantized):
     with pytest.raises(ValueError, match="a_clip"):
         decoder_plan((layer,), **{**good, "a_clip": 0.0})
     with pytest.raises(ValueError, match="num_heads"):
-        decoder_plan((layer,), **{**good, "num_kv_heads": 3})
+        decoder_plan((layer,), **{**good, "num_kv_heads": cfg.num_attention_heads + 1})
     decoder_plan((layer,), **good)  # the untouched layer is accepted
 
 
