@@ -17,6 +17,7 @@ layer's input sites (float64).
 
     python benchmarks/bench_quantize_scaling.py                                   # SmolLM2-135M
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --calib-samples 16
+    python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --keep runs/qwen-offq
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ def child(args: argparse.Namespace) -> None:
             cfg = QuantConfig(method=args.method, calib_samples=args.calib_samples,
                               calib_seqlen=args.calib_seqlen)
             with tempfile.TemporaryDirectory() as tmp:
-                res = offq.quantize(ckpt, cfg, calib, out_dir=Path(tmp) / "q",
+                res = offq.quantize(ckpt, cfg, calib,
+                                    out_dir=Path(args.keep or Path(tmp) / "q"),
                                     batch_size=args.batch_size, progress=False)
             out["stages"] = res.timings
             out["config"] = cfg.describe(ckpt.config.hidden_size)
@@ -99,6 +101,9 @@ def main() -> int:
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="write the quantized checkpoint to DIR (kept: `offq eval DIR` scores "
+                         "it) instead of a temporary directory")
     ap.add_argument("--stage", choices=("forward", "quantize"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
