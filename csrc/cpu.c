@@ -68,19 +68,28 @@ offq_dispatch_table offq_dispatch = {
 };
 
 static int g_avx2 = 0;
+static int g_avx512 = 0; /* AVX-512 F: the float kernels' 16-lane variants */
 static int g_avx512_vnni = 0;
 static int g_disabled = 0;
+
+/* OFFQ_SIMD_MAX=avx2 stops the dispatch at the AVX2 variants (what an AVX2-only CPU such as Zen3
+ * runs: benchmarks and tests emulate one with it); =generic is OFFQ_DISABLE_SIMD=1. */
+static int simd_cap_is(const char *isa)
+{
+    const char *env = getenv("OFFQ_SIMD_MAX");
+    return env != NULL && strcmp(env, isa) == 0;
+}
 
 void offq_cpu_init(void)
 {
     const char *env = getenv("OFFQ_DISABLE_SIMD");
-    g_disabled = (env != NULL && env[0] != '\0' && strcmp(env, "0") != 0);
+    g_disabled = (env != NULL && env[0] != '\0' && strcmp(env, "0") != 0) || simd_cap_is("generic");
 #ifdef OFFQ_X86
     if (!g_disabled) {
         __builtin_cpu_init();
         g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        g_avx512_vnni = g_avx2 && __builtin_cpu_supports("avx512f") &&
-                        __builtin_cpu_supports("avx512bw") &&
+        g_avx512 = g_avx2 && !simd_cap_is("avx2") && __builtin_cpu_supports("avx512f");
+        g_avx512_vnni = g_avx512 && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("avx512vnni");
     }
@@ -98,6 +107,10 @@ void offq_cpu_init(void)
         offq_dispatch.wq[OFFQ_KERNEL_AVX2] = &wq_avx2;
         offq_dispatch.wq_best = OFFQ_KERNEL_AVX2;
     }
+    if (g_avx512) {
+        offq_dispatch.mix_f32 = offq_mix_f32_avx512;
+        offq_dispatch.mix_f64 = offq_mix_f64_avx512;
+    }
     if (g_avx512_vnni) {
         offq_dispatch.matmul[OFFQ_KERNEL_VNNI] = &mm_avx512vnni;
         offq_dispatch.matmul_best = OFFQ_KERNEL_VNNI;
@@ -107,6 +120,7 @@ void offq_cpu_init(void)
 
 int offq_cpu_simd_disabled(void) { return g_disabled; }
 int offq_cpu_has_avx2(void) { return g_avx2; }
+int offq_cpu_has_avx512(void) { return g_avx512; }
 int offq_cpu_has_avx512_vnni(void) { return g_avx512_vnni; }
 
 void offq_set_num_threads(int n)

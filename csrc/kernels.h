@@ -122,7 +122,7 @@ offq_status offq_quant_group_avx2(const float *restrict g, int64_t n, int bits, 
  * pow2: the Sylvester transform of x[n] (n = 2^k) in place, times `scale` when normalize.
  * mix:  x = [m, p] rows: x[c, :] <- scale * sum_a ht[c * m + a] x[a, :] (ht: transposed H_m),
  *       tmp holds max(m * p, m * OFFQ_MIX_W) values. */
-#define OFFQ_MIX_W 16
+#define OFFQ_MIX_W 32 /* 2 vectors of the widest mix (AVX-512: 16 floats) */
 typedef void (*offq_pow2_f32_fn)(float *restrict x, int64_t n, int normalize, float scale);
 typedef void (*offq_pow2_f64_fn)(double *restrict x, int64_t n, int normalize, double scale);
 typedef void (*offq_mix_f32_fn)(float *restrict x, int64_t m, int64_t p, const float *restrict ht,
@@ -141,6 +141,10 @@ void offq_mix_f32_avx2(float *restrict x, int64_t m, int64_t p, const float *res
                        float scale, float *restrict tmp);
 void offq_mix_f64_avx2(double *restrict x, int64_t m, int64_t p, const double *restrict ht,
                        double scale, double *restrict tmp);
+void offq_mix_f32_avx512(float *restrict x, int64_t m, int64_t p, const float *restrict ht,
+                         float scale, float *restrict tmp);
+void offq_mix_f64_avx512(double *restrict x, int64_t m, int64_t p, const double *restrict ht,
+                         double scale, double *restrict tmp);
 
 /* One normalised float32 row transform, planned once (table and scale), for callers inside their
  * own thread team; same arithmetic as offq_fwht_f32 on one row. tmp holds tmp_len floats. */

@@ -26,10 +26,12 @@ typedef enum {
 
 /* ---- CPU features, dispatch and threads (cpu.c) ------------------------------------------- */
 
-/* Read the CPU features and OFFQ_DISABLE_SIMD=1 once and fill the dispatch table (call once at
- * module import; before it, every kernel runs its generic variant). */
+/* Read the CPU features, OFFQ_DISABLE_SIMD=1 and OFFQ_SIMD_MAX (avx2 | generic: the widest variant
+ * allowed) once and fill the dispatch table (call once at module import; before it, every kernel
+ * runs its generic variant). */
 void offq_cpu_init(void);
 int offq_cpu_has_avx2(void);        /* AVX2 + FMA usable */
+int offq_cpu_has_avx512(void);      /* AVX-512 F usable (and not capped by OFFQ_SIMD_MAX=avx2) */
 int offq_cpu_has_avx512_vnni(void); /* AVX-512 F/BW/VL + VNNI usable */
 int offq_cpu_simd_disabled(void);   /* OFFQ_DISABLE_SIMD=1 was set at init */
 

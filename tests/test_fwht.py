@@ -267,3 +267,34 @@ def test_generic_path_matches(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, __file__, orders], env=env, capture_output=True,
                        text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.skipif(not _C.simd_info()["avx512"], reason="the CPU has no AVX-512 F")
+def test_avx512_mix_is_bit_identical_to_avx2(tmp_path):
+    """The 16-lane mix (x86/hadamard_avx512.c) against the 8-lane one (OFFQ_SIMD_MAX=avx2, a fresh
+    process): every output element is the same FMA chain, so the transforms are equal bit for bit
+    in float32 and float64, over orders whose mix takes the wide path (p >= 32), falls back to the
+    AVX2 mix (p = 16) or has none (powers of two)."""
+    import offq
+
+    sizes = (8960, 1536, 640, 28 * 64, 12 * 16, 576, 4096)
+    code = (
+        "import numpy as np, sys; from offq.kernels import fwht; "
+        "rng = np.random.default_rng(5); out = {}\n"
+        f"for n in {sizes!r}:\n"
+        "    out['f%d' % n] = fwht(rng.standard_normal((3, n)).astype(np.float32))\n"
+        "    out['d%d' % n] = fwht(rng.standard_normal((2, n)))\n"
+        "np.savez(sys.argv[1], **out)"
+    )
+    root = str(Path(offq.__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    results = {}
+    for cap in ("", "avx2"):
+        env = dict(os.environ, OFFQ_SIMD_MAX=cap, PYTHONPATH=pythonpath)
+        path = tmp_path / f"mix{cap or 'best'}.npz"
+        r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
+                           text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        results[cap] = np.load(path)
+    for key in results[""].files:
+        np.testing.assert_array_equal(results[""][key], results["avx2"][key], err_msg=key)

@@ -9,57 +9,13 @@
 #ifdef OFFQ_X86
 #include <immintrin.h>
 
+#include "x86/mix_simd.h"
+
 #define OFFQ_AVX2 __attribute__((target("avx2,fma")))
 
-/* AVX2 mix: columns in chunks of 2 vectors staged in tmp (m x 2 vectors), 4 output sub-rows at a
- * time (m is a multiple of 4) so that 8 independent FMA chains share each staged load. */
-#define DEFINE_MIX_AVX2(T, NAME, GENERIC, VEC, LANES, LOAD, STORE, SET1, FMA, ZERO, MUL)         \
-    OFFQ_AVX2 void NAME(T *restrict x, int64_t m, int64_t p, const T *restrict ht,        \
-                               T scale, T *restrict tmp)                                          \
-    {                                                                                             \
-        if (p < 2 * LANES) {                                                                      \
-            GENERIC(x, m, p, ht, scale, tmp);                                                     \
-            return;                                                                               \
-        }                                                                                         \
-        const VEC vs = SET1(scale);                                                               \
-        for (int64_t j0 = 0; j0 < p; j0 += 2 * LANES) {                                           \
-            for (int64_t a = 0; a < m; a++) {                                                     \
-                STORE(tmp + a * 2 * LANES, LOAD(x + a * p + j0));                                 \
-                STORE(tmp + a * 2 * LANES + LANES, LOAD(x + a * p + j0 + LANES));                 \
-            }                                                                                     \
-            for (int64_t c = 0; c < m; c += 4) {                                                  \
-                VEC y00 = ZERO(), y01 = ZERO(), y10 = ZERO(), y11 = ZERO();                       \
-                VEC y20 = ZERO(), y21 = ZERO(), y30 = ZERO(), y31 = ZERO();                       \
-                const T *h0 = ht + c * m, *h1 = h0 + m, *h2 = h1 + m, *h3 = h2 + m;               \
-                for (int64_t a = 0; a < m; a++) {                                                 \
-                    const VEC t0 = LOAD(tmp + a * 2 * LANES);                                     \
-                    const VEC t1 = LOAD(tmp + a * 2 * LANES + LANES);                             \
-                    const VEC s0 = SET1(h0[a]), s1 = SET1(h1[a]);                                 \
-                    const VEC s2 = SET1(h2[a]), s3 = SET1(h3[a]);                                 \
-                    y00 = FMA(s0, t0, y00);                                                       \
-                    y01 = FMA(s0, t1, y01);                                                       \
-                    y10 = FMA(s1, t0, y10);                                                       \
-                    y11 = FMA(s1, t1, y11);                                                       \
-                    y20 = FMA(s2, t0, y20);                                                       \
-                    y21 = FMA(s2, t1, y21);                                                       \
-                    y30 = FMA(s3, t0, y30);                                                       \
-                    y31 = FMA(s3, t1, y31);                                                       \
-                }                                                                                 \
-                STORE(x + c * p + j0, MUL(y00, vs));                                               \
-                STORE(x + c * p + j0 + LANES, MUL(y01, vs));                                       \
-                STORE(x + (c + 1) * p + j0, MUL(y10, vs));                                         \
-                STORE(x + (c + 1) * p + j0 + LANES, MUL(y11, vs));                                 \
-                STORE(x + (c + 2) * p + j0, MUL(y20, vs));                                         \
-                STORE(x + (c + 2) * p + j0 + LANES, MUL(y21, vs));                                 \
-                STORE(x + (c + 3) * p + j0, MUL(y30, vs));                                         \
-                STORE(x + (c + 3) * p + j0 + LANES, MUL(y31, vs));                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }
-
-DEFINE_MIX_AVX2(float, offq_mix_f32_avx2, offq_mix_f32_generic, __m256, 8, _mm256_loadu_ps,
+DEFINE_MIX_SIMD("avx2,fma", float, offq_mix_f32_avx2, offq_mix_f32_generic, __m256, 8, _mm256_loadu_ps,
                 _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_mul_ps)
-DEFINE_MIX_AVX2(double, offq_mix_f64_avx2, offq_mix_f64_generic, __m256d, 4, _mm256_loadu_pd,
+DEFINE_MIX_SIMD("avx2,fma", double, offq_mix_f64_avx2, offq_mix_f64_generic, __m256d, 4, _mm256_loadu_pd,
                 _mm256_storeu_pd, _mm256_set1_pd, _mm256_fmadd_pd, _mm256_setzero_pd, _mm256_mul_pd)
 
 /* ---------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def machine_info() -> dict[str, Any]:
         "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
         "simd": {k: bool(v) for k, v in simd.items()},
+        # OFFQ_SIMD_MAX=avx2 emulates an AVX2-only CPU (Zen3) on an AVX-512 one
+        "simd_max": os.environ.get("OFFQ_SIMD_MAX", ""),
         "threads": get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         # a forced OpenBLAS kernel changes every BLAS baseline (Haswell: AVX2 sgemm on any CPU)
@@ -49,11 +51,13 @@ def machine_info() -> dict[str, Any]:
 
 
 def describe_machine(info: dict[str, Any] | None = None) -> str:
-    """One line: ``CPU, N cores usable, SIMD avx2+avx512_vnni, threads T, load L``."""
+    """One line: ``CPU, N cores usable, SIMD avx2+avx512+avx512_vnni, threads T, load L``."""
     info = info or machine_info()
-    feats = "+".join(k for k in ("avx2", "avx512_vnni") if info["simd"].get(k)) or "none"
+    feats = "+".join(k for k in ("avx2", "avx512", "avx512_vnni") if info["simd"].get(k)) or "none"
     if info["simd"].get("disabled_by_env"):
         feats += " (SIMD disabled by the environment: generic C)"
+    elif info.get("simd_max"):
+        feats += f" (OFFQ_SIMD_MAX={info['simd_max']})"
     load = info.get("load_average_1min")
     core = info.get("openblas_coretype")
     return (f"{info['cpu']}, {info['cores_usable']} cores usable, SIMD {feats}, offq "
