@@ -108,6 +108,7 @@ void offq_cpu_init(void)
         offq_dispatch.wq_best = OFFQ_KERNEL_AVX2;
     }
     if (g_avx512) {
+        offq_dispatch.attend = offq_attend_avx512;
         offq_dispatch.mix_f32 = offq_mix_f32_avx512;
         offq_dispatch.mix_f64 = offq_mix_f64_avx512;
     }

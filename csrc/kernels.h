@@ -304,6 +304,8 @@ static inline void offq_attn_softmax(float *s, int64_t ld, int64_t nq, const int
 }
 void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                       float *scores, float *const *out, float *row);
+void offq_attend_avx512(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                        float *scores, float *const *out, float *row);
 
 /* ---- SwiGLU (swiglu.c): x[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n ---------------------- */
 typedef void (*offq_swiglu_fn)(const float *g, const float *u, float *x, int64_t n);

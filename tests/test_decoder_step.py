@@ -282,6 +282,43 @@ def test_plan_validates_layers(quantized):
     decoder_plan((layer,), **good)  # the untouched layer is accepted
 
 
+_RUN_AVX2_KERNEL = (
+    "import sys, numpy as np\n"
+    "from offq.quant.assemble import load_quantized\n"
+    "from offq.quant.fused import FusedDecoder\n"
+    "from tiny_models import token_ids\n"
+    "real = load_quantized(sys.argv[1], mode='real')[0]\n"
+    "ids = token_ids(real.config.vocab_size, 1, 40, 11)\n"
+    "fd = FusedDecoder(real, kernel='avx2', prefill='c')\n"
+    "cache = fd.new_cache()\n"
+    "out = [fd.run(real.embed(ids[:, :33])[0], cache)]\n"
+    "out += [fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(33, 40)]\n"
+    "np.save(sys.argv[2], np.concatenate(out))\n"
+)
+
+
+@pytest.mark.skipif(not SIMD.get("avx512"), reason="the CPU has no AVX-512 F")
+def test_avx512_attention_and_mix_are_bit_identical_to_avx2(quantized, tmp_path):
+    """The 16-lane attention and Hadamard mix run each lane's sums in the AVX2 order: a prompt
+    of 33 tokens and 7 decode steps of the C step give the same hidden states bit for bit with
+    the dispatch capped at AVX2 (OFFQ_SIMD_MAX=avx2, a fresh process) and uncapped."""
+    import offq
+
+    quantized.save(tmp_path / "q")
+    offq_root = os.path.dirname(os.path.dirname(os.path.abspath(offq.__file__)))
+    path = os.pathsep.join(filter(None, [offq_root, os.path.dirname(__file__),
+                                         os.environ.get("PYTHONPATH")]))
+    got = {}
+    for cap in ("", "avx2"):
+        out = tmp_path / f"h{cap or 'best'}.npy"
+        r = subprocess.run([sys.executable, "-c", _RUN_AVX2_KERNEL, str(tmp_path / "q"), str(out)],
+                           env=dict(os.environ, OFFQ_SIMD_MAX=cap, PYTHONPATH=path),
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[cap] = np.load(out)
+    np.testing.assert_array_equal(got[""], got["avx2"])
+
+
 @pytest.mark.skipif(os.environ.get("OFFQ_DISABLE_SIMD") == "1", reason="already generic")
 def test_generic_dispatch_in_subprocess(tmp_path):
     """The file again with every SIMD path disabled at dispatch (the generic attention too). The

@@ -1,93 +1,10 @@
-/* x86/attention_avx2.c: offq_attend (steps: attention.c) with 8-wide float vectors.
- *
- * Cached rows are decoded in tiles of KT rows, once per block of queries. Scores: the tile's keys
- * are decoded transposed (8 x 8 register transposes), so 8 keys lie along a vector's lanes; up
- * to 4 queries x 16 keys are scored at once, each query element broadcast against 2 key vectors
- * (one fma chain per (query, key) over the dims in order, no cross-lane reduction). exp runs 8
- * scores at a time (a polynomial, offq_exp8 of exp_avx2.h). Values: dims along the lanes, two
- * queries share each row load, their per-row weights e_j * vs_j formed once per tile. Every
- * (query, key) sum runs in one fixed order whatever the block or the number of queries, so a
- * token gets the same numbers in prefill and in decode. Needs hd % 16 == 0 and group % 16 == 0;
- * other shapes take the generic kernel. */
-#include <math.h>
-#include <string.h>
-
+/* x86/attention_avx2.c: offq_attend (steps: attention.c) with 8-wide float vectors: the tiled
+ * kernel of x86/attention_tiles.h with 8 keys per score vector and 4 x 8 dims per value pair. */
 #include "kernels.h"
 
 #ifdef OFFQ_X86
-#include <immintrin.h>
-
-#include "x86/exp_avx2.h"
-
-#define KT 32 /* cached rows per tile (OFFQ_ATTN_ROW_FLOATS sizes the scratch for it) */
-
-/* Row j as floats (c - z), hd % 16 == 0, group % 16 == 0. */
-__attribute__((target("avx2,fma"))) static inline void decode_row(const uint8_t *c,
-                                                                  const float *z, int64_t hd,
-                                                                  int64_t g, float *out)
-{
-    const __m128i m15 = _mm_set1_epi8(15);
-    for (int64_t i = 0; i < hd; i += 16) {
-        const __m256 zv = _mm256_set1_ps(z[i / g]);
-        const __m128i v = _mm_loadl_epi64((const __m128i *)(c + i / 2));
-        const __m128i bytes =
-            _mm_unpacklo_epi8(_mm_and_si128(v, m15), _mm_and_si128(_mm_srli_epi16(v, 4), m15));
-        _mm256_storeu_ps(out + i,
-                         _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), zv));
-        _mm256_storeu_ps(out + i + 8,
-                         _mm256_sub_ps(_mm256_cvtepi32_ps(
-                                           _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))),
-                                       zv));
-    }
-}
-
-/* r[c] <- column c of the 8 x 8 block whose rows are r[0..8). */
-__attribute__((target("avx2,fma"))) static inline void transpose8(__m256 *r)
-{
-    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
-    r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
-    r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
-    r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
-    r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-
-/* Keys jj0 .. jj0 + 8 of the tile, transposed: kt[i * KT + jj0 + k] = (c - z) of key k, dim i
- * (rows past the cache, k >= kn, are zero); rows is scratch for 8 decoded rows. */
-__attribute__((target("avx2,fma"))) static void decode_keys_t(const offq_attn_args *a, int64_t j,
-                                                             int64_t kn, float *rows, float *kt,
-                                                             int64_t jj0)
-{
-    const int64_t hd = a->hd;
-    for (int64_t k = 0; k < 8; k++) {
-        if (k < kn) {
-            decode_row(a->kc + (j + k) * a->cstride, a->kz + (j + k) * a->pstride, hd, a->group,
-                       rows + k * hd);
-        } else {
-            memset(rows + k * hd, 0, (size_t)hd * sizeof(float));
-        }
-    }
-    for (int64_t i = 0; i < hd; i += 8) {
-        __m256 r[8];
-        for (int k = 0; k < 8; k++) {
-            r[k] = _mm256_loadu_ps(rows + k * hd + i);
-        }
-        transpose8(r);
-        for (int c = 0; c < 8; c++) {
-            _mm256_storeu_ps(kt + (i + c) * KT + jj0, r[c]);
-        }
-    }
-}
+#define ATT_TARGET "avx2,fma"
+#include "x86/attention_tiles.h"
 
 /* Scores of NQ (1..4) queries q[t * hd ..] against 8 NV (1 or 2) keys of the transposed tile
  * from column k0: per group, one fma chain per (query, key) over the group's dims in order (the
@@ -97,7 +14,7 @@ __attribute__((target("avx2,fma"))) static void decode_keys_t(const offq_attn_ar
  * receives the scores. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void scores_t(
     const int nq, const int nv, const float *q, int64_t hd, int64_t g, const float *kt,
-    int64_t k0, const float *ks8, int64_t ng, float (*sb)[16])
+    int64_t k0, const float *ks, int64_t ng, float (*sb)[32])
 {
     for (int64_t gi = 0; gi < ng; gi++) {
         __m256 acc[4][2];
@@ -120,9 +37,9 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void scores_t(
         }
         for (int t = 0; t < nq; t++) {
             for (int v = 0; v < nv; v++) {
-                const __m256 ks = _mm256_loadu_ps(ks8 + ((k0 + 8 * v) / 8) * ng * 8 + gi * 8);
+                const __m256 kv = _mm256_loadu_ps(ks + gi * KT + k0 + 8 * v);
                 const __m256 prev = gi == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(sb[t] + 8 * v);
-                _mm256_storeu_ps(sb[t] + 8 * v, _mm256_fmadd_ps(ks, acc[t][v], prev));
+                _mm256_storeu_ps(sb[t] + 8 * v, _mm256_fmadd_ps(kv, acc[t][v], prev));
             }
         }
     }
@@ -132,12 +49,12 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void scores_t(
 __attribute__((target("avx2,fma"))) static void scores_block(int nq, int nv, const float *q,
                                                             int64_t hd, int64_t g,
                                                             const float *kt, int64_t k0,
-                                                            const float *ks8, int64_t ng,
-                                                            float (*sb)[16])
+                                                            const float *ks, int64_t ng,
+                                                            float (*sb)[32])
 {
 #define SCORES_CASE(NQ, NV)                                                                       \
     if (nq == NQ && nv == NV) {                                                                   \
-        scores_t(NQ, NV, q, hd, g, kt, k0, ks8, ng, sb);                                          \
+        scores_t(NQ, NV, q, hd, g, kt, k0, ks, ng, sb);                                          \
         return;                                                                                   \
     }
     SCORES_CASE(4, 2) SCORES_CASE(3, 2) SCORES_CASE(2, 2) SCORES_CASE(1, 2)
@@ -145,99 +62,11 @@ __attribute__((target("avx2,fma"))) static void scores_block(int nq, int nv, con
 #undef SCORES_CASE
 }
 
-/* Softmax of query t's scores st[0..n) in place (exp(s - max), 8 at a time; the last partial 8
- * through a copy padded with -inf, whose exp is 0); returns their sum (8 lane sums, then one
- * fixed tree over the lanes). */
-__attribute__((target("avx2,fma"))) static float softmax_row(float *st, int64_t n)
-{
-    __m256 mv = _mm256_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        mv = _mm256_max_ps(mv, _mm256_loadu_ps(st + j));
-    }
-    float mx = -INFINITY, lanes[8];
-    _mm256_storeu_ps(lanes, mv);
-    for (int k = 0; k < 8; k++) {
-        mx = lanes[k] > mx ? lanes[k] : mx;
-    }
-    for (int64_t jj = j; jj < n; jj++) {
-        mx = st[jj] > mx ? st[jj] : mx;
-    }
-    const __m256 m8 = _mm256_set1_ps(mx);
-    __m256 den = _mm256_setzero_ps();
-    for (j = 0; j + 8 <= n; j += 8) {
-        const __m256 e = offq_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j), m8));
-        _mm256_storeu_ps(st + j, e);
-        den = _mm256_add_ps(den, e);
-    }
-    if (j < n) { /* the tail through a zero-padded copy: padding lanes add exp(-inf) = 0 */
-        float pad[8];
-        for (int k = 0; k < 8; k++) {
-            pad[k] = j + k < n ? st[j + k] : -INFINITY;
-        }
-        const __m256 e = offq_exp8(_mm256_sub_ps(_mm256_loadu_ps(pad), m8));
-        _mm256_storeu_ps(pad, e);
-        memcpy(st + j, pad, (size_t)(n - j) * sizeof(float));
-        den = _mm256_add_ps(den, e);
-    }
-    /* the 8 lane sums by one fixed tree: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) */
-    const __m256 h = _mm256_hadd_ps(den, den);
-    const __m256 hh = _mm256_hadd_ps(h, h);
-    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
-}
-
-/* o[0 .. 8 nv) += sum_j (e_j * vs_j[group]) * r_j[0 .. 8 nv) over rows j < jt (stride hd) in j
- * order, the nv (1 or 8) output vectors held in registers; dims i0.. of the rows. */
-__attribute__((target("avx2,fma"))) static inline void values_add(float *o, int nv, const float *r,
-                                                                 int64_t hd, const float *vs,
-                                                                 int64_t pstride, int64_t i0,
-                                                                 int64_t g, const float *e,
-                                                                 int64_t jt)
-{
-    __m256 acc[8];
-    for (int c = 0; c < nv; c++) {
-        acc[c] = _mm256_loadu_ps(o + 8 * c);
-    }
-    for (int64_t j = 0; j < jt; j++) {
-        for (int c = 0; c < nv; c++) {
-            const __m256 w = _mm256_set1_ps(e[j] * vs[j * pstride + (i0 + 8 * c) / g]);
-            acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(r + j * hd + 8 * c), acc[c]);
-        }
-    }
-    for (int c = 0; c < nv; c++) {
-        _mm256_storeu_ps(o + 8 * c, acc[c]);
-    }
-}
-
-/* Value weights of one query over rows j < jt of a tile: w[j * ng + gi] = e_j * vt[j * ng + gi]
- * (vt: the tile's value scales, contiguous), the same products values_add forms, computed once
- * per row and group instead of once per vector. */
-__attribute__((target("avx2,fma"))) static inline void value_weights(float *w, const float *e,
-                                                                    const float *vt, int64_t ng,
-                                                                    int64_t jt)
-{
-    if (ng == 1) {
-        int64_t j = 0;
-        for (; j + 8 <= jt; j += 8) {
-            _mm256_storeu_ps(w + j, _mm256_mul_ps(_mm256_loadu_ps(e + j), _mm256_loadu_ps(vt + j)));
-        }
-        for (; j < jt; j++) {
-            w[j] = e[j] * vt[j];
-        }
-        return;
-    }
-    for (int64_t j = 0; j < jt; j++) {
-        for (int64_t gi = 0; gi < ng; gi++) {
-            w[j * ng + gi] = e[j] * vt[j * ng + gi];
-        }
-    }
-}
-
 /* values_add for two queries at once over rows j < jt (both see them), their weights wa, wb
  * from value_weights: outputs oa, ob, dims i0 .. i0 + 32 in registers (8 accumulators). Per
  * query the same fmas in the same j order as values_add; the two share each row load, and each
  * weight is one broadcast load (32 | g: the block is in one group gi). */
-__attribute__((target("avx2,fma"))) static inline void values_pair32(float *oa, float *ob,
+__attribute__((target("avx2,fma"))) static void values_pair32(float *oa, float *ob,
                                                                     const float *r, int64_t hd,
                                                                     const float *wa,
                                                                     const float *wb, int64_t ng,
@@ -267,111 +96,10 @@ __attribute__((target("avx2,fma"))) void offq_attend_avx2(const offq_attn_args *
                                                          const float *q, const int64_t *n,
                                                          float *s, float *const *out, float *tile)
 {
-    const int64_t hd = a->hd, g = a->group, ng = hd / g;
-    if (g % 16 != 0 || hd % 16 != 0) {
+    if (a->group % 16 != 0 || a->hd % 16 != 0) {
         offq_attend_generic(a, nq, q, n, s, out, tile);
         return;
     }
-    int64_t nmax = 0;
-    for (int64_t t = 0; t < nq; t++) {
-        nmax = n[t] > nmax ? n[t] : nmax;
-    }
-    const int64_t ld = nmax + 1;
-    float *kt = tile;                      /* [hd][KT] the tile's keys, transposed */
-    float *ks8 = tile + KT * hd;           /* [KT / 8][ng][8] their scales, zero-padded */
-    float *rows = ks8 + KT * ng;           /* [8][hd] decoded rows before the transpose */
-    /* V phase: the tile's value scales and a query pair's value weights, [KT][ng] each */
-    float *vt = rows, *wa = vt + KT * ng, *wb = wa + KT * ng;
-    for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
-        const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
-        const int64_t jpad = (jn + 7) & ~(int64_t)7;
-        for (int64_t jj = 0; jj < jpad; jj += 8) {
-            decode_keys_t(a, j0 + jj, jn - jj, rows, kt, jj);
-        }
-        for (int64_t jj = 0; jj < jpad; jj++) {
-            for (int64_t gi = 0; gi < ng; gi++) {
-                ks8[(jj / 8) * ng * 8 + gi * 8 + jj % 8] =
-                    jj < jn ? a->ks[(j0 + jj) * a->pstride + gi] : 0.0f;
-            }
-        }
-        for (int64_t t0 = 0; t0 < nq; t0 += 4) {
-            const int bq = nq - t0 < 4 ? (int)(nq - t0) : 4;
-            int64_t jt = 0; /* the most keys of this tile any of the bq queries sees */
-            for (int b = 0; b < bq; b++) {
-                const int64_t jb = n[t0 + b] - j0 < jn ? n[t0 + b] - j0 : jn;
-                jt = jb > jt ? jb : jt;
-            }
-            for (int64_t k0 = 0; k0 < jt; k0 += 16) {
-                const int nv = jt - k0 > 8 ? 2 : 1;
-                float sb[4][16];
-                scores_block(bq, nv, q + t0 * hd, hd, g, kt, k0, ks8, ng, sb);
-                for (int b = 0; b < bq; b++) { /* keep the scores of the keys query t sees */
-                    const int64_t t = t0 + b;
-                    const int64_t jb = n[t] - j0 < jn ? n[t] - j0 : jn;
-                    const int64_t m = jb - k0 < 8 * nv ? jb - k0 : 8 * nv;
-                    if (m > 0) {
-                        memcpy(s + t * ld + j0 + k0, sb[b], (size_t)m * sizeof(float));
-                    }
-                }
-            }
-        }
-    }
-    for (int64_t t = 0; t < nq; t++) {
-        s[t * ld + nmax] = softmax_row(s + t * ld, n[t]);
-        memset(out[t], 0, (size_t)hd * sizeof(float));
-    }
-    for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
-        const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
-        for (int64_t jj = 0; jj < jn; jj++) {
-            decode_row(a->vc + (j0 + jj) * a->cstride, a->vz + (j0 + jj) * a->pstride, hd, g,
-                       tile + jj * hd);
-        }
-        const float *vs = a->vs + j0 * a->pstride;
-        for (int64_t jj = 0; jj < jn; jj++) {
-            for (int64_t gi = 0; gi < ng; gi++) {
-                vt[jj * ng + gi] = vs[jj * a->pstride + gi];
-            }
-        }
-        int64_t t = 0;
-        /* query pairs over the rows both see, then the longer one's rest (when 32 | g: blocks of
-         * 32 dims in one group) */
-        for (; g % 32 == 0 && t + 1 < nq; t += 2) {
-            const int64_t ja = n[t] - j0 < jn ? n[t] - j0 : jn;
-            const int64_t jb = n[t + 1] - j0 < jn ? n[t + 1] - j0 : jn;
-            const int64_t jc = ja < jb ? ja : jb;
-            if (jc > 0) {
-                value_weights(wa, s + t * ld + j0, vt, ng, jc);
-                value_weights(wb, s + (t + 1) * ld + j0, vt, ng, jc);
-                for (int64_t i0 = 0; i0 < hd; i0 += 32) {
-                    values_pair32(out[t] + i0, out[t + 1] + i0, tile + i0, hd, wa, wb, ng,
-                                  i0 / g, jc);
-                }
-            }
-            const int64_t j1 = jc > 0 ? jc : 0;
-            const int64_t tl = ja > jb ? t : t + 1, jl = ja > jb ? ja : jb;
-            for (int64_t i0 = 0; i0 < hd && jl > j1; i0 += 8) {
-                values_add(out[tl] + i0, 1, tile + j1 * hd + i0, hd, vs + j1 * a->pstride,
-                           a->pstride, i0, g, s + tl * ld + j0 + j1, jl - j1);
-            }
-        }
-        for (; t < nq; t++) {
-            const int64_t jt = n[t] - j0 < jn ? n[t] - j0 : jn;
-            int64_t i0 = 0;
-            for (; i0 + 64 <= hd; i0 += 64) {
-                values_add(out[t] + i0, 8, tile + i0, hd, vs, a->pstride, i0, g, s + t * ld + j0,
-                           jt);
-            }
-            for (; i0 < hd; i0 += 8) {
-                values_add(out[t] + i0, 1, tile + i0, hd, vs, a->pstride, i0, g, s + t * ld + j0,
-                           jt);
-            }
-        }
-    }
-    for (int64_t t = 0; t < nq; t++) {
-        const __m256 den = _mm256_set1_ps(s[t * ld + nmax]);
-        for (int64_t i = 0; i < hd; i += 8) {
-            _mm256_storeu_ps(out[t] + i, _mm256_div_ps(_mm256_loadu_ps(out[t] + i), den));
-        }
-    }
+    attend_tiles(a, nq, q, n, s, out, tile, 8, scores_block, 32, values_pair32);
 }
 #endif
