@@ -34,7 +34,9 @@ def main() -> int:
     ap.add_argument("--llama-bench", default=None)
     ap.add_argument("--llama-model", default=None)
     ap.add_argument("--fused-kernel", default="auto", choices=("auto", "generic", "avx2", "vnni"),
-                    help="product variant of the fused C decoder (avx2: what AVX2-only CPUs run)")
+                    help="product variant of the fused C decoder; the other kernels follow the "
+                         "dispatch (OFFQ_SIMD_MAX=avx2 in the environment caps everything at "
+                         "what AVX2-only CPUs run)")
     ap.add_argument("--fused-prefill", default="auto", choices=("auto", "c", "numpy"),
                     help="prompts of the fused engine: the C step, the NumPy real path, or auto "
                          "(C below 1024 tokens, NumPy from there; default)")
