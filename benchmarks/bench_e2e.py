@@ -39,7 +39,8 @@ def main() -> int:
                          "what AVX2-only CPUs run)")
     ap.add_argument("--fused-prefill", default="auto", choices=("auto", "c", "numpy"),
                     help="prompts of the fused engine: the C step, the NumPy real path, or auto "
-                         "(C below 1024 tokens, NumPy from there; default)")
+                         "(default: C below 1024 tokens and NumPy from there with the AVX2 "
+                         "attention, C for every prompt with the AVX-512 one)")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
     ap.add_argument("--plot", default=None, help="also draw the table to this PNG")
     args = ap.parse_args()

@@ -112,11 +112,12 @@ def test_numpy_prefill_then_c_decode(quantized):
 
 
 def test_auto_prefill_picks_c_for_short_prompts_and_numpy_for_long(quantized, monkeypatch):
-    """prefill="auto": the C step below AUTO_NUMPY_PREFILL_ROWS prompt tokens (bit-identical to
+    """prefill="auto": the C step below auto_numpy_prefill_rows() prompt tokens (bit-identical to
     prefill="c"), the NumPy real path from there (bit-identical to the real path)."""
     import offq.quant.fused as fused
 
     monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS", 16)
+    monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS_AVX512", 16)
     real = quantized.model("real")
     ids = token_ids(real.config.vocab_size, 1, 24, 12)
     auto, c = FusedDecoder(real, prefill="auto"), FusedDecoder(real, prefill="c")
@@ -124,6 +125,12 @@ def test_auto_prefill_picks_c_for_short_prompts_and_numpy_for_long(quantized, mo
     np.testing.assert_array_equal(short, c.run(real.embed(ids[:, :15])[0], c.new_cache()))
     long = auto.run(real.embed(ids)[0], auto.new_cache())
     np.testing.assert_array_equal(long, real.hidden_states(ids)[0])
+    # None (the AVX-512 attention's setting): every prompt through the C step
+    monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS", None)
+    monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS_AVX512", None)
+    assert fused.auto_numpy_prefill_rows() is None
+    long = auto.run(real.embed(ids)[0], auto.new_cache())
+    np.testing.assert_array_equal(long, c.run(real.embed(ids)[0], c.new_cache()))
 
 
 def test_simd_variants_agree(quantized):

@@ -53,11 +53,13 @@ class E2EConfig:
         llama_bench: path to a ``llama-bench`` binary (optional).
         llama_model: the GGUF llama-bench runs (required with ``llama_bench``).
         fused_kernel: the product variant of the fused C decoder ("auto", "avx2", "vnni",
-            "generic"): "avx2" on an AVX-512 machine times what AVX2-only CPUs run.
+            "generic"); the other kernels follow the dispatch (OFFQ_SIMD_MAX=avx2 in the
+            environment times what AVX2-only CPUs run).
         fused_prefill: how the fused engine runs a prompt: "c" (the C step over the whole prompt,
             attention over the packed cache), "numpy" (the NumPy real path, as
             ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``) or "auto"
-            (C below ``AUTO_NUMPY_PREFILL_ROWS`` tokens, NumPy from there).
+            (C below ``auto_numpy_prefill_rows()`` tokens: 1024 with the AVX2 attention, every
+            prompt with the AVX-512 one; NumPy from there).
     """
 
     model: str = "smollm2-135m"

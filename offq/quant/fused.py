@@ -35,13 +35,25 @@ from .linears import W4A4Linear
 from .online import HadamardInput, HadamardQK
 
 __all__ = ["FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "AUTO_NUMPY_PREFILL_ROWS",
-           "PREFILL_MODES"]
+           "AUTO_NUMPY_PREFILL_ROWS_AVX512", "auto_numpy_prefill_rows", "PREFILL_MODES"]
 
 #: prompts longer than this many tokens take the NumPy prefill (``prefill="numpy"``)
 NUMPY_PREFILL_MIN_ROWS = 8
-#: prefill="auto": prompts of at least this many tokens take the NumPy path, shorter ones the C
-#: step (SmolLM2-135M, 2 cores, 2026-11-29: C 1.25x faster at 512 tokens, NumPy 1.28x at 2048)
+#: prefill="auto" with the AVX2 (or generic) attention: prompts of at least this many tokens take
+#: the NumPy path, shorter ones the C step (SmolLM2-135M, 2 cores, 2026-11-29: C 1.25x faster at
+#: 512 tokens, NumPy 1.06x at 2048 after the transposed-key attention)
 AUTO_NUMPY_PREFILL_ROWS = 1024
+#: the same with the AVX-512 attention (16 lanes): None = every prompt through the C step
+#: (SmolLM2-135M, 1 thread, Zen5: C 1.23x faster at 2048 tokens, 1.25x at 4096)
+AUTO_NUMPY_PREFILL_ROWS_AVX512: int | None = None
+
+
+def auto_numpy_prefill_rows() -> int | None:
+    """Prompt length from which prefill="auto" takes the NumPy path (None: never), for the
+    attention variant this process dispatches to."""
+    from .. import _C
+
+    return AUTO_NUMPY_PREFILL_ROWS_AVX512 if _C.simd_info()["avx512"] else AUTO_NUMPY_PREFILL_ROWS
 PREFILL_MODES = ("numpy", "c", "auto")
 
 
@@ -102,8 +114,8 @@ class FusedDecoder:
         model: a resident real-path Model (``load_quantized(..., mode="real")``).
         kernel: the products' variant: "auto", "generic", "avx2" or "vnni".
         prefill: "numpy" (prompts into an empty cache through the NumPy real path, see the module
-            docstring), "c" (every step in C) or "auto" (C below `AUTO_NUMPY_PREFILL_ROWS`
-            prompt tokens, NumPy from there: the faster of the two on the machine measured).
+            docstring), "c" (every step in C) or "auto" (C below `auto_numpy_prefill_rows()`
+            prompt tokens, NumPy from there: the faster of the two on the machines measured).
     """
 
     def __init__(self, model: Any, *, kernel: str = "auto", prefill: str = "numpy") -> None:
@@ -176,8 +188,9 @@ class FusedDecoder:
         T = h.shape[0]
         start = cache.length
         cache.reserve(start + T)
+        auto_rows = auto_numpy_prefill_rows() if self.prefill == "auto" else None
         numpy_prompt = (self.prefill == "numpy" and T > NUMPY_PREFILL_MIN_ROWS
-                        or self.prefill == "auto" and T >= AUTO_NUMPY_PREFILL_ROWS)
+                        or auto_rows is not None and T >= auto_rows)
         if start == 0 and numpy_prompt:
             return self._numpy_prefill(h, cache)
         need = decoder_scratch_bytes(self.plan, T, start + T)
