@@ -305,4 +305,106 @@ ATT_FN void attend_tiles(const offq_attn_args *a, int64_t nq, const float *q, co
     }
 }
 
+/* One vector width's pieces and its entry point `NAME`: scores of NQ (1..4) queries against NV
+ * (1 or 2) vectors of LANES keys (one fma chain per (query, key) over the group's dims in order,
+ * the query element broadcast, times the keys' scales, summed over groups in order: nothing is
+ * reduced across lanes, so a pair's sums depend neither on NQ, NV, the block nor LANES), with NQ
+ * and NV compile-time constants so the loops unroll into registers; value pairs over 4 LANES
+ * dims (8 accumulators, each lane the fmas of values_add in its j order; the two queries share
+ * each row load and each weight is one broadcast). */
+#define DEFINE_ATTEND_WIDTH(NAME, TARGET, VEC, LANES, LOADU, STOREU, SET1, FMADD, SETZERO)        \
+    __attribute__((target(TARGET), always_inline)) static inline void NAME##_scores_t(             \
+        const int nq, const int nv, const float *q, int64_t hd, int64_t g, const float *kt,      \
+        int64_t k0, const float *ks, int64_t ng, float (*sb)[32])                                 \
+    {                                                                                             \
+        for (int64_t gi = 0; gi < ng; gi++) {                                                     \
+            VEC acc[4][2];                                                                        \
+            for (int t = 0; t < nq; t++) {                                                        \
+                for (int v = 0; v < nv; v++) {                                                    \
+                    acc[t][v] = SETZERO();                                                        \
+                }                                                                                 \
+            }                                                                                     \
+            for (int64_t i = gi * g; i < (gi + 1) * g; i++) {                                     \
+                const float *kr = kt + i * KT + k0;                                               \
+                const VEC k0v = LOADU(kr);                                                        \
+                const VEC k1v = nv > 1 ? LOADU(kr + LANES) : k0v;                                 \
+                for (int t = 0; t < nq; t++) {                                                    \
+                    const VEC qb = SET1(q[t * hd + i]);                                           \
+                    acc[t][0] = FMADD(qb, k0v, acc[t][0]);                                        \
+                    if (nv > 1) {                                                                 \
+                        acc[t][1] = FMADD(qb, k1v, acc[t][1]);                                    \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+            for (int t = 0; t < nq; t++) {                                                        \
+                for (int v = 0; v < nv; v++) {                                                    \
+                    const VEC kv = LOADU(ks + gi * KT + k0 + LANES * v);                          \
+                    const VEC prev = gi == 0 ? SETZERO() : LOADU(sb[t] + LANES * v);              \
+                    STOREU(sb[t] + LANES * v, FMADD(kv, acc[t][v], prev));                        \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+    __attribute__((target(TARGET))) static void NAME##_scores(                                    \
+        int nq, int nv, const float *q, int64_t hd, int64_t g, const float *kt, int64_t k0,      \
+        const float *ks, int64_t ng, float (*sb)[32])                                             \
+    {                                                                                             \
+        if (nq == 4 && nv == 2) { /* constants: the loops unroll */                           \
+            NAME##_scores_t(4, 2, q, hd, g, kt, k0, ks, ng, sb); return;                     \
+        }                                                                                     \
+        if (nq == 3 && nv == 2) { /* constants: the loops unroll */                           \
+            NAME##_scores_t(3, 2, q, hd, g, kt, k0, ks, ng, sb); return;                     \
+        }                                                                                     \
+        if (nq == 2 && nv == 2) { /* constants: the loops unroll */                           \
+            NAME##_scores_t(2, 2, q, hd, g, kt, k0, ks, ng, sb); return;                     \
+        }                                                                                     \
+        if (nq == 1 && nv == 2) { /* constants: the loops unroll */                           \
+            NAME##_scores_t(1, 2, q, hd, g, kt, k0, ks, ng, sb); return;                     \
+        }                                                                                     \
+        if (nq == 4 && nv == 1) { /* constants: the loops unroll */                           \
+            NAME##_scores_t(4, 1, q, hd, g, kt, k0, ks, ng, sb); return;                     \
+        }                                                                                     \
+        if (nq == 3 && nv == 1) { /* constants: the loops unroll */                           \
+            NAME##_scores_t(3, 1, q, hd, g, kt, k0, ks, ng, sb); return;                     \
+        }                                                                                     \
+        if (nq == 2 && nv == 1) { /* constants: the loops unroll */                           \
+            NAME##_scores_t(2, 1, q, hd, g, kt, k0, ks, ng, sb); return;                     \
+        }                                                                                     \
+        if (nq == 1 && nv == 1) { /* constants: the loops unroll */                           \
+            NAME##_scores_t(1, 1, q, hd, g, kt, k0, ks, ng, sb); return;                     \
+        }                                                                                     \
+    }                                                                                         \
+    __attribute__((target(TARGET))) static void NAME##_values(                                    \
+        float *oa, float *ob, const float *r, int64_t hd, const float *wa, const float *wb,      \
+        int64_t ng, int64_t gi, int64_t jt)                                                       \
+    {                                                                                             \
+        VEC acc[8];                                                                               \
+        for (int c = 0; c < 4; c++) {                                                             \
+            acc[c] = LOADU(oa + LANES * c);                                                       \
+            acc[c + 4] = LOADU(ob + LANES * c);                                                   \
+        }                                                                                         \
+        for (int64_t j = 0; j < jt; j++) {                                                        \
+            const VEC xa = SET1(wa[j * ng + gi]), xb = SET1(wb[j * ng + gi]);                     \
+            for (int c = 0; c < 4; c++) {                                                         \
+                const VEC rv = LOADU(r + j * hd + LANES * c);                                     \
+                acc[c] = FMADD(xa, rv, acc[c]);                                                   \
+                acc[c + 4] = FMADD(xb, rv, acc[c + 4]);                                           \
+            }                                                                                     \
+        }                                                                                         \
+        for (int c = 0; c < 4; c++) {                                                             \
+            STOREU(oa + LANES * c, acc[c]);                                                       \
+            STOREU(ob + LANES * c, acc[c + 4]);                                                   \
+        }                                                                                         \
+    }                                                                                             \
+    __attribute__((target(TARGET))) void NAME(const offq_attn_args *a, int64_t nq, const float *q, \
+                                              const int64_t *n, float *s, float *const *out,     \
+                                              float *tile)                                        \
+    {                                                                                             \
+        if (a->group % 16 != 0 || a->hd % 16 != 0) {                                              \
+            offq_attend_generic(a, nq, q, n, s, out, tile);                                       \
+            return;                                                                               \
+        }                                                                                         \
+        attend_tiles(a, nq, q, n, s, out, tile, LANES, NAME##_scores, 4 * LANES, NAME##_values); \
+    }
+
 #endif
