@@ -9,7 +9,8 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
 - KV cache: 4-bit, asymmetric, per token and head (group = head_dim), keys centred (each KV head's
   calibrated mean key subtracted before quantization; softmax is invariant to it);
 - rotations: R1 = U1 P H1 (top-1 PCA basis, uncentred, pooled over layers and both sites;
-  sorted grouping; block Hadamard aligned with the activation groups), R2 = per-head Hadamard,
+  sorted grouping; block Hadamard aligned with the activation groups; statistics from the first
+  8 calibration sequences), R2 = per-head Hadamard,
   R3 (online Hadamard on Q/K after RoPE) and R4 (online Hadamard on the down_proj input) on;
 - calibration: 128 sequences x 2048 tokens, seed 0;
 - GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128, no coordinate-descent
@@ -85,6 +86,9 @@ class QuantConfig:
     pca: str = "top1"  # top1 | standard | none
     pca_centred: bool = False
     pca_pooled: bool = True
+    # calibration sequences the statistics pass reads (the first N; 0 = all): the dominant
+    # direction stops moving after one, the top-4 subspace by about eight (docs/METHODS.md)
+    pca_samples: int = 8
     sorted_grouping: bool = True
     outlier_index: str = "ones"  # ones (all-ones Hadamard row, OffQ) | other (ablation)
     # --- R2, R3, R4 ---
@@ -168,7 +172,7 @@ class QuantConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-        for name in ("seed", "gptq_cd_sweeps"):
+        for name in ("seed", "gptq_cd_sweeps", "pca_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
@@ -245,6 +249,8 @@ class QuantConfig:
                              f"supports ({CONFIG_VERSION})")
         # checkpoints written before the key offset existed hold none (their keys are not centred)
         data.setdefault("kv_centre_keys", False)
+        # ... and those written before pca_samples existed took statistics from every sequence
+        data.setdefault("pca_samples", 0)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -273,7 +279,9 @@ class QuantConfig:
             parts.append(f"kv:{'sym' if self.kv_symmetric else 'asym'},{g}"
                          f"{',centred' if self.kv_centre_keys else ''}")
         if self.method == "offq":
-            parts.append(f"r1:{self.pca}{',centred' if self.pca_centred else ''}"
+            seqs = f"({self.pca_samples}seq)" if self.pca != "none" and 0 < self.pca_samples < \
+                self.calib_samples else ""
+            parts.append(f"r1:{self.pca}{seqs}{',centred' if self.pca_centred else ''}"
                          f"{',sorted' if self.sorted_grouping else ',unsorted'},{self.outlier_index}")
         if self.rotates:
             parts.append(f"r2:{self.r2},r3:{int(self.r3)},r4:{int(self.r4)}")

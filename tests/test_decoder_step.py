@@ -102,11 +102,13 @@ def test_numpy_prefill_then_c_decode(quantized):
     for t in range(20, 30):
         got = fd.run(real.embed(ids[:, t:t + 1])[0], cache)
         close(got, real.hidden_states(ids[:, t:t + 1], cache=ref_cache)[0])
-    # a C prefill fills the cache with the same format (codes equal wherever no code flipped)
+    # a C prefill fills the cache with the same format: layer 0 (the same inputs) holds the
+    # same codes; later layers differ where an activation code flipped upstream (the two paths
+    # sum in different orders), a few percent of the bytes on these tiny models
     c_cache = FusedDecoder(real, prefill="c").new_cache()
     FusedDecoder(real, prefill="c").run(real.embed(ids[:, :20])[0], c_cache)
-    same = (c_cache.codes[:, :20] == cache.codes[:, :20]).mean()
-    assert same > 0.99
+    np.testing.assert_array_equal(c_cache.codes[0, :20], cache.codes[0, :20])
+    assert (c_cache.codes[:, :20] == cache.codes[:, :20]).mean() > 0.95
     with pytest.raises(ValueError, match="prefill"):
         FusedDecoder(real, prefill="python")
 

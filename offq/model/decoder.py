@@ -219,16 +219,52 @@ class LayerRunner:
 
         ``h`` is updated in place and returned. With ``cache``, the new keys/values are appended
         to it and attention reads everything cached (``start`` must equal ``cache.length``).
+        ``capture(site, layer index, x)`` sees the input of every linear site on the way.
         """
-        cfg = self.config
-        eps = float(cfg.rms_norm_eps)
-        B, T, _ = h.shape
-        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, self.head_dim
-        L = layer.linears
-        # attention
-        a = rms_norm(h, layer.input_norm, eps)
+        a = self.attention_input(layer, h)
         if capture is not None:
             _capture(capture, "attn_in", layer.index, a)
+        o = self.attend(layer, a, start=start, cache=cache)
+        del a
+        if capture is not None:
+            _capture(capture, "o_in", layer.index, o)
+        self.add_output(layer, "o_proj", h, o)
+        del o
+        m = self.mlp_input(layer, h)
+        if capture is not None:
+            _capture(capture, "mlp_in", layer.index, m)
+        u = self.mlp_hidden(layer, m)
+        del m
+        if capture is not None:
+            _capture(capture, "down_in", layer.index, u)
+        self.add_output(layer, "down_proj", h, u)
+        return h
+
+    # The forward's stages, also run one at a time by the sequential calibration
+    # (offq.recipe.calibrate), which quantizes each site between them.
+    def attention_input(self, layer: DecoderLayer, h: np.ndarray) -> np.ndarray:
+        """The q/k/v input: RMSNorm of the residual ``h[B, T, d]`` (a new array)."""
+        return rms_norm(h, layer.input_norm, float(self.config.rms_norm_eps))
+
+    def mlp_input(self, layer: DecoderLayer, h: np.ndarray) -> np.ndarray:
+        """The gate/up input: RMSNorm of the residual after attention (a new array)."""
+        return rms_norm(h, layer.post_attention_norm, float(self.config.rms_norm_eps))
+
+    @_single_threaded_blas
+    def add_output(self, layer: DecoderLayer, linear: str, h: np.ndarray,
+                   x: np.ndarray) -> None:
+        """``h += linear(x)``: o_proj or down_proj writing the residual stream."""
+        h += layer.linears[linear](x)
+
+    @_single_threaded_blas
+    def attend(self, layer: DecoderLayer, a: np.ndarray, *, start: int = 0,
+               cache: LayerKVCache | None = None) -> np.ndarray:
+        """The o_proj input ``[B, T, H * hd]``: q/k/v of the normalised ``a``, RoPE, the
+        qk_transform, the KV codec (or the cache) and causal attention."""
+        cfg = self.config
+        B, T, _ = a.shape
+        H, Hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, self.head_dim
+        L = layer.linears
         cos, sin = self._rope(start, T)
         fused_qkv = layer.fused_linear("qkv") if layer.fused else None
         if fused_qkv is not None and T <= SMALL_T:
@@ -248,7 +284,6 @@ class LayerRunner:
             k = k.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3)
             v = np.ascontiguousarray(v.reshape(B, T, Hkv, hd).transpose(0, 2, 1, 3))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        del a
         if layer.qk_transform is not None:
             q, k = layer.qk_transform(q, k)
         if cache is not None:
@@ -258,16 +293,13 @@ class LayerRunner:
         elif layer.kv_codec is not None:
             k = layer.kv_codec.decode(layer.kv_codec.encode(k, kind="k"), kind="k")
             v = layer.kv_codec.decode(layer.kv_codec.encode(v, kind="v"), kind="v")
-        o = causal_attention(q, k, v, start)
-        del q, k, v
-        if capture is not None:
-            _capture(capture, "o_in", layer.index, o)
-        h += L["o_proj"](o)
-        del o
-        # MLP
-        m = rms_norm(h, layer.post_attention_norm, eps)
-        if capture is not None:
-            _capture(capture, "mlp_in", layer.index, m)
+        return causal_attention(q, k, v, start)
+
+    @_single_threaded_blas
+    def mlp_hidden(self, layer: DecoderLayer, m: np.ndarray) -> np.ndarray:
+        """The down_proj input: SwiGLU of gate/up on the normalised ``m``, then the
+        down_input_transform (online R4)."""
+        L = layer.linears
         fused_gate_up = layer.fused_linear("gate_up") if layer.fused else None
         if fused_gate_up is not None:
             gu = fused_gate_up(m)
@@ -275,13 +307,9 @@ class LayerRunner:
             u = silu_mul(gu[..., :f], gu[..., f:])
         else:
             u = silu_mul(L["gate_proj"](m), L["up_proj"](m))
-        del m
         if layer.down_input_transform is not None:
             u = layer.down_input_transform(u)
-        if capture is not None:
-            _capture(capture, "down_in", layer.index, u)
-        h += L["down_proj"](u)
-        return h
+        return u
 
 
 

@@ -1,12 +1,14 @@
 """``offq.quantize``: the whole method as one short linear recipe (docs/METHODS.md).
 
     fuse norms       final norm -> lm_head (embeddings untied); each layer's norms -> its linears
-    statistics       one float pass collecting the top-1 PCA second moment (only when R1/R2 need it)
+    statistics       one float pass over the first pca_samples sequences collecting the top-1 PCA
+                     second moment (only when R1/R2 need it)
     rotations        R1 (OffQ: U1 P H1; QuaRot: random-sign Hadamard), R2 per head, R3/R4 online
-    per layer        fuse + rotate its weights -> capture its site inputs and mean key (after the
-                     already-quantized earlier layers) -> quantize each site's linears (pre-steps
-                     such as OSAQ, then RTN or GPTQ) -> write the layer (with its key offset) ->
-                     propagate the calibration batch through the layer just quantized
+    per layer        fuse + rotate its weights -> site by site (calibrate.py): capture the site's
+                     inputs (after the earlier layers and this layer's earlier sites are
+                     quantized) -> quantize its linears (pre-steps such as OSAQ, then RTN or
+                     GPTQ) -> on through the quantized site; write the layer (with its key
+                     offset); the batch leaves it as the next layer's calibration input
     save             the offq checkpoint directory (config.json last)
 
 The loop never knows which weight method runs: it asks :mod:`offq.quantizers.registry` for the
@@ -34,15 +36,15 @@ import numpy as np
 
 from ..config import OFF, QuantConfig
 from ..model.arch import architecture_of
-from ..model.decoder import LayerRunner, load_decoder_layer
+from ..model.decoder import LayerRunner
 from ..model.linear import DenseLinear
 from ..progress import track
-from ..quant.assemble import build_layer, install_online, layer_from_tensors
+from ..quant.assemble import layer_from_tensors
 from ..quant.weight import QuantizedWeight
-from ..quantizers.gptq import HessianAccumulator
 from ..quantizers.registry import build_weight_quantizer
 from . import rotations as rot
-from .key_offset import KeyMean, key_offset_from_bias
+from .calibrate import calibrate_layer
+from .key_offset import key_offset_from_bias
 from .statistics import collect_statistics, fused_layer
 from .store import CheckpointStore, calibration_record, fingerprint, write_checkpoint
 
@@ -135,7 +137,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         store.save_rotations(r1, r2, rot_meta)
     timings["rotations"] = time.perf_counter() - t0
 
-    # 3. layer by layer: fuse + rotate, capture, quantize, write, propagate
+    # 3. layer by layer: fuse + rotate, then site by site capture + quantize (calibrate.py),
+    # which also carries the calibration batch through the quantized layer; write
     weights_only = dataclasses.replace(config, a_bits=OFF, kv_bits=OFF)
     runner = LayerRunner(mc)
     hessians_needed = needs_hessians(config)
@@ -143,43 +146,47 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     # the calibration hidden states: rows of the rotated embeddings (rotated again, identically,
     # when they are saved: neither they nor the LM head stay resident during the layer loop)
     h = global_tensors(ckpt, arch, r1, head=False)[arch.embed[0]][calib] if propagate else None
-    t_capture = t_quant = t_prop = 0.0
+    t_calib = t_quant = 0.0
     for i in track(range(mc.num_hidden_layers), "quantize layers", unit="layer", show=show):
+        last = i + 1 == mc.num_hidden_layers
         stored = store.load_layer(i)
         w = None
+        t = time.perf_counter()
         if stored is None:
             w = fused_layer(ckpt, mc, i)
             if config.rotates:
                 rot.rotate_layer(w, i, mc, r1=r1, r2=None if r2 is None else r2[i], r4=config.r4)
-            t = time.perf_counter()
-            hessians, key_mean = capture_layer(runner, w, mc, weights_only, h, i, batch_size,
-                                               hessians_needed) if h is not None else ({}, None)
-            t_capture += time.perf_counter() - t
-            t = time.perf_counter()
-            linears, rep = quantize_layer(w, hessians, mc, config, i, pre_steps, quantizer)
-            reports.update(rep)
-            t_quant += time.perf_counter() - t
+
+            def quantize_site(site: str, hess: np.ndarray | None):
+                return quantize_site_linears(w, hess, mc, config, i, site, pre_steps, quantizer)
+
+            if h is not None:
+                done = calibrate_layer(runner, w, mc, config, h, i, batch_size, quantize_site,
+                                       hessians=hessians_needed, propagate=not last)
+                linears, key_mean, t_site = done.linears, done.key_mean, done.quantize_seconds
+                reports.update(done.reports)
+            else:  # no calibration data: every site from its weights alone
+                linears, rep = quantize_layer(w, {}, mc, config, i, pre_steps, quantizer)
+                reports.update(rep)
+                key_mean, t_site = None, time.perf_counter() - t
+            t_quant += t_site
+            t_calib += time.perf_counter() - t - t_site
             stored = layer_tensors(w, linears, mc, i)
             if config.centres_keys:
                 stored[arch.key_offset(i)] = key_mean if key_mean is not None else \
                     key_offset_from_bias(w.get(arch.bias(i, "k_proj")), mc, config.calib_seqlen,
                                          config.rotates and config.r3)
             store.save_layer(i, stored)
-        if h is not None and i + 1 < mc.num_hidden_layers:
-            t = time.perf_counter()
-            if w is None:  # resumed: the layer comes back from its stored tensors
-                layer = layer_from_tensors(stored, mc, weights_only, i, "fake")
-            else:  # straight from the in-memory quantized linears
-                layer = build_layer(linears, w[arch.norm(i, "input_norm")],
-                                    w[arch.norm(i, "post_norm")], mc, weights_only, i, "fake")
+        elif h is not None and not last:  # resumed: propagate through the stored layer
+            layer = layer_from_tensors(stored, mc, weights_only, i, "fake")
             for s in range(0, h.shape[0], batch_size):
                 runner.forward(layer, h[s:s + batch_size])
-            t_prop += time.perf_counter() - t
-        # drop the layer's Hessians (642 MB for Qwen2.5-1.5B's down_proj), float weights and
-        # quantized linears (with their cached dequantized weights) now: alive, they coexist
-        # with the next layer's and, after the last layer, with the final write
-        stored = w = hessians = linears = layer = None
-    timings.update(capture=t_capture, quantize=t_quant, propagate=t_prop)
+            t_calib += time.perf_counter() - t
+        # drop the layer's float weights and quantized linears (with their cached dequantized
+        # weights) now: alive, they coexist with the next layer's and, after the last layer,
+        # with the final write
+        stored = w = linears = layer = None
+    timings.update(calibrate=t_calib, quantize=t_quant)
 
     # 4. save: the fused, rotated global tensors (the LM head in 8 bits when asked: after R1
     # and the final norm are fused into it)
@@ -272,8 +279,9 @@ def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | 
         return None, None, {"r1": None, "r2": None}
     group = cfg.activation_group(d)
     cov = vcovs = None
-    if needs_statistics(cfg):
-        cov, vcovs = collect_statistics(ckpt, mc, cfg, calib, batch_size, show)
+    if needs_statistics(cfg):  # from the first pca_samples sequences (docs/METHODS.md)
+        seqs = calib if cfg.pca_samples == 0 else calib[:cfg.pca_samples]
+        cov, vcovs = collect_statistics(ckpt, mc, cfg, seqs, batch_size, show)
     if cfg.method == "quarot":
         r1 = rot.quarot_r1(d, cfg.seed)
         meta = {"r1": f"quarot random-sign Hadamard {d} (seed {cfg.seed})"}
@@ -295,64 +303,50 @@ def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | 
     return r1, r2, meta
 
 
-def capture_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any,
-                  weights_only: QuantConfig, h: np.ndarray, i: int, batch_size: int,
-                  hessians: bool = True) -> tuple[dict[str, HessianAccumulator], np.ndarray]:
-    """One float pass of layer ``i`` (online transforms on) over copies of the calibration
-    hidden states ``h`` (left unchanged): ``2 X^T X / n`` of every capture site (when
-    ``hessians``) and the mean key of each KV head in the cache's basis ``[Hkv, hd]``."""
-    layer = install_online(load_decoder_layer(w, mc, i), mc, weights_only, "fake")
-    keys = KeyMean(layer.qk_transform)
-    layer.qk_transform = keys
-    acc: dict[str, HessianAccumulator] = {}
-
-    def capture(site: str, _i: int, x: np.ndarray) -> None:
-        if site not in acc:
-            acc[site] = HessianAccumulator(x.shape[-1])
-        acc[site].update(x)
-
-    for s in range(0, h.shape[0], batch_size):
-        runner.forward(layer, h[s:s + batch_size].copy(),
-                       capture=capture if hessians else None)
-    for site, a in acc.items():  # one NaN anywhere in the site's inputs reaches the sum
-        if not np.all(np.isfinite(a.sum)):
-            raise ValueError(f"layer {i} site {site}: the calibration activations contain NaN or "
-                             f"Inf (a broken checkpoint or an overflow in an earlier layer)")
-        if not np.any(np.diag(a.sum)):  # every input dead: GPTQ would zero the whole weight
-            raise ValueError(f"layer {i} site {site}: every calibration activation is zero (an "
-                             f"overflow in an earlier layer's RMSNorm?)")
-    return acc, keys.mean()
-
-
-def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumulator], mc: Any,
+def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, np.ndarray], mc: Any,
                    cfg: QuantConfig, i: int, pre_steps: list, quantizer: Any
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Layer ``i``'s linears by short name (``QuantizedWeight``, or float ``DenseLinear`` when
-    weights stay in float) and the pre-steps' per-linear reports."""
-    arch = architecture_of(mc)
-    reports: dict[str, Any] = {}
-    bias = {n: w.get(arch.bias(i, n)) for n in arch.linear_names}
-    if cfg.w_bits == OFF:
-        return {n: DenseLinear(w[arch.weight(i, n)], bias[n]) for n in arch.linear_names}, reports
+    """Layer ``i``'s linears by short name and the pre-steps' reports, every site at once
+    (``hessians``: site -> finished Hessian, where the methods need one)."""
     out: dict[str, Any] = {}
-    # Every quantizer treats output rows independently, so the linears that read one input
-    # (q/k/v; gate/up) are quantized as one stacked matrix with one per-site preparation.
-    for site, lins in arch.sites.items():
-        where = f"layer {i} {site}"
-        hess = hessians[site].finish() if site in hessians else None
-        for step in pre_steps:
-            state = step.prepare(hess, where)
-            for lin in lins:
-                name = arch.weight(i, lin)
-                w[name], reports[name] = step.apply(w[name], state)
-                logger.info("%s %s: %s", type(step).__name__, name, reports[name])
-        weights = [w[arch.weight(i, lin)] for lin in lins]
-        q: QuantizedWeight = quantizer.quantize(np.concatenate(weights, axis=0),
-                                                quantizer.prepare(hess, where))
-        row = 0
-        for lin, weight in zip(lins, weights):
-            out[lin] = q.rows(row, row + weight.shape[0]).with_bias(bias[lin])
-            row += weight.shape[0]
+    reports: dict[str, Any] = {}
+    for site in architecture_of(mc).sites:
+        lin, rep = quantize_site_linears(w, hessians.get(site), mc, cfg, i, site, pre_steps,
+                                         quantizer)
+        out.update(lin)
+        reports.update(rep)
+    return out, reports
+
+
+def quantize_site_linears(w: dict[str, np.ndarray], hess: np.ndarray | None, mc: Any,
+                          cfg: QuantConfig, i: int, site: str, pre_steps: list, quantizer: Any
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The linears of layer ``i`` reading ``site`` (``QuantizedWeight``, or float
+    ``DenseLinear`` when weights stay in float) and the pre-steps' per-linear reports.
+
+    Every quantizer treats output rows independently, so the linears that read one input
+    (q/k/v; gate/up) are quantized as one stacked matrix with one per-site preparation."""
+    arch = architecture_of(mc)
+    lins = arch.sites[site]
+    bias = {n: w.get(arch.bias(i, n)) for n in lins}
+    reports: dict[str, Any] = {}
+    if cfg.w_bits == OFF:
+        return {n: DenseLinear(w[arch.weight(i, n)], bias[n]) for n in lins}, reports
+    where = f"layer {i} {site}"
+    for step in pre_steps:
+        state = step.prepare(hess, where)
+        for lin in lins:
+            name = arch.weight(i, lin)
+            w[name], reports[name] = step.apply(w[name], state)
+            logger.info("%s %s: %s", type(step).__name__, name, reports[name])
+    weights = [w[arch.weight(i, lin)] for lin in lins]
+    q: QuantizedWeight = quantizer.quantize(np.concatenate(weights, axis=0),
+                                            quantizer.prepare(hess, where))
+    out: dict[str, Any] = {}
+    row = 0
+    for lin, weight in zip(lins, weights):
+        out[lin] = q.rows(row, row + weight.shape[0]).with_bias(bias[lin])
+        row += weight.shape[0]
     return out, reports
 
 

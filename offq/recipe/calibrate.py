@@ -1,0 +1,163 @@
+"""Sequential calibration of one decoder layer: each input site's Hessian is taken after the sites
+before it are quantized, and the same pass carries the calibration batch through the quantized
+layer to the next one (docs/METHODS.md, "GPTQ", calibration order).
+
+    attn_in   RMSNorm(h)                             -> H_qkv  -> quantize q, k, v
+    o_in      attention with the quantized q, k, v   -> H_o    -> quantize o_proj
+              (kept in memory: [samples, seqlen, heads * head_dim], the mean key recorded)
+    mlp_in    h += o_proj(o_in); RMSNorm(h)          -> H_mlp  -> quantize gate, up
+    down_in   SwiGLU of the quantized gate/up, R4    -> H_down -> quantize down_proj
+              (spilled to a temporary file: 1.2 GB for Qwen2.5-1.5B at 16 x 2048)
+    out       h += down_proj(down_in)                   the next layer's calibration input
+
+Every product of the layer runs once. The older two-pass order (a float pass of the whole layer
+for every site's Hessian, then a second pass through the quantized layer) computed each product
+twice; this order is GPTQ's "true sequential" one and also lets a site's Hessian see the rounding
+of the sites before it, as the runtime will. The result is exactly the quantized layer's forward
+(the stages are :class:`~offq.model.decoder.LayerRunner`'s own), so a resumed run, which
+propagates through the stored layer instead, continues bit for bit.
+
+The weight method stays outside: ``quantize_site(site, hessian)`` (the recipe's) returns the
+site's quantized linears; this module only decides when each Hessian is complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..config import OFF, QuantConfig
+from ..model.arch import architecture_of
+from ..model.decoder import LayerRunner
+from ..model.linear import DenseLinear
+from ..quant.assemble import build_layer
+from ..quantizers.gptq import HessianAccumulator
+from .key_offset import KeyMean
+
+__all__ = ["LayerCalibration", "calibrate_layer", "SITE_ORDER"]
+
+#: the input sites in the order the forward reaches them
+SITE_ORDER = ("attn_in", "o_in", "mlp_in", "down_in")
+
+#: ``quantize_site(site, hessian or None) -> ({linear short name: quantized}, reports)``
+QuantizeSite = Callable[[str, "np.ndarray | None"], tuple[dict[str, Any], dict[str, Any]]]
+
+
+@dataclass
+class LayerCalibration:
+    """What :func:`calibrate_layer` produced for one layer."""
+
+    linears: dict[str, Any]  # short name -> QuantizedWeight (or DenseLinear, weights in float)
+    reports: dict[str, Any]
+    key_mean: np.ndarray  # [Hkv, hd]: each KV head's mean key (the cache's basis)
+    quantize_seconds: float  # of the wall time, in quantize_site (GPTQ, OSAQ, ...)
+
+
+def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg: QuantConfig,
+                    h: np.ndarray, i: int, batch_size: int, quantize_site: QuantizeSite, *,
+                    hessians: bool = True, propagate: bool = True) -> LayerCalibration:
+    """Quantize layer ``i`` (its fused, rotated float tensors ``w``) site by site on the
+    calibration hidden states ``h[samples, seqlen, d]``, which are advanced in place through the
+    quantized layer when ``propagate`` (without it, for the last layer, ``h`` is left part-way:
+    attention added, the MLP not). Without ``hessians`` (RTN with
+    centred keys) every site is quantized first and one forward records the mean key."""
+    arch = architecture_of(mc)
+    weights_only = dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF)
+    linears: dict[str, Any] = {n: DenseLinear(w[arch.weight(i, n)], w.get(arch.bias(i, n)))
+                               for n in arch.linear_names}
+    reports: dict[str, Any] = {}
+    batches = [slice(s, s + batch_size) for s in range(0, h.shape[0], batch_size)]
+    spent = 0.0
+
+    def quantize(site: str, acc: HessianAccumulator | None) -> Any:
+        """Quantize ``site``, install its linears, return the layer as it now stands."""
+        nonlocal spent
+        t = time.perf_counter()
+        new, rep = quantize_site(site, None if acc is None else _checked(acc, i, site))
+        spent += time.perf_counter() - t
+        linears.update(new)
+        reports.update(rep)
+        return build_layer(linears, w[arch.norm(i, "input_norm")], w[arch.norm(i, "post_norm")],
+                           mc, weights_only, i, "fake")
+
+    if not hessians:
+        for site in SITE_ORDER:
+            layer = quantize(site, None)
+        keys = KeyMean(layer.qk_transform)
+        layer.qk_transform = keys
+        for b in batches:
+            runner.forward(layer, h[b] if propagate else h[b].copy())
+        return LayerCalibration(linears, reports, keys.mean(), spent)
+
+    d = h.shape[-1]
+    acc = HessianAccumulator(d)
+    layer = build_layer(linears, w[arch.norm(i, "input_norm")], w[arch.norm(i, "post_norm")],
+                        mc, weights_only, i, "fake")
+    for b in batches:
+        acc.update(runner.attention_input(layer, h[b]))
+    layer = quantize("attn_in", acc)
+
+    keys = KeyMean(layer.qk_transform)
+    layer.qk_transform = keys
+    acc, attended = None, []
+    for b in batches:
+        o = runner.attend(layer, runner.attention_input(layer, h[b]))
+        acc = acc or HessianAccumulator(o.shape[-1])
+        acc.update(o)
+        attended.append(o)
+    key_mean = keys.mean()
+    layer = quantize("o_in", acc)
+
+    acc = HessianAccumulator(d)
+    for b, o in zip(batches, attended):
+        hb = h[b]  # a view: the residual advances in place
+        runner.add_output(layer, "o_proj", hb, o)
+        acc.update(runner.mlp_input(layer, hb))
+    attended = []
+    layer = quantize("mlp_in", acc)
+
+    acc = HessianAccumulator(mc.intermediate_size)
+    with tempfile.TemporaryFile(prefix="offq-down-in-") as spill:
+        for b in batches:
+            u = runner.mlp_hidden(layer, runner.mlp_input(layer, h[b]))
+            acc.update(u)
+            if propagate:
+                _write(spill, u)
+        layer = quantize("down_in", acc)
+        acc = None  # 640 MB at K = 8960: gone before the propagation's products
+        if propagate:
+            spill.seek(0)
+            for b in batches:
+                hb = h[b]
+                u = _read(spill, hb.shape[:-1] + (mc.intermediate_size,))
+                runner.add_output(layer, "down_proj", hb, u)
+    return LayerCalibration(linears, reports, key_mean, spent)
+
+
+def _checked(acc: HessianAccumulator, i: int, site: str) -> np.ndarray:
+    """The finished Hessian, refused when its inputs held NaN/Inf or were all zero."""
+    if not np.all(np.isfinite(acc.sum)):  # one NaN anywhere in the site's inputs reaches the sum
+        raise ValueError(f"layer {i} site {site}: the calibration activations contain NaN or "
+                         f"Inf (a broken checkpoint or an overflow in an earlier layer)")
+    if not np.any(np.diag(acc.sum)):  # every input dead: GPTQ would zero the whole weight
+        raise ValueError(f"layer {i} site {site}: every calibration activation is zero (an "
+                         f"overflow in an earlier layer's RMSNorm?)")
+    return acc.finish()
+
+
+def _write(f: Any, a: np.ndarray) -> None:
+    f.write(memoryview(np.ascontiguousarray(a, dtype=np.float32)).cast("B"))
+
+
+def _read(f: Any, shape: tuple[int, ...]) -> np.ndarray:
+    out = np.empty(shape, dtype=np.float32)
+    view = memoryview(out).cast("B")
+    got = f.readinto(view)
+    if got != view.nbytes:
+        raise OSError(f"calibration spill file: read {got} of {view.nbytes} bytes")
+    return out

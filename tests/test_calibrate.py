@@ -1,0 +1,101 @@
+"""The sequential calibration of one layer (offq/recipe/calibrate.py) against a plain reference
+built from the runner's whole-layer forward: each site's Hessian is that of the layer with the
+earlier sites quantized and the later ones in float, the mean key is that of the quantized q/k/v,
+and the calibration batch leaves the layer exactly as the quantized layer's forward sends it."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from offq.config import OFF, QuantConfig
+from offq.model.arch import architecture_of
+from offq.model.decoder import LayerRunner
+from offq.model.linear import DenseLinear
+from offq.quant.assemble import build_layer
+from offq.quantizers.gptq import HessianAccumulator
+from offq.quantizers.registry import build_weight_quantizer
+from offq.recipe import rotations as rot
+from offq.recipe.calibrate import SITE_ORDER, calibrate_layer
+from offq.recipe.key_offset import KeyMean
+from offq.recipe.pipeline import quantize_site_linears
+from offq.recipe.statistics import fused_layer
+from tiny_models import tiny_checkpoint
+
+
+def _setup(arch, seed=0):
+    ckpt = tiny_checkpoint(seed, arch=arch, layers=1, d=64, hd=16, nh=4, nkv=2, f=128)
+    mc = ckpt.config
+    cfg = QuantConfig(method="quarot", w_bits=3, a_group_size=32)  # coarse grid: big differences
+    w = fused_layer(ckpt, mc, 0)
+    rot.rotate_layer(w, 0, mc, r1=rot.quarot_r1(mc.hidden_size, 0),
+                     r2=rot.r2_matrices(mc.head_dim, mc.num_key_value_heads), r4=cfg.r4)
+    h = np.random.default_rng(seed).standard_normal((5, 24, mc.hidden_size)).astype(np.float32)
+    h[:, 0] *= 20  # a massive first token, as in an LLM
+    return mc, cfg, w, h
+
+
+def _run(mc, cfg, w, h, batch_size=2, propagate=True):
+    pre, quantizer = build_weight_quantizer(cfg)
+    seen = {}
+
+    def quantize_site(site, hess):
+        seen[site] = hess.copy()
+        return quantize_site_linears(w, hess, mc, cfg, 0, site, pre, quantizer)
+
+    out = h.copy()
+    done = calibrate_layer(LayerRunner(mc), dict(w), mc, cfg, out, 0, batch_size, quantize_site,
+                           propagate=propagate)
+    return done, seen, out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_site_hessians_see_the_earlier_sites_quantized(arch):
+    mc, cfg, w, h = _setup(arch)
+    done, seen, out = _run(mc, cfg, w, h)
+    a = architecture_of(mc)
+    weights_only = dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF)
+    norms = w[a.norm(0, "input_norm")], w[a.norm(0, "post_norm")]
+    runner = LayerRunner(mc)
+    for k, site in enumerate(SITE_ORDER):
+        quantized = {n for s in SITE_ORDER[:k] for n in a.sites[s]}
+        mix = {n: done.linears[n] if n in quantized else
+               DenseLinear(w[a.weight(0, n)], w.get(a.bias(0, n))) for n in a.linear_names}
+        layer = build_layer(mix, *norms, mc, weights_only, 0, "fake")
+        acc = {}
+
+        def capture(s, _i, x):
+            acc.setdefault(s, HessianAccumulator(x.shape[-1])).update(x)
+
+        for s in range(0, h.shape[0], 2):
+            runner.forward(layer, h[s:s + 2].copy(), capture=capture)
+        ref = acc[site].finish()
+        np.testing.assert_allclose(seen[site], ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max(),
+                                   err_msg=site)
+        if k:  # the order matters: with this site's own inputs from the float layer it differs
+            layer = build_layer({n: DenseLinear(w[a.weight(0, n)], w.get(a.bias(0, n)))
+                                 for n in a.linear_names}, *norms, mc, weights_only, 0, "fake")
+            acc = {}
+            runner.forward(layer, h.copy(), capture=capture)
+            assert np.abs(acc[site].finish() - ref).max() > 1e-3 * np.abs(ref).max(), site
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batch_leaves_as_the_quantized_layer_sends_it(arch):
+    """Bit for bit: a resumed run propagates through the stored layer instead."""
+    mc, cfg, w, h = _setup(arch, seed=1)
+    done, _, out = _run(mc, cfg, w, h)
+    a = architecture_of(mc)
+    weights_only = dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF)
+    layer = build_layer(done.linears, w[a.norm(0, "input_norm")], w[a.norm(0, "post_norm")], mc,
+                        weights_only, 0, "fake")
+    keys = KeyMean(layer.qk_transform)
+    layer.qk_transform = keys
+    ref = h.copy()
+    for s in range(0, h.shape[0], 2):
+        LayerRunner(mc).forward(layer, ref[s:s + 2])
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(done.key_mean, keys.mean())
+    assert not np.array_equal(out, h)
+    _, _, untouched = _run(mc, cfg, w, h, propagate=False)  # the last layer: no propagation
+    assert np.abs(untouched - h).max() > 0  # o_proj is applied for the MLP's Hessian ...
+    assert not np.array_equal(untouched, out)  # ... but not down_proj
