@@ -158,6 +158,30 @@ def test_config_validation_errors():
         pipeline.quantize(tiny_checkpoint(0), QuantConfig(method="rtn"), None, resume=True)
 
 
+def test_statistics_read_the_first_pca_samples_sequences():
+    """R1 comes from the first ``pca_samples`` calibration sequences only (0: all of them), and
+    checkpoints written before the field existed read back as "all"."""
+    ckpt = tiny_checkpoint(0)
+    calib = calibration(ckpt, 6, 32, 0)
+    other = calib.copy()
+    other[2:] = calibration(ckpt, 4, 32, 7)  # the same first two sequences, then others
+
+    def r1(ids, n):
+        cfg = QuantConfig(method="offq", a_group_size=32, pca_samples=n)
+        return pipeline.compute_rotations(ckpt, ckpt.config, cfg, ids, 2, False)[0]
+
+    np.testing.assert_array_equal(r1(calib, 2), r1(other, 2))
+    assert np.abs(r1(calib, 0) - r1(other, 0)).max() > 1e-3
+    np.testing.assert_array_equal(r1(calib, 0), r1(calib, 6))
+    old = QuantConfig().to_dict()
+    del old["pca_samples"]
+    assert QuantConfig.from_dict(old).pca_samples == 0
+    with pytest.raises(ValueError, match="pca_samples"):
+        QuantConfig(pca_samples=-1)
+    assert "r1:top1(8seq)" in QuantConfig(calib_samples=16).describe()
+    assert "seq)" not in QuantConfig(calib_samples=8).describe()
+
+
 RUN = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}, {tests!r}]
