@@ -185,7 +185,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         # drop the layer's float weights and quantized linears (with their cached dequantized
         # weights) now: alive, they coexist with the next layer's and, after the last layer,
         # with the final write
-        stored = w = linears = layer = None
+        stored = w = linears = layer = done = None
     timings.update(calibrate=t_calib, quantize=t_quant)
 
     # 4. save: the fused, rotated global tensors (the LM head in 8 bits when asked: after R1
