@@ -64,8 +64,8 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
     """Quantize layer ``i`` (its fused, rotated float tensors ``w``) site by site on the
     calibration hidden states ``h[samples, seqlen, d]``, which are advanced in place through the
     quantized layer when ``propagate`` (without it, for the last layer, ``h`` is left part-way:
-    attention added, the MLP not). Without ``hessians`` (RTN with
-    centred keys) every site is quantized first and one forward records the mean key."""
+    attention added, the MLP not). Without ``hessians`` (RTN with centred keys) every site is
+    quantized first and one forward records the mean key."""
     arch = architecture_of(mc)
     weights_only = dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF)
     linears: dict[str, Any] = {n: DenseLinear(w[arch.weight(i, n)], w.get(arch.bias(i, n)))
@@ -104,10 +104,9 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
 
     keys = KeyMean(layer.qk_transform)
     layer.qk_transform = keys
-    acc, attended = None, []
+    acc, attended = HessianAccumulator(mc.num_attention_heads * runner.head_dim), []
     for b in batches:
         o = runner.attend(layer, runner.attention_input(layer, h[b]))
-        acc = acc or HessianAccumulator(o.shape[-1])
         acc.update(o)
         attended.append(o)
     key_mean = keys.mean()
