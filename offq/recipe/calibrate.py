@@ -74,6 +74,11 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
     batches = [slice(s, s + batch_size) for s in range(0, h.shape[0], batch_size)]
     spent = 0.0
 
+    def current_layer() -> Any:
+        """The layer with the sites quantized so far (the others still float)."""
+        return build_layer(linears, w[arch.norm(i, "input_norm")], w[arch.norm(i, "post_norm")],
+                           mc, weights_only, i, "fake")
+
     def quantize(site: str, acc: HessianAccumulator | None) -> Any:
         """Quantize ``site``, install its linears, return the layer as it now stands."""
         nonlocal spent
@@ -82,8 +87,7 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
         spent += time.perf_counter() - t
         linears.update(new)
         reports.update(rep)
-        return build_layer(linears, w[arch.norm(i, "input_norm")], w[arch.norm(i, "post_norm")],
-                           mc, weights_only, i, "fake")
+        return current_layer()
 
     if not hessians:
         for site in SITE_ORDER:
@@ -96,8 +100,7 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
 
     d = h.shape[-1]
     acc = HessianAccumulator(d)
-    layer = build_layer(linears, w[arch.norm(i, "input_norm")], w[arch.norm(i, "post_norm")],
-                        mc, weights_only, i, "fake")
+    layer = current_layer()
     for b in batches:
         acc.update(runner.attention_input(layer, h[b]))
     layer = quantize("attn_in", acc)
