@@ -48,6 +48,43 @@ def test_rotated_fp_model_keeps_logits(arch, biases, method, extra):
         assert rel(res.model(mode).forward(ids), ref) < 1e-4
 
 
+@pytest.mark.parametrize("as_store", [False, True])
+@pytest.mark.parametrize("tie", [True, False])
+def test_global_tensors_in_place_leave_the_checkpoint_alone(monkeypatch, as_store, tie):
+    """The final write fuses the final norm and R1 into the embeddings and LM head in place (no
+    vocabulary-sized copy). The checkpoint's own arrays stay as they were (a plain dict's and a
+    TensorStore's, tied or not), and the result is the out-of-place functions' bit for bit, block
+    boundaries included."""
+    from types import SimpleNamespace
+
+    from offq.formats.memory import ArrayTensorStore
+    from offq.model.arch import architecture_of
+    from offq.recipe import rotations as rot
+
+    monkeypatch.setattr(rot, "_VOCAB_ROWS", 16)  # 101 rows: 7 blocks, the last one short
+    ckpt = tiny_checkpoint(0, tie=tie)
+    if as_store:
+        ckpt = SimpleNamespace(**{**vars(ckpt), "tensors": ArrayTensorStore(ckpt.tensors)})
+    arch = architecture_of(ckpt.config)
+    names = [n for n in (arch.embed[0], arch.final_norm[0], arch.lm_head[0]) if n in ckpt.tensors]
+    before = {n: np.array(ckpt.tensors[n], copy=True) for n in names}
+    r1 = np.linalg.qr(np.random.default_rng(3).standard_normal((64, 64)))[0]
+
+    got = pipeline.global_tensors(ckpt, arch, r1)
+
+    want = {n: np.array(before[n], copy=True) for n in names}
+    rot.untie_embeddings(want, arch)
+    rot.fuse_final_norm(want, arch)
+    rot.rotate_embeddings(want, r1, arch)
+    rot.rotate_head(want, r1, arch)
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_array_equal(got[n], want[n], err_msg=n)
+    for n in names:
+        np.testing.assert_array_equal(ckpt.tensors[n], before[n], err_msg=f"{n} was modified")
+    assert not np.array_equal(got[arch.embed[0]], before[arch.embed[0]])
+
+
 @pytest.mark.parametrize("method,extra", [
     ("offq", {}), ("quarot", {}), ("gptq", {}), ("rtn", {}),
     ("offq", {"w_quantizer": "rtn", "a_group_size": -1}),
