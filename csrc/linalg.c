@@ -19,23 +19,31 @@
 
 #include <lapacke.h>
 
-/* out = the flat reversal of h (out = J h J), plus `add` on the diagonal; only the upper triangle
- * of h is read (it lands in the row-major lower triangle of out, the part LAPACK reads; the other
- * triangle of out is zeroed). Returns
- * OFFQ_ERR_NONFINITE if that triangle has a NaN or Inf. */
-static offq_status reverse_damped(const double *h, int64_t k, double add, double *out)
+/* out = the flat reversal of m (out = J m J), plus `add` on the diagonal, where m is h with rows
+ * and columns permuted by perm and its diagonal replaced by diag (either NULL: identity / h's
+ * own). Only m's upper triangle is used (it lands in the row-major lower triangle of out, the
+ * part LAPACK reads; the other triangle of out is zeroed): without perm that is h's upper
+ * triangle, with it each output row gathers from one row of h. Returns OFFQ_ERR_NONFINITE if an
+ * entry read is NaN or Inf. */
+static offq_status reverse_damped(const double *h, int64_t k, double add, const int64_t *perm,
+                                  const double *diag, double *out)
 {
     int bad = 0;
 #pragma omp parallel for schedule(static) reduction(| : bad) if (k >= 512)
     for (int64_t i = 0; i < k; i++) {
-        const double *src = h + (k - 1 - i) * k; /* row k-1-i of h, read right to left */
+        const int64_t a = k - 1 - i;                /* row a of m, read right to left */
+        const int64_t ha = perm ? perm[a] : a;      /* ... is row ha of h */
+        const double *src = h + ha * k;
         double *dst = out + i * k;
-        for (int64_t j = 0; j <= i; j++) { /* dst[j] = h[k-1-i][k-1-j], j <= i: upper of h */
-            const double v = src[k - 1 - j];
+        for (int64_t j = 0; j < i; j++) {           /* dst[j] = m[a][k-1-j], k-1-j > a */
+            const int64_t b = k - 1 - j;
+            const double v = src[perm ? perm[b] : b];
             bad |= !isfinite(v);
             dst[j] = v;
         }
-        dst[i] += add;
+        const double d = diag ? diag[ha] : src[ha];
+        bad |= !isfinite(d);
+        dst[i] = d + add;
         for (int64_t j = i + 1; j < k; j++) { /* LAPACK leaves this triangle alone: keep it 0 */
             dst[j] = 0.0;
         }
@@ -85,9 +93,10 @@ static offq_status reverse_lower_to_upper(double *u, int64_t k)
     return bad ? OFFQ_ERR_NOTPD : OFFQ_OK;
 }
 
-offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add, double *u)
+offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add,
+                                           const int64_t *perm, const double *diag, double *u)
 {
-    offq_status rc = reverse_damped(h, k, add, u);
+    offq_status rc = reverse_damped(h, k, add, perm, diag, u);
     if (rc != OFFQ_OK) {
         return rc;
     }

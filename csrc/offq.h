@@ -247,12 +247,18 @@ offq_status offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double to
 /* ---- Dense factorizations (linalg.c) ---------------------------------------------------------- */
 
 /* u[k, k] (row-major, upper triangular, positive diagonal, strictly lower part zero) with
- * (h + add I)^-1 = u^T u, for the symmetric h[k, k] (only its upper triangle is read), add >= 0,
- * 1 <= k <= 46000 (LAPACK's 32-bit sizes). The reversal J (x_i -> x_{k-1-i}): lower Cholesky
- * J (h + add I) J = L L^T (LAPACK potrf), then u = J L^-1 J (trtri); O(k^2) memory besides u.
- * OFFQ_ERR_NONFINITE (NaN/Inf in h's upper triangle), OFFQ_ERR_NOTPD (potrf fails: h + add I is
- * not numerically positive definite; or u has a non-finite entry or a diagonal entry <= 0),
- * OFFQ_ERR_NOMEM. u is unspecified after an error. Threads: OpenBLAS's setting. */
-offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add, double *u);
+ * (m + add I)^-1 = u^T u, add >= 0, 1 <= k <= 46000 (LAPACK's 32-bit sizes), for the symmetric
+ * m[a][b] = h[perm[a]][perm[b]] with its diagonal m[a][a] = diag[perm[a]]:
+ *   perm NULL: the identity, and only h's upper triangle is read;
+ *   perm a permutation of 0..k-1 (the caller checks it): h must be symmetric in full (rows of h
+ *     are gathered), and no permuted copy of h is made (GPTQ's act-order at K = 8960: 640 MB);
+ *   diag NULL: h's own diagonal; else diag[k] replaces it (h's diagonal is then not read).
+ * The reversal J (x_i -> x_{k-1-i}): lower Cholesky J (m + add I) J = L L^T (LAPACK potrf), then
+ * u = J L^-1 J (trtri); O(k^2) memory besides u. OFFQ_ERR_NONFINITE (a NaN/Inf among the entries
+ * of h or diag read), OFFQ_ERR_NOTPD (potrf fails: m + add I is not numerically positive definite;
+ * or u has a non-finite entry or a diagonal entry <= 0), OFFQ_ERR_NOMEM. u is unspecified after
+ * an error. Threads: OpenBLAS's setting. */
+offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add,
+                                           const int64_t *perm, const double *diag, double *u);
 
 #endif

@@ -2,14 +2,85 @@
 #include "bind_util.h"
 
 #include <math.h>
+#include <stdlib.h>
 
-/* upper_cholesky_of_inverse(h, add) -> u float64 [k, k] with (h + add I)^-1 = u^T u, or None when
- * h + add I is not numerically positive definite (the caller may retry with more damping). */
-static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args)
+/* The optional perm argument: None (NULL), or an int64 [k] permutation of 0..k-1; -1 with a
+ * ValueError/TypeError naming "perm" otherwise. */
+static int check_permutation(PyObject *obj, int64_t k, const int64_t **perm)
 {
-    PyObject *h_obj, *add_obj;
+    *perm = NULL;
+    if (obj == Py_None) {
+        return 0;
+    }
+    PyArrayObject *p = offq_check_array(obj, "perm", NPY_INT64, 1, 1);
+    if (p == NULL) {
+        return -1;
+    }
+    if (PyArray_DIM(p, 0) != k) {
+        PyErr_Format(PyExc_ValueError, "perm: expected length %lld (h's order), got %lld",
+                     (long long)k, (long long)PyArray_DIM(p, 0));
+        return -1;
+    }
+    const int64_t *v = (const int64_t *)PyArray_DATA(p);
+    unsigned char *seen = calloc((size_t)k, 1);
+    if (seen == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int64_t i = 0; i < k; i++) {
+        if (v[i] < 0 || v[i] >= k || seen[v[i]]) {
+            PyErr_Format(PyExc_ValueError,
+                         "perm: expected a permutation of 0..%lld, entry %lld is %lld (%s)",
+                         (long long)(k - 1), (long long)i, (long long)v[i],
+                         v[i] < 0 || v[i] >= k ? "out of range" : "repeated");
+            free(seen);
+            return -1;
+        }
+        seen[v[i]] = 1;
+    }
+    free(seen);
+    *perm = v;
+    return 0;
+}
+
+/* The optional diag argument: None (NULL), or a finite float64 [k]. */
+static int check_diagonal(PyObject *obj, int64_t k, const double **diag)
+{
+    *diag = NULL;
+    if (obj == Py_None) {
+        return 0;
+    }
+    PyArrayObject *d = offq_check_array(obj, "diag", NPY_FLOAT64, 1, 1);
+    if (d == NULL) {
+        return -1;
+    }
+    if (PyArray_DIM(d, 0) != k) {
+        PyErr_Format(PyExc_ValueError, "diag: expected length %lld (h's order), got %lld",
+                     (long long)k, (long long)PyArray_DIM(d, 0));
+        return -1;
+    }
+    const double *v = (const double *)PyArray_DATA(d);
+    for (int64_t i = 0; i < k; i++) {
+        if (!isfinite(v[i])) {
+            PyErr_Format(PyExc_ValueError, "diag: contains NaN or Inf (entry %lld)", (long long)i);
+            return -1;
+        }
+    }
+    *diag = v;
+    return 0;
+}
+
+/* upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u float64 [k, k] with
+ * (P h P^T + add I)^-1 = u^T u (P h P^T's diagonal replaced by diag[perm] when diag is given), or
+ * None when that matrix is not numerically positive definite (the caller may retry with more
+ * damping). */
+static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"h", "add", "perm", "diag", NULL};
+    PyObject *h_obj, *add_obj, *perm_obj = Py_None, *diag_obj = Py_None;
     double add;
-    if (!PyArg_ParseTuple(args, "OO:upper_cholesky_of_inverse", &h_obj, &add_obj) ||
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OO:upper_cholesky_of_inverse", kwlist,
+                                     &h_obj, &add_obj, &perm_obj, &diag_obj) ||
         offq_py_float(add_obj, "add", &add) < 0) {
         return NULL;
     }
@@ -22,7 +93,10 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args)
         return NULL;
     }
     const int64_t k = offq_square_order(h, "h");
-    if (k < 0) {
+    const int64_t *perm;
+    const double *diag;
+    if (k < 0 || check_permutation(perm_obj, k, &perm) < 0 ||
+        check_diagonal(diag_obj, k, &diag) < 0) {
         return NULL;
     }
     npy_intp dims[2] = {(npy_intp)k, (npy_intp)k};
@@ -32,7 +106,7 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args)
     }
     offq_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = offq_upper_cholesky_of_inverse((const double *)PyArray_DATA(h), k, add,
+    rc = offq_upper_cholesky_of_inverse((const double *)PyArray_DATA(h), k, add, perm, diag,
                                         (double *)PyArray_DATA(u));
     Py_END_ALLOW_THREADS
     if (rc == OFFQ_ERR_NOTPD) {
@@ -47,8 +121,10 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args)
 }
 
 PyMethodDef offq_linalg_methods[] = {
-    {"upper_cholesky_of_inverse", py_upper_cholesky_of_inverse, METH_VARARGS,
-     "upper_cholesky_of_inverse(h, add) -> u [k, k] float64 upper with (h + add I)^-1 = u.T @ u, "
-     "or None when not positive definite (see offq.kernels.upper_cholesky_of_inverse)."},
+    {"upper_cholesky_of_inverse", (PyCFunction)(void (*)(void))py_upper_cholesky_of_inverse,
+     METH_VARARGS | METH_KEYWORDS,
+     "upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u [k, k] float64 upper with "
+     "(h[perm][:, perm] + add I)^-1 = u.T @ u, or None when not positive definite (see "
+     "offq.kernels.upper_cholesky_of_inverse)."},
     {NULL, NULL, 0, NULL},
 };

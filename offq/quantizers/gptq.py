@@ -125,13 +125,14 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
     k = hessian.shape[0]
     diag, dead = gptq_diagonal(hessian)
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
-    # the one K x K copy made here (at K = 8960 each copy is 640 MB): permuted, float64
-    h = np.asarray(hessian[np.ix_(perm, perm)], dtype=np.float64)
-    h[np.diag_indices(k)] = diag[perm]
-    mean_diag = np.mean(np.diag(h))
+    # the kernel gathers the permuted rows and takes the step-2 diagonal itself: no permuted
+    # K x K copy (640 MB at K = 8960, the peak of a Qwen2.5-1.5B layer); float64 inputs are read
+    # where they lie (the accumulator's sum is float64, C-contiguous, symmetric in full)
+    h = np.ascontiguousarray(hessian, dtype=np.float64)
+    mean_diag = np.mean(diag[perm])
     tried = damp
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        u = _upper_cholesky_of_inverse(h, tried * mean_diag)
+        u = _upper_cholesky_of_inverse(h, tried * mean_diag, perm, diag)
         if u is not None:
             if attempt:
                 logger.warning("GPTQ %s: the Hessian was not positive definite with damping %g; "
@@ -142,16 +143,19 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
                      f"{tried / 10:g} (x mean diag); are the calibration inputs degenerate?")
 
 
-def _upper_cholesky_of_inverse(h: np.ndarray, add: float) -> np.ndarray | None:
-    """Upper ``u`` with ``(h + add I)^-1 = u.T @ u``, or None when that is not computable.
+def _upper_cholesky_of_inverse(h: np.ndarray, add: float, perm: np.ndarray,
+                               diag: np.ndarray) -> np.ndarray | None:
+    """Upper ``u`` with ``(h[perm][:, perm] + add I)^-1 = u.T @ u`` (the diagonal taken from
+    ``diag``), or None when that is not computable.
 
     :func:`offq.kernels.upper_cholesky_of_inverse` (C, LAPACK potrf + trtri of the reversed
-    matrix, no inverse formed; only the upper triangle of ``h`` is read)."""
+    matrix, no inverse and no permuted copy formed)."""
     from offq.kernels import upper_cholesky_of_inverse
 
     # LAPACK on the session's BLAS threads: at K = 8960 (Qwen2.5-1.5B's down_proj) the
     # factorization is most of GPTQ's time, 8.6 s on one thread and 4.3-4.9 s on two (idle Zen5)
-    return upper_cholesky_of_inverse(np.ascontiguousarray(h, dtype=np.float64), float(add))
+    return upper_cholesky_of_inverse(h, float(add), perm=np.ascontiguousarray(perm, np.int64),
+                                     diag=np.ascontiguousarray(diag, np.float64))
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int = 4,
