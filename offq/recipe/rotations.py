@@ -268,9 +268,11 @@ def rotate_layer(weights: Weights, i: int, cfg: Any, *, r1: np.ndarray | None = 
         per_head = np.repeat(r2, n_h // n_kv, axis=0)  # q head j uses kv head j // rep
         weights[o_name] = np.einsum(
             "ohj,hjk->ohk", wo, per_head).reshape(-1, n_h * hd).astype(np.float32)
-    if r4:
+    if r4:  # W_down H by the transform itself: the dense H is 640 MB (float64) at 8960
+        from offq.kernels import fwht
+
         name = arch.weight(i, "down_proj")
-        weights[name] = _rows(weights[name], _hadamard(weights[name].shape[1]))
+        weights[name] = fwht(np.ascontiguousarray(weights[name], dtype=np.float32))
 
 
 def rotate_model(weights: Weights, cfg: Any, *, r1: np.ndarray | None, r2: np.ndarray | None,
