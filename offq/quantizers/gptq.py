@@ -49,7 +49,7 @@ class HessianAccumulator:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.sum = np.zeros((k, k), dtype=np.float64)
+        self.sum: np.ndarray | None = np.zeros((k, k), dtype=np.float64)
         self.n = 0
         self.finished = False
 
@@ -60,6 +60,7 @@ class HessianAccumulator:
 
         if self.finished:
             raise ValueError("HessianAccumulator: finish() was called; no more inputs")
+        self._check_held()
         x = np.asarray(x)
         if x.shape[-1] != self.k:
             raise ValueError(f"x: expected last axis {self.k}, got shape {x.shape}")
@@ -70,6 +71,7 @@ class HessianAccumulator:
     @property
     def hessian(self) -> np.ndarray:
         """``2 X^T X / n`` (a new array; :meth:`finish` avoids the copy)."""
+        self._check_held()
         if self.finished:
             return self.sum.copy()
         if self.n == 0:
@@ -79,12 +81,25 @@ class HessianAccumulator:
     def finish(self) -> np.ndarray:
         """``2 X^T X / n`` computed in place in the running sum (no K x K copy: 640 MB at
         K = 8960), which ends the accumulation (a later :meth:`update` raises)."""
+        self._check_held()
         if not self.finished:
             if self.n == 0:
                 raise ValueError("HessianAccumulator: no inputs were added")
             self.sum *= 2.0 / self.n
             self.finished = True
         return self.sum
+
+    def take(self) -> np.ndarray:
+        """:meth:`finish`, handing the Hessian over: the accumulator keeps no reference, so it
+        is freed with the caller's last one (the recipe drops it once GPTQ has its factor: 640 MB
+        at K = 8960). Any later use of the accumulator raises."""
+        h = self.finish()
+        self.sum = None
+        return h
+
+    def _check_held(self) -> None:
+        if self.sum is None:
+            raise ValueError("HessianAccumulator: the Hessian was handed over by take()")
 
 
 @dataclass(frozen=True)

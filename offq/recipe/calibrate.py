@@ -17,7 +17,7 @@ of the sites before it, as the runtime will. The result is exactly the quantized
 (the stages are :class:`~offq.model.decoder.LayerRunner`'s own), so a resumed run, which
 propagates through the stored layer instead, continues bit for bit.
 
-The weight method stays outside: ``quantize_site(site, hessian)`` (the recipe's) returns the
+The weight method stays outside: ``quantize_site(site, accumulator)`` (the recipe's) returns the
 site's quantized linears; this module only decides when each Hessian is complete.
 """
 from __future__ import annotations
@@ -44,8 +44,11 @@ __all__ = ["LayerCalibration", "calibrate_layer", "SITE_ORDER"]
 #: the input sites in the order the forward reaches them
 SITE_ORDER = ("attn_in", "o_in", "mlp_in", "down_in")
 
-#: ``quantize_site(site, hessian or None) -> ({linear short name: quantized}, reports)``
-QuantizeSite = Callable[[str, "np.ndarray | None"], tuple[dict[str, Any], dict[str, Any]]]
+#: ``quantize_site(site, finished accumulator or None) -> ({linear short name: quantized},
+#: reports)``: the callee takes the Hessian (:meth:`HessianAccumulator.take`), so nothing here
+#: keeps it alive once the weight method is done with it
+QuantizeSite = Callable[[str, "HessianAccumulator | None"],
+                        tuple[dict[str, Any], dict[str, Any]]]
 
 
 @dataclass
@@ -130,8 +133,7 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
             acc.update(u)
             if propagate:
                 _write(spill, u)
-        layer = quantize("down_in", acc)
-        acc = None  # 640 MB at K = 8960: gone before the propagation's products
+        layer = quantize("down_in", acc)  # the weight method took the 640 MB Hessian and dropped it
         if propagate:
             spill.seek(0)
             for b in batches:
@@ -141,15 +143,16 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
     return LayerCalibration(linears, reports, key_mean, spent)
 
 
-def _checked(acc: HessianAccumulator, i: int, site: str) -> np.ndarray:
-    """The finished Hessian, refused when its inputs held NaN/Inf or were all zero."""
+def _checked(acc: HessianAccumulator, i: int, site: str) -> HessianAccumulator:
+    """The accumulator, finished; refused when its inputs held NaN/Inf or were all zero."""
     if not np.all(np.isfinite(acc.sum)):  # one NaN anywhere in the site's inputs reaches the sum
         raise ValueError(f"layer {i} site {site}: the calibration activations contain NaN or "
                          f"Inf (a broken checkpoint or an overflow in an earlier layer)")
     if not np.any(np.diag(acc.sum)):  # every input dead: GPTQ would zero the whole weight
         raise ValueError(f"layer {i} site {site}: every calibration activation is zero (an "
                          f"overflow in an earlier layer's RMSNorm?)")
-    return acc.finish()
+    acc.finish()
+    return acc
 
 
 def _write(f: Any, a: np.ndarray) -> None:

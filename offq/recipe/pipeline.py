@@ -42,6 +42,7 @@ from ..model.linear import DenseLinear
 from ..progress import track
 from ..quant.assemble import layer_from_tensors
 from ..quant.weight import QuantizedWeight
+from ..quantizers.gptq import HessianAccumulator
 from ..quantizers.registry import build_weight_quantizer
 from . import rotations as rot
 from .calibrate import calibrate_layer
@@ -158,7 +159,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
             if config.rotates:
                 rot.rotate_layer(w, i, mc, r1=r1, r2=None if r2 is None else r2[i], r4=config.r4)
 
-            def quantize_site(site: str, hess: np.ndarray | None):
+            def quantize_site(site: str, hess: HessianAccumulator | None):
                 return quantize_site_linears(w, hess, mc, config, i, site, pre_steps, quantizer)
 
             if h is not None:
@@ -315,11 +316,11 @@ def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | 
     return r1, r2, meta
 
 
-def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, np.ndarray], mc: Any,
+def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumulator], mc: Any,
                    cfg: QuantConfig, i: int, pre_steps: list, quantizer: Any
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Layer ``i``'s linears by short name and the pre-steps' reports, every site at once
-    (``hessians``: site -> finished Hessian, where the methods need one)."""
+    (``hessians``: site -> finished accumulator, where the methods need one)."""
     out: dict[str, Any] = {}
     reports: dict[str, Any] = {}
     for site in architecture_of(mc).sites:
@@ -330,14 +331,17 @@ def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, np.ndarray], mc
     return out, reports
 
 
-def quantize_site_linears(w: dict[str, np.ndarray], hess: np.ndarray | None, mc: Any,
+def quantize_site_linears(w: dict[str, np.ndarray], source: HessianAccumulator | None, mc: Any,
                           cfg: QuantConfig, i: int, site: str, pre_steps: list, quantizer: Any
                           ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The linears of layer ``i`` reading ``site`` (``QuantizedWeight``, or float
     ``DenseLinear`` when weights stay in float) and the pre-steps' per-linear reports.
 
     Every quantizer treats output rows independently, so the linears that read one input
-    (q/k/v; gate/up) are quantized as one stacked matrix with one per-site preparation."""
+    (q/k/v; gate/up) are quantized as one stacked matrix with one per-site preparation. The
+    Hessian is taken from its finished accumulator ``source`` and dropped once every step is
+    prepared: what a method still needs, its prepared state holds (GPTQ's factor; the Hessian
+    itself only with CD sweeps), so at K = 8960 the 640 MB Hessian is gone while GPTQ runs."""
     arch = architecture_of(mc)
     lins = arch.sites[site]
     bias = {n: w.get(arch.bias(i, n)) for n in lins}
@@ -345,15 +349,18 @@ def quantize_site_linears(w: dict[str, np.ndarray], hess: np.ndarray | None, mc:
     if cfg.w_bits == OFF:
         return {n: DenseLinear(w[arch.weight(i, n)], bias[n]) for n in lins}, reports
     where = f"layer {i} {site}"
+    hess = None if source is None else source.take()
     for step in pre_steps:
-        state = step.prepare(hess, where)
+        step_state = step.prepare(hess, where)
         for lin in lins:
             name = arch.weight(i, lin)
-            w[name], reports[name] = step.apply(w[name], state)
+            w[name], reports[name] = step.apply(w[name], step_state)
             logger.info("%s %s: %s", type(step).__name__, name, reports[name])
+        step_state = None
+    state = quantizer.prepare(hess, where)
+    hess = None
     weights = [w[arch.weight(i, lin)] for lin in lins]
-    q: QuantizedWeight = quantizer.quantize(np.concatenate(weights, axis=0),
-                                            quantizer.prepare(hess, where))
+    q: QuantizedWeight = quantizer.quantize(np.concatenate(weights, axis=0), state)
     out: dict[str, Any] = {}
     row = 0
     for lin, weight in zip(lins, weights):
