@@ -150,6 +150,28 @@ def test_default_model_dequantized_matches_gguf_package(smollm2):
         assert not np.array_equal(st[hf], got)
 
 
+def test_vocabulary_tensors_dequantize_by_rows_same_numbers_less_memory(smollm2, monkeypatch):
+    """Large tensors are dequantized a block of rows at a time: the same numbers as one call of
+    the gguf package (tested with an odd block so the last one is short), and the gguf
+    dequantizers' full-size temporaries never exist for the whole tensor (the 49152 x 576
+    embeddings: NumPy reports its allocations to tracemalloc)."""
+    import tracemalloc
+
+    import offq.formats.gguf as offq_gguf
+
+    t = {t.name: t for t in gguf.GGUFReader(SMOLLM2).tensors}["token_embd.weight"]
+    ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    monkeypatch.setattr(offq_gguf, "_DEQUANT_ROWS", 1000)  # 49152 rows: 50 blocks, last 152
+    tracemalloc.start()
+    try:
+        got = smollm2.tensors["model.embed_tokens.weight"]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, ref)
+    assert peak < 1.3 * ref.nbytes, f"peak {peak / ref.nbytes:.2f} x the output"
+
+
 @needs_smollm2
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("OFFQ_FULL_TESTS"),
