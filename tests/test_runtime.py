@@ -142,3 +142,49 @@ def test_swapping_a_fused_linear_takes_effect(quantized):
     assert not np.array_equal(model.forward(ids), before)
     layer.linears["q_proj"] = q
     np.testing.assert_array_equal(model.forward(ids), before)
+
+
+@pytest.mark.parametrize("rows", [3, 257, 1500])  # one step; two; threaded, several steps each
+def test_silu_mul_in_place_against_the_formula(rows):
+    """silu_mul writes silu(gate) * up into gate, a few rows of scratch at a time: the same
+    float32 operations as the formula (bit for bit), near the float64 value, finite at the ends
+    of the range (exp(-g) overflowing gives the right limit, -0)."""
+    from offq.model import ops
+
+    rng = np.random.default_rng(rows)
+    gate = (rng.standard_normal((rows, 96)) * 4).astype(np.float32)
+    gate[0, :4] = [-200.0, -89.0, 89.0, 200.0]
+    up = rng.standard_normal((rows, 96)).astype(np.float32)
+    want = gate.copy()
+    with np.errstate(over="ignore"):
+        t = np.exp(-want) + np.float32(1.0)
+    want /= t
+    want *= up
+    ref = gate.astype(np.float64) / (1 + np.exp(-gate.astype(np.float64))) * up
+    before = gate.ctypes.data
+    got = ops.silu_mul(gate, up)
+    assert got.ctypes.data == before and got is not None
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-30)
+    assert np.all(np.isfinite(got))
+
+
+def test_r4_input_transform_in_place_equals_the_hadamard_product():
+    """R4's online half transforms the SwiGLU output in place, as x @ H would (and a
+    non-contiguous input is copied, not written through)."""
+    from offq.kernels import fwht, hadamard_matrix
+    from offq.quant.online import HadamardInput
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 640)).astype(np.float32)  # 640 = 5 x 128
+    want = fwht(x.copy())
+    np.testing.assert_allclose(want, x @ hadamard_matrix(640, dtype=np.float32), atol=1e-5)
+    buf = x.copy()
+    got = HadamardInput(640)(buf)
+    assert got.ctypes.data == buf.ctypes.data
+    np.testing.assert_array_equal(got, want)
+    wide = np.zeros((2, 5, 1280), np.float32)
+    wide[..., ::2] = x
+    view = wide[..., ::2]
+    np.testing.assert_array_equal(HadamardInput(640)(view), want)
+    np.testing.assert_array_equal(wide[..., ::2], x)

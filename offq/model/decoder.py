@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 CaptureFn = Callable[[str, int, np.ndarray], None]
 #: ``qk_transform(q, k) -> (q, k)`` on ``q[B, H, T, hd]``, ``k[B, Hkv, T, hd]`` after RoPE.
 QKTransform = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
-#: ``down_input_transform(u) -> u`` on ``u[B, T, intermediate]`` before down_proj.
+#: ``down_input_transform(u) -> u`` on ``u[B, T, intermediate]`` before down_proj; it may work in
+#: place (``u`` is the SwiGLU output, a temporary of the layer).
 ArrayTransform = Callable[[np.ndarray], np.ndarray]
 
 NLL_CHUNK = 256  # rows of logits materialised at once (per thread) when computing the NLL

@@ -128,22 +128,29 @@ def rope_token_major(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndar
     return out
 
 
+#: rows of ``silu_mul``'s scratch per step: a task's whole slice was a copy of half the gate
+#: (147 MB per thread at 4 x 2048 calibration tokens of Qwen2.5-1.5B)
+_SILU_ROWS = 256
+
+
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """``silu(gate) * up`` computed in place in ``gate`` (float32)."""
     g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
 
     def rows(sl: slice) -> None:
-        g = g2[sl]
-        t = np.negative(g)
-        with np.errstate(over="ignore"):
-            np.exp(t, out=t)  # exp(-g) -> inf for very negative g: g / inf = -0, the right limit
-        t += 1.0
-        g /= t
-        g *= u2[sl]
+        scratch = np.empty((min(_SILU_ROWS, sl.stop - sl.start), g2.shape[1]), dtype=g2.dtype)
+        for r0 in range(sl.start, sl.stop, _SILU_ROWS):
+            g = g2[r0:min(r0 + _SILU_ROWS, sl.stop)]
+            t = np.negative(g, out=scratch[:g.shape[0]])
+            with np.errstate(over="ignore"):
+                np.exp(t, out=t)  # exp(-g) -> inf for very negative g: g / inf = -0, the limit
+            t += 1.0
+            g /= t
+            g *= u2[r0:r0 + g.shape[0]]
 
     n = g2.shape[0]
     if n * g2.shape[1] < SMALL_ELEMS:
-        rows(slice(None))
+        rows(slice(0, n))
     else:
         run_tasks(rows, row_chunks(n))
     return g2.reshape(gate.shape)  # g2 is a view of gate unless gate could not be reshaped
