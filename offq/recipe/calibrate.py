@@ -123,7 +123,7 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
         hb = h[b]  # a view: the residual advances in place
         runner.add_output(layer, "o_proj", hb, o)
         acc.update(runner.mlp_input(layer, hb))
-    attended = []
+    attended = o = None  # with the loop's last o_proj input (50 MB at 4 x 2048)
     layer = quantize("mlp_in", acc)
 
     acc = HessianAccumulator(mc.intermediate_size)
@@ -133,6 +133,7 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
             acc.update(u)
             if propagate:
                 _write(spill, u)
+        u = None  # the last batch's down_proj input (294 MB at 4 x 2048): not beside GPTQ
         layer = quantize("down_in", acc)  # the weight method took the 640 MB Hessian and dropped it
         if propagate:
             spill.seek(0)
