@@ -4,22 +4,39 @@
 #include <math.h>
 #include <stdlib.h>
 
+/* An optional vector argument: *out = NULL for None, else the C-contiguous [k] array of dtype
+ * `typenum`; -1 with an exception naming `name` when it is neither. */
+static int optional_vector(PyObject *obj, const char *name, int typenum, int64_t k,
+                           PyArrayObject **out)
+{
+    *out = NULL;
+    if (obj == Py_None) {
+        return 0;
+    }
+    PyArrayObject *v = offq_check_array(obj, name, typenum, 1, 1);
+    if (v == NULL) {
+        return -1;
+    }
+    if (PyArray_DIM(v, 0) != k) {
+        PyErr_Format(PyExc_ValueError, "%s: expected length %lld (h's order), got %lld", name,
+                     (long long)k, (long long)PyArray_DIM(v, 0));
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 /* The optional perm argument: None (NULL), or an int64 [k] permutation of 0..k-1; -1 with a
  * ValueError/TypeError naming "perm" otherwise. */
 static int check_permutation(PyObject *obj, int64_t k, const int64_t **perm)
 {
+    PyArrayObject *p;
     *perm = NULL;
-    if (obj == Py_None) {
+    if (optional_vector(obj, "perm", NPY_INT64, k, &p) < 0) {
+        return -1;
+    }
+    if (p == NULL) { /* None */
         return 0;
-    }
-    PyArrayObject *p = offq_check_array(obj, "perm", NPY_INT64, 1, 1);
-    if (p == NULL) {
-        return -1;
-    }
-    if (PyArray_DIM(p, 0) != k) {
-        PyErr_Format(PyExc_ValueError, "perm: expected length %lld (h's order), got %lld",
-                     (long long)k, (long long)PyArray_DIM(p, 0));
-        return -1;
     }
     const int64_t *v = (const int64_t *)PyArray_DATA(p);
     unsigned char *seen = calloc((size_t)k, 1);
@@ -46,18 +63,13 @@ static int check_permutation(PyObject *obj, int64_t k, const int64_t **perm)
 /* The optional diag argument: None (NULL), or a finite float64 [k]. */
 static int check_diagonal(PyObject *obj, int64_t k, const double **diag)
 {
+    PyArrayObject *d;
     *diag = NULL;
-    if (obj == Py_None) {
+    if (optional_vector(obj, "diag", NPY_FLOAT64, k, &d) < 0) {
+        return -1;
+    }
+    if (d == NULL) { /* None */
         return 0;
-    }
-    PyArrayObject *d = offq_check_array(obj, "diag", NPY_FLOAT64, 1, 1);
-    if (d == NULL) {
-        return -1;
-    }
-    if (PyArray_DIM(d, 0) != k) {
-        PyErr_Format(PyExc_ValueError, "diag: expected length %lld (h's order), got %lld",
-                     (long long)k, (long long)PyArray_DIM(d, 0));
-        return -1;
     }
     const double *v = (const double *)PyArray_DATA(d);
     for (int64_t i = 0; i < k; i++) {

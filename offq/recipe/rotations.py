@@ -91,8 +91,6 @@ def fuse_layer_norms(weights: Weights, i: int, arch: Architecture) -> None:
         weights[name] = np.ones_like(weights[name], dtype=np.float32)
 
 
-
-
 def fuse_final_norm(weights: Weights, arch: Architecture, *, in_place: bool = False) -> None:
     """Fold the final RMSNorm into lm_head (call :func:`untie_embeddings` first); ``in_place``
     overwrites the head's array (which the caller must own) instead of making a new one."""
