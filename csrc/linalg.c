@@ -11,11 +11,18 @@
  * runs column-major with uplo 'U' on the buffer in place (LAPACKE's row-major layout would
  * transpose into and out of a K x K copy): column-major potrf 'U' gives M = Uc^T Uc, i.e. L = Uc^T
  * in the row-major view, and trtri 'U' turns Uc into Uc^-1, i.e. L^-1 in the row-major view.
+ *
+ * Smallest eigenpairs (OSAQ's Hessian tail): dsyevr with a range of indices. A row-major
+ * symmetric matrix is its own column-major view, so the row-major upper triangle is handed to
+ * LAPACK as the column-major lower one; eigenvectors come back as columns of a column-major
+ * k x count array, i.e. rows of a row-major count x k one.
  */
 #include "offq.h"
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include <lapacke.h>
 
@@ -117,4 +124,46 @@ offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double ad
         return OFFQ_ERR_UNSUPPORTED;
     }
     return reverse_lower_to_upper(u, k);
+}
+
+offq_status offq_smallest_eigenpairs(const double *h, int64_t k, int64_t count, double *values,
+                                     double *vectors)
+{
+    double *a = malloc(sizeof(double) * (size_t)(k * k));
+    double *w = malloc(sizeof(double) * (size_t)k);
+    lapack_int *support = malloc(sizeof(lapack_int) * (size_t)(2 * count));
+    offq_status rc = OFFQ_OK;
+    if (a == NULL || w == NULL || support == NULL) {
+        rc = OFFQ_ERR_NOMEM;
+        goto done;
+    }
+    int bad = 0;
+    for (int64_t i = 0; i < k; i++) { /* the upper triangle; dsyevr overwrites its input */
+        for (int64_t j = i; j < k; j++) {
+            bad |= !isfinite(h[i * k + j]);
+            a[i * k + j] = h[i * k + j];
+        }
+    }
+    if (bad) {
+        rc = OFFQ_ERR_NONFINITE;
+        goto done;
+    }
+    lapack_int found = 0;
+    const lapack_int info = scipy_LAPACKE_dsyevr(
+        LAPACK_COL_MAJOR, 'V', 'I', 'L', (lapack_int)k, a, (lapack_int)k, 0.0, 0.0, 1,
+        (lapack_int)count, 0.0, &found, w, vectors, (lapack_int)k, support);
+    if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR) {
+        rc = OFFQ_ERR_NOMEM;
+    } else if (info > 0 || (info == 0 && found != count)) { /* an internal failure */
+        rc = OFFQ_ERR_NOCONVERGE;
+    } else if (info < 0) { /* an argument LAPACKE rejected: the binding's checks prevent it */
+        rc = OFFQ_ERR_UNSUPPORTED;
+    } else {
+        memcpy(values, w, sizeof(double) * (size_t)count);
+    }
+done:
+    free(a);
+    free(w);
+    free(support);
+    return rc;
 }

@@ -261,4 +261,12 @@ offq_status offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double to
 offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add,
                                            const int64_t *perm, const double *diag, double *u);
 
+/* The `count` smallest eigenpairs of the symmetric h[k, k] (only its upper triangle is read),
+ * 1 <= count <= k <= 46000: values[count] ascending, vectors[count, k] row-major, one unit
+ * eigenvector per row (LAPACK dsyevr, range by index: a tridiagonal reduction, then only the
+ * wanted pairs; OSAQ's Hessian tail needs a few of thousands). OFFQ_ERR_NONFINITE (NaN/Inf in
+ * the upper triangle), OFFQ_ERR_NOCONVERGE, OFFQ_ERR_NOMEM. Threads: OpenBLAS's setting. */
+offq_status offq_smallest_eigenpairs(const double *h, int64_t k, int64_t count, double *values,
+                                     double *vectors);
+
 #endif

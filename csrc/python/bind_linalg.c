@@ -132,7 +132,54 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, Py
     return (PyObject *)u;
 }
 
+/* smallest_eigenpairs(h, count) -> (values [count] ascending, vectors [count, k]): the count
+ * smallest eigenpairs of the symmetric h (upper triangle read). */
+static PyObject *py_smallest_eigenpairs(PyObject *self, PyObject *args)
+{
+    PyObject *h_obj, *count_obj;
+    long long count;
+    if (!PyArg_ParseTuple(args, "OO:smallest_eigenpairs", &h_obj, &count_obj) ||
+        offq_py_int(count_obj, "count", &count) < 0) {
+        return NULL;
+    }
+    PyArrayObject *h = offq_check_array(h_obj, "h", NPY_FLOAT64, 2, 2);
+    if (h == NULL) {
+        return NULL;
+    }
+    const int64_t k = offq_square_order(h, "h");
+    if (k < 0) {
+        return NULL;
+    }
+    if (count < 1 || count > k) {
+        PyErr_Format(PyExc_ValueError, "count: expected 1 <= count <= %lld (h's order), got %lld",
+                     (long long)k, count);
+        return NULL;
+    }
+    npy_intp vdims[1] = {(npy_intp)count}, edims[2] = {(npy_intp)count, (npy_intp)k};
+    PyArrayObject *values = (PyArrayObject *)PyArray_SimpleNew(1, vdims, NPY_FLOAT64);
+    PyArrayObject *vectors = (PyArrayObject *)PyArray_SimpleNew(2, edims, NPY_FLOAT64);
+    if (values == NULL || vectors == NULL) {
+        Py_XDECREF(values);
+        Py_XDECREF(vectors);
+        return NULL;
+    }
+    offq_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = offq_smallest_eigenpairs((const double *)PyArray_DATA(h), k, (int64_t)count,
+                                  (double *)PyArray_DATA(values), (double *)PyArray_DATA(vectors));
+    Py_END_ALLOW_THREADS
+    if (offq_py_status(rc, (offq_errctx){.arg = "h"}) < 0) {
+        Py_DECREF(values);
+        Py_DECREF(vectors);
+        return NULL;
+    }
+    return Py_BuildValue("NN", values, vectors);
+}
+
 PyMethodDef offq_linalg_methods[] = {
+    {"smallest_eigenpairs", (PyCFunction)py_smallest_eigenpairs, METH_VARARGS,
+     "smallest_eigenpairs(h, count) -> (values [count] ascending, vectors [count, k] float64): "
+     "the count smallest eigenpairs of the symmetric h (see offq.kernels.smallest_eigenpairs)."},
     {"upper_cholesky_of_inverse", (PyCFunction)(void (*)(void))py_upper_cholesky_of_inverse,
      METH_VARARGS | METH_KEYWORDS,
      "upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u [k, k] float64 upper with "
