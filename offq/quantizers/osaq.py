@@ -3,8 +3,8 @@
 docs/METHODS.md, "OSAQ" (a reconstruction; the **(choice)** points are keyword arguments).
 For a linear layer ``W`` [N, K] with inputs ``X`` and ``H = 2 X^T X / n`` (undamped):
 
-1. Eigendecompose ``H``, sort by |eigenvalue| ascending. ``N`` [m, K] = the eigenvectors of the m
-   smallest, m the largest count whose eigenvalues sum to at most ``gamma`` of the total.
+1. ``N`` [m, K] = the eigenvectors of the m smallest eigenvalues of ``H``, m the largest count
+   whose eigenvalues sum to at most ``gamma`` of the trace (only those pairs are computed).
 2. Per row ``i``: start from ``s = softmax(|w| / (tau_rel max|w|))`` (max-subtracted) and run
    ``iters`` rounds of the ridge solve ``(N diag(s) N^T + mu1' I + mu2' v v^T) b = -N (s * w)``,
    ``v = N 1`` (mu1', mu2' = mu1, mu2 times ``trace(N diag(s) N^T) / m``), updating the weights
@@ -26,7 +26,7 @@ Memory: every temporary is bounded by ``max_bytes`` (default 256 MiB): the weigh
 matrices ``N diag(s) N^T`` of a chunk of rows come from one GEMM ``S @ Z`` with
 ``Z[(a, b), j] = N_aj N_bj`` formed in blocks of pairs, never as a [rows, m, K] tensor.
 
-Layers sharing an input (q/k/v, gate/up) share the decomposition: compute it once with
+Layers sharing an input (q/k/v, gate/up) share the tail: compute it once with
 :func:`hessian_tail` (``OSAQ.prepare``) and pass it to :func:`osaq_absorb`.
 """
 from __future__ import annotations
