@@ -326,20 +326,22 @@ def test_decode_layout_kernels_equal_generic(m, n, k, ga, gw):
         dec = pack_w4_decode(w)
         for massive in (False, True):
             x = (rng.standard_normal((m, k)) + rng.uniform(-3, 3, (m, 1))).astype(np.float32)
-            if massive:
-                x[-1, :8] += 400.0  # a zero-point far outside [-112, 127]: not folded
+            if massive:  # the last row's first group far from 0: zero-point outside
+                x[-1, :ga] += 400.0  # [-112, 127], so its rows take the unfolded path
             a = quantize(x, group_size=ga)
+            assert (a.zero[-1, 0] < -112) == massive
             ref = matmul_w4a4(a, w, kernel="generic")
             for kernel in SIMD_KERNELS + ["generic"]:
                 got = matmul_w4a4(a, w, kernel=kernel, w_decode=dec)
                 np.testing.assert_array_equal(got, ref, err_msg=f"{kernel} massive={massive}")
 
 
+@pytest.mark.parametrize("m", [1, 2])
 @pytest.mark.parametrize("za", [0, 15, -112, 127, -113, 128, 7.5, -1e5])
-def test_decode_layout_zero_point_paths(za):
+def test_decode_layout_zero_point_paths(za, m):
     """The folding condition of the decode-layout kernels is the one of the other small-M paths."""
     rng = np.random.default_rng(3)
-    m, k, n = 2, 512, 24
+    k, n = 512, 24
     a = from_int_codes(rng.integers(0, 16, (m, k)), rng.uniform(0.5, 2, (m, k // 128)),
                        np.full((m, k // 128), za, np.float32), 128)
     w = quantize(rng.standard_normal((n, k)).astype(np.float32), group_size=-1, symmetric=True)
