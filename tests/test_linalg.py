@@ -1,12 +1,13 @@
 """upper_cholesky_of_inverse (C: LAPACK potrf + trtri of the reversed matrix) against NumPy's
-inverse, its failure signal (None) for matrices that are not positive definite, argument checks,
+inverse, its failure signal (None) for matrices that are not positive definite, argument checks
+(those of h shared with smallest_eigenpairs, whose own tests are in test_eigenpairs.py),
 and its use by GPTQ's factor_hessian (same factor as the inverse-then-Cholesky it replaced)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from offq.kernels import threads, upper_cholesky_of_inverse
+from offq.kernels import smallest_eigenpairs, threads, upper_cholesky_of_inverse
 from offq.quantizers.gptq import factor_hessian, gptq_quantize
 
 
@@ -113,28 +114,40 @@ def test_two_threads_same_factor() -> None:
     assert np.abs(u1 - u2).max() / np.abs(u1).max() < 1e-12
 
 
-def test_bad_arguments_name_the_argument() -> None:
+#: both entry points of bind_linalg.c, each called with only h varying (the other argument valid)
+H_CALLS = {"upper_cholesky_of_inverse": lambda h: upper_cholesky_of_inverse(h, 0.0),
+           "smallest_eigenpairs": lambda h: smallest_eigenpairs(h, 1)}
+
+
+@pytest.mark.parametrize("name", sorted(H_CALLS))
+def test_bad_h_names_h(name: str) -> None:
+    """The binding's checks of h, shared by every dense-factorization entry point."""
+    call = H_CALLS[name]
     h = random_spd(6)
     with pytest.raises(TypeError, match=r"^h: .*float64.*float32"):
-        upper_cholesky_of_inverse(h.astype(np.float32), 0.0)
+        call(h.astype(np.float32))
     with pytest.raises(TypeError, match=r"^h: expected a numpy.ndarray"):
-        upper_cholesky_of_inverse(h.tolist(), 0.0)  # type: ignore[arg-type]
+        call(h.tolist())
     with pytest.raises(ValueError, match=r"^h: expected 2 dimensions"):
-        upper_cholesky_of_inverse(np.ones(6), 0.0)
+        call(np.ones(6))
     with pytest.raises(ValueError, match=r"^h: expected a square"):
-        upper_cholesky_of_inverse(np.ones((6, 5)), 0.0)
+        call(np.ones((6, 5)))
     with pytest.raises(ValueError, match=r"^h: expected a square"):
-        upper_cholesky_of_inverse(np.ones((0, 0)), 0.0)
+        call(np.ones((0, 0)))
     with pytest.raises(ValueError, match=r"^h: expected a C-contiguous"):
-        upper_cholesky_of_inverse(np.asfortranarray(h + np.triu(h, 1)), 0.0)
+        call(np.asfortranarray(h + np.triu(h, 1)))
     with pytest.raises(ValueError, match=r"^h: expected a C-contiguous"):
-        upper_cholesky_of_inverse(random_spd(12)[::2, ::2], 0.0)
+        call(random_spd(12)[::2, ::2])
     with pytest.raises(TypeError, match=r"^h: expected native byte order"):
-        upper_cholesky_of_inverse(h.astype(">f8"), 0.0)
+        call(h.astype(">f8"))
     nan = h.copy()
-    nan[1, 4] = np.nan
+    nan[1, 4] = np.nan  # in the upper triangle, which both read
     with pytest.raises(ValueError, match=r"^h: contains NaN or Inf"):
-        upper_cholesky_of_inverse(nan, 0.0)
+        call(nan)
+
+
+def test_bad_add_names_add() -> None:
+    h = random_spd(6)
     for bad in (-1e-3, np.nan, np.inf):
         with pytest.raises(ValueError, match=r"^add: expected a finite number >= 0"):
             upper_cholesky_of_inverse(h, bad)
