@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from offq.kernels import smallest_eigenpairs, threads
+from offq.quantizers import osaq
 from offq.quantizers.osaq import TAIL_FIRST, hessian_tail
 
 
@@ -95,14 +96,23 @@ def test_bad_count_names_count() -> None:
 
 @pytest.mark.parametrize("k,n,gamma,grows", [
     (64, 4096, 1e-4, False),  # a tail of 26: inside the first TAIL_FIRST pairs
-    (300, 400, 1e-2, True),   # 254: the count grows twice (32, 128, 300)
+    (300, 400, 1e-2, True),   # 254: a second call, sized by the budget
     (576, 4096, 1e-4, True),  # SmolLM2's width, 78
     (96, 60, 1e-4, True),     # fewer samples than channels: 46, an exactly null space of 36
 ])
-def test_tail_is_the_full_decompositions_tail(k: int, n: int, gamma: float, grows: bool) -> None:
+def test_tail_is_the_full_decompositions_tail(k: int, n: int, gamma: float, grows: bool,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     h = heavy_hessian(k, n, seed=n)
+    calls = []
+
+    def counted(hh: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(count)
+        return smallest_eigenpairs(hh, count)
+
+    monkeypatch.setattr(osaq, "smallest_eigenpairs", counted)
     tail, ref = hessian_tail(h, gamma), eigh_tail(h, gamma)
     assert tail.shape == ref.shape and (ref.shape[0] >= TAIL_FIRST) == grows
+    assert len(calls) == (2 if grows else 1), calls  # the budget bounds the second count
     if tail.shape[0]:
         np.testing.assert_allclose(tail @ tail.T, np.eye(tail.shape[0]), atol=1e-10)
         # the same subspace (up to the eigenvectors' order inside clusters): energies agree
