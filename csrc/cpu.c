@@ -30,6 +30,13 @@ static const offq_wq_ops wq_avx2 = {
     .dequant = offq_wq_dequant_avx2,
 };
 
+static const offq_wq_ops wq_avx512 = {
+    .align = 64, /* whole 64-code chunks per group */
+    .prep = offq_wq_prep_avx512,
+    .rows = offq_wq_rows_avx512,
+    .dequant = offq_wq_dequant_avx2, /* prep(scaled = 0) keeps the AVX2 panel order */
+};
+
 static const offq_mm_ops mm_avx2 = {
     .tile = offq_mm_tile_avx2,
     .pack_panel = offq_mm_pack_panel_avx2,
@@ -69,6 +76,7 @@ offq_dispatch_table offq_dispatch = {
 
 static int g_avx2 = 0;
 static int g_avx512 = 0; /* AVX-512 F: the float kernels' 16-lane variants */
+static int g_avx512bw = 0; /* AVX-512 F + BW: the weight-only product's */
 static int g_avx512_vnni = 0;
 static int g_disabled = 0;
 
@@ -89,7 +97,8 @@ void offq_cpu_init(void)
         __builtin_cpu_init();
         g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         g_avx512 = g_avx2 && !simd_cap_is("avx2") && __builtin_cpu_supports("avx512f");
-        g_avx512_vnni = g_avx512 && __builtin_cpu_supports("avx512bw") &&
+        g_avx512bw = g_avx512 && __builtin_cpu_supports("avx512bw");
+        g_avx512_vnni = g_avx512bw &&
                         __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("avx512vnni");
     }
@@ -112,6 +121,10 @@ void offq_cpu_init(void)
         offq_dispatch.mix_f32 = offq_mix_f32_avx512;
         offq_dispatch.mix_f64 = offq_mix_f64_avx512;
     }
+    if (g_avx512bw) {
+        offq_dispatch.wq[OFFQ_KERNEL_AVX512] = &wq_avx512;
+        offq_dispatch.wq_best = OFFQ_KERNEL_AVX512;
+    }
     if (g_avx512_vnni) {
         offq_dispatch.matmul[OFFQ_KERNEL_VNNI] = &mm_avx512vnni;
         offq_dispatch.matmul_best = OFFQ_KERNEL_VNNI;
@@ -122,6 +135,7 @@ void offq_cpu_init(void)
 int offq_cpu_simd_disabled(void) { return g_disabled; }
 int offq_cpu_has_avx2(void) { return g_avx2; }
 int offq_cpu_has_avx512(void) { return g_avx512; }
+int offq_cpu_has_avx512bw(void) { return g_avx512bw; }
 int offq_cpu_has_avx512_vnni(void) { return g_avx512_vnni; }
 
 void offq_set_num_threads(int n)

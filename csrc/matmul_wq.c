@@ -180,7 +180,16 @@ offq_status offq_matmul_wq(const float *x, int64_t m, const offq_wq_operand *w, 
     }
     const offq_wq_ops *ops = offq_dispatch.wq[kv];
     if (w->group % ops->align != 0) {
+        /* a group the variant cannot chunk: auto takes the widest variant that can (AVX-512's 64
+         * codes, then AVX2's 32), a variant asked for by name the generic one */
         ops = offq_dispatch.wq[OFFQ_KERNEL_GENERIC];
+        for (int v = kv; kernel == OFFQ_KERNEL_AUTO && v > OFFQ_KERNEL_GENERIC; v--) {
+            const offq_wq_ops *o = offq_dispatch.wq[v];
+            if (o != NULL && w->group % o->align == 0) {
+                ops = o;
+                break;
+            }
+        }
     }
     if (m == 0 || w->n == 0) {
         return OFFQ_OK;

@@ -32,6 +32,7 @@ typedef enum {
 void offq_cpu_init(void);
 int offq_cpu_has_avx2(void);        /* AVX2 + FMA usable */
 int offq_cpu_has_avx512(void);      /* AVX-512 F usable (and not capped by OFFQ_SIMD_MAX=avx2) */
+int offq_cpu_has_avx512bw(void);    /* AVX-512 F + BW usable (the weight-only product's variant) */
 int offq_cpu_has_avx512_vnni(void); /* AVX-512 F/BW/VL + VNNI usable */
 int offq_cpu_simd_disabled(void);   /* OFFQ_DISABLE_SIMD=1 was set at init */
 
@@ -116,8 +117,9 @@ typedef enum {
     OFFQ_KERNEL_AUTO = -1, /* the best usable one */
     OFFQ_KERNEL_GENERIC = 0,
     OFFQ_KERNEL_AVX2 = 1,
-    OFFQ_KERNEL_VNNI = 2,
-    OFFQ_KERNEL_COUNT = 3,
+    OFFQ_KERNEL_VNNI = 2,   /* AVX-512 VNNI (the W4A4 products) */
+    OFFQ_KERNEL_AVX512 = 3, /* AVX-512 F + BW (the weight-only product) */
+    OFFQ_KERNEL_COUNT = 4,
 } offq_kernel;
 
 /* out[M][N] = dequantize(a) @ dequantize(w)^T (a: M x k, w: N x k; one group size divides the

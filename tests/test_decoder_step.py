@@ -248,8 +248,10 @@ def test_forward_rejects_read_only_cache_and_unknown_kernel(plan_args):
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="kv_codes: expected a writeable"):
         decoder_forward(**{**kwargs, "kv_codes": ro})
-    with pytest.raises(ValueError, match="kernel"):
+    with pytest.raises(ValueError, match="kernel: expected one of 'auto', 'generic', 'avx2', 'vnni'"):
         decoder_forward(**kwargs, kernel="sse9")
+    with pytest.raises(ValueError, match="kernel: decoder_forward has no 'avx512' variant"):
+        decoder_forward(**kwargs, kernel="avx512")
 
 
 def test_forward_reports_non_finite_input(plan_args):

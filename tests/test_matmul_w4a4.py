@@ -212,8 +212,10 @@ def test_validation_names_arguments():
         ro = np.empty((4, 8), np.float32)
         ro.flags.writeable = False
         matmul_w4a4(a, w, out=ro)
-    with pytest.raises(ValueError, match="kernel: expected 'auto'"):
+    with pytest.raises(ValueError, match="kernel: expected one of 'auto', 'generic', 'avx2', 'vnni'"):
         matmul_w4a4(a, w, kernel="sse9")
+    with pytest.raises(ValueError, match="kernel: matmul_w4a4 has no 'avx512' variant"):
+        matmul_w4a4(a, w, kernel="avx512")
     # the raw binding validates every array itself
     args = [a.codes, a.scale, a.zero, 48, w.codes, w.scale, w.zero, 192, 192]
     bad = list(args)

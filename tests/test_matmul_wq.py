@@ -2,7 +2,11 @@
 plain NumPy reference (dequantize, then multiply in float64), on every kernel variant the CPU
 offers; its packing; its argument checks; and ``PackedWeightLinear`` on the real path of a
 weight-only checkpoint."""
+import os
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +21,9 @@ from offq.quant.weight import QuantizedWeight
 from offq.recipe import pipeline
 from tiny_models import calibration, tiny_checkpoint, token_ids
 
-KERNELS = ["auto", "generic"] + (["avx2"] if _C.simd_info()["avx2"] else [])
+SIMD = _C.simd_info()
+KERNELS = (["auto", "generic"] + (["avx2"] if SIMD["avx2"] else [])
+           + (["avx512"] if SIMD["avx512_bw"] else []))
 RTOL = 1e-5  # relative to sum_i |x_i| |w_hat_i| (float32 summation order only)
 
 
@@ -150,8 +156,8 @@ def _args(**over):
     (dict(group=0), ValueError, "group: expected a positive group size"),
     (dict(group=24), ValueError, "group: expected a positive group size dividing K=64"),
     (dict(group=-1), ValueError, "group"),
-    (dict(kernel="vnni"), ValueError, "kernel: matmul_wq has no 'vnni'"),
-    (dict(kernel="fast"), ValueError, "kernel: expected"),
+    (dict(kernel="vnni"), ValueError, "kernel: matmul_wq has no 'vnni' variant .*'avx512'"),
+    (dict(kernel="fast"), ValueError, "kernel: expected one of 'auto', 'generic', 'avx2', 'avx512'"),
     (dict(out=np.ones((2, 4), np.float32)), ValueError, "out: expected shape"),
     (dict(out=np.ones((2, 3), np.float64)), TypeError, "out: expected dtype float32"),
 ])
@@ -173,10 +179,51 @@ def test_validates_out_writeable_and_pack_args():
         unpack_wq(np.zeros((2, 4), np.uint8), 3, 8)
 
 
-@pytest.mark.skipif(_C.simd_info()["avx2"], reason="the CPU has AVX2")
+@pytest.mark.skipif(SIMD["avx2"], reason="the CPU has AVX2")
 def test_avx2_unavailable_is_an_error():
     with pytest.raises(ValueError, match="kernel: 'avx2' is not available"):
         matmul_wq(**_args(kernel="avx2"))
+
+
+@pytest.mark.skipif(not SIMD["avx512_bw"], reason="the CPU has no AVX-512 BW")
+def test_avx512_capped_away_and_auto_steps_down(tmp_path):
+    """Under OFFQ_SIMD_MAX=avx2 (a fresh process: what an AVX2-only CPU runs) 'avx512' is
+    unavailable and auto equals 'avx2' bit for bit; uncapped, auto runs 'avx512' for groups of a
+    multiple of 64 and steps down to 'avx2' (not to the generic kernel) for groups of 32 and 96."""
+    import offq
+
+    code = (
+        "import sys, numpy as np; from offq import _C; "
+        "from offq.kernels.matmul_wq import matmul_wq, pack_wq\n"
+        "rng = np.random.default_rng(3); out = {}\n"
+        "for g in (32, 64, 96, 128):\n"
+        "    q = rng.integers(0, 16, (40, 384)).astype(np.uint8)\n"
+        "    s = rng.uniform(0.1, 1, (40, 384 // g)).astype(np.float32); z = 8 * s / s\n"
+        "    x = rng.standard_normal((3, 384)).astype(np.float32); p = pack_wq(q, 4)\n"
+        "    for kern in ('auto', 'avx2', 'avx512'):\n"
+        "        try:\n"
+        "            out[f'{kern}{g}'] = matmul_wq(x, p, s, z, 4, g, kernel=kern)\n"
+        "        except ValueError as e:\n"
+        "            assert 'avx512' in str(e) and 'not available' in str(e), e\n"
+        "np.savez(sys.argv[1], **out)"
+    )
+    root = str(Path(offq.__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    res = {}
+    for cap in ("", "avx2"):
+        path = tmp_path / f"wq{cap or 'best'}.npz"
+        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                           env=dict(os.environ, OFFQ_SIMD_MAX=cap, PYTHONPATH=pythonpath),
+                           cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[cap] = np.load(path)
+    assert not any(key.startswith("avx512") for key in res["avx2"].files)
+    for g in (32, 64, 96, 128):
+        np.testing.assert_array_equal(res["avx2"][f"auto{g}"], res["avx2"][f"avx2{g}"])
+        wide = "avx512" if g % 64 == 0 else "avx2"
+        np.testing.assert_array_equal(res[""][f"auto{g}"], res[""][f"{wide}{g}"], err_msg=str(g))
+    # the two variants sum in different orders: they differ somewhere (so the test can tell them)
+    assert not np.array_equal(res[""]["avx51264"], res[""]["avx264"])
 
 
 def test_empty_products():

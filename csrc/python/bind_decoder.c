@@ -386,7 +386,7 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
         return NULL;
     }
     offq_kernel kernel;
-    if (offq_parse_kernel(kname, &kernel) < 0) {
+    if (offq_parse_kernel(kname, "decoder_forward", OFFQ_VARIANTS_W4A4, &kernel) < 0) {
         return NULL;
     }
     dec_plan *p = get_plan(plan_o);

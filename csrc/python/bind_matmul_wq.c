@@ -5,7 +5,7 @@
  *   unpack_wq(packed, bits, k) -> uint8 [N, k]
  *   matmul_wq(x, packed, scale, zero, bits, group, out=None, kernel="auto") -> float32 [M, N]
  *       x float32 [M, K], packed uint8 [N, row bytes], scale/zero float32 [N, K / group];
- *       kernel: auto|generic|avx2
+ *       kernel: auto|generic|avx2|avx512
  */
 #include "bind_util.h"
 
@@ -102,12 +102,7 @@ static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     offq_kernel kernel;
-    if (offq_parse_kernel(kname, &kernel) < 0) {
-        return NULL;
-    }
-    if (kernel == OFFQ_KERNEL_VNNI) {
-        PyErr_SetString(PyExc_ValueError, "kernel: matmul_wq has no 'vnni' variant (expected "
-                                          "'auto', 'generic' or 'avx2')");
+    if (offq_parse_kernel(kname, "matmul_wq", OFFQ_VARIANTS_WQ, &kernel) < 0) {
         return NULL;
     }
     PyArrayObject *x = offq_check_array(xo, "x", NPY_FLOAT32, 2, 2);

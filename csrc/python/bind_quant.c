@@ -376,7 +376,7 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     offq_kernel kernel;
-    if (offq_parse_kernel(kname, &kernel) < 0) {
+    if (offq_parse_kernel(kname, "matmul_w4a4", OFFQ_VARIANTS_W4A4, &kernel) < 0) {
         return NULL;
     }
     if (offq_py_int(k_o, "k", &kk) < 0) {

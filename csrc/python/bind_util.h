@@ -37,21 +37,44 @@ int offq_py_int(PyObject *obj, const char *name, long long *out);
 /* A real number -> *out; else TypeError naming `name`. */
 int offq_py_float(PyObject *obj, const char *name, double *out);
 
-/* The `kernel=` argument of matmul_w4a4 and decoder_forward ("auto", "generic", "avx2",
- * "vnni") -> *out; else ValueError naming the argument and the accepted names, and -1. */
-static inline int offq_parse_kernel(const char *name, offq_kernel *out)
+/* Bits of the `variants` argument of offq_parse_kernel: the variants a function has. */
+#define OFFQ_VARIANTS_W4A4 (1u << OFFQ_KERNEL_GENERIC | 1u << OFFQ_KERNEL_AVX2 | 1u << OFFQ_KERNEL_VNNI)
+#define OFFQ_VARIANTS_WQ (1u << OFFQ_KERNEL_GENERIC | 1u << OFFQ_KERNEL_AVX2 | 1u << OFFQ_KERNEL_AVX512)
+
+/* The `kernel=` argument of `fn` ("auto" or a variant name in `variants`) -> *out; else
+ * ValueError naming the argument and the names `fn` accepts, and -1. */
+static inline int offq_parse_kernel(const char *name, const char *fn, unsigned variants,
+                                    offq_kernel *out)
 {
-    static const struct { const char *name; offq_kernel kernel; } names[] = {
-        {"auto", OFFQ_KERNEL_AUTO}, {"generic", OFFQ_KERNEL_GENERIC},
-        {"avx2", OFFQ_KERNEL_AVX2}, {"vnni", OFFQ_KERNEL_VNNI}};
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        if (strcmp(name, names[i].name) == 0) {
-            *out = names[i].kernel;
-            return 0;
+    static const char *names[OFFQ_KERNEL_COUNT] = {
+        [OFFQ_KERNEL_GENERIC] = "generic", [OFFQ_KERNEL_AVX2] = "avx2",
+        [OFFQ_KERNEL_VNNI] = "vnni", [OFFQ_KERNEL_AVX512] = "avx512"};
+    char accepted[96] = "'auto'";
+    int known = -1;
+    for (int i = 0; i < OFFQ_KERNEL_COUNT; i++) {
+        if (variants & (1u << i)) {
+            strncat(accepted, ", '", sizeof accepted - strlen(accepted) - 1);
+            strncat(accepted, names[i], sizeof accepted - strlen(accepted) - 1);
+            strncat(accepted, "'", sizeof accepted - strlen(accepted) - 1);
+        }
+        if (strcmp(name, names[i]) == 0) {
+            known = i;
         }
     }
-    PyErr_Format(PyExc_ValueError,
-                 "kernel: expected 'auto', 'generic', 'avx2' or 'vnni', got '%s'", name);
+    if (strcmp(name, "auto") == 0) {
+        *out = OFFQ_KERNEL_AUTO;
+        return 0;
+    }
+    if (known >= 0 && (variants & (1u << known))) {
+        *out = (offq_kernel)known;
+        return 0;
+    }
+    if (known >= 0) {
+        PyErr_Format(PyExc_ValueError, "kernel: %s has no '%s' variant (expected one of %s)", fn,
+                     name, accepted);
+    } else {
+        PyErr_Format(PyExc_ValueError, "kernel: expected one of %s, got '%s'", accepted, name);
+    }
     return -1;
 }
 

@@ -25,6 +25,9 @@
 #include <immintrin.h>
 
 #define AVX2 __attribute__((target("avx2,fma")))
+/* Software prefetch distance, in weight rows (as in x86/matmul_wq_avx512.c: a model's weights
+ * stream from DRAM; 4096 x 4096 W4 565 instead of 630 us at 1 thread, 365 instead of 403 at 2). */
+#define PF_ROWS 3
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 
 /* Bit offset of field j in lane l. */
@@ -106,8 +109,10 @@ void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int 
 
 /* One chunk c into the accumulators: field j of row r goes to d[r][j % A]. */
 INLINE void chunk_fma(const uint8_t *row, const float *xp, int64_t k, int64_t c, const int bits,
-                      const int R, const int A, int edge, const __m256i *m, __m256 (*d)[4])
+                      const int R, const int A, int edge, const __m256i *m, __m256 (*d)[4],
+                      int64_t pf)
 {
+    _mm_prefetch((const char *)(row + c * 4 * bits + pf), _MM_HINT_T0);
     const __m256i v = chunk_lanes(row + c * 4 * bits, bits, edge);
     const float *x0 = xp + c * 32;
     __m256 fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[0]));
@@ -132,6 +137,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
                      int64_t group, const int bits, const int R, int edge, float *res)
 {
     const int A = R <= 2 ? 4 : 2;
+    const int64_t pf = PF_ROWS * offq_wq_row_bytes(k, bits);
     const int64_t ng = k / group, cpg = group / 32, last = k / 32 - 1;
     const __m256i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
                           field_mask(bits, 3)};
@@ -147,7 +153,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
             }
         }
         for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
-            chunk_fma(row, xp, k, c, bits, R, A, edge && c == last, m, d);
+            chunk_fma(row, xp, k, c, bits, R, A, edge && c == last, m, d, pf);
         }
         const __m256 s = _mm256_set1_ps(sc[g]);
         for (int r = 0; r < R; r++) {

@@ -48,7 +48,10 @@ def matmul_wq(x: np.ndarray, packed: np.ndarray, scale: np.ndarray, zero: np.nda
     """``x @ w_hat.T`` -> float32 ``[M, N]`` for float32 ``x [M, K]`` and the packed weight
     (``packed`` uint8 ``[N, ceil(K * bits / 8)]`` from :func:`pack_wq`, ``scale`` and ``zero``
     float32 ``[N, K / group]``, ``group`` a positive divisor of K; ``group = K`` for one group per
-    row). ``out``: optional C-contiguous float32 ``[M, N]`` to write into. ``kernel``: "auto",
-    "generic" (the C reference) or "avx2" (ValueError where the CPU lacks it). Every argument is
-    validated by the binding (TypeError/ValueError naming it); nothing is copied silently."""
+    row). ``out``: optional C-contiguous float32 ``[M, N]`` to write into. ``kernel``: "auto"
+    (the widest variant whose chunk divides ``group``: "avx512" for multiples of 64, "avx2" for
+    multiples of 32, else "generic"), "generic" (the C reference), "avx2" or "avx512" (AVX-512 F +
+    BW; ValueError where the CPU lacks it; a group it cannot chunk runs the generic kernel). Every
+    argument is validated by the binding (TypeError/ValueError naming it); nothing is copied
+    silently."""
     return _C.matmul_wq(x, packed, scale, zero, bits, group, out, kernel)

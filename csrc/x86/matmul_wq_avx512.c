@@ -1,0 +1,197 @@
+/* x86/matmul_wq_avx512.c: the weight-only matmul's decode rows (matmul_wq.c) with AVX-512 F + BW,
+ * for groups that are a multiple of 64.
+ *
+ * The same decoding as the AVX2 variant (x86/matmul_wq_avx2.c), on 16 lanes: a chunk of 64 codes
+ * (8 * bits bytes) becomes one vector of 16 int32 lanes, lane L holding codes 4L .. 4L+3 in its
+ * fields j = 0..3, so each masked field converts to 16 floats at once and an AVX2 chunk's
+ * and + convert + multiply-add now covers twice the codes. The lanes:
+ *   4 bits: 32 bytes zero-extended 16 -> 32 bits; 2 bits: 16 bytes zero-extended 8 -> 32 bits;
+ *   3 bits: the two 12-byte halves, each gathered as the AVX2 variant gathers a 32-code chunk
+ *           (odd lanes' fields 4 bits higher), lanes 0-7 from the first half, 8-15 from the second.
+ * prep(scaled = 1) reorders each 64-column chunk of x to match: xp[16j + L] = x[4L + j] * 2^-t,
+ * t the field's bit offset in its lane (exact unless that underflows, as in AVX2). A variant's
+ * dequantized panels (the many-rows path) are the AVX2 variant's: prep(scaled = 0) delegates.
+ * The decode path is compute bound (about one cycle per and + convert + multiply-add vector on
+ * two cores whose weights stream from DRAM), which is why the wider vectors pay.
+ */
+#include "kernels.h"
+
+#ifdef OFFQ_X86
+#include <immintrin.h>
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
+/* Software prefetch distance, in weight rows: a model's weights stream from DRAM, and the hardware
+ * prefetcher alone left a 4096 x 4096 W4 product 10-15% slower than at 3 rows (1 and 2 threads;
+ * 1, 2 and 6 rows measured between). */
+#define PF_ROWS 3
+#define INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma")))
+
+/* Bit offset of field j in lane L (3 bits: odd lanes of each 8-lane half start 4 bits higher). */
+INLINE int field_shift(int bits, int j, int lane)
+{
+    return bits * j + (bits == 3 && (lane & 1) ? 4 : 0);
+}
+
+INLINE __m512i field_mask(const int bits, const int j)
+{
+    int32_t v[16];
+    for (int l = 0; l < 16; l++) {
+        v[l] = ((1 << bits) - 1) << field_shift(bits, j, l);
+    }
+    return _mm512_loadu_si512(v);
+}
+
+/* 32 codes' 3-bit lanes (12 bytes at p): lane l <- bytes floor(3l/2), floor(3l/2) + 1. `edge`:
+ * the bytes end the array, so read exactly 12; otherwise 16 (the next 4 belong to the array). */
+INLINE __m256i lanes3_half(const uint8_t *p, int edge)
+{
+    __m128i v;
+    if (edge) {
+        v = _mm_insert_epi32(_mm_loadl_epi64((const __m128i *)p), (int)offq_load_u32(p + 8), 2);
+    } else {
+        v = _mm_loadu_si128((const __m128i *)p);
+    }
+    const __m256i ctrl = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
+                                          6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(v), ctrl);
+}
+
+/* The lanes of the 64-code chunk at p; `edge`: the chunk ends the array. */
+INLINE __m512i chunk_lanes(const uint8_t *p, const int bits, int edge)
+{
+    if (bits == 4) {
+        return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    }
+    if (bits == 2) {
+        return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lanes3_half(p, 0)), lanes3_half(p + 12, edge),
+                              1);
+}
+
+void AVX512 offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, int scaled,
+                                float *xp)
+{
+    if (!scaled) { /* the panels are the AVX2 variant's */
+        offq_wq_prep_avx2(x, m, k, bits, scaled, xp);
+        return;
+    }
+    float f[4][16];
+    for (int j = 0; j < 4; j++) {
+        for (int l = 0; l < 16; l++) {
+            f[j][l] = 1.0f / (float)(1 << field_shift(bits, j, l));
+        }
+    }
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t c = 0; c < k; c += 64) {
+            const float *s = x + r * k + c;
+            float *d = xp + r * k + c;
+            for (int j = 0; j < 4; j++) {
+                for (int l = 0; l < 16; l++) {
+                    d[16 * j + l] = s[4 * l + j] * f[j][l];
+                }
+            }
+        }
+    }
+}
+
+/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R <= 2, for one packed row; `edge`:
+ * the row ends the array. One accumulator per field and row. Blocks of 3-4 rows (as AVX2 has)
+ * measured slower than blocks of 2, and a second accumulator set for two chunks in flight at
+ * R = 1 slower than one. */
+INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
+                     int64_t group, const int bits, const int R, int edge, float *res)
+{
+    const int64_t pf = PF_ROWS * offq_wq_row_bytes(k, bits);
+    const int64_t ng = k / group, cpg = group / 64, last = k / 64 - 1;
+    const __m512i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
+                          field_mask(bits, 3)};
+    __m512 tot[2];
+    for (int r = 0; r < R; r++) {
+        tot[r] = _mm512_setzero_ps();
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        __m512 d[2][4];
+        for (int r = 0; r < R; r++) {
+            for (int j = 0; j < 4; j++) {
+                d[r][j] = _mm512_setzero_ps();
+            }
+        }
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+            _mm_prefetch((const char *)(row + c * 8 * bits + pf), _MM_HINT_T0);
+            const __m512i v = chunk_lanes(row + c * 8 * bits, bits, edge && c == last);
+            const float *x0 = xp + c * 64;
+            for (int j = 0; j < 4; j++) {
+                const __m512 f = _mm512_cvtepi32_ps(_mm512_and_si512(v, m[j]));
+                for (int r = 0; r < R; r++) {
+                    d[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + r * k + 16 * j), f, d[r][j]);
+                }
+            }
+        }
+        const __m512 s = _mm512_set1_ps(sc[g]);
+        for (int r = 0; r < R; r++) {
+            const __m512 e = _mm512_add_ps(_mm512_add_ps(d[r][0], d[r][1]),
+                                           _mm512_add_ps(d[r][2], d[r][3]));
+            tot[r] = _mm512_fmadd_ps(s, e, tot[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        res[r] = _mm512_reduce_add_ps(tot[r]);
+    }
+}
+
+/* sum_g (scale_g * zero_g) * xs[g] */
+INLINE float zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
+{
+    __m512 acc = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 16 <= ng; g += 16) {
+        const __m512 sz = _mm512_mul_ps(_mm512_loadu_ps(sc + g), _mm512_loadu_ps(zr + g));
+        acc = _mm512_fmadd_ps(sz, _mm512_loadu_ps(xs + g), acc);
+    }
+    float t = _mm512_reduce_add_ps(acc);
+    for (; g < ng; g++) {
+        t += (sc[g] * zr[g]) * xs[g];
+    }
+    return t;
+}
+
+INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
+                      int64_t n0, int64_t n1, int64_t ldo, float *out, const int bits)
+{
+    const int64_t k = w->k, group = w->group, ng = k / group, rb = offq_wq_row_bytes(k, bits);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w->packed + n * rb;
+        const float *sc = w->scale + n * ng, *zr = w->zero + n * ng;
+        const int edge = n == w->n - 1;
+        for (int64_t r0 = 0; r0 < m; r0 += 2) {
+            const int rr = m - r0 >= 2 ? 2 : 1;
+            float res[2];
+            if (rr == 2) {
+                dot_rows(row, sc, xp + r0 * k, k, group, bits, 2, edge, res);
+            } else {
+                dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, edge, res);
+            }
+            for (int r = 0; r < rr; r++) {
+                out[(r0 + r) * ldo + n] = res[r] - zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
+            }
+        }
+    }
+}
+
+void AVX512 offq_wq_rows_avx512(const offq_wq_operand *w, const float *xp, const float *xsum,
+                                int64_t m, int64_t n0, int64_t n1, int64_t ldo, float *out)
+{
+    switch (w->bits) {
+    case 2:
+        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 2);
+        break;
+    case 3:
+        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 3);
+        break;
+    default:
+        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 4);
+        break;
+    }
+}
+#endif
