@@ -3,12 +3,16 @@ same matrix.
 
 Protocol: x [M, K] and W [N, K] are N(0, 1) float32 (seed 0); W is quantized once per bit width
 (asymmetric, groups of 128 inputs, RTN: ``offq.kernels.quantize``) and packed (``pack_wq``). Rows
-per shape (M, K, N) and width: `wB g128 [kernel]` = ``matmul_wq`` (auto, the SIMD variant offq
-dispatches to), against `numpy sgemv` (M = 1: ``x[0] @ W.T``) or `numpy sgemm` (``x @ W.T``) on
-the float32 W, timed interleaved with it in the same process, same thread setting. M = 1 is
-decode (memory-bound: the packed weight is bits/32 of the float32 bytes); M = 512 is prefill
-(panels dequantized to float32, then sgemm). GFLOP/s counts 2*M*N*K; GB/s counts the packed
-weight, its scales and zero-points, x and the output.
+per shape (M, K, N), width and SIMD variant: `wB g128 [kernel]` = ``matmul_wq`` with that
+variant (every one the CPU offers: "avx512", "avx2", else "generic"), against `numpy sgemv`
+(M = 1: ``x[0] @ W.T``) or `numpy sgemm` (``x @ W.T``) on the float32 W, timed interleaved with it
+in the same process, same thread setting. M = 1 is decode: the float32 W (64 MB) streams from
+DRAM, while the packed one (bits/32 of it) would stay in L3 between calls, so a second row,
+`streamed`, cycles through copies of the packed weight filling 128 MiB (what a model's decode
+reads). At M = 1 the packed product is compute bound (its time per weight row does not change
+from L2- to DRAM-sized weights): mask, convert and multiply-add per vector of codes. M = 512 is
+prefill (panels dequantized to float32, then sgemm). GFLOP/s counts 2*M*N*K; GB/s counts the
+packed weight, its scales and zero-points, x and the output.
 """
 from __future__ import annotations
 
@@ -23,11 +27,15 @@ SHAPES = [(1, 4096, 4096), (512, 4096, 4096)]
 QUICK_SHAPES = [(1, 1024, 1024), (128, 1024, 1024)]
 GROUP = 128
 BITS = (4, 3, 2)
+STREAM_BYTES = 128 << 20  # the weight copies a streamed decode row cycles through (> any L3 here)
 
 
-def kernel_name() -> str:
-    """The variant ``kernel="auto"`` runs (matmul_wq has no AVX-512 VNNI variant)."""
-    return "avx2" if _C.simd_info()["avx2"] else "generic"
+def kernel_names() -> list[str]:
+    """The SIMD variants this CPU offers, widest first (``kernel="auto"`` runs the first for
+    groups of 128), or the generic one."""
+    simd = _C.simd_info()
+    names = [name for name, flag in (("avx512", "avx512_bw"), ("avx2", "avx2")) if simd[flag]]
+    return names or ["generic"]
 
 
 def run(threads: int, quick: bool) -> list[dict]:
@@ -47,13 +55,38 @@ def run(threads: int, quick: bool) -> list[dict]:
             qw = quantize(w, bits=bits, group_size=GROUP)
             packed = pack_wq(qw.unpacked_codes(), bits)
             s, z = qw.scale, qw.zero
-            t = timeit_interleaved(
-                {"offq": lambda: matmul_wq(x, packed, s, z, bits, GROUP, out=out),
-                 "blas": base}, quick=quick)
             nbytes = packed.nbytes + s.nbytes + z.nbytes + x.nbytes + out.nbytes
-            rows.append(result(
-                "matmul_wq", f"w{bits} g{GROUP} [{kernel_name()}] "
-                f"{m}x{k}x{n}", threads, t["offq"], flops=2.0 * m * n * k, nbytes=nbytes,
-                baselines={blas: t["blas"]},
-                note=f"float32 x, W {bits}-bit asym g{GROUP} packed, dequantized on the fly"))
+            cases = {}
+            for kern in kernel_names():
+                cases[f"[{kern}] {m}x{k}x{n}"] = (
+                    lambda kern=kern: matmul_wq(x, packed, s, z, bits, GROUP, out=out, kernel=kern))
+                if m == 1 and not quick:
+                    cases[f"[{kern}] {m}x{k}x{n} streamed"] = _streamed(packed, s, z, bits, x,
+                                                                         out, kern)
+            for label, fn in cases.items():
+                t = timeit_interleaved({"offq": fn, "blas": base}, quick=quick)
+                rows.append(result(
+                    "matmul_wq", f"w{bits} g{GROUP} {label}",
+                    threads, t["offq"], flops=2.0 * m * n * k, nbytes=nbytes,
+                    baselines={blas: t["blas"]},
+                    note=f"float32 x, W {bits}-bit asym g{GROUP} packed, dequantized on the fly"
+                    + (f"; {STREAM_BYTES >> 20} MiB of copies cycled" if "streamed" in label
+                       else "")))
     return rows
+
+
+def _streamed(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int, x: np.ndarray,
+              out: np.ndarray, kernel: str):
+    """A call that cycles through copies of the weight filling STREAM_BYTES, so that each product
+    reads its weight from DRAM as a model's decode does (a 4096 x 4096 W4 weight, 8.4 MB, would
+    otherwise stay in a 32 MB L3 between calls, while the float32 one, 64 MB, cannot)."""
+    one = packed.nbytes + scale.nbytes + zero.nbytes
+    copies = [(packed.copy(), scale.copy(), zero.copy()) for _ in range(-(-STREAM_BYTES // one))]
+    state = {"i": 0}
+
+    def call():
+        p, s, z = copies[state["i"]]
+        state["i"] = (state["i"] + 1) % len(copies)
+        matmul_wq(x, p, s, z, bits, GROUP, out=out, kernel=kernel)
+
+    return call

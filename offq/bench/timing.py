@@ -2,7 +2,8 @@
 
 Protocol: every case is timed as the best of `repeats` runs, each run looping the call until at
 least `min_time` seconds have passed (so one run is never a single short call); warm-up first.
-`timeit_interleaved` alternates the runs of offq and its baselines round by round.
+`timeit_interleaved` alternates the runs of offq and its baselines round by round, each run after
+an untimed settling loop of the same call (half the run's length).
 Baselines are timed the same way in the same process, on the same arrays, with the same thread
 setting, and reported as ratios `baseline_seconds / offq_seconds` (> 1: offq is faster).
 """
@@ -26,6 +27,12 @@ def timeit_interleaved(fns: dict[str, Callable[[], object]], *, quick: bool) -> 
     best = {name: float("inf") for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            # Settle first: the previous fn's thread pool may still be spinning on the other cores
+            # (OpenBLAS's workers busy-wait for about 2^28 cycles after a call), and its data
+            # fills the caches. Each run then times a steady state of this fn alone.
+            settle = time.perf_counter() + min_time / 2
+            while time.perf_counter() < settle:
+                fn()
             calls = 0
             start = time.perf_counter()
             while True:
