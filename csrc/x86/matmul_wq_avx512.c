@@ -6,13 +6,13 @@
  * fields j = 0..3, so each masked field converts to 16 floats at once and an AVX2 chunk's
  * and + convert + multiply-add now covers twice the codes. The lanes:
  *   4 bits: 32 bytes zero-extended 16 -> 32 bits; 2 bits: 16 bytes zero-extended 8 -> 32 bits;
- *   3 bits: the two 12-byte halves, each gathered as the AVX2 variant gathers a 32-code chunk
- *           (odd lanes' fields 4 bits higher), lanes 0-7 from the first half, 8-15 from the second.
+ *   3 bits: 24 bytes, each lane's two bytes brought in by a dword permute and a byte shuffle
+ *           (chunk_lanes); odd lanes' fields start 4 bits higher, as in AVX2.
  * prep(scaled = 1) reorders each 64-column chunk of x to match: xp[16j + L] = x[4L + j] * 2^-t,
  * t the field's bit offset in its lane (exact unless that underflows, as in AVX2). A variant's
  * dequantized panels (the many-rows path) are the AVX2 variant's: prep(scaled = 0) delegates.
- * The decode path is compute bound (about one cycle per and + convert + multiply-add vector on
- * two cores whose weights stream from DRAM), which is why the wider vectors pay.
+ * At M = 1 the product is compute bound (its time per weight row is the same for L2- and
+ * DRAM-sized weights), which is why the wider vectors pay.
  */
 #include "kernels.h"
 
@@ -41,23 +41,12 @@ INLINE __m512i field_mask(const int bits, const int j)
     return _mm512_loadu_si512(v);
 }
 
-/* 32 codes' 3-bit lanes (12 bytes at p): lane l <- bytes floor(3l/2), floor(3l/2) + 1. `edge`:
- * the bytes end the array, so read exactly 12; otherwise 16 (the next 4 belong to the array). */
-INLINE __m256i lanes3_half(const uint8_t *p, int edge)
-{
-    __m128i v;
-    if (edge) {
-        v = _mm_insert_epi32(_mm_loadl_epi64((const __m128i *)p), (int)offq_load_u32(p + 8), 2);
-    } else {
-        v = _mm_loadu_si128((const __m128i *)p);
-    }
-    const __m256i ctrl = _mm256_setr_epi8(0, 1, -1, -1, 1, 2, -1, -1, 3, 4, -1, -1, 4, 5, -1, -1,
-                                          6, 7, -1, -1, 7, 8, -1, -1, 9, 10, -1, -1, 10, 11, -1, -1);
-    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(v), ctrl);
-}
-
-/* The lanes of the 64-code chunk at p; `edge`: the chunk ends the array. */
-INLINE __m512i chunk_lanes(const uint8_t *p, const int bits, int edge)
+/* The lanes of the 64-code chunk at p (8 * bits bytes). 3 bits: lane L needs bytes floor(3L/2)
+ * and floor(3L/2) + 1; the 4 lanes of 128-bit block i need bytes 6i .. 6i + 5, which one dword
+ * permute brings into the block (dwords 0,1 | 1,2 | 3,4 | 4,5, so they start at byte 0, 2, 0, 2
+ * of it) and one in-block byte shuffle spreads over its lanes. The 24 bytes are read by a masked
+ * load, which never touches the 8 after them (the end of the array at the last chunk). */
+INLINE __m512i chunk_lanes(const uint8_t *p, const int bits)
 {
     if (bits == 4) {
         return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
@@ -65,8 +54,13 @@ INLINE __m512i chunk_lanes(const uint8_t *p, const int bits, int edge)
     if (bits == 2) {
         return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     }
-    return _mm512_inserti64x4(_mm512_castsi256_si512(lanes3_half(p, 0)), lanes3_half(p + 12, edge),
-                              1);
+    const __m512i d = _mm512_maskz_loadu_epi32(0x3f, p);
+    const __m512i blocks = _mm512_permutexvar_epi32(
+        _mm512_setr_epi32(0, 1, 0, 0, 1, 2, 0, 0, 3, 4, 0, 0, 4, 5, 0, 0), d);
+#define L3(o) o, o + 1, -1, -1, o + 1, o + 2, -1, -1, o + 3, o + 4, -1, -1, o + 4, o + 5, -1, -1
+    static const int8_t ctrl[64] = {L3(0), L3(2), L3(0), L3(2)};
+#undef L3
+    return _mm512_shuffle_epi8(blocks, _mm512_loadu_si512(ctrl));
 }
 
 void AVX512 offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, int scaled,
@@ -95,15 +89,14 @@ void AVX512 offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, 
     }
 }
 
-/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R <= 2, for one packed row; `edge`:
- * the row ends the array. One accumulator per field and row. Blocks of 3-4 rows (as AVX2 has)
+/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R <= 2, for one packed row. One accumulator per field and row. Blocks of 3-4 rows (as AVX2 has)
  * measured slower than blocks of 2, and a second accumulator set for two chunks in flight at
  * R = 1 slower than one. */
 INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
-                     int64_t group, const int bits, const int R, int edge, float *res)
+                     int64_t group, const int bits, const int R, float *res)
 {
     const int64_t pf = PF_ROWS * offq_wq_row_bytes(k, bits);
-    const int64_t ng = k / group, cpg = group / 64, last = k / 64 - 1;
+    const int64_t ng = k / group, cpg = group / 64;
     const __m512i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
                           field_mask(bits, 3)};
     __m512 tot[2];
@@ -119,7 +112,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
         }
         for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
             _mm_prefetch((const char *)(row + c * 8 * bits + pf), _MM_HINT_T0);
-            const __m512i v = chunk_lanes(row + c * 8 * bits, bits, edge && c == last);
+            const __m512i v = chunk_lanes(row + c * 8 * bits, bits);
             const float *x0 = xp + c * 64;
             for (int j = 0; j < 4; j++) {
                 const __m512 f = _mm512_cvtepi32_ps(_mm512_and_si512(v, m[j]));
@@ -163,14 +156,13 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w->packed + n * rb;
         const float *sc = w->scale + n * ng, *zr = w->zero + n * ng;
-        const int edge = n == w->n - 1;
         for (int64_t r0 = 0; r0 < m; r0 += 2) {
             const int rr = m - r0 >= 2 ? 2 : 1;
             float res[2];
             if (rr == 2) {
-                dot_rows(row, sc, xp + r0 * k, k, group, bits, 2, edge, res);
+                dot_rows(row, sc, xp + r0 * k, k, group, bits, 2, res);
             } else {
-                dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, edge, res);
+                dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, res);
             }
             for (int r = 0; r < rr; r++) {
                 out[(r0 + r) * ldo + n] = res[r] - zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
