@@ -286,8 +286,10 @@ def test_plan_validates_layers(quantized):
         decoder_plan((layer[:6],), **good)
     with pytest.raises(ValueError, match="kv_group"):
         decoder_plan((layer,), **{**good, "kv_group": 3})
-    with pytest.raises(ValueError, match="a_clip"):
+    with pytest.raises(ValueError, match=r"^a_clip: expected a ratio in \(0, 1\], got 0\.0$"):
         decoder_plan((layer,), **{**good, "a_clip": 0.0})
+    with pytest.raises(ValueError, match=r"^eps: expected a finite value >= 0, got -1e-05$"):
+        decoder_plan((layer,), **{**good, "eps": -1e-5})
     with pytest.raises(ValueError, match="num_heads"):
         decoder_plan((layer,), **{**good, "num_kv_heads": cfg.num_attention_heads + 1})
     decoder_plan((layer,), **good)  # the untouched layer is accepted

@@ -148,8 +148,8 @@ def test_bad_h_names_h(name: str) -> None:
 
 def test_bad_add_names_add() -> None:
     h = random_spd(6)
-    for bad in (-1e-3, np.nan, np.inf):
-        with pytest.raises(ValueError, match=r"^add: expected a finite number >= 0"):
+    for bad, text in ((-1e-3, "-0.001"), (np.nan, "nan"), (np.inf, "inf")):
+        with pytest.raises(ValueError, match=rf"^add: expected a finite number >= 0, got {text}$"):
             upper_cholesky_of_inverse(h, bad)
     with pytest.raises(TypeError, match=r"^add: expected a number"):
         upper_cholesky_of_inverse(h, "0.1")  # type: ignore[arg-type]

@@ -152,7 +152,7 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
         return NULL;
     }
     if (!(tol > 0.0) || !(tol < 1.0)) {
-        PyErr_Format(PyExc_ValueError, "tol: expected 0 < tol < 1, got %g", tol);
+        offq_value_error_got("tol: expected 0 < tol < 1", tol);
         return NULL;
     }
     npy_intp vdims[1] = {(npy_intp)k};

@@ -222,11 +222,11 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     if (!(eps >= 0.0 && isfinite((float)eps))) {
-        PyErr_Format(PyExc_ValueError, "eps: expected a finite value >= 0, got %g", eps);
+        offq_value_error_got("eps: expected a finite value >= 0", eps);
         return NULL;
     }
     if (!((float)clip > 0.0f && clip <= 1.0)) {
-        PyErr_Format(PyExc_ValueError, "a_clip: expected a ratio in (0, 1], got %g", clip);
+        offq_value_error_got("a_clip: expected a ratio in (0, 1]", clip);
         return NULL;
     }
     const int64_t d = dims[0], f = dims[1], H = dims[2], Hkv = dims[3], hd = dims[4];

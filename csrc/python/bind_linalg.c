@@ -97,7 +97,7 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, Py
         return NULL;
     }
     if (!isfinite(add) || add < 0.0) {
-        PyErr_Format(PyExc_ValueError, "add: expected a finite number >= 0, got %g", add);
+        offq_value_error_got("add: expected a finite number >= 0", add);
         return NULL;
     }
     PyArrayObject *h = offq_check_array(h_obj, "h", NPY_FLOAT64, 2, 2);

@@ -37,6 +37,15 @@ int offq_py_int(PyObject *obj, const char *name, long long *out);
 /* A real number -> *out; else TypeError naming `name`. */
 int offq_py_float(PyObject *obj, const char *name, double *out);
 
+/* ValueError "`msg`, got `v`" (`v` as Python's repr of a float). PyErr_Format has no %g: Python
+ * 3.11 printed "%g" itself and 3.12 raises SystemError on it. */
+static inline void offq_value_error_got(const char *msg, double v)
+{
+    char *text = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+    PyErr_Format(PyExc_ValueError, "%s, got %s", msg, text != NULL ? text : "?");
+    PyMem_Free(text);
+}
+
 /* Bits of the `variants` argument of offq_parse_kernel: the variants a function has. */
 #define OFFQ_VARIANTS_W4A4 (1u << OFFQ_KERNEL_GENERIC | 1u << OFFQ_KERNEL_AVX2 | 1u << OFFQ_KERNEL_VNNI)
 #define OFFQ_VARIANTS_WQ (1u << OFFQ_KERNEL_GENERIC | 1u << OFFQ_KERNEL_AVX2 | 1u << OFFQ_KERNEL_AVX512)
