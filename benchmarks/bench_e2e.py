@@ -41,6 +41,8 @@ def main() -> int:
                     help="prompts of the fused engine: the C step, the NumPy real path, or auto "
                          "(default: C below 1024 tokens and NumPy from there with the AVX2 "
                          "attention, C for every prompt with the AVX-512 one)")
+    ap.add_argument("--no-weight-only", dest="weight_only", action="store_false",
+                    help="skip the weight-only W4 (RTN g64 asym, packed) engine")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
     ap.add_argument("--plot", default=None, help="also draw the table to this PNG")
     args = ap.parse_args()
@@ -49,7 +51,7 @@ def main() -> int:
                     prompt_lengths=tuple(args.prompt_lengths), gen_tokens=args.gen_tokens,
                     repeats=args.repeats, llama_bench=args.llama_bench,
                     llama_model=args.llama_model, fused_kernel=args.fused_kernel,
-                    fused_prefill=args.fused_prefill)
+                    fused_prefill=args.fused_prefill, weight_only=args.weight_only)
     print(f"# offq e2e: {describe_machine()}")
     result = run_e2e(cfg)
     proto = result["protocol"]

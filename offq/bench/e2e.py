@@ -14,7 +14,10 @@ KV cache), or, without one, the model quantized in process with QuaRot-style + R
 calibration and OffQ's run-time work is exactly the same (same kernels, same online transforms).
 It runs twice: "w4a4kv4" sequenced by NumPy (``mode="real"``) and "w4a4kv4 fused" with every
 layer of a step in one C call (``mode="fused"``, :mod:`offq.quant.fused`); both compute the LM
-head in float32 with NumPy/OpenBLAS.
+head in float32 with NumPy/OpenBLAS. With ``weight_only`` a third quantized engine, "w4
+weight-only", is the model with RTN 4-bit weights (asymmetric, groups of 64; float activations
+and KV cache) quantized in process and run packed (``matmul_wq``, NumPy-sequenced): what a
+weight-only offq checkpoint (GPTQ or OSAQ) runs, since only the codes differ.
 
 A ``llama-bench`` binary (``llama_bench``, with a GGUF ``llama_model``, e.g. the model requantized
 to Q4_0) adds llama.cpp's figures for the same tests and threads, run as a subprocess; it is
@@ -55,6 +58,7 @@ class E2EConfig:
         fused_kernel: the product variant of the fused C decoder ("auto", "avx2", "vnni",
             "generic"); the other kernels follow the dispatch (OFFQ_SIMD_MAX=avx2 in the
             environment times what AVX2-only CPUs run).
+        weight_only: also time the weight-only W4 (g64, asymmetric) model, packed.
         fused_prefill: how the fused engine runs a prompt: "c" (the C step over the whole prompt,
             attention over the packed cache), "numpy" (the NumPy real path, as
             ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``) or "auto"
@@ -72,6 +76,7 @@ class E2EConfig:
     llama_model: str | None = None
     fused_kernel: str = "auto"
     fused_prefill: str = "auto"
+    weight_only: bool = True
     tests: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,9 +118,13 @@ def _generate_seconds(model: Any, first: int, steps: int) -> float:
     return time.perf_counter() - t
 
 
+WEIGHT_ONLY = dict(method="rtn", w_bits=4, a_bits=16, kv_bits=16, w_group_size=64,
+                   w_symmetric=False)  # the "w4 weight-only" engine's QuantConfig
+
+
 def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str, np.ndarray]:
-    """{"fp32": Model, "w4a4kv4": Model, "w4a4kv4 fused": Model}, the quantized model's
-    description, prompt tokens."""
+    """{"fp32": Model, "w4a4kv4": Model, "w4a4kv4 fused": Model[, "w4 weight-only": Model]}, the
+    quantized model's description, prompt tokens."""
     from ..config import QuantConfig
     from ..data import eval_windows, load_wikitext2_test
     from ..formats import open_checkpoint
@@ -137,10 +146,15 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
             label = f"{qcfg.describe(ckpt.config.hidden_size)} (quantized in process)"
         fused.fused_runner.kernel = cfg.fused_kernel
         fused.fused_runner.prefill = cfg.fused_prefill
+        models = {"fp32": fp, "w4a4kv4": q, "w4a4kv4 fused": fused}
+        if cfg.weight_only:
+            wcfg = QuantConfig(**WEIGHT_ONLY)
+            models["w4 weight-only"] = quantize(ckpt, wcfg, None, progress=show).model("real")
+            label += f"; weight-only {wcfg.describe(ckpt.config.hidden_size)}"
         need = max(cfg.prompt_lengths, default=1)
         ids = eval_windows(ckpt.tokenizer, load_wikitext2_test(), need, 1,
                            bool(ckpt.config.add_bos))[0]
-    return {"fp32": fp, "w4a4kv4": q, "w4a4kv4 fused": fused}, label, ids
+    return models, label, ids
 
 
 def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
@@ -182,6 +196,7 @@ def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
     return {"protocol": {"model": cfg.model, "quantized": label, "tests": list(cfg.tests),
                          "threads": list(cfg.threads), "repeats": cfg.repeats,
                          "fused_kernel": cfg.fused_kernel, "fused_prefill": cfg.fused_prefill,
+                         "weight_only": WEIGHT_ONLY if cfg.weight_only else None,
                          "prompt": "WikiText-2 test text (first tokens)",
                          "llama_model": cfg.llama_model, "machine": machine_info()},
             "rows": rows}
@@ -237,7 +252,7 @@ def format_e2e(result: dict[str, Any]) -> str:
     for (engine, t), vals in table.items():
         lines.append(f"{engine:<26}{t:>8}" + "".join(
             f"{vals[x]:>10.1f}" if x in vals else f"{'-':>10}" for x in tests))
-    for engine in ("offq w4a4kv4", "offq w4a4kv4 fused"):
+    for engine in ("offq w4a4kv4", "offq w4a4kv4 fused", "offq w4 weight-only"):
         for base in ("offq fp32", "llama.cpp"):
             for t in result["protocol"]["threads"]:
                 q, b = table.get((engine, t)), table.get((base, t))
