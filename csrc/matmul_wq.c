@@ -9,7 +9,7 @@
  * x @ w_hat^T up to float32 summation order (the zero-point term is an exact rewrite of
  * sum_i x_i * scale * (q_i - zero)). Many rows (prefill, perplexity): panels of weight rows are
  * dequantized to float32 (bit for bit the values scale * (q - zero) of the reference) and
- * multiplied by OpenBLAS sgemm, the dequantization in parallel, sgemm with its own threads.
+ * multiplied by OpenBLAS sgemm (threading: panels()).
  *
  * The variant (generic here, AVX2 in x86/matmul_wq_avx2.c) comes from offq_dispatch.wq; a
  * variant's prep step may permute (and scale by powers of two) the columns of x to match the
@@ -139,14 +139,28 @@ static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, 
     return OFFQ_OK;
 }
 
+/* Many rows: panels of at most WQ_PANEL_FLOATS dequantized weights, each multiplied by sgemm.
+ * With OpenBLAS multi-threaded (a direct call), the panels run one after another: the
+ * dequantization split over the OpenMP team, sgemm with OpenBLAS's threads. With OpenBLAS held to
+ * one thread (inside offq's model forward, which parallelises the rest itself: offq/model/
+ * parallel.py) that would leave sgemm, nearly all of the work, on one core, so each thread of the
+ * team takes whole panels (at most a 1/team share of N each), dequantizes them into its own buffer
+ * and runs sgemm on them (single-threaded, concurrent calls: OpenBLAS is thread-safe). */
 static offq_status panels(const float *x, int64_t m, const offq_wq_operand *w, float *out,
                           const offq_wq_ops *ops)
 {
     const int64_t n = w->n, k = w->k;
+    const int team = omp_get_max_threads();
+    const int own = team > 1 && scipy_openblas_get_num_threads() == 1 && n > 16;
+    const int nbuf = own ? team : 1;
     int64_t p = (WQ_PANEL_FLOATS / k) / 16 * 16;
     p = p < 16 ? 16 : p;
+    if (own) {
+        const int64_t share = ((n + team - 1) / team + 15) / 16 * 16;
+        p = p > share ? share : p;
+    }
     p = p > n ? n : p;
-    float *buf = malloc(sizeof(float) * (size_t)(p * k));
+    float *buf = malloc(sizeof(float) * (size_t)(p * k) * (size_t)nbuf);
     float *xp = ops->prep != NULL ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
     if (buf == NULL || (ops->prep != NULL && xp == NULL)) {
         free(buf);
@@ -157,14 +171,30 @@ static offq_status panels(const float *x, int64_t m, const offq_wq_operand *w, f
         ops->prep(x, m, k, w->bits, 0, xp);
     }
     const float *xin = xp != NULL ? xp : x;
-    for (int64_t n0 = 0; n0 < n; n0 += p) {
-        const int64_t nn = n0 + p < n ? p : n - n0;
-#pragma omp parallel for schedule(static) if (nn * k >= ((int64_t)1 << 15))
-        for (int64_t j = 0; j < nn; j++) {
-            ops->dequant(w, n0 + j, n0 + j + 1, buf + j * k);
+    const int64_t count = (n + p - 1) / p;
+    if (own) {
+#pragma omp parallel num_threads(team)
+        {
+            float *mine = buf + (int64_t)omp_get_thread_num() * p * k;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < count; i++) {
+                const int64_t n0 = i * p, nn = n0 + p < n ? p : n - n0;
+                ops->dequant(w, n0, n0 + nn, mine);
+                scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)nn,
+                                  (int)k, 1.0f, xin, (int)k, mine, (int)k, 0.0f, out + n0,
+                                  (int)n);
+            }
         }
-        scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)nn, (int)k, 1.0f,
-                          xin, (int)k, buf, (int)k, 0.0f, out + n0, (int)n);
+    } else {
+        for (int64_t i = 0; i < count; i++) {
+            const int64_t n0 = i * p, nn = n0 + p < n ? p : n - n0;
+#pragma omp parallel for schedule(static) if (nn * k >= ((int64_t)1 << 15))
+            for (int64_t j = 0; j < nn; j++) {
+                ops->dequant(w, n0 + j, n0 + j + 1, buf + j * k);
+            }
+            scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, (int)nn, (int)k,
+                              1.0f, xin, (int)k, buf, (int)k, 0.0f, out + n0, (int)n);
+        }
     }
     free(buf);
     free(xp);

@@ -95,6 +95,22 @@ def test_adversarial(kernel, bits, m):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bits", WQ_BITS)
+def test_many_rows_with_blas_single_threaded(kernel, bits):
+    """Inside offq's forward BLAS is held to one thread; the many-rows path then gives each
+    OpenMP thread whole panels (its own buffer, its own sgemm), which must still be the product."""
+    from offq.kernels import threads
+    from offq.model.parallel import blas_single_threaded
+
+    rng = np.random.default_rng(bits)
+    x, q, s, z = operands(rng, 70, 384, 203, bits, 64, False)
+    with threads(2), blas_single_threaded():
+        check(x, q, s, z, bits, 64, kernel)
+    with threads(2):  # and with OpenBLAS's own threads
+        check(x, q, s, z, bits, 64, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_decode_shape_and_out(kernel):
     """A decode-size product of a model-like shape, written into a given ``out``."""
     rng = np.random.default_rng(7)
