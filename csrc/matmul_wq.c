@@ -23,7 +23,9 @@
 #include "kernels.h"
 
 #define WQ_BLOCK_N 16                    /* output columns per task of the small-M path */
-#define WQ_PAR_MIN ((int64_t)1 << 18)    /* fewer multiply-adds than this: one thread */
+#define WQ_PAR_MIN ((int64_t)1 << 21) /* fewer multiply-adds than this: one thread (below ~2M,
+                                       * waking a sleeping OpenMP team costs more than it saves:
+                                       * 576 x 3072 W4 67 us on one thread, 76 on two) */
 #define WQ_PANEL_FLOATS ((int64_t)1 << 20) /* about 4 MiB of dequantized weights per panel */
 
 int64_t offq_wq_row_bytes(int64_t k, int bits) { return (k * bits + 7) / 8; }

@@ -111,14 +111,20 @@ def test_many_rows_with_blas_single_threaded(kernel, bits):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_decode_shape_and_out(kernel):
-    """A decode-size product of a model-like shape, written into a given ``out``."""
+@pytest.mark.parametrize("n", [576, 1605])
+def test_decode_shape_and_out(kernel, n):
+    """Decode-size products of model-like shapes, written into a given ``out``, with 2 threads:
+    1536 x 576 runs on one thread (below the small path's parallel threshold, ~2M multiply-adds),
+    1536 x 1605 on the team."""
+    from offq.kernels import threads
+
     rng = np.random.default_rng(7)
-    x, q, s, z = operands(rng, 1, 1536, 576, 4, 128, False)
-    out = np.full((1, 576), np.nan, np.float32)
-    res = matmul_wq(x, pack_wq(q, 4), s, z, 4, 128, out=out, kernel=kernel)
-    assert res is out
-    np.testing.assert_allclose(out, check(x, q, s, z, 4, 128, kernel), rtol=0, atol=0)
+    x, q, s, z = operands(rng, 1, 1536, n, 4, 128, False)
+    out = np.full((1, n), np.nan, np.float32)
+    with threads(2):
+        res = matmul_wq(x, pack_wq(q, 4), s, z, 4, 128, out=out, kernel=kernel)
+        assert res is out
+        np.testing.assert_allclose(out, check(x, q, s, z, 4, 128, kernel), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bits", WQ_BITS)
