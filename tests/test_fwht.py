@@ -12,6 +12,7 @@ import pytest
 
 from offq.kernels import SUPPORTED_ORDERS, fwht, hadamard_factor, hadamard_matrix, is_supported
 from offq import _C
+from simd_cap import outputs_by_cap
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {np.float32: 2e-6, np.float64: 1e-13}  # relative to max |y|, times log2(n)
@@ -275,8 +276,6 @@ def test_avx512_mix_is_bit_identical_to_avx2(tmp_path):
     process): every output element is the same FMA chain, so the transforms are equal bit for bit
     in float32 and float64, over orders whose mix takes the wide path (p >= 32), falls back to the
     AVX2 mix (p = 16) or has none (powers of two)."""
-    import offq
-
     sizes = (8960, 1536, 640, 28 * 64, 12 * 16, 576, 4096)
     code = (
         "import numpy as np, sys; from offq.kernels import fwht; "
@@ -286,15 +285,6 @@ def test_avx512_mix_is_bit_identical_to_avx2(tmp_path):
         "    out['d%d' % n] = fwht(rng.standard_normal((2, n)))\n"
         "np.savez(sys.argv[1], **out)"
     )
-    root = str(Path(offq.__file__).resolve().parents[1])
-    pythonpath = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    results = {}
-    for cap in ("", "avx2"):
-        env = dict(os.environ, OFFQ_SIMD_MAX=cap, PYTHONPATH=pythonpath)
-        path = tmp_path / f"mix{cap or 'best'}.npz"
-        r = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
-                           text=True, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        results[cap] = np.load(path)
+    results = outputs_by_cap(code, tmp_path)
     for key in results[""].files:
         np.testing.assert_array_equal(results[""][key], results["avx2"][key], err_msg=key)

@@ -2,11 +2,7 @@
 plain NumPy reference (dequantize, then multiply in float64), on every kernel variant the CPU
 offers; its packing; its argument checks; and ``PackedWeightLinear`` on the real path of a
 weight-only checkpoint."""
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +15,7 @@ from offq.quant.assemble import load_quantized
 from offq.quant.linears import FakeQuantLinear, PackedWeightLinear
 from offq.quant.weight import QuantizedWeight
 from offq.recipe import pipeline
+from simd_cap import outputs_by_cap
 from tiny_models import calibration, tiny_checkpoint, token_ids
 
 SIMD = _C.simd_info()
@@ -212,8 +209,6 @@ def test_avx512_capped_away_and_auto_steps_down(tmp_path):
     """Under OFFQ_SIMD_MAX=avx2 (a fresh process: what an AVX2-only CPU runs) 'avx512' is
     unavailable and auto equals 'avx2' bit for bit; uncapped, auto runs 'avx512' for groups of a
     multiple of 64 and steps down to 'avx2' (not to the generic kernel) for groups of 32 and 96."""
-    import offq
-
     code = (
         "import sys, numpy as np; from offq import _C; "
         "from offq.kernels.matmul_wq import matmul_wq, pack_wq\n"
@@ -229,16 +224,7 @@ def test_avx512_capped_away_and_auto_steps_down(tmp_path):
         "            assert 'avx512' in str(e) and 'not available' in str(e), e\n"
         "np.savez(sys.argv[1], **out)"
     )
-    root = str(Path(offq.__file__).resolve().parents[1])
-    pythonpath = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
-    res = {}
-    for cap in ("", "avx2"):
-        path = tmp_path / f"wq{cap or 'best'}.npz"
-        r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                           env=dict(os.environ, OFFQ_SIMD_MAX=cap, PYTHONPATH=pythonpath),
-                           cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        res[cap] = np.load(path)
+    res = outputs_by_cap(code, tmp_path)
     assert not any(key.startswith("avx512") for key in res["avx2"].files)
     for g in (32, 64, 96, 128):
         np.testing.assert_array_equal(res["avx2"][f"auto{g}"], res["avx2"][f"avx2{g}"])

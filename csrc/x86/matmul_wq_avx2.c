@@ -169,8 +169,8 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
     }
 }
 
-/* sum_g (scale_g * zero_g) * xs[g] */
-INLINE float zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
+/* sum_g (scale_g * zero_g) * xs[g] (the AVX-512 rows use it too) */
+float AVX2 offq_wq_zero_term_avx2(const float *sc, const float *zr, const float *xs, int64_t ng)
 {
     __m256 acc = _mm256_setzero_ps();
     int64_t g = 0;
@@ -213,7 +213,8 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
             }
             const int rr = left >= 4 ? 4 : (int)left;
             for (int r = 0; r < rr; r++) {
-                out[(r0 + r) * ldo + n] = res[r] - zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
+                out[(r0 + r) * ldo + n] =
+                    res[r] - offq_wq_zero_term_avx2(sc, zr, xsum + (r0 + r) * ng, ng);
             }
         }
     }

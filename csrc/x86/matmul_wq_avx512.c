@@ -133,22 +133,6 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
     }
 }
 
-/* sum_g (scale_g * zero_g) * xs[g] */
-INLINE float zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
-{
-    __m512 acc = _mm512_setzero_ps();
-    int64_t g = 0;
-    for (; g + 16 <= ng; g += 16) {
-        const __m512 sz = _mm512_mul_ps(_mm512_loadu_ps(sc + g), _mm512_loadu_ps(zr + g));
-        acc = _mm512_fmadd_ps(sz, _mm512_loadu_ps(xs + g), acc);
-    }
-    float t = _mm512_reduce_add_ps(acc);
-    for (; g < ng; g++) {
-        t += (sc[g] * zr[g]) * xs[g];
-    }
-    return t;
-}
-
 INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
                       int64_t n0, int64_t n1, int64_t ldo, float *out, const int bits)
 {
@@ -165,7 +149,8 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
                 dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, res);
             }
             for (int r = 0; r < rr; r++) {
-                out[(r0 + r) * ldo + n] = res[r] - zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
+                out[(r0 + r) * ldo + n] =
+                    res[r] - offq_wq_zero_term_avx2(sc, zr, xsum + (r0 + r) * ng, ng);
             }
         }
     }
