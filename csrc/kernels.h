@@ -345,7 +345,6 @@ void offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scale
 void offq_wq_rows_avx2(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
                        int64_t n0, int64_t n1, int64_t ldo, float *out);
 void offq_wq_dequant_avx2(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf);
-float offq_wq_zero_term_avx2(const float *sc, const float *zr, const float *xs, int64_t ng);
 void offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp);
 void offq_wq_rows_avx512(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
                          int64_t n0, int64_t n1, int64_t ldo, float *out);

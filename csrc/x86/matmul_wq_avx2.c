@@ -24,10 +24,9 @@
 #ifdef OFFQ_X86
 #include <immintrin.h>
 
+#include "x86/wq_common.h"
+
 #define AVX2 __attribute__((target("avx2,fma")))
-/* Software prefetch distance, in weight rows (as in x86/matmul_wq_avx512.c: a model's weights
- * stream from DRAM; 4096 x 4096 W4 565 instead of 630 us at 1 thread, 365 instead of 403 at 2). */
-#define PF_ROWS 3
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 
 /* Bit offset of field j in lane l. */
@@ -137,7 +136,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
                      int64_t group, const int bits, const int R, int edge, float *res)
 {
     const int A = R <= 2 ? 4 : 2;
-    const int64_t pf = PF_ROWS * offq_wq_row_bytes(k, bits);
+    const int64_t pf = WQ_PF_ROWS * offq_wq_row_bytes(k, bits);
     const int64_t ng = k / group, cpg = group / 32, last = k / 32 - 1;
     const __m256i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
                           field_mask(bits, 3)};
@@ -169,22 +168,6 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
     }
 }
 
-/* sum_g (scale_g * zero_g) * xs[g] (the AVX-512 rows use it too) */
-float AVX2 offq_wq_zero_term_avx2(const float *sc, const float *zr, const float *xs, int64_t ng)
-{
-    __m256 acc = _mm256_setzero_ps();
-    int64_t g = 0;
-    for (; g + 8 <= ng; g += 8) {
-        const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(zr + g));
-        acc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xs + g), acc);
-    }
-    float t = hsum8(acc);
-    for (; g < ng; g++) {
-        t += (sc[g] * zr[g]) * xs[g];
-    }
-    return t;
-}
-
 INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
                       int64_t n0, int64_t n1, int64_t ldo, float *out, const int bits)
 {
@@ -214,7 +197,7 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
             const int rr = left >= 4 ? 4 : (int)left;
             for (int r = 0; r < rr; r++) {
                 out[(r0 + r) * ldo + n] =
-                    res[r] - offq_wq_zero_term_avx2(sc, zr, xsum + (r0 + r) * ng, ng);
+                    res[r] - offq_wq_zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
             }
         }
     }

@@ -19,11 +19,9 @@
 #ifdef OFFQ_X86
 #include <immintrin.h>
 
+#include "x86/wq_common.h"
+
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
-/* Software prefetch distance, in weight rows: a model's weights stream from DRAM, and the hardware
- * prefetcher alone left a 4096 x 4096 W4 product 10-15% slower than at 3 rows (1 and 2 threads;
- * 1, 2 and 6 rows measured between). */
-#define PF_ROWS 3
 #define INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma")))
 
 /* Bit offset of field j in lane L (3 bits: odd lanes of each 8-lane half start 4 bits higher). */
@@ -95,7 +93,7 @@ void AVX512 offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, 
 INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
                      int64_t group, const int bits, const int R, float *res)
 {
-    const int64_t pf = PF_ROWS * offq_wq_row_bytes(k, bits);
+    const int64_t pf = WQ_PF_ROWS * offq_wq_row_bytes(k, bits);
     const int64_t ng = k / group, cpg = group / 64;
     const __m512i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
                           field_mask(bits, 3)};
@@ -150,7 +148,7 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
             }
             for (int r = 0; r < rr; r++) {
                 out[(r0 + r) * ldo + n] =
-                    res[r] - offq_wq_zero_term_avx2(sc, zr, xsum + (r0 + r) * ng, ng);
+                    res[r] - offq_wq_zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
             }
         }
     }
