@@ -329,7 +329,8 @@ void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k, const int8_t *w, co
  * its dequantized panels (scaled = 0) expect (NULL: x as is). rows: outputs [n0, n1) of
  * out[m][ldo] for m <= OFFQ_WQ_SMALL_M rows of xp, xsum [m][k / group] the sums of each group of
  * x. dequant: w_hat rows [n0, n1) into buf[n1 - n0][k] (the panel order prep(scaled = 0) matches).
- * A variant runs only when group % align == 0; otherwise the generic one does. */
+ * A variant runs only when group % align == 0; otherwise auto takes the widest one that can,
+ * a variant asked for by name the generic one (offq_matmul_wq). */
 typedef struct {
     int align;
     void (*prep)(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp);
