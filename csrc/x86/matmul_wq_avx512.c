@@ -24,7 +24,7 @@
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
 #define INLINE static inline __attribute__((always_inline, target("avx512f,avx512bw,avx2,fma")))
 
-/* Bit offset of field j in lane L (3 bits: odd lanes of each 8-lane half start 4 bits higher). */
+/* Bit offset of field j in lane L (3 bits: odd lanes start 4 bits higher). */
 INLINE int field_shift(int bits, int j, int lane)
 {
     return bits * j + (bits == 3 && (lane & 1) ? 4 : 0);
@@ -87,9 +87,9 @@ void AVX512 offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, 
     }
 }
 
-/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R <= 2, for one packed row. One accumulator per field and row. Blocks of 3-4 rows (as AVX2 has)
- * measured slower than blocks of 2, and a second accumulator set for two chunks in flight at
- * R = 1 slower than one. */
+/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R <= 2, for one packed row. One
+ * accumulator per field and row. Blocks of 3-4 rows (as AVX2 has) measured slower than blocks of
+ * 2, and a second accumulator set for two chunks in flight at R = 1 slower than one. */
 INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
                      int64_t group, const int bits, const int R, float *res)
 {
