@@ -176,7 +176,8 @@ def _args(**over):
     (dict(group=24), ValueError, "group: expected a positive group size dividing K=64"),
     (dict(group=-1), ValueError, "group"),
     (dict(kernel="vnni"), ValueError, "kernel: matmul_wq has no 'vnni' variant .*'avx512'"),
-    (dict(kernel="fast"), ValueError, "kernel: expected one of 'auto', 'generic', 'avx2', 'avx512'"),
+    (dict(kernel="fast"), ValueError,
+     "kernel: expected one of 'auto', 'generic', 'avx2', 'avx512'"),
     (dict(out=np.ones((2, 4), np.float32)), ValueError, "out: expected shape"),
     (dict(out=np.ones((2, 3), np.float64)), TypeError, "out: expected dtype float32"),
 ])

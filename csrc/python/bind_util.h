@@ -47,8 +47,13 @@ static inline void offq_value_error_got(const char *msg, double v)
 }
 
 /* Bits of the `variants` argument of offq_parse_kernel: the variants a function has. */
-#define OFFQ_VARIANTS_W4A4 (1u << OFFQ_KERNEL_GENERIC | 1u << OFFQ_KERNEL_AVX2 | 1u << OFFQ_KERNEL_VNNI)
-#define OFFQ_VARIANTS_WQ (1u << OFFQ_KERNEL_GENERIC | 1u << OFFQ_KERNEL_AVX2 | 1u << OFFQ_KERNEL_AVX512)
+#define OFFQ_VARIANT(v) (1u << (v))
+#define OFFQ_VARIANTS_W4A4                                                                      \
+    (OFFQ_VARIANT(OFFQ_KERNEL_GENERIC) | OFFQ_VARIANT(OFFQ_KERNEL_AVX2) |                        \
+     OFFQ_VARIANT(OFFQ_KERNEL_VNNI))
+#define OFFQ_VARIANTS_WQ                                                                        \
+    (OFFQ_VARIANT(OFFQ_KERNEL_GENERIC) | OFFQ_VARIANT(OFFQ_KERNEL_AVX2) |                        \
+     OFFQ_VARIANT(OFFQ_KERNEL_AVX512))
 
 /* The `kernel=` argument of `fn` ("auto" or a variant name in `variants`) -> *out; else
  * ValueError naming the argument and the names `fn` accepts, and -1. */
