@@ -7,10 +7,15 @@
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cblas.h>
 
 #include "kernels.h"
+
+#ifdef OFFQ_X86
+#include <immintrin.h>
+#endif
 
 static const offq_mm_ops mm_generic = {
     .tile = offq_mm_tile_generic,
@@ -88,6 +93,63 @@ static int simd_cap_is(const char *isa)
     return env != NULL && strcmp(env, isa) == 0;
 }
 
+#ifdef OFFQ_X86
+/* Seconds (best of 5) for 8 chains of 4096 fused multiply-adds x * b + acc, DAZ cleared as the
+ * weight-only rows clear it: with b subnormal this is what their subnormal decode costs. */
+__attribute__((target("avx2,fma"), noinline)) static double fma_chain_seconds(float x, float b)
+{
+    volatile float vx = x, vb = b; /* no constant folding */
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr & ~OFFQ_MXCSR_DAZ);
+    const __m256 a = _mm256_set1_ps(vx), m = _mm256_set1_ps(vb);
+    double best = 1e30;
+    for (int rep = 0; rep < 5; rep++) {
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) {
+            acc[c] = _mm256_setzero_ps();
+        }
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (int i = 0; i < 4096; i++) {
+            for (int c = 0; c < 8; c++) {
+                acc[c] = _mm256_fmadd_ps(a, m, acc[c]);
+            }
+        }
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        __m256 s = acc[0];
+        for (int c = 1; c < 8; c++) {
+            s = _mm256_add_ps(s, acc[c]);
+        }
+        volatile float sink = _mm256_cvtss_f32(s);
+        (void)sink;
+        const double t = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+        best = t < best ? t : best;
+    }
+    _mm_setcsr(csr);
+    return best;
+}
+
+/* Whether the weight-only rows decode codes as subnormal floats (kernels.h): only where a
+ * multiply-add with a subnormal operand runs at full speed. Zen 5 measured no difference; CPUs
+ * that take a microcode assist for subnormal operands would lose ~100x, so a probe decides
+ * (about 50 us at import; both decodes give the same bits). OFFQ_WQ_DECODE=convert|subnormal
+ * overrides it (tests, benchmarks). */
+static int subnormal_decode_fast(void)
+{
+    const char *env = getenv("OFFQ_WQ_DECODE");
+    if (env != NULL && strcmp(env, "convert") == 0) {
+        return 0;
+    }
+    if (env != NULL && strcmp(env, "subnormal") == 0) {
+        return 1;
+    }
+    /* products of the same size, 7 * 2^-49, from a normal and from a subnormal operand */
+    const double normal = fma_chain_seconds(0x1p-29f, 7 * 0x1p-20f);
+    const double subnormal = fma_chain_seconds(0x1p100f, 7 * 0x1p-149f);
+    return subnormal <= 1.5 * normal;
+}
+#endif
+
 void offq_cpu_init(void)
 {
     const char *env = getenv("OFFQ_DISABLE_SIMD");
@@ -115,6 +177,7 @@ void offq_cpu_init(void)
         offq_dispatch.matmul_best = OFFQ_KERNEL_AVX2;
         offq_dispatch.wq[OFFQ_KERNEL_AVX2] = &wq_avx2;
         offq_dispatch.wq_best = OFFQ_KERNEL_AVX2;
+        offq_dispatch.wq_subnormal = subnormal_decode_fast();
     }
     if (g_avx512) {
         offq_dispatch.attend = offq_attend_avx512;
@@ -137,6 +200,7 @@ int offq_cpu_has_avx2(void) { return g_avx2; }
 int offq_cpu_has_avx512(void) { return g_avx512; }
 int offq_cpu_has_avx512bw(void) { return g_avx512bw; }
 int offq_cpu_has_avx512_vnni(void) { return g_avx512_vnni; }
+int offq_cpu_wq_subnormal(void) { return offq_dispatch.wq_subnormal; }
 
 void offq_set_num_threads(int n)
 {

@@ -17,6 +17,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define OFFQ_X86 1
+#define OFFQ_MXCSR_DAZ 0x40u /* MXCSR's denormals-are-zero bit (subnormal inputs read as 0) */
 #endif
 
 /* ---- quant --------------------------------------------------------------------------------- */
@@ -326,29 +327,40 @@ void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k, const int8_t *w, co
 
 /* ---- weight-only matmul (matmul_wq.c; format: offq.h) ---------------------------------------
  * A variant is three pieces. prep: x[m][k] -> xp[m][k], the layout its row kernel (scaled = 1) or
- * its dequantized panels (scaled = 0) expect (NULL: x as is). rows: outputs [n0, n1) of
- * out[m][ldo] for m <= OFFQ_WQ_SMALL_M rows of xp, xsum [m][k / group] the sums of each group of
- * x. dequant: w_hat rows [n0, n1) into buf[n1 - n0][k] (the panel order prep(scaled = 0) matches).
- * A variant runs only when group % align == 0; otherwise auto takes the widest one that can,
- * a variant asked for by name the generic one (offq_matmul_wq). */
+ * its dequantized panels (scaled = 0) expect (NULL: x as is), row r of xp also multiplied by
+ * rowmul[r] (a power of two; NULL: 1). rows: outputs [n0, n1) of out[m][ldo] for
+ * m <= OFFQ_WQ_SMALL_M rows of xp, xsum [m][k / group] the sums of each group of x. With
+ * unscale == NULL they convert each code to float; otherwise (xp prepared with rowmul[r] =
+ * 2^(149 - E_r), unscale[r] = 2^E_r; offq_dispatch.wq_subnormal) they use the masked code bits
+ * themselves as a float32, the subnormal q * 2^(t - 149), which saves the conversion and gives the
+ * same bits (matmul_wq.c says when). dequant: w_hat rows [n0, n1) into buf[n1 - n0][k] (the panel
+ * order prep(scaled = 0) matches). A variant runs only when group % align == 0; otherwise auto
+ * takes the widest one that can, a variant asked for by name the generic one (offq_matmul_wq). */
 typedef struct {
     int align;
-    void (*prep)(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp);
-    void (*rows)(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
-                 int64_t n0, int64_t n1, int64_t ldo, float *out);
+    void (*prep)(const float *x, int64_t m, int64_t k, int bits, int scaled, const float *rowmul,
+                 float *xp);
+    void (*rows)(const offq_wq_operand *w, const float *xp, const float *xsum,
+                 const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                 float *out);
     void (*dequant)(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf);
 } offq_wq_ops;
 
-void offq_wq_rows_generic(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
-                          int64_t n0, int64_t n1, int64_t ldo, float *out);
+void offq_wq_rows_generic(const offq_wq_operand *w, const float *xp, const float *xsum,
+                          const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                          float *out);
 void offq_wq_dequant_generic(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf);
-void offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp);
-void offq_wq_rows_avx2(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
-                       int64_t n0, int64_t n1, int64_t ldo, float *out);
+void offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scaled,
+                       const float *rowmul, float *xp);
+void offq_wq_rows_avx2(const offq_wq_operand *w, const float *xp, const float *xsum,
+                       const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                       float *out);
 void offq_wq_dequant_avx2(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf);
-void offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp);
-void offq_wq_rows_avx512(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
-                         int64_t n0, int64_t n1, int64_t ldo, float *out);
+void offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, int scaled,
+                         const float *rowmul, float *xp);
+void offq_wq_rows_avx512(const offq_wq_operand *w, const float *xp, const float *xsum,
+                         const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                         float *out);
 
 /* Code i of a packed row of rb bytes (the bit stream of offq.h). */
 static inline uint32_t offq_wq_code(const uint8_t *row, int64_t rb, int64_t i, int bits)
@@ -375,6 +387,7 @@ typedef struct {
     offq_kernel matmul_best;
     const offq_wq_ops *wq[OFFQ_KERNEL_COUNT]; /* per variant (no VNNI one); NULL: not usable */
     offq_kernel wq_best;
+    int wq_subnormal; /* the SIMD rows may decode codes as subnormal floats (cpu.c) */
 } offq_dispatch_table;
 
 /* Generic entries until offq_cpu_init() runs; written once there, read-only after. */

@@ -64,9 +64,11 @@ void offq_unpack_wq(const uint8_t *packed, int64_t rows, int64_t k, int bits, ui
     }
 }
 
-void offq_wq_rows_generic(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
-                          int64_t n0, int64_t n1, int64_t ldo, float *out)
+void offq_wq_rows_generic(const offq_wq_operand *w, const float *xp, const float *xsum,
+                          const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                          float *out)
 {
+    (void)unscale; /* never set: the generic variant has no prep */
     const int64_t k = w->k, group = w->group, ng = k / group;
     const int bits = w->bits;
     const int64_t rb = offq_wq_row_bytes(k, bits);
@@ -106,12 +108,45 @@ void offq_wq_dequant_generic(const offq_wq_operand *w, int64_t n0, int64_t n1, f
     }
 }
 
+/* The subnormal decode's row factors (kernels.h): rowmul[r] = 2^(149 - E_r), unscale[r] = 2^E_r
+ * with E_r = 22 + max(e, 0), 2^e > max_i |x[r][i]|. Then xp = x * 2^-t * rowmul stays below 2^127,
+ * each product xp * (q * 2^(t - 149)) is exactly x * q * 2^-E_r, and every sum the row kernel
+ * forms is the conversion decode's sum times 2^-E_r, rounded the same, as long as no term falls
+ * below 2^-126 (products x * q under 2^(E_r - 126), at least 2^-104 and at most 2^-44 of the row's
+ * largest |x|: beyond float32's precision, but not bit-identical). Returns 0 (convert instead)
+ * when a row's max |x| is not finite, at least 2^100, or below 2^-40. */
+static int subnormal_factors(const float *x, int64_t m, int64_t k, float *rowmul, float *unscale)
+{
+    for (int64_t r = 0; r < m; r++) {
+        float mx = 0.0f;
+        for (int64_t i = 0; i < k; i++) {
+            const float a = fabsf(x[r * k + i]);
+            if (a != a) {
+                return 0;
+            }
+            mx = a > mx ? a : mx;
+        }
+        if (!(mx < 0x1p100f) || mx < 0x1p-40f) {
+            return 0;
+        }
+        int e;
+        frexpf(mx, &e); /* mx < 2^e */
+        const int E = 22 + (e > 0 ? e : 0);
+        rowmul[r] = ldexpf(1.0f, 149 - E);
+        unscale[r] = ldexpf(1.0f, E);
+    }
+    return 1;
+}
+
 static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, float *out,
                            const offq_wq_ops *ops)
 {
     const int64_t n = w->n, k = w->k, group = w->group, ng = k / group;
-    float *xsum = malloc(sizeof(float) * (size_t)(m * ng));
-    float *xp = ops->prep != NULL ? malloc(sizeof(float) * (size_t)(m * k)) : NULL;
+    float *xsum = malloc(sizeof(float) * (size_t)(m * ng + 2 * m));
+    /* 64-byte aligned: the row kernels' vector loads of xp then never straddle a cache line
+     * (16-byte aligned ones cost the one-row product 15-25%) */
+    float *xp = ops->prep != NULL ? aligned_alloc(64, (sizeof(float) * (size_t)(m * k) + 63) / 64 * 64)
+                                  : NULL;
     if (xsum == NULL || (ops->prep != NULL && xp == NULL)) {
         free(xsum);
         free(xp);
@@ -126,15 +161,20 @@ static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, 
             xsum[r * ng + g] = (float)s;
         }
     }
+    float *rowmul = xsum + m * ng, *unscale = rowmul + m;
+    if (xp == NULL || !offq_dispatch.wq_subnormal ||
+        !subnormal_factors(x, m, k, rowmul, unscale)) {
+        rowmul = unscale = NULL;
+    }
     if (xp != NULL) {
-        ops->prep(x, m, k, w->bits, 1, xp);
+        ops->prep(x, m, k, w->bits, 1, rowmul, xp);
     }
     const float *xin = xp != NULL ? xp : x;
     const int64_t blocks = (n + WQ_BLOCK_N - 1) / WQ_BLOCK_N;
 #pragma omp parallel for schedule(dynamic, 4) if (blocks > 1 && m * n * k >= WQ_PAR_MIN)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n1 = (b + 1) * WQ_BLOCK_N < n ? (b + 1) * WQ_BLOCK_N : n;
-        ops->rows(w, xin, xsum, m, b * WQ_BLOCK_N, n1, n, out);
+        ops->rows(w, xin, xsum, unscale, m, b * WQ_BLOCK_N, n1, n, out);
     }
     free(xsum);
     free(xp);
@@ -170,7 +210,7 @@ static offq_status panels(const float *x, int64_t m, const offq_wq_operand *w, f
         return OFFQ_ERR_NOMEM;
     }
     if (xp != NULL) {
-        ops->prep(x, m, k, w->bits, 0, xp);
+        ops->prep(x, m, k, w->bits, 0, NULL, xp);
     }
     const float *xin = xp != NULL ? xp : x;
     const int64_t count = (n + p - 1) / p;

@@ -15,7 +15,7 @@ from offq.quant.assemble import load_quantized
 from offq.quant.linears import FakeQuantLinear, PackedWeightLinear
 from offq.quant.weight import QuantizedWeight
 from offq.recipe import pipeline
-from simd_cap import outputs_by_cap
+from simd_cap import outputs_by_cap, outputs_by_env
 from tiny_models import calibration, tiny_checkpoint, token_ids
 
 SIMD = _C.simd_info()
@@ -233,6 +233,92 @@ def test_avx512_capped_away_and_auto_steps_down(tmp_path):
         np.testing.assert_array_equal(res[""][f"auto{g}"], res[""][f"{wide}{g}"], err_msg=str(g))
     # the two variants sum in different orders: they differ somewhere (so the test can tell them)
     assert not np.array_equal(res[""]["avx51264"], res[""]["avx264"])
+
+
+_DECODES = (
+    "import sys, numpy as np; from offq import _C; "
+    "from offq.kernels.matmul_wq import matmul_wq, pack_wq\n"
+    "info = _C.simd_info(); rng = np.random.default_rng(5)\n"
+    "out = {'flag': np.array(info['wq_subnormal_decode'])}\n"
+    "kernels = ['avx2'] + (['avx512'] if info['avx512_bw'] else [])\n"
+    "for bits in (2, 3, 4):\n"
+    "    for g, k in ((64, 384), (128, 512), (192, 384)):\n"
+    "        q = rng.integers(0, 1 << bits, (37, k)).astype(np.uint8)\n"
+    "        s = rng.uniform(0.01, 2, (37, k // g)).astype(np.float32)\n"
+    "        z = rng.integers(-20, 40, (37, k // g)).astype(np.float32)\n"
+    "        x = rng.standard_normal((6, k)).astype(np.float32)\n"
+    "        # row maxima across the subnormal decode's range [2^-40, 2^100) and outside it\n"
+    "        x *= np.array([1, 3e-11, 1e25, 1e-13, 4e30, 2.0 ** -30], np.float32)[:, None]\n"
+    "        for m in (1, 2, 3, 6):\n"
+    "            for kern in kernels:\n"
+    "                if g % 64 == 0 or kern == 'avx2':\n"
+    "                    out[f'{kern}_{bits}_{g}_{m}'] = matmul_wq(x[:m], pack_wq(q, bits), s, z,\n"
+    "                                                              bits, g, kernel=kern)\n"
+    "np.savez(sys.argv[1], **out)"
+)
+
+
+@pytest.mark.skipif(not SIMD["avx2"], reason="the CPU has no AVX2")
+def test_subnormal_decode_equals_convert_bit_for_bit(tmp_path):
+    """The subnormal decode (codes read as subnormal floats, activations scaled by 2^(149 - E))
+    gives the conversion decode's bits, for every SIMD variant, bit width, unrolled (64, 128) and
+    run-time (192) group, 1-6 rows, and rows whose largest |x| spans 2^-43 .. 2^102 (those outside
+    [2^-40, 2^100) convert). Each run forces its decode with OFFQ_WQ_DECODE (a fresh process)."""
+    res = outputs_by_env(_DECODES, tmp_path, {"convert": {"OFFQ_WQ_DECODE": "convert"},
+                                              "subnormal": {"OFFQ_WQ_DECODE": "subnormal"}})
+    assert not res["convert"]["flag"] and res["subnormal"]["flag"]
+    keys = [key for key in res["convert"].files if key != "flag"]
+    assert len(keys) >= 36
+    for key in keys:
+        np.testing.assert_array_equal(res["subnormal"][key], res["convert"][key], err_msg=key)
+        assert np.all(np.isfinite(res["convert"][key][:4])), key
+
+
+class _MXCSR:
+    """Set MXCSR's denormals-are-zero bit of this thread (through glibc's fenv_t, whose
+    x86-64 layout ends in the 32-bit MXCSR at byte 28), as code built with -ffast-math does."""
+    DAZ = 0x40
+
+    def __init__(self):
+        import ctypes
+
+        self.libm = ctypes.CDLL(None)
+        self.buf = ctypes.create_string_buffer(64)
+
+    def get(self) -> int:
+        assert self.libm.fegetenv(self.buf) == 0
+        return int.from_bytes(self.buf.raw[28:32], "little")
+
+    def set(self, csr: int) -> None:
+        self.libm.fegetenv(self.buf)
+        raw = bytearray(self.buf.raw)
+        raw[28:32] = csr.to_bytes(4, "little")
+        self.buf.raw = bytes(raw)
+        assert self.libm.fesetenv(self.buf) == 0
+
+
+@pytest.mark.skipif(not SIMD["wq_subnormal_decode"], reason="the subnormal decode is not used here")
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k not in ("generic",)])
+def test_subnormal_decode_under_daz(kernel):
+    """A process with DAZ set (subnormal inputs read as zero) still gets the product: the rows
+    clear DAZ for themselves and restore it. A small product, so it runs on this thread."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("MXCSR is x86's")
+    rng = np.random.default_rng(11)
+    x, q, s, z = operands(rng, 2, 256, 24, 4, 64, False)
+    ref = check(x, q, s, z, 4, 64, kernel)
+    mxcsr = _MXCSR()
+    before = mxcsr.get()
+    try:
+        mxcsr.set(before | _MXCSR.DAZ)
+        got = matmul_wq(x, pack_wq(q, 4), s, z, 4, 64, kernel=kernel)
+        after = mxcsr.get()
+    finally:
+        mxcsr.set(before)
+    assert after == before | _MXCSR.DAZ
+    np.testing.assert_array_equal(got, ref)
 
 
 def test_empty_products():

@@ -11,8 +11,13 @@
  * (lane & (mask << t)) = q * 2^t, and converted to float (exact: at most 24 significant bits).
  * The 2^t is undone in the activations instead: prep reorders each 32-column chunk of x as
  * xp[8j + l] = x[4l + j] * 2^-t (exact unless that underflows, |x| < 2^-113), so
- * xp[8j + l] * float(field j of lane l) = x * q exactly as the generic kernel forms it. Per group: four accumulators a row (one per field), then
- * tot = fma(scale, sum, tot); the zero-point term sum_g scale*zero*xsum is subtracted at the end.
+ * xp[8j + l] * float(field j of lane l) = x * q exactly as the generic kernel forms it. The
+ * subnormal decode (kernels.h) skips the conversion: the masked lane, read as a float32, is the
+ * subnormal q * 2^(t - 149), and prep's row factor 2^(149 - E) makes the product x * q * 2^-E
+ * (one multiply-add per field instead of a conversion and a multiply-add: 4.3 -> 3.0 cycles a
+ * 32-code chunk on Zen 5, a scratch loop). Per group: four accumulators a row (one per field),
+ * then tot = fma(scale, sum, tot); the zero-point term sum_g scale*zero*xsum is subtracted at the
+ * end.
  * A block of up to 4 rows of x shares each decoded chunk (two accumulators a row then).
  *
  * Dequantization (the panels of the many-rows path): the field q = (lane & mask_jl) * 2^-t,
@@ -85,7 +90,8 @@ INLINE float hsum8(__m256 v)
     return _mm_cvtss_f32(x);
 }
 
-void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scaled, float *xp)
+void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scaled,
+                            const float *rowmul, float *xp)
 {
     float f[4][8];
     for (int j = 0; j < 4; j++) {
@@ -94,34 +100,47 @@ void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int 
         }
     }
     for (int64_t r = 0; r < m; r++) {
+        float fr[4][8]; /* powers of two: their products are exact */
+        for (int j = 0; j < 4; j++) {
+            for (int l = 0; l < 8; l++) {
+                fr[j][l] = f[j][l] * (rowmul != NULL ? rowmul[r] : 1.0f);
+            }
+        }
         for (int64_t c = 0; c < k; c += 32) {
             const float *s = x + r * k + c;
             float *d = xp + r * k + c;
             for (int j = 0; j < 4; j++) {
                 for (int l = 0; l < 8; l++) {
-                    d[8 * j + l] = s[4 * l + j] * f[j][l];
+                    d[8 * j + l] = s[4 * l + j] * fr[j][l];
                 }
             }
         }
     }
 }
 
+/* Field j (lanes masked by m) as floats: converted, or (sub) the masked bits themselves, the
+ * subnormal q * 2^(t - 149) (kernels.h). */
+INLINE __m256 field_float(__m256i v, __m256i m, const int sub)
+{
+    const __m256i q = _mm256_and_si256(v, m);
+    return sub ? _mm256_castsi256_ps(q) : _mm256_cvtepi32_ps(q);
+}
+
 /* One chunk c into the accumulators: field j of row r goes to d[r][j % A]. */
 INLINE void chunk_fma(const uint8_t *row, const float *xp, int64_t k, int64_t c, const int bits,
-                      const int R, const int A, int edge, const __m256i *m, __m256 (*d)[4],
-                      int64_t pf)
+                      const int R, const int A, const int sub, int edge, const __m256i *m,
+                      __m256 (*d)[4])
 {
-    _mm_prefetch((const char *)(row + c * 4 * bits + pf), _MM_HINT_T0);
     const __m256i v = chunk_lanes(row + c * 4 * bits, bits, edge);
     const float *x0 = xp + c * 32;
-    __m256 fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[0]));
-    __m256 fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[1]));
+    __m256 fa = field_float(v, m[0], sub);
+    __m256 fb = field_float(v, m[1], sub);
     for (int r = 0; r < R; r++) {
         d[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k), fa, d[r][0]);
         d[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 8), fb, d[r][1]);
     }
-    fa = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[2]));
-    fb = _mm256_cvtepi32_ps(_mm256_and_si256(v, m[3]));
+    fa = field_float(v, m[2], sub);
+    fb = field_float(v, m[3], sub);
     for (int r = 0; r < R; r++) {
         d[r][2 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 16), fa, d[r][2 % A]);
         d[r][3 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 24), fb, d[r][3 % A]);
@@ -129,15 +148,18 @@ INLINE void chunk_fma(const uint8_t *row, const float *xp, int64_t k, int64_t c,
 }
 
 /* res[r] = sum_g scale_g * (sum of x * q over group g), r < R, for one packed row; `edge`: the
- * row ends the array. Accumulators: one per field for R <= 2, two a row (even, odd fields) for
- * 3-4 rows, so that the 16 ymm registers hold them, the running totals and two decoded fields
- * (8 accumulators for one row, two chunks in flight, measured slower). */
+ * row ends the array; CPG: the chunks per group when a compile-time constant (the chunk loop then
+ * unrolls: a run-time loop of 2-4 iterations cost 5-15% at one row), else 0. Accumulators: one
+ * per field for R <= 2, two a row (even, odd fields) for 3-4 rows, so that the 16 ymm registers
+ * hold them, the running totals and two decoded fields (8 accumulators for one row, two chunks in
+ * flight, measured slower). */
 INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
-                     int64_t group, const int bits, const int R, int edge, float *res)
+                     int64_t group, const int bits, const int R, const int sub, const int CPG,
+                     int edge, float *res)
 {
     const int A = R <= 2 ? 4 : 2;
     const int64_t pf = WQ_PF_ROWS * offq_wq_row_bytes(k, bits);
-    const int64_t ng = k / group, cpg = group / 32, last = k / 32 - 1;
+    const int64_t ng = k / group, cpg = CPG ? CPG : group / 32, last = k / 32 - 1;
     const __m256i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
                           field_mask(bits, 3)};
     __m256 tot[4];
@@ -151,8 +173,14 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
                 d[r][j] = _mm256_setzero_ps();
             }
         }
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
-            chunk_fma(row, xp, k, c, bits, R, A, edge && c == last, m, d, pf);
+        /* the group's bytes some rows ahead, one prefetch per 64 (a group of 128 codes at up to
+         * 4 bits is one cache line) */
+        for (int64_t b = 0; b < cpg * 4 * bits; b += 64) {
+            _mm_prefetch((const char *)(row + g * cpg * 4 * bits + b + pf), _MM_HINT_T0);
+        }
+        for (int64_t i = 0; i < cpg; i++) {
+            const int64_t c = g * cpg + i;
+            chunk_fma(row, xp, k, c, bits, R, A, sub, edge && c == last, m, d);
         }
         const __m256 s = _mm256_set1_ps(sc[g]);
         for (int r = 0; r < R; r++) {
@@ -168,8 +196,9 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
     }
 }
 
-INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
-                      int64_t n0, int64_t n1, int64_t ldo, float *out, const int bits)
+INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xsum,
+                      const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                      float *out, const int bits, const int sub)
 {
     const int64_t k = w->k, group = w->group, ng = k / group, rb = offq_wq_row_bytes(k, bits);
     for (int64_t n = n0; n < n1; n++) {
@@ -180,43 +209,65 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
             const int64_t left = m - r0;
             const float *xb = xp + r0 * k;
             float res[4];
-            switch (left >= 4 ? 4 : left) {
-            case 1:
-                dot_rows(row, sc, xb, k, group, bits, 1, edge, res);
-                break;
-            case 2:
-                dot_rows(row, sc, xb, k, group, bits, 2, edge, res);
-                break;
-            case 3:
-                dot_rows(row, sc, xb, k, group, bits, 3, edge, res);
-                break;
-            default:
-                dot_rows(row, sc, xb, k, group, bits, 4, edge, res);
-                break;
+            if (left == 1 && group == 128) { /* decode: the common groups unrolled */
+                dot_rows(row, sc, xb, k, group, bits, 1, sub, 4, edge, res);
+            } else if (left == 1 && group == 64) {
+                dot_rows(row, sc, xb, k, group, bits, 1, sub, 2, edge, res);
+            } else {
+                switch (left >= 4 ? 4 : left) {
+                case 1:
+                    dot_rows(row, sc, xb, k, group, bits, 1, sub, 0, edge, res);
+                    break;
+                case 2:
+                    dot_rows(row, sc, xb, k, group, bits, 2, sub, 0, edge, res);
+                    break;
+                case 3:
+                    dot_rows(row, sc, xb, k, group, bits, 3, sub, 0, edge, res);
+                    break;
+                default:
+                    dot_rows(row, sc, xb, k, group, bits, 4, sub, 0, edge, res);
+                    break;
+                }
             }
             const int rr = left >= 4 ? 4 : (int)left;
             for (int r = 0; r < rr; r++) {
+                const float dot = sub ? res[r] * unscale[r0 + r] : res[r];
                 out[(r0 + r) * ldo + n] =
-                    res[r] - offq_wq_zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
+                    dot - offq_wq_zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
             }
         }
     }
 }
 
-void AVX2 offq_wq_rows_avx2(const offq_wq_operand *w, const float *xp, const float *xsum,
-                            int64_t m, int64_t n0, int64_t n1, int64_t ldo, float *out)
+/* The decode (convert or subnormal) times the bit width, each a specialised copy. */
+INLINE void rows_decode(const offq_wq_operand *w, const float *xp, const float *xsum,
+                        const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                        float *out, const int sub)
 {
     switch (w->bits) {
     case 2:
-        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 2);
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 2, sub);
         break;
     case 3:
-        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 3);
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 3, sub);
         break;
     default:
-        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 4);
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 4, sub);
         break;
     }
+}
+
+void AVX2 offq_wq_rows_avx2(const offq_wq_operand *w, const float *xp, const float *xsum,
+                            const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                            float *out)
+{
+    if (unscale == NULL) {
+        rows_decode(w, xp, xsum, NULL, m, n0, n1, ldo, out, 0);
+        return;
+    }
+    const unsigned csr = offq_wq_clear_daz();
+    rows_decode(w, xp, xsum, unscale, m, n0, n1, ldo, out, 1);
+    offq_wq_restore_csr(csr);
 }
 
 INLINE void dequant_bits(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf,

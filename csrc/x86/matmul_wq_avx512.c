@@ -9,7 +9,8 @@
  *   3 bits: 24 bytes, each lane's two bytes brought in by a dword permute and a byte shuffle
  *           (chunk_lanes); odd lanes' fields start 4 bits higher, as in AVX2.
  * prep(scaled = 1) reorders each 64-column chunk of x to match: xp[16j + L] = x[4L + j] * 2^-t,
- * t the field's bit offset in its lane (exact unless that underflows, as in AVX2). A variant's
+ * t the field's bit offset in its lane (exact unless that underflows, as in AVX2), times the row
+ * factor of the subnormal decode (kernels.h) when it runs. A variant's
  * dequantized panels (the many-rows path) are the AVX2 variant's: prep(scaled = 0) delegates.
  * At M = 1 the product is compute bound (its time per weight row is the same for L2- and
  * DRAM-sized weights), which is why the wider vectors pay.
@@ -62,10 +63,10 @@ INLINE __m512i chunk_lanes(const uint8_t *p, const int bits)
 }
 
 void AVX512 offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, int scaled,
-                                float *xp)
+                                const float *rowmul, float *xp)
 {
     if (!scaled) { /* the panels are the AVX2 variant's */
-        offq_wq_prep_avx2(x, m, k, bits, scaled, xp);
+        offq_wq_prep_avx2(x, m, k, bits, scaled, rowmul, xp);
         return;
     }
     float f[4][16];
@@ -75,26 +76,34 @@ void AVX512 offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, 
         }
     }
     for (int64_t r = 0; r < m; r++) {
+        float fr[4][16]; /* powers of two: their products are exact */
+        for (int j = 0; j < 4; j++) {
+            for (int l = 0; l < 16; l++) {
+                fr[j][l] = f[j][l] * (rowmul != NULL ? rowmul[r] : 1.0f);
+            }
+        }
         for (int64_t c = 0; c < k; c += 64) {
             const float *s = x + r * k + c;
             float *d = xp + r * k + c;
             for (int j = 0; j < 4; j++) {
                 for (int l = 0; l < 16; l++) {
-                    d[16 * j + l] = s[4 * l + j] * f[j][l];
+                    d[16 * j + l] = s[4 * l + j] * fr[j][l];
                 }
             }
         }
     }
 }
 
-/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R <= 2, for one packed row. One
- * accumulator per field and row. Blocks of 3-4 rows (as AVX2 has) measured slower than blocks of
- * 2, and a second accumulator set for two chunks in flight at R = 1 slower than one. */
+/* res[r] = sum_g scale_g * (sum of x * q over group g), r < R <= 2, for one packed row; CPG: the
+ * chunks per group when a compile-time constant (the loop unrolls), else 0. One accumulator per
+ * field and row. Blocks of 3-4 rows (as AVX2 has) measured slower than blocks of 2, and a second
+ * accumulator set for two chunks in flight at R = 1 slower than one. */
 INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
-                     int64_t group, const int bits, const int R, float *res)
+                     int64_t group, const int bits, const int R, const int sub, const int CPG,
+                     float *res)
 {
     const int64_t pf = WQ_PF_ROWS * offq_wq_row_bytes(k, bits);
-    const int64_t ng = k / group, cpg = group / 64;
+    const int64_t ng = k / group, cpg = CPG ? CPG : group / 64;
     const __m512i m[4] = {field_mask(bits, 0), field_mask(bits, 1), field_mask(bits, 2),
                           field_mask(bits, 3)};
     __m512 tot[2];
@@ -108,12 +117,17 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
                 d[r][j] = _mm512_setzero_ps();
             }
         }
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
-            _mm_prefetch((const char *)(row + c * 8 * bits + pf), _MM_HINT_T0);
+        /* the group's bytes some rows ahead, one prefetch per 64 */
+        for (int64_t b = 0; b < cpg * 8 * bits; b += 64) {
+            _mm_prefetch((const char *)(row + g * cpg * 8 * bits + b + pf), _MM_HINT_T0);
+        }
+        for (int64_t i = 0; i < cpg; i++) {
+            const int64_t c = g * cpg + i;
             const __m512i v = chunk_lanes(row + c * 8 * bits, bits);
             const float *x0 = xp + c * 64;
             for (int j = 0; j < 4; j++) {
-                const __m512 f = _mm512_cvtepi32_ps(_mm512_and_si512(v, m[j]));
+                const __m512i q = _mm512_and_si512(v, m[j]);
+                const __m512 f = sub ? _mm512_castsi512_ps(q) : _mm512_cvtepi32_ps(q);
                 for (int r = 0; r < R; r++) {
                     d[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + r * k + 16 * j), f, d[r][j]);
                 }
@@ -131,8 +145,9 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
     }
 }
 
-INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xsum, int64_t m,
-                      int64_t n0, int64_t n1, int64_t ldo, float *out, const int bits)
+INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xsum,
+                      const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                      float *out, const int bits, const int sub)
 {
     const int64_t k = w->k, group = w->group, ng = k / group, rb = offq_wq_row_bytes(k, bits);
     for (int64_t n = n0; n < n1; n++) {
@@ -142,31 +157,51 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
             const int rr = m - r0 >= 2 ? 2 : 1;
             float res[2];
             if (rr == 2) {
-                dot_rows(row, sc, xp + r0 * k, k, group, bits, 2, res);
+                dot_rows(row, sc, xp + r0 * k, k, group, bits, 2, sub, 0, res);
+            } else if (group == 128) { /* decode: the common groups unrolled */
+                dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, sub, 2, res);
+            } else if (group == 64) {
+                dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, sub, 1, res);
             } else {
-                dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, res);
+                dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, sub, 0, res);
             }
             for (int r = 0; r < rr; r++) {
+                const float dot = sub ? res[r] * unscale[r0 + r] : res[r];
                 out[(r0 + r) * ldo + n] =
-                    res[r] - offq_wq_zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
+                    dot - offq_wq_zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
             }
         }
     }
 }
 
-void AVX512 offq_wq_rows_avx512(const offq_wq_operand *w, const float *xp, const float *xsum,
-                                int64_t m, int64_t n0, int64_t n1, int64_t ldo, float *out)
+/* The decode (convert or subnormal) times the bit width, each a specialised copy. */
+INLINE void rows_decode(const offq_wq_operand *w, const float *xp, const float *xsum,
+                        const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                        float *out, const int sub)
 {
     switch (w->bits) {
     case 2:
-        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 2);
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 2, sub);
         break;
     case 3:
-        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 3);
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 3, sub);
         break;
     default:
-        rows_bits(w, xp, xsum, m, n0, n1, ldo, out, 4);
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 4, sub);
         break;
     }
+}
+
+void AVX512 offq_wq_rows_avx512(const offq_wq_operand *w, const float *xp, const float *xsum,
+                                const float *unscale, int64_t m, int64_t n0, int64_t n1,
+                                int64_t ldo, float *out)
+{
+    if (unscale == NULL) {
+        rows_decode(w, xp, xsum, NULL, m, n0, n1, ldo, out, 0);
+        return;
+    }
+    const unsigned csr = offq_wq_clear_daz();
+    rows_decode(w, xp, xsum, unscale, m, n0, n1, ldo, out, 1);
+    offq_wq_restore_csr(csr);
 }
 #endif

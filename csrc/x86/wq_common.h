@@ -32,4 +32,23 @@ offq_wq_zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
     return t;
 }
 
+/* The subnormal decode (kernels.h) needs subnormal operands read as they are: a process may run
+ * with MXCSR's DAZ bit set (code built with -ffast-math sets it when loaded), so the rows clear it
+ * for their own thread and put it back. */
+static inline unsigned offq_wq_clear_daz(void)
+{
+    const unsigned csr = _mm_getcsr();
+    if (csr & OFFQ_MXCSR_DAZ) {
+        _mm_setcsr(csr & ~OFFQ_MXCSR_DAZ);
+    }
+    return csr;
+}
+
+static inline void offq_wq_restore_csr(unsigned csr)
+{
+    if (csr & OFFQ_MXCSR_DAZ) {
+        _mm_setcsr(csr);
+    }
+}
+
 #endif

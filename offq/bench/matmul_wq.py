@@ -10,7 +10,9 @@ in the same process, same thread setting. M = 1 is decode: the float32 W (64 MB)
 DRAM, while the packed one (bits/32 of it) would stay in L3 between calls, so a second row,
 `streamed`, cycles through copies of the packed weight filling 128 MiB (what a model's decode
 reads). At M = 1 the packed product is compute bound (its time per weight row does not change
-from L2- to DRAM-sized weights): mask, convert and multiply-add per vector of codes. M = 512 is
+from L2- to DRAM-sized weights): a mask and a multiply-add per vector of codes, plus a conversion
+to float where the CPU does not take the subnormal decode (``simd_info()["wq_subnormal_decode"]``;
+``OFFQ_WQ_DECODE=convert`` forces the conversion; both give the same bits). M = 512 is
 prefill (panels dequantized to float32, then sgemm). GFLOP/s counts 2*M*N*K; GB/s counts the
 packed weight, its scales and zero-points, x and the output.
 """
@@ -42,6 +44,7 @@ def kernel_names() -> list[str]:
 def run(threads: int, quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
+    decode = "subnormal" if _C.simd_info()["wq_subnormal_decode"] else "convert"
     for m, k, n in QUICK_SHAPES if quick else SHAPES:
         x = rng.standard_normal((m, k), dtype=np.float32)
         w = rng.standard_normal((n, k), dtype=np.float32)
@@ -71,6 +74,7 @@ def run(threads: int, quick: bool) -> list[dict]:
                     threads, t["offq"], flops=2.0 * m * n * k, nbytes=nbytes,
                     baselines={blas: t["blas"]},
                     note=f"float32 x, W {bits}-bit asym g{GROUP} packed, dequantized on the fly"
+                    + (f"; {decode} decode" if m == 1 and kern != "generic" else "")
                     + (f"; {STREAM_BYTES >> 20} MiB of copies cycled" if "streamed" in label
                        else "")))
     return rows

@@ -11,8 +11,14 @@ layout (``QTensor.codes``: element ``2i`` in the low nibble), for 2 bits four co
 
 ``matmul_wq(x, packed, scale, zero, bits, group) == x @ w_hat.T`` up to float32 summation order
 (relative error ~1e-7 of ``|x| @ |w_hat|.T``). A few rows of ``x`` (decode) read the packed
-weights once (AVX2 + FMA where the CPU has it and ``group`` is a multiple of 32, else the generic
-C kernel); many rows dequantize panels of weight rows to float32 and use sgemm.
+weights once (AVX-512 F + BW where the CPU has it and ``group`` is a multiple of 64, AVX2 + FMA
+for multiples of 32, else the generic C kernel); many rows dequantize panels of weight rows to
+float32 and use sgemm. Where a multiply-add with a subnormal operand runs at full speed (a probe
+at import decides: ``_C.simd_info()["wq_subnormal_decode"]``), the SIMD decode skips the
+int-to-float conversion: the masked code bits are used as the subnormal float ``q * 2^(t-149)``
+and the activations pre-scaled to match, which gives the conversion's bits (rows whose largest
+``|x|`` lies outside ``[2^-40, 2^100)`` convert). ``OFFQ_WQ_DECODE=convert|subnormal`` overrides
+the probe.
 """
 from __future__ import annotations
 
