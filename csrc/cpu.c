@@ -42,6 +42,13 @@ static const offq_wq_ops wq_avx512 = {
     .dequant = offq_wq_dequant_avx2, /* prep(scaled = 0) keeps the AVX2 panel order */
 };
 
+static const offq_wq_ops wq_avx512vbmi = { /* the same variant, its 3-bit lanes by vpermb */
+    .align = 64,
+    .prep = offq_wq_prep_avx512,
+    .rows = offq_wq_rows_avx512vbmi,
+    .dequant = offq_wq_dequant_avx2,
+};
+
 static const offq_mm_ops mm_avx2 = {
     .tile = offq_mm_tile_avx2,
     .pack_panel = offq_mm_pack_panel_avx2,
@@ -82,11 +89,13 @@ offq_dispatch_table offq_dispatch = {
 static int g_avx2 = 0;
 static int g_avx512 = 0; /* AVX-512 F: the float kernels' 16-lane variants */
 static int g_avx512bw = 0; /* AVX-512 F + BW: the weight-only product's */
+static int g_avx512_vbmi = 0; /* + VBMI: matmul_wq's 3-bit lanes in one byte permute */
 static int g_avx512_vnni = 0;
 static int g_disabled = 0;
 
 /* OFFQ_SIMD_MAX=avx2 stops the dispatch at the AVX2 variants (what an AVX2-only CPU such as Zen3
- * runs: benchmarks and tests emulate one with it); =generic is OFFQ_DISABLE_SIMD=1. */
+ * runs: benchmarks and tests emulate one with it); =avx512 at AVX-512 F + BW without VBMI and VNNI
+ * (a Skylake-SP); =generic is OFFQ_DISABLE_SIMD=1. */
 static int simd_cap_is(const char *isa)
 {
     const char *env = getenv("OFFQ_SIMD_MAX");
@@ -160,7 +169,9 @@ void offq_cpu_init(void)
         g_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         g_avx512 = g_avx2 && !simd_cap_is("avx2") && __builtin_cpu_supports("avx512f");
         g_avx512bw = g_avx512 && __builtin_cpu_supports("avx512bw");
-        g_avx512_vnni = g_avx512bw &&
+        g_avx512_vbmi = g_avx512bw && !simd_cap_is("avx512") &&
+                        __builtin_cpu_supports("avx512vbmi");
+        g_avx512_vnni = g_avx512bw && !simd_cap_is("avx512") &&
                         __builtin_cpu_supports("avx512vl") &&
                         __builtin_cpu_supports("avx512vnni");
     }
@@ -185,7 +196,7 @@ void offq_cpu_init(void)
         offq_dispatch.mix_f64 = offq_mix_f64_avx512;
     }
     if (g_avx512bw) {
-        offq_dispatch.wq[OFFQ_KERNEL_AVX512] = &wq_avx512;
+        offq_dispatch.wq[OFFQ_KERNEL_AVX512] = g_avx512_vbmi ? &wq_avx512vbmi : &wq_avx512;
         offq_dispatch.wq_best = OFFQ_KERNEL_AVX512;
     }
     if (g_avx512_vnni) {
@@ -199,6 +210,7 @@ int offq_cpu_simd_disabled(void) { return g_disabled; }
 int offq_cpu_has_avx2(void) { return g_avx2; }
 int offq_cpu_has_avx512(void) { return g_avx512; }
 int offq_cpu_has_avx512bw(void) { return g_avx512bw; }
+int offq_cpu_has_avx512_vbmi(void) { return g_avx512_vbmi; }
 int offq_cpu_has_avx512_vnni(void) { return g_avx512_vnni; }
 int offq_cpu_wq_subnormal(void) { return offq_dispatch.wq_subnormal; }
 

@@ -361,6 +361,9 @@ void offq_wq_prep_avx512(const float *x, int64_t m, int64_t k, int bits, int sca
 void offq_wq_rows_avx512(const offq_wq_operand *w, const float *xp, const float *xsum,
                          const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
                          float *out);
+void offq_wq_rows_avx512vbmi(const offq_wq_operand *w, const float *xp, const float *xsum,
+                             const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
+                             float *out);
 
 /* Code i of a packed row of rb bytes (the bit stream of offq.h). */
 static inline uint32_t offq_wq_code(const uint8_t *row, int64_t rb, int64_t i, int bits)

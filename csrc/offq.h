@@ -33,6 +33,7 @@ void offq_cpu_init(void);
 int offq_cpu_has_avx2(void);        /* AVX2 + FMA usable */
 int offq_cpu_has_avx512(void);      /* AVX-512 F usable (and not capped by OFFQ_SIMD_MAX=avx2) */
 int offq_cpu_has_avx512bw(void);    /* AVX-512 F + BW usable (the weight-only product's variant) */
+int offq_cpu_has_avx512_vbmi(void); /* AVX-512 F/BW + VBMI usable (matmul_wq's 3-bit lanes) */
 int offq_cpu_has_avx512_vnni(void); /* AVX-512 F/BW/VL + VNNI usable */
 int offq_cpu_wq_subnormal(void);   /* matmul_wq's SIMD rows decode codes as subnormal floats */
 int offq_cpu_simd_disabled(void);   /* OFFQ_DISABLE_SIMD=1 was set at init */

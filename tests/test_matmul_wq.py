@@ -235,6 +235,30 @@ def test_avx512_capped_away_and_auto_steps_down(tmp_path):
     assert not np.array_equal(res[""]["avx51264"], res[""]["avx264"])
 
 
+@pytest.mark.skipif(not SIMD["avx512_vbmi"], reason="the CPU has no AVX-512 VBMI")
+def test_avx512_3bit_lanes_with_and_without_vbmi(tmp_path):
+    """The AVX-512 rows decode 3-bit chunks by one VBMI byte permute where the CPU has it, else by
+    a dword permute and a byte shuffle (OFFQ_SIMD_MAX=avx512, a fresh process): the same lanes,
+    so the same bits. The weights end the packed array at a chunk boundary (the last chunk is read
+    with a masked load: ASan builds check that nothing after it is touched)."""
+    code = (
+        "import sys, numpy as np; from offq.kernels.matmul_wq import matmul_wq, pack_wq\n"
+        "rng = np.random.default_rng(9); out = {}\n"
+        "for g, k in ((64, 192), (128, 384), (192, 576)):\n"
+        "    q = rng.integers(0, 8, (21, k)).astype(np.uint8); p = pack_wq(q, 3)\n"
+        "    s = rng.uniform(0.1, 1, (21, k // g)).astype(np.float32)\n"
+        "    z = rng.integers(-9, 17, (21, k // g)).astype(np.float32)\n"
+        "    for m in (1, 2, 3):\n"
+        "        x = rng.standard_normal((m, k)).astype(np.float32)\n"
+        "        out[f'{g}_{m}'] = matmul_wq(x, p, s, z, 3, g, kernel='avx512')\n"
+        "np.savez(sys.argv[1], **out)"
+    )
+    res = outputs_by_cap(code, tmp_path, caps=("", "avx512"))
+    assert len(res[""].files) == 9
+    for key in res[""].files:
+        np.testing.assert_array_equal(res[""][key], res["avx512"][key], err_msg=key)
+
+
 _DECODES = (
     "import sys, numpy as np; from offq import _C; "
     "from offq.kernels.matmul_wq import matmul_wq, pack_wq\n"

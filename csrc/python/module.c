@@ -113,10 +113,11 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *Py_UNUSED(ignored)
 
 static PyObject *py_simd_info(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
-    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O}", "avx2",
+    return Py_BuildValue("{s:O,s:O,s:O,s:O,s:O,s:O,s:O}", "avx2",
                          offq_cpu_has_avx2() ? Py_True : Py_False,
                          "avx512", offq_cpu_has_avx512() ? Py_True : Py_False,
                          "avx512_bw", offq_cpu_has_avx512bw() ? Py_True : Py_False,
+                         "avx512_vbmi", offq_cpu_has_avx512_vbmi() ? Py_True : Py_False,
                          "avx512_vnni", offq_cpu_has_avx512_vnni() ? Py_True : Py_False,
                          "wq_subnormal_decode", offq_cpu_wq_subnormal() ? Py_True : Py_False,
                          "disabled_by_env", offq_cpu_simd_disabled() ? Py_True : Py_False);
