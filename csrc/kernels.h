@@ -11,6 +11,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "offq.h"
@@ -19,6 +20,13 @@
 #define OFFQ_X86 1
 #define OFFQ_MXCSR_DAZ 0x40u /* MXCSR's denormals-are-zero bit (subnormal inputs read as 0) */
 #endif
+
+/* A 64-byte aligned buffer of at least `bytes` (at least one line), released with free(). */
+static inline void *offq_alloc64(size_t bytes)
+{
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    return aligned_alloc(64, rounded ? rounded : 64);
+}
 
 /* ---- quant --------------------------------------------------------------------------------- */
 

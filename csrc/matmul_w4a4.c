@@ -241,12 +241,6 @@ void offq_mm_pack_tile(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t
     }
 }
 
-static void *aligned_buf(size_t bytes)
-{
-    size_t rounded = (bytes + 63) / 64 * 64;
-    return aligned_alloc(64, rounded ? rounded : 64);
-}
-
 /* The small-M path: activations to the [even | odd] chunk layout of the gemv (chunks of
  * gv->chunk elements: 64 for AVX2, 128 for VNNI; plain order for the decode layout), then
  * gv->range per MS rows, groups of 8 columns split over the team. */
@@ -255,7 +249,7 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
 {
     const int64_t ch = gv->chunk;
     const int64_t k = pl->k, rb = (k + 1) / 2, nga = k / a->group;
-    uint8_t *ap = aligned_buf((size_t)(MS * k));
+    uint8_t *ap = offq_alloc64((size_t)(MS * k));
     float *par = malloc(sizeof(float) * (size_t)(3 * MS * pl->nb));
     if (ap == NULL || par == NULL) {
         free(ap);
@@ -376,7 +370,7 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
     const int64_t nga = k / a->group;
 
     /* 1. activations: unpack once, per-block sums, zero-points and scales per row. */
-    uint8_t *acodes = aligned_buf((size_t)(pl.mp * pl.kp));
+    uint8_t *acodes = offq_alloc64((size_t)(pl.mp * pl.kp));
     float *apar = malloc(sizeof(float) * (size_t)(3 * pl.mp * pl.nb));
     if (acodes == NULL || apar == NULL) {
         free(acodes);
@@ -444,7 +438,7 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
 #pragma omp parallel if (parallel) reduction(max : err)
     {
         workspace ws;
-        ws.panels = aligned_buf((size_t)(nc * pl.kp));
+        ws.panels = offq_alloc64((size_t)(nc * pl.kp));
         ws.par = malloc(sizeof(float) * (size_t)(3 * pl.nb * nc));
         ws.rows = malloc((size_t)(NRP * pl.kp));
         ws.tmp = malloc((size_t)k);

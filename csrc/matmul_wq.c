@@ -145,8 +145,7 @@ static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, 
     float *xsum = malloc(sizeof(float) * (size_t)(m * ng + 2 * m));
     /* 64-byte aligned: the row kernels' vector loads of xp then never straddle a cache line
      * (16-byte aligned ones cost the one-row product 15-25%) */
-    float *xp = ops->prep != NULL ? aligned_alloc(64, (sizeof(float) * (size_t)(m * k) + 63) / 64 * 64)
-                                  : NULL;
+    float *xp = ops->prep != NULL ? offq_alloc64(sizeof(float) * (size_t)(m * k)) : NULL;
     if (xsum == NULL || (ops->prep != NULL && xp == NULL)) {
         free(xsum);
         free(xp);
