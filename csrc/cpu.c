@@ -108,8 +108,7 @@ static int simd_cap_is(const char *isa)
 __attribute__((target("avx2,fma"), noinline)) static double fma_chain_seconds(float x, float b)
 {
     volatile float vx = x, vb = b; /* no constant folding */
-    const unsigned csr = _mm_getcsr();
-    _mm_setcsr(csr & ~OFFQ_MXCSR_DAZ);
+    const unsigned csr = offq_daz_clear();
     const __m256 a = _mm256_set1_ps(vx), m = _mm256_set1_ps(vb);
     double best = 1e30;
     for (int rep = 0; rep < 5; rep++) {
@@ -134,7 +133,7 @@ __attribute__((target("avx2,fma"), noinline)) static double fma_chain_seconds(fl
         const double t = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
         best = t < best ? t : best;
     }
-    _mm_setcsr(csr);
+    offq_csr_restore(csr);
     return best;
 }
 

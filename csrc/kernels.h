@@ -18,7 +18,28 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #define OFFQ_X86 1
+#include <xmmintrin.h>
+
 #define OFFQ_MXCSR_DAZ 0x40u /* MXCSR's denormals-are-zero bit (subnormal inputs read as 0) */
+
+/* Code that reads subnormal operands as they are (matmul_wq's subnormal decode, kernels below)
+ * clears DAZ for its own thread, since a process may run with it set (code built with
+ * -ffast-math sets it when loaded), and puts the returned MXCSR back after. */
+static inline unsigned offq_daz_clear(void)
+{
+    const unsigned csr = _mm_getcsr();
+    if (csr & OFFQ_MXCSR_DAZ) {
+        _mm_setcsr(csr & ~OFFQ_MXCSR_DAZ);
+    }
+    return csr;
+}
+
+static inline void offq_csr_restore(unsigned csr)
+{
+    if (csr & OFFQ_MXCSR_DAZ) {
+        _mm_setcsr(csr);
+    }
+}
 #endif
 
 /* A 64-byte aligned buffer of at least `bytes` (at least one line), released with free(). */
@@ -339,11 +360,12 @@ void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k, const int8_t *w, co
  * rowmul[r] (a power of two; NULL: 1). rows: outputs [n0, n1) of out[m][ldo] for
  * m <= OFFQ_WQ_SMALL_M rows of xp, xsum [m][k / group] the sums of each group of x. With
  * unscale == NULL they convert each code to float; otherwise (xp prepared with rowmul[r] =
- * 2^(149 - E_r), unscale[r] = 2^E_r; offq_dispatch.wq_subnormal) they use the masked code bits
- * themselves as a float32, the subnormal q * 2^(t - 149), which saves the conversion and gives the
- * same bits (matmul_wq.c says when). dequant: w_hat rows [n0, n1) into buf[n1 - n0][k] (the panel
- * order prep(scaled = 0) matches). A variant runs only when group % align == 0; otherwise auto
- * takes the widest one that can, a variant asked for by name the generic one (offq_matmul_wq). */
+ * 2^(149 - E_r), unscale[r] = 2^E_r; offq_dispatch.wq_subnormal; DAZ cleared by the caller) they
+ * use the masked code bits themselves as a float32, the subnormal q * 2^(t - 149), which saves
+ * the conversion and gives the same bits (matmul_wq.c says when). dequant: w_hat rows [n0, n1)
+ * into buf[n1 - n0][k] (the panel order prep(scaled = 0) matches). A variant runs only when
+ * group % align == 0; otherwise auto takes the widest one that can, a variant asked for by name
+ * the generic one (offq_matmul_wq). */
 typedef struct {
     int align;
     void (*prep)(const float *x, int64_t m, int64_t k, int bits, int scaled, const float *rowmul,

@@ -130,29 +130,9 @@ INLINE void rows_bits(const offq_wq_operand *w, const float *xp, const float *xs
                 dot_rows(row, sc, xp + r0 * k, k, group, bits, 1, sub, 0, edge, res);
             }
             for (int r = 0; r < rr; r++) {
-                const float dot = sub ? res[r] * unscale[r0 + r] : res[r];
-                out[(r0 + r) * ldo + n] =
-                    dot - offq_wq_zero_term(sc, zr, xsum + (r0 + r) * ng, ng);
+                out[(r0 + r) * ldo + n] = offq_wq_output(res[r], unscale, r0 + r, sc, zr, xsum, ng);
             }
         }
-    }
-}
-
-/* The decode (convert or subnormal) times the bit width, each a specialised copy. */
-INLINE void rows_decode(const offq_wq_operand *w, const float *xp, const float *xsum,
-                        const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
-                        float *out, const int sub)
-{
-    switch (w->bits) {
-    case 2:
-        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 2, sub);
-        break;
-    case 3:
-        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 3, sub);
-        break;
-    default:
-        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 4, sub);
-        break;
     }
 }
 
@@ -160,12 +140,6 @@ void WQ512_ENTRY WQ512_ROWS(const offq_wq_operand *w, const float *xp, const flo
                             const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
                             float *out)
 {
-    if (unscale == NULL) {
-        rows_decode(w, xp, xsum, NULL, m, n0, n1, ldo, out, 0);
-        return;
-    }
-    const unsigned csr = offq_wq_clear_daz();
-    rows_decode(w, xp, xsum, unscale, m, n0, n1, ldo, out, 1);
-    offq_wq_restore_csr(csr);
+    OFFQ_WQ_ROWS_SPECIALISED(rows_bits)
 }
 #endif

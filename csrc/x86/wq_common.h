@@ -32,23 +32,39 @@ offq_wq_zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
     return t;
 }
 
-/* The subnormal decode (kernels.h) needs subnormal operands read as they are: a process may run
- * with MXCSR's DAZ bit set (code built with -ffast-math sets it when loaded), so the rows clear it
- * for their own thread and put it back. */
-static inline unsigned offq_wq_clear_daz(void)
-{
-    const unsigned csr = _mm_getcsr();
-    if (csr & OFFQ_MXCSR_DAZ) {
-        _mm_setcsr(csr & ~OFFQ_MXCSR_DAZ);
+/* The body of a SIMD variant's rows entry (kernels.h; its parameters in scope): rows_bits(...,
+ * bits, sub) with the bit width and the decode (sub: the subnormal one, unscale set) as
+ * constants, so that each combination is a specialised copy. */
+#define OFFQ_WQ_ROWS_SPECIALISED(rows_bits)                                                       \
+    switch (w->bits * 2 + (unscale != NULL)) {                                                    \
+    case 4:                                                                                       \
+        rows_bits(w, xp, xsum, NULL, m, n0, n1, ldo, out, 2, 0);                                  \
+        break;                                                                                    \
+    case 5:                                                                                       \
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 2, 1);                               \
+        break;                                                                                    \
+    case 6:                                                                                       \
+        rows_bits(w, xp, xsum, NULL, m, n0, n1, ldo, out, 3, 0);                                  \
+        break;                                                                                    \
+    case 7:                                                                                       \
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 3, 1);                               \
+        break;                                                                                    \
+    case 8:                                                                                       \
+        rows_bits(w, xp, xsum, NULL, m, n0, n1, ldo, out, 4, 0);                                  \
+        break;                                                                                    \
+    default:                                                                                      \
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 4, 1);                               \
+        break;                                                                                    \
     }
-    return csr;
-}
 
-static inline void offq_wq_restore_csr(unsigned csr)
+/* An output: the row kernel's dot (times 2^E_r when the subnormal decode ran) less the
+ * zero-point term. */
+__attribute__((always_inline, target("avx2,fma"))) static inline float
+offq_wq_output(float dot, const float *unscale, int64_t r, const float *sc, const float *zr,
+               const float *xsum, int64_t ng)
 {
-    if (csr & OFFQ_MXCSR_DAZ) {
-        _mm_setcsr(csr);
-    }
+    const float d = unscale != NULL ? dot * unscale[r] : dot;
+    return d - offq_wq_zero_term(sc, zr, xsum + r * ng, ng);
 }
 
 #endif
