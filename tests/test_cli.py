@@ -147,6 +147,23 @@ def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.Ca
     assert all(r["tokens_per_s"] > 0 for r in e2e["rows"])
 
 
+def test_machine_line_names_the_simd_paths_and_the_weight_only_decode() -> None:
+    """The protocol line printed with every benchmark names the SIMD paths and which decode
+    matmul_wq ran (and an OFFQ_WQ_DECODE that forced it)."""
+    from offq.bench.machine import describe_machine
+
+    base = {"cpu": "CPU", "cores_usable": 2, "offq": "0", "numpy": "2", "simd_max": "",
+            "load_average_1min": None, "openblas_coretype": "", "wq_decode_env": ""}
+    simd = {"avx2": True, "avx512": True, "avx512_vbmi": True, "avx512_vnni": False,
+            "wq_subnormal_decode": True, "disabled_by_env": False}
+    line = describe_machine({**base, "simd": simd})
+    assert "SIMD avx2+avx512+avx512_vbmi (matmul_wq decode subnormal)" in line
+    line = describe_machine({**base, "simd": {**simd, "wq_subnormal_decode": False},
+                             "wq_decode_env": "convert"})
+    assert "(matmul_wq decode convert, OFFQ_WQ_DECODE=convert)" in line
+    assert "decode" not in describe_machine({**base, "simd": {"avx2": False}})
+
+
 def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--no-kernels", "--no-e2e"]) == 2
     assert "nothing to measure" in capsys.readouterr().err

@@ -41,6 +41,8 @@ def machine_info() -> dict[str, Any]:
         "simd_max": os.environ.get("OFFQ_SIMD_MAX", ""),
         "threads": get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        # forces matmul_wq's decode (convert or subnormal) over the import-time probe
+        "wq_decode_env": os.environ.get("OFFQ_WQ_DECODE", ""),
         # a forced OpenBLAS kernel changes every BLAS baseline (Haswell: AVX2 sgemm on any CPU)
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""),
         "python": platform.python_version(),
@@ -51,13 +53,20 @@ def machine_info() -> dict[str, Any]:
 
 
 def describe_machine(info: dict[str, Any] | None = None) -> str:
-    """One line: ``CPU, N cores usable, SIMD avx2+avx512+avx512_vnni, threads T, load L``."""
+    """One line: ``CPU, N cores usable, SIMD avx2+avx512+avx512_vbmi+avx512_vnni (matmul_wq
+    decode D), offq V, numpy V, load L``."""
     info = info or machine_info()
-    feats = "+".join(k for k in ("avx2", "avx512", "avx512_vnni") if info["simd"].get(k)) or "none"
+    feats = "+".join(k for k in ("avx2", "avx512", "avx512_vbmi", "avx512_vnni")
+                     if info["simd"].get(k)) or "none"
     if info["simd"].get("disabled_by_env"):
         feats += " (SIMD disabled by the environment: generic C)"
     elif info.get("simd_max"):
         feats += f" (OFFQ_SIMD_MAX={info['simd_max']})"
+    if info["simd"].get("avx2") and not info["simd"].get("disabled_by_env"):
+        feats += (" (matmul_wq decode "
+                  + ("subnormal" if info["simd"].get("wq_subnormal_decode") else "convert")
+                  + (f", OFFQ_WQ_DECODE={info['wq_decode_env']}" if info.get("wq_decode_env")
+                     else "") + ")")
     load = info.get("load_average_1min")
     core = info.get("openblas_coretype")
     return (f"{info['cpu']}, {info['cores_usable']} cores usable, SIMD {feats}, offq "
