@@ -138,10 +138,11 @@ __attribute__((target("avx2,fma"), noinline)) static double fma_chain_seconds(fl
 }
 
 /* Whether the weight-only rows decode codes as subnormal floats (kernels.h): only where a
- * multiply-add with a subnormal operand runs at full speed. Zen 5 measured no difference; CPUs
- * that take a microcode assist for subnormal operands would lose ~100x, so a probe decides
- * (about 50 us at import; both decodes give the same bits). OFFQ_WQ_DECODE=convert|subnormal
- * overrides it (tests, benchmarks). */
+ * multiply-add with a subnormal operand runs at full speed. A scratch loop on Zen 5 measured no
+ * difference; CPUs that take a microcode assist for subnormal operands (vendors document one on
+ * some cores) would run the decode many times slower, so a probe decides (2 x 5 x 4096 dependent
+ * steps, ~40 us by count; not visible in an ~88 ms import; both decodes give the same bits).
+ * OFFQ_WQ_DECODE=convert|subnormal overrides it (tests, benchmarks). */
 static int subnormal_decode_fast(void)
 {
     const char *env = getenv("OFFQ_WQ_DECODE");

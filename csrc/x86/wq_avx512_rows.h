@@ -58,9 +58,9 @@ INLINE __m512i chunk_lanes(const uint8_t *p, const int bits, int edge)
 
 /* res[r] = sum_g scale_g * (sum of x * q over group g), r < R <= 2, for one packed row; `edge`:
  * the row ends the array; CPG: the chunks per group when a compile-time constant (the loop
- * unrolls), else 0. One accumulator per
- * field and row. Blocks of 3-4 rows (as AVX2 has) measured slower than blocks of 2, and a second
- * accumulator set for two chunks in flight at R = 1 slower than one. */
+ * unrolls), else 0. One accumulator per field and row. Blocks of 3-4 rows (as AVX2 has) measured
+ * slower than blocks of 2, and a second accumulator set for two chunks in flight at R = 1 slower
+ * than one. */
 INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64_t k,
                      int64_t group, const int bits, const int R, const int sub, const int CPG,
                      int edge, float *res)

@@ -1,5 +1,5 @@
 /* x86/wq_common.h: pieces shared by the AVX2 and AVX-512 rows of the weight-only matmul
- * (x86/matmul_wq_avx2.c, x86/matmul_wq_avx512.c). */
+ * (x86/matmul_wq_avx2.c, x86/wq_avx512_rows.h). */
 #ifndef OFFQ_X86_WQ_COMMON_H
 #define OFFQ_X86_WQ_COMMON_H
 
