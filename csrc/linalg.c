@@ -12,10 +12,10 @@
  * transpose into and out of a K x K copy): column-major potrf 'U' gives M = Uc^T Uc, i.e. L = Uc^T
  * in the row-major view, and trtri 'U' turns Uc into Uc^-1, i.e. L^-1 in the row-major view.
  *
- * Smallest eigenpairs (OSAQ's Hessian tail): dsyevr with a range of indices. A row-major
- * symmetric matrix is its own column-major view, so the row-major upper triangle is handed to
- * LAPACK as the column-major lower one; eigenvectors come back as columns of a column-major
- * k x count array, i.e. rows of a row-major count x k one.
+ * Smallest eigenpairs (OSAQ's Hessian tail): a tridiagonal reduction, then only the wanted pairs
+ * (below). A row-major symmetric matrix is its own column-major view, so the row-major upper
+ * triangle is handed to LAPACK as the column-major lower one; eigenvectors come back as columns
+ * of a column-major k x count array, i.e. rows of a row-major count x k one.
  */
 #include "offq.h"
 
@@ -126,44 +126,197 @@ offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double ad
     return reverse_lower_to_upper(u, k);
 }
 
-offq_status offq_smallest_eigenpairs(const double *h, int64_t k, int64_t count, double *values,
-                                     double *vectors)
+/* ---- Smallest eigenpairs ------------------------------------------------------------------------
+ * One tridiagonal reduction A = Q T Q^T (dsytrd) serves every step after it: T's eigenvalues
+ * (bisection, dstebz), their vectors (inverse iteration, dstein) and the back-transformation
+ * Q z (dormtr) on the wanted pairs only, which is what dsyevr does for a range of indices. Doing
+ * the steps here lets OSAQ's tail take all eigenvalues from T (dsterf, O(k^2)) to find how many
+ * pairs fit its budget before any vector is formed: one reduction instead of two calls. */
+
+typedef struct {
+    int64_t k;
+    double *a;   /* the reduction's Householder vectors (column-major lower) */
+    double *d;   /* T's diagonal [k] */
+    double *e;   /* T's off-diagonal [k - 1] (+1 so that k = 1 allocates) */
+    double *tau; /* [k - 1] (+1) */
+} tridiagonal;
+
+static void tridiagonal_free(tridiagonal *t)
 {
-    double *a = malloc(sizeof(double) * (size_t)(k * k));
-    double *w = malloc(sizeof(double) * (size_t)k);
-    lapack_int *support = malloc(sizeof(lapack_int) * (size_t)(2 * count));
-    offq_status rc = OFFQ_OK;
-    if (a == NULL || w == NULL || support == NULL) {
-        rc = OFFQ_ERR_NOMEM;
-        goto done;
+    free(t->a);
+    free(t->d);
+    free(t->e);
+    free(t->tau);
+}
+
+static offq_status lapack_status(lapack_int info)
+{
+    if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR) {
+        return OFFQ_ERR_NOMEM;
+    }
+    if (info > 0) { /* an internal failure (no convergence) */
+        return OFFQ_ERR_NOCONVERGE;
+    }
+    if (info < 0) { /* an argument LAPACKE rejected: the bindings' checks prevent it */
+        return OFFQ_ERR_UNSUPPORTED;
+    }
+    return OFFQ_OK;
+}
+
+/* t <- the reduction of h's upper triangle (a row-major upper triangle is LAPACK's column-major
+ * lower one). OFFQ_ERR_NONFINITE for NaN/Inf there. */
+static offq_status tridiagonal_reduce(const double *h, int64_t k, tridiagonal *t)
+{
+    t->k = k;
+    t->a = malloc(sizeof(double) * (size_t)(k * k));
+    t->d = malloc(sizeof(double) * (size_t)k);
+    t->e = malloc(sizeof(double) * (size_t)k);
+    t->tau = malloc(sizeof(double) * (size_t)k);
+    if (t->a == NULL || t->d == NULL || t->e == NULL || t->tau == NULL) {
+        return OFFQ_ERR_NOMEM;
     }
     int bad = 0;
-    for (int64_t i = 0; i < k; i++) { /* the upper triangle; dsyevr overwrites its input */
+    for (int64_t i = 0; i < k; i++) {
         for (int64_t j = i; j < k; j++) {
             bad |= !isfinite(h[i * k + j]);
-            a[i * k + j] = h[i * k + j];
+            t->a[i * k + j] = h[i * k + j];
         }
     }
     if (bad) {
-        rc = OFFQ_ERR_NONFINITE;
+        return OFFQ_ERR_NONFINITE;
+    }
+    return lapack_status(scipy_LAPACKE_dsytrd(LAPACK_COL_MAJOR, 'L', (lapack_int)k, t->a,
+                                              (lapack_int)k, t->d, t->e, t->tau));
+}
+
+/* The count smallest eigenpairs of the reduced matrix: values[count] ascending, vectors[count, k]
+ * row-major (= column-major k x count, what dstein and dormtr write). */
+static offq_status tridiagonal_pairs(const tridiagonal *t, int64_t count, double *values,
+                                     double *vectors)
+{
+    const int64_t k = t->k;
+    /* zeroed: LAPACKE's dstein checks all k entries of w for NaN, dstebz sets only count */
+    double *w = calloc((size_t)k, sizeof(double));
+    lapack_int *iblock = malloc(sizeof(lapack_int) * (size_t)k);
+    lapack_int *isplit = malloc(sizeof(lapack_int) * (size_t)k);
+    lapack_int *ifail = malloc(sizeof(lapack_int) * (size_t)count);
+    offq_status rc = OFFQ_ERR_NOMEM;
+    if (w == NULL || iblock == NULL || isplit == NULL || ifail == NULL) {
         goto done;
     }
-    lapack_int found = 0;
-    const lapack_int info = scipy_LAPACKE_dsyevr(
-        LAPACK_COL_MAJOR, 'V', 'I', 'L', (lapack_int)k, a, (lapack_int)k, 0.0, 0.0, 1,
-        (lapack_int)count, 0.0, &found, w, vectors, (lapack_int)k, support);
-    if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR) {
-        rc = OFFQ_ERR_NOMEM;
-    } else if (info > 0 || (info == 0 && found != count)) { /* an internal failure */
+    lapack_int found = 0, nsplit = 0;
+    /* abstol 0: LAPACK's default (unit roundoff times |T|), as dsyevr passes it */
+    rc = lapack_status(scipy_LAPACKE_dstebz('I', 'B', (lapack_int)k, 0.0, 0.0, 1,
+                                            (lapack_int)count, 0.0, t->d, t->e, &found, &nsplit,
+                                            w, iblock, isplit));
+    if (rc == OFFQ_OK && found != count) {
         rc = OFFQ_ERR_NOCONVERGE;
-    } else if (info < 0) { /* an argument LAPACKE rejected: the binding's checks prevent it */
-        rc = OFFQ_ERR_UNSUPPORTED;
-    } else {
+    }
+    if (rc == OFFQ_OK) {
+        rc = lapack_status(scipy_LAPACKE_dstein(LAPACK_COL_MAJOR, (lapack_int)k, t->d, t->e,
+                                                found, w, iblock, isplit, vectors, (lapack_int)k,
+                                                ifail));
+    }
+    if (rc != OFFQ_OK) {
+        goto done;
+    }
+    /* order 'B' lists the values block by block of a split T: sort them ascending, vectors along */
+    for (int64_t i = 0; i < count; i++) {
+        int64_t lo = i;
+        for (int64_t j = i + 1; j < count; j++) {
+            lo = w[j] < w[lo] ? j : lo;
+        }
+        if (lo != i) {
+            const double tw = w[i];
+            w[i] = w[lo];
+            w[lo] = tw;
+            double *x = vectors + i * k, *y = vectors + lo * k;
+            for (int64_t r = 0; r < k; r++) {
+                const double tx = x[r];
+                x[r] = y[r];
+                y[r] = tx;
+            }
+        }
+    }
+    rc = lapack_status(scipy_LAPACKE_dormtr(LAPACK_COL_MAJOR, 'L', 'L', 'N', (lapack_int)k,
+                                            (lapack_int)count, t->a, (lapack_int)k, t->tau,
+                                            vectors, (lapack_int)k));
+    if (rc == OFFQ_OK) {
         memcpy(values, w, sizeof(double) * (size_t)count);
     }
 done:
-    free(a);
     free(w);
-    free(support);
+    free(iblock);
+    free(isplit);
+    free(ifail);
+    return rc;
+}
+
+offq_status offq_smallest_eigenpairs(const double *h, int64_t k, int64_t count, double *values,
+                                     double *vectors)
+{
+    tridiagonal t = {0};
+    offq_status rc = tridiagonal_reduce(h, k, &t);
+    if (rc == OFFQ_OK) {
+        rc = tridiagonal_pairs(&t, count, values, vectors);
+    }
+    tridiagonal_free(&t);
+    return rc;
+}
+
+offq_status offq_tail_eigenpairs(const double *h, int64_t k, double budget, int64_t *m,
+                                 double **values, double **vectors)
+{
+    *m = 0;
+    *values = *vectors = NULL;
+    tridiagonal t = {0};
+    double *all = NULL, *off = NULL;
+    offq_status rc = tridiagonal_reduce(h, k, &t);
+    if (rc != OFFQ_OK) {
+        goto done;
+    }
+    all = malloc(sizeof(double) * (size_t)k);
+    off = malloc(sizeof(double) * (size_t)k);
+    if (all == NULL || off == NULL) {
+        rc = OFFQ_ERR_NOMEM;
+        goto done;
+    }
+    memcpy(all, t.d, sizeof(double) * (size_t)k);
+    memcpy(off, t.e, sizeof(double) * (size_t)(k - 1));
+    rc = lapack_status(scipy_LAPACKE_dsterf((lapack_int)k, all, off)); /* all values, ascending */
+    if (rc != OFFQ_OK) {
+        goto done;
+    }
+    double mass = 0.0;
+    int64_t count = 0;
+    while (count < k && (mass += fabs(all[count])) <= budget) {
+        count++;
+    }
+    if (count > 0) {
+        *values = malloc(sizeof(double) * (size_t)count);
+        *vectors = malloc(sizeof(double) * (size_t)(count * k));
+        if (*values == NULL || *vectors == NULL) {
+            rc = OFFQ_ERR_NOMEM;
+            goto done;
+        }
+        rc = tridiagonal_pairs(&t, count, *values, *vectors);
+        /* dstebz's values may differ from dsterf's by rounding (about ulp * |T|): keep only the
+         * prefix whose own magnitudes fit, so the returned pairs always sum to at most budget */
+        mass = 0.0;
+        *m = 0;
+        while (rc == OFFQ_OK && *m < count && (mass += fabs((*values)[*m])) <= budget) {
+            (*m)++;
+        }
+    }
+done:
+    if (rc != OFFQ_OK) {
+        free(*values);
+        free(*vectors);
+        *values = *vectors = NULL;
+        *m = 0;
+    }
+    free(all);
+    free(off);
+    tridiagonal_free(&t);
     return rc;
 }

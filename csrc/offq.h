@@ -267,10 +267,17 @@ offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double ad
 
 /* The `count` smallest eigenpairs of the symmetric h[k, k] (only its upper triangle is read),
  * 1 <= count <= k <= 46000: values[count] ascending, vectors[count, k] row-major, one unit
- * eigenvector per row (LAPACK dsyevr, range by index: a tridiagonal reduction, then only the
- * wanted pairs; OSAQ's Hessian tail needs a few of thousands). OFFQ_ERR_NONFINITE (NaN/Inf in
- * the upper triangle), OFFQ_ERR_NOCONVERGE, OFFQ_ERR_NOMEM. Threads: OpenBLAS's setting. */
+ * eigenvector per row (a tridiagonal reduction, then only the wanted pairs, as LAPACK dsyevr does
+ * for a range of indices; OSAQ's Hessian tail needs a few of thousands). OFFQ_ERR_NONFINITE
+ * (NaN/Inf in the upper triangle), OFFQ_ERR_NOCONVERGE, OFFQ_ERR_NOMEM. Threads: OpenBLAS's. */
 offq_status offq_smallest_eigenpairs(const double *h, int64_t k, int64_t count, double *values,
                                      double *vectors);
+
+/* The longest run of smallest eigenpairs of h (as above) whose |eigenvalues| sum to at most
+ * `budget` (OSAQ's Hessian tail): *m of them, in *values [*m] and *vectors [*m, k], allocated here
+ * with malloc (NULL when *m = 0; the caller frees them). One reduction: every eigenvalue comes
+ * from the tridiagonal matrix before any vector is formed. Errors as above (outputs then NULL). */
+offq_status offq_tail_eigenpairs(const double *h, int64_t k, double budget, int64_t *m,
+                                 double **values, double **vectors);
 
 #endif

@@ -1,14 +1,14 @@
-"""smallest_eigenpairs (C: LAPACK dsyevr by index range) against numpy.linalg.eigh on random and
-adversarial symmetric matrices, its argument checks, and OSAQ's Hessian tail built on it (the
-same tail as a full eigendecomposition gives)."""
+"""smallest_eigenpairs and tail_eigenpairs (C: one LAPACK tridiagonal reduction, then only the
+wanted pairs) against numpy.linalg.eigh on random and adversarial symmetric matrices, their
+argument checks, and OSAQ's Hessian tail built on them (the same tail as a full
+eigendecomposition gives)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from offq.kernels import smallest_eigenpairs, threads
-from offq.quantizers import osaq
-from offq.quantizers.osaq import TAIL_FIRST, hessian_tail
+from offq.kernels import smallest_eigenpairs, tail_eigenpairs, threads
+from offq.quantizers.osaq import hessian_tail
 
 
 def heavy_hessian(k: int, n: int, seed: int = 0) -> np.ndarray:
@@ -94,25 +94,64 @@ def test_bad_count_names_count() -> None:
         smallest_eigenpairs(h, 2.5)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("k,n,gamma,grows", [
-    (64, 4096, 1e-4, False),  # a tail of 26: inside the first TAIL_FIRST pairs
-    (300, 400, 1e-2, True),   # 254: a second call, sized by the budget
-    (576, 4096, 1e-4, True),  # SmolLM2's width, 78
-    (96, 60, 1e-4, True),     # fewer samples than channels: 46, an exactly null space of 36
+def budget_count(h: np.ndarray, budget: float) -> int:
+    """How many of the smallest eigenvalues (ascending) fit the budget, by magnitude (eigh)."""
+    return int(np.searchsorted(np.cumsum(np.abs(np.linalg.eigvalsh(h))), budget, side="right"))
+
+
+@pytest.mark.parametrize("k,n", [(1, 4), (40, 400), (300, 400), (576, 4096), (96, 60)])
+def test_tail_pairs_fit_the_budget_and_are_the_smallest(k: int, n: int) -> None:
+    h = heavy_hessian(k, n, seed=k + n)
+    vals = np.linalg.eigvalsh(h)
+    # budgets just below and above each of a few cumulative masses: the count must step there
+    # (not inside an exactly null space, whose eigenvalues are rounding noise, ~1e-13 here)
+    first = k - n + 1 if n < k else 1
+    for m in sorted({0, first, max(first, k // 3), k - 1, k}):
+        mass = float(np.cumsum(np.abs(vals))[m - 1]) if m else 0.0
+        for budget in (mass * (1 - 1e-6), mass * (1 + 1e-6)):
+            got_vals, got_vecs = tail_eigenpairs(h, budget)
+            assert len(got_vals) == budget_count(h, budget), (m, budget)
+            assert got_vecs.shape == (len(got_vals), k) and got_vecs.flags.c_contiguous
+            if len(got_vals):  # the very pairs of smallest_eigenpairs: the same reduction
+                ref_vals, ref_vecs = smallest_eigenpairs(h, len(got_vals))
+                np.testing.assert_array_equal(got_vals, ref_vals)
+                np.testing.assert_array_equal(got_vecs, ref_vecs)
+                assert np.sum(np.abs(got_vals)) <= budget
+    # inside a null space LAPACK's bisection and the count's eigenvalues differ by rounding: the
+    # pairs returned must still fit the budget
+    for m in range(1, first, 4):
+        budget = float(np.cumsum(np.abs(vals))[m - 1])
+        assert np.sum(np.abs(tail_eigenpairs(h, budget)[0])) <= budget, m
+
+
+def test_tail_counts_negative_eigenvalues_by_magnitude() -> None:
+    h = np.diag(np.r_[-1e-3, 0.0, 2e-3, np.arange(1.0, 30.0)])
+    vals, _ = tail_eigenpairs(h, 1.5e-3)
+    # by magnitude 1e-3 + 0 fits and + 2e-3 does not; summed algebraically all three would fit
+    np.testing.assert_allclose(vals, [-1e-3, 0.0], rtol=0, atol=1e-14)
+    assert tail_eigenpairs(h, 0.0)[0].shape == (0,)  # -1e-3 alone exceeds a zero budget
+    assert tail_eigenpairs(np.zeros((5, 5)), 0.0)[0].shape == (5,)  # zeros fit any budget
+
+
+def test_bad_budget_names_budget() -> None:
+    h = heavy_hessian(6, 40)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"^budget: expected a finite number >= 0"):
+            tail_eigenpairs(h, bad)
+    with pytest.raises(TypeError, match=r"^budget: "):
+        tail_eigenpairs(h, "1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k,n,gamma", [
+    (64, 4096, 1e-4),  # a tail of 26
+    (300, 400, 1e-2),  # 254
+    (576, 4096, 1e-4),  # SmolLM2's width, 78
+    (96, 60, 1e-4),    # fewer samples than channels: 46, an exactly null space of 36
 ])
-def test_tail_is_the_full_decompositions_tail(k: int, n: int, gamma: float, grows: bool,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tail_is_the_full_decompositions_tail(k: int, n: int, gamma: float) -> None:
     h = heavy_hessian(k, n, seed=n)
-    calls = []
-
-    def counted(hh: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-        calls.append(count)
-        return smallest_eigenpairs(hh, count)
-
-    monkeypatch.setattr(osaq, "smallest_eigenpairs", counted)
     tail, ref = hessian_tail(h, gamma), eigh_tail(h, gamma)
-    assert tail.shape == ref.shape and (ref.shape[0] >= TAIL_FIRST) == grows
-    assert len(calls) == (2 if grows else 1), calls  # the budget bounds the second count
+    assert tail.shape == ref.shape
     if tail.shape[0]:
         np.testing.assert_allclose(tail @ tail.T, np.eye(tail.shape[0]), atol=1e-10)
         # the same subspace (up to the eigenvectors' order inside clusters): energies agree

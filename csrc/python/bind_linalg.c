@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* An optional vector argument: *out = NULL for None, else the C-contiguous [k] array of dtype
  * `typenum`; -1 with an exception naming `name` when it is neither. */
@@ -176,10 +177,63 @@ static PyObject *py_smallest_eigenpairs(PyObject *self, PyObject *args)
     return Py_BuildValue("NN", values, vectors);
 }
 
+/* tail_eigenpairs(h, budget) -> (values [m] ascending, vectors [m, k]): the longest run of the
+ * smallest eigenpairs of the symmetric h (upper triangle read) whose |eigenvalues| sum to at most
+ * budget (m may be 0). */
+static PyObject *py_tail_eigenpairs(PyObject *self, PyObject *args)
+{
+    PyObject *h_obj, *budget_obj;
+    double budget;
+    if (!PyArg_ParseTuple(args, "OO:tail_eigenpairs", &h_obj, &budget_obj) ||
+        offq_py_float(budget_obj, "budget", &budget) < 0) {
+        return NULL;
+    }
+    if (!isfinite(budget) || budget < 0.0) {
+        offq_value_error_got("budget: expected a finite number >= 0", budget);
+        return NULL;
+    }
+    PyArrayObject *h = offq_check_array(h_obj, "h", NPY_FLOAT64, 2, 2);
+    if (h == NULL) {
+        return NULL;
+    }
+    const int64_t k = offq_square_order(h, "h");
+    if (k < 0) {
+        return NULL;
+    }
+    int64_t m = 0;
+    double *vals = NULL, *vecs = NULL;
+    offq_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = offq_tail_eigenpairs((const double *)PyArray_DATA(h), k, budget, &m, &vals, &vecs);
+    Py_END_ALLOW_THREADS
+    if (offq_py_status(rc, (offq_errctx){.arg = "h"}) < 0) {
+        return NULL;
+    }
+    npy_intp vdims[1] = {(npy_intp)m}, edims[2] = {(npy_intp)m, (npy_intp)k};
+    PyArrayObject *values = (PyArrayObject *)PyArray_SimpleNew(1, vdims, NPY_FLOAT64);
+    PyArrayObject *vectors = (PyArrayObject *)PyArray_SimpleNew(2, edims, NPY_FLOAT64);
+    if (values != NULL && vectors != NULL && m > 0) {
+        memcpy(PyArray_DATA(values), vals, sizeof(double) * (size_t)m);
+        memcpy(PyArray_DATA(vectors), vecs, sizeof(double) * (size_t)(m * k));
+    }
+    free(vals);
+    free(vecs);
+    if (values == NULL || vectors == NULL) {
+        Py_XDECREF(values);
+        Py_XDECREF(vectors);
+        return NULL;
+    }
+    return Py_BuildValue("NN", values, vectors);
+}
+
 PyMethodDef offq_linalg_methods[] = {
     {"smallest_eigenpairs", (PyCFunction)py_smallest_eigenpairs, METH_VARARGS,
      "smallest_eigenpairs(h, count) -> (values [count] ascending, vectors [count, k] float64): "
      "the count smallest eigenpairs of the symmetric h (see offq.kernels.smallest_eigenpairs)."},
+    {"tail_eigenpairs", (PyCFunction)py_tail_eigenpairs, METH_VARARGS,
+     "tail_eigenpairs(h, budget) -> (values [m] ascending, vectors [m, k] float64): the longest "
+     "run of smallest eigenpairs of the symmetric h whose |eigenvalues| sum to at most budget "
+     "(see offq.kernels.tail_eigenpairs)."},
     {"upper_cholesky_of_inverse", (PyCFunction)(void (*)(void))py_upper_cholesky_of_inverse,
      METH_VARARGS | METH_KEYWORDS,
      "upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u [k, k] float64 upper with "

@@ -37,12 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.linalg import smallest_eigenpairs
+from ..kernels.linalg import tail_eigenpairs
 from .base import PreStep
 
 MAX_BYTES = 256 << 20  # bound on the solve's temporaries
 STEP_GRID = np.linspace(0.0, 1.0, 17)  # candidate step sizes t of the safeguard
-TAIL_FIRST = 32  # eigenpairs computed first for a tail (then, if all fit, the budget's bound)
 
 
 @dataclass(frozen=True)
@@ -73,11 +72,11 @@ def hessian_tail(hessian: np.ndarray, gamma: float = 1e-4) -> np.ndarray:
 
     ``hessian`` is positive semidefinite (``2 X^T X / n``), so the mass is the trace and the
     smallest eigenvalues are the smallest in magnitude (rounding may leave a few at about
-    ``-1e-16`` of the largest: they count by magnitude). Only the tail is computed (LAPACK
-    ``dsyevr`` by index, :func:`offq.kernels.smallest_eigenpairs`): `TAIL_FIRST` pairs first and,
-    if all of them fit in the budget, as many as the budget can still hold at the last one's
-    eigenvalue, so at most two calls. A tail of m pairs costs a tridiagonal reduction per call and
-    O(K m) more, not a full eigendecomposition (2.4-2.8x less time at K = 1536)."""
+    ``-1e-16`` of the largest: they count by magnitude). Only the tail's vectors are computed
+    (:func:`offq.kernels.tail_eigenpairs`): one tridiagonal reduction gives every eigenvalue, which
+    fixes m, and then only m eigenvectors; a full eigendecomposition forms all K (2.4-2.8x the
+    time at K = 1536). Before, two index-range calls (32 pairs, then as many as the budget could
+    hold) paid the reduction twice when the tail was longer than 32, as down_proj's is."""
     h = np.asarray(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian: expected a square matrix, got shape {h.shape}")
@@ -88,18 +87,8 @@ def hessian_tail(hessian: np.ndarray, gamma: float = 1e-4) -> np.ndarray:
     total = float(np.trace(h))
     if not total > 0:
         return np.zeros((0, k))
-    budget = gamma * total
-    count = min(k, TAIL_FIRST)
-    while True:
-        vals, vecs = smallest_eigenpairs(h, count)
-        mass = np.cumsum(np.abs(vals))
-        m = int(np.searchsorted(mass, budget, side="right"))
-        if m < count or count == k:
-            return np.ascontiguousarray(vecs[:m])
-        # all fit: every further eigenvalue is >= vals[-1], which bounds how many more can, so
-        # the second call (one more pair than that bound) finds the end of the tail
-        more = int((budget - mass[-1]) // vals[-1]) if vals[-1] > 0 else k
-        count = min(k, count + more + 1)
+    _, vecs = tail_eigenpairs(h, gamma * total)
+    return vecs
 
 
 def prepare_tail(hessian: np.ndarray, gamma: float) -> HessianTail:
