@@ -225,6 +225,7 @@ def plan_args(quantized):
     ("start", 7, ValueError, "start"),
     ("start", -1, ValueError, "start"),
     ("start", 1.5, TypeError, "start"),
+    ("start", 2**63 - 1, ValueError, "start: positions"),  # start + rows would overflow int64
     ("cos", np.ones((3, 8), np.float32), ValueError, "cos"),
     ("sin", np.ones((2, 8), np.float64), TypeError, "sin"),
     ("kv_codes", np.zeros((2, 8, 2, 2, 7), np.uint8), ValueError, "kv_codes"),
@@ -253,6 +254,42 @@ def test_forward_rejects_read_only_cache_and_unknown_kernel(plan_args):
         decoder_forward(**kwargs, kernel="sse9")
     with pytest.raises(ValueError, match="kernel: decoder_forward has no 'avx512' variant"):
         decoder_forward(**kwargs, kernel="avx512")
+
+
+def test_forward_rejects_buffers_that_share_memory(plan_args):
+    """A step that writes h, the cache or its scratch while it reads another of them (or a weight)
+    would compute garbage silently: every such overlap is refused, naming the written buffer."""
+    fd, kwargs = plan_args
+    scratch = kwargs["scratch"]
+    h = kwargs["h"]
+    as_f32 = scratch[: scratch.size // 4 * 4].view(np.float32)
+    cases = [  # (change, the message: the first buffer of the pair in argument order names it)
+        (dict(scratch=np.frombuffer(h, np.uint8)), "h: must not share memory with scratch"),
+        (dict(kv_zero=kwargs["kv_scale"]), "kv_scale: must not share memory with kv_zero"),
+        (dict(h=as_f32[: h.size].reshape(h.shape)), "h: must not share memory with scratch"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            decoder_forward(**{**kwargs, **change})
+    # a cos table carved from h (read while h is written)
+    both = np.concatenate([h.ravel(), np.ones(kwargs["cos"].size, np.float32)])
+    with pytest.raises(ValueError, match="^h: must not share memory with cos"):
+        decoder_forward(**{**kwargs, "h": both[: h.size].reshape(h.shape),
+                           "cos": both[h.size - 1: h.size - 1 + kwargs["cos"].size].reshape(
+                               kwargs["cos"].shape)})
+    # h written over one of the plan's weights
+    weight = next(a for a in _arrays(fd.plan_layers) if a.dtype == np.float32 and a.size >= h.size)
+    with pytest.raises(ValueError, match="^h: must not share memory with the plan's weights"):
+        decoder_forward(**{**kwargs, "h": weight.ravel()[: h.size].reshape(h.shape)})
+
+
+def _arrays(obj):
+    """Every ndarray inside nested tuples/lists."""
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _arrays(item)
 
 
 def test_forward_reports_non_finite_input(plan_args):

@@ -74,10 +74,19 @@ def test_validates_arguments(kwargs, exc, match):
         matmul_i8(**args)
 
 
-def test_out_must_not_alias_x():
+def test_out_must_not_share_memory_with_an_input():
     x = np.ones((2, 8), np.float32)
+    w, scale = np.ones((8, 8), np.int8), np.ones((8, 2), np.float32)
     with pytest.raises(ValueError, match="out: must not share memory with x"):
-        matmul_i8(x, np.ones((8, 8), np.int8), np.ones((8, 2), np.float32), 4, out=x)
+        matmul_i8(x, w, scale, 4, out=x)
+    buf = np.ones(40, np.float32)  # out starts one float into x: a partial overlap
+    with pytest.raises(ValueError, match="out: must not share memory with x"):
+        matmul_i8(buf[:16].reshape(2, 8), w, scale, 4, out=buf[1:17].reshape(2, 8))
+    big = np.ones((8, 2), np.float32)
+    with pytest.raises(ValueError, match="out: must not share memory with scale"):
+        matmul_i8(x, w, big, 4, out=big.reshape(2, 8))
+    # neighbours in one buffer that do not overlap are fine
+    matmul_i8(buf[:16].reshape(2, 8), w, scale, 4, out=buf[16:32].reshape(2, 8))
 
 
 def test_int8_lm_head_checkpoint(tmp_path):

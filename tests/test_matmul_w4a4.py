@@ -185,6 +185,33 @@ def test_leading_dims_and_out():
     np.testing.assert_array_equal(buf, out.reshape(6, 10))
 
 
+def test_out_must_not_share_memory_with_an_operand():
+    rng = np.random.default_rng(8)
+    a = quantize(rng.standard_normal((4, 128)).astype(np.float32), group_size=64)
+    w = quantize(rng.standard_normal((8, 128)).astype(np.float32), group_size=64)
+    for name in ("a_scale", "a_zero", "w_scale", "w_zero", "a_codes", "w_codes"):
+        side, field = name.split("_")
+        src = getattr(a if side == "a" else w, field)
+        big = np.zeros(32 + src.nbytes // 4 + 1, np.float32)  # room for out, then the operand
+        view = big.view(np.uint8)[128: 128 + src.nbytes].view(src.dtype).reshape(src.shape)
+        view[...] = src
+        op = QTensor(**{**vars(a if side == "a" else w), field: view})
+        args = (op, w) if side == "a" else (a, op)
+        with pytest.raises(ValueError, match=f"out: must not share memory with {name}"):
+            matmul_w4a4(*args, out=big[1:33].reshape(4, 8))  # its last float is the operand's first
+    np.testing.assert_array_equal(matmul_w4a4(a, w, out=np.empty((4, 8), np.float32)),
+                                  matmul_w4a4(a, w))
+
+
+def test_group_sizes_whose_sums_overflow_int32_are_refused():
+    codes = np.zeros((1, 2**22 + 2**20), np.uint8)  # one byte a code: the check comes first
+    with pytest.raises(ValueError, match=r"group_size: the group size 5242880 exceeds 4194304"):
+        _C.pack_codes(codes, 8, -1)
+    x = np.zeros((1, 2**23), np.float32)
+    with pytest.raises(ValueError, match=r"group_size: the group size 8388608 exceeds"):
+        _C.quantize(x, 4, -1)
+
+
 def test_validation_names_arguments():
     rng = np.random.default_rng(7)
     a = quantize(rng.standard_normal((4, 192)).astype(np.float32), group_size=48)

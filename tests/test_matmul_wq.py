@@ -186,6 +186,21 @@ def test_validates_arguments(over, exc, match):
         matmul_wq(**_args(**over))
 
 
+def test_out_must_not_share_memory_with_an_input():
+    buf = np.ones(200, np.float32)
+    x = buf[:128].reshape(2, 64)
+    with pytest.raises(ValueError, match="out: must not share memory with x"):
+        matmul_wq(**_args(x=x, out=buf[127:133].reshape(2, 3)))  # starts at x's last float
+    scale = np.ones((3, 2), np.float32)
+    with pytest.raises(ValueError, match="out: must not share memory with scale"):
+        matmul_wq(**_args(scale=scale, out=scale.reshape(2, 3)))
+    zero = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match="out: must not share memory with zero"):
+        matmul_wq(**_args(zero=zero, out=zero.reshape(2, 3)))
+    out = buf[128:134].reshape(2, 3)  # x's neighbour: allowed
+    np.testing.assert_array_equal(matmul_wq(**_args(x=x, out=out)), matmul_wq(**_args(x=x)))
+
+
 def test_validates_out_writeable_and_pack_args():
     out = np.ones((2, 3), np.float32)
     out.flags.writeable = False

@@ -353,6 +353,28 @@ static PyObject *py_decoder_scratch_bytes(PyObject *self, PyObject *args)
         (long long)offq_dec_scratch_bytes(&p->model, rows, pos, offq_get_num_threads()));
 }
 
+/* -1 with ValueError when `out` shares memory with an array anywhere inside the plan's validated
+ * layers (nested tuples of arrays and None), else 0. */
+static int disjoint_from_plan(PyArrayObject *out, const char *name, PyObject *obj)
+{
+    if (PyArray_Check(obj)) {
+        if (offq_bytes_overlap(out, (PyArrayObject *)obj)) {
+            PyErr_Format(PyExc_ValueError, "%s: must not share memory with the plan's weights",
+                         name);
+            return -1;
+        }
+        return 0;
+    }
+    if (PyTuple_Check(obj)) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
+            if (disjoint_from_plan(out, name, PyTuple_GET_ITEM(obj, i)) < 0) {
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
 /* A writeable C-contiguous array of dtype `typenum` and exactly this shape. */
 static PyArrayObject *check_exact(PyObject *obj, const char *name, int typenum, int nd,
                                   const npy_intp *shape, int writeable)
@@ -422,11 +444,21 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     if (scr == NULL) {
         return NULL;
     }
-    if (start < 0 || start + rows > cap) {
+    if (start < 0 || rows > cap || start > cap - rows) { /* no start + rows: it could overflow */
         PyErr_Format(PyExc_ValueError,
                      "start: positions %lld..%lld do not fit the cache capacity %lld", start,
                      start + (long long)rows - 1, (long long)cap);
         return NULL;
+    }
+    /* every buffer the step writes must share no byte with another argument or a weight */
+    const offq_named_array args_[] = {{h, "h"},           {kc, "kv_codes"}, {ks, "kv_scale"},
+                                      {kz, "kv_zero"},    {scr, "scratch"}, {cs, "cos"},
+                                      {sn, "sin"}};
+    for (int i = 0; i < 5; i++) {
+        if (offq_check_disjoint(args_[i].arr, args_[i].name, args_ + i + 1, 6 - i) < 0 ||
+            disjoint_from_plan(args_[i].arr, args_[i].name, p->keep) < 0) {
+            return NULL;
+        }
     }
     const int64_t need = offq_dec_scratch_bytes(m, rows, start + rows, offq_get_num_threads());
     if (PyArray_DIM(scr, 0) < need) {

@@ -49,7 +49,8 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args, PyObject *kwds)
                      (long long)PyArray_DIM(sc, 1));
         return NULL;
     }
-    PyArrayObject *out = offq_output_f32_2d(oo, m, n, x);
+    const offq_named_array inputs[] = {{x, "x"}, {w, "w"}, {sc, "scale"}};
+    PyArrayObject *out = offq_output_f32_2d(oo, m, n, inputs, 3);
     if (out == NULL) {
         return NULL;
     }

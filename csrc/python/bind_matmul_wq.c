@@ -146,7 +146,8 @@ static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
             return NULL;
         }
     }
-    PyArrayObject *out = offq_output_f32_2d(oo, m, n, x);
+    const offq_named_array inputs[] = {{x, "x"}, {p, "packed"}, {sc, "scale"}, {zr, "zero"}};
+    PyArrayObject *out = offq_output_f32_2d(oo, m, n, inputs, 4);
     if (out == NULL) {
         return NULL;
     }

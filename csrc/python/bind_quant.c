@@ -30,7 +30,12 @@ static int parse_bits(PyObject *obj, int *bits)
     return 0;
 }
 
-/* Resolve a group size (-1 = whole row) against k; must be positive and divide k. */
+/* The largest group: 255 * 2^22 and 225 * 2^22 (a code sum, a 4-bit x 4-bit dot product) stay
+ * below 2^31. */
+#define OFFQ_MAX_GROUP (INT64_C(1) << 22)
+
+/* Resolve a group size (-1 = whole row) against k; must be positive, at most OFFQ_MAX_GROUP and
+ * divide k. */
 static int check_group(int64_t k, long long group, const char *name, int64_t *out)
 {
     if (group == -1) {
@@ -39,6 +44,11 @@ static int check_group(int64_t k, long long group, const char *name, int64_t *ou
     if (group <= 0) {
         PyErr_Format(PyExc_ValueError, "%s: expected a positive group size or -1, got %lld", name,
                      group);
+        return -1;
+    }
+    if (group > OFFQ_MAX_GROUP) { /* a group's code sums and integer dot products are int32 */
+        PyErr_Format(PyExc_ValueError, "%s: the group size %lld exceeds %lld (int32 group sums)",
+                     name, group, (long long)OFFQ_MAX_GROUP);
         return -1;
     }
     if (k % group != 0) {
@@ -398,13 +408,14 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
                      (long long)a.group, (long long)w.group);
         return NULL;
     }
+    PyArrayObject *dec = NULL;
     if (deco != Py_None) {
         if (k % 8 != 0) {
             PyErr_Format(PyExc_ValueError, "w_decode: the decode layout needs k %% 8 == 0, got k=%lld",
                          (long long)k);
             return NULL;
         }
-        PyArrayObject *dec = offq_check_array(deco, "w_decode", NPY_UINT8, 3, 3);
+        dec = offq_check_array(deco, "w_decode", NPY_UINT8, 3, 3);
         if (dec == NULL) {
             return NULL;
         }
@@ -438,6 +449,15 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
             PyErr_Format(PyExc_ValueError, "out: expected shape (%lld, %lld), got (%lld, %lld)",
                          (long long)a.rows, (long long)w.rows, (long long)PyArray_DIM(out, 0),
                          (long long)PyArray_DIM(out, 1));
+            return NULL;
+        }
+        /* check_operand validated every input as a C-contiguous array */
+        const offq_named_array inputs[] = {
+            {(PyArrayObject *)aco, "a_codes"}, {(PyArrayObject *)aso, "a_scale"},
+            {(PyArrayObject *)azo, "a_zero"},  {(PyArrayObject *)wco, "w_codes"},
+            {(PyArrayObject *)wso, "w_scale"}, {(PyArrayObject *)wzo, "w_zero"},
+            {dec, "w_decode"}};
+        if (offq_check_disjoint(out, "out", inputs, 7) < 0) {
             return NULL;
         }
         Py_INCREF(out);

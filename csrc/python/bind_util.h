@@ -190,11 +190,41 @@ static inline int64_t offq_square_order(PyArrayObject *arr, const char *name)
     return k;
 }
 
+/* An input array and the argument name it came from, for the overlap checks below. */
+typedef struct {
+    PyArrayObject *arr; /* NULL entries are skipped */
+    const char *name;
+} offq_named_array;
+
+/* 1 when the bytes of two C-contiguous arrays intersect (empty arrays intersect nothing). */
+static inline int offq_bytes_overlap(PyArrayObject *a, PyArrayObject *b)
+{
+    const char *a0 = PyArray_BYTES(a), *b0 = PyArray_BYTES(b);
+    const npy_intp na = PyArray_NBYTES(a), nb = PyArray_NBYTES(b);
+    return na > 0 && nb > 0 && a0 < b0 + nb && b0 < a0 + na;
+}
+
+/* 0 when `out` shares no byte with any of the `count` inputs, else -1 with ValueError
+ * "<out_name>: must not share memory with <input name>" (a kernel that writes while it still
+ * reads would silently compute garbage). Every array must be C-contiguous. */
+static inline int offq_check_disjoint(PyArrayObject *out, const char *out_name,
+                                      const offq_named_array *inputs, int count)
+{
+    for (int i = 0; i < count; i++) {
+        if (inputs[i].arr != NULL && offq_bytes_overlap(out, inputs[i].arr)) {
+            PyErr_Format(PyExc_ValueError, "%s: must not share memory with %s", out_name,
+                         inputs[i].name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* The float32 [m, n] output of a product: a new array when `obj` is None, else `obj` checked
- * (float32, 2-D, C-contiguous, writeable, shape (m, n), not sharing memory with `input`). Returns
- * a new reference, or NULL with the exception set (naming "out"). */
+ * (float32, 2-D, C-contiguous, writeable, shape (m, n), sharing no memory with any of the `count`
+ * inputs). Returns a new reference, or NULL with the exception set (naming "out"). */
 static inline PyArrayObject *offq_output_f32_2d(PyObject *obj, npy_intp m, npy_intp n,
-                                                PyArrayObject *input)
+                                                const offq_named_array *inputs, int count)
 {
     if (obj == Py_None) {
         npy_intp dims[2] = {m, n};
@@ -210,8 +240,7 @@ static inline PyArrayObject *offq_output_f32_2d(PyObject *obj, npy_intp m, npy_i
                      (long long)PyArray_DIM(out, 1));
         return NULL;
     }
-    if (input != NULL && (out == input || PyArray_DATA(out) == PyArray_DATA(input))) {
-        PyErr_SetString(PyExc_ValueError, "out: must not share memory with x");
+    if (offq_check_disjoint(out, "out", inputs, count) < 0) {
         return NULL;
     }
     Py_INCREF(out);
