@@ -112,9 +112,23 @@ def test_unsupported_architectures_named_with_supported_list(cfg, match):
     ({"num_hidden_layers": True}, "num_hidden_layers"),
     ({"vocab_size": "49152"}, "vocab_size"),
     ({"num_attention_heads": [9]}, "num_attention_heads"),
-    ({"rms_norm_eps": {"a": 1}}, "wrong type"),
+    ({"rms_norm_eps": {"a": 1}}, "rms_norm_eps: expected a number"),
     ({"model_type": ["llama"]}, "wrong type|unsupported"),
     ({"rope_scaling": "llama3"}, "rope_scaling"),
+    # values from corrupt or hostile files: refused before anything is sized by them
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers: 1000000000000 exceeds offq's limit 4096"),
+    ({"vocab_size": 2**40}, "vocab_size: .* exceeds"),
+    ({"hidden_size": float("nan")}, "hidden_size: expected an integer, got nan"),
+    ({"hidden_size": float("inf")}, "hidden_size: expected an integer"),
+    ({"rms_norm_eps": 1e308}, r"rms_norm_eps: expected a number in \(0, 1\)"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps: expected a number"),
+    ({"rope_theta": float("inf")}, "rope_theta: expected a finite number > 0"),
+    ({"rope_theta": "abc"}, "rope_theta: expected a number"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "'factor' expected a finite number > 0"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "abc"}}, "'factor' expected a finite"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                       "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}},
+     "low_freq_factor 4.0 must be below high_freq_factor 1.0"),
 ])
 def test_invalid_configs(change, match):
     with pytest.raises(ValueError, match=match):

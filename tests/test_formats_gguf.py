@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +364,64 @@ def test_truncated_and_garbage_files(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"NOTAGGUF" * 10)
     with pytest.raises(ValueError, match="not a GGUF"):
         open_checkpoint(tmp_path / "junk.gguf")
+
+
+def _gguf_header(*kvs: bytes, tensors: int = 0) -> bytes:
+    """A GGUF v3 header (no tensor infos) holding the given encoded key/values."""
+    return b"GGUF" + struct.pack("<IQQ", 3, tensors, len(kvs)) + b"".join(kvs)
+
+
+def _kv(key: str, kind: int, payload: bytes) -> bytes:
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", kind) + payload
+
+
+@pytest.mark.parametrize("blob, match", [
+    # an array of 2^62 uint8 at the end of a 65-byte file: the gguf package alone OOMs on it
+    (_gguf_header(_kv("a", 9, struct.pack("<IQ", 0, 2**62))), "2^62|runs past the end"),
+    (_gguf_header(_kv("a", 9, struct.pack("<IQ", 8, 2**40))), "cannot fit in the file"),
+    (_gguf_header(_kv("a", 8, struct.pack("<Q", 10**6) + b"abc")), "runs past the end"),
+    (_gguf_header(_kv("a", 13, b"\0" * 8)), "unknown value type 13"),
+    (_gguf_header(_kv("a", 9, struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 9, 1) * 9)),
+     "nested deeper"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 2**60, 0) + b"\0" * 8, "tensor count"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 2**60) + b"\0" * 8, "metadata count"),
+])
+def test_metadata_lengths_past_the_end_of_the_file_are_refused(tmp_path, blob, match):
+    p = tmp_path / "hostile.gguf"
+    p.write_bytes(blob)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"hostile.gguf: .*({match})"):
+        open_checkpoint(p)
+    assert time.perf_counter() - start < 5  # refused from the header, not after a long parse
+
+
+def test_default_models_vocabulary_length_corrupted_is_refused(tmp_path):
+    """The real file (its first 4 MB: the header) with one array length, the token types', set to
+    2^62."""
+    path = _smollm2_path()
+    if path is None:
+        pytest.skip("default model not installed")
+    with open(path, "rb") as f:
+        data = bytearray(f.read(4 << 20))
+    key = b"tokenizer.ggml.token_type"
+    at = data.index(key) + len(key) + 4 + 4  # the key, its value type, the element type
+    assert struct.unpack_from("<Q", data, at)[0] == 49152  # SmolLM2's vocabulary
+    struct.pack_into("<Q", data, at, 2**62)
+    (tmp_path / "big.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="big.gguf: .*runs past the end of the file"):
+        open_checkpoint(tmp_path / "big.gguf")
+
+
+def test_config_errors_name_the_file(tmp_path):
+    cfg = _tiny_config("llama")
+    _write_tiny_gguf(tmp_path / "k.gguf", cfg)
+    data = bytearray((tmp_path / "k.gguf").read_bytes())
+    key = b"llama.attention.head_count_kv"
+    at = data.index(key) + len(key) + 4  # a uint32 value follows its type
+    struct.pack_into("<I", data, at, 0)
+    (tmp_path / "k0.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="k0.gguf: num_key_value_heads: expected a positive"):
+        open_checkpoint(tmp_path / "k0.gguf")
 
 
 def test_random_corruption_never_crashes(tmp_path):

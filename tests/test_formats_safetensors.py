@@ -333,3 +333,24 @@ def test_no_weights_file(tmp_path):
     os.remove(d / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         open_checkpoint(d)
+
+
+def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path):
+    """Python's JSON parser raises RecursionError (not ValueError) on deep nesting: every JSON
+    file offq reads turns it into a ValueError that names the file."""
+    from offq.formats.checkpoint import read_config
+    from offq.formats.gptq_export import is_gptq_export
+
+    deep = "[" * 100_000
+    blob = deep.encode()
+    (tmp_path / "deep.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
+    with pytest.raises(ValueError, match="deep.safetensors: header is not valid"):
+        read_header(tmp_path / "deep.safetensors")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(deep)
+    with pytest.raises(ValueError, match="config.json: invalid JSON"):
+        open_checkpoint(hf)
+    with pytest.raises(ValueError, match="config.json: not valid JSON"):
+        read_config(hf)
+    assert not is_gptq_export(hf)

@@ -84,8 +84,8 @@ def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, An
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not an offq checkpoint directory")
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{cfg_path}: not valid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{cfg_path}: not valid JSON ({exc!r})") from None
     block = raw.get("offq") if isinstance(raw, dict) else None
     if not isinstance(block, dict):
         raise ValueError(f"{cfg_path}: no 'offq' block; this is not an offq checkpoint "
@@ -106,7 +106,7 @@ def is_offq_checkpoint(path: str | os.PathLike) -> bool:
         return False
     try:
         return isinstance(json.loads(cfg_path.read_text(encoding="utf-8")).get("offq"), dict)
-    except (ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 

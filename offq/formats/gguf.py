@@ -34,9 +34,14 @@ import numpy as np
 
 from ..model.arch import ARCHITECTURES, LLAMA, Architecture, architecture_of
 from ..model.config import ModelConfig
+from .gguf_bounds import check_metadata_bounds
 from .registry import Checkpoint, TensorStore
 
 logger = logging.getLogger(__name__)
+
+#: Longest SentencePiece piece given merge rules (real vocabularies stay far below: Llama 2's
+#: longest is 16 characters); a hostile file of one 4 MB piece would otherwise take ~an hour.
+MAX_MERGED_PIECE = 256
 
 #: GGUF ``general.architecture`` values offq reads -> ModelConfig.architecture.
 SUPPORTED_GGUF_ARCHS = {a.gguf_arch: a.name for a in ARCHITECTURES.values()}
@@ -87,6 +92,7 @@ def open_reader(path: str | os.PathLike):
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    check_metadata_bounds(path)  # the gguf package trusts lengths: a 65-byte file could OOM it
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
@@ -99,13 +105,17 @@ def _malformed_as_value_error(fn):
     for an inconsistent vocabulary, ... -- into a ValueError naming the file."""
     @functools.wraps(fn)
     def wrapper(reader_or_path, *args, **kwargs):
+        where = (_reader_path(reader_or_path) if hasattr(reader_or_path, "fields")
+                 else reader_or_path)
         try:
             return fn(reader_or_path, *args, **kwargs)
-        except (ValueError, FileNotFoundError):
+        except FileNotFoundError:
             raise
+        except ValueError as e:  # e.g. ModelConfig's checks, which know no file: name it
+            if str(where) in str(e):
+                raise
+            raise ValueError(f"{where}: {e}") from e
         except Exception as e:  # noqa: BLE001 - re-raised as ValueError with the cause attached
-            where = (_reader_path(reader_or_path) if hasattr(reader_or_path, "fields")
-                     else reader_or_path)
             raise ValueError(f"{where}: malformed GGUF metadata ({type(e).__name__}: {e})") from e
     return wrapper
 
@@ -162,6 +172,9 @@ def config_from_gguf(reader) -> ModelConfig:
     tensors = {t.name: t for t in reader.tensors}
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
+    if hidden <= 0 or heads <= 0:  # before head_dim is derived from them
+        raise ValueError(f"{path}: {arch}.embedding_length ({hidden}) and "
+                         f"{arch}.attention.head_count ({heads}) must be positive")
     kv_heads = _field(reader, f"{arch}.attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # per-layer KV heads (not in any supported model)
         if len(set(kv_heads)) != 1:
@@ -506,14 +519,21 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
                          "per token")
     normal = int(gguf.TokenType.NORMAL)
     ranked = []
+    too_long = 0
     for piece, pid in vocab.items():
         if types[pid] != normal or len(piece) < 2:
+            continue
+        if len(piece) > MAX_MERGED_PIECE:  # every cut slices the piece: quadratic in its length
+            too_long += 1
             continue
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             lid, rid = vocab.get(left), vocab.get(right)
             if lid is not None and rid is not None:
                 ranked.append((-float(scores[pid]), pid, lid, rid, left, right))
+    if too_long:
+        logger.warning("%s: %d SentencePiece pieces longer than %d characters get no merge rule "
+                       "(they stay in the vocabulary)", path, too_long, MAX_MERGED_PIECE)
     ranked.sort()
     merges = [(left, right) for *_, left, right in ranked]
     unk_id = _field(reader, "tokenizer.ggml.unknown_token_id")

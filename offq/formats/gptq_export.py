@@ -211,7 +211,7 @@ def is_gptq_export(path: str | Path) -> bool:
         return False
     try:
         q = json.loads(cfg.read_text("utf-8")).get("quantization_config")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError, RecursionError):
         return False
     return isinstance(q, dict) and q.get("quant_method") == "gptq"
 
@@ -229,8 +229,13 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     from .tokenizer import Tokenizer
 
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text("utf-8"))
-    q = raw["quantization_config"]
+    try:
+        raw = json.loads((path / "config.json").read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path / 'config.json'}: unreadable or invalid JSON: {e!r}") from e
+    q = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not isinstance(q, dict):
+        raise ValueError(f"{path / 'config.json'}: no 'quantization_config' object")
     bits, group, sym = q.get("bits"), q.get("group_size", -1), bool(q.get("sym", True))
     if bits not in GPTQ_BITS:
         raise ValueError(f"{path}: quantization_config bits {bits!r} not in {GPTQ_BITS}")

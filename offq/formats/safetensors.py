@@ -107,8 +107,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     try:
         text = blob.decode("utf-8")
         header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path}: header is not valid UTF-8 JSON: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: deep nesting
+        raise ValueError(f"{path}: header is not valid UTF-8 JSON: {e!r}") from e
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
 
@@ -252,8 +252,8 @@ def _read_index(directory: Path) -> dict[str, str]:
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f, object_pairs_hook=_no_duplicate_keys)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{index_path}: unreadable or invalid JSON: {e}") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{index_path}: unreadable or invalid JSON: {e!r}") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path}: expected a non-empty 'weight_map' object")
@@ -343,8 +343,8 @@ def open_hf_dir(directory: str | os.PathLike, *, name: str | None = None) -> Che
     try:
         with open(cfg_path, encoding="utf-8") as f:
             raw_cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{cfg_path}: invalid JSON: {e}") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{cfg_path}: invalid JSON: {e!r}") from e
     tokenizer = Tokenizer.from_hf_dir(directory)
     add_bos = raw_cfg.get("offq_add_bos", tokenizer.adds_bos) if isinstance(raw_cfg, dict) else None
     try:

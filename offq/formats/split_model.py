@@ -86,7 +86,7 @@ class SplitModel:
         if target.is_file() and stamp.is_file():
             try:
                 rec = json.loads(stamp.read_text())
-            except ValueError:
+            except (OSError, ValueError, RecursionError):
                 rec = {}
             st = target.stat()
             if rec == {"sha256": self.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}:

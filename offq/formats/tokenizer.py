@@ -167,8 +167,8 @@ def _read_json_if_exists(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: invalid JSON: {e!r}") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -46,6 +47,14 @@ SUPPORTED_HF_CLASSES: dict[str, str] = {
 }
 #: RoPE variants the forward pass implements.
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+#: Upper bounds on the sizes a config may declare, far above any released model (Llama 3.1 405B:
+#: 126 layers, width 16384, FFN 53248; vocabularies up to ~256k), so a corrupt or hostile file
+#: fails here instead of sizing an allocation.
+SIZE_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 20,
+               "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12,
+               "num_key_value_heads": 1 << 12, "head_dim": 1 << 12,
+               "max_position_embeddings": 1 << 24}
 
 
 def _supported_list() -> str:
@@ -100,22 +109,23 @@ class ModelConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture: expected one of {sorted(ARCHITECTURES)}, "
                              f"got {self.architecture!r}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings"):
+        for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            if value > limit:  # a corrupt file, not a model: refuse before sizing anything by it
+                raise ValueError(f"{name}: {value} exceeds offq's limit {limit}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim: RoPE needs an even head dimension, got {self.head_dim}")
-        if not (self.rms_norm_eps > 0):
-            raise ValueError(f"rms_norm_eps: expected > 0, got {self.rms_norm_eps!r}")
-        if not (self.rope_theta > 0):
-            raise ValueError(f"rope_theta: expected > 0, got {self.rope_theta!r}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):
+            raise ValueError(f"rms_norm_eps: expected a number in (0, 1), got {self.rms_norm_eps!r}")
+        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0
+                and math.isfinite(self.rope_theta)):
+            raise ValueError(f"rope_theta: expected a finite number > 0, got {self.rope_theta!r}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not (0 <= value < self.vocab_size):
@@ -231,7 +241,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_as_float("rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
@@ -285,10 +295,19 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------- helpers
 def _as_int(name: str, value: Any) -> int:
-    """An integer-valued size from JSON (``576`` or ``576.0``; not ``true``, ``"576"`` or ``576.5``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    """An integer-valued size from JSON (``576`` or ``576.0``; not ``true``, ``"576"``, ``576.5``,
+    NaN or infinity)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     return int(value)
+
+
+def _as_float(name: str, value: Any) -> float:
+    """A number from JSON (not ``true`` or ``"1e-5"``); range checks are ModelConfig's."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    return float(value)
 
 
 def _first_id(value: Any) -> int | None:
@@ -310,7 +329,7 @@ def _read_rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
             theta = params.get("rope_theta")
         if scaling is None:
             scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    theta = float(theta) if theta is not None else 10000.0
+    theta = _as_float("rope_theta", theta) if theta is not None else 10000.0
     return theta, _normalise_rope_scaling(scaling)
 
 
@@ -340,8 +359,16 @@ def _check_rope_scaling(scaling: dict | None) -> None:
                          "original_max_position_embeddings"),
               "linear": ("factor",), "default": ()}[rope_type]
     for key in needed:
-        if scaling.get(key) is None:
+        value = scaling.get(key)
+        if value is None:
             raise ValueError(f"rope_scaling ({rope_type}): missing {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not (0 < value < float("inf")):
+            raise ValueError(f"rope_scaling ({rope_type}): {key!r} expected a finite number > 0, "
+                             f"got {value!r}")
+    if rope_type == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise ValueError(f"rope_scaling (llama3): low_freq_factor {scaling['low_freq_factor']!r} "
+                         f"must be below high_freq_factor {scaling['high_freq_factor']!r}")
 
 
 def _sliding_window(cfg: Mapping[str, Any], model_type: str) -> int | None:
