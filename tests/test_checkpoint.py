@@ -82,3 +82,32 @@ def test_tensor_checks_name_the_tensor_and_what_was_expected():
     del tensors["model.norm.weight"]
     with pytest.raises(ValueError, match="missing tensor 'model.norm.weight'"):
         check_checkpoint_tensors(tensors, mc, cfg, "ckpt")
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_codes_outside_the_grid_are_named(bits):
+    """2/3-bit codes are stored one a byte: a byte >= 2^bits is corruption, refused at load."""
+    mc = ModelConfig(architecture="llama", vocab_size=11, hidden_size=8, intermediate_size=16,
+                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    cfg = QuantConfig(method="rtn", w_bits=bits, a_bits=16, kv_bits=16)
+    tensors = {n: np.zeros(shape, DTYPES[dt]) for n, (shape, dt) in expected_tensors(mc, cfg).items()}
+    name = "model.layers.0.self_attn.k_proj.qweight"
+    tensors[name][1, 2] = (1 << bits) - 1  # the largest code: fine
+    check_checkpoint_tensors(tensors, mc, cfg, "ckpt")
+    tensors[name][1, 2] = 1 << bits
+    with pytest.raises(ValueError, match=f"ckpt: tensor '{name}' holds code {1 << bits}, outside "
+                                         rf"\[0, {(1 << bits) - 1}\] for {bits}-bit weights"):
+        check_checkpoint_tensors(tensors, mc, cfg, "ckpt")
+
+
+def test_unaligned_tensor_data_is_copied_aligned(tmp_path):
+    """A header padded to an odd length (any writer may) leaves float32 data misaligned in the
+    memory map: the loader copies such a tensor, since the kernels refuse unaligned operands."""
+    header = {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+    blob = json.dumps(header).encode()
+    blob += b" " * ((-len(blob)) % 8 + 1)  # 8 + len(blob) is now 1 mod 8
+    p = tmp_path / "odd.safetensors"
+    p.write_bytes(struct.pack("<Q", len(blob)) + blob + np.arange(4, dtype="<f4").tobytes())
+    tensors, _ = load_safetensors(p)
+    assert tensors["w"].flags.aligned
+    np.testing.assert_array_equal(tensors["w"], np.arange(4, dtype=np.float32).reshape(2, 2))

@@ -145,8 +145,9 @@ def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tup
 
 def check_checkpoint_tensors(tensors: Mapping[str, np.ndarray], model_config: Any,
                              cfg: QuantConfig, source: str) -> None:
-    """Every expected tensor present with its dtype and shape, no other tensor, and every
-    quantization scale and zero-point finite (ValueError naming the tensor otherwise)."""
+    """Every expected tensor present with its dtype and shape, no other tensor, every
+    quantization scale and zero-point finite, and every 2/3-bit code below 2^bits (ValueError
+    naming the tensor otherwise)."""
     expected = expected_tensors(model_config, cfg)
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
@@ -163,3 +164,7 @@ def check_checkpoint_tensors(tensors: Mapping[str, np.ndarray], model_config: An
                              f"{dt} {list(shape)}")
         if name.endswith((".scales", ".zeros", ".k_cache_offset")) and not np.all(np.isfinite(a)):
             raise ValueError(f"{source}: tensor {name!r} contains NaN or Inf")
+        if name.endswith(".qweight") and cfg.w_bits in (2, 3) and a.size and \
+                int(a.max()) >= 1 << cfg.w_bits:  # one code a byte: every byte must be a code
+            raise ValueError(f"{source}: tensor {name!r} holds code {int(a.max())}, outside "
+                             f"[0, {(1 << cfg.w_bits) - 1}] for {cfg.w_bits}-bit weights")

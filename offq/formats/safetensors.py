@@ -231,12 +231,16 @@ def load_safetensors(path: str | os.PathLike, *, mmap: bool = False
     """Every tensor of a file in its stored dtype (BF16 as uint16 bits), and the metadata.
 
     ``mmap=False``: fresh, writable in-memory copies. ``mmap=True``: read-only views into the
-    memory-mapped file (a byte is read when it is touched; the map lives as long as any view).
+    memory-mapped file (a byte is read when it is touched; the map lives as long as any view),
+    except that a tensor whose data is not aligned to its item size is copied.
     Either way the header is validated first (`read_header`).
     """
     f = SafetensorsFile(path)
     if mmap:
-        return {n: f.raw(n) for n in f.keys()}, dict(f.metadata)
+        # a view whose bytes do not start at a multiple of its item size (a file not written by
+        # offq may pad its header to any length) is copied: kernels need aligned operands
+        views = {n: f.raw(n) for n in f.keys()}
+        return {n: v if v.flags.aligned else v.copy() for n, v in views.items()}, dict(f.metadata)
     with f:
         return {n: np.array(f.raw(n)) for n in f.keys()}, dict(f.metadata)
 
