@@ -310,6 +310,8 @@ def test_plan_validates_layers(quantized):
     layer = tuple(fd.plan_layers[0])
     with pytest.raises(TypeError, match="layers"):
         decoder_plan([layer], **good)
+    with pytest.raises(ValueError, match=r"num_heads: 1099511627776 exceeds the limit 2\^20"):
+        decoder_plan((layer,), **{**good, "num_heads": 2**40, "num_kv_heads": 2**40})
     qkv = layer[2]
     bad = (qkv[0][:, :-1],) + qkv[1:]
     with pytest.raises(ValueError, match=r"layers\[0\].qkv.codes"):

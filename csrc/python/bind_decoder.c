@@ -214,6 +214,11 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
         if (offq_py_int(dims_o[i], dim_names[i], &dims[i]) < 0 || positive(dims[i], dim_names[i]) < 0) {
             return NULL;
         }
+        if (dims[i] > (1LL << 20)) { /* so that every product of sizes below fits int64 */
+            PyErr_Format(PyExc_ValueError, "%s: %lld exceeds the limit 2^20", dim_names[i],
+                         dims[i]);
+            return NULL;
+        }
     }
     double eps, clip;
     long long kvg;
