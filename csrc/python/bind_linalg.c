@@ -2,6 +2,7 @@
 #include "bind_util.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -83,6 +84,29 @@ static int check_diagonal(PyObject *obj, int64_t k, const double **diag)
     return 0;
 }
 
+/* The h argument every entry point takes: a float64 C-contiguous square array of order 1..46000.
+ * Returns its order, or -1 with the exception set (naming "h"). */
+static int64_t check_h(PyObject *obj, PyArrayObject **h)
+{
+    *h = offq_check_array(obj, "h", NPY_FLOAT64, 2, 2);
+    return *h == NULL ? -1 : offq_square_order(*h, "h");
+}
+
+/* A finite number >= 0 named `name` (add, budget); 0, or -1 with the exception set. */
+static int nonnegative_number(PyObject *obj, const char *name, double *out)
+{
+    if (offq_py_float(obj, name, out) < 0) {
+        return -1;
+    }
+    if (!isfinite(*out) || *out < 0.0) {
+        char what[64];
+        snprintf(what, sizeof what, "%s: expected a finite number >= 0", name);
+        offq_value_error_got(what, *out);
+        return -1;
+    }
+    return 0;
+}
+
 /* upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u float64 [k, k] with
  * (P h P^T + add I)^-1 = u^T u (P h P^T's diagonal replaced by diag[perm] when diag is given), or
  * None when that matrix is not numerically positive definite (the caller may retry with more
@@ -94,18 +118,11 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, Py
     double add;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OO:upper_cholesky_of_inverse", kwlist,
                                      &h_obj, &add_obj, &perm_obj, &diag_obj) ||
-        offq_py_float(add_obj, "add", &add) < 0) {
+        nonnegative_number(add_obj, "add", &add) < 0) {
         return NULL;
     }
-    if (!isfinite(add) || add < 0.0) {
-        offq_value_error_got("add: expected a finite number >= 0", add);
-        return NULL;
-    }
-    PyArrayObject *h = offq_check_array(h_obj, "h", NPY_FLOAT64, 2, 2);
-    if (h == NULL) {
-        return NULL;
-    }
-    const int64_t k = offq_square_order(h, "h");
+    PyArrayObject *h;
+    const int64_t k = check_h(h_obj, &h);
     const int64_t *perm;
     const double *diag;
     if (k < 0 || check_permutation(perm_obj, k, &perm) < 0 ||
@@ -143,11 +160,8 @@ static PyObject *py_smallest_eigenpairs(PyObject *self, PyObject *args)
         offq_py_int(count_obj, "count", &count) < 0) {
         return NULL;
     }
-    PyArrayObject *h = offq_check_array(h_obj, "h", NPY_FLOAT64, 2, 2);
-    if (h == NULL) {
-        return NULL;
-    }
-    const int64_t k = offq_square_order(h, "h");
+    PyArrayObject *h;
+    const int64_t k = check_h(h_obj, &h);
     if (k < 0) {
         return NULL;
     }
@@ -185,18 +199,11 @@ static PyObject *py_tail_eigenpairs(PyObject *self, PyObject *args)
     PyObject *h_obj, *budget_obj;
     double budget;
     if (!PyArg_ParseTuple(args, "OO:tail_eigenpairs", &h_obj, &budget_obj) ||
-        offq_py_float(budget_obj, "budget", &budget) < 0) {
+        nonnegative_number(budget_obj, "budget", &budget) < 0) {
         return NULL;
     }
-    if (!isfinite(budget) || budget < 0.0) {
-        offq_value_error_got("budget: expected a finite number >= 0", budget);
-        return NULL;
-    }
-    PyArrayObject *h = offq_check_array(h_obj, "h", NPY_FLOAT64, 2, 2);
-    if (h == NULL) {
-        return NULL;
-    }
-    const int64_t k = offq_square_order(h, "h");
+    PyArrayObject *h;
+    const int64_t k = check_h(h_obj, &h);
     if (k < 0) {
         return NULL;
     }
