@@ -58,7 +58,10 @@ def _set_threads(n: int | None) -> None:
     if n < 1:
         raise UsageError(f"--threads: expected a positive integer, got {n}")
     from .kernels import set_num_threads
-    set_num_threads(n)
+    try:
+        set_num_threads(n)
+    except ValueError as e:
+        raise UsageError(f"--threads {n}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,6 +163,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     source = args.calib_source or DEFAULT_CALIBRATION
     with open_checkpoint(args.model) as ckpt:
+        if args.eval_windows and args.eval_seqlen > ckpt.config.max_position_embeddings:
+            raise UsageError(f"--eval-seqlen {args.eval_seqlen} exceeds the model's context of "
+                             f"{ckpt.config.max_position_embeddings} tokens")
         calib = None
         t0 = time.perf_counter()
         if needs_calibration(cfg):
@@ -372,6 +378,9 @@ def _inspect_activations(ckpt, args: argparse.Namespace) -> dict:
 
     if args.plot and args.plot_layer not in (args.layers or [args.plot_layer]):
         raise UsageError(f"--plot-layer {args.plot_layer} is not among --layers {args.layers}")
+    n_layers = ckpt.config.num_hidden_layers
+    if args.plot and not 0 <= args.plot_layer < n_layers:
+        raise UsageError(f"--plot-layer {args.plot_layer}: the model has layers 0..{n_layers - 1}")
     source = args.calib_source or DEFAULT_CALIBRATION
     calib = sample_calibration(ckpt.tokenizer, source, n=args.calib_samples,
                                seqlen=args.calib_seqlen, seed=0,
@@ -473,6 +482,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         args.prompt_lengths, args.gen_tokens, args.repeats = [128], 16, 1
     show = False if args.quiet or args.json else None
+    cfg = None
+    if args.e2e:  # checked before the kernel table runs, not after it
+        try:
+            cfg = E2EConfig(model=args.model, ckpt=args.ckpt, threads=tuple(args.threads),
+                            prompt_lengths=tuple(args.prompt_lengths),
+                            gen_tokens=args.gen_tokens, repeats=args.repeats,
+                            llama_bench=args.llama_bench, llama_model=args.llama_model)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
     report: dict = {"machine": machine_info()}
     if not args.json:
         print(f"# offq bench: {describe_machine(report['machine'])}")
@@ -481,11 +499,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.json:
             print("\nkernels (ratio = baseline time / offq time in the same run; > 1: offq "
                   "faster)\n" + format_rows(report["kernels"]))
-    if args.e2e:
-        cfg = E2EConfig(model=args.model, ckpt=args.ckpt, threads=tuple(args.threads),
-                        prompt_lengths=tuple(args.prompt_lengths), gen_tokens=args.gen_tokens,
-                        repeats=args.repeats, llama_bench=args.llama_bench,
-                        llama_model=args.llama_model)
+    if cfg is not None:
         report["e2e"] = run_e2e(cfg, show=show)
         if not args.json:
             proto = report["e2e"]["protocol"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,9 +142,9 @@ class QuantConfig:
         def positive(name: str, *, allow_zero: bool = False) -> None:
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                value >= 0 if allow_zero else value > 0)
+                value >= 0 if allow_zero else value > 0) and math.isfinite(value)
             if not ok:
-                kind = "a non-negative" if allow_zero else "a positive"
+                kind = "a finite non-negative" if allow_zero else "a finite positive"
                 raise ValueError(f"{name}: expected {kind} number, got {value!r}")
 
         def flag(name: str) -> None:

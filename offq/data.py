@@ -143,7 +143,7 @@ def token_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: in
                          f"tokens), got {seqlen!r}")
     if max_windows is not None:
         _check_positive("max_windows", max_windows)
-    stream = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    stream = as_token_ids(tokens)
     out = _window_rows(stream, int(seqlen), max_windows, bos_id, "eval")
     if len(out) == 0:
         per = seqlen - (1 if bos_id is not None else 0)
@@ -304,6 +304,15 @@ def sample_calibration(tokenizer: Tokenizer, source: str | os.PathLike | Sequenc
 
 
 # ---------------------------------------------------------------------- helpers
+def as_token_ids(tokens: Sequence[int] | np.ndarray, name: str = "tokens") -> np.ndarray:
+    """``tokens`` as a flat int64 array; ValueError naming ``name`` for anything but integers
+    (floats and bools would otherwise be truncated into ids silently)."""
+    arr = np.asarray(tokens)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected integer token ids, got dtype {arr.dtype}")
+    return arr.astype(np.int64).reshape(-1)
+
+
 def _check_positive(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")

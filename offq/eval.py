@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import token_windows
+from .data import as_token_ids, token_windows
 from .model.decoder import Model
 from .progress import Progress
 
@@ -49,6 +49,11 @@ class EvalWindows:
     stream_tokens: int  # tokens in the whole tokenized text
 
 
+def _exp(x: float) -> float:
+    """exp, saturating to inf (a broken model's mean NLL can exceed 709) instead of raising."""
+    return math.exp(x) if x < 709.0 else float("inf")
+
+
 def make_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: int | None = None,
                  max_windows: int | None = None) -> EvalWindows:
     """The windows of protocol step 2 (``offq.data.token_windows``), with the stream length.
@@ -56,7 +61,7 @@ def make_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: int
     With ``bos_id`` each window is ``[bos_id] + seqlen - 1`` stream tokens, otherwise ``seqlen``
     stream tokens. The remainder is dropped; ``max_windows`` keeps the first N windows.
     """
-    stream = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    stream = as_token_ids(tokens)
     ids = token_windows(stream, seqlen, bos_id=bos_id, max_windows=max_windows)
     return EvalWindows(ids=ids, seqlen=int(seqlen), add_bos=bos_id is not None,
                        stream_tokens=int(stream.size))
@@ -183,7 +188,7 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
             nll = m.nll(ids)
             total_nll += float(nll.sum())
             count += nll.size
-            bar.set_postfix(f"ppl {math.exp(total_nll / count):.3f}")
+            bar.set_postfix(f"ppl {_exp(total_nll / count):.3f}")
             bar.update(ids.size)
     seconds = time.perf_counter() - t0
     mean = total_nll / count
@@ -197,7 +202,7 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
         "add_bos": bool(add_bos),
         "stream_tokens": win.stream_tokens,
         "nll": mean,
-        "ppl": math.exp(mean),
+        "ppl": _exp(mean),
         "seconds": seconds,
         "tokens_per_s": n * seqlen / seconds if seconds > 0 else float("nan"),
     }

@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -119,6 +120,10 @@ def test_cli_inspect_errors_are_one_line_with_status_2(capsys: pytest.CaptureFix
     assert "out of range" in capsys.readouterr().err
     assert main(["inspect", "smollm2-135m", "--layers", "0", "--plot", str(tmp_path / "p.png"),
                  "--plot-layer", "5", "--quiet"]) == 2
+    # without --layers every layer is measured: a --plot-layer past the last is refused first
+    assert main(["inspect", "smollm2-135m", "--plot", str(tmp_path / "p.png"),
+                 "--plot-layer", "99", "--quiet"]) == 2
+    assert "--plot-layer 99: the model has layers 0..29" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +175,10 @@ def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--threads", "0"]) == 2
     assert main(["bench", "--no-kernels", "--llama-bench", "/bin/true"]) == 2
     assert "go together" in capsys.readouterr().err
+    # end-to-end settings are checked before the kernel table runs (it takes minutes)
+    start = time.perf_counter()
+    assert main(["bench", "--prompt-lengths", "0"]) == 2
+    assert "prompt_lengths" in capsys.readouterr().err and time.perf_counter() - start < 20
     from offq.bench.e2e import E2EConfig
     with pytest.raises(ValueError, match="fused_prefill"):
         E2EConfig(fused_prefill="python")

@@ -212,9 +212,41 @@ def test_generation_greedy_sampling_and_seeds() -> None:
     assert list(generate_ids(model, prompt, hot)) == list(generate_ids(model, prompt, hot))
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_new_tokens=-1), dict(temperature=-0.5),
-                                    dict(temperature=float("nan")), dict(top_k=0)])
-def test_generation_config_rejects_bad_values(kwargs: dict) -> None:
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens="8"), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=None), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k"),
+    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed")])
+def test_generation_config_rejects_bad_values(kwargs: dict, name: str) -> None:
     from offq.generate import GenerationConfig
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"^{name}: "):
         GenerationConfig(**kwargs)
+
+
+def test_generation_edge_cases() -> None:
+    """A tiny temperature is greedy (not NaN); float ids are refused, not truncated; generation
+    stops, with a warning, when the context is full."""
+    from offq.generate import GenerationConfig, generate_ids
+    model = tiny_model()
+    prompt = [3, 4, 5, 6]
+    greedy = list(generate_ids(model, prompt, GenerationConfig(max_new_tokens=4, stop_at_eos=False)))
+    cold = GenerationConfig(max_new_tokens=4, temperature=1e-320, stop_at_eos=False)
+    assert list(generate_ids(model, prompt, cold)) == greedy
+    with pytest.raises(ValueError, match="prompt_ids: expected integer token ids"):
+        list(generate_ids(model, [3.7, 4.0], GenerationConfig(max_new_tokens=1)))
+    context = model.config.max_position_embeddings
+    long_prompt = [3] * (context - 2)
+    out = list(generate_ids(model, long_prompt, GenerationConfig(max_new_tokens=10,
+                                                                 stop_at_eos=False)))
+    assert len(out) == 3  # positions context-2 and context-1 are fed back; the third is not
+
+
+def test_perplexity_refuses_float_ids_and_saturates_huge_nll() -> None:
+    from offq.eval import _exp
+    model = tiny_model()
+    with pytest.raises(ValueError, match="tokens: expected integer token ids, got dtype float64"):
+        perplexity(model, None, [1.7] * 40, seqlen=8, quiet=True)
+    with pytest.raises(ValueError, match="tokens: expected integer token ids, got dtype bool"):
+        perplexity(model, None, [True] * 40, seqlen=8, quiet=True)
+    assert _exp(800.0) == float("inf") and _exp(1.0) == pytest.approx(math.e)

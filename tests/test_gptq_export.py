@@ -129,3 +129,18 @@ def test_offq_eval_runs_the_export(tiny, tmp_path):
     b, _ = load_model(str(out), mode="fake")
     na, nb = a.nll(ids), b.nll(ids)
     np.testing.assert_allclose(nb.mean(), na.mean(), rtol=2e-3)  # float16 scales/embeddings
+
+
+def test_export_refuses_to_overwrite_its_source_or_other_files(tiny, tmp_path):
+    src = quantized_dir(tiny, tmp_path, w_bits=4, w_group_size=16, w_symmetric=False)
+    before = sorted(p.name for p in src.iterdir())
+    with pytest.raises(ValueError, match="is the input being read"):
+        export_gptq(src, src)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="busy exists, is not empty"):
+        export_gptq(src, busy)
+    assert sorted(p.name for p in src.iterdir()) == before
+    out = export_gptq(src, tmp_path / "gptq")
+    export_gptq(src, out)  # an earlier export may be replaced

@@ -195,6 +195,12 @@ def test_config_validation_errors():
         pipeline.quantize(tiny_checkpoint(0), QuantConfig(method="rtn"), None, resume=True)
 
 
+@pytest.mark.parametrize("field", ["osaq_mu2", "osaq_mu1", "osaq_tau_rel", "gptq_damp"])
+def test_quant_config_refuses_infinite_numbers(field):
+    with pytest.raises(ValueError, match=f"^{field}: expected a finite"):
+        QuantConfig(method="gptq", w_quantizer="osaq+gptq", **{field: float("inf")})
+
+
 def test_statistics_read_the_first_pca_samples_sequences():
     """R1 comes from the first ``pca_samples`` calibration sequences only (0: all of them), and
     checkpoints written before the field existed read back as "all"."""
@@ -259,3 +265,61 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
     for name in ("model.safetensors", "config.json"):
         assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
     assert not partial.exists()
+
+
+def test_bad_runs_fail_before_any_pass(tmp_path, monkeypatch):
+    """Mistakes a user makes are refused up front, naming the argument, before statistics or
+    calibration run (a pass here would fail the test) and before the output directory is
+    touched."""
+    ckpt = tiny_checkpoint(0)  # d 64, head_dim 16, intermediate 128
+    calib = calibration(ckpt)
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass ran before the arguments were checked")
+
+    monkeypatch.setattr(pipeline, "collect_statistics", no_pass)
+    monkeypatch.setattr(pipeline, "calibrate_layer", no_pass)
+    gptq = QuantConfig(method="gptq")
+    for kwargs, match in [
+        (dict(batch_size=0), "batch_size: expected a positive integer, got 0"),
+        (dict(batch_size=-1), "batch_size"),
+        (dict(batch_size=1.5), "batch_size"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            pipeline.quantize(ckpt, gptq, calib, **kwargs)
+    with pytest.raises(ValueError, match="w_group_size: 48 does not divide the hidden size, 64"):
+        pipeline.quantize(ckpt, QuantConfig(method="gptq", w_group_size=48), calib)
+    with pytest.raises(ValueError, match="kv_group_size: expected -1 or a divisor of 16, got 5"):
+        pipeline.quantize(ckpt, QuantConfig(method="rtn", kv_group_size=5), None)
+    too_long = np.zeros((1, ckpt.config.max_position_embeddings + 1), np.int64)
+    with pytest.raises(ValueError, match="calibration: sequences of .* exceed the model's context"):
+        pipeline.quantize(ckpt, gptq, too_long)
+    with pytest.raises(TypeError, match="config: expected a QuantConfig"):
+        pipeline.quantize(ckpt, {"method": "rtn"}, None)
+    with pytest.raises(TypeError, match="ckpt: expected an opened checkpoint"):
+        pipeline.quantize(None, gptq, calib)
+
+
+def test_output_directories_that_would_destroy_something_are_refused(tmp_path):
+    ckpt = tiny_checkpoint(0)
+    rtn = QuantConfig(method="rtn")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    (tmp_path / "afile").write_text("x")
+    for out, match in [("", "out_dir: empty"), (busy, "busy exists, is not empty"),
+                       (tmp_path / "afile", "afile exists and is not a directory")]:
+        with pytest.raises(ValueError, match=match):
+            pipeline.quantize(ckpt, rtn, None, out_dir=out)
+    assert (busy / "notes.txt").read_text() == "mine" and sorted(p.name for p in busy.iterdir()) \
+        == ["notes.txt"]
+    # the source itself (a checkpoint whose files live in the directory)
+    ckpt.path = tmp_path / "src"
+    ckpt.path.mkdir()
+    with pytest.raises(ValueError, match="is the input being read"):
+        pipeline.quantize(ckpt, rtn, None, out_dir=ckpt.path)
+    # an earlier offq checkpoint may be overwritten, and an empty directory used
+    pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "q", progress=False)
+    pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "q", progress=False)
+    (tmp_path / "empty").mkdir()
+    pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "empty", progress=False)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_output_dir",
+           "fsync_dir"]
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -54,3 +55,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """Indented, key-sorted JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | None, *,
+                     reusable: Callable[[Path], bool]) -> None:
+    """Refuse an output directory whose use would destroy something: an empty path (the current
+    directory), the ``source`` being read, a file, or an existing
+    non-empty directory that ``reusable`` does not accept (e.g. one that is not an earlier
+    output of the same kind). ValueError naming ``out_dir``."""
+    if str(out_dir).strip() == "":
+        raise ValueError("out_dir: empty (give a directory to write into)")
+    out = Path(out_dir).resolve()
+    if source is not None:
+        src = Path(source).resolve()
+        if out == src:
+            raise ValueError(f"out_dir: {out_dir} is the input being read; write elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir: {out_dir} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not reusable(out):
+        raise ValueError(f"out_dir: {out_dir} exists, is not empty and holds something else; "
+                         "choose a new or empty directory")

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_write_json, fsync_dir
+from .files import atomic_write_json, check_output_dir, fsync_dir
 from .safetensors import write_safetensors
 
 __all__ = ["GptqExportError", "export_gptq", "is_gptq_export", "load_gptq_export", "pack_stream",
@@ -160,6 +160,7 @@ def export_gptq(src: str | Path, out: str | Path, *, checkpoint_format: str = "g
     from .checkpoint import MODEL_FILE, check_checkpoint_tensors, load_safetensors, read_config
 
     src, out = Path(src), Path(out)
+    check_output_dir(out, src, reusable=is_gptq_export)
     mc, qcfg, block = read_config(src)
     check_exportable(qcfg, block)
     mc = mc.replace(tie_word_embeddings=False)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..config import OFF, QuantConfig
+from ..formats.files import check_output_dir
 from ..formats.registry import TensorStore
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner
@@ -112,13 +113,26 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         calibration_source, calibration_seed: where the calibration tokens came from, recorded
             in config.json with their shape and hash.
     """
+    if not hasattr(ckpt, "config") or not hasattr(ckpt, "tensors"):
+        raise TypeError(f"ckpt: expected an opened checkpoint (offq.load(...)), got "
+                        f"{type(ckpt).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config: expected a QuantConfig, got {type(config).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     mc = ckpt.config.replace(tie_word_embeddings=False)
     arch = architecture_of(mc)
     calib = _check_calibration(calibration, config, mc.vocab_size)
     if calib is not None:  # record what was used, not the defaults
+        if calib.shape[1] > mc.max_position_embeddings:
+            raise ValueError(f"calibration: sequences of {calib.shape[1]} tokens exceed the "
+                             f"model's context of {mc.max_position_embeddings}")
         config = dataclasses.replace(config, calib_samples=int(calib.shape[0]),
                                      calib_seqlen=int(calib.shape[1]))
+    check_group_sizes(mc, config)
     check_hadamard_sizes(mc, config)
+    if out_dir is not None:
+        check_output_dir(out_dir, getattr(ckpt, "path", None), reusable=_reusable_output)
     calib_record = calibration_record(calib, calibration_source, calibration_seed)
     store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib_record, batch_size))
     timings: dict[str, float] = {}
@@ -260,6 +274,22 @@ def needs_calibration(cfg: QuantConfig) -> bool:
     return needs_statistics(cfg) or needs_hessians(cfg)
 
 
+def check_group_sizes(mc: Any, cfg: QuantConfig) -> None:
+    """Fail before any pass when the weight group does not divide a linear's input width (the
+    hidden size, q_proj's output width feeding o_proj, the intermediate size) or the KV group
+    does not divide head_dim."""
+    if cfg.w_bits < 16:
+        widths = {"the hidden size": mc.hidden_size, "o_proj's input": mc.q_dim,
+                  "down_proj's input (the intermediate size)": mc.intermediate_size}
+        for what, k in widths.items():
+            g = cfg.w_group_size
+            if g != -1 and g < k and k % g:
+                raise ValueError(f"w_group_size: {g} does not divide {what}, {k} (use -1 for "
+                                 "one group per row, or a common divisor)")
+    if cfg.kv_bits < 16:
+        cfg.kv_group(mc.head_dim)  # raises naming kv_group_size
+
+
 def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
     """Fail before any pass when a Hadamard size this run needs has no construction (R1's block
     or QuaRot's full size, R2/R3 over head_dim, R4 over the intermediate size)."""
@@ -390,6 +420,13 @@ def layer_tensors(w: dict[str, np.ndarray], linears: dict[str, Any], mc: Any,
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _reusable_output(directory: Path) -> bool:
+    """An existing directory quantize may write into: an offq checkpoint or an unfinished run."""
+    from ..formats.checkpoint import PARTIAL_DIR, is_offq_checkpoint
+
+    return is_offq_checkpoint(directory) or (directory / PARTIAL_DIR).is_dir()
+
+
 def _check_calibration(calib: np.ndarray | None, cfg: QuantConfig, vocab: int) -> np.ndarray | None:
     if not needs_calibration(cfg):
         return None
