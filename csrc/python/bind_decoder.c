@@ -20,11 +20,19 @@
 
 #define PLAN_NAME "offq.decoder_plan"
 
+/* The bytes [start, end) of one of the plan's arrays, and the largest end of any range sorted
+ * at or before it (so that one binary search answers "does [a, b) touch a weight?"). */
+typedef struct {
+    uintptr_t start, end, max_end;
+} byte_range;
+
 typedef struct {
     offq_dec_model model;
     offq_dec_layer *layers;
-    PyObject *keep; /* the validated layers tuple */
-    uint8_t *dec;   /* every linear's weight in the decode layout (offq.h), or NULL */
+    PyObject *keep;      /* the validated layers tuple */
+    uint8_t *dec;        /* every linear's weight in the decode layout (offq.h), or NULL */
+    byte_range *weights; /* the bytes of every array in keep, sorted by start */
+    Py_ssize_t n_weights;
 } dec_plan;
 
 static void plan_free(PyObject *capsule)
@@ -33,6 +41,7 @@ static void plan_free(PyObject *capsule)
     if (p != NULL) {
         free(p->layers);
         free(p->dec);
+        free(p->weights);
         Py_XDECREF(p->keep);
         free(p);
     }
@@ -122,6 +131,82 @@ static int parse_group(PyObject *obj, const char *name, int64_t k, int64_t *out)
         return -1;
     }
     *out = (int64_t)g;
+    return 0;
+}
+
+/* Append the byte range of every non-empty array inside obj (nested tuples of arrays and None)
+ * to p->weights (capacity *cap, grown as needed). 0, or -1 with MemoryError. */
+static int append_ranges(dec_plan *p, PyObject *obj, Py_ssize_t *cap)
+{
+    if (PyArray_Check(obj)) {
+        PyArrayObject *a = (PyArrayObject *)obj;
+        if (PyArray_NBYTES(a) == 0) {
+            return 0;
+        }
+        if (p->n_weights == *cap) {
+            *cap = *cap ? 2 * *cap : 64;
+            byte_range *grown = realloc(p->weights, sizeof *grown * (size_t)*cap);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            p->weights = grown;
+        }
+        const uintptr_t start = (uintptr_t)PyArray_BYTES(a);
+        p->weights[p->n_weights++] = (byte_range){start, start + (uintptr_t)PyArray_NBYTES(a), 0};
+        return 0;
+    }
+    if (PyTuple_Check(obj)) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
+            if (append_ranges(p, PyTuple_GET_ITEM(obj, i), cap) < 0) {
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+static int by_start(const void *x, const void *y)
+{
+    const uintptr_t a = ((const byte_range *)x)->start, b = ((const byte_range *)y)->start;
+    return (a > b) - (a < b);
+}
+
+/* p->weights <- the sorted byte ranges of the plan's arrays, once, so that each decoder_forward
+ * call checks its buffers against them in O(log n) (a walk over ~1300 arrays per decode step
+ * would cost a visible share of it). */
+static int collect_weight_ranges(dec_plan *p, PyObject *layers)
+{
+    Py_ssize_t cap = 0;
+    if (append_ranges(p, layers, &cap) < 0) {
+        return -1;
+    }
+    qsort(p->weights, (size_t)p->n_weights, sizeof *p->weights, by_start);
+    uintptr_t running = 0;
+    for (Py_ssize_t i = 0; i < p->n_weights; i++) {
+        running = p->weights[i].end > running ? p->weights[i].end : running;
+        p->weights[i].max_end = running;
+    }
+    return 0;
+}
+
+/* -1 with ValueError when `out` shares a byte with any of the plan's arrays, else 0. */
+static int disjoint_from_plan(const dec_plan *p, PyArrayObject *out, const char *name)
+{
+    const uintptr_t a = (uintptr_t)PyArray_BYTES(out), b = a + (uintptr_t)PyArray_NBYTES(out);
+    Py_ssize_t lo = 0, hi = p->n_weights; /* count the ranges that start before b */
+    while (lo < hi) {
+        const Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (p->weights[mid].start < b) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    if (a < b && lo > 0 && p->weights[lo - 1].max_end > a) {
+        PyErr_Format(PyExc_ValueError, "%s: must not share memory with the plan's weights", name);
+        return -1;
+    }
     return 0;
 }
 
@@ -314,7 +399,7 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
                                 .r3 = r3,
                                 .r4 = r4,
                                 .layer = p->layers};
-    if (build_decode_layouts(p) < 0) {
+    if (build_decode_layouts(p) < 0 || collect_weight_ranges(p, layers_o) < 0) {
         goto fail;
     }
     Py_INCREF(layers_o);
@@ -328,6 +413,7 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
 fail:
     free(p->layers);
     free(p->dec);
+    free(p->weights);
     free(p);
     return NULL;
 }
@@ -356,28 +442,6 @@ static PyObject *py_decoder_scratch_bytes(PyObject *self, PyObject *args)
     }
     return PyLong_FromLongLong(
         (long long)offq_dec_scratch_bytes(&p->model, rows, pos, offq_get_num_threads()));
-}
-
-/* -1 with ValueError when `out` shares memory with an array anywhere inside the plan's validated
- * layers (nested tuples of arrays and None), else 0. */
-static int disjoint_from_plan(PyArrayObject *out, const char *name, PyObject *obj)
-{
-    if (PyArray_Check(obj)) {
-        if (offq_bytes_overlap(out, (PyArrayObject *)obj)) {
-            PyErr_Format(PyExc_ValueError, "%s: must not share memory with the plan's weights",
-                         name);
-            return -1;
-        }
-        return 0;
-    }
-    if (PyTuple_Check(obj)) {
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
-            if (disjoint_from_plan(out, name, PyTuple_GET_ITEM(obj, i)) < 0) {
-                return -1;
-            }
-        }
-    }
-    return 0;
 }
 
 /* A writeable C-contiguous array of dtype `typenum` and exactly this shape. */
@@ -461,7 +525,7 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
                                       {sn, "sin"}};
     for (int i = 0; i < 5; i++) {
         if (offq_check_disjoint(args_[i].arr, args_[i].name, args_ + i + 1, 6 - i) < 0 ||
-            disjoint_from_plan(args_[i].arr, args_[i].name, p->keep) < 0) {
+            disjoint_from_plan(p, args_[i].arr, args_[i].name) < 0) {
             return NULL;
         }
     }
