@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,21 @@ def test_hf_dir_bad_special_ids(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError):
             Tokenizer.from_hf_dir(tmp_path)
+
+
+def test_very_long_sentencepiece_piece_gets_no_merges_and_loads_fast(tmp_path, caplog):
+    """A hostile vocabulary with one enormous piece: every cut of a piece is a slice, so merge
+    rules for it would take time quadratic in its length (~45 min for 4 MB). Pieces over
+    MAX_MERGED_PIECE characters are left without merges, with a warning."""
+    from offq.formats.gguf import MAX_MERGED_PIECE
+
+    tokens, types, scores = _sentencepiece_vocab()
+    long_piece = "ab" * 40_000  # 80k characters: ~1 s of slicing before the cap
+    tokens, types, scores = tokens + [long_piece], types + [1], scores + [-1e6]
+    _write_tokenizer_gguf(tmp_path / "long.gguf", "llama", "llama", tokens, types, scores=scores)
+    start = time.perf_counter()
+    with caplog.at_level("WARNING"):
+        tok = build_gguf_tokenizer(tmp_path / "long.gguf")
+    assert time.perf_counter() - start < 5
+    assert f"1 SentencePiece pieces longer than {MAX_MERGED_PIECE}" in caplog.text
+    assert tok.decode(tok.encode("Hello world")) == "Hello world"
