@@ -118,6 +118,9 @@ def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model,
             return m, tok
         from .formats import open_checkpoint
         model = open_checkpoint(model)
+    if mode != "real":  # "real" is the default; a float model has no other path to choose
+        log.warning("mode=%r ignored: %s is a float model, which runs in float32", mode,
+                       getattr(model, "name", "the model"))
     m = Model.from_checkpoint(model, **kwargs)
     return m, m.tokenizer
 

@@ -186,6 +186,17 @@ def test_cli_eval_json_on_a_hf_directory(capsys: pytest.CaptureFixture, tmp_path
     assert capsys.readouterr().out.startswith("w3 w4 w5")
 
 
+def test_a_mode_other_than_real_on_a_float_model_is_named_not_silently_ignored(tmp_path, caplog):
+    from offq.eval import load_model
+    write_tiny_hf_dir(tmp_path / "tiny", tiny_model())
+    with caplog.at_level("WARNING"):
+        load_model(str(tmp_path / "tiny"))
+    assert "ignored" not in caplog.text
+    with caplog.at_level("WARNING"):
+        load_model(str(tmp_path / "tiny"), mode="fused")
+    assert "mode='fused' ignored: tiny is a float model" in caplog.text
+
+
 def test_cli_reports_bad_arguments(capsys: pytest.CaptureFixture) -> None:
     rc = main(["eval", "smollm2-135m", "--dataset", "no-such-dataset", "--quiet"])
     assert rc == 2
