@@ -40,6 +40,9 @@ static inline void offq_csr_restore(unsigned csr)
         _mm_setcsr(csr);
     }
 }
+#else
+static inline unsigned offq_daz_clear(void) { return 0; } /* no MXCSR: nothing to clear */
+static inline void offq_csr_restore(unsigned csr) { (void)csr; }
 #endif
 
 /* A 64-byte aligned buffer of at least `bytes` (at least one line), released with free(). */

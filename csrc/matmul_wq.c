@@ -173,15 +173,9 @@ static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, 
 #pragma omp parallel for schedule(dynamic, 4) if (blocks > 1 && m * n * k >= WQ_PAR_MIN)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n1 = (b + 1) * WQ_BLOCK_N < n ? (b + 1) * WQ_BLOCK_N : n;
-#ifdef OFFQ_X86
-        const unsigned csr = unscale != NULL ? offq_daz_clear() : 0;
-#endif
+        const unsigned csr = unscale != NULL ? offq_daz_clear() : 0; /* 0: nothing to restore */
         ops->rows(w, xin, xsum, unscale, m, b * WQ_BLOCK_N, n1, n, out);
-#ifdef OFFQ_X86
-        if (unscale != NULL) {
-            offq_csr_restore(csr);
-        }
-#endif
+        offq_csr_restore(csr);
     }
     free(xsum);
     free(xp);

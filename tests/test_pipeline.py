@@ -287,8 +287,11 @@ def test_bad_runs_fail_before_any_pass(tmp_path, monkeypatch):
     ]:
         with pytest.raises(ValueError, match=match):
             pipeline.quantize(ckpt, gptq, calib, **kwargs)
-    with pytest.raises(ValueError, match="w_group_size: 48 does not divide the hidden size, 64"):
+    with pytest.raises(ValueError, match="w_group_size: expected -1 or a divisor of 64, got 48"):
         pipeline.quantize(ckpt, QuantConfig(method="gptq", w_group_size=48), calib)
+    # 96 >= the hidden size (one group per row there) but does not divide the intermediate 128
+    with pytest.raises(ValueError, match="w_group_size: expected -1 or a divisor of 128, got 96"):
+        pipeline.quantize(ckpt, QuantConfig(method="gptq", w_group_size=96), calib)
     with pytest.raises(ValueError, match="kv_group_size: expected -1 or a divisor of 16, got 5"):
         pipeline.quantize(ckpt, QuantConfig(method="rtn", kv_group_size=5), None)
     too_long = np.zeros((1, ckpt.config.max_position_embeddings + 1), np.int64)

@@ -172,9 +172,9 @@ static int by_start(const void *x, const void *y)
     return (a > b) - (a < b);
 }
 
-/* p->weights <- the sorted byte ranges of the plan's arrays, once, so that each decoder_forward
- * call checks its buffers against them in O(log n) (a walk over ~1300 arrays per decode step
- * would cost a visible share of it). */
+/* p->weights <- the sorted byte ranges of the plan's arrays (450 for SmolLM2-135M), once, so
+ * that each decoder_forward call checks its buffers against them by binary search instead of
+ * walking every array on every decode step. */
 static int collect_weight_ranges(dec_plan *p, PyObject *layers)
 {
     Py_ssize_t cap = 0;

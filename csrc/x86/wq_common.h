@@ -35,26 +35,18 @@ offq_wq_zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
 /* The body of a SIMD variant's rows entry (kernels.h; its parameters in scope): rows_bits(...,
  * bits, sub) with the bit width and the decode (sub: the subnormal one, unscale set) as
  * constants, so that each combination is a specialised copy. */
+#define OFFQ_WQ_ROWS_CASES(rows_bits, b)                                                          \
+    case 2 * (b):                                                                                 \
+        rows_bits(w, xp, xsum, NULL, m, n0, n1, ldo, out, b, 0);                                  \
+        break;                                                                                    \
+    case 2 * (b) + 1:                                                                             \
+        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, b, 1);                               \
+        break;
 #define OFFQ_WQ_ROWS_SPECIALISED(rows_bits)                                                       \
     switch (w->bits * 2 + (unscale != NULL)) {                                                    \
-    case 4:                                                                                       \
-        rows_bits(w, xp, xsum, NULL, m, n0, n1, ldo, out, 2, 0);                                  \
-        break;                                                                                    \
-    case 5:                                                                                       \
-        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 2, 1);                               \
-        break;                                                                                    \
-    case 6:                                                                                       \
-        rows_bits(w, xp, xsum, NULL, m, n0, n1, ldo, out, 3, 0);                                  \
-        break;                                                                                    \
-    case 7:                                                                                       \
-        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 3, 1);                               \
-        break;                                                                                    \
-    case 8:                                                                                       \
-        rows_bits(w, xp, xsum, NULL, m, n0, n1, ldo, out, 4, 0);                                  \
-        break;                                                                                    \
-    default:                                                                                      \
-        rows_bits(w, xp, xsum, unscale, m, n0, n1, ldo, out, 4, 1);                               \
-        break;                                                                                    \
+        OFFQ_WQ_ROWS_CASES(rows_bits, 2)                                                          \
+        OFFQ_WQ_ROWS_CASES(rows_bits, 3)                                                          \
+        OFFQ_WQ_ROWS_CASES(rows_bits, 4)                                                          \
     }
 
 /* An output: the row kernel's dot (times 2^E_r when the subnormal decode ran) less the

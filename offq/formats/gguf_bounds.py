@@ -4,7 +4,8 @@ The ``gguf`` reader trusts the lengths a file declares: an array of 2^62 element
 65-byte file makes it build parts past the end of the file until memory runs out. This walks the
 header (version 2 or 3: counts and lengths are uint64) and checks that every key, string and
 array fits in the file before anything is read. It reads only lengths and skips payloads; a
-string array (the vocabulary) is walked string by string, ~0.1 s for 150k tokens.
+string array (the vocabulary) is walked string by string: 0.04 s for SmolLM2-135M's header and
+0.12 s for Qwen2.5-1.5B's (151,936 tokens and their merges), timed once on the 2-vCPU Zen 5.
 """
 from __future__ import annotations
 

@@ -278,16 +278,11 @@ def check_group_sizes(mc: Any, cfg: QuantConfig) -> None:
     """Fail before any pass when the weight group does not divide a linear's input width (the
     hidden size, q_proj's output width feeding o_proj, the intermediate size) or the KV group
     does not divide head_dim."""
-    if cfg.w_bits < 16:
-        widths = {"the hidden size": mc.hidden_size, "o_proj's input": mc.q_dim,
-                  "down_proj's input (the intermediate size)": mc.intermediate_size}
-        for what, k in widths.items():
-            g = cfg.w_group_size
-            if g != -1 and g < k and k % g:
-                raise ValueError(f"w_group_size: {g} does not divide {what}, {k} (use -1 for "
-                                 "one group per row, or a common divisor)")
+    if cfg.w_bits < 16:  # each raises naming w_group_size / kv_group_size
+        for k in (mc.hidden_size, mc.q_dim, mc.intermediate_size):
+            cfg.weight_group(k)
     if cfg.kv_bits < 16:
-        cfg.kv_group(mc.head_dim)  # raises naming kv_group_size
+        cfg.kv_group(mc.head_dim)
 
 
 def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
