@@ -280,4 +280,17 @@ offq_status offq_smallest_eigenpairs(const double *h, int64_t k, int64_t count, 
 offq_status offq_tail_eigenpairs(const double *h, int64_t k, double budget, int64_t *m,
                                  double **values, double **vectors);
 
+/* The same budget, by inverse subspace iteration on a Cholesky factor of h + delta I (tail_subspace.c;
+ * no tridiagonal reduction: k^3 / 3 flops plus two triangular solves per step at k = 8960). The
+ * block starts at `block` rows and grows with the tail; at most max_iter steps; seed fixes the
+ * start block. *vectors are orthonormal rows spanning an approximation of the smallest
+ * eigenvectors' span, *values their exact Rayleigh values (V h V^T = diag(values) to rounding),
+ * ascending, summing in magnitude to at most budget; *m never exceeds offq_tail_eigenpairs' count.
+ * Falls back to offq_tail_eigenpairs when the block would pass k / 2, when h has no positive
+ * trace, or when h + delta I does not factor. *steps = iteration steps taken (0 after a fallback).
+ * Errors as offq_tail_eigenpairs. Threads: OpenBLAS's. */
+offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_t block,
+                               int64_t max_iter, uint64_t seed, int64_t *m, double **values,
+                               double **vectors, int64_t *steps);
+
 #endif

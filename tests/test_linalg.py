@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offq.kernels import smallest_eigenpairs, tail_eigenpairs, threads, upper_cholesky_of_inverse
+from offq.kernels import (smallest_eigenpairs, tail_eigenpairs, tail_subspace, threads,
+                          upper_cholesky_of_inverse)
 from offq.quantizers.gptq import factor_hessian, gptq_quantize
 
 
@@ -117,7 +118,8 @@ def test_two_threads_same_factor() -> None:
 #: every entry point of bind_linalg.c, each called with only h varying (the others valid)
 H_CALLS = {"upper_cholesky_of_inverse": lambda h: upper_cholesky_of_inverse(h, 0.0),
            "smallest_eigenpairs": lambda h: smallest_eigenpairs(h, 1),
-           "tail_eigenpairs": lambda h: tail_eigenpairs(h, 1.0)}
+           "tail_eigenpairs": lambda h: tail_eigenpairs(h, 1.0),
+           "tail_subspace": lambda h: tail_subspace(h, 1.0, block=1)}
 
 
 @pytest.mark.parametrize("name", sorted(H_CALLS))

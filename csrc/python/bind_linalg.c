@@ -191,6 +191,26 @@ static PyObject *py_smallest_eigenpairs(PyObject *self, PyObject *args)
     return Py_BuildValue("NN", values, vectors);
 }
 
+/* (values [m], vectors [m, k]) as new arrays from malloc'd buffers, which are freed here. */
+static PyObject *pairs_result(int64_t m, int64_t k, double *vals, double *vecs)
+{
+    npy_intp vdims[1] = {(npy_intp)m}, edims[2] = {(npy_intp)m, (npy_intp)k};
+    PyArrayObject *values = (PyArrayObject *)PyArray_SimpleNew(1, vdims, NPY_FLOAT64);
+    PyArrayObject *vectors = (PyArrayObject *)PyArray_SimpleNew(2, edims, NPY_FLOAT64);
+    if (values != NULL && vectors != NULL && m > 0) {
+        memcpy(PyArray_DATA(values), vals, sizeof(double) * (size_t)m);
+        memcpy(PyArray_DATA(vectors), vecs, sizeof(double) * (size_t)(m * k));
+    }
+    free(vals);
+    free(vecs);
+    if (values == NULL || vectors == NULL) {
+        Py_XDECREF(values);
+        Py_XDECREF(vectors);
+        return NULL;
+    }
+    return Py_BuildValue("NN", values, vectors);
+}
+
 /* tail_eigenpairs(h, budget) -> (values [m] ascending, vectors [m, k]): the longest run of the
  * smallest eigenpairs of the symmetric h (upper triangle read) whose |eigenvalues| sum to at most
  * budget (m may be 0). */
@@ -216,21 +236,64 @@ static PyObject *py_tail_eigenpairs(PyObject *self, PyObject *args)
     if (offq_py_status(rc, (offq_errctx){.arg = "h"}) < 0) {
         return NULL;
     }
-    npy_intp vdims[1] = {(npy_intp)m}, edims[2] = {(npy_intp)m, (npy_intp)k};
-    PyArrayObject *values = (PyArrayObject *)PyArray_SimpleNew(1, vdims, NPY_FLOAT64);
-    PyArrayObject *vectors = (PyArrayObject *)PyArray_SimpleNew(2, edims, NPY_FLOAT64);
-    if (values != NULL && vectors != NULL && m > 0) {
-        memcpy(PyArray_DATA(values), vals, sizeof(double) * (size_t)m);
-        memcpy(PyArray_DATA(vectors), vecs, sizeof(double) * (size_t)(m * k));
+    return pairs_result(m, k, vals, vecs);
+}
+
+/* A positive int argument no larger than `most` -> *out; -1 with an exception naming `name`. */
+static int bounded_count(PyObject *obj, const char *name, long long most, long long *out)
+{
+    if (offq_py_int(obj, name, out) < 0) {
+        return -1;
     }
-    free(vals);
-    free(vecs);
-    if (values == NULL || vectors == NULL) {
-        Py_XDECREF(values);
-        Py_XDECREF(vectors);
+    if (*out < 1 || *out > most) {
+        PyErr_Format(PyExc_ValueError, "%s: expected 1 <= %s <= %lld, got %lld", name, name, most,
+                     *out);
+        return -1;
+    }
+    return 0;
+}
+
+/* tail_subspace(h, budget, block, max_iter, seed) -> (values [m], vectors [m, k], steps): the
+ * tail's span by inverse subspace iteration (see offq.kernels.tail_subspace). */
+static PyObject *py_tail_subspace(PyObject *self, PyObject *args)
+{
+    PyObject *h_obj, *budget_obj, *block_obj, *iter_obj, *seed_obj;
+    double budget;
+    long long block, max_iter, seed;
+    if (!PyArg_ParseTuple(args, "OOOOO:tail_subspace", &h_obj, &budget_obj, &block_obj,
+                          &iter_obj, &seed_obj) ||
+        nonnegative_number(budget_obj, "budget", &budget) < 0 ||
+        bounded_count(iter_obj, "max_iter", 100000, &max_iter) < 0 ||
+        offq_py_int(seed_obj, "seed", &seed) < 0) {
         return NULL;
     }
-    return Py_BuildValue("NN", values, vectors);
+    if (seed < 0) {
+        PyErr_Format(PyExc_ValueError, "seed: expected a non-negative integer, got %lld", seed);
+        return NULL;
+    }
+    PyArrayObject *h;
+    const int64_t k = check_h(h_obj, &h);
+    if (k < 0 || bounded_count(block_obj, "block", (long long)k, &block) < 0) {
+        return NULL;
+    }
+    int64_t m = 0, steps = 0;
+    double *vals = NULL, *vecs = NULL;
+    offq_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = offq_tail_subspace((const double *)PyArray_DATA(h), k, budget, (int64_t)block,
+                            (int64_t)max_iter, (uint64_t)seed, &m, &vals, &vecs, &steps);
+    Py_END_ALLOW_THREADS
+    if (offq_py_status(rc, (offq_errctx){.arg = "h"}) < 0) {
+        return NULL;
+    }
+    PyObject *pairs = pairs_result(m, k, vals, vecs);
+    if (pairs == NULL) {
+        return NULL;
+    }
+    PyObject *out = Py_BuildValue("OOL", PyTuple_GET_ITEM(pairs, 0), PyTuple_GET_ITEM(pairs, 1),
+                                  (long long)steps);
+    Py_DECREF(pairs);
+    return out;
 }
 
 PyMethodDef offq_linalg_methods[] = {
@@ -241,6 +304,9 @@ PyMethodDef offq_linalg_methods[] = {
      "tail_eigenpairs(h, budget) -> (values [m] ascending, vectors [m, k] float64): the longest "
      "run of smallest eigenpairs of the symmetric h whose |eigenvalues| sum to at most budget "
      "(see offq.kernels.tail_eigenpairs)."},
+    {"tail_subspace", (PyCFunction)py_tail_subspace, METH_VARARGS,
+     "tail_subspace(h, budget, block, max_iter, seed) -> (values [m], vectors [m, k] float64, "
+     "steps): the same budget by inverse subspace iteration (see offq.kernels.tail_subspace)."},
     {"upper_cholesky_of_inverse", (PyCFunction)(void (*)(void))py_upper_cholesky_of_inverse,
      METH_VARARGS | METH_KEYWORDS,
      "upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u [k, k] float64 upper with "

@@ -1,0 +1,141 @@
+"""tail_subspace (C: OSAQ's Hessian tail by inverse subspace iteration on a Cholesky factor)
+against the exact tail of tail_eigenpairs / numpy.linalg.eigh: the budget always holds, the basis
+is orthonormal with the returned values as its exact Rayleigh values, the count never exceeds
+the exact one and the span matches it; the fallbacks, the argument checks, and OSAQ's solver
+switch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from offq.kernels import tail_eigenpairs, tail_subspace, threads
+from offq.quantizers.osaq import SUBSPACE_MIN_ORDER, hessian_tail
+
+
+def site_hessian(k: int, n: int, seed: int = 0) -> np.ndarray:
+    """2 X^T X / n of inputs with a few massive channels and lognormal scales (an LLM site)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k)) * np.exp(rng.standard_normal(k))
+    x[:, :3] *= 40.0
+    return np.ascontiguousarray(2.0 * x.T @ x / n)
+
+
+def check_basis(h: np.ndarray, budget: float, vals: np.ndarray, vecs: np.ndarray) -> None:
+    m, k = vecs.shape
+    assert vals.shape == (m,) and vecs.dtype == vals.dtype == np.float64 and vecs.flags.c_contiguous
+    assert np.sum(np.abs(vals)) <= budget
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(m), rtol=0, atol=1e-10)
+    scale = max(float(np.abs(vals).max(initial=0.0)), 1e-300)
+    # the values are the basis' exact Rayleigh matrix, diagonal: its energy is sum(values)
+    np.testing.assert_allclose(vecs @ h @ vecs.T, np.diag(vals), rtol=0, atol=1e-8 * scale)
+    assert np.all(np.diff(vals) >= 0)
+
+
+def span_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosines of the principal angles between the row spaces of a and b."""
+    return np.linalg.svd(a @ b.T, compute_uv=False)
+
+
+@pytest.mark.parametrize("k,n,gamma", [(600, 4000, 1e-4), (600, 4000, 1e-3), (800, 6000, 3e-3)])
+def test_same_tail_as_the_exact_reduction(k: int, n: int, gamma: float) -> None:
+    h = site_hessian(k, n, seed=k + n)
+    budget = gamma * float(np.trace(h))
+    vals, vecs, steps = tail_subspace(h, budget, block=32)
+    exact_vals, exact_vecs = tail_eigenpairs(h, budget)
+    assert steps > 0  # the iteration ran (no fallback)
+    check_basis(h, budget, vals, vecs)
+    m, exact = len(vals), len(exact_vals)
+    assert exact >= m >= exact - max(2, exact // 20), (m, exact)
+    # Ritz values bound the eigenvalues from above (to rounding, relative to ||h||)
+    assert np.all(vals >= exact_vals[:m] - 1e-12 * np.abs(h).sum(axis=1).max())
+    assert span_cosines(vecs, exact_vecs).min() > 0.9  # the same span, to convergence
+    assert span_cosines(vecs, exact_vecs).mean() > 0.99
+
+
+def test_rank_deficient_hessian_takes_its_null_space() -> None:
+    """Fewer tokens than channels: an exact null space of dimension k - n, which the Cholesky
+    shift makes factor; the tail must contain it."""
+    k, n = 500, 420
+    h = site_hessian(k, n, seed=1)
+    budget = 1e-4 * float(np.trace(h))
+    vals, vecs, steps = tail_subspace(h, budget, block=16)
+    assert steps > 0
+    check_basis(h, budget, vals, vecs)
+    exact_vals, exact_vecs = tail_eigenpairs(h, budget)
+    assert len(vals) >= k - n
+    null = np.linalg.eigh(h)[1][:, :k - n].T
+    assert span_cosines(null, vecs).min() > 1 - 1e-8
+
+
+def test_one_step_still_keeps_the_budget() -> None:
+    """However unconverged the basis, its returned energy fits the budget (the final exact
+    Rayleigh step), and the count can only be smaller than the exact one."""
+    h = site_hessian(600, 4000, seed=5)
+    budget = 1e-3 * float(np.trace(h))
+    vals, vecs, steps = tail_subspace(h, budget, block=32, max_iter=1)
+    assert steps == 1
+    check_basis(h, budget, vals, vecs)
+    assert len(vals) <= len(tail_eigenpairs(h, budget)[0])
+
+
+def test_grows_the_block_to_a_long_tail() -> None:
+    h = site_hessian(900, 6000, seed=2)
+    budget = 2e-3 * float(np.trace(h))
+    exact = len(tail_eigenpairs(h, budget)[0])
+    assert exact > 24  # longer than the start block
+    vals, vecs, _ = tail_subspace(h, budget, block=8)
+    check_basis(h, budget, vals, vecs)
+    assert len(vals) >= exact - max(2, exact // 20)
+
+
+def test_fallbacks_give_the_exact_pairs() -> None:
+    # a block past k / 2, no positive trace, and an indefinite matrix that no shift makes factor
+    h = site_hessian(60, 400, seed=3)
+    indefinite = np.diag(np.r_[-1.0, np.arange(1.0, 40.0)])
+    for mat, block, budget in ((h, 31, 1e-3 * np.trace(h)), (np.zeros((8, 8)), 1, 0.0),
+                               (indefinite, 2, 5.0)):
+        vals, vecs, steps = tail_subspace(np.ascontiguousarray(mat), float(budget), block=block)
+        ref_vals, ref_vecs = tail_eigenpairs(np.ascontiguousarray(mat), float(budget))
+        assert steps == 0
+        np.testing.assert_array_equal(vals, ref_vals)
+        np.testing.assert_array_equal(vecs, ref_vecs)
+
+
+def test_deterministic_for_a_seed() -> None:
+    h = site_hessian(400, 3000, seed=6)
+    budget = 1e-3 * float(np.trace(h))
+    with threads(1):
+        a = tail_subspace(h, budget, block=16, seed=7)
+        b = tail_subspace(h, budget, block=16, seed=7)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_bad_arguments_name_themselves() -> None:
+    """(The checks of h are test_linalg.py's test_bad_h_names_h.)"""
+    h = site_hessian(10, 100)
+    for bad in (0, -1, 11):
+        with pytest.raises(ValueError, match=r"^block: expected 1 <= block <= 10"):
+            tail_subspace(h, 1.0, block=bad)
+    with pytest.raises(ValueError, match=r"^max_iter: expected 1 <= max_iter"):
+        tail_subspace(h, 1.0, block=2, max_iter=0)
+    with pytest.raises(ValueError, match=r"^seed: expected a non-negative integer"):
+        tail_subspace(h, 1.0, block=2, seed=-1)
+    with pytest.raises(TypeError, match=r"^block: "):
+        tail_subspace(h, 1.0, block=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^budget: expected a finite number >= 0"):
+        tail_subspace(h, float("nan"), block=2)
+
+
+def test_osaq_solver_switch() -> None:
+    """hessian_tail: "exact" is tail_eigenpairs' basis, "subspace" the iteration's, and "auto"
+    picks by width (exact below SUBSPACE_MIN_ORDER)."""
+    h = site_hessian(600, 4000, seed=9)
+    exact = hessian_tail(h, 1e-3, "exact")
+    np.testing.assert_array_equal(exact, tail_eigenpairs(h, 1e-3 * float(np.trace(h)))[1])
+    np.testing.assert_array_equal(hessian_tail(h, 1e-3, "auto"), exact)
+    sub = hessian_tail(h, 1e-3, "subspace")
+    assert 0 < len(sub) <= len(exact) and span_cosines(sub, exact).mean() > 0.99
+    assert SUBSPACE_MIN_ORDER > 600
+    with pytest.raises(ValueError, match=r"^solver: expected one of auto, exact, subspace"):
+        hessian_tail(h, 1e-3, "lanczos")
