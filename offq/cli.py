@@ -81,6 +81,9 @@ _HELP = {
     "r2": "hadamard, pca_hadamard, none",
     "gptq_cd_sweeps": "coordinate-descent re-quantization sweeps after GPTQ on its objective, "
                       "grid fixed (OSAQ's +CD variant; 0 = off)",
+    "osaq_tail": "how OSAQ finds the Hessian tail: exact (tridiagonal reduction), subspace "
+                 "(inverse subspace iteration, the same budget without the reduction), auto "
+                 "(subspace from input width 4096 up)",
     "calib_samples": "calibration sequences",
     "calib_seqlen": "tokens per calibration sequence",
 }
@@ -132,7 +135,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
             group.add_argument(flag, type=str, default=default, help=help_text)
     group.add_argument("--osaq", action="store_true",
                        help="OSAQ before rounding (--w-quantizer osaq+gptq, osaq+rtn for --method "
-                            "rtn); settings --osaq-gamma/-tau-rel/-mu1/-mu2")
+                            "rtn); settings --osaq-gamma/-tau-rel/-mu1/-mu2/-tail")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -186,6 +189,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .kernels import get_num_threads
     print("  time per stage (s): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
           + f"; total {sum(stages.values()):.1f} (threads {get_num_threads()})")
+    if result.pre_step_seconds:
+        print(f"  of the quantize stage, the pre-steps ({cfg.w_quantizer.rsplit('+', 1)[0]}) "
+              f"took {result.pre_step_seconds:.1f} s")
     if args.eval_windows:
         _before_after(args, cfg)
     return 0

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 METHODS = ("offq", "quarot", "gptq", "rtn", "fp")
 PCA_MODES = ("top1", "standard", "none")
 OUTLIER_INDEX = ("ones", "other")
+OSAQ_TAILS = ("auto", "exact", "subspace")
 R2_MODES = ("hadamard", "pca_hadamard", "none")
 OFF = 16  # a bit width of 16 switches that quantizer off
 
@@ -112,6 +113,7 @@ class QuantConfig:
     osaq_mu1: float = 1e-2
     osaq_mu2: float = 100.0
     osaq_iters: int = 1  # solve rounds (Lawson reweighting between them)
+    osaq_tail: str = "auto"  # auto | exact | subspace: how the Hessian tail is found
 
     def __post_init__(self) -> None:
         if self.w_quantizer is None:
@@ -156,6 +158,7 @@ class QuantConfig:
         choice("pca", PCA_MODES)
         choice("outlier_index", OUTLIER_INDEX)
         choice("r2", R2_MODES)
+        choice("osaq_tail", OSAQ_TAILS)
         for name in ("w_bits", "a_bits", "kv_bits"):
             bits(name)
         for name in ("w_group_size", "a_group_size", "kv_group_size"):

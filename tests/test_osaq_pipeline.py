@@ -27,7 +27,7 @@ def test_reports_in_checkpoint_and_within_bound(tmp_path, monkeypatch):
     calls = []
     real = osaq_module.prepare_tail
     monkeypatch.setattr(osaq_module, "prepare_tail",
-                        lambda h, g: calls.append(h.shape) or real(h, g))
+                        lambda h, g, solver: calls.append(h.shape) or real(h, g, solver))
     gamma = 1e-3
     cfg = QuantConfig(method="gptq", a_bits=16, kv_bits=16, w_bits=3, w_symmetric=False,
                       w_quantizer="osaq+gptq", osaq_gamma=gamma)

@@ -4,7 +4,9 @@ docs/METHODS.md, "OSAQ" (a reconstruction; the **(choice)** points are keyword a
 For a linear layer ``W`` [N, K] with inputs ``X`` and ``H = 2 X^T X / n`` (undamped):
 
 1. ``N`` [m, K] = the eigenvectors of the m smallest eigenvalues of ``H``, m the largest count
-   whose eigenvalues sum to at most ``gamma`` of the trace (only those pairs are computed).
+   whose eigenvalues sum to at most ``gamma`` of the trace (only those pairs are computed; from
+   input width 4096 up, an orthonormal basis of their span by subspace iteration whose energy
+   ``trace(N H N^T)`` fits the same budget: :func:`hessian_tail`).
 2. Per row ``i``: start from ``s = softmax(|w| / (tau_rel max|w|))`` (max-subtracted) and run
    ``iters`` rounds of the ridge solve ``(N diag(s) N^T + mu1' I + mu2' v v^T) b = -N (s * w)``,
    ``v = N 1`` (mu1', mu2' = mu1, mu2 times ``trace(N diag(s) N^T) / m``), updating the weights
@@ -23,8 +25,9 @@ For a linear layer ``W`` [N, K] with inputs ``X`` and ``H = 2 X^T X / n`` (undam
 4. ``W <- W + B N``; then quantize with GPTQ or RTN as usual (zero inference cost).
 
 Memory: every temporary is bounded by ``max_bytes`` (default 256 MiB): the weighted Gram
-matrices ``N diag(s) N^T`` of a chunk of rows come from one GEMM ``S @ Z`` with
-``Z[(a, b), j] = N_aj N_bj`` formed in blocks of pairs, never as a [rows, m, K] tensor.
+matrices ``N diag(s) N^T`` of a chunk of rows come from float32 GEMMs ``S @ Z`` with
+``Z[(a, b), j] = N_aj N_bj`` formed in blocks of pairs, never as a [rows, m, K] tensor, and are
+kept packed (upper triangle, float32) until a few rows at a time are unpacked for the solve.
 
 Layers sharing an input (q/k/v, gate/up) share the tail: compute it once with
 :func:`hessian_tail` (``OSAQ.prepare``) and pass it to :func:`osaq_absorb`.
@@ -37,11 +40,15 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.linalg import tail_eigenpairs
+from ..kernels.linalg import tail_eigenpairs, tail_subspace
 from .base import PreStep
 
 MAX_BYTES = 256 << 20  # bound on the solve's temporaries
 STEP_GRID = np.linspace(0.0, 1.0, 17)  # candidate step sizes t of the safeguard
+TAIL_SOLVERS = ("auto", "exact", "subspace")
+#: "auto" takes the subspace iteration from this input width up: below it the exact reduction is
+#: as fast (0.23 s both at K = 1536), at K = 8960 it is 3-6x slower (benchmarks/bench_osaq_tail.py)
+SUBSPACE_MIN_ORDER = 4096
 
 
 @dataclass(frozen=True)
@@ -65,36 +72,45 @@ class HessianTail:
     tail_gram: np.ndarray  # N H N^T [m, m]
 
 
-def hessian_tail(hessian: np.ndarray, gamma: float = 1e-4) -> np.ndarray:
-    """Rows = orthonormal eigenvectors of ``hessian`` spanning its smallest-eigenvalue tail that
-    holds at most ``gamma`` of the total eigenvalue mass -> [m, K] float64 (m may be 0; it is 0
-    for a Hessian with no positive trace).
+def hessian_tail(hessian: np.ndarray, gamma: float = 1e-4, solver: str = "auto") -> np.ndarray:
+    """Rows = an orthonormal basis of ``hessian``'s smallest-eigenvalue tail holding at most
+    ``gamma`` of the total eigenvalue mass -> [m, K] float64 (m may be 0; it is 0 for a Hessian
+    with no positive trace).
 
     ``hessian`` is positive semidefinite (``2 X^T X / n``), so the mass is the trace and the
     smallest eigenvalues are the smallest in magnitude (rounding may leave a few at about
-    ``-1e-16`` of the largest: they count by magnitude). Only the tail's vectors are computed
-    (:func:`offq.kernels.tail_eigenpairs`): one tridiagonal reduction gives every eigenvalue, which
-    fixes m, and then only m eigenvectors; a full eigendecomposition forms all K (2.4-2.8x the
-    time at K = 1536). Before, two index-range calls (32 pairs, then as many as the budget could
-    hold) paid the reduction twice when the tail was longer than 32, as down_proj's is."""
+    ``-1e-16`` of the largest: they count by magnitude). ``solver``:
+
+    - ``"exact"``: the eigenvectors themselves (:func:`offq.kernels.tail_eigenpairs`: one
+      tridiagonal reduction gives every eigenvalue, which fixes m, then only m vectors);
+    - ``"subspace"``: the same budget by inverse subspace iteration on a Cholesky factor
+      (:func:`offq.kernels.tail_subspace`): no reduction, so 3-6x faster at K = 8960, and a basis
+      whose energy ``trace(N H N^T)`` provably fits the budget; it spans the smallest
+      eigenvectors to within the iteration's convergence, and m may fall a little short of the
+      exact count (288 of 289 and 58 of 58 on two Qwen2.5-1.5B down_proj sites);
+    - ``"auto"``: ``"subspace"`` from input width ``SUBSPACE_MIN_ORDER`` up, else ``"exact"``.
+    """
     h = np.asarray(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian: expected a square matrix, got shape {h.shape}")
     if not 0 < gamma < 1:
         raise ValueError(f"gamma: expected a fraction in (0, 1), got {gamma}")
+    if solver not in TAIL_SOLVERS:
+        raise ValueError(f"solver: expected one of {', '.join(TAIL_SOLVERS)}, got {solver!r}")
     k = h.shape[0]
-    h = np.ascontiguousarray(h)  # symmetric: the kernel reads the upper triangle
+    h = np.ascontiguousarray(h)  # symmetric: the kernels read the upper triangle
     total = float(np.trace(h))
     if not total > 0:
         return np.zeros((0, k))
-    _, vecs = tail_eigenpairs(h, gamma * total)
-    return vecs
+    if solver == "subspace" or (solver == "auto" and k >= SUBSPACE_MIN_ORDER):
+        return tail_subspace(h, gamma * total)[1]
+    return tail_eigenpairs(h, gamma * total)[1]
 
 
-def prepare_tail(hessian: np.ndarray, gamma: float) -> HessianTail:
-    """:class:`HessianTail` of a site (the eigendecomposition, once per site)."""
+def prepare_tail(hessian: np.ndarray, gamma: float, solver: str = "auto") -> HessianTail:
+    """:class:`HessianTail` of a site (the tail, once per site)."""
     h = np.asarray(hessian, dtype=np.float64)
-    basis = hessian_tail(h, gamma)
+    basis = hessian_tail(h, gamma, solver)
     return HessianTail(h, basis, basis @ h @ basis.T)
 
 
@@ -107,24 +123,68 @@ def _softmax_weights(rows: np.ndarray, tau_rel: float) -> np.ndarray:
 
 
 def _weighted_grams(s: np.ndarray, basis: np.ndarray, max_bytes: int) -> np.ndarray:
-    """``N diag(s_i) N^T`` for every row of ``s`` [c, K] -> [c, m, m], through one GEMM per block
-    of index pairs (temporaries within ``max_bytes``)."""
+    """``N diag(s_i) N^T`` for every row of ``s`` [c, K], packed: -> [c, m (m + 1) / 2] float32,
+    the upper triangle row by row (pairs ``(0, 0..m-1), (1, 1..m-1), ...``). One float32 GEMM
+    per block of index pairs: ``s @ Z^T`` with ``Z[(a, b), j] = N_aj N_bj`` (each block of
+    ``Z`` within ``max_bytes``).
+
+    float32 halves the GEMM's time and the cost of forming ``Z``; packing lets one chunk hold
+    many rows, so ``Z`` is formed once per chunk (at m = 288, K = 8960, forming it cost more than
+    the GEMM for a chunk of 152 rows in float64). The Gram entries are exact to about 1e-6
+    relative to the diagonal's scale, far inside the ridge term ``mu1' = mu1 * trace / m`` that
+    the float64 solve adds."""
     m, k = basis.shape
-    iu, ju = np.triu_indices(m)
-    out = np.empty((s.shape[0], m, m))
-    block = max(1, int(max_bytes // (16 * max(k, 1))))
-    for p0 in range(0, iu.size, block):
-        p1 = min(p0 + block, iu.size)
-        z = basis[iu[p0:p1]] * basis[ju[p0:p1]]  # [pairs, K]
-        vals = s @ z.T  # [c, pairs]
-        out[:, iu[p0:p1], ju[p0:p1]] = vals
-        out[:, ju[p0:p1], iu[p0:p1]] = vals
+    b32 = basis.astype(np.float32)
+    s32 = s.astype(np.float32)
+    out = np.empty((s.shape[0], m * (m + 1) // 2), dtype=np.float32)
+    block = max(1, int(max_bytes // (12 * max(k, 1))))  # pairs per Z block (Z and its gathers)
+    a0 = p0 = 0
+    while a0 < m:
+        a1, pairs = a0, 0
+        while a1 < m and (pairs == 0 or pairs + (m - a1) <= block):
+            pairs += m - a1
+            a1 += 1
+        lead = np.arange(a0, a1)
+        iu = np.repeat(lead, m - lead)
+        ju = np.concatenate([np.arange(a, m) for a in lead])
+        out[:, p0:p0 + pairs] = s32 @ (b32[iu] * b32[ju]).T
+        a0, p0 = a1, p0 + pairs
     return out
 
 
+def _unpack_symmetric(packed: np.ndarray, m: int) -> np.ndarray:
+    """[c, m (m + 1) / 2] (upper triangle row by row) -> [c, m, m] float64, both triangles."""
+    out = np.empty((packed.shape[0], m, m))
+    off = 0
+    for a in range(m):
+        out[:, a, a:] = packed[:, off:off + m - a]
+        out[:, a:, a] = packed[:, off:off + m - a]
+        off += m - a
+    return out
+
+
+def _solve_rows(packed: np.ndarray, rho: np.ndarray, vv: np.ndarray, mu1: float, mu2: float,
+                max_bytes: int) -> np.ndarray:
+    """Per row, ``(G + mu1' I + mu2' v v^T) b = -rho`` with ``G`` the row's packed Gram matrix and
+    ``mu' = mu * trace(G) / m`` -> b [c, m] float64 (systems unpacked a few rows at a time, within
+    ``max_bytes``)."""
+    m = vv.shape[0]
+    diag = np.cumsum(np.concatenate([[0], np.arange(m, 1, -1)]))  # packed index of (a, a)
+    step = max(1, int(max_bytes // (16 * m * m)))
+    b = np.empty((packed.shape[0], m))
+    eye = np.eye(m)
+    for r0 in range(0, packed.shape[0], step):
+        a = _unpack_symmetric(packed[r0:r0 + step], m)
+        scale = packed[r0:r0 + step][:, diag].astype(np.float64).sum(axis=1) / m
+        a += (mu1 * scale)[:, None, None] * eye + (mu2 * scale)[:, None, None] * vv
+        b[r0:r0 + step] = np.linalg.solve(a, -rho[r0:r0 + step, :, None])[:, :, 0]
+    return b
+
+
 def _row_chunk(n_rows: int, m: int, k: int, max_bytes: int) -> int:
-    """Rows per chunk so that the [c, m, m] systems and the [c, K] rows fit in ``max_bytes``."""
-    per_row = 8 * (2 * m * m + 6 * k)
+    """Rows per chunk so that the packed float32 Gram matrices and the [c, K] float64 rows and
+    their temporaries fit in ``max_bytes``."""
+    per_row = 4 * (m * (m + 1) // 2) + 8 * 6 * k
     return int(max(1, min(n_rows, max_bytes // max(per_row, 1))))
 
 
@@ -160,7 +220,6 @@ def osaq_absorb(w: np.ndarray, hessian: np.ndarray, *, gamma: float = 1e-4, tau_
     if m:
         v = basis.sum(axis=1)  # N 1
         vv = np.outer(v, v)
-        eye = np.eye(m)
         chunk = _row_chunk(w.shape[0], m, k, max_bytes)
         for r0 in range(0, w.shape[0], chunk):
             rows = w64[r0:r0 + chunk]
@@ -171,11 +230,10 @@ def osaq_absorb(w: np.ndarray, hessian: np.ndarray, *, gamma: float = 1e-4, tau_
                 if it:  # Lawson's update towards the minimax row: weight by the current |w'|
                     s = s * np.abs(cur)
                     s /= np.maximum(s.sum(axis=1, keepdims=True), 1e-300)
-                a = _weighted_grams(s, basis, max_bytes)
+                grams = _weighted_grams(s, basis, max_bytes)
                 rho = (s * rows) @ basis.T  # N (s * w), [c, m]
-                scale = np.trace(a, axis1=1, axis2=2) / m
-                a += (mu1 * scale)[:, None, None] * eye + (mu2 * scale)[:, None, None] * vv
-                b = np.linalg.solve(a, -rho[:, :, None])[:, :, 0]
+                b = _solve_rows(grams, rho, vv, mu1, mu2, max_bytes)
+                grams = None
                 if it + 1 < iters:
                     cur = rows + b @ basis
             d = b @ basis
@@ -228,11 +286,12 @@ class OSAQ(PreStep):
     mu1: float = 1e-2
     mu2: float = 100.0
     iters: int = 1
+    tail: str = "auto"  # hessian_tail's solver
 
     def prepare(self, hessian: np.ndarray | None, where: str) -> HessianTail:
         if hessian is None:
             raise ValueError(f"OSAQ {where}: needs the site's Hessian (calibration inputs)")
-        return prepare_tail(hessian, self.gamma)
+        return prepare_tail(hessian, self.gamma, self.tail)
 
     def apply(self, w: np.ndarray, prepared: Any) -> tuple[np.ndarray, dict[str, Any]]:
         new, report = osaq_absorb(w, prepared.hessian, gamma=self.gamma, tau_rel=self.tau_rel,

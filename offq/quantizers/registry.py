@@ -27,7 +27,8 @@ QUANTIZERS: dict[str, Callable[["QuantConfig"], WeightQuantizer]] = {
 }
 #: pre-steps applied to the float weight before rounding: name -> factory(config)
 PRE_STEPS: dict[str, Callable[["QuantConfig"], PreStep]] = {
-    "osaq": lambda c: OSAQ(c.osaq_gamma, c.osaq_tau_rel, c.osaq_mu1, c.osaq_mu2, c.osaq_iters),
+    "osaq": lambda c: OSAQ(c.osaq_gamma, c.osaq_tau_rel, c.osaq_mu1, c.osaq_mu2, c.osaq_iters,
+                        c.osaq_tail),
 }
 
 
