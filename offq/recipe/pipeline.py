@@ -71,6 +71,8 @@ class QuantizeResult:
     calibration: dict[str, Any] | None = None
     tokenizer: Any = None
     name: str = ""
+    #: seconds the pre-steps (OSAQ) took, part of ``timings["quantize"]``
+    pre_step_seconds: float = 0.0
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the in-memory result as an offq checkpoint directory (what ``out_dir=`` of
@@ -139,6 +141,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     reports: dict[str, Any] = {}
     show = progress
     pre_steps, quantizer = build_weight_quantizer(config)
+    pre_clock = [0.0]  # seconds in the pre-steps, summed over sites
 
     # 1. the global tensors must be finite (checked now, not after an hour of layers)
     for name in {arch.embed[0], arch.final_norm[0], _head_source(ckpt, arch)}:
@@ -174,7 +177,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
                 rot.rotate_layer(w, i, mc, r1=r1, r2=None if r2 is None else r2[i], r4=config.r4)
 
             def quantize_site(site: str, hess: HessianAccumulator | None):
-                return quantize_site_linears(w, hess, mc, config, i, site, pre_steps, quantizer)
+                return quantize_site_linears(w, hess, mc, config, i, site, pre_steps, quantizer,
+                                             pre_clock)
 
             if h is not None:
                 done = calibrate_layer(runner, w, mc, config, h, i, batch_size, quantize_site,
@@ -182,7 +186,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
                 linears, key_mean, t_site = done.linears, done.key_mean, done.quantize_seconds
                 reports.update(done.reports)
             else:  # no calibration data: every site from its weights alone
-                linears, rep = quantize_layer(w, {}, mc, config, i, pre_steps, quantizer)
+                linears, rep = quantize_layer(w, {}, mc, config, i, pre_steps, quantizer,
+                                              pre_clock)
                 reports.update(rep)
                 key_mean, t_site = None, time.perf_counter() - t
             t_quant += t_site
@@ -216,12 +221,13 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
                            calibration=calib_record, reports=reports)
     timings["write"] = time.perf_counter() - t
-    logger.info("quantized %s (%s) in %s", getattr(ckpt, "name", "?"), config.describe(),
-                ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+    logger.info("quantized %s (%s) in %s%s", getattr(ckpt, "name", "?"), config.describe(),
+                ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
+                f" (pre-steps {pre_clock[0]:.1f}s of quantize)" if pre_steps else "")
     return QuantizeResult(mc, config, None if out_dir is None else Path(out_dir), tensors,
                           timings, reports, rotations=rot_meta, calibration=calib_record,
                           tokenizer=getattr(ckpt, "tokenizer", None),
-                          name=str(getattr(ckpt, "name", "")))
+                          name=str(getattr(ckpt, "name", "")), pre_step_seconds=pre_clock[0])
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -342,7 +348,8 @@ def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | 
 
 
 def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumulator], mc: Any,
-                   cfg: QuantConfig, i: int, pre_steps: list, quantizer: Any
+                   cfg: QuantConfig, i: int, pre_steps: list, quantizer: Any,
+                   pre_clock: list[float] | None = None
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Layer ``i``'s linears by short name and the pre-steps' reports, every site at once
     (``hessians``: site -> finished accumulator, where the methods need one)."""
@@ -350,14 +357,15 @@ def quantize_layer(w: dict[str, np.ndarray], hessians: dict[str, HessianAccumula
     reports: dict[str, Any] = {}
     for site in architecture_of(mc).sites:
         lin, rep = quantize_site_linears(w, hessians.get(site), mc, cfg, i, site, pre_steps,
-                                         quantizer)
+                                         quantizer, pre_clock)
         out.update(lin)
         reports.update(rep)
     return out, reports
 
 
 def quantize_site_linears(w: dict[str, np.ndarray], source: HessianAccumulator | None, mc: Any,
-                          cfg: QuantConfig, i: int, site: str, pre_steps: list, quantizer: Any
+                          cfg: QuantConfig, i: int, site: str, pre_steps: list, quantizer: Any,
+                          pre_clock: list[float] | None = None
                           ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The linears of layer ``i`` reading ``site`` (``QuantizedWeight``, or float
     ``DenseLinear`` when weights stay in float) and the pre-steps' per-linear reports.
@@ -366,7 +374,8 @@ def quantize_site_linears(w: dict[str, np.ndarray], source: HessianAccumulator |
     (q/k/v; gate/up) are quantized as one stacked matrix with one per-site preparation. The
     Hessian is taken from its finished accumulator ``source`` and dropped once every step is
     prepared: what a method still needs, its prepared state holds (GPTQ's factor; the Hessian
-    itself only with CD sweeps), so at K = 8960 the 640 MB Hessian is gone while GPTQ runs."""
+    itself only with CD sweeps), so at K = 8960 the 640 MB Hessian is gone while GPTQ runs.
+    ``pre_clock[0]``, when given, gains the seconds the pre-steps took."""
     arch = architecture_of(mc)
     lins = arch.sites[site]
     bias = {n: w.get(arch.bias(i, n)) for n in lins}
@@ -375,6 +384,7 @@ def quantize_site_linears(w: dict[str, np.ndarray], source: HessianAccumulator |
         return {n: DenseLinear(w[arch.weight(i, n)], bias[n]) for n in lins}, reports
     where = f"layer {i} {site}"
     hess = None if source is None else source.take()
+    t0 = time.perf_counter()
     for step in pre_steps:
         step_state = step.prepare(hess, where)
         for lin in lins:
@@ -382,6 +392,8 @@ def quantize_site_linears(w: dict[str, np.ndarray], source: HessianAccumulator |
             w[name], reports[name] = step.apply(w[name], step_state)
             logger.info("%s %s: %s", type(step).__name__, name, reports[name])
         step_state = None
+    if pre_clock is not None:
+        pre_clock[0] += time.perf_counter() - t0
     state = quantizer.prepare(hess, where)
     hess = None
     weights = [w[arch.weight(i, lin)] for lin in lins]
