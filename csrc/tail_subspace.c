@@ -14,9 +14,9 @@
  *      Qo^T H Qo = R^-T (Y Q^T) R^-1 - delta I; its eigenpairs give Ritz values theta (ascending)
  *      and the next block Q (the Ritz vectors).
  *   3. m = the longest prefix of theta whose |values| fit the budget. The block grows when m
- *      comes within a quarter of it; the iteration stops when m has stayed the same for three
- *      steps (the Ritz values still creep down, by well under 1% of the budget) or after
- *      max_iter steps.
+ *      comes within a quarter of it; the iteration stops when two steps in a row give the same
+ *      m (the Ritz values still creep down, by well under 1% of the budget) or after max_iter
+ *      steps.
  *   4. The first few Ritz vectors' exact Rayleigh matrix V H V^T (one product with H) is
  *      diagonalised, and the final m is counted on those exact values: the returned pairs' values
  *      are V H V^T's eigenvalues, so the budget holds for the returned basis whatever the
@@ -42,7 +42,7 @@
 
 #define TAIL_DELTA 1e-10       /* Cholesky shift, relative to trace / k */
 #define TAIL_DELTA_RETRY 1e4   /* the shift's growth when H + delta I does not factor */
-#define TAIL_STABLE_STEPS 3    /* stop once m has been the same for this many steps */
+#define TAIL_STABLE_STEPS 2    /* stop once m has been the same for this many steps */
 #define TAIL_EXACT_MARGIN 8    /* Ritz vectors beyond m kept for the exact Rayleigh step */
 
 static offq_status lapack_rc(lapack_int info)

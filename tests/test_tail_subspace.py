@@ -139,3 +139,16 @@ def test_osaq_solver_switch() -> None:
     assert SUBSPACE_MIN_ORDER > 600
     with pytest.raises(ValueError, match=r"^solver: expected one of auto, exact, subspace"):
         hessian_tail(h, 1e-3, "lanczos")
+
+
+def test_prepared_tail_gram_is_the_basis_rayleigh_matrix() -> None:
+    """OSAQ's prepared tail takes N H N^T from the subspace kernel's values instead of forming it
+    again: the same matrix, to rounding."""
+    from offq.quantizers.osaq import prepare_tail
+
+    h = site_hessian(600, 4000, seed=10)
+    for solver in ("subspace", "exact"):
+        tail = prepare_tail(h, 1e-3, solver)
+        direct = tail.basis @ h @ tail.basis.T
+        scale = np.abs(direct).max()
+        np.testing.assert_allclose(tail.tail_gram, direct, rtol=0, atol=1e-8 * scale)

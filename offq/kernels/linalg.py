@@ -106,8 +106,8 @@ def tail_subspace(h: np.ndarray, budget: float, *, block: int = 128, max_iter: i
 
     Inverse subspace iteration on a Cholesky factor of ``h + delta I`` (``delta = 1e-10 trace /
     k``): ``k^3 / 3`` flops for the factor, then two triangular solves per step on a block of
-    ``block`` rows that grows with the tail, until the tail's count has not changed for three
-    steps (or ``max_iter`` steps). The last step diagonalises the basis' exact Rayleigh matrix,
+    ``block`` rows that grows with the tail, until two steps in a row give the same count (or
+    ``max_iter`` steps). The last step diagonalises the basis' exact Rayleigh matrix,
     so whatever the convergence the returned rows ``V`` satisfy ``V @ h @ V.T = diag(values)``
     (to rounding) and ``sum(|values|) <= budget``; ``values[i] >= `` the ``i``-th smallest
     eigenvalue, so ``m`` is at most :func:`tail_eigenpairs`' count. At ``k = 8960`` (a
