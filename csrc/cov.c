@@ -9,7 +9,7 @@
  * basis with a zero coupling, so repeated eigenvalues are found too. The basis is extended until
  * the k largest Ritz pairs have converged (at most d steps: then T is exact).
  */
-#include "offq.h"
+#include "kernels.h"
 
 #include <float.h>
 #include <math.h>
@@ -251,16 +251,6 @@ static int tridiag_eigen(double *dg, double *e, int64_t n, double *z)
     return 0;
 }
 
-/* splitmix64: a small deterministic generator for start vectors. */
-static double uniform_pm1(uint64_t *state)
-{
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-}
-
 /* w <- w - V[0:j]^T (V[0:j] w), twice (classical Gram-Schmidt with reorthogonalisation).
  * V holds j orthonormal rows of length d; c is scratch of length j. */
 static void orthogonalize(const double *V, int64_t j, int64_t d, double *w, double *c)
@@ -281,7 +271,7 @@ static int fresh_vector(const double *V, int64_t j, int64_t d, uint64_t *state, 
 {
     for (int attempt = 0; attempt < 8; attempt++) {
         for (int64_t i = 0; i < d; i++) {
-            w[i] = uniform_pm1(state);
+            w[i] = offq_uniform_pm1(state);
         }
         orthogonalize(V, j, d, w, c);
         const double nrm = scipy_cblas_dnrm2((blasint)d, w, 1);

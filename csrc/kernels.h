@@ -52,6 +52,17 @@ static inline void *offq_alloc64(size_t bytes)
     return aligned_alloc(64, rounded ? rounded : 64);
 }
 
+/* splitmix64 in [-1, 1): the deterministic start vectors of the iterative eigensolvers (cov.c's
+ * Lanczos, tail_subspace.c's subspace iteration). */
+static inline double offq_uniform_pm1(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (double)(z >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+
 /* ---- quant --------------------------------------------------------------------------------- */
 
 /* rintf() in the default rounding mode, written so that it vectorises without SSE4.1: for

@@ -30,7 +30,7 @@
  * column-major k x b, so the QR of Y^T runs in place on Y; the row-major upper triangle of h is the
  * column-major lower one, so potrf 'L' on a copy yields U in the row-major upper triangle.
  */
-#include "offq.h"
+#include "kernels.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -51,16 +51,6 @@ static offq_status lapack_rc(lapack_int info)
         return OFFQ_ERR_NOMEM;
     }
     return info == 0 ? OFFQ_OK : info > 0 ? OFFQ_ERR_NOCONVERGE : OFFQ_ERR_UNSUPPORTED;
-}
-
-/* splitmix64 in [-1, 1): deterministic start vectors (uniform entries span as well as normal). */
-static double uniform_pm1(uint64_t *state)
-{
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (double)(z >> 11) * (2.0 / 9007199254740992.0) - 1.0;
 }
 
 /* The longest prefix of values whose magnitudes sum to at most budget. */
@@ -272,7 +262,7 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
     }
     uint64_t state = seed;
     for (int64_t i = 0; i < b * k; i++) {
-        s.q[i] = uniform_pm1(&state);
+        s.q[i] = offq_uniform_pm1(&state);
     }
     int64_t count = 0, stable = 0, last = -1, ritz = 0; /* ritz: rows of q that are Ritz vectors */
     for (int64_t it = 0; it < max_iter; it++) {
@@ -295,7 +285,7 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
                 goto done;
             }
             for (int64_t i = b * k; i < grown * k; i++) {
-                s.q[i] = uniform_pm1(&state);
+                s.q[i] = offq_uniform_pm1(&state);
             }
             b = grown;
             stable = 0;
