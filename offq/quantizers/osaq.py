@@ -93,7 +93,8 @@ def hessian_tail(hessian: np.ndarray, gamma: float = 1e-4, solver: str = "auto")
     return _tail_pairs(hessian, gamma, solver)[1]
 
 
-def _tail_pairs(hessian: np.ndarray, gamma: float, solver: str) -> tuple[np.ndarray | None, np.ndarray]:
+def _tail_pairs(hessian: np.ndarray, gamma: float,
+                solver: str) -> tuple[np.ndarray | None, np.ndarray]:
     """:func:`hessian_tail`'s basis, with its values when they are its exact Rayleigh values
     ``diag(N H N^T)`` (the subspace kernel formed ``N H N^T`` and diagonalised it), else None."""
     h = np.asarray(hessian, dtype=np.float64)
