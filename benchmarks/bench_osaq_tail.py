@@ -10,8 +10,8 @@ tridiagonal matrix to find how many pairs fit the budget (``gamma`` of the trace
 those vectors. Until this benchmark's commit the tail came from two index-range calls (32 pairs,
 then as many as the budget could hold), each its own reduction; that scheme is timed here as the
 baseline, in the same process, on the same matrix (``smallest_eigenpairs(h, 32)`` then
-``smallest_eigenpairs(h, m + 1)``, which is what ``dsyevr`` by index did; ``--two-calls``), and so is a full
-``numpy.linalg.eigh`` with ``--eigh``.
+``smallest_eigenpairs(h, m + 1)``, which is what ``dsyevr`` by index did; ``--two-calls``), and
+so is a full ``numpy.linalg.eigh`` with ``--eigh``.
 
 The Hessian is ``2 X^T X / n`` of ``n`` synthetic activations with lognormal channel scales and
 three massive channels (an LLM site's spectrum; Qwen2.5-1.5B's down_proj tails at the issue
