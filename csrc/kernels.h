@@ -52,6 +52,22 @@ static inline void *offq_alloc64(size_t bytes)
     return aligned_alloc(64, rounded ? rounded : 64);
 }
 
+/* A LAPACKE return code as a status (linalg.c): 0 -> OFFQ_OK, a workspace or transpose
+ * allocation failure -> OFFQ_ERR_NOMEM, info > 0 (no convergence) -> OFFQ_ERR_NOCONVERGE, info < 0
+ * (an argument LAPACKE rejected, which the bindings' checks prevent) -> OFFQ_ERR_UNSUPPORTED. */
+offq_status offq_lapack_status(int64_t info);
+
+/* OSAQ's tail count: the longest prefix of values whose magnitudes sum to at most budget. */
+static inline int64_t offq_fitting_prefix(const double *values, int64_t n, double budget)
+{
+    double mass = 0.0;
+    int64_t m = 0;
+    while (m < n && (mass += fabs(values[m])) <= budget) {
+        m++;
+    }
+    return m;
+}
+
 /* splitmix64 in [-1, 1): the deterministic start vectors of the iterative eigensolvers (cov.c's
  * Lanczos, tail_subspace.c's subspace iteration). */
 static inline double offq_uniform_pm1(uint64_t *state)

@@ -17,7 +17,7 @@
  * triangle is handed to LAPACK as the column-major lower one; eigenvectors come back as columns
  * of a column-major k x count array, i.e. rows of a row-major count x k one.
  */
-#include "offq.h"
+#include "kernels.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -149,7 +149,7 @@ static void tridiagonal_free(tridiagonal *t)
     free(t->tau);
 }
 
-static offq_status lapack_status(lapack_int info)
+offq_status offq_lapack_status(int64_t info)
 {
     if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR) {
         return OFFQ_ERR_NOMEM;
@@ -185,7 +185,7 @@ static offq_status tridiagonal_reduce(const double *h, int64_t k, tridiagonal *t
     if (bad) {
         return OFFQ_ERR_NONFINITE;
     }
-    return lapack_status(scipy_LAPACKE_dsytrd(LAPACK_COL_MAJOR, 'L', (lapack_int)k, t->a,
+    return offq_lapack_status(scipy_LAPACKE_dsytrd(LAPACK_COL_MAJOR, 'L', (lapack_int)k, t->a,
                                               (lapack_int)k, t->d, t->e, t->tau));
 }
 
@@ -206,14 +206,14 @@ static offq_status tridiagonal_pairs(const tridiagonal *t, int64_t count, double
     }
     lapack_int found = 0, nsplit = 0;
     /* abstol 0: LAPACK's default (unit roundoff times |T|), as dsyevr passes it */
-    rc = lapack_status(scipy_LAPACKE_dstebz('I', 'B', (lapack_int)k, 0.0, 0.0, 1,
+    rc = offq_lapack_status(scipy_LAPACKE_dstebz('I', 'B', (lapack_int)k, 0.0, 0.0, 1,
                                             (lapack_int)count, 0.0, t->d, t->e, &found, &nsplit,
                                             w, iblock, isplit));
     if (rc == OFFQ_OK && found != count) {
         rc = OFFQ_ERR_NOCONVERGE;
     }
     if (rc == OFFQ_OK) {
-        rc = lapack_status(scipy_LAPACKE_dstein(LAPACK_COL_MAJOR, (lapack_int)k, t->d, t->e,
+        rc = offq_lapack_status(scipy_LAPACKE_dstein(LAPACK_COL_MAJOR, (lapack_int)k, t->d, t->e,
                                                 found, w, iblock, isplit, vectors, (lapack_int)k,
                                                 ifail));
     }
@@ -238,7 +238,7 @@ static offq_status tridiagonal_pairs(const tridiagonal *t, int64_t count, double
             }
         }
     }
-    rc = lapack_status(scipy_LAPACKE_dormtr(LAPACK_COL_MAJOR, 'L', 'L', 'N', (lapack_int)k,
+    rc = offq_lapack_status(scipy_LAPACKE_dormtr(LAPACK_COL_MAJOR, 'L', 'L', 'N', (lapack_int)k,
                                             (lapack_int)count, t->a, (lapack_int)k, t->tau,
                                             vectors, (lapack_int)k));
     if (rc == OFFQ_OK) {
@@ -283,15 +283,11 @@ offq_status offq_tail_eigenpairs(const double *h, int64_t k, double budget, int6
     }
     memcpy(all, t.d, sizeof(double) * (size_t)k);
     memcpy(off, t.e, sizeof(double) * (size_t)(k - 1));
-    rc = lapack_status(scipy_LAPACKE_dsterf((lapack_int)k, all, off)); /* all values, ascending */
+    rc = offq_lapack_status(scipy_LAPACKE_dsterf((lapack_int)k, all, off)); /* all values, ascending */
     if (rc != OFFQ_OK) {
         goto done;
     }
-    double mass = 0.0;
-    int64_t count = 0;
-    while (count < k && (mass += fabs(all[count])) <= budget) {
-        count++;
-    }
+    const int64_t count = offq_fitting_prefix(all, k, budget);
     if (count > 0) {
         *values = malloc(sizeof(double) * (size_t)count);
         *vectors = malloc(sizeof(double) * (size_t)(count * k));
@@ -302,11 +298,7 @@ offq_status offq_tail_eigenpairs(const double *h, int64_t k, double budget, int6
         rc = tridiagonal_pairs(&t, count, *values, *vectors);
         /* dstebz's values may differ from dsterf's by rounding (about ulp * |T|): keep only the
          * prefix whose own magnitudes fit, so the returned pairs always sum to at most budget */
-        mass = 0.0;
-        *m = 0;
-        while (rc == OFFQ_OK && *m < count && (mass += fabs((*values)[*m])) <= budget) {
-            (*m)++;
-        }
+        *m = rc == OFFQ_OK ? offq_fitting_prefix(*values, count, budget) : 0;
     }
 done:
     if (rc != OFFQ_OK) {

@@ -45,25 +45,6 @@
 #define TAIL_STABLE_STEPS 2    /* stop once m has been the same for this many steps */
 #define TAIL_EXACT_MARGIN 8    /* Ritz vectors beyond m kept for the exact Rayleigh step */
 
-static offq_status lapack_rc(lapack_int info)
-{
-    if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR) {
-        return OFFQ_ERR_NOMEM;
-    }
-    return info == 0 ? OFFQ_OK : info > 0 ? OFFQ_ERR_NOCONVERGE : OFFQ_ERR_UNSUPPORTED;
-}
-
-/* The longest prefix of values whose magnitudes sum to at most budget. */
-static int64_t fitting_prefix(const double *values, int64_t n, double budget)
-{
-    double mass = 0.0;
-    int64_t m = 0;
-    while (m < n && (mass += fabs(values[m])) <= budget) {
-        m++;
-    }
-    return m;
-}
-
 /* u <- the upper Cholesky factor of h + delta I (h's upper triangle); OFFQ_ERR_NOTPD when it does
  * not factor, OFFQ_ERR_NONFINITE for NaN/Inf in h's upper triangle. */
 static offq_status shifted_cholesky(const double *h, int64_t k, double delta, double *u)
@@ -82,7 +63,7 @@ static offq_status shifted_cholesky(const double *h, int64_t k, double delta, do
     }
     const lapack_int info = scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', (lapack_int)k, u,
                                                  (lapack_int)k);
-    return info > 0 ? OFFQ_ERR_NOTPD : lapack_rc(info);
+    return info > 0 ? OFFQ_ERR_NOTPD : offq_lapack_status(info);
 }
 
 typedef struct {
@@ -143,7 +124,7 @@ static offq_status subspace_step(subspace *s, const double *u, int64_t b, double
     /* G = Y Q^T = Q A Q^T (symmetric), before Q is overwritten */
     scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, B, K, 1.0, s->y, K, s->q, K,
                       0.0, s->g, B);
-    offq_status rc = lapack_rc(scipy_LAPACKE_dgeqrf(LAPACK_COL_MAJOR, (lapack_int)k,
+    offq_status rc = offq_lapack_status(scipy_LAPACKE_dgeqrf(LAPACK_COL_MAJOR, (lapack_int)k,
                                                     (lapack_int)b, s->y, (lapack_int)k, s->tau));
     if (rc != OFFQ_OK) {
         return rc;
@@ -165,10 +146,10 @@ static offq_status subspace_step(subspace *s, const double *u, int64_t b, double
         }
         s->t[i * b + i] -= delta;
     }
-    rc = lapack_rc(scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', (lapack_int)b, s->t,
+    rc = offq_lapack_status(scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', (lapack_int)b, s->t,
                                         (lapack_int)b, s->theta));
     if (rc == OFFQ_OK) {
-        rc = lapack_rc(scipy_LAPACKE_dorgqr(LAPACK_COL_MAJOR, (lapack_int)k, (lapack_int)b,
+        rc = offq_lapack_status(scipy_LAPACKE_dorgqr(LAPACK_COL_MAJOR, (lapack_int)k, (lapack_int)b,
                                             (lapack_int)b, s->y, (lapack_int)k, s->tau));
     }
     if (rc != OFFQ_OK) {
@@ -202,11 +183,11 @@ static offq_status exact_rayleigh(const double *h, int64_t k, const double *q, i
             w[i * c + j] = w[j * c + i] = avg;
         }
     }
-    rc = lapack_rc(scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', C, w, C, vals));
+    rc = offq_lapack_status(scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', C, w, C, vals));
     if (rc != OFFQ_OK) {
         goto done;
     }
-    *m = fitting_prefix(vals, c, budget);
+    *m = offq_fitting_prefix(vals, c, budget);
     if (*m > 0) {
         *values = malloc(sizeof(double) * (size_t)*m);
         *vectors = malloc(sizeof(double) * (size_t)(*m * k));
@@ -271,7 +252,7 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
         }
         *steps = it + 1;
         ritz = b;
-        count = fitting_prefix(s.theta, b, budget);
+        count = offq_fitting_prefix(s.theta, b, budget);
         if (4 * count > 3 * b) { /* the tail may not fit: grow the block by fresh rows */
             int64_t grown = count + count / 2 + 32;
             grown = grown > b + 64 ? grown : b + 64;

@@ -150,6 +150,20 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, Py
     return (PyObject *)u;
 }
 
+/* A positive int argument no larger than `most` -> *out; -1 with an exception naming `name`. */
+static int bounded_count(PyObject *obj, const char *name, long long most, long long *out)
+{
+    if (offq_py_int(obj, name, out) < 0) {
+        return -1;
+    }
+    if (*out < 1 || *out > most) {
+        PyErr_Format(PyExc_ValueError, "%s: expected 1 <= %s <= %lld, got %lld", name, name, most,
+                     *out);
+        return -1;
+    }
+    return 0;
+}
+
 /* smallest_eigenpairs(h, count) -> (values [count] ascending, vectors [count, k]): the count
  * smallest eigenpairs of the symmetric h (upper triangle read). */
 static PyObject *py_smallest_eigenpairs(PyObject *self, PyObject *args)
@@ -162,12 +176,7 @@ static PyObject *py_smallest_eigenpairs(PyObject *self, PyObject *args)
     }
     PyArrayObject *h;
     const int64_t k = check_h(h_obj, &h);
-    if (k < 0) {
-        return NULL;
-    }
-    if (count < 1 || count > k) {
-        PyErr_Format(PyExc_ValueError, "count: expected 1 <= count <= %lld (h's order), got %lld",
-                     (long long)k, count);
+    if (k < 0 || bounded_count(count_obj, "count", (long long)k, &count) < 0) {
         return NULL;
     }
     npy_intp vdims[1] = {(npy_intp)count}, edims[2] = {(npy_intp)count, (npy_intp)k};
@@ -237,20 +246,6 @@ static PyObject *py_tail_eigenpairs(PyObject *self, PyObject *args)
         return NULL;
     }
     return pairs_result(m, k, vals, vecs);
-}
-
-/* A positive int argument no larger than `most` -> *out; -1 with an exception naming `name`. */
-static int bounded_count(PyObject *obj, const char *name, long long most, long long *out)
-{
-    if (offq_py_int(obj, name, out) < 0) {
-        return -1;
-    }
-    if (*out < 1 || *out > most) {
-        PyErr_Format(PyExc_ValueError, "%s: expected 1 <= %s <= %lld, got %lld", name, name, most,
-                     *out);
-        return -1;
-    }
-    return 0;
 }
 
 /* tail_subspace(h, budget, block, max_iter, seed) -> (values [m], vectors [m, k], steps): the
