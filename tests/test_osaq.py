@@ -122,7 +122,7 @@ def test_chunked_solve_is_the_same_and_bounded(heavy_layer):
     # ~1e-5 (the steps themselves are ~1e-2); a chunking or unpacking error moves them by a step
     np.testing.assert_allclose(small, big, rtol=0, atol=5e-5)
     # the stated bound at Llama-2-7B's down_proj input (K = 11008) with a 2048-dim tail
-    per_row = 4 * 2048 * 2049 // 2 + 8 * 6 * 11008
+    per_row = 4 * 2048 * 2049 // 2 + 4 * 6 * 11008
     assert _row_chunk(11008, 2048, 11008, MAX_BYTES) * per_row <= MAX_BYTES \
         or _row_chunk(11008, 2048, 11008, MAX_BYTES) == 1
 
@@ -154,3 +154,26 @@ def test_weighted_grams_match_float64_reference(m, max_bytes):
     a = full + (mu1 * tr)[:, None, None] * np.eye(m) + (mu2 * tr)[:, None, None] * np.outer(v, v)
     want = np.linalg.solve(a, -rho[:, :, None])[:, :, 0]
     np.testing.assert_allclose(b, want, rtol=1e-9, atol=1e-12)
+
+
+def test_safe_steps_match_a_float64_search():
+    """The float32 step search picks, per row, the grid step of smallest row max among those the
+    output bound allows (a float64 brute force), including rows where no step or every step is
+    allowed and a row whose step would grow the max."""
+    from offq.quantizers.osaq import STEP_GRID, _safe_steps
+    rng = np.random.default_rng(3)
+    c, k, gamma = 40, 257, 1e-4
+    rows = rng.standard_normal((c, k)).astype(np.float32)
+    d = (-rows * rng.random((c, 1)) * 1.5).astype(np.float32)  # past t = 1/1.5 the max grows back
+    d[0] = -d[0]  # every step grows this row's max: t = 0
+    change = rng.random(c) * 1e-4
+    energy = rng.random(c)
+    change[1], energy[1] = 1.0, 0.0  # no step allowed
+    change[2] = 0.0  # every step allowed
+    t = _safe_steps(rows, d, change, energy, gamma)
+    for i in range(c):
+        ok = STEP_GRID ** 2 * change[i] <= gamma * energy[i]
+        costs = np.abs(rows[i].astype(np.float64) + STEP_GRID[:, None] * d[i]).max(axis=1)
+        costs[~ok] = np.inf
+        assert costs[np.searchsorted(STEP_GRID, t[i])] == pytest.approx(costs.min(), rel=1e-6)
+    assert t[0] == 0 and t[1] == 0 and t[2] > 0

@@ -126,11 +126,16 @@ def prepare_tail(hessian: np.ndarray, gamma: float, solver: str = "auto") -> Hes
 
 
 def _softmax_weights(rows: np.ndarray, tau_rel: float) -> np.ndarray:
-    a = np.abs(rows)
-    amax = a.max(axis=1, keepdims=True)
-    tau = tau_rel * np.where(amax > 0, amax, 1.0)
-    s = np.exp((a - amax) / tau)
-    return s / s.sum(axis=1, keepdims=True)
+    """``softmax(|w| / (tau_rel max|w|))`` per row, max-subtracted, in place on one float32
+    buffer (half the time of float64 exp; the weights enter float32 Gram GEMMs anyway)."""
+    s = np.abs(rows, dtype=np.float32)
+    amax = s.max(axis=1, keepdims=True)
+    inv_tau = 1.0 / (tau_rel * np.where(amax > 0, amax, 1.0))
+    s -= amax
+    s *= inv_tau
+    np.exp(s, out=s)
+    s /= s.sum(axis=1, keepdims=True, dtype=np.float64).astype(np.float32)
+    return s
 
 
 def _weighted_grams(s: np.ndarray, basis: np.ndarray, max_bytes: int) -> np.ndarray:
@@ -140,25 +145,28 @@ def _weighted_grams(s: np.ndarray, basis: np.ndarray, max_bytes: int) -> np.ndar
     ``Z`` within ``max_bytes``).
 
     float32 halves the GEMM's time and the cost of forming ``Z``; packing lets one chunk hold
-    many rows, so ``Z`` is formed once per chunk (at m = 288, K = 8960, forming it cost more than
-    the GEMM for a chunk of 152 rows in float64). The Gram entries are exact to about 1e-6
+    many rows, so ``Z`` is formed once per chunk, one lead index at a time into one reused buffer
+    (at m = 288, K = 8960 gathering its index pairs cost 30% more than the GEMM itself, which now
+    runs near the float32 peak: 1.6 s for 450 rows). The Gram entries are exact to about 1e-6
     relative to the diagonal's scale, far inside the ridge term ``mu1' = mu1 * trace / m`` that
     the float64 solve adds."""
     m, k = basis.shape
-    b32 = basis.astype(np.float32)
-    s32 = s.astype(np.float32)
+    b32 = np.asarray(basis, dtype=np.float32)
+    s32 = np.asarray(s, dtype=np.float32)
     out = np.empty((s.shape[0], m * (m + 1) // 2), dtype=np.float32)
-    block = max(1, int(max_bytes // (12 * max(k, 1))))  # pairs per Z block (Z and its gathers)
+    block = max(1, int(max_bytes // (4 * max(k, 1))))  # pairs per Z block
+    z = np.empty((min(block, m * (m + 1) // 2), k), dtype=np.float32)
     a0 = p0 = 0
     while a0 < m:
         a1, pairs = a0, 0
         while a1 < m and (pairs == 0 or pairs + (m - a1) <= block):
+            if pairs + m - a1 > z.shape[0]:  # one lead's pairs exceed the block: grow it
+                z = np.empty((m - a1, k), dtype=np.float32)
+            # Z's rows for lead index a1, N_a1 * N_b for b >= a1, written in place (one pass)
+            np.multiply(b32[a1], b32[a1:], out=z[pairs:pairs + m - a1])
             pairs += m - a1
             a1 += 1
-        lead = np.arange(a0, a1)
-        iu = np.repeat(lead, m - lead)
-        ju = np.concatenate([np.arange(a, m) for a in lead])
-        out[:, p0:p0 + pairs] = s32 @ (b32[iu] * b32[ju]).T
+        np.matmul(s32, z[:pairs].T, out=out[:, p0:p0 + pairs])
         a0, p0 = a1, p0 + pairs
     return out
 
@@ -198,9 +206,9 @@ def _solve_rows(packed: np.ndarray, rho: np.ndarray, vv: np.ndarray, mu1: float,
 
 
 def _row_chunk(n_rows: int, m: int, k: int, max_bytes: int) -> int:
-    """Rows per chunk so that the packed float32 Gram matrices and the [c, K] float64 rows and
-    their temporaries fit in ``max_bytes``."""
-    per_row = 4 * (m * (m + 1) // 2) + 8 * 6 * k
+    """Rows per chunk so that the packed float32 Gram matrices and the [c, K] float32 rows'
+    temporaries (weights, steps, products, the step search's buffer) fit in ``max_bytes``."""
+    per_row = 4 * (m * (m + 1) // 2) + 4 * 6 * k
     return int(max(1, min(n_rows, max_bytes // max(per_row, 1))))
 
 
@@ -229,48 +237,53 @@ def osaq_absorb(w: np.ndarray, hessian: np.ndarray, *, gamma: float = 1e-4, tau_
         tail = HessianTail(h, basis, basis @ h @ basis.T)
     basis, gram = tail.basis, tail.tail_gram
     m, k = basis.shape
-    w64 = w.astype(np.float64)
-    dw = np.zeros_like(w64)
+    new = w.copy()
     moved = 0
     num = den = 0.0  # sums over rows of t^2 d H d^T and w H w^T (the report's relative change)
+    row_sum_change = 0.0  # max_i |sum_j dW_ij|
     if m:
         v = basis.sum(axis=1)  # N 1
         vv = np.outer(v, v)
-        # w H w^T per row by a float32 GEMM (half the float64 time: 1.1 against 2.5 s a
-        # down_proj at K = 8960); on Qwen2.5-1.5B layer 1's down_proj it is within 2.2e-7
-        # (median 1.8e-8) of the float64 energy
+        # the row-sized work runs in float32 (the weights are float32 and so is the result);
+        # only the m x m systems are float64. w H w^T per row by a float32 GEMM: on
+        # Qwen2.5-1.5B layer 1's down_proj within 2.2e-7 (median 1.8e-8) of float64
+        b32 = basis.astype(np.float32)
         h32 = h.astype(np.float32)
         chunk = _row_chunk(w.shape[0], m, k, max_bytes)
         for r0 in range(0, w.shape[0], chunk):
-            rows = w64[r0:r0 + chunk]
+            rows = w[r0:r0 + chunk]
             cur = rows
             b = np.zeros((rows.shape[0], m))
             s = _softmax_weights(rows, tau_rel)
             for it in range(iters):
                 if it:  # Lawson's update towards the minimax row: weight by the current |w'|
-                    s = s * np.abs(cur)
-                    s /= np.maximum(s.sum(axis=1, keepdims=True), 1e-300)
-                grams = _weighted_grams(s, basis, max_bytes)
-                rho = (s * rows) @ basis.T  # N (s * w), [c, m]
+                    s *= np.abs(cur)
+                    s /= np.maximum(s.sum(axis=1, keepdims=True, dtype=np.float64),
+                                    1e-300).astype(np.float32)
+                grams = _weighted_grams(s, b32, max_bytes)
+                rho = ((s * rows) @ b32.T).astype(np.float64)  # N (s * w), [c, m]
                 b = _solve_rows(grams, rho, vv, mu1, mu2, max_bytes)
                 grams = None
                 if it + 1 < iters:
-                    cur = rows + b @ basis
-            d = b @ basis
+                    cur = rows + b.astype(np.float32) @ b32
+            d = b.astype(np.float32) @ b32
             change = np.sum((b @ gram) * b, axis=1)  # d H d^T through the m x m tail Gram
-            energy = np.sum((rows.astype(np.float32) @ h32).astype(np.float64) * rows, axis=1)
+            energy = np.sum((rows @ h32) * rows, axis=1, dtype=np.float64)
             t = _safe_steps(rows, d, change, energy, gamma)
             moved += int(np.count_nonzero(t))
             num += float(np.sum(t * t * change))
             den += float(np.sum(energy))
-            dw[r0:r0 + chunk] = t[:, None] * d
-    new = (w64 + dw).astype(np.float32)
-    dw = new.astype(np.float64) - w64  # what was applied (float32 rounding included)
+            d *= t[:, None].astype(np.float32)
+            d += rows
+            new[r0:r0 + chunk] = d
+            # what was applied (float32 rounding included), summed in float64
+            delta = d.sum(axis=1, dtype=np.float64) - rows.sum(axis=1, dtype=np.float64)
+            row_sum_change = max(row_sum_change, float(np.abs(delta).max()))
     # the relative change of W X through H, as the steps' model gives it: the float32 rounding
     # of the result adds below 1e-7 relative, and an unmoved site costs no K x K product
     rel = float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
     report = OsaqReport(m, rel, float(np.abs(w).max(axis=1).mean()),
-                        float(np.abs(new).max(axis=1).mean()), float(np.abs(dw.sum(axis=1)).max()),
+                        float(np.abs(new).max(axis=1).mean()), row_sum_change,
                         moved / max(w.shape[0], 1))
     return new, report
 
@@ -280,9 +293,13 @@ def _safe_steps(rows: np.ndarray, d: np.ndarray, change: np.ndarray, energy: np.
     """Per row, the step ``t`` of `STEP_GRID` minimising ``max |w + t d|`` among those with
     ``t^2 change <= gamma energy`` (``change = d H d^T``, ``energy = w H w^T``; t = 0 always
     qualifies) -> [c]."""
+    buf = np.empty_like(d)
 
-    def cost(t: float) -> np.ndarray:
-        return np.abs(rows + t * d).max(axis=1)
+    def cost(t: float) -> np.ndarray:  # max_j |w_j + t d_j| per row, in one float32 buffer
+        np.multiply(d, d.dtype.type(t), out=buf)
+        np.add(buf, rows, out=buf)
+        np.abs(buf, out=buf)
+        return buf.max(axis=1)
 
     best_t = np.zeros(rows.shape[0])
     best = cost(0.0)
