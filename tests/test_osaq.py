@@ -127,10 +127,12 @@ def test_chunked_solve_is_the_same_and_bounded(heavy_layer):
         or _row_chunk(11008, 2048, 11008, MAX_BYTES) == 1
 
 
-@pytest.mark.parametrize("m,max_bytes", [(1, MAX_BYTES), (7, MAX_BYTES), (40, 64 * 1024)])
+@pytest.mark.parametrize("m,max_bytes", [(1, MAX_BYTES), (7, MAX_BYTES), (40, 64 * 1024),
+                                         (40, 4096)])
 def test_weighted_grams_match_float64_reference(m, max_bytes):
     """The packed float32 Gram matrices ``N diag(s_i) N^T`` against a float64 einsum, to 1e-5 of
-    each row's largest entry, with blocks of pairs both whole and split (small ``max_bytes``);
+    each row's largest entry, with blocks of pairs both whole and split (small ``max_bytes``;
+    4096 bytes hold 10 pairs of K = 96, fewer than one lead index's 40: the buffer grows);
     the solve on them against numpy's on the float64 matrices."""
     rng = np.random.default_rng(m)
     k = 96
