@@ -9,7 +9,7 @@
  *   1. Cholesky H + delta I = U^T U (k^3 / 3 flops, BLAS-3), delta = 1e-10 trace / k so that a
  *      positive semidefinite H with an exact null space factors.
  *   2. Subspace iteration with A = (H + delta I)^-1 on a block Q of b rows (two triangular solves
- *      per step): Y = Q A, then Rayleigh-Ritz of H on span(Y) without another product with H,
+ *      per step, in float32 on the factor scaled by 1 / sqrt(trace / k)): Y = Q A, then Rayleigh-Ritz of H on span(Y) without another product with H,
  *      since Y (H + delta I) Y^T = Q A Q^T = Y Q^T. With Y^T = Qo R (QR),
  *      Qo^T H Qo = R^-T (Y Q^T) R^-1 - delta I; its eigenpairs give Ritz values theta (ascending)
  *      and the next block Q (the Ritz vectors).
@@ -67,8 +67,9 @@ static offq_status shifted_cholesky(const double *h, int64_t k, double delta, do
 }
 
 typedef struct {
-    int64_t k, cap;   /* order of H; rows allocated in q, y */
+    int64_t k, cap;   /* order of H; rows allocated in q, y, y32 */
     double *q, *y;    /* [cap, k] */
+    float *y32;       /* [cap, k]: the block for the float32 triangular solves */
     double *g, *t;    /* [cap, cap] */
     double *theta;    /* [cap] */
     double *tau;      /* [cap] */
@@ -78,6 +79,7 @@ static void subspace_free(subspace *s)
 {
     free(s->q);
     free(s->y);
+    free(s->y32);
     free(s->g);
     free(s->t);
     free(s->theta);
@@ -93,16 +95,18 @@ static offq_status subspace_reserve(subspace *s, int64_t cap)
         s->q = q;
     }
     free(s->y);
+    free(s->y32);
     free(s->g);
     free(s->t);
     free(s->theta);
     free(s->tau);
     s->y = malloc(vec);
+    s->y32 = malloc(sizeof(float) * (size_t)(cap * s->k));
     s->g = malloc(sq);
     s->t = malloc(sq);
     s->theta = malloc(sizeof(double) * (size_t)cap);
     s->tau = malloc(sizeof(double) * (size_t)cap);
-    if (q == NULL || !s->y || !s->g || !s->t || !s->theta || !s->tau) {
+    if (q == NULL || !s->y || !s->y32 || !s->g || !s->t || !s->theta || !s->tau) {
         return OFFQ_ERR_NOMEM;
     }
     s->cap = cap;
@@ -110,17 +114,25 @@ static offq_status subspace_reserve(subspace *s, int64_t cap)
 }
 
 /* One step on the b rows of s->q: Y = Q A, Rayleigh-Ritz of H on span(Y); afterwards s->q holds
- * the Ritz vectors (rows, ascending) and s->theta their Ritz values. */
-static offq_status subspace_step(subspace *s, const double *u, int64_t b, double delta)
+ * the Ritz vectors (rows, ascending) and s->theta their Ritz values. u32 is the Cholesky factor
+ * scaled by 1 / sqrt(scale), so the float32 solves give scale * Y. */
+static offq_status subspace_step(subspace *s, const float *u32, double scale, int64_t b,
+                                 double delta)
 {
     const int64_t k = s->k;
     const blasint K = (blasint)k, B = (blasint)b;
-    memcpy(s->y, s->q, sizeof(double) * (size_t)(b * k));
+    for (int64_t i = 0; i < b * k; i++) {
+        s->y32[i] = (float)s->q[i];
+    }
     /* Y (U^T U) = Q: Z U = Q, then Y U^T = Z */
-    scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, B, K,
-                      1.0, u, K, s->y, K);
-    scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, B, K, 1.0,
-                      u, K, s->y, K);
+    scipy_cblas_strsm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, B, K,
+                      1.0f, u32, K, s->y32, K);
+    scipy_cblas_strsm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, B, K,
+                      1.0f, u32, K, s->y32, K);
+    const double unscale = 1.0 / scale;
+    for (int64_t i = 0; i < b * k; i++) {
+        s->y[i] = unscale * (double)s->y32[i];
+    }
     /* G = Y Q^T = Q A Q^T (symmetric), before Q is overwritten */
     scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, B, B, K, 1.0, s->y, K, s->q, K,
                       0.0, s->g, B);
@@ -223,6 +235,7 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
         return offq_tail_eigenpairs(h, k, budget, m, values, vectors);
     }
     double *u = malloc(sizeof(double) * (size_t)(k * k));
+    float *u32 = NULL;
     subspace s = {.k = k};
     offq_status rc = OFFQ_ERR_NOMEM;
     if (u == NULL) {
@@ -241,13 +254,28 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
     if (rc != OFFQ_OK || (rc = subspace_reserve(&s, b)) != OFFQ_OK) {
         goto done;
     }
+    /* The iteration's solves run in float32 on U / sqrt(trace / k) (half the time of float64;
+     * the scale keeps 1 / delta within float32's range). Their rounding only perturbs the
+     * iteration: the final exact Rayleigh step counts the budget in float64. */
+    const double scale = trace / (double)k;
+    u32 = malloc(sizeof(float) * (size_t)(k * k));
+    if (u32 == NULL) {
+        rc = OFFQ_ERR_NOMEM;
+        goto done;
+    }
+    const double inv_root = 1.0 / sqrt(scale);
+    for (int64_t i = 0; i < k * k; i++) {
+        u32[i] = (float)(inv_root * u[i]);
+    }
+    free(u);
+    u = NULL;
     uint64_t state = seed;
     for (int64_t i = 0; i < b * k; i++) {
         s.q[i] = offq_uniform_pm1(&state);
     }
     int64_t count = 0, stable = 0, last = -1, ritz = 0; /* ritz: rows of q that are Ritz vectors */
     for (int64_t it = 0; it < max_iter; it++) {
-        if ((rc = subspace_step(&s, u, b, delta)) != OFFQ_OK) {
+        if ((rc = subspace_step(&s, u32, scale, b, delta)) != OFFQ_OK) {
             goto done;
         }
         *steps = it + 1;
@@ -257,8 +285,8 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
             int64_t grown = count + count / 2 + 32;
             grown = grown > b + 64 ? grown : b + 64;
             if (2 * grown > k) {
-                free(u);
-                u = NULL;
+                free(u32);
+                u32 = NULL;
                 subspace_free(&s);
                 return offq_tail_eigenpairs(h, k, budget, m, values, vectors);
             }
@@ -279,8 +307,8 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
             break;
         }
     }
-    free(u);
-    u = NULL;
+    free(u32);
+    u32 = NULL;
     /* (after a last-step growth the rows past `ritz` are still random) */
     const int64_t c = count + TAIL_EXACT_MARGIN < ritz ? count + TAIL_EXACT_MARGIN : ritz;
     rc = exact_rayleigh(h, k, s.q, c, budget, m, values, vectors);
@@ -292,6 +320,7 @@ done:
         *m = 0;
     }
     free(u);
+    free(u32);
     subspace_free(&s);
     return rc;
 }
