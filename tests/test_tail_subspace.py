@@ -152,3 +152,19 @@ def test_prepared_tail_gram_is_the_basis_rayleigh_matrix() -> None:
         direct = tail.basis @ h @ tail.basis.T
         scale = np.abs(direct).max()
         np.testing.assert_allclose(tail.tail_gram, direct, rtol=0, atol=1e-8 * scale)
+
+
+@pytest.mark.parametrize("magnitude", [1e-36, 1.0, 1e36])
+def test_float32_solves_keep_the_tail_at_any_scale(magnitude: float) -> None:
+    """The iteration solves in float32 on a factor scaled by 1 / sqrt(trace / k): a Hessian of
+    any magnitude gives the same count and span as at magnitude 1, with the budget kept. With
+    an exact null space the solves reach 1 / delta, 1e6-1e10 k / trace (the shift may have to
+    grow): 1e40 or more at magnitude 1e-36, past float32's range unless scaled."""
+    k, n = 500, 420
+    h = site_hessian(k, n, seed=5)
+    budget = 1e-4 * float(np.trace(h))
+    ref_vals, ref_vecs, _ = tail_subspace(h, budget, block=32)
+    vals, vecs, steps = tail_subspace(h * magnitude, budget * magnitude, block=32)
+    assert steps > 0 and len(vals) == len(ref_vals)
+    check_basis(h * magnitude, budget * magnitude, vals, vecs)
+    assert span_cosines(vecs, ref_vecs).mean() > 0.999
