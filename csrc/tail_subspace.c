@@ -9,7 +9,8 @@
  *   1. Cholesky H + delta I = U^T U (k^3 / 3 flops, BLAS-3), delta = 1e-10 trace / k so that a
  *      positive semidefinite H with an exact null space factors.
  *   2. Subspace iteration with A = (H + delta I)^-1 on a block Q of b rows (two triangular solves
- *      per step, in float32 on the factor scaled by 1 / sqrt(trace / k)): Y = Q A, then Rayleigh-Ritz of H on span(Y) without another product with H,
+ *      per step, in float32 on the factor scaled by 1 / sqrt(trace / k)): Y = Q A, then
+ *      Rayleigh-Ritz of H on span(Y) without another product with H,
  *      since Y (H + delta I) Y^T = Q A Q^T = Y Q^T. With Y^T = Qo R (QR),
  *      Qo^T H Qo = R^-T (Y Q^T) R^-1 - delta I; its eigenpairs give Ritz values theta (ascending)
  *      and the next block Q (the Ritz vectors).
