@@ -259,16 +259,18 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
      * the scale keeps 1 / delta within float32's range). Their rounding only perturbs the
      * iteration: the final exact Rayleigh step counts the budget in float64. */
     const double scale = trace / (double)k;
-    u32 = malloc(sizeof(float) * (size_t)(k * k));
-    if (u32 == NULL) {
-        rc = OFFQ_ERR_NOMEM;
-        goto done;
-    }
     const double inv_root = 1.0 / sqrt(scale);
+    /* converted in place, so the two copies never coexist (640 + 320 MB at k = 8960): float i
+     * lands in bytes [4i, 4i + 4), below double i's bytes [8i, 8i + 8), which are read first;
+     * memcpy keeps the stores ordered after the loads whatever the aliasing rules */
     for (int64_t i = 0; i < k * k; i++) {
-        u32[i] = (float)(inv_root * u[i]);
+        const float f = (float)(inv_root * u[i]);
+        memcpy((char *)u + sizeof(float) * (size_t)i, &f, sizeof f);
     }
-    free(u);
+    u32 = realloc(u, sizeof(float) * (size_t)(k * k)); /* shrinking: NULL only leaves u as it was */
+    if (u32 == NULL) {
+        u32 = (float *)u;
+    }
     u = NULL;
     uint64_t state = seed;
     for (int64_t i = 0; i < b * k; i++) {
