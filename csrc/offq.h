@@ -280,17 +280,27 @@ offq_status offq_smallest_eigenpairs(const double *h, int64_t k, int64_t count, 
 offq_status offq_tail_eigenpairs(const double *h, int64_t k, double budget, int64_t *m,
                                  double **values, double **vectors);
 
-/* The same budget, by inverse subspace iteration on a Cholesky factor of h + delta I (tail_subspace.c;
- * no tridiagonal reduction: k^3 / 3 flops plus two triangular solves per step at k = 8960). The
- * block starts at `block` rows and grows with the tail; at most max_iter steps; seed fixes the
- * start block. *vectors are orthonormal rows spanning an approximation of the smallest
- * eigenvectors' span, *values their exact Rayleigh values (V h V^T = diag(values) to rounding),
- * ascending, summing in magnitude to at most budget; *m never exceeds offq_tail_eigenpairs' count.
- * Falls back to offq_tail_eigenpairs when the block would pass k / 2, when h has no positive
- * trace, or when h + delta I does not factor. *steps = iteration steps taken (0 after a fallback).
- * Errors as offq_tail_eigenpairs. Threads: OpenBLAS's. */
+/* The same budget, by inverse subspace iteration on a float32 Cholesky factor of h / c + delta I
+ * (tail_subspace.c; c = trace / k; no tridiagonal reduction: k^3 / 3 flops plus two triangular
+ * solves per step at k = 8960). The block starts at `block` rows and grows with the tail; at
+ * most max_iter steps; seed fixes the start block. *vectors are orthonormal rows spanning an
+ * approximation of the smallest eigenvectors' span, *values their exact Rayleigh values
+ * (V h V^T = diag(values) to rounding), ascending, summing in magnitude to at most budget; *m
+ * never exceeds offq_tail_eigenpairs' count. Falls back to offq_tail_eigenpairs when the block
+ * would pass k / 2, when h has no positive trace, or when h / c + delta I does not factor with
+ * delta up to 1e-2. *steps = iteration steps taken (0 after a fallback). When factor is not NULL
+ * it receives the factor (malloc'd, the caller frees it; NULL after a fallback): U [k, k]
+ * row-major upper triangle, zeros below, U^T U = h / *factor_scale + *factor_shift I. Errors as
+ * offq_tail_eigenpairs. Threads: OpenBLAS's. */
 offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_t block,
                                int64_t max_iter, uint64_t seed, int64_t *m, double **values,
-                               double **vectors, int64_t *steps);
+                               double **vectors, int64_t *steps, float **factor,
+                               double *factor_scale, double *factor_shift);
+
+/* out[i] = scale (|U w_i|^2 - shift |w_i|^2) = w_i h w_i^T for the rows of w [n, k], given
+ * offq_tail_subspace's factor U (U^T U = h / scale + shift I): a triangular product, half the
+ * flops of w h. Threads: OpenBLAS's. */
+offq_status offq_factor_energies(const float *u, int64_t k, double scale, double shift,
+                                 const float *w, int64_t n, double *out);
 
 #endif

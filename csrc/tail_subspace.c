@@ -6,14 +6,14 @@
  * with trace(V H V^T) <= budget keeps OSAQ's promise (the change of W X stays within the tail's
  * energy). So:
  *
- *   1. Cholesky H + delta I = U^T U (k^3 / 3 flops, BLAS-3), delta = 1e-10 trace / k so that a
- *      positive semidefinite H with an exact null space factors.
- *   2. Subspace iteration with A = (H + delta I)^-1 on a block Q of b rows (two triangular solves
- *      per step, in float32 on the factor scaled by 1 / sqrt(trace / k)): Y = Q A, then
- *      Rayleigh-Ritz of H on span(Y) without another product with H,
- *      since Y (H + delta I) Y^T = Q A Q^T = Y Q^T. With Y^T = Qo R (QR),
- *      Qo^T H Qo = R^-T (Y Q^T) R^-1 - delta I; its eigenpairs give Ritz values theta (ascending)
- *      and the next block Q (the Ritz vectors).
+ *   1. Cholesky H / c + delta I = U^T U in float32 (k^3 / 3 flops, BLAS-3; c = trace / k),
+ *      delta = float32's rounding unit of the largest diagonal entry of H / c, so that a positive
+ *      semidefinite H with an exact null space factors (grown tenfold while it does not).
+ *   2. Subspace iteration with A = (H + delta c I)^-1 on a block Q of b rows (two float32
+ *      triangular solves per step): Y = Q A, then Rayleigh-Ritz of H on span(Y) without another
+ *      product with H, since Y (H + delta c I) Y^T = Q A Q^T = Y Q^T. With Y^T = Qo R (QR),
+ *      Qo^T H Qo = R^-T (Y Q^T) R^-1 - delta c I; its eigenpairs give Ritz values theta
+ *      (ascending) and the next block Q (the Ritz vectors).
  *   3. m = the longest prefix of theta whose |values| fit the budget. The block grows when m
  *      comes within a quarter of it; the iteration stops when two steps in a row give the same
  *      m (the Ritz values still creep down, by well under 1% of the budget) or after max_iter
@@ -33,6 +33,7 @@
  */
 #include "kernels.h"
 
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,28 +42,35 @@
 #include <cblas.h>
 #include <lapacke.h>
 
-#define TAIL_DELTA 1e-10       /* Cholesky shift, relative to trace / k */
-#define TAIL_DELTA_RETRY 1e4   /* the shift's growth when H + delta I does not factor */
+#define TAIL_DELTA_RETRY 10.0 /* the shift's growth when H / c + delta I does not factor */
+#define TAIL_DELTA_MAX 1e-2    /* the largest shift tried (relative to c = trace / k) */
 #define TAIL_STABLE_STEPS 2    /* stop once m has been the same for this many steps */
 #define TAIL_EXACT_MARGIN 8    /* Ritz vectors beyond m kept for the exact Rayleigh step */
 
-/* u <- the upper Cholesky factor of h + delta I (h's upper triangle); OFFQ_ERR_NOTPD when it does
- * not factor, OFFQ_ERR_NONFINITE for NaN/Inf in h's upper triangle. */
-static offq_status shifted_cholesky(const double *h, int64_t k, double delta, double *u)
+/* u32 <- the upper float32 Cholesky factor of h / c + delta I (h's upper triangle; c = trace / k,
+ * so the scaled matrix's mean eigenvalue is 1 whatever h's magnitude); OFFQ_ERR_NOTPD when it
+ * does not factor (or h / c overflows float32), OFFQ_ERR_NONFINITE for NaN/Inf in h. */
+static offq_status scaled_cholesky32(const double *h, int64_t k, double c, double delta,
+                                     float *u32)
 {
-    int bad = 0;
+    const double inv = 1.0 / c;
+    int bad = 0, overflow = 0;
     for (int64_t i = 0; i < k; i++) {
-        memset(u + i * k, 0, sizeof(double) * (size_t)i);
+        memset(u32 + i * k, 0, sizeof(float) * (size_t)i);
         for (int64_t j = i; j < k; j++) {
             bad |= !isfinite(h[i * k + j]);
-            u[i * k + j] = h[i * k + j];
+            const float f = (float)(inv * h[i * k + j] + (i == j ? delta : 0.0));
+            overflow |= !isfinite(f);
+            u32[i * k + j] = f;
         }
-        u[i * k + i] += delta;
     }
     if (bad) {
         return OFFQ_ERR_NONFINITE;
     }
-    const lapack_int info = scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', (lapack_int)k, u,
+    if (overflow) {
+        return OFFQ_ERR_NOTPD;
+    }
+    const lapack_int info = scipy_LAPACKE_spotrf(LAPACK_COL_MAJOR, 'L', (lapack_int)k, u32,
                                                  (lapack_int)k);
     return info > 0 ? OFFQ_ERR_NOTPD : offq_lapack_status(info);
 }
@@ -222,11 +230,15 @@ done:
 
 offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_t block,
                                int64_t max_iter, uint64_t seed, int64_t *m, double **values,
-                               double **vectors, int64_t *steps)
+                               double **vectors, int64_t *steps, float **factor,
+                               double *factor_scale, double *factor_shift)
 {
     *m = 0;
     *steps = 0;
     *values = *vectors = NULL;
+    if (factor != NULL) {
+        *factor = NULL;
+    }
     double trace = 0.0;
     for (int64_t i = 0; i < k; i++) {
         trace += h[i * k + i];
@@ -235,43 +247,39 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
     if (!(trace > 0) || 2 * b > k) { /* nothing to shift by, or too small a matrix to pay */
         return offq_tail_eigenpairs(h, k, budget, m, values, vectors);
     }
-    double *u = malloc(sizeof(double) * (size_t)(k * k));
-    float *u32 = NULL;
+    /* The factor is float32 (half the time and memory of float64) of H / c + delta I with
+     * c = trace / k: the scale keeps 1 / delta within float32's range at any magnitude of H,
+     * and the shift starts at float32's rounding unit of the largest diagonal entry, below which
+     * the factorization's own rounding, not H, decides whether it factors. The shift (1e-5 of
+     * the mean eigenvalue on Qwen2.5-1.5B's down_proj Hessians, whose budget-edge eigenvalues
+     * are ~1e-3 of it) only slows the iteration's convergence a little, and the rounding of the
+     * factor only perturbs the iteration: the final exact Rayleigh step counts the budget in
+     * float64. */
+    const double scale = trace / (double)k;
+    double max_diag = 0.0;
+    for (int64_t i = 0; i < k; i++) {
+        max_diag = h[i * k + i] > max_diag ? h[i * k + i] : max_diag;
+    }
+    float *u32 = malloc(sizeof(float) * (size_t)(k * k));
     subspace s = {.k = k};
     offq_status rc = OFFQ_ERR_NOMEM;
-    if (u == NULL) {
+    if (u32 == NULL) {
         goto done;
     }
-    double delta = TAIL_DELTA * trace / (double)k;
-    rc = shifted_cholesky(h, k, delta, u);
-    for (int retry = 0; rc == OFFQ_ERR_NOTPD && retry < 2; retry++) {
-        delta *= TAIL_DELTA_RETRY;
-        rc = shifted_cholesky(h, k, delta, u);
+    double delta_rel = FLT_EPSILON * (max_diag / scale > 1.0 ? max_diag / scale : 1.0);
+    rc = scaled_cholesky32(h, k, scale, delta_rel, u32);
+    while (rc == OFFQ_ERR_NOTPD && delta_rel * TAIL_DELTA_RETRY <= TAIL_DELTA_MAX) {
+        delta_rel *= TAIL_DELTA_RETRY;
+        rc = scaled_cholesky32(h, k, scale, delta_rel, u32);
     }
     if (rc == OFFQ_ERR_NOTPD) {
-        free(u);
+        free(u32);
         return offq_tail_eigenpairs(h, k, budget, m, values, vectors);
     }
     if (rc != OFFQ_OK || (rc = subspace_reserve(&s, b)) != OFFQ_OK) {
         goto done;
     }
-    /* The iteration's solves run in float32 on U / sqrt(trace / k) (half the time of float64;
-     * the scale keeps 1 / delta within float32's range). Their rounding only perturbs the
-     * iteration: the final exact Rayleigh step counts the budget in float64. */
-    const double scale = trace / (double)k;
-    const double inv_root = 1.0 / sqrt(scale);
-    /* converted in place, so the two copies never coexist (640 + 320 MB at k = 8960): float i
-     * lands in bytes [4i, 4i + 4), below double i's bytes [8i, 8i + 8), which are read first;
-     * memcpy keeps the stores ordered after the loads whatever the aliasing rules */
-    for (int64_t i = 0; i < k * k; i++) {
-        const float f = (float)(inv_root * u[i]);
-        memcpy((char *)u + sizeof(float) * (size_t)i, &f, sizeof f);
-    }
-    u32 = realloc(u, sizeof(float) * (size_t)(k * k)); /* shrinking: NULL only leaves u as it was */
-    if (u32 == NULL) {
-        u32 = (float *)u;
-    }
-    u = NULL;
+    const double delta = delta_rel * scale; /* the shift of H itself */
     uint64_t state = seed;
     for (int64_t i = 0; i < b * k; i++) {
         s.q[i] = offq_uniform_pm1(&state);
@@ -310,7 +318,13 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
             break;
         }
     }
-    free(u32);
+    if (factor != NULL) { /* handed over: the caller's energies w H w^T read it */
+        *factor = u32;
+        *factor_scale = scale;
+        *factor_shift = delta_rel;
+    } else {
+        free(u32);
+    }
     u32 = NULL;
     /* (after a last-step growth the rows past `ritz` are still random) */
     const int64_t c = count + TAIL_EXACT_MARGIN < ritz ? count + TAIL_EXACT_MARGIN : ritz;
@@ -321,9 +335,42 @@ done:
         free(*vectors);
         *values = *vectors = NULL;
         *m = 0;
+        if (factor != NULL) {
+            free(*factor);
+            *factor = NULL;
+        }
     }
-    free(u);
     free(u32);
     subspace_free(&s);
     return rc;
+}
+
+#define ENERGY_ROWS 512 /* rows per triangular product (18 MB of scratch at k = 8960) */
+
+offq_status offq_factor_energies(const float *u, int64_t k, double scale, double shift,
+                                 const float *w, int64_t n, double *out)
+{
+    const int64_t rows = n < ENERGY_ROWS ? n : ENERGY_ROWS;
+    float *p = malloc(sizeof(float) * (size_t)((rows > 0 ? rows : 1) * k));
+    if (p == NULL) {
+        return OFFQ_ERR_NOMEM;
+    }
+    for (int64_t r0 = 0; r0 < n; r0 += rows) {
+        const int64_t c = n - r0 < rows ? n - r0 : rows;
+        memcpy(p, w + r0 * k, sizeof(float) * (size_t)(c * k));
+        /* P = W U^T: row i of P is U w_i, so |P_i|^2 = w_i U^T U w_i^T (half a GEMM's flops) */
+        scipy_cblas_strmm(CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit,
+                          (blasint)c, (blasint)k, 1.0f, u, (blasint)k, p, (blasint)k);
+        for (int64_t i = 0; i < c; i++) {
+            double pp = 0.0, ww = 0.0;
+            const float *pi = p + i * k, *wi = w + (r0 + i) * k;
+            for (int64_t j = 0; j < k; j++) {
+                pp += (double)pi[j] * pi[j];
+                ww += (double)wi[j] * wi[j];
+            }
+            out[r0 + i] = scale * (pp - shift * ww);
+        }
+    }
+    free(p);
+    return OFFQ_OK;
 }

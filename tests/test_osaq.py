@@ -179,3 +179,31 @@ def test_safe_steps_match_a_float64_search():
         costs[~ok] = np.inf
         assert costs[np.searchsorted(STEP_GRID, t[i])] == pytest.approx(costs.min(), rel=1e-6)
     assert t[0] == 0 and t[1] == 0 and t[2] > 0
+
+
+def test_energies_from_the_tail_factor_give_the_same_absorption():
+    """With the subspace tail, each row's energy w H w^T comes from the iteration's float32
+    Cholesky factor (a triangular product) instead of a float32 GEMM with H: the same steps,
+    the same weights to float32 rounding, the same report."""
+    import dataclasses
+
+    from offq.quantizers.osaq import prepare_tail
+
+    rng = np.random.default_rng(21)
+    k, n_out, n = 600, 48, 3000
+    basis, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    spectrum = np.concatenate([np.linspace(3, 0.5, k - 40), np.full(40, 1e-3)])  # a tail
+    x = ((rng.standard_normal((n, k)) * spectrum) @ basis.T).astype(np.float32)
+    w = (rng.standard_normal((n_out, k)) * 0.05).astype(np.float32)
+    w[np.arange(n_out), rng.integers(0, k, size=n_out)] += 0.5
+    acc = HessianAccumulator(k)
+    acc.update(x)
+    h = acc.hessian
+    tail = prepare_tail(h, 1e-4, "subspace")
+    assert tail.factor is not None and len(tail.basis) > 0
+    with_factor, rep = osaq_absorb(w, h, tail=tail)
+    plain, rep_plain = osaq_absorb(w, h, tail=dataclasses.replace(tail, factor=None))
+    np.testing.assert_allclose(with_factor, plain, rtol=0, atol=1e-6)
+    assert rep.rel_change_wx == pytest.approx(rep_plain.rel_change_wx, rel=1e-5)
+    assert rep.rows_moved == rep_plain.rows_moved > 0
+    assert layer_output_error(x, w, with_factor) <= np.sqrt(1e-4) * 1.01

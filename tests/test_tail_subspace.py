@@ -156,10 +156,10 @@ def test_prepared_tail_gram_is_the_basis_rayleigh_matrix() -> None:
 
 @pytest.mark.parametrize("magnitude", [1e-36, 1.0, 1e36])
 def test_float32_solves_keep_the_tail_at_any_scale(magnitude: float) -> None:
-    """The iteration solves in float32 on a factor scaled by 1 / sqrt(trace / k): a Hessian of
-    any magnitude gives the same count and span as at magnitude 1, with the budget kept. With
-    an exact null space the solves reach 1 / delta, 1e6-1e10 k / trace (the shift may have to
-    grow): 1e40 or more at magnitude 1e-36, past float32's range unless scaled."""
+    """The iteration factors and solves in float32, on h / (trace / k): a Hessian of any
+    magnitude gives the same count and span as at magnitude 1, with the budget kept. Unscaled,
+    h's entries at magnitude 1e-36 are below float32's range (and its squares at 1e36 above),
+    and with an exact null space the solves reach 1 / delta, up to ~1e7 k / trace."""
     k, n = 500, 420
     h = site_hessian(k, n, seed=5)
     budget = 1e-4 * float(np.trace(h))
@@ -168,3 +168,91 @@ def test_float32_solves_keep_the_tail_at_any_scale(magnitude: float) -> None:
     assert steps > 0 and len(vals) == len(ref_vals)
     check_basis(h * magnitude, budget * magnitude, vals, vecs)
     assert span_cosines(vecs, ref_vecs).mean() > 0.999
+
+
+def test_a_slightly_indefinite_hessian_factors_after_the_shift_grows() -> None:
+    """An eigenvalue of -3e-6 of the mean (rounding in a real accumulation) fails the first
+    float32 factorization (shift ~1e-6 of the mean); the shift grows tenfold and the iteration
+    runs instead of falling back to the reduction."""
+    rng = np.random.default_rng(11)
+    k = 300
+    q, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    lam = np.exp(rng.standard_normal(k))
+    lam[0] = -3e-6 * lam.mean()
+    h = np.ascontiguousarray((q * lam) @ q.T)
+    h = 0.5 * (h + h.T)
+    budget = 1e-3 * float(np.trace(h))
+    vals, vecs, steps, factor = tail_subspace(h, budget, block=16, keep_factor=True)
+    assert steps > 0 and factor is not None
+    assert factor.shift > 3e-6  # grown past the negative eigenvalue
+    check_basis(h, budget, vals, vecs)
+    assert span_cosines(vecs[:1], q[:, :1].T).min() > 1 - 1e-8
+
+
+def test_kept_factor_is_the_iterated_cholesky_factor() -> None:
+    h = site_hessian(400, 3000, seed=12)
+    budget = 1e-3 * float(np.trace(h))
+    vals, vecs, steps, factor = tail_subspace(h, budget, block=16, keep_factor=True)
+    plain = tail_subspace(h, budget, block=16)
+    np.testing.assert_array_equal(vals, plain[0])  # keeping the factor changes nothing
+    assert steps == plain[2] > 0
+    u = factor.u
+    assert u.dtype == np.float32 and u.shape == (400, 400) and u.flags.c_contiguous
+    assert np.all(np.tril(u, -1) == 0)
+    assert factor.scale == pytest.approx(np.trace(h) / 400, rel=1e-12)
+    assert 0 < factor.shift < 1e-4
+    target = h / factor.scale + factor.shift * np.eye(400)
+    np.testing.assert_allclose(u.T.astype(np.float64) @ u, target, rtol=0,
+                               atol=1e-5 * np.abs(target).max())
+    # a fallback keeps no factor
+    indefinite = np.ascontiguousarray(np.diag(np.r_[-1.0, np.arange(1.0, 40.0)]))
+    assert tail_subspace(indefinite, 5.0, block=2, keep_factor=True)[3] is None
+
+
+def test_factor_energies_are_w_h_wT() -> None:
+    """``scale (|u w|^2 - shift |w|^2) = w h w^T`` against float64, with a shift large enough
+    that leaving its term out fails, over more rows than one triangular product takes (512),
+    with zero, tiny and huge rows."""
+    from offq.kernels import TailFactor
+
+    k = 300
+    h = site_hessian(k, 2000, seed=13)
+    scale, shift = 3.7, 0.25
+    u = np.ascontiguousarray(np.linalg.cholesky(h / scale + shift * np.eye(k)).T, np.float32)
+    # the reference through the float32 factor itself (its rounding is not under test)
+    h_of_u = scale * (u.T.astype(np.float64) @ u - shift * np.eye(k))
+    rng = np.random.default_rng(14)
+    w = rng.standard_normal((1100, k)).astype(np.float32)
+    w[3] = 0.0
+    w[5] *= np.float32(1e-20)
+    w[700] *= np.float32(1e15)
+    w[1099] = np.eye(k, dtype=np.float32)[k - 1]
+    got = TailFactor(u, scale, shift).energies(w)
+    w64 = w.astype(np.float64)
+    ref = np.einsum("ij,jk,ik->i", w64, h_of_u, w64)
+    assert got.dtype == np.float64 and got.shape == (1100,)
+    assert got[3] == 0.0
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=0)
+
+
+def test_factor_energies_bad_arguments_name_themselves() -> None:
+    from offq import _C
+
+    u = np.eye(4, dtype=np.float32)
+    w = np.ones((3, 4), np.float32)
+    with pytest.raises(TypeError, match=r"^u: expected dtype float32"):
+        _C.factor_energies(u.astype(np.float64), 1.0, 0.0, w)
+    with pytest.raises(ValueError, match=r"^u: expected a square array"):
+        _C.factor_energies(np.ones((4, 3), np.float32), 1.0, 0.0, w)
+    with pytest.raises(ValueError, match=r"^w: expected rows of length 4"):
+        _C.factor_energies(u, 1.0, 0.0, np.ones((3, 5), np.float32))
+    with pytest.raises(ValueError, match=r"^w: expected a C-contiguous"):
+        _C.factor_energies(u, 1.0, 0.0, np.ones((4, 3), np.float32).T)
+    with pytest.raises(TypeError, match=r"^w: expected dtype float32"):
+        _C.factor_energies(u, 1.0, 0.0, w.astype(np.float64))
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"^scale: expected a finite number > 0"):
+            _C.factor_energies(u, bad, 0.0, w)
+    with pytest.raises(ValueError, match=r"^shift: expected a finite number >= 0"):
+        _C.factor_energies(u, 1.0, -1e-3, w)
+    assert _C.factor_energies(u, 1.0, 0.0, np.ones((0, 4), np.float32)).shape == (0,)

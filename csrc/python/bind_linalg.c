@@ -248,15 +248,41 @@ static PyObject *py_tail_eigenpairs(PyObject *self, PyObject *args)
     return pairs_result(m, k, vals, vecs);
 }
 
-/* tail_subspace(h, budget, block, max_iter, seed) -> (values [m], vectors [m, k], steps): the
- * tail's span by inverse subspace iteration (see offq.kernels.tail_subspace). */
+static void free_capsule(PyObject *capsule)
+{
+    free(PyCapsule_GetPointer(capsule, NULL));
+}
+
+/* A float32 [k, k] array that owns the malloc'd `data` (freed with the array; no copy of a
+ * 320 MB factor), or NULL with an exception (data freed). */
+static PyObject *owning_f32_square(float *data, int64_t k)
+{
+    npy_intp dims[2] = {(npy_intp)k, (npy_intp)k};
+    PyObject *arr = PyArray_SimpleNewFromData(2, dims, NPY_FLOAT32, data);
+    PyObject *capsule = arr == NULL ? NULL : PyCapsule_New(data, NULL, free_capsule);
+    if (capsule == NULL) {
+        Py_XDECREF(arr);
+        free(data);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, capsule) < 0) { /* steals capsule */
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+/* tail_subspace(h, budget, block, max_iter, seed, keep_factor) -> (values [m], vectors [m, k],
+ * steps), and with keep_factor also (factor [k, k] float32 or None, scale, shift): the tail's span
+ * by inverse subspace iteration (see offq.kernels.tail_subspace). */
 static PyObject *py_tail_subspace(PyObject *self, PyObject *args)
 {
     PyObject *h_obj, *budget_obj, *block_obj, *iter_obj, *seed_obj;
+    int keep_factor;
     double budget;
     long long block, max_iter, seed;
-    if (!PyArg_ParseTuple(args, "OOOOO:tail_subspace", &h_obj, &budget_obj, &block_obj,
-                          &iter_obj, &seed_obj) ||
+    if (!PyArg_ParseTuple(args, "OOOOOp:tail_subspace", &h_obj, &budget_obj, &block_obj,
+                          &iter_obj, &seed_obj, &keep_factor) ||
         nonnegative_number(budget_obj, "budget", &budget) < 0 ||
         bounded_count(iter_obj, "max_iter", 100000, &max_iter) < 0 ||
         offq_py_int(seed_obj, "seed", &seed) < 0) {
@@ -272,23 +298,82 @@ static PyObject *py_tail_subspace(PyObject *self, PyObject *args)
         return NULL;
     }
     int64_t m = 0, steps = 0;
-    double *vals = NULL, *vecs = NULL;
+    double *vals = NULL, *vecs = NULL, scale = 0.0, shift = 0.0;
+    float *factor = NULL;
     offq_status rc;
     Py_BEGIN_ALLOW_THREADS
     rc = offq_tail_subspace((const double *)PyArray_DATA(h), k, budget, (int64_t)block,
-                            (int64_t)max_iter, (uint64_t)seed, &m, &vals, &vecs, &steps);
+                            (int64_t)max_iter, (uint64_t)seed, &m, &vals, &vecs, &steps,
+                            keep_factor ? &factor : NULL, &scale, &shift);
     Py_END_ALLOW_THREADS
     if (offq_py_status(rc, (offq_errctx){.arg = "h"}) < 0) {
         return NULL;
     }
     PyObject *pairs = pairs_result(m, k, vals, vecs);
     if (pairs == NULL) {
+        free(factor);
         return NULL;
     }
-    PyObject *out = Py_BuildValue("OOL", PyTuple_GET_ITEM(pairs, 0), PyTuple_GET_ITEM(pairs, 1),
-                                  (long long)steps);
+    PyObject *out;
+    if (!keep_factor) {
+        out = Py_BuildValue("OOL", PyTuple_GET_ITEM(pairs, 0), PyTuple_GET_ITEM(pairs, 1),
+                            (long long)steps);
+    } else {
+        PyObject *u = factor != NULL ? owning_f32_square(factor, k) : Py_NewRef(Py_None);
+        out = u == NULL ? NULL
+                        : Py_BuildValue("OOLNdd", PyTuple_GET_ITEM(pairs, 0),
+                                        PyTuple_GET_ITEM(pairs, 1), (long long)steps, u, scale,
+                                        shift);
+    }
     Py_DECREF(pairs);
     return out;
+}
+
+/* factor_energies(u, scale, shift, w) -> float64 [n]: w_i h w_i^T from tail_subspace's factor
+ * (see offq.kernels.factor_energies). */
+static PyObject *py_factor_energies(PyObject *self, PyObject *args)
+{
+    PyObject *u_obj, *scale_obj, *shift_obj, *w_obj;
+    double scale, shift;
+    if (!PyArg_ParseTuple(args, "OOOO:factor_energies", &u_obj, &scale_obj, &shift_obj, &w_obj) ||
+        offq_py_float(scale_obj, "scale", &scale) < 0 ||
+        nonnegative_number(shift_obj, "shift", &shift) < 0) {
+        return NULL;
+    }
+    if (!(scale > 0) || !isfinite(scale)) {
+        offq_value_error_got("scale: expected a finite number > 0", scale);
+        return NULL;
+    }
+    PyArrayObject *u = offq_check_array(u_obj, "u", NPY_FLOAT32, 2, 2);
+    const int64_t k = u == NULL ? -1 : offq_square_order(u, "u");
+    if (k < 0) {
+        return NULL;
+    }
+    PyArrayObject *w = offq_check_array(w_obj, "w", NPY_FLOAT32, 2, 2);
+    if (w == NULL) {
+        return NULL;
+    }
+    if (PyArray_DIM(w, 1) != k) {
+        PyErr_Format(PyExc_ValueError, "w: expected rows of length %lld (u's order), got [%lld, %lld]",
+                     (long long)k, (long long)PyArray_DIM(w, 0), (long long)PyArray_DIM(w, 1));
+        return NULL;
+    }
+    const int64_t n = (int64_t)PyArray_DIM(w, 0);
+    npy_intp dims[1] = {(npy_intp)n};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_FLOAT64);
+    if (out == NULL) {
+        return NULL;
+    }
+    offq_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = offq_factor_energies((const float *)PyArray_DATA(u), k, scale, shift,
+                              (const float *)PyArray_DATA(w), n, (double *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    if (offq_py_status(rc, (offq_errctx){.arg = "w"}) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return (PyObject *)out;
 }
 
 PyMethodDef offq_linalg_methods[] = {
@@ -300,8 +385,12 @@ PyMethodDef offq_linalg_methods[] = {
      "run of smallest eigenpairs of the symmetric h whose |eigenvalues| sum to at most budget "
      "(see offq.kernels.tail_eigenpairs)."},
     {"tail_subspace", (PyCFunction)py_tail_subspace, METH_VARARGS,
-     "tail_subspace(h, budget, block, max_iter, seed) -> (values [m], vectors [m, k] float64, "
-     "steps): the same budget by inverse subspace iteration (see offq.kernels.tail_subspace)."},
+     "tail_subspace(h, budget, block, max_iter, seed, keep_factor) -> (values [m], vectors [m, k] "
+     "float64, steps[, factor, scale, shift]): the same budget by inverse subspace iteration "
+     "(see offq.kernels.tail_subspace)."},
+    {"factor_energies", (PyCFunction)py_factor_energies, METH_VARARGS,
+     "factor_energies(u, scale, shift, w) -> float64 [n]: w_i h w_i^T for the rows of w from "
+     "tail_subspace's factor (see offq.kernels.factor_energies)."},
     {"upper_cholesky_of_inverse", (PyCFunction)(void (*)(void))py_upper_cholesky_of_inverse,
      METH_VARARGS | METH_KEYWORDS,
      "upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u [k, k] float64 upper with "

@@ -9,7 +9,8 @@ thread setting (:mod:`.threads`). Imported from their modules: the int8-weight m
 """
 from .cov import cov_update, top_eigenpairs
 from .hadamard import SUPPORTED_ORDERS, fwht, hadamard_factor, hadamard_matrix, is_supported
-from .linalg import smallest_eigenpairs, tail_eigenpairs, tail_subspace, upper_cholesky_of_inverse
+from .linalg import (TailFactor, smallest_eigenpairs, tail_eigenpairs, tail_subspace,
+                     upper_cholesky_of_inverse)
 from .quant import (SUPPORTED_BITS, QTensor, dequantize, matmul_w4a4, pack_codes, pack_w4_decode,
                     quantize, unpack_codes)
 from .threads import get_num_threads, set_num_threads, threads
@@ -25,6 +26,7 @@ __all__ = [
     "smallest_eigenpairs",
     "tail_eigenpairs",
     "tail_subspace",
+    "TailFactor",
     "upper_cholesky_of_inverse",
     "set_num_threads",
     "get_num_threads",

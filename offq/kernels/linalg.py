@@ -13,11 +13,31 @@ fit an eigenvalue budget from the same reduction. OpenBLAS threads follow
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .. import _C
 
-__all__ = ["smallest_eigenpairs", "tail_eigenpairs", "tail_subspace", "upper_cholesky_of_inverse"]
+__all__ = ["TailFactor", "smallest_eigenpairs", "tail_eigenpairs", "tail_subspace",
+           "upper_cholesky_of_inverse"]
+
+
+@dataclass(frozen=True, eq=False)
+class TailFactor:
+    """The float32 Cholesky factor :func:`tail_subspace` iterated with: ``u`` ``[k, k]`` upper
+    triangular (zeros below) with ``u.T @ u = h / scale + shift * I``."""
+
+    u: np.ndarray
+    scale: float
+    shift: float
+
+    def energies(self, w: np.ndarray) -> np.ndarray:
+        """``w_i h w_i^T`` for each row of ``w`` ``[n, k]`` (float32, C-contiguous) -> float64
+        ``[n]``, as ``scale * (|u w_i|^2 - shift |w_i|^2)``: a triangular product (BLAS
+        ``strmm``), half the flops of ``w @ h``; relative error ~1e-7 plus the factor's float32
+        rounding (~1e-7 of the largest eigenvalue over ``w``'s Rayleigh quotient)."""
+        return _C.factor_energies(self.u, self.scale, self.shift, w)
 
 
 def upper_cholesky_of_inverse(h: np.ndarray, add: float = 0.0, *, perm: np.ndarray | None = None,
@@ -100,23 +120,25 @@ def tail_eigenpairs(h: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarra
 
 
 def tail_subspace(h: np.ndarray, budget: float, *, block: int = 128, max_iter: int = 40,
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+                  seed: int = 0, keep_factor: bool = False) -> tuple:
     """An orthonormal basis of (approximately) the smallest-eigenvalue tail of the symmetric
     positive semidefinite ``h`` whose energy fits ``budget``, without a tridiagonal reduction.
 
-    Inverse subspace iteration on a Cholesky factor of ``h + delta I`` (``delta = 1e-10 trace /
-    k``): ``k^3 / 3`` flops for the factor, then two triangular solves per step on a block of
-    ``block`` rows that grows with the tail, until two steps in a row give the same count (or
-    ``max_iter`` steps). The last step diagonalises the basis' exact Rayleigh matrix,
-    so whatever the convergence the returned rows ``V`` satisfy ``V @ h @ V.T = diag(values)``
-    (to rounding) and ``sum(|values|) <= budget``; ``values[i] >= `` the ``i``-th smallest
-    eigenvalue, so ``m`` is at most :func:`tail_eigenpairs`' count. At ``k = 8960`` (a
-    down_proj of Qwen2.5-1.5B) this takes a third to a quarter of :func:`tail_eigenpairs`' time
-    (``benchmarks/bench_osaq_tail.py``); at ``k <= 2048`` the exact reduction is as fast.
+    Inverse subspace iteration on a float32 Cholesky factor of ``h / c + delta I`` (``c = trace /
+    k``; ``delta`` = float32's rounding unit of the largest diagonal entry of ``h / c``, grown
+    tenfold while the factorization fails): ``k^3 / 3`` flops for the factor, then two triangular
+    solves per step on a block of ``block`` rows that grows with the tail, until two steps in a
+    row give the same count (or ``max_iter`` steps). The last step diagonalises the basis' exact
+    Rayleigh matrix (float64), so whatever the convergence the returned rows ``V`` satisfy
+    ``V @ h @ V.T = diag(values)`` (to rounding) and ``sum(|values|) <= budget``; ``values[i] >=``
+    the ``i``-th smallest eigenvalue, so ``m`` is at most :func:`tail_eigenpairs`' count. At
+    ``k = 8960`` (a down_proj of Qwen2.5-1.5B) this takes a tenth to a quarter of
+    :func:`tail_eigenpairs`' time (``benchmarks/bench_osaq_tail.py``); at ``k <= 2048`` the exact
+    reduction is as fast.
 
     Falls back to :func:`tail_eigenpairs` (``steps == 0``) when the block would pass ``k / 2``
-    (a tail too long for the method to pay), when ``h`` has no positive trace, or when ``h +
-    delta I`` does not factor even with a shift ``1e8`` times larger.
+    (a tail too long for the method to pay), when ``h`` has no positive trace, or when ``h / c +
+    delta I`` does not factor with ``delta`` up to ``1e-2``.
 
     Args:
         h: as for :func:`tail_eigenpairs`.
@@ -124,14 +146,21 @@ def tail_subspace(h: np.ndarray, budget: float, *, block: int = 128, max_iter: i
         block: the start block's rows, ``1 <= block <= k``.
         max_iter: at most this many steps, ``>= 1``.
         seed: fixes the start block (results are deterministic for a given thread count).
+        keep_factor: also return the factor (:class:`TailFactor`, or None after a fallback), for
+            :meth:`TailFactor.energies`.
 
     Returns:
         ``(values, vectors, steps)``: float64 ``[m]`` ascending, float64 ``[m, k]`` orthonormal
-        rows, and the number of iteration steps taken.
+        rows, and the number of iteration steps taken; with ``keep_factor``, ``(values, vectors,
+        steps, factor)``.
 
     Raises:
         TypeError / ValueError: as for :func:`tail_eigenpairs`; ``block``, ``max_iter`` or
             ``seed`` out of range (each message names the argument).
         RuntimeError: a LAPACK routine failed.
     """
-    return _C.tail_subspace(h, budget, block, max_iter, seed)
+    out = _C.tail_subspace(h, budget, block, max_iter, seed, keep_factor)
+    if not keep_factor:
+        return out
+    values, vectors, steps, u, scale, shift = out
+    return values, vectors, steps, None if u is None else TailFactor(u, scale, shift)
