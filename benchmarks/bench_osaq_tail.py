@@ -1,9 +1,9 @@
 """OSAQ's Hessian tail at a down_proj width: subspace iteration, one tridiagonal reduction, and
 the two-call scheme before it.
 
-``offq.kernels.tail_subspace`` (OSAQ's default from input width 4096 up) skips the reduction: a
-Cholesky factor, then inverse subspace iteration on a block that grows with the tail; its basis'
-energy fits the same budget and its count m is at most the exact one (both printed).
+``offq.kernels.tail_subspace`` (OSAQ's default from input width 4096 up) skips the reduction:
+a float32 Cholesky factor, then inverse subspace iteration on a block that grows with the tail;
+its basis' energy fits the same budget and its count m is at most the exact one (both printed).
 
 ``offq.kernels.tail_eigenpairs`` reduces the Hessian once, takes every eigenvalue from the
 tridiagonal matrix to find how many pairs fit the budget (``gamma`` of the trace), then forms only

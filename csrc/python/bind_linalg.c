@@ -354,8 +354,9 @@ static PyObject *py_factor_energies(PyObject *self, PyObject *args)
         return NULL;
     }
     if (PyArray_DIM(w, 1) != k) {
-        PyErr_Format(PyExc_ValueError, "w: expected rows of length %lld (u's order), got [%lld, %lld]",
-                     (long long)k, (long long)PyArray_DIM(w, 0), (long long)PyArray_DIM(w, 1));
+        PyErr_Format(PyExc_ValueError,
+                     "w: expected rows of length %lld (u's order), got [%lld, %lld]", (long long)k,
+                     (long long)PyArray_DIM(w, 0), (long long)PyArray_DIM(w, 1));
         return NULL;
     }
     const int64_t n = (int64_t)PyArray_DIM(w, 0);

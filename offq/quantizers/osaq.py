@@ -96,8 +96,8 @@ def hessian_tail(hessian: np.ndarray, gamma: float = 1e-4, solver: str = "auto")
     return _tail_pairs(hessian, gamma, solver)[1]
 
 
-def _tail_pairs(hessian: np.ndarray, gamma: float, solver: str,
-                keep_factor: bool = False) -> tuple[np.ndarray | None, np.ndarray, TailFactor | None]:
+def _tail_pairs(hessian: np.ndarray, gamma: float, solver: str, keep_factor: bool = False
+                ) -> tuple[np.ndarray | None, np.ndarray, TailFactor | None]:
     """:func:`hessian_tail`'s basis, with its values when they are its exact Rayleigh values
     ``diag(N H N^T)`` (the subspace kernel formed ``N H N^T`` and diagonalised it), else None,
     and (``keep_factor``) the subspace kernel's Cholesky factor, else None."""
