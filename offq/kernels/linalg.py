@@ -35,8 +35,8 @@ class TailFactor:
     def energies(self, w: np.ndarray) -> np.ndarray:
         """``w_i h w_i^T`` for each row of ``w`` ``[n, k]`` (float32, C-contiguous) -> float64
         ``[n]``, as ``scale * (|u w_i|^2 - shift |w_i|^2)``: a triangular product (BLAS
-        ``strmm``), half the flops of ``w @ h``; relative error ~1e-7 plus the factor's float32
-        rounding (~1e-7 of the largest eigenvalue over ``w``'s Rayleigh quotient)."""
+        ``strmm``), half the flops of ``w @ h``. Relative error: ~1e-7, times the ratio of
+        ``h``'s largest eigenvalue to ``w``'s Rayleigh quotient for the factor's own rounding."""
         return _C.factor_energies(self.u, self.scale, self.shift, w)
 
 
@@ -132,7 +132,7 @@ def tail_subspace(h: np.ndarray, budget: float, *, block: int = 128, max_iter: i
     Rayleigh matrix (float64), so whatever the convergence the returned rows ``V`` satisfy
     ``V @ h @ V.T = diag(values)`` (to rounding) and ``sum(|values|) <= budget``; ``values[i] >=``
     the ``i``-th smallest eigenvalue, so ``m`` is at most :func:`tail_eigenpairs`' count. At
-    ``k = 8960`` (a down_proj of Qwen2.5-1.5B) this takes a tenth to a quarter of
+    ``k = 8960`` (a down_proj of Qwen2.5-1.5B) this takes a twelfth to a quarter of
     :func:`tail_eigenpairs`' time (``benchmarks/bench_osaq_tail.py``); at ``k <= 2048`` the exact
     reduction is as fast.
 

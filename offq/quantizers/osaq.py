@@ -226,7 +226,7 @@ def osaq_absorb(w: np.ndarray, hessian: np.ndarray, *, gamma: float = 1e-4, tau_
                 max_bytes: int = MAX_BYTES) -> tuple[np.ndarray, OsaqReport]:
     """Return ``W + B N`` (float32) and a report. ``hessian`` = undamped ``2 X^T X / n`` of the
     calibration inputs (the output-change bound and the report are measured through it)."""
-    w = np.asarray(w, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)  # row chunks for the C energies
     if w.ndim != 2:
         raise ValueError(f"w: expected a 2-D weight [out, in], got shape {w.shape}")
     h = np.asarray(hessian, dtype=np.float64)
