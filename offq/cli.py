@@ -118,6 +118,11 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="then measure WikiText-2 perplexity before (FP32) and after (real 4-bit "
                         "kernels) on the first N windows and print the table (default 0: no)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per eval window (2048)")
+    p.add_argument("--hold-freed-memory", action="store_true",
+                   help="glibc malloc keeps freed memory for reuse instead of unmapping it, so "
+                        "each batch's activations are not page-faulted in again (Qwen2.5-1.5B "
+                        "GPTQ W3 on a 2-core VM: -11.5%% time, +4%% peak RSS); freed memory "
+                        "stays with the process until it exits (offq.process)")
     defaults = QuantConfig()
     group = p.add_argument_group("quantization (QuantConfig fields; docs/METHODS.md)")
     for f in dataclasses.fields(QuantConfig):
@@ -163,6 +168,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if args.eval_windows < 0 or args.eval_seqlen < 2:
         raise UsageError("--eval-windows must be >= 0 and --eval-seqlen >= 2")
+    if args.hold_freed_memory:
+        from .process import hold_freed_memory
+
+        if not hold_freed_memory():
+            log.warning("--hold-freed-memory: the C library is not glibc; nothing changed")
     _set_threads(args.threads)
     source = args.calib_source or DEFAULT_CALIBRATION
     with open_checkpoint(args.model) as ckpt:
