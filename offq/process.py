@@ -33,7 +33,8 @@ def hold_freed_memory() -> bool:
     """Make glibc's malloc serve every block from its heap (no ``mmap``) and keep freed heap
     memory (it returns only a free top over 2 GiB), so that large temporaries reuse pages the
     process already has instead of faulting in fresh zeroed ones. Freed memory then stays with
-    the process (its peak is the same: freed blocks are reused).
+    the process, and the heap's fragmentation can raise the peak (+0.22 GB on a 4.95 GB
+    quantization of Qwen2.5-1.5B).
 
     Returns True when applied, False where the C library is not glibc (nothing changes)."""
     libc_name = ctypes.util.find_library("c")

@@ -114,11 +114,8 @@ def _tail_pairs(hessian: np.ndarray, gamma: float, solver: str, keep_factor: boo
     if not total > 0:
         return None, np.zeros((0, k)), None
     if solver == "subspace" or (solver == "auto" and k >= SUBSPACE_MIN_ORDER):
-        if keep_factor:
-            values, basis, _, factor = tail_subspace(h, gamma * total, keep_factor=True)
-            return values, basis, factor
-        values, basis, _ = tail_subspace(h, gamma * total)
-        return values, basis, None
+        values, basis, _, factor = tail_subspace(h, gamma * total, keep_factor=True)
+        return values, basis, factor if keep_factor else None
     return None, tail_eigenpairs(h, gamma * total)[1], None
 
 
