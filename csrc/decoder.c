@@ -478,15 +478,33 @@ static step_dims dims_of(const offq_dec_model *m)
     return s;
 }
 
-static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+/* Scratch sizes saturate at INT64_MAX instead of wrapping: dimensions the plan accepts (up to
+ * 2^20) times positions (up to 2^40) can exceed int64, and a wrapped size would pass the check
+ * against a small buffer. No buffer of INT64_MAX bytes exists, so a saturated size is refused. */
+static int64_t sz_mul(int64_t a, int64_t b)
+{
+    int64_t r;
+    return __builtin_mul_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
+static int64_t sz_add(int64_t a, int64_t b)
+{
+    int64_t r;
+    return __builtin_add_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
+static int64_t align64(int64_t n) { return n > INT64_MAX - 63 ? INT64_MAX : (n + 63) / 64 * 64; }
 
 static int64_t padded_rows(int64_t rows) { return (rows + OFFQ_MM_MR - 1) / OFFQ_MM_MR * OFFQ_MM_MR; }
 
 static int64_t shared_bytes(const step_dims *s, int64_t rows)
 {
     const int64_t mp = padded_rows(rows);
-    return align64(rows * s->max_k * 4) + align64(mp * s->max_n * 4) + align64(mp * s->max_k) +
-           align64(3 * mp * s->max_nb * 4) + align64(mp * 4);
+    int64_t b = align64(sz_mul(sz_mul(rows, s->max_k), 4));
+    b = sz_add(b, align64(sz_mul(sz_mul(mp, s->max_n), 4)));
+    b = sz_add(b, align64(sz_mul(mp, s->max_k)));
+    b = sz_add(b, align64(sz_mul(sz_mul(12, mp), s->max_nb)));
+    return sz_add(b, align64(sz_mul(mp, 4)));
 }
 
 /* The GEMM workspace of one thread: a tile of GEMM_COLUMNS columns of the largest k. */
@@ -499,17 +517,17 @@ static int64_t workspace_bytes(const step_dims *s)
 static int64_t thread_bytes(const offq_dec_model *m, const step_dims *s, int64_t positions)
 {
     const int64_t nq = ATT_ROWS * (m->heads / m->kv_heads);
-    return align64(MS * s->max_k) + align64(nq * (positions + 1) * 4) + align64(s->tmp_len * 4) +
-           align64(nq * m->head_dim * 4) + align64(OFFQ_ATTN_ROW_FLOATS(m->head_dim) * 4) +
-           align64(nq * 8) +
-           align64(nq * (int64_t)sizeof(float *)) + workspace_bytes(s);
+    int64_t b = sz_add(align64(MS * s->max_k), align64(sz_mul(sz_mul(nq, 4), sz_add(positions, 1))));
+    return sz_add(b, align64(s->tmp_len * 4) + align64(nq * m->head_dim * 4) +
+                         align64(OFFQ_ATTN_ROW_FLOATS(m->head_dim) * 4) + align64(nq * 8) +
+                         align64(nq * (int64_t)sizeof(float *)) + workspace_bytes(s));
 }
 
 int64_t offq_dec_scratch_bytes(const offq_dec_model *m, int64_t rows, int64_t positions,
                                int threads)
 {
     const step_dims s = dims_of(m);
-    return 64 + shared_bytes(&s, rows) + (int64_t)threads * thread_bytes(m, &s, positions);
+    return sz_add(64 + shared_bytes(&s, rows), sz_mul(threads, thread_bytes(m, &s, positions)));
 }
 
 /* ---- the step ------------------------------------------------------------------------------- */

@@ -300,6 +300,49 @@ def test_forward_reports_non_finite_input(plan_args):
         decoder_forward(**{**kwargs, "h": h})
 
 
+@pytest.mark.parametrize("name", ["cos", "sin"])
+def test_forward_names_a_non_finite_rotary_table_and_leaves_h_alone(plan_args, name):
+    _, kwargs = plan_args
+    table = kwargs[name].copy()
+    table[1, 0] = np.inf if name == "cos" else np.nan
+    h = kwargs["h"].copy()
+    with pytest.raises(ValueError, match=f"^{name}: contains NaN or Inf"):
+        decoder_forward(**{**kwargs, name: table, "h": h})
+    np.testing.assert_array_equal(h, kwargs["h"])  # refused before the step wrote anything
+
+
+def _wide_plan(heads: int, o_group: int) -> object:
+    """A one-layer plan of hidden size 2 whose attention is as wide as the limits allow: the
+    scratch size and the o_proj group size grow with ``heads`` (head_dim 2, one KV head)."""
+    def lin(n: int, k: int, g: int) -> tuple:
+        return (np.zeros((n, k // 2), np.uint8), np.zeros((n, k // g), np.float32),
+                np.zeros((n, k // g), np.float32), g, None, g)
+    layer = (None, None, lin((heads + 2) * 2, 2, 2), lin(2, heads * 2, o_group), lin(4, 2, 2),
+             lin(2, 2, 2), None)
+    return _C.decoder_plan((layer,), 2, 2, heads, 1, 2, 1e-6, False, 1.0, False, 2, False, False)
+
+
+def test_scratch_sizes_that_overflow_int64_are_refused():
+    """Each thread's scores take (a block of positions) * heads / kv_heads * (positions + 1)
+    floats: at 2^20 query heads to a KV head and 2^38 positions that is past 2^63 bytes, and the
+    size wrapped to a negative (or, at 2^39, a small positive) number that a 64-byte scratch
+    passed: a segfault."""
+    plan = _wide_plan(2**20, 128)
+    with threads(1):
+        assert 0 < _C.decoder_scratch_bytes(plan, 1, 2**20) < 2**52  # 2^46 bytes of scores
+        for positions in (2**38, 2**39, 2**40):
+            with pytest.raises(ValueError, match=r"^positions: the scratch for 1 rows"):
+                _C.decoder_scratch_bytes(plan, 1, positions)
+
+
+def test_plan_refuses_groups_whose_int32_sums_would_wrap():
+    """o_proj's input is heads * head_dim wide; a group of 2^21 of its codes (15 * 127 a term
+    with a folded zero-point) wraps int32, so the plan takes groups up to 2^20 only."""
+    _wide_plan(2**19, 2**20)
+    with pytest.raises(ValueError, match=r"layers\[0\].o.w_group: the group size 2097152 exceeds"):
+        _wide_plan(2**20, 2**21)
+
+
 def test_plan_validates_layers(quantized):
     fd = FusedDecoder(quantized.model("real"))
     cfg = quantized.model_config

@@ -204,12 +204,34 @@ def test_out_must_not_share_memory_with_an_operand():
 
 
 def test_group_sizes_whose_sums_overflow_int32_are_refused():
-    codes = np.zeros((1, 2**22 + 2**20), np.uint8)  # one byte a code: the check comes first
-    with pytest.raises(ValueError, match=r"group_size: the group size 5242880 exceeds 4194304"):
+    codes = np.zeros((1, 2**20 + 2**19), np.uint8)  # one byte a code: the check comes first
+    with pytest.raises(ValueError, match=r"group_size: the group size 1572864 exceeds 1048576"):
         _C.pack_codes(codes, 8, -1)
-    x = np.zeros((1, 2**23), np.float32)
-    with pytest.raises(ValueError, match=r"group_size: the group size 8388608 exceeds"):
+    x = np.zeros((1, 2**21), np.float32)
+    with pytest.raises(ValueError, match=r"group_size: the group size 2097152 exceeds"):
         _C.quantize(x, 4, -1)
+    # a group of 2^21 4-bit codes: at 15 * 127 a term (the small-M path folds the activations'
+    # integer zero-point into their codes) its int32 sums would wrap
+    k = 2**21
+    a = np.full((1, k // 2), 0xFF, np.uint8)
+    w = np.full((8, k // 2), 0xFF, np.uint8)
+    with pytest.raises(ValueError, match=r"a_group: the group size 2097152 exceeds 1048576"):
+        _C.matmul_w4a4(a, np.ones((1, 1), np.float32), np.full((1, 1), -112, np.float32), k,
+                       w, np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32), k, k)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_largest_group_folds_its_zero_point_without_wrapping(kernel: str) -> None:
+    # every code 15, the activations' zero-point -112 (folded: 127 a code): the largest sums a
+    # group of 2^20 can reach, 15 * 127 * 2^20 < 2^31, on the small-M path and the tile path
+    k = 2**20
+    for m in (1, 9):
+        a = np.full((m, k // 2), 0xFF, np.uint8)
+        w = np.full((8, k // 2), 0xFF, np.uint8)
+        out = _C.matmul_w4a4(a, np.ones((m, 1), np.float32), np.full((m, 1), -112, np.float32), k,
+                             w, np.ones((8, 1), np.float32), np.zeros((8, 1), np.float32), k, k,
+                             kernel=kernel)
+        np.testing.assert_array_equal(out, np.float32(15 * 127 * k))
 
 
 def test_validation_names_arguments():

@@ -144,7 +144,7 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
         return NULL;
     }
     const int64_t d = offq_square_order(cov, "cov");
-    if (d < 0) {
+    if (d < 0 || offq_check_magnitude(cov, "cov") < 0) {
         return NULL;
     }
     if (k < 1 || k > d) {

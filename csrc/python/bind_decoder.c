@@ -118,7 +118,7 @@ static int parse_vector(PyObject *obj, const char *name, int64_t n, int allow_no
     return 0;
 }
 
-/* A positive group size that divides k. */
+/* A positive group size that divides k, at most OFFQ_MAX_GROUP (int32 group sums). */
 static int parse_group(PyObject *obj, const char *name, int64_t k, int64_t *out)
 {
     long long g;
@@ -128,6 +128,11 @@ static int parse_group(PyObject *obj, const char *name, int64_t k, int64_t *out)
     if (g <= 0 || k % g != 0) {
         PyErr_Format(PyExc_ValueError, "%s: expected a positive group size dividing %lld, got %lld",
                      name, (long long)k, g);
+        return -1;
+    }
+    if (g > OFFQ_MAX_GROUP) {
+        PyErr_Format(PyExc_ValueError, "%s: the group size %lld exceeds %lld (int32 group sums)",
+                     name, g, (long long)OFFQ_MAX_GROUP);
         return -1;
     }
     *out = (int64_t)g;
@@ -299,7 +304,8 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
         if (offq_py_int(dims_o[i], dim_names[i], &dims[i]) < 0 || positive(dims[i], dim_names[i]) < 0) {
             return NULL;
         }
-        if (dims[i] > (1LL << 20)) { /* so that every product of sizes below fits int64 */
+        if (dims[i] > (1LL << 20)) { /* products of dims fit int64; with positions, the
+                                       * scratch size saturates (decoder.c) */
             PyErr_Format(PyExc_ValueError, "%s: %lld exceeds the limit 2^20", dim_names[i],
                          dims[i]);
             return NULL;
@@ -440,8 +446,29 @@ static PyObject *py_decoder_scratch_bytes(PyObject *self, PyObject *args)
         offq_py_int(pos_o, "positions", &pos) < 0 || positive(pos, "positions") < 0) {
         return NULL;
     }
-    return PyLong_FromLongLong(
-        (long long)offq_dec_scratch_bytes(&p->model, rows, pos, offq_get_num_threads()));
+    const int64_t need = offq_dec_scratch_bytes(&p->model, rows, pos, offq_get_num_threads());
+    if (need == INT64_MAX) { /* the size saturated: no buffer can hold it */
+        PyErr_Format(PyExc_ValueError,
+                     "positions: the scratch for %lld rows and %lld positions exceeds 2^63 bytes",
+                     rows, pos);
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)need);
+}
+
+/* ValueError naming `name` when the float32 array holds NaN or Inf (checked before the step
+ * writes anything, so a bad rotary table is not reported as a bad h). */
+static int all_finite(PyArrayObject *a, const char *name)
+{
+    const float *v = (const float *)PyArray_DATA(a);
+    const npy_intp n = PyArray_SIZE(a);
+    for (npy_intp i = 0; i < n; i++) {
+        if (!isfinite(v[i])) {
+            PyErr_Format(PyExc_ValueError, "%s: contains NaN or Inf (needs finite values)", name);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 /* A writeable C-contiguous array of dtype `typenum` and exactly this shape. */
@@ -502,7 +529,7 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     PyArrayObject *cs = check_exact(cos_o, "cos", NPY_FLOAT32, 2, rope_shape, 0);
     PyArrayObject *sn = cs ? check_exact(sin_o, "sin", NPY_FLOAT32, 2, rope_shape, 0) : NULL;
     PyArrayObject *kc = sn ? check_exact(kc_o, "kv_codes", NPY_UINT8, 5, kc_shape, 1) : NULL;
-    if (kc == NULL) {
+    if (kc == NULL || all_finite(cs, "cos") < 0 || all_finite(sn, "sin") < 0) {
         return NULL;
     }
     const int64_t cap = PyArray_DIM(kc, 1);
@@ -530,6 +557,12 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
         }
     }
     const int64_t need = offq_dec_scratch_bytes(m, rows, start + rows, offq_get_num_threads());
+    if (need == INT64_MAX) { /* the size saturated: no buffer can hold it */
+        PyErr_Format(PyExc_ValueError,
+                     "start: the scratch for positions up to %lld exceeds 2^63 bytes",
+                     start + (long long)rows);
+        return NULL;
+    }
     if (PyArray_DIM(scr, 0) < need) {
         PyErr_Format(PyExc_ValueError, "scratch: expected at least %lld bytes, got %lld",
                      (long long)need, (long long)PyArray_DIM(scr, 0));

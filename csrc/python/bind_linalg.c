@@ -176,7 +176,8 @@ static PyObject *py_smallest_eigenpairs(PyObject *self, PyObject *args)
     }
     PyArrayObject *h;
     const int64_t k = check_h(h_obj, &h);
-    if (k < 0 || bounded_count(count_obj, "count", (long long)k, &count) < 0) {
+    if (k < 0 || offq_check_magnitude(h, "h") < 0 ||
+        bounded_count(count_obj, "count", (long long)k, &count) < 0) {
         return NULL;
     }
     npy_intp vdims[1] = {(npy_intp)count}, edims[2] = {(npy_intp)count, (npy_intp)k};
@@ -233,7 +234,7 @@ static PyObject *py_tail_eigenpairs(PyObject *self, PyObject *args)
     }
     PyArrayObject *h;
     const int64_t k = check_h(h_obj, &h);
-    if (k < 0) {
+    if (k < 0 || offq_check_magnitude(h, "h") < 0) {
         return NULL;
     }
     int64_t m = 0;
@@ -294,7 +295,8 @@ static PyObject *py_tail_subspace(PyObject *self, PyObject *args)
     }
     PyArrayObject *h;
     const int64_t k = check_h(h_obj, &h);
-    if (k < 0 || bounded_count(block_obj, "block", (long long)k, &block) < 0) {
+    if (k < 0 || offq_check_magnitude(h, "h") < 0 ||
+        bounded_count(block_obj, "block", (long long)k, &block) < 0) {
         return NULL;
     }
     int64_t m = 0, steps = 0;

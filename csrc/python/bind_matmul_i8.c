@@ -38,6 +38,11 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args, PyObject *kwds)
                      (long long)PyArray_DIM(w, 1));
         return NULL;
     }
+    if (m > INT32_MAX || n > INT32_MAX || k > INT32_MAX) { /* the sgemm path takes int sizes */
+        PyErr_Format(PyExc_ValueError, "%s: dimensions above 2^31 - 1 are not supported",
+                     n > INT32_MAX ? "w" : "x");
+        return NULL;
+    }
     if (k == 0 || group <= 0 || k % group != 0) {
         PyErr_Format(PyExc_ValueError, "group: expected a positive group size dividing K=%lld, got %lld",
                      (long long)k, group);

@@ -30,10 +30,6 @@ static int parse_bits(PyObject *obj, int *bits)
     return 0;
 }
 
-/* The largest group: 255 * 2^22 and 225 * 2^22 (a code sum, a 4-bit x 4-bit dot product) stay
- * below 2^31. */
-#define OFFQ_MAX_GROUP (INT64_C(1) << 22)
-
 /* Resolve a group size (-1 = whole row) against k; must be positive, at most OFFQ_MAX_GROUP and
  * divide k. */
 static int check_group(int64_t k, long long group, const char *name, int64_t *out)
@@ -179,6 +175,28 @@ static int check_codes(PyArrayObject *codes, const char *name, int64_t k, int bi
     return 0;
 }
 
+/* At 2 and 3 bits a code has a byte of its own, and a byte above 2^bits - 1 is no code (at 4 bits
+ * both nibbles of any byte are codes, at 8 any byte is). */
+static int check_code_values(PyArrayObject *codes, const char *name, int bits)
+{
+    if (bits != 2 && bits != 3) {
+        return 0;
+    }
+    const uint8_t *c = (const uint8_t *)PyArray_DATA(codes);
+    const npy_intp n = PyArray_SIZE(codes);
+    const uint8_t maxq = (uint8_t)((1 << bits) - 1);
+    uint8_t over = 0;
+    for (npy_intp i = 0; i < n; i++) {
+        over |= (uint8_t)(c[i] & ~maxq);
+    }
+    if (over) {
+        PyErr_Format(PyExc_ValueError, "%s: a code exceeds %d, the largest at %d bits", name,
+                     (int)maxq, bits);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"codes", "scale", "zero", "bits", "group_size", "k", NULL};
@@ -204,6 +222,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
     }
     int64_t k = (int64_t)kk, g;
     if (resolve_group(k, group_o, "group_size", &g) < 0 || check_codes(codes, "codes", k, bits) < 0 ||
+        check_code_values(codes, "codes", bits) < 0 ||
         check_shape(scale, "scale", codes, "codes", (npy_intp)(k / g)) < 0 ||
         check_shape(zero, "zero", codes, "codes", (npy_intp)(k / g)) < 0) {
         return NULL;
@@ -280,7 +299,8 @@ static PyObject *py_unpack_codes(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_Format(PyExc_ValueError, "k: expected a positive row length, got %lld", kk);
         return NULL;
     }
-    if (check_codes(packed, "packed", (int64_t)kk, bits) < 0) {
+    if (check_codes(packed, "packed", (int64_t)kk, bits) < 0 ||
+        check_code_values(packed, "packed", bits) < 0) {
         return NULL;
     }
     PyArrayObject *out = new_array(packed, PyArray_NDIM(packed), (npy_intp)kk, NPY_UINT8);

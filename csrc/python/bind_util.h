@@ -17,7 +17,10 @@
 #endif
 #include <numpy/arrayobject.h>
 
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "offq.h"
@@ -47,6 +50,11 @@ static inline void offq_value_error_got(const char *msg, double v)
 }
 
 /* Bits of the `variants` argument of offq_parse_kernel: the variants a function has. */
+/* The largest quantization group the products accept: a group's integer sums are int32, and the
+ * largest term is 15 * 127 = 1905 (a 4-bit code times an 8-bit code with the activation's integer
+ * zero-point folded in, the small-M path of matmul_w4a4); 1905 * 2^20 < 2^31. */
+#define OFFQ_MAX_GROUP (INT64_C(1) << 20)
+
 #define OFFQ_VARIANT(v) (1u << (v))
 #define OFFQ_VARIANTS_W4A4                                                                      \
     (OFFQ_VARIANT(OFFQ_KERNEL_GENERIC) | OFFQ_VARIANT(OFFQ_KERNEL_AVX2) |                        \
@@ -188,6 +196,39 @@ static inline int64_t offq_square_order(PyArrayObject *arr, const char *name)
         return -1;
     }
     return k;
+}
+
+/* The upper triangle (what the solvers read) of a square float32/float64 C-contiguous matrix
+ * that an eigen-solver takes: finite, with the largest |entry| zero or within [1e-150, 1e150], so
+ * that squares and sums over 46000 terms stay normal float64 numbers (beyond, LAPACK refuses the
+ * input or Lanczos returns Inf/NaN). 0, or -1 with a ValueError naming `name`. */
+static inline int offq_check_magnitude(PyArrayObject *arr, const char *name)
+{
+    const npy_intp k = PyArray_DIM(arr, 0);
+    const int f32 = PyArray_TYPE(arr) == NPY_FLOAT32;
+    const float *v32 = (const float *)PyArray_DATA(arr);
+    const double *v64 = (const double *)PyArray_DATA(arr);
+    double big = 0.0;
+    for (npy_intp i = 0; i < k; i++) {
+        for (npy_intp j = i; j < k; j++) {
+            const double a = fabs(f32 ? (double)v32[i * k + j] : v64[i * k + j]);
+            if (!(a <= DBL_MAX)) {
+                PyErr_Format(PyExc_ValueError, "%s: contains NaN or Inf (needs finite values)",
+                             name);
+                return -1;
+            }
+            big = a > big ? a : big;
+        }
+    }
+    if (big > 1e150 || (big > 0.0 && big < 1e-150)) {
+        char text[32];
+        snprintf(text, sizeof text, "%.3g", big);
+        PyErr_Format(PyExc_ValueError,
+                     "%s: its largest |entry| is %s, outside [1e-150, 1e150]; rescale it (the "
+                     "eigenvectors do not change)", name, text);
+        return -1;
+    }
+    return 0;
 }
 
 /* An input array and the argument name it came from, for the overlap checks below. */

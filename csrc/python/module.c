@@ -56,7 +56,12 @@ int offq_py_int(PyObject *obj, const char *name, long long *out)
         return -1;
     }
     PyObject *idx = PyNumber_Index(obj);
-    if (idx == NULL) {
+    if (idx == NULL) { /* e.g. a 1-element array, whose __index__ refuses: name the argument */
+        if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: expected an int, got %s", name,
+                         Py_TYPE(obj)->tp_name);
+        }
         return -1;
     }
     int overflow = 0;

@@ -1,0 +1,83 @@
+"""Arguments at the edges of what the C bindings accept (a review of every entry point found
+each of these passing the checks): sizes past int32 for a BLAS path, integer arguments given as
+arrays, code values outside their bit width, and matrices whose magnitude the eigen-solvers cannot
+take. Each test fails when its check is removed from the binding."""
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+
+from offq import _C
+
+
+def _untouched_array(shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A C-contiguous writeable array backed by anonymous memory that is never touched, so its
+    size costs no RAM (the binding refuses it before reading); skips where the kernel refuses the
+    mapping."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    try:
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                        | getattr(mmap, "MAP_NORESERVE", 0))
+    except (OSError, OverflowError, ValueError) as e:
+        pytest.skip(f"no {nbytes}-byte anonymous mapping here: {e}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def test_matmul_i8_refuses_rows_past_int32():
+    # the product hands M, N, K to sgemm as int: 2^31 + 9 rows wrapped to 9, and only those
+    # were computed
+    x = _untouched_array((2**31 + 9, 1), np.float32)
+    out = _untouched_array((2**31 + 9, 1), np.float32)
+    with pytest.raises(ValueError, match=r"^x: dimensions above 2\^31 - 1"):
+        _C.matmul_i8(x, np.ones((1, 1), np.int8), np.ones((1, 1), np.float32), 1, out=out)
+
+
+@pytest.mark.parametrize("call", [
+    lambda bad: _C.quantize(np.zeros((1, 64), np.float32), bad, 32),
+    lambda bad: _C.set_num_threads(bad),
+    lambda bad: _C.hadamard_factor(bad),
+])
+def test_an_int_given_as_a_one_element_array_is_named(call):
+    with pytest.raises(TypeError, match=r"^\w+: expected an int, got numpy.ndarray"):
+        call(np.array([4]))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_codes_above_the_bit_width_are_refused(bits: int):
+    codes = np.zeros((2, 64), np.uint8)
+    codes[1, 5] = 1 << bits  # one past the largest code
+    ones, zeros = np.ones((2, 2), np.float32), np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match=f"^codes: a code exceeds {(1 << bits) - 1}"):
+        _C.dequantize(codes, ones, zeros, bits, 32, 64)
+    with pytest.raises(ValueError, match=f"^packed: a code exceeds {(1 << bits) - 1}"):
+        _C.unpack_codes(codes, bits, 64)
+    codes[1, 5] = (1 << bits) - 1  # the largest code is fine
+    np.testing.assert_array_equal(_C.dequantize(codes, ones, zeros, bits, 32, 64),
+                                  codes.astype(np.float32))
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-160])
+def test_eigen_solvers_refuse_magnitudes_they_cannot_take(scale: float):
+    # at 1e308 LAPACK refused the matrix with an "unsupported" error; at 1e-320 Lanczos returned
+    # Inf and NaN vectors without an error
+    h = np.eye(16) * scale + np.full((16, 16), scale / 32)
+    msg = r"its largest \|entry\| is .*outside \[1e-150, 1e150\]"
+    with pytest.raises(ValueError, match=f"^h: {msg}"):
+        _C.smallest_eigenpairs(h, 2)
+    with pytest.raises(ValueError, match=f"^h: {msg}"):
+        _C.tail_eigenpairs(h, 1e-3 * scale)
+    with pytest.raises(ValueError, match=f"^h: {msg}"):
+        _C.tail_subspace(h, 1e-3 * scale, 4, 10, 0, True)
+    with pytest.raises(ValueError, match=f"^cov: {msg}"):
+        _C.top_eigenpairs(h, 2, 1e-6, 0)
+
+
+def test_eigen_solvers_take_magnitudes_inside_the_range():
+    for scale in (1e140, 1e-140, 0.0):
+        h = np.eye(16) * scale
+        values, _ = _C.smallest_eigenpairs(h, 2)
+        np.testing.assert_allclose(values, [scale, scale], rtol=1e-12)
+        values, vectors = _C.top_eigenpairs(h + np.diag(np.arange(16) * scale / 16), 1, 1e-6, 0)
+        assert np.all(np.isfinite(vectors))
