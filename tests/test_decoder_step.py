@@ -41,8 +41,13 @@ def quantized(request):
         ckpt = tiny_checkpoint(3, arch="llama", d=192, hd=64, nh=3, nkv=1, f=256)
     else:
         ckpt = tiny_checkpoint(4, arch="qwen2", d=256, hd=128, nh=2, nkv=1, f=256)
-    return pipeline.quantize(ckpt, QuantConfig(method="offq"), calibration(ckpt, 8, 48, 1),
-                             progress=False)
+    # quantized on 2 threads whatever the process's setting: GPTQ's BLAS rounds differently on 1,
+    # and at 1 the qwen2-hd128 model puts one activation of the prompt within float32 rounding
+    # of a code boundary, so the C step's RMSNorm (another summation order) flips that code and
+    # the NumPy comparison below fails by a code step (the C-against-C tests are exact anyway)
+    with threads(2):
+        return pipeline.quantize(ckpt, QuantConfig(method="offq"), calibration(ckpt, 8, 48, 1),
+                                 progress=False)
 
 
 def close(got, ref):

@@ -118,9 +118,10 @@ def test_chunked_solve_is_the_same_and_bounded(heavy_layer):
     _, _, w, h = heavy_layer
     big, _ = osaq_absorb(w, h)
     small, _ = osaq_absorb(w, h, max_bytes=64 * 1024)
-    # the float32 Gram GEMMs sum in a different order per block size: the weights agree to
-    # ~1e-5 (the steps themselves are ~1e-2); a chunking or unpacking error moves them by a step
-    np.testing.assert_allclose(small, big, rtol=0, atol=5e-5)
+    # the float32 Gram GEMMs sum in a different order per block size (and per BLAS thread
+    # count): the weights agree to ~1e-5, 6e-5 at worst on 1 thread; the steps themselves are
+    # ~1e-2, so a chunking or unpacking error moves them twenty times past the tolerance
+    np.testing.assert_allclose(small, big, rtol=0, atol=5e-4)
     # the stated bound at Llama-2-7B's down_proj input (K = 11008) with a 2048-dim tail
     per_row = 4 * 2048 * 2049 // 2 + 4 * 6 * 11008
     assert _row_chunk(11008, 2048, 11008, MAX_BYTES) * per_row <= MAX_BYTES \
