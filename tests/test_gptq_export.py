@@ -144,3 +144,91 @@ def test_export_refuses_to_overwrite_its_source_or_other_files(tiny, tmp_path):
     assert sorted(p.name for p in src.iterdir()) == before
     out = export_gptq(src, tmp_path / "gptq")
     export_gptq(src, out)  # an earlier export may be replaced
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny, tmp_path_factory):
+    """One GPTQ export (4 bits, groups of 16, asymmetric), copied by the tests that spoil it."""
+    tmp = tmp_path_factory.mktemp("gptq_export")
+    return export_gptq(quantized_dir(tiny, tmp, w_bits=4, w_group_size=16, w_symmetric=False),
+                       tmp / "gptq")
+
+
+def _spoiled(export_dir, tmp_path, change):
+    """A copy of the export whose tensors ``change(tensors)`` edited (or whose config it
+    edited, when it returns a dict for config.json)."""
+    import shutil
+
+    from offq.formats.safetensors import write_safetensors
+
+    out = tmp_path / "spoiled"
+    shutil.copytree(export_dir, out)
+    tensors, _ = load_safetensors(out / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    config = change(tensors)
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config))
+    else:
+        write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
+    return out
+
+
+def _drop(name):
+    def change(t):
+        del t[name]
+    return change
+
+
+def _set(name, value):
+    def change(t):
+        t[name] = value
+    return change
+
+
+def _nan_scale(t):
+    t["model.layers.0.self_attn.q_proj.scales"][0, 0] = np.nan
+
+
+@pytest.mark.parametrize("change,match", [
+    (_drop("model.norm.weight"), r"missing tensor 'model.norm.weight'"),
+    (_drop("model.layers.1.input_layernorm.weight"), r"missing tensor 'model.layers.1.input_lay"),
+    (_set("model.layers.0.mlp.up_proj.qweight", np.array(3, np.int32)),
+     r"up_proj.qweight: int32 with 0 axes; expected 2 axes"),
+    (_set("model.layers.0.mlp.up_proj.scales", np.ones(4, np.float16)),
+     r"up_proj.scales: float16 with 1 axes; expected 2 axes"),
+    (_set("model.norm.weight", np.ones(3, np.float16)), r"tensor 'model.norm.weight' is float32 \[3\]"),
+    (_nan_scale, r"q_proj.scales' contains NaN or Inf"),
+    (_set("model.extra.weight", np.ones(3, np.float16)), r"unexpected tensor\(s\) 'model.extra.weight'"),
+])
+def test_reading_a_spoiled_export_names_what_is_wrong(export_dir, tmp_path, change, match):
+    from offq.eval import load_model
+
+    with pytest.raises(ValueError, match=match):
+        load_model(str(_spoiled(export_dir, tmp_path, change)), mode="fake")
+
+
+def test_reading_an_export_with_fewer_layers_in_its_config_is_refused(export_dir, tmp_path):
+    from offq.eval import load_model
+
+    def one_layer(_):
+        cfg = json.loads((export_dir / "config.json").read_text())
+        return {**cfg, "num_hidden_layers": 1}
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) 'model.layers.1."):
+        load_model(str(_spoiled(export_dir, tmp_path, one_layer)), mode="fake")
+
+
+def test_a_failed_re_export_leaves_no_config_beside_new_weights(tiny, tmp_path, monkeypatch):
+    """config.json goes first: a crash while the weights are written leaves a directory that
+    does not claim to be a GPTQ export (before, the old config stayed beside the new weights)."""
+    from offq.formats import gptq_export
+
+    src = quantized_dir(tiny, tmp_path, w_bits=4, w_group_size=16, w_symmetric=False)
+    out = export_gptq(src, tmp_path / "gptq")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(gptq_export, "write_safetensors", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_gptq(src, out)
+    assert not (out / "config.json").exists()
+    assert not gptq_export.is_gptq_export(out)

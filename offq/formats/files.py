@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "check_output_dir",
-           "fsync_dir"]
+__all__ = ["atomic_copy", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "check_output_dir", "fsync_dir"]
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -45,6 +45,12 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes] | bytes)
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, chunk: int = 1 << 20) -> None:
+    """Copy the file ``src`` to ``dst`` atomically, in chunks of ``chunk`` bytes."""
+    with open(src, "rb") as f:
+        atomic_write_bytes(dst, iter(lambda: f.read(chunk), b""))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -33,14 +33,13 @@ rotations (R3/R4 run inside offq's forward), unquantized weights, a zero-point o
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .files import atomic_write_json, check_output_dir, fsync_dir
+from .files import atomic_copy, atomic_write_json, check_output_dir, fsync_dir
 from .safetensors import write_safetensors
 
 __all__ = ["GptqExportError", "export_gptq", "is_gptq_export", "load_gptq_export", "pack_stream",
@@ -187,11 +186,14 @@ def export_gptq(src: str | Path, out: str | Path, *, checkpoint_format: str = "g
         if name not in quantized:
             result[name] = np.asarray(tensors[name], np.float32).astype(np.float16)
     out.mkdir(parents=True, exist_ok=True)
+    # an earlier export's config.json goes first: a crash below then leaves a directory that
+    # does not claim to be a GPTQ export, not the old config beside new weights
+    (out / "config.json").unlink(missing_ok=True)
+    fsync_dir(out)
     write_safetensors(out / MODEL_FILE, result, {"format": "pt"})
     for f in _COPIED:
         if (src / f).is_file():
-            shutil.copyfile(src / f, out / (f + ".tmp"))
-            (out / (f + ".tmp")).replace(out / f)
+            atomic_copy(src / f, out / f)
     hf = {k: v for k, v in json.loads((src / "config.json").read_text("utf-8")).items()
           if k != "offq"}
     hf["torch_dtype"] = "float16"
@@ -205,6 +207,21 @@ def export_gptq(src: str | Path, out: str | Path, *, checkpoint_format: str = "g
 
 
 # ---------------------------------------------------------------------------------- reading
+#: what each stored part of a GPTQ linear must be: (number of axes, allowed dtypes)
+_GPTQ_PARTS = {"qweight": (2, ("int32", "uint32")), "qzeros": (2, ("int32", "uint32")),
+               "scales": (2, ("float16", "float32")), "g_idx": (1, ("int32", "int64"))}
+
+
+def _check_gptq_parts(parts: dict[str, Any], where: str) -> None:
+    """ValueError naming the linear and the part when a part has the wrong number of axes or
+    dtype (before any shape arithmetic reads them)."""
+    for part, (ndim, dtypes) in _GPTQ_PARTS.items():
+        a = parts[part]
+        if a.ndim != ndim or str(a.dtype) not in dtypes:
+            raise ValueError(f"{where}.{part}: {a.dtype} with {a.ndim} axes; expected {ndim} "
+                             f"axes of {' or '.join(dtypes)}")
+
+
 def is_gptq_export(path: str | Path) -> bool:
     """Whether ``path`` is a directory whose config.json says ``quant_method: gptq``."""
     cfg = Path(path) / "config.json"
@@ -226,7 +243,7 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     from ..model.config import ModelConfig
     from ..quant.assemble import build_model
     from ..quant.grid import pack_codes
-    from .checkpoint import MODEL_FILE, load_safetensors
+    from .checkpoint import MODEL_FILE, check_checkpoint_tensors, load_safetensors
     from .tokenizer import Tokenizer
 
     path = Path(path)
@@ -261,6 +278,7 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
             missing = [s for s, a in parts.items() if a is None]
             if missing:
                 raise ValueError(f"{path / MODEL_FILE}: {prefix}: missing {missing}")
+            _check_gptq_parts(parts, f"{path / MODEL_FILE}: {prefix}")
             scales = np.asarray(parts["scales"], np.float32)
             groups, n = scales.shape
             k = parts["qweight"].shape[0] * 32 // int(bits)
@@ -286,5 +304,9 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     for name, a in stored.items():
         if name not in used:
             tensors[name] = np.asarray(a, np.float32)
+    # what offq's own checkpoints must satisfy: every tensor present with its shape, none
+    # unknown, scales and zero-points finite (a layer count below the stored one, a missing
+    # norm or a NaN scale is an error here, not a KeyError or an infinite perplexity later)
+    check_checkpoint_tensors(tensors, mc, qcfg, str(path / MODEL_FILE))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     return build_model(mc, qcfg, tensors, mode=mode, name=path.name), tokenizer, qcfg
