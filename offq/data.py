@@ -192,8 +192,8 @@ def load_wiki_vital() -> list[str]:
                        "calibration sets are not comparable with ones drawn from 0.0.7", p)
     try:
         data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{p}: invalid JSON: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # deep nesting recurses
+        raise ValueError(f"{p}: invalid JSON: {e!r}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a JSON object of title -> summary")
     docs = []
@@ -221,8 +221,8 @@ def _read_jsonl(path: Path) -> list[str]:
                 continue
             try:
                 obj = json.loads(line.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON line: {e}") from e
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # deep nesting recurses
+                raise ValueError(f"{path}:{lineno}: invalid JSON line: {e!r}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise ValueError(f"{path}:{lineno}: expected an object with a string field 'text'")
             if obj["text"].strip():

@@ -9,7 +9,10 @@
 4. ``--resume`` refuses a changed source model, batch size or offq version, and resumes otherwise;
 5. Hadamard sizes are checked before any pass;
 6. the activation clip shrinks the range about its midpoint, and the C kernel agrees with the grid;
-7. tensor names live in offq/model/arch.py only, and its GGUF <-> HF maps round-trip.
+7. tensor names live in offq/model/arch.py only, and its GGUF <-> HF maps round-trip;
+8. untrusted files: a pipe given as a model (or beside one) is refused without blocking, a
+   spoiled resume state or deeply nested calibration JSON is a ValueError naming the file, and
+   an offq checkpoint's config errors name its config.json.
 """
 from __future__ import annotations
 
@@ -516,3 +519,83 @@ def test_tensor_names_are_spelled_only_in_arch():
                     where.setdefault((rel, frag), []).append(line)
     extra = {k: (v, where[k]) for k, v in found.items() if v > ALLOWED.get(k, 0)}
     assert not extra, f"tensor names outside offq/model/arch.py (file, fragment): (count, lines) {extra}"
+
+
+# ============================================================================ 8. untrusted files
+def _hf_dir(path: Path) -> Path:
+    """A tiny Llama as an HF directory (config.json, model.safetensors, a word-level
+    tokenizer.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    ckpt = tiny_checkpoint(1)
+    path.mkdir()
+    save_safetensors(path / "model.safetensors", dict(ckpt.tensors))
+    (path / "config.json").write_text(json.dumps(ckpt.config.to_hf()))
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def _finishes(fn, seconds: float = 20.0):
+    """fn()'s result, or a failure when it blocks (it runs in a daemon thread: a read of a pipe
+    with no writer never returns)."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the test below
+            box["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{fn} blocked for {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "model"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file or a directory"):
+        _finishes(lambda: offq.open_checkpoint(str(fifo)))
+    hf = _hf_dir(tmp_path / "hf")
+    os.mkfifo(hf / "extra.json")  # a pipe beside the model files: source_id must skip it
+    with offq.open_checkpoint(str(hf)) as ckpt:
+        assert len(_finishes(ckpt.source_id)) == 64
+
+
+@pytest.mark.parametrize("content,match", [("[]", "expected a JSON object, got list"),
+                                           ("{bad", "not valid JSON")])
+def test_a_spoiled_resume_state_names_its_file(content, match, tmp_path, monkeypatch):
+    ckpt = with_source_id(tiny_checkpoint(5, layers=3))
+    calib = calibration(ckpt, 4, 16)
+    out = tmp_path / "cut"
+    _partial_run(ckpt, RESUME_CFG, calib, out, monkeypatch)
+    (out / ".offq-partial" / "state.json").write_text(content)
+    with pytest.raises(ValueError, match=rf"state.json: {match}.*rerun without --resume"):
+        pipeline.quantize(ckpt, RESUME_CFG, calib, out_dir=out, resume=True, batch_size=2)
+
+
+def test_deeply_nested_calibration_json_is_a_value_error(tmp_path):
+    from offq.data import _read_jsonl
+
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "fine"}\n' + "[" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl:2: invalid JSON line"):
+        _read_jsonl(path)
+
+
+def test_offq_checkpoint_config_errors_name_the_file(rtn_checkpoint, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(rtn_checkpoint[0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["hidden_size"] = 0
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"bad/config.json: .*hidden_size"):
+        load_quantized(bad)

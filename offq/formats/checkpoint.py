@@ -94,9 +94,12 @@ def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, An
     if version != FORMAT_VERSION:
         raise ValueError(f"{cfg_path}: offq format_version {version!r} is not supported "
                          f"(this offq reads version {FORMAT_VERSION})")
-    qcfg = QuantConfig.from_dict(block.get("quant_config", {}))
-    hf = {k: v for k, v in raw.items() if k != "offq"}
-    return ModelConfig.from_hf(hf), qcfg, block
+    try:
+        qcfg = QuantConfig.from_dict(block.get("quant_config", {}))
+        model_config = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "offq"})
+    except (ValueError, TypeError) as exc:  # the field's own message, with the file
+        raise ValueError(f"{cfg_path}: {exc}") from None
+    return model_config, qcfg, block
 
 
 def is_offq_checkpoint(path: str | os.PathLike) -> bool:

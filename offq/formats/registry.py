@@ -151,7 +151,8 @@ class Checkpoint:
         shapes identify them.)"""
         h = hashlib.sha256()
         files = [self.path] if self.path.is_file() else sorted(
-            p for p in self.path.iterdir() if p.suffix in (".safetensors", ".json", ".gguf")) \
+            p for p in self.path.iterdir()  # regular files only: a pipe would block the read
+            if p.suffix in (".safetensors", ".json", ".gguf") and p.is_file()) \
             if self.path.is_dir() else []
         for p in files:
             h.update(f"{p.name}:{p.stat().st_size};".encode())
@@ -263,6 +264,8 @@ def open_checkpoint(path_or_name: str | os.PathLike, *, validate: bool = True) -
     if path.is_dir():
         from .safetensors import open_hf_dir
         ckpt = open_hf_dir(path, name=name)
+    elif not path.is_file():  # a pipe or a device: reading it could block forever
+        raise ValueError(f"{path}: not a regular file or a directory")
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         from .gguf import open_gguf
         ckpt = open_gguf(path, name=name)
