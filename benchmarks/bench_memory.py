@@ -53,11 +53,12 @@ def write_checkpoint(directory: Path, cfg: dict, seed: int = 0) -> int:
     """Write config.json, tokenizer.json and model.safetensors; returns the weights' bytes."""
     import tokenizers
 
+    from offq.formats.files import atomic_write_json
     from offq.formats.safetensors import SafetensorsWriter
     from offq.model.config import ModelConfig
 
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    atomic_write_json(directory / "config.json", cfg)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     vocab.update({f"w{i}": i + 3 for i in range(253)})
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))

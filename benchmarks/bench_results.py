@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offq.config import QuantConfig  # noqa: E402
+from offq.formats.files import atomic_write_text  # noqa: E402
 
 #: row name -> QuantConfig overrides (W4A4KV4 unless the row says otherwise)
 ROWS: dict[str, dict] = {
@@ -212,7 +213,7 @@ def main() -> int:
         if args.plot:
             activation_plot(ckpt, calib, QuantConfig(method="offq"), args.plot_layer, args.plot)
     text = f"{protocol}\n\n{header}\n" + "\n".join(lines) + "\n"
-    args.out.write_text(text)
+    atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
     if args.chart:
         perplexity_chart(text, args.chart)

@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offq.config import QuantConfig  # noqa: E402
+from offq.formats.files import atomic_write_text  # noqa: E402
 
 #: the issue's table: FP; RTN, GPTQ, GPTQ + OSAQ at each bits/group (asymmetric grids)
 TABLE = ["fp"] + [f"{m}-w{b}-{g}-asym" for b, g in (
@@ -157,8 +158,10 @@ def main() -> int:
                                                      for r in reps])),
                     mean_tail_dim=float(np.mean([r["tail_dim"] for r in reps])))
             print(json.dumps(rec), flush=True)
-            with args.jsonl.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+            # the record appended by rewriting the file atomically: a crash mid-write cannot
+            # leave a half line that spoils the records before it
+            before = args.jsonl.read_text() if args.jsonl.is_file() else ""
+            atomic_write_text(args.jsonl, before + json.dumps(rec) + "\n")
             del model, res
     return 0
 
