@@ -130,6 +130,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         if (not isinstance(shape, list)
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
             raise ValueError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        # what NumPy can build: at most 32 axes (its limit is 64), each below 2^62 (an empty
+        # tensor of shape [0, 2^70] has a consistent byte count of 0 but no array)
+        if len(shape) > 32 or any(d >= 1 << 62 for d in shape):
+            raise ValueError(f"{where}: shape {shape!r} has more than 32 axes or an axis of "
+                             "2^62 or more")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
             raise ValueError(f"{where}: data_offsets must be [begin, end] integers, got {offsets!r}")
