@@ -129,6 +129,13 @@ def test_unsupported_architectures_named_with_supported_list(cfg, match):
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
                        "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}},
      "low_freq_factor 4.0 must be below high_freq_factor 1.0"),
+    # JSON of the wrong kind, named by its key (not a wrong value read silently)
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings: expected true or false, got 'false'"),
+    ({"attention_bias": "yes"}, "attention_bias: expected true or false"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures: expected a list of class names"),
+    ({"pretraining_tp": "x"}, "pretraining_tp: expected an integer"),
+    ({"model_type": "mistral", "sliding_window": "abc"}, "sliding_window: expected an integer"),
+    ({"model_type": "mistral", "sliding_window": -5}, "sliding_window: expected a positive integer"),
 ])
 def test_invalid_configs(change, match):
     with pytest.raises(ValueError, match=match):

@@ -181,6 +181,8 @@ class ModelConfig:
     def _from_hf(cls, cfg: Mapping[str, Any], add_bos: bool | None) -> "ModelConfig":
         model_type = cfg.get("model_type")
         classes = cfg.get("architectures") or []
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ValueError(f"architectures: expected a list of class names, got {classes!r}")
         if model_type is None and classes:
             model_type = SUPPORTED_HF_CLASSES.get(classes[0])
             if model_type is None:
@@ -202,7 +204,7 @@ class ModelConfig:
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if act != "silu":
             raise ValueError(f"hidden_act: offq implements SwiGLU with 'silu', got {act!r}")
-        if int(cfg.get("pretraining_tp", 1) or 1) != 1:
+        if _as_int("pretraining_tp", cfg.get("pretraining_tp", 1) or 1) != 1:
             logger.info("pretraining_tp=%s ignored (it only changes torch's summation order)",
                         cfg.get("pretraining_tp"))
 
@@ -227,10 +229,10 @@ class ModelConfig:
         if arch == "qwen2":
             attention_bias = True
         else:
-            attention_bias = bool(cfg.get("attention_bias", False))
+            attention_bias = _as_bool("attention_bias", cfg.get("attention_bias", False))
 
         if add_bos is None:
-            add_bos = bool(cfg.get("offq_add_bos", False))
+            add_bos = _as_bool("offq_add_bos", cfg.get("offq_add_bos", False))
 
         return cls(
             architecture=arch,
@@ -245,9 +247,10 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_as_bool("tie_word_embeddings",
+                                         cfg.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)) if arch == "llama" else False,
+            mlp_bias=_as_bool("mlp_bias", cfg.get("mlp_bias", False)) if arch == "llama" else False,
             bos_token_id=_first_id(cfg.get("bos_token_id")),
             eos_token_id=_first_id(cfg.get("eos_token_id")),
             add_bos=bool(add_bos),
@@ -301,6 +304,16 @@ def _as_int(name: str, value: Any) -> int:
             or (isinstance(value, float) and not math.isfinite(value)) or value != int(value):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     return int(value)
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    """A JSON boolean (``true``/``false``, or 0/1); not the string ``"false"``, which Python's
+    ``bool`` would read as true."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name}: expected true or false, got {value!r}")
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -383,4 +396,7 @@ def _sliding_window(cfg: Mapping[str, Any], model_type: str) -> int | None:
                 return None
         elif not cfg.get("use_sliding_window", False):
             return None
-    return int(window)
+    window = _as_int("sliding_window", window)
+    if window < 1:
+        raise ValueError(f"sliding_window: expected a positive integer or null, got {window}")
+    return window
