@@ -591,11 +591,33 @@ def test_deeply_nested_calibration_json_is_a_value_error(tmp_path):
         _read_jsonl(path)
 
 
-def test_offq_checkpoint_config_errors_name_the_file(rtn_checkpoint, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(rtn_checkpoint[0], bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["hidden_size"] = 0
-    (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"bad/config.json: .*hidden_size"):
+def _edited_config(src: Path, dst: Path, edit) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def _set_key(key, value):
+    def edit(cfg):
+        cfg[key] = value
+    return edit
+
+
+def _set_quant(key, value):
+    def edit(cfg):
+        cfg["offq"]["quant_config"][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_set_key("hidden_size", 0), "hidden_size"),
+    # the weights were stored for RTN: no online R3/R4 may be applied to them
+    (_set_quant("method", "quarot"), "its online transforms .* are not those its quant_config"),
+    (_set_quant("kv_group_size", 7), "kv_group_size"),
+])
+def test_offq_checkpoint_config_errors_name_the_file(rtn_checkpoint, tmp_path, edit, match):
+    bad = _edited_config(rtn_checkpoint[0], tmp_path / "bad", edit)
+    with pytest.raises(ValueError, match=rf"bad/config.json: .*{match}"):
         load_quantized(bad)

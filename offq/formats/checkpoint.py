@@ -28,7 +28,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..config import QuantConfig
+from ..config import OFF, QuantConfig
 from ..model.arch import architecture_of
 from . import safetensors as _st
 from .safetensors import DTYPES, write_safetensors
@@ -97,8 +97,17 @@ def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, An
     try:
         qcfg = QuantConfig.from_dict(block.get("quant_config", {}))
         model_config = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "offq"})
+        if qcfg.kv_bits != OFF:  # a group that does not divide head_dim fails here, not later
+            qcfg.kv_group(model_config.head_dim)
     except (ValueError, TypeError) as exc:  # the field's own message, with the file
         raise ValueError(f"{cfg_path}: {exc}") from None
+    # the online transforms the weights were rotated for must be those the QuantConfig implies:
+    # an edited method (say rtn -> quarot) would apply R3/R4 to weights never rotated
+    implied = offq_block(qcfg, model_config, {})["online"]
+    if block.get("online") != implied:
+        raise ValueError(f"{cfg_path}: its online transforms {block.get('online')!r} are not "
+                         f"those its quant_config implies ({implied!r}); the file was edited or "
+                         "is corrupt")
     return model_config, qcfg, block
 
 
