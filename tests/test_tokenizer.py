@@ -5,6 +5,7 @@ import importlib.util
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,3 +241,113 @@ def test_very_long_sentencepiece_piece_gets_no_merges_and_loads_fast(tmp_path, c
     assert time.perf_counter() - start < 5
     assert f"1 SentencePiece pieces longer than {MAX_MERGED_PIECE}" in caplog.text
     assert tok.decode(tok.encode("Hello world")) == "Hello world"
+
+
+# ---------------------------------------------------------------------- untrusted tokenizer.json
+_BACKTRACKING = "((\\w+\\s?)+)+\\d\\d\\d\\d\\d\\d\\d\\d"  # Onig gives up (a Rust panic) on "ab ab ..."
+
+
+def _tiny_tok_dir(directory: Path, **spec_changes: Any) -> Path:
+    """A HF directory with a tiny BPE tokenizer.json, its top-level keys replaced by
+    ``spec_changes``; no tokenizer_config.json, so loading probes the tokenizer for BOS."""
+    from tokenizers import Tokenizer as HF, models, pre_tokenizers
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4, "ab ab ab ab ab ab ab ab ab ab": 5}
+    tok = HF(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.json").write_text(json.dumps({**json.loads(tok.to_str()),
+                                                          **spec_changes}))
+    (directory / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    return directory
+
+
+def test_padding_and_truncation_blocks_are_dropped(tmp_path):
+    """A padding block padded every encode (Fixed 2**40 aborted the process in Rust's allocator)
+    and a truncation block silently cut eval / calibration text: offq does neither."""
+    padding = {"strategy": {"Fixed": 1000}, "direction": "Left", "pad_to_multiple_of": None,
+               "pad_id": 0, "pad_type_id": 0, "pad_token": "<s>"}
+    truncation = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    d = _tiny_tok_dir(tmp_path / "hf", padding=padding, truncation=truncation)
+    t = Tokenizer.from_hf_dir(d)
+    assert not t.adds_bos                      # the probe saw "a", not 999 pads (= BOS) + "a"
+    assert t.encode("ab " * 20) == [4] * 20
+    assert t.encode_batch(["ab " * 20]) == [[4] * 20]
+    t.save(tmp_path / "saved")                 # what goes into an offq checkpoint
+    saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None
+
+
+def test_in_memory_backend_with_truncation_is_copied_not_changed(tmp_path):
+    from tokenizers import Tokenizer as HF
+
+    backend = HF.from_file(str(_tiny_tok_dir(tmp_path) / "tokenizer.json"))
+    backend.enable_truncation(4)
+    t = Tokenizer(backend, bos_id=0, eos_id=1)
+    assert t.encode("ab " * 20) == [4] * 20
+    assert backend.truncation is not None     # the caller's object keeps its settings
+    t.backend.enable_padding(length=7)         # set after construction: still not saved
+    t.save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "tokenizer.json").read_text())["padding"] is None
+
+
+_BAD_TOKENIZERS = {
+    # at load: from_file panics
+    "precompiled": dict(normalizer={"type": "Precompiled", "precompiled_charsmap": "AAAA"}),
+    # at load: the BOS probe encode("a") panics (index out of bounds)
+    "replace_empty": dict(normalizer={"type": "Replace", "pattern": {"String": ""},
+                                      "content": "xx"},
+                          pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False,
+                                         "trim_offsets": True, "use_regex": True}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_BAD_TOKENIZERS))
+def test_tokenizers_panic_at_load_is_a_value_error(tmp_path, kind):
+    d = _tiny_tok_dir(tmp_path, **_BAD_TOKENIZERS[kind])
+    with pytest.raises(ValueError, match=r"tokenizer\.json: ") as info:
+        Tokenizer.from_hf_dir(d)
+    assert "PanicException" in str(info.value)
+
+
+def test_tokenizers_failures_on_text_are_value_errors(tmp_path):
+    """A Rust panic (a BaseException) or a plain Exception from tokenizers while encoding or
+    decoding becomes a ValueError naming the file and saying the tokenizer failed."""
+    regex = _tiny_tok_dir(tmp_path / "regex", pre_tokenizer={"type": "Split", "pattern": {
+        "Regex": _BACKTRACKING}, "behavior": "Isolated", "invert": False})
+    t = Tokenizer.from_hf_dir(regex)
+    f = str(regex / "tokenizer.json")
+    with pytest.raises(ValueError, match=f"{f}: the tokenizer failed on the input text.*Panic"):
+        t.encode("ab " * 10)
+    with pytest.raises(ValueError, match=f"{f}: the tokenizer failed on the input text.*Panic"):
+        t.encode_batch(["ab", "ab " * 10])
+    # a plain Exception: a WordPiece model without its [UNK] token
+    wp = _tiny_tok_dir(tmp_path / "wp", model={"type": "WordPiece", "vocab": {"<s>": 0, "</s>": 1},
+                                               "unk_token": "[UNK]",
+                                               "continuing_subword_prefix": "##",
+                                               "max_input_chars_per_word": 100})
+    with pytest.raises(ValueError, match="tokenizer.json: the tokenizer failed on the input text"
+                                         ".*Missing \\[UNK\\]"):
+        Tokenizer.from_hf_dir(wp).encode("zz")
+    dec = _tiny_tok_dir(tmp_path / "dec", decoder={"type": "Replace", "pattern": {
+        "Regex": _BACKTRACKING}, "content": "x"})
+    with pytest.raises(ValueError, match="tokenizer.json: the tokenizer failed to decode 2 ids"):
+        Tokenizer.from_hf_dir(dec).decode([5, 2])
+
+
+def test_cli_eval_with_a_panicking_tokenizer_is_a_clean_error(tmp_path, capsys):
+    from test_eval import tiny_model, write_tiny_hf_dir
+
+    from offq.cli import main
+
+    write_tiny_hf_dir(tmp_path / "tiny", tiny_model())
+    spec = json.loads((tmp_path / "tiny" / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": _BACKTRACKING},
+                             "behavior": "Isolated", "invert": False}
+    (tmp_path / "tiny" / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "text.txt").write_text("w3 w4 " * 40, encoding="utf-8")
+    rc = main(["eval", str(tmp_path / "tiny"), "--dataset", str(tmp_path / "text.txt"),
+               "--seqlen", "16", "--max-windows", "1", "--quiet", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "offq eval: error: " in err and "tokenizer.json: the tokenizer failed on the input" in err

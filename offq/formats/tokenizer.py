@@ -9,7 +9,12 @@ Two sources:
 
 `encode` never adds special tokens by itself; ``add_bos=True`` prepends ``bos_id``. Whether a model
 *wants* a BOS (what its own tokenizer does when asked for special tokens) is `adds_bos`, which the
-loaders copy into ``ModelConfig.add_bos``.
+loaders copy into ``ModelConfig.add_bos``. offq never pads or truncates: a ``padding`` /
+``truncation`` block of a tokenizer.json is dropped.
+
+Tokenizer files are untrusted: every call into ``tokenizers`` goes through `_guarded`, which turns
+its errors (a plain ``Exception``, or a Rust panic, a ``BaseException``) into a ValueError naming
+the file.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import tokenizers
 
@@ -25,20 +30,51 @@ from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
+
+def _guarded(source: str, doing: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``fn(*args, **kwargs)``, a ``tokenizers`` call, with its failures as a ValueError
+    "``source``: ``doing``: ...". A malformed file makes ``tokenizers`` raise a plain Exception
+    or panic (pyo3's PanicException derives from BaseException, so ``except Exception`` misses
+    it); only the interpreter's own control-flow exceptions pass through."""
+    try:
+        return fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:
+        msg = str(e)
+        msg = msg if len(msg) <= 300 else msg[:300] + "..."  # a panic message may quote the input
+        raise ValueError(f"{source}: {doing}: {type(e).__name__}: {msg}") from e
+
+
+def _no_padding_or_truncation(backend: tokenizers.Tokenizer, source: str) -> tokenizers.Tokenizer:
+    """``backend`` without padding or truncation (a copy when it had either, so a caller's object
+    is left alone): a file's ``padding`` block would pad every encode (to 2**40 ids: an abort
+    in Rust's allocator) and a ``truncation`` block would silently cut eval / calibration text."""
+    if backend.padding is None and backend.truncation is None:
+        return backend
+    backend = _guarded(source, "copying the tokenizer", tokenizers.Tokenizer.from_str,
+                       backend.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
 
 class Tokenizer:
     """Text <-> token ids for one model.
 
     Args:
-        backend: the ``tokenizers.Tokenizer`` doing the work (no post-processor needed).
+        backend: the ``tokenizers.Tokenizer`` doing the work (no post-processor needed); its
+            padding / truncation, if any, are dropped (on a copy).
         bos_id, eos_id: special token ids (``None`` when the model has none).
         adds_bos: whether the model's reference tokenizer prepends BOS when encoding.
-        name: where it came from (for messages).
+        name: where it came from (the tokenizer file, for messages).
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None, eos_id: int | None,
                  adds_bos: bool = False, name: str = "") -> None:
-        self.backend = backend
+        self.backend = _no_padding_or_truncation(backend, name or "tokenizer")
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.adds_bos = bool(adds_bos)
@@ -61,7 +97,8 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text: expected str, got {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = _guarded(self.name, f"the tokenizer failed on the input text ({len(text)} characters)",
+                       self.backend.encode, text, add_special_tokens=False).ids
         if add_bos:
             if self.bos_id is None:
                 raise ValueError(f"{self.name}: add_bos=True but this tokenizer has no BOS token")
@@ -75,11 +112,14 @@ class Tokenizer:
         bad = [i for i in ids if not (0 <= i < n)]
         if bad:
             raise ValueError(f"ids: {bad[:5]} outside the vocabulary [0, {n})")
-        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return _guarded(self.name, f"the tokenizer failed to decode {len(ids)} ids",
+                        self.backend.decode, ids, skip_special_tokens=skip_special_tokens)
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False) -> list[list[int]]:
         """`encode` over many texts (parallel inside ``tokenizers``)."""
-        encs = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        texts = list(texts)
+        encs = _guarded(self.name, f"the tokenizer failed on the input text ({len(texts)} texts)",
+                        self.backend.encode_batch, texts, add_special_tokens=False)
         prefix = [self.bos_id] if add_bos else []
         if add_bos and self.bos_id is None:
             raise ValueError(f"{self.name}: add_bos=True but this tokenizer has no BOS token")
@@ -104,7 +144,9 @@ class Tokenizer:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "tokenizer.json", self.backend.to_str())
+        # never a padding / truncation block into a checkpoint, even if set on .backend since
+        atomic_write_text(directory / "tokenizer.json",
+                          _no_padding_or_truncation(self.backend, self.name).to_str())
         cfg: dict[str, Any] = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.id_to_token(self.bos_id) if self.bos_id is not None else None,
@@ -128,10 +170,11 @@ class Tokenizer:
         if not tok_file.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (offq reads the fast-tokenizer "
                                     "file; convert a sentencepiece model with transformers first)")
-        try:
-            backend = tokenizers.Tokenizer.from_file(str(tok_file))
-        except Exception as e:  # tokenizers raises its own Exception type on malformed JSON
-            raise ValueError(f"{tok_file}: not a valid tokenizers file: {e}") from e
+        backend = _guarded(str(tok_file), "not a valid tokenizers file",
+                           tokenizers.Tokenizer.from_file, str(tok_file))
+        # offq never pads or truncates (before the probe below, which a padding block would blow up)
+        backend.no_padding()
+        backend.no_truncation()
         tcfg = _read_json_if_exists(path / "tokenizer_config.json")
         mcfg = _read_json_if_exists(path / "config.json")
 
@@ -156,9 +199,10 @@ class Tokenizer:
         if "add_bos_token" in tcfg and tcfg["add_bos_token"] is not None:
             adds_bos = bool(tcfg["add_bos_token"]) and bos is not None
         else:
-            probe = backend.encode("a", add_special_tokens=True).ids
+            probe = _guarded(str(tok_file), "the tokenizer failed on the input text 'a'",
+                             backend.encode, "a", add_special_tokens=True).ids
             adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
-        return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(path))
+        return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(tok_file))
 
 
 def _read_json_if_exists(path: Path) -> dict:
