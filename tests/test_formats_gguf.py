@@ -12,9 +12,12 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from offq.formats import open_checkpoint  # noqa: E402
+from offq.formats import gguf_bounds, open_checkpoint  # noqa: E402
 from offq.formats.gguf import (  # noqa: E402
     _llama3_divisors, gguf_name, hf_name, permute_qk_rows, unpermute_qk_rows,
+)
+from offq.formats.gguf_bounds import (  # noqa: E402
+    MAX_METADATA_VALUES, MAX_TENSORS, check_metadata_bounds,
 )
 from offq.model.config import ModelConfig  # noqa: E402
 
@@ -393,6 +396,72 @@ def test_metadata_lengths_past_the_end_of_the_file_are_refused(tmp_path, blob, m
     with pytest.raises(ValueError, match=f"hostile.gguf: .*({match})"):
         open_checkpoint(p)
     assert time.perf_counter() - start < 5  # refused from the header, not after a long parse
+
+
+def _be_kv(key: str, kind: int, payload: bytes) -> bytes:
+    return struct.pack(">Q", len(key)) + key.encode() + struct.pack(">I", kind) + payload
+
+
+def test_big_endian_files_are_refused(tmp_path):
+    """A byte-swapped version makes the gguf reader read every length big-endian; the bounds
+    check reads little-endian, so it must refuse such files rather than pass them on."""
+    arch = _be_kv("general.architecture", 8, struct.pack(">Q", 5) + b"llama")
+    (tmp_path / "be.gguf").write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + arch)
+    with pytest.raises(ValueError, match="be.gguf: big-endian GGUF file"):
+        open_checkpoint(tmp_path / "be.gguf")
+    # what the reader alone would take: an array of 2^62 uint8 (only the check runs here)
+    huge = _be_kv("a", 9, struct.pack(">IQ", 0, 2**62))
+    (tmp_path / "be_huge.gguf").write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + huge)
+    with pytest.raises(ValueError, match="be_huge.gguf: big-endian GGUF file"):
+        check_metadata_bounds(tmp_path / "be_huge.gguf")
+
+
+@pytest.mark.parametrize("version", [0, 1, 4, 99, 0x00020003, 0x01000000])
+def test_unsupported_versions_are_refused(tmp_path, version):
+    p = tmp_path / "v.gguf"
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", version, 0, 0) + b"\0" * 8)
+    with pytest.raises(ValueError, match=f"v.gguf: unsupported GGUF version {version} "):
+        open_checkpoint(p)
+
+
+def test_metadata_and_tensor_budgets(tmp_path, monkeypatch):
+    """In-bounds counts still cost the reader ~1 KB per metadata value and ~5 KB per tensor:
+    both are refused above their budgets, from the header alone."""
+    p = tmp_path / "many.gguf"
+    n = MAX_METADATA_VALUES  # plus the key: one over
+    p.write_bytes(_gguf_header(_kv("a", 9, struct.pack("<IQ", 0, n) + b"\0" * n)))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"many.gguf: .*more than {MAX_METADATA_VALUES} values"):
+        check_metadata_bounds(p)
+    assert time.perf_counter() - start < 2
+    name = lambda i: struct.pack("<Q", 8) + b"t%07d" % i  # noqa: E731
+    infos = b"".join(name(i) + struct.pack("<IQIQ", 1, 0, 0, 0) for i in range(MAX_TENSORS + 1))
+    p.write_bytes(_gguf_header(tensors=MAX_TENSORS + 1) + infos)
+    with pytest.raises(ValueError, match=f"many.gguf: tensor count {MAX_TENSORS + 1} exceeds "
+                                         f"the budget of {MAX_TENSORS}"):
+        check_metadata_bounds(p)
+    # string elements count too; a small budget shows open_checkpoint applies it
+    monkeypatch.setattr(gguf_bounds, "MAX_METADATA_VALUES", 100)
+    strings = struct.pack("<IQ", 8, 100) + struct.pack("<Q", 1) * 100 + b"x" * 100
+    p.write_bytes(_gguf_header(_kv("a", 9, strings)))
+    with pytest.raises(ValueError, match="many.gguf: metadata value 0: .*more than 100 values"):
+        open_checkpoint(p)
+
+
+def test_tensor_offset_that_wraps_is_refused(tmp_path):
+    """The reader adds a tensor's offset to the data start as uint64: 2^64 - 1 wraps to one byte
+    before the data, which no start < 0 check sees."""
+    _write_tiny_gguf(tmp_path / "t.gguf", _tiny_config("llama", layers=1))
+    data = bytearray((tmp_path / "t.gguf").read_bytes())
+    first = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
+    at = first.field.offset + sum(int(part.nbytes) for part in first.field.parts[:5])
+    assert struct.unpack_from("<Q", data, at)[0] == 0  # the first tensor's data offset
+    for offset in (2**64 - 1, 2**63, len(data)):
+        struct.pack_into("<Q", data, at, offset)
+        (tmp_path / "off.gguf").write_bytes(bytes(data))
+        with pytest.raises(ValueError, match=f"off.gguf: tensor '{first.name}' data .* lies "
+                                             "outside the file"):
+            open_checkpoint(tmp_path / "off.gguf")
 
 
 def test_default_models_vocabulary_length_corrupted_is_refused(tmp_path):

@@ -351,3 +351,63 @@ def test_cli_eval_with_a_panicking_tokenizer_is_a_clean_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "offq eval: error: " in err and "tokenizer.json: the tokenizer failed on the input" in err
+
+
+def test_sentencepiece_vocabulary_implying_too_many_merges_is_refused(tmp_path):
+    """Pieces c, cc, .., c*64 of many characters make every cut a merge rule (~31 per token,
+    ~300 bytes of Python each: an 18 MB file aborted inside tokenizers); real vocabularies imply
+    ~1.5 per token, under the budget of MAX_SENTENCEPIECE_MERGES_PER_TOKEN."""
+    from offq.formats.gguf import MAX_SENTENCEPIECE_MERGES_PER_TOKEN
+
+    tokens, types, scores = _sentencepiece_vocab()
+    runs = [chr(0x100 + c) * k for c in range(20) for k in range(1, 65)]
+    tokens, types, scores = tokens + runs, types + [1] * len(runs), scores + [0.0] * len(runs)
+    _write_tokenizer_gguf(tmp_path / "runs.gguf", "llama", "llama", tokens, types, scores=scores)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="runs.gguf: SentencePiece vocabulary implies more than "
+                                         f"{MAX_SENTENCEPIECE_MERGES_PER_TOKEN * len(tokens)} "
+                                         "merge rules"):
+        build_gguf_tokenizer(tmp_path / "runs.gguf")
+    assert time.perf_counter() - start < 5
+
+
+_ASCII = [chr(c) for c in range(33, 127)]
+
+
+@pytest.mark.parametrize("merge, missing", [("a b", "ab"), ("a zz", "zz"), ("zz a", "zz")])
+def test_byte_level_merge_outside_the_vocabulary_is_refused(tmp_path, merge, missing):
+    """tokenizers' BPE panics (pyo3's PanicException, a BaseException that passes every
+    `except Exception`) when a merge's result is not a token."""
+    _write_tokenizer_gguf(tmp_path / "m.gguf", "llama", "gpt2", _ASCII, [1] * len(_ASCII),
+                          merges=[merge], pre="gpt2")
+    with pytest.raises(ValueError, match=f"m.gguf: merge '{merge}': '{missing}' is not in the "
+                                         "vocabulary"):
+        build_gguf_tokenizer(tmp_path / "m.gguf")
+
+
+def test_tokenizers_panic_becomes_value_error(tmp_path, monkeypatch):
+    """Any Rust panic while rebuilding the tokenizer becomes a ValueError naming the file;
+    KeyboardInterrupt still stops the program."""
+    import offq.formats.gguf as offq_gguf
+
+    class PanicException(BaseException):  # pyo3's has this name and base, but no import path
+        pass
+
+    tokens = _ASCII + ["ab"]
+    _write_tokenizer_gguf(tmp_path / "ok.gguf", "llama", "gpt2", tokens, [1] * len(tokens),
+                          merges=["a b"], pre="gpt2")
+    assert build_gguf_tokenizer(tmp_path / "ok.gguf").encode("ab") == [len(_ASCII)]
+
+    def panic(*args, **kwargs):
+        raise PanicException("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(offq_gguf, "_byte_level_bpe", panic)
+    with pytest.raises(ValueError, match="ok.gguf: malformed GGUF metadata \\(PanicException"):
+        build_gguf_tokenizer(tmp_path / "ok.gguf")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(offq_gguf, "_byte_level_bpe", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        build_gguf_tokenizer(tmp_path / "ok.gguf")

@@ -44,6 +44,12 @@ logger = logging.getLogger(__name__)
 #: ~45 min for 4 MB by extrapolation.
 MAX_MERGED_PIECE = 256
 
+#: Most merge rules per vocabulary token a SentencePiece vocabulary may imply (every cut of a
+#: piece into two pieces is one). A 32,000-piece BPE vocabulary trained on 28 MB of Python source
+#: implies 1.4 per token; pieces c, cc, .., c*64 of many characters imply ~31, each a ~300-byte
+#: Python tuple (an 18 MB file aborted inside tokenizers).
+MAX_SENTENCEPIECE_MERGES_PER_TOKEN = 8
+
 #: GGUF ``general.architecture`` values offq reads -> ModelConfig.architecture.
 SUPPORTED_GGUF_ARCHS = {a.gguf_arch: a.name for a in ARCHITECTURES.values()}
 
@@ -103,7 +109,8 @@ def open_reader(path: str | os.PathLike):
 def _malformed_as_value_error(fn):
     """Turn anything but ValueError/FileNotFoundError raised while interpreting a (possibly hostile)
     file's metadata -- TypeError from a wrongly typed key, the tokenizers library's plain Exception
-    for an inconsistent vocabulary, ... -- into a ValueError naming the file."""
+    for an inconsistent vocabulary, its Rust panics (pyo3's PanicException, a BaseException that
+    cannot be imported by name), ... -- into a ValueError naming the file."""
     @functools.wraps(fn)
     def wrapper(reader_or_path, *args, **kwargs):
         where = (_reader_path(reader_or_path) if hasattr(reader_or_path, "fields")
@@ -116,7 +123,9 @@ def _malformed_as_value_error(fn):
             if str(where) in str(e):
                 raise
             raise ValueError(f"{where}: {e}") from e
-        except Exception as e:  # noqa: BLE001 - re-raised as ValueError with the cause attached
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - re-raised as ValueError with the cause attached
             raise ValueError(f"{where}: malformed GGUF metadata ({type(e).__name__}: {e})") from e
     return wrapper
 
@@ -499,6 +508,10 @@ def _byte_level_bpe(reader, path: Path, vocab: dict[str, int]):
         parts = m.split(" ")
         if len(parts) != 2:
             raise ValueError(f"{path}: malformed merge {m!r} (expected 'left right')")
+        # tokenizers panics (a BaseException) when a merge's result is not a token
+        for part in (parts[0], parts[1], parts[0] + parts[1]):
+            if part not in vocab:
+                raise ValueError(f"{path}: merge {m!r}: {part!r} is not in the vocabulary")
         merge_pairs.append((parts[0], parts[1]))
     pre_name = _field(reader, "tokenizer.ggml.pre", "default")
     pre_tok, ignore_merges = _pre_tokenizer(pre_name, path)
@@ -520,6 +533,7 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
                          "per token")
     normal = int(gguf.TokenType.NORMAL)
     ranked = []
+    max_merges = MAX_SENTENCEPIECE_MERGES_PER_TOKEN * len(tokens)
     too_long = 0
     for piece, pid in vocab.items():
         if types[pid] != normal or len(piece) < 2:
@@ -532,6 +546,10 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
             lid, rid = vocab.get(left), vocab.get(right)
             if lid is not None and rid is not None:
                 ranked.append((-float(scores[pid]), pid, lid, rid, left, right))
+        if len(ranked) > max_merges:  # stop before the list outgrows memory
+            raise ValueError(f"{path}: SentencePiece vocabulary implies more than {max_merges} "
+                             f"merge rules ({MAX_SENTENCEPIECE_MERGES_PER_TOKEN} per token, the "
+                             f"budget; real vocabularies imply ~1.5): hostile or corrupted file")
     if too_long:
         logger.warning("%s: %d SentencePiece pieces longer than %d characters get no merge rule "
                        "(they stay in the vocabulary)", path, too_long, MAX_MERGED_PIECE)
