@@ -19,10 +19,13 @@
 #define CHUNK 256 /* k per 16-bit accumulation chunk */
 
 /* AVX2: one panel, rows r0..r0+3 (MR_AVX2) x 16 columns, 16-bit accumulation within chunks of
- * 256 k: 8 accumulators + 2 weight vectors + 1 broadcast fit the 16 ymm registers. */
+ * 256 k: 8 accumulators + 2 weight vectors + 1 broadcast fit the 16 ymm registers. `one_chunk`
+ * (a constant: two copies are compiled) is for blocks of at most CHUNK k, the usual groups of 64
+ * or 128: the widened sums are then the block's, with no 32-bit running total to add to and keep
+ * (spilled) across the inner loop; at 64 k a block that saves ~8% of the product. */
 #define MR_AVX2 4
-__attribute__((target("avx2,fma"))) static void panel_avx2(const offq_mm_tile_args *u, int panel,
-                                                           int r0, float *restrict ct)
+__attribute__((target("avx2,fma"), always_inline)) static inline void
+panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, const int one_chunk)
 {
     const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *restrict wp = u->wp[panel];
@@ -61,14 +64,11 @@ __attribute__((target("avx2,fma"))) static void panel_avx2(const offq_mm_tile_ar
             }
             /* vpmaddubsw summed the pairs (k0,k1),(k2,k3) of a column into adjacent 16-bit
              * lanes; vpmaddwd with ones adds them: lane j of d_r,h is column 8h + j. */
-            d00 = _mm256_add_epi32(d00, _mm256_madd_epi16(s00, ones));
-            d01 = _mm256_add_epi32(d01, _mm256_madd_epi16(s01, ones));
-            d10 = _mm256_add_epi32(d10, _mm256_madd_epi16(s10, ones));
-            d11 = _mm256_add_epi32(d11, _mm256_madd_epi16(s11, ones));
-            d20 = _mm256_add_epi32(d20, _mm256_madd_epi16(s20, ones));
-            d21 = _mm256_add_epi32(d21, _mm256_madd_epi16(s21, ones));
-            d30 = _mm256_add_epi32(d30, _mm256_madd_epi16(s30, ones));
-            d31 = _mm256_add_epi32(d31, _mm256_madd_epi16(s31, ones));
+#define OFFQ_WIDEN(d, s)                                                                         \
+    d = one_chunk ? _mm256_madd_epi16(s, ones) : _mm256_add_epi32(d, _mm256_madd_epi16(s, ones));
+            OFFQ_WIDEN(d00, s00) OFFQ_WIDEN(d01, s01) OFFQ_WIDEN(d10, s10) OFFQ_WIDEN(d11, s11)
+            OFFQ_WIDEN(d20, s20) OFFQ_WIDEN(d21, s21) OFFQ_WIDEN(d30, s30) OFFQ_WIDEN(d31, s31)
+#undef OFFQ_WIDEN
         }
         const __m256 wz0 = _mm256_loadu_ps(u->wz[panel] + b * NRP);
         const __m256 wz1 = _mm256_loadu_ps(u->wz[panel] + b * NRP + 8);
@@ -94,6 +94,28 @@ __attribute__((target("avx2,fma"))) static void panel_avx2(const offq_mm_tile_ar
     }
         OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
 #undef OFFQ_EPI
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void panel_avx2_one_chunk(const offq_mm_tile_args *u,
+                                                                     int panel, int r0, float *ct)
+{
+    panel_avx2_t(u, panel, r0, ct, 1);
+}
+
+__attribute__((target("avx2,fma"))) static void panel_avx2_chunks(const offq_mm_tile_args *u,
+                                                                  int panel, int r0, float *ct)
+{
+    panel_avx2_t(u, panel, r0, ct, 0);
+}
+
+__attribute__((target("avx2,fma"))) static void panel_avx2(const offq_mm_tile_args *u, int panel,
+                                                           int r0, float *ct)
+{
+    if (u->bp <= CHUNK) {
+        panel_avx2_one_chunk(u, panel, r0, ct);
+    } else {
+        panel_avx2_chunks(u, panel, r0, ct);
     }
 }
 
