@@ -18,6 +18,7 @@ layer's input sites (float64).
     python benchmarks/bench_quantize_scaling.py                                   # SmolLM2-135M
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --calib-samples 16
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --keep runs/qwen-offq
+    python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --hold-freed-memory
 """
 from __future__ import annotations
 
@@ -53,6 +54,10 @@ def child(args: argparse.Namespace) -> None:
     from offq.model import Model
 
     set_num_threads(args.threads)
+    if args.hold_freed_memory:  # before anything large is allocated, in both children alike
+        from offq.process import hold_freed_memory
+        if not hold_freed_memory():
+            raise SystemExit("--hold-freed-memory: not applied (the C library is not glibc)")
     with PeakMemory() as pm:
         ckpt = offq.load(args.model)
         calib = calibration_ids(ckpt, args.calib_samples, args.calib_seqlen)
@@ -104,6 +109,9 @@ def main() -> int:
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="write the quantized checkpoint to DIR (kept: `offq eval DIR` scores "
                          "it) instead of a temporary directory")
+    ap.add_argument("--hold-freed-memory", action="store_true",
+                    help="both children keep freed memory (offq quantize --hold-freed-memory): "
+                         "no page faults for reused temporaries, a higher peak")
     ap.add_argument("--stage", choices=("forward", "quantize"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
@@ -113,7 +121,8 @@ def main() -> int:
 
     print(f"# {args.model}, {args.method}, calibration {args.calib_samples} x "
           f"{args.calib_seqlen} (batch {args.batch_size}); {describe_machine()}, "
-          f"{args.threads} threads", flush=True)
+          f"{args.threads} threads"
+          + (", freed memory held (both children)" if args.hold_freed_memory else ""), flush=True)
     res = {}
     for stage in ("forward", "quantize"):
         cmd = [sys.executable, __file__, "--stage", stage] + sys.argv[1:]
