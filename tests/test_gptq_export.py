@@ -232,3 +232,14 @@ def test_a_failed_re_export_leaves_no_config_beside_new_weights(tiny, tmp_path, 
         export_gptq(src, out)
     assert not (out / "config.json").exists()
     assert not gptq_export.is_gptq_export(out)
+
+
+def test_an_exporter_s_rotary_inv_freq_buffer_is_ignored(export_dir, tmp_path):
+    """Older GPTQ exporters saved each layer's rotary inv_freq; offq computes it from config.json
+    and reads such a checkpoint (any other unknown tensor is refused, above)."""
+    from offq.eval import load_model
+
+    out = _spoiled(export_dir, tmp_path, _set("model.layers.0.self_attn.rotary_emb.inv_freq",
+                                               np.ones(8, np.float32)))
+    model, _ = load_model(str(out), mode="fake")
+    assert model.num_layers == 2

@@ -302,7 +302,8 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
                 tensors[arch.bias(i, lin)] = np.asarray(stored[prefix + ".bias"], np.float32)
                 used.add(prefix + ".bias")
     for name, a in stored.items():
-        if name not in used:
+        # rotary inv_freq buffers (older exporters saved them) are recomputed from config.json
+        if name not in used and not name.endswith(".rotary_emb.inv_freq"):
             tensors[name] = np.asarray(a, np.float32)
     # what offq's own checkpoints must satisfy: every tensor present with its shape, none
     # unknown, scales and zero-points finite (a layer count below the stored one, a missing
