@@ -153,6 +153,8 @@ GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
     # a consistent byte count (0) but no array NumPy can build: refused with the tensor's name
     ({"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"", None, "axis of 2\\^62"),
     ({"a": {"dtype": "F32", "shape": [1] * 40, "data_offsets": [0, 4]}}, b"\0" * 4, None, "more than 32 axes"),
+    ({"__metadata__": [], **GOOD}, b"\0" * 16, None, "__metadata__ must map"),
+    ({"__metadata__": 0, **GOOD}, b"\0" * 16, None, "__metadata__ must map"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
     ({"a": "oops"}, b"", None, "object"),
@@ -357,3 +359,21 @@ def test_deeply_nested_json_is_a_value_error_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
         read_config(hf)
     assert not is_gptq_export(hf)
+
+
+def test_a_header_of_too_many_tensors_is_refused_before_parsing(tmp_path, monkeypatch):
+    """Zero-size entries fit the 100 MB header cap by the million (2.3 GB of parsed objects); the
+    number of objects is bounded first (the outer object and __metadata__ aside). Patched down to
+    50 here: 50 entries read, 53 are refused."""
+    from offq.formats import safetensors as st
+
+    monkeypatch.setattr(st, "MAX_TENSORS", 50)
+    for count, ok in ((50, True), (53, False)):
+        header = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                  for i in range(count)}
+        path = _raw_file(tmp_path / f"many{count}.safetensors", header)
+        if ok:
+            assert len(st.read_header(path)[0]) == count
+        else:
+            with pytest.raises(ValueError, match="more than 50 objects"):
+                st.read_header(path)

@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 #: Upper bound on the JSON header (the reference implementation uses the same 100 MB limit).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Tensors in one file, counted as the header's JSON objects before it is parsed: an entry costs
+#: ~1 KB of Python objects, and the 100 MB header cap alone admits ~2M zero-size entries (2.3 GB,
+#: 27 s to parse); real checkpoints hold a few thousand.
+MAX_TENSORS = 100_000
 
 #: safetensors dtype -> numpy dtype (little-endian). BF16 is read as raw uint16 and widened.
 DTYPES: dict[str, np.dtype] = {
@@ -104,6 +108,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             raise ValueError(f"{path}: header length {n} runs past the end of the file "
                              f"({size} bytes): truncated file")
         blob = f.read(n)
+    # every tensor entry is a JSON object: bound their number before parsing builds them
+    if blob.count(b"{") > MAX_TENSORS + 2:
+        raise ValueError(f"{path}: the header holds more than {MAX_TENSORS} objects; offq reads "
+                         f"at most {MAX_TENSORS} tensors a file (real checkpoints: a few thousand)")
     try:
         text = blob.decode("utf-8")
         header = json.loads(text, object_pairs_hook=_no_duplicate_keys)
@@ -112,7 +120,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header must be a JSON object, got {type(header).__name__}")
 
-    meta = header.pop("__metadata__", None) or {}
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else meta  # absent or null; [] or 0 is no string map
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                              for k, v in meta.items()):
         raise ValueError(f"{path}: __metadata__ must map strings to strings")
