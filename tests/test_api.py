@@ -10,6 +10,8 @@ import json
 
 import numpy as np
 import pytest
+import tokenizers
+import tokenizers.processors
 
 import offq
 from offq.formats.checkpoint import CONFIG_FILE, MODEL_FILE, load_safetensors
@@ -133,3 +135,21 @@ def test_load_rejects_what_it_cannot_open(tmp_path, smollm2_tensors, hf_smollm2)
         offq.save(out, tmp_path / "again")
     with pytest.raises(TypeError, match="QuantizeResult|offq.quantize"):
         offq.save({}, tmp_path / "x")
+
+
+def test_an_in_memory_tokenizer_with_padding_is_probed_unpadded(smollm2_checkpoint) -> None:
+    """A backend with left padding set (as a transformers pipeline may leave it): the BOS probe
+    used to see the pad token first; offq's copy drops padding, the caller's object keeps it."""
+    from offq.formats.memory import _tokenizer
+
+    backend = tokenizers.Tokenizer.from_str(smollm2_checkpoint.tokenizer.backend.to_str())
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])  # prepends BOS (id 1)
+
+    class HFLike:  # what offq reads of a transformers fast tokenizer
+        backend_tokenizer, bos_token_id, eos_token_id, name_or_path = backend, 1, 2, "hf-like"
+    backend.enable_padding(direction="left", pad_id=0, pad_token="<|endoftext|>", length=8)
+    tok = _tokenizer(HFLike())
+    assert tok.adds_bos and tok.bos_id == 1
+    assert tok.encode("Hello, world!") == smollm2_checkpoint.tokenizer.encode("Hello, world!")
+    assert backend.padding is not None  # the caller's tokenizer is left as it was

@@ -119,7 +119,7 @@ def _config_dict(config: Any) -> dict:
 def _tokenizer(tokenizer: Any) -> Any:
     """offq's Tokenizer from one, a ``tokenizers.Tokenizer``, a transformers fast tokenizer, or
     a path (a directory with tokenizer.json, or the file); None stays None."""
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, _guarded
 
     if tokenizer is None or isinstance(tokenizer, Tokenizer):
         return tokenizer
@@ -138,10 +138,14 @@ def _tokenizer(tokenizer: Any) -> Any:
         return int(tid) if isinstance(tid, int) else None
 
     bos, eos = special("bos_token_id"), special("eos_token_id")
-    probe = backend.encode("a", add_special_tokens=True).ids
-    adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
-    return Tokenizer(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos,
-                     name=getattr(tokenizer, "name_or_path", "") or "in-memory")
+    # the Tokenizer drops the backend's padding/truncation (on a copy) before the BOS probe: a
+    # padded probe would start with a pad token, not BOS
+    tok = Tokenizer(backend, bos_id=bos, eos_id=eos,
+                    name=getattr(tokenizer, "name_or_path", "") or "in-memory")
+    probe = _guarded(tok.name, "the tokenizer failed on the input text 'a'", tok.backend.encode,
+                     "a", add_special_tokens=True).ids
+    tok.adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+    return tok
 
 
 def from_state_dict(config: Any, state_dict: Mapping[str, Any], *, tokenizer: Any = None,
