@@ -31,6 +31,7 @@ import numpy as np
 from ..config import OFF, QuantConfig
 from ..model.arch import architecture_of
 from . import safetensors as _st
+from .files import read_json_object
 from .safetensors import DTYPES, write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -69,9 +70,15 @@ def offq_block(cfg: QuantConfig, model_config: Any, rotations: Mapping[str, Any]
             "quant_config": cfg.to_dict(), "rotations": dict(rotations),
             "calibration": None if calibration is None else dict(calibration),
             "reports": dict(reports or {}),
-            "online": {"r3_head_dim": model_config.head_dim if cfg.rotates and cfg.r3 else None,
-                       "r4_size": model_config.intermediate_size if cfg.rotates and cfg.r4 else None},
+            "online": online_transforms(cfg, model_config),
             "norms_fused": True}
+
+
+def online_transforms(cfg: QuantConfig, model_config: Any) -> dict[str, int | None]:
+    """The online transforms the runtime applies to weights rotated under ``cfg``: R3's head
+    dimension and R4's size (None where absent), as the ``offq`` block stores them."""
+    return {"r3_head_dim": model_config.head_dim if cfg.rotates and cfg.r3 else None,
+            "r4_size": model_config.intermediate_size if cfg.rotates and cfg.r4 else None}
 
 
 def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, Any]]:
@@ -82,11 +89,8 @@ def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, An
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not an offq checkpoint directory")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ValueError(f"{cfg_path}: not valid JSON ({exc!r})") from None
-    block = raw.get("offq") if isinstance(raw, dict) else None
+    raw = read_json_object(cfg_path)
+    block = raw.get("offq")
     if not isinstance(block, dict):
         raise ValueError(f"{cfg_path}: no 'offq' block; this is not an offq checkpoint "
                          "(quantize it with `offq quantize`)")
@@ -103,7 +107,7 @@ def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, An
         raise ValueError(f"{cfg_path}: {exc}") from None
     # the online transforms the weights were rotated for must be those the QuantConfig implies:
     # an edited method (say rtn -> quarot) would apply R3/R4 to weights never rotated
-    implied = offq_block(qcfg, model_config, {})["online"]
+    implied = online_transforms(qcfg, model_config)
     if block.get("online") != implied:
         raise ValueError(f"{cfg_path}: its online transforms {block.get('online')!r} are not "
                          f"those its quant_config implies ({implied!r}); the file was edited or "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 __all__ = ["atomic_copy", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "check_output_dir", "fsync_dir"]
+           "check_output_dir", "fsync_dir", "read_json_object"]
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -81,3 +81,17 @@ def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | Non
     if out.is_dir() and any(out.iterdir()) and not reusable(out):
         raise ValueError(f"out_dir: {out_dir} exists, is not empty and holds something else; "
                          "choose a new or empty directory")
+
+
+def read_json_object(path: str | os.PathLike, hint: str = "") -> dict[str, Any]:
+    """The JSON object in the file ``path`` (an untrusted file): ValueError naming it when it is
+    unreadable, not UTF-8 JSON (nesting past the recursion limit included) or not an object;
+    ``hint`` ends the message (what to do about it)."""
+    end = f"; {hint}" if hint else ""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e!r}){end}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}{end}")
+    return data

@@ -26,7 +26,7 @@ import numpy as np
 from ..config import QuantConfig
 from ..formats.checkpoint import (CONFIG_FILE, MODEL_FILE, PARTIAL_DIR, load_safetensors,
                                   offq_block, save_safetensors)
-from ..formats.files import atomic_write_json, fsync_dir
+from ..formats.files import atomic_write_json, fsync_dir, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -70,18 +70,8 @@ def fingerprint(ckpt: Any, cfg: QuantConfig, calibration: dict[str, Any] | None,
             "batch_size": int(batch_size), "offq_version": __version__}
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path`` (a file of an unfinished run, which a crash or a person may
-    have spoiled); ValueError naming the file otherwise."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e!r}); rerun without --resume to start "
-                         "over") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}; rerun "
-                         "without --resume to start over")
-    return data
+#: how to get past a spoiled file of an unfinished run
+_RESUME_HINT = "rerun without --resume to start over"
 
 
 class CheckpointStore:
@@ -98,7 +88,7 @@ class CheckpointStore:
         state = self.partial / "state.json"
         fp = json.loads(json.dumps(run_fingerprint))  # normalised as stored
         if resume and state.is_file():
-            old = _read_json_object(state)
+            old = read_json_object(state, _RESUME_HINT)
             if old != fp:
                 diff = sorted(k for k in set(fp) | set(old) if old.get(k) != fp.get(k))
                 raise ValueError(f"resume: {self.partial} was started with a different "
@@ -131,7 +121,7 @@ class CheckpointStore:
     def load_rotations(self) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
         if self.dir is None:
             return self.mem["rot"]
-        meta = _read_json_object(self.partial / "rotations.json")
+        meta = read_json_object(self.partial / "rotations.json", _RESUME_HINT)
         arrays, _ = load_safetensors(self.partial / "rotations.safetensors")
         return (np.array(arrays["r1"]) if "r1" in arrays else None,
                 np.array(arrays["r2"]) if "r2" in arrays else None, meta)
