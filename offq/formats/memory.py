@@ -119,7 +119,7 @@ def _config_dict(config: Any) -> dict:
 def _tokenizer(tokenizer: Any) -> Any:
     """offq's Tokenizer from one, a ``tokenizers.Tokenizer``, a transformers fast tokenizer, or
     a path (a directory with tokenizer.json, or the file); None stays None."""
-    from .tokenizer import Tokenizer, _guarded
+    from .tokenizer import Tokenizer, puts_bos_first
 
     if tokenizer is None or isinstance(tokenizer, Tokenizer):
         return tokenizer
@@ -142,9 +142,7 @@ def _tokenizer(tokenizer: Any) -> Any:
     # padded probe would start with a pad token, not BOS
     tok = Tokenizer(backend, bos_id=bos, eos_id=eos,
                     name=getattr(tokenizer, "name_or_path", "") or "in-memory")
-    probe = _guarded(tok.name, "the tokenizer failed on the input text 'a'", tok.backend.encode,
-                     "a", add_special_tokens=True).ids
-    tok.adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+    tok.adds_bos = puts_bos_first(tok.backend, bos, tok.name)
     return tok
 
 

@@ -199,10 +199,19 @@ class Tokenizer:
         if "add_bos_token" in tcfg and tcfg["add_bos_token"] is not None:
             adds_bos = bool(tcfg["add_bos_token"]) and bos is not None
         else:
-            probe = _guarded(str(tok_file), "the tokenizer failed on the input text 'a'",
-                             backend.encode, "a", add_special_tokens=True).ids
-            adds_bos = bos is not None and len(probe) > 0 and probe[0] == bos
+            adds_bos = puts_bos_first(backend, bos, str(tok_file))
         return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(tok_file))
+
+
+def puts_bos_first(backend: tokenizers.Tokenizer, bos_id: int | None, source: str) -> bool:
+    """Whether ``backend`` (without padding: a padded probe starts with a pad token) puts
+    ``bos_id`` first when it encodes with its special tokens: what ``Tokenizer.adds_bos`` records
+    when no setting says so."""
+    if bos_id is None:
+        return False
+    probe = _guarded(source, "the tokenizer failed on the input text 'a'", backend.encode, "a",
+                     add_special_tokens=True).ids
+    return len(probe) > 0 and probe[0] == bos_id
 
 
 def _read_json_if_exists(path: Path) -> dict:
