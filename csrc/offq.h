@@ -265,6 +265,28 @@ offq_status offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double to
 offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add,
                                            const int64_t *perm, const double *diag, double *u);
 
+/* The MSE clip search of the weight grids (clip_search.c): for each row of x[rows][g] (finite),
+ * the clip ratio 1 - i / grid, i in 0..top, searched every 5th then the 8 neighbours of the best,
+ * whose grid gives the least squared round-trip error; scale[rows], zero[rows] receive that grid
+ * (offq.quant.grid's float32 arithmetic, errors summed in float64). bits 2..8, grid >= 1,
+ * 0 <= top. Threads: offq's (OpenMP). */
+void offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int symmetric,
+                          int grid, int top, float *scale, float *zero);
+
+/* GPTQ's per-column step (gptq.c) for the columns first..end-1 of a lazy-update sub-block that
+ * ends at sub_end, in the block that starts at block_start (block_start <= first <= end <= sub_end
+ * <= k). wt[k][n] is the transposed weight in GPTQ's column order, u[k][k] the upper Cholesky
+ * factor of the damped inverse Hessian (u[i][i] > 0), err[sub_end - block_start][n] the block's
+ * scaled errors, codes[k][n] the output codes; column i is on the grid scale/zero[n][groups] at
+ * column column_group[i]. For each column i: codes[i] = the grid codes of (float)wt[i],
+ * err[i - block_start] = (wt[i] - dequantized) / u[i][i], and wt[t] -= u[i][t] * err[..] for
+ * i < t < sub_end. NumPy's arithmetic exactly (float32 grid, float64 error). The caller checks
+ * every index and that scale is finite and > 0 where read. Threads: offq's (OpenMP). */
+void offq_gptq_columns(double *wt, int64_t n, double *err, const double *u, int64_t k,
+                       uint8_t *codes, const float *scale, const float *zero, int64_t groups,
+                       const int64_t *column_group, int64_t block_start, int64_t first,
+                       int64_t end, int64_t sub_end, int bits);
+
 /* The `count` smallest eigenpairs of the symmetric h[k, k] (only its upper triangle is read),
  * 1 <= count <= k <= 46000: values[count] ascending, vectors[count, k] row-major, one unit
  * eigenvector per row (a tridiagonal reduction, then only the wanted pairs, as LAPACK dsyevr does

@@ -13,6 +13,8 @@
  */
 #include "bind_util.h"
 
+#include <math.h>
+
 #include <string.h>
 
 /* bits: an int in {2, 3, 4, 8}. */
@@ -494,7 +496,71 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
     return (PyObject *)out;
 }
 
+/* mse_clip_search(x, bits, symmetric, grid, top) -> (scale, zero) float32 of shape x.shape[:-1]:
+ * see offq.kernels.mse_clip_search. */
+static PyObject *py_mse_clip_search(PyObject *self, PyObject *args)
+{
+    PyObject *x_obj, *bits_obj, *sym_obj, *grid_obj, *top_obj;
+    long long bits, grid, top;
+    if (!PyArg_ParseTuple(args, "OOOOO:mse_clip_search", &x_obj, &bits_obj, &sym_obj, &grid_obj,
+                          &top_obj) ||
+        offq_py_int(bits_obj, "bits", &bits) < 0 || offq_py_int(grid_obj, "grid", &grid) < 0 ||
+        offq_py_int(top_obj, "top", &top) < 0) {
+        return NULL;
+    }
+    if (!PyBool_Check(sym_obj)) {
+        PyErr_Format(PyExc_TypeError, "symmetric: expected a bool, got %s",
+                     Py_TYPE(sym_obj)->tp_name);
+        return NULL;
+    }
+    if (bits < 2 || bits > 8) {
+        PyErr_Format(PyExc_ValueError, "bits: expected 2 to 8, got %lld", bits);
+        return NULL;
+    }
+    if (grid < 1 || grid > 1000000) {
+        PyErr_Format(PyExc_ValueError, "grid: expected 1 to 1000000, got %lld", grid);
+        return NULL;
+    }
+    if (top < 0 || top >= grid) {
+        PyErr_Format(PyExc_ValueError, "top: expected 0 <= top < grid = %lld, got %lld", grid, top);
+        return NULL;
+    }
+    PyArrayObject *x = offq_check_array(x_obj, "x", NPY_FLOAT32, 1, -1);
+    if (x == NULL) {
+        return NULL;
+    }
+    const int nd = PyArray_NDIM(x);
+    const int64_t g = (int64_t)PyArray_DIM(x, nd - 1), rows = offq_leading_rows(x);
+    if (g < 1) {
+        PyErr_SetString(PyExc_ValueError, "x: expected a last axis of length >= 1, got 0");
+        return NULL;
+    }
+    const float *xd = (const float *)PyArray_DATA(x);
+    for (int64_t i = 0; i < rows * g; i++) {
+        if (!isfinite(xd[i])) {
+            PyErr_Format(PyExc_ValueError, "x: contains NaN or Inf (row %lld)",
+                         (long long)(i / g));
+            return NULL;
+        }
+    }
+    PyArrayObject *scale = (PyArrayObject *)PyArray_SimpleNew(nd - 1, PyArray_DIMS(x), NPY_FLOAT32);
+    PyArrayObject *zero = (PyArrayObject *)PyArray_SimpleNew(nd - 1, PyArray_DIMS(x), NPY_FLOAT32);
+    if (scale == NULL || zero == NULL) {
+        Py_XDECREF(scale);
+        Py_XDECREF(zero);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    offq_mse_clip_search(xd, rows, g, (int)bits, sym_obj == Py_True, (int)grid, (int)top,
+                         (float *)PyArray_DATA(scale), (float *)PyArray_DATA(zero));
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(NN)", scale, zero);
+}
+
 PyMethodDef offq_quant_methods[] = {
+    {"mse_clip_search", (PyCFunction)py_mse_clip_search, METH_VARARGS,
+     "mse_clip_search(x, bits, symmetric, grid, top) -> (scale, zero): the MSE clip search of "
+     "the weight grids (see offq.kernels.mse_clip_search)."},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_VARARGS | METH_KEYWORDS,
      "quantize(x, bits=4, group_size=128, symmetric=False, clip=1.0) -> (codes, scale, zero, "
      "code_sums)\n\nGroup-wise quantization of float32 x [..., K] in offq's format (offq.h)."},

@@ -2,9 +2,9 @@
  *
  * Module init (fills the dispatch table once), the thread / dispatch controls, and the shared
  * argument converters and status -> exception mapping of bind_util.h. The kernels' bindings live in
- * bind_hadamard.c, bind_quant.c, bind_cov.c, bind_linalg.c, bind_decoder.c, bind_matmul_i8.c,
- * bind_matmul_wq.c, each exporting a method table added here. Every binding parses, validates,
- * releases the GIL and calls the C core.
+ * bind_hadamard.c, bind_quant.c, bind_cov.c, bind_linalg.c, bind_gptq.c, bind_decoder.c,
+ * bind_matmul_i8.c, bind_matmul_wq.c, each exporting a method table added here. Every binding
+ * parses, validates, releases the GIL and calls the C core.
  */
 #define OFFQ_MODULE_MAIN
 #include "bind_util.h"
@@ -95,6 +95,7 @@ extern PyMethodDef offq_cov_methods[];
 extern PyMethodDef offq_decoder_methods[];
 extern PyMethodDef offq_matmul_i8_methods[];
 extern PyMethodDef offq_linalg_methods[];
+extern PyMethodDef offq_gptq_methods[];
 extern PyMethodDef offq_matmul_wq_methods[];
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
@@ -149,6 +150,7 @@ static int module_exec(PyObject *m)
         PyModule_AddFunctions(m, offq_decoder_methods) < 0 ||
         PyModule_AddFunctions(m, offq_matmul_i8_methods) < 0 ||
         PyModule_AddFunctions(m, offq_linalg_methods) < 0 ||
+        PyModule_AddFunctions(m, offq_gptq_methods) < 0 ||
         PyModule_AddFunctions(m, offq_matmul_wq_methods) < 0) {
         return -1;
     }

@@ -2,17 +2,18 @@
 
 Everything a method or the runtime needs: Walsh-Hadamard transforms (:mod:`.hadamard`), covariance
 accumulation and top eigenpairs (:mod:`.cov`), the upper Cholesky factor of an inverse for GPTQ
-(:mod:`.linalg`), group-wise quantization and the W4A4 matmul (:mod:`.quant`), and the single
+(:mod:`.linalg`) and GPTQ's per-column step (:mod:`.gptq`), group-wise quantization and the W4A4 matmul (:mod:`.quant`), and the single
 thread setting (:mod:`.threads`). Imported from their modules: the int8-weight matmul
 (:mod:`.matmul_i8`), the float32 x packed 2/3/4-bit weight matmul of weight-only models
 (:mod:`.matmul_wq`) and the fused decoder step (:mod:`.decoder`).
 """
 from .cov import cov_update, top_eigenpairs
+from .gptq import gptq_columns
 from .hadamard import SUPPORTED_ORDERS, fwht, hadamard_factor, hadamard_matrix, is_supported
 from .linalg import (TailFactor, smallest_eigenpairs, tail_eigenpairs, tail_subspace,
                      upper_cholesky_of_inverse)
-from .quant import (SUPPORTED_BITS, QTensor, dequantize, matmul_w4a4, pack_codes, pack_w4_decode,
-                    quantize, unpack_codes)
+from .quant import (SUPPORTED_BITS, QTensor, dequantize, matmul_w4a4, mse_clip_search, pack_codes,
+                    pack_w4_decode, quantize, unpack_codes)
 from .threads import get_num_threads, set_num_threads, threads
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "tail_subspace",
     "TailFactor",
     "upper_cholesky_of_inverse",
+    "gptq_columns",
     "set_num_threads",
     "get_num_threads",
     "threads",
@@ -35,6 +37,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "matmul_w4a4",
+    "mse_clip_search",
     "pack_w4_decode",
     "pack_codes",
     "unpack_codes",

@@ -40,7 +40,8 @@ import numpy as np
 
 from .. import _C
 
-__all__ = ["QTensor", "quantize", "dequantize", "matmul_w4a4", "pack_w4_decode", "pack_codes",
+__all__ = ["QTensor", "quantize", "dequantize", "matmul_w4a4", "mse_clip_search",
+           "pack_w4_decode", "pack_codes",
            "unpack_codes", "SUPPORTED_BITS"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -171,6 +172,17 @@ def pack_codes(codes: np.ndarray, *, bits: int, group_size: int = -1
 def unpack_codes(packed: np.ndarray, *, bits: int, k: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: uint8 ``[..., k]``, one code per byte."""
     return _C.unpack_codes(packed, bits, k)
+
+
+def mse_clip_search(x: np.ndarray, *, bits: int, symmetric: bool, grid: int,
+                    top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row grid of ``x`` (float32 ``[..., g]``, finite, C-contiguous) with the clip ratio
+    ``1 - i / grid`` (``i`` in ``0..top``) that minimises the squared round-trip error of the row:
+    every 5th ratio first, then the 8 neighbours of the best (``csrc/clip_search.c``; the search
+    of :func:`offq.quant.grid.mse_clip_search`). Returns float32 ``(scale, zero)`` of shape
+    ``x.shape[:-1]``. ``bits`` 2..8, ``0 <= top < grid``. TypeError / ValueError name the
+    argument (NaN or Inf in ``x`` included)."""
+    return _C.mse_clip_search(x, bits, symmetric, grid, top)
 
 
 def quantize(x: np.ndarray, *, bits: int = 4, group_size: int = 128, symmetric: bool = False,

@@ -131,49 +131,16 @@ def mse_clip_search(x: np.ndarray, bits: int, symmetric: bool, *, grid: int = CL
     ``1 - i / grid`` for ``i = 0 .. max_shrink * grid``, searched coarse to fine: every 5th
     candidate first, then the 8 neighbours of each row's best coarse ratio (25 evaluations instead
     of 81 for the defaults). The ratio 1.0 (plain min/max) is always a candidate, so the result is
-    never worse than no clipping.
+    never worse than no clipping. In C (:func:`offq.kernels.mse_clip_search`: each row's 25
+    round trips in cache, rows over offq's threads), with this module's float32 grid
+    arithmetic; ``tests/test_clip_search.py`` holds the NumPy search it replaced.
     """
     check_bits(bits)
-    x = np.asarray(x, dtype=np.float32)
-    top = int(max_shrink * grid)
-    lead = x.shape[:-1]
-    best_i = np.zeros(lead, dtype=np.int64)
-    best_err = np.full(lead, np.inf)
-    rng = _row_range(x, symmetric)  # once: every candidate's grid derives from it
-    buf = np.empty_like(x)
-
-    def consider(i: np.ndarray) -> None:
-        nonlocal best_i, best_err
-        i = np.broadcast_to(np.clip(i, 0, top), lead)
-        scale, zero = _params_of_range(rng, bits, symmetric, (1.0 - i / grid).astype(np.float32))
-        err = _row_error(x, scale, zero, bits, buf)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_i = np.where(better, i, best_i)
-
-    step = 5
-    for i in range(0, top + 1, step):
-        consider(np.asarray(i))
-    coarse = best_i.copy()
-    for delta in range(-step + 1, step):
-        if delta:
-            consider(coarse + delta)
-    return _params_of_range(rng, bits, symmetric, (1.0 - best_i / grid).astype(np.float32))
-
-
-def _row_error(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int,
-               buf: np.ndarray) -> np.ndarray:
-    """Squared round-trip error of each row on the grid (scale, zero) [...] (``buf``: scratch
-    of x's shape)."""
-    s, z = scale[..., None], zero[..., None]
-    q = np.divide(x, s, out=buf)
-    np.rint(q, out=q)
-    q += z
-    np.clip(q, 0, 2 ** bits - 1, out=q)
-    q -= z
-    q *= s
-    q -= x
-    return np.einsum("...i,...i->...", q, q, dtype=np.float64)
+    if not (0.0 <= max_shrink < 1.0):
+        raise ValueError(f"max_shrink: expected 0 <= max_shrink < 1, got {max_shrink}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return kernels.mse_clip_search(x, bits=int(bits), symmetric=bool(symmetric), grid=int(grid),
+                                   top=int(max_shrink * grid))
 
 
 def group_params(w: np.ndarray, bits: int, group_size: int, symmetric: bool,

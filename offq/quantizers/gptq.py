@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ..quant.grid import check_bits, dequantize_codes, group_params, quantize_codes, resolve_group
+from ..kernels.gptq import gptq_columns
+from ..quant.grid import check_bits, group_params, resolve_group
 from ..quant.weight import QuantizedWeight
 from .base import WeightQuantizer
 from .cd import coordinate_descent
@@ -213,7 +214,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     if per_channel or static_groups:
         scale[:], zero[:] = group_params(W.astype(np.float32), bits, g, symmetric, clip_search)
 
-    perm, u = factor.perm, factor.u
+    perm, u = factor.perm, np.ascontiguousarray(factor.u, dtype=np.float64)
     # Work on the transpose: row i of wt is column perm[i] of W, so every per-column step reads
     # and writes contiguous memory.
     wt = np.ascontiguousarray(W[:, perm].T)
@@ -222,29 +223,30 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     # sub-block of _SUB columns each column updates only the rest of its sub-block; a finished
     # sub-block updates the rest of its block with one product; a finished block updates all
     # later columns with one product.
+    dynamic = not (per_channel or static_groups)  # then perm is the identity
+    column_group = np.ascontiguousarray(perm // g, dtype=np.int64)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         err = np.zeros((i2 - i1, n_out), dtype=np.float64)
         for j1 in range(i1, i2, _SUB):
             j2 = min(j1 + _SUB, i2)
-            for i in range(j1, j2):
-                col = perm[i]
-                grp = col // g
-                if not (per_channel or static_groups) and col % g == 0:
-                    # dynamic group (perm is the identity here): current weights of columns
-                    # col..col+g, including the updates still pending for them
-                    cur = _pending_view(wt, err, u, i, i1, i2, j1, j2, g)
-                    s, z = group_params(np.ascontiguousarray(cur.T, dtype=np.float32), bits, g,
-                                        symmetric, clip_search)
-                    scale[:, grp], zero[:, grp] = s[:, 0], z[:, 0]
-                x = wt[i].astype(np.float32)
-                q = quantize_codes(x, scale[:, grp], zero[:, grp], bits)
-                qx = dequantize_codes(q, scale[:, grp], zero[:, grp])
-                codes_t[i] = q
-                e = (wt[i] - qx) / u[i, i]
-                err[i - i1] = e
-                if i + 1 < j2:
-                    wt[i + 1:j2] -= u[i, i + 1:j2, None] * e
+            i = j1
+            while i < j2:
+                end = j2
+                if dynamic:
+                    if i % g == 0:
+                        # a dynamic group starts: current weights of columns i..i+g, including
+                        # the updates still pending for them
+                        cur = _pending_view(wt, err, u, i, i1, i2, j1, j2, g)
+                        s, z = group_params(np.ascontiguousarray(cur.T, dtype=np.float32), bits,
+                                            g, symmetric, clip_search)
+                        scale[:, i // g], zero[:, i // g] = s[:, 0], z[:, 0]
+                    end = min(j2, (i // g + 1) * g)
+                # the per-column step (quantize, error, update the sub-block) in C: NumPy's
+                # arithmetic, one call instead of a few per column
+                gptq_columns(wt, err, u, codes_t, scale, zero, column_group, block_start=i1,
+                             first=i, end=end, sub_end=j2, bits=bits)
+                i = end
             if j2 < i2:
                 wt[j2:i2] -= u[j1:j2, j2:i2].T @ err[j1 - i1:j2 - i1]
         if i2 < k:

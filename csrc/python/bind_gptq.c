@@ -1,0 +1,145 @@
+/* bind_gptq.c: Python binding of GPTQ's per-column step (validate once, release the GIL, call). */
+#include "bind_util.h"
+
+#include <limits.h>
+#include <math.h>
+
+/* A 2-D array argument with the given dtype and (when want_rows / want_cols >= 0) shape. */
+static PyArrayObject *matrix_arg(PyObject *obj, const char *name, int typenum, int writeable,
+                                 int64_t want_rows, int64_t want_cols)
+{
+    PyArrayObject *a = writeable ? offq_check_writeable(obj, name, typenum, 2, 2)
+                                 : offq_check_array(obj, name, typenum, 2, 2);
+    if (a == NULL) {
+        return NULL;
+    }
+    const int64_t rows = (int64_t)PyArray_DIM(a, 0), cols = (int64_t)PyArray_DIM(a, 1);
+    if ((want_rows >= 0 && rows != want_rows) || (want_cols >= 0 && cols != want_cols) ||
+        rows < 1 || cols < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected shape [%lld, %lld], got [%lld, %lld]", name,
+                     (long long)(want_rows >= 0 ? want_rows : rows),
+                     (long long)(want_cols >= 0 ? want_cols : cols), (long long)rows,
+                     (long long)cols);
+        return NULL;
+    }
+    return a;
+}
+
+/* gptq_columns(wt, err, u, codes, scale, zero, column_group, block_start, first, end, sub_end,
+ * bits): see offq.kernels.gptq_columns. */
+static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
+{
+    PyObject *o[7], *io[5];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO:gptq_columns", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &o[5], &o[6], &io[0], &io[1], &io[2], &io[3], &io[4])) {
+        return NULL;
+    }
+    static const char *index_names[4] = {"block_start", "first", "end", "sub_end"};
+    long long idx[4], bits;
+    for (int j = 0; j < 4; j++) {
+        if (offq_py_int(io[j], index_names[j], &idx[j]) < 0) {
+            return NULL;
+        }
+    }
+    if (offq_py_int(io[4], "bits", &bits) < 0) {
+        return NULL;
+    }
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
+        PyErr_Format(PyExc_ValueError, "bits: expected 2, 3, 4 or 8, got %lld", bits);
+        return NULL;
+    }
+    PyArrayObject *wt = matrix_arg(o[0], "wt", NPY_FLOAT64, 1, -1, -1);
+    if (wt == NULL) {
+        return NULL;
+    }
+    const int64_t k = (int64_t)PyArray_DIM(wt, 0), n = (int64_t)PyArray_DIM(wt, 1);
+    PyArrayObject *err = matrix_arg(o[1], "err", NPY_FLOAT64, 1, -1, n);
+    PyArrayObject *u = err == NULL ? NULL : matrix_arg(o[2], "u", NPY_FLOAT64, 0, k, k);
+    PyArrayObject *codes = u == NULL ? NULL : matrix_arg(o[3], "codes", NPY_UINT8, 1, k, n);
+    PyArrayObject *scale = codes == NULL ? NULL : matrix_arg(o[4], "scale", NPY_FLOAT32, 0, n, -1);
+    if (scale == NULL) {
+        return NULL;
+    }
+    const int64_t groups = (int64_t)PyArray_DIM(scale, 1);
+    PyArrayObject *zero = matrix_arg(o[5], "zero", NPY_FLOAT32, 0, n, groups);
+    PyArrayObject *column_group =
+        zero == NULL ? NULL : offq_check_array(o[6], "column_group", NPY_INT64, 1, 1);
+    if (column_group == NULL) {
+        return NULL;
+    }
+    if ((int64_t)PyArray_DIM(column_group, 0) != k) {
+        PyErr_Format(PyExc_ValueError, "column_group: expected length %lld (wt's rows), got %lld",
+                     (long long)k, (long long)PyArray_DIM(column_group, 0));
+        return NULL;
+    }
+    /* 0 <= block_start <= first <= end <= sub_end <= k, and err holds the block's rows */
+    const long long bound[5] = {0, idx[0], idx[1], idx[2], idx[3]};
+    for (int j = 0; j < 4; j++) {
+        const long long most = j == 3 ? (long long)k : LLONG_MAX;
+        if (idx[j] < bound[j] || idx[j] > most) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: expected 0 <= block_start <= first <= end <= sub_end <= %lld, got "
+                         "%lld, %lld, %lld, %lld",
+                         index_names[j], (long long)k, idx[0], idx[1], idx[2], idx[3]);
+            return NULL;
+        }
+    }
+    if (idx[3] - idx[0] > (long long)PyArray_DIM(err, 0)) {
+        PyErr_Format(PyExc_ValueError,
+                     "err: expected at least sub_end - block_start = %lld rows, got %lld",
+                     idx[3] - idx[0], (long long)PyArray_DIM(err, 0));
+        return NULL;
+    }
+    /* what the columns read: their group index, pivot and grid */
+    const int64_t *cg = (const int64_t *)PyArray_DATA(column_group);
+    const double *ud = (const double *)PyArray_DATA(u);
+    const float *sd = (const float *)PyArray_DATA(scale), *zd = (const float *)PyArray_DATA(zero);
+    for (long long i = idx[1]; i < idx[2]; i++) {
+        if (cg[i] < 0 || cg[i] >= groups) {
+            PyErr_Format(PyExc_ValueError, "column_group: entry %lld is %lld, outside [0, %lld)",
+                         i, (long long)cg[i], (long long)groups);
+            return NULL;
+        }
+        if (!(isfinite(ud[i * k + i]) && ud[i * k + i] > 0.0)) {
+            PyErr_Format(PyExc_ValueError, "u: diagonal entry %lld must be finite and > 0", i);
+            return NULL;
+        }
+        if (i > idx[1] && cg[i] == cg[i - 1]) {
+            continue; /* the same grid column as the previous one: checked */
+        }
+        for (int64_t r = 0; r < n; r++) {
+            const float s = sd[r * groups + cg[i]], z = zd[r * groups + cg[i]];
+            if (!(isfinite(s) && s > 0.0f)) {
+                PyErr_Format(PyExc_ValueError,
+                             "scale: entry [%lld, %lld] must be finite and > 0", (long long)r,
+                             (long long)cg[i]);
+                return NULL;
+            }
+            if (!isfinite(z)) {
+                PyErr_Format(PyExc_ValueError, "zero: entry [%lld, %lld] is not finite",
+                             (long long)r, (long long)cg[i]);
+                return NULL;
+            }
+        }
+    }
+    const offq_named_array inputs[] = {{u, "u"}, {scale, "scale"}, {zero, "zero"},
+                                       {column_group, "column_group"}, {wt, "wt"}, {err, "err"}};
+    if (offq_check_disjoint(wt, "wt", inputs, 4) < 0 ||
+        offq_check_disjoint(err, "err", inputs, 5) < 0 ||
+        offq_check_disjoint(codes, "codes", inputs, 6) < 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    offq_gptq_columns((double *)PyArray_DATA(wt), n, (double *)PyArray_DATA(err), ud, k,
+                      (uint8_t *)PyArray_DATA(codes), sd, zd, groups, cg, (int64_t)idx[0],
+                      (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], (int)bits);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyMethodDef offq_gptq_methods[] = {
+    {"gptq_columns", (PyCFunction)py_gptq_columns, METH_VARARGS,
+     "gptq_columns(wt, err, u, codes, scale, zero, column_group, block_start, first, end, "
+     "sub_end, bits): GPTQ's per-column step in place (see offq.kernels.gptq_columns)."},
+    {NULL, NULL, 0, NULL},
+};

@@ -1,0 +1,191 @@
+"""GPTQ's per-column step in C (offq.kernels.gptq_columns) against the NumPy step it replaced:
+bit for bit on random and adversarial inputs, and every argument validated in the binding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from offq.kernels import gptq_columns, threads
+from offq.quant.grid import dequantize_codes, quantize_codes
+
+
+def numpy_step(wt, err, u, codes, scale, zero, column_group, block_start, first, end, sub_end,
+               bits):
+    """The per-column loop of GPTQ's sub-block as NumPy ran it before the C step."""
+    for i in range(first, end):
+        grp = column_group[i]
+        x = wt[i].astype(np.float32)
+        q = quantize_codes(x, scale[:, grp], zero[:, grp], bits)
+        qx = dequantize_codes(q, scale[:, grp], zero[:, grp])
+        codes[i] = q
+        e = (wt[i] - qx) / u[i, i]
+        err[i - block_start] = e
+        if i + 1 < sub_end:
+            wt[i + 1:sub_end] -= u[i, i + 1:sub_end, None] * e
+
+
+def case(rng, k, n, groups, *, spread=1.0):
+    wt = rng.standard_normal((k, n)) * spread
+    a = rng.standard_normal((k, k))
+    u = np.triu(a) * 0.1
+    u[np.diag_indices(k)] = rng.uniform(0.2, 2.0, k)
+    scale = rng.uniform(0.05, 0.5, (n, groups)).astype(np.float32)
+    zero = np.rint(rng.uniform(-3, 18, (n, groups))).astype(np.float32)
+    column_group = rng.integers(0, groups, k).astype(np.int64)
+    return wt, u, scale, zero, column_group
+
+
+def run_both(wt, u, scale, zero, column_group, block_start, first, end, sub_end, bits):
+    k, n = wt.shape
+    out = []
+    for step in (numpy_step, None):
+        w = wt.copy()
+        err = np.zeros((sub_end - block_start + 1, n))
+        codes = np.zeros((k, n), np.uint8)
+        if step is None:
+            gptq_columns(w, err, u, codes, scale, zero, column_group, block_start=block_start,
+                         first=first, end=end, sub_end=sub_end, bits=bits)
+        else:
+            step(w, err, u, codes, scale, zero, column_group, block_start, first, end, sub_end,
+                 bits)
+        out.append((w, err, codes))
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1, 7, 300, 1537])  # one output, odd, one chunk, several threads
+def test_matches_numpy_bit_for_bit(bits, n):
+    rng = np.random.default_rng(bits * 1000 + n)
+    k = 40
+    wt, u, scale, zero, cg = case(rng, k, n, groups=5)
+    for nthreads in (1, 2):
+        with threads(nthreads):
+            (w0, e0, c0), (w1, e1, c1) = run_both(wt, u, scale, zero, cg, 8, 10, 21, 24, bits)
+        np.testing.assert_array_equal(c1, c0)
+        np.testing.assert_array_equal(e1, e0)
+        np.testing.assert_array_equal(w1, w0)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_adversarial_values():
+    """Ties of round-half-to-even, values far outside the grid (clamped to 0 and 2^b - 1),
+    zero-points outside the code range, a subnormal scale, huge weights."""
+    rng = np.random.default_rng(7)
+    k, n = 16, 513
+    wt, u, scale, zero, cg = case(rng, k, n, groups=3)
+    scale[:] = 0.25
+    wt[0] = (np.arange(n) - n // 2) * 0.125  # multiples of scale / 2: every rounding is a tie
+    wt[1] = rng.choice([-1e30, 1e30, -3e38, 3e38], n)
+    wt[2] = rng.standard_normal(n) * 1e6
+    zero[:, 1] = rng.choice([-40.0, 55.0], n)
+    scale[::7, 2] = np.float32(1e-40)
+    cg[:4] = [0, 1, 2, 0]
+    for bits in (2, 4):
+        (w0, e0, c0), (w1, e1, c1) = run_both(wt, u, scale, zero, cg, 0, 0, 4, 9, bits)
+        np.testing.assert_array_equal(c1, c0)
+        np.testing.assert_array_equal(e1, e0)
+        np.testing.assert_array_equal(w1, w0)
+    assert set(np.unique(c0[1])) <= {0, 15}
+
+
+def test_only_its_rows_and_columns_change():
+    rng = np.random.default_rng(3)
+    k, n = 30, 64
+    wt, u, scale, zero, cg = case(rng, k, n, groups=2)
+    w = wt.copy()
+    err = np.full((12, n), 7.0)
+    codes = np.full((k, n), 99, np.uint8)
+    gptq_columns(w, err, u, codes, scale, zero, cg, block_start=10, first=12, end=15, sub_end=18,
+                 bits=4)
+    np.testing.assert_array_equal(w[:13], wt[:13])  # row 12 is read, never written
+    np.testing.assert_array_equal(w[18:], wt[18:])
+    assert not np.array_equal(w[13:18], wt[13:18])
+    assert (codes[:12] == 99).all() and (codes[15:] == 99).all() and (codes[12:15] <= 15).all()
+    assert (err[:2] == 7).all() and (err[5:] == 7).all()
+
+
+def valid_args():
+    rng = np.random.default_rng(0)
+    wt, u, scale, zero, cg = case(rng, 8, 5, groups=2)
+    return dict(wt=wt, err=np.zeros((8, 5)), u=u, codes=np.zeros((8, 5), np.uint8), scale=scale,
+                zero=zero, column_group=cg, block_start=0, first=0, end=4, sub_end=8, bits=4)
+
+
+def call(**changes):
+    args = valid_args()
+    args.update(changes)
+    pos = [args.pop(name) for name in ("wt", "err", "u", "codes", "scale", "zero",
+                                       "column_group")]
+    gptq_columns(*pos, **args)
+
+
+def test_valid_call_runs():
+    call()
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(wt=np.zeros((8, 5), np.float32)), TypeError, "wt: expected dtype float64"),
+    (dict(wt=np.zeros((8, 10))[:, ::2]), ValueError, "wt: expected a C-contiguous"),
+    (dict(err=np.zeros((8, 4))), ValueError, r"err: expected shape \[8, 5\]"),
+    (dict(err=np.zeros((3, 5))), ValueError, "err: expected at least sub_end - block_start"),
+    (dict(u=np.eye(7)), ValueError, r"u: expected shape \[8, 8\]"),
+    (dict(codes=np.zeros((8, 5), np.int8)), TypeError, "codes: expected dtype uint8"),
+    (dict(scale=np.ones((4, 2), np.float32)), ValueError, r"scale: expected shape \[5, 2\]"),
+    (dict(zero=np.zeros((5, 3), np.float32)), ValueError, r"zero: expected shape \[5, 2\]"),
+    (dict(column_group=np.zeros(7, np.int64)), ValueError, "column_group: expected length 8"),
+    (dict(column_group=np.full(8, 2, np.int64)), ValueError, "column_group: entry 0 is 2"),
+    (dict(column_group=np.full(8, -1, np.int64)), ValueError, "column_group: entry 0 is -1"),
+    (dict(first=5, end=4), ValueError, "end: expected 0 <= block_start <= first <= end"),
+    (dict(block_start=-1), ValueError, "block_start: expected 0 <="),
+    (dict(sub_end=9), ValueError, "sub_end: expected 0 <= block_start"),
+    (dict(first=3, block_start=4), ValueError, "first: expected"),
+    (dict(bits=5), ValueError, "bits: expected 2, 3, 4 or 8"),
+    (dict(bits=4.0), TypeError, "bits"),
+    (dict(first=np.int64(0).reshape(1)), TypeError, "first"),
+])
+def test_bad_arguments_are_named(changes, error, match):
+    with pytest.raises(error, match=match):
+        call(**changes)
+
+
+@pytest.mark.parametrize("what, value, match", [
+    ("scale", 0.0, r"scale: entry \[1, 0\] must be finite and > 0"),
+    ("scale", np.nan, r"scale: entry \[1, 0\]"),
+    ("scale", -1.0, r"scale: entry \[1, 0\]"),
+    ("zero", np.inf, r"zero: entry \[1, 0\] is not finite"),
+    ("pivot", 0.0, "u: diagonal entry 2 must be finite and > 0"),
+    ("pivot", np.nan, "u: diagonal entry 2"),
+])
+def test_bad_values_where_read_are_named(what, value, match):
+    args = valid_args()
+    args["column_group"][:] = 0
+    if what == "pivot":
+        args["u"][2, 2] = value
+    else:
+        args[what][1, 0] = value
+    with pytest.raises(ValueError, match=match):
+        call(**{k: v for k, v in args.items()})
+
+
+def test_bad_values_outside_the_call_are_not_read():
+    args = valid_args()
+    args["column_group"][:] = 0
+    args["scale"][:, 1] = np.nan  # group 1 is not used by the call's columns
+    args["u"][6, 6] = 0.0  # column 6 is outside first..end
+    call(**args)
+
+
+@pytest.mark.parametrize("out, other", [("wt", "u"), ("err", "wt"), ("codes", "scale")])
+def test_outputs_must_not_share_memory(out, other):
+    args = valid_args()
+    buf = np.zeros(4096, np.uint8)
+    shape = {"wt": (8, 5), "err": (8, 5), "u": (8, 8), "codes": (8, 5), "scale": (5, 2)}
+    dtype = {"wt": np.float64, "err": np.float64, "u": np.float64, "codes": np.uint8,
+             "scale": np.float32}
+    for name in (out, other):
+        count = int(np.prod(shape[name]))
+        view = buf[:count * np.dtype(dtype[name]).itemsize].view(dtype[name]).reshape(shape[name])
+        view[...] = args[name]
+        args[name] = view
+    with pytest.raises(ValueError, match=f"{out}: must not share memory with {other}"):
+        call(**args)
