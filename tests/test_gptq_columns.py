@@ -127,6 +127,8 @@ def test_valid_call_runs():
     (dict(wt=np.zeros((8, 5), np.float32)), TypeError, "wt: expected dtype float64"),
     (dict(wt=np.zeros((8, 10))[:, ::2]), ValueError, "wt: expected a C-contiguous"),
     (dict(err=np.zeros((8, 4))), ValueError, r"err: expected shape \[8, 5\]"),
+    (dict(wt=np.zeros((0, 5))), ValueError, r"wt: expected a non-empty matrix, got shape \[0, 5\]"),
+    (dict(scale=np.ones((5, 0), np.float32)), ValueError, "scale: expected a non-empty matrix"),
     (dict(err=np.zeros((3, 5))), ValueError, "err: expected at least sub_end - block_start"),
     (dict(u=np.eye(7)), ValueError, r"u: expected shape \[8, 8\]"),
     (dict(codes=np.zeros((8, 5), np.int8)), TypeError, "codes: expected dtype uint8"),

@@ -14,8 +14,12 @@ static PyArrayObject *matrix_arg(PyObject *obj, const char *name, int typenum, i
         return NULL;
     }
     const int64_t rows = (int64_t)PyArray_DIM(a, 0), cols = (int64_t)PyArray_DIM(a, 1);
-    if ((want_rows >= 0 && rows != want_rows) || (want_cols >= 0 && cols != want_cols) ||
-        rows < 1 || cols < 1) {
+    if (rows < 1 || cols < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a non-empty matrix, got shape [%lld, %lld]",
+                     name, (long long)rows, (long long)cols);
+        return NULL;
+    }
+    if ((want_rows >= 0 && rows != want_rows) || (want_cols >= 0 && cols != want_cols)) {
         PyErr_Format(PyExc_ValueError, "%s: expected shape [%lld, %lld], got [%lld, %lld]", name,
                      (long long)(want_rows >= 0 ? want_rows : rows),
                      (long long)(want_cols >= 0 ? want_cols : cols), (long long)rows,
