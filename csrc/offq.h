@@ -269,7 +269,7 @@ offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double ad
  * the clip ratio 1 - i / grid, i in 0..top, searched every 5th then the 8 neighbours of the best,
  * whose grid gives the least squared round-trip error; scale[rows], zero[rows] receive that grid
  * (offq.quant.grid's float32 arithmetic, errors summed in float64). bits 2..8, grid >= 1,
- * 0 <= top. Threads: offq's (OpenMP). */
+ * 0 <= top < grid. Threads: offq's (OpenMP). */
 void offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int symmetric,
                           int grid, int top, float *scale, float *zero);
 

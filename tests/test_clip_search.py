@@ -100,9 +100,10 @@ def test_real_shaped_weight_rows():
     ((np.ones((2, 0), np.float32), 4, True, 100, 80), ValueError, "x: expected a last axis"),
     ((np.array([[1, np.nan]], np.float32), 4, True, 100, 80), ValueError, "x: contains NaN"),
     ((np.array([[1, np.inf]], np.float32), 4, False, 100, 80), ValueError, "x: contains NaN"),
-    ((np.ones(3, np.float32), 1, True, 100, 80), ValueError, "bits: expected 2 to 8"),
-    ((np.ones(3, np.float32), 4, 1, 100, 80), TypeError, "symmetric: expected a bool"),
-    ((np.ones(3, np.float32), 4, True, 0, 0), ValueError, "grid: expected 1 to"),
+    ((np.ones(3, np.float32), 1, True, 100, 80), ValueError, "bits: expected 2, 3, 4 or 8"),
+    ((np.ones(3, np.float32), 5, True, 100, 80), ValueError, "bits: expected 2, 3, 4 or 8"),
+    ((np.ones(3, np.float32), 4, True, 0, 0), ValueError, "grid: expected 1 to 1000"),
+    ((np.ones(3, np.float32), 4, True, 1001, 0), ValueError, "grid: expected 1 to 1000"),
     ((np.ones(3, np.float32), 4, True, 100, 100), ValueError, "top: expected 0 <= top < grid"),
     ((np.ones(3, np.float32), 4, True, 100, -1), ValueError, "top: expected"),
     ((np.ones(3, np.float32), 4.0, True, 100, 80), TypeError, "bits"),
@@ -119,6 +120,18 @@ def test_one_dimensional_input_gives_scalars():
     assert s.shape == () and z.shape == ()
     ws, wz = numpy_search(np.array([[1.0, -2.0, 0.5]], np.float32), 4, False)
     assert s == ws[0] and z == wz[0]
+
+
+def test_symmetric_takes_any_truth_value():
+    x = np.array([[1.0, -3.0, 0.5]], np.float32)
+    a = c_search(x, bits=4, symmetric=np.True_, grid=100, top=80)
+    b = c_search(x, bits=4, symmetric=True, grid=100, top=80)
+    assert a == b
+
+
+def test_a_scalar_is_not_a_row():
+    with pytest.raises(ValueError, match="x: expected at least one axis"):
+        mse_clip_search(np.float32(3), 4, True)
 
 
 def test_max_shrink_is_checked():

@@ -53,7 +53,7 @@ def run_both(wt, u, scale, zero, column_group, block_start, first, end, sub_end,
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("n", [1, 7, 300, 1537])  # one output, odd, one chunk, several threads
+@pytest.mark.parametrize("n", [1, 7, 300, 1537])  # one output, odd, one chunk, several chunks
 def test_matches_numpy_bit_for_bit(bits, n):
     rng = np.random.default_rng(bits * 1000 + n)
     k = 40
@@ -64,6 +64,27 @@ def test_matches_numpy_bit_for_bit(bits, n):
         np.testing.assert_array_equal(c1, c0)
         np.testing.assert_array_equal(e1, e0)
         np.testing.assert_array_equal(w1, w0)
+
+
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+def test_threaded_calls_match_numpy(nthreads):
+    """A call large enough to start the thread team (n >= 512 outputs and (end - first) * n >=
+    65536, as GPTQ's gate/up and down_proj runs are), with a chunk count that does not divide
+    evenly."""
+    rng = np.random.default_rng(11)
+    wt, u, scale, zero, cg = case(rng, 40, 8193, groups=3)
+    with threads(nthreads):
+        (w0, e0, c0), (w1, e1, c1) = run_both(wt, u, scale, zero, cg, 0, 0, 16, 16, 4)
+    np.testing.assert_array_equal(c1, c0)
+    np.testing.assert_array_equal(e1, e0)
+    np.testing.assert_array_equal(w1, w0)
+
+
+def test_gptq_of_a_weight_without_outputs():
+    from offq.quantizers.gptq import gptq_quantize
+
+    q = gptq_quantize(np.ones((0, 16), np.float32), np.eye(16), bits=4)
+    assert q.codes.shape == (0, 16)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
@@ -123,6 +144,13 @@ def test_valid_call_runs():
     call()
 
 
+def test_an_empty_run_is_a_no_op():
+    args = valid_args()
+    wt = args["wt"].copy()
+    call(err=np.zeros((0, 5)), block_start=4, first=4, end=4, sub_end=4, wt=args["wt"])
+    np.testing.assert_array_equal(args["wt"], wt)
+
+
 @pytest.mark.parametrize("changes, error, match", [
     (dict(wt=np.zeros((8, 5), np.float32)), TypeError, "wt: expected dtype float64"),
     (dict(wt=np.zeros((8, 10))[:, ::2]), ValueError, "wt: expected a C-contiguous"),
@@ -138,6 +166,7 @@ def test_valid_call_runs():
     (dict(column_group=np.full(8, 2, np.int64)), ValueError, "column_group: entry 0 is 2"),
     (dict(column_group=np.full(8, -1, np.int64)), ValueError, "column_group: entry 0 is -1"),
     (dict(first=5, end=4), ValueError, "end: expected 0 <= block_start <= first <= end"),
+    (dict(end=2 ** 63 - 1), ValueError, "end: expected 0 <= block_start"),
     (dict(block_start=-1), ValueError, "block_start: expected 0 <="),
     (dict(sub_end=9), ValueError, "sub_end: expected 0 <= block_start"),
     (dict(first=3, block_start=4), ValueError, "first: expected"),

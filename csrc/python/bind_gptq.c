@@ -1,12 +1,12 @@
 /* bind_gptq.c: Python binding of GPTQ's per-column step (validate once, release the GIL, call). */
 #include "bind_util.h"
 
-#include <limits.h>
 #include <math.h>
 
-/* A 2-D array argument with the given dtype and (when want_rows / want_cols >= 0) shape. */
+/* A 2-D array argument with the given dtype and (when want_rows / want_cols >= 0) shape; empty
+ * only in its rows, and only when rows_may_be_zero. */
 static PyArrayObject *matrix_arg(PyObject *obj, const char *name, int typenum, int writeable,
-                                 int64_t want_rows, int64_t want_cols)
+                                 int64_t want_rows, int64_t want_cols, int rows_may_be_zero)
 {
     PyArrayObject *a = writeable ? offq_check_writeable(obj, name, typenum, 2, 2)
                                  : offq_check_array(obj, name, typenum, 2, 2);
@@ -14,7 +14,7 @@ static PyArrayObject *matrix_arg(PyObject *obj, const char *name, int typenum, i
         return NULL;
     }
     const int64_t rows = (int64_t)PyArray_DIM(a, 0), cols = (int64_t)PyArray_DIM(a, 1);
-    if (rows < 1 || cols < 1) {
+    if ((rows < 1 && !rows_may_be_zero) || cols < 1) {
         PyErr_Format(PyExc_ValueError, "%s: expected a non-empty matrix, got shape [%lld, %lld]",
                      name, (long long)rows, (long long)cols);
         return NULL;
@@ -52,20 +52,20 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "bits: expected 2, 3, 4 or 8, got %lld", bits);
         return NULL;
     }
-    PyArrayObject *wt = matrix_arg(o[0], "wt", NPY_FLOAT64, 1, -1, -1);
+    PyArrayObject *wt = matrix_arg(o[0], "wt", NPY_FLOAT64, 1, -1, -1, 0);
     if (wt == NULL) {
         return NULL;
     }
     const int64_t k = (int64_t)PyArray_DIM(wt, 0), n = (int64_t)PyArray_DIM(wt, 1);
-    PyArrayObject *err = matrix_arg(o[1], "err", NPY_FLOAT64, 1, -1, n);
-    PyArrayObject *u = err == NULL ? NULL : matrix_arg(o[2], "u", NPY_FLOAT64, 0, k, k);
-    PyArrayObject *codes = u == NULL ? NULL : matrix_arg(o[3], "codes", NPY_UINT8, 1, k, n);
-    PyArrayObject *scale = codes == NULL ? NULL : matrix_arg(o[4], "scale", NPY_FLOAT32, 0, n, -1);
+    PyArrayObject *err = matrix_arg(o[1], "err", NPY_FLOAT64, 1, -1, n, 1);
+    PyArrayObject *u = err == NULL ? NULL : matrix_arg(o[2], "u", NPY_FLOAT64, 0, k, k, 0);
+    PyArrayObject *codes = u == NULL ? NULL : matrix_arg(o[3], "codes", NPY_UINT8, 1, k, n, 0);
+    PyArrayObject *scale = codes == NULL ? NULL : matrix_arg(o[4], "scale", NPY_FLOAT32, 0, n, -1, 0);
     if (scale == NULL) {
         return NULL;
     }
     const int64_t groups = (int64_t)PyArray_DIM(scale, 1);
-    PyArrayObject *zero = matrix_arg(o[5], "zero", NPY_FLOAT32, 0, n, groups);
+    PyArrayObject *zero = matrix_arg(o[5], "zero", NPY_FLOAT32, 0, n, groups, 0);
     PyArrayObject *column_group =
         zero == NULL ? NULL : offq_check_array(o[6], "column_group", NPY_INT64, 1, 1);
     if (column_group == NULL) {
@@ -79,8 +79,7 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
     /* 0 <= block_start <= first <= end <= sub_end <= k, and err holds the block's rows */
     const long long bound[5] = {0, idx[0], idx[1], idx[2], idx[3]};
     for (int j = 0; j < 4; j++) {
-        const long long most = j == 3 ? (long long)k : LLONG_MAX;
-        if (idx[j] < bound[j] || idx[j] > most) {
+        if (idx[j] < bound[j] || idx[j] > (long long)k) {
             PyErr_Format(PyExc_ValueError,
                          "%s: expected 0 <= block_start <= first <= end <= sub_end <= %lld, got "
                          "%lld, %lld, %lld, %lld",

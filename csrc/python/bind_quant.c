@@ -508,17 +508,17 @@ static PyObject *py_mse_clip_search(PyObject *self, PyObject *args)
         offq_py_int(top_obj, "top", &top) < 0) {
         return NULL;
     }
-    if (!PyBool_Check(sym_obj)) {
-        PyErr_Format(PyExc_TypeError, "symmetric: expected a bool, got %s",
-                     Py_TYPE(sym_obj)->tp_name);
+    const int symmetric = PyObject_IsTrue(sym_obj);
+    if (symmetric < 0) {
         return NULL;
     }
-    if (bits < 2 || bits > 8) {
-        PyErr_Format(PyExc_ValueError, "bits: expected 2 to 8, got %lld", bits);
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
+        PyErr_Format(PyExc_ValueError, "bits: expected 2, 3, 4 or 8, got %lld", bits);
         return NULL;
     }
-    if (grid < 1 || grid > 1000000) {
-        PyErr_Format(PyExc_ValueError, "grid: expected 1 to 1000000, got %lld", grid);
+    /* the cost is ~(top / 5 + 8) round trips per row: a cap keeps a call interruptible in time */
+    if (grid < 1 || grid > 1000) {
+        PyErr_Format(PyExc_ValueError, "grid: expected 1 to 1000, got %lld", grid);
         return NULL;
     }
     if (top < 0 || top >= grid) {
@@ -551,7 +551,7 @@ static PyObject *py_mse_clip_search(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    offq_mse_clip_search(xd, rows, g, (int)bits, sym_obj == Py_True, (int)grid, (int)top,
+    offq_mse_clip_search(xd, rows, g, (int)bits, symmetric, (int)grid, (int)top,
                          (float *)PyArray_DATA(scale), (float *)PyArray_DATA(zero));
     Py_END_ALLOW_THREADS
     return Py_BuildValue("(NN)", scale, zero);

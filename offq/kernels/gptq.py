@@ -5,8 +5,10 @@ For every column of one run inside a lazy-update sub-block, :func:`gptq_columns`
 column onto its grid, records the scaled error and pushes it onto the rest of the sub-block. In
 NumPy that is a handful of calls per column (~18,000 columns per Qwen2.5-1.5B layer); in C it is
 one call per run, split over offq's threads by output. The arithmetic is NumPy's operation for
-operation (float32 grid, float64 error), so GPTQ's result is unchanged bit for bit
-(``tests/test_gptq_columns.py`` checks it against the NumPy step).
+operation (float32 grid, float64 error), so this step's result is unchanged bit for bit
+(``tests/test_gptq_columns.py`` checks it against the NumPy step). GPTQ as a whole is too, given
+the same grids; the MSE clip search that picks them (:func:`offq.kernels.mse_clip_search`) can
+rank two exactly tied clip ratios differently from NumPy (docs/METHODS.md, section 2).
 """
 from __future__ import annotations
 

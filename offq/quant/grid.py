@@ -138,7 +138,10 @@ def mse_clip_search(x: np.ndarray, bits: int, symmetric: bool, *, grid: int = CL
     check_bits(bits)
     if not (0.0 <= max_shrink < 1.0):
         raise ValueError(f"max_shrink: expected 0 <= max_shrink < 1, got {max_shrink}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0:
+        raise ValueError("x: expected at least one axis (the row), got a scalar")
+    x = np.ascontiguousarray(x)
     return kernels.mse_clip_search(x, bits=int(bits), symmetric=bool(symmetric), grid=int(grid),
                                    top=int(max_shrink * grid))
 

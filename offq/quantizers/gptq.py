@@ -225,7 +225,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     # later columns with one product.
     dynamic = not (per_channel or static_groups)  # then perm is the identity
     column_group = np.ascontiguousarray(perm // g, dtype=np.int64)
-    for i1 in range(0, k, block_size):
+    for i1 in range(0, k if n_out else 0, block_size):  # no outputs: nothing to quantize
         i2 = min(i1 + block_size, k)
         err = np.zeros((i2 - i1, n_out), dtype=np.float64)
         for j1 in range(i1, i2, _SUB):
