@@ -6,10 +6,12 @@
  * eight passes over the whole matrix on one thread; here a row stays in cache for all its
  * trials and the rows are split over offq's threads.
  *
- * The arithmetic is NumPy's, in float32 step by step (grid.py's _params_of_range and
- * _row_error), with the error summed in float64 from exact float32 squares: the choice is the
- * same as NumPy's except where two ratios' float64 sums differ only in their last bits (the
- * summation orders differ), which the tests do not meet on random or real rows.
+ * The grids are the C quantizer's (kernels.h), which grid.py's float32 NumPy formulas match bit
+ * for bit but for the sign of a zero zero-point (+0 here). Each trial's squared error is summed in
+ * float64 from exact float32 squares, in another order than NumPy's einsum: where two ratios'
+ * errors tie (or differ only in their last bits) the two can pick differently. A row with NaN or
+ * Inf, or (asymmetric) whose range max - min overflows float32, is refused as the quantizer
+ * refuses it.
  */
 #include "kernels.h"
 
@@ -19,38 +21,16 @@
 /* Coarse stride of the search (grid.py: every 5th ratio, then the 8 neighbours). */
 #define CLIP_STEP 5
 
-/* round half to even, as rintf in the default rounding mode, written so that the compiler can
- * vectorize it without SSE4.1: below 2^23, adding 2^23 to |t| rounds it to an integer (the
- * float spacing there is 1) and rounding to nearest even is symmetric in the sign; from 2^23 on
- * every float is an integer already. */
-static inline float round_even(float t)
-{
-    const float two23 = 8388608.0f;
-    const float at = fabsf(t);
-    const float r = copysignf((at + two23) - two23, t);
-    return at < two23 ? r : t;
-}
-
-/* The grid of a row for clip ratio `clip` from its range (grid.py's _params_of_range). */
-static inline void params_of_range(float lo_or_amax, float hi, float clip, int bits, int symmetric,
-                                   float *scale, float *zero)
+/* The grid of a row for clip ratio `clip`: the quantizer's own formulas (kernels.h). The range
+ * does not depend on the ratio, so only the first candidate can meet an overflowing one. */
+static inline offq_status params_of_range(float lo_or_amax, float hi, float clip, int bits,
+                                          int symmetric, float *scale, float *zero)
 {
     if (symmetric) {
-        const float amax = clip * lo_or_amax;
-        const float s = amax / (float)((1 << (bits - 1)) - 1);
-        *scale = s == 0.0f ? 1.0f : s;
-        *zero = (float)(1 << (bits - 1));
-        return;
+        offq_quant_params_sym(lo_or_amax, bits, clip, scale, zero);
+        return OFFQ_OK;
     }
-    const float mn = lo_or_amax, mx = hi;
-    const float d = (0.5f * (1.0f - clip)) * (mx - mn);
-    const float lo = mn + d, h = mx - d;
-    float s = (h - lo) / (float)((1 << bits) - 1);
-    if (s == 0.0f) {
-        s = h != 0.0f ? fabsf(h) : 1.0f;
-    }
-    *scale = s;
-    *zero = rintf(-lo / s);
+    return offq_quant_params_asym(lo_or_amax, hi, bits, clip, scale, zero);
 }
 
 /* Elements per pass of row_error: the float32 round trip of a chunk (a loop the compiler
@@ -66,7 +46,7 @@ static double row_error(const float *x, int64_t g, float s, float z, float maxq)
         const int n = g - j0 < ERR_CHUNK ? (int)(g - j0) : ERR_CHUNK;
         const float *xc = x + j0;
         for (int j = 0; j < n; j++) {
-            float q = round_even(xc[j] / s) + z;
+            float q = offq_round_half_even(xc[j] / s) + z;
             q = q < 0.0f ? 0.0f : q;
             q = q > maxq ? maxq : q;
             e[j] = (q - z) * s - xc[j];
@@ -84,15 +64,18 @@ static double row_error(const float *x, int64_t g, float s, float z, float maxq)
     return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
-void offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int symmetric,
-                          int grid, int top, float *scale, float *zero)
+offq_status offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int symmetric,
+                                 int grid, int top, float *scale, float *zero)
 {
     const float maxq = (float)((1 << bits) - 1);
-#pragma omp parallel for schedule(dynamic, 16) if (rows * g >= 65536)
+    int bad = 0, overflow = 0;
+#pragma omp parallel for schedule(dynamic, 16) reduction(| : bad, overflow) if (rows * g >= 65536)
     for (int64_t r = 0; r < rows; r++) {
         const float *row = x + r * g;
         float a = symmetric ? 0.0f : row[0], b = row[0];
+        int nonfinite = 0;
         for (int64_t j = 0; j < g; j++) { /* (max |x|) or (min, max) */
+            nonfinite |= offq_is_nonfinite(row[j]);
             if (symmetric) {
                 const float v = fabsf(row[j]);
                 a = v > a ? v : a;
@@ -100,6 +83,12 @@ void offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int
                 a = row[j] < a ? row[j] : a;
                 b = row[j] > b ? row[j] : b;
             }
+        }
+        float s, z;
+        if (nonfinite || params_of_range(a, b, 1.0f, bits, symmetric, &s, &z) != OFFQ_OK) {
+            bad |= nonfinite;
+            overflow |= !nonfinite;
+            continue;
         }
         int best = 0;
         double best_err = INFINITY;
@@ -114,7 +103,6 @@ void offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int
                 }
                 int i = pass == 0 ? t : coarse + t;
                 i = i < 0 ? 0 : (i > top ? top : i);
-                float s, z;
                 params_of_range(a, b, (float)(1.0 - (double)i / grid), bits, symmetric, &s, &z);
                 const double err = row_error(row, g, s, z, maxq);
                 if (err < best_err) {
@@ -126,4 +114,5 @@ void offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int
         params_of_range(a, b, (float)(1.0 - (double)best / grid), bits, symmetric, &scale[r],
                         &zero[r]);
     }
+    return bad ? OFFQ_ERR_NONFINITE : overflow ? OFFQ_ERR_OVERFLOW : OFFQ_OK;
 }

@@ -8,9 +8,9 @@
  * outputs are split across threads and each thread runs all the columns of the call.
  *
  * The arithmetic is NumPy's, operation for operation, so the result is bit for bit the same:
- * float32 grid (x / s, round half to even, + z, clamp; s * (q - z)), float64 error and update
- * (wt - (double)q_hat) / u[i][i] and wt[t] - u[i][t] * e (two roundings: this file is built with
- * -ffp-contract=off like every other).
+ * the float32 grid of the C quantizer (offq_quant_code, kernels.h; then s * (q - z)), a float64
+ * error and update (wt - (double)q_hat) / u[i][i] and wt[t] - u[i][t] * e (two roundings: this
+ * file is built with -ffp-contract=off like every other).
  */
 #include "kernels.h"
 
@@ -19,17 +19,6 @@
 
 /* Outputs per thread chunk: enough that the team's start-up is paid back. */
 #define GPTQ_CHUNK 256
-
-/* The code of x on the grid (s, z), as grid.quantize_codes computes it in float32. A NaN maps to
- * code 0, as NumPy's float -> uint8 conversion does on x86 (where C's would be undefined). */
-static inline uint8_t grid_code(float x, float s, float z, float maxq)
-{
-    float t = rintf(x / s) + z;
-    if (!(t >= 0.0f)) {
-        return 0;
-    }
-    return (uint8_t)(t > maxq ? maxq : t);
-}
 
 void offq_gptq_columns(double *wt, int64_t n, double *err, const double *u, int64_t k,
                        uint8_t *codes, const float *scale, const float *zero, int64_t groups,
@@ -49,7 +38,7 @@ void offq_gptq_columns(double *wt, int64_t n, double *err, const double *u, int6
             uint8_t *q = codes + i * n;
             for (int64_t r = r0; r < r1; r++) {
                 const float s = scale[r * groups + grp], z = zero[r * groups + grp];
-                const uint8_t c = grid_code((float)row[r], s, z, maxq);
+                const uint8_t c = offq_quant_code((float)row[r], s, z, maxq);
                 const float q_hat = s * ((float)c - z);
                 q[r] = c;
                 e[r] = (row[r] - (double)q_hat) / pivot;

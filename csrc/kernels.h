@@ -118,17 +118,25 @@ static inline offq_status offq_quant_params_asym(float mn, float mx, int bits, f
     return OFFQ_OK;
 }
 
-/* Codes q[i] = clamp(rint(g[i] / scale) + zero, 0, maxq) for i in [from, n); returns their sum
- * (the scalar reference, and the SIMD kernels' tail). */
+/* The code clamp(rint(g / scale) + zero, 0, maxq) of one value. A NaN gives code 0, as NumPy's
+ * float -> uint8 conversion does on x86 (C's own would be undefined). */
+static inline uint8_t offq_quant_code(float g, float scale, float zero, float maxq)
+{
+    const float v = offq_round_half_even(g / scale) + zero;
+    if (!(v >= 0.0f)) {
+        return 0;
+    }
+    return (uint8_t)(int32_t)(v > maxq ? maxq : v);
+}
+
+/* Codes q[i] = offq_quant_code(g[i], ...) for i in [from, n); returns their sum (the scalar
+ * reference, and the SIMD kernels' tail). */
 static inline int32_t offq_quant_codes(const float *restrict g, int64_t from, int64_t n,
                                        float scale, float zero, float maxq, uint8_t *restrict q)
 {
     int32_t s = 0;
     for (int64_t i = from; i < n; i++) {
-        float v = offq_round_half_even(g[i] / scale) + zero;
-        v = v < 0.0f ? 0.0f : v;
-        v = v > maxq ? maxq : v;
-        const uint8_t c = (uint8_t)(int32_t)v;
+        const uint8_t c = offq_quant_code(g[i], scale, zero, maxq);
         q[i] = c;
         s += c;
     }

@@ -265,13 +265,14 @@ offq_status offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double to
 offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add,
                                            const int64_t *perm, const double *diag, double *u);
 
-/* The MSE clip search of the weight grids (clip_search.c): for each row of x[rows][g] (finite),
- * the clip ratio 1 - i / grid, i in 0..top, searched every 5th then the 8 neighbours of the best,
- * whose grid gives the least squared round-trip error; scale[rows], zero[rows] receive that grid
- * (offq.quant.grid's float32 arithmetic, errors summed in float64). bits 2..8, grid >= 1,
- * 0 <= top < grid. Threads: offq's (OpenMP). */
-void offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int symmetric,
-                          int grid, int top, float *scale, float *zero);
+/* The MSE clip search of the weight grids (clip_search.c): for each row of x[rows][g], the clip
+ * ratio 1 - i / grid, i in 0..top, searched every 5th then the 8 neighbours of the best, whose grid
+ * gives the least squared round-trip error; scale[rows], zero[rows] receive that grid (the
+ * quantizer's formulas; errors summed in float64). bits 2..8, grid >= 1, 0 <= top < grid.
+ * OFFQ_ERR_NONFINITE (NaN/Inf in x), OFFQ_ERR_OVERFLOW (asymmetric: a row's max - min overflows
+ * float32); the outputs are then unspecified. Threads: offq's (OpenMP). */
+offq_status offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bits, int symmetric,
+                                 int grid, int top, float *scale, float *zero);
 
 /* GPTQ's per-column step (gptq.c) for the columns first..end-1 of a lazy-update sub-block that
  * ends at sub_end, in the block that starts at block_start (block_start <= first <= end <= sub_end

@@ -45,8 +45,8 @@ def numpy_search(x, bits, symmetric, grid=100, max_shrink=0.8):
 def assert_same(x, bits, symmetric, **kw):
     want = numpy_search(x, bits, symmetric, **kw)
     got = mse_clip_search(x, bits, symmetric, **kw)
-    np.testing.assert_array_equal(got[0], want[0])
-    np.testing.assert_array_equal(got[1], want[1])
+    for g, w in zip(got, want):  # bit for bit, the sign of a zero zero-point included
+        np.testing.assert_array_equal(g.view(np.uint32), w.view(np.uint32))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -63,19 +63,34 @@ def test_matches_numpy(bits, symmetric, shape):
 
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_adversarial_rows(symmetric):
-    """Constant, zero, one-element and huge rows; values on round-half ties; a row whose range
-    overflows float32; tiny subnormal rows; heavy-tailed rows; rows so far from zero that x / scale
-    lies in [2^23, 2^24), where floats are integers but adding 2^23 would round odd ones."""
+    """Constant, zero, one-element and huge rows; values on round-half ties; a row of +-3e38
+    (symmetric only: its max - min overflows, which the asymmetric grid refuses, below); tiny
+    subnormal rows; heavy-tailed rows; rows so far from zero that x / scale lies in [2^23, 2^24),
+    where floats are integers but adding 2^23 would round odd ones; a small positive minimum."""
     rng = np.random.default_rng(5)
     g = 33
     rows = [np.zeros(g), np.full(g, 3.5), np.full(g, -2.0), np.r_[1.0, np.zeros(g - 1)],
             (np.arange(g) - 16) * 0.5, np.linspace(-3e38, 3e38, g), np.full(g, 1e-42),
             rng.standard_cauchy(g), rng.standard_normal(g) * 1e30, np.r_[-1e6, np.ones(g - 1)],
-            2e7 + 2 * np.arange(g), -2e7 - 6 * np.arange(g)]
+            2e7 + 2 * np.arange(g), -2e7 - 6 * np.arange(g),
+            np.linspace(0.01, 1.0, g)]  # -lo / scale rounds to -0: the zero-point must be +0
+    if not symmetric:
+        rows = [r for r in rows if np.ptp(np.asarray(r, np.float64)) < 3e38]
+        assert len(rows) == 12
     x = np.array(rows, dtype=np.float32)
     with np.errstate(all="ignore"):
         for bits in (2, 4, 8):
             assert_same(x, bits, symmetric)
+
+
+def test_an_asymmetric_range_that_overflows_is_refused():
+    """As the quantizer refuses it (the NumPy search returned an Inf or NaN grid silently)."""
+    x = np.ones((3, 8), np.float32)
+    x[1, :2] = [-3e38, 3e38]
+    with pytest.raises(ValueError, match="x: a group's range max - min overflows float32"):
+        mse_clip_search(x, 4, False)
+    s, _ = mse_clip_search(x, 4, True)  # the symmetric grid needs only max |x|
+    assert np.isfinite(s).all()
 
 
 def test_other_grids():
@@ -100,8 +115,8 @@ def test_real_shaped_weight_rows():
     ((np.ones((2, 0), np.float32), 4, True, 100, 80), ValueError, "x: expected a last axis"),
     ((np.array([[1, np.nan]], np.float32), 4, True, 100, 80), ValueError, "x: contains NaN"),
     ((np.array([[1, np.inf]], np.float32), 4, False, 100, 80), ValueError, "x: contains NaN"),
-    ((np.ones(3, np.float32), 1, True, 100, 80), ValueError, "bits: expected 2, 3, 4 or 8"),
-    ((np.ones(3, np.float32), 5, True, 100, 80), ValueError, "bits: expected 2, 3, 4 or 8"),
+    ((np.ones(3, np.float32), 1, True, 100, 80), ValueError, "bits: expected one of 2, 3, 4, 8"),
+    ((np.ones(3, np.float32), 5, True, 100, 80), ValueError, "bits: expected one of 2, 3, 4, 8"),
     ((np.ones(3, np.float32), 4, True, 0, 0), ValueError, "grid: expected 1 to 1000"),
     ((np.ones(3, np.float32), 4, True, 1001, 0), ValueError, "grid: expected 1 to 1000"),
     ((np.ones(3, np.float32), 4, True, 100, 100), ValueError, "top: expected 0 <= top < grid"),

@@ -170,7 +170,7 @@ def test_an_empty_run_is_a_no_op():
     (dict(block_start=-1), ValueError, "block_start: expected 0 <="),
     (dict(sub_end=9), ValueError, "sub_end: expected 0 <= block_start"),
     (dict(first=3, block_start=4), ValueError, "first: expected"),
-    (dict(bits=5), ValueError, "bits: expected 2, 3, 4 or 8"),
+    (dict(bits=5), ValueError, "bits: expected one of 2, 3, 4, 8"),
     (dict(bits=4.0), TypeError, "bits"),
     (dict(first=np.int64(0).reshape(1)), TypeError, "first"),
 ])

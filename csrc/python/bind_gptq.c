@@ -39,17 +39,14 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
         return NULL;
     }
     static const char *index_names[4] = {"block_start", "first", "end", "sub_end"};
-    long long idx[4], bits;
+    long long idx[4];
+    int bits;
     for (int j = 0; j < 4; j++) {
         if (offq_py_int(io[j], index_names[j], &idx[j]) < 0) {
             return NULL;
         }
     }
-    if (offq_py_int(io[4], "bits", &bits) < 0) {
-        return NULL;
-    }
-    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
-        PyErr_Format(PyExc_ValueError, "bits: expected 2, 3, 4 or 8, got %lld", bits);
+    if (offq_parse_bits(io[4], &bits) < 0) {
         return NULL;
     }
     PyArrayObject *wt = matrix_arg(o[0], "wt", NPY_FLOAT64, 1, -1, -1, 0);
@@ -135,7 +132,7 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     offq_gptq_columns((double *)PyArray_DATA(wt), n, (double *)PyArray_DATA(err), ud, k,
                       (uint8_t *)PyArray_DATA(codes), sd, zd, groups, cg, (int64_t)idx[0],
-                      (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], (int)bits);
+                      (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], bits);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

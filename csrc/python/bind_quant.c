@@ -13,24 +13,7 @@
  */
 #include "bind_util.h"
 
-#include <math.h>
-
 #include <string.h>
-
-/* bits: an int in {2, 3, 4, 8}. */
-static int parse_bits(PyObject *obj, int *bits)
-{
-    long long b;
-    if (offq_py_int(obj, "bits", &b) < 0) {
-        return -1;
-    }
-    if (b != 2 && b != 3 && b != 4 && b != 8) {
-        PyErr_Format(PyExc_ValueError, "bits: expected one of 2, 3, 4, 8, got %lld", b);
-        return -1;
-    }
-    *bits = (int)b;
-    return 0;
-}
 
 /* Resolve a group size (-1 = whole row) against k; must be positive, at most OFFQ_MAX_GROUP and
  * divide k. */
@@ -112,7 +95,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     PyArrayObject *x = offq_check_array(xo, "x", NPY_FLOAT32, 1, -1);
-    if (x == NULL || (bits_o != NULL && parse_bits(bits_o, &bits) < 0) ||
+    if (x == NULL || (bits_o != NULL && offq_parse_bits(bits_o, &bits) < 0) ||
         (clip_o != NULL && offq_py_float(clip_o, "clip", &clip) < 0)) {
         return NULL;
     }
@@ -210,7 +193,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     PyArrayObject *codes = offq_check_array(co, "codes", NPY_UINT8, 1, -1);
-    if (codes == NULL || parse_bits(bits_o, &bits) < 0) {
+    if (codes == NULL || offq_parse_bits(bits_o, &bits) < 0) {
         return NULL;
     }
     PyArrayObject *scale = offq_check_array(so, "scale", NPY_FLOAT32, 1, -1);
@@ -251,7 +234,7 @@ static PyObject *py_pack_codes(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     PyArrayObject *codes = offq_check_array(co, "codes", NPY_UINT8, 1, -1);
-    if (codes == NULL || parse_bits(bits_o, &bits) < 0) {
+    if (codes == NULL || offq_parse_bits(bits_o, &bits) < 0) {
         return NULL;
     }
     int nd = PyArray_NDIM(codes);
@@ -294,7 +277,7 @@ static PyObject *py_unpack_codes(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     PyArrayObject *packed = offq_check_array(po, "packed", NPY_UINT8, 1, -1);
-    if (packed == NULL || parse_bits(bits_o, &bits) < 0 || offq_py_int(k_o, "k", &kk) < 0) {
+    if (packed == NULL || offq_parse_bits(bits_o, &bits) < 0 || offq_py_int(k_o, "k", &kk) < 0) {
         return NULL;
     }
     if (kk <= 0) {
@@ -501,19 +484,16 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
 static PyObject *py_mse_clip_search(PyObject *self, PyObject *args)
 {
     PyObject *x_obj, *bits_obj, *sym_obj, *grid_obj, *top_obj;
-    long long bits, grid, top;
+    int bits;
+    long long grid, top;
     if (!PyArg_ParseTuple(args, "OOOOO:mse_clip_search", &x_obj, &bits_obj, &sym_obj, &grid_obj,
                           &top_obj) ||
-        offq_py_int(bits_obj, "bits", &bits) < 0 || offq_py_int(grid_obj, "grid", &grid) < 0 ||
+        offq_parse_bits(bits_obj, &bits) < 0 || offq_py_int(grid_obj, "grid", &grid) < 0 ||
         offq_py_int(top_obj, "top", &top) < 0) {
         return NULL;
     }
     const int symmetric = PyObject_IsTrue(sym_obj);
     if (symmetric < 0) {
-        return NULL;
-    }
-    if (bits != 2 && bits != 3 && bits != 4 && bits != 8) {
-        PyErr_Format(PyExc_ValueError, "bits: expected 2, 3, 4 or 8, got %lld", bits);
         return NULL;
     }
     /* the cost is ~(top / 5 + 8) round trips per row: a cap keeps a call interruptible in time */
@@ -535,14 +515,6 @@ static PyObject *py_mse_clip_search(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "x: expected a last axis of length >= 1, got 0");
         return NULL;
     }
-    const float *xd = (const float *)PyArray_DATA(x);
-    for (int64_t i = 0; i < rows * g; i++) {
-        if (!isfinite(xd[i])) {
-            PyErr_Format(PyExc_ValueError, "x: contains NaN or Inf (row %lld)",
-                         (long long)(i / g));
-            return NULL;
-        }
-    }
     PyArrayObject *scale = (PyArrayObject *)PyArray_SimpleNew(nd - 1, PyArray_DIMS(x), NPY_FLOAT32);
     PyArrayObject *zero = (PyArrayObject *)PyArray_SimpleNew(nd - 1, PyArray_DIMS(x), NPY_FLOAT32);
     if (scale == NULL || zero == NULL) {
@@ -550,10 +522,17 @@ static PyObject *py_mse_clip_search(PyObject *self, PyObject *args)
         Py_XDECREF(zero);
         return NULL;
     }
+    offq_status rc;
     Py_BEGIN_ALLOW_THREADS
-    offq_mse_clip_search(xd, rows, g, (int)bits, symmetric, (int)grid, (int)top,
-                         (float *)PyArray_DATA(scale), (float *)PyArray_DATA(zero));
+    rc = offq_mse_clip_search((const float *)PyArray_DATA(x), rows, g, bits, symmetric,
+                              (int)grid, (int)top, (float *)PyArray_DATA(scale),
+                              (float *)PyArray_DATA(zero));
     Py_END_ALLOW_THREADS
+    if (offq_py_status(rc, (offq_errctx){.arg = "x"}) < 0) {
+        Py_DECREF(scale);
+        Py_DECREF(zero);
+        return NULL;
+    }
     return Py_BuildValue("(NN)", scale, zero);
 }
 

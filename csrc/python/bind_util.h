@@ -40,6 +40,22 @@ int offq_py_int(PyObject *obj, const char *name, long long *out);
 /* A real number -> *out; else TypeError naming `name`. */
 int offq_py_float(PyObject *obj, const char *name, double *out);
 
+/* The `bits` argument of the grid kernels: an int in {2, 3, 4, 8} -> *bits; else TypeError /
+ * ValueError naming it. */
+static inline int offq_parse_bits(PyObject *obj, int *bits)
+{
+    long long b;
+    if (offq_py_int(obj, "bits", &b) < 0) {
+        return -1;
+    }
+    if (b != 2 && b != 3 && b != 4 && b != 8) {
+        PyErr_Format(PyExc_ValueError, "bits: expected one of 2, 3, 4, 8, got %lld", b);
+        return -1;
+    }
+    *bits = (int)b;
+    return 0;
+}
+
 /* ValueError "`msg`, got `v`" (`v` as Python's repr of a float). PyErr_Format has no %g: Python
  * 3.11 printed "%g" itself and 3.12 raises SystemError on it. */
 static inline void offq_value_error_got(const char *msg, double v)

@@ -2,8 +2,9 @@
 
 Everything a method or the runtime needs: Walsh-Hadamard transforms (:mod:`.hadamard`), covariance
 accumulation and top eigenpairs (:mod:`.cov`), the upper Cholesky factor of an inverse for GPTQ
-(:mod:`.linalg`) and GPTQ's per-column step (:mod:`.gptq`), group-wise quantization and the W4A4 matmul (:mod:`.quant`), and the single
-thread setting (:mod:`.threads`). Imported from their modules: the int8-weight matmul
+(:mod:`.linalg`) and GPTQ's per-column step (:mod:`.gptq`), group-wise quantization, the weight
+grids' clip search and the W4A4 matmul (:mod:`.quant`), and the single thread setting
+(:mod:`.threads`). Imported from their modules: the int8-weight matmul
 (:mod:`.matmul_i8`), the float32 x packed 2/3/4-bit weight matmul of weight-only models
 (:mod:`.matmul_wq`) and the fused decoder step (:mod:`.decoder`).
 """

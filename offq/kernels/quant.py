@@ -181,7 +181,9 @@ def mse_clip_search(x: np.ndarray, *, bits: int, symmetric: bool, grid: int,
     every 5th ratio first, then the 8 neighbours of the best (``csrc/clip_search.c``; the search
     of :func:`offq.quant.grid.mse_clip_search`). Returns float32 ``(scale, zero)`` of shape
     ``x.shape[:-1]``. ``bits`` 2, 3, 4 or 8, ``1 <= grid <= 1000``, ``0 <= top < grid``.
-    TypeError / ValueError name the argument (NaN or Inf in ``x`` included)."""
+    The grids are the quantizer's (an asymmetric row whose ``max - min`` overflows float32 is
+    refused, as :func:`quantize` refuses it). TypeError / ValueError name the argument (NaN or
+    Inf in ``x`` included)."""
     return _C.mse_clip_search(x, bits, symmetric, grid, top)
 
 

@@ -106,7 +106,7 @@ def _params_of_range(rng: tuple[np.ndarray, ...], bits: int, symmetric: bool,
     scale = ((hi - lo) / np.float32(2 ** bits - 1)).astype(np.float32)
     fallback = np.where(hi != 0, np.abs(hi), np.float32(1)).astype(np.float32)
     scale = np.where(scale == 0, fallback, scale).astype(np.float32)
-    zero = np.rint(-lo / scale).astype(np.float32)
+    zero = (np.rint(-lo / scale) + np.float32(0)).astype(np.float32)  # + 0: no -0, as in C
     return scale, zero
 
 
