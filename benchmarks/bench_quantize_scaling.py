@@ -19,6 +19,8 @@ layer's input sites (float64).
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --calib-samples 16
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --keep runs/qwen-offq
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --hold-freed-memory
+    python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b \
+        --calib-activations quantized          # calibration on the real W4A4 kernels
 """
 from __future__ import annotations
 
@@ -69,7 +71,10 @@ def child(args: argparse.Namespace) -> None:
                 model.hidden_states(calib[s:s + args.batch_size])
         else:
             cfg = QuantConfig(method=args.method, calib_samples=args.calib_samples,
-                              calib_seqlen=args.calib_seqlen)
+                              calib_seqlen=args.calib_seqlen,
+                              calib_activations=args.calib_activations,
+                              pca_samples=QuantConfig.pca_samples if args.pca_samples is None
+                              else args.pca_samples)
             with tempfile.TemporaryDirectory() as tmp:
                 res = offq.quantize(ckpt, cfg, calib,
                                     out_dir=Path(args.keep or Path(tmp) / "q"),
@@ -105,6 +110,12 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--calib-activations", default="float", choices=("float", "quantized"),
+                    help="QuantConfig.calib_activations (quantized: the calibration batch "
+                         "crosses the quantized layers on the real W4A4 kernels)")
+    ap.add_argument("--pca-samples", type=int, default=None,
+                    help="QuantConfig.pca_samples: sequences the statistics pass reads "
+                         "(default: QuantConfig's)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="write the quantized checkpoint to DIR (kept: `offq eval DIR` scores "

@@ -86,6 +86,10 @@ _HELP = {
                  "(subspace from input width 4096 up)",
     "calib_samples": "calibration sequences",
     "calib_seqlen": "tokens per calibration sequence",
+    "calib_activations": "float: the calibration batch crosses the quantized layers with float "
+                         "activations (QuaRot's way); quantized: rounded by the run-time "
+                         "activation quantizer, so 4-bit products run on the real W4A4 kernels "
+                         "(faster; KV stays float)",
 }
 
 

@@ -12,7 +12,9 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
   sorted grouping; block Hadamard aligned with the activation groups; statistics from the first
   8 calibration sequences), R2 = per-head Hadamard,
   R3 (online Hadamard on Q/K after RoPE) and R4 (online Hadamard on the down_proj input) on;
-- calibration: 128 sequences x 2048 tokens, seed 0;
+- calibration: 128 sequences x 2048 tokens, seed 0, carried through the quantized layers with
+  float activations (``calib_activations="quantized"``: rounded as at run time, on the real
+  W4A4 kernels);
 - GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128, no coordinate-descent
   sweeps after it (``gptq_cd_sweeps``, OSAQ's ``+CD`` variant: offq/quantizers/cd.py);
 - OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.1,
@@ -42,6 +44,7 @@ PCA_MODES = ("top1", "standard", "none")
 OUTLIER_INDEX = ("ones", "other")
 OSAQ_TAILS = ("auto", "exact", "subspace")
 R2_MODES = ("hadamard", "pca_hadamard", "none")
+CALIB_ACTIVATIONS = ("float", "quantized")
 OFF = 16  # a bit width of 16 switches that quantizer off
 
 CONFIG_VERSION = 1
@@ -101,6 +104,12 @@ class QuantConfig:
     calib_samples: int = 128
     calib_seqlen: int = 2048
     seed: int = 0
+    # what the calibration batch carries through the quantized layers: "float" (weights
+    # quantized, activations and KV in float, as QuaRot calibrates GPTQ) or "quantized" (the
+    # activations rounded by the run-time quantizer too, so the 4-bit products run on the real
+    # W4A4 kernels: a faster calibration whose Hessians see the run-time activation rounding; KV
+    # stays float either way)
+    calib_activations: str = "float"
     # --- GPTQ ---
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
@@ -159,6 +168,7 @@ class QuantConfig:
         choice("outlier_index", OUTLIER_INDEX)
         choice("r2", R2_MODES)
         choice("osaq_tail", OSAQ_TAILS)
+        choice("calib_activations", CALIB_ACTIVATIONS)
         for name in ("w_bits", "a_bits", "kv_bits"):
             bits(name)
         for name in ("w_group_size", "a_group_size", "kv_group_size"):
@@ -292,6 +302,7 @@ class QuantConfig:
         if self.lm_head_bits != OFF:
             parts.append(f"head:int{self.lm_head_bits}")
         from .recipe.pipeline import needs_calibration  # the recipe decides what it reads
-        parts.append(f"calib:{self.calib_samples}x{self.calib_seqlen},seed{self.seed}"
+        act = ",act-quantized" if self.calib_activations == "quantized" else ""
+        parts.append(f"calib:{self.calib_samples}x{self.calib_seqlen},seed{self.seed}{act}"
                      if needs_calibration(self) else "calib:none")
         return " ".join(parts)

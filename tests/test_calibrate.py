@@ -1,7 +1,12 @@
 """The sequential calibration of one layer (offq/recipe/calibrate.py) against a plain reference
 built from the runner's whole-layer forward: each site's Hessian is that of the layer with the
 earlier sites quantized and the later ones in float, the mean key is that of the quantized q/k/v,
-and the calibration batch leaves the layer exactly as the quantized layer's forward sends it."""
+and the calibration batch leaves the layer exactly as the quantized layer's forward sends it.
+
+Both settings of ``calib_activations`` are checked against the float32 simulation ("fake"):
+"float" (activations and KV in float) and "quantized" (activations rounded as at run time; the
+calibration then runs the real W4A4 kernels, which must give the simulation's numbers bit for
+bit)."""
 import dataclasses
 
 import numpy as np
@@ -22,10 +27,16 @@ from offq.recipe.statistics import fused_layer
 from tiny_models import tiny_checkpoint
 
 
-def _setup(arch, seed=0):
+CALIB = ["float", "quantized"]
+
+
+def _setup(arch, seed=0, calib="float"):
     ckpt = tiny_checkpoint(seed, arch=arch, layers=1, d=64, hd=16, nh=4, nkv=2, f=128)
     mc = ckpt.config
-    cfg = QuantConfig(method="quarot", w_bits=3, a_group_size=32)  # coarse grid: big differences
+    # coarse grids: big differences (4-bit weights with quantized activations: the integer
+    # product, whose real kernel is what the "quantized" calibration runs)
+    cfg = QuantConfig(method="quarot", w_bits=3 if calib == "float" else 4, a_group_size=32,
+                      calib_activations=calib)
     w = fused_layer(ckpt, mc, 0)
     rot.rotate_layer(w, 0, mc, r1=rot.quarot_r1(mc.hidden_size, 0),
                      r2=rot.r2_matrices(mc.head_dim, mc.num_key_value_heads), r4=cfg.r4)
@@ -48,12 +59,20 @@ def _run(mc, cfg, w, h, batch_size=2, propagate=True):
     return done, seen, out
 
 
+def _crossing(cfg):
+    """The simulated layer the calibration batch must cross (KV float; activations as set)."""
+    if cfg.calib_activations == "quantized":
+        return dataclasses.replace(cfg, kv_bits=OFF)
+    return dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF)
+
+
+@pytest.mark.parametrize("calib", CALIB)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_site_hessians_see_the_earlier_sites_quantized(arch):
-    mc, cfg, w, h = _setup(arch)
+def test_site_hessians_see_the_earlier_sites_quantized(arch, calib):
+    mc, cfg, w, h = _setup(arch, calib=calib)
     done, seen, out = _run(mc, cfg, w, h)
     a = architecture_of(mc)
-    weights_only = dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF)
+    weights_only = _crossing(cfg)
     norms = w[a.norm(0, "input_norm")], w[a.norm(0, "post_norm")]
     runner = LayerRunner(mc)
     for k, site in enumerate(SITE_ORDER):
@@ -79,13 +98,14 @@ def test_site_hessians_see_the_earlier_sites_quantized(arch):
             assert np.abs(acc[site].finish() - ref).max() > 1e-3 * np.abs(ref).max(), site
 
 
+@pytest.mark.parametrize("calib", CALIB)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_batch_leaves_as_the_quantized_layer_sends_it(arch):
+def test_batch_leaves_as_the_quantized_layer_sends_it(arch, calib):
     """Bit for bit: a resumed run propagates through the stored layer instead."""
-    mc, cfg, w, h = _setup(arch, seed=1)
+    mc, cfg, w, h = _setup(arch, seed=1, calib=calib)
     done, _, out = _run(mc, cfg, w, h)
     a = architecture_of(mc)
-    weights_only = dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF)
+    weights_only = _crossing(cfg)
     layer = build_layer(done.linears, w[a.norm(0, "input_norm")], w[a.norm(0, "post_norm")], mc,
                         weights_only, 0, "fake")
     keys = KeyMean(layer.qk_transform)
@@ -99,6 +119,36 @@ def test_batch_leaves_as_the_quantized_layer_sends_it(arch):
     _, _, untouched = _run(mc, cfg, w, h, propagate=False)  # the last layer: no propagation
     assert np.abs(untouched - h).max() > 0  # o_proj is applied for the MLP's Hessian ...
     assert not np.array_equal(untouched, out)  # ... but not down_proj
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantized_calibration_runs_the_integer_kernels_and_sees_rounded_activations(arch):
+    """With ``calib_activations="quantized"`` the 4-bit products of the calibration are
+    ``matmul_w4a4`` calls (the speed it exists for), and the Hessians after the first site
+    differ from those of the float calibration of the same weights."""
+    import offq.quant.linears as linears_module
+
+    mc, cfg, w, h = _setup(arch, seed=2, calib="quantized")
+    calls = []
+    real_matmul = linears_module.matmul_w4a4
+
+    def counting(a, wq, **kw):
+        calls.append(a.shape)
+        return real_matmul(a, wq, **kw)
+
+    linears_module.matmul_w4a4 = counting
+    try:
+        _, seen_q, out_q = _run(mc, cfg, w, h)
+    finally:
+        linears_module.matmul_w4a4 = real_matmul
+    # q/k/v fused, o_proj, gate/up fused, down_proj: one call per batch each (5 rows, batch 2)
+    assert len(calls) == 4 * 3
+    _, seen_f, out_f = _run(mc, dataclasses.replace(cfg, calib_activations="float"), w, h)
+    np.testing.assert_array_equal(seen_q["attn_in"], seen_f["attn_in"])  # nothing rounded yet
+    for site in SITE_ORDER[1:]:
+        ref = seen_f[site]
+        assert np.abs(seen_q[site] - ref).max() > 1e-3 * np.abs(ref).max(), site
+    assert not np.array_equal(out_q, out_f)
 
 
 @pytest.mark.parametrize("extra,kept", [({}, False), ({"w_quantizer": "osaq+gptq"}, False),

@@ -225,6 +225,20 @@ def test_statistics_read_the_first_pca_samples_sequences():
     assert "seq)" not in QuantConfig(calib_samples=8).describe()
 
 
+def test_calib_activations_setting():
+    """Checked like every choice, shown in the protocol line, read back, and absent from
+    checkpoints written before it existed (which calibrated with float activations)."""
+    with pytest.raises(ValueError, match="^calib_activations: expected one of float, quantized"):
+        QuantConfig(calib_activations="int4")
+    assert "act-quantized" in QuantConfig(calib_activations="quantized").describe()
+    assert "act-quantized" not in QuantConfig().describe()
+    cfg = QuantConfig(calib_activations="quantized")
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    old = QuantConfig().to_dict()
+    del old["calib_activations"]
+    assert QuantConfig.from_dict(old).calib_activations == "float"
+
+
 RUN = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}, {tests!r}]
@@ -265,6 +279,37 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
     for name in ("model.safetensors", "config.json"):
         assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
     assert not partial.exists()
+
+
+@pytest.mark.parametrize("calib", ["float", "quantized"])
+def test_resume_continues_each_calibration_setting_bit_for_bit(tmp_path, monkeypatch, calib):
+    """A resumed run carries the batch through the stored layers the way the interrupted run
+    carried it (with ``calib_activations="quantized"``: rounded activations on the real
+    kernels), so its checkpoint is the uninterrupted one's. In process: the run is stopped by an
+    error once layer 2 is stored."""
+    from offq.recipe.store import CheckpointStore
+
+    ckpt = tiny_checkpoint(5, layers=5, d=64, hd=16, f=128)
+    cfg = QuantConfig(method="offq", a_group_size=32, calib_samples=6, calib_seqlen=24,
+                      calib_activations=calib)
+    calib_ids = calibration(ckpt, 6, 24)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    pipeline.quantize(ckpt, cfg, calib_ids, out_dir=whole, batch_size=2, progress=False)
+    save = CheckpointStore.save_layer
+
+    def stop_after_layer_2(self, i, tensors):
+        save(self, i, tensors)
+        if i == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(CheckpointStore, "save_layer", stop_after_layer_2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.quantize(ckpt, cfg, calib_ids, out_dir=cut, batch_size=2, progress=False)
+    monkeypatch.setattr(CheckpointStore, "save_layer", save)
+    pipeline.quantize(ckpt, cfg, calib_ids, out_dir=cut, batch_size=2, progress=False,
+                      resume=True)
+    for name in ("model.safetensors", "config.json"):
+        assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
 
 
 def test_bad_runs_fail_before_any_pass(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ from ..quant.assemble import build_layer
 from ..quantizers.gptq import HessianAccumulator
 from .key_offset import KeyMean
 
-__all__ = ["LayerCalibration", "calibrate_layer", "SITE_ORDER"]
+__all__ = ["LayerCalibration", "calibrate_layer", "propagation_setting", "SITE_ORDER"]
 
 #: the input sites in the order the forward reaches them
 SITE_ORDER = ("attn_in", "o_in", "mlp_in", "down_in")
@@ -49,6 +49,19 @@ SITE_ORDER = ("attn_in", "o_in", "mlp_in", "down_in")
 #: keeps it alive once the weight method is done with it
 QuantizeSite = Callable[[str, "HessianAccumulator | None"],
                         tuple[dict[str, Any], dict[str, Any]]]
+
+
+def propagation_setting(cfg: QuantConfig) -> tuple[QuantConfig, str]:
+    """The config and build mode of the layers the calibration batch crosses.
+
+    KV stays float either way (the key offset it would need is what the pass measures). With
+    ``calib_activations="float"`` the activations stay float too and the products run on the
+    dequantized weights ("fake": sgemm). With ``"quantized"`` they are rounded by the run-time
+    quantizer, and the layer is the real one: 4-bit x 4-bit products on ``matmul_w4a4``, whose
+    results are the fake path's bit for bit (docs/METHODS.md, "Fake and real paths")."""
+    if cfg.calib_activations == "quantized" and cfg.a_bits != OFF:
+        return dataclasses.replace(cfg, kv_bits=OFF), "real"
+    return dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF), "fake"
 
 
 @dataclass
@@ -70,7 +83,7 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
     attention added, the MLP not). Without ``hessians`` (RTN with centred keys) every site is
     quantized first and one forward records the mean key."""
     arch = architecture_of(mc)
-    weights_only = dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF)
+    crossing, mode = propagation_setting(cfg)
     linears: dict[str, Any] = {n: DenseLinear(w[arch.weight(i, n)], w.get(arch.bias(i, n)))
                                for n in arch.linear_names}
     reports: dict[str, Any] = {}
@@ -80,7 +93,7 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
     def current_layer() -> Any:
         """The layer with the sites quantized so far (the others still float)."""
         return build_layer(linears, w[arch.norm(i, "input_norm")], w[arch.norm(i, "post_norm")],
-                           mc, weights_only, i, "fake")
+                           mc, crossing, i, mode)
 
     def quantize(site: str, acc: HessianAccumulator | None) -> Any:
         """Quantize ``site``, install its linears, return the layer as it now stands."""

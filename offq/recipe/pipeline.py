@@ -46,7 +46,7 @@ from ..quant.weight import QuantizedWeight
 from ..quantizers.gptq import HessianAccumulator
 from ..quantizers.registry import build_weight_quantizer
 from . import rotations as rot
-from .calibrate import calibrate_layer
+from .calibrate import calibrate_layer, propagation_setting
 from .key_offset import key_offset_from_bias
 from .statistics import collect_statistics, fused_layer
 from .store import CheckpointStore, calibration_record, fingerprint, write_checkpoint
@@ -158,7 +158,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
 
     # 3. layer by layer: fuse + rotate, then site by site capture + quantize (calibrate.py),
     # which also carries the calibration batch through the quantized layer; write
-    weights_only = dataclasses.replace(config, a_bits=OFF, kv_bits=OFF)
+    crossing, crossing_mode = propagation_setting(config)
     runner = LayerRunner(mc)
     hessians_needed = needs_hessians(config)
     propagate = calib is not None and (hessians_needed or config.centres_keys)
@@ -199,7 +199,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
                                          config.rotates and config.r3)
             store.save_layer(i, stored)
         elif h is not None and not last:  # resumed: propagate through the stored layer
-            layer = layer_from_tensors(stored, mc, weights_only, i, "fake")
+            layer = layer_from_tensors(stored, mc, crossing, i, crossing_mode)
             for s in range(0, h.shape[0], batch_size):
                 runner.forward(layer, h[s:s + batch_size])
             t_calib += time.perf_counter() - t
