@@ -122,7 +122,8 @@ def test_batch_leaves_as_the_quantized_layer_sends_it(arch, calib):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_quantized_calibration_runs_the_integer_kernels_and_sees_rounded_activations(arch):
+def test_quantized_calibration_runs_the_integer_kernels_and_sees_rounded_activations(
+        arch, monkeypatch):
     """With ``calib_activations="quantized"`` the 4-bit products of the calibration are
     ``matmul_w4a4`` calls (the speed it exists for), and the Hessians after the first site
     differ from those of the float calibration of the same weights."""
@@ -136,12 +137,11 @@ def test_quantized_calibration_runs_the_integer_kernels_and_sees_rounded_activat
         calls.append(a.shape)
         return real_matmul(a, wq, **kw)
 
-    linears_module.matmul_w4a4 = counting
-    try:
-        _, seen_q, out_q = _run(mc, cfg, w, h)
-    finally:
-        linears_module.matmul_w4a4 = real_matmul
-    # q/k/v fused, o_proj, gate/up fused, down_proj: one call per batch each (5 rows, batch 2)
+    monkeypatch.setattr(linears_module, "matmul_w4a4", counting)
+    _, seen_q, out_q = _run(mc, cfg, w, h)
+    monkeypatch.undo()
+    # q/k/v fused, o_proj, gate/up fused, down_proj: one call each per batch (5 sequences in
+    # batches of 2: 3 batches)
     assert len(calls) == 4 * 3
     _, seen_f, out_f = _run(mc, dataclasses.replace(cfg, calib_activations="float"), w, h)
     np.testing.assert_array_equal(seen_q["attn_in"], seen_f["attn_in"])  # nothing rounded yet
