@@ -62,7 +62,8 @@ def propagation_setting(cfg: QuantConfig) -> tuple[QuantConfig, str]:
     ``calib_activations="float"`` the activations stay float too and the products run on the
     dequantized weights ("fake": sgemm). With ``"quantized"`` they are rounded by the run-time
     quantizer, and the layer is the real one: 4-bit x 4-bit products on ``matmul_w4a4``, whose
-    results are the fake path's bit for bit (docs/METHODS.md, "Fake and real paths")."""
+    results are the fake path's bit for bit (README, "Fake and real paths";
+    tests/test_calibrate.py)."""
     if cfg.calib_activations == "quantized" and cfg.a_bits != OFF:
         return dataclasses.replace(cfg, kv_bits=OFF), "real"
     return dataclasses.replace(cfg, a_bits=OFF, kv_bits=OFF), "fake"
