@@ -6,7 +6,9 @@
    raise errors that name the tensor / layer / site;
 3. the checkpoint directory is written model first, config.json last, stale files removed and the
    directory fsync'd;
-4. ``--resume`` refuses a changed source model, batch size or offq version, and resumes otherwise;
+4. ``--resume`` refuses a changed source model, batch size or offq version, and a stored layer
+   or rotations file that is not what the run stores (checked like a checkpoint), and resumes
+   otherwise;
 5. Hadamard sizes are checked before any pass;
 6. the activation clip shrinks the range about its midpoint, and the C kernel agrees with the grid;
 7. tensor names live in offq/model/arch.py only, and its GGUF <-> HF maps round-trip;
@@ -329,6 +331,73 @@ def test_resume_continues_an_unchanged_run(tmp_path, monkeypatch):
     for name in ("model.safetensors", "config.json"):
         assert (cut / name).read_bytes() == (whole / name).read_bytes(), name
     assert not (cut / ".offq-partial").exists()
+
+
+def _spoil_layer(path: Path, change: str) -> str:
+    """Rewrite a stored layer file with one tensor spoiled; returns the expected message."""
+    tensors, meta = load_safetensors(path)
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    name = "model.layers.0.mlp.down_proj." + ("zeros" if change == "missing" else
+                                              "qweight" if change == "shape" else "scales")
+    if change == "nan":
+        tensors[name][1, 0] = np.nan
+        message = f"tensor '{name}' contains NaN or Inf"
+    elif change == "shape":
+        tensors[name] = np.ascontiguousarray(tensors[name][:, :-1])
+        message = rf"tensor '{name}' is uint8 \[64, 63\], expected U8 \[64, 64\]"
+    else:
+        del tensors[name]
+        message = f"missing tensor '{name}'"
+    save_safetensors(path, tensors, meta)
+    return message
+
+
+@pytest.mark.parametrize("change,layers", [("nan", 3), ("shape", 3), ("missing", 3),
+                                           ("nan", 1)])
+def test_resume_refuses_a_spoiled_stored_layer(change, layers, tmp_path, monkeypatch):
+    """A stored layer is checked like a checkpoint's before --resume uses it: unchecked, a NaN
+    scale was blamed on 'the calibration activations', a short qweight on the kernel argument
+    'packed', a missing tensor was a KeyError, and in the last layer (which no calibration
+    batch crosses) a NaN scale went into a checkpoint written with success."""
+    ckpt = with_source_id(tiny_checkpoint(5, layers=layers))
+    calib = calibration(ckpt, 4, 16)
+    out = tmp_path / "cut"
+    _partial_run(ckpt, RESUME_CFG, calib, out, monkeypatch)
+    layer = out / ".offq-partial" / "layer_0000.safetensors"
+    message = _spoil_layer(layer, change)
+    with pytest.raises(ValueError, match=rf"^resume: .*layer_0000.safetensors: {message}.*"
+                                         "rerun without --resume"):
+        pipeline.quantize(ckpt, RESUME_CFG, calib, out_dir=out, resume=True, batch_size=2)
+    assert not (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("change", ["r1 missing", "r1 short", "r2 nan"])
+def test_resume_refuses_spoiled_rotations(change, tmp_path, monkeypatch):
+    """Without the check, a rotations file that lost R1 resumed silently: the remaining layers
+    and the embeddings were quantized unrotated beside a rotated layer 0 (a broken model,
+    written with success and loading fine)."""
+    cfg = QuantConfig(method="offq")
+    ckpt = with_source_id(tiny_checkpoint(5, layers=3))
+    calib = calibration(ckpt, 4, 16)
+    out = tmp_path / "cut"
+    _partial_run(ckpt, cfg, calib, out, monkeypatch)
+    path = out / ".offq-partial" / "rotations.safetensors"
+    arrays = {k: np.array(v) for k, v in load_safetensors(path)[0].items()}
+    assert set(arrays) == {"r1", "r2"}
+    if change == "r1 missing":
+        del arrays["r1"]
+        message = r" holds \['r2'\], expected \['r1', 'r2'\]"
+    elif change == "r1 short":
+        arrays["r1"] = np.ascontiguousarray(arrays["r1"][:-1])
+        message = r": 'r1' is float64 \[63, 64\], expected float64 \[64, 64\]"
+    else:
+        arrays["r2"][1, 0, 2, 3] = np.nan
+        message = ": 'r2' contains NaN or Inf"
+    save_safetensors(path, arrays)
+    with pytest.raises(ValueError, match=rf"^resume: .*rotations.safetensors{message}; "
+                                         "rerun without --resume"):
+        pipeline.quantize(ckpt, cfg, calib, out_dir=out, resume=True, batch_size=2)
+    assert not (out / "config.json").exists()
 
 
 # ============================================================================ 5. Hadamard sizes

@@ -164,7 +164,23 @@ def check_checkpoint_tensors(tensors: Mapping[str, np.ndarray], model_config: An
     """Every expected tensor present with its dtype and shape, no other tensor, every
     quantization scale and zero-point finite, and every 2/3-bit code below 2^bits (ValueError
     naming the tensor otherwise)."""
-    expected = expected_tensors(model_config, cfg)
+    _check_expected(tensors, expected_tensors(model_config, cfg), model_config, cfg, source)
+
+
+def check_layer_tensors(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: QuantConfig,
+                        i: int, source: str) -> None:
+    """The checks of `check_checkpoint_tensors` on layer ``i``'s tensors alone: what a partial
+    run stores a layer as (``offq.recipe.store``), read back by ``--resume`` (a spoiled file
+    would otherwise be crossed by the calibration batch or copied into the checkpoint)."""
+    arch = architecture_of(model_config)
+    expected = {n: v for n, v in expected_tensors(model_config, cfg).items()
+                if arch.layer_of(n) == i}
+    _check_expected(tensors, expected, model_config, cfg, source)
+
+
+def _check_expected(tensors: Mapping[str, np.ndarray],
+                    expected: Mapping[str, tuple[tuple[int, ...], str]], model_config: Any,
+                    cfg: QuantConfig, source: str) -> None:
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""

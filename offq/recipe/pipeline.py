@@ -150,7 +150,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
 
     # 2. rotations (statistics pass when the method needs one)
     t0 = time.perf_counter()
-    r1, r2, rot_meta = store.load_rotations() if store.has_rotations() else (None, None, None)
+    r1, r2, rot_meta = (store.load_rotations(mc, config) if store.has_rotations()
+                         else (None, None, None))
     if rot_meta is None:
         r1, r2, rot_meta = compute_rotations(ckpt, mc, config, calib, batch_size, show)
         store.save_rotations(r1, r2, rot_meta)
@@ -168,7 +169,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     t_calib = t_quant = 0.0
     for i in track(range(mc.num_hidden_layers), "quantize layers", unit="layer", show=show):
         last = i + 1 == mc.num_hidden_layers
-        stored = store.load_layer(i)
+        stored = store.load_layer(i, mc, config)  # a resumed layer is checked first
         w = None
         t = time.perf_counter()
         if stored is None:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..config import QuantConfig
-from ..formats.checkpoint import (CONFIG_FILE, MODEL_FILE, PARTIAL_DIR, load_safetensors,
-                                  offq_block, save_safetensors)
+from ..formats.checkpoint import (CONFIG_FILE, MODEL_FILE, PARTIAL_DIR, check_layer_tensors,
+                                  load_safetensors, offq_block, save_safetensors)
 from ..formats.files import atomic_write_json, fsync_dir, read_json_object
 
 logger = logging.getLogger(__name__)
@@ -118,11 +118,17 @@ class CheckpointStore:
         save_safetensors(self.partial / "rotations.safetensors", arrays)
         atomic_write_json(self.partial / "rotations.json", meta)  # last: marks them complete
 
-    def load_rotations(self) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
+    def load_rotations(self, mc: Any = None, cfg: QuantConfig | None = None
+                       ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
+        """R1, R2 and their description; with ``mc`` and ``cfg``, a resumed run's file is
+        checked against the rotations that config computes (`expected_rotations`)."""
         if self.dir is None:
             return self.mem["rot"]
         meta = read_json_object(self.partial / "rotations.json", _RESUME_HINT)
-        arrays, _ = load_safetensors(self.partial / "rotations.safetensors")
+        path = self.partial / "rotations.safetensors"
+        arrays, _ = load_safetensors(path)
+        if mc is not None and cfg is not None:
+            _check_rotations(arrays, expected_rotations(mc, cfg), path)
         return (np.array(arrays["r1"]) if "r1" in arrays else None,
                 np.array(arrays["r2"]) if "r2" in arrays else None, meta)
 
@@ -136,11 +142,23 @@ class CheckpointStore:
         else:
             save_safetensors(self._layer_path(i), tensors)
 
-    def load_layer(self, i: int) -> dict[str, np.ndarray] | None:
+    def load_layer(self, i: int, mc: Any = None,
+                   cfg: QuantConfig | None = None) -> dict[str, np.ndarray] | None:
+        """Layer ``i``'s stored tensors, or None; with ``mc`` and ``cfg``, a file of a resumed
+        run is checked as a checkpoint's layer (`check_layer_tensors`: names, shapes, dtypes,
+        finite scales) before anything reads it."""
         if self.dir is None:
             return self.mem.get(i)
         path = self._layer_path(i)
-        return load_safetensors(path)[0] if path.is_file() else None
+        if not path.is_file():
+            return None
+        tensors = load_safetensors(path)[0]
+        if mc is not None and cfg is not None:
+            try:
+                check_layer_tensors(tensors, mc, cfg, i, str(path))
+            except ValueError as e:
+                raise ValueError(f"resume: {e}; {_RESUME_HINT}") from None
+        return tensors
 
     # ------------------------------------------------------------------ the checkpoint
     def finish(self, glob: dict[str, np.ndarray], mc: Any, cfg: QuantConfig,
@@ -197,3 +215,32 @@ def write_checkpoint(directory: str | Path, tensors: dict[str, np.ndarray], mc: 
     hf["offq"] = offq_block(cfg, mc, meta, calibration, reports)
     atomic_write_json(directory / CONFIG_FILE, hf)
     fsync_dir(directory)
+
+
+def expected_rotations(mc: Any, cfg: QuantConfig) -> dict[str, tuple[int, ...]]:
+    """The arrays ``rotations.safetensors`` holds for this model and config, with their shapes
+    (``offq.recipe.pipeline.compute_rotations``): R1 ``[d, d]`` when the method rotates, R2
+    ``[layers, kv_heads, head_dim, head_dim]`` when it also has an R2."""
+    if not cfg.rotates:
+        return {}
+    d, hd = mc.hidden_size, mc.head_dim
+    out = {"r1": (d, d)}
+    if cfg.r2 != "none":
+        out["r2"] = (mc.num_hidden_layers, mc.num_key_value_heads, hd, hd)
+    return out
+
+
+def _check_rotations(arrays: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                     path: Path) -> None:
+    """ValueError naming ``path`` unless it holds exactly the ``expected`` float64 arrays, finite
+    (a missing R1 would quantize the remaining layers unrotated beside rotated ones)."""
+    if set(arrays) != set(expected):
+        raise ValueError(f"resume: {path} holds {sorted(arrays)}, expected {sorted(expected)}; "
+                         f"{_RESUME_HINT}")
+    for name, shape in expected.items():
+        a = arrays[name]
+        if a.dtype != np.float64 or tuple(a.shape) != shape:
+            raise ValueError(f"resume: {path}: {name!r} is {a.dtype} {list(a.shape)}, expected "
+                             f"float64 {list(shape)}; {_RESUME_HINT}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"resume: {path}: {name!r} contains NaN or Inf; {_RESUME_HINT}")
