@@ -152,6 +152,11 @@ GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
     ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16, None, "needs"),
     # a consistent byte count (0) but no array NumPy can build: refused with the tensor's name
     ({"a": {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]}}, b"", None, "axis of 2\\^62"),
+    # the same when the non-zero axes hold 2^63 bytes or more, each axis below 2^62 (NumPy's
+    # "array is too big" named neither the file nor the tensor)
+    ({"a": {"dtype": "F32", "shape": [0, 2**61], "data_offsets": [0, 0]}}, b"", None, "2\\^63 bytes"),
+    ({"a": {"dtype": "U8", "shape": [2**31, 0, 2**32], "data_offsets": [0, 0]}}, b"", None,
+     "2\\^63 bytes"),
     ({"a": {"dtype": "F32", "shape": [1] * 40, "data_offsets": [0, 4]}}, b"\0" * 4, None, "more than 32 axes"),
     ({"__metadata__": [], **GOOD}, b"\0" * 16, None, "__metadata__ must map"),
     ({"__metadata__": 0, **GOOD}, b"\0" * 16, None, "__metadata__ must map"),

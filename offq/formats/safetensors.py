@@ -157,6 +157,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         if end - begin != expected:
             raise ValueError(f"{where}: {dtype}{shape} needs {expected} bytes, data_offsets span "
                              f"{end - begin}")
+        if count == 0:  # empty: NumPy still refuses non-zero axes of 2^63 bytes or more
+            nonzero = DTYPES[dtype].itemsize
+            for d in shape:
+                nonzero *= d or 1
+            if nonzero >= 1 << 63:  # ([0, 2^61] in F32: "array is too big", naming nothing)
+                raise ValueError(f"{where}: shape {shape!r}: its non-zero axes hold 2^63 bytes "
+                                 f"or more of {dtype}, more than NumPy can index")
         if end > data_size:
             raise ValueError(f"{where}: data [{begin}, {end}) lies outside the data region "
                              f"({data_size} bytes): truncated file or corrupted offsets")
