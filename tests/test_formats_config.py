@@ -124,6 +124,12 @@ def test_unsupported_architectures_named_with_supported_list(cfg, match):
     ({"rms_norm_eps": "1e-5"}, "rms_norm_eps: expected a number"),
     ({"rope_theta": float("inf")}, "rope_theta: expected a finite number > 0"),
     ({"rope_theta": "abc"}, "rope_theta: expected a number"),
+    # finite and positive, but the RoPE angles overflow float32: every forward was NaN
+    ({"rope_theta": 1e-300}, "rope_theta: RoPE angles overflow float32"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 1e-300}},
+     "rope_theta / rope_scaling: RoPE angles overflow float32"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 1e-36}},
+     "rope_theta / rope_scaling: RoPE angles overflow"),
     ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "'factor' expected a finite number > 0"),
     ({"rope_scaling": {"rope_type": "linear", "factor": "abc"}}, "'factor' expected a finite"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,

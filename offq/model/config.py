@@ -131,6 +131,7 @@ class ModelConfig:
             if value is not None and not (0 <= value < self.vocab_size):
                 raise ValueError(f"{name}: {value} outside the vocabulary [0, {self.vocab_size})")
         _check_rope_scaling(self.rope_scaling)
+        _check_rope_angles(self)
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -382,6 +383,25 @@ def _check_rope_scaling(scaling: dict | None) -> None:
     if rope_type == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
         raise ValueError(f"rope_scaling (llama3): low_freq_factor {scaling['low_freq_factor']!r} "
                          f"must be below high_freq_factor {scaling['high_freq_factor']!r}")
+
+
+def _check_rope_angles(config: "ModelConfig") -> None:
+    """The RoPE angles ``position * inv_freq`` (float32, as ``offq.model.ops`` forms them) must be
+    finite for every position below ``max_position_embeddings``: a ``rope_theta`` far below 1 or
+    a tiny ``rope_scaling`` factor, each finite and positive, overflowed them to Inf, and every
+    forward pass then returned NaN without an error."""
+    import numpy as np
+
+    from .ops import rope_inv_freq
+
+    with np.errstate(all="ignore"):
+        inv = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        last = np.float32(config.max_position_embeddings - 1) * inv
+    if not (np.all(np.isfinite(last)) and np.all(inv >= 0)):
+        what = "rope_theta" if config.rope_scaling is None else "rope_theta / rope_scaling"
+        raise ValueError(f"{what}: RoPE angles overflow float32 within max_position_embeddings "
+                         f"{config.max_position_embeddings} (rope_theta {config.rope_theta!r}, "
+                         f"rope_scaling {config.rope_scaling!r})")
 
 
 def _sliding_window(cfg: Mapping[str, Any], model_type: str) -> int | None:
