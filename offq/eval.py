@@ -189,6 +189,10 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
         for s in range(0, n, batch_size):
             ids = win.ids[s:s + batch_size]
             nll = m.nll(ids)
+            if not np.all(np.isfinite(nll)):  # would print nll=nan ppl=inf and succeed
+                raise ValueError(f"{label}: window {s + int(np.argmax(~np.isfinite(nll).all(-1)))}"
+                                 " has a NaN or Inf log-likelihood: the model computes non-finite "
+                                 "values (NaN/Inf weights, or activations that overflow float32)")
             total_nll += float(nll.sum())
             count += nll.size
             bar.set_postfix(f"ppl {_exp(total_nll / count):.3f}")

@@ -81,6 +81,10 @@ def generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig = Ge
     cache = model.new_cache()
     logits = model.forward(ids[None, :], cache=cache, last_only=True)[0, -1]
     for i in range(cfg.max_new_tokens):
+        if not np.all(np.isfinite(logits)):  # argmax would pick token 0 again and again
+            raise ValueError(f"logits: NaN or Inf at position {ids.size + i - 1}: the model "
+                             "computes non-finite values (NaN/Inf weights, or activations that "
+                             "overflow float32)")
         nxt = _pick(logits, cfg, rng)
         if cfg.stop_at_eos and eos is not None and nxt == eos:
             return

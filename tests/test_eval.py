@@ -42,7 +42,8 @@ def test_windows_reject_bad_arguments(kwargs: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # perplexity arithmetic on a tiny random model
 # ------------------------------------------------------------------------------------------------
-def tiny_model(add_bos: bool = False) -> Model:
+def tiny_model(add_bos: bool = False, nan_at: str | None = None) -> Model:
+    """A random float model; ``nan_at``: a tensor that gets one NaN."""
     cfg = ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=48,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=8, bos_token_id=1, eos_token_id=2, add_bos=add_bos,
@@ -56,7 +57,10 @@ def tiny_model(add_bos: bool = False) -> Model:
         if name not in t:
             t[name] = (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
                        else rng.standard_normal(shape) / math.sqrt(shape[1]))
-    return Model.from_tensors(cfg, {k: v.astype(np.float32) for k, v in t.items()}, name="tiny")
+    t = {k: v.astype(np.float32) for k, v in t.items()}
+    if nan_at is not None:
+        t[nan_at].flat[3] = np.nan
+    return Model.from_tensors(cfg, t, name="tiny")
 
 
 def direct_nll(model: Model, windows: np.ndarray) -> float:
@@ -261,3 +265,19 @@ def test_perplexity_refuses_float_ids_and_saturates_huge_nll() -> None:
     with pytest.raises(ValueError, match="tokens: expected integer token ids, got dtype bool"):
         perplexity(model, None, [True] * 40, seqlen=8, quiet=True)
     assert _exp(800.0) == float("inf") and _exp(1.0) == pytest.approx(math.e)
+
+
+
+@pytest.mark.parametrize("where", ["model.layers.1.mlp.up_proj.weight", "model.norm.weight"])
+def test_non_finite_model_output_is_an_error_not_a_result(where: str) -> None:
+    """A NaN weight made perplexity return nll=nan, ppl=inf (and `offq eval` print it with exit
+    status 0), and greedy generation emit token 0 forever (argmax of NaN logits)."""
+    from offq.generate import GenerationConfig, generate_ids
+    bad = tiny_model(nan_at=where)
+    stream = np.random.default_rng(1).integers(3, 50, size=70)
+    with pytest.raises(ValueError, match=r"^tiny: window 0 has a NaN or Inf log-likelihood"):
+        perplexity(bad, None, stream, seqlen=16, quiet=True)
+    for temperature in (0.0, 1.0):
+        cfg = GenerationConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False)
+        with pytest.raises(ValueError, match=r"^logits: NaN or Inf at position 3"):
+            list(generate_ids(bad, [3, 4, 5, 6], cfg))
