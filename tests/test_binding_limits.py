@@ -81,3 +81,30 @@ def test_eigen_solvers_take_magnitudes_inside_the_range():
         np.testing.assert_allclose(values, [scale, scale], rtol=1e-12)
         values, vectors = _C.top_eigenpairs(h + np.diag(np.arange(16) * scale / 16), 1, 1e-6, 0)
         assert np.all(np.isfinite(vectors))
+
+
+_H = np.eye(4)
+_LAYER = (None, None) + tuple(
+    (np.zeros((n, k // 2), np.uint8), np.zeros((n, 1), np.float32), np.zeros((n, 1), np.float32),
+     k, None, k) for n, k in ((8, 4), (4, 4), (8, 4), (4, 4))) + (None,)
+
+
+@pytest.mark.parametrize("name,call", [
+    ("normalize", lambda bad: _C.fwht(np.ones((1, 4)), None, bad, None)),
+    ("normalize", lambda bad: _C.hadamard_matrix(4, bad, np.float64)),
+    ("top1", lambda bad: _C.cov_update(np.zeros((4, 4)), np.ones((1, 1, 4)), bad)),
+    ("symmetric", lambda bad: _C.quantize(np.ones((1, 4), np.float32), 4, 4, bad)),
+    ("symmetric", lambda bad: _C.mse_clip_search(np.ones((1, 4), np.float32), 4, bad, 10, 1)),
+    ("keep_factor", lambda bad: _C.tail_subspace(_H, 1.0, 1, 5, 0, bad)),
+    ("a_symmetric", lambda bad: _C.decoder_plan((_LAYER,), 4, 4, 2, 1, 2, 1e-6, bad, 1.0,
+                                                False, 2, False, False)),
+    ("r4", lambda bad: _C.decoder_plan((_LAYER,), 4, 4, 2, 1, 2, 1e-6, False, 1.0, False, 2,
+                                       False, bad)),
+])
+def test_a_flag_whose_truth_value_fails_is_named(name, call):
+    # the bindings parsed flags with "p", which let NumPy's "The truth value of an array with
+    # more than one element is ambiguous" through without the argument's name
+    with pytest.raises(TypeError, match=rf"^{name}: expected a bool, got numpy.ndarray$"):
+        call(np.array([True, False]))
+    call(np.bool_(True))  # what "p" accepted is still accepted
+    call(0)

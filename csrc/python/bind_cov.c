@@ -8,9 +8,10 @@
  * sequence of x[batch, tokens, d]: the token of largest L-infinity norm). */
 static PyObject *py_cov_update(PyObject *self, PyObject *args)
 {
-    PyObject *acc_obj, *x_obj;
+    PyObject *acc_obj, *x_obj, *top1_obj;
     int top1;
-    if (!PyArg_ParseTuple(args, "OOp:cov_update", &acc_obj, &x_obj, &top1)) {
+    if (!PyArg_ParseTuple(args, "OOO:cov_update", &acc_obj, &x_obj, &top1_obj) ||
+        offq_py_flag(top1_obj, "top1", &top1) < 0) {
         return NULL;
     }
     const int acc_type = offq_float_typenum(acc_obj, "acc");

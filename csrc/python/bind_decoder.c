@@ -290,11 +290,15 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"layers", "hidden_size", "intermediate_size", "num_heads",
                              "num_kv_heads", "head_dim", "eps", "a_symmetric", "a_clip",
                              "kv_symmetric", "kv_group", "r3", "r4", NULL};
-    PyObject *layers_o, *dims_o[5], *eps_o, *clip_o, *kvg_o;
+    PyObject *layers_o, *dims_o[5], *eps_o, *clip_o, *kvg_o, *flag_o[4];
     int a_sym, kv_sym, r3, r4;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOpOpOpp:decoder_plan", kwlist, &layers_o,
-                                     &dims_o[0], &dims_o[1], &dims_o[2], &dims_o[3], &dims_o[4],
-                                     &eps_o, &a_sym, &clip_o, &kv_sym, &kvg_o, &r3, &r4)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOOOOOO:decoder_plan", kwlist,
+                                     &layers_o, &dims_o[0], &dims_o[1], &dims_o[2], &dims_o[3],
+                                     &dims_o[4], &eps_o, &flag_o[0], &clip_o, &flag_o[1], &kvg_o,
+                                     &flag_o[2], &flag_o[3]) ||
+        offq_py_flag(flag_o[0], "a_symmetric", &a_sym) < 0 ||
+        offq_py_flag(flag_o[1], "kv_symmetric", &kv_sym) < 0 ||
+        offq_py_flag(flag_o[2], "r3", &r3) < 0 || offq_py_flag(flag_o[3], "r4", &r4) < 0) {
         return NULL;
     }
     const char *dim_names[5] = {"hidden_size", "intermediate_size", "num_heads", "num_kv_heads",

@@ -19,11 +19,12 @@ static void unsupported_length(const char *name, int64_t n)
  * new array. */
 static PyObject *py_fwht(PyObject *self, PyObject *args)
 {
-    PyObject *x_obj, *block_obj, *out_obj;
+    PyObject *x_obj, *block_obj, *norm_obj, *out_obj;
     long long block = 0;
     int normalize;
     int has_block;
-    if (!PyArg_ParseTuple(args, "OOpO:fwht", &x_obj, &block_obj, &normalize, &out_obj)) {
+    if (!PyArg_ParseTuple(args, "OOOO:fwht", &x_obj, &block_obj, &norm_obj, &out_obj) ||
+        offq_py_flag(norm_obj, "normalize", &normalize) < 0) {
         return NULL;
     }
     has_block = block_obj != Py_None;
@@ -163,11 +164,11 @@ static PyObject *py_hadamard_orders(PyObject *self, PyObject *Py_UNUSED(ignored)
 /* hadamard_matrix(n, normalize, dtype) -> [n, n] H with fwht(x) == x @ H: the identity, transformed. */
 static PyObject *py_hadamard_matrix(PyObject *self, PyObject *args)
 {
-    PyObject *n_obj, *dtype_obj;
+    PyObject *n_obj, *norm_obj, *dtype_obj;
     int normalize;
     long long n;
-    if (!PyArg_ParseTuple(args, "OpO:hadamard_matrix", &n_obj, &normalize, &dtype_obj) ||
-        offq_py_int(n_obj, "n", &n) < 0) {
+    if (!PyArg_ParseTuple(args, "OOO:hadamard_matrix", &n_obj, &norm_obj, &dtype_obj) ||
+        offq_py_int(n_obj, "n", &n) < 0 || offq_py_flag(norm_obj, "normalize", &normalize) < 0) {
         return NULL;
     }
     if (n < 1) {

@@ -278,12 +278,13 @@ static PyObject *owning_f32_square(float *data, int64_t k)
  * by inverse subspace iteration (see offq.kernels.tail_subspace). */
 static PyObject *py_tail_subspace(PyObject *self, PyObject *args)
 {
-    PyObject *h_obj, *budget_obj, *block_obj, *iter_obj, *seed_obj;
+    PyObject *h_obj, *budget_obj, *block_obj, *iter_obj, *seed_obj, *keep_obj;
     int keep_factor;
     double budget;
     long long block, max_iter, seed;
-    if (!PyArg_ParseTuple(args, "OOOOOp:tail_subspace", &h_obj, &budget_obj, &block_obj,
-                          &iter_obj, &seed_obj, &keep_factor) ||
+    if (!PyArg_ParseTuple(args, "OOOOOO:tail_subspace", &h_obj, &budget_obj, &block_obj,
+                          &iter_obj, &seed_obj, &keep_obj) ||
+        offq_py_flag(keep_obj, "keep_factor", &keep_factor) < 0 ||
         nonnegative_number(budget_obj, "budget", &budget) < 0 ||
         bounded_count(iter_obj, "max_iter", 100000, &max_iter) < 0 ||
         offq_py_int(seed_obj, "seed", &seed) < 0) {

@@ -87,11 +87,12 @@ static int check_shape(PyArrayObject *arr, const char *name, PyArrayObject *ref,
 static PyObject *py_quantize(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"x", "bits", "group_size", "symmetric", "clip", NULL};
-    PyObject *xo, *bits_o = NULL, *group_o = NULL, *clip_o = NULL;
+    PyObject *xo, *bits_o = NULL, *group_o = NULL, *sym_o = NULL, *clip_o = NULL;
     int bits = 4, symmetric = 0;
     double clip = 1.0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOpO:quantize", kwlist, &xo, &bits_o,
-                                     &group_o, &symmetric, &clip_o)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOOO:quantize", kwlist, &xo, &bits_o,
+                                     &group_o, &sym_o, &clip_o) ||
+        (sym_o != NULL && offq_py_flag(sym_o, "symmetric", &symmetric) < 0)) {
         return NULL;
     }
     PyArrayObject *x = offq_check_array(xo, "x", NPY_FLOAT32, 1, -1);
@@ -492,8 +493,8 @@ static PyObject *py_mse_clip_search(PyObject *self, PyObject *args)
         offq_py_int(top_obj, "top", &top) < 0) {
         return NULL;
     }
-    const int symmetric = PyObject_IsTrue(sym_obj);
-    if (symmetric < 0) {
+    int symmetric;
+    if (offq_py_flag(sym_obj, "symmetric", &symmetric) < 0) {
         return NULL;
     }
     /* the cost is ~(top / 5 + 8) round trips per row: a cap keeps a call interruptible in time */

@@ -37,6 +37,9 @@ int offq_py_status(offq_status status, offq_errctx ctx);
 
 /* A Python int (or an object with __index__, not a bool) -> *out; else TypeError naming `name`. */
 int offq_py_int(PyObject *obj, const char *name, long long *out);
+/* The truth value of a flag argument -> *out (0 or 1); a TypeError or ValueError its __bool__
+ * raises (a NumPy array of several elements) becomes a TypeError naming `name`. */
+int offq_py_flag(PyObject *obj, const char *name, int *out);
 /* A real number -> *out; else TypeError naming `name`. */
 int offq_py_float(PyObject *obj, const char *name, double *out);
 

@@ -74,6 +74,21 @@ int offq_py_int(PyObject *obj, const char *name, long long *out)
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+int offq_py_flag(PyObject *obj, const char *name, int *out)
+{
+    const int v = PyObject_IsTrue(obj);
+    if (v < 0) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: expected a bool, got %s", name,
+                         Py_TYPE(obj)->tp_name);
+        }
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
 int offq_py_float(PyObject *obj, const char *name, double *out)
 {
     if (!PyFloat_Check(obj) && !PyIndex_Check(obj) && !PyNumber_Check(obj)) {
