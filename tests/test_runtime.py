@@ -122,6 +122,58 @@ def test_fused_projections_equal_separate_ones(quantized, mode):
         np.testing.assert_array_equal(layer.fused[key](x), np.concatenate(outs, axis=-1))
 
 
+@pytest.mark.parametrize("weight_only", [False, True])
+@pytest.mark.parametrize("mode", ["fake", "real"])
+def test_fused_swiglu_by_row_blocks_equals_one_product(quantized, monkeypatch, mode, weight_only):
+    """The forward forms the fused 4-bit x 4-bit gate/up product a block of rows at a time (its
+    memory peak): the SwiGLU output equals the single product's bit for bit, a short last block
+    joining the one before it, and the whole forward is unchanged. A weight-only fused product
+    (matmul_wq, whose rounding depends on the number of rows) stays one call."""
+    from offq.model import decoder
+    from offq.model.ops import silu_mul
+
+    if weight_only:
+        if mode == "fake":
+            pytest.skip("weight-only models fuse only on the real path")
+        ckpt = tiny_checkpoint(1, arch="qwen2")
+        cfg = QuantConfig(method="gptq", a_bits=16, kv_bits=16, w_group_size=32)
+        quantized = pipeline.quantize(ckpt, cfg, calibration(ckpt, 8, 48, 1))
+    model = quantized.model(mode)
+    layer = model.load_layer(1)
+    fused = layer.fused_linear("gate_up")
+    assert fused is not None
+    m = np.random.default_rng(5).standard_normal((3, 37, fused.in_features)).astype(np.float32)
+    m[:, 0] += 20.0
+    gu = fused(m.reshape(-1, m.shape[-1]))
+    f = gu.shape[-1] // 2
+    want = silu_mul(gu[:, :f], gu[:, f:]).reshape(3, 37, f)
+    calls = []
+    monkeypatch.setattr(decoder, "GATE_UP_ROWS", 16)  # blocks 16, 16, ... and 31 at the end
+    monkeypatch.setitem(layer.fused, "gate_up", _Counting(fused, calls))
+    got = decoder._fused_swiglu(layer.fused["gate_up"], m)
+    assert got.flags.c_contiguous
+    assert calls == ([111] if weight_only else [16] * 5 + [31])
+    np.testing.assert_array_equal(got, want)
+    monkeypatch.setitem(layer.fused, "gate_up", fused)
+    ids = token_ids(101, 2, 40, 9)
+    blocked = model.forward(ids)
+    monkeypatch.setattr(decoder, "GATE_UP_ROWS", 1 << 20)
+    np.testing.assert_array_equal(model.forward(ids), blocked)
+
+
+class _Counting:
+    """A linear that records the rows of each call."""
+
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.rows_independent = getattr(inner, "rows_independent", False)
+
+    def __call__(self, x):
+        self.calls.append(x.shape[0])
+        return self.inner(x)
+
+
 def test_swapping_a_fused_linear_takes_effect(quantized):
     """The named linears stay swappable: replacing q_proj of a fused layer changes the output."""
     model = quantized.model("real")

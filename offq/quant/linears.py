@@ -164,6 +164,12 @@ class FakeQuantLinear:
         return self.dense.out_features if self.dense is not None else self.product.out_features
 
     @property
+    def rows_independent(self) -> bool:
+        """Whether each output row has the same bits whatever rows are computed beside it (the
+        integer product's arithmetic is exact and row-wise; sgemm makes no such promise)."""
+        return self.product is not None
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the weight (and bias)."""
         if self.dense is not None:
@@ -199,6 +205,12 @@ class W4A4Linear:
     @property
     def integer(self) -> bool:
         """Whether this linear runs the 4-bit x 4-bit integer product (``matmul_w4a4``)."""
+        return self._integer
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether each output row has the same bits whatever rows are computed beside it (true
+        of ``matmul_w4a4`` above its few-rows path; tests/test_runtime.py checks it)."""
         return self._integer
 
     @property
