@@ -183,3 +183,28 @@ def test_the_hessian_is_dropped_before_the_weights_are_quantized(extra, kept):
     assert alive == [kept]
     with pytest.raises(ValueError, match="handed over"):
         acc.finish()
+
+
+@pytest.mark.parametrize("calib", CALIB)
+def test_down_proj_inputs_are_spilled_as_its_activation_codes(calib, monkeypatch):
+    """On the real kernels the spill holds down_proj's inputs as its own activation quantizer
+    rounds them (4-bit codes and group parameters, about 1/7 of float32); the float
+    calibration spills float32. Either way the batch leaves bit for bit as the layer sends it
+    (test above); a spill of the wrong kind fails this count."""
+    import offq.recipe.calibrate as calibrate_module
+
+    mc, cfg, w, h = _setup("llama", seed=4, calib=calib)
+    written = []
+    real_write = calibrate_module._write
+
+    def counting(f, a, dtype=np.float32):
+        written.append(np.asarray(a).astype(dtype).nbytes)
+        real_write(f, a, dtype)
+
+    monkeypatch.setattr(calibrate_module, "_write", counting)
+    _run(mc, cfg, w, h)
+    as_float = h.shape[0] * h.shape[1] * mc.intermediate_size * 4
+    if calib == "float":
+        assert sum(written) == as_float
+    else:  # codes: K/2 bytes a row; scale, zero and code sum: 12 bytes a group of 32
+        assert sum(written) == as_float * (1 / 8 + 12 / (32 * 4))

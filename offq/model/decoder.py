@@ -258,6 +258,14 @@ class LayerRunner:
         h += layer.linears[linear](x)
 
     @_single_threaded_blas
+    def add_quantized_output(self, layer: DecoderLayer, linear: str, h: np.ndarray,
+                             qx: Any) -> None:
+        """``h += linear(x)`` from ``qx``, ``x[B * T, K]`` as the linear's own activation
+        quantizer rounds it (the calibration spills down_proj's inputs so): the bits of
+        :meth:`add_output`."""
+        h += layer.linears[linear].from_quantized(qx).reshape(h.shape)
+
+    @_single_threaded_blas
     def attend(self, layer: DecoderLayer, a: np.ndarray, *, start: int = 0,
                cache: LayerKVCache | None = None) -> np.ndarray:
         """The o_proj input ``[B, T, H * hd]``: q/k/v of the normalised ``a``, RoPE, the

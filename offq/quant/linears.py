@@ -225,10 +225,17 @@ class W4A4Linear:
             return self._dense(x if self.act is None else self.act.fake(x))
         lead = x.shape[:-1]
         x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
-        y = matmul_w4a4(self.act.quantize(x2d), self.w)
+        return self.from_quantized(self.act.quantize(x2d)).reshape(*lead, self.out_features)
+
+    def from_quantized(self, qx: Any) -> np.ndarray:
+        """``[M, N]`` output of the integer product for an input its own activation quantizer
+        already rounded (``qx = self.act.quantize(x2d)``): the same bits as ``self(x2d)``."""
+        if not self._integer:
+            raise ValueError("from_quantized: this linear does not run the 4-bit x 4-bit product")
+        y = matmul_w4a4(qx, self.w)
         if self.bias is not None:
             y += self.bias
-        return y.reshape(*lead, self.out_features)
+        return y
 
 
 def integer_product(stored: QuantizedWeight, act: ActQuant | None) -> bool:

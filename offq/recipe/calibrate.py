@@ -7,7 +7,8 @@ layer to the next one (docs/METHODS.md, "GPTQ", calibration order).
               (kept in memory: [samples, seqlen, heads * head_dim], the mean key recorded)
     mlp_in    h += o_proj(o_in); RMSNorm(h)          -> H_mlp  -> quantize gate, up
     down_in   SwiGLU of the quantized gate/up, R4    -> H_down -> quantize down_proj
-              (spilled to a temporary file: 1.2 GB for Qwen2.5-1.5B at 16 x 2048)
+              (spilled to a temporary file: 1.2 GB for Qwen2.5-1.5B at 16 x 2048; 0.17 GB
+              as down_proj's 4-bit activation codes on the real kernels)
     out       h += down_proj(down_in)                   the next layer's calibration input
 
 Every product of the layer runs once. The older two-pass order (a float pass of the whole layer
@@ -39,6 +40,8 @@ from ..config import OFF, QuantConfig
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner
 from ..model.linear import DenseLinear
+from ..kernels.quant import QTensor
+from ..quant.activation import ActQuant, activation_quantizer
 from ..quant.assemble import build_layer
 from ..quantizers.gptq import HessianAccumulator
 from .key_offset import KeyMean
@@ -145,21 +148,49 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
     layer = quantize("mlp_in", acc)
 
     acc = HessianAccumulator(mc.intermediate_size)
+    down_act = _integer_input_quantizer(crossing, mode, mc.intermediate_size)
+    spilled: list[_SpilledCodes] = []
     with tempfile.TemporaryFile(prefix="offq-down-in-") as spill:
         for b in batches:
             u = runner.mlp_hidden(layer, runner.mlp_input(layer, h[b]))
             acc.update(u)
-            if propagate:
+            if propagate and down_act is None:
                 _write(spill, u)
-        u = None  # the last batch's down_proj input (294 MB at 4 x 2048): not beside GPTQ
+            elif propagate:  # what down_proj's product would start from: 7x fewer bytes
+                qx = down_act.quantize(np.ascontiguousarray(u.reshape(-1, u.shape[-1])))
+                spilled.append(_write_codes(spill, qx))
+        u = qx = None  # the last batch's down_proj input (294 MB at 4 x 2048): not beside GPTQ
         layer = quantize("down_in", acc)  # the weight method took the 640 MB Hessian and dropped it
         if propagate:
             spill.seek(0)
-            for b in batches:
+            if down_act is not None:
+                _check_input_quantizer(layer.linears["down_proj"], down_act)
+            for k, b in enumerate(batches):
                 hb = h[b]
-                u = _read(spill, hb.shape[:-1] + (mc.intermediate_size,))
-                runner.add_output(layer, "down_proj", hb, u)
+                if down_act is None:
+                    u = _read(spill, hb.shape[:-1] + (mc.intermediate_size,))
+                    runner.add_output(layer, "down_proj", hb, u)
+                else:
+                    runner.add_quantized_output(layer, "down_proj", hb,
+                                                _read_codes(spill, spilled[k]))
     return LayerCalibration(linears, reports, key_mean, spent)
+
+
+def _integer_input_quantizer(crossing: QuantConfig, mode: str, k: int) -> ActQuant | None:
+    """down_proj's run-time input quantizer when the batch crosses it on the real 4-bit x 4-bit
+    product (then its inputs are spilled as that quantizer's codes), else None."""
+    act = activation_quantizer(crossing, k)
+    if mode != "real" or act is None or act.bits != 4 or crossing.w_bits != 4:
+        return None
+    return act
+
+
+def _check_input_quantizer(linear: Any, act: ActQuant) -> None:
+    """The spilled codes are the product's input only if down_proj quantizes with ``act``."""
+    if not (getattr(linear, "integer", False) and linear.act == act):
+        raise RuntimeError(f"calibration: down_proj was built as {type(linear).__name__} with "
+                           f"input quantizer {getattr(linear, 'act', None)}, not the integer "
+                           f"product on {act} its inputs were spilled for")
 
 
 def _checked(acc: HessianAccumulator, i: int, site: str) -> HessianAccumulator:
@@ -174,14 +205,35 @@ def _checked(acc: HessianAccumulator, i: int, site: str) -> HessianAccumulator:
     return acc
 
 
-def _write(f: Any, a: np.ndarray) -> None:
-    f.write(memoryview(np.ascontiguousarray(a, dtype=np.float32)).cast("B"))
+def _write(f: Any, a: np.ndarray, dtype: type = np.float32) -> None:
+    f.write(memoryview(np.ascontiguousarray(a, dtype=dtype)).cast("B"))
 
 
-def _read(f: Any, shape: tuple[int, ...]) -> np.ndarray:
-    out = np.empty(shape, dtype=np.float32)
+def _read(f: Any, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    out = np.empty(shape, dtype=dtype)
     view = memoryview(out).cast("B")
     got = f.readinto(view)
     if got != view.nbytes:
         raise OSError(f"calibration spill file: read {got} of {view.nbytes} bytes")
     return out
+
+
+#: what :func:`_write_codes` appended: the QTensor's fields and its arrays' shapes
+_SpilledCodes = tuple[tuple[int, ...], int, int, bool, tuple[tuple[int, ...], ...]]
+_CODE_ARRAYS = (("codes", np.uint8), ("scale", np.float32), ("zero", np.float32),
+                ("code_sums", np.int32))
+
+
+def _write_codes(f: Any, q: QTensor) -> _SpilledCodes:
+    """Append ``q``'s arrays to the spill; returns what :func:`_read_codes` rebuilds it from."""
+    for name, dtype in _CODE_ARRAYS:
+        _write(f, getattr(q, name), dtype)
+    shapes = tuple(getattr(q, name).shape for name, _ in _CODE_ARRAYS)
+    return q.shape, q.bits, q.group_size, q.symmetric, shapes
+
+
+def _read_codes(f: Any, spilled: _SpilledCodes) -> QTensor:
+    """The QTensor :func:`_write_codes` appended next in the file (its checks run on it)."""
+    shape, bits, group_size, symmetric, shapes = spilled
+    arrays = [_read(f, a_shape, dtype) for a_shape, (_, dtype) in zip(shapes, _CODE_ARRAYS)]
+    return QTensor(*arrays, shape, bits, group_size, symmetric)
