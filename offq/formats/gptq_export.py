@@ -260,8 +260,11 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     fmt = q.get("checkpoint_format", "gptq")
     if fmt not in ZERO_OFFSET:
         raise ValueError(f"{path}: checkpoint_format {fmt!r}; offq reads {sorted(ZERO_OFFSET)}")
-    mc = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "quantization_config"},
-                             add_bos=raw.get("offq_add_bos"))
+    try:
+        mc = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "quantization_config"},
+                                 add_bos=raw.get("offq_add_bos"))
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from e
     mc = mc.replace(tie_word_embeddings=False)
     qcfg = QuantConfig(method="gptq", w_bits=int(bits), a_bits=16, kv_bits=16,
                        w_group_size=int(group), w_symmetric=sym, calib_samples=1, calib_seqlen=2)

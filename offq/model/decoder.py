@@ -346,6 +346,7 @@ def _fused_swiglu(fused_gate_up: Linear, m: np.ndarray) -> np.ndarray:
     for r0, r1 in zip(starts, starts[1:] + [n]):
         gu = fused_gate_up(m2[r0:r1])
         out[r0:r1] = silu_mul(gu[:, :f], gu[:, f:])
+        gu = None  # not beside the next block's product
     return out.reshape(*lead, f)
 
 

@@ -209,8 +209,11 @@ class W4A4Linear:
 
     @property
     def rows_independent(self) -> bool:
-        """Whether each output row has the same bits whatever rows are computed beside it (true
-        of ``matmul_w4a4`` above its few-rows path; tests/test_runtime.py checks it)."""
+        """Whether each output row has the same bits whatever rows are computed beside it, for
+        calls of more rows than ``matmul_w4a4``'s few-rows path takes (its exact integer terms
+        are row-wise; the few-rows path agrees only while they stay below 2^24). The forward's
+        row blocks (``offq.model.decoder._fused_swiglu``) are far above it;
+        tests/test_runtime.py checks the bits."""
         return self._integer
 
     @property

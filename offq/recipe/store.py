@@ -152,12 +152,15 @@ class CheckpointStore:
         path = self._layer_path(i)
         if not path.is_file():
             return None
-        tensors = load_safetensors(path)[0]
-        if mc is not None and cfg is not None:
-            try:
+        try:
+            tensors = load_safetensors(path)[0]
+            if mc is not None and cfg is not None:
                 check_layer_tensors(tensors, mc, cfg, i, str(path))
-            except ValueError as e:
-                raise ValueError(f"resume: {e}; {_RESUME_HINT}") from None
+                for name, a in tensors.items():  # norms, biases (a fresh run refuses NaN there)
+                    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+                        raise ValueError(f"{path}: tensor '{name}' contains NaN or Inf")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"resume: {e}; {_RESUME_HINT}") from None
         return tensors
 
     # ------------------------------------------------------------------ the checkpoint
