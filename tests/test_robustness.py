@@ -339,7 +339,16 @@ def _spoil_layer(path: Path, change: str) -> str:
     tensors = {k: np.array(v) for k, v in tensors.items()}
     name = "model.layers.0.mlp.down_proj." + ("zeros" if change == "missing" else
                                               "qweight" if change == "shape" else "scales")
-    if change == "nan":
+    if change == "nan norm":  # checked beyond the checkpoint's scales: a fresh run refuses it
+        name = "model.layers.0.post_attention_layernorm.weight"
+        tensors[name][2] = np.nan
+        message = f"tensor '{name}' contains NaN or Inf"
+    elif change == "truncated":
+        save_safetensors(path, tensors, meta)
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 8)
+        return "tensor .* lies outside the data region"
+    elif change == "nan":
         tensors[name][1, 0] = np.nan
         message = f"tensor '{name}' contains NaN or Inf"
     elif change == "shape":
@@ -353,7 +362,7 @@ def _spoil_layer(path: Path, change: str) -> str:
 
 
 @pytest.mark.parametrize("change,layers", [("nan", 3), ("shape", 3), ("missing", 3),
-                                           ("nan", 1)])
+                                           ("nan", 1), ("nan norm", 1), ("truncated", 3)])
 def test_resume_refuses_a_spoiled_stored_layer(change, layers, tmp_path, monkeypatch):
     """A stored layer is checked like a checkpoint's before --resume uses it: unchecked, a NaN
     scale was blamed on 'the calibration activations', a short qweight on the kernel argument
