@@ -48,6 +48,7 @@ from .ops import (SMALL_T, apply_rope, causal_attention, rms_norm, rope_cos_sin,
 from .parallel import blas_single_threaded, blas_unrestricted, run_tasks
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..kernels.quant import QTensor
     from .config import ModelConfig
 
 __all__ = ["CAPTURE_SITES", "CaptureFn", "DecoderLayer", "LayerRunner", "Model", "load_decoder_layer"]
@@ -259,7 +260,7 @@ class LayerRunner:
 
     @_single_threaded_blas
     def add_quantized_output(self, layer: DecoderLayer, linear: str, h: np.ndarray,
-                             qx: Any) -> None:
+                             qx: QTensor) -> None:
         """``h += linear(x)`` from ``qx``, ``x[B * T, K]`` as the linear's own activation
         quantizer rounds it (the calibration spills down_proj's inputs so): the bits of
         :meth:`add_output`."""

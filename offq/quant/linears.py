@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels import matmul_w4a4
+from ..kernels.quant import QTensor
 from ..kernels.matmul_wq import WQ_BITS, matmul_wq, pack_wq
 from ..model.linear import DenseLinear
 from ..model.parallel import run_tasks
@@ -230,7 +231,7 @@ class W4A4Linear:
         x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
         return self.from_quantized(self.act.quantize(x2d)).reshape(*lead, self.out_features)
 
-    def from_quantized(self, qx: Any) -> np.ndarray:
+    def from_quantized(self, qx: QTensor) -> np.ndarray:
         """``[M, N]`` output of the integer product for an input its own activation quantizer
         already rounded (``qx = self.act.quantize(x2d)``): the same bits as ``self(x2d)``."""
         if not self._integer:

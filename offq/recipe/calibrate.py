@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 
 from ..config import OFF, QuantConfig
+from ..kernels.quant import QTensor
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner
 from ..model.linear import DenseLinear
-from ..kernels.quant import QTensor
 from ..quant.activation import ActQuant, activation_quantizer
 from ..quant.assemble import build_layer
 from ..quantizers.gptq import HessianAccumulator
