@@ -1,10 +1,13 @@
-"""GPTQ's Hessian factor: the old path (NumPy inverse, then Cholesky of it) vs the C kernel
-offq.kernels.upper_cholesky_of_inverse (LAPACK potrf + trtri of the reversed matrix).
+"""GPTQ's Hessian factor, three ways: the first path (NumPy inverse, then Cholesky of it), the C
+kernel offq.kernels.upper_cholesky_of_inverse (LAPACK potrf + trtri of the reversed matrix), and
+offq.kernels.udu_factor, what GPTQ uses now (the same potrf, no trtri: H = S diag(d) S^T,
+docs/METHODS.md section 3).
 
 Protocol: H = x^T x / K for Gaussian x [K + 256, K] (float64), damped by 0.01 * mean(diag H);
 each path timed once per (K, BLAS threads) with time.perf_counter, BLAS threads set with
 threadpoolctl (NumPy's OpenBLAS and offq's scipy-openblas32 alike); the printed difference is
-max |U_old - U_new| / max |U_old|. One run, so on a shared machine the figures are noisy: the
+max |U_old - U_new| / max |U_old| and, for the UDU^T factor, max |(S sqrt(d)) U_new - I|. One
+run, so on a shared machine the figures are noisy: the
 machine line gives the load average at the start.
 
     python benchmarks/bench_gptq_factor.py                  # K = 1536 and 8960, 1 and 2 threads
@@ -23,7 +26,7 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from offq.bench import describe_machine  # noqa: E402
-from offq.kernels import upper_cholesky_of_inverse  # noqa: E402
+from offq.kernels import udu_factor, upper_cholesky_of_inverse  # noqa: E402
 
 
 def old_factor(h: np.ndarray, add: float) -> np.ndarray:
@@ -51,10 +54,15 @@ def main() -> int:
                 t1 = time.perf_counter()
                 u_new = upper_cholesky_of_inverse(h, add)
                 t2 = time.perf_counter()
+                s, d = udu_factor(h, add)
+                t3 = time.perf_counter()
             assert u_new is not None
             diff = np.abs(u_old - u_new).max() / np.abs(u_old).max()
-            print(f"K={k:5d} threads={nt}: old {t1 - t0:7.2f} s  new {t2 - t1:7.2f} s  "
-                  f"speed-up {(t1 - t0) / (t2 - t1):5.2f}x  rel diff {diff:.1e}", flush=True)
+            inv_err = np.abs((s * np.sqrt(d)) @ u_new - np.eye(k)).max()
+            print(f"K={k:5d} threads={nt}: inverse+Cholesky {t1 - t0:7.2f} s  potrf+trtri "
+                  f"{t2 - t1:7.2f} s ({(t1 - t0) / (t2 - t1):5.2f}x)  UDU^T {t3 - t2:7.2f} s "
+                  f"({(t1 - t0) / (t3 - t2):5.2f}x)  rel diff {diff:.1e}  |R U - I| {inv_err:.1e}",
+                  flush=True)
     return 0
 
 

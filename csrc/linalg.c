@@ -4,7 +4,8 @@
  * With J the reversal permutation (J = J^T = J^-1) and M = J (H + add I) J = L L^T (lower
  * Cholesky), R = J L J is upper and H + add I = R R^T, so (H + add I)^-1 = R^-T R^-1 and
  * U = R^-1 = J L^-1 J. Cost: potrf + trtri (K^3 / 3 each) instead of an inverse (~2 K^3) followed
- * by a Cholesky of it.
+ * by a Cholesky of it. The UDU^T factor (GPTQ's, below) stops before trtri: with R = J L J,
+ * m + add I = R R^T, and R's columns over their diagonal entries give S (unit upper) and D.
  *
  * Storage: for a row-major K x K array, J A J is the same K * K numbers in reverse order, so the
  * reversals are flat reversals. A row-major lower triangle is a column-major upper one, so LAPACK
@@ -100,30 +101,73 @@ static offq_status reverse_lower_to_upper(double *u, int64_t k)
     return bad ? OFFQ_ERR_NOTPD : OFFQ_OK;
 }
 
-offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add,
-                                           const int64_t *perm, const double *diag, double *u)
+/* LAPACK's status after potrf or trtri -> offq's (info > 0: not positive definite, or an exactly
+ * zero diagonal entry for trtri). */
+static offq_status lapack_status(lapack_int info)
+{
+    if (info > 0) {
+        return OFFQ_ERR_NOTPD;
+    }
+    if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR) {
+        return OFFQ_ERR_NOMEM;
+    }
+    if (info < 0) { /* an argument LAPACKE rejected: the binding's checks make it unreachable */
+        return OFFQ_ERR_UNSUPPORTED;
+    }
+    return OFFQ_OK;
+}
+
+/* u <- L with J (m + add I) J = L L^T, in the row-major lower triangle (reverse_damped, then
+ * column-major potrf 'U' in place). */
+static offq_status reversed_potrf(const double *h, int64_t k, double add, const int64_t *perm,
+                                  const double *diag, double *u)
 {
     offq_status rc = reverse_damped(h, k, add, perm, diag, u);
     if (rc != OFFQ_OK) {
         return rc;
     }
-    lapack_int info = scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', (lapack_int)k, u, (lapack_int)k);
-    if (info > 0) { /* leading minor of order info not positive */
-        return OFFQ_ERR_NOTPD;
+    return lapack_status(
+        scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', (lapack_int)k, u, (lapack_int)k));
+}
+
+offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add,
+                                           const int64_t *perm, const double *diag, double *u)
+{
+    offq_status rc = reversed_potrf(h, k, add, perm, diag, u);
+    if (rc == OFFQ_OK) {
+        rc = lapack_status(scipy_LAPACKE_dtrtri(LAPACK_COL_MAJOR, 'U', 'N', (lapack_int)k, u,
+                                                (lapack_int)k));
     }
-    if (info == 0) {
-        info = scipy_LAPACKE_dtrtri(LAPACK_COL_MAJOR, 'U', 'N', (lapack_int)k, u, (lapack_int)k);
-        if (info > 0) { /* an exactly zero diagonal entry */
-            return OFFQ_ERR_NOTPD;
+    return rc == OFFQ_OK ? reverse_lower_to_upper(u, k) : rc;
+}
+
+/* UDU^T: R = J L J is upper with m + add I = R R^T; S = R D^-1/2 (each column over its diagonal
+ * entry, so S's diagonal is exactly 1) and d = diag(R)^2 give m + add I = S diag(d) S^T. No
+ * triangular inverse: half the flops of offq_upper_cholesky_of_inverse. */
+offq_status offq_udu_factor(const double *h, int64_t k, double add, const int64_t *perm,
+                            const double *diag, double *s, double *d)
+{
+    offq_status rc = reversed_potrf(h, k, add, perm, diag, s);
+    if (rc == OFFQ_OK) {
+        rc = reverse_lower_to_upper(s, k);
+    }
+    if (rc != OFFQ_OK) {
+        return rc;
+    }
+    for (int64_t j = 0; j < k; j++) {
+        d[j] = s[j * k + j];
+    }
+#pragma omp parallel for schedule(dynamic, 16) if (k >= 512)
+    for (int64_t i = 0; i < k; i++) {
+        double *row = s + i * k;
+        for (int64_t j = i; j < k; j++) {
+            row[j] = row[j] / d[j];
         }
     }
-    if (info == LAPACK_WORK_MEMORY_ERROR || info == LAPACK_TRANSPOSE_MEMORY_ERROR) {
-        return OFFQ_ERR_NOMEM;
+    for (int64_t j = 0; j < k; j++) {
+        d[j] = d[j] * d[j];
     }
-    if (info < 0) { /* an argument LAPACKE rejected: the binding's checks should make it unreachable */
-        return OFFQ_ERR_UNSUPPORTED;
-    }
-    return reverse_lower_to_upper(u, k);
+    return OFFQ_OK;
 }
 
 /* ---- Smallest eigenpairs ------------------------------------------------------------------------

@@ -265,6 +265,14 @@ offq_status offq_top_eigenpairs(const double *a, int64_t d, int64_t k, double to
 offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double add,
                                            const int64_t *perm, const double *diag, double *u);
 
+/* The UDU^T factorization m + add I = s diag(d) s^T of the same matrix (same arguments, h read the
+ * same way): s[k, k] row-major unit upper triangular (diagonal exactly 1, strictly lower part
+ * zero), d[k] > 0. potrf of the reversed matrix without trtri: half the flops of
+ * offq_upper_cholesky_of_inverse. Same errors (OFFQ_ERR_NOTPD also for a non-finite entry); s and
+ * d are unspecified after an error. Threads: OpenBLAS's setting (the scaling: offq's). */
+offq_status offq_udu_factor(const double *h, int64_t k, double add, const int64_t *perm,
+                            const double *diag, double *s, double *d);
+
 /* The MSE clip search of the weight grids (clip_search.c): for each row of x[rows][g], the clip
  * ratio 1 - i / grid, i in 0..top, searched every 5th then the 8 neighbours of the best, whose grid
  * gives the least squared round-trip error; scale[rows], zero[rows] receive that grid (the
@@ -276,17 +284,26 @@ offq_status offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bi
 
 /* GPTQ's per-column step (gptq.c) for the columns first..end-1 of a lazy-update sub-block that
  * ends at sub_end, in the block that starts at block_start (block_start <= first <= end <= sub_end
- * <= k). wt[k][n] is the transposed weight in GPTQ's column order, u[k][k] the upper Cholesky
- * factor of the damped inverse Hessian (u[i][i] > 0), err[sub_end - block_start][n] the block's
- * scaled errors, codes[k][n] the output codes; column i is on the grid scale/zero[n][groups] at
- * column column_group[i]. For each column i: codes[i] = the grid codes of (float)wt[i],
- * err[i - block_start] = (wt[i] - dequantized) / u[i][i], and wt[t] -= u[i][t] * err[..] for
+ * <= k). wt[k][n] is the transposed weight in GPTQ's column order as the updates leave it,
+ * orig[k][n] the same before any update, s[k][k] the unit upper factor of the damped Hessian
+ * (H = s D s^T; only s[i][t], t > i, is read), err[sub_end - block_start][n] the block's rounding
+ * errors, codes[k][n] the output codes; column i is on the grid scale/zero[n][groups] at column
+ * column_group[i]. For each column i: codes[i] = the grid codes of (float)wt[i],
+ * err[i - block_start] = dequantized - orig[i], and wt[t] -= s[i][t] * err[..] for
  * i < t < sub_end. NumPy's arithmetic exactly (float32 grid, float64 error). The caller checks
  * every index and that scale is finite and > 0 where read. Threads: offq's (OpenMP). */
-void offq_gptq_columns(double *wt, int64_t n, double *err, const double *u, int64_t k,
-                       uint8_t *codes, const float *scale, const float *zero, int64_t groups,
-                       const int64_t *column_group, int64_t block_start, int64_t first,
-                       int64_t end, int64_t sub_end, int bits);
+void offq_gptq_columns(double *wt, const float *orig, int64_t n, double *err, const double *s,
+                       int64_t k, uint8_t *codes, const float *scale, const float *zero,
+                       int64_t groups, const int64_t *column_group, int64_t block_start,
+                       int64_t first, int64_t end, int64_t sub_end, int bits);
+
+/* GPTQ's lazy update of the rows t0..t1-1 of wt[k][n] from the columns first..last-1 of the block
+ * that starts at block_start: wt[t] -= sum_i s[i][t] err[i - block_start] (one BLAS dgemm,
+ * accumulated in place). The caller checks block_start <= first <= last <= t0 <= t1 <= k, that
+ * err holds rows up to last - block_start and k, n fit BLAS's 32-bit sizes. Threads: OpenBLAS's. */
+void offq_gptq_block_update(double *wt, int64_t n, const double *err, const double *s, int64_t k,
+                            int64_t block_start, int64_t first, int64_t last, int64_t t0,
+                            int64_t t1);
 
 /* The `count` smallest eigenpairs of the symmetric h[k, k] (only its upper triangle is read),
  * 1 <= count <= k <= 46000: values[count] ascending, vectors[count, k] row-major, one unit

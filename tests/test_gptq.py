@@ -170,7 +170,9 @@ def test_hessian_finish_is_in_place_and_final():
     hp = want[np.ix_(f.perm, f.perm)].copy()
     hp[np.diag_indices(24)] = np.where(f.dead[f.perm], 1.0, np.diag(hp))
     hp[np.diag_indices(24)] += 0.01 * np.mean(np.diag(hp))
-    np.testing.assert_allclose(f.u.T @ f.u, np.linalg.inv(hp), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose((f.s * f.d) @ f.s.T, hp, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(np.diag(f.s), 1.0)
+    np.testing.assert_array_equal(np.tril(f.s, -1), 0.0)
 
 
 def test_shared_factor_equals_direct(layer):

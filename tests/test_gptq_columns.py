@@ -1,41 +1,42 @@
 """GPTQ's per-column step in C (offq.kernels.gptq_columns) against the NumPy step it replaced:
-bit for bit on random and adversarial inputs, and every argument validated in the binding."""
+bit for bit on random and adversarial inputs, and every argument validated in the binding; its
+lazy block update (offq.kernels.gptq_block_update) against NumPy's product, to rounding."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from offq.kernels import gptq_columns, threads
+from offq.kernels import gptq_block_update, gptq_columns, threads
 from offq.quant.grid import dequantize_codes, quantize_codes
 
 
-def numpy_step(wt, err, u, codes, scale, zero, column_group, block_start, first, end, sub_end,
-               bits):
-    """The per-column loop of GPTQ's sub-block as NumPy ran it before the C step."""
+def numpy_step(wt, orig, err, s, codes, scale, zero, column_group, block_start, first, end,
+               sub_end, bits):
+    """The per-column loop of GPTQ's sub-block in NumPy (float32 grid, float64 error)."""
     for i in range(first, end):
         grp = column_group[i]
         x = wt[i].astype(np.float32)
         q = quantize_codes(x, scale[:, grp], zero[:, grp], bits)
         qx = dequantize_codes(q, scale[:, grp], zero[:, grp])
         codes[i] = q
-        e = (wt[i] - qx) / u[i, i]
+        e = qx.astype(np.float64) - orig[i].astype(np.float64)
         err[i - block_start] = e
         if i + 1 < sub_end:
-            wt[i + 1:sub_end] -= u[i, i + 1:sub_end, None] * e
+            wt[i + 1:sub_end] -= s[i, i + 1:sub_end, None] * e
 
 
 def case(rng, k, n, groups, *, spread=1.0):
-    wt = rng.standard_normal((k, n)) * spread
-    a = rng.standard_normal((k, k))
-    u = np.triu(a) * 0.1
-    u[np.diag_indices(k)] = rng.uniform(0.2, 2.0, k)
+    orig = (rng.standard_normal((k, n)) * spread).astype(np.float32)
+    wt = orig + rng.standard_normal((k, n)) * 0.1 * spread  # as earlier updates left it
+    s = np.triu(rng.standard_normal((k, k)), 1) * 0.3
+    s[np.diag_indices(k)] = 1.0
     scale = rng.uniform(0.05, 0.5, (n, groups)).astype(np.float32)
     zero = np.rint(rng.uniform(-3, 18, (n, groups))).astype(np.float32)
     column_group = rng.integers(0, groups, k).astype(np.int64)
-    return wt, u, scale, zero, column_group
+    return wt, orig, s, scale, zero, column_group
 
 
-def run_both(wt, u, scale, zero, column_group, block_start, first, end, sub_end, bits):
+def run_both(wt, orig, s, scale, zero, column_group, block_start, first, end, sub_end, bits):
     k, n = wt.shape
     out = []
     for step in (numpy_step, None):
@@ -43,11 +44,12 @@ def run_both(wt, u, scale, zero, column_group, block_start, first, end, sub_end,
         err = np.zeros((sub_end - block_start + 1, n))
         codes = np.zeros((k, n), np.uint8)
         if step is None:
-            gptq_columns(w, err, u, codes, scale, zero, column_group, block_start=block_start,
-                         first=first, end=end, sub_end=sub_end, bits=bits)
+            gptq_columns(w, orig, err, s, codes, scale, zero, column_group,
+                         block_start=block_start, first=first, end=end, sub_end=sub_end,
+                         bits=bits)
         else:
-            step(w, err, u, codes, scale, zero, column_group, block_start, first, end, sub_end,
-                 bits)
+            step(w, orig, err, s, codes, scale, zero, column_group, block_start, first, end,
+                 sub_end, bits)
         out.append((w, err, codes))
     return out
 
@@ -57,10 +59,11 @@ def run_both(wt, u, scale, zero, column_group, block_start, first, end, sub_end,
 def test_matches_numpy_bit_for_bit(bits, n):
     rng = np.random.default_rng(bits * 1000 + n)
     k = 40
-    wt, u, scale, zero, cg = case(rng, k, n, groups=5)
+    wt, orig, fs, scale, zero, cg = case(rng, k, n, groups=5)
     for nthreads in (1, 2):
         with threads(nthreads):
-            (w0, e0, c0), (w1, e1, c1) = run_both(wt, u, scale, zero, cg, 8, 10, 21, 24, bits)
+            (w0, e0, c0), (w1, e1, c1) = run_both(wt, orig, fs, scale, zero, cg, 8, 10, 21, 24,
+                                                  bits)
         np.testing.assert_array_equal(c1, c0)
         np.testing.assert_array_equal(e1, e0)
         np.testing.assert_array_equal(w1, w0)
@@ -72,9 +75,9 @@ def test_threaded_calls_match_numpy(nthreads):
     65536, as GPTQ's gate/up and down_proj runs are), with a chunk count that does not divide
     evenly."""
     rng = np.random.default_rng(11)
-    wt, u, scale, zero, cg = case(rng, 40, 8193, groups=3)
+    wt, orig, fs, scale, zero, cg = case(rng, 40, 8193, groups=3)
     with threads(nthreads):
-        (w0, e0, c0), (w1, e1, c1) = run_both(wt, u, scale, zero, cg, 0, 0, 16, 16, 4)
+        (w0, e0, c0), (w1, e1, c1) = run_both(wt, orig, fs, scale, zero, cg, 0, 0, 16, 16, 4)
     np.testing.assert_array_equal(c1, c0)
     np.testing.assert_array_equal(e1, e0)
     np.testing.assert_array_equal(w1, w0)
@@ -93,7 +96,7 @@ def test_adversarial_values():
     zero-points outside the code range, a subnormal scale, huge weights."""
     rng = np.random.default_rng(7)
     k, n = 16, 513
-    wt, u, scale, zero, cg = case(rng, k, n, groups=3)
+    wt, orig, fs, scale, zero, cg = case(rng, k, n, groups=3)
     scale[:] = 0.25
     wt[0] = (np.arange(n) - n // 2) * 0.125  # multiples of scale / 2: every rounding is a tie
     wt[1] = rng.choice([-1e30, 1e30, -3e38, 3e38], n)
@@ -102,7 +105,7 @@ def test_adversarial_values():
     scale[::7, 2] = np.float32(1e-40)
     cg[:4] = [0, 1, 2, 0]
     for bits in (2, 4):
-        (w0, e0, c0), (w1, e1, c1) = run_both(wt, u, scale, zero, cg, 0, 0, 4, 9, bits)
+        (w0, e0, c0), (w1, e1, c1) = run_both(wt, orig, fs, scale, zero, cg, 0, 0, 4, 9, bits)
         np.testing.assert_array_equal(c1, c0)
         np.testing.assert_array_equal(e1, e0)
         np.testing.assert_array_equal(w1, w0)
@@ -112,12 +115,12 @@ def test_adversarial_values():
 def test_only_its_rows_and_columns_change():
     rng = np.random.default_rng(3)
     k, n = 30, 64
-    wt, u, scale, zero, cg = case(rng, k, n, groups=2)
+    wt, orig, fs, scale, zero, cg = case(rng, k, n, groups=2)
     w = wt.copy()
     err = np.full((12, n), 7.0)
     codes = np.full((k, n), 99, np.uint8)
-    gptq_columns(w, err, u, codes, scale, zero, cg, block_start=10, first=12, end=15, sub_end=18,
-                 bits=4)
+    gptq_columns(w, orig, err, fs, codes, scale, zero, cg, block_start=10, first=12, end=15,
+                 sub_end=18, bits=4)
     np.testing.assert_array_equal(w[:13], wt[:13])  # row 12 is read, never written
     np.testing.assert_array_equal(w[18:], wt[18:])
     assert not np.array_equal(w[13:18], wt[13:18])
@@ -127,15 +130,16 @@ def test_only_its_rows_and_columns_change():
 
 def valid_args():
     rng = np.random.default_rng(0)
-    wt, u, scale, zero, cg = case(rng, 8, 5, groups=2)
-    return dict(wt=wt, err=np.zeros((8, 5)), u=u, codes=np.zeros((8, 5), np.uint8), scale=scale,
-                zero=zero, column_group=cg, block_start=0, first=0, end=4, sub_end=8, bits=4)
+    wt, orig, fs, scale, zero, cg = case(rng, 8, 5, groups=2)
+    return dict(wt=wt, orig=orig, err=np.zeros((8, 5)), s=fs, codes=np.zeros((8, 5), np.uint8),
+                scale=scale, zero=zero, column_group=cg, block_start=0, first=0, end=4,
+                sub_end=8, bits=4)
 
 
 def call(**changes):
     args = valid_args()
     args.update(changes)
-    pos = [args.pop(name) for name in ("wt", "err", "u", "codes", "scale", "zero",
+    pos = [args.pop(name) for name in ("wt", "orig", "err", "s", "codes", "scale", "zero",
                                        "column_group")]
     gptq_columns(*pos, **args)
 
@@ -158,7 +162,10 @@ def test_an_empty_run_is_a_no_op():
     (dict(wt=np.zeros((0, 5))), ValueError, r"wt: expected a non-empty matrix, got shape \[0, 5\]"),
     (dict(scale=np.ones((5, 0), np.float32)), ValueError, "scale: expected a non-empty matrix"),
     (dict(err=np.zeros((3, 5))), ValueError, "err: expected at least sub_end - block_start"),
-    (dict(u=np.eye(7)), ValueError, r"u: expected shape \[8, 8\]"),
+    (dict(s=np.eye(7)), ValueError, r"s: expected shape \[8, 8\]"),
+    (dict(s=np.eye(8, dtype=np.float32)), TypeError, "s: expected dtype float64"),
+    (dict(orig=np.zeros((8, 5))), TypeError, "orig: expected dtype float32"),
+    (dict(orig=np.zeros((8, 4), np.float32)), ValueError, r"orig: expected shape \[8, 5\]"),
     (dict(codes=np.zeros((8, 5), np.int8)), TypeError, "codes: expected dtype uint8"),
     (dict(scale=np.ones((4, 2), np.float32)), ValueError, r"scale: expected shape \[5, 2\]"),
     (dict(zero=np.zeros((5, 3), np.float32)), ValueError, r"zero: expected shape \[5, 2\]"),
@@ -184,14 +191,17 @@ def test_bad_arguments_are_named(changes, error, match):
     ("scale", np.nan, r"scale: entry \[1, 0\]"),
     ("scale", -1.0, r"scale: entry \[1, 0\]"),
     ("zero", np.inf, r"zero: entry \[1, 0\] is not finite"),
-    ("pivot", 0.0, "u: diagonal entry 2 must be finite and > 0"),
-    ("pivot", np.nan, "u: diagonal entry 2"),
+    ("factor", np.nan, r"s: entry \[2, 5\] is not finite"),
+    ("factor", np.inf, r"s: entry \[2, 5\] is not finite"),
+    ("orig", np.nan, r"orig: entry \[3, 1\] is not finite"),
 ])
 def test_bad_values_where_read_are_named(what, value, match):
     args = valid_args()
     args["column_group"][:] = 0
-    if what == "pivot":
-        args["u"][2, 2] = value
+    if what == "factor":
+        args["s"][2, 5] = value
+    elif what == "orig":
+        args["orig"][3, 1] = value
     else:
         args[what][1, 0] = value
     with pytest.raises(ValueError, match=match):
@@ -202,17 +212,22 @@ def test_bad_values_outside_the_call_are_not_read():
     args = valid_args()
     args["column_group"][:] = 0
     args["scale"][:, 1] = np.nan  # group 1 is not used by the call's columns
-    args["u"][6, 6] = 0.0  # column 6 is outside first..end
+    args["s"][6, 7] = np.nan  # row 6 is outside first..end
+    args["s"][1, 0] = np.nan  # below the diagonal: never read
+    args["s"][3, 3] = np.nan  # the diagonal (1 by definition): never read
+    args["orig"][5] = np.nan  # column 5 is outside first..end
     call(**args)
 
 
-@pytest.mark.parametrize("out, other", [("wt", "u"), ("err", "wt"), ("codes", "scale")])
+@pytest.mark.parametrize("out, other", [("wt", "s"), ("wt", "orig"), ("err", "wt"),
+                                        ("codes", "scale")])
 def test_outputs_must_not_share_memory(out, other):
     args = valid_args()
     buf = np.zeros(4096, np.uint8)
-    shape = {"wt": (8, 5), "err": (8, 5), "u": (8, 8), "codes": (8, 5), "scale": (5, 2)}
-    dtype = {"wt": np.float64, "err": np.float64, "u": np.float64, "codes": np.uint8,
-             "scale": np.float32}
+    shape = {"wt": (8, 5), "orig": (8, 5), "err": (8, 5), "s": (8, 8), "codes": (8, 5),
+             "scale": (5, 2)}
+    dtype = {"wt": np.float64, "orig": np.float32, "err": np.float64, "s": np.float64,
+             "codes": np.uint8, "scale": np.float32}
     for name in (out, other):
         count = int(np.prod(shape[name]))
         view = buf[:count * np.dtype(dtype[name]).itemsize].view(dtype[name]).reshape(shape[name])
@@ -220,3 +235,113 @@ def test_outputs_must_not_share_memory(out, other):
         args[name] = view
     with pytest.raises(ValueError, match=f"{out}: must not share memory with {other}"):
         call(**args)
+
+
+# ------------------------------------------------------------------------- the lazy block update
+def block_case(rng, k=300, n=70, rows=40):
+    wt = rng.standard_normal((k, n))
+    s = np.triu(rng.standard_normal((k, k)), 1)
+    s[np.diag_indices(k)] = 1.0
+    err = rng.standard_normal((rows, n))
+    return wt, err, s
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("block_start, first, last, t0, t1", [
+    (0, 0, 40, 40, 300),      # a finished block onto every later column
+    (20, 36, 52, 52, 60),     # a sub-block onto the rest of its block
+    (0, 0, 1, 299, 300),      # one column onto the last row
+    (10, 10, 10, 10, 300),    # no columns: nothing changes
+    (0, 0, 40, 60, 60),       # no rows: nothing changes
+])
+def test_block_update_matches_numpy(nthreads, block_start, first, last, t0, t1):
+    rng = np.random.default_rng(first * 7 + t0)
+    wt, err, s = block_case(rng)
+    want = wt.copy()
+    want[t0:t1] -= s[first:last, t0:t1].T @ err[first - block_start:last - block_start]
+    with threads(nthreads):
+        gptq_block_update(wt, err, s, block_start=block_start, first=first, last=last, t0=t0,
+                          t1=t1)
+    np.testing.assert_allclose(wt, want, rtol=1e-13, atol=1e-12)
+    untouched = np.ones(wt.shape[0], bool)
+    untouched[t0:t1] = False
+    np.testing.assert_array_equal(wt[untouched], want[untouched])  # other rows: exactly
+
+
+def test_block_update_with_many_outputs():
+    """gate/up's stacked weight: n = 17920 outputs, a wide product BLAS splits over threads."""
+    rng = np.random.default_rng(5)
+    wt, err, s = block_case(rng, k=160, n=17920, rows=32)
+    want = wt.copy()
+    want[32:] -= s[0:32, 32:].T @ err
+    with threads(2):
+        gptq_block_update(wt, err, s, block_start=0, first=0, last=32, t0=32, t1=160)
+    np.testing.assert_allclose(wt, want, rtol=1e-13, atol=1e-12)
+
+
+def block_call(**changes):
+    rng = np.random.default_rng(0)
+    wt, err, s = block_case(rng, k=12, n=5, rows=4)
+    args = dict(wt=wt, err=err, s=s, block_start=0, first=0, last=4, t0=4, t1=12)
+    args.update(changes)
+    gptq_block_update(args.pop("wt"), args.pop("err"), args.pop("s"), **args)
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    (dict(wt=np.zeros((12, 5), np.float32)), TypeError, "wt: expected dtype float64"),
+    (dict(wt=np.zeros((12, 10))[:, ::2]), ValueError, "wt: expected a C-contiguous"),
+    (dict(err=np.zeros((4, 6))), ValueError, r"err: expected shape \[4, 5\]"),
+    (dict(err=np.zeros((3, 5))), ValueError, "err: expected at least last - block_start = 4"),
+    (dict(s=np.eye(11)), ValueError, r"s: expected shape \[12, 12\]"),
+    (dict(s=np.eye(12, dtype=np.float32)), TypeError, "s: expected dtype float64"),
+    (dict(first=5, last=4), ValueError, "last: expected 0 <= block_start <= first <= last"),
+    (dict(t0=3), ValueError, "t0: expected"),
+    (dict(t1=13), ValueError, "t1: expected"),
+    (dict(block_start=-1), ValueError, "block_start: expected"),
+    (dict(t1=2 ** 63 - 1), ValueError, "t1: expected"),
+    (dict(first=1.0), TypeError, "first"),
+])
+def test_block_update_bad_arguments_are_named(changes, error, match):
+    with pytest.raises(error, match=match):
+        block_call(**changes)
+
+
+def test_block_update_read_only_wt_is_refused():
+    rng = np.random.default_rng(1)
+    wt, err, s = block_case(rng, k=12, n=5, rows=4)
+    wt.flags.writeable = False
+    with pytest.raises(ValueError, match="wt"):
+        gptq_block_update(wt, err, s, block_start=0, first=0, last=4, t0=4, t1=12)
+
+
+@pytest.mark.parametrize("where, match", [
+    (("s", (2, 7)), r"s: entry \[2, 7\] is not finite"),
+    (("err", (3, 1)), r"err: entry \[3, 1\] is not finite"),
+])
+def test_block_update_non_finite_read_is_named(where, match):
+    rng = np.random.default_rng(2)
+    wt, err, s = block_case(rng, k=12, n=5, rows=4)
+    name, at = where
+    {"s": s, "err": err}[name][at] = np.nan
+    before = wt.copy()
+    with pytest.raises(ValueError, match=match):
+        gptq_block_update(wt, err, s, block_start=0, first=0, last=4, t0=4, t1=12)
+    np.testing.assert_array_equal(wt, before)  # refused before anything was written
+
+
+def test_block_update_reads_only_its_entries():
+    rng = np.random.default_rng(3)
+    wt, err, s = block_case(rng, k=12, n=5, rows=6)
+    s[5, 8] = s[1, 2] = s[2, 0] = np.nan  # rows past last, columns before t0, below the diagonal
+    err[4:] = np.inf  # rows past last - block_start
+    gptq_block_update(wt, err, s, block_start=0, first=0, last=4, t0=4, t1=12)
+    assert np.all(np.isfinite(wt))
+
+
+def test_block_update_must_not_write_its_inputs():
+    rng = np.random.default_rng(4)
+    buf = rng.standard_normal(12 * 12)
+    s = buf.reshape(12, 12)
+    with pytest.raises(ValueError, match="wt: must not share memory with s"):
+        gptq_block_update(buf[:60].reshape(12, 5), np.ones((4, 5)), s, block_start=0, first=0,
+                          last=4, t0=4, t1=12)

@@ -1,14 +1,15 @@
 """upper_cholesky_of_inverse (C: LAPACK potrf + trtri of the reversed matrix) against NumPy's
-inverse, its failure signal (None) for matrices that are not positive definite, argument checks
+inverse, udu_factor (the same potrf without trtri: H = S diag(d) S^T) against H itself, their
+failure signal (None) for matrices that are not positive definite, argument checks
 (those of h shared with smallest_eigenpairs, whose own tests are in test_eigenpairs.py),
-and its use by GPTQ's factor_hessian (same factor as the inverse-then-Cholesky it replaced)."""
+and GPTQ's factor_hessian (udu_factor: NumPy's factor to rounding, the inverse of the old one)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from offq.kernels import (smallest_eigenpairs, tail_eigenpairs, tail_subspace, threads,
-                          upper_cholesky_of_inverse)
+                          udu_factor, upper_cholesky_of_inverse)
 from offq.quantizers.gptq import factor_hessian, gptq_quantize
 
 
@@ -30,6 +31,44 @@ def check_structure(u: np.ndarray, k: int) -> None:
     assert u.flags.c_contiguous
     assert np.all(np.tril(u, -1) == 0.0), "the strictly lower triangle must be exactly zero"
     assert np.all(np.diag(u) > 0) and np.all(np.isfinite(u))
+
+
+def udu_s(h: np.ndarray, add: float = 0.0, **kw) -> np.ndarray | None:
+    """udu_factor's unit upper factor (None when it returns None)."""
+    out = udu_factor(h, add, **kw)
+    return None if out is None else out[0]
+
+
+#: the two factorizations of the damped (permuted) matrix: same arguments, same checks
+FACTORIZATIONS = {"upper_cholesky_of_inverse": upper_cholesky_of_inverse, "udu_factor": udu_s}
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 128, 1000])
+@pytest.mark.parametrize("rel_add", [0.0, 0.01])
+def test_udu_factor_reproduces_the_matrix(k: int, rel_add: float) -> None:
+    """s diag(d) s^T = h + add I to rounding, s unit upper triangular (exact ones and zeros),
+    and s diag(sqrt d) is the inverse of upper_cholesky_of_inverse's factor (GPTQ's old one)."""
+    h = random_spd(k, seed=k)
+    add = rel_add * float(np.mean(np.diag(h)))
+    h_before = h.copy()
+    s, d = udu_factor(h, add)
+    np.testing.assert_array_equal(h, h_before)  # input untouched
+    assert s.dtype == d.dtype == np.float64 and s.shape == (k, k) and d.shape == (k,)
+    assert s.flags.c_contiguous and np.all(d > 0) and np.all(np.isfinite(s))
+    np.testing.assert_array_equal(np.diag(s), 1.0)
+    np.testing.assert_array_equal(np.tril(s, -1), 0.0)
+    m = h + add * np.eye(k)
+    assert np.abs((s * d) @ s.T - m).max() / np.abs(m).max() < 1e-13
+    u = upper_cholesky_of_inverse(h, add)
+    r = s * np.sqrt(d)
+    assert np.abs(r @ u - np.eye(k)).max() < 1e-9
+
+
+def test_udu_factor_of_a_diagonal_matrix_is_exact() -> None:
+    d = np.array([4.0, 1.0, 0.25, 16.0, 9.0])
+    s, got = udu_factor(np.diag(d), 0.5)
+    np.testing.assert_array_equal(s, np.eye(5))
+    np.testing.assert_allclose(got, d + 0.5, rtol=1e-15)  # sqrt, then squared
 
 
 @pytest.mark.parametrize("k", [1, 2, 7, 128, 1000])
@@ -60,12 +99,14 @@ def test_diagonal_matrix_is_exact() -> None:
     np.testing.assert_array_equal(u, np.diag(1.0 / np.sqrt(d)))
 
 
-def test_only_the_upper_triangle_is_read() -> None:
+@pytest.mark.parametrize("factorize_name", sorted(FACTORIZATIONS))
+def test_only_the_upper_triangle_is_read(factorize_name: str) -> None:
+    factorize = FACTORIZATIONS[factorize_name]
     h = random_spd(40, seed=3)
     garbage = h.copy()
     garbage[np.tril_indices(40, -1)] = np.random.default_rng(4).standard_normal(40 * 39 // 2)
-    np.testing.assert_array_equal(upper_cholesky_of_inverse(garbage, 0.5),
-                                  upper_cholesky_of_inverse(h, 0.5))
+    np.testing.assert_array_equal(factorize(garbage, 0.5),
+                                  factorize(h, 0.5))
 
 
 def test_ill_conditioned() -> None:
@@ -82,20 +123,22 @@ def test_ill_conditioned() -> None:
     assert np.abs(u.T @ u - ref).max() / np.abs(ref).max() < 1e-4
 
 
-def test_not_positive_definite_returns_none() -> None:
+@pytest.mark.parametrize("factorize_name", sorted(FACTORIZATIONS))
+def test_not_positive_definite_returns_none(factorize_name: str) -> None:
+    factorize = FACTORIZATIONS[factorize_name]
     k = 50
     v = np.ones(k) / np.sqrt(k)
     indefinite = np.eye(k) - 3.0 * np.outer(v, v)  # one eigenvalue -2
-    assert upper_cholesky_of_inverse(indefinite, 0.0) is None
-    assert upper_cholesky_of_inverse(indefinite, 1.0) is None  # still -1
-    assert upper_cholesky_of_inverse(indefinite, 2.5) is not None  # smallest eigenvalue 0.5
-    assert upper_cholesky_of_inverse(np.zeros((5, 5)), 0.0) is None
-    assert upper_cholesky_of_inverse(-np.eye(3), 0.0) is None
+    assert factorize(indefinite, 0.0) is None
+    assert factorize(indefinite, 1.0) is None  # still -1
+    assert factorize(indefinite, 2.5) is not None  # smallest eigenvalue 0.5
+    assert factorize(np.zeros((5, 5)), 0.0) is None
+    assert factorize(-np.eye(3), 0.0) is None
     # the first pivot LAPACK sees (h's last diagonal entry, after the reversal) and the last one
     for bad in (0, k - 1):
         h = random_spd(k, seed=6)
         h[bad, bad] = -1.0
-        assert upper_cholesky_of_inverse(h, 0.0) is None
+        assert factorize(h, 0.0) is None
 
 
 def test_singular_with_damping_succeeds() -> None:
@@ -117,6 +160,7 @@ def test_two_threads_same_factor() -> None:
 
 #: every entry point of bind_linalg.c, each called with only h varying (the others valid)
 H_CALLS = {"upper_cholesky_of_inverse": lambda h: upper_cholesky_of_inverse(h, 0.0),
+           "udu_factor": lambda h: udu_factor(h, 0.0),
            "smallest_eigenpairs": lambda h: smallest_eigenpairs(h, 1),
            "tail_eigenpairs": lambda h: tail_eigenpairs(h, 1.0),
            "tail_subspace": lambda h: tail_subspace(h, 1.0, block=1)}
@@ -149,30 +193,45 @@ def test_bad_h_names_h(name: str) -> None:
         call(nan)
 
 
-def test_bad_add_names_add() -> None:
+@pytest.mark.parametrize("factorize_name", sorted(FACTORIZATIONS))
+def test_bad_add_names_add(factorize_name: str) -> None:
+    factorize = FACTORIZATIONS[factorize_name]
     h = random_spd(6)
     for bad, text in ((-1e-3, "-0.001"), (np.nan, "nan"), (np.inf, "inf")):
         with pytest.raises(ValueError, match=rf"^add: expected a finite number >= 0, got {text}$"):
-            upper_cholesky_of_inverse(h, bad)
+            factorize(h, bad)
     with pytest.raises(TypeError, match=r"^add: expected a number"):
-        upper_cholesky_of_inverse(h, "0.1")  # type: ignore[arg-type]
+        factorize(h, "0.1")  # type: ignore[arg-type]
 
 
-def test_factor_hessian_matches_the_old_factor() -> None:
+def numpy_udu(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy's route to m = s diag(d) s^T: the lower Cholesky factor of the reversed matrix."""
+    lower = np.linalg.cholesky(m[::-1, ::-1])
+    r = lower[::-1, ::-1]  # upper, m = r r^T
+    d = np.diag(r).copy()
+    return r / d, d * d
+
+
+def test_factor_hessian_matches_numpy() -> None:
     k = 160
     rng = np.random.default_rng(9)
     x = rng.standard_normal((400, k)) * np.exp(rng.uniform(-2, 1.5, size=k))
     h = 2 * x.T @ x / x.shape[0]
     f = factor_hessian(h, damp=0.01, act_order=True)
     hp = h[np.ix_(f.perm, f.perm)]
+    s, d = numpy_udu(hp + 0.01 * float(np.mean(np.diag(hp))) * np.eye(k))
+    assert np.abs(f.s - s).max() < 1e-11
+    np.testing.assert_allclose(f.d, d, rtol=1e-12)
+    # and the factor GPTQ used before (upper Cholesky of the inverse) is its inverse
     old = old_factor(hp, 0.01 * float(np.mean(np.diag(hp))))
-    assert np.abs(f.u - old).max() / np.abs(old).max() < 1e-12
+    assert np.abs((f.s * np.sqrt(f.d)) @ old - np.eye(k)).max() < 1e-10
     with pytest.raises(ValueError, match="damp"):
         factor_hessian(h, damp=-0.01)
 
 
-def test_gptq_codes_with_old_and_new_factor() -> None:
-    """The two factors differ by rounding only, so GPTQ's codes agree up to rare ties."""
+def test_gptq_codes_with_kernel_and_numpy_factor() -> None:
+    """The kernel's factor and NumPy's differ by rounding only, so GPTQ's codes agree up to rare
+    ties."""
     k, n_out = 256, 128
     rng = np.random.default_rng(10)
     x = rng.standard_normal((1024, k)) * np.exp(rng.uniform(-2, 1.5, size=k))
@@ -180,17 +239,20 @@ def test_gptq_codes_with_old_and_new_factor() -> None:
     w = (rng.standard_normal((n_out, k)) * 0.05).astype(np.float32)
     new = factor_hessian(h, damp=0.01, act_order=True)
     hp = h[np.ix_(new.perm, new.perm)]
-    old = type(new)(new.dead, new.perm, old_factor(hp, 0.01 * float(np.mean(np.diag(hp)))))
+    s, d = numpy_udu(hp + 0.01 * float(np.mean(np.diag(hp))) * np.eye(k))
+    ref = type(new)(new.dead, new.perm, s, d)
     a = gptq_quantize(w, factor=new, bits=4, group_size=128)
-    b = gptq_quantize(w, factor=old, bits=4, group_size=128)
+    b = gptq_quantize(w, factor=ref, bits=4, group_size=128)
     differ = int(np.count_nonzero(a.codes != b.codes))
     assert differ <= a.codes.size // 1000, differ  # at most 0.1 % (a handful of ties)
 
 
 @pytest.mark.parametrize("k", [1, 7, 130, 600])  # 600: the kernel's OpenMP branch
-def test_perm_and_diag_give_the_permuted_copys_factor(k: int) -> None:
+@pytest.mark.parametrize("factorize_name", sorted(FACTORIZATIONS))
+def test_perm_and_diag_give_the_permuted_copys_factor(k: int, factorize_name: str) -> None:
     """perm and diag make the kernel factor ``h[perm][:, perm]`` with its diagonal replaced, bit
     for bit what the explicit permuted copy gives (GPTQ's act-order without that copy)."""
+    factorize = FACTORIZATIONS[factorize_name]
     rng = np.random.default_rng(k)
     h = random_spd(k, seed=k)
     perm = rng.permutation(k).astype(np.int64)
@@ -199,52 +261,56 @@ def test_perm_and_diag_give_the_permuted_copys_factor(k: int) -> None:
     hp = h[np.ix_(perm, perm)]
     hp[np.diag_indices(k)] = diag[perm]
     add = 0.01 * float(np.mean(diag))
-    want = upper_cholesky_of_inverse(np.ascontiguousarray(hp), add)
-    got = upper_cholesky_of_inverse(h, add, perm=perm, diag=diag)
+    want = factorize(np.ascontiguousarray(hp), add)
+    got = factorize(h, add, perm=perm, diag=diag)
     check_structure(got, k)
     np.testing.assert_array_equal(got, want)
     # each one alone
-    np.testing.assert_array_equal(upper_cholesky_of_inverse(h, add, perm=perm),
-                                  upper_cholesky_of_inverse(np.ascontiguousarray(h[np.ix_(perm, perm)]), add))
+    np.testing.assert_array_equal(factorize(h, add, perm=perm),
+                                  factorize(np.ascontiguousarray(h[np.ix_(perm, perm)]), add))
     hd = h.copy()
     hd[np.diag_indices(k)] = diag
-    np.testing.assert_array_equal(upper_cholesky_of_inverse(h, add, diag=diag),
-                                  upper_cholesky_of_inverse(hd, add))
+    np.testing.assert_array_equal(factorize(h, add, diag=diag),
+                                  factorize(hd, add))
 
 
-def test_diag_replaces_the_diagonal_unread() -> None:
+@pytest.mark.parametrize("factorize_name", sorted(FACTORIZATIONS))
+def test_diag_replaces_the_diagonal_unread(factorize_name: str) -> None:
     """With diag given, h's own diagonal is never read (NaN there is no error)."""
+    factorize = FACTORIZATIONS[factorize_name]
     h = random_spd(40)
     d = np.diag(h).copy()
     bad = h.copy()
     bad[np.diag_indices(40)] = np.nan
-    np.testing.assert_array_equal(upper_cholesky_of_inverse(bad, 0.0, diag=d),
-                                  upper_cholesky_of_inverse(h, 0.0))
+    np.testing.assert_array_equal(factorize(bad, 0.0, diag=d),
+                                  factorize(h, 0.0))
     with pytest.raises(ValueError, match=r"^h: contains NaN or Inf"):
-        upper_cholesky_of_inverse(bad, 0.0)
+        factorize(bad, 0.0)
 
 
-def test_bad_perm_and_diag_name_the_argument() -> None:
+@pytest.mark.parametrize("factorize_name", sorted(FACTORIZATIONS))
+def test_bad_perm_and_diag_name_the_argument(factorize_name: str) -> None:
+    factorize = FACTORIZATIONS[factorize_name]
     h = random_spd(6)
     ok = np.arange(6, dtype=np.int64)
     with pytest.raises(TypeError, match=r"^perm: .*int64.*int32"):
-        upper_cholesky_of_inverse(h, 0.0, perm=ok.astype(np.int32))
+        factorize(h, 0.0, perm=ok.astype(np.int32))
     with pytest.raises(ValueError, match=r"^perm: expected length 6"):
-        upper_cholesky_of_inverse(h, 0.0, perm=ok[:5].copy())
+        factorize(h, 0.0, perm=ok[:5].copy())
     with pytest.raises(ValueError, match=r"^perm: expected 1 dimensions"):
-        upper_cholesky_of_inverse(h, 0.0, perm=ok.reshape(2, 3))
+        factorize(h, 0.0, perm=ok.reshape(2, 3))
     for bad, why in (([0, 1, 2, 3, 4, 6], "out of range"), ([0, 1, 2, 3, 4, -1], "out of range"),
                      ([0, 1, 2, 3, 4, 4], "repeated")):
         with pytest.raises(ValueError, match=rf"^perm: expected a permutation of 0..5.*{why}"):
-            upper_cholesky_of_inverse(h, 0.0, perm=np.array(bad, dtype=np.int64))
+            factorize(h, 0.0, perm=np.array(bad, dtype=np.int64))
     with pytest.raises(ValueError, match=r"^perm: expected a C-contiguous"):
-        upper_cholesky_of_inverse(h, 0.0, perm=np.arange(12, dtype=np.int64)[::2])
+        factorize(h, 0.0, perm=np.arange(12, dtype=np.int64)[::2])
     with pytest.raises(TypeError, match=r"^diag: .*float64.*float32"):
-        upper_cholesky_of_inverse(h, 0.0, diag=np.ones(6, np.float32))
+        factorize(h, 0.0, diag=np.ones(6, np.float32))
     with pytest.raises(ValueError, match=r"^diag: expected length 6"):
-        upper_cholesky_of_inverse(h, 0.0, diag=np.ones(7))
+        factorize(h, 0.0, diag=np.ones(7))
     with pytest.raises(ValueError, match=r"^diag: contains NaN or Inf"):
-        upper_cholesky_of_inverse(h, 0.0, diag=np.array([1, 1, np.inf, 1, 1, 1.0]))
+        factorize(h, 0.0, diag=np.array([1, 1, np.inf, 1, 1, 1.0]))
 
 
 def test_factor_hessian_makes_no_permuted_copy() -> None:

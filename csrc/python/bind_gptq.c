@@ -1,7 +1,9 @@
-/* bind_gptq.c: Python binding of GPTQ's per-column step (validate once, release the GIL, call). */
+/* bind_gptq.c: Python bindings of GPTQ's per-column step and lazy block update (validate once,
+ * release the GIL, call). */
 #include "bind_util.h"
 
 #include <math.h>
+#include <stdint.h>
 
 /* A 2-D array argument with the given dtype and (when want_rows / want_cols >= 0) shape; empty
  * only in its rows, and only when rows_may_be_zero. */
@@ -29,13 +31,13 @@ static PyArrayObject *matrix_arg(PyObject *obj, const char *name, int typenum, i
     return a;
 }
 
-/* gptq_columns(wt, err, u, codes, scale, zero, column_group, block_start, first, end, sub_end,
- * bits): see offq.kernels.gptq_columns. */
+/* gptq_columns(wt, orig, err, s, codes, scale, zero, column_group, block_start, first, end,
+ * sub_end, bits): see offq.kernels.gptq_columns. */
 static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
 {
-    PyObject *o[7], *io[5];
-    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOO:gptq_columns", &o[0], &o[1], &o[2], &o[3], &o[4],
-                          &o[5], &o[6], &io[0], &io[1], &io[2], &io[3], &io[4])) {
+    PyObject *o[8], *io[5];
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOOOO:gptq_columns", &o[0], &o[7], &o[1], &o[2], &o[3],
+                          &o[4], &o[5], &o[6], &io[0], &io[1], &io[2], &io[3], &io[4])) {
         return NULL;
     }
     static const char *index_names[4] = {"block_start", "first", "end", "sub_end"};
@@ -54,9 +56,10 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
         return NULL;
     }
     const int64_t k = (int64_t)PyArray_DIM(wt, 0), n = (int64_t)PyArray_DIM(wt, 1);
-    PyArrayObject *err = matrix_arg(o[1], "err", NPY_FLOAT64, 1, -1, n, 1);
-    PyArrayObject *u = err == NULL ? NULL : matrix_arg(o[2], "u", NPY_FLOAT64, 0, k, k, 0);
-    PyArrayObject *codes = u == NULL ? NULL : matrix_arg(o[3], "codes", NPY_UINT8, 1, k, n, 0);
+    PyArrayObject *orig = matrix_arg(o[7], "orig", NPY_FLOAT32, 0, k, n, 0);
+    PyArrayObject *err = orig == NULL ? NULL : matrix_arg(o[1], "err", NPY_FLOAT64, 1, -1, n, 1);
+    PyArrayObject *s = err == NULL ? NULL : matrix_arg(o[2], "s", NPY_FLOAT64, 0, k, k, 0);
+    PyArrayObject *codes = s == NULL ? NULL : matrix_arg(o[3], "codes", NPY_UINT8, 1, k, n, 0);
     PyArrayObject *scale = codes == NULL ? NULL : matrix_arg(o[4], "scale", NPY_FLOAT32, 0, n, -1, 0);
     if (scale == NULL) {
         return NULL;
@@ -90,9 +93,10 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
                      idx[3] - idx[0], (long long)PyArray_DIM(err, 0));
         return NULL;
     }
-    /* what the columns read: their group index, pivot and grid */
+    /* what the columns read: their group index, factor row, original weights and grid */
     const int64_t *cg = (const int64_t *)PyArray_DATA(column_group);
-    const double *ud = (const double *)PyArray_DATA(u);
+    const double *fd = (const double *)PyArray_DATA(s);
+    const float *od = (const float *)PyArray_DATA(orig);
     const float *sd = (const float *)PyArray_DATA(scale), *zd = (const float *)PyArray_DATA(zero);
     for (long long i = idx[1]; i < idx[2]; i++) {
         if (cg[i] < 0 || cg[i] >= groups) {
@@ -100,16 +104,25 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
                          i, (long long)cg[i], (long long)groups);
             return NULL;
         }
-        if (!(isfinite(ud[i * k + i]) && ud[i * k + i] > 0.0)) {
-            PyErr_Format(PyExc_ValueError, "u: diagonal entry %lld must be finite and > 0", i);
-            return NULL;
+        for (long long t = i + 1; t < idx[3]; t++) {
+            if (!isfinite(fd[i * k + t])) {
+                PyErr_Format(PyExc_ValueError, "s: entry [%lld, %lld] is not finite", i, t);
+                return NULL;
+            }
+        }
+        for (int64_t r = 0; r < n; r++) {
+            if (!isfinite(od[i * n + r])) {
+                PyErr_Format(PyExc_ValueError, "orig: entry [%lld, %lld] is not finite", i,
+                             (long long)r);
+                return NULL;
+            }
         }
         if (i > idx[1] && cg[i] == cg[i - 1]) {
             continue; /* the same grid column as the previous one: checked */
         }
         for (int64_t r = 0; r < n; r++) {
-            const float s = sd[r * groups + cg[i]], z = zd[r * groups + cg[i]];
-            if (!(isfinite(s) && s > 0.0f)) {
+            const float sc = sd[r * groups + cg[i]], z = zd[r * groups + cg[i]];
+            if (!(isfinite(sc) && sc > 0.0f)) {
                 PyErr_Format(PyExc_ValueError,
                              "scale: entry [%lld, %lld] must be finite and > 0", (long long)r,
                              (long long)cg[i]);
@@ -122,24 +135,105 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
             }
         }
     }
-    const offq_named_array inputs[] = {{u, "u"}, {scale, "scale"}, {zero, "zero"},
-                                       {column_group, "column_group"}, {wt, "wt"}, {err, "err"}};
-    if (offq_check_disjoint(wt, "wt", inputs, 4) < 0 ||
-        offq_check_disjoint(err, "err", inputs, 5) < 0 ||
-        offq_check_disjoint(codes, "codes", inputs, 6) < 0) {
+    const offq_named_array inputs[] = {{s, "s"},         {orig, "orig"},
+                                       {scale, "scale"}, {zero, "zero"},
+                                       {column_group, "column_group"},
+                                       {wt, "wt"},       {err, "err"}};
+    if (offq_check_disjoint(wt, "wt", inputs, 5) < 0 ||
+        offq_check_disjoint(err, "err", inputs, 6) < 0 ||
+        offq_check_disjoint(codes, "codes", inputs, 7) < 0) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    offq_gptq_columns((double *)PyArray_DATA(wt), n, (double *)PyArray_DATA(err), ud, k,
+    offq_gptq_columns((double *)PyArray_DATA(wt), od, n, (double *)PyArray_DATA(err), fd, k,
                       (uint8_t *)PyArray_DATA(codes), sd, zd, groups, cg, (int64_t)idx[0],
                       (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], bits);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
+/* gptq_block_update(wt, err, s, block_start, first, last, t0, t1): see
+ * offq.kernels.gptq_block_update. */
+static PyObject *py_gptq_block_update(PyObject *self, PyObject *args)
+{
+    PyObject *o[3], *io[5];
+    if (!PyArg_ParseTuple(args, "OOOOOOOO:gptq_block_update", &o[0], &o[1], &o[2], &io[0],
+                          &io[1], &io[2], &io[3], &io[4])) {
+        return NULL;
+    }
+    static const char *index_names[5] = {"block_start", "first", "last", "t0", "t1"};
+    long long idx[5];
+    for (int j = 0; j < 5; j++) {
+        if (offq_py_int(io[j], index_names[j], &idx[j]) < 0) {
+            return NULL;
+        }
+    }
+    PyArrayObject *wt = matrix_arg(o[0], "wt", NPY_FLOAT64, 1, -1, -1, 0);
+    if (wt == NULL) {
+        return NULL;
+    }
+    const int64_t k = (int64_t)PyArray_DIM(wt, 0), n = (int64_t)PyArray_DIM(wt, 1);
+    if (k > INT32_MAX || n > INT32_MAX) { /* BLAS's 32-bit sizes */
+        PyErr_Format(PyExc_ValueError, "wt: expected at most %d rows and columns, got [%lld, %lld]",
+                     INT32_MAX, (long long)k, (long long)n);
+        return NULL;
+    }
+    PyArrayObject *err = matrix_arg(o[1], "err", NPY_FLOAT64, 0, -1, n, 1);
+    PyArrayObject *s = err == NULL ? NULL : matrix_arg(o[2], "s", NPY_FLOAT64, 0, k, k, 0);
+    if (s == NULL) {
+        return NULL;
+    }
+    /* 0 <= block_start <= first <= last <= t0 <= t1 <= k */
+    for (int j = 0; j < 5; j++) {
+        if (idx[j] < (j ? idx[j - 1] : 0) || idx[j] > (long long)k) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: expected 0 <= block_start <= first <= last <= t0 <= t1 <= %lld, "
+                         "got %lld, %lld, %lld, %lld, %lld",
+                         index_names[j], (long long)k, idx[0], idx[1], idx[2], idx[3], idx[4]);
+            return NULL;
+        }
+    }
+    if (idx[2] - idx[0] > (long long)PyArray_DIM(err, 0)) {
+        PyErr_Format(PyExc_ValueError,
+                     "err: expected at least last - block_start = %lld rows, got %lld",
+                     idx[2] - idx[0], (long long)PyArray_DIM(err, 0));
+        return NULL;
+    }
+    /* what the product reads, checked finite: 1/n of the product's work */
+    const double *fd = (const double *)PyArray_DATA(s), *ed = (const double *)PyArray_DATA(err);
+    for (long long i = idx[1]; i < idx[2]; i++) {
+        for (long long t = idx[3]; t < idx[4]; t++) {
+            if (!isfinite(fd[i * k + t])) {
+                PyErr_Format(PyExc_ValueError, "s: entry [%lld, %lld] is not finite", i, t);
+                return NULL;
+            }
+        }
+        const double *row = ed + (i - idx[0]) * n;
+        for (int64_t r = 0; r < n; r++) {
+            if (!isfinite(row[r])) {
+                PyErr_Format(PyExc_ValueError, "err: entry [%lld, %lld] is not finite",
+                             i - idx[0], (long long)r);
+                return NULL;
+            }
+        }
+    }
+    const offq_named_array inputs[] = {{s, "s"}, {err, "err"}};
+    if (offq_check_disjoint(wt, "wt", inputs, 2) < 0) {
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    offq_gptq_block_update((double *)PyArray_DATA(wt), n, ed, fd, k, (int64_t)idx[0],
+                           (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], (int64_t)idx[4]);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyMethodDef offq_gptq_methods[] = {
     {"gptq_columns", (PyCFunction)py_gptq_columns, METH_VARARGS,
-     "gptq_columns(wt, err, u, codes, scale, zero, column_group, block_start, first, end, "
+     "gptq_columns(wt, orig, err, s, codes, scale, zero, column_group, block_start, first, end, "
      "sub_end, bits): GPTQ's per-column step in place (see offq.kernels.gptq_columns)."},
+    {"gptq_block_update", (PyCFunction)py_gptq_block_update, METH_VARARGS,
+     "gptq_block_update(wt, err, s, block_start, first, last, t0, t1): GPTQ's lazy update of "
+     "rows t0..t1 of wt in place (see offq.kernels.gptq_block_update)."},
     {NULL, NULL, 0, NULL},
 };

@@ -107,26 +107,44 @@ static int nonnegative_number(PyObject *obj, const char *name, double *out)
     return 0;
 }
 
+/* The arguments both factorizations take, (h, add, perm=None, diag=None), checked once: the
+ * order k of h, or -1 with the exception set (naming the argument). */
+typedef struct {
+    const double *h;
+    double add;
+    const int64_t *perm;
+    const double *diag;
+} factor_args;
+
+static int64_t parse_factor_args(PyObject *args, PyObject *kwargs, const char *format,
+                                 factor_args *out)
+{
+    static char *kwlist[] = {"h", "add", "perm", "diag", NULL};
+    PyObject *h_obj, *add_obj, *perm_obj = Py_None, *diag_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, kwlist, &h_obj, &add_obj, &perm_obj,
+                                     &diag_obj) ||
+        nonnegative_number(add_obj, "add", &out->add) < 0) {
+        return -1;
+    }
+    PyArrayObject *h;
+    const int64_t k = check_h(h_obj, &h);
+    if (k < 0 || check_permutation(perm_obj, k, &out->perm) < 0 ||
+        check_diagonal(diag_obj, k, &out->diag) < 0) {
+        return -1;
+    }
+    out->h = (const double *)PyArray_DATA(h);
+    return k;
+}
+
 /* upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u float64 [k, k] with
  * (P h P^T + add I)^-1 = u^T u (P h P^T's diagonal replaced by diag[perm] when diag is given), or
  * None when that matrix is not numerically positive definite (the caller may retry with more
  * damping). */
 static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"h", "add", "perm", "diag", NULL};
-    PyObject *h_obj, *add_obj, *perm_obj = Py_None, *diag_obj = Py_None;
-    double add;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|OO:upper_cholesky_of_inverse", kwlist,
-                                     &h_obj, &add_obj, &perm_obj, &diag_obj) ||
-        nonnegative_number(add_obj, "add", &add) < 0) {
-        return NULL;
-    }
-    PyArrayObject *h;
-    const int64_t k = check_h(h_obj, &h);
-    const int64_t *perm;
-    const double *diag;
-    if (k < 0 || check_permutation(perm_obj, k, &perm) < 0 ||
-        check_diagonal(diag_obj, k, &diag) < 0) {
+    factor_args a;
+    const int64_t k = parse_factor_args(args, kwargs, "OO|OO:upper_cholesky_of_inverse", &a);
+    if (k < 0) {
         return NULL;
     }
     npy_intp dims[2] = {(npy_intp)k, (npy_intp)k};
@@ -136,8 +154,7 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, Py
     }
     offq_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = offq_upper_cholesky_of_inverse((const double *)PyArray_DATA(h), k, add, perm, diag,
-                                        (double *)PyArray_DATA(u));
+    rc = offq_upper_cholesky_of_inverse(a.h, k, a.add, a.perm, a.diag, (double *)PyArray_DATA(u));
     Py_END_ALLOW_THREADS
     if (rc == OFFQ_ERR_NOTPD) {
         Py_DECREF(u);
@@ -148,6 +165,40 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, Py
         return NULL;
     }
     return (PyObject *)u;
+}
+
+/* udu_factor(h, add, perm=None, diag=None) -> (s float64 [k, k] unit upper, d float64 [k]) with
+ * P h P^T + add I = s diag(d) s^T, or None when not numerically positive definite. */
+static PyObject *py_udu_factor(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    factor_args a;
+    const int64_t k = parse_factor_args(args, kwargs, "OO|OO:udu_factor", &a);
+    if (k < 0) {
+        return NULL;
+    }
+    npy_intp dims[2] = {(npy_intp)k, (npy_intp)k};
+    PyArrayObject *s = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    PyArrayObject *d = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_FLOAT64);
+    if (s == NULL || d == NULL) {
+        Py_XDECREF(s);
+        Py_XDECREF(d);
+        return NULL;
+    }
+    offq_status rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = offq_udu_factor(a.h, k, a.add, a.perm, a.diag, (double *)PyArray_DATA(s),
+                         (double *)PyArray_DATA(d));
+    Py_END_ALLOW_THREADS
+    if (rc != OFFQ_OK) {
+        Py_DECREF(s);
+        Py_DECREF(d);
+        if (rc == OFFQ_ERR_NOTPD) {
+            Py_RETURN_NONE;
+        }
+        offq_py_status(rc, (offq_errctx){.arg = "h"});
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", s, d);
 }
 
 /* A positive int argument no larger than `most` -> *out; -1 with an exception naming `name`. */
@@ -400,5 +451,9 @@ PyMethodDef offq_linalg_methods[] = {
      "upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u [k, k] float64 upper with "
      "(h[perm][:, perm] + add I)^-1 = u.T @ u, or None when not positive definite (see "
      "offq.kernels.upper_cholesky_of_inverse)."},
+    {"udu_factor", (PyCFunction)(void (*)(void))py_udu_factor, METH_VARARGS | METH_KEYWORDS,
+     "udu_factor(h, add, perm=None, diag=None) -> (s [k, k], d [k]) float64, s unit upper with "
+     "h[perm][:, perm] + add I = s @ diag(d) @ s.T, or None when not positive definite (see "
+     "offq.kernels.udu_factor)."},
     {NULL, NULL, 0, NULL},
 };

@@ -4,7 +4,9 @@
 ``(H + add I)^-1 = U.T @ U``, without forming the inverse. With ``J`` the reversal permutation,
 the lower Cholesky factor of ``J (H + add I) J = L L^T`` (LAPACK ``potrf``) gives
 ``U = J L^-1 J`` (``trtri``): about ``2 K^3 / 3`` flops instead of the ``~7 K^3 / 3`` of an inverse
-followed by a Cholesky factorization of it. ``smallest_eigenpairs`` serves OSAQ's Hessian tail:
+followed by a Cholesky factorization of it. ``udu_factor`` is what GPTQ uses since: the same
+``potrf`` without the ``trtri`` (``K^3 / 3`` flops), as ``H + add I = S diag(d) S.T`` with ``S``
+unit upper triangular. ``smallest_eigenpairs`` serves OSAQ's Hessian tail:
 a few of the smallest eigenpairs (a tridiagonal reduction, then only the wanted pairs, as LAPACK
 ``dsyevr`` does for an index range) instead of all of them, 2.4-2.8x less time than
 ``numpy.linalg.eigh`` on SmolLM2's 1536-wide Hessians; ``tail_eigenpairs`` finds how many of them
@@ -20,7 +22,7 @@ import numpy as np
 from .. import _C
 
 __all__ = ["TailFactor", "smallest_eigenpairs", "tail_eigenpairs", "tail_subspace",
-           "upper_cholesky_of_inverse"]
+           "udu_factor", "upper_cholesky_of_inverse"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +72,32 @@ def upper_cholesky_of_inverse(h: np.ndarray, add: float = 0.0, *, perm: np.ndarr
         argument.
     """
     return _C.upper_cholesky_of_inverse(h, add, perm, diag)
+
+
+def udu_factor(h: np.ndarray, add: float = 0.0, *, perm: np.ndarray | None = None,
+               diag: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The UDU^T factorization ``M + add * I = s @ np.diag(d) @ s.T``, or None, where ``M`` is
+    ``h`` permuted and with its diagonal replaced as for :func:`upper_cholesky_of_inverse`.
+
+    One LAPACK ``potrf`` of the reversed matrix (``J M J = L L^T`` gives the upper ``R = J L J``
+    with ``M = R R^T``; ``s`` is ``R`` with each column divided by its diagonal entry, ``d`` those
+    entries squared): half the flops of :func:`upper_cholesky_of_inverse`, whose factor is
+    ``R^-1`` with ``(M + add I)^-1 = R^-T R^-1``. GPTQ uses ``s`` (offq/quantizers/gptq.py).
+
+    Args: as for :func:`upper_cholesky_of_inverse` (``h`` float64 ``[k, k]``, ``add``, ``perm``,
+        ``diag``).
+
+    Returns:
+        ``(s, d)``: ``s`` a new float64 ``[k, k]`` unit upper triangular array (the diagonal
+        exactly 1, the strictly lower part exactly 0), ``d`` float64 ``[k]``, positive. None when
+        ``M + add * I`` is not numerically positive definite (as for
+        :func:`upper_cholesky_of_inverse`).
+
+    Raises:
+        TypeError, ValueError: as for :func:`upper_cholesky_of_inverse`; every message names the
+        argument.
+    """
+    return _C.udu_factor(h, add, perm, diag)
 
 
 def smallest_eigenpairs(h: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

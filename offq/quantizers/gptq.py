@@ -7,16 +7,23 @@ docs/METHODS.md, "GPTQ". For a linear layer with weight ``W`` [N, K] and calibra
 2. dead inputs (``diag H == 0``) get ``H_jj = 1`` and ``W[:, j] = 0``;
 3. optional act-order: columns visited by descending ``diag H``;
 4. damping ``H += damp * mean(diag H) * I``;
-5. ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), computed without the inverse
-   (:func:`offq.kernels.upper_cholesky_of_inverse`: Cholesky of the reversed ``H``, then a
-   triangular inverse); when the damped Hessian is too ill-conditioned for that (a rank-deficient
-   H with ``damp = 0``, say), the damping grows tenfold per retry (at most `MAX_DAMP_RETRIES`
-   times) and a warning names the layer and site;
-6. columns in lazy blocks of ``block_size``: quantize column ``i``, error ``e = (w_i - q_i) / U_ii``,
-   update the rest of the block with ``e U_i,i:`` and, once per block, the columns after it with
-   the rank-``block_size`` product. (Inside a block the same updates are applied in sub-blocks of
-   16 columns, on the transposed weight, so each column step touches little contiguous memory;
-   the tests check the result equals the plain unblocked algorithm.)
+5. the UDU^T factor ``H = S D S^T`` (``S`` unit upper triangular; :func:`offq.kernels.udu_factor`:
+   one Cholesky factorization of the reversed ``H``, no inverse); when the damped Hessian is too
+   ill-conditioned for that (a rank-deficient H with ``damp = 0``, say), the damping grows tenfold
+   per retry (at most `MAX_DAMP_RETRIES` times) and a warning names the layer and site;
+6. columns in lazy blocks of ``block_size``: quantize column ``i`` from its current weight, take
+   its rounding error against the *original* weight, ``e_i = q_i - w_i``, and update every later
+   column ``t`` with ``- e_i S_it``: the rest of the block at once, the columns after it once per
+   block with the rank-``block_size`` product. (Inside a block the same updates are applied in
+   sub-blocks of 16 columns, on the transposed weight, so each column step touches little
+   contiguous memory; the tests check the result equals the plain unblocked algorithm.)
+
+Why this is GPTQ. The paper's form uses ``U``, the upper Cholesky factor of ``H^-1 = U^T U``: the
+error ``(w~_i - q_i) / U_ii`` of the *updated* weight ``w~_i``, pushed with row ``i`` of ``U``. With
+``H = R R^T`` (``R`` upper, ``R = S D^1/2``) that ``U`` is ``R^-1``, and solving the paper's updates
+for ``w~`` gives ``w~_t = w_t + sum_{i<t} (w_i - q_i) R_it / R_tt``: the same corrections from the
+original weights and ``S`` (``S_it = R_it / R_tt``), the same codes up to rounding, and no
+triangular inverse (half the factorization's flops: 3 s of 6 at K = 8960 on two Zen3 cores).
 
 Group parameters: per channel (group -1) they come from the whole row before any update (with the
 MSE clip search when asked); with groups, each group's grid is fixed when its first column is
@@ -32,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..kernels.gptq import gptq_columns
+from ..kernels.gptq import gptq_block_update, gptq_columns
 from ..quant.grid import check_bits, group_params, resolve_group
 from ..quant.weight import QuantizedWeight
 from .base import WeightQuantizer
@@ -106,12 +113,13 @@ class HessianAccumulator:
 @dataclass(frozen=True)
 class HessianFactor:
     """What GPTQ needs from a Hessian, shared by the linears that read the same input:
-    the dead inputs, the column order (act-order or identity) and the upper Cholesky factor
-    ``u`` of the damped, permuted ``H^-1``."""
+    the dead inputs, the column order (act-order or identity) and the UDU^T factor of the
+    damped, permuted ``H``: ``H_damped = s @ diag(d) @ s.T``, ``s`` unit upper triangular."""
 
     dead: np.ndarray
     perm: np.ndarray
-    u: np.ndarray
+    s: np.ndarray
+    d: np.ndarray
     #: the damping actually added (x mean diag): ``damp``, or larger after a retry
     damp: float = 0.0
     #: the Hessian itself, kept (not copied) only when coordinate-descent sweeps follow GPTQ
@@ -148,30 +156,30 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
     mean_diag = np.mean(diag[perm])
     tried = damp
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        u = _upper_cholesky_of_inverse(h, tried * mean_diag, perm, diag)
-        if u is not None:
+        factor = _udu_factor(h, tried * mean_diag, perm, diag)
+        if factor is not None:
             if attempt:
                 logger.warning("GPTQ %s: the Hessian was not positive definite with damping %g; "
                                "used %g (x mean diag)", where or "(unnamed site)", damp, tried)
-            return HessianFactor(dead, perm, u, damp=tried)
+            return HessianFactor(dead, perm, *factor, damp=tried)
         tried = max(tried, _MIN_RETRY_DAMP) * 10.0
     raise ValueError(f"GPTQ {where or '(unnamed site)'}: the Hessian stays singular up to damping "
                      f"{tried / 10:g} (x mean diag); are the calibration inputs degenerate?")
 
 
-def _upper_cholesky_of_inverse(h: np.ndarray, add: float, perm: np.ndarray,
-                               diag: np.ndarray) -> np.ndarray | None:
-    """Upper ``u`` with ``(h[perm][:, perm] + add I)^-1 = u.T @ u`` (the diagonal taken from
+def _udu_factor(h: np.ndarray, add: float, perm: np.ndarray,
+                diag: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(s, d)`` with ``h[perm][:, perm] + add I = s @ diag(d) @ s.T`` (the diagonal taken from
     ``diag``), or None when that is not computable.
 
-    :func:`offq.kernels.upper_cholesky_of_inverse` (C, LAPACK potrf + trtri of the reversed
-    matrix, no inverse and no permuted copy formed)."""
-    from offq.kernels import upper_cholesky_of_inverse
+    :func:`offq.kernels.udu_factor` (C, LAPACK potrf of the reversed matrix, no permuted copy
+    formed)."""
+    from offq.kernels import udu_factor
 
     # LAPACK on the session's BLAS threads: at K = 8960 (Qwen2.5-1.5B's down_proj) the
-    # factorization is most of GPTQ's time, 8.6 s on one thread and 4.3-4.9 s on two (idle Zen5)
-    return upper_cholesky_of_inverse(h, float(add), perm=np.ascontiguousarray(perm, np.int64),
-                                     diag=np.ascontiguousarray(diag, np.float64))
+    # factorization is most of GPTQ's time, ~3 s on two Zen3 cores
+    return udu_factor(h, float(add), perm=np.ascontiguousarray(perm, np.int64),
+                      diag=np.ascontiguousarray(diag, np.float64))
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int = 4,
@@ -193,8 +201,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
             raise ValueError(f"hessian: expected shape ({k}, {k}) for w of shape {w.shape}, "
                              f"got {np.shape(hessian)}")
         factor = factor_hessian(hessian, damp=damp, act_order=act_order)
-    if factor.u.shape != (k, k):
-        raise ValueError(f"factor: built for {factor.u.shape[0]} inputs, w has {k}")
+    if factor.s.shape != (k, k):
+        raise ValueError(f"factor: built for {factor.s.shape[0]} inputs, w has {k}")
     act_order = not np.array_equal(factor.perm, np.arange(k))
     if not np.all(np.isfinite(w)):
         raise ValueError("w: contains NaN or Inf")
@@ -205,19 +213,21 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     if act_order and not per_channel:
         static_groups = True
 
-    W = w.astype(np.float64)
-    W[:, factor.dead] = 0.0
+    w = w.copy()
+    w[:, factor.dead] = 0.0
 
     # Grids fixed up front: per channel, or static groups (original, dead-zeroed weights).
     scale = np.zeros((n_out, k // g), dtype=np.float32)
     zero = np.zeros((n_out, k // g), dtype=np.float32)
     if per_channel or static_groups:
-        scale[:], zero[:] = group_params(W.astype(np.float32), bits, g, symmetric, clip_search)
+        scale[:], zero[:] = group_params(w, bits, g, symmetric, clip_search)
 
-    perm, u = factor.perm, np.ascontiguousarray(factor.u, dtype=np.float64)
-    # Work on the transpose: row i of wt is column perm[i] of W, so every per-column step reads
-    # and writes contiguous memory.
-    wt = np.ascontiguousarray(W[:, perm].T)
+    perm, s = factor.perm, np.ascontiguousarray(factor.s, dtype=np.float64)
+    # Work on the transpose: row i of wt is column perm[i] of w, so every per-column step reads
+    # and writes contiguous memory. orig keeps the weights before any update (float32, as given).
+    orig = np.ascontiguousarray(w[:, perm].T)
+    del w
+    wt = orig.astype(np.float64)
     codes_t = np.zeros((k, n_out), dtype=np.uint8)
     # Two levels of lazy updates (same arithmetic as one, fewer bytes moved per column): inside a
     # sub-block of _SUB columns each column updates only the rest of its sub-block; a finished
@@ -235,40 +245,53 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
                 end = j2
                 if dynamic:
                     if i % g == 0:
-                        # a dynamic group starts: current weights of columns i..i+g, including
-                        # the updates still pending for them
-                        cur = _pending_view(wt, err, u, i, i1, i2, j1, j2, g)
-                        s, z = group_params(np.ascontiguousarray(cur.T, dtype=np.float32), bits,
-                                            g, symmetric, clip_search)
-                        scale[:, i // g], zero[:, i // g] = s[:, 0], z[:, 0]
+                        # a dynamic group starts: the weights of columns i..i+g as the paper's
+                        # form has them after columns 0..i-1
+                        cur = _group_start_weights(wt, orig, err, s, i, i1, i2, j1, j2, g)
+                        gs, gz = group_params(np.ascontiguousarray(cur.T, dtype=np.float32),
+                                              bits, g, symmetric, clip_search)
+                        scale[:, i // g], zero[:, i // g] = gs[:, 0], gz[:, 0]
                     end = min(j2, (i // g + 1) * g)
                 # the per-column step (quantize, error, update the sub-block) in C: NumPy's
                 # arithmetic, one call instead of a few per column
-                gptq_columns(wt, err, u, codes_t, scale, zero, column_group, block_start=i1,
-                             first=i, end=end, sub_end=j2, bits=bits)
+                gptq_columns(wt, orig, err, s, codes_t, scale, zero, column_group,
+                             block_start=i1, first=i, end=end, sub_end=j2, bits=bits)
                 i = end
-            if j2 < i2:
-                wt[j2:i2] -= u[j1:j2, j2:i2].T @ err[j1 - i1:j2 - i1]
-        if i2 < k:
-            wt[i2:] -= u[i1:i2, i2:].T @ err
+            # the finished sub-block's update of the rest of its block (BLAS, in place)
+            gptq_block_update(wt, err, s, block_start=i1, first=j1, last=j2, t0=j2, t1=i2)
+        # the finished block's update of every later column
+        gptq_block_update(wt, err, s, block_start=i1, first=i1, last=i2, t0=i2, t1=k)
     inv = np.argsort(perm)
     codes = np.ascontiguousarray(codes_t[inv].T)
     return QuantizedWeight(codes, scale, zero, bits, g, symmetric)
 
 
-def _pending_view(wt: np.ndarray, err: np.ndarray, u: np.ndarray, i: int, i1: int, i2: int,
-                  j1: int, j2: int, g: int) -> np.ndarray:
-    """Rows ``i..i+g`` of ``wt`` as they will be once every pending lazy update from the columns
-    ``i1..i-1`` already quantized is applied (rows below ``j2`` are already current)."""
+def _group_start_weights(wt: np.ndarray, orig: np.ndarray, err: np.ndarray, s: np.ndarray,
+                         i: int, i1: int, i2: int, j1: int, j2: int, g: int) -> np.ndarray:
+    """Rows ``i..i+g`` of the weight (transposed) as the paper's form of GPTQ has them once
+    columns ``0..i-1`` are quantized: the optimal update of the columns not yet fixed, from which
+    a dynamic group takes its grid.
+
+    ``wt`` holds the corrections from the original weights instead (module docstring): after every
+    pending lazy update from the columns ``i1..i-1`` is applied (rows below ``j2`` are already
+    current), ``wt_t = w_t + sum_{j<i} d_j S_jt``, while the paper's form has
+    ``w_t + sum_{j<i} d_j R_jt`` times ``R22^-1`` (``R22``: the trailing block of ``R`` from ``i``).
+    ``R22^-1`` is upper triangular, so its leading ``g x g`` block is the inverse of
+    ``R[i:i+g, i:i+g]``, and the diagonal scalings cancel: ``p - w = (wt - w) S_gg^-1``, one
+    ``g x g`` solve per group."""
     end = min(i + g, wt.shape[0])
     cur = wt[i:end].copy()
     lo, hi = max(j2, i), min(i2, end)
     if lo < hi:  # later sub-blocks of this block: pending from this sub-block's columns
-        cur[lo - i:hi - i] -= u[j1:i, lo:hi].T @ err[j1 - i1:i - i1]
+        cur[lo - i:hi - i] -= s[j1:i, lo:hi].T @ err[j1 - i1:i - i1]
     lo = max(i2, i)
     if lo < end:  # past the block: pending from every quantized column of the block
-        cur[lo - i:] -= u[i1:i, lo:end].T @ err[:i - i1]
-    return cur
+        cur[lo - i:] -= s[i1:i, lo:end].T @ err[:i - i1]
+    if i == 0:
+        return cur  # nothing quantized yet: both forms hold the original weights
+    w0 = orig[i:end].astype(np.float64)
+    # rows are columns: (p - w)^T = S_gg^-T (wt - w)^T, a unit lower triangular system
+    return w0 + np.linalg.solve(s[i:end, i:end].T, cur - w0)
 
 
 @dataclass(frozen=True)
