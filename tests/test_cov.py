@@ -214,3 +214,40 @@ def test_generic_path_runs_cov(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, __file__], env=env, capture_output=True,
                        text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cov_accumulator_is_a_zeroed_square_that_cov_update_takes(dtype):
+    from offq.kernels import cov_accumulator
+
+    acc = cov_accumulator(37, dtype)
+    assert acc.shape == (37, 37) and acc.dtype == dtype and acc.flags.c_contiguous
+    assert acc.flags.writeable and not np.any(acc)
+    x = np.random.default_rng(0).standard_normal((300, 37)).astype(np.float32)
+    if dtype is np.float64:
+        cov_update(acc, x)
+        np.testing.assert_allclose(acc, x.astype(np.float64).T @ x, rtol=1e-5, atol=1e-4)
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="^d: expected a positive integer"):
+            cov_accumulator(bad)
+
+
+def test_hessian_and_statistics_accumulators_start_from_cov_accumulator(monkeypatch):
+    """Both streaming accumulators take their d x d sum from cov_accumulator (pages faulted in
+    order; see its docstring), not from np.zeros."""
+    import offq.quantizers.gptq as gptq
+    import offq.recipe.statistics as statistics
+
+    made = []
+
+    def spy(d, dtype=np.float64):
+        made.append(d)
+        out = np.empty((d, d), dtype)
+        out.fill(0)
+        return out
+
+    monkeypatch.setattr(gptq, "cov_accumulator", spy)
+    monkeypatch.setattr(statistics, "cov_accumulator", spy)
+    gptq.HessianAccumulator(11)
+    statistics.SecondMoment(13, centred=False)
+    assert made == [11, 13]

@@ -15,7 +15,22 @@ import numpy as np
 
 from .. import _C
 
-__all__ = ["cov_update", "top_eigenpairs"]
+__all__ = ["cov_accumulator", "cov_update", "top_eigenpairs"]
+
+
+def cov_accumulator(d: int, dtype: type = np.float64) -> np.ndarray:
+    """A zeroed ``[d, d]`` accumulator for :func:`cov_update`, its pages already faulted in.
+
+    ``np.zeros`` maps lazily zeroed pages, and their first touch then happens inside
+    ``cov_update``'s threaded add of the product, in tile order across rows: at ``d = 8960`` that
+    made the first call on a fresh float64 accumulator 3-6 s slower (7.9-11.0 s against 4.7 s on
+    two Zen3 cores, one call of 8,192 rows) than on one filled here, sequentially, in ~0.1 s.
+    """
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+        raise ValueError(f"d: expected a positive integer, got {d!r}")
+    acc = np.empty((int(d), int(d)), dtype=dtype)
+    acc.fill(0)
+    return acc
 
 
 def cov_update(acc: np.ndarray, x: np.ndarray, *, top1: bool = False) -> np.ndarray:

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from ..kernels.cov import cov_accumulator
 from ..kernels.gptq import gptq_block_update, gptq_columns
 from ..quant.grid import check_bits, group_params, resolve_group
 from ..quant.weight import QuantizedWeight
@@ -57,7 +58,8 @@ class HessianAccumulator:
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.sum: np.ndarray | None = np.zeros((k, k), dtype=np.float64)
+        # pages faulted in here, in order, not by cov_update's threads (cov_accumulator)
+        self.sum: np.ndarray | None = cov_accumulator(k)
         self.n = 0
         self.finished = False
 

@@ -15,7 +15,7 @@ import numpy as np
 from ..progress import track
 
 from ..config import QuantConfig
-from ..kernels import cov_update
+from ..kernels import cov_accumulator, cov_update
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner, load_decoder_layer
 from . import rotations as rot
@@ -82,7 +82,7 @@ class SecondMoment:
     uncentred or centred, accumulated in float64."""
 
     def __init__(self, d: int, centred: bool) -> None:
-        self.acc = np.zeros((d, d), dtype=np.float64)
+        self.acc = cov_accumulator(d)
         self.sum = np.zeros(d, dtype=np.float64)
         self.n = 0
         self.centred = centred
