@@ -4,6 +4,8 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <string.h>
 
 /* A 2-D array argument with the given dtype and (when want_rows / want_cols >= 0) shape; empty
  * only in its rows, and only when rows_may_be_zero. */
@@ -31,6 +33,34 @@ static PyArrayObject *matrix_arg(PyObject *obj, const char *name, int typenum, i
     return a;
 }
 
+/* The run's indices idx[0..count) must rise, 0 <= idx[0] <= ... <= idx[count - 1] <= k (names[j]
+ * names idx[j]), and err must hold the block's rows up to idx[rows_to] (idx[0] is the block
+ * start). 0, or -1 with a ValueError naming the first index out of order, or err. */
+static int check_run(const long long *idx, const char *const *names, int count, int rows_to,
+                     int64_t k, PyArrayObject *err)
+{
+    for (int j = 0; j < count; j++) {
+        if (idx[j] < (j ? idx[j - 1] : 0) || idx[j] > (long long)k) {
+            char order[160] = "0", got[160] = "";
+            for (int i = 0; i < count; i++) {
+                const size_t o = strlen(order), g = strlen(got);
+                snprintf(order + o, sizeof order - o, " <= %s", names[i]);
+                snprintf(got + g, sizeof got - g, "%s%lld", i ? ", " : "", idx[i]);
+            }
+            PyErr_Format(PyExc_ValueError, "%s: expected %s <= %lld, got %s", names[j], order,
+                         (long long)k, got);
+            return -1;
+        }
+    }
+    if (idx[rows_to] - idx[0] > (long long)PyArray_DIM(err, 0)) {
+        PyErr_Format(PyExc_ValueError, "err: expected at least %s - %s = %lld rows, got %lld",
+                     names[rows_to], names[0], idx[rows_to] - idx[0],
+                     (long long)PyArray_DIM(err, 0));
+        return -1;
+    }
+    return 0;
+}
+
 /* gptq_columns(wt, orig, err, s, codes, scale, zero, column_group, block_start, first, end,
  * sub_end, bits): see offq.kernels.gptq_columns. */
 static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
@@ -40,7 +70,7 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
                           &o[4], &o[5], &o[6], &io[0], &io[1], &io[2], &io[3], &io[4])) {
         return NULL;
     }
-    static const char *index_names[4] = {"block_start", "first", "end", "sub_end"};
+    static const char *const index_names[4] = {"block_start", "first", "end", "sub_end"};
     long long idx[4];
     int bits;
     for (int j = 0; j < 4; j++) {
@@ -77,20 +107,7 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
         return NULL;
     }
     /* 0 <= block_start <= first <= end <= sub_end <= k, and err holds the block's rows */
-    const long long bound[5] = {0, idx[0], idx[1], idx[2], idx[3]};
-    for (int j = 0; j < 4; j++) {
-        if (idx[j] < bound[j] || idx[j] > (long long)k) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s: expected 0 <= block_start <= first <= end <= sub_end <= %lld, got "
-                         "%lld, %lld, %lld, %lld",
-                         index_names[j], (long long)k, idx[0], idx[1], idx[2], idx[3]);
-            return NULL;
-        }
-    }
-    if (idx[3] - idx[0] > (long long)PyArray_DIM(err, 0)) {
-        PyErr_Format(PyExc_ValueError,
-                     "err: expected at least sub_end - block_start = %lld rows, got %lld",
-                     idx[3] - idx[0], (long long)PyArray_DIM(err, 0));
+    if (check_run(idx, index_names, 4, 3, k, err) < 0) {
         return NULL;
     }
     /* what the columns read: their group index, factor row, original weights and grid */
@@ -161,7 +178,7 @@ static PyObject *py_gptq_block_update(PyObject *self, PyObject *args)
                           &io[1], &io[2], &io[3], &io[4])) {
         return NULL;
     }
-    static const char *index_names[5] = {"block_start", "first", "last", "t0", "t1"};
+    static const char *const index_names[5] = {"block_start", "first", "last", "t0", "t1"};
     long long idx[5];
     for (int j = 0; j < 5; j++) {
         if (offq_py_int(io[j], index_names[j], &idx[j]) < 0) {
@@ -183,20 +200,8 @@ static PyObject *py_gptq_block_update(PyObject *self, PyObject *args)
     if (s == NULL) {
         return NULL;
     }
-    /* 0 <= block_start <= first <= last <= t0 <= t1 <= k */
-    for (int j = 0; j < 5; j++) {
-        if (idx[j] < (j ? idx[j - 1] : 0) || idx[j] > (long long)k) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s: expected 0 <= block_start <= first <= last <= t0 <= t1 <= %lld, "
-                         "got %lld, %lld, %lld, %lld, %lld",
-                         index_names[j], (long long)k, idx[0], idx[1], idx[2], idx[3], idx[4]);
-            return NULL;
-        }
-    }
-    if (idx[2] - idx[0] > (long long)PyArray_DIM(err, 0)) {
-        PyErr_Format(PyExc_ValueError,
-                     "err: expected at least last - block_start = %lld rows, got %lld",
-                     idx[2] - idx[0], (long long)PyArray_DIM(err, 0));
+    /* 0 <= block_start <= first <= last <= t0 <= t1 <= k, and err holds the block's rows */
+    if (check_run(idx, index_names, 5, 2, k, err) < 0) {
         return NULL;
     }
     /* what the product reads, checked finite: 1/n of the product's work */
