@@ -23,7 +23,8 @@ error ``(w~_i - q_i) / U_ii`` of the *updated* weight ``w~_i``, pushed with row 
 ``H = R R^T`` (``R`` upper, ``R = S D^1/2``) that ``U`` is ``R^-1``, and solving the paper's updates
 for ``w~`` gives ``w~_t = w_t + sum_{i<t} (w_i - q_i) R_it / R_tt``: the same corrections from the
 original weights and ``S`` (``S_it = R_it / R_tt``), the same codes up to rounding, and no
-triangular inverse (half the factorization's flops: 3 s of 6 at K = 8960 on two Zen3 cores).
+triangular inverse (half the factorization's flops; down_proj's factor at K = 8960 went from 5.9
+to 3.1-3.7 s on two Zen3 cores, ``benchmarks/bench_gptq_stage.py``).
 
 Group parameters: per channel (group -1) they come from the whole row before any update (with the
 MSE clip search when asked); with groups, each group's grid is fixed when its first column is
@@ -179,7 +180,7 @@ def _udu_factor(h: np.ndarray, add: float, perm: np.ndarray,
     from offq.kernels import udu_factor
 
     # LAPACK on the session's BLAS threads: at K = 8960 (Qwen2.5-1.5B's down_proj) the
-    # factorization is most of GPTQ's time, ~3 s on two Zen3 cores
+    # factorization is most of GPTQ's time, 3.1-3.7 s on two Zen3 cores (bench_gptq_stage.py)
     return udu_factor(h, float(add), perm=np.ascontiguousarray(perm, np.int64),
                       diag=np.ascontiguousarray(diag, np.float64))
 
