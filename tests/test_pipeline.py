@@ -85,6 +85,53 @@ def test_global_tensors_in_place_leave_the_checkpoint_alone(monkeypatch, as_stor
     assert not np.array_equal(got[arch.embed[0]], before[arch.embed[0]])
 
 
+def test_calibration_rows_are_the_rotated_embeddings_rows_and_read_twice(monkeypatch):
+    """The layer loop starts from the embeddings' calibration rows rotated on their own: the same
+    rows as the saved, rotated matrix's up to float32 rounding (sgemm rounds a row differently
+    with the rows per call). The embedding matrix is read twice per run (the finiteness check,
+    which keeps the rows, and the final write), not four times; the statistics pass is given
+    the rows it used to read itself."""
+    from types import SimpleNamespace
+
+    from offq.formats.memory import ArrayTensorStore
+    from offq.model.arch import architecture_of
+    from offq.recipe import rotations as rot
+    from offq.recipe import statistics
+
+    monkeypatch.setattr(rot, "_VOCAB_ROWS", 16)  # both sides blocked, the last block short
+    ckpt = tiny_checkpoint(0, tie=False)
+    arch = architecture_of(ckpt.config)
+    calib = calibration(ckpt, 5, 19, 2)
+    r1 = np.linalg.qr(np.random.default_rng(3).standard_normal((64, 64)))[0]
+    saved = pipeline.global_tensors(ckpt, arch, r1)[arch.embed[0]]
+    rows = np.asarray(ckpt.tensors[arch.embed[0]], dtype=np.float32)[calib]
+    got = rot.rotate_rows(rows, r1)
+    assert got.shape == rows.shape
+    np.testing.assert_allclose(got, saved[calib], rtol=0, atol=1e-6 * np.abs(saved).max())
+    assert np.abs(got - rows).max() > 0.1  # rotated, not passed through
+
+    reads, seen = [], {}
+
+    class Counting(ArrayTensorStore):
+        def __getitem__(self, name):
+            reads.append(name)
+            return super().__getitem__(name)
+
+    real_stats = statistics.collect_statistics
+
+    def spy(ckpt_, mc, cfg, ids, batch_size, show, *, embedded=None):
+        seen["embedded"], seen["ids"] = embedded.copy(), ids  # rotated in place later
+        return real_stats(ckpt_, mc, cfg, ids, batch_size, show, embedded=embedded)
+
+    monkeypatch.setattr(pipeline, "collect_statistics", spy)
+    counted = SimpleNamespace(**{**vars(ckpt), "tensors": Counting(ckpt.tensors)})
+    cfg = QuantConfig(method="offq", a_group_size=32, pca_samples=2)
+    pipeline.quantize(counted, cfg, calib, batch_size=2, progress=False)
+    assert reads.count(arch.embed[0]) == 2
+    np.testing.assert_array_equal(seen["embedded"], rows[:2])
+    np.testing.assert_array_equal(seen["ids"], calib[:2])
+
+
 @pytest.mark.parametrize("method,extra", [
     ("offq", {}), ("quarot", {}), ("gptq", {}), ("rtn", {}),
     ("offq", {"w_quantizer": "rtn", "a_group_size": -1}),

@@ -143,17 +143,25 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     pre_steps, quantizer = build_weight_quantizer(config)
     pre_clock = [0.0]  # seconds in the pre-steps, summed over sites
 
-    # 1. the global tensors must be finite (checked now, not after an hour of layers)
+    # 1. the global tensors must be finite (checked now, not after an hour of layers); the
+    # embeddings' calibration rows are kept, so that the vocabulary-sized matrix is read (and,
+    # from GGUF, dequantized) here and at the final write only
+    embedded = None
     for name in {arch.embed[0], arch.final_norm[0], _head_source(ckpt, arch)}:
-        if not np.all(np.isfinite(ckpt.tensors[name])):
+        tensor = ckpt.tensors[name]
+        if not np.all(np.isfinite(tensor)):
             raise ValueError(f"weight {name!r} contains NaN or Inf")
+        if name == arch.embed[0] and calib is not None:
+            embedded = np.asarray(tensor, dtype=np.float32)[calib]
+        tensor = None
 
     # 2. rotations (statistics pass when the method needs one)
     t0 = time.perf_counter()
     r1, r2, rot_meta = (store.load_rotations(mc, config) if store.has_rotations()
                          else (None, None, None))
     if rot_meta is None:
-        r1, r2, rot_meta = compute_rotations(ckpt, mc, config, calib, batch_size, show)
+        r1, r2, rot_meta = compute_rotations(ckpt, mc, config, calib, batch_size, show,
+                                             embedded=embedded)
         store.save_rotations(r1, r2, rot_meta)
     timings["rotations"] = time.perf_counter() - t0
 
@@ -163,9 +171,13 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     runner = LayerRunner(mc)
     hessians_needed = needs_hessians(config)
     propagate = calib is not None and (hessians_needed or config.centres_keys)
-    # the calibration hidden states: rows of the rotated embeddings (rotated again, identically,
-    # when they are saved: neither they nor the LM head stay resident during the layer loop)
-    h = global_tensors(ckpt, arch, r1, head=False)[arch.embed[0]][calib] if propagate else None
+    # the calibration hidden states: the embeddings' rows, rotated on their own (in place:
+    # ``embedded`` is this function's), not the whole matrix rotated for four times the work
+    # (neither it nor the LM head stays resident during the layer loop)
+    h = None
+    if propagate:
+        h = embedded if r1 is None else rot.rotate_rows(embedded, r1, in_place=True)
+    embedded = None
     t_calib = t_quant = 0.0
     for i in track(range(mc.num_hidden_layers), "quantize layers", unit="layer", show=show):
         last = i + 1 == mc.num_hidden_layers
@@ -317,16 +329,19 @@ def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
 
 
 def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | None,
-                      batch_size: int, show: bool | None):
-    """R1 [d, d] (or None), R2 [layers, n_kv, hd, hd] (or None), and their description."""
+                      batch_size: int, show: bool | None, *,
+                      embedded: np.ndarray | None = None):
+    """R1 [d, d] (or None), R2 [layers, n_kv, hd, hd] (or None), and their description.
+    ``embedded``: the embeddings' rows of ``calib`` when the caller has them (not modified)."""
     d, hd, n_kv = mc.hidden_size, mc.head_dim, mc.num_key_value_heads
     if not cfg.rotates:
         return None, None, {"r1": None, "r2": None}
     group = cfg.activation_group(d)
     cov = vcovs = None
     if needs_statistics(cfg):  # from the first pca_samples sequences (docs/METHODS.md)
-        seqs = calib if cfg.pca_samples == 0 else calib[:cfg.pca_samples]
-        cov, vcovs = collect_statistics(ckpt, mc, cfg, seqs, batch_size, show)
+        n = calib.shape[0] if cfg.pca_samples == 0 else cfg.pca_samples
+        cov, vcovs = collect_statistics(ckpt, mc, cfg, calib[:n], batch_size, show,
+                                        embedded=None if embedded is None else embedded[:n])
     if cfg.method == "quarot":
         r1 = rot.quarot_r1(d, cfg.seed)
         meta = {"r1": f"quarot random-sign Hadamard {d} (seed {cfg.seed})"}

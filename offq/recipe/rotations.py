@@ -227,6 +227,15 @@ def rotate_embeddings(weights: Weights, r1: np.ndarray, arch: Architecture, *,
     weights[arch.embed[0]] = _rows_by_block(weights[arch.embed[0]], r1, in_place=in_place)
 
 
+def rotate_rows(rows: np.ndarray, r1: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """``x R1`` for rows ``x[..., d]`` taken from the embeddings (the calibration's hidden
+    states), by the float32 products of :func:`rotate_embeddings`. A row can differ from the
+    same row of the rotated matrix in its last bits (~1e-7 relative): OpenBLAS's sgemm rounds a
+    row differently with the number of rows in the call (tests/test_pipeline.py)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    return _rows_by_block(flat, r1, in_place=in_place).reshape(rows.shape)
+
+
 def rotate_head(weights: Weights, r1: np.ndarray, arch: Architecture, *,
                 in_place: bool = False) -> None:
     """``W_head <- W_head R1`` (``in_place`` as for :func:`rotate_embeddings`)."""

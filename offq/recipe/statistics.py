@@ -24,16 +24,25 @@ __all__ = ["collect_statistics", "SecondMoment"]
 
 
 def collect_statistics(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray,
-                       batch_size: int, show: bool | None) -> tuple[np.ndarray, np.ndarray | None]:
+                       batch_size: int, show: bool | None, *,
+                       embedded: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
     """(pooled second moment ``[d, d]``, value second moments ``[layers, n_kv, hd, hd]`` or None)
-    of the norm-fused float model on ``calib`` (see the module docstring)."""
+    of the norm-fused float model on ``calib`` (see the module docstring). ``embedded``: the
+    embeddings' rows of ``calib`` (``[samples, seqlen, d]``, read, not modified) when the caller
+    has them; else they are read from the checkpoint."""
     arch = architecture_of(mc)
     d, hd, n_kv = mc.hidden_size, mc.head_dim, mc.num_key_value_heads
     stats = SecondMoment(d, cfg.pca_centred)
     want_v = cfg.r2 == "pca_hadamard"
     vcovs = np.zeros((mc.num_hidden_layers, n_kv, hd, hd)) if want_v else None
     runner = LayerRunner(mc)
-    h = np.asarray(ckpt.tensors[arch.embed[0]], dtype=np.float32)[calib]
+    if embedded is None:
+        h = np.asarray(ckpt.tensors[arch.embed[0]], dtype=np.float32)[calib]
+    else:
+        if embedded.shape != calib.shape + (d,):
+            raise ValueError(f"embedded: expected shape {calib.shape + (d,)}, got {embedded.shape}")
+        h = np.array(embedded, dtype=np.float32)  # the forward advances it in place
     top1 = cfg.pca == "top1"
     for i in track(range(mc.num_hidden_layers), "statistics", unit="layer", show=show):
         w = fused_layer(ckpt, mc, i)
