@@ -343,4 +343,20 @@ offq_status offq_tail_subspace(const double *h, int64_t k, double budget, int64_
 offq_status offq_factor_energies(const float *u, int64_t k, double scale, double shift,
                                  const float *w, int64_t n, double *out);
 
+/* GGUF block formats offq_gguf_dequantize reads (ggml's type ids). */
+enum {
+    OFFQ_GGUF_Q4_0 = 2,
+    OFFQ_GGUF_Q4_1 = 3,
+    OFFQ_GGUF_Q8_0 = 8,
+    OFFQ_GGUF_Q4_K = 12,
+    OFFQ_GGUF_Q6_K = 14,
+};
+
+/* Values and bytes per block of GGUF type qtype: 0, or -1 when it is not one of the above. */
+int offq_gguf_block_shape(int qtype, int64_t *values, int64_t *bytes);
+
+/* dst[blocks * values] = the float32 values of `blocks` consecutive blocks of type qtype at src
+ * (gguf_dequant.c: the gguf package's arithmetic, bit for bit). Threads: OpenMP. */
+void offq_gguf_dequantize(int qtype, const uint8_t *src, int64_t blocks, float *dst);
+
 #endif

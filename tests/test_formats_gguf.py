@@ -155,14 +155,35 @@ def test_default_model_dequantized_matches_gguf_package(smollm2):
         assert not np.array_equal(st[hf], got)
 
 
+def test_default_model_reads_every_type_in_c_the_same(smollm2, monkeypatch):
+    """Every tensor of the default model whose type the C dequantizer reads comes out of the
+    store with the gguf package's bits; with the C path switched off, the same arrays."""
+    import offq.kernels.gguf as kgguf
+
+    raw = gguf.GGUFReader(SMOLLM2).tensors
+    seen = {t.tensor_type.name for t in raw if int(t.tensor_type) in kgguf.GGUF_TYPES}
+    assert seen, "the default model has no tensor the C path reads"
+    names = ["model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight",
+             "model.layers.7.self_attn.q_proj.weight", "model.layers.11.mlp.up_proj.weight"]
+    fast = {n: smollm2.tensors[n] for n in names}
+    monkeypatch.setattr(kgguf, "GGUF_TYPES", frozenset())
+    for n in names:
+        np.testing.assert_array_equal(fast[n].view(np.uint32),
+                                      smollm2.tensors[n].view(np.uint32), err_msg=n)
+
+
 def test_vocabulary_tensors_dequantize_by_rows_same_numbers_less_memory(smollm2, monkeypatch):
-    """Large tensors are dequantized a block of rows at a time: the same numbers as one call of
-    the gguf package (tested with an odd block so the last one is short), and the gguf
-    dequantizers' full-size temporaries never exist for the whole tensor (the 49152 x 576
-    embeddings: NumPy reports its allocations to tracemalloc)."""
+    """Large tensors of types the C dequantizer does not read are dequantized by the gguf package
+    a block of rows at a time: the same numbers as one call of it (tested with an odd block so
+    the last one is short), and its full-size temporaries never exist for the whole tensor (the
+    49152 x 576 embeddings, sent down that path: NumPy reports its allocations to
+    tracemalloc)."""
     import tracemalloc
 
     import offq.formats.gguf as offq_gguf
+    import offq.kernels.gguf as kgguf
+
+    monkeypatch.setattr(kgguf, "GGUF_TYPES", frozenset())
 
     t = {t.name: t for t in gguf.GGUFReader(SMOLLM2).tensors}["token_embd.weight"]
     ref = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)

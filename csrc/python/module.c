@@ -112,6 +112,7 @@ extern PyMethodDef offq_matmul_i8_methods[];
 extern PyMethodDef offq_linalg_methods[];
 extern PyMethodDef offq_gptq_methods[];
 extern PyMethodDef offq_matmul_wq_methods[];
+extern PyMethodDef offq_gguf_methods[];
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
 {
@@ -166,7 +167,8 @@ static int module_exec(PyObject *m)
         PyModule_AddFunctions(m, offq_matmul_i8_methods) < 0 ||
         PyModule_AddFunctions(m, offq_linalg_methods) < 0 ||
         PyModule_AddFunctions(m, offq_gptq_methods) < 0 ||
-        PyModule_AddFunctions(m, offq_matmul_wq_methods) < 0) {
+        PyModule_AddFunctions(m, offq_matmul_wq_methods) < 0 ||
+        PyModule_AddFunctions(m, offq_gguf_methods) < 0) {
         return -1;
     }
     return 0;

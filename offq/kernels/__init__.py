@@ -4,7 +4,8 @@ Everything a method or the runtime needs: Walsh-Hadamard transforms (:mod:`.hada
 accumulation and top eigenpairs (:mod:`.cov`), the Hessian's UDU^T factor for GPTQ (:mod:`.linalg`)
 and GPTQ's per-column step and block update (:mod:`.gptq`), group-wise quantization, the weight
 grids' clip search and the W4A4 matmul (:mod:`.quant`), and the single thread setting
-(:mod:`.threads`). Imported from their modules: the int8-weight matmul
+(:mod:`.threads`). Imported from their modules: GGUF block dequantization (:mod:`.gguf`), the
+int8-weight matmul
 (:mod:`.matmul_i8`), the float32 x packed 2/3/4-bit weight matmul of weight-only models
 (:mod:`.matmul_wq`) and the fused decoder step (:mod:`.decoder`).
 """
