@@ -1,9 +1,9 @@
 """Dequantization of GGUF block formats in C: what reading a GGUF checkpoint costs.
 
 The gguf package's NumPy dequantizers hold several full-size temporaries and take seconds per
-vocabulary-sized matrix (Qwen2.5-1.5B's Q4_K embeddings ~5 s, its Q6_K LM head ~5 s on two Zen3
-cores); :func:`gguf_dequantize` computes the same values, bit for bit, in one pass
-(``csrc/gguf_dequant.c``). Types outside :data:`GGUF_TYPES` stay with the gguf package
+vocabulary-sized matrix (Qwen2.5-1.5B's Q4_K embeddings 4.1 s, its Q6_K LM head 2.0 s on two
+Zen3 cores); :func:`gguf_dequantize` computes the same values, bit for bit, in one pass
+(``csrc/gguf_dequant.c``; 0.10 and 0.47 s there, ``benchmarks/bench_gguf_read.py``). Types outside :data:`GGUF_TYPES` stay with the gguf package
 (:func:`offq.formats.gguf._dequantize_by_rows` chooses).
 """
 from __future__ import annotations

@@ -172,7 +172,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     hessians_needed = needs_hessians(config)
     propagate = calib is not None and (hessians_needed or config.centres_keys)
     # the calibration hidden states: the embeddings' rows, rotated on their own (in place:
-    # ``embedded`` is this function's), not the whole matrix rotated for four times the work
+    # ``embedded`` is this function's), not the whole matrix (151,936 rows against 32,768 for
+    # Qwen2.5-1.5B at 16 x 2048)
     # (neither it nor the LM head stays resident during the layer loop)
     h = None
     if propagate:
