@@ -124,41 +124,47 @@ static void block_q6_k(const uint8_t *b, float *y)
     }
 }
 
+/* Each format: its ggml type id, values and bytes per block, and its block dequantizer. */
+static const struct {
+    int qtype;
+    int64_t values, bytes;
+    void (*block)(const uint8_t *, float *);
+} FORMATS[] = {
+    {OFFQ_GGUF_Q4_0, 32, 18, block_q4_0},   {OFFQ_GGUF_Q4_1, 32, 20, block_q4_1},
+    {OFFQ_GGUF_Q8_0, 32, 34, block_q8_0},   {OFFQ_GGUF_Q4_K, 256, 144, block_q4_k},
+    {OFFQ_GGUF_Q6_K, 256, 210, block_q6_k},
+};
+#define N_FORMATS ((int)(sizeof FORMATS / sizeof FORMATS[0]))
+
+static int format_index(int qtype)
+{
+    for (int i = 0; i < N_FORMATS; i++) {
+        if (FORMATS[i].qtype == qtype) {
+            return i;
+        }
+    }
+    return -1;
+}
+
 int offq_gguf_block_shape(int qtype, int64_t *values, int64_t *bytes)
 {
-    switch (qtype) {
-    case OFFQ_GGUF_Q4_0:
-        *values = 32, *bytes = 18;
-        return 0;
-    case OFFQ_GGUF_Q4_1:
-        *values = 32, *bytes = 20;
-        return 0;
-    case OFFQ_GGUF_Q8_0:
-        *values = 32, *bytes = 34;
-        return 0;
-    case OFFQ_GGUF_Q4_K:
-        *values = 256, *bytes = 144;
-        return 0;
-    case OFFQ_GGUF_Q6_K:
-        *values = 256, *bytes = 210;
-        return 0;
-    default:
+    const int f = format_index(qtype);
+    if (f < 0) {
         return -1;
     }
+    *values = FORMATS[f].values;
+    *bytes = FORMATS[f].bytes;
+    return 0;
 }
 
 void offq_gguf_dequantize(int qtype, const uint8_t *src, int64_t blocks, float *dst)
 {
-    int64_t values = 0, bytes = 0;
-    if (offq_gguf_block_shape(qtype, &values, &bytes) < 0) {
+    const int f = format_index(qtype);
+    if (f < 0) {
         return;
     }
-    void (*block)(const uint8_t *, float *) =
-        qtype == OFFQ_GGUF_Q4_0   ? block_q4_0
-        : qtype == OFFQ_GGUF_Q4_1 ? block_q4_1
-        : qtype == OFFQ_GGUF_Q8_0 ? block_q8_0
-        : qtype == OFFQ_GGUF_Q4_K ? block_q4_k
-                                  : block_q6_k;
+    const int64_t values = FORMATS[f].values, bytes = FORMATS[f].bytes;
+    void (*const block)(const uint8_t *, float *) = FORMATS[f].block;
 #pragma omp parallel for schedule(static) if (blocks >= 4096)
     for (int64_t i = 0; i < blocks; i++) {
         block(src + i * bytes, dst + i * values);

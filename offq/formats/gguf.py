@@ -309,13 +309,13 @@ def _dequantize_by_rows(data: np.ndarray, qtype: Any) -> np.ndarray:
     rows at a time. Its dequantizers hold several full-size temporaries: 2.7 GB beside
     Qwen2.5-1.5B's 0.93 GB embedding matrix, the peak of quantizing that model. GGUF
     quantization blocks never span rows, so the blocks give the same numbers."""
-    import gguf
-
     from ..kernels.gguf import GGUF_TYPES, gguf_dequantize
 
     if (int(qtype) in GGUF_TYPES and isinstance(data, np.ndarray) and data.ndim == 2
             and data.dtype == np.uint8):
         return gguf_dequantize(np.ascontiguousarray(data), int(qtype))
+    import gguf
+
     if data.ndim < 2 or data.shape[0] <= _DEQUANT_ROWS:
         return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
     out: np.ndarray | None = None
