@@ -157,6 +157,13 @@ def test_fused_swiglu_by_row_blocks_equals_one_product(quantized, monkeypatch, m
     assert got.flags.c_contiguous
     assert calls == ([111] if weight_only else [16] * 5 + [31])
     np.testing.assert_array_equal(got, want)
+    # into a caller's buffer (calibration keeps one between batches): the same bits, whatever
+    # the buffer held before
+    buf = np.full((3, 37, f), np.nan, dtype=np.float32)
+    assert decoder._fused_swiglu(layer.fused["gate_up"], m, buf) is buf
+    np.testing.assert_array_equal(buf, want)
+    with pytest.raises(ValueError, match="out"):
+        decoder._fused_swiglu(layer.fused["gate_up"], m, np.empty((3, 36, f), np.float32))
     monkeypatch.setitem(layer.fused, "gate_up", fused)
     ids = token_ids(101, 2, 40, 9)
     blocked = model.forward(ids)
@@ -172,9 +179,9 @@ class _Counting:
         self.in_features, self.out_features = inner.in_features, inner.out_features
         self.rows_independent = getattr(inner, "rows_independent", False)
 
-    def __call__(self, x):
+    def __call__(self, x, **kw):
         self.calls.append(x.shape[0])
-        return self.inner(x)
+        return self.inner(x, **kw)
 
 
 def test_swapping_a_fused_linear_takes_effect(quantized):

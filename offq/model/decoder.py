@@ -306,15 +306,22 @@ class LayerRunner:
         return causal_attention(q, k, v, start)
 
     @_single_threaded_blas
-    def mlp_hidden(self, layer: DecoderLayer, m: np.ndarray) -> np.ndarray:
+    def mlp_hidden(self, layer: DecoderLayer, m: np.ndarray, *,
+                   out: np.ndarray | None = None) -> np.ndarray:
         """The down_proj input: SwiGLU of gate/up on the normalised ``m``, then the
-        down_input_transform (online R4)."""
+        down_input_transform (online R4). ``out``: a C-contiguous float32 array of the result's
+        shape to compute it in (a caller looping over batches keeps one; the result is ``out``
+        when the down_input_transform works in place, as R4 does)."""
         L = layer.linears
         fused_gate_up = layer.fused_linear("gate_up") if layer.fused else None
         if fused_gate_up is not None:
-            u = _fused_swiglu(fused_gate_up, m)
+            u = _fused_swiglu(fused_gate_up, m, out)
         else:
             u = silu_mul(L["gate_proj"](m), L["up_proj"](m))
+            if out is not None:
+                _check_out(out, u.shape)
+                out[...] = u
+                u = out
         if layer.down_input_transform is not None:
             u = layer.down_input_transform(u)
         return u
@@ -325,30 +332,50 @@ class LayerRunner:
 GATE_UP_ROWS = 1024
 
 
-def _fused_swiglu(fused_gate_up: Linear, m: np.ndarray) -> np.ndarray:
+def _check_out(out: Any, shape: tuple[int, ...]) -> None:
+    """A caller's output buffer must be a writeable C-contiguous float32 array of ``shape``."""
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out: expected a writeable C-contiguous float32 array")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out: expected shape {tuple(shape)}, got {out.shape}")
+
+
+def _fused_swiglu(fused_gate_up: Linear, m: np.ndarray,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """``silu(gate) * up`` from the fused gate/up linear on ``m[..., d]``, as one contiguous
-    array. When the linear's rows are independent (``rows_independent``: the 4-bit x 4-bit
-    products), the product is formed ``GATE_UP_ROWS`` rows at a time, a final short block
-    joining the one before it (no block falls to a kernel's few-rows path).
+    array (written into ``out``, a C-contiguous float32 array of the result's shape, when
+    given). When the linear's rows are independent (``rows_independent``: the 4-bit x 4-bit
+    products), the product is formed ``GATE_UP_ROWS`` rows at a time into one block buffer, a
+    final short block joining the one before it (no block falls to a kernel's few-rows path).
 
     Why: the whole product of 4 x 2048 calibration tokens of Qwen2.5-1.5B is 587 MB, and the
     SwiGLU of its gate half is a strided view that R4's in-place Hadamard had to copy (294 MB)
     while the product was still alive; by blocks, only the 294 MB output and one block exist,
-    and every row has the single product's bits. matmul_wq (weight-only) rounds differently
+    and every row has the single product's bits. One buffer for every block, and an ``out``
+    the caller keeps between batches, because a freshly mapped block costs its page faults
+    again each time (README, "Quantization time"). matmul_wq (weight-only) rounds differently
     with the number of rows, so it keeps the single product."""
     lead, d = m.shape[:-1], m.shape[-1]
     m2 = m.reshape(-1, d)
     n, f = m2.shape[0], fused_gate_up.out_features // 2
+    if out is not None:
+        _check_out(out, lead + (f,))
     if n < 2 * GATE_UP_ROWS or not getattr(fused_gate_up, "rows_independent", False):
         gu = fused_gate_up(m2)
-        return np.ascontiguousarray(silu_mul(gu[:, :f], gu[:, f:])).reshape(*lead, f)
-    out = np.empty((n, f), dtype=np.float32)
+        u = silu_mul(gu[:, :f], gu[:, f:])
+        if out is None:
+            return np.ascontiguousarray(u).reshape(*lead, f)
+        out[...] = u.reshape(out.shape)
+        return out
+    res = np.empty((n, f), dtype=np.float32) if out is None else out.reshape(n, f)
     starts = list(range(0, n - GATE_UP_ROWS + 1, GATE_UP_ROWS))
-    for r0, r1 in zip(starts, starts[1:] + [n]):
-        gu = fused_gate_up(m2[r0:r1])
-        out[r0:r1] = silu_mul(gu[:, :f], gu[:, f:])
-        gu = None  # not beside the next block's product
-    return out.reshape(*lead, f)
+    ends = starts[1:] + [n]
+    block = np.empty((max(e - s for s, e in zip(starts, ends)), 2 * f), dtype=np.float32)
+    for r0, r1 in zip(starts, ends):
+        gu = fused_gate_up(m2[r0:r1], out=block[:r1 - r0])
+        res[r0:r1] = silu_mul(gu[:, :f], gu[:, f:])
+    return res.reshape(*lead, f) if out is None else out
 
 
 class Model:

@@ -177,8 +177,12 @@ class FakeQuantLinear:
             return self.dense.nbytes
         return self.product.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """``y[..., N]``; ``out`` (only with ``product``: :attr:`rows_independent` linears take
+        it): a C-contiguous float32 ``[M, N]`` the result is written into and returned as."""
         if self.product is None:
+            if out is not None:
+                raise ValueError("out: only the 4-bit x 4-bit product writes into a given array")
             return self.dense(x if self.act is None else self.act.fake(x))
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last axis {self.in_features}, got shape {x.shape}")
@@ -187,6 +191,10 @@ class FakeQuantLinear:
         y = self.product(self.act.quantize(x2d))
         if self.bias is not None:
             y += self.bias
+        if out is not None:  # the simulation path: same bits, copied (its speed does not matter)
+            _check_out(out, (x2d.shape[0], self.out_features))
+            out[...] = y
+            return out
         return y.reshape(*lead, self.out_features)
 
 
@@ -222,24 +230,45 @@ class W4A4Linear:
         """Bytes of the packed weight (and bias)."""
         return int(self.w.nbytes) + (0 if self.bias is None else self.bias.nbytes)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """``y[..., N]``; ``out`` (integer product only, see :attr:`rows_independent`): a
+        C-contiguous float32 ``[M, N]`` the product is written into and returned as, so that a
+        caller running many row blocks reuses one buffer instead of faulting in a fresh one per
+        block."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last axis {self.in_features}, got shape {x.shape}")
         if not self._integer:
+            if out is not None:
+                raise ValueError("out: only the 4-bit x 4-bit product writes into a given array")
             return self._dense(x if self.act is None else self.act.fake(x))
         lead = x.shape[:-1]
         x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
-        return self.from_quantized(self.act.quantize(x2d)).reshape(*lead, self.out_features)
+        y = self.from_quantized(self.act.quantize(x2d), out=out)
+        return y if out is not None else y.reshape(*lead, self.out_features)
 
-    def from_quantized(self, qx: QTensor) -> np.ndarray:
+    def from_quantized(self, qx: QTensor, *, out: np.ndarray | None = None) -> np.ndarray:
         """``[M, N]`` output of the integer product for an input its own activation quantizer
-        already rounded (``qx = self.act.quantize(x2d)``): the same bits as ``self(x2d)``."""
+        already rounded (``qx = self.act.quantize(x2d)``): the same bits as ``self(x2d)``.
+        ``out``: as for ``__call__``."""
         if not self._integer:
             raise ValueError("from_quantized: this linear does not run the 4-bit x 4-bit product")
-        y = matmul_w4a4(qx, self.w)
+        if out is not None:
+            _check_out(out, (qx.shape[0], self.out_features))
+        y = matmul_w4a4(qx, self.w, out=out)
         if self.bias is not None:
             y += self.bias
         return y
+
+
+def _check_out(out: Any, shape: tuple[int, int]) -> None:
+    """``out`` must be a writeable C-contiguous float32 array of ``shape``."""
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+        raise TypeError(f"out: expected a float32 ndarray, got {type(out).__name__} "
+                        f"{getattr(out, 'dtype', '')}".rstrip())
+    if out.shape != shape:
+        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out: expected a writeable C-contiguous array")
 
 
 def integer_product(stored: QuantizedWeight, act: ActQuant | None) -> bool:
