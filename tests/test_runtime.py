@@ -184,6 +184,31 @@ class _Counting:
         return self.inner(x, **kw)
 
 
+@pytest.mark.parametrize("mode", ["fake", "real"])
+def test_linears_write_into_a_given_output(quantized, mode):
+    """The 4-bit x 4-bit linears write into a caller's ``out`` (the forward's gate/up block
+    buffer) with the bits they return without it, return ``out`` itself, and refuse an ``out``
+    of the wrong shape, dtype or layout; linears without the integer product refuse any."""
+    model = quantized.model(mode)
+    layer = model.load_layer(0)
+    lin = layer.fused_linear("gate_up")
+    assert lin.rows_independent
+    x = np.random.default_rng(3).standard_normal((40, lin.in_features)).astype(np.float32)
+    x[:, 0] += 30.0
+    want = lin(x)
+    out = np.full((40, lin.out_features), np.nan, dtype=np.float32)
+    assert lin(x, out=out) is out
+    np.testing.assert_array_equal(out, want)
+    for bad in (np.empty((39, lin.out_features), np.float32),
+                np.empty((40, lin.out_features), np.float64),
+                np.empty((lin.out_features, 40), np.float32).T):
+        with pytest.raises((ValueError, TypeError), match="out"):
+            lin(x, out=bad)
+    dense = FakeQuantLinear(np.ones((4, 8), np.float32), None, None)
+    with pytest.raises(ValueError, match="out"):
+        dense(np.ones((2, 8), np.float32), out=np.empty((2, 4), np.float32))
+
+
 def test_swapping_a_fused_linear_takes_effect(quantized):
     """The named linears stay swappable: replacing q_proj of a fused layer changes the output."""
     model = quantized.model("real")
