@@ -42,7 +42,7 @@ import numpy as np
 
 from .arch import CAPTURE_SITES, FUSED_LINEARS, LINEAR_NAMES, architecture_of, dims_of, config_flags
 from .kv_cache import KVCache, KVCodec, LayerKVCache
-from .linear import DenseLinear, Linear, SlicedLinear
+from .linear import DenseLinear, Linear, SlicedLinear, check_out
 from .ops import (SMALL_T, apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq,
                   rope_token_major, silu_mul, token_nll)
 from .parallel import blas_single_threaded, blas_unrestricted, run_tasks
@@ -319,7 +319,7 @@ class LayerRunner:
         else:
             u = silu_mul(L["gate_proj"](m), L["up_proj"](m))
             if out is not None:
-                _check_out(out, u.shape)
+                check_out(out, u.shape)
                 out[...] = u
                 u = out
         if layer.down_input_transform is not None:
@@ -330,15 +330,6 @@ class LayerRunner:
 
 #: rows of the fused gate/up product formed at once by the forward (:func:`_fused_swiglu`)
 GATE_UP_ROWS = 1024
-
-
-def _check_out(out: Any, shape: tuple[int, ...]) -> None:
-    """A caller's output buffer must be a writeable C-contiguous float32 array of ``shape``."""
-    if not (isinstance(out, np.ndarray) and out.dtype == np.float32
-            and out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("out: expected a writeable C-contiguous float32 array")
-    if out.shape != tuple(shape):
-        raise ValueError(f"out: expected shape {tuple(shape)}, got {out.shape}")
 
 
 def _fused_swiglu(fused_gate_up: Linear, m: np.ndarray,
@@ -360,7 +351,7 @@ def _fused_swiglu(fused_gate_up: Linear, m: np.ndarray,
     m2 = m.reshape(-1, d)
     n, f = m2.shape[0], fused_gate_up.out_features // 2
     if out is not None:
-        _check_out(out, lead + (f,))
+        check_out(out, lead + (f,))
     if n < 2 * GATE_UP_ROWS or not getattr(fused_gate_up, "rows_independent", False):
         gu = fused_gate_up(m2)
         u = silu_mul(gu[:, :f], gu[:, f:])

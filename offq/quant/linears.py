@@ -34,7 +34,7 @@ import numpy as np
 from ..kernels import matmul_w4a4
 from ..kernels.quant import QTensor
 from ..kernels.matmul_wq import WQ_BITS, matmul_wq, pack_wq
-from ..model.linear import DenseLinear
+from ..model.linear import DenseLinear, check_out
 from ..model.parallel import run_tasks
 from .activation import ActQuant
 from .weight import QuantizedWeight
@@ -192,7 +192,7 @@ class FakeQuantLinear:
         if self.bias is not None:
             y += self.bias
         if out is not None:  # the simulation path: same bits, copied (its speed does not matter)
-            _check_out(out, (x2d.shape[0], self.out_features))
+            check_out(out, (x2d.shape[0], self.out_features))
             out[...] = y
             return out
         return y.reshape(*lead, self.out_features)
@@ -253,22 +253,11 @@ class W4A4Linear:
         if not self._integer:
             raise ValueError("from_quantized: this linear does not run the 4-bit x 4-bit product")
         if out is not None:
-            _check_out(out, (qx.shape[0], self.out_features))
+            check_out(out, (qx.shape[0], self.out_features))
         y = matmul_w4a4(qx, self.w, out=out)
         if self.bias is not None:
             y += self.bias
         return y
-
-
-def _check_out(out: Any, shape: tuple[int, int]) -> None:
-    """``out`` must be a writeable C-contiguous float32 array of ``shape``."""
-    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
-        raise TypeError(f"out: expected a float32 ndarray, got {type(out).__name__} "
-                        f"{getattr(out, 'dtype', '')}".rstrip())
-    if out.shape != shape:
-        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("out: expected a writeable C-contiguous array")
 
 
 def integer_product(stored: QuantizedWeight, act: ActQuant | None) -> bool:
