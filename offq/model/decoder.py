@@ -260,11 +260,12 @@ class LayerRunner:
 
     @_single_threaded_blas
     def add_quantized_output(self, layer: DecoderLayer, linear: str, h: np.ndarray,
-                             qx: QTensor) -> None:
+                             qx: QTensor, *, out: np.ndarray | None = None) -> None:
         """``h += linear(x)`` from ``qx``, ``x[B * T, K]`` as the linear's own activation
         quantizer rounds it (the calibration spills down_proj's inputs so): the bits of
-        :meth:`add_output`."""
-        h += layer.linears[linear].from_quantized(qx).reshape(h.shape)
+        :meth:`add_output`. ``out``: a float32 ``[B * T, d]`` buffer for the product (a
+        caller looping over batches keeps one)."""
+        h += layer.linears[linear].from_quantized(qx, out=out).reshape(h.shape)
 
     @_single_threaded_blas
     def attend(self, layer: DecoderLayer, a: np.ndarray, *, start: int = 0,

@@ -171,14 +171,18 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
             spill.seek(0)
             if down_act is not None:
                 _check_input_quantizer(layer.linears["down_proj"], down_act)
+            buf = None  # again one buffer for every batch: down_proj's input, or its output
             for k, b in enumerate(batches):
                 hb = h[b]
+                shape = (hb.shape[:-1] + (mc.intermediate_size,) if down_act is None
+                         else (hb.shape[0] * hb.shape[1], d))
+                if buf is None or buf.shape != shape:
+                    buf = np.empty(shape, dtype=np.float32)
                 if down_act is None:
-                    u = _read(spill, hb.shape[:-1] + (mc.intermediate_size,))
-                    runner.add_output(layer, "down_proj", hb, u)
+                    runner.add_output(layer, "down_proj", hb, _read(spill, shape, out=buf))
                 else:
                     runner.add_quantized_output(layer, "down_proj", hb,
-                                                _read_codes(spill, spilled[k]))
+                                                _read_codes(spill, spilled[k]), out=buf)
     return LayerCalibration(linears, reports, key_mean, spent)
 
 
@@ -215,8 +219,12 @@ def _write(f: Any, a: np.ndarray, dtype: type = np.float32) -> None:
     f.write(memoryview(np.ascontiguousarray(a, dtype=dtype)).cast("B"))
 
 
-def _read(f: Any, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
-    out = np.empty(shape, dtype=dtype)
+def _read(f: Any, shape: tuple[int, ...], dtype: type = np.float32, *,
+          out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty(shape, dtype=dtype)
+    elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected a C-contiguous {np.dtype(dtype)} array of shape {shape}")
     view = memoryview(out).cast("B")
     got = f.readinto(view)
     if got != view.nbytes:
