@@ -42,7 +42,7 @@ import numpy as np
 
 from .arch import CAPTURE_SITES, FUSED_LINEARS, LINEAR_NAMES, architecture_of, dims_of, config_flags
 from .kv_cache import KVCache, KVCodec, LayerKVCache
-from .linear import DenseLinear, Linear, SlicedLinear, check_out
+from .linear import DenseLinear, Linear, SlicedLinear
 from .ops import (SMALL_T, apply_rope, causal_attention, rms_norm, rope_cos_sin, rope_inv_freq,
                   rope_token_major, silu_mul, token_nll)
 from .parallel import blas_single_threaded, blas_unrestricted, run_tasks
@@ -260,12 +260,11 @@ class LayerRunner:
 
     @_single_threaded_blas
     def add_quantized_output(self, layer: DecoderLayer, linear: str, h: np.ndarray,
-                             qx: QTensor, *, out: np.ndarray | None = None) -> None:
+                             qx: QTensor) -> None:
         """``h += linear(x)`` from ``qx``, ``x[B * T, K]`` as the linear's own activation
         quantizer rounds it (the calibration spills down_proj's inputs so): the bits of
-        :meth:`add_output`. ``out``: a float32 ``[B * T, d]`` buffer for the product (a
-        caller looping over batches keeps one)."""
-        h += layer.linears[linear].from_quantized(qx, out=out).reshape(h.shape)
+        :meth:`add_output`."""
+        h += layer.linears[linear].from_quantized(qx).reshape(h.shape)
 
     @_single_threaded_blas
     def attend(self, layer: DecoderLayer, a: np.ndarray, *, start: int = 0,
@@ -307,22 +306,15 @@ class LayerRunner:
         return causal_attention(q, k, v, start)
 
     @_single_threaded_blas
-    def mlp_hidden(self, layer: DecoderLayer, m: np.ndarray, *,
-                   out: np.ndarray | None = None) -> np.ndarray:
+    def mlp_hidden(self, layer: DecoderLayer, m: np.ndarray) -> np.ndarray:
         """The down_proj input: SwiGLU of gate/up on the normalised ``m``, then the
-        down_input_transform (online R4). ``out``: a C-contiguous float32 array of the result's
-        shape to compute it in (a caller looping over batches keeps one; the result is ``out``
-        when the down_input_transform works in place, as R4 does)."""
+        down_input_transform (online R4)."""
         L = layer.linears
         fused_gate_up = layer.fused_linear("gate_up") if layer.fused else None
         if fused_gate_up is not None:
-            u = _fused_swiglu(fused_gate_up, m, out)
+            u = _fused_swiglu(fused_gate_up, m)
         else:
             u = silu_mul(L["gate_proj"](m), L["up_proj"](m))
-            if out is not None:
-                check_out(out, u.shape)
-                out[...] = u
-                u = out
         if layer.down_input_transform is not None:
             u = layer.down_input_transform(u)
         return u
@@ -333,41 +325,30 @@ class LayerRunner:
 GATE_UP_ROWS = 1024
 
 
-def _fused_swiglu(fused_gate_up: Linear, m: np.ndarray,
-                  out: np.ndarray | None = None) -> np.ndarray:
+def _fused_swiglu(fused_gate_up: Linear, m: np.ndarray) -> np.ndarray:
     """``silu(gate) * up`` from the fused gate/up linear on ``m[..., d]``, as one contiguous
-    array (written into ``out``, a C-contiguous float32 array of the result's shape, when
-    given). When the linear's rows are independent (``rows_independent``: the 4-bit x 4-bit
-    products), the product is formed ``GATE_UP_ROWS`` rows at a time into one block buffer, a
-    final short block joining the one before it (no block falls to a kernel's few-rows path).
+    array. When the linear's rows are independent (``rows_independent``: the 4-bit x 4-bit
+    products), the product is formed ``GATE_UP_ROWS`` rows at a time, a final short block
+    joining the one before it (no block falls to a kernel's few-rows path).
 
     Why: the whole product of 4 x 2048 calibration tokens of Qwen2.5-1.5B is 587 MB, and the
     SwiGLU of its gate half is a strided view that R4's in-place Hadamard had to copy (294 MB)
     while the product was still alive; by blocks, only the 294 MB output and one block exist,
-    and every row has the single product's bits. One buffer for every block, and an ``out``
-    the caller keeps between batches, because a freshly mapped block costs its page faults
-    again each time (README, "Quantization time"). matmul_wq (weight-only) rounds differently
+    and every row has the single product's bits. matmul_wq (weight-only) rounds differently
     with the number of rows, so it keeps the single product."""
     lead, d = m.shape[:-1], m.shape[-1]
     m2 = m.reshape(-1, d)
     n, f = m2.shape[0], fused_gate_up.out_features // 2
-    if out is not None:
-        check_out(out, lead + (f,))
     if n < 2 * GATE_UP_ROWS or not getattr(fused_gate_up, "rows_independent", False):
         gu = fused_gate_up(m2)
-        u = silu_mul(gu[:, :f], gu[:, f:])
-        if out is None:
-            return np.ascontiguousarray(u).reshape(*lead, f)
-        out[...] = u.reshape(out.shape)
-        return out
-    res = np.empty((n, f), dtype=np.float32) if out is None else out.reshape(n, f)
+        return np.ascontiguousarray(silu_mul(gu[:, :f], gu[:, f:])).reshape(*lead, f)
+    out = np.empty((n, f), dtype=np.float32)
     starts = list(range(0, n - GATE_UP_ROWS + 1, GATE_UP_ROWS))
-    ends = starts[1:] + [n]
-    block = np.empty((max(e - s for s, e in zip(starts, ends)), 2 * f), dtype=np.float32)
-    for r0, r1 in zip(starts, ends):
-        gu = fused_gate_up(m2[r0:r1], out=block[:r1 - r0])
-        res[r0:r1] = silu_mul(gu[:, :f], gu[:, f:])
-    return res.reshape(*lead, f) if out is None else out
+    for r0, r1 in zip(starts, starts[1:] + [n]):
+        gu = fused_gate_up(m2[r0:r1])
+        out[r0:r1] = silu_mul(gu[:, :f], gu[:, f:])
+        gu = None  # not beside the next block's product
+    return out.reshape(*lead, f)
 
 
 class Model:

@@ -11,13 +11,13 @@ Layout follows HF/torch: a weight is stored ``[out, in]`` and ``y = x @ W.T (+ b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .parallel import num_threads, row_chunks, run_tasks
 
-__all__ = ["Linear", "DenseLinear", "SlicedLinear", "check_out"]
+__all__ = ["Linear", "DenseLinear", "SlicedLinear"]
 
 
 @runtime_checkable
@@ -125,15 +125,3 @@ class SlicedLinear:
 
 #: products smaller than this many multiply-adds run as one single-threaded BLAS call
 _PARALLEL_MIN_MACS = 1 << 22
-
-
-def check_out(out: Any, shape: tuple[int, ...]) -> None:
-    """A caller's output buffer (``out=`` of the linears and forward stages that take one) must
-    be a writeable C-contiguous float32 array of ``shape``."""
-    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
-        raise TypeError(f"out: expected a float32 ndarray, got {type(out).__name__}"
-                        + (f" of {out.dtype}" if isinstance(out, np.ndarray) else ""))
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("out: expected a writeable C-contiguous array")
-    if out.shape != tuple(shape):
-        raise ValueError(f"out: expected shape {tuple(shape)}, got {out.shape}")

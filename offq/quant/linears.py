@@ -34,7 +34,7 @@ import numpy as np
 from ..kernels import matmul_w4a4
 from ..kernels.quant import QTensor
 from ..kernels.matmul_wq import WQ_BITS, matmul_wq, pack_wq
-from ..model.linear import DenseLinear, check_out
+from ..model.linear import DenseLinear
 from ..model.parallel import run_tasks
 from .activation import ActQuant
 from .weight import QuantizedWeight
@@ -177,12 +177,8 @@ class FakeQuantLinear:
             return self.dense.nbytes
         return self.product.nbytes + (0 if self.bias is None else self.bias.nbytes)
 
-    def __call__(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        """``y[..., N]``; ``out`` (only with ``product``: :attr:`rows_independent` linears take
-        it): a C-contiguous float32 ``[M, N]`` the result is written into and returned as."""
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.product is None:
-            if out is not None:
-                raise ValueError("out: only the 4-bit x 4-bit product writes into a given array")
             return self.dense(x if self.act is None else self.act.fake(x))
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last axis {self.in_features}, got shape {x.shape}")
@@ -191,10 +187,6 @@ class FakeQuantLinear:
         y = self.product(self.act.quantize(x2d))
         if self.bias is not None:
             y += self.bias
-        if out is not None:  # the simulation path: same bits, copied (its speed does not matter)
-            check_out(out, (x2d.shape[0], self.out_features))
-            out[...] = y
-            return out
         return y.reshape(*lead, self.out_features)
 
 
@@ -230,31 +222,21 @@ class W4A4Linear:
         """Bytes of the packed weight (and bias)."""
         return int(self.w.nbytes) + (0 if self.bias is None else self.bias.nbytes)
 
-    def __call__(self, x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
-        """``y[..., N]``; ``out`` (integer product only, see :attr:`rows_independent`): a
-        C-contiguous float32 ``[M, N]`` the product is written into and returned as, so that a
-        caller running many row blocks reuses one buffer instead of faulting in a fresh one per
-        block."""
+    def __call__(self, x: np.ndarray) -> np.ndarray:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: expected last axis {self.in_features}, got shape {x.shape}")
         if not self._integer:
-            if out is not None:
-                raise ValueError("out: only the 4-bit x 4-bit product writes into a given array")
             return self._dense(x if self.act is None else self.act.fake(x))
         lead = x.shape[:-1]
         x2d = np.ascontiguousarray(x.reshape(-1, self.in_features), dtype=np.float32)
-        y = self.from_quantized(self.act.quantize(x2d), out=out)
-        return y if out is not None else y.reshape(*lead, self.out_features)
+        return self.from_quantized(self.act.quantize(x2d)).reshape(*lead, self.out_features)
 
-    def from_quantized(self, qx: QTensor, *, out: np.ndarray | None = None) -> np.ndarray:
+    def from_quantized(self, qx: QTensor) -> np.ndarray:
         """``[M, N]`` output of the integer product for an input its own activation quantizer
-        already rounded (``qx = self.act.quantize(x2d)``): the same bits as ``self(x2d)``.
-        ``out``: as for ``__call__``."""
+        already rounded (``qx = self.act.quantize(x2d)``): the same bits as ``self(x2d)``."""
         if not self._integer:
             raise ValueError("from_quantized: this linear does not run the 4-bit x 4-bit product")
-        if out is not None:
-            check_out(out, (qx.shape[0], self.out_features))
-        y = matmul_w4a4(qx, self.w, out=out)
+        y = matmul_w4a4(qx, self.w)
         if self.bias is not None:
             y += self.bias
         return y

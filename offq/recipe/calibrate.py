@@ -151,38 +151,28 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
     down_act = _integer_input_quantizer(crossing, mode, mc.intermediate_size)
     spilled: list[_SpilledCodes] = []
     with tempfile.TemporaryFile(prefix="offq-down-in-") as spill:
-        buf = None  # one SwiGLU output for every batch (294 MB at 4 x 2048 for Qwen2.5-1.5B):
-        # a fresh one per batch faults its pages in again (README, "Quantization time")
         for b in batches:
-            m = runner.mlp_input(layer, h[b])
-            if buf is None or buf.shape[:-1] != m.shape[:-1]:  # first or shorter last batch
-                buf = np.empty(m.shape[:-1] + (mc.intermediate_size,), dtype=np.float32)
-            u = runner.mlp_hidden(layer, m, out=buf)
-            m = None
+            u = runner.mlp_hidden(layer, runner.mlp_input(layer, h[b]))
             acc.update(u)
             if propagate and down_act is None:
                 _write(spill, u)
             elif propagate:  # what down_proj's product would start from: 7x fewer bytes
                 qx = down_act.quantize(np.ascontiguousarray(u.reshape(-1, u.shape[-1])))
                 spilled.append(_write_codes(spill, qx))
-        u = qx = buf = None  # the last batch's down_proj input (294 MB at 4 x 2048): not beside GPTQ
+        u = qx = None  # the last batch's down_proj input (294 MB at 4 x 2048): not beside GPTQ
         layer = quantize("down_in", acc)  # the weight method took the 640 MB Hessian and dropped it
         if propagate:
             spill.seek(0)
             if down_act is not None:
                 _check_input_quantizer(layer.linears["down_proj"], down_act)
-            buf = None  # again one buffer for every batch: down_proj's input, or its output
             for k, b in enumerate(batches):
                 hb = h[b]
-                shape = (hb.shape[:-1] + (mc.intermediate_size,) if down_act is None
-                         else (hb.shape[0] * hb.shape[1], d))
-                if buf is None or buf.shape != shape:
-                    buf = np.empty(shape, dtype=np.float32)
                 if down_act is None:
-                    runner.add_output(layer, "down_proj", hb, _read(spill, shape, out=buf))
+                    u = _read(spill, hb.shape[:-1] + (mc.intermediate_size,))
+                    runner.add_output(layer, "down_proj", hb, u)
                 else:
                     runner.add_quantized_output(layer, "down_proj", hb,
-                                                _read_codes(spill, spilled[k]), out=buf)
+                                                _read_codes(spill, spilled[k]))
     return LayerCalibration(linears, reports, key_mean, spent)
 
 
@@ -219,12 +209,8 @@ def _write(f: Any, a: np.ndarray, dtype: type = np.float32) -> None:
     f.write(memoryview(np.ascontiguousarray(a, dtype=dtype)).cast("B"))
 
 
-def _read(f: Any, shape: tuple[int, ...], dtype: type = np.float32, *,
-          out: np.ndarray | None = None) -> np.ndarray:
-    if out is None:
-        out = np.empty(shape, dtype=dtype)
-    elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out: expected a C-contiguous {np.dtype(dtype)} array of shape {shape}")
+def _read(f: Any, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    out = np.empty(shape, dtype=dtype)
     view = memoryview(out).cast("B")
     got = f.readinto(view)
     if got != view.nbytes:
