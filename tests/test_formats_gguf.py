@@ -165,11 +165,17 @@ def test_default_model_reads_every_type_in_c_the_same(smollm2, monkeypatch):
     assert seen, "the default model has no tensor the C path reads"
     names = ["model.embed_tokens.weight", "model.layers.3.mlp.down_proj.weight",
              "model.layers.7.self_attn.q_proj.weight", "model.layers.11.mlp.up_proj.weight"]
+    calls = []
+    c_dequantize = kgguf.gguf_dequantize
+    monkeypatch.setattr(kgguf, "gguf_dequantize",
+                        lambda data, qtype: calls.append(qtype) or c_dequantize(data, qtype))
     fast = {n: smollm2.tensors[n] for n in names}
+    assert len(calls) == len(names)  # every read took the C path ...
     monkeypatch.setattr(kgguf, "GGUF_TYPES", frozenset())
     for n in names:
         np.testing.assert_array_equal(fast[n].view(np.uint32),
                                       smollm2.tensors[n].view(np.uint32), err_msg=n)
+    assert len(calls) == len(names)  # ... and with it off, none did
 
 
 def test_vocabulary_tensors_dequantize_by_rows_same_numbers_less_memory(smollm2, monkeypatch):

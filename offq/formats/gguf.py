@@ -309,11 +309,12 @@ def _dequantize_by_rows(data: np.ndarray, qtype: Any) -> np.ndarray:
     rows at a time. Its dequantizers hold several full-size temporaries: 2.7 GB beside
     Qwen2.5-1.5B's 0.93 GB embedding matrix, the peak of quantizing that model. GGUF
     quantization blocks never span rows, so the blocks give the same numbers."""
-    from ..kernels.gguf import GGUF_TYPES, gguf_dequantize
+    from ..kernels import gguf as c_gguf  # looked up per call: tests and bench_gguf_read.py
+    # switch the C path off by emptying c_gguf.GGUF_TYPES
 
-    if (int(qtype) in GGUF_TYPES and isinstance(data, np.ndarray) and data.ndim == 2
+    if (int(qtype) in c_gguf.GGUF_TYPES and isinstance(data, np.ndarray) and data.ndim == 2
             and data.dtype == np.uint8):
-        return gguf_dequantize(np.ascontiguousarray(data), int(qtype))
+        return c_gguf.gguf_dequantize(np.ascontiguousarray(data), int(qtype))
     import gguf
 
     if data.ndim < 2 or data.shape[0] <= _DEQUANT_ROWS:
