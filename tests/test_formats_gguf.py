@@ -12,12 +12,12 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from offq.formats import gguf_bounds, open_checkpoint  # noqa: E402
+from offq.formats import gguf_file, open_checkpoint  # noqa: E402
 from offq.formats.gguf import (  # noqa: E402
     _llama3_divisors, gguf_name, hf_name, permute_qk_rows, unpermute_qk_rows,
 )
-from offq.formats.gguf_bounds import (  # noqa: E402
-    MAX_METADATA_VALUES, MAX_TENSORS, check_metadata_bounds,
+from offq.formats.gguf_file import (  # noqa: E402
+    MAX_METADATA_VALUES, MAX_TENSORS, GGUFFile,
 )
 from offq.model.config import ModelConfig  # noqa: E402
 
@@ -153,6 +153,80 @@ def test_default_model_dequantized_matches_gguf_package(smollm2):
         assert np.array_equal(got, ref), hf
         got[0] = 123.0            # fresh copies: mutating one read does not affect the next
         assert not np.array_equal(st[hf], got)
+
+
+def _assert_parsed_like_gguf_package(path: Path) -> None:
+    """offq's header parser (GGUFFile) against the gguf package's reader on one file: every
+    metadata value, every tensor info and every tensor's bytes and view."""
+    ref = gguf.GGUFReader(path)
+    ours = GGUFFile(path)
+    ref_fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.fields) == list(ref_fields)
+    for key, f in ref_fields.items():
+        mine = ours.fields[key]
+        assert mine.type == int(f.types[0]), key
+        assert mine.contents() == f.contents(), key
+        if mine.type == gguf_file.ARRAY:
+            assert len(mine) == len(f.data), key
+    assert ours.alignment == ref.alignment and ours.data_offset == ref.data_offset
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert a.tensor_type == b.tensor_type, a.name
+        assert a.shape == tuple(b.shape.tolist()), a.name
+        assert (a.n_elements, a.n_bytes, a.data_offset) == (b.n_elements, b.n_bytes,
+                                                            b.data_offset), a.name
+        assert (a.data.dtype, a.data.shape) == (b.data.dtype, b.data.shape), a.name
+        assert a.data.tobytes() == b.data.tobytes(), a.name
+
+
+@needs_smollm2
+def test_default_model_header_parsed_like_gguf_package():
+    _assert_parsed_like_gguf_package(SMOLLM2)
+
+
+@pytest.mark.parametrize("qname", [None, "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_written_files_parsed_like_gguf_package(tmp_path, qname):
+    """Files the gguf package writes: plain and block types, every metadata kind it writes
+    (strings, string and integer arrays, booleans, floats) and an extra F16 vector."""
+    qtype = None if qname is None else getattr(gguf.GGMLQuantizationType, qname)
+    cfg = _tiny_config("qwen2")
+    _write_tiny_gguf(tmp_path / "w.gguf", cfg, qtype=qtype,
+                     extra_tensors={"extra.weight": np.arange(8, dtype=np.float16)})
+    _assert_parsed_like_gguf_package(tmp_path / "w.gguf")
+
+
+def test_nested_arrays_and_every_scalar_type_parse(tmp_path):
+    """Value kinds real model files rarely hold: each fixed-size scalar type, an array of
+    arrays (strings inside), a bool array, an empty array."""
+    kvs = [_kv(f"s{kind}", kind, struct.pack("<" + fmt, val))
+           for kind, fmt, val in ((0, "B", 200), (1, "b", -7), (2, "H", 60000), (3, "h", -300),
+                                  (4, "I", 4_000_000_000), (5, "i", -5), (6, "f", 0.5),
+                                  (7, "?", True), (10, "Q", 2**63 + 1), (11, "q", -(2**40)),
+                                  (12, "d", 1e-300))]
+    inner = struct.pack("<IQ", 8, 2) + struct.pack("<Q", 2) + b"ab" + struct.pack("<Q", 1) + b"c"
+    kvs.append(_kv("nested", 9, struct.pack("<IQ", 9, 2) + inner + struct.pack("<IQ", 5, 1)
+                   + struct.pack("<i", -1)))
+    kvs.append(_kv("bools", 9, struct.pack("<IQ", 7, 3) + bytes([1, 0, 1])))
+    kvs.append(_kv("empty", 9, struct.pack("<IQ", 8, 0)))
+    (tmp_path / "k.gguf").write_bytes(_gguf_header(*kvs))
+    f = GGUFFile(tmp_path / "k.gguf")
+    got = {k: v.contents() for k, v in f.fields.items()}
+    assert got == {"s0": 200, "s1": -7, "s2": 60000, "s3": -300, "s4": 4_000_000_000, "s5": -5,
+                   "s6": 0.5, "s7": True, "s10": 2**63 + 1, "s11": -(2**40), "s12": 1e-300,
+                   "nested": [["ab", "c"], [-1]], "bools": [True, False, True], "empty": []}
+    assert f.tensors == [] and len(f.fields["nested"]) == 2
+
+
+def test_duplicate_keys_and_tensor_names_are_refused(tmp_path):
+    p = tmp_path / "dup.gguf"
+    one = _kv("a", 4, struct.pack("<I", 1))
+    p.write_bytes(_gguf_header(one, one))
+    with pytest.raises(ValueError, match=r"dup.gguf: metadata key 'a' appears twice"):
+        open_checkpoint(p)
+    info = struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 4, 0, 0)
+    p.write_bytes(_gguf_header(tensors=2) + info + info + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"dup.gguf: tensor 't' appears twice"):
+        GGUFFile(p)
 
 
 def test_default_model_reads_every_type_in_c_the_same(smollm2, monkeypatch):
@@ -440,7 +514,7 @@ def test_big_endian_files_are_refused(tmp_path):
     huge = _be_kv("a", 9, struct.pack(">IQ", 0, 2**62))
     (tmp_path / "be_huge.gguf").write_bytes(b"GGUF" + struct.pack(">IQQ", 3, 0, 1) + huge)
     with pytest.raises(ValueError, match="be_huge.gguf: big-endian GGUF file"):
-        check_metadata_bounds(tmp_path / "be_huge.gguf")
+        GGUFFile(tmp_path / "be_huge.gguf")
 
 
 @pytest.mark.parametrize("version", [0, 1, 4, 99, 0x00020003, 0x01000000])
@@ -459,19 +533,19 @@ def test_metadata_and_tensor_budgets(tmp_path, monkeypatch):
     p.write_bytes(_gguf_header(_kv("a", 9, struct.pack("<IQ", 0, n) + b"\0" * n)))
     start = time.perf_counter()
     with pytest.raises(ValueError, match=f"many.gguf: .*more than {MAX_METADATA_VALUES} values"):
-        check_metadata_bounds(p)
+        GGUFFile(p)
     assert time.perf_counter() - start < 2
     name = lambda i: struct.pack("<Q", 8) + b"t%07d" % i  # noqa: E731
     infos = b"".join(name(i) + struct.pack("<IQIQ", 1, 0, 0, 0) for i in range(MAX_TENSORS + 1))
     p.write_bytes(_gguf_header(tensors=MAX_TENSORS + 1) + infos)
     with pytest.raises(ValueError, match=f"many.gguf: tensor count {MAX_TENSORS + 1} exceeds "
                                          f"the budget of {MAX_TENSORS}"):
-        check_metadata_bounds(p)
+        GGUFFile(p)
     # string elements count too; a small budget shows open_checkpoint applies it
-    monkeypatch.setattr(gguf_bounds, "MAX_METADATA_VALUES", 100)
+    monkeypatch.setattr(gguf_file, "MAX_METADATA_VALUES", 100)
     strings = struct.pack("<IQ", 8, 100) + struct.pack("<Q", 1) * 100 + b"x" * 100
     p.write_bytes(_gguf_header(_kv("a", 9, strings)))
-    with pytest.raises(ValueError, match="many.gguf: metadata value 0: .*more than 100 values"):
+    with pytest.raises(ValueError, match=r"many.gguf: metadata value 0 \('a'\): .*more than 100 values"):
         open_checkpoint(p)
 
 

@@ -1,7 +1,7 @@
 """GGUF (llama.cpp) checkpoints: config, tensors and tokenizer from one file.
 
-Reading goes through the ``gguf`` package's `GGUFReader` (a memory map; tensors stay on disk until
-asked for). What this module adds:
+The container is parsed by :mod:`offq.formats.gguf_file` (bounds-checked; tensors stay on disk,
+memory-mapped, until asked for). What this module adds:
 
 * **Names.** llama.cpp names map to HF names (``offq.model.arch``): ``token_embd`` -> ``model.embed_tokens``,
   ``blk.N.attn_q`` -> ``model.layers.N.self_attn.q_proj``, ``output_norm`` -> ``model.norm``,
@@ -34,7 +34,7 @@ import numpy as np
 
 from ..model.arch import ARCHITECTURES, LLAMA, Architecture, architecture_of
 from ..model.config import ModelConfig
-from .gguf_bounds import check_metadata_bounds
+from .gguf_file import GGUFFile
 from .registry import Checkpoint, TensorStore
 
 logger = logging.getLogger(__name__)
@@ -88,22 +88,11 @@ def unpermute_qk_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- reader access
-def open_reader(path: str | os.PathLike):
-    """A `gguf.GGUFReader` for ``path``; any parse failure becomes a ValueError naming the file."""
-    import gguf  # runtime dependency; imported here so offq.formats imports fast
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    check_metadata_bounds(path)  # the gguf package trusts lengths: a 65-byte file could OOM it
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
-        raise ValueError(f"{path}: malformed or truncated GGUF file: {type(e).__name__}: {e}") from e
+def open_reader(path: str | os.PathLike) -> GGUFFile:
+    """The parsed header of the GGUF file ``path`` (:class:`~offq.formats.gguf_file.GGUFFile`:
+    every length bounds-checked, tensors memory-mapped); a malformed file is a ValueError naming
+    it."""
+    return GGUFFile(path)
 
 
 def _malformed_as_value_error(fn):
@@ -130,9 +119,9 @@ def _malformed_as_value_error(fn):
     return wrapper
 
 
-def _reader_path(reader) -> Path:
-    """The file behind a GGUFReader (its memory map's file name)."""
-    return Path(getattr(reader.data, "filename", None) or "<gguf>")
+def _reader_path(reader: GGUFFile) -> Path:
+    """The file behind a parsed header."""
+    return reader.path
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -205,7 +194,7 @@ def config_from_gguf(reader) -> ModelConfig:
     if vocab is None:
         toks = reader.fields.get("tokenizer.ggml.tokens")
         if toks is not None:
-            vocab = len(toks.data)
+            vocab = len(toks)
         elif desc.embed[1] in tensors:
             vocab = int(tensors[desc.embed[1]].shape[-1])
         else:
@@ -367,7 +356,7 @@ class GGUFTensorStore(TensorStore):
 
     def shape(self, name: str) -> tuple[int, ...]:
         t = self._tensors[name]
-        return tuple(int(x) for x in reversed(t.shape.tolist()))
+        return tuple(reversed(t.shape))
 
     def dtype(self, name: str) -> str:
         return self._tensors[name].tensor_type.name
@@ -395,8 +384,10 @@ class GGUFTensorStore(TensorStore):
         return arr
 
     def close(self) -> None:
-        # GGUFReader keeps an np.memmap; dropping the references lets the OS unmap it.
+        # the tensors view the file's memory map: dropping them (and the header) unmaps it
         self._tensors = {}
+        if self._reader is not None:
+            self._reader.close()
         self._reader = None
 
 
