@@ -137,7 +137,7 @@ def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.Ca
     machine = rep["machine"]
     assert machine["cpu"] and machine["cores_usable"] >= 1 and "avx2" in machine["simd"]
     kernels = {r["bench"] for r in rep["kernels"]}
-    assert {"fwht f32", "cov_update", "matmul_w4a4"} <= kernels
+    assert {"fwht f32", "cov_update", "matmul_w4a4", "matmul_i8"} <= kernels
     assert all(r["threads"] == 1 for r in rep["kernels"])
     matmul = [r for r in rep["kernels"] if r["bench"] == "matmul_w4a4"]
     assert all(v is not None and v > 0 for r in matmul for v in r["speedup_vs"].values())

@@ -1,7 +1,7 @@
 """The kernel table: each C kernel against OpenBLAS/NumPy, measured in the same run.
 
 ``run_kernels(threads=[1, 2])`` runs the benchmark modules of this package (``fwht``, ``cov``,
-``matmul``, ``matmul_wq``; each exposes ``run(threads, quick) -> list[row]``) under each thread setting (one
+``matmul``, ``matmul_wq``, ``matmul_i8``; each exposes ``run(threads, quick) -> list[row]``) under each thread setting (one
 setting for offq's OpenMP, its OpenBLAS and NumPy's BLAS) and returns the rows; ``format_rows``
 prints them. Row fields: ``seconds`` per call (per row for fwht), ``gflops`` and ``gbps`` as each
 module's docstring defines them, ``speedup_vs``: baseline seconds / offq seconds (> 1: offq is
@@ -18,7 +18,7 @@ from ..progress import Progress
 
 __all__ = ["KERNEL_BENCHMARKS", "run_kernels", "format_rows", "HEADER"]
 
-KERNEL_BENCHMARKS = ("fwht", "cov", "matmul", "matmul_wq")
+KERNEL_BENCHMARKS = ("fwht", "cov", "matmul", "matmul_wq", "matmul_i8")
 HEADER = (f"{'bench':<11} {'case':<40} {'th':>2} {'time':>13} {'GFLOP/s':>8} {'GB/s':>8}  "
           "speedup (baseline time / offq time)")
 
