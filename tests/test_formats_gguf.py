@@ -164,9 +164,9 @@ def _assert_parsed_like_gguf_package(path: Path) -> None:
     assert list(ours.fields) == list(ref_fields)
     for key, f in ref_fields.items():
         mine = ours.fields[key]
-        assert mine.type == int(f.types[0]), key
+        assert mine.value_type == int(f.types[0]), key
         assert mine.contents() == f.contents(), key
-        if mine.type == gguf_file.ARRAY:
+        if mine.value_type == gguf_file.ARRAY:
             assert len(mine) == len(f.data), key
     assert ours.alignment == ref.alignment and ours.data_offset == ref.data_offset
     assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]

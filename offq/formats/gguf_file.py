@@ -66,18 +66,18 @@ class GGUFField:
     ``(element type, value)`` pairs (arrays of arrays)."""
 
     name: str
-    type: int  # GGUF value type (ARRAY for arrays)
+    value_type: int  # GGUF value type (ARRAY for arrays)
     item_type: int | None  # arrays: the elements' type
     value: Any
 
     def __len__(self) -> int:
         """Elements of an array (1 for a scalar or string)."""
-        return len(self.value) if self.type == ARRAY else 1
+        return len(self.value) if self.value_type == ARRAY else 1
 
     def contents(self) -> Any:
         """The value as plain Python: str for strings (UTF-8, strict: a bad byte raises
         UnicodeDecodeError), lists for arrays: what ``gguf.ReaderField.contents()`` returns."""
-        return _plain(self.type, self.item_type, self.value)
+        return _plain(self.value_type, self.item_type, self.value)
 
 
 @dataclass(frozen=True)
