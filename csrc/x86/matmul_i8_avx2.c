@@ -40,10 +40,11 @@ __attribute__((target("avx2,fma"))) static float one_output(const float *xr, con
     return hsum8(acc);
 }
 
-/* Four weight rows against one row of x, each with one_output's operations in its order: the
- * four rows' chains interleave, so eight FMA chains are in flight instead of two. (One output's
- * two chains wait on the FMA latency, 4 cycles on Zen 3: 16 weights every 4 cycles, ~10 GB/s a
- * core, half of what one core streams from memory.) */
+/* Four weight rows against one row of x, each with one_output's operations in its order (eight
+ * FMA chains in flight instead of two), with a software prefetch of the rows after them. Measured
+ * on Qwen2.5-1.5B's head (151936 x 1536, int8, one Zen3 core): one row at a time without the
+ * prefetch 22-25 ms, four rows without it the same, one row with it 18-21 ms, four rows with it
+ * 14-15 ms; from DRAM the kernel was waiting on memory (in cache it ran ~18 GB/s). */
 __attribute__((target("avx2,fma"))) static void four_outputs(const float *xr, const int8_t *w,
                                                              int64_t k, const float *sc,
                                                              int64_t ng, int64_t group,
@@ -55,7 +56,7 @@ __attribute__((target("avx2,fma"))) static void four_outputs(const float *xr, co
         __m256 d00 = _mm256_setzero_ps(), d01 = d00, d10 = d00, d11 = d00, d20 = d00, d21 = d00,
                d30 = d00, d31 = d00;
         for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
-            /* the next four rows (contiguous with these): 64 bytes a step, a block ahead */
+            /* rows n+8..n+11 (contiguous with these): 64 bytes a step, two blocks (8 k) ahead */
             _mm_prefetch((const char *)(w + 8 * k + 4 * i), _MM_HINT_T0);
             const __m256 x0 = _mm256_loadu_ps(xr + i), x1 = _mm256_loadu_ps(xr + i + 8);
             d00 = _mm256_fmadd_ps(x0, widen8(w0 + i), d00);
