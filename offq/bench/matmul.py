@@ -8,10 +8,12 @@ OffQ runtime setting). Rows per shape (M, K, N):
   - `w4a4 dec [kernel]` (M <= 4): W also in the decode layout (pack_w4_decode, what the C decoder
     reads), pre-quantized A,
 each against `numpy sgemm` = `A @ W.T` in float32 (NumPy's OpenBLAS; for M = 1 the vector form
-`a @ W.T`, i.e. sgemv), timed in the same process with the same thread setting. `kernel` is
-the SIMD variant offq dispatches to (auto); on CPUs with AVX-512 VNNI the AVX2 variant (what Zen3
-and other AVX2-only machines run) is reported as well. GFLOP/s counts 2*M*N*K operations (integer
-MACs for offq); GB/s counts the packed operands read and the float32 output written.
+`a @ W.T`, i.e. sgemv), timed in the same process with the same thread setting and interleaved
+with it run by run (``timing.timeit_interleaved``: load drifting on a shared machine hits both
+alike). `kernel` is the SIMD variant offq dispatches to (auto); on CPUs with AVX-512 VNNI the
+AVX2 variant (what Zen3 and other AVX2-only machines run) is reported as well. GFLOP/s counts
+2*M*N*K operations (integer MACs for offq); GB/s counts the packed operands read and the float32
+output written.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 from .. import _C
 from ..kernels.quant import matmul_w4a4, pack_w4_decode, quantize
 
-from .timing import result, timeit
+from .timing import result, timeit_interleaved
 
 SHAPES = [(1, 4096, 4096), (8, 4096, 4096), (128, 4096, 4096), (512, 4096, 4096),
           (2048, 4096, 4096), (512, 4096, 11008)]
@@ -53,34 +55,31 @@ def run(threads: int, quick: bool) -> list[dict]:
         qa = quantize(a, bits=4, group_size=A_GROUP)
         if m == 1:
             a1, wt = a[0], w.T
-            t_blas = timeit(lambda: a1 @ wt, quick=quick)
-            blas = "numpy sgemv"
+            blas, base = "numpy sgemv", (lambda: a1 @ wt)
         else:
             c = np.empty((m, n), np.float32)
-            t_blas = timeit(lambda: np.matmul(a, w.T, out=c), quick=quick)
-            blas = "numpy sgemm"
+            blas, base = "numpy sgemm", (lambda: np.matmul(a, w.T, out=c))
         out = np.empty((m, n), np.float32)
         flops = 2.0 * m * n * k
         nbytes = qw.nbytes + qa.nbytes + out.nbytes
         dec = pack_w4_decode(qw) if m <= 4 else None
         for kernel in kernels_to_report():
             name = kernel_name(kernel)
+            # (label, call, extra bytes read, note): each timed interleaved with the baseline
+            cases = []
             if dec is not None:
-                t_dec = timeit(lambda: matmul_w4a4(qa, qw, out=out, kernel=kernel, w_decode=dec),
-                               quick=quick)
+                cases.append((f"w4a4 dec [{name}]",
+                              lambda: matmul_w4a4(qa, qw, out=out, kernel=kernel, w_decode=dec), 0,
+                              f"W in the decode layout; A asym g{A_GROUP} pre-quantized, 4-bit"))
+            cases.append((f"w4a4 [{name}]", lambda: matmul_w4a4(qa, qw, out=out, kernel=kernel), 0,
+                          f"A asym g{A_GROUP} pre-quantized, W sym per-channel, 4-bit"))
+            cases.append((f"w4a4+quantA [{name}]",
+                          lambda: matmul_w4a4(quantize(a, bits=4, group_size=A_GROUP), qw, out=out,
+                                              kernel=kernel), a.nbytes,
+                          f"includes quantize(A) asym g{A_GROUP}; W sym per-channel, 4-bit"))
+            for label, fn, extra, note in cases:
+                t = timeit_interleaved({"offq": fn, "blas": base}, quick=quick)
                 rows.append(result(
-                    "matmul_w4a4", f"w4a4 dec [{name}] {m}x{k}x{n}", threads, t_dec, flops=flops,
-                    nbytes=nbytes, baselines={blas: t_blas},
-                    note=f"W in the decode layout; A asym g{A_GROUP} pre-quantized, 4-bit"))
-            t = timeit(lambda: matmul_w4a4(qa, qw, out=out, kernel=kernel), quick=quick)
-            rows.append(result(
-                "matmul_w4a4", f"w4a4 [{name}] {m}x{k}x{n}", threads, t, flops=flops,
-                nbytes=nbytes, baselines={blas: t_blas},
-                note=f"A asym g{A_GROUP} pre-quantized, W sym per-channel, 4-bit"))
-            t_q = timeit(lambda: matmul_w4a4(quantize(a, bits=4, group_size=A_GROUP), qw, out=out,
-                                             kernel=kernel), quick=quick)
-            rows.append(result(
-                "matmul_w4a4", f"w4a4+quantA [{name}] {m}x{k}x{n}", threads, t_q, flops=flops,
-                nbytes=nbytes + a.nbytes, baselines={blas: t_blas},
-                note=f"includes quantize(A) asym g{A_GROUP}; W sym per-channel, 4-bit"))
+                    "matmul_w4a4", f"{label} {m}x{k}x{n}", threads, t["offq"], flops=flops,
+                    nbytes=nbytes + extra, baselines={blas: t["blas"]}, note=note))
     return rows
