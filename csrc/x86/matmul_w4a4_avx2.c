@@ -366,33 +366,48 @@ __attribute__((target("avx2,fma"))) void offq_mm_gemv_range_avx2(const offq_mm_g
  * at most 2 * 2 * 15 * 127 = 7620, so 4 vectors (30480) are summed before widening. The float
  * epilogue is the one of gemv_group_avx2 (same operations, same order: identical results). */
 #define DEC_SUB 4 /* vectors per 16-bit accumulation */
+/* `whole` (a constant: two copies are compiled): every block is a whole number of DEC_SUB-vector
+ * sub-chunks (blocks of a multiple of 32 k: every activation group offq uses). The loop over a
+ * sub-chunk's vectors then has a constant trip count and unrolls, with its two prefetches taken
+ * before it instead of a parity test per vector: 7-10% less time a token product (16384 x 4096
+ * and Qwen2.5's 17920 x 1536 streamed from DRAM, 1 and 2 threads, against the row-major kernel
+ * in the same process, three alternated runs on a Zen3). */
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
-dec_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
+dec_group_t(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded,
+            const int whole)
 {
     const offq_mm_plan *pl = g->pl;
-    const int64_t k = pl->k, gw = g->w->group, vpb = pl->blk / 8;
+    const int64_t k = pl->k, gw = g->w->group, blk = pl->blk, vpb = blk / 8;
     const __m256i ones16 = _mm256_set1_epi16(1);
     const __m256i ones8 = _mm256_set1_epi8(1);
-    const uint8_t *wg = g->w->dec + n0 * (k / 2); /* group n0 / 8: 4 k bytes */ /* k / 8 vectors of 32 bytes */
+    const uint8_t *wg = g->w->dec + n0 * (k / 2); /* group n0 / 8: k / 8 vectors of 32 bytes */
     int64_t nidx[8];
     for (int j = 0; j < 8; j++) {
         nidx[j] = n0 + j < pl->n ? n0 + j : pl->n - 1;
     }
     __m256 acc[4];
     _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { acc[m] = _mm256_setzero_ps(); }
-    int64_t last_gi = -1;
+    /* the weight group of the current block and the first k past it: the group's index is
+     * divided out only where a group ends (per-channel weights: once), not once per block */
+    int64_t gi = -1, group_end = 0;
     __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
     for (int64_t b = 0; b < pl->nb; b++) {
         __m256i d[4], wsum = _mm256_setzero_si256();
         _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { d[m] = _mm256_setzero_si256(); }
         for (int64_t c0 = b * vpb; c0 < (b + 1) * vpb; c0 += DEC_SUB) {
-            const int64_t c1 = c0 + DEC_SUB < (b + 1) * vpb ? c0 + DEC_SUB : (b + 1) * vpb;
+            const int64_t n = whole ? DEC_SUB
+                                    : (c0 + DEC_SUB < (b + 1) * vpb ? DEC_SUB : (b + 1) * vpb - c0);
             __m256i s16[4], su8 = _mm256_setzero_si256();
             _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
                 s16[m] = _mm256_setzero_si256();
             }
-            for (int64_t c = c0; c < c1; c++) {
-                if ((c & 1) == 0) { /* one line per 2 vectors, DEC_PREFETCH bytes ahead */
+            if (whole) { /* one line per 2 vectors, DEC_PREFETCH bytes ahead */
+                _mm_prefetch((const char *)(wg + 32 * c0 + DEC_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wg + 32 * c0 + 64 + DEC_PREFETCH), _MM_HINT_T0);
+            }
+            _Pragma("GCC unroll 4") for (int64_t u = 0; u < n; u++) {
+                const int64_t c = c0 + u;
+                if (!whole && (c & 1) == 0) {
                     _mm_prefetch((const char *)(wg + 32 * c + DEC_PREFETCH), _MM_HINT_T0);
                 }
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * c));
@@ -417,9 +432,9 @@ dec_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const in
                     wsum, _mm256_madd_epi16(_mm256_maddubs_epi16(su8, ones8), ones16));
             }
         }
-        const int64_t gi = b * pl->blk / gw;
-        if (gi != last_gi) { /* weight group changed (every block unless per-channel weights) */
-            last_gi = gi;
+        if (b * blk >= group_end) { /* this block starts in the next weight group */
+            gi = b * blk / gw;
+            group_end = (gi + 1) * gw;
             offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
         }
         const __m256 wT = folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(wsum), bzw);
@@ -432,6 +447,18 @@ dec_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const in
     }
 }
 
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+dec_group_whole_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
+{
+    dec_group_t(g, n0, mrows, folded, 1);
+}
+
+__attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
+dec_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
+{
+    dec_group_t(g, n0, mrows, folded, 0);
+}
+
 /* Groups [i0, i1) of 8 columns on the decode layout, 1 <= mrows <= 4. (Copies with the block's
  * vector count constant, as the row-major gemv has, were no faster here: 206-262 against 195-216
  * us at 1 x 4096 x 4096.) */
@@ -439,6 +466,10 @@ __attribute__((target("avx2,fma"))) void offq_mm_gemv_dec_range_avx2(const offq_
                                                                   int mrows, int folded,
                                                                   int64_t i0, int64_t i1)
 {
-    OFFQ_GEMV_RANGE4(dec_group_avx2)
+    if (g->pl->blk % (8 * DEC_SUB) == 0) {
+        OFFQ_GEMV_RANGE4(dec_group_whole_avx2)
+    } else {
+        OFFQ_GEMV_RANGE4(dec_group_avx2)
+    }
 }
 #endif
