@@ -369,7 +369,7 @@ __attribute__((target("avx2,fma"))) void offq_mm_gemv_range_avx2(const offq_mm_g
 /* `whole` (a constant: two copies are compiled): every block is a whole number of DEC_SUB-vector
  * sub-chunks (blocks of a multiple of 32 k: every activation group offq uses). The loop over a
  * sub-chunk's vectors then has a constant trip count and unrolls, with its two prefetches taken
- * before it instead of a parity test per vector: 7-10% less time a token product (16384 x 4096
+ * before it instead of a parity test per vector: 6-11% less time a token product (16384 x 4096
  * and Qwen2.5's 17920 x 1536 streamed from DRAM, 1 and 2 threads, against the row-major kernel
  * in the same process, three alternated runs on a Zen3). */
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
@@ -461,7 +461,8 @@ dec_group_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const in
 
 /* Groups [i0, i1) of 8 columns on the decode layout, 1 <= mrows <= 4. (Copies with the block's
  * vector count constant, as the row-major gemv has, were no faster here: 206-262 against 195-216
- * us at 1 x 4096 x 4096.) */
+ * us at 1 x 4096 x 4096, in cache; the constant sub-chunk of `whole` is, measured streamed
+ * against a control kernel in the same process.) */
 __attribute__((target("avx2,fma"))) void offq_mm_gemv_dec_range_avx2(const offq_mm_gemv_args *g,
                                                                   int mrows, int folded,
                                                                   int64_t i0, int64_t i1)
