@@ -43,6 +43,21 @@ offq_gemv_wparams(const offq_mm_gemv_args *g, const int64_t *nidx, int64_t gi, _
     *bzw = _mm256_mul_ps(_mm256_set1_ps((float)g->pl->blk), *zw);
 }
 
+/* Before block b: the weight parameters of its weight group, loaded when b starts a new group.
+ * *group_end is the first k past the current group (0 before the first block), so the group's
+ * index is divided out only where a group starts (per-channel weights: once), not per block. */
+__attribute__((target("avx2,fma"))) static inline void
+offq_gemv_wgroup(const offq_mm_gemv_args *g, const int64_t *nidx, int64_t b, int64_t *group_end,
+                 __m256 *zw, __m256 *sw, __m256 *bzw)
+{
+    const int64_t k0 = b * g->pl->blk, gw = g->w->group;
+    if (k0 >= *group_end) {
+        const int64_t gi = k0 / gw;
+        *group_end = (gi + 1) * gw;
+        offq_gemv_wparams(g, nidx, gi, zw, sw, bzw);
+    }
+}
+
 /* acc += sa * sw * E for activation row m and block b, E from the integer sums d of 8 columns
  * (folded: D' - zw * asum; else D - zw * Sa - za * wT with wT = Sw - blk * zw). */
 __attribute__((target("avx2,fma"))) static inline __m256

@@ -244,7 +244,7 @@ gemv_group_cpb_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, con
                     const int64_t fixed_cpb)
 {
     const offq_mm_plan *pl = g->pl;
-    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group;
+    const int64_t rb = (pl->k + 1) / 2;
     const int64_t cpb = fixed_cpb ? fixed_cpb : pl->blk / 64;
     const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *wr[8];
@@ -258,7 +258,7 @@ gemv_group_cpb_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, con
     _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
         acc[m] = _mm256_setzero_ps();
     }
-    int64_t last_gi = -1;
+    int64_t group_end = 0; /* first k past the current weight group */
     __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
     for (int64_t b = 0; b < pl->nb; b++) {
         __m256i vd[MS][8], vs[8];
@@ -308,11 +308,7 @@ gemv_group_cpb_avx2(const offq_mm_gemv_args *g, int64_t n0, const int mrows, con
             }
             vs[j] = s64; /* 4 x u64 small sums: as int32 lanes, the odd lanes are 0 */
         }
-        const int64_t gi = b * pl->blk / gw;
-        if (gi != last_gi) { /* weight group changed (every block unless per-channel weights) */
-            last_gi = gi;
-            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
-        }
+        offq_gemv_wgroup(g, nidx, b, &group_end, &zw, &sw, &bzw);
         const __m256 wT =
             folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
         _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
@@ -369,7 +365,8 @@ __attribute__((target("avx2,fma"))) void offq_mm_gemv_range_avx2(const offq_mm_g
 /* `whole` (a constant: two copies are compiled): every block is a whole number of DEC_SUB-vector
  * sub-chunks (blocks of a multiple of 32 k: every activation group offq uses). The loop over a
  * sub-chunk's vectors then has a constant trip count and unrolls, with its two prefetches taken
- * before it instead of a parity test per vector: 6-11% less time a token product (16384 x 4096
+ * before it instead of a parity test per vector. With offq_gemv_wgroup (a division only where a
+ * weight group starts, not per block), 6-11% less time a token product (16384 x 4096
  * and Qwen2.5's 17920 x 1536 streamed from DRAM, 1 and 2 threads, against the row-major kernel
  * in the same process, three alternated runs on a Zen3). */
 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline)) void
@@ -377,7 +374,7 @@ dec_group_t(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int f
             const int whole)
 {
     const offq_mm_plan *pl = g->pl;
-    const int64_t k = pl->k, gw = g->w->group, blk = pl->blk, vpb = blk / 8;
+    const int64_t k = pl->k, vpb = pl->blk / 8;
     const __m256i ones16 = _mm256_set1_epi16(1);
     const __m256i ones8 = _mm256_set1_epi8(1);
     const uint8_t *wg = g->w->dec + n0 * (k / 2); /* group n0 / 8: k / 8 vectors of 32 bytes */
@@ -387,9 +384,7 @@ dec_group_t(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int f
     }
     __m256 acc[4];
     _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { acc[m] = _mm256_setzero_ps(); }
-    /* the weight group of the current block and the first k past it: the group's index is
-     * divided out only where a group ends (per-channel weights: once), not once per block */
-    int64_t gi = -1, group_end = 0;
+    int64_t group_end = 0; /* first k past the current weight group */
     __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
     for (int64_t b = 0; b < pl->nb; b++) {
         __m256i d[4], wsum = _mm256_setzero_si256();
@@ -432,11 +427,7 @@ dec_group_t(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int f
                     wsum, _mm256_madd_epi16(_mm256_maddubs_epi16(su8, ones8), ones16));
             }
         }
-        if (b * blk >= group_end) { /* this block starts in the next weight group */
-            gi = b * blk / gw;
-            group_end = (gi + 1) * gw;
-            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
-        }
+        offq_gemv_wgroup(g, nidx, b, &group_end, &zw, &sw, &bzw);
         const __m256 wT = folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(wsum), bzw);
         _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
             acc[m] = offq_gemv_epilogue(g, m, b, folded, d[m], zw, sw, wT, acc[m]);

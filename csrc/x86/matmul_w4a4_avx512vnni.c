@@ -90,7 +90,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     gemv_group_vnni(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
     const offq_mm_plan *pl = g->pl;
-    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group;
+    const int64_t rb = (pl->k + 1) / 2;
     const int64_t cpb = pl->blk / 128;
     const __m512i m15 = _mm512_set1_epi8(15), ones8 = _mm512_set1_epi8(1);
     const uint8_t *wr[8];
@@ -104,7 +104,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
         acc[m] = _mm256_setzero_ps();
     }
-    int64_t last_gi = -1;
+    int64_t group_end = 0; /* first k past the current weight group */
     __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
     for (int64_t b = 0; b < pl->nb; b++) {
         __m256i vd[MS][8], vs[8];
@@ -137,11 +137,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
             vs[j] = _mm256_add_epi32(_mm512_castsi512_si256(sacc),
                                      _mm512_extracti64x4_epi64(sacc, 1));
         }
-        const int64_t gi = b * pl->blk / gw;
-        if (gi != last_gi) {
-            last_gi = gi;
-            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
-        }
+        offq_gemv_wgroup(g, nidx, b, &group_end, &zw, &sw, &bzw);
         const __m256 wT =
             folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
         _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
@@ -162,7 +158,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     gemv64_group_vnni(const offq_mm_gemv_args *g, int64_t n0, const int mrows, const int folded)
 {
     const offq_mm_plan *pl = g->pl;
-    const int64_t rb = (pl->k + 1) / 2, gw = g->w->group;
+    const int64_t rb = (pl->k + 1) / 2;
     const int64_t cpb = pl->blk / 64;
     const __m256i ones8 = _mm256_set1_epi8(1);
     const uint8_t *wr[8];
@@ -176,7 +172,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
         acc[m] = _mm256_setzero_ps();
     }
-    int64_t last_gi = -1;
+    int64_t group_end = 0; /* first k past the current weight group */
     __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
     for (int64_t b = 0; b < pl->nb; b++) {
         __m256i vd[MS][8], vs[8];
@@ -207,11 +203,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
             }
             vs[j] = sacc;
         }
-        const int64_t gi = b * pl->blk / gw;
-        if (gi != last_gi) {
-            last_gi = gi;
-            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
-        }
+        offq_gemv_wgroup(g, nidx, b, &group_end, &zw, &sw, &bzw);
         const __m256 wT =
             folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(offq_hsum8x8(vs)), bzw);
         _Pragma("GCC unroll 8") for (int m = 0; m < mrows; m++) {
@@ -254,7 +246,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
     }
     __m256 acc[4];
     _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) { acc[m] = _mm256_setzero_ps(); }
-    int64_t last_gi = -1;
+    int64_t group_end = 0; /* first k past the current weight group */
     __m256 zw = _mm256_setzero_ps(), sw = zw, bzw = zw;
     for (int64_t b = 0; b < pl->nb; b++) {
         /* four independent vpdpbusd chains per row (low / high nibbles of even / odd vectors):
@@ -288,11 +280,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) static 
                 }
             }
         }
-        const int64_t gi = b * pl->blk / g->w->group;
-        if (gi != last_gi) {
-            last_gi = gi;
-            offq_gemv_wparams(g, nidx, gi, &zw, &sw, &bzw);
-        }
+        offq_gemv_wgroup(g, nidx, b, &group_end, &zw, &sw, &bzw);
         const __m256 wT = folded ? bzw : _mm256_sub_ps(_mm256_cvtepi32_ps(wsum), bzw);
         _Pragma("GCC unroll 4") for (int m = 0; m < mrows; m++) {
             const __m256i dm = _mm256_add_epi32(_mm256_add_epi32(d[m][0], d[m][1]),
