@@ -375,6 +375,15 @@ void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const
 void offq_attend_avx512(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                         float *scores, float *const *out, float *row);
 
+/* ---- MSE clip search (clip_search.c): the squared round-trip error of a row x[0..g) on the grid
+ * (s, z), codes clamped to [0, maxq], e = (clamp(rint(x / s) + z) - z) * s - x in float32, the
+ * squares summed in float64 in a fixed order: element i into lane i % 4 of four sums (in chunks of
+ * ERR_CHUNK = 256; the last chunk's g % 4 leftovers into lane 0), then (l0 + l1) + (l2 + l3). The
+ * AVX2 variant keeps that order: the same bits. */
+typedef double (*offq_clip_row_error_fn)(const float *x, int64_t g, float s, float z, float maxq);
+double offq_clip_row_error_generic(const float *x, int64_t g, float s, float z, float maxq);
+double offq_clip_row_error_avx2(const float *x, int64_t g, float s, float z, float maxq);
+
 /* ---- SwiGLU (swiglu.c): x[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n ---------------------- */
 typedef void (*offq_swiglu_fn)(const float *g, const float *u, float *x, int64_t n);
 void offq_swiglu_generic(const float *g, const float *u, float *x, int64_t n);
@@ -453,6 +462,7 @@ typedef struct {
     offq_mix_f64_fn mix_f64;
     offq_attend_fn attend;
     offq_swiglu_fn swiglu;
+    offq_clip_row_error_fn clip_row_error;
     offq_i8_rows_fn i8_rows;
     const offq_mm_ops *matmul[OFFQ_KERNEL_COUNT]; /* per variant; NULL: not usable here */
     offq_kernel matmul_best;

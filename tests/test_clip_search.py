@@ -3,6 +3,11 @@ offq.quant.grid.mse_clip_search) against the NumPy search it replaced, on random
 and real-shaped rows, and its argument checks."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -59,6 +64,31 @@ def test_matches_numpy(bits, symmetric, shape):
     for n in (1, 2):
         with threads(n):
             assert_same(x, bits, symmetric)
+
+
+@pytest.mark.parametrize("g", [2, 3, 4, 5, 8, 9, 12, 15, 16, 255, 259, 263])
+def test_every_tail_of_the_row_loop(g):
+    """Rows whose length leaves 0-7 elements after the 8-wide steps of the AVX2 variant (and
+    0-3 after the generic one's 4-wide sums, across its 256-element chunks)."""
+    rng = np.random.default_rng(g)
+    x = (rng.standard_t(3, (40, g)) * 0.05).astype(np.float32)
+    for bits, symmetric in [(2, False), (3, True), (4, False), (8, True)]:
+        assert_same(x, bits, symmetric)
+
+
+@pytest.mark.skipif(os.environ.get("OFFQ_DISABLE_SIMD") == "1", reason="already generic")
+def test_generic_dispatch_in_subprocess(tmp_path):
+    """This file again with the SIMD row error disabled at dispatch (OFFQ_DISABLE_SIMD=1, a fresh
+    process): the generic and the AVX2 loops both match the NumPy search."""
+    import offq
+
+    root = str(Path(offq.__file__).resolve().parents[1])
+    env = dict(os.environ, OFFQ_DISABLE_SIMD="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout and "1 skipped" in r.stdout, r.stdout[-500:]
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
