@@ -121,6 +121,36 @@ def test_writer_failure_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_mapping_is_written_straight_with_the_writers_bytes(tmp_path, monkeypatch):
+    """write_safetensors of a mapping skips SafetensorsWriter's spill file; the bytes are the
+    writer's whatever the order tensors come in (non-contiguous and big-endian arrays included),
+    and a failure part-way through the data leaves nothing behind."""
+    t = _sample_tensors()
+    t["strided"] = RNG.standard_normal((6, 8)).astype(np.float32)[::2, 1::3]
+    t["big_endian"] = np.arange(6, dtype=">i4").reshape(2, 3)
+    write_safetensors(tmp_path / "straight.safetensors", t, {"format": "offq"})
+    with SafetensorsWriter(tmp_path / "staged.safetensors", {"format": "offq"}) as w:
+        for name in reversed(list(t)):
+            w.add(name, t[name])
+    assert (tmp_path / "straight.safetensors").read_bytes() == \
+        (tmp_path / "staged.safetensors").read_bytes()
+    back, _ = load_safetensors(tmp_path / "straight.safetensors")
+    assert all(np.array_equal(back[k], t[k]) for k in t)
+
+    import offq.formats.safetensors as sf
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sf.os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_safetensors(tmp_path / "new.safetensors", t)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["staged.safetensors",
+                                                           "straight.safetensors"]
+    with pytest.raises(ValueError, match="name"):
+        write_safetensors(tmp_path / "bad.safetensors", {"": np.zeros(1, np.float32)})
+
+
 def test_writer_replaces_existing_file_atomically(tmp_path):
     target = tmp_path / "x.safetensors"
     write_safetensors(target, {"a": np.ones(3, np.float32)})

@@ -398,6 +398,70 @@ def _st_dtype(arr: np.ndarray, name: str) -> str:
     return _NP_TO_ST[key]
 
 
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name or name == "__metadata__":
+        raise ValueError(f"name: expected a non-empty tensor name, got {name!r}")
+
+
+def _little_endian(arr: np.ndarray) -> np.dtype:
+    return arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1 else arr.dtype
+
+
+def _layout(entries: Mapping[str, dict[str, Any]], metadata: Mapping[str, str]
+            ) -> tuple[list[str], bytes]:
+    """The tensors' order in the file and the header (length prefix included) for ``entries``
+    (name -> dtype, shape, nbytes, itemsize). Larger item sizes first, so every tensor is aligned
+    to its item size with no gaps between tensors (the reference reader requires a gap-free data
+    region); names break ties, so the bytes do not depend on the order tensors were given in."""
+    order = sorted(entries, key=lambda n: (-entries[n]["itemsize"], n))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name in order:
+        e = entries[name]
+        header[name] = {"dtype": e["dtype"], "shape": e["shape"],
+                        "data_offsets": [offset, offset + e["nbytes"]]}
+        offset += e["nbytes"]
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * ((-len(blob)) % 8)
+    return order, len(blob).to_bytes(8, "little") + blob
+
+
+def _write_whole(path: Path, tensors: Mapping[str, np.ndarray],
+                 metadata: Mapping[str, str] | None) -> Path:
+    """`write_safetensors` of a mapping: its arrays already exist, so the header comes first and
+    each array's bytes go straight to the temporary file, in the file's order (SafetensorsWriter
+    stages them in a spill file first, then copies it: two writes and a read of every byte).
+    The same bytes as the writer's."""
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    entries: dict[str, dict[str, Any]] = {}
+    for name, arr in tensors.items():
+        _check_name(name)
+        arr = np.asarray(arr)
+        entries[name] = {"dtype": _st_dtype(arr, name), "shape": [int(d) for d in arr.shape],
+                         "nbytes": int(arr.nbytes), "itemsize": arr.dtype.itemsize}
+    order, blob = _layout(entries, meta)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{id(entries)}")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(blob)
+            for name in order:
+                arr = np.asarray(tensors[name])
+                data = np.ascontiguousarray(arr, dtype=_little_endian(arr))
+                if data.size:  # the array's own bytes (a uint8 view, no copy)
+                    out.write(data.reshape(-1).view(np.uint8))
+                data = None
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
 class SafetensorsWriter:
     """Incremental, atomic safetensors writer (one tensor at a time, bounded memory).
 
@@ -420,18 +484,17 @@ class SafetensorsWriter:
         """Append tensor ``name`` (any shape; stored little-endian)."""
         if self._closed:
             raise ValueError(f"{self.path}: writer already closed")
-        if not isinstance(name, str) or not name or name == "__metadata__":
-            raise ValueError(f"name: expected a non-empty tensor name, got {name!r}")
+        _check_name(name)
         if name in self._entries:
             raise ValueError(f"tensor {name!r} added twice")
         arr = np.asarray(arr)
         st = _st_dtype(arr, name)
-        data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<") if arr.dtype.itemsize > 1
-                                    else arr.dtype)
+        data = np.ascontiguousarray(arr, dtype=_little_endian(arr))
         if data.size:  # the array's own bytes (a uint8 view, no copy: tensors reach ~1 GB)
             self._spill.write(data.reshape(-1).view(np.uint8))
         self._entries[name] = {"dtype": st, "shape": [int(d) for d in arr.shape],
-                               "spill": (self._offset, data.nbytes), "itemsize": data.dtype.itemsize}
+                               "nbytes": data.nbytes, "spill": (self._offset, data.nbytes),
+                               "itemsize": data.dtype.itemsize}
         self._offset += data.nbytes
 
     def close(self) -> Path:
@@ -442,24 +505,8 @@ class SafetensorsWriter:
         self._spill.close()
         tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{id(self)}")
         try:
-            # Final layout: larger item sizes first, so every tensor is aligned to its item size
-            # with no gaps between tensors (the reference reader requires a gap-free data region);
-            # names break ties, so the bytes do not depend on the order tensors were added in.
-            order = sorted(self._entries, key=lambda n: (-self._entries[n]["itemsize"], n))
-            header: dict[str, Any] = {}
-            if self.metadata:
-                header["__metadata__"] = self.metadata
-            offset = 0
-            for name in order:
-                e = self._entries[name]
-                nbytes = e["spill"][1]
-                header[name] = {"dtype": e["dtype"], "shape": e["shape"],
-                                "data_offsets": [offset, offset + nbytes]}
-                offset += nbytes
-            blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-            blob += b" " * ((-len(blob)) % 8)
+            order, blob = _layout(self._entries, self.metadata)
             with open(tmp, "wb") as out, open(self._spill_path, "rb") as spill:
-                out.write(len(blob).to_bytes(8, "little"))
                 out.write(blob)
                 for name in order:
                     start, left = self._entries[name]["spill"]
@@ -499,8 +546,14 @@ class SafetensorsWriter:
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterable,
                       metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``tensors`` (name -> array; uint8/int32/float32/float16/... ) atomically to ``path``."""
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    """Write ``tensors`` (name -> array; uint8/int32/float32/float16/... ) atomically to ``path``.
+
+    A mapping is written straight (header, then each array's bytes); an iterable of
+    ``(name, array)`` pairs goes through `SafetensorsWriter`, which holds one array at a time.
+    Both give the same bytes."""
+    if isinstance(tensors, Mapping):
+        return _write_whole(Path(path), tensors, metadata)
+    items = tensors
     with SafetensorsWriter(path, metadata) as w:
         for name, arr in items:
             w.add(name, arr)
