@@ -136,8 +136,11 @@ def test_gptq_dead_columns_and_identity_hessian():
     x[:, 5] = 0  # dead input
     acc = HessianAccumulator(32)
     acc.update(x)
+    w_given = w.copy()
     gq = gptq_quantize(w, acc.hessian, bits=4, symmetric=False, clip_search=False)
     assert np.all(np.isfinite(gq.dequantized))
+    assert np.all(gq.dequantized[:, 5] == 0)  # the dead input's weights are zeroed...
+    np.testing.assert_array_equal(w, w_given)  # ...in GPTQ's copy, not in the caller's weight
     # an identity Hessian decouples the columns: GPTQ reduces to RTN on the same grid
     gi = gptq_quantize(w, np.eye(32), bits=4, symmetric=False, clip_search=False, damp=0.0,
                        act_order=False)

@@ -216,8 +216,9 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     if act_order and not per_channel:
         static_groups = True
 
-    w = w.copy()
-    w[:, factor.dead] = 0.0
+    if factor.dead.any():  # zeroed in a copy: the caller's weight stays as given
+        w = w.copy()
+        w[:, factor.dead] = 0.0
 
     # Grids fixed up front: per channel, or static groups (original, dead-zeroed weights).
     scale = np.zeros((n_out, k // g), dtype=np.float32)
@@ -228,7 +229,8 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     perm, s = factor.perm, np.ascontiguousarray(factor.s, dtype=np.float64)
     # Work on the transpose: row i of wt is column perm[i] of w, so every per-column step reads
     # and writes contiguous memory. orig keeps the weights before any update (float32, as given).
-    orig = np.ascontiguousarray(w[:, perm].T)
+    # (one gather from the transposed view: a K x N copy of the weight, not three)
+    orig = np.ascontiguousarray(w.T[perm])
     del w
     wt = orig.astype(np.float64)
     codes_t = np.zeros((k, n_out), dtype=np.uint8)
