@@ -11,6 +11,11 @@ offq's default corpus, seed 0), one after the other:
 2. ``quantize``: the whole ``offq.quantize`` of ``--method`` (writing the checkpoint to a
    temporary directory), with its time per stage.
 
+With ``--bracket`` the forward runs again after the quantization and the ratio is taken against
+the mean of the two forwards: on a shared or virtual machine whose speed drifts within the hour
+(one run here saw the forward 12% and an unchanged stage 24% slower than a run hours before), the
+two forwards show the drift and their mean cancels a steady one.
+
 Printed: both wall times and their ratio (the issue's target: quantize <= 2.0x the forward), each
 child's peak anonymous RSS (sampled) and VmHWM, and the memory budget the issue states: float32
 embeddings + LM head + one decoder layer + the calibration hidden states + the Hessians of one
@@ -22,6 +27,7 @@ layer's input sites (float64).
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --hold-freed-memory
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b \
         --calib-activations quantized          # calibration on the real W4A4 kernels
+    python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --bracket
 """
 from __future__ import annotations
 
@@ -132,6 +138,10 @@ def main() -> int:
     ap.add_argument("--hold-freed-memory", action="store_true",
                     help="both children keep freed memory (offq quantize --hold-freed-memory): "
                          "no page faults for reused temporaries, a higher peak")
+    ap.add_argument("--bracket", action="store_true",
+                    help="run the forward again after the quantization and take the ratio "
+                         "against the mean of the two forwards (cancels a steady drift of the "
+                         "machine's speed)")
     ap.add_argument("--stage", choices=("forward", "quantize"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage:
@@ -143,18 +153,24 @@ def main() -> int:
           f"{args.calib_seqlen} (batch {args.batch_size}); {describe_machine()}, "
           f"{args.threads} threads"
           + (", freed memory held (both children)" if args.hold_freed_memory else ""), flush=True)
-    res = {}
-    for stage in ("forward", "quantize"):
+    res: dict[str, dict] = {}
+    stages = [("forward", "forward"), ("quantize", "quantize")]
+    stages += [("forward", "forward 2")] if args.bracket else []
+    for stage, label in stages:
         cmd = [sys.executable, __file__, "--stage", stage] + sys.argv[1:]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        res[stage] = json.loads(out.strip().splitlines()[-1])
-        r = res[stage]
-        print(f"{stage:9s} {r['seconds']:8.1f} s   peak anon RSS {r['peak_anon'] / GB:6.2f} GB   "
+        res[label] = r = json.loads(out.strip().splitlines()[-1])
+        print(f"{label:9s} {r['seconds']:8.1f} s   peak anon RSS {r['peak_anon'] / GB:6.2f} GB   "
               f"VmHWM {r['vm_hwm'] / GB:6.2f} GB", flush=True)
-    q, fwd = res["quantize"], res["forward"]
+    q = res["quantize"]
+    forwards = [res[k]["seconds"] for k in ("forward", "forward 2") if k in res]
+    fwd = sum(forwards) / len(forwards)
     print(f"config: {q['config']}")
     print("quantize stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in q["stages"].items()))
-    print(f"quantize / FP32 forward = {q['seconds'] / fwd['seconds']:.2f} (target <= 2.0)")
+    against = "the mean of the two forwards" if args.bracket else "the FP32 forward"
+    print(f"quantize / FP32 forward = {q['seconds'] / fwd:.2f} (target <= 2.0; against {against}"
+          + (f", {fwd:.1f} s; second / first forward {forwards[1] / forwards[0]:.3f}"
+             if args.bracket else "") + ")")
     b = budget(args.model, args.calib_samples, args.calib_seqlen)
     print("budget: " + " + ".join(f"{k} {v / GB:.2f}" for k, v in b.items())
           + f" = {sum(b.values()) / GB:.2f} GB (quantize peak anon RSS "
