@@ -24,11 +24,11 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from .files import fsync_dir
+from .files import atomic_write_bytes, fsync_dir
 from .registry import Checkpoint, TensorStore
 
 logger = logging.getLogger(__name__)
@@ -431,9 +431,9 @@ def _layout(entries: Mapping[str, dict[str, Any]], metadata: Mapping[str, str]
 def _write_whole(path: Path, tensors: Mapping[str, np.ndarray],
                  metadata: Mapping[str, str] | None) -> Path:
     """`write_safetensors` of a mapping: its arrays already exist, so the header comes first and
-    each array's bytes go straight to the temporary file, in the file's order (SafetensorsWriter
-    stages them in a spill file first, then copies it: two writes and a read of every byte).
-    The same bytes as the writer's."""
+    each array's bytes go straight to the temporary file of `atomic_write_bytes`, in the file's
+    order (SafetensorsWriter stages them in a spill file first, then copies it: two writes and a
+    read of every byte). The same bytes as the writer's."""
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     entries: dict[str, dict[str, Any]] = {}
     for name, arr in tensors.items():
@@ -442,23 +442,16 @@ def _write_whole(path: Path, tensors: Mapping[str, np.ndarray],
         entries[name] = {"dtype": _st_dtype(arr, name), "shape": [int(d) for d in arr.shape],
                          "nbytes": int(arr.nbytes), "itemsize": arr.dtype.itemsize}
     order, blob = _layout(entries, meta)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{id(entries)}")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(blob)
-            for name in order:
-                arr = np.asarray(tensors[name])
-                data = np.ascontiguousarray(arr, dtype=_little_endian(arr))
-                if data.size:  # the array's own bytes (a uint8 view, no copy)
-                    out.write(data.reshape(-1).view(np.uint8))
-                data = None
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
+
+    def chunks() -> Iterator[Any]:  # one converted array alive at a time
+        yield blob
+        for name in order:
+            arr = np.asarray(tensors[name])
+            data = np.ascontiguousarray(arr, dtype=_little_endian(arr))
+            if data.size:  # the array's own bytes (a uint8 view, no copy)
+                yield data.reshape(-1).view(np.uint8)
+
+    atomic_write_bytes(path, chunks())
     return path
 
 
