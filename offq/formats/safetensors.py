@@ -541,7 +541,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``tensors`` (name -> array; uint8/int32/float32/float16/... ) atomically to ``path``.
 
-    A mapping is written straight (header, then each array's bytes); an iterable of
+    A mapping is written straight (header, then each array's bytes; each value is looked up
+    twice, for the header and for the bytes, so it should hold arrays, not loaders); an iterable of
     ``(name, array)`` pairs goes through `SafetensorsWriter`, which holds one array at a time.
     Both give the same bytes."""
     if isinstance(tensors, Mapping):
