@@ -32,7 +32,10 @@ from offq.formats.safetensors import write_safetensors  # noqa: E402
 
 
 def checkpoint_like(vocab: int, d: int, layers: int, layer_bytes: int) -> dict[str, np.ndarray]:
-    t = {"embed": np.full((vocab, d), 1.0, np.float32), "head": np.full((vocab, d), 2.0, np.float32)}
+    """Tensors of a checkpoint's sizes: two float32 vocabulary matrices, one block of codes a
+    layer (filled, so every page is touched before the timed writes)."""
+    t = {"embed": np.full((vocab, d), 1.0, np.float32),
+         "head": np.full((vocab, d), 2.0, np.float32)}
     for i in range(layers):
         t[f"layers.{i}.codes"] = np.full(layer_bytes, i, np.uint8)
     return t
