@@ -124,7 +124,7 @@ def test_writer_failure_leaves_nothing(tmp_path):
 def test_a_mapping_is_written_straight_with_the_writers_bytes(tmp_path, monkeypatch):
     """write_safetensors of a mapping skips SafetensorsWriter's spill file; the bytes are the
     writer's whatever the order tensors come in (non-contiguous and big-endian arrays included),
-    and a failure part-way through the data leaves nothing behind."""
+    and a failure before the rename (here: fsync) leaves nothing behind."""
     t = _sample_tensors()
     t["strided"] = RNG.standard_normal((6, 8)).astype(np.float32)[::2, 1::3]
     t["big_endian"] = np.arange(6, dtype=">i4").reshape(2, 3)
