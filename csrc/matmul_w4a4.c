@@ -293,9 +293,15 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
                                      out + m0 * pl->n};
         const int64_t groups = (pl->n + 7) / 8;
         const int parallel = groups > 1 && mrows * pl->n * pl->k >= ((int64_t)1 << 21);
-        /* one contiguous run of groups per thread: each thread streams its weights front to back
-         * (interleaved chunks break every thread's stream for the hardware prefetchers) */
-#pragma omp parallel for schedule(static) if (parallel)
+        /* contiguous runs of groups, eight per thread, taken as threads come: each run streams
+         * its weights front to back (interleaved groups break every thread's stream for the
+         * hardware prefetchers), and a thread that wakes late (~100 us on some VMs, a product's
+         * whole length at M = 1) finds the runs taken instead of holding the others up with a
+         * fixed half of the work */
+        const int64_t run = groups / (8 * (int64_t)omp_get_max_threads()) > 0
+                                ? groups / (8 * (int64_t)omp_get_max_threads())
+                                : 1;
+#pragma omp parallel for schedule(dynamic, run) if (parallel)
         for (int64_t i = 0; i < groups; i++) {
             gv->range(&g, mrows, folded, i, i + 1);
         }

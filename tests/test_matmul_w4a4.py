@@ -141,6 +141,25 @@ def test_parallel_paths(m, k, n):
     assert_close(ref, a, wq)
 
 
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("decode", [False, True])
+def test_small_m_threads_share_the_columns(m, decode):
+    """The small-M path hands out runs of 8-column groups to the threads as they come (a run
+    count that does not divide the 129 groups here): two threads give one thread's bits, every
+    column written, with the row-major and the decode layout."""
+    rng = np.random.default_rng(7 + m)
+    k, n = 2048, 1032
+    a = quantize(rng.standard_normal((m, k)).astype(np.float32))
+    wq = quantize(rng.standard_normal((n, k)).astype(np.float32), group_size=-1, symmetric=True)
+    dec = pack_w4_decode(wq) if decode else None
+    with threads(1):
+        one = matmul_w4a4(a, wq, w_decode=dec)
+    with threads(2):
+        for _ in range(5):  # the threads take the runs in a different order each time
+            np.testing.assert_array_equal(matmul_w4a4(a, wq, w_decode=dec), one)
+    assert_close(one, a, wq)
+
+
 def test_huge_magnitudes_and_offsets():
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((6, 256)) * 1e30).astype(np.float32)
