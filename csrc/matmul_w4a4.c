@@ -298,9 +298,8 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
          * hardware prefetchers), and a thread that wakes late (~100 us on some VMs, a product's
          * whole length at M = 1) finds the runs taken instead of holding the others up with a
          * fixed half of the work */
-        const int64_t run = groups / (8 * (int64_t)omp_get_max_threads()) > 0
-                                ? groups / (8 * (int64_t)omp_get_max_threads())
-                                : 1;
+        const int64_t per_run = groups / (8 * (int64_t)omp_get_max_threads());
+        const int64_t run = per_run > 0 ? per_run : 1;
 #pragma omp parallel for schedule(dynamic, run) if (parallel)
         for (int64_t i = 0; i < groups; i++) {
             gv->range(&g, mrows, folded, i, i + 1);
