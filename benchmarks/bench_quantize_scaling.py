@@ -9,7 +9,12 @@ offq's default corpus, seed 0), one after the other:
    (each layer read once, then every batch through it; the LM head is not applied: the recipe
    never computes logits);
 2. ``quantize``: the whole ``offq.quantize`` of ``--method`` (writing the checkpoint to a
-   temporary directory), with its time per stage.
+   temporary directory), with its time per stage. It holds freed memory from its rotations to
+   its write, as ``offq quantize`` does by default (``offq.process.freed_memory_held``);
+   ``--return-freed-memory`` runs it with glibc's usual malloc throughout.
+
+``--hold-freed-memory`` makes both children hold freed memory from their start (the forward
+too): the comparison with a forward spared its page faults as well.
 
 With ``--bracket`` the forward runs again after the quantization and the ratio is taken against
 the mean of the two forwards: on a shared or virtual machine whose speed drifts within the hour
@@ -25,6 +30,7 @@ layer's input sites (float64).
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --calib-samples 16
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --keep runs/qwen-offq
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --hold-freed-memory
+    python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --return-freed-memory
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b \
         --calib-activations quantized          # calibration on the real W4A4 kernels
     python benchmarks/bench_quantize_scaling.py --model qwen2.5-coder-1.5b --bracket
@@ -93,7 +99,8 @@ def child(args: argparse.Namespace) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 res = offq.quantize(ckpt, cfg, calib,
                                     out_dir=Path(args.keep or Path(tmp) / "q"),
-                                    batch_size=args.batch_size, progress=False)
+                                    batch_size=args.batch_size, progress=False,
+                                    hold_freed_memory=not args.return_freed_memory)
             out["stages"] = res.timings
             out["config"] = cfg.describe(ckpt.config.hidden_size)
         out["seconds"] = time.perf_counter() - t0
@@ -138,6 +145,9 @@ def main() -> int:
     ap.add_argument("--hold-freed-memory", action="store_true",
                     help="both children keep freed memory (offq quantize --hold-freed-memory): "
                          "no page faults for reused temporaries, a higher peak")
+    ap.add_argument("--return-freed-memory", action="store_true",
+                    help="the quantization without its default hold of freed memory "
+                         "(offq quantize --return-freed-memory)")
     ap.add_argument("--bracket", action="store_true",
                     help="run the forward again after the quantization and take the ratio "
                          "against the mean of the two forwards (cancels a steady drift of the "
@@ -152,7 +162,9 @@ def main() -> int:
     print(f"# {args.model}, {args.method}, calibration {args.calib_samples} x "
           f"{args.calib_seqlen} (batch {args.batch_size}); {describe_machine()}, "
           f"{args.threads} threads"
-          + (", freed memory held (both children)" if args.hold_freed_memory else ""), flush=True)
+          + (", freed memory held (both children)" if args.hold_freed_memory else
+             ", freed memory returned (glibc's default)" if args.return_freed_memory else
+             , freed memory held by the quantization only (its default)"), flush=True)
     res: dict[str, dict] = {}
     stages = [("forward", "forward"), ("quantize", "quantize")]
     stages += [("forward", "forward 2")] if args.bracket else []

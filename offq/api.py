@@ -75,7 +75,7 @@ def quantize(model: Any, config: Any = None, calibration: Any = None, *,
         out_dir: write the offq checkpoint there as layers finish (resumable); None keeps the
             result in memory (:func:`save` writes it later).
         kwargs: passed to :func:`offq.recipe.pipeline.quantize` (``resume``, ``batch_size``,
-            ``progress``).
+            ``progress``, ``hold_freed_memory``).
 
     Returns:
         A ``QuantizeResult``: ``.model("real")`` runs it on the 4-bit kernels, ``.timings``

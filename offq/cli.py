@@ -123,11 +123,15 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                         "kernels) on the first N windows and print the table (default 0: no)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per eval window (2048)")
     p.add_argument("--hold-freed-memory", action="store_true",
-                   help="glibc malloc keeps freed memory for reuse instead of unmapping it, so "
-                        "each batch's activations are not page-faulted in again (Qwen2.5-1.5B on "
-                        "a 2-core VM: GPTQ W3 -11.5%% time, +0.22 GB peak RSS; OffQ W4A4KV4 "
-                        "1,386 s against an earlier run's 1,586 s, +0.30 GB anonymous peak); "
-                        "freed memory stays with the process until it exits (offq.process)")
+                   help="glibc malloc keeps freed memory for reuse instead of unmapping it for "
+                        "the whole command (the --eval-windows evaluation and the write too, not "
+                        "only the rotations, layer loop and write, which hold it by default); freed "
+                        "memory stays with the process until it exits (offq.process)")
+    p.add_argument("--return-freed-memory", action="store_true",
+                   help="glibc's usual malloc throughout: by default the quantization holds "
+                        "freed memory from its rotations to its write, which spares each "
+                        "batch's page faults (Qwen2.5-1.5B on a 2-vCPU VM: ~40%% less time per "
+                        "layer), and gives it back when it ends")
     defaults = QuantConfig()
     group = p.add_argument_group("quantization (QuantConfig fields; docs/METHODS.md)")
     for f in dataclasses.fields(QuantConfig):
@@ -193,6 +197,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         t_calib = time.perf_counter() - t0
         result = quantize(ckpt, cfg, calib, out_dir=args.out, resume=args.resume,
                           batch_size=args.batch_size,
+                          hold_freed_memory=not args.return_freed_memory,
                           progress=None if not args.quiet else False,
                           calibration_source=str(source) if calib is not None else None,
                           calibration_seed=cfg.seed if calib is not None else None)

@@ -64,3 +64,97 @@ print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert out.returncode == 0, out.stderr[-2000:]
     rc, faulted = map(int, out.stdout.split()[-2:])
     assert rc == 0 and faulted < 20, (rc, faulted)
+
+
+SCOPED = """
+import resource, sys
+import numpy as np
+from offq.process import freed_memory_held, hold_freed_memory
+
+def cycle_faults():
+    a = np.ones(25_000_000, np.float32); del a  # the first may fault in either way
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):  # 100 MB, allocated, written and freed
+        a = np.ones(25_000_000, np.float32)
+        del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+if sys.argv[1] == "for-good":
+    assert hold_freed_memory()
+with freed_memory_held() as held:
+    assert held
+    with freed_memory_held():  # nested: the outer scope still holds on leaving
+        pass
+    inside = cycle_faults()
+after = cycle_faults()
+print(inside, after)
+"""
+
+
+def test_scoped_hold_reuses_inside_and_returns_on_leaving(tmp_path: Path) -> None:
+    """Inside ``freed_memory_held`` (and after a nested scope ends) freed 100 MB blocks come back
+    without faults; after the outermost scope glibc maps and unmaps them again (each cycle
+    faults its pages in: ~25k small or ~50 huge), unless ``hold_freed_memory`` holds for good."""
+    out = subprocess.run([sys.executable, "-c", SCOPED, "scoped"], capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    inside, after = map(int, out.stdout.split())
+    assert inside < 20 and after > 5 * max(inside, 10), (inside, after)
+    out = subprocess.run([sys.executable, "-c", SCOPED, "for-good"], capture_output=True,
+                         text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    inside, after = map(int, out.stdout.split())
+    assert inside < 20 and after < 20, (inside, after)
+
+
+QUANTIZE = """
+import hashlib, resource, sys
+import numpy as np
+import offq
+import offq.recipe.pipeline as pipeline
+from offq.config import QuantConfig
+
+def cycle_faults():
+    a = np.ones(25_000_000, np.float32); del a  # the first may grow the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        a = np.ones(25_000_000, np.float32); del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+inside = []
+calibrate_layer = pipeline.calibrate_layer
+def measured(*args, **kwargs):
+    if not inside:
+        inside.append(cycle_faults())
+    return calibrate_layer(*args, **kwargs)
+pipeline.calibrate_layer = measured
+
+ckpt = offq.load("smollm2-135m")
+rng = np.random.default_rng(0)
+calib = rng.integers(0, ckpt.config.vocab_size, size=(2, 64))
+res = offq.quantize(ckpt, QuantConfig(method="offq", calib_samples=2, calib_seqlen=64), calib,
+                    batch_size=1, progress=False, hold_freed_memory=sys.argv[1] == "hold")
+digest = hashlib.sha256()
+for name in sorted(res.tensors):
+    digest.update(name.encode()); digest.update(np.ascontiguousarray(res.tensors[name]).tobytes())
+print(inside[0], cycle_faults(), digest.hexdigest())
+"""
+
+
+def test_quantize_holds_freed_memory_during_its_layer_loop(tmp_path: Path) -> None:
+    """``offq.quantize`` holds freed memory by default while it calibrates (a 100 MB block
+    freed and allocated again faults nothing in), not after it returns, and without the hold
+    it faults them in throughout; the checkpoint's tensors are the same bytes either way (a
+    kernel or recipe step that read uninitialised memory would tell them apart)."""
+    runs = {}
+    for mode in ("hold", "return"):
+        out = subprocess.run([sys.executable, "-c", QUANTIZE, mode], capture_output=True,
+                             text=True, timeout=900, stdin=subprocess.DEVNULL, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        inside, after, digest = out.stdout.split()[-3:]
+        runs[mode] = (int(inside), int(after), digest)
+    (held_in, held_after, held_digest), (plain_in, plain_after, plain_digest) = \
+        runs["hold"], runs["return"]
+    assert held_in < 20, runs
+    assert plain_in > 5 * max(held_in, 10) and held_after > 5 * max(held_in, 10), runs
+    assert held_digest == plain_digest

@@ -25,6 +25,7 @@ the attention and MLP inputs; ``quarot`` R1 = random-sign Hadamard (seeded); bot
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -40,6 +41,7 @@ from ..formats.registry import TensorStore
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner
 from ..model.linear import DenseLinear
+from ..process import freed_memory_held
 from ..progress import track
 from ..quant.assemble import layer_from_tensors
 from ..quant.weight import QuantizedWeight
@@ -97,7 +99,8 @@ class QuantizeResult:
 def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = None, *,
              out_dir: str | Path | None = None, resume: bool = False, batch_size: int = 4,
              progress: bool | None = None, calibration_source: str | None = None,
-             calibration_seed: int | None = None) -> QuantizeResult:
+             calibration_seed: int | None = None,
+             hold_freed_memory: bool = True) -> QuantizeResult:
     """Quantize a checkpoint (``offq.formats.open_checkpoint`` result) with ``config``.
 
     Args:
@@ -114,6 +117,10 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
             a log line every few seconds per stage otherwise (``offq.progress``).
         calibration_source, calibration_seed: where the calibration tokens came from, recorded
             in config.json with their shape and hash.
+        hold_freed_memory: glibc keeps freed memory for reuse from the rotations to the write
+            (:func:`offq.process.freed_memory_held`: each batch's large temporaries are not
+            page-faulted in again) and gives it back on return. False: glibc's usual behaviour
+            throughout. The checkpoint is the same either way.
     """
     if not hasattr(ckpt, "config") or not hasattr(ckpt, "tensors"):
         raise TypeError(f"ckpt: expected an opened checkpoint (offq.load(...)), got "
@@ -155,86 +162,90 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
             embedded = np.asarray(tensor, dtype=np.float32)[calib]
         tensor = None
 
-    # 2. rotations (statistics pass when the method needs one)
-    t0 = time.perf_counter()
-    r1, r2, rot_meta = (store.load_rotations(mc, config) if store.has_rotations()
-                         else (None, None, None))
-    if rot_meta is None:
-        r1, r2, rot_meta = compute_rotations(ckpt, mc, config, calib, batch_size, show,
-                                             embedded=embedded)
-        store.save_rotations(r1, r2, rot_meta)
-    timings["rotations"] = time.perf_counter() - t0
+    # stages 2-4 hold freed memory in the heap (offq.process): their large temporaries come
+    # back every batch and every layer, and a fresh page is dear where the host reclaims
+    # freed ones; the scope's end gives the heap back
+    with freed_memory_held() if hold_freed_memory else contextlib.nullcontext():
+        # 2. rotations (statistics pass when the method needs one)
+        t0 = time.perf_counter()
+        r1, r2, rot_meta = (store.load_rotations(mc, config) if store.has_rotations()
+                             else (None, None, None))
+        if rot_meta is None:
+            r1, r2, rot_meta = compute_rotations(ckpt, mc, config, calib, batch_size, show,
+                                                 embedded=embedded)
+            store.save_rotations(r1, r2, rot_meta)
+        timings["rotations"] = time.perf_counter() - t0
 
-    # 3. layer by layer: fuse + rotate, then site by site capture + quantize (calibrate.py),
-    # which also carries the calibration batch through the quantized layer; write
-    crossing, crossing_mode = propagation_setting(config)
-    runner = LayerRunner(mc)
-    hessians_needed = needs_hessians(config)
-    propagate = calib is not None and (hessians_needed or config.centres_keys)
-    # the calibration hidden states: the embeddings' rows, rotated on their own (in place:
-    # ``embedded`` is this function's), not the whole matrix (151,936 rows against 32,768 for
-    # Qwen2.5-1.5B at 16 x 2048)
-    # (neither it nor the LM head stays resident during the layer loop)
-    h = None
-    if propagate:
-        h = embedded if r1 is None else rot.rotate_rows(embedded, r1, in_place=True)
-    embedded = None
-    t_calib = t_quant = 0.0
-    for i in track(range(mc.num_hidden_layers), "quantize layers", unit="layer", show=show):
-        last = i + 1 == mc.num_hidden_layers
-        stored = store.load_layer(i, mc, config)  # a resumed layer is checked first
-        w = None
+        # 3. layer by layer: fuse + rotate, then site by site capture + quantize (calibrate.py),
+        # which also carries the calibration batch through the quantized layer; write
+        crossing, crossing_mode = propagation_setting(config)
+        runner = LayerRunner(mc)
+        hessians_needed = needs_hessians(config)
+        propagate = calib is not None and (hessians_needed or config.centres_keys)
+        # the calibration hidden states: the embeddings' rows, rotated on their own (in place:
+        # ``embedded`` is this function's), not the whole matrix (151,936 rows against 32,768 for
+        # Qwen2.5-1.5B at 16 x 2048)
+        # (neither it nor the LM head stays resident during the layer loop)
+        h = None
+        if propagate:
+            h = embedded if r1 is None else rot.rotate_rows(embedded, r1, in_place=True)
+        embedded = None
+        t_calib = t_quant = 0.0
+        for i in track(range(mc.num_hidden_layers), "quantize layers", unit="layer", show=show):
+            last = i + 1 == mc.num_hidden_layers
+            stored = store.load_layer(i, mc, config)  # a resumed layer is checked first
+            w = None
+            t = time.perf_counter()
+            if stored is None:
+                w = fused_layer(ckpt, mc, i)
+                if config.rotates:
+                    rot.rotate_layer(w, i, mc, r1=r1, r2=None if r2 is None else r2[i], r4=config.r4)
+
+                def quantize_site(site: str, hess: HessianAccumulator | None):
+                    return quantize_site_linears(w, hess, mc, config, i, site, pre_steps, quantizer,
+                                                 pre_clock)
+
+                if h is not None:
+                    done = calibrate_layer(runner, w, mc, config, h, i, batch_size, quantize_site,
+                                           hessians=hessians_needed, propagate=not last)
+                    linears, key_mean, t_site = done.linears, done.key_mean, done.quantize_seconds
+                    reports.update(done.reports)
+                else:  # no calibration data: every site from its weights alone
+                    linears, rep = quantize_layer(w, {}, mc, config, i, pre_steps, quantizer,
+                                                  pre_clock)
+                    reports.update(rep)
+                    key_mean, t_site = None, time.perf_counter() - t
+                t_quant += t_site
+                t_calib += time.perf_counter() - t - t_site
+                stored = layer_tensors(w, linears, mc, i)
+                if config.centres_keys:
+                    stored[arch.key_offset(i)] = key_mean if key_mean is not None else \
+                        key_offset_from_bias(w.get(arch.bias(i, "k_proj")), mc, config.calib_seqlen,
+                                             config.rotates and config.r3)
+                store.save_layer(i, stored)
+            elif h is not None and not last:  # resumed: propagate through the stored layer
+                layer = layer_from_tensors(stored, mc, crossing, i, crossing_mode)
+                for s in range(0, h.shape[0], batch_size):
+                    runner.forward(layer, h[s:s + batch_size])
+                t_calib += time.perf_counter() - t
+            # drop the layer's float weights and quantized linears (with their cached dequantized
+            # weights) now: alive, they coexist with the next layer's and, after the last layer,
+            # with the final write
+            stored = w = linears = layer = done = None
+        timings.update(calibrate=t_calib, quantize=t_quant)
+
+        # 4. save: the fused, rotated global tensors (the LM head in 8 bits when asked: after R1
+        # and the final norm are fused into it)
+        del h
         t = time.perf_counter()
-        if stored is None:
-            w = fused_layer(ckpt, mc, i)
-            if config.rotates:
-                rot.rotate_layer(w, i, mc, r1=r1, r2=None if r2 is None else r2[i], r4=config.r4)
+        glob = global_tensors(ckpt, arch, r1)
+        if config.lm_head_bits == 8:
+            from ..quant.lm_head import store_lm_head
 
-            def quantize_site(site: str, hess: HessianAccumulator | None):
-                return quantize_site_linears(w, hess, mc, config, i, site, pre_steps, quantizer,
-                                             pre_clock)
-
-            if h is not None:
-                done = calibrate_layer(runner, w, mc, config, h, i, batch_size, quantize_site,
-                                       hessians=hessians_needed, propagate=not last)
-                linears, key_mean, t_site = done.linears, done.key_mean, done.quantize_seconds
-                reports.update(done.reports)
-            else:  # no calibration data: every site from its weights alone
-                linears, rep = quantize_layer(w, {}, mc, config, i, pre_steps, quantizer,
-                                              pre_clock)
-                reports.update(rep)
-                key_mean, t_site = None, time.perf_counter() - t
-            t_quant += t_site
-            t_calib += time.perf_counter() - t - t_site
-            stored = layer_tensors(w, linears, mc, i)
-            if config.centres_keys:
-                stored[arch.key_offset(i)] = key_mean if key_mean is not None else \
-                    key_offset_from_bias(w.get(arch.bias(i, "k_proj")), mc, config.calib_seqlen,
-                                         config.rotates and config.r3)
-            store.save_layer(i, stored)
-        elif h is not None and not last:  # resumed: propagate through the stored layer
-            layer = layer_from_tensors(stored, mc, crossing, i, crossing_mode)
-            for s in range(0, h.shape[0], batch_size):
-                runner.forward(layer, h[s:s + batch_size])
-            t_calib += time.perf_counter() - t
-        # drop the layer's float weights and quantized linears (with their cached dequantized
-        # weights) now: alive, they coexist with the next layer's and, after the last layer,
-        # with the final write
-        stored = w = linears = layer = done = None
-    timings.update(calibrate=t_calib, quantize=t_quant)
-
-    # 4. save: the fused, rotated global tensors (the LM head in 8 bits when asked: after R1
-    # and the final norm are fused into it)
-    del h
-    t = time.perf_counter()
-    glob = global_tensors(ckpt, arch, r1)
-    if config.lm_head_bits == 8:
-        from ..quant.lm_head import store_lm_head
-
-        store_lm_head(glob, arch.lm_head[0])
-    tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
-                           calibration=calib_record, reports=reports)
-    timings["write"] = time.perf_counter() - t
+            store_lm_head(glob, arch.lm_head[0])
+        tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
+                               calibration=calib_record, reports=reports)
+        timings["write"] = time.perf_counter() - t
     logger.info("quantized %s (%s) in %s%s", getattr(ckpt, "name", "?"), config.describe(),
                 ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
                 f" (pre-steps {pre_clock[0]:.1f}s of quantize)" if pre_steps else "")
