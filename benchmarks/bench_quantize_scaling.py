@@ -164,7 +164,7 @@ def main() -> int:
           f"{args.threads} threads"
           + (", freed memory held (both children)" if args.hold_freed_memory else
              ", freed memory returned (glibc's default)" if args.return_freed_memory else
-             , freed memory held by the quantization only (its default)"), flush=True)
+             ", freed memory held by the quantization only (its default)"), flush=True)
     res: dict[str, dict] = {}
     stages = [("forward", "forward"), ("quantize", "quantize")]
     stages += [("forward", "forward 2")] if args.bracket else []
