@@ -124,9 +124,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per eval window (2048)")
     p.add_argument("--hold-freed-memory", action="store_true",
                    help="glibc malloc keeps freed memory for reuse instead of unmapping it for "
-                        "the whole command (the --eval-windows evaluation and the write too, not "
-                        "only the rotations, layer loop and write, which hold it by default); freed "
-                        "memory stays with the process until it exits (offq.process)")
+                        "the whole command (the --eval-windows evaluation too, not only the "
+                        "quantization, which holds it by default); freed memory stays with the "
+                        "process until it exits (offq.process)")
     p.add_argument("--return-freed-memory", action="store_true",
                    help="glibc's usual malloc throughout: by default the quantization holds "
                         "freed memory from its rotations to its write, which spares each "
