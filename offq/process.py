@@ -8,10 +8,10 @@ product (``x @ W.T`` gives a new [tokens, out] array: 294 MB for Qwen2.5-1.5B's 
 2048 tokens), and the recipe adds Hessians (640 MB at K = 8960), GPTQ's float64 copies and the
 SwiGLU output. glibc serves blocks over 32 MB with ``mmap`` and returns them with ``munmap``, so
 every such block is page-faulted in again and each page zeroed first (a profile of ``offq
-quantize`` on Qwen2.5-1.5B: 9.6% of the samples in the kernel's ``clear_page_erms``). On a VM
-whose host takes freed guest pages back, a fresh page costs far more: ~11 s per GB on this
-project's 2-vCPU Firecracker machines (a 294 MB copy into fresh pages took 3.2 s, into pages
-freed a moment before 0.06 s). Kept in the heap, freed blocks are reused without faults:
+quantize`` on Qwen2.5-1.5B: 9.6% of the samples in the kernel's ``clear_page_erms``). On this
+project's 2-vCPU Firecracker VMs a fresh page costs far more, ~11 s per GB (a 294 MB copy into
+fresh pages took 3.2 s, into pages freed a moment before 0.06 s; likely the host taking freed
+guest pages back, not verified). Kept in the heap, freed blocks are reused without faults:
 OffQ + GPTQ on Qwen2.5-1.5B spent 36 s instead of 59 s per layer calibrating, 8 s instead of 13 s
 in GPTQ (README, "Quantization time"). The price: the heap's fragmentation can raise the peak,
 and memory freed inside the hold stays with the process until it ends (the scoped form gives it
