@@ -158,3 +158,23 @@ def test_quantize_holds_freed_memory_during_its_layer_loop(tmp_path: Path) -> No
     assert held_in < 20, runs
     assert plain_in > 5 * max(held_in, 10) and held_after > 5 * max(held_in, 10), runs
     assert held_digest == plain_digest
+
+
+@pytest.mark.parametrize("flag, held", [((), True), (("--return-freed-memory",), False)])
+def test_quantize_command_passes_the_hold(tmp_path: Path, monkeypatch, flag, held) -> None:
+    """``offq quantize`` holds freed memory during the quantization unless
+    ``--return-freed-memory`` (the recipe is run for real, its argument recorded on the way)."""
+    import offq.recipe.pipeline as pipeline
+    from offq.cli import main
+
+    seen = []
+    run = pipeline.quantize
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["hold_freed_memory"])
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "quantize", recording)
+    rc = main(["quantize", "smollm2-135m", "--method", "rtn", "--threads", "1", "--quiet",
+               "--out", str(tmp_path / "q"), *flag])
+    assert rc == 0 and seen == [held]
