@@ -13,27 +13,41 @@ import pytest
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt is glibc's")
 
-FAULTS = """
-import resource, sys
+#: prepended to every child script: faults of ``cycles`` 100 MB blocks allocated, written and
+#: freed, after one more that may fault in either way (it may grow the heap)
+CYCLE_FAULTS = """
+import resource
 import numpy as np
+
+def cycle_faults(cycles=4):
+    a = np.ones(25_000_000, np.float32); del a
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(cycles):
+        a = np.ones(25_000_000, np.float32)
+        del a
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+"""
+
+FAULTS = """
+import sys
 if sys.argv[1] == "hold":
     from offq.process import hold_freed_memory
     assert hold_freed_memory()
-a = np.ones(25_000_000, np.float32); del a  # the first 100 MB faults in either way
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):  # 8 x 100 MB, allocated, written and freed
-    a = np.ones(25_000_000, np.float32)
-    del a
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(cycle_faults(8))
 """
 
 
-def faults(mode: str, cwd: Path) -> int:
-    # cwd: not the checkout, since `-c` puts the cwd first on sys.path (the installed offq runs)
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
-                         timeout=120, stdin=subprocess.DEVNULL, cwd=cwd)
+def run_child(script: str, arg: str, cwd: Path, timeout: int = 120) -> list[str]:
+    """The words ``script`` (after CYCLE_FAULTS) prints in a fresh interpreter given ``arg``.
+    cwd: not the checkout, since `-c` puts the cwd first on sys.path (the installed offq runs)."""
+    out = subprocess.run([sys.executable, "-c", CYCLE_FAULTS + script, arg], capture_output=True,
+                         text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
     assert out.returncode == 0, out.stderr[-2000:]
-    return int(out.stdout.strip())
+    return out.stdout.split()
+
+
+def faults(mode: str, cwd: Path) -> int:
+    return int(run_child(FAULTS, mode, cwd)[-1])
 
 
 def test_freed_arrays_are_reused_without_page_faults(tmp_path: Path) -> None:
@@ -49,35 +63,18 @@ def test_quantize_flag_applies_it(tmp_path) -> None:
     process: RTN on the default model, then a 100 MB block freed and allocated again faults in
     nothing; without the flag it faults in ~25k pages, or ~50 huge ones)."""
     code = f"""
-import resource
-import numpy as np
 from offq.cli import main
 rc = main(["quantize", "smollm2-135m", "--method", "rtn", "--threads", "1", "--quiet",
            "--out", {str(tmp_path / "q")!r}, "--hold-freed-memory"])
-a = np.ones(25_000_000, np.float32); del a
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-a = np.ones(25_000_000, np.float32); del a
-print(rc, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(rc, cycle_faults(1))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=600, stdin=subprocess.DEVNULL, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rc, faulted = map(int, out.stdout.split()[-2:])
+    rc, faulted = map(int, run_child(code, "", tmp_path, timeout=600)[-2:])
     assert rc == 0 and faulted < 20, (rc, faulted)
 
 
 SCOPED = """
-import resource, sys
-import numpy as np
+import sys
 from offq.process import freed_memory_held, hold_freed_memory
-
-def cycle_faults():
-    a = np.ones(25_000_000, np.float32); del a  # the first may fault in either way
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):  # 100 MB, allocated, written and freed
-        a = np.ones(25_000_000, np.float32)
-        del a
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 if sys.argv[1] == "for-good":
     assert hold_freed_memory()
@@ -95,31 +92,17 @@ def test_scoped_hold_reuses_inside_and_returns_on_leaving(tmp_path: Path) -> Non
     """Inside ``freed_memory_held`` (and after a nested scope ends) freed 100 MB blocks come back
     without faults; after the outermost scope glibc maps and unmaps them again (each cycle
     faults its pages in: ~25k small or ~50 huge), unless ``hold_freed_memory`` holds for good."""
-    out = subprocess.run([sys.executable, "-c", SCOPED, "scoped"], capture_output=True,
-                         text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    inside, after = map(int, out.stdout.split())
+    inside, after = map(int, run_child(SCOPED, "scoped", tmp_path))
     assert inside < 20 and after > 5 * max(inside, 10), (inside, after)
-    out = subprocess.run([sys.executable, "-c", SCOPED, "for-good"], capture_output=True,
-                         text=True, timeout=120, stdin=subprocess.DEVNULL, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
-    inside, after = map(int, out.stdout.split())
+    inside, after = map(int, run_child(SCOPED, "for-good", tmp_path))
     assert inside < 20 and after < 20, (inside, after)
 
 
 QUANTIZE = """
-import hashlib, resource, sys
-import numpy as np
+import hashlib, sys
 import offq
 import offq.recipe.pipeline as pipeline
 from offq.config import QuantConfig
-
-def cycle_faults():
-    a = np.ones(25_000_000, np.float32); del a  # the first may grow the heap
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):
-        a = np.ones(25_000_000, np.float32); del a
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 inside = []
 calibrate_layer = pipeline.calibrate_layer
@@ -148,10 +131,7 @@ def test_quantize_holds_freed_memory_during_its_layer_loop(tmp_path: Path) -> No
     kernel or recipe step that read uninitialised memory would tell them apart)."""
     runs = {}
     for mode in ("hold", "return"):
-        out = subprocess.run([sys.executable, "-c", QUANTIZE, mode], capture_output=True,
-                             text=True, timeout=900, stdin=subprocess.DEVNULL, cwd=tmp_path)
-        assert out.returncode == 0, out.stderr[-2000:]
-        inside, after, digest = out.stdout.split()[-3:]
+        inside, after, digest = run_child(QUANTIZE, mode, tmp_path, timeout=900)[-3:]
         runs[mode] = (int(inside), int(after), digest)
     (held_in, held_after, held_digest), (plain_in, plain_after, plain_digest) = \
         runs["hold"], runs["return"]
