@@ -46,9 +46,10 @@ def _add_model_and_threads(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     _add_model_and_threads(p)
-    p.add_argument("--mode", choices=("real", "fake", "fused"), default="real",
-                   help="offq checkpoints: real 4-bit kernels sequenced by NumPy (default), fused (every "
-                        "layer of a step in one C call; W4A4KV4 only) or float32 simulation")
+    p.add_argument("--mode", choices=("auto", "real", "fake", "fused"), default="auto",
+                   help="offq checkpoints: auto (default: fused where the checkpoint is W4A4KV4, "
+                        "else real), real (4-bit kernels sequenced by NumPy), fused (every layer "
+                        "of a step in one C call; W4A4KV4 only) or fake (float32 simulation)")
 
 
 def _set_threads(n: int | None) -> None:
@@ -257,7 +258,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                     "shipped with offq, unless --dataset names a file).",
         epilog="examples:\n"
                "  offq eval smollm2-135m --max-windows 4            # FP32\n"
-               "  offq eval runs/smollm2-offq --max-windows 4       # real 4-bit kernels\n"
+               "  offq eval runs/smollm2-offq --max-windows 4       # real 4-bit kernels (auto)\n"
                "  offq eval runs/smollm2-offq --mode fake --json    # float32 simulation\n"
                "  offq eval model.gguf --dataset my_text.txt --seqlen 1024")
     _add_common(p)
@@ -297,7 +298,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
         "generate", help="continue a prompt (greedy by default)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Continue a prompt token by token with the KV cache (an offq checkpoint "
-                    "runs on the real 4-bit kernels, its cache stored in 4 bits).",
+                    "runs on the real 4-bit kernels, its cache stored in 4 bits; a W4A4KV4 one "
+                    "on the fused C decoder unless --mode says otherwise).",
         epilog="examples:\n"
                "  offq generate runs/smollm2-offq --prompt 'The capital of France is'\n"
                "  offq generate smollm2-135m --prompt 'Once upon a time' --temperature 0.8 "

@@ -98,27 +98,29 @@ def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model,
 
     A path to an offq checkpoint directory (quantized), or to a GPTQ-layout directory
     (``offq.formats.gptq_export``), is run by ``offq.quant.assemble.load_quantized`` with the
-    real W4A4 kernels (``mode="real"``) or simulated in float32 (``mode="fake"``); anything else
-    is opened by ``offq.formats.open_checkpoint`` and runs in float32. ``kwargs`` go to
-    ``Model.from_checkpoint``.
+    real W4A4 kernels (``mode="real"``), on the fused C decoder (``"fused"``; ``"auto"`` takes it
+    where the checkpoint qualifies, else "real") or simulated in float32 (``mode="fake"``);
+    anything else is opened by ``offq.formats.open_checkpoint`` and runs in float32. ``kwargs``
+    go to ``Model.from_checkpoint``.
     """
     if isinstance(model, Model):
         return model, model.tokenizer
     if isinstance(model, (str, os.PathLike)):
         from .formats.checkpoint import is_offq_checkpoint
-        from .quant.assemble import load_quantized
+        from .quant.assemble import load_quantized, resolved_mode
         from .formats.gptq_export import is_gptq_export, load_gptq_export
         if is_offq_checkpoint(model) or is_gptq_export(model):
             load = load_quantized if is_offq_checkpoint(model) else load_gptq_export
             m, tok, qcfg = load(model, mode=mode)
             m.tokenizer = tok
-            m.method = (f"{qcfg.describe()} ({mode})" if load is load_quantized else
+            taken = resolved_mode(m, mode)
+            m.method = (f"{qcfg.describe()} ({taken})" if load is load_quantized else
                         f"gptq-format export W{qcfg.w_bits} group {qcfg.w_group_size} "
-                        f"{'sym' if qcfg.w_symmetric else 'asym'} ({mode})")
+                        f"{'sym' if qcfg.w_symmetric else 'asym'} ({taken})")
             return m, tok
         from .formats import open_checkpoint
         model = open_checkpoint(model)
-    if mode != "real":  # "real" is the default; a float model has no other path to choose
+    if mode not in ("real", "auto"):  # a float model has no other path to choose
         log.warning("mode=%r ignored: %s is a float model, which runs in float32", mode,
                        getattr(model, "name", "the model"))
     m = Model.from_checkpoint(model, **kwargs)

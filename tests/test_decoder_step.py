@@ -21,7 +21,7 @@ from offq.kernels.decoder import decoder_forward, decoder_plan, decoder_scratch_
 from offq.quant.fused import FusedDecoder
 from offq.recipe import pipeline
 from simd_cap import outputs_by_cap
-from tiny_models import calibration, tiny_checkpoint, token_ids
+from tiny_models import calibration, tiny_checkpoint, token_ids, write_word_tokenizer
 
 SIMD = _C.simd_info()
 KERNELS = ["generic"] + (["avx2"] if SIMD["avx2"] else []) + (["vnni"] if SIMD["avx512_vnni"] else [])
@@ -92,6 +92,52 @@ def test_c_prefill_equals_c_decode_bit_for_bit(quantized, kernel):
     chunks = np.concatenate([fd.run(real.embed(ids[:, t:t + 3])[0], cache)
                              for t in range(0, 40, 3)])
     np.testing.assert_array_equal(chunks, prompt)
+
+
+def test_auto_mode_runs_w4a4kv4_checkpoints_on_the_c_decoder(quantized, tmp_path, capsys):
+    """`offq eval` and `offq generate` default to mode "auto": a W4A4KV4 checkpoint runs on the
+    fused C decoder, whose perplexity is the real path's bit for bit (its prompts take the NumPy
+    path) and whose generation is `--mode fused`'s; a streamed model, or one the C decoder cannot
+    run (here the same weights with 8-bit activations and KV), stays on the real path."""
+    import json
+
+    from offq.cli import main
+    from offq.quant.assemble import load_quantized, resolved_mode
+
+    ckpt_dir = quantized.save(tmp_path / "ckpt")
+    write_word_tokenizer(ckpt_dir, quantized.model("real").config.vocab_size)
+    model, _, _ = load_quantized(ckpt_dir, mode="auto")
+    assert model.fused_runner is not None and resolved_mode(model, "auto") == "fused"
+    streamed, _, _ = load_quantized(ckpt_dir, mode="auto", resident=False)
+    assert streamed.fused_runner is None and resolved_mode(streamed, "auto") == "real"
+
+    text = tmp_path / "text.txt"
+    ids = np.random.default_rng(3).integers(3, model.config.vocab_size, size=80)
+    text.write_text(" ".join(f"w{i}" for i in ids), encoding="utf-8")
+    evals = {}
+    for mode in (None, "real"):
+        argv = ["eval", str(ckpt_dir), "--dataset", str(text), "--seqlen", "24", "--json",
+                "--quiet"] + ([] if mode is None else ["--mode", mode])
+        assert main(argv) == 0
+        evals[mode] = json.loads(capsys.readouterr().out)
+    assert evals[None]["method"].endswith("(fused)") and evals["real"]["method"].endswith("(real)")
+    assert evals[None]["nll"] == evals["real"]["nll"]
+    outs = {}
+    for mode in (None, "fused"):
+        argv = ["generate", str(ckpt_dir), "--prompt", "w3 w4 w5 w6 w7 w8 w9 w10 w11 w12",
+                "--max-new-tokens", "6", "--quiet"] + ([] if mode is None else ["--mode", mode])
+        assert main(argv) == 0
+        outs[mode] = capsys.readouterr().out
+    assert outs[None] == outs["fused"] and outs[None].startswith("w3 w4 w5")
+
+    cfg_file = ckpt_dir / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["offq"]["quant_config"].update(a_bits=8, kv_bits=8)
+    cfg_file.write_text(json.dumps(cfg))
+    model8, _, _ = load_quantized(ckpt_dir, mode="auto")
+    assert model8.fused_runner is None and resolved_mode(model8, "auto") == "real"
+    with pytest.raises(ValueError, match="layer 0"):  # asked for by name, it is refused
+        load_quantized(ckpt_dir, mode="fused")
 
 
 def test_numpy_prefill_then_c_decode(quantized):

@@ -15,6 +15,7 @@ from offq.cli import main
 from offq.eval import make_windows, perplexity, resolve_dataset
 from offq.model import DenseLinear, Model
 from offq.model.config import ModelConfig
+from tiny_models import write_word_tokenizer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,18 +143,13 @@ def test_default_model_generates_greedily(smollm) -> None:
 
 def write_tiny_hf_dir(directory, model: Model) -> None:
     """A HF checkpoint directory (config.json, model.safetensors, word-level tokenizer.json)."""
-    import tokenizers
-
     from offq.formats.safetensors import SafetensorsWriter
     from offq.model.arch import architecture_of
 
     cfg = model.config
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg.to_hf()))
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, cfg.vocab_size)}}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.save(str(directory / "tokenizer.json"))
+    write_word_tokenizer(directory, cfg.vocab_size)
     with SafetensorsWriter(directory / "model.safetensors") as w:
         w.add("model.embed_tokens.weight", model.embed_tokens)
         w.add("model.norm.weight", model.final_norm)

@@ -91,3 +91,14 @@ def with_source_id(ckpt):
 
     ckpt.source_id = source_id
     return ckpt
+
+
+def write_word_tokenizer(directory, vocab_size):
+    """A word-level tokenizer.json for a tiny model: ``<unk>``, ``<s>``, ``</s>``, then ``w3`` ..
+    ``w{vocab_size - 1}``, split on whitespace (text "w3 w4 w5" encodes to ids 3, 4, 5)."""
+    import tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(directory / "tokenizer.json"))
