@@ -7,8 +7,8 @@ on the values.
     python benchmarks/bench_calib_products.py [--threads 2] [--kernel auto|avx2|vnni|generic]
 
 Printed per site: sgemm seconds, quantize + W4A4 seconds and their ratio (best of 3 each), then
-the layer's totals, with the machine line. Where the time of the whole stage goes is in README,
-"Quantization time".
+the layer's totals, with the machine line. Where the time of the whole stage goes is in
+benchmarks/results_quantize_time.md.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@ Protocol: A [1, K] and W [N, K] are N(0, 1) float32 (seed 0); W 4-bit symmetric 
 ``--stream-mb`` are cycled through, so each call reads its weights from DRAM as a model's decode
 step does, not from L3. ``timing.timeit_interleaved`` alternates the two layouts run by run (best
 of 5 runs of >= 0.2 s each). Printed per shape and thread count: microseconds per product, GB/s of
-packed weights, and decode / row-major, a ratio the VM's drift mostly cancels from (it is how the
-README compares builds of the decode-layout kernel: run this once per build, alternated).
+packed weights, and decode / row-major, a ratio the VM's drift mostly cancels from (it is how
+benchmarks/results_speed.md compares builds of the decode-layout kernel: run this once per
+build, alternated).
 
     python benchmarks/bench_gemv_streamed.py                       # 16384 x 4096, 17920 x 1536
     python benchmarks/bench_gemv_streamed.py --shapes 4096x4096 --threads 2

@@ -13,9 +13,9 @@ project's 2-vCPU Firecracker VMs a fresh page costs far more, ~11 s per GB (a 29
 fresh pages took 3.2 s, into pages freed a moment before 0.06 s; likely the host taking freed
 guest pages back, not verified). Kept in the heap, freed blocks are reused without faults:
 OffQ + GPTQ on Qwen2.5-1.5B spent 36 s instead of 59 s per layer calibrating, 8 s instead of 13 s
-in GPTQ (README, "Quantization time"). The price: the heap's fragmentation can raise the peak,
-and memory freed inside the hold stays with the process until it ends (the scoped form gives it
-back on exit).
+in GPTQ (benchmarks/results_quantize_time.md). The price: the heap's fragmentation can raise
+the peak, and memory freed inside the hold stays with the process until it ends (the scoped
+form gives it back on exit).
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ it. Perplexity (a prompt per window) is then bit-identical to ``--mode real``, a
 the real path's speed. ``prefill="c"`` runs prompts through the C step too: one OpenMP team for
 the whole prompt and attention over the packed cache (8 keys per vector), faster than the NumPy
 path for prompts of a few hundred tokens on 2 threads, slower at 2048 (attention is quadratic
-and sgemm outruns it; README "Speed"), and a token gets the same numbers as when decoded alone.
+and sgemm outruns it; benchmarks/results_speed.md), and a token gets the same numbers as when
+decoded alone.
 
 Numerics of the C step: the quantizers, products, RoPE, Hadamard transforms and KV codes are the
 same float32 operations as the NumPy path; the RMSNorm sum of squares, the attention sums and exp
