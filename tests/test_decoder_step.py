@@ -95,10 +95,11 @@ def test_c_prefill_equals_c_decode_bit_for_bit(quantized, kernel):
 
 
 def test_auto_mode_runs_w4a4kv4_checkpoints_on_the_c_decoder(quantized, tmp_path, capsys):
-    """`offq eval` and `offq generate` default to mode "auto": a W4A4KV4 checkpoint runs on the
-    fused C decoder, whose perplexity is the real path's bit for bit (its prompts take the NumPy
-    path) and whose generation is `--mode fused`'s; a streamed model, or one the C decoder cannot
-    run (here the same weights with 8-bit activations and KV), stays on the real path."""
+    """`offq generate` defaults to mode "auto" (and `offq eval --mode auto` takes it): a W4A4KV4
+    checkpoint runs on the fused C decoder, whose perplexity is the real path's bit for bit (its
+    prompts take the NumPy path) and whose generation is `--mode fused`'s; a streamed model, or
+    one the C decoder cannot run (here the same weights with 8-bit activations and KV), stays on
+    the real path. `offq eval` defaults to "real" (the fused decoder would only add memory)."""
     import json
 
     from offq.cli import main
@@ -115,13 +116,13 @@ def test_auto_mode_runs_w4a4kv4_checkpoints_on_the_c_decoder(quantized, tmp_path
     ids = np.random.default_rng(3).integers(3, model.config.vocab_size, size=80)
     text.write_text(" ".join(f"w{i}" for i in ids), encoding="utf-8")
     evals = {}
-    for mode in (None, "real"):
+    for mode in (None, "auto"):
         argv = ["eval", str(ckpt_dir), "--dataset", str(text), "--seqlen", "24", "--json",
                 "--quiet"] + ([] if mode is None else ["--mode", mode])
         assert main(argv) == 0
         evals[mode] = json.loads(capsys.readouterr().out)
-    assert evals[None]["method"].endswith("(fused)") and evals["real"]["method"].endswith("(real)")
-    assert evals[None]["nll"] == evals["real"]["nll"]
+    assert evals["auto"]["method"].endswith("(fused)") and evals[None]["method"].endswith("(real)")
+    assert evals["auto"]["nll"] == evals[None]["nll"]
     outs = {}
     for mode in (None, "fused"):
         argv = ["generate", str(ckpt_dir), "--prompt", "w3 w4 w5 w6 w7 w8 w9 w10 w11 w12",
