@@ -76,7 +76,8 @@ def __getattr__(name: str):
 
 
 _SUBMODULES = ("data", "eval", "generate", "kernels", "model", "quant", "quantizers", "recipe",
-               "formats", "config", "cli", "api", "bench", "outliers", "plots", "progress")
+               "formats", "config", "cli", "api", "bench", "outliers", "plots", "progress",
+               "process")
 
 
 def __dir__() -> list[str]:
