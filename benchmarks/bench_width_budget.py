@@ -50,7 +50,12 @@ def main() -> int:
     p.add_argument("--max-windows", type=int, default=2)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default=",".join(r for r, _, _ in ROWS),
+                   help="comma-separated subset of the rows (default: all)")
     args = p.parse_args()
+    wanted = args.rows.split(",")
+    if unknown := [r for r in wanted if r not in {r for r, _, _ in ROWS}]:
+        p.error(f"--rows: unknown {unknown}; choose from {[r for r, _, _ in ROWS]}")
     offq.kernels.set_num_threads(args.threads)
     cfg = json.loads((args.ckpt / "config.json").read_text(encoding="utf-8"))["offq"]["quant_config"]
     if cfg.get("w_bits") != 4 or cfg.get("a_bits") != 4 or cfg.get("kv_bits") != 4:
@@ -70,7 +75,7 @@ def main() -> int:
         print(f"  FP32      ppl {results['FP32']:9.3f}", flush=True)
         del model
     with tempfile.TemporaryDirectory(prefix="offq-widths-") as tmp:
-        for name, a_bits, kv_bits in ROWS:
+        for name, a_bits, kv_bits in (r for r in ROWS if r[0] in wanted):
             d = Path(tmp) / name
             d.mkdir()
             model, tok = load_model(str(linked_checkpoint(args.ckpt, d, a_bits=a_bits,
@@ -82,10 +87,11 @@ def main() -> int:
             print(f"  {name:<9} ppl {results[name]:9.3f}  ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
     ref = results.get("FP32")
-    print("| row | ppl | vs W4A16KV8 |" + (" vs FP32 |" if ref else ""))
-    print("|---|---|---|" + ("---|" if ref else ""))
+    base = results.get("W4A16KV8")
+    print("| row | ppl |" + (" vs W4A16KV8 |" if base else "") + (" vs FP32 |" if ref else ""))
+    print("|---|---|" + ("---|" if base else "") + ("---|" if ref else ""))
     for name, ppl in results.items():
-        print(f"| {name} | {ppl:.3f} | {ppl / results['W4A16KV8']:.3f}x |"
+        print(f"| {name} | {ppl:.3f} |" + (f" {ppl / base:.3f}x |" if base else "")
               + (f" {ppl / ref:.3f}x |" if ref else ""))
     return 0
 
