@@ -13,8 +13,10 @@ can close at all). Rows, each the checkpoint's weights as stored:
   W4A4KV4   the checkpoint as it is
 
 and, with ``--fp MODEL`` (the float model the checkpoint came from), FP32 on the same windows.
-Everything runs the float32 simulation (``mode="fake"``), so the W4A4KV4 row is close to, not
-the same as, the real kernels' perplexity. The checkpoint is read through a temporary directory of
+Everything runs the float32 simulation (``mode="fake"``): linears with 4-bit inputs form their
+products with the W4A4 kernel's arithmetic (``GroupProduct``), so the W4A4KV4 row gives the real
+kernels' perplexity (34.829 against 34.83 on the Quick start checkpoint); linears with 8- or
+16-bit inputs run sgemm on the dequantized weights. The checkpoint is read through a temporary directory of
 links whose config.json carries each row's widths (as ``bench_site_sensitivity.py`` does).
 
     python benchmarks/bench_width_budget.py --ckpt runs/smollm2-offq --fp smollm2-135m
