@@ -192,6 +192,24 @@ def test_load_quantized_rejects_an_unknown_tensor(rtn_checkpoint, tmp_path):
         load_quantized(d)
 
 
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_activations_that_overflow_at_run_time_name_the_layer(rtn_checkpoint, tmp_path, mode):
+    """A quantized checkpoint whose layer-1 gate/up scales are finite but huge: silu(gate) * up
+    overflows to Inf, and the activation quantizer's refusal names layer 1 instead of only its
+    argument "x"."""
+    out, tensors, meta = rtn_checkpoint
+    bad = dict(tensors)
+    for lin in ("gate_proj", "up_proj"):
+        name = f"model.layers.1.mlp.{lin}.scales"
+        bad[name] = bad[name] * np.float32(1e30)
+    d = _with_tensors(out, tmp_path / "huge", bad, meta)
+    ids = list(range(3, 40))
+    offq.perplexity(out, ids, seqlen=16, max_windows=1, mode=mode, quiet=True)  # the original runs
+    with np.errstate(all="ignore"), pytest.raises(
+            ValueError, match=r"layer 1: its activations became NaN or Inf .* x: contains NaN"):
+        offq.perplexity(d, ids, seqlen=16, max_windows=1, mode=mode, quiet=True)
+
+
 # ============================================================================ 3. writing the directory
 class _Tok:
     """A stand-in tokenizer: ``save`` writes the two HF tokenizer files."""

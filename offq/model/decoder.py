@@ -129,6 +129,11 @@ class DecoderLayer:
         return n
 
 
+# the end of the ValueError a C kernel raises for a NaN or Inf in a float input
+# (csrc/python/bind_util.h, module.c)
+NONFINITE_KERNEL_INPUT = "contains NaN or Inf (needs finite values)"
+
+
 def _single_threaded_blas(method: Callable) -> Callable:
     """Run a forward entry point with BLAS single-threaded (offq parallelises it itself, see
     :mod:`offq.model.parallel`)."""
@@ -222,7 +227,19 @@ class LayerRunner:
         ``h`` is updated in place and returned. With ``cache``, the new keys/values are appended
         to it and attention reads everything cached (``start`` must equal ``cache.length``).
         ``capture(site, layer index, x)`` sees the input of every linear site on the way.
+        A ValueError of a kernel refusing non-finite activations is raised again naming the layer.
         """
+        try:
+            return self._forward(layer, h, start=start, cache=cache, capture=capture)
+        except ValueError as e:
+            if not str(e).endswith(NONFINITE_KERNEL_INPUT):
+                raise
+            raise ValueError(f"layer {layer.index}: its activations became NaN or Inf (the model "
+                             "computes non-finite values: NaN/Inf weights, or activations that "
+                             f"overflow float32); the kernel said: {e}") from e
+
+    def _forward(self, layer: DecoderLayer, h: np.ndarray, *, start: int,
+                 cache: LayerKVCache | None, capture: CaptureFn | None) -> np.ndarray:
         a = self.attention_input(layer, h)
         if capture is not None:
             _capture(capture, "attn_in", layer.index, a)
