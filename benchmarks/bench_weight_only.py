@@ -4,7 +4,7 @@ groups, symmetric or asymmetric, on one model.
 Protocol (printed with every row): WikiText-2 test (shipped in the package), tokenized once,
 non-overlapping windows of ``--seqlen`` tokens, first ``--max-windows``; mean token NLL,
 ppl = exp(mean). Calibration: ``--calib-samples`` x ``--calib-seqlen`` tokens of offq's default
-corpus (never the eval text), seed 0. Weight-only: ``--method gptq`` (no rotation), activations
+corpus (never the eval text), seed ``--calib-seed`` (0). Weight-only: ``--method gptq`` (no rotation), activations
 and KV in float (``a_bits = kv_bits = 16``); each row quantizes in memory and evaluates the
 dequantized float32 model. Group sizes that do not divide every input dimension (128 for
 SmolLM2's d = 576) are skipped with the reason.
@@ -12,6 +12,7 @@ SmolLM2's d = 576) are skipped with the reason.
     python benchmarks/bench_weight_only.py --quick                      # 8 x 512 calib, 2 windows
     python benchmarks/bench_weight_only.py --rows fp,gptq-w4-g64-asym --max-windows 8
     python benchmarks/bench_weight_only.py --grid                        # the OSAQ grid (see GRID)
+    python benchmarks/bench_weight_only.py --rows gptq-w4-ch-asym --calib-seed 1  # sampling noise
 
 Rows are named ``{rtn|gptq|osaq}-w{bits}-{ch|g64|g128}-{sym|asym}[-cdN]`` (``osaq`` = OSAQ +
 GPTQ; ``-cdN``: N coordinate-descent sweeps after GPTQ, OSAQ's +CD variant) or ``fp``;
@@ -95,6 +96,9 @@ def main() -> int:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--calib-seed", type=int, default=0,
+                   help="which calibration windows are drawn (rows at other seeds measure how "
+                        "much a row moves with its calibration sample)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="8 x 512 calibration, 2 windows")
     p.add_argument("--jsonl", type=Path,
@@ -125,10 +129,11 @@ def main() -> int:
         windows = eval_windows(ckpt.tokenizer, load_wikitext2_test(), args.seqlen,
                                args.max_windows, add_bos)
         calib = sample_calibration(ckpt.tokenizer, DEFAULT_CALIBRATION, n=calib_shape[0],
-                                   seqlen=calib_shape[1], seed=0, add_bos=add_bos)
+                                   seqlen=calib_shape[1], seed=args.calib_seed,
+                                   add_bos=add_bos)
         protocol = (f"model {args.model}; WikiText-2 test, seqlen {args.seqlen}, {len(windows)} "
                     f"windows, BOS {add_bos}; calibration {DEFAULT_CALIBRATION} "
-                    f"{calib_shape[0]} x {calib_shape[1]}, seed 0; weight-only, float "
+                    f"{calib_shape[0]} x {calib_shape[1]}, seed {args.calib_seed}; weight-only, float "
                     f"activations; threads {nthreads}")
         print(protocol, flush=True)
         for row, over in jobs:
