@@ -207,6 +207,31 @@ def test_reading_a_spoiled_export_names_what_is_wrong(export_dir, tmp_path, chan
         load_model(str(_spoiled(export_dir, tmp_path, change)), mode="fake")
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("group_size", [16], r"group_size \[16\]: expected -1 \(per output channel\) or a positive"),
+    ("group_size", "16", r"group_size '16': expected -1"),
+    ("group_size", 0, r"group_size 0: expected -1"),
+    ("group_size", True, r"group_size True: expected -1"),
+    ("bits", [4], r"bits \[4\] not in \(2, 3, 4, 8\)"),
+    ("bits", 4.0, r"bits 4.0 not in"),
+    ("sym", "false", r"sym 'false': expected true or false"),
+    ("checkpoint_format", ["gptq"], r"checkpoint_format \['gptq'\]; offq reads"),
+    ("checkpoint_format", {"a": 1}, r"checkpoint_format \{'a': 1\}; offq reads"),
+])
+def test_a_quantization_config_of_the_wrong_json_type_is_named(export_dir, tmp_path, key, value,
+                                                               match):
+    """Found by fuzzing the reader: a list where group_size or checkpoint_format belongs raised
+    TypeError (int() of a list; a list as a dict key); a string group size or sym was taken."""
+    from offq.eval import load_model
+
+    def edit(_):
+        cfg = json.loads((export_dir / "config.json").read_text())
+        cfg["quantization_config"][key] = value
+        return cfg
+    with pytest.raises(ValueError, match=match):
+        load_model(str(_spoiled(export_dir, tmp_path, edit)), mode="fake")
+
+
 def test_reading_an_export_with_fewer_layers_in_its_config_is_refused(export_dir, tmp_path):
     from offq.eval import load_model
 

@@ -222,6 +222,11 @@ def _check_gptq_parts(parts: dict[str, Any], where: str) -> None:
                              f"axes of {' or '.join(dtypes)}")
 
 
+def _is_int(v: Any) -> bool:
+    """A JSON integer (not a boolean, not a float)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def is_gptq_export(path: str | Path) -> bool:
     """Whether ``path`` is a directory whose config.json says ``quant_method: gptq``."""
     cfg = Path(path) / "config.json"
@@ -254,11 +259,18 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     q = raw.get("quantization_config") if isinstance(raw, dict) else None
     if not isinstance(q, dict):
         raise ValueError(f"{path / 'config.json'}: no 'quantization_config' object")
-    bits, group, sym = q.get("bits"), q.get("group_size", -1), bool(q.get("sym", True))
-    if bits not in GPTQ_BITS:
-        raise ValueError(f"{path}: quantization_config bits {bits!r} not in {GPTQ_BITS}")
+    bits, group, sym = q.get("bits"), q.get("group_size", -1), q.get("sym", True)
     fmt = q.get("checkpoint_format", "gptq")
-    if fmt not in ZERO_OFFSET:
+    # the JSON types first: a list or a string where a number belongs is a bad file, not a
+    # TypeError from deep inside (bool is an int to Python, but no bit width or group size)
+    if not _is_int(bits) or bits not in GPTQ_BITS:
+        raise ValueError(f"{path}: quantization_config bits {bits!r} not in {GPTQ_BITS}")
+    if not _is_int(group) or group != -1 and group <= 0:
+        raise ValueError(f"{path}: quantization_config group_size {group!r}: expected -1 (per "
+                         "output channel) or a positive integer")
+    if not isinstance(sym, bool):
+        raise ValueError(f"{path}: quantization_config sym {sym!r}: expected true or false")
+    if not isinstance(fmt, str) or fmt not in ZERO_OFFSET:
         raise ValueError(f"{path}: checkpoint_format {fmt!r}; offq reads {sorted(ZERO_OFFSET)}")
     try:
         mc = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "quantization_config"},
