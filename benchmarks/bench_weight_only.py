@@ -45,7 +45,7 @@ GRID = dict(osaq_gamma=(1e-4, 1e-5, 1e-6), osaq_tau_rel=(0.1,), osaq_mu1=(1e-2,)
             osaq_mu2=(100.0,), osaq_iters=(8, 1))
 
 
-def row_config(row: str, calib: tuple[int, int], osaq: dict) -> QuantConfig:
+def row_config(row: str, calib: tuple[int, int], osaq: dict, seed: int = 0) -> QuantConfig:
     """The QuantConfig of a row name (ValueError for an unknown name)."""
     if row == "fp":
         return QuantConfig(method="fp")
@@ -63,7 +63,7 @@ def row_config(row: str, calib: tuple[int, int], osaq: dict) -> QuantConfig:
                          f"{{ch|gNN}}-{{sym|asym}}[-cdN]") from None
     return QuantConfig(method="gptq", w_bits=w_bits, a_bits=16, kv_bits=16, w_quantizer=quantizer,
                        w_group_size=w_group, w_symmetric=symmetric, calib_samples=calib[0],
-                       calib_seqlen=calib[1], gptq_cd_sweeps=cd_sweeps,
+                       calib_seqlen=calib[1], seed=seed, gptq_cd_sweeps=cd_sweeps,
                        **(osaq if method == "osaq" else {}))
 
 
@@ -137,7 +137,7 @@ def main() -> int:
                     f"activations; threads {nthreads}")
         print(protocol, flush=True)
         for row, over in jobs:
-            cfg = row_config(row, calib_shape, over)
+            cfg = row_config(row, calib_shape, over, args.calib_seed)
             why = group_problem(cfg, ckpt.config)
             if why:
                 print(f"{row}: skipped ({why})", flush=True)
