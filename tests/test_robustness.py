@@ -2,8 +2,8 @@
 
 1. GPTQ damping retries (rank-deficient Hessians with ``gptq_damp = 0``; a warning names the layer
    and site) and a clear error for a Hessian that stays singular;
-2. NaN/Inf in weights, in calibration activations and in a stored checkpoint (and unknown tensors)
-   raise errors that name the tensor / layer / site;
+2. NaN/Inf in weights, in calibration activations, in run-time activations and in a stored
+   checkpoint (and unknown tensors) raise errors that name the tensor / layer / site;
 3. the checkpoint directory is written model first, config.json last, stale files removed and the
    directory fsync'd;
 4. ``--resume`` refuses a changed source model, batch size or offq version, and a stored layer
