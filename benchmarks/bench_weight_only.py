@@ -4,9 +4,9 @@ groups, symmetric or asymmetric, on one model.
 Protocol (printed with every row): WikiText-2 test (shipped in the package), tokenized once,
 non-overlapping windows of ``--seqlen`` tokens, first ``--max-windows``; mean token NLL,
 ppl = exp(mean). Calibration: ``--calib-samples`` x ``--calib-seqlen`` tokens of offq's default
-corpus (never the eval text), seed ``--calib-seed`` (0). Weight-only: ``--method gptq`` (no rotation), activations
-and KV in float (``a_bits = kv_bits = 16``); each row quantizes in memory and evaluates the
-dequantized float32 model. Group sizes that do not divide every input dimension (128 for
+corpus (never the eval text), drawn with ``--calib-seed`` (0). Weight-only: ``--method gptq`` (no
+rotation), activations and KV in float (``a_bits = kv_bits = 16``); each row quantizes in memory
+and evaluates the dequantized float32 model. Group sizes that do not divide every input dimension (128 for
 SmolLM2's d = 576) are skipped with the reason.
 
     python benchmarks/bench_weight_only.py --quick                      # 8 x 512 calib, 2 windows
@@ -133,8 +133,8 @@ def main() -> int:
                                    add_bos=add_bos)
         protocol = (f"model {args.model}; WikiText-2 test, seqlen {args.seqlen}, {len(windows)} "
                     f"windows, BOS {add_bos}; calibration {DEFAULT_CALIBRATION} "
-                    f"{calib_shape[0]} x {calib_shape[1]}, seed {args.calib_seed}; weight-only, float "
-                    f"activations; threads {nthreads}")
+                    f"{calib_shape[0]} x {calib_shape[1]}, seed {args.calib_seed}; weight-only, "
+                    f"float activations; threads {nthreads}")
         print(protocol, flush=True)
         for row, over in jobs:
             cfg = row_config(row, calib_shape, over, args.calib_seed)
