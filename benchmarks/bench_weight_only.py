@@ -6,8 +6,8 @@ non-overlapping windows of ``--seqlen`` tokens, first ``--max-windows``; mean to
 ppl = exp(mean). Calibration: ``--calib-samples`` x ``--calib-seqlen`` tokens of offq's default
 corpus (never the eval text), drawn with ``--calib-seed`` (0). Weight-only: ``--method gptq`` (no
 rotation), activations and KV in float (``a_bits = kv_bits = 16``); each row quantizes in memory
-and evaluates the dequantized float32 model. Group sizes that do not divide every input dimension (128 for
-SmolLM2's d = 576) are skipped with the reason.
+and evaluates the dequantized float32 model. Group sizes that do not divide every input
+dimension (128 for SmolLM2's d = 576) are skipped with the reason.
 
     python benchmarks/bench_weight_only.py --quick                      # 8 x 512 calib, 2 windows
     python benchmarks/bench_weight_only.py --rows fp,gptq-w4-g64-asym --max-windows 8

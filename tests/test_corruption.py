@@ -82,7 +82,10 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 
 def _json_slots(obj, path=()):
     """(path, value) of every value in a JSON document, nested ones included."""
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    if isinstance(obj, dict):
+        items = obj.items()
+    else:
+        items = enumerate(obj) if isinstance(obj, list) else ()
     for k, v in items:
         yield path + (k,), v
         yield from _json_slots(v, path + (k,))
@@ -126,7 +129,8 @@ def _spoil_bytes(data: bytes, rng: np.random.Generator) -> bytes:
             b[int(rng.integers(0, len(b)))] ^= 1 << int(rng.integers(0, 8))
     elif kind == 2:  # a boundary integer of 1, 2, 4 or 8 bytes (lengths, offsets, counts)
         width = [1, 2, 4, 8][int(rng.integers(0, 4))]
-        value = [0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 63, 2 ** 64 - 1][int(rng.integers(0, 7))]
+        values = [0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 63, 2 ** 64 - 1]
+        value = values[int(rng.integers(0, len(values)))]
         at = int(rng.integers(0, max(1, len(b) - width)))
         b[at:at + width] = (value % 2 ** (8 * width)).to_bytes(width, "little")
     elif kind == 3:  # truncated
