@@ -208,13 +208,13 @@ def test_reading_a_spoiled_export_names_what_is_wrong(export_dir, tmp_path, chan
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("group_size", [16], r"group_size \[16\]: expected -1 \(per output channel\) or a positive"),
-    ("group_size", "16", r"group_size '16': expected -1"),
-    ("group_size", 0, r"group_size 0: expected -1"),
-    ("group_size", True, r"group_size True: expected -1"),
+    ("group_size", [16], r"w_group_size: expected -1 or a positive integer, got \[16\]"),
+    ("group_size", "16", r"w_group_size: expected -1 or a positive integer, got '16'"),
+    ("group_size", 0, r"w_group_size: expected -1 or a positive integer, got 0"),
+    ("group_size", True, r"w_group_size: expected -1 or a positive integer, got True"),
     ("bits", [4], r"bits \[4\] not in \(2, 3, 4, 8\)"),
-    ("bits", 4.0, r"bits 4.0 not in"),
-    ("sym", "false", r"sym 'false': expected true or false"),
+    ("bits", 4.0, r"w_bits: expected one of 2, 3, 4, 8 or 16 \(off\), got 4.0"),
+    ("sym", "false", r"w_symmetric: expected true or false, got 'false'"),
     ("checkpoint_format", ["gptq"], r"checkpoint_format \['gptq'\]; offq reads"),
     ("checkpoint_format", {"a": 1}, r"checkpoint_format \{'a': 1\}; offq reads"),
 ])

@@ -222,11 +222,6 @@ def _check_gptq_parts(parts: dict[str, Any], where: str) -> None:
                              f"axes of {' or '.join(dtypes)}")
 
 
-def _is_int(v: Any) -> bool:
-    """A JSON integer (not a boolean, not a float)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def is_gptq_export(path: str | Path) -> bool:
     """Whether ``path`` is a directory whose config.json says ``quant_method: gptq``."""
     cfg = Path(path) / "config.json"
@@ -261,25 +256,22 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
         raise ValueError(f"{path / 'config.json'}: no 'quantization_config' object")
     bits, group, sym = q.get("bits"), q.get("group_size", -1), q.get("sym", True)
     fmt = q.get("checkpoint_format", "gptq")
-    # the JSON types first: a list or a string where a number belongs is a bad file, not a
-    # TypeError from deep inside (bool is an int to Python, but no bit width or group size)
-    if not _is_int(bits) or bits not in GPTQ_BITS:
+    if bits not in GPTQ_BITS:
         raise ValueError(f"{path}: quantization_config bits {bits!r} not in {GPTQ_BITS}")
-    if not _is_int(group) or group != -1 and group <= 0:
-        raise ValueError(f"{path}: quantization_config group_size {group!r}: expected -1 (per "
-                         "output channel) or a positive integer")
-    if not isinstance(sym, bool):
-        raise ValueError(f"{path}: quantization_config sym {sym!r}: expected true or false")
-    if not isinstance(fmt, str) or fmt not in ZERO_OFFSET:
+    if not isinstance(fmt, str) or fmt not in ZERO_OFFSET:  # a list or object is no dict key
         raise ValueError(f"{path}: checkpoint_format {fmt!r}; offq reads {sorted(ZERO_OFFSET)}")
+    try:  # QuantConfig checks the JSON types and ranges (a list group_size, a string sym, ...)
+        qcfg = QuantConfig(method="gptq", w_bits=bits, a_bits=16, kv_bits=16,
+                           w_group_size=group, w_symmetric=sym, calib_samples=1, calib_seqlen=2)
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: quantization_config bits, group_size, sym "
+                         f"(offq's w_bits, w_group_size, w_symmetric): {e}") from e
     try:
         mc = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "quantization_config"},
                                  add_bos=raw.get("offq_add_bos"))
     except ValueError as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from e
     mc = mc.replace(tie_word_embeddings=False)
-    qcfg = QuantConfig(method="gptq", w_bits=int(bits), a_bits=16, kv_bits=16,
-                       w_group_size=int(group), w_symmetric=sym, calib_samples=1, calib_seqlen=2)
     arch = architecture_of(mc)
     stored, _ = load_safetensors(path / MODEL_FILE)
     tensors: dict[str, np.ndarray] = {}
@@ -296,8 +288,8 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
             _check_gptq_parts(parts, f"{path / MODEL_FILE}: {prefix}")
             scales = np.asarray(parts["scales"], np.float32)
             groups, n = scales.shape
-            k = parts["qweight"].shape[0] * 32 // int(bits)
-            g = k if group == -1 else int(group)
+            k = parts["qweight"].shape[0] * 32 // bits
+            g = k if group == -1 else group
             if g <= 0 or k % g or k // g != groups or parts["qzeros"].shape != (groups, n * bits // 32):
                 raise ValueError(f"{path / MODEL_FILE}: {prefix}: shapes qweight "
                                  f"{parts['qweight'].shape}, qzeros {parts['qzeros'].shape}, "
