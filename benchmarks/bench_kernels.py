@@ -1,6 +1,6 @@
 """Kernel benchmarks: every figure as a ratio against OpenBLAS/NumPy measured in the same run.
 
-Runs offq.bench's kernel modules (fwht, cov, matmul, matmul_wq; `offq bench --kernels` runs the same code)
+Runs offq.bench's kernel modules (fwht, cov, matmul, matmul_wq, matmul_i8; `offq bench --no-e2e` runs the same code)
 at 1 and 2 threads (one setting for offq's OpenMP, its OpenBLAS and NumPy's BLAS), prints a table
 and writes JSON; `--plot PNG` draws the speed-ups (matplotlib, the `plot` extra).
 

@@ -4,7 +4,7 @@ groups, symmetric or asymmetric, on one model.
 Protocol (printed with every row): WikiText-2 test (shipped in the package), tokenized once,
 non-overlapping windows of ``--seqlen`` tokens, first ``--max-windows``; mean token NLL,
 ppl = exp(mean). Calibration: ``--calib-samples`` x ``--calib-seqlen`` tokens of offq's default
-corpus (never the eval text), drawn with ``--calib-seed`` (0). Weight-only: ``--method gptq`` (no
+corpus (never the eval text), drawn with ``--calib-seed`` (0). Weight-only: ``method="gptq"`` (no
 rotation), activations and KV in float (``a_bits = kv_bits = 16``); each row quantizes in memory
 and evaluates the dequantized float32 model. Group sizes that do not divide every input
 dimension (128 for SmolLM2's d = 576) are skipped with the reason.

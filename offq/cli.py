@@ -12,7 +12,7 @@ values before calling library code; new subcommands register through ``add_<name
 Errors: one line on stderr, ``offq COMMAND: error: MESSAGE``, no traceback. Exit status 0 on
 success, 2 when the input is at fault (a bad flag or combination, a missing file, an unsupported
 architecture, a malformed checkpoint), 1 for a failure of the machine (I/O errors). ``--threads`` defaults to every core
-the process may use, for every subcommand.
+the process may use (``offq bench``: 1 and 2; ``offq export`` computes nothing and has none).
 """
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
   8 calibration sequences), R2 = per-head Hadamard,
   R3 (online Hadamard on Q/K after RoPE) and R4 (online Hadamard on the down_proj input) on;
 - calibration: 128 sequences x 2048 tokens, seed 0, carried through the quantized layers with
-  float activations (``calib_activations="quantized"``: rounded as at run time, on the real
-  W4A4 kernels);
+  float activations (``calib_activations="float"``; ``"quantized"`` rounds them as at run time
+  and runs the real W4A4 kernels);
 - GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128, no coordinate-descent
   sweeps after it (``gptq_cd_sweeps``, OSAQ's ``+CD`` variant: offq/quantizers/cd.py);
 - OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.1,

@@ -46,6 +46,6 @@ static PyObject *py_gguf_dequantize(PyObject *self, PyObject *args)
 PyMethodDef offq_gguf_methods[] = {
     {"gguf_dequantize", py_gguf_dequantize, METH_VARARGS,
      "gguf_dequantize(data, qtype) -> float32 [rows, values]: the values of GGUF blocks of type "
-     "Q4_0, Q4_1, Q8_0, Q4_K or Q6_K (see offq.kernels.gguf_dequantize)."},
+     "Q4_0, Q4_1, Q8_0, Q4_K or Q6_K (see offq.kernels.gguf.gguf_dequantize)."},
     {NULL, NULL, 0, NULL},
 };

@@ -384,7 +384,7 @@ static PyObject *py_tail_subspace(PyObject *self, PyObject *args)
 }
 
 /* factor_energies(u, scale, shift, w) -> float64 [n]: w_i h w_i^T from tail_subspace's factor
- * (see offq.kernels.factor_energies). */
+ * (see offq.kernels.TailFactor.energies). */
 static PyObject *py_factor_energies(PyObject *self, PyObject *args)
 {
     PyObject *u_obj, *scale_obj, *shift_obj, *w_obj;
@@ -445,7 +445,7 @@ PyMethodDef offq_linalg_methods[] = {
      "(see offq.kernels.tail_subspace)."},
     {"factor_energies", (PyCFunction)py_factor_energies, METH_VARARGS,
      "factor_energies(u, scale, shift, w) -> float64 [n]: w_i h w_i^T for the rows of w from "
-     "tail_subspace's factor (see offq.kernels.factor_energies)."},
+     "tail_subspace's factor (see offq.kernels.TailFactor.energies)."},
     {"upper_cholesky_of_inverse", (PyCFunction)(void (*)(void))py_upper_cholesky_of_inverse,
      METH_VARARGS | METH_KEYWORDS,
      "upper_cholesky_of_inverse(h, add, perm=None, diag=None) -> u [k, k] float64 upper with "

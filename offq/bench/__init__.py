@@ -2,7 +2,7 @@
 
 - :mod:`offq.bench.kernels`: each C kernel as a ratio against OpenBLAS/NumPy in the same run
   (modules :mod:`~offq.bench.fwht`, :mod:`~offq.bench.cov`, :mod:`~offq.bench.matmul`,
-  :mod:`~offq.bench.matmul_wq`, timing
+  :mod:`~offq.bench.matmul_wq`, :mod:`~offq.bench.matmul_i8`, timing
   helpers in :mod:`~offq.bench.timing`);
 - :mod:`offq.bench.e2e`: prompt-processing and generation tokens/s of a model, FP32 vs W4A4KV4
   (plus llama.cpp when a ``llama-bench`` binary is given);

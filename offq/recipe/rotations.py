@@ -126,7 +126,9 @@ def pca_basis(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"cov: expected a square matrix, got shape {c.shape}")
     if not np.all(np.isfinite(c)):
         raise ValueError("cov: contains NaN or Inf")
-    with threadpool_limits(limits=1, user_api="blas"):  # see offq/quantizers/gptq.py
+    # one BLAS thread: OpenBLAS workers spin-wait badly on a busy 2-core machine (2 threads ran
+    # slower than 1 there), and this [K, K] eigh is a small part of the work
+    with threadpool_limits(limits=1, user_api="blas"):
         vals, vecs = np.linalg.eigh((c + c.T) / 2)
     order = np.argsort(-vals, kind="stable")
     vals, vecs = vals[order], vecs[:, order]
