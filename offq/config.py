@@ -17,7 +17,7 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
   and runs the real W4A4 kernels);
 - GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128, no coordinate-descent
   sweeps after it (``gptq_cd_sweeps``, OSAQ's ``+CD`` variant: offq/quantizers/cd.py);
-- OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.1,
+- OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.03,
   mu1 1e-2, mu2 100 (both relative), one solve round (see offq/quantizers/osaq.py).
 
 docs/METHODS.md lists every field with its flag and the reasoning behind each default.
@@ -118,7 +118,7 @@ class QuantConfig:
     gptq_cd_sweeps: int = 0  # coordinate-descent re-quantization sweeps after GPTQ (+CD)
     # --- OSAQ ---
     osaq_gamma: float = 1e-4
-    osaq_tau_rel: float = 0.1
+    osaq_tau_rel: float = 0.03
     osaq_mu1: float = 1e-2
     osaq_mu2: float = 100.0
     osaq_iters: int = 1  # solve rounds (Lawson reweighting between them)

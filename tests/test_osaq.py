@@ -103,7 +103,9 @@ def test_output_change_within_bound_and_no_row_max_grows(heavy_layer):
 @pytest.mark.parametrize("bits,group", [(3, -1), (2, 32)])
 def test_osaq_then_gptq_not_worse_than_gptq_on_held_out(heavy_layer, bits, group):
     """GPTQ + OSAQ output error <= GPTQ's on held-out inputs of the planted-outlier layer
-    (measured: W3 0.0114 -> 0.0100, W2 g32 0.0174 -> 0.0137; the landed code: 0.0148, 0.0181)."""
+    (measured: W3 0.0114 -> 0.0092, W2 g32 0.0174 -> 0.0157 at tau_rel 0.03, the default since the
+    grid of benchmarks/bench_osaq_grid.py; 0.0099 and 0.0138 at 0.1; the landed code: 0.0148,
+    0.0181)."""
     _, held_out, w, h = heavy_layer
     new, _ = osaq_absorb(w, h)
     plain = gptq_quantize(w, h, bits=bits, group_size=group, symmetric=False)

@@ -217,7 +217,7 @@ def _row_chunk(n_rows: int, m: int, k: int, max_bytes: int) -> int:
     return int(max(1, min(n_rows, max_bytes // max(per_row, 1))))
 
 
-def osaq_absorb(w: np.ndarray, hessian: np.ndarray, *, gamma: float = 1e-4, tau_rel: float = 0.1,
+def osaq_absorb(w: np.ndarray, hessian: np.ndarray, *, gamma: float = 1e-4, tau_rel: float = 0.03,
                 mu1: float = 1e-2, mu2: float = 100.0, iters: int = 1,
                 tail: np.ndarray | HessianTail | None = None,
                 max_bytes: int = MAX_BYTES) -> tuple[np.ndarray, OsaqReport]:
@@ -330,7 +330,7 @@ class OSAQ(PreStep):
     """OSAQ behind the pre-step interface: ``prepare`` computes the site's Hessian tail once."""
 
     gamma: float = 1e-4
-    tau_rel: float = 0.1
+    tau_rel: float = 0.03  # from the grid: benchmarks/bench_osaq_grid.py
     mu1: float = 1e-2
     mu2: float = 100.0
     iters: int = 1
