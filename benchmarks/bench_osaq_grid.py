@@ -95,12 +95,13 @@ def main() -> int:
 
     import offq
     from offq.bench.machine import describe_machine
+    from offq.bench.site_hessians import site_hessians
     from offq.data import (DEFAULT_CALIBRATION, load_wikitext2_test, sample_calibration,
                            token_windows, tokenize_text)
     from offq.kernels import threads
     from offq.model import Model
     from offq.model.arch import architecture_of
-    from offq.quantizers.gptq import GPTQ, HessianAccumulator
+    from offq.quantizers.gptq import GPTQ
     from offq.quantizers.osaq import OSAQ
 
     layers = [int(s) for s in args.layers.split(",") if s.strip()]
@@ -112,21 +113,11 @@ def main() -> int:
     with threads(args.threads), offq.load(args.model) as ckpt:
         model = Model.from_checkpoint(ckpt)
         arch = architecture_of(ckpt.config)
-        bad = [i for i in layers if not 0 <= i < model.num_layers]
-        if bad:
-            raise SystemExit(f"--layers: {bad} outside 0..{model.num_layers - 1}")
-
         def hessians(ids: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
-            accs: dict[tuple[str, int], HessianAccumulator] = {}
-
-            def capture(site: str, i: int, x: np.ndarray) -> None:
-                if i in layers:
-                    acc = accs.setdefault((site, i), HessianAccumulator(x.shape[-1]))
-                    acc.update(x.reshape(-1, x.shape[-1]))
-
-            for r in range(ids.shape[0]):
-                model.hidden_states(ids[r:r + 1], capture=capture)
-            return {key: acc.hessian for key, acc in accs.items()}
+            try:
+                return site_hessians(model, ids, layers)
+            except ValueError as e:
+                raise SystemExit(f"--{e}") from None
 
         text = tokenize_text(ckpt.tokenizer, load_wikitext2_test())
         held = token_windows(text, len_held)[:n_held]
