@@ -93,14 +93,11 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None, help="also write JSON lines here")
     args = p.parse_args()
 
-    import offq
     from offq.bench.machine import describe_machine
-    from offq.bench.site_hessians import site_hessians
+    from offq.bench.site_hessians import float_model_sites
     from offq.data import (DEFAULT_CALIBRATION, load_wikitext2_test, sample_calibration,
                            token_windows, tokenize_text)
     from offq.kernels import threads
-    from offq.model import Model
-    from offq.model.arch import architecture_of
     from offq.quantizers.gptq import GPTQ
     from offq.quantizers.osaq import OSAQ
 
@@ -110,15 +107,7 @@ def main() -> int:
     settings = parse_grid(args.grid)
     weights = parse_weights(args.weights)
     rows: list[dict] = []
-    with threads(args.threads), offq.load(args.model) as ckpt:
-        model = Model.from_checkpoint(ckpt)
-        arch = architecture_of(ckpt.config)
-        def hessians(ids: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
-            try:
-                return site_hessians(model, ids, layers)
-            except ValueError as e:
-                raise SystemExit(f"--{e}") from None
-
+    with threads(args.threads), float_model_sites(args.model, layers) as (ckpt, arch, hessians):
         text = tokenize_text(ckpt.tokenizer, load_wikitext2_test())
         held = token_windows(text, len_held)[:n_held]
         cal = sample_calibration(ckpt.tokenizer, DEFAULT_CALIBRATION, n=n_cal, seqlen=len_cal,
@@ -193,4 +182,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from offq.bench.site_hessians import run_main
+
+    run_main(main)

@@ -39,28 +39,17 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
 
-    import offq
     from offq.bench.machine import describe_machine
-    from offq.bench.site_hessians import site_hessians
+    from offq.bench.site_hessians import float_model_sites
     from offq.data import (DEFAULT_CALIBRATION, load_wikitext2_test, sample_calibration,
                            token_windows, tokenize_text)
     from offq.kernels import threads
-    from offq.model import Model
-    from offq.model.arch import architecture_of
     from offq.quantizers.osaq import OSAQ
 
     layers = [int(s) for s in args.layers.split(",") if s.strip()]
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.calib.split(",") if s]
     osaq = OSAQ() if args.gamma is None else OSAQ(gamma=args.gamma)
-    with threads(args.threads), offq.load(args.model) as ckpt:
-        model = Model.from_checkpoint(ckpt)
-        arch = architecture_of(ckpt.config)
-        def hessians(ids: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
-            try:
-                return site_hessians(model, ids, layers)
-            except ValueError as e:
-                raise SystemExit(f"--{e}") from None
-
+    with threads(args.threads), float_model_sites(args.model, layers) as (ckpt, arch, hessians):
         text = tokenize_text(ckpt.tokenizer, load_wikitext2_test())
         held = token_windows(text, args.heldout_seqlen)[:args.heldout_windows]
         print(f"model {args.model}; OSAQ gamma {osaq.gamma} (bound sqrt(gamma) = "
@@ -99,4 +88,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from offq.bench.site_hessians import run_main
+
+    run_main(main)
