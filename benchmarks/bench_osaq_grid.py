@@ -16,11 +16,15 @@ activations each linear reads), calibration ``--calib`` of offq's default corpus
 ``--calib-seed``), held-out = the first ``--heldout`` windows of the WikiText-2 test set shipped
 with offq; GPTQ act-order, damp 0.01, asymmetric grids with the MSE clip search, per site on the
 stacked linears as the quantize loop runs it; OSAQ's other parameters at offq's defaults. The
-grid varies one parameter at a time around the defaults (``--grid`` replaces it). Per setting
+grid varies one parameter at a time around the defaults (``--grid`` replaces it; ``--base``
+moves its centre: ``--base "tau_rel=0.1"`` is the centre of the grid that chose tau_rel 0.03,
+benchmarks/results_weight_only.md). Per setting
 and weight grid: the geometric mean over linears of the held-out and calibration ratios, the
 worst linear, and how many linears improved.
 
     python benchmarks/bench_osaq_grid.py                         # ~10 min, SmolLM2-135M, 2 threads
+    python benchmarks/bench_osaq_grid.py --base "tau_rel=0.1" \
+        --grid "gamma=1e-5,1e-3;tau_rel=0.03,0.3,1;mu1=1e-3,1e-1,1;mu2=0,1,1e4"   # that grid
     python benchmarks/bench_osaq_grid.py --layers 0,15 --weights w2-g64 \\
         --grid "gamma=1e-5,1e-4;mu1=1e-2,1" --out grid.jsonl
 """
@@ -41,24 +45,36 @@ DEFAULT_GRID = "gamma=1e-5,1e-3;tau_rel=0.01,0.1,0.3,1;mu1=1e-3,1e-1,1;mu2=0,1,1
 DEFAULT_WEIGHTS = "w3-ch,w2-g64"  # the issue's W3 per channel and W2 g64
 
 
-def parse_grid(spec: str) -> list[dict[str, float]]:
-    """``"gamma=1e-5,1e-4;mu1=1"`` -> the default setting ({}) then one setting per value, each
-    changing one parameter (values equal to the default are skipped: the default is first)."""
-    from offq.quantizers.osaq import OSAQ
+PARAMETERS = ("gamma", "tau_rel", "mu1", "mu2")
 
-    defaults = OSAQ()
-    settings: list[dict[str, float]] = [{}]
+
+def parse_assignments(spec: str, flag: str) -> dict[str, list[float]]:
+    """``"gamma=1e-5,1e-4;mu1=1"`` -> {"gamma": [1e-5, 1e-4], "mu1": [1.0]}."""
+    out: dict[str, list[float]] = {}
     for part in spec.split(";"):
         if not part.strip():
             continue
         name, _, values = part.partition("=")
         name = name.strip()
-        if name not in ("gamma", "tau_rel", "mu1", "mu2"):
-            raise SystemExit(f"--grid: unknown parameter {name!r} (gamma, tau_rel, mu1, mu2)")
-        for v in values.split(","):
-            value = float(v)
-            if value != getattr(defaults, name):
-                settings.append({name: value})
+        if name not in PARAMETERS:
+            raise SystemExit(f"{flag}: unknown parameter {name!r} ({', '.join(PARAMETERS)})")
+        try:
+            out[name] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise SystemExit(f"{flag}: expected numbers after {name}=, got {values!r}") from None
+    return out
+
+
+def parse_grid(spec: str, base: dict[str, float]) -> list[dict[str, float]]:
+    """The base setting (offq's defaults with ``base``'s overrides) first, then one setting per
+    value of ``spec``, each changing one parameter of the base (values equal to the base's are
+    skipped: the base is already first)."""
+    from offq.quantizers.osaq import OSAQ
+
+    center = OSAQ(**base)
+    settings: list[dict[str, float]] = [dict(base)]
+    for name, values in parse_assignments(spec, "--grid").items():
+        settings += [{**base, name: v} for v in values if v != getattr(center, name)]
     return settings
 
 
@@ -87,6 +103,8 @@ def main() -> int:
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--heldout", default="8x2048", help="held-out WINDOWSxSEQLEN of WikiText-2 test")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="e.g. w3-ch,w2-g64,w4-g64")
+    p.add_argument("--base", default="",
+                   help="NAME=V;... the setting the grid varies around (default: offq's defaults)")
     p.add_argument("--grid", default=DEFAULT_GRID,
                    help="NAME=V1,V2;NAME=... one parameter at a time around the defaults")
     p.add_argument("--threads", type=int, default=2)
@@ -104,7 +122,8 @@ def main() -> int:
     layers = [int(s) for s in args.layers.split(",") if s.strip()]
     n_cal, len_cal = (int(v) for v in args.calib.lower().split("x"))
     n_held, len_held = (int(v) for v in args.heldout.lower().split("x"))
-    settings = parse_grid(args.grid)
+    base = {k: v[0] for k, v in parse_assignments(args.base, "--base").items()}
+    settings = parse_grid(args.grid, base)
     weights = parse_weights(args.weights)
     rows: list[dict] = []
     with threads(args.threads), float_model_sites(args.model, layers) as (ckpt, arch, hessians):
@@ -134,14 +153,14 @@ def main() -> int:
             for label, bits, group in weights:
                 gptq = GPTQ(bits=bits, group_size=group, symmetric=False, clip_search=True)
                 factor = gptq.prepare(h, f"layer {i} {site}")
-                base = np.split(gptq.quantize(stacked, factor).dequantized, splits)
+                plain = np.split(gptq.quantize(stacked, factor).dequantized, splits)
                 for s_idx, setting in enumerate(settings):
                     osaq = OSAQ(**setting)
                     if osaq.gamma not in tails:
                         tails[osaq.gamma] = osaq.prepare(h, f"layer {i} {site}")
                     moved, report = osaq.apply(stacked, tails[osaq.gamma])
                     after = np.split(gptq.quantize(moved, factor).dequantized, splits)
-                    for lin, w, q0, q1 in zip(names, ws, base, after):
+                    for lin, w, q0, q1 in zip(names, ws, plain, after):
                         w64 = w.astype(np.float64)
                         e0 = [relative_error(q0 - w64, w64, x) for x in (hh, h)]
                         e1 = [relative_error(q1 - w64, w64, x) for x in (hh, h)]
@@ -161,7 +180,9 @@ def main() -> int:
     for label, _, _ in weights:
         for s_idx, setting in enumerate(settings):
             r = np.array(ratios[(label, s_idx)])
-            name = ", ".join(f"{k} {v:g}" for k, v in setting.items()) or "defaults"
+            varied = {k: v for k, v in setting.items() if k not in base or base[k] != v}
+            name = ", ".join(f"{k} {v:g}" for k, v in varied.items()) or (
+                "base" if base else "defaults")
             line = {"weights": label, "setting": setting,
                     "heldout_geomean": float(np.exp(np.mean(np.log(r[:, 0])))),
                     "calib_geomean": float(np.exp(np.mean(np.log(r[:, 1])))),
