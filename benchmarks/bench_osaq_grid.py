@@ -23,7 +23,7 @@ and weight grid: the geometric mean over linears of the held-out and calibration
 worst linear, and how many linears improved.
 
     python benchmarks/bench_osaq_grid.py                         # ~10 min, SmolLM2-135M, 2 threads
-    python benchmarks/bench_osaq_grid.py --base "tau_rel=0.1" \
+    python benchmarks/bench_osaq_grid.py --base "tau_rel=0.1" \\
         --grid "gamma=1e-5,1e-3;tau_rel=0.03,0.3,1;mu1=1e-3,1e-1,1;mu2=0,1,1e4"   # that grid
     python benchmarks/bench_osaq_grid.py --layers 0,15 --weights w2-g64 \\
         --grid "gamma=1e-5,1e-4;mu1=1e-2,1" --out grid.jsonl
@@ -90,9 +90,9 @@ def parse_weights(spec: str) -> list[tuple[str, int, int]]:
     return out
 
 
-def relative_error(dw: np.ndarray, w: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """sqrt(tr(dW H dW^T) / tr(W H W^T)): the relative change of one linear's output (float64)."""
-    return np.sqrt(np.sum((dw @ h) * dw) / np.sum((w @ h) * w))
+def output_energy(w: np.ndarray, h: np.ndarray) -> float:
+    """tr(W H W^T) = ||W X||_F^2 per token (float64)."""
+    return float(np.sum((w @ h) * w))
 
 
 def main() -> int:
@@ -149,27 +149,33 @@ def main() -> int:
             splits = np.cumsum([w.shape[0] for w in ws])[:-1]
             stacked = np.concatenate(ws)
             hh = h_held[(site, i)]
+            w64s = [w.astype(np.float64) for w in ws]
+            # err(Q) = sqrt(tr(dW H dW^T) / tr(W H W^T)): the denominators, per linear
+            scales = [(output_energy(w, hh), output_energy(w, h)) for w in w64s]
             tails = {}
             for label, bits, group in weights:
                 gptq = GPTQ(bits=bits, group_size=group, symmetric=False, clip_search=True)
                 factor = gptq.prepare(h, f"layer {i} {site}")
                 plain = np.split(gptq.quantize(stacked, factor).dequantized, splits)
+                # GPTQ's errors (held-out, calibration) per linear: once, not per setting
+                gptq_errors = [[np.sqrt(output_energy(q0 - w, x) / energy) for x, energy in
+                                zip((hh, h), scale)] for q0, w, scale in zip(plain, w64s, scales)]
                 for s_idx, setting in enumerate(settings):
                     osaq = OSAQ(**setting)
                     if osaq.gamma not in tails:
                         tails[osaq.gamma] = osaq.prepare(h, f"layer {i} {site}")
                     moved, report = osaq.apply(stacked, tails[osaq.gamma])
                     after = np.split(gptq.quantize(moved, factor).dequantized, splits)
-                    for lin, w, q0, q1 in zip(names, ws, plain, after):
-                        w64 = w.astype(np.float64)
-                        e0 = [relative_error(q0 - w64, w64, x) for x in (hh, h)]
-                        e1 = [relative_error(q1 - w64, w64, x) for x in (hh, h)]
+                    for lin, w, scale, e0, q1 in zip(names, w64s, scales, gptq_errors, after):
+                        e1 = [np.sqrt(output_energy(q1 - w, x) / energy)
+                              for x, energy in zip((hh, h), scale)]
                         ratios.setdefault((label, s_idx), []).append(
                             (e1[0] / e0[0], e1[1] / e0[1]))
                         rows.append({"layer": i, "linear": lin, "weights": label,
                                      "setting": setting, "tail_dim": report["tail_dim"],
-                                     "err_gptq_heldout": e0[0], "err_osaq_heldout": e1[0],
-                                     "err_gptq_calib": e0[1], "err_osaq_calib": e1[1]})
+                                     "err_gptq_heldout": float(e0[0]),
+                                     "err_osaq_heldout": float(e1[0]),
+                                     "err_gptq_calib": float(e0[1]), "err_osaq_calib": float(e1[1])})
             print(f"layer {i} {site} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     print("\nerr(OSAQ + GPTQ) / err(GPTQ) per linear, geometric mean over "
