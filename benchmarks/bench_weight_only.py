@@ -13,6 +13,7 @@ dimension (128 for SmolLM2's d = 576) are skipped with the reason.
     python benchmarks/bench_weight_only.py --rows fp,gptq-w4-g64-asym --max-windows 8
     python benchmarks/bench_weight_only.py --grid                        # the OSAQ grid (see GRID)
     python benchmarks/bench_weight_only.py --rows gptq-w4-ch-asym --calib-seed 1  # sampling noise
+    python benchmarks/bench_weight_only.py --rows gptq-w2-g64-asym --no-clip-search  # min-max grids
 
 Rows are named ``{rtn|gptq|osaq}-w{bits}-{ch|g64|g128}-{sym|asym}[-cdN]`` (``osaq`` = OSAQ +
 GPTQ; ``-cdN``: N coordinate-descent sweeps after GPTQ, OSAQ's +CD variant) or ``fp``;
@@ -45,8 +46,10 @@ GRID = dict(osaq_gamma=(1e-4, 1e-5, 1e-6), osaq_tau_rel=(0.1,), osaq_mu1=(1e-2,)
             osaq_mu2=(100.0,), osaq_iters=(8, 1))
 
 
-def row_config(row: str, calib: tuple[int, int], osaq: dict, seed: int = 0) -> QuantConfig:
-    """The QuantConfig of a row name (ValueError for an unknown name)."""
+def row_config(row: str, calib: tuple[int, int], osaq: dict, seed: int = 0,
+               clip_search: bool = True) -> QuantConfig:
+    """The QuantConfig of a row name (ValueError for an unknown name); ``clip_search=False``
+    gives every row min-max weight grids (the GPTQ reference code's default)."""
     if row == "fp":
         return QuantConfig(method="fp")
     try:
@@ -64,7 +67,7 @@ def row_config(row: str, calib: tuple[int, int], osaq: dict, seed: int = 0) -> Q
     return QuantConfig(method="gptq", w_bits=w_bits, a_bits=16, kv_bits=16, w_quantizer=quantizer,
                        w_group_size=w_group, w_symmetric=symmetric, calib_samples=calib[0],
                        calib_seqlen=calib[1], seed=seed, gptq_cd_sweeps=cd_sweeps,
-                       **(osaq if method == "osaq" else {}))
+                       w_clip_search=clip_search, **(osaq if method == "osaq" else {}))
 
 
 def perplexity(model, windows: np.ndarray) -> tuple[float, int]:
@@ -99,6 +102,9 @@ def main() -> int:
     p.add_argument("--calib-seed", type=int, default=0,
                    help="which calibration windows are drawn (rows at other seeds measure how "
                         "much a row moves with its calibration sample)")
+    p.add_argument("--no-clip-search", action="store_true",
+                   help="min-max weight grids in every row, no MSE clip search (the grids of "
+                        "the GPTQ and OSAQ papers' baselines)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="8 x 512 calibration, 2 windows")
     p.add_argument("--jsonl", type=Path,
@@ -137,7 +143,8 @@ def main() -> int:
                     f"float activations; threads {nthreads}")
         print(protocol, flush=True)
         for row, over in jobs:
-            cfg = row_config(row, calib_shape, over, args.calib_seed)
+            cfg = row_config(row, calib_shape, over, args.calib_seed,
+                             clip_search=not args.no_clip_search)
             why = group_problem(cfg, ckpt.config)
             if why:
                 print(f"{row}: skipped ({why})", flush=True)
