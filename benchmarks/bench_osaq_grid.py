@@ -14,11 +14,11 @@ in both. A setting helps where its ratio err(OSAQ + GPTQ) / err(GPTQ) is below 1
 Protocol (printed): float model (norms not fused: the captured site inputs are the normalised
 activations each linear reads), calibration ``--calib`` of offq's default corpus (seed
 ``--calib-seed``), held-out = the first ``--heldout`` windows of the WikiText-2 test set shipped
-with offq; GPTQ act-order, damp 0.01, asymmetric grids with the MSE clip search, per site on the
-stacked linears as the quantize loop runs it; OSAQ's other parameters at offq's defaults. The
-grid varies one parameter at a time around the defaults (``--grid`` replaces it; ``--base``
-moves its centre: ``--base "tau_rel=0.1"`` is the centre of the grid that chose tau_rel 0.03,
-benchmarks/results_weight_only.md). Per setting
+with offq; GPTQ act-order, damp 0.01, asymmetric grids with the MSE clip search (min-max grids
+with ``--no-clip-search``), per site on the stacked linears as the quantize loop runs it; OSAQ's
+other parameters at offq's defaults. The grid varies one parameter at a time around the defaults
+(``--grid`` replaces it; ``--base`` moves its centre: ``--base "tau_rel=0.1"`` is the centre of
+the grid that chose tau_rel 0.03, benchmarks/results_weight_only.md). Per setting
 and weight grid: the geometric mean over linears of the held-out and calibration ratios, the
 worst linear, and how many linears improved.
 
@@ -27,6 +27,8 @@ worst linear, and how many linears improved.
         --grid "gamma=1e-5,1e-3;tau_rel=0.03,0.3,1;mu1=1e-3,1e-1,1;mu2=0,1,1e4"   # that grid
     python benchmarks/bench_osaq_grid.py --layers 0,15 --weights w2-g64 \\
         --grid "gamma=1e-5,1e-4;mu1=1e-2,1" --out grid.jsonl
+    python benchmarks/bench_osaq_grid.py --no-clip-search --grid "" \\
+        --weights w2-g64,w3-ch,w4-g64                  # the defaults on min-max grids
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ def main() -> int:
                    help="NAME=V;... the setting the grid varies around (default: offq's defaults)")
     p.add_argument("--grid", default=DEFAULT_GRID,
                    help="NAME=V1,V2;NAME=... one parameter at a time around the defaults")
+    p.add_argument("--no-clip-search", action="store_true",
+                   help="min-max weight grids (no MSE clip search), as the papers' baselines")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="also write JSON lines here")
     args = p.parse_args()
@@ -131,10 +135,11 @@ def main() -> int:
         held = token_windows(text, len_held)[:n_held]
         cal = sample_calibration(ckpt.tokenizer, DEFAULT_CALIBRATION, n=n_cal, seqlen=len_cal,
                                  seed=args.calib_seed)
+        grids = "min-max grids" if args.no_clip_search else "MSE clip"
         protocol = (f"model {args.model}; layers {layers}; calibration {DEFAULT_CALIBRATION} "
                     f"{n_cal}x{len_cal} seed {args.calib_seed}; held-out WikiText-2 test "
-                    f"{held.shape[0]}x{held.shape[1]}; GPTQ act-order damp 0.01, asymmetric, MSE "
-                    f"clip; threads {args.threads}; {describe_machine()}")
+                    f"{held.shape[0]}x{held.shape[1]}; GPTQ act-order damp 0.01, asymmetric, "
+                    f"{grids}; threads {args.threads}; {describe_machine()}")
         print(protocol, flush=True)
         t0 = time.perf_counter()
         h_held, h_cal = hessians(held), hessians(cal)
@@ -154,7 +159,8 @@ def main() -> int:
             scales = [(output_energy(w, hh), output_energy(w, h)) for w in w64s]
             tails = {}
             for label, bits, group in weights:
-                gptq = GPTQ(bits=bits, group_size=group, symmetric=False, clip_search=True)
+                gptq = GPTQ(bits=bits, group_size=group, symmetric=False,
+                            clip_search=not args.no_clip_search)
                 factor = gptq.prepare(h, f"layer {i} {site}")
                 plain = np.split(gptq.quantize(stacked, factor).dequantized, splits)
                 # GPTQ's errors (held-out, calibration) per linear: once, not per setting
