@@ -110,7 +110,7 @@ def main() -> int:
     p.add_argument("--grid", default=DEFAULT_GRID,
                    help="NAME=V1,V2;NAME=... one parameter at a time around the defaults")
     p.add_argument("--no-clip-search", action="store_true",
-                   help="min-max weight grids (no MSE clip search), as the papers' baselines")
+                   help="min-max weight grids (no MSE clip search), the GPTQ reference code's")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="also write JSON lines here")
     args = p.parse_args()

@@ -103,8 +103,8 @@ def main() -> int:
                    help="which calibration windows are drawn (rows at other seeds measure how "
                         "much a row moves with its calibration sample)")
     p.add_argument("--no-clip-search", action="store_true",
-                   help="min-max weight grids in every row, no MSE clip search (the grids of "
-                        "the GPTQ and OSAQ papers' baselines)")
+                   help="min-max weight grids in every row, no MSE clip search (the GPTQ "
+                        "reference code's grids)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="8 x 512 calibration, 2 windows")
     p.add_argument("--jsonl", type=Path,
