@@ -33,13 +33,20 @@ logger = logging.getLogger(__name__)
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
 #: the largest trim threshold mallopt takes (an int): only a free heap top over 2 GiB is returned
 _TRIM_THRESHOLD = 2**31 - 1
-#: glibc's defaults, restored when a scoped hold ends (malloc/malloc.c: DEFAULT_TRIM_THRESHOLD,
-#: DEFAULT_MMAP_MAX)
-_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+#: glibc's DEFAULT_MMAP_MAX (malloc/malloc.c), restored when a scoped hold ends
 _DEFAULT_MMAP_MAX = 65536
+#: What a scoped hold leaves behind. Any mallopt switches off glibc's adaptive mmap threshold
+#: (which rises to each freed mapped block's size, up to DEFAULT_MMAP_THRESHOLD_MAX = 32 MiB on
+#: 64-bit, with the trim threshold at twice it), so on leaving the threshold is set where that
+#: adaptation ends in a process that has freed a large array: left at its 128 KiB start, every
+#: later temporary over 128 KiB was mapped and faulted in afresh (an FP32 SmolLM2 prefill after
+#: an in-process quantization: 45k faults and ~15% of its time).
+_ADAPTED_MMAP_THRESHOLD = 32 * 1024 * 1024
+_ADAPTED_TRIM_THRESHOLD = 2 * _ADAPTED_MMAP_THRESHOLD
 
 
 class _MallocPolicy:
@@ -51,12 +58,14 @@ class _MallocPolicy:
         self.permanent = False
         self.depth = 0
 
-    def _set(self, mmap_max: int, trim_threshold: int) -> bool:
+    def _set(self, mmap_max: int, trim_threshold: int, mmap_threshold: int | None = None) -> bool:
         ok = (self._libc.mallopt(_M_MMAP_MAX, mmap_max) == 1
-              and self._libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1)
+              and self._libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+              and (mmap_threshold is None
+                   or self._libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1))
         if not ok:
-            logger.warning("mallopt refused M_MMAP_MAX=%d / M_TRIM_THRESHOLD=%d", mmap_max,
-                           trim_threshold)
+            logger.warning("mallopt refused M_MMAP_MAX=%d / M_TRIM_THRESHOLD=%d / "
+                           "M_MMAP_THRESHOLD=%s", mmap_max, trim_threshold, mmap_threshold)
         return ok
 
     def hold_for_good(self) -> bool:
@@ -79,7 +88,7 @@ class _MallocPolicy:
         with self._lock:
             self.depth -= 1
             if self.depth == 0 and not self.permanent:
-                self._set(_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
+                self._set(_DEFAULT_MMAP_MAX, _ADAPTED_TRIM_THRESHOLD, _ADAPTED_MMAP_THRESHOLD)
                 self._libc.malloc_trim(0)  # the freed heap goes back now, not at the next free
 
 
@@ -119,9 +128,10 @@ def hold_freed_memory() -> bool:
 @contextlib.contextmanager
 def freed_memory_held() -> Iterator[bool]:
     """:func:`hold_freed_memory` inside the block only: on leaving the outermost such block
-    (unless the process holds freed memory for good) glibc's defaults come back (large blocks
-    mapped, a free heap top over 128 KiB returned) and ``malloc_trim`` returns the freed heap.
-    glibc's adaptive mmap threshold stays where it stood (mallopt fixes it).
+    (unless the process holds freed memory for good) blocks over 32 MiB are mapped again, a free
+    heap top over 64 MiB is returned, and ``malloc_trim`` returns the freed heap now. Those are
+    the thresholds glibc's own adaptation reaches once a process has freed a large array; the
+    adaptation itself stays off (any mallopt ends it), so they stay put.
 
     Yields whether the hold is in force (False where the C library is not glibc). Thread-safe;
     scopes nest."""
