@@ -7,6 +7,7 @@
 
 #ifdef OFFQ_X86
 #define ATT_TARGET "avx512f,avx2,fma"
+#define ATT_AVX512 /* 16-wide row decoding and softmax exp too */
 #include "x86/attention_tiles.h"
 
 DEFINE_ATTEND_WIDTH(offq_attend_avx512, "avx512f,avx2,fma", __m512, 16, _mm512_loadu_ps,
