@@ -24,7 +24,7 @@
  * operations in the same order, so they are bit-identical for the same inputs. Three steps sum in
  * a different order or call a different exp: the RMSNorm sum of squares (float64 here, BLAS sdot or
  * einsum there), the attention dot products and sums (BLAS there) and exp (libm in the generic
- * kernels, the 8-lane polynomial of x86/exp_avx2.h in the AVX2 attention and SwiGLU; NumPy's SIMD
+ * kernels, the 8-lane polynomial of x86/exp_simd.h in the AVX2 attention and SwiGLU; NumPy's SIMD
  * exp there); these differ by float32 rounding and can flip an activation code now and then.
  */
 #include <math.h>

@@ -7,7 +7,7 @@
  * are decoded transposed (8 x 8 register transposes), so keys lie along a vector's lanes; up to
  * 4 queries x 2 vectors of keys are scored at once, each query element broadcast (one fma chain
  * per (query, key) over the dims in order, no cross-lane reduction). exp runs 8 scores at a time
- * (a polynomial, offq_exp8 of exp_avx2.h). Values: dims along the lanes, two queries share each
+ * (a polynomial, offq_exp8 of exp_simd.h). Values: dims along the lanes, two queries share each
  * row load, their per-row weights e_j * vs_j formed once per tile. Every (query, key) sum runs in
  * one fixed order whatever the block, the number of queries or the vector width, so a token
  * gets the same numbers in prefill and in decode, and both variants the same numbers. Needs
@@ -22,10 +22,7 @@
 #include <immintrin.h>
 
 #include "kernels.h"
-#include "x86/exp_avx2.h"
-#ifdef ATT_AVX512
-#include "x86/exp_avx512.h"
-#endif
+#include "x86/exp_simd.h"
 
 #ifndef ATT_TARGET
 #error "define ATT_TARGET (the includer's target attribute) before including attention_tiles.h"

@@ -1,11 +1,11 @@
 /* x86/swiglu_avx2.c: offq_swiglu (swiglu.c) 8 lanes at a time: the same formula with the
- * polynomial exp of exp_avx2.h instead of libm's expf (they differ by about an ulp). */
+ * polynomial exp of exp_simd.h instead of libm's expf (they differ by about an ulp). */
 #include <math.h>
 
 #include "kernels.h"
 
 #ifdef OFFQ_X86
-#include "x86/exp_avx2.h"
+#include "x86/exp_simd.h"
 
 __attribute__((target("avx2,fma"))) void offq_swiglu_avx2(const float *g, const float *u,
                                                           float *x, int64_t n)
