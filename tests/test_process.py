@@ -13,17 +13,19 @@ import pytest
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="mallopt is glibc's")
 
-#: prepended to every child script: faults of ``cycles`` 100 MB blocks allocated, written and
-#: freed, after one more that may fault in either way (it may grow the heap)
+#: prepended to every child script: faults of ``cycles`` blocks of ``floats`` float32 (100 MB by
+#: default) allocated, written and freed, after ``warmup`` more that may fault in either way
+#: (they may grow the heap, or move glibc's adaptive mmap threshold)
 CYCLE_FAULTS = """
 import resource
 import numpy as np
 
-def cycle_faults(cycles=4):
-    a = np.ones(25_000_000, np.float32); del a
+def cycle_faults(cycles=4, floats=25_000_000, warmup=1):
+    for _ in range(warmup):
+        a = np.ones(floats, np.float32); del a
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(cycles):
-        a = np.ones(25_000_000, np.float32)
+        a = np.ones(floats, np.float32)
         del a
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 """
@@ -99,21 +101,13 @@ def test_scoped_hold_reuses_inside_and_returns_on_leaving(tmp_path: Path) -> Non
 
 
 MID_SIZED = """
-import resource, sys
+import sys
 from offq.process import freed_memory_held
-
-def mid_cycle_faults(cycles=8):  # 4 MB blocks written and freed, after two that may fault
-    for _ in range(2):
-        a = np.ones(1_000_000, np.float32); del a
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(cycles):
-        a = np.ones(1_000_000, np.float32); del a
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 if sys.argv[1] == "scoped":
     with freed_memory_held():
         pass
-print(mid_cycle_faults())
+print(cycle_faults(cycles=8, floats=1_000_000, warmup=2))  # 4 MB blocks
 """
 
 
