@@ -48,26 +48,41 @@
 DEFINE_MIRROR(float, mirror_f32)
 DEFINE_MIRROR(double, mirror_f64)
 
-/* acc += x^T x by BLAS syrk on the upper triangle, in row blocks BLAS can index, then mirrored. */
+/* acc += x^T x by BLAS syrk on the upper triangle, in row blocks BLAS can index, then (with
+ * `mirror`) copied into the lower one; without it the lower triangle is left as it was. */
 #define DEFINE_COV_UPDATE(T, NAME, SYRK, ONE, MIRROR)                                               \
-    offq_status NAME(T *acc, const T *x, int64_t n, int64_t d)                                    \
+    offq_status NAME(T *acc, const T *x, int64_t n, int64_t d, int mirror)                        \
     {                                                                                              \
         for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {                                           \
             const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;                       \
             SYRK(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, ONE, x + r * d,    \
                  (blasint)d, ONE, acc, (blasint)d);                                                \
         }                                                                                          \
-        MIRROR(acc, d);                                                                            \
+        if (mirror) {                                                                              \
+            MIRROR(acc, d);                                                                        \
+        }                                                                                          \
         return OFFQ_OK;                                                                            \
     }
 
 DEFINE_COV_UPDATE(float, offq_cov_update_f32, scipy_cblas_ssyrk, 1.0f, mirror_f32)
 DEFINE_COV_UPDATE(double, offq_cov_update_f64, scipy_cblas_dsyrk, 1.0, mirror_f64)
 
+void offq_cov_mirror_f32(float *acc, int64_t d)
+{
+    mirror_f32(acc, d);
+}
+
+void offq_cov_mirror_f64(double *acc, int64_t d)
+{
+    mirror_f64(acc, d);
+}
+
 /* One d x d float32 scratch is kept between calls (up to SCRATCH_KEEP_BYTES), because a fresh
  * 64 MB block costs ~16k page faults per call. Lock-free: a call takes it by atomic exchange (a
  * concurrent call allocates its own) and gives it back, freeing whichever block it displaces.
- * The block starts with a 64-byte header holding its capacity; the data is zeroed on take. */
+ * The block starts with a 64-byte header holding its capacity. Its data is not cleared: the first
+ * syrk into it runs with beta = 0, which writes the upper triangle without reading it, and only
+ * that triangle is read back. */
 #define SCRATCH_KEEP_BYTES ((int64_t)256 << 20)
 #define SCRATCH_HEADER 64
 static _Atomic(char *) g_scratch;
@@ -87,7 +102,6 @@ static float *scratch_take(int64_t elems)
         }
         *(int64_t *)blk = bytes;
     }
-    memset(blk + SCRATCH_HEADER, 0, (size_t)bytes);
     return (float *)(void *)(blk + SCRATCH_HEADER);
 }
 
@@ -101,7 +115,7 @@ static void scratch_give(float *s)
     free(atomic_exchange(&g_scratch, blk));
 }
 
-offq_status offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d)
+offq_status offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d, int mirror)
 {
     if (n <= SMALL_UPDATE_ROWS) { /* few rows (e.g. top-1 tokens): widen them, dsyrk into acc */
         double *x64 = malloc((size_t)(n * d) * sizeof(double));
@@ -111,7 +125,7 @@ offq_status offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int6
         for (int64_t i = 0; i < n * d; i++) {
             x64[i] = (double)x[i];
         }
-        offq_cov_update_f64(acc, x64, n, d);
+        offq_cov_update_f64(acc, x64, n, d, mirror);
         free(x64);
         return OFFQ_OK;
     }
@@ -122,7 +136,21 @@ offq_status offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int6
     for (int64_t r = 0; r < n; r += BLAS_MAX_ROWS) {
         const int64_t k = n - r < BLAS_MAX_ROWS ? n - r : BLAS_MAX_ROWS;
         scipy_cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, (blasint)d, (blasint)k, 1.0f,
-                          x + r * d, (blasint)d, 1.0f, s, (blasint)d);
+                          x + r * d, (blasint)d, r == 0 ? 0.0f : 1.0f, s, (blasint)d);
+    }
+    if (!mirror) {
+        /* acc += s on the upper triangle only, row by row (contiguous, vectorizable); rows
+         * shorten towards the bottom, hence the dynamic schedule */
+#pragma omp parallel for schedule(dynamic, 16) if (d >= 256)
+        for (int64_t i = 0; i < d; i++) {
+            double *a = acc + i * d;
+            const float *b = s + i * d;
+            for (int64_t j = i; j < d; j++) {
+                a[j] += (double)b[j];
+            }
+        }
+        scratch_give(s);
+        return OFFQ_OK;
     }
     /* acc += s on the upper triangle and its mirror, one tile pair at a time (a single pass) */
 #pragma omp parallel for schedule(dynamic, 1) if (d >= 256)

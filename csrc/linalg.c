@@ -33,31 +33,35 @@
  * part LAPACK reads; the other triangle of out is zeroed): without perm that is h's upper
  * triangle, with it each output row gathers from one row of h. Returns OFFQ_ERR_NONFINITE if an
  * entry read is NaN or Inf. */
-static offq_status reverse_damped(const double *h, int64_t k, double add, const int64_t *perm,
-                                  const double *diag, double *out)
-{
-    int bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (k >= 512)
-    for (int64_t i = 0; i < k; i++) {
-        const int64_t a = k - 1 - i;                /* row a of m, read right to left */
-        const int64_t ha = perm ? perm[a] : a;      /* ... is row ha of h */
-        const double *src = h + ha * k;
-        double *dst = out + i * k;
-        for (int64_t j = 0; j < i; j++) {           /* dst[j] = m[a][k-1-j], k-1-j > a */
-            const int64_t b = k - 1 - j;
-            const double v = src[perm ? perm[b] : b];
-            bad |= !isfinite(v);
-            dst[j] = v;
-        }
-        const double d = diag ? diag[ha] : src[ha];
-        bad |= !isfinite(d);
-        dst[i] = d + add;
-        for (int64_t j = i + 1; j < k; j++) { /* LAPACK leaves this triangle alone: keep it 0 */
-            dst[j] = 0.0;
-        }
+#define DEFINE_REVERSE_DAMPED(T, NAME)                                                            \
+    static offq_status NAME(const double *h, int64_t k, double add, const int64_t *perm,          \
+                            const double *diag, T *out)                                           \
+    {                                                                                             \
+        int bad = 0;                                                                              \
+        _Pragma("omp parallel for schedule(static) reduction(| : bad) if (k >= 512)")             \
+        for (int64_t i = 0; i < k; i++) {                                                         \
+            const int64_t a = k - 1 - i;           /* row a of m, read right to left */           \
+            const int64_t ha = perm ? perm[a] : a; /* ... is row ha of h */                       \
+            const double *src = h + ha * k;                                                       \
+            T *dst = out + i * k;                                                                 \
+            for (int64_t j = 0; j < i; j++) { /* dst[j] = m[a][k-1-j], k-1-j > a */              \
+                const int64_t b = k - 1 - j;                                                      \
+                const double v = src[perm ? perm[b] : b];                                         \
+                bad |= !isfinite(v);                                                              \
+                dst[j] = (T)v;                                                                    \
+            }                                                                                     \
+            const double d = diag ? diag[ha] : src[ha];                                           \
+            bad |= !isfinite(d);                                                                  \
+            dst[i] = (T)(d + add);                                                                \
+            for (int64_t j = i + 1; j < k; j++) { /* LAPACK leaves this triangle alone: 0 */      \
+                dst[j] = 0;                                                                       \
+            }                                                                                     \
+        }                                                                                         \
+        return bad ? OFFQ_ERR_NONFINITE : OFFQ_OK;                                                \
     }
-    return bad ? OFFQ_ERR_NONFINITE : OFFQ_OK;
-}
+
+DEFINE_REVERSE_DAMPED(double, reverse_damped)
+DEFINE_REVERSE_DAMPED(float, reverse_damped_f32)
 
 /* u <- J u J (flat reversal in place), keeping only what was the lower triangle (now the upper
  * one) and zeroing the rest; OFFQ_ERR_NOTPD unless every kept entry is finite and the diagonal
@@ -141,13 +145,41 @@ offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double ad
     return rc == OFFQ_OK ? reverse_lower_to_upper(u, k) : rc;
 }
 
+/* u <- L as reversed_potrf, the factorization in float32 (spotrf: twice the rate of dpotrf), in
+ * the first half of u's bytes, then widened to float64 in place. The widening runs from the last
+ * element down: element i's 8 bytes start at 8 i >= 4 i, past every float still to be read
+ * (memcpy: the two views of the buffer are never read through incompatible pointers). */
+static offq_status reversed_potrf_f32(const double *h, int64_t k, double add, const int64_t *perm,
+                                      const double *diag, double *u)
+{
+    float *u32 = (float *)(void *)u;
+    offq_status rc = reverse_damped_f32(h, k, add, perm, diag, u32);
+    if (rc == OFFQ_OK) {
+        rc = lapack_status(
+            scipy_LAPACKE_spotrf(LAPACK_COL_MAJOR, 'U', (lapack_int)k, u32, (lapack_int)k));
+    }
+    if (rc != OFFQ_OK) {
+        return rc;
+    }
+    char *bytes = (char *)(void *)u;
+    for (int64_t i = k * k - 1; i >= 0; i--) {
+        float f;
+        memcpy(&f, bytes + 4 * i, sizeof f);
+        const double v = (double)f;
+        memcpy(bytes + 8 * i, &v, sizeof v);
+    }
+    return OFFQ_OK;
+}
+
 /* UDU^T: R = J L J is upper with m + add I = R R^T; S = R D^-1/2 (each column over its diagonal
  * entry, so S's diagonal is exactly 1) and d = diag(R)^2 give m + add I = S diag(d) S^T. No
- * triangular inverse: half the flops of offq_upper_cholesky_of_inverse. */
+ * triangular inverse: half the flops of offq_upper_cholesky_of_inverse. With `single` the
+ * Cholesky factorization runs in float32 (reversed_potrf_f32); the rest stays float64. */
 offq_status offq_udu_factor(const double *h, int64_t k, double add, const int64_t *perm,
-                            const double *diag, double *s, double *d)
+                            const double *diag, double *s, double *d, int single)
 {
-    offq_status rc = reversed_potrf(h, k, add, perm, diag, s);
+    offq_status rc = single ? reversed_potrf_f32(h, k, add, perm, diag, s)
+                            : reversed_potrf(h, k, add, perm, diag, s);
     if (rc == OFFQ_OK) {
         rc = reverse_lower_to_upper(s, k);
     }

@@ -228,15 +228,19 @@ offq_status offq_dec_forward(const offq_dec_model *m, float *h, int64_t rows, in
                              void *scratch, int64_t scratch_bytes, offq_kernel kernel);
 
 /* ---- Second moments and eigenpairs (cov.c) ----------------------------------------------------
- * Accumulators are full symmetric d x d matrices: syrk adds x^T x to the upper triangle, which is
- * then mirrored, so acc must be symmetric on entry. */
+ * syrk adds x^T x to the upper triangle of acc[d, d]; with `mirror` the upper triangle is then
+ * copied into the lower one (acc must be symmetric on entry and stays so), without it the lower
+ * triangle is not touched (a stream of updates mirrors once at its end: offq_cov_mirror_*). */
 
 /* acc[d, d] += x^T x for x[n, d] (ssyrk / dsyrk in place). */
-offq_status offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d);
-offq_status offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d);
+offq_status offq_cov_update_f32(float *acc, const float *x, int64_t n, int64_t d, int mirror);
+offq_status offq_cov_update_f64(double *acc, const double *x, int64_t n, int64_t d, int mirror);
 /* float64 acc, float32 x: x^T x by ssyrk in a float32 scratch, added in float64 (calls of at most
  * 256 rows widen the rows and use dsyrk). */
-offq_status offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d);
+offq_status offq_cov_update_f64_x32(double *acc, const float *x, int64_t n, int64_t d, int mirror);
+/* Copy the upper triangle of acc[d, d] into the lower one. */
+void offq_cov_mirror_f32(float *acc, int64_t d);
+void offq_cov_mirror_f64(double *acc, int64_t d);
 /* sel[b, :] = the row of x[b, :, :] with the largest L-inf norm (first on ties; NaN counts as
  * infinite). */
 void offq_top1_rows_f32(const float *x, int64_t batch, int64_t tokens, int64_t d, float *sel);
@@ -269,9 +273,11 @@ offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double ad
  * same way): s[k, k] row-major unit upper triangular (diagonal exactly 1, strictly lower part
  * zero), d[k] > 0. potrf of the reversed matrix without trtri: half the flops of
  * offq_upper_cholesky_of_inverse. Same errors (OFFQ_ERR_NOTPD also for a non-finite entry); s and
- * d are unspecified after an error. Threads: OpenBLAS's setting (the scaling: offq's). */
+ * d are unspecified after an error. Threads: OpenBLAS's setting (the scaling: offq's). With
+ * `single`, the Cholesky factorization itself runs in float32 (spotrf, about twice dpotrf's rate;
+ * a matrix float32 cannot factor, or whose entries overflow it, gives OFFQ_ERR_NOTPD). */
 offq_status offq_udu_factor(const double *h, int64_t k, double add, const int64_t *perm,
-                            const double *diag, double *s, double *d);
+                            const double *diag, double *s, double *d, int single);
 
 /* The MSE clip search of the weight grids (clip_search.c): for each row of x[rows][g], the clip
  * ratio 1 - i / grid, i in 0..top, searched every 5th then the 8 neighbours of the best, whose grid

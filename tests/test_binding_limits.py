@@ -92,7 +92,8 @@ _LAYER = (None, None) + tuple(
 @pytest.mark.parametrize("name,call", [
     ("normalize", lambda bad: _C.fwht(np.ones((1, 4)), None, bad, None)),
     ("normalize", lambda bad: _C.hadamard_matrix(4, bad, np.float64)),
-    ("top1", lambda bad: _C.cov_update(np.zeros((4, 4)), np.ones((1, 1, 4)), bad)),
+    ("top1", lambda bad: _C.cov_update(np.zeros((4, 4)), np.ones((1, 1, 4)), bad, True)),
+    ("mirror", lambda bad: _C.cov_update(np.zeros((4, 4)), np.ones((1, 4)), False, bad)),
     ("symmetric", lambda bad: _C.quantize(np.ones((1, 4), np.float32), 4, 4, bad)),
     ("symmetric", lambda bad: _C.mse_clip_search(np.ones((1, 4), np.float32), 4, bad, 10, 1)),
     ("keep_factor", lambda bad: _C.tail_subspace(_H, 1.0, 1, 5, 0, bad)),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from offq.kernels import cov_update, top_eigenpairs
+from offq.kernels import cov_mirror, cov_update, top_eigenpairs
 
 
 def top1_reference(x: np.ndarray) -> np.ndarray:
@@ -32,6 +32,34 @@ def test_cov_update_matches_numpy(acc_dtype, x_dtype):
     tol = 1e-12 if x_dtype == np.float64 else 2e-6
     np.testing.assert_allclose(acc, ref, rtol=tol, atol=tol * np.abs(ref).max())
     assert np.array_equal(acc, acc.T)
+
+
+@pytest.mark.parametrize("acc_dtype,x_dtype", [(np.float64, np.float32), (np.float32, np.float32),
+                                               (np.float64, np.float64)])
+def test_cov_update_without_mirror_leaves_the_lower_triangle_until_cov_mirror(acc_dtype, x_dtype):
+    # a stream that mirrors once at its end: the upper triangle gets the same numbers, bit for
+    # bit, as updates that mirror every time; the lower one keeps what it held (a sentinel)
+    rng = np.random.default_rng(2)
+    d = 300  # >= 256: the threaded add and mirror; rows > 256: the float32-scratch path
+    mirrored = np.zeros((d, d), acc_dtype)
+    lazy = np.zeros((d, d), acc_dtype)
+    below = np.tril_indices(d, -1)
+    lazy[below] = -7.0
+    for rows in [1, 400, 33, 300]:
+        x = (rng.standard_normal((rows, d)) * 3 + 1).astype(x_dtype)
+        cov_update(mirrored, x)
+        assert cov_update(lazy, x, mirror=False) is lazy
+    upper = np.triu_indices(d)
+    np.testing.assert_array_equal(lazy[upper], mirrored[upper])
+    assert np.all(lazy[below] == -7.0)
+    assert cov_mirror(lazy) is lazy
+    np.testing.assert_array_equal(lazy, mirrored)
+    with pytest.raises(ValueError, match="acc: expected a square"):
+        cov_mirror(np.zeros((4, 3)))
+    with pytest.raises(TypeError, match="acc: expected dtype float32 or float64"):
+        cov_mirror(np.zeros((4, 4), np.int32))
+    with pytest.raises(ValueError, match="acc: expected a C-contiguous"):
+        cov_mirror(np.zeros((8, 4))[::2])
 
 
 def test_cov_update_leading_shapes_and_empty():

@@ -56,6 +56,7 @@ def test_hessian_accumulator_matches_formula(layer):
     x, _, h = layer
     ref = 2 * x.astype(np.float64).T @ x.astype(np.float64) / x.shape[0]
     np.testing.assert_allclose(h, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+    assert np.array_equal(h, h.T)  # updates fill the upper triangle; reading mirrors it
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -158,9 +159,12 @@ def test_hessian_finish_is_in_place_and_final():
     x[:, 3] = 0
     acc = HessianAccumulator(24)
     acc.update(x[:100])
+    first = acc.hessian  # read mid-stream: mirrored, and later updates still count
+    assert np.array_equal(first, first.T)
     acc.update(x[100:])
     want = acc.hessian
     got = acc.finish()
+    assert np.array_equal(got, got.T) and not np.array_equal(first, want)
     assert got is acc.sum
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(acc.finish(), want)  # idempotent

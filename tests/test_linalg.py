@@ -64,6 +64,50 @@ def test_udu_factor_reproduces_the_matrix(k: int, rel_add: float) -> None:
     assert np.abs(r @ u - np.eye(k)).max() < 1e-9
 
 
+@pytest.mark.parametrize("k", [1, 7, 128, 1000])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_udu_factor_in_float32_is_the_float64_factor_to_float32_rounding(k: int,
+                                                                        permuted: bool) -> None:
+    """single=True: the same structure (exact unit diagonal, zero lower part, float64 arrays),
+    the same factor to float32's rounding times a modest growth, and really float32 (the
+    differences from the float64 factor are far above float64's rounding)."""
+    h = random_spd(k, seed=k + 1)
+    rng = np.random.default_rng(k)
+    perm = rng.permutation(k).astype(np.int64) if permuted else None
+    diag = np.diag(h) * rng.uniform(1.0, 2.0, size=k) if permuted else None  # stays SPD
+    add = 0.01 * float(np.mean(np.diag(h)))
+    s64, d64 = udu_factor(h, add, perm=perm, diag=diag)
+    s32, d32 = udu_factor(h, add, perm=perm, diag=diag, single=True)
+    assert s32.dtype == d32.dtype == np.float64 and s32.flags.c_contiguous
+    np.testing.assert_array_equal(np.diag(s32), 1.0)
+    np.testing.assert_array_equal(np.tril(s32, -1), 0.0)
+    assert np.all(d32 > 0) and np.all(np.isfinite(s32))
+    m = (s64 * d64) @ s64.T  # the damped, permuted matrix (float64 factor: exact to 1e-13)
+    err = np.abs((s32 * d32) @ s32.T - m).max() / np.abs(m).max()
+    assert err < 2e-6, err
+    assert np.abs(d32 / d64 - 1).max() < 1e-4
+    if k > 1:
+        assert np.abs(s32 - s64).max() > 1e-10  # float32 arithmetic, not float64's
+
+
+def test_a_factor_float32_cannot_take_falls_back_to_float64() -> None:
+    """All-ones plus 1e-9 I is positive definite in float64 but rounds to the singular all-ones
+    matrix in float32: udu_factor(single=True) says None, and GPTQ's factor_hessian with
+    dtype='float32' takes the float64 factor at the same damping (no retry, no warning)."""
+    k = 40
+    h = np.ones((k, k)) + 1e-9 * np.eye(k)
+    assert udu_factor(h, 0.0, single=True) is None
+    s64, d64 = udu_factor(h, 0.0)
+    f = factor_hessian(h, damp=0.0, act_order=False, dtype="float32")
+    assert f.damp == 0.0
+    np.testing.assert_array_equal(f.s, s64)
+    np.testing.assert_array_equal(f.d, d64)
+    with pytest.raises(ValueError, match="dtype: expected 'float64' or 'float32'"):
+        factor_hessian(h, dtype="float16")
+    with pytest.raises(TypeError, match="single: expected a bool"):
+        udu_factor(h, 0.0, single=np.array([True, False]))
+
+
 def test_udu_factor_of_a_diagonal_matrix_is_exact() -> None:
     d = np.array([4.0, 1.0, 0.25, 16.0, 9.0])
     s, got = udu_factor(np.diag(d), 0.5)

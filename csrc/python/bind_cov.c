@@ -4,14 +4,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* cov_update(acc, x, top1) -> acc, in place: acc += x^T x (rows of x; with top1, one row per
- * sequence of x[batch, tokens, d]: the token of largest L-infinity norm). */
+/* cov_update(acc, x, top1, mirror) -> acc, in place: acc += x^T x (rows of x; with top1, one row
+ * per sequence of x[batch, tokens, d]: the token of largest L-infinity norm); without mirror only
+ * the upper triangle of acc changes. */
 static PyObject *py_cov_update(PyObject *self, PyObject *args)
 {
-    PyObject *acc_obj, *x_obj, *top1_obj;
-    int top1;
-    if (!PyArg_ParseTuple(args, "OOO:cov_update", &acc_obj, &x_obj, &top1_obj) ||
-        offq_py_flag(top1_obj, "top1", &top1) < 0) {
+    PyObject *acc_obj, *x_obj, *top1_obj, *mirror_obj;
+    int top1, mirror;
+    if (!PyArg_ParseTuple(args, "OOOO:cov_update", &acc_obj, &x_obj, &top1_obj, &mirror_obj) ||
+        offq_py_flag(top1_obj, "top1", &top1) < 0 || offq_py_flag(mirror_obj, "mirror", &mirror) < 0) {
         return NULL;
     }
     const int acc_type = offq_float_typenum(acc_obj, "acc");
@@ -96,17 +97,50 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
         src = sel;
     }
     if (acc_type == NPY_FLOAT32) {
-        rc = offq_cov_update_f32((float *)PyArray_DATA(acc), (const float *)src, rows, d);
+        rc = offq_cov_update_f32((float *)PyArray_DATA(acc), (const float *)src, rows, d, mirror);
     } else if (x_type == NPY_FLOAT64) {
-        rc = offq_cov_update_f64((double *)PyArray_DATA(acc), (const double *)src, rows, d);
+        rc = offq_cov_update_f64((double *)PyArray_DATA(acc), (const double *)src, rows, d, mirror);
     } else {
-        rc = offq_cov_update_f64_x32((double *)PyArray_DATA(acc), (const float *)src, rows, d);
+        rc = offq_cov_update_f64_x32((double *)PyArray_DATA(acc), (const float *)src, rows, d,
+                                     mirror);
     }
     Py_END_ALLOW_THREADS
     free(sel);
     if (offq_py_status(rc, (offq_errctx){.arg = "acc"}) < 0) {
         return NULL;
     }
+    Py_INCREF(acc);
+    return (PyObject *)acc;
+}
+
+/* cov_mirror(acc) -> acc, in place: the upper triangle copied into the lower one. */
+static PyObject *py_cov_mirror(PyObject *self, PyObject *args)
+{
+    PyObject *acc_obj;
+    if (!PyArg_ParseTuple(args, "O:cov_mirror", &acc_obj)) {
+        return NULL;
+    }
+    const int acc_type = offq_float_typenum(acc_obj, "acc");
+    if (acc_type < 0) {
+        return NULL;
+    }
+    PyArrayObject *acc = offq_check_writeable(acc_obj, "acc", acc_type, 2, 2);
+    if (acc == NULL) {
+        return NULL;
+    }
+    const int64_t d = (int64_t)PyArray_DIM(acc, 0);
+    if (PyArray_DIM(acc, 1) != d) {
+        PyErr_Format(PyExc_ValueError, "acc: expected a square [d, d] array, got [%lld, %lld]",
+                     (long long)PyArray_DIM(acc, 0), (long long)PyArray_DIM(acc, 1));
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (acc_type == NPY_FLOAT32) {
+        offq_cov_mirror_f32((float *)PyArray_DATA(acc), d);
+    } else {
+        offq_cov_mirror_f64((double *)PyArray_DATA(acc), d);
+    }
+    Py_END_ALLOW_THREADS
     Py_INCREF(acc);
     return (PyObject *)acc;
 }
@@ -192,7 +226,9 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
 
 PyMethodDef offq_cov_methods[] = {
     {"cov_update", py_cov_update, METH_VARARGS,
-     "cov_update(acc, x, top1) -> acc: acc += x^T x in place (see offq.kernels.cov_update)."},
+     "cov_update(acc, x, top1, mirror) -> acc: acc += x^T x in place (see offq.kernels.cov_update)."},
+    {"cov_mirror", py_cov_mirror, METH_VARARGS,
+     "cov_mirror(acc) -> acc: the upper triangle copied into the lower one (see offq.kernels.cov_mirror)."},
     {"top_eigenpairs", py_top_eigenpairs, METH_VARARGS,
      "top_eigenpairs(cov, k, tol, seed) -> (values [k] desc, vectors [d, k]), float64."},
     {NULL, NULL, 0, NULL},

@@ -117,13 +117,16 @@ typedef struct {
 } factor_args;
 
 static int64_t parse_factor_args(PyObject *args, PyObject *kwargs, const char *format,
-                                 factor_args *out)
+                                 factor_args *out, int *single)
 {
+    /* `single` (udu_factor only): a fifth, optional argument */
     static char *kwlist[] = {"h", "add", "perm", "diag", NULL};
-    PyObject *h_obj, *add_obj, *perm_obj = Py_None, *diag_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, kwlist, &h_obj, &add_obj, &perm_obj,
-                                     &diag_obj) ||
-        nonnegative_number(add_obj, "add", &out->add) < 0) {
+    static char *kwlist_single[] = {"h", "add", "perm", "diag", "single", NULL};
+    PyObject *h_obj, *add_obj, *perm_obj = Py_None, *diag_obj = Py_None, *single_obj = Py_False;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, format, single ? kwlist_single : kwlist,
+                                     &h_obj, &add_obj, &perm_obj, &diag_obj, &single_obj) ||
+        nonnegative_number(add_obj, "add", &out->add) < 0 ||
+        (single != NULL && offq_py_flag(single_obj, "single", single) < 0)) {
         return -1;
     }
     PyArrayObject *h;
@@ -143,7 +146,8 @@ static int64_t parse_factor_args(PyObject *args, PyObject *kwargs, const char *f
 static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     factor_args a;
-    const int64_t k = parse_factor_args(args, kwargs, "OO|OO:upper_cholesky_of_inverse", &a);
+    const int64_t k =
+        parse_factor_args(args, kwargs, "OO|OO:upper_cholesky_of_inverse", &a, NULL);
     if (k < 0) {
         return NULL;
     }
@@ -167,12 +171,14 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, Py
     return (PyObject *)u;
 }
 
-/* udu_factor(h, add, perm=None, diag=None) -> (s float64 [k, k] unit upper, d float64 [k]) with
- * P h P^T + add I = s diag(d) s^T, or None when not numerically positive definite. */
+/* udu_factor(h, add, perm=None, diag=None, single=False) -> (s float64 [k, k] unit upper,
+ * d float64 [k]) with P h P^T + add I = s diag(d) s^T, or None when not numerically positive
+ * definite (with single: the Cholesky factorization in float32). */
 static PyObject *py_udu_factor(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     factor_args a;
-    const int64_t k = parse_factor_args(args, kwargs, "OO|OO:udu_factor", &a);
+    int single = 0;
+    const int64_t k = parse_factor_args(args, kwargs, "OO|OOO:udu_factor", &a, &single);
     if (k < 0) {
         return NULL;
     }
@@ -187,7 +193,7 @@ static PyObject *py_udu_factor(PyObject *self, PyObject *args, PyObject *kwargs)
     offq_status rc;
     Py_BEGIN_ALLOW_THREADS
     rc = offq_udu_factor(a.h, k, a.add, a.perm, a.diag, (double *)PyArray_DATA(s),
-                         (double *)PyArray_DATA(d));
+                         (double *)PyArray_DATA(d), single);
     Py_END_ALLOW_THREADS
     if (rc != OFFQ_OK) {
         Py_DECREF(s);
@@ -452,7 +458,7 @@ PyMethodDef offq_linalg_methods[] = {
      "(h[perm][:, perm] + add I)^-1 = u.T @ u, or None when not positive definite (see "
      "offq.kernels.upper_cholesky_of_inverse)."},
     {"udu_factor", (PyCFunction)(void (*)(void))py_udu_factor, METH_VARARGS | METH_KEYWORDS,
-     "udu_factor(h, add, perm=None, diag=None) -> (s [k, k], d [k]) float64, s unit upper with "
+     "udu_factor(h, add, perm=None, diag=None, single=False) -> (s [k, k], d [k]) float64, s unit upper with "
      "h[perm][:, perm] + add I = s @ diag(d) @ s.T, or None when not positive definite (see "
      "offq.kernels.udu_factor)."},
     {NULL, NULL, 0, NULL},

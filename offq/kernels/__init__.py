@@ -9,7 +9,7 @@ int8-weight matmul
 (:mod:`.matmul_i8`), the float32 x packed 2/3/4-bit weight matmul of weight-only models
 (:mod:`.matmul_wq`) and the fused decoder step (:mod:`.decoder`).
 """
-from .cov import cov_accumulator, cov_update, top_eigenpairs
+from .cov import cov_accumulator, cov_mirror, cov_update, top_eigenpairs
 from .gptq import gptq_block_update, gptq_columns
 from .hadamard import SUPPORTED_ORDERS, fwht, hadamard_factor, hadamard_matrix, is_supported
 from .linalg import (TailFactor, smallest_eigenpairs, tail_eigenpairs, tail_subspace,
@@ -25,6 +25,7 @@ __all__ = [
     "is_supported",
     "SUPPORTED_ORDERS",
     "cov_accumulator",
+    "cov_mirror",
     "cov_update",
     "top_eigenpairs",
     "smallest_eigenpairs",

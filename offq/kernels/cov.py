@@ -2,7 +2,9 @@
 
 ``cov_update`` is OpenBLAS ``syrk`` (the scipy-openblas32 library offq links): it adds ``x.T @ x``
 to the upper triangle of the accumulator and mirrors it into the lower one, so the accumulator is
-always a full symmetric matrix. Precision: a float32 accumulator with float32 ``x`` uses ``ssyrk``
+always a full symmetric matrix; a long stream of updates can skip the mirror (``mirror=False``)
+and call ``cov_mirror`` once at its end (a 15% saving per update at d = 8960: the mirror writes
+the lower triangle column by column). Precision: a float32 accumulator with float32 ``x`` uses ``ssyrk``
 in place; a float64 accumulator with float64 ``x`` uses ``dsyrk``; a float64 accumulator with
 float32 ``x`` forms each call's ``x.T @ x`` with ``ssyrk`` (float32 sums over that call's rows)
 and adds it in float64, so long streams of calls do not lose precision; calls of at most 256 rows
@@ -15,7 +17,7 @@ import numpy as np
 
 from .. import _C
 
-__all__ = ["cov_accumulator", "cov_update", "top_eigenpairs"]
+__all__ = ["cov_accumulator", "cov_mirror", "cov_update", "top_eigenpairs"]
 
 
 def cov_accumulator(d: int, dtype: type = np.float64) -> np.ndarray:
@@ -33,17 +35,21 @@ def cov_accumulator(d: int, dtype: type = np.float64) -> np.ndarray:
     return acc
 
 
-def cov_update(acc: np.ndarray, x: np.ndarray, *, top1: bool = False) -> np.ndarray:
+def cov_update(acc: np.ndarray, x: np.ndarray, *, top1: bool = False,
+               mirror: bool = True) -> np.ndarray:
     """Accumulate the (uncentred) second moment in place: ``acc += x.T @ x``.
 
     Args:
         acc: ``[d, d]`` float64 or float32, C-contiguous, writeable, symmetric on entry (start
-            from zeros); updated in place (both triangles).
+            from zeros); updated in place (both triangles; only the upper one without
+            ``mirror``).
         x: float32 (or float64 when ``acc`` is float64), C-contiguous. Without ``top1``,
             ``[..., d]``: every row (token) enters. With ``top1=True``, ``[batch, tokens, d]``:
             only each sequence's token of largest L-infinity norm enters (the first one on ties;
             a token containing NaN counts as the largest, so the NaN propagates).
         top1: select one token per sequence (the OffQ top-1 PCA statistic).
+        mirror: copy the upper triangle into the lower one afterwards. With False the lower
+            triangle is left as it was (stale): end the stream with :func:`cov_mirror`.
 
     Returns:
         ``acc`` (the same object).
@@ -52,7 +58,18 @@ def cov_update(acc: np.ndarray, x: np.ndarray, *, top1: bool = False) -> np.ndar
         TypeError: wrong types/dtypes. ValueError: shapes (``acc`` not square, last axis of ``x``
         not ``d``, ``top1`` with ``x.ndim != 3``), non-contiguous or read-only arrays, overlap.
     """
-    return _C.cov_update(acc, x, bool(top1))
+    return _C.cov_update(acc, x, bool(top1), bool(mirror))
+
+
+def cov_mirror(acc: np.ndarray) -> np.ndarray:
+    """Copy the upper triangle of the square ``acc`` (float32 or float64, C-contiguous,
+    writeable) into its lower one, in place: the end of a stream of
+    ``cov_update(..., mirror=False)``. Returns ``acc``.
+
+    Raises:
+        TypeError: wrong type or dtype. ValueError: not square, not contiguous, read-only.
+    """
+    return _C.cov_mirror(acc)
 
 
 def top_eigenpairs(

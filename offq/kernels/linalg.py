@@ -75,7 +75,8 @@ def upper_cholesky_of_inverse(h: np.ndarray, add: float = 0.0, *, perm: np.ndarr
 
 
 def udu_factor(h: np.ndarray, add: float = 0.0, *, perm: np.ndarray | None = None,
-               diag: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+               diag: np.ndarray | None = None,
+               single: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """The UDU^T factorization ``M + add * I = s @ np.diag(d) @ s.T``, or None, where ``M`` is
     ``h`` permuted and with its diagonal replaced as for :func:`upper_cholesky_of_inverse`.
 
@@ -85,7 +86,12 @@ def udu_factor(h: np.ndarray, add: float = 0.0, *, perm: np.ndarray | None = Non
     ``R^-1`` with ``(M + add I)^-1 = R^-T R^-1``. GPTQ uses ``s`` (offq/quantizers/gptq.py).
 
     Args: as for :func:`upper_cholesky_of_inverse` (``h`` float64 ``[k, k]``, ``add``, ``perm``,
-        ``diag``).
+        ``diag``), and ``single``: run the Cholesky factorization in float32 (LAPACK ``spotrf``,
+        about twice ``dpotrf``'s rate: 1.0 against 2.0 s at k = 8960 on two Zen5 cores), from
+        ``M + add * I`` rounded to float32; ``s`` and ``d`` are still float64 (the factor's
+        entries widened). Its relative error is float32's times the condition number; a matrix
+        float32 cannot factor (or whose entries overflow float32) gives None, like a matrix that
+        is not positive definite, so a caller can retry in float64.
 
     Returns:
         ``(s, d)``: ``s`` a new float64 ``[k, k]`` unit upper triangular array (the diagonal
@@ -97,7 +103,7 @@ def udu_factor(h: np.ndarray, add: float = 0.0, *, perm: np.ndarray | None = Non
         TypeError, ValueError: as for :func:`upper_cholesky_of_inverse`; every message names the
         argument.
     """
-    return _C.udu_factor(h, add, perm, diag)
+    return _C.udu_factor(h, add, perm, diag, single)
 
 
 def smallest_eigenpairs(h: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:

@@ -63,10 +63,13 @@ class HessianAccumulator:
         self.sum: np.ndarray | None = cov_accumulator(k)
         self.n = 0
         self.finished = False
+        # updates add to the upper triangle only; the lower one is filled once, when read
+        self._mirrored = True
 
     def update(self, x: np.ndarray) -> None:
         """Add the rows of ``x[..., K]``: ``offq.kernels.cov_update`` (OpenBLAS syrk; float32
-        sums within one call, float64 across calls)."""
+        sums within one call, float64 across calls; the upper triangle only, mirrored when the
+        Hessian is read)."""
         from offq.kernels import cov_update
 
         if self.finished:
@@ -76,8 +79,18 @@ class HessianAccumulator:
         if x.shape[-1] != self.k:
             raise ValueError(f"x: expected last axis {self.k}, got shape {x.shape}")
         rows = np.ascontiguousarray(x.reshape(-1, self.k), dtype=np.float32)
-        cov_update(self.sum, rows)
+        cov_update(self.sum, rows, mirror=False)
+        self._mirrored = False
         self.n += rows.shape[0]
+
+    def _full(self) -> np.ndarray:
+        """The running sum, its lower triangle brought up to date."""
+        from offq.kernels import cov_mirror
+
+        if not self._mirrored:
+            cov_mirror(self.sum)
+            self._mirrored = True
+        return self.sum
 
     @property
     def hessian(self) -> np.ndarray:
@@ -87,7 +100,7 @@ class HessianAccumulator:
             return self.sum.copy()
         if self.n == 0:
             raise ValueError("HessianAccumulator: no inputs were added")
-        return self.sum * (2.0 / self.n)
+        return self._full() * (2.0 / self.n)
 
     def finish(self) -> np.ndarray:
         """``2 X^T X / n`` computed in place in the running sum (no K x K copy: 640 MB at
@@ -96,6 +109,7 @@ class HessianAccumulator:
         if not self.finished:
             if self.n == 0:
                 raise ValueError("HessianAccumulator: no inputs were added")
+            self._full()
             self.sum *= 2.0 / self.n
             self.finished = True
         return self.sum
@@ -139,9 +153,13 @@ def gptq_diagonal(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True,
-                   where: str = "") -> HessianFactor:
+                   where: str = "", dtype: str = "float64") -> HessianFactor:
     """Steps 2-5 of the module docstring on ``H = 2 X^T X / n`` [K, K] (``where`` names the
-    layer and site in the warning a damping retry logs)."""
+    layer and site in the warning a damping retry logs). ``dtype="float32"`` runs the Cholesky
+    factorization in float32 (:func:`offq.kernels.udu_factor` ``single``); where float32 cannot
+    factor the damped matrix, float64 is tried at the same damping before the damping grows."""
+    if dtype not in ("float64", "float32"):
+        raise ValueError(f"dtype: expected 'float64' or 'float32', got {dtype!r}")
     if not (np.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp: expected a finite number >= 0, got {damp}")
     hessian = np.asarray(hessian)
@@ -159,7 +177,11 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
     mean_diag = np.mean(diag[perm])
     tried = damp
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        factor = _udu_factor(h, tried * mean_diag, perm, diag)
+        factor = None
+        if dtype == "float32":
+            factor = _udu_factor(h, tried * mean_diag, perm, diag, single=True)
+        if factor is None:
+            factor = _udu_factor(h, tried * mean_diag, perm, diag)
         if factor is not None:
             if attempt:
                 logger.warning("GPTQ %s: the Hessian was not positive definite with damping %g; "
@@ -170,8 +192,8 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
                      f"{tried / 10:g} (x mean diag); are the calibration inputs degenerate?")
 
 
-def _udu_factor(h: np.ndarray, add: float, perm: np.ndarray,
-                diag: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def _udu_factor(h: np.ndarray, add: float, perm: np.ndarray, diag: np.ndarray,
+                single: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """``(s, d)`` with ``h[perm][:, perm] + add I = s @ diag(d) @ s.T`` (the diagonal taken from
     ``diag``), or None when that is not computable.
 
@@ -182,7 +204,7 @@ def _udu_factor(h: np.ndarray, add: float, perm: np.ndarray,
     # LAPACK on the session's BLAS threads: at K = 8960 (Qwen2.5-1.5B's down_proj) the
     # factorization is most of GPTQ's time, 3.1-3.7 s on two Zen3 cores (bench_gptq_stage.py)
     return udu_factor(h, float(add), perm=np.ascontiguousarray(perm, np.int64),
-                      diag=np.ascontiguousarray(diag, np.float64))
+                      diag=np.ascontiguousarray(diag, np.float64), single=single)
 
 
 def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int = 4,
@@ -309,12 +331,15 @@ class GPTQ(WeightQuantizer):
     static_groups: bool = False
     #: coordinate-descent re-quantization sweeps after GPTQ (offq/quantizers/cd.py; 0: none)
     cd_sweeps: int = 0
+    #: precision of the Hessian's Cholesky factorization (:func:`factor_hessian`)
+    factor_dtype: str = "float64"
     needs_hessian = True
 
     def prepare(self, hessian: np.ndarray | None, where: str) -> HessianFactor:
         if hessian is None:
             raise ValueError(f"GPTQ {where}: needs the site's Hessian (calibration inputs)")
-        factor = factor_hessian(hessian, damp=self.damp, act_order=self.act_order, where=where)
+        factor = factor_hessian(hessian, damp=self.damp, act_order=self.act_order, where=where,
+                                dtype=self.factor_dtype)
         if self.cd_sweeps:
             factor = replace(factor, hessian=hessian)
         return factor
