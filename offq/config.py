@@ -285,6 +285,8 @@ class QuantConfig:
         if self.w_bits != OFF:
             g = "ch" if self.w_group_size == -1 else f"g{self.w_group_size}"
             cd = f"+cd{self.gptq_cd_sweeps}" if self.gptq_cd_sweeps else ""
+            if self.w_quantizer.endswith("gptq") and self.gptq_factor_dtype == "float32":
+                cd += "(f32 factor)"
             parts.append(f"w:{self.w_quantizer}{cd},{'sym' if self.w_symmetric else 'asym'},{g}"
                          f"{',mse' if self.w_clip_search else ''}")
         if self.a_bits != OFF:

@@ -286,6 +286,37 @@ def test_calib_activations_setting():
     assert QuantConfig.from_dict(old).calib_activations == "float"
 
 
+def test_gptq_factor_dtype_setting_reaches_the_factorization(monkeypatch):
+    """Checked like every choice, shown in the protocol line, read back, absent from older
+    checkpoints (float64), and carried to GPTQ's factorization of every site."""
+    from offq.quantizers import gptq
+
+    with pytest.raises(ValueError, match="^gptq_factor_dtype: expected one of float64, float32"):
+        QuantConfig(gptq_factor_dtype="float16")
+    cfg = QuantConfig(method="offq", a_group_size=32, gptq_factor_dtype="float32")
+    assert "gptq(f32 factor)," in cfg.describe()
+    assert "f32" not in QuantConfig().describe()
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    old = QuantConfig().to_dict()
+    del old["gptq_factor_dtype"]
+    assert QuantConfig.from_dict(old).gptq_factor_dtype == "float64"
+
+    seen = []
+    real = gptq._udu_factor
+
+    def spy(h, add, perm, diag, single=False):
+        seen.append(single)
+        return real(h, add, perm, diag, single)
+
+    monkeypatch.setattr(gptq, "_udu_factor", spy)
+    ckpt = tiny_checkpoint(1, layers=2, d=64, hd=16, f=128)
+    for dtype, want in (("float32", True), ("float64", False)):
+        seen.clear()
+        pipeline.quantize(ckpt, dataclasses.replace(cfg, gptq_factor_dtype=dtype),
+                          calibration(ckpt, 2, 32, 0), batch_size=2, progress=False)
+        assert seen and set(seen) == {want}, (dtype, seen)
+
+
 RUN = textwrap.dedent("""
     import sys
     sys.path[:0] = [{root!r}, {tests!r}]

@@ -1,0 +1,89 @@
+"""GPTQ with its Hessian factored in float32 against float64 (QuantConfig.gptq_factor_dtype), per
+linear of a real model: does the cheaper factorization change what GPTQ achieves?
+
+For each capture site of ``--layers`` (the site's linears stacked, as the recipe quantizes them),
+the input Hessian of the float model over ``--calib`` sequences of offq's default calibration
+corpus (seed 0) and over held-out windows of WikiText-2 test; GPTQ (act-order, damp 0.01, MSE clip
+search) at W4 symmetric and W3 asymmetric per channel, once with each factor precision. Printed per
+site and setting: GPTQ's loss ``tr(dW H dW^T)`` with the float32 factor over the loss with the
+float64 one, on the calibration Hessian and on the held-out one; at the end their geometric means
+and the worst. Ratios near 1 say the factor's precision does not matter to GPTQ's objective.
+
+    python benchmarks/bench_gptq_factor_precision.py                       # SmolLM2-135M, ~2 min
+    python benchmarks/bench_gptq_factor_precision.py --model qwen2.5-coder-1.5b --layers 0,27 \\
+        --calib 4x2048
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SETTINGS = ((4, True), (3, False))  # (bits, symmetric), per channel
+
+
+def loss(dw: np.ndarray, h: np.ndarray) -> float:
+    """tr(dW H dW^T) in float64."""
+    return float(np.sum((dw @ h) * dw))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--layers", default="0,5,10,15,20,29", help="comma-separated layer indices")
+    p.add_argument("--calib", default="8x2048", help="calibration SAMPLESxSEQLEN")
+    p.add_argument("--heldout", default="4x2048", help="held-out WINDOWSxSEQLEN of WikiText-2 test")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    from offq.bench.machine import describe_machine
+    from offq.bench.site_hessians import float_model_sites
+    from offq.data import (DEFAULT_CALIBRATION, load_wikitext2_test, sample_calibration,
+                           token_windows, tokenize_text)
+    from offq.kernels import threads
+    from offq.quantizers.gptq import GPTQ
+
+    layers = [int(s) for s in args.layers.split(",") if s.strip()]
+    n_cal, len_cal = (int(v) for v in args.calib.lower().split("x"))
+    n_held, len_held = (int(v) for v in args.heldout.lower().split("x"))
+    ratios: dict[str, list[float]] = {"calibration": [], "held-out": []}
+    with threads(args.threads), float_model_sites(args.model, layers) as (ckpt, arch, hessians):
+        held = token_windows(tokenize_text(ckpt.tokenizer, load_wikitext2_test()), len_held)[:n_held]
+        cal = sample_calibration(ckpt.tokenizer, DEFAULT_CALIBRATION, n=n_cal, seqlen=len_cal,
+                                 seed=0)
+        print(f"# {args.model}, layers {layers}; calibration {DEFAULT_CALIBRATION} {n_cal}x{len_cal} "
+              f"seed 0; held-out WikiText-2 test {held.shape[0]}x{held.shape[1]}; GPTQ act-order, "
+              f"damp 0.01, MSE clip, per channel; {args.threads} threads; {describe_machine()}",
+              flush=True)
+        h_cal, h_held = hessians(cal), hessians(held)
+        print("layer site     K      " + " | ".join(f"W{b} {'sym' if s else 'asym'}: cal, held"
+                                                   for b, s in SETTINGS), flush=True)
+        for (site, i), h in sorted(h_cal.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            w = np.concatenate([np.asarray(ckpt.tensors[arch.weight(i, lin)], dtype=np.float32)
+                                for lin in arch.sites[site]])
+            cells = []
+            for bits, symmetric in SETTINGS:
+                losses = []
+                for dtype in ("float64", "float32"):
+                    gptq = GPTQ(bits=bits, group_size=-1, symmetric=symmetric, clip_search=True,
+                                factor_dtype=dtype)
+                    dw = gptq.quantize(w, gptq.prepare(h, f"layer {i} {site}")).dequantized
+                    dw = dw.astype(np.float64) - w
+                    losses.append((loss(dw, h), loss(dw, h_held[(site, i)])))
+                cal_ratio, held_ratio = (losses[1][j] / losses[0][j] for j in (0, 1))
+                ratios["calibration"].append(cal_ratio)
+                ratios["held-out"].append(held_ratio)
+                cells.append(f"{cal_ratio:.5f}, {held_ratio:.5f}")
+            print(f"{i:5d} {site:8s} {h.shape[0]:5d}  " + " | ".join(cells), flush=True)
+    for name, values in ratios.items():
+        print(f"{name}: float32 / float64 loss, geometric mean {np.exp(np.mean(np.log(values))):.5f}"
+              f", worst {max(values):.5f} ({len(values)} site-settings)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
