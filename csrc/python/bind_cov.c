@@ -4,6 +4,26 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* `acc` as both functions take it: a writeable, C-contiguous, square [d, d] float32 or float64
+ * array with d >= 1 (its dtype in *type); NULL with the exception set (naming "acc"). */
+static PyArrayObject *check_accumulator(PyObject *obj, int *type)
+{
+    *type = offq_float_typenum(obj, "acc");
+    if (*type < 0) {
+        return NULL;
+    }
+    PyArrayObject *acc = offq_check_writeable(obj, "acc", *type, 2, 2);
+    if (acc == NULL) {
+        return NULL;
+    }
+    if (PyArray_DIM(acc, 1) != PyArray_DIM(acc, 0) || PyArray_DIM(acc, 0) < 1) {
+        PyErr_Format(PyExc_ValueError, "acc: expected a square [d, d] array with d >= 1, got [%lld, %lld]",
+                     (long long)PyArray_DIM(acc, 0), (long long)PyArray_DIM(acc, 1));
+        return NULL;
+    }
+    return acc;
+}
+
 /* cov_update(acc, x, top1, mirror) -> acc, in place: acc += x^T x (rows of x; with top1, one row
  * per sequence of x[batch, tokens, d]: the token of largest L-infinity norm); without mirror only
  * the upper triangle of acc changes. */
@@ -15,20 +35,12 @@ static PyObject *py_cov_update(PyObject *self, PyObject *args)
         offq_py_flag(top1_obj, "top1", &top1) < 0 || offq_py_flag(mirror_obj, "mirror", &mirror) < 0) {
         return NULL;
     }
-    const int acc_type = offq_float_typenum(acc_obj, "acc");
-    if (acc_type < 0) {
-        return NULL;
-    }
-    PyArrayObject *acc = offq_check_writeable(acc_obj, "acc", acc_type, 2, 2);
+    int acc_type;
+    PyArrayObject *acc = check_accumulator(acc_obj, &acc_type);
     if (acc == NULL) {
         return NULL;
     }
     const int64_t d = (int64_t)PyArray_DIM(acc, 0);
-    if (PyArray_DIM(acc, 1) != d || d < 1) {
-        PyErr_Format(PyExc_ValueError, "acc: expected a square [d, d] array with d >= 1, got [%lld, %lld]",
-                     (long long)PyArray_DIM(acc, 0), (long long)PyArray_DIM(acc, 1));
-        return NULL;
-    }
     if (d > 2000000000LL) {
         PyErr_SetString(PyExc_ValueError, "acc: d too large for OpenBLAS (32-bit sizes)");
         return NULL;
@@ -120,20 +132,12 @@ static PyObject *py_cov_mirror(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O:cov_mirror", &acc_obj)) {
         return NULL;
     }
-    const int acc_type = offq_float_typenum(acc_obj, "acc");
-    if (acc_type < 0) {
-        return NULL;
-    }
-    PyArrayObject *acc = offq_check_writeable(acc_obj, "acc", acc_type, 2, 2);
+    int acc_type;
+    PyArrayObject *acc = check_accumulator(acc_obj, &acc_type);
     if (acc == NULL) {
         return NULL;
     }
     const int64_t d = (int64_t)PyArray_DIM(acc, 0);
-    if (PyArray_DIM(acc, 1) != d) {
-        PyErr_Format(PyExc_ValueError, "acc: expected a square [d, d] array, got [%lld, %lld]",
-                     (long long)PyArray_DIM(acc, 0), (long long)PyArray_DIM(acc, 1));
-        return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     if (acc_type == NPY_FLOAT32) {
         offq_cov_mirror_f32((float *)PyArray_DATA(acc), d);
