@@ -180,6 +180,9 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
         factor = None
         if dtype == "float32":
             factor = _udu_factor(h, tried * mean_diag, perm, diag, single=True)
+            if factor is None:
+                logger.info("GPTQ %s: float32 could not factor the Hessian with damping %g; "
+                            "trying float64", where or "(unnamed site)", tried)
         if factor is None:
             factor = _udu_factor(h, tried * mean_diag, perm, diag)
         if factor is not None:
