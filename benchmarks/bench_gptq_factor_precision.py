@@ -52,11 +52,12 @@ def main() -> int:
     n_held, len_held = (int(v) for v in args.heldout.lower().split("x"))
     ratios: dict[str, list[float]] = {"calibration": [], "held-out": []}
     with threads(args.threads), float_model_sites(args.model, layers) as (ckpt, arch, hessians):
-        held = token_windows(tokenize_text(ckpt.tokenizer, load_wikitext2_test()), len_held)[:n_held]
+        text = tokenize_text(ckpt.tokenizer, load_wikitext2_test())
+        held = token_windows(text, len_held)[:n_held]
         cal = sample_calibration(ckpt.tokenizer, DEFAULT_CALIBRATION, n=n_cal, seqlen=len_cal,
                                  seed=0)
-        print(f"# {args.model}, layers {layers}; calibration {DEFAULT_CALIBRATION} {n_cal}x{len_cal} "
-              f"seed 0; held-out WikiText-2 test {held.shape[0]}x{held.shape[1]}; GPTQ act-order, "
+        print(f"# {args.model}, layers {layers}; calibration {DEFAULT_CALIBRATION} "
+              f"{n_cal}x{len_cal} seed 0; held-out WikiText-2 test {held.shape[0]}x{held.shape[1]}; GPTQ act-order, "
               f"damp 0.01, MSE clip, per channel; {args.threads} threads; {describe_machine()}",
               flush=True)
         h_cal, h_held = hessians(cal), hessians(held)
