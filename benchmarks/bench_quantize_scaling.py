@@ -96,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
                               calib_activations=args.calib_activations,
                               pca_samples=QuantConfig.pca_samples if args.pca_samples is None
                               else args.pca_samples,
-                              gptq_factor_dtype=args.gptq_factor_dtype)
+                              gptq_dtype=args.gptq_dtype)
             with tempfile.TemporaryDirectory() as tmp:
                 res = offq.quantize(ckpt, cfg, calib,
                                     out_dir=Path(args.keep or Path(tmp) / "q"),
@@ -139,9 +139,9 @@ def main() -> int:
     ap.add_argument("--pca-samples", type=int, default=None,
                     help="QuantConfig.pca_samples: sequences the statistics pass reads "
                          "(default: QuantConfig's)")
-    ap.add_argument("--gptq-factor-dtype", default="float64", choices=("float64", "float32"),
-                    help="QuantConfig.gptq_factor_dtype (float32: GPTQ's Cholesky "
-                         "factorization at twice the rate)")
+    ap.add_argument("--gptq-dtype", default="float64", choices=("float64", "float32"),
+                    help="QuantConfig.gptq_dtype (float32: GPTQ's factorization and updates "
+                         "at twice the rate)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="write the quantized checkpoint to DIR (kept: `offq eval DIR` scores "

@@ -66,44 +66,48 @@ DEFINE_REVERSE_DAMPED(float, reverse_damped_f32)
 /* u <- J u J (flat reversal in place), keeping only what was the lower triangle (now the upper
  * one) and zeroing the rest; OFFQ_ERR_NOTPD unless every kept entry is finite and the diagonal
  * positive. */
-static offq_status reverse_lower_to_upper(double *u, int64_t k)
-{
-    int bad = 0;
-    /* row i of the result is row k-1-i of the input reversed: rows i and k-1-i swap, reversed */
-#pragma omp parallel for schedule(static) reduction(| : bad) if (k >= 512)
-    for (int64_t i = 0; i < (k + 1) / 2; i++) {
-        double *a = u + i * k;           /* input row i: lower part a[0..i] */
-        double *b = u + (k - 1 - i) * k; /* input row k-1-i: lower part b[0..k-1-i] */
-        if (a == b) {                    /* the middle row of an odd k */
-            for (int64_t j = 0; j < k - 1 - j; j++) {
-                const double t = a[j];
-                a[j] = a[k - 1 - j];
-                a[k - 1 - j] = t;
-            }
-        } else {
-            for (int64_t j = 0; j < k; j++) {
-                const double t = a[j];
-                a[j] = b[k - 1 - j];
-                b[k - 1 - j] = t;
-            }
-        }
-        /* now rows i and k-1-i hold the result: upper parts from column i (resp. k-1-i) */
-        for (int64_t j = 0; j < i; j++) {
-            a[j] = 0.0;
-        }
-        for (int64_t j = 0; j < k - 1 - i; j++) {
-            b[j] = 0.0;
-        }
-        for (int64_t j = i; j < k; j++) {
-            bad |= !isfinite(a[j]);
-        }
-        for (int64_t j = k - 1 - i; j < k; j++) {
-            bad |= !isfinite(b[j]);
-        }
-        bad |= !(a[i] > 0.0) || !(b[k - 1 - i] > 0.0);
+#define DEFINE_REVERSE_LOWER_TO_UPPER(T, NAME)                                                    \
+    static offq_status NAME(T *u, int64_t k)                                                      \
+    {                                                                                             \
+        int bad = 0;                                                                              \
+        /* row i of the result is row k-1-i of the input reversed: rows i and k-1-i swap */      \
+        _Pragma("omp parallel for schedule(static) reduction(| : bad) if (k >= 512)")             \
+        for (int64_t i = 0; i < (k + 1) / 2; i++) {                                               \
+            T *a = u + i * k;           /* input row i: lower part a[0..i] */                     \
+            T *b = u + (k - 1 - i) * k; /* input row k-1-i: lower part b[0..k-1-i] */             \
+            if (a == b) {               /* the middle row of an odd k */                          \
+                for (int64_t j = 0; j < k - 1 - j; j++) {                                         \
+                    const T t = a[j];                                                             \
+                    a[j] = a[k - 1 - j];                                                          \
+                    a[k - 1 - j] = t;                                                             \
+                }                                                                                 \
+            } else {                                                                              \
+                for (int64_t j = 0; j < k; j++) {                                                 \
+                    const T t = a[j];                                                             \
+                    a[j] = b[k - 1 - j];                                                          \
+                    b[k - 1 - j] = t;                                                             \
+                }                                                                                 \
+            }                                                                                     \
+            /* now rows i and k-1-i hold the result: upper parts from column i (k-1-i) */        \
+            for (int64_t j = 0; j < i; j++) {                                                     \
+                a[j] = 0;                                                                         \
+            }                                                                                     \
+            for (int64_t j = 0; j < k - 1 - i; j++) {                                             \
+                b[j] = 0;                                                                         \
+            }                                                                                     \
+            for (int64_t j = i; j < k; j++) {                                                     \
+                bad |= !isfinite(a[j]);                                                           \
+            }                                                                                     \
+            for (int64_t j = k - 1 - i; j < k; j++) {                                             \
+                bad |= !isfinite(b[j]);                                                           \
+            }                                                                                     \
+            bad |= !(a[i] > 0) || !(b[k - 1 - i] > 0);                                            \
+        }                                                                                         \
+        return bad ? OFFQ_ERR_NOTPD : OFFQ_OK;                                                    \
     }
-    return bad ? OFFQ_ERR_NOTPD : OFFQ_OK;
-}
+
+DEFINE_REVERSE_LOWER_TO_UPPER(double, reverse_lower_to_upper)
+DEFINE_REVERSE_LOWER_TO_UPPER(float, reverse_lower_to_upper_f32)
 
 /* LAPACK's status after potrf or trtri -> offq's (info > 0: not positive definite, or an exactly
  * zero diagonal entry for trtri). */
@@ -145,62 +149,51 @@ offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double ad
     return rc == OFFQ_OK ? reverse_lower_to_upper(u, k) : rc;
 }
 
-/* u <- L as reversed_potrf, the factorization in float32 (spotrf: twice the rate of dpotrf), in
- * the first half of u's bytes, then widened to float64 in place. The widening runs from the last
- * element down: element i's 8 bytes start at 8 i >= 4 i, past every float still to be read
- * (memcpy: the two views of the buffer are never read through incompatible pointers). */
+/* u <- L as reversed_potrf, in float32 (spotrf: twice the rate of dpotrf). */
 static offq_status reversed_potrf_f32(const double *h, int64_t k, double add, const int64_t *perm,
-                                      const double *diag, double *u)
+                                      const double *diag, float *u)
 {
-    float *u32 = (float *)(void *)u;
-    offq_status rc = reverse_damped_f32(h, k, add, perm, diag, u32);
-    if (rc == OFFQ_OK) {
-        rc = lapack_status(
-            scipy_LAPACKE_spotrf(LAPACK_COL_MAJOR, 'U', (lapack_int)k, u32, (lapack_int)k));
-    }
+    offq_status rc = reverse_damped_f32(h, k, add, perm, diag, u);
     if (rc != OFFQ_OK) {
         return rc;
     }
-    char *bytes = (char *)(void *)u;
-    for (int64_t i = k * k - 1; i >= 0; i--) {
-        float f;
-        memcpy(&f, bytes + 4 * i, sizeof f);
-        const double v = (double)f;
-        memcpy(bytes + 8 * i, &v, sizeof v);
-    }
-    return OFFQ_OK;
+    return lapack_status(
+        scipy_LAPACKE_spotrf(LAPACK_COL_MAJOR, 'U', (lapack_int)k, u, (lapack_int)k));
 }
 
 /* UDU^T: R = J L J is upper with m + add I = R R^T; S = R D^-1/2 (each column over its diagonal
  * entry, so S's diagonal is exactly 1) and d = diag(R)^2 give m + add I = S diag(d) S^T. No
- * triangular inverse: half the flops of offq_upper_cholesky_of_inverse. With `single` the
- * Cholesky factorization runs in float32 (reversed_potrf_f32); the rest stays float64. */
-offq_status offq_udu_factor(const double *h, int64_t k, double add, const int64_t *perm,
-                            const double *diag, double *s, double *d, int single)
-{
-    offq_status rc = single ? reversed_potrf_f32(h, k, add, perm, diag, s)
-                            : reversed_potrf(h, k, add, perm, diag, s);
-    if (rc == OFFQ_OK) {
-        rc = reverse_lower_to_upper(s, k);
+ * triangular inverse: half the flops of offq_upper_cholesky_of_inverse. The float32 variant
+ * runs every step in float32 (the diagonal's square in float64). */
+#define DEFINE_UDU_FACTOR(T, NAME, POTRF, REVERSE)                                                \
+    offq_status NAME(const double *h, int64_t k, double add, const int64_t *perm,                 \
+                     const double *diag, T *s, double *d)                                         \
+    {                                                                                             \
+        offq_status rc = POTRF(h, k, add, perm, diag, s);                                         \
+        if (rc == OFFQ_OK) {                                                                      \
+            rc = REVERSE(s, k);                                                                   \
+        }                                                                                         \
+        if (rc != OFFQ_OK) {                                                                      \
+            return rc;                                                                            \
+        }                                                                                         \
+        _Pragma("omp parallel for schedule(dynamic, 16) if (k >= 512)")                           \
+        for (int64_t i = 0; i < k; i++) {                                                         \
+            T *row = s + i * k;                                                                   \
+            for (int64_t j = i + 1; j < k; j++) {                                                 \
+                row[j] = row[j] / s[j * k + j];                                                   \
+            }                                                                                     \
+        }                                                                                         \
+        /* the diagonal last: every row above read it */                                          \
+        for (int64_t j = 0; j < k; j++) {                                                         \
+            const double r = (double)s[j * k + j];                                                \
+            d[j] = r * r;                                                                         \
+            s[j * k + j] = 1;                                                                     \
+        }                                                                                         \
+        return OFFQ_OK;                                                                           \
     }
-    if (rc != OFFQ_OK) {
-        return rc;
-    }
-    for (int64_t j = 0; j < k; j++) {
-        d[j] = s[j * k + j];
-    }
-#pragma omp parallel for schedule(dynamic, 16) if (k >= 512)
-    for (int64_t i = 0; i < k; i++) {
-        double *row = s + i * k;
-        for (int64_t j = i; j < k; j++) {
-            row[j] = row[j] / d[j];
-        }
-    }
-    for (int64_t j = 0; j < k; j++) {
-        d[j] = d[j] * d[j];
-    }
-    return OFFQ_OK;
-}
+
+DEFINE_UDU_FACTOR(double, offq_udu_factor, reversed_potrf, reverse_lower_to_upper)
+DEFINE_UDU_FACTOR(float, offq_udu_factor_f32, reversed_potrf_f32, reverse_lower_to_upper_f32)
 
 /* ---- Smallest eigenpairs ------------------------------------------------------------------------
  * One tridiagonal reduction A = Q T Q^T (dsytrd) serves every step after it: T's eigenvalues

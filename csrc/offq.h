@@ -273,11 +273,15 @@ offq_status offq_upper_cholesky_of_inverse(const double *h, int64_t k, double ad
  * same way): s[k, k] row-major unit upper triangular (diagonal exactly 1, strictly lower part
  * zero), d[k] > 0. potrf of the reversed matrix without trtri: half the flops of
  * offq_upper_cholesky_of_inverse. Same errors (OFFQ_ERR_NOTPD also for a non-finite entry); s and
- * d are unspecified after an error. Threads: OpenBLAS's setting (the scaling: offq's). With
- * `single`, the Cholesky factorization itself runs in float32 (spotrf, about twice dpotrf's rate;
- * a matrix float32 cannot factor, or whose entries overflow it, gives OFFQ_ERR_NOTPD). */
+ * d are unspecified after an error. Threads: OpenBLAS's setting (the scaling: offq's). */
 offq_status offq_udu_factor(const double *h, int64_t k, double add, const int64_t *perm,
-                            const double *diag, double *s, double *d, int single);
+                            const double *diag, double *s, double *d);
+
+/* The same factorization in float32: m + add I rounded to float32, spotrf (about twice dpotrf's
+ * rate), s float32; d float64 (the squares of float32 entries, exact). A matrix float32 cannot
+ * factor, or whose entries overflow it, gives OFFQ_ERR_NOTPD. */
+offq_status offq_udu_factor_f32(const double *h, int64_t k, double add, const int64_t *perm,
+                                const double *diag, float *s, double *d);
 
 /* The MSE clip search of the weight grids (clip_search.c): for each row of x[rows][g], the clip
  * ratio 1 - i / grid, i in 0..top, searched every 5th then the 8 neighbours of the best, whose grid
@@ -296,20 +300,29 @@ offq_status offq_mse_clip_search(const float *x, int64_t rows, int64_t g, int bi
  * errors, codes[k][n] the output codes; column i is on the grid scale/zero[n][groups] at column
  * column_group[i]. For each column i: codes[i] = the grid codes of (float)wt[i],
  * err[i - block_start] = dequantized - orig[i], and wt[t] -= s[i][t] * err[..] for
- * i < t < sub_end. NumPy's arithmetic exactly (float32 grid, float64 error). The caller checks
- * every index and that scale is finite and > 0 where read. Threads: offq's (OpenMP). */
+ * i < t < sub_end. NumPy's arithmetic exactly (float32 grid; the error and updates in float64, or
+ * all in float32 for the _f32 variant). The caller checks every index and that scale is finite
+ * and > 0 where read. Threads: offq's (OpenMP). */
 void offq_gptq_columns(double *wt, const float *orig, int64_t n, double *err, const double *s,
                        int64_t k, uint8_t *codes, const float *scale, const float *zero,
                        int64_t groups, const int64_t *column_group, int64_t block_start,
                        int64_t first, int64_t end, int64_t sub_end, int bits);
+void offq_gptq_columns_f32(float *wt, const float *orig, int64_t n, float *err, const float *s,
+                           int64_t k, uint8_t *codes, const float *scale, const float *zero,
+                           int64_t groups, const int64_t *column_group, int64_t block_start,
+                           int64_t first, int64_t end, int64_t sub_end, int bits);
 
 /* GPTQ's lazy update of the rows t0..t1-1 of wt[k][n] from the columns first..last-1 of the block
- * that starts at block_start: wt[t] -= sum_i s[i][t] err[i - block_start] (one BLAS dgemm,
- * accumulated in place). The caller checks block_start <= first <= last <= t0 <= t1 <= k, that
- * err holds rows up to last - block_start and k, n fit BLAS's 32-bit sizes. Threads: OpenBLAS's. */
+ * that starts at block_start: wt[t] -= sum_i s[i][t] err[i - block_start] (one BLAS dgemm, or
+ * sgemm for the _f32 variant, accumulated in place). The caller checks block_start <= first <=
+ * last <= t0 <= t1 <= k, that err holds rows up to last - block_start and k, n fit BLAS's 32-bit
+ * sizes. Threads: OpenBLAS's. */
 void offq_gptq_block_update(double *wt, int64_t n, const double *err, const double *s, int64_t k,
                             int64_t block_start, int64_t first, int64_t last, int64_t t0,
                             int64_t t1);
+void offq_gptq_block_update_f32(float *wt, int64_t n, const float *err, const float *s, int64_t k,
+                                int64_t block_start, int64_t first, int64_t last, int64_t t0,
+                                int64_t t1);
 
 /* The `count` smallest eigenpairs of the symmetric h[k, k] (only its upper triangle is read),
  * 1 <= count <= k <= 46000: values[count] ascending, vectors[count, k] row-major, one unit

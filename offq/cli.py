@@ -83,9 +83,9 @@ _HELP = {
     "r2": "hadamard, pca_hadamard, none",
     "gptq_cd_sweeps": "coordinate-descent re-quantization sweeps after GPTQ on its objective, "
                       "grid fixed (OSAQ's +CD variant; 0 = off)",
-    "gptq_factor_dtype": "precision of GPTQ's Cholesky factorization of the Hessian: float64, or "
-                         "float32 at twice the rate (the weight updates stay float64; a Hessian "
-                         "float32 cannot factor falls back to float64)",
+    "gptq_dtype": "precision of GPTQ's arithmetic (the Hessian's factorization, the errors and the "
+                  "weight updates): float64, or float32 at twice the rate, as the reference GPTQ "
+                  "code runs (a Hessian float32 cannot factor falls back to float64)",
     "osaq_tail": "how OSAQ finds the Hessian tail: exact (tridiagonal reduction), subspace "
                  "(inverse subspace iteration, the same budget without the reduction), auto "
                  "(subspace from input width 4096 up)",

@@ -186,25 +186,35 @@ def test_the_hessian_is_dropped_before_the_weights_are_quantized(extra, kept):
 
 
 @pytest.mark.parametrize("calib", CALIB)
-def test_down_proj_inputs_are_spilled_as_its_activation_codes(calib, monkeypatch):
-    """On the real kernels the spill holds down_proj's inputs as its own activation quantizer
-    rounds them (4-bit codes and group parameters, about 1/7 of float32); the float
-    calibration spills float32. Either way the batch leaves bit for bit as the layer sends it
-    (test above); a spill of the wrong kind fails this count."""
+def test_down_proj_inputs_are_held_as_its_activation_codes(calib, monkeypatch):
+    """On the real kernels down_proj's inputs are held in memory as its own activation quantizer
+    rounds them (4-bit codes and group parameters, about 1/7 of float32), nothing spilled; the
+    float calibration spills float32. Either way the batch leaves bit for bit as the layer sends
+    it (test above); a spill or a hold of the wrong kind fails these counts."""
     import offq.recipe.calibrate as calibrate_module
+    from offq.kernels.quant import QTensor
+    from offq.model.decoder import LayerRunner
 
     mc, cfg, w, h = _setup("llama", seed=4, calib=calib)
-    written = []
+    written, held = [], []
     real_write = calibrate_module._write
+    real_add = LayerRunner.add_quantized_output
 
     def counting(f, a, dtype=np.float32):
         written.append(np.asarray(a).astype(dtype).nbytes)
         real_write(f, a, dtype)
 
+    def holding(self, layer, linear, hb, qx):
+        assert isinstance(qx, QTensor) and linear == "down_proj"
+        held.append(qx.codes.nbytes + qx.scale.nbytes + qx.zero.nbytes + qx.code_sums.nbytes)
+        return real_add(self, layer, linear, hb, qx)
+
     monkeypatch.setattr(calibrate_module, "_write", counting)
+    monkeypatch.setattr(LayerRunner, "add_quantized_output", holding)
     _run(mc, cfg, w, h)
     as_float = h.shape[0] * h.shape[1] * mc.intermediate_size * 4
     if calib == "float":
-        assert sum(written) == as_float
+        assert sum(written) == as_float and not held
     else:  # codes: K/2 bytes a row; scale, zero and code sum: 12 bytes a group of 32
-        assert sum(written) == as_float * (1 / 8 + 12 / (32 * 4))
+        assert not written
+        assert sum(held) == as_float * (1 / 8 + 12 / (32 * 4))

@@ -246,6 +246,28 @@ def test_gptq_blocked_equals_unblocked_reference(layer, group, act_order, static
         np.testing.assert_array_equal(got.dequantized, ref)
 
 
+@pytest.mark.parametrize("group, act_order", [(-1, True), (32, False), (24, False), (32, True)])
+def test_gptq_in_float32_is_gptq_to_float32_rounding(layer, group, act_order):
+    """dtype="float32" (factor, errors and updates in float32, dynamic groups included): nearly
+    every weight lands on the float64 reference's grid point (one moves only where float32's
+    rounding carries it across a rounding boundary) and the layer-output error is the same to
+    1%."""
+    from offq.quantizers.gptq import factor_hessian
+
+    x, w, h = layer
+    f32 = factor_hessian(h, damp=0.01, act_order=act_order, dtype="float32")
+    assert f32.s.dtype == np.float32
+    for symmetric in (True, False):
+        got = gptq_quantize(w, factor=f32, bits=3, group_size=group, symmetric=symmetric)
+        ref = reference_gptq(w, h, bits=3, group=group, symmetric=symmetric,
+                             act_order=act_order, static=False)
+        # a dynamic group's grid can move by float32's rounding: compare the values, not bits
+        assert np.mean(np.abs(got.dequantized - ref) > 1e-4) < 0.01
+        e32 = layer_output_error(x, w, got.dequantized)
+        e64 = layer_output_error(x, w, ref)
+        assert abs(e32 / e64 - 1) < 0.01, (e32, e64)
+
+
 def test_gptq_validation():
     w = np.zeros((4, 8), np.float32)
     with pytest.raises(ValueError, match="hessian"):

@@ -1,6 +1,7 @@
 """GPTQ's per-column step in C (offq.kernels.gptq_columns) against the NumPy step it replaced:
-bit for bit on random and adversarial inputs, and every argument validated in the binding; its
-lazy block update (offq.kernels.gptq_block_update) against NumPy's product, to rounding."""
+bit for bit on random and adversarial inputs, in both working precisions (float64, float32), and
+every argument validated in the binding; its lazy block update (offq.kernels.gptq_block_update)
+against NumPy's product, to rounding."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,24 +13,27 @@ from offq.quant.grid import dequantize_codes, quantize_codes
 
 def numpy_step(wt, orig, err, s, codes, scale, zero, column_group, block_start, first, end,
                sub_end, bits):
-    """The per-column loop of GPTQ's sub-block in NumPy (float32 grid, float64 error)."""
+    """The per-column loop of GPTQ's sub-block in NumPy (float32 grid; error and updates in
+    wt's dtype)."""
+    work = wt.dtype
     for i in range(first, end):
         grp = column_group[i]
         x = wt[i].astype(np.float32)
         q = quantize_codes(x, scale[:, grp], zero[:, grp], bits)
         qx = dequantize_codes(q, scale[:, grp], zero[:, grp])
         codes[i] = q
-        e = qx.astype(np.float64) - orig[i].astype(np.float64)
+        e = qx.astype(work) - orig[i].astype(work)
         err[i - block_start] = e
         if i + 1 < sub_end:
             wt[i + 1:sub_end] -= s[i, i + 1:sub_end, None] * e
 
 
-def case(rng, k, n, groups, *, spread=1.0):
+def case(rng, k, n, groups, *, spread=1.0, work=np.float64):
     orig = (rng.standard_normal((k, n)) * spread).astype(np.float32)
-    wt = orig + rng.standard_normal((k, n)) * 0.1 * spread  # as earlier updates left it
+    wt = (orig + rng.standard_normal((k, n)) * 0.1 * spread).astype(work)  # as updates left it
     s = np.triu(rng.standard_normal((k, k)), 1) * 0.3
     s[np.diag_indices(k)] = 1.0
+    s = s.astype(work)
     scale = rng.uniform(0.05, 0.5, (n, groups)).astype(np.float32)
     zero = np.rint(rng.uniform(-3, 18, (n, groups))).astype(np.float32)
     column_group = rng.integers(0, groups, k).astype(np.int64)
@@ -41,7 +45,7 @@ def run_both(wt, orig, s, scale, zero, column_group, block_start, first, end, su
     out = []
     for step in (numpy_step, None):
         w = wt.copy()
-        err = np.zeros((sub_end - block_start + 1, n))
+        err = np.zeros((sub_end - block_start + 1, n), wt.dtype)
         codes = np.zeros((k, n), np.uint8)
         if step is None:
             gptq_columns(w, orig, err, s, codes, scale, zero, column_group,
@@ -54,12 +58,13 @@ def run_both(wt, orig, s, scale, zero, column_group, block_start, first, end, su
     return out
 
 
+@pytest.mark.parametrize("work", [np.float64, np.float32])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n", [1, 7, 300, 1537])  # one output, odd, one chunk, several chunks
-def test_matches_numpy_bit_for_bit(bits, n):
+def test_matches_numpy_bit_for_bit(bits, n, work):
     rng = np.random.default_rng(bits * 1000 + n)
     k = 40
-    wt, orig, fs, scale, zero, cg = case(rng, k, n, groups=5)
+    wt, orig, fs, scale, zero, cg = case(rng, k, n, groups=5, work=work)
     for nthreads in (1, 2):
         with threads(nthreads):
             (w0, e0, c0), (w1, e1, c1) = run_both(wt, orig, fs, scale, zero, cg, 8, 10, 21, 24,
@@ -69,13 +74,14 @@ def test_matches_numpy_bit_for_bit(bits, n):
         np.testing.assert_array_equal(w1, w0)
 
 
+@pytest.mark.parametrize("work", [np.float64, np.float32])
 @pytest.mark.parametrize("nthreads", [1, 2, 3])
-def test_threaded_calls_match_numpy(nthreads):
+def test_threaded_calls_match_numpy(nthreads, work):
     """A call large enough to start the thread team (n >= 512 outputs and (end - first) * n >=
     65536, as GPTQ's gate/up and down_proj runs are), with a chunk count that does not divide
     evenly."""
     rng = np.random.default_rng(11)
-    wt, orig, fs, scale, zero, cg = case(rng, 40, 8193, groups=3)
+    wt, orig, fs, scale, zero, cg = case(rng, 40, 8193, groups=3, work=work)
     with threads(nthreads):
         (w0, e0, c0), (w1, e1, c1) = run_both(wt, orig, fs, scale, zero, cg, 0, 0, 16, 16, 4)
     np.testing.assert_array_equal(c1, c0)
@@ -91,12 +97,13 @@ def test_gptq_of_a_weight_without_outputs():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
-def test_adversarial_values():
+@pytest.mark.parametrize("work", [np.float64, np.float32])
+def test_adversarial_values(work):
     """Ties of round-half-to-even, values far outside the grid (clamped to 0 and 2^b - 1),
     zero-points outside the code range, a subnormal scale, huge weights."""
     rng = np.random.default_rng(7)
     k, n = 16, 513
-    wt, orig, fs, scale, zero, cg = case(rng, k, n, groups=3)
+    wt, orig, fs, scale, zero, cg = case(rng, k, n, groups=3, work=work)
     scale[:] = 0.25
     wt[0] = (np.arange(n) - n // 2) * 0.125  # multiples of scale / 2: every rounding is a tie
     wt[1] = rng.choice([-1e30, 1e30, -3e38, 3e38], n)
@@ -156,7 +163,10 @@ def test_an_empty_run_is_a_no_op():
 
 
 @pytest.mark.parametrize("changes, error, match", [
-    (dict(wt=np.zeros((8, 5), np.float32)), TypeError, "wt: expected dtype float64"),
+    (dict(wt=np.zeros((8, 5), np.float16)), TypeError, "wt: expected dtype float64"),
+    (dict(wt=np.zeros((8, 5), np.float32)), TypeError, "err: expected dtype float32"),
+    (dict(wt=np.zeros((8, 5), np.float32), err=np.zeros((8, 5), np.float32)), TypeError,
+     "s: expected dtype float32"),
     (dict(wt=np.zeros((8, 10))[:, ::2]), ValueError, "wt: expected a C-contiguous"),
     (dict(err=np.zeros((8, 4))), ValueError, r"err: expected shape \[8, 5\]"),
     (dict(wt=np.zeros((0, 5))), ValueError, r"wt: expected a non-empty matrix, got shape \[0, 5\]"),
@@ -268,6 +278,20 @@ def test_block_update_matches_numpy(nthreads, block_start, first, last, t0, t1):
     np.testing.assert_array_equal(wt[untouched], want[untouched])  # other rows: exactly
 
 
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_block_update_in_float32_matches_numpy(nthreads):
+    """float32 wt, err and s: sgemm, NumPy's float64 product to float32's rounding."""
+    rng = np.random.default_rng(9)
+    wt, err, s = (a.astype(np.float32) for a in block_case(rng))
+    want64 = wt.astype(np.float64)
+    want64[40:] -= s[0:40, 40:].astype(np.float64).T @ err.astype(np.float64)
+    with threads(nthreads):
+        gptq_block_update(wt, err, s, block_start=0, first=0, last=40, t0=40, t1=300)
+    assert wt.dtype == np.float32
+    np.testing.assert_allclose(wt, want64, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(wt[:40], want64[:40].astype(np.float32))  # rows above t0
+
+
 def test_block_update_with_many_outputs():
     """gate/up's stacked weight: n = 17920 outputs, a wide product BLAS splits over threads."""
     rng = np.random.default_rng(5)
@@ -288,7 +312,10 @@ def block_call(**changes):
 
 
 @pytest.mark.parametrize("changes, error, match", [
-    (dict(wt=np.zeros((12, 5), np.float32)), TypeError, "wt: expected dtype float64"),
+    (dict(wt=np.zeros((12, 5), np.int64)), TypeError, "wt: expected dtype float64"),
+    (dict(wt=np.zeros((12, 5), np.float32)), TypeError, "err: expected dtype float32"),
+    (dict(wt=np.zeros((12, 5), np.float32), err=np.zeros((4, 5), np.float32)), TypeError,
+     "s: expected dtype float32"),
     (dict(wt=np.zeros((12, 10))[:, ::2]), ValueError, "wt: expected a C-contiguous"),
     (dict(err=np.zeros((4, 6))), ValueError, r"err: expected shape \[4, 5\]"),
     (dict(err=np.zeros((3, 5))), ValueError, "err: expected at least last - block_start = 4"),

@@ -68,9 +68,9 @@ def test_udu_factor_reproduces_the_matrix(k: int, rel_add: float) -> None:
 @pytest.mark.parametrize("permuted", [False, True])
 def test_udu_factor_in_float32_is_the_float64_factor_to_float32_rounding(k: int,
                                                                         permuted: bool) -> None:
-    """single=True: the same structure (exact unit diagonal, zero lower part, float64 arrays),
-    the same factor to float32's rounding times a modest growth, and really float32 (the
-    differences from the float64 factor are far above float64's rounding)."""
+    """single=True: the same structure (exact unit diagonal, zero lower part), s float32 and d
+    float64, the same factor to float32's rounding times a modest growth, and really computed in
+    float32 (the differences from the float64 factor are far above float64's rounding)."""
     h = random_spd(k, seed=k + 1)
     rng = np.random.default_rng(k)
     perm = rng.permutation(k).astype(np.int64) if permuted else None
@@ -78,11 +78,12 @@ def test_udu_factor_in_float32_is_the_float64_factor_to_float32_rounding(k: int,
     add = 0.01 * float(np.mean(np.diag(h)))
     s64, d64 = udu_factor(h, add, perm=perm, diag=diag)
     s32, d32 = udu_factor(h, add, perm=perm, diag=diag, single=True)
-    assert s32.dtype == d32.dtype == np.float64 and s32.flags.c_contiguous
+    assert s32.dtype == np.float32 and d32.dtype == np.float64 and s32.flags.c_contiguous
     np.testing.assert_array_equal(np.diag(s32), 1.0)
     np.testing.assert_array_equal(np.tril(s32, -1), 0.0)
     assert np.all(d32 > 0) and np.all(np.isfinite(s32))
     m = (s64 * d64) @ s64.T  # the damped, permuted matrix (float64 factor: exact to 1e-13)
+    s32 = s32.astype(np.float64)
     err = np.abs((s32 * d32) @ s32.T - m).max() / np.abs(m).max()
     assert err < 2e-6, err
     assert np.abs(d32 / d64 - 1).max() < 1e-4

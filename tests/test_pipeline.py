@@ -286,20 +286,21 @@ def test_calib_activations_setting():
     assert QuantConfig.from_dict(old).calib_activations == "float"
 
 
-def test_gptq_factor_dtype_setting_reaches_the_factorization(monkeypatch):
+def test_gptq_dtype_setting_reaches_the_factorization_and_the_updates(monkeypatch):
     """Checked like every choice, shown in the protocol line, read back, absent from older
-    checkpoints (float64), and carried to GPTQ's factorization of every site."""
+    checkpoints (float64), and carried to GPTQ's factorization of every site and to its
+    updates (the lazy block update sees float32 weights)."""
     from offq.quantizers import gptq
 
-    with pytest.raises(ValueError, match="^gptq_factor_dtype: expected one of float64, float32"):
-        QuantConfig(gptq_factor_dtype="float16")
-    cfg = QuantConfig(method="offq", a_group_size=32, gptq_factor_dtype="float32")
-    assert "gptq(f32 factor)," in cfg.describe()
+    with pytest.raises(ValueError, match="^gptq_dtype: expected one of float64, float32"):
+        QuantConfig(gptq_dtype="float16")
+    cfg = QuantConfig(method="offq", a_group_size=32, gptq_dtype="float32")
+    assert "gptq(f32)," in cfg.describe()
     assert "f32" not in QuantConfig().describe()
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     old = QuantConfig().to_dict()
-    del old["gptq_factor_dtype"]
-    assert QuantConfig.from_dict(old).gptq_factor_dtype == "float64"
+    del old["gptq_dtype"]
+    assert QuantConfig.from_dict(old).gptq_dtype == "float64"
 
     seen = []
     real = gptq._udu_factor
@@ -309,12 +310,22 @@ def test_gptq_factor_dtype_setting_reaches_the_factorization(monkeypatch):
         return real(h, add, perm, diag, single)
 
     monkeypatch.setattr(gptq, "_udu_factor", spy)
+    updated = []
+    real_update = gptq.gptq_block_update
+
+    def spy_update(wt, *args, **kwargs):
+        updated.append(wt.dtype)
+        return real_update(wt, *args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_block_update", spy_update)
     ckpt = tiny_checkpoint(1, layers=2, d=64, hd=16, f=128)
     for dtype, want in (("float32", True), ("float64", False)):
         seen.clear()
-        pipeline.quantize(ckpt, dataclasses.replace(cfg, gptq_factor_dtype=dtype),
+        updated.clear()
+        pipeline.quantize(ckpt, dataclasses.replace(cfg, gptq_dtype=dtype),
                           calibration(ckpt, 2, 32, 0), batch_size=2, progress=False)
         assert seen and set(seen) == {want}, (dtype, seen)
+        assert updated and set(updated) == {np.dtype(dtype)}, (dtype, set(updated))
 
 
 RUN = textwrap.dedent("""

@@ -33,6 +33,20 @@ static PyArrayObject *matrix_arg(PyObject *obj, const char *name, int typenum, i
     return a;
 }
 
+/* The working type of a GPTQ call: wt's dtype, float64 or float32 (err and s must match it).
+ * NPY_FLOAT64 for anything else, so that matrix_arg's message names wt and the expected dtype. */
+static int working_type(PyObject *wt)
+{
+    return PyArray_Check(wt) && PyArray_TYPE((PyArrayObject *)wt) == NPY_FLOAT32 ? NPY_FLOAT32
+                                                                                  : NPY_FLOAT64;
+}
+
+/* Entry i of a float64 or float32 array, as a double. */
+static inline double entry(const void *a, int typenum, int64_t i)
+{
+    return typenum == NPY_FLOAT32 ? (double)((const float *)a)[i] : ((const double *)a)[i];
+}
+
 /* The run's indices idx[0..count) must rise, 0 <= idx[0] <= ... <= idx[count - 1] <= k (names[j]
  * names idx[j]), and err must hold the block's rows up to idx[rows_to] (idx[0] is the block
  * start). 0, or -1 with a ValueError naming the first index out of order, or err. */
@@ -81,14 +95,15 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
     if (offq_parse_bits(io[4], &bits) < 0) {
         return NULL;
     }
-    PyArrayObject *wt = matrix_arg(o[0], "wt", NPY_FLOAT64, 1, -1, -1, 0);
+    const int ft = working_type(o[0]);
+    PyArrayObject *wt = matrix_arg(o[0], "wt", ft, 1, -1, -1, 0);
     if (wt == NULL) {
         return NULL;
     }
     const int64_t k = (int64_t)PyArray_DIM(wt, 0), n = (int64_t)PyArray_DIM(wt, 1);
     PyArrayObject *orig = matrix_arg(o[7], "orig", NPY_FLOAT32, 0, k, n, 0);
-    PyArrayObject *err = orig == NULL ? NULL : matrix_arg(o[1], "err", NPY_FLOAT64, 1, -1, n, 1);
-    PyArrayObject *s = err == NULL ? NULL : matrix_arg(o[2], "s", NPY_FLOAT64, 0, k, k, 0);
+    PyArrayObject *err = orig == NULL ? NULL : matrix_arg(o[1], "err", ft, 1, -1, n, 1);
+    PyArrayObject *s = err == NULL ? NULL : matrix_arg(o[2], "s", ft, 0, k, k, 0);
     PyArrayObject *codes = s == NULL ? NULL : matrix_arg(o[3], "codes", NPY_UINT8, 1, k, n, 0);
     PyArrayObject *scale = codes == NULL ? NULL : matrix_arg(o[4], "scale", NPY_FLOAT32, 0, n, -1, 0);
     if (scale == NULL) {
@@ -112,7 +127,7 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
     }
     /* what the columns read: their group index, factor row, original weights and grid */
     const int64_t *cg = (const int64_t *)PyArray_DATA(column_group);
-    const double *fd = (const double *)PyArray_DATA(s);
+    const void *fd = PyArray_DATA(s);
     const float *od = (const float *)PyArray_DATA(orig);
     const float *sd = (const float *)PyArray_DATA(scale), *zd = (const float *)PyArray_DATA(zero);
     for (long long i = idx[1]; i < idx[2]; i++) {
@@ -122,7 +137,7 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
             return NULL;
         }
         for (long long t = i + 1; t < idx[3]; t++) {
-            if (!isfinite(fd[i * k + t])) {
+            if (!isfinite(entry(fd, ft, i * k + t))) {
                 PyErr_Format(PyExc_ValueError, "s: entry [%lld, %lld] is not finite", i, t);
                 return NULL;
             }
@@ -161,10 +176,17 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
         offq_check_disjoint(codes, "codes", inputs, 7) < 0) {
         return NULL;
     }
+    uint8_t *cd = (uint8_t *)PyArray_DATA(codes);
     Py_BEGIN_ALLOW_THREADS
-    offq_gptq_columns((double *)PyArray_DATA(wt), od, n, (double *)PyArray_DATA(err), fd, k,
-                      (uint8_t *)PyArray_DATA(codes), sd, zd, groups, cg, (int64_t)idx[0],
-                      (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], bits);
+    if (ft == NPY_FLOAT32) {
+        offq_gptq_columns_f32((float *)PyArray_DATA(wt), od, n, (float *)PyArray_DATA(err),
+                              (const float *)fd, k, cd, sd, zd, groups, cg, (int64_t)idx[0],
+                              (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], bits);
+    } else {
+        offq_gptq_columns((double *)PyArray_DATA(wt), od, n, (double *)PyArray_DATA(err),
+                          (const double *)fd, k, cd, sd, zd, groups, cg, (int64_t)idx[0],
+                          (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], bits);
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -185,7 +207,8 @@ static PyObject *py_gptq_block_update(PyObject *self, PyObject *args)
             return NULL;
         }
     }
-    PyArrayObject *wt = matrix_arg(o[0], "wt", NPY_FLOAT64, 1, -1, -1, 0);
+    const int ft = working_type(o[0]);
+    PyArrayObject *wt = matrix_arg(o[0], "wt", ft, 1, -1, -1, 0);
     if (wt == NULL) {
         return NULL;
     }
@@ -195,8 +218,8 @@ static PyObject *py_gptq_block_update(PyObject *self, PyObject *args)
                      INT32_MAX, (long long)k, (long long)n);
         return NULL;
     }
-    PyArrayObject *err = matrix_arg(o[1], "err", NPY_FLOAT64, 0, -1, n, 1);
-    PyArrayObject *s = err == NULL ? NULL : matrix_arg(o[2], "s", NPY_FLOAT64, 0, k, k, 0);
+    PyArrayObject *err = matrix_arg(o[1], "err", ft, 0, -1, n, 1);
+    PyArrayObject *s = err == NULL ? NULL : matrix_arg(o[2], "s", ft, 0, k, k, 0);
     if (s == NULL) {
         return NULL;
     }
@@ -205,17 +228,17 @@ static PyObject *py_gptq_block_update(PyObject *self, PyObject *args)
         return NULL;
     }
     /* what the product reads, checked finite: 1/n of the product's work */
-    const double *fd = (const double *)PyArray_DATA(s), *ed = (const double *)PyArray_DATA(err);
+    const void *fd = PyArray_DATA(s), *ed = PyArray_DATA(err);
     for (long long i = idx[1]; i < idx[2]; i++) {
         for (long long t = idx[3]; t < idx[4]; t++) {
-            if (!isfinite(fd[i * k + t])) {
+            if (!isfinite(entry(fd, ft, i * k + t))) {
                 PyErr_Format(PyExc_ValueError, "s: entry [%lld, %lld] is not finite", i, t);
                 return NULL;
             }
         }
-        const double *row = ed + (i - idx[0]) * n;
+        const int64_t row = (i - idx[0]) * n;
         for (int64_t r = 0; r < n; r++) {
-            if (!isfinite(row[r])) {
+            if (!isfinite(entry(ed, ft, row + r))) {
                 PyErr_Format(PyExc_ValueError, "err: entry [%lld, %lld] is not finite",
                              i - idx[0], (long long)r);
                 return NULL;
@@ -227,8 +250,15 @@ static PyObject *py_gptq_block_update(PyObject *self, PyObject *args)
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    offq_gptq_block_update((double *)PyArray_DATA(wt), n, ed, fd, k, (int64_t)idx[0],
-                           (int64_t)idx[1], (int64_t)idx[2], (int64_t)idx[3], (int64_t)idx[4]);
+    if (ft == NPY_FLOAT32) {
+        offq_gptq_block_update_f32((float *)PyArray_DATA(wt), n, (const float *)ed,
+                                   (const float *)fd, k, (int64_t)idx[0], (int64_t)idx[1],
+                                   (int64_t)idx[2], (int64_t)idx[3], (int64_t)idx[4]);
+    } else {
+        offq_gptq_block_update((double *)PyArray_DATA(wt), n, (const double *)ed,
+                               (const double *)fd, k, (int64_t)idx[0], (int64_t)idx[1],
+                               (int64_t)idx[2], (int64_t)idx[3], (int64_t)idx[4]);
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

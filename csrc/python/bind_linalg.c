@@ -171,9 +171,9 @@ static PyObject *py_upper_cholesky_of_inverse(PyObject *self, PyObject *args, Py
     return (PyObject *)u;
 }
 
-/* udu_factor(h, add, perm=None, diag=None, single=False) -> (s float64 [k, k] unit upper,
- * d float64 [k]) with P h P^T + add I = s diag(d) s^T, or None when not numerically positive
- * definite (with single: the Cholesky factorization in float32). */
+/* udu_factor(h, add, perm=None, diag=None, single=False) -> (s [k, k] unit upper, d float64 [k])
+ * with P h P^T + add I = s diag(d) s^T, or None when not numerically positive definite; s is
+ * float64, or float32 with single (the whole factorization in float32). */
 static PyObject *py_udu_factor(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     factor_args a;
@@ -183,7 +183,8 @@ static PyObject *py_udu_factor(PyObject *self, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     npy_intp dims[2] = {(npy_intp)k, (npy_intp)k};
-    PyArrayObject *s = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT64);
+    PyArrayObject *s =
+        (PyArrayObject *)PyArray_SimpleNew(2, dims, single ? NPY_FLOAT32 : NPY_FLOAT64);
     PyArrayObject *d = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_FLOAT64);
     if (s == NULL || d == NULL) {
         Py_XDECREF(s);
@@ -192,8 +193,10 @@ static PyObject *py_udu_factor(PyObject *self, PyObject *args, PyObject *kwargs)
     }
     offq_status rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = offq_udu_factor(a.h, k, a.add, a.perm, a.diag, (double *)PyArray_DATA(s),
-                         (double *)PyArray_DATA(d), single);
+    rc = single ? offq_udu_factor_f32(a.h, k, a.add, a.perm, a.diag, (float *)PyArray_DATA(s),
+                                      (double *)PyArray_DATA(d))
+                : offq_udu_factor(a.h, k, a.add, a.perm, a.diag, (double *)PyArray_DATA(s),
+                                  (double *)PyArray_DATA(d));
     Py_END_ALLOW_THREADS
     if (rc != OFFQ_OK) {
         Py_DECREF(s);
@@ -458,8 +461,9 @@ PyMethodDef offq_linalg_methods[] = {
      "(h[perm][:, perm] + add I)^-1 = u.T @ u, or None when not positive definite (see "
      "offq.kernels.upper_cholesky_of_inverse)."},
     {"udu_factor", (PyCFunction)(void (*)(void))py_udu_factor, METH_VARARGS | METH_KEYWORDS,
-     "udu_factor(h, add, perm=None, diag=None, single=False) -> (s [k, k], d [k]) float64, s unit upper with "
-     "h[perm][:, perm] + add I = s @ diag(d) @ s.T, or None when not positive definite (see "
+     "udu_factor(h, add, perm=None, diag=None, single=False) -> (s [k, k] (float32 with single, "
+     "else float64), d [k] float64), s unit upper with h[perm][:, perm] + add I = "
+     "s @ diag(d) @ s.T, or None when not positive definite (see "
      "offq.kernels.udu_factor)."},
     {NULL, NULL, 0, NULL},
 };

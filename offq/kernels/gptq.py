@@ -4,7 +4,8 @@ For every column of one run inside a lazy-update sub-block, :func:`gptq_columns`
 column onto its grid, records its rounding error and pushes it onto the rest of the sub-block. In
 NumPy that is a handful of calls per column (~18,000 columns per Qwen2.5-1.5B layer); in C it is
 one call per run, split over offq's threads by output. The arithmetic is NumPy's operation for
-operation (float32 grid, float64 error), so this step's result is unchanged bit for bit
+operation (float32 grid; the error and updates in float64, or in float32 when ``wt`` is
+float32: GPTQ's ``gptq_dtype``), so this step's result is unchanged bit for bit
 (``tests/test_gptq_columns.py`` checks it against the NumPy step). GPTQ as a whole is too, given
 the same grids; the MSE clip search that picks them (:func:`offq.kernels.mse_clip_search`) can
 rank two exactly tied clip ratios differently from NumPy (docs/METHODS.md, section 2).
@@ -26,15 +27,16 @@ def gptq_columns(wt: np.ndarray, orig: np.ndarray, err: np.ndarray, s: np.ndarra
     in place.
 
     Args:
-        wt: float64 ``[k, n]``, the transposed weight in GPTQ's column order (row ``i`` is the
-            i-th column visited) as the updates so far left it; rows ``first + 1 .. sub_end - 1``
-            are updated.
+        wt: float64 (or float32) ``[k, n]``, the transposed weight in GPTQ's column order (row
+            ``i`` is the i-th column visited) as the updates so far left it; rows ``first + 1 ..
+            sub_end - 1`` are updated. Its dtype is the working precision: ``err`` and ``s``
+            must have it too.
         orig: float32 ``[k, n]``, the same weight before any update (rows ``first .. end - 1``
             read, finite).
-        err: float64 ``[>= sub_end - block_start, n]``, the rounding errors of the lazy block
+        err: ``wt``'s dtype, ``[>= sub_end - block_start, n]``, the rounding errors of the lazy block
             that starts at ``block_start``; row ``i - block_start`` is written for each column
             ``i``.
-        s: float64 ``[k, k]``, the unit upper factor of the damped Hessian in the same order
+        s: ``wt``'s dtype, ``[k, k]``, the unit upper factor of the damped Hessian in the same order
             (``H = s diag(d) s.T``, :func:`offq.kernels.udu_factor`); only ``s[i, t]`` for
             ``i < t < sub_end`` is read (finite).
         codes: uint8 ``[k, n]``; row ``i`` receives column ``i``'s codes.
@@ -61,14 +63,15 @@ def gptq_columns(wt: np.ndarray, orig: np.ndarray, err: np.ndarray, s: np.ndarra
 def gptq_block_update(wt: np.ndarray, err: np.ndarray, s: np.ndarray, *, block_start: int,
                       first: int, last: int, t0: int, t1: int) -> None:
     """GPTQ's lazy update, in place: ``wt[t0:t1] -= s[first:last, t0:t1].T @ err[first -
-    block_start:last - block_start]``, as one BLAS ``dgemm`` that accumulates into ``wt`` (no
-    temporary product: at K = 8960 NumPy's form allocated and swept 110 MB per block).
+    block_start:last - block_start]``, as one BLAS ``dgemm`` (``sgemm`` for float32) that
+    accumulates into ``wt`` (no temporary product: at K = 8960 NumPy's form allocated and swept
+    110 MB per block).
 
     Args:
-        wt: float64 ``[k, n]``, C-contiguous, writeable.
-        err: float64 ``[>= last - block_start, n]``, the block's rounding errors (rows read:
-            finite).
-        s: float64 ``[k, k]``, the unit upper factor (entries read: finite).
+        wt: float64 or float32 ``[k, n]``, C-contiguous, writeable.
+        err: ``wt``'s dtype, ``[>= last - block_start, n]``, the block's rounding errors (rows
+            read: finite).
+        s: ``wt``'s dtype, ``[k, k]``, the unit upper factor (entries read: finite).
         block_start, first, last, t0, t1: ``0 <= block_start <= first <= last <= t0 <= t1 <= k``.
 
     The sum runs in BLAS's order, so the result matches NumPy's two-step form to rounding

@@ -86,17 +86,18 @@ def udu_factor(h: np.ndarray, add: float = 0.0, *, perm: np.ndarray | None = Non
     ``R^-1`` with ``(M + add I)^-1 = R^-T R^-1``. GPTQ uses ``s`` (offq/quantizers/gptq.py).
 
     Args: as for :func:`upper_cholesky_of_inverse` (``h`` float64 ``[k, k]``, ``add``, ``perm``,
-        ``diag``), and ``single``: run the Cholesky factorization in float32 (LAPACK ``spotrf``,
-        about twice ``dpotrf``'s rate: 1.0 against 2.0 s at k = 8960 on two Zen5 cores), from
-        ``M + add * I`` rounded to float32; ``s`` and ``d`` are still float64 (the factor's
-        entries widened). Its relative error is float32's times the condition number; a matrix
-        float32 cannot factor (or whose entries overflow float32) gives None, like a matrix that
-        is not positive definite, so a caller can retry in float64.
+        ``diag``), and ``single``: the whole factorization in float32 (LAPACK ``spotrf``, about
+        twice ``dpotrf``'s rate: 1.0 against 2.0 s at k = 8960 on two Zen5 cores), from
+        ``M + add * I`` rounded to float32; ``s`` is then float32 (half the memory), ``d``
+        float64 (squares of float32 entries, exact). Its relative error is float32's times the
+        condition number; a matrix float32 cannot factor (or whose entries overflow float32)
+        gives None, like a matrix that is not positive definite, so a caller can retry in
+        float64.
 
     Returns:
-        ``(s, d)``: ``s`` a new float64 ``[k, k]`` unit upper triangular array (the diagonal
-        exactly 1, the strictly lower part exactly 0), ``d`` float64 ``[k]``, positive. None when
-        ``M + add * I`` is not numerically positive definite (as for
+        ``(s, d)``: ``s`` a new float64 (float32 with ``single``) ``[k, k]`` unit upper triangular
+        array (the diagonal exactly 1, the strictly lower part exactly 0), ``d`` float64 ``[k]``,
+        positive. None when ``M + add * I`` is not numerically positive definite (as for
         :func:`upper_cholesky_of_inverse`).
 
     Raises:

@@ -279,7 +279,7 @@ class LayerRunner:
     def add_quantized_output(self, layer: DecoderLayer, linear: str, h: np.ndarray,
                              qx: QTensor) -> None:
         """``h += linear(x)`` from ``qx``, ``x[B * T, K]`` as the linear's own activation
-        quantizer rounds it (the calibration spills down_proj's inputs so): the bits of
+        quantizer rounds it (the calibration holds down_proj's inputs so): the bits of
         :meth:`add_output`."""
         h += layer.linears[linear].from_quantized(qx).reshape(h.shape)
 

@@ -155,9 +155,10 @@ def gptq_diagonal(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True,
                    where: str = "", dtype: str = "float64") -> HessianFactor:
     """Steps 2-5 of the module docstring on ``H = 2 X^T X / n`` [K, K] (``where`` names the
-    layer and site in the warning a damping retry logs). ``dtype="float32"`` runs the Cholesky
-    factorization in float32 (:func:`offq.kernels.udu_factor` ``single``); where float32 cannot
-    factor the damped matrix, float64 is tried at the same damping before the damping grows."""
+    layer and site in the warning a damping retry logs). ``dtype="float32"`` runs the
+    factorization in float32 (:func:`offq.kernels.udu_factor` ``single``: ``s`` float32, and GPTQ
+    then runs in float32); where float32 cannot factor the damped matrix, float64 is tried at the
+    same damping before the damping grows (``s`` float64: that site's GPTQ runs in float64)."""
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype: expected 'float64' or 'float32', got {dtype!r}")
     if not (np.isfinite(damp) and damp >= 0):
@@ -198,7 +199,7 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
 def _udu_factor(h: np.ndarray, add: float, perm: np.ndarray, diag: np.ndarray,
                 single: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
     """``(s, d)`` with ``h[perm][:, perm] + add I = s @ diag(d) @ s.T`` (the diagonal taken from
-    ``diag``), or None when that is not computable.
+    ``diag``; ``s`` float32 with ``single``, else float64), or None when that is not computable.
 
     :func:`offq.kernels.udu_factor` (C, LAPACK potrf of the reversed matrix, no permuted copy
     formed)."""
@@ -251,13 +252,15 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     if per_channel or static_groups:
         scale[:], zero[:] = group_params(w, bits, g, symmetric, clip_search)
 
-    perm, s = factor.perm, np.ascontiguousarray(factor.s, dtype=np.float64)
+    # GPTQ's working precision is the factor's: float64, or float32 (factor_hessian's dtype)
+    s = factor.s if factor.s.dtype == np.float32 else factor.s.astype(np.float64, copy=False)
+    s, perm, work = np.ascontiguousarray(s), factor.perm, s.dtype
     # Work on the transpose: row i of wt is column perm[i] of w, so every per-column step reads
     # and writes contiguous memory. orig keeps the weights before any update (float32, as given).
     # (one gather from the transposed view: a K x N copy of the weight, not three)
     orig = np.ascontiguousarray(w.T[perm])
     del w
-    wt = orig.astype(np.float64)
+    wt = orig.astype(work)  # a copy in either precision
     codes_t = np.zeros((k, n_out), dtype=np.uint8)
     # Two levels of lazy updates (same arithmetic as one, fewer bytes moved per column): inside a
     # sub-block of _SUB columns each column updates only the rest of its sub-block; a finished
@@ -267,7 +270,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray | None = None, *, bits: int
     column_group = np.ascontiguousarray(perm // g, dtype=np.int64)
     for i1 in range(0, k if n_out else 0, block_size):  # no outputs: nothing to quantize
         i2 = min(i1 + block_size, k)
-        err = np.zeros((i2 - i1, n_out), dtype=np.float64)
+        err = np.zeros((i2 - i1, n_out), dtype=work)
         for j1 in range(i1, i2, _SUB):
             j2 = min(j1 + _SUB, i2)
             i = j1
@@ -319,7 +322,7 @@ def _group_start_weights(wt: np.ndarray, orig: np.ndarray, err: np.ndarray, s: n
         cur[lo - i:] -= s[i1:i, lo:end].T @ err[:i - i1]
     if i == 0:
         return cur  # nothing quantized yet: both forms hold the original weights
-    w0 = orig[i:end].astype(np.float64)
+    w0 = orig[i:end].astype(wt.dtype)
     # rows are columns: (p - w)^T = S_gg^-T (wt - w)^T, a unit lower triangular system
     return w0 + np.linalg.solve(s[i:end, i:end].T, cur - w0)
 
@@ -334,15 +337,16 @@ class GPTQ(WeightQuantizer):
     static_groups: bool = False
     #: coordinate-descent re-quantization sweeps after GPTQ (offq/quantizers/cd.py; 0: none)
     cd_sweeps: int = 0
-    #: precision of the Hessian's Cholesky factorization (:func:`factor_hessian`)
-    factor_dtype: str = "float64"
+    #: GPTQ's arithmetic, float64 or float32: the factorization (:func:`factor_hessian`), the
+    #: errors and the updates
+    dtype: str = "float64"
     needs_hessian = True
 
     def prepare(self, hessian: np.ndarray | None, where: str) -> HessianFactor:
         if hessian is None:
             raise ValueError(f"GPTQ {where}: needs the site's Hessian (calibration inputs)")
         factor = factor_hessian(hessian, damp=self.damp, act_order=self.act_order, where=where,
-                                dtype=self.factor_dtype)
+                                dtype=self.dtype)
         if self.cd_sweeps:
             factor = replace(factor, hessian=hessian)
         return factor

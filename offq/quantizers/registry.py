@@ -23,7 +23,7 @@ QUANTIZERS: dict[str, Callable[["QuantConfig"], WeightQuantizer]] = {
     "rtn": lambda c: RTN(c.w_bits, c.w_group_size, c.w_symmetric, c.w_clip_search),
     "gptq": lambda c: GPTQ(c.w_bits, c.w_group_size, c.w_symmetric, c.w_clip_search,
                            c.gptq_damp, c.gptq_act_order, c.gptq_block_size,
-                           c.gptq_static_groups, c.gptq_cd_sweeps, c.gptq_factor_dtype),
+                           c.gptq_static_groups, c.gptq_cd_sweeps, c.gptq_dtype),
 }
 #: pre-steps applied to the float weight before rounding: name -> factory(config)
 PRE_STEPS: dict[str, Callable[["QuantConfig"], PreStep]] = {

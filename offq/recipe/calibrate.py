@@ -7,8 +7,8 @@ layer to the next one (docs/METHODS.md, "GPTQ", calibration order).
               (kept in memory: [samples, seqlen, heads * head_dim], the mean key recorded)
     mlp_in    h += o_proj(o_in); RMSNorm(h)          -> H_mlp  -> quantize gate, up
     down_in   SwiGLU of the quantized gate/up, R4    -> H_down -> quantize down_proj
-              (spilled to a temporary file: 1.2 GB for Qwen2.5-1.5B at 16 x 2048; 0.17 GB
-              as down_proj's 4-bit activation codes on the real kernels)
+              (spilled to a temporary file: 1.2 GB for Qwen2.5-1.5B at 16 x 2048; on the real
+              kernels held in memory as down_proj's 4-bit activation codes, 0.17 GB)
     out       h += down_proj(down_in)                   the next layer's calibration input
 
 Every product of the layer runs once. The older two-pass order (a float pass of the whole layer
@@ -149,17 +149,18 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
 
     acc = HessianAccumulator(mc.intermediate_size)
     down_act = _integer_input_quantizer(crossing, mode, mc.intermediate_size)
-    spilled: list[_SpilledCodes] = []
+    # what down_proj's product starts from on the real kernels: 7x fewer bytes than float, so
+    # kept in memory (writing and reading them back cost ~0.3 s a Qwen2.5-1.5B layer)
+    held: list[QTensor | None] = []
     with tempfile.TemporaryFile(prefix="offq-down-in-") as spill:
         for b in batches:
             u = runner.mlp_hidden(layer, runner.mlp_input(layer, h[b]))
             acc.update(u)
             if propagate and down_act is None:
                 _write(spill, u)
-            elif propagate:  # what down_proj's product would start from: 7x fewer bytes
-                qx = down_act.quantize(np.ascontiguousarray(u.reshape(-1, u.shape[-1])))
-                spilled.append(_write_codes(spill, qx))
-        u = qx = None  # the last batch's down_proj input (294 MB at 4 x 2048): not beside GPTQ
+            elif propagate:
+                held.append(down_act.quantize(np.ascontiguousarray(u.reshape(-1, u.shape[-1]))))
+        u = None  # the last batch's down_proj input (294 MB at 4 x 2048): not beside GPTQ
         layer = quantize("down_in", acc)  # the weight method took the 640 MB Hessian and dropped it
         if propagate:
             spill.seek(0)
@@ -171,8 +172,8 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
                     u = _read(spill, hb.shape[:-1] + (mc.intermediate_size,))
                     runner.add_output(layer, "down_proj", hb, u)
                 else:
-                    runner.add_quantized_output(layer, "down_proj", hb,
-                                                _read_codes(spill, spilled[k]))
+                    runner.add_quantized_output(layer, "down_proj", hb, held[k])
+                    held[k] = None
     return LayerCalibration(linears, reports, key_mean, spent)
 
 
@@ -216,24 +217,3 @@ def _read(f: Any, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarra
     if got != view.nbytes:
         raise OSError(f"calibration spill file: read {got} of {view.nbytes} bytes")
     return out
-
-
-#: what :func:`_write_codes` appended: the QTensor's fields and its arrays' shapes
-_SpilledCodes = tuple[tuple[int, ...], int, int, bool, tuple[tuple[int, ...], ...]]
-_CODE_ARRAYS = (("codes", np.uint8), ("scale", np.float32), ("zero", np.float32),
-                ("code_sums", np.int32))
-
-
-def _write_codes(f: Any, q: QTensor) -> _SpilledCodes:
-    """Append ``q``'s arrays to the spill; returns what :func:`_read_codes` rebuilds it from."""
-    for name, dtype in _CODE_ARRAYS:
-        _write(f, getattr(q, name), dtype)
-    shapes = tuple(getattr(q, name).shape for name, _ in _CODE_ARRAYS)
-    return q.shape, q.bits, q.group_size, q.symmetric, shapes
-
-
-def _read_codes(f: Any, spilled: _SpilledCodes) -> QTensor:
-    """The QTensor :func:`_write_codes` appended next in the file (its checks run on it)."""
-    shape, bits, group_size, symmetric, shapes = spilled
-    arrays = [_read(f, a_shape, dtype) for a_shape, (_, dtype) in zip(shapes, _CODE_ARRAYS)]
-    return QTensor(*arrays, shape, bits, group_size, symmetric)

@@ -1,16 +1,18 @@
-"""GPTQ with its Hessian factored in float32 against float64 (QuantConfig.gptq_factor_dtype), per
-linear of a real model: does the cheaper factorization change what GPTQ achieves?
+"""GPTQ in float32 against float64 (QuantConfig.gptq_dtype: the Hessian's factorization, the
+errors and the weight updates), per linear of a real model: does the cheaper arithmetic change
+what GPTQ achieves?
 
 For each capture site of ``--layers`` (the site's linears stacked, as the recipe quantizes them),
 the input Hessian of the float model over ``--calib`` sequences of offq's default calibration
 corpus (seed 0) and over held-out windows of WikiText-2 test; GPTQ (act-order, damp 0.01, MSE clip
-search) at W4 symmetric and W3 asymmetric per channel, once with each factor precision. Printed per
-site and setting: GPTQ's loss ``tr(dW H dW^T)`` with the float32 factor over the loss with the
-float64 one, on the calibration Hessian and on the held-out one; at the end their geometric means
-and the worst. Ratios near 1 say the factor's precision does not matter to GPTQ's objective.
+search) at W4 symmetric and W3 asymmetric per channel, once in each precision. Printed per site
+and setting: GPTQ's loss ``tr(dW H dW^T)`` in float32 over the loss in float64, on the
+calibration Hessian and on the held-out one; at the end their geometric means and the worst.
+Ratios near 1 say the precision does not matter to GPTQ's objective. (Until 2026-12-03 the
+float32 setting covered the factorization only; the figures of that day's first runs are its.)
 
-    python benchmarks/bench_gptq_factor_precision.py                       # SmolLM2-135M, ~2 min
-    python benchmarks/bench_gptq_factor_precision.py --model qwen2.5-coder-1.5b --layers 0,27 \\
+    python benchmarks/bench_gptq_precision.py                       # SmolLM2-135M, ~2 min
+    python benchmarks/bench_gptq_precision.py --model qwen2.5-coder-1.5b --layers 0,27 \\
         --calib 4x2048
 """
 from __future__ import annotations
@@ -71,7 +73,7 @@ def main() -> int:
                 losses = []
                 for dtype in ("float64", "float32"):
                     gptq = GPTQ(bits=bits, group_size=-1, symmetric=symmetric, clip_search=True,
-                                factor_dtype=dtype)
+                                dtype=dtype)
                     dw = gptq.quantize(w, gptq.prepare(h, f"layer {i} {site}")).dequantized
                     dw = dw.astype(np.float64) - w
                     losses.append((loss(dw, h), loss(dw, h_held[(site, i)])))
