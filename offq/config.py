@@ -271,6 +271,10 @@ class QuantConfig:
         data.setdefault("kv_centre_keys", False)
         # ... and those written before pca_samples existed took statistics from every sequence
         data.setdefault("pca_samples", 0)
+        # ... and those of 2026-12-03 06:32-08:07 UTC (6dfdbda to b2607d0) name a factor-only
+        # precision (gptq_factor_dtype), the setting gptq_dtype replaced; their GPTQ updates ran
+        # in float64, which is what their record reads as
+        data.pop("gptq_factor_dtype", None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -301,6 +301,8 @@ def test_gptq_dtype_setting_reaches_the_factorization_and_the_updates(monkeypatc
     old = QuantConfig().to_dict()
     del old["gptq_dtype"]
     assert QuantConfig.from_dict(old).gptq_dtype == "float64"
+    old["gptq_factor_dtype"] = "float32"
+    assert QuantConfig.from_dict(old).gptq_dtype == "float64"
 
     seen = []
     real = gptq._udu_factor
