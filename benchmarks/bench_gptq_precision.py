@@ -116,7 +116,7 @@ def in_recipe(args: argparse.Namespace) -> int:
           f"{describe_machine()}", flush=True)
     print("site                    K   float32 / float64 loss   log10 max/min diag(H)", flush=True)
     ratios: list[float] = []
-    held: dict[int, np.ndarray] = {}
+    held: dict[int, tuple[str, np.ndarray]] = {}  # id(factor) -> (site, its Hessian)
     prepare, quantize = GPTQ.prepare, GPTQ.quantize
 
     def prepare_keeping(self: GPTQ, hessian: np.ndarray | None, where: str):
