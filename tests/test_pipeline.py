@@ -457,8 +457,14 @@ def test_output_directories_that_would_destroy_something_are_refused(tmp_path):
     ckpt.path.mkdir()
     with pytest.raises(ValueError, match="is the input being read"):
         pipeline.quantize(ckpt, rtn, None, out_dir=ckpt.path)
-    # an earlier offq checkpoint may be overwritten, and an empty directory used
+    # an earlier output of the same run may be overwritten, and an empty directory used
     pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "q", progress=False)
     pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "q", progress=False)
+    # but not a checkpoint another configuration wrote: it is left as it was
+    before = (tmp_path / "q" / "config.json").read_bytes()
+    with pytest.raises(ValueError, match="finished offq checkpoint made with a different w_bits"):
+        pipeline.quantize(ckpt, dataclasses.replace(rtn, w_bits=3), None, out_dir=tmp_path / "q",
+                          progress=False)
+    assert (tmp_path / "q" / "config.json").read_bytes() == before
     (tmp_path / "empty").mkdir()
     pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "empty", progress=False)

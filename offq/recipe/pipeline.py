@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -143,6 +144,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     if out_dir is not None:
         check_output_dir(out_dir, getattr(ckpt, "path", None), reusable=_reusable_output)
     calib_record = calibration_record(calib, calibration_source, calibration_seed)
+    if out_dir is not None:
+        _check_replaced_checkpoint(Path(out_dir), config, calib_record)
     store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib_record, batch_size))
     timings: dict[str, float] = {}
     reports: dict[str, Any] = {}
@@ -460,6 +463,37 @@ def _reusable_output(directory: Path) -> bool:
     from ..formats.checkpoint import PARTIAL_DIR, is_offq_checkpoint
 
     return is_offq_checkpoint(directory) or (directory / PARTIAL_DIR).is_dir()
+
+
+def _check_replaced_checkpoint(directory: Path, config: QuantConfig,
+                               calib_record: dict[str, Any] | None) -> None:
+    """Refuse to overwrite a finished offq checkpoint that another command wrote: one whose stored
+    quantization config or calibration differs from this run's (rerunning the same command
+    rewrites it; an unfinished run is handled by the checkpoint store)."""
+    from ..formats.checkpoint import CONFIG_FILE, PARTIAL_DIR, is_offq_checkpoint
+
+    if (directory / PARTIAL_DIR).is_dir() or not is_offq_checkpoint(directory):
+        return
+    stored = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))["offq"]
+    try:
+        old_cfg = QuantConfig.from_dict(stored.get("quant_config"))
+    except (TypeError, ValueError):
+        old_cfg = None
+    old = {"quant_config": None if old_cfg is None else old_cfg.to_dict(),
+           "calibration": stored.get("calibration")}
+    new = json.loads(json.dumps({"quant_config": config.to_dict(), "calibration": calib_record}))
+    if old == new:
+        return
+    if old_cfg is None:
+        diff = ["quant_config (unreadable)"]
+    else:
+        diff = sorted(k for k in new["quant_config"]
+                      if new["quant_config"][k] != old["quant_config"].get(k))
+        if old["calibration"] != new["calibration"]:
+            diff.append("calibration")
+    raise ValueError(f"out_dir: {directory} holds a finished offq checkpoint made with a "
+                     f"different {', '.join(diff)}; write to a new directory, or delete that "
+                     "one first to replace it")
 
 
 def _check_calibration(calib: np.ndarray | None, cfg: QuantConfig, vocab: int) -> np.ndarray | None:
