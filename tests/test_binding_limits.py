@@ -107,5 +107,11 @@ def test_a_flag_whose_truth_value_fails_is_named(name, call):
     # more than one element is ambiguous" through without the argument's name
     with pytest.raises(TypeError, match=rf"^{name}: expected a bool, got numpy.ndarray$"):
         call(np.array([True, False]))
-    call(np.bool_(True))  # what "p" accepted is still accepted
+    call(np.bool_(True))  # bools, NumPy bools and the integers 0 / 1 are flags
     call(0)
+    call(np.int64(1))
+    # a flag is never read by its truth value: "false" would have meant True
+    for bad, err in [("false", TypeError), (None, TypeError), (0.0, TypeError), (2, ValueError),
+                     (-1, ValueError)]:
+        with pytest.raises(err, match=rf"^{name}: expected a bool"):
+            call(bad)

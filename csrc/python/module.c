@@ -76,17 +76,24 @@ int offq_py_int(PyObject *obj, const char *name, long long *out)
 
 int offq_py_flag(PyObject *obj, const char *name, int *out)
 {
-    const int v = PyObject_IsTrue(obj);
-    if (v < 0) {
-        if (PyErr_ExceptionMatches(PyExc_TypeError) || PyErr_ExceptionMatches(PyExc_ValueError)) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_TypeError, "%s: expected a bool, got %s", name,
-                         Py_TYPE(obj)->tp_name);
+    /* a bool, a NumPy bool, or the integers 0 / 1; anything else (a string such as "false",
+     * an array, None) is refused rather than read by its truth value */
+    if (PyBool_Check(obj) || PyArray_IsScalar(obj, Bool)) {
+        *out = PyObject_IsTrue(obj);
+        return 0;
+    }
+    if (PyLong_Check(obj) || PyArray_IsScalar(obj, Integer)) {
+        const long long v = PyLong_AsLongLong(obj);
+        if (!(v == -1 && PyErr_Occurred()) && (v == 0 || v == 1)) {
+            *out = (int)v;
+            return 0;
         }
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: expected a bool (or 0 / 1), got %R", name, obj);
         return -1;
     }
-    *out = v;
-    return 0;
+    PyErr_Format(PyExc_TypeError, "%s: expected a bool, got %s", name, Py_TYPE(obj)->tp_name);
+    return -1;
 }
 
 int offq_py_float(PyObject *obj, const char *name, double *out)

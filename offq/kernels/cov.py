@@ -59,7 +59,7 @@ def cov_update(acc: np.ndarray, x: np.ndarray, *, top1: bool = False,
         TypeError: wrong types/dtypes. ValueError: shapes (``acc`` not square, last axis of ``x``
         not ``d``, ``top1`` with ``x.ndim != 3``), non-contiguous or read-only arrays, overlap.
     """
-    return _C.cov_update(acc, x, bool(top1), bool(mirror))
+    return _C.cov_update(acc, x, top1, mirror)
 
 
 def cov_mirror(acc: np.ndarray) -> np.ndarray:

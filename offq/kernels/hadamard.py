@@ -67,7 +67,7 @@ def fwht(
     Arguments are validated by the C binding (the one check). The kernel releases the GIL and
     runs rows in parallel (OpenMP, see :mod:`.threads`).
     """
-    return _C.fwht(x, block, bool(normalize), out)
+    return _C.fwht(x, block, normalize, out)
 
 
 def hadamard_matrix(n: int, *, normalize: bool = True, dtype: np.dtype | type = np.float64) -> np.ndarray:
@@ -77,4 +77,4 @@ def hadamard_matrix(n: int, *, normalize: bool = True, dtype: np.dtype | type = 
     matrix :func:`fwht` applies. ``dtype`` is float32 or float64. Memory is ``n * n`` elements.
     Raises TypeError/ValueError naming ``n`` or ``dtype`` (an unsupported ``n`` names a block).
     """
-    return _C.hadamard_matrix(n, bool(normalize), dtype)
+    return _C.hadamard_matrix(n, normalize, dtype)
