@@ -436,6 +436,20 @@ def test_decode_layout_extreme_codes():
                 matmul_w4a4(a, w, kernel=kernel, w_decode=pack_w4_decode(w)), ref, err_msg=kernel)
 
 
+@pytest.mark.parametrize("n", [1, 8, 13, 40])
+def test_decode_layout_of_another_weight_is_refused(n):
+    """Any bytes are valid codes, so a w_decode packed from another weight of the same shape
+    would silently give another product: its first and last row groups are checked."""
+    rng = np.random.default_rng(n)
+    a = quantize(rng.standard_normal((1, 256)).astype(np.float32), group_size=128)
+    w, other = (quantize(rng.standard_normal((n, 256)).astype(np.float32), group_size=-1,
+                         symmetric=True) for _ in range(2))
+    np.testing.assert_array_equal(matmul_w4a4(a, w, w_decode=pack_w4_decode(w)),
+                                  matmul_w4a4(a, w))
+    with pytest.raises(ValueError, match="w_decode: not pack_w4_decode"):
+        matmul_w4a4(a, w, w_decode=pack_w4_decode(other))
+
+
 def test_decode_layout_validation():
     rng = np.random.default_rng(0)
     w = quantize(rng.standard_normal((10, 64)).astype(np.float32), group_size=-1)
