@@ -120,7 +120,8 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         text: the eval text or token ids; default the WikiText-2 test split shipped with offq.
         tokenizer: encodes ``text`` (default: the model's).
         seqlen, max_windows: window length and how many windows (default all).
-        mode: ``"real"`` (4-bit kernels) or ``"fake"`` (float32 simulation) for quantized models.
+        mode: ``"real"`` (4-bit kernels), ``"fake"`` (float32 simulation), ``"fused"`` (the C
+            decoder, W4A4KV4 only) or ``"auto"`` (fused where the model qualifies, else real).
         kwargs: passed to :func:`offq.eval.perplexity` (``batch_size``, ``quiet``, ``name``).
 
     Returns:
@@ -137,7 +138,7 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         text, dataset = load_wikitext2_test(), dataset or "wikitext2"
     if isinstance(model, QuantizeResult):
         runnable = model.model(mode)
-        runnable.method = f"{model.quant_config.describe()} ({mode})"
+        runnable.method = f"{model.quant_config.describe(model.model_config.hidden_size)} ({mode})"
         runnable.name = runnable.name or model.name
         if tokenizer is None:
             tokenizer = model.tokenizer

@@ -208,7 +208,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           calibration_seed=cfg.seed if calib is not None else None)
     stages = {"calibration data": t_calib, **result.timings}
     print(f"offq quantize: {args.model} -> {args.out}")
-    print(f"  config: {result.quant_config.describe()}")
+    print(f"  config: {result.quant_config.describe(result.model_config.hidden_size)}")
     print(f"  calibration: {source}, {cfg.calib_samples} x {cfg.calib_seqlen} tokens, seed {cfg.seed}"
           if calib is not None else "  calibration: none needed")
     from .kernels import get_num_threads
@@ -336,8 +336,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    generate(model, tokenizer, args.prompt, cfg, on_token=show)
-    sys.stdout.write("\n")
+    try:
+        generate(model, tokenizer, args.prompt, cfg, on_token=show)
+    finally:  # the error (on stderr) starts on a line of its own
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -574,7 +577,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .formats.gptq_export import export_gptq
 
     out = export_gptq(args.model, args.out, checkpoint_format=args.checkpoint_format)
-    print(f"wrote {out} (format {args.format})")
+    print(f"wrote {out} (format {args.format}, checkpoint_format {args.checkpoint_format})")
     return 0
 
 

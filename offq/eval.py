@@ -114,12 +114,16 @@ def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model,
             m, tok, qcfg = load(model, mode=mode)
             m.tokenizer = tok
             taken = resolved_mode(m, mode)
-            m.method = (f"{qcfg.describe()} ({taken})" if load is load_quantized else
+            m.method = (f"{qcfg.describe(m.config.hidden_size)} ({taken})"
+                        if load is load_quantized else
                         f"gptq-format export W{qcfg.w_bits} group {qcfg.w_group_size} "
                         f"{'sym' if qcfg.w_symmetric else 'asym'} ({taken})")
             return m, tok
         from .formats import open_checkpoint
         model = open_checkpoint(model)
+    elif not (hasattr(model, "config") and hasattr(model, "tensors")):
+        raise TypeError(f"model: expected a Model, a Checkpoint, or a name / path, got "
+                        f"{type(model).__name__}")
     if mode not in ("real", "auto"):  # a float model has no other path to choose
         log.warning("mode=%r ignored: %s is a float model, which runs in float32", mode,
                        getattr(model, "name", "the model"))
@@ -157,6 +161,11 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
     tokenizer = tokenizer if tokenizer is not None else tok
     if text is None:
         raise ValueError("text: the eval text (or token ids) is required")
+    context = getattr(m.config, "max_position_embeddings", None)
+    if isinstance(seqlen, int) and not isinstance(seqlen, bool) and context is not None \
+            and seqlen > int(context):
+        raise ValueError(f"seqlen: {seqlen} tokens per window exceed the model's context of "
+                         f"{int(context)} positions")
     if add_bos is None:
         add_bos = bool(getattr(m.config, "add_bos", False))
     bos_id = None
@@ -168,7 +177,9 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
             raise ValueError("add_bos: the model has no BOS token id")
     if isinstance(text, str):
         if tokenizer is None:
-            raise ValueError("tokenizer: needed to encode the text")
+            raise ValueError(f"tokenizer: needed to encode the text, and {m.name or 'the model'}"
+                             " has none (no tokenizer.json beside its weights); pass "
+                             "tokenizer= or token ids")
         t0 = time.perf_counter()
         stream = tokenizer.encode(text, add_bos=False)
         log.info("tokenized %d characters -> %d tokens in %.1fs", len(text), len(stream),

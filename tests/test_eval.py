@@ -277,3 +277,18 @@ def test_non_finite_model_output_is_an_error_not_a_result(where: str) -> None:
         cfg = GenerationConfig(max_new_tokens=3, temperature=temperature, stop_at_eos=False)
         with pytest.raises(ValueError, match=r"^logits: NaN or Inf at position 3"):
             list(generate_ids(bad, [3, 4, 5, 6], cfg))
+
+
+def test_perplexity_names_its_arguments_before_running() -> None:
+    """A window longer than the model's context names ``seqlen`` (not the model's ``ids``); a
+    model that is none of the accepted kinds names ``model``; text without a tokenizer says so."""
+    model = tiny_model()
+    stream = np.random.default_rng(1).integers(3, 50, size=70)
+    context = int(model.config.max_position_embeddings)
+    with pytest.raises(ValueError, match=rf"^seqlen: {context + 1} tokens per window exceed "
+                                         rf"the model's context of {context}"):
+        perplexity(model, None, stream, seqlen=context + 1, quiet=True)
+    with pytest.raises(TypeError, match="^model: expected a Model"):
+        perplexity(5, None, stream, seqlen=16, quiet=True)
+    with pytest.raises(ValueError, match="^tokenizer: needed to encode the text, and .* has none"):
+        perplexity(model, None, "some text", seqlen=16, quiet=True)

@@ -3,6 +3,8 @@ streams of little-endian 32-bit words, stored zero = zero-point - 1, float16 sca
 recovers offq's dequantized weights exactly; what the format cannot express is refused; offq
 evaluates the export like the checkpoint it came from."""
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +50,8 @@ def tiny():
 def quantized_dir(tiny, tmp_path, **over):
     ckpt, calib = tiny
     cfg = QuantConfig(**{**dict(method="gptq", a_bits=16, kv_bits=16), **over})
-    out = tmp_path / "ckpt"
+    # a new directory per call: offq refuses to replace a checkpoint of another configuration
+    out = Path(tempfile.mkdtemp(prefix="ckpt", dir=tmp_path))
     pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False)
     return out
 

@@ -258,13 +258,16 @@ def test_rerun_into_a_used_directory_writes_model_then_config_and_fsyncs(tmp_pat
     (out / ".model.safetensors.data-456").write_bytes(b"spill")
 
     events = _record_file_events(monkeypatch, out.resolve())
-    pipeline.quantize(tiny_checkpoint(0), QuantConfig(method="rtn"), None, out_dir=out)
+    # the same command on the source without its tokenizer (another configuration is refused:
+    # test_pipeline.py)
+    pipeline.quantize(tiny_checkpoint(0), QuantConfig(method="rtn", w_group_size=32), None,
+                      out_dir=out)
     monkeypatch.undo()
 
-    # only the new run's files, and its config
+    # only the new run's files (no stale tokenizer), and its config
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     block = json.loads((out / "config.json").read_text())["offq"]
-    assert block["quant_config"]["w_group_size"] == -1
+    assert block["quant_config"]["w_group_size"] == 32
     load_quantized(out)
 
     # model.safetensors (with no config.json present any more), then config.json, last

@@ -114,9 +114,10 @@ def test_deterministic_for_a_seed() -> None:
 def test_bad_arguments_name_themselves() -> None:
     """(The checks of h are test_linalg.py's test_bad_h_names_h.)"""
     h = site_hessian(10, 100)
-    for bad in (0, -1, 11):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match=r"^block: expected 1 <= block <= 10"):
             tail_subspace(h, 1.0, block=bad)
+    assert tail_subspace(h, 1.0, block=11)[2] == 0  # over k: the fallback (the docstring)
     with pytest.raises(ValueError, match=r"^max_iter: expected 1 <= max_iter"):
         tail_subspace(h, 1.0, block=2, max_iter=0)
     with pytest.raises(ValueError, match=r"^seed: expected a non-negative integer"):
@@ -256,3 +257,17 @@ def test_factor_energies_bad_arguments_name_themselves() -> None:
     with pytest.raises(ValueError, match=r"^shift: expected a finite number >= 0"):
         _C.factor_energies(u, 1.0, -1e-3, w)
     assert _C.factor_energies(u, 1.0, 0.0, np.ones((0, 4), np.float32)).shape == (0,)
+
+
+@pytest.mark.parametrize("k", [1, 16, 100])
+def test_a_hessian_narrower_than_the_default_block_falls_back(k):
+    """The default block (128) over a small ``h`` is the documented fallback, not an error."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((4 * k, k))
+    x[:, 0] *= 1e-4  # one tiny direction, so the tail is not empty
+    h = x.T @ x
+    budget = 1e-3 * float(np.trace(h))
+    vals, vecs, steps = tail_subspace(h, budget)
+    exact_vals, exact_vecs = tail_eigenpairs(h, budget)
+    assert steps == 0 and vals.shape == exact_vals.shape and vecs.shape == exact_vecs.shape
+    np.testing.assert_allclose(vals, exact_vals)

@@ -178,7 +178,8 @@ def tail_subspace(h: np.ndarray, budget: float, *, block: int = 128, max_iter: i
     Args:
         h: as for :func:`tail_eigenpairs`.
         budget: a finite number ``>= 0``.
-        block: the start block's rows, ``1 <= block <= k``.
+        block: the start block's rows, ``>= 1`` (a block over ``k`` is taken as ``k``: the
+            fallback).
         max_iter: at most this many steps, ``>= 1``.
         seed: fixes the start block (results are deterministic for a given thread count).
         keep_factor: also return the factor (:class:`TailFactor`, or None after a fallback), for
@@ -194,6 +195,9 @@ def tail_subspace(h: np.ndarray, budget: float, *, block: int = 128, max_iter: i
             ``seed`` out of range (each message names the argument).
         RuntimeError: a LAPACK routine failed.
     """
+    k = h.shape[-1] if isinstance(h, np.ndarray) and h.ndim == 2 else 0
+    if isinstance(block, int) and not isinstance(block, bool) and 1 <= k < block:
+        block = k  # past k / 2: the binding takes the tail_eigenpairs fallback, as documented
     out = _C.tail_subspace(h, budget, block, max_iter, seed, keep_factor)
     if not keep_factor:
         return out

@@ -198,4 +198,5 @@ def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: boo
     check_checkpoint_tensors(tensors, model_config, qcfg, str(path / MODEL_FILE))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     model = build_model(model_config, qcfg, tensors, mode=mode, resident=resident, name=path.name)
+    model.tokenizer = tokenizer  # perplexity(model) and generate find it there
     return model, tokenizer, qcfg

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..kernels.decoder import decoder_forward, decoder_plan, decoder_scratch_bytes
+from ..model.decoder import NONFINITE_KERNEL_INPUT
 from ..model.ops import rope_cos_sin
 from .kv_codec import PackedKVCodec
 from .linears import W4A4Linear
@@ -99,8 +100,11 @@ class FusedKVCache:
 
 def _linear_spec(lin: Any, name: str) -> tuple:
     if not isinstance(lin, W4A4Linear) or not lin.integer:
-        raise ValueError(f"{name}: expected a real 4-bit x 4-bit linear (W4A4Linear), got "
-                         f"{type(lin).__name__}")
+        kind = {"PackedWeightLinear": "weight-only (float activations)",
+                "DenseLinear": "float"}.get(type(lin).__name__, type(lin).__name__)
+        raise ValueError(f"{name}: the fused decoder runs W4A4KV4 models (4-bit weights and "
+                         f"activations) only, and this linear is {kind}; use mode 'auto' or "
+                         "'real'")
     act = lin.act
     if act.bits != 4 or lin.w.bits != 4:
         raise ValueError(f"{name}: expected 4-bit weights and activations")
@@ -198,8 +202,16 @@ class FusedDecoder:
         if self._scratch.size < need:
             self._scratch = np.empty(max(need, 2 * self._scratch.size), np.uint8)
         cos, sin = rope_cos_sin(self.model.inv_freq, start, T)
-        decoder_forward(self.plan, h, start, cos, sin, cache.codes, cache.scale, cache.zero,
-                        self._scratch, kernel=self.kernel)
+        try:
+            decoder_forward(self.plan, h, start, cos, sin, cache.codes, cache.scale, cache.zero,
+                            self._scratch, kernel=self.kernel)
+        except ValueError as e:
+            if not str(e).endswith(NONFINITE_KERNEL_INPUT):
+                raise
+            raise ValueError("the fused decoder's activations became NaN or Inf (the model "
+                             "computes non-finite values: NaN/Inf weights, or activations that "
+                             "overflow float32; mode 'real' names the layer); the kernel said: "
+                             f"{e}") from e
         cache.length = start + T
         return h
 

@@ -249,7 +249,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
                                calibration=calib_record, reports=reports)
         timings["write"] = time.perf_counter() - t
-    logger.info("quantized %s (%s) in %s%s", getattr(ckpt, "name", "?"), config.describe(),
+    logger.info("quantized %s (%s) in %s%s", getattr(ckpt, "name", "?"), config.describe(mc.hidden_size),
                 ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
                 f" (pre-steps {pre_clock[0]:.1f}s of quantize)" if pre_steps else "")
     return QuantizeResult(mc, config, None if out_dir is None else Path(out_dir), tensors,
