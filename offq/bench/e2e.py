@@ -133,6 +133,12 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
     from ..recipe.pipeline import quantize
 
     with open_checkpoint(cfg.model) as ckpt:
+        context = int(ckpt.config.max_position_embeddings)
+        # ppN fills N positions, tgN (from one token) N: checked before anything is quantized
+        longest = max(max(cfg.prompt_lengths, default=0), cfg.gen_tokens)
+        if longest > context:
+            raise ValueError(f"prompt_lengths / gen_tokens: {longest} positions exceed the "
+                             f"model's context of {context}")
         fp = Model.from_checkpoint(ckpt, resident=True)
         fp.layers  # read every layer now: the checkpoint closes below
         if cfg.ckpt:
