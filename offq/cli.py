@@ -188,6 +188,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not hold_freed_memory():
             log.warning("--hold-freed-memory: the C library is not glibc; nothing changed")
     _set_threads(args.threads)
+    from .formats.checkpoint import is_offq_checkpoint
+
+    if is_offq_checkpoint(args.model):
+        raise ValueError(f"{args.model}: an offq checkpoint, already quantized; quantize the "
+                         "float model it came from (a registered name, HF directory or .gguf)")
     source = args.calib_source or DEFAULT_CALIBRATION
     with open_checkpoint(args.model) as ckpt:
         if args.eval_windows and args.eval_seqlen > ckpt.config.max_position_embeddings:

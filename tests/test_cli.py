@@ -59,6 +59,14 @@ def test_quantize_logs_progress_off_a_terminal(tmp_path) -> None:
     fp, q = (float(line.split()[-2]) for line in table.splitlines()
              if line.strip().startswith(("FP32", "rtn W4A4KV4")))
     assert 10 < fp < q < 1e5  # RTN W4A4KV4 without rotation is far worse than FP32
+    # that checkpoint as the input of another quantization is named as what it is (it used to
+    # be read as a float model and fail listing every missing weight)
+    proc = subprocess.run(
+        [sys.executable, "-m", "offq", "quantize", str(out), "--method", "rtn",
+         "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=120,
+        stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert proc.returncode == 2 and "an offq checkpoint, already quantized" in proc.stderr, \
+        proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------
