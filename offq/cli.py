@@ -213,7 +213,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           calibration_seed=cfg.seed if calib is not None else None)
     stages = {"calibration data": t_calib, **result.timings}
     print(f"offq quantize: {args.model} -> {args.out}")
-    print(f"  config: {result.quant_config.describe(result.model_config.hidden_size)}")
+    hidden = result.model_config.hidden_size
+    print(f"  config: {result.quant_config.describe(hidden)}")
     print(f"  calibration: {source}, {cfg.calib_samples} x {cfg.calib_seqlen} tokens, seed {cfg.seed}"
           if calib is not None else "  calibration: none needed")
     from .kernels import get_num_threads
@@ -515,6 +516,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import E2EConfig, describe_machine, format_e2e, format_rows, machine_info
+    from .bench.e2e import check_context
     from .bench import run_e2e, run_kernels
 
     if any(t < 1 for t in args.threads):
@@ -533,6 +535,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             llama_bench=args.llama_bench, llama_model=args.llama_model)
         except ValueError as e:
             raise UsageError(str(e)) from e
+        check_context(cfg)
     report: dict = {"machine": machine_info()}
     if not args.json:
         print(f"# offq bench: {describe_machine(report['machine'])}")

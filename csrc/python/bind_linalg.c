@@ -356,8 +356,11 @@ static PyObject *py_tail_subspace(PyObject *self, PyObject *args)
     }
     PyArrayObject *h;
     const int64_t k = check_h(h_obj, &h);
-    if (k < 0 || offq_check_magnitude(h, "h") < 0 ||
-        bounded_count(block_obj, "block", (long long)k, &block) < 0) {
+    if (k < 0 || offq_check_magnitude(h, "h") < 0 || offq_py_int(block_obj, "block", &block) < 0) {
+        return NULL;
+    }
+    if (block < 1) { /* a block over k is the core's fallback to the exact tail (documented) */
+        PyErr_Format(PyExc_ValueError, "block: expected an integer >= 1, got %lld", block);
         return NULL;
     }
     int64_t m = 0, steps = 0;

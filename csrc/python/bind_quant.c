@@ -13,6 +13,7 @@
  */
 #include "bind_util.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 /* Resolve a group size (-1 = whole row) against k; must be positive, at most OFFQ_MAX_GROUP and
@@ -378,6 +379,26 @@ static PyObject *py_pack_w4_decode(PyObject *self, PyObject *args, PyObject *kwd
     return (PyObject *)out;
 }
 
+/* Any bytes are valid codes, so a decode layout packed from another weight of the same shape
+ * would silently give another product: its first and last groups of 8 rows are repacked from w
+ * and compared (O(k) of the product's O(n k)). */
+static int decode_mismatch(const offq_q4_operand *w, int64_t k)
+{
+    const int64_t group_bytes = offq_w4_decode_bytes(8, k), last = (w->rows - 1) / 8;
+    uint8_t *tmp = malloc((size_t)group_bytes);
+    if (tmp == NULL) {
+        return 0; /* the check is a guard, not a requirement: skip it rather than fail */
+    }
+    int differ = 0;
+    for (int64_t g = 0; g <= last && !differ; g += last > 0 ? last : 1) {
+        const int64_t rows = w->rows - 8 * g < 8 ? w->rows - 8 * g : 8;
+        offq_w4_decode_pack(w->codes + 8 * g * (k / 2), rows, k, tmp);
+        differ = memcmp(tmp, w->dec + g * group_bytes, (size_t)group_bytes) != 0;
+    }
+    free(tmp);
+    return differ;
+}
+
 static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"a_codes", "a_scale", "a_zero", "a_group", "w_codes", "w_scale",
@@ -438,6 +459,11 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
             return NULL;
         }
         w.dec = (const uint8_t *)PyArray_DATA(dec);
+        if (decode_mismatch(&w, k)) {
+            PyErr_SetString(PyExc_ValueError,
+                            "w_decode: not pack_w4_decode(w) (its rows differ from w's)");
+            return NULL;
+        }
     }
     PyArrayObject *out;
     if (outo == Py_None) {

@@ -122,6 +122,22 @@ WEIGHT_ONLY = dict(method="rtn", w_bits=4, a_bits=16, kv_bits=16, w_group_size=6
                    w_symmetric=False)  # the "w4 weight-only" engine's QuantConfig
 
 
+def check_context(cfg: E2EConfig, model_config: Any = None) -> None:
+    """ValueError when a test would run past the model's context (``model_config``, else read
+    from ``cfg.model``): ppN fills N positions, tgN (from one token) N. ``offq bench`` calls it
+    before its kernel table, ``run_e2e`` before it quantizes anything."""
+    if model_config is None:
+        from ..formats import open_checkpoint
+
+        with open_checkpoint(cfg.model) as ckpt:
+            model_config = ckpt.config
+    context = int(model_config.max_position_embeddings)
+    longest = max(max(cfg.prompt_lengths, default=0), cfg.gen_tokens)
+    if longest > context:
+        raise ValueError(f"prompt_lengths / gen_tokens: {longest} positions exceed the model's "
+                         f"context of {context}")
+
+
 def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str, np.ndarray]:
     """{"fp32": Model, "w4a4kv4": Model, "w4a4kv4 fused": Model[, "w4 weight-only": Model]}, the
     quantized model's description, prompt tokens."""
@@ -133,12 +149,7 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
     from ..recipe.pipeline import quantize
 
     with open_checkpoint(cfg.model) as ckpt:
-        context = int(ckpt.config.max_position_embeddings)
-        # ppN fills N positions, tgN (from one token) N: checked before anything is quantized
-        longest = max(max(cfg.prompt_lengths, default=0), cfg.gen_tokens)
-        if longest > context:
-            raise ValueError(f"prompt_lengths / gen_tokens: {longest} positions exceed the "
-                             f"model's context of {context}")
+        check_context(cfg, ckpt.config)
         fp = Model.from_checkpoint(ckpt, resident=True)
         fp.layers  # read every layer now: the checkpoint closes below
         if cfg.ckpt:

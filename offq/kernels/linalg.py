@@ -195,9 +195,6 @@ def tail_subspace(h: np.ndarray, budget: float, *, block: int = 128, max_iter: i
             ``seed`` out of range (each message names the argument).
         RuntimeError: a LAPACK routine failed.
     """
-    k = h.shape[-1] if isinstance(h, np.ndarray) and h.ndim == 2 else 0
-    if isinstance(block, int) and not isinstance(block, bool) and 1 <= k < block:
-        block = k  # past k / 2: the binding takes the tail_eigenpairs fallback, as documented
     out = _C.tail_subspace(h, budget, block, max_iter, seed, keep_factor)
     if not keep_factor:
         return out

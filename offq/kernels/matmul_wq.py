@@ -10,11 +10,11 @@ layout (``QTensor.codes``: element ``2i`` in the low nibble), for 2 bits four co
 (element ``4i + j`` at bits ``2j``), for 3 bits eight codes in three bytes.
 
 ``matmul_wq(x, packed, scale, zero, bits, group) == x @ w_hat.T`` up to float32 summation order
-(relative error ~1e-7 of ``|x| @ |w_hat|.T``). Its per-group sums (``x * q`` and ``x`` summed over a
-group before the scale and zero-point apply) must fit float32: activations near 1e37 overflow
-them and give Inf or NaN even where ``x @ w_hat.T`` is finite (e.g. all-zero weights). A few rows of ``x`` (decode) read the packed
-weights once (AVX-512 F + BW where the CPU has it and ``group`` is a multiple of 64, AVX2 + FMA
-for multiples of 32, else the generic C kernel); many rows dequantize panels of weight rows to
+(relative error ~1e-7 of ``|x| @ |w_hat|.T``). Its per-group sums (``x * q`` and ``x`` summed
+over a group before the scale and zero-point apply) must fit float32: activations near 1e37
+overflow them and give Inf or NaN even where ``x @ w_hat.T`` is finite (e.g. all-zero weights).
+A few rows of ``x`` (decode) read the packed weights once (AVX-512 F + BW where the CPU has it
+and ``group`` is a multiple of 64, AVX2 + FMA for multiples of 32, else the generic C kernel); many rows dequantize panels of weight rows to
 float32 and use sgemm. Where a multiply-add with a subnormal operand runs at full speed (a probe
 at import decides: ``_C.simd_info()["wq_subnormal_decode"]``), the SIMD decode skips the
 int-to-float conversion: the masked code bits are used as the subnormal float ``q * 2^(t-149)``

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..config import OFF, QuantConfig
-from ..formats.files import check_output_dir
+from ..formats.files import check_output_dir, read_json_object
 from ..formats.registry import TensorStore
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner
@@ -249,7 +249,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
                                calibration=calib_record, reports=reports)
         timings["write"] = time.perf_counter() - t
-    logger.info("quantized %s (%s) in %s%s", getattr(ckpt, "name", "?"), config.describe(mc.hidden_size),
+    logger.info("quantized %s (%s) in %s%s", getattr(ckpt, "name", "?"),
+                config.describe(mc.hidden_size),
                 ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()),
                 f" (pre-steps {pre_clock[0]:.1f}s of quantize)" if pre_steps else "")
     return QuantizeResult(mc, config, None if out_dir is None else Path(out_dir), tensors,
@@ -474,13 +475,14 @@ def _check_replaced_checkpoint(directory: Path, config: QuantConfig,
 
     if (directory / PARTIAL_DIR).is_dir() or not is_offq_checkpoint(directory):
         return
-    stored = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))["offq"]
+    stored = read_json_object(directory / CONFIG_FILE)["offq"]
     try:
         old_cfg = QuantConfig.from_dict(stored.get("quant_config"))
     except (TypeError, ValueError):
         old_cfg = None
-    old = {"quant_config": None if old_cfg is None else old_cfg.to_dict(),
-           "calibration": stored.get("calibration")}
+    # both sides as JSON stores them (tuples become lists)
+    old = json.loads(json.dumps({"quant_config": None if old_cfg is None else old_cfg.to_dict(),
+                                 "calibration": stored.get("calibration")}))
     new = json.loads(json.dumps({"quant_config": config.to_dict(), "calibration": calib_record}))
     if old == new:
         return
