@@ -227,7 +227,7 @@ def matmul_w4a4(a: QTensor, w: QTensor, *, out: np.ndarray | None = None,
     accumulation order. ``out``: optional C-contiguous float32 ``[M, N]`` to write into.
     ``kernel``: "auto" (best SIMD variant), or "generic" / "avx2" / "vnni" to force one.
     ``w_decode``: ``w`` also in the decode layout (``pack_w4_decode(w)`` of this very ``w``: the
-    binding compares its first and last groups of rows); up to 4 rows of ``a``
+    binding compares a few of its chunks with ``w``'s); up to 4 rows of ``a``
     then take the faster small-M kernel that reads it (same result bit for bit; the generic
     variant ignores it).
 
