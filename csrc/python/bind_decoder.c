@@ -12,7 +12,7 @@
  *   decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch,
  *                   kernel="auto") -> None; h [rows, d] updated in place, the cache gains rows.
  */
-#include "bind_util.h"
+#include "bind_plan.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -20,19 +20,12 @@
 
 #define PLAN_NAME "offq.decoder_plan"
 
-/* The bytes [start, end) of one of the plan's arrays, and the largest end of any range sorted
- * at or before it (so that one binary search answers "does [a, b) touch a weight?"). */
-typedef struct {
-    uintptr_t start, end, max_end;
-} byte_range;
-
 typedef struct {
     offq_dec_model model;
     offq_dec_layer *layers;
     PyObject *keep;      /* the validated layers tuple */
     uint8_t *dec;        /* every linear's weight in the decode layout (offq.h), or NULL */
-    byte_range *weights; /* the bytes of every array in keep, sorted by start */
-    Py_ssize_t n_weights;
+    offq_weight_ranges weights; /* the bytes of every array in keep, sorted by start */
 } dec_plan;
 
 static void plan_free(PyObject *capsule)
@@ -41,7 +34,7 @@ static void plan_free(PyObject *capsule)
     if (p != NULL) {
         free(p->layers);
         free(p->dec);
-        free(p->weights);
+        free(p->weights.r);
         Py_XDECREF(p->keep);
         free(p);
     }
@@ -97,27 +90,6 @@ static int build_decode_layouts(dec_plan *p)
     return 0;
 }
 
-/* A float32 [n] array or None (-> NULL). */
-static int parse_vector(PyObject *obj, const char *name, int64_t n, int allow_none,
-                        const float **out)
-{
-    if (obj == Py_None && allow_none) {
-        *out = NULL;
-        return 0;
-    }
-    PyArrayObject *a = offq_check_array(obj, name, NPY_FLOAT32, 1, 1);
-    if (a == NULL) {
-        return -1;
-    }
-    if (PyArray_DIM(a, 0) != n) {
-        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld,), got (%lld,)", name,
-                     (long long)n, (long long)PyArray_DIM(a, 0));
-        return -1;
-    }
-    *out = (const float *)PyArray_DATA(a);
-    return 0;
-}
-
 /* A positive group size that divides k, at most OFFQ_MAX_GROUP (int32 group sums). */
 static int parse_group(PyObject *obj, const char *name, int64_t k, int64_t *out)
 {
@@ -136,82 +108,6 @@ static int parse_group(PyObject *obj, const char *name, int64_t k, int64_t *out)
         return -1;
     }
     *out = (int64_t)g;
-    return 0;
-}
-
-/* Append the byte range of every non-empty array inside obj (nested tuples of arrays and None)
- * to p->weights (capacity *cap, grown as needed). 0, or -1 with MemoryError. */
-static int append_ranges(dec_plan *p, PyObject *obj, Py_ssize_t *cap)
-{
-    if (PyArray_Check(obj)) {
-        PyArrayObject *a = (PyArrayObject *)obj;
-        if (PyArray_NBYTES(a) == 0) {
-            return 0;
-        }
-        if (p->n_weights == *cap) {
-            *cap = *cap ? 2 * *cap : 64;
-            byte_range *grown = realloc(p->weights, sizeof *grown * (size_t)*cap);
-            if (grown == NULL) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            p->weights = grown;
-        }
-        const uintptr_t start = (uintptr_t)PyArray_BYTES(a);
-        p->weights[p->n_weights++] = (byte_range){start, start + (uintptr_t)PyArray_NBYTES(a), 0};
-        return 0;
-    }
-    if (PyTuple_Check(obj)) {
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
-            if (append_ranges(p, PyTuple_GET_ITEM(obj, i), cap) < 0) {
-                return -1;
-            }
-        }
-    }
-    return 0;
-}
-
-static int by_start(const void *x, const void *y)
-{
-    const uintptr_t a = ((const byte_range *)x)->start, b = ((const byte_range *)y)->start;
-    return (a > b) - (a < b);
-}
-
-/* p->weights <- the sorted byte ranges of the plan's arrays (450 for SmolLM2-135M), once, so
- * that each decoder_forward call checks its buffers against them by binary search instead of
- * walking every array on every decode step. */
-static int collect_weight_ranges(dec_plan *p, PyObject *layers)
-{
-    Py_ssize_t cap = 0;
-    if (append_ranges(p, layers, &cap) < 0) {
-        return -1;
-    }
-    qsort(p->weights, (size_t)p->n_weights, sizeof *p->weights, by_start);
-    uintptr_t running = 0;
-    for (Py_ssize_t i = 0; i < p->n_weights; i++) {
-        running = p->weights[i].end > running ? p->weights[i].end : running;
-        p->weights[i].max_end = running;
-    }
-    return 0;
-}
-
-/* -1 with ValueError when `out` shares a byte with any of the plan's arrays, else 0. */
-static int disjoint_from_plan(const dec_plan *p, PyArrayObject *out, const char *name)
-{
-    const uintptr_t a = (uintptr_t)PyArray_BYTES(out), b = a + (uintptr_t)PyArray_NBYTES(out);
-    Py_ssize_t lo = 0, hi = p->n_weights; /* count the ranges that start before b */
-    while (lo < hi) {
-        const Py_ssize_t mid = lo + (hi - lo) / 2;
-        if (p->weights[mid].start < b) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    if (a < b && lo > 0 && p->weights[lo - 1].max_end > a) {
-        PyErr_Format(PyExc_ValueError, "%s: must not share memory with the plan's weights", name);
-        return -1;
-    }
     return 0;
 }
 
@@ -263,7 +159,7 @@ static int parse_linear(PyObject *obj, const char *name, int64_t n, int64_t k,
         data[i] = PyArray_DATA(a);
     }
     snprintf(arg, sizeof arg, "%s.bias", name);
-    if (parse_vector(PyTuple_GET_ITEM(obj, 4), arg, n, 1, &lin->bias) < 0) {
+    if (offq_parse_vector(PyTuple_GET_ITEM(obj, 4), arg, n, 1, &lin->bias) < 0) {
         return -1;
     }
     lin->w.codes = data[0];
@@ -273,15 +169,6 @@ static int parse_linear(PyObject *obj, const char *name, int64_t n, int64_t k,
     lin->w.group = wg;
     lin->k = k;
     lin->a_group = ag;
-    return 0;
-}
-
-static int positive(long long v, const char *name)
-{
-    if (v <= 0 || v > ((long long)1 << 40)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a positive size, got %lld", name, v);
-        return -1;
-    }
     return 0;
 }
 
@@ -305,7 +192,8 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
                                 "head_dim"};
     long long dims[5];
     for (int i = 0; i < 5; i++) {
-        if (offq_py_int(dims_o[i], dim_names[i], &dims[i]) < 0 || positive(dims[i], dim_names[i]) < 0) {
+        if (offq_py_int(dims_o[i], dim_names[i], &dims[i]) < 0 ||
+            offq_positive(dims[i], dim_names[i]) < 0) {
             return NULL;
         }
         if (dims[i] > (1LL << 20)) { /* products of dims fit int64; with positions, the
@@ -374,11 +262,11 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
         }
         offq_dec_layer *dl = &p->layers[i];
         snprintf(arg, sizeof arg, "layers[%zd].input_norm", i);
-        if (parse_vector(PyTuple_GET_ITEM(L, 0), arg, d, 1, &dl->input_norm) < 0) {
+        if (offq_parse_vector(PyTuple_GET_ITEM(L, 0), arg, d, 1, &dl->input_norm) < 0) {
             goto fail;
         }
         snprintf(arg, sizeof arg, "layers[%zd].post_norm", i);
-        if (parse_vector(PyTuple_GET_ITEM(L, 1), arg, d, 1, &dl->post_norm) < 0) {
+        if (offq_parse_vector(PyTuple_GET_ITEM(L, 1), arg, d, 1, &dl->post_norm) < 0) {
             goto fail;
         }
         offq_dec_linear *lins[4];
@@ -391,7 +279,7 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
             }
         }
         snprintf(arg, sizeof arg, "layers[%zd].k_offset", i);
-        if (parse_vector(PyTuple_GET_ITEM(L, 6), arg, Hkv * hd, 1, &dl->k_offset) < 0) {
+        if (offq_parse_vector(PyTuple_GET_ITEM(L, 6), arg, Hkv * hd, 1, &dl->k_offset) < 0) {
             goto fail;
         }
     }
@@ -409,7 +297,7 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
                                 .r3 = r3,
                                 .r4 = r4,
                                 .layer = p->layers};
-    if (build_decode_layouts(p) < 0 || collect_weight_ranges(p, layers_o) < 0) {
+    if (build_decode_layouts(p) < 0 || offq_collect_weight_ranges(&p->weights, layers_o) < 0) {
         goto fail;
     }
     Py_INCREF(layers_o);
@@ -423,7 +311,7 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
 fail:
     free(p->layers);
     free(p->dec);
-    free(p->weights);
+    free(p->weights.r);
     free(p);
     return NULL;
 }
@@ -446,8 +334,8 @@ static PyObject *py_decoder_scratch_bytes(PyObject *self, PyObject *args)
     }
     dec_plan *p = get_plan(plan_o);
     long long rows, pos;
-    if (p == NULL || offq_py_int(rows_o, "rows", &rows) < 0 || positive(rows, "rows") < 0 ||
-        offq_py_int(pos_o, "positions", &pos) < 0 || positive(pos, "positions") < 0) {
+    if (p == NULL || offq_py_int(rows_o, "rows", &rows) < 0 || offq_positive(rows, "rows") < 0 ||
+        offq_py_int(pos_o, "positions", &pos) < 0 || offq_positive(pos, "positions") < 0) {
         return NULL;
     }
     const int64_t need = offq_dec_scratch_bytes(&p->model, rows, pos, offq_get_num_threads());
@@ -458,42 +346,6 @@ static PyObject *py_decoder_scratch_bytes(PyObject *self, PyObject *args)
         return NULL;
     }
     return PyLong_FromLongLong((long long)need);
-}
-
-/* ValueError naming `name` when the float32 array holds NaN or Inf (checked before the step
- * writes anything, so a bad rotary table is not reported as a bad h). */
-static int all_finite(PyArrayObject *a, const char *name)
-{
-    const float *v = (const float *)PyArray_DATA(a);
-    const npy_intp n = PyArray_SIZE(a);
-    for (npy_intp i = 0; i < n; i++) {
-        if (!isfinite(v[i])) {
-            PyErr_Format(PyExc_ValueError, "%s: contains NaN or Inf (needs finite values)", name);
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* A writeable C-contiguous array of dtype `typenum` and exactly this shape. */
-static PyArrayObject *check_exact(PyObject *obj, const char *name, int typenum, int nd,
-                                  const npy_intp *shape, int writeable)
-{
-    PyArrayObject *a = writeable ? offq_check_writeable(obj, name, typenum, nd, nd)
-                                 : offq_check_array(obj, name, typenum, nd, nd);
-    if (a == NULL) {
-        return NULL;
-    }
-    for (int i = 0; i < nd; i++) {
-        if (shape[i] >= 0 && PyArray_DIM(a, i) != shape[i]) {
-            PyObject *got = PyObject_GetAttrString(obj, "shape");
-            PyErr_Format(PyExc_ValueError, "%s: axis %d must have length %lld, got shape %S", name,
-                         i, (long long)shape[i], got);
-            Py_XDECREF(got);
-            return NULL;
-        }
-    }
-    return a;
 }
 
 static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kwds)
@@ -517,7 +369,7 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     }
     const offq_dec_model *m = &p->model;
     const npy_intp h_shape[2] = {-1, m->d};
-    PyArrayObject *h = check_exact(h_o, "h", NPY_FLOAT32, 2, h_shape, 1);
+    PyArrayObject *h = offq_check_exact(h_o, "h", NPY_FLOAT32, 2, h_shape, 1);
     long long start;
     if (h == NULL || offq_py_int(start_o, "start", &start) < 0) {
         return NULL;
@@ -530,16 +382,16 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     const npy_intp rope_shape[2] = {rows, m->head_dim / 2};
     const npy_intp kc_shape[5] = {m->layers, -1, 2, m->kv_heads, m->head_dim / 2};
     const npy_intp kp_shape[5] = {m->layers, -1, 2, m->kv_heads, m->head_dim / m->kv_group};
-    PyArrayObject *cs = check_exact(cos_o, "cos", NPY_FLOAT32, 2, rope_shape, 0);
-    PyArrayObject *sn = cs ? check_exact(sin_o, "sin", NPY_FLOAT32, 2, rope_shape, 0) : NULL;
-    PyArrayObject *kc = sn ? check_exact(kc_o, "kv_codes", NPY_UINT8, 5, kc_shape, 1) : NULL;
-    if (kc == NULL || all_finite(cs, "cos") < 0 || all_finite(sn, "sin") < 0) {
+    PyArrayObject *cs = offq_check_exact(cos_o, "cos", NPY_FLOAT32, 2, rope_shape, 0);
+    PyArrayObject *sn = cs ? offq_check_exact(sin_o, "sin", NPY_FLOAT32, 2, rope_shape, 0) : NULL;
+    PyArrayObject *kc = sn ? offq_check_exact(kc_o, "kv_codes", NPY_UINT8, 5, kc_shape, 1) : NULL;
+    if (kc == NULL || offq_all_finite(cs, "cos") < 0 || offq_all_finite(sn, "sin") < 0) {
         return NULL;
     }
     const int64_t cap = PyArray_DIM(kc, 1);
     const npy_intp kp_cap[5] = {kp_shape[0], cap, kp_shape[2], kp_shape[3], kp_shape[4]};
-    PyArrayObject *ks = check_exact(ks_o, "kv_scale", NPY_FLOAT32, 5, kp_cap, 1);
-    PyArrayObject *kz = ks ? check_exact(kz_o, "kv_zero", NPY_FLOAT32, 5, kp_cap, 1) : NULL;
+    PyArrayObject *ks = offq_check_exact(ks_o, "kv_scale", NPY_FLOAT32, 5, kp_cap, 1);
+    PyArrayObject *kz = ks ? offq_check_exact(kz_o, "kv_zero", NPY_FLOAT32, 5, kp_cap, 1) : NULL;
     PyArrayObject *scr = kz ? offq_check_writeable(scr_o, "scratch", NPY_UINT8, 1, 1) : NULL;
     if (scr == NULL) {
         return NULL;
@@ -556,7 +408,7 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
                                       {sn, "sin"}};
     for (int i = 0; i < 5; i++) {
         if (offq_check_disjoint(args_[i].arr, args_[i].name, args_ + i + 1, 6 - i) < 0 ||
-            disjoint_from_plan(p, args_[i].arr, args_[i].name) < 0) {
+            offq_disjoint_from_weights(&p->weights, args_[i].arr, args_[i].name) < 0) {
             return NULL;
         }
     }
