@@ -423,6 +423,18 @@ typedef struct {
     void (*dequant)(const offq_wq_operand *w, int64_t n0, int64_t n1, float *buf);
 } offq_wq_ops;
 
+/* The variant offq_matmul_wq runs for this group and kernel request (NULL: the kernel is not
+ * usable here). */
+const offq_wq_ops *offq_wq_select(int64_t group, offq_kernel kernel);
+/* Floats of the xsum buffer offq_wq_prepare fills for m rows: the group sums and two row
+ * factors a row. */
+int64_t offq_wq_input_floats(int64_t m, int64_t k, int64_t group);
+/* The input of ops->rows for x[m][k]: the group sums into xsum (offq_wq_input_floats floats), and
+ * for a variant with prep the reordered rows into xp[m][k] (64-byte aligned), with the subnormal
+ * decode's row factors when it applies. Returns the rows' `unscale` argument (NULL: convert;
+ * else the caller clears DAZ around ops->rows). */
+const float *offq_wq_prepare(const offq_wq_ops *ops, const float *x, int64_t m, int64_t k,
+                             int64_t group, int bits, float *xsum, float *xp);
 void offq_wq_rows_generic(const offq_wq_operand *w, const float *xp, const float *xsum,
                           const float *unscale, int64_t m, int64_t n0, int64_t n1, int64_t ldo,
                           float *out);

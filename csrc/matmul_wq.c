@@ -138,19 +138,15 @@ static int subnormal_factors(const float *x, int64_t m, int64_t k, float *rowmul
     return 1;
 }
 
-static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, float *out,
-                           const offq_wq_ops *ops)
+int64_t offq_wq_input_floats(int64_t m, int64_t k, int64_t group)
 {
-    const int64_t n = w->n, k = w->k, group = w->group, ng = k / group;
-    float *xsum = malloc(sizeof(float) * (size_t)(m * ng + 2 * m));
-    /* 64-byte aligned: the row kernels' vector loads of xp then never straddle a cache line
-     * (16-byte aligned ones cost the one-row product 15-25%) */
-    float *xp = ops->prep != NULL ? offq_alloc64(sizeof(float) * (size_t)(m * k)) : NULL;
-    if (xsum == NULL || (ops->prep != NULL && xp == NULL)) {
-        free(xsum);
-        free(xp);
-        return OFFQ_ERR_NOMEM;
-    }
+    return m * (k / group) + 2 * m;
+}
+
+const float *offq_wq_prepare(const offq_wq_ops *ops, const float *x, int64_t m, int64_t k,
+                             int64_t group, int bits, float *xsum, float *xp)
+{
+    const int64_t ng = k / group;
     for (int64_t r = 0; r < m; r++) {
         for (int64_t g = 0; g < ng; g++) {
             double s = 0.0;
@@ -161,13 +157,30 @@ static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, 
         }
     }
     float *rowmul = xsum + m * ng, *unscale = rowmul + m;
-    if (xp == NULL || !offq_dispatch.wq_subnormal ||
+    if (ops->prep == NULL || !offq_dispatch.wq_subnormal ||
         !subnormal_factors(x, m, k, rowmul, unscale)) {
         rowmul = unscale = NULL;
     }
-    if (xp != NULL) {
-        ops->prep(x, m, k, w->bits, 1, rowmul, xp);
+    if (ops->prep != NULL) {
+        ops->prep(x, m, k, bits, 1, rowmul, xp);
     }
+    return unscale;
+}
+
+static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, float *out,
+                           const offq_wq_ops *ops)
+{
+    const int64_t n = w->n, k = w->k;
+    float *xsum = malloc(sizeof(float) * (size_t)offq_wq_input_floats(m, k, w->group));
+    /* 64-byte aligned: the row kernels' vector loads of xp then never straddle a cache line
+     * (16-byte aligned ones cost the one-row product 15-25%) */
+    float *xp = ops->prep != NULL ? offq_alloc64(sizeof(float) * (size_t)(m * k)) : NULL;
+    if (xsum == NULL || (ops->prep != NULL && xp == NULL)) {
+        free(xsum);
+        free(xp);
+        return OFFQ_ERR_NOMEM;
+    }
+    const float *unscale = offq_wq_prepare(ops, x, m, k, w->group, w->bits, xsum, xp);
     const float *xin = xp != NULL ? xp : x;
     const int64_t blocks = (n + WQ_BLOCK_N - 1) / WQ_BLOCK_N;
 #pragma omp parallel for schedule(dynamic, 4) if (blocks > 1 && m * n * k >= WQ_PAR_MIN)
@@ -244,25 +257,34 @@ static offq_status panels(const float *x, int64_t m, const offq_wq_operand *w, f
     return OFFQ_OK;
 }
 
-offq_status offq_matmul_wq(const float *x, int64_t m, const offq_wq_operand *w, float *out,
-                           offq_kernel kernel)
+const offq_wq_ops *offq_wq_select(int64_t group, offq_kernel kernel)
 {
     const offq_kernel kv = kernel == OFFQ_KERNEL_AUTO ? offq_dispatch.wq_best : kernel;
     if (kv < 0 || kv >= OFFQ_KERNEL_COUNT || offq_dispatch.wq[kv] == NULL) {
-        return OFFQ_ERR_UNSUPPORTED;
+        return NULL;
     }
     const offq_wq_ops *ops = offq_dispatch.wq[kv];
-    if (w->group % ops->align != 0) {
+    if (group % ops->align != 0) {
         /* a group the variant cannot chunk: auto takes the widest variant that can (AVX-512's 64
          * codes, then AVX2's 32), a variant asked for by name the generic one */
         ops = offq_dispatch.wq[OFFQ_KERNEL_GENERIC];
         for (int v = kv; kernel == OFFQ_KERNEL_AUTO && v > OFFQ_KERNEL_GENERIC; v--) {
             const offq_wq_ops *o = offq_dispatch.wq[v];
-            if (o != NULL && w->group % o->align == 0) {
+            if (o != NULL && group % o->align == 0) {
                 ops = o;
                 break;
             }
         }
+    }
+    return ops;
+}
+
+offq_status offq_matmul_wq(const float *x, int64_t m, const offq_wq_operand *w, float *out,
+                           offq_kernel kernel)
+{
+    const offq_wq_ops *ops = offq_wq_select(w->group, kernel);
+    if (ops == NULL) {
+        return OFFQ_ERR_UNSUPPORTED;
     }
     if (m == 0 || w->n == 0) {
         return OFFQ_OK;
