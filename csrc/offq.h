@@ -227,6 +227,43 @@ offq_status offq_dec_forward(const offq_dec_model *m, float *h, int64_t rows, in
                              const float *cos, const float *sin, const offq_dec_cache *cache,
                              void *scratch, int64_t scratch_bytes, offq_kernel kernel);
 
+/* ---- weight-only decoder step (decoder_wq.c) --------------------------------------------------
+ * All decoder layers of a Llama-family model whose linears are packed 2-, 3- or 4-bit weights
+ * with float32 activations (offq_wq_operand), for up to OFFQ_WQ_SMALL_M consecutive tokens of one
+ * sequence, in one OpenMP team: per layer RMSNorm, the fused q/k/v product (+ bias), RoPE, the
+ * float32 K/V append, causal attention, o_proj + residual, RMSNorm, the fused gate/up product,
+ * SwiGLU, down_proj + residual. The products are offq_matmul_wq's small-M row kernels; the float
+ * steps follow offq/model/ops.py in float32. No online transforms (a weight-only model has
+ * none). */
+typedef struct {
+    offq_wq_operand w; /* [n][k] */
+    const float *bias; /* [n] or NULL */
+} offq_dwq_linear;
+
+typedef struct {
+    const float *input_norm, *post_norm; /* [d] or NULL (ones) */
+    offq_dwq_linear qkv, o, gate_up, down; /* out: (H + 2 Hkv) hd, d, 2 f, d */
+} offq_dwq_layer;
+
+typedef struct {
+    int64_t layers, d, ffn, heads, kv_heads, head_dim;
+    float eps;
+    const offq_dwq_layer *layer; /* [layers] */
+} offq_dwq_model;
+
+/* Bytes of scratch offq_dwq_forward needs for `rows` tokens, caches up to `positions` and a
+ * team of `threads` (INT64_MAX when the size does not fit int64). */
+int64_t offq_dwq_scratch_bytes(const offq_dwq_model *m, int64_t rows, int64_t positions,
+                               int threads);
+/* h[rows][d] (the embeddings in, the residual stream after the last layer out), rows <=
+ * OFFQ_WQ_SMALL_M; cos/sin [rows][head_dim / 2] of the positions; kv float32
+ * [layers][cap][2][kv_heads][head_dim] (K then V per position; positions < start filled), gains
+ * positions start..start+rows-1 (start + rows <= cap). OFFQ_ERR_UNSUPPORTED (a forced kernel not
+ * usable here, too many rows), OFFQ_ERR_NOMEM (scratch too small). */
+offq_status offq_dwq_forward(const offq_dwq_model *m, float *h, int64_t rows, int64_t start,
+                             const float *cos, const float *sin, float *kv, int64_t cap,
+                             void *scratch, int64_t scratch_bytes, offq_kernel kernel);
+
 /* ---- Second moments and eigenpairs (cov.c) ----------------------------------------------------
  * syrk adds x^T x to the upper triangle of acc[d, d]; with `mirror` the upper triangle is then
  * copied into the lower one (acc must be symmetric on entry and stays so), without it the lower

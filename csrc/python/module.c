@@ -3,7 +3,7 @@
  * Module init (fills the dispatch table once), the thread / dispatch controls, and the shared
  * argument converters and status -> exception mapping of bind_util.h. The kernels' bindings live in
  * bind_hadamard.c, bind_quant.c, bind_cov.c, bind_linalg.c, bind_gptq.c, bind_decoder.c,
- * bind_matmul_i8.c, bind_matmul_wq.c, each exporting a method table added here. Every binding
+ * bind_decoder_wq.c, bind_matmul_i8.c, bind_matmul_wq.c, each exporting a method table added here. Every binding
  * parses, validates, releases the GIL and calls the C core.
  */
 #define OFFQ_MODULE_MAIN
@@ -115,6 +115,7 @@ extern PyMethodDef offq_hadamard_methods[];
 extern PyMethodDef offq_quant_methods[];
 extern PyMethodDef offq_cov_methods[];
 extern PyMethodDef offq_decoder_methods[];
+extern PyMethodDef offq_decoder_wq_methods[];
 extern PyMethodDef offq_matmul_i8_methods[];
 extern PyMethodDef offq_linalg_methods[];
 extern PyMethodDef offq_gptq_methods[];
@@ -171,6 +172,7 @@ static int module_exec(PyObject *m)
         PyModule_AddFunctions(m, offq_quant_methods) < 0 ||
         PyModule_AddFunctions(m, offq_cov_methods) < 0 ||
         PyModule_AddFunctions(m, offq_decoder_methods) < 0 ||
+        PyModule_AddFunctions(m, offq_decoder_wq_methods) < 0 ||
         PyModule_AddFunctions(m, offq_matmul_i8_methods) < 0 ||
         PyModule_AddFunctions(m, offq_linalg_methods) < 0 ||
         PyModule_AddFunctions(m, offq_gptq_methods) < 0 ||
@@ -189,7 +191,7 @@ static PyModuleDef_Slot module_slots[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "offq._C",
-    .m_doc = "offq C core: Hadamard transforms, group-wise quantization, W4A4 matmul, weight-only W2/W3/W4 x float32 matmul, covariance, the W4A4KV4 decoder step.",
+    .m_doc = "offq C core: Hadamard transforms, group-wise quantization, W4A4 matmul, weight-only W2/W3/W4 x float32 matmul, covariance, the W4A4KV4 and weight-only decoder steps.",
     .m_size = 0,
     .m_methods = module_methods,
     .m_slots = module_slots,

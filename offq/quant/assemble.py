@@ -32,9 +32,11 @@ __all__ = ["MODES", "stored_layer", "build_layer", "layer_from_tensors", "instal
            "build_model", "load_quantized", "resolved_mode"]
 
 #: "fake": simulated in float32; "real": packed weights and the C kernels, sequenced by NumPy;
-#: "fused": the real path with every layer of a step in one C call (:mod:`offq.quant.fused`);
+#: "fused": the real path with every layer of a step in one C call (:mod:`offq.quant.fused` for
+#: W4A4KV4 models, :mod:`offq.quant.fused_wq` for weight-only ones);
 #: "auto": "fused" for a resident model that qualifies (W4A4KV4 on the integer product, packed
-#: 4-bit KV, offq's R3/R4), else "real" (:func:`resolved_mode` tells which was taken)
+#: 4-bit KV, offq's R3/R4; or packed 2/3/4-bit weights on float activations with a float KV
+#: cache and no online transforms), else "real" (:func:`resolved_mode` tells which was taken)
 MODES = ("fake", "real", "fused", "auto")
 
 def stored_layer(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: QuantConfig,
@@ -159,10 +161,10 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
                   layer_loader=lambda i: layer_from_tensors(tensors, model_config, cfg, i, mode),
                   resident=resident or mode == "fused", name=name)
     if mode == "fused" or (mode == "auto" and resident):
-        from .fused import FusedDecoder
+        from .fused import fused_runner
 
         try:
-            model.fused_runner = FusedDecoder(model)
+            model.fused_runner = fused_runner(model)
         except ValueError as e:  # FusedDecoder names what the model lacks
             if mode == "fused":
                 raise
@@ -184,8 +186,8 @@ def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: boo
     Validates the format version, the QuantConfig, and every tensor's presence, dtype, shape and
     (for scales and zero-points) finiteness against the model config before building the model;
     a tensor the model does not use is an error too. ``mode``: one of :data:`MODES`; "auto" runs
-    a W4A4KV4 checkpoint on the fused C decoder (perplexity bit-identical to "real", generation
-    about 2x faster on 2 cores) and anything else on "real".
+    a W4A4KV4 or weight-only checkpoint on its fused C decoder (perplexity bit-identical to
+    "real", generation faster) and anything else on "real".
     """
     from ..formats.checkpoint import (MODEL_FILE, check_checkpoint_tensors, load_safetensors,
                                       read_config)

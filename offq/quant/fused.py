@@ -33,10 +33,10 @@ from ..kernels.decoder import decoder_forward, decoder_plan, decoder_scratch_byt
 from ..model.decoder import NONFINITE_KERNEL_INPUT
 from ..model.ops import rope_cos_sin
 from .kv_codec import PackedKVCodec
-from .linears import W4A4Linear
+from .linears import PackedWeightLinear, W4A4Linear
 from .online import HadamardInput, HadamardQK
 
-__all__ = ["FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "AUTO_NUMPY_PREFILL_ROWS",
+__all__ = ["fused_runner", "FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "AUTO_NUMPY_PREFILL_ROWS",
            "AUTO_NUMPY_PREFILL_ROWS_AVX512", "auto_numpy_prefill_rows", "PREFILL_MODES"]
 
 #: prompts longer than this many tokens take the NumPy prefill (``prefill="numpy"``)
@@ -57,6 +57,19 @@ def auto_numpy_prefill_rows() -> int | None:
 
     return AUTO_NUMPY_PREFILL_ROWS_AVX512 if _C.simd_info()["avx512"] else AUTO_NUMPY_PREFILL_ROWS
 PREFILL_MODES = ("numpy", "c", "auto")
+
+
+def fused_runner(model: Any) -> Any:
+    """The C runtime that fits a real-path ``model``: a
+    :class:`~offq.quant.fused_wq.FusedWeightOnlyDecoder` when its linears are packed weight-only
+    ones (float activations), else a :class:`FusedDecoder`. Either raises ValueError naming what
+    the model lacks."""
+    first = model.load_layer(0).fused_linear("qkv") if model.num_layers else None
+    if isinstance(first, PackedWeightLinear):
+        from .fused_wq import FusedWeightOnlyDecoder
+
+        return FusedWeightOnlyDecoder(model)
+    return FusedDecoder(model)
 
 
 class FusedKVCache:

@@ -1,0 +1,325 @@
+/* decoder_wq.c: every decoder layer of a weight-only model (packed 2-, 3- or 4-bit weights,
+ * float32 activations and KV cache) for a few tokens of one sequence, in ONE OpenMP team
+ * (contract: offq.h, "weight-only decoder step"; the team's work counters: decoder_team.h).
+ *
+ * Why: the NumPy-sequenced decode of a weight-only model crosses into Python about ten times a
+ * layer, and matmul_wq runs a product of under ~2M multiply-adds on one thread (waking a team
+ * per call costs more than it saves), so on SmolLM2-135M every product of a decode step ran on
+ * one core and Python took about a third of the step. Here the team starts once per step and
+ * every product is split over it, one contiguous block of output columns per thread (each thread
+ * then streams its weights front to back, as the hardware prefetchers like).
+ *
+ * Phases of a layer (each waits for the one before):
+ *   1. residual (+ the previous layer's down_proj output), RMSNorm, the q/k/v product's input
+ *      (group sums and the row kernel's layout: offq_wq_prepare)
+ *   2. q/k/v product (+ bias)
+ *   3. per head vector: RoPE on q and k; k and v into the cache
+ *   4. attention per query row and head: scores over the cache, softmax, V sum
+ *   5. the o_proj input                6. o_proj product (+ bias)
+ *   7. residual, RMSNorm, gate/up input 8. fused gate/up product (+ bias)
+ *   9. SwiGLU, the down_proj input     10. down_proj product (+ bias)
+ * and the next layer's phase 1 adds the down_proj output to the residual.
+ *
+ * Against the NumPy path (offq/model/decoder.py on PackedWeightLinear): the products are
+ * matmul_wq's own row kernels on the same prepared input, the bias and residual adds, RoPE and
+ * SwiGLU the same float32 operations; the RMSNorm sum of squares (float64 here), the attention's
+ * dot products and sums (BLAS there) and exp (libm here) round differently, so hidden states
+ * agree to float32 rounding.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "decoder_team.h"
+#include "kernels.h"
+
+/* Buffers the team shares (carved from the caller's scratch). */
+typedef struct {
+    float *x;             /* [rows][k] float input of the next product, k that product's */
+    float *xp;            /* [rows][k] the same in the row kernel's layout (64-byte aligned) */
+    float *xsum;          /* the group sums and row factors of offq_wq_prepare */
+    float *y;             /* [rows][n] output of the last product */
+    const float *unscale; /* the row kernels' argument, set with the input */
+} shared_bufs;
+
+/* The input of p's product from the rows of sb->x: one item, done by whichever thread claims it
+ * (a decode step has one row; the prepared input is a few microseconds). */
+static void prepare_input(const offq_dwq_linear *lin, const offq_wq_ops *ops, int64_t rows,
+                          shared_bufs *sb)
+{
+    const offq_wq_operand *w = &lin->w;
+    sb->unscale = offq_wq_prepare(ops, sb->x, rows, w->k, w->group, w->bits, sb->xsum, sb->xp);
+}
+
+/* y[rows][n] = the product (+ bias), in `items` contiguous blocks of output columns. */
+static void run_product(const offq_dwq_linear *lin, const offq_wq_ops *ops, int64_t rows,
+                        team_work *w, int64_t base, int64_t items, const shared_bufs *sb)
+{
+    const offq_wq_operand *op = &lin->w;
+    const int64_t n = op->n, step = ((n + items - 1) / items + 7) / 8 * 8;
+    const float *xin = ops->prep != NULL ? sb->xp : sb->x;
+    int64_t i0, i1;
+    while (claim(w, base, items, 1, &i0, &i1)) {
+        const int64_t n0 = i0 * step, n1 = n0 + step < n ? n0 + step : n;
+        if (n0 < n1) {
+            const unsigned csr = sb->unscale != NULL ? offq_daz_clear() : 0;
+            ops->rows(op, xin, sb->xsum, sb->unscale, rows, n0, n1, n, sb->y);
+            offq_csr_restore(csr);
+            if (lin->bias != NULL) {
+                for (int64_t r = 0; r < rows; r++) {
+                    float *yr = sb->y + r * n;
+                    for (int64_t j = n0; j < n1; j++) {
+                        yr[j] = yr[j] + lin->bias[j];
+                    }
+                }
+            }
+        }
+        finish(w, 1);
+    }
+}
+
+/* sum_i a[i] * b[i] in eight interleaved partial sums (the compiler keeps them in vector
+ * lanes). */
+static inline float dot_f32(const float *a, const float *b, int64_t n)
+{
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) {
+            acc[j] += a[i + j] * b[i + j];
+        }
+    }
+    for (; i < n; i++) {
+        acc[0] += a[i] * b[i];
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+/* Causal attention of query head `head` at row r (position start + r) over the float32 cache of
+ * `layer`: scores of the scaled query (offq/model/ops.py: q * float32(1/sqrt(hd))), softmax with
+ * the max subtracted, V sum divided by the softmax sum; into out[hd]. scores: [start + r + 1]
+ * floats, qs: [hd] floats of the thread's scratch. */
+static void attend_head(const offq_dwq_model *md, const float *kv, int64_t cap, int64_t layer,
+                        int64_t start, int64_t r, int64_t head, const float *q, float *out,
+                        float *scores, float *qs)
+{
+    const int64_t hd = md->head_dim, Hkv = md->kv_heads, g = head / (md->heads / Hkv);
+    const int64_t n = start + r + 1, pstride = 2 * Hkv * hd;
+    const float scale = (float)(1.0 / sqrt((double)hd));
+    for (int64_t i = 0; i < hd; i++) {
+        qs[i] = q[i] * scale;
+    }
+    const float *k0 = kv + layer * cap * pstride + g * hd, *v0 = k0 + Hkv * hd;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        scores[j] = dot_f32(qs, k0 + j * pstride, hd);
+        mx = scores[j] > mx ? scores[j] : mx;
+    }
+    float den = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        scores[j] = expf(scores[j] - mx);
+        den += scores[j];
+    }
+    memset(out, 0, sizeof(float) * (size_t)hd);
+    for (int64_t j = 0; j < n; j++) {
+        const float p = scores[j], *v = v0 + j * pstride;
+        for (int64_t i = 0; i < hd; i++) {
+            out[i] += p * v[i];
+        }
+    }
+    for (int64_t i = 0; i < hd; i++) {
+        out[i] = out[i] / den;
+    }
+}
+
+/* ---- scratch -------------------------------------------------------------------------------- */
+
+typedef struct {
+    int64_t max_k, max_n, max_sums; /* widest input, widest output, most offq_wq_prepare floats */
+} step_dims;
+
+static step_dims dims_of(const offq_dwq_model *m, int64_t rows)
+{
+    step_dims s;
+    const int64_t qd = m->heads * m->head_dim, qkv_n = (m->heads + 2 * m->kv_heads) * m->head_dim;
+    s.max_k = m->d > qd ? m->d : qd;
+    s.max_k = s.max_k > m->ffn ? s.max_k : m->ffn;
+    s.max_n = qkv_n > m->d ? qkv_n : m->d;
+    s.max_n = s.max_n > 2 * m->ffn ? s.max_n : 2 * m->ffn;
+    s.max_sums = 0;
+    for (int64_t i = 0; i < m->layers; i++) {
+        const offq_dwq_layer *L = &m->layer[i];
+        const offq_dwq_linear *ls[4] = {&L->qkv, &L->o, &L->gate_up, &L->down};
+        for (int j = 0; j < 4; j++) {
+            const int64_t f = offq_wq_input_floats(rows, ls[j]->w.k, ls[j]->w.group);
+            s.max_sums = f > s.max_sums ? f : s.max_sums;
+        }
+    }
+    return s;
+}
+
+static int64_t shared_bytes(const step_dims *s, int64_t rows)
+{
+    const int64_t xk = align64(sz_mul(sz_mul(rows, s->max_k), 4));
+    return sz_add(sz_add(sz_mul(2, xk), align64(sz_mul(s->max_sums, 4))),
+                  align64(sz_mul(sz_mul(rows, s->max_n), 4)));
+}
+
+static int64_t thread_bytes(const offq_dwq_model *m, int64_t positions)
+{
+    return sz_add(align64(sz_mul(positions, 4)), align64(m->head_dim * 4));
+}
+
+int64_t offq_dwq_scratch_bytes(const offq_dwq_model *m, int64_t rows, int64_t positions,
+                               int threads)
+{
+    const step_dims s = dims_of(m, rows);
+    return sz_add(64 + shared_bytes(&s, rows), sz_mul(threads, thread_bytes(m, positions)));
+}
+
+/* ---- the step ------------------------------------------------------------------------------- */
+
+/* Claim the one item of a single-item phase: 1 for the thread that gets it. */
+static inline int claim_single(team_work *w, int64_t base)
+{
+    int64_t lo, hi;
+    return claim(w, base, 1, 1, &lo, &hi);
+}
+
+offq_status offq_dwq_forward(const offq_dwq_model *md, float *h, int64_t rows, int64_t start,
+                             const float *cos, const float *sin, float *kv, int64_t cap,
+                             void *scratch, int64_t scratch_bytes, offq_kernel kernel)
+{
+    if (rows > OFFQ_WQ_SMALL_M) {
+        return OFFQ_ERR_UNSUPPORTED;
+    }
+    for (int64_t i = 0; i < md->layers; i++) { /* every product has a usable variant */
+        const offq_dwq_layer *L = &md->layer[i];
+        const offq_dwq_linear *ls[4] = {&L->qkv, &L->o, &L->gate_up, &L->down};
+        for (int j = 0; j < 4; j++) {
+            if (offq_wq_select(ls[j]->w.group, kernel) == NULL) {
+                return OFFQ_ERR_UNSUPPORTED;
+            }
+        }
+    }
+    if (rows <= 0 || md->layers == 0) {
+        return OFFQ_OK;
+    }
+    /* a forced generic variant runs the generic SwiGLU too (the reference end to end) */
+    const offq_swiglu_fn swiglu_fn =
+        kernel == OFFQ_KERNEL_GENERIC ? offq_swiglu_generic : offq_dispatch.swiglu;
+    const int max_threads = omp_get_max_threads();
+    const int64_t positions = start + rows;
+    if (offq_dwq_scratch_bytes(md, rows, positions, max_threads) > scratch_bytes) {
+        return OFFQ_ERR_NOMEM;
+    }
+    const step_dims sd = dims_of(md, rows);
+    uint8_t *at = (uint8_t *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
+    shared_bufs sb;
+    sb.x = (float *)at;
+    at += align64(rows * sd.max_k * 4);
+    sb.xp = (float *)at;
+    at += align64(rows * sd.max_k * 4);
+    sb.xsum = (float *)at;
+    at += align64(sd.max_sums * 4);
+    sb.y = (float *)at;
+    at += align64(rows * sd.max_n * 4);
+    sb.unscale = NULL;
+    uint8_t *thread_base = at;
+    const int64_t per_thread = thread_bytes(md, positions);
+
+    const int64_t d = md->d, hd = md->head_dim, H = md->heads, Hkv = md->kv_heads, f = md->ffn;
+    const int64_t half = hd / 2, qkv_n = (H + 2 * Hkv) * hd;
+    team_work work;
+    atomic_init(&work.claimed, 0);
+    atomic_init(&work.done, 0);
+
+#pragma omp parallel num_threads(max_threads)
+    {
+        uint8_t *mine = thread_base + omp_get_thread_num() * per_thread;
+        float *scores = (float *)mine, *qs = (float *)(mine + align64(positions * 4));
+        const int64_t team = omp_get_num_threads();
+        int64_t base = 0, n, lo, hi;
+        for (int64_t li = 0; li < md->layers; li++) {
+            const offq_dwq_layer *L = &md->layer[li];
+            const offq_wq_ops *oq = offq_wq_select(L->qkv.w.group, kernel);
+            const offq_wq_ops *oo = offq_wq_select(L->o.w.group, kernel);
+            const offq_wq_ops *og = offq_wq_select(L->gate_up.w.group, kernel);
+            const offq_wq_ops *od = offq_wq_select(L->down.w.group, kernel);
+
+            /* 1. residual (+ down_proj), RMSNorm, the q/k/v input */
+            if (claim_single(&work, base)) {
+                residual_norm_rows(h, sb.y, li > 0, L->input_norm, d, md->eps, 0, rows, sb.x);
+                prepare_input(&L->qkv, oq, rows, &sb);
+                finish(&work, 1);
+            }
+            phase_end(&work, &base, 1);
+            /* 2. q/k/v */
+            run_product(&L->qkv, oq, rows, &work, base, team, &sb);
+            phase_end(&work, &base, team);
+            /* 3. head vectors: RoPE on q and k; k and v into the cache */
+            n = rows * (H + 2 * Hkv);
+            while (claim(&work, base, n, 1, &lo, &hi)) {
+                const int64_t r = lo / (H + 2 * Hkv), v = lo % (H + 2 * Hkv);
+                float *x = sb.y + r * qkv_n + v * hd;
+                if (v < H + Hkv) {
+                    rope_row(x, hd, cos + r * half, sin + r * half);
+                }
+                if (v >= H) {
+                    const int64_t kind = v >= H + Hkv, head = v - H - kind * Hkv;
+                    const int64_t slot = ((li * cap + start + r) * 2 + kind) * Hkv + head;
+                    memcpy(kv + slot * hd, x, sizeof(float) * (size_t)hd);
+                }
+                finish(&work, 1);
+            }
+            phase_end(&work, &base, n);
+            /* 4. attention -> x [rows][H * hd] */
+            n = rows * H;
+            while (claim(&work, base, n, 1, &lo, &hi)) {
+                const int64_t r = lo / H, head = lo % H;
+                attend_head(md, kv, cap, li, start, r, head, sb.y + r * qkv_n + head * hd,
+                            sb.x + r * H * hd + head * hd, scores, qs);
+                finish(&work, 1);
+            }
+            phase_end(&work, &base, n);
+            /* 5-6. o_proj */
+            if (claim_single(&work, base)) {
+                prepare_input(&L->o, oo, rows, &sb);
+                finish(&work, 1);
+            }
+            phase_end(&work, &base, 1);
+            run_product(&L->o, oo, rows, &work, base, team, &sb);
+            phase_end(&work, &base, team);
+            /* 7-8. residual, RMSNorm, gate/up */
+            if (claim_single(&work, base)) {
+                residual_norm_rows(h, sb.y, 1, L->post_norm, d, md->eps, 0, rows, sb.x);
+                prepare_input(&L->gate_up, og, rows, &sb);
+                finish(&work, 1);
+            }
+            phase_end(&work, &base, 1);
+            run_product(&L->gate_up, og, rows, &work, base, team, &sb);
+            phase_end(&work, &base, team);
+            /* 9-10. SwiGLU, down_proj */
+            if (claim_single(&work, base)) {
+                for (int64_t r = 0; r < rows; r++) {
+                    swiglu_fn(sb.y + r * 2 * f, sb.y + r * 2 * f + f, sb.x + r * f, f);
+                }
+                prepare_input(&L->down, od, rows, &sb);
+                finish(&work, 1);
+            }
+            phase_end(&work, &base, 1);
+            run_product(&L->down, od, rows, &work, base, team, &sb);
+            phase_end(&work, &base, team);
+        }
+        /* the last residual */
+        if (claim_single(&work, base)) {
+            for (int64_t i = 0; i < rows * d; i++) {
+                h[i] = h[i] + sb.y[i];
+            }
+            finish(&work, 1);
+        }
+        phase_end(&work, &base, 1);
+    }
+    return OFFQ_OK;
+}
