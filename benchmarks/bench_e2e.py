@@ -42,7 +42,7 @@ def main() -> int:
                          "(default: C below 1024 tokens and NumPy from there with the AVX2 "
                          "attention, C for every prompt with the AVX-512 one)")
     ap.add_argument("--no-weight-only", dest="weight_only", action="store_false",
-                    help="skip the weight-only W4 (RTN g64 asym, packed) engine")
+                    help="skip the weight-only W4 (RTN g64 asym, packed) engines")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
     ap.add_argument("--plot", default=None, help="also draw the table to this PNG")
     args = ap.parse_args()

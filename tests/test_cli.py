@@ -154,7 +154,8 @@ def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.Ca
     assert e2e["protocol"]["fused_prefill"] == "auto"  # pp128 of the fused engine: the C step
     engines = {(r["engine"], r["test"]) for r in e2e["rows"]}
     assert engines == {(e, t) for e in ("offq fp32", "offq w4a4kv4", "offq w4a4kv4 fused",
-                                        "offq w4 weight-only") for t in ("pp128", "tg16")}
+                                        "offq w4 weight-only", "offq w4 weight-only fused")
+                       for t in ("pp128", "tg16")}
     assert e2e["protocol"]["weight_only"]["w_bits"] == 4  # the weight-only engine's settings
     assert "weight-only rtn W4A16KV16" in e2e["protocol"]["quantized"]
     assert all(r["tokens_per_s"] > 0 for r in e2e["rows"])

@@ -14,10 +14,13 @@ KV cache), or, without one, the model quantized in process with QuaRot-style + R
 calibration and OffQ's run-time work is exactly the same (same kernels, same online transforms).
 It runs twice: "w4a4kv4" sequenced by NumPy (``mode="real"``) and "w4a4kv4 fused" with every
 layer of a step in one C call (``mode="fused"``, :mod:`offq.quant.fused`); both compute the LM
-head in float32 with NumPy/OpenBLAS. With ``weight_only`` a third quantized engine, "w4
-weight-only", is the model with RTN 4-bit weights (asymmetric, groups of 64; float activations
-and KV cache) quantized in process and run packed (``matmul_wq``, NumPy-sequenced): what a
-weight-only offq checkpoint (GPTQ or OSAQ) runs, since only the codes differ.
+head in float32 with NumPy/OpenBLAS (int8 when the checkpoint stores it so). With ``weight_only``
+two more engines run the model with RTN 4-bit weights (asymmetric, groups of 64; float
+activations and KV cache; the LM head as the W4A4KV4 model stores it) quantized in process and
+run packed: "w4 weight-only" sequenced by NumPy (``matmul_wq``, ``mode="real"``) and "w4
+weight-only fused" with every layer of a step in one C call (``mode="fused"``,
+:mod:`offq.quant.fused_wq`): what a weight-only offq checkpoint (GPTQ or OSAQ) runs, since only
+the codes differ.
 
 A ``llama-bench`` binary (``llama_bench``, with a GGUF ``llama_model``, e.g. the model requantized
 to Q4_0) adds llama.cpp's figures for the same tests and threads, run as a subprocess; it is
@@ -139,7 +142,8 @@ def check_context(cfg: E2EConfig, model_config: Any = None) -> None:
 
 
 def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str, np.ndarray]:
-    """{"fp32": Model, "w4a4kv4": Model, "w4a4kv4 fused": Model[, "w4 weight-only": Model]}, the
+    """{"fp32": Model, "w4a4kv4": Model, "w4a4kv4 fused": Model[, "w4 weight-only": Model,
+    "w4 weight-only fused": Model]}, the
     quantized model's description, prompt tokens."""
     from ..config import QuantConfig
     from ..data import eval_windows, load_wikitext2_test
@@ -165,8 +169,10 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
         fused.fused_runner.prefill = cfg.fused_prefill
         models = {"fp32": fp, "w4a4kv4": q, "w4a4kv4 fused": fused}
         if cfg.weight_only:
-            wcfg = QuantConfig(**WEIGHT_ONLY)
-            models["w4 weight-only"] = quantize(ckpt, wcfg, None, progress=show).model("real")
+            wcfg = QuantConfig(**WEIGHT_ONLY, lm_head_bits=qcfg.lm_head_bits)
+            wq = quantize(ckpt, wcfg, None, progress=show)
+            models["w4 weight-only"] = wq.model("real")
+            models["w4 weight-only fused"] = wq.model("fused")
             label += f"; weight-only {wcfg.describe(ckpt.config.hidden_size)}"
         need = max(cfg.prompt_lengths, default=1)
         ids = eval_windows(ckpt.tokenizer, load_wikitext2_test(), need, 1,
@@ -264,18 +270,19 @@ def format_e2e(result: dict[str, Any]) -> str:
     table: dict[tuple[str, int], dict[str, float]] = {}
     for r in rows:
         table.setdefault((r["engine"], r["threads"]), {})[r["test"]] = r["tokens_per_s"]
-    head = f"{'tokens/s':<26}{'threads':>8}" + "".join(f"{t:>10}" for t in tests)
+    head = f"{'tokens/s':<32}{'threads':>8}" + "".join(f"{t:>10}" for t in tests)
     lines = [head, "-" * len(head)]
     for (engine, t), vals in table.items():
-        lines.append(f"{engine:<26}{t:>8}" + "".join(
+        lines.append(f"{engine:<32}{t:>8}" + "".join(
             f"{vals[x]:>10.1f}" if x in vals else f"{'-':>10}" for x in tests))
-    for engine in ("offq w4a4kv4", "offq w4a4kv4 fused", "offq w4 weight-only"):
+    for engine in ("offq w4a4kv4", "offq w4a4kv4 fused", "offq w4 weight-only",
+                   "offq w4 weight-only fused"):
         for base in ("offq fp32", "llama.cpp"):
             for t in result["protocol"]["threads"]:
                 q, b = table.get((engine, t)), table.get((base, t))
                 if q and b:
                     name = f"{engine[5:]} / {base[5:] if base.startswith('offq') else base}"
-                    lines.append(f"{name:<26}{t:>8}" + "".join(
+                    lines.append(f"{name:<32}{t:>8}" + "".join(
                         f"{q[x] / b[x]:>9.2f}x" if x in q and x in b else f"{'-':>10}"
                         for x in tests))
     return "\n".join(lines)
