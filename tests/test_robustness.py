@@ -442,8 +442,9 @@ def test_unsupported_r4_size_fails_before_any_pass(f, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(pipeline, "collect_statistics", no_pass)
         with pytest.raises(ValueError, match=rf"R4 \(intermediate size\): no Hadamard construction "
-                                             rf"is available for length {f}.*--no-r4"):
+                                             rf"is available for length {f}.*--no-r4") as err:
             pipeline.quantize(ckpt, QuantConfig(method="offq"), calib)
+        assert "block=" not in str(err.value)  # the kernel's advice is no quantize option
     # R4 off: the same model quantizes
     res = pipeline.quantize(ckpt, QuantConfig(method="offq", r4=False), calib)
     assert np.all(np.isfinite(res.model("fake").nll(calibration(ckpt, 1, 8, seed=4))))

@@ -327,21 +327,26 @@ def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
         return
     from ..kernels import fwht, is_supported
 
-    need = {"R2/R3 (head_dim)": mc.head_dim}
+    # each size with what a user can change (the kernel's own advice, a block= argument, is
+    # not a quantize option)
+    need = {}
+    if cfg.r2 != "none" or cfg.r3:
+        need["R2/R3 (head_dim)"] = (mc.head_dim, "--r2 none --no-r3 leave the heads unrotated")
     if cfg.method == "quarot":
-        need["R1 (hidden size)"] = mc.hidden_size
+        need["R1 (hidden size)"] = (mc.hidden_size, "QuaRot-style rotates the whole hidden "
+                                    "size; --method offq rotates blocks of --a-group-size")
     else:
-        need["R1 block (activation group)"] = cfg.activation_group(mc.hidden_size)
+        need["R1 block (activation group)"] = (cfg.activation_group(mc.hidden_size),
+                                               "choose another --a-group-size")
     if cfg.r4:
-        need["R4 (intermediate size)"] = mc.intermediate_size
-    for what, n in need.items():
+        need["R4 (intermediate size)"] = (mc.intermediate_size, "--no-r4 turns R4 off")
+    for what, (n, advice) in need.items():
         if not is_supported(n):
-            try:  # the kernel's own message (names the largest power-of-two block)
+            try:  # the kernel's own message, without its advice
                 fwht(np.zeros((1, n), np.float32))
             except ValueError as e:
-                msg = str(e).removeprefix("x: ")
-                raise ValueError(f"{what}: {msg}" + ("; --no-r4 turns R4 off" if "R4" in what
-                                                     else "")) from None
+                msg = str(e).removeprefix("x: ").split("; use block=")[0]
+                raise ValueError(f"{what}: {msg}; {advice}") from None
 
 
 def compute_rotations(ckpt: Any, mc: Any, cfg: QuantConfig, calib: np.ndarray | None,
