@@ -53,6 +53,12 @@ def test_quantize_i8_round_trip():
     w[0, 0] = np.inf
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_i8(w, 16)
+    for bad, group, exc, match in ((w[0], 16, ValueError, "w: expected a 2-D"),
+                                   ("text", 16, TypeError, "w: expected a real"),
+                                   (w, 16.0, TypeError, "group: expected an int"),
+                                   (w, True, TypeError, "group: expected an int")):
+        with pytest.raises(exc, match=match):
+            quantize_i8(bad, group)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

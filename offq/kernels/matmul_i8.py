@@ -18,8 +18,15 @@ def quantize_i8(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 codes of ``w[N, K]`` per group of ``group`` inputs:
     ``scale = max|w_group| / 127`` (1 for an all-zero group), ``q = rint(w / scale)`` in
     [-127, 127]. Returns ``(q int8 [N, K], scale float32 [N, K / group])``."""
-    w = np.ascontiguousarray(w, dtype=np.float32)
+    try:
+        w = np.ascontiguousarray(w, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"w: expected a real [N, K] array, got {type(w).__name__} ({e})") from None
+    if w.ndim != 2:
+        raise ValueError(f"w: expected a 2-D [N, K] array, got shape {w.shape}")
     n, k = w.shape
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
+        raise TypeError(f"group: expected an int, got {type(group).__name__}")
     if group <= 0 or k % group:
         raise ValueError(f"group: expected a positive group size dividing {k}, got {group}")
     if not np.all(np.isfinite(w)):
