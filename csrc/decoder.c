@@ -355,12 +355,7 @@ static int64_t lin_nb(const offq_dec_linear *l)
 static step_dims dims_of(const offq_dec_model *m)
 {
     step_dims s;
-    const int64_t qd = m->heads * m->head_dim;
-    const int64_t qkv_n = (m->heads + 2 * m->kv_heads) * m->head_dim;
-    s.max_k = m->d > qd ? m->d : qd;
-    s.max_k = s.max_k > m->ffn ? s.max_k : m->ffn;
-    s.max_n = qkv_n > m->d ? qkv_n : m->d;
-    s.max_n = s.max_n > 2 * m->ffn ? s.max_n : 2 * m->ffn;
+    layer_widths(m->d, m->ffn, m->heads, m->kv_heads, m->head_dim, &s.max_k, &s.max_n);
     s.max_nb = 1;
     for (int64_t i = 0; i < m->layers; i++) {
         const offq_dec_layer *L = &m->layer[i];

@@ -134,4 +134,16 @@ static inline int64_t sz_add(int64_t a, int64_t b)
 
 static inline int64_t align64(int64_t n) { return n > INT64_MAX - 63 ? INT64_MAX : (n + 63) / 64 * 64; }
 
+/* The widest product input and output of a decoder layer: max(d, H hd, ffn) and
+ * max((H + 2 Hkv) hd, d, 2 ffn) (the fused q/k/v and gate/up products). */
+static inline void layer_widths(int64_t d, int64_t ffn, int64_t H, int64_t Hkv, int64_t hd,
+                                int64_t *max_k, int64_t *max_n)
+{
+    const int64_t qd = H * hd, qkv_n = (H + 2 * Hkv) * hd;
+    *max_k = d > qd ? d : qd;
+    *max_k = *max_k > ffn ? *max_k : ffn;
+    *max_n = qkv_n > d ? qkv_n : d;
+    *max_n = *max_n > 2 * ffn ? *max_n : 2 * ffn;
+}
+
 #endif

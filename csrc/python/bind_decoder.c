@@ -188,29 +188,11 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
         offq_py_flag(flag_o[2], "r3", &r3) < 0 || offq_py_flag(flag_o[3], "r4", &r4) < 0) {
         return NULL;
     }
-    const char *dim_names[5] = {"hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
-                                "head_dim"};
-    long long dims[5];
-    for (int i = 0; i < 5; i++) {
-        if (offq_py_int(dims_o[i], dim_names[i], &dims[i]) < 0 ||
-            offq_positive(dims[i], dim_names[i]) < 0) {
-            return NULL;
-        }
-        if (dims[i] > (1LL << 20)) { /* products of dims fit int64; with positions, the
-                                       * scratch size saturates (decoder.c) */
-            PyErr_Format(PyExc_ValueError, "%s: %lld exceeds the limit 2^20", dim_names[i],
-                         dims[i]);
-            return NULL;
-        }
-    }
+    int64_t dims[5];
     double eps, clip;
     long long kvg;
-    if (offq_py_float(eps_o, "eps", &eps) < 0 || offq_py_float(clip_o, "a_clip", &clip) < 0 ||
-        offq_py_int(kvg_o, "kv_group", &kvg) < 0) {
-        return NULL;
-    }
-    if (!(eps >= 0.0 && isfinite((float)eps))) {
-        offq_value_error_got("eps: expected a finite value >= 0", eps);
+    if (offq_parse_model_dims(dims_o, eps_o, dims, &eps) < 0 ||
+        offq_py_float(clip_o, "a_clip", &clip) < 0 || offq_py_int(kvg_o, "kv_group", &kvg) < 0) {
         return NULL;
     }
     if (!((float)clip > 0.0f && clip <= 1.0)) {
@@ -218,15 +200,6 @@ static PyObject *py_decoder_plan(PyObject *self, PyObject *args, PyObject *kwds)
         return NULL;
     }
     const int64_t d = dims[0], f = dims[1], H = dims[2], Hkv = dims[3], hd = dims[4];
-    if (H % Hkv != 0) {
-        PyErr_Format(PyExc_ValueError, "num_heads: %lld is not a multiple of num_kv_heads %lld",
-                     (long long)H, (long long)Hkv);
-        return NULL;
-    }
-    if (hd % 2 != 0) {
-        PyErr_Format(PyExc_ValueError, "head_dim: expected an even size, got %lld", (long long)hd);
-        return NULL;
-    }
     if (kvg <= 0 || kvg % 2 != 0 || hd % kvg != 0) {
         PyErr_Format(PyExc_ValueError,
                      "kv_group: expected an even group size dividing head_dim %lld, got %lld",

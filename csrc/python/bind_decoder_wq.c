@@ -103,39 +103,12 @@ static PyObject *py_decoder_wq_plan(PyObject *self, PyObject *args, PyObject *kw
                                      &eps_o)) {
         return NULL;
     }
-    const char *dim_names[5] = {"hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
-                                "head_dim"};
-    long long dims[5];
-    for (int i = 0; i < 5; i++) {
-        if (offq_py_int(dims_o[i], dim_names[i], &dims[i]) < 0 ||
-            offq_positive(dims[i], dim_names[i]) < 0) {
-            return NULL;
-        }
-        if (dims[i] > (1LL << 20)) { /* products of dims fit int64; with positions, the
-                                       * scratch size saturates (decoder_team.h) */
-            PyErr_Format(PyExc_ValueError, "%s: %lld exceeds the limit 2^20", dim_names[i],
-                         dims[i]);
-            return NULL;
-        }
-    }
+    int64_t dims[5];
     double eps;
-    if (offq_py_float(eps_o, "eps", &eps) < 0) {
-        return NULL;
-    }
-    if (!(eps >= 0.0 && isfinite((float)eps))) {
-        offq_value_error_got("eps: expected a finite value >= 0", eps);
+    if (offq_parse_model_dims(dims_o, eps_o, dims, &eps) < 0) {
         return NULL;
     }
     const int64_t d = dims[0], f = dims[1], H = dims[2], Hkv = dims[3], hd = dims[4];
-    if (H % Hkv != 0) {
-        PyErr_Format(PyExc_ValueError, "num_heads: %lld is not a multiple of num_kv_heads %lld",
-                     (long long)H, (long long)Hkv);
-        return NULL;
-    }
-    if (hd % 2 != 0) {
-        PyErr_Format(PyExc_ValueError, "head_dim: expected an even size, got %lld", (long long)hd);
-        return NULL;
-    }
     if (!PyTuple_Check(layers_o) || PyTuple_GET_SIZE(layers_o) == 0) {
         PyErr_SetString(PyExc_TypeError, "layers: expected a non-empty tuple of layer tuples");
         return NULL;

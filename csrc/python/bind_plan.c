@@ -1,6 +1,7 @@
 /* bind_plan.c: helpers the decoder-step bindings share (bind_plan.h). */
 #include "bind_plan.h"
 
+#include <math.h>
 #include <stdlib.h>
 
 /* A float32 [n] array or None (-> NULL). */
@@ -143,4 +144,41 @@ PyArrayObject *offq_check_exact(PyObject *obj, const char *name, int typenum, in
         }
     }
     return a;
+}
+
+int offq_parse_model_dims(PyObject *const dims_o[5], PyObject *eps_o, int64_t dims[5],
+                          double *eps)
+{
+    static const char *names[5] = {"hidden_size", "intermediate_size", "num_heads",
+                                   "num_kv_heads", "head_dim"};
+    for (int i = 0; i < 5; i++) {
+        long long v;
+        if (offq_py_int(dims_o[i], names[i], &v) < 0 || offq_positive(v, names[i]) < 0) {
+            return -1;
+        }
+        if (v > (1LL << 20)) { /* products of dims fit int64; with positions, the scratch sizes
+                                 * saturate (decoder_team.h) */
+            PyErr_Format(PyExc_ValueError, "%s: %lld exceeds the limit 2^20", names[i], v);
+            return -1;
+        }
+        dims[i] = (int64_t)v;
+    }
+    if (offq_py_float(eps_o, "eps", eps) < 0) {
+        return -1;
+    }
+    if (!(*eps >= 0.0 && isfinite((float)*eps))) {
+        offq_value_error_got("eps: expected a finite value >= 0", *eps);
+        return -1;
+    }
+    if (dims[2] % dims[3] != 0) {
+        PyErr_Format(PyExc_ValueError, "num_heads: %lld is not a multiple of num_kv_heads %lld",
+                     (long long)dims[2], (long long)dims[3]);
+        return -1;
+    }
+    if (dims[4] % 2 != 0) {
+        PyErr_Format(PyExc_ValueError, "head_dim: expected an even size, got %lld",
+                     (long long)dims[4]);
+        return -1;
+    }
+    return 0;
 }

@@ -25,6 +25,12 @@ int offq_collect_weight_ranges(offq_weight_ranges *w, PyObject *obj);
 /* -1 with ValueError when `out` shares a byte with any range of w, else 0. */
 int offq_disjoint_from_weights(const offq_weight_ranges *w, PyArrayObject *out, const char *name);
 
+/* The model sizes of a decoder plan: hidden_size, intermediate_size, num_heads, num_kv_heads,
+ * head_dim (ints in 1..2^20, so products of them fit int64; heads a multiple of kv heads, head_dim
+ * even) and eps (finite, >= 0). 0, or -1 with TypeError / ValueError naming the argument. */
+int offq_parse_model_dims(PyObject *const dims_o[5], PyObject *eps_o, int64_t dims[5],
+                          double *eps);
+
 /* A float32 [n] array (or None -> NULL when allow_none) -> *out. */
 int offq_parse_vector(PyObject *obj, const char *name, int64_t n, int allow_none,
                       const float **out);
