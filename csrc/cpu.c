@@ -78,6 +78,7 @@ offq_dispatch_table offq_dispatch = {
     .mix_f32 = offq_mix_f32_generic,
     .mix_f64 = offq_mix_f64_generic,
     .attend = offq_attend_generic,
+    .attend_f32 = offq_attend_f32_generic,
     .swiglu = offq_swiglu_generic,
     .clip_row_error = offq_clip_row_error_generic,
     .i8_rows = offq_i8_rows_generic,
@@ -183,6 +184,7 @@ void offq_cpu_init(void)
         offq_dispatch.mix_f32 = offq_mix_f32_avx2;
         offq_dispatch.mix_f64 = offq_mix_f64_avx2;
         offq_dispatch.attend = offq_attend_avx2;
+        offq_dispatch.attend_f32 = offq_attend_f32_avx2;
         offq_dispatch.swiglu = offq_swiglu_avx2;
         offq_dispatch.clip_row_error = offq_clip_row_error_avx2;
         offq_dispatch.i8_rows = offq_i8_rows_avx2;

@@ -14,7 +14,8 @@
  *      (group sums and the row kernel's layout: offq_wq_prepare)
  *   2. q/k/v product (+ bias)
  *   3. per head vector: RoPE on q and k; k and v into the cache
- *   4. attention per query row and head: scores over the cache, softmax, V sum
+ *   4. attention per row and chunk of positions (attention_f32.c), then each row and head's
+ *      chunks merged
  *   5. the o_proj input                6. o_proj product (+ bias)
  *   7. residual, RMSNorm, gate/up input 8. fused gate/up product (+ bias)
  *   9. SwiGLU, the down_proj input     10. down_proj product (+ bias)
@@ -23,8 +24,9 @@
  * Against the NumPy path (offq/model/decoder.py on PackedWeightLinear): the products are
  * matmul_wq's own row kernels on the same prepared input, the bias and residual adds, RoPE and
  * SwiGLU the same float32 operations; the RMSNorm sum of squares (float64 here), the attention's
- * dot products and sums (BLAS there) and exp (libm here) round differently, so hidden states
- * agree to float32 rounding.
+ * dot products and sums (BLAS there; here split over chunks of positions) and exp (libm in the
+ * generic kernels, a polynomial in the SIMD ones) round differently, so hidden states agree to
+ * float32 rounding.
  */
 #include <math.h>
 #include <omp.h>
@@ -79,58 +81,34 @@ static void run_product(const offq_dwq_linear *lin, const offq_wq_ops *ops, int6
     }
 }
 
-/* sum_i a[i] * b[i] in eight interleaved partial sums (the compiler keeps them in vector
- * lanes). */
-static inline float dot_f32(const float *a, const float *b, int64_t n)
+/* The chunks of positions row r (position start + r) attends to. */
+static inline int64_t attn_chunks(int64_t start, int64_t r)
 {
-    float acc[8] = {0};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int j = 0; j < 8; j++) {
-            acc[j] += a[i + j] * b[i + j];
-        }
-    }
-    for (; i < n; i++) {
-        acc[0] += a[i] * b[i];
-    }
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    return (start + r + 1 + OFFQ_ATTN_F32_CHUNK - 1) / OFFQ_ATTN_F32_CHUNK;
 }
 
-/* Causal attention of query head `head` at row r (position start + r) over the float32 cache of
- * `layer`: scores of the scaled query (offq/model/ops.py: q * float32(1/sqrt(hd))), softmax with
- * the max subtracted, V sum divided by the softmax sum; into out[hd]. scores: [start + r + 1]
- * floats, qs: [hd] floats of the thread's scratch. */
-static void attend_head(const offq_dwq_model *md, const float *kv, int64_t cap, int64_t layer,
-                        int64_t start, int64_t r, int64_t head, const float *q, float *out,
-                        float *scores, float *qs)
+/* Attention of row r's query heads over chunk c of the float32 cache of `layer`
+ * (offq_attend_f32 of kernels.h): the queries scaled as offq/model/ops.py scales them
+ * (q * float32(1 / sqrt(hd))) into qs, each head's partial into its record of `part`
+ * ([rows][chunks][heads] records of hd + 2 floats). */
+static void attend_chunk(const offq_dwq_model *md, offq_attend_f32_fn attend, const float *kv,
+                         int64_t cap, int64_t layer, int64_t start, int64_t r, int64_t c,
+                         int64_t chunks, const float *q, float *part, float *scores, float *qs)
 {
-    const int64_t hd = md->head_dim, Hkv = md->kv_heads, g = head / (md->heads / Hkv);
-    const int64_t n = start + r + 1, pstride = 2 * Hkv * hd;
+    const int64_t hd = md->head_dim, H = md->heads, Hkv = md->kv_heads;
+    const int64_t j0 = c * OFFQ_ATTN_F32_CHUNK, n = start + r + 1 - j0;
+    if (n <= 0) { /* past row r's last position (rows after the first see more) */
+        return;
+    }
+    const int64_t pstride = 2 * Hkv * hd, rs = hd + 2;
     const float scale = (float)(1.0 / sqrt((double)hd));
-    for (int64_t i = 0; i < hd; i++) {
+    for (int64_t i = 0; i < H * hd; i++) {
         qs[i] = q[i] * scale;
     }
-    const float *k0 = kv + layer * cap * pstride + g * hd, *v0 = k0 + Hkv * hd;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-        scores[j] = dot_f32(qs, k0 + j * pstride, hd);
-        mx = scores[j] > mx ? scores[j] : mx;
-    }
-    float den = 0.0f;
-    for (int64_t j = 0; j < n; j++) {
-        scores[j] = expf(scores[j] - mx);
-        den += scores[j];
-    }
-    memset(out, 0, sizeof(float) * (size_t)hd);
-    for (int64_t j = 0; j < n; j++) {
-        const float p = scores[j], *v = v0 + j * pstride;
-        for (int64_t i = 0; i < hd; i++) {
-            out[i] += p * v[i];
-        }
-    }
-    for (int64_t i = 0; i < hd; i++) {
-        out[i] = out[i] / den;
-    }
+    const float *k0 = kv + (layer * cap + j0) * pstride;
+    attend(qs, H, H / Hkv, hd, k0, k0 + Hkv * hd, pstride,
+           n < OFFQ_ATTN_F32_CHUNK ? n : OFFQ_ATTN_F32_CHUNK, scores,
+           part + (r * chunks + c) * H * rs, rs);
 }
 
 /* ---- scratch -------------------------------------------------------------------------------- */
@@ -155,23 +133,33 @@ static step_dims dims_of(const offq_dwq_model *m, int64_t rows)
     return s;
 }
 
-static int64_t shared_bytes(const step_dims *s, int64_t rows)
+/* The attention's partial records: [rows][chunks of the longest row][heads] of hd + 2 floats. */
+static int64_t part_bytes(const offq_dwq_model *m, int64_t rows, int64_t positions)
 {
-    const int64_t xk = align64(sz_mul(sz_mul(rows, s->max_k), 4));
-    return sz_add(sz_add(sz_mul(2, xk), align64(sz_mul(s->max_sums, 4))),
-                  align64(sz_mul(sz_mul(rows, s->max_n), 4)));
+    const int64_t chunks = (positions + OFFQ_ATTN_F32_CHUNK - 1) / OFFQ_ATTN_F32_CHUNK;
+    return align64(sz_mul(sz_mul(sz_mul(rows, chunks), m->heads), (m->head_dim + 2) * 4));
 }
 
-static int64_t thread_bytes(const offq_dwq_model *m, int64_t positions)
+static int64_t shared_bytes(const offq_dwq_model *m, const step_dims *s, int64_t rows,
+                            int64_t positions)
 {
-    return sz_add(align64(sz_mul(positions, 4)), align64(m->head_dim * 4));
+    const int64_t xk = align64(sz_mul(sz_mul(rows, s->max_k), 4));
+    return sz_add(sz_add(sz_add(sz_mul(2, xk), align64(sz_mul(s->max_sums, 4))),
+                         align64(sz_mul(sz_mul(rows, s->max_n), 4))),
+                  part_bytes(m, rows, positions));
+}
+
+/* A thread's attention scratch: one chunk's scores and the scaled queries of a row. */
+static int64_t thread_bytes(const offq_dwq_model *m)
+{
+    return align64(m->heads * (OFFQ_ATTN_F32_CHUNK + m->head_dim) * 4);
 }
 
 int64_t offq_dwq_scratch_bytes(const offq_dwq_model *m, int64_t rows, int64_t positions,
                                int threads)
 {
     const step_dims s = dims_of(m, rows);
-    return sz_add(64 + shared_bytes(&s, rows), sz_mul(threads, thread_bytes(m, positions)));
+    return sz_add(64 + shared_bytes(m, &s, rows, positions), sz_mul(threads, thread_bytes(m)));
 }
 
 /* ---- the step ------------------------------------------------------------------------------- */
@@ -222,8 +210,13 @@ offq_status offq_dwq_forward(const offq_dwq_model *md, float *h, int64_t rows, i
     sb.y = (float *)at;
     at += align64(rows * sd.max_n * 4);
     sb.unscale = NULL;
+    float *part = (float *)at;
+    at += part_bytes(md, rows, positions);
     uint8_t *thread_base = at;
-    const int64_t per_thread = thread_bytes(md, positions);
+    const int64_t per_thread = thread_bytes(md);
+    const int64_t chunks = attn_chunks(start, rows - 1); /* of the longest row */
+    const offq_attend_f32_fn attend =
+        kernel == OFFQ_KERNEL_GENERIC ? offq_attend_f32_generic : offq_dispatch.attend_f32;
 
     const int64_t d = md->d, hd = md->head_dim, H = md->heads, Hkv = md->kv_heads, f = md->ffn;
     const int64_t half = hd / 2, qkv_n = (H + 2 * Hkv) * hd;
@@ -234,7 +227,7 @@ offq_status offq_dwq_forward(const offq_dwq_model *md, float *h, int64_t rows, i
 #pragma omp parallel num_threads(max_threads)
     {
         uint8_t *mine = thread_base + omp_get_thread_num() * per_thread;
-        float *scores = (float *)mine, *qs = (float *)(mine + align64(positions * 4));
+        float *scores = (float *)mine, *qs = scores + H * OFFQ_ATTN_F32_CHUNK;
         const int64_t team = omp_get_num_threads();
         int64_t base = 0, n, lo, hi;
         for (int64_t li = 0; li < md->layers; li++) {
@@ -270,12 +263,21 @@ offq_status offq_dwq_forward(const offq_dwq_model *md, float *h, int64_t rows, i
                 finish(&work, 1);
             }
             phase_end(&work, &base, n);
-            /* 4. attention -> x [rows][H * hd] */
+            /* 4. attention: each chunk of positions of each row, then the chunks' partials
+             * merged per row and head -> x [rows][H * hd] */
+            n = rows * chunks;
+            while (claim(&work, base, n, 1, &lo, &hi)) {
+                const int64_t r = lo / chunks, c = lo % chunks;
+                attend_chunk(md, attend, kv, cap, li, start, r, c, chunks, sb.y + r * qkv_n, part,
+                             scores, qs);
+                finish(&work, 1);
+            }
+            phase_end(&work, &base, n);
             n = rows * H;
             while (claim(&work, base, n, 1, &lo, &hi)) {
                 const int64_t r = lo / H, head = lo % H;
-                attend_head(md, kv, cap, li, start, r, head, sb.y + r * qkv_n + head * hd,
-                            sb.x + r * H * hd + head * hd, scores, qs);
+                offq_attn_f32_merge(part + (r * chunks * H + head) * (hd + 2), attn_chunks(start, r),
+                                    H * (hd + 2), hd, sb.x + r * H * hd + head * hd);
                 finish(&work, 1);
             }
             phase_end(&work, &base, n);

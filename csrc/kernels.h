@@ -375,6 +375,28 @@ void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const
 void offq_attend_avx512(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                         float *scores, float *const *out, float *row);
 
+/* ---- attention over a float32 KV cache (attention_f32.c), split over chunks of positions ----
+ * nq queries q [nq][hd] (scaled by 1/sqrt(hd)), rep of them a KV head, over the n <=
+ * OFFQ_ATTN_F32_CHUNK positions of a chunk: query t's K row j at k + j * stride + (t / rep) * hd,
+ * its V row at v + the same (hd floats each). Query t's partial goes to the record
+ * rec + t * rstride (hd + 2 floats): [0, hd) the V rows weighted by exp(score - m), [hd] m (the
+ * chunk's largest score), [hd + 1] the sum of the weights. scores: nq * n floats of scratch.
+ * offq_attn_f32_merge turns the records of `chunks` consecutive chunks (cstride floats apart)
+ * into the attention output out[hd]: the partials rescaled to the largest m, summed, divided by
+ * the summed weights (with one chunk, acc / sum as one softmax over the positions would give). */
+#define OFFQ_ATTN_F32_CHUNK 128
+typedef void (*offq_attend_f32_fn)(const float *q, int64_t nq, int64_t rep, int64_t hd,
+                                   const float *k, const float *v, int64_t stride, int64_t n,
+                                   float *scores, float *rec, int64_t rstride);
+void offq_attend_f32_generic(const float *q, int64_t nq, int64_t rep, int64_t hd, const float *k,
+                             const float *v, int64_t stride, int64_t n, float *scores,
+                             float *rec, int64_t rstride);
+void offq_attend_f32_avx2(const float *q, int64_t nq, int64_t rep, int64_t hd, const float *k,
+                          const float *v, int64_t stride, int64_t n, float *scores, float *rec,
+                          int64_t rstride);
+void offq_attn_f32_merge(const float *rec, int64_t chunks, int64_t cstride, int64_t hd,
+                         float *out);
+
 /* ---- MSE clip search (clip_search.c): the squared round-trip error of a row x[0..g) on the grid
  * (s, z), codes clamped to [0, maxq], e = (clamp(rint(x / s) + z) - z) * s - x in float32, the
  * squares summed in float64 in a fixed order: element i into lane i % 4 of four sums (in chunks of
@@ -473,6 +495,7 @@ typedef struct {
     offq_mix_f32_fn mix_f32;
     offq_mix_f64_fn mix_f64;
     offq_attend_fn attend;
+    offq_attend_f32_fn attend_f32;
     offq_swiglu_fn swiglu;
     offq_clip_row_error_fn clip_row_error;
     offq_i8_rows_fn i8_rows;

@@ -132,6 +132,15 @@ typedef enum {
 offq_status offq_matmul_w4a4(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
                              float *out, offq_kernel kernel);
 
+/* ---- attention over a float32 KV cache (attention_f32.c) ---------------------------------------
+ * out[t] = softmax(q_t . K^T) V for nq queries q[nq][hd] (already scaled), rep = nq / kv_heads of
+ * them to a KV head (query t uses head t / rep), over n positions of kv[n][2][kv_heads][hd] (K
+ * then V per position): the attention of the weight-only decoder step, in the same chunks of
+ * positions and merge. `kernel`: OFFQ_KERNEL_GENERIC forces the reference, anything else takes
+ * the dispatched variant. n >= 1, nq a multiple of kv_heads. OFFQ_ERR_NOMEM. */
+offq_status offq_attention_f32(const float *q, int64_t nq, int64_t kv_heads, int64_t hd,
+                               const float *kv, int64_t n, float *out, offq_kernel kernel);
+
 /* ---- int8-weight matmul (matmul_i8.c) ---------------------------------------------------------
  * out[m][n] = x[m][k] @ w_hat^T with w_hat[j][i] = scale[j][i / group] * w[j][i] (int8 weights,
  * float32 scales per group of `group` inputs; group divides k): the 8-bit LM head. Few rows read

@@ -73,6 +73,21 @@ def test_decode_matches_the_numpy_path(quantized, kernel):
     assert cache.length == 70
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_long_context_matches_the_numpy_path(quantized, kernel):
+    """Past the attention's chunks of 128 positions (csrc/attention_f32.c): a 250-token prompt,
+    then 12 rows in one call whose rows see 251-262 positions (2 chunks for the first rows, 3 for
+    the last), then single steps to 270: the hidden states of the NumPy path."""
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 270, 9)
+    ref = real.hidden_states(ids)[0]
+    fd = FusedWeightOnlyDecoder(real, kernel=kernel)
+    cache = fd.new_cache()
+    parts = [fd.run(real.embed(ids[:, :250])[0], cache), fd.run(real.embed(ids[:, 250:262])[0], cache)]
+    parts += [fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(262, 270)]
+    close(np.concatenate(parts), ref)
+
+
 def test_variants_agree(quantized):
     """Every product variant computes the same hidden states (to float32 rounding: the SIMD row
     kernels sum a group in another order than the generic one)."""
@@ -89,17 +104,22 @@ def test_variants_agree(quantized):
 
 
 def test_thread_count_does_not_change_results(quantized):
-    """Each output column is one row kernel call whatever block of columns holds it, and each
-    head's attention one loop: 1, 2 and 3 threads give the same bits."""
+    """Each output column is one row kernel call whatever block of columns holds it, and the
+    attention's chunks of positions and their merge do not depend on the team: 1, 2 and 3
+    threads give the same bits, past a chunk edge too: 140 positions in C calls of 4 and 34
+    rows (a longer first prompt would take the NumPy path, whose BLAS sums may depend on the
+    thread count), then 12 steps."""
     real = quantized.model("real")
-    ids = token_ids(real.config.vocab_size, 1, 12, 5)
+    ids = token_ids(real.config.vocab_size, 1, 152, 5)
     fd = FusedWeightOnlyDecoder(real)
     res = []
     for n in (1, 2, 3):
         with threads(n):
             cache = fd.new_cache()
-            res.append(np.concatenate([fd.run(real.embed(ids[:, t:t + 1])[0], cache)
-                                       for t in range(12)]))
+            out = [fd.run(real.embed(ids[:, :4])[0], cache)]
+            out += [fd.run(real.embed(ids[:, t:t + 34])[0], cache) for t in range(4, 140, 34)]
+            out += [fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(140, 152)]
+            res.append(np.concatenate(out))
     np.testing.assert_array_equal(res[0], res[1])
     np.testing.assert_array_equal(res[0], res[2])
 

@@ -7,8 +7,8 @@ grids' clip search and the W4A4 matmul (:mod:`.quant`), and the single thread se
 (:mod:`.threads`). Imported from their modules: GGUF block dequantization (:mod:`.gguf`), the
 int8-weight matmul
 (:mod:`.matmul_i8`), the float32 x packed 2/3/4-bit weight matmul of weight-only models
-(:mod:`.matmul_wq`) and the fused decoder steps (:mod:`.decoder`, W4A4KV4; :mod:`.decoder_wq`,
-weight-only).
+(:mod:`.matmul_wq`), the fused decoder steps (:mod:`.decoder`, W4A4KV4; :mod:`.decoder_wq`,
+weight-only) and the weight-only step's attention over a float32 cache (:mod:`.attention_f32`).
 """
 from .cov import cov_accumulator, cov_mirror, cov_update, top_eigenpairs
 from .gptq import gptq_block_update, gptq_columns
