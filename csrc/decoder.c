@@ -11,9 +11,9 @@
  *   2. fused q/k/v product (+ bias): groups of 8 output columns split over the team
  *   3. per head vector: RoPE + R3 on q and k, the key offset off k, KV4 quantization of k and v
  *      into the cache
- *   4. attention: scores over the packed cache, softmax, V sum (attention.c); one item per query
- *      head when decoding, per KV head and 8 positions in prefill (a score row per query, never a
- *      [rows, positions] matrix)
+ *   4. attention: scores over the packed cache, softmax, V sum (attention.c); one item per block
+ *      of a KV head's query heads when decoding, per KV head and ATT_ROWS positions in prefill (a
+ *      score row per query, never a [rows, positions] matrix)
  *   5. quantization of the attention output            6. o_proj product (+ bias)
  *   7. residual + RMSNorm + quantization                8. fused gate/up product (+ bias)
  *   9. SwiGLU + R4 + quantization                      10. down_proj product (+ bias)
@@ -472,6 +472,7 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
 #pragma omp parallel num_threads(max_threads) reduction(max : err)
     {
         const int tid = omp_get_thread_num();
+        const int64_t team = omp_get_num_threads();
         thread_bufs tb;
         uint8_t *mine = thread_base + tid * per_thread;
         tb.codes = mine;
@@ -552,14 +553,24 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                 finish(&work, hi - lo);
             }
             phase_end(&work, &base, n);
-            /* 4. attention -> x [rows][H * hd]: per query head when decoding, per KV head and
-             * ATT_ROWS positions in prefill (each cached row decoded once for the block) */
-            const int per_head = rows <= OFFQ_MM_MR / 2;
-            n = per_head ? rows * H : (rows + ATT_ROWS - 1) / ATT_ROWS * Hkv;
+            /* 4. attention -> x [rows][H * hd]: when decoding, per row and block of a KV head's
+             * query heads, as few blocks as give every thread an item (each block decodes the
+             * cached rows once: one block per KV head halved SmolLM2's attention at 2000
+             * positions on 2 threads; one query head per block decoded each row 3 times); per KV
+             * head and ATT_ROWS positions in prefill */
+            const int per_row = rows <= OFFQ_MM_MR / 2;
+            const int64_t blocks = (team + Hkv - 1) / Hkv < rep ? (team + Hkv - 1) / Hkv : rep;
+            const int64_t per_block = (rep + blocks - 1) / blocks;
+            n = per_row ? rows * Hkv * blocks : (rows + ATT_ROWS - 1) / ATT_ROWS * Hkv;
             while (claim(&work, base, n, 1, &lo, &hi)) {
-                if (per_head) {
-                    attend(md, cache, li, start, lo / H, lo / H + 1, lo % H, lo % H + 1, sb.y,
-                           qkv_n, sb.x, &tb, attend_fn);
+                if (per_row) {
+                    const int64_t r = lo / (Hkv * blocks), g = lo / blocks % Hkv;
+                    const int64_t h0 = g * rep + lo % blocks * per_block;
+                    const int64_t h1 = h0 + per_block < (g + 1) * rep ? h0 + per_block : (g + 1) * rep;
+                    if (h0 < h1) {
+                        attend(md, cache, li, start, r, r + 1, h0, h1, sb.y, qkv_n, sb.x, &tb,
+                               attend_fn);
+                    }
                 } else {
                     const int64_t r0 = lo / Hkv * ATT_ROWS, g = lo % Hkv;
                     attend(md, cache, li, start, r0, r0 + ATT_ROWS < rows ? r0 + ATT_ROWS : rows,
