@@ -30,6 +30,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--prompt-lengths", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--depths", type=int, nargs="*", default=[],
+                    help="also time the tgN steps after prompts of these lengths (tests tgN@dD)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--llama-bench", default=None)
     ap.add_argument("--llama-model", default=None)
@@ -49,7 +51,7 @@ def main() -> int:
 
     cfg = E2EConfig(model=args.model, ckpt=args.ckpt, threads=tuple(args.threads),
                     prompt_lengths=tuple(args.prompt_lengths), gen_tokens=args.gen_tokens,
-                    repeats=args.repeats, llama_bench=args.llama_bench,
+                    depths=tuple(args.depths), repeats=args.repeats, llama_bench=args.llama_bench,
                     llama_model=args.llama_model, fused_kernel=args.fused_kernel,
                     fused_prefill=args.fused_prefill, weight_only=args.weight_only)
     print(f"# offq e2e: {describe_machine()}")

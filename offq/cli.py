@@ -504,6 +504,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="the end-to-end table")
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--depths", type=int, nargs="*", default=[],
+                   help="also time the tgN steps after prompts of these lengths (tests tgN@dD, "
+                        "llama-bench's -d)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true",
                    help="small kernel shapes, pp128 + tg16, 1 repeat (a smoke run)")
@@ -531,7 +534,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:
             cfg = E2EConfig(model=args.model, ckpt=args.ckpt, threads=tuple(args.threads),
                             prompt_lengths=tuple(args.prompt_lengths),
-                            gen_tokens=args.gen_tokens, repeats=args.repeats,
+                            gen_tokens=args.gen_tokens, depths=tuple(args.depths),
+                            repeats=args.repeats,
                             llama_bench=args.llama_bench, llama_model=args.llama_model)
         except ValueError as e:
             raise UsageError(str(e)) from e

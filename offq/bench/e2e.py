@@ -6,6 +6,9 @@ The tests follow llama-bench's, so the columns compare like with like:
   last position only (what generation needs); tokens/s = N / seconds.
 * ``tgN``: a fresh KV cache, then ``N`` single-token steps from a one-token context, each with
   its logits and a greedy pick; tokens/s = N / seconds.
+* ``tgN@dD`` (``depths``; llama-bench's ``tgN @ dD``): the same ``N`` steps after a ``D``-token
+  prompt filled the cache (its prefill not timed): generation in a long conversation, where
+  attention over the cache, not the weights, sets the pace.
 
 Each (model, test, threads) is timed ``repeats`` times, the models alternating within a round so
 that load drifting on a shared machine hits them alike; the best round counts. The W4A4KV4 model
@@ -55,6 +58,7 @@ class E2EConfig:
         threads: thread counts, each a separate column set.
         prompt_lengths: the ``ppN`` tests.
         gen_tokens: the ``tgN`` test (0 skips it).
+        depths: cached prompt lengths for the ``tgN@dD`` tests (generation after ``D`` tokens).
         repeats: timed rounds per test (best counts).
         llama_bench: path to a ``llama-bench`` binary (optional).
         llama_model: the GGUF llama-bench runs (required with ``llama_bench``).
@@ -74,6 +78,7 @@ class E2EConfig:
     threads: tuple[int, ...] = (1, 2)
     prompt_lengths: tuple[int, ...] = (512, 2048)
     gen_tokens: int = 128
+    depths: tuple[int, ...] = ()
     repeats: int = 3
     llama_bench: str | None = None
     llama_model: str | None = None
@@ -87,6 +92,9 @@ class E2EConfig:
             raise ValueError(f"threads: expected positive integers, got {self.threads}")
         if any(int(n) < 1 for n in self.prompt_lengths) or self.gen_tokens < 0:
             raise ValueError("prompt_lengths / gen_tokens: expected positive token counts")
+        if any(int(d) < 1 for d in self.depths) or (self.depths and not self.gen_tokens):
+            raise ValueError(f"depths: expected positive token counts and gen_tokens > 0, got "
+                             f"{self.depths} with gen_tokens {self.gen_tokens}")
         if self.repeats < 1:
             raise ValueError(f"repeats: expected a positive integer, got {self.repeats}")
         if self.fused_kernel not in ("auto", "generic", "avx2", "vnni"):
@@ -100,6 +108,7 @@ class E2EConfig:
         tests = [f"pp{n}" for n in self.prompt_lengths]
         if self.gen_tokens:
             tests.append(f"tg{self.gen_tokens}")
+            tests += [f"tg{self.gen_tokens}@d{d}" for d in self.depths]
         object.__setattr__(self, "tests", tuple(tests))
 
 
@@ -111,8 +120,10 @@ def _prefill_seconds(model: Any, ids: np.ndarray) -> float:
     return time.perf_counter() - t
 
 
-def _generate_seconds(model: Any, first: int, steps: int) -> float:
+def _generate_seconds(model: Any, first: int, steps: int, prompt: np.ndarray | None = None) -> float:
     cache = model.new_cache()
+    if prompt is not None and len(prompt):  # the cached context of a tgN@dD test, not timed
+        model.forward(prompt[None], cache=cache)
     token = np.array([[first]], dtype=np.int64)
     t = time.perf_counter()
     for _ in range(steps):
@@ -135,7 +146,8 @@ def check_context(cfg: E2EConfig, model_config: Any = None) -> None:
         with open_checkpoint(cfg.model) as ckpt:
             model_config = ckpt.config
     context = int(model_config.max_position_embeddings)
-    longest = max(max(cfg.prompt_lengths, default=0), cfg.gen_tokens)
+    longest = max(max(cfg.prompt_lengths, default=0), cfg.gen_tokens,
+                  max(cfg.depths, default=0) + cfg.gen_tokens)
     if longest > context:
         raise ValueError(f"prompt_lengths / gen_tokens: {longest} positions exceed the model's "
                          f"context of {context}")
@@ -174,7 +186,7 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
             models["w4 weight-only"] = wq.model("real")
             models["w4 weight-only fused"] = wq.model("fused")
             label += f"; weight-only {wcfg.describe(ckpt.config.hidden_size)}"
-        need = max(cfg.prompt_lengths, default=1)
+        need = max(max(cfg.prompt_lengths, default=1), max(cfg.depths, default=1))
         ids = eval_windows(ckpt.tokenizer, load_wikitext2_test(), need, 1,
                            bool(ckpt.config.add_bos))[0]
     return models, label, ids
@@ -199,12 +211,13 @@ def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
                 for m in models.values():  # warm-up: loads and touches every layer
                     _prefill_seconds(m, ids[:16])
                 for test in cfg.tests:
-                    n = int(test[2:])
+                    n, _, depth = test[2:].partition("@d")
+                    n, depth = int(n), int(depth or 0)
                     best = {name: float("inf") for name in models}
                     for _ in range(cfg.repeats):
                         for name, m in models.items():
                             sec = (_prefill_seconds(m, ids[:n]) if test.startswith("pp")
-                                   else _generate_seconds(m, int(ids[0]), n))
+                                   else _generate_seconds(m, int(ids[depth]), n, ids[:depth]))
                             best[name] = min(best[name], sec)
                     for name, sec in best.items():
                         row = {"engine": f"offq {name}", "test": test, "threads": t,
@@ -245,17 +258,27 @@ def llama_bench_rows(cfg: E2EConfig) -> list[dict[str, Any]]:
     prompts = ",".join(str(n) for n in cfg.prompt_lengths) or "0"
     rows = []
     for t in cfg.threads:
-        cmd = [str(cfg.llama_bench), "-m", str(cfg.llama_model), "-t", str(t), "-p", prompts,
-               "-n", str(cfg.gen_tokens), "-r", str(cfg.repeats), "-o", "json"]
-        try:
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                 env=peer_environment()).stdout
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = getattr(e, "stderr", "") or str(e)
-            raise OSError(f"llama-bench failed ({' '.join(cmd)}): {detail.strip()[-500:]}") from e
-        for rec in json.loads(out):
+        base = [str(cfg.llama_bench), "-m", str(cfg.llama_model), "-t", str(t), "-r",
+                str(cfg.repeats), "-o", "json"]
+        runs = [base + ["-p", prompts, "-n", str(cfg.gen_tokens)]]
+        if cfg.depths:  # generation only, after each cached depth
+            runs.append(base + ["-p", "0", "-n", str(cfg.gen_tokens), "-d",
+                                ",".join(str(d) for d in cfg.depths)])
+        records = []
+        for cmd in runs:
+            try:
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                     env=peer_environment()).stdout
+            except (OSError, subprocess.CalledProcessError) as e:
+                detail = getattr(e, "stderr", "") or str(e)
+                raise OSError(f"llama-bench failed ({' '.join(cmd)}): "
+                              f"{detail.strip()[-500:]}") from e
+            records += json.loads(out)
+        for rec in records:
             n_prompt, n_gen = int(rec.get("n_prompt", 0)), int(rec.get("n_gen", 0))
+            depth = int(rec.get("n_depth", 0))
             test = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
+            test += f"@d{depth}" if depth else ""
             tps = float(rec["avg_ts"])
             rows.append({"engine": "llama.cpp", "test": test, "threads": t, "tokens_per_s": tps,
                          "seconds": (n_prompt or n_gen) / tps if tps > 0 else float("nan")})
@@ -270,11 +293,11 @@ def format_e2e(result: dict[str, Any]) -> str:
     table: dict[tuple[str, int], dict[str, float]] = {}
     for r in rows:
         table.setdefault((r["engine"], r["threads"]), {})[r["test"]] = r["tokens_per_s"]
-    head = f"{'tokens/s':<32}{'threads':>8}" + "".join(f"{t:>10}" for t in tests)
+    head = f"{'tokens/s':<32}{'threads':>8}" + "".join(f"{t:>12}" for t in tests)
     lines = [head, "-" * len(head)]
     for (engine, t), vals in table.items():
         lines.append(f"{engine:<32}{t:>8}" + "".join(
-            f"{vals[x]:>10.1f}" if x in vals else f"{'-':>10}" for x in tests))
+            f"{vals[x]:>12.1f}" if x in vals else f"{'-':>12}" for x in tests))
     for engine in ("offq w4a4kv4", "offq w4a4kv4 fused", "offq w4 weight-only",
                    "offq w4 weight-only fused"):
         for base in ("offq fp32", "llama.cpp"):
@@ -283,6 +306,6 @@ def format_e2e(result: dict[str, Any]) -> str:
                 if q and b:
                     name = f"{engine[5:]} / {base[5:] if base.startswith('offq') else base}"
                     lines.append(f"{name:<32}{t:>8}" + "".join(
-                        f"{q[x] / b[x]:>9.2f}x" if x in q and x in b else f"{'-':>10}"
+                        f"{q[x] / b[x]:>11.2f}x" if x in q and x in b else f"{'-':>12}"
                         for x in tests))
     return "\n".join(lines)
