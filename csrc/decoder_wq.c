@@ -137,7 +137,7 @@ static step_dims dims_of(const offq_dwq_model *m, int64_t rows)
 static int64_t part_bytes(const offq_dwq_model *m, int64_t rows, int64_t positions)
 {
     const int64_t chunks = (positions + OFFQ_ATTN_F32_CHUNK - 1) / OFFQ_ATTN_F32_CHUNK;
-    return align64(sz_mul(sz_mul(sz_mul(rows, chunks), m->heads), (m->head_dim + 2) * 4));
+    return align64(sz_mul(sz_mul(sz_mul(rows, chunks), m->heads), sz_mul(m->head_dim + 2, 4)));
 }
 
 static int64_t shared_bytes(const offq_dwq_model *m, const step_dims *s, int64_t rows,
@@ -152,7 +152,7 @@ static int64_t shared_bytes(const offq_dwq_model *m, const step_dims *s, int64_t
 /* A thread's attention scratch: one chunk's scores and the scaled queries of a row. */
 static int64_t thread_bytes(const offq_dwq_model *m)
 {
-    return align64(m->heads * (OFFQ_ATTN_F32_CHUNK + m->head_dim) * 4);
+    return align64(sz_mul(sz_mul(m->heads, OFFQ_ATTN_F32_CHUNK + m->head_dim), 4));
 }
 
 int64_t offq_dwq_scratch_bytes(const offq_dwq_model *m, int64_t rows, int64_t positions,

@@ -139,7 +139,7 @@ def test_cli_inspect_errors_are_one_line_with_status_2(capsys: pytest.CaptureFix
 # ------------------------------------------------------------------------------------------------
 def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.CaptureFixture
                                                                ) -> None:
-    rc = main(["bench", "--quick", "--threads", "1", "--depths", "40", "--json", "--quiet"])
+    rc = main(["bench", "--quick", "--threads", "1", "--depths", "128", "--json", "--quiet"])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     machine = rep["machine"]
@@ -150,12 +150,12 @@ def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.Ca
     matmul = [r for r in rep["kernels"] if r["bench"] == "matmul_w4a4"]
     assert all(v is not None and v > 0 for r in matmul for v in r["speedup_vs"].values())
     e2e = rep["e2e"]
-    assert e2e["protocol"]["tests"] == ["pp128", "tg16", "tg16@d40"]
+    assert e2e["protocol"]["tests"] == ["pp128", "tg16", "tg16@d128"]
     assert e2e["protocol"]["fused_prefill"] == "auto"  # pp128 of the fused engine: the C step
     engines = {(r["engine"], r["test"]) for r in e2e["rows"]}
     assert engines == {(e, t) for e in ("offq fp32", "offq w4a4kv4", "offq w4a4kv4 fused",
                                         "offq w4 weight-only", "offq w4 weight-only fused")
-                       for t in ("pp128", "tg16", "tg16@d40")}
+                       for t in ("pp128", "tg16", "tg16@d128")}
     assert e2e["protocol"]["weight_only"]["w_bits"] == 4  # the weight-only engine's settings
     assert "weight-only rtn W4A16KV16" in e2e["protocol"]["quantized"]
     assert all(r["tokens_per_s"] > 0 for r in e2e["rows"])

@@ -186,7 +186,8 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
             models["w4 weight-only"] = wq.model("real")
             models["w4 weight-only fused"] = wq.model("fused")
             label += f"; weight-only {wcfg.describe(ckpt.config.hidden_size)}"
-        need = max(max(cfg.prompt_lengths, default=1), max(cfg.depths, default=1))
+        # a tgN@dD test caches D tokens and starts from the next one
+        need = max(max(cfg.prompt_lengths, default=1), max(cfg.depths, default=0) + 1)
         ids = eval_windows(ckpt.tokenizer, load_wikitext2_test(), need, 1,
                            bool(ckpt.config.add_bos))[0]
     return models, label, ids
