@@ -240,10 +240,11 @@ offq_status offq_dec_forward(const offq_dec_model *m, float *h, int64_t rows, in
  * All decoder layers of a Llama-family model whose linears are packed 2-, 3- or 4-bit weights
  * with float32 activations (offq_wq_operand), for up to OFFQ_WQ_SMALL_M consecutive tokens of one
  * sequence, in one OpenMP team: per layer RMSNorm, the fused q/k/v product (+ bias), RoPE, the
- * float32 K/V append, causal attention, o_proj + residual, RMSNorm, the fused gate/up product,
- * SwiGLU, down_proj + residual. The products are offq_matmul_wq's small-M row kernels; the float
- * steps follow offq/model/ops.py in float32. No online transforms (a weight-only model has
- * none). */
+ * float32 K/V append, causal attention (offq_attention_f32's chunks of positions, split over
+ * the team), o_proj + residual, RMSNorm, the fused gate/up product, SwiGLU, down_proj +
+ * residual. The products are offq_matmul_wq's small-M row kernels; the float steps follow
+ * offq/model/ops.py in float32. No online transforms (a weight-only model has none). Results do
+ * not depend on the team's size. */
 typedef struct {
     offq_wq_operand w; /* [n][k] */
     const float *bias; /* [n] or NULL */
