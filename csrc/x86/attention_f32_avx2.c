@@ -15,25 +15,10 @@
 
 #ifdef OFFQ_X86
 #include "x86/exp_simd.h"
+#include "x86/reduce_avx2.h"
 
 #define AVX2 __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
-
-INLINE float hsum8(__m256 v)
-{
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
-
-INLINE float hmax8(__m256 v)
-{
-    __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_max_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
 
 /* scores[t * n + j] = q_t . k_j for every query t and position j < n. */
 INLINE void chunk_scores(const float *q, int64_t nq, int64_t rep, int64_t hd, const float *k,
@@ -65,7 +50,7 @@ INLINE void chunk_scores(const float *q, int64_t nq, int64_t rep, int64_t hd, co
             for (int64_t i = 0; i < hd; i += 8) {
                 a = _mm256_fmadd_ps(_mm256_loadu_ps(q + t * hd + i), _mm256_loadu_ps(kj + i), a);
             }
-            scores[t * n + j] = hsum8(a);
+            scores[t * n + j] = offq_hsum8(a);
         }
     }
 }
@@ -78,7 +63,7 @@ INLINE float softmax_weights(float *s, int64_t n, float *mx)
     for (; j + 8 <= n; j += 8) {
         vm = _mm256_max_ps(vm, _mm256_loadu_ps(s + j));
     }
-    float m = hmax8(vm);
+    float m = offq_hmax8(vm);
     for (int64_t i = j; i < n; i++) {
         m = s[i] > m ? s[i] : m;
     }
@@ -102,7 +87,7 @@ INLINE float softmax_weights(float *s, int64_t n, float *mx)
         }
     }
     *mx = m;
-    return hsum8(sum);
+    return offq_hsum8(sum);
 }
 
 /* acc[0 .. 8 NV) = sum_j p[j] * v_j[0 .. 8 NV). */

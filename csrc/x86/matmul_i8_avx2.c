@@ -8,17 +8,11 @@
 #ifdef OFFQ_X86
 #include <immintrin.h>
 
+#include "x86/reduce_avx2.h"
+
 __attribute__((target("avx2,fma"))) static inline __m256 widen8(const int8_t *p)
 {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v)
-{
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
 }
 
 /* One output (row r of x, weight row n): per group two 8-lane FMA chains over 16 inputs a step,
@@ -37,7 +31,7 @@ __attribute__((target("avx2,fma"))) static float one_output(const float *xr, con
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(d0, d1), acc);
     }
-    return hsum8(acc);
+    return offq_hsum8(acc);
 }
 
 /* Four weight rows against one row of x, each with one_output's operations in its order (eight
@@ -73,10 +67,10 @@ __attribute__((target("avx2,fma"))) static void four_outputs(const float *xr, co
         a2 = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * ng + g]), _mm256_add_ps(d20, d21), a2);
         a3 = _mm256_fmadd_ps(_mm256_set1_ps(sc[3 * ng + g]), _mm256_add_ps(d30, d31), a3);
     }
-    o[0] = hsum8(a0);
-    o[1] = hsum8(a1);
-    o[2] = hsum8(a2);
-    o[3] = hsum8(a3);
+    o[0] = offq_hsum8(a0);
+    o[1] = offq_hsum8(a1);
+    o[2] = offq_hsum8(a2);
+    o[3] = offq_hsum8(a3);
 }
 
 __attribute__((target("avx2,fma"))) void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k,

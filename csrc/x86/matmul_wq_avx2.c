@@ -82,14 +82,6 @@ INLINE __m256i chunk_lanes(const uint8_t *p, const int bits, int edge)
     return _mm256_shuffle_epi8(b, ctrl);
 }
 
-INLINE float hsum8(__m256 v)
-{
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
-
 void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int scaled,
                             const float *rowmul, float *xp)
 {
@@ -192,7 +184,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
         }
     }
     for (int r = 0; r < R; r++) {
-        res[r] = hsum8(tot[r]);
+        res[r] = offq_hsum8(tot[r]);
     }
 }
 

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 
 #include "kernels.h"
+#include "x86/reduce_avx2.h"
 
 /* Software prefetch distance, in weight rows: a model's weights stream from DRAM, and the
  * hardware prefetcher alone left a 4096 x 4096 W4 product 10-15% slower than at 3 rows (1 and 2
@@ -22,10 +23,7 @@ offq_wq_zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
         const __m256 sz = _mm256_mul_ps(_mm256_loadu_ps(sc + g), _mm256_loadu_ps(zr + g));
         acc = _mm256_fmadd_ps(sz, _mm256_loadu_ps(xs + g), acc);
     }
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    float t = _mm_cvtss_f32(x);
+    float t = offq_hsum8(acc);
     for (; g < ng; g++) {
         t += (sc[g] * zr[g]) * xs[g];
     }
