@@ -73,7 +73,7 @@ void offq_attn_f32_merge(const float *rec, int64_t chunks, int64_t cstride, int6
     memset(out, 0, sizeof(float) * (size_t)hd);
     for (int64_t c = 0; c < chunks; c++) {
         const float *r = rec + c * cstride;
-        const float w = chunks == 1 ? 1.0f : expf(r[hd] - mx); /* one chunk: its sums as they are */
+        const float w = expf(r[hd] - mx); /* exactly 1 for the chunk holding the max */
         den += w * r[hd + 1];
         for (int64_t i = 0; i < hd; i++) {
             out[i] += w * r[i];
@@ -84,13 +84,25 @@ void offq_attn_f32_merge(const float *rec, int64_t chunks, int64_t cstride, int6
     }
 }
 
+void offq_attend_f32_chunk(offq_attend_f32_fn attend, const float *q, int64_t nq,
+                           int64_t kv_heads, int64_t hd, const float *kv, int64_t c, int64_t n,
+                           float *scores, float *rec)
+{
+    const int64_t j0 = c * OFFQ_ATTN_F32_CHUNK, stride = 2 * kv_heads * hd;
+    if (j0 >= n) {
+        return;
+    }
+    const float *k = kv + j0 * stride;
+    attend(q, nq, nq / kv_heads, hd, k, k + kv_heads * hd, stride,
+           n - j0 < OFFQ_ATTN_F32_CHUNK ? n - j0 : OFFQ_ATTN_F32_CHUNK, scores, rec, hd + 2);
+}
+
 offq_status offq_attention_f32(const float *q, int64_t nq, int64_t kv_heads, int64_t hd,
                                const float *kv, int64_t n, float *out, offq_kernel kernel)
 {
     const offq_attend_f32_fn attend =
         kernel == OFFQ_KERNEL_GENERIC ? offq_attend_f32_generic : offq_dispatch.attend_f32;
-    const int64_t chunks = (n + OFFQ_ATTN_F32_CHUNK - 1) / OFFQ_ATTN_F32_CHUNK, rs = hd + 2;
-    const int64_t stride = 2 * kv_heads * hd;
+    const int64_t chunks = offq_attn_f32_chunks(n), rs = hd + 2;
     float *rec = malloc(sizeof(float) * (size_t)(chunks * nq * rs));
     float *scores = malloc(sizeof(float) * (size_t)(nq * OFFQ_ATTN_F32_CHUNK));
     if (rec == NULL || scores == NULL) {
@@ -99,10 +111,7 @@ offq_status offq_attention_f32(const float *q, int64_t nq, int64_t kv_heads, int
         return OFFQ_ERR_NOMEM;
     }
     for (int64_t c = 0; c < chunks; c++) {
-        const int64_t j0 = c * OFFQ_ATTN_F32_CHUNK;
-        const int64_t len = n - j0 < OFFQ_ATTN_F32_CHUNK ? n - j0 : OFFQ_ATTN_F32_CHUNK;
-        attend(q, nq, nq / kv_heads, hd, kv + j0 * stride, kv + j0 * stride + kv_heads * hd,
-               stride, len, scores, rec + c * nq * rs, rs);
+        offq_attend_f32_chunk(attend, q, nq, kv_heads, hd, kv, c, n, scores, rec + c * nq * rs);
     }
     for (int64_t t = 0; t < nq; t++) {
         offq_attn_f32_merge(rec + t * rs, chunks, nq * rs, hd, out + t * hd);

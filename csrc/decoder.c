@@ -565,9 +565,9 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
             while (claim(&work, base, n, 1, &lo, &hi)) {
                 if (per_row) {
                     const int64_t r = lo / (Hkv * blocks), g = lo / blocks % Hkv;
-                    const int64_t h0 = g * rep + lo % blocks * per_block;
-                    const int64_t h1 = h0 + per_block < (g + 1) * rep ? h0 + per_block : (g + 1) * rep;
-                    if (h0 < h1) {
+                    const int64_t h0 = g * rep + lo % blocks * per_block, hg = (g + 1) * rep;
+                    const int64_t h1 = h0 + per_block < hg ? h0 + per_block : hg;
+                    if (h0 < h1) { /* the last block may be empty (rep 5 in blocks of 2) */
                         attend(md, cache, li, start, r, r + 1, h0, h1, sb.y, qkv_n, sb.x, &tb,
                                attend_fn);
                     }

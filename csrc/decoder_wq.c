@@ -81,34 +81,21 @@ static void run_product(const offq_dwq_linear *lin, const offq_wq_ops *ops, int6
     }
 }
 
-/* The chunks of positions row r (position start + r) attends to. */
-static inline int64_t attn_chunks(int64_t start, int64_t r)
-{
-    return (start + r + 1 + OFFQ_ATTN_F32_CHUNK - 1) / OFFQ_ATTN_F32_CHUNK;
-}
-
 /* Attention of row r's query heads over chunk c of the float32 cache of `layer`
- * (offq_attend_f32 of kernels.h): the queries scaled as offq/model/ops.py scales them
- * (q * float32(1 / sqrt(hd))) into qs, each head's partial into its record of `part`
- * ([rows][chunks][heads] records of hd + 2 floats). */
+ * (offq_attend_f32_chunk; nothing past the row's last position): the queries scaled as
+ * offq/model/ops.py scales them (q * float32(1 / sqrt(hd))) into qs, each head's partial into its
+ * record of `part` ([rows][chunks][heads] records of hd + 2 floats). */
 static void attend_chunk(const offq_dwq_model *md, offq_attend_f32_fn attend, const float *kv,
                          int64_t cap, int64_t layer, int64_t start, int64_t r, int64_t c,
                          int64_t chunks, const float *q, float *part, float *scores, float *qs)
 {
     const int64_t hd = md->head_dim, H = md->heads, Hkv = md->kv_heads;
-    const int64_t j0 = c * OFFQ_ATTN_F32_CHUNK, n = start + r + 1 - j0;
-    if (n <= 0) { /* past row r's last position (rows after the first see more) */
-        return;
-    }
-    const int64_t pstride = 2 * Hkv * hd, rs = hd + 2;
     const float scale = (float)(1.0 / sqrt((double)hd));
     for (int64_t i = 0; i < H * hd; i++) {
         qs[i] = q[i] * scale;
     }
-    const float *k0 = kv + (layer * cap + j0) * pstride;
-    attend(qs, H, H / Hkv, hd, k0, k0 + Hkv * hd, pstride,
-           n < OFFQ_ATTN_F32_CHUNK ? n : OFFQ_ATTN_F32_CHUNK, scores,
-           part + (r * chunks + c) * H * rs, rs);
+    offq_attend_f32_chunk(attend, qs, H, Hkv, hd, kv + layer * cap * 2 * Hkv * hd, c,
+                          start + r + 1, scores, part + (r * chunks + c) * H * (hd + 2));
 }
 
 /* ---- scratch -------------------------------------------------------------------------------- */
@@ -136,7 +123,7 @@ static step_dims dims_of(const offq_dwq_model *m, int64_t rows)
 /* The attention's partial records: [rows][chunks of the longest row][heads] of hd + 2 floats. */
 static int64_t part_bytes(const offq_dwq_model *m, int64_t rows, int64_t positions)
 {
-    const int64_t chunks = (positions + OFFQ_ATTN_F32_CHUNK - 1) / OFFQ_ATTN_F32_CHUNK;
+    const int64_t chunks = offq_attn_f32_chunks(positions);
     return align64(sz_mul(sz_mul(sz_mul(rows, chunks), m->heads), sz_mul(m->head_dim + 2, 4)));
 }
 
@@ -214,7 +201,7 @@ offq_status offq_dwq_forward(const offq_dwq_model *md, float *h, int64_t rows, i
     at += part_bytes(md, rows, positions);
     uint8_t *thread_base = at;
     const int64_t per_thread = thread_bytes(md);
-    const int64_t chunks = attn_chunks(start, rows - 1); /* of the longest row */
+    const int64_t chunks = offq_attn_f32_chunks(positions); /* of the longest row */
     const offq_attend_f32_fn attend =
         kernel == OFFQ_KERNEL_GENERIC ? offq_attend_f32_generic : offq_dispatch.attend_f32;
 
@@ -276,8 +263,9 @@ offq_status offq_dwq_forward(const offq_dwq_model *md, float *h, int64_t rows, i
             n = rows * H;
             while (claim(&work, base, n, 1, &lo, &hi)) {
                 const int64_t r = lo / H, head = lo % H;
-                offq_attn_f32_merge(part + (r * chunks * H + head) * (hd + 2), attn_chunks(start, r),
-                                    H * (hd + 2), hd, sb.x + r * H * hd + head * hd);
+                offq_attn_f32_merge(part + (r * chunks * H + head) * (hd + 2),
+                                    offq_attn_f32_chunks(start + r + 1), H * (hd + 2), hd,
+                                    sb.x + r * H * hd + head * hd);
                 finish(&work, 1);
             }
             phase_end(&work, &base, n);

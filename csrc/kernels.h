@@ -396,6 +396,18 @@ void offq_attend_f32_avx2(const float *q, int64_t nq, int64_t rep, int64_t hd, c
                           int64_t rstride);
 void offq_attn_f32_merge(const float *rec, int64_t chunks, int64_t cstride, int64_t hd,
                          float *out);
+/* Chunks of OFFQ_ATTN_F32_CHUNK positions in n positions. */
+static inline int64_t offq_attn_f32_chunks(int64_t n)
+{
+    return (n + OFFQ_ATTN_F32_CHUNK - 1) / OFFQ_ATTN_F32_CHUNK;
+}
+/* Chunk c of a query row that sees positions 0..n-1 of kv[n][2][kv_heads][hd] (K then V per
+ * position): `attend` on its positions, the nq records (hd + 2 floats each) to rec. Nothing
+ * when the chunk starts at or past n. The one place that knows the cache layout and the chunk
+ * bounds, for the decoder step and offq_attention_f32 alike. */
+void offq_attend_f32_chunk(offq_attend_f32_fn attend, const float *q, int64_t nq,
+                           int64_t kv_heads, int64_t hd, const float *kv, int64_t c, int64_t n,
+                           float *scores, float *rec);
 
 /* ---- MSE clip search (clip_search.c): the squared round-trip error of a row x[0..g) on the grid
  * (s, z), codes clamped to [0, maxq], e = (clamp(rint(x / s) + z) - z) * s - x in float32, the
