@@ -83,7 +83,8 @@ def test_long_context_matches_the_numpy_path(quantized, kernel):
     ref = real.hidden_states(ids)[0]
     fd = FusedWeightOnlyDecoder(real, kernel=kernel)
     cache = fd.new_cache()
-    parts = [fd.run(real.embed(ids[:, :250])[0], cache), fd.run(real.embed(ids[:, 250:262])[0], cache)]
+    parts = [fd.run(real.embed(ids[:, :250])[0], cache),
+             fd.run(real.embed(ids[:, 250:262])[0], cache)]
     parts += [fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(262, 270)]
     close(np.concatenate(parts), ref)
 

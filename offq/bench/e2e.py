@@ -120,10 +120,11 @@ def _prefill_seconds(model: Any, ids: np.ndarray) -> float:
     return time.perf_counter() - t
 
 
-def _generate_seconds(model: Any, first: int, steps: int, prompt: np.ndarray | None = None) -> float:
+def _generate_seconds(model: Any, first: int, steps: int,
+                      prompt: np.ndarray | None = None) -> float:
     cache = model.new_cache()
-    if prompt is not None and len(prompt):  # the cached context of a tgN@dD test, not timed
-        model.forward(prompt[None], cache=cache)
+    if prompt is not None and len(prompt):  # a tgN@dD test's cached context: not timed, and no
+        model.hidden_states(prompt[None], cache=cache)  # logits over its positions
     token = np.array([[first]], dtype=np.int64)
     t = time.perf_counter()
     for _ in range(steps):
