@@ -436,8 +436,9 @@ def build_gguf_tokenizer(reader_or_path: Any):
       highest-scoring piece; the equivalent ``tokenizers`` BPE therefore gets, as merges, every
       split ``(left, right)`` of every normal piece into two vocabulary pieces, ordered by the
       score of the merged piece (ties: lower ids first). Spaces become ``"▁"``, one is prepended to
-      the text when ``tokenizer.ggml.add_space_prefix`` (default true), unknown characters fall
-      back to ``<0xXX>`` byte pieces.
+      each stretch of text (the start, and after a special token; also before a leading space,
+      as llama.cpp does) when ``tokenizer.ggml.add_space_prefix`` (default true), unknown
+      characters fall back to ``<0xXX>`` byte pieces.
 
     Both: ``token_type`` CONTROL/UNKNOWN -> special tokens (matched whole, never split),
     USER_DEFINED -> added tokens; ``bos_token_id`` / ``eos_token_id``; ``add_bos_token`` (llama.cpp's
@@ -523,7 +524,7 @@ def _byte_level_bpe(reader, path: Path, vocab: dict[str, int]):
 def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, int],
                        types: list[int]):
     import gguf
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
 
     scores = _field(reader, "tokenizer.ggml.scores")
     if scores is None or len(scores) != len(tokens):
@@ -558,8 +559,11 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                                      byte_fallback=True))
     prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
+    # As llama.cpp (and SentencePiece): one "▁" before every stretch of text, also one that starts
+    # with a space (" a" -> "▁▁a") and one that follows a special token, then spaces -> "▁". A
+    # Metaspace pre-tokenizer would skip the prefix where the text already starts with a space.
+    steps = [normalizers.Prepend("\u2581")] if prefix else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
