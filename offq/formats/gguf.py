@@ -562,8 +562,8 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
     # As llama.cpp (and SentencePiece): one "▁" before every stretch of text, also one that starts
     # with a space (" a" -> "▁▁a") and one that follows a special token, then spaces -> "▁". A
     # Metaspace pre-tokenizer would skip the prefix where the text already starts with a space.
-    steps = [normalizers.Prepend("\u2581")] if prefix else []
-    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    prepend = [normalizers.Prepend("\u2581")] if prefix else []
+    backend.normalizer = normalizers.Sequence(prepend + [normalizers.Replace(" ", "\u2581")])
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
