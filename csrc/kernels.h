@@ -423,17 +423,23 @@ typedef void (*offq_swiglu_fn)(const float *g, const float *u, float *x, int64_t
 void offq_swiglu_generic(const float *g, const float *u, float *x, int64_t n);
 void offq_swiglu_avx2(const float *g, const float *u, float *x, int64_t n);
 
-/* ---- int8 x float32 matmul (matmul_i8.c): outputs [n0, n1) of out[m][ldo] = x @ w_hat^T for a
- * few rows of x (m <= OFFQ_I8_SMALL_M) */
+/* ---- int8-weight matmul (matmul_i8.c): x rounded to 16 bits per group (xq int16, xs float32
+ * [m][k / group]), then outputs [n0, n1) of out[m][ldo] = x_hat @ w_hat^T for a few rows of x
+ * (m <= OFFQ_I8_SMALL_M). Lane sums restart every OFFQ_I8_CHUNK inputs of a group: 2048 / 8
+ * products of at most 32767 * 127 each stay below 2^31. */
 #define OFFQ_I8_SMALL_M 8
-typedef void (*offq_i8_rows_fn)(const float *x, int64_t m, int64_t k, const int8_t *w,
-                                const float *scale, int64_t group, int64_t n0, int64_t n1,
-                                int64_t ldo, float *out);
-void offq_i8_rows_generic(const float *x, int64_t m, int64_t k, const int8_t *w,
-                          const float *scale, int64_t group, int64_t n0, int64_t n1, int64_t ldo,
-                          float *out);
-void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
-                       int64_t group, int64_t n0, int64_t n1, int64_t ldo, float *out);
+#define OFFQ_I8_CHUNK 2048
+offq_status offq_i8_quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int16_t *xq,
+                               float *xs);
+typedef void (*offq_i8_rows_fn)(const int16_t *xq, const float *xs, int64_t m, int64_t k,
+                                const int8_t *w, const float *scale, int64_t group, int64_t n0,
+                                int64_t n1, int64_t ldo, float *out);
+void offq_i8_rows_generic(const int16_t *xq, const float *xs, int64_t m, int64_t k,
+                          const int8_t *w, const float *scale, int64_t group, int64_t n0,
+                          int64_t n1, int64_t ldo, float *out);
+void offq_i8_rows_avx2(const int16_t *xq, const float *xs, int64_t m, int64_t k, const int8_t *w,
+                       const float *scale, int64_t group, int64_t n0, int64_t n1, int64_t ldo,
+                       float *out);
 
 /* ---- weight-only matmul (matmul_wq.c; format: offq.h) ---------------------------------------
  * A variant is three pieces. prep: x[m][k] -> xp[m][k], the layout its row kernel (scaled = 1) or

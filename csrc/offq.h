@@ -142,10 +142,13 @@ offq_status offq_attention_f32(const float *q, int64_t nq, int64_t kv_heads, int
                                const float *kv, int64_t n, float *out, offq_kernel kernel);
 
 /* ---- int8-weight matmul (matmul_i8.c) ---------------------------------------------------------
- * out[m][n] = x[m][k] @ w_hat^T with w_hat[j][i] = scale[j][i / group] * w[j][i] (int8 weights,
- * float32 scales per group of `group` inputs; group divides k): the 8-bit LM head. Few rows read
- * the int8 weights directly (OpenMP over columns; `generic` forces the reference kernel); many
- * rows dequantize blocks of weight rows and use sgemm. OFFQ_ERR_NOMEM. */
+ * out[m][n] = x_hat[m][k] @ w_hat^T with w_hat[j][i] = scale[j][i / group] * w[j][i] (int8
+ * weights, float32 scales per group of `group` inputs; group divides k): the 8-bit LM head.
+ * x_hat is x rounded to 16 bits per group of the same inputs: xs = max|x_group| / 32767,
+ * x_hat = xs * clamp(rint(x / xs), -32767, 32767) (0 where xs is 0). Few rows read the int8
+ * weights directly with integer products (OpenMP over columns; `generic` forces the reference
+ * kernel); many rows dequantize blocks of weight rows and use sgemm on x_hat.
+ * OFFQ_ERR_NONFINITE (x has NaN or Inf), OFFQ_ERR_NOMEM. */
 offq_status offq_matmul_i8(const float *x, int64_t m, int64_t k, const int8_t *w,
                            const float *scale, int64_t n, int64_t group, float *out, int generic);
 

@@ -11,11 +11,22 @@ from offq.recipe import pipeline
 from tiny_models import calibration, tiny_checkpoint, token_ids
 
 
+def round_x(x, group):
+    """x rounded to 16 bits per group as the kernel does, in float32: xs = max|x_group| / 32767,
+    xq = clip(rint(x / xs), -32767, 32767) (0 where xs is 0); returns x_hat = xs * xq."""
+    m, k = x.shape
+    g = x.reshape(m, k // group, group)
+    xs = np.abs(g).max(-1, keepdims=True) / np.float32(32767)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xq = np.where(xs > 0, np.clip(np.rint(g / xs), -32767, 32767), np.float32(0))
+    return (xs * xq.astype(np.float32)).reshape(m, k)
+
+
 def reference(x, q, s, group):
-    """float64 x @ (scale * w).T."""
+    """float64 x_hat @ (scale * w).T, x_hat the kernel's 16-bit rounding of x."""
     n, k = q.shape
     w = (q.reshape(n, k // group, group).astype(np.float64) * s[..., None]).reshape(n, k)
-    return x.astype(np.float64) @ w.T
+    return round_x(x, group).astype(np.float64) @ w.T
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 40])
@@ -26,17 +37,66 @@ def test_matches_numpy(m, group, k, kernel):
     n = 77  # not a multiple of the column blocks
     q = rng.integers(-127, 128, (n, k)).astype(np.int8)
     q[0] = 127  # adversarial: extreme codes, a zero row, huge and tiny scales
-    q[1] = -127
+    q[1] = -128
     q[2] = 0
     s = rng.uniform(0.5, 2.0, (n, k // group)).astype(np.float32)
     s[3] = 1e30
     s[4] = 1e-30
     x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0, :group] = 0.0  # adversarial activations: a zero group, an outlier, a subnormal group
+    x[-1, 1] = 3e4
+    x[-1, -group:] *= np.float32(1e-39)
     ref = reference(x, q, s, group)
     out = matmul_i8(x, q, s, group, kernel=kernel)
     assert out.dtype == np.float32 and out.shape == (m, n)
-    tol = 1e-6 * np.abs(x).sum(1)[:, None] * (127 * np.abs(s).max(1))[None, :]
+    tol = 1e-6 * np.abs(x).sum(1)[:, None] * (128 * np.abs(s).max(1))[None, :]
     assert np.all(np.abs(out - ref) <= tol + 1e-37)
+
+
+@pytest.mark.parametrize("m", [1, 5, 8])
+@pytest.mark.parametrize("group, k", [(16, 48), (64, 576), (128, 1536), (4096, 4096), (24, 72)])
+def test_dispatched_kernel_equals_generic_bit_for_bit(m, group, k):
+    """The few-rows kernels sum integers in 8 lanes per group (restarting every 2048 inputs)
+    and add them to float lanes in one order: the AVX2 kernel must give the generic bits. Extreme
+    codes against full-scale activations in groups of 4096 check the lane sums cannot overflow."""
+    rng = np.random.default_rng(group + m)
+    n = 37
+    q = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    q[0], q[1] = -128, 127
+    s = rng.uniform(0.5, 2.0, (n, k // group)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[0] = -1.0  # every activation at -32767: lane sums of 256 products of 32767 * 128
+    auto = matmul_i8(x, q, s, group)
+    np.testing.assert_array_equal(auto, matmul_i8(x, q, s, group, kernel="generic"))
+    ref = reference(x, q, s, group)
+    assert np.all(np.abs(auto - ref) <= 1e-6 * np.abs(ref).max(1, keepdims=True))
+
+
+def test_activation_rounding_is_within_its_bound():
+    """Against float activations, the error of the 16-bit rounding is at most half a step
+    (max|x_group| / 65534) per input, times the weights: a head with massive outliers in one
+    group keeps the other groups' precision."""
+    rng = np.random.default_rng(7)
+    k, group, n = 576, 64, 200
+    q = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    s = rng.uniform(0.5, 2.0, (n, k // group)).astype(np.float32)
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    x[:, 5] = 2000.0  # a massive activation lives in group 0 only
+    w = (q.reshape(n, -1, group) * s[..., None]).reshape(n, k).astype(np.float64)
+    exact = x.astype(np.float64) @ w.T
+    step = np.repeat(np.abs(x.reshape(2, -1, group)).max(-1) / 32767, group, axis=1)
+    bound = (0.5 * step) @ np.abs(w).T * (1 + 1e-4) + 1e-5 * np.abs(x) @ np.abs(w).T
+    assert np.all(np.abs(matmul_i8(x, q, s, group) - exact) <= bound)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_activations_raise(bad):
+    x = np.ones((1, 64), np.float32)
+    x[0, 7] = bad
+    q, s = np.ones((3, 64), np.int8), np.ones((3, 4), np.float32)
+    for m in (1, 9):  # both paths
+        with pytest.raises(ValueError, match="x: .*NaN or Inf"):
+            matmul_i8(np.repeat(x, m, 0), q, s, 16)
 
 
 def test_quantize_i8_round_trip():

@@ -1,8 +1,10 @@
-/* x86/matmul_i8_avx2.c: the few-rows int8 x float32 row kernel (matmul_i8.c) with 8-wide vectors:
- * 8 int8 weights widened to float per step, two accumulators per group, the group scale applied
- * with one FMA per group; four weight rows at a time (then the rest one by one), every output
- * formed by the same operations in the same order either way. Groups that are not a multiple of
- * 16 take the generic kernel. */
+/* x86/matmul_i8_avx2.c: the few-rows int8-weight row kernel (matmul_i8.c) with 16-bit
+ * activations: per 16 inputs one sign extension of the int8 weights to 16 bits, one vpmaddwd
+ * against the activations and one 32-bit add; per group (or OFFQ_I8_CHUNK inputs) the 8 integer
+ * lanes are converted and added to 8 float lanes times the group's combined scale, exactly the
+ * generic kernel's lane sums and float operations. Four weight rows at a time share one
+ * activation load (then the rest one by one: the same per-output operations either way). Groups
+ * that are not a multiple of 16 take the generic kernel. */
 #include "kernels.h"
 
 #ifdef OFFQ_X86
@@ -10,62 +12,68 @@
 
 #include "x86/reduce_avx2.h"
 
-__attribute__((target("avx2,fma"))) static inline __m256 widen8(const int8_t *p)
+/* 16 int8 weights times 16 int16 activations, as 8 int32 pair sums added to acc */
+__attribute__((target("avx2,fma"))) static inline __m256i madd16(__m256i acc, const int8_t *w,
+                                                                 __m256i xv)
 {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
 }
 
-/* One output (row r of x, weight row n): per group two 8-lane FMA chains over 16 inputs a step,
- * then one FMA with the group scale; the order every output is formed in, alone or beside others.
- */
-__attribute__((target("avx2,fma"))) static float one_output(const float *xr, const int8_t *wr,
-                                                            const float *sc, int64_t ng,
-                                                            int64_t group)
+/* acc += float(lanes) * s: one group's (or chunk's) lane sums joining the float lanes */
+__attribute__((target("avx2,fma"))) static inline __m256 join(__m256 acc, __m256i lanes, float s)
+{
+    return _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(lanes), _mm256_set1_ps(s)));
+}
+
+__attribute__((target("avx2,fma"))) static float one_output(const int16_t *xr, const float *xs,
+                                                            const int8_t *wr, const float *sc,
+                                                            int64_t ng, int64_t group)
 {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        __m256 d0 = _mm256_setzero_ps(), d1 = d0;
-        for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
-            d0 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), widen8(wr + i), d0);
-            d1 = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i + 8), widen8(wr + i + 8), d1);
+        const int64_t end = (g + 1) * group;
+        for (int64_t c = g * group; c < end; c += OFFQ_I8_CHUNK) {
+            const int64_t c1 = c + OFFQ_I8_CHUNK < end ? c + OFFQ_I8_CHUNK : end;
+            __m256i l = _mm256_setzero_si256();
+            for (int64_t i = c; i < c1; i += 16) {
+                l = madd16(l, wr + i, _mm256_loadu_si256((const __m256i *)(xr + i)));
+            }
+            acc = join(acc, l, sc[g] * xs[g]);
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(d0, d1), acc);
     }
     return offq_hsum8(acc);
 }
 
-/* Four weight rows against one row of x, each with one_output's operations in its order (eight
- * FMA chains in flight instead of two), with a software prefetch of the rows after them. Measured
- * on Qwen2.5-1.5B's head (151936 x 1536, int8, one Zen3 core): one row at a time without the
- * prefetch 22-25 ms, four rows without it the same, one row with it 18-21 ms, four rows with it
- * 14-15 ms; from DRAM the kernel was waiting on memory (in cache it ran ~18 GB/s). */
-__attribute__((target("avx2,fma"))) static void four_outputs(const float *xr, const int8_t *w,
-                                                             int64_t k, const float *sc,
-                                                             int64_t ng, int64_t group,
-                                                             float *o)
+/* Four weight rows against one row of x, each with one_output's operations, with a software
+ * prefetch of the rows eight ahead (the stream is one block of columns per thread; the prefetch
+ * measured 14-15 ms against 22-25 ms without it on Qwen2.5-1.5B's head with float activations). */
+__attribute__((target("avx2,fma"))) static void four_outputs(const int16_t *xr, const float *xs,
+                                                             const int8_t *w, int64_t k,
+                                                             const float *sc, int64_t ng,
+                                                             int64_t group, float *o)
 {
     const int8_t *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t g = 0; g < ng; g++) {
-        __m256 d00 = _mm256_setzero_ps(), d01 = d00, d10 = d00, d11 = d00, d20 = d00, d21 = d00,
-               d30 = d00, d31 = d00;
-        for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
-            /* rows n+8..n+11 (contiguous with these): 64 bytes a step, two blocks (8 k) ahead */
-            _mm_prefetch((const char *)(w + 8 * k + 4 * i), _MM_HINT_T0);
-            const __m256 x0 = _mm256_loadu_ps(xr + i), x1 = _mm256_loadu_ps(xr + i + 8);
-            d00 = _mm256_fmadd_ps(x0, widen8(w0 + i), d00);
-            d01 = _mm256_fmadd_ps(x1, widen8(w0 + i + 8), d01);
-            d10 = _mm256_fmadd_ps(x0, widen8(w1 + i), d10);
-            d11 = _mm256_fmadd_ps(x1, widen8(w1 + i + 8), d11);
-            d20 = _mm256_fmadd_ps(x0, widen8(w2 + i), d20);
-            d21 = _mm256_fmadd_ps(x1, widen8(w2 + i + 8), d21);
-            d30 = _mm256_fmadd_ps(x0, widen8(w3 + i), d30);
-            d31 = _mm256_fmadd_ps(x1, widen8(w3 + i + 8), d31);
+        const int64_t end = (g + 1) * group;
+        for (int64_t c = g * group; c < end; c += OFFQ_I8_CHUNK) {
+            const int64_t c1 = c + OFFQ_I8_CHUNK < end ? c + OFFQ_I8_CHUNK : end;
+            __m256i l0 = _mm256_setzero_si256(), l1 = l0, l2 = l0, l3 = l0;
+            for (int64_t i = c; i < c1; i += 16) {
+                /* rows n+8..n+11 (contiguous with these): 64 bytes a step, two blocks ahead */
+                _mm_prefetch((const char *)(w + 8 * k + 4 * i), _MM_HINT_T0);
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + i));
+                l0 = madd16(l0, w0 + i, xv);
+                l1 = madd16(l1, w1 + i, xv);
+                l2 = madd16(l2, w2 + i, xv);
+                l3 = madd16(l3, w3 + i, xv);
+            }
+            a0 = join(a0, l0, sc[g] * xs[g]);
+            a1 = join(a1, l1, sc[ng + g] * xs[g]);
+            a2 = join(a2, l2, sc[2 * ng + g] * xs[g]);
+            a3 = join(a3, l3, sc[3 * ng + g] * xs[g]);
         }
-        a0 = _mm256_fmadd_ps(_mm256_set1_ps(sc[g]), _mm256_add_ps(d00, d01), a0);
-        a1 = _mm256_fmadd_ps(_mm256_set1_ps(sc[ng + g]), _mm256_add_ps(d10, d11), a1);
-        a2 = _mm256_fmadd_ps(_mm256_set1_ps(sc[2 * ng + g]), _mm256_add_ps(d20, d21), a2);
-        a3 = _mm256_fmadd_ps(_mm256_set1_ps(sc[3 * ng + g]), _mm256_add_ps(d30, d31), a3);
     }
     o[0] = offq_hsum8(a0);
     o[1] = offq_hsum8(a1);
@@ -73,13 +81,14 @@ __attribute__((target("avx2,fma"))) static void four_outputs(const float *xr, co
     o[3] = offq_hsum8(a3);
 }
 
-__attribute__((target("avx2,fma"))) void offq_i8_rows_avx2(const float *x, int64_t m, int64_t k,
-                                                          const int8_t *w, const float *scale,
-                                                          int64_t group, int64_t n0, int64_t n1,
-                                                          int64_t ldo, float *out)
+__attribute__((target("avx2,fma"))) void offq_i8_rows_avx2(const int16_t *xq, const float *xs,
+                                                          int64_t m, int64_t k, const int8_t *w,
+                                                          const float *scale, int64_t group,
+                                                          int64_t n0, int64_t n1, int64_t ldo,
+                                                          float *out)
 {
     if (group % 16 != 0) {
-        offq_i8_rows_generic(x, m, k, w, scale, group, n0, n1, ldo, out);
+        offq_i8_rows_generic(xq, xs, m, k, w, scale, group, n0, n1, ldo, out);
         return;
     }
     const int64_t ng = k / group;
@@ -87,7 +96,7 @@ __attribute__((target("avx2,fma"))) void offq_i8_rows_avx2(const float *x, int64
     for (; n + 4 <= n1; n += 4) {
         for (int64_t r = 0; r < m; r++) {
             float o[4];
-            four_outputs(x + r * k, w + n * k, k, scale + n * ng, ng, group, o);
+            four_outputs(xq + r * k, xs + r * ng, w + n * k, k, scale + n * ng, ng, group, o);
             for (int j = 0; j < 4; j++) {
                 out[r * ldo + n + j] = o[j];
             }
@@ -95,7 +104,8 @@ __attribute__((target("avx2,fma"))) void offq_i8_rows_avx2(const float *x, int64
     }
     for (; n < n1; n++) {
         for (int64_t r = 0; r < m; r++) {
-            out[r * ldo + n] = one_output(x + r * k, w + n * k, scale + n * ng, ng, group);
+            out[r * ldo + n] = one_output(xq + r * k, xs + r * ng, w + n * k, scale + n * ng, ng,
+                                          group);
         }
     }
 }

@@ -1,9 +1,13 @@
 """The int8-weight matmul (C kernel ``offq._C.matmul_i8``): float32 activations times int8 weights
 with one float32 scale per group of inputs, what an 8-bit LM head multiplies.
 
-``w_hat[n, i] = scale[n, i // group] * w[n, i]``; ``matmul_i8(x, w, scale, group) == x @ w_hat.T``
-up to float32 summation order. A few rows (decoding) read the int8 weights directly (AVX2 where
-the CPU has it); many rows dequantize blocks of weight rows and use sgemm.
+``w_hat[n, i] = scale[n, i // group] * w[n, i]``; ``matmul_i8(x, w, scale, group) ==
+x_hat @ w_hat.T`` up to float32 summation order, where ``x_hat`` is ``x`` rounded to 16 bits per
+group of the same inputs: ``xs = max|x_group| / 32767``, ``x_hat = xs * clip(rint(x / xs), -32767,
+32767)`` (0 where ``xs`` is 0), an error of at most 2^-16 of each group's largest activation.
+The rounding lets a few rows (decoding) multiply integers, 16 weights per instruction instead of
+8 widened to float (AVX2 where the CPU has it; bit-identical to the generic C kernel); many rows
+use sgemm on ``x_hat`` and blocks of dequantized weight rows.
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ def quantize_i8(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
 
 def matmul_i8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, group: int, *,
               out: np.ndarray | None = None, kernel: str = "auto") -> np.ndarray:
-    """``x @ (scale * w).T`` for float32 ``x[M, K]``, int8 ``w[N, K]`` and float32
-    ``scale[N, K / group]`` -> float32 ``[M, N]``. ``kernel``: "auto" or "generic" (the C
-    reference). The binding validates every argument (TypeError/ValueError naming it)."""
+    """``x_hat @ (scale * w).T`` for float32 ``x[M, K]`` (rounded to 16 bits per group, see the
+    module docstring), int8 ``w[N, K]`` and float32 ``scale[N, K / group]`` -> float32
+    ``[M, N]``. ``kernel``: "auto" or "generic" (the C reference). The binding validates every
+    argument (TypeError/ValueError naming it; NaN or Inf in ``x`` is a ValueError)."""
     return _C.matmul_i8(x, w, scale, group, out, kernel)

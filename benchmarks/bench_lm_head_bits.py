@@ -1,0 +1,100 @@
+"""What storing the LM head in 8 bits (``--lm-head-bits 8``) costs in perplexity.
+
+The same hidden states (one forward pass per window) go through three heads: the checkpoint's
+float32 head; its int8 codes with float32 activations (``x @ (scale * q).T`` in NumPy, what the
+int8 kernel computed before it rounded activations to 16 bits); and ``offq.kernels.matmul_i8``
+as offq runs it (activations rounded to 16 bits per group). So the table separates the weights'
+rounding from the activations'.
+
+Protocol (printed): an offq checkpoint quantized *without* ``--lm-head-bits 8`` (its float head
+is the reference); WikiText-2 test shipped with offq, the first ``--windows`` windows of
+``--seqlen`` tokens (BOS as the model's config says); int8 symmetric codes, one scale per group
+of ``g`` inputs (default: the group offq stores, the largest power of two dividing d, at most 128).
+
+    offq quantize smollm2-135m --method offq --calib-samples 8 --calib-seqlen 512 --out runs/offq8
+    python benchmarks/bench_lm_head_bits.py --ckpt runs/offq8               # ~2 min, 2 threads
+    python benchmarks/bench_lm_head_bits.py --ckpt runs/offq8 --groups 64 32 16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CHUNK = 256  # rows of logits materialised at once
+
+
+def window_nll(logits_fn, hn: np.ndarray, targets: np.ndarray) -> float:
+    """Summed NLL (float64) of ``targets`` under the logits of ``hn[T, d]`` (row t predicts
+    targets[t])."""
+    total = 0.0
+    for s in range(0, len(targets), CHUNK):
+        lg = logits_fn(hn[s:s + CHUNK]).astype(np.float64)
+        mx = lg.max(axis=1, keepdims=True)
+        lse = mx[:, 0] + np.log(np.exp(lg - mx).sum(axis=1))
+        total += float((lse - lg[np.arange(len(lg)), targets[s:s + CHUNK]]).sum())
+    return total
+
+
+def main() -> int:
+    from offq.bench.machine import describe_machine
+    from offq.data import load_wikitext2_test
+    from offq.eval import load_model, make_windows
+    from offq.kernels import set_num_threads
+    from offq.kernels.matmul_i8 import matmul_i8, quantize_i8
+    from offq.model.linear import DenseLinear
+    from offq.model.ops import rms_norm
+    from offq.quant.lm_head import lm_head_group
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="offq checkpoint with a float32 LM head")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--groups", type=int, nargs="+", default=None,
+                    help="int8 scale groups (default: the one offq stores)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    set_num_threads(args.threads)
+
+    model, tok = load_model(args.ckpt, mode="real")
+    if not isinstance(model.lm_head, DenseLinear):
+        ap.error(f"--ckpt: {args.ckpt} stores its LM head as {type(model.lm_head).__name__}; "
+                 "quantize it without --lm-head-bits 8 so the float32 head is the reference")
+    w = model.lm_head.weight
+    d = w.shape[1]
+    groups = args.groups or [lm_head_group(d)]
+    bos = model.config.bos_token_id if getattr(model.config, "add_bos", False) else None
+    win = make_windows(tok.encode(load_wikitext2_test(), add_bos=False), args.seqlen,
+                       bos_id=bos, max_windows=args.windows)
+    print(f"# {model.method}; LM head {w.shape[0]} x {d}; WikiText-2 test, {win.ids.shape[0]} "
+          f"windows of {args.seqlen}; {describe_machine()}, {args.threads} threads", flush=True)
+
+    heads = {"float32 head": lambda x: x @ w.T}
+    for g in groups:
+        q, s = quantize_i8(w, g)
+        w_hat = (q.reshape(q.shape[0], -1, g) * s[..., None]).reshape(q.shape)
+        heads[f"int8 g{g}, float32 activations"] = lambda x, w_hat=w_hat: x @ w_hat.T
+        heads[f"int8 g{g}, 16-bit activations (matmul_i8)"] = (
+            lambda x, q=q, s=s, g=g: matmul_i8(np.ascontiguousarray(x), q, s, g))
+    nll = dict.fromkeys(heads, 0.0)
+    count = 0
+    t0 = time.perf_counter()
+    for ids in win.ids:
+        h = model.hidden_states(ids[None])[0]
+        hn = np.ascontiguousarray(rms_norm(h, model.final_norm, float(model.config.rms_norm_eps)))
+        for name, fn in heads.items():
+            nll[name] += window_nll(fn, hn[:-1], ids[1:])
+        count += len(ids) - 1
+    print(f"{'head':45s} {'perplexity':>12s}   ({time.perf_counter() - t0:.0f} s)")
+    for name, total in nll.items():
+        print(f"{name:45s} {np.exp(total / count):12.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
