@@ -27,7 +27,10 @@ the codes differ.
 
 A ``llama-bench`` binary (``llama_bench``, with a GGUF ``llama_model``, e.g. the model requantized
 to Q4_0) adds llama.cpp's figures for the same tests and threads, run as a subprocess; it is
-never a dependency (benchmarks/README.md says how to build one).
+never a dependency (benchmarks/README.md says how to build one). It takes its turn in every
+round, after offq's engines (one ``llama-bench -r 1`` per test and round, with llama-bench's own
+warm-up run), and its best round counts too: the same statistic over the same stretch of time
+as offq's, which matters on shared machines whose speed drifts by 20% within minutes.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ import numpy as np
 from ..progress import Progress
 from ..quant.fused import PREFILL_MODES
 
-__all__ = ["E2EConfig", "run_e2e", "format_e2e", "llama_bench_rows", "peer_environment"]
+__all__ = ["E2EConfig", "run_e2e", "format_e2e", "llama_bench_command", "llama_bench_seconds",
+           "parse_llama_bench", "peer_environment"]
 
 
 @dataclass(frozen=True)
@@ -216,20 +220,24 @@ def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
                     n, _, depth = test[2:].partition("@d")
                     n, depth = int(n), int(depth or 0)
                     best = {name: float("inf") for name in models}
+                    peer = float("inf")
                     for _ in range(cfg.repeats):
                         for name, m in models.items():
                             sec = (_prefill_seconds(m, ids[:n]) if test.startswith("pp")
                                    else _generate_seconds(m, int(ids[depth]), n, ids[:depth]))
                             best[name] = min(best[name], sec)
-                    for name, sec in best.items():
-                        row = {"engine": f"offq {name}", "test": test, "threads": t,
+                        if cfg.llama_bench:
+                            peer = min(peer, llama_bench_seconds(cfg, test, t))
+                    engines = {f"offq {name}": sec for name, sec in best.items()}
+                    if cfg.llama_bench:
+                        engines["llama.cpp"] = peer
+                    for engine, sec in engines.items():
+                        row = {"engine": engine, "test": test, "threads": t,
                                "tokens_per_s": n / sec, "seconds": sec}
                         rows.append(row)
                         if on_row is not None:
                             on_row(row)
                     bar.update()
-    if cfg.llama_bench:
-        rows.extend(llama_bench_rows(cfg))
     from .machine import machine_info
     return {"protocol": {"model": cfg.model, "quantized": label, "tests": list(cfg.tests),
                          "threads": list(cfg.threads), "repeats": cfg.repeats,
@@ -254,37 +262,46 @@ def peer_environment() -> dict[str, str]:
     return env
 
 
-def llama_bench_rows(cfg: E2EConfig) -> list[dict[str, Any]]:
-    """llama.cpp's figures for ``cfg``'s tests: ``llama-bench -o json`` per thread count, in the
-    user's environment (:func:`peer_environment`)."""
-    prompts = ",".join(str(n) for n in cfg.prompt_lengths) or "0"
-    rows = []
-    for t in cfg.threads:
-        base = [str(cfg.llama_bench), "-m", str(cfg.llama_model), "-t", str(t), "-r",
-                str(cfg.repeats), "-o", "json"]
-        runs = [base + ["-p", prompts, "-n", str(cfg.gen_tokens)]]
-        if cfg.depths:  # generation only, after each cached depth
-            runs.append(base + ["-p", "0", "-n", str(cfg.gen_tokens), "-d",
-                                ",".join(str(d) for d in cfg.depths)])
-        records = []
-        for cmd in runs:
-            try:
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                     env=peer_environment()).stdout
-            except (OSError, subprocess.CalledProcessError) as e:
-                detail = getattr(e, "stderr", "") or str(e)
-                raise OSError(f"llama-bench failed ({' '.join(cmd)}): "
-                              f"{detail.strip()[-500:]}") from e
-            records += json.loads(out)
-        for rec in records:
-            n_prompt, n_gen = int(rec.get("n_prompt", 0)), int(rec.get("n_gen", 0))
-            depth = int(rec.get("n_depth", 0))
-            test = f"pp{n_prompt}" if n_prompt else f"tg{n_gen}"
-            test += f"@d{depth}" if depth else ""
-            tps = float(rec["avg_ts"])
-            rows.append({"engine": "llama.cpp", "test": test, "threads": t, "tokens_per_s": tps,
-                         "seconds": (n_prompt or n_gen) / tps if tps > 0 else float("nan")})
-    return rows
+def llama_bench_command(cfg: E2EConfig, test: str, threads: int) -> list[str]:
+    """The ``llama-bench`` command line timing one of ``cfg``'s tests ("pp512", "tg128",
+    "tg128@d2000") once (``-r 1``) at ``threads`` threads, JSON output."""
+    n, _, depth = test[2:].partition("@d")
+    cmd = [str(cfg.llama_bench), "-m", str(cfg.llama_model), "-t", str(threads), "-r", "1",
+           "-o", "json"]
+    if test.startswith("pp"):
+        return cmd + ["-p", n, "-n", "0"]
+    return cmd + ["-p", "0", "-n", n] + (["-d", depth] if depth else [])
+
+
+def parse_llama_bench(out: str, test: str) -> float:
+    """Seconds of ``test`` in ``llama-bench -o json`` output: its best sample (``samples_ts``;
+    ``avg_ts`` where a build lacks them). ValueError when the output has no record of it."""
+    try:
+        records = json.loads(out)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"llama-bench: output is not JSON ({e}): {out.strip()[:200]!r}") from None
+    n, _, depth = test[2:].partition("@d")
+    for rec in records if isinstance(records, list) else []:
+        n_prompt, n_gen = int(rec.get("n_prompt", 0)), int(rec.get("n_gen", 0))
+        got = (f"pp{n_prompt}" if n_prompt else f"tg{n_gen}") + (
+            f"@d{int(rec['n_depth'])}" if int(rec.get("n_depth", 0)) else "")
+        if got == test:
+            tps = max((float(v) for v in rec.get("samples_ts") or [rec["avg_ts"]]))
+            return int(n) / tps if tps > 0 else float("inf")
+    raise ValueError(f"llama-bench: no {test} record in its output: {out.strip()[:200]!r}")
+
+
+def llama_bench_seconds(cfg: E2EConfig, test: str, threads: int) -> float:
+    """One timed run of ``test`` by llama.cpp (:func:`llama_bench_command`) in the user's
+    environment (:func:`peer_environment`); OSError naming the command when it fails."""
+    cmd = llama_bench_command(cfg, test, threads)
+    try:
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env=peer_environment()).stdout
+        return parse_llama_bench(out, test)
+    except (OSError, subprocess.CalledProcessError, ValueError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        raise OSError(f"llama-bench failed ({' '.join(cmd)}): {detail.strip()[-500:]}") from e
 
 
 def format_e2e(result: dict[str, Any]) -> str:
