@@ -6,7 +6,8 @@ Protocol: W [N, K] is N(0, 1) float32 (seed 0), quantized once (``quantize_i8``,
 scale per group); x [M, K] is N(0, 1). Shapes are the LM heads of the default model
 (SmolLM2-135M: 49152 x 576, groups of 64) and of Qwen2.5-1.5B (151936 x 1536, groups of 128);
 M = 1 is a decode step's logits (both heads stream from DRAM: 28 and 233 MB in int8, 113 and
-934 MB in float32). Rows: `i8 gG [auto]` = ``matmul_i8`` (the dispatched row kernel), against
+934 MB in float32). Rows: `i8 gG [auto]` = ``matmul_i8`` (x rounded to 16 bits per group, then
+the dispatched integer row kernel; the rounding is inside the timed call), against
 `numpy sgemv` = ``x[0] @ W.T`` on the float32 W, timed interleaved in the same process with the
 same thread setting. GFLOP/s counts 2*M*N*K; GB/s counts the int8 weight, its scales, x and the
 output.
@@ -38,7 +39,8 @@ def run(threads: int, quick: bool) -> list[dict]:
             "matmul_i8", f"i8 g{group} [auto] {m}x{k}x{n}", threads, t["offq"],
             flops=2.0 * m * n * k, nbytes=q.nbytes + s.nbytes + x.nbytes + out.nbytes,
             baselines={"numpy sgemv": t["blas"]},
-            note=f"float32 x, int8 W with one scale per {group} inputs (the 8-bit LM head), "
+            note=f"float32 x (rounded to 16 bits per group inside), int8 W with one scale per "
+                 f"{group} inputs (the 8-bit LM head), "
                  "against the float32 head"))
         del w, wt
     return rows
