@@ -98,6 +98,20 @@ static inline int offq_is_nonfinite(float v)
     return (u & 0x7f800000u) == 0x7f800000u;
 }
 
+/* max |g[i]| over g[0..n) into *amax; nonzero when some g[i] is NaN or Inf. */
+static inline int offq_abs_max(const float *restrict g, int64_t n, float *amax)
+{
+    float m = 0.0f;
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float a = fabsf(g[i]);
+        bad |= offq_is_nonfinite(g[i]);
+        m = a > m ? a : m;
+    }
+    *amax = m;
+    return bad;
+}
+
 /* scale and zero of an asymmetric group from its min and max (formula: offq.h). */
 static inline offq_status offq_quant_params_asym(float mn, float mx, int bits, float clip,
                                                  float *scale, float *zero)

@@ -37,14 +37,8 @@ offq_status offq_i8_quantize_x(const float *x, int64_t m, int64_t k, int64_t gro
         for (int64_t g = 0; g < ng; g++) {
             const float *xg = x + r * k + g * group;
             int16_t *qg = xq + r * k + g * group;
-            float amax = 0.0f;
-            int bad = 0;
-            for (int64_t i = 0; i < group; i++) {
-                const float a = fabsf(xg[i]);
-                bad |= offq_is_nonfinite(xg[i]);
-                amax = a > amax ? a : amax;
-            }
-            if (bad) {
+            float amax;
+            if (offq_abs_max(xg, group, &amax)) {
                 return OFFQ_ERR_NONFINITE;
             }
             const float s = amax / 32767.0f;

@@ -24,13 +24,8 @@ offq_status offq_quant_group_generic(const float *restrict g, int64_t n, int bit
     int bad = 0;
     float scale, zero;
     if (symmetric) {
-        float amax = 0.0f;
-        for (int64_t i = 0; i < n; i++) {
-            const float a = fabsf(g[i]);
-            bad |= offq_is_nonfinite(g[i]);
-            amax = a > amax ? a : amax;
-        }
-        if (bad) {
+        float amax;
+        if (offq_abs_max(g, n, &amax)) {
             return OFFQ_ERR_NONFINITE;
         }
         offq_quant_params_sym(amax, bits, clip, &scale, &zero);
