@@ -3,9 +3,10 @@
  * inputs of a row); x_hat is x rounded to 16 bits per group of the same inputs (below).
  *
  * Why 16-bit activations: widening an int8 weight to float costs two conversions per 8 weights
- * (then one FMA), which made the few-rows kernel compute-bound on half-width AVX2 (Zen 1) and
- * Zen 3 at 2 threads; with int16 activations one sign extension and one vpmaddwd handle 16
- * weights. The rounding is 2^-16 of a group's largest activation: far below the int8 weights'.
+ * (then one FMA), which made the few-rows kernel compute-bound where AVX2 runs at half width
+ * (Zen 1: 6 GB/s a core, 9-10 GB/s with this kernel); with int16 activations one sign extension
+ * and one vpmaddwd handle 16 weights. The rounding is at most 2^-16 of a group's largest
+ * activation, far below the int8 weights' own (benchmarks/bench_lm_head_bits.py).
  *
  * Activation rounding (offq_i8_quantize_x, shared by every path): per row r and group g of x,
  * xs[r, g] = max|x_group| / 32767 and xq = clamp(rint(x / xs), -32767, 32767); a group whose

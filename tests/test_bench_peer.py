@@ -35,6 +35,9 @@ def test_parse_takes_the_best_sample_of_the_named_test():
     assert parse_llama_bench(json.dumps([old]), "tg16") == pytest.approx(16 / 61.705548)
     with pytest.raises(ValueError, match="no tg128 record"):
         parse_llama_bench(out, "tg128")
+    for bad in ([1], [{"n_gen": 16}], [{"n_gen": "x"}], [dict(RECORD, samples_ts=["?"])]):
+        with pytest.raises(ValueError, match="malformed record"):
+            parse_llama_bench(json.dumps(bad), "tg16")
     with pytest.raises(ValueError, match="not JSON"):
         parse_llama_bench("error: model not found", "tg16")
 

@@ -282,12 +282,17 @@ def parse_llama_bench(out: str, test: str) -> float:
         raise ValueError(f"llama-bench: output is not JSON ({e}): {out.strip()[:200]!r}") from None
     n, _, depth = test[2:].partition("@d")
     for rec in records if isinstance(records, list) else []:
-        n_prompt, n_gen = int(rec.get("n_prompt", 0)), int(rec.get("n_gen", 0))
-        got = (f"pp{n_prompt}" if n_prompt else f"tg{n_gen}") + (
-            f"@d{int(rec['n_depth'])}" if int(rec.get("n_depth", 0)) else "")
-        if got == test:
-            tps = max((float(v) for v in rec.get("samples_ts") or [rec["avg_ts"]]))
-            return int(n) / tps if tps > 0 else float("inf")
+        try:
+            n_prompt, n_gen = int(rec.get("n_prompt", 0)), int(rec.get("n_gen", 0))
+            got = (f"pp{n_prompt}" if n_prompt else f"tg{n_gen}") + (
+                f"@d{int(rec['n_depth'])}" if int(rec.get("n_depth", 0)) else "")
+            if got != test:
+                continue
+            tps = max(float(v) for v in rec.get("samples_ts") or [rec["avg_ts"]])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"llama-bench: a malformed record ({type(e).__name__}: {e}): "
+                             f"{str(rec)[:200]}") from None
+        return int(n) / tps if tps > 0 else float("inf")
     raise ValueError(f"llama-bench: no {test} record in its output: {out.strip()[:200]!r}")
 
 
