@@ -26,19 +26,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CHUNK = 256  # rows of logits materialised at once
+CHUNK = 256  # rows of logits materialised at once (offq's NLL_CHUNK)
 
 
 def window_nll(logits_fn, hn: np.ndarray, targets: np.ndarray) -> float:
-    """Summed NLL (float64) of ``targets`` under the logits of ``hn[T, d]`` (row t predicts
-    targets[t])."""
-    total = 0.0
-    for s in range(0, len(targets), CHUNK):
-        lg = logits_fn(hn[s:s + CHUNK]).astype(np.float64)
-        mx = lg.max(axis=1, keepdims=True)
-        lse = mx[:, 0] + np.log(np.exp(lg - mx).sum(axis=1))
-        total += float((lse - lg[np.arange(len(lg)), targets[s:s + CHUNK]]).sum())
-    return total
+    """Summed NLL of ``targets`` under the logits of ``hn[T, d]`` (row t predicts targets[t]),
+    with ``token_nll``, the per-token NLL offq's perplexity uses."""
+    from offq.model.ops import token_nll
+
+    return sum(float(token_nll(logits_fn(hn[s:s + CHUNK]), targets[s:s + CHUNK]).sum())
+               for s in range(0, len(targets), CHUNK))
 
 
 def main() -> int:
