@@ -37,6 +37,9 @@ ROWS: dict[str, dict] = {
     "rtn": dict(method="rtn"),
     "gptq": dict(method="gptq"),
     "quarot-gptq": dict(method="quarot"),
+    # QuaRot-style with the QuaRot paper's activation quantizer (symmetric, per token, clip 0.9)
+    # instead of offq's shared asymmetric groups: the baseline the OffQ paper's gap is taken from
+    "quarot-own-act": dict(method="quarot", a_symmetric=True, a_group_size=-1, a_clip=0.9),
     "offq-rtn": dict(method="offq", w_quantizer="rtn"),
     "offq-gptq": dict(method="offq"),
     "offq-osaq": dict(method="offq", w_quantizer="osaq+gptq"),  # OSAQ on the rotated weights
@@ -62,11 +65,14 @@ RUNTIME_FIELDS = ("a_bits", "a_symmetric", "a_clip", "kv_bits", "kv_group_size",
 
 
 def weight_key(cfg: QuantConfig) -> str:
-    """Configs with the same key quantize to the same stored tensors (R1 still depends on
-    a_group_size: its block Hadamard is the activation group)."""
+    """Configs with the same key quantize to the same stored tensors (the calibration runs on
+    float activations here; OffQ's R1 still depends on a_group_size: its block Hadamard is the
+    activation group)."""
     d = cfg.to_dict()
     for name in RUNTIME_FIELDS:
         d.pop(name, None)
+    if cfg.method != "offq":  # only OffQ's R1 (its block Hadamard) depends on the group
+        d.pop("a_group_size", None)
     return repr(sorted(d.items()))
 
 
