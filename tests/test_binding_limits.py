@@ -115,3 +115,93 @@ def test_a_flag_whose_truth_value_fails_is_named(name, call):
                      (-1, ValueError)]:
         with pytest.raises(err, match=rf"^{name}: expected a bool"):
             call(bad)
+
+
+def _w4a4_operands(rows: int, k: int = 256):
+    """4-bit codes, scales and zero-points of a [rows, k] matrix (groups of 64)."""
+    codes, scale, zero, _ = _C.quantize(np.ones((rows, k), np.float32), 4, 64, False, 1.0)
+    return codes, scale, zero
+
+
+def test_matmul_w4a4_with_an_empty_weight_and_decode_layout_reads_nothing():
+    # the layout check sampled rows 0..7 of a weight with none: it read past the (empty)
+    # layout and refused it for a reason made of stray bytes
+    k = 256
+    ac, asc, az = _w4a4_operands(3, k)
+    none = np.zeros((0, k // 64), np.float32)
+    out = _C.matmul_w4a4(ac, asc, az, 64, np.zeros((0, k // 2), np.uint8), none, none.copy(), 64,
+                         k, None, "auto", np.zeros((0, k // 8, 32), np.uint8))
+    assert out.shape == (3, 0)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (None, TypeError, r"^kernel: expected a str such as 'auto', got NoneType$"),
+    (5, TypeError, r"^kernel: expected a str such as 'auto', got int$"),
+    (b"auto", TypeError, r"^kernel: expected a str such as 'auto', got bytes$"),
+    ("auto\0x", ValueError, r"^kernel: contains a null character$"),
+])
+def test_every_kernel_argument_is_named(bad, error, match):
+    k = 256
+    ac, asc, az = _w4a4_operands(1, k)
+    x = np.ones((1, k), np.float32)
+    wq = _C.pack_wq(np.zeros((4, k), np.uint8), 4)
+    g = np.ones((4, 2), np.float32)
+    calls = [
+        lambda: _C.matmul_w4a4(ac, asc, az, 64, ac, asc, az, 64, k, None, bad),
+        lambda: _C.matmul_wq(x, wq, g, g.copy(), 4, 128, None, bad),
+        lambda: _C.matmul_i8(x, np.ones((4, k), np.int8), np.ones((4, 1), np.float32), k, None,
+                             bad),
+        lambda: _C.attention_f32(np.zeros((1, 2, 4, 8), np.float32),
+                                 np.zeros((1, 2, 2, 8), np.float32), bad),
+    ]
+    for call in calls:
+        with pytest.raises(error, match=match):
+            call()
+
+
+@pytest.mark.parametrize("where", ["a_scale", "a_zero", "w_scale", "w_zero"])
+def test_matmul_w4a4_refuses_a_non_finite_grid(where: str):
+    k = 256
+    a = dict(zip(("codes", "scale", "zero"), _w4a4_operands(2, k)))
+    w = dict(zip(("codes", "scale", "zero"), _w4a4_operands(3, k)))
+    side, part = where.split("_")
+    bad = {"a": a, "w": w}[side]
+    bad[part] = bad[part].copy()
+    bad[part][-1, -1] = np.nan
+    with pytest.raises(ValueError, match=f"^{where}: contains NaN or Inf"):
+        _C.matmul_w4a4(a["codes"], a["scale"], a["zero"], 64, w["codes"], w["scale"], w["zero"],
+                       64, k)
+
+
+def test_dequantize_and_matmul_wq_refuse_a_non_finite_grid():
+    codes = np.zeros((4, 256), np.uint8)
+    good, bad = np.ones((4, 2), np.float32), np.ones((4, 2), np.float32)
+    bad[3, 1] = np.inf
+    two_a_byte = np.zeros((4, 128), np.uint8)  # dequantize reads packed codes
+    with pytest.raises(ValueError, match="^scale: contains NaN or Inf"):
+        _C.dequantize(two_a_byte, bad, good, 4, 128, 256)
+    with pytest.raises(ValueError, match="^zero: contains NaN or Inf"):
+        _C.dequantize(two_a_byte, good, bad, 4, 128, 256)
+    packed = _C.pack_wq(codes, 4)
+    x = np.ones((1, 256), np.float32)
+    with pytest.raises(ValueError, match="^scale: contains NaN or Inf"):
+        _C.matmul_wq(x, packed, bad, good, 4, 128)
+    with pytest.raises(ValueError, match="^zero: contains NaN or Inf"):
+        _C.matmul_wq(x, packed, good, bad, 4, 128)
+
+
+def test_thread_counts_far_above_the_cores_are_refused():
+    # OpenMP ends the process (no exception) when it cannot create a team's threads
+    before = _C.get_num_threads()
+    try:
+        with pytest.raises(ValueError, match=r"^n: expected a thread count in \[1, \d+\]"):
+            _C.set_num_threads(4096)
+        _C.set_num_threads(64)  # oversubscription within the bound is the user's call
+    finally:
+        _C.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n", [46001, 2**31, 2**40])
+def test_hadamard_matrix_orders_are_bounded_before_allocating(n: int):
+    with pytest.raises(ValueError, match=r"^n: expected a length in \[1, 46000\]"):
+        _C.hadamard_matrix(n, True, np.float32)

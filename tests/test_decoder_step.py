@@ -359,14 +359,37 @@ def test_forward_reports_non_finite_input(plan_args):
 
 
 @pytest.mark.parametrize("name", ["cos", "sin"])
-def test_forward_names_a_non_finite_rotary_table_and_leaves_h_alone(plan_args, name):
+@pytest.mark.parametrize("value", [np.inf, np.nan, 1e30])
+def test_forward_names_a_bad_rotary_table_and_leaves_h_alone(plan_args, name, value):
+    """Non-finite entries, and finite ones that would overflow the rotation (1e30 used to come
+    back as "h: contains NaN or Inf" after h and the cache were written), name the table."""
     _, kwargs = plan_args
     table = kwargs[name].copy()
-    table[1, 0] = np.inf if name == "cos" else np.nan
+    table[1, 0] = value
     h = kwargs["h"].copy()
-    with pytest.raises(ValueError, match=f"^{name}: contains NaN or Inf"):
+    codes = kwargs["kv_codes"].copy()
+    with pytest.raises(ValueError, match=f"^{name}: a rotary table needs finite values"):
         decoder_forward(**{**kwargs, name: table, "h": h})
     np.testing.assert_array_equal(h, kwargs["h"])  # refused before the step wrote anything
+    np.testing.assert_array_equal(codes, kwargs["kv_codes"])
+
+
+def test_forward_takes_a_rotary_table_scaled_above_one(plan_args):
+    # YaRN-style rope scalings fold an attention factor (~1.1-1.7) into cos and sin
+    _, kwargs = plan_args
+    decoder_forward(**{**kwargs, "h": kwargs["h"].copy(), "cos": kwargs["cos"] * 1.5,
+                       "kv_codes": kwargs["kv_codes"].copy(), "kv_scale": kwargs["kv_scale"].copy(),
+                       "kv_zero": kwargs["kv_zero"].copy()})
+
+
+def test_forward_refuses_non_finite_h_before_writing_the_cache(plan_args):
+    _, kwargs = plan_args
+    h = kwargs["h"].copy()
+    h[1, 2] = np.inf
+    codes = kwargs["kv_codes"].copy()
+    with pytest.raises(ValueError, match="^h: contains NaN or Inf"):
+        decoder_forward(**{**kwargs, "h": h, "kv_codes": codes})
+    np.testing.assert_array_equal(codes, kwargs["kv_codes"])
 
 
 def _wide_plan(heads: int, o_group: int) -> object:
@@ -433,6 +456,26 @@ def test_plan_validates_layers(quantized):
         decoder_plan((layer,), **{**good, "eps": -1e-5})
     with pytest.raises(ValueError, match="num_heads"):
         decoder_plan((layer,), **{**good, "num_kv_heads": cfg.num_attention_heads + 1})
+    # non-finite weights' grids, norms, biases and key offsets are refused when planned, not
+    # reported later as a bad h
+    qkv_nan_scale = (qkv[0], np.full_like(qkv[1], np.nan)) + qkv[2:]
+    with pytest.raises(ValueError, match=r"^layers\[0\].qkv.scale: contains NaN or Inf"):
+        decoder_plan(((layer[0], layer[1], qkv_nan_scale) + layer[3:],), **good)
+    qkv_inf_zero = qkv[:2] + (np.full_like(qkv[2], np.inf),) + qkv[3:]
+    with pytest.raises(ValueError, match=r"^layers\[0\].qkv.zero: contains NaN or Inf"):
+        decoder_plan(((layer[0], layer[1], qkv_inf_zero) + layer[3:],), **good)
+    norm = np.ones(cfg.hidden_size, np.float32)
+    norm[3] = np.nan
+    with pytest.raises(ValueError, match=r"^layers\[0\].input_norm: contains NaN or Inf"):
+        decoder_plan(((norm,) + layer[1:],), **good)
+    offset = np.zeros(cfg.num_key_value_heads * fd.head_dim, np.float32)
+    offset[0] = np.inf
+    with pytest.raises(ValueError, match=r"^layers\[0\].k_offset: contains NaN or Inf"):
+        decoder_plan((layer[:6] + (offset,),), **good)
+    bias = np.zeros(qkv[0].shape[0], np.float32)
+    bias[-1] = np.nan
+    with pytest.raises(ValueError, match=r"^layers\[0\].qkv.bias: contains NaN or Inf"):
+        decoder_plan(((layer[0], layer[1], qkv[:4] + (bias,) + qkv[5:]) + layer[3:],), **good)
     decoder_plan((layer,), **good)  # the untouched layer is accepted
 
 

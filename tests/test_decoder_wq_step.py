@@ -201,7 +201,12 @@ def _bad_values(fd, kw):
         ("start", 1.5, TypeError, "start"),
         ("start", 2**63 - 1, ValueError, "start: positions"),
         ("cos", np.ones((3, half), np.float32), ValueError, "cos"),
-        ("cos", np.full((2, half), np.nan, np.float32), ValueError, "cos: contains NaN"),
+        ("cos", np.full((2, half), np.nan, np.float32), ValueError,
+         "cos: a rotary table needs finite values"),
+        ("sin", np.full((2, half), 1e30, np.float32), ValueError,
+         "sin: a rotary table needs finite values"),
+        ("h", np.full((2, d), np.nan, np.float32), ValueError, "h: contains NaN or Inf"),
+        ("kernel", None, TypeError, "kernel: expected a str"),
         ("sin", np.ones((2, half), np.float64), TypeError, "sin"),
         ("kv", np.zeros((L, cap, 2, Hkv, hd + 1), np.float32), ValueError, "kv: axis 4"),
         ("kv", np.zeros((L + 1, cap, 2, Hkv, hd), np.float32), ValueError, "kv: axis 0"),
@@ -272,6 +277,10 @@ def test_plan_validates_layers(quantized):
          r"layers\[0\].qkv.bias"),
         ((layer[:1] + (np.zeros(3, np.float32),) + layer[2:],), ValueError,
          r"layers\[0\].post_norm"),
+        ((layer[:1] + (np.full(cfg.hidden_size, np.nan, np.float32),) + layer[2:],), ValueError,
+         r"layers\[0\].post_norm: contains NaN or Inf"),
+        (with_qkv(packed, scale, zero, bits, group, np.full(packed.shape[0], np.inf, np.float32)),
+         ValueError, r"layers\[0\].qkv.bias: contains NaN or Inf"),
     ]
     for layers, exc, match in cases:
         with pytest.raises(exc, match=match):

@@ -204,14 +204,16 @@ def test_bad_arguments_are_named(changes, error, match):
     ("factor", np.nan, r"s: entry \[2, 5\] is not finite"),
     ("factor", np.inf, r"s: entry \[2, 5\] is not finite"),
     ("orig", np.nan, r"orig: entry \[3, 1\] is not finite"),
+    ("wt", np.nan, r"wt: entry \[3, 1\] is not finite"),  # once coded 0 with a finite error
+    ("wt", -np.inf, r"wt: entry \[3, 1\] is not finite"),
 ])
 def test_bad_values_where_read_are_named(what, value, match):
     args = valid_args()
     args["column_group"][:] = 0
     if what == "factor":
         args["s"][2, 5] = value
-    elif what == "orig":
-        args["orig"][3, 1] = value
+    elif what in ("orig", "wt"):
+        args[what][3, 1] = value
     else:
         args[what][1, 0] = value
     with pytest.raises(ValueError, match=match):

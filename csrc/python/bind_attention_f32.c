@@ -15,9 +15,13 @@ static PyObject *py_attention_f32(PyObject *self, PyObject *args, PyObject *kwds
 {
     static char *kwlist[] = {"q", "kv", "kernel", NULL};
     PyObject *qo, *kvo;
-    const char *kname = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|s:attention_f32", kwlist, &qo, &kvo,
-                                     &kname)) {
+    PyObject *kobj = NULL;
+    const char *kname;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|O:attention_f32", kwlist, &qo, &kvo,
+                                     &kobj)) {
+        return NULL;
+    }
+    if (offq_kernel_name(kobj, &kname) < 0) {
         return NULL;
     }
     offq_kernel kernel;

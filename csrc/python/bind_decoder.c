@@ -156,6 +156,9 @@ static int parse_linear(PyObject *obj, const char *name, int64_t n, int64_t k,
                          (long long)PyArray_DIM(a, 0), (long long)PyArray_DIM(a, 1));
             return -1;
         }
+        if (i > 0 && offq_all_finite(a, arg) < 0) {
+            return -1;
+        }
         data[i] = PyArray_DATA(a);
     }
     snprintf(arg, sizeof arg, "%s.bias", name);
@@ -326,10 +329,14 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     static char *kwlist[] = {"plan", "h", "start", "cos", "sin", "kv_codes", "kv_scale",
                              "kv_zero", "scratch", "kernel", NULL};
     PyObject *plan_o, *h_o, *start_o, *cos_o, *sin_o, *kc_o, *ks_o, *kz_o, *scr_o;
-    const char *kname = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|s:decoder_forward", kwlist, &plan_o,
+    PyObject *kobj = NULL;
+    const char *kname;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|O:decoder_forward", kwlist, &plan_o,
                                      &h_o, &start_o, &cos_o, &sin_o, &kc_o, &ks_o, &kz_o, &scr_o,
-                                     &kname)) {
+                                     &kobj)) {
+        return NULL;
+    }
+    if (offq_kernel_name(kobj, &kname) < 0) {
         return NULL;
     }
     offq_kernel kernel;
@@ -358,7 +365,7 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     PyArrayObject *cs = offq_check_exact(cos_o, "cos", NPY_FLOAT32, 2, rope_shape, 0);
     PyArrayObject *sn = cs ? offq_check_exact(sin_o, "sin", NPY_FLOAT32, 2, rope_shape, 0) : NULL;
     PyArrayObject *kc = sn ? offq_check_exact(kc_o, "kv_codes", NPY_UINT8, 5, kc_shape, 1) : NULL;
-    if (kc == NULL || offq_all_finite(cs, "cos") < 0 || offq_all_finite(sn, "sin") < 0) {
+    if (kc == NULL || offq_rotary_table(cs, "cos") < 0 || offq_rotary_table(sn, "sin") < 0) {
         return NULL;
     }
     const int64_t cap = PyArray_DIM(kc, 1);
@@ -395,6 +402,9 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     if (PyArray_DIM(scr, 0) < need) {
         PyErr_Format(PyExc_ValueError, "scratch: expected at least %lld bytes, got %lld",
                      (long long)need, (long long)PyArray_DIM(scr, 0));
+        return NULL;
+    }
+    if (offq_all_finite(h, "h") < 0) { /* last: before it, h may be memory another check refuses */
         return NULL;
     }
     const offq_dec_cache cache = {(uint8_t *)PyArray_DATA(kc), (float *)PyArray_DATA(ks),

@@ -221,9 +221,13 @@ static PyObject *py_decoder_wq_forward(PyObject *self, PyObject *args, PyObject 
 {
     static char *kwlist[] = {"plan", "h", "start", "cos", "sin", "kv", "scratch", "kernel", NULL};
     PyObject *plan_o, *h_o, *start_o, *cos_o, *sin_o, *kv_o, *scr_o;
-    const char *kname = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|s:decoder_wq_forward", kwlist, &plan_o,
-                                     &h_o, &start_o, &cos_o, &sin_o, &kv_o, &scr_o, &kname)) {
+    PyObject *kobj = NULL;
+    const char *kname;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOO|O:decoder_wq_forward", kwlist, &plan_o,
+                                     &h_o, &start_o, &cos_o, &sin_o, &kv_o, &scr_o, &kobj)) {
+        return NULL;
+    }
+    if (offq_kernel_name(kobj, &kname) < 0) {
         return NULL;
     }
     offq_kernel kernel;
@@ -249,7 +253,7 @@ static PyObject *py_decoder_wq_forward(PyObject *self, PyObject *args, PyObject 
     PyArrayObject *sn = cs ? offq_check_exact(sin_o, "sin", NPY_FLOAT32, 2, rope_shape, 0) : NULL;
     PyArrayObject *kv = sn ? offq_check_exact(kv_o, "kv", NPY_FLOAT32, 5, kv_shape, 1) : NULL;
     PyArrayObject *scr = kv ? offq_check_writeable(scr_o, "scratch", NPY_UINT8, 1, 1) : NULL;
-    if (scr == NULL || offq_all_finite(cs, "cos") < 0 || offq_all_finite(sn, "sin") < 0) {
+    if (scr == NULL || offq_rotary_table(cs, "cos") < 0 || offq_rotary_table(sn, "sin") < 0) {
         return NULL;
     }
     const int64_t cap = PyArray_DIM(kv, 1);
@@ -278,6 +282,9 @@ static PyObject *py_decoder_wq_forward(PyObject *self, PyObject *args, PyObject 
     if (PyArray_DIM(scr, 0) < need) {
         PyErr_Format(PyExc_ValueError, "scratch: expected at least %lld bytes, got %lld",
                      (long long)need, (long long)PyArray_DIM(scr, 0));
+        return NULL;
+    }
+    if (offq_all_finite(h, "h") < 0) { /* last: before it, h may be memory another check refuses */
         return NULL;
     }
     offq_status status;

@@ -125,9 +125,10 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
     if (check_run(idx, index_names, 4, 3, k, err) < 0) {
         return NULL;
     }
-    /* what the columns read: their group index, factor row, original weights and grid */
+    /* what the columns read: their group index, factor row, weights (current and original) and
+     * grid */
     const int64_t *cg = (const int64_t *)PyArray_DATA(column_group);
-    const void *fd = PyArray_DATA(s);
+    const void *fd = PyArray_DATA(s), *wd = PyArray_DATA(wt);
     const float *od = (const float *)PyArray_DATA(orig);
     const float *sd = (const float *)PyArray_DATA(scale), *zd = (const float *)PyArray_DATA(zero);
     for (long long i = idx[1]; i < idx[2]; i++) {
@@ -143,6 +144,11 @@ static PyObject *py_gptq_columns(PyObject *self, PyObject *args)
             }
         }
         for (int64_t r = 0; r < n; r++) {
+            if (!isfinite(entry(wd, ft, i * n + r))) {
+                PyErr_Format(PyExc_ValueError, "wt: entry [%lld, %lld] is not finite", i,
+                             (long long)r);
+                return NULL;
+            }
             if (!isfinite(od[i * n + r])) {
                 PyErr_Format(PyExc_ValueError, "orig: entry [%lld, %lld] is not finite", i,
                              (long long)r);

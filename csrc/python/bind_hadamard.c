@@ -171,8 +171,8 @@ static PyObject *py_hadamard_matrix(PyObject *self, PyObject *args)
         offq_py_int(n_obj, "n", &n) < 0 || offq_py_flag(norm_obj, "normalize", &normalize) < 0) {
         return NULL;
     }
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "n: expected a length >= 1, got %lld", n);
+    if (n < 1 || n > 46000) { /* the largest square order the linear algebra takes (bind_util.h) */
+        PyErr_Format(PyExc_ValueError, "n: expected a length in [1, 46000], got %lld", n);
         return NULL;
     }
     PyArray_Descr *descr = NULL;

@@ -11,9 +11,13 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"x", "w", "scale", "group", "out", "kernel", NULL};
     PyObject *xo, *wo, *so, *go, *oo = Py_None;
-    const char *kname = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|Os:matmul_i8", kwlist, &xo, &wo, &so, &go,
-                                     &oo, &kname)) {
+    PyObject *kobj = NULL;
+    const char *kname;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOO|OO:matmul_i8", kwlist, &xo, &wo, &so, &go,
+                                     &oo, &kobj)) {
+        return NULL;
+    }
+    if (offq_kernel_name(kobj, &kname) < 0) {
         return NULL;
     }
     int generic;

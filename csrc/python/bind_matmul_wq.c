@@ -96,9 +96,13 @@ static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
     static char *kwlist[] = {"x", "packed", "scale", "zero", "bits", "group", "out", "kernel",
                              NULL};
     PyObject *xo, *po, *so, *zo, *bo, *go, *oo = Py_None;
-    const char *kname = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|Os:matmul_wq", kwlist, &xo, &po, &so,
-                                     &zo, &bo, &go, &oo, &kname)) {
+    PyObject *kobj = NULL;
+    const char *kname;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOO|OO:matmul_wq", kwlist, &xo, &po, &so,
+                                     &zo, &bo, &go, &oo, &kobj)) {
+        return NULL;
+    }
+    if (offq_kernel_name(kobj, &kname) < 0) {
         return NULL;
     }
     offq_kernel kernel;
@@ -143,6 +147,9 @@ static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
             PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld), got (%lld, %lld)",
                          pn[i], (long long)n, (long long)ng, (long long)PyArray_DIM(pz[i], 0),
                          (long long)PyArray_DIM(pz[i], 1));
+            return NULL;
+        }
+        if (offq_all_finite(pz[i], pn[i]) < 0) { /* x may carry NaN: it propagates, as in sgemm */
             return NULL;
         }
     }

@@ -21,6 +21,9 @@ int offq_parse_vector(PyObject *obj, const char *name, int64_t n, int allow_none
                      (long long)n, (long long)PyArray_DIM(a, 0));
         return -1;
     }
+    if (offq_all_finite(a, name) < 0) { /* a NaN norm or bias would surface as a bad h */
+        return -1;
+    }
     *out = (const float *)PyArray_DATA(a);
     return 0;
 }
@@ -106,21 +109,6 @@ int offq_positive(long long v, const char *name)
     if (v <= 0 || v > ((long long)1 << 40)) {
         PyErr_Format(PyExc_ValueError, "%s: expected a positive size, got %lld", name, v);
         return -1;
-    }
-    return 0;
-}
-
-/* ValueError naming `name` when the float32 array holds NaN or Inf (checked before the step
- * writes anything, so a bad rotary table is not reported as a bad h). */
-int offq_all_finite(PyArrayObject *a, const char *name)
-{
-    const float *v = (const float *)PyArray_DATA(a);
-    const npy_intp n = PyArray_SIZE(a);
-    for (npy_intp i = 0; i < n; i++) {
-        if (!isfinite(v[i])) {
-            PyErr_Format(PyExc_ValueError, "%s: contains NaN or Inf (needs finite values)", name);
-            return -1;
-        }
     }
     return 0;
 }

@@ -31,13 +31,11 @@ int offq_disjoint_from_weights(const offq_weight_ranges *w, PyArrayObject *out, 
 int offq_parse_model_dims(PyObject *const dims_o[5], PyObject *eps_o, int64_t dims[5],
                           double *eps);
 
-/* A float32 [n] array (or None -> NULL when allow_none) -> *out. */
+/* A float32 [n] array of finite values (or None -> NULL when allow_none) -> *out. */
 int offq_parse_vector(PyObject *obj, const char *name, int64_t n, int allow_none,
                       const float **out);
 /* ValueError unless 0 < v <= 2^40. */
 int offq_positive(long long v, const char *name);
-/* ValueError naming `name` when the float32 array holds NaN or Inf. */
-int offq_all_finite(PyArrayObject *a, const char *name);
 /* A C-contiguous array of dtype `typenum` and this shape (axes of length -1: any); writeable
  * when asked. */
 PyArrayObject *offq_check_exact(PyObject *obj, const char *name, int typenum, int nd,

@@ -210,7 +210,8 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kwds)
     if (resolve_group(k, group_o, "group_size", &g) < 0 || check_codes(codes, "codes", k, bits) < 0 ||
         check_code_values(codes, "codes", bits) < 0 ||
         check_shape(scale, "scale", codes, "codes", (npy_intp)(k / g)) < 0 ||
-        check_shape(zero, "zero", codes, "codes", (npy_intp)(k / g)) < 0) {
+        check_shape(zero, "zero", codes, "codes", (npy_intp)(k / g)) < 0 ||
+        offq_all_finite(scale, "scale") < 0 || offq_all_finite(zero, "zero") < 0) {
         return NULL;
     }
     PyArrayObject *out = new_array(codes, PyArray_NDIM(codes), (npy_intp)k, NPY_FLOAT32);
@@ -321,7 +322,8 @@ static int check_operand(PyObject *co, PyObject *so, PyObject *zo, PyObject *gro
     int64_t g;
     if (resolve_group(k, group, n_group, &g) < 0 || check_codes(codes, n_codes, k, 4) < 0 ||
         check_shape(scale, n_scale, codes, n_codes, (npy_intp)(k / g)) < 0 ||
-        check_shape(zero, n_zero, codes, n_codes, (npy_intp)(k / g)) < 0) {
+        check_shape(zero, n_zero, codes, n_codes, (npy_intp)(k / g)) < 0 ||
+        offq_all_finite(scale, n_scale) < 0 || offq_all_finite(zero, n_zero) < 0) {
         return -1;
     }
     op->codes = (const uint8_t *)PyArray_DATA(codes);
@@ -409,10 +411,14 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
     PyObject *aco, *aso, *azo, *ag, *wco, *wso, *wzo, *wg, *k_o, *outo = Py_None,
                                                                  *deco = Py_None;
     long long kk;
-    const char *kname = "auto";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|OsO:matmul_w4a4", kwlist, &aco, &aso,
-                                     &azo, &ag, &wco, &wso, &wzo, &wg, &k_o, &outo, &kname,
+    PyObject *kobj = NULL;
+    const char *kname;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|OOO:matmul_w4a4", kwlist, &aco, &aso,
+                                     &azo, &ag, &wco, &wso, &wzo, &wg, &k_o, &outo, &kobj,
                                      &deco)) {
+        return NULL;
+    }
+    if (offq_kernel_name(kobj, &kname) < 0) {
         return NULL;
     }
     offq_kernel kernel;
@@ -462,7 +468,8 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
             return NULL;
         }
         w.dec = (const uint8_t *)PyArray_DATA(dec);
-        if (decode_mismatch(&w, k)) {
+        /* a weight of no rows has an empty layout: nothing to compare (or to read) */
+        if (w.rows > 0 && decode_mismatch(&w, k)) {
             PyErr_SetString(PyExc_ValueError,
                             "w_decode: not pack_w4_decode(w) (its rows differ from w's)");
             return NULL;

@@ -82,6 +82,71 @@ static inline void offq_value_error_got(const char *msg, double v)
     (OFFQ_VARIANT(OFFQ_KERNEL_GENERIC) | OFFQ_VARIANT(OFFQ_KERNEL_AVX2) |                        \
      OFFQ_VARIANT(OFFQ_KERNEL_AVX512))
 
+/* ValueError naming `name` when the float32 array holds NaN or Inf (checked before a kernel
+ * writes anything, so that a bad table or scale is not reported later as a bad output). */
+static inline int offq_all_finite(PyArrayObject *a, const char *name)
+{
+    const float *v = (const float *)PyArray_DATA(a);
+    const npy_intp n = PyArray_SIZE(a);
+    for (npy_intp i = 0; i < n; i++) {
+        if (!isfinite(v[i])) {
+            PyErr_Format(PyExc_ValueError, "%s: contains NaN or Inf (needs finite values)", name);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The largest |value| a rotary table (cos or sin) may hold: 1, times the attention factor that
+ * some rope scalings (YaRN, LongRoPE) fold into the tables, which stays below 2 for any context
+ * they are used at; 8 leaves room and still refuses tables that would overflow the rotation. */
+#define OFFQ_ROTARY_MAX 8.0f
+
+/* ValueError naming `name` unless every value of the float32 rotary table is finite and at most
+ * OFFQ_ROTARY_MAX in magnitude. */
+static inline int offq_rotary_table(PyArrayObject *a, const char *name)
+{
+    const float *v = (const float *)PyArray_DATA(a);
+    const npy_intp n = PyArray_SIZE(a);
+    for (npy_intp i = 0; i < n; i++) {
+        if (!(fabsf(v[i]) <= OFFQ_ROTARY_MAX)) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: a rotary table needs finite values of magnitude at most %g, got %g "
+                         "at flat index %lld", name, (double)OFFQ_ROTARY_MAX, (double)v[i],
+                         (long long)i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The `kernel=` argument as a C string: "auto" when it was not given (obj NULL), else a str
+ * without null characters; TypeError / ValueError naming `kernel` otherwise. The pointer lives as
+ * long as obj (the call's arguments). */
+static inline int offq_kernel_name(PyObject *obj, const char **name)
+{
+    if (obj == NULL) {
+        *name = "auto";
+        return 0;
+    }
+    if (!PyUnicode_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "kernel: expected a str such as 'auto', got %s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    Py_ssize_t len;
+    const char *s = PyUnicode_AsUTF8AndSize(obj, &len);
+    if (s == NULL) {
+        return -1;
+    }
+    if ((size_t)len != strlen(s)) {
+        PyErr_SetString(PyExc_ValueError, "kernel: contains a null character");
+        return -1;
+    }
+    *name = s;
+    return 0;
+}
+
 /* The `kernel=` argument of `fn` ("auto" or a variant name in `variants`) -> *out; else
  * ValueError naming the argument and the names `fn` accepts, and -1. */
 static inline int offq_parse_kernel(const char *name, const char *fn, unsigned variants,

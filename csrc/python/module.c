@@ -7,6 +7,8 @@
  * parses, validates, releases the GIL and calls the C core.
  */
 #define OFFQ_MODULE_MAIN
+#include <omp.h>
+
 #include "bind_util.h"
 
 int offq_py_status(offq_status status, offq_errctx ctx)
@@ -129,8 +131,13 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
     if (offq_py_int(arg, "n", &n) < 0) {
         return NULL;
     }
-    if (n < 1 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "n: expected a thread count in [1, 4096], got %lld", n);
+    /* OpenMP ends the process when it cannot create a team's threads, so counts far above the
+     * cores (each thread reserves a stack) are refused here instead */
+    const long long most = 8LL * omp_get_num_procs() > 64 ? 8LL * omp_get_num_procs() : 64;
+    if (n < 1 || n > most) {
+        PyErr_Format(PyExc_ValueError,
+                     "n: expected a thread count in [1, %lld] (8 per core, at least 64), got %lld",
+                     most, n);
         return NULL;
     }
     offq_set_num_threads((int)n);

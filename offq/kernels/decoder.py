@@ -60,5 +60,13 @@ def decoder_forward(plan: Any, h: np.ndarray, start: int, cos: np.ndarray, sin: 
     float32 scales and zero-points) must hold positions ``0..start-1``; the step writes
     ``start..start+rows-1``. ``scratch``: uint8, at least :func:`decoder_scratch_bytes`.
     ``kernel``: "auto", or "generic" / "avx2" / "vnni" to force the products' variant.
+
+    Raises:
+        ValueError: naming the argument, before anything is written, for wrong shapes, buffers
+            that share memory, a non-finite ``h``, or rotary tables with non-finite values or
+            values above 8 in magnitude (cos/sin are at most 1, times the attention factor some
+            rope scalings fold in); a ValueError on ``h`` after the step ran means its
+            activations became non-finite inside a layer (``h`` and the cache are then
+            unspecified).
     """
     _C.decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch, kernel)

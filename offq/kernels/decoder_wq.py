@@ -62,5 +62,10 @@ def decoder_wq_forward(plan: Any, h: np.ndarray, start: int, cos: np.ndarray, si
     the step writes ``start..start+rows-1``. ``scratch``: uint8, at least
     :func:`decoder_wq_scratch_bytes`. ``kernel``: "auto", or "generic" / "avx2" / "avx512" to
     force the products' variant (as :func:`~offq.kernels.matmul_wq.matmul_wq`).
+
+    Raises:
+        ValueError: naming the argument, before anything is written, for wrong shapes, buffers
+            that share memory, a non-finite ``h``, or rotary tables with non-finite values or
+            values above 8 in magnitude.
     """
     _C.decoder_wq_forward(plan, h, start, cos, sin, kv, scratch, kernel)
