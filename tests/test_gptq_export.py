@@ -271,3 +271,45 @@ def test_an_exporter_s_rotary_inv_freq_buffer_is_ignored(export_dir, tmp_path):
                                                np.ones(8, np.float32)))
     model, _ = load_model(str(out), mode="fake")
     assert model.num_layers == 2
+
+
+def _edited_checkpoint(src, tmp_path, edit):
+    """A copy of the offq checkpoint ``src`` whose tensors ``edit(tensors)`` changed."""
+    import shutil
+
+    from offq.formats.safetensors import write_safetensors
+
+    out = Path(tempfile.mkdtemp(prefix="edited", dir=tmp_path))
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    tensors, _ = load_safetensors(out / "model.safetensors")
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    edit(tensors)
+    write_safetensors(out / "model.safetensors", tensors, {})
+    return out
+
+
+def _first(tensors, suffix):
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("what, value, match", [
+    ("scales", 1e5, r"scales: 1 values are not finite or exceed float16's range"),
+    ("embed", 7e4, r"embed_tokens.weight: 1 values are not finite or exceed float16's range"),
+    ("norm", np.inf, r"model.norm.weight: 1 values are not finite"),
+    ("zeros", 3.5, r"zero-points that are not integers"),
+])
+def test_export_refuses_values_the_format_would_change(tiny, tmp_path, what, value, match):
+    """float16 overflow became Inf with only NumPy's warning, and a fractional zero-point was
+    truncated into another model; both exports exited 0."""
+    src = quantized_dir(tiny, tmp_path, w_bits=4, w_group_size=16, w_symmetric=False)
+
+    def edit(t):
+        name = {"scales": lambda: _first(t, "q_proj.scales"),
+                "zeros": lambda: _first(t, "q_proj.zeros"),
+                "embed": lambda: "model.embed_tokens.weight",
+                "norm": lambda: "model.norm.weight"}[what]()
+        t[name].reshape(-1)[0] = value
+
+    with pytest.raises(GptqExportError, match=match):
+        export_gptq(_edited_checkpoint(src, tmp_path, edit), tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()

@@ -716,6 +716,8 @@ def _set_quant(key, value):
     # the weights were stored for RTN: no online R3/R4 may be applied to them
     (_set_quant("method", "quarot"), "its online transforms .* are not those its quant_config"),
     (_set_quant("kv_group_size", 7), "kv_group_size"),
+    # no linear's input width is a multiple of 7: the message named no file
+    (_set_quant("w_group_size", 7), "w_group_size: expected -1 or a divisor"),
 ])
 def test_offq_checkpoint_config_errors_name_the_file(rtn_checkpoint, tmp_path, edit, match):
     bad = _edited_config(rtn_checkpoint[0], tmp_path / "bad", edit)

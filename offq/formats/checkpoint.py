@@ -103,6 +103,7 @@ def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, An
         model_config = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "offq"})
         if qcfg.kv_bits != OFF:  # a group that does not divide head_dim fails here, not later
             qcfg.kv_group(model_config.head_dim)
+        expected_tensors(model_config, qcfg)  # so do weight groups that divide no linear's width
     except (ValueError, TypeError) as exc:  # the field's own message, with the file
         raise ValueError(f"{cfg_path}: {exc}") from None
     # the online transforms the weights were rotated for must be those the QuantConfig implies:

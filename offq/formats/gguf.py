@@ -168,29 +168,46 @@ def config_from_gguf(reader) -> ModelConfig:
             raise ValueError(f"{path}: missing metadata key '{arch}.{key}'")
         return value
 
+    def integer(key: str, value: Any) -> Any:
+        """value when it is an integer (a list: each item), else ValueError naming the key: a
+        float 64.5 or a string "64" used to be truncated or parsed into a size."""
+        items = value if isinstance(value, list) else [value]
+        for v in items:
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"{path}: metadata key {key!r} must be an integer, got "
+                                 f"{type(v).__name__} {v!r}")
+        return value
+
+    def need_int(key: str) -> Any:
+        return integer(f"{arch}.{key}", need(key))
+
+    def opt_int(key: str, default: Any) -> Any:
+        value = _field(reader, key)
+        return default if value is None else integer(key, value)
+
     tensors = {t.name: t for t in reader.tensors}
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
+    hidden = int(need_int("embedding_length"))
+    heads = int(need_int("attention.head_count"))
     if hidden <= 0 or heads <= 0:  # before head_dim is derived from them
         raise ValueError(f"{path}: {arch}.embedding_length ({hidden}) and "
                          f"{arch}.attention.head_count ({heads}) must be positive")
-    kv_heads = _field(reader, f"{arch}.attention.head_count_kv", heads)
+    kv_heads = opt_int(f"{arch}.attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # per-layer KV heads (not in any supported model)
         if len(set(kv_heads)) != 1:
             raise ValueError(f"{path}: per-layer KV head counts {kv_heads} are not supported")
         kv_heads = kv_heads[0]
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
-    rope_dim = _field(reader, f"{arch}.rope.dimension_count")
+    head_dim = int(opt_int(f"{arch}.attention.key_length", hidden // heads))
+    rope_dim = opt_int(f"{arch}.rope.dimension_count", None)
     if rope_dim is not None and int(rope_dim) != head_dim:
         raise ValueError(f"{path}: partial rotary embedding ({arch}.rope.dimension_count={rope_dim} "
                          f"< head_dim={head_dim}) is not supported")
-    ffn = need("feed_forward_length")
+    ffn = need_int("feed_forward_length")
     if isinstance(ffn, list):
         if len(set(ffn)) != 1:
             raise ValueError(f"{path}: per-layer feed_forward_length {ffn} is not supported")
         ffn = ffn[0]
 
-    vocab = _field(reader, f"{arch}.vocab_size")
+    vocab = opt_int(f"{arch}.vocab_size", None)
     if vocab is None:
         toks = reader.fields.get("tokenizer.ggml.tokens")
         if toks is not None:
@@ -214,19 +231,19 @@ def config_from_gguf(reader) -> ModelConfig:
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(ffn),
-        num_hidden_layers=int(need("block_count")),
+        num_hidden_layers=int(need_int("block_count")),
         num_attention_heads=heads,
         num_key_value_heads=int(kv_heads),
         head_dim=head_dim,
         rms_norm_eps=_f32_value(need("attention.layer_norm_rms_epsilon")),
         rope_theta=_f32_value(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        max_position_embeddings=int(opt_int(f"{arch}.context_length", 2048)),
         tie_word_embeddings=desc.lm_head[1] not in tensors,
         attention_bias=attention_bias,
         mlp_bias=mlp_bias,
-        bos_token_id=_opt_int(_field(reader, "tokenizer.ggml.bos_token_id")),
-        eos_token_id=_opt_int(_field(reader, "tokenizer.ggml.eos_token_id")),
+        bos_token_id=_opt_int(opt_int("tokenizer.ggml.bos_token_id", None)),
+        eos_token_id=_opt_int(opt_int("tokenizer.ggml.eos_token_id", None)),
         add_bos=bool(add_bos),
         raw=raw,
     )

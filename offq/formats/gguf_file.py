@@ -285,6 +285,17 @@ class _Walker:
             elements = 1
             for d in dims:
                 elements *= d
+            # every dimension, not only their product (0 when one is 0), must fit an array
+            # shape: (0, 2^63) passed the byte check below and failed in NumPy unnamed
+            nonzero = 1
+            for d in dims:
+                nonzero *= max(d, 1)
+            if max(dims, default=0) >= 1 << 62 or nonzero * max(block_bytes, 1) >= 1 << 63:
+                raise self.fail(f"tensor {name!r} has dimensions {list(dims)}: too large for any "
+                                "file")
+            if offset % self.alignment:  # llama.cpp refuses these too; the data would be shifted
+                raise self.fail(f"tensor {name!r}: data offset {offset} is not a multiple of "
+                                f"the alignment {self.alignment}")
             inner = dims[0] if dims else 1
             if inner % block:
                 raise self.fail(f"tensor {name!r}: rows of {inner} elements are not whole blocks "

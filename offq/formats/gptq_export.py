@@ -119,11 +119,29 @@ class GptqLinear:
             raise GptqExportError(f"{name}: [{n}, {k}] at {qw.bits} bits does not pack into whole "
                                   "32-bit words (the GPTQ layout needs K * bits and N * bits to "
                                   "be multiples of 32)")
+        if not np.array_equal(qw.zero, np.rint(qw.zero)):  # offq's grids have integer ones
+            raise GptqExportError(f"{name}: zero-points that are not integers (the GPTQ layout "
+                                  "stores integer zero-points; the checkpoint was edited or is "
+                                  "corrupt)")
         zeros = (qw.zero.T - offset).astype(np.uint8)  # [G, N]
         return cls(qweight=pack_stream(qw.codes.T, qw.bits),
                    qzeros=np.ascontiguousarray(pack_stream(zeros.T, qw.bits).T),
-                   scales=np.ascontiguousarray(qw.scale.T.astype(np.float16)),
+                   scales=np.ascontiguousarray(to_float16(qw.scale.T, name + " scales")),
                    g_idx=(np.arange(k) // qw.group_size).astype(np.int32))
+
+
+def to_float16(x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` as float16, or GptqExportError when a value is not finite or does not fit float16
+    (|x| > 65504 became Inf with only NumPy's warning: an export that loads with Inf weights)."""
+    x = np.asarray(x, np.float32)
+    with np.errstate(over="ignore"):
+        h = x.astype(np.float16)
+    if not np.isfinite(h).all():
+        bad = x[~np.isfinite(h)]
+        raise GptqExportError(f"{name}: {bad.size} values are not finite or exceed float16's "
+                              f"range (+-65504), e.g. {float(bad.flat[0]):g}; the GPTQ layout "
+                              "stores float16")
+    return h
 
 
 def check_exportable(qcfg: Any, block: dict[str, Any]) -> None:
@@ -180,11 +198,11 @@ def export_gptq(src: str | Path, out: str | Path, *, checkpoint_format: str = "g
                            prefix + ".scales": g.scales, prefix + ".g_idx": g.g_idx})
             quantized.update(arch.quantized_names(name))
             if qw.bias is not None:
-                result[prefix + ".bias"] = qw.bias.astype(np.float16)
+                result[prefix + ".bias"] = to_float16(qw.bias, arch.bias(i, lin))
                 quantized.add(arch.bias(i, lin))
     for name in tensors:
         if name not in quantized:
-            result[name] = np.asarray(tensors[name], np.float32).astype(np.float16)
+            result[name] = to_float16(tensors[name], name)
     out.mkdir(parents=True, exist_ok=True)
     # an earlier export's config.json goes first: a crash below then leaves a directory that
     # does not claim to be a GPTQ export, not the old config beside new weights
