@@ -257,6 +257,13 @@ def test_factor_energies_bad_arguments_name_themselves() -> None:
     with pytest.raises(ValueError, match=r"^shift: expected a finite number >= 0"):
         _C.factor_energies(u, 1.0, -1e-3, w)
     assert _C.factor_energies(u, 1.0, 0.0, np.ones((0, 4), np.float32)).shape == (0,)
+    # non-finite entries came back as NaN energies
+    u_nan, w_inf = u.copy(), w.copy()
+    u_nan[2, 3], w_inf[1, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"^u: contains NaN or Inf"):
+        _C.factor_energies(u_nan, 1.0, 0.0, w)
+    with pytest.raises(ValueError, match=r"^w: contains NaN or Inf"):
+        _C.factor_energies(u, 1.0, 0.0, w_inf)
 
 
 @pytest.mark.parametrize("k", [1, 16, 100])

@@ -416,7 +416,7 @@ static PyObject *py_factor_energies(PyObject *self, PyObject *args)
         return NULL;
     }
     PyArrayObject *w = offq_check_array(w_obj, "w", NPY_FLOAT32, 2, 2);
-    if (w == NULL) {
+    if (w == NULL || offq_all_finite(u, "u") < 0 || offq_all_finite(w, "w") < 0) {
         return NULL;
     }
     if (PyArray_DIM(w, 1) != k) {
