@@ -19,7 +19,14 @@ __all__ = ["set_num_threads", "get_num_threads", "threads"]
 
 
 def set_num_threads(n: int) -> None:
-    """Use ``n`` threads in offq's kernels, its OpenBLAS, and NumPy's BLAS (process-wide)."""
+    """Use ``n`` threads in offq's kernels, its OpenBLAS, and NumPy's BLAS.
+
+    The BLAS libraries take ``n`` process-wide; offq's OpenMP kernels take it in the calling
+    Python thread (OpenMP keeps the setting per thread), so call this in the thread that runs
+    the model: another thread's kernels use OpenMP's default (``OMP_NUM_THREADS``, else every
+    core). ``n`` may be at most 8 per core (at least 64): OpenMP ends the process when it cannot
+    create a team's threads.
+    """
     _C.set_num_threads(n)  # validates n (TypeError / ValueError naming it)
     threadpool_limits(limits=int(n))  # every BLAS and OpenMP runtime loaded in the process
 
