@@ -181,7 +181,7 @@ def config_from_gguf(reader) -> ModelConfig:
     def need_int(key: str) -> Any:
         return integer(f"{arch}.{key}", need(key))
 
-    def opt_int(key: str, default: Any) -> Any:
+    def int_field(key: str, default: Any) -> Any:
         value = _field(reader, key)
         return default if value is None else integer(key, value)
 
@@ -191,13 +191,13 @@ def config_from_gguf(reader) -> ModelConfig:
     if hidden <= 0 or heads <= 0:  # before head_dim is derived from them
         raise ValueError(f"{path}: {arch}.embedding_length ({hidden}) and "
                          f"{arch}.attention.head_count ({heads}) must be positive")
-    kv_heads = opt_int(f"{arch}.attention.head_count_kv", heads)
+    kv_heads = int_field(f"{arch}.attention.head_count_kv", heads)
     if isinstance(kv_heads, list):  # per-layer KV heads (not in any supported model)
         if len(set(kv_heads)) != 1:
             raise ValueError(f"{path}: per-layer KV head counts {kv_heads} are not supported")
         kv_heads = kv_heads[0]
-    head_dim = int(opt_int(f"{arch}.attention.key_length", hidden // heads))
-    rope_dim = opt_int(f"{arch}.rope.dimension_count", None)
+    head_dim = int(int_field(f"{arch}.attention.key_length", hidden // heads))
+    rope_dim = int_field(f"{arch}.rope.dimension_count", None)
     if rope_dim is not None and int(rope_dim) != head_dim:
         raise ValueError(f"{path}: partial rotary embedding ({arch}.rope.dimension_count={rope_dim} "
                          f"< head_dim={head_dim}) is not supported")
@@ -207,7 +207,7 @@ def config_from_gguf(reader) -> ModelConfig:
             raise ValueError(f"{path}: per-layer feed_forward_length {ffn} is not supported")
         ffn = ffn[0]
 
-    vocab = opt_int(f"{arch}.vocab_size", None)
+    vocab = int_field(f"{arch}.vocab_size", None)
     if vocab is None:
         toks = reader.fields.get("tokenizer.ggml.tokens")
         if toks is not None:
@@ -238,12 +238,12 @@ def config_from_gguf(reader) -> ModelConfig:
         rms_norm_eps=_f32_value(need("attention.layer_norm_rms_epsilon")),
         rope_theta=_f32_value(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
-        max_position_embeddings=int(opt_int(f"{arch}.context_length", 2048)),
+        max_position_embeddings=int(int_field(f"{arch}.context_length", 2048)),
         tie_word_embeddings=desc.lm_head[1] not in tensors,
         attention_bias=attention_bias,
         mlp_bias=mlp_bias,
-        bos_token_id=_opt_int(opt_int("tokenizer.ggml.bos_token_id", None)),
-        eos_token_id=_opt_int(opt_int("tokenizer.ggml.eos_token_id", None)),
+        bos_token_id=_opt_int(int_field("tokenizer.ggml.bos_token_id", None)),
+        eos_token_id=_opt_int(int_field("tokenizer.ggml.eos_token_id", None)),
         add_bos=bool(add_bos),
         raw=raw,
     )

@@ -282,13 +282,11 @@ class _Walker:
             if kind not in sizes:
                 raise self.fail(f"tensor {name!r} has unknown type {kind}")
             block, block_bytes = sizes[kind]
-            elements = 1
-            for d in dims:
-                elements *= d
             # every dimension, not only their product (0 when one is 0), must fit an array
             # shape: (0, 2^63) passed the byte check below and failed in NumPy unnamed
-            nonzero = 1
+            elements = nonzero = 1
             for d in dims:
+                elements *= d
                 nonzero *= max(d, 1)
             if max(dims, default=0) >= 1 << 62 or nonzero * max(block_bytes, 1) >= 1 << 63:
                 raise self.fail(f"tensor {name!r} has dimensions {list(dims)}: too large for any "
