@@ -19,6 +19,7 @@
 
 static const offq_mm_ops mm_generic = {
     .tile = offq_mm_tile_generic,
+    .tile_folded = offq_mm_tile_folded_generic,
 };
 
 static const offq_wq_ops wq_generic = {
@@ -60,6 +61,7 @@ static const offq_mm_ops mm_avx2 = {
 
 static const offq_mm_ops mm_avx512vnni = {
     .tile = offq_mm_tile_avx512vnni,
+    .tile_folded = offq_mm_tile_folded_avx512vnni,
     .pack_panel = offq_mm_pack_panel_avx2,
     .unpack_blocks = offq_mm_unpack_blocks_avx2,
     /* 32 zmm registers hold 8 rows; blocks of a multiple of 64 take the 256-bit VNNI gemv, the

@@ -52,6 +52,7 @@ typedef struct {
     int64_t rows_per_chunk; /* rows per kernel call (gemv) or per quantization item (GEMM) */
     int64_t chunk;          /* 0: plain codes (GEMM, generic gemv); else [even | odd] chunks */
     int decode_layout;      /* the gemv reads w.dec: plain order, folded like the chunks */
+    int fold_gemm;          /* GEMM strips may fold (ops->tile_folded, one weight zero-point) */
     float *asum, *azero, *ascale; /* [mp][nb] each, in the shared apar buffer */
 } product;
 
@@ -89,9 +90,11 @@ static void plan_product(const offq_dec_linear *lin, const offq_mm_ops *ops, int
             break;
         }
     }
+    p->fold_gemm = 0;
     if (!small && rows > MS && p->pl.blk % 4 == 0) {
         p->gemm = 1;
         p->rows_per_chunk = OFFQ_MM_MR;
+        p->fold_gemm = ops->tile_folded != NULL && lin->w_zero_const >= 0;
     }
     p->asum = apar;
     p->azero = apar + p->pl.mp * p->pl.nb;
@@ -128,7 +131,7 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
     const offq_mm_plan *pl = &p->pl;
     const int64_t k = pl->k, nb = pl->nb, ag = p->lin->a_group, ng = k / ag;
     offq_status err = OFFQ_OK;
-    int folded = p->chunk != 0;
+    int folded = p->chunk != 0 || p->fold_gemm;
     for (int64_t r = r0; r < r1; r++) {
         const float *xr = x + r * ld;
         float *za = p->azero + r * nb, *sa = p->ascale + r * nb;
@@ -150,17 +153,38 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
                 za[b] = zero;
                 sa[b] = scale;
             }
+            if (p->chunk == 0 && ag == pl->blk) { /* a block is a group: its code sum */
+                p->asum[r * nb + gi] = st == OFFQ_OK ? (float)sum : 0.0f;
+            }
         }
         for (int64_t b = 0; b < nb; b++) { /* the condition of matmul_w4a4.c's small_m */
             folded &= za[b] >= -112.0f && za[b] <= 127.0f && za[b] == (float)(int)za[b];
         }
-        if (p->chunk == 0) {
+        if (p->chunk == 0 && ag != pl->blk) {
             for (int64_t b = 0; b < nb; b++) {
                 int32_t acc = 0;
                 for (int64_t i = b * pl->blk; i < (b + 1) * pl->blk; i++) {
                     acc += dst[i];
                 }
                 p->asum[r * nb + b] = (float)acc;
+            }
+        }
+    }
+    if (p->fold_gemm && folded) {
+        /* GEMM strip (ops->tile_folded): codes - zero-point as int8, and in the azero slots the
+         * int32 start of each block's sums, -Z * (the folded codes' sum) */
+        const int32_t wz = p->lin->w_zero_const, blk = (int32_t)pl->blk;
+        for (int64_t r = r0; r < r1; r++) {
+            int32_t *init = (int32_t *)(void *)(p->azero + r * nb);
+            for (int64_t b = 0; b < nb; b++) {
+                const int32_t z = (int32_t)p->azero[r * nb + b];
+                /* a byte difference modulo 256 is the int8 code (|code - z| <= 127) */
+                uint8_t *restrict d = sb->ap + r * k + b * blk;
+                const uint8_t zb = (uint8_t)z;
+                for (int32_t i = 0; i < blk; i++) {
+                    d[i] = (uint8_t)(d[i] - zb);
+                }
+                init[b] = -wz * ((int32_t)p->asum[r * nb + b] - blk * z);
             }
         }
     }
@@ -252,8 +276,8 @@ static void run_product(const product *p, int64_t rows, team_work *w, int64_t ba
         if (p->gemm) {
             const int64_t n0 = i0 * GEMM_COLUMNS;
             offq_mm_pack_tile(pl, &p->lin->w, n0, GEMM_COLUMNS, ws, p->ops);
-            offq_mm_strips(pl, p->ops, sb->ap, p->asum, n0, GEMM_COLUMNS, 0, pl->mp / OFFQ_MM_MR,
-                           ws, sb->y);
+            offq_mm_strips(pl, p->ops, sb->ap, p->asum, p->fold_gemm ? sb->folded : NULL, n0,
+                           GEMM_COLUMNS, 0, pl->mp / OFFQ_MM_MR, ws, sb->y);
             add_bias(p, rows, n0, n0 + GEMM_COLUMNS, sb->y);
             finish(w, 1);
             continue;

@@ -261,6 +261,9 @@ typedef struct {
     const uint8_t *wp[2];
     const float *wz[2], *wT[2], *ws[2];
     int64_t nb, bp;
+    /* tile_folded only: [MR][ldp] each block's integer sums start from (-Z * asum, the weight's
+     * one zero-point Z times the folded codes' sum); a holds the codes minus their zero-point */
+    const int32_t *ainit;
 } offq_mm_tile_args;
 
 /* Small M: activations in chunks of `chunk` as [even | odd] bytes (or in plain order for the
@@ -289,8 +292,14 @@ typedef struct {
 
 /* One variant of the matmul: its pieces. NULL pack/unpack: the generic layout code. */
 struct offq_mm_ops {
-    /* ct[MR][32] += the tile; `second`: panel 1 holds real columns */
-    void (*tile)(const offq_mm_tile_args *u, int second, float *ct);
+    /* c[r * ldc + j] = the tile (r < MR, j < 32; written, not accumulated); `second`: panel 1
+     * holds real columns (else its 16 columns are left as they were) */
+    void (*tile)(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
+    /* the same numbers from folded activations (codes - zero-point, int8) against a weight whose
+     * zero-points are all one integer Z: E = sum (w - Z)(a - za) is then the integer sum alone,
+     * started from u->ainit, with no float correction per block (integer sums and their float
+     * corrections are exact, so it equals tile bit for bit); NULL: not offered */
+    void (*tile_folded)(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
     /* panel of 16 weight rows from packed nibbles + block sums [16][nb]; needs blk % 32 == 0 */
     void (*pack_panel)(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n,
                        uint8_t *panel, float *sums);
@@ -300,12 +309,15 @@ struct offq_mm_ops {
     offq_mm_gemv small[OFFQ_MM_SMALL_PATHS]; /* small-M paths, tried in order */
 };
 
-void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct);
+void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
+void offq_mm_tile_folded_generic(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
 
 /* The GEMM (M > the small-M limit) by pieces, for callers that run their own team (the driver in
  * matmul_w4a4.c and the decoder): a thread packs a tile of nc columns (multiple of 32) into its
  * workspace, then runs 8-row strips of activations against it. Activations: bytes [mp][kp]
- * (rows padded to OFFQ_MM_MR with zero codes), apar = asum, azero, ascale, each [mp][nb]. */
+ * (rows padded to OFFQ_MM_MR with zero codes), apar = asum, azero, ascale, each [mp][nb].
+ * folded (NULL: none): per strip, 1 where its codes are folded and its azero rows hold the int32
+ * ainit of ops->tile_folded instead. */
 typedef struct {
     uint8_t *panels; /* [nc/16][kp/4][16][4], 32-byte aligned */
     float *par;      /* per panel: wz [nb][16], wT [nb][16], ws [nb][16] */
@@ -316,9 +328,9 @@ typedef struct {
 void offq_mm_pack_tile(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n0, int64_t nc,
                        offq_mm_workspace *ws, const offq_mm_ops *ops);
 void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_t *acodes,
-                    const float *apar, int64_t n0, int64_t nc, int64_t s_begin, int64_t s_end,
-                    const offq_mm_workspace *ws, float *out);
-void offq_mm_tile_avx2(const offq_mm_tile_args *u, int second, float *ct);
+                    const float *apar, const int32_t *folded, int64_t n0, int64_t nc,
+                    int64_t s_begin, int64_t s_end, const offq_mm_workspace *ws, float *out);
+void offq_mm_tile_avx2(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
 void offq_mm_pack_panel_avx2(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n,
                              uint8_t *panel, float *sums);
 void offq_mm_unpack_blocks_avx2(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,
@@ -329,7 +341,9 @@ void offq_mm_gemv_dec_range_avx2(const offq_mm_gemv_args *g, int mrows, int fold
                                  int64_t i1);
 void offq_mm_gemv_dec_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded,
                                        int64_t i0, int64_t i1);
-void offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct);
+void offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
+void offq_mm_tile_folded_avx512vnni(const offq_mm_tile_args *u, int second, float *c,
+                                    int64_t ldc);
 void offq_mm_gemv_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,
                                    int64_t i1);
 void offq_mm_gemv64_range_avx512vnni(const offq_mm_gemv_args *g, int mrows, int folded, int64_t i0,

@@ -83,7 +83,7 @@ static void unpack_blocks(const offq_mm_plan *pl, const uint8_t *packed, uint8_t
  */
 
 /* Generic reference: one panel (16 columns). */
-static void panel_generic(const offq_mm_tile_args *u, int panel, float *restrict ct)
+static void panel_generic(const offq_mm_tile_args *u, int panel, float *restrict ct, int64_t ldc)
 {
     const uint8_t *restrict wp = u->wp[panel];
     for (int64_t b = 0; b < u->nb; b++) {
@@ -104,17 +104,57 @@ static void panel_generic(const offq_mm_tile_args *u, int panel, float *restrict
                 e = fmaf(-sa, u->wz[panel][b * NRP + j], e);
                 e = fmaf(-za, u->wT[panel][b * NRP + j], e);
                 float sc = xa * u->ws[panel][b * NRP + j];
-                ct[r * 32 + panel * NRP + j] = fmaf(sc, e, ct[r * 32 + panel * NRP + j]);
+                float *c = ct + r * ldc + panel * NRP + j;
+                *c = fmaf(sc, e, b ? *c : 0.0f);
             }
         }
     }
 }
 
-void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct)
+void offq_mm_tile_generic(const offq_mm_tile_args *u, int second, float *ct, int64_t ldc)
 {
-    panel_generic(u, 0, ct);
+    panel_generic(u, 0, ct, ldc);
     if (second) {
-        panel_generic(u, 1, ct);
+        panel_generic(u, 1, ct, ldc);
+    }
+}
+
+/* Generic reference of tile_folded: a holds int8 codes minus their zero-point, and each block's
+ * sums start from ainit = -Z * (their sum), so d is E itself. */
+static void panel_folded_generic(const offq_mm_tile_args *u, int panel, float *restrict ct,
+                                 int64_t ldc)
+{
+    const uint8_t *restrict wp = u->wp[panel];
+    for (int64_t b = 0; b < u->nb; b++) {
+        for (int r = 0; r < MR; r++) {
+            const int8_t *restrict ar = (const int8_t *)u->a + r * u->lda + b * u->bp;
+            const int32_t d0 = u->ainit[r * u->ldp + b];
+            int32_t d[NRP];
+            for (int j = 0; j < NRP; j++) {
+                d[j] = d0;
+            }
+            for (int64_t t = 0; t < u->bp / 4; t++) {
+                const uint8_t *restrict wv = wp + (b * u->bp / 4 + t) * 64;
+                for (int j = 0; j < NRP; j++) {
+                    d[j] += wv[4 * j] * ar[4 * t] + wv[4 * j + 1] * ar[4 * t + 1] +
+                            wv[4 * j + 2] * ar[4 * t + 2] + wv[4 * j + 3] * ar[4 * t + 3];
+                }
+            }
+            const float xa = u->ascale[r * u->ldp + b];
+            for (int j = 0; j < NRP; j++) {
+                const float sc = xa * u->ws[panel][b * NRP + j];
+                float *c = ct + r * ldc + panel * NRP + j;
+                *c = fmaf(sc, (float)d[j], b ? *c : 0.0f);
+            }
+        }
+    }
+}
+
+void offq_mm_tile_folded_generic(const offq_mm_tile_args *u, int second, float *ct, int64_t ldc)
+{
+    panel_folded_generic(u, 0, ct, ldc);
+    if (second) {
+        panel_folded_generic(u, 1, ct, ldc);
     }
 }
 
@@ -311,8 +351,8 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
 }
 
 void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_t *acodes,
-                    const float *apar, int64_t n0, int64_t nc, int64_t s_begin, int64_t s_end,
-                    const offq_mm_workspace *ws, float *out)
+                    const float *apar, const int32_t *folded, int64_t n0, int64_t nc,
+                    int64_t s_begin, int64_t s_end, const offq_mm_workspace *ws, float *out)
 {
     const float *asum = apar, *azero = apar + pl->mp * pl->nb, *ascale = apar + 2 * pl->mp * pl->nb;
     float ct[MR * 32] __attribute__((aligned(64)));
@@ -327,6 +367,10 @@ void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_
         u.ldp = pl->nb;
         u.nb = pl->nb;
         u.bp = pl->bp;
+        const int fold = folded != NULL && folded[st];
+        u.ainit = fold ? (const int32_t *)(const void *)u.azero : NULL;
+        void (*const tile)(const offq_mm_tile_args *, int, float *, int64_t) =
+            fold ? ops->tile_folded : ops->tile;
         for (int64_t p = 0; p < nc / NRP; p += 2) {
             const int64_t c0 = n0 + p * NRP;
             if (c0 >= pl->n) {
@@ -338,19 +382,18 @@ void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_
                 u.wT[h] = u.wz[h] + pl->nb * NRP;
                 u.ws[h] = u.wT[h] + pl->nb * NRP;
             }
-            memset(ct, 0, sizeof ct);
             const int second = c0 + NRP < pl->n;
-            ops->tile(&u, second, ct);
             const int64_t rows = pl->m - m0 < MR ? pl->m - m0 : MR;
             const int64_t cols = pl->n - c0 < 32 ? pl->n - c0 : 32;
+            if (rows == MR && cols == 32) { /* a whole tile: straight into out (a scratch tile
+                                             * cleared and copied per call was ~4% of SmolLM2's
+                                             * prefill in a perf profile, the clear most of it) */
+                tile(&u, second, out + m0 * pl->n + c0, pl->n);
+                continue;
+            }
+            tile(&u, second, ct, 32);
             for (int64_t r = 0; r < rows; r++) {
-                float *dst = out + (m0 + r) * pl->n + c0;
-                if (cols == 32) { /* a constant size: inlined moves, not a libc call per row (the
-                                   * call was ~3% of SmolLM2's prefill in a perf profile) */
-                    memcpy(dst, ct + r * 32, sizeof(float) * 32);
-                } else {
-                    memcpy(dst, ct + r * 32, sizeof(float) * (size_t)cols);
-                }
+                memcpy(out + (m0 + r) * pl->n + c0, ct + r * 32, sizeof(float) * (size_t)cols);
             }
         }
     }
@@ -473,7 +516,7 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
             const int64_t s_begin = chunk * strips_per_chunk;
             const int64_t s_end = s_begin + strips_per_chunk < strips ? s_begin + strips_per_chunk
                                                                       : strips;
-            offq_mm_strips(&pl, ops, acodes, apar, n0, nc, s_begin, s_end, &ws, out);
+            offq_mm_strips(&pl, ops, acodes, apar, NULL, n0, nc, s_begin, s_end, &ws, out);
         }
         free(ws.panels);
         free(ws.par);

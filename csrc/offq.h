@@ -198,6 +198,9 @@ typedef struct {
     const float *bias; /* [n] or NULL */
     int64_t k;
     int64_t a_group; /* activation group of the input (divides k, and w.group divides it or it w.group) */
+    /* the one zero-point of every weight group when they are all the same integer (symmetric
+     * weights: 8), else -1: lets the prefill GEMM fold it into its integer sums */
+    int w_zero_const;
 } offq_dec_linear;
 
 typedef struct {

@@ -25,9 +25,11 @@
  * (spilled) across the inner loop; at 64 k a block that saves ~8% of the product. */
 #define MR_AVX2 4
 __attribute__((target("avx2,fma"), always_inline)) static inline void
-panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, const int one_chunk)
+panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, int64_t ldc,
+             const int one_chunk)
 {
     const __m256i ones = _mm256_set1_epi16(1);
+    const __m256 zero = _mm256_setzero_ps();
     const uint8_t *restrict wp = u->wp[panel];
     const int64_t lda = u->lda;
     const uint8_t *a0 = u->a + r0 * lda;
@@ -82,15 +84,15 @@ panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, 
         const __m256 sa = _mm256_set1_ps(u->asum[pi]);                                           \
         const __m256 za = _mm256_set1_ps(u->azero[pi]);                                          \
         const __m256 xa = _mm256_set1_ps(u->ascale[pi]);                                         \
-        float *c = ct + (r0 + (r)) * 32 + panel * NRP;                                           \
+        float *c = ct + (r0 + (r)) * ldc + panel * NRP;                                          \
         __m256 e0 = _mm256_cvtepi32_ps(d##r##0), e1 = _mm256_cvtepi32_ps(d##r##1);               \
         e0 = _mm256_fnmadd_ps(sa, wz0, e0);                                                      \
         e1 = _mm256_fnmadd_ps(sa, wz1, e1);                                                      \
         e0 = _mm256_fnmadd_ps(za, wt0, e0);                                                      \
         e1 = _mm256_fnmadd_ps(za, wt1, e1);                                                      \
-        _mm256_store_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws0), e0, _mm256_load_ps(c)));      \
-        _mm256_store_ps(c + 8,                                                                   \
-                        _mm256_fmadd_ps(_mm256_mul_ps(xa, ws1), e1, _mm256_load_ps(c + 8)));     \
+        const __m256 c0 = b ? _mm256_loadu_ps(c) : zero, c1 = b ? _mm256_loadu_ps(c + 8) : zero; \
+        _mm256_storeu_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws0), e0, c0));                    \
+        _mm256_storeu_ps(c + 8, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws1), e1, c1));                \
     }
         OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
 #undef OFFQ_EPI
@@ -98,34 +100,36 @@ panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, 
 }
 
 __attribute__((target("avx2,fma"))) static void panel_avx2_one_chunk(const offq_mm_tile_args *u,
-                                                                     int panel, int r0, float *ct)
+                                                                     int panel, int r0, float *ct,
+                                                                     int64_t ldc)
 {
-    panel_avx2_t(u, panel, r0, ct, 1);
+    panel_avx2_t(u, panel, r0, ct, ldc, 1);
 }
 
 __attribute__((target("avx2,fma"))) static void panel_avx2_chunks(const offq_mm_tile_args *u,
-                                                                  int panel, int r0, float *ct)
+                                                                  int panel, int r0, float *ct,
+                                                                  int64_t ldc)
 {
-    panel_avx2_t(u, panel, r0, ct, 0);
+    panel_avx2_t(u, panel, r0, ct, ldc, 0);
 }
 
 __attribute__((target("avx2,fma"))) static void panel_avx2(const offq_mm_tile_args *u, int panel,
-                                                           int r0, float *ct)
+                                                           int r0, float *ct, int64_t ldc)
 {
     if (u->bp <= CHUNK) {
-        panel_avx2_one_chunk(u, panel, r0, ct);
+        panel_avx2_one_chunk(u, panel, r0, ct, ldc);
     } else {
-        panel_avx2_chunks(u, panel, r0, ct);
+        panel_avx2_chunks(u, panel, r0, ct, ldc);
     }
 }
 
 __attribute__((target("avx2,fma"))) void offq_mm_tile_avx2(const offq_mm_tile_args *u, int second,
-                                                          float *ct)
+                                                          float *ct, int64_t ldc)
 {
     for (int r0 = 0; r0 < MR; r0 += MR_AVX2) {
-        panel_avx2(u, 0, r0, ct);
+        panel_avx2(u, 0, r0, ct, ldc);
         if (second) {
-            panel_avx2(u, 1, r0, ct);
+            panel_avx2(u, 1, r0, ct, ldc);
         }
     }
 }
