@@ -197,6 +197,8 @@ void offq_cpu_init(void)
         offq_dispatch.wq_subnormal = subnormal_decode_fast();
     }
     if (g_avx512) {
+        offq_dispatch.swiglu = offq_swiglu_avx512;
+        offq_dispatch.quant_group = offq_quant_group_avx512;
         offq_dispatch.attend = offq_attend_avx512;
         offq_dispatch.mix_f32 = offq_mix_f32_avx512;
         offq_dispatch.mix_f64 = offq_mix_f64_avx512;

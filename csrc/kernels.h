@@ -199,6 +199,9 @@ offq_status offq_quant_group_generic(const float *restrict g, int64_t n, int bit
 offq_status offq_quant_group_avx2(const float *restrict g, int64_t n, int bits, int symmetric,
                                   float clip, uint8_t *restrict q, float *scale, float *zero,
                                   int32_t *sum);
+offq_status offq_quant_group_avx512(const float *restrict g, int64_t n, int bits, int symmetric,
+                                    float clip, uint8_t *restrict q, float *scale, float *zero,
+                                    int32_t *sum);
 
 /* ---- hadamard -------------------------------------------------------------------------------
  * pow2: the Sylvester transform of x[n] (n = 2^k) in place, times `scale` when normalize.
@@ -450,6 +453,7 @@ double offq_clip_row_error_avx2(const float *x, int64_t g, float s, float z, flo
 typedef void (*offq_swiglu_fn)(const float *g, const float *u, float *x, int64_t n);
 void offq_swiglu_generic(const float *g, const float *u, float *x, int64_t n);
 void offq_swiglu_avx2(const float *g, const float *u, float *x, int64_t n);
+void offq_swiglu_avx512(const float *g, const float *u, float *x, int64_t n);
 
 /* ---- int8-weight matmul (matmul_i8.c): x rounded to 16 bits per group (xq int16, xs float32
  * [m][k / group]), then outputs [n0, n1) of out[m][ldo] = x_hat @ w_hat^T for a few rows of x
