@@ -75,6 +75,7 @@ static const offq_mm_ops mm_avx512vnni = {
 
 offq_dispatch_table offq_dispatch = {
     .quant_group = offq_quant_group_generic,
+    .quant_groups = offq_quant_groups_generic,
     .pow2_f32 = offq_pow2_f32_generic,
     .pow2_f64 = offq_pow2_f64_generic,
     .mix_f32 = offq_mix_f32_generic,
@@ -181,6 +182,7 @@ void offq_cpu_init(void)
     }
     if (g_avx2) {
         offq_dispatch.quant_group = offq_quant_group_avx2;
+        offq_dispatch.quant_groups = offq_quant_groups_avx2;
         offq_dispatch.pow2_f32 = offq_pow2_f32_avx2;
         offq_dispatch.pow2_f64 = offq_pow2_f64_avx2;
         offq_dispatch.mix_f32 = offq_mix_f32_avx2;
@@ -199,6 +201,7 @@ void offq_cpu_init(void)
     if (g_avx512) {
         offq_dispatch.swiglu = offq_swiglu_avx512;
         offq_dispatch.quant_group = offq_quant_group_avx512;
+        offq_dispatch.quant_groups = offq_quant_groups_avx512;
         offq_dispatch.attend = offq_attend_avx512;
         offq_dispatch.mix_f32 = offq_mix_f32_avx512;
         offq_dispatch.mix_f64 = offq_mix_f64_avx512;

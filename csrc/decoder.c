@@ -122,6 +122,8 @@ typedef struct {
     offq_mm_workspace ws; /* a packed weight tile (GEMM) */
 } thread_bufs;
 
+#define QUANT_GROUPS_PER_CALL 64 /* activation groups per offq_dispatch.quant_groups call */
+
 /* Quantize rows [r0, r1) of x (stride ld; one chunk of p's rows, at most MS) into p's input
  * layout; codes: MS * k bytes of the thread's scratch. */
 static offq_status quantize_chunk(const offq_dec_model *md, const product *p, const float *x,
@@ -137,24 +139,23 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
         float *za = p->azero + r * nb, *sa = p->ascale + r * nb;
         uint8_t *dst = sb->ap + r * k;
         uint8_t *c = p->chunk == 0 ? dst : codes + (r - r0) * k; /* a chunk's rows side by side */
-        for (int64_t gi = 0; gi < ng; gi++) {
-            float scale = 1.0f, zero = 0.0f;
-            int32_t sum;
-            const offq_status st = offq_dispatch.quant_group(xr + gi * ag, ag, 4, md->a_symmetric,
-                                                             md->a_clip, c + gi * ag, &scale,
-                                                             &zero, &sum);
-            if (st != OFFQ_OK) {
-                err = st > err ? st : err;
-                memset(c + gi * ag, 0, (size_t)ag);
-                scale = 1.0f;
-                zero = 0.0f;
-            }
-            for (int64_t b = gi * ag / pl->blk; b < (gi + 1) * ag / pl->blk; b++) {
-                za[b] = zero;
-                sa[b] = scale;
-            }
-            if (p->chunk == 0 && ag == pl->blk) { /* a block is a group: its code sum */
-                p->asum[r * nb + gi] = st == OFFQ_OK ? (float)sum : 0.0f;
+        for (int64_t g0 = 0; g0 < ng; g0 += QUANT_GROUPS_PER_CALL) {
+            const int64_t gn = ng - g0 < QUANT_GROUPS_PER_CALL ? ng - g0 : QUANT_GROUPS_PER_CALL;
+            float scale[QUANT_GROUPS_PER_CALL], zero[QUANT_GROUPS_PER_CALL];
+            int32_t sum[QUANT_GROUPS_PER_CALL];
+            const offq_status st =
+                offq_dispatch.quant_groups(xr + g0 * ag, gn, ag, 4, md->a_symmetric, md->a_clip,
+                                           c + g0 * ag, scale, zero, sum);
+            err = st > err ? st : err;
+            for (int64_t j = 0; j < gn; j++) {
+                const int64_t gi = g0 + j;
+                for (int64_t b = gi * ag / pl->blk; b < (gi + 1) * ag / pl->blk; b++) {
+                    za[b] = zero[j];
+                    sa[b] = scale[j];
+                }
+                if (p->chunk == 0 && ag == pl->blk) { /* a block is a group: its code sum */
+                    p->asum[r * nb + gi] = (float)sum[j];
+                }
             }
         }
         for (int64_t b = 0; b < nb; b++) { /* the condition of matmul_w4a4.c's small_m */

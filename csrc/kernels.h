@@ -203,6 +203,44 @@ offq_status offq_quant_group_avx512(const float *restrict g, int64_t n, int bits
                                     float clip, uint8_t *restrict q, float *scale, float *zero,
                                     int32_t *sum);
 
+/* ng consecutive groups of `group` values x[ng * group] -> codes q[ng * group], scale, zero and
+ * code sum [ng] each, in one call (a prefill quantizes ~50 groups per row and layer: a call per
+ * group spent more on its arguments than SmolLM2's groups of 64 take). A group that fails
+ * (non-finite values) gets zero codes, scale 1, zero 0 and sum 0, the others are still
+ * quantized, and the call returns the worst status. */
+typedef offq_status (*offq_quant_groups_fn)(const float *restrict x, int64_t ng, int64_t group,
+                                            int bits, int symmetric, float clip,
+                                            uint8_t *restrict q, float *scale, float *zero,
+                                            int32_t *sums);
+#define OFFQ_DEFINE_QUANT_GROUPS(NAME, TARGET, GROUP_FN)                                         \
+    TARGET offq_status NAME(const float *restrict x, int64_t ng, int64_t group, int bits,        \
+                            int symmetric, float clip, uint8_t *restrict q, float *scale,        \
+                            float *zero, int32_t *sums)                                           \
+    {                                                                                             \
+        offq_status err = OFFQ_OK;                                                                \
+        for (int64_t gi = 0; gi < ng; gi++) {                                                     \
+            const offq_status st = GROUP_FN(x + gi * group, group, bits, symmetric, clip,         \
+                                            q + gi * group, scale + gi, zero + gi, sums + gi);    \
+            if (st != OFFQ_OK) {                                                                  \
+                memset(q + gi * group, 0, (size_t)group);                                         \
+                scale[gi] = 1.0f;                                                                 \
+                zero[gi] = 0.0f;                                                                  \
+                sums[gi] = 0;                                                                     \
+                err = st > err ? st : err;                                                        \
+            }                                                                                     \
+        }                                                                                         \
+        return err;                                                                               \
+    }
+offq_status offq_quant_groups_generic(const float *restrict x, int64_t ng, int64_t group, int bits,
+                                      int symmetric, float clip, uint8_t *restrict q,
+                                      float *scale, float *zero, int32_t *sums);
+offq_status offq_quant_groups_avx2(const float *restrict x, int64_t ng, int64_t group, int bits,
+                                   int symmetric, float clip, uint8_t *restrict q, float *scale,
+                                   float *zero, int32_t *sums);
+offq_status offq_quant_groups_avx512(const float *restrict x, int64_t ng, int64_t group, int bits,
+                                     int symmetric, float clip, uint8_t *restrict q,
+                                     float *scale, float *zero, int32_t *sums);
+
 /* ---- hadamard -------------------------------------------------------------------------------
  * pow2: the Sylvester transform of x[n] (n = 2^k) in place, times `scale` when normalize.
  * mix:  x = [m, p] rows: x[c, :] <- scale * sum_a ht[c * m + a] x[a, :] (ht: transposed H_m),
@@ -540,6 +578,7 @@ static inline uint32_t offq_wq_code(const uint8_t *row, int64_t rb, int64_t i, i
 /* ---- the dispatch table (cpu.c) -------------------------------------------------------------- */
 typedef struct {
     offq_quant_group_fn quant_group;
+    offq_quant_groups_fn quant_groups;
     offq_pow2_f32_fn pow2_f32;
     offq_pow2_f64_fn pow2_f64;
     offq_mix_f32_fn mix_f32;

@@ -53,20 +53,19 @@ offq_status offq_quant_group_generic(const float *restrict g, int64_t n, int bit
 }
 
 
-/* One row: quantize all groups (through the dispatched group variant) into `tmp` (4 bits, then
+OFFQ_DEFINE_QUANT_GROUPS(offq_quant_groups_generic, , offq_quant_group_generic)
+
+/* One row: quantize all groups (through the dispatched variant) into `tmp` (4 bits, then
  * packed) or directly into `codes`. */
-static offq_status quant_row(offq_quant_group_fn group_fn, const float *x, int64_t k, int bits,
+static offq_status quant_row(offq_quant_groups_fn groups_fn, const float *x, int64_t k, int bits,
                              int64_t group, int symmetric, float clip, uint8_t *codes,
                              float *scale, float *zero, int32_t *sums, uint8_t *tmp)
 {
     uint8_t *dst = bits == 4 ? tmp : codes;
-    const int64_t ng = k / group;
-    for (int64_t gi = 0; gi < ng; gi++) {
-        const offq_status st = group_fn(x + gi * group, group, bits, symmetric, clip,
-                                        dst + gi * group, scale + gi, zero + gi, sums + gi);
-        if (st != OFFQ_OK) {
-            return st;
-        }
+    const offq_status st =
+        groups_fn(x, k / group, group, bits, symmetric, clip, dst, scale, zero, sums);
+    if (st != OFFQ_OK) {
+        return st;
     }
     if (bits == 4) {
         offq_pack_row4(tmp, k, codes);
@@ -78,7 +77,7 @@ offq_status offq_quantize_f32(const float *x, int64_t rows, int64_t k, int bits,
                               int symmetric, float clip, uint8_t *codes, float *scale,
                               float *zero, int32_t *sums)
 {
-    const offq_quant_group_fn group_fn = offq_dispatch.quant_group;
+    const offq_quant_groups_fn groups_fn = offq_dispatch.quant_groups;
     const int64_t rb = offq_code_row_bytes(k, bits);
     const int64_t ng = k / group;
     int err = OFFQ_OK;
@@ -90,7 +89,7 @@ offq_status offq_quantize_f32(const float *x, int64_t rows, int64_t k, int bits,
         } else {
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
-                const int e = (int)quant_row(group_fn, x + r * k, k, bits, group, symmetric, clip,
+                const int e = (int)quant_row(groups_fn, x + r * k, k, bits, group, symmetric, clip,
                                              codes + r * rb, scale + r * ng, zero + r * ng,
                                              sums + r * ng, tmp);
                 err = e > err ? e : err;

@@ -6,12 +6,14 @@
  * so the results are identical to the generic kernel; minima, maxima and code sums do not depend
  * on their order.
  */
+#include <string.h>
+
 #include "kernels.h"
 
 #ifdef OFFQ_X86
 #include <immintrin.h>
 
-__attribute__((target("avx2,fma"))) offq_status offq_quant_group_avx2(
+__attribute__((target("avx2,fma"), always_inline)) static inline offq_status quant_group_avx2(
     const float *restrict g, int64_t n, int bits, int symmetric, float clip, uint8_t *restrict q,
     float *scale_out, float *zero_out, int32_t *sum)
 {
@@ -100,7 +102,7 @@ __attribute__((target("avx2,fma"))) offq_status offq_quant_group_avx2(
 
 /* 16 lanes: the loops above in half the instructions, reductions in registers (a prefill
  * quantizes every activation row at each of a layer's four inputs: ~5% of SmolLM2's prefill). */
-__attribute__((target("avx512f"))) offq_status offq_quant_group_avx512(
+__attribute__((target("avx512f"), always_inline)) static inline offq_status quant_group_avx512(
     const float *restrict g, int64_t n, int bits, int symmetric, float clip, uint8_t *restrict q,
     float *scale_out, float *zero_out, int32_t *sum)
 {
@@ -167,4 +169,23 @@ __attribute__((target("avx512f"))) offq_status offq_quant_group_avx512(
     *sum = _mm512_reduce_add_epi32(acc) + offq_quant_codes(g, n16, n, scale, zero, maxq, q);
     return OFFQ_OK;
 }
+
+__attribute__((target("avx2,fma"))) offq_status offq_quant_group_avx2(
+    const float *restrict g, int64_t n, int bits, int symmetric, float clip, uint8_t *restrict q,
+    float *scale_out, float *zero_out, int32_t *sum)
+{
+    return quant_group_avx2(g, n, bits, symmetric, clip, q, scale_out, zero_out, sum);
+}
+
+__attribute__((target("avx512f"))) offq_status offq_quant_group_avx512(
+    const float *restrict g, int64_t n, int bits, int symmetric, float clip, uint8_t *restrict q,
+    float *scale_out, float *zero_out, int32_t *sum)
+{
+    return quant_group_avx512(g, n, bits, symmetric, clip, q, scale_out, zero_out, sum);
+}
+
+OFFQ_DEFINE_QUANT_GROUPS(offq_quant_groups_avx2, __attribute__((target("avx2,fma"))),
+                         quant_group_avx2)
+OFFQ_DEFINE_QUANT_GROUPS(offq_quant_groups_avx512, __attribute__((target("avx512f"))),
+                         quant_group_avx512)
 #endif
