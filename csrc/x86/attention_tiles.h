@@ -135,11 +135,14 @@ ATT_FN float softmax_row(float *st, int64_t n)
     __m256 den = _mm256_setzero_ps();
     j = 0;
 #ifdef ATT_AVX512
-    /* 16 at a time, the two halves added to den in the 8-wide loop's order: the same sums */
-    const __m512 m16 = _mm512_set1_ps(mx);
-    for (; j + 16 <= n; j += 16) {
-        const __m512 e = offq_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j), m16));
-        _mm512_storeu_ps(st + j, e);
+    /* 16 at a time, the two halves added to den in the 8-wide loop's order: the same sums; the
+     * last 1..15 scores through a mask, padded with -inf (exp 0): the halves then add what the
+     * 8-wide loop and its padded tail add, and an all-padding half adds +0 */
+    const __m512 m16 = _mm512_set1_ps(mx), ninf = _mm512_set1_ps(-INFINITY);
+    for (; j < n; j += 16) {
+        const __mmask16 mk = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+        const __m512 e = offq_exp16(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, mk, st + j), m16));
+        _mm512_mask_storeu_ps(st + j, mk, e);
         den = _mm256_add_ps(den, _mm512_castps512_ps256(e));
         den = _mm256_add_ps(den, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
     }
@@ -260,6 +263,13 @@ ATT_FN void attend_tiles(const offq_attn_args *a, int64_t nq, const float *q, co
                      * driver's time (perf, SmolLM2 2048-token prefill, AVX-512) */
                     float *dst = s + t * ld + j0 + k0;
                     int64_t c = 0;
+#ifdef ATT_AVX512
+                    for (; c < m; c += 16) { /* the last partial vector through a mask */
+                        const __mmask16 mk =
+                            m - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - c)) - 1u);
+                        _mm512_mask_storeu_ps(dst + c, mk, _mm512_maskz_loadu_ps(mk, sb[b] + c));
+                    }
+#endif
                     for (; c + 8 <= m; c += 8) {
                         _mm256_storeu_ps(dst + c, _mm256_loadu_ps(sb[b] + c));
                     }
