@@ -38,6 +38,12 @@
  * decode layout too (offq.h; the decoder's plans build it) takes a faster small-M path first
  * (M <= 4, block % 8 == 0): 8 columns side by side in every 32-byte load, activations in plain
  * order, the same folding and the same float epilogue.
+ *
+ * Folded GEMM strips (the decoder's prefill; ops->tile_folded, VNNI and generic): when a weight's
+ * zero-points are all one integer Z (symmetric weights: 8) and a strip's activation zero-points
+ * fold as above, E_b = sum (qw - Z)(qa - za) = D' - Z * S' with D' and S' the folded codes' dot
+ * product and sum: the tile starts each block's integer sums at -Z * S' and its epilogue is a
+ * conversion and one FMA, the same exact E_b, so the same bits as the unfolded tile.
  */
 #include <omp.h>
 #include <stdlib.h>
