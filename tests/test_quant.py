@@ -282,3 +282,46 @@ def test_parallel_rows_match_reference_and_raise():
         x[200, 5] = np.nan
         with pytest.raises(ValueError, match="x: contains NaN or Inf"):
             quantize(x, group_size=64)
+
+
+_QUANT_EVERY_WIDTH = """
+import sys
+import numpy as np
+from offq.kernels.quant import quantize
+rng = np.random.default_rng(11)
+out = {}
+for i, (shape, group) in enumerate(CASES):
+    x = (rng.standard_normal(shape) * rng.uniform(0.1, 4) + rng.uniform(-5, 5)).astype(np.float32)
+    x[0, :group] = 7.0                     # a constant group
+    x[-1, group:2 * group] = 0.0           # an all-zero group
+    x[1 % shape[0], 3] = 1e30              # one huge value (asymmetric: a wide scale)
+    for sym in (0, 1):
+        qt = quantize(x, bits=4, group_size=group, symmetric=bool(sym))
+        out[f"x{i}"] = x
+        out[f"c{i}{sym}"] = qt.unpacked_codes()
+        out[f"s{i}{sym}"] = qt.scale
+        out[f"z{i}{sym}"] = qt.zero
+        out[f"m{i}{sym}"] = qt.code_sums
+np.savez(sys.argv[-1], **out)
+"""
+
+
+def test_every_simd_width_matches_the_reference(tmp_path):
+    """The quantizer as each dispatch runs it (this CPU's widest, AVX2-capped, generic) against the
+    reference, in groups that fill whole 16- and 8-lane vectors and groups that leave a scalar
+    tail for each (20, 24, 40)."""
+    from simd_cap import outputs_by_cap
+
+    cases = [((9, 576), 64), ((5, 256), 128), ((3, 100), 20), ((4, 72), 24), ((3, 80), 40)]
+    got = outputs_by_cap(_QUANT_EVERY_WIDTH.replace("CASES", repr(cases)), tmp_path,
+                         caps=("", "avx2", "generic"))
+    for cap, out in got.items():
+        for i, (_, group) in enumerate(cases):
+            for sym in (0, 1):
+                q, scale, zero = ref_quantize(out[f"x{i}"], 4, group, bool(sym))
+                msg = f"cap {cap!r}, case {i}, symmetric {sym}"
+                np.testing.assert_array_equal(out[f"c{i}{sym}"], q, err_msg=msg)
+                np.testing.assert_array_equal(out[f"s{i}{sym}"], scale, err_msg=msg)
+                np.testing.assert_array_equal(out[f"z{i}{sym}"], zero, err_msg=msg)
+                sums = q.reshape(q.shape[:-1] + (-1, group)).astype(np.int64).sum(-1)
+                np.testing.assert_array_equal(out[f"m{i}{sym}"], sums, err_msg=msg)

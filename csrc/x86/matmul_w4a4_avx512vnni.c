@@ -20,75 +20,15 @@
  * accumulators between registers every iteration). */
 #define OFFQ_DPBUSD(acc, w, a) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(a))
 
-/* AVX-512 VNNI: two panels, MR (8) rows x 32 columns, 32-bit accumulation (vpdpbusd). */
-/* Both panels are always computed: a panel past N has zero scales and adds zeros. */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void
-offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct, int64_t ldc)
-{
-    const __m512 zero = _mm512_setzero_ps();
-    const uint8_t *restrict wp0 = u->wp[0];
-    const uint8_t *restrict wp1 = u->wp[1];
-    const int64_t lda = u->lda;
-    for (int64_t b = 0; b < u->nb; b++) {
-        __m512i s00 = _mm512_setzero_si512(), s01 = s00, s10 = s00, s11 = s00, s20 = s00,
-                s21 = s00, s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00,
-                s60 = s00, s61 = s00, s70 = s00, s71 = s00;
-        const uint8_t *ab = u->a + b * u->bp;
-        const uint8_t *w0p = wp0 + b * u->bp * NRP;
-        const uint8_t *w1p = wp1 + b * u->bp * NRP;
-        const int64_t steps = u->bp / 4;
-        for (int64_t t = 0; t < steps; t++) {
-            const __m512i w0 = _mm512_load_si512((const void *)(w0p + t * 64));
-            const __m512i w1 = _mm512_load_si512((const void *)(w1p + t * 64));
-            __m512i av;
-#define OFFQ_ROW(r)                                                                              \
-    av = _mm512_set1_epi32((int)offq_load_u32(ab + (r) * lda + 4 * t));                               \
-    OFFQ_DPBUSD(s##r##0, w0, av);                                                                \
-    OFFQ_DPBUSD(s##r##1, w1, av);
-            OFFQ_ROW(0)
-            OFFQ_ROW(1)
-            OFFQ_ROW(2)
-            OFFQ_ROW(3)
-            OFFQ_ROW(4)
-            OFFQ_ROW(5)
-            OFFQ_ROW(6)
-            OFFQ_ROW(7)
-#undef OFFQ_ROW
-        }
-        const __m512 wz0 = _mm512_loadu_ps(u->wz[0] + b * NRP);
-        const __m512 wz1 = _mm512_loadu_ps(u->wz[1] + b * NRP);
-        const __m512 wt0 = _mm512_loadu_ps(u->wT[0] + b * NRP);
-        const __m512 wt1 = _mm512_loadu_ps(u->wT[1] + b * NRP);
-        const __m512 ws0 = _mm512_loadu_ps(u->ws[0] + b * NRP);
-        const __m512 ws1 = _mm512_loadu_ps(u->ws[1] + b * NRP);
-#define OFFQ_EPI(r)                                                                              \
-    {                                                                                            \
-        const __m512 sa = _mm512_set1_ps(u->asum[(r) * u->ldp + b]);                             \
-        const __m512 za = _mm512_set1_ps(u->azero[(r) * u->ldp + b]);                            \
-        const __m512 xa = _mm512_set1_ps(u->ascale[(r) * u->ldp + b]);                           \
-        float *c = ct + (r) * ldc;                                                               \
-        __m512 e0 = _mm512_cvtepi32_ps(s##r##0), e1 = _mm512_cvtepi32_ps(s##r##1);               \
-        e0 = _mm512_fnmadd_ps(sa, wz0, e0);                                                      \
-        e1 = _mm512_fnmadd_ps(sa, wz1, e1);                                                      \
-        e0 = _mm512_fnmadd_ps(za, wt0, e0);                                                      \
-        e1 = _mm512_fnmadd_ps(za, wt1, e1);                                                      \
-        const __m512 c0 = b ? _mm512_loadu_ps(c) : zero, c1 = b ? _mm512_loadu_ps(c + 16) : zero; \
-        _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws0), e0, c0));                    \
-        _mm512_storeu_ps(c + 16, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws1), e1, c1));               \
-    }
-        OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
-        OFFQ_EPI(4) OFFQ_EPI(5) OFFQ_EPI(6) OFFQ_EPI(7)
-#undef OFFQ_EPI
-    }
-}
-
-/* tile_folded (kernels.h): the tile above on folded activations (codes - zero-point, int8)
- * against a weight with one zero-point Z: each block's sums start from ainit = -Z * (the folded
- * codes' sum), so they are E itself and the float epilogue is a conversion and one fma per
- * vector instead of four operations (the epilogue shared the multiply pipes with vpdpbusd:
- * about a quarter of the tile's time at blocks of 64). */
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void
-offq_mm_tile_folded_avx512vnni(const offq_mm_tile_args *u, int second, float *ct, int64_t ldc)
+/* AVX-512 VNNI: two panels, MR (8) rows x 32 columns, 32-bit accumulation (vpdpbusd). Both
+ * panels are always computed: a panel past N has zero scales and adds zeros. `folded` (a
+ * constant: two copies are compiled) is tile_folded (kernels.h): the activations are codes minus
+ * their zero-point (int8) against a weight with one zero-point Z, each block's sums start from
+ * ainit = -Z * (the folded codes' sum), so they are E itself and the float epilogue is a
+ * conversion and one FMA per vector instead of five operations (the epilogue shares the multiply
+ * pipes with vpdpbusd: about a quarter of the tile's time at blocks of 64). */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"), always_inline)) static inline void
+tile_t(const offq_mm_tile_args *u, float *ct, int64_t ldc, const int folded)
 {
     const __m512 zero = _mm512_setzero_ps();
     const uint8_t *restrict wp0 = u->wp[0];
@@ -96,7 +36,9 @@ offq_mm_tile_folded_avx512vnni(const offq_mm_tile_args *u, int second, float *ct
     const int64_t lda = u->lda;
     for (int64_t b = 0; b < u->nb; b++) {
 #define OFFQ_INIT(r)                                                                             \
-    __m512i s##r##0 = _mm512_set1_epi32(u->ainit[(r) * u->ldp + b]), s##r##1 = s##r##0;
+    __m512i s##r##0 = folded ? _mm512_set1_epi32(u->ainit[(r) * u->ldp + b])                     \
+                             : _mm512_setzero_si512(),                                          \
+            s##r##1 = s##r##0;
         OFFQ_INIT(0) OFFQ_INIT(1) OFFQ_INIT(2) OFFQ_INIT(3)
         OFFQ_INIT(4) OFFQ_INIT(5) OFFQ_INIT(6) OFFQ_INIT(7)
 #undef OFFQ_INIT
@@ -124,20 +66,48 @@ offq_mm_tile_folded_avx512vnni(const offq_mm_tile_args *u, int second, float *ct
         }
         const __m512 ws0 = _mm512_loadu_ps(u->ws[0] + b * NRP);
         const __m512 ws1 = _mm512_loadu_ps(u->ws[1] + b * NRP);
+        __m512 wz0 = zero, wz1 = zero, wt0 = zero, wt1 = zero;
+        if (!folded) {
+            wz0 = _mm512_loadu_ps(u->wz[0] + b * NRP);
+            wz1 = _mm512_loadu_ps(u->wz[1] + b * NRP);
+            wt0 = _mm512_loadu_ps(u->wT[0] + b * NRP);
+            wt1 = _mm512_loadu_ps(u->wT[1] + b * NRP);
+        }
 #define OFFQ_EPI(r)                                                                              \
     {                                                                                            \
         const __m512 xa = _mm512_set1_ps(u->ascale[(r) * u->ldp + b]);                           \
         float *c = ct + (r) * ldc;                                                               \
+        __m512 e0 = _mm512_cvtepi32_ps(s##r##0), e1 = _mm512_cvtepi32_ps(s##r##1);               \
+        if (!folded) {                                                                           \
+            const __m512 sa = _mm512_set1_ps(u->asum[(r) * u->ldp + b]);                         \
+            const __m512 za = _mm512_set1_ps(u->azero[(r) * u->ldp + b]);                        \
+            e0 = _mm512_fnmadd_ps(sa, wz0, e0);                                                  \
+            e1 = _mm512_fnmadd_ps(sa, wz1, e1);                                                  \
+            e0 = _mm512_fnmadd_ps(za, wt0, e0);                                                  \
+            e1 = _mm512_fnmadd_ps(za, wt1, e1);                                                  \
+        }                                                                                        \
         const __m512 c0 = b ? _mm512_loadu_ps(c) : zero, c1 = b ? _mm512_loadu_ps(c + 16) : zero; \
-        _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws0), _mm512_cvtepi32_ps(s##r##0), c0)); \
-        _mm512_storeu_ps(c + 16,                                                                 \
-                         _mm512_fmadd_ps(_mm512_mul_ps(xa, ws1), _mm512_cvtepi32_ps(s##r##1), c1)); \
+        _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws0), e0, c0));                    \
+        _mm512_storeu_ps(c + 16, _mm512_fmadd_ps(_mm512_mul_ps(xa, ws1), e1, c1));               \
     }
         OFFQ_EPI(0) OFFQ_EPI(1) OFFQ_EPI(2) OFFQ_EPI(3)
         OFFQ_EPI(4) OFFQ_EPI(5) OFFQ_EPI(6) OFFQ_EPI(7)
 #undef OFFQ_EPI
     }
-    (void)second; /* both panels are always computed, as in the tile above */
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void
+offq_mm_tile_avx512vnni(const offq_mm_tile_args *u, int second, float *ct, int64_t ldc)
+{
+    (void)second; /* both panels are always computed */
+    tile_t(u, ct, ldc, 0);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void
+offq_mm_tile_folded_avx512vnni(const offq_mm_tile_args *u, int second, float *ct, int64_t ldc)
+{
+    (void)second;
+    tile_t(u, ct, ldc, 1);
 }
 
 /* Small M: 64 packed bytes = 128 elements per step (activations laid out in
