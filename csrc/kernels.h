@@ -302,8 +302,8 @@ typedef struct {
     const uint8_t *wp[2];
     const float *wz[2], *wT[2], *ws[2];
     int64_t nb, bp;
-    /* tile_folded only: [MR][ldp] each block's integer sums start from (-Z * asum, the weight's
-     * one zero-point Z times the folded codes' sum); a holds the codes minus their zero-point */
+    /* tile_folded only: [MR][ldp] the start of each block's integer sums, -Z * S' (Z the weight's
+     * one zero-point, S' the block's folded code sum); a then holds codes minus zero-point */
     const int32_t *ainit;
 } offq_mm_tile_args;
 
@@ -334,7 +334,8 @@ typedef struct {
 /* One variant of the matmul: its pieces. NULL pack/unpack: the generic layout code. */
 struct offq_mm_ops {
     /* c[r * ldc + j] = the tile (r < MR, j < 32; written, not accumulated); `second`: panel 1
-     * holds real columns (else its 16 columns are left as they were) */
+     * holds real columns (else columns 16..31 of c are unspecified: a variant may skip them or
+     * write the zero-scaled panel) */
     void (*tile)(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
     /* the same numbers from folded activations (codes - zero-point, int8) against a weight whose
      * zero-points are all one integer Z: E = sum (w - Z)(a - za) is then the integer sum alone,

@@ -26,7 +26,8 @@
  * their zero-point (int8) against a weight with one zero-point Z, each block's sums start from
  * ainit = -Z * (the folded codes' sum), so they are E itself and the float epilogue is a
  * conversion and one FMA per vector instead of five operations (the epilogue shares the multiply
- * pipes with vpdpbusd: about a quarter of the tile's time at blocks of 64). */
+ * pipes with vpdpbusd; in SmolLM2's pp512 profile, groups of 64, the folded tile's share of the
+ * samples implies ~9% less time than the unfolded one). */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"), always_inline)) static inline void
 tile_t(const offq_mm_tile_args *u, float *ct, int64_t ldc, const int folded)
 {
