@@ -83,6 +83,7 @@ offq_dispatch_table offq_dispatch = {
     .attend = offq_attend_generic,
     .attend_f32 = offq_attend_f32_generic,
     .swiglu = offq_swiglu_generic,
+    .residual_norm_row = offq_residual_norm_row_generic,
     .clip_row_error = offq_clip_row_error_generic,
     .i8_rows = offq_i8_rows_generic,
     .matmul = {[OFFQ_KERNEL_GENERIC] = &mm_generic},
@@ -190,6 +191,7 @@ void offq_cpu_init(void)
         offq_dispatch.attend = offq_attend_avx2;
         offq_dispatch.attend_f32 = offq_attend_f32_avx2;
         offq_dispatch.swiglu = offq_swiglu_avx2;
+        offq_dispatch.residual_norm_row = offq_residual_norm_row_avx2;
         offq_dispatch.clip_row_error = offq_clip_row_error_avx2;
         offq_dispatch.i8_rows = offq_i8_rows_avx2;
         offq_dispatch.matmul[OFFQ_KERNEL_AVX2] = &mm_avx2;
@@ -200,6 +202,7 @@ void offq_cpu_init(void)
     }
     if (g_avx512) {
         offq_dispatch.swiglu = offq_swiglu_avx512;
+        offq_dispatch.residual_norm_row = offq_residual_norm_row_avx512;
         offq_dispatch.quant_group = offq_quant_group_avx512;
         offq_dispatch.quant_groups = offq_quant_groups_avx512;
         offq_dispatch.attend = offq_attend_avx512;

@@ -1,7 +1,7 @@
 /* decoder_team.h: what the two fused decoder steps share (decoder.c for W4A4KV4 models,
  * decoder_wq.c for weight-only ones): the OpenMP team's work counters, the float steps of a layer
- * (RMSNorm, RoPE, the residual adds; the same float32 operations as offq/model/ops.py) and
- * saturating scratch-size arithmetic. */
+ * (RoPE, and the residual adds and RMSNorm of norm.c: the same float32 operations as
+ * offq/model/ops.py) and saturating scratch-size arithmetic. */
 #ifndef OFFQ_DECODER_TEAM_H
 #define OFFQ_DECODER_TEAM_H
 
@@ -71,34 +71,6 @@ static inline void phase_end(team_work *w, int64_t *base, int64_t n)
 }
 
 
-/* out = x / sqrt(sum(x^2) / d + eps) * w (w NULL: ones); the sum of squares in float64. */
-static inline void rms_norm_row(const float *x, const float *w, int64_t d, float eps, float *out)
-{
-    /* eight running sums, then a fixed tree: one sum's chain of dependent adds (their latency,
-     * d of them per row) was ~2.4% of SmolLM2's prefill in a perf profile */
-    double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
-    int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-        for (int j = 0; j < 8; j++) {
-            part[j] += (double)x[i + j] * (double)x[i + j];
-        }
-    }
-    for (; i < d; i++) {
-        part[i % 8] += (double)x[i] * (double)x[i];
-    }
-    const double ss = ((part[0] + part[4]) + (part[2] + part[6])) +
-                      ((part[1] + part[5]) + (part[3] + part[7]));
-    const float r = sqrtf((float)ss / (float)d + eps);
-    for (i = 0; i < d; i++) {
-        out[i] = x[i] / r;
-    }
-    if (w != NULL) {
-        for (i = 0; i < d; i++) {
-            out[i] = out[i] * w[i];
-        }
-    }
-}
-
 /* HF rotate_half RoPE of one head vector in place. */
 static inline void rope_row(float *x, int64_t hd, const float *cs, const float *sn)
 {
@@ -112,17 +84,12 @@ static inline void rope_row(float *x, int64_t hd, const float *cs, const float *
 
 
 /* Rows [r0, r1) of the residual stream h [rows][d]: h += y when `add` (the previous product's
- * output), then RMSNorm(h) into x. */
+ * output), then RMSNorm(h) into x (norm.c). */
 static inline void residual_norm_rows(float *h, const float *y, int add, const float *norm, int64_t d,
                                float eps, int64_t r0, int64_t r1, float *x)
 {
     for (int64_t r = r0; r < r1; r++) {
-        if (add) {
-            for (int64_t i = 0; i < d; i++) {
-                h[r * d + i] = h[r * d + i] + y[r * d + i];
-            }
-        }
-        rms_norm_row(h + r * d, norm, d, eps, x + r * d);
+        offq_dispatch.residual_norm_row(h + r * d, add ? y + r * d : NULL, norm, d, eps, x + r * d);
     }
 }
 

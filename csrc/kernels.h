@@ -407,9 +407,13 @@ static inline uint32_t offq_load_u32(const uint8_t *p)
  * 0..n[t]-1. K / V codes of position j at kc / vc + j * cstride (hd / 2 packed bytes), scales and
  * zero-points at ks, kz / vs, vz + j * pstride (hd / group each). Scratch: scores
  * nq * (max n + 1) floats, row OFFQ_ATTN_ROW_FLOATS(hd) floats. out[t]: query t's hd outputs. */
-/* a tile of 32 decoded rows, their key scales and 8 rows before their transpose
- * (x86/attention_avx2.c; hd / group <= hd / 16) */
-#define OFFQ_ATTN_ROW_FLOATS(hd) ((hd) * 42)
+/* a tile of OFFQ_ATTN_TILE_ROWS decoded rows, their key scales (hd / group <= hd / 16 per row) and
+ * then either 8 rows before their transpose or the value phase's 3 x [rows][hd / group]
+ * (x86/attention_tiles.h) */
+#define OFFQ_ATTN_TILE_ROWS 64
+#define OFFQ_ATTN_ROW_FLOATS(hd)                                                                   \
+    ((hd) * (OFFQ_ATTN_TILE_ROWS + OFFQ_ATTN_TILE_ROWS / 16 +                                       \
+             (3 * OFFQ_ATTN_TILE_ROWS / 16 > 8 ? 3 * OFFQ_ATTN_TILE_ROWS / 16 : 8)))
 typedef struct {
     const uint8_t *kc, *vc;
     const float *ks, *kz, *vs, *vz;
@@ -487,6 +491,26 @@ void offq_attend_f32_chunk(offq_attend_f32_fn attend, const float *q, int64_t nq
 typedef double (*offq_clip_row_error_fn)(const float *x, int64_t g, float s, float z, float maxq);
 double offq_clip_row_error_generic(const float *x, int64_t g, float s, float z, float maxq);
 double offq_clip_row_error_avx2(const float *x, int64_t g, float s, float z, float maxq);
+
+/* ---- residual add + RMSNorm of one row (norm.c) ---------------------------------------------
+ * h[i] += y[i] (y not NULL), then out = h / sqrt(sum(h^2) / d + eps) * w (w NULL: ones). */
+typedef void (*offq_residual_norm_row_fn)(float *h, const float *y, const float *w, int64_t d,
+                                          float eps, float *out);
+void offq_residual_norm_row_generic(float *h, const float *y, const float *w, int64_t d, float eps,
+                                    float *out);
+void offq_residual_norm_row_avx2(float *h, const float *y, const float *w, int64_t d, float eps,
+                                 float *out);
+void offq_residual_norm_row_avx512(float *h, const float *y, const float *w, int64_t d, float eps,
+                                   float *out);
+
+/* The RMS divisor from the eight float64 sums of squares (sum i % 8 holds element i's square),
+ * joined by one fixed tree: sqrt(sum / d + eps) in float32. */
+static inline float offq_norm_root(const double part[8], int64_t d, float eps)
+{
+    const double ss = ((part[0] + part[4]) + (part[2] + part[6])) +
+                      ((part[1] + part[5]) + (part[3] + part[7]));
+    return sqrtf((float)ss / (float)d + eps);
+}
 
 /* ---- SwiGLU (swiglu.c): x[i] = g[i] / (1 + exp(-g[i])) * u[i], i < n ---------------------- */
 typedef void (*offq_swiglu_fn)(const float *g, const float *u, float *x, int64_t n);
@@ -587,6 +611,7 @@ typedef struct {
     offq_attend_fn attend;
     offq_attend_f32_fn attend_f32;
     offq_swiglu_fn swiglu;
+    offq_residual_norm_row_fn residual_norm_row;
     offq_clip_row_error_fn clip_row_error;
     offq_i8_rows_fn i8_rows;
     const offq_mm_ops *matmul[OFFQ_KERNEL_COUNT]; /* per variant; NULL: not usable here */

@@ -132,6 +132,13 @@ typedef enum {
 offq_status offq_matmul_w4a4(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
                              float *out, offq_kernel kernel);
 
+/* ---- residual add + RMSNorm (norm.c) -------------------------------------------------------------
+ * Per row r < rows of h [rows][d]: h_r += y_r (y NULL: unchanged), out_r = h_r / sqrt(mean(h_r^2)
+ * + eps) * w (w NULL: ones), the mean of squares in float64: the C decoders' step, in the
+ * dispatched width (every width gives the same bits). d >= 1. */
+void offq_residual_rms_norm(float *h, const float *y, const float *w, int64_t rows, int64_t d,
+                            float eps, float *out);
+
 /* ---- attention over a float32 KV cache (attention_f32.c) ---------------------------------------
  * out[t] = softmax(q_t . K^T) V for nq queries q[nq][hd] (already scaled), rep = nq / kv_heads of
  * them to a KV head (query t uses head t / rep), over n positions of kv[n][2][kv_heads][hd] (K

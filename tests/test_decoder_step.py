@@ -59,38 +59,39 @@ def close(got, ref):
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_prefill_and_decode_match_the_numpy_path(quantized, kernel):
     real = quantized.model("real")
-    ids = token_ids(real.config.vocab_size, 1, 40, 3)
+    ids = token_ids(real.config.vocab_size, 1, 80, 3)  # past one 64-row attention tile
     ref = real.hidden_states(ids)[0]
     fd = FusedDecoder(real, kernel=kernel, prefill="c")
     h = real.embed(ids)[0]
     fd.run(h, fd.new_cache(4))  # the cache grows from 4 positions
     close(h, ref)
-    # token by token, then a chunk of 5 rows after 30 cached positions
+    # token by token, then a chunk of 10 rows after 70 cached positions
     cache = fd.new_cache(1)
     steps = []
-    for t in range(30):
+    for t in range(70):
         x = real.embed(ids[:, t:t + 1])[0]
         steps.append(fd.run(x, cache)[0])
-    rest = fd.run(real.embed(ids[:, 30:])[0], cache)
+    rest = fd.run(real.embed(ids[:, 70:])[0], cache)
     close(np.concatenate([np.stack(steps), rest]), ref)
-    assert cache.length == 40
+    assert cache.length == 80
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_c_prefill_equals_c_decode_bit_for_bit(quantized, kernel):
     """Every query's attention sums (scores, exp, denominator, values) run in one order whatever
     the block of queries, and the products are bit-identical across M: a token gets the same
-    numbers in a prompt of 40, one step at a time, and in chunks of 3."""
+    numbers in a prompt of 80 (two 64-row attention tiles), one step at a time, and in chunks
+    of 3."""
     real = quantized.model("real")
-    ids = token_ids(real.config.vocab_size, 1, 40, 11)
+    ids = token_ids(real.config.vocab_size, 1, 80, 11)
     fd = FusedDecoder(real, kernel=kernel, prefill="c")
     prompt = fd.run(real.embed(ids)[0], fd.new_cache())
     cache = fd.new_cache()
-    steps = np.concatenate([fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(40)])
+    steps = np.concatenate([fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(80)])
     np.testing.assert_array_equal(steps, prompt)
     cache = fd.new_cache()
     chunks = np.concatenate([fd.run(real.embed(ids[:, t:t + 3])[0], cache)
-                             for t in range(0, 40, 3)])
+                             for t in range(0, 80, 3)])
     np.testing.assert_array_equal(chunks, prompt)
 
 
@@ -485,11 +486,11 @@ _RUN_AVX2_KERNEL = (
     "from offq.quant.fused import FusedDecoder\n"
     "from tiny_models import token_ids\n"
     "real = load_quantized(sys.argv[1], mode='real')[0]\n"
-    "ids = token_ids(real.config.vocab_size, 1, 40, 11)\n"
+    "ids = token_ids(real.config.vocab_size, 1, 80, 11)\n"
     "fd = FusedDecoder(real, kernel='avx2', prefill='c')\n"
     "cache = fd.new_cache()\n"
-    "out = [fd.run(real.embed(ids[:, :33])[0], cache)]\n"
-    "out += [fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(33, 40)]\n"
+    "out = [fd.run(real.embed(ids[:, :70])[0], cache)]\n"
+    "out += [fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(70, 80)]\n"
     "np.savez(sys.argv[2], h=np.concatenate(out))\n"
 )
 
@@ -497,8 +498,9 @@ _RUN_AVX2_KERNEL = (
 @pytest.mark.skipif(not SIMD.get("avx512"), reason="the CPU has no AVX-512 F")
 def test_avx512_attention_and_mix_are_bit_identical_to_avx2(quantized, tmp_path):
     """The 16-lane attention and Hadamard mix run each lane's sums in the AVX2 order: a prompt
-    of 33 tokens and 7 decode steps of the C step give the same hidden states bit for bit with
-    the dispatch capped at AVX2 (OFFQ_SIMD_MAX=avx2, a fresh process) and uncapped."""
+    of 70 tokens (two 64-row attention tiles) and 10 decode steps of the C step give the same
+    hidden states bit for bit with the dispatch capped at AVX2 (OFFQ_SIMD_MAX=avx2, a fresh
+    process) and uncapped."""
     quantized.save(tmp_path / "q")
     got = outputs_by_cap(_RUN_AVX2_KERNEL, tmp_path, (str(tmp_path / "q"),))
     np.testing.assert_array_equal(got[""]["h"], got["avx2"]["h"])

@@ -29,7 +29,7 @@
 #endif
 #define ATT_FN __attribute__((target(ATT_TARGET))) static inline
 
-#define KT 32 /* cached rows per tile (OFFQ_ATTN_ROW_FLOATS sizes the scratch for it) */
+#define KT OFFQ_ATTN_TILE_ROWS /* cached rows per tile (kernels.h sizes the scratch for it) */
 
 /* Scores of nq (1..4) queries against nv (1 or 2) vectors of keys of the transposed tile kt
  * ([hd][KT]) from column k0, their scales ks ([ng][KT]): sb[t][0 .. lanes nv). */
