@@ -30,13 +30,7 @@ static PyObject *py_residual_rms_norm(PyObject *self, PyObject *args, PyObject *
     PyArrayObject *y = NULL, *w = NULL;
     if (yo != Py_None) {
         y = offq_check_array(yo, "y", NPY_FLOAT32, 2, 2);
-        if (y == NULL) {
-            return NULL;
-        }
-        if (PyArray_DIM(y, 0) != rows || PyArray_DIM(y, 1) != d) {
-            PyErr_Format(PyExc_ValueError, "y: expected shape (%lld, %lld) like h, got (%lld, %lld)",
-                         (long long)rows, (long long)d, (long long)PyArray_DIM(y, 0),
-                         (long long)PyArray_DIM(y, 1));
+        if (y == NULL || offq_expect_shape_2d(y, "y", (npy_intp)rows, (npy_intp)d) < 0) {
             return NULL;
         }
     }

@@ -345,6 +345,18 @@ static inline int offq_check_disjoint(PyArrayObject *out, const char *out_name,
     return 0;
 }
 
+/* 0 if the 2-D array `arr` has shape (m, n), else -1 with a ValueError naming `name`. */
+static inline int offq_expect_shape_2d(PyArrayObject *arr, const char *name, npy_intp m, npy_intp n)
+{
+    if (PyArray_DIM(arr, 0) != m || PyArray_DIM(arr, 1) != n) {
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %lld), got (%lld, %lld)", name,
+                     (long long)m, (long long)n, (long long)PyArray_DIM(arr, 0),
+                     (long long)PyArray_DIM(arr, 1));
+        return -1;
+    }
+    return 0;
+}
+
 /* The float32 [m, n] output of a product: a new array when `obj` is None, else `obj` checked
  * (float32, 2-D, C-contiguous, writeable, shape (m, n), sharing no memory with any of the `count`
  * inputs). Returns a new reference, or NULL with the exception set (naming "out"). */
@@ -359,13 +371,8 @@ static inline PyArrayObject *offq_output_f32_2d(PyObject *obj, npy_intp m, npy_i
     if (out == NULL) {
         return NULL;
     }
-    if (PyArray_DIM(out, 0) != m || PyArray_DIM(out, 1) != n) {
-        PyErr_Format(PyExc_ValueError, "out: expected shape (%lld, %lld), got (%lld, %lld)",
-                     (long long)m, (long long)n, (long long)PyArray_DIM(out, 0),
-                     (long long)PyArray_DIM(out, 1));
-        return NULL;
-    }
-    if (offq_check_disjoint(out, "out", inputs, count) < 0) {
+    if (offq_expect_shape_2d(out, "out", m, n) < 0 ||
+        offq_check_disjoint(out, "out", inputs, count) < 0) {
         return NULL;
     }
     Py_INCREF(out);
