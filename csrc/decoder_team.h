@@ -5,7 +5,6 @@
 #ifndef OFFQ_DECODER_TEAM_H
 #define OFFQ_DECODER_TEAM_H
 
-#include <math.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -88,9 +87,7 @@ static inline void rope_row(float *x, int64_t hd, const float *cs, const float *
 static inline void residual_norm_rows(float *h, const float *y, int add, const float *norm, int64_t d,
                                float eps, int64_t r0, int64_t r1, float *x)
 {
-    for (int64_t r = r0; r < r1; r++) {
-        offq_dispatch.residual_norm_row(h + r * d, add ? y + r * d : NULL, norm, d, eps, x + r * d);
-    }
+    offq_residual_rms_norm(h + r0 * d, add ? y + r0 * d : NULL, norm, r1 - r0, d, eps, x + r0 * d);
 }
 
 

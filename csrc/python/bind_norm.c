@@ -2,12 +2,11 @@
  * exposed so that tests can hold each SIMD width against a NumPy reference.
  *
  *   residual_rms_norm(h, y, weight, eps) -> (h + y, rmsnorm(h + y) * weight), float32 [rows, d]
- *       h float32 [rows, d]; y None or like h; weight None or float32 [d]; eps >= 0 finite.
+ *       h float32 [rows, d]; y None or like h; weight None or float32 [d]; 0 <= eps <= 1.
  *       Neither input is modified; the widest dispatch of this process runs (OFFQ_SIMD_MAX).
  */
 #include "bind_util.h"
 
-#include <math.h>
 #include <string.h>
 
 static PyObject *py_residual_rms_norm(PyObject *self, PyObject *args, PyObject *kwds)
