@@ -167,6 +167,17 @@ const float *offq_wq_prepare(const offq_wq_ops *ops, const float *x, int64_t m, 
     return unscale;
 }
 
+/* Output columns b * WQ_BLOCK_N .. of the small-M path (the rows entry under the subnormal
+ * decode's MXCSR when it runs). */
+static void row_block(const offq_wq_ops *ops, const offq_wq_operand *w, const float *xin,
+                      const float *xsum, const float *unscale, int64_t m, int64_t b, float *out)
+{
+    const int64_t n = w->n, n1 = (b + 1) * WQ_BLOCK_N < n ? (b + 1) * WQ_BLOCK_N : n;
+    const unsigned csr = unscale != NULL ? offq_daz_clear() : 0; /* 0: nothing to restore */
+    ops->rows(w, xin, xsum, unscale, m, b * WQ_BLOCK_N, n1, n, out);
+    offq_csr_restore(csr);
+}
+
 static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, float *out,
                            const offq_wq_ops *ops)
 {
@@ -183,12 +194,21 @@ static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, 
     const float *unscale = offq_wq_prepare(ops, x, m, k, w->group, w->bits, xsum, xp);
     const float *xin = xp != NULL ? xp : x;
     const int64_t blocks = (n + WQ_BLOCK_N - 1) / WQ_BLOCK_N;
-#pragma omp parallel for schedule(dynamic, 4) if (blocks > 1 && m * n * k >= WQ_PAR_MIN)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n1 = (b + 1) * WQ_BLOCK_N < n ? (b + 1) * WQ_BLOCK_N : n;
-        const unsigned csr = unscale != NULL ? offq_daz_clear() : 0; /* 0: nothing to restore */
-        ops->rows(w, xin, xsum, unscale, m, b * WQ_BLOCK_N, n1, n, out);
-        offq_csr_restore(csr);
+    const int parallel = blocks > 1 && m * n * k >= WQ_PAR_MIN;
+    if (m == 1) {
+        /* decode: one contiguous run of rows per thread, so that each thread's prefetches (some
+         * rows ahead of its loads) land in rows it reads itself; with tasks handed out
+         * dynamically, the first rows of every task arrived unprefetched (a 4096 x 4096 W4
+         * product streamed from DRAM, Zen 4, 2 threads: ~10% slower) */
+#pragma omp parallel for schedule(static) if (parallel)
+        for (int64_t b = 0; b < blocks; b++) {
+            row_block(ops, w, xin, xsum, unscale, m, b, out);
+        }
+    } else {
+#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+        for (int64_t b = 0; b < blocks; b++) {
+            row_block(ops, w, xin, xsum, unscale, m, b, out);
+        }
     }
     free(xsum);
     free(xp);

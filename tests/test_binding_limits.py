@@ -190,6 +190,30 @@ def test_dequantize_and_matmul_wq_refuse_a_non_finite_grid():
         _C.matmul_wq(x, packed, good, bad, 4, 128)
 
 
+@pytest.mark.parametrize("flat", [0, 4095, 4096, 8191, 8192, 130 * 64 - 1])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, "payload-nan"])
+def test_the_finiteness_check_sees_every_block(flat: int, value):
+    """The binding scans scales and zero points in blocks of 4096 values: a non-finite value at
+    either edge of a block, or in the short last one, is still refused, and the extremes of the
+    finite range (largest, smallest subnormal, -0) are not."""
+    n, k, group = 130, 8192, 128  # 130 x 64 = 8320 scales: two whole blocks and a short one
+    packed = _C.pack_wq(np.zeros((n, k), np.uint8), 4)
+    x = np.ones((1, k), np.float32)
+    extremes = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max,
+                         np.finfo(np.float32).smallest_subnormal, -0.0], np.float32)
+    good = np.resize(extremes, (n, k // group)).astype(np.float32)
+    _C.matmul_wq(x, packed, good, good, 4, group)  # finite extremes pass
+    bad = good.copy()
+    if value == "payload-nan":  # a NaN whose mantissa is not the default one
+        bad.reshape(-1).view(np.uint32)[flat] = 0xFF800001
+    else:
+        bad.reshape(-1)[flat] = value
+    with pytest.raises(ValueError, match="^scale: contains NaN or Inf"):
+        _C.matmul_wq(x, packed, bad, good, 4, group)
+    with pytest.raises(ValueError, match="^zero: contains NaN or Inf"):
+        _C.matmul_wq(x, packed, good, bad, 4, group)
+
+
 def test_thread_counts_far_above_the_cores_are_refused():
     # OpenMP ends the process (no exception) when it cannot create a team's threads
     before = _C.get_num_threads()

@@ -83,13 +83,21 @@ static inline void offq_value_error_got(const char *msg, double v)
      OFFQ_VARIANT(OFFQ_KERNEL_AVX512))
 
 /* ValueError naming `name` when the float32 array holds NaN or Inf (checked before a kernel
- * writes anything, so that a bad table or scale is not reported later as a bad output). */
+ * writes anything, so that a bad table or scale is not reported later as a bad output). The test
+ * reads the exponent bits in branch-free blocks, which the compiler vectorises: an early-exit
+ * isfinite() loop over a 4096 x 4096 weight's scales and zero points (2 x 128K floats) was 15% of
+ * a decode product's time. */
 static inline int offq_all_finite(PyArrayObject *a, const char *name)
 {
-    const float *v = (const float *)PyArray_DATA(a);
+    const uint32_t *v = (const uint32_t *)PyArray_DATA(a);
     const npy_intp n = PyArray_SIZE(a);
-    for (npy_intp i = 0; i < n; i++) {
-        if (!isfinite(v[i])) {
+    for (npy_intp i0 = 0; i0 < n; i0 += 4096) {
+        const npy_intp i1 = n - i0 < 4096 ? n : i0 + 4096;
+        uint32_t bad = 0;
+        for (npy_intp i = i0; i < i1; i++) {
+            bad |= (v[i] & 0x7f800000u) == 0x7f800000u; /* exponent all ones: Inf or NaN */
+        }
+        if (bad) {
             PyErr_Format(PyExc_ValueError, "%s: contains NaN or Inf (needs finite values)", name);
             return -1;
         }

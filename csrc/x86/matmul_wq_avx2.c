@@ -168,7 +168,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
         /* the group's bytes some rows ahead, one prefetch per 64 (a group of 128 codes at up to
          * 4 bits is one cache line) */
         for (int64_t b = 0; b < cpg * 4 * bits; b += 64) {
-            _mm_prefetch((const char *)(row + g * cpg * 4 * bits + b + pf), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + g * cpg * 4 * bits + b + pf), _MM_HINT_T1);
         }
         for (int64_t i = 0; i < cpg; i++) {
             const int64_t c = g * cpg + i;

@@ -82,7 +82,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
         }
         /* the group's bytes some rows ahead, one prefetch per 64 */
         for (int64_t b = 0; b < cpg * 8 * bits; b += 64) {
-            _mm_prefetch((const char *)(row + g * cpg * 8 * bits + b + pf), _MM_HINT_T0);
+            _mm_prefetch((const char *)(row + g * cpg * 8 * bits + b + pf), _MM_HINT_T1);
         }
         for (int64_t i = 0; i < cpg; i++) {
             const int64_t c = g * cpg + i;
@@ -139,7 +139,7 @@ INLINE void dot_four_rows(const uint8_t *row, int64_t rb, const float *sc, const
             const int64_t c = g * cpg + i;
             /* the four rows' bytes of this chunk, WQ_PF_ROWS rows ahead, as one stream */
             for (int64_t b = 0; b < 4 * cb; b += 64) {
-                _mm_prefetch((const char *)(row + 4 * pf + 4 * c * cb + b), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row + 4 * pf + 4 * c * cb + b), _MM_HINT_T1);
             }
             __m512i v[4];
             for (int r = 0; r < 4; r++) {
