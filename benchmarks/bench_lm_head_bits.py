@@ -1,10 +1,12 @@
-"""What storing the LM head in 8 bits (``--lm-head-bits 8``) costs in perplexity.
+"""What storing the LM head in 8 or 4 bits (``--lm-head-bits 8`` / ``4``) costs in perplexity.
 
-The same hidden states (one forward pass per window) go through three heads: the checkpoint's
+The same hidden states (one forward pass per window) go through every head: the checkpoint's
 float32 head; its int8 codes with float32 activations (``x @ (scale * q).T`` in NumPy, what the
-int8 kernel computed before it rounded activations to 16 bits); and ``offq.kernels.matmul_i8``
-as offq runs it (activations rounded to 16 bits per group). So the table separates the weights'
-rounding from the activations'.
+int8 kernel computed before it rounded activations to 16 bits); ``offq.kernels.matmul_i8`` as
+offq runs it (activations rounded to 16 bits per group); and the 4-bit head offq stores
+(``offq.quant.lm_head.quantize_lm_head4``: asymmetric, clip searched per group) as offq runs it,
+packed through ``offq.kernels.matmul_wq`` with float32 activations. So the table separates the
+weights' rounding from the activations'.
 
 Protocol (printed): an offq checkpoint quantized *without* ``--lm-head-bits 8`` (its float head
 is the reference); WikiText-2 test shipped with offq, the first ``--windows`` windows of
@@ -14,6 +16,7 @@ of ``g`` inputs (default: the group offq stores, the largest power of two dividi
     offq quantize smollm2-135m --method offq --calib-samples 8 --calib-seqlen 512 --out runs/offq8
     python benchmarks/bench_lm_head_bits.py --ckpt runs/offq8               # ~2 min, 2 threads
     python benchmarks/bench_lm_head_bits.py --ckpt runs/offq8 --groups 64 32 16
+    python benchmarks/bench_lm_head_bits.py --ckpt runs/offq8 --bits 4      # the 4-bit head only
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ def main() -> int:
     from offq.kernels.matmul_i8 import matmul_i8, quantize_i8
     from offq.model.linear import DenseLinear
     from offq.model.ops import rms_norm
-    from offq.quant.lm_head import lm_head_group
+    from offq.quant.linears import PackedWeightLinear
+    from offq.quant.lm_head import lm_head_group, quantize_lm_head4
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True, help="offq checkpoint with a float32 LM head")
@@ -54,6 +58,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--groups", type=int, nargs="+", default=None,
                     help="int8 scale groups (default: the one offq stores)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4], choices=[4, 8],
+                    help="head widths to compare with the float32 head (default: 8 4)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     set_num_threads(args.threads)
@@ -61,7 +67,7 @@ def main() -> int:
     model, tok = load_model(args.ckpt, mode="real")
     if not isinstance(model.lm_head, DenseLinear):
         ap.error(f"--ckpt: {args.ckpt} stores its LM head as {type(model.lm_head).__name__}; "
-                 "quantize it without --lm-head-bits 8 so the float32 head is the reference")
+                 "quantize it without --lm-head-bits so the float32 head is the reference")
     w = model.lm_head.weight
     d = w.shape[1]
     groups = args.groups or [lm_head_group(d)]
@@ -72,12 +78,15 @@ def main() -> int:
           f"windows of {args.seqlen}; {describe_machine()}, {args.threads} threads", flush=True)
 
     heads = {"float32 head": lambda x: x @ w.T}
-    for g in groups:
+    for g in groups if 8 in args.bits else []:
         q, s = quantize_i8(w, g)
         w_hat = (q.reshape(q.shape[0], -1, g) * s[..., None]).reshape(q.shape)
         heads[f"int8 g{g}, float32 activations"] = lambda x, w_hat=w_hat: x @ w_hat.T
         heads[f"int8 g{g}, 16-bit activations (matmul_i8)"] = (
             lambda x, q=q, s=s, g=g: matmul_i8(np.ascontiguousarray(x), q, s, g))
+    if 4 in args.bits:
+        head4 = PackedWeightLinear(quantize_lm_head4(w))
+        heads[f"4-bit asym g{head4.group}, float32 activations (matmul_wq)"] = head4
     nll = dict.fromkeys(heads, 0.0)
     count = 0
     t0 = time.perf_counter()

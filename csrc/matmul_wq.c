@@ -15,6 +15,8 @@
  * variant's prep step may permute (and scale by powers of two) the columns of x to match the
  * order in which its row kernel decodes the codes, see kernels.h.
  */
+#include <float.h>
+#include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 
@@ -167,15 +169,34 @@ const float *offq_wq_prepare(const offq_wq_ops *ops, const float *x, int64_t m, 
     return unscale;
 }
 
-/* Output columns b * WQ_BLOCK_N .. of the small-M path (the rows entry under the subnormal
- * decode's MXCSR when it runs). */
-static void row_block(const offq_wq_ops *ops, const offq_wq_operand *w, const float *xin,
-                      const float *xsum, const float *unscale, int64_t m, int64_t b, float *out)
+/* Whether the scales and zero points of weight rows n0..n1 are all finite (a branch-free loop
+ * the compiler vectorises). */
+static int rows_finite(const offq_wq_operand *w, int64_t n0, int64_t n1)
 {
-    const int64_t n = w->n, n1 = (b + 1) * WQ_BLOCK_N < n ? (b + 1) * WQ_BLOCK_N : n;
+    const int64_t ng = w->k / w->group, len = (n1 - n0) * ng;
+    const float *s = w->scale + n0 * ng, *z = w->zero + n0 * ng;
+    int bad = 0;
+    for (int64_t i = 0; i < len; i++) {
+        bad |= !(fabsf(s[i]) <= FLT_MAX) | !(fabsf(z[i]) <= FLT_MAX); /* NaN fails too */
+    }
+    return !bad;
+}
+
+/* Output columns b * WQ_BLOCK_N .. of the small-M path (the rows entry under the subnormal
+ * decode's MXCSR when it runs), after checking their scales and zero points (which the block is
+ * about to read anyway: a decode product's 4096 x 4096 W4 g128 weight carries 1 MiB of them, and
+ * scanning them in the binding first was 15% of the product). 0 when one is not finite. */
+static int row_block(const offq_wq_ops *ops, const offq_wq_operand *w, const float *xin,
+                     const float *xsum, const float *unscale, int64_t m, int64_t b, float *out)
+{
+    const int64_t n = w->n, n0 = b * WQ_BLOCK_N, n1 = n0 + WQ_BLOCK_N < n ? n0 + WQ_BLOCK_N : n;
+    if (!rows_finite(w, n0, n1)) {
+        return 0;
+    }
     const unsigned csr = unscale != NULL ? offq_daz_clear() : 0; /* 0: nothing to restore */
-    ops->rows(w, xin, xsum, unscale, m, b * WQ_BLOCK_N, n1, n, out);
+    ops->rows(w, xin, xsum, unscale, m, n0, n1, n, out);
     offq_csr_restore(csr);
+    return 1;
 }
 
 static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, float *out,
@@ -195,24 +216,25 @@ static offq_status small_m(const float *x, int64_t m, const offq_wq_operand *w, 
     const float *xin = xp != NULL ? xp : x;
     const int64_t blocks = (n + WQ_BLOCK_N - 1) / WQ_BLOCK_N;
     const int parallel = blocks > 1 && m * n * k >= WQ_PAR_MIN;
+    int bad = 0;
     if (m == 1) {
         /* decode: one contiguous run of rows per thread, so that each thread's prefetches (some
          * rows ahead of its loads) land in rows it reads itself; with tasks handed out
          * dynamically, the first rows of every task arrived unprefetched (a 4096 x 4096 W4
          * product streamed from DRAM, Zen 4, 2 threads: ~10% slower) */
-#pragma omp parallel for schedule(static) if (parallel)
+#pragma omp parallel for schedule(static) if (parallel) reduction(| : bad)
         for (int64_t b = 0; b < blocks; b++) {
-            row_block(ops, w, xin, xsum, unscale, m, b, out);
+            bad |= !row_block(ops, w, xin, xsum, unscale, m, b, out);
         }
     } else {
-#pragma omp parallel for schedule(dynamic, 4) if (parallel)
+#pragma omp parallel for schedule(dynamic, 4) if (parallel) reduction(| : bad)
         for (int64_t b = 0; b < blocks; b++) {
-            row_block(ops, w, xin, xsum, unscale, m, b, out);
+            bad |= !row_block(ops, w, xin, xsum, unscale, m, b, out);
         }
     }
     free(xsum);
     free(xp);
-    return OFFQ_OK;
+    return bad ? OFFQ_ERR_NONFINITE : OFFQ_OK;
 }
 
 /* Many rows: panels of at most WQ_PANEL_FLOATS dequantized weights, each multiplied by sgemm.
@@ -226,6 +248,9 @@ static offq_status panels(const float *x, int64_t m, const offq_wq_operand *w, f
                           const offq_wq_ops *ops)
 {
     const int64_t n = w->n, k = w->k;
+    if (!rows_finite(w, 0, n)) { /* next to the sgemm, one pass over them is nothing */
+        return OFFQ_ERR_NONFINITE;
+    }
     const int team = omp_get_max_threads();
     const int own = team > 1 && scipy_openblas_get_num_threads() == 1 && n > 16;
     const int nbuf = own ? team : 1;

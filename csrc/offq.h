@@ -186,7 +186,9 @@ void offq_unpack_wq(const uint8_t *packed, int64_t rows, int64_t k, int bits, ui
  * inputs and the codes, out = sum_g scale * dot_g - sum_g scale * zero * (sum of the group's
  * inputs). Many rows: panels of weight rows dequantized to float32 (exactly the values of
  * w_hat) and multiplied by sgemm. kernel: OFFQ_KERNEL_AUTO, _GENERIC or _AVX2; OFFQ_ERR_UNSUPPORTED
- * when it is not usable here, OFFQ_ERR_NOMEM. */
+ * when it is not usable here, OFFQ_ERR_NOMEM; OFFQ_ERR_NONFINITE when a scale or zero point is NaN
+ * or Inf (out then unspecified: the few-rows path checks each block's as it reads them, so that
+ * a decode product does not read them twice). */
 #define OFFQ_WQ_SMALL_M 32
 offq_status offq_matmul_wq(const float *x, int64_t m, const offq_wq_operand *w, float *out,
                            offq_kernel kernel);

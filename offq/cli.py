@@ -89,6 +89,9 @@ _HELP = {
     "osaq_tail": "how OSAQ finds the Hessian tail: exact (tridiagonal reduction), subspace "
                  "(inverse subspace iteration, the same budget without the reduction), auto "
                  "(subspace from input width 4096 up)",
+    "lm_head_bits": "16: the LM head stays float32 (the paper's); 8: int8 codes with one scale "
+                    "per group of 128 inputs; 4: 4-bit asymmetric codes per group of 128 inputs, "
+                    "run packed by the weight-only kernel (half the int8 head's bytes per token)",
     "calib_samples": "calibration sequences",
     "calib_seqlen": "tokens per calibration sequence",
     "calib_activations": "float: the calibration batch crosses the quantized layers with float "

@@ -72,7 +72,7 @@ class QuantConfig:
     w_bits: int = 4
     a_bits: int = 4
     kv_bits: int = 4
-    lm_head_bits: int = 16  # 8: the LM head stored int8 with group scales (offq.quant.lm_head)
+    lm_head_bits: int = 16  # 8 / 4: the LM head stored in 8 or 4 bits (offq.quant.lm_head)
     # --- weights ---
     w_quantizer: str | None = None  # None: "rtn" for method rtn, else "gptq"
     w_group_size: int = -1  # -1 = one group per output channel
@@ -184,8 +184,9 @@ class QuantConfig:
                      "pca_pooled", "sorted_grouping", "r3", "r4", "gptq_act_order",
                      "gptq_static_groups"):
             flag(name)
-        if self.lm_head_bits not in (8, OFF) or isinstance(self.lm_head_bits, bool):
-            raise ValueError(f"lm_head_bits: expected 8 or 16 (float32), got {self.lm_head_bits!r}")
+        if self.lm_head_bits not in (4, 8, OFF) or isinstance(self.lm_head_bits, bool):
+            raise ValueError(f"lm_head_bits: expected 4, 8 or 16 (float32), got "
+                             f"{self.lm_head_bits!r}")
         if not (isinstance(self.a_clip, (int, float)) and 0 < self.a_clip <= 1):
             raise ValueError(f"a_clip: expected a ratio in (0, 1], got {self.a_clip!r}")
         for name in ("calib_samples", "calib_seqlen", "gptq_block_size", "osaq_iters"):

@@ -190,15 +190,18 @@ def test_dequantize_and_matmul_wq_refuse_a_non_finite_grid():
         _C.matmul_wq(x, packed, good, bad, 4, 128)
 
 
-@pytest.mark.parametrize("flat", [0, 4095, 4096, 8191, 8192, 130 * 64 - 1])
+@pytest.mark.parametrize("m", [1, 3, 40])
+@pytest.mark.parametrize("flat", [0, 1023, 1024, 4095, 4096, 8191, 8192, 130 * 64 - 1])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, "payload-nan"])
-def test_the_finiteness_check_sees_every_block(flat: int, value):
-    """The binding scans scales and zero points in blocks of 4096 values: a non-finite value at
-    either edge of a block, or in the short last one, is still refused, and the extremes of the
-    finite range (largest, smallest subnormal, -0) are not."""
-    n, k, group = 130, 8192, 128  # 130 x 64 = 8320 scales: two whole blocks and a short one
+def test_the_finiteness_check_sees_every_block(m: int, flat: int, value):
+    """matmul_wq checks scales and zero points as its blocks read them (16 weight rows a block at
+    M = 1 and 3, one pass before the panels at M = 40), and the binding then names the array in
+    blocks of 4096 values: a non-finite value at either edge of a block, or in the short last
+    one, is refused, and the extremes of the finite range (largest, smallest subnormal, -0) are
+    not."""
+    n, k, group = 130, 8192, 128  # 130 x 64 = 8320 scales: blocks of 16 x 64, of 4096, short ones
     packed = _C.pack_wq(np.zeros((n, k), np.uint8), 4)
-    x = np.ones((1, k), np.float32)
+    x = np.ones((m, k), np.float32)
     extremes = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max,
                          np.finfo(np.float32).smallest_subnormal, -0.0], np.float32)
     good = np.resize(extremes, (n, k // group)).astype(np.float32)

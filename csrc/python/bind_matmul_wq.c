@@ -149,9 +149,6 @@ static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
                          (long long)PyArray_DIM(pz[i], 1));
             return NULL;
         }
-        if (offq_all_finite(pz[i], pn[i]) < 0) { /* x may carry NaN: it propagates, as in sgemm */
-            return NULL;
-        }
     }
     const offq_named_array inputs[] = {{x, "x"}, {p, "packed"}, {sc, "scale"}, {zr, "zero"}};
     PyArrayObject *out = offq_output_f32_2d(oo, m, n, inputs, 4);
@@ -171,6 +168,19 @@ static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
     Py_BEGIN_ALLOW_THREADS;
     st = offq_matmul_wq((const float *)PyArray_DATA(x), m, &w, (float *)PyArray_DATA(out), kernel);
     Py_END_ALLOW_THREADS;
+    if (st == OFFQ_ERR_NONFINITE) {
+        /* a NaN or Inf scale or zero point (x may carry them: they propagate, as in sgemm); the
+         * kernel checks them as it reads them, and only this slow path finds which */
+        Py_DECREF(out);
+        for (int i = 0; i < 2; i++) {
+            if (offq_all_finite(pz[i], pn[i]) < 0) {
+                return NULL;
+            }
+        }
+        PyErr_SetString(PyExc_RuntimeError, "matmul_wq: the kernel reported a non-finite scale or "
+                        "zero point that a second reading did not find");
+        return NULL;
+    }
     if (offq_py_status(st, (offq_errctx){.arg = "x", .kernel = kname}) < 0) {
         Py_DECREF(out);
         return NULL;

@@ -148,13 +148,11 @@ def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tup
         for i in range(model_config.num_hidden_layers):
             out[arch.key_offset(i)] = (shape, "F32")
     v, d = model_config.vocab_size, model_config.hidden_size
-    if cfg.lm_head_bits == 8:  # offq.quant.lm_head: int8 codes + one scale per group
-        from ..quant.lm_head import lm_head_group, lm_head_names
+    if cfg.lm_head_bits in (4, 8):  # offq.quant.lm_head: codes + the grid of each group
+        from ..quant.lm_head import lm_head_tensor_specs
 
         out.pop(arch.lm_head[0], None)
-        qname, sname = lm_head_names(arch.lm_head[0])
-        out[qname] = ((v, d), "I8")
-        out[sname] = ((v, d // lm_head_group(d)), "F32")
+        out.update(lm_head_tensor_specs(arch.lm_head[0], cfg.lm_head_bits, v, d))
     else:
         out.setdefault(arch.lm_head[0], ((v, d), "F32"))
     return out
@@ -188,6 +186,9 @@ def _check_expected(tensors: Mapping[str, np.ndarray],
         raise ValueError(f"{source}: unexpected tensor(s) {', '.join(map(repr, unknown[:3]))}{more}: "
                          f"not part of a {model_config.architecture} model with "
                          f"{cfg.w_bits}-bit weights")
+    from ..quant.lm_head import lm_head_names
+
+    head = lm_head_names(architecture_of(model_config).lm_head[0])  # its own code width
     for name, (shape, dt) in expected.items():
         if name not in tensors:
             raise ValueError(f"{source}: missing tensor {name!r} ({cfg.w_bits}-bit weights)")
@@ -197,7 +198,7 @@ def _check_expected(tensors: Mapping[str, np.ndarray],
                              f"{dt} {list(shape)}")
         if name.endswith((".scales", ".zeros", ".k_cache_offset")) and not np.all(np.isfinite(a)):
             raise ValueError(f"{source}: tensor {name!r} contains NaN or Inf")
-        if name.endswith(".qweight") and cfg.w_bits in (2, 3) and a.size and \
-                int(a.max()) >= 1 << cfg.w_bits:  # one code a byte: every byte must be a code
+        if name.endswith(".qweight") and cfg.w_bits in (2, 3) and name not in head and \
+                a.size and int(a.max()) >= 1 << cfg.w_bits:  # one code a byte: each is a code
             raise ValueError(f"{source}: tensor {name!r} holds code {int(a.max())}, outside "
                              f"[0, {(1 << cfg.w_bits) - 1}] for {cfg.w_bits}-bit weights")

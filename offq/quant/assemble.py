@@ -147,12 +147,10 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     arch = architecture_of(model_config)
     embed = np.asarray(tensors[arch.embed[0]], dtype=np.float32)
-    from .lm_head import Int8Linear, lm_head_names
+    from .lm_head import lm_head_from_tensors
 
-    qname, sname = lm_head_names(arch.lm_head[0])
-    if qname in tensors:  # lm_head_bits = 8
-        lm_head: Any = Int8Linear(tensors[qname], tensors[sname])
-    else:
+    lm_head: Any = lm_head_from_tensors(tensors, arch.lm_head[0], model_config.hidden_size)
+    if lm_head is None:  # the float32 head
         head = tensors[arch.lm_head[0]] if arch.lm_head[0] in tensors else embed
         lm_head = DenseLinear(np.asarray(head, np.float32))
     model = Model(model_config, embed_tokens=embed,

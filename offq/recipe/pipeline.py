@@ -237,15 +237,15 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
             stored = w = linears = layer = done = None
         timings.update(calibrate=t_calib, quantize=t_quant)
 
-        # 4. save: the fused, rotated global tensors (the LM head in 8 bits when asked: after R1
-        # and the final norm are fused into it)
+        # 4. save: the fused, rotated global tensors (the LM head in 8 or 4 bits when asked:
+        # after R1 and the final norm are fused into it)
         del h
         t = time.perf_counter()
         glob = global_tensors(ckpt, arch, r1)
-        if config.lm_head_bits == 8:
+        if config.lm_head_bits in (4, 8):
             from ..quant.lm_head import store_lm_head
 
-            store_lm_head(glob, arch.lm_head[0])
+            store_lm_head(glob, arch.lm_head[0], config.lm_head_bits)
         tensors = store.finish(glob, mc, config, rot_meta, getattr(ckpt, "tokenizer", None),
                                calibration=calib_record, reports=reports)
         timings["write"] = time.perf_counter() - t
