@@ -96,9 +96,9 @@ def main() -> int:
         for name, fn in heads.items():
             nll[name] += window_nll(fn, hn[:-1], ids[1:])
         count += len(ids) - 1
-    print(f"{'head':45s} {'perplexity':>12s}   ({time.perf_counter() - t0:.0f} s)")
+    print(f"{'head':52s} {'perplexity':>12s}   ({time.perf_counter() - t0:.0f} s)")
     for name, total in nll.items():
-        print(f"{name:45s} {np.exp(total / count):12.4f}")
+        print(f"{name:52s} {np.exp(total / count):12.4f}")
     return 0
 
 
