@@ -9,7 +9,7 @@ from offq.quant.assemble import load_quantized
 from offq.quant.linears import PackedWeightLinear
 from offq.quant.lm_head import lm_head_group, lm_head_names, quantize_lm_head4
 from offq.recipe import pipeline
-from tiny_models import calibration, tiny_checkpoint, token_ids
+from tiny_models import calibration, head_bits_checkpoint, tiny_checkpoint, token_ids
 
 
 def minmax_error(w: np.ndarray, group: int) -> np.ndarray:
@@ -51,12 +51,7 @@ def test_4bit_lm_head_checkpoint(tmp_path):
     """--lm-head-bits 4: stored as packed codes + scales + zero points, reloaded packed
     (PackedWeightLinear, ~1/7 of the float head's bytes); logits = the dequantized head's
     product, decoder layers unchanged, close to the float head's logits."""
-    ckpt = tiny_checkpoint(1, arch="llama")  # tied embeddings: the head gets its own copy
-    calib = calibration(ckpt, 4, 32, 1)
-    fp_head = pipeline.quantize(ckpt, QuantConfig(method="offq"), calib, progress=False)
-    pipeline.quantize(ckpt, QuantConfig(method="offq", lm_head_bits=4), calib,
-                      out_dir=tmp_path, progress=False)
-    model, _, cfg = load_quantized(tmp_path, mode="real")
+    ckpt, fp_head, model, cfg = head_bits_checkpoint(tmp_path, 4)
     assert cfg.lm_head_bits == 4 and "head:int4" in cfg.describe()
     head = model.lm_head
     assert isinstance(head, PackedWeightLinear) and (head.bits, head.group) == (4, lm_head_group(64))

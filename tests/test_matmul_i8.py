@@ -5,10 +5,8 @@ import pytest
 
 from offq.config import QuantConfig
 from offq.kernels.matmul_i8 import matmul_i8, quantize_i8
-from offq.quant.assemble import load_quantized
 from offq.quant.lm_head import Int8Linear, lm_head_group
-from offq.recipe import pipeline
-from tiny_models import calibration, tiny_checkpoint, token_ids
+from tiny_models import head_bits_checkpoint, token_ids
 
 
 def round_x(x, group):
@@ -158,12 +156,7 @@ def test_out_must_not_share_memory_with_an_input():
 def test_int8_lm_head_checkpoint(tmp_path):
     """--lm-head-bits 8: stored int8 + scales, loaded as Int8Linear; logits close to the float
     head's (the quantization error of 8-bit symmetric groups), decoder layers unchanged."""
-    ckpt = tiny_checkpoint(1, arch="llama")  # tied embeddings: the head gets its own copy
-    calib = calibration(ckpt, 4, 32, 1)
-    fp_head = pipeline.quantize(ckpt, QuantConfig(method="offq"), calib, progress=False)
-    pipeline.quantize(ckpt, QuantConfig(method="offq", lm_head_bits=8), calib,
-                      out_dir=tmp_path, progress=False)
-    model, _, cfg = load_quantized(tmp_path, mode="real")
+    ckpt, fp_head, model, cfg = head_bits_checkpoint(tmp_path, 8)
     assert cfg.lm_head_bits == 8 and "head:int8" in cfg.describe()
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.group == lm_head_group(64)
     ref = fp_head.model("real")

@@ -76,6 +76,23 @@ def calibration(ckpt, n=8, t=48, seed=1):
     return token_ids(ckpt.config.vocab_size, n, t, seed)
 
 
+def head_bits_checkpoint(directory, lm_head_bits):
+    """A tiny llama (tied embeddings: offq gives the head its own copy) quantized with OffQ twice:
+    with the float32 head (returned as a QuantizeResult) and with ``lm_head_bits``, written to
+    ``directory`` and loaded back -> (ckpt, float-head result, loaded model, its QuantConfig)."""
+    from offq.config import QuantConfig
+    from offq.quant.assemble import load_quantized
+    from offq.recipe import pipeline
+
+    ckpt = tiny_checkpoint(1, arch="llama")
+    calib = calibration(ckpt, 4, 32, 1)
+    fp_head = pipeline.quantize(ckpt, QuantConfig(method="offq"), calib, progress=False)
+    pipeline.quantize(ckpt, QuantConfig(method="offq", lm_head_bits=lm_head_bits), calib,
+                      out_dir=directory, progress=False)
+    model, _, cfg = load_quantized(directory, mode="real")
+    return ckpt, fp_head, model, cfg
+
+
 def with_source_id(ckpt):
     """Give an in-memory tiny checkpoint a ``source_id()`` over its tensor values (what a real
     ``Checkpoint.source_id`` hashes from its files), computed when called, so that editing a
