@@ -117,6 +117,11 @@ def test_refuses_what_the_format_cannot_express(tiny, tmp_path):
     with pytest.raises(GptqExportError, match="online rotations"):
         export_gptq(rotated, tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    for head_bits in (8, 4):  # its codes would otherwise be copied as if they were floats
+        quantized_head = quantized_dir(tiny, tmp_path, lm_head_bits=head_bits)
+        with pytest.raises(GptqExportError, match=f"LM head is stored in {head_bits} bits"):
+            export_gptq(quantized_head, tmp_path / "h")
+        assert not (tmp_path / "h").exists()
     w2 = quantized_dir(tiny, tmp_path, w_bits=2, w_group_size=16, w_symmetric=False)
     with pytest.raises(GptqExportError, match="zero-point outside.*gptq_v2"):
         export_gptq(w2, tmp_path / "z")  # zero-point 0 in some groups: v1 stores zero - 1

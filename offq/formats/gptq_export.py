@@ -26,7 +26,8 @@ groups contiguous in the original column order even with act-order (static group
 
 What the format cannot express is refused with the reason: quantized activations or KV cache
 (they are quantized at run time by offq's kernels; a GPTQ loader runs float activations), online
-rotations (R3/R4 run inside offq's forward), unquantized weights, a zero-point outside
+rotations (R3/R4 run inside offq's forward), unquantized weights, a quantized LM head
+(``--lm-head-bits``: loaders read a float one), a zero-point outside
 ``[1, 2^bits]`` (``checkpoint_format gptq_v2`` stores the zero-point itself, range
 ``[0, 2^bits - 1]``; GPTQModel reads it), or a dimension whose packed size is not a whole number of 32-bit words.
 """
@@ -155,6 +156,11 @@ def check_exportable(qcfg: Any, block: dict[str, Any]) -> None:
             "offq's kernels; the GPTQ format is weight-only (its loaders run float activations), "
             "so the export would silently change the model. Quantize with --a-bits 16 "
             "--kv-bits 16")
+    if qcfg.lm_head_bits != 16:
+        raise GptqExportError(
+            f"the LM head is stored in {qcfg.lm_head_bits} bits (--lm-head-bits), which GPTQ "
+            "loaders do not read (they expect a float lm_head.weight). Quantize without "
+            "--lm-head-bits")
     online = {k: v for k, v in (block.get("online") or {}).items() if v}
     if online:
         raise GptqExportError(
