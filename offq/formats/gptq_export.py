@@ -159,7 +159,7 @@ def check_exportable(qcfg: Any, block: dict[str, Any]) -> None:
     if qcfg.lm_head_bits != 16:
         raise GptqExportError(
             f"the LM head is stored in {qcfg.lm_head_bits} bits (--lm-head-bits), which GPTQ "
-            "loaders do not read (they expect a float lm_head.weight). Quantize without "
+            "loaders do not read (they expect a float head weight). Quantize without "
             "--lm-head-bits")
     online = {k: v for k, v in (block.get("online") or {}).items() if v}
     if online:
