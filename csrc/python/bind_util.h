@@ -83,19 +83,19 @@ static inline void offq_value_error_got(const char *msg, double v)
      OFFQ_VARIANT(OFFQ_KERNEL_AVX512))
 
 /* ValueError naming `name` when the float32 array holds NaN or Inf (checked before a kernel
- * writes anything, so that a bad table or scale is not reported later as a bad output). The test
- * reads the exponent bits in branch-free blocks, which the compiler vectorises (an early-exit
- * isfinite() loop over a 4096 x 4096 W4 g128 weight's scales and zero points, 2 x 128K floats,
- * took 15% of matmul_wq's decode product, which now checks them in its kernel). */
+ * writes anything, so that a bad table or scale is not reported later as a bad output). Blocks of
+ * branch-free isfinite() tests, which the compiler vectorises (an early-exit loop over a 4096 x
+ * 4096 W4 g128 weight's scales and zero points, 2 x 128K floats, took 15% of matmul_wq's decode
+ * product, which now checks them in its kernel). */
 static inline int offq_all_finite(PyArrayObject *a, const char *name)
 {
-    const uint32_t *v = (const uint32_t *)PyArray_DATA(a);
+    const float *v = (const float *)PyArray_DATA(a);
     const npy_intp n = PyArray_SIZE(a);
     for (npy_intp i0 = 0; i0 < n; i0 += 4096) {
         const npy_intp i1 = n - i0 < 4096 ? n : i0 + 4096;
-        uint32_t bad = 0;
+        int bad = 0;
         for (npy_intp i = i0; i < i1; i++) {
-            bad |= (v[i] & 0x7f800000u) == 0x7f800000u; /* exponent all ones: Inf or NaN */
+            bad |= !isfinite(v[i]);
         }
         if (bad) {
             PyErr_Format(PyExc_ValueError, "%s: contains NaN or Inf (needs finite values)", name);
