@@ -163,8 +163,10 @@ class Architecture:
                     return s.name, kind
         return None
 
-    def quantized_names(self, weight_name: str) -> tuple[str, str, str]:
-        """The stored names (codes, scales, zeros) of a quantized linear weight."""
+    @staticmethod
+    def quantized_names(weight_name: str) -> tuple[str, str, str]:
+        """The stored names (codes, scales, zeros) of a quantized weight (a linear's, or the LM
+        head's: offq.quant.lm_head)."""
         base = weight_name[: -len(".weight")]
         return base + ".qweight", base + ".scales", base + ".zeros"
 

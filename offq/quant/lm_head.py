@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import largest_pow2_divisor_at_most
 from ..kernels.matmul_i8 import matmul_i8, quantize_i8
+from ..model.arch import Architecture
 from .grid import group_params, quantize_codes
 from .weight import QuantizedWeight
 
@@ -31,11 +32,10 @@ _ROWS_PER_STEP = 8192
 
 
 def lm_head_names(head: str) -> tuple[str, str, str]:
-    """The stored names of a quantized head ``<prefix>.weight``: ``<prefix>.qweight`` (int8
-    codes, or 4-bit codes two a byte), ``<prefix>.scales`` and ``<prefix>.zeros`` (4 bits only),
-    float32."""
-    prefix = head[:-len(".weight")] if head.endswith(".weight") else head
-    return prefix + ".qweight", prefix + ".scales", prefix + ".zeros"
+    """The stored names of a quantized head ``<prefix>.weight``: codes (int8, or 4-bit two a
+    byte), scales and zero points (4 bits only), as every quantized weight's
+    (:meth:`offq.model.arch.Architecture.quantized_names`)."""
+    return Architecture.quantized_names(head)
 
 
 def lm_head_group(hidden_size: int) -> int:
@@ -45,9 +45,7 @@ def lm_head_group(hidden_size: int) -> int:
 
 def lm_head_tensor_specs(head: str, bits: int, vocab: int, hidden: int
                          ) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, safetensors dtype) of the stored head at ``bits`` (4, 8 or 16)."""
-    if bits == 16:
-        return {head: ((vocab, hidden), "F32")}
+    """name -> (shape, safetensors dtype) of the head stored at ``bits`` (4 or 8)."""
     qname, sname, zname = lm_head_names(head)
     groups = hidden // lm_head_group(hidden)
     if bits == 8:
@@ -55,7 +53,7 @@ def lm_head_tensor_specs(head: str, bits: int, vocab: int, hidden: int
     if bits == 4:
         return {qname: ((vocab, (hidden + 1) // 2), "U8"), sname: ((vocab, groups), "F32"),
                 zname: ((vocab, groups), "F32")}
-    raise ValueError(f"bits: expected 4, 8 or 16, got {bits!r}")
+    raise ValueError(f"bits: expected 4 or 8, got {bits!r}")
 
 
 def store_lm_head(glob: dict, head: str, bits: int = 8) -> None:
