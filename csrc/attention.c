@@ -11,6 +11,7 @@
  * order whatever the block, so a token gets the same numbers in prefill and in decode.
  */
 #include <math.h>
+#include <stdlib.h>
 
 #include "kernels.h"
 
@@ -72,4 +73,49 @@ void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, co
             out[t][i] = out[t][i] / den;
         }
     }
+}
+
+offq_status offq_attention_kv4(const float *q, int64_t nq, int64_t hd, int64_t group,
+                               const uint8_t *codes, const float *scale, const float *zero,
+                               int64_t npos, const int64_t *n, int int8, float *out,
+                               offq_kernel kernel)
+{
+    const int generic = kernel == OFFQ_KERNEL_GENERIC;
+    const int64_t ng = hd / group;
+    int64_t nmax = 0;
+    for (int64_t t = 0; t < nq; t++) {
+        nmax = n[t] > nmax ? n[t] : nmax;
+    }
+    float *s = malloc(sizeof(float) * (size_t)(nq * (nmax + 1)));
+    float *tile = malloc(sizeof(float) * (size_t)OFFQ_ATTN_ROW_FLOATS(hd));
+    void *qwork = malloc((size_t)OFFQ_ATTN_I8_QBYTES(nq, hd, ng, nmax));
+    float **rows = malloc(sizeof(float *) * (size_t)nq);
+    offq_status st = OFFQ_ERR_NOMEM;
+    if (s != NULL && tile != NULL && qwork != NULL && rows != NULL) {
+        for (int64_t t = 0; t < nq; t++) {
+            rows[t] = out + t * hd;
+        }
+        const offq_attn_args a = {.kc = codes,
+                                  .vc = codes + hd / 2,
+                                  .ks = scale,
+                                  .kz = zero,
+                                  .vs = scale + ng,
+                                  .vz = zero + ng,
+                                  .cstride = hd,
+                                  .pstride = 2 * ng,
+                                  .hd = hd,
+                                  .group = group};
+        if (int8) {
+            (generic ? offq_attend_i8_generic : offq_dispatch.attend_i8)(&a, nq, q, n, s, rows,
+                                                                          tile, qwork);
+        } else {
+            (generic ? offq_attend_generic : offq_dispatch.attend)(&a, nq, q, n, s, rows, tile);
+        }
+        st = OFFQ_OK;
+    }
+    free(s);
+    free(tile);
+    free(qwork);
+    free(rows);
+    return st;
 }

@@ -81,6 +81,7 @@ offq_dispatch_table offq_dispatch = {
     .mix_f32 = offq_mix_f32_generic,
     .mix_f64 = offq_mix_f64_generic,
     .attend = offq_attend_generic,
+    .attend_i8 = offq_attend_i8_generic,
     .attend_f32 = offq_attend_f32_generic,
     .swiglu = offq_swiglu_generic,
     .residual_norm_row = offq_residual_norm_row_generic,
@@ -189,6 +190,7 @@ void offq_cpu_init(void)
         offq_dispatch.mix_f32 = offq_mix_f32_avx2;
         offq_dispatch.mix_f64 = offq_mix_f64_avx2;
         offq_dispatch.attend = offq_attend_avx2;
+        offq_dispatch.attend_i8 = offq_attend_i8_avx2;
         offq_dispatch.attend_f32 = offq_attend_f32_avx2;
         offq_dispatch.swiglu = offq_swiglu_avx2;
         offq_dispatch.residual_norm_row = offq_residual_norm_row_avx2;
@@ -215,6 +217,7 @@ void offq_cpu_init(void)
     }
     if (g_avx512_vnni) {
         offq_dispatch.matmul[OFFQ_KERNEL_VNNI] = &mm_avx512vnni;
+        offq_dispatch.attend_i8 = offq_attend_i8_avx512vnni;
         offq_dispatch.matmul_best = OFFQ_KERNEL_VNNI;
     }
 #endif

@@ -117,6 +117,7 @@ typedef struct {
     float *tmp;     /* fwht scratch */
     float *q;       /* [ATT_ROWS * rep][head_dim] scaled queries */
     float *row;     /* [OFFQ_ATTN_ROW_FLOATS(head_dim)] decoded cache rows */
+    void *qwork;    /* OFFQ_ATTN_I8_QBYTES: the 8-bit attention's queries and value scales */
     int64_t *n;     /* [ATT_ROWS * rep] positions each query sees */
     float **out;    /* [ATT_ROWS * rep] where each query's output goes */
     offq_mm_workspace ws; /* a packed weight tile (GEMM) */
@@ -335,7 +336,7 @@ static offq_status kv_store(const offq_dec_model *md, const offq_dec_cache *cach
 static void attend(const offq_dec_model *md, const offq_dec_cache *cache, int64_t layer,
                    int64_t start, int64_t r0, int64_t r1, int64_t h0, int64_t h1,
                    const float *qkv, int64_t qkv_n, float *x, const thread_bufs *tb,
-                   offq_attend_fn kernel)
+                   offq_attend_fn kernel, offq_attend_i8_fn kernel_i8)
 {
     const int64_t hd = md->head_dim, H = md->heads, Hkv = md->kv_heads, ng = hd / md->kv_group;
     const int64_t g = h0 / (H / Hkv);
@@ -363,7 +364,11 @@ static void attend(const offq_dec_model *md, const offq_dec_cache *cache, int64_
                               .pstride = 2 * Hkv * ng,
                               .hd = hd,
                               .group = md->kv_group};
-    kernel(&a, nq, tb->q, tb->n, tb->scores, tb->out, tb->row);
+    if (kernel_i8 != NULL) {
+        kernel_i8(&a, nq, tb->q, tb->n, tb->scores, tb->out, tb->row, tb->qwork);
+    } else {
+        kernel(&a, nq, tb->q, tb->n, tb->scores, tb->out, tb->row);
+    }
 }
 
 /* ---- scratch -------------------------------------------------------------------------------- */
@@ -416,10 +421,19 @@ static int64_t workspace_bytes(const step_dims *s)
            align64(16 * s->max_k) + align64(s->max_k) + align64(16 * s->max_nb * 4);
 }
 
+/* The 8-bit attention's query work (OFFQ_ATTN_I8_QBYTES), its value scales sized with sz_mul. */
+static int64_t qwork_bytes(const offq_dec_model *m, int64_t nq, int64_t positions)
+{
+    const int64_t ng = m->head_dim / m->kv_group;
+    return sz_add(align64(OFFQ_ATTN_I8_QBYTES(nq, m->head_dim, ng, 0)),
+                  align64(sz_mul(ng * 4, positions)));
+}
+
 static int64_t thread_bytes(const offq_dec_model *m, const step_dims *s, int64_t positions)
 {
     const int64_t nq = ATT_ROWS * (m->heads / m->kv_heads);
     int64_t b = sz_add(align64(MS * s->max_k), align64(sz_mul(sz_mul(nq, 4), sz_add(positions, 1))));
+    b = sz_add(b, qwork_bytes(m, nq, positions));
     return sz_add(b, align64(s->tmp_len * 4) + align64(nq * m->head_dim * 4) +
                          align64(OFFQ_ATTN_ROW_FLOATS(m->head_dim) * 4) + align64(nq * 8) +
                          align64(nq * (int64_t)sizeof(float *)) + workspace_bytes(s));
@@ -436,7 +450,8 @@ int64_t offq_dec_scratch_bytes(const offq_dec_model *m, int64_t rows, int64_t po
 
 offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, int64_t start,
                              const float *cos, const float *sin, const offq_dec_cache *cache,
-                             void *scratch, int64_t scratch_bytes, offq_kernel kernel)
+                             void *scratch, int64_t scratch_bytes, offq_kernel kernel,
+                             int attention_int8)
 {
     if (kernel == OFFQ_KERNEL_AUTO) {
         kernel = offq_dispatch.matmul_best;
@@ -451,6 +466,10 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
     /* a forced generic variant runs the generic attention too (the reference end to end) */
     const offq_attend_fn attend_fn =
         kernel == OFFQ_KERNEL_GENERIC ? offq_attend_generic : offq_dispatch.attend;
+    const offq_attend_i8_fn attend_i8_fn =
+        !attention_int8 ? NULL
+                        : (kernel == OFFQ_KERNEL_GENERIC ? offq_attend_i8_generic
+                                                         : offq_dispatch.attend_i8);
     const offq_swiglu_fn swiglu_fn =
         kernel == OFFQ_KERNEL_GENERIC ? offq_swiglu_generic : offq_dispatch.swiglu;
     offq_fwht_row_plan r3, r4;
@@ -511,6 +530,8 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
         mine += align64(ATT_ROWS * rep * hd * 4);
         tb.row = (float *)mine;
         mine += align64(OFFQ_ATTN_ROW_FLOATS(hd) * 4);
+        tb.qwork = mine;
+        mine += qwork_bytes(md, ATT_ROWS * rep, positions);
         tb.n = (int64_t *)mine;
         mine += align64(ATT_ROWS * rep * 8);
         tb.out = (float **)mine;
@@ -595,12 +616,13 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                     const int64_t h1 = h0 + per_block < hg ? h0 + per_block : hg;
                     if (h0 < h1) { /* the last block may be empty (rep 5 in blocks of 2) */
                         attend(md, cache, li, start, r, r + 1, h0, h1, sb.y, qkv_n, sb.x, &tb,
-                               attend_fn);
+                               attend_fn, attend_i8_fn);
                     }
                 } else {
                     const int64_t r0 = lo / Hkv * ATT_ROWS, g = lo % Hkv;
                     attend(md, cache, li, start, r0, r0 + ATT_ROWS < rows ? r0 + ATT_ROWS : rows,
-                           g * rep, (g + 1) * rep, sb.y, qkv_n, sb.x, &tb, attend_fn);
+                           g * rep, (g + 1) * rep, sb.y, qkv_n, sb.x, &tb, attend_fn,
+                           attend_i8_fn);
                 }
                 finish(&work, 1);
             }

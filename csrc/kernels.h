@@ -449,6 +449,61 @@ void offq_attend_avx2(const offq_attn_args *a, int64_t nq, const float *q, const
 void offq_attend_avx512(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                         float *scores, float *const *out, float *row);
 
+/* ---- 8-bit attention over the packed KV cache (attention_i8.c): the opt-in integer variant ----
+ * The same arguments and outputs as offq_attend_fn, with integer dot products: each query is
+ * quantized to 8 bits per KV group (symmetric, 127 levels), its scores are exact int32 sums of
+ * q8 x (key code - zero); the softmax weights times the value scales are quantized to 8 bits per
+ * query and group (0..255) and the values summed exactly in int32 per tile of
+ * OFFQ_ATTN_TILE_ROWS rows (attention_i8.c states every step). Zero-points must be integers in
+ * [0, 15] (offq's KV grids: round(-lo / scale), or 8). qwork: OFFQ_ATTN_I8_QBYTES(nq, hd,
+ * hd / group, max n) bytes, 4-byte aligned; tile: OFFQ_ATTN_ROW_FLOATS(hd) floats. */
+#define OFFQ_ATTN_I8_QBYTES(nq, hd, ng, positions)                                                  \
+    (((nq) * (hd) + 63) / 64 * 64 + (nq) * (ng) * 16 + (ng) * (positions) * 4)
+typedef void (*offq_attend_i8_fn)(const offq_attn_args *a, int64_t nq, const float *q,
+                                  const int64_t *n, float *scores, float *const *out, float *tile,
+                                  void *qwork);
+void offq_attend_i8_generic(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                            float *scores, float *const *out, float *tile, void *qwork);
+void offq_attend_i8_avx2(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                         float *scores, float *const *out, float *tile, void *qwork);
+void offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float *q,
+                               const int64_t *n, float *scores, float *const *out, float *tile,
+                               void *qwork);
+/* The query side every variant shares, carved from qwork in this order: q8 [nq][hd] (rint(q /
+ * sq), sq = max |q| of the group / 127; all 0 where sq is 0), sq [nq][ng], qsum [nq][ng] (the
+ * sum of the group's q8); then, per query and group after the softmax, wmax = the largest
+ * e_j * vs_j, winv = 255 / wmax (0 when wmax is 0) and wstep = wmax / 255; vs [ng][positions]:
+ * the value scales of the cached rows, contiguous (offq_attn_i8_value_scales). */
+typedef struct {
+    int8_t *q8;
+    float *sq;
+    int32_t *qsum;
+    float *winv, *wstep, *vs;
+} offq_attn_i8_queries;
+offq_attn_i8_queries offq_attn_i8_quantize(const float *q, int64_t nq, int64_t hd, int64_t group,
+                                           void *qwork);
+/* Q->vs[gi * nmax + j] = the value scale of row j < nmax, group gi. */
+void offq_attn_i8_value_scales(const offq_attn_args *a, const offq_attn_i8_queries *Q,
+                               int64_t nmax);
+/* Query t's weights' grid in group gi from wmax, the largest e_j * vs_j of its rows. */
+static inline void offq_attn_i8_set_grid(const offq_attn_i8_queries *Q, int64_t at, float wmax)
+{
+    Q->winv[at] = wmax > 0.0f ? 255.0f / wmax : 0.0f;
+    Q->wstep[at] = wmax / 255.0f;
+}
+/* A zero-point as the int32 the 8-bit sums use: offq's grids store integers in [0, 15]; anything
+ * else (a cache not written by offq) is clamped there, NaN read as 0, so no input is undefined. */
+static inline int32_t offq_attn_i8_zero(float z)
+{
+    return (int32_t)(z >= 0.0f ? (z <= 15.0f ? z : 15.0f) : 0.0f);
+}
+/* The 8-bit weight of row j for a query (e_j * vs_j * winv, rounded, clamped to 0..255). */
+static inline uint8_t offq_attn_i8_weight(float e, float vs, float winv)
+{
+    const float w = rintf((e * vs) * winv);
+    return (uint8_t)(w >= 0.0f ? (w <= 255.0f ? w : 255.0f) : 0.0f); /* NaN (a corrupt cache): 0 */
+}
+
 /* ---- attention over a float32 KV cache (attention_f32.c), split over chunks of positions ----
  * nq queries q [nq][hd] (scaled by 1/sqrt(hd)), rep of them a KV head, over the n <=
  * OFFQ_ATTN_F32_CHUNK positions of a chunk: query t's K row j at k + j * stride + (t / rep) * hd,
@@ -609,6 +664,7 @@ typedef struct {
     offq_mix_f32_fn mix_f32;
     offq_mix_f64_fn mix_f64;
     offq_attend_fn attend;
+    offq_attend_i8_fn attend_i8;
     offq_attend_f32_fn attend_f32;
     offq_swiglu_fn swiglu;
     offq_residual_norm_row_fn residual_norm_row;

@@ -148,6 +148,18 @@ void offq_residual_rms_norm(float *h, const float *y, const float *w, int64_t ro
 offq_status offq_attention_f32(const float *q, int64_t nq, int64_t kv_heads, int64_t hd,
                                const float *kv, int64_t n, float *out, offq_kernel kernel);
 
+/* ---- attention over a packed 4-bit KV cache (attention.c, attention_i8.c) ----------------------
+ * The W4A4KV4 decoder step's attention for one KV head, exposed for tests: out[t] = softmax(q_t .
+ * K^T) V for nq queries q[nq][hd] (already scaled), query t over positions 0..n[t]-1 (1 <= n[t]
+ * <= npos) of codes [npos][2][hd / 2] (K then V; two codes a byte, the even one low) with scale
+ * and zero [npos][2][hd / group]. int8: the 8-bit variant (attention_i8.c; zero-points integers in
+ * [0, 15]) instead of the float one. `kernel`: OFFQ_KERNEL_GENERIC forces the references,
+ * anything else takes the dispatched variants. OFFQ_ERR_NOMEM. */
+offq_status offq_attention_kv4(const float *q, int64_t nq, int64_t hd, int64_t group,
+                               const uint8_t *codes, const float *scale, const float *zero,
+                               int64_t npos, const int64_t *n, int int8, float *out,
+                               offq_kernel kernel);
+
 /* ---- int8-weight matmul (matmul_i8.c) ---------------------------------------------------------
  * out[m][n] = x_hat[m][k] @ w_hat^T with w_hat[j][i] = scale[j][i / group] * w[j][i] (int8
  * weights, float32 scales per group of `group` inputs; group divides k): the 8-bit LM head.
@@ -246,10 +258,13 @@ int64_t offq_dec_scratch_bytes(const offq_dec_model *m, int64_t rows, int64_t po
  * [rows][head_dim / 2] of the positions. The cache gains positions start..start+rows-1
  * (start + rows <= cache->cap). OFFQ_ERR_NONFINITE / OFFQ_ERR_OVERFLOW from a quantizer (h is then
  * unspecified), OFFQ_ERR_UNSUPPORTED (a length without Hadamard, or a forced kernel not usable
- * here), OFFQ_ERR_NOMEM (scratch too small). */
+ * here), OFFQ_ERR_NOMEM (scratch too small). attention_int8: attention with 8-bit queries and
+ * weights and int32 sums (attention_i8.c, an opt-in that changes the numbers) instead of the
+ * float kernel (attention.c, the default). */
 offq_status offq_dec_forward(const offq_dec_model *m, float *h, int64_t rows, int64_t start,
                              const float *cos, const float *sin, const offq_dec_cache *cache,
-                             void *scratch, int64_t scratch_bytes, offq_kernel kernel);
+                             void *scratch, int64_t scratch_bytes, offq_kernel kernel,
+                             int attention_int8);
 
 /* ---- weight-only decoder step (decoder_wq.c) --------------------------------------------------
  * All decoder layers of a Llama-family model whose linears are packed 2-, 3- or 4-bit weights

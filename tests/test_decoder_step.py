@@ -95,6 +95,38 @@ def test_c_prefill_equals_c_decode_bit_for_bit(quantized, kernel):
     np.testing.assert_array_equal(chunks, prompt)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_attention_prefill_equals_decode_and_stays_near_float(quantized, kernel):
+    """The opt-in 8-bit attention (csrc/attention_i8.c) quantizes each query and each query's
+    softmax weights on their own, so a token still gets the same numbers in a prompt of 80 (two
+    64-row tiles), one step at a time and in chunks of 3. Its numbers are its own: these tiny
+    random models turn its attention error (tests/test_attention_kv4.py) and the 4-bit
+    activation codes it flips into hidden states 7% (head_dim 16) to 35% (64, 128) RMS away from
+    the float attention's, bounded loosely here; on a real model it costs +0.46% perplexity
+    (SmolLM2-135M, benchmarks/bench_int8_attention.py)."""
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 80, 11)
+    fd = FusedDecoder(real, kernel=kernel, prefill="c", attention="int8")
+    prompt = fd.run(real.embed(ids)[0], fd.new_cache())
+    cache = fd.new_cache()
+    steps = np.concatenate([fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(80)])
+    np.testing.assert_array_equal(steps, prompt)
+    cache = fd.new_cache()
+    chunks = np.concatenate([fd.run(real.embed(ids[:, t:t + 3])[0], cache)
+                             for t in range(0, 80, 3)])
+    np.testing.assert_array_equal(chunks, prompt)
+    ref = FusedDecoder(real, kernel=kernel, prefill="c").run(real.embed(ids)[0],
+                                                             fd.new_cache())
+    rms = np.sqrt(((prompt - ref) ** 2).mean() / (ref ** 2).mean())
+    assert 0 < rms < 0.5, rms
+
+
+def test_attention_mode_is_validated(quantized):
+    real = quantized.model("real")
+    with pytest.raises(ValueError, match="attention: expected one of"):
+        FusedDecoder(real, attention="int4")
+
+
 def test_auto_mode_runs_w4a4kv4_checkpoints_on_the_c_decoder(quantized, tmp_path, capsys):
     """`offq generate` defaults to mode "auto" (and `offq eval --mode auto` takes it): a W4A4KV4
     checkpoint runs on the fused C decoder, whose perplexity is the real path's bit for bit (its
@@ -313,6 +345,8 @@ def test_forward_rejects_read_only_cache_and_unknown_kernel(plan_args):
         decoder_forward(**kwargs, kernel="sse9")
     with pytest.raises(ValueError, match="kernel: decoder_forward has no 'avx512' variant"):
         decoder_forward(**kwargs, kernel="avx512")
+    with pytest.raises(ValueError, match="attention: expected 'float' or 'int8', got 'int4'"):
+        decoder_forward(**kwargs, attention="int4")
 
 
 def test_forward_rejects_buffers_that_share_memory(plan_args):

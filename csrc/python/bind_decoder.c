@@ -10,7 +10,8 @@
  *       where the CPU's small-M kernels read it, a copy of the weights in the decode layout.
  *   decoder_scratch_bytes(plan, rows, positions) -> int (for the current thread setting)
  *   decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch,
- *                   kernel="auto") -> None; h [rows, d] updated in place, the cache gains rows.
+ *                   kernel="auto", attention="float") -> None; h [rows, d] updated in place,
+ *                   the cache gains rows; attention="int8": the 8-bit attention (attention_i8.c)
  */
 #include "bind_plan.h"
 
@@ -333,13 +334,19 @@ static PyObject *py_decoder_scratch_bytes(PyObject *self, PyObject *args)
 static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"plan", "h", "start", "cos", "sin", "kv_codes", "kv_scale",
-                             "kv_zero", "scratch", "kernel", NULL};
+                             "kv_zero", "scratch", "kernel", "attention", NULL};
     PyObject *plan_o, *h_o, *start_o, *cos_o, *sin_o, *kc_o, *ks_o, *kz_o, *scr_o;
     PyObject *kobj = NULL;
-    const char *kname;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|O:decoder_forward", kwlist, &plan_o,
+    const char *kname, *attention = "float";
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|Os:decoder_forward", kwlist, &plan_o,
                                      &h_o, &start_o, &cos_o, &sin_o, &kc_o, &ks_o, &kz_o, &scr_o,
-                                     &kobj)) {
+                                     &kobj, &attention)) {
+        return NULL;
+    }
+    const int attention_int8 = strcmp(attention, "int8") == 0;
+    if (!attention_int8 && strcmp(attention, "float") != 0) {
+        PyErr_Format(PyExc_ValueError, "attention: expected 'float' or 'int8', got '%s'",
+                     attention);
         return NULL;
     }
     if (offq_kernel_name(kobj, &kname) < 0) {
@@ -419,7 +426,8 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     Py_BEGIN_ALLOW_THREADS;
     status = offq_dec_forward(m, (float *)PyArray_DATA(h), rows, (int64_t)start,
                               (const float *)PyArray_DATA(cs), (const float *)PyArray_DATA(sn),
-                              &cache, PyArray_DATA(scr), (int64_t)PyArray_DIM(scr, 0), kernel);
+                              &cache, PyArray_DATA(scr), (int64_t)PyArray_DIM(scr, 0), kernel,
+                              attention_int8);
     Py_END_ALLOW_THREADS;
     if (offq_py_status(status, (offq_errctx){.arg = "h", .kernel = kname}) < 0) {
         return NULL;
@@ -437,6 +445,7 @@ PyMethodDef offq_decoder_methods[] = {
     {"decoder_forward", (PyCFunction)(void (*)(void))py_decoder_forward,
      METH_VARARGS | METH_KEYWORDS,
      "decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch, "
-     "kernel='auto'): every decoder layer on h [rows, d] in place; the cache gains the rows."},
+     "kernel='auto', attention='float'): every decoder layer on h [rows, d] in place; the cache "
+     "gains the rows. attention='int8': 8-bit queries and softmax weights, int32 sums."},
     {NULL, NULL, 0, NULL},
 };

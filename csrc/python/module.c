@@ -124,6 +124,7 @@ extern PyMethodDef offq_gptq_methods[];
 extern PyMethodDef offq_matmul_wq_methods[];
 extern PyMethodDef offq_gguf_methods[];
 extern PyMethodDef offq_attention_f32_methods[];
+extern PyMethodDef offq_attention_kv4_methods[];
 extern PyMethodDef offq_norm_methods[];
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
@@ -188,6 +189,7 @@ static int module_exec(PyObject *m)
         PyModule_AddFunctions(m, offq_matmul_wq_methods) < 0 ||
         PyModule_AddFunctions(m, offq_gguf_methods) < 0 ||
         PyModule_AddFunctions(m, offq_attention_f32_methods) < 0 ||
+        PyModule_AddFunctions(m, offq_attention_kv4_methods) < 0 ||
         PyModule_AddFunctions(m, offq_norm_methods) < 0) {
         return -1;
     }

@@ -52,7 +52,8 @@ def decoder_scratch_bytes(plan: Any, rows: int, positions: int) -> int:
 
 def decoder_forward(plan: Any, h: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray,
                     kv_codes: np.ndarray, kv_scale: np.ndarray, kv_zero: np.ndarray,
-                    scratch: np.ndarray, *, kernel: str = "auto") -> None:
+                    scratch: np.ndarray, *, kernel: str = "auto",
+                    attention: str = "float") -> None:
     """Run every layer on ``h`` (float32 ``[rows, d]``, positions ``start..``) in place.
 
     ``cos, sin``: float32 ``[rows, head_dim / 2]`` RoPE tables of the positions. The cache arrays
@@ -60,6 +61,9 @@ def decoder_forward(plan: Any, h: np.ndarray, start: int, cos: np.ndarray, sin: 
     float32 scales and zero-points) must hold positions ``0..start-1``; the step writes
     ``start..start+rows-1``. ``scratch``: uint8, at least :func:`decoder_scratch_bytes`.
     ``kernel``: "auto", or "generic" / "avx2" / "vnni" to force the products' variant.
+    ``attention``: "float" (the default: float32 sums over the dequantized 4-bit cache) or "int8"
+    (8-bit queries and softmax weights, exact int32 dot products: faster, and its own numbers;
+    ``csrc/attention_i8.c``).
 
     Raises:
         ValueError: naming the argument, before anything is written, for wrong shapes, buffers
@@ -69,4 +73,5 @@ def decoder_forward(plan: Any, h: np.ndarray, start: int, cos: np.ndarray, sin: 
             activations became non-finite inside a layer (``h`` and the cache are then
             unspecified).
     """
-    _C.decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch, kernel)
+    _C.decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch, kernel,
+                       attention)

@@ -37,7 +37,8 @@ from .linears import PackedWeightLinear, W4A4Linear
 from .online import HadamardInput, HadamardQK
 
 __all__ = ["fused_runner", "FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "AUTO_NUMPY_PREFILL_ROWS",
-           "AUTO_NUMPY_PREFILL_ROWS_AVX512", "auto_numpy_prefill_rows", "PREFILL_MODES"]
+           "AUTO_NUMPY_PREFILL_ROWS_AVX512", "auto_numpy_prefill_rows", "PREFILL_MODES",
+           "ATTENTION_MODES"]
 
 #: prompts longer than this many tokens take the NumPy prefill (``prefill="numpy"``)
 NUMPY_PREFILL_MIN_ROWS = 8
@@ -57,6 +58,8 @@ def auto_numpy_prefill_rows() -> int | None:
 
     return AUTO_NUMPY_PREFILL_ROWS_AVX512 if _C.simd_info()["avx512"] else AUTO_NUMPY_PREFILL_ROWS
 PREFILL_MODES = ("numpy", "c", "auto")
+#: the C step's attention: float32 sums (default) or 8-bit queries and weights (opt-in)
+ATTENTION_MODES = ("float", "int8")
 
 
 def fused_runner(model: Any) -> Any:
@@ -134,15 +137,24 @@ class FusedDecoder:
         prefill: "numpy" (prompts into an empty cache through the NumPy real path, see the module
             docstring), "c" (every step in C) or "auto" (C below `auto_numpy_prefill_rows()`
             prompt tokens, NumPy from there: the faster of the two on the machines measured).
+        attention: "float" (the default: float32 sums over the 4-bit cache, the numbers of the
+            NumPy real path up to float32 rounding) or "int8" (an opt-in: queries and softmax
+            weights in 8 bits, exact integer dot products, ``csrc/attention_i8.c``; faster long
+            prompts, and its own perplexity: ``benchmarks/bench_int8_attention.py``). It applies
+            to what the C step runs (a prompt too with prefill="c").
     """
 
-    def __init__(self, model: Any, *, kernel: str = "auto", prefill: str = "numpy") -> None:
+    def __init__(self, model: Any, *, kernel: str = "auto", prefill: str = "numpy",
+                 attention: str = "float") -> None:
         if prefill not in PREFILL_MODES:
             raise ValueError(f"prefill: expected one of {PREFILL_MODES}, got {prefill!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
         cfg = model.config
         self.model = model
         self.kernel = kernel
         self.prefill = prefill
+        self.attention = attention
         self.head_dim = int(model.head_dim)
         self.hidden_size = int(cfg.hidden_size)
         layers = []
@@ -217,7 +229,7 @@ class FusedDecoder:
         cos, sin = rope_cos_sin(self.model.inv_freq, start, T)
         try:
             decoder_forward(self.plan, h, start, cos, sin, cache.codes, cache.scale, cache.zero,
-                            self._scratch, kernel=self.kernel)
+                            self._scratch, kernel=self.kernel, attention=self.attention)
         except ValueError as e:
             if not str(e).endswith(NONFINITE_KERNEL_INPUT):
                 raise

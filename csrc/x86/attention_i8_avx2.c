@@ -1,0 +1,39 @@
+/* x86/attention_i8_avx2.c: offq_attend_i8 (steps: attention_i8.c) with 8 int32 lanes, the dot
+ * products as vpmaddubsw + vpmaddwd (AVX2 has no VNNI); the softmax is the float kernel's. */
+#include "kernels.h"
+
+#ifdef OFFQ_X86
+#define ATT_TARGET "avx2,fma"
+#include "x86/attention_tiles.h" /* softmax_row */
+
+#define AI8_TARGET "avx2,fma"
+#define AI8_W 8
+#define AI8_IV __m256i
+#define AI8_FV __m256
+#define AI8_ZEROI() _mm256_setzero_si256()
+#define AI8_LOADI(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
+#define AI8_SET1I(x) _mm256_set1_epi32(x)
+#define AI8_SUBI(a, b) _mm256_sub_epi32(a, b)
+#define AI8_MULLO(a, b) _mm256_mullo_epi32(a, b)
+#define AI8_CVTF(a) _mm256_cvtepi32_ps(a)
+#define AI8_SET1F(x) _mm256_set1_ps(x)
+#define AI8_LOADF(p) _mm256_loadu_ps(p)
+#define AI8_STOREF(p, v) _mm256_storeu_ps(p, v)
+#define AI8_MULF(a, b) _mm256_mul_ps(a, b)
+#define AI8_ADDF(a, b) _mm256_add_ps(a, b)
+#define AI8_DP(acc, u8, s8)                                                                       \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)))
+#include "x86/attention_i8_tiles.h"
+
+__attribute__((target("avx2,fma"))) void offq_attend_i8_avx2(const offq_attn_args *a, int64_t nq,
+                                                              const float *q, const int64_t *n,
+                                                              float *s, float *const *out,
+                                                              float *tile, void *qwork)
+{
+    if (a->group % 16 != 0 || a->hd % 16 != 0) {
+        offq_attend_i8_generic(a, nq, q, n, s, out, tile, qwork);
+        return;
+    }
+    attend_i8_tiles(a, nq, q, n, s, out, tile, qwork, softmax_row);
+}
+#endif

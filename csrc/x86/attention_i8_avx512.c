@@ -1,0 +1,40 @@
+/* x86/attention_i8_avx512.c: offq_attend_i8 (steps: attention_i8.c) with 16 int32 lanes and
+ * AVX-512 VNNI dot products (vpdpbusd: 64 byte products a instruction, four times the float
+ * kernel's 16 multiply-adds); the softmax is the 16-wide float kernel's. Same numbers as the
+ * AVX2 variant (exact integer sums, the same float steps lane by lane). */
+#include "kernels.h"
+
+#ifdef OFFQ_X86
+#define ATT_TARGET "avx512f,avx2,fma"
+#define ATT_AVX512
+#include "x86/attention_tiles.h" /* softmax_row */
+
+#define AI8_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"
+#define AI8_W 16
+#define AI8_IV __m512i
+#define AI8_FV __m512
+#define AI8_ZEROI() _mm512_setzero_si512()
+#define AI8_LOADI(p) _mm512_loadu_si512((const void *)(p))
+#define AI8_SET1I(x) _mm512_set1_epi32(x)
+#define AI8_SUBI(a, b) _mm512_sub_epi32(a, b)
+#define AI8_MULLO(a, b) _mm512_mullo_epi32(a, b)
+#define AI8_CVTF(a) _mm512_cvtepi32_ps(a)
+#define AI8_SET1F(x) _mm512_set1_ps(x)
+#define AI8_LOADF(p) _mm512_loadu_ps(p)
+#define AI8_STOREF(p, v) _mm512_storeu_ps(p, v)
+#define AI8_MULF(a, b) _mm512_mul_ps(a, b)
+#define AI8_ADDF(a, b) _mm512_add_ps(a, b)
+#define AI8_DP(acc, u8, s8) _mm512_dpbusd_epi32(acc, u8, s8)
+#include "x86/attention_i8_tiles.h"
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
+offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
+                          float *s, float *const *out, float *tile, void *qwork)
+{
+    if (a->group % 16 != 0 || a->hd % 16 != 0) {
+        offq_attend_i8_generic(a, nq, q, n, s, out, tile, qwork);
+        return;
+    }
+    attend_i8_tiles(a, nq, q, n, s, out, tile, qwork, softmax_row);
+}
+#endif

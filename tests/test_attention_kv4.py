@@ -1,0 +1,222 @@
+"""Attention over the packed 4-bit KV cache (``offq._C.attention_kv4``): the float kernel the
+W4A4KV4 decoder step runs by default and the opt-in 8-bit one (``csrc/attention_i8.c``), each
+against a NumPy reference written from the steps in that file's header, on random and
+adversarial caches; the SIMD variants against each other (an AVX2-capped process)."""
+import numpy as np
+import pytest
+
+from offq import _C
+from simd_cap import outputs_by_cap
+
+SIMD = _C.simd_info()
+TILE = 64  # OFFQ_ATTN_TILE_ROWS: the 8-bit values are summed per tile of cached rows
+
+
+def random_cache(rng, npos, hd, group, *, spread=1.0):
+    """Codes [npos, 2, hd/2], scale and integer zero-points [npos, 2, hd/group] as offq's 4-bit
+    KV grids make them (asymmetric: zero = round(-lo / scale) in 0..15)."""
+    codes = rng.integers(0, 256, (npos, 2, hd // 2), dtype=np.uint8)
+    ng = hd // group
+    scale = (rng.uniform(0.02, 0.3, (npos, 2, ng)) * spread).astype(np.float32)
+    zero = rng.integers(0, 16, (npos, 2, ng)).astype(np.float32)
+    return codes, scale, zero
+
+
+def unpacked(codes):
+    """[npos, 2, hd] codes as int32 (the even dim in the low nibble)."""
+    lo, hi = codes & 15, codes >> 4
+    return np.stack([lo, hi], -1).reshape(*codes.shape[:-1], -1).astype(np.int32)
+
+
+def reference_float(q, codes, scale, zero, n):
+    """softmax(q K^T) V over the dequantized cache, float64."""
+    c = unpacked(codes).astype(np.float64)
+    g = c.shape[-1] // scale.shape[-1]
+    deq = (c - np.repeat(zero, g, -1)) * np.repeat(scale, g, -1)
+    out = np.empty(q.shape, np.float64)
+    for t in range(q.shape[0]):
+        k, v = deq[:n[t], 0], deq[:n[t], 1]
+        s = k @ q[t].astype(np.float64)
+        e = np.exp(s - s.max())
+        out[t] = e @ v / e.sum()
+    return out
+
+
+def reference_int8(q, codes, scale, zero, n):
+    """The 8-bit attention step by step (csrc/attention_i8.c), float32 where the kernel is."""
+    f32 = np.float32
+    c = unpacked(codes)
+    nq, hd = q.shape
+    ng = scale.shape[-1]
+    g = hd // ng
+    out = np.zeros(q.shape, f32)
+    for t in range(nq):
+        qg = q[t].reshape(ng, g)
+        sq = (np.abs(qg).max(1) / f32(127)).astype(f32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q8 = np.where(sq[:, None] > 0, np.rint(qg / sq[:, None]), 0)
+        q8 = np.clip(q8, -127, 127).astype(np.int32)
+        qsum = q8.sum(1)
+        m = n[t]
+        kc = c[:m, 0].reshape(m, ng, g)
+        dot = np.einsum("jgi,gi->jg", kc, q8) - zero[:m, 0].astype(np.int32) * qsum
+        terms = (sq[None, :] * scale[:m, 0]).astype(f32) * dot.astype(f32)
+        s = terms[:, 0].copy()
+        for gi in range(1, ng):
+            s = (s + terms[:, gi]).astype(f32)
+        e = np.exp(s - s.max()).astype(f32)
+        w = (e[:, None] * scale[:m, 1]).astype(f32)
+        wmax = w.max(0)
+        winv = np.where(wmax > 0, f32(255) / np.where(wmax > 0, wmax, 1), 0).astype(f32)
+        w8 = np.clip(np.rint((w * winv).astype(f32)), 0, 255).astype(np.int32)
+        wstep = (wmax / f32(255)).astype(f32)
+        vc = c[:m, 1].reshape(m, ng, g)
+        for j0 in range(0, m, TILE):
+            sl = slice(j0, min(m, j0 + TILE))
+            acc = np.einsum("jg,jgi->gi", w8[sl], vc[sl])
+            zs = (w8[sl] * zero[sl, 1].astype(np.int32)).sum(0)
+            out[t] = (out[t] + (wstep[:, None] * (acc - zs[:, None]).astype(f32)).reshape(hd)
+                      ).astype(f32)
+        out[t] = out[t] / e.sum(dtype=np.float64).astype(f32)
+    return out
+
+
+CASES = [  # (npos, hd, group, nq)
+    (1, 64, 64, 3), (5, 64, 64, 4), (70, 64, 64, 9), (200, 64, 32, 5), (131, 128, 128, 6),
+    (97, 128, 16, 7), (64, 128, 64, 2), (300, 64, 16, 11),
+]
+
+
+def queries(rng, nq, hd, npos, scale=0.5):
+    q = (rng.standard_normal((nq, hd)) * scale).astype(np.float32)
+    n = rng.integers(1, npos + 1, nq).astype(np.int64)
+    n[0] = npos
+    return q, n
+
+
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+@pytest.mark.parametrize("case", CASES)
+def test_float_kernel_matches_numpy(case, kernel):
+    npos, hd, group, nq = case
+    rng = np.random.default_rng(npos * hd + group)
+    codes, scale, zero = random_cache(rng, npos, hd, group)
+    q, n = queries(rng, nq, hd, npos)
+    got = _C.attention_kv4(q, codes, scale, zero, n, mode="float", kernel=kernel)
+    ref = reference_float(q, codes, scale, zero, n)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+@pytest.mark.parametrize("case", CASES)
+def test_int8_kernel_follows_its_steps(case, kernel):
+    """Against the step-by-step NumPy reference: the same integers and float32 steps; only
+    the softmax's exp differs (a polynomial in the SIMD variants), which can move a weight's
+    8-bit code by one step."""
+    npos, hd, group, nq = case
+    rng = np.random.default_rng(npos * hd + group + 1)
+    codes, scale, zero = random_cache(rng, npos, hd, group)
+    q, n = queries(rng, nq, hd, npos, scale=1.5)
+    got = _C.attention_kv4(q, codes, scale, zero, n, mode="int8", kernel=kernel)
+    ref = reference_int8(q, codes, scale, zero, n)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=5e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_int8_kernel_stays_close_to_the_float_attention(case):
+    """What 8-bit queries and weights cost on random caches (value scales 15x apart row to row,
+    harder than a model's): RMS error under 4% of the outputs' RMS and the largest under 8% of
+    the largest output (measured: RMS 0.2-2.7%, largest 0.3-6.4%)."""
+    npos, hd, group, nq = case
+    rng = np.random.default_rng(npos * hd + group + 2)
+    codes, scale, zero = random_cache(rng, npos, hd, group)
+    q, n = queries(rng, nq, hd, npos, scale=1.5)
+    got = _C.attention_kv4(q, codes, scale, zero, n, mode="int8")
+    ref = reference_float(q, codes, scale, zero, n)
+    rms = np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean())
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert rms < 0.04 and err < 0.08, (rms, err)
+
+
+@pytest.mark.parametrize("mode", ["float", "int8"])
+def test_adversarial_caches(mode):
+    """A zero query (uniform weights), a query whose scores saturate one position, scales six
+    decades apart, zero-points at both ends of the grid, every code 15."""
+    rng = np.random.default_rng(7)
+    npos, hd, group = 150, 64, 16
+    codes, scale, zero = random_cache(rng, npos, hd, group)
+    scale[::7] *= 1e3
+    scale[1::5] *= 1e-3
+    zero[::3] = 0
+    zero[1::3] = 15
+    codes[40:60] = 255
+    q = np.zeros((4, hd), np.float32)
+    q[1] = 40.0
+    q[2, :16] = rng.standard_normal(16).astype(np.float32) * 1e-30  # subnormal query scale
+    q[3] = rng.standard_normal(hd).astype(np.float32)
+    n = np.array([npos, npos, 77, 3], np.int64)
+    got = _C.attention_kv4(q, codes, scale, zero, n, mode=mode)
+    assert np.isfinite(got).all()
+    ref = reference_float(q, codes, scale, zero, n)
+    tol = 2e-5 if mode == "float" else 2e-2
+    for t in range(4):
+        np.testing.assert_allclose(got[t], ref[t], rtol=0, atol=tol * np.abs(ref[t]).max())
+    if mode == "int8":
+        np.testing.assert_array_equal(got, _C.attention_kv4(q, codes, scale, zero, n, mode=mode,
+                                                            kernel="generic"))
+
+
+def test_int8_query_alone_equals_query_in_a_block():
+    """Each query's numbers depend on it alone (prefill = decode): a block of 9 queries with
+    different lengths gives every query what it gets alone."""
+    rng = np.random.default_rng(3)
+    codes, scale, zero = random_cache(rng, 190, 64, 64)
+    q, n = queries(rng, 9, 64, 190, scale=1.0)
+    block = _C.attention_kv4(q, codes, scale, zero, n, mode="int8")
+    for t in range(9):
+        alone = _C.attention_kv4(q[t:t + 1], codes, scale, zero, n[t:t + 1], mode="int8")
+        np.testing.assert_array_equal(alone[0], block[t])
+
+
+_RUN = (
+    "import sys, numpy as np\n"
+    "from offq import _C\n"
+    "d = np.load(sys.argv[1])\n"
+    "np.savez(sys.argv[2], f=_C.attention_kv4(d['q'], d['codes'], d['scale'], d['zero'], d['n'],"
+    " mode='float'), i=_C.attention_kv4(d['q'], d['codes'], d['scale'], d['zero'], d['n'],"
+    " mode='int8'))\n"
+)
+
+
+@pytest.mark.skipif(not SIMD["avx512_vnni"], reason="the CPU has no AVX-512 VNNI")
+def test_vnni_int8_attention_is_bit_identical_to_avx2(tmp_path):
+    """The VNNI dot products and the AVX2 emulation sum the same int32s and round the same
+    float32 steps lane by lane: identical outputs (OFFQ_SIMD_MAX=avx2 in a fresh process)."""
+    rng = np.random.default_rng(5)
+    codes, scale, zero = random_cache(rng, 333, 128, 32)
+    q, n = queries(rng, 12, 128, 333, scale=1.5)
+    np.savez(tmp_path / "in.npz", q=q, codes=codes, scale=scale, zero=zero, n=n)
+    got = outputs_by_cap(_RUN, tmp_path, (str(tmp_path / "in.npz"),))
+    np.testing.assert_array_equal(got[""]["i"], got["avx2"]["i"])
+    np.testing.assert_array_equal(got[""]["f"], got["avx2"]["f"])
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(mode="int4"), "mode: expected 'float' or 'int8'"),
+    (dict(kernel="avx2"), "kernel"),
+    (dict(n=np.array([0], np.int64)), "n: entry 0 is 0"),
+    (dict(n=np.array([9], np.int64)), "n: entry 0 is 9"),
+    (dict(n=np.array([1, 1], np.int64)), "n: expected 1 entries"),
+    (dict(zero=np.full((8, 2, 1), 2.5, np.float32), mode="int8"), "zero: mode 'int8' needs"),
+    (dict(zero=np.full((8, 2, 1), 16, np.float32), mode="int8"), "zero: mode 'int8' needs"),
+    (dict(scale=np.full((8, 2, 3), 0.1, np.float32)), "scale: expected shape"),
+    (dict(codes=np.zeros((8, 2, 31), np.uint8)), "codes: expected shape"),
+    (dict(q=np.full((1, 64), np.nan, np.float32)), "q"),
+])
+def test_arguments_are_validated(args, match):
+    base = dict(q=np.ones((1, 64), np.float32), codes=np.zeros((8, 2, 32), np.uint8),
+                scale=np.full((8, 2, 1), 0.1, np.float32), zero=np.full((8, 2, 1), 8, np.float32),
+                n=np.array([8], np.int64))
+    base.update(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        _C.attention_kv4(base["q"], base["codes"], base["scale"], base["zero"], base["n"],
+                         **{k: v for k, v in base.items() if k in ("mode", "kernel")})
