@@ -20,8 +20,7 @@
 
 #include "kernels.h"
 
-offq_attn_i8_queries offq_attn_i8_quantize(const float *q, int64_t nq, int64_t hd, int64_t group,
-                                           void *qwork)
+offq_attn_i8_queries offq_attn_i8_layout(int64_t nq, int64_t hd, int64_t group, void *qwork)
 {
     const int64_t ng = hd / group;
     offq_attn_i8_queries Q;
@@ -33,6 +32,14 @@ offq_attn_i8_queries offq_attn_i8_quantize(const float *q, int64_t nq, int64_t h
     Q.winv = (float *)(void *)(Q.qsum + nq * ng);
     Q.wstep = Q.winv + nq * ng;
     Q.vs = Q.wstep + nq * ng;
+    return Q;
+}
+
+offq_attn_i8_queries offq_attn_i8_quantize(const float *q, int64_t nq, int64_t hd, int64_t group,
+                                           void *qwork)
+{
+    const int64_t ng = hd / group;
+    const offq_attn_i8_queries Q = offq_attn_i8_layout(nq, hd, group, qwork);
     for (int64_t t = 0; t < nq; t++) {
         for (int64_t gi = 0; gi < ng; gi++) {
             const float *x = q + t * hd + gi * group;

@@ -469,7 +469,8 @@ void offq_attend_i8_avx2(const offq_attn_args *a, int64_t nq, const float *q, co
 void offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float *q,
                                const int64_t *n, float *scores, float *const *out, float *tile,
                                void *qwork);
-/* The query side every variant shares, carved from qwork in this order: q8 [nq][hd] (rint(q /
+/* The query side every variant shares, carved from qwork in this order (offq_attn_i8_layout;
+ * offq_attn_i8_quantize also fills the first three): q8 [nq][hd] (rint(q /
  * sq), sq = max |q| of the group / 127; all 0 where sq is 0), sq [nq][ng], qsum [nq][ng] (the
  * sum of the group's q8); then, per query and group after the softmax, wmax = the largest
  * e_j * vs_j, winv = 255 / wmax (0 when wmax is 0) and wstep = wmax / 255; vs [ng][positions]:
@@ -480,6 +481,7 @@ typedef struct {
     int32_t *qsum;
     float *winv, *wstep, *vs;
 } offq_attn_i8_queries;
+offq_attn_i8_queries offq_attn_i8_layout(int64_t nq, int64_t hd, int64_t group, void *qwork);
 offq_attn_i8_queries offq_attn_i8_quantize(const float *q, int64_t nq, int64_t hd, int64_t group,
                                            void *qwork);
 /* Q->vs[gi * nmax + j] = the value scale of row j < nmax, group gi. */

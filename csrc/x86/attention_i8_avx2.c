@@ -1,13 +1,11 @@
 /* x86/attention_i8_avx2.c: offq_attend_i8 (steps: attention_i8.c) with 8 int32 lanes, the dot
- * products as vpmaddubsw + vpmaddwd (AVX2 has no VNNI); the softmax is the float kernel's. */
+ * products as vpmaddubsw + vpmaddwd (AVX2 has no VNNI). */
 #include "kernels.h"
 
 #ifdef OFFQ_X86
-#define ATT_TARGET "avx2,fma"
-#include "x86/attention_tiles.h" /* softmax_row */
-
 #define AI8_TARGET "avx2,fma"
 #define AI8_W 8
+#define AI8_NV 2 /* key vectors per score block: 4 queries x 2 = 8 accumulators of 16 ymm */
 #define AI8_IV __m256i
 #define AI8_FV __m256
 #define AI8_ZEROI() _mm256_setzero_si256()
@@ -21,6 +19,14 @@
 #define AI8_STOREF(p, v) _mm256_storeu_ps(p, v)
 #define AI8_MULF(a, b) _mm256_mul_ps(a, b)
 #define AI8_ADDF(a, b) _mm256_add_ps(a, b)
+#define AI8_MAXF(a, b) _mm256_max_ps(a, b)
+#define AI8_DIVF(a, b) _mm256_div_ps(a, b)
+#define AI8_ABSF(a) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a)
+#define AI8_ADDI(a, b) _mm256_add_epi32(a, b)
+#define AI8_MAXI(a, b) _mm256_max_epi32(a, b)
+#define AI8_MINI(a, b) _mm256_min_epi32(a, b)
+#define AI8_CVTI(a) _mm256_cvtps_epi32(a)
+#define AI8_STOREI(p, v) _mm256_storeu_si256((__m256i *)(void *)(p), v)
 #define AI8_DP(acc, u8, s8)                                                                       \
     _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)))
 #include "x86/attention_i8_tiles.h"
@@ -34,6 +40,6 @@ __attribute__((target("avx2,fma"))) void offq_attend_i8_avx2(const offq_attn_arg
         offq_attend_i8_generic(a, nq, q, n, s, out, tile, qwork);
         return;
     }
-    attend_i8_tiles(a, nq, q, n, s, out, tile, qwork, softmax_row);
+    attend_i8_tiles(a, nq, q, n, s, out, tile, qwork);
 }
 #endif

@@ -1,16 +1,13 @@
 /* x86/attention_i8_avx512.c: offq_attend_i8 (steps: attention_i8.c) with 16 int32 lanes and
  * AVX-512 VNNI dot products (vpdpbusd: 64 byte products a instruction, four times the float
- * kernel's 16 multiply-adds); the softmax is the 16-wide float kernel's. Same numbers as the
- * AVX2 variant (exact integer sums, the same float steps lane by lane). */
+ * kernel's 16 multiply-adds). Same numbers as the AVX2 variant (exact integer sums, the same
+ * float steps lane by lane). */
 #include "kernels.h"
 
 #ifdef OFFQ_X86
-#define ATT_TARGET "avx512f,avx2,fma"
-#define ATT_AVX512
-#include "x86/attention_tiles.h" /* softmax_row */
-
 #define AI8_TARGET "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"
 #define AI8_W 16
+#define AI8_NV 4 /* key vectors per score block: 4 queries x 4 = 16 accumulators of 32 zmm */
 #define AI8_IV __m512i
 #define AI8_FV __m512
 #define AI8_ZEROI() _mm512_setzero_si512()
@@ -24,6 +21,14 @@
 #define AI8_STOREF(p, v) _mm512_storeu_ps(p, v)
 #define AI8_MULF(a, b) _mm512_mul_ps(a, b)
 #define AI8_ADDF(a, b) _mm512_add_ps(a, b)
+#define AI8_MAXF(a, b) _mm512_max_ps(a, b)
+#define AI8_DIVF(a, b) _mm512_div_ps(a, b)
+#define AI8_ABSF(a) _mm512_abs_ps(a)
+#define AI8_ADDI(a, b) _mm512_add_epi32(a, b)
+#define AI8_MAXI(a, b) _mm512_max_epi32(a, b)
+#define AI8_MINI(a, b) _mm512_min_epi32(a, b)
+#define AI8_CVTI(a) _mm512_cvtps_epi32(a)
+#define AI8_STOREI(p, v) _mm512_storeu_si512((void *)(p), v)
 #define AI8_DP(acc, u8, s8) _mm512_dpbusd_epi32(acc, u8, s8)
 #include "x86/attention_i8_tiles.h"
 
@@ -35,6 +40,6 @@ offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float *q, c
         offq_attend_i8_generic(a, nq, q, n, s, out, tile, qwork);
         return;
     }
-    attend_i8_tiles(a, nq, q, n, s, out, tile, qwork, softmax_row);
+    attend_i8_tiles(a, nq, q, n, s, out, tile, qwork);
 }
 #endif

@@ -4,12 +4,13 @@
  * the vector types and operations below, and AI8_DP(acc, u8, s8): acc + the sums of 4 adjacent
  * unsigned x signed byte products per int32 lane (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2,
  * whose 16-bit pair sums stay below 2 x 255 x 15 here: no saturation). Every integer sum is
- * exact and every float step is the reference's, lane by lane, so both variants give the
- * reference's numbers bar the softmax's exp (x86/exp_simd.h, shared with the float kernel).
+ * exact and every float step is the reference's, lane by lane, so both variants give the same
+ * numbers, the reference's bar the softmax's exp (a shorter polynomial here: ai8_exp8/16).
  *
  * Layouts per tile (bytes): keys [hd / 4][KT][4] (lanes = keys, 4 dims per lane: the score's
- * dot product over dims), values [KT / 4][hd][4] (lanes = dims, 4 rows per lane: the values' sum
- * over rows), both unpacked from the cache's nibbles once per tile for every query of the block.
+ * dot product over dims), values minus their zero-points [KT / 4][hd][4] (lanes = dims, 4 rows per
+ * lane: the values' sum over rows), both unpacked from the cache's nibbles once per tile for every
+ * query of the block.
  * Needs hd % 16 == 0 and group % 16 == 0 (the entry points fall back to the generic otherwise).
  */
 #ifndef OFFQ_X86_ATTENTION_I8_TILES_H
@@ -35,8 +36,10 @@ static inline int32_t ai8_word(const void *p)
     return v;
 }
 
-/* The hd codes of a packed row as bytes (hd % 16 == 0); rows past the cache (row NULL): zero. */
-AI8_FN void ai8_unpack_row(const uint8_t *row, int64_t hd, uint8_t *out)
+/* The hd codes of a packed row as bytes (hd % 16 == 0), minus the row's integer zero-points z
+ * (one per group; NULL: none) as signed bytes (-15..15); rows past the cache (row NULL): zero. */
+AI8_FN void ai8_unpack_row(const uint8_t *row, int64_t hd, int64_t g, const float *z,
+                           uint8_t *out)
 {
     if (row == NULL) {
         memset(out, 0, (size_t)hd);
@@ -45,8 +48,12 @@ AI8_FN void ai8_unpack_row(const uint8_t *row, int64_t hd, uint8_t *out)
     const __m128i m15 = _mm_set1_epi8(15);
     for (int64_t i = 0; i < hd; i += 16) {
         const __m128i v = _mm_loadl_epi64((const __m128i *)(row + i / 2));
-        _mm_storeu_si128((__m128i *)(out + i), _mm_unpacklo_epi8(_mm_and_si128(v, m15),
-                                                                 _mm_and_si128(_mm_srli_epi16(v, 4), m15)));
+        __m128i c = _mm_unpacklo_epi8(_mm_and_si128(v, m15),
+                                      _mm_and_si128(_mm_srli_epi16(v, 4), m15));
+        if (z != NULL) {
+            c = _mm_sub_epi8(c, _mm_set1_epi8((char)offq_attn_i8_zero(z[i / g])));
+        }
+        _mm_storeu_si128((__m128i *)(out + i), c);
     }
 }
 
@@ -88,8 +95,10 @@ AI8_FN void ai8_values4(const uint8_t *r, int64_t hd, uint8_t *vt, int64_t jb)
     }
 }
 
-/* One tile's rows [0, rows) of kc or vc (rows >= jn: zero) in the key or the value layout, and
- * their scales / integer zero-points per group ([ng][KT], 0 past jn). */
+/* One tile's rows [0, rows) of kc or vc (rows >= jn: zero) in the key layout (codes 0..15) or
+ * the value layout (codes minus their zero-point, -15..15: the values' sums then need no
+ * zero-point term); for keys also their scales / integer zero-points per group ([ng][KT], 0
+ * past jn). */
 AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float *scale,
                      const float *zero, int64_t j0, int64_t jn, int64_t rows, int keys,
                      uint8_t *t8, float *ts, int32_t *tz, uint8_t *scratch)
@@ -97,7 +106,9 @@ AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float 
     const int64_t hd = a->hd, ng = hd / a->group;
     for (int64_t jj = 0; jj < rows; jj += 4) {
         for (int k = 0; k < 4; k++) {
-            ai8_unpack_row(jj + k < jn ? codes + (j0 + jj + k) * a->cstride : NULL, hd,
+            const int in = jj + k < jn;
+            ai8_unpack_row(in ? codes + (j0 + jj + k) * a->cstride : NULL, hd, a->group,
+                           in && !keys ? zero + (j0 + jj + k) * a->pstride : NULL,
                            scratch + k * hd);
         }
         if (keys) {
@@ -106,7 +117,7 @@ AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float 
             ai8_values4(scratch, hd, t8, jj / 4);
         }
     }
-    for (int64_t jj = 0; jj < rows; jj++) {
+    for (int64_t jj = 0; jj < rows && keys; jj++) {
         for (int64_t gi = 0; gi < ng; gi++) {
             const int64_t at = (j0 + jj) * a->pstride + gi;
             ts[gi * KT + jj] = jj < jn ? scale[at] : 0.0f;
@@ -155,66 +166,88 @@ AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float 
         }                                                                                         \
     } while (0)
 
+#if AI8_NV == 4
+#define AI8_SCORES_NV(NQ)                                                                         \
+    switch (nv) {                                                                                 \
+    case 1: AI8_SCORES(NQ, 1); break;                                                             \
+    case 2: AI8_SCORES(NQ, 2); break;                                                             \
+    case 3: AI8_SCORES(NQ, 3); break;                                                             \
+    default: AI8_SCORES(NQ, 4); break;                                                            \
+    }
+#else
+#define AI8_SCORES_NV(NQ)                                                                         \
+    switch (nv) {                                                                                 \
+    case 1: AI8_SCORES(NQ, 1); break;                                                             \
+    default: AI8_SCORES(NQ, 2); break;                                                            \
+    }
+#endif
+
 AI8_FN void ai8_scores(int nq, int nv, const int8_t *q8, const float *sq, const int32_t *qsum,
                        int64_t hd, int64_t g, int64_t ng, const uint8_t *kt, int64_t k0,
-                       const float *ks, const int32_t *kz, float (*sb)[2 * AI8_W])
+                       const float *ks, const int32_t *kz, float (*sb)[AI8_NV * AI8_W])
 {
-    switch (nq * 2 + nv - 1) {
-    case 2: AI8_SCORES(1, 1); break;
-    case 3: AI8_SCORES(1, 2); break;
-    case 4: AI8_SCORES(2, 1); break;
-    case 5: AI8_SCORES(2, 2); break;
-    case 6: AI8_SCORES(3, 1); break;
-    case 7: AI8_SCORES(3, 2); break;
-    case 8: AI8_SCORES(4, 1); break;
-    default: AI8_SCORES(4, 2); break;
+    switch (nq) {
+    case 1: AI8_SCORES_NV(1); break;
+    case 2: AI8_SCORES_NV(2); break;
+    case 3: AI8_SCORES_NV(3); break;
+    default: AI8_SCORES_NV(4); break;
+    }
+}
+
+/* dst[0..m) = src[0..m) with vector moves (a memcpy per block of scores took 6% of an 8-bit
+ * pp2048 prefill, perf). */
+AI8_FN void ai8_copy(float *dst, const float *src, int64_t m)
+{
+    int64_t c = 0;
+#if AI8_W == 16
+    for (; c < m; c += 16) { /* the last partial vector through a mask */
+        const __mmask16 mk = m - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - c)) - 1u);
+        _mm512_mask_storeu_ps(dst + c, mk, _mm512_maskz_loadu_ps(mk, src + c));
+    }
+#endif
+    for (; c + 8 <= m; c += 8) {
+        _mm256_storeu_ps(dst + c, _mm256_loadu_ps(src + c));
+    }
+    for (; c < m; c++) {
+        dst[c] = src[c];
     }
 }
 
 /* Query t's 8-bit weights of rows [0, jt) of the tile (st: its e_j, vs: the rows' value scales,
- * [ng][nmax] from the tile's first row) into w8 [ng][KT], zero up to a multiple of 4 rows; zs[gi]
- * = sum_j w8_jg * vz_jg (tz: the tile's integer zero-points). 8 rows at a time in both variants
- * (the same products and roundings as offq_attn_i8_weight). */
-AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, const int32_t *tz,
-                        const float *winv, int64_t ng, int64_t jt, uint8_t *w8, int32_t *zs)
+ * [ng][nmax] from the tile's first row) into w8 [ng][KT], zero up to a multiple of 4 rows; AI8_W
+ * rows at a time, each lane the products and rounding of offq_attn_i8_weight. */
+AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, const float *winv,
+                        int64_t ng, int64_t jt, uint8_t *w8)
 {
-    const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(255);
     for (int64_t gi = 0; gi < ng; gi++) {
-        const __m256 wi = _mm256_set1_ps(winv[gi]);
+        const AI8_FV wi = AI8_SET1F(winv[gi]);
         const float *v = vs + gi * nmax;
         uint8_t *w = w8 + gi * KT;
-        __m256i zacc = _mm256_setzero_si256();
         int64_t j = 0;
-        for (; j + 8 <= jt; j += 8) {
-            const __m256 x = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(st + j),
-                                                         _mm256_loadu_ps(v + j)), wi);
-            const __m256i c = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(x), zero), top);
-            zacc = _mm256_add_epi32(zacc, _mm256_mullo_epi32(c, _mm256_loadu_si256(
-                                                                    (const __m256i *)(tz + gi * KT + j))));
+        for (; j + AI8_W <= jt; j += AI8_W) {
+            const AI8_FV x = AI8_MULF(AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)), wi);
+            const AI8_IV c = AI8_MINI(AI8_MAXI(AI8_CVTI(x), AI8_ZEROI()), AI8_SET1I(255));
+#if AI8_W == 16
+            _mm_storeu_si128((__m128i *)(void *)(w + j), _mm512_cvtepi32_epi8(c));
+#else
             const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(c),
                                                  _mm256_extracti128_si256(c, 1));
-            _mm_storel_epi64((__m128i *)(w + j), _mm_packus_epi16(p16, p16));
-        }
-        int32_t lanes[8], z = 0;
-        _mm256_storeu_si256((__m256i *)lanes, zacc);
-        for (int k = 0; k < 8; k++) {
-            z += lanes[k];
+            _mm_storel_epi64((__m128i *)(void *)(w + j), _mm_packus_epi16(p16, p16));
+#endif
         }
         for (; j < jt; j++) {
             w[j] = offq_attn_i8_weight(st[j], v[j], winv[gi]);
-            z += (int32_t)w[j] * tz[gi * KT + j];
         }
         for (; j % 4 != 0; j++) {
             w[j] = 0;
         }
-        zs[gi] = z;
     }
 }
 
-/* o[0..hd) += wstep_g * (float)(sum_{rows} w8 * code - zs_g) over jb blocks of 4 rows of the
+/* o[0..hd) += wstep_g * (float)(sum_{rows} w8 * (code - zero)) over jb blocks of 4 rows of the
  * value tile vt; up to 4 vectors of dims at once, each weight word one broadcast. */
-AI8_FN void ai8_values(float *o, const uint8_t *vt, const uint8_t *w8, const int32_t *zs,
-                       const float *wstep, int64_t hd, int64_t g, int64_t jb)
+AI8_FN void ai8_values(float *o, const uint8_t *vt, const uint8_t *w8, const float *wstep,
+                       int64_t hd, int64_t g, int64_t jb)
 {
     for (int64_t i0 = 0; i0 < hd; i0 += 4 * AI8_W) {
         const int nv = hd - i0 >= 4 * AI8_W ? 4 : (int)((hd - i0) / AI8_W);
@@ -250,16 +283,157 @@ AI8_FN void ai8_values(float *o, const uint8_t *vt, const uint8_t *w8, const int
             const int64_t gi = (i0 + AI8_W * v) / g;
             float *dst = o + i0 + AI8_W * v;
             const AI8_FV part = AI8_MULF(AI8_SET1F(wstep[gi]),
-                                         AI8_CVTF(AI8_SUBI(acc[v], AI8_SET1I(zs[gi]))));
+                                         AI8_CVTF(acc[v]));
             AI8_STOREF(dst, AI8_ADDF(AI8_LOADF(dst), part));
         }
     }
 }
 
+/* offq_attn_i8_quantize's steps AI8_W dims at a time (the same division and rounding per lane,
+ * exact int32 sums): a scalar division per element took 2.7% of an 8-bit pp2048 prefill. */
+AI8_FN offq_attn_i8_queries ai8_quantize(const float *q, int64_t nq, int64_t hd, int64_t g,
+                                         void *qwork)
+{
+    const int64_t ng = hd / g;
+    const offq_attn_i8_queries Q = offq_attn_i8_layout(nq, hd, g, qwork);
+    for (int64_t t = 0; t < nq; t++) {
+        for (int64_t gi = 0; gi < ng; gi++) {
+            const float *x = q + t * hd + gi * g;
+            int8_t *c = Q.q8 + t * hd + gi * g;
+            AI8_FV mv = AI8_SET1F(0.0f);
+            for (int64_t i = 0; i < g; i += AI8_W) {
+                mv = AI8_MAXF(mv, AI8_ABSF(AI8_LOADF(x + i)));
+            }
+            float lanes[AI8_W], amax = 0.0f;
+            AI8_STOREF(lanes, mv);
+            for (int k = 0; k < AI8_W; k++) {
+                amax = lanes[k] > amax ? lanes[k] : amax;
+            }
+            const float sq = amax / 127.0f;
+            AI8_IV sum = AI8_ZEROI();
+            for (int64_t i = 0; i < g; i += AI8_W) {
+                AI8_IV v = AI8_ZEROI();
+                if (sq > 0.0f) {
+                    v = AI8_MINI(AI8_MAXI(AI8_CVTI(AI8_DIVF(AI8_LOADF(x + i), AI8_SET1F(sq))),
+                                          AI8_SET1I(-127)), AI8_SET1I(127));
+                }
+                sum = AI8_ADDI(sum, v);
+#if AI8_W == 16
+                _mm_storeu_si128((__m128i *)(void *)(c + i), _mm512_cvtepi32_epi8(v));
+#else
+                const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(v),
+                                                    _mm256_extracti128_si256(v, 1));
+                _mm_storel_epi64((__m128i *)(void *)(c + i), _mm_packs_epi16(p16, p16));
+#endif
+            }
+            int32_t il[AI8_W], total = 0;
+            AI8_STOREI(il, sum);
+            for (int k = 0; k < AI8_W; k++) {
+                total += il[k];
+            }
+            Q.sq[t * ng + gi] = sq;
+            Q.qsum[t * ng + gi] = total;
+        }
+    }
+    return Q;
+}
+
+/* e^x for the softmax's x = s - max <= 0, 8 lanes: x clamped at -87 (e^-87 ~ 1.6e-38, which
+ * no 8-bit weight can hold), x = n ln2 + r with n = rint(x / ln2), then a degree-5 Taylor
+ * polynomial for e^r (|r| <= ln2 / 2: relative error < 3e-6, far below the weights' 8 bits) and
+ * 2^n through the exponent bits; 13 operations against the float kernel's ~22 (the same ones,
+ * lane by lane, at both widths). NaN (a corrupt cache) is clamped like -inf. */
+#define AI8_DEFINE_EXP(NAME, TARGET, FV, IV, P, CASTI)                                           \
+    __attribute__((target(TARGET))) static inline FV NAME(FV x)                                   \
+    {                                                                                             \
+        x = P##_max_ps(x, P##_set1_ps(-87.0f));                                                   \
+        const IV ni = P##_cvtps_epi32(P##_mul_ps(x, P##_set1_ps(1.44269504088896341f)));          \
+        const FV r = P##_fnmadd_ps(P##_cvtepi32_ps(ni), P##_set1_ps(0.693147180559945f), x);      \
+        FV p = P##_set1_ps(1.0f / 120.0f);                                                        \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f / 24.0f));                                        \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f / 6.0f));                                         \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(0.5f));                                                \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f));                                                \
+        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f));                                                \
+        const IV e = P##_slli_epi32(P##_add_epi32(ni, P##_set1_epi32(127)), 23);                  \
+        return P##_mul_ps(p, CASTI(e));                                                           \
+    }
+AI8_DEFINE_EXP(ai8_exp8, "avx2,fma", __m256, __m256i, _mm256, _mm256_castsi256_ps)
+#if AI8_W == 16
+AI8_DEFINE_EXP(ai8_exp16, "avx512f", __m512, __m512i, _mm512, _mm512_castsi512_ps)
+#endif
+
+/* Query t's softmax in place, st[j] = e_j = exp(st[j] - max) for j < n, returning their sum (8
+ * lane sums in the order of an 8-wide loop, the last partial 8 with zeros, then one fixed tree: the
+ * same sum in both variants) and, with one group (ng == 1), *wmax = max_j e_j vs[j] from the same
+ * pass (with more groups the caller takes it per group). */
+AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, float *wmax)
+{
+    AI8_FV mv = AI8_SET1F(-INFINITY);
+    int64_t j = 0;
+    for (; j + AI8_W <= n; j += AI8_W) {
+        mv = AI8_MAXF(mv, AI8_LOADF(st + j));
+    }
+    float lanes[AI8_W], mx = -INFINITY;
+    AI8_STOREF(lanes, mv);
+    for (int k = 0; k < AI8_W; k++) {
+        mx = lanes[k] > mx ? lanes[k] : mx;
+    }
+    for (int64_t jj = j; jj < n; jj++) {
+        mx = st[jj] > mx ? st[jj] : mx;
+    }
+    __m256 den = _mm256_setzero_ps();
+    AI8_FV wv = AI8_SET1F(0.0f);
+    j = 0;
+#if AI8_W == 16
+    const __m512 m16 = _mm512_set1_ps(mx);
+    for (; j + 16 <= n; j += 16) {
+        const __m512 e = ai8_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j), m16));
+        _mm512_storeu_ps(st + j, e);
+        den = _mm256_add_ps(den, _mm512_castps512_ps256(e));
+        den = _mm256_add_ps(den, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+        if (ng == 1) {
+            wv = _mm512_max_ps(wv, _mm512_mul_ps(e, _mm512_loadu_ps(vs + j)));
+        }
+    }
+#endif
+    const __m256 m8 = _mm256_set1_ps(mx);
+    float w = 0.0f;
+    for (; j < n; j += 8) { /* 8 at a time; the last 1..7 through a zero-padded copy */
+        float pad[8];
+        const int64_t m = n - j < 8 ? n - j : 8;
+        for (int k = 0; k < 8; k++) {
+            pad[k] = k < m ? st[j + k] : mx;
+        }
+        __m256 e = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(pad), m8));
+        e = _mm256_blendv_ps(_mm256_setzero_ps(), e,
+                             _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                                 _mm256_set1_epi32((int)m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+        _mm256_storeu_ps(pad, e);
+        for (int k = 0; k < m; k++) {
+            st[j + k] = pad[k];
+            if (ng == 1) {
+                const float x = pad[k] * vs[j + k];
+                w = x > w ? x : w;
+            }
+        }
+        den = _mm256_add_ps(den, e);
+    }
+    if (ng == 1) {
+        AI8_STOREF(lanes, wv);
+        for (int k = 0; k < AI8_W; k++) {
+            w = lanes[k] > w ? lanes[k] : w;
+        }
+        *wmax = w;
+    }
+    const __m256 h = _mm256_hadd_ps(den, den);
+    const __m256 hh = _mm256_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
+}
+
 /* The kernel (steps: attention_i8.c) for hd % 16 == 0 and group % 16 == 0. */
 AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
-                            float *s, float *const *out, float *tile, void *qwork,
-                            float (*softmax)(float *, int64_t))
+                            float *s, float *const *out, float *tile, void *qwork)
 {
     const int64_t hd = a->hd, g = a->group, ng = hd / g;
     int64_t nmax = 0;
@@ -267,13 +441,12 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
         nmax = n[t] > nmax ? n[t] : nmax;
     }
     const int64_t ld = nmax + 1;
-    const offq_attn_i8_queries Q = offq_attn_i8_quantize(q, nq, hd, g, qwork);
+    const offq_attn_i8_queries Q = ai8_quantize(q, nq, hd, g, qwork);
     uint8_t *t8 = (uint8_t *)(void *)tile;                 /* [hd / 4][KT][4] or [KT / 4][hd][4] */
     float *ts = (float *)(void *)(t8 + KT * hd);           /* [ng][KT] the tile's scales */
     int32_t *tz = (int32_t *)(void *)(ts + ng * KT);       /* [ng][KT] its zero-points */
     uint8_t *w8 = (uint8_t *)(void *)(tz + ng * KT);       /* [ng][KT] a query's weights */
-    int32_t *zs = (int32_t *)(void *)(w8 + ng * KT);       /* [ng] their zero-point sums */
-    uint8_t *rows = (uint8_t *)(void *)(zs + (ng + 15) / 16 * 16); /* [4][hd] unpacked rows */
+    uint8_t *rows = w8 + ng * KT;                          /* [4][hd] unpacked rows */
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
         const int64_t jpad = (jn + AI8_W - 1) / AI8_W * AI8_W; /* whole vectors of keys */
@@ -285,9 +458,10 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                 const int64_t jb = n[t0 + b] - j0 < jn ? n[t0 + b] - j0 : jn;
                 jt = jb > jt ? jb : jt;
             }
-            for (int64_t k0 = 0; k0 < jt; k0 += 2 * AI8_W) {
-                const int nv = jt - k0 > AI8_W ? 2 : 1;
-                float sb[4][2 * AI8_W];
+            for (int64_t k0 = 0; k0 < jt; k0 += AI8_NV * AI8_W) {
+                const int64_t left = (jt - k0 + AI8_W - 1) / AI8_W;
+                const int nv = left < AI8_NV ? (int)left : AI8_NV;
+                float sb[4][AI8_NV * AI8_W];
                 ai8_scores(bq, nv, Q.q8 + t0 * hd, Q.sq + t0 * ng, Q.qsum + t0 * ng, hd, g, ng,
                            t8, k0, ts, tz, sb);
                 for (int b = 0; b < bq; b++) { /* keep the scores of the keys query t sees */
@@ -295,29 +469,33 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                     const int64_t jb = n[t] - j0 < jn ? n[t] - j0 : jn;
                     const int64_t m = jb - k0 < AI8_W * nv ? jb - k0 : AI8_W * nv;
                     if (m > 0) {
-                        memcpy(s + t * ld + j0 + k0, sb[b], (size_t)m * sizeof(float));
+                        ai8_copy(s + t * ld + j0 + k0, sb[b], m);
                     }
                 }
             }
         }
     }
-    for (int64_t t = 0; t < nq; t++) {
-        s[t * ld + nmax] = softmax(s + t * ld, n[t]);
-        memset(out[t], 0, (size_t)hd * sizeof(float));
-    }
     offq_attn_i8_value_scales(a, &Q, nmax);
-    for (int64_t t = 0; t < nq; t++) { /* each query's weights' grid: the largest e_j * vs_j */
+    for (int64_t t = 0; t < nq; t++) { /* softmax, then the weights' grid: the largest e_j vs_j */
+        float wmax = 0.0f;
+        s[t * ld + nmax] = ai8_softmax(s + t * ld, n[t], Q.vs, ng, &wmax);
+        memset(out[t], 0, (size_t)hd * sizeof(float));
+        if (ng == 1) {
+            offq_attn_i8_set_grid(&Q, t, wmax);
+        }
+    }
+    for (int64_t t = 0; t < nq && ng > 1; t++) {
         const float *st = s + t * ld;
         for (int64_t gi = 0; gi < ng; gi++) {
             const float *v = Q.vs + gi * nmax;
-            __m256 mv = _mm256_setzero_ps();
+            AI8_FV mv = AI8_SET1F(0.0f);
             int64_t j = 0;
-            for (; j + 8 <= n[t]; j += 8) {
-                mv = _mm256_max_ps(mv, _mm256_mul_ps(_mm256_loadu_ps(st + j), _mm256_loadu_ps(v + j)));
+            for (; j + AI8_W <= n[t]; j += AI8_W) { /* a maximum: the same in any order */
+                mv = AI8_MAXF(mv, AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)));
             }
-            float lanes[8], wmax = 0.0f;
-            _mm256_storeu_ps(lanes, mv);
-            for (int k = 0; k < 8; k++) {
+            float lanes[AI8_W], wmax = 0.0f;
+            AI8_STOREF(lanes, mv);
+            for (int k = 0; k < AI8_W; k++) {
                 wmax = lanes[k] > wmax ? lanes[k] : wmax;
             }
             for (; j < n[t]; j++) {
@@ -335,8 +513,8 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
             if (jt <= 0) {
                 continue;
             }
-            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, tz, Q.winv + t * ng, ng, jt, w8, zs);
-            ai8_values(out[t], t8, w8, zs, Q.wstep + t * ng, hd, g, (jt + 3) / 4);
+            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, ng, jt, w8);
+            ai8_values(out[t], t8, w8, Q.wstep + t * ng, hd, g, (jt + 3) / 4);
         }
     }
     for (int64_t t = 0; t < nq; t++) {
