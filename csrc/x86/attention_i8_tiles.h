@@ -214,10 +214,11 @@ AI8_FN void ai8_copy(float *dst, const float *src, int64_t m)
 }
 
 /* Query t's 8-bit weights of rows [0, jt) of the tile (st: its e_j, vs: the rows' value scales,
- * [ng][nmax] from the tile's first row) into w8 [ng][KT], zero up to a multiple of 4 rows; AI8_W
- * rows at a time, each lane the products and rounding of offq_attn_i8_weight. */
+ * [ng][nmax] from the tile's first row) into w8 [ng][KT], zero from there up to row `fill` (a
+ * multiple of 4); AI8_W rows at a time, each lane the products and rounding of
+ * offq_attn_i8_weight. */
 AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, const float *winv,
-                        int64_t ng, int64_t jt, uint8_t *w8)
+                        int64_t ng, int64_t jt, int64_t fill, uint8_t *w8)
 {
     for (int64_t gi = 0; gi < ng; gi++) {
         const AI8_FV wi = AI8_SET1F(winv[gi]);
@@ -238,7 +239,7 @@ AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, const fl
         for (; j < jt; j++) {
             w[j] = offq_attn_i8_weight(st[j], v[j], winv[gi]);
         }
-        for (; j % 4 != 0; j++) {
+        for (j = j > 0 ? j : 0; j < fill; j++) {
             w[j] = 0;
         }
     }
@@ -285,6 +286,34 @@ AI8_FN void ai8_values(float *o, const uint8_t *vt, const uint8_t *w8, const flo
             const AI8_FV part = AI8_MULF(AI8_SET1F(wstep[gi]),
                                          AI8_CVTF(acc[v]));
             AI8_STOREF(dst, AI8_ADDF(AI8_LOADF(dst), part));
+        }
+    }
+}
+
+/* ai8_values for two queries at once (hd and the group multiples of 4 * AI8_W): each value load
+ * feeds both queries' accumulators. */
+AI8_FN void ai8_values2(float *oa, float *ob, const uint8_t *vt, const uint8_t *wa,
+                        const uint8_t *wb, const float *sa, const float *sb, int64_t hd, int64_t g,
+                        int64_t jb)
+{
+    for (int64_t i0 = 0; i0 < hd; i0 += 4 * AI8_W) {
+        const int64_t gi = i0 / g;
+        const uint8_t *ua = wa + gi * KT, *ub = wb + gi * KT;
+        AI8_IV a[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
+        AI8_IV b[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
+        for (int64_t k = 0; k < jb; k++) {
+            const uint8_t *r = vt + k * hd * 4 + i0 * 4;
+            const AI8_IV xa = AI8_SET1I(ai8_word(ua + 4 * k)), xb = AI8_SET1I(ai8_word(ub + 4 * k));
+            for (int v = 0; v < 4; v++) {
+                const AI8_IV rv = AI8_LOADI(r + 4 * AI8_W * v);
+                a[v] = AI8_DP(a[v], xa, rv);
+                b[v] = AI8_DP(b[v], xb, rv);
+            }
+        }
+        for (int v = 0; v < 4; v++) {
+            float *da = oa + i0 + AI8_W * v, *db = ob + i0 + AI8_W * v;
+            AI8_STOREF(da, AI8_ADDF(AI8_LOADF(da), AI8_MULF(AI8_SET1F(sa[gi]), AI8_CVTF(a[v]))));
+            AI8_STOREF(db, AI8_ADDF(AI8_LOADF(db), AI8_MULF(AI8_SET1F(sb[gi]), AI8_CVTF(b[v]))));
         }
     }
 }
@@ -363,10 +392,10 @@ AI8_DEFINE_EXP(ai8_exp8, "avx2,fma", __m256, __m256i, _mm256, _mm256_castsi256_p
 AI8_DEFINE_EXP(ai8_exp16, "avx512f", __m512, __m512i, _mm512, _mm512_castsi512_ps)
 #endif
 
-/* Query t's softmax in place, st[j] = e_j = exp(st[j] - max) for j < n, returning their sum (8
- * lane sums in the order of an 8-wide loop, the last partial 8 with zeros, then one fixed tree: the
- * same sum in both variants) and, with one group (ng == 1), *wmax = max_j e_j vs[j] from the same
- * pass (with more groups the caller takes it per group). */
+/* Query t's softmax in place, st[j] = e_j = exp(st[j] - max) for j < n, returning their sum
+ * (blocks of 8, the last padded with zeros, into 4 lane-wise sums by block number, then one fixed
+ * tree: the same sum in both variants) and, with one group (ng == 1), *wmax = max_j e_j vs[j] from
+ * the same pass (with more groups the caller takes it per group). */
 AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, float *wmax)
 {
     AI8_FV mv = AI8_SET1F(-INFINITY);
@@ -382,26 +411,43 @@ AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, floa
     for (int64_t jj = j; jj < n; jj++) {
         mx = st[jj] > mx ? st[jj] : mx;
     }
-    __m256 den = _mm256_setzero_ps();
+    /* block b of 8 scores goes to den[b % 4]: four independent chains (one chain of adds was
+     * latency-bound), the same blocks in both variants */
+    __m256 den[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
     AI8_FV wv = AI8_SET1F(0.0f);
+    __m256 wv8 = _mm256_setzero_ps();
     j = 0;
 #if AI8_W == 16
     const __m512 m16 = _mm512_set1_ps(mx);
-    for (; j + 16 <= n; j += 16) {
-        const __m512 e = ai8_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j), m16));
-        _mm512_storeu_ps(st + j, e);
-        den = _mm256_add_ps(den, _mm512_castps512_ps256(e));
-        den = _mm256_add_ps(den, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    for (; j + 32 <= n; j += 32) {
+        const __m512 e0 = ai8_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j), m16));
+        const __m512 e1 = ai8_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j + 16), m16));
+        _mm512_storeu_ps(st + j, e0);
+        _mm512_storeu_ps(st + j + 16, e1);
+        den[0] = _mm256_add_ps(den[0], _mm512_castps512_ps256(e0));
+        den[1] = _mm256_add_ps(den[1], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e0), 1)));
+        den[2] = _mm256_add_ps(den[2], _mm512_castps512_ps256(e1));
+        den[3] = _mm256_add_ps(den[3], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e1), 1)));
         if (ng == 1) {
-            wv = _mm512_max_ps(wv, _mm512_mul_ps(e, _mm512_loadu_ps(vs + j)));
+            wv = _mm512_max_ps(wv, _mm512_max_ps(_mm512_mul_ps(e0, _mm512_loadu_ps(vs + j)),
+                                                 _mm512_mul_ps(e1, _mm512_loadu_ps(vs + j + 16))));
         }
     }
 #endif
     const __m256 m8 = _mm256_set1_ps(mx);
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j), m8));
+        _mm256_storeu_ps(st + j, e);
+        den[(j / 8) & 3] = _mm256_add_ps(den[(j / 8) & 3], e);
+        if (ng == 1) {
+            wv8 = _mm256_max_ps(wv8, _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)));
+        }
+    }
     float w = 0.0f;
-    for (; j < n; j += 8) { /* 8 at a time; the last 1..7 through a zero-padded copy */
+    if (j < n) { /* the last 1..7 through a padded copy, the padding's lanes set to 0 */
         float pad[8];
-        const int64_t m = n - j < 8 ? n - j : 8;
+        const int64_t m = n - j;
         for (int k = 0; k < 8; k++) {
             pad[k] = k < m ? st[j + k] : mx;
         }
@@ -417,16 +463,21 @@ AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, floa
                 w = x > w ? x : w;
             }
         }
-        den = _mm256_add_ps(den, e);
+        den[(j / 8) & 3] = _mm256_add_ps(den[(j / 8) & 3], e);
     }
-    if (ng == 1) {
+    if (ng == 1) { /* maxima: the same in any order */
         AI8_STOREF(lanes, wv);
         for (int k = 0; k < AI8_W; k++) {
             w = lanes[k] > w ? lanes[k] : w;
         }
+        _mm256_storeu_ps(lanes, wv8);
+        for (int k = 0; k < 8; k++) {
+            w = lanes[k] > w ? lanes[k] : w;
+        }
         *wmax = w;
     }
-    const __m256 h = _mm256_hadd_ps(den, den);
+    const __m256 d = _mm256_add_ps(_mm256_add_ps(den[0], den[1]), _mm256_add_ps(den[2], den[3]));
+    const __m256 h = _mm256_hadd_ps(d, d);
     const __m256 hh = _mm256_hadd_ps(h, h);
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
 }
@@ -446,7 +497,9 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
     float *ts = (float *)(void *)(t8 + KT * hd);           /* [ng][KT] the tile's scales */
     int32_t *tz = (int32_t *)(void *)(ts + ng * KT);       /* [ng][KT] its zero-points */
     uint8_t *w8 = (uint8_t *)(void *)(tz + ng * KT);       /* [ng][KT] a query's weights */
-    uint8_t *rows = w8 + ng * KT;                          /* [4][hd] unpacked rows */
+    uint8_t *w8b = w8 + ng * KT;                           /* [ng][KT] its pair's */
+    uint8_t *rows = w8b + ng * KT;                         /* [4][hd] unpacked rows */
+    const int pairs = hd % (4 * AI8_W) == 0 && g % (4 * AI8_W) == 0;
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
         const int64_t jpad = (jn + AI8_W - 1) / AI8_W * AI8_W; /* whole vectors of keys */
@@ -508,12 +561,31 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
         ai8_tile(a, a->vc, a->vs, a->vz, j0, jn, (jn + 3) / 4 * 4, 0, t8, ts, tz, rows);
-        for (int64_t t = 0; t < nq; t++) {
+        int64_t t = 0;
+        /* query pairs share each value load (8 accumulators: twice the chains in flight) where
+         * every 4 vectors of dims lie in one group; the shorter one's weights are zero past its
+         * rows, so each query's integer sums are what it gets alone */
+        for (; pairs && t + 1 < nq; t += 2) {
+            const int64_t ja = n[t] - j0 < jn ? n[t] - j0 : jn;
+            const int64_t jb = n[t + 1] - j0 < jn ? n[t + 1] - j0 : jn;
+            const int64_t jl = ja > jb ? ja : jb;
+            if (jl <= 0) {
+                continue;
+            }
+            const int64_t fill = (jl + 3) / 4 * 4;
+            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, ng, ja, fill, w8);
+            ai8_weights(s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + (t + 1) * ng, ng, jb,
+                        fill, w8b);
+            ai8_values2(out[t], out[t + 1], t8, w8, w8b, Q.wstep + t * ng, Q.wstep + (t + 1) * ng,
+                        hd, g, fill / 4);
+        }
+        for (; t < nq; t++) {
             const int64_t jt = n[t] - j0 < jn ? n[t] - j0 : jn;
             if (jt <= 0) {
                 continue;
             }
-            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, ng, jt, w8);
+            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, ng, jt,
+                        (jt + 3) / 4 * 4, w8);
             ai8_values(out[t], t8, w8, Q.wstep + t * ng, hd, g, (jt + 3) / 4);
         }
     }
