@@ -43,6 +43,10 @@ def main() -> int:
                     help="prompts of the fused engine: the C step, the NumPy real path, or auto "
                          "(default: C below 1024 tokens and NumPy from there with the AVX2 "
                          "attention, C for every prompt with the AVX-512 one)")
+    ap.add_argument("--fused-attention", default="float", choices=("float", "int8"),
+                    help="the fused C step's attention: float32 sums (default) or the opt-in "
+                         "8-bit one (8-bit queries and softmax weights, integer dot products; "
+                         "its perplexity: benchmarks/bench_int8_attention.py)")
     ap.add_argument("--no-weight-only", dest="weight_only", action="store_false",
                     help="skip the weight-only W4 (RTN g64 asym, packed) engines")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
@@ -53,12 +57,14 @@ def main() -> int:
                     prompt_lengths=tuple(args.prompt_lengths), gen_tokens=args.gen_tokens,
                     depths=tuple(args.depths), repeats=args.repeats, llama_bench=args.llama_bench,
                     llama_model=args.llama_model, fused_kernel=args.fused_kernel,
-                    fused_prefill=args.fused_prefill, weight_only=args.weight_only)
+                    fused_prefill=args.fused_prefill, fused_attention=args.fused_attention,
+                    weight_only=args.weight_only)
     print(f"# offq e2e: {describe_machine()}")
     result = run_e2e(cfg)
     proto = result["protocol"]
     print(f"{proto['model']}: FP32 vs {proto['quantized']}, real kernels, fused decoder kernel "
-          f"{proto['fused_kernel']}, fused prefill {proto['fused_prefill']}, best of {proto['repeats']}" + (f"; llama.cpp on {proto['llama_model']}"
+          f"{proto['fused_kernel']}, fused prefill {proto['fused_prefill']}, fused attention "
+          f"{proto['fused_attention']}, best of {proto['repeats']}" + (f"; llama.cpp on {proto['llama_model']}"
                                    if proto["llama_model"] else ""))
     print(format_e2e(result))
     result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

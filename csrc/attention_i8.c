@@ -5,16 +5,21 @@
  * For each query q (scaled by 1/sqrt(hd)) that sees positions 0..n_q-1, per KV group g:
  *   sq_g = max_{i in g} |q_i| / 127,  q8_i = rint(q_i / sq_g)  (-127..127),  Q_g = sum_{i in g} q8_i
  *   s_j  = sum_g (sq_g * ks_jg) * (float)(sum_{i in g} q8_i c_ji  -  kz_jg Q_g)   (int32 exact)
- *   e_j  = exp(s_j - max s);  den = sum e_j                     (the float kernel's softmax)
- *   wmax_g = max_j e_j vs_jg,  w8_jg = rint(e_j vs_jg * 255 / wmax_g)  (0..255)
- *   out_i = (sum over tiles T of OFFQ_ATTN_TILE_ROWS rows, in order, of
- *            (wmax_g / 255) * (float)(sum_{j in T} w8_jg (c_ji - vz_jg))) / den
+ *   e_j  = exp(s_j - max s);  den = sum e_j
+ *   per tile T of OFFQ_ATTN_TILE_ROWS rows (from row 0) the query sees:
+ *   wmax_gT = max_{j in T} e_j vs_jg,  w8_jg = rint(e_j vs_jg * 255 / wmax_gT)  (0..255)
+ *   out_i = (sum over tiles T, in order, of
+ *            (wmax_gT / 255) * (float)(sum_{j in T} w8_jg (c_ji - vz_jg))) / den
  * The zero-points are the grids' integers, so every sum over i or j is an exact int32 (at most
  * 127 * 15 * hd and 255 * 15 * 64 in magnitude) and only the float steps written above round:
  * every variant gives the same numbers up to the softmax's exp (a polynomial in the SIMD ones),
  * and a query's numbers do not depend on the block it is computed in (prefill = decode).
  * Quantizing q is what integer dot products need (VNNI multiplies unsigned by signed bytes);
- * quantizing e_j vs_j per query keeps the value sums integer although each row has its own scale.
+ * quantizing e_j vs_j per query keeps the value sums integer although each row has its own scale,
+ * and a grid per tile keeps the small weights of the tiles far from the softmax's peak (one grid
+ * for the whole row rounds every weight below max / 510 to 0): SmolLM2-135M W4A4KV4, 32
+ * WikiText-2 windows of 2048, perplexity +0.76% over the float attention with one grid a row,
+ * +0.29% with a grid a tile.
  */
 #include <math.h>
 
@@ -114,16 +119,6 @@ void offq_attend_i8_generic(const offq_attn_args *a, int64_t nq, const float *q,
     }
     offq_attn_softmax(s, ld, nq, n, nmax, out, hd);
     offq_attn_i8_value_scales(a, &Q, nmax);
-    for (int64_t t = 0; t < nq; t++) {
-        for (int64_t gi = 0; gi < ng; gi++) {
-            float wmax = 0.0f;
-            for (int64_t j = 0; j < n[t]; j++) {
-                const float w = s[t * ld + j] * Q.vs[gi * nmax + j];
-                wmax = w > wmax ? w : wmax;
-            }
-            offq_attn_i8_set_grid(&Q, t * ng + gi, wmax);
-        }
-    }
     /* tile: hd int32 value sums, then ng int32 zero-point sums */
     int32_t *acc = (int32_t *)(void *)tile, *zs = acc + hd;
     for (int64_t j0 = 0; j0 < nmax; j0 += OFFQ_ATTN_TILE_ROWS) {
@@ -133,6 +128,14 @@ void offq_attend_i8_generic(const offq_attn_args *a, int64_t nq, const float *q,
                 continue;
             }
             memset(acc, 0, sizeof(int32_t) * (size_t)(hd + ng));
+            for (int64_t gi = 0; gi < ng; gi++) { /* the tile's grid: its largest e_j vs_j */
+                float wmax = 0.0f;
+                for (int64_t j = j0; j < j0 + jt; j++) {
+                    const float w = s[t * ld + j] * Q.vs[gi * nmax + j];
+                    wmax = w > wmax ? w : wmax;
+                }
+                offq_attn_i8_set_grid(Q.winv + t * ng + gi, Q.wstep + t * ng + gi, wmax);
+            }
             for (int64_t j = j0; j < j0 + jt; j++) {
                 const uint8_t *vc = a->vc + j * a->cstride;
                 for (int64_t gi = 0; gi < ng; gi++) {

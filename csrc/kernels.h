@@ -453,7 +453,7 @@ void offq_attend_avx512(const offq_attn_args *a, int64_t nq, const float *q, con
  * The same arguments and outputs as offq_attend_fn, with integer dot products: each query is
  * quantized to 8 bits per KV group (symmetric, 127 levels), its scores are exact int32 sums of
  * q8 x (key code - zero); the softmax weights times the value scales are quantized to 8 bits per
- * query and group (0..255) and the values summed exactly in int32 per tile of
+ * query, group and tile (0..255) and the values summed exactly in int32 per tile of
  * OFFQ_ATTN_TILE_ROWS rows (attention_i8.c states every step). Zero-points must be integers in
  * [0, 15] (offq's KV grids: round(-lo / scale), or 8). qwork: OFFQ_ATTN_I8_QBYTES(nq, hd,
  * hd / group, max n) bytes, 4-byte aligned; tile: OFFQ_ATTN_ROW_FLOATS(hd) floats. */
@@ -472,8 +472,9 @@ void offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float 
 /* The query side every variant shares, carved from qwork in this order (offq_attn_i8_layout;
  * offq_attn_i8_quantize also fills the first three): q8 [nq][hd] (rint(q /
  * sq), sq = max |q| of the group / 127; all 0 where sq is 0), sq [nq][ng], qsum [nq][ng] (the
- * sum of the group's q8); then, per query and group after the softmax, wmax = the largest
- * e_j * vs_j, winv = 255 / wmax (0 when wmax is 0) and wstep = wmax / 255; vs [ng][positions]:
+ * sum of the group's q8); then, per query and group, the current tile's weight grid: wmax = the
+ * largest e_j * vs_j of its rows, winv = 255 / wmax (0 when wmax is 0), wstep = wmax / 255;
+ * vs [ng][positions]:
  * the value scales of the cached rows, contiguous (offq_attn_i8_value_scales). */
 typedef struct {
     int8_t *q8;
@@ -487,11 +488,12 @@ offq_attn_i8_queries offq_attn_i8_quantize(const float *q, int64_t nq, int64_t h
 /* Q->vs[gi * nmax + j] = the value scale of row j < nmax, group gi. */
 void offq_attn_i8_value_scales(const offq_attn_args *a, const offq_attn_i8_queries *Q,
                                int64_t nmax);
-/* Query t's weights' grid in group gi from wmax, the largest e_j * vs_j of its rows. */
-static inline void offq_attn_i8_set_grid(const offq_attn_i8_queries *Q, int64_t at, float wmax)
+/* A query's weights' grid in one group and tile from wmax, the largest e_j * vs_j of its rows
+ * there. */
+static inline void offq_attn_i8_set_grid(float *winv, float *wstep, float wmax)
 {
-    Q->winv[at] = wmax > 0.0f ? 255.0f / wmax : 0.0f;
-    Q->wstep[at] = wmax / 255.0f;
+    *winv = wmax > 0.0f ? 255.0f / wmax : 0.0f;
+    *wstep = wmax / 255.0f;
 }
 /* A zero-point as the int32 the 8-bit sums use: offq's grids store integers in [0, 15]; anything
  * else (a cache not written by offq) is clamped there, NaN read as 0, so no input is undefined. */

@@ -200,6 +200,8 @@ def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
         E2EConfig(depths=(100,), gen_tokens=0)
     with pytest.raises(ValueError, match="fused_prefill"):
         E2EConfig(fused_prefill="python")
+    with pytest.raises(ValueError, match="fused_attention"):
+        E2EConfig(fused_attention="int4")
 
 
 @pytest.mark.usefixtures("default_model_installed")

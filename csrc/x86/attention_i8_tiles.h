@@ -215,16 +215,32 @@ AI8_FN void ai8_copy(float *dst, const float *src, int64_t m)
 
 /* Query t's 8-bit weights of rows [0, jt) of the tile (st: its e_j, vs: the rows' value scales,
  * [ng][nmax] from the tile's first row) into w8 [ng][KT], zero from there up to row `fill` (a
- * multiple of 4); AI8_W rows at a time, each lane the products and rounding of
- * offq_attn_i8_weight. */
-AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, const float *winv,
+ * multiple of 4), on the tile's grid per group: wmax = the largest e_j vs_j of these rows,
+ * winv = 255 / wmax, wstep = wmax / 255 (offq_attn_i8_set_grid); AI8_W rows at a time, each lane
+ * the products and rounding of offq_attn_i8_weight. */
+AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, float *winv, float *wstep,
                         int64_t ng, int64_t jt, int64_t fill, uint8_t *w8)
 {
     for (int64_t gi = 0; gi < ng; gi++) {
-        const AI8_FV wi = AI8_SET1F(winv[gi]);
         const float *v = vs + gi * nmax;
         uint8_t *w = w8 + gi * KT;
+        AI8_FV mv = AI8_SET1F(0.0f);
         int64_t j = 0;
+        for (; j + AI8_W <= jt; j += AI8_W) { /* a maximum: the same in any order */
+            mv = AI8_MAXF(mv, AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)));
+        }
+        float lanes[AI8_W], wmax = 0.0f;
+        AI8_STOREF(lanes, mv);
+        for (int k = 0; k < AI8_W; k++) {
+            wmax = lanes[k] > wmax ? lanes[k] : wmax;
+        }
+        for (; j < jt; j++) {
+            const float x = st[j] * v[j];
+            wmax = x > wmax ? x : wmax;
+        }
+        offq_attn_i8_set_grid(winv + gi, wstep + gi, wmax);
+        const AI8_FV wi = AI8_SET1F(winv[gi]);
+        j = 0;
         for (; j + AI8_W <= jt; j += AI8_W) {
             const AI8_FV x = AI8_MULF(AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)), wi);
             const AI8_IV c = AI8_MINI(AI8_MAXI(AI8_CVTI(x), AI8_ZEROI()), AI8_SET1I(255));
@@ -394,9 +410,8 @@ AI8_DEFINE_EXP(ai8_exp16, "avx512f", __m512, __m512i, _mm512, _mm512_castsi512_p
 
 /* Query t's softmax in place, st[j] = e_j = exp(st[j] - max) for j < n, returning their sum
  * (blocks of 8, the last padded with zeros, into 4 lane-wise sums by block number, then one fixed
- * tree: the same sum in both variants) and, with one group (ng == 1), *wmax = max_j e_j vs[j] from
- * the same pass (with more groups the caller takes it per group). */
-AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, float *wmax)
+ * tree: the same sum in both variants). */
+AI8_FN float ai8_softmax(float *st, int64_t n)
 {
     AI8_FV mv = AI8_SET1F(-INFINITY);
     int64_t j = 0;
@@ -415,8 +430,6 @@ AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, floa
      * latency-bound), the same blocks in both variants */
     __m256 den[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
-    AI8_FV wv = AI8_SET1F(0.0f);
-    __m256 wv8 = _mm256_setzero_ps();
     j = 0;
 #if AI8_W == 16
     const __m512 m16 = _mm512_set1_ps(mx);
@@ -429,10 +442,6 @@ AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, floa
         den[1] = _mm256_add_ps(den[1], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e0), 1)));
         den[2] = _mm256_add_ps(den[2], _mm512_castps512_ps256(e1));
         den[3] = _mm256_add_ps(den[3], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e1), 1)));
-        if (ng == 1) {
-            wv = _mm512_max_ps(wv, _mm512_max_ps(_mm512_mul_ps(e0, _mm512_loadu_ps(vs + j)),
-                                                 _mm512_mul_ps(e1, _mm512_loadu_ps(vs + j + 16))));
-        }
     }
 #endif
     const __m256 m8 = _mm256_set1_ps(mx);
@@ -440,11 +449,7 @@ AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, floa
         const __m256 e = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j), m8));
         _mm256_storeu_ps(st + j, e);
         den[(j / 8) & 3] = _mm256_add_ps(den[(j / 8) & 3], e);
-        if (ng == 1) {
-            wv8 = _mm256_max_ps(wv8, _mm256_mul_ps(e, _mm256_loadu_ps(vs + j)));
-        }
     }
-    float w = 0.0f;
     if (j < n) { /* the last 1..7 through a padded copy, the padding's lanes set to 0 */
         float pad[8];
         const int64_t m = n - j;
@@ -458,23 +463,8 @@ AI8_FN float ai8_softmax(float *st, int64_t n, const float *vs, int64_t ng, floa
         _mm256_storeu_ps(pad, e);
         for (int k = 0; k < m; k++) {
             st[j + k] = pad[k];
-            if (ng == 1) {
-                const float x = pad[k] * vs[j + k];
-                w = x > w ? x : w;
-            }
         }
         den[(j / 8) & 3] = _mm256_add_ps(den[(j / 8) & 3], e);
-    }
-    if (ng == 1) { /* maxima: the same in any order */
-        AI8_STOREF(lanes, wv);
-        for (int k = 0; k < AI8_W; k++) {
-            w = lanes[k] > w ? lanes[k] : w;
-        }
-        _mm256_storeu_ps(lanes, wv8);
-        for (int k = 0; k < 8; k++) {
-            w = lanes[k] > w ? lanes[k] : w;
-        }
-        *wmax = w;
     }
     const __m256 d = _mm256_add_ps(_mm256_add_ps(den[0], den[1]), _mm256_add_ps(den[2], den[3]));
     const __m256 h = _mm256_hadd_ps(d, d);
@@ -528,36 +518,11 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
             }
         }
     }
-    offq_attn_i8_value_scales(a, &Q, nmax);
-    for (int64_t t = 0; t < nq; t++) { /* softmax, then the weights' grid: the largest e_j vs_j */
-        float wmax = 0.0f;
-        s[t * ld + nmax] = ai8_softmax(s + t * ld, n[t], Q.vs, ng, &wmax);
+    for (int64_t t = 0; t < nq; t++) {
+        s[t * ld + nmax] = ai8_softmax(s + t * ld, n[t]);
         memset(out[t], 0, (size_t)hd * sizeof(float));
-        if (ng == 1) {
-            offq_attn_i8_set_grid(&Q, t, wmax);
-        }
     }
-    for (int64_t t = 0; t < nq && ng > 1; t++) {
-        const float *st = s + t * ld;
-        for (int64_t gi = 0; gi < ng; gi++) {
-            const float *v = Q.vs + gi * nmax;
-            AI8_FV mv = AI8_SET1F(0.0f);
-            int64_t j = 0;
-            for (; j + AI8_W <= n[t]; j += AI8_W) { /* a maximum: the same in any order */
-                mv = AI8_MAXF(mv, AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)));
-            }
-            float lanes[AI8_W], wmax = 0.0f;
-            AI8_STOREF(lanes, mv);
-            for (int k = 0; k < AI8_W; k++) {
-                wmax = lanes[k] > wmax ? lanes[k] : wmax;
-            }
-            for (; j < n[t]; j++) {
-                const float w = st[j] * v[j];
-                wmax = w > wmax ? w : wmax;
-            }
-            offq_attn_i8_set_grid(&Q, t * ng + gi, wmax);
-        }
-    }
+    offq_attn_i8_value_scales(a, &Q, nmax);
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
         ai8_tile(a, a->vc, a->vs, a->vz, j0, jn, (jn + 3) / 4 * 4, 0, t8, ts, tz, rows);
@@ -573,9 +538,10 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                 continue;
             }
             const int64_t fill = (jl + 3) / 4 * 4;
-            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, ng, ja, fill, w8);
-            ai8_weights(s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + (t + 1) * ng, ng, jb,
-                        fill, w8b);
+            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, Q.wstep + t * ng, ng,
+                        ja, fill, w8);
+            ai8_weights(s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + (t + 1) * ng,
+                        Q.wstep + (t + 1) * ng, ng, jb, fill, w8b);
             ai8_values2(out[t], out[t + 1], t8, w8, w8b, Q.wstep + t * ng, Q.wstep + (t + 1) * ng,
                         hd, g, fill / 4);
         }
@@ -584,8 +550,8 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
             if (jt <= 0) {
                 continue;
             }
-            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, ng, jt,
-                        (jt + 3) / 4 * 4, w8);
+            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, Q.wstep + t * ng, ng,
+                        jt, (jt + 3) / 4 * 4, w8);
             ai8_values(out[t], t8, w8, Q.wstep + t * ng, hd, g, (jt + 3) / 4);
         }
     }

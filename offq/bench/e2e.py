@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from ..progress import Progress
-from ..quant.fused import PREFILL_MODES
+from ..quant.fused import ATTENTION_MODES, PREFILL_MODES
 
 __all__ = ["E2EConfig", "run_e2e", "format_e2e", "llama_bench_command", "llama_bench_seconds",
            "parse_llama_bench", "peer_environment"]
@@ -75,6 +75,8 @@ class E2EConfig:
             ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``) or "auto"
             (C below ``auto_numpy_prefill_rows()`` tokens: 1024 with the AVX2 attention, every
             prompt with the AVX-512 one; NumPy from there).
+        fused_attention: the fused C step's attention, "float" (the default) or "int8" (the
+            opt-in 8-bit attention, ``FusedDecoder(attention="int8")``).
     """
 
     model: str = "smollm2-135m"
@@ -88,6 +90,7 @@ class E2EConfig:
     llama_model: str | None = None
     fused_kernel: str = "auto"
     fused_prefill: str = "auto"
+    fused_attention: str = "float"
     weight_only: bool = True
     tests: tuple[str, ...] = field(init=False)
 
@@ -107,6 +110,9 @@ class E2EConfig:
         if self.fused_prefill not in PREFILL_MODES:
             raise ValueError(f"fused_prefill: expected one of {PREFILL_MODES}, got "
                              f"{self.fused_prefill!r}")
+        if self.fused_attention not in ATTENTION_MODES:
+            raise ValueError(f"fused_attention: expected one of {ATTENTION_MODES}, got "
+                             f"{self.fused_attention!r}")
         if (self.llama_bench is None) != (self.llama_model is None):
             raise ValueError("llama_bench and llama_model go together (the binary and its GGUF)")
         tests = [f"pp{n}" for n in self.prompt_lengths]
@@ -184,6 +190,7 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
             label = f"{qcfg.describe(ckpt.config.hidden_size)} (quantized in process)"
         fused.fused_runner.kernel = cfg.fused_kernel
         fused.fused_runner.prefill = cfg.fused_prefill
+        fused.fused_runner.attention = cfg.fused_attention
         models = {"fp32": fp, "w4a4kv4": q, "w4a4kv4 fused": fused}
         if cfg.weight_only:
             wcfg = QuantConfig(**WEIGHT_ONLY, lm_head_bits=qcfg.lm_head_bits)
@@ -242,6 +249,7 @@ def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
     return {"protocol": {"model": cfg.model, "quantized": label, "tests": list(cfg.tests),
                          "threads": list(cfg.threads), "repeats": cfg.repeats,
                          "fused_kernel": cfg.fused_kernel, "fused_prefill": cfg.fused_prefill,
+                         "fused_attention": cfg.fused_attention,
                          "weight_only": WEIGHT_ONLY if cfg.weight_only else None,
                          "prompt": "WikiText-2 test text (first tokens)",
                          "llama_model": cfg.llama_model, "machine": machine_info()},
