@@ -34,10 +34,13 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attention", choices=("float", "int8"), default="float",
+                   help="the C step's attention (int8: the opt-in 8-bit one)")
     args = p.parse_args()
     set_num_threads(args.threads)
     model, tokenizer, cfg = load_quantized(args.ckpt, mode="fused")
     model.fused_runner.prefill = "c"
+    model.fused_runner.attention = args.attention
     ids = eval_windows(tokenizer, load_wikitext2_test(), args.tokens, 1,
                        bool(model.config.add_bos))[0]
 
@@ -50,7 +53,7 @@ def main() -> int:
 
     prefill()  # warm-up
     seconds = [prefill() for _ in range(args.repeats)]
-    print(f"# {describe_machine()}; threads {args.threads}; {args.ckpt}: "
+    print(f"# {describe_machine()}; threads {args.threads}; attention {args.attention}; {args.ckpt}: "
           f"{cfg.describe(model.config.hidden_size)}")
     print(f"pp{args.tokens}: best {args.tokens / min(seconds):.1f}, median "
           f"{args.tokens / float(np.median(seconds)):.1f} tokens/s over {args.repeats} prefills")

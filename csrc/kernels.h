@@ -470,12 +470,11 @@ void offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float 
                                const int64_t *n, float *scores, float *const *out, float *tile,
                                void *qwork);
 /* The query side every variant shares, carved from qwork in this order (offq_attn_i8_layout;
- * offq_attn_i8_quantize also fills the first three): q8 [nq][hd] (rint(q /
- * sq), sq = max |q| of the group / 127; all 0 where sq is 0), sq [nq][ng], qsum [nq][ng] (the
- * sum of the group's q8); then, per query and group, the current tile's weight grid: wmax = the
- * largest e_j * vs_j of its rows, winv = 255 / wmax (0 when wmax is 0), wstep = wmax / 255;
- * vs [ng][positions]:
- * the value scales of the cached rows, contiguous (offq_attn_i8_value_scales). */
+ * offq_attn_i8_quantize also fills the first three): q8 [nq][hd] (rint(q / sq), sq = max |q| of
+ * the group / 127; all 0 where sq is 0), sq [nq][ng], qsum [nq][ng] (the sum of the group's q8);
+ * winv and wstep [nq][ng], per query and group the current tile's weight grid (wmax = the largest
+ * e_j * vs_j of its rows, winv = 255 / wmax or 0 when wmax is 0, wstep = wmax / 255); vs
+ * [ng][positions], the value scales of the cached rows, contiguous (offq_attn_i8_value_scales). */
 typedef struct {
     int8_t *q8;
     float *sq;
