@@ -29,10 +29,7 @@ void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, co
                          float *s, float *const *out, float *row)
 {
     const int64_t hd = a->hd, g = a->group, ng = hd / g;
-    int64_t nmax = 0;
-    for (int64_t t = 0; t < nq; t++) {
-        nmax = n[t] > nmax ? n[t] : nmax;
-    }
+    const int64_t nmax = offq_attn_max_n(n, nq);
     const int64_t ld = nmax + 1; /* a query's weights, then their sum */
     for (int64_t j = 0; j < nmax; j++) {
         decode_row(a->kc + j * a->cstride, a->kz + j * a->pstride, hd, g, row);
@@ -82,10 +79,7 @@ offq_status offq_attention_kv4(const float *q, int64_t nq, int64_t hd, int64_t g
 {
     const int generic = kernel == OFFQ_KERNEL_GENERIC;
     const int64_t ng = hd / group;
-    int64_t nmax = 0;
-    for (int64_t t = 0; t < nq; t++) {
-        nmax = n[t] > nmax ? n[t] : nmax;
-    }
+    const int64_t nmax = offq_attn_max_n(n, nq);
     float *s = malloc(sizeof(float) * (size_t)(nq * (nmax + 1)));
     float *tile = malloc(sizeof(float) * (size_t)OFFQ_ATTN_ROW_FLOATS(hd));
     void *qwork = malloc((size_t)OFFQ_ATTN_I8_QBYTES(nq, hd, ng, nmax));

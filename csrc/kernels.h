@@ -419,6 +419,15 @@ typedef struct {
     const float *ks, *kz, *vs, *vz;
     int64_t cstride, pstride, hd, group;
 } offq_attn_args;
+/* The most positions any of the nq queries sees (the scores' row length, less one). */
+static inline int64_t offq_attn_max_n(const int64_t *n, int64_t nq)
+{
+    int64_t nmax = 0;
+    for (int64_t t = 0; t < nq; t++) {
+        nmax = n[t] > nmax ? n[t] : nmax;
+    }
+    return nmax;
+}
 typedef void (*offq_attend_fn)(const offq_attn_args *a, int64_t nq, const float *q,
                                const int64_t *n, float *scores, float *const *out, float *row);
 void offq_attend_generic(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,

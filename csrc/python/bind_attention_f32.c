@@ -63,8 +63,7 @@ static PyObject *py_attention_f32(PyObject *self, PyObject *args, PyObject *kwds
     if (offq_all_finite(q, "q") < 0 || offq_all_finite(kv, "kv") < 0) {
         return NULL;
     }
-    npy_intp dims[2] = {(npy_intp)nq, (npy_intp)hd};
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    PyArrayObject *out = offq_output_f32_2d(Py_None, (npy_intp)nq, (npy_intp)hd, NULL, 0);
     if (out == NULL) {
         return NULL;
     }
@@ -74,11 +73,7 @@ static PyObject *py_attention_f32(PyObject *self, PyObject *args, PyObject *kwds
                             (const float *)PyArray_DATA(kv), n, (float *)PyArray_DATA(out),
                             kernel);
     Py_END_ALLOW_THREADS;
-    if (offq_py_status(st, (offq_errctx){.arg = "kv"}) < 0) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    return (PyObject *)out;
+    return offq_py_result(st, out, (offq_errctx){.arg = "kv"});
 }
 
 PyMethodDef offq_attention_f32_methods[] = {

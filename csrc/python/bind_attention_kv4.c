@@ -102,8 +102,7 @@ static PyObject *py_attention_kv4(PyObject *self, PyObject *args, PyObject *kwds
         offq_all_finite(zero, "zero") < 0 || (int8 && zero_points_are_codes(zero) < 0)) {
         return NULL;
     }
-    npy_intp dims[2] = {(npy_intp)nq, (npy_intp)hd};
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    PyArrayObject *out = offq_output_f32_2d(Py_None, (npy_intp)nq, (npy_intp)hd, NULL, 0);
     if (out == NULL) {
         return NULL;
     }
@@ -114,11 +113,7 @@ static PyObject *py_attention_kv4(PyObject *self, PyObject *args, PyObject *kwds
                             (const float *)PyArray_DATA(zero), npos, nv, int8,
                             (float *)PyArray_DATA(out), kernel);
     Py_END_ALLOW_THREADS;
-    if (offq_py_status(st, (offq_errctx){.arg = "codes"}) < 0) {
-        Py_DECREF(out);
-        return NULL;
-    }
-    return (PyObject *)out;
+    return offq_py_result(st, out, (offq_errctx){.arg = "codes"});
 }
 
 PyMethodDef offq_attention_kv4_methods[] = {

@@ -34,6 +34,16 @@ typedef struct {
 
 /* 0 for OFFQ_OK; otherwise set the Python exception for `status` and return -1. */
 int offq_py_status(offq_status status, offq_errctx ctx);
+/* A binding's result: `out` when status is OFFQ_OK, else NULL with the status's exception set and
+ * `out` released. */
+static inline PyObject *offq_py_result(offq_status status, PyArrayObject *out, offq_errctx ctx)
+{
+    if (offq_py_status(status, ctx) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return (PyObject *)out;
+}
 
 /* A Python int (or an object with __index__, not a bool) -> *out; else TypeError naming `name`. */
 int offq_py_int(PyObject *obj, const char *name, long long *out);

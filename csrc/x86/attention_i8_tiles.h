@@ -477,10 +477,7 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                             float *s, float *const *out, float *tile, void *qwork)
 {
     const int64_t hd = a->hd, g = a->group, ng = hd / g;
-    int64_t nmax = 0;
-    for (int64_t t = 0; t < nq; t++) {
-        nmax = n[t] > nmax ? n[t] : nmax;
-    }
+    const int64_t nmax = offq_attn_max_n(n, nq);
     const int64_t ld = nmax + 1;
     const offq_attn_i8_queries Q = ai8_quantize(q, nq, hd, g, qwork);
     uint8_t *t8 = (uint8_t *)(void *)tile;                 /* [hd / 4][KT][4] or [KT / 4][hd][4] */

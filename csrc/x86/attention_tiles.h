@@ -223,10 +223,7 @@ ATT_FN void attend_tiles(const offq_attn_args *a, int64_t nq, const float *q, co
                          att_scores_fn scores, const int64_t vdims, att_values_fn values)
 {
     const int64_t hd = a->hd, g = a->group, ng = hd / g;
-    int64_t nmax = 0;
-    for (int64_t t = 0; t < nq; t++) {
-        nmax = n[t] > nmax ? n[t] : nmax;
-    }
+    const int64_t nmax = offq_attn_max_n(n, nq);
     const int64_t ld = nmax + 1;
     float *kt = tile;                      /* [hd][KT] the tile's keys, transposed */
     float *ks = tile + KT * hd;            /* [ng][KT] their scales, zero-padded */
