@@ -559,7 +559,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report["e2e"] = run_e2e(cfg, show=show)
         if not args.json:
             proto = report["e2e"]["protocol"]
-            print(f"\nend to end: {proto['model']} FP32 vs {proto['quantized']}, real kernels; "
+            print(f"\nend to end: {proto['model']} FP32 vs {proto['quantized']}, real kernels, "
+                  f"fused attention {proto['fused_attention']}; "
                   f"ppN = N prompt tokens (logits of the last), tgN = N single-token steps; "
                   f"best of {proto['repeats']}\n" + format_e2e(report["e2e"]))
     if args.json:
