@@ -165,6 +165,27 @@ def test_adversarial_caches(mode):
         np.testing.assert_allclose(got, ref8, rtol=0, atol=1e-5 * np.abs(ref8).max())
 
 
+@pytest.mark.parametrize("v_code, v_zero", [(15, 0), (0, 15)])
+def test_int8_sums_at_their_limits(v_code, v_zero):
+    """Every product at its largest magnitude: key codes 15 against 8-bit query codes of +-127
+    over a 128-wide group (the AVX2 kernel keeps 8 blocks of pair sums <= 3810 in int16 lanes),
+    and weights of 255 against value codes +-15 from their zero-point over a whole tile (4 blocks
+    of pair sums <= 7650). A longer span would wrap the 16-bit sums and fail this."""
+    npos, hd = 64, 128
+    codes = np.zeros((npos, 2, hd // 2), np.uint8)
+    codes[:, 0] = 255  # two codes of 15 a byte
+    codes[:, 1] = v_code * 17
+    scale = np.full((npos, 2, 1), 0.05, np.float32)
+    zero = np.zeros((npos, 2, 1), np.float32)
+    zero[:, 1] = v_zero
+    q = np.zeros((4, hd), np.float32)
+    q[0], q[1], q[3, ::2] = 3.0, -3.0, 3.0
+    n = np.array([64, 64, 64, 33], np.int64)
+    got = _C.attention_kv4(q, codes, scale, zero, n, mode="int8")
+    ref = reference_int8(q, codes, scale, zero, n)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_int8_query_alone_equals_query_in_a_block():
     """Each query's numbers depend on it alone (prefill = decode): a block of 9 queries with
     different lengths gives every query what it gets alone."""

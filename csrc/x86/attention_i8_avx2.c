@@ -29,6 +29,12 @@
 #define AI8_STOREI(p, v) _mm256_storeu_si256((__m256i *)(void *)(p), v)
 #define AI8_DP(acc, u8, s8)                                                                       \
     _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)))
+/* partial sums in 16-bit lanes, widened once a span: |pair sums| <= 2 x 127 x 15 = 3810 (scores,
+ * 8 blocks: 30480) and 2 x 255 x 15 = 7650 (values, 4 blocks: 30600), exact in int16 */
+#define AI8_SPAN_S 8
+#define AI8_SPAN_V 4
+#define AI8_DP_PART(p, u8, s8) _mm256_add_epi16(p, _mm256_maddubs_epi16(u8, s8))
+#define AI8_WIDEN(acc, p) _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
 #include "x86/attention_i8_tiles.h"
 
 __attribute__((target("avx2,fma"))) void offq_attend_i8_avx2(const offq_attn_args *a, int64_t nq,

@@ -30,6 +30,11 @@
 #define AI8_CVTI(a) _mm512_cvtps_epi32(a)
 #define AI8_STOREI(p, v) _mm512_storeu_si512((void *)(p), v)
 #define AI8_DP(acc, u8, s8) _mm512_dpbusd_epi32(acc, u8, s8)
+/* one span a whole group (no group reaches 2^20 blocks): the partial sums are the int32 sums */
+#define AI8_SPAN_S (INT64_C(1) << 20)
+#define AI8_SPAN_V (INT64_C(1) << 20)
+#define AI8_DP_PART(p, u8, s8) _mm512_dpbusd_epi32(p, u8, s8)
+#define AI8_WIDEN(acc, p) (p)
 #include "x86/attention_i8_tiles.h"
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void

@@ -3,7 +3,12 @@
  * x86/attention_i8_avx512.c). The includer defines AI8_TARGET, AI8_W (int32 lanes per vector),
  * the vector types and operations below, and AI8_DP(acc, u8, s8): acc + the sums of 4 adjacent
  * unsigned x signed byte products per int32 lane (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2,
- * whose 16-bit pair sums stay below 2 x 255 x 15 here: no saturation). Every integer sum is
+ * whose 16-bit pair sums stay below 2 x 255 x 15 here: no saturation). The hot loops sum partial
+ * dot products with AI8_DP_PART over spans of AI8_SPAN_S (scores) / AI8_SPAN_V (values) blocks
+ * of 4 and add them to the int32 sums with AI8_WIDEN: on AVX2 the partial sums stay in 16-bit
+ * lanes (vpmaddubsw + vpaddw, one vpmaddwd a span: 8 spans of pair sums <= 3810, 4 of <= 7650,
+ * below 32767), with VNNI a span is a whole group and the partial sums are the int32 ones.
+ * Every integer sum is
  * exact and every float step is the reference's, lane by lane, so both variants give the same
  * numbers, the reference's bar the softmax's exp (a shorter polynomial here: ai8_exp8/16).
  *
@@ -138,16 +143,31 @@ AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float 
                     acc[t][v] = AI8_ZEROI();                                                      \
                 }                                                                                 \
             }                                                                                     \
-            for (int64_t b = gi * g / 4; b < (gi + 1) * g / 4; b++) {                             \
-                const uint8_t *kr = kt + b * KT * 4 + k0 * 4;                                     \
-                AI8_IV kv[NV];                                                                    \
-                for (int v = 0; v < NV; v++) {                                                    \
-                    kv[v] = AI8_LOADI(kr + 4 * AI8_W * v);                                        \
+            const int64_t bend = (gi + 1) * g / 4;                                                \
+            for (int64_t c0 = gi * g / 4; c0 < bend; c0 += AI8_SPAN_S) {                          \
+                const int64_t c1 = c0 + AI8_SPAN_S < bend ? c0 + AI8_SPAN_S : bend;               \
+                AI8_IV p[NQ][NV];                                                                 \
+                for (int t = 0; t < NQ; t++) {                                                    \
+                    for (int v = 0; v < NV; v++) {                                                \
+                        p[t][v] = AI8_ZEROI();                                                    \
+                    }                                                                             \
+                }                                                                                 \
+                for (int64_t b = c0; b < c1; b++) {                                               \
+                    const uint8_t *kr = kt + b * KT * 4 + k0 * 4;                                 \
+                    AI8_IV kv[NV];                                                                \
+                    for (int v = 0; v < NV; v++) {                                                \
+                        kv[v] = AI8_LOADI(kr + 4 * AI8_W * v);                                    \
+                    }                                                                             \
+                    for (int t = 0; t < NQ; t++) {                                                \
+                        const AI8_IV qb = AI8_SET1I(ai8_word(q8 + t * hd + 4 * b));               \
+                        for (int v = 0; v < NV; v++) {                                            \
+                            p[t][v] = AI8_DP_PART(p[t][v], kv[v], qb);                            \
+                        }                                                                         \
+                    }                                                                             \
                 }                                                                                 \
                 for (int t = 0; t < NQ; t++) {                                                    \
-                    const AI8_IV qb = AI8_SET1I(ai8_word(q8 + t * hd + 4 * b));                   \
                     for (int v = 0; v < NV; v++) {                                                \
-                        acc[t][v] = AI8_DP(acc[t][v], kv[v], qb);                                 \
+                        acc[t][v] = AI8_WIDEN(acc[t][v], p[t][v]);                                \
                     }                                                                             \
                 }                                                                                 \
             }                                                                                     \
@@ -274,11 +294,18 @@ AI8_FN void ai8_values(float *o, const uint8_t *vt, const uint8_t *w8, const flo
             wg[v] = w8 + (v < nv ? (i0 + AI8_W * v) / g : 0) * KT;
         }
         if (nv == 4 && wg[0] == wg[3]) { /* one group: one broadcast a block of 4 rows */
-            for (int64_t b = 0; b < jb; b++) {
-                const uint8_t *r = vt + b * hd * 4 + i0 * 4;
-                const AI8_IV wb = AI8_SET1I(ai8_word(wg[0] + 4 * b));
+            for (int64_t c0 = 0; c0 < jb; c0 += AI8_SPAN_V) {
+                const int64_t c1 = c0 + AI8_SPAN_V < jb ? c0 + AI8_SPAN_V : jb;
+                AI8_IV p[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
+                for (int64_t b = c0; b < c1; b++) {
+                    const uint8_t *r = vt + b * hd * 4 + i0 * 4;
+                    const AI8_IV wb = AI8_SET1I(ai8_word(wg[0] + 4 * b));
+                    for (int v = 0; v < 4; v++) {
+                        p[v] = AI8_DP_PART(p[v], wb, AI8_LOADI(r + 4 * AI8_W * v));
+                    }
+                }
                 for (int v = 0; v < 4; v++) {
-                    acc[v] = AI8_DP(acc[v], wb, AI8_LOADI(r + 4 * AI8_W * v));
+                    acc[v] = AI8_WIDEN(acc[v], p[v]);
                 }
             }
         }
@@ -317,13 +344,23 @@ AI8_FN void ai8_values2(float *oa, float *ob, const uint8_t *vt, const uint8_t *
         const uint8_t *ua = wa + gi * KT, *ub = wb + gi * KT;
         AI8_IV a[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
         AI8_IV b[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
-        for (int64_t k = 0; k < jb; k++) {
-            const uint8_t *r = vt + k * hd * 4 + i0 * 4;
-            const AI8_IV xa = AI8_SET1I(ai8_word(ua + 4 * k)), xb = AI8_SET1I(ai8_word(ub + 4 * k));
+        for (int64_t c0 = 0; c0 < jb; c0 += AI8_SPAN_V) {
+            const int64_t c1 = c0 + AI8_SPAN_V < jb ? c0 + AI8_SPAN_V : jb;
+            AI8_IV pa[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
+            AI8_IV pb[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
+            for (int64_t k = c0; k < c1; k++) {
+                const uint8_t *r = vt + k * hd * 4 + i0 * 4;
+                const AI8_IV xa = AI8_SET1I(ai8_word(ua + 4 * k));
+                const AI8_IV xb = AI8_SET1I(ai8_word(ub + 4 * k));
+                for (int v = 0; v < 4; v++) {
+                    const AI8_IV rv = AI8_LOADI(r + 4 * AI8_W * v);
+                    pa[v] = AI8_DP_PART(pa[v], xa, rv);
+                    pb[v] = AI8_DP_PART(pb[v], xb, rv);
+                }
+            }
             for (int v = 0; v < 4; v++) {
-                const AI8_IV rv = AI8_LOADI(r + 4 * AI8_W * v);
-                a[v] = AI8_DP(a[v], xa, rv);
-                b[v] = AI8_DP(b[v], xb, rv);
+                a[v] = AI8_WIDEN(a[v], pa[v]);
+                b[v] = AI8_WIDEN(b[v], pb[v]);
             }
         }
         for (int v = 0; v < 4; v++) {
