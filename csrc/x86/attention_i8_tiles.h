@@ -51,14 +51,14 @@ AI8_FN void ai8_unpack_row(const uint8_t *row, int64_t hd, int64_t g, const floa
         return;
     }
     const __m128i m15 = _mm_set1_epi8(15);
-    for (int64_t i = 0; i < hd; i += 16) {
-        const __m128i v = _mm_loadl_epi64((const __m128i *)(row + i / 2));
-        __m128i c = _mm_unpacklo_epi8(_mm_and_si128(v, m15),
-                                      _mm_and_si128(_mm_srli_epi16(v, 4), m15));
-        if (z != NULL) {
-            c = _mm_sub_epi8(c, _mm_set1_epi8((char)offq_attn_i8_zero(z[i / g])));
+    for (int64_t i0 = 0; i0 < hd; i0 += g) { /* one zero-point a group (g % 16 == 0) */
+        const __m128i zb = _mm_set1_epi8(z != NULL ? (char)offq_attn_i8_zero(z[i0 / g]) : 0);
+        for (int64_t i = i0; i < i0 + g; i += 16) {
+            const __m128i v = _mm_loadl_epi64((const __m128i *)(row + i / 2));
+            const __m128i c = _mm_unpacklo_epi8(_mm_and_si128(v, m15),
+                                                _mm_and_si128(_mm_srli_epi16(v, 4), m15));
+            _mm_storeu_si128((__m128i *)(out + i), _mm_sub_epi8(c, zb));
         }
-        _mm_storeu_si128((__m128i *)(out + i), c);
     }
 }
 
