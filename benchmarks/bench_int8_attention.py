@@ -15,7 +15,7 @@ Protocol (printed): an offq W4A4KV4 checkpoint, WikiText-2 test shipped with off
         --calib-seqlen 512 --out runs/offq8
     python benchmarks/bench_int8_attention.py --ckpt runs/offq8            # ~9 min
     python benchmarks/bench_int8_attention.py --model qwen2.5-coder-1.5b --ckpt runs/qwen \\
-        --windows 2 --prompt-lengths 512 --repeats 2
+        --windows 12 --prompt-lengths                          # perplexity only
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=32,
                     help="perplexity windows (a 4-bit model's 8-window perplexity moves by ~0.4%% "
                          "with float32-level changes of the attention)")
-    ap.add_argument("--prompt-lengths", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--prompt-lengths", type=int, nargs="*", default=[512, 2048],
+                    help="ppN tests (none: perplexity only, the FP32 model is not loaded)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-ppl", action="store_true", help="speed only")
@@ -57,9 +58,10 @@ def main() -> int:
     model, tok, qcfg = load_quantized(args.ckpt, mode="fused")
     runner = model.fused_runner
     runner.prefill = "c"
-    with open_checkpoint(args.model) as ckpt:
-        fp = Model.from_checkpoint(ckpt, resident=True)
-        fp.layers  # read every layer now: the checkpoint closes below
+    if args.prompt_lengths:
+        with open_checkpoint(args.model) as ckpt:
+            fp = Model.from_checkpoint(ckpt, resident=True)
+            fp.layers  # read every layer now: the checkpoint closes below
     machine = describe_machine()
     print(f"# {qcfg.describe(model.config.hidden_size)} ({args.ckpt}); {machine}", flush=True)
     out: dict = {"protocol": {"ckpt": str(args.ckpt), "method": qcfg.describe(
@@ -87,9 +89,10 @@ def main() -> int:
         m.logits(h[:, -1:])
         return time.perf_counter() - t
 
-    print(f"{'prompt':>7s} {'threads':>7s} {'FP32':>8s} {'float':>8s} {'int8':>8s} "
-          f"{'int8/float':>10s} {'float/FP32':>10s} {'int8/FP32':>10s}   tokens/s, best of "
-          f"{args.repeats}", flush=True)
+    if args.prompt_lengths:
+        print(f"{'prompt':>7s} {'threads':>7s} {'FP32':>8s} {'float':>8s} {'int8':>8s} "
+              f"{'int8/float':>10s} {'float/FP32':>10s} {'int8/FP32':>10s}   tokens/s, best "
+              f"of {args.repeats}", flush=True)
     for n in args.prompt_lengths:
         ids = eval_windows(tok, load_wikitext2_test(), n, 1, bool(model.config.add_bos))[0]
         for th in args.threads:
