@@ -308,15 +308,9 @@ AI8_FN void ai8_values(float *o, const uint8_t *vt, const uint8_t *w8, const flo
                     acc[v] = AI8_WIDEN(acc[v], p[v]);
                 }
             }
-        }
-        for (int64_t b = 0; b < jb && !(nv == 4 && wg[0] == wg[3]); b++) {
-            const uint8_t *r = vt + b * hd * 4 + i0 * 4;
-            if (nv == 4) {
-                for (int v = 0; v < 4; v++) {
-                    acc[v] = AI8_DP(acc[v], AI8_SET1I(ai8_word(wg[v] + 4 * b)),
-                                    AI8_LOADI(r + 4 * AI8_W * v));
-                }
-            } else {
+        } else { /* groups narrower than 4 vectors, or the last 1-3 vectors: a broadcast each */
+            for (int64_t b = 0; b < jb; b++) {
+                const uint8_t *r = vt + b * hd * 4 + i0 * 4;
                 for (int v = 0; v < nv; v++) {
                     acc[v] = AI8_DP(acc[v], AI8_SET1I(ai8_word(wg[v] + 4 * b)),
                                     AI8_LOADI(r + 4 * AI8_W * v));
