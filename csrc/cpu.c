@@ -52,6 +52,7 @@ static const offq_wq_ops wq_avx512vbmi = { /* the same variant, its 3-bit lanes 
 
 static const offq_mm_ops mm_avx2 = {
     .tile = offq_mm_tile_avx2,
+    .tile_folded = offq_mm_tile_folded_avx2,
     .pack_panel = offq_mm_pack_panel_avx2,
     .unpack_blocks = offq_mm_unpack_blocks_avx2,
     /* above 4 rows the GEMM path wins (16 accumulators would spill); the decode layout first

@@ -134,7 +134,6 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
     const offq_mm_plan *pl = &p->pl;
     const int64_t k = pl->k, nb = pl->nb, ag = p->lin->a_group, ng = k / ag;
     offq_status err = OFFQ_OK;
-    int folded = p->chunk != 0 || p->fold_gemm;
     for (int64_t r = r0; r < r1; r++) {
         const float *xr = x + r * ld;
         float *za = p->azero + r * nb, *sa = p->ascale + r * nb;
@@ -159,9 +158,6 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
                 }
             }
         }
-        for (int64_t b = 0; b < nb; b++) { /* the condition of matmul_w4a4.c's small_m */
-            folded &= za[b] >= -112.0f && za[b] <= 127.0f && za[b] == (float)(int)za[b];
-        }
         if (p->chunk == 0 && ag != pl->blk) {
             for (int64_t b = 0; b < nb; b++) {
                 int32_t acc = 0;
@@ -172,25 +168,15 @@ static offq_status quantize_chunk(const offq_dec_model *md, const product *p, co
             }
         }
     }
-    if (p->fold_gemm && folded) {
-        /* GEMM strip (ops->tile_folded): codes - zero-point as int8, and in the azero slots the
-         * int32 start of each block's sums, -Z * (the folded codes' sum) */
-        const int32_t wz = p->lin->w_zero_const, blk = (int32_t)pl->blk;
-        for (int64_t r = r0; r < r1; r++) {
-            int32_t *init = (int32_t *)(void *)(p->azero + r * nb);
-            for (int64_t b = 0; b < nb; b++) {
-                const int32_t z = (int32_t)p->azero[r * nb + b];
-                /* a byte difference modulo 256 is the int8 code (|code - z| <= 127) */
-                uint8_t *restrict d = sb->ap + r * k + b * blk;
-                const uint8_t zb = (uint8_t)z;
-                for (int32_t i = 0; i < blk; i++) {
-                    d[i] = (uint8_t)(d[i] - zb);
-                }
-                init[b] = -wz * ((int32_t)p->asum[r * nb + b] - blk * z);
-            }
-        }
+    /* zero-points folded into the codes (matmul_w4a4.c's small_m tests the same condition) */
+    const int32_t fold_max =
+        p->chunk != 0 || p->fold_gemm ? offq_mm_fold_max(p->azero + r0 * nb, (r1 - r0) * nb) : 0;
+    const int folded = fold_max != 0;
+    if (p->fold_gemm && folded) { /* GEMM strip (ops->tile_folded) */
+        offq_mm_fold_rows(pl, sb->ap + r0 * k, k, p->asum + r0 * nb, p->azero + r0 * nb, nb,
+                          r1 - r0, p->lin->w_zero_const);
     }
-    sb->folded[chunk_index] = folded;
+    sb->folded[chunk_index] = fold_max;
     if (p->gemm && r1 == pl->m) { /* the GEMM reads whole strips: zero codes and parameters */
         memset(sb->ap + pl->m * k, 0, (size_t)((pl->mp - pl->m) * k));
         for (int64_t i = pl->m * nb; i < pl->mp * nb; i++) {
@@ -294,7 +280,7 @@ static void run_product(const product *p, int64_t rows, team_work *w, int64_t ba
                                          p->azero + r0 * pl->nb,
                                          p->ascale + r0 * pl->nb,
                                          sb->y + r0 * pl->n};
-            p->range(&g, (int)mrows, sb->folded[c], gb, ge);
+            p->range(&g, (int)mrows, sb->folded[c] != 0, gb, ge);
         }
         add_bias(p, rows, 8 * gb, 8 * ge, sb->y);
         finish(w, 1);

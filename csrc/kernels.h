@@ -303,8 +303,10 @@ typedef struct {
     const float *wz[2], *wT[2], *ws[2];
     int64_t nb, bp;
     /* tile_folded only: [MR][ldp] the start of each block's integer sums, -Z * S' (Z the weight's
-     * one zero-point, S' the block's folded code sum); a then holds codes minus zero-point */
+     * one zero-point, S' the block's folded code sum); a then holds codes minus zero-point, none
+     * of magnitude above fold_max (8..127: what bounds AVX2's 16-bit partial sums) */
     const int32_t *ainit;
+    int32_t fold_max;
 } offq_mm_tile_args;
 
 /* Small M: activations in chunks of `chunk` as [even | odd] bytes (or in plain order for the
@@ -358,8 +360,8 @@ void offq_mm_tile_folded_generic(const offq_mm_tile_args *u, int second, float *
  * matmul_w4a4.c and the decoder): a thread packs a tile of nc columns (multiple of 32) into its
  * workspace, then runs 8-row strips of activations against it. Activations: bytes [mp][kp]
  * (rows padded to OFFQ_MM_MR with zero codes), apar = asum, azero, ascale, each [mp][nb].
- * folded (NULL: none): per strip, 1 where its codes are folded and its azero rows hold the int32
- * ainit of ops->tile_folded instead. */
+ * folded (NULL: none): per strip, 0, or its codes are folded (offq_mm_fold_rows), its azero rows
+ * hold the int32 ainit of ops->tile_folded instead, and folded[strip] is their offq_mm_fold_max. */
 typedef struct {
     uint8_t *panels; /* [nc/16][kp/4][16][4], 32-byte aligned */
     float *par;      /* per panel: wz [nb][16], wT [nb][16], ws [nb][16] */
@@ -369,10 +371,20 @@ typedef struct {
 } offq_mm_workspace;
 void offq_mm_pack_tile(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n0, int64_t nc,
                        offq_mm_workspace *ws, const offq_mm_ops *ops);
+/* Folding activation zero-points into the codes (ops->tile_folded; the small-M paths fold the
+ * same way). offq_mm_fold_max: 0 unless every zero[0..n) is an integer in [-112, 127], else the
+ * largest |code - zero-point| 4-bit codes can then have (8..127). offq_mm_fold_rows: rows
+ * [0, rows) of codes (stride lda, block b's blk codes from b * bp) minus their block's zero-point
+ * as int8 bytes, and zero[r * ldp + b] overwritten by the int32 start of the block's sums,
+ * -wz * (the folded codes' sum), from asum (the plain codes' sums). */
+int32_t offq_mm_fold_max(const float *zero, int64_t n);
+void offq_mm_fold_rows(const offq_mm_plan *pl, uint8_t *codes, int64_t lda, const float *asum,
+                       float *zero, int64_t ldp, int64_t rows, int32_t wz);
 void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_t *acodes,
                     const float *apar, const int32_t *folded, int64_t n0, int64_t nc,
                     int64_t s_begin, int64_t s_end, const offq_mm_workspace *ws, float *out);
 void offq_mm_tile_avx2(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
+void offq_mm_tile_folded_avx2(const offq_mm_tile_args *u, int second, float *c, int64_t ldc);
 void offq_mm_pack_panel_avx2(const offq_mm_plan *pl, const offq_q4_operand *w, int64_t n,
                              uint8_t *panel, float *sums);
 void offq_mm_unpack_blocks_avx2(const offq_mm_plan *pl, const uint8_t *packed, uint8_t *dst,

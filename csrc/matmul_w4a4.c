@@ -39,11 +39,14 @@
  * (M <= 4, block % 8 == 0): 8 columns side by side in every 32-byte load, activations in plain
  * order, the same folding and the same float epilogue.
  *
- * Folded GEMM strips (the decoder's prefill; ops->tile_folded, VNNI and generic): when a weight's
- * zero-points are all one integer Z (symmetric weights: 8) and a strip's activation zero-points
- * fold as above, E_b = sum (qw - Z)(qa - za) = D' - Z * S' with D' and S' the folded codes' dot
- * product and sum: the tile starts each block's integer sums at -Z * S' and its epilogue is a
- * conversion and one FMA, the same exact E_b, so the same bits as the unfolded tile.
+ * Folded GEMM strips (ops->tile_folded, every variant; the driver below and the decoder's
+ * prefill): when a weight's zero-points are all one integer Z (symmetric weights: 8) and a strip's
+ * activation zero-points fold as above, E_b = sum (qw - Z)(qa - za) = D' - Z * S' with D' and S'
+ * the folded codes' dot product and sum: the tile starts each block's integer sums at -Z * S' and
+ * its epilogue is a conversion and one FMA, the same exact E_b, so the same bits as the unfolded
+ * tile. AVX2 sums the folded products in 16-bit lanes for as many steps as the strip's largest
+ * |qa - za| allows (offq_mm_fold_max). SmolLM2-135M's shapes (K = 576 or 1536, groups of 64,
+ * M = 512, one thread, Zen 4): +2-4% AVX2, +4% VNNI, folding included.
  */
 #include <omp.h>
 #include <stdlib.h>
@@ -356,6 +359,40 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
     return OFFQ_OK;
 }
 
+int32_t offq_mm_fold_max(const float *zero, int64_t n)
+{
+    int32_t most = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float z = zero[i];
+        if (!(z >= -112.0f && z <= 127.0f && z == (float)(int)z)) {
+            return 0;
+        }
+        const int32_t lo = (int32_t)z < 0 ? -(int32_t)z : (int32_t)z, hi = 15 - (int32_t)z;
+        const int32_t m = lo > (hi < 0 ? -hi : hi) ? lo : (hi < 0 ? -hi : hi);
+        most = m > most ? m : most;
+    }
+    return most;
+}
+
+void offq_mm_fold_rows(const offq_mm_plan *pl, uint8_t *codes, int64_t lda, const float *asum,
+                       float *zero, int64_t ldp, int64_t rows, int32_t wz)
+{
+    const int32_t blk = (int32_t)pl->blk;
+    for (int64_t r = 0; r < rows; r++) {
+        int32_t *init = (int32_t *)(void *)(zero + r * ldp);
+        for (int64_t b = 0; b < pl->nb; b++) {
+            const int32_t z = (int32_t)zero[r * ldp + b];
+            /* a byte difference modulo 256 is the int8 code (|code - z| <= 127) */
+            uint8_t *restrict d = codes + r * lda + b * pl->bp;
+            const uint8_t zb = (uint8_t)z;
+            for (int32_t i = 0; i < blk; i++) {
+                d[i] = (uint8_t)(d[i] - zb);
+            }
+            init[b] = -wz * ((int32_t)asum[r * ldp + b] - blk * z);
+        }
+    }
+}
+
 void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_t *acodes,
                     const float *apar, const int32_t *folded, int64_t n0, int64_t nc,
                     int64_t s_begin, int64_t s_end, const offq_mm_workspace *ws, float *out)
@@ -373,8 +410,9 @@ void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_
         u.ldp = pl->nb;
         u.nb = pl->nb;
         u.bp = pl->bp;
-        const int fold = folded != NULL && folded[st];
+        const int fold = folded != NULL && folded[st] != 0;
         u.ainit = fold ? (const int32_t *)(const void *)u.azero : NULL;
+        u.fold_max = fold ? folded[st] : 0;
         void (*const tile)(const offq_mm_tile_args *, int, float *, int64_t) =
             fold ? ops->tile_folded : ops->tile;
         for (int64_t p = 0; p < nc / NRP; p += 2) {
@@ -403,6 +441,20 @@ void offq_mm_strips(const offq_mm_plan *pl, const offq_mm_ops *ops, const uint8_
             }
         }
     }
+}
+
+int32_t offq_mm_weight_zero(const float *zero, int64_t n)
+{
+    const float z0 = n > 0 ? zero[0] : -1.0f;
+    if (!(z0 >= 0.0f && z0 <= 15.0f && z0 == (float)(int)z0)) {
+        return -1;
+    }
+    for (int64_t i = 1; i < n; i++) {
+        if (zero[i] != z0) {
+            return -1;
+        }
+    }
+    return (int32_t)z0;
 }
 
 static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
@@ -477,6 +529,27 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
         return err;
     }
 
+    /* 1b. where the weight has one integer zero-point Z (symmetric weights: 8) and the variant a
+     * folded tile, each strip of rows whose zero-points fold takes it (the same bits, cheaper
+     * per-block epilogue) */
+    int32_t *folded = NULL;
+    const int32_t wz = ops->tile_folded != NULL ? offq_mm_weight_zero(w->zero, w->rows * (k / w->group)) : -1;
+    if (wz >= 0) {
+        folded = malloc(sizeof(int32_t) * (size_t)(pl.mp / MR));
+        if (folded == NULL) {
+            free(acodes);
+            free(apar);
+            return OFFQ_ERR_NOMEM;
+        }
+        for (int64_t st = 0; st < pl.mp / MR; st++) {
+            folded[st] = offq_mm_fold_max(azero + st * MR * pl.nb, MR * pl.nb);
+            if (folded[st] != 0) {
+                offq_mm_fold_rows(&pl, acodes + st * MR * pl.kp, pl.kp, asum + st * MR * pl.nb,
+                                  azero + st * MR * pl.nb, pl.nb, MR, wz);
+            }
+        }
+    }
+
     /* 2. tiles of columns (multiple of 32 = two panels), split rows when there are few tiles. */
     const int nthreads = omp_get_max_threads();
     int64_t nc = 32;
@@ -522,7 +595,7 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
             const int64_t s_begin = chunk * strips_per_chunk;
             const int64_t s_end = s_begin + strips_per_chunk < strips ? s_begin + strips_per_chunk
                                                                       : strips;
-            offq_mm_strips(&pl, ops, acodes, apar, NULL, n0, nc, s_begin, s_end, &ws, out);
+            offq_mm_strips(&pl, ops, acodes, apar, folded, n0, nc, s_begin, s_end, &ws, out);
         }
         free(ws.panels);
         free(ws.par);
@@ -530,6 +603,7 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
         free(ws.tmp);
         free(ws.psums);
     }
+    free(folded);
     free(acodes);
     free(apar);
     return err;

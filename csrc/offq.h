@@ -132,6 +132,10 @@ typedef enum {
 offq_status offq_matmul_w4a4(const offq_q4_operand *a, const offq_q4_operand *w, int64_t k,
                              float *out, offq_kernel kernel);
 
+/* A 4-bit weight's one zero-point (zero[0..n), every row and group, all equal to an integer in
+ * [0, 15]; symmetric weights: 8), else -1: products fold it into their integer sums. */
+int32_t offq_mm_weight_zero(const float *zero, int64_t n);
+
 /* ---- residual add + RMSNorm (norm.c) -------------------------------------------------------------
  * Per row r < rows of h [rows][d]: h_r += y_r (y NULL: unchanged), out_r = h_r / sqrt(mean(h_r^2)
  * + eps) * w (w NULL: ones), the mean of squares in float64: the C decoders' step, in the

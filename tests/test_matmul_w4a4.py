@@ -253,6 +253,42 @@ def test_the_largest_group_folds_its_zero_point_without_wrapping(kernel: str) ->
         np.testing.assert_array_equal(out, np.float32(15 * 127 * k))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("qa,za", [(15, -112), (0, 127), (15, -53), (0, 68), (15, -54), (0, 69),
+                                   (15, 0), (0, 15)])
+@pytest.mark.parametrize("wzero", [0, 8])
+def test_folded_tile_sums_at_their_limits(kernel: str, qa: int, za: int, wzero: int) -> None:
+    """The GEMM tile folds the activations' zero-point into their codes (qa - za as int8) when
+    the weight has one integer zero-point: AVX2 sums the folded products in 16-bit lanes and
+    widens every 32767 // (30 * max |qa - za|) steps of 4 k, so all-15 weights against codes at
+    the edges of each span (|qa - za| = 127, 68 and 69 around the 16-step span, 15) must give the
+    exact integer sum; a longer span wraps."""
+    k, m, n = 1024, 9, 40  # 9 rows: the tile path on every variant
+    w = from_int_codes(np.full((n, k), 15), np.ones((n, 1)), np.full((n, 1), wzero), k)
+    a = from_int_codes(np.full((m, k), qa), np.ones((m, 2)), np.full((m, 2), za), k // 2)
+    np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel),
+                                  np.full((m, n), (15 - wzero) * (qa - za) * k, np.float32))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("k,ga,gw", [(576, 64, -1), (512, 128, 64), (96, 24, 48), (45, 15, 45)])
+def test_folded_and_unfolded_tiles_give_the_same_bits(kernel: str, k: int, ga: int,
+                                                      gw: int) -> None:
+    """A strip of 8 rows folds only when every zero-point of its rows does: rows 1-7 share
+    strip 0 with a massive-activation row (zero-points far outside int8: the unfolded tile) and
+    are repeated as rows 9-15 of strip 1 (the folded tile); both must give the same bits."""
+    rng = np.random.default_rng(k + ga)
+    x = rng.standard_normal((16, k)).astype(np.float32)
+    x[0] += 1e4
+    x[9:16] = x[1:8]
+    a = quantize(x, group_size=ga)
+    w = quantize(rng.standard_normal((40, k)).astype(np.float32), group_size=gw, symmetric=True)
+    assert np.all(np.abs(a.zero[0]) > 127)
+    out = matmul_w4a4(a, w, kernel=kernel)
+    np.testing.assert_array_equal(out[9:16], out[1:8])
+    assert_close(out, a, w)
+
+
 def test_validation_names_arguments():
     rng = np.random.default_rng(7)
     a = quantize(rng.standard_normal((4, 192)).astype(np.float32), group_size=48)

@@ -173,12 +173,7 @@ static int parse_linear(PyObject *obj, const char *name, int64_t n, int64_t k,
     lin->w.group = wg;
     lin->k = k;
     lin->a_group = ag;
-    const float *zero = data[2], z0 = n * (k / wg) > 0 ? zero[0] : -1.0f;
-    int same = z0 >= 0.0f && z0 <= 15.0f && z0 == (float)(int)z0;
-    for (int64_t i = 1; same && i < n * (k / wg); i++) {
-        same = zero[i] == z0;
-    }
-    lin->w_zero_const = same ? (int)z0 : -1;
+    lin->w_zero_const = offq_mm_weight_zero(data[2], n * (k / wg));
     return 0;
 }
 

@@ -22,24 +22,35 @@
  * 256 k: 8 accumulators + 2 weight vectors + 1 broadcast fit the 16 ymm registers. `one_chunk`
  * (a constant: two copies are compiled) is for blocks of at most CHUNK k, the usual groups of 64
  * or 128: the widened sums are then the block's, with no 32-bit running total to add to and keep
- * (spilled) across the inner loop; at 64 k a block that saves ~8% of the product. */
+ * (spilled) across the inner loop; at 64 k a block that saves ~8% of the product.
+ * `folded` (a constant) is tile_folded (kernels.h): int8 codes minus their zero-point against a
+ * weight with one zero-point, each block's int32 sums started from ainit, and the epilogue a
+ * conversion and one FMA per vector instead of five operations. A pair of folded products is at
+ * most 2 * 15 * fold_max, so the 16-bit sums are widened every 32767 / (30 * fold_max) steps of
+ * 4 k (72 for ordinary tokens, whose zero-points lie in [0, 15]; 8 at the extreme 127). */
 #define MR_AVX2 4
 __attribute__((target("avx2,fma"), always_inline)) static inline void
 panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, int64_t ldc,
-             const int one_chunk)
+             const int one_chunk, const int folded)
 {
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256 zero = _mm256_setzero_ps();
     const uint8_t *restrict wp = u->wp[panel];
     const int64_t lda = u->lda;
     const uint8_t *a0 = u->a + r0 * lda;
+    /* k per 16-bit stage: whole chunks, or the folded codes' bound */
+    const int64_t span = folded ? 4 * (32767 / (30 * (int64_t)u->fold_max)) : CHUNK;
     for (int64_t b = 0; b < u->nb; b++) {
-        __m256i d00 = _mm256_setzero_si256(), d01 = d00, d10 = d00, d11 = d00, d20 = d00,
-                d21 = d00, d30 = d00, d31 = d00;
+#define OFFQ_INIT(r)                                                                             \
+    __m256i d##r##0 = folded ? _mm256_set1_epi32(u->ainit[(r0 + (r)) * u->ldp + b])              \
+                             : _mm256_setzero_si256(),                                          \
+            d##r##1 = d##r##0;
+        OFFQ_INIT(0) OFFQ_INIT(1) OFFQ_INIT(2) OFFQ_INIT(3)
+#undef OFFQ_INIT
         const uint8_t *ab = a0 + b * u->bp;
         const uint8_t *wb = wp + b * u->bp * NRP;
-        for (int64_t c0 = 0; c0 < u->bp; c0 += CHUNK) {
-            const int64_t steps = (u->bp - c0 < CHUNK ? u->bp - c0 : CHUNK) / 4;
+        for (int64_t c0 = 0; c0 < u->bp; c0 += span) {
+            const int64_t steps = (u->bp - c0 < span ? u->bp - c0 : span) / 4;
             __m256i s00 = _mm256_setzero_si256(), s01 = s00, s10 = s00, s11 = s00, s20 = s00,
                     s21 = s00, s30 = s00, s31 = s00;
             const uint8_t *wc = wb + c0 * NRP;
@@ -67,29 +78,35 @@ panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, 
             /* vpmaddubsw summed the pairs (k0,k1),(k2,k3) of a column into adjacent 16-bit
              * lanes; vpmaddwd with ones adds them: lane j of d_r,h is column 8h + j. */
 #define OFFQ_WIDEN(d, s)                                                                         \
-    d = one_chunk ? _mm256_madd_epi16(s, ones) : _mm256_add_epi32(d, _mm256_madd_epi16(s, ones));
+    d = one_chunk && !folded ? _mm256_madd_epi16(s, ones)                                        \
+                             : _mm256_add_epi32(d, _mm256_madd_epi16(s, ones));
             OFFQ_WIDEN(d00, s00) OFFQ_WIDEN(d01, s01) OFFQ_WIDEN(d10, s10) OFFQ_WIDEN(d11, s11)
             OFFQ_WIDEN(d20, s20) OFFQ_WIDEN(d21, s21) OFFQ_WIDEN(d30, s30) OFFQ_WIDEN(d31, s31)
 #undef OFFQ_WIDEN
         }
-        const __m256 wz0 = _mm256_loadu_ps(u->wz[panel] + b * NRP);
-        const __m256 wz1 = _mm256_loadu_ps(u->wz[panel] + b * NRP + 8);
-        const __m256 wt0 = _mm256_loadu_ps(u->wT[panel] + b * NRP);
-        const __m256 wt1 = _mm256_loadu_ps(u->wT[panel] + b * NRP + 8);
+        __m256 wz0 = zero, wz1 = zero, wt0 = zero, wt1 = zero;
+        if (!folded) {
+            wz0 = _mm256_loadu_ps(u->wz[panel] + b * NRP);
+            wz1 = _mm256_loadu_ps(u->wz[panel] + b * NRP + 8);
+            wt0 = _mm256_loadu_ps(u->wT[panel] + b * NRP);
+            wt1 = _mm256_loadu_ps(u->wT[panel] + b * NRP + 8);
+        }
         const __m256 ws0 = _mm256_loadu_ps(u->ws[panel] + b * NRP);
         const __m256 ws1 = _mm256_loadu_ps(u->ws[panel] + b * NRP + 8);
 #define OFFQ_EPI(r)                                                                              \
     {                                                                                            \
         const int64_t pi = (r0 + (r)) * u->ldp + b;                                              \
-        const __m256 sa = _mm256_set1_ps(u->asum[pi]);                                           \
-        const __m256 za = _mm256_set1_ps(u->azero[pi]);                                          \
         const __m256 xa = _mm256_set1_ps(u->ascale[pi]);                                         \
         float *c = ct + (r0 + (r)) * ldc + panel * NRP;                                          \
         __m256 e0 = _mm256_cvtepi32_ps(d##r##0), e1 = _mm256_cvtepi32_ps(d##r##1);               \
-        e0 = _mm256_fnmadd_ps(sa, wz0, e0);                                                      \
-        e1 = _mm256_fnmadd_ps(sa, wz1, e1);                                                      \
-        e0 = _mm256_fnmadd_ps(za, wt0, e0);                                                      \
-        e1 = _mm256_fnmadd_ps(za, wt1, e1);                                                      \
+        if (!folded) {                                                                           \
+            const __m256 sa = _mm256_set1_ps(u->asum[pi]);                                       \
+            const __m256 za = _mm256_set1_ps(u->azero[pi]);                                      \
+            e0 = _mm256_fnmadd_ps(sa, wz0, e0);                                                  \
+            e1 = _mm256_fnmadd_ps(sa, wz1, e1);                                                  \
+            e0 = _mm256_fnmadd_ps(za, wt0, e0);                                                  \
+            e1 = _mm256_fnmadd_ps(za, wt1, e1);                                                  \
+        }                                                                                        \
         const __m256 c0 = b ? _mm256_loadu_ps(c) : zero, c1 = b ? _mm256_loadu_ps(c + 8) : zero; \
         _mm256_storeu_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws0), e0, c0));                    \
         _mm256_storeu_ps(c + 8, _mm256_fmadd_ps(_mm256_mul_ps(xa, ws1), e1, c1));                \
@@ -103,14 +120,21 @@ __attribute__((target("avx2,fma"))) static void panel_avx2_one_chunk(const offq_
                                                                      int panel, int r0, float *ct,
                                                                      int64_t ldc)
 {
-    panel_avx2_t(u, panel, r0, ct, ldc, 1);
+    panel_avx2_t(u, panel, r0, ct, ldc, 1, 0);
 }
 
 __attribute__((target("avx2,fma"))) static void panel_avx2_chunks(const offq_mm_tile_args *u,
                                                                   int panel, int r0, float *ct,
                                                                   int64_t ldc)
 {
-    panel_avx2_t(u, panel, r0, ct, ldc, 0);
+    panel_avx2_t(u, panel, r0, ct, ldc, 0, 0);
+}
+
+__attribute__((target("avx2,fma"))) static void panel_avx2_folded(const offq_mm_tile_args *u,
+                                                                  int panel, int r0, float *ct,
+                                                                  int64_t ldc)
+{
+    panel_avx2_t(u, panel, r0, ct, ldc, 0, 1);
 }
 
 __attribute__((target("avx2,fma"))) static void panel_avx2(const offq_mm_tile_args *u, int panel,
@@ -130,6 +154,18 @@ __attribute__((target("avx2,fma"))) void offq_mm_tile_avx2(const offq_mm_tile_ar
         panel_avx2(u, 0, r0, ct, ldc);
         if (second) {
             panel_avx2(u, 1, r0, ct, ldc);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) void offq_mm_tile_folded_avx2(const offq_mm_tile_args *u,
+                                                                 int second, float *ct,
+                                                                 int64_t ldc)
+{
+    for (int r0 = 0; r0 < MR; r0 += MR_AVX2) {
+        panel_avx2_folded(u, 0, r0, ct, ldc);
+        if (second) {
+            panel_avx2_folded(u, 1, r0, ct, ldc);
         }
     }
 }
