@@ -93,27 +93,37 @@ def load_dataset(name_or_path: str | os.PathLike) -> str:
         raise ValueError(f"{path}: not valid UTF-8: {e}") from e
 
 
-def load_model(model: Any, *, mode: str = "real", **kwargs: Any) -> tuple[Model, Any]:
+def load_model(model: Any, *, mode: str = "real", attention: str = "float",
+               **kwargs: Any) -> tuple[Model, Any]:
     """``(Model, tokenizer)`` from a Model, a Checkpoint, or a path / registered name.
 
     A path to an offq checkpoint directory (quantized), or to a GPTQ-layout directory
     (``offq.formats.gptq_export``), is run by ``offq.quant.assemble.load_quantized`` with the
     real W4A4 kernels (``mode="real"``), on the fused C decoder (``"fused"``; ``"auto"`` takes it
     where the checkpoint qualifies, else "real") or simulated in float32 (``mode="fake"``);
-    anything else is opened by ``offq.formats.open_checkpoint`` and runs in float32. ``kwargs``
-    go to ``Model.from_checkpoint``.
+    anything else is opened by ``offq.formats.open_checkpoint`` and runs in float32.
+    ``attention="int8"``: the fused W4A4KV4 decoder's opt-in 8-bit attention (offq checkpoints
+    only, see ``load_quantized``). ``kwargs`` go to ``Model.from_checkpoint``.
     """
+    from .formats.checkpoint import is_offq_checkpoint
+
+    if attention != "float" and not (isinstance(model, (str, os.PathLike))
+                                     and is_offq_checkpoint(model)):
+        raise ValueError(f"attention: {attention!r} runs on the fused C decoder of an offq "
+                         "W4A4KV4 checkpoint directory; this model is not one")
     if isinstance(model, Model):
         return model, model.tokenizer
     if isinstance(model, (str, os.PathLike)):
-        from .formats.checkpoint import is_offq_checkpoint
         from .quant.assemble import load_quantized, resolved_mode
         from .formats.gptq_export import is_gptq_export, load_gptq_export
         if is_offq_checkpoint(model) or is_gptq_export(model):
             load = load_quantized if is_offq_checkpoint(model) else load_gptq_export
-            m, tok, qcfg = load(model, mode=mode)
+            m, tok, qcfg = (load(model, mode=mode, attention=attention)
+                            if load is load_quantized else load(model, mode=mode))
             m.tokenizer = tok
             taken = resolved_mode(m, mode)
+            if attention != "float":
+                taken += f", {attention} attention"
             m.method = (f"{qcfg.describe(m.config.hidden_size)} ({taken})"
                         if load is load_quantized else
                         f"gptq-format export W{qcfg.w_bits} group {qcfg.w_group_size} "

@@ -172,6 +172,53 @@ def test_auto_mode_runs_w4a4kv4_checkpoints_on_the_c_decoder(quantized, tmp_path
         load_quantized(ckpt_dir, mode="fused")
 
 
+def test_int8_attention_from_the_loader_and_the_command_line(quantized, tmp_path, capsys):
+    """`load_quantized(attention="int8")` (`offq eval` / `offq generate --attention int8`) gives
+    the fused decoder the 8-bit attention with prompts through the C step, so a perplexity
+    measures it: near the float attention's but not equal, and named in the protocol. Refused,
+    with a message naming the fix, where it cannot run: another mode, a streamed model, a model
+    that is not an offq checkpoint."""
+    import json
+
+    from offq.cli import main
+    from offq.eval import load_model
+    from offq.quant.assemble import load_quantized
+
+    ckpt_dir = quantized.save(tmp_path / "ckpt")
+    write_word_tokenizer(ckpt_dir, quantized.model("real").config.vocab_size)
+    model, _, _ = load_quantized(ckpt_dir, mode="fused", attention="int8")
+    assert (model.fused_runner.attention, model.fused_runner.prefill) == ("int8", "c")
+    assert load_quantized(ckpt_dir, mode="fused")[0].fused_runner.attention == "float"
+
+    text = tmp_path / "text.txt"
+    ids = np.random.default_rng(5).integers(3, model.config.vocab_size, size=80)
+    text.write_text(" ".join(f"w{i}" for i in ids), encoding="utf-8")
+    evals = {}
+    for attention in ("float", "int8"):
+        assert main(["eval", str(ckpt_dir), "--dataset", str(text), "--seqlen", "24", "--json",
+                     "--quiet", "--mode", "fused", "--attention", attention]) == 0
+        evals[attention] = json.loads(capsys.readouterr().out)
+    assert evals["int8"]["method"].endswith("(fused, int8 attention)")
+    assert evals["float"]["method"].endswith("(fused)")
+    assert evals["int8"]["nll"] != evals["float"]["nll"]
+    assert abs(evals["int8"]["nll"] / evals["float"]["nll"] - 1) < 0.05
+    assert main(["generate", str(ckpt_dir), "--prompt", "w3 w4 w5 w6", "--max-new-tokens", "4",
+                 "--quiet", "--attention", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("w3 w4 w5 w6")
+
+    assert main(["eval", str(ckpt_dir), "--attention", "int8", "--quiet"]) == 2
+    assert "--attention int8 runs on the fused C decoder: add --mode fused" in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match="attention: 'int8' is the fused C decoder's"):
+        load_quantized(ckpt_dir, mode="real", attention="int8")
+    with pytest.raises(ValueError, match="a streamed model"):
+        load_quantized(ckpt_dir, mode="auto", resident=False, attention="int8")
+    with pytest.raises(ValueError, match="attention: expected one of"):
+        load_quantized(ckpt_dir, mode="fused", attention="int4")
+    with pytest.raises(ValueError, match="this model is not one"):
+        load_model(model, attention="int8")
+
+
 def test_numpy_prefill_then_c_decode(quantized):
     """prefill="numpy" (the default): a prompt is the real path's, bit for bit, and its packed K/V
     feed the C decode steps that follow (close to the real path's own decode)."""

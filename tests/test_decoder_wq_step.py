@@ -147,6 +147,9 @@ def test_fused_and_auto_modes_run_weight_only_models_on_the_c_step(quantized):
               real.forward(ids[:1, t:t + 1], cache=ref_cache))
     with pytest.raises(ValueError, match="one sequence"):
         fused.forward(ids, cache=fused.new_cache())
+    # the 8-bit attention runs over the W4A4KV4 decoder's 4-bit cache, which this model lacks
+    with pytest.raises(ValueError, match="this model is weight-only"):
+        fused_runner(real, "int8")
 
 
 def test_models_the_step_cannot_run_are_refused():

@@ -141,10 +141,15 @@ def install_online(layer: DecoderLayer, model_config: Any, cfg: QuantConfig,
 
 
 def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.ndarray], *,
-                mode: str = "real", resident: bool = True, name: str = "") -> Model:
-    """A runnable :class:`offq.model.Model` over the stored tensors of a quantized model."""
+                mode: str = "real", resident: bool = True, name: str = "",
+                attention: str = "float") -> Model:
+    """A runnable :class:`offq.model.Model` over the stored tensors of a quantized model
+    (``attention``: see :func:`load_quantized`)."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if attention != "float" and mode not in ("fused", "auto"):
+        raise ValueError(f"attention: {attention!r} is the fused C decoder's (mode 'fused' or "
+                         f"'auto'); mode {mode!r} runs the float attention")
     arch = architecture_of(model_config)
     embed = np.asarray(tensors[arch.embed[0]], dtype=np.float32)
     from .lm_head import lm_head_from_tensors
@@ -162,12 +167,15 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
         from .fused import fused_runner
 
         try:
-            model.fused_runner = fused_runner(model)
+            model.fused_runner = fused_runner(model, attention)
         except ValueError as e:  # FusedDecoder names what the model lacks
-            if mode == "fused":
+            if mode == "fused" or attention != "float":
                 raise
             logger.info("mode auto: %s runs on the NumPy-sequenced real path (%s)",
                         name or "the model", e)
+    if attention != "float" and getattr(model, "fused_runner", None) is None:
+        raise ValueError(f"attention: {attention!r} needs the fused C decoder, which a streamed "
+                         "model (resident=False) does not get")
     return model
 
 
@@ -178,14 +186,19 @@ def resolved_mode(model: Model, mode: str) -> str:
     return "fused" if getattr(model, "fused_runner", None) is not None else "real"
 
 
-def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: bool = True):
+def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: bool = True,
+                   attention: str = "float"):
     """Open an offq checkpoint directory -> (Model, Tokenizer or None, QuantConfig).
 
     Validates the format version, the QuantConfig, and every tensor's presence, dtype, shape and
     (for scales and zero-points) finiteness against the model config before building the model;
     a tensor the model does not use is an error too. ``mode``: one of :data:`MODES`; "auto" runs
     a W4A4KV4 or weight-only checkpoint on its fused C decoder (perplexity bit-identical to
-    "real", generation faster) and anything else on "real".
+    "real", generation faster) and anything else on "real". ``attention``: "float" (the
+    default) or "int8", the fused W4A4KV4 decoder's opt-in 8-bit attention over the 4-bit cache
+    (``FusedDecoder(attention="int8")``; prompts then run through the C step too, so perplexity
+    measures it: +0.29% on SmolLM2-135M, +0.86% on Qwen2.5-Coder-1.5B,
+    benchmarks/results_speed.md); it needs mode "fused" or "auto" and a W4A4KV4 checkpoint.
     """
     from ..formats.checkpoint import (MODEL_FILE, check_checkpoint_tensors, load_safetensors,
                                       read_config)
@@ -197,6 +210,7 @@ def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: boo
     tensors, _ = load_safetensors(path / MODEL_FILE)
     check_checkpoint_tensors(tensors, model_config, qcfg, str(path / MODEL_FILE))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
-    model = build_model(model_config, qcfg, tensors, mode=mode, resident=resident, name=path.name)
+    model = build_model(model_config, qcfg, tensors, mode=mode, resident=resident, name=path.name,
+                        attention=attention)
     model.tokenizer = tokenizer  # perplexity(model) and generate find it there
     return model, tokenizer, qcfg

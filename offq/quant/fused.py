@@ -62,17 +62,25 @@ PREFILL_MODES = ("numpy", "c", "auto")
 ATTENTION_MODES = ("float", "int8")
 
 
-def fused_runner(model: Any) -> Any:
+def fused_runner(model: Any, attention: str = "float") -> Any:
     """The C runtime that fits a real-path ``model``: a
     :class:`~offq.quant.fused_wq.FusedWeightOnlyDecoder` when its linears are packed weight-only
     ones (float activations), else a :class:`FusedDecoder`. Either raises ValueError naming what
-    the model lacks."""
+    the model lacks. ``attention="int8"``: the W4A4KV4 decoder's opt-in 8-bit attention, with
+    prompts through the C step too (``prefill="c"``), so that perplexity windows use it."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
     first = model.load_layer(0).fused_linear("qkv") if model.num_layers else None
     if isinstance(first, PackedWeightLinear):
+        if attention != "float":
+            raise ValueError(f"attention: {attention!r} runs over the W4A4KV4 decoder's 4-bit KV "
+                             "cache, and this model is weight-only (float activations and KV)")
         from .fused_wq import FusedWeightOnlyDecoder
 
         return FusedWeightOnlyDecoder(model)
-    return FusedDecoder(model)
+    if attention == "float":
+        return FusedDecoder(model)
+    return FusedDecoder(model, prefill="c", attention=attention)
 
 
 class FusedKVCache:
