@@ -310,13 +310,7 @@ static offq_status small_m(const offq_mm_plan *pl, const offq_q4_operand *a,
         /* Fold the activation zero-points into the codes (qa - za as int8) when every za of these
          * rows is an integer in [-112, 127]: then E = sum qw (qa - za) - zw sum (qa - za) needs
          * no weight block sums (ordinary tokens; massive-outlier rows take the general path). */
-        int folded = 1;
-        for (int m = 0; m < mrows; m++) {
-            for (int64_t gi = 0; gi < nga; gi++) {
-                const float z = a->zero[(m0 + m) * nga + gi];
-                folded &= z >= -112.0f && z <= 127.0f && z == (float)(int)z;
-            }
-        }
+        const int folded = offq_mm_fold_max(a->zero + m0 * nga, mrows * nga) != 0;
         for (int m = 0; m < mrows; m++) {
             const uint8_t *p = a->codes + (m0 + m) * rb;
             uint8_t *d = ap + m * k;
@@ -367,8 +361,9 @@ int32_t offq_mm_fold_max(const float *zero, int64_t n)
         if (!(z >= -112.0f && z <= 127.0f && z == (float)(int)z)) {
             return 0;
         }
-        const int32_t lo = (int32_t)z < 0 ? -(int32_t)z : (int32_t)z, hi = 15 - (int32_t)z;
-        const int32_t m = lo > (hi < 0 ? -hi : hi) ? lo : (hi < 0 ? -hi : hi);
+        /* the largest |c - z| over the codes c = 0..15 */
+        const int32_t at0 = abs((int32_t)z), at15 = abs(15 - (int32_t)z);
+        const int32_t m = at0 > at15 ? at0 : at15;
         most = m > most ? m : most;
     }
     return most;
@@ -481,12 +476,20 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
     const int64_t rb = (k + 1) / 2;
     const int64_t nga = k / a->group;
 
-    /* 1. activations: unpack once, per-block sums, zero-points and scales per row. */
+    /* 1. activations: unpack once, per-block sums, zero-points and scales per row; then, where
+     * the weight has one integer zero-point (symmetric weights: 8) and the variant a folded tile,
+     * each strip of rows whose zero-points fold is folded for it (the same bits, a cheaper block
+     * epilogue). */
+    const int32_t wz =
+        ops->tile_folded != NULL ? offq_mm_weight_zero(w->zero, w->rows * (k / w->group)) : -1;
+    const int64_t strips = pl.mp / MR;
     uint8_t *acodes = offq_alloc64((size_t)(pl.mp * pl.kp));
     float *apar = malloc(sizeof(float) * (size_t)(3 * pl.mp * pl.nb));
-    if (acodes == NULL || apar == NULL) {
+    int32_t *folded = wz >= 0 ? malloc(sizeof(int32_t) * (size_t)strips) : NULL;
+    if (acodes == NULL || apar == NULL || (wz >= 0 && folded == NULL)) {
         free(acodes);
         free(apar);
+        free(folded);
         return OFFQ_ERR_NOMEM;
     }
     float *asum = apar, *azero = apar + pl.mp * pl.nb, *ascale = apar + 2 * pl.mp * pl.nb;
@@ -522,32 +525,23 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
             }
         }
         free(tmp);
+        if (folded != NULL) {
+#pragma omp for schedule(static)
+            for (int64_t st = 0; st < strips; st++) {
+                const int64_t at = st * MR * pl.nb;
+                folded[st] = offq_mm_fold_max(azero + at, MR * pl.nb);
+                if (folded[st] != 0) {
+                    offq_mm_fold_rows(&pl, acodes + st * MR * pl.kp, pl.kp, asum + at, azero + at,
+                                      pl.nb, MR, wz);
+                }
+            }
+        }
     }
     if (err != OFFQ_OK) {
+        free(folded);
         free(acodes);
         free(apar);
         return err;
-    }
-
-    /* 1b. where the weight has one integer zero-point Z (symmetric weights: 8) and the variant a
-     * folded tile, each strip of rows whose zero-points fold takes it (the same bits, cheaper
-     * per-block epilogue) */
-    int32_t *folded = NULL;
-    const int32_t wz = ops->tile_folded != NULL ? offq_mm_weight_zero(w->zero, w->rows * (k / w->group)) : -1;
-    if (wz >= 0) {
-        folded = malloc(sizeof(int32_t) * (size_t)(pl.mp / MR));
-        if (folded == NULL) {
-            free(acodes);
-            free(apar);
-            return OFFQ_ERR_NOMEM;
-        }
-        for (int64_t st = 0; st < pl.mp / MR; st++) {
-            folded[st] = offq_mm_fold_max(azero + st * MR * pl.nb, MR * pl.nb);
-            if (folded[st] != 0) {
-                offq_mm_fold_rows(&pl, acodes + st * MR * pl.kp, pl.kp, asum + st * MR * pl.nb,
-                                  azero + st * MR * pl.nb, pl.nb, MR, wz);
-            }
-        }
     }
 
     /* 2. tiles of columns (multiple of 32 = two panels), split rows when there are few tiles. */
@@ -558,7 +552,6 @@ static offq_status matmul_impl(const offq_q4_operand *a, const offq_q4_operand *
         nc *= 2;
     }
     const int64_t ntiles = (pl.n + nc - 1) / nc;
-    const int64_t strips = pl.mp / MR;
     int64_t mchunks = 1;
     if (ntiles < 4 * nthreads) {
         mchunks = (4 * nthreads + ntiles - 1) / ntiles;
