@@ -110,7 +110,7 @@ def quantize(model: Any, config: Any = None, calibration: Any = None, *,
 
 def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer: Any = None,
                seqlen: int = 2048, max_windows: int | None = None, mode: str = "real",
-               **kwargs: Any) -> dict[str, Any]:
+               attention: str = "float", **kwargs: Any) -> dict[str, Any]:
     """Perplexity with offq's protocol (non-overlapping windows, docs/METHODS.md section 7).
 
     Args:
@@ -122,6 +122,9 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         seqlen, max_windows: window length and how many windows (default all).
         mode: ``"real"`` (4-bit kernels), ``"fake"`` (float32 simulation), ``"fused"`` (the C
             decoder, W4A4KV4 only) or ``"auto"`` (fused where the model qualifies, else real).
+        attention: ``"int8"`` runs the fused decoder's opt-in 8-bit attention (mode ``"fused"``
+            or ``"auto"``; every window through the C step), ``"float"`` (default) the float
+            attention.
         kwargs: passed to :func:`offq.eval.perplexity` (``batch_size``, ``quiet``, ``name``).
 
     Returns:
@@ -137,15 +140,20 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         from .data import load_wikitext2_test
         text, dataset = load_wikitext2_test(), dataset or "wikitext2"
     if isinstance(model, QuantizeResult):
-        runnable = model.model(mode)
-        runnable.method = f"{model.quant_config.describe(model.model_config.hidden_size)} ({mode})"
+        runnable = model.model(mode, attention=attention)
+        path = mode if attention == "float" else f"{mode}, {attention} attention"
+        runnable.method = f"{model.quant_config.describe(model.model_config.hidden_size)} ({path})"
         runnable.name = runnable.name or model.name
         if tokenizer is None:
             tokenizer = model.tokenizer
         model = runnable
     elif isinstance(model, (str, os.PathLike)):
-        model, tok = load_model(model, mode=mode)
+        model, tok = load_model(model, mode=mode, attention=attention)
         tokenizer = tokenizer if tokenizer is not None else tok
+    elif attention != "float":
+        raise ValueError(f"attention: {attention!r} is chosen when the model is built (an offq "
+                         "checkpoint path or a QuantizeResult), not for a built Model; set its "
+                         "fused_runner.attention instead")
     return run_eval(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
                     dataset=dataset, **kwargs)
 

@@ -217,6 +217,15 @@ def test_int8_attention_from_the_loader_and_the_command_line(quantized, tmp_path
         load_quantized(ckpt_dir, mode="fused", attention="int4")
     with pytest.raises(ValueError, match="this model is not one"):
         load_model(model, attention="int8")
+    # offq.perplexity on the in-memory result, as in a notebook: the same numbers as the
+    # saved checkpoint's; a built Model chose its attention already
+    import offq
+
+    r = offq.perplexity(quantized, [int(i) for i in ids], seqlen=24, mode="fused",
+                        attention="int8", quiet=True)
+    assert r["method"].endswith("(fused, int8 attention)") and r["nll"] == evals["int8"]["nll"]
+    with pytest.raises(ValueError, match="not for a built Model"):
+        offq.perplexity(model, [int(i) for i in ids], seqlen=24, attention="int8")
 
 
 def test_numpy_prefill_then_c_decode(quantized):

@@ -87,13 +87,15 @@ class QuantizeResult:
                          reports=self.reports)
         return Path(out_dir)
 
-    def model(self, mode: str = "real"):
-        """The runnable quantized model (``mode`` "real" or "fake")."""
+    def model(self, mode: str = "real", attention: str = "float"):
+        """The runnable quantized model (``mode``: "real", "fake", "fused" or "auto";
+        ``attention="int8"``: the fused decoder's 8-bit attention, see ``load_quantized``)."""
         from ..quant.assemble import build_model, load_quantized
 
         if self.tensors is not None:
-            return build_model(self.model_config, self.quant_config, self.tensors, mode=mode)
-        return load_quantized(self.out_dir, mode=mode)[0]
+            return build_model(self.model_config, self.quant_config, self.tensors, mode=mode,
+                               attention=attention)
+        return load_quantized(self.out_dir, mode=mode, attention=attention)[0]
 
 
 # ---------------------------------------------------------------------------------- the recipe
