@@ -213,8 +213,9 @@ def test_int8_attention_from_the_loader_and_the_command_line(quantized, tmp_path
         load_quantized(ckpt_dir, mode="real", attention="int8")
     with pytest.raises(ValueError, match="a streamed model"):
         load_quantized(ckpt_dir, mode="auto", resident=False, attention="int8")
-    with pytest.raises(ValueError, match="attention: expected one of"):
-        load_quantized(ckpt_dir, mode="fused", attention="int4")
+    for mode in ("fused", "real"):
+        with pytest.raises(ValueError, match="attention: expected one of"):
+            load_quantized(ckpt_dir, mode=mode, attention="int4")
     with pytest.raises(ValueError, match="this model is not one"):
         load_model(model, attention="int8")
     # offq.perplexity on the in-memory result, as in a notebook: the same numbers as the

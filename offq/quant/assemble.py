@@ -145,8 +145,12 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
                 attention: str = "float") -> Model:
     """A runnable :class:`offq.model.Model` over the stored tensors of a quantized model
     (``attention``: see :func:`load_quantized`)."""
+    from .fused import ATTENTION_MODES
+
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
     if attention != "float" and mode not in ("fused", "auto"):
         raise ValueError(f"attention: {attention!r} is the fused C decoder's (mode 'fused' or "
                          f"'auto'); mode {mode!r} runs the float attention")
