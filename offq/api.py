@@ -141,8 +141,9 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         text, dataset = load_wikitext2_test(), dataset or "wikitext2"
     if isinstance(model, QuantizeResult):
         runnable = model.model(mode, attention=attention)
-        path = mode if attention == "float" else f"{mode}, {attention} attention"
-        runnable.method = f"{model.quant_config.describe(model.model_config.hidden_size)} ({path})"
+        runs_on = mode if attention == "float" else f"{mode}, {attention} attention"
+        runnable.method = (f"{model.quant_config.describe(model.model_config.hidden_size)} "
+                           f"({runs_on})")
         runnable.name = runnable.name or model.name
         if tokenizer is None:
             tokenizer = model.tokenizer

@@ -131,27 +131,39 @@ AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float 
     }
 }
 
-/* Scores of NQ (1..4) queries against NV (1 or 2) vectors of AI8_W keys from column k0 of the
+/* x[0..NQ)[0..NV) = 0 */
+#define AI8_CLEAR(x, NQ, NV)                                                                      \
+    for (int t_ = 0; t_ < (NQ); t_++) {                                                           \
+        for (int v_ = 0; v_ < (NV); v_++) {                                                       \
+            (x)[t_][v_] = AI8_ZEROI();                                                            \
+        }                                                                                         \
+    }
+
+/* The largest lane of v and 0 (NaN lanes ignored), as a scalar loop from 0: the weights' grid
+ * and the query scale take their maxima so. */
+AI8_FN float ai8_lane_max0(AI8_FV v)
+{
+    float lanes[AI8_W], m = 0.0f;
+    AI8_STOREF(lanes, v);
+    for (int k = 0; k < AI8_W; k++) {
+        m = lanes[k] > m ? lanes[k] : m;
+    }
+    return m;
+}
+
+/* Scores of NQ (1..4) queries against NV (1 .. AI8_NV) vectors of AI8_W keys from column k0 of the
  * tile: per group the int32 dot products, then (sq * ks) * (float)(dot - kz * qsum), summed over
  * groups in order (NQ, NV constants: the loops unroll into registers). */
 #define AI8_SCORES(NQ, NV)                                                                        \
     do {                                                                                          \
         for (int64_t gi = 0; gi < ng; gi++) {                                                     \
             AI8_IV acc[NQ][NV];                                                                   \
-            for (int t = 0; t < NQ; t++) {                                                        \
-                for (int v = 0; v < NV; v++) {                                                    \
-                    acc[t][v] = AI8_ZEROI();                                                      \
-                }                                                                                 \
-            }                                                                                     \
+            AI8_CLEAR(acc, NQ, NV);                                                               \
             const int64_t bend = (gi + 1) * g / 4;                                                \
             for (int64_t c0 = gi * g / 4; c0 < bend; c0 += AI8_SPAN_S) {                          \
                 const int64_t c1 = c0 + AI8_SPAN_S < bend ? c0 + AI8_SPAN_S : bend;               \
                 AI8_IV p[NQ][NV];                                                                 \
-                for (int t = 0; t < NQ; t++) {                                                    \
-                    for (int v = 0; v < NV; v++) {                                                \
-                        p[t][v] = AI8_ZEROI();                                                    \
-                    }                                                                             \
-                }                                                                                 \
+                AI8_CLEAR(p, NQ, NV);                                                             \
                 for (int64_t b = c0; b < c1; b++) {                                               \
                     const uint8_t *kr = kt + b * KT * 4 + k0 * 4;                                 \
                     AI8_IV kv[NV];                                                                \
@@ -249,11 +261,7 @@ AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, float *w
         for (; j + AI8_W <= jt; j += AI8_W) { /* a maximum: the same in any order */
             mv = AI8_MAXF(mv, AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)));
         }
-        float lanes[AI8_W], wmax = 0.0f;
-        AI8_STOREF(lanes, mv);
-        for (int k = 0; k < AI8_W; k++) {
-            wmax = lanes[k] > wmax ? lanes[k] : wmax;
-        }
+        float wmax = ai8_lane_max0(mv);
         for (; j < jt; j++) {
             const float x = st[j] * v[j];
             wmax = x > wmax ? x : wmax;
@@ -380,11 +388,7 @@ AI8_FN offq_attn_i8_queries ai8_quantize(const float *q, int64_t nq, int64_t hd,
             for (int64_t i = 0; i < g; i += AI8_W) {
                 mv = AI8_MAXF(mv, AI8_ABSF(AI8_LOADF(x + i)));
             }
-            float lanes[AI8_W], amax = 0.0f;
-            AI8_STOREF(lanes, mv);
-            for (int k = 0; k < AI8_W; k++) {
-                amax = lanes[k] > amax ? lanes[k] : amax;
-            }
+            const float amax = ai8_lane_max0(mv);
             const float sq = amax / 127.0f;
             AI8_IV sum = AI8_ZEROI();
             for (int64_t i = 0; i < g; i += AI8_W) {
