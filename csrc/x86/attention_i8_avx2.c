@@ -11,12 +11,11 @@
 #define AI8_ZEROI() _mm256_setzero_si256()
 #define AI8_LOADI(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
 #define AI8_SET1I(x) _mm256_set1_epi32(x)
-#define AI8_SUBI(a, b) _mm256_sub_epi32(a, b)
-#define AI8_MULLO(a, b) _mm256_mullo_epi32(a, b)
 #define AI8_CVTF(a) _mm256_cvtepi32_ps(a)
 #define AI8_SET1F(x) _mm256_set1_ps(x)
 #define AI8_LOADF(p) _mm256_loadu_ps(p)
 #define AI8_STOREF(p, v) _mm256_storeu_ps(p, v)
+#define AI8_FNMADDF(a, b, c) _mm256_fnmadd_ps(a, b, c) /* c - a * b, one rounding */
 #define AI8_MULF(a, b) _mm256_mul_ps(a, b)
 #define AI8_ADDF(a, b) _mm256_add_ps(a, b)
 #define AI8_MAXF(a, b) _mm256_max_ps(a, b)
@@ -42,7 +41,7 @@ __attribute__((target("avx2,fma"))) void offq_attend_i8_avx2(const offq_attn_arg
                                                               float *s, float *const *out,
                                                               float *tile, void *qwork)
 {
-    if (a->group % 16 != 0 || a->hd % 16 != 0) {
+    if (a->group % 16 != 0 || a->hd % 16 != 0 || a->group > 4096) { /* 4096: exact scores */
         offq_attend_i8_generic(a, nq, q, n, s, out, tile, qwork);
         return;
     }

@@ -13,12 +13,11 @@
 #define AI8_ZEROI() _mm512_setzero_si512()
 #define AI8_LOADI(p) _mm512_loadu_si512((const void *)(p))
 #define AI8_SET1I(x) _mm512_set1_epi32(x)
-#define AI8_SUBI(a, b) _mm512_sub_epi32(a, b)
-#define AI8_MULLO(a, b) _mm512_mullo_epi32(a, b)
 #define AI8_CVTF(a) _mm512_cvtepi32_ps(a)
 #define AI8_SET1F(x) _mm512_set1_ps(x)
 #define AI8_LOADF(p) _mm512_loadu_ps(p)
 #define AI8_STOREF(p, v) _mm512_storeu_ps(p, v)
+#define AI8_FNMADDF(a, b, c) _mm512_fnmadd_ps(a, b, c) /* c - a * b, one rounding */
 #define AI8_MULF(a, b) _mm512_mul_ps(a, b)
 #define AI8_ADDF(a, b) _mm512_add_ps(a, b)
 #define AI8_MAXF(a, b) _mm512_max_ps(a, b)
@@ -41,7 +40,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
 offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                           float *s, float *const *out, float *tile, void *qwork)
 {
-    if (a->group % 16 != 0 || a->hd % 16 != 0) {
+    if (a->group % 16 != 0 || a->hd % 16 != 0 || a->group > 4096) { /* 4096: exact scores */
         offq_attend_i8_generic(a, nq, q, n, s, out, tile, qwork);
         return;
     }

@@ -10,7 +10,7 @@
  * below 32767), with VNNI a span is a whole group and the partial sums are the int32 ones.
  * Every integer sum is
  * exact and every float step is the reference's, lane by lane, so both variants give the same
- * numbers, the reference's bar the softmax's exp (a shorter polynomial here: ai8_exp8/16).
+ * numbers, the reference's bar the softmax's exp (a polynomial here: ai8_exp8/16).
  *
  * Layouts per tile (bytes): keys [hd / 4][KT][4] (lanes = keys, 4 dims per lane: the score's
  * dot product over dims), values minus their zero-points [KT / 4][hd][4] (lanes = dims, 4 rows per
@@ -102,11 +102,11 @@ AI8_FN void ai8_values4(const uint8_t *r, int64_t hd, uint8_t *vt, int64_t jb)
 
 /* One tile's rows [0, rows) of kc or vc (rows >= jn: zero) in the key layout (codes 0..15) or
  * the value layout (codes minus their zero-point, -15..15: the values' sums then need no
- * zero-point term); for keys also their scales / integer zero-points per group ([ng][KT], 0
- * past jn). */
+ * zero-point term); for keys also their scales and integer zero-points (as floats) per group
+ * ([ng][KT], 0 past jn). */
 AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float *scale,
                      const float *zero, int64_t j0, int64_t jn, int64_t rows, int keys,
-                     uint8_t *t8, float *ts, int32_t *tz, uint8_t *scratch)
+                     uint8_t *t8, float *ts, float *tz, uint8_t *scratch)
 {
     const int64_t hd = a->hd, ng = hd / a->group;
     for (int64_t jj = 0; jj < rows; jj += 4) {
@@ -126,7 +126,7 @@ AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float 
         for (int64_t gi = 0; gi < ng; gi++) {
             const int64_t at = (j0 + jj) * a->pstride + gi;
             ts[gi * KT + jj] = jj < jn ? scale[at] : 0.0f;
-            tz[gi * KT + jj] = jj < jn ? offq_attn_i8_zero(zero[at]) : 0;
+            tz[gi * KT + jj] = jj < jn ? (float)offq_attn_i8_zero(zero[at]) : 0.0f;
         }
     }
 }
@@ -152,8 +152,11 @@ AI8_FN float ai8_lane_max0(AI8_FV v)
 }
 
 /* Scores of NQ (1..4) queries against NV (1 .. AI8_NV) vectors of AI8_W keys from column k0 of the
- * tile: per group the int32 dot products, then (sq * ks) * (float)(dot - kz * qsum), summed over
- * groups in order (NQ, NV constants: the loops unroll into registers). */
+ * tile into sb[t][0 .. NV * AI8_W): per group the int32 dot products, then (sq * ks) *
+ * (float)(dot - kz * qsum), summed over groups in order (NQ, NV constants: the loops unroll into
+ * registers). The difference is one float FMA, (float)dot - (float)kz * (float)qsum: both terms
+ * are integers below 127 * 15 * g <= 2^24 (the entry points take g <= 4096), exact in float32,
+ * and so is their difference, the integer subtraction's result. */
 #define AI8_SCORES(NQ, NV)                                                                        \
     do {                                                                                          \
         for (int64_t gi = 0; gi < ng; gi++) {                                                     \
@@ -184,13 +187,12 @@ AI8_FN float ai8_lane_max0(AI8_FV v)
                 }                                                                                 \
             }                                                                                     \
             for (int t = 0; t < NQ; t++) {                                                        \
-                const AI8_IV qs = AI8_SET1I(qsum[t * ng + gi]);                                   \
+                const AI8_FV qs = AI8_SET1F((float)qsum[t * ng + gi]);                            \
                 const AI8_FV sqv = AI8_SET1F(sq[t * ng + gi]);                                    \
                 for (int v = 0; v < NV; v++) {                                                    \
                     const int64_t c = gi * KT + k0 + AI8_W * v;                                   \
-                    const AI8_IV d = AI8_SUBI(acc[t][v], AI8_MULLO(AI8_LOADI(kz + c), qs));       \
-                    const AI8_FV term =                                                           \
-                        AI8_MULF(AI8_MULF(sqv, AI8_LOADF(ks + c)), AI8_CVTF(d));                  \
+                    const AI8_FV d = AI8_FNMADDF(AI8_LOADF(kz + c), qs, AI8_CVTF(acc[t][v]));     \
+                    const AI8_FV term = AI8_MULF(AI8_MULF(sqv, AI8_LOADF(ks + c)), d);            \
                     AI8_STOREF(sb[t] + AI8_W * v,                                                 \
                                gi == 0 ? term : AI8_ADDF(AI8_LOADF(sb[t] + AI8_W * v), term));    \
                 }                                                                                 \
@@ -216,7 +218,7 @@ AI8_FN float ai8_lane_max0(AI8_FV v)
 
 AI8_FN void ai8_scores(int nq, int nv, const int8_t *q8, const float *sq, const int32_t *qsum,
                        int64_t hd, int64_t g, int64_t ng, const uint8_t *kt, int64_t k0,
-                       const float *ks, const int32_t *kz, float (*sb)[AI8_NV * AI8_W])
+                       const float *ks, const float *kz, float *const *sb)
 {
     switch (nq) {
     case 1: AI8_SCORES_NV(1); break;
@@ -418,29 +420,38 @@ AI8_FN offq_attn_i8_queries ai8_quantize(const float *q, int64_t nq, int64_t hd,
     return Q;
 }
 
-/* e^x for the softmax's x = s - max <= 0, 8 lanes: x clamped at -87 (e^-87 ~ 1.6e-38, which
- * no 8-bit weight can hold), x = n ln2 + r with n = rint(x / ln2), then a degree-5 Taylor
- * polynomial for e^r (|r| <= ln2 / 2: relative error < 3e-6, far below the weights' 8 bits) and
- * 2^n through the exponent bits; 13 operations against the float kernel's ~22 (the same ones,
- * lane by lane, at both widths). NaN (a corrupt cache) is clamped like -inf. */
-#define AI8_DEFINE_EXP(NAME, TARGET, FV, IV, P, CASTI)                                           \
-    __attribute__((target(TARGET))) static inline FV NAME(FV x)                                   \
-    {                                                                                             \
-        x = P##_max_ps(x, P##_set1_ps(-87.0f));                                                   \
-        const IV ni = P##_cvtps_epi32(P##_mul_ps(x, P##_set1_ps(1.44269504088896341f)));          \
-        const FV r = P##_fnmadd_ps(P##_cvtepi32_ps(ni), P##_set1_ps(0.693147180559945f), x);      \
-        FV p = P##_set1_ps(1.0f / 120.0f);                                                        \
-        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f / 24.0f));                                        \
-        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f / 6.0f));                                         \
-        p = P##_fmadd_ps(p, r, P##_set1_ps(0.5f));                                                \
-        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f));                                                \
-        p = P##_fmadd_ps(p, r, P##_set1_ps(1.0f));                                                \
-        const IV e = P##_slli_epi32(P##_add_epi32(ni, P##_set1_epi32(127)), 23);                  \
-        return P##_mul_ps(p, CASTI(e));                                                           \
-    }
-AI8_DEFINE_EXP(ai8_exp8, "avx2,fma", __m256, __m256i, _mm256, _mm256_castsi256_ps)
+/* e^x for the softmax's x = s - max <= 0, 8 or 16 lanes, through 2^y with y = x log2(e): y
+ * clamped at -126 (2^-126 ~ 1.2e-38, which no 8-bit weight can hold; NaN, a corrupt cache, is
+ * clamped like -inf), y = n + f with n = rint(y), |f| <= 1/2, then 2^f = 1 + f (c1 + f (c2 +
+ * f (c3 + f c4))) (coefficients fitted to 2^f's relative error on [-1/2, 1/2]: < 3e-6 in float32
+ * arithmetic, far below the weights' 8 bits) times 2^n: 9 operations with AVX-512, 12 with
+ * AVX2. 2^n is one vscalefps with AVX-512 and the exponent bits times p on AVX2; for n >= -126
+ * both are p * 2^n rounded once, so both widths give the same bits lane by lane. */
+#define AI8_EXP_POLY(P, f)                                                                        \
+    P##_fmadd_ps(                                                                                 \
+        P##_fmadd_ps(P##_fmadd_ps(P##_fmadd_ps(P##_set1_ps(9.58282e-3f), f,                        \
+                                               P##_set1_ps(5.590637e-2f)),                        \
+                                  f, P##_set1_ps(0.24024099f)),                                   \
+                     f, P##_set1_ps(0.6931242f)),                                                 \
+        f, P##_set1_ps(1.0f))
+__attribute__((target("avx2,fma"))) static inline __m256 ai8_exp8(__m256 x)
+{
+    const __m256 y = _mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _mm256_set1_ps(-126.0f));
+    const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(y, n);
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(AI8_EXP_POLY(_mm256, f), _mm256_castsi256_ps(e));
+}
 #if AI8_W == 16
-AI8_DEFINE_EXP(ai8_exp16, "avx512f", __m512, __m512i, _mm512, _mm512_castsi512_ps)
+__attribute__((target("avx512f"))) static inline __m512 ai8_exp16(__m512 x)
+{
+    const __m512 y = _mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                   _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_scalef_ps(AI8_EXP_POLY(_mm512, _mm512_sub_ps(y, n)), n);
+}
 #endif
 
 /* Query t's softmax in place, st[j] = e_j = exp(st[j] - max) for j < n, returning their sum
@@ -517,7 +528,7 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
     const offq_attn_i8_queries Q = ai8_quantize(q, nq, hd, g, qwork);
     uint8_t *t8 = (uint8_t *)(void *)tile;                 /* [hd / 4][KT][4] or [KT / 4][hd][4] */
     float *ts = (float *)(void *)(t8 + KT * hd);           /* [ng][KT] the tile's scales */
-    int32_t *tz = (int32_t *)(void *)(ts + ng * KT);       /* [ng][KT] its zero-points */
+    float *tz = ts + ng * KT;                              /* [ng][KT] its zero-points */
     uint8_t *w8 = (uint8_t *)(void *)(tz + ng * KT);       /* [ng][KT] a query's weights */
     uint8_t *w8b = w8 + ng * KT;                           /* [ng][KT] its pair's */
     uint8_t *rows = w8b + ng * KT;                         /* [4][hd] unpacked rows */
@@ -536,15 +547,21 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
             for (int64_t k0 = 0; k0 < jt; k0 += AI8_NV * AI8_W) {
                 const int64_t left = (jt - k0 + AI8_W - 1) / AI8_W;
                 const int nv = left < AI8_NV ? (int)left : AI8_NV;
-                float sb[4][AI8_NV * AI8_W];
-                ai8_scores(bq, nv, Q.q8 + t0 * hd, Q.sq + t0 * ng, Q.qsum + t0 * ng, hd, g, ng,
-                           t8, k0, ts, tz, sb);
-                for (int b = 0; b < bq; b++) { /* keep the scores of the keys query t sees */
+                /* a query that sees every key of the block gets its scores in place; the others
+                 * through a buffer, keeping those of the keys they see */
+                float buf[4][AI8_NV * AI8_W], *dst[4];
+                int64_t m[4];
+                for (int b = 0; b < bq; b++) {
                     const int64_t t = t0 + b;
                     const int64_t jb = n[t] - j0 < jn ? n[t] - j0 : jn;
-                    const int64_t m = jb - k0 < AI8_W * nv ? jb - k0 : AI8_W * nv;
-                    if (m > 0) {
-                        ai8_copy(s + t * ld + j0 + k0, sb[b], m);
+                    m[b] = jb - k0 < AI8_W * nv ? jb - k0 : AI8_W * nv;
+                    dst[b] = m[b] == AI8_W * nv ? s + t * ld + j0 + k0 : buf[b];
+                }
+                ai8_scores(bq, nv, Q.q8 + t0 * hd, Q.sq + t0 * ng, Q.qsum + t0 * ng, hd, g, ng,
+                           t8, k0, ts, tz, dst);
+                for (int b = 0; b < bq; b++) {
+                    if (m[b] > 0 && dst[b] == buf[b]) {
+                        ai8_copy(s + (t0 + b) * ld + j0 + k0, buf[b], m[b]);
                     }
                 }
             }
