@@ -139,16 +139,23 @@ AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float 
         }                                                                                         \
     }
 
-/* The largest lane of v and 0 (NaN lanes ignored), as a scalar loop from 0: the weights' grid
- * and the query scale take their maxima so. */
+/* The largest lane of v and 0, NaN lanes ignored (a maximum with 0 first turns them into 0: the
+ * second operand is what vmaxps returns for NaN), then a tree of maxima over halves: every lane
+ * is then a number >= 0, so any order gives the same value. The weights' grid and the query
+ * scale take their maxima so. */
 AI8_FN float ai8_lane_max0(AI8_FV v)
 {
-    float lanes[AI8_W], m = 0.0f;
-    AI8_STOREF(lanes, v);
-    for (int k = 0; k < AI8_W; k++) {
-        m = lanes[k] > m ? lanes[k] : m;
-    }
-    return m;
+    v = AI8_MAXF(v, AI8_SET1F(0.0f));
+#if AI8_W == 16
+    const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(v),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+#else
+    const __m256 h = v;
+#endif
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
 }
 
 /* Scores of NQ (1..4) queries against NV (1 .. AI8_NV) vectors of AI8_W keys from column k0 of the
