@@ -485,17 +485,21 @@ AI8_FN float ai8_softmax(float *st, int64_t n)
                      _mm256_setzero_ps()};
     j = 0;
 #if AI8_W == 16
+    /* chains 0 and 1 as the halves of one vector, 2 and 3 of another: the same lane-wise sums */
     const __m512 m16 = _mm512_set1_ps(mx);
+    __m512 den01 = _mm512_setzero_ps(), den23 = _mm512_setzero_ps();
     for (; j + 32 <= n; j += 32) {
         const __m512 e0 = ai8_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j), m16));
         const __m512 e1 = ai8_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j + 16), m16));
         _mm512_storeu_ps(st + j, e0);
         _mm512_storeu_ps(st + j + 16, e1);
-        den[0] = _mm256_add_ps(den[0], _mm512_castps512_ps256(e0));
-        den[1] = _mm256_add_ps(den[1], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e0), 1)));
-        den[2] = _mm256_add_ps(den[2], _mm512_castps512_ps256(e1));
-        den[3] = _mm256_add_ps(den[3], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e1), 1)));
+        den01 = _mm512_add_ps(den01, e0);
+        den23 = _mm512_add_ps(den23, e1);
     }
+    den[0] = _mm512_castps512_ps256(den01);
+    den[1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(den01), 1));
+    den[2] = _mm512_castps512_ps256(den23);
+    den[3] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(den23), 1));
 #endif
     const __m256 m8 = _mm256_set1_ps(mx);
     for (; j + 8 <= n; j += 8) {
