@@ -32,6 +32,7 @@
  * 8 blocks: 30480) and 2 x 255 x 15 = 7650 (values, 4 blocks: 30600), exact in int16 */
 #define AI8_SPAN_S 8
 #define AI8_SPAN_V 4
+#define AI8_SPAN_START(acc) _mm256_setzero_si256()
 #define AI8_DP_PART(p, u8, s8) _mm256_add_epi16(p, _mm256_maddubs_epi16(u8, s8))
 #define AI8_WIDEN(acc, p) _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
 #include "x86/attention_i8_tiles.h"

@@ -32,6 +32,7 @@
 /* one span a whole group (no group reaches 2^20 blocks): the partial sums are the int32 sums */
 #define AI8_SPAN_S (INT64_C(1) << 20)
 #define AI8_SPAN_V (INT64_C(1) << 20)
+#define AI8_SPAN_START(acc) (acc) /* a span adds to the int32 sums themselves */
 #define AI8_DP_PART(p, u8, s8) _mm512_dpbusd_epi32(p, u8, s8)
 #define AI8_WIDEN(acc, p) (p)
 #include "x86/attention_i8_tiles.h"

@@ -5,12 +5,13 @@
  * unsigned x signed byte products per int32 lane (vpdpbusd, or vpmaddubsw + vpmaddwd on AVX2,
  * whose 16-bit pair sums stay below 2 x 255 x 15 here: no saturation). The hot loops sum partial
  * dot products with AI8_DP_PART over spans of AI8_SPAN_S (scores) / AI8_SPAN_V (values) blocks
- * of 4 and add them to the int32 sums with AI8_WIDEN: on AVX2 the partial sums stay in 16-bit
- * lanes (vpmaddubsw + vpaddw, one vpmaddwd a span: 8 spans of pair sums <= 3810, 4 of <= 7650,
- * below 32767), with VNNI a span is a whole group and the partial sums are the int32 ones.
- * Every integer sum is
- * exact and every float step is the reference's, lane by lane, so both variants give the same
- * numbers, the reference's bar the softmax's exp (a polynomial here: ai8_exp8/16).
+ * of 4, each from AI8_SPAN_START(acc), and add them to the int32 sums with AI8_WIDEN: on AVX2 the
+ * partial sums start from 0 in 16-bit lanes (vpmaddubsw + vpaddw, one vpmaddwd a span: 8 spans
+ * of pair sums <= 3810, 4 of <= 7650, below 32767); with VNNI a span is a whole group and
+ * starts from the int32 sums themselves (one set of accumulators: no copies between two).
+ * Every integer sum is exact and every float step is the reference's, lane by lane, so both
+ * variants give the same numbers, the reference's bar the softmax's exp (a polynomial here:
+ * ai8_exp8/16).
  *
  * Layouts per tile (bytes): keys [hd / 4][KT][4] (lanes = keys, 4 dims per lane: the score's
  * dot product over dims), values minus their zero-points [KT / 4][hd][4] (lanes = dims, 4 rows per
@@ -173,7 +174,11 @@ AI8_FN float ai8_lane_max0(AI8_FV v)
             for (int64_t c0 = gi * g / 4; c0 < bend; c0 += AI8_SPAN_S) {                          \
                 const int64_t c1 = c0 + AI8_SPAN_S < bend ? c0 + AI8_SPAN_S : bend;               \
                 AI8_IV p[NQ][NV];                                                                 \
-                AI8_CLEAR(p, NQ, NV);                                                             \
+                for (int t = 0; t < NQ; t++) {                                                    \
+                    for (int v = 0; v < NV; v++) {                                                \
+                        p[t][v] = AI8_SPAN_START(acc[t][v]);                                      \
+                    }                                                                             \
+                }                                                                                 \
                 for (int64_t b = c0; b < c1; b++) {                                               \
                     const uint8_t *kr = kt + b * KT * 4 + k0 * 4;                                 \
                     AI8_IV kv[NV];                                                                \
@@ -313,7 +318,8 @@ AI8_FN void ai8_values(float *o, const uint8_t *vt, const uint8_t *w8, const flo
         if (nv == 4 && wg[0] == wg[3]) { /* one group: one broadcast a block of 4 rows */
             for (int64_t c0 = 0; c0 < jb; c0 += AI8_SPAN_V) {
                 const int64_t c1 = c0 + AI8_SPAN_V < jb ? c0 + AI8_SPAN_V : jb;
-                AI8_IV p[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
+                AI8_IV p[4] = {AI8_SPAN_START(acc[0]), AI8_SPAN_START(acc[1]),
+                               AI8_SPAN_START(acc[2]), AI8_SPAN_START(acc[3])};
                 for (int64_t b = c0; b < c1; b++) {
                     const uint8_t *r = vt + b * hd * 4 + i0 * 4;
                     const AI8_IV wb = AI8_SET1I(ai8_word(wg[0] + 4 * b));
@@ -357,8 +363,10 @@ AI8_FN void ai8_values2(float *oa, float *ob, const uint8_t *vt, const uint8_t *
         AI8_IV b[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
         for (int64_t c0 = 0; c0 < jb; c0 += AI8_SPAN_V) {
             const int64_t c1 = c0 + AI8_SPAN_V < jb ? c0 + AI8_SPAN_V : jb;
-            AI8_IV pa[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
-            AI8_IV pb[4] = {AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI(), AI8_ZEROI()};
+            AI8_IV pa[4] = {AI8_SPAN_START(a[0]), AI8_SPAN_START(a[1]), AI8_SPAN_START(a[2]),
+                            AI8_SPAN_START(a[3])};
+            AI8_IV pb[4] = {AI8_SPAN_START(b[0]), AI8_SPAN_START(b[1]), AI8_SPAN_START(b[2]),
+                            AI8_SPAN_START(b[3])};
             for (int64_t k = c0; k < c1; k++) {
                 const uint8_t *r = vt + k * hd * 4 + i0 * 4;
                 const AI8_IV xa = AI8_SET1I(ai8_word(ua + 4 * k));
