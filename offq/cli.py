@@ -58,7 +58,7 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
                    help="the fused C decoder's attention over the 4-bit KV cache (W4A4KV4 "
                         "checkpoints, --mode fused or auto): float32 sums (default) or the opt-in "
                         "int8 (8-bit queries and softmax weights, exact integer sums; prompts run "
-                        "through the C step too; +0.29%% perplexity on SmolLM2-135M, +0.86%% on "
+                        "through the C step too; perplexity within +-1%% on SmolLM2-135M, +0.88%% on "
                         "Qwen2.5-Coder-1.5B; faster long prompts with AVX-512 VNNI)")
 
 
@@ -537,8 +537,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--llama-model", default=None, help="the GGUF llama-bench runs (e.g. Q4_0)")
     p.add_argument("--attention", choices=("float", "int8"), default="float",
                    help="the fused decoder's attention: float32 sums (default) or the opt-in "
-                        "8-bit one (faster long prompts, its own perplexity: +0.29%% on "
-                        "SmolLM2-135M, +0.86%% on Qwen2.5-1.5B)")
+                        "8-bit one (faster long prompts, its own perplexity: within +-1%% on "
+                        "SmolLM2-135M, +0.88%% on Qwen2.5-1.5B)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress, warnings only")
     p.set_defaults(func=cmd_bench)

@@ -8,7 +8,7 @@
  * of 4, each from AI8_SPAN_START(acc), and add them to the int32 sums with AI8_WIDEN: on AVX2 the
  * partial sums start from 0 in 16-bit lanes (vpmaddubsw + vpaddw, one vpmaddwd a span: 8 spans
  * of pair sums <= 3810, 4 of <= 7650, below 32767); with VNNI a span is a whole group and
- * starts from the int32 sums themselves (one set of accumulators: no copies between two).
+ * starts from the int32 sums themselves (one set of accumulators).
  * Every integer sum is exact and every float step is the reference's, lane by lane, so both
  * variants give the same numbers, the reference's bar the softmax's exp (a polynomial here:
  * ai8_exp8/16).

@@ -16,12 +16,6 @@
 #define MS OFFQ_MM_MS
 
 
-/* acc += dot4(u8 w, s8 a) per 32-bit lane, in place (inline asm keeps GCC from shuffling the
- * accumulators between registers every iteration). The tile reads its activations' 4 bytes as
- * the instruction's broadcast memory operand ({1to16}) instead of a vpbroadcastd each: +2-6% on
- * SmolLM2's and 4096-wide shapes, M = 512, 1 thread, Zen 4 (benchmarks/results_speed.md). */
-#define OFFQ_DPBUSD(acc, w, a) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(a))
-
 /* AVX-512 VNNI: two panels, MR (8) rows x 32 columns, 32-bit accumulation (vpdpbusd). Both
  * panels are always computed: a panel past N has zero scales and adds zeros. `folded` (a
  * constant: two copies are compiled) is tile_folded (kernels.h): the activations are codes minus
@@ -52,6 +46,10 @@ tile_t(const offq_mm_tile_args *u, float *ct, int64_t ldc, const int folded)
         for (int64_t t = 0; t < steps; t++) {
             const __m512i w0 = _mm512_load_si512((const void *)(w0p + t * 64));
             const __m512i w1 = _mm512_load_si512((const void *)(w1p + t * 64));
+            /* acc += dot4(u8 w, s8 a) per 32-bit lane, in place (inline asm keeps GCC from
+             * shuffling the accumulators between registers every step), the row's 4 activation
+             * bytes read as the broadcast memory operand ({1to16}): no vpbroadcastd, 8 of 26
+             * instructions a step fewer, the same bits */
 #define OFFQ_ROW(r)                                                                              \
     __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(s##r##0) : "v"(w0),                           \
             "m"(*(const int32_t *)(const void *)(ab + (r) * lda + 4 * t)));                      \

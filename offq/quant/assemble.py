@@ -201,7 +201,7 @@ def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: boo
     "real", generation faster) and anything else on "real". ``attention``: "float" (the
     default) or "int8", the fused W4A4KV4 decoder's opt-in 8-bit attention over the 4-bit cache
     (``FusedDecoder(attention="int8")``; prompts then run through the C step too, so perplexity
-    measures it: +0.29% on SmolLM2-135M, +0.86% on Qwen2.5-Coder-1.5B,
+    measures it: within +-1% on SmolLM2-135M, +0.88% on Qwen2.5-Coder-1.5B,
     benchmarks/results_speed.md); it needs mode "fused" or "auto" and a W4A4KV4 checkpoint.
     """
     from ..formats.checkpoint import (MODEL_FILE, check_checkpoint_tensors, load_safetensors,
