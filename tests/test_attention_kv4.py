@@ -165,6 +165,27 @@ def test_adversarial_caches(mode):
         np.testing.assert_allclose(got, ref8, rtol=0, atol=1e-5 * np.abs(ref8).max())
 
 
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+def test_int8_softmax_finds_a_dominant_score_anywhere(kernel):
+    """One score ~190 above the rest (exp of the gap overflows float32) at positions in every
+    lane, chain and tail of the softmax's vector maximum: a maximum that missed it would turn
+    its weight into inf. The output is then that position's value row."""
+    rng = np.random.default_rng(11)
+    npos, hd = 203, 64
+    for p in (0, 5, 21, 37, 53, 63, 64, 70, 101, 127, 130, 159, 191, 192, 199, 202):
+        codes, scale, zero = random_cache(rng, npos, hd, hd)
+        scale[:, 0] = 1e-3  # keys: scores within +-1
+        codes[p, 0] = 255  # key p: every code 15, zero-point 0, scale 0.2: score 64 * 15 * 0.2
+        zero[p, 0] = 0
+        scale[p, 0] = 0.2
+        q = np.ones((1, hd), np.float32)
+        n = np.array([npos], np.int64)
+        got = _C.attention_kv4(q, codes, scale, zero, n, mode="int8", kernel=kernel)
+        ref = reference_float(q, codes, scale, zero, n)
+        assert np.isfinite(got).all(), p
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-2 * np.abs(ref).max(), err_msg=str(p))
+
+
 @pytest.mark.parametrize("v_code, v_zero", [(15, 0), (0, 15)])
 def test_int8_sums_at_their_limits(v_code, v_zero):
     """Every product at its largest magnitude: key codes 15 against 8-bit query codes of +-127

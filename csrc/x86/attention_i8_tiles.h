@@ -474,13 +474,24 @@ __attribute__((target("avx512f"))) static inline __m512 ai8_exp16(__m512 x)
  * tree: the same sum in both variants). */
 AI8_FN float ai8_softmax(float *st, int64_t n)
 {
-    AI8_FV mv = AI8_SET1F(-INFINITY);
+    /* the maximum in four independent chains, each score as vmaxps's first operand: for a NaN
+     * score (a corrupt cache) vmaxps returns the chain's value, so NaN is ignored as the scalar
+     * comparisons ignore it (as the second operand it replaced the chain, and the scores before
+     * it in its lane were lost: a maximum too small, exp overflowing); the maximum of the rest is
+     * exact in any order, the same in both variants */
+    AI8_FV m0 = AI8_SET1F(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
     int64_t j = 0;
+    for (; j + 4 * AI8_W <= n; j += 4 * AI8_W) {
+        m0 = AI8_MAXF(AI8_LOADF(st + j), m0);
+        m1 = AI8_MAXF(AI8_LOADF(st + j + AI8_W), m1);
+        m2 = AI8_MAXF(AI8_LOADF(st + j + 2 * AI8_W), m2);
+        m3 = AI8_MAXF(AI8_LOADF(st + j + 3 * AI8_W), m3);
+    }
     for (; j + AI8_W <= n; j += AI8_W) {
-        mv = AI8_MAXF(mv, AI8_LOADF(st + j));
+        m0 = AI8_MAXF(AI8_LOADF(st + j), m0);
     }
     float lanes[AI8_W], mx = -INFINITY;
-    AI8_STOREF(lanes, mv);
+    AI8_STOREF(lanes, AI8_MAXF(AI8_MAXF(m0, m1), AI8_MAXF(m2, m3)));
     for (int k = 0; k < AI8_W; k++) {
         mx = lanes[k] > mx ? lanes[k] : mx;
     }
