@@ -192,6 +192,7 @@ void offq_cpu_init(void)
         offq_dispatch.mix_f64 = offq_mix_f64_avx2;
         offq_dispatch.attend = offq_attend_avx2;
         offq_dispatch.attend_i8 = offq_attend_i8_avx2;
+        offq_dispatch.attn_i8_pretile = offq_attn_i8_pretile_avx2; /* the layout VNNI reads too */
         offq_dispatch.attend_f32 = offq_attend_f32_avx2;
         offq_dispatch.swiglu = offq_swiglu_avx2;
         offq_dispatch.residual_norm_row = offq_residual_norm_row_avx2;

@@ -108,6 +108,8 @@ typedef struct {
     uint8_t *ap;     /* [mp][max_k] activation codes in the product's layout */
     float *apar;     /* 3 x [mp][max_nb]: per row and block code sums, zero-points, scales */
     int32_t *folded; /* [mp] per chunk of rows: zero-points folded into the codes */
+    uint8_t *kv_tiles; /* [Hkv][tiles of positions] a layer's K/V tiles, unpacked once (8-bit
+                        * attention in prefill; head_tile_bytes each) */
 } shared_bufs;
 
 /* Per-thread buffers. */
@@ -316,15 +318,52 @@ static offq_status kv_store(const offq_dec_model *md, const offq_dec_cache *cach
 #define ATT_ROWS 32 /* query positions per attention item in prefill (SmolLM2 on Zen 4 against 32: 16
                      * 1.5-3% slower at 512 and 2048 tokens, 64 no faster; 8 was 1-7% behind 16) */
 
+/* KV head g of a layer's cache as the attention kernels' arguments. */
+static offq_attn_args cache_args(const offq_dec_model *md, const offq_dec_cache *cache,
+                                 int64_t layer, int64_t g)
+{
+    const int64_t hd = md->head_dim, Hkv = md->kv_heads, ng = hd / md->kv_group;
+    const int64_t k0 = (layer * cache->cap * 2) * Hkv + g, v0 = k0 + Hkv;
+    const offq_attn_args a = {.kc = cache->codes + k0 * (hd / 2),
+                              .vc = cache->codes + v0 * (hd / 2),
+                              .ks = cache->scale + k0 * ng,
+                              .kz = cache->zero + k0 * ng,
+                              .vs = cache->scale + v0 * ng,
+                              .vz = cache->zero + v0 * ng,
+                              .cstride = 2 * Hkv * (hd / 2),
+                              .pstride = 2 * Hkv * ng,
+                              .hd = hd,
+                              .group = md->kv_group,
+                              .tiles = NULL};
+    return a;
+}
+
+/* Bytes of one KV head's unpacked 8-bit attention tiles over `positions` rows. */
+static int64_t head_tile_bytes(const offq_dec_model *m, int64_t positions)
+{
+    const int64_t tiles = (positions + OFFQ_ATTN_TILE_ROWS - 1) / OFFQ_ATTN_TILE_ROWS;
+    return sz_mul(tiles, OFFQ_ATTN_I8_TILE_BYTES(m->head_dim, m->head_dim / m->kv_group));
+}
+
+/* Whether a step of `rows` unpacks its layers' K/V tiles once for all its query blocks: a
+ * prefill with more than one block of ATT_ROWS rows, on shapes the SIMD 8-bit kernels take. The
+ * buffer is planned whatever the attention (its size does not depend on it). */
+static int pretiles(const offq_dec_model *m, int64_t rows)
+{
+    return rows > ATT_ROWS && offq_attn_i8_tiled(m->head_dim, m->kv_group) &&
+           m->head_dim <= OFFQ_ATTN_I8_PRETILE_MAX_HD;
+}
+
 /* Causal attention of query heads [h0, h1) (all of KV head h0 / rep) at rows [r0, r1) (positions
  * start + r) over the packed cache: the dispatched kernel (attention.c) on the queries scaled by
- * 1/sqrt(hd); outputs into x [rows][H * hd]. */
+ * 1/sqrt(hd); outputs into x [rows][H * hd]. kv_tiles: this KV head's unpacked 8-bit tiles, or
+ * NULL. */
 static void attend(const offq_dec_model *md, const offq_dec_cache *cache, int64_t layer,
                    int64_t start, int64_t r0, int64_t r1, int64_t h0, int64_t h1,
                    const float *qkv, int64_t qkv_n, float *x, const thread_bufs *tb,
-                   offq_attend_fn kernel, offq_attend_i8_fn kernel_i8)
+                   offq_attend_fn kernel, offq_attend_i8_fn kernel_i8, const uint8_t *kv_tiles)
 {
-    const int64_t hd = md->head_dim, H = md->heads, Hkv = md->kv_heads, ng = hd / md->kv_group;
+    const int64_t hd = md->head_dim, H = md->heads, Hkv = md->kv_heads;
     const int64_t g = h0 / (H / Hkv);
     const float scale = (float)(1.0 / sqrt((double)hd));
     int64_t nq = 0;
@@ -339,17 +378,8 @@ static void attend(const offq_dec_model *md, const offq_dec_cache *cache, int64_
             tb->out[nq] = x + r * H * hd + h * hd;
         }
     }
-    const int64_t k0 = (layer * cache->cap * 2) * Hkv + g, v0 = k0 + Hkv;
-    const offq_attn_args a = {.kc = cache->codes + k0 * (hd / 2),
-                              .vc = cache->codes + v0 * (hd / 2),
-                              .ks = cache->scale + k0 * ng,
-                              .kz = cache->zero + k0 * ng,
-                              .vs = cache->scale + v0 * ng,
-                              .vz = cache->zero + v0 * ng,
-                              .cstride = 2 * Hkv * (hd / 2),
-                              .pstride = 2 * Hkv * ng,
-                              .hd = hd,
-                              .group = md->kv_group};
+    offq_attn_args a = cache_args(md, cache, layer, g);
+    a.tiles = kv_tiles; /* this KV head's, or NULL */
     if (kernel_i8 != NULL) {
         kernel_i8(&a, nq, tb->q, tb->n, tb->scores, tb->out, tb->row, tb->qwork);
     } else {
@@ -429,7 +459,10 @@ int64_t offq_dec_scratch_bytes(const offq_dec_model *m, int64_t rows, int64_t po
                                int threads)
 {
     const step_dims s = dims_of(m);
-    return sz_add(64 + shared_bytes(&s, rows), sz_mul(threads, thread_bytes(m, &s, positions)));
+    const int64_t tiles =
+        pretiles(m, rows) ? align64(sz_mul(m->kv_heads, head_tile_bytes(m, positions))) : 0;
+    return sz_add(sz_add(64 + shared_bytes(&s, rows), tiles),
+                  sz_mul(threads, thread_bytes(m, &s, positions)));
 }
 
 /* ---- the step ------------------------------------------------------------------------------- */
@@ -490,11 +523,24 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
     base += align64(3 * mp * sd.max_nb * 4);
     sb.folded = (int32_t *)base;
     base += align64(mp * 4);
+    sb.kv_tiles = NULL;
+    if (pretiles(md, rows)) {
+        sb.kv_tiles = base;
+        base += align64(sz_mul(md->kv_heads, head_tile_bytes(md, positions)));
+    }
     uint8_t *thread_base = base;
     const int64_t per_thread = thread_bytes(md, &sd, positions);
 
     const int64_t d = md->d, hd = md->head_dim, H = md->heads, Hkv = md->kv_heads, f = md->ffn;
     const int64_t half = hd / 2, qkv_n = (H + 2 * Hkv) * hd, rep = H / Hkv;
+    /* the 8-bit SIMD attention reads this step's K/V tiles from one shared unpacking */
+    uint8_t *const kv_tiles = attend_i8_fn != NULL && attend_i8_fn == offq_dispatch.attend_i8 &&
+                                      offq_dispatch.attn_i8_pretile != NULL
+                                  ? sb.kv_tiles
+                                  : NULL;
+    const int64_t KT = OFFQ_ATTN_TILE_ROWS, tiles_per_head = (positions + KT - 1) / KT;
+    const int64_t tile_bytes = OFFQ_ATTN_I8_TILE_BYTES(md->head_dim, md->head_dim / md->kv_group);
+    const int64_t head_tiles = head_tile_bytes(md, positions);
     team_work work;
     atomic_init(&work.claimed, 0);
     atomic_init(&work.done, 0);
@@ -586,6 +632,23 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                 finish(&work, hi - lo);
             }
             phase_end(&work, &base, n);
+            /* 3b. the 8-bit attention's K/V tiles of this layer, unpacked once for all blocks of
+             * ATT_ROWS rows (each block unpacked every tile it reads: ~3% of SmolLM2's 2048-token
+             * prefill, benchmarks/results_speed.md) */
+            if (kv_tiles != NULL) {
+                n = Hkv * tiles_per_head;
+                while (claim(&work, base, n, 1, &lo, &hi)) {
+                    for (int64_t item = lo; item < hi; item++) {
+                        const int64_t g = item / tiles_per_head, j0 = item % tiles_per_head * KT;
+                        const int64_t jn = positions - j0 < KT ? positions - j0 : KT;
+                        const offq_attn_args a = cache_args(md, cache, li, g);
+                        offq_dispatch.attn_i8_pretile(
+                            &a, j0, jn, kv_tiles + g * head_tiles + j0 / KT * tile_bytes);
+                    }
+                    finish(&work, hi - lo);
+                }
+                phase_end(&work, &base, n);
+            }
             /* 4. attention -> x [rows][H * hd]: when decoding, per row and block of a KV head's
              * query heads, as few blocks as give every thread an item (each block decodes the
              * cached rows once: one block per KV head halved SmolLM2's attention at 2000
@@ -602,13 +665,13 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                     const int64_t h1 = h0 + per_block < hg ? h0 + per_block : hg;
                     if (h0 < h1) { /* the last block may be empty (rep 5 in blocks of 2) */
                         attend(md, cache, li, start, r, r + 1, h0, h1, sb.y, qkv_n, sb.x, &tb,
-                               attend_fn, attend_i8_fn);
+                               attend_fn, attend_i8_fn, NULL);
                     }
                 } else {
                     const int64_t r0 = lo / Hkv * ATT_ROWS, g = lo % Hkv;
                     attend(md, cache, li, start, r0, r0 + ATT_ROWS < rows ? r0 + ATT_ROWS : rows,
                            g * rep, (g + 1) * rep, sb.y, qkv_n, sb.x, &tb, attend_fn,
-                           attend_i8_fn);
+                           attend_i8_fn, kv_tiles != NULL ? kv_tiles + g * head_tiles : NULL);
                 }
                 finish(&work, 1);
             }

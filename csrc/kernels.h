@@ -430,6 +430,9 @@ typedef struct {
     const uint8_t *kc, *vc;
     const float *ks, *kz, *vs, *vz;
     int64_t cstride, pstride, hd, group;
+    /* the 8-bit attention's SIMD tiles of these rows already unpacked (offq_attn_i8_pretile_fn,
+     * tile t at tiles + t * OFFQ_ATTN_I8_TILE_BYTES), or NULL: each call unpacks its own */
+    const uint8_t *tiles;
 } offq_attn_args;
 /* The most positions any of the nq queries sees (the scores' row length, less one). */
 static inline int64_t offq_attn_max_n(const int64_t *n, int64_t nq)
@@ -490,6 +493,21 @@ void offq_attend_i8_avx2(const offq_attn_args *a, int64_t nq, const float *q, co
 void offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float *q,
                                const int64_t *n, float *scores, float *const *out, float *tile,
                                void *qwork);
+/* Tiles unpacked once for many calls (a prefill step's query blocks all read the same cached
+ * rows): rows [j0, j0 + OFFQ_ATTN_TILE_ROWS) of a's cache, the rows from jn on zero, into dst in
+ * the SIMD variants' tile layouts (x86/attention_i8_tiles.h): keys, their scales and zero-points,
+ * values, OFFQ_ATTN_I8_TILE_BYTES(hd, hd / group) bytes. Only for the shapes the SIMD variants
+ * take (offq_attn_i8_tiled); the dispatch table's pretile is NULL where no SIMD variant runs. */
+#define OFFQ_ATTN_I8_TILE_BYTES(hd, ng)                                                            \
+    (2 * OFFQ_ATTN_TILE_ROWS * (hd) + 2 * (ng) * OFFQ_ATTN_TILE_ROWS * 4)
+#define OFFQ_ATTN_I8_PRETILE_MAX_HD 512 /* the pretile's 4 unpacked rows live on its stack */
+static inline int offq_attn_i8_tiled(int64_t hd, int64_t group)
+{
+    return hd % 16 == 0 && group % 16 == 0 && group <= 4096; /* 4096: exact scores */
+}
+typedef void (*offq_attn_i8_pretile_fn)(const offq_attn_args *a, int64_t j0, int64_t jn,
+                                        uint8_t *dst);
+void offq_attn_i8_pretile_avx2(const offq_attn_args *a, int64_t j0, int64_t jn, uint8_t *dst);
 /* The query side every variant shares, carved from qwork in this order (offq_attn_i8_layout;
  * offq_attn_i8_quantize also fills the first three): q8 [nq][hd] (rint(q / sq), sq = max |q| of
  * the group / 127; all 0 where sq is 0), sq [nq][ng], qsum [nq][ng] (the sum of the group's q8);
@@ -689,6 +707,7 @@ typedef struct {
     offq_mix_f64_fn mix_f64;
     offq_attend_fn attend;
     offq_attend_i8_fn attend_i8;
+    offq_attn_i8_pretile_fn attn_i8_pretile; /* NULL: attend_i8 is the generic one */
     offq_attend_f32_fn attend_f32;
     offq_swiglu_fn swiglu;
     offq_residual_norm_row_fn residual_norm_row;

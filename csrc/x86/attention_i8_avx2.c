@@ -42,10 +42,18 @@ __attribute__((target("avx2,fma"))) void offq_attend_i8_avx2(const offq_attn_arg
                                                               float *s, float *const *out,
                                                               float *tile, void *qwork)
 {
-    if (a->group % 16 != 0 || a->hd % 16 != 0 || a->group > 4096) { /* 4096: exact scores */
+    if (!offq_attn_i8_tiled(a->hd, a->group)) {
         offq_attend_i8_generic(a, nq, q, n, s, out, tile, qwork);
         return;
     }
     attend_i8_tiles(a, nq, q, n, s, out, tile, qwork);
+}
+
+/* The tiles both SIMD variants read (the layout does not depend on the vector width). */
+__attribute__((target("avx2,fma"))) void offq_attn_i8_pretile_avx2(const offq_attn_args *a,
+                                                                    int64_t j0, int64_t jn,
+                                                                    uint8_t *dst)
+{
+    ai8_pretile(a, j0, jn, dst);
 }
 #endif

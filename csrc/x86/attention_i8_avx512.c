@@ -41,7 +41,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))) void
 offq_attend_i8_avx512vnni(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                           float *s, float *const *out, float *tile, void *qwork)
 {
-    if (a->group % 16 != 0 || a->hd % 16 != 0 || a->group > 4096) { /* 4096: exact scores */
+    if (!offq_attn_i8_tiled(a->hd, a->group)) {
         offq_attend_i8_generic(a, nq, q, n, s, out, tile, qwork);
         return;
     }

@@ -16,7 +16,7 @@
  * Layouts per tile (bytes): keys [hd / 4][KT][4] (lanes = keys, 4 dims per lane: the score's
  * dot product over dims), values minus their zero-points [KT / 4][hd][4] (lanes = dims, 4 rows per
  * lane: the values' sum over rows), both unpacked from the cache's nibbles once per tile for every
- * query of the block.
+ * query of the block, or once per prefill step for all its blocks (ai8_pretile, a->tiles).
  * Needs hd % 16 == 0 and group % 16 == 0 (the entry points fall back to the generic otherwise).
  */
 #ifndef OFFQ_X86_ATTENTION_I8_TILES_H
@@ -548,6 +548,18 @@ AI8_FN float ai8_softmax(float *st, int64_t n)
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
 }
 
+/* Rows [j0, j0 + KT) of a's cache (zero from jn on) into dst in the layouts the kernel unpacks
+ * a tile into (offq_attn_i8_pretile_fn): keys [hd / 4][KT][4], values [KT / 4][hd][4], the keys'
+ * scales and zero-points [ng][KT] each. hd <= OFFQ_ATTN_I8_PRETILE_MAX_HD. */
+AI8_FN void ai8_pretile(const offq_attn_args *a, int64_t j0, int64_t jn, uint8_t *dst)
+{
+    const int64_t hd = a->hd, ng = hd / a->group;
+    uint8_t rows[4 * OFFQ_ATTN_I8_PRETILE_MAX_HD];
+    float *ts = (float *)(void *)(dst + 2 * KT * hd), *tz = ts + ng * KT;
+    ai8_tile(a, a->kc, a->ks, a->kz, j0, jn, KT, 1, dst, ts, tz, rows);
+    ai8_tile(a, a->vc, a->vs, a->vz, j0, jn, KT, 0, dst + KT * hd, ts, tz, rows);
+}
+
 /* The kernel (steps: attention_i8.c) for hd % 16 == 0 and group % 16 == 0. */
 AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q, const int64_t *n,
                             float *s, float *const *out, float *tile, void *qwork)
@@ -566,7 +578,15 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
         const int64_t jpad = (jn + AI8_W - 1) / AI8_W * AI8_W; /* whole vectors of keys */
-        ai8_tile(a, a->kc, a->ks, a->kz, j0, jn, jpad, 1, t8, ts, tz, rows);
+        const uint8_t *kt8 = t8; /* the keys, their scales and zero-points: unpacked here or */
+        const float *kts = ts, *ktz = tz; /* once for all calls (a->tiles, ai8_pretile) */
+        if (a->tiles != NULL) {
+            kt8 = a->tiles + j0 / KT * OFFQ_ATTN_I8_TILE_BYTES(hd, ng);
+            kts = (const float *)(const void *)(kt8 + 2 * KT * hd);
+            ktz = kts + ng * KT;
+        } else {
+            ai8_tile(a, a->kc, a->ks, a->kz, j0, jn, jpad, 1, t8, ts, tz, rows);
+        }
         for (int64_t t0 = 0; t0 < nq; t0 += 4) {
             const int bq = nq - t0 < 4 ? (int)(nq - t0) : 4;
             int64_t jt = 0;
@@ -588,7 +608,7 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                     dst[b] = m[b] == AI8_W * nv ? s + t * ld + j0 + k0 : buf[b];
                 }
                 ai8_scores(bq, nv, Q.q8 + t0 * hd, Q.sq + t0 * ng, Q.qsum + t0 * ng, hd, g, ng,
-                           t8, k0, ts, tz, dst);
+                           kt8, k0, kts, ktz, dst);
                 for (int b = 0; b < bq; b++) {
                     if (m[b] > 0 && dst[b] == buf[b]) {
                         ai8_copy(s + (t0 + b) * ld + j0 + k0, buf[b], m[b]);
@@ -604,7 +624,12 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
     offq_attn_i8_value_scales(a, &Q, nmax);
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
-        ai8_tile(a, a->vc, a->vs, a->vz, j0, jn, (jn + 3) / 4 * 4, 0, t8, ts, tz, rows);
+        const uint8_t *vt8 = t8;
+        if (a->tiles != NULL) {
+            vt8 = a->tiles + j0 / KT * OFFQ_ATTN_I8_TILE_BYTES(hd, ng) + KT * hd;
+        } else {
+            ai8_tile(a, a->vc, a->vs, a->vz, j0, jn, (jn + 3) / 4 * 4, 0, t8, ts, tz, rows);
+        }
         int64_t t = 0;
         /* query pairs share each value load (8 accumulators: twice the chains in flight) where
          * every 4 vectors of dims lie in one group; the shorter one's weights are zero past its
@@ -621,7 +646,7 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                         ja, fill, w8);
             ai8_weights(s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + (t + 1) * ng,
                         Q.wstep + (t + 1) * ng, ng, jb, fill, w8b);
-            ai8_values2(out[t], out[t + 1], t8, w8, w8b, Q.wstep + t * ng, Q.wstep + (t + 1) * ng,
+            ai8_values2(out[t], out[t + 1], vt8, w8, w8b, Q.wstep + t * ng, Q.wstep + (t + 1) * ng,
                         hd, g, fill / 4);
         }
         for (; t < nq; t++) {
@@ -631,7 +656,7 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
             }
             ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, Q.wstep + t * ng, ng,
                         jt, (jt + 3) / 4 * 4, w8);
-            ai8_values(out[t], t8, w8, Q.wstep + t * ng, hd, g, (jt + 3) / 4);
+            ai8_values(out[t], vt8, w8, Q.wstep + t * ng, hd, g, (jt + 3) / 4);
         }
     }
     for (int64_t t = 0; t < nq; t++) {
