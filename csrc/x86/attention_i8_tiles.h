@@ -578,8 +578,11 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
         const int64_t jpad = (jn + AI8_W - 1) / AI8_W * AI8_W; /* whole vectors of keys */
-        const uint8_t *kt8 = t8; /* the keys, their scales and zero-points: unpacked here or */
-        const float *kts = ts, *ktz = tz; /* once for all calls (a->tiles, ai8_pretile) */
+        /* the keys, their scales and zero-points: unpacked here, or once for all calls
+         * (a->tiles, ai8_pretile; a tile's rows past this call's nmax then hold cached rows, not
+         * zeros: no query stores the scores of keys it does not see, and its weights there are 0) */
+        const uint8_t *kt8 = t8;
+        const float *kts = ts, *ktz = tz;
         if (a->tiles != NULL) {
             kt8 = a->tiles + j0 / KT * OFFQ_ATTN_I8_TILE_BYTES(hd, ng);
             kts = (const float *)(const void *)(kt8 + 2 * KT * hd);
