@@ -576,11 +576,14 @@ _RUN_AVX2_KERNEL = (
     "from tiny_models import token_ids\n"
     "real = load_quantized(sys.argv[1], mode='real')[0]\n"
     "ids = token_ids(real.config.vocab_size, 1, 80, 11)\n"
-    "fd = FusedDecoder(real, kernel='avx2', prefill='c')\n"
-    "cache = fd.new_cache()\n"
-    "out = [fd.run(real.embed(ids[:, :70])[0], cache)]\n"
-    "out += [fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(70, 80)]\n"
-    "np.savez(sys.argv[2], h=np.concatenate(out))\n"
+    "h = {}\n"
+    "for attention in ('float', 'int8'):\n"
+    "    fd = FusedDecoder(real, kernel='avx2', prefill='c', attention=attention)\n"
+    "    cache = fd.new_cache()\n"
+    "    out = [fd.run(real.embed(ids[:, :70])[0], cache)]\n"
+    "    out += [fd.run(real.embed(ids[:, t:t + 1])[0], cache) for t in range(70, 80)]\n"
+    "    h[attention] = np.concatenate(out)\n"
+    "np.savez(sys.argv[2], h=h['float'], h8=h['int8'])\n"
 )
 
 
@@ -589,10 +592,12 @@ def test_avx512_attention_and_mix_are_bit_identical_to_avx2(quantized, tmp_path)
     """The 16-lane attention and Hadamard mix run each lane's sums in the AVX2 order: a prompt
     of 70 tokens (two 64-row attention tiles) and 10 decode steps of the C step give the same
     hidden states bit for bit with the dispatch capped at AVX2 (OFFQ_SIMD_MAX=avx2, a fresh
-    process) and uncapped."""
+    process) and uncapped; so does the 8-bit attention (AVX2 or VNNI dot products), whose
+    70-token prefill reads the K/V tiles unpacked once for the step."""
     quantized.save(tmp_path / "q")
     got = outputs_by_cap(_RUN_AVX2_KERNEL, tmp_path, (str(tmp_path / "q"),))
     np.testing.assert_array_equal(got[""]["h"], got["avx2"]["h"])
+    np.testing.assert_array_equal(got[""]["h8"], got["avx2"]["h8"])
 
 
 @pytest.mark.skipif(os.environ.get("OFFQ_DISABLE_SIMD") == "1", reason="already generic")
