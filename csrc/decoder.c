@@ -540,7 +540,6 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                                   : NULL;
     const int64_t KT = OFFQ_ATTN_TILE_ROWS, tiles_per_head = (positions + KT - 1) / KT;
     const int64_t tile_bytes = OFFQ_ATTN_I8_TILE_BYTES(md->head_dim, md->head_dim / md->kv_group);
-    const int64_t head_tiles = head_tile_bytes(md, positions);
     team_work work;
     atomic_init(&work.claimed, 0);
     atomic_init(&work.done, 0);
@@ -639,11 +638,11 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                 n = Hkv * tiles_per_head;
                 while (claim(&work, base, n, 1, &lo, &hi)) {
                     for (int64_t item = lo; item < hi; item++) {
+                        /* item = g * tiles_per_head + tile: also its place in kv_tiles */
                         const int64_t g = item / tiles_per_head, j0 = item % tiles_per_head * KT;
                         const int64_t jn = positions - j0 < KT ? positions - j0 : KT;
                         const offq_attn_args a = cache_args(md, cache, li, g);
-                        offq_dispatch.attn_i8_pretile(
-                            &a, j0, jn, kv_tiles + g * head_tiles + j0 / KT * tile_bytes);
+                        offq_dispatch.attn_i8_pretile(&a, j0, jn, kv_tiles + item * tile_bytes);
                     }
                     finish(&work, hi - lo);
                 }
@@ -669,9 +668,11 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                     }
                 } else {
                     const int64_t r0 = lo / Hkv * ATT_ROWS, g = lo % Hkv;
+                    const uint8_t *head =
+                        kv_tiles != NULL ? kv_tiles + g * tiles_per_head * tile_bytes : NULL;
                     attend(md, cache, li, start, r0, r0 + ATT_ROWS < rows ? r0 + ATT_ROWS : rows,
                            g * rep, (g + 1) * rep, sb.y, qkv_n, sb.x, &tb, attend_fn,
-                           attend_i8_fn, kv_tiles != NULL ? kv_tiles + g * head_tiles : NULL);
+                           attend_i8_fn, head);
                 }
                 finish(&work, 1);
             }
