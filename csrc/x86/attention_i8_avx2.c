@@ -33,7 +33,19 @@
 #define AI8_SPAN_S 8
 #define AI8_SPAN_V 4
 #define AI8_SPAN_START(acc) _mm256_setzero_si256()
-#define AI8_DP_PART(p, u8, s8) _mm256_add_epi16(p, _mm256_maddubs_epi16(u8, s8))
+/* p + maddubs(u8, s8) as one asm block: the product's register is taken only for these two
+ * instructions. As intrinsics GCC hoisted the four queries' broadcasts and products of a score
+ * step above their adds, which needs more than 16 ymm: one accumulator lived on the stack, and its
+ * store-to-load round trip every step became the loop's critical path. */
+#define AI8_DP_PART(p, u8, s8)                                                                    \
+    __extension__({                                                                               \
+        __m256i p_ = (p), t_;                                                                     \
+        __asm__("vpmaddubsw %[b], %[a], %[t]\n\t"                                                 \
+                "vpaddw %[t], %[sum], %[sum]"                                                         \
+                : [sum] "+x"(p_), [t] "=&x"(t_)                                                     \
+                : [a] "x"(u8), [b] "x"(s8));                                                      \
+        p_;                                                                                       \
+    })
 #define AI8_WIDEN(acc, p) _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
 #include "x86/attention_i8_tiles.h"
 

@@ -469,6 +469,35 @@ __attribute__((target("avx512f"))) static inline __m512 ai8_exp16(__m512 x)
 }
 #endif
 
+/* The block of 8 scores at p of which m are real, in place: e = exp(p[i] - max) for i < m,
+ * the last 1..7 through a padded copy whose padding's lanes are 0; returns the 8 lanes (0 past m,
+ * all 0 for m <= 0). */
+__attribute__((target("avx2,fma"))) static inline __m256 ai8_exp_block(float *p, int64_t m,
+                                                                        __m256 m8, float mx)
+{
+    if (m >= 8) {
+        const __m256 e = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(p), m8));
+        _mm256_storeu_ps(p, e);
+        return e;
+    }
+    if (m <= 0) {
+        return _mm256_setzero_ps();
+    }
+    float pad[8];
+    for (int k = 0; k < 8; k++) {
+        pad[k] = k < m ? p[k] : mx;
+    }
+    __m256 e = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(pad), m8));
+    e = _mm256_blendv_ps(_mm256_setzero_ps(), e,
+                         _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                             _mm256_set1_epi32((int)m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+    _mm256_storeu_ps(pad, e);
+    for (int k = 0; k < m; k++) {
+        p[k] = pad[k];
+    }
+    return e;
+}
+
 /* Query t's softmax in place, st[j] = e_j = exp(st[j] - max) for j < n, returning their sum
  * (blocks of 8, the last padded with zeros, into 4 lane-wise sums by block number, then one fixed
  * tree: the same sum in both variants). */
@@ -521,26 +550,25 @@ AI8_FN float ai8_softmax(float *st, int64_t n)
     den[3] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(den23), 1));
 #endif
     const __m256 m8 = _mm256_set1_ps(mx);
-    for (; j + 8 <= n; j += 8) {
-        const __m256 e = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j), m8));
-        _mm256_storeu_ps(st + j, e);
-        den[(j / 8) & 3] = _mm256_add_ps(den[(j / 8) & 3], e);
+    /* (AVX2) four blocks a step, one per chain: every index constant, so the chains stay in
+     * registers (indexed by j / 8, GCC kept them on the stack: a store and a load per block) */
+    for (; j + 32 <= n; j += 32) {
+        const __m256 e0 = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j), m8));
+        const __m256 e1 = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j + 8), m8));
+        const __m256 e2 = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j + 16), m8));
+        const __m256 e3 = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j + 24), m8));
+        _mm256_storeu_ps(st + j, e0);
+        _mm256_storeu_ps(st + j + 8, e1);
+        _mm256_storeu_ps(st + j + 16, e2);
+        _mm256_storeu_ps(st + j + 24, e3);
+        den[0] = _mm256_add_ps(den[0], e0);
+        den[1] = _mm256_add_ps(den[1], e1);
+        den[2] = _mm256_add_ps(den[2], e2);
+        den[3] = _mm256_add_ps(den[3], e3);
     }
-    if (j < n) { /* the last 1..7 through a padded copy, the padding's lanes set to 0 */
-        float pad[8];
-        const int64_t m = n - j;
-        for (int k = 0; k < 8; k++) {
-            pad[k] = k < m ? st[j + k] : mx;
-        }
-        __m256 e = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(pad), m8));
-        e = _mm256_blendv_ps(_mm256_setzero_ps(), e,
-                             _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                                 _mm256_set1_epi32((int)m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
-        _mm256_storeu_ps(pad, e);
-        for (int k = 0; k < m; k++) {
-            st[j + k] = pad[k];
-        }
-        den[(j / 8) & 3] = _mm256_add_ps(den[(j / 8) & 3], e);
+    /* the last 0..31 scores (j is a multiple of 32 in both variants): block k to chain k */
+    for (int k = 0; k < 4; k++) {
+        den[k] = _mm256_add_ps(den[k], ai8_exp_block(st + j + 8 * k, n - j - 8 * k, m8, mx));
     }
     const __m256 d = _mm256_add_ps(_mm256_add_ps(den[0], den[1]), _mm256_add_ps(den[2], den[3]));
     const __m256 h = _mm256_hadd_ps(d, d);
