@@ -257,15 +257,18 @@ def test_the_largest_group_folds_its_zero_point_without_wrapping(kernel: str) ->
 @pytest.mark.parametrize("qa,za", [(15, -112), (0, 127), (15, -53), (0, 68), (15, -54), (0, 69),
                                    (15, 0), (0, 15)])
 @pytest.mark.parametrize("wzero", [0, 8])
-def test_folded_tile_sums_at_their_limits(kernel: str, qa: int, za: int, wzero: int) -> None:
+@pytest.mark.parametrize("ga", [512, 64])
+def test_folded_tile_sums_at_their_limits(kernel: str, qa: int, za: int, wzero: int,
+                                          ga: int) -> None:
     """The GEMM tile folds the activations' zero-point into their codes (qa - za as int8) when
     the weight has one integer zero-point: AVX2 sums the folded products in 16-bit lanes and
     widens every 32767 // (30 * max |qa - za|) steps of 4 k, so all-15 weights against codes at
     the edges of each span (|qa - za| = 127, 68 and 69 around the 16-step span, 15) must give the
-    exact integer sum; a longer span wraps."""
+    exact integer sum; a longer span wraps. Groups of 512 take several spans a block; groups of
+    64 one (AVX2's one-chunk copy) where the span holds the 64 k (|qa - za| <= 68), else several."""
     k, m, n = 1024, 9, 40  # 9 rows: the tile path on every variant
     w = from_int_codes(np.full((n, k), 15), np.ones((n, 1)), np.full((n, 1), wzero), k)
-    a = from_int_codes(np.full((m, k), qa), np.ones((m, 2)), np.full((m, 2), za), k // 2)
+    a = from_int_codes(np.full((m, k), qa), np.ones((m, k // ga)), np.full((m, k // ga), za), ga)
     np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel),
                                   np.full((m, n), (15 - wzero) * (qa - za) * k, np.float32))
 

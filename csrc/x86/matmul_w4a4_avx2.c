@@ -20,15 +20,18 @@
 
 /* AVX2: one panel, rows r0..r0+3 (MR_AVX2) x 16 columns, 16-bit accumulation within chunks of
  * 256 k: 8 accumulators + 2 weight vectors + 1 broadcast fit the 16 ymm registers. `one_chunk`
- * (a constant: two copies are compiled) is for blocks of at most CHUNK k, the usual groups of 64
- * or 128: the widened sums are then the block's, with no 32-bit running total to add to and keep
- * (spilled) across the inner loop; at 64 k a block that saves ~8% of the product.
+ * (a constant: copies are compiled) is for blocks within one 16-bit stage (at most CHUNK k, or
+ * the folded span below), the usual groups of 64 or 128: the widened sums (plus ainit when
+ * folded) are then the block's, with no 32-bit running total to keep (spilled) across the inner
+ * loop; at 64 k a block that saves ~8% of the unfolded product.
  * `folded` (a constant) is tile_folded (kernels.h): int8 codes minus their zero-point against a
  * weight with one zero-point, each block's int32 sums started from ainit, and the epilogue a
  * conversion and one FMA per vector instead of five operations. A pair of folded products is at
  * most 2 * 15 * fold_max, so the 16-bit sums are widened every 32767 / (30 * fold_max) steps of
  * 4 k (72 for ordinary tokens, whose zero-points lie in [0, 15]; 8 at the extreme 127). */
 #define MR_AVX2 4
+/* k per 16-bit stage of folded codes whose largest |qa - za| is fold_max */
+#define OFFQ_FOLD_SPAN(fold_max) (4 * (32767 / (30 * (int64_t)(fold_max))))
 __attribute__((target("avx2,fma"), always_inline)) static inline void
 panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, int64_t ldc,
              const int one_chunk, const int folded)
@@ -39,11 +42,12 @@ panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, 
     const int64_t lda = u->lda;
     const uint8_t *a0 = u->a + r0 * lda;
     /* k per 16-bit stage: whole chunks, or the folded codes' bound */
-    const int64_t span = folded ? 4 * (32767 / (30 * (int64_t)u->fold_max)) : CHUNK;
+    const int64_t span = one_chunk ? u->bp : folded ? OFFQ_FOLD_SPAN(u->fold_max) : CHUNK;
     for (int64_t b = 0; b < u->nb; b++) {
 #define OFFQ_INIT(r)                                                                             \
-    __m256i d##r##0 = folded ? _mm256_set1_epi32(u->ainit[(r0 + (r)) * u->ldp + b])              \
-                             : _mm256_setzero_si256(),                                          \
+    __m256i d##r##0 = folded && !one_chunk                                                       \
+                          ? _mm256_set1_epi32(u->ainit[(r0 + (r)) * u->ldp + b])                 \
+                          : _mm256_setzero_si256(),                                              \
             d##r##1 = d##r##0;
         OFFQ_INIT(0) OFFQ_INIT(1) OFFQ_INIT(2) OFFQ_INIT(3)
 #undef OFFQ_INIT
@@ -77,11 +81,14 @@ panel_avx2_t(const offq_mm_tile_args *u, int panel, int r0, float *restrict ct, 
             }
             /* vpmaddubsw summed the pairs (k0,k1),(k2,k3) of a column into adjacent 16-bit
              * lanes; vpmaddwd with ones adds them: lane j of d_r,h is column 8h + j. */
-#define OFFQ_WIDEN(d, s)                                                                         \
-    d = one_chunk && !folded ? _mm256_madd_epi16(s, ones)                                        \
-                             : _mm256_add_epi32(d, _mm256_madd_epi16(s, ones));
-            OFFQ_WIDEN(d00, s00) OFFQ_WIDEN(d01, s01) OFFQ_WIDEN(d10, s10) OFFQ_WIDEN(d11, s11)
-            OFFQ_WIDEN(d20, s20) OFFQ_WIDEN(d21, s21) OFFQ_WIDEN(d30, s30) OFFQ_WIDEN(d31, s31)
+#define OFFQ_WIDEN(d, s, r)                                                                      \
+    d = !one_chunk ? _mm256_add_epi32(d, _mm256_madd_epi16(s, ones))                             \
+        : folded   ? _mm256_add_epi32(_mm256_set1_epi32(u->ainit[(r0 + (r)) * u->ldp + b]),     \
+                                      _mm256_madd_epi16(s, ones))                               \
+                   : _mm256_madd_epi16(s, ones);
+            OFFQ_WIDEN(d00, s00, 0) OFFQ_WIDEN(d01, s01, 0) OFFQ_WIDEN(d10, s10, 1)
+            OFFQ_WIDEN(d11, s11, 1) OFFQ_WIDEN(d20, s20, 2) OFFQ_WIDEN(d21, s21, 2)
+            OFFQ_WIDEN(d30, s30, 3) OFFQ_WIDEN(d31, s31, 3)
 #undef OFFQ_WIDEN
         }
         __m256 wz0 = zero, wz1 = zero, wt0 = zero, wt1 = zero;
@@ -130,11 +137,31 @@ __attribute__((target("avx2,fma"))) static void panel_avx2_chunks(const offq_mm_
     panel_avx2_t(u, panel, r0, ct, ldc, 0, 0);
 }
 
+__attribute__((target("avx2,fma"))) static void panel_avx2_folded_chunks(
+    const offq_mm_tile_args *u, int panel, int r0, float *ct, int64_t ldc)
+{
+    panel_avx2_t(u, panel, r0, ct, ldc, 0, 1);
+}
+
+__attribute__((target("avx2,fma"))) static void panel_avx2_folded_one_chunk(
+    const offq_mm_tile_args *u, int panel, int r0, float *ct, int64_t ldc)
+{
+    panel_avx2_t(u, panel, r0, ct, ldc, 1, 1);
+}
+
+/* Folded blocks within one 16-bit stage (the usual groups of 64 or 128 with ordinary tokens)
+ * take the one-chunk copy: the block's int32 sums are then formed after its products, from
+ * ainit and the widened 16-bit sums, instead of being held (spilled: 8 + 8 accumulators do not
+ * fit 16 ymm beside the weights) across a loop over chunks that runs once. */
 __attribute__((target("avx2,fma"))) static void panel_avx2_folded(const offq_mm_tile_args *u,
                                                                   int panel, int r0, float *ct,
                                                                   int64_t ldc)
 {
-    panel_avx2_t(u, panel, r0, ct, ldc, 0, 1);
+    if (u->bp <= OFFQ_FOLD_SPAN(u->fold_max)) {
+        panel_avx2_folded_one_chunk(u, panel, r0, ct, ldc);
+    } else {
+        panel_avx2_folded_chunks(u, panel, r0, ct, ldc);
+    }
 }
 
 __attribute__((target("avx2,fma"))) static void panel_avx2(const offq_mm_tile_args *u, int panel,

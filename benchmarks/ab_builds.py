@@ -1,0 +1,126 @@
+"""A/B of offq's C core: several builds of ``offq/_C*.so`` loaded side by side in one process,
+their calls alternated, so that the speed drift of a shared VM (10-25% within minutes) hits every
+build alike.
+
+Copy each build aside first (``cp offq/_C.cpython-*.so /tmp/ab/before.so``, rebuild, copy again),
+then:
+
+    python benchmarks/ab_builds.py /tmp/ab/before.so /tmp/ab/after.so [--threads 1] [--rounds 25]
+
+Workloads (SmolLM2-135M's shapes; the SIMD variant is what the process dispatches to, so prefix
+``OFFQ_SIMD_MAX=avx2`` for the AVX2 kernels):
+  - ``matmul``: ``matmul_w4a4`` of 2048 tokens (activations asymmetric, groups of 64) against a
+    symmetric per-channel 4-bit weight, K x N = 576 x 3072 (gate/up) and 1536 x 576 (down);
+  - ``attention``: the 8-bit attention (``attention_kv4``, mode int8) of 96 queries (32 positions x
+    3 heads of a KV head, the last rows of a 2048-token prompt) over a 2048-position 4-bit cache,
+    head_dim 64, one group.
+Each build's outputs are compared with the first build's (``identical``: the same bits), then
+each workload is timed ``--rounds`` times per build in turn; the table gives min and quartile
+milliseconds and the ratio of each build's min to the first's.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def load_build(path: Path) -> ModuleType:
+    """An ``offq._C`` extension module from ``path`` (each file its own module object)."""
+    spec = importlib.util.spec_from_file_location("offq._C", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not a loadable extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def matmul_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
+    """(name, call(module)) for the W4A4 products."""
+    import offq.kernels.quant as kq
+
+    cases = []
+    for m, k, n in ((2048, 576, 3072), (2048, 1536, 576)):
+        qa = kq.quantize(rng.standard_normal((m, k), dtype=np.float32), bits=4, group_size=64)
+        qw = kq.quantize(rng.standard_normal((n, k), dtype=np.float32), bits=4, group_size=-1,
+                         symmetric=True)
+
+        def call(mod: ModuleType, qa=qa, qw=qw) -> np.ndarray:
+            saved, kq._C = kq._C, mod  # the wrapper validates, then calls this build's kernel
+            try:
+                return kq.matmul_w4a4(qa, qw)
+            finally:
+                kq._C = saved
+
+        cases.append((f"matmul_w4a4 {m}x{k}x{n}", call))
+    return cases
+
+
+def attention_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
+    """(name, call(module)) for the 8-bit attention over a 4-bit cache."""
+    npos, hd = 2048, 64
+    codes = rng.integers(0, 256, (npos, 2, hd // 2), dtype=np.uint8)
+    scale = rng.uniform(0.02, 0.3, (npos, 2, 1)).astype(np.float32)
+    zero = rng.integers(0, 16, (npos, 2, 1)).astype(np.float32)
+    q = (rng.standard_normal((96, hd)) * 0.5).astype(np.float32)
+    n = np.repeat(np.arange(npos - 31, npos + 1), 3).astype(np.int64)
+
+    def call(mod: ModuleType) -> np.ndarray:
+        return mod.attention_kv4(q, codes, scale, zero, n, mode="int8")
+
+    return [(f"attention int8 96 q x {npos} pos, hd {hd}", call)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("builds", nargs="+", type=Path, help="copies of offq/_C*.so (first: baseline)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=25)
+    p.add_argument("--only", choices=("matmul", "attention"), nargs="+",
+                   default=["matmul", "attention"])
+    args = p.parse_args()
+    from offq.bench.machine import describe_machine
+    from offq.kernels import set_num_threads
+
+    set_num_threads(args.threads)  # (this loads offq's OpenBLAS, which the copies then share)
+    builds = {str(b): load_build(b) for b in args.builds}
+    for mod in builds.values():
+        mod.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    cases = []
+    if "matmul" in args.only:
+        cases += matmul_cases(rng)
+    if "attention" in args.only:
+        cases += attention_cases(rng)
+    print(f"# {describe_machine()}; threads {args.threads}; rounds {args.rounds}; "
+          f"OFFQ_SIMD_MAX={os.environ.get('OFFQ_SIMD_MAX', '(unset)')}")
+    for name, call in cases:
+        outs = {b: call(mod) for b, mod in builds.items()}
+        first = next(iter(outs.values()))
+        same = {b: bool(np.array_equal(o, first)) for b, o in outs.items()}
+        times: dict[str, list[float]] = {b: [] for b in builds}
+        for _ in range(args.rounds):
+            for b, mod in builds.items():
+                t = time.perf_counter()
+                call(mod)
+                times[b].append(time.perf_counter() - t)
+        base = min(next(iter(times.values())))
+        print(f"{name}:")
+        for b, ts in times.items():
+            ms = np.array(ts) * 1e3
+            print(f"  {b}: min {ms.min():.3f} ms, p25 {np.percentile(ms, 25):.3f}, "
+                  f"median {np.median(ms):.3f}; min / first's {ms.min() / 1e3 / base:.3f}; "
+                  f"identical {same[b]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
