@@ -41,8 +41,8 @@
     __extension__({                                                                               \
         __m256i p_ = (p), t_;                                                                     \
         __asm__("vpmaddubsw %[b], %[a], %[t]\n\t"                                                 \
-                "vpaddw %[t], %[sum], %[sum]"                                                         \
-                : [sum] "+x"(p_), [t] "=&x"(t_)                                                     \
+                "vpaddw %[t], %[sum], %[sum]"                                                     \
+                : [sum] "+x"(p_), [t] "=&x"(t_)                                                   \
                 : [a] "x"(u8), [b] "x"(s8));                                                      \
         p_;                                                                                       \
     })
