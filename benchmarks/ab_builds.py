@@ -7,10 +7,11 @@ then:
 
     python benchmarks/ab_builds.py /tmp/ab/before.so /tmp/ab/after.so [--threads 1] [--rounds 25]
 
-Workloads (SmolLM2-135M's shapes; the SIMD variant is what the process dispatches to, so prefix
+Workloads (SmolLM2-135M's shapes unless stated; the SIMD variant is what the process dispatches to, so prefix
 ``OFFQ_SIMD_MAX=avx2`` for the AVX2 kernels):
   - ``matmul``: ``matmul_w4a4`` of 2048 tokens (activations asymmetric, groups of 64) against a
-    symmetric per-channel 4-bit weight, K x N = 576 x 3072 (gate/up) and 1536 x 576 (down);
+    symmetric per-channel 4-bit weight, K x N = 576 x 3072 (gate/up) and 1536 x 576 (down), and
+    Qwen2.5-1.5B's gate/up half, 512 tokens (groups of 128) x 1536 x 8960;
   - ``attention``: the 8-bit attention (``attention_kv4``, mode int8) of 96 queries (32 positions x
     3 heads of a KV head, the last rows of a 2048-token prompt) over a 2048-position 4-bit cache,
     head_dim 64, one group.
@@ -48,8 +49,8 @@ def matmul_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
     import offq.kernels.quant as kq
 
     cases = []
-    for m, k, n in ((2048, 576, 3072), (2048, 1536, 576)):
-        qa = kq.quantize(rng.standard_normal((m, k), dtype=np.float32), bits=4, group_size=64)
+    for m, k, n, group in ((2048, 576, 3072, 64), (2048, 1536, 576, 64), (512, 1536, 8960, 128)):
+        qa = kq.quantize(rng.standard_normal((m, k), dtype=np.float32), bits=4, group_size=group)
         qw = kq.quantize(rng.standard_normal((n, k), dtype=np.float32), bits=4, group_size=-1,
                          symmetric=True)
 
