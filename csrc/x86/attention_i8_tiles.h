@@ -259,47 +259,88 @@ AI8_FN void ai8_copy(float *dst, const float *src, int64_t m)
     }
 }
 
+/* The largest e_j vs_j of rows [j, jt) (vectors of AI8_W rows from j; then one by one) with mv's
+ * lanes as the running maxima so far: each vector of products is vmaxps's second operand, and the
+ * lanes' maximum with 0 then the scalar rows, as offq_attn_i8_set_grid's callers take it. */
+AI8_FN float ai8_wmax_from(const float *st, const float *v, int64_t j, int64_t jt, AI8_FV mv)
+{
+    for (; j + AI8_W <= jt; j += AI8_W) { /* a maximum: the same in any order */
+        mv = AI8_MAXF(mv, AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)));
+    }
+    float wmax = ai8_lane_max0(mv);
+    for (; j < jt; j++) {
+        const float x = st[j] * v[j];
+        wmax = x > wmax ? x : wmax;
+    }
+    return wmax;
+}
+
+/* Rows [0, jt) of a query's e_j vs_j (st, v) on its grid winv as 8-bit weights into w, zero from
+ * there up to row `fill`: AI8_W rows at a time, each lane the products and rounding of
+ * offq_attn_i8_weight. */
+AI8_FN void ai8_weight_codes(const float *st, const float *v, float winv, int64_t jt,
+                             int64_t fill, uint8_t *w)
+{
+    const AI8_FV wi = AI8_SET1F(winv);
+    int64_t j = 0;
+    for (; j + AI8_W <= jt; j += AI8_W) {
+        const AI8_FV x = AI8_MULF(AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)), wi);
+        const AI8_IV c = AI8_MINI(AI8_MAXI(AI8_CVTI(x), AI8_ZEROI()), AI8_SET1I(255));
+#if AI8_W == 16
+        _mm_storeu_si128((__m128i *)(void *)(w + j), _mm512_cvtepi32_epi8(c));
+#else
+        const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(c),
+                                             _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64((__m128i *)(void *)(w + j), _mm_packus_epi16(p16, p16));
+#endif
+    }
+    for (; j < jt; j++) {
+        w[j] = offq_attn_i8_weight(st[j], v[j], winv);
+    }
+    for (j = j > 0 ? j : 0; j < fill; j++) {
+        w[j] = 0;
+    }
+}
+
 /* Query t's 8-bit weights of rows [0, jt) of the tile (st: its e_j, vs: the rows' value scales,
  * [ng][nmax] from the tile's first row) into w8 [ng][KT], zero from there up to row `fill` (a
  * multiple of 4), on the tile's grid per group: wmax = the largest e_j vs_j of these rows,
- * winv = 255 / wmax, wstep = wmax / 255 (offq_attn_i8_set_grid); AI8_W rows at a time, each lane
- * the products and rounding of offq_attn_i8_weight. */
+ * winv = 255 / wmax, wstep = wmax / 255 (offq_attn_i8_set_grid). */
 AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, float *winv, float *wstep,
                         int64_t ng, int64_t jt, int64_t fill, uint8_t *w8)
 {
     for (int64_t gi = 0; gi < ng; gi++) {
         const float *v = vs + gi * nmax;
-        uint8_t *w = w8 + gi * KT;
-        AI8_FV mv = AI8_SET1F(0.0f);
-        int64_t j = 0;
-        for (; j + AI8_W <= jt; j += AI8_W) { /* a maximum: the same in any order */
-            mv = AI8_MAXF(mv, AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)));
+        offq_attn_i8_set_grid(winv + gi, wstep + gi,
+                              ai8_wmax_from(st, v, 0, jt, AI8_SET1F(0.0f)));
+        ai8_weight_codes(st, v, winv[gi], jt, fill, w8 + gi * KT);
+    }
+}
+
+/* ai8_weights for a pair of queries (a: rows [0, ja), b: [0, jb)): both maxima in one pass over
+ * the shared rows (two independent chains, each vs load feeding both), then both grids, then both
+ * queries' weights. Each query's chain sees its products in the order ai8_weights gives them, so
+ * the weights are the same bits. */
+AI8_FN void ai8_weights2(const float *sa, const float *sb, const float *vs, int64_t nmax,
+                         float *winva, float *wstepa, float *winvb, float *wstepb, int64_t ng,
+                         int64_t ja, int64_t jb, int64_t fill, uint8_t *w8a, uint8_t *w8b)
+{
+    const int64_t jmin = ja < jb ? ja : jb; /* a query may see none of the tile's rows */
+    const int64_t jc = jmin > 0 ? jmin / AI8_W * AI8_W : 0; /* whole vectors both take */
+    for (int64_t gi = 0; gi < ng; gi++) {
+        const float *v = vs + gi * nmax;
+        AI8_FV ma = AI8_SET1F(0.0f), mb = ma;
+        for (int64_t j = 0; j < jc; j += AI8_W) {
+            const AI8_FV vv = AI8_LOADF(v + j);
+            ma = AI8_MAXF(ma, AI8_MULF(AI8_LOADF(sa + j), vv));
+            mb = AI8_MAXF(mb, AI8_MULF(AI8_LOADF(sb + j), vv));
         }
-        float wmax = ai8_lane_max0(mv);
-        for (; j < jt; j++) {
-            const float x = st[j] * v[j];
-            wmax = x > wmax ? x : wmax;
-        }
-        offq_attn_i8_set_grid(winv + gi, wstep + gi, wmax);
-        const AI8_FV wi = AI8_SET1F(winv[gi]);
-        j = 0;
-        for (; j + AI8_W <= jt; j += AI8_W) {
-            const AI8_FV x = AI8_MULF(AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)), wi);
-            const AI8_IV c = AI8_MINI(AI8_MAXI(AI8_CVTI(x), AI8_ZEROI()), AI8_SET1I(255));
-#if AI8_W == 16
-            _mm_storeu_si128((__m128i *)(void *)(w + j), _mm512_cvtepi32_epi8(c));
-#else
-            const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(c),
-                                                 _mm256_extracti128_si256(c, 1));
-            _mm_storel_epi64((__m128i *)(void *)(w + j), _mm_packus_epi16(p16, p16));
-#endif
-        }
-        for (; j < jt; j++) {
-            w[j] = offq_attn_i8_weight(st[j], v[j], winv[gi]);
-        }
-        for (j = j > 0 ? j : 0; j < fill; j++) {
-            w[j] = 0;
-        }
+        const float wmaxa = ai8_wmax_from(sa, v, jc, ja, ma);
+        const float wmaxb = ai8_wmax_from(sb, v, jc, jb, mb);
+        offq_attn_i8_set_grid(winva + gi, wstepa + gi, wmaxa);
+        offq_attn_i8_set_grid(winvb + gi, wstepb + gi, wmaxb);
+        ai8_weight_codes(sa, v, winva[gi], ja, fill, w8a + gi * KT);
+        ai8_weight_codes(sb, v, winvb[gi], jb, fill, w8b + gi * KT);
     }
 }
 
@@ -673,10 +714,9 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                 continue;
             }
             const int64_t fill = (jl + 3) / 4 * 4;
-            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, Q.wstep + t * ng, ng,
-                        ja, fill, w8);
-            ai8_weights(s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + (t + 1) * ng,
-                        Q.wstep + (t + 1) * ng, ng, jb, fill, w8b);
+            ai8_weights2(s + t * ld + j0, s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng,
+                         Q.wstep + t * ng, Q.winv + (t + 1) * ng, Q.wstep + (t + 1) * ng, ng, ja,
+                         jb, fill, w8, w8b);
             ai8_values2(out[t], out[t + 1], vt8, w8, w8b, Q.wstep + t * ng, Q.wstep + (t + 1) * ng,
                         hd, g, fill / 4);
         }
