@@ -22,8 +22,30 @@
  * +0.29% with a grid a tile (-0.85% with the SIMD exp of f05b5bc: inside that model's +-1%).
  */
 #include <math.h>
+#include <string.h>
 
 #include "kernels.h"
+
+int offq_attn_i8_fits(const float *scale, const float *zero, int64_t n)
+{
+    /* on the bits, with no ordered float comparison, so that the loop vectorises (a decode step
+     * checks every cached grid of each layer): a zero-point fits when its bits are those of a
+     * value in [-0, 15] (the sign bit and NaN fail) and rounding it to an integer (adding and
+     * subtracting 2^23) leaves it unchanged; a scale when its bits are those of a value in
+     * [-0, +inf) */
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t s, u;
+        memcpy(&s, scale + i, sizeof s);
+        memcpy(&u, zero + i, sizeof u);
+        const float z = zero[i];
+        const int z_ok = ((u <= 0x41700000u) | (u == 0x80000000u)) &
+                         ((z + 8388608.0f) - 8388608.0f == z);
+        const int s_ok = (s < 0x7f800000u) | (s == 0x80000000u);
+        bad |= !(z_ok & s_ok);
+    }
+    return !bad;
+}
 
 offq_attn_i8_queries offq_attn_i8_layout(int64_t nq, int64_t hd, int64_t group, void *qwork)
 {

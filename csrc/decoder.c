@@ -631,10 +631,19 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                 finish(&work, hi - lo);
             }
             phase_end(&work, &base, n);
+            /* the 8-bit attention for this layer where every grid it reads fits it (a key or value
+             * group of one sign can have a zero-point outside the codes: offq_attn_i8_fits), the
+             * float one otherwise; each thread finds the same answer */
+            const int64_t kv_ng = hd / md->kv_group, at = li * cache->cap * 2 * Hkv * kv_ng;
+            const offq_attend_i8_fn layer_i8 =
+                attend_i8_fn != NULL && offq_attn_i8_fits(cache->scale + at, cache->zero + at,
+                                                          positions * 2 * Hkv * kv_ng)
+                    ? attend_i8_fn
+                    : NULL;
             /* 3b. the 8-bit attention's K/V tiles of this layer, unpacked once for all blocks of
              * ATT_ROWS rows (each block unpacked every tile it reads: ~3% of SmolLM2's 2048-token
              * prefill, benchmarks/results_speed.md) */
-            if (kv_tiles != NULL) {
+            if (kv_tiles != NULL && layer_i8 != NULL) {
                 n = Hkv * tiles_per_head;
                 while (claim(&work, base, n, 1, &lo, &hi)) {
                     for (int64_t item = lo; item < hi; item++) {
@@ -664,15 +673,16 @@ offq_status offq_dec_forward(const offq_dec_model *md, float *h, int64_t rows, i
                     const int64_t h1 = h0 + per_block < hg ? h0 + per_block : hg;
                     if (h0 < h1) { /* the last block may be empty (rep 5 in blocks of 2) */
                         attend(md, cache, li, start, r, r + 1, h0, h1, sb.y, qkv_n, sb.x, &tb,
-                               attend_fn, attend_i8_fn, NULL);
+                               attend_fn, layer_i8, NULL);
                     }
                 } else {
                     const int64_t r0 = lo / Hkv * ATT_ROWS, g = lo % Hkv;
-                    const uint8_t *head =
-                        kv_tiles != NULL ? kv_tiles + g * tiles_per_head * tile_bytes : NULL;
+                    const uint8_t *head = kv_tiles != NULL && layer_i8 != NULL
+                                              ? kv_tiles + g * tiles_per_head * tile_bytes
+                                              : NULL;
                     attend(md, cache, li, start, r0, r0 + ATT_ROWS < rows ? r0 + ATT_ROWS : rows,
-                           g * rep, (g + 1) * rep, sb.y, qkv_n, sb.x, &tb, attend_fn,
-                           attend_i8_fn, head);
+                           g * rep, (g + 1) * rep, sb.y, qkv_n, sb.x, &tb, attend_fn, layer_i8,
+                           head);
                 }
                 finish(&work, 1);
             }

@@ -479,7 +479,7 @@ void offq_attend_avx512(const offq_attn_args *a, int64_t nq, const float *q, con
  * q8 x (key code - zero); the softmax weights times the value scales are quantized to 8 bits per
  * query, group and tile (0..255) and the values summed exactly in int32 per tile of
  * OFFQ_ATTN_TILE_ROWS rows (attention_i8.c states every step). Zero-points must be integers in
- * [0, 15] (offq's KV grids: round(-lo / scale), or 8). qwork: OFFQ_ATTN_I8_QBYTES(nq, hd,
+ * [0, 15] and scales >= 0 (offq_attn_i8_fits, offq.h; callers check). qwork: OFFQ_ATTN_I8_QBYTES(nq, hd,
  * hd / group, max n) bytes, 4-byte aligned; tile: OFFQ_ATTN_ROW_FLOATS(hd) floats. */
 #define OFFQ_ATTN_I8_QBYTES(nq, hd, ng, positions)                                                  \
     (((nq) * (hd) + 63) / 64 * 64 + (nq) * (ng) * 16 + (ng) * (positions) * 4)

@@ -156,13 +156,19 @@ offq_status offq_attention_f32(const float *q, int64_t nq, int64_t kv_heads, int
  * The W4A4KV4 decoder step's attention for one KV head, exposed for tests: out[t] = softmax(q_t .
  * K^T) V for nq queries q[nq][hd] (already scaled), query t over positions 0..n[t]-1 (1 <= n[t]
  * <= npos) of codes [npos][2][hd / 2] (K then V; two codes a byte, the even one low) with scale
- * and zero [npos][2][hd / group]. int8: the 8-bit variant (attention_i8.c; zero-points integers in
- * [0, 15]) instead of the float one. `kernel`: OFFQ_KERNEL_GENERIC forces the references,
- * anything else takes the dispatched variants. OFFQ_ERR_NOMEM. */
+ * and zero [npos][2][hd / group]. int8: the 8-bit variant (attention_i8.c; its grids must pass
+ * offq_attn_i8_fits) instead of the float one. `kernel`: OFFQ_KERNEL_GENERIC forces the
+ * references, anything else takes the dispatched variants. OFFQ_ERR_NOMEM. */
 offq_status offq_attention_kv4(const float *q, int64_t nq, int64_t hd, int64_t group,
                                const uint8_t *codes, const float *scale, const float *zero,
                                int64_t npos, const int64_t *n, int int8, float *out,
                                offq_kernel kernel);
+/* Whether the 8-bit attention can take the KV grids scale[0..n), zero[0..n): every zero-point an
+ * integer in [0, 15] and every scale >= 0 (the weights e_j vs_j are unsigned bytes). offq's KV
+ * quantizer gives other zero-points to a group of one sign (a constant positive group: -1; values
+ * in [10, 11]: -150), so the decoder step checks a layer's cached grids each step and runs the
+ * float attention where they do not fit; offq_attention_kv4's binding refuses such a cache. */
+int offq_attn_i8_fits(const float *scale, const float *zero, int64_t n);
 
 /* ---- int8-weight matmul (matmul_i8.c) ---------------------------------------------------------
  * out[m][n] = x_hat[m][k] @ w_hat^T with w_hat[j][i] = scale[j][i / group] * w[j][i] (int8

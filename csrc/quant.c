@@ -13,7 +13,8 @@
 /* Rows per parallel region below which OpenMP is not worth starting. */
 #define OFFQ_QUANT_PAR_MIN_ELEMS ((int64_t)1 << 15)
 
-int64_t offq_code_row_bytes(int64_t k, int bits) { return bits == 4 ? (k + 1) / 2 : k; }
+/* k / 2 + k % 2, not (k + 1) / 2: k may be a caller's INT64_MAX, reported in an error message */
+int64_t offq_code_row_bytes(int64_t k, int bits) { return bits == 4 ? k / 2 + k % 2 : k; }
 
 /* Quantize one group g[0..n) to codes q[0..n) (one per byte): the reference variant. */
 offq_status offq_quant_group_generic(const float *restrict g, int64_t n, int bits, int symmetric,

@@ -262,3 +262,27 @@ def test_arguments_are_validated(args, match):
     with pytest.raises((ValueError, TypeError), match=match):
         _C.attention_kv4(base["q"], base["codes"], base["scale"], base["zero"], base["n"],
                          **{k: v for k, v in base.items() if k in ("mode", "kernel")})
+
+
+@pytest.mark.parametrize("zero, scale, fits", [
+    (0.0, 0.1, True), (15.0, 0.1, True), (7.0, 0.0, True), (-0.0, 0.1, True),
+    (3.0, -0.0, True), (3.0, 1e-45, True), (3.0, 3e38, True),
+    (15.5, 0.1, False), (16.0, 0.1, False), (-1.0, 0.1, False), (7.0000005, 0.1, False),
+    (1e-45, 0.1, False), (-150.0, 0.1, False), (1e9, 0.1, False),
+    (3.0, -1e-30, False), (3.0, -1.0, False),
+])
+def test_int8_mode_takes_exactly_the_grids_it_can_sum(zero, scale, fits):
+    """offq_attn_i8_fits (the rule the decoder step uses to pick the 8-bit attention per layer,
+    on bit patterns) through the binding: integer zero-points in [0, 15] and scales >= 0, each
+    edge on both sides, at the last of 8 x 2 grids."""
+    z = np.full((8, 2, 1), 8.0, np.float32)
+    s = np.full((8, 2, 1), 0.1, np.float32)
+    z[7, 1, 0], s[7, 1, 0] = zero, scale
+    args = (np.ones((1, 64), np.float32), np.zeros((8, 2, 32), np.uint8), s, z,
+            np.array([8], np.int64))
+    if fits:
+        _C.attention_kv4(*args, mode="int8")
+    else:
+        what = "zero" if not (0 <= zero <= 15 and zero == int(zero)) else "scale"
+        with pytest.raises(ValueError, match=f"^{what}: mode 'int8' needs .* at flat index 15$"):
+            _C.attention_kv4(*args, mode="int8")

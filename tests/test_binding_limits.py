@@ -190,6 +190,58 @@ def test_dequantize_and_matmul_wq_refuse_a_non_finite_grid():
         _C.matmul_wq(x, packed, good, bad, 4, 128)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_matmul_i8_refuses_a_non_finite_scale(value):
+    # it returned NaN in that output column without a word, where every other product refuses
+    scale = np.ones((3, 1), np.float32)
+    scale[1, 0] = value
+    with pytest.raises(ValueError, match="^scale: contains NaN or Inf"):
+        _C.matmul_i8(np.ones((1, 8), np.float32), np.ones((3, 8), np.int8), scale, 8)
+
+
+def test_attention_kv4_int8_refuses_negative_scales():
+    # its 8-bit softmax weights e_j * scale_j are unsigned: a negative value scale came back as
+    # zeros, where the float mode computes it
+    npos, hd = 8, 16
+    codes = np.full((npos, 2, hd // 2), 0x53, np.uint8)
+    scale = np.ones((npos, 2, 1), np.float32)
+    zero = np.full((npos, 2, 1), 8.0, np.float32)
+    scale[2, 1, 0] = -1.0
+    args = (np.ones((1, hd), np.float32), codes, scale, zero, np.array([npos]))
+    assert np.abs(_C.attention_kv4(*args, mode="float")).max() > 0
+    with pytest.raises(ValueError, match=r"^scale: mode 'int8' needs scales >= 0, got -1\.0 at "
+                                         r"flat index 5$"):
+        _C.attention_kv4(*args, mode="int8")
+
+
+def test_a_rotary_table_error_prints_its_numbers():
+    # PyErr_Format has no %g: Python 3.11 printed "%g" literally (3.12 raises SystemError)
+    from offq.kernels.decoder import decoder_plan
+    d = hd = 16
+
+    def lin(n, k):
+        return (np.zeros((n, k // 2), np.uint8), np.ones((n, 1), np.float32),
+                np.zeros((n, 1), np.float32), k, None, k)
+
+    layer = (None, None, lin(3 * hd, d), lin(d, hd), lin(2 * d, d), lin(d, d), None)
+    plan = decoder_plan((layer,), hidden_size=d, intermediate_size=d, num_heads=1, num_kv_heads=1,
+                        head_dim=hd, eps=1e-6, a_symmetric=False, a_clip=1.0, kv_symmetric=False,
+                        kv_group=hd, r3=False, r4=False)
+    cos = np.full((1, hd // 2), 9.5, np.float32)
+    kv = (np.zeros((1, 4, 2, 1, hd // 2), np.uint8), np.zeros((1, 4, 2, 1, 1), np.float32),
+          np.zeros((1, 4, 2, 1, 1), np.float32))
+    with pytest.raises(ValueError, match=r"^cos: a rotary table needs finite values of magnitude "
+                                         r"at most 8, got 9\.5 at flat index 0$"):
+        _C.decoder_forward(plan, np.ones((1, d), np.float32), 0, cos, cos * 0, *kv,
+                           np.empty(1 << 20, np.uint8))
+
+
+def test_code_row_sizes_of_huge_k_do_not_wrap():
+    # (k + 1) / 2 wrapped at k = 2^63 - 1: "expected last axis -4611686018427387904"
+    with pytest.raises(ValueError, match=r"^packed: expected last axis 4611686018427387904 "):
+        _C.unpack_codes(np.zeros((2, 2), np.uint8), 4, 2**63 - 1)
+
+
 @pytest.mark.parametrize("m", [1, 3, 40])
 @pytest.mark.parametrize("flat", [0, 1023, 1024, 4095, 4096, 8191, 8192, 130 * 64 - 1])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, "payload-nan"])

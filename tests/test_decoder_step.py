@@ -119,6 +119,62 @@ def test_int8_attention_prefill_equals_decode_and_stays_near_float(quantized, ke
     assert 0 < rms < 0.5, rms
 
 
+def _bias_only_plan(v_bias: np.ndarray):
+    """One layer of d = head_dim = 16, 2 query heads on 1 KV head, KV groups of 16, whose q/k/v
+    are their biases alone (zero weights): every cached key row is k_bias and every value row
+    v_bias. o_proj has random codes; the MLP's weights are zero."""
+    d = f = hd = 16
+    rng = np.random.default_rng(5)
+
+    def lin(n, k, bias=None, codes=None, zero=0.0):
+        c = np.zeros((n, k // 2), np.uint8) if codes is None else codes
+        return (c, np.ones((n, 1), np.float32), np.full((n, 1), zero, np.float32), k, bias, k)
+
+    q_bias = rng.uniform(-2, 2, 2 * hd).astype(np.float32)
+    k_bias = np.linspace(-3, 4, hd, dtype=np.float32)  # straddles 0: a grid that fits
+    qkv_bias = np.concatenate([q_bias, k_bias, v_bias.astype(np.float32)])
+    o_codes = rng.integers(0, 256, (d, 2 * hd // 2), dtype=np.uint8)
+    layer = (None, None, lin(4 * hd, d, bias=qkv_bias), lin(d, 2 * hd, codes=o_codes, zero=8.0),
+             lin(2 * f, d), lin(d, f), None)
+    return decoder_plan((layer,), hidden_size=d, intermediate_size=f, num_heads=2,
+                        num_kv_heads=1, head_dim=hd, eps=1e-6, a_symmetric=False, a_clip=1.0,
+                        kv_symmetric=False, kv_group=hd, r3=False, r4=False)
+
+
+def _bias_only_run(plan, attention: str, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    """A 100-row prompt, then one decode step: the hidden states of both, and the cached value
+    zero-points."""
+    cap, hd = 128, 16
+    kv = (np.zeros((1, cap, 2, 1, hd // 2), np.uint8), np.zeros((1, cap, 2, 1, 1), np.float32),
+          np.zeros((1, cap, 2, 1, 1), np.float32))
+    outs = []
+    for start, rows in ((0, 100), (100, 1)):
+        h = np.ones((rows, 16), np.float32)
+        rope = np.ones((rows, hd // 2), np.float32), np.zeros((rows, hd // 2), np.float32)
+        scratch = np.empty(decoder_scratch_bytes(plan, rows, start + rows), np.uint8)
+        decoder_forward(plan, h, start, *rope, *kv, scratch, kernel=kernel, attention=attention)
+        outs.append(h)
+    return np.concatenate(outs), kv[2][0, :101, 1, 0, 0]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_attention_runs_the_float_one_where_the_cached_grids_do_not_fit(kernel):
+    """Values in [10, 11] (a group of one sign) get the zero-point -150, which the 8-bit kernels
+    cannot hold (they clamped it to 0: h off by 90% of its size); such rows take the float
+    attention, and give its bits. A grid that fits still runs the 8-bit kernels (other bits)."""
+    one_sign = _bias_only_plan(np.linspace(10, 11, 16))
+    ref, zeros = _bias_only_run(one_sign, "float", kernel)
+    assert (zeros == -150).all()  # the quantizer's grid of [10, 11] on 4 bits
+    got, _ = _bias_only_run(one_sign, "int8", kernel)
+    np.testing.assert_array_equal(got, ref)
+    straddling = _bias_only_plan(np.linspace(-1, 1, 16))
+    ref, zeros = _bias_only_run(straddling, "float", kernel)
+    assert ((zeros >= 0) & (zeros <= 15)).all()
+    got, _ = _bias_only_run(straddling, "int8", kernel)
+    assert not np.array_equal(got, ref)
+    close(got, ref)
+
+
 def test_attention_mode_is_validated(quantized):
     real = quantized.model("real")
     with pytest.raises(ValueError, match="attention: expected one of"):
@@ -470,6 +526,22 @@ def test_forward_takes_a_rotary_table_scaled_above_one(plan_args):
     decoder_forward(**{**kwargs, "h": kwargs["h"].copy(), "cos": kwargs["cos"] * 1.5,
                        "kv_codes": kwargs["kv_codes"].copy(), "kv_scale": kwargs["kv_scale"].copy(),
                        "kv_zero": kwargs["kv_zero"].copy()})
+
+
+@pytest.mark.parametrize("attention", ["float", "int8"])
+@pytest.mark.parametrize("where", ["kv_scale", "kv_zero"])
+def test_forward_blames_a_non_finite_cached_row_and_gives_h_back(plan_args, attention, where):
+    """A NaN at a cached position before ``start`` used to fail as "h: contains NaN" after h
+    had been overwritten; the step now names the cache array and puts h back."""
+    fd, kwargs = plan_args
+    bad = kwargs[where].copy()
+    bad[0, 0] = np.nan
+    h = kwargs["h"].copy()
+    scratch = np.empty(decoder_scratch_bytes(fd.plan, 2, 5), np.uint8)
+    with pytest.raises(ValueError, match=f"^{where}: layer 0, position 0 holds NaN"):
+        decoder_forward(**{**kwargs, "h": h, where: bad, "start": 3, "scratch": scratch,
+                           "kv_codes": kwargs["kv_codes"].copy(), "attention": attention})
+    np.testing.assert_array_equal(h, kwargs["h"])
 
 
 def test_forward_refuses_non_finite_h_before_writing_the_cache(plan_args):

@@ -232,6 +232,22 @@ def test_forward_validates_every_argument(step_args):
         decoder_wq_forward(**dict(kwargs, kv=ro))
 
 
+@pytest.mark.parametrize("value", [np.nan, 3e38])
+def test_forward_blames_a_non_finite_cached_row_and_gives_h_back(step_args, value):
+    """A cached position before ``start`` that holds NaN (or a value whose products overflow)
+    made the step's output NaN without a word; now the step fails naming ``kv`` and puts h back
+    as it was given."""
+    fd, kwargs = step_args
+    kv = kwargs["kv"].copy()
+    kv[0, 0] = value
+    h = kwargs["h"].copy()
+    scratch = np.empty(decoder_wq_scratch_bytes(fd.plan, 2, 5), np.uint8)
+    match = "^kv: layer 0, position 0 holds NaN" if np.isnan(value) else "^h: the step's activ"
+    with pytest.raises(ValueError, match=match):
+        decoder_wq_forward(**dict(kwargs, h=h, kv=kv, start=3, scratch=scratch))
+    np.testing.assert_array_equal(h, kwargs["h"])
+
+
 def test_forward_rejects_buffers_that_share_memory(step_args):
     """h inside the cache or the scratch, or the cache inside a weight: the step would overwrite
     its own input or the model."""

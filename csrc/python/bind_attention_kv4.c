@@ -5,7 +5,8 @@
  *   attention_kv4(q, codes, scale, zero, n, mode="float", kernel="auto") -> float32 [nq, hd]
  *       q float32 [nq, hd] (scaled queries), codes uint8 [npos, 2, hd / 2] (K then V), scale and
  *       zero float32 [npos, 2, hd / group] (group even), n int64 [nq] (1 <= n[t] <= npos);
- *       mode: float|int8 (int8: zero-points integers in [0, 15]); kernel: auto|generic
+ *       mode: float|int8 (int8: zero-points integers in [0, 15], scales >= 0); kernel:
+ *       auto|generic
  */
 #include "bind_plan.h"
 #include "bind_util.h"
@@ -13,21 +14,33 @@
 #include <math.h>
 #include <string.h>
 
-/* The 8-bit variant's zero-points: integers in [0, 15] (it sums them as int32). */
-static int zero_points_are_codes(PyArrayObject *zero)
+/* The 8-bit variant's grids (offq_attn_i8_fits, the test the decoder makes): zero-points integers
+ * in [0, 15] (it sums them as int32) and scales >= 0 (its weights e_j * scale_j are unsigned
+ * bytes); ValueError naming the first that is not. */
+static int grids_fit_int8(PyArrayObject *scale, PyArrayObject *zero)
 {
+    const float *s = (const float *)PyArray_DATA(scale);
     const float *z = (const float *)PyArray_DATA(zero);
     const npy_intp size = PyArray_SIZE(zero);
-    for (npy_intp i = 0; i < size; i++) {
-        if (!(z[i] >= 0.0f && z[i] <= 15.0f && z[i] == rintf(z[i]))) {
-            PyErr_Format(PyExc_ValueError,
-                         "zero: mode 'int8' needs integer zero-points in [0, 15] (offq's 4-bit "
-                         "grids), got %R at flat index %zd",
-                         PyFloat_FromDouble((double)z[i]), (Py_ssize_t)i);
-            return -1;
-        }
+    if (offq_attn_i8_fits(s, z, size)) {
+        return 0;
     }
-    return 0;
+    npy_intp i = 0;
+    while (i < size && offq_attn_i8_fits(s + i, z + i, 1)) {
+        i++;
+    }
+    const float one = 1.0f;
+    const int bad_zero = !offq_attn_i8_fits(&one, z + i, 1);
+    PyObject *value = PyFloat_FromDouble((double)(bad_zero ? z[i] : s[i]));
+    if (value != NULL) {
+        PyErr_Format(PyExc_ValueError, "%s, got %R at flat index %zd",
+                     bad_zero ? "zero: mode 'int8' needs integer zero-points in [0, 15] (offq's "
+                                "4-bit grids)"
+                              : "scale: mode 'int8' needs scales >= 0",
+                     value, (Py_ssize_t)i);
+        Py_DECREF(value);
+    }
+    return -1;
 }
 
 static PyObject *py_attention_kv4(PyObject *self, PyObject *args, PyObject *kwds)
@@ -99,7 +112,7 @@ static PyObject *py_attention_kv4(PyObject *self, PyObject *args, PyObject *kwds
         }
     }
     if (offq_all_finite(q, "q") < 0 || offq_all_finite(scale, "scale") < 0 ||
-        offq_all_finite(zero, "zero") < 0 || (int8 && zero_points_are_codes(zero) < 0)) {
+        offq_all_finite(zero, "zero") < 0 || (int8 && grids_fit_int8(scale, zero) < 0)) {
         return NULL;
     }
     PyArrayObject *out = offq_output_f32_2d(Py_None, (npy_intp)nq, (npy_intp)hd, NULL, 0);

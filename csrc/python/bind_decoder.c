@@ -417,6 +417,10 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     }
     const offq_dec_cache cache = {(uint8_t *)PyArray_DATA(kc), (float *)PyArray_DATA(ks),
                                   (float *)PyArray_DATA(kz), cap};
+    float *h_in = offq_save_rows(h); /* put back if the step fails */
+    if (h_in == NULL) {
+        return NULL;
+    }
     offq_status status;
     Py_BEGIN_ALLOW_THREADS;
     status = offq_dec_forward(m, (float *)PyArray_DATA(h), rows, (int64_t)start,
@@ -424,9 +428,19 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
                               &cache, PyArray_DATA(scr), (int64_t)PyArray_DIM(scr, 0), kernel,
                               attention_int8);
     Py_END_ALLOW_THREADS;
-    if (offq_py_status(status, (offq_errctx){.arg = "h", .kernel = kname}) < 0) {
+    if (status != OFFQ_OK) {
+        /* h as it came (the cache rows from start on are the step's own, past the valid ones);
+         * a non-finite cached row is the likelier cause than h, which was checked */
+        memcpy(PyArray_DATA(h), h_in, (size_t)PyArray_NBYTES(h));
+        PyMem_Free(h_in);
+        if (offq_cache_prefix_finite(ks, "kv_scale", start) < 0 ||
+            offq_cache_prefix_finite(kz, "kv_zero", start) < 0) {
+            return NULL;
+        }
+        offq_step_error(status, kname);
         return NULL;
     }
+    PyMem_Free(h_in);
     Py_RETURN_NONE;
 }
 

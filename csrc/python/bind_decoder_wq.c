@@ -287,6 +287,10 @@ static PyObject *py_decoder_wq_forward(PyObject *self, PyObject *args, PyObject 
     if (offq_all_finite(h, "h") < 0) { /* last: before it, h may be memory another check refuses */
         return NULL;
     }
+    float *h_in = offq_save_rows(h); /* put back if the step fails */
+    if (h_in == NULL) {
+        return NULL;
+    }
     offq_status status;
     Py_BEGIN_ALLOW_THREADS;
     status = offq_dwq_forward(m, (float *)PyArray_DATA(h), rows, (int64_t)start,
@@ -294,9 +298,22 @@ static PyObject *py_decoder_wq_forward(PyObject *self, PyObject *args, PyObject 
                               (float *)PyArray_DATA(kv), cap, PyArray_DATA(scr),
                               (int64_t)PyArray_DIM(scr, 0), kernel);
     Py_END_ALLOW_THREADS;
-    if (offq_py_status(status, (offq_errctx){.arg = "h", .kernel = kname}) < 0) {
+    /* float activations carry a NaN through silently: a non-finite output fails the step too,
+     * blaming a non-finite cached row if there is one (h was checked) */
+    if (status == OFFQ_OK && offq_all_finite(h, "h") < 0) {
+        PyErr_Clear();
+        status = OFFQ_ERR_OVERFLOW;
+    }
+    if (status != OFFQ_OK) {
+        memcpy(PyArray_DATA(h), h_in, (size_t)PyArray_NBYTES(h));
+        PyMem_Free(h_in);
+        if (offq_cache_prefix_finite(kv, "kv", start) < 0) {
+            return NULL;
+        }
+        offq_step_error(status, kname);
         return NULL;
     }
+    PyMem_Free(h_in);
     Py_RETURN_NONE;
 }
 

@@ -58,6 +58,9 @@ static PyObject *py_matmul_i8(PyObject *self, PyObject *args, PyObject *kwds)
                      (long long)PyArray_DIM(sc, 1));
         return NULL;
     }
+    if (offq_all_finite(sc, "scale") < 0) { /* as every other product's scales */
+        return NULL;
+    }
     const offq_named_array inputs[] = {{x, "x"}, {w, "w"}, {sc, "scale"}};
     PyArrayObject *out = offq_output_f32_2d(oo, m, n, inputs, 3);
     if (out == NULL) {

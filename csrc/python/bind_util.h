@@ -115,6 +115,57 @@ static inline int offq_all_finite(PyArrayObject *a, const char *name)
     return 0;
 }
 
+/* ValueError naming `name` when positions [0, n) of a C-contiguous float32 KV cache
+ * [layers, capacity, ...] (axis 1 the positions) hold NaN or Inf; 0 otherwise. The decoder steps
+ * call it only after a step failed or gave a non-finite output (a scan per step would cost as
+ * much as the attention that reads the cache), to blame the cache rather than h. */
+static inline int offq_cache_prefix_finite(PyArrayObject *a, const char *name, int64_t n)
+{
+    const float *v = (const float *)PyArray_DATA(a);
+    const int64_t layers = PyArray_DIM(a, 0), cap = PyArray_DIM(a, 1);
+    const int64_t inner = cap > 0 ? (int64_t)PyArray_SIZE(a) / (layers * cap) : 0;
+    for (int64_t l = 0; l < layers; l++) {
+        const float *row = v + l * cap * inner;
+        for (int64_t i = 0; i < n * inner; i++) {
+            if (!isfinite(row[i])) {
+                PyErr_Format(PyExc_ValueError,
+                             "%s: layer %lld, position %lld holds NaN or Inf (a cache this "
+                             "model's steps did not write?)",
+                             name, (long long)l, (long long)(i / inner));
+                return -1;
+            }
+        }
+    }
+    return 0;
+}
+
+/* The error of a decoder step that failed with `status` after its input h was put back: a
+ * non-finite value inside the layers (h itself was checked) is reported as an overflow there. */
+static inline void offq_step_error(offq_status status, const char *kernel)
+{
+    if (status == OFFQ_ERR_NONFINITE || status == OFFQ_ERR_OVERFLOW) {
+        PyErr_SetString(PyExc_ValueError,
+                        "h: the step's activations overflowed float32 inside the layers (h is "
+                        "as it was given)");
+        return;
+    }
+    offq_py_status(status, (offq_errctx){.arg = "h", .kernel = kernel});
+}
+
+/* A copy of the float32 array h (a step's input, overwritten in place) to put back when the step
+ * fails: NULL with MemoryError set. */
+static inline float *offq_save_rows(PyArrayObject *h)
+{
+    const size_t bytes = (size_t)PyArray_NBYTES(h);
+    float *copy = (float *)PyMem_Malloc(bytes > 0 ? bytes : 1);
+    if (copy == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(copy, PyArray_DATA(h), bytes);
+    return copy;
+}
+
 /* The largest |value| a rotary table (cos or sin) may hold: 1, times the attention factor that
  * some rope scalings (YaRN, LongRoPE) fold into the tables, which stays below 2 for any context
  * they are used at; 8 leaves room and still refuses tables that would overflow the rotation. */
@@ -127,11 +178,13 @@ static inline int offq_rotary_table(PyArrayObject *a, const char *name)
     const float *v = (const float *)PyArray_DATA(a);
     const npy_intp n = PyArray_SIZE(a);
     for (npy_intp i = 0; i < n; i++) {
-        if (!(fabsf(v[i]) <= OFFQ_ROTARY_MAX)) {
+        if (!(fabsf(v[i]) <= OFFQ_ROTARY_MAX)) { /* (PyErr_Format has no %g) */
+            char *text = PyOS_double_to_string((double)v[i], 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
             PyErr_Format(PyExc_ValueError,
-                         "%s: a rotary table needs finite values of magnitude at most %g, got %g "
-                         "at flat index %lld", name, (double)OFFQ_ROTARY_MAX, (double)v[i],
-                         (long long)i);
+                         "%s: a rotary table needs finite values of magnitude at most %d, got %s "
+                         "at flat index %lld", name, (int)OFFQ_ROTARY_MAX,
+                         text != NULL ? text : "?", (long long)i);
+            PyMem_Free(text);
             return -1;
         }
     }

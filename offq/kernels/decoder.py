@@ -63,15 +63,18 @@ def decoder_forward(plan: Any, h: np.ndarray, start: int, cos: np.ndarray, sin: 
     ``kernel``: "auto", or "generic" / "avx2" / "vnni" to force the products' variant.
     ``attention``: "float" (the default: float32 sums over the dequantized 4-bit cache) or "int8"
     (8-bit queries and softmax weights, exact int32 dot products: faster, and its own numbers;
-    ``csrc/attention_i8.c``).
+    ``csrc/attention_i8.c``), for each KV head whose cached grids it can take: the 4-bit grid of
+    a key or value group of one sign can have a zero-point outside 0..15 (a constant positive
+    group: -1), and attention over such rows runs the float kernel.
 
     Raises:
         ValueError: naming the argument, before anything is written, for wrong shapes, buffers
             that share memory, a non-finite ``h``, or rotary tables with non-finite values or
             values above 8 in magnitude (cos/sin are at most 1, times the attention factor some
-            rope scalings fold in); a ValueError on ``h`` after the step ran means its
-            activations became non-finite inside a layer (``h`` and the cache are then
-            unspecified).
+            rope scalings fold in). A step that fails while running puts ``h`` back as it was
+            given and names ``kv_scale`` / ``kv_zero`` when a cached position before ``start``
+            holds NaN or Inf, else ``h`` (its activations overflowed inside a layer); the cache
+            positions from ``start`` on are then unspecified.
     """
     _C.decoder_forward(plan, h, start, cos, sin, kv_codes, kv_scale, kv_zero, scratch, kernel,
                        attention)

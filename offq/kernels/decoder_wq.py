@@ -66,6 +66,9 @@ def decoder_wq_forward(plan: Any, h: np.ndarray, start: int, cos: np.ndarray, si
     Raises:
         ValueError: naming the argument, before anything is written, for wrong shapes, buffers
             that share memory, a non-finite ``h``, or rotary tables with non-finite values or
-            values above 8 in magnitude.
+            values above 8 in magnitude. A step whose output is not finite fails too: ``h`` is
+            put back as it was given, and the error names ``kv`` when a cached position before
+            ``start`` holds NaN or Inf, else ``h`` (its activations overflowed inside a layer);
+            the cache positions from ``start`` on are then unspecified.
     """
     _C.decoder_wq_forward(plan, h, start, cos, sin, kv, scratch, kernel)
