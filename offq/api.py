@@ -91,6 +91,9 @@ def quantize(model: Any, config: Any = None, calibration: Any = None, *,
     if isinstance(model, (str, os.PathLike)):
         with load(model) as ckpt:
             return quantize(ckpt, config, calibration, out_dir=out_dir, **kwargs)
+    if not (hasattr(model, "config") and hasattr(model, "tensors")):  # a Checkpoint, duck-typed
+        raise TypeError(f"model: expected a Checkpoint (offq.load) or a model name / path, got "
+                        f"{type(model).__name__}")
     if calibration is None and not needs_calibration(config):
         return run_recipe(model, config, None, out_dir=out_dir, **kwargs)
     if calibration is None or not isinstance(calibration, np.ndarray):
@@ -155,6 +158,11 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         raise ValueError(f"attention: {attention!r} is chosen when the model is built (an offq "
                          "checkpoint path or a QuantizeResult), not for a built Model; set its "
                          "fused_runner.attention instead")
+    if isinstance(text, str) and tokenizer is not None and \
+            not callable(getattr(tokenizer, "encode", None)):
+        raise TypeError(f"tokenizer: expected an object with encode(text) (offq.load's "
+                        f"tokenizer, or a tokenizers / transformers one), got "
+                        f"{type(tokenizer).__name__}")
     return run_eval(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
                     dataset=dataset, **kwargs)
 

@@ -137,6 +137,20 @@ def test_load_rejects_what_it_cannot_open(tmp_path, smollm2_tensors, hf_smollm2)
         offq.save({}, tmp_path / "x")
 
 
+@pytest.mark.parametrize("model", [None, {"config": {}}, np.zeros(3)])
+def test_quantize_names_a_model_of_the_wrong_type(model) -> None:
+    # it failed as "calibration: the model has no tokenizer ..."
+    with pytest.raises(TypeError, match="^model: expected a Checkpoint .* got "):
+        offq.quantize(model, offq.QuantConfig())
+
+
+def test_perplexity_names_a_tokenizer_without_encode(smollm2_checkpoint) -> None:
+    # it ended in "AttributeError: 'int' object has no attribute 'encode'"
+    with pytest.raises(TypeError, match="^tokenizer: expected an object with encode"):
+        offq.perplexity(smollm2_checkpoint, "hello world " * 20, tokenizer=42, seqlen=16,
+                        max_windows=1, quiet=True)
+
+
 def test_an_in_memory_tokenizer_with_padding_is_probed_unpadded(smollm2_checkpoint) -> None:
     """A backend with left padding set (as a transformers pipeline may leave it): the BOS probe
     used to see the pad token first; offq's copy drops padding, the caller's object keeps it."""

@@ -412,3 +412,20 @@ def test_a_header_of_too_many_tensors_is_refused_before_parsing(tmp_path, monkey
         else:
             with pytest.raises(ValueError, match="more than 50 objects"):
                 st.read_header(path)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_weight_is_refused_when_read(tmp_path, value):
+    """A NaN weight (a corrupt file, or a GGUF tensor whose type was relabelled: Q4_1 bytes read
+    as Q4_0 gave NaN scales) surfaced only as a NaN perplexity, minutes later; every store now
+    names the tensor as it reads it, here for float32, float16 and float64 data."""
+    tensors = {"a": RNG.standard_normal((3, 70000)).astype(np.float32)}
+    tensors["a"][2, 69999] = value
+    tensors["b"] = tensors["a"].astype(np.float16)
+    tensors["c"] = tensors["a"].astype(np.float64)
+    write_safetensors(tmp_path / "model.safetensors", tensors)
+    store = HFTensorStore(tmp_path)
+    for name in ("a", "b", "c"):
+        with pytest.raises(ValueError, match=rf"^tensor '{name}': holds NaN or Inf \(flat index "
+                                             rf"209999\) once read from its "):
+            store[name]

@@ -75,6 +75,10 @@ class TensorStore(abc.ABC):
         expected = self.shape(name)
         if out.shape != tuple(expected):
             raise ValueError(f"tensor {name!r}: read shape {out.shape} != declared {tuple(expected)}")
+        bad = _first_non_finite(out)
+        if bad is not None:  # a weight NaN would surface only as a NaN perplexity, much later
+            raise ValueError(f"tensor {name!r}: holds NaN or Inf (flat index {bad}) once read "
+                             f"from its {self.dtype(name)} data: a corrupt or mislabelled file")
         return out
 
     def nbytes(self, name: str) -> int:
@@ -83,6 +87,17 @@ class TensorStore(abc.ABC):
 
     def close(self) -> None:
         """Release file handles / memory maps (further reads are an error)."""
+
+
+def _first_non_finite(arr: np.ndarray, block: int = 1 << 20) -> int | None:
+    """The flat index of the first NaN or Inf of ``arr``, or None (in blocks: no temporary of
+    the tensor's size)."""
+    flat = arr.reshape(-1)
+    for i0 in range(0, flat.size, block):
+        ok = np.isfinite(flat[i0:i0 + block])
+        if not ok.all():
+            return i0 + int(np.argmin(ok))
+    return None
 
 
 def _owned_float32(arr: np.ndarray) -> bool:
