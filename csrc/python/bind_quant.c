@@ -7,7 +7,8 @@
  *   unpack_codes(packed, bits, k) -> uint8 [..., k]
  *   matmul_w4a4(a_codes, a_scale, a_zero, a_group, w_codes, w_scale, w_zero, w_group, k,
  *               out=None, kernel="auto", w_decode=None) -> float32 [M, N]
- *       kernel: auto|generic|avx2|vnni; w_decode: the weight in the decode layout (below)
+ *       kernel: auto|generic|avx2|vnni; w_decode: the weight in the decode layout (below;
+ *       its first and last 8 rows are compared with w's, not all of it)
  *   pack_w4_decode(codes, k) -> uint8 [ceil(N / 8), k / 8, 32]: 4-bit codes [N, k / 2] in the
  *       decode layout of offq.h
  */
@@ -471,7 +472,8 @@ static PyObject *py_matmul_w4a4(PyObject *self, PyObject *args, PyObject *kwds)
         /* a weight of no rows has an empty layout: nothing to compare (or to read) */
         if (w.rows > 0 && decode_mismatch(&w, k)) {
             PyErr_SetString(PyExc_ValueError,
-                            "w_decode: not pack_w4_decode(w) (its rows differ from w's)");
+                            "w_decode: not pack_w4_decode(w) (its first or last 8 rows differ "
+                            "from w's; only those are compared)");
             return NULL;
         }
     }

@@ -39,6 +39,10 @@ def decoder_plan(layers: tuple[LayerSpec, ...], *, hidden_size: int, intermediat
     ``layers``: a tuple of per-layer tuples (see :data:`LayerSpec`); qkv is the fused q/k/v
     linear (``(H + 2 Hkv) * head_dim`` outputs), gate_up the fused gate/up one (``2 *
     intermediate_size`` outputs, gate first). ``r3`` / ``r4``: the online Hadamard transforms.
+
+    The plan references the layers' arrays (no copy: a model's weights are not duplicated) and
+    holds a copy of each weight's codes in the decode layout, made here: changing an array after
+    planning makes the step's kernels disagree with one another. Plan again instead.
     """
     return _C.decoder_plan(layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
                            head_dim, eps, a_symmetric, a_clip, kv_symmetric, kv_group, r3, r4)

@@ -40,7 +40,8 @@ def decoder_wq_plan(layers: tuple[WqLayerSpec, ...], *, hidden_size: int,
 
     ``layers``: a tuple of per-layer tuples (:data:`WqLayerSpec`); qkv is the fused q/k/v linear
     (``(H + 2 Hkv) * head_dim`` outputs), gate_up the fused gate/up one (``2 *
-    intermediate_size`` outputs, gate first).
+    intermediate_size`` outputs, gate first). The plan references the layers' arrays (no copy):
+    do not change them while it is in use.
     """
     return _C.decoder_wq_plan(layers, hidden_size, intermediate_size, num_heads, num_kv_heads,
                               head_dim, eps)
