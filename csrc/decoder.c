@@ -441,8 +441,10 @@ static int64_t workspace_bytes(const step_dims *s)
 static int64_t qwork_bytes(const offq_dec_model *m, int64_t nq, int64_t positions)
 {
     const int64_t ng = m->head_dim / m->kv_group;
-    return sz_add(align64(OFFQ_ATTN_I8_QBYTES(nq, m->head_dim, ng, 0)),
-                  align64(sz_mul(ng * 4, positions)));
+    const int64_t tiles = positions / OFFQ_ATTN_TILE_ROWS + 1; /* OFFQ_ATTN_I8_GRID_BYTES */
+    return sz_add(sz_add(align64(OFFQ_ATTN_I8_QBYTES(nq, m->head_dim, ng, 0)),
+                         align64(sz_mul(ng * 4, positions))),
+                  align64(sz_mul(nq * 8, tiles)));
 }
 
 static int64_t thread_bytes(const offq_dec_model *m, const step_dims *s, int64_t positions)

@@ -482,7 +482,11 @@ void offq_attend_avx512(const offq_attn_args *a, int64_t nq, const float *q, con
  * [0, 15] and scales >= 0 (offq_attn_i8_fits, offq.h; callers check). qwork: OFFQ_ATTN_I8_QBYTES(nq, hd,
  * hd / group, max n) bytes, 4-byte aligned; tile: OFFQ_ATTN_ROW_FLOATS(hd) floats. */
 #define OFFQ_ATTN_I8_QBYTES(nq, hd, ng, positions)                                                  \
-    (((nq) * (hd) + 63) / 64 * 64 + (nq) * (ng) * 16 + (ng) * (positions) * 4)
+    (((nq) * (hd) + 63) / 64 * 64 + (nq) * (ng) * 16 + (ng) * (positions) * 4 +                     \
+     OFFQ_ATTN_I8_GRID_BYTES(nq, positions))
+/* the SIMD kernels' weight grids of every tile, winv and wstep [nq][tiles], after the value scales */
+#define OFFQ_ATTN_I8_GRID_BYTES(nq, positions)                                                     \
+    (2 * (nq) * (((positions) + OFFQ_ATTN_TILE_ROWS - 1) / OFFQ_ATTN_TILE_ROWS) * 4)
 typedef void (*offq_attend_i8_fn)(const offq_attn_args *a, int64_t nq, const float *q,
                                   const int64_t *n, float *scores, float *const *out, float *tile,
                                   void *qwork);
@@ -513,7 +517,9 @@ void offq_attn_i8_pretile_avx2(const offq_attn_args *a, int64_t j0, int64_t jn, 
  * the group / 127; all 0 where sq is 0), sq [nq][ng], qsum [nq][ng] (the sum of the group's q8);
  * winv and wstep [nq][ng], per query and group the current tile's weight grid (wmax = the largest
  * e_j * vs_j of its rows, winv = 255 / wmax or 0 when wmax is 0, wstep = wmax / 255); vs
- * [ng][positions], the value scales of the cached rows, contiguous (offq_attn_i8_value_scales). */
+ * [ng][positions], the value scales of the cached rows, contiguous (offq_attn_i8_value_scales);
+ * then, where the SIMD kernels take one value group a row, every tile's grid at once, winv and
+ * wstep [nq][tiles] (OFFQ_ATTN_I8_GRID_BYTES). */
 typedef struct {
     int8_t *q8;
     float *sq;

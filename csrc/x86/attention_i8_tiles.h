@@ -261,30 +261,33 @@ AI8_FN void ai8_copy(float *dst, const float *src, int64_t m)
 
 /* The largest e_j vs_j of rows [j, jt) (vectors of AI8_W rows from j; then one by one) with mv's
  * lanes as the running maxima so far: each vector of products is vmaxps's second operand, and the
- * lanes' maximum with 0 then the scalar rows, as offq_attn_i8_set_grid's callers take it. */
+ * lanes' maximum with 0 then the scalar rows, as offq_attn_i8_set_grid's callers take it. v NULL:
+ * st holds the products already. */
 AI8_FN float ai8_wmax_from(const float *st, const float *v, int64_t j, int64_t jt, AI8_FV mv)
 {
     for (; j + AI8_W <= jt; j += AI8_W) { /* a maximum: the same in any order */
-        mv = AI8_MAXF(mv, AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)));
+        const AI8_FV x = AI8_LOADF(st + j);
+        mv = AI8_MAXF(mv, v != NULL ? AI8_MULF(x, AI8_LOADF(v + j)) : x);
     }
     float wmax = ai8_lane_max0(mv);
     for (; j < jt; j++) {
-        const float x = st[j] * v[j];
+        const float x = v != NULL ? st[j] * v[j] : st[j];
         wmax = x > wmax ? x : wmax;
     }
     return wmax;
 }
 
-/* Rows [0, jt) of a query's e_j vs_j (st, v) on its grid winv as 8-bit weights into w, zero from
- * there up to row `fill`: AI8_W rows at a time, each lane the products and rounding of
- * offq_attn_i8_weight. */
+/* Rows [0, jt) of a query's e_j vs_j (st, v; v NULL: st holds the products) on its grid winv as
+ * 8-bit weights into w, zero from there up to row `fill`: AI8_W rows at a time, each lane the
+ * products and rounding of offq_attn_i8_weight. */
 AI8_FN void ai8_weight_codes(const float *st, const float *v, float winv, int64_t jt,
                              int64_t fill, uint8_t *w)
 {
     const AI8_FV wi = AI8_SET1F(winv);
     int64_t j = 0;
     for (; j + AI8_W <= jt; j += AI8_W) {
-        const AI8_FV x = AI8_MULF(AI8_MULF(AI8_LOADF(st + j), AI8_LOADF(v + j)), wi);
+        const AI8_FV e = AI8_LOADF(st + j);
+        const AI8_FV x = AI8_MULF(v != NULL ? AI8_MULF(e, AI8_LOADF(v + j)) : e, wi);
         const AI8_IV c = AI8_MINI(AI8_MAXI(AI8_CVTI(x), AI8_ZEROI()), AI8_SET1I(255));
 #if AI8_W == 16
         _mm_storeu_si128((__m128i *)(void *)(w + j), _mm512_cvtepi32_epi8(c));
@@ -294,8 +297,8 @@ AI8_FN void ai8_weight_codes(const float *st, const float *v, float winv, int64_
         _mm_storel_epi64((__m128i *)(void *)(w + j), _mm_packus_epi16(p16, p16));
 #endif
     }
-    for (; j < jt; j++) {
-        w[j] = offq_attn_i8_weight(st[j], v[j], winv);
+    for (; j < jt; j++) { /* (p * 1) * winv = p * winv exactly */
+        w[j] = offq_attn_i8_weight(st[j], v != NULL ? v[j] : 1.0f, winv);
     }
     for (j = j > 0 ? j : 0; j < fill; j++) {
         w[j] = 0;
@@ -541,8 +544,11 @@ __attribute__((target("avx2,fma"))) static inline __m256 ai8_exp_block(float *p,
 
 /* Query t's softmax in place, st[j] = e_j = exp(st[j] - max) for j < n, returning their sum
  * (blocks of 8, the last padded with zeros, into 4 lane-wise sums by block number, then one fixed
- * tree: the same sum in both variants). */
-AI8_FN float ai8_softmax(float *st, int64_t n)
+ * tree: the same sum in both variants). `scaled` (a constant): st[j] = e_j * vs[j] instead, the
+ * products the weights are rounded from (one value group a row), formed here while e_j is in a
+ * register; the sum is still that of the e_j. */
+__attribute__((target(AI8_TARGET), always_inline)) static inline float
+ai8_softmax_t(float *st, int64_t n, const float *vs, const int scaled)
 {
     /* the maximum in four independent chains, each score as vmaxps's first operand: for a NaN
      * score (a corrupt cache) vmaxps returns the chain's value, so NaN is ignored as the scalar
@@ -580,8 +586,9 @@ AI8_FN float ai8_softmax(float *st, int64_t n)
     for (; j + 32 <= n; j += 32) {
         const __m512 e0 = ai8_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j), m16));
         const __m512 e1 = ai8_exp16(_mm512_sub_ps(_mm512_loadu_ps(st + j + 16), m16));
-        _mm512_storeu_ps(st + j, e0);
-        _mm512_storeu_ps(st + j + 16, e1);
+        _mm512_storeu_ps(st + j, scaled ? _mm512_mul_ps(e0, _mm512_loadu_ps(vs + j)) : e0);
+        _mm512_storeu_ps(st + j + 16,
+                         scaled ? _mm512_mul_ps(e1, _mm512_loadu_ps(vs + j + 16)) : e1);
         den01 = _mm512_add_ps(den01, e0);
         den23 = _mm512_add_ps(den23, e1);
     }
@@ -598,10 +605,14 @@ AI8_FN float ai8_softmax(float *st, int64_t n)
         const __m256 e1 = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j + 8), m8));
         const __m256 e2 = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j + 16), m8));
         const __m256 e3 = ai8_exp8(_mm256_sub_ps(_mm256_loadu_ps(st + j + 24), m8));
-        _mm256_storeu_ps(st + j, e0);
-        _mm256_storeu_ps(st + j + 8, e1);
-        _mm256_storeu_ps(st + j + 16, e2);
-        _mm256_storeu_ps(st + j + 24, e3);
+#define AI8_STORE_E(k, e)                                                                         \
+    _mm256_storeu_ps(st + j + 8 * (k),                                                            \
+                     scaled ? _mm256_mul_ps(e, _mm256_loadu_ps(vs + j + 8 * (k))) : (e))
+        AI8_STORE_E(0, e0);
+        AI8_STORE_E(1, e1);
+        AI8_STORE_E(2, e2);
+        AI8_STORE_E(3, e3);
+#undef AI8_STORE_E
         den[0] = _mm256_add_ps(den[0], e0);
         den[1] = _mm256_add_ps(den[1], e1);
         den[2] = _mm256_add_ps(den[2], e2);
@@ -611,10 +622,32 @@ AI8_FN float ai8_softmax(float *st, int64_t n)
     for (int k = 0; k < 4; k++) {
         den[k] = _mm256_add_ps(den[k], ai8_exp_block(st + j + 8 * k, n - j - 8 * k, m8, mx));
     }
+    for (int64_t jj = j; scaled && jj < n; jj++) {
+        st[jj] *= vs[jj];
+    }
     const __m256 d = _mm256_add_ps(_mm256_add_ps(den[0], den[1]), _mm256_add_ps(den[2], den[3]));
     const __m256 h = _mm256_hadd_ps(d, d);
     const __m256 hh = _mm256_hadd_ps(h, h);
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(hh), _mm256_extractf128_ps(hh, 1)));
+}
+
+AI8_FN float ai8_softmax(float *st, int64_t n) { return ai8_softmax_t(st, n, NULL, 0); }
+AI8_FN float ai8_softmax_scaled(float *st, int64_t n, const float *vs)
+{
+    return ai8_softmax_t(st, n, vs, 1);
+}
+
+/* One value group a row: the weights' grid of every tile T < tiles of a query whose products
+ * p_j = e_j vs_j (ai8_softmax_scaled) fill rows [0, n): wmax = the largest p_j of the tile's rows
+ * below n (0 past them), winv[T] and wstep[T] from it (offq_attn_i8_set_grid), all before the
+ * value phase, whose tiles then need no pass for their maxima and no division in their chain. */
+AI8_FN void ai8_tile_grids(const float *p, int64_t n, int64_t tiles, float *winv, float *wstep)
+{
+    for (int64_t T = 0; T < tiles; T++) {
+        const int64_t j0 = T * KT, jt = n - j0 < KT ? n - j0 : KT;
+        offq_attn_i8_set_grid(winv + T, wstep + T,
+                              ai8_wmax_from(p + (jt > 0 ? j0 : 0), NULL, 0, jt, AI8_SET1F(0.0f)));
+    }
 }
 
 /* Rows [j0, j0 + KT) of a's cache (zero from jn on) into dst in the layouts the kernel unpacks
@@ -689,11 +722,20 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
             }
         }
     }
+    offq_attn_i8_value_scales(a, &Q, nmax);
+    /* one value group a row (the usual KV group = head_dim): the softmax leaves e_j vs_j, and
+     * every tile's grid is set before the value phase, [nq][tiles] after the value scales */
+    const int64_t tiles = (nmax + KT - 1) / KT;
+    float *const gwinv = ng == 1 ? Q.vs + nmax : NULL, *const gwstep = gwinv + nq * tiles;
     for (int64_t t = 0; t < nq; t++) {
-        s[t * ld + nmax] = ai8_softmax(s + t * ld, n[t]);
+        if (ng == 1) {
+            s[t * ld + nmax] = ai8_softmax_scaled(s + t * ld, n[t], Q.vs);
+            ai8_tile_grids(s + t * ld, n[t], tiles, gwinv + t * tiles, gwstep + t * tiles);
+        } else {
+            s[t * ld + nmax] = ai8_softmax(s + t * ld, n[t]);
+        }
         memset(out[t], 0, (size_t)hd * sizeof(float));
     }
-    offq_attn_i8_value_scales(a, &Q, nmax);
     for (int64_t j0 = 0; j0 < nmax; j0 += KT) {
         const int64_t jn = nmax - j0 < KT ? nmax - j0 : KT;
         const uint8_t *vt8 = t8;
@@ -714,6 +756,14 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                 continue;
             }
             const int64_t fill = (jl + 3) / 4 * 4;
+            if (ng == 1) { /* the grids are set, s holds the products */
+                const int64_t ta = t * tiles + j0 / KT, tb = ta + tiles;
+                ai8_weight_codes(s + t * ld + j0, NULL, gwinv[ta], ja, fill, w8);
+                ai8_weight_codes(s + (t + 1) * ld + j0, NULL, gwinv[tb], jb, fill, w8b);
+                ai8_values2(out[t], out[t + 1], vt8, w8, w8b, gwstep + ta, gwstep + tb, hd, g,
+                            fill / 4);
+                continue;
+            }
             ai8_weights2(s + t * ld + j0, s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng,
                          Q.wstep + t * ng, Q.winv + (t + 1) * ng, Q.wstep + (t + 1) * ng, ng, ja,
                          jb, fill, w8, w8b);
@@ -723,6 +773,12 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
         for (; t < nq; t++) {
             const int64_t jt = n[t] - j0 < jn ? n[t] - j0 : jn;
             if (jt <= 0) {
+                continue;
+            }
+            if (ng == 1) {
+                const int64_t at = t * tiles + j0 / KT;
+                ai8_weight_codes(s + t * ld + j0, NULL, gwinv[at], jt, (jt + 3) / 4 * 4, w8);
+                ai8_values(out[t], vt8, w8, gwstep + at, hd, g, (jt + 3) / 4);
                 continue;
             }
             ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, Q.wstep + t * ng, ng,
