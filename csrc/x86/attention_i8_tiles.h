@@ -132,6 +132,21 @@ AI8_FN void ai8_tile(const offq_attn_args *a, const uint8_t *codes, const float 
     }
 }
 
+/* The low byte of each of the AI8_W int32 lanes of v (lanes already within a byte's range, 0..255
+ * or -127..127) into dst[0 .. AI8_W). */
+AI8_FN void ai8_store_bytes(void *dst, AI8_IV v)
+{
+#if AI8_W == 16
+    _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(v));
+#else
+    const __m256i low = _mm256_shuffle_epi8( /* bytes 0, 4, 8, 12 of each half first */
+        v, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8,
+                            12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    _mm_storel_epi64((__m128i *)dst, _mm_unpacklo_epi32(_mm256_castsi256_si128(low),
+                                                       _mm256_extracti128_si256(low, 1)));
+#endif
+}
+
 /* x[0..NQ)[0..NV) = 0 */
 #define AI8_CLEAR(x, NQ, NV)                                                                      \
     for (int t_ = 0; t_ < (NQ); t_++) {                                                           \
@@ -259,12 +274,13 @@ AI8_FN void ai8_copy(float *dst, const float *src, int64_t m)
     }
 }
 
-/* The largest e_j vs_j of rows [j, jt) (vectors of AI8_W rows from j; then one by one) with mv's
- * lanes as the running maxima so far: each vector of products is vmaxps's second operand, and the
- * lanes' maximum with 0 then the scalar rows, as offq_attn_i8_set_grid's callers take it. v NULL:
- * st holds the products already. */
-AI8_FN float ai8_wmax_from(const float *st, const float *v, int64_t j, int64_t jt, AI8_FV mv)
+/* The largest e_j vs_j of rows [0, jt) (vectors of AI8_W rows, then one by one): each vector of
+ * products is vmaxps's second operand, and the lanes' maximum with 0 then the scalar rows, as
+ * offq_attn_i8_set_grid's callers take it. v NULL: st holds the products already. */
+AI8_FN float ai8_wmax(const float *st, const float *v, int64_t jt)
 {
+    AI8_FV mv = AI8_SET1F(0.0f);
+    int64_t j = 0;
     for (; j + AI8_W <= jt; j += AI8_W) { /* a maximum: the same in any order */
         const AI8_FV x = AI8_LOADF(st + j);
         mv = AI8_MAXF(mv, v != NULL ? AI8_MULF(x, AI8_LOADF(v + j)) : x);
@@ -288,14 +304,7 @@ AI8_FN void ai8_weight_codes(const float *st, const float *v, float winv, int64_
     for (; j + AI8_W <= jt; j += AI8_W) {
         const AI8_FV e = AI8_LOADF(st + j);
         const AI8_FV x = AI8_MULF(v != NULL ? AI8_MULF(e, AI8_LOADF(v + j)) : e, wi);
-        const AI8_IV c = AI8_MINI(AI8_MAXI(AI8_CVTI(x), AI8_ZEROI()), AI8_SET1I(255));
-#if AI8_W == 16
-        _mm_storeu_si128((__m128i *)(void *)(w + j), _mm512_cvtepi32_epi8(c));
-#else
-        const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(c),
-                                             _mm256_extracti128_si256(c, 1));
-        _mm_storel_epi64((__m128i *)(void *)(w + j), _mm_packus_epi16(p16, p16));
-#endif
+        ai8_store_bytes(w + j, AI8_MINI(AI8_MAXI(AI8_CVTI(x), AI8_ZEROI()), AI8_SET1I(255)));
     }
     for (; j < jt; j++) { /* (p * 1) * winv = p * winv exactly */
         w[j] = offq_attn_i8_weight(st[j], v != NULL ? v[j] : 1.0f, winv);
@@ -314,36 +323,8 @@ AI8_FN void ai8_weights(const float *st, const float *vs, int64_t nmax, float *w
 {
     for (int64_t gi = 0; gi < ng; gi++) {
         const float *v = vs + gi * nmax;
-        offq_attn_i8_set_grid(winv + gi, wstep + gi,
-                              ai8_wmax_from(st, v, 0, jt, AI8_SET1F(0.0f)));
+        offq_attn_i8_set_grid(winv + gi, wstep + gi, ai8_wmax(st, v, jt));
         ai8_weight_codes(st, v, winv[gi], jt, fill, w8 + gi * KT);
-    }
-}
-
-/* ai8_weights for a pair of queries (a: rows [0, ja), b: [0, jb)): both maxima in one pass over
- * the shared rows (two independent chains, each vs load feeding both), then both grids, then both
- * queries' weights. Each query's chain sees its products in the order ai8_weights gives them, so
- * the weights are the same bits. */
-AI8_FN void ai8_weights2(const float *sa, const float *sb, const float *vs, int64_t nmax,
-                         float *winva, float *wstepa, float *winvb, float *wstepb, int64_t ng,
-                         int64_t ja, int64_t jb, int64_t fill, uint8_t *w8a, uint8_t *w8b)
-{
-    const int64_t jmin = ja < jb ? ja : jb; /* a query may see none of the tile's rows */
-    const int64_t jc = jmin > 0 ? jmin / AI8_W * AI8_W : 0; /* whole vectors both take */
-    for (int64_t gi = 0; gi < ng; gi++) {
-        const float *v = vs + gi * nmax;
-        AI8_FV ma = AI8_SET1F(0.0f), mb = ma;
-        for (int64_t j = 0; j < jc; j += AI8_W) {
-            const AI8_FV vv = AI8_LOADF(v + j);
-            ma = AI8_MAXF(ma, AI8_MULF(AI8_LOADF(sa + j), vv));
-            mb = AI8_MAXF(mb, AI8_MULF(AI8_LOADF(sb + j), vv));
-        }
-        const float wmaxa = ai8_wmax_from(sa, v, jc, ja, ma);
-        const float wmaxb = ai8_wmax_from(sb, v, jc, jb, mb);
-        offq_attn_i8_set_grid(winva + gi, wstepa + gi, wmaxa);
-        offq_attn_i8_set_grid(winvb + gi, wstepb + gi, wmaxb);
-        ai8_weight_codes(sa, v, winva[gi], ja, fill, w8a + gi * KT);
-        ai8_weight_codes(sb, v, winvb[gi], jb, fill, w8b + gi * KT);
     }
 }
 
@@ -459,13 +440,7 @@ AI8_FN offq_attn_i8_queries ai8_quantize(const float *q, int64_t nq, int64_t hd,
                                           AI8_SET1I(-127)), AI8_SET1I(127));
                 }
                 sum = AI8_ADDI(sum, v);
-#if AI8_W == 16
-                _mm_storeu_si128((__m128i *)(void *)(c + i), _mm512_cvtepi32_epi8(v));
-#else
-                const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(v),
-                                                    _mm256_extracti128_si256(v, 1));
-                _mm_storel_epi64((__m128i *)(void *)(c + i), _mm_packs_epi16(p16, p16));
-#endif
+                ai8_store_bytes(c + i, v);
             }
             int32_t il[AI8_W], total = 0;
             AI8_STOREI(il, sum);
@@ -645,8 +620,7 @@ AI8_FN void ai8_tile_grids(const float *p, int64_t n, int64_t tiles, float *winv
 {
     for (int64_t T = 0; T < tiles; T++) {
         const int64_t j0 = T * KT, jt = n - j0 < KT ? n - j0 : KT;
-        offq_attn_i8_set_grid(winv + T, wstep + T,
-                              ai8_wmax_from(p + (jt > 0 ? j0 : 0), NULL, 0, jt, AI8_SET1F(0.0f)));
+        offq_attn_i8_set_grid(winv + T, wstep + T, ai8_wmax(p + (jt > 0 ? j0 : 0), NULL, jt));
     }
 }
 
@@ -764,9 +738,10 @@ AI8_FN void attend_i8_tiles(const offq_attn_args *a, int64_t nq, const float *q,
                             fill / 4);
                 continue;
             }
-            ai8_weights2(s + t * ld + j0, s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng,
-                         Q.wstep + t * ng, Q.winv + (t + 1) * ng, Q.wstep + (t + 1) * ng, ng, ja,
-                         jb, fill, w8, w8b);
+            ai8_weights(s + t * ld + j0, Q.vs + j0, nmax, Q.winv + t * ng, Q.wstep + t * ng, ng,
+                        ja, fill, w8);
+            ai8_weights(s + (t + 1) * ld + j0, Q.vs + j0, nmax, Q.winv + (t + 1) * ng,
+                        Q.wstep + (t + 1) * ng, ng, jb, fill, w8b);
             ai8_values2(out[t], out[t + 1], vt8, w8, w8b, Q.wstep + t * ng, Q.wstep + (t + 1) * ng,
                         hd, g, fill / 4);
         }
