@@ -14,7 +14,9 @@ Workloads (SmolLM2-135M's shapes unless stated; the SIMD variant is what the pro
     Qwen2.5-1.5B's gate/up half, 512 tokens (groups of 128) x 1536 x 8960;
   - ``attention``: the 8-bit attention (``attention_kv4``, mode int8) of 96 queries (32 positions x
     3 heads of a KV head, the last rows of a 2048-token prompt) over a 2048-position 4-bit cache,
-    head_dim 64, one group.
+    head_dim 64, one group;
+  - ``wq``: the weight-only decode product ``matmul_wq`` (M = 1, 4096 x 4096, W4 / W3 / W2,
+    groups of 128; its packed weight stays in L3 between calls: the kernels' compute, not DRAM).
 Each build's outputs are compared with the first build's (``identical``: the same bits), then
 each workload is timed ``--rounds`` times per build in turn; the table gives min and quartile
 milliseconds and the ratio of each build's min to the first's.
@@ -78,13 +80,34 @@ def attention_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
     return [(f"attention int8 96 q x {npos} pos, hd {hd}", call)]
 
 
+def wq_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
+    """(name, call(module)) for the weight-only decode product at each width (M = 1, 4096 x
+    4096, groups of 128: 2-8 MB of packed weight, which L3 holds between calls)."""
+    from offq.kernels.matmul_wq import pack_wq
+    from offq.kernels.quant import quantize
+
+    k = n = 4096
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    cases = []
+    for bits in (4, 3, 2):
+        qw = quantize(w, bits=bits, group_size=128)
+        packed = pack_wq(qw.unpacked_codes(), bits)
+
+        def call(mod: ModuleType, packed=packed, qw=qw, bits=bits) -> np.ndarray:
+            return mod.matmul_wq(x, packed, qw.scale, qw.zero, bits, 128, None, "auto")
+
+        cases.append((f"matmul_wq W{bits} g128 1x{k}x{n}", call))
+    return cases
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("builds", nargs="+", type=Path, help="copies of offq/_C*.so (first: baseline)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=25)
-    p.add_argument("--only", choices=("matmul", "attention"), nargs="+",
-                   default=["matmul", "attention"])
+    p.add_argument("--only", choices=("matmul", "attention", "wq"), nargs="+",
+                   default=["matmul", "attention", "wq"])
     args = p.parse_args()
     from offq.bench.machine import describe_machine
     from offq.kernels import set_num_threads
@@ -99,6 +122,8 @@ def main() -> int:
         cases += matmul_cases(rng)
     if "attention" in args.only:
         cases += attention_cases(rng)
+    if "wq" in args.only:
+        cases += wq_cases(rng)
     print(f"# {describe_machine()}; threads {args.threads}; rounds {args.rounds}; "
           f"OFFQ_SIMD_MAX={os.environ.get('OFFQ_SIMD_MAX', '(unset)')}")
     for name, call in cases:

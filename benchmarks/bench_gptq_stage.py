@@ -17,6 +17,12 @@ machine line gives the load at the start.
 
     python benchmarks/bench_gptq_stage.py                           # SmolLM2-135M, layer 1
     python benchmarks/bench_gptq_stage.py --model qwen2.5-coder-1.5b
+    python benchmarks/bench_gptq_stage.py --model qwen2.5-coder-1.5b \
+        --gptq-dtype float64 auto float32 float64 auto float32      # precisions, alternated
+
+With several ``--gptq-dtype`` values each site is timed once per value, in the order given, so
+that a machine's drift hits every precision alike ("auto": the precision
+``QuantConfig.gptq_dtype="auto"`` picks for the site's K, ``offq.quantizers.gptq.gptq_precision``).
 """
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ from offq.formats.registry import open_checkpoint  # noqa: E402
 from offq.kernels import threads  # noqa: E402
 from offq.model.arch import architecture_of  # noqa: E402
 from offq.quant.grid import group_params  # noqa: E402
-from offq.quantizers.gptq import factor_hessian, gptq_quantize  # noqa: E402
+from offq.config import GPTQ_DTYPES  # noqa: E402
+from offq.quantizers.gptq import factor_hessian, gptq_precision, gptq_quantize  # noqa: E402
 
 
 def seconds(fn) -> float:
@@ -51,6 +58,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of the synthetic Hessians")
     ap.add_argument("--seqlen", type=int, default=2048, help="tokens of the sgemm baseline")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gptq-dtype", nargs="+", choices=GPTQ_DTYPES, default=["float64"],
+                    help="GPTQ's precision(s), each timed per site in turn (default float64)")
     args = ap.parse_args()
     ckpt = open_checkpoint(args.model)
     arch = architecture_of(ckpt.config)
@@ -60,9 +69,11 @@ def main() -> int:
           f"baseline: the site's float32 products over {args.seqlen} tokens; "
           f"{args.threads} threads", flush=True)
     rng = np.random.default_rng(0)
-    total = {"factor": 0.0, "clip": 0.0, "quantize": 0.0, "sgemm": 0.0}
-    print(f"{'site':8s} {'N x K':>13s} {'factor s':>9s} {'clip s':>8s} {'quantize s':>11s} "
-          f"{'sgemm s':>8s} {'GPTQ / sgemm':>13s}")
+    runs = list(dict.fromkeys(args.gptq_dtype))
+    totals = {d: {"factor": 0.0, "clip": 0.0, "quantize": 0.0, "sgemm": 0.0} for d in runs}
+    counted: dict[tuple[str, str], int] = {}
+    print(f"{'site':8s} {'N x K':>13s} {'precision':>16s} {'factor s':>9s} {'clip s':>8s} "
+          f"{'quantize s':>11s} {'sgemm s':>8s} {'GPTQ / sgemm':>13s}")
     with threads(args.threads):
         for site, names in arch.sites.items():
             w = np.ascontiguousarray(np.concatenate(
@@ -74,21 +85,29 @@ def main() -> int:
             h = 2.0 * (x.T.astype(np.float64) @ x) / args.tokens
             a = rng.standard_normal((args.seqlen, k)).astype(np.float32)
             gptq_quantize(w, h, bits=4)  # warm-up: pages, thread teams
-            factor = [None]
-            t_factor = seconds(lambda: factor.__setitem__(0, factor_hessian(h)))
-            t_clip = seconds(lambda: group_params(w, 4, -1, True, True))
-            t_quant = seconds(lambda: gptq_quantize(w, factor=factor[0], bits=4))
-            t_gemm = seconds(lambda: a @ w.T)
-            for key, v in zip(total, (t_factor, t_clip, t_quant, t_gemm)):
-                total[key] += v
-            print(f"{site:8s} {n_out:6d} x {k:<5d} {t_factor:9.2f} {t_clip:8.2f} {t_quant:11.2f} "
-                  f"{t_gemm:8.3f} {(t_factor + t_quant) / t_gemm:12.1f}x", flush=True)
-    gptq = total["factor"] + total["quantize"]
-    print(f"{'layer':8s} {'':13s} {total['factor']:9.2f} {total['clip']:8.2f} "
-          f"{total['quantize']:11.2f} {total['sgemm']:8.3f} {gptq / total['sgemm']:12.1f}x")
-    print(f"GPTQ of the layer (factor + quantize; the clip search is inside quantize) = "
-          f"{gptq:.2f} s = the products of {gptq / total['sgemm']:.1f} sequences of "
-          f"{args.seqlen} tokens")
+            for setting in args.gptq_dtype:
+                dtype = gptq_precision(setting, k)
+                factor = [None]
+                t_factor = seconds(lambda: factor.__setitem__(0, factor_hessian(h, dtype=dtype)))
+                t_clip = seconds(lambda: group_params(w, 4, -1, True, True))
+                t_quant = seconds(lambda: gptq_quantize(w, factor=factor[0], bits=4))
+                t_gemm = seconds(lambda: a @ w.T)
+                # a precision given more than once: its first round goes into the layer's total
+                if counted.setdefault((site, setting), 0) == 0:
+                    for key, v in zip(totals[setting], (t_factor, t_clip, t_quant, t_gemm)):
+                        totals[setting][key] += v
+                counted[(site, setting)] += 1
+                label = setting if setting == dtype else f"{setting}={dtype}"
+                print(f"{site:8s} {n_out:6d} x {k:<5d} {label:>16s} {t_factor:9.2f} "
+                      f"{t_clip:8.2f} {t_quant:11.2f} {t_gemm:8.3f} "
+                      f"{(t_factor + t_quant) / t_gemm:12.1f}x", flush=True)
+    for setting, total in totals.items():
+        gptq = total["factor"] + total["quantize"]
+        print(f"{'layer':8s} {'':13s} {setting:>16s} {total['factor']:9.2f} {total['clip']:8.2f} "
+              f"{total['quantize']:11.2f} {total['sgemm']:8.3f} {gptq / total['sgemm']:12.1f}x")
+        print(f"GPTQ of the layer in {setting} (factor + quantize; the clip search is inside "
+              f"quantize) = {gptq:.2f} s = the products of {gptq / total['sgemm']:.1f} sequences "
+              f"of {args.seqlen} tokens")
     return 0
 
 

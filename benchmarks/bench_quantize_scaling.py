@@ -127,6 +127,8 @@ def budget(model: str, samples: int, seqlen: int) -> dict[str, float]:
 
 
 def main() -> int:
+    from offq.config import GPTQ_DTYPES, QuantConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="offq")
@@ -139,9 +141,9 @@ def main() -> int:
     ap.add_argument("--pca-samples", type=int, default=None,
                     help="QuantConfig.pca_samples: sequences the statistics pass reads "
                          "(default: QuantConfig's)")
-    ap.add_argument("--gptq-dtype", default="float64", choices=("float64", "float32"),
+    ap.add_argument("--gptq-dtype", default=QuantConfig.gptq_dtype, choices=GPTQ_DTYPES,
                     help="QuantConfig.gptq_dtype (float32: GPTQ's factorization and updates "
-                         "at twice the rate)")
+                         "at twice the rate; auto, the default: float32 from 4096 inputs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", default=None, metavar="DIR",
                     help="write the quantized checkpoint to DIR (kept: `offq eval DIR` scores "

@@ -100,8 +100,9 @@ _HELP = {
     "gptq_cd_sweeps": "coordinate-descent re-quantization sweeps after GPTQ on its objective, "
                       "grid fixed (OSAQ's +CD variant; 0 = off)",
     "gptq_dtype": "precision of GPTQ's arithmetic (the Hessian's factorization, the errors and the "
-                  "weight updates): float64, or float32 at twice the rate, as the reference GPTQ "
-                  "code runs (a Hessian float32 cannot factor falls back to float64)",
+                  "weight updates): float64; float32 at twice the rate, as the reference GPTQ "
+                  "code runs (a Hessian float32 cannot factor falls back to float64); auto: "
+                  "float32 for sites of 4096 inputs or more, float64 below",
     "osaq_tail": "how OSAQ finds the Hessian tail: exact (tridiagonal reduction), subspace "
                  "(inverse subspace iteration, the same budget without the reduction), auto "
                  "(subspace from input width 4096 up)",

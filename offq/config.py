@@ -45,7 +45,7 @@ OUTLIER_INDEX = ("ones", "other")
 OSAQ_TAILS = ("auto", "exact", "subspace")
 R2_MODES = ("hadamard", "pca_hadamard", "none")
 CALIB_ACTIVATIONS = ("float", "quantized")
-GPTQ_DTYPES = ("float64", "float32")
+GPTQ_DTYPES = ("auto", "float64", "float32")
 OFF = 16  # a bit width of 16 switches that quantizer off
 
 CONFIG_VERSION = 1
@@ -119,8 +119,10 @@ class QuantConfig:
     gptq_cd_sweeps: int = 0  # coordinate-descent re-quantization sweeps after GPTQ (+CD)
     # GPTQ's arithmetic: the Hessian's Cholesky factorization, the rounding errors and the weight
     # updates. float32 (the reference GPTQ code's) runs them at twice float64's rate (down_proj's
-    # K = 8960: factor 1.0 instead of 2.0 s, updates 0.4 instead of 0.7 s on two Zen5 cores)
-    gptq_dtype: str = "float64"
+    # K = 8960: factor 1.0 instead of 2.0 s, updates 0.4 instead of 0.7 s on two Zen5 cores);
+    # "auto" takes float64 below GPTQ_FLOAT32_FROM_K inputs, where it costs little, and float32
+    # from there, where the K x K factor and the updates are most of GPTQ's time
+    gptq_dtype: str = "auto"
     # --- OSAQ ---
     osaq_gamma: float = 1e-4
     osaq_tau_rel: float = 0.03
@@ -274,8 +276,10 @@ class QuantConfig:
         data.setdefault("pca_samples", 0)
         # ... and those of 2026-12-03 06:32-08:07 UTC (6dfdbda to b2607d0) name a factor-only
         # precision (gptq_factor_dtype), the setting gptq_dtype replaced; their GPTQ updates ran
-        # in float64, which is what their record reads as
+        # in float64, which is what their record reads as (as for every checkpoint written
+        # before gptq_dtype existed, and before its default became "auto")
         data.pop("gptq_factor_dtype", None)
+        data.setdefault("gptq_dtype", "float64")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -291,8 +295,8 @@ class QuantConfig:
         if self.w_bits != OFF:
             g = "ch" if self.w_group_size == -1 else f"g{self.w_group_size}"
             cd = f"+cd{self.gptq_cd_sweeps}" if self.gptq_cd_sweeps else ""
-            if self.w_quantizer.endswith("gptq") and self.gptq_dtype == "float32":
-                cd += "(f32)"
+            if self.w_quantizer.endswith("gptq") and self.gptq_dtype != "auto":
+                cd += "(f32)" if self.gptq_dtype == "float32" else "(f64)"
             parts.append(f"w:{self.w_quantizer}{cd},{'sym' if self.w_symmetric else 'asym'},{g}"
                          f"{',mse' if self.w_clip_search else ''}")
         if self.a_bits != OFF:

@@ -287,22 +287,29 @@ def test_calib_activations_setting():
 
 
 def test_gptq_dtype_setting_reaches_the_factorization_and_the_updates(monkeypatch):
-    """Checked like every choice, shown in the protocol line, read back, absent from older
-    checkpoints (float64), and carried to GPTQ's factorization of every site and to its
-    updates (the lazy block update sees float32 weights)."""
+    """Checked like every choice, shown in the protocol line unless it is the default (auto),
+    read back, float64 for older checkpoints (written before the field, or before auto), and
+    carried to GPTQ's factorization of every site and to its updates (the lazy block update
+    sees float32 weights); auto picks per site by its input width."""
     from offq.quantizers import gptq
 
-    with pytest.raises(ValueError, match="^gptq_dtype: expected one of float64, float32"):
+    with pytest.raises(ValueError, match="^gptq_dtype: expected one of auto, float64, float32"):
         QuantConfig(gptq_dtype="float16")
     cfg = QuantConfig(method="offq", a_group_size=32, gptq_dtype="float32")
     assert "gptq(f32)," in cfg.describe()
-    assert "f32" not in QuantConfig().describe()
+    assert "gptq(f64)," in dataclasses.replace(cfg, gptq_dtype="float64").describe()
+    assert QuantConfig().gptq_dtype == "auto"
+    assert "(f32)" not in QuantConfig().describe() and "(f64)" not in QuantConfig().describe()
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     old = QuantConfig().to_dict()
     del old["gptq_dtype"]
     assert QuantConfig.from_dict(old).gptq_dtype == "float64"
     old["gptq_factor_dtype"] = "float32"
     assert QuantConfig.from_dict(old).gptq_dtype == "float64"
+    assert [gptq.gptq_precision("auto", k) for k in (576, 4095, 4096, 8960)] == \
+        ["float64", "float64", "float32", "float32"]
+    assert gptq.gptq_precision("float64", 8960) == "float64"
+    assert gptq.gptq_precision("float32", 64) == "float32"
 
     seen = []
     real = gptq._udu_factor
@@ -328,6 +335,15 @@ def test_gptq_dtype_setting_reaches_the_factorization_and_the_updates(monkeypatc
                           calibration(ckpt, 2, 32, 0), batch_size=2, progress=False)
         assert seen and set(seen) == {want}, (dtype, seen)
         assert updated and set(updated) == {np.dtype(dtype)}, (dtype, set(updated))
+    # auto, with the threshold at the tiny model's FFN width: down_proj's site (K = 128) runs in
+    # float32, the three sites of d = 64 inputs in float64
+    monkeypatch.setattr(gptq, "GPTQ_FLOAT32_FROM_K", 128)
+    seen.clear()
+    updated.clear()
+    pipeline.quantize(ckpt, dataclasses.replace(cfg, gptq_dtype="auto"),
+                      calibration(ckpt, 2, 32, 0), batch_size=2, progress=False)
+    assert seen == [False, False, False, True] * 2, seen
+    assert np.dtype("float32") in updated and np.dtype("float64") in updated
 
 
 RUN = textwrap.dedent("""
