@@ -329,9 +329,10 @@ def _group_start_weights(wt: np.ndarray, orig: np.ndarray, err: np.ndarray, s: n
 
 #: inputs from which ``gptq_dtype="auto"`` runs GPTQ in float32. Below it float64 costs little
 #: (SmolLM2-135M's widest site, K = 1536: its whole GPTQ stage takes seconds); at Qwen2.5-1.5B's
-#: down_proj (K = 8960) float64 is three quarters of the stage (factor + quantize 5.0 against 2.8 s a
-#: layer on two Zen 4 cores), and float32 gave the same per-linear loss there (mean ratio to
-#: float64 0.99997 on the calibration Hessians, 0.99953 held out: bench_gptq_precision.py)
+#: down_proj (K = 8960) float64 takes three quarters of a layer's GPTQ (factor + quantize ~5.0
+#: against ~2.9 s in float32 on two Zen 4 cores: benchmarks/bench_gptq_stage.py), and float32
+#: gave the same per-linear loss there (mean ratio to float64 0.99997 on the calibration
+#: Hessians, 0.99953 held out: benchmarks/bench_gptq_precision.py)
 GPTQ_FLOAT32_FROM_K = 4096
 
 
@@ -362,7 +363,8 @@ class GPTQ(WeightQuantizer):
         if hessian is None:
             raise ValueError(f"GPTQ {where}: needs the site's Hessian (calibration inputs)")
         factor = factor_hessian(hessian, damp=self.damp, act_order=self.act_order, where=where,
-                                dtype=gptq_precision(self.dtype, np.shape(hessian)[0]))
+                                dtype=gptq_precision(self.dtype, np.shape(hessian)[-1]
+                                                     if np.ndim(hessian) else 0))
         if self.cd_sweeps:
             factor = replace(factor, hessian=hessian)
         return factor
