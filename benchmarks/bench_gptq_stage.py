@@ -69,9 +69,9 @@ def main() -> int:
           f"baseline: the site's float32 products over {args.seqlen} tokens; "
           f"{args.threads} threads", flush=True)
     rng = np.random.default_rng(0)
-    runs = list(dict.fromkeys(args.gptq_dtype))
-    totals = {d: {"factor": 0.0, "clip": 0.0, "quantize": 0.0, "sgemm": 0.0} for d in runs}
-    counted: dict[tuple[str, str], int] = {}
+    totals = {d: {"factor": 0.0, "clip": 0.0, "quantize": 0.0, "sgemm": 0.0}
+              for d in dict.fromkeys(args.gptq_dtype)}
+    counted: set[tuple[str, str]] = set()  # (site, precision) already in the layer's total
     print(f"{'site':8s} {'N x K':>13s} {'precision':>16s} {'factor s':>9s} {'clip s':>8s} "
           f"{'quantize s':>11s} {'sgemm s':>8s} {'GPTQ / sgemm':>13s}")
     with threads(args.threads):
@@ -93,10 +93,10 @@ def main() -> int:
                 t_quant = seconds(lambda: gptq_quantize(w, factor=factor[0], bits=4))
                 t_gemm = seconds(lambda: a @ w.T)
                 # a precision given more than once: its first round goes into the layer's total
-                if counted.setdefault((site, setting), 0) == 0:
+                if (site, setting) not in counted:
+                    counted.add((site, setting))
                     for key, v in zip(totals[setting], (t_factor, t_clip, t_quant, t_gemm)):
                         totals[setting][key] += v
-                counted[(site, setting)] += 1
                 label = setting if setting == dtype else f"{setting}={dtype}"
                 print(f"{site:8s} {n_out:6d} x {k:<5d} {label:>16s} {t_factor:9.2f} "
                       f"{t_clip:8.2f} {t_quant:11.2f} {t_gemm:8.3f} "
