@@ -135,9 +135,10 @@ def main() -> int:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--calib-activations", default="float", choices=("float", "quantized"),
-                    help="QuantConfig.calib_activations (quantized: the calibration batch "
-                         "crosses the quantized layers on the real W4A4 kernels)")
+    ap.add_argument("--calib-activations", default=QuantConfig.calib_activations,
+                    choices=("float", "quantized"),
+                    help="QuantConfig.calib_activations (quantized, the default: the calibration "
+                         "batch crosses the quantized layers on the real W4A4 kernels)")
     ap.add_argument("--pca-samples", type=int, default=None,
                     help="QuantConfig.pca_samples: sequences the statistics pass reads "
                          "(default: QuantConfig's)")

@@ -111,10 +111,10 @@ _HELP = {
                     "run packed by the weight-only kernel (half the int8 head's bytes per token)",
     "calib_samples": "calibration sequences",
     "calib_seqlen": "tokens per calibration sequence",
-    "calib_activations": "float: the calibration batch crosses the quantized layers with float "
-                         "activations (QuaRot's way); quantized: rounded by the run-time "
-                         "activation quantizer, so 4-bit products run on the real W4A4 kernels "
-                         "(faster; KV stays float)",
+    "calib_activations": "quantized: the calibration batch crosses the quantized layers with "
+                         "its activations rounded by the run-time activation quantizer, so the "
+                         "4-bit products run on the real W4A4 kernels; float: float activations "
+                         "and float32 products (QuaRot's way, slower; KV stays float in both)",
 }
 
 

@@ -13,8 +13,8 @@ ablation tables are produced by changing one field. The defaults are the OffQ W4
   8 calibration sequences), R2 = per-head Hadamard,
   R3 (online Hadamard on Q/K after RoPE) and R4 (online Hadamard on the down_proj input) on;
 - calibration: 128 sequences x 2048 tokens, seed 0, carried through the quantized layers with
-  float activations (``calib_activations="float"``; ``"quantized"`` rounds them as at run time
-  and runs the real W4A4 kernels);
+  activations rounded as at run time, so the products run on the real W4A4 kernels
+  (``calib_activations="quantized"``; ``"float"`` keeps them float, QuaRot's way);
 - GPTQ: damping 0.01 * mean(diag H), act-order on, lazy blocks of 128, no coordinate-descent
   sweeps after it (``gptq_cd_sweeps``, OSAQ's ``+CD`` variant: offq/quantizers/cd.py);
 - OSAQ (only with ``w_quantizer="osaq+gptq"``/``"osaq+rtn"``): gamma 1e-4, tau_rel 0.03,
@@ -105,12 +105,13 @@ class QuantConfig:
     calib_samples: int = 128
     calib_seqlen: int = 2048
     seed: int = 0
-    # what the calibration batch carries through the quantized layers: "float" (weights
-    # quantized, activations and KV in float, as QuaRot calibrates GPTQ) or "quantized" (the
-    # activations rounded by the run-time quantizer too, so the 4-bit products run on the real
-    # W4A4 kernels: a faster calibration whose Hessians see the run-time activation rounding; KV
-    # stays float either way)
-    calib_activations: str = "float"
+    # what the calibration batch carries through the quantized layers: "quantized" (the
+    # activations rounded by the run-time quantizer, so the 4-bit products run on the real W4A4
+    # kernels and the Hessians see the rounding the model runs with) or "float" (weights
+    # quantized, activations in float, as QuaRot calibrates GPTQ; the products in float32 sgemm).
+    # KV stays float either way. "quantized" is the default since 2026-12-06: the same
+    # perplexity within the seed-to-seed spread, a third less calibration time (docs/METHODS.md)
+    calib_activations: str = "quantized"
     # --- GPTQ ---
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
@@ -280,6 +281,8 @@ class QuantConfig:
         # before gptq_dtype existed, and before its default became "auto")
         data.pop("gptq_factor_dtype", None)
         data.setdefault("gptq_dtype", "float64")
+        # ... and those written before calib_activations existed calibrated on float activations
+        data.setdefault("calib_activations", "float")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -319,7 +322,9 @@ class QuantConfig:
         if self.lm_head_bits != OFF:
             parts.append(f"head:int{self.lm_head_bits}")
         from .recipe.pipeline import needs_calibration  # the recipe decides what it reads
-        act = ",act-quantized" if self.calib_activations == "quantized" else ""
+        # named either way when activations are quantized at all: the default changed (float
+        # until 2026-12-06), and a protocol line must not depend on which offq printed it
+        act = f",act-{self.calib_activations}" if self.a_bits != OFF else ""
         parts.append(f"calib:{self.calib_samples}x{self.calib_seqlen},seed{self.seed}{act}"
                      if needs_calibration(self) else "calib:none")
         return " ".join(parts)

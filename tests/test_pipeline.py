@@ -273,13 +273,16 @@ def test_statistics_read_the_first_pca_samples_sequences():
 
 
 def test_calib_activations_setting():
-    """Checked like every choice, shown in the protocol line, read back, and absent from
-    checkpoints written before it existed (which calibrated with float activations)."""
+    """Checked like every choice, quantized by default, named either way in the protocol line
+    (weight-only runs have no activations to round, and name neither), read back, and float
+    for checkpoints written before it existed (which calibrated with float activations)."""
     with pytest.raises(ValueError, match="^calib_activations: expected one of float, quantized"):
         QuantConfig(calib_activations="int4")
-    assert "act-quantized" in QuantConfig(calib_activations="quantized").describe()
-    assert "act-quantized" not in QuantConfig().describe()
-    cfg = QuantConfig(calib_activations="quantized")
+    assert QuantConfig().calib_activations == "quantized"
+    assert "act-quantized" in QuantConfig().describe()
+    assert "act-float" in QuantConfig(calib_activations="float").describe()
+    assert "act-" not in QuantConfig(method="gptq", a_bits=16, kv_bits=16).describe()
+    cfg = QuantConfig(calib_activations="float")
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     old = QuantConfig().to_dict()
     del old["calib_activations"]

@@ -130,14 +130,16 @@ def test_inf_embedding_row_is_named():
         pipeline.quantize(ckpt, QuantConfig(method="gptq"), calib)
 
 
+@pytest.mark.parametrize("calib", ["quantized", "float"])
 @pytest.mark.parametrize("w_quantizer", ["gptq", "osaq+rtn"])
-def test_nonfinite_calibration_activations_name_layer_and_site(w_quantizer):
+def test_nonfinite_calibration_activations_name_layer_and_site(w_quantizer, calib):
     """Finite but huge layer-0 gate/up weights overflow silu(gate) * up to Inf: the down_proj
-    input of layer 0 is named, whichever quantizer consumes the Hessian."""
+    input of layer 0 is named, whichever quantizer consumes the Hessian, and whether the batch
+    crosses on the real kernels (whose input quantizer meets the Inf first) or in float."""
     ckpt = tiny_checkpoint(0)
     for lin in ("gate_proj", "up_proj"):
         ckpt.tensors[f"model.layers.0.mlp.{lin}.weight"] *= np.float32(1e30)
-    cfg = QuantConfig(method="gptq", w_quantizer=w_quantizer)
+    cfg = QuantConfig(method="gptq", w_quantizer=w_quantizer, calib_activations=calib)
     with np.errstate(all="ignore"), pytest.raises(
             ValueError, match=r"layer 0 site down_in: the calibration activations contain NaN or Inf"):
         pipeline.quantize(ckpt, cfg, calibration(ckpt, 2, 16))

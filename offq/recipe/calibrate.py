@@ -159,7 +159,7 @@ def calibrate_layer(runner: LayerRunner, w: dict[str, np.ndarray], mc: Any, cfg:
             if propagate and down_act is None:
                 _write(spill, u)
             elif propagate:
-                held.append(down_act.quantize(np.ascontiguousarray(u.reshape(-1, u.shape[-1]))))
+                held.append(_input_codes(down_act, u, i))
         u = None  # the last batch's down_proj input (294 MB at 4 x 2048): not beside GPTQ
         layer = quantize("down_in", acc)  # the weight method took the 640 MB Hessian and dropped it
         if propagate:
@@ -186,6 +186,22 @@ def _integer_input_quantizer(crossing: QuantConfig, mode: str, k: int) -> ActQua
     return act
 
 
+def _input_codes(act: ActQuant, u: np.ndarray, i: int) -> QTensor:
+    """down_proj's input ``u`` as its run-time quantizer's codes. These are made before the
+    site's Hessian is checked, so a NaN or Inf in ``u`` is named here as the check would."""
+    try:
+        return act.quantize(np.ascontiguousarray(u.reshape(-1, u.shape[-1])))
+    except ValueError as e:
+        if np.all(np.isfinite(u)):
+            raise
+        raise ValueError(_nonfinite(i, "down_in")) from e
+
+
+def _nonfinite(i: int, site: str) -> str:
+    return (f"layer {i} site {site}: the calibration activations contain NaN or Inf (a broken "
+            f"checkpoint or an overflow in an earlier layer)")
+
+
 def _check_input_quantizer(linear: Any, act: ActQuant) -> None:
     """The spilled codes are the product's input only if down_proj quantizes with ``act``."""
     if not (getattr(linear, "integer", False) and linear.act == act):
@@ -197,8 +213,7 @@ def _check_input_quantizer(linear: Any, act: ActQuant) -> None:
 def _checked(acc: HessianAccumulator, i: int, site: str) -> HessianAccumulator:
     """The accumulator, finished; refused when its inputs held NaN/Inf or were all zero."""
     if not np.all(np.isfinite(acc.sum)):  # one NaN anywhere in the site's inputs reaches the sum
-        raise ValueError(f"layer {i} site {site}: the calibration activations contain NaN or "
-                         f"Inf (a broken checkpoint or an overflow in an earlier layer)")
+        raise ValueError(_nonfinite(i, site))
     if not np.any(np.diag(acc.sum)):  # every input dead: GPTQ would zero the whole weight
         raise ValueError(f"layer {i} site {site}: every calibration activation is zero (an "
                          f"overflow in an earlier layer's RMSNorm?)")
