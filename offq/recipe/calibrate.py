@@ -19,8 +19,8 @@ of the sites before it, as the runtime will. The result is exactly the quantized
 propagates through the stored layer instead, continues bit for bit.
 
 The layers the batch crosses have their weights quantized and KV in float; their activations are
-float too unless ``calib_activations="quantized"``, which rounds them as the runtime does and so
-runs the 4-bit products on the real W4A4 kernels (:func:`propagation_setting`).
+rounded as the runtime does with ``calib_activations="quantized"`` (the default), which runs the
+4-bit products on the real W4A4 kernels, and float with ``"float"`` (:func:`propagation_setting`).
 
 The weight method stays outside: ``quantize_site(site, accumulator)`` (the recipe's) returns the
 site's quantized linears; this module only decides when each Hessian is complete.

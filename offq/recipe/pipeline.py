@@ -16,8 +16,9 @@ pre-steps and the rounding quantizer of the QuantConfig, and both follow one int
 (:mod:`offq.quantizers.base`). Only one decoder layer's weights are resident at a time, plus the
 calibration hidden states ``[samples, seqlen, d]`` (float32). Linear inputs are captured after the
 online transforms (R3 on Q/K, R4 before down_proj), so GPTQ sees what the runtime multiplies.
-During calibration activations and KV stay in float (earlier layers weight-quantized, as QuaRot
-calibrates GPTQ); the runtime adds the activation and KV quantizers.
+During calibration KV stays in float, and the activations are rounded by the run-time quantizer
+(``calib_activations="quantized"``, the default: the products run on the real W4A4 kernels) or
+kept float (``"float"``, as QuaRot calibrates GPTQ); the runtime adds the KV quantizer.
 
 Method table (``QuantConfig.method``): ``offq`` R1 = U1 P H1 from the pooled top-1 second moment of
 the attention and MLP inputs; ``quarot`` R1 = random-sign Hadamard (seeded); both use R2/R3/R4;
