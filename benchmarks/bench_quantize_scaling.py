@@ -127,7 +127,7 @@ def budget(model: str, samples: int, seqlen: int) -> dict[str, float]:
 
 
 def main() -> int:
-    from offq.config import GPTQ_DTYPES, QuantConfig
+    from offq.config import CALIB_ACTIVATIONS, GPTQ_DTYPES, QuantConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -136,7 +136,7 @@ def main() -> int:
     ap.add_argument("--calib-seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--calib-activations", default=QuantConfig.calib_activations,
-                    choices=("float", "quantized"),
+                    choices=CALIB_ACTIVATIONS,
                     help="QuantConfig.calib_activations (quantized, the default: the calibration "
                          "batch crosses the quantized layers on the real W4A4 kernels)")
     ap.add_argument("--pca-samples", type=int, default=None,

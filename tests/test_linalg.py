@@ -103,7 +103,7 @@ def test_a_factor_float32_cannot_take_falls_back_to_float64() -> None:
     assert f.damp == 0.0
     np.testing.assert_array_equal(f.s, s64)
     np.testing.assert_array_equal(f.d, d64)
-    with pytest.raises(ValueError, match="dtype: expected 'float64' or 'float32'"):
+    with pytest.raises(ValueError, match="dtype: expected 'float64', 'float32' or 'auto'"):
         factor_hessian(h, dtype="float16")
     with pytest.raises(TypeError, match="single: expected a bool"):
         udu_factor(h, 0.0, single=np.array([True, False]))

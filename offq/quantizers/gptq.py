@@ -155,12 +155,13 @@ def gptq_diagonal(hessian: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool = True,
                    where: str = "", dtype: str = "float64") -> HessianFactor:
     """Steps 2-5 of the module docstring on ``H = 2 X^T X / n`` [K, K] (``where`` names the
-    layer and site in the warning a damping retry logs). ``dtype="float32"`` runs the
+    layer and site in the warning a damping retry logs). ``dtype="auto"`` picks float32 or
+    float64 by the Hessian's width (:func:`gptq_precision`). ``dtype="float32"`` runs the
     factorization in float32 (:func:`offq.kernels.udu_factor` ``single``: ``s`` float32, and GPTQ
     then runs in float32); where float32 cannot factor the damped matrix, float64 is tried at the
     same damping before the damping grows (``s`` float64: that site's GPTQ runs in float64)."""
-    if dtype not in ("float64", "float32"):
-        raise ValueError(f"dtype: expected 'float64' or 'float32', got {dtype!r}")
+    if dtype not in ("float64", "float32", "auto"):
+        raise ValueError(f"dtype: expected 'float64', 'float32' or 'auto', got {dtype!r}")
     if not (np.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp: expected a finite number >= 0, got {damp}")
     hessian = np.asarray(hessian)
@@ -169,6 +170,7 @@ def factor_hessian(hessian: np.ndarray, *, damp: float = 0.01, act_order: bool =
     if not np.all(np.isfinite(hessian)):
         raise ValueError(f"hessian{' of ' + where if where else ''}: contains NaN or Inf")
     k = hessian.shape[0]
+    dtype = gptq_precision(dtype, k)
     diag, dead = gptq_diagonal(hessian)
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
     # the kernel gathers the permuted rows and takes the step-2 diagonal itself: no permuted
@@ -363,8 +365,7 @@ class GPTQ(WeightQuantizer):
         if hessian is None:
             raise ValueError(f"GPTQ {where}: needs the site's Hessian (calibration inputs)")
         factor = factor_hessian(hessian, damp=self.damp, act_order=self.act_order, where=where,
-                                dtype=gptq_precision(self.dtype, np.shape(hessian)[-1]
-                                                     if np.ndim(hessian) else 0))
+                                dtype=self.dtype)
         if self.cd_sweeps:
             factor = replace(factor, hessian=hessian)
         return factor
