@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from offq.config import QuantConfig  # noqa: E402
+from offq.config import CALIB_ACTIVATIONS, QuantConfig  # noqa: E402
 from offq.formats.files import atomic_write_text  # noqa: E402
 
 #: row name -> QuantConfig overrides (W4A4KV4 unless the row says otherwise)
@@ -43,7 +43,8 @@ ROWS: dict[str, dict] = {
     "offq-rtn": dict(method="offq", w_quantizer="rtn"),
     "offq-gptq": dict(method="offq"),
     "offq-osaq": dict(method="offq", w_quantizer="osaq+gptq"),  # OSAQ on the rotated weights
-    # rows that change only run-time quantizers reuse the offq-gptq weights (see weight_key)
+    # rows that change only run-time quantizers reuse the offq-gptq weights where the
+    # calibration allows it (see weight_key)
     "abl-sym-act": dict(method="offq", a_symmetric=True),
     "offq-w4a8kv8": dict(method="offq", a_bits=8, kv_bits=8),
     "offq-w4a16": dict(method="offq", a_bits=16, kv_bits=16),
@@ -59,20 +60,31 @@ ROWS: dict[str, dict] = {
     "abl-a-clip-0.9": dict(method="offq", a_clip=0.9),
 }
 
-#: QuantConfig fields used only at run time (activation and KV quantizers): the calibration runs
-#: weights-only, so configs that differ only here have identical stored weights
+#: QuantConfig fields of the run-time activation and KV quantizers. The stored weights depend on
+#: them only through the layers the calibration batch crosses (propagation_setting): never on KV,
+#: and on the activation fields only when the crossing rounds activations (the default,
+#: ``calib_activations="quantized"``)
 RUNTIME_FIELDS = ("a_bits", "a_symmetric", "a_clip", "kv_bits", "kv_group_size", "kv_symmetric")
+ACTIVATION_FIELDS = ("a_bits", "a_symmetric", "a_clip", "a_group_size")
 
 
 def weight_key(cfg: QuantConfig) -> str:
-    """Configs with the same key quantize to the same stored tensors (the calibration runs on
-    float activations here; OffQ's R1 still depends on a_group_size: its block Hadamard is the
-    activation group)."""
+    """Configs with the same key quantize to the same stored tensors, so a row may reuse the
+    previous row's weights. OffQ's R1 depends on a_group_size (its block Hadamard is the
+    activation group); with the quantized calibration crossing (the default) every activation
+    field enters the weights too, and only the KV fields are free: so ``abl-sym-act``,
+    ``offq-w4a8kv8`` and ``offq-w4a16`` quantize anew, as ``offq quantize`` with those flags
+    would, and reuse only with ``--calib-activations float``."""
+    from offq.recipe.calibrate import propagation_setting
+
     d = cfg.to_dict()
     for name in RUNTIME_FIELDS:
         d.pop(name, None)
     if cfg.method != "offq":  # only OffQ's R1 (its block Hadamard) depends on the group
         d.pop("a_group_size", None)
+    _, crossing_mode = propagation_setting(cfg)
+    if crossing_mode == "real":  # the batch crossed the layers with rounded activations
+        d.update({f"crossing_{n}": getattr(cfg, n) for n in ACTIVATION_FIELDS})
     return repr(sorted(d.items()))
 
 
@@ -147,6 +159,10 @@ def main() -> int:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
     p.add_argument("--mode", choices=("fake", "real"), default="real")
+    p.add_argument("--calib-activations", choices=CALIB_ACTIVATIONS,
+                   default=QuantConfig.calib_activations,
+                   help="how the calibration batch crosses the quantized layers (offq quantize's "
+                        "flag; the default is QuantConfig's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true",
                    help="8 x 512 calibration, 2 windows of 512 (a smoke run, not the protocol)")
@@ -192,7 +208,8 @@ def main() -> int:
         print(header)
         cache: tuple[str, object] | None = None  # the last quantized weights, reusable
         for row in rows:
-            over = dict(ROWS[row], calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+            over = dict(ROWS[row], calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                        calib_activations=args.calib_activations)
             cfg = QuantConfig(**over)
             t0 = time.perf_counter()
             tq = 0.0
