@@ -289,6 +289,35 @@ def test_calib_activations_setting():
     assert QuantConfig.from_dict(old).calib_activations == "float"
 
 
+
+def test_runtime_fields_enter_the_weights_only_through_the_quantized_crossing():
+    """Which configs store the same tensors (what ``benchmarks/bench_results.py``'s
+    ``weight_key`` lets its rows reuse): with the float crossing, a run-time activation or KV
+    field changes nothing stored; with the quantized crossing (the default) the activation
+    fields change the weights, the KV fields still do not. Tiny model, 2 x 32 tokens."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_results import weight_key
+    finally:
+        sys.path.pop(0)
+    ckpt = tiny_checkpoint(2, layers=2, d=64, hd=16, f=128)
+
+    def stored(cfg):
+        res = pipeline.quantize(ckpt, cfg, calibration(ckpt, 2, 32, 0), batch_size=2,
+                                progress=False)
+        return {k: np.asarray(v) for k, v in res.tensors.items()}
+
+    for crossing in ("float", "quantized"):
+        base = QuantConfig(method="offq", a_group_size=32, calib_activations=crossing)
+        ref = stored(base)
+        for change in (dict(a_symmetric=True), dict(kv_bits=8)):
+            cfg = dataclasses.replace(base, **change)
+            same = weight_key(cfg) == weight_key(base)
+            got = stored(cfg)
+            equal = got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+            assert equal == same, (crossing, change, same)
+            assert same == (crossing == "float" or "kv_bits" in change), (crossing, change)
+
 def test_gptq_dtype_setting_reaches_the_factorization_and_the_updates(monkeypatch):
     """Checked like every choice, shown in the protocol line unless it is the default (auto),
     read back, float64 for older checkpoints (written before the field, or before auto), and
