@@ -4,9 +4,9 @@ Protocol (printed with every row): WikiText-2 test (shipped in the package), tok
 once, non-overlapping windows of ``--seqlen`` tokens (BOS per window when the model uses one),
 mean token NLL, ppl = exp(mean); ``--max-windows`` takes the first N windows. Calibration:
 ``--calib-samples`` x ``--calib-seqlen`` tokens from offq.data's default calibration corpus (never
-the eval text), seed 0. Each row quantizes in memory (offq.quantize) and evaluates the real path
-(packed 4-bit kernels; ``--mode fake`` for the float32 simulation, which gives bit-identical
-numbers, see tests/test_runtime.py, and runs slower).
+the eval text), seed ``--seed`` (0). Each row quantizes in memory (offq.quantize) and evaluates
+the real path (packed 4-bit kernels; ``--mode fake`` for the float32 simulation, which gives
+bit-identical numbers, see tests/test_runtime.py, and runs slower).
 
     python benchmarks/bench_results.py --quick              # small calibration + 2 windows
     python benchmarks/bench_results.py                      # the full protocol (long)
@@ -158,6 +158,9 @@ def main() -> int:
     p.add_argument("--max-windows", type=int, default=None)
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0,
+                   help="QuantConfig.seed: the calibration sample and QuaRot-style's random signs "
+                        "(offq quantize --seed)")
     p.add_argument("--mode", choices=("fake", "real"), default="real")
     p.add_argument("--calib-activations", choices=CALIB_ACTIVATIONS,
                    default=QuantConfig.calib_activations,
@@ -198,18 +201,18 @@ def main() -> int:
         windows = eval_windows(ckpt.tokenizer, load_wikitext2_test(), args.seqlen,
                                args.max_windows, add_bos)
         calib = sample_calibration(ckpt.tokenizer, DEFAULT_CALIBRATION, n=args.calib_samples,
-                                   seqlen=args.calib_seqlen, seed=0, add_bos=add_bos)
+                                   seqlen=args.calib_seqlen, seed=args.seed, add_bos=add_bos)
         protocol = (f"model {args.model}; WikiText-2 test, seqlen {args.seqlen}, {len(windows)} "
                     f"windows, BOS {add_bos}; calibration {DEFAULT_CALIBRATION} "
-                    f"{args.calib_samples} x {args.calib_seqlen}, seed 0; {args.mode} path; "
-                    f"threads {nthreads}")
+                    f"{args.calib_samples} x {args.calib_seqlen}, seed {args.seed}; "
+                    f"{args.mode} path; threads {nthreads}")
         print(protocol)
         header = "| row | config | ppl | tokens | quantize s | eval s |\n|---|---|---|---|---|---|"
         print(header)
         cache: tuple[str, object] | None = None  # the last quantized weights, reusable
         for row in rows:
             over = dict(ROWS[row], calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
-                        calib_activations=args.calib_activations)
+                        calib_activations=args.calib_activations, seed=args.seed)
             cfg = QuantConfig(**over)
             t0 = time.perf_counter()
             tq = 0.0
