@@ -60,12 +60,12 @@ ROWS: dict[str, dict] = {
     "abl-a-clip-0.9": dict(method="offq", a_clip=0.9),
 }
 
-#: QuantConfig fields of the run-time activation and KV quantizers. The stored weights depend on
-#: them only through the layers the calibration batch crosses (propagation_setting): never on KV,
-#: and on the activation fields only when the crossing rounds activations (the default,
+#: QuantConfig fields of the run-time KV and activation quantizers. The stored weights never
+#: depend on the KV fields, and on the activation fields only through the layers the calibration
+#: batch crosses (propagation_setting): when the crossing rounds activations (the default,
 #: ``calib_activations="quantized"``)
-RUNTIME_FIELDS = ("a_bits", "a_symmetric", "a_clip", "kv_bits", "kv_group_size", "kv_symmetric")
-ACTIVATION_FIELDS = ("a_bits", "a_symmetric", "a_clip", "a_group_size")
+KV_FIELDS = ("kv_bits", "kv_group_size", "kv_symmetric")
+ACTIVATION_FIELDS = ("a_bits", "a_symmetric", "a_clip")
 
 
 def weight_key(cfg: QuantConfig) -> str:
@@ -78,13 +78,13 @@ def weight_key(cfg: QuantConfig) -> str:
     from offq.recipe.calibrate import propagation_setting
 
     d = cfg.to_dict()
-    for name in RUNTIME_FIELDS:
+    free = list(KV_FIELDS)
+    if propagation_setting(cfg)[1] != "real":  # the batch crossed the layers in float
+        free += ACTIVATION_FIELDS
+        if cfg.method != "offq":  # only OffQ's R1 (its block Hadamard) depends on the group
+            free.append("a_group_size")
+    for name in free:
         d.pop(name, None)
-    if cfg.method != "offq":  # only OffQ's R1 (its block Hadamard) depends on the group
-        d.pop("a_group_size", None)
-    _, crossing_mode = propagation_setting(cfg)
-    if crossing_mode == "real":  # the batch crossed the layers with rounded activations
-        d.update({f"crossing_{n}": getattr(cfg, n) for n in ACTIVATION_FIELDS})
     return repr(sorted(d.items()))
 
 

@@ -289,7 +289,6 @@ def test_calib_activations_setting():
     assert QuantConfig.from_dict(old).calib_activations == "float"
 
 
-
 def test_runtime_fields_enter_the_weights_only_through_the_quantized_crossing():
     """Which configs store the same tensors (what ``benchmarks/bench_results.py``'s
     ``weight_key`` lets its rows reuse): with the float crossing, a run-time activation or KV
@@ -317,6 +316,7 @@ def test_runtime_fields_enter_the_weights_only_through_the_quantized_crossing():
             equal = got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
             assert equal == same, (crossing, change, same)
             assert same == (crossing == "float" or "kv_bits" in change), (crossing, change)
+
 
 def test_gptq_dtype_setting_reaches_the_factorization_and_the_updates(monkeypatch):
     """Checked like every choice, shown in the protocol line unless it is the default (auto),
