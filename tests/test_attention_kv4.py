@@ -253,6 +253,12 @@ def test_vnni_int8_attention_is_bit_identical_to_avx2(tmp_path):
     (dict(scale=np.full((8, 2, 3), 0.1, np.float32)), "scale: expected shape"),
     (dict(codes=np.zeros((8, 2, 31), np.uint8)), "codes: expected shape"),
     (dict(q=np.full((1, 64), np.nan, np.float32)), "q"),
+    # past ~1.1e6 dimensions the int8 mode's int32 sums wrapped silently
+    (dict(q=np.ones((1, (1 << 20) + 2), np.float32), mode="int8"),
+     r"q: head_dim 1048578 exceeds the limit 2\^20"),
+    (dict(mode=None), "mode: expected a str"),
+    (dict(mode="int8\0"), "mode: contains a null character"),
+    (dict(kernel="\udcff"), "kernel: "),
 ])
 def test_arguments_are_validated(args, match):
     base = dict(q=np.ones((1, 64), np.float32), codes=np.zeros((8, 2, 32), np.uint8),

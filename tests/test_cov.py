@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from offq import _C
 from offq.kernels import cov_mirror, cov_update, top_eigenpairs
 
 
@@ -228,6 +229,10 @@ def test_top_eigenpairs_validation():
         top_eigenpairs(c.astype(">f8"), 1)
     with pytest.raises(ValueError, match=r"^tol: expected 0 < tol < 1, got 1\.5$"):
         top_eigenpairs(c, 1, tol=1.5)
+    # an array's own __index__ error used to pass through without naming the argument
+    for seed in (np.array([1, 2]), -1, 1.0, True):
+        with pytest.raises(TypeError, match="^seed: expected a non-negative int"):
+            _C.top_eigenpairs(c, 1, 1e-6, seed)
 
 
 def test_generic_path_runs_cov(tmp_path):

@@ -614,8 +614,12 @@ def test_plan_validates_layers(quantized):
         decoder_plan((layer,), **{**good, "kv_group": 3})
     with pytest.raises(ValueError, match=r"^a_clip: expected a ratio in \(0, 1\], got 0\.0$"):
         decoder_plan((layer,), **{**good, "a_clip": 0.0})
-    with pytest.raises(ValueError, match=r"^eps: expected a finite value >= 0, got -1e-05$"):
+    with pytest.raises(ValueError, match=r"^eps: expected a finite value > 0, got -1e-05$"):
         decoder_plan((layer,), **{**good, "eps": -1e-5})
+    # eps = 0 (or 0 in float32) divided a zero row by zero, reported as an overflow in the layers
+    for eps in (0.0, 1e-50):
+        with pytest.raises(ValueError, match=r"^eps: expected a finite value > 0"):
+            decoder_plan((layer,), **{**good, "eps": eps})
     with pytest.raises(ValueError, match="num_heads"):
         decoder_plan((layer,), **{**good, "num_kv_heads": cfg.num_attention_heads + 1})
     # non-finite weights' grids, norms, biases and key offsets are refused when planned, not

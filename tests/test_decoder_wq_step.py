@@ -248,6 +248,21 @@ def test_forward_blames_a_non_finite_cached_row_and_gives_h_back(step_args, valu
     np.testing.assert_array_equal(h, kwargs["h"])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_kernel_blames_one_nan_in_a_cached_key(step_args, kernel):
+    """One NaN element of one cached key: the SIMD softmax's exp clamped it to -87, so the score
+    became a zero weight and the AVX2 and AVX-512 steps returned finite, wrong hidden states
+    (the generic kernel's expf kept the NaN and the step failed); every kernel now fails."""
+    fd, kwargs = step_args
+    kv = kwargs["kv"].copy()
+    kv[0, 1, 0, 0, 0] = np.nan  # layer 0, position 1, K, KV head 0, dimension 0
+    h = kwargs["h"].copy()
+    scratch = np.empty(decoder_wq_scratch_bytes(fd.plan, 2, 5), np.uint8)
+    with pytest.raises(ValueError, match="^kv: layer 0, position 1 holds NaN"):
+        decoder_wq_forward(**dict(kwargs, h=h, kv=kv, start=3, scratch=scratch, kernel=kernel))
+    np.testing.assert_array_equal(h, kwargs["h"])
+
+
 def test_forward_rejects_buffers_that_share_memory(step_args):
     """h inside the cache or the scratch, or the cache inside a weight: the step would overwrite
     its own input or the model."""
@@ -306,8 +321,9 @@ def test_plan_validates_layers(quantized):
             decoder_wq_plan(layers, **dims)
     with pytest.raises(ValueError, match="num_heads"):
         decoder_wq_plan(fd.plan_layers, **dict(dims, num_kv_heads=cfg.num_attention_heads + 1))
-    with pytest.raises(ValueError, match="eps"):
-        decoder_wq_plan(fd.plan_layers, **dict(dims, eps=float("nan")))
+    for eps in (float("nan"), 0.0):
+        with pytest.raises(ValueError, match="^eps: expected a finite value > 0"):
+            decoder_wq_plan(fd.plan_layers, **dict(dims, eps=eps))
     with pytest.raises(ValueError, match="positions: expected a positive size"):
         decoder_wq_scratch_bytes(fd.plan, 1, 0)
     with pytest.raises(ValueError, match="rows: the weight-only step takes 1 to 32"):

@@ -76,7 +76,7 @@ def test_every_simd_width_matches_the_reference(tmp_path):
 def test_inputs_are_left_alone_and_bad_arguments_named():
     h = np.ones((2, 16), np.float32)
     y = np.full((2, 16), 2.0, np.float32)
-    s, out = _C.residual_rms_norm(h, y, None, 0.0)
+    s, out = _C.residual_rms_norm(h, y, None, 1e-30)
     np.testing.assert_array_equal(h, 1.0)
     np.testing.assert_array_equal(s, 3.0)
     np.testing.assert_array_equal(out, 1.0)
@@ -88,7 +88,8 @@ def test_inputs_are_left_alone_and_bad_arguments_named():
         _C.residual_rms_norm(h, None, np.ones(15, np.float32), 1e-5)
     with pytest.raises(ValueError, match="^h: expected a C-contiguous"):
         _C.residual_rms_norm(np.ones((16, 2), np.float32).T, None, None, 1e-5)
-    with pytest.raises(ValueError, match="^eps: expected a finite value"):
-        _C.residual_rms_norm(h, None, None, float("nan"))
+    for eps in (float("nan"), 0.0, 1e-50, -1e-6, 1.5):  # 0 (or 0 in float32): a zero row's 0 / 0
+        with pytest.raises(ValueError, match=r"^eps: expected a finite value in \(0, 1\]"):
+            _C.residual_rms_norm(h, None, None, eps)
     with pytest.raises(ValueError, match="^h: expected at least one column"):
         _C.residual_rms_norm(np.ones((2, 0), np.float32), None, None, 1e-5)

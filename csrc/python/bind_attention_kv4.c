@@ -46,10 +46,11 @@ static int grids_fit_int8(PyArrayObject *scale, PyArrayObject *zero)
 static PyObject *py_attention_kv4(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"q", "codes", "scale", "zero", "n", "mode", "kernel", NULL};
-    PyObject *qo, *co, *so, *zo, *no, *kobj = NULL;
-    const char *mode = "float", *kname;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|sO:attention_kv4", kwlist, &qo, &co, &so,
-                                     &zo, &no, &mode, &kobj)) {
+    PyObject *qo, *co, *so, *zo, *no, *mode_o = NULL, *kobj = NULL;
+    const char *mode, *kname;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOO|OO:attention_kv4", kwlist, &qo, &co, &so,
+                                     &zo, &no, &mode_o, &kobj) ||
+        offq_str_arg(mode_o, "mode", "float", &mode) < 0) {
         return NULL;
     }
     const int int8 = strcmp(mode, "int8") == 0;
@@ -75,6 +76,10 @@ static PyObject *py_attention_kv4(PyObject *self, PyObject *args, PyObject *kwds
         PyErr_Format(PyExc_ValueError,
                      "q: expected shape (nq >= 1, an even head_dim >= 2), got (%lld, %lld)",
                      (long long)nq, (long long)hd);
+        return NULL;
+    }
+    if (hd > ((int64_t)1 << 20)) { /* the decoders' limit; past ~1.1e6 the int8 sums wrap */
+        PyErr_Format(PyExc_ValueError, "q: head_dim %lld exceeds the limit 2^20", (long long)hd);
         return NULL;
     }
     if (npos < 1 || PyArray_DIM(codes, 1) != 2 || PyArray_DIM(codes, 2) != hd / 2) {

@@ -167,9 +167,8 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
     const long long seed_ll = seed_int ? PyLong_AsLongLongAndOverflow(seed_int, &overflow) : -1;
     if (seed_int == NULL || overflow < 0 || (overflow == 0 && seed_ll < 0)) {
         Py_XDECREF(seed_int);
-        if (!PyErr_Occurred()) {
-            PyErr_Format(PyExc_TypeError, "seed: expected a non-negative int, got %R", seed_obj);
-        }
+        PyErr_Clear(); /* e.g. __index__'s own error for an array: name the argument instead */
+        PyErr_Format(PyExc_TypeError, "seed: expected a non-negative int, got %R", seed_obj);
         return NULL;
     }
     const unsigned long long seed = PyLong_AsUnsignedLongLongMask(seed_int);

@@ -331,11 +331,12 @@ static PyObject *py_decoder_forward(PyObject *self, PyObject *args, PyObject *kw
     static char *kwlist[] = {"plan", "h", "start", "cos", "sin", "kv_codes", "kv_scale",
                              "kv_zero", "scratch", "kernel", "attention", NULL};
     PyObject *plan_o, *h_o, *start_o, *cos_o, *sin_o, *kc_o, *ks_o, *kz_o, *scr_o;
-    PyObject *kobj = NULL;
-    const char *kname, *attention = "float";
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|Os:decoder_forward", kwlist, &plan_o,
+    PyObject *kobj = NULL, *attention_o = NULL;
+    const char *kname, *attention;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOOOOOO|OO:decoder_forward", kwlist, &plan_o,
                                      &h_o, &start_o, &cos_o, &sin_o, &kc_o, &ks_o, &kz_o, &scr_o,
-                                     &kobj, &attention)) {
+                                     &kobj, &attention_o) ||
+        offq_str_arg(attention_o, "attention", "float", &attention) < 0) {
         return NULL;
     }
     const int attention_int8 = strcmp(attention, "int8") == 0;

@@ -2,7 +2,8 @@
  * exposed so that tests can hold each SIMD width against a NumPy reference.
  *
  *   residual_rms_norm(h, y, weight, eps) -> (h + y, rmsnorm(h + y) * weight), float32 [rows, d]
- *       h float32 [rows, d]; y None or like h; weight None or float32 [d]; 0 <= eps <= 1.
+ *       h float32 [rows, d]; y None or like h; weight None or float32 [d]; 0 < eps <= 1 (eps = 0
+ *       would divide a zero row by zero).
  *       Neither input is modified; the widest dispatch of this process runs (OFFQ_SIMD_MAX).
  */
 #include "bind_util.h"
@@ -48,8 +49,8 @@ static PyObject *py_residual_rms_norm(PyObject *self, PyObject *args, PyObject *
     if (offq_py_float(eo, "eps", &eps) < 0) {
         return NULL;
     }
-    if (!(eps >= 0.0 && eps <= 1.0)) {
-        offq_value_error_got("eps: expected a finite value in [0, 1]", eps);
+    if (!(eps > 0.0 && eps <= 1.0 && (float)eps > 0.0f)) { /* eps divides: a zero row */
+        offq_value_error_got("eps: expected a finite value in (0, 1]", eps);
         return NULL;
     }
     npy_intp dims[2] = {(npy_intp)rows, (npy_intp)d};

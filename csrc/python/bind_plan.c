@@ -154,8 +154,8 @@ int offq_parse_model_dims(PyObject *const dims_o[5], PyObject *eps_o, int64_t di
     if (offq_py_float(eps_o, "eps", eps) < 0) {
         return -1;
     }
-    if (!(*eps >= 0.0 && isfinite((float)*eps))) {
-        offq_value_error_got("eps: expected a finite value >= 0", *eps);
+    if (!((float)*eps > 0.0f && isfinite((float)*eps))) { /* a zero row divides by eps */
+        offq_value_error_got("eps: expected a finite value > 0", *eps);
         return -1;
     }
     if (dims[2] % dims[3] != 0) {

@@ -191,31 +191,39 @@ static inline int offq_rotary_table(PyArrayObject *a, const char *name)
     return 0;
 }
 
-/* The `kernel=` argument as a C string: "auto" when it was not given (obj NULL), else a str
- * without null characters; TypeError / ValueError naming `kernel` otherwise. The pointer lives as
- * long as obj (the call's arguments). */
-static inline int offq_kernel_name(PyObject *obj, const char **name)
+/* A str argument `arg` as a C string: `dflt` when it was not given (obj NULL), else a str that
+ * encodes to UTF-8 without null characters; TypeError / ValueError naming `arg` otherwise. The
+ * pointer lives as long as obj (the call's arguments). */
+static inline int offq_str_arg(PyObject *obj, const char *arg, const char *dflt, const char **name)
 {
     if (obj == NULL) {
-        *name = "auto";
+        *name = dflt;
         return 0;
     }
     if (!PyUnicode_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "kernel: expected a str such as 'auto', got %s",
+        PyErr_Format(PyExc_TypeError, "%s: expected a str such as '%s', got %s", arg, dflt,
                      Py_TYPE(obj)->tp_name);
         return -1;
     }
     Py_ssize_t len;
     const char *s = PyUnicode_AsUTF8AndSize(obj, &len);
-    if (s == NULL) {
+    if (s == NULL) { /* a lone surrogate: name the argument, not the codec */
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: expected a name such as '%s', got %R", arg, dflt, obj);
         return -1;
     }
     if ((size_t)len != strlen(s)) {
-        PyErr_SetString(PyExc_ValueError, "kernel: contains a null character");
+        PyErr_Format(PyExc_ValueError, "%s: contains a null character", arg);
         return -1;
     }
     *name = s;
     return 0;
+}
+
+/* The `kernel=` argument as a C string ("auto" when not given; offq_str_arg). */
+static inline int offq_kernel_name(PyObject *obj, const char **name)
+{
+    return offq_str_arg(obj, "kernel", "auto", name);
 }
 
 /* The `kernel=` argument of `fn` ("auto" or a variant name in `variants`) -> *out; else

@@ -2,8 +2,8 @@
  * softmax, SwiGLU). x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r (the classic
  * single-precision minimax coefficients, ~1 ulp), then 2^n through the exponent bits. Below -87
  * the result is 0 (e^-87 ~ 1.6e-38), above 88 it is +inf: both ends as a softmax or a sigmoid
- * needs them. Both widths are one definition, so every lane runs the same operations in the same
- * order: offq_exp8 and offq_exp16 give the same bits. */
+ * needs them; NaN gives NaN. Both widths are one definition, so every lane runs the same
+ * operations in the same order: offq_exp8 and offq_exp16 give the same bits. */
 #ifndef OFFQ_X86_EXP_SIMD_H
 #define OFFQ_X86_EXP_SIMD_H
 
@@ -19,7 +19,9 @@
         const VEC lo = P##_set1_ps(-87.0f), hi = P##_set1_ps(88.0f);                              \
         const MASK under = CMP(x, lo, _CMP_LT_OQ);                                                \
         const MASK over = CMP(x, hi, _CMP_GT_OQ);                                                 \
-        x = P##_min_ps(P##_max_ps(x, lo), hi);                                                    \
+        /* max/min return their second operand when either is NaN: a NaN x stays NaN (a           \
+         * clamp to lo would make a NaN score a zero softmax weight, dropped unseen) */           \
+        x = P##_min_ps(hi, P##_max_ps(lo, x));                                                    \
         const VEC n = ROUND(P##_mul_ps(x, P##_set1_ps(1.44269504088896341f)));                    \
         VEC r = P##_fnmadd_ps(n, P##_set1_ps(0.693359375f), x);                                   \
         r = P##_fnmadd_ps(n, P##_set1_ps(-2.12194440e-4f), r);                                    \
