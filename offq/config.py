@@ -268,7 +268,10 @@ class QuantConfig:
         if data.get("extra") == {}:  # an always-empty field of offq 0.1.0 checkpoints
             del data["extra"]
         version = data.pop("config_version", CONFIG_VERSION)
-        if not isinstance(version, int) or version > CONFIG_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"offq config: config_version must be a positive integer, got "
+                             f"{version!r}")
+        if version > CONFIG_VERSION:
             raise ValueError(f"offq config: config_version {version!r} is newer than this offq "
                              f"supports ({CONFIG_VERSION})")
         # checkpoints written before the key offset existed hold none (their keys are not centred)

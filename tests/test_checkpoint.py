@@ -4,6 +4,7 @@ name the file and the tensor."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -66,12 +67,23 @@ def test_hostile_file_names_the_file_and_tensor(tmp_path, entry, data, match):
     assert "model.safetensors" in str(info.value) and "q.qweight" in str(info.value)
 
 
+def _valid_tensors(mc: ModelConfig, cfg: QuantConfig) -> dict[str, np.ndarray]:
+    """Zero tensors of every expected name, zero-points 2^(bits - 1) where weights are
+    symmetric (the one zero-point of their grid)."""
+    out = {n: np.zeros(shape, DTYPES[dt]) for n, (shape, dt) in expected_tensors(mc, cfg).items()}
+    if cfg.w_symmetric:
+        for n in out:
+            if n.endswith(".zeros") and n.startswith("model.layers."):
+                out[n][...] = 1 << (cfg.w_bits - 1)
+    return out
+
+
 def test_tensor_checks_name_the_tensor_and_what_was_expected():
     mc = ModelConfig(architecture="llama", vocab_size=11, hidden_size=8, intermediate_size=16,
                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     cfg = QuantConfig(method="rtn")
     want = expected_tensors(mc, cfg)
-    tensors = {n: np.zeros(shape, DTYPES[dt]) for n, (shape, dt) in want.items()}
+    tensors = _valid_tensors(mc, cfg)
     check_checkpoint_tensors(tensors, mc, cfg, "ckpt")
     name = "model.layers.0.mlp.up_proj.qweight"
     assert want[name] == ((16, 4), "U8")  # two 4-bit codes per byte
@@ -90,7 +102,7 @@ def test_codes_outside_the_grid_are_named(bits):
     mc = ModelConfig(architecture="llama", vocab_size=11, hidden_size=8, intermediate_size=16,
                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     cfg = QuantConfig(method="rtn", w_bits=bits, a_bits=16, kv_bits=16)
-    tensors = {n: np.zeros(shape, DTYPES[dt]) for n, (shape, dt) in expected_tensors(mc, cfg).items()}
+    tensors = _valid_tensors(mc, cfg)
     name = "model.layers.0.self_attn.k_proj.qweight"
     tensors[name][1, 2] = (1 << bits) - 1  # the largest code: fine
     check_checkpoint_tensors(tensors, mc, cfg, "ckpt")
@@ -98,6 +110,46 @@ def test_codes_outside_the_grid_are_named(bits):
     with pytest.raises(ValueError, match=f"ckpt: tensor '{name}' holds code {1 << bits}, outside "
                                          rf"\[0, {(1 << bits) - 1}\] for {bits}-bit weights"):
         check_checkpoint_tensors(tensors, mc, cfg, "ckpt")
+
+
+@pytest.mark.parametrize("bits, lm_head_bits", [(4, 16), (3, 4), (8, 16)])
+def test_scales_and_zero_points_off_the_grid_are_named(bits, lm_head_bits):
+    """A negative scale (the perplexity of a q_proj went 82 -> 40,125) or a zero-point that is no
+    whole number (7.3) was read as is: a silently different model. An asymmetric grid need not
+    hold 0, so whole zero-points outside [0, 2^bits - 1] are its own (a group of positive weights
+    has a negative one); symmetric weights have 2^(bits - 1) everywhere."""
+    mc = ModelConfig(architecture="llama", vocab_size=11, hidden_size=8, intermediate_size=16,
+                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    cfg = QuantConfig(method="rtn", w_bits=bits, a_bits=16, kv_bits=16, w_symmetric=False,
+                      lm_head_bits=lm_head_bits)
+    good = {n: np.zeros(shape, DTYPES[dt]) for n, (shape, dt) in expected_tensors(mc, cfg).items()}
+    zeros = "model.layers.0.self_attn.q_proj.zeros"
+    good[zeros][0, 0], good[zeros][1, 0] = -7.0, float(1 << bits)  # off [0, 2^bits - 1]: fine
+    check_checkpoint_tensors(good, mc, cfg, "ckpt")
+    for value in (7.3, -0.5):
+        bad = dict(good, **{zeros: good[zeros].copy()})
+        bad[zeros][1, 0] = value
+        shown = re.escape(repr(float(np.float32(value))))
+        with pytest.raises(ValueError, match=rf"^ckpt: tensor '{zeros}' holds zero-point "
+                                             rf"{shown}, not a whole number"):
+            check_checkpoint_tensors(bad, mc, cfg, "ckpt")
+    scales = "model.layers.0.mlp.down_proj.scales"
+    bad = dict(good, **{scales: np.full_like(good[scales], -1.0)})
+    with pytest.raises(ValueError, match=rf"^ckpt: tensor '{scales}' holds a negative scale"):
+        check_checkpoint_tensors(bad, mc, cfg, "ckpt")
+    # symmetric: one zero-point, 2^(bits - 1), unless the weights come from another tool
+    sym = QuantConfig(method="rtn", w_bits=bits, a_bits=16, kv_bits=16, w_symmetric=True,
+                      lm_head_bits=lm_head_bits)
+    mid = float(1 << (bits - 1))
+    tensors = {n: np.full_like(a, mid) if n.endswith(".zeros") and "layers" in n else a
+               for n, a in good.items()}
+    check_checkpoint_tensors(tensors, mc, sym, "ckpt")
+    tensors[zeros][1, 0] = mid - 1
+    with pytest.raises(ValueError, match=rf"^ckpt: tensor '{zeros}' holds zero-point "
+                                         rf"{mid - 1!r}; symmetric {bits}-bit weights have "
+                                         rf"{mid!r} everywhere"):
+        check_checkpoint_tensors(tensors, mc, sym, "ckpt")
+    check_checkpoint_tensors(tensors, mc, sym, "ckpt", offq_grids=False)
 
 
 def test_unaligned_tensor_data_is_copied_aligned(tmp_path):

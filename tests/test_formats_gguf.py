@@ -341,12 +341,19 @@ def _tiny_config(arch: str = "llama", layers: int = 2) -> ModelConfig:
 
 def _write_tiny_gguf(path: Path, cfg: ModelConfig, *, qtype=None, skip: tuple[str, ...] = (),
                      arch_name: str | None = None, pre: str = "smollm",
-                     extra_tensors: dict | None = None):
-    """A random model in llama.cpp layout: HF tensors -> GGUF names, q/k permuted for llama."""
+                     extra_tensors: dict | None = None, strings: dict[str, str] | None = None):
+    """A random model in llama.cpp layout: HF tensors -> GGUF names, q/k permuted for llama.
+    ``strings``: metadata keys written as these strings instead of their typed values."""
     rng = np.random.default_rng(42)
     hf = {k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in cfg.tensor_shapes().items()}
     arch = arch_name or cfg.architecture
     w = gguf.GGUFWriter(str(path), arch)
+    strings = dict(strings or {})
+    for key, text in strings.items():
+        w.add_string(key, text)
+    typed_add_key_value = w.add_key_value
+    w.add_key_value = lambda key, *a, **k: (None if key in strings  # written as a string above
+                                            else typed_add_key_value(key, *a, **k))
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -439,6 +446,51 @@ def test_missing_tensor_is_named(tmp_path):
     _write_tiny_gguf(tmp_path / "m.gguf", cfg, skip=("model.layers.1.mlp.up_proj.weight",))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         open_checkpoint(tmp_path / "m.gguf")
+
+
+def test_tensors_are_checked_before_the_tokenizer_is_built(tmp_path, monkeypatch):
+    """A file without the model's tensors is refused before its vocabulary (up to ~1M pieces,
+    gigabytes of merge rules for a hostile one) becomes a tokenizer."""
+    import offq.formats.gguf as gguf_format
+
+    def built_too_early(reader):
+        raise AssertionError("the tokenizer was built before the tensors were checked")
+
+    cfg = _tiny_config("llama", layers=1)
+    _write_tiny_gguf(tmp_path / "m.gguf", cfg, skip=("model.norm.weight",))
+    monkeypatch.setattr(gguf_format, "build_gguf_tokenizer", built_too_early)
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model\.norm\.weight'\]"):
+        open_checkpoint(tmp_path / "m.gguf")
+
+
+def test_layers_past_the_block_count_are_refused(tmp_path):
+    """A block count lower than the layers stored (an edited or mismatched header) ran the first
+    layers only, a silently different model; tensors the architecture does not use still pass."""
+    cfg = _tiny_config("llama", layers=1)
+    _write_tiny_gguf(tmp_path / "m.gguf", cfg,
+                     extra_tensors={"blk.1.attn_norm.weight": np.ones(32, np.float32)})
+    with pytest.raises(ValueError, match=r"m\.gguf: the tensors hold layer\(s\) \[1\] past the "
+                                         r"config's 1 layers"):
+        open_checkpoint(tmp_path / "m.gguf")
+    _write_tiny_gguf(tmp_path / "ok.gguf", cfg,
+                     extra_tensors={"rope_freqs.weight": np.ones(4, np.float32)})
+    open_checkpoint(tmp_path / "ok.gguf").close()
+
+
+@pytest.mark.parametrize("key, text, match", [
+    # bool("no") is True: the tokenizer added a BOS the file said it must not
+    ("tokenizer.ggml.add_bos_token", "no",
+     "'tokenizer.ggml.add_bos_token' must be a bool, got str"),
+    ("llama.attention.layer_norm_rms_epsilon", "1e-5",
+     "'llama.attention.layer_norm_rms_epsilon' must be a number, got str"),
+    ("llama.rope.freq_base", "x", "'llama.rope.freq_base' must be a number, got str"),
+])
+def test_metadata_of_the_wrong_type_is_named(tmp_path, key, text, match):
+    cfg = _tiny_config("llama", layers=1)
+    _write_tiny_gguf(tmp_path / "m.gguf", cfg, strings={key: text})
+    with pytest.raises(ValueError, match=rf"m\.gguf: metadata key {match}"):
+        with open_checkpoint(tmp_path / "m.gguf") as ckpt:
+            ckpt.tokenizer.encode("hi")
 
 
 def test_unsupported_architecture_named(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -351,6 +352,33 @@ def test_missing_and_misshaped_tensors_named(tmp_path):
         open_checkpoint(d)
 
 
+def test_a_config_with_fewer_layers_than_the_weights_is_refused(tmp_path):
+    """num_hidden_layers lowered in config.json ran the first layers only (a silently different
+    model, an INFO line about unused tensors): the directory is now refused, naming it."""
+    d, _ = _save_tiny(tmp_path, "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2
+    cfg["num_hidden_layers"] = 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(d))}: the tensors hold layer\(s\) "
+                                         r"\[1\] past the config's 1 layers"):
+        open_checkpoint(d)
+
+
+def test_offq_add_bos_must_be_a_bool(tmp_path):
+    """config.json's offq_add_bos reached ModelConfig through bool(): "false" meant a BOS."""
+    d, _ = _save_tiny(tmp_path, "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    for flag, ok in ((False, True), (1, True), ("false", False), ([], False)):
+        (d / "config.json").write_text(json.dumps(dict(cfg, offq_add_bos=flag)))
+        if ok:
+            with open_checkpoint(d) as ckpt:
+                assert ckpt.config.add_bos is bool(flag)
+        else:
+            with pytest.raises(ValueError, match="offq_add_bos: expected true or false"):
+                open_checkpoint(d)
+
+
 def test_unsupported_architecture_in_directory(tmp_path):
     d, _ = _save_tiny(tmp_path, "llama")
     cfg = json.loads((d / "config.json").read_text())
@@ -426,6 +454,7 @@ def test_a_non_finite_weight_is_refused_when_read(tmp_path, value):
     write_safetensors(tmp_path / "model.safetensors", tensors)
     store = HFTensorStore(tmp_path)
     for name in ("a", "b", "c"):
-        with pytest.raises(ValueError, match=rf"^tensor '{name}': holds NaN or Inf \(flat index "
-                                             rf"209999\) once read from its "):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: tensor '{name}': "
+                                             rf"holds NaN or Inf \(flat index 209999\) once read "
+                                             rf"from its "):
             store[name]

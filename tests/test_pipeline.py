@@ -289,6 +289,18 @@ def test_calib_activations_setting():
     assert QuantConfig.from_dict(old).calib_activations == "float"
 
 
+def test_config_version_is_checked_before_it_is_compared():
+    """A string "1" was reported as a version newer than this offq."""
+    data = QuantConfig().to_dict()
+    assert QuantConfig.from_dict(dict(data, config_version=1)) == QuantConfig()
+    for bad in ("1", 1.0, True, 0, None):
+        with pytest.raises(ValueError, match=r"^offq config: config_version must be a positive "
+                                             r"integer, got "):
+            QuantConfig.from_dict(dict(data, config_version=bad))
+    with pytest.raises(ValueError, match="config_version 99 is newer than this offq supports"):
+        QuantConfig.from_dict(dict(data, config_version=99))
+
+
 def test_runtime_fields_enter_the_weights_only_through_the_quantized_crossing():
     """Which configs store the same tensors (what ``benchmarks/bench_results.py``'s
     ``weight_key`` lets its rows reuse): with the float crossing, a run-time activation or KV

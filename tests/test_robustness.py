@@ -725,3 +725,33 @@ def test_offq_checkpoint_config_errors_name_the_file(rtn_checkpoint, tmp_path, e
     bad = _edited_config(rtn_checkpoint[0], tmp_path / "bad", edit)
     with pytest.raises(ValueError, match=rf"bad/config.json: .*{match}"):
         load_quantized(bad)
+
+
+def test_threads_writing_one_path_atomically_each_leave_a_whole_file(tmp_path):
+    """The temporary name held only the process id: two threads writing the same path shared it,
+    so one renamed the other's half-written file into place or failed to find its own."""
+    import threading
+
+    from offq.formats.files import atomic_write_bytes
+
+    path = tmp_path / "out.bin"
+    payloads = [bytes([i]) * (1 << 16) for i in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(payloads))
+
+    def write(payload: bytes) -> None:
+        try:
+            start.wait()
+            for _ in range(20):
+                atomic_write_bytes(path, [payload[: 1 << 15], payload[1 << 15:]])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert path.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no temporary left behind

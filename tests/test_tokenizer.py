@@ -112,6 +112,11 @@ def test_hf_dir_bos_detection(tmp_path):
     assert Tokenizer.from_hf_dir(tmp_path).adds_bos
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
     assert not Tokenizer.from_hf_dir(tmp_path).adds_bos
+    for flag in ("false", 0, []):  # bool("false") is True: a BOS the file said not to add
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": flag}))
+        with pytest.raises(ValueError, match=r"tokenizer_config\.json: add_bos_token must be "
+                                             r"true or false, got"):
+            Tokenizer.from_hf_dir(tmp_path)
 
 
 def test_hf_dir_errors(tmp_path):
@@ -426,6 +431,35 @@ def test_sentencepiece_vocabulary_implying_too_many_merges_is_refused(tmp_path):
                                          "merge rules"):
         build_gguf_tokenizer(tmp_path / "runs.gguf")
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("edit, match", [
+    # an unknown type made the control token <s> an ordinary piece: '<s>hi' split into letters
+    (lambda types, scores: types.__setitem__(1, 2 ** 31 - 1),
+     r"tokenizer.ggml.token_type holds 2147483647, not one of the token types"),
+    (lambda types, scores: scores.__setitem__(300, float("nan")),
+     "tokenizer.ggml.scores must be finite numbers"),
+])
+def test_sentencepiece_types_and_scores_are_checked(tmp_path, edit, match):
+    tokens, types, scores = _sentencepiece_vocab()
+    edit(types, scores)
+    _write_tokenizer_gguf(tmp_path / "sp.gguf", "llama", "llama", tokens, types, scores=scores)
+    with pytest.raises(ValueError, match=rf"sp\.gguf: {match}"):
+        build_gguf_tokenizer(tmp_path / "sp.gguf")
+
+
+def test_sentencepiece_merges_have_a_ceiling_whatever_the_vocabulary_size(tmp_path, monkeypatch):
+    """Within 8 per token a million pieces still imply ~7.4M merge rules (3.8 GB from a 20 MB
+    file): a fixed ceiling applies too (lowered here, so that a small vocabulary reaches it)."""
+    import offq.formats.gguf as gguf_format
+
+    tokens, types, scores = _sentencepiece_vocab()
+    _write_tokenizer_gguf(tmp_path / "sp.gguf", "llama", "llama", tokens, types, scores=scores)
+    build_gguf_tokenizer(tmp_path / "sp.gguf")  # within both budgets
+    monkeypatch.setattr(gguf_format, "MAX_SENTENCEPIECE_MERGES", 50)
+    with pytest.raises(ValueError, match=r"sp.gguf: SentencePiece vocabulary implies more than "
+                                         r"50 merge rules \(the budget: 8 per token, 50 in all"):
+        build_gguf_tokenizer(tmp_path / "sp.gguf")
 
 
 _ASCII = [chr(c) for c in range(33, 127)]

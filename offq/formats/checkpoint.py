@@ -159,11 +159,14 @@ def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tup
 
 
 def check_checkpoint_tensors(tensors: Mapping[str, np.ndarray], model_config: Any,
-                             cfg: QuantConfig, source: str) -> None:
+                             cfg: QuantConfig, source: str, *, offq_grids: bool = True) -> None:
     """Every expected tensor present with its dtype and shape, no other tensor, every
-    quantization scale and zero-point finite, and every 2/3-bit code below 2^bits (ValueError
-    naming the tensor otherwise)."""
-    _check_expected(tensors, expected_tensors(model_config, cfg), model_config, cfg, source)
+    quantization scale finite and >= 0, every zero-point a whole number (2^(bits - 1) for offq's
+    symmetric weights), and every 2/3-bit code below 2^bits (ValueError naming the tensor
+    otherwise). ``offq_grids`` False: weights of another tool (a GPTQ export), whose symmetric
+    zero-points offq does not assume."""
+    _check_expected(tensors, expected_tensors(model_config, cfg), model_config, cfg, source,
+                    offq_grids)
 
 
 def check_layer_tensors(tensors: Mapping[str, np.ndarray], model_config: Any, cfg: QuantConfig,
@@ -179,7 +182,7 @@ def check_layer_tensors(tensors: Mapping[str, np.ndarray], model_config: Any, cf
 
 def _check_expected(tensors: Mapping[str, np.ndarray],
                     expected: Mapping[str, tuple[tuple[int, ...], str]], model_config: Any,
-                    cfg: QuantConfig, source: str) -> None:
+                    cfg: QuantConfig, source: str, offq_grids: bool = True) -> None:
     unknown = sorted(set(tensors) - set(expected))
     if unknown:
         more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
@@ -198,6 +201,22 @@ def _check_expected(tensors: Mapping[str, np.ndarray],
                              f"{dt} {list(shape)}")
         if name.endswith((".scales", ".zeros", ".k_cache_offset")) and not np.all(np.isfinite(a)):
             raise ValueError(f"{source}: tensor {name!r} contains NaN or Inf")
+        # grids a quantizer writes: scales >= 0 and whole zero-points (an asymmetric grid need
+        # not hold 0, so a zero-point may lie outside [0, 2^bits - 1]); a negative scale or a
+        # fractional zero-point ran as a silently different model
+        if name.endswith(".scales") and a.size and float(a.min()) < 0:
+            raise ValueError(f"{source}: tensor {name!r} holds a negative scale "
+                             f"({float(a.min())!r}): not a quantization grid")
+        if name.endswith(".zeros") and a.size:
+            off = a != np.round(a)
+            if off.any():
+                raise ValueError(f"{source}: tensor {name!r} holds zero-point "
+                                 f"{float(a[off].flat[0])!r}, not a whole number")
+            mid = float(1 << (cfg.w_bits - 1))
+            if offq_grids and cfg.w_symmetric and name not in head and not np.all(a == mid):
+                raise ValueError(f"{source}: tensor {name!r} holds zero-point "
+                                 f"{float(a[a != mid].flat[0])!r}; symmetric {cfg.w_bits}-bit "
+                                 f"weights have {mid!r} everywhere")
         if name.endswith(".qweight") and cfg.w_bits in (2, 3) and name not in head and \
                 a.size and int(a.max()) >= 1 << cfg.w_bits:  # one code a byte: each is a code
             raise ValueError(f"{source}: tensor {name!r} holds code {int(a.max())}, outside "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -33,9 +35,12 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes] | bytes) -> None:
     """Write ``chunks`` to ``path`` atomically (temporary name, fsync, rename, directory fsync)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # a name no other process or thread writing the same path picks ("x": never an existing
+    # file, nor a link planted at the name)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}-"
+                         f"{secrets.token_hex(4)}")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             for chunk in ([chunks] if isinstance(chunks, (bytes, bytearray, memoryview)) else chunks):
                 f.write(chunk)
             f.flush()

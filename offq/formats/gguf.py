@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import numpy as np
 from ..model.arch import ARCHITECTURES, LLAMA, Architecture, architecture_of
 from ..model.config import ModelConfig
 from .gguf_file import GGUFFile
-from .registry import Checkpoint, TensorStore
+from .registry import Checkpoint, TensorStore, check_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ MAX_MERGED_PIECE = 256
 #: implies 1.4 per token; pieces c, cc, .., c*64 of many characters imply ~31, each a ~300-byte
 #: Python tuple (an 18 MB file aborted inside tokenizers).
 MAX_SENTENCEPIECE_MERGES_PER_TOKEN = 8
+
+#: Most merge rules of any SentencePiece vocabulary, whatever its size (~0.5 KB of Python each
+#: while they are ranked: a 20 MB file of a million pieces over five letters, within the
+#: per-token budget, took 3.8 GB). The SentencePiece models offq reads (Llama 1/2, Mistral,
+#: TinyLlama: 32,000-32,768 pieces) imply ~45,000.
+MAX_SENTENCEPIECE_MERGES = 1 << 20
 
 #: GGUF ``general.architecture`` values offq reads -> ModelConfig.architecture.
 SUPPORTED_GGUF_ARCHS = {a.gguf_arch: a.name for a in ARCHITECTURES.values()}
@@ -132,6 +139,28 @@ def _field(reader, key: str, default: Any = None) -> Any:
         return f.contents()
     except Exception as e:
         raise ValueError(f"{_reader_path(reader)}: metadata key {key!r} unreadable: {e}") from e
+
+
+def _bool_field(reader, key: str, default: bool) -> bool:
+    """A yes/no metadata value (GGUF BOOL, or an integer 0 / 1); ValueError naming the key
+    otherwise: ``bool("no")`` is True."""
+    value = _field(reader, key)
+    if value is None:
+        return default
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer))
+                                                and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{_reader_path(reader)}: metadata key {key!r} must be a bool, got "
+                     f"{type(value).__name__} {value!r}")
+
+
+def _float_field(reader, key: str, value: Any) -> float:
+    """A number's float32 value (`_f32_value`); ValueError naming the key for anything else."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                     np.floating)):
+        raise ValueError(f"{_reader_path(reader)}: metadata key {key!r} must be a number, got "
+                         f"{type(value).__name__} {value!r}")
+    return _f32_value(value)
 
 
 def metadata(reader) -> dict[str, Any]:
@@ -221,9 +250,9 @@ def config_from_gguf(reader) -> ModelConfig:
     # Llama's optional biases: present in the file <=> the HF config flag was set
     attention_bias = desc.name == "qwen2" or desc.gguf_name(desc.bias(0, "q_proj")) in tensors
     mlp_bias = desc.name != "qwen2" and desc.gguf_name(desc.bias(0, "gate_proj")) in tensors
-    add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
-    if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not
-        add_bos = _field(reader, "tokenizer.ggml.model") == "llama"
+    # llama.cpp's default: SentencePiece vocabularies add BOS, BPE ones do not
+    add_bos = _bool_field(reader, "tokenizer.ggml.add_bos_token",
+                          _field(reader, "tokenizer.ggml.model") == "llama")
 
     raw = metadata(reader)
     return ModelConfig(
@@ -235,8 +264,10 @@ def config_from_gguf(reader) -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=int(kv_heads),
         head_dim=head_dim,
-        rms_norm_eps=_f32_value(need("attention.layer_norm_rms_epsilon")),
-        rope_theta=_f32_value(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_float_field(reader, f"{arch}.attention.layer_norm_rms_epsilon",
+                                  need("attention.layer_norm_rms_epsilon")),
+        rope_theta=_float_field(reader, f"{arch}.rope.freq_base",
+                                _field(reader, f"{arch}.rope.freq_base", 10000.0)),
         rope_scaling=rope_scaling,
         max_position_embeddings=int(int_field(f"{arch}.context_length", 2048)),
         tie_word_embeddings=desc.lm_head[1] not in tensors,
@@ -382,6 +413,9 @@ class GGUFTensorStore(TensorStore):
         """The llama.cpp name of HF tensor ``name``."""
         return self._tensors[name].name
 
+    def source(self) -> str:
+        return str(self._path)
+
     def _read(self, name: str) -> np.ndarray:
         import gguf
 
@@ -475,6 +509,12 @@ def build_gguf_tokenizer(reader_or_path: Any):
     types = _field(reader, "tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
+    known = {int(t) for t in gguf.TokenType}
+    bad = next((t for t in types if isinstance(t, (bool, np.bool_))
+                or not isinstance(t, (int, np.integer)) or int(t) not in known), None)
+    if bad is not None:  # an unknown type made a control token such as <s> an ordinary one
+        raise ValueError(f"{path}: tokenizer.ggml.token_type holds {bad!r}, not one of the token "
+                         f"types {sorted(known)}")
     types = [int(t) for t in types]
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
@@ -508,7 +548,7 @@ def build_gguf_tokenizer(reader_or_path: Any):
 
     bos = _opt_int(_field(reader, "tokenizer.ggml.bos_token_id"))
     eos = _opt_int(_field(reader, "tokenizer.ggml.eos_token_id"))
-    adds_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", adds_bos_default))
+    adds_bos = _bool_field(reader, "tokenizer.ggml.add_bos_token", adds_bos_default)
     return Tokenizer(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos and bos is not None,
                      name=str(path))
 
@@ -547,9 +587,12 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
     if scores is None or len(scores) != len(tokens):
         raise ValueError(f"{path}: SentencePiece tokenizer needs one tokenizer.ggml.scores entry "
                          "per token")
+    if not all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+               and math.isfinite(x) for x in scores):  # they rank the merge rules
+        raise ValueError(f"{path}: tokenizer.ggml.scores must be finite numbers")
     normal = int(gguf.TokenType.NORMAL)
     ranked = []
-    max_merges = MAX_SENTENCEPIECE_MERGES_PER_TOKEN * len(tokens)
+    max_merges = min(MAX_SENTENCEPIECE_MERGES_PER_TOKEN * len(tokens), MAX_SENTENCEPIECE_MERGES)
     too_long = 0
     for piece, pid in vocab.items():
         if types[pid] != normal or len(piece) < 2:
@@ -564,8 +607,9 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
                 ranked.append((-float(scores[pid]), pid, lid, rid, left, right))
         if len(ranked) > max_merges:  # stop before the list outgrows memory
             raise ValueError(f"{path}: SentencePiece vocabulary implies more than {max_merges} "
-                             f"merge rules ({MAX_SENTENCEPIECE_MERGES_PER_TOKEN} per token, the "
-                             f"budget; real vocabularies imply ~1.5): hostile or corrupted file")
+                             f"merge rules (the budget: {MAX_SENTENCEPIECE_MERGES_PER_TOKEN} per "
+                             f"token, {MAX_SENTENCEPIECE_MERGES} in all; real vocabularies imply "
+                             f"~1.5 per token): hostile or corrupted file")
     if too_long:
         logger.warning("%s: %d SentencePiece pieces longer than %d characters get no merge rule "
                        "(they stay in the vocabulary)", path, too_long, MAX_MERGED_PIECE)
@@ -575,7 +619,7 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
     unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                                      byte_fallback=True))
-    prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    prefix = _bool_field(reader, "tokenizer.ggml.add_space_prefix", True)
     # As llama.cpp (and SentencePiece): one "▁" before every stretch of text, also one that starts
     # with a space (" a" -> "▁▁a") and one that follows a special token, then spaces -> "▁". A
     # Metaspace pre-tokenizer would skip the prefix where the text already starts with a space.
@@ -594,10 +638,13 @@ def open_gguf(path: str | os.PathLike, *, name: str | None = None) -> Checkpoint
     path = Path(path)
     reader = open_reader(path)
     config = config_from_gguf(reader)
+    store = GGUFTensorStore(reader, config)
+    # the tensors first: a file that is no model fails in milliseconds, before its vocabulary
+    # (up to ~1M pieces) is built into a tokenizer
+    check_tensors(store, config, str(path))
     tokenizer = build_gguf_tokenizer(reader)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the embedding only "
                          f"{config.vocab_size} rows")
-    store = GGUFTensorStore(reader, config)
     return Checkpoint(name=name or path.name, path=path, config=config, tensors=store,
                       tokenizer=tokenizer, source_format="gguf")

@@ -337,8 +337,9 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
         if name not in used and not name.endswith(".rotary_emb.inv_freq"):
             tensors[name] = np.asarray(a, np.float32)
     # what offq's own checkpoints must satisfy: every tensor present with its shape, none
-    # unknown, scales and zero-points finite (a layer count below the stored one, a missing
-    # norm or a NaN scale is an error here, not a KeyError or an infinite perplexity later)
-    check_checkpoint_tensors(tensors, mc, qcfg, str(path / MODEL_FILE))
+    # unknown, scales and zero-points finite and on their grids (a layer count below the stored
+    # one, a missing norm or a NaN scale is an error here, not a KeyError or an infinite
+    # perplexity later)
+    check_checkpoint_tensors(tensors, mc, qcfg, str(path / MODEL_FILE), offq_grids=False)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     return build_model(mc, qcfg, tensors, mode=mode, name=path.name), tokenizer, qcfg

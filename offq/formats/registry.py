@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -57,6 +58,10 @@ class TensorStore(abc.ABC):
         """Storage type of tensor ``name`` in the source file (e.g. ``"F32"``, ``"BF16"``, ``"Q4_1"``)."""
         return "F32"
 
+    def source(self) -> str:
+        """Where the tensors come from (a file or directory), for error messages."""
+        return "in memory"
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in set(self.keys())
 
@@ -74,11 +79,13 @@ class TensorStore(abc.ABC):
             out = np.array(out, dtype=np.float32, order="C", copy=True)
         expected = self.shape(name)
         if out.shape != tuple(expected):
-            raise ValueError(f"tensor {name!r}: read shape {out.shape} != declared {tuple(expected)}")
+            raise ValueError(f"{self.source()}: tensor {name!r}: read shape {out.shape} != "
+                             f"declared {tuple(expected)}")
         bad = _first_non_finite(out)
         if bad is not None:  # a weight NaN would surface only as a NaN perplexity, much later
-            raise ValueError(f"tensor {name!r}: holds NaN or Inf (flat index {bad}) once read "
-                             f"from its {self.dtype(name)} data: a corrupt or mislabelled file")
+            raise ValueError(f"{self.source()}: tensor {name!r}: holds NaN or Inf (flat index "
+                             f"{bad}) once read from its {self.dtype(name)} data: a corrupt or "
+                             f"mislabelled file")
         return out
 
     def nbytes(self, name: str) -> int:
@@ -113,6 +120,10 @@ def _owned_float32(arr: np.ndarray) -> bool:
     return base.nbytes == arr.nbytes
 
 
+#: HF name of a decoder layer's tensor -> its index
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
+
+
 def check_tensors(store: TensorStore, config: "ModelConfig", source: str) -> None:
     """Every tensor the config implies is present with the right shape (clear ValueError otherwise).
 
@@ -131,6 +142,11 @@ def check_tensors(store: TensorStore, config: "ModelConfig", source: str) -> Non
             raise ValueError(f"{source}: tensor {name!r} has shape {list(got)}, the config implies "
                              f"{list(shape)}")
     extra = sorted(names - set(expected))
+    beyond = sorted({int(m.group(1)) for m in map(_LAYER_NAME.match, extra) if m})
+    if beyond:  # a config that lost layers: running the rest would be a silently different model
+        raise ValueError(f"{source}: the tensors hold layer(s) {beyond[:5]}"
+                         f"{' ...' if len(beyond) > 5 else ''} past the config's "
+                         f"{config.num_hidden_layers} layers: the config and the weights disagree")
     if extra:
         logger.info("%s: ignoring %d tensor(s) the architecture does not use: %s", source,
                     len(extra), extra[:5])

@@ -344,6 +344,9 @@ class HFTensorStore(TensorStore):
     def file_of(self, name: str) -> Path:
         return self._where[name].path
 
+    def source(self) -> str:
+        return str(self.directory)
+
     def _read(self, name: str) -> np.ndarray:
         return self._where[name].float32(name)
 

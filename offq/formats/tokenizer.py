@@ -197,7 +197,11 @@ class Tokenizer:
 
         bos, eos = special("bos_token"), special("eos_token")
         if "add_bos_token" in tcfg and tcfg["add_bos_token"] is not None:
-            adds_bos = bool(tcfg["add_bos_token"]) and bos is not None
+            flag = tcfg["add_bos_token"]
+            if not isinstance(flag, bool):  # bool("false") is True
+                raise ValueError(f"{path / 'tokenizer_config.json'}: add_bos_token must be true or "
+                                 f"false, got {flag!r}")
+            adds_bos = flag and bos is not None
         else:
             adds_bos = puts_bos_first(backend, bos, str(tok_file))
         return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(tok_file))

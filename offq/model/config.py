@@ -252,9 +252,9 @@ class ModelConfig:
                                          cfg.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
             mlp_bias=_as_bool("mlp_bias", cfg.get("mlp_bias", False)) if arch == "llama" else False,
-            bos_token_id=_first_id(cfg.get("bos_token_id")),
-            eos_token_id=_first_id(cfg.get("eos_token_id")),
-            add_bos=bool(add_bos),
+            bos_token_id=_first_id(cfg.get("bos_token_id"), "bos_token_id"),
+            eos_token_id=_first_id(cfg.get("eos_token_id"), "eos_token_id"),
+            add_bos=_as_bool("offq_add_bos", add_bos),
             raw=dict(cfg),
         )
 
@@ -324,13 +324,17 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
-def _first_id(value: Any) -> int | None:
-    """Token id fields may be an int, a list of ints (Llama 3.1 eos) or null."""
+def _first_id(value: Any, name: str = "token id") -> int | None:
+    """Token id fields may be an int, a list of ints (Llama 3.1 eos) or null; anything else (a
+    string, 1.7, true) is a ValueError naming the field."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
     if value is None:
         return None
-    if isinstance(value, (list, tuple)):
-        return int(value[0]) if value else None
-    return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected a token id (an integer, or a list of them), got "
+                         f"{value!r}")
+    return value
 
 
 def _read_rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:
