@@ -23,6 +23,8 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["main", "build_parser"]
 
@@ -147,16 +149,17 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
                    help="then measure WikiText-2 perplexity before (FP32) and after (real 4-bit "
                         "kernels) on the first N windows and print the table (default 0: no)")
     p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per eval window (2048)")
-    p.add_argument("--hold-freed-memory", action="store_true",
-                   help="glibc malloc keeps freed memory for reuse instead of unmapping it for "
-                        "the whole command (the --eval-windows evaluation too, not only the "
-                        "quantization, which holds it by default); freed memory stays with the "
-                        "process until it exits (offq.process)")
-    p.add_argument("--return-freed-memory", action="store_true",
-                   help="glibc's usual malloc throughout: by default the quantization holds "
-                        "freed memory from its rotations to its write, which spares each "
-                        "batch's page faults (Qwen2.5-1.5B on a 2-vCPU VM: ~40%% less time per "
-                        "layer), and gives it back when it ends")
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument("--hold-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory for reuse instead of unmapping it for "
+                             "the whole command (the --eval-windows evaluation too, not only the "
+                             "quantization, which holds it by default); freed memory stays with the "
+                             "process until it exits (offq.process)")
+    memory.add_argument("--return-freed-memory", action="store_true",
+                        help="glibc's usual malloc throughout: by default the quantization holds "
+                             "freed memory from its rotations to its write, which spares each "
+                             "batch's page faults (Qwen2.5-1.5B on a 2-vCPU VM: ~40%% less time per "
+                             "layer), and gives it back when it ends")
     defaults = QuantConfig()
     group = p.add_argument_group("quantization (QuantConfig fields; docs/METHODS.md)")
     for f in dataclasses.fields(QuantConfig):
@@ -174,7 +177,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
             group.add_argument(flag, type=str, default=default, help=help_text)
     group.add_argument("--osaq", action="store_true",
                        help="OSAQ before rounding (--w-quantizer osaq+gptq, osaq+rtn for --method "
-                            "rtn); settings --osaq-gamma/-tau-rel/-mu1/-mu2/-tail")
+                            "rtn); settings --osaq-gamma/-tau-rel/-mu1/-mu2/-tail/-iters")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -341,10 +344,10 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                "--top-k 40 --seed 1")
     _add_common(p, "auto")  # the fused C decoder for W4A4KV4 checkpoints: ~2x tokens/s
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     _add_attention(p)
     p.set_defaults(func=cmd_generate)
 
@@ -415,8 +418,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .formats.checkpoint import is_offq_checkpoint
 
     _set_threads(args.threads)
-    if is_offq_checkpoint(args.model):
-        report = _inspect_offq_checkpoint(args.model)
+    from .formats.gptq_export import is_gptq_export
+
+    if is_offq_checkpoint(args.model) or is_gptq_export(args.model):
+        report = (_inspect_offq_checkpoint(args.model) if is_offq_checkpoint(args.model)
+                  else _inspect_gptq_export(args.model))
         print(json.dumps(report) if args.json else _format_facts(report))
         return 0
     from .formats import open_checkpoint
@@ -498,6 +504,23 @@ def _inspect_offq_checkpoint(path: str) -> dict:
             "bytes": sum(int(a.nbytes) for a in tensors.values())}
 
 
+def _inspect_gptq_export(path: str) -> dict:
+    """The facts of a GPTQ-layout directory (its weights are read, and so checked, as
+    ``offq eval`` reads them)."""
+    from .formats.gptq_export import load_gptq_export
+
+    model, _, qcfg = load_gptq_export(path, mode="fake")
+    raw = json.loads((Path(path) / "config.json").read_text("utf-8"))["quantization_config"]
+    mc = model.config
+    return {"path": str(path), "format": f"GPTQ export ({raw.get('checkpoint_format', 'gptq')})",
+            "architecture": mc.architecture, "layers": mc.num_hidden_layers,
+            "hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size,
+            "quantization": f"weight-only, {qcfg.w_bits}-bit weights, group "
+                            f"{raw.get('group_size', -1)}, sym {raw.get('sym', True)}, "
+                            f"desc_act {raw.get('desc_act', False)}",
+            "bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))}
+
+
 def _format_facts(facts: dict) -> str:
     return "\n".join(f"{k:>24}: {v}" for k, v in facts.items())
 
@@ -527,14 +550,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="the kernel table")
     p.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=True,
                    help="the end-to-end table")
-    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[512, 2048])
-    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=None,
+                   help="the ppN tests (default: 512 2048; 128 with --quick)")
+    p.add_argument("--gen-tokens", type=int, default=None,
+                   help="the tgN test (default: 128; 16 with --quick)")
     p.add_argument("--depths", type=int, nargs="*", default=[],
                    help="also time the tgN steps after prompts of these lengths (tests tgN@dD, "
                         "llama-bench's -d)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="rounds (default: 3; 1 with --quick)")
     p.add_argument("--quick", action="store_true",
-                   help="small kernel shapes, pp128 + tg16, 1 repeat (a smoke run)")
+                   help="small kernel shapes, pp128 + tg16, 1 repeat (a smoke run; explicit "
+                        "--prompt-lengths, --gen-tokens or --repeats still apply)")
     p.add_argument("--llama-bench", default=None, help="a llama-bench binary (llama.cpp column)")
     p.add_argument("--llama-model", default=None, help="the GGUF llama-bench runs (e.g. Q4_0)")
     p.add_argument("--attention", choices=("float", "int8"), default="float",
@@ -546,6 +572,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def bench_sizes(args: argparse.Namespace) -> tuple[list[int], int, int]:
+    """(prompt lengths, generated tokens, repeats) of ``offq bench``: the flags given, the rest
+    from --quick's smoke sizes or the full ones (an explicit --gen-tokens 4 is kept)."""
+    quick = bool(args.quick)
+    return (args.prompt_lengths if args.prompt_lengths is not None
+            else [128] if quick else [512, 2048],
+            args.gen_tokens if args.gen_tokens is not None else 16 if quick else 128,
+            args.repeats if args.repeats is not None else 1 if quick else 3)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import E2EConfig, describe_machine, format_e2e, format_rows, machine_info
     from .bench.e2e import check_context
@@ -555,8 +591,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"--threads: expected positive integers, got {args.threads}")
     if not (args.kernels or args.e2e):
         raise UsageError("--no-kernels and --no-e2e leave nothing to measure")
-    if args.quick:
-        args.prompt_lengths, args.gen_tokens, args.repeats = [128], 16, 1
+    args.prompt_lengths, args.gen_tokens, args.repeats = bench_sizes(args)
     show = False if args.quiet or args.json else None
     cfg = None
     if args.e2e:  # checked before the kernel table runs, not after it
@@ -630,8 +665,16 @@ SUBCOMMANDS = [add_quantize_parser, add_eval_parser, add_generate_parser, add_in
                add_bench_parser, add_export_parser]
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, ``offq COMMAND: error: ...`` (exit status 2), as
+    offq's own errors are, instead of the usage block; ``--help`` still prints the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="offq", description="W4A4KV4 quantization of open LLMs with real 4-bit CPU kernels")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -643,7 +686,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``offq`` command; returns the process exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help (0), or a usage error already printed on one line (2)
+        return e.code if isinstance(e.code, int) else 2
+    if unknown:  # named by the subcommand they were given to, not by the top-level parser
+        print(f"offq {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see "
+              f"offq {args.command} --help)", file=sys.stderr)
+        return 2
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else
                         (logging.WARNING if quiet else logging.INFO),

@@ -183,6 +183,40 @@ def test_machine_line_names_the_simd_paths_and_the_weight_only_decode() -> None:
     assert "decode" not in describe_machine({**base, "simd": {"avx2": False}})
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "m", "--mode", "bogus"], "offq eval: error: argument --mode: invalid choice"),
+    # an unknown flag was reported by the top-level parser, after its usage block
+    (["quantize", "m", "--calib-seed", "1", "--out", "x"],
+     "offq quantize: error: unrecognized arguments: --calib-seed 1"),
+    (["quantize", "m"], "offq quantize: error: the following arguments are required: --out"),
+    (["quantize", "m", "--out", "x", "--hold-freed-memory", "--return-freed-memory"],
+     "offq quantize: error: argument --return-freed-memory: not allowed with argument "
+     "--hold-freed-memory"),
+])
+def test_usage_errors_are_one_line_with_status_2(capsys: pytest.CaptureFixture, argv,
+                                                 message) -> None:
+    """As the README says of every user error: one line ``offq COMMAND: error: ...``, status 2
+    (argparse printed its usage block first: 6 to 34 lines)."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert main([argv[0], "--help"]) == 0
+    assert "usage: offq " + argv[0] in capsys.readouterr().out
+
+
+def test_cli_bench_quick_keeps_explicit_sizes() -> None:
+    """--quick replaced an explicit --prompt-lengths / --gen-tokens with its own."""
+    from offq.cli import bench_sizes, build_parser
+
+    def sizes(*flags: str):
+        return bench_sizes(build_parser().parse_args(["bench", *flags]))
+
+    assert sizes("--quick", "--prompt-lengths", "32", "--gen-tokens", "4") == ([32], 4, 1)
+    assert sizes("--quick") == ([128], 16, 1)
+    assert sizes() == ([512, 2048], 128, 3)
+    assert sizes("--repeats", "5", "--gen-tokens", "0") == ([512, 2048], 0, 5)
+
+
 def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--no-kernels", "--no-e2e"]) == 2
     assert "nothing to measure" in capsys.readouterr().err

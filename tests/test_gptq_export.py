@@ -162,6 +162,18 @@ def export_dir(tiny, tmp_path_factory):
                        tmp / "gptq")
 
 
+def test_offq_inspect_describes_an_export(export_dir, capsys):
+    """`offq inspect` read an export as a float model and reported its weights missing."""
+    import json
+
+    from offq.cli import main
+
+    assert main(["inspect", str(export_dir), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["format"] == "GPTQ export (gptq)"
+    assert facts["quantization"] == "weight-only, 4-bit weights, group 16, sym False, desc_act False"
+
+
 def _spoiled(export_dir, tmp_path, change):
     """A copy of the export whose tensors ``change(tensors)`` edited (or whose config it
     edited, when it returns a dict for config.json)."""

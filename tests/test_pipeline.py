@@ -528,3 +528,31 @@ def test_output_directories_that_would_destroy_something_are_refused(tmp_path):
     assert (tmp_path / "q" / "config.json").read_bytes() == before
     (tmp_path / "empty").mkdir()
     pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "empty", progress=False)
+
+
+def test_an_activation_group_that_shrinks_is_a_warning(caplog):
+    """--a-group-size 7 over width 64 quantized activations in groups of 4 (25x slower products on
+    SmolLM2) with only a debug line; a power of two that halves (128 over 576) is the documented
+    rule and stays quiet, and so does a group that divides."""
+    mc = tiny_checkpoint(0).config  # widths 64 (hidden, q) and 128 (intermediate)
+    for group, warned in ((7, {64, 128}), (24, {64, 128}), (128, set()), (16, set()),
+                          (-1, set())):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="offq.recipe.pipeline"):
+            pipeline.check_group_sizes(mc, QuantConfig(method="offq", a_group_size=group))
+        got = {int(r.args[1]) for r in caplog.records if "a_group_size" in r.getMessage()}
+        assert got == warned, (group, caplog.text)
+
+
+def test_fused_mode_names_weights_it_cannot_run(tmp_path):
+    """A float or 8-bit checkpoint under mode 'fused' reported 'layer 0 has no fused q/k/v and
+    gate/up linears' instead of why."""
+    ckpt = tiny_checkpoint(0)
+    for name, cfg in (("w8", QuantConfig(method="rtn", w_bits=8, a_bits=16, kv_bits=16)),
+                      ("fp", QuantConfig(method="fp"))):
+        pipeline.quantize(ckpt, cfg, None, out_dir=tmp_path / name, progress=False)
+        with pytest.raises(ValueError, match=r"^mode 'fused': the C decoders run 2-, 3- or 4-bit "
+                                             r"weights, and this model's are "
+                                             rf"{'8-bit' if name == 'w8' else 'float32'}"):
+            load_quantized(tmp_path / name, mode="fused")
+        load_quantized(tmp_path / name, mode="auto")  # runs on the real path

@@ -110,8 +110,8 @@ class GptqLinear:
         lo, hi = offset, 2 ** qw.bits - 1 + offset
         bad = (qw.zero < lo) | (qw.zero > hi)
         if bad.any():
-            hint = (" (checkpoint_format gptq_v2 stores the zero-point itself and reads by "
-                    "GPTQModel: --checkpoint-format gptq_v2)") if offset else ""
+            hint = (" (checkpoint_format gptq_v2 stores the zero-point itself, and GPTQModel "
+                    "reads it: --checkpoint-format gptq_v2)") if offset else ""
             raise GptqExportError(
                 f"{name}: {int(bad.sum())} of {qw.zero.size} groups have a zero-point outside "
                 f"[{lo}, {hi}], which checkpoint_format {checkpoint_format} (it stores zero - "

@@ -315,12 +315,21 @@ def needs_calibration(cfg: QuantConfig) -> bool:
 def check_group_sizes(mc: Any, cfg: QuantConfig) -> None:
     """Fail before any pass when the weight group does not divide a linear's input width (the
     hidden size, q_proj's output width feeding o_proj, the intermediate size) or the KV group
-    does not divide head_dim."""
+    does not divide head_dim; warn when an activation group that is no power of two does not
+    divide a width (it shrinks to one there, which the config line shows)."""
     if cfg.w_bits < 16:  # each raises naming w_group_size / kv_group_size
         for k in (mc.hidden_size, mc.q_dim, mc.intermediate_size):
             cfg.weight_group(k)
     if cfg.kv_bits < 16:
         cfg.kv_group(mc.head_dim)
+    g = cfg.a_group_size
+    if cfg.a_bits < 16 and g > 0 and g & (g - 1):  # a power of two shrinks as documented
+        for k in dict.fromkeys((mc.hidden_size, mc.q_dim, mc.intermediate_size)):
+            used = cfg.activation_group(k)
+            if used != g and used != k:  # e.g. 7 over 576: groups of 4, ~25x slower products
+                logger.warning("a_group_size %d does not divide the width %d: its activations "
+                               "are quantized in groups of %d (the largest power of two that "
+                               "does), not %d", g, k, used, g)
 
 
 def check_hadamard_sizes(mc: Any, cfg: QuantConfig) -> None:
