@@ -505,19 +505,19 @@ def _inspect_offq_checkpoint(path: str) -> dict:
 
 
 def _inspect_gptq_export(path: str) -> dict:
-    """The facts of a GPTQ-layout directory (its weights are read, and so checked, as
-    ``offq eval`` reads them)."""
-    from .formats.gptq_export import load_gptq_export
+    """The facts of a GPTQ-layout directory, from its config.json and file sizes (``offq eval``
+    reads and checks its tensors)."""
+    from .model.config import ModelConfig
 
-    model, _, qcfg = load_gptq_export(path, mode="fake")
-    raw = json.loads((Path(path) / "config.json").read_text("utf-8"))["quantization_config"]
-    mc = model.config
-    return {"path": str(path), "format": f"GPTQ export ({raw.get('checkpoint_format', 'gptq')})",
+    raw = json.loads((Path(path) / "config.json").read_text("utf-8"))
+    q = raw["quantization_config"]
+    mc = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "quantization_config"})
+    return {"path": str(path), "format": f"GPTQ export ({q.get('checkpoint_format', 'gptq')})",
             "architecture": mc.architecture, "layers": mc.num_hidden_layers,
             "hidden_size": mc.hidden_size, "intermediate_size": mc.intermediate_size,
-            "quantization": f"weight-only, {qcfg.w_bits}-bit weights, group "
-                            f"{raw.get('group_size', -1)}, sym {raw.get('sym', True)}, "
-                            f"desc_act {raw.get('desc_act', False)}",
+            "quantization": f"weight-only, {q.get('bits')}-bit weights, group "
+                            f"{q.get('group_size', -1)}, sym {q.get('sym', True)}, "
+                            f"desc_act {q.get('desc_act', False)}",
             "bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))}
 
 
@@ -690,9 +690,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
     except SystemExit as e:  # --help (0), or a usage error already printed on one line (2)
         return e.code if isinstance(e.code, int) else 2
-    if unknown:  # named by the subcommand they were given to, not by the top-level parser
-        print(f"offq {args.command}: error: unrecognized arguments: {' '.join(unknown)} (see "
-              f"offq {args.command} --help)", file=sys.stderr)
+    if unknown:  # named by the command they were given to, not always the top-level parser
+        given = list(sys.argv[1:] if argv is None else argv)
+        before = given.index(args.command) if args.command in given else len(given)
+        prog = "offq" if any(a in given[:before] for a in unknown) else f"offq {args.command}"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see {prog} --help)",
+              file=sys.stderr)
         return 2
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else

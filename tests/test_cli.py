@@ -189,6 +189,7 @@ def test_machine_line_names_the_simd_paths_and_the_weight_only_decode() -> None:
     (["quantize", "m", "--calib-seed", "1", "--out", "x"],
      "offq quantize: error: unrecognized arguments: --calib-seed 1"),
     (["quantize", "m"], "offq quantize: error: the following arguments are required: --out"),
+    (["--bogus", "eval", "m"], "offq: error: unrecognized arguments: --bogus (see offq --help)"),
     (["quantize", "m", "--out", "x", "--hold-freed-memory", "--return-freed-memory"],
      "offq quantize: error: argument --return-freed-memory: not allowed with argument "
      "--hold-freed-memory"),
@@ -200,8 +201,9 @@ def test_usage_errors_are_one_line_with_status_2(capsys: pytest.CaptureFixture, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
-    assert main([argv[0], "--help"]) == 0
-    assert "usage: offq " + argv[0] in capsys.readouterr().out
+    command = next(a for a in argv if not a.startswith("-"))
+    assert main([command, "--help"]) == 0
+    assert "usage: offq " + command in capsys.readouterr().out
 
 
 def test_cli_bench_quick_keeps_explicit_sizes() -> None:

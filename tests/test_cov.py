@@ -234,6 +234,13 @@ def test_top_eigenpairs_validation():
         with pytest.raises(TypeError, match="^seed: expected a non-negative int"):
             _C.top_eigenpairs(c, 1, 1e-6, seed)
 
+    class NoMemory:  # an error that is not the argument's type stays what it is
+        def __index__(self):
+            raise MemoryError("out of memory")
+
+    with pytest.raises(MemoryError, match="out of memory"):
+        _C.top_eigenpairs(c, 1, 1e-6, NoMemory())
+
 
 def test_generic_path_runs_cov(tmp_path):
     """cov has no SIMD variants of its own; still run it with dispatch forced off."""

@@ -363,6 +363,15 @@ def test_a_config_with_fewer_layers_than_the_weights_is_refused(tmp_path):
     with pytest.raises(ValueError, match=rf"^{re.escape(str(d))}: the tensors hold layer\(s\) "
                                          r"\[1\] past the config's 1 layers"):
         open_checkpoint(d)
+    # a layer's own unused buffer (Llama checkpoints saved before transformers 4.31) is no layer
+    # past the count
+    cfg["num_hidden_layers"] = 2
+    (d / "config.json").write_text(json.dumps(cfg))
+    t, meta = load_safetensors(d / "model.safetensors")
+    for i in range(2):
+        t[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+    write_safetensors(d / "model.safetensors", t, meta)
+    open_checkpoint(d).close()
 
 
 def test_offq_add_bos_must_be_a_bool(tmp_path):

@@ -442,6 +442,9 @@ def test_sentencepiece_vocabulary_implying_too_many_merges_is_refused(tmp_path):
 ])
 def test_sentencepiece_types_and_scores_are_checked(tmp_path, edit, match):
     tokens, types, scores = _sentencepiece_vocab()
+    types[300] = 0  # llama.cpp's UNDEFINED: an ordinary piece
+    _write_tokenizer_gguf(tmp_path / "ok.gguf", "llama", "llama", tokens, types, scores=scores)
+    build_gguf_tokenizer(tmp_path / "ok.gguf")
     edit(types, scores)
     _write_tokenizer_gguf(tmp_path / "sp.gguf", "llama", "llama", tokens, types, scores=scores)
     with pytest.raises(ValueError, match=rf"sp\.gguf: {match}"):

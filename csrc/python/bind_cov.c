@@ -167,7 +167,10 @@ static PyObject *py_top_eigenpairs(PyObject *self, PyObject *args)
     const long long seed_ll = seed_int ? PyLong_AsLongLongAndOverflow(seed_int, &overflow) : -1;
     if (seed_int == NULL || overflow < 0 || (overflow == 0 && seed_ll < 0)) {
         Py_XDECREF(seed_int);
-        PyErr_Clear(); /* e.g. __index__'s own error for an array: name the argument instead */
+        if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_TypeError)) {
+            return NULL; /* e.g. MemoryError: not the argument's fault */
+        }
+        PyErr_Clear(); /* __index__'s own TypeError for an array: name the argument instead */
         PyErr_Format(PyExc_TypeError, "seed: expected a non-negative int, got %R", seed_obj);
         return NULL;
     }

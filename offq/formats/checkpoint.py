@@ -161,10 +161,10 @@ def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tup
 def check_checkpoint_tensors(tensors: Mapping[str, np.ndarray], model_config: Any,
                              cfg: QuantConfig, source: str, *, offq_grids: bool = True) -> None:
     """Every expected tensor present with its dtype and shape, no other tensor, every
-    quantization scale finite and >= 0, every zero-point a whole number (2^(bits - 1) for offq's
+    quantization scale finite (and >= 0) and every zero-point a whole number (2^(bits - 1) for
     symmetric weights), and every 2/3-bit code below 2^bits (ValueError naming the tensor
-    otherwise). ``offq_grids`` False: weights of another tool (a GPTQ export), whose symmetric
-    zero-points offq does not assume."""
+    otherwise). ``offq_grids`` False: weights of another tool (a GPTQ export), whose signs and
+    symmetric zero-points are its own (a symmetric grid may carry the sign in its scale)."""
     _check_expected(tensors, expected_tensors(model_config, cfg), model_config, cfg, source,
                     offq_grids)
 
@@ -204,7 +204,7 @@ def _check_expected(tensors: Mapping[str, np.ndarray],
         # grids a quantizer writes: scales >= 0 and whole zero-points (an asymmetric grid need
         # not hold 0, so a zero-point may lie outside [0, 2^bits - 1]); a negative scale or a
         # fractional zero-point ran as a silently different model
-        if name.endswith(".scales") and a.size and float(a.min()) < 0:
+        if offq_grids and name.endswith(".scales") and a.size and float(a.min()) < 0:
             raise ValueError(f"{source}: tensor {name!r} holds a negative scale "
                              f"({float(a.min())!r}): not a quantization grid")
         if name.endswith(".zeros") and a.size:

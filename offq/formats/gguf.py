@@ -509,7 +509,7 @@ def build_gguf_tokenizer(reader_or_path: Any):
     types = _field(reader, "tokenizer.ggml.token_type") or [int(gguf.TokenType.NORMAL)] * len(tokens)
     if len(types) != len(tokens):
         raise ValueError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
-    known = {int(t) for t in gguf.TokenType}
+    known = {0} | {int(t) for t in gguf.TokenType}  # 0: llama.cpp's UNDEFINED, read as normal
     bad = next((t for t in types if isinstance(t, (bool, np.bool_))
                 or not isinstance(t, (int, np.integer)) or int(t) not in known), None)
     if bad is not None:  # an unknown type made a control token such as <s> an ordinary one
@@ -633,18 +633,24 @@ def _sentencepiece_bpe(reader, path: Path, tokens: list[str], vocab: dict[str, i
 
 
 # ---------------------------------------------------------------------- checkpoint
-def open_gguf(path: str | os.PathLike, *, name: str | None = None) -> Checkpoint:
-    """Open a GGUF file as a `Checkpoint` (config, lazy tensors, tokenizer)."""
+def open_gguf(path: str | os.PathLike, *, name: str | None = None,
+              validate: bool = True) -> Checkpoint:
+    """Open a GGUF file as a `Checkpoint` (config, lazy tensors, tokenizer); ``validate``: check
+    the tensors against the config (`check_tensors`) before the tokenizer is built, so that a
+    file that is no model fails in milliseconds, not after its vocabulary (up to ~1M pieces)."""
     path = Path(path)
     reader = open_reader(path)
-    config = config_from_gguf(reader)
-    store = GGUFTensorStore(reader, config)
-    # the tensors first: a file that is no model fails in milliseconds, before its vocabulary
-    # (up to ~1M pieces) is built into a tokenizer
-    check_tensors(store, config, str(path))
-    tokenizer = build_gguf_tokenizer(reader)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the embedding only "
-                         f"{config.vocab_size} rows")
+    try:
+        config = config_from_gguf(reader)
+        store = GGUFTensorStore(reader, config)
+        if validate:
+            check_tensors(store, config, str(path))
+        tokenizer = build_gguf_tokenizer(reader)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens, the embedding "
+                             f"only {config.vocab_size} rows")
+    except BaseException:
+        reader.close()
+        raise
     return Checkpoint(name=name or path.name, path=path, config=config, tensors=store,
                       tokenizer=tokenizer, source_format="gguf")

@@ -142,7 +142,8 @@ def check_tensors(store: TensorStore, config: "ModelConfig", source: str) -> Non
             raise ValueError(f"{source}: tensor {name!r} has shape {list(got)}, the config implies "
                              f"{list(shape)}")
     extra = sorted(names - set(expected))
-    beyond = sorted({int(m.group(1)) for m in map(_LAYER_NAME.match, extra) if m})
+    beyond = sorted({i for i in (int(m.group(1)) for m in map(_LAYER_NAME.match, extra) if m)
+                     if i >= config.num_hidden_layers})  # not a layer's unused rotary_emb buffer
     if beyond:  # a config that lost layers: running the rest would be a silently different model
         raise ValueError(f"{source}: the tensors hold layer(s) {beyond[:5]}"
                          f"{' ...' if len(beyond) > 5 else ''} past the config's "
@@ -299,7 +300,7 @@ def open_checkpoint(path_or_name: str | os.PathLike, *, validate: bool = True) -
         raise ValueError(f"{path}: not a regular file or a directory")
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         from .gguf import open_gguf
-        ckpt = open_gguf(path, name=name)
+        return open_gguf(path, name=name, validate=validate)  # checked before its tokenizer
     else:
         raise ValueError(f"{path}: not a checkpoint directory and not a GGUF file "
                          "(expected a directory with config.json, or a .gguf file)")
