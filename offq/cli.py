@@ -151,15 +151,15 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-seqlen", type=int, default=2048, help="tokens per eval window (2048)")
     memory = p.add_mutually_exclusive_group()
     memory.add_argument("--hold-freed-memory", action="store_true",
-                        help="glibc malloc keeps freed memory for reuse instead of unmapping it for "
-                             "the whole command (the --eval-windows evaluation too, not only the "
-                             "quantization, which holds it by default); freed memory stays with the "
-                             "process until it exits (offq.process)")
+                        help="glibc malloc keeps freed memory for reuse instead of unmapping "
+                             "it for the whole command (the --eval-windows evaluation too, not "
+                             "only the quantization, which holds it by default); freed memory "
+                             "stays with the process until it exits (offq.process)")
     memory.add_argument("--return-freed-memory", action="store_true",
                         help="glibc's usual malloc throughout: by default the quantization holds "
                              "freed memory from its rotations to its write, which spares each "
-                             "batch's page faults (Qwen2.5-1.5B on a 2-vCPU VM: ~40%% less time per "
-                             "layer), and gives it back when it ends")
+                             "batch's page faults (Qwen2.5-1.5B on a 2-vCPU VM: ~40%% less time "
+                             "per layer), and gives it back when it ends")
     defaults = QuantConfig()
     group = p.add_argument_group("quantization (QuantConfig fields; docs/METHODS.md)")
     for f in dataclasses.fields(QuantConfig):

@@ -171,7 +171,8 @@ def test_offq_inspect_describes_an_export(export_dir, capsys):
     assert main(["inspect", str(export_dir), "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
     assert facts["format"] == "GPTQ export (gptq)"
-    assert facts["quantization"] == "weight-only, 4-bit weights, group 16, sym False, desc_act False"
+    assert facts["quantization"] == ("weight-only, 4-bit weights, group 16, sym False, "
+                                     "desc_act False")
 
 
 def _spoiled(export_dir, tmp_path, change):
