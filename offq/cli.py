@@ -420,10 +420,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     from .formats.gptq_export import is_gptq_export
 
-    if is_offq_checkpoint(args.model) or is_gptq_export(args.model):
-        report = (_inspect_offq_checkpoint(args.model) if is_offq_checkpoint(args.model)
-                  else _inspect_gptq_export(args.model))
-        print(json.dumps(report) if args.json else _format_facts(report))
+    facts = (_inspect_offq_checkpoint(args.model) if is_offq_checkpoint(args.model)
+             else _inspect_gptq_export(args.model) if is_gptq_export(args.model) else None)
+    if facts is not None:  # a quantized model: its stored facts, no activations
+        print(json.dumps(facts) if args.json else _format_facts(facts))
         return 0
     from .formats import open_checkpoint
 

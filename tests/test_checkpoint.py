@@ -114,8 +114,9 @@ def test_codes_outside_the_grid_are_named(bits):
 
 @pytest.mark.parametrize("bits, lm_head_bits", [(4, 16), (3, 4), (8, 16)])
 def test_scales_and_zero_points_off_the_grid_are_named(bits, lm_head_bits):
-    """A negative scale (the perplexity of a q_proj went 82 -> 40,125) or a zero-point that is no
-    whole number (7.3) was read as is: a silently different model. An asymmetric grid need not
+    """A negative scale (a review's scratch run: perplexity 82 -> 40,125 with one q_proj's scales
+    set to -1) or a zero-point that is no whole number (7.3) was read as is: a silently different
+    model. An asymmetric grid need not
     hold 0, so whole zero-points outside [0, 2^bits - 1] are its own (a group of positive weights
     has a negative one); symmetric weights have 2^(bits - 1) everywhere."""
     mc = ModelConfig(architecture="llama", vocab_size=11, hidden_size=8, intermediate_size=16,

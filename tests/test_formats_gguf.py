@@ -480,7 +480,7 @@ def test_layers_past_the_block_count_are_refused(tmp_path):
 @pytest.mark.parametrize("key, text, match", [
     # bool("no") is True: the tokenizer added a BOS the file said it must not
     ("tokenizer.ggml.add_bos_token", "no",
-     "'tokenizer.ggml.add_bos_token' must be a bool, got str"),
+     "'tokenizer.ggml.add_bos_token': expected true or false, got 'no'"),
     ("llama.attention.layer_norm_rms_epsilon", "1e-5",
      "'llama.attention.layer_norm_rms_epsilon' must be a number, got str"),
     ("llama.rope.freq_base", "x", "'llama.rope.freq_base' must be a number, got str"),

@@ -531,9 +531,9 @@ def test_output_directories_that_would_destroy_something_are_refused(tmp_path):
 
 
 def test_an_activation_group_that_shrinks_is_a_warning(caplog):
-    """--a-group-size 7 over width 64 quantized activations in groups of 4 (25x slower products on
-    SmolLM2) with only a debug line; a power of two that halves (128 over 576) is the documented
-    rule and stays quiet, and so does a group that divides."""
+    """--a-group-size 7 over width 64 quantized activations in groups of 4 (a review's scratch run
+    on SmolLM2: ~25x slower per layer) with only a debug line; a power of two that halves (128
+    over 576) is the documented rule and stays quiet, and so does a group that divides."""
     mc = tiny_checkpoint(0).config  # widths 64 (hidden, q) and 128 (intermediate)
     for group, warned in ((7, {64, 128}), (24, {64, 128}), (128, set()), (16, set()),
                           (-1, set())):

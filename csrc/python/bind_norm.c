@@ -49,7 +49,7 @@ static PyObject *py_residual_rms_norm(PyObject *self, PyObject *args, PyObject *
     if (offq_py_float(eo, "eps", &eps) < 0) {
         return NULL;
     }
-    if (!(eps > 0.0 && eps <= 1.0 && (float)eps > 0.0f)) { /* eps divides: a zero row */
+    if (!((float)eps > 0.0f && eps <= 1.0)) { /* eps divides: a zero row (0 in float32 too) */
         offq_value_error_got("eps: expected a finite value in (0, 1]", eps);
         return NULL;
     }

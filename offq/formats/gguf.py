@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..model.arch import ARCHITECTURES, LLAMA, Architecture, architecture_of
-from ..model.config import ModelConfig
+from ..model.config import ModelConfig, as_json_bool
 from .gguf_file import GGUFFile
 from .registry import Checkpoint, TensorStore, check_tensors
 
@@ -53,8 +53,8 @@ MAX_SENTENCEPIECE_MERGES_PER_TOKEN = 8
 
 #: Most merge rules of any SentencePiece vocabulary, whatever its size (~0.5 KB of Python each
 #: while they are ranked: a 20 MB file of a million pieces over five letters, within the
-#: per-token budget, took 3.8 GB). The SentencePiece models offq reads (Llama 1/2, Mistral,
-#: TinyLlama: 32,000-32,768 pieces) imply ~45,000.
+#: per-token budget, took 3.8 GB in a review's scratch run). The SentencePiece models offq reads
+#: (Llama 1/2, Mistral, TinyLlama: 32,000-32,768 pieces) imply ~45,000.
 MAX_SENTENCEPIECE_MERGES = 1 << 20
 
 #: GGUF ``general.architecture`` values offq reads -> ModelConfig.architecture.
@@ -147,15 +147,18 @@ def _bool_field(reader, key: str, default: bool) -> bool:
     value = _field(reader, key)
     if value is None:
         return default
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer))
-                                                and value in (0, 1)):
-        return bool(value)
-    raise ValueError(f"{_reader_path(reader)}: metadata key {key!r} must be a bool, got "
-                     f"{type(value).__name__} {value!r}")
+    try:
+        return as_json_bool(repr(key), value.item() if isinstance(value, np.generic) else value)
+    except ValueError as e:
+        raise ValueError(f"{_reader_path(reader)}: metadata key {e}") from None
 
 
-def _float_field(reader, key: str, value: Any) -> float:
-    """A number's float32 value (`_f32_value`); ValueError naming the key for anything else."""
+def _float_field(reader, key: str, default: float | None = None) -> float:
+    """Metadata ``key`` as its float32 value (`_f32_value`; ``default`` when absent, else
+    missing is an error); ValueError naming the key for anything but a number."""
+    value = _field(reader, key, default)
+    if value is None:
+        raise ValueError(f"{_reader_path(reader)}: missing metadata key {key!r}")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
                                                                      np.floating)):
         raise ValueError(f"{_reader_path(reader)}: metadata key {key!r} must be a number, got "
@@ -264,10 +267,8 @@ def config_from_gguf(reader) -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=int(kv_heads),
         head_dim=head_dim,
-        rms_norm_eps=_float_field(reader, f"{arch}.attention.layer_norm_rms_epsilon",
-                                  need("attention.layer_norm_rms_epsilon")),
-        rope_theta=_float_field(reader, f"{arch}.rope.freq_base",
-                                _field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_float_field(reader, f"{arch}.attention.layer_norm_rms_epsilon"),
+        rope_theta=_float_field(reader, f"{arch}.rope.freq_base", 10000.0),
         rope_scaling=rope_scaling,
         max_position_embeddings=int(int_field(f"{arch}.context_length", 2048)),
         tie_word_embeddings=desc.lm_head[1] not in tensors,

@@ -142,8 +142,9 @@ def check_tensors(store: TensorStore, config: "ModelConfig", source: str) -> Non
             raise ValueError(f"{source}: tensor {name!r} has shape {list(got)}, the config implies "
                              f"{list(shape)}")
     extra = sorted(names - set(expected))
-    beyond = sorted({i for i in (int(m.group(1)) for m in map(_LAYER_NAME.match, extra) if m)
-                     if i >= config.num_hidden_layers})  # not a layer's unused rotary_emb buffer
+    layers = (int(m.group(1)) for m in map(_LAYER_NAME.match, extra) if m)
+    # past the count only: a layer's own unused rotary_emb buffer is no extra layer
+    beyond = sorted({i for i in layers if i >= config.num_hidden_layers})
     if beyond:  # a config that lost layers: running the rest would be a silently different model
         raise ValueError(f"{source}: the tensors hold layer(s) {beyond[:5]}"
                          f"{' ...' if len(beyond) > 5 else ''} past the config's "

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import tokenizers
 
+from ..model.config import as_json_bool
 from .files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -197,10 +198,10 @@ class Tokenizer:
 
         bos, eos = special("bos_token"), special("eos_token")
         if "add_bos_token" in tcfg and tcfg["add_bos_token"] is not None:
-            flag = tcfg["add_bos_token"]
-            if not isinstance(flag, bool):  # bool("false") is True
-                raise ValueError(f"{path / 'tokenizer_config.json'}: add_bos_token must be true or "
-                                 f"false, got {flag!r}")
+            try:  # bool("false") is True
+                flag = as_json_bool("add_bos_token", tcfg["add_bos_token"])
+            except ValueError as e:
+                raise ValueError(f"{path / 'tokenizer_config.json'}: {e}") from None
             adds_bos = flag and bos is not None
         else:
             adds_bos = puts_bos_first(backend, bos, str(tok_file))

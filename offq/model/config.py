@@ -230,10 +230,10 @@ class ModelConfig:
         if arch == "qwen2":
             attention_bias = True
         else:
-            attention_bias = _as_bool("attention_bias", cfg.get("attention_bias", False))
+            attention_bias = as_json_bool("attention_bias", cfg.get("attention_bias", False))
 
         if add_bos is None:
-            add_bos = _as_bool("offq_add_bos", cfg.get("offq_add_bos", False))
+            add_bos = as_json_bool("offq_add_bos", cfg.get("offq_add_bos", False))
 
         return cls(
             architecture=arch,
@@ -248,13 +248,14 @@ class ModelConfig:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=_as_bool("tie_word_embeddings",
+            tie_word_embeddings=as_json_bool("tie_word_embeddings",
                                          cfg.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            mlp_bias=_as_bool("mlp_bias", cfg.get("mlp_bias", False)) if arch == "llama" else False,
+            mlp_bias=(as_json_bool("mlp_bias", cfg.get("mlp_bias", False)) if arch == "llama"
+                      else False),
             bos_token_id=_first_id(cfg.get("bos_token_id"), "bos_token_id"),
             eos_token_id=_first_id(cfg.get("eos_token_id"), "eos_token_id"),
-            add_bos=_as_bool("offq_add_bos", add_bos),
+            add_bos=as_json_bool("offq_add_bos", add_bos),
             raw=dict(cfg),
         )
 
@@ -307,7 +308,7 @@ def _as_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _as_bool(name: str, value: Any) -> bool:
+def as_json_bool(name: str, value: Any) -> bool:
     """A JSON boolean (``true``/``false``, or 0/1); not the string ``"false"``, which Python's
     ``bool`` would read as true."""
     if isinstance(value, bool):
@@ -331,10 +332,7 @@ def _first_id(value: Any, name: str = "token id") -> int | None:
         value = value[0] if value else None
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}: expected a token id (an integer, or a list of them), got "
-                         f"{value!r}")
-    return value
+    return _as_int(name, value)
 
 
 def _read_rope(cfg: Mapping[str, Any]) -> tuple[float, dict | None]:

@@ -326,7 +326,7 @@ def check_group_sizes(mc: Any, cfg: QuantConfig) -> None:
     if cfg.a_bits < 16 and g > 0 and g & (g - 1):  # a power of two shrinks as documented
         for k in dict.fromkeys((mc.hidden_size, mc.q_dim, mc.intermediate_size)):
             used = cfg.activation_group(k)
-            if used != g and used != k:  # e.g. 7 over 576: groups of 4, ~25x slower products
+            if used != g and used != k:  # e.g. 7 over 576: groups of 4, far slower products
                 logger.warning("a_group_size %d does not divide the width %d: its activations "
                                "are quantized in groups of %d (the largest power of two that "
                                "does), not %d", g, k, used, g)
