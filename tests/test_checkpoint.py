@@ -116,9 +116,9 @@ def test_codes_outside_the_grid_are_named(bits):
 def test_scales_and_zero_points_off_the_grid_are_named(bits, lm_head_bits):
     """A negative scale (a review's scratch run: perplexity 82 -> 40,125 with one q_proj's scales
     set to -1) or a zero-point that is no whole number (7.3) was read as is: a silently different
-    model. An asymmetric grid need not
-    hold 0, so whole zero-points outside [0, 2^bits - 1] are its own (a group of positive weights
-    has a negative one); symmetric weights have 2^(bits - 1) everywhere."""
+    model. An asymmetric grid need not hold 0, so whole zero-points outside [0, 2^bits - 1] are
+    its own (a group of positive weights has a negative one); symmetric weights have 2^(bits - 1)
+    everywhere."""
     mc = ModelConfig(architecture="llama", vocab_size=11, hidden_size=8, intermediate_size=16,
                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4)
     cfg = QuantConfig(method="rtn", w_bits=bits, a_bits=16, kv_bits=16, w_symmetric=False,
