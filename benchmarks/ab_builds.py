@@ -16,7 +16,10 @@ Workloads (SmolLM2-135M's shapes unless stated; the SIMD variant is what the pro
     3 heads of a KV head, the last rows of a 2048-token prompt) over a 2048-position 4-bit cache,
     head_dim 64, one group;
   - ``wq``: the weight-only decode product ``matmul_wq`` (M = 1, 4096 x 4096, W4 / W3 / W2,
-    groups of 128; its packed weight stays in L3 between calls: the kernels' compute, not DRAM).
+    groups of 128; its packed weight stays in L3 between calls: the kernels' compute, not DRAM);
+  - ``wq-streamed``: the same products, each call a pass over copies of the packed weight filling
+    128 MiB, so that every product reads its weight from DRAM as a model's decode does (the
+    table's milliseconds are per pass; its ratios are those of one product).
 Each build's outputs are compared with the first build's (``identical``: the same bits), then
 each workload is timed ``--rounds`` times per build in turn; the table gives min and quartile
 milliseconds and the ratio of each build's min to the first's.
@@ -80,24 +83,51 @@ def attention_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
     return [(f"attention int8 96 q x {npos} pos, hd {hd}", call)]
 
 
-def wq_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
-    """(name, call(module)) for the weight-only decode product at each width (M = 1, 4096 x
-    4096, groups of 128: 2-8 MB of packed weight, which L3 holds between calls)."""
+def wq_weights(rng: np.random.Generator):
+    """(x, bits, quantized weight, packed codes) of the weight-only decode product at each width
+    (M = 1, 4096 x 4096, groups of 128: 2-8 MB of packed weight)."""
     from offq.kernels.matmul_wq import pack_wq
     from offq.kernels.quant import quantize
 
     k = n = 4096
     x = rng.standard_normal((1, k), dtype=np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32)
-    cases = []
     for bits in (4, 3, 2):
         qw = quantize(w, bits=bits, group_size=128)
-        packed = pack_wq(qw.unpacked_codes(), bits)
+        yield x, bits, qw, pack_wq(qw.unpacked_codes(), bits)
 
-        def call(mod: ModuleType, packed=packed, qw=qw, bits=bits) -> np.ndarray:
+
+def wq_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
+    """(name, call(module)) for the weight-only decode product at each width; L3 holds its
+    packed weight between calls."""
+    cases = []
+    for x, bits, qw, packed in wq_weights(rng):
+
+        def call(mod: ModuleType, x=x, packed=packed, qw=qw, bits=bits) -> np.ndarray:
             return mod.matmul_wq(x, packed, qw.scale, qw.zero, bits, 128, None, "auto")
 
-        cases.append((f"matmul_wq W{bits} g128 1x{k}x{n}", call))
+        cases.append((f"matmul_wq W{bits} g128 1x{x.shape[1]}x{packed.shape[0]}", call))
+    return cases
+
+
+STREAM_BYTES = 128 << 20  # the copies a streamed pass cycles through (4x a 32 MiB L3)
+
+
+def wq_streamed_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
+    """wq_cases' products, each call a pass over copies of the weight filling STREAM_BYTES."""
+    cases = []
+    for x, bits, qw, packed in wq_weights(rng):
+        one = packed.nbytes + qw.scale.nbytes + qw.zero.nbytes
+        copies = [(packed.copy(), qw.scale.copy(), qw.zero.copy())
+                  for _ in range(-(-STREAM_BYTES // one))]
+
+        def call(mod: ModuleType, x=x, copies=copies, bits=bits) -> np.ndarray:
+            for p, s, z in copies:
+                out = mod.matmul_wq(x, p, s, z, bits, 128, None, "auto")
+            return out
+
+        cases.append((f"matmul_wq W{bits} g128 1x{x.shape[1]}x{packed.shape[0]} streamed, "
+                      f"{len(copies)} copies a pass", call))
     return cases
 
 
@@ -106,7 +136,7 @@ def main() -> int:
     p.add_argument("builds", nargs="+", type=Path, help="copies of offq/_C*.so (first: baseline)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=25)
-    p.add_argument("--only", choices=("matmul", "attention", "wq"), nargs="+",
+    p.add_argument("--only", choices=("matmul", "attention", "wq", "wq-streamed"), nargs="+",
                    default=["matmul", "attention", "wq"])
     args = p.parse_args()
     from offq.bench.machine import describe_machine
@@ -124,6 +154,8 @@ def main() -> int:
         cases += attention_cases(rng)
     if "wq" in args.only:
         cases += wq_cases(rng)
+    if "wq-streamed" in args.only:
+        cases += wq_streamed_cases(rng)
     print(f"# {describe_machine()}; threads {args.threads}; rounds {args.rounds}; "
           f"OFFQ_SIMD_MAX={os.environ.get('OFFQ_SIMD_MAX', '(unset)')}")
     for name, call in cases:
