@@ -20,6 +20,7 @@ finishes.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offq.config import CALIB_ACTIVATIONS, QuantConfig  # noqa: E402
 from offq.formats.files import atomic_write_text  # noqa: E402
+from offq.progress import track  # noqa: E402
 
 #: row name -> QuantConfig overrides (W4A4KV4 unless the row says otherwise)
 ROWS: dict[str, dict] = {
@@ -90,7 +92,7 @@ def weight_key(cfg: QuantConfig) -> str:
 
 def perplexity(model, windows: np.ndarray, batch: int = 1) -> tuple[float, int]:
     total, count = 0.0, 0
-    for s in range(0, len(windows), batch):
+    for s in track(range(0, len(windows), batch), "evaluate windows", unit="batch"):
         nll = model.nll(windows[s:s + batch])
         total += float(nll.sum())
         count += nll.size
@@ -177,6 +179,8 @@ def main() -> int:
     p.add_argument("--redraw", type=Path, default=None, metavar="RESULTS_MD",
                    help="only redraw --chart from a table this script wrote (no runs)")
     args = p.parse_args()
+    # stage progress as log lines on stderr (a bar on a terminal): rows take minutes to an hour
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.redraw:
         perplexity_chart(args.redraw.read_text(), args.chart or Path("perplexity.png"))
         return 0
@@ -224,7 +228,7 @@ def main() -> int:
                 if cache is None or cache[0] != key or (
                         cfg.centres_keys and not cache[1].quant_config.centres_keys):
                     cache = None  # free the previous weights first
-                    cache = (key, pipeline.quantize(ckpt, cfg, calib, progress=False))
+                    cache = (key, pipeline.quantize(ckpt, cfg, calib, progress=None))
                     tq = time.perf_counter() - t0
                 res = cache[1]
                 model = build_model(res.model_config, cfg, res.tensors, mode=args.mode)

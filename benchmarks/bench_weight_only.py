@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from offq.config import QuantConfig  # noqa: E402
 from offq.formats.files import atomic_write_text  # noqa: E402
+from offq.progress import track  # noqa: E402
 
 #: the issue's table: FP; RTN, GPTQ, GPTQ + OSAQ at each bits/group (asymmetric grids)
 TABLE = ["fp"] + [f"{m}-w{b}-{g}-asym" for b, g in (
@@ -72,7 +74,7 @@ def row_config(row: str, calib: tuple[int, int], osaq: dict, seed: int = 0,
 
 def perplexity(model, windows: np.ndarray) -> tuple[float, int]:
     total, count = 0.0, 0
-    for s in range(len(windows)):
+    for s in track(range(len(windows)), "evaluate windows", unit="window"):
         nll = model.nll(windows[s:s + 1])
         total += float(nll.sum())
         count += nll.size
@@ -110,6 +112,8 @@ def main() -> int:
     p.add_argument("--jsonl", type=Path,
                    default=Path(__file__).with_name("results") / "weight_only.jsonl")
     args = p.parse_args()
+    # stage progress as log lines on stderr (a bar on a terminal): rows take minutes to an hour
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
         args.max_windows, args.calib_samples, args.calib_seqlen = 2, 8, 512
     osaq = {k: (int(v) if k == "osaq_iters" else float(v))
@@ -153,7 +157,7 @@ def main() -> int:
             if row == "fp":
                 model, res = Model.from_checkpoint(ckpt), None
             else:
-                res = pipeline.quantize(ckpt, cfg, calib, progress=False)
+                res = pipeline.quantize(ckpt, cfg, calib, progress=None)
                 model = build_model(res.model_config, cfg, res.tensors, mode="fake")
             tq = time.perf_counter() - t0
             ppl, ntok = perplexity(model, windows)

@@ -76,7 +76,8 @@ class Progress:
             self._bar.update(n)
         elif self._log_lines:
             now = time.perf_counter()
-            if now - self._last_log >= self.interval:
+            # the last unit's line is close()'s "(done)" line
+            if now - self._last_log >= self.interval and self.done < self.total:
                 self._last_log = now
                 log.info("%s", self.line())
 

@@ -32,6 +32,7 @@ def test_progress_logs_lines_with_eta_when_not_on_a_terminal(caplog: pytest.LogC
     lines = [r.getMessage() for r in caplog.records]
     assert "stage: 1/4 (25%)" in lines[0] and "ETA" in lines[0]
     assert lines[-1].startswith("stage: 4/4 (100%)") and lines[-1].endswith("(done)")
+    assert sum("4/4" in line for line in lines) == 1  # the last unit's line is the "(done)" one
 
 
 def test_progress_is_silent_when_quiet(caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
