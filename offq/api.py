@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["load", "quantize", "perplexity", "save"]
+
+logger = logging.getLogger(__name__)
 
 
 def load(source: Any, state_dict: Mapping[str, Any] | None = None, *, tokenizer: Any = None,
@@ -41,6 +44,9 @@ def load(source: Any, state_dict: Mapping[str, Any] | None = None, *, tokenizer:
     :func:`offq.load_quantized` instead.
     """
     if state_dict is not None:
+        if isinstance(source, (str, os.PathLike)):
+            raise TypeError("source: with state_dict=, the model's HF config (a dict or a "
+                            "transformers PretrainedConfig), not a name or path")
         from .formats.memory import from_state_dict
         return from_state_dict(source, state_dict, tokenizer=tokenizer,
                                name=name or "in-memory")
@@ -94,8 +100,17 @@ def quantize(model: Any, config: Any = None, calibration: Any = None, *,
     if not (hasattr(model, "config") and hasattr(model, "tensors")):  # a Checkpoint, duck-typed
         raise TypeError(f"model: expected a Checkpoint (offq.load) or a model name / path, got "
                         f"{type(model).__name__}")
-    if calibration is None and not needs_calibration(config):
+    if not needs_calibration(config):
+        if calibration is not None:
+            logger.warning("calibration ignored: %s needs none", config.describe())
         return run_recipe(model, config, None, out_dir=out_dir, **kwargs)
+    if isinstance(calibration, (list, tuple)) and calibration and \
+            all(isinstance(c, (list, tuple, np.ndarray)) for c in calibration):
+        calibration = np.asarray(calibration)  # token ids as nested lists
+    if calibration is not None and not isinstance(calibration, (np.ndarray, str, os.PathLike,
+                                                                 list, tuple)):
+        raise TypeError(f"calibration: expected token ids [samples, seqlen], a corpus name or "
+                        f"path, or a list of texts, got {type(calibration).__name__}")
     if calibration is None or not isinstance(calibration, np.ndarray):
         from .data import DEFAULT_CALIBRATION, sample_calibration
         source = DEFAULT_CALIBRATION if calibration is None else calibration
@@ -121,7 +136,8 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
             ``Checkpoint`` (float32), or a name / path (an offq checkpoint directory runs on
             the ``mode`` path).
         text: the eval text or token ids; default the WikiText-2 test split shipped with offq.
-        tokenizer: encodes ``text`` (default: the model's).
+        tokenizer: encodes ``text`` (default: the model's): offq's, a path to a tokenizer.json
+            (or its directory), a ``tokenizers.Tokenizer`` or a fast transformers tokenizer.
         seqlen, max_windows: window length and how many windows (default all).
         mode: ``"real"`` (4-bit kernels), ``"fake"`` (float32 simulation), ``"fused"`` (the C
             decoder, W4A4KV4 only) or ``"auto"`` (fused where the model qualifies, else real).
@@ -136,17 +152,19 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
     """
     from .eval import load_model
     from .eval import perplexity as run_eval
+    from .model import Model
+    from .quant.assemble import MODES
     from .recipe.pipeline import QuantizeResult
+
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
 
     dataset = kwargs.pop("dataset", "")
     if text is None:
         from .data import load_wikitext2_test
         text, dataset = load_wikitext2_test(), dataset or "wikitext2"
     if isinstance(model, QuantizeResult):
-        runnable = model.model(mode, attention=attention)
-        runs_on = mode if attention == "float" else f"{mode}, {attention} attention"
-        runnable.method = (f"{model.quant_config.describe(model.model_config.hidden_size)} "
-                           f"({runs_on})")
+        runnable = model.model(mode, attention=attention)  # labelled by build_model
         runnable.name = runnable.name or model.name
         if tokenizer is None:
             tokenizer = model.tokenizer
@@ -158,11 +176,13 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         raise ValueError(f"attention: {attention!r} is chosen when the model is built (an offq "
                          "checkpoint path or a QuantizeResult), not for a built Model; set its "
                          "fused_runner.attention instead")
-    if isinstance(text, str) and tokenizer is not None and \
-            not callable(getattr(tokenizer, "encode", None)):
-        raise TypeError(f"tokenizer: expected an object with encode(text) (offq.load's "
-                        f"tokenizer, or a tokenizers / transformers one), got "
-                        f"{type(tokenizer).__name__}")
+    elif mode not in ("real", "auto"):  # (auto: whatever path the model has)
+        if isinstance(model, Model):
+            raise ValueError(f"mode: {mode!r} is chosen when the model is built (an offq "
+                             "checkpoint path, a QuantizeResult or offq.load_quantized(mode=)); "
+                             "this Model runs the path it was built for")
+        logger.warning("mode=%r ignored: %s is a float model, which runs in float32", mode,
+                       getattr(model, "name", "") or "the model")
     return run_eval(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
                     dataset=dataset, **kwargs)
 

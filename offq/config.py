@@ -133,6 +133,11 @@ class QuantConfig:
     osaq_tail: str = "auto"  # auto | exact | subspace: how the Hessian tail is found
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NumPy scalars as the Python values JSON stores
+            value = getattr(self, f.name)
+            if hasattr(value, "dtype") and getattr(value, "shape", None) == () and \
+                    value.dtype.kind in "biuf":
+                setattr(self, f.name, value.item())
         if self.w_quantizer is None:
             self.w_quantizer = _default_weight_quantizer(self.method)
         if self.method == "fp":
@@ -171,7 +176,11 @@ class QuantConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
 
         choice("method", METHODS)
-        parse_weight_quantizer(self.w_quantizer)
+        _, rounding = parse_weight_quantizer(self.w_quantizer)
+        if self.method == "rtn" and rounding != "rtn":  # the method is named by its rounding
+            raise ValueError(f"w_quantizer: method 'rtn' rounds weights to nearest, got "
+                             f"{self.w_quantizer!r}; unrotated {rounding.upper()} weights are "
+                             f"method 'gptq' with w_quantizer {self.w_quantizer!r}")
         choice("pca", PCA_MODES)
         choice("outlier_index", OUTLIER_INDEX)
         choice("r2", R2_MODES)
@@ -187,15 +196,20 @@ class QuantConfig:
                      "pca_pooled", "sorted_grouping", "r3", "r4", "gptq_act_order",
                      "gptq_static_groups"):
             flag(name)
-        if self.lm_head_bits not in (4, 8, OFF) or isinstance(self.lm_head_bits, bool):
+        if not isinstance(self.lm_head_bits, int) or isinstance(self.lm_head_bits, bool) or \
+                self.lm_head_bits not in (4, 8, OFF):
             raise ValueError(f"lm_head_bits: expected 4, 8 or 16 (float32), got "
                              f"{self.lm_head_bits!r}")
-        if not (isinstance(self.a_clip, (int, float)) and 0 < self.a_clip <= 1):
+        if isinstance(self.a_clip, bool) or not (isinstance(self.a_clip, (int, float))
+                                                  and 0 < self.a_clip <= 1):
             raise ValueError(f"a_clip: expected a ratio in (0, 1], got {self.a_clip!r}")
-        for name in ("calib_samples", "calib_seqlen", "gptq_block_size", "osaq_iters"):
+        for name in ("calib_samples", "gptq_block_size", "osaq_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.calib_seqlen, int) or isinstance(self.calib_seqlen, bool) or \
+                self.calib_seqlen < 2:  # one token predicts nothing
+            raise ValueError(f"calib_seqlen: expected an integer >= 2, got {self.calib_seqlen!r}")
         for name in ("seed", "gptq_cd_sweeps", "pca_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

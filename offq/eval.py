@@ -121,13 +121,10 @@ def load_model(model: Any, *, mode: str = "real", attention: str = "float",
             m, tok, qcfg = (load(model, mode=mode, attention=attention)
                             if load is load_quantized else load(model, mode=mode))
             m.tokenizer = tok
-            taken = resolved_mode(m, mode)
-            if attention != "float":
-                taken += f", {attention} attention"
-            m.method = (f"{qcfg.describe(m.config.hidden_size)} ({taken})"
-                        if load is load_quantized else
-                        f"gptq-format export W{qcfg.w_bits} group {qcfg.w_group_size} "
-                        f"{'sym' if qcfg.w_symmetric else 'asym'} ({taken})")
+            if load is not load_quantized:  # (load_quantized's models carry their label)
+                m.method = (f"gptq-format export W{qcfg.w_bits} group {qcfg.w_group_size} "
+                            f"{'sym' if qcfg.w_symmetric else 'asym'} "
+                            f"({resolved_mode(m, mode)})")
             return m, tok
         from .formats import open_checkpoint
         model = open_checkpoint(model)
@@ -150,7 +147,9 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
 
     Args:
         model: an ``offq.model.Model``, a Checkpoint, or a path / registered name.
-        tokenizer: encodes the text (default: the checkpoint's).
+        tokenizer: encodes the text (default: the checkpoint's): offq's, a path to a
+            tokenizer.json (or its directory), a ``tokenizers.Tokenizer`` or a fast transformers
+            tokenizer (its special tokens are not added: the protocol's BOS is ``add_bos``).
         text: the eval text, or an already tokenized stream (list of ids).
         seqlen: model input length per window.
         max_windows: evaluate only the first N windows.
@@ -168,7 +167,11 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
         ``seconds`` and ``tokens_per_s`` (model input tokens per second).
     """
     m, tok = load_model(model)
-    tokenizer = tokenizer if tokenizer is not None else tok
+    if tokenizer is not None:  # a transformers / tokenizers one wrapped: encode(add_bos=False)
+        from .formats.memory import as_tokenizer
+        tokenizer = as_tokenizer(tokenizer)
+    else:
+        tokenizer = tok
     if text is None:
         raise ValueError("text: the eval text (or token ids) is required")
     context = getattr(m.config, "max_position_embeddings", None)
@@ -178,6 +181,8 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
                          f"{int(context)} positions")
     if add_bos is None:
         add_bos = bool(getattr(m.config, "add_bos", False))
+    elif not isinstance(add_bos, (bool, np.bool_)):
+        raise ValueError(f"add_bos: expected True, False or None (the model's), got {add_bos!r}")
     bos_id = None
     if add_bos:
         bos_id = getattr(m.config, "bos_token_id", None)
@@ -185,6 +190,8 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
             bos_id = getattr(tokenizer, "bos_id", None)
         if bos_id is None:
             raise ValueError("add_bos: the model has no BOS token id")
+    if isinstance(text, (bytes, bytearray)):
+        raise TypeError("text: expected a str (or token ids), got bytes; decode it first")
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError(f"tokenizer: needed to encode the text, and {m.name or 'the model'}"
@@ -200,7 +207,8 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
     n = win.ids.shape[0]
     if batch_size is None:
         batch_size = 1 if m.resident else 4
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
+            batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
     label = name if name is not None else (m.name or "model")

@@ -40,13 +40,16 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an integer >= 0, got {self.max_new_tokens!r}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+        if isinstance(self.temperature, (bool, np.bool_)) or \
+                not isinstance(self.temperature, (int, float, np.integer, np.floating)) \
                 or not (self.temperature >= 0.0) or not np.isfinite(self.temperature):
             raise ValueError(f"temperature: expected a finite value >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k: expected a positive integer or None, got {self.top_k!r}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.stop_at_eos, (bool, np.bool_)):
+            raise ValueError(f"stop_at_eos: expected True or False, got {self.stop_at_eos!r}")
 
 
 def _is_int(value: object) -> bool:
@@ -72,12 +75,19 @@ def generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig = Ge
                  ) -> Iterator[int]:
     """Yield generated token ids one by one after ``prompt_ids`` (non-empty). Generation stops
     early, with a warning, when the model's context (``max_position_embeddings``) is full."""
+    _check_arguments(model, cfg)
+    if np.ndim(prompt_ids) > 1:  # a batch would be read as one prompt
+        raise ValueError(f"prompt_ids: expected one prompt (a flat list of token ids), got "
+                         f"{np.ndim(prompt_ids)} dimensions")
     ids = as_token_ids(prompt_ids, "prompt_ids")
     if ids.size == 0:
         raise ValueError("prompt_ids: the prompt must contain at least one token")
     rng = np.random.default_rng(cfg.seed)
     eos = getattr(model.config, "eos_token_id", None)
     context = int(getattr(model.config, "max_position_embeddings", 1 << 62))
+    if ids.size > context:
+        raise ValueError(f"prompt_ids: {ids.size} tokens exceed the model's context of "
+                         f"{context} positions")
     cache = model.new_cache()
     logits = model.forward(ids[None, :], cache=cache, last_only=True)[0, -1]
     for i in range(cfg.max_new_tokens):
@@ -99,13 +109,38 @@ def generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig = Ge
                                last_only=True)[0, -1]
 
 
+def _check_arguments(model: object, cfg: object) -> None:
+    """TypeError naming ``model`` or ``cfg`` when they are not what generation runs on."""
+    if not (callable(getattr(model, "forward", None)) and callable(getattr(model, "new_cache",
+                                                                            None))):
+        raise TypeError(f"model: expected a runnable offq Model (offq.load_quantized(...)[0], "
+                        f"QuantizeResult.model(), Model.from_checkpoint(...)), got "
+                        f"{type(model).__name__}")
+    if not isinstance(cfg, GenerationConfig):
+        raise TypeError(f"cfg: expected an offq.generate.GenerationConfig, got "
+                        f"{type(cfg).__name__}")
+
+
 def generate(model: Model, tokenizer, prompt: str, cfg: GenerationConfig = GenerationConfig(), *,
              on_token: Callable[[str], None] | None = None) -> str:
     """Generate a continuation of ``prompt``; returns the generated text (without the prompt).
 
+    ``tokenizer``: None takes the model's (``model.tokenizer``, set by ``load_quantized``).
     ``on_token`` receives each newly decoded piece of text as it is produced (streaming output).
     A BOS is prepended to the prompt when the model uses one (``config.add_bos``).
     """
+    _check_arguments(model, cfg)
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("tokenizer: the model has none (no tokenizer.json beside its "
+                             "weights); pass one, or call generate_ids with token ids")
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt: expected a str (token ids go to generate_ids), got "
+                        f"{type(prompt).__name__}")
+    if on_token is not None and not callable(on_token):
+        raise TypeError(f"on_token: expected a callable taking each new piece of text, got "
+                        f"{type(on_token).__name__}")
     add_bos = bool(getattr(model.config, "add_bos", False)) and tokenizer.bos_id is not None
     ids = tokenizer.encode(prompt, add_bos=add_bos)
     out: list[int] = []

@@ -144,9 +144,9 @@ def test_quantize_names_a_model_of_the_wrong_type(model) -> None:
         offq.quantize(model, offq.QuantConfig())
 
 
-def test_perplexity_names_a_tokenizer_without_encode(smollm2_checkpoint) -> None:
+def test_perplexity_names_a_tokenizer_of_the_wrong_type(smollm2_checkpoint) -> None:
     # it ended in "AttributeError: 'int' object has no attribute 'encode'"
-    with pytest.raises(TypeError, match="^tokenizer: expected an object with encode"):
+    with pytest.raises(TypeError, match="^tokenizer: expected a path, a tokenizers.Tokenizer"):
         offq.perplexity(smollm2_checkpoint, "hello world " * 20, tokenizer=42, seqlen=16,
                         max_windows=1, quiet=True)
 
@@ -154,7 +154,7 @@ def test_perplexity_names_a_tokenizer_without_encode(smollm2_checkpoint) -> None
 def test_an_in_memory_tokenizer_with_padding_is_probed_unpadded(smollm2_checkpoint) -> None:
     """A backend with left padding set (as a transformers pipeline may leave it): the BOS probe
     used to see the pad token first; offq's copy drops padding, the caller's object keeps it."""
-    from offq.formats.memory import _tokenizer
+    from offq.formats.memory import as_tokenizer
 
     backend = tokenizers.Tokenizer.from_str(smollm2_checkpoint.tokenizer.backend.to_str())
     backend.post_processor = tokenizers.processors.TemplateProcessing(
@@ -163,7 +163,7 @@ def test_an_in_memory_tokenizer_with_padding_is_probed_unpadded(smollm2_checkpoi
     class HFLike:  # what offq reads of a transformers fast tokenizer
         backend_tokenizer, bos_token_id, eos_token_id, name_or_path = backend, 1, 2, "hf-like"
     backend.enable_padding(direction="left", pad_id=0, pad_token="<|endoftext|>", length=8)
-    tok = _tokenizer(HFLike())
+    tok = as_tokenizer(HFLike())
     assert tok.adds_bos and tok.bos_id == 1
     assert tok.encode("Hello, world!") == smollm2_checkpoint.tokenizer.encode("Hello, world!")
     assert backend.padding is not None  # the caller's tokenizer is left as it was

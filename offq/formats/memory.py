@@ -22,7 +22,7 @@ import numpy as np
 
 from .registry import Checkpoint, TensorStore, check_tensors
 
-__all__ = ["ArrayTensorStore", "MemoryCheckpoint", "from_state_dict", "as_float32"]
+__all__ = ["ArrayTensorStore", "MemoryCheckpoint", "from_state_dict", "as_float32", "as_tokenizer"]
 
 #: bytes hashed from each end of every tensor by ``MemoryCheckpoint.source_id``
 SOURCE_ID_SAMPLE = 1 << 16
@@ -116,7 +116,7 @@ def _config_dict(config: Any) -> dict:
                     f"{type(config).__name__}")
 
 
-def _tokenizer(tokenizer: Any) -> Any:
+def as_tokenizer(tokenizer: Any) -> Any:
     """offq's Tokenizer from one, a ``tokenizers.Tokenizer``, a transformers fast tokenizer, or
     a path (a directory with tokenizer.json, or the file); None stays None."""
     from .tokenizer import Tokenizer, puts_bos_first
@@ -161,7 +161,7 @@ def from_state_dict(config: Any, state_dict: Mapping[str, Any], *, tokenizer: An
     """
     from ..model.config import ModelConfig
 
-    tok = _tokenizer(tokenizer)
+    tok = as_tokenizer(tokenizer)
     hf = _config_dict(config)
     add_bos = tok.adds_bos if tok is not None else None
     mc = ModelConfig.from_hf(hf, add_bos=add_bos)

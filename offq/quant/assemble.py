@@ -149,6 +149,8 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
 
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(resident, bool):
+        raise ValueError(f"resident: expected True or False, got {resident!r}")
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
     if attention != "float" and mode not in ("fused", "auto"):
@@ -178,13 +180,24 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
             model.fused_runner = fused_runner(model, attention)
         except ValueError as e:  # FusedDecoder names what the model lacks
             if mode == "fused" or attention != "float":
-                raise
+                raise ValueError(f"mode {mode!r}: the C decoders run W4A4KV4 and weight-only "
+                                 f"models, not {cfg.describe(model_config.hidden_size)} ({e}); "
+                                 "use mode 'real'") from None
             logger.info("mode auto: %s runs on the NumPy-sequenced real path (%s)",
                         name or "the model", e)
     if attention != "float" and getattr(model, "fused_runner", None) is None:
         raise ValueError(f"attention: {attention!r} needs the fused C decoder, which a streamed "
                          "model (resident=False) does not get")
+    model.method = method_label(cfg, model_config.hidden_size, resolved_mode(model, mode),
+                                attention)
     return model
+
+
+def method_label(cfg: QuantConfig, hidden_size: int, path: str, attention: str = "float") -> str:
+    """What a quantized model is and the path it runs on, as evaluations record it (a built
+    Model's ``method``; a float model's is "fp32")."""
+    runs_on = path if attention == "float" else f"{path}, {attention} attention"
+    return f"{cfg.describe(hidden_size)} ({runs_on})"
 
 
 def resolved_mode(model: Model, mode: str) -> str:
@@ -212,6 +225,8 @@ def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: boo
                                       read_config)
     from ..formats.tokenizer import Tokenizer
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected an offq checkpoint directory, got {type(path).__name__}")
     path = Path(path)
     model_config, qcfg, _ = read_config(path)
     model_config = model_config.replace(tie_word_embeddings=False)

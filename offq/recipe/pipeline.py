@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,12 +78,20 @@ class QuantizeResult:
     name: str = ""
     #: seconds the pre-steps (OSAQ) took, part of ``timings["quantize"]``
     pre_step_seconds: float = 0.0
+    #: the file or directory the float model was read from (None: a model given in memory)
+    source: Path | None = None
 
     def save(self, out_dir: str | Path) -> Path:
         """Write the in-memory result as an offq checkpoint directory (what ``out_dir=`` of
         :func:`quantize` writes); ``offq.load_quantized`` reads it back."""
         if self.tensors is None:
             raise ValueError(f"save: this result is already on disk in {self.out_dir}")
+        if not isinstance(out_dir, (str, os.PathLike)):
+            raise TypeError(f"out_dir: expected a directory path, got {type(out_dir).__name__}")
+        # the refusals of quantize(out_dir=): never into the model being read, a file, a
+        # directory of other files, or a finished checkpoint made with another config
+        check_output_dir(out_dir, self.source, reusable=_reusable_output)
+        _check_replaced_checkpoint(Path(out_dir), self.quant_config, self.calibration)
         write_checkpoint(out_dir, self.tensors, self.model_config, self.quant_config,
                          self.rotations, self.tokenizer, calibration=self.calibration,
                          reports=self.reports)
@@ -259,7 +268,8 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     return QuantizeResult(mc, config, None if out_dir is None else Path(out_dir), tensors,
                           timings, reports, rotations=rot_meta, calibration=calib_record,
                           tokenizer=getattr(ckpt, "tokenizer", None),
-                          name=str(getattr(ckpt, "name", "")), pre_step_seconds=pre_clock[0])
+                          name=str(getattr(ckpt, "name", "")), pre_step_seconds=pre_clock[0],
+                          source=_source_path(ckpt))
 
 
 # ---------------------------------------------------------------------------------- stages
@@ -476,6 +486,12 @@ def layer_tensors(w: dict[str, np.ndarray], linears: dict[str, Any], mc: Any,
 
 
 # ---------------------------------------------------------------------------------- helpers
+def _source_path(ckpt: Any) -> Path | None:
+    """The file or directory a checkpoint was read from (None when it was given in memory)."""
+    path = getattr(ckpt, "path", None)
+    return Path(path) if isinstance(path, (str, os.PathLike)) else None
+
+
 def _reusable_output(directory: Path) -> bool:
     """An existing directory quantize may write into: an offq checkpoint or an unfinished run."""
     from ..formats.checkpoint import PARTIAL_DIR, is_offq_checkpoint

@@ -1,0 +1,205 @@
+"""The public Python API's answers to arguments it cannot use (a review's probes, 2026-12-07):
+what would have lost data, what ran silently as something else, and what failed deep inside
+instead of naming the argument. Tiny random models (tests/tiny_models.py) unless the case needs
+the default model's tokenizer."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import offq
+from offq.formats.checkpoint import save_safetensors
+from offq.generate import GenerationConfig, generate, generate_ids
+from offq.recipe import pipeline
+from tiny_models import calibration, tiny_checkpoint, token_ids, write_word_tokenizer
+
+RTN = dict(method="rtn", calib_samples=2, calib_seqlen=32)
+
+
+def tiny_hf_dir(path: Path) -> Path:
+    """A tiny Llama as a HF directory, with a word-level tokenizer (text "w3 w4" -> ids 3, 4)."""
+    ckpt = tiny_checkpoint(1)
+    path.mkdir()
+    save_safetensors(path / "model.safetensors", dict(ckpt.tensors))
+    (path / "config.json").write_text(json.dumps(ckpt.config.to_hf()))
+    write_word_tokenizer(path, ckpt.config.vocab_size)
+    return path
+
+
+@pytest.fixture()
+def rtn_result(tmp_path):
+    """(the HF directory, the float checkpoint read from it, its RTN QuantizeResult in memory)."""
+    src = tiny_hf_dir(tmp_path / "hf")
+    ckpt = offq.load(src)
+    return src, ckpt, offq.quantize(ckpt, offq.QuantConfig(**RTN), progress=False)
+
+
+def words(n: int, seed: int = 0) -> str:
+    return " ".join(f"w{i}" for i in np.random.default_rng(seed).integers(3, 101, n))
+
+
+# ------------------------------------------------------------------------------------ save
+def test_save_refuses_what_quantize_out_dir_refuses(rtn_result, tmp_path) -> None:
+    src, _, res = rtn_result
+    before = (src / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="^out_dir: .* is the input being read"):
+        offq.save(res, src)  # it overwrote the float model's files
+    assert (src / "model.safetensors").read_bytes() == before
+    with pytest.raises(ValueError, match="^out_dir: empty"):
+        offq.save(res, "")  # it wrote into the current directory
+    with pytest.raises(TypeError, match="^out_dir: expected a directory path, got NoneType"):
+        offq.save(res, None)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        offq.save(res, tmp_path / "a-file")  # it raised a bare FileExistsError
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds something else"):
+        offq.save(res, tmp_path / "other")  # it mixed the checkpoint into them
+    offq.save(res, tmp_path / "q")
+    offq.save(res, tmp_path / "q")  # the same result again: rewritten
+    w8 = offq.quantize(offq.load(src), offq.QuantConfig(**{**RTN, "w_bits": 8}), progress=False)
+    with pytest.raises(ValueError, match="finished offq checkpoint made with a different w_bits"):
+        offq.save(w8, tmp_path / "q")  # it replaced the W4 checkpoint
+
+
+# ------------------------------------------------------------------------------ perplexity
+def test_perplexity_reads_foreign_tokenizers_without_special_tokens(smollm2_checkpoint) -> None:
+    """A transformers tokenizer whose encode() adds BOS by default (and ignores add_bos=) made
+    the stream one token longer and the perplexity 6.5 -> 7.9, silently."""
+    transformers = pytest.importorskip("transformers", reason="test-only reference")
+    import tokenizers
+    import tokenizers.processors
+
+    backend = tokenizers.Tokenizer.from_str(smollm2_checkpoint.tokenizer.backend.to_str())
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])  # prepends BOS
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>")
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    want = offq.perplexity(smollm2_checkpoint, text, seqlen=32, max_windows=1, quiet=True)
+    for tok in (hf, backend):  # the raw tokenizers.Tokenizer raised "unexpected keyword add_bos"
+        got = offq.perplexity(smollm2_checkpoint, text, tokenizer=tok, seqlen=32, max_windows=1,
+                              quiet=True)
+        assert got["stream_tokens"] == want["stream_tokens"] and got["nll"] == want["nll"]
+
+
+def test_a_quantized_model_is_reported_as_what_it_is(rtn_result, tmp_path) -> None:
+    """load_quantized's and QuantizeResult.model()'s models were reported as 'fp32'."""
+    _, ckpt, res = rtn_result
+    ids = token_ids(ckpt.config.vocab_size, 1, 64, 3)[0].tolist()
+    from_result = offq.perplexity(res.model("real"), ids, seqlen=32, quiet=True)["method"]
+    assert from_result.startswith("rtn W4A4KV4") and from_result.endswith("(real)")
+    offq.save(res, tmp_path / "q")
+    model, _, _ = offq.load_quantized(tmp_path / "q", mode="fake")
+    assert offq.perplexity(model, ids, seqlen=32, quiet=True)["method"].endswith("(fake)")
+    assert offq.perplexity(ckpt, ids, seqlen=32, quiet=True)["method"] == "fp32"
+
+
+def test_perplexity_mode_is_checked_wherever_the_model_comes_from(rtn_result, caplog) -> None:
+    _, ckpt, res = rtn_result
+    ids = token_ids(ckpt.config.vocab_size, 1, 64, 3)[0].tolist()
+    with pytest.raises(ValueError, match="^mode: expected one of"):
+        offq.perplexity(ckpt, ids, seqlen=32, mode="bogus", quiet=True)  # ran FP32
+    with pytest.raises(ValueError, match="^mode: 'fake' is chosen when the model is built"):
+        offq.perplexity(res.model("real"), ids, seqlen=32, mode="fake", quiet=True)
+    with caplog.at_level(logging.WARNING, logger="offq.api"):
+        offq.perplexity(ckpt, ids, seqlen=32, mode="fused", quiet=True)
+    assert any("mode='fused' ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_perplexity_names_text_batch_size_and_add_bos(rtn_result) -> None:
+    _, ckpt, _ = rtn_result
+    ids = token_ids(ckpt.config.vocab_size, 1, 64, 3)[0].tolist()
+    with pytest.raises(TypeError, match="^text: expected a str .* got bytes"):
+        offq.perplexity(ckpt, b"w3 w4 w5", seqlen=2, quiet=True)
+    for bad in ("2", 1.7, "abc"):  # "2" and 1.7 ran as 2 and 1
+        with pytest.raises(ValueError, match="^batch_size: expected a positive integer"):
+            offq.perplexity(ckpt, ids, seqlen=32, batch_size=bad, quiet=True)
+    with pytest.raises(ValueError, match="^add_bos: expected True, False or None"):
+        offq.perplexity(ckpt, ids, seqlen=32, add_bos="no", quiet=True)  # read as True
+
+
+# -------------------------------------------------------------------------------- quantize
+def test_quantize_names_its_calibration(rtn_result, caplog) -> None:
+    _, ckpt, _ = rtn_result
+    cfg = offq.QuantConfig(method="offq", w_quantizer="rtn", calib_samples=2, calib_seqlen=32)
+    with pytest.raises(TypeError, match="^calibration: expected token ids"):
+        offq.quantize(ckpt, cfg, 5, progress=False)  # "expected str, bytes or os.PathLike"
+    ids = calibration(ckpt, 2, 32, 1)
+    as_lists = offq.quantize(ckpt, cfg, ids.tolist(), progress=False)  # was read as texts
+    as_array = offq.quantize(ckpt, cfg, ids, progress=False)
+    for name, t in as_array.tensors.items():
+        np.testing.assert_array_equal(as_lists.tensors[name], t, err_msg=name)
+    with caplog.at_level(logging.WARNING, logger="offq.api"):  # RTN: nothing to calibrate
+        offq.quantize(ckpt, offq.QuantConfig(method="rtn"), "no-such-corpus", progress=False)
+    assert any("calibration ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_load_names_source_given_with_a_state_dict(rtn_result) -> None:
+    src, ckpt, _ = rtn_result
+    with pytest.raises(TypeError, match="^source: with state_dict=, the model's HF config"):
+        offq.load(src, dict(ckpt.tensors))
+
+
+def test_quant_config_refuses_what_it_would_run_as_something_else() -> None:
+    with pytest.raises(ValueError, match="^w_quantizer: method 'rtn' rounds weights to nearest"):
+        offq.QuantConfig(method="rtn", w_quantizer="gptq")  # ran GPTQ, recorded as rtn
+    assert offq.QuantConfig(method="rtn", w_quantizer="osaq+rtn").w_quantizer == "osaq+rtn"
+    for bad in (dict(a_clip=True), dict(lm_head_bits=8.0), dict(calib_seqlen=1)):
+        with pytest.raises(ValueError, match=f"^{next(iter(bad))}: expected"):
+            offq.QuantConfig(**bad)
+    # NumPy scalars are what they say (and stored as the Python values JSON writes)
+    cfg = offq.QuantConfig(w_bits=np.int64(4), calib_samples=np.int64(2),
+                           a_clip=np.float32(0.5), r3=np.bool_(False))
+    assert (type(cfg.w_bits), type(cfg.calib_samples), type(cfg.a_clip), type(cfg.r3)) == \
+        (int, int, float, bool)
+    json.dumps(cfg.to_dict())
+
+
+def test_bool_arguments_are_booleans(rtn_result, tmp_path) -> None:
+    src, _, res = rtn_result
+    offq.save(res, tmp_path / "q")
+    with pytest.raises(ValueError, match="^resident: expected True or False"):
+        offq.load_quantized(tmp_path / "q", resident="no")  # read as True
+    with pytest.raises(ValueError, match="^validate: expected True or False"):
+        offq.open_checkpoint(src, validate="no")
+    with pytest.raises(TypeError, match="^path: expected an offq checkpoint directory"):
+        offq.load_quantized(3)
+
+
+def test_fused_mode_says_which_models_it_runs(rtn_result) -> None:
+    _, ckpt, _ = rtn_result
+    w4a8 = pipeline.quantize(ckpt, offq.QuantConfig(method="offq", w_quantizer="rtn", a_bits=8,
+                                                    kv_bits=8),
+                             calibration(ckpt, 2, 32, 1), progress=False)
+    with pytest.raises(ValueError, match="^mode 'fused': the C decoders run W4A4KV4 and "
+                                         "weight-only models, not offq W4A8KV8"):
+        w4a8.model("fused")  # said "model: layer 0 has no fused q/k/v and gate/up linears"
+
+
+# ------------------------------------------------------------------------------ generation
+def test_generation_names_what_it_cannot_use(rtn_result, tmp_path) -> None:
+    src, _, res = rtn_result
+    offq.save(res, tmp_path / "q")
+    model, tok, _ = offq.load_quantized(tmp_path / "q")
+    cfg = GenerationConfig(max_new_tokens=3)
+    with pytest.raises(ValueError, match="^prompt_ids: expected one prompt"):
+        list(generate_ids(model, [[3, 4], [5, 6]], cfg))  # ran as the prompt [3, 4, 5, 6]
+    with pytest.raises(ValueError, match="^prompt_ids: 600 tokens exceed the model's context"):
+        list(generate_ids(model, [3] * 600, cfg))
+    with pytest.raises(TypeError, match="^cfg: expected an offq.generate.GenerationConfig"):
+        generate(model, tok, "w3 w4", None)  # AttributeError: no attribute 'seed'
+    with pytest.raises(TypeError, match="^model: expected a runnable offq Model"):
+        generate(res, tok, "w3 w4", cfg)  # AttributeError: no attribute 'config'
+    with pytest.raises(TypeError, match="^on_token: expected a callable"):
+        generate(model, tok, "w3 w4", cfg, on_token=5)  # failed after the prefill
+    with pytest.raises(TypeError, match="^prompt: expected a str"):
+        generate(model, tok, [3, 4], cfg)
+    assert generate(model, None, "w3 w4", cfg) == generate(model, tok, "w3 w4", cfg)
+    with pytest.raises(ValueError, match="^stop_at_eos: expected True or False"):
+        GenerationConfig(stop_at_eos="no")  # read as True
+    assert GenerationConfig(temperature=np.float32(0.5)).temperature == 0.5
