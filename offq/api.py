@@ -106,7 +106,15 @@ def quantize(model: Any, config: Any = None, calibration: Any = None, *,
         return run_recipe(model, config, None, out_dir=out_dir, **kwargs)
     if isinstance(calibration, (list, tuple)) and calibration and \
             all(isinstance(c, (list, tuple, np.ndarray)) for c in calibration):
-        calibration = np.asarray(calibration)  # token ids as nested lists
+        lengths = {len(c) for c in calibration}  # token ids as nested lists
+        if len(lengths) > 1:
+            raise ValueError(f"calibration: token id sequences must share one length, got "
+                             f"lengths {sorted(lengths)}")
+        calibration = np.asarray(calibration)
+    elif isinstance(calibration, (list, tuple)) and calibration and \
+            all(isinstance(c, (int, np.integer)) for c in calibration):
+        raise ValueError("calibration: token ids go as [samples, seqlen] (a list of lists or a "
+                         "2-D array), got one flat list of integers")
     if calibration is not None and not isinstance(calibration, (np.ndarray, str, os.PathLike,
                                                                  list, tuple)):
         raise TypeError(f"calibration: expected token ids [samples, seqlen], a corpus name or "
@@ -140,7 +148,10 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
             (or its directory), a ``tokenizers.Tokenizer`` or a fast transformers tokenizer.
         seqlen, max_windows: window length and how many windows (default all).
         mode: ``"real"`` (4-bit kernels), ``"fake"`` (float32 simulation), ``"fused"`` (the C
-            decoder, W4A4KV4 only) or ``"auto"`` (fused where the model qualifies, else real).
+            decoders, W4A4KV4 and weight-only) or ``"auto"`` (fused where the model qualifies,
+            else real). A built ``Model`` runs the path it was built for: "real" and "auto"
+            accept it, another path is a ValueError; a float model runs float32 whatever the
+            mode (a warning names an ignored one).
         attention: ``"int8"`` runs the fused decoder's opt-in 8-bit attention (mode ``"fused"``
             or ``"auto"``; every window through the C step), ``"float"`` (default) the float
             attention.
@@ -176,13 +187,19 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         raise ValueError(f"attention: {attention!r} is chosen when the model is built (an offq "
                          "checkpoint path or a QuantizeResult), not for a built Model; set its "
                          "fused_runner.attention instead")
-    elif mode not in ("real", "auto"):  # (auto: whatever path the model has)
-        if isinstance(model, Model):
+    elif isinstance(model, Model) and model.path is not None:
+        # "real" (the default) and "auto" take the path the model was built for ("fused" gives
+        # the same perplexity as "real"); another explicit path cannot be had from a built Model
+        if mode not in ("real", "auto", model.path):
             raise ValueError(f"mode: {mode!r} is chosen when the model is built (an offq "
                              "checkpoint path, a QuantizeResult or offq.load_quantized(mode=)); "
-                             "this Model runs the path it was built for")
+                             f"this Model was built for {model.path!r}")
+    elif not isinstance(model, Model):  # a Checkpoint (load_model warns of an ignored mode)
+        model, tok = load_model(model, mode=mode)
+        tokenizer = tokenizer if tokenizer is not None else tok
+    elif mode not in ("real", "auto"):
         logger.warning("mode=%r ignored: %s is a float model, which runs in float32", mode,
-                       getattr(model, "name", "") or "the model")
+                       model.name or "the model")
     return run_eval(model, tokenizer, text, seqlen=seqlen, max_windows=max_windows,
                     dataset=dataset, **kwargs)
 

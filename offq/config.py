@@ -34,6 +34,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .quant.grid import SUPPORTED_BITS, resolve_group
 from .quantizers.registry import parse_weight_quantizer
 
@@ -67,7 +69,7 @@ def largest_pow2_divisor_at_most(d: int, g: int) -> int:
 class QuantConfig:
     """All settings of one quantization run (see the module docstring for the defaults)."""
 
-    method: str = "offq"
+    method: str = "offq"  # "fp" sets every width below to 16 whatever was passed
     # --- bits (16 = that quantizer is off) ---
     w_bits: int = 4
     a_bits: int = 4
@@ -135,8 +137,8 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # NumPy scalars as the Python values JSON stores
             value = getattr(self, f.name)
-            if hasattr(value, "dtype") and getattr(value, "shape", None) == () and \
-                    value.dtype.kind in "biuf":
+            if (isinstance(value, np.generic) or isinstance(value, np.ndarray)
+                    and value.ndim == 0) and value.dtype.kind in "biuf":
                 setattr(self, f.name, value.item())
         if self.w_quantizer is None:
             self.w_quantizer = _default_weight_quantizer(self.method)
@@ -177,7 +179,9 @@ class QuantConfig:
 
         choice("method", METHODS)
         _, rounding = parse_weight_quantizer(self.w_quantizer)
-        if self.method == "rtn" and rounding != "rtn":  # the method is named by its rounding
+        # method rtn never hides GPTQ rounding (the reverse, method gptq with w_quantizer rtn,
+        # is the unrotated RTN baseline of the weight-only tables)
+        if self.method == "rtn" and rounding != "rtn":
             raise ValueError(f"w_quantizer: method 'rtn' rounds weights to nearest, got "
                              f"{self.w_quantizer!r}; unrotated {rounding.upper()} weights are "
                              f"method 'gptq' with w_quantizer {self.w_quantizer!r}")

@@ -142,7 +142,7 @@ def token_windows(tokens: Sequence[int] | np.ndarray, seqlen: int, *, bos_id: in
         raise ValueError(f"seqlen: expected an integer >= 2 (a window predicts seqlen - 1 "
                          f"tokens), got {seqlen!r}")
     if max_windows is not None:
-        _check_positive("max_windows", max_windows)
+        check_positive("max_windows", max_windows)
     stream = as_token_ids(tokens)
     out = _window_rows(stream, int(seqlen), max_windows, bos_id, "eval")
     if len(out) == 0:
@@ -277,8 +277,8 @@ def sample_calibration(tokenizer: Tokenizer, source: str | os.PathLike | Sequenc
     Raises:
         ValueError: the source holds fewer than ``n * seqlen`` tokens (the message says how many).
     """
-    _check_positive("n", n)
-    _check_positive("seqlen", seqlen)
+    check_positive("n", n)
+    check_positive("seqlen", seqlen)
     bos = _bos_of(tokenizer, add_bos)
     docs = load_documents(source)
     rng = np.random.default_rng(seed)
@@ -313,7 +313,8 @@ def as_token_ids(tokens: Sequence[int] | np.ndarray, name: str = "tokens") -> np
     return arr.astype(np.int64).reshape(-1)
 
 
-def _check_positive(name: str, value: int) -> None:
+def check_positive(name: str, value: int) -> None:
+    """ValueError naming ``name`` unless ``value`` is an integer >= 1 (bools and floats too)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name}: expected a positive integer, got {value!r}")
 

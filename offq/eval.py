@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import as_token_ids, token_windows
+from .data import as_token_ids, check_positive, token_windows
 from .model.decoder import Model
 from .progress import Progress
 
@@ -207,9 +207,7 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
     n = win.ids.shape[0]
     if batch_size is None:
         batch_size = 1 if m.resident else 4
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
-            batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    check_positive("batch_size", batch_size)
     batch_size = int(batch_size)
     label = name if name is not None else (m.name or "model")
     total_nll = 0.0

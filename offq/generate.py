@@ -76,10 +76,17 @@ def generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig = Ge
     """Yield generated token ids one by one after ``prompt_ids`` (non-empty). Generation stops
     early, with a warning, when the model's context (``max_position_embeddings``) is full."""
     _check_arguments(model, cfg)
-    if np.ndim(prompt_ids) > 1:  # a batch would be read as one prompt
+    try:
+        ids = np.asarray(prompt_ids)
+    except ValueError:  # ragged nested lists
+        raise ValueError("prompt_ids: expected one prompt (a flat list of token ids), got "
+                         "nested lists of different lengths") from None
+    if ids.ndim == 2 and ids.shape[0] == 1:  # one prompt as a batch of one (return_tensors)
+        ids = ids[0]
+    if ids.ndim > 1:  # a batch would be read as one prompt
         raise ValueError(f"prompt_ids: expected one prompt (a flat list of token ids), got "
-                         f"{np.ndim(prompt_ids)} dimensions")
-    ids = as_token_ids(prompt_ids, "prompt_ids")
+                         f"shape {ids.shape}")
+    ids = as_token_ids(ids, "prompt_ids")
     if ids.size == 0:
         raise ValueError("prompt_ids: the prompt must contain at least one token")
     rng = np.random.default_rng(cfg.seed)
@@ -135,6 +142,9 @@ def generate(model: Model, tokenizer, prompt: str, cfg: GenerationConfig = Gener
         if tokenizer is None:
             raise ValueError("tokenizer: the model has none (no tokenizer.json beside its "
                              "weights); pass one, or call generate_ids with token ids")
+    from .formats.memory import as_tokenizer
+
+    tokenizer = as_tokenizer(tokenizer)  # a transformers one must not add its BOS on its own
     if not isinstance(prompt, str):
         raise TypeError(f"prompt: expected a str (token ids go to generate_ids), got "
                         f"{type(prompt).__name__}")

@@ -71,17 +71,22 @@ def test_save_refuses_what_quantize_out_dir_refuses(rtn_result, tmp_path) -> Non
 def test_perplexity_reads_foreign_tokenizers_without_special_tokens(smollm2_checkpoint) -> None:
     """A transformers tokenizer whose encode() adds BOS by default (and ignores add_bos=) made
     the stream one token longer and the perplexity 6.5 -> 7.9, silently."""
-    transformers = pytest.importorskip("transformers", reason="test-only reference")
     import tokenizers
     import tokenizers.processors
 
     backend = tokenizers.Tokenizer.from_str(smollm2_checkpoint.tokenizer.backend.to_str())
     backend.post_processor = tokenizers.processors.TemplateProcessing(
         single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])  # prepends BOS
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>")
+    foreign = [backend]  # the raw tokenizers.Tokenizer raised "unexpected keyword add_bos"
+    try:  # (test-only reference: the raw case runs without it)
+        import transformers
+        foreign.append(transformers.PreTrainedTokenizerFast(tokenizer_object=backend,
+                                                            bos_token="<|im_start|>"))
+    except ImportError:
+        pass
     text = "The quick brown fox jumps over the lazy dog. " * 4
     want = offq.perplexity(smollm2_checkpoint, text, seqlen=32, max_windows=1, quiet=True)
-    for tok in (hf, backend):  # the raw tokenizers.Tokenizer raised "unexpected keyword add_bos"
+    for tok in foreign:
         got = offq.perplexity(smollm2_checkpoint, text, tokenizer=tok, seqlen=32, max_windows=1,
                               quiet=True)
         assert got["stream_tokens"] == want["stream_tokens"] and got["nll"] == want["nll"]
@@ -106,9 +111,14 @@ def test_perplexity_mode_is_checked_wherever_the_model_comes_from(rtn_result, ca
         offq.perplexity(ckpt, ids, seqlen=32, mode="bogus", quiet=True)  # ran FP32
     with pytest.raises(ValueError, match="^mode: 'fake' is chosen when the model is built"):
         offq.perplexity(res.model("real"), ids, seqlen=32, mode="fake", quiet=True)
-    with caplog.at_level(logging.WARNING, logger="offq.api"):
+    fused = res.model("fused")  # its own path asked for again: it raised
+    want = offq.perplexity(res, ids, seqlen=32, quiet=True)["nll"]
+    for mode in ("fused", "auto", "real"):
+        assert offq.perplexity(fused, ids, seqlen=32, mode=mode, quiet=True)["nll"] == want
+    with caplog.at_level(logging.WARNING):
         offq.perplexity(ckpt, ids, seqlen=32, mode="fused", quiet=True)
-    assert any("mode='fused' ignored" in r.getMessage() for r in caplog.records)
+    warned = [r for r in caplog.records if "mode='fused' ignored" in r.getMessage()]
+    assert len(warned) == 1
 
 
 def test_perplexity_names_text_batch_size_and_add_bos(rtn_result) -> None:
@@ -134,6 +144,10 @@ def test_quantize_names_its_calibration(rtn_result, caplog) -> None:
     as_array = offq.quantize(ckpt, cfg, ids, progress=False)
     for name, t in as_array.tensors.items():
         np.testing.assert_array_equal(as_lists.tensors[name], t, err_msg=name)
+    with pytest.raises(ValueError, match="^calibration: token ids go as \\[samples, seqlen\\]"):
+        offq.quantize(ckpt, cfg, ids[0].tolist(), progress=False)  # read as a list of texts
+    with pytest.raises(ValueError, match="^calibration: token id sequences must share one"):
+        offq.quantize(ckpt, cfg, [ids[0].tolist(), ids[1, :20].tolist()], progress=False)
     with caplog.at_level(logging.WARNING, logger="offq.api"):  # RTN: nothing to calibrate
         offq.quantize(ckpt, offq.QuantConfig(method="rtn"), "no-such-corpus", progress=False)
     assert any("calibration ignored" in r.getMessage() for r in caplog.records)
@@ -145,10 +159,36 @@ def test_load_names_source_given_with_a_state_dict(rtn_result) -> None:
         offq.load(src, dict(ckpt.tensors))
 
 
+def test_a_result_of_a_model_in_memory_has_no_source_and_runs_with_its_tokenizer(
+        rtn_result, tmp_path, monkeypatch) -> None:
+    """An in-memory model's label path "<in-memory>" was taken for its source (a directory of
+    that name was refused by save); QuantizeResult.model() had no tokenizer, so generate and
+    perplexity on text failed with "the model has none"."""
+    src, ckpt, res = rtn_result
+    memory = offq.load(ckpt.config.to_hf(), dict(ckpt.tensors), tokenizer=src)
+    result = offq.quantize(memory, offq.QuantConfig(**RTN), progress=False)
+    assert result.source is None
+    monkeypatch.chdir(tmp_path)
+    offq.save(result, "<in-memory>")
+    model = res.model("real")
+    assert model.tokenizer is res.tokenizer is not None
+    cfg = GenerationConfig(max_new_tokens=3)
+    assert generate(model, None, "w3 w4", cfg) == generate(model, res.tokenizer, "w3 w4", cfg)
+    assert np.isfinite(offq.perplexity(model, words(80), seqlen=32, quiet=True)["ppl"])
+
+
 def test_quant_config_refuses_what_it_would_run_as_something_else() -> None:
     with pytest.raises(ValueError, match="^w_quantizer: method 'rtn' rounds weights to nearest"):
         offq.QuantConfig(method="rtn", w_quantizer="gptq")  # ran GPTQ, recorded as rtn
     assert offq.QuantConfig(method="rtn", w_quantizer="osaq+rtn").w_quantizer == "osaq+rtn"
+    torch = None
+    try:
+        import torch
+    except ImportError:
+        pass
+    if torch is not None:  # a 0-d tensor looked like a NumPy scalar: AttributeError on .kind
+        with pytest.raises(ValueError, match="^w_bits: expected one of"):
+            offq.QuantConfig(w_bits=torch.tensor(3))
     for bad in (dict(a_clip=True), dict(lm_head_bits=8.0), dict(calib_seqlen=1)):
         with pytest.raises(ValueError, match=f"^{next(iter(bad))}: expected"):
             offq.QuantConfig(**bad)
@@ -179,6 +219,11 @@ def test_fused_mode_says_which_models_it_runs(rtn_result) -> None:
     with pytest.raises(ValueError, match="^mode 'fused': the C decoders run W4A4KV4 and "
                                          "weight-only models, not offq W4A8KV8"):
         w4a8.model("fused")  # said "model: layer 0 has no fused q/k/v and gate/up linears"
+    weight_only = pipeline.quantize(ckpt, offq.QuantConfig(**RTN, a_bits=16, kv_bits=16),
+                                    calibration(ckpt, 2, 32, 1), progress=False)
+    with pytest.raises(ValueError, match="^mode 'fused': attention: 'int8' runs over the "
+                                         "W4A4KV4 decoder's 4-bit KV cache[^;]*$"):
+        weight_only.model("fused", attention="int8")  # said weight-only models do not run
 
 
 # ------------------------------------------------------------------------------ generation
@@ -200,6 +245,15 @@ def test_generation_names_what_it_cannot_use(rtn_result, tmp_path) -> None:
     with pytest.raises(TypeError, match="^prompt: expected a str"):
         generate(model, tok, [3, 4], cfg)
     assert generate(model, None, "w3 w4", cfg) == generate(model, tok, "w3 w4", cfg)
+    with pytest.raises(ValueError, match="^prompt_ids: expected one prompt .* different lengths"):
+        list(generate_ids(model, [[3, 4], [5]], cfg))  # NumPy's "inhomogeneous shape"
+    want = list(generate_ids(model, [3, 4], cfg))
+    assert list(generate_ids(model, np.array([[3, 4]]), cfg)) == want  # return_tensors="np"
+    import tokenizers  # the backend of a transformers tokenizer: its encode() takes no add_bos
+    backend = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json"))
+    assert generate(model, backend, "w3 w4", cfg) == generate(model, tok, "w3 w4", cfg)
+    with pytest.raises(TypeError, match="^tokenizer: expected a path"):
+        generate(model, object(), "w3 w4", cfg)  # AttributeError: no attribute 'bos_id'
     with pytest.raises(ValueError, match="^stop_at_eos: expected True or False"):
         GenerationConfig(stop_at_eos="no")  # read as True
     assert GenerationConfig(temperature=np.float32(0.5)).temperature == 0.5

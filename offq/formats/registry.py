@@ -293,8 +293,9 @@ def open_checkpoint(path_or_name: str | os.PathLike, *, validate: bool = True) -
         ValueError: malformed or inconsistent files, unsupported architecture or tensor types
             (the message names the file and the tensor).
     """
-    if not isinstance(validate, bool):
+    if not isinstance(validate, (bool, np.bool_)):
         raise ValueError(f"validate: expected True or False, got {validate!r}")
+    validate = bool(validate)
     name, path = resolve(path_or_name)
     if path.is_dir():
         from .safetensors import open_hf_dir

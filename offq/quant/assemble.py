@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..config import QuantConfig
+from ..config import OFF, QuantConfig
 from ..model.arch import architecture_of, dims_of
 from ..model.decoder import DecoderLayer, Model
 from ..model.linear import DenseLinear, SlicedLinear
@@ -149,8 +149,9 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
 
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if not isinstance(resident, bool):
+    if not isinstance(resident, (bool, np.bool_)):
         raise ValueError(f"resident: expected True or False, got {resident!r}")
+    resident = bool(resident)
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention: expected one of {ATTENTION_MODES}, got {attention!r}")
     if attention != "float" and mode not in ("fused", "auto"):
@@ -180,16 +181,20 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
             model.fused_runner = fused_runner(model, attention)
         except ValueError as e:  # FusedDecoder names what the model lacks
             if mode == "fused" or attention != "float":
-                raise ValueError(f"mode {mode!r}: the C decoders run W4A4KV4 and weight-only "
-                                 f"models, not {cfg.describe(model_config.hidden_size)} ({e}); "
-                                 "use mode 'real'") from None
+                kinds = ((cfg.w_bits, cfg.a_bits, cfg.kv_bits) == (4, 4, 4)
+                         or (cfg.a_bits, cfg.kv_bits) == (OFF, OFF))
+                what = "" if kinds else (  # the widths themselves are not what the C runs
+                    f"the C decoders run W4A4KV4 and weight-only models, not "
+                    f"{cfg.describe(model_config.hidden_size)}: ")
+                advice = "; use mode 'real'" if attention == "float" else ""
+                raise ValueError(f"mode {mode!r}: {what}{e}{advice}") from None
             logger.info("mode auto: %s runs on the NumPy-sequenced real path (%s)",
                         name or "the model", e)
     if attention != "float" and getattr(model, "fused_runner", None) is None:
         raise ValueError(f"attention: {attention!r} needs the fused C decoder, which a streamed "
                          "model (resident=False) does not get")
-    model.method = method_label(cfg, model_config.hidden_size, resolved_mode(model, mode),
-                                attention)
+    model.path = resolved_mode(model, mode)
+    model.method = method_label(cfg, model_config.hidden_size, model.path, attention)
     return model
 
 

@@ -102,10 +102,12 @@ class QuantizeResult:
         ``attention="int8"``: the fused decoder's 8-bit attention, see ``load_quantized``)."""
         from ..quant.assemble import build_model, load_quantized
 
-        if self.tensors is not None:
-            return build_model(self.model_config, self.quant_config, self.tensors, mode=mode,
-                               attention=attention)
-        return load_quantized(self.out_dir, mode=mode, attention=attention)[0]
+        if self.tensors is None:
+            return load_quantized(self.out_dir, mode=mode, attention=attention)[0]
+        model = build_model(self.model_config, self.quant_config, self.tensors, mode=mode,
+                            attention=attention, name=self.name)
+        model.tokenizer = self.tokenizer  # generate(model) and perplexity(model, text) use it
+        return model
 
 
 # ---------------------------------------------------------------------------------- the recipe
@@ -488,6 +490,8 @@ def layer_tensors(w: dict[str, np.ndarray], linears: dict[str, Any], mc: Any,
 # ---------------------------------------------------------------------------------- helpers
 def _source_path(ckpt: Any) -> Path | None:
     """The file or directory a checkpoint was read from (None when it was given in memory)."""
+    if getattr(ckpt, "source_format", "") == "memory":  # its path is a label, "<name>"
+        return None
     path = getattr(ckpt, "path", None)
     return Path(path) if isinstance(path, (str, os.PathLike)) else None
 
