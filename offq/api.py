@@ -187,13 +187,13 @@ def perplexity(model: Any, text: str | Sequence[int] | None = None, *, tokenizer
         raise ValueError(f"attention: {attention!r} is chosen when the model is built (an offq "
                          "checkpoint path or a QuantizeResult), not for a built Model; set its "
                          "fused_runner.attention instead")
-    elif isinstance(model, Model) and model.path is not None:
+    elif isinstance(model, Model) and model.built_mode is not None:
         # "real" (the default) and "auto" take the path the model was built for ("fused" gives
         # the same perplexity as "real"); another explicit path cannot be had from a built Model
-        if mode not in ("real", "auto", model.path):
+        if mode not in ("real", "auto", model.built_mode):
             raise ValueError(f"mode: {mode!r} is chosen when the model is built (an offq "
                              "checkpoint path, a QuantizeResult or offq.load_quantized(mode=)); "
-                             f"this Model was built for {model.path!r}")
+                             f"this Model was built for {model.built_mode!r}")
     elif not isinstance(model, Model):  # a Checkpoint (load_model warns of an ignored mode)
         model, tok = load_model(model, mode=mode)
         tokenizer = tokenizer if tokenizer is not None else tok

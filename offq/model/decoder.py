@@ -415,8 +415,8 @@ class Model:
         self.tokenizer: Any = None
         #: what eval reports as the method ("fp32" for the float reference)
         self.method = "fp32"
-        #: the path a quantized model was built for ("real", "fake" or "fused"; None: float32)
-        self.path: str | None = None
+        #: the mode a quantized model was built for ("real", "fake" or "fused"; None: float32)
+        self.built_mode: str | None = None
         self.resident = bool(resident)
         #: runs one decoder layer (RoPE tables cached between layers)
         self.runner = LayerRunner(config)

@@ -193,8 +193,8 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
     if attention != "float" and getattr(model, "fused_runner", None) is None:
         raise ValueError(f"attention: {attention!r} needs the fused C decoder, which a streamed "
                          "model (resident=False) does not get")
-    model.path = resolved_mode(model, mode)
-    model.method = method_label(cfg, model_config.hidden_size, model.path, attention)
+    model.built_mode = resolved_mode(model, mode)
+    model.method = method_label(cfg, model_config.hidden_size, model.built_mode, attention)
     return model
 
 
