@@ -151,8 +151,11 @@ def generate(model: Model, tokenizer, prompt: str, cfg: GenerationConfig = Gener
     if on_token is not None and not callable(on_token):
         raise TypeError(f"on_token: expected a callable taking each new piece of text, got "
                         f"{type(on_token).__name__}")
-    add_bos = bool(getattr(model.config, "add_bos", False)) and tokenizer.bos_id is not None
-    ids = tokenizer.encode(prompt, add_bos=add_bos)
+    # the model's BOS first, as perplexity takes it (a raw tokenizers.Tokenizer knows none)
+    bos = getattr(model.config, "bos_token_id", None)
+    bos = tokenizer.bos_id if bos is None else bos
+    add_bos = bool(getattr(model.config, "add_bos", False)) and bos is not None
+    ids = ([int(bos)] if add_bos else []) + list(tokenizer.encode(prompt, add_bos=False))
     out: list[int] = []
     shown = ""
     for t in generate_ids(model, ids, cfg):

@@ -170,6 +170,7 @@ def test_a_result_of_a_model_in_memory_has_no_source_and_runs_with_its_tokenizer
     assert result.source is None
     monkeypatch.chdir(tmp_path)
     offq.save(result, "<in-memory>")
+    offq.quantize(memory, offq.QuantConfig(**RTN), out_dir="<in-memory>", progress=False)
     model = res.model("real")
     assert model.tokenizer is res.tokenizer is not None
     cfg = GenerationConfig(max_new_tokens=3)
@@ -207,6 +208,8 @@ def test_bool_arguments_are_booleans(rtn_result, tmp_path) -> None:
         offq.load_quantized(tmp_path / "q", resident="no")  # read as True
     with pytest.raises(ValueError, match="^validate: expected True or False"):
         offq.open_checkpoint(src, validate="no")
+    offq.load_quantized(tmp_path / "q", resident=np.bool_(False))  # NumPy's bools are bools
+    offq.open_checkpoint(src, validate=np.bool_(False))
     with pytest.raises(TypeError, match="^path: expected an offq checkpoint directory"):
         offq.load_quantized(3)
 
@@ -252,6 +255,14 @@ def test_generation_names_what_it_cannot_use(rtn_result, tmp_path) -> None:
     import tokenizers  # the backend of a transformers tokenizer: its encode() takes no add_bos
     backend = tokenizers.Tokenizer.from_file(str(src / "tokenizer.json"))
     assert generate(model, backend, "w3 w4", cfg) == generate(model, tok, "w3 w4", cfg)
+    import dataclasses
+    model.config = dataclasses.replace(model.config, add_bos=True, bos_token_id=1)
+    prompts: list = []
+    model_forward = model.forward
+    model.forward = lambda ids, **kw: prompts.append(ids[0].tolist()) or model_forward(ids, **kw)
+    generate(model, backend, "w3 w4", GenerationConfig(max_new_tokens=1))  # BOS was dropped
+    assert prompts[0] == [1, 3, 4]
+    model.forward = model_forward
     with pytest.raises(TypeError, match="^tokenizer: expected a path"):
         generate(model, object(), "w3 w4", cfg)  # AttributeError: no attribute 'bos_id'
     with pytest.raises(ValueError, match="^stop_at_eos: expected True or False"):

@@ -15,7 +15,7 @@ from offq.formats.gptq_export import (GptqExportError, export_gptq, pack_stream,
 from offq.quant.assemble import load_quantized
 from offq.recipe import pipeline
 
-from tiny_models import calibration, tiny_checkpoint
+from tiny_models import calibration, tiny_checkpoint, write_word_tokenizer
 
 
 def read_packed(words: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -137,6 +137,20 @@ def test_offq_eval_runs_the_export(tiny, tmp_path):
     b, _ = load_model(str(out), mode="fake")
     na, nb = a.nll(ids), b.nll(ids)
     np.testing.assert_allclose(nb.mean(), na.mean(), rtol=2e-3)  # float16 scales/embeddings
+
+
+def test_an_export_s_model_carries_its_tokenizer(export_dir, tmp_path, tiny):
+    """load_gptq_export returned the tokenizer beside a model without one, so generate(model,
+    None, ...) said the model had none."""
+    import shutil
+
+    from offq.formats.gptq_export import load_gptq_export
+
+    out = tmp_path / "with-tokenizer"
+    shutil.copytree(export_dir, out)
+    write_word_tokenizer(out, tiny[0].config.vocab_size)
+    model, tokenizer, _ = load_gptq_export(out, mode="fake")
+    assert tokenizer is not None and model.tokenizer is tokenizer
 
 
 def test_export_refuses_to_overwrite_its_source_or_other_files(tiny, tmp_path):

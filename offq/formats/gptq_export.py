@@ -342,4 +342,6 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     # perplexity later)
     check_checkpoint_tensors(tensors, mc, qcfg, str(path / MODEL_FILE), offq_grids=False)
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
-    return build_model(mc, qcfg, tensors, mode=mode, name=path.name), tokenizer, qcfg
+    model = build_model(mc, qcfg, tensors, mode=mode, name=path.name)
+    model.tokenizer = tokenizer  # generate(model) and perplexity(model, text) find it there
+    return model, tokenizer, qcfg

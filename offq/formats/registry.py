@@ -164,7 +164,8 @@ class Checkpoint:
         config: architecture and sizes.
         tensors: lazy float32 tensors under HF names.
         tokenizer: the model's tokenizer.
-        source_format: ``"gguf"`` or ``"safetensors"``.
+        source_format: ``"gguf"``, ``"safetensors"`` or ``"memory"`` (no file behind it:
+            ``path`` is then a label, ``"<name>"``).
     """
 
     name: str

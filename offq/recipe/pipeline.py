@@ -156,7 +156,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     check_group_sizes(mc, config)
     check_hadamard_sizes(mc, config)
     if out_dir is not None:
-        check_output_dir(out_dir, getattr(ckpt, "path", None), reusable=_reusable_output)
+        check_output_dir(out_dir, _source_path(ckpt), reusable=_reusable_output)
     calib_record = calibration_record(calib, calibration_source, calibration_seed)
     if out_dir is not None:
         _check_replaced_checkpoint(Path(out_dir), config, calib_record)
