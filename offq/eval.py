@@ -114,7 +114,7 @@ def load_model(model: Any, *, mode: str = "real", attention: str = "float",
     if isinstance(model, Model):
         return model, model.tokenizer
     if isinstance(model, (str, os.PathLike)):
-        from .quant.assemble import load_quantized, resolved_mode
+        from .quant.assemble import load_quantized
         from .formats.gptq_export import is_gptq_export, load_gptq_export
         if is_offq_checkpoint(model) or is_gptq_export(model):
             load = load_quantized if is_offq_checkpoint(model) else load_gptq_export
@@ -124,7 +124,7 @@ def load_model(model: Any, *, mode: str = "real", attention: str = "float",
             if load is not load_quantized:  # (load_quantized's models carry their label)
                 m.method = (f"gptq-format export W{qcfg.w_bits} group {qcfg.w_group_size} "
                             f"{'sym' if qcfg.w_symmetric else 'asym'} "
-                            f"({resolved_mode(m, mode)})")
+                            f"({m.built_mode})")
             return m, tok
         from .formats import open_checkpoint
         model = open_checkpoint(model)

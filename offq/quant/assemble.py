@@ -194,15 +194,10 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
         raise ValueError(f"attention: {attention!r} needs the fused C decoder, which a streamed "
                          "model (resident=False) does not get")
     model.built_mode = resolved_mode(model, mode)
-    model.method = method_label(cfg, model_config.hidden_size, model.built_mode, attention)
+    # what evaluations record: the config and the path it runs on (a float model's is "fp32")
+    runs_on = model.built_mode + ("" if attention == "float" else f", {attention} attention")
+    model.method = f"{cfg.describe(model_config.hidden_size)} ({runs_on})"
     return model
-
-
-def method_label(cfg: QuantConfig, hidden_size: int, path: str, attention: str = "float") -> str:
-    """What a quantized model is and the path it runs on, as evaluations record it (a built
-    Model's ``method``; a float model's is "fp32")."""
-    runs_on = path if attention == "float" else f"{path}, {attention} attention"
-    return f"{cfg.describe(hidden_size)} ({runs_on})"
 
 
 def resolved_mode(model: Model, mode: str) -> str:
