@@ -109,8 +109,9 @@ _HELP = {
                  "(inverse subspace iteration, the same budget without the reduction), auto "
                  "(subspace from input width 4096 up)",
     "lm_head_bits": "16: the LM head stays float32 (the paper's); 8: int8 codes with one scale "
-                    "per group of 128 inputs; 4: 4-bit asymmetric codes per group of 128 inputs, "
-                    "run packed by the weight-only kernel (half the int8 head's bytes per token)",
+                    "per group of g inputs; 4: 4-bit asymmetric codes per group of g inputs, "
+                    "run packed by the weight-only kernel (half the int8 head's bytes per token); "
+                    "g = the largest power of two <= 128 dividing the hidden size (64 for 576)",
     "calib_samples": "calibration sequences",
     "calib_seqlen": "tokens per calibration sequence",
     "calib_activations": "quantized: the calibration batch crosses the quantized layers with "
