@@ -46,3 +46,16 @@ def test_osaq_iters_is_a_validated_field():
     with pytest.raises(ValueError, match="osaq_iters"):
         QuantConfig(osaq_iters=0)
     assert QuantConfig.from_dict(QuantConfig(osaq_iters=1).to_dict()).osaq_iters == 1
+
+
+def test_pre_step_time_is_counted_only_when_there_are_pre_steps():
+    """The CLI prints the pre-steps' share of the quantize stage when it is non-zero: GPTQ alone
+    has no pre-step and printed "the pre-steps (gptq) took 0.0 s" before."""
+    ckpt = tiny_checkpoint(1)
+    plain = QuantConfig(method="gptq", a_bits=16, kv_bits=16, w_bits=4, w_symmetric=False)
+    result = pipeline.quantize(ckpt, plain, calibration(ckpt), progress=False)
+    assert result.pre_step_seconds == 0.0
+    with_osaq = QuantConfig(method="gptq", a_bits=16, kv_bits=16, w_bits=4, w_symmetric=False,
+                            w_quantizer="osaq+gptq")
+    result = pipeline.quantize(ckpt, with_osaq, calibration(ckpt), progress=False)
+    assert result.pre_step_seconds > 0.0

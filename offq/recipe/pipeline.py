@@ -453,7 +453,7 @@ def quantize_site_linears(w: dict[str, np.ndarray], source: HessianAccumulator |
             w[name], reports[name] = step.apply(w[name], step_state)
             logger.info("%s %s: %s", type(step).__name__, name, reports[name])
         step_state = None
-    if pre_clock is not None:
+    if pre_clock is not None and pre_steps:  # no pre-steps: nothing to time (GPTQ alone read 0.0 s)
         pre_clock[0] += time.perf_counter() - t0
     state = quantizer.prepare(hess, where)
     hess = None
