@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -67,8 +68,29 @@ def _add_attention(p: argparse.ArgumentParser) -> None:
 
 def _check_attention(args: argparse.Namespace) -> None:
     if args.attention != "float" and args.mode not in ("fused", "auto"):
-        raise UsageError(f"--attention {args.attention} runs on the fused C decoder: add "
-                         f"--mode fused (or auto), not --mode {args.mode}")
+        raise UsageError(f"--attention {args.attention} runs on the fused C decoder, which "
+                         f"takes W4A4KV4 offq checkpoints: for one, add --mode fused (or auto); "
+                         f"--mode is {args.mode}")
+
+
+def _check_out_writable(flag: str, out: str) -> None:
+    """Refuse an output path no directory can be made at before any work: its nearest existing
+    ancestor must be a directory that takes a new entry (tried, not inferred from permission
+    bits, which root and pseudo file systems such as /proc do not follow)."""
+    import tempfile
+
+    ancestor = Path(out).absolute()
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor == Path(out).absolute():
+        return  # it exists: whether it may be written to is the writer's check
+    if not ancestor.is_dir():
+        raise UsageError(f"{flag} {out}: {ancestor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".offq-probe-", dir=ancestor))
+    except OSError as e:
+        raise UsageError(f"{flag} {out}: cannot create it in {ancestor} "
+                         f"({e.strerror or e})") from None
 
 
 def _set_threads(n: int | None) -> None:
@@ -212,6 +234,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not hold_freed_memory():
             log.warning("--hold-freed-memory: the C library is not glibc; nothing changed")
     _set_threads(args.threads)
+    _check_out_writable("--out", args.out)
     from .formats.checkpoint import is_offq_checkpoint
 
     if is_offq_checkpoint(args.model):
@@ -361,21 +384,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, seed=args.seed)
+    if not args.prompt:
+        raise UsageError("--prompt: empty (give the text to continue)")
+    try:  # argv's undecodable bytes arrive as lone surrogates, which no tokenizer takes
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("--prompt: not valid UTF-8 text") from None
     model, tokenizer = load_model(args.model, mode=args.mode, attention=args.attention)
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer found (tokenizer.json) to encode the prompt")
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    # The prompt is echoed with the first new token, after generate has checked it, so a
+    # refused prompt leaves stdout empty (`offq generate ... > out.txt`).
+    echoed = [False]
 
     def show(piece: str) -> None:
+        if not echoed[0]:
+            sys.stdout.write(args.prompt)
+            echoed[0] = True
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     try:
         generate(model, tokenizer, args.prompt, cfg, on_token=show)
+        show("")  # no new token (--max-new-tokens 0, or EOS first): the prompt alone
     finally:  # the error (on stderr) starts on a line of its own
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        if echoed[0]:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     return 0
 
 
@@ -423,6 +458,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     facts = (_inspect_offq_checkpoint(args.model) if is_offq_checkpoint(args.model)
              else _inspect_gptq_export(args.model) if is_gptq_export(args.model) else None)
+    if facts is not None and (args.plot or args.r1):
+        raise UsageError(f"--plot / --r1 measure a float model's activations; {args.model} is "
+                         "quantized (inspect the float model it came from)")
     if facts is not None:  # a quantized model: its stored facts, no activations
         print(json.dumps(facts) if args.json else _format_facts(facts))
         return 0
@@ -654,6 +692,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from .formats.gptq_export import export_gptq
 
+    _check_out_writable("--out", args.out)
     out = export_gptq(args.model, args.out, checkpoint_format=args.checkpoint_format)
     print(f"wrote {out} (format {args.format}, checkpoint_format {args.checkpoint_format})")
     return 0
@@ -711,5 +750,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"offq {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"offq {args.command}: interrupted", file=sys.stderr)
+        from .formats.checkpoint import PARTIAL_DIR
+
+        partial = Path(getattr(args, "out", None) or ".") / PARTIAL_DIR
+        hint = (f"; the finished layers are kept in {partial}: the same command with --resume "
+                "continues from them" if args.command == "quantize" and partial.is_dir() else "")
+        print(f"offq {args.command}: interrupted{hint}", file=sys.stderr)
         return 130

@@ -195,8 +195,9 @@ def perplexity(model: Any, tokenizer: Any = None, text: str | Sequence[int] | No
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError(f"tokenizer: needed to encode the text, and {m.name or 'the model'}"
-                             " has none (no tokenizer.json beside its weights); pass "
-                             "tokenizer= or token ids")
+                             " has none (no tokenizer.json beside its weights): put the "
+                             "model's tokenizer.json there, or from Python pass tokenizer= or "
+                             "token ids")
         t0 = time.perf_counter()
         stream = tokenizer.encode(text, add_bos=False)
         log.info("tokenized %d characters -> %d tokens in %.1fs", len(text), len(stream),

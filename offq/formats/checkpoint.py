@@ -54,6 +54,11 @@ def load_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
     """(tensors, metadata) of one checkpoint file: read-only views into the memory-mapped file,
     in their stored dtype. Raises ValueError naming the file and the problem for anything
     malformed (``offq.formats.safetensors.read_header``)."""
+    path = Path(path)
+    if not path.is_file():  # say what is wrong with the checkpoint, not only errno's words
+        what = "is not a file" if path.exists() else "is missing"
+        raise FileNotFoundError(f"{path}: {what} ({path.parent} is incomplete: re-run the "
+                                "command that wrote it)")
     return _st.load_safetensors(path, mmap=True)
 
 
@@ -90,16 +95,22 @@ def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, An
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not an offq checkpoint directory")
     raw = read_json_object(cfg_path)
-    block = raw.get("offq")
-    if not isinstance(block, dict):
+    if "offq" not in raw:
         raise ValueError(f"{cfg_path}: no 'offq' block; this is not an offq checkpoint "
                          "(quantize it with `offq quantize`)")
+    block = raw["offq"]
+    if not isinstance(block, dict):
+        raise ValueError(f"{cfg_path}: its 'offq' block is {type(block).__name__}, not an "
+                         "object; the file was edited or is corrupt")
     version = block.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{cfg_path}: offq format_version {version!r} is not supported "
                          f"(this offq reads version {FORMAT_VERSION})")
+    if not isinstance(block.get("quant_config"), dict):  # not the defaults: they may differ
+        raise ValueError(f"{cfg_path}: its 'offq' block has no quant_config object; the file "
+                         "was edited or is corrupt")
     try:
-        qcfg = QuantConfig.from_dict(block.get("quant_config", {}))
+        qcfg = QuantConfig.from_dict(block["quant_config"])
         model_config = ModelConfig.from_hf({k: v for k, v in raw.items() if k != "offq"})
         if qcfg.kv_bits != OFF:  # a group that does not divide head_dim fails here, not later
             qcfg.kv_group(model_config.head_dim)
@@ -117,14 +128,16 @@ def read_config(path: str | os.PathLike) -> tuple[Any, QuantConfig, dict[str, An
 
 
 def is_offq_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a directory whose config.json carries an ``offq`` block."""
+    """Whether ``path`` is a directory whose config.json carries an ``offq`` key (a block that
+    is not an object makes it a corrupt offq checkpoint, refused when read, not a float model)."""
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.is_file():
         return False
     try:
-        return isinstance(json.loads(cfg_path.read_text(encoding="utf-8")).get("offq"), dict)
-    except (OSError, ValueError, AttributeError, RecursionError):
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(raw, dict) and "offq" in raw
 
 
 def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tuple[int, ...], str]]:
