@@ -263,8 +263,8 @@ def test_int8_attention_from_the_loader_and_the_command_line(quantized, tmp_path
     assert capsys.readouterr().out.startswith("w3 w4 w5 w6")
 
     assert main(["eval", str(ckpt_dir), "--attention", "int8", "--quiet"]) == 2
-    assert "--attention int8 runs on the fused C decoder: add --mode fused" in \
-        capsys.readouterr().err
+    assert "--attention int8 runs on the fused C decoder, which takes W4A4KV4 offq " \
+        "checkpoints: for one, add --mode fused" in capsys.readouterr().err
     with pytest.raises(ValueError, match="attention: 'int8' is the fused C decoder's"):
         load_quantized(ckpt_dir, mode="real", attention="int8")
     with pytest.raises(ValueError, match="a streamed model"):
