@@ -103,3 +103,12 @@ def test_an_interrupted_quantize_points_to_resume(tmp_path, capsys, monkeypatch)
     assert main(["quantize", "smollm2-135m", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" in err and str(out / PARTIAL_DIR) in err
+
+
+def test_quantize_refuses_an_output_whose_offq_block_is_corrupt(checkpoint, tmp_path):
+    # is_offq_checkpoint takes any 'offq' key, so the replace check must read a non-object
+    # block as unreadable (it raised AttributeError on None)
+    spoiled = _spoiled(checkpoint, tmp_path, lambda c: c.update(offq=None))
+    ck = tiny_checkpoint(4, layers=1)
+    with pytest.raises(ValueError, match="unreadable"):
+        pipeline.quantize(ck, QuantConfig(method="rtn"), None, out_dir=spoiled, progress=False)

@@ -153,7 +153,7 @@ def test_an_export_s_model_carries_its_tokenizer(export_dir, tmp_path, tiny):
     assert tokenizer is not None and model.tokenizer is tokenizer
 
 
-def test_export_refuses_to_overwrite_its_source_or_other_files(tiny, tmp_path):
+def test_export_refuses_to_overwrite_its_source_or_other_files(tiny, tmp_path, caplog):
     src = quantized_dir(tiny, tmp_path, w_bits=4, w_group_size=16, w_symmetric=False)
     before = sorted(p.name for p in src.iterdir())
     with pytest.raises(ValueError, match="is the input being read"):
@@ -164,8 +164,11 @@ def test_export_refuses_to_overwrite_its_source_or_other_files(tiny, tmp_path):
     with pytest.raises(ValueError, match="busy exists, is not empty"):
         export_gptq(src, busy)
     assert sorted(p.name for p in src.iterdir()) == before
-    out = export_gptq(src, tmp_path / "gptq")
-    export_gptq(src, out)  # an earlier export may be replaced
+    with caplog.at_level("WARNING", logger="offq.formats.gptq_export"):
+        out = export_gptq(src, tmp_path / "gptq")
+        assert "replacing" not in caplog.text
+        export_gptq(src, out)  # an earlier export may be replaced, not silently
+    assert f"{out}: replacing the GPTQ export already there" in caplog.text
 
 
 @pytest.fixture(scope="module")

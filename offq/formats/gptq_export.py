@@ -34,6 +34,7 @@ rotations (R3/R4 run inside offq's forward), unquantized weights, a quantized LM
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ import numpy as np
 
 from .files import atomic_copy, atomic_write_json, check_output_dir, fsync_dir
 from .safetensors import write_safetensors
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GptqExportError", "export_gptq", "is_gptq_export", "load_gptq_export", "pack_stream",
            "unpack_stream", "GPTQ_BITS"]
@@ -209,6 +212,8 @@ def export_gptq(src: str | Path, out: str | Path, *, checkpoint_format: str = "g
     for name in tensors:
         if name not in quantized:
             result[name] = to_float16(tensors[name], name)
+    if is_gptq_export(out):  # the one kind of directory an export may overwrite: say so
+        log.warning("%s: replacing the GPTQ export already there", out)
     out.mkdir(parents=True, exist_ok=True)
     # an earlier export's config.json goes first: a crash below then leaves a directory that
     # does not claim to be a GPTQ export, not the old config beside new weights

@@ -513,6 +513,8 @@ def _check_replaced_checkpoint(directory: Path, config: QuantConfig,
     if (directory / PARTIAL_DIR).is_dir() or not is_offq_checkpoint(directory):
         return
     stored = read_json_object(directory / CONFIG_FILE)["offq"]
+    if not isinstance(stored, dict):  # a corrupt block: unreadable, so never silently replaced
+        stored = {}
     try:
         old_cfg = QuantConfig.from_dict(stored.get("quant_config"))
     except (TypeError, ValueError):
