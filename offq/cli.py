@@ -489,6 +489,10 @@ def _inspect_activations(ckpt, args: argparse.Namespace) -> dict:
     from .data import DEFAULT_CALIBRATION, sample_calibration
     from .outliers import activation_outliers, offq_r1
 
+    if args.calib_samples < 1 or args.calib_seqlen < 2:
+        raise UsageError(f"--calib-samples must be >= 1 and --calib-seqlen >= 2, got "
+                         f"{args.calib_samples} and {args.calib_seqlen}")
+
     if args.plot and args.plot_layer not in (args.layers or [args.plot_layer]):
         raise UsageError(f"--plot-layer {args.plot_layer} is not among --layers {args.layers}")
     n_layers = ckpt.config.num_hidden_layers
@@ -628,6 +632,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if any(t < 1 for t in args.threads):
         raise UsageError(f"--threads: expected positive integers, got {args.threads}")
+    from .kernels import get_num_threads, set_num_threads
+
+    current = get_num_threads()
+    for t in args.threads:  # each count checked as --threads, before anything is timed
+        _set_threads(t)
+    set_num_threads(current)
     if not (args.kernels or args.e2e):
         raise UsageError("--no-kernels and --no-e2e leave nothing to measure")
     args.prompt_lengths, args.gen_tokens, args.repeats = bench_sizes(args)

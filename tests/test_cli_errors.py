@@ -112,3 +112,11 @@ def test_quantize_refuses_an_output_whose_offq_block_is_corrupt(checkpoint, tmp_
     ck = tiny_checkpoint(4, layers=1)
     with pytest.raises(ValueError, match="unreadable"):
         pipeline.quantize(ck, QuantConfig(method="rtn"), None, out_dir=spoiled, progress=False)
+
+
+def test_errors_name_the_flag_not_an_internal_parameter(capsys):
+    assert main(["inspect", "smollm2-135m", "--calib-samples", "0"]) == 2
+    assert "--calib-samples must be >= 1" in capsys.readouterr().err  # it said "n: ..."
+    assert main(["bench", "--no-kernels", "--threads", "1", "100000"]) == 2
+    out, err = capsys.readouterr()
+    assert "--threads 100000:" in err and out == ""  # refused before the machine header
