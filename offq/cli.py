@@ -79,11 +79,12 @@ def _check_out_writable(flag: str, out: str) -> None:
     bits, which root and pseudo file systems such as /proc do not follow)."""
     import tempfile
 
-    ancestor = Path(out).absolute()
+    target = Path(out).absolute()
+    if target.exists():
+        return  # whether it may be written to is the writer's check
+    ancestor = target.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
-    if ancestor == Path(out).absolute():
-        return  # it exists: whether it may be written to is the writer's check
     if not ancestor.is_dir():
         raise UsageError(f"{flag} {out}: {ancestor} is not a directory")
     try:
@@ -632,12 +633,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if any(t < 1 for t in args.threads):
         raise UsageError(f"--threads: expected positive integers, got {args.threads}")
-    from .kernels import get_num_threads, set_num_threads
+    from .kernels import threads
 
-    current = get_num_threads()
-    for t in args.threads:  # each count checked as --threads, before anything is timed
-        _set_threads(t)
-    set_num_threads(current)
+    for t in args.threads:  # each count checked as --threads before anything is timed; the
+        try:                # context manager restores offq's and the BLAS settings after
+            with threads(t):
+                pass
+        except ValueError as e:
+            raise UsageError(f"--threads {t}: {e}") from e
     if not (args.kernels or args.e2e):
         raise UsageError("--no-kernels and --no-e2e leave nothing to measure")
     args.prompt_lengths, args.gen_tokens, args.repeats = bench_sizes(args)
@@ -760,10 +763,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"offq {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        from .formats.checkpoint import PARTIAL_DIR
+        hint = ""
+        if args.command == "quantize":  # the one command whose finished work can be resumed
+            from .formats.checkpoint import PARTIAL_DIR
 
-        partial = Path(getattr(args, "out", None) or ".") / PARTIAL_DIR
-        hint = (f"; the finished layers are kept in {partial}: the same command with --resume "
-                "continues from them" if args.command == "quantize" and partial.is_dir() else "")
+            partial = Path(args.out) / PARTIAL_DIR
+            if partial.is_dir():
+                hint = (f"; the finished layers are kept in {partial}: the same command with "
+                        "--resume continues from them")
         print(f"offq {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
