@@ -12,7 +12,7 @@ Workloads (SmolLM2-135M's shapes unless stated; the SIMD variant is what the pro
   - ``matmul``: ``matmul_w4a4`` of 2048 tokens (activations asymmetric, groups of 64) against a
     symmetric per-channel 4-bit weight, K x N = 576 x 3072 (gate/up) and 1536 x 576 (down), and
     Qwen2.5-1.5B's gate/up half, 512 tokens (groups of 128) x 1536 x 8960;
-  - ``attention``: the 8-bit attention (``attention_kv4``, mode int8) of 96 queries (32 positions x
+  - ``attention``: the 8-bit and the float attention (``attention_kv4``) of 96 queries (32 positions x
     3 heads of a KV head, the last rows of a 2048-token prompt) over a 2048-position 4-bit cache,
     head_dim 64, one group;
   - ``wq``: the weight-only decode product ``matmul_wq`` (M = 1, 4096 x 4096, W4 / W3 / W2,
@@ -69,7 +69,7 @@ def matmul_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
 
 
 def attention_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
-    """(name, call(module)) for the 8-bit attention over a 4-bit cache."""
+    """(name, call(module)) for the 8-bit and the float attention over a 4-bit cache."""
     npos, hd = 2048, 64
     codes = rng.integers(0, 256, (npos, 2, hd // 2), dtype=np.uint8)
     scale = rng.uniform(0.02, 0.3, (npos, 2, 1)).astype(np.float32)
@@ -77,10 +77,11 @@ def attention_cases(rng: np.random.Generator) -> list[tuple[str, object]]:
     q = (rng.standard_normal((96, hd)) * 0.5).astype(np.float32)
     n = np.repeat(np.arange(npos - 31, npos + 1), 3).astype(np.int64)
 
-    def call(mod: ModuleType) -> np.ndarray:
-        return mod.attention_kv4(q, codes, scale, zero, n, mode="int8")
+    def call(mode: str):
+        return lambda mod: mod.attention_kv4(q, codes, scale, zero, n, mode=mode)
 
-    return [(f"attention int8 96 q x {npos} pos, hd {hd}", call)]
+    return [(f"attention {mode} 96 q x {npos} pos, hd {hd}", call(mode))
+            for mode in ("int8", "float")]
 
 
 def wq_weights(rng: np.random.Generator):

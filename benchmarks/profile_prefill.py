@@ -36,10 +36,13 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attention", choices=("float", "int8"), default="float",
                    help="the C step's attention (int8: the opt-in 8-bit one)")
+    p.add_argument("--prefill", choices=("c", "numpy"), default="c",
+                   help="the prompt's path: the C step (default) or the NumPy real path, the "
+                        "two that prefill='auto' chooses between")
     args = p.parse_args()
     set_num_threads(args.threads)
     model, tokenizer, cfg = load_quantized(args.ckpt, mode="fused")
-    model.fused_runner.prefill = "c"
+    model.fused_runner.prefill = args.prefill
     model.fused_runner.attention = args.attention
     ids = eval_windows(tokenizer, load_wikitext2_test(), args.tokens, 1,
                        bool(model.config.add_bos))[0]
@@ -53,7 +56,8 @@ def main() -> int:
 
     prefill()  # warm-up
     seconds = [prefill() for _ in range(args.repeats)]
-    print(f"# {describe_machine()}; threads {args.threads}; attention {args.attention}; {args.ckpt}: "
+    print(f"# {describe_machine()}; threads {args.threads}; prefill {args.prefill}; attention "
+          f"{args.attention}; {args.ckpt}: "
           f"{cfg.describe(model.config.hidden_size)}")
     print(f"pp{args.tokens}: best {args.tokens / min(seconds):.1f}, median "
           f"{args.tokens / float(np.median(seconds)):.1f} tokens/s over {args.repeats} prefills")

@@ -165,25 +165,56 @@ def test_adversarial_caches(mode):
         np.testing.assert_allclose(got, ref8, rtol=0, atol=1e-5 * np.abs(ref8).max())
 
 
-@pytest.mark.parametrize("kernel", ["auto", "generic"])
-def test_int8_softmax_finds_a_dominant_score_anywhere(kernel):
-    """One score ~190 above the rest (exp of the gap overflows float32) at positions in every
-    lane, chain and tail of the softmax's vector maximum: a maximum that missed it would turn
-    its weight into inf. The output is then that position's value row."""
+#: positions of the dominant score: every lane, chain and tail of both softmaxes' vector maxima
+#: (the float one: four chains of 8 scores over blocks of 32, then 8-wide, then scalar)
+_DOMINANT_AT = (0, 5, 9, 21, 37, 45, 53, 63, 64, 70, 101, 127, 130, 159, 191, 192, 199, 202)
+
+
+def dominant_score_cases() -> list[tuple[np.ndarray, ...]]:
+    """(q, codes, scale, zero, n) with one score ~190 above the rest (exp of the gap overflows
+    float32) at each of _DOMINANT_AT: a maximum that missed it would turn its weight into inf."""
     rng = np.random.default_rng(11)
     npos, hd = 203, 64
-    for p in (0, 5, 21, 37, 53, 63, 64, 70, 101, 127, 130, 159, 191, 192, 199, 202):
+    cases = []
+    for p in _DOMINANT_AT:
         codes, scale, zero = random_cache(rng, npos, hd, hd)
         scale[:, 0] = 1e-3  # keys: scores within +-1
         codes[p, 0] = 255  # key p: every code 15, zero-point 0, scale 0.2: score 64 * 15 * 0.2
         zero[p, 0] = 0
         scale[p, 0] = 0.2
-        q = np.ones((1, hd), np.float32)
-        n = np.array([npos], np.int64)
-        got = _C.attention_kv4(q, codes, scale, zero, n, mode="int8", kernel=kernel)
-        ref = reference_float(q, codes, scale, zero, n)
+        cases.append((np.ones((1, hd), np.float32), codes, scale, zero,
+                      np.array([npos], np.int64)))
+    return cases
+
+
+def check_dominant_outputs(outputs: list[np.ndarray]) -> None:
+    """Each output is the dominant position's value row (the float reference's output)."""
+    for p, got, case in zip(_DOMINANT_AT, outputs, dominant_score_cases()):
+        ref = reference_float(*case)
         assert np.isfinite(got).all(), p
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-2 * np.abs(ref).max(), err_msg=str(p))
+
+
+@pytest.mark.parametrize("mode", ["int8", "float"])
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+def test_softmax_finds_a_dominant_score_anywhere(kernel, mode):
+    """One score far above the rest at positions in every lane, chain and tail of the softmax's
+    vector maximum (dropping one of the float maximum's four chains fails this)."""
+    check_dominant_outputs([_C.attention_kv4(*case, mode=mode, kernel=kernel)
+                            for case in dominant_score_cases()])
+
+
+def test_avx2_softmax_finds_a_dominant_score_anywhere(tmp_path):
+    """The same cases on the AVX2 kernels (OFFQ_SIMD_MAX=avx2 in a fresh process)."""
+    code = ("import sys, numpy as np\n"
+            "from offq import _C\n"
+            "from test_attention_kv4 import dominant_score_cases\n"
+            "out = {f'{m}{i}': _C.attention_kv4(*c, mode=m)\n"
+            "       for i, c in enumerate(dominant_score_cases()) for m in ('float', 'int8')}\n"
+            "np.savez(sys.argv[1], **out)\n")
+    got = outputs_by_cap(code, tmp_path, caps=("avx2",))["avx2"]
+    for mode in ("float", "int8"):
+        check_dominant_outputs([got[f"{mode}{i}"] for i in range(len(_DOMINANT_AT))])
 
 
 @pytest.mark.parametrize("v_code, v_zero", [(15, 0), (0, 15)])

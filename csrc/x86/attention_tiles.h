@@ -31,6 +31,11 @@
 
 #define KT OFFQ_ATTN_TILE_ROWS /* cached rows per tile (kernels.h sizes the scratch for it) */
 
+/* Makes GCC hold vector v in a register from here on: without it GCC folded a value row's load
+ * into each of the fmas that read it (two loads for one, so the value loop waited on loads), and
+ * turned the score copy below into `rep movsq`. An empty asm: no instruction is emitted. */
+#define ATT_IN_REGISTER(v) __asm__("" : "+v"(v))
+
 /* Scores of nq (1..4) queries against nv (1 or 2) vectors of keys of the transposed tile kt
  * ([hd][KT]) from column k0, their scales ks ([ng][KT]): sb[t][0 .. lanes nv). */
 typedef void (*att_scores_fn)(int nq, int nv, const float *q, int64_t hd, int64_t g,
@@ -118,11 +123,20 @@ ATT_FN void decode_keys_t(const offq_attn_args *a, int64_t j,
  * fixed tree over the lanes). */
 ATT_FN float softmax_row(float *st, int64_t n)
 {
-    __m256 mv = _mm256_set1_ps(-INFINITY);
+    /* the maximum in four independent chains (one chain of vmaxps waited on its latency); each
+     * score is the first operand, so a NaN score is skipped, as the scalar tail below skips it */
+    __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-        mv = _mm256_max_ps(mv, _mm256_loadu_ps(st + j));
+    for (; j + 32 <= n; j += 32) {
+        m0 = _mm256_max_ps(_mm256_loadu_ps(st + j), m0);
+        m1 = _mm256_max_ps(_mm256_loadu_ps(st + j + 8), m1);
+        m2 = _mm256_max_ps(_mm256_loadu_ps(st + j + 16), m2);
+        m3 = _mm256_max_ps(_mm256_loadu_ps(st + j + 24), m3);
     }
+    for (; j + 8 <= n; j += 8) {
+        m0 = _mm256_max_ps(_mm256_loadu_ps(st + j), m0);
+    }
+    const __m256 mv = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
     float mx = -INFINITY, lanes[8];
     _mm256_storeu_ps(lanes, mv);
     for (int k = 0; k < 8; k++) {
@@ -268,7 +282,9 @@ ATT_FN void attend_tiles(const offq_attn_args *a, int64_t nq, const float *q, co
                     }
 #endif
                     for (; c + 8 <= m; c += 8) {
-                        _mm256_storeu_ps(dst + c, _mm256_loadu_ps(sb[b] + c));
+                        __m256 v = _mm256_loadu_ps(sb[b] + c);
+                        ATT_IN_REGISTER(v);
+                        _mm256_storeu_ps(dst + c, v);
                     }
                     for (; c < m; c++) {
                         dst[c] = sb[b][c];
@@ -416,7 +432,8 @@ ATT_FN void attend_tiles(const offq_attn_args *a, int64_t nq, const float *q, co
         for (int64_t j = 0; j < jt; j++) {                                                        \
             const VEC xa = SET1(wa[j * ng + gi]), xb = SET1(wb[j * ng + gi]);                     \
             for (int c = 0; c < 4; c++) {                                                         \
-                const VEC rv = LOADU(r + j * hd + LANES * c);                                     \
+                VEC rv = LOADU(r + j * hd + LANES * c);                                           \
+                ATT_IN_REGISTER(rv); /* one load for both queries' fmas */                        \
                 acc[c] = FMADD(xa, rv, acc[c]);                                                   \
                 acc[c + 4] = FMADD(xb, rv, acc[c + 4]);                                           \
             }                                                                                     \
