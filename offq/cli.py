@@ -21,8 +21,10 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -242,6 +244,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: an offq checkpoint, already quantized; quantize the "
                          "float model it came from (a registered name, HF directory or .gguf)")
     source = args.calib_source or DEFAULT_CALIBRATION
+    if args.calib_source is not None and not needs_calibration(cfg):
+        log.warning("--calib-source %s ignored: %s with these settings needs no calibration data",
+                    args.calib_source, cfg.method)
     with open_checkpoint(args.model) as ckpt:
         if args.eval_windows and args.eval_seqlen > ckpt.config.max_position_embeddings:
             raise UsageError(f"--eval-seqlen {args.eval_seqlen} exceeds the model's context of "
@@ -408,6 +413,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         generate(model, tokenizer, args.prompt, cfg, on_token=show)
         show("")  # no new token (--max-new-tokens 0, or EOS first): the prompt alone
+    except ValueError as e:
+        if str(e).startswith("prompt: "):  # generate's argument is the --prompt flag's text
+            raise UsageError(f"--{e}") from e
+        raise
     finally:  # the error (on stderr) starts on a line of its own
         if echoed[0]:
             sys.stdout.write("\n")
@@ -626,6 +635,17 @@ def bench_sizes(args: argparse.Namespace) -> tuple[list[int], int, int]:
             args.repeats if args.repeats is not None else 1 if quick else 3)
 
 
+#: E2EConfig's field names as the bench flags that set them, for its messages
+_BENCH_FLAGS = {"prompt_lengths": "--prompt-lengths", "gen_tokens": "--gen-tokens",
+                "depths": "--depths", "repeats": "--repeats", "fused_attention": "--attention",
+                "llama_bench": "--llama-bench", "llama_model": "--llama-model"}
+
+
+def _as_bench_flags(message: str) -> str:
+    """An E2EConfig message with its field names replaced by the flags the user typed."""
+    return re.sub(r"\b(" + "|".join(_BENCH_FLAGS) + r")\b", lambda m: _BENCH_FLAGS[m[1]], message)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import E2EConfig, describe_machine, format_e2e, format_rows, machine_info
     from .bench.e2e import check_context
@@ -653,9 +673,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             gen_tokens=args.gen_tokens, depths=tuple(args.depths),
                             repeats=args.repeats, fused_attention=args.attention,
                             llama_bench=args.llama_bench, llama_model=args.llama_model)
+            check_context(cfg)
         except ValueError as e:
-            raise UsageError(str(e)) from e
-        check_context(cfg)
+            raise UsageError(_as_bench_flags(str(e))) from e
     report: dict = {"machine": machine_info()}
     if not args.json:
         print(f"# offq bench: {describe_machine(report['machine'])}")
@@ -736,6 +756,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(args: argparse.Namespace, error: BaseException) -> None:
+    """The one-line error on stderr; with -v, the traceback first (where it came from)."""
+    if args.verbose:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"offq {args.command}: error: {error}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``offq`` command; returns the process exit status."""
     parser = build_parser()
@@ -757,10 +784,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError, TypeError) as e:  # the user's input (UsageError too)
-        print(f"offq {args.command}: error: {e}", file=sys.stderr)
+        _report(args, e)
         return 2
     except OSError as e:
-        print(f"offq {args.command}: error: {e}", file=sys.stderr)
+        _report(args, e)
         return 1
     except KeyboardInterrupt:
         hint = ""

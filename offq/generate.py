@@ -75,25 +75,32 @@ def generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig = Ge
                  ) -> Iterator[int]:
     """Yield generated token ids one by one after ``prompt_ids`` (non-empty). Generation stops
     early, with a warning, when the model's context (``max_position_embeddings``) is full."""
+    return _generate_ids(model, prompt_ids, cfg, "prompt_ids")
+
+
+def _generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig, name: str
+                  ) -> Iterator[int]:
+    """:func:`generate_ids`, its errors about the prompt naming ``name`` (the argument the
+    caller gave: token ids, or the text of :func:`generate`)."""
     _check_arguments(model, cfg)
     try:
         ids = np.asarray(prompt_ids)
     except ValueError:  # ragged nested lists
-        raise ValueError("prompt_ids: expected one prompt (a flat list of token ids), got "
+        raise ValueError(f"{name}: expected one prompt (a flat list of token ids), got "
                          "nested lists of different lengths") from None
     if ids.ndim == 2 and ids.shape[0] == 1:  # one prompt as a batch of one (return_tensors)
         ids = ids[0]
     if ids.ndim > 1:  # a batch would be read as one prompt
-        raise ValueError(f"prompt_ids: expected one prompt (a flat list of token ids), got "
+        raise ValueError(f"{name}: expected one prompt (a flat list of token ids), got "
                          f"shape {ids.shape}")
-    ids = as_token_ids(ids, "prompt_ids")
+    ids = as_token_ids(ids, name)
     if ids.size == 0:
-        raise ValueError("prompt_ids: the prompt must contain at least one token")
+        raise ValueError(f"{name}: empty (a prompt needs at least one token)")
     rng = np.random.default_rng(cfg.seed)
     eos = getattr(model.config, "eos_token_id", None)
     context = int(getattr(model.config, "max_position_embeddings", 1 << 62))
     if ids.size > context:
-        raise ValueError(f"prompt_ids: {ids.size} tokens exceed the model's context of "
+        raise ValueError(f"{name}: {ids.size} tokens exceed the model's context of "
                          f"{context} positions")
     cache = model.new_cache()
     logits = model.forward(ids[None, :], cache=cache, last_only=True)[0, -1]
@@ -158,7 +165,7 @@ def generate(model: Model, tokenizer, prompt: str, cfg: GenerationConfig = Gener
     ids = ([int(bos)] if add_bos else []) + list(tokenizer.encode(prompt, add_bos=False))
     out: list[int] = []
     shown = ""
-    for t in generate_ids(model, ids, cfg):
+    for t in _generate_ids(model, ids, cfg, "prompt"):
         out.append(t)
         if on_token is not None:
             text = tokenizer.decode(out)

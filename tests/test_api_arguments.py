@@ -43,7 +43,7 @@ def words(n: int, seed: int = 0) -> str:
 
 
 # ------------------------------------------------------------------------------------ save
-def test_save_refuses_what_quantize_out_dir_refuses(rtn_result, tmp_path) -> None:
+def test_save_refuses_what_quantize_out_dir_refuses(rtn_result, tmp_path, caplog) -> None:
     src, _, res = rtn_result
     before = (src / "model.safetensors").read_bytes()
     with pytest.raises(ValueError, match="^out_dir: .* is the input being read"):
@@ -61,7 +61,9 @@ def test_save_refuses_what_quantize_out_dir_refuses(rtn_result, tmp_path) -> Non
     with pytest.raises(ValueError, match="holds something else"):
         offq.save(res, tmp_path / "other")  # it mixed the checkpoint into them
     offq.save(res, tmp_path / "q")
-    offq.save(res, tmp_path / "q")  # the same result again: rewritten
+    assert "replacing" not in caplog.text
+    offq.save(res, tmp_path / "q")  # the same result again: rewritten, with a warning (was silent)
+    assert "replacing the finished offq checkpoint there" in caplog.text
     w8 = offq.quantize(offq.load(src), offq.QuantConfig(**{**RTN, "w_bits": 8}), progress=False)
     with pytest.raises(ValueError, match="finished offq checkpoint made with a different w_bits"):
         offq.save(w8, tmp_path / "q")  # it replaced the W4 checkpoint

@@ -11,15 +11,21 @@ RECORD = {"n_prompt": 0, "n_gen": 16, "n_depth": 0, "avg_ns": 259438019, "avg_ts
           "samples_ns": [253367349, 265508689], "samples_ts": [63.1494, 60.2617]}
 
 
-def cfg(**kw) -> E2EConfig:
-    return E2EConfig(llama_bench="/opt/llama-bench", llama_model="m.gguf", **kw)
+def fake_peer(tmp_path, script: str = "exit 0") -> tuple[str, str]:
+    """(an executable standing in for llama-bench's path, a model file): E2EConfig checks both
+    exist. The binary is only run where a test says what it prints."""
+    binary, model = tmp_path / "llama-bench", tmp_path / "m.gguf"
+    binary.write_text(f"#!/bin/sh\n{script}\n")
+    binary.chmod(0o755)
+    model.write_bytes(b"GGUF")
+    return str(binary), str(model)
 
 
-def test_command_times_one_test_once():
-    c = cfg()
+def test_command_times_one_test_once(tmp_path):
+    binary, model = fake_peer(tmp_path)
+    c = E2EConfig(llama_bench=binary, llama_model=model)
     assert llama_bench_command(c, "pp512", 2) == [
-        "/opt/llama-bench", "-m", "m.gguf", "-t", "2", "-r", "1", "-o", "json",
-        "-p", "512", "-n", "0"]
+        binary, "-m", model, "-t", "2", "-r", "1", "-o", "json", "-p", "512", "-n", "0"]
     assert llama_bench_command(c, "tg128", 1)[-4:] == ["-p", "0", "-n", "128"]
     assert llama_bench_command(c, "tg32@d2000", 1)[-6:] == ["-p", "0", "-n", "32", "-d", "2000"]
 
@@ -42,9 +48,22 @@ def test_parse_takes_the_best_sample_of_the_named_test():
         parse_llama_bench("error: model not found", "tg16")
 
 
+def test_a_missing_binary_or_model_is_refused_before_anything_runs(tmp_path):
+    """They were found only when llama.cpp's first turn came, after offq's rows had run."""
+    binary, model = fake_peer(tmp_path)
+    with pytest.raises(ValueError, match="^llama_bench: /no/such/llama-bench is not an executable"):
+        E2EConfig(llama_bench="/no/such/llama-bench", llama_model=model)
+    with pytest.raises(ValueError, match="^llama_bench: .*m.gguf is not an executable"):
+        E2EConfig(llama_bench=model, llama_model=model)  # a file without the x bit
+    with pytest.raises(ValueError, match="^llama_model: .*nope.gguf is not a file"):
+        E2EConfig(llama_bench=binary, llama_model=str(tmp_path / "nope.gguf"))
+    with pytest.raises(ValueError, match="go together"):
+        E2EConfig(llama_bench=binary)
+
+
 def test_a_failing_binary_is_named(tmp_path):
-    with pytest.raises(OSError, match="llama-bench failed .*/no/such/llama-bench"):
-        llama_bench_seconds(E2EConfig(llama_bench="/no/such/llama-bench", llama_model="m.gguf"),
-                            "tg16", 1)
+    binary, model = fake_peer(tmp_path, "echo 'error: bad model' >&2; exit 3")
+    with pytest.raises(OSError, match="llama-bench failed .*llama-bench.*error: bad model"):
+        llama_bench_seconds(E2EConfig(llama_bench=binary, llama_model=model), "tg16", 1)
     with pytest.raises(OSError, match="llama-bench failed .*not JSON"):
-        llama_bench_seconds(E2EConfig(llama_bench="/bin/echo", llama_model="m.gguf"), "tg16", 1)
+        llama_bench_seconds(E2EConfig(llama_bench="/bin/echo", llama_model=model), "tg16", 1)

@@ -62,7 +62,8 @@ def test_a_missing_weights_file_says_the_checkpoint_is_incomplete(checkpoint, tm
 def test_generate_refuses_a_bad_prompt_before_writing_anything(checkpoint, capsys):
     for prompt, message in [("\udcff\udcfe", "--prompt: not valid UTF-8"),  # bytes \xff\xfe
                             ("", "--prompt: empty"),
-                            (" ".join(f"w{3 + i % 90}" for i in range(600)), "exceed")]:
+                            (" ".join(f"w{3 + i % 90}" for i in range(600)),
+                             "--prompt: 600 tokens exceed the model's context")]:  # prompt_ids:
         assert main(["generate", str(checkpoint), "--prompt", prompt]) == 2
         out, err = capsys.readouterr()
         assert out == "" and message in err, (prompt[:10], out[:80], err)
@@ -120,3 +121,23 @@ def test_errors_name_the_flag_not_an_internal_parameter(capsys):
     assert main(["bench", "--no-kernels", "--threads", "1", "100000"]) == 2
     out, err = capsys.readouterr()
     assert "--threads 100000:" in err and out == ""  # refused before the machine header
+
+
+def test_bench_checks_the_peer_before_timing(tmp_path, capsys):
+    # a missing llama-bench binary was found after offq's rows had run, with status 1 (the
+    # flag names in bench's other messages: test_cli.py)
+    missing = tmp_path / "llama-bench"
+    assert main(["bench", "--no-kernels", "--llama-bench", str(missing), "--llama-model",
+                 str(tmp_path / "m.gguf")]) == 2
+    out, err = capsys.readouterr()
+    assert f"--llama-bench: {missing} is not an executable file" in err and out == ""
+
+
+def test_verbose_shows_where_an_error_came_from(capsys):
+    assert main(["eval", "smollm2-135m", "--attention", "int8"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["-v", "eval", "smollm2-135m", "--attention", "int8"]) == 2
+    err = capsys.readouterr().err  # the traceback, then the same one-line error, last
+    assert "Traceback (most recent call last)" in err and "UsageError" in err
+    assert err.rstrip().splitlines()[-1].startswith("offq eval: error: --attention int8 runs")
+

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,6 +117,11 @@ class E2EConfig:
                              f"{self.fused_attention!r}")
         if (self.llama_bench is None) != (self.llama_model is None):
             raise ValueError("llama_bench and llama_model go together (the binary and its GGUF)")
+        if self.llama_bench is not None:  # checked now, not after the offq rows have run
+            if shutil.which(str(self.llama_bench)) is None:
+                raise ValueError(f"llama_bench: {self.llama_bench} is not an executable file")
+            if not Path(self.llama_model).is_file():
+                raise ValueError(f"llama_model: {self.llama_model} is not a file")
         tests = [f"pp{n}" for n in self.prompt_lengths]
         if self.gen_tokens:
             tests.append(f"tg{self.gen_tokens}")

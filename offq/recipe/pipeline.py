@@ -523,7 +523,9 @@ def _check_replaced_checkpoint(directory: Path, config: QuantConfig,
     old = json.loads(json.dumps({"quant_config": None if old_cfg is None else old_cfg.to_dict(),
                                  "calibration": stored.get("calibration")}))
     new = json.loads(json.dumps({"quant_config": config.to_dict(), "calibration": calib_record}))
-    if old == new:
+    if old == new:  # the same command again: allowed, but never silently
+        logger.warning("%s: replacing the finished offq checkpoint there (made with the same "
+                       "quantization config and calibration)", directory)
         return
     if old_cfg is None:
         diff = ["quant_config (unreadable)"]
