@@ -20,7 +20,7 @@ from offq.kernels import threads
 from offq.kernels.decoder import decoder_forward, decoder_plan, decoder_scratch_bytes
 from offq.quant.fused import FusedDecoder
 from offq.recipe import pipeline
-from simd_cap import outputs_by_cap
+from simd_cap import outputs_by_cap, run_with_env
 from tiny_models import calibration, tiny_checkpoint, token_ids, write_word_tokenizer
 
 SIMD = _C.simd_info()
@@ -316,7 +316,7 @@ def test_auto_prefill_picks_c_for_short_prompts_and_numpy_for_long(quantized, mo
     import offq.quant.fused as fused
 
     monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS", 16)
-    monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS_AVX512", 16)
+    monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS_SIMD", 16)
     real = quantized.model("real")
     ids = token_ids(real.config.vocab_size, 1, 24, 12)
     auto, c = FusedDecoder(real, prefill="auto"), FusedDecoder(real, prefill="c")
@@ -324,12 +324,25 @@ def test_auto_prefill_picks_c_for_short_prompts_and_numpy_for_long(quantized, mo
     np.testing.assert_array_equal(short, c.run(real.embed(ids[:, :15])[0], c.new_cache()))
     long = auto.run(real.embed(ids)[0], auto.new_cache())
     np.testing.assert_array_equal(long, real.hidden_states(ids)[0])
-    # None (the AVX-512 attention's setting): every prompt through the C step
+    # None (the SIMD attentions' setting): every prompt through the C step
     monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS", None)
-    monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS_AVX512", None)
+    monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS_SIMD", None)
     assert fused.auto_numpy_prefill_rows() is None
     long = auto.run(real.embed(ids)[0], auto.new_cache())
     np.testing.assert_array_equal(long, c.run(real.embed(ids)[0], c.new_cache()))
+
+
+@pytest.mark.skipif(not _C.simd_info()["avx2"], reason="the CPU has no AVX2")
+def test_auto_prefill_takes_the_numpy_path_only_with_the_generic_attention(tmp_path):
+    """Since the float attention's 2026-12-07 speed-up the AVX2 C step beats the NumPy prefill at
+    every length measured (it took the NumPy path from 1024 tokens); the scalar C attention
+    still loses to NumPy's BLAS from there."""
+    code = ("import sys\n"
+            "from offq.quant.fused import auto_numpy_prefill_rows\n"
+            "got = auto_numpy_prefill_rows()\n"
+            "assert str(got) == sys.argv[1], got\n")
+    run_with_env(code, {"OFFQ_SIMD_MAX": "avx2"}, ["None"], tmp_path)
+    run_with_env(code, {"OFFQ_SIMD_MAX": "generic"}, ["1024"], tmp_path)
 
 
 def test_simd_variants_agree(quantized):

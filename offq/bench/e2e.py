@@ -75,8 +75,8 @@ class E2EConfig:
         fused_prefill: how the fused engine runs a prompt: "c" (the C step over the whole prompt,
             attention over the packed cache), "numpy" (the NumPy real path, as
             ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``) or "auto"
-            (C below ``auto_numpy_prefill_rows()`` tokens: 1024 with the AVX2 attention, every
-            prompt with the AVX-512 one; NumPy from there).
+            (C below ``auto_numpy_prefill_rows()`` tokens, NumPy from there: every prompt takes
+            the C step with the AVX2 and AVX-512 attentions, 1024 tokens with the generic one).
         fused_attention: the fused C step's attention, "float" (the default) or "int8" (the
             opt-in 8-bit attention, ``FusedDecoder(attention="int8")``).
     """

@@ -37,18 +37,20 @@ from .linears import PackedWeightLinear, W4A4Linear
 from .online import HadamardInput, HadamardQK
 
 __all__ = ["fused_runner", "FusedDecoder", "FusedKVCache", "NUMPY_PREFILL_MIN_ROWS", "AUTO_NUMPY_PREFILL_ROWS",
-           "AUTO_NUMPY_PREFILL_ROWS_AVX512", "auto_numpy_prefill_rows", "PREFILL_MODES",
+           "AUTO_NUMPY_PREFILL_ROWS_SIMD", "auto_numpy_prefill_rows", "PREFILL_MODES",
            "ATTENTION_MODES"]
 
 #: prompts longer than this many tokens take the NumPy prefill (``prefill="numpy"``)
 NUMPY_PREFILL_MIN_ROWS = 8
-#: prefill="auto" with the AVX2 (or generic) attention: prompts of at least this many tokens take
-#: the NumPy path, shorter ones the C step (SmolLM2-135M, 2 cores, 2026-11-29: C 1.25x faster at
-#: 512 tokens, NumPy 1.06x at 2048 after the transposed-key attention)
+#: prefill="auto" with the generic (scalar C) attention: prompts of at least this many tokens take
+#: the NumPy path, shorter ones the C step (SmolLM2-135M, 2 threads, OFFQ_SIMD_MAX=generic,
+#: 2026-12-07: NumPy 66.7 against C 59.1 tokens/s at 1024 tokens)
 AUTO_NUMPY_PREFILL_ROWS = 1024
-#: the same with the AVX-512 attention (16 lanes): None = every prompt through the C step
-#: (SmolLM2-135M, 1 thread, Zen5: C 1.23x faster at 2048 tokens, 1.25x at 4096)
-AUTO_NUMPY_PREFILL_ROWS_AVX512: int | None = None
+#: the same with the SIMD attentions (AVX2, AVX-512): None = every prompt through the C step
+#: (SmolLM2-135M on the AVX2 kernels since fdff173, 2026-12-07: C 1.2-1.45x faster at 1024
+#: tokens, 1.01-1.23x at 2048, 1.1-1.2x at 4096, 1 and 2 threads; Qwen2.5-1.5B 1.04-1.3x at 2048;
+#: AVX-512, Zen5: C 1.23x at 2048, 1.25x at 4096)
+AUTO_NUMPY_PREFILL_ROWS_SIMD: int | None = None
 
 
 def auto_numpy_prefill_rows() -> int | None:
@@ -56,7 +58,10 @@ def auto_numpy_prefill_rows() -> int | None:
     attention variant this process dispatches to."""
     from .. import _C
 
-    return AUTO_NUMPY_PREFILL_ROWS_AVX512 if _C.simd_info()["avx512"] else AUTO_NUMPY_PREFILL_ROWS
+    simd = _C.simd_info()
+    return AUTO_NUMPY_PREFILL_ROWS_SIMD if simd["avx2"] or simd["avx512"] else AUTO_NUMPY_PREFILL_ROWS
+
+
 PREFILL_MODES = ("numpy", "c", "auto")
 #: the C step's attention: float32 sums (default) or 8-bit queries and weights (opt-in)
 ATTENTION_MODES = ("float", "int8")
