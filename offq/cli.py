@@ -642,8 +642,10 @@ _BENCH_FLAGS = {"prompt_lengths": "--prompt-lengths", "gen_tokens": "--gen-token
 
 
 def _as_bench_flags(message: str) -> str:
-    """An E2EConfig message with its field names replaced by the flags the user typed."""
-    return re.sub(r"\b(" + "|".join(_BENCH_FLAGS) + r")\b", lambda m: _BENCH_FLAGS[m[1]], message)
+    """An E2EConfig message with its field names replaced by the flags the user typed; a name
+    inside a path or file name (``/opt/llama_bench/bin``, ``llama_model.gguf``) is left alone."""
+    names = "|".join(_BENCH_FLAGS)
+    return re.sub(rf"(?<![\w/.-])({names})(?![\w/.-])", lambda m: _BENCH_FLAGS[m[1]], message)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

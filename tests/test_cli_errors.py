@@ -131,6 +131,11 @@ def test_bench_checks_the_peer_before_timing(tmp_path, capsys):
                  str(tmp_path / "m.gguf")]) == 2
     out, err = capsys.readouterr()
     assert f"--llama-bench: {missing} is not an executable file" in err and out == ""
+    # field names inside the user's paths stay as typed
+    missing = tmp_path / "llama_bench" / "llama_model.bin"
+    assert main(["bench", "--no-kernels", "--llama-bench", str(missing), "--llama-model",
+                 str(tmp_path / "m.gguf")]) == 2
+    assert f"--llama-bench: {missing} is not" in capsys.readouterr().err
 
 
 def test_verbose_shows_where_an_error_came_from(capsys):

@@ -338,11 +338,14 @@ def test_auto_prefill_takes_the_numpy_path_only_with_the_generic_attention(tmp_p
     every length measured (it took the NumPy path from 1024 tokens); the scalar C attention
     still loses to NumPy's BLAS from there."""
     code = ("import sys\n"
-            "from offq.quant.fused import auto_numpy_prefill_rows\n"
-            "got = auto_numpy_prefill_rows()\n"
-            "assert str(got) == sys.argv[1], got\n")
-    run_with_env(code, {"OFFQ_SIMD_MAX": "avx2"}, ["None"], tmp_path)
-    run_with_env(code, {"OFFQ_SIMD_MAX": "generic"}, ["1024"], tmp_path)
+            "from offq.quant.fused import auto_numpy_prefill_rows as rows\n"
+            "got = (rows(), rows(64, 64), rows(64, -1), rows(64, 32), rows(64, 8), rows(40, 40))\n"
+            "assert got == eval(sys.argv[1]), got\n")
+    # shapes the SIMD attentions do not take (hd or group not a multiple of 16) run the generic
+    simd = "(None, None, None, None, 1024, 1024)"
+    for cap in ("", "avx2"):  # uncapped: AVX-512 where the CPU has it
+        run_with_env(code, {"OFFQ_SIMD_MAX": cap}, [simd], tmp_path)
+    run_with_env(code, {"OFFQ_SIMD_MAX": "generic"}, ["(1024,) * 6"], tmp_path)
 
 
 def test_simd_variants_agree(quantized):

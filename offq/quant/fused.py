@@ -48,18 +48,24 @@ NUMPY_PREFILL_MIN_ROWS = 8
 AUTO_NUMPY_PREFILL_ROWS = 1024
 #: the same with the SIMD attentions (AVX2, AVX-512): None = every prompt through the C step
 #: (SmolLM2-135M on the AVX2 kernels since fdff173, 2026-12-07: C 1.2-1.45x faster at 1024
-#: tokens, 1.01-1.23x at 2048, 1.1-1.2x at 4096, 1 and 2 threads; Qwen2.5-1.5B 1.04-1.3x at 2048;
+#: tokens, 1.01-1.24x at 2048, 1.1-1.2x at 4096, 1 and 2 threads; Qwen2.5-1.5B 1.04-1.3x at 2048;
 #: AVX-512, Zen5: C 1.23x at 2048, 1.25x at 4096)
 AUTO_NUMPY_PREFILL_ROWS_SIMD: int | None = None
 
 
-def auto_numpy_prefill_rows() -> int | None:
+def auto_numpy_prefill_rows(head_dim: int | None = None, kv_group: int | None = None
+                            ) -> int | None:
     """Prompt length from which prefill="auto" takes the NumPy path (None: never), for the
-    attention variant this process dispatches to."""
+    attention this process runs on a cache of ``head_dim`` and KV groups of ``kv_group`` (None:
+    shapes the SIMD attentions take). The SIMD attentions need both to be multiples of 16; other
+    shapes run the generic one."""
     from .. import _C
 
     simd = _C.simd_info()
-    return AUTO_NUMPY_PREFILL_ROWS_SIMD if simd["avx2"] or simd["avx512"] else AUTO_NUMPY_PREFILL_ROWS
+    group = head_dim if kv_group is None or kv_group <= 0 else kv_group  # -1: one group a head
+    shapes = head_dim is None or (head_dim % 16 == 0 and group % 16 == 0)
+    return (AUTO_NUMPY_PREFILL_ROWS_SIMD if (simd["avx2"] or simd["avx512"]) and shapes
+            else AUTO_NUMPY_PREFILL_ROWS)
 
 
 PREFILL_MODES = ("numpy", "c", "auto")
@@ -231,7 +237,8 @@ class FusedDecoder:
         T = h.shape[0]
         start = cache.length
         cache.reserve(start + T)
-        auto_rows = auto_numpy_prefill_rows() if self.prefill == "auto" else None
+        auto_rows = (auto_numpy_prefill_rows(self.head_dim, self.kv_group)
+                     if self.prefill == "auto" else None)
         numpy_prompt = (self.prefill == "numpy" and T > NUMPY_PREFILL_MIN_ROWS
                         or auto_rows is not None and T >= auto_rows)
         if start == 0 and numpy_prompt:
