@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -73,27 +72,6 @@ def _check_attention(args: argparse.Namespace) -> None:
         raise UsageError(f"--attention {args.attention} runs on the fused C decoder, which "
                          f"takes W4A4KV4 offq checkpoints: for one, add --mode fused (or auto); "
                          f"--mode is {args.mode}")
-
-
-def _check_out_writable(flag: str, out: str) -> None:
-    """Refuse an output path no directory can be made at before any work: its nearest existing
-    ancestor must be a directory that takes a new entry (tried, not inferred from permission
-    bits, which root and pseudo file systems such as /proc do not follow)."""
-    import tempfile
-
-    target = Path(out).absolute()
-    if target.exists():
-        return  # whether it may be written to is the writer's check
-    ancestor = target.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"{flag} {out}: {ancestor} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".offq-probe-", dir=ancestor))
-    except OSError as e:
-        raise UsageError(f"{flag} {out}: cannot create it in {ancestor} "
-                         f"({e.strerror or e})") from None
 
 
 def _set_threads(n: int | None) -> None:
@@ -237,7 +215,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not hold_freed_memory():
             log.warning("--hold-freed-memory: the C library is not glibc; nothing changed")
     _set_threads(args.threads)
-    _check_out_writable("--out", args.out)
+    from .formats.files import check_creatable
+
+    check_creatable(args.out, "--out")  # before the model is read, not after
     from .formats.checkpoint import is_offq_checkpoint
 
     if is_offq_checkpoint(args.model):
@@ -725,9 +705,10 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .formats.files import check_creatable
     from .formats.gptq_export import export_gptq
 
-    _check_out_writable("--out", args.out)
+    check_creatable(args.out, "--out")  # export_gptq checks it too, as out_dir; here as the flag
     out = export_gptq(args.model, args.out, checkpoint_format=args.checkpoint_format)
     print(f"wrote {out} (format {args.format}, checkpoint_format {args.checkpoint_format})")
     return 0

@@ -56,6 +56,8 @@ def test_save_refuses_what_quantize_out_dir_refuses(rtn_result, tmp_path, caplog
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
         offq.save(res, tmp_path / "a-file")  # it raised a bare FileExistsError
+    with pytest.raises(ValueError, match=r"^out_dir .*a-file/x: .*a-file is not a directory"):
+        offq.save(res, tmp_path / "a-file" / "x")  # the CLI's probe, now the API's too
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds something else"):

@@ -68,12 +68,35 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def check_creatable(out_dir: str | os.PathLike, name: str = "out_dir") -> None:
+    """Refuse a path no directory can be made at, before any work: its nearest existing ancestor
+    must be a directory that takes a new entry (tried, not inferred from permission bits, which
+    root and pseudo file systems such as /proc do not follow). An existing path passes: whether it
+    may be written to is the writer's check. ValueError naming ``name`` and the path."""
+    import tempfile
+
+    target = Path(out_dir).absolute()
+    if target.exists():
+        return
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{name} {out_dir}: {ancestor} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".offq-probe-", dir=ancestor))
+    except OSError as e:
+        raise ValueError(f"{name} {out_dir}: cannot create it in {ancestor} "
+                         f"({e.strerror or e})") from None
+
+
 def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | None, *,
                      reusable: Callable[[Path], bool]) -> None:
     """Refuse an output directory whose use would destroy something: an empty path (the current
     directory), the ``source`` being read, a file, or an existing
     non-empty directory that ``reusable`` does not accept (e.g. one that is not an earlier
-    output of the same kind). ValueError naming ``out_dir``."""
+    output of the same kind); and one that cannot be created (:func:`check_creatable`).
+    ValueError naming ``out_dir``."""
     if str(out_dir).strip() == "":
         raise ValueError("out_dir: empty (give a directory to write into)")
     out = Path(out_dir).resolve()
@@ -86,6 +109,7 @@ def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | Non
     if out.is_dir() and any(out.iterdir()) and not reusable(out):
         raise ValueError(f"out_dir: {out_dir} exists, is not empty and holds something else; "
                          "choose a new or empty directory")
+    check_creatable(out_dir)
 
 
 def read_json_object(path: str | os.PathLike, hint: str = "") -> dict[str, Any]:

@@ -156,6 +156,8 @@ class FusedDecoder:
         prefill: "numpy" (prompts into an empty cache through the NumPy real path, see the module
             docstring), "c" (every step in C) or "auto" (C below `auto_numpy_prefill_rows()`
             prompt tokens, NumPy from there: the faster of the two on the machines measured).
+            ``offq.generate`` runs its prompt with "auto" when this is "numpy": the NumPy
+            prompt exists for perplexity's bit-identity with the real path, not for speed.
         attention: "float" (the default: float32 sums over the 4-bit cache, the numbers of the
             NumPy real path up to float32 rounding) or "int8" (an opt-in: queries and softmax
             weights in 8 bits, exact integer dot products, ``csrc/attention_i8.c``; faster long
