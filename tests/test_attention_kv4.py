@@ -217,12 +217,13 @@ def test_avx2_softmax_finds_a_dominant_score_anywhere(tmp_path):
         check_dominant_outputs([got[f"{mode}{i}"] for i in range(len(_DOMINANT_AT))])
 
 
-@pytest.mark.parametrize("v_code, v_zero", [(15, 0), (0, 15)])
-def test_int8_sums_at_their_limits(v_code, v_zero):
-    """Every product at its largest magnitude: key codes 15 against 8-bit query codes of +-127
-    over a 128-wide group (the AVX2 kernel keeps 8 blocks of pair sums <= 3810 in int16 lanes),
-    and weights of 255 against value codes +-15 from their zero-point over a whole tile (4 blocks
-    of pair sums <= 7650). A longer span would wrap the 16-bit sums and fail this."""
+_LIMIT_VALUES = [(15, 0), (0, 15)]  # (value code, value zero-point): +-15 from the zero-point
+
+
+def int8_limit_case(v_code: int, v_zero: int) -> tuple[np.ndarray, ...]:
+    """Every product of the int8 mode at its largest magnitude: key codes 15 against 8-bit query
+    codes of +-127 over a 128-wide group, and weights of 255 against value codes +-15 from their
+    zero-point over a whole tile. (q, codes, scale, zero, n) for attention_kv4."""
     npos, hd = 64, 128
     codes = np.zeros((npos, 2, hd // 2), np.uint8)
     codes[:, 0] = 255  # two codes of 15 a byte
@@ -232,10 +233,33 @@ def test_int8_sums_at_their_limits(v_code, v_zero):
     zero[:, 1] = v_zero
     q = np.zeros((4, hd), np.float32)
     q[0], q[1], q[3, ::2] = 3.0, -3.0, 3.0
-    n = np.array([64, 64, 64, 33], np.int64)
-    got = _C.attention_kv4(q, codes, scale, zero, n, mode="int8")
-    ref = reference_int8(q, codes, scale, zero, n)
-    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    return q, codes, scale, zero, np.array([64, 64, 64, 33], np.int64)
+
+
+@pytest.mark.parametrize("v_code, v_zero", _LIMIT_VALUES)
+def test_int8_sums_at_their_limits(v_code, v_zero):
+    """The limit case on this CPU's kernels (the AVX2 kernel keeps 8 blocks of pair sums <= 3810
+    of the scores and 4 blocks of pair sums <= 7650 of the values in int16 lanes; a longer span
+    would wrap the 16-bit sums and fail this)."""
+    case = int8_limit_case(v_code, v_zero)
+    got = _C.attention_kv4(*case, mode="int8")
+    np.testing.assert_allclose(got, reference_int8(*case), rtol=1e-6, atol=1e-6)
+
+
+def test_avx2_int8_sums_at_their_limits(tmp_path):
+    """The same cases on the AVX2 kernels (OFFQ_SIMD_MAX=avx2 in a fresh process): on an
+    AVX-512 VNNI CPU the in-process test above never runs the AVX2 spans (doubling the values'
+    span passed it and failed this)."""
+    code = ("import sys, numpy as np\n"
+            "from offq import _C\n"
+            "from test_attention_kv4 import _LIMIT_VALUES, int8_limit_case\n"
+            "out = {f'v{i}': _C.attention_kv4(*int8_limit_case(*v), mode='int8')\n"
+            "       for i, v in enumerate(_LIMIT_VALUES)}\n"
+            "np.savez(sys.argv[1], **out)\n")
+    got = outputs_by_cap(code, tmp_path, caps=("avx2",))["avx2"]
+    for i, v in enumerate(_LIMIT_VALUES):
+        case = int8_limit_case(*v)
+        np.testing.assert_allclose(got[f"v{i}"], reference_int8(*case), rtol=1e-6, atol=1e-6)
 
 
 def test_int8_query_alone_equals_query_in_a_block():
@@ -283,6 +307,9 @@ def test_vnni_int8_attention_is_bit_identical_to_avx2(tmp_path):
     (dict(zero=np.full((8, 2, 1), 16, np.float32), mode="int8"), "zero: mode 'int8' needs"),
     (dict(scale=np.full((8, 2, 3), 0.1, np.float32)), "scale: expected shape"),
     (dict(codes=np.zeros((8, 2, 31), np.uint8)), "codes: expected shape"),
+    # groups of one dimension: the kernels read their codes a byte (two dimensions) at a time
+    (dict(scale=np.full((8, 2, 64), 0.1, np.float32), zero=np.zeros((8, 2, 64), np.float32)),
+     "head_dim / groups an even integer"),
     (dict(q=np.full((1, 64), np.nan, np.float32)), "q"),
     # past ~1.1e6 dimensions the int8 mode's int32 sums wrapped silently
     (dict(q=np.ones((1, (1 << 20) + 2), np.float32), mode="int8"),

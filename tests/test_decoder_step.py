@@ -393,6 +393,25 @@ def test_simd_variants_agree(quantized):
         close(outs[kernel], outs["generic"])
 
 
+def test_simd_variants_agree_on_vector_tails():
+    """An FFN width of 20 (16 + 4, 8 + 8 + 4): the SIMD SwiGLU and the other element-wise steps
+    finish each row in a partial vector, which the fixtures' widths (multiples of 16) never
+    reach. Dropping the last element of AVX2's SwiGLU tail fails this."""
+    ckpt = tiny_checkpoint(5, arch="qwen2", f=20)
+    with threads(2):
+        q = pipeline.quantize(ckpt, QuantConfig(method="offq"), calibration(ckpt, 4, 32, 1),
+                              progress=False)
+    real = q.model("real")
+    assert real.config.intermediate_size == 20
+    ids = token_ids(real.config.vocab_size, 1, 12, 5)
+    outs = {}
+    for kernel in KERNELS:
+        fd = FusedDecoder(real, kernel=kernel, prefill="c")
+        outs[kernel] = fd.run(real.embed(ids)[0], fd.new_cache())
+    for kernel in KERNELS[1:]:
+        close(outs[kernel], outs["generic"])
+
+
 def test_thread_count_does_not_change_results(quantized):
     """A 20-token prompt, then 8 decode steps, on 1-4 threads: the same bits. Decode splits each
     KV head's query heads into as many blocks as the team needs (1 block on 1-2 threads, 2-3 on

@@ -274,6 +274,21 @@ def test_folded_tile_sums_at_their_limits(kernel: str, qa: int, za: int, wzero: 
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("ga", [1024, 512, 256, 64])
+def test_unfolded_tile_sums_at_their_limits(kernel: str, ga: int) -> None:
+    """The unfolded tile (weight zero-points differ by row, so nothing folds) sums raw codes:
+    AVX2 keeps pairs of 15 * 15 products in 16-bit lanes for 256 k (64 steps of 2 * 225 = 28800 <
+    32767) and then widens; all-15 codes on both sides must give the exact integer sum. A chunk
+    of 512 k wraps (-31744 for 230400 at groups of 512 and 1024)."""
+    k, m, n = 1024, 9, 40  # 9 rows: the tile path on every variant
+    wzero = np.arange(n)[:, None] % 2  # 0, 1, 0, 1, ...: no single zero-point to fold
+    w = from_int_codes(np.full((n, k), 15), np.ones((n, 1)), wzero, k)
+    a = from_int_codes(np.full((m, k), 15), np.ones((m, k // ga)), np.zeros((m, k // ga)), ga)
+    expect = np.broadcast_to((15 * (15 - wzero[:, 0]) * k).astype(np.float32), (m, n))
+    np.testing.assert_array_equal(matmul_w4a4(a, w, kernel=kernel), expect)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("k,ga,gw", [(576, 64, -1), (512, 128, 64), (96, 24, 48), (45, 15, 45)])
 def test_folded_and_unfolded_tiles_give_the_same_bits(kernel: str, k: int, ga: int,
                                                       gw: int) -> None:

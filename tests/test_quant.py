@@ -12,6 +12,7 @@ import pytest
 
 from offq import _C
 from offq.kernels.quant import QTensor, dequantize, quantize
+from simd_cap import outputs_by_cap
 
 
 def ref_quantize(x: np.ndarray, bits: int, group: int, symmetric: bool, clip: float = 1.0):
@@ -178,13 +179,49 @@ def test_error_bound_asymmetric():
     assert np.all(err <= qt.scale[..., None] * 0.5001)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nonfinite_raises(bad):
-    x = np.ones((3, 64), np.float32)
-    x[2, 17] = bad
-    for sym in (False, True):
-        with pytest.raises(ValueError, match="x: contains NaN or Inf"):
-            quantize(x, group_size=32, symmetric=sym)
+def nonfinite_cases() -> list[tuple[np.ndarray, int, bool]]:
+    """(x, group_size, symmetric) with one NaN, Inf or -Inf in the last row: at the first, a
+    middle and the last position of a group read by vectors only (64), and of one whose last
+    4 values are a scalar tail (20 = 16 + 4 on either SIMD width)."""
+    cases = []
+    for group, where in ((64, (0, 17, 63)), (20, (0, 9, 16, 19))):
+        for at in where:
+            for bad in (np.nan, np.inf, -np.inf):
+                for sym in (False, True):
+                    x = np.ones((3, 2 * group), np.float32)
+                    x[2, group + at] = bad
+                    cases.append((x, group, sym))
+    return cases
+
+
+def nonfinite_messages() -> list[str]:
+    """What quantize says of each of nonfinite_cases()."""
+    out = []
+    for x, group, sym in nonfinite_cases():
+        try:
+            quantize(x, group_size=group, symmetric=sym)
+            out.append("no error")
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def test_nonfinite_raises():
+    for msg in nonfinite_messages():
+        assert msg.startswith("x: contains NaN or Inf"), msg
+
+
+def test_nonfinite_raises_on_every_dispatch(tmp_path):
+    """The same cases on the generic C quantizer and the AVX2 one (OFFQ_SIMD_MAX in a fresh
+    process): each checks every value of a group, its first and its scalar tail included
+    (skipping the tail's check, or the generic loop's first value, fails this)."""
+    code = ("import sys, numpy as np\n"
+            "from test_quant import nonfinite_messages\n"
+            "np.savez(sys.argv[1], m=np.array(nonfinite_messages()))\n")
+    got = outputs_by_cap(code, tmp_path, caps=("generic", "avx2"))
+    for cap, out in got.items():
+        for msg in out["m"]:
+            assert str(msg).startswith("x: contains NaN or Inf"), (cap, msg)
 
 
 def test_range_overflow_raises():
