@@ -250,6 +250,9 @@ def test_reading_a_spoiled_export_names_what_is_wrong(export_dir, tmp_path, chan
     ("group_size", "16", r"w_group_size: expected -1 or a positive integer, got '16'"),
     ("group_size", 0, r"w_group_size: expected -1 or a positive integer, got 0"),
     ("group_size", True, r"w_group_size: expected -1 or a positive integer, got True"),
+    # found by fuzzing too: the message named neither the file nor the field
+    ("group_size", 7, r"config\.json: quantization_config group_size 7 does not fit the model's "
+                      r"widths: w_group_size: expected -1 or a divisor of"),
     ("bits", [4], r"bits \[4\] not in \(2, 3, 4, 8\)"),
     ("bits", 4.0, r"w_bits: expected one of 2, 3, 4, 8 or 16 \(off\), got 4.0"),
     ("sym", "false", r"w_symmetric: expected true or false, got 'false'"),

@@ -1,6 +1,7 @@
 """Tokenizer: the GGUF-rebuilt SmolLM2 tokenizer against known ids and round trips; HF dirs."""
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import time
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from offq.formats.gguf import build_gguf_tokenizer
-from offq.formats.tokenizer import Tokenizer
+from offq.formats.tokenizer import MAX_NORMALIZER_GROWTH, Tokenizer, normalizer_growth
 
 
 def _smollm2_path() -> Path | None:
@@ -370,6 +371,59 @@ def test_tokenizers_panic_at_load_is_a_value_error(tmp_path, kind):
     with pytest.raises(ValueError, match=r"tokenizer\.json: ") as info:
         Tokenizer.from_hf_dir(d)
     assert "PanicException" in str(info.value)
+
+
+def _replace(pattern: dict, content: str) -> dict:
+    return {"type": "Replace", "pattern": pattern, "content": content}
+
+
+_GROWING_NORMALIZERS = {
+    # each turns "a" into 1025-4096 characters: harmless to load, so a missing check fails the
+    # test instead of the process (8 Replaces of "a" by 16 "a"s, 4.3e9 characters for the BOS
+    # probe, aborted the process inside tokenizers)
+    "replace": _replace({"String": "a"}, "a" * 1100),
+    "regex": _replace({"Regex": "a?"}, "b" * 1100),
+    "sequence": {"type": "Sequence", "normalizers": [_replace({"String": "a"}, "aaaa")] * 6},
+    "nested": {"type": "Sequence", "normalizers": [
+        {"type": "Sequence", "normalizers": [_replace({"String": "a"}, "a" * 60)]},
+        {"type": "NFKC"}]},
+    "prepend": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "p" * 600},
+                                                   {"type": "Lowercase"}]},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_GROWING_NORMALIZERS))
+def test_normalizers_that_blow_text_up_are_refused(tmp_path, kind):
+    d = _tiny_tok_dir(tmp_path, normalizer=_GROWING_NORMALIZERS[kind])
+    with pytest.raises(ValueError, match=r"tokenizer\.json: its normalizer can turn one character "
+                                         r"into up to [0-9.e+]+ characters \(offq takes at most"):
+        Tokenizer.from_hf_dir(d)
+
+
+@pytest.mark.parametrize("normalizer, growth", [
+    (None, 1),
+    ({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                          _replace({"String": " "}, "\u2581")]}, 2),  # Llama 2
+    ({"type": "NFC"}, 3),                                                               # Qwen2
+    ({"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "StripAccents"},
+                                          {"type": "Lowercase"}]}, 12),
+    ({"type": "BertNormalizer", "clean_text": True, "handle_chinese_chars": True,
+      "strip_accents": None, "lowercase": True}, 12),
+    (_replace({"String": "aaaa"}, "bb"), 1),
+])
+def test_real_normalizers_are_taken(tmp_path, normalizer, growth):
+    assert normalizer_growth(normalizer) == growth <= MAX_NORMALIZER_GROWTH
+    t = Tokenizer.from_hf_dir(_tiny_tok_dir(tmp_path, normalizer=normalizer))
+    assert t.encode("ab") != []
+
+
+def test_precompiled_growth_is_its_longest_replacement():
+    """A sentencepiece map: u32 trie size, the trie, NUL-separated replacements."""
+    blob = (8).to_bytes(4, "little") + bytes(8) + b"xy\0" + "\ufdfa".encode() * 30 + b"\0z\0"
+    spec = {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(blob).decode()}
+    assert normalizer_growth(spec) == 30
+    assert normalizer_growth({"type": "Sequence", "normalizers": [spec] * 3}) == 27000
+    assert normalizer_growth({"type": "Precompiled", "precompiled_charsmap": "AAAA"}) == 1
 
 
 def test_tokenizers_failures_on_text_are_value_errors(tmp_path):

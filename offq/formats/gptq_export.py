@@ -272,7 +272,8 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     from ..model.config import ModelConfig
     from ..quant.assemble import build_model
     from ..quant.grid import pack_codes
-    from .checkpoint import MODEL_FILE, check_checkpoint_tensors, load_safetensors
+    from .checkpoint import (MODEL_FILE, check_checkpoint_tensors, expected_tensors,
+                             load_safetensors)
     from .tokenizer import Tokenizer
 
     path = Path(path)
@@ -301,6 +302,11 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     except ValueError as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from e
     mc = mc.replace(tie_word_embeddings=False)
+    try:  # a group_size that divides no linear's width (the fields' own message, with the file)
+        expected_tensors(mc, qcfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path / 'config.json'}: quantization_config group_size {group!r} "
+                         f"does not fit the model's widths: {e}") from None
     arch = architecture_of(mc)
     stored, _ = load_safetensors(path / MODEL_FILE)
     tensors: dict[str, np.ndarray] = {}

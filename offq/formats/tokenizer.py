@@ -14,10 +14,14 @@ loaders copy into ``ModelConfig.add_bos``. offq never pads or truncates: a ``pad
 
 Tokenizer files are untrusted: every call into ``tokenizers`` goes through `_guarded`, which turns
 its errors (a plain ``Exception``, or a Rust panic, a ``BaseException``) into a ValueError naming
-the file.
+the file. What cannot be caught that way, an allocation failure, which aborts the process, is
+refused before loading: a normalizer that can turn one character into more than
+`MAX_NORMALIZER_GROWTH` (`normalizer_growth`).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -171,8 +175,15 @@ class Tokenizer:
         if not tok_file.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (offq reads the fast-tokenizer "
                                     "file; convert a sentencepiece model with transformers first)")
+        raw = tok_file.read_bytes()
+        try:
+            spec = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise ValueError(f"{tok_file}: not a valid tokenizers file: invalid JSON: {e}") from None
+        if isinstance(spec, dict):
+            check_normalizer_growth(spec.get("normalizer"), str(tok_file))
         backend = _guarded(str(tok_file), "not a valid tokenizers file",
-                           tokenizers.Tokenizer.from_file, str(tok_file))
+                           tokenizers.Tokenizer.from_str, raw.decode("utf-8"))
         # offq never pads or truncates (before the probe below, which a padding block would blow up)
         backend.no_padding()
         backend.no_truncation()
@@ -206,6 +217,71 @@ class Tokenizer:
         else:
             adds_bos = puts_bos_first(backend, bos, str(tok_file))
         return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(tok_file))
+
+
+# How many characters one input character can become, at most, through one normalizer of each
+# type: Unicode's compatibility decompositions reach 18 (U+FDFA), canonical ones 4 and
+# recomposition 3; a lowercase mapping 3; BERT's puts spaces around CJK characters (3) after
+# stripping accents by NFD (4); byte-level maps each UTF-8 byte to a character (4).
+_NORMALIZER_GROWTH = {"NFKC": 18, "NFKD": 18, "NFD": 4, "NFC": 3, "Lowercase": 3,
+                      "BertNormalizer": 12, "ByteLevel": 4}
+MAX_NORMALIZER_GROWTH = 1024  # real files: 1 (Llama 2, Mistral) to 18 (NFKC, sentencepiece maps)
+
+
+def normalizer_growth(spec: Any, depth: int = 0) -> float:
+    """An upper bound on the characters one input character becomes through the normalizer
+    ``spec`` (a tokenizer.json ``normalizer`` block): the product over a Sequence. A Replace of
+    pattern p by content c grows text at most len(c) / len(p) (a regex, which may match empty
+    text, 1 + len(c)); Prepend adds its text once; a Precompiled map at most its longest
+    replacement. A block this cannot read counts 1: tokenizers itself refuses it."""
+    if not isinstance(spec, dict) or depth > 64:
+        return 1.0
+    kind = spec.get("type")
+    if kind == "Sequence":
+        growth = 1.0
+        for part in spec.get("normalizers") or []:
+            growth *= normalizer_growth(part, depth + 1)
+        return growth
+    if kind == "Replace":
+        pattern, content = spec.get("pattern"), spec.get("content")
+        if not isinstance(pattern, dict) or not isinstance(content, str):
+            return 1.0
+        text = pattern.get("String")
+        if isinstance(text, str) and text:
+            return max(1.0, len(content) / len(text))
+        return 1.0 + len(content)
+    if kind == "Prepend":
+        prepend = spec.get("prepend")
+        return 1.0 + len(prepend) if isinstance(prepend, str) else 1.0
+    if kind == "Precompiled":
+        return float(_longest_precompiled_replacement(spec.get("precompiled_charsmap")))
+    return float(_NORMALIZER_GROWTH.get(kind, 1))
+
+
+def _longest_precompiled_replacement(charsmap: Any) -> int:
+    """The longest replacement string of a sentencepiece character map (base64: a little-endian
+    u32 trie size, the trie, then the NUL-separated replacements); 1 when it cannot be read."""
+    if not isinstance(charsmap, str):
+        return 1
+    try:
+        blob = base64.b64decode(charsmap, validate=False)
+    except (ValueError, binascii.Error):
+        return 1
+    if len(blob) < 4:
+        return 1
+    trie_end = 4 + int.from_bytes(blob[:4], "little")
+    return max([1] + [len(r.decode("utf-8", "replace")) for r in blob[trie_end:].split(b"\0")])
+
+
+def check_normalizer_growth(spec: Any, source: str) -> None:
+    """Refuse a normalizer that can blow text up: 8 Replaces of "a" by 16 "a"s turned the
+    one-character BOS probe into 4.3e9 characters, and the tokenizers library aborts the process
+    when an allocation fails (no exception to catch)."""
+    growth = normalizer_growth(spec)
+    if growth > MAX_NORMALIZER_GROWTH:
+        raise ValueError(f"{source}: its normalizer can turn one character into up to "
+                         f"{growth:.3g} characters (offq takes at most {MAX_NORMALIZER_GROWTH}): "
+                         "encoding text with it could exhaust memory")
 
 
 def puts_bos_first(backend: tokenizers.Tokenizer, bos_id: int | None, source: str) -> bool:
