@@ -1,0 +1,167 @@
+"""Can the tests fail? A mutation check: each `Mutant` below is a small plausible bug in offq (an
+off-by-one in a tail, a dropped term, a skipped check, a span that wraps) and the test files that
+must catch it.
+
+    python tests/mutants.py                 # every mutant (about a minute each on 2 cores)
+    python tests/mutants.py SWIGLU-tail ...  # the named ones
+    python tests/mutants.py --list
+
+The check runs in a temporary git worktree of HEAD (so commit what it should see), builds the C
+core there once, then for each mutant: edits the file, rebuilds when the edit is in csrc/, runs
+the mutant's test files with that worktree first on the import path, and restores the file. A
+mutant is KILLED when a test fails, SURVIVED when all pass; it exits 1 when any survives.
+Not a pytest file (pytest collects test_*.py only): it rebuilds the core once per mutant.
+
+Every mutant here survived the suite once (tests/ then ran that code only on shapes or CPUs
+that never reach it) or is a case the suite already catches that guards a limit worth keeping
+watched; each test added for one says so in its docstring.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str   # text that occurs exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files that must fail
+
+
+W4A4_AVX2 = "csrc/x86/matmul_w4a4_avx2.c"
+# the symmetric quantizer's scalar tail (a macro: its lines end in backslashes)
+QUANT_TAIL = ("bads |= offq_is_nonfinite(g[i]);" + " " * 50
+              + "\\\n                const float a = fabsf(g[i]);")
+MUTANTS = (
+    # AVX2's 16-bit sums of raw 4-bit products hold 64 steps of 4 k; 128 steps wrap
+    Mutant("W4A4-avx2-chunk", W4A4_AVX2, "#define CHUNK 256 ", "#define CHUNK 512 ",
+           ("tests/test_matmul_w4a4.py",)),
+    Mutant("W4A4-avx2-zero-point-term", W4A4_AVX2, "e1 = _mm256_fnmadd_ps(za, wt1, e1);",
+           "(void)wt1;", ("tests/test_matmul_w4a4.py",)),
+    Mutant("W4A4-avx2-decode-tail", W4A4_AVX2,
+           ": (c0 + DEC_SUB < (b + 1) * vpb ? DEC_SUB : (b + 1) * vpb - c0);",
+           ": (c0 + DEC_SUB < (b + 1) * vpb ? DEC_SUB : (b + 1) * vpb - c0 - 1);",
+           ("tests/test_matmul_w4a4.py",)),
+    # the 8-bit attention's AVX2 spans of 16-bit pair sums (scores 8 blocks, values 4)
+    Mutant("AI8-avx2-score-span", "csrc/x86/attention_i8_avx2.c", "#define AI8_SPAN_S 8",
+           "#define AI8_SPAN_S 16", ("tests/test_attention_kv4.py",)),
+    Mutant("AI8-avx2-value-span", "csrc/x86/attention_i8_avx2.c", "#define AI8_SPAN_V 4",
+           "#define AI8_SPAN_V 8", ("tests/test_attention_kv4.py",)),
+    Mutant("ATT-avx2-softmax-tail", "csrc/x86/attention_tiles.h",
+           "memcpy(st + j, pad, (size_t)(n - j) * sizeof(float));",
+           "memcpy(st + j, pad, (size_t)(n - j - 1) * sizeof(float));",
+           ("tests/test_attention_kv4.py",)),
+    Mutant("ATT-binding-odd-group", "csrc/python/bind_attention_kv4.c",
+           "hd % ng != 0 ||\n        (hd / ng) % 2 != 0) {", "hd % ng != 0) {",
+           ("tests/test_attention_kv4.py::test_arguments_are_validated",)),
+    Mutant("SWIGLU-avx2-tail", "csrc/x86/swiglu_avx2.c",
+           "        for (int64_t k = 0; k < n - i; k++) {\n            x[i + k] = xp[k];",
+           "        for (int64_t k = 0; k < n - i - 1; k++) {\n            x[i + k] = xp[k];",
+           ("tests/test_decoder_step.py::test_simd_variants_agree_on_vector_tails",)),
+    Mutant("QUANT-avx2-tail-nonfinite", "csrc/x86/quant_avx2.c", QUANT_TAIL,
+           QUANT_TAIL.replace("bads |= offq_is_nonfinite(g[i]);", "(void)0;" + " " * 24),
+           ("tests/test_quant.py",)),
+    Mutant("QUANT-generic-first-value", "csrc/quant.c",
+           "        for (int64_t i = 0; i < n; i++) {\n            const float v = g[i];",
+           "        for (int64_t i = 1; i < n; i++) {\n            const float v = g[i];",
+           ("tests/test_quant.py",)),
+    Mutant("WQ-avx2-zero-point-sign", "csrc/x86/matmul_wq_avx2.c",
+           "_mm256_mul_ps(s, _mm256_sub_ps(q, z))", "_mm256_mul_ps(s, _mm256_add_ps(q, z))",
+           ("tests/test_matmul_wq.py",)),
+    Mutant("GPTQ-last-column-update", "csrc/gptq.c",
+           "for (int64_t t = i + 1; t < sub_end; t++) {",
+           "for (int64_t t = i + 1; t < sub_end - 1; t++) {", ("tests/test_gptq_columns.py",)),
+    Mutant("DECODER-WQ-merge-chunks", "csrc/decoder_wq.c",
+           "offq_attn_f32_chunks(start + r + 1), H * (hd + 2)",
+           "offq_attn_f32_chunks(start + r), H * (hd + 2)", ("tests/test_decoder_wq_step.py",)),
+    # Python: a tokenizer.json whose normalizer multiplies text (tokenizers aborts on the
+    # allocation), and a GPTQ export's group size checked against the model's widths
+    Mutant("TOKENIZER-growth-check", "offq/formats/tokenizer.py",
+           'check_normalizer_growth(spec.get("normalizer"), str(tok_file))', "pass",
+           ("tests/test_tokenizer.py",)),
+    Mutant("GPTQ-EXPORT-group-check", "offq/formats/gptq_export.py",
+           "        expected_tensors(mc, qcfg)\n", "        pass\n",
+           ("tests/test_gptq_export.py",)),
+)
+
+
+def sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def build(tree: Path) -> None:
+    r = sh([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], tree,
+           dict(os.environ, OFFQ_WERROR="1"))
+    if r.returncode != 0:
+        raise RuntimeError(f"build failed in {tree}:\n{r.stderr[-3000:]}")
+
+
+def run_mutant(m: Mutant, tree: Path) -> tuple[bool, str]:
+    """(killed, the last lines of pytest's report) for one mutant, the file restored after."""
+    path = tree / m.path
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise ValueError(f"{m.name}: its text occurs {text.count(m.old)} times in {m.path}")
+    path.write_text(text.replace(m.old, m.new))
+    try:
+        if m.path.startswith("csrc/"):
+            build(tree)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(tree / "tests")]))
+        r = sh([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
+               tree, env)
+        report = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")
+                  or " passed" in ln or " failed" in ln]
+        return r.returncode != 0, " | ".join(report[-2:])
+    finally:
+        path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = ap.parse_args(argv)
+    known = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:32s} {m.path}  ->  {' '.join(m.tests)}")
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        ap.error(f"unknown mutant(s) {unknown}; --list names them")
+    chosen = [known[n] for n in args.names] if args.names else list(MUTANTS)
+    with tempfile.TemporaryDirectory(prefix="offq-mutants-") as tmp:
+        tree = Path(tmp) / "tree"
+        r = sh(["git", "worktree", "add", "--detach", str(tree), "HEAD"], ROOT)
+        if r.returncode != 0:
+            raise SystemExit(f"git worktree add failed: {r.stderr}")
+        try:
+            build(tree)
+            survived = []
+            for m in chosen:
+                t0 = time.perf_counter()
+                killed, report = run_mutant(m, tree)
+                print(f"{'KILLED  ' if killed else 'SURVIVED'} {m.name:32s} "
+                      f"{time.perf_counter() - t0:5.0f} s  {report}", flush=True)
+                if not killed:
+                    survived.append(m.name)
+        finally:
+            sh(["git", "worktree", "remove", "--force", str(tree)], ROOT)
+    print(f"{len(chosen) - len(survived)} of {len(chosen)} killed"
+          + (f"; survived: {', '.join(survived)}" if survived else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
