@@ -46,6 +46,20 @@ def test_matches_numpy_softmax(kernel, n, shape):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("hd", range(8, 136, 8))
+def test_every_head_size_of_whole_vectors(kernel, hd):
+    """The AVX2 kernel's value loop takes a head in blocks of 64 outputs, the last block 1-8
+    vectors of 8: each count has its own copy (a copy that stops a vector short left 8 outputs
+    unwritten at head size 24 and passed the shapes above). Inputs differ by kernel, so a stale
+    output buffer holding another kernel's result cannot pass for this one's."""
+    rng = np.random.default_rng(hd + 1000 * KERNELS.index(kernel))
+    for n in (5, CHUNK + 3):
+        q = (rng.standard_normal((2, hd)) / np.sqrt(hd)).astype(np.float32)
+        kv = rng.standard_normal((n, 2, 1, hd)).astype(np.float32)
+        close(attention_f32(q, kv, kernel=kernel), reference(q, kv))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("spike", [0, CHUNK - 1, CHUNK, 3 * CHUNK + 5, 499])
 def test_one_dominant_position_in_any_chunk(kernel, spike):
     """One key aligned with the query at scores ~100 above the rest: the output is that position's

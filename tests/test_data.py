@@ -89,6 +89,17 @@ def test_token_windows_on_a_stream():
         data.token_windows(range(3), 5, bos_id=7)
 
 
+@pytest.mark.parametrize("n, seqlen, bos, rows", [(8, 4, None, 2), (4, 4, None, 1), (7, 4, None, 1),
+                                                  (6, 4, 0, 2), (3, 4, 0, 1), (9, 4, 0, 3)])
+def test_token_windows_use_every_whole_window(n, seqlen, bos, rows):
+    """A stream that fills windows exactly gives all of them (8 tokens, windows of 4: two; one
+    fewer when the count was taken from n - 1), and one window's worth is enough."""
+    w = data.token_windows(np.arange(1, n + 1), seqlen, bos_id=bos)
+    body = seqlen - (bos is not None)
+    assert w.shape == (rows, seqlen)
+    assert np.array_equal(w[:, seqlen - body:].reshape(-1), np.arange(1, rows * body + 1))
+
+
 # ---------------------------------------------------------------------- calibration
 def _docs(n: int) -> list[str]:
     rng = np.random.default_rng(5)

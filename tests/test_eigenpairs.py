@@ -62,6 +62,22 @@ def test_adversarial_spectra() -> None:
     check_pairs(h * 1e8, 3)
 
 
+@pytest.mark.parametrize("diag", [[1.0, 3.0, 0.5], [3.0, 2.0, 1.0], [5.0, 0.1, 4.0, 0.2, 3.0]])
+def test_split_matrices_come_out_sorted(diag: list[float]) -> None:
+    """A diagonal (or block-diagonal) matrix splits the tridiagonal form, and LAPACK lists the
+    values block by block: the smallest must still come first, the last listed value included
+    (a sort that never looked at it returned [1.0, 0.5] for the first)."""
+    h = np.diag(diag)
+    for count in range(1, len(diag) + 1):
+        check_pairs(h, count)
+    rng = np.random.default_rng(len(diag))
+    blocks = [rng.standard_normal((3, 3)) for _ in diag]
+    big = np.zeros((3 * len(diag), 3 * len(diag)))
+    for i, (b, d) in enumerate(zip(blocks, diag)):
+        big[3 * i:3 * i + 3, 3 * i:3 * i + 3] = b @ b.T + d * np.eye(3)
+    check_pairs(big, len(diag))
+
+
 def test_only_the_upper_triangle_is_read() -> None:
     h = heavy_hessian(30, 200)
     garbage = np.triu(h) + np.tril(np.full_like(h, np.nan), -1)

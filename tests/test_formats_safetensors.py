@@ -193,6 +193,10 @@ GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
     ({"__metadata__": 0, **GOOD}, b"\0" * 16, None, "__metadata__ must map"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
       "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
+    # sharing one byte is overlapping too (a bound off by one took it)
+    ({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+      "b": {"dtype": "U8", "shape": [8], "data_offsets": [7, 15]}}, b"\0" * 15, None,
+     "'a' and 'b' overlap"),
     ({"a": "oops"}, b"", None, "object"),
     ({"__metadata__": {"k": 1}, **GOOD}, b"\0" * 16, None, "__metadata__"),
     (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
