@@ -121,15 +121,16 @@ def build(tree: Path) -> None:
         raise RuntimeError(f"build failed in {tree}:\n{r.stderr[-3000:]}")
 
 
-def run_mutant(m: Mutant, tree: Path) -> tuple[bool, str]:
-    """(killed, the last lines of pytest's report) for one mutant, the file restored after."""
+def run_mutant(m: Mutant, tree: Path, core_is_mutated: bool) -> tuple[bool, str]:
+    """(killed, the last lines of pytest's report) for one mutant, the file restored after (the
+    C core is rebuilt for a C mutant, and for a Python one when a C mutant's build is left)."""
     path = tree / m.path
     text = path.read_text()
     if text.count(m.old) != 1:
         raise ValueError(f"{m.name}: its text occurs {text.count(m.old)} times in {m.path}")
     path.write_text(text.replace(m.old, m.new))
     try:
-        if m.path.startswith("csrc/"):
+        if m.path.startswith("csrc/") or core_is_mutated:
             build(tree)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(tree / "tests")]))
         r = sh([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests],
@@ -162,10 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"git worktree add failed: {r.stderr}")
         try:
             build(tree)
-            survived = []
+            survived, core_is_mutated = [], False
             for m in chosen:
                 t0 = time.perf_counter()
-                killed, report = run_mutant(m, tree)
+                killed, report = run_mutant(m, tree, core_is_mutated)
+                core_is_mutated = m.path.startswith("csrc/")
                 print(f"{'KILLED  ' if killed else 'SURVIVED'} {m.name:32s} "
                       f"{time.perf_counter() - t0:5.0f} s  {report}", flush=True)
                 if not killed:
