@@ -432,6 +432,49 @@ def test_resume_refuses_spoiled_rotations(change, tmp_path, monkeypatch):
     assert not (out / "config.json").exists()
 
 
+@pytest.mark.parametrize("change", ["layer from another run", "layer tensors swapped",
+                                    "layer unstamped", "r1 scaled", "rotations.json edited"])
+def test_resume_refuses_files_another_run_wrote_or_that_changed(change, tmp_path, monkeypatch):
+    """Each stored file carries its run's id and a digest of its tensors: found by fuzzing,
+    layer 0 of another method's run, two same-shaped tensors swapped, R1 scaled by 3 (no longer
+    a rotation) and a rewritten rotations.json all resumed silently into a different model (or,
+    for an extreme value, failed later blaming the model)."""
+    cfg = QuantConfig(method="offq")
+    ckpt = with_source_id(tiny_checkpoint(5, layers=3))
+    calib = calibration(ckpt, 4, 16)
+    out = tmp_path / "cut"
+    _partial_run(ckpt, cfg, calib, out, monkeypatch)
+    partial = out / ".offq-partial"
+    layer, rot = partial / "layer_0000.safetensors", partial / "rotations.safetensors"
+    tensors, meta = load_safetensors(layer)
+    tensors = {k: np.array(v) for k, v in tensors.items()}
+    if change == "layer from another run":
+        other = tmp_path / "other"
+        _partial_run(ckpt, QuantConfig(method="quarot"), calib, other, monkeypatch)
+        (other / ".offq-partial" / "layer_0000.safetensors").replace(layer)
+        message = "layer_0000.safetensors was not written by this run"
+    elif change in ("layer tensors swapped", "layer unstamped"):
+        a, b = (f"model.layers.0.self_attn.{n}_proj.scales" for n in ("q", "o"))
+        tensors[a], tensors[b] = tensors[b], tensors[a]
+        unstamped = change == "layer unstamped"
+        save_safetensors(layer, tensors, None if unstamped else meta)
+        message = ("layer_0000.safetensors was not written by this run" if unstamped else
+                   "layer_0000.safetensors changed since this run wrote it")
+    elif change == "r1 scaled":
+        arrays, rmeta = load_safetensors(rot)
+        arrays = {k: np.array(v) for k, v in arrays.items()}
+        arrays["r1"] *= 3
+        save_safetensors(rot, arrays, rmeta)
+        message = "rotations.safetensors changed since this run wrote it"
+    else:
+        info = json.loads((partial / "rotations.json").read_text())
+        (partial / "rotations.json").write_text(json.dumps({**info, "note": "another rotation"}))
+        message = "rotations.safetensors changed since this run wrote it"
+    with pytest.raises(ValueError, match=rf"^resume: .*{message}.*rerun without --resume"):
+        pipeline.quantize(ckpt, cfg, calib, out_dir=out, resume=True, batch_size=2)
+    assert not (out / "config.json").exists()
+
+
 # ============================================================================ 5. Hadamard sizes
 @pytest.mark.parametrize("f", [376, 408])  # 188 * 2 = 47 * 8, 204 * 2 = 51 * 8: no construction
 def test_unsupported_r4_size_fails_before_any_pass(f, monkeypatch):

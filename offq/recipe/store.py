@@ -5,7 +5,10 @@ With a directory, finished layers go to ``DIR/.offq-partial/`` as they complete
 ``--resume`` continues from there when the run's fingerprint matches (the source model's weights
 by header hash and sizes, the QuantConfig, the calibration tokens, the batch size and offq's
 version). The final directory is assembled from the same bytes, so an interrupted-then-resumed run
-writes the same checkpoint as an uninterrupted one.
+writes the same checkpoint as an uninterrupted one. Each stored file carries, in its safetensors
+metadata, the run it belongs to (a hash of that fingerprint) and a SHA-256 of its tensors (and of
+``rotations.json``): a resumed run refuses a layer or rotation file that another run wrote or that
+was changed since, instead of mixing it into the checkpoint.
 
 Finishing writes ``model.safetensors`` and the tokenizer first and ``config.json`` last: a
 directory with a ``config.json`` is complete. Every file is written atomically (temporary name,
@@ -74,6 +77,20 @@ def fingerprint(ckpt: Any, cfg: QuantConfig, calibration: dict[str, Any] | None,
 _RESUME_HINT = "rerun without --resume to start over"
 
 
+def tensors_digest(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(memoryview(a.reshape(-1)).cast("B"))
+    return h.hexdigest()
+
+
+def _json_digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 class CheckpointStore:
     """Finished rotations and layers, in memory (``out_dir=None``) or on disk (module docstring)."""
 
@@ -87,6 +104,7 @@ class CheckpointStore:
         self.partial = self.dir / PARTIAL_DIR
         state = self.partial / "state.json"
         fp = json.loads(json.dumps(run_fingerprint))  # normalised as stored
+        self.run_id = _json_digest(fp)  # stamped into every file this run stores
         if resume and state.is_file():
             old = read_json_object(state, _RESUME_HINT)
             if old != fp:
@@ -115,8 +133,24 @@ class CheckpointStore:
             return
         arrays = {k: np.ascontiguousarray(v, dtype=np.float64)
                   for k, v in (("r1", r1), ("r2", r2)) if v is not None}
-        save_safetensors(self.partial / "rotations.safetensors", arrays)
+        save_safetensors(self.partial / "rotations.safetensors", arrays,
+                         self._stamp(arrays, meta_sha256=_json_digest(meta)))
         atomic_write_json(self.partial / "rotations.json", meta)  # last: marks them complete
+
+    def _stamp(self, tensors: dict[str, np.ndarray], **extra: str) -> dict[str, str]:
+        """The safetensors metadata of a stored file: this run's id and the tensors' digest."""
+        return {"offq_run": self.run_id, "tensors_sha256": tensors_digest(tensors), **extra}
+
+    def _check_stamp(self, path: Path, tensors: dict[str, np.ndarray], stored: dict[str, str],
+                     **extra: str) -> None:
+        """ValueError unless ``path`` was stored by this run and is unchanged since."""
+        if stored.get("offq_run") != self.run_id:
+            raise ValueError(f"resume: {path} was not written by this run (another run's file, "
+                             f"or one from before offq stamped them); {_RESUME_HINT}")
+        if stored.get("tensors_sha256") != tensors_digest(tensors) or any(
+                stored.get(k) != v for k, v in extra.items()):
+            raise ValueError(f"resume: {path} changed since this run wrote it (its tensors or "
+                             f"their description no longer match its digest); {_RESUME_HINT}")
 
     def load_rotations(self, mc: Any = None, cfg: QuantConfig | None = None
                        ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
@@ -126,9 +160,10 @@ class CheckpointStore:
             return self.mem["rot"]
         meta = read_json_object(self.partial / "rotations.json", _RESUME_HINT)
         path = self.partial / "rotations.safetensors"
-        arrays, _ = load_safetensors(path)
+        arrays, stored = load_safetensors(path)
         if mc is not None and cfg is not None:
             _check_rotations(arrays, expected_rotations(mc, cfg), path)
+            self._check_stamp(path, arrays, stored, meta_sha256=_json_digest(meta))
         return (np.array(arrays["r1"]) if "r1" in arrays else None,
                 np.array(arrays["r2"]) if "r2" in arrays else None, meta)
 
@@ -140,20 +175,21 @@ class CheckpointStore:
         if self.dir is None:
             self.mem[i] = tensors
         else:
-            save_safetensors(self._layer_path(i), tensors)
+            save_safetensors(self._layer_path(i), tensors, self._stamp(tensors))
 
     def load_layer(self, i: int, mc: Any = None,
                    cfg: QuantConfig | None = None) -> dict[str, np.ndarray] | None:
         """Layer ``i``'s stored tensors, or None; with ``mc`` and ``cfg``, a file of a resumed
         run is checked as a checkpoint's layer (`check_layer_tensors`: names, shapes, dtypes,
-        finite scales) before anything reads it."""
+        finite scales) and against its stamp (written by this run, unchanged) before anything
+        reads it."""
         if self.dir is None:
             return self.mem.get(i)
         path = self._layer_path(i)
         if not path.is_file():
             return None
         try:
-            tensors = load_safetensors(path)[0]
+            tensors, stored = load_safetensors(path)
             if mc is not None and cfg is not None:
                 check_layer_tensors(tensors, mc, cfg, i, str(path))
                 for name, a in tensors.items():  # norms, biases (a fresh run refuses NaN there)
@@ -161,6 +197,8 @@ class CheckpointStore:
                         raise ValueError(f"{path}: tensor '{name}' contains NaN or Inf")
         except (OSError, ValueError) as e:
             raise ValueError(f"resume: {e}; {_RESUME_HINT}") from None
+        if mc is not None and cfg is not None:
+            self._check_stamp(path, tensors, stored)
         return tensors
 
     # ------------------------------------------------------------------ the checkpoint
