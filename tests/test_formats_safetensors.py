@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from offq.formats import open_checkpoint
+from offq.formats.files import MAX_JSON_BYTES
 from offq.formats.safetensors import (
     HFTensorStore, SafetensorsFile, SafetensorsWriter, bf16_to_f32, f32_to_bf16, load_safetensors,
     read_header, write_safetensors,
@@ -338,9 +340,34 @@ def test_sharded_index_validation(tmp_path):
     name = next(k for k, v in index["weight_map"].items() if v == shards[0])
     check(lambda ix: ix["weight_map"].__setitem__(name, shards[1]), "not in this shard")
     check(lambda ix: ix.__setitem__("weight_map", []), "weight_map")
+    # found by fuzzing: a name past the file system's limit was an OSError naming neither file
+    check(lambda ix: ix["weight_map"].__setitem__("model.norm.weight", "x" * 300 + ".safetensors"),
+          r"model\.safetensors\.index\.json: shard 'x+\.safetensors': File name too long")
     index_path.write_text("{broken")
     with pytest.raises(ValueError, match="JSON"):
         HFTensorStore(d)
+    # and a 3.6 GB index ran the JSON parser out of memory: a file past the limit is refused
+    # before it is read (a sparse file here)
+    with open(index_path, "wb") as f:
+        f.truncate(MAX_JSON_BYTES + 1)
+    with pytest.raises(ValueError, match=rf"index\.json: {MAX_JSON_BYTES + 1} bytes, more than"):
+        HFTensorStore(d)
+
+
+def test_a_single_file_beside_an_index_is_read_first(tmp_path, caplog):
+    """As transformers does: with model.safetensors and an index both present, the single file
+    holds the model (offq read the shards, and so another model, without a word)."""
+    single, sd = _save_tiny(tmp_path, "llama")
+    sharded, _ = _save_tiny(tmp_path / "s", "llama", shard="20KB")
+    t, meta = load_safetensors(single / "model.safetensors")
+    write_safetensors(single / "model.safetensors", {k: v / 2 for k, v in t.items()}, meta)
+    for f in sharded.iterdir():
+        if f.name.startswith("model-") or f.name.endswith(".index.json"):
+            shutil.copy(f, single / f.name)
+    with caplog.at_level("WARNING"), open_checkpoint(single) as ck:
+        for name in ck.config.tensor_shapes():
+            np.testing.assert_array_equal(ck.tensors[name], sd[name] / 2)
+    assert "model.safetensors.index.json beside it is ignored" in caplog.text
 
 
 def test_missing_and_misshaped_tensors_named(tmp_path):

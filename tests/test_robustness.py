@@ -34,6 +34,7 @@ import pytest
 import offq
 from offq.config import QuantConfig
 from offq.formats.checkpoint import load_safetensors, save_safetensors
+from offq.formats.files import MAX_JSON_BYTES
 from offq.quant.assemble import load_quantized
 from offq.quant.grid import dequantize_codes, grid_params, quantize_codes
 from offq.quantizers.gptq import (GPTQ, MAX_DAMP_RETRIES, factor_hessian, gptq_quantize,
@@ -475,6 +476,23 @@ def test_resume_refuses_files_another_run_wrote_or_that_changed(change, tmp_path
     assert not (out / "config.json").exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_partial_directory_that_is_a_link_is_refused_first(resume, tmp_path, monkeypatch):
+    """Found by fuzzing: .offq-partial as a link to a directory failed with shutil's "Cannot call
+    rmtree on a symbolic link" (no path), under --resume after config.json was written."""
+    ckpt = with_source_id(tiny_checkpoint(5, layers=3))
+    calib = calibration(ckpt, 4, 16)
+    elsewhere = tmp_path / "elsewhere"
+    _partial_run(ckpt, RESUME_CFG, calib, elsewhere, monkeypatch)
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / ".offq-partial").symlink_to(elsewhere / ".offq-partial")
+    with pytest.raises(ValueError, match=r"\.offq-partial: not a directory of its own"):
+        pipeline.quantize(ckpt, RESUME_CFG, calib, out_dir=out, resume=resume, batch_size=2)
+    assert not (out / "config.json").exists()
+    assert (elsewhere / ".offq-partial" / "layer_0000.safetensors").is_file()
+
+
 # ============================================================================ 5. Hadamard sizes
 @pytest.mark.parametrize("f", [376, 408])  # 188 * 2 = 47 * 8, 204 * 2 = 51 * 8: no construction
 def test_unsupported_r4_size_fails_before_any_pass(f, monkeypatch):
@@ -716,13 +734,20 @@ def test_a_pipe_is_refused_without_blocking(tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [("[]", "expected a JSON object, got list"),
-                                           ("{bad", "not valid JSON")])
+                                           ("{bad", "not valid JSON"),
+                                           (None, rf"{MAX_JSON_BYTES + 1} bytes, more than")])
 def test_a_spoiled_resume_state_names_its_file(content, match, tmp_path, monkeypatch):
+    """None: a sparse file past MAX_JSON_BYTES, refused before the parser reads it."""
     ckpt = with_source_id(tiny_checkpoint(5, layers=3))
     calib = calibration(ckpt, 4, 16)
     out = tmp_path / "cut"
     _partial_run(ckpt, RESUME_CFG, calib, out, monkeypatch)
-    (out / ".offq-partial" / "state.json").write_text(content)
+    state = out / ".offq-partial" / "state.json"
+    if content is None:
+        with open(state, "wb") as f:
+            f.truncate(MAX_JSON_BYTES + 1)
+    else:
+        state.write_text(content)
     with pytest.raises(ValueError, match=rf"state.json: {match}.*rerun without --resume"):
         pipeline.quantize(ckpt, RESUME_CFG, calib, out_dir=out, resume=True, batch_size=2)
 

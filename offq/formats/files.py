@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 __all__ = ["atomic_copy", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "check_output_dir", "fsync_dir", "read_json_object"]
+           "check_json_size", "check_output_dir", "fsync_dir", "read_json_object"]
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -112,11 +112,29 @@ def check_output_dir(out_dir: str | os.PathLike, source: str | os.PathLike | Non
     check_creatable(out_dir)
 
 
+#: the largest JSON side file offq reads (configs, a shard index, resume state): real ones are
+#: kilobytes to a few MB; a 3.6 GB index ran out of memory in the parser
+MAX_JSON_BYTES = 64 << 20
+
+
+def check_json_size(path: str | os.PathLike, hint: str = "") -> None:
+    """ValueError naming ``path`` when it is a file larger than `MAX_JSON_BYTES`."""
+    try:
+        size = Path(path).stat().st_size
+    except OSError:
+        return  # the read that follows names the problem
+    if size > MAX_JSON_BYTES:
+        end = f"; {hint}" if hint else ""
+        raise ValueError(f"{path}: {size} bytes, more than offq reads of a JSON file "
+                         f"({MAX_JSON_BYTES} bytes){end}")
+
+
 def read_json_object(path: str | os.PathLike, hint: str = "") -> dict[str, Any]:
     """The JSON object in the file ``path`` (an untrusted file): ValueError naming it when it is
-    unreadable, not UTF-8 JSON (nesting past the recursion limit included) or not an object;
-    ``hint`` ends the message (what to do about it)."""
+    larger than `MAX_JSON_BYTES`, unreadable, not UTF-8 JSON (nesting past the recursion limit
+    included) or not an object; ``hint`` ends the message (what to do about it)."""
     end = f"; {hint}" if hint else ""
+    check_json_size(path, hint)
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:

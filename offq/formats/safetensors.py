@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from .files import atomic_write_bytes, fsync_dir
+from .files import atomic_write_bytes, check_json_size, fsync_dir
 from .registry import Checkpoint, TensorStore
 
 logger = logging.getLogger(__name__)
@@ -274,6 +274,7 @@ SINGLE_NAME = "model.safetensors"
 def _read_index(directory: Path) -> dict[str, str]:
     """Validate ``model.safetensors.index.json``: tensor name -> shard file name inside the dir."""
     index_path = directory / INDEX_NAME
+    check_json_size(index_path)
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f, object_pairs_hook=_no_duplicate_keys)
@@ -293,8 +294,9 @@ def _read_index(directory: Path) -> dict[str, str]:
 class HFTensorStore(TensorStore):
     """Float32 view of the safetensors file(s) of a HF checkpoint directory.
 
-    Single ``model.safetensors``, or every shard listed in ``model.safetensors.index.json`` (each
-    listed tensor must be in the shard the index names; a tensor in two shards is an error).
+    Single ``model.safetensors`` (read first when both are there, as transformers does), or every
+    shard listed in ``model.safetensors.index.json`` (each listed tensor must be in the shard the
+    index names; a tensor in two shards is an error).
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -302,10 +304,16 @@ class HFTensorStore(TensorStore):
         self.directory = directory
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, SafetensorsFile] = {}
-        if (directory / INDEX_NAME).is_file():
+        # model.safetensors first, as transformers reads a directory that has both
+        if not (directory / SINGLE_NAME).is_file() and (directory / INDEX_NAME).is_file():
             weight_map = _read_index(directory)
             for shard in dict.fromkeys(weight_map.values()):
-                if not (directory / shard).is_file():
+                try:
+                    present = (directory / shard).is_file()
+                except OSError as e:  # a name past the file system's limit, ...
+                    raise ValueError(f"{directory / INDEX_NAME}: shard {shard!r}: "
+                                     f"{e.strerror}") from None
+                if not present:
                     raise ValueError(f"{directory / INDEX_NAME}: shard {shard!r} is missing")
                 self._files[shard] = SafetensorsFile(directory / shard)
             for tensor, shard in weight_map.items():
@@ -322,6 +330,9 @@ class HFTensorStore(TensorStore):
                                        f.path, tensor)
                     self._where[tensor] = f
         elif (directory / SINGLE_NAME).is_file():
+            if (directory / INDEX_NAME).is_file():
+                logger.warning("%s: reading %s; %s beside it is ignored (as transformers does)",
+                               directory, SINGLE_NAME, INDEX_NAME)
             f = SafetensorsFile(directory / SINGLE_NAME)
             self._files[SINGLE_NAME] = f
             self._where = {t: f for t in f.keys()}

@@ -102,6 +102,11 @@ class CheckpointStore:
                 raise ValueError("resume: needs an output directory")
             return
         self.partial = self.dir / PARTIAL_DIR
+        if self.partial.is_symlink() or (self.partial.exists() and not self.partial.is_dir()):
+            # offq removes this directory when it finishes (shutil.rmtree refuses a link, after
+            # the checkpoint is written) and discards it when it starts over
+            raise ValueError(f"{self.partial}: not a directory of its own (a link or a file); "
+                             "offq keeps an unfinished run there: move it away")
         state = self.partial / "state.json"
         fp = json.loads(json.dumps(run_fingerprint))  # normalised as stored
         self.run_id = _json_digest(fp)  # stamped into every file this run stores
