@@ -685,12 +685,12 @@ def test_tensor_names_are_spelled_only_in_arch():
 
 
 # ============================================================================ 8. untrusted files
-def _hf_dir(path: Path) -> Path:
-    """A tiny Llama as an HF directory (config.json, model.safetensors, a word-level
-    tokenizer.json)."""
+def _hf_dir(path: Path, ckpt=None) -> Path:
+    """A tiny Llama (or ``ckpt``) as an HF directory (config.json, model.safetensors, a
+    word-level tokenizer.json)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    ckpt = tiny_checkpoint(1)
+    ckpt = tiny_checkpoint(1) if ckpt is None else ckpt
     path.mkdir()
     save_safetensors(path / "model.safetensors", dict(ckpt.tensors))
     (path / "config.json").write_text(json.dumps(ckpt.config.to_hf()))
@@ -731,6 +731,22 @@ def test_a_pipe_is_refused_without_blocking(tmp_path):
     os.mkfifo(hf / "extra.json")  # a pipe beside the model files: source_id must skip it
     with offq.open_checkpoint(str(hf)) as ckpt:
         assert len(_finishes(ckpt.source_id)) == 64
+
+
+def test_source_id_sees_a_same_shaped_fine_tune_past_the_header(tmp_path):
+    """--resume compares source_id: it hashed the first MiB only, so weights changed past it
+    with the same shapes and file size (a fine-tune) resumed into a mix of two models."""
+    d = _hf_dir(tmp_path / "hf", tiny_checkpoint(1, v=12000))  # 3 MiB of embeddings, layers
+    tensors = {k: np.array(v) for k, v in load_safetensors(d / "model.safetensors")[0].items()}
+    assert (d / "model.safetensors").stat().st_size > 3 << 20
+    with offq.open_checkpoint(str(d)) as c:
+        before = c.source_id()
+    for name in tensors:
+        if name.startswith("model.layers."):
+            tensors[name] = tensors[name] * np.float32(1.01)
+    save_safetensors(d / "model.safetensors", tensors)
+    with offq.open_checkpoint(str(d)) as c:
+        assert c.source_id() != before
 
 
 @pytest.mark.parametrize("content,match", [("[]", "expected a JSON object, got list"),
