@@ -291,3 +291,25 @@ def test_hessian_and_statistics_accumulators_start_from_cov_accumulator(monkeypa
     gptq.HessianAccumulator(11)
     statistics.SecondMoment(13, centred=False)
     assert made == [11, 13]
+
+
+# ---------------------------------------------------------------------- found by mutation
+def test_top1_moment_is_the_largest_token_s_outer_product():
+    """The top-1 statistic of R2's PCA: the token of largest magnitude, not the smallest."""
+    from offq.recipe.statistics import _top1_moment
+
+    x = np.array([[[1.0, 0.0], [5.0, 0.0], [0.0, 0.1]]])
+    np.testing.assert_allclose(_top1_moment(x), [[25.0, 0.0], [0.0, 0.0]])
+
+
+def test_centred_second_moment_is_the_centred_scatter():
+    """sum (x - mean)(x - mean)^T over every token, from the streamed sums (x^T x - n m m^T:
+    dropping the n leaves an error of ~95 here)."""
+    from offq.recipe.statistics import SecondMoment
+
+    x = (np.random.default_rng(0).standard_normal((2, 5, 4)) + 3).astype(np.float32)
+    m = SecondMoment(4, centred=True)
+    m.add(x, top1=False)
+    r = x.reshape(-1, 4).astype(np.float64)
+    r -= r.mean(0)
+    np.testing.assert_allclose(m.matrix(), r.T @ r, rtol=0, atol=1e-9)

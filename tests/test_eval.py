@@ -292,3 +292,47 @@ def test_perplexity_names_its_arguments_before_running() -> None:
         perplexity(5, None, stream, seqlen=16, quiet=True)
     with pytest.raises(ValueError, match="^tokenizer: needed to encode the text, and .* has none"):
         perplexity(model, None, "some text", seqlen=16, quiet=True)
+
+
+# ---------------------------------------------------------------------- found by mutation
+def test_cli_generate_passes_top_k(tmp_path, capsys):
+    """--top-k 1 samples greedily at any temperature: the CLI must hand it to generation (a
+    CLI that dropped it sampled at temperature 5 here)."""
+    from offq.cli import main
+
+    write_tiny_hf_dir(tmp_path / "tiny", tiny_model())
+    args = ["generate", str(tmp_path / "tiny"), "--prompt", "w3 w4 w5", "--max-new-tokens", "12",
+            "--quiet"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    assert main(args + ["--temperature", "5", "--top-k", "1", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == greedy
+    assert main(args + ["--temperature", "5", "--seed", "3"]) == 0
+    assert capsys.readouterr().out != greedy  # so top_k = 1 is what made them equal
+
+
+def test_cli_quantize_samples_calibration_with_its_seed(tmp_path, capsys):
+    """--seed picks the calibration sample: the checkpoint's calibration record holds the hash
+    of the tokens sampled with that seed (a CLI that sampled with seed 0 kept the record's
+    'seed': 7 over other tokens)."""
+    from offq.cli import main
+    from offq.data import sample_calibration
+    from offq.formats import open_checkpoint
+    from offq.recipe.store import calibration_record
+
+    write_tiny_hf_dir(tmp_path / "tiny", tiny_model())
+    source = tmp_path / "calib.txt"
+    rng = np.random.default_rng(0)
+    source.write_text("\n\n".join(" ".join(f"w{i}" for i in rng.integers(3, 50, 40))
+                                  for _ in range(30)), encoding="utf-8")
+    out = tmp_path / "q"
+    assert main(["quantize", str(tmp_path / "tiny"), "--method", "gptq", "--out", str(out),
+                 "--calib-source", str(source), "--calib-samples", "4", "--calib-seqlen", "16",
+                 "--seed", "7", "--quiet", "--threads", "1"]) == 0
+    record = json.loads((out / "config.json").read_text())["offq"]["calibration"]
+    with open_checkpoint(str(tmp_path / "tiny")) as ck:
+        want = {s: calibration_record(sample_calibration(ck.tokenizer, str(source), n=4,
+                                                         seqlen=16, seed=s), str(source), s)
+                for s in (0, 7)}
+    assert want[0]["tokens_sha256"] != want[7]["tokens_sha256"]
+    assert record["seed"] == 7 and record["tokens_sha256"] == want[7]["tokens_sha256"]

@@ -167,3 +167,31 @@ def test_checkpoints_before_the_offset_load_uncentred():
     assert QuantConfig.from_dict(data).kv_centre_keys is False
     assert QuantConfig.from_dict(QuantConfig().to_dict()).kv_centre_keys is True
     assert "centred" in QuantConfig().describe()
+
+
+# ---------------------------------------------------------------------- found by mutation
+def test_rtn_with_centred_keys_measures_the_mean_key():
+    """Centred keys need the calibration's mean key even when the weights need no calibration
+    (RTN): a pipeline that skipped the pass fell back to the bias-only offset, zeros for a
+    model without a k bias."""
+    ckpt = tiny_checkpoint(0, arch="llama")  # no k_proj bias
+    cfg = QuantConfig(method="offq", w_bits=16, a_bits=16, kv_bits=4, calib_seqlen=40)
+    res = pipeline.quantize(ckpt, cfg, calibration(ckpt, 8, 40, 1), progress=False)
+    offsets = [t for n, t in sorted(res.tensors.items()) if n.endswith("k_cache_offset")]
+    assert len(offsets) == ckpt.config.num_hidden_layers
+    assert all(np.abs(o).max() > 0.05 for o in offsets)
+
+
+@pytest.mark.parametrize("r3", [False, True])
+def test_the_data_free_offset_follows_r3(r3):
+    """Without calibration the offset is the mean rotated bias, in the basis the cache stores:
+    with R3 off, the plain keys' (a pipeline that asked whether the method rotates instead of
+    whether R3 is on stored the Hadamard-basis offset)."""
+    ckpt = tiny_checkpoint(0, arch="qwen2")
+    cfg = QuantConfig(method="offq", pca="none", w_quantizer="rtn", w_bits=16, a_bits=16,
+                      kv_bits=4, r3=r3, calib_seqlen=40)
+    res = pipeline.quantize(ckpt, cfg, None, progress=False)
+    want = key_offset_from_bias(ckpt.tensors["model.layers.0.self_attn.k_proj.bias"],
+                                ckpt.config, 40, r3=r3)
+    got = res.tensors["model.layers.0.self_attn.k_cache_offset"]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

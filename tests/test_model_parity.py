@@ -225,3 +225,22 @@ def test_blas_threads_inside_forward_and_in_captures() -> None:
         model.forward(np.array([[3, 4, 5]]), capture=lambda *a: inside.append(blas_threads()))
         assert blas_threads() == {2}
     assert inside and all(s == {2} for s in inside)
+
+
+@pytest.mark.parametrize("orig, head_dim", [(8192, 128), (256, 64), (32, 8)])
+def test_llama3_rope_frequencies_match_transformers(orig, head_dim):
+    """Llama 3.1's rope_scaling against transformers' own, at Llama 3.1's shape and at shapes
+    whose wavelengths fall inside the smoothing band (the parity models above have none there,
+    so swapping the band's two edges passed them)."""
+    from offq.model.ops import rope_inv_freq
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=orig)
+    cfg = transformers.LlamaConfig(hidden_size=32 * head_dim, num_attention_heads=32,
+                                   rope_theta=500000.0, rope_scaling=dict(scaling))
+    ref = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")[0].numpy().astype(np.float64)
+    got = rope_inv_freq(head_dim, 500000.0, scaling).astype(np.float64)
+    wavelength = 2 * np.pi / ref
+    assert orig == 32 or np.any((wavelength > orig / 4) & (wavelength < orig))  # the band
+    np.testing.assert_allclose(got, ref, rtol=2e-6)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from offq.quantizers.gptq import HessianAccumulator, gptq_quantize, layer_output_error
-from offq.quantizers.osaq import (MAX_BYTES, _row_chunk, _solve_rows, _weighted_grams,
-                                  hessian_tail, osaq_absorb)
+from offq.quantizers.osaq import (MAX_BYTES, _row_chunk, _softmax_weights, _solve_rows,
+                                  _weighted_grams, hessian_tail, osaq_absorb)
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,12 @@ def test_energies_from_the_tail_factor_give_the_same_absorption():
     assert layer_output_error(x, w, with_factor) <= np.sqrt(1e-4) * 1.01
     # a column-major weight (a transposed view) takes the same path
     np.testing.assert_array_equal(osaq_absorb(np.asfortranarray(w), h, tail=tail)[0], with_factor)
+
+
+def test_softmax_temperature_is_relative_to_each_row_s_largest_weight():
+    """tau_rel scales with the row's max |W|: a row and the same row times 0.01 get the same
+    weights (an absolute temperature made rows of LLM-sized weights, max 0.1-1, near uniform)."""
+    w = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    np.testing.assert_allclose(_softmax_weights(0.01 * w, 0.03), _softmax_weights(w, 0.03),
+                               rtol=0, atol=1e-6)
+    assert _softmax_weights(0.01 * w, 0.03).max() > 0.5

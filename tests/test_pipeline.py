@@ -556,3 +556,25 @@ def test_fused_mode_names_weights_it_cannot_run(tmp_path):
                                              rf"{'8-bit' if name == 'w8' else 'float32'}"):
             load_quantized(tmp_path / name, mode="fused")
         load_quantized(tmp_path / name, mode="auto")  # runs on the real path
+
+
+# ---------------------------------------------------------------------- found by mutation
+def test_each_layer_is_rotated_by_its_own_r2():
+    """R2 is computed per layer: layer 1's stored v_proj is its fused weight rotated by R1 and
+    R2[1] (a pipeline that passed R2[0] to every layer kept the float model's outputs, since
+    R2 cancels within a layer, and so passed every output-level test)."""
+    from offq.recipe import rotations as rot
+    from offq.recipe.statistics import fused_layer
+
+    ckpt = tiny_checkpoint(0, arch="llama")
+    cfg = QuantConfig(method="offq", w_bits=16, a_bits=16, kv_bits=16, r2="pca_hadamard")
+    calib = calibration(ckpt, 8, 40, 1)
+    res = pipeline.quantize(ckpt, cfg, calib, progress=False)
+    mc = ckpt.config.replace(tie_word_embeddings=False)
+    r1, r2, _ = pipeline.compute_rotations(ckpt, mc, res.quant_config, calib, 4, False)
+    assert not np.allclose(r2[0], r2[1])
+    for i in range(mc.num_hidden_layers):
+        w = fused_layer(ckpt, mc, i)
+        rot.rotate_layer(w, i, mc, r1=r1, r2=r2[i], r4=cfg.r4)
+        name = f"model.layers.{i}.self_attn.v_proj.weight"
+        np.testing.assert_allclose(res.tensors[name], w[name], rtol=0, atol=1e-6)

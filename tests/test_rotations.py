@@ -242,3 +242,15 @@ def test_invariance_through_offq_forward(arch, bias, mlp_bias):
 
     got = Model.from_tensors(cfg.replace(tie_word_embeddings=False), out, layer_hook=hook).forward(ids)
     assert rel(got, ref) < 1e-4, rel(got, ref)
+
+
+# ---------------------------------------------------------------------- found by mutation
+def test_pca_basis_fixes_each_direction_s_sign():
+    """Each eigenvector's largest entry is positive, whatever sign LAPACK returns: R1 and the
+    checkpoint are then the same bits on every build (dropping the fix flips column 0 here)."""
+    vals, vecs = rot.pca_basis(np.array([[2.0, 1.0], [1.0, 2.0]]))
+    np.testing.assert_allclose(vecs, np.array([[1.0, 1.0], [1.0, -1.0]]) / np.sqrt(2), atol=1e-12)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 6))
+    _, vecs = rot.pca_basis(x.T @ x)
+    assert np.all(vecs[np.abs(vecs).argmax(axis=0), np.arange(6)] > 0)
