@@ -310,6 +310,23 @@ def test_numpy_prefill_then_c_decode(quantized):
         FusedDecoder(real, prefill="python")
 
 
+def test_numpy_prefill_only_for_a_prompt_of_more_than_8_tokens_into_an_empty_cache(quantized):
+    """prefill="numpy" runs the NumPy real path for a prompt of more than NUMPY_PREFILL_MIN_ROWS
+    tokens into an empty cache, and the C step otherwise: an 8-token prompt is the C step's bits
+    (a >= took the NumPy path), and 12 tokens after 4 extend the cache (taken as a new prompt,
+    they overwrote it: length 12, outputs 55% off)."""
+    real = quantized.model("real")
+    ids = token_ids(real.config.vocab_size, 1, 24, 12)
+    numpy_fd, c = FusedDecoder(real), FusedDecoder(real, prefill="c")
+    np.testing.assert_array_equal(numpy_fd.run(real.embed(ids[:, :8])[0], numpy_fd.new_cache()),
+                                  c.run(real.embed(ids[:, :8])[0], c.new_cache()))
+    cache = numpy_fd.new_cache()
+    numpy_fd.run(real.embed(ids[:, :4])[0], cache)
+    h = numpy_fd.run(real.embed(ids[:, 4:16])[0], cache)
+    assert cache.length == 16
+    close(h, real.hidden_states(ids[:, :16])[0][4:])
+
+
 def test_auto_prefill_picks_c_for_short_prompts_and_numpy_for_long(quantized, monkeypatch):
     """prefill="auto": the C step below auto_numpy_prefill_rows() prompt tokens (bit-identical to
     prefill="c"), the NumPy real path from there (bit-identical to the real path)."""
@@ -324,6 +341,9 @@ def test_auto_prefill_picks_c_for_short_prompts_and_numpy_for_long(quantized, mo
     np.testing.assert_array_equal(short, c.run(real.embed(ids[:, :15])[0], c.new_cache()))
     long = auto.run(real.embed(ids)[0], auto.new_cache())
     np.testing.assert_array_equal(long, real.hidden_states(ids)[0])
+    # exactly at the threshold: the NumPy path (a strict > took the C step there)
+    edge = auto.run(real.embed(ids[:, :16])[0], auto.new_cache())
+    np.testing.assert_array_equal(edge, real.hidden_states(ids[:, :16])[0])
     # None (the SIMD attentions' setting): every prompt through the C step
     monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS", None)
     monkeypatch.setattr(fused, "AUTO_NUMPY_PREFILL_ROWS_SIMD", None)

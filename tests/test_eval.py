@@ -336,3 +336,23 @@ def test_cli_quantize_samples_calibration_with_its_seed(tmp_path, capsys):
                 for s in (0, 7)}
     assert want[0]["tokens_sha256"] != want[7]["tokens_sha256"]
     assert record["seed"] == 7 and record["tokens_sha256"] == want[7]["tokens_sha256"]
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_a_non_finite_window_is_named_by_its_index(bad, monkeypatch) -> None:
+    """Window 1 of 3 (batches of one) with an infinite or NaN log-likelihood: an error naming
+    window 1 (an Inf passed a NaN-only check as ppl=inf; the index lost its batch offset)."""
+    model = tiny_model()
+    real_nll, calls = model.nll, []
+
+    def nll(ids):
+        out = real_nll(ids)
+        calls.append(1)
+        if len(calls) == 2:
+            out[:] = bad
+        return out
+
+    monkeypatch.setattr(model, "nll", nll)
+    stream = np.random.default_rng(1).integers(3, 50, size=96)
+    with pytest.raises(ValueError, match=r"^tiny: window 1 has a NaN or Inf log-likelihood"):
+        perplexity(model, None, stream, seqlen=32, batch_size=1, quiet=True)

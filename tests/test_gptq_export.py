@@ -127,11 +127,14 @@ def test_refuses_what_the_format_cannot_express(tiny, tmp_path):
         export_gptq(w2, tmp_path / "z")  # zero-point 0 in some groups: v1 stores zero - 1
 
 
-def test_offq_eval_runs_the_export(tiny, tmp_path):
+@pytest.mark.parametrize("bits, fmt", [(4, "gptq"), (2, "gptq_v2")])
+def test_offq_eval_runs_the_export(tiny, tmp_path, bits, fmt):
+    """Read back through offq's loader, each format with its own zero-point offset (v1 stores
+    zero - 1, v2 the zero itself: a loader that added 1 to both read W2 v2 at nll 147, not 67)."""
     from offq.eval import load_model
 
-    src = quantized_dir(tiny, tmp_path, w_bits=4, w_group_size=16, w_symmetric=False)
-    out = export_gptq(src, tmp_path / "gptq")
+    src = quantized_dir(tiny, tmp_path, w_bits=bits, w_group_size=16, w_symmetric=False)
+    out = export_gptq(src, tmp_path / "gptq", checkpoint_format=fmt)
     ids = calibration(tiny[0], n=2, t=32, seed=7)
     a, _ = load_model(str(src), mode="fake")
     b, _ = load_model(str(out), mode="fake")

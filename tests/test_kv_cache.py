@@ -85,3 +85,19 @@ def test_small_query_attention_equals_blocked_path(monkeypatch, t, start):
             p = np.exp(s - s.max(-1, keepdims=True))
             ref[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, h // rep]
     np.testing.assert_allclose(small, ref.reshape(2, t, 96), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_read_covers_a_last_token_on_its_own():
+    """The packed store decodes its tokens in steps split over the threads: with 2 threads and
+    128 tokens the step is 127, so token 127 is a step alone (a loop that stopped one short
+    left that row as np.empty had it)."""
+    from offq.kernels import threads
+
+    codec = PackedKVCodec(4, 32, False)
+    k, v = np.random.default_rng(0).standard_normal((2, 1, 2, 128, 64), dtype=np.float32)
+    with threads(2):
+        store = codec.new_store()
+        store.append(k, v)
+        rk, rv = store.read()
+    np.testing.assert_array_equal(rk, codec.decode(codec.encode(k, kind="k"), kind="k"))
+    np.testing.assert_array_equal(rv, codec.decode(codec.encode(v, kind="v"), kind="v"))

@@ -137,7 +137,7 @@ _PROBES = ["Hello world", " leading space", "The river flooded 1999 times!", "æ—
 
 
 def _write_tokenizer_gguf(path: Path, arch: str, model: str, tokens, types, *, merges=None,
-                          scores=None, pre=None) -> None:
+                          scores=None, pre=None, bos: bool = True) -> None:
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -150,7 +150,8 @@ def _write_tokenizer_gguf(path: Path, arch: str, model: str, tokens, types, *, m
         w.add_token_merges(merges)
     if scores is not None:
         w.add_token_scores(scores)
-    w.add_bos_token_id(1)
+    if bos:
+        w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     if model == "llama":
         w.add_unk_token_id(0)
@@ -253,6 +254,28 @@ def test_sentencepiece_gguf_tokenizes_as_llama_cpp(tmp_path):
     assert "\u2581\u2581" not in tokens and ours.encode(" leading")[0] == lone
     assert ours.decode(ours.encode(" leading space")) == " leading space"
     assert ours.decode(ours.encode("Hello world")) == "Hello world"
+
+
+def test_sentencepiece_gguf_without_a_bos_id_adds_none(tmp_path):
+    """SentencePiece files add BOS by default, but only a BOS the file names (a tokenizer that
+    claimed adds_bos with no BOS id to add)."""
+    tokens, types, scores = _sentencepiece_vocab()
+    _write_tokenizer_gguf(tmp_path / "spm.gguf", "llama", "llama", tokens, types, scores=scores,
+                          bos=False)
+    ours = build_gguf_tokenizer(tmp_path / "spm.gguf")
+    assert ours.bos_id is None and not ours.adds_bos
+    assert ours.encode("Hello world") == ours.encode("Hello world", add_bos=False)
+
+
+def test_sentencepiece_unknown_token_text_is_one_special_token(tmp_path):
+    """The UNKNOWN-typed piece (<unk>) is special, as the CONTROL ones are: its text in the
+    input is that one id, not split into pieces."""
+    tokens, types, scores = _sentencepiece_vocab()
+    unk = types.index(2)  # gguf.TokenType.UNKNOWN
+    _write_tokenizer_gguf(tmp_path / "spm.gguf", "llama", "llama", tokens, types, scores=scores)
+    ours = build_gguf_tokenizer(tmp_path / "spm.gguf")
+    ids = ours.encode("a" + tokens[unk] + "b", add_bos=False)
+    assert ids.count(unk) == 1 and len(ids) == 4, ids
 
 
 @pytest.mark.slow
