@@ -449,6 +449,25 @@ def test_precompiled_growth_is_its_longest_replacement():
     assert normalizer_growth({"type": "Precompiled", "precompiled_charsmap": "AAAA"}) == 1
 
 
+def test_normalizers_nested_past_any_real_file_are_unbounded():
+    """A bomb at the bottom of 70 nested Sequences is not hidden by the depth limit."""
+    spec: dict = _replace({"String": "a"}, "a" * 16)
+    for _ in range(70):
+        spec = {"type": "Sequence", "normalizers": [spec]}
+    assert normalizer_growth(spec) == float("inf")
+    shallow = {"type": "Sequence", "normalizers": [{"type": "Sequence", "normalizers": [
+        _replace({"String": "a"}, "aa")]}]}
+    assert normalizer_growth(shallow) == 2
+
+
+def test_a_tokenizer_json_not_in_utf8_is_named(tmp_path):
+    d = _tiny_tok_dir(tmp_path)
+    spec = (d / "tokenizer.json").read_text()
+    (d / "tokenizer.json").write_bytes(spec.encode("utf-16"))  # JSON, but not the UTF-8 it must be
+    with pytest.raises(ValueError, match=r"tokenizer\.json: not a valid tokenizers file: not UTF-8"):
+        Tokenizer.from_hf_dir(d)
+
+
 def test_tokenizers_failures_on_text_are_value_errors(tmp_path):
     """A Rust panic (a BaseException) or a plain Exception from tokenizers while encoding or
     decoding becomes a ValueError naming the file and saying the tokenizer failed."""

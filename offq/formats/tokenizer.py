@@ -175,15 +175,16 @@ class Tokenizer:
         if not tok_file.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json (offq reads the fast-tokenizer "
                                     "file; convert a sentencepiece model with transformers first)")
-        raw = tok_file.read_bytes()
         try:
-            spec = json.loads(raw)
+            text = tok_file.read_bytes().decode("utf-8")
+            spec = json.loads(text)
         except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            raise ValueError(f"{tok_file}: not a valid tokenizers file: invalid JSON: {e}") from None
+            raise ValueError(f"{tok_file}: not a valid tokenizers file: not UTF-8 JSON: "
+                             f"{e}") from None
         if isinstance(spec, dict):
             check_normalizer_growth(spec.get("normalizer"), str(tok_file))
         backend = _guarded(str(tok_file), "not a valid tokenizers file",
-                           tokenizers.Tokenizer.from_str, raw.decode("utf-8"))
+                           tokenizers.Tokenizer.from_str, text)
         # offq never pads or truncates (before the probe below, which a padding block would blow up)
         backend.no_padding()
         backend.no_truncation()
@@ -233,8 +234,11 @@ def normalizer_growth(spec: Any, depth: int = 0) -> float:
     ``spec`` (a tokenizer.json ``normalizer`` block): the product over a Sequence. A Replace of
     pattern p by content c grows text at most len(c) / len(p) (a regex, which may match empty
     text, 1 + len(c)); Prepend adds its text once; a Precompiled map at most its longest
-    replacement. A block this cannot read counts 1: tokenizers itself refuses it."""
-    if not isinstance(spec, dict) or depth > 64:
+    replacement. A block this cannot read counts 1: tokenizers itself refuses it. Sequences
+    nested past 64 levels (real files nest one or two) count as unbounded."""
+    if depth > 64:
+        return float("inf")
+    if not isinstance(spec, dict):
         return 1.0
     kind = spec.get("type")
     if kind == "Sequence":
