@@ -153,6 +153,17 @@ MUTANTS = (
            "if np.any(np.isnan(nll)):", ("tests/test_eval.py",)),
     Mutant("EVAL-window-index", "offq/eval.py", "window {s + int(np.argmax(",
            "window {int(np.argmax(", ("tests/test_eval.py",)),
+    # the quantizers' options reaching the code, and what the checkpoint records of them
+    Mutant("GPTQ-static-groups-passed", "offq/quantizers/gptq.py",
+           "block_size=self.block_size, static_groups=self.static_groups)",
+           "block_size=self.block_size, static_groups=False)", ("tests/test_cd.py",)),
+    Mutant("GPTQ-CD-sweep-count", "offq/quantizers/gptq.py", "sweeps=self.cd_sweeps)",
+           "sweeps=1)", ("tests/test_cd.py",)),
+    Mutant("OSAQ-report-rows-fraction", "offq/quantizers/osaq.py", "moved / max(w.shape[0], 1))",
+           "moved)", ("tests/test_osaq.py",)),
+    Mutant("CHECKPOINT-r4-recorded-by-r4", "offq/formats/checkpoint.py",
+           "model_config.intermediate_size if cfg.rotates and cfg.r4",
+           "model_config.intermediate_size if cfg.rotates and cfg.r3", ("tests/test_checkpoint.py",)),
     # Python: a tokenizer.json whose normalizer multiplies text (tokenizers aborts on the
     # allocation), and a GPTQ export's group size checked against the model's widths
     Mutant("TOKENIZER-growth-check", "offq/formats/tokenizer.py",

@@ -111,3 +111,40 @@ def test_config_wires_the_sweeps_into_gptq():
         QuantConfig(method="rtn", gptq_cd_sweeps=1)
     with pytest.raises(ValueError, match="gptq_cd_sweeps"):
         QuantConfig(method="gptq", gptq_cd_sweeps=-1)
+
+
+def test_the_quantizer_runs_the_configured_number_of_sweeps():
+    """GPTQ(cd_sweeps=n) is GPTQ then coordinate_descent(..., sweeps=n): the count reaches the
+    sweeps (a quantizer that always ran one passed the test above)."""
+    w, hess = problem(7)
+    for n in (1, 3):
+        quantizer = GPTQ(bits=2, group_size=16, symmetric=True, cd_sweeps=n)
+        prepared = quantizer.prepare(hess, "t")
+        got = quantizer.quantize(w, prepared)
+        plain = gptq_quantize(w, factor=prepared, bits=2, group_size=16, symmetric=True)
+        want, report = coordinate_descent(w, plain, prepared.hessian, damp=prepared.damp,
+                                          sweeps=n)
+        np.testing.assert_array_equal(got.dequantized, want.dequantized)
+    one = GPTQ(bits=2, group_size=16, symmetric=True, cd_sweeps=1)
+    three = GPTQ(bits=2, group_size=16, symmetric=True, cd_sweeps=3)
+    assert not np.array_equal(one.quantize(w, one.prepare(hess, "t")).dequantized,
+                              three.quantize(w, three.prepare(hess, "t")).dequantized)
+
+
+def test_the_quantizer_passes_static_groups_on():
+    """GPTQ(static_groups=True) is gptq_quantize(..., static_groups=True): grids from the
+    weights before any update (a quantizer that dropped the flag took them as GPTQ went).
+    Without act-order: with it, groups are static anyway."""
+    w, hess = problem(3)
+    for static in (False, True):
+        quantizer = GPTQ(bits=4, group_size=16, symmetric=False, act_order=False,
+                         static_groups=static)
+        prepared = quantizer.prepare(hess, "t")
+        want = gptq_quantize(w, factor=prepared, bits=4, group_size=16, symmetric=False,
+                             act_order=False, static_groups=static)
+        np.testing.assert_array_equal(quantizer.quantize(w, prepared).dequantized,
+                                      want.dequantized)
+    q = {s: GPTQ(bits=4, group_size=16, symmetric=False, act_order=False, static_groups=s)
+         for s in (False, True)}
+    assert not np.array_equal(*(g.quantize(w, g.prepare(hess, "t")).dequantized
+                                for g in q.values()))

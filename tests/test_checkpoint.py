@@ -166,3 +166,21 @@ def test_unaligned_tensor_data_is_copied_aligned(tmp_path):
     tensors, _ = load_safetensors(p)
     assert tensors["w"].flags.aligned
     np.testing.assert_array_equal(tensors["w"], np.arange(4, dtype=np.float32).reshape(2, 2))
+
+
+@pytest.mark.parametrize("method, r3, r4, want", [
+    ("offq", True, True, (64, 256)), ("offq", False, True, (None, 256)),
+    ("offq", True, False, (64, None)), ("offq", False, False, (None, None)),
+    ("gptq", True, True, (None, None))])
+def test_online_transforms_follow_r3_and_r4_each(method, r3, r4, want):
+    """What the offq block records of the online transforms: R3 by r3, R4 by r4, neither
+    without a rotation (deciding R4 by r3 recorded one the weights never got)."""
+    from types import SimpleNamespace
+
+    from offq.formats.checkpoint import online_transforms
+
+    cfg = QuantConfig(method=method, r3=r3, r4=r4) if method == "offq" else \
+        QuantConfig(method=method)
+    mc = SimpleNamespace(head_dim=64, intermediate_size=256)
+    got = online_transforms(cfg, mc)
+    assert (got["r3_head_dim"], got["r4_size"]) == want
