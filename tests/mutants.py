@@ -164,6 +164,18 @@ MUTANTS = (
     Mutant("CHECKPOINT-r4-recorded-by-r4", "offq/formats/checkpoint.py",
            "model_config.intermediate_size if cfg.rotates and cfg.r4",
            "model_config.intermediate_size if cfg.rotates and cfg.r3", ("tests/test_checkpoint.py",)),
+    Mutant("CALIBRATION-blank-line-separator", "offq/data.py", 'sep = tokenizer.encode("\\n\\n")',
+           'sep = tokenizer.encode("\\n")', ("tests/test_data.py",)),
+    Mutant("CALIBRATION-no-leading-separator", "offq/data.py",
+           "            if stream:\n                stream.extend(sep)",
+           "            if True:\n                stream.extend(sep)", ("tests/test_data.py",)),
+    Mutant("API-calibration-bos", "offq/api.py", "add_bos=bool(model.config.add_bos))",
+           "add_bos=False)", ("tests/test_eval.py",)),
+    Mutant("API-calibration-seed-recorded", "offq/api.py",
+           'kwargs.setdefault("calibration_seed", config.seed)',
+           'kwargs.setdefault("calibration_seed", 0)', ("tests/test_eval.py",)),
+    Mutant("CLI-threads", "offq/cli.py", "        set_num_threads(n)\n", "        pass\n",
+           ("tests/test_eval.py",)),
     # Python: a tokenizer.json whose normalizer multiplies text (tokenizers aborts on the
     # allocation), and a GPTQ export's group size checked against the model's widths
     Mutant("TOKENIZER-growth-check", "offq/formats/tokenizer.py",

