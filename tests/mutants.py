@@ -176,8 +176,6 @@ MUTANTS = (
            'kwargs.setdefault("calibration_seed", 0)', ("tests/test_eval.py",)),
     Mutant("CLI-threads", "offq/cli.py", "        set_num_threads(n)\n", "        pass\n",
            ("tests/test_eval.py",)),
-    Mutant("CLI-method-fp-kv", "offq/cli.py", "values.update(w_bits=16, a_bits=16, kv_bits=16)",
-           "values.update(w_bits=16, a_bits=16)", ("tests/test_osaq_pipeline.py",)),
     Mutant("CLI-osaq-prefix-once", "offq/cli.py",
            'base if base.startswith("osaq+") else "osaq+" + base', '"osaq+" + base',
            ("tests/test_osaq_pipeline.py",)),

@@ -26,14 +26,6 @@ def test_osaq_flag_selects_the_pre_step():
     assert config_from_args(args).w_quantizer == "osaq+gptq"
 
 
-def test_method_fp_turns_every_width_off():
-    """--method fp quantizes nothing: weights, activations and the KV cache at 16 bits (the
-    KV cache kept its default 4 bits when the CLI forgot it)."""
-    args = build_parser().parse_args(["quantize", "m", "--out", "o", "--method", "fp"])
-    cfg = config_from_args(args)
-    assert (cfg.w_bits, cfg.a_bits, cfg.kv_bits) == (16, 16, 16)
-
-
 def test_reports_in_checkpoint_and_within_bound(tmp_path, monkeypatch):
     ckpt = tiny_checkpoint(2)
     calls = []
