@@ -498,3 +498,14 @@ def test_a_non_finite_weight_is_refused_when_read(tmp_path, value):
                                              rf"holds NaN or Inf \(flat index 209999\) once read "
                                              rf"from its "):
             store[name]
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+def test_an_oversized_json_beside_the_weights_is_refused_unread(tmp_path, name):
+    """Every JSON side file of a HF directory is capped like the shard index (a sparse file
+    here: read whole, it would be 64 MiB of zeros for the parser)."""
+    d, _ = _save_tiny(tmp_path, "llama")
+    with open(d / name, "wb") as f:
+        f.truncate(MAX_JSON_BYTES + 1)
+    with pytest.raises(ValueError, match=rf"{name}: {MAX_JSON_BYTES + 1} bytes, more than"):
+        open_checkpoint(d)

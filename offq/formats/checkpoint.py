@@ -31,7 +31,7 @@ import numpy as np
 from ..config import OFF, QuantConfig
 from ..model.arch import architecture_of
 from . import safetensors as _st
-from .files import read_json_object
+from .files import check_json_size, read_json_object
 from .safetensors import DTYPES, write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def is_offq_checkpoint(path: str | os.PathLike) -> bool:
     if not cfg_path.is_file():
         return False
     try:
+        check_json_size(cfg_path)  # the reader of whatever this is names a file past the cap
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return False

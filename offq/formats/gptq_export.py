@@ -41,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import atomic_copy, atomic_write_json, check_output_dir, fsync_dir
+from .files import (atomic_copy, atomic_write_json, check_json_size, check_output_dir,
+                    fsync_dir)
 from .safetensors import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,7 @@ def is_gptq_export(path: str | Path) -> bool:
     if not cfg.is_file():
         return False
     try:
+        check_json_size(cfg)
         q = json.loads(cfg.read_text("utf-8")).get("quantization_config")
     except (OSError, ValueError, AttributeError, UnicodeDecodeError, RecursionError):
         return False
@@ -277,6 +279,7 @@ def load_gptq_export(path: str | Path, *, mode: str = "real"):
     from .tokenizer import Tokenizer
 
     path = Path(path)
+    check_json_size(path / "config.json")
     try:
         raw = json.loads((path / "config.json").read_text("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -379,6 +379,7 @@ def open_hf_dir(directory: str | os.PathLike, *, name: str | None = None) -> Che
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{directory}: no config.json (not a HF checkpoint directory)")
+    check_json_size(cfg_path)
     try:
         with open(cfg_path, encoding="utf-8") as f:
             raw_cfg = json.load(f)

@@ -4,8 +4,9 @@ With a directory, finished layers go to ``DIR/.offq-partial/`` as they complete
 (``layer_0000.safetensors`` ..., ``rotations.safetensors`` + ``rotations.json``, ``state.json``);
 ``--resume`` continues from there when the run's fingerprint matches (the source model's weights
 by a hash of their sizes, headers and 64 sampled blocks, the QuantConfig, the calibration
-tokens, the batch size and offq's version). The final directory is assembled from the same bytes, so an interrupted-then-resumed run
-writes the same checkpoint as an uninterrupted one. Each stored file carries, in its safetensors
+tokens, the batch size and offq's version). The final directory is assembled from the same
+bytes, so an interrupted-then-resumed run writes the same checkpoint as an uninterrupted one.
+Each stored file carries, in its safetensors
 metadata, the run it belongs to (a hash of that fingerprint) and a SHA-256 of its tensors (and of
 ``rotations.json``): a resumed run refuses a layer or rotation file that another run wrote or that
 was changed since, instead of mixing it into the checkpoint.
