@@ -1,6 +1,6 @@
 """offq's NumPy forward pass against transformers (the reference implementation).
 
-Tiny random Llama / Qwen2 models are built with transformers in float32, every parameter drawn
+Tiny random Llama / Mistral / Qwen2 models are built with transformers in float32, every parameter drawn
 from a seeded Generator (norm weights around 1, biases non-zero) so that each term matters; their
 state dicts become numpy dicts that offq's Model reads. Logits must agree within 1e-4 *relative*,
 defined as ``max|a - b| / max|b|`` (b = transformers).
@@ -30,10 +30,14 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
                  / np.max(np.abs(np.asarray(b, np.float64))))
 
 
+ARCH_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+              "qwen2": "Qwen2ForCausalLM"}
+
+
 def hf_config(arch: str, **over) -> dict:
     """A config.json dict for a tiny model (legacy keys, as real checkpoints ship them)."""
     cfg = dict(
-        architectures=["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        architectures=[ARCH_CLASS[arch]],
         model_type=arch, vocab_size=97, hidden_size=64, intermediate_size=160,
         num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=2, hidden_act="silu",
         rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=512,
@@ -45,8 +49,9 @@ def hf_config(arch: str, **over) -> dict:
 
 def build(cfg: dict, seed: int = 0):
     """(transformers model, offq Model) with identical random float32 weights."""
-    cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
-    conf_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+    cls = {arch: getattr(transformers, name) for arch, name in ARCH_CLASS.items()}
+    conf_cls = {arch: getattr(transformers, name.replace("ForCausalLM", "Config"))
+                for arch, name in ARCH_CLASS.items()}
     arch = cfg["model_type"]
     torch.manual_seed(seed)
     ref = cls[arch](conf_cls[arch](**cfg)).float().eval()
@@ -83,6 +88,11 @@ CASES = {
     # head_dim given explicitly and H * head_dim != hidden_size
     "llama-head-dim": hf_config("llama", hidden_size=96, head_dim=32, num_attention_heads=4,
                                 num_key_value_heads=2),
+    # Mistral: offq reads it as the Llama block; transformers runs its own MistralForCausalLM,
+    # with sliding-window attention where a window is set (here as long as any test sequence,
+    # so full causal attention equals it: offq caps max_position_embeddings at the window)
+    "mistral-no-window": hf_config("mistral", sliding_window=None),
+    "mistral-window": hf_config("mistral", sliding_window=512, rope_theta=1000000.0),
     "qwen2-bias-tied": hf_config("qwen2", tie_word_embeddings=True, num_key_value_heads=4),
     "qwen2-bias-untied": hf_config("qwen2", rope_theta=1000000.0),
 }
@@ -98,6 +108,47 @@ def test_logits_match_transformers(case: str) -> None:
     # a batch of sequences
     ids = rng.integers(0, 97, size=(3, 37))
     assert rel_err(model.forward(ids), ref_logits(ref, ids)) < RTOL
+
+
+def test_mistral_sliding_window_matches_up_to_it_and_is_refused_past_it() -> None:
+    """offq runs full causal attention: equal to Mistral's sliding window up to the window (which
+    is why it caps positions there), and past it transformers' logits differ, so offq must refuse
+    such a sequence rather than answer differently."""
+    ref, model = build(hf_config("mistral", sliding_window=16))
+    assert model.config.max_position_embeddings == 16
+    ids = np.random.default_rng(4).integers(0, 97, size=(2, 40))
+    assert rel_err(model.forward(ids[:, :16]), ref_logits(ref, ids[:, :16])) < RTOL
+    full_attention, _ = build(hf_config("mistral", sliding_window=None))
+    assert rel_err(ref_logits(full_attention, ids), ref_logits(ref, ids)) > 0.01  # the window acts
+    with pytest.raises(ValueError, match="max_position_embeddings 16"):
+        model.forward(ids)
+
+
+def test_mistral_directory_saved_by_transformers_quantizes_end_to_end(tmp_path) -> None:
+    """A Mistral directory as transformers writes it (``save_pretrained``: model_type mistral,
+    a sliding window, safetensors) goes through offq's whole recipe: with every width at 16 bits
+    the fused and rotated model, saved and read back, runs on the real path and gives
+    MistralForCausalLM's logits; at W4A4KV4 it runs and stays near them."""
+    import offq
+    from tiny_models import write_word_tokenizer
+
+    ref, _ = build(hf_config("mistral", sliding_window=256, rope_theta=1000000.0))
+    ref.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    write_word_tokenizer(tmp_path / "hf", 97)
+    ids = np.random.default_rng(5).integers(0, 97, size=(2, 40))
+    want = ref_logits(ref, ids)
+    calib = np.random.default_rng(6).integers(0, 97, size=(4, 48))
+    with offq.load(tmp_path / "hf") as ckpt:
+        assert ckpt.config.architecture == "llama"
+        assert ckpt.config.max_position_embeddings == 256
+        for bits, out in [(16, "fp"), (4, "w4a4")]:
+            cfg = offq.QuantConfig(method="offq", w_quantizer="rtn", w_bits=bits, a_bits=bits,
+                                   kv_bits=bits)
+            offq.quantize(ckpt, cfg, calib, out_dir=tmp_path / out, progress=False)
+    for out, tol in [("fp", RTOL), ("w4a4", 0.5)]:
+        model, tokenizer, _ = offq.load_quantized(tmp_path / out)
+        assert tokenizer is not None and model.config.max_position_embeddings == 256
+        assert rel_err(model.forward(ids), want) < tol, out
 
 
 @pytest.mark.parametrize("case", ["llama-gqa-untied", "qwen2-bias-tied"])
