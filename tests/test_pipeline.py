@@ -551,11 +551,19 @@ def test_fused_mode_names_weights_it_cannot_run(tmp_path):
     for name, cfg in (("w8", QuantConfig(method="rtn", w_bits=8, a_bits=16, kv_bits=16)),
                       ("fp", QuantConfig(method="fp"))):
         pipeline.quantize(ckpt, cfg, None, out_dir=tmp_path / name, progress=False)
-        with pytest.raises(ValueError, match=r"^mode 'fused': the C decoders run 2-, 3- or 4-bit "
-                                             r"weights, and this model's are "
+        with pytest.raises(ValueError, match=rf"^{tmp_path / name}: mode 'fused': the C decoders "
+                                             r"run 2-, 3- or 4-bit weights, and this model's are "
                                              rf"{'8-bit' if name == 'w8' else 'float32'}"):
             load_quantized(tmp_path / name, mode="fused")
         load_quantized(tmp_path / name, mode="auto")  # runs on the real path
+    # a layout the C decoder does not take names the checkpoint too (it named no file)
+    pipeline.quantize(ckpt, QuantConfig(method="offq", w_quantizer="rtn", kv_group_size=1,
+                                        calib_samples=2, calib_seqlen=32),
+                      calibration(ckpt, 2, 32), out_dir=tmp_path / "kv1", progress=False)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'kv1'}: mode 'fused': kv_group: expected "
+                                         r"an even group size dividing head_dim 16, got 1; use mode"):
+        load_quantized(tmp_path / "kv1", mode="fused")
+    load_quantized(tmp_path / "kv1", mode="auto")
 
 
 # ---------------------------------------------------------------------- found by mutation

@@ -142,9 +142,10 @@ def install_online(layer: DecoderLayer, model_config: Any, cfg: QuantConfig,
 
 def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.ndarray], *,
                 mode: str = "real", resident: bool = True, name: str = "",
-                attention: str = "float") -> Model:
+                attention: str = "float", origin: str = "") -> Model:
     """A runnable :class:`offq.model.Model` over the stored tensors of a quantized model
-    (``attention``: see :func:`load_quantized`)."""
+    (``attention``: see :func:`load_quantized`). ``origin``: the checkpoint's path, named in
+    the errors that are about what it stores (a width or layout the fused decoder cannot run)."""
     from .fused import ATTENTION_MODES
 
     if mode not in MODES:
@@ -157,6 +158,7 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
     if attention != "float" and mode not in ("fused", "auto"):
         raise ValueError(f"attention: {attention!r} is the fused C decoder's (mode 'fused' or "
                          f"'auto'); mode {mode!r} runs the float attention")
+    where = f"{origin}: " if origin else ""
     arch = architecture_of(model_config)
     embed = np.asarray(tensors[arch.embed[0]], dtype=np.float32)
     from .lm_head import lm_head_from_tensors
@@ -172,7 +174,7 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
                   resident=resident or mode == "fused", name=name)
     if mode == "fused" and cfg.w_bits not in (2, 3, 4):  # said before "layer 0 has no ..."
         kind = "float32" if cfg.w_bits >= 16 else f"{cfg.w_bits}-bit"
-        raise ValueError(f"mode 'fused': the C decoders run 2-, 3- or 4-bit weights, and this "
+        raise ValueError(f"{where}mode 'fused': the C decoders run 2-, 3- or 4-bit weights, and this "
                          f"model's are {kind}: use mode 'real' (or 'auto')")
     if mode == "fused" or (mode == "auto" and resident):
         from .fused import fused_runner
@@ -187,7 +189,7 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
                     f"the C decoders run W4A4KV4 and weight-only models, not "
                     f"{cfg.describe(model_config.hidden_size)}: ")
                 advice = "; use mode 'real'" if attention == "float" else ""
-                raise ValueError(f"mode {mode!r}: {what}{e}{advice}") from None
+                raise ValueError(f"{where}mode {mode!r}: {what}{e}{advice}") from None
             logger.info("mode auto: %s runs on the NumPy-sequenced real path (%s)",
                         name or "the model", e)
     if attention != "float" and getattr(model, "fused_runner", None) is None:
@@ -234,6 +236,6 @@ def load_quantized(path: str | os.PathLike, *, mode: str = "real", resident: boo
     check_checkpoint_tensors(tensors, model_config, qcfg, str(path / MODEL_FILE))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").is_file() else None
     model = build_model(model_config, qcfg, tensors, mode=mode, resident=resident, name=path.name,
-                        attention=attention)
+                        attention=attention, origin=str(path))
     model.tokenizer = tokenizer  # perplexity(model) and generate find it there
     return model, tokenizer, qcfg
