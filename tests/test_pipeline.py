@@ -530,6 +530,49 @@ def test_output_directories_that_would_destroy_something_are_refused(tmp_path):
     pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "empty", progress=False)
 
 
+def test_a_directory_where_a_file_goes_is_refused_before_any_pass(tmp_path, monkeypatch):
+    """A directory at a name the run writes failed only when it was written: model.safetensors
+    after every layer, a stored layer (on resume) after that layer's work."""
+    from offq.recipe.store import CheckpointStore
+
+    ckpt = tiny_checkpoint(0, layers=3)
+    cfg = QuantConfig(method="offq", w_quantizer="rtn", calib_samples=2, calib_seqlen=24)
+    calib = calibration(ckpt, 2, 24)
+    out = tmp_path / "q"
+    pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False)
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").mkdir()
+    save = CheckpointStore.save_layer
+
+    def stop_after_layer_0(self, i, tensors):
+        save(self, i, tensors)
+        raise KeyboardInterrupt
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a pass ran before the output directory was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "collect_statistics", no_pass)
+        with pytest.raises(ValueError, match=r"model\.safetensors: a directory .* move it away"):
+            pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False)
+    (out / "model.safetensors").rmdir()
+    with monkeypatch.context() as m:
+        m.setattr(CheckpointStore, "save_layer", stop_after_layer_0)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False)
+    partial = out / ".offq-partial"
+    (partial / "layer_0001.safetensors").mkdir()
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "collect_statistics", no_pass)
+        m.setattr(pipeline, "calibrate_layer", no_pass)
+        with pytest.raises(ValueError, match=r"^resume: .*layer_0001\.safetensors is not a file "
+                                             r"this run stored"):
+            pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False, resume=True)
+    (partial / "layer_0001.safetensors").rmdir()
+    pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False, resume=True)
+    assert (out / "model.safetensors").is_file()
+
+
 def test_an_activation_group_that_shrinks_is_a_warning(caplog):
     """--a-group-size 7 over width 64 quantized activations in groups of 4 (a review's scratch run
     on SmolLM2: ~25x slower per layer) with only a debug line; a power of two that halves (128

@@ -108,10 +108,19 @@ class CheckpointStore:
             # the checkpoint is written) and discards it when it starts over
             raise ValueError(f"{self.partial}: not a directory of its own (a link or a file); "
                              "offq keeps an unfinished run there: move it away")
+        for name in (CONFIG_FILE, MODEL_FILE, *_TOKENIZER_FILES):  # the files finish() writes
+            path = self.dir / name
+            if path.exists() and not path.is_file():  # found only after the whole run
+                raise ValueError(f"{path}: a directory (or another non-file) where offq writes "
+                                 "the checkpoint's file; move it away")
         state = self.partial / "state.json"
         fp = json.loads(json.dumps(run_fingerprint))  # normalised as stored
         self.run_id = _json_digest(fp)  # stamped into every file this run stores
         if resume and state.is_file():
+            for path in self.partial.iterdir():  # a run stores regular files only
+                if path.is_symlink() or not path.is_file():
+                    raise ValueError(f"resume: {path} is not a file this run stored (a "
+                                     f"directory or a link); {_RESUME_HINT}")
             old = read_json_object(state, _RESUME_HINT)
             if old != fp:
                 diff = sorted(k for k in set(fp) | set(old) if old.get(k) != fp.get(k))
