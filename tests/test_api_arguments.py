@@ -66,6 +66,12 @@ def test_save_refuses_what_quantize_out_dir_refuses(rtn_result, tmp_path, caplog
     assert "replacing" not in caplog.text
     offq.save(res, tmp_path / "q")  # the same result again: rewritten, with a warning (was silent)
     assert "replacing the finished offq checkpoint there" in caplog.text
+    from offq.formats.files import DirectoryLock
+
+    with DirectoryLock(tmp_path / "q"):  # not while a run writes there
+        with pytest.raises(ValueError, match="q is being written by another offq run"):
+            offq.save(res, tmp_path / "q")
+    offq.save(res, tmp_path / "q")
     w8 = offq.quantize(offq.load(src), offq.QuantConfig(**{**RTN, "w_bits": 8}), progress=False)
     with pytest.raises(ValueError, match="finished offq checkpoint made with a different w_bits"):
         offq.save(w8, tmp_path / "q")  # it replaced the W4 checkpoint

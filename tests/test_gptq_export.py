@@ -172,6 +172,14 @@ def test_export_refuses_to_overwrite_its_source_or_other_files(tiny, tmp_path, c
         assert "replacing" not in caplog.text
         export_gptq(src, out)  # an earlier export may be replaced, not silently
     assert f"{out}: replacing the GPTQ export already there" in caplog.text
+    from offq.formats.files import DirectoryLock
+
+    before = (out / "config.json").read_bytes()
+    with DirectoryLock(out):  # but not while another export writes it
+        with pytest.raises(ValueError, match=f"^--out: {out} is being written by another offq "):
+            export_gptq(src, out)
+    assert (out / "config.json").read_bytes() == before
+    export_gptq(src, out)  # the refused export held nothing
 
 
 @pytest.fixture(scope="module")

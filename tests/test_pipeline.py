@@ -530,6 +530,69 @@ def test_output_directories_that_would_destroy_something_are_refused(tmp_path):
     pipeline.quantize(ckpt, rtn, None, out_dir=tmp_path / "empty", progress=False)
 
 
+def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path, monkeypatch):
+    """Two runs into one directory (a pipeline's retry while the first still runs): the second
+    discarded the first's unfinished layers ("discarding the unfinished run") and the two then
+    wrote each other's files. The directory is locked while a run writes it; the second run is
+    refused before it touches anything, from another process too, and the lock goes with the
+    run that held it (finished, failed or interrupted)."""
+    from offq.formats.files import DirectoryLock
+    from offq.recipe.store import CheckpointStore
+
+    ckpt = tiny_checkpoint(0, layers=3)
+    cfg = QuantConfig(method="offq", w_quantizer="rtn", calib_samples=2, calib_seqlen=24)
+    calib = calibration(ckpt, 2, 24)
+    out = tmp_path / "q"
+    save = CheckpointStore.save_layer
+
+    def stop_after_layer_0(self, i, tensors):
+        save(self, i, tensors)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # an interrupted run leaves its layer 0
+        m.setattr(CheckpointStore, "save_layer", stop_after_layer_0)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False)
+    stored = out / ".offq-partial" / "layer_0000.safetensors"
+    before = stored.read_bytes()
+    busy = "is being written by another offq run; wait for it to finish or choose another"
+    with DirectoryLock(out):  # the run that resumes it, in this process
+        for resume in (False, True):
+            with pytest.raises(ValueError, match=f"^out_dir: {out} {busy}"):
+                pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False, resume=resume)
+    assert stored.read_bytes() == before
+    holder = subprocess.Popen(  # and in another process
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+         "os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+         "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=busy):
+            pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stored.read_bytes() == before
+    refused = []
+
+    def save_and_try_a_second_writer(self, i, tensors):
+        save(self, i, tensors)
+        with pytest.raises(ValueError, match=busy):
+            DirectoryLock(out)
+        refused.append(i)
+
+    with monkeypatch.context() as m:  # the run holds the lock while it writes
+        m.setattr(CheckpointStore, "save_layer", save_and_try_a_second_writer)
+        pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False, resume=True)
+    assert refused == [1, 2]
+    with DirectoryLock(out):  # released by the run that finished
+        pass
+    (out / "tokenizer.json").mkdir()  # refused by the run once it holds the lock
+    with pytest.raises(ValueError, match="tokenizer.json: a directory"):
+        pipeline.quantize(ckpt, cfg, calib, out_dir=out, progress=False)
+    DirectoryLock(out).release()  # which it gave back
+
+
 def test_a_directory_where_a_file_goes_is_refused_before_any_pass(tmp_path, monkeypatch):
     """A directory at a name the run writes failed only when it was written: model.safetensors
     after every layer, a stored layer (on resume) after that layer's work."""

@@ -13,8 +13,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-__all__ = ["atomic_copy", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
-           "check_json_size", "check_output_dir", "fsync_dir", "read_json_object"]
+__all__ = ["DirectoryLock", "atomic_copy", "atomic_write_bytes", "atomic_write_text",
+           "atomic_write_json", "check_json_size", "check_output_dir", "fsync_dir",
+           "read_json_object"]
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -30,6 +31,49 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class DirectoryLock:
+    """An exclusive advisory lock (``flock``) on a directory while offq writes into it.
+
+    A second writer of the same directory (another process, or another run in this one) is
+    refused with a ValueError naming it, instead of discarding the first one's unfinished run
+    or interleaving its files with it. The lock is the directory's own (no lock file is left
+    behind) and the kernel releases it when the process ends, so a crash never leaves it held.
+    Where the file system or platform has no such locks (some network mounts, Windows),
+    writing goes on unlocked. Creates the directory (and its parents) if needed."""
+
+    def __init__(self, directory: str | os.PathLike, name: str = "out_dir"):
+        self._fd: int | None = None
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"{name}: {directory} is being written by another offq run; wait "
+                             "for it to finish or choose another directory") from None
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return
+        self._fd = fd
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes] | bytes) -> None:

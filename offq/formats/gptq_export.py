@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from .files import (atomic_copy, atomic_write_json, check_json_size, check_output_dir,
-                    fsync_dir)
+from .files import (DirectoryLock, atomic_copy, atomic_write_json, check_json_size,
+                    check_output_dir, fsync_dir)
 from .safetensors import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -215,24 +215,25 @@ def export_gptq(src: str | Path, out: str | Path, *, checkpoint_format: str = "g
             result[name] = to_float16(tensors[name], name)
     if is_gptq_export(out):  # the one kind of directory an export may overwrite: say so
         log.warning("%s: replacing the GPTQ export already there", out)
-    out.mkdir(parents=True, exist_ok=True)
-    # an earlier export's config.json goes first: a crash below then leaves a directory that
-    # does not claim to be a GPTQ export, not the old config beside new weights
-    (out / "config.json").unlink(missing_ok=True)
-    fsync_dir(out)
-    write_safetensors(out / MODEL_FILE, result, {"format": "pt"})
-    for f in _COPIED:
-        if (src / f).is_file():
-            atomic_copy(src / f, out / f)
-    hf = {k: v for k, v in json.loads((src / "config.json").read_text("utf-8")).items()
-          if k != "offq"}
-    hf["torch_dtype"] = "float16"
-    hf["quantization_config"] = {
-        "quant_method": "gptq", "bits": qcfg.w_bits, "group_size": qcfg.w_group_size,
-        "desc_act": False, "sym": bool(qcfg.w_symmetric), "checkpoint_format": checkpoint_format,
-        "true_sequential": True, "damp_percent": qcfg.gptq_damp}
-    atomic_write_json(out / "config.json", hf)
-    fsync_dir(out)
+    with DirectoryLock(out, "--out"):  # one writer at a time (it creates the directory)
+        # an earlier export's config.json goes first: a crash below then leaves a directory
+        # that does not claim to be a GPTQ export, not the old config beside new weights
+        (out / "config.json").unlink(missing_ok=True)
+        fsync_dir(out)
+        write_safetensors(out / MODEL_FILE, result, {"format": "pt"})
+        for f in _COPIED:
+            if (src / f).is_file():
+                atomic_copy(src / f, out / f)
+        hf = {k: v for k, v in json.loads((src / "config.json").read_text("utf-8")).items()
+              if k != "offq"}
+        hf["torch_dtype"] = "float16"
+        hf["quantization_config"] = {
+            "quant_method": "gptq", "bits": qcfg.w_bits, "group_size": qcfg.w_group_size,
+            "desc_act": False, "sym": bool(qcfg.w_symmetric),
+            "checkpoint_format": checkpoint_format, "true_sequential": True,
+            "damp_percent": qcfg.gptq_damp}
+        atomic_write_json(out / "config.json", hf)
+        fsync_dir(out)
     return out
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..config import OFF, QuantConfig
-from ..formats.files import check_output_dir, read_json_object
+from ..formats.files import DirectoryLock, check_output_dir, read_json_object
 from ..formats.registry import TensorStore
 from ..model.arch import architecture_of
 from ..model.decoder import LayerRunner
@@ -92,9 +92,10 @@ class QuantizeResult:
         # directory of other files, or a finished checkpoint made with another config
         check_output_dir(out_dir, self.source, reusable=_reusable_output)
         _check_replaced_checkpoint(Path(out_dir), self.quant_config, self.calibration)
-        write_checkpoint(out_dir, self.tensors, self.model_config, self.quant_config,
-                         self.rotations, self.tokenizer, calibration=self.calibration,
-                         reports=self.reports)
+        with DirectoryLock(out_dir):  # not while a run (or another save) writes there
+            write_checkpoint(out_dir, self.tensors, self.model_config, self.quant_config,
+                             self.rotations, self.tokenizer, calibration=self.calibration,
+                             reports=self.reports)
         return Path(out_dir)
 
     def model(self, mode: str = "real", attention: str = "float"):
@@ -161,6 +162,19 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
     if out_dir is not None:
         _check_replaced_checkpoint(Path(out_dir), config, calib_record)
     store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib_record, batch_size))
+    try:
+        return _run_recipe(ckpt, mc, arch, config, calib, calib_record, store, out_dir=out_dir,
+                           batch_size=batch_size, progress=progress,
+                           hold_freed_memory=hold_freed_memory)
+    finally:
+        store.release()  # the output directory's lock, finished or not
+
+
+def _run_recipe(ckpt: Any, mc: Any, arch: Any, config: QuantConfig, calib: np.ndarray | None,
+                calib_record: dict[str, Any] | None, store: CheckpointStore, *,
+                out_dir: str | Path | None, batch_size: int, progress: bool | None,
+                hold_freed_memory: bool) -> QuantizeResult:
+    """:func:`quantize`'s stages on checked arguments: rotations, the layers, the write."""
     timings: dict[str, float] = {}
     reports: dict[str, Any] = {}
     show = progress

@@ -30,7 +30,7 @@ import numpy as np
 from ..config import QuantConfig
 from ..formats.checkpoint import (CONFIG_FILE, MODEL_FILE, PARTIAL_DIR, check_layer_tensors,
                                   load_safetensors, offq_block, save_safetensors)
-from ..formats.files import atomic_write_json, fsync_dir, read_json_object
+from ..formats.files import DirectoryLock, atomic_write_json, fsync_dir, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,22 @@ class CheckpointStore:
             if resume:
                 raise ValueError("resume: needs an output directory")
             return
+        # one writer at a time: a second run into this directory would discard this one's
+        # unfinished layers (or interleave its own with them)
+        self.lock = DirectoryLock(self.dir)
+        try:
+            self._open(resume, run_fingerprint)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def release(self) -> None:
+        """Give up the output directory's lock (the run is over, finished or not)."""
+        if self.dir is not None:
+            self.lock.release()
+
+    def _open(self, resume: bool, run_fingerprint: dict[str, Any]) -> None:
+        """Check the output directory and its unfinished run; resume it or start over."""
         self.partial = self.dir / PARTIAL_DIR
         if self.partial.is_symlink() or (self.partial.exists() and not self.partial.is_dir()):
             # offq removes this directory when it finishes (shutil.rmtree refuses a link, after
