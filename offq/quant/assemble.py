@@ -174,8 +174,8 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
                   resident=resident or mode == "fused", name=name)
     if mode == "fused" and cfg.w_bits not in (2, 3, 4):  # said before "layer 0 has no ..."
         kind = "float32" if cfg.w_bits >= 16 else f"{cfg.w_bits}-bit"
-        raise ValueError(f"{where}mode 'fused': the C decoders run 2-, 3- or 4-bit weights, and this "
-                         f"model's are {kind}: use mode 'real' (or 'auto')")
+        raise ValueError(f"{where}mode 'fused': the C decoders run 2-, 3- or 4-bit weights, and "
+                         f"this model's are {kind}: use mode 'real' (or 'auto')")
     if mode == "fused" or (mode == "auto" and resident):
         from .fused import fused_runner
 
