@@ -187,6 +187,21 @@ MUTANTS = (
     Mutant("GPTQ-EXPORT-group-check", "offq/formats/gptq_export.py",
            "        expected_tensors(mc, qcfg)\n", "        pass\n",
            ("tests/test_gptq_export.py",)),
+    # Python: one writer per output directory (held for the whole run, given back however it
+    # ends), and a directory where the run writes a file (found before any pass)
+    Mutant("LOCK-held-through-the-run", "offq/recipe/store.py",
+           "        self.lock = DirectoryLock(self.dir)\n",
+           "        self.lock = DirectoryLock(self.dir)\n        self.lock.release()\n",
+           ("tests/test_pipeline.py::"
+            "test_a_second_run_into_a_directory_being_written_is_refused",)),
+    Mutant("LOCK-released-at-the-end", "offq/recipe/pipeline.py",
+           "        store.release()  # the output directory's lock, finished or not",
+           "        pass", ("tests/test_pipeline.py",)),
+    Mutant("STORE-non-file-at-a-written-name", "offq/recipe/store.py",
+           "            if path.exists() and not path.is_file():  # found only after the whole run",
+           "            if False:",
+           ("tests/test_pipeline.py::"
+            "test_a_directory_where_a_file_goes_is_refused_before_any_pass",)),
 )
 
 
