@@ -13,13 +13,13 @@ benchmarks/results_quantize_time.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 #: (name, K, N, activation group) of Qwen2.5-1.5B's input sites, q/k/v and gate/up stacked
 SITES = (("attn_in (q, k, v)", 1536, 2048, 128), ("o_in", 1536, 1536, 128),

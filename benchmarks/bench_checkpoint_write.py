@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 from offq.bench.machine import describe_machine  # noqa: E402
 from offq.formats.safetensors import write_safetensors  # noqa: E402

@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 from offq.bench import E2EConfig, describe_machine, format_e2e, run_e2e  # noqa: E402
 from offq.formats.files import atomic_write_json  # noqa: E402

@@ -17,12 +17,12 @@ build, alternated).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 
 def main() -> int:

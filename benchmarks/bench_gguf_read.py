@@ -14,13 +14,13 @@ after one untimed read; the machine line gives the load at the start.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 
 def best_of(fn, repeats: int = 2) -> tuple[float, np.ndarray]:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 SETTINGS = ((4, True), (3, False))  # (bits, symmetric), per channel
 

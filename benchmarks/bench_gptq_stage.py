@@ -29,11 +29,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 from offq.bench import describe_machine  # noqa: E402
 from offq.formats.registry import open_checkpoint  # noqa: E402

@@ -17,7 +17,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 from offq.bench import KERNEL_BENCHMARKS, describe_machine, machine_info, run_kernels  # noqa: E402
 from offq.bench.kernels import HEADER, format_row  # noqa: E402

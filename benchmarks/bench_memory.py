@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 GB = 1e9
 

@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 #: one parameter at a time around the defaults (gamma 1e-4, tau_rel 0.03, mu1 1e-2, mu2 100)
 DEFAULT_GRID = "gamma=1e-5,1e-3;tau_rel=0.01,0.1,0.3,1;mu1=1e-3,1e-1,1;mu2=0,1,1e4"

@@ -19,12 +19,12 @@ WikiText-2 test set shipped with offq; OSAQ with its defaults (or ``--gamma``); 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 
 def main() -> int:

@@ -24,13 +24,13 @@ protocol held 46-324 directions of 8960).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 
 def main() -> int:

@@ -23,13 +23,13 @@ sequences (``QuantConfig.pca_samples``).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 
 def collect(ckpt, calib: np.ndarray, batch_size: int, probe: int, seed: int):

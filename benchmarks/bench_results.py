@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 from offq.config import CALIB_ACTIVATIONS, QuantConfig  # noqa: E402
 from offq.formats.files import atomic_write_text  # noqa: E402

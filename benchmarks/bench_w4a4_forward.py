@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 # OpenMP threads that spin while they wait take the cores a busy machine's other processes (and
 # the waited-for thread) need: on the shared 2-core box every kernel's thread team then costs
 # milliseconds (W4A4 prefill 3x slower). Passive waiting must be chosen before offq (libgomp) is

@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_site_sensitivity import linked_checkpoint  # noqa: E402

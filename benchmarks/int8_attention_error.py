@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 VARIANTS = ("q8", "q8sub32", "q12", "w8", "q8+w8", "q8sub32+w8", "q12+w8")
 TILE = 64  # rows of the 8-bit weights' grid (OFFQ_ATTN_TILE_ROWS)

@@ -14,13 +14,14 @@ median tokens/s. Run it under ``perf`` to see where a prefill's time goes, skipp
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import add_repository  # noqa: E402  (this directory)
+
+add_repository()
 
 
 def main() -> int:

@@ -1,0 +1,26 @@
+"""Which offq a benchmark script imports.
+
+The scripts run from a clone. When the clone's own C core is built in place (``pip install -e .``
+or ``python setup.py build_ext --inplace``) they import the clone's ``offq``; otherwise the
+installed package (``pip install .``), which a clone without its ``_C`` extension would shadow
+with an ImportError. The repository root stays on the path either way, for ``tests/`` helpers.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def add_repository() -> Path:
+    """Put the repository root on ``sys.path``: first when its ``offq/`` has the C core built,
+    last otherwise (an installed offq is then imported). Returns the root."""
+    built = any((ROOT / "offq").glob("_C.*"))
+    root = str(ROOT)
+    if root not in sys.path:
+        if built:
+            sys.path.insert(0, root)
+        else:
+            sys.path.append(root)
+    return ROOT
