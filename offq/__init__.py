@@ -47,7 +47,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import scipy_openblas32 as _openblas  # noqa: E402,F401  (loads libscipy_openblas with RTLD_GLOBAL)
 
-from . import _C  # noqa: E402,F401
+try:
+    from . import _C  # noqa: E402,F401
+except ImportError as _e:  # a source tree whose C core is not built (Python said "circular import")
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if any(n.startswith("_C.") for n in os.listdir(_here)):
+        raise  # built, and failing for another reason: say that one
+    raise ImportError(
+        f"offq's C core (offq._C) is not built in {_here}: this is a source tree. Build it there "
+        "(pip install -e . or python setup.py build_ext --inplace), or use an installed offq "
+        "from outside the source tree (python puts the current directory first on the path)"
+    ) from None
 
 __version__ = "0.1.0"
 

@@ -278,3 +278,31 @@ def test_generation_names_what_it_cannot_use(rtn_result, tmp_path) -> None:
     with pytest.raises(ValueError, match="^stop_at_eos: expected True or False"):
         GenerationConfig(stop_at_eos="no")  # read as True
     assert GenerationConfig(temperature=np.float32(0.5)).temperature == 0.5
+
+
+# ------------------------------------------------------------------------------ import
+def test_a_source_tree_without_its_c_core_says_how_to_build_it(tmp_path) -> None:
+    """`import offq` from a clone's root (python -m offq, a notebook started there) after a
+    non-editable install imports the clone's offq, whose _C is not built: Python said only
+    "cannot import name '_C' from partially initialized module 'offq' (most likely due to a
+    circular import)"."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = Path(offq.__file__).resolve().parent
+    shutil.copytree(src, tmp_path / "offq",
+                    ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    # python -S: site-packages on the path without its .pth files, so that an editable
+    # install's finder (this checkout's, in a development venv) cannot answer "offq"
+    site_packages = str(Path(np.__file__).resolve().parents[1])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = site_packages
+    run = subprocess.run([sys.executable, "-S", "-c", "import offq"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert (f"offq's C core (offq._C) is not built in {tmp_path / 'offq'}: this is a source tree. "
+            "Build it there (pip install -e . or python setup.py build_ext --inplace)") \
+        in run.stderr, run.stderr
+    assert "circular import" not in run.stderr
