@@ -49,7 +49,11 @@ def run_notebook(nb: dict[str, Any], namespace: dict[str, Any],
         try:
             exec(compile(source, f"<notebook code cell {i}>", "exec"), namespace)
         except BaseException as e:
-            e.add_note(f"raised by notebook code cell {i}:\n{source}")
+            note = f"raised by notebook code cell {i}:\n{source}"
+            if hasattr(e, "add_note"):
+                e.add_note(note)
+            else:  # Python 3.10: the attribute add_note (3.11) would set
+                e.__notes__ = [*getattr(e, "__notes__", []), note]
             raise
         if parameters and "parameters" in cell.get("metadata", {}).get("tags", []):
             unknown = sorted(set(parameters) - set(namespace))
