@@ -401,7 +401,13 @@ def test_generation_prefills_through_the_c_step_and_restores_the_runner(quantize
 
 
 def test_simd_variants_agree(quantized):
-    """Products are bit-identical across variants; only the attention sums may differ."""
+    """Products are bit-identical across variants; only the attention and RMSNorm sums may
+    differ, by float32 rounding. Such a difference can move an activation that sits within
+    rounding of a 4-bit code boundary to the next code, and that token's row then differs by a
+    code step's effect: with NumPy 1.23 the qwen2-hd128 model, quantized a few ulps apart, put
+    token 20 of this prompt there (AVX2 and VNNI equal to each other, generic equal to the
+    NumPy path). So one row of the 24 may differ; a variant's bug (a lane, a tail, a tile)
+    reaches many."""
     real = quantized.model("real")
     ids = token_ids(real.config.vocab_size, 1, 24, 4)
     outs = {}
@@ -410,7 +416,11 @@ def test_simd_variants_agree(quantized):
         h = real.embed(ids)[0]
         outs[kernel] = fd.run(h, fd.new_cache())
     for kernel in KERNELS[1:]:
-        close(outs[kernel], outs["generic"])
+        ref = outs["generic"]
+        off = np.abs(outs[kernel] - ref).max(axis=1) > 4e-6 * float(np.abs(ref).max())
+        assert off.sum() <= 1, f"{kernel}: rows {np.nonzero(off)[0]} differ from generic"
+        keep = ~off
+        close(outs[kernel][keep], ref[keep])
 
 
 def test_simd_variants_agree_on_vector_tails():
