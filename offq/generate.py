@@ -7,6 +7,7 @@ model generates from its 4-bit cache).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -84,11 +85,16 @@ def _generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig, na
     """:func:`generate_ids`, its errors about the prompt naming ``name`` (the argument the
     caller gave: token ids, or the text of :func:`generate`)."""
     _check_arguments(model, cfg)
+    ragged = ValueError(f"{name}: expected one prompt (a flat list of token ids), got nested "
+                        "lists of different lengths")
     try:
-        ids = np.asarray(prompt_ids)
-    except ValueError:  # ragged nested lists
-        raise ValueError(f"{name}: expected one prompt (a flat list of token ids), got "
-                         "nested lists of different lengths") from None
+        with warnings.catch_warnings():  # NumPy < 1.24 warns and makes an object array
+            warnings.simplefilter("ignore")
+            ids = np.asarray(prompt_ids)
+    except ValueError:  # ragged nested lists (NumPy >= 1.24)
+        raise ragged from None
+    if ids.dtype == object and any(isinstance(p, (list, tuple, np.ndarray)) for p in ids.flat):
+        raise ragged
     if ids.ndim == 2 and ids.shape[0] == 1:  # one prompt as a batch of one (return_tensors)
         ids = ids[0]
     if ids.ndim > 1:  # a batch would be read as one prompt
