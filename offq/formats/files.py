@@ -51,7 +51,10 @@ class DirectoryLock:
             import fcntl
         except ImportError:  # not POSIX
             return
-        fd = os.open(directory, os.O_RDONLY)
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except OSError:  # a directory this process may write but not open: unlocked
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
