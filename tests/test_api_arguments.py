@@ -306,3 +306,18 @@ def test_a_source_tree_without_its_c_core_says_how_to_build_it(tmp_path) -> None
             "Build it there (pip install -e . or python setup.py build_ext --inplace)") \
         in run.stderr, run.stderr
     assert "circular import" not in run.stderr
+
+
+def test_benchmark_scripts_import_an_offq_that_runs() -> None:
+    """`python benchmarks/X.py` from a clone after the README's `pip install .` (this suite's own
+    setting in CI): every script put the clone's root first on sys.path, and the clone's offq
+    has no built C core, so each stopped with an ImportError. benchmarks/source_tree.py puts the
+    root first only when offq/_C.* is built there. (With an editable install both pass.)"""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for script in ("bench_e2e.py", "bench_kernels.py"):  # both import offq at the top
+        run = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--help"],
+                             cwd=root, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "usage:" in run.stdout, (script, run.stderr[-2000:])
