@@ -701,6 +701,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
                    help="gptq: stored zero = zero-point - 1 (every GPTQ loader); gptq_v2: the "
                         "zero-point itself (GPTQModel)")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
     p.set_defaults(func=cmd_export)
 
 

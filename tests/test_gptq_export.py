@@ -142,6 +142,21 @@ def test_offq_eval_runs_the_export(tiny, tmp_path, bits, fmt):
     np.testing.assert_allclose(nb.mean(), na.mean(), rtol=2e-3)  # float16 scales/embeddings
 
 
+def test_offq_export_command_writes_the_export_and_takes_quiet(tiny, tmp_path, capsys, caplog):
+    """`offq export` as the README runs it; --quiet (which every other command takes) keeps the
+    warnings: replacing an earlier export is still said."""
+    from offq.cli import main
+
+    src = quantized_dir(tiny, tmp_path, w_bits=4, w_group_size=16, w_symmetric=False)
+    out = tmp_path / "gptq"
+    assert main(["export", str(src), "--format", "gptq", "--out", str(out)]) == 0
+    assert f"wrote {out} (format gptq, checkpoint_format gptq)" in capsys.readouterr().out
+    assert (out / "model.safetensors").is_file()
+    with caplog.at_level("INFO"):
+        assert main(["export", str(src), "--format", "gptq", "--out", str(out), "--quiet"]) == 0
+    assert "replacing the GPTQ export already there" in caplog.text
+
+
 def test_an_export_s_model_carries_its_tokenizer(export_dir, tmp_path, tiny):
     """load_gptq_export returned the tokenizer beside a model without one, so generate(model,
     None, ...) said the model had none."""
