@@ -7,6 +7,7 @@ with an ImportError. The repository root stays on the path either way, for ``tes
 """
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 from pathlib import Path
 
@@ -14,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_repository() -> Path:
-    """Put the repository root on ``sys.path``: first when its ``offq/`` has the C core built,
-    last otherwise (an installed offq is then imported). Returns the root."""
-    built = any((ROOT / "offq").glob("_C.*"))
+    """Put the repository root on ``sys.path``: first when its ``offq/`` has the C core built
+    for this interpreter, last otherwise (an installed offq is then imported). Returns the
+    root."""
+    built = any((ROOT / "offq" / f"_C{suffix}").is_file()  # for this interpreter, not another
+                for suffix in importlib.machinery.EXTENSION_SUFFIXES)
     root = str(ROOT)
     if root not in sys.path:
         if built:

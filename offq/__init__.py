@@ -49,10 +49,13 @@ import scipy_openblas32 as _openblas  # noqa: E402,F401  (loads libscipy_openbla
 
 try:
     from . import _C  # noqa: E402,F401
-except ImportError as _e:  # a source tree whose C core is not built (Python said "circular import")
+except ImportError:  # a source tree whose C core is not built (Python said "circular import")
+    import importlib.machinery
+
     _here = os.path.dirname(os.path.abspath(__file__))
-    if any(n.startswith("_C.") for n in os.listdir(_here)):
-        raise  # built, and failing for another reason: say that one
+    if any(os.path.isfile(os.path.join(_here, "_C" + suffix))
+           for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        raise  # built for this interpreter, and failing for another reason: say that one
     raise ImportError(
         f"offq's C core (offq._C) is not built in {_here}: this is a source tree. Build it there "
         "(pip install -e . or python setup.py build_ext --inplace), or use an installed offq "

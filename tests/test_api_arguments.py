@@ -294,6 +294,7 @@ def test_a_source_tree_without_its_c_core_says_how_to_build_it(tmp_path) -> None
     src = Path(offq.__file__).resolve().parent
     shutil.copytree(src, tmp_path / "offq",
                     ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    (tmp_path / "offq" / "_C.cpython-39-x86_64-linux-gnu.so").write_bytes(b"")  # another Python's
     # python -S: site-packages on the path without its .pth files, so that an editable
     # install's finder (this checkout's, in a development venv) cannot answer "offq"
     site_packages = str(Path(np.__file__).resolve().parents[1])
