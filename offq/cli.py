@@ -238,12 +238,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                        seqlen=cfg.calib_seqlen, seed=cfg.seed,
                                        add_bos=bool(ckpt.config.add_bos))
         t_calib = time.perf_counter() - t0
-        result = quantize(ckpt, cfg, calib, out_dir=args.out, resume=args.resume,
-                          batch_size=args.batch_size,
-                          hold_freed_memory=not args.return_freed_memory,
-                          progress=None if not args.quiet else False,
-                          calibration_source=str(source) if calib is not None else None,
-                          calibration_seed=cfg.seed if calib is not None else None)
+        try:
+            result = quantize(ckpt, cfg, calib, out_dir=args.out, resume=args.resume,
+                              batch_size=args.batch_size,
+                              hold_freed_memory=not args.return_freed_memory,
+                              progress=None if not args.quiet else False,
+                              calibration_source=str(source) if calib is not None else None,
+                              calibration_seed=cfg.seed if calib is not None else None)
+        except ValueError as e:  # the API's refusals of out_dir, named as this command's flag
+            if str(e).startswith("out_dir: "):
+                raise ValueError("--out: " + str(e)[len("out_dir: "):]) from None
+            raise
     stages = {"calibration data": t_calib, **result.timings}
     print(f"offq quantize: {args.model} -> {args.out}")
     hidden = result.model_config.hidden_size

@@ -82,6 +82,24 @@ def test_an_output_path_that_cannot_be_created_is_refused_before_any_work(checkp
     assert blocker.read_text() == ""
 
 
+def test_quantize_names_its_out_flag_in_the_output_directory_refusals(tmp_path, capsys):
+    """The recipe's refusals of an output directory said `out_dir:` (the API's argument) to a
+    user who typed --out: one that holds other files, one another run is writing."""
+    from offq.formats.files import DirectoryLock
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    argv = ["quantize", "smollm2-135m", "--method", "rtn", "--quiet", "--out"]
+    assert main(argv + [str(busy)]) == 2
+    assert f"offq quantize: error: --out: {busy} exists, is not empty" in capsys.readouterr().err
+    with DirectoryLock(tmp_path / "taken"):
+        assert main(argv + [str(tmp_path / "taken")]) == 2
+    assert f"error: --out: {tmp_path / 'taken'} is being written by another offq run" in \
+        capsys.readouterr().err
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
 def test_int8_attention_advice_names_what_the_fused_decoder_takes(capsys):
     assert main(["eval", "smollm2-135m", "--attention", "int8"]) == 2
     assert "takes W4A4KV4 offq checkpoints" in capsys.readouterr().err
