@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 from source_tree import add_repository  # noqa: E402  (this directory)
 
 add_repository()
@@ -205,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             if cg is not None:
                 (cg / "cgroup.procs").write_text(str(os.getpid()))
 
-        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=enter_cgroup,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=enter_cgroup)
         peak_cg = cgroup_peak(cg) if cg is not None else None
         oom = cgroup_oom(cg) if cg is not None else False
         if cg is not None:

@@ -20,10 +20,17 @@ def add_repository() -> Path:
     root."""
     built = any((ROOT / "offq" / f"_C{suffix}").is_file()  # for this interpreter, not another
                 for suffix in importlib.machinery.EXTENSION_SUFFIXES)
-    root = str(ROOT)
-    if root not in sys.path:
-        if built:
-            sys.path.insert(0, root)
-        else:
-            sys.path.append(root)
+    # an entry that is already there (PYTHONPATH=., the current directory) moves too
+    sys.path[:] = [p for p in sys.path if not _is_root(p)]
+    if built:
+        sys.path.insert(0, str(ROOT))
+    else:
+        sys.path.append(str(ROOT))
     return ROOT
+
+
+def _is_root(entry: str) -> bool:
+    try:
+        return Path(entry or ".").resolve() == ROOT
+    except OSError:
+        return False

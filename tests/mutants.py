@@ -189,14 +189,19 @@ MUTANTS = (
            ("tests/test_gptq_export.py",)),
     # Python: one writer per output directory (held for the whole run, given back however it
     # ends), and a directory where the run writes a file (found before any pass)
-    Mutant("LOCK-held-through-the-run", "offq/recipe/store.py",
-           "        self.lock = DirectoryLock(self.dir)\n",
-           "        self.lock = DirectoryLock(self.dir)\n        self.lock.release()\n",
+    Mutant("LOCK-held-through-the-run", "offq/recipe/pipeline.py",
+           "    lock = None if out_dir is None else DirectoryLock(out_dir)\n",
+           "    lock = None if out_dir is None else DirectoryLock(out_dir)\n"
+           "    if lock is not None:\n        lock.release()\n",
            ("tests/test_pipeline.py::"
             "test_a_second_run_into_a_directory_being_written_is_refused",)),
     Mutant("LOCK-released-at-the-end", "offq/recipe/pipeline.py",
-           "        store.release()  # the output directory's lock, finished or not",
-           "        pass", ("tests/test_pipeline.py",)),
+           "            lock.release()  # finished or not", "            pass",
+           ("tests/test_pipeline.py",)),
+    Mutant("LOCK-before-the-checks", "offq/recipe/pipeline.py",
+           "            _check_replaced_checkpoint(Path(out_dir), config, calib_record)\n"
+           "        store = ", "            pass\n        store = ",
+           ("tests/test_pipeline.py::test_what_a_directory_holds_is_judged_under_its_lock",)),
     Mutant("STORE-non-file-at-a-written-name", "offq/recipe/store.py",
            "            if path.exists() and not path.is_file():  # found only after the whole run",
            "            if False:",

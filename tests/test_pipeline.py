@@ -593,6 +593,30 @@ def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path, monkey
     DirectoryLock(out).release()  # which it gave back
 
 
+def test_what_a_directory_holds_is_judged_under_its_lock(tmp_path, monkeypatch):
+    """Another run that finishes while this one waits to write (between its checks and its lock)
+    must still stop this one from replacing a checkpoint made with another configuration: the
+    checks ran before the lock, so this run then started over on top of it (a review's
+    two-thread reproduction: the W4 checkpoint became W8)."""
+    from offq.formats.files import DirectoryLock
+
+    ckpt = tiny_checkpoint(0, layers=2)
+    w4 = QuantConfig(method="rtn", w_bits=4, a_bits=16, kv_bits=16)
+    out = tmp_path / "q"
+
+    class OtherRunFinishesFirst(DirectoryLock):
+        def __init__(self, directory, *args, **kwargs):
+            monkeypatch.setattr(pipeline, "DirectoryLock", DirectoryLock)
+            pipeline.quantize(ckpt, w4, None, out_dir=directory, progress=False)
+            super().__init__(directory, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "DirectoryLock", OtherRunFinishesFirst)
+    with pytest.raises(ValueError, match="finished offq checkpoint made with a different w_bits"):
+        pipeline.quantize(ckpt, dataclasses.replace(w4, w_bits=8), None, out_dir=out,
+                          progress=False)
+    assert json.loads((out / "config.json").read_text())["offq"]["quant_config"]["w_bits"] == 4
+
+
 def test_a_directory_where_a_file_goes_is_refused_before_any_pass(tmp_path, monkeypatch):
     """A directory at a name the run writes failed only when it was written: model.safetensors
     after every layer, a stored layer (on resume) after that layer's work."""

@@ -216,6 +216,7 @@ def export_gptq(src: str | Path, out: str | Path, *, checkpoint_format: str = "g
     if is_gptq_export(out):  # the one kind of directory an export may overwrite: say so
         log.warning("%s: replacing the GPTQ export already there", out)
     with DirectoryLock(out, "--out"):  # one writer at a time (it creates the directory)
+        check_output_dir(out, src, reusable=is_gptq_export)  # again, now that it is ours
         # an earlier export's config.json goes first: a crash below then leaves a directory
         # that does not claim to be a GPTQ export, not the old config beside new weights
         (out / "config.json").unlink(missing_ok=True)

@@ -91,8 +91,9 @@ class QuantizeResult:
         # the refusals of quantize(out_dir=): never into the model being read, a file, a
         # directory of other files, or a finished checkpoint made with another config
         check_output_dir(out_dir, self.source, reusable=_reusable_output)
-        _check_replaced_checkpoint(Path(out_dir), self.quant_config, self.calibration)
         with DirectoryLock(out_dir):  # not while a run (or another save) writes there
+            check_output_dir(out_dir, self.source, reusable=_reusable_output)  # now, locked
+            _check_replaced_checkpoint(Path(out_dir), self.quant_config, self.calibration)
             write_checkpoint(out_dir, self.tensors, self.model_config, self.quant_config,
                              self.rotations, self.tokenizer, calibration=self.calibration,
                              reports=self.reports)
@@ -156,18 +157,23 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
                                      calib_seqlen=int(calib.shape[1]))
     check_group_sizes(mc, config)
     check_hadamard_sizes(mc, config)
-    if out_dir is not None:
+    if out_dir is not None:  # before the lock creates the directory
         check_output_dir(out_dir, _source_path(ckpt), reusable=_reusable_output)
     calib_record = calibration_record(calib, calibration_source, calibration_seed)
-    if out_dir is not None:
-        _check_replaced_checkpoint(Path(out_dir), config, calib_record)
-    store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib_record, batch_size))
+    # one writer at a time: what the directory holds is judged, and the run writes, under its lock
+    lock = None if out_dir is None else DirectoryLock(out_dir)
     try:
+        if out_dir is not None:
+            check_output_dir(out_dir, _source_path(ckpt), reusable=_reusable_output)
+            _check_replaced_checkpoint(Path(out_dir), config, calib_record)
+        store = CheckpointStore(out_dir, resume,
+                                fingerprint(ckpt, config, calib_record, batch_size), lock=lock)
         return _run_recipe(ckpt, mc, arch, config, calib, calib_record, store, out_dir=out_dir,
                            batch_size=batch_size, progress=progress,
                            hold_freed_memory=hold_freed_memory)
     finally:
-        store.release()  # the output directory's lock, finished or not
+        if lock is not None:
+            lock.release()  # finished or not
 
 
 def _run_recipe(ckpt: Any, mc: Any, arch: Any, config: QuantConfig, calib: np.ndarray | None,

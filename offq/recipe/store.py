@@ -95,7 +95,10 @@ def _json_digest(obj: Any) -> str:
 class CheckpointStore:
     """Finished rotations and layers, in memory (``out_dir=None``) or on disk (module docstring)."""
 
-    def __init__(self, out_dir: str | Path | None, resume: bool, run_fingerprint: dict[str, Any]):
+    def __init__(self, out_dir: str | Path | None, resume: bool, run_fingerprint: dict[str, Any],
+                 *, lock: DirectoryLock | None = None):
+        """``lock``: the output directory's lock, held by the caller (who releases it); without
+        it the store takes its own and :meth:`release` gives it back."""
         self.mem: dict[Any, Any] = {}
         self.dir = None if out_dir is None else Path(out_dir)
         if self.dir is None:
@@ -104,16 +107,17 @@ class CheckpointStore:
             return
         # one writer at a time: a second run into this directory would discard this one's
         # unfinished layers (or interleave its own with them)
-        self.lock = DirectoryLock(self.dir)
+        self._own_lock = lock is None
+        self.lock = DirectoryLock(self.dir) if lock is None else lock
         try:
             self._open(resume, run_fingerprint)
         except BaseException:
-            self.lock.release()
+            self.release()
             raise
 
     def release(self) -> None:
-        """Give up the output directory's lock (the run is over, finished or not)."""
-        if self.dir is not None:
+        """Give up the output directory's lock if the store took it (the run is over)."""
+        if self.dir is not None and self._own_lock:
             self.lock.release()
 
     def _open(self, resume: bool, run_fingerprint: dict[str, Any]) -> None:
