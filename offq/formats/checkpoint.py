@@ -20,7 +20,6 @@ quantized tensors are read raw, in their stored dtype (U8 codes, F32 scales, F64
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,7 +30,7 @@ import numpy as np
 from ..config import OFF, QuantConfig
 from ..model.arch import architecture_of
 from . import safetensors as _st
-from .files import check_json_size, read_json_object
+from .files import read_json_object
 from .safetensors import DTYPES, write_safetensors
 
 logger = logging.getLogger(__name__)
@@ -133,12 +132,10 @@ def is_offq_checkpoint(path: str | os.PathLike) -> bool:
     cfg_path = Path(path) / CONFIG_FILE
     if not cfg_path.is_file():
         return False
-    try:
-        check_json_size(cfg_path)  # the reader of whatever this is names a file past the cap
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+    try:  # past the size cap too: the reader of whatever this is names it
+        return "offq" in read_json_object(cfg_path)
+    except ValueError:
         return False
-    return isinstance(raw, dict) and "offq" in raw
 
 
 def expected_tensors(model_config: Any, cfg: QuantConfig) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from .files import (DirectoryLock, atomic_copy, atomic_write_json, check_json_size,
-                    check_output_dir, fsync_dir)
+                    check_output_dir, fsync_dir, read_json_object)
 from .safetensors import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -260,9 +260,8 @@ def is_gptq_export(path: str | Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        check_json_size(cfg)
-        q = json.loads(cfg.read_text("utf-8")).get("quantization_config")
-    except (OSError, ValueError, AttributeError, UnicodeDecodeError, RecursionError):
+        q = read_json_object(cfg).get("quantization_config")
+    except ValueError:
         return False
     return isinstance(q, dict) and q.get("quant_method") == "gptq"
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import tokenizers
 
 from ..model.config import as_json_bool
-from .files import atomic_write_text, check_json_size
+from .files import atomic_write_text, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -300,14 +300,4 @@ def puts_bos_first(backend: tokenizers.Tokenizer, bos_id: int | None, source: st
 
 
 def _read_json_if_exists(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    check_json_size(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: invalid JSON: {e!r}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}

@@ -166,8 +166,7 @@ def quantize(ckpt: Any, config: QuantConfig, calibration: np.ndarray | None = No
         if out_dir is not None:
             check_output_dir(out_dir, _source_path(ckpt), reusable=_reusable_output)
             _check_replaced_checkpoint(Path(out_dir), config, calib_record)
-        store = CheckpointStore(out_dir, resume,
-                                fingerprint(ckpt, config, calib_record, batch_size), lock=lock)
+        store = CheckpointStore(out_dir, resume, fingerprint(ckpt, config, calib_record, batch_size))
         return _run_recipe(ckpt, mc, arch, config, calib, calib_record, store, out_dir=out_dir,
                            batch_size=batch_size, progress=progress,
                            hold_freed_memory=hold_freed_memory)

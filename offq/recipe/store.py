@@ -30,7 +30,7 @@ import numpy as np
 from ..config import QuantConfig
 from ..formats.checkpoint import (CONFIG_FILE, MODEL_FILE, PARTIAL_DIR, check_layer_tensors,
                                   load_safetensors, offq_block, save_safetensors)
-from ..formats.files import DirectoryLock, atomic_write_json, fsync_dir, read_json_object
+from ..formats.files import atomic_write_json, fsync_dir, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -95,33 +95,15 @@ def _json_digest(obj: Any) -> str:
 class CheckpointStore:
     """Finished rotations and layers, in memory (``out_dir=None``) or on disk (module docstring)."""
 
-    def __init__(self, out_dir: str | Path | None, resume: bool, run_fingerprint: dict[str, Any],
-                 *, lock: DirectoryLock | None = None):
-        """``lock``: the output directory's lock, held by the caller (who releases it); without
-        it the store takes its own and :meth:`release` gives it back."""
+    def __init__(self, out_dir: str | Path | None, resume: bool, run_fingerprint: dict[str, Any]):
+        """With ``out_dir``, the caller holds the directory's lock (``DirectoryLock``) for the
+        store's whole life: a second run there would discard this one's unfinished layers."""
         self.mem: dict[Any, Any] = {}
         self.dir = None if out_dir is None else Path(out_dir)
         if self.dir is None:
             if resume:
                 raise ValueError("resume: needs an output directory")
             return
-        # one writer at a time: a second run into this directory would discard this one's
-        # unfinished layers (or interleave its own with them)
-        self._own_lock = lock is None
-        self.lock = DirectoryLock(self.dir) if lock is None else lock
-        try:
-            self._open(resume, run_fingerprint)
-        except BaseException:
-            self.release()
-            raise
-
-    def release(self) -> None:
-        """Give up the output directory's lock if the store took it (the run is over)."""
-        if self.dir is not None and self._own_lock:
-            self.lock.release()
-
-    def _open(self, resume: bool, run_fingerprint: dict[str, Any]) -> None:
-        """Check the output directory and its unfinished run; resume it or start over."""
         self.partial = self.dir / PARTIAL_DIR
         if self.partial.is_symlink() or (self.partial.exists() and not self.partial.is_dir()):
             # offq removes this directory when it finishes (shutil.rmtree refuses a link, after
