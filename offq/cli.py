@@ -3,6 +3,7 @@
     offq quantize MODEL --out DIR [options]
     offq eval MODEL [--dataset wikitext2] [--seqlen 2048] [--max-windows N] [--json]
     offq generate MODEL --prompt TEXT [--max-new-tokens 64] [--temperature 0] [--seed 0]
+    offq generate MODEL --chat MESSAGE [--system TEXT]
 
 MODEL is a registered name (``smollm2-135m``), a HF checkpoint directory, a .gguf file, or an
 offq checkpoint directory written by ``offq quantize`` (run on the real 4-bit kernels).
@@ -348,17 +349,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "generate", help="continue a prompt (greedy by default)",
+        "generate", help="continue a prompt, or answer a chat message (greedy by default)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Continue a prompt token by token with the KV cache (an offq checkpoint "
                     "runs on the real 4-bit kernels, its cache stored in 4 bits; a W4A4KV4 one "
-                    "on the fused C decoder unless --mode says otherwise).",
+                    "on the fused C decoder unless --mode says otherwise). --chat lays a user "
+                    "message out with the model's chat template (instruct models) and prints "
+                    "the assistant's reply.",
         epilog="examples:\n"
                "  offq generate runs/smollm2-offq --prompt 'The capital of France is'\n"
                "  offq generate smollm2-135m --prompt 'Once upon a time' --temperature 0.8 "
-               "--top-k 40 --seed 1")
+               "--top-k 40 --seed 1\n"
+               "  offq generate runs/smollm2-offq --chat 'What is the capital of France?'")
     _add_common(p, "auto")  # the fused C decoder for W4A4KV4 checkpoints: ~2x tokens/s
-    p.add_argument("--prompt", required=True, help="text to continue")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="text to continue")
+    text.add_argument("--chat", metavar="MESSAGE",
+                      help="a user message: the model's chat template lays it out and the "
+                           "assistant's reply is printed (instruct models)")
+    p.add_argument("--system", metavar="TEXT",
+                   help="with --chat: a system message first (else the template's default)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
@@ -375,15 +385,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, seed=args.seed)
-    if not args.prompt:
-        raise UsageError("--prompt: empty (give the text to continue)")
-    try:  # argv's undecodable bytes arrive as lone surrogates, which no tokenizer takes
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError("--prompt: not valid UTF-8 text") from None
+    if args.system is not None and args.chat is None:
+        raise UsageError("--system: only with --chat (a plain --prompt has no roles)")
+    flag = "--chat" if args.chat is not None else "--prompt"
+    for name, value in ((flag, args.chat if args.chat is not None else args.prompt),
+                        ("--system", args.system)):
+        if value is None:
+            continue
+        if not value and name != "--system":
+            raise UsageError(f"{name}: empty (give the text to "
+                             f"{'answer' if name == '--chat' else 'continue'})")
+        try:  # argv's undecodable bytes arrive as lone surrogates, which no tokenizer takes
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"{name}: not valid UTF-8 text") from None
     model, tokenizer = load_model(args.model, mode=args.mode, attention=args.attention)
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer found (tokenizer.json) to encode the prompt")
+    if args.chat is not None:
+        return _chat_reply(args, model, tokenizer, cfg)
     # The prompt is echoed with the first new token, after generate has checked it, so a
     # refused prompt leaves stdout empty (`offq generate ... > out.txt`).
     echoed = [False]
@@ -404,6 +424,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise
     finally:  # the error (on stderr) starts on a line of its own
         if echoed[0]:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    return 0
+
+
+def _chat_reply(args: argparse.Namespace, model, tokenizer, cfg) -> int:
+    """``offq generate --chat``: stream the assistant's reply to one user message."""
+    from .formats.memory import as_tokenizer
+    from .generate import chat
+
+    tokenizer = as_tokenizer(tokenizer)
+    if tokenizer.chat_template is None:
+        raise UsageError(f"--chat: {args.model} has no chat template (a base model; a GGUF "
+                         "without tokenizer.chat_template or a directory without chat_template; "
+                         "an offq checkpoint written before offq kept templates, 2026-12-07); "
+                         "use --prompt to continue text")
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+    messages.append({"role": "user", "content": args.chat})
+    wrote = [False]
+
+    def show(piece: str) -> None:
+        wrote[0] = True
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    try:
+        chat(model, tokenizer, messages, cfg, on_token=show)
+    finally:  # the reply (or an error on stderr) ends its line
+        if wrote[0]:
             sys.stdout.write("\n")
             sys.stdout.flush()
     return 0

@@ -2,7 +2,8 @@
 
 The prompt is prefilled in one forward pass (through the C step on the fused decoder); then one
 token at a time is decoded against the cache (whatever ``kv_codec`` the layers use, so a KV4
-model generates from its 4-bit cache).
+model generates from its 4-bit cache). :func:`chat` answers a conversation with an instruct
+model: the messages laid out by the model's chat template (offq/chat.py), then the reply.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from .model.decoder import Model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationConfig", "generate_ids", "generate"]
+__all__ = ["GenerationConfig", "generate_ids", "generate", "chat"]
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,38 @@ def generate(model: Model, tokenizer, prompt: str, cfg: GenerationConfig = Gener
     ``on_token`` receives each newly decoded piece of text as it is produced (streaming output).
     A BOS is prepended to the prompt when the model uses one (``config.add_bos``).
     """
+    tokenizer = _text_arguments(model, tokenizer, cfg, on_token)
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt: expected a str (token ids go to generate_ids), got "
+                        f"{type(prompt).__name__}")
+    # the model's BOS first, as perplexity takes it (a raw tokenizers.Tokenizer knows none)
+    bos = getattr(model.config, "bos_token_id", None)
+    bos = tokenizer.bos_id if bos is None else bos
+    add_bos = bool(getattr(model.config, "add_bos", False)) and bos is not None
+    ids = ([int(bos)] if add_bos else []) + list(tokenizer.encode(prompt, add_bos=False))
+    return _stream_text(model, tokenizer, ids, cfg, on_token, "prompt")
+
+
+def chat(model: Model, tokenizer, messages: list[dict[str, str]],
+         cfg: GenerationConfig = GenerationConfig(), *,
+         on_token: Callable[[str], None] | None = None) -> str:
+    """The assistant's reply to a conversation, for instruct models.
+
+    ``messages``: ``[{"role": "system" | "user" | "assistant", "content": "..."}, ...]``, laid
+    out by the model's chat template (``Tokenizer.apply_chat_template``; the template writes any
+    BOS it wants) and followed by the assistant's header; the reply ends at the model's EOS (its
+    end-of-turn token in instruct GGUFs) or after ``cfg.max_new_tokens``. ``tokenizer`` and
+    ``on_token`` as in :func:`generate`. ValueError when the model has no chat template.
+    """
+    tokenizer = _text_arguments(model, tokenizer, cfg, on_token)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return _stream_text(model, tokenizer, list(tokenizer.encode(text, add_bos=False)), cfg,
+                        on_token, "messages")
+
+
+def _text_arguments(model: Model, tokenizer, cfg: GenerationConfig,
+                    on_token: Callable[[str], None] | None):
+    """Check what :func:`generate` and :func:`chat` share -> the tokenizer as offq's own."""
     _check_arguments(model, cfg)
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
@@ -174,21 +207,19 @@ def generate(model: Model, tokenizer, prompt: str, cfg: GenerationConfig = Gener
                              "weights); pass one, or call generate_ids with token ids")
     from .formats.memory import as_tokenizer
 
-    tokenizer = as_tokenizer(tokenizer)  # a transformers one must not add its BOS on its own
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt: expected a str (token ids go to generate_ids), got "
-                        f"{type(prompt).__name__}")
     if on_token is not None and not callable(on_token):
         raise TypeError(f"on_token: expected a callable taking each new piece of text, got "
                         f"{type(on_token).__name__}")
-    # the model's BOS first, as perplexity takes it (a raw tokenizers.Tokenizer knows none)
-    bos = getattr(model.config, "bos_token_id", None)
-    bos = tokenizer.bos_id if bos is None else bos
-    add_bos = bool(getattr(model.config, "add_bos", False)) and bos is not None
-    ids = ([int(bos)] if add_bos else []) + list(tokenizer.encode(prompt, add_bos=False))
+    return as_tokenizer(tokenizer)  # a transformers one must not add its BOS on its own
+
+
+def _stream_text(model: Model, tokenizer, ids: list[int], cfg: GenerationConfig,
+                 on_token: Callable[[str], None] | None, name: str) -> str:
+    """Generate after ``ids`` and return the new text, passing each complete piece to
+    ``on_token``; errors about the prompt name ``name``."""
     out: list[int] = []
     shown = ""
-    for t in _generate_ids(model, ids, cfg, "prompt"):
+    for t in _generate_ids(model, ids, cfg, name):
         out.append(t)
         if on_token is not None:
             text = tokenizer.decode(out)

@@ -17,7 +17,8 @@ memory-mapped, until asked for). What this module adds:
   ``[heads, 2, d/2]``. q uses the attention head count, k the KV head count. Qwen2 GGUFs are not
   permuted (llama.cpp uses NeoX-style RoPE for them) and are returned unchanged.
 * **Config** from ``{arch}.*`` metadata and **tokenizer** from ``tokenizer.ggml.*`` metadata
-  (byte-level BPE, ``tokenizer.ggml.model == "gpt2"``), rebuilt as a ``tokenizers.Tokenizer``.
+  (byte-level BPE, ``tokenizer.ggml.model == "gpt2"``), rebuilt as a ``tokenizers.Tokenizer``,
+  with the chat template of ``tokenizer.chat_template``.
 
 Every problem (not a GGUF, truncated file, unknown architecture or tensor type, inconsistent
 shapes) is a ValueError that names the file and, where relevant, the tensor or key.
@@ -418,8 +419,6 @@ class GGUFTensorStore(TensorStore):
         return str(self._path)
 
     def _read(self, name: str) -> np.ndarray:
-        import gguf
-
         t = self._tensors[name]
         try:
             arr = _dequantize_by_rows(t.data, t.tensor_type)
@@ -550,8 +549,12 @@ def build_gguf_tokenizer(reader_or_path: Any):
     bos = _opt_int(_field(reader, "tokenizer.ggml.bos_token_id"))
     eos = _opt_int(_field(reader, "tokenizer.ggml.eos_token_id"))
     adds_bos = _bool_field(reader, "tokenizer.ggml.add_bos_token", adds_bos_default)
+    chat_template = _field(reader, "tokenizer.chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise ValueError(f"{path}: metadata key 'tokenizer.chat_template' holds "
+                         f"{type(chat_template).__name__}, not a string")
     return Tokenizer(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos and bos is not None,
-                     name=str(path))
+                     name=str(path), chat_template=chat_template)
 
 
 def _byte_level_bpe(reader, path: Path, vocab: dict[str, int]):

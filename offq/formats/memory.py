@@ -140,8 +140,13 @@ def as_tokenizer(tokenizer: Any) -> Any:
     bos, eos = special("bos_token_id"), special("eos_token_id")
     # the Tokenizer drops the backend's padding/truncation (on a copy) before the BOS probe: a
     # padded probe would start with a pad token, not BOS
-    tok = Tokenizer(backend, bos_id=bos, eos_id=eos,
-                    name=getattr(tokenizer, "name_or_path", "") or "in-memory")
+    name = getattr(tokenizer, "name_or_path", "") or "in-memory"
+    # a transformers tokenizer's template (a str, or a dict of named ones: its "default")
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, Mapping):
+        template = template.get("default")
+    tok = Tokenizer(backend, bos_id=bos, eos_id=eos, name=name,
+                    chat_template=template if isinstance(template, str) else None)
     tok.adds_bos = puts_bos_first(tok.backend, bos, tok.name)
     return tok
 

@@ -3,9 +3,10 @@
 Two sources:
 
 * `Tokenizer.from_hf_dir(path)`: ``tokenizer.json`` (+ ``tokenizer_config.json`` / ``config.json``
-  for the BOS / EOS tokens) of a HuggingFace checkpoint directory.
+  for the BOS / EOS tokens, and the chat template from ``tokenizer_config.json`` or
+  ``chat_template.jinja``) of a HuggingFace checkpoint directory.
 * ``offq.formats.gguf.build_gguf_tokenizer(reader_or_path)``: rebuilt from the GGUF metadata
-  (``tokenizer.ggml.*``).
+  (``tokenizer.ggml.*``, and ``tokenizer.chat_template``).
 
 `encode` never adds special tokens by itself; ``add_bos=True`` prepends ``bos_id``. Whether a model
 *wants* a BOS (what its own tokenizer does when asked for special tokens) is `adds_bos`, which the
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import tokenizers
 
+from ..chat import MAX_TEMPLATE_CHARS, check_template, render_chat, template_from_config
 from ..model.config import as_json_bool
 from .files import atomic_write_text, read_json_object
 
@@ -75,15 +77,17 @@ class Tokenizer:
         bos_id, eos_id: special token ids (``None`` when the model has none).
         adds_bos: whether the model's reference tokenizer prepends BOS when encoding.
         name: where it came from (the tokenizer file, for messages).
+        chat_template: the model's Jinja chat template (instruct models), or None.
     """
 
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None, eos_id: int | None,
-                 adds_bos: bool = False, name: str = "") -> None:
+                 adds_bos: bool = False, name: str = "", chat_template: str | None = None) -> None:
         self.backend = _no_padding_or_truncation(backend, name or "tokenizer")
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.adds_bos = bool(adds_bos)
         self.name = name
+        self.chat_template = check_template(chat_template, name or "tokenizer")
         n = self.vocab_size
         for label, value in (("bos_id", bos_id), ("eos_id", eos_id)):
             if value is not None and not (0 <= value < n):
@@ -119,6 +123,24 @@ class Tokenizer:
             raise ValueError(f"ids: {bad[:5]} outside the vocabulary [0, {n})")
         return _guarded(self.name, f"the tokenizer failed to decode {len(ids)} ids",
                         self.backend.decode, ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[Any], *, add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """The text of a conversation (``[{"role": "user", "content": "..."}, ...]``) laid out
+        by the model's chat template, ending with the assistant's header when
+        ``add_generation_prompt``; encode it with ``add_bos=False`` (a template that wants BOS
+        writes it). ValueError when the model has no template (a base model: continue plain
+        text instead) or the template fails on these messages."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.name or 'tokenizer'}: the model has no chat template "
+                             "(tokenizer.chat_template in a GGUF file, chat_template in "
+                             "tokenizer_config.json); continue plain text instead")
+        token = self.id_to_token
+        return render_chat(self.chat_template, messages,
+                           add_generation_prompt=add_generation_prompt,
+                           bos_token=token(self.bos_id) if self.bos_id is not None else None,
+                           eos_token=token(self.eos_id) if self.eos_id is not None else None,
+                           source=self.name or "tokenizer", **variables)
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False) -> list[list[int]]:
         """`encode` over many texts (parallel inside ``tokenizers``)."""
@@ -159,6 +181,8 @@ class Tokenizer:
             "add_bos_token": self.adds_bos,
             "clean_up_tokenization_spaces": False,
         }
+        if self.chat_template is not None:  # where transformers looks for it too
+            cfg["chat_template"] = self.chat_template
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(cfg, indent=2))
 
     @classmethod
@@ -168,7 +192,9 @@ class Tokenizer:
         BOS/EOS come from ``tokenizer_config.json`` (``bos_token``/``eos_token``), else from
         ``config.json`` (``bos_token_id``/``eos_token_id``). `adds_bos` is measured: whether the
         tokenizer (with its post-processor) puts BOS first when encoding with special tokens, or
-        ``add_bos_token`` in tokenizer_config.json when that is set.
+        ``add_bos_token`` in tokenizer_config.json when that is set. The chat template is
+        ``chat_template.jinja`` when present (transformers' newer layout), else
+        ``tokenizer_config.json``'s ``chat_template``.
         """
         path = Path(path)
         tok_file = path / "tokenizer.json"
@@ -217,7 +243,8 @@ class Tokenizer:
             adds_bos = flag and bos is not None
         else:
             adds_bos = puts_bos_first(backend, bos, str(tok_file))
-        return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(tok_file))
+        return cls(backend, bos_id=bos, eos_id=eos, adds_bos=adds_bos, name=str(tok_file),
+                   chat_template=_read_chat_template(path, tcfg))
 
 
 # How many characters one input character can become, at most, through one normalizer of each
@@ -301,3 +328,20 @@ def puts_bos_first(backend: tokenizers.Tokenizer, bos_id: int | None, source: st
 
 def _read_json_if_exists(path: Path) -> dict:
     return read_json_object(path) if path.is_file() else {}
+
+
+def _read_chat_template(directory: Path, tokenizer_config: dict) -> str | None:
+    """A HF directory's chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s
+    ``chat_template`` (a string or a list of named ones), else None."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        if jinja.stat().st_size > 4 * MAX_TEMPLATE_CHARS:  # before reading: an untrusted file
+            raise ValueError(f"{jinja}: chat template of {jinja.stat().st_size} bytes exceeds "
+                             f"offq's limit of {MAX_TEMPLATE_CHARS} characters")
+        try:
+            text = jinja.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja}: not UTF-8 text: {e}") from None
+        return check_template(text, str(jinja))
+    return template_from_config(tokenizer_config.get("chat_template"),
+                                str(directory / "tokenizer_config.json"))
