@@ -81,10 +81,11 @@ def generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig = Ge
     return _generate_ids(model, prompt_ids, cfg, "prompt_ids")
 
 
-def _generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig, name: str
-                  ) -> Iterator[int]:
+def _generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig, name: str,
+                  extra_stops: tuple[int | None, ...] = ()) -> Iterator[int]:
     """:func:`generate_ids`, its errors about the prompt naming ``name`` (the argument the
-    caller gave: token ids, or the text of :func:`generate`)."""
+    caller gave: token ids, or the text of :func:`generate`); with ``cfg.stop_at_eos`` it stops
+    at the model's EOS and at the ids of ``extra_stops`` too."""
     _check_arguments(model, cfg)
     ragged = ValueError(f"{name}: expected one prompt (a flat list of token ids), got nested "
                         "lists of different lengths")
@@ -105,7 +106,8 @@ def _generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig, na
     if ids.size == 0:
         raise ValueError(f"{name}: empty (a prompt needs at least one token)")
     rng = np.random.default_rng(cfg.seed)
-    eos = getattr(model.config, "eos_token_id", None)
+    stops = {t for t in (getattr(model.config, "eos_token_id", None), *extra_stops)
+             if t is not None}
     context = int(getattr(model.config, "max_position_embeddings", 1 << 62))
     if ids.size > context:
         raise ValueError(f"{name}: {ids.size} tokens exceed the model's context of "
@@ -118,7 +120,7 @@ def _generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig, na
                              "computes non-finite values (NaN/Inf weights, or activations that "
                              "overflow float32)")
         nxt = _pick(logits, cfg, rng)
-        if cfg.stop_at_eos and eos is not None and nxt == eos:
+        if cfg.stop_at_eos and nxt in stops:
             return
         yield nxt
         if i + 1 == cfg.max_new_tokens:
@@ -186,14 +188,16 @@ def chat(model: Model, tokenizer, messages: list[dict[str, str]],
 
     ``messages``: ``[{"role": "system" | "user" | "assistant", "content": "..."}, ...]``, laid
     out by the model's chat template (``Tokenizer.apply_chat_template``; the template writes any
-    BOS it wants) and followed by the assistant's header; the reply ends at the model's EOS (its
-    end-of-turn token in instruct GGUFs) or after ``cfg.max_new_tokens``. ``tokenizer`` and
-    ``on_token`` as in :func:`generate`. ValueError when the model has no chat template.
+    BOS it wants) and followed by the assistant's header; the reply ends at the model's EOS or
+    the tokenizer's (the end-of-turn token of instruct models: a Llama-3 Instruct config lists
+    several EOS ids, of which offq keeps the first, while its tokenizer's is ``<|eot_id|>``), or
+    after ``cfg.max_new_tokens``. ``tokenizer`` and ``on_token`` as in :func:`generate`.
+    ValueError when the model has no chat template.
     """
     tokenizer = _text_arguments(model, tokenizer, cfg, on_token)
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     return _stream_text(model, tokenizer, list(tokenizer.encode(text, add_bos=False)), cfg,
-                        on_token, "messages")
+                        on_token, "messages", extra_stops=(tokenizer.eos_id,))
 
 
 def _text_arguments(model: Model, tokenizer, cfg: GenerationConfig,
@@ -214,12 +218,13 @@ def _text_arguments(model: Model, tokenizer, cfg: GenerationConfig,
 
 
 def _stream_text(model: Model, tokenizer, ids: list[int], cfg: GenerationConfig,
-                 on_token: Callable[[str], None] | None, name: str) -> str:
+                 on_token: Callable[[str], None] | None, name: str,
+                 extra_stops: tuple[int | None, ...] = ()) -> str:
     """Generate after ``ids`` and return the new text, passing each complete piece to
     ``on_token``; errors about the prompt name ``name``."""
     out: list[int] = []
     shown = ""
-    for t in _generate_ids(model, ids, cfg, name):
+    for t in _generate_ids(model, ids, cfg, name, extra_stops):
         out.append(t)
         if on_token is not None:
             text = tokenizer.decode(out)

@@ -304,3 +304,24 @@ def test_quantized_checkpoint_keeps_the_template(tmp_path):
     reply = chat(model, None, [{"role": "user", "content": "w3 w4"}],
                  GenerationConfig(max_new_tokens=3, stop_at_eos=False))
     assert len(reply.split()) == 3
+
+
+def test_chat_stops_at_the_tokenizers_end_of_turn(tmp_path):
+    """A chat ends at the tokenizer's EOS even where the model's config names another (Llama-3
+    Instruct: config eos 128001 first, the turn ends with <|eot_id|>, the tokenizer's EOS)."""
+    import offq
+    from offq.generate import generate_ids
+    from offq.model import Model
+
+    src = _tiny_hf_dir(tmp_path / "hf", "{% for m in messages %}{{ m.content }}{% endfor %}")
+    model = Model.from_checkpoint(offq.load(src))
+    first = next(generate_ids(model, [3, 4], GenerationConfig(max_new_tokens=1)))
+    assert model.config.eos_token_id != first
+    tok = Tokenizer.from_hf_dir(src)
+    messages = [{"role": "user", "content": "w3 w4"}]
+    cfg = GenerationConfig(max_new_tokens=4)
+    assert len(chat(model, tok, messages, cfg).split()) == 4
+    eot = Tokenizer(tok.backend, bos_id=1, eos_id=first, chat_template=tok.chat_template)
+    assert chat(model, eot, messages, cfg) == ""
+    no_stop = GenerationConfig(max_new_tokens=4, stop_at_eos=False)
+    assert len(chat(model, eot, messages, no_stop).split()) == 4
