@@ -65,8 +65,9 @@ def template_from_config(value: Any, source: str) -> str | None:
 
 def check_messages(messages: Any, name: str = "messages") -> list[dict[str, Any]]:
     """Validate a conversation: a non-empty sequence of mappings, each with a ``role`` among
-    :data:`ROLES` and a ``content`` string -> plain dicts (copies). ValueError/TypeError name the
-    argument and the message's index."""
+    :data:`ROLES` and a ``content`` string (None for an assistant's message that carries only
+    ``tool_calls``) -> plain dicts (copies). ValueError/TypeError name the argument and the
+    message's index."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TypeError(f"{name}: expected a list of messages such as "
                         f"[{{'role': 'user', 'content': 'Hi'}}], got {type(messages).__name__}")
@@ -80,6 +81,9 @@ def check_messages(messages: Any, name: str = "messages") -> list[dict[str, Any]
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise ValueError(f"{name}[{i}]: role {role!r} is not one of {', '.join(ROLES)}")
+        if content is None and m.get("tool_calls"):  # an assistant's tool call, no text
+            out.append(dict(m))
+            continue
         if not isinstance(content, str):
             raise TypeError(f"{name}[{i}]: content: expected a str, got {type(content).__name__}")
         try:  # lone surrogates (undecodable argv bytes) reach no tokenizer

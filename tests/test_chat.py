@@ -135,6 +135,14 @@ def test_messages_are_checked(messages, error, match):
         check_messages(messages)
 
 
+def test_a_tool_call_needs_no_content():
+    call = {"role": "assistant", "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    assert check_messages([call]) == [call]
+    with pytest.raises(TypeError, match=r"messages\[0\]: content"):
+        check_messages([{"role": "assistant", "content": None}])
+
+
 def _hf_dir(tmp_path, **tokenizer_config):
     _word_backend().save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
