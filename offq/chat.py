@@ -8,9 +8,13 @@ is not what such a model was trained to answer; the rendered conversation ending
 assistant's header is.
 
 The template comes from a file, so it is untrusted: it runs in Jinja's immutable sandbox (no
-attribute access to Python internals, no mutation of the messages, ranges capped by Jinja), its
-size is capped, and every failure (a syntax error, an error the template raises itself,
-a message it cannot lay out) is a ``ValueError`` naming where the template came from. The
+attribute access to Python internals, no mutation of the messages), and offq bounds what a
+hostile one could make the process allocate: the template's size, the items of all its ``range``
+calls together and of each repetition (``"x" * n``), large integer powers and the rendered text
+(:data:`MAX_ITEMS`, :data:`MAX_OUTPUT_CHARS`). Its running time is not bounded (a template is
+code the model file brings, as in transformers). Every failure (a syntax error, an error the
+template raises itself, a message it cannot lay out, a bound) is a ``ValueError`` naming where
+the template came from. The
 environment gives templates what the Hugging Face ecosystem's templates use: ``trim_blocks`` and
 ``lstrip_blocks``, the loop-control extension, a ``tojson`` filter, ``raise_exception(msg)`` and
 ``strftime_now(fmt)``.
@@ -25,6 +29,10 @@ from typing import Any
 #: the largest template read (real ones: 0.3-20 KB; a bound keeps a hostile file from costing
 #: a compile of megabytes)
 MAX_TEMPLATE_CHARS = 1 << 20
+#: items that all ``range`` calls of one rendering, and any one repetition, may produce
+MAX_ITEMS = 1_000_000
+#: the longest rendered text (4 Mi characters: ~1M tokens, beyond every model's context)
+MAX_OUTPUT_CHARS = 4 << 20
 #: the roles a message may have (what instruct templates lay out; "tool" for tool results)
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -106,9 +114,64 @@ def render_chat(template: str, messages: Any, *, add_generation_prompt: bool = T
         raise ValueError(f"{source}: no chat template")
     try:
         import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:  # a declared dependency; only a broken environment lacks it
         raise ImportError("offq's chat prompts need jinja2: pip install 'jinja2>=3.1'") from None
+    env = _bounded_sandbox()
+    try:
+        compiled = env.from_string(template)
+        pieces, length = [], 0
+        for piece in compiled.generate(messages=messages,
+                                       add_generation_prompt=add_generation_prompt,
+                                       bos_token=bos_token or "", eos_token=eos_token or "",
+                                       **variables):
+            length += len(piece)
+            if length > MAX_OUTPUT_CHARS:
+                raise jinja2.exceptions.SecurityError(
+                    f"the rendered text exceeds {MAX_OUTPUT_CHARS} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"{source}: chat template does not parse (line {e.lineno}): "
+                         f"{e.message}") from None
+    except jinja2.exceptions.SecurityError as e:
+        raise ValueError(f"{source}: chat template refused by the sandbox: {e}") from None
+    except jinja2.exceptions.TemplateError as e:  # raise_exception(...), undefined names
+        raise ValueError(f"{source}: chat template: {e}") from None
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError,
+            OverflowError, ZeroDivisionError, MemoryError) as e:  # inside its expressions
+        raise ValueError(f"{source}: chat template failed on these messages: "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def _bounded_sandbox():
+    """Jinja's immutable sandbox with the Hugging Face templates' helpers and offq's bounds
+    (module docstring): one per rendering, since the ``range`` budget is spent as it renders."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
+
+    budget = [MAX_ITEMS]
+
+    def bounded_range(*args: int) -> range:
+        r = safe_range(*args)  # Jinja's own cap on one range
+        budget[0] -= len(r)
+        if budget[0] < 0:
+            raise SecurityError(f"the template's ranges exceed {MAX_ITEMS} items together")
+        return r
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
+                            and len(seq) * n > MAX_ITEMS):
+                        raise SecurityError(f"a repetition of {len(seq)} x {n} items exceeds "
+                                            f"{MAX_ITEMS}")
+            elif (isinstance(left, int) and isinstance(right, int) and abs(left) > 1
+                  and right > 4096):  # 10 ** 10 ** 8 would run for hours
+                raise SecurityError(f"an integer power with exponent {right}")
+            return super().call_binop(context, operator, left, right)
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -120,23 +183,9 @@ def render_chat(template: str, messages: Any, *, add_generation_prompt: bool = T
     def strftime_now(fmt: str) -> str:
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True,
+                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        compiled = env.from_string(template)
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token or "", eos_token=eos_token or "", **variables)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ValueError(f"{source}: chat template does not parse (line {e.lineno}): "
-                         f"{e.message}") from None
-    except jinja2.exceptions.SecurityError as e:
-        raise ValueError(f"{source}: chat template refused by the sandbox: {e}") from None
-    except jinja2.exceptions.TemplateError as e:  # raise_exception(...), undefined names
-        raise ValueError(f"{source}: chat template: {e}") from None
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError,
-            OverflowError, ZeroDivisionError) as e:  # errors inside the template's expressions
-        raise ValueError(f"{source}: chat template failed on these messages: "
-                         f"{type(e).__name__}: {e}") from None
+    env.globals.update(range=bounded_range, raise_exception=raise_exception,
+                       strftime_now=strftime_now)
+    return env

@@ -209,7 +209,8 @@ MUTANTS = (
             "test_a_directory_where_a_file_goes_is_refused_before_any_pass",)),
     # Python: a chat template from a file runs sandboxed, and a checkpoint keeps its template
     Mutant("CHAT-template-outside-the-sandbox", "offq/chat.py",
-           "    env = ImmutableSandboxedEnvironment(", "    env = jinja2.Environment(",
+           "    class BoundedSandbox(ImmutableSandboxedEnvironment):",
+           "    class BoundedSandbox(jinja2.Environment):",
            ("tests/test_chat.py::test_hostile_or_broken_templates_are_refused",)),
     Mutant("CHAT-template-not-saved", "offq/formats/tokenizer.py",
            '            cfg["chat_template"] = self.chat_template', "            pass",

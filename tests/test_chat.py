@@ -121,6 +121,29 @@ def test_hostile_or_broken_templates_are_refused(template, what):
     assert messages == [{"role": "user", "content": "hi"}]
 
 
+@pytest.mark.parametrize("template, what", [
+    # what a hostile template could make the process allocate or compute is bounded
+    ("{% for i in range(2000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+     "ranges exceed 1000000 items together"),
+    ("{{ range(10 ** 9) | length }}", "Range too big"),
+    ("{{ 'x' * 10 ** 12 }}", "a repetition of 1 x 1000000000000 items"),
+    ("{{ (10 ** 12) * ['x'] }}", "a repetition of 1 x 1000000000000 items"),
+    ("{{ 10 ** 100000000 }}", "an integer power with exponent 100000000"),
+    ("{% set n = messages | length %}{{ (n + 9) ** 100000000 }}", "an integer power"),
+    ("{% for i in range(100000) %}{{ 'x' * 999 }}{% endfor %}", "rendered text exceeds"),
+])
+def test_hostile_templates_are_bounded(template, what):
+    with pytest.raises(ValueError, match=what):
+        render_chat(template, [{"role": "user", "content": "hi"}], source="evil.gguf")
+
+
+def test_bounds_leave_real_templates_alone():
+    # within the bounds: a loop of 10^5 items in all, repetitions and powers of ordinary size
+    text = render_chat("{% for i in range(1000) %}{{ i % 7 }}{% endfor %}{{ '-' * 80 }}"
+                       "{{ 2 ** 10 }}{{ messages | length }}", [{"role": "user", "content": "a"}])
+    assert len(text) == 1000 + 80 + 4 + 1 and text.endswith("-10241")
+
+
 @pytest.mark.parametrize("messages, error, match", [
     ("hi", TypeError, "messages: expected a list of messages"),
     ([], ValueError, "messages: empty"),
