@@ -131,6 +131,7 @@ def test_default_model_config_and_tensors(smollm2):
     assert facts["parameters"] == 134515008 and facts["file_bytes"] == SMOLLM2.stat().st_size
     assert facts["tensor_types"] == {"Q8_0": 1, "F32": 61, "Q4_1": 210}
     assert facts["bos"] == [1, "<|im_start|>"] and facts["eos"] == [2, "<|im_end|>"]
+    assert facts["chat_template"] == "368 characters"  # the GGUF's tokenizer.chat_template
 
 
 @needs_smollm2

@@ -230,6 +230,9 @@ class Checkpoint:
             "eos": None if tok is None or tok.eos_id is None
             else [tok.eos_id, tok.id_to_token(tok.eos_id)],
             "add_bos": c.add_bos,
+            # an instruct model's template (offq generate --chat), by its size
+            "chat_template": None if tok is None or tok.chat_template is None
+            else f"{len(tok.chat_template)} characters",
         }
 
     def __enter__(self) -> "Checkpoint":
