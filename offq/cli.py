@@ -4,6 +4,7 @@
     offq eval MODEL [--dataset wikitext2] [--seqlen 2048] [--max-windows N] [--json]
     offq generate MODEL --prompt TEXT [--max-new-tokens 64] [--temperature 0] [--seed 0]
     offq generate MODEL --chat MESSAGE [--system TEXT]
+    offq generate MODEL --interactive [--system TEXT]
 
 MODEL is a registered name (``smollm2-135m``), a HF checkpoint directory, a .gguf file, or an
 offq checkpoint directory written by ``offq quantize`` (run on the real 4-bit kernels).
@@ -25,7 +26,7 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -355,20 +356,28 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
                     "runs on the real 4-bit kernels, its cache stored in 4 bits; a W4A4KV4 one "
                     "on the fused C decoder unless --mode says otherwise). --chat lays a user "
                     "message out with the model's chat template (instruct models) and prints "
-                    "the assistant's reply.",
+                    "the assistant's reply; --interactive holds a conversation: each line of "
+                    "standard input is a user message, each reply is streamed to standard "
+                    "output and ends with a line end.",
         epilog="examples:\n"
                "  offq generate runs/smollm2-offq --prompt 'The capital of France is'\n"
                "  offq generate smollm2-135m --prompt 'Once upon a time' --temperature 0.8 "
                "--top-k 40 --seed 1\n"
-               "  offq generate runs/smollm2-offq --chat 'What is the capital of France?'")
+               "  offq generate runs/smollm2-offq --chat 'What is the capital of France?'\n"
+               "  offq generate runs/smollm2-offq --interactive --system 'Answer briefly.'")
     _add_common(p, "auto")  # the fused C decoder for W4A4KV4 checkpoints: ~2x tokens/s
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="text to continue")
     text.add_argument("--chat", metavar="MESSAGE",
                       help="a user message: the model's chat template lays it out and the "
                            "assistant's reply is printed (instruct models)")
+    text.add_argument("--interactive", action="store_true",
+                      help="a conversation: each line of standard input is a user message, "
+                           "answered in turn with the earlier turns as context (the oldest "
+                           "dropped when the context is full); ends at end of input")
     p.add_argument("--system", metavar="TEXT",
-                   help="with --chat: a system message first (else the template's default)")
+                   help="with --chat or --interactive: a system message first (else the "
+                        "template's default)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
@@ -385,11 +394,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, seed=args.seed)
-    if args.system is not None and args.chat is None:
-        raise UsageError("--system: only with --chat (a plain --prompt has no roles)")
+    if args.system is not None and args.prompt is not None:
+        raise UsageError("--system: only with --chat or --interactive (a plain --prompt has no "
+                         "roles)")
     flag = "--chat" if args.chat is not None else "--prompt"
     for name, value in ((flag, args.chat if args.chat is not None else args.prompt),
                         ("--system", args.system)):
+        if name == "--prompt" and args.interactive:
+            continue
         if value is None:
             continue
         if not value and name != "--system":
@@ -402,7 +414,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, mode=args.mode, attention=args.attention)
     if tokenizer is None:
         raise ValueError(f"{args.model}: no tokenizer found (tokenizer.json) to encode the prompt")
-    if args.chat is not None:
+    if args.chat is not None or args.interactive:
         return _chat_reply(args, model, tokenizer, cfg)
     # The prompt is echoed with the first new token, after generate has checked it, so a
     # refused prompt leaves stdout empty (`offq generate ... > out.txt`).
@@ -430,18 +442,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _chat_reply(args: argparse.Namespace, model, tokenizer, cfg) -> int:
-    """``offq generate --chat``: stream the assistant's reply to one user message."""
+    """``offq generate --chat`` / ``--interactive``: stream the assistant's replies."""
     from .formats.memory import as_tokenizer
     from .generate import chat
 
     tokenizer = as_tokenizer(tokenizer)
+    flag = "--interactive" if args.interactive else "--chat"
     if tokenizer.chat_template is None:
-        raise UsageError(f"--chat: {args.model} has no chat template (a base model; a GGUF "
+        raise UsageError(f"{flag}: {args.model} has no chat template (a base model; a GGUF "
                          "without tokenizer.chat_template or a directory without chat_template; "
                          "an offq checkpoint written before offq kept templates, 2026-12-07); "
                          "use --prompt to continue text")
     messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-    messages.append({"role": "user", "content": args.chat})
     wrote = [False]
 
     def show(piece: str) -> None:
@@ -449,13 +461,50 @@ def _chat_reply(args: argparse.Namespace, model, tokenizer, cfg) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    try:
-        chat(model, tokenizer, messages, cfg, on_token=show)
-    finally:  # the reply (or an error on stderr) ends its line
-        if wrote[0]:
-            sys.stdout.write("\n")
+    def answer() -> str:
+        wrote[0] = False
+        try:
+            return chat(model, tokenizer, messages, cfg, on_token=show)
+        finally:  # the reply (or an error on stderr) ends its line
+            sys.stdout.write("\n" if wrote[0] or args.interactive else "")
             sys.stdout.flush()
+
+    if not args.interactive:
+        messages.append({"role": "user", "content": args.chat})
+        answer()
+        return 0
+    context = int(model.config.max_position_embeddings)
+    first = len(messages)  # the system message, if any, is always kept
+    for line in _input_lines(sys.stdin):
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        # the oldest exchanges leave once the conversation and one reply token overflow
+        while (len(tokenizer.encode(tokenizer.apply_chat_template(messages))) >= context
+               and len(messages) > first + 1):
+            del messages[first:first + 2]
+            log.warning("the conversation fills the model's context of %d positions: its "
+                           "oldest exchange is dropped", context)
+        messages.append({"role": "assistant", "content": answer()})
     return 0
+
+
+def _input_lines(stream) -> Iterator[str]:
+    """The lines of ``stream`` without their line ends, a prompt on standard error before each
+    when it is a terminal; UsageError for text that is not UTF-8."""
+    tty = stream.isatty()
+    while True:
+        if tty:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        try:
+            line = stream.readline()
+            line.encode("utf-8")  # undecodable bytes read as lone surrogates
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            raise UsageError("--interactive: standard input is not UTF-8 text") from None
+        if not line:
+            return
+        yield line.rstrip("\r\n")
 
 
 # ------------------------------------------------------------------------------------------------

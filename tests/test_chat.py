@@ -356,3 +356,33 @@ def test_chat_stops_at_the_tokenizers_end_of_turn(tmp_path):
     assert chat(model, eot, messages, cfg) == ""
     no_stop = GenerationConfig(max_new_tokens=4, stop_at_eos=False)
     assert len(chat(model, eot, messages, no_stop).split()) == 4
+
+
+def test_cli_interactive_conversation(default_model_installed):
+    """--interactive: one user message a line, each answered with the earlier turns as context
+    (the second question is elliptical: only the first turn says what it is about)."""
+    r = subprocess.run([sys.executable, "-m", "offq", "generate", "smollm2-135m", "--interactive",
+                        "--max-new-tokens", "24", "--quiet"],
+                       input="What is the capital of France?\n\nAnd the capital of Italy?\n",
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and "Paris" in lines[0] and "Rome" in lines[1], r.stdout
+    assert "> " not in r.stderr  # the prompt marker only on a terminal
+
+
+def test_cli_interactive_drops_the_oldest_turns_when_the_context_is_full(tmp_path):
+    """A conversation longer than the model's context (512 positions) keeps going: the oldest
+    exchanges leave, with a warning, and every message is answered."""
+    d = _tiny_hf_dir(tmp_path / "hf", "{% for m in messages %}{{ m.content }} {% endfor %}")
+    line = " ".join(f"w{3 + i % 90}" for i in range(150))
+    r = subprocess.run([sys.executable, "-m", "offq", "generate", str(d), "--interactive",
+                        "--max-new-tokens", "3", "--system", "w7"],
+                       input=(line + "\n") * 6, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 6
+    assert r.stderr.count("oldest exchange is dropped") >= 3, r.stderr
+    r = subprocess.run([sys.executable, "-m", "offq", "generate", str(d), "--interactive"],
+                       input=" ".join(["w3"] * 600) + "\n", capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2 and "exceed the model's context of 512" in r.stderr, r.stderr
