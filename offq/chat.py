@@ -14,10 +14,9 @@ calls together and of each repetition (``"x" * n``), large integer powers and th
 (:data:`MAX_ITEMS`, :data:`MAX_OUTPUT_CHARS`). Its running time is not bounded (a template is
 code the model file brings, as in transformers). Every failure (a syntax error, an error the
 template raises itself, a message it cannot lay out, a bound) is a ``ValueError`` naming where
-the template came from. The
-environment gives templates what the Hugging Face ecosystem's templates use: ``trim_blocks`` and
-``lstrip_blocks``, the loop-control extension, a ``tojson`` filter, ``raise_exception(msg)`` and
-``strftime_now(fmt)``.
+the template came from. The environment gives templates what the Hugging Face ecosystem's
+templates use: ``trim_blocks`` and ``lstrip_blocks``, the loop-control extension, a ``tojson``
+filter, ``raise_exception(msg)`` and ``strftime_now(fmt)``.
 """
 from __future__ import annotations
 
