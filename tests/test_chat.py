@@ -279,9 +279,14 @@ def test_default_model_answers_a_chat_and_stops_at_end_of_turn(smollm2_checkpoin
         chat(model, plain, CONVERSATIONS[0], cfg)
 
 
-def _offq(*args):
-    return subprocess.run([sys.executable, "-m", "offq", *args], capture_output=True, text=True,
-                          timeout=600)
+def _offq(*args, input=None):
+    """``python -m offq ARGS`` from outside the checkout: ``-m`` puts the working directory
+    first on the path, and CI's checkout holds the sources of an installed offq, unbuilt."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, "-m", "offq", *args], capture_output=True,
+                              text=True, timeout=600, input=input, cwd=cwd)
 
 
 def test_cli_chat(default_model_installed, tmp_path):
@@ -361,10 +366,8 @@ def test_chat_stops_at_the_tokenizers_end_of_turn(tmp_path):
 def test_cli_interactive_conversation(default_model_installed):
     """--interactive: one user message a line, each answered with the earlier turns as context
     (the second question is elliptical: only the first turn says what it is about)."""
-    r = subprocess.run([sys.executable, "-m", "offq", "generate", "smollm2-135m", "--interactive",
-                        "--max-new-tokens", "24", "--quiet"],
-                       input="What is the capital of France?\n\nAnd the capital of Italy?\n",
-                       capture_output=True, text=True, timeout=600)
+    r = _offq("generate", "smollm2-135m", "--interactive", "--max-new-tokens", "24", "--quiet",
+              input="What is the capital of France?\n\nAnd the capital of Italy?\n")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and "Paris" in lines[0] and "Rome" in lines[1], r.stdout
@@ -376,13 +379,10 @@ def test_cli_interactive_drops_the_oldest_turns_when_the_context_is_full(tmp_pat
     exchanges leave, with a warning, and every message is answered."""
     d = _tiny_hf_dir(tmp_path / "hf", "{% for m in messages %}{{ m.content }} {% endfor %}")
     line = " ".join(f"w{3 + i % 90}" for i in range(150))
-    r = subprocess.run([sys.executable, "-m", "offq", "generate", str(d), "--interactive",
-                        "--max-new-tokens", "3", "--system", "w7"],
-                       input=(line + "\n") * 6, capture_output=True, text=True, timeout=600)
+    r = _offq("generate", str(d), "--interactive", "--max-new-tokens", "3", "--system", "w7",
+              input=(line + "\n") * 6)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.splitlines()) == 6
     assert r.stderr.count("oldest exchange is dropped") >= 3, r.stderr
-    r = subprocess.run([sys.executable, "-m", "offq", "generate", str(d), "--interactive"],
-                       input=" ".join(["w3"] * 600) + "\n", capture_output=True, text=True,
-                       timeout=600)
+    r = _offq("generate", str(d), "--interactive", input=" ".join(["w3"] * 600) + "\n")
     assert r.returncode == 2 and "exceed the model's context of 512" in r.stderr, r.stderr
