@@ -400,9 +400,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     flag = "--chat" if args.chat is not None else "--prompt"
     for name, value in ((flag, args.chat if args.chat is not None else args.prompt),
                         ("--system", args.system)):
-        if name == "--prompt" and args.interactive:
-            continue
-        if value is None:
+        if value is None:  # --interactive (no --prompt), or no --system
             continue
         if not value and name != "--system":
             raise UsageError(f"{name}: empty (give the text to "

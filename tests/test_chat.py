@@ -386,3 +386,12 @@ def test_cli_interactive_drops_the_oldest_turns_when_the_context_is_full(tmp_pat
     assert r.stderr.count("oldest exchange is dropped") >= 3, r.stderr
     r = _offq("generate", str(d), "--interactive", input=" ".join(["w3"] * 600) + "\n")
     assert r.returncode == 2 and "exceed the model's context of 512" in r.stderr, r.stderr
+
+
+def test_an_oversized_template_file_is_refused_before_it_is_read(tmp_path):
+    d = _hf_dir(tmp_path)
+    with open(d / "chat_template.jinja", "wb") as f:  # sparse: 4 MiB + 1 of zeros on disk
+        f.truncate(4 * MAX_TEMPLATE_CHARS + 1)
+    with pytest.raises(ValueError, match=r"chat_template\.jinja: chat template of 4194305 bytes "
+                                         r"exceeds offq's limit"):
+        Tokenizer.from_hf_dir(d)

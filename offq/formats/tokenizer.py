@@ -335,9 +335,10 @@ def _read_chat_template(directory: Path, tokenizer_config: dict) -> str | None:
     ``chat_template`` (a string or a list of named ones), else None."""
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():
-        if jinja.stat().st_size > 4 * MAX_TEMPLATE_CHARS:  # before reading: an untrusted file
-            raise ValueError(f"{jinja}: chat template of {jinja.stat().st_size} bytes exceeds "
-                             f"offq's limit of {MAX_TEMPLATE_CHARS} characters")
+        size = jinja.stat().st_size
+        if size > 4 * MAX_TEMPLATE_CHARS:  # before reading: an untrusted file (UTF-8: <= 4 B/char)
+            raise ValueError(f"{jinja}: chat template of {size} bytes exceeds offq's limit of "
+                             f"{MAX_TEMPLATE_CHARS} characters")
         try:
             text = jinja.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
