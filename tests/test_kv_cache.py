@@ -31,6 +31,41 @@ def test_appends_in_pieces_equal_one_round_trip(codec):
                       PackedKVStore if isinstance(codec, PackedKVCodec) else FloatKVStore)
 
 
+@pytest.mark.parametrize("codec", [None, PackedKVCodec(4, 64, False),
+                                   FakeQuantKVCodec(lambda x, kind: np.round(x, 1))])
+def test_truncated_cache_equals_one_filled_with_the_prefix(codec):
+    """Cut back to a prefix and continued, a cache holds what one filled with those tokens
+    holds; at 0 it starts afresh and may take another codec; lengths outside it are refused."""
+    rng = np.random.default_rng(1)
+    a, b, c = kv(rng, 40), kv(rng, 300), kv(rng, 7)
+    cache = LayerKVCache()
+    cache.append(a, -a, codec)
+    cache.append(b, -b, codec)  # grows past the first capacity
+    cache.truncate(43)
+    assert cache.length == 43
+    k, v = cache.append(c, -c, codec)
+    ref = LayerKVCache()
+    ref.append(np.concatenate([a, b[:, :, :3], c], axis=2),
+               -np.concatenate([a, b[:, :, :3], c], axis=2), codec)
+    k_ref, v_ref = ref.store.read()
+    np.testing.assert_array_equal(k, k_ref)
+    np.testing.assert_array_equal(v, v_ref)
+    assert cache.nbytes == ref.nbytes
+    for bad, err in ((51, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(err, match="length"):
+            cache.truncate(bad)
+    cache.truncate(0)
+    assert cache.length == 0 and cache.store is None
+    other = PackedKVCodec(4, 32, True)
+    k, _ = cache.append(c, c, other)
+    np.testing.assert_array_equal(k, other.decode(other.encode(c, kind="k"), kind="k"))
+    whole = KVCache(3)
+    for layer in whole.layers:
+        layer.append(a, a, codec)
+    whole.truncate(5)
+    assert whole.length == 5 and all(layer.store.length == 5 for layer in whole.layers)
+
+
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_packed_store_is_compact_and_reads_large_caches(nthreads):
     from offq.kernels import threads

@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 __all__ = ["KVCodec", "KVStore", "FakeQuantKVCodec", "FloatKVStore", "LayerKVCache", "KVCache",
-           "grow_token_major"]
+           "grow_token_major", "checked_truncation"]
 
 
 @runtime_checkable
@@ -61,6 +61,11 @@ class KVStore(Protocol):
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """All cached keys and values, float32 ``[batch, kv_heads, length, head_dim]`` each
         (possibly strided views, valid until the next append)."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` cached tokens only (a conversation that continues from an
+        earlier point; the tokens kept are exactly as stored)."""
         ...
 
     @property
@@ -125,6 +130,10 @@ class FloatKVStore:
         new[:, 1] = v.transpose(2, 0, 1, 3)
         self.length += t
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens (the buffer is a token-major prefix)."""
+        self.length = checked_truncation(length, self.length)
+
     def read(self) -> tuple[np.ndarray, np.ndarray]:
         """Views ``[B, Hkv, length, hd]`` of the cached keys and values."""
         kv = self._buf[:self.length]
@@ -164,6 +173,16 @@ class LayerKVCache:
         self.length += k.shape[2]
         return self.store.read()
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions; at 0 the layer starts afresh (its codec may
+        be set again by the next append)."""
+        length = checked_truncation(length, self.length)
+        if length == 0:
+            self.codec, self.store = None, None
+        elif length < self.length:
+            self.store.truncate(length)
+        self.length = length
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the store."""
@@ -181,6 +200,15 @@ class KVCache:
         """Positions cached so far."""
         return self.layers[0].length if self.layers else 0
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions of every layer (``0 <= length <= self.length``):
+        the next forward continues from there. Per-token codecs make the kept positions
+        independent of what followed them, so this equals a cache filled with those positions
+        only."""
+        length = checked_truncation(length, self.length)
+        for layer in self.layers:
+            layer.truncate(length)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by every layer's cache."""
@@ -191,3 +219,13 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+def checked_truncation(length: object, cached: int) -> int:
+    """``length`` as an int when a cache of ``cached`` positions can be cut to it, else
+    ValueError / TypeError naming ``length``."""
+    if not isinstance(length, (int, np.integer)) or isinstance(length, bool):
+        raise TypeError(f"length: expected an integer, got {type(length).__name__}")
+    if not 0 <= length <= cached:
+        raise ValueError(f"length: {length} outside 0..{cached} (the positions cached)")
+    return int(length)

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..kernels.decoder import decoder_forward, decoder_plan, decoder_scratch_bytes
 from ..model.decoder import NONFINITE_KERNEL_INPUT
+from ..model.kv_cache import checked_truncation
 from ..model.ops import rope_cos_sin
 from .kv_codec import PackedKVCodec
 from .linears import PackedWeightLinear, W4A4Linear
@@ -125,6 +126,10 @@ class FusedKVCache:
         for dst, src in zip(new, (self.codes, self.scale, self.zero)):
             dst[:, :n] = src[:, :n]
         self.codes, self.scale, self.zero = new
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (the next run continues from there)."""
+        self.length = checked_truncation(length, self.length)
 
     @property
     def nbytes(self) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..kernels.decoder_wq import (WQ_STEP_MAX_ROWS, decoder_wq_forward, decoder_wq_plan,
                                   decoder_wq_scratch_bytes)
+from ..model.kv_cache import checked_truncation
 from ..model.ops import rope_cos_sin
 from .linears import PackedWeightLinear
 
@@ -62,6 +63,10 @@ class FloatStepCache:
         kv = self._alloc(max(positions, 2 * self.capacity))
         kv[:, :self.length] = self.kv[:, :self.length]
         self.kv = kv
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (the next run continues from there)."""
+        self.length = checked_truncation(length, self.length)
 
     @property
     def nbytes(self) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..config import OFF, QuantConfig
 from ..kernels import QTensor, dequantize, quantize
-from ..model.kv_cache import FakeQuantKVCodec, grow_token_major
+from ..model.kv_cache import FakeQuantKVCodec, checked_truncation, grow_token_major
 from ..model.parallel import num_threads
 
 __all__ = ["PackedKVCodec", "PackedKVStore", "kv_codec"]
@@ -96,6 +96,10 @@ class PackedKVStore:
                 e = min(n, s + step)
                 kv[s:e] = dequantize(self._tokens(s, e))
         return kv[:, 0].transpose(1, 2, 0, 3), kv[:, 1].transpose(1, 2, 0, 3)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens (the buffers are token-major prefixes)."""
+        self.length = checked_truncation(length, self.length)
 
     def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Views of the cached tokens' codes ``[length, 2, B, Hkv, ceil(hd/2)]``, scales and
