@@ -440,9 +440,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _chat_reply(args: argparse.Namespace, model, tokenizer, cfg) -> int:
-    """``offq generate --chat`` / ``--interactive``: stream the assistant's replies."""
+    """``offq generate --chat`` / ``--interactive``: stream the assistant's replies (one
+    :class:`offq.generate.Conversation`, whose cache keeps the earlier turns)."""
     from .formats.memory import as_tokenizer
-    from .generate import chat
+    from .generate import Conversation
 
     tokenizer = as_tokenizer(tokenizer)
     flag = "--interactive" if args.interactive else "--chat"
@@ -451,7 +452,7 @@ def _chat_reply(args: argparse.Namespace, model, tokenizer, cfg) -> int:
                          "without tokenizer.chat_template or a directory without chat_template; "
                          "an offq checkpoint written before offq kept templates, 2026-12-07); "
                          "use --prompt to continue text")
-    messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+    talk = Conversation(model, tokenizer, system=args.system, cfg=cfg)
     wrote = [False]
 
     def show(piece: str) -> None:
@@ -459,31 +460,22 @@ def _chat_reply(args: argparse.Namespace, model, tokenizer, cfg) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    def answer() -> str:
+    def answer(message: str) -> None:
         wrote[0] = False
         try:
-            return chat(model, tokenizer, messages, cfg, on_token=show)
+            talk.say(message, on_token=show)
         finally:  # the reply (or an error on stderr) ends its line
             sys.stdout.write("\n" if wrote[0] or args.interactive else "")
             sys.stdout.flush()
+        log.debug("turn: %d prompt tokens already cached, %d prefilled", talk.last_reused,
+                  talk.last_prefilled)
 
     if not args.interactive:
-        messages.append({"role": "user", "content": args.chat})
-        answer()
+        answer(args.chat)
         return 0
-    context = int(model.config.max_position_embeddings)
-    first = len(messages)  # the system message, if any, is always kept
     for line in _input_lines(sys.stdin):
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        # the oldest exchanges leave once the conversation and one reply token overflow
-        while (len(tokenizer.encode(tokenizer.apply_chat_template(messages))) >= context
-               and len(messages) > first + 1):
-            del messages[first:first + 2]
-            log.warning("the conversation fills the model's context of %d positions: its "
-                           "oldest exchange is dropped", context)
-        messages.append({"role": "assistant", "content": answer()})
+        if line.strip():
+            answer(line)
     return 0
 
 

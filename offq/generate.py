@@ -4,6 +4,8 @@ The prompt is prefilled in one forward pass (through the C step on the fused dec
 token at a time is decoded against the cache (whatever ``kv_codec`` the layers use, so a KV4
 model generates from its 4-bit cache). :func:`chat` answers a conversation with an instruct
 model: the messages laid out by the model's chat template (offq/chat.py), then the reply.
+:class:`Conversation` holds a chat across turns and keeps its KV cache between them, so that a
+turn prefills only the tokens after what the cache already holds.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .model.decoder import Model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GenerationConfig", "generate_ids", "generate", "chat"]
+__all__ = ["GenerationConfig", "generate_ids", "generate", "chat", "Conversation"]
 
 
 @dataclass(frozen=True)
@@ -105,18 +107,36 @@ def _generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig, na
     ids = as_token_ids(ids, name)
     if ids.size == 0:
         raise ValueError(f"{name}: empty (a prompt needs at least one token)")
-    rng = np.random.default_rng(cfg.seed)
-    stops = {t for t in (getattr(model.config, "eos_token_id", None), *extra_stops)
-             if t is not None}
-    context = int(getattr(model.config, "max_position_embeddings", 1 << 62))
+    context = _context(model)
     if ids.size > context:
         raise ValueError(f"{name}: {ids.size} tokens exceed the model's context of "
                          f"{context} positions")
     cache = model.new_cache()
     logits = _prompt_logits(model, ids, cache)
+    yield from _decode(model, cache, logits, cfg, _stops(model, extra_stops))
+
+
+def _context(model: Model) -> int:
+    """Positions the model can attend over (its ``max_position_embeddings``)."""
+    return int(getattr(model.config, "max_position_embeddings", 1 << 62))
+
+
+def _stops(model: Model, extra_stops: tuple[int | None, ...]) -> set[int]:
+    """The ids that end a generation: the model's EOS and ``extra_stops``."""
+    return {t for t in (getattr(model.config, "eos_token_id", None), *extra_stops)
+            if t is not None}
+
+
+def _decode(model: Model, cache, logits: np.ndarray, cfg: GenerationConfig, stops: set[int],
+            fed: list[int] | None = None) -> Iterator[int]:
+    """Pick tokens from ``logits`` (the last cached position's) on, each fed back through
+    ``cache``; every token fed is appended to ``fed`` as well, so that a caller knows what the
+    cache holds (a stop token and the last token are not fed)."""
+    rng = np.random.default_rng(cfg.seed)
+    context = _context(model)
     for i in range(cfg.max_new_tokens):
         if not np.all(np.isfinite(logits)):  # argmax would pick token 0 again and again
-            raise ValueError(f"logits: NaN or Inf at position {ids.size + i - 1}: the model "
+            raise ValueError(f"logits: NaN or Inf at position {cache.length - 1}: the model "
                              "computes non-finite values (NaN/Inf weights, or activations that "
                              "overflow float32)")
         nxt = _pick(logits, cfg, rng)
@@ -125,12 +145,14 @@ def _generate_ids(model: Model, prompt_ids: list[int], cfg: GenerationConfig, na
         yield nxt
         if i + 1 == cfg.max_new_tokens:
             return
-        if ids.size + i >= context:  # token i would sit at position P + i, past the last
+        if cache.length >= context:  # the token would sit past the last position
             logger.warning("generation stopped after %d tokens: the model's context of %d "
                            "positions is full", i + 1, context)
             return
         logits = model.forward(np.asarray([[nxt]], dtype=np.int64), cache=cache,
                                last_only=True)[0, -1]
+        if fed is not None:
+            fed.append(nxt)
 
 
 def _prompt_logits(model: Model, ids: np.ndarray, cache) -> np.ndarray:
@@ -200,6 +222,110 @@ def chat(model: Model, tokenizer, messages: list[dict[str, str]],
                         on_token, "messages", extra_stops=(tokenizer.eos_id,))
 
 
+class Conversation:
+    """A chat with an instruct model held across turns, its KV cache kept between them.
+
+    Each :meth:`say` lays out the whole conversation with the chat template, as :func:`chat`
+    does, but prefills only the tokens after the longest prefix the cache already holds (the
+    earlier turns, and the last reply as it was generated); the cache is cut back to that prefix
+    first. The reply is what :func:`chat` gives on the same messages, up to float rounding of
+    a prompt that is prefilled in two pieces instead of one (greedy replies may then differ
+    where two tokens' logits tie to ~1e-5). When the conversation and its next reply no longer
+    fit the model's context, the oldest exchanges (a user message and its reply) are dropped,
+    with a warning; the system message stays.
+
+    Example::
+
+        model, tokenizer, _ = offq.load_quantized("runs/offq")
+        talk = Conversation(model, system="Answer briefly.")
+        print(talk.say("What is the capital of France?"))
+        print(talk.say("And of Italy?"))          # prefills this turn's tokens only
+
+    Attributes:
+        messages: the conversation so far (system, then user and assistant turns); read it,
+            :meth:`reset` clears it.
+        last_reused: tokens of the last turn's prompt that the cache already held.
+        last_prefilled: tokens the last turn prefilled.
+    """
+
+    def __init__(self, model: Model, tokenizer=None, *, system: str | None = None,
+                 cfg: GenerationConfig = GenerationConfig()) -> None:
+        self._tokenizer = _text_arguments(model, tokenizer, cfg, None)
+        self._model, self.cfg = model, cfg
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system: expected a str or None, got {type(system).__name__}")
+        self._system = system
+        self.reset()
+        # a model without a template is refused now, not at the first turn
+        self._tokenizer.apply_chat_template(self.messages + [{"role": "user", "content": ""}])
+
+    def reset(self) -> None:
+        """Forget every turn (the system message stays) and the cache."""
+        self.messages: list[dict[str, str]] = (
+            [] if self._system is None else [{"role": "system", "content": self._system}])
+        self._cache = None
+        self._cached: list[int] = []  # the token ids whose K/V the cache holds, in order
+        self.last_reused = self.last_prefilled = 0
+
+    def say(self, content: str, *, on_token: Callable[[str], None] | None = None) -> str:
+        """The assistant's reply to the user message ``content``, which both join
+        :attr:`messages`; ``on_token`` as in :func:`generate`. When this fails (an error, an
+        interrupt) the conversation is left as it was before the call."""
+        if not isinstance(content, str):
+            raise TypeError(f"content: expected a str, got {type(content).__name__}")
+        if on_token is not None and not callable(on_token):
+            raise TypeError(f"on_token: expected a callable taking each new piece of text, got "
+                            f"{type(on_token).__name__}")
+        messages, ids = self._fitted(self.messages + [{"role": "user", "content": content}])
+        cache, self._cache = self._cache, None  # unusable until this turn has finished
+        keep = _common_prefix(self._cached, ids) if cache is not None else 0
+        keep = min(keep, len(ids) - 1)  # the last prompt token gives the first logits
+        if keep == 0:
+            cache = self._model.new_cache()
+        else:
+            cache.truncate(keep)
+        logits = _prompt_logits(self._model, np.asarray(ids[keep:], dtype=np.int64), cache)
+        fed = list(ids)
+        tokens = _decode(self._model, cache, logits, self.cfg,
+                         _stops(self._model, (self._tokenizer.eos_id,)), fed)
+        reply = _stream_tokens(self._tokenizer, tokens, on_token)
+        self.messages = messages + [{"role": "assistant", "content": reply}]
+        self._cache, self._cached = cache, fed
+        self.last_reused, self.last_prefilled = keep, len(ids) - keep
+        return reply
+
+    def _fitted(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[int]]:
+        """``messages`` without their oldest exchanges as far as needed for the prompt and one
+        reply token to fit the context, and the prompt's token ids; ValueError when the system
+        message and the new one alone do not fit."""
+        context = _context(self._model)
+        first = 1 if self._system is not None else 0
+        while True:
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = list(self._tokenizer.encode(text, add_bos=False))
+            if len(ids) < context or len(messages) <= first + 1:
+                break
+            messages = messages[:first] + messages[first + 2:]
+            logger.warning("the conversation fills the model's context of %d positions: its "
+                           "oldest exchange is dropped", context)
+        if not ids:
+            raise ValueError("messages: the chat template renders them as no tokens")
+        if len(ids) > context:
+            raise ValueError(f"content: the prompt's {len(ids)} tokens exceed the model's "
+                             f"context of {context} positions")
+        return messages, ids
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _text_arguments(model: Model, tokenizer, cfg: GenerationConfig,
                     on_token: Callable[[str], None] | None):
     """Check what :func:`generate` and :func:`chat` share -> the tokenizer as offq's own."""
@@ -222,9 +348,15 @@ def _stream_text(model: Model, tokenizer, ids: list[int], cfg: GenerationConfig,
                  extra_stops: tuple[int | None, ...] = ()) -> str:
     """Generate after ``ids`` and return the new text, passing each complete piece to
     ``on_token``; errors about the prompt name ``name``."""
+    return _stream_tokens(tokenizer, _generate_ids(model, ids, cfg, name, extra_stops), on_token)
+
+
+def _stream_tokens(tokenizer, tokens: Iterator[int],
+                   on_token: Callable[[str], None] | None) -> str:
+    """The text of ``tokens``, each complete piece passed to ``on_token`` as it comes."""
     out: list[int] = []
     shown = ""
-    for t in _generate_ids(model, ids, cfg, name, extra_stops):
+    for t in tokens:
         out.append(t)
         if on_token is not None:
             text = tokenizer.decode(out)
