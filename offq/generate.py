@@ -255,9 +255,8 @@ class Conversation:
         if system is not None and not isinstance(system, str):
             raise TypeError(f"system: expected a str or None, got {type(system).__name__}")
         self._system = system
+        self._tokenizer.require_chat_template()  # now, not at the first turn
         self.reset()
-        # a model without a template is refused now, not at the first turn
-        self._tokenizer.apply_chat_template(self.messages + [{"role": "user", "content": ""}])
 
     def reset(self) -> None:
         """Forget every turn (the system message stays) and the cache."""

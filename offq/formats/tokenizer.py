@@ -124,6 +124,13 @@ class Tokenizer:
         return _guarded(self.name, f"the tokenizer failed to decode {len(ids)} ids",
                         self.backend.decode, ids, skip_special_tokens=skip_special_tokens)
 
+    def require_chat_template(self) -> None:
+        """ValueError, saying what to do instead, when the model has no chat template."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.name or 'tokenizer'}: the model has no chat template "
+                             "(tokenizer.chat_template in a GGUF file, chat_template in "
+                             "tokenizer_config.json); continue plain text instead")
+
     def apply_chat_template(self, messages: Sequence[Any], *, add_generation_prompt: bool = True,
                             **variables: Any) -> str:
         """The text of a conversation (``[{"role": "user", "content": "..."}, ...]``) laid out
@@ -131,10 +138,7 @@ class Tokenizer:
         ``add_generation_prompt``; encode it with ``add_bos=False`` (a template that wants BOS
         writes it). ValueError when the model has no template (a base model: continue plain
         text instead) or the template fails on these messages."""
-        if self.chat_template is None:
-            raise ValueError(f"{self.name or 'tokenizer'}: the model has no chat template "
-                             "(tokenizer.chat_template in a GGUF file, chat_template in "
-                             "tokenizer_config.json); continue plain text instead")
+        self.require_chat_template()
         token = self.id_to_token
         return render_chat(self.chat_template, messages,
                            add_generation_prompt=add_generation_prompt,
