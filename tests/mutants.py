@@ -215,6 +215,12 @@ MUTANTS = (
     Mutant("CHAT-template-not-saved", "offq/formats/tokenizer.py",
            '            cfg["chat_template"] = self.chat_template', "            pass",
            ("tests/test_chat.py::test_quantized_checkpoint_keeps_the_template",)),
+    Mutant("CONVERSATION-cache-not-cut-back", "offq/generate.py",
+           "            cache.truncate(keep)", "            pass",
+           ("tests/test_conversation.py::test_turns_reuse_the_cache_and_answer_as_chat",)),
+    Mutant("KV-truncate-keeps-everything", "offq/model/kv_cache.py",
+           "    return int(length)\n", "    return int(cached)\n",
+           ("tests/test_kv_cache.py::test_truncated_cache_equals_one_filled_with_the_prefix",)),
 )
 
 
