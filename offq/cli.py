@@ -374,7 +374,8 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     text.add_argument("--interactive", action="store_true",
                       help="a conversation: each line of standard input is a user message, "
                            "answered in turn with the earlier turns as context (the oldest "
-                           "dropped when the context is full); ends at end of input")
+                           "dropped when the context is full); Ctrl-C stops a reply and leaves "
+                           "that turn out; ends at end of input")
     p.add_argument("--system", metavar="TEXT",
                    help="with --chat or --interactive: a system message first (else the "
                         "template's default)")
@@ -474,8 +475,13 @@ def _chat_reply(args: argparse.Namespace, model, tokenizer, cfg) -> int:
         answer(args.chat)
         return 0
     for line in _input_lines(sys.stdin):
-        if line.strip():
+        if not line.strip():
+            continue
+        try:
             answer(line)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the conversation
+            log.warning("reply interrupted: this turn is left out of the conversation (Ctrl-C "
+                        "at the prompt, or end of input, ends it)")
     return 0
 
 

@@ -395,3 +395,37 @@ def test_an_oversized_template_file_is_refused_before_it_is_read(tmp_path):
     with pytest.raises(ValueError, match=r"chat_template\.jinja: chat template of 4194305 bytes "
                                          r"exceeds offq's limit"):
         Tokenizer.from_hf_dir(d)
+
+
+def test_cli_interactive_ctrl_c_stops_a_reply_not_the_conversation(default_model_installed):
+    """Ctrl-C (SIGINT) while a reply streams ends that reply, with a warning; the next message
+    is answered without the interrupted turn, and end of input ends the command cleanly."""
+    import os
+    import select
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryFile() as errors:
+        p = subprocess.Popen([sys.executable, "-m", "offq", "generate", "smollm2-135m",
+                              "--interactive", "--max-new-tokens", "400", "--quiet"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                             cwd=cwd)
+        try:
+            p.stdin.write(b"Write a long story about a dragon who learns to paint.\n")
+            p.stdin.flush()
+            # wait for the reply to start streaming, then interrupt it
+            ready, _, _ = select.select([p.stdout], [], [], 300)
+            assert ready, "no reply within 300 s"
+            first = os.read(p.stdout.fileno(), 1)
+            p.send_signal(signal.SIGINT)
+            p.stdin.write(b"What is the capital of France?\n")
+            p.stdin.close()
+            out = (first + p.stdout.read()).decode()
+            p.wait(timeout=300)
+        finally:
+            p.kill()
+        errors.seek(0)
+        err = errors.read().decode()
+    assert p.returncode == 0, err
+    assert err.count("reply interrupted") == 1, err
+    assert "Paris" in out.splitlines()[-1], out
