@@ -74,9 +74,11 @@ def quantize(model: Any, config: Any = None, calibration: Any = None, *,
     Args:
         model: a ``Checkpoint`` (:func:`load`), or a name / path (opened and closed here).
         config: an ``offq.QuantConfig``.
-        calibration: token ids ``[samples, seqlen]``; or a corpus (a name such as
-            ``"wiki-vital"``, a ``.txt``/``.jsonl`` path, or a list of strings) to draw
-            ``config.calib_samples x config.calib_seqlen`` tokens from (seed ``config.seed``);
+        calibration: token ids ``[samples, seqlen]``; or a corpus (``"wiki-vital"``;
+            ``"wiki-vital-chat"``, the same summaries as exchanges in the model's chat
+            template, for instruct models; a ``.txt``/``.jsonl`` path, or a list of strings)
+            to draw ``config.calib_samples x config.calib_seqlen`` tokens from (seed
+            ``config.seed``);
             None draws them from the default corpus when the method needs calibration.
         out_dir: write the offq checkpoint there as layers finish (resumable); None keeps the
             result in memory (:func:`save` writes it later).

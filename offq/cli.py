@@ -147,8 +147,10 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out (same model, config, calibration)")
     p.add_argument("--calib-source", default=None,
-                   help="calibration corpus (default: offq.data's default corpus; never the eval "
-                        "text)")
+                   help="calibration corpus: wiki-vital (the default: Wikipedia summaries), "
+                        "wiki-vital-chat (the same as exchanges in the model's chat template, "
+                        "for instruct models), or a .txt/.jsonl file or a directory of them; "
+                        "never the eval text")
     p.add_argument("--batch-size", type=int, default=4,
                    help="calibration sequences per layer forward (memory vs speed)")
     p.add_argument("--eval-windows", type=int, default=0, metavar="N",

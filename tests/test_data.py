@@ -206,3 +206,43 @@ def test_calibration_stream_is_the_shuffled_documents_joined_by_blank_lines(tok)
     n = len(stream) // seqlen
     got = data.sample_calibration(tok, docs, n=n, seqlen=seqlen, seed=5)
     np.testing.assert_array_equal(got.reshape(-1), stream[:n * seqlen])
+
+
+@needs_wiki_vital
+def test_chat_corpus_is_the_summaries_as_exchanges_in_the_models_template(tok):
+    """wiki-vital-chat: each article as "Tell me about {title}." and its summary, laid out by
+    the model's own template, shuffled and joined as the plain corpus is; reproducible; refused
+    for a model without a template (and by load_documents, which has no tokenizer)."""
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    chat_tok = Tokenizer(tok.backend, bos_id=1, eos_id=2, chat_template=template, name="tiny")
+    articles = data.load_wiki_vital_articles()
+    assert [text for _, text in articles] == data.load_wiki_vital()
+    title, summary = articles[0]
+    assert data.chat_exchange(chat_tok, title, summary) == \
+        f"<user>Tell me about {title}.</s><assistant>{summary}</s>"
+    got = data.sample_calibration(chat_tok, "wiki-vital-chat", n=3, seqlen=64, seed=4)
+    order = np.random.default_rng(4).permutation(len(articles))
+    stream: list[int] = []
+    for i in order[:3]:
+        stream += (tok.encode("\n\n") if stream else []) + \
+            tok.encode(data.chat_exchange(chat_tok, *articles[i]))
+    np.testing.assert_array_equal(got.reshape(-1), stream[:3 * 64])
+    assert np.array_equal(got, data.sample_calibration(chat_tok, "wiki-vital-chat", n=3,
+                                                       seqlen=64, seed=4))
+    with pytest.raises(ValueError, match="'wiki-vital-chat': the model has no chat template"):
+        data.sample_calibration(tok, "wiki-vital-chat", n=1, seqlen=8)
+    with pytest.raises(ValueError, match="sample_calibration"):
+        data.load_documents("wiki-vital-chat")
+
+
+@needs_wiki_vital
+def test_chat_corpus_holds_the_default_models_role_markers(smollm2_checkpoint):
+    """On SmolLM2-135M-Instruct the windows carry its special tokens as single ids: a role
+    marker and an end-of-turn token per exchange."""
+    tok = smollm2_checkpoint.tokenizer
+    rows = data.sample_calibration(tok, "wiki-vital-chat", n=4, seqlen=256, seed=0)
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    assert (rows == start).sum() >= 12 and (rows == end).sum() >= 10
+    text = tok.decode(list(rows[0]))
+    assert "<|im_start|>user\nTell me about " in text and "<|im_start|>assistant\n" in text
