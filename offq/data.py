@@ -232,10 +232,14 @@ def load_wiki_vital_articles() -> list[tuple[str, str]]:
 def chat_exchange(tokenizer: Tokenizer, title: str, summary: str) -> str:
     """One article of the ``wiki-vital-chat`` corpus: the user asks about ``title`` and the
     assistant answers with ``summary``, laid out by the model's chat template (with any system
-    message the template adds by default) and ending with its end-of-turn marker."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {title}."},
+    message the template adds by default) and ending with its end-of-turn marker. A BOS that
+    the template writes first is left out: the exchanges are joined into one stream, where BOS
+    belongs only at a window's start (``add_bos``), as in a chat prompt."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {title}."},
                                           {"role": "assistant", "content": summary}],
                                          add_generation_prompt=False)
+    bos = None if tokenizer.bos_id is None else tokenizer.id_to_token(tokenizer.bos_id)
+    return text[len(bos):] if bos and text.startswith(bos) else text
 
 
 def _read_jsonl(path: Path) -> list[str]:

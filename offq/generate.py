@@ -230,9 +230,11 @@ class Conversation:
     earlier turns, and the last reply as it was generated); the cache is cut back to that prefix
     first. The reply is what :func:`chat` gives on the same messages, up to float rounding of
     a prompt that is prefilled in two pieces instead of one (greedy replies may then differ
-    where two tokens' logits tie to ~1e-5). When the conversation and its next reply no longer
-    fit the model's context, the oldest exchanges (a user message and its reply) are dropped,
-    with a warning; the system message stays.
+    where two tokens' logits tie to ~1e-5). When the conversation and the next reply's budget
+    (``cfg.max_new_tokens``, at most half the context) no longer fit the model's context, the
+    oldest exchanges (a user message and its reply) are dropped, with a warning; the system
+    message stays. A turn that fails (an error, an interrupt) leaves :attr:`messages` as they
+    were and the cache holding the part of its prompt it shared with the turns before.
 
     Example::
 
@@ -269,40 +271,45 @@ class Conversation:
     def say(self, content: str, *, on_token: Callable[[str], None] | None = None) -> str:
         """The assistant's reply to the user message ``content``, which both join
         :attr:`messages`; ``on_token`` as in :func:`generate`. When this fails (an error, an
-        interrupt) the conversation is left as it was before the call."""
+        interrupt) :attr:`messages` are left as they were before the call."""
         if not isinstance(content, str):
             raise TypeError(f"content: expected a str, got {type(content).__name__}")
         if on_token is not None and not callable(on_token):
             raise TypeError(f"on_token: expected a callable taking each new piece of text, got "
                             f"{type(on_token).__name__}")
         messages, ids = self._fitted(self.messages + [{"role": "user", "content": content}])
-        cache, self._cache = self._cache, None  # unusable until this turn has finished
+        cache = self._cache
         keep = _common_prefix(self._cached, ids) if cache is not None else 0
         keep = min(keep, len(ids) - 1)  # the last prompt token gives the first logits
         if keep == 0:
             cache = self._model.new_cache()
         else:
             cache.truncate(keep)
+        # Whatever fails from here on, every layer's first `keep` positions stay as they are
+        # (a forward only writes after them), so a failed turn leaves a cache of that prefix.
+        self._cache, self._cached = cache, ids[:keep]
         logits = _prompt_logits(self._model, np.asarray(ids[keep:], dtype=np.int64), cache)
         fed = list(ids)
         tokens = _decode(self._model, cache, logits, self.cfg,
                          _stops(self._model, (self._tokenizer.eos_id,)), fed)
         reply = _stream_tokens(self._tokenizer, tokens, on_token)
         self.messages = messages + [{"role": "assistant", "content": reply}]
-        self._cache, self._cached = cache, fed
+        self._cached = fed
         self.last_reused, self.last_prefilled = keep, len(ids) - keep
         return reply
 
     def _fitted(self, messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[int]]:
-        """``messages`` without their oldest exchanges as far as needed for the prompt and one
-        reply token to fit the context, and the prompt's token ids; ValueError when the system
-        message and the new one alone do not fit."""
+        """``messages`` without their oldest exchanges as far as needed for the prompt and the
+        reply's budget (``cfg.max_new_tokens``, at most half the context) to fit the context,
+        and the prompt's token ids; ValueError when the system message and the new one alone
+        do not fit (with room for less of a reply, the reply stops early, with a warning)."""
         context = _context(self._model)
+        room = min(max(1, self.cfg.max_new_tokens), max(1, context // 2))
         first = 1 if self._system is not None else 0
         while True:
             text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             ids = list(self._tokenizer.encode(text, add_bos=False))
-            if len(ids) < context or len(messages) <= first + 1:
+            if len(ids) + room <= context or len(messages) <= first + 1:
                 break
             messages = messages[:first] + messages[first + 2:]
             logger.warning("the conversation fills the model's context of %d positions: its "

@@ -92,9 +92,35 @@ def test_a_failed_turn_leaves_the_conversation_as_it_was(model):
     with pytest.raises(KeyboardInterrupt):
         talk.say(QUESTIONS[1], on_token=interrupted)
     assert talk.messages == before
-    # the cache was left half-written: the next turn starts from an empty one
+    # the cache keeps what the interrupted turn shared with the first (its later positions,
+    # half-written, are cut off): the retried turn reuses that prefix and answers as chat does
+    first = len(tok.encode(tok.apply_chat_template(talk.messages[:1])))
     assert talk.say(QUESTIONS[1]) == chat(model, tok, talk.messages[:-1], cfg)
-    assert talk.last_reused == 0
+    assert talk.last_reused == first  # REWRITES: up to the first reply as rendered
+
+    def failing(piece):
+        raise ValueError("on_token failed")
+
+    with pytest.raises(ValueError, match="on_token failed"):
+        talk.say(QUESTIONS[2], on_token=failing)
+    assert talk.say(QUESTIONS[2]) == chat(model, tok, talk.messages[:-1], cfg)
+    if model.fused_runner is None:  # a prefill that fails half way through the layers
+        calls = []
+        layer_forward = model.layer_forward
+
+        def second_layer_fails(layer, h, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return layer_forward(layer, h, **kwargs)
+
+        model.layer_forward = second_layer_fails
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                talk.say(QUESTIONS[0])
+        finally:
+            del model.layer_forward
+        assert talk.say(QUESTIONS[0]) == chat(model, tok, talk.messages[:-1], cfg)
 
 
 def test_the_oldest_exchanges_leave_when_the_context_is_full(model, caplog):

@@ -230,6 +230,14 @@ def test_chat_corpus_is_the_summaries_as_exchanges_in_the_models_template(tok):
     np.testing.assert_array_equal(got.reshape(-1), stream[:3 * 64])
     assert np.array_equal(got, data.sample_calibration(chat_tok, "wiki-vital-chat", n=3,
                                                        seqlen=64, seed=4))
+    # a template that writes BOS first (Llama, Mistral): one BOS a window, at its start
+    bos_first = Tokenizer(tok.backend, bos_id=1, eos_id=2, chat_template="{{ bos_token }}" + template,
+                          name="tiny")
+    assert data.chat_exchange(bos_first, title, summary) == data.chat_exchange(chat_tok, title,
+                                                                                 summary)
+    rows = data.sample_calibration(bos_first, "wiki-vital-chat", n=3, seqlen=64, seed=4,
+                                   add_bos=True)
+    assert (rows[:, 0] == 1).all() and (rows[:, 1:] != 1).all()
     with pytest.raises(ValueError, match="'wiki-vital-chat': the model has no chat template"):
         data.sample_calibration(tok, "wiki-vital-chat", n=1, seqlen=8)
     with pytest.raises(ValueError, match="sample_calibration"):
