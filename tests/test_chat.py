@@ -397,6 +397,14 @@ def test_an_oversized_template_file_is_refused_before_it_is_read(tmp_path):
         Tokenizer.from_hf_dir(d)
 
 
+def _default_sigint() -> None:
+    """In the child: Ctrl-C as a terminal delivers it. A test run in the background (CI) ignores
+    SIGINT, children inherit that, and Python then installs no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_interactive_ctrl_c_stops_a_reply_not_the_conversation(default_model_installed):
     """Ctrl-C (SIGINT) while a reply streams ends that reply, with a warning; the next message
     is answered without the interrupted turn, and end of input ends the command cleanly."""
@@ -409,7 +417,7 @@ def test_cli_interactive_ctrl_c_stops_a_reply_not_the_conversation(default_model
         p = subprocess.Popen([sys.executable, "-m", "offq", "generate", "smollm2-135m",
                               "--interactive", "--max-new-tokens", "400", "--quiet"],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
-                             cwd=cwd)
+                             cwd=cwd, preexec_fn=_default_sigint)
         try:
             p.stdin.write(b"Write a long story about a dragon who learns to paint.\n")
             p.stdin.flush()
