@@ -182,19 +182,25 @@ offq_status offq_matmul_i8(const float *x, int64_t m, int64_t k, const int8_t *w
                            const float *scale, int64_t n, int64_t group, float *out, int generic);
 
 /* ---- weight-only matmul (matmul_wq.c) ----------------------------------------------------------
- * out[m][n] = x[m][k] @ w_hat^T for float32 activations and 2-, 3- or 4-bit weights,
+ * out[m][n] = x[m][k] @ w_hat^T for float32 activations and 2-, 3-, 4- or 8-bit weights,
  * w_hat[j][i] = scale[j][g] * (q[j][i] - zero[j][g]), g = i / group (group divides k; group = k:
  * one group per row, "per channel"). Storage of q: each row is a little-endian bit stream, code i
  * at bits [bits * i, bits * (i + 1)), ceil(k * bits / 8) bytes a row (unused high bits zero). For
  * 4 bits this is offq's nibble layout (element 2i low nibble, 2i + 1 high); 2 bits: four codes a
- * byte, element 4i + j at bits 2j; 3 bits: eight codes in three bytes. */
+ * byte, element 4i + j at bits 2j; 3 bits: eight codes in three bytes; 8 bits: a code a byte. */
 typedef struct {
     const uint8_t *packed; /* [n][offq_wq_row_bytes(k, bits)] */
     const float *scale;    /* [n][k / group] */
     const float *zero;     /* [n][k / group] */
     int64_t n, k, group;
-    int bits; /* 2, 3 or 4 */
+    int bits; /* 2, 3, 4 or 8 (offq_wq_bits_supported) */
 } offq_wq_operand;
+
+/* Whether the weight-only kernels read codes of this width. */
+static inline int offq_wq_bits_supported(long long bits)
+{
+    return bits == 2 || bits == 3 || bits == 4 || bits == 8;
+}
 
 /* Bytes of one packed row. */
 int64_t offq_wq_row_bytes(int64_t k, int bits);
@@ -277,7 +283,7 @@ offq_status offq_dec_forward(const offq_dec_model *m, float *h, int64_t rows, in
                              int attention_int8);
 
 /* ---- weight-only decoder step (decoder_wq.c) --------------------------------------------------
- * All decoder layers of a Llama-family model whose linears are packed 2-, 3- or 4-bit weights
+ * All decoder layers of a Llama-family model whose linears are packed 2-, 3-, 4- or 8-bit weights
  * with float32 activations (offq_wq_operand), for up to OFFQ_WQ_SMALL_M consecutive tokens of one
  * sequence, in one OpenMP team: per layer RMSNorm, the fused q/k/v product (+ bias), RoPE, the
  * float32 K/V append, causal attention (offq_attention_f32's chunks of positions, split over

@@ -54,7 +54,7 @@ def _add_common(p: argparse.ArgumentParser, default_mode: str) -> None:
     _add_model_and_threads(p)
     p.add_argument("--mode", choices=("auto", "real", "fake", "fused"), default=default_mode,
                    help=f"offq checkpoints (default {default_mode}): auto (fused where the "
-                        "checkpoint is W4A4KV4 or weight-only 2/3/4-bit, else real), real "
+                        "checkpoint is W4A4KV4 or weight-only 2/3/4/8-bit, else real), real "
                         "(4-bit kernels sequenced by NumPy), fused (every layer of a step in one "
                         "C call; W4A4KV4 and weight-only checkpoints) or fake (float32 "
                         "simulation)")

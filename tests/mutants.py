@@ -225,6 +225,10 @@ MUTANTS = (
     Mutant("KV-truncate-keeps-everything", "offq/model/kv_cache.py",
            "    return int(length)\n", "    return int(cached)\n",
            ("tests/test_kv_cache.py::test_truncated_cache_equals_one_filled_with_the_prefix",)),
+    # the top field of an 8-bit lane holds the sign bit: masked in place it converts negative
+    Mutant("WQ8-avx2-top-field-masked", "csrc/x86/matmul_wq_avx2.c",
+           "return bits == 8 && j == 3 ? _mm256_srli_epi32(v, 24) : _mm256_and_si256(v, m[j]);",
+           "return _mm256_and_si256(v, m[j]);", ("tests/test_matmul_wq.py",)),
 )
 
 

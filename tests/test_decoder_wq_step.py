@@ -27,11 +27,11 @@ WEIGHT_ONLY = dict(a_bits=16, kv_bits=16)
 
 
 @pytest.fixture(scope="module", params=["qwen2-w4g32", "llama-biases-w3", "llama-hd64-w2g64",
-                                        "qwen2-hd128-w4ch"])
+                                        "qwen2-hd128-w4ch", "qwen2-w8g64"])
 def quantized(request):
     """Tiny weight-only models: Qwen2 (q/k/v biases) W4 g32 asymmetric RTN, Llama with every bias
     W3 g32 GPTQ, Llama with head_dim 64 and 3 query heads per KV head W2 g64, Qwen2 with
-    head_dim 128 W4 per channel."""
+    head_dim 128 W4 per channel, Qwen2 W8 g64 asymmetric GPTQ."""
     name = request.param
     if name.startswith("qwen2-w4"):
         ckpt = tiny_checkpoint(1, arch="qwen2")
@@ -43,9 +43,13 @@ def quantized(request):
         ckpt = tiny_checkpoint(3, arch="llama", d=192, hd=64, nh=3, nkv=1, f=256)
         cfg = QuantConfig(method="rtn", w_bits=2, w_group_size=64, w_symmetric=False,
                           **WEIGHT_ONLY)
-    else:
+    elif name.startswith("qwen2-hd128"):
         ckpt = tiny_checkpoint(4, arch="qwen2", d=256, hd=128, nh=2, nkv=1, f=256)
         cfg = QuantConfig(method="rtn", w_bits=4, **WEIGHT_ONLY)
+    else:
+        ckpt = tiny_checkpoint(5, arch="qwen2", d=128, f=256)
+        cfg = QuantConfig(method="gptq", w_bits=8, w_group_size=64, w_symmetric=False,
+                          **WEIGHT_ONLY)
     with threads(2):
         return pipeline.quantize(ckpt, cfg, calibration(ckpt, 8, 48, 1), progress=False)
 

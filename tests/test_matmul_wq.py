@@ -1,4 +1,4 @@
-"""The weight-only matmul (``offq.kernels.matmul_wq``: float32 x packed 2/3/4-bit weights) against a
+"""The weight-only matmul (``offq.kernels.matmul_wq``: float32 x packed 2/3/4/8-bit weights) against a
 plain NumPy reference (dequantize, then multiply in float64), on every kernel variant the CPU
 offers; its packing; its argument checks; and ``PackedWeightLinear`` on the real path of a
 weight-only checkpoint."""
@@ -139,7 +139,7 @@ def test_pack_round_trip(bits, k):
         np.testing.assert_array_equal(p, pack_codes(q, bits=4)[0])
 
 
-@pytest.mark.parametrize("bits", WQ_BITS)
+@pytest.mark.parametrize("bits", [b for b in WQ_BITS if b < 8])  # uint8 holds every 8-bit code
 def test_pack_rejects_large_codes(bits):
     q = np.zeros((2, 8), np.uint8)
     q[1, 3] = 1 << bits
@@ -170,7 +170,8 @@ def _args(**over):
     (dict(scale=np.ones((4, 2), np.float32)), ValueError, "scale: expected shape"),
     (dict(zero=np.ones((3, 1), np.float32)), ValueError, "zero: expected shape"),
     (dict(zero=np.ones((2, 3), np.float32).T), ValueError, "zero: expected a C-contiguous"),
-    (dict(bits=8), ValueError, "bits: expected 2, 3 or 4"),
+    (dict(bits=5), ValueError, "bits: expected 2, 3, 4 or 8, got 5"),
+    (dict(bits=16), ValueError, "bits: expected 2, 3, 4 or 8"),
     (dict(bits=4.0), TypeError, "bits: expected an int"),
     (dict(group=0), ValueError, "group: expected a positive group size"),
     (dict(group=24), ValueError, "group: expected a positive group size dividing K=64"),
@@ -208,7 +209,7 @@ def test_validates_out_writeable_and_pack_args():
         matmul_wq(**_args(out=out))
     with pytest.raises(TypeError, match="codes: expected dtype uint8"):
         pack_wq(np.zeros((2, 8), np.int32), 4)
-    with pytest.raises(ValueError, match="bits: expected 2, 3 or 4"):
+    with pytest.raises(ValueError, match="bits: expected 2, 3, 4 or 8"):
         pack_wq(np.zeros((2, 8), np.uint8), 1)
     with pytest.raises(ValueError, match="packed: expected 3 bytes a row"):
         unpack_wq(np.zeros((2, 4), np.uint8), 3, 8)
@@ -280,7 +281,7 @@ _DECODES = (
     "info = _C.simd_info(); rng = np.random.default_rng(5)\n"
     "out = {'flag': np.array(info['wq_subnormal_decode'])}\n"
     "kernels = ['avx2'] + (['avx512'] if info['avx512_bw'] else [])\n"
-    "for bits in (2, 3, 4):\n"
+    "for bits in (2, 3, 4, 8):\n"
     "    for g, k in ((64, 384), (128, 512), (192, 384)):\n"
     "        q = rng.integers(0, 1 << bits, (37, k)).astype(np.uint8)\n"
     "        s = rng.uniform(0.01, 2, (37, k // g)).astype(np.float32)\n"
@@ -388,10 +389,10 @@ def test_packed_weight_linear(bits):
     with pytest.raises(ValueError, match="x: expected last axis 256"):
         lin(np.ones((2, 5), np.float32))
     with pytest.raises(ValueError, match="stored: expected"):
-        PackedWeightLinear(QuantizedWeight(q, s, z, 8, group, False))
+        PackedWeightLinear(QuantizedWeight(q, s, z, 16, group, False))
 
 
-@pytest.mark.parametrize("w_bits", [3, 4])
+@pytest.mark.parametrize("w_bits", [3, 4, 8])
 def test_weight_only_checkpoint_runs_packed(tmp_path, w_bits):
     """A weight-only checkpoint's real path uses PackedWeightLinear for every quantized linear
     (q/k/v and gate/up fused) and matches the float32 simulation (the dequantized weights, the

@@ -4,7 +4,7 @@
  *                   eps) -> plan (a capsule)
  *       layers: a tuple of per-layer tuples (input_norm, post_norm, qkv, o, gate_up, down); a
  *       norm is a float32 [d] array or None; a linear is a tuple (packed uint8 [n, row bytes],
- *       scale float32 [n, k/group], zero float32 [n, k/group], bits 2|3|4, group, bias float32
+ *       scale float32 [n, k/group], zero float32 [n, k/group], bits 2|3|4|8, group, bias float32
  *       [n] or None), the operands of matmul_wq. Everything is validated here, once; the plan
  *       keeps the tuple (so the arrays) alive.
  *   decoder_wq_scratch_bytes(plan, rows, positions) -> int (for the current thread setting)
@@ -53,8 +53,8 @@ static int parse_wq_linear(PyObject *obj, const char *name, int64_t n, int64_t k
     if (offq_py_int(PyTuple_GET_ITEM(obj, 3), arg, &bits) < 0) {
         return -1;
     }
-    if (bits != 2 && bits != 3 && bits != 4) {
-        PyErr_Format(PyExc_ValueError, "%s: expected 2, 3 or 4, got %lld", arg, bits);
+    if (!offq_wq_bits_supported(bits)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected 2, 3, 4 or 8, got %lld", arg, bits);
         return -1;
     }
     snprintf(arg, sizeof arg, "%s.group", name);

@@ -1,7 +1,7 @@
 /* bind_matmul_wq.c: Python bindings of the weight-only matmul and its packing (offq.h,
  * matmul_wq.c).
  *
- *   pack_wq(codes, bits) -> uint8 [N, ceil(K * bits / 8)]     codes uint8 [N, K], bits 2|3|4
+ *   pack_wq(codes, bits) -> uint8 [N, ceil(K * bits / 8)]     codes uint8 [N, K], bits 2|3|4|8
  *   unpack_wq(packed, bits, k) -> uint8 [N, k]
  *   matmul_wq(x, packed, scale, zero, bits, group, out=None, kernel="auto") -> float32 [M, N]
  *       x float32 [M, K], packed uint8 [N, row bytes], scale/zero float32 [N, K / group];
@@ -15,8 +15,8 @@ static int parse_bits(PyObject *obj, int *bits)
     if (offq_py_int(obj, "bits", &b) < 0) {
         return -1;
     }
-    if (b != 2 && b != 3 && b != 4) {
-        PyErr_Format(PyExc_ValueError, "bits: expected 2, 3 or 4, got %lld", b);
+    if (!offq_wq_bits_supported(b)) {
+        PyErr_Format(PyExc_ValueError, "bits: expected 2, 3, 4 or 8, got %lld", b);
         return -1;
     }
     *bits = (int)b;
@@ -197,6 +197,6 @@ PyMethodDef offq_matmul_wq_methods[] = {
     {"matmul_wq", (PyCFunction)(void (*)(void))py_matmul_wq, METH_VARARGS | METH_KEYWORDS,
      "matmul_wq(x, packed, scale, zero, bits, group, out=None, kernel='auto') -> float32 [M, N] "
      "= x @ w_hat.T, w_hat = scale * (codes - zero) per group of inputs, codes packed by "
-     "pack_wq at 2, 3 or 4 bits."},
+     "pack_wq at 2, 3, 4 or 8 bits."},
     {NULL, NULL, 0, NULL},
 };

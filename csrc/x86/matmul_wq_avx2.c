@@ -5,12 +5,15 @@
  * lanes, lane l holding codes 4l .. 4l+3 in its fields j = 0..3 at bits [bits*j, bits*(j+1)):
  *   4 bits: 16 bytes zero-extended 16 -> 32 bits (vpmovzxwd);
  *   2 bits:  8 bytes zero-extended  8 -> 32 bits (vpmovzxbd);
+ *   8 bits: the 32 bytes as they are;
  *   3 bits: 12 bytes (16 loaded where the array goes on), each lane's two bytes gathered by one
  *           byte shuffle; odd lanes' 12 bits then start at bit 4 (shift e(l) = 4), even lanes' at 0.
- * Field j of lane l sits at bit t = bits*j + e(l) (e = 0 for 2 and 4 bits); it is masked in place,
- * (lane & (mask << t)) = q * 2^t, and converted to float (exact: at most 24 significant bits).
+ * Field j of lane l sits at bit t = bits*j + e(l) (e = 0 for 2, 4 and 8 bits); it is masked in
+ * place, (lane & (mask << t)) = q * 2^t, and converted to float (exact: at most 24 significant
+ * bits). The top 8-bit field (bits 24..31, the sign bit among them) is shifted down instead: t = 0.
  * The 2^t is undone in the activations instead: prep reorders each 32-column chunk of x as
- * xp[8j + l] = x[4l + j] * 2^-t (exact unless that underflows, |x| < 2^-113), so
+ * xp[8j + l] = x[4l + j] * 2^-t (exact unless that underflows,
+ * |x| < 2^-113, 2^-110 at 8 bits), so
  * xp[8j + l] * float(field j of lane l) = x * q exactly as the generic kernel forms it. The
  * subnormal decode (kernels.h) skips the conversion: the masked lane, read as a float32, is the
  * subnormal q * 2^(t - 149), and prep's row factor 2^(149 - E) makes the product x * q * 2^-E
@@ -34,8 +37,15 @@
 #define AVX2 __attribute__((target("avx2,fma")))
 #define INLINE static inline __attribute__((always_inline, target("avx2,fma")))
 
-/* Bit offset of field j in lane l. */
-INLINE int field_shift(int bits, int j, int l) { return bits * j + (bits == 3 && (l & 1) ? 4 : 0); }
+/* Bit offset of field j in lane l (8 bits: the top field is shifted down to bit 0, since in
+ * place it would hold the sign bit). */
+INLINE int field_shift(int bits, int j, int l)
+{
+    if (bits == 8) {
+        return j == 3 ? 0 : 8 * j;
+    }
+    return bits * j + (bits == 3 && (l & 1) ? 4 : 0);
+}
 
 /* The masks of field j in each lane. */
 INLINE __m256i field_mask(const int bits, const int j)
@@ -67,6 +77,9 @@ INLINE __m256i chunk_lanes(const uint8_t *p, const int bits, int edge)
     }
     if (bits == 2) {
         return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    }
+    if (bits == 8) {
+        return _mm256_loadu_si256((const __m256i *)p);
     }
     __m256i b;
     if (edge) {
@@ -110,11 +123,19 @@ void AVX2 offq_wq_prep_avx2(const float *x, int64_t m, int64_t k, int bits, int 
     }
 }
 
-/* Field j (lanes masked by m) as floats: converted, or (sub) the masked bits themselves, the
- * subnormal q * 2^(t - 149) (kernels.h). */
-INLINE __m256 field_float(__m256i v, __m256i m, const int sub)
+/* Field j of the lanes, q * 2^t: masked in place by m[j], or for the top 8-bit field shifted
+ * down. */
+INLINE __m256i field_bits(__m256i v, const __m256i *m, const int bits, const int j)
 {
-    const __m256i q = _mm256_and_si256(v, m);
+    return bits == 8 && j == 3 ? _mm256_srli_epi32(v, 24) : _mm256_and_si256(v, m[j]);
+}
+
+/* Field j as floats: converted, or (sub) its bits themselves, the subnormal q * 2^(t - 149)
+ * (kernels.h; the 8-bit field at t = 16 reaches bit 23, the lowest exponent bit, where the float
+ * read is still exactly q * 2^(t - 149): the encoding runs on from the subnormals without a gap). */
+INLINE __m256 field_float(__m256i v, const __m256i *m, const int bits, const int j, const int sub)
+{
+    const __m256i q = field_bits(v, m, bits, j);
     return sub ? _mm256_castsi256_ps(q) : _mm256_cvtepi32_ps(q);
 }
 
@@ -125,14 +146,14 @@ INLINE void chunk_fma(const uint8_t *row, const float *xp, int64_t k, int64_t c,
 {
     const __m256i v = chunk_lanes(row + c * 4 * bits, bits, edge);
     const float *x0 = xp + c * 32;
-    __m256 fa = field_float(v, m[0], sub);
-    __m256 fb = field_float(v, m[1], sub);
+    __m256 fa = field_float(v, m, bits, 0, sub);
+    __m256 fb = field_float(v, m, bits, 1, sub);
     for (int r = 0; r < R; r++) {
         d[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k), fa, d[r][0]);
         d[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 8), fb, d[r][1]);
     }
-    fa = field_float(v, m[2], sub);
-    fb = field_float(v, m[3], sub);
+    fa = field_float(v, m, bits, 2, sub);
+    fb = field_float(v, m, bits, 3, sub);
     for (int r = 0; r < R; r++) {
         d[r][2 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 16), fa, d[r][2 % A]);
         d[r][3 % A] = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + r * k + 24), fb, d[r][3 % A]);
@@ -255,7 +276,7 @@ INLINE void dequant_bits(const offq_wq_operand *w, int64_t n0, int64_t n1, float
                 const __m256i v = chunk_lanes(row + c * cb, bits, n == w->n - 1 && c == k / 32 - 1);
                 for (int j = 0; j < 4; j++) {
                     const __m256 q =
-                        _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m[j])), inv[j]);
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(field_bits(v, m, bits, j)), inv[j]);
                     _mm256_storeu_ps(o + c * 32 + 8 * j, _mm256_mul_ps(s, _mm256_sub_ps(q, z)));
                 }
             }
@@ -271,6 +292,9 @@ void AVX2 offq_wq_dequant_avx2(const offq_wq_operand *w, int64_t n0, int64_t n1,
         break;
     case 3:
         dequant_bits(w, n0, n1, buf, 3);
+        break;
+    case 8:
+        dequant_bits(w, n0, n1, buf, 8);
         break;
     default:
         dequant_bits(w, n0, n1, buf, 4);

@@ -7,6 +7,7 @@
  * fields j = 0..3, so each masked field converts to 16 floats at once and an AVX2 chunk's
  * and + convert + multiply-add now covers twice the codes. The lanes:
  *   4 bits: 32 bytes zero-extended 16 -> 32 bits; 2 bits: 16 bytes zero-extended 8 -> 32 bits;
+ *   8 bits: the 64 bytes as they are (the top field shifted down rather than masked, as in AVX2);
  *   3 bits: 24 bytes, each lane's two bytes brought in by a dword permute and a byte shuffle
  *           (lanes3 below; with VBMI one byte permute); odd lanes' fields start 4 bits higher,
  *           as in AVX2.

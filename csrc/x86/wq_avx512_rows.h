@@ -17,10 +17,20 @@
 #define WQ512_ENTRY __attribute__((target(WQ512_TARGET)))
 #define INLINE static inline __attribute__((always_inline, target(WQ512_TARGET)))
 
-/* Bit offset of field j in lane L (3 bits: odd lanes start 4 bits higher). */
+/* Bit offset of field j in lane L (3 bits: odd lanes start 4 bits higher; 8 bits: the top
+ * field, which holds the sign bit in place, is shifted down to bit 0). */
 INLINE int field_shift(int bits, int j, int lane)
 {
+    if (bits == 8) {
+        return j == 3 ? 0 : 8 * j;
+    }
     return bits * j + (bits == 3 && (lane & 1) ? 4 : 0);
+}
+
+/* Field j of the lanes, q * 2^t (masked in place, or the top 8-bit field shifted down). */
+INLINE __m512i field_bits(__m512i v, const __m512i *m, const int bits, const int j)
+{
+    return bits == 8 && j == 3 ? _mm512_srli_epi32(v, 24) : _mm512_and_si512(v, m[j]);
 }
 
 INLINE __m512i field_mask(const int bits, const int j)
@@ -52,6 +62,9 @@ INLINE __m512i chunk_lanes(const uint8_t *p, const int bits, int edge)
     }
     if (bits == 2) {
         return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    }
+    if (bits == 8) {
+        return _mm512_loadu_si512(p);
     }
     return lanes3(p, edge);
 }
@@ -89,7 +102,7 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
             const __m512i v = chunk_lanes(row + c * 8 * bits, bits, edge && c == last);
             const float *x0 = xp + c * 64;
             for (int j = 0; j < 4; j++) {
-                const __m512i q = _mm512_and_si512(v, m[j]);
+                const __m512i q = field_bits(v, m, bits, j);
                 const __m512 f = sub ? _mm512_castsi512_ps(q) : _mm512_cvtepi32_ps(q);
                 for (int r = 0; r < R; r++) {
                     d[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(x0 + r * k + 16 * j), f, d[r][j]);
@@ -149,7 +162,7 @@ INLINE void dot_four_rows(const uint8_t *row, int64_t rb, const float *sc, const
             for (int j = 0; j < 4; j++) {
                 const __m512 xv = _mm512_loadu_ps(x0 + 16 * j);
                 for (int r = 0; r < 4; r++) {
-                    const __m512i q = _mm512_and_si512(v[r], m[j]);
+                    const __m512i q = field_bits(v[r], m, bits, j);
                     const __m512 f = sub ? _mm512_castsi512_ps(q) : _mm512_cvtepi32_ps(q);
                     d[r][j] = _mm512_fmadd_ps(xv, f, d[r][j]);
                 }

@@ -48,6 +48,7 @@ offq_wq_zero_term(const float *sc, const float *zr, const float *xs, int64_t ng)
         OFFQ_WQ_ROWS_CASES(rows_bits, 2)                                                          \
         OFFQ_WQ_ROWS_CASES(rows_bits, 3)                                                          \
         OFFQ_WQ_ROWS_CASES(rows_bits, 4)                                                          \
+        OFFQ_WQ_ROWS_CASES(rows_bits, 8)                                                          \
     }
 
 /* An output: the row kernel's dot (times 2^E_r when the subnormal decode ran) less the

@@ -6,7 +6,7 @@ and GPTQ's per-column step and block update (:mod:`.gptq`), group-wise quantizat
 grids' clip search and the W4A4 matmul (:mod:`.quant`), and the single thread setting
 (:mod:`.threads`). Imported from their modules: GGUF block dequantization (:mod:`.gguf`), the
 int8-weight matmul
-(:mod:`.matmul_i8`), the float32 x packed 2/3/4-bit weight matmul of weight-only models
+(:mod:`.matmul_i8`), the float32 x packed 2/3/4/8-bit weight matmul of weight-only models
 (:mod:`.matmul_wq`), the fused decoder steps (:mod:`.decoder`, W4A4KV4; :mod:`.decoder_wq`,
 weight-only) and the weight-only step's attention over a float32 cache (:mod:`.attention_f32`).
 """

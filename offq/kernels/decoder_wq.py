@@ -1,5 +1,5 @@
 """The weight-only decoder step in C (``offq._C.decoder_wq_*``): every decoder layer of a model
-whose linears are packed 2-, 3- or 4-bit weights with float32 activations (what
+whose linears are packed 2-, 3-, 4- or 8-bit weights with float32 activations (what
 :class:`offq.quant.linears.PackedWeightLinear` multiplies), for up to 32 tokens of one sequence in
 one call and one OpenMP team (contract: ``csrc/offq.h``, "weight-only decoder step").
 

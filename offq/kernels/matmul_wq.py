@@ -1,5 +1,5 @@
-"""The weight-only matmul (C kernel ``offq._C.matmul_wq``): float32 activations times 2-, 3- or
-4-bit weights packed in memory and dequantized on the fly, what a weight-only model
+"""The weight-only matmul (C kernel ``offq._C.matmul_wq``): float32 activations times 2-, 3-, 4-
+or 8-bit weights packed in memory and dequantized on the fly, what a weight-only model
 (``a_bits = 16``) runs.
 
 The weight is offq's grid, ``w_hat[n, i] = scale[n, i // group] * (q[n, i] - zero[n, i // group])``
@@ -7,7 +7,8 @@ The weight is offq's grid, ``w_hat[n, i] = scale[n, i // group] * (q[n, i] - zer
 (:func:`pack_wq`): each row is a little-endian bit stream, code ``i`` at bits
 ``[bits*i, bits*(i+1))``, ``ceil(K * bits / 8)`` bytes a row. For 4 bits that is offq's nibble
 layout (``QTensor.codes``: element ``2i`` in the low nibble), for 2 bits four codes a byte
-(element ``4i + j`` at bits ``2j``), for 3 bits eight codes in three bytes.
+(element ``4i + j`` at bits ``2j``), for 3 bits eight codes in three bytes, for 8 bits a code a
+byte.
 
 ``matmul_wq(x, packed, scale, zero, bits, group) == x @ w_hat.T`` up to float32 summation order
 (relative error ~1e-7 of ``|x| @ |w_hat|.T``). Its per-group sums (``x * q`` and ``x`` summed
@@ -31,7 +32,7 @@ from .. import _C
 __all__ = ["WQ_BITS", "pack_wq", "unpack_wq", "matmul_wq", "wq_row_bytes"]
 
 #: the weight widths the kernel reads
-WQ_BITS = (2, 3, 4)
+WQ_BITS = (2, 3, 4, 8)
 
 
 def wq_row_bytes(k: int, bits: int) -> int:
@@ -41,8 +42,8 @@ def wq_row_bytes(k: int, bits: int) -> int:
 
 def pack_wq(codes: np.ndarray, bits: int) -> np.ndarray:
     """uint8 ``[N, ceil(K * bits / 8)]``: the packed bit stream of one-code-per-byte uint8
-    ``codes [N, K]`` (each ``< 2**bits``; ValueError naming ``codes`` otherwise). ``bits``: 2, 3
-    or 4."""
+    ``codes [N, K]`` (each ``< 2**bits``; ValueError naming ``codes`` otherwise). ``bits``: 2, 3,
+    4 or 8."""
     return _C.pack_wq(codes, bits)
 
 

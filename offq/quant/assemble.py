@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..config import OFF, QuantConfig
+from ..kernels.matmul_wq import WQ_BITS
 from ..model.arch import architecture_of, dims_of
 from ..model.decoder import DecoderLayer, Model
 from ..model.linear import DenseLinear, SlicedLinear
@@ -35,7 +36,7 @@ __all__ = ["MODES", "stored_layer", "build_layer", "layer_from_tensors", "instal
 #: "fused": the real path with every layer of a step in one C call (:mod:`offq.quant.fused` for
 #: W4A4KV4 models, :mod:`offq.quant.fused_wq` for weight-only ones);
 #: "auto": "fused" for a resident model that qualifies (W4A4KV4 on the integer product, packed
-#: 4-bit KV, offq's R3/R4; or packed 2/3/4-bit weights on float activations with a float KV
+#: 4-bit KV, offq's R3/R4; or packed 2/3/4/8-bit weights on float activations with a float KV
 #: cache and no online transforms), else "real" (:func:`resolved_mode` tells which was taken)
 MODES = ("fake", "real", "fused", "auto")
 
@@ -67,7 +68,7 @@ def _linear(weight: Any, act: Any, mode: str) -> Any:
     if isinstance(weight, DenseLinear):
         return weight if act is None else FakeQuantLinear(weight.weight, weight.bias, act)
     if mode == "real":
-        if packed_weight_only(weight, act):  # float activations: packed 2/3/4-bit weights
+        if packed_weight_only(weight, act):  # float activations: packed weights
             return PackedWeightLinear(weight)
         return W4A4Linear(weight, act)
     if integer_product(weight, act):
@@ -172,10 +173,9 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
                   lm_head=lm_head,
                   layer_loader=lambda i: layer_from_tensors(tensors, model_config, cfg, i, mode),
                   resident=resident or mode == "fused", name=name)
-    if mode == "fused" and cfg.w_bits not in (2, 3, 4):  # said before "layer 0 has no ..."
-        kind = "float32" if cfg.w_bits >= 16 else f"{cfg.w_bits}-bit"
-        raise ValueError(f"{where}mode 'fused': the C decoders run 2-, 3- or 4-bit weights, and "
-                         f"this model's are {kind}: use mode 'real' (or 'auto')")
+    if mode == "fused" and cfg.w_bits not in WQ_BITS:  # said before "layer 0 has no ..."
+        raise ValueError(f"{where}mode 'fused': the C decoders run 2-, 3-, 4- or 8-bit weights, "
+                         f"and this model's are float32: use mode 'real' (or 'auto')")
     if mode == "fused" or (mode == "auto" and resident):
         from .fused import fused_runner
 

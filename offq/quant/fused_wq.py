@@ -3,7 +3,7 @@
 scratch it needs, owned here and reused across steps.
 
 :class:`FusedWeightOnlyDecoder` is built from a real-path :class:`~offq.model.decoder.Model`
-whose layers all run packed 2-, 3- or 4-bit weights on float activations
+whose layers all run packed 2-, 3-, 4- or 8-bit weights on float activations
 (:class:`~offq.quant.linears.PackedWeightLinear`) with fused q/k/v and gate/up linears, a float
 KV cache (no KV codec) and no online transforms: what ``load_quantized(..., mode="real")`` builds
 for a weight-only GPTQ / OSAQ / RTN checkpoint. It reads their packed weights (no copy); Python
@@ -78,7 +78,7 @@ def _wq_spec(lin: Any, name: str) -> tuple:
     if not isinstance(lin, PackedWeightLinear):
         kind = {"W4A4Linear": "W4A4 (quantized activations)",
                 "DenseLinear": "float"}.get(type(lin).__name__, type(lin).__name__)
-        raise ValueError(f"{name}: the weight-only C decoder runs packed 2/3/4-bit weights on "
+        raise ValueError(f"{name}: the weight-only C decoder runs packed 2/3/4/8-bit weights on "
                          f"float activations, and this linear is {kind}")
     return (lin.packed, lin.scale, lin.zero, lin.bits, lin.group, lin.bias)
 

@@ -12,7 +12,7 @@ Two execution paths that compute the same thing:
   fly and ``offq.kernels.matmul_w4a4`` multiplies the codes with the zero-point correction. Other
   bit widths (e.g. W4A8) dequantize the weight and use sgemm on the fake-quantized activations,
   so both paths stay defined for every row of the results table.
-* real weight-only (:class:`PackedWeightLinear`, float activations, 2/3/4-bit weights): the codes
+* real weight-only (:class:`PackedWeightLinear`, float activations, 2/3/4/8-bit weights): the codes
   stay packed (``bits`` bits a weight plus float32 scale and zero per group) and
   ``offq.kernels.matmul_wq.matmul_wq`` dequantizes them on the fly. It equals the fake path's
   float32 product with the dequantized weight up to float32 summation order (not bit for bit:
@@ -250,7 +250,7 @@ def integer_product(stored: QuantizedWeight, act: ActQuant | None) -> bool:
 
 class PackedWeightLinear:
     """Real weight-only linear ``y = x @ W_hat.T + b``: float32 activations, the weight kept
-    packed at 2, 3 or 4 bits (:func:`offq.kernels.matmul_wq.pack_wq`) with float32 scale and
+    packed at 2, 3, 4 or 8 bits (:func:`offq.kernels.matmul_wq.pack_wq`) with float32 scale and
     zero-point per (row, group), dequantized on the fly by ``matmul_wq``.
 
     Memory: ``bits / 8`` bytes a weight plus 8 bytes a group (a 4-bit g128 linear is ~1/7.1 of
@@ -287,5 +287,5 @@ class PackedWeightLinear:
 
 def packed_weight_only(stored: QuantizedWeight, act: ActQuant | None) -> bool:
     """Whether a linear runs weight-only on packed codes (:class:`PackedWeightLinear` on the real
-    path): float activations and a 2-, 3- or 4-bit weight (8-bit weights are dequantized)."""
+    path): float activations and a 2-, 3-, 4- or 8-bit weight."""
     return act is None and stored.bits in WQ_BITS
