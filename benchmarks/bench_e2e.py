@@ -51,6 +51,8 @@ def main() -> int:
                          "its perplexity: benchmarks/bench_int8_attention.py)")
     ap.add_argument("--no-weight-only", dest="weight_only", action="store_false",
                     help="skip the weight-only W4 (RTN g64 asym, packed) engines")
+    ap.add_argument("--weight-only-bits", type=int, nargs="+", default=[4],
+                    help="the weight-only engines' widths (2, 3, 4, 8; default 4)")
     ap.add_argument("--out", default=str(HERE / "results" / "e2e.json"))
     ap.add_argument("--plot", default=None, help="also draw the table to this PNG")
     args = ap.parse_args()
@@ -60,7 +62,8 @@ def main() -> int:
                     depths=tuple(args.depths), repeats=args.repeats, llama_bench=args.llama_bench,
                     llama_model=args.llama_model, fused_kernel=args.fused_kernel,
                     fused_prefill=args.fused_prefill, fused_attention=args.fused_attention,
-                    weight_only=args.weight_only)
+                    weight_only=args.weight_only,
+                    weight_only_bits=tuple(args.weight_only_bits))
     print(f"# offq e2e: {describe_machine()}")
     result = run_e2e(cfg)
     proto = result["protocol"]

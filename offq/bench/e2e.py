@@ -23,7 +23,7 @@ activations and KV cache; the LM head as the W4A4KV4 model stores it) quantized 
 run packed: "w4 weight-only" sequenced by NumPy (``matmul_wq``, ``mode="real"``) and "w4
 weight-only fused" with every layer of a step in one C call (``mode="fused"``,
 :mod:`offq.quant.fused_wq`): what a weight-only offq checkpoint (GPTQ or OSAQ) runs, since only
-the codes differ.
+the codes differ. ``weight_only_bits`` adds other widths ("w8 weight-only", ...) the same way.
 
 A ``llama-bench`` binary (``llama_bench``, with a GGUF ``llama_model``, e.g. the model requantized
 to Q4_0) adds llama.cpp's figures for the same tests and threads, run as a subprocess; it is
@@ -72,6 +72,8 @@ class E2EConfig:
             "generic"); the other kernels follow the dispatch (OFFQ_SIMD_MAX=avx2 in the
             environment times what AVX2-only CPUs run).
         weight_only: also time the weight-only W4 (g64, asymmetric) model, packed.
+        weight_only_bits: the weight widths of those engines ("w{bits} weight-only"), each
+            quantized in process; (4,) by default.
         fused_prefill: how the fused engine runs a prompt: "c" (the C step over the whole prompt,
             attention over the packed cache), "numpy" (the NumPy real path, as
             ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``) or "auto"
@@ -94,6 +96,7 @@ class E2EConfig:
     fused_prefill: str = "auto"
     fused_attention: str = "float"
     weight_only: bool = True
+    weight_only_bits: tuple[int, ...] = (4,)
     tests: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +109,11 @@ class E2EConfig:
                              f"{self.depths} with gen_tokens {self.gen_tokens}")
         if self.repeats < 1:
             raise ValueError(f"repeats: expected a positive integer, got {self.repeats}")
+        from ..kernels.matmul_wq import WQ_BITS
+
+        if not self.weight_only_bits or any(b not in WQ_BITS for b in self.weight_only_bits):
+            raise ValueError(f"weight_only_bits: expected widths among {WQ_BITS}, got "
+                             f"{self.weight_only_bits}")
         if self.fused_kernel not in ("auto", "generic", "avx2", "vnni"):
             raise ValueError(f"fused_kernel: expected auto, generic, avx2 or vnni, got "
                              f"{self.fused_kernel!r}")
@@ -172,9 +180,9 @@ def check_context(cfg: E2EConfig, model_config: Any = None) -> None:
 
 
 def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str, np.ndarray]:
-    """{"fp32": Model, "w4a4kv4": Model, "w4a4kv4 fused": Model[, "w4 weight-only": Model,
-    "w4 weight-only fused": Model]}, the
-    quantized model's description, prompt tokens."""
+    """{"fp32": Model, "w4a4kv4": Model, "w4a4kv4 fused": Model[, "wB weight-only": Model,
+    "wB weight-only fused": Model for each B of weight_only_bits]}, the quantized model's
+    description, prompt tokens."""
     from ..config import QuantConfig
     from ..data import eval_windows, load_wikitext2_test
     from ..formats import open_checkpoint
@@ -199,11 +207,11 @@ def _load_models(cfg: E2EConfig, show: bool | None) -> tuple[dict[str, Any], str
         fused.fused_runner.prefill = cfg.fused_prefill
         fused.fused_runner.attention = cfg.fused_attention
         models = {"fp32": fp, "w4a4kv4": q, "w4a4kv4 fused": fused}
-        if cfg.weight_only:
-            wcfg = QuantConfig(**WEIGHT_ONLY, lm_head_bits=qcfg.lm_head_bits)
+        for bits in cfg.weight_only_bits if cfg.weight_only else ():
+            wcfg = QuantConfig(**{**WEIGHT_ONLY, "w_bits": bits}, lm_head_bits=qcfg.lm_head_bits)
             wq = quantize(ckpt, wcfg, None, progress=show)
-            models["w4 weight-only"] = wq.model("real")
-            models["w4 weight-only fused"] = wq.model("fused")
+            models[f"w{bits} weight-only"] = wq.model("real")
+            models[f"w{bits} weight-only fused"] = wq.model("fused")
             label += f"; weight-only {wcfg.describe(ckpt.config.hidden_size)}"
         # a tgN@dD test caches D tokens and starts from the next one
         need = max(max(cfg.prompt_lengths, default=1), max(cfg.depths, default=0) + 1)
@@ -258,6 +266,8 @@ def run_e2e(cfg: E2EConfig = E2EConfig(), *, show: bool | None = None,
                          "fused_kernel": cfg.fused_kernel, "fused_prefill": cfg.fused_prefill,
                          "fused_attention": cfg.fused_attention,
                          "weight_only": WEIGHT_ONLY if cfg.weight_only else None,
+                         "weight_only_bits": list(cfg.weight_only_bits) if cfg.weight_only
+                         else [],
                          "prompt": "WikiText-2 test text (first tokens)",
                          "llama_model": cfg.llama_model, "machine": machine_info()},
             "rows": rows}
@@ -337,8 +347,8 @@ def format_e2e(result: dict[str, Any]) -> str:
     for (engine, t), vals in table.items():
         lines.append(f"{engine:<32}{t:>8}" + "".join(
             f"{vals[x]:>12.1f}" if x in vals else f"{'-':>12}" for x in tests))
-    for engine in ("offq w4a4kv4", "offq w4a4kv4 fused", "offq w4 weight-only",
-                   "offq w4 weight-only fused"):
+    quantized = dict.fromkeys(e for e, _ in table if e.startswith("offq ") and e != "offq fp32")
+    for engine in quantized:
         for base in ("offq fp32", "llama.cpp"):
             for t in result["protocol"]["threads"]:
                 q, b = table.get((engine, t)), table.get((base, t))

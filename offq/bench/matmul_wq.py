@@ -1,4 +1,4 @@
-"""matmul_wq benchmark: float32 x packed W4/W3/W2 weights vs NumPy float32 matmul (OpenBLAS) on the
+"""matmul_wq benchmark: float32 x packed W4/W3/W2/W8 weights vs NumPy float32 matmul (OpenBLAS) on the
 same matrix.
 
 Protocol: x [M, K] and W [N, K] are N(0, 1) float32 (seed 0); W is quantized once per bit width
@@ -28,7 +28,7 @@ from .timing import result, timeit_interleaved
 SHAPES = [(1, 4096, 4096), (512, 4096, 4096)]
 QUICK_SHAPES = [(1, 1024, 1024), (128, 1024, 1024)]
 GROUP = 128
-BITS = (4, 3, 2)
+BITS = (4, 3, 2, 8)
 STREAM_BYTES = 128 << 20  # weight copies a streamed row cycles through (4x a 32 MiB L3; CPUs
 # with a larger L3, such as a 300 MiB Xeon, keep them cached: the row then reads L3, not DRAM)
 
