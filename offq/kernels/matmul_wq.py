@@ -48,10 +48,10 @@ def pack_wq(codes: np.ndarray, bits: int) -> np.ndarray:
     """uint8 ``[N, ceil(K * bits / 8)]``: the packed bit stream of one-code-per-byte uint8
     ``codes [N, K]`` (each ``< 2**bits``; ValueError naming ``codes`` otherwise). ``bits``: 2, 3,
     4 or 8. Its data starts on a ``PACKED_ALIGN``-byte boundary."""
-    return _aligned(_C.pack_wq(codes, bits), PACKED_ALIGN)
+    return cache_line_aligned(_C.pack_wq(codes, bits), PACKED_ALIGN)
 
 
-def _aligned(a: np.ndarray, align: int) -> np.ndarray:
+def cache_line_aligned(a: np.ndarray, align: int = PACKED_ALIGN) -> np.ndarray:
     """``a`` itself when its data starts on an ``align``-byte boundary, else a C-contiguous copy
     that does (a view into a slightly larger buffer, which it keeps alive)."""
     if a.ctypes.data % align == 0:
