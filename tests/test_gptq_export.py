@@ -127,7 +127,7 @@ def test_refuses_what_the_format_cannot_express(tiny, tmp_path):
         export_gptq(w2, tmp_path / "z")  # zero-point 0 in some groups: v1 stores zero - 1
 
 
-@pytest.mark.parametrize("bits, fmt", [(4, "gptq"), (2, "gptq_v2")])
+@pytest.mark.parametrize("bits, fmt", [(4, "gptq"), (2, "gptq_v2"), (8, "gptq_v2")])
 def test_offq_eval_runs_the_export(tiny, tmp_path, bits, fmt):
     """Read back through offq's loader, each format with its own zero-point offset (v1 stores
     zero - 1, v2 the zero itself: a loader that added 1 to both read W2 v2 at nll 147, not 67)."""
