@@ -241,6 +241,11 @@ def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
         E2EConfig(fused_prefill="python")
     with pytest.raises(ValueError, match="fused_attention"):
         E2EConfig(fused_attention="int4")
+    with pytest.raises(ValueError,
+                       match=r"weight_only_bits: expected widths among \(2, 3, 4, 8\), got"):
+        E2EConfig(weight_only_bits=(4, 16))
+    with pytest.raises(ValueError, match="weight_only_bits"):
+        E2EConfig(weight_only_bits=())
 
 
 @pytest.mark.usefixtures("default_model_installed")
