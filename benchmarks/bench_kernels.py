@@ -62,7 +62,7 @@ def main() -> int:
                     "(quick: 3 x 0.02 s), baseline timed in the same process on the same arrays "
                     "with the same threads; fwht per row, float32; cov_update acc += X^T X; "
                     "matmul_w4a4: A 4-bit asymmetric g128 pre-quantized, W 4-bit symmetric per "
-                    "channel, [kernel] = SIMD variant; matmul_wq: float32 x, W 2/3/4-bit "
+                    "channel, [kernel] = SIMD variant; matmul_wq: float32 x, W 2/3/4/8-bit "
                     "asymmetric g128 packed. Machine: "
                     f"{describe_machine(doc['machine'])}. All rows: {out}.")
         print(f"wrote {args.plot}")

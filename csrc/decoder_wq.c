@@ -1,4 +1,4 @@
-/* decoder_wq.c: every decoder layer of a weight-only model (packed 2-, 3- or 4-bit weights,
+/* decoder_wq.c: every decoder layer of a weight-only model (packed 2-, 3-, 4- or 8-bit weights,
  * float32 activations and KV cache) for a few tokens of one sequence, in ONE OpenMP team
  * (contract: offq.h, "weight-only decoder step"; the team's work counters: decoder_team.h).
  *

@@ -1,4 +1,4 @@
-/* matmul_wq.c: out = x @ w_hat^T for float32 activations and packed 2-, 3- or 4-bit weights
+/* matmul_wq.c: out = x @ w_hat^T for float32 activations and packed 2-, 3-, 4- or 8-bit weights
  * (format: offq.h), dequantized on the fly: what a weight-only model (float activations) runs.
  *
  * Few rows (decode, m <= OFFQ_WQ_SMALL_M): OpenMP over blocks of output columns; each thread reads
@@ -114,8 +114,10 @@ void offq_wq_dequant_generic(const offq_wq_operand *w, int64_t n0, int64_t n1, f
  * each product xp * (q * 2^(t - 149)) is exactly x * q * 2^-E_r, and every sum the row kernel
  * forms is the conversion decode's sum times 2^-E_r, rounded the same, as long as no term falls
  * below 2^-126 (products x * q under 2^(E_r - 126), at least 2^-104 and at most 2^-44 of the row's
- * largest |x|: beyond float32's precision, but not bit-identical). Returns 0 (convert instead)
- * when a row's max |x| is not finite, at least 2^100, or below 2^-40. */
+ * largest |x|: beyond float32's precision, but not bit-identical; likewise, at 8 bits, entries
+ * |x| < 2^-110, whose prepared input x * 2^-16 for field 2 is subnormal on the conversion path
+ * only). Returns 0 (convert instead) when a row's max |x| is not finite, at least 2^100, or
+ * below 2^-40. */
 static int subnormal_factors(const float *x, int64_t m, int64_t k, float *rowmul, float *unscale)
 {
     for (int64_t r = 0; r < m; r++) {

@@ -225,7 +225,8 @@ MUTANTS = (
     Mutant("KV-truncate-keeps-everything", "offq/model/kv_cache.py",
            "    return int(length)\n", "    return int(cached)\n",
            ("tests/test_kv_cache.py::test_truncated_cache_equals_one_filled_with_the_prefix",)),
-    # the top field of an 8-bit lane holds the sign bit: masked in place it converts negative
+    # the top field of an 8-bit lane is shifted down (in place it would hold the sign bit); read
+    # like the other fields it takes m[3], which then masks byte 0
     Mutant("WQ8-avx2-top-field-masked", "csrc/x86/matmul_wq_avx2.c",
            "return bits == 8 && j == 3 ? _mm256_srli_epi32(v, 24) : _mm256_and_si256(v, m[j]);",
            "return _mm256_and_si256(v, m[j]);", ("tests/test_matmul_wq.py",)),

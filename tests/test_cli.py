@@ -242,10 +242,11 @@ def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(ValueError, match="fused_attention"):
         E2EConfig(fused_attention="int4")
     with pytest.raises(ValueError,
-                       match=r"weight_only_bits: expected widths among \(2, 3, 4, 8\), got"):
+                       match=r"weight_only_bits: expected distinct widths among \(2, 3, 4, 8\)"):
         E2EConfig(weight_only_bits=(4, 16))
-    with pytest.raises(ValueError, match="weight_only_bits"):
-        E2EConfig(weight_only_bits=())
+    for widths in ((), (8, 8)):
+        with pytest.raises(ValueError, match="weight_only_bits"):
+            E2EConfig(weight_only_bits=widths)
 
 
 @pytest.mark.usefixtures("default_model_installed")

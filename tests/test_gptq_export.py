@@ -140,6 +140,9 @@ def test_offq_eval_runs_the_export(tiny, tmp_path, bits, fmt):
     b, _ = load_model(str(out), mode="fake")
     na, nb = a.nll(ids), b.nll(ids)
     np.testing.assert_allclose(nb.mean(), na.mean(), rtol=2e-3)  # float16 scales/embeddings
+    c, _ = load_model(str(out), mode="real")  # the export's weights packed for matmul_wq
+    assert c.built_mode == "real"
+    np.testing.assert_allclose(c.nll(ids), nb, rtol=1e-5)
 
 
 def test_offq_export_command_writes_the_export_and_takes_quiet(tiny, tmp_path, capsys, caplog):

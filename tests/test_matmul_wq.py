@@ -303,7 +303,8 @@ def test_subnormal_decode_equals_convert_bit_for_bit(tmp_path):
     """The subnormal decode (codes read as subnormal floats, activations scaled by 2^(149 - E))
     gives the conversion decode's bits, for every SIMD variant, bit width, unrolled (64, 128) and
     run-time (192) group, 1-6 rows, and rows whose largest |x| spans 2^-43 .. 2^102 (those outside
-    [2^-40, 2^100) convert). Each run forces its decode with OFFQ_WQ_DECODE (a fresh process)."""
+    [2^-40, 2^100) convert; entries far below float32's precision of the row, such as |x| <
+    2^-110 at 8 bits, may round differently: csrc/matmul_wq.c says when). Each run forces its decode with OFFQ_WQ_DECODE (a fresh process)."""
     res = outputs_by_env(_DECODES, tmp_path, {"convert": {"OFFQ_WQ_DECODE": "convert"},
                                               "subnormal": {"OFFQ_WQ_DECODE": "subnormal"}})
     assert not res["convert"]["flag"] and res["subnormal"]["flag"]
@@ -411,6 +412,27 @@ def test_weight_only_checkpoint_runs_packed(tmp_path, w_bits):
     ids = token_ids(ckpt.config.vocab_size, 2, 17, 3)
     a, b = real.forward(ids), fake.forward(ids)
     assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_cache_line_aligned_copies_only_what_it_must():
+    """An array already on a 64-byte boundary comes back as is; a misaligned view (of any dtype)
+    comes back as an aligned C-contiguous copy that keeps its values after the original goes."""
+    from offq.kernels.matmul_wq import cache_line_aligned
+
+    buf = np.zeros(4096 + 64, np.uint8)
+    at = -buf.ctypes.data % 64
+    a = buf[at:at + 4096].reshape(64, 64)
+    assert cache_line_aligned(a) is a
+    for dtype in (np.uint8, np.float32):
+        src = np.arange(600, dtype=np.float64).astype(dtype)
+        raw = np.zeros(src.nbytes + 64, np.uint8)
+        off = (-raw.ctypes.data % 64) + 16  # 16 mod 64, as NumPy's large buffers start
+        view = raw[off:off + src.nbytes].view(dtype).reshape(20, 30)
+        view[...] = src.reshape(20, 30)
+        got = cache_line_aligned(view)
+        assert got.ctypes.data % 64 == 0 and got.flags.c_contiguous and got.dtype == dtype
+        del view, raw
+        np.testing.assert_array_equal(got, src.reshape(20, 30))
 
 
 @pytest.mark.parametrize("bits", WQ_BITS)

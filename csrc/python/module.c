@@ -204,7 +204,7 @@ static PyModuleDef_Slot module_slots[] = {
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "offq._C",
-    .m_doc = "offq C core: Hadamard transforms, group-wise quantization, W4A4 matmul, weight-only W2/W3/W4 x float32 matmul, covariance, the W4A4KV4 and weight-only decoder steps.",
+    .m_doc = "offq C core: Hadamard transforms, group-wise quantization, W4A4 matmul, weight-only W2/W3/W4/W8 x float32 matmul, covariance, the W4A4KV4 and weight-only decoder steps.",
     .m_size = 0,
     .m_methods = module_methods,
     .m_slots = module_slots,

@@ -186,8 +186,8 @@ INLINE void dot_rows(const uint8_t *row, const float *sc, const float *xp, int64
                 d[r][j] = _mm256_setzero_ps();
             }
         }
-        /* the group's bytes some rows ahead, one prefetch per 64 (a group of 128 codes at up to
-         * 4 bits is one cache line) */
+        /* the group's bytes some rows ahead, one prefetch per 64 (a group of 128 codes is one
+         * cache line at 4 bits, two at 8) */
         for (int64_t b = 0; b < cpg * 4 * bits; b += 64) {
             _mm_prefetch((const char *)(row + g * cpg * 4 * bits + b + pf), _MM_HINT_T1);
         }

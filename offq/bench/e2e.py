@@ -73,7 +73,8 @@ class E2EConfig:
             environment times what AVX2-only CPUs run).
         weight_only: also time the weight-only W4 (g64, asymmetric) model, packed.
         weight_only_bits: the weight widths of those engines ("w{bits} weight-only"), each
-            quantized in process; (4,) by default.
+            quantized in process; (4,) by default. The protocol records WEIGHT_ONLY (whose
+            w_bits is 4) and these widths: the engines differ in w_bits only.
         fused_prefill: how the fused engine runs a prompt: "c" (the C step over the whole prompt,
             attention over the packed cache), "numpy" (the NumPy real path, as
             ``FusedDecoder``'s default does so that perplexity equals ``mode="real"``) or "auto"
@@ -111,9 +112,10 @@ class E2EConfig:
             raise ValueError(f"repeats: expected a positive integer, got {self.repeats}")
         from ..kernels.matmul_wq import WQ_BITS
 
-        if not self.weight_only_bits or any(b not in WQ_BITS for b in self.weight_only_bits):
-            raise ValueError(f"weight_only_bits: expected widths among {WQ_BITS}, got "
-                             f"{self.weight_only_bits}")
+        widths = self.weight_only_bits
+        if not widths or any(b not in WQ_BITS for b in widths) or len(set(widths)) < len(widths):
+            raise ValueError(f"weight_only_bits: expected distinct widths among {WQ_BITS}, got "
+                             f"{widths}")
         if self.fused_kernel not in ("auto", "generic", "avx2", "vnni"):
             raise ValueError(f"fused_kernel: expected auto, generic, avx2 or vnni, got "
                              f"{self.fused_kernel!r}")

@@ -174,8 +174,9 @@ def build_model(model_config: Any, cfg: QuantConfig, tensors: Mapping[str, np.nd
                   layer_loader=lambda i: layer_from_tensors(tensors, model_config, cfg, i, mode),
                   resident=resident or mode == "fused", name=name)
     if mode == "fused" and cfg.w_bits not in WQ_BITS:  # said before "layer 0 has no ..."
+        kind = "float32" if cfg.w_bits >= 16 else f"{cfg.w_bits}-bit"
         raise ValueError(f"{where}mode 'fused': the C decoders run 2-, 3-, 4- or 8-bit weights, "
-                         f"and this model's are float32: use mode 'real' (or 'auto')")
+                         f"and this model's are {kind}: use mode 'real' (or 'auto')")
     if mode == "fused" or (mode == "auto" and resident):
         from .fused import fused_runner
 
