@@ -701,6 +701,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="the fused decoder's attention: float32 sums (default) or the opt-in "
                         "8-bit one (faster long prompts, its own perplexity: within +-1%% on "
                         "SmolLM2-135M, +0.88%% on Qwen2.5-1.5B)")
+    p.add_argument("--weight-only-bits", type=int, nargs="+", default=[4],
+                   help="widths of the weight-only engines (RTN g64 asymmetric, packed): any of "
+                        "2 3 4 8 (default 4)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress, warnings only")
     p.set_defaults(func=cmd_bench)
@@ -719,7 +722,8 @@ def bench_sizes(args: argparse.Namespace) -> tuple[list[int], int, int]:
 #: E2EConfig's field names as the bench flags that set them, for its messages
 _BENCH_FLAGS = {"prompt_lengths": "--prompt-lengths", "gen_tokens": "--gen-tokens",
                 "depths": "--depths", "repeats": "--repeats", "fused_attention": "--attention",
-                "llama_bench": "--llama-bench", "llama_model": "--llama-model"}
+                "llama_bench": "--llama-bench", "llama_model": "--llama-model",
+                "weight_only_bits": "--weight-only-bits"}
 
 
 def _as_bench_flags(message: str) -> str:
@@ -755,7 +759,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             prompt_lengths=tuple(args.prompt_lengths),
                             gen_tokens=args.gen_tokens, depths=tuple(args.depths),
                             repeats=args.repeats, fused_attention=args.attention,
-                            llama_bench=args.llama_bench, llama_model=args.llama_model)
+                            llama_bench=args.llama_bench, llama_model=args.llama_model,
+                            weight_only_bits=tuple(args.weight_only_bits))
             check_context(cfg)
         except ValueError as e:
             raise UsageError(_as_bench_flags(str(e))) from e

@@ -234,6 +234,8 @@ def test_cli_bench_rejects_bad_flags(capsys: pytest.CaptureFixture) -> None:
     assert "--prompt-lengths" in capsys.readouterr().err and time.perf_counter() - start < 20
     assert main(["bench", "--no-kernels", "--depths", "0"]) == 2
     assert "--depths: expected positive" in capsys.readouterr().err
+    assert main(["bench", "--no-kernels", "--weight-only-bits", "4", "5"]) == 2
+    assert "--weight-only-bits: expected distinct widths" in capsys.readouterr().err
     from offq.bench.e2e import E2EConfig
     with pytest.raises(ValueError, match="depths"):
         E2EConfig(depths=(100,), gen_tokens=0)
