@@ -23,6 +23,33 @@ static int parse_bits(PyObject *obj, int *bits)
     return 0;
 }
 
+/* A new C-contiguous uint8 array [rows][cols] whose data starts on a cache line (the row
+ * kernels' 32- and 64-byte chunk loads then never straddle two; NumPy's own buffers of this size
+ * start at 16 mod 64): a view into a slightly larger 1-D array, which it keeps alive. */
+static PyArrayObject *new_cache_line_array(npy_intp rows, npy_intp cols)
+{
+    enum { LINE = 64 };
+    npy_intp total = rows * cols + LINE;
+    PyArrayObject *base = (PyArrayObject *)PyArray_SimpleNew(1, &total, NPY_UINT8);
+    if (base == NULL) {
+        return NULL;
+    }
+    char *data = PyArray_BYTES(base);
+    data += (LINE - (uintptr_t)data % LINE) % LINE;
+    npy_intp dims[2] = {rows, cols};
+    PyArrayObject *view = (PyArrayObject *)PyArray_NewFromDescr(
+        &PyArray_Type, PyArray_DescrFromType(NPY_UINT8), 2, dims, NULL, data, NPY_ARRAY_CARRAY,
+        NULL);
+    if (view == NULL || PyArray_SetBaseObject(view, (PyObject *)base) < 0) {
+        Py_XDECREF(view);
+        if (view == NULL) {
+            Py_DECREF(base);
+        }
+        return NULL;
+    }
+    return view;
+}
+
 static PyObject *py_pack_wq(PyObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"codes", "bits", NULL};
@@ -40,8 +67,7 @@ static PyObject *py_pack_wq(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "codes: expected at least one column");
         return NULL;
     }
-    npy_intp dims[2] = {n, offq_wq_row_bytes(k, bits)};
-    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_UINT8);
+    PyArrayObject *out = new_cache_line_array(n, offq_wq_row_bytes(k, bits));
     if (out == NULL) {
         return NULL;
     }
@@ -191,7 +217,8 @@ static PyObject *py_matmul_wq(PyObject *self, PyObject *args, PyObject *kwds)
 PyMethodDef offq_matmul_wq_methods[] = {
     {"pack_wq", (PyCFunction)(void (*)(void))py_pack_wq, METH_VARARGS | METH_KEYWORDS,
      "pack_wq(codes, bits) -> uint8 [N, ceil(K * bits / 8)]: one-code-per-byte codes [N, K] as "
-     "the bit stream matmul_wq reads (code i at bits [bits*i, bits*(i+1)) of its row)."},
+     "the bit stream matmul_wq reads (code i at bits [bits*i, bits*(i+1)) of its row), its data "
+     "starting on a 64-byte boundary."},
     {"unpack_wq", (PyCFunction)(void (*)(void))py_unpack_wq, METH_VARARGS | METH_KEYWORDS,
      "unpack_wq(packed, bits, k) -> uint8 [N, k]: inverse of pack_wq."},
     {"matmul_wq", (PyCFunction)(void (*)(void))py_matmul_wq, METH_VARARGS | METH_KEYWORDS,

@@ -33,9 +33,10 @@ __all__ = ["WQ_BITS", "pack_wq", "unpack_wq", "matmul_wq", "wq_row_bytes"]
 
 #: the weight widths the kernel reads
 WQ_BITS = (2, 3, 4, 8)
-#: byte alignment of pack_wq's result: a cache line, so that the row kernels' 32- and 64-byte
-#: loads of a chunk never straddle two (a 4096 x 4096 W8 decode product, one Zen 4 core, AVX-512:
-#: 541 us from a 64-byte aligned array against 726 us from NumPy's usual 16 mod 64)
+#: byte alignment of pack_wq's result (set in the C binding): a cache line, so that the row
+#: kernels' 32- and 64-byte loads of a chunk never straddle two (a 4096 x 4096 W8 decode product,
+#: one Zen 4 core, AVX-512: 541 us from a 64-byte aligned array against 726 us from NumPy's usual
+#: 16 mod 64). cache_line_aligned gives a copy of a packed array the same start.
 PACKED_ALIGN = 64
 
 
@@ -48,7 +49,7 @@ def pack_wq(codes: np.ndarray, bits: int) -> np.ndarray:
     """uint8 ``[N, ceil(K * bits / 8)]``: the packed bit stream of one-code-per-byte uint8
     ``codes [N, K]`` (each ``< 2**bits``; ValueError naming ``codes`` otherwise). ``bits``: 2, 3,
     4 or 8. Its data starts on a ``PACKED_ALIGN``-byte boundary."""
-    return cache_line_aligned(_C.pack_wq(codes, bits), PACKED_ALIGN)
+    return _C.pack_wq(codes, bits)
 
 
 def cache_line_aligned(a: np.ndarray, align: int = PACKED_ALIGN) -> np.ndarray:
