@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _C
-from ..kernels.matmul_wq import cache_line_aligned, matmul_wq, pack_wq
+from ..kernels.matmul_wq import matmul_wq, pack_wq, unpack_wq
 from ..kernels.quant import quantize
 from .timing import result, timeit_interleaved
 
@@ -86,7 +86,8 @@ def _streamed(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int
     reads its weight from DRAM as a model's decode does (a 4096 x 4096 W4 weight, 8.4 MB, would
     otherwise stay in a 32 MB L3 between calls, while the float32 one, 64 MB, cannot)."""
     one = packed.nbytes + scale.nbytes + zero.nbytes
-    copies = [(cache_line_aligned(packed.copy()), scale.copy(), zero.copy())  # as pack_wq's
+    codes = unpack_wq(packed, bits, x.shape[1])
+    copies = [(pack_wq(codes, bits), scale.copy(), zero.copy())  # aligned as every pack_wq result
               for _ in range(-(-STREAM_BYTES // one))]
     state = {"i": 0}
 

@@ -35,8 +35,8 @@ __all__ = ["WQ_BITS", "pack_wq", "unpack_wq", "matmul_wq", "wq_row_bytes"]
 WQ_BITS = (2, 3, 4, 8)
 #: byte alignment of pack_wq's result (set in the C binding): a cache line, so that the row
 #: kernels' 32- and 64-byte loads of a chunk never straddle two (a 4096 x 4096 W8 decode product,
-#: one Zen 4 core, AVX-512: 541 us from a 64-byte aligned array against 726 us from NumPy's usual
-#: 16 mod 64). cache_line_aligned gives a copy of a packed array the same start.
+#: one Zen 4 core, AVX-512: 577 us from a 64-byte aligned array against 715 us from NumPy's usual
+#: 16 mod 64, best of 30 rounds; benchmarks/bench_alignment.py)
 PACKED_ALIGN = 64
 
 
@@ -50,18 +50,6 @@ def pack_wq(codes: np.ndarray, bits: int) -> np.ndarray:
     ``codes [N, K]`` (each ``< 2**bits``; ValueError naming ``codes`` otherwise). ``bits``: 2, 3,
     4 or 8. Its data starts on a ``PACKED_ALIGN``-byte boundary."""
     return _C.pack_wq(codes, bits)
-
-
-def cache_line_aligned(a: np.ndarray, align: int = PACKED_ALIGN) -> np.ndarray:
-    """``a`` itself when its data starts on an ``align``-byte boundary, else a C-contiguous copy
-    that does (a view into a slightly larger buffer, which it keeps alive)."""
-    if a.ctypes.data % align == 0:
-        return a
-    buf = np.empty(a.nbytes + align, np.uint8)
-    start = -buf.ctypes.data % align
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-    out[...] = a
-    return out
 
 
 def unpack_wq(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
